@@ -1,0 +1,1 @@
+"""PostgreSQL access for the coordinator: one module per table, SQL kept plain."""

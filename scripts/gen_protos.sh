@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Regenerates the committed Python stubs under proto/conveyor/v1 from the .proto files.
+# The .proto files are the source of truth; tests/unit/test_proto_drift.py fails when the
+# committed stubs differ from what this script produces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+out=${1:-proto}
+rm -f "$out"/conveyor/v1/*_pb2*.py "$out"/conveyor/v1/*_pb2*.pyi
+"$py" -m grpc_tools.protoc -I proto \
+  --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
+  proto/conveyor/v1/*.proto
