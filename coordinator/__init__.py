@@ -1,1 +1,6 @@
+"""The Conveyor coordinator: gRPC API, dispatcher, leases and the PostgreSQL store."""
 
+from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.server import Coordinator, serve
+
+__all__ = ["Coordinator", "CoordinatorConfig", "serve"]

@@ -1,0 +1,118 @@
+"""Group commit: many concurrent callers, one transaction.
+
+Callers enqueue items and await their own result; a single flush loop takes everything
+queued (up to ``max_batch``) and hands it to one ``flush`` call, which writes it in one
+transaction. While a flush runs, new items pile up and go in the next one, so batches grow
+with load and a lone item waits for no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from conveyor.coordinator.errors import Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_log = logging.getLogger("conveyor.coordinator.batcher")
+
+FlushFn = Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]]
+
+
+class Batcher(Generic[T, R]):
+    """Collects items and flushes them in batches, one flush at a time.
+
+    ``flush`` returns one result per item, or an exception instance for an item that
+    failed alone; an exception raised by ``flush`` fails the whole batch. Each item has a
+    weight (a batch submit of 500 tasks weighs 500) and a batch holds at most ``max_batch``
+    weight, except a single item heavier than that.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        flush: FlushFn[T, R],
+        *,
+        max_batch: int,
+        max_pending: int,
+    ) -> None:
+        self._name = name
+        self._flush = flush
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._queue: deque[tuple[T, int, asyncio.Future[R]]] = deque()
+        self._pending_weight = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._pending_weight
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self._name}")
+
+    async def stop(self) -> None:
+        """Flushes what is queued, then stops."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        while self._queue:
+            await self._flush_once()
+
+    def enqueue(self, item: T, weight: int = 1) -> asyncio.Future[R]:
+        """Queues one item; raises Overloaded when too much is waiting already."""
+        if self._pending_weight + weight > self._max_pending and self._pending_weight > 0:
+            raise Overloaded(f"{self._pending_weight} {self._name} operations are waiting")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, weight, future))
+        self._pending_weight += weight
+        self._wakeup.set()
+        return future
+
+    async def submit(self, item: T, weight: int = 1) -> R:
+        return await self.enqueue(item, weight)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        batch: list[tuple[T, int, asyncio.Future[R]]] = []
+        weight = 0
+        while self._queue and (not batch or weight + self._queue[0][1] <= self._max_batch):
+            entry = self._queue.popleft()
+            batch.append(entry)
+            weight += entry[1]
+        self._pending_weight -= weight
+        items = [entry[0] for entry in batch]
+        try:
+            results = await self._flush(items)
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                if not future.done():
+                    future.cancel()
+            raise
+        except Exception as exc:  # the whole batch failed: every caller hears why
+            _log.warning("%s flush of %d items failed: %s", self._name, len(items), exc)
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

@@ -1,0 +1,75 @@
+"""Workers' results and heartbeats, group-committed and fenced by the leader's epoch.
+
+A result applies only if its lease token (epoch, attempt) is current and held by the
+worker that sends it; otherwise it is refused and recorded in ``refused_results``, never
+applied, so a worker that lost its lease cannot overwrite a later attempt's outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import asyncpg
+
+from conveyor.coordinator.batcher import Batcher
+from conveyor.coordinator.store import leadership
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.watchers import TaskWatchers
+
+REFUSED_REASON = "lease is not current: the task finished, was cancelled or was leased again"
+
+
+class ResultRecorder:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        watchers: TaskWatchers,
+        *,
+        cluster: str,
+        epoch: Callable[[], int],
+        lease_seconds: float,
+        max_batch: int,
+        max_pending: int,
+        on_scheduled: Callable[[datetime], None],
+    ) -> None:
+        self._pool = pool
+        self._watchers = watchers
+        self._cluster = cluster
+        self._epoch = epoch
+        self._lease_seconds = lease_seconds
+        self._on_scheduled = on_scheduled
+        self.results: Batcher[store.Outcome, bool] = Batcher(
+            "result", self._flush_results, max_batch=max_batch, max_pending=max_pending
+        )
+        self.renewals: Batcher[store.LeaseRef, bool] = Batcher(
+            "renewal", self._flush_renewals, max_batch=max_batch, max_pending=max_pending
+        )
+
+    def start(self) -> None:
+        self.results.start()
+        self.renewals.start()
+
+    async def stop(self) -> None:
+        await self.results.stop()
+        await self.renewals.stop()
+
+    async def _flush_results(self, outcomes: Sequence[store.Outcome]) -> list[bool]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await leadership.check_epoch(conn, self._cluster, self._epoch())
+            applied_rows = await store.finish_attempts(conn, outcomes)
+            applied = {r["id"] for r in applied_rows}
+            refused = [o for o in outcomes if o.lease.task_id not in applied]
+            if refused:
+                await store.record_refused(conn, refused, REFUSED_REASON)
+        self._watchers.changed(applied)
+        for row in applied_rows:
+            if row["state"] == store.SCHEDULED:
+                self._on_scheduled(row["run_at"])
+        return [o.lease.task_id in applied for o in outcomes]
+
+    async def _flush_renewals(self, leases: Sequence[store.LeaseRef]) -> list[bool]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await leadership.check_epoch(conn, self._cluster, self._epoch())
+            renewed = await store.renew_leases(conn, leases, self._lease_seconds)
+        return [(x.task_id, x.attempt) in renewed for x in leases]

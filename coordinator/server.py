@@ -1,0 +1,240 @@
+"""The coordinator process: wires the store, the services and the background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from datetime import datetime
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.dispatcher import Dispatcher
+from conveyor.coordinator.errors import Fenced
+from conveyor.coordinator.maintenance import Maintenance
+from conveyor.coordinator.results import ResultRecorder
+from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.store import leadership
+from conveyor.coordinator.store.migrations import migrate
+from conveyor.coordinator.submissions import Submitter
+from conveyor.coordinator.task_service import TaskServicer
+from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.coordinator.worker_service import WorkerServicer
+from conveyor.v1 import (
+    task_service_pb2,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+_log = logging.getLogger("conveyor.coordinator")
+
+# Room for a full SubmitTasks batch of large payloads; per-payload limits are checked apart.
+MAX_MESSAGE_BYTES = 64 << 20
+SERVICE_NAMES = (
+    task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+class Coordinator:
+    """One coordinator: gRPC API, dispatcher, result recorder and maintenance sweeps.
+
+    Without etcd it leads by itself: at start it takes a new epoch in Postgres, so a second
+    coordinator started on the same database fences this one off instead of racing it.
+    """
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.epoch = 0
+        self.leader = False
+        self.address = ""
+        self._pool: asyncpg.Pool | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._closed = asyncio.Event()
+        self.sessions = SessionRegistry()
+        self.watchers = TaskWatchers()
+        self._dispatcher: Dispatcher | None = None
+        self._submitter: Submitter | None = None
+        self._recorder: ResultRecorder | None = None
+        self._maintenance: Maintenance | None = None
+        self._worker_servicer: WorkerServicer | None = None
+
+    async def start(self) -> None:
+        """Migrates the schema, takes office, binds the port and starts the loops."""
+        cfg = self.config
+        self._pool = await asyncpg.create_pool(
+            cfg.dsn,
+            min_size=cfg.pool_min_size,
+            max_size=cfg.pool_max_size,
+            command_timeout=cfg.statement_timeout,
+        )
+        pool = self._pool
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        port = self._server.add_insecure_port(cfg.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}: the address is in use or invalid")
+        host = cfg.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+
+        self._dispatcher = Dispatcher(
+            pool,
+            self.sessions,
+            self.watchers,
+            cluster=cfg.cluster,
+            epoch=self._current_epoch,
+            lease_seconds=cfg.lease_duration,
+            poll_interval=cfg.poll_interval,
+            on_fenced=self._fenced,
+        )
+        self._maintenance = Maintenance(
+            pool,
+            self.watchers,
+            cluster=cfg.cluster,
+            epoch=self._current_epoch,
+            reaper_interval=cfg.reaper_interval,
+            on_ready=self._dispatcher.wake,
+            on_fenced=self._fenced,
+        )
+        self._submitter = Submitter(
+            pool,
+            max_batch=cfg.max_batch,
+            max_pending=cfg.max_pending_operations,
+            on_ready=self._dispatcher.wake,
+            on_scheduled=self._scheduled,
+        )
+        self._recorder = ResultRecorder(
+            pool,
+            self.watchers,
+            cluster=cfg.cluster,
+            epoch=self._current_epoch,
+            lease_seconds=cfg.lease_duration,
+            max_batch=cfg.max_batch,
+            max_pending=cfg.max_pending_operations,
+            on_scheduled=self._scheduled,
+        )
+        self._worker_servicer = WorkerServicer(
+            pool,
+            self.sessions,
+            self._dispatcher,
+            self._recorder,
+            self.watchers,
+            cluster=cfg.cluster,
+            epoch=self._current_epoch,
+            is_leader=lambda: self.leader,
+            leader_address=self._leader_address,
+            heartbeat_interval=cfg.heartbeat_interval,
+            lease_seconds=cfg.lease_duration,
+        )
+        task_servicer = TaskServicer(
+            pool,
+            cfg,
+            self._submitter,
+            self.sessions,
+            self.watchers,
+            epoch=self._current_epoch,
+            is_leader=lambda: self.leader,
+            leader_address=self._leader_address,
+            on_ready=self._dispatcher.wake,
+        )
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(task_servicer, self._server)
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+            self._worker_servicer, self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+
+        async with pool.acquire() as conn:
+            self.epoch = await leadership.take_office(conn, cfg.cluster, self.node_id, self.address)
+        self.leader = True
+        self._submitter.batcher.start()
+        self._recorder.start()
+        self._dispatcher.start()
+        self._maintenance.start()
+        await self._server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, serving)
+        _log.info("coordinator %s serving on %s, epoch %d", self.node_id, self.address, self.epoch)
+
+    def _current_epoch(self) -> int:
+        return self.epoch
+
+    def _leader_address(self) -> str:
+        return self.address if self.leader else ""
+
+    def _scheduled(self, run_at: datetime) -> None:
+        if self._maintenance is not None:
+            self._maintenance.scheduled(run_at)
+
+    def _fenced(self, exc: Fenced) -> None:
+        """Another coordinator took a newer epoch: stop writing at once."""
+        if not self.leader:
+            return
+        _log.error("%s; this coordinator steps down and stops dispatching", exc)
+        self.leader = False
+        if self._worker_servicer is not None:
+            self._worker_servicer.step_down()
+        asyncio.get_running_loop().create_task(self._stop_loops())
+
+    async def _stop_loops(self) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+        if self._maintenance is not None:
+            await self._maintenance.stop()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls, lets calls in progress finish within ``grace``, then closes."""
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self._stop_loops()
+        await self._server.stop(grace)
+        if self._submitter is not None:
+            await self._submitter.batcher.stop()
+        if self._recorder is not None:
+            await self._recorder.stop()
+        if self._pool is not None:
+            await self._pool.close()
+        self._server = None
+        self._closed.set()
+        _log.info("coordinator %s stopped", self.node_id)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Runs a coordinator until SIGTERM or SIGINT, then shuts it down gracefully."""
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await coordinator.stop()

@@ -1,0 +1,39 @@
+"""Wakes WatchTask streams when the tasks they watch change state.
+
+Writers call ``changed(ids)`` after commit; it costs one dict lookup per id, and nothing when
+no one watches. A watcher re-reads its task from the store when woken, so a missed or
+coalesced wake-up loses nothing (watchers also re-read on a slow timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+
+class TaskWatchers:
+    def __init__(self) -> None:
+        self._events: dict[uuid.UUID, set[asyncio.Event]] = {}
+
+    @contextmanager
+    def watch(self, task_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        """Registers a watcher for the duration of the ``with`` block."""
+        event = asyncio.Event()
+        self._events.setdefault(task_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            watchers = self._events.get(task_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._events[task_id]
+
+    def changed(self, task_ids: Iterable[uuid.UUID]) -> None:
+        if not self._events:
+            return
+        for task_id in task_ids:
+            for event in self._events.get(task_id, ()):
+                event.set()
