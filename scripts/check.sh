@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Static checks: ruff (lint and format), buf lint and mypy --strict.
+#
+# mypy cannot follow the import hook that setuptools' editable install uses for our
+# package-dir mapping (conveyor.coordinator -> coordinator/ ...). So this script builds a
+# tree of symlinks, build/mypy-tree/conveyor/<pkg> -> <folder>, from the package-dir table in
+# pyproject.toml, and runs mypy on that tree with .venv's mypy and dependencies.
+# Run scripts/test.sh (or pip install -e '.[dev]') once first to create .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  echo "no .venv: run scripts/test.sh first (or python3 -m venv .venv && .venv/bin/pip install -e '.[dev]')" >&2
+  exit 2
+fi
+
+status=0
+.venv/bin/ruff check . || status=1
+.venv/bin/ruff format --check . || status=1
+.venv/bin/buf lint || status=1
+
+tree=build/mypy-tree
+rm -rf "$tree"
+.venv/bin/python - "$tree" <<'PY'
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+tree = Path(sys.argv[1])
+root = Path.cwd()
+package_dir = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+    "package-dir"
+]
+# Only the top-level mapped packages: nested ones (conveyor.coordinator.store) live inside
+# their parent's folder already.
+for name, folder in sorted(package_dir.items()):
+    parent = name.rpartition(".")[0]
+    if parent in package_dir:
+        continue
+    link = tree.joinpath(*name.split("."))
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(root / folder, link, target_is_directory=True)
+PY
+(cd "$tree" && ../../.venv/bin/mypy --config-file ../../pyproject.toml -p conveyor) || status=1
+
+exit $status
