@@ -1,0 +1,258 @@
+"""Submits: acknowledgement after commit, validation, idempotency (also under concurrency)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+Stub = task_service_pb2_grpc.TaskServiceStub
+
+
+def _details(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
+    """(ErrorInfo.reason, BadRequest fields) from a rich error status."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status details"
+    reason, fields = "", []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "conveyor.dev"
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+    return reason, fields
+
+
+async def _count(db: asyncpg.Connection) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM tasks"))
+
+
+async def test_submit_is_committed_when_acknowledged(stub: Stub, db: asyncpg.Connection) -> None:
+    response = await stub.SubmitTask(
+        task_service_pb2.SubmitTaskRequest(type="echo", payload=b'{"a": 1}', priority=7)
+    )
+    task = response.task
+    assert task.state == task_pb2.TASK_STATE_PENDING
+    assert task.queue == "default" and task.max_attempts == 3 and task.attempt == 0
+    row = await db.fetchrow(
+        "SELECT state, priority, payload, tenant FROM tasks WHERE id = $1::uuid", task.id
+    )
+    assert row is not None
+    assert (row["state"], row["priority"], row["payload"], row["tenant"]) == (
+        task_pb2.TASK_STATE_PENDING,
+        7,
+        b'{"a": 1}',
+        "default",
+    )
+
+
+async def test_delayed_submit_is_scheduled(stub: Stub) -> None:
+    run_at = timestamp_pb2.Timestamp()
+    run_at.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    response = await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="echo", run_at=run_at))
+    assert response.task.state == task_pb2.TASK_STATE_SCHEDULED
+
+
+def _too_long(n: int) -> str:
+    return "x" * n
+
+
+BAD_REQUESTS = [
+    ("empty type", task_service_pb2.SubmitTaskRequest(type=""), "type"),
+    ("long type", task_service_pb2.SubmitTaskRequest(type=_too_long(129)), "type"),
+    ("bad chars", task_service_pb2.SubmitTaskRequest(type="a b"), "type"),
+    ("long queue", task_service_pb2.SubmitTaskRequest(type="t", queue=_too_long(200)), "queue"),
+    (
+        "oversized payload",
+        task_service_pb2.SubmitTaskRequest(type="t", payload=b"x" * ((1 << 20) + 1)),
+        "payload",
+    ),
+    (
+        "negative attempts",
+        task_service_pb2.SubmitTaskRequest(type="t", max_attempts=-1),
+        "max_attempts",
+    ),
+    (
+        "absurd attempts",
+        task_service_pb2.SubmitTaskRequest(type="t", max_attempts=10**6),
+        "max_attempts",
+    ),
+    (
+        "negative timeout",
+        task_service_pb2.SubmitTaskRequest(type="t", timeout=duration_pb2.Duration(seconds=-5)),
+        "timeout",
+    ),
+    (
+        "absurd timeout",
+        task_service_pb2.SubmitTaskRequest(type="t", timeout=duration_pb2.Duration(seconds=10**8)),
+        "timeout",
+    ),
+    ("priority", task_service_pb2.SubmitTaskRequest(type="t", priority=5000), "priority"),
+    (
+        "idempotency key",
+        task_service_pb2.SubmitTaskRequest(type="t", idempotency_key=_too_long(300)),
+        "idempotency_key",
+    ),
+    (
+        "run_at far ahead",
+        task_service_pb2.SubmitTaskRequest(
+            type="t", run_at=timestamp_pb2.Timestamp(seconds=4_000_000_000)
+        ),
+        "run_at",
+    ),
+    (
+        "jitter",
+        task_service_pb2.SubmitTaskRequest(type="t", retry_policy=task_pb2.RetryPolicy(jitter=3.0)),
+        "retry_policy.jitter",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "field"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+async def test_bad_submit_names_the_field_and_writes_nothing(
+    stub: Stub,
+    db: asyncpg.Connection,
+    case: str,
+    request_: task_service_pb2.SubmitTaskRequest,
+    field: str,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitTask(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reason, fields = _details(caught.value)
+    assert reason == "INVALID_ARGUMENT"
+    assert field in fields
+    assert await _count(db) == 0
+
+
+async def test_batch_with_one_bad_task_writes_nothing(stub: Stub, db: asyncpg.Connection) -> None:
+    tasks = [task_service_pb2.SubmitTaskRequest(type="ok") for _ in range(5)]
+    tasks.insert(3, task_service_pb2.SubmitTaskRequest(type=""))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitTasks(task_service_pb2.SubmitTasksRequest(tasks=tasks))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[1] == ["tasks[3].type"]
+    assert await _count(db) == 0
+
+
+async def test_unknown_enum_and_malformed_ids_are_invalid(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListTasks(task_service_pb2.ListTasksRequest(state=99))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[1] == ["state"]
+    for call in (stub.GetTask, stub.CancelTask, stub.RetryTask):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(task_service_pb2.GetTaskRequest(id="not-a-uuid"))  # type: ignore[arg-type]
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _details(caught.value)[1] == ["id"]
+
+
+async def test_missing_task_is_not_found(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetTask(
+            task_service_pb2.GetTaskRequest(id="01900000-0000-7000-8000-000000000000")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _details(caught.value)[0] == "TASK_NOT_FOUND"
+
+
+async def test_same_key_same_request_returns_the_first_task(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    request = task_service_pb2.SubmitTaskRequest(type="echo", payload=b"1", idempotency_key="k")
+    first = await stub.SubmitTask(request)
+    second = await stub.SubmitTask(request)
+    assert second.task.id == first.task.id
+    assert (first.deduplicated, second.deduplicated) == (False, True)
+    assert await _count(db) == 1
+
+
+async def test_same_key_different_request_is_refused(stub: Stub, db: asyncpg.Connection) -> None:
+    await stub.SubmitTask(
+        task_service_pb2.SubmitTaskRequest(type="echo", payload=b"1", idempotency_key="k")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitTask(
+            task_service_pb2.SubmitTaskRequest(type="echo", payload=b"2", idempotency_key="k")
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert _details(caught.value)[0] == "IDEMPOTENCY_KEY_CONFLICT"
+    assert await _count(db) == 1
+
+
+async def test_concurrent_submits_with_one_key_make_one_task(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    request = task_service_pb2.SubmitTaskRequest(type="echo", payload=b"x", idempotency_key="race")
+    responses = await asyncio.gather(*(stub.SubmitTask(request) for _ in range(50)))
+    ids = {r.task.id for r in responses}
+    assert len(ids) == 1
+    assert sum(not r.deduplicated for r in responses) == 1
+    assert await _count(db) == 1
+
+
+async def test_concurrent_conflicting_submits_commit_exactly_one(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    async def attempt(i: int) -> str | None:
+        try:
+            response = await stub.SubmitTask(
+                task_service_pb2.SubmitTaskRequest(
+                    type="echo", payload=str(i).encode(), idempotency_key="contested"
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+            return None
+        return response.task.id
+
+    winners = [w for w in await asyncio.gather(*(attempt(i) for i in range(30))) if w]
+    assert len(winners) == 1
+    assert await _count(db) == 1
+
+
+async def test_batch_conflict_rolls_back_the_whole_batch(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="echo", idempotency_key="taken"))
+    batch = [
+        task_service_pb2.SubmitTaskRequest(type="echo", payload=b"new"),
+        task_service_pb2.SubmitTaskRequest(type="other", idempotency_key="taken"),
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitTasks(task_service_pb2.SubmitTasksRequest(tasks=batch))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert await _count(db) == 1
+
+
+async def test_list_tasks_paginates_newest_first(stub: Stub) -> None:
+    batch = [
+        task_service_pb2.SubmitTaskRequest(type="echo", payload=str(i).encode()) for i in range(7)
+    ]
+    submitted = await stub.SubmitTasks(task_service_pb2.SubmitTasksRequest(tasks=batch))
+    expected = sorted((r.task.id for r in submitted.results), reverse=True)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stub.ListTasks(
+            task_service_pb2.ListTasksRequest(page_size=3, page_token=token)
+        )
+        seen.extend(t.id for t in page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == expected

@@ -1,0 +1,156 @@
+"""Helpers shared by the integration tests (on sys.path via pytest's ``pythonpath``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from conveyor.coordinator import CoordinatorConfig
+from conveyor.v1 import (
+    task_service_pb2,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+# Short leases so lease-expiry paths run in seconds, not minutes.
+TEST_LEASE = 2.0
+TEST_HEARTBEAT = 0.5
+
+
+def coordinator_config(dsn: str, **overrides: Any) -> CoordinatorConfig:
+    values: dict[str, Any] = {
+        "dsn": dsn,
+        "listen": "127.0.0.1:0",
+        "lease_duration": TEST_LEASE,
+        "heartbeat_interval": TEST_HEARTBEAT,
+        "reaper_interval": 0.2,
+        "poll_interval": 0.5,
+        "pool_min_size": 1,
+        "pool_max_size": 6,
+    }
+    values.update(overrides)
+    return CoordinatorConfig(**values)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05
+) -> T:
+    """Polls ``check`` until it returns a truthy value or ``timeout`` passes (then fails)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: T | None = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value {last!r}")
+        await asyncio.sleep(interval)
+
+
+class RawWorker:
+    """Drives one WorkerService.Connect stream message by message."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
+        self.call: Any = None
+
+    async def _requests(self) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
+        while True:
+            message = await self._outgoing.get()
+            if message is None:
+                return
+            yield message
+
+    async def connect(
+        self,
+        worker_id: str = "raw-worker",
+        *,
+        credits: int = 10,
+        types: tuple[str, ...] = (),
+        queues: tuple[str, ...] = (),
+        in_flight: tuple[worker_service_pb2.Lease, ...] = (),
+    ) -> worker_service_pb2.Welcome:
+        stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
+        self.call = stub.Connect(self._requests())
+        await self.send(
+            hello=worker_service_pb2.Hello(
+                protocol_version=1,
+                worker_id=worker_id,
+                credits=credits,
+                task_types=types,
+                queues=queues,
+                in_flight=in_flight,
+            )
+        )
+        first = await self.receive()
+        assert first.WhichOneof("message") == "welcome", first
+        return first.welcome
+
+    async def send(self, **message: Any) -> None:
+        await self._outgoing.put(worker_service_pb2.ConnectRequest(**message))
+
+    async def receive(self, timeout: float = 10.0) -> worker_service_pb2.ConnectResponse:
+        message = await asyncio.wait_for(self.call.read(), timeout)
+        assert message is not grpc.aio.EOF, "the coordinator closed the stream"
+        return message  # type: ignore[no-any-return]
+
+    async def receive_kind(self, kind: str, timeout: float = 10.0) -> Any:
+        """The next message of ``kind`` (skipping others), as its inner message."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            message = await self.receive(max(0.01, remaining))
+            if message.WhichOneof("message") == kind:
+                return getattr(message, kind)
+
+    async def assignments(self, count: int, timeout: float = 10.0) -> list[Any]:
+        got: list[Any] = []
+        while len(got) < count:
+            batch = await self.receive_kind("assignments", timeout)
+            got.extend(batch.assignments)
+        return got
+
+    async def report(
+        self,
+        lease: worker_service_pb2.Lease,
+        outcome: int = worker_service_pb2.TASK_OUTCOME_SUCCEEDED,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        retryable: bool = True,
+    ) -> worker_service_pb2.ResultAck:
+        await self.send(
+            results=worker_service_pb2.Results(
+                results=[
+                    worker_service_pb2.TaskResult(
+                        lease=lease,
+                        outcome=outcome,  # type: ignore[arg-type]
+                        result=result,
+                        error=error,
+                        retryable=retryable,
+                    )
+                ]
+            )
+        )
+        acks = await self.receive_kind("result_acks")
+        return acks.acks[0]  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self._outgoing.put(None)
+        if self.call is not None:
+            self.call.cancel()
+        await self._channel.close()
+
+
+async def submit(
+    stub: task_service_pb2_grpc.TaskServiceStub, type: str = "echo", **fields: Any
+) -> Any:
+    response = await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type=type, **fields))
+    return response.task
