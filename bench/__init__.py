@@ -1,1 +1,1 @@
-
+"""``conveyor bench``: throughput and pickup latency with real processes on one machine."""

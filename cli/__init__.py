@@ -1,1 +1,1 @@
-
+"""The ``conveyor`` command line: dev mode, coordinator, worker, task commands, bench."""

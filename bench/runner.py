@@ -1,0 +1,254 @@
+"""Runs the benchmark: PostgreSQL, a coordinator process, worker processes, a client.
+
+Figures (all from timestamps, none from timed sleeps):
+- submit_per_s: tasks committed per second by batched SubmitTasks calls (nobody consumes).
+- e2e_per_s: no-op tasks per second from the first submit to the last result committed,
+  read from the database (first create_time to last finish_time).
+- pickup_p50/p95/p99_ms: at a light steady rate, from the client's send time to the
+  handler's start, measured by a probe task across processes on one clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.bench.worker import QUEUE
+from conveyor.client import AsyncClient, TaskSpec
+
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    tasks: int = 20_000
+    workers: int = 2
+    concurrency: int = 500
+    batch: int = 500
+    submitters: int = 4
+    latency_rate: float = 100.0
+    latency_seconds: float = 10.0
+    dsn: str | None = None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def _postgres(dsn: str | None) -> AsyncIterator[str]:
+    if dsn:
+        yield dsn
+        return
+    from conveyor.embedded import EmbeddedPostgres
+
+    folder = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    # Durable on purpose: every state change is fsynced, as in production.
+    server = EmbeddedPostgres(folder / "pg", durable=True)
+    try:
+        _say(f"starting PostgreSQL (durable) in {folder} …")
+        yield await asyncio.to_thread(server.start)
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _wait_serving(address: str, proc: Process) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"the coordinator exited with code {proc.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"the coordinator did not serve within {STARTUP_TIMEOUT:.0f}s")
+
+
+async def _stop(procs: list[Process]) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _submit_all(client: AsyncClient, specs: list[TaskSpec], cfg: BenchConfig) -> None:
+    chunks = [specs[i : i + cfg.batch] for i in range(0, len(specs), cfg.batch)]
+    queue: asyncio.Queue[list[TaskSpec]] = asyncio.Queue()
+    for chunk in chunks:
+        queue.put_nowait(chunk)
+
+    async def submitter() -> None:
+        while not queue.empty():
+            await client.submit_many(queue.get_nowait())
+
+    await asyncio.gather(*(submitter() for _ in range(cfg.submitters)))
+
+
+async def _wait_done(db: asyncpg.Connection, type_: str, count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done = await db.fetchval("SELECT count(*) FROM tasks WHERE type = $1 AND state = 4", type_)
+        if done >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"only {done} of {count} {type_} tasks finished within {within:.0f}s")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Runs all three measurements and returns the figures."""
+    procs: list[Process] = []
+    async with _postgres(cfg.dsn) as dsn:
+        address = f"127.0.0.1:{_free_port()}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cli = [sys.executable, "-m", "conveyor.cli.main"]
+        try:
+            _say(f"starting the coordinator on {address} …")
+            coordinator = await asyncio.create_subprocess_exec(
+                *cli,
+                "--log-level",
+                "warning",
+                "coordinator",
+                "--dsn",
+                dsn,
+                "--listen",
+                address,
+                env=env,
+            )
+            procs.append(coordinator)
+            await _wait_serving(address, coordinator)
+            db = await asyncpg.connect(dsn)
+            async with AsyncClient(address, timeout=60.0) as client:
+                figures = await _measure(cfg, client, db, address, env, procs)
+            await db.close()
+        finally:
+            await _stop(procs)
+    _report(cfg, figures)
+    return figures
+
+
+async def _measure(
+    cfg: BenchConfig,
+    client: AsyncClient,
+    db: asyncpg.Connection,
+    address: str,
+    env: dict[str, str],
+    procs: list[Process],
+) -> dict[str, Any]:
+    # 1. Submit throughput, with no worker consuming the queue.
+    specs = [TaskSpec(type="noop", queue="bench-submit", payload=b"", raw=True)] * cfg.tasks
+    _say(f"submit: {cfg.tasks} tasks in batches of {cfg.batch} …")
+    started = time.perf_counter()
+    await _submit_all(client, specs, cfg)
+    submit_s = time.perf_counter() - started
+
+    # 2. End to end, with the workers running.
+    _say(f"starting {cfg.workers} worker processes ({cfg.concurrency} slots each) …")
+    for _ in range(cfg.workers):
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "conveyor.bench.worker",
+                "--coordinator",
+                address,
+                "--concurrency",
+                str(cfg.concurrency),
+                env=env,
+            )
+        )
+    await _warm_up(client, db)
+    _say(f"end to end: {cfg.tasks} no-op tasks …")
+    specs = [TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True)] * cfg.tasks
+    await _submit_all(client, specs, cfg)
+    await _wait_done(db, "noop", cfg.tasks + 1, within=max(120.0, cfg.tasks / 200))
+    span = await db.fetchrow(
+        "SELECT extract(epoch FROM max(finish_time) - min(create_time)) AS seconds "
+        "FROM tasks WHERE type = 'noop' AND queue = $1 AND payload = ''",
+        QUEUE,
+    )
+    e2e_s = float(span["seconds"])
+
+    # 3. Pickup latency at a light steady rate.
+    count = max(1, int(cfg.latency_rate * cfg.latency_seconds))
+    _say(f"pickup latency: {count} tasks at {cfg.latency_rate:.0f}/s …")
+    interval = 1.0 / cfg.latency_rate
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
+        await client.submit("probe", repr(time.time()).encode(), queue=QUEUE, raw=True)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    await _wait_done(db, "probe", count, within=60.0)
+    rows = await db.fetch("SELECT result FROM tasks WHERE type = 'probe'")
+    latencies = [float(r["result"]) for r in rows]
+    return {
+        "tasks": cfg.tasks,
+        "workers": cfg.workers,
+        "submit_per_s": round(cfg.tasks / submit_s),
+        "e2e_per_s": round(cfg.tasks / e2e_s),
+        "pickup_p50_ms": round(statistics.median(latencies), 2),
+        "pickup_p95_ms": round(_percentile(latencies, 95), 2),
+        "pickup_p99_ms": round(_percentile(latencies, 99), 2),
+        "pickup_samples": len(latencies),
+    }
+
+
+async def _warm_up(client: AsyncClient, db: asyncpg.Connection) -> None:
+    """One task through every worker path, so connection set-up is not measured."""
+    warm = await client.submit("noop", b"warm", queue=QUEUE, raw=True)
+    await client.wait(warm.id, timeout=60)
+
+
+def _report(cfg: BenchConfig, f: dict[str, Any]) -> None:
+    _say(
+        f"""
+Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})
+  submit (batched)      {f["submit_per_s"]:>10,} tasks/s
+  end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
+  pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \
+p99 {f["pickup_p99_ms"]} ms   ({f["pickup_samples"]} tasks at {cfg.latency_rate:.0f}/s)
+"""
+    )
