@@ -1,0 +1,415 @@
+"""The asyncio client: every operation the client offers is implemented here, once."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from contextlib import aclosing
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from conveyor.client._channel import Connection, parse_addresses
+from conveyor.client._errors import (
+    InvalidArgumentError,
+    RPCError,
+    TaskCancelledError,
+    TaskFailedError,
+    UnavailableError,
+    WaitTimeoutError,
+)
+from conveyor.client._models import (
+    Page,
+    QueueStats,
+    RetryPolicy,
+    Task,
+    TaskAttempt,
+    TaskSpec,
+    TaskState,
+    state_to_proto,
+    task_spec,
+)
+from conveyor.v1 import task_service_pb2 as pb
+
+__all__ = ["AsyncClient"]
+
+# The coordinator accepts at most this many tasks per SubmitTasks call.
+MAX_BATCH = 1000
+# And gRPC servers refuse messages over 4 MiB unless configured otherwise, so batches of
+# large payloads are cut by size too, with room to spare for framing.
+_MAX_BATCH_BYTES = 3 * 1024 * 1024
+# Consecutive broken watch streams tolerated before watch() gives up (with the failover
+# inside each attempt, about a minute); the count resets when the task changes state or
+# a stream stayed up for _WATCH_HEALTHY_AFTER seconds.
+_MAX_WATCH_FAILURES = 10
+_WATCH_BACKOFF_BASE = 0.1
+_WATCH_HEALTHY_AFTER = 30.0
+_WATCH_BACKOFF_MAX = 5.0
+
+
+class AsyncClient:
+    """Asyncio client for a Conveyor cluster.
+
+    Use as ``async with AsyncClient("10.0.0.1:50051,10.0.0.2:50051") as client: ...``
+    or call :meth:`close` when done. Safe to share between tasks of one event loop.
+
+    Args:
+        coordinators: One ``"host:port"``, several separated by commas, or a sequence of
+            them. They are tried in order; the client follows leader redirects by itself.
+        timeout: Seconds each call may take, retries and failover included; ``None`` for
+            no limit. Does not apply to ``watch()`` once its stream is open, nor to
+            ``wait()``, which take their own.
+        api_key: Sent as ``authorization: Bearer <api_key>`` with every call.
+    """
+
+    def __init__(
+        self,
+        coordinators: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 10.0,
+        api_key: str | None = None,
+    ) -> None:
+        self._conn = Connection(parse_addresses(coordinators), timeout=timeout, api_key=api_key)
+
+    @property
+    def addresses(self) -> builtins.list[str]:
+        """The configured coordinator addresses, in failover order."""
+        return list(self._conn.addresses)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the connections; calls still in flight are cancelled. Idempotent."""
+        await self._conn.close()
+
+    # -- submitting --------------------------------------------------------------------
+
+    async def submit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        queue: str = "default",
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        run_at: datetime | timedelta | None = None,
+        max_attempts: int | None = None,
+        # The task's execution timeout, not a deadline on this call (hence the noqa).
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109
+        retry_policy: RetryPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
+        raw: bool = False,
+        content_type: str | None = None,
+        traceparent: str | None = None,
+    ) -> Task:
+        """Submits one task and returns it as committed.
+
+        Args:
+            type: The task type, the name a worker registered a handler under.
+            payload: Anything ``json.dumps`` accepts; bytes are sent as-is
+                (``application/octet-stream``), as is any payload with ``raw=True``.
+            queue: The queue to put it on.
+            idempotency_key: Makes resubmitting safe: the same key returns the first task.
+                Also lets the client retry the submit after a connection failure.
+            priority: Higher runs first within a queue (-1000 to 1000).
+            run_at: Earliest start: an aware datetime or a delay from now.
+            max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
+            timeout: Execution timeout of one attempt; ``None`` for the default (5 min).
+            retry_policy: Backoff between attempts; ``None`` for the default.
+            labels: Free-form string labels.
+            raw: Send ``payload`` bytes as-is instead of JSON-encoding.
+            content_type: Overrides the payload's MIME type.
+            traceparent: W3C trace context linking the execution to the caller's trace.
+
+        Raises:
+            InvalidArgumentError: A field is invalid (see ``field_violations``).
+            IdempotencyConflictError: The key is taken by a different request.
+        """
+        spec = TaskSpec(
+            type=type,
+            payload=payload,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            retry_policy=retry_policy,
+            labels=labels,
+            raw=raw,
+            content_type=content_type,
+            traceparent=traceparent,
+        )
+        response = await self._conn.unary(
+            lambda stub: stub.SubmitTask,
+            spec.to_proto(),
+            # Without a key, a resend after a broken connection could create a duplicate.
+            idempotent=spec.idempotency_key is not None,
+        )
+        return Task.from_proto(response.task)
+
+    async def submit_many(
+        self, tasks: Iterable[TaskSpec | Mapping[str, Any]]
+    ) -> builtins.list[Task]:
+        """Submits many tasks in as few calls as possible; returns them in input order.
+
+        Each element is a :class:`TaskSpec` or a dict of :meth:`submit` keyword arguments
+        (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
+        (fewer when payloads are large); each batch is atomic, the whole call is not: when
+        a batch fails, the batches before it stay submitted (the error says how many).
+        """
+        requests = [task_spec(t).to_proto() for t in tasks]
+        results: list[Task] = []
+        for batch in _batches(requests):
+            try:
+                response = await self._conn.unary(
+                    lambda stub: stub.SubmitTasks,
+                    pb.SubmitTasksRequest(tasks=batch),
+                    idempotent=all(r.idempotency_key for r in batch),
+                )
+            except RPCError as err:
+                if isinstance(err, InvalidArgumentError):
+                    err._shift_task_index(len(results))
+                if results:
+                    err._append(
+                        f"{len(results)} task(s) from earlier batches of this submit_many() "
+                        f"call were already submitted and stay submitted."
+                    )
+                raise
+            results.extend(Task.from_proto(r.task) for r in response.results)
+        return results
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        """Returns the task's current state.
+
+        Raises:
+            TaskNotFoundError: No task has this id.
+        """
+        task, _ = await self._get(task_id)
+        return task
+
+    async def get_with_attempts(self, task_id: str) -> tuple[Task, builtins.list[TaskAttempt]]:
+        """Returns the task and every attempt so far, oldest first."""
+        return await self._get(task_id)
+
+    async def _get(self, task_id: str) -> tuple[Task, builtins.list[TaskAttempt]]:
+        response = await self._conn.unary(
+            lambda stub: stub.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
+        )
+        return Task.from_proto(response.task), [
+            TaskAttempt.from_proto(a) for a in response.attempts
+        ]
+
+    async def list(
+        self,
+        queue: str | None = None,
+        state: TaskState | str | None = None,
+        type: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Page[Task]:
+        """Returns one page of tasks, newest first, optionally filtered.
+
+        Args:
+            queue: Only tasks on this queue.
+            state: Only tasks in this state (a :class:`TaskState` or its name).
+            type: Only tasks of this type.
+            page_size: At most 1000.
+            page_token: ``next_page_token`` of the previous page.
+        """
+        request = pb.ListTasksRequest(
+            queue=queue or "",
+            state=state_to_proto(state),  # type: ignore[arg-type]
+            type=type or "",
+            page_size=page_size,
+            page_token=page_token or "",
+        )
+        response = await self._conn.unary(lambda stub: stub.ListTasks, request, idempotent=True)
+        return Page(
+            items=[Task.from_proto(t) for t in response.tasks],
+            next_page_token=response.next_page_token or None,
+        )
+
+    async def iter_tasks(
+        self,
+        queue: str | None = None,
+        state: TaskState | str | None = None,
+        type: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncGenerator[Task, None]:
+        """Yields every matching task, newest first, fetching pages as it goes."""
+        token: str | None = None
+        while True:
+            page = await self.list(queue, state, type, page_size=page_size, page_token=token)
+            for task in page.items:
+                yield task
+            if page.next_page_token is None:
+                return
+            token = page.next_page_token
+
+    async def queues(self) -> builtins.list[QueueStats]:
+        """Returns every queue with its task counts by state."""
+        response = await self._conn.unary(
+            lambda stub: stub.ListQueues, pb.ListQueuesRequest(), idempotent=True
+        )
+        return [QueueStats.from_proto(q) for q in response.queues]
+
+    # -- transitions -------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancels an unfinished task (a running one's worker is told to stop).
+
+        Raises:
+            InvalidStateError: The task has already finished.
+        """
+        response = await self._conn.unary(
+            lambda stub: stub.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
+        )
+        return Task.from_proto(response.task)
+
+    async def retry(self, task_id: str) -> Task:
+        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
+
+        Raises:
+            InvalidStateError: The task is not DEAD.
+        """
+        response = await self._conn.unary(
+            lambda stub: stub.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
+        )
+        return Task.from_proto(response.task)
+
+    # -- waiting -----------------------------------------------------------------------
+
+    async def watch(self, task_id: str) -> AsyncGenerator[Task, None]:
+        """Yields the task's current state, then each change, until it is terminal.
+
+        A broken stream is reopened by itself (after re-reading the task, so a change
+        made while disconnected is not missed); it gives up with :class:`UnavailableError`
+        only after about a minute without any coordinator answering. Intermediate
+        states may be skipped while disconnected; the terminal state never is.
+        """
+        loop = asyncio.get_running_loop()
+        last: Task | None = None
+        failures = 0
+        while True:
+            opened = loop.time()
+            try:
+                if failures:
+                    # Reopening: re-read first, the task may have moved on meanwhile.
+                    task = await self.get(task_id)
+                    if task != last:
+                        last, failures = task, 0
+                        yield task
+                    if task.is_terminal:
+                        return
+                stream = self._conn.stream(
+                    lambda stub: stub.WatchTask, pb.WatchTaskRequest(id=task_id)
+                )
+                # aclosing: leaving early must cancel the stream now, not at GC time.
+                async with aclosing(stream):
+                    async for response in stream:
+                        task = Task.from_proto(response.task)
+                        # A reopened stream repeats the current state: not news, and not
+                        # progress either, so it does not reset the failure count.
+                        if task != last:
+                            last, failures = task, 0
+                            yield task
+                        if task.is_terminal:
+                            return
+            except RPCError as err:
+                if not _stream_broke(err) or failures >= _MAX_WATCH_FAILURES:
+                    raise
+            # Broken, or (against the contract) ended before a terminal state: reopen.
+            if loop.time() - opened > _WATCH_HEALTHY_AFTER:
+                # It broke after a long healthy run (a coordinator restart, say): a fresh
+                # incident, not the next failure of a cluster that cannot serve streams.
+                failures = 0
+            failures += 1
+            await asyncio.sleep(min(_WATCH_BACKOFF_MAX, _WATCH_BACKOFF_BASE * 2 ** (failures - 1)))
+
+    # A timeout argument rather than "wrap it in asyncio.timeout()": the sync twin needs
+    # the same signature, and the error names the task and its last state.
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109
+    ) -> Task:
+        """Waits until the task is terminal (SUCCEEDED, DEAD or CANCELLED) and returns it.
+
+        Args:
+            timeout: Seconds (or a timedelta) to wait at most; ``None`` waits for good.
+
+        Raises:
+            WaitTimeoutError: The timeout passed first; the task keeps running.
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        last: Task | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                updates = self.watch(task_id)
+                async with aclosing(updates):
+                    async for task in updates:
+                        last = task
+                        if task.is_terminal:
+                            return task
+        except TimeoutError as err:
+            raise WaitTimeoutError(task_id, seconds or 0.0, last) from err
+        # watch() only ends on a terminal state.
+        raise AssertionError("watch() ended before the task finished")  # pragma: no cover
+
+    async def result(
+        self,
+        task_id: str,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """Waits for the task and returns its result decoded from JSON.
+
+        Raises:
+            TaskFailedError: The task ended DEAD (``last_error`` says why).
+            TaskCancelledError: The task was cancelled.
+            WaitTimeoutError: The timeout passed first.
+        """
+        task = await self.wait(task_id, timeout)
+        if task.state is TaskState.DEAD:
+            raise TaskFailedError(task)
+        if task.state is TaskState.CANCELLED:
+            raise TaskCancelledError(task)
+        return task.json()
+
+
+def _stream_broke(err: RPCError) -> bool:
+    # Worth reopening: the connection or the coordinator went away (UNAVAILABLE covers
+    # shutdowns and leader changes), or a proxy reset the stream (INTERNAL, CANCELLED).
+    # Anything else, such as TASK_NOT_FOUND, would only fail again.
+    return isinstance(err, UnavailableError) or err.code in (
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+    )
+
+
+def _batches(requests: builtins.list[pb.SubmitTaskRequest]) -> Iterable[builtins.list[Any]]:
+    batch: list[pb.SubmitTaskRequest] = []
+    size = 0
+    for request in requests:
+        request_size = request.ByteSize()
+        if batch and (len(batch) >= MAX_BATCH or size + request_size > _MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(request)
+        size += request_size
+    if batch:
+        yield batch

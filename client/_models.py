@@ -1,0 +1,461 @@
+"""The client's value types and their conversions to and from the wire protos.
+
+Every proto <-> Python conversion lives in this module, so the rest of the client (and its
+users) deal only in frozen dataclasses, enums, ``datetime`` and ``timedelta``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from conveyor.v1 import task_pb2, task_service_pb2
+
+__all__ = [
+    "AttemptOutcome",
+    "Page",
+    "QueueStats",
+    "RetryPolicy",
+    "Task",
+    "TaskAttempt",
+    "TaskSpec",
+    "TaskState",
+]
+
+T = TypeVar("T")
+
+JSON_CONTENT_TYPE = "application/json"
+BYTES_CONTENT_TYPE = "application/octet-stream"
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its lifecycle (mirrors ``conveyor.v1.TaskState``).
+
+    ::
+
+        SCHEDULED -> PENDING -> RUNNING -> SUCCEEDED
+                                RUNNING -> SCHEDULED (retry backoff) | DEAD | PENDING (lease lost)
+        PENDING | SCHEDULED | RUNNING -> CANCELLED;  DEAD -> PENDING (retry())
+    """
+
+    #: A state this client does not know (sent by a newer coordinator), or unset.
+    UNSPECIFIED = "UNSPECIFIED"
+    #: Ready to run; waiting for a worker.
+    PENDING = "PENDING"
+    #: Waiting for its run_at: a delayed task, or a retry in backoff.
+    SCHEDULED = "SCHEDULED"
+    #: Leased to one worker.
+    RUNNING = "RUNNING"
+    #: Finished successfully; terminal.
+    SUCCEEDED = "SUCCEEDED"
+    #: Failed for good (the dead-letter queue); terminal until redriven with retry().
+    DEAD = "DEAD"
+    #: Cancelled by a client; terminal.
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the task has finished: SUCCEEDED, DEAD or CANCELLED."""
+        return self in _TERMINAL_STATES
+
+
+_TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt of a task ended (mirrors ``conveyor.v1.AttemptOutcome``)."""
+
+    #: An outcome this client does not know, or unset.
+    UNSPECIFIED = "UNSPECIFIED"
+    #: The attempt is still running.
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    #: The handler raised an error.
+    FAILED = "FAILED"
+    #: The handler ran past the task's timeout.
+    TIMED_OUT = "TIMED_OUT"
+    #: The worker died or went silent and its lease expired.
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    #: The task was cancelled while this attempt ran.
+    CANCELLED = "CANCELLED"
+
+
+# Enum tables built from the proto names, so a state added to only one side shows up as
+# UNSPECIFIED instead of crashing the client.
+_PROTO_STATES = set(task_pb2.TaskState.keys())
+_PROTO_OUTCOMES = set(task_pb2.AttemptOutcome.keys())
+_STATE_FROM_PROTO: dict[int, TaskState] = {
+    task_pb2.TaskState.Value(f"TASK_STATE_{s.name}"): s
+    for s in TaskState
+    if f"TASK_STATE_{s.name}" in _PROTO_STATES
+}
+_STATE_TO_PROTO: dict[TaskState, int] = {s: n for n, s in _STATE_FROM_PROTO.items()}
+_OUTCOME_FROM_PROTO: dict[int, AttemptOutcome] = {
+    task_pb2.AttemptOutcome.Value(f"ATTEMPT_OUTCOME_{o.name}"): o
+    for o in AttemptOutcome
+    if f"ATTEMPT_OUTCOME_{o.name}" in _PROTO_OUTCOMES
+}
+
+
+def state_from_proto(value: int) -> TaskState:
+    """Converts a ``conveyor.v1.TaskState`` number; unknown numbers become UNSPECIFIED."""
+    return _STATE_FROM_PROTO.get(value, TaskState.UNSPECIFIED)
+
+
+def state_to_proto(state: TaskState | str | None) -> int:
+    """Converts a state filter (enum or name such as ``"dead"``) to its proto number."""
+    if state is None:
+        return task_pb2.TASK_STATE_UNSPECIFIED
+    parsed = parse_state_name(str(state))
+    if parsed is None:
+        valid = ", ".join(s.name for s in TaskState if s is not TaskState.UNSPECIFIED)
+        raise ValueError(f"unknown task state {state!r}: use one of {valid}")
+    return _STATE_TO_PROTO[parsed]
+
+
+def parse_state_name(name: str) -> TaskState | None:
+    """Parses ``"DEAD"``, ``"dead"`` or ``"TASK_STATE_DEAD"``; ``None`` when unknown."""
+    key = name.strip().upper().removeprefix("TASK_STATE_")
+    try:
+        return TaskState[key]
+    except KeyError:
+        return None
+
+
+def _to_timedelta(value: timedelta | float | None, name: str) -> timedelta | None:
+    if value is None or isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    raise TypeError(f"{name} must be a timedelta or a number of seconds, not {value!r}")
+
+
+def _duration(value: timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def _datetime_or_none(msg: Any, name: str) -> datetime | None:
+    # Unset message fields read as the epoch; HasField tells "unset" from 1970.
+    if not msg.HasField(name):
+        return None
+    value: datetime = getattr(msg, name).ToDatetime(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How long a task waits between attempts.
+
+    The wait before attempt *n+1* is ``initial_backoff * multiplier**(n-1)``, capped at
+    ``max_backoff``, with up to ``jitter`` (a fraction) of it randomised. The defaults are
+    the coordinator's own.
+    """
+
+    #: Wait before the second attempt.
+    initial_backoff: timedelta = timedelta(seconds=1)
+    #: Upper bound on any wait.
+    max_backoff: timedelta = timedelta(minutes=5)
+    #: Growth factor per attempt; at least 1.
+    multiplier: float = 2.0
+    #: Fraction of each wait that is randomised, 0 to 1.
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        # Caught here, where the mistake is made, rather than as a server error later.
+        if self.initial_backoff <= timedelta(0):
+            raise ValueError(f"initial_backoff must be positive, got {self.initial_backoff}")
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError(
+                f"max_backoff ({self.max_backoff}) must be at least "
+                f"initial_backoff ({self.initial_backoff})"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
+
+    def to_proto(self) -> task_pb2.RetryPolicy:
+        """Converts to the wire message ``conveyor.v1.RetryPolicy``."""
+        return task_pb2.RetryPolicy(
+            initial_backoff=_duration(self.initial_backoff),
+            max_backoff=_duration(self.max_backoff),
+            multiplier=self.multiplier,
+            jitter=self.jitter,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.RetryPolicy) -> RetryPolicy:
+        """Converts from the wire message; unset fields take the defaults."""
+        default = cls()
+        return cls(
+            initial_backoff=(
+                msg.initial_backoff.ToTimedelta()
+                if msg.HasField("initial_backoff")
+                else default.initial_backoff
+            ),
+            max_backoff=(
+                msg.max_backoff.ToTimedelta()
+                if msg.HasField("max_backoff")
+                else default.max_backoff
+            ),
+            multiplier=msg.multiplier or default.multiplier,
+            jitter=msg.jitter,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """One task and its current state, as last read from the coordinator."""
+
+    #: Time-ordered id (UUIDv7 text).
+    id: str
+    state: TaskState
+    queue: str
+    #: The task type: the name a worker registered a handler under.
+    type: str
+    #: The payload as sent; see ``content_type``.
+    payload: bytes = b""
+    #: MIME type of the payload; ``application/json`` unless submitted raw.
+    content_type: str = JSON_CONTENT_TYPE
+    #: Attempts started so far (1 while the first attempt runs).
+    attempt: int = 0
+    max_attempts: int = 0
+    #: Higher runs first within a queue.
+    priority: int = 0
+    #: The handler's return value once SUCCEEDED (JSON from the Python worker); see json().
+    result: bytes = b""
+    #: The error of the last failed attempt, if any.
+    last_error: str | None = None
+    idempotency_key: str | None = None
+    #: When the task may run next (UTC).
+    run_at: datetime | None = None
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    #: When the task reached a terminal state.
+    finish_time: datetime | None = None
+    #: The worker holding the lease while RUNNING.
+    worker_id: str | None = None
+    # Left out of the hash (a dict is unhashable) so tasks can still go in sets.
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    tenant: str = ""
+    #: Execution timeout of one attempt.
+    timeout: timedelta | None = None
+    retry_policy: RetryPolicy | None = None
+    #: W3C trace context of the submitter.
+    traceparent: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the task has finished (SUCCEEDED, DEAD or CANCELLED)."""
+        return self.state.is_terminal
+
+    def json(self) -> Any:
+        """Decodes the result as JSON; ``None`` when there is no result (yet)."""
+        if not self.result:
+            return None
+        return json.loads(self.result)
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.Task) -> Task:
+        """Converts from the wire message ``conveyor.v1.Task``."""
+        return cls(
+            id=msg.id,
+            state=state_from_proto(msg.state),
+            queue=msg.queue,
+            type=msg.type,
+            payload=msg.payload,
+            content_type=msg.content_type or JSON_CONTENT_TYPE,
+            attempt=msg.attempt,
+            max_attempts=msg.max_attempts,
+            priority=msg.priority,
+            result=msg.result,
+            last_error=msg.last_error or None,
+            idempotency_key=msg.idempotency_key or None,
+            run_at=_datetime_or_none(msg, "run_at"),
+            create_time=_datetime_or_none(msg, "create_time"),
+            update_time=_datetime_or_none(msg, "update_time"),
+            finish_time=_datetime_or_none(msg, "finish_time"),
+            worker_id=msg.worker_id or None,
+            labels=dict(msg.labels),
+            tenant=msg.tenant,
+            timeout=msg.timeout.ToTimedelta() if msg.HasField("timeout") else None,
+            retry_policy=(
+                RetryPolicy.from_proto(msg.retry_policy) if msg.HasField("retry_policy") else None
+            ),
+            traceparent=msg.traceparent or None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskAttempt:
+    """One attempt of a task."""
+
+    #: 1 for the first attempt.
+    attempt: int
+    outcome: AttemptOutcome
+    worker_id: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    #: The error the attempt ended with, if any.
+    error: str | None = None
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.TaskAttempt) -> TaskAttempt:
+        """Converts from the wire message ``conveyor.v1.TaskAttempt``."""
+        return cls(
+            attempt=msg.attempt,
+            outcome=_OUTCOME_FROM_PROTO.get(msg.outcome, AttemptOutcome.UNSPECIFIED),
+            worker_id=msg.worker_id or None,
+            start_time=_datetime_or_none(msg, "start_time"),
+            end_time=_datetime_or_none(msg, "end_time"),
+            error=msg.error or None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueStats:
+    """A queue's task counts by state."""
+
+    name: str
+    #: Ready to run now.
+    pending: int = 0
+    #: Waiting for a future run_at.
+    scheduled: int = 0
+    running: int = 0
+    #: In the dead-letter queue.
+    dead: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
+        """Converts from the wire message ``conveyor.v1.QueueStats``."""
+        return cls(
+            name=msg.name,
+            pending=msg.pending,
+            scheduled=msg.scheduled,
+            running=msg.running,
+            dead=msg.dead,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list call; iterate it for its items."""
+
+    items: list[T]
+    #: Pass as ``page_token`` to get the next page; ``None`` on the last page.
+    next_page_token: str | None = None
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec:
+    """Everything needed to submit one task; the arguments of ``submit()`` as a value.
+
+    ``submit_many()`` takes a list of these (or of dicts with the same keys).
+    """
+
+    #: The task type: the name a worker registered a handler under.
+    type: str
+    #: JSON-encoded unless it is bytes or ``raw`` is set.
+    payload: Any = None
+    queue: str = "default"
+    #: A second submit with the same key returns the first task instead of a new one;
+    #: also what makes a submit safe for the client to retry after a connection failure.
+    idempotency_key: str | None = None
+    #: Higher runs first within a queue; -1000 to 1000.
+    priority: int = 0
+    #: Earliest time to run: an aware datetime, or a delay from now.
+    run_at: datetime | timedelta | None = None
+    #: Attempts before the task is DEAD; ``None`` for the coordinator's default (3).
+    max_attempts: int | None = None
+    #: Execution timeout of one attempt (timedelta or seconds); ``None`` for the default.
+    timeout: timedelta | float | None = None
+    retry_policy: RetryPolicy | None = None
+    labels: Mapping[str, str] | None = None
+    #: Send ``payload`` (bytes) as-is instead of JSON-encoding it.
+    raw: bool = False
+    #: MIME type of the payload; by default JSON, or octet-stream for raw bytes.
+    content_type: str | None = None
+    #: W3C trace context to link the task's execution to the caller's trace.
+    traceparent: str | None = None
+
+    def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
+        """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
+        payload, content_type = _encode_payload(self.payload, raw=self.raw)
+        msg = task_service_pb2.SubmitTaskRequest(
+            queue=self.queue,
+            type=self.type,
+            payload=payload,
+            idempotency_key=self.idempotency_key or "",
+            priority=self.priority,
+            max_attempts=self.max_attempts or 0,
+            content_type=self.content_type or content_type,
+            labels=dict(self.labels or {}),
+            traceparent=self.traceparent or "",
+        )
+        run_at = _resolve_run_at(self.run_at)
+        if run_at is not None:
+            msg.run_at.CopyFrom(_timestamp(run_at))
+        timeout = _to_timedelta(self.timeout, "timeout")
+        if timeout is not None:
+            msg.timeout.CopyFrom(_duration(timeout))
+        if self.retry_policy is not None:
+            msg.retry_policy.CopyFrom(self.retry_policy.to_proto())
+        return msg
+
+
+def _encode_payload(payload: Any, *, raw: bool) -> tuple[bytes, str]:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), BYTES_CONTENT_TYPE
+    if raw:
+        if payload is None:
+            return b"", BYTES_CONTENT_TYPE
+        raise TypeError(f"raw=True needs a bytes payload, got {type(payload).__name__}")
+    # Compact separators: payloads are stored and shipped per task, so spaces add up.
+    # None encodes as "null" so that every JSON payload decodes, even an absent one.
+    encoded = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return encoded.encode(), JSON_CONTENT_TYPE
+
+
+def _resolve_run_at(run_at: datetime | timedelta | None) -> datetime | None:
+    if run_at is None or isinstance(run_at, datetime):
+        if run_at is not None and run_at.tzinfo is None:
+            # A naive datetime is ambiguous (local time? UTC?); guessing would shift
+            # delayed tasks by hours on machines outside UTC.
+            raise ValueError(
+                "run_at must be timezone-aware (for example datetime.now(UTC) + delay), "
+                "or a timedelta from now"
+            )
+        return run_at
+    if isinstance(run_at, timedelta):
+        # Computed here, on the submitter's clock; fine for delays, skewed clocks aside.
+        return datetime.now(UTC) + run_at
+    raise TypeError(f"run_at must be a datetime or a timedelta, not {run_at!r}")
+
+
+def task_spec(value: TaskSpec | Mapping[str, Any]) -> TaskSpec:
+    """Accepts a TaskSpec or a dict of ``submit()`` keyword arguments."""
+    if isinstance(value, TaskSpec):
+        return value
+    if isinstance(value, Mapping):
+        return TaskSpec(**value)
+    raise TypeError(f"expected a TaskSpec or a dict of submit() arguments, got {value!r}")
