@@ -40,6 +40,7 @@ class Batcher(Generic[T, R]):
         *,
         max_batch: int,
         max_pending: int,
+        concurrency: int = 1,
     ) -> None:
         self._name = name
         self._flush = flush
@@ -49,6 +50,10 @@ class Batcher(Generic[T, R]):
         self._pending_weight = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Flushes in flight at once: more than one overlaps one transaction's round trips
+        # with the next batch's, at the price of no ordering between batches.
+        self._slots = asyncio.Semaphore(concurrency)
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -64,8 +69,9 @@ class Batcher(Generic[T, R]):
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         while self._queue:
-            await self._flush_once()
+            await self._flush_batch(self._take_batch())
 
     def enqueue(self, item: T, weight: int = 1) -> asyncio.Future[R]:
         """Queues one item; raises Overloaded when too much is waiting already."""
@@ -81,13 +87,25 @@ class Batcher(Generic[T, R]):
         return await self.enqueue(item, weight)
 
     async def _run(self) -> None:
+        # Flushes in flight are not cancelled with this loop: stop() waits for them, so a
+        # caller is never told "cancelled" about a transaction that may have committed.
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                await self._flush_once()
+                await self._slots.acquire()
+                if not self._queue:
+                    self._slots.release()
+                    break
+                flush = asyncio.create_task(self._flush_batch(self._take_batch()))
+                self._flushes.add(flush)
+                flush.add_done_callback(self._flush_done)
 
-    async def _flush_once(self) -> None:
+    def _flush_done(self, flush: asyncio.Task[None]) -> None:
+        self._flushes.discard(flush)
+        self._slots.release()
+
+    def _take_batch(self) -> list[tuple[T, int, asyncio.Future[R]]]:
         batch: list[tuple[T, int, asyncio.Future[R]]] = []
         weight = 0
         while self._queue and (not batch or weight + self._queue[0][1] <= self._max_batch):
@@ -95,6 +113,9 @@ class Batcher(Generic[T, R]):
             batch.append(entry)
             weight += entry[1]
         self._pending_weight -= weight
+        return batch
+
+    async def _flush_batch(self, batch: list[tuple[T, int, asyncio.Future[R]]]) -> None:
         items = [entry[0] for entry in batch]
         try:
             results = await self._flush(items)

@@ -39,10 +39,16 @@ class ResultRecorder:
         self._epoch = epoch
         self._lease_seconds = lease_seconds
         self._on_scheduled = on_scheduled
-        self.results: Batcher[store.Outcome, bool] = Batcher(
-            "result", self._flush_results, max_batch=max_batch, max_pending=max_pending
+        # One item per worker message (a list of results or leases), so a message costs
+        # one future however many results it carries.
+        self.results: Batcher[Sequence[store.Outcome], list[bool]] = Batcher(
+            "result",
+            self._flush_results,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            concurrency=2,
         )
-        self.renewals: Batcher[store.LeaseRef, bool] = Batcher(
+        self.renewals: Batcher[Sequence[store.LeaseRef], list[bool]] = Batcher(
             "renewal", self._flush_renewals, max_batch=max_batch, max_pending=max_pending
         )
 
@@ -54,7 +60,8 @@ class ResultRecorder:
         await self.results.stop()
         await self.renewals.stop()
 
-    async def _flush_results(self, outcomes: Sequence[store.Outcome]) -> list[bool]:
+    async def _flush_results(self, messages: Sequence[Sequence[store.Outcome]]) -> list[list[bool]]:
+        outcomes = [o for message in messages for o in message]
         async with self._pool.acquire() as conn, conn.transaction():
             await leadership.check_epoch(conn, self._cluster, self._epoch())
             applied_rows = await store.finish_attempts(conn, outcomes)
@@ -66,10 +73,13 @@ class ResultRecorder:
         for row in applied_rows:
             if row["state"] == store.SCHEDULED:
                 self._on_scheduled(row["run_at"])
-        return [o.lease.task_id in applied for o in outcomes]
+        return [[o.lease.task_id in applied for o in message] for message in messages]
 
-    async def _flush_renewals(self, leases: Sequence[store.LeaseRef]) -> list[bool]:
+    async def _flush_renewals(
+        self, messages: Sequence[Sequence[store.LeaseRef]]
+    ) -> list[list[bool]]:
+        leases = [x for message in messages for x in message]
         async with self._pool.acquire() as conn, conn.transaction():
             await leadership.check_epoch(conn, self._cluster, self._epoch())
             renewed = await store.renew_leases(conn, leases, self._lease_seconds)
-        return [(x.task_id, x.attempt) in renewed for x in leases]
+        return [[(x.task_id, x.attempt) in renewed for x in message] for message in messages]

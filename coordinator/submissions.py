@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from google.protobuf import timestamp_pb2
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.batcher import Batcher
@@ -65,6 +66,7 @@ class Submitter:
 
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
         now = datetime.now(UTC)
+        now_message = convert.timestamp(now)
         keys = sorted(
             {(g.tenant, t.idempotency_key) for g in groups for t in g.tasks if t.idempotency_key}
         )
@@ -75,7 +77,7 @@ class Submitter:
             # Keys claimed by earlier groups of this same batch: (task id, hash, message).
             claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]] = {}
             for group in groups:
-                outcome = self._plan_group(group, existing, claimed, now, rows)
+                outcome = self._plan_group(group, existing, claimed, now, now_message, rows)
                 results.append(outcome)
             if rows:
                 inserted = await store.insert(conn, rows, now)
@@ -96,6 +98,7 @@ class Submitter:
         existing: dict[tuple[str, str], asyncpg.Record],
         claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]],
         now: datetime,
+        now_message: timestamp_pb2.Timestamp,
         rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]],
     ) -> SubmitResult | ConveyorError:
         out: SubmitResult = []
@@ -115,9 +118,14 @@ class Submitter:
                     out.append(Submitted(prior_task, deduplicated=True))
                     continue
             task_id = uuid7()
-            run_at = task.run_at or now
-            state = store.SCHEDULED if run_at > now else store.PENDING
-            message = convert.task_from_new(group.tenant, task_id, task, state, run_at, now)
+            if task.run_at is not None and task.run_at > now:
+                run_at, state = task.run_at, store.SCHEDULED
+                run_at_message = convert.timestamp(run_at)
+            else:
+                run_at, state, run_at_message = now, store.PENDING, now_message
+            message = convert.task_from_new(
+                group.tenant, task_id, task, state, run_at_message, now_message
+            )
             new_rows.append((group.tenant, task_id, task, state, run_at))
             if key is not None:
                 new_claims[key] = (task.request_hash, message, False)

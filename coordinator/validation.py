@@ -11,6 +11,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument
@@ -74,17 +75,23 @@ def _check_name(value: str, field: str, out: list[FieldViolation], *, required: 
 
 
 def _duration_ms(
-    has: bool, value: timedelta, field: str, upper: timedelta, out: list[FieldViolation]
+    message: Any, name: str, field: str, upper: timedelta, out: list[FieldViolation]
 ) -> int | None:
-    if not has:
+    """Milliseconds of the Duration field ``name`` of ``message``; None when unset or bad."""
+    if not message.HasField(name):
         return None
-    if value <= timedelta(0):
+    value = getattr(message, name)
+    if not -999_999_999 <= value.nanos <= 999_999_999:
+        out.append(FieldViolation(field, "is not a valid duration"))
+        return None
+    nanos = value.seconds * 1_000_000_000 + value.nanos
+    if nanos <= 0:
         out.append(FieldViolation(field, "must be positive"))
         return None
-    if value > upper:
+    if nanos > upper / timedelta(microseconds=1) * 1000:
         out.append(FieldViolation(field, f"must be at most {upper}"))
         return None
-    return max(1, int(value / timedelta(milliseconds=1)))
+    return max(1, nanos // 1_000_000)
 
 
 def validate_submit(
@@ -140,9 +147,7 @@ def validate_submit(
                 out.append(
                     FieldViolation(prefix + "run_at", "must be less than a year in the future")
                 )
-    timeout_ms = _duration_ms(
-        req.HasField("timeout"), req.timeout.ToTimedelta(), prefix + "timeout", MAX_TIMEOUT, out
-    )
+    timeout_ms = _duration_ms(req, "timeout", prefix + "timeout", MAX_TIMEOUT, out)
     initial_ms, max_ms, multiplier, jitter = _check_retry_policy(req, prefix, out)
     _check_labels(req, prefix, out)
     if len(req.traceparent) > 128:
@@ -175,18 +180,10 @@ def _check_retry_policy(
 ) -> tuple[int, int, float, float]:
     policy = req.retry_policy
     initial_ms = _duration_ms(
-        policy.HasField("initial_backoff"),
-        policy.initial_backoff.ToTimedelta(),
-        prefix + "retry_policy.initial_backoff",
-        MAX_BACKOFF,
-        out,
+        policy, "initial_backoff", prefix + "retry_policy.initial_backoff", MAX_BACKOFF, out
     )
     max_ms = _duration_ms(
-        policy.HasField("max_backoff"),
-        policy.max_backoff.ToTimedelta(),
-        prefix + "retry_policy.max_backoff",
-        MAX_BACKOFF,
-        out,
+        policy, "max_backoff", prefix + "retry_policy.max_backoff", MAX_BACKOFF, out
     )
     initial_ms = initial_ms or int(defaults.DEFAULT_RETRY_INITIAL_S * 1000)
     max_ms = max_ms or max(initial_ms, int(defaults.DEFAULT_RETRY_MAX_S * 1000))

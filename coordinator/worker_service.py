@@ -14,11 +14,13 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 import grpc
 
 from conveyor.coordinator import convert
+from conveyor.coordinator.batcher import Batcher
 from conveyor.coordinator.config import DEFAULT_QUEUE, DEFAULT_TENANT
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.errors import (
@@ -57,12 +59,27 @@ _OUTCOMES = {
 
 @dataclass
 class _PendingAcks:
-    """One Results or Heartbeat message waiting for its commit."""
+    """One Results or Heartbeat message waiting for its commit.
+
+    ``stored`` holds the positions (in ``leases``) of the entries sent to the store, whose
+    answers ``future`` brings in that order; the other entries were refused up front, with
+    the reason in ``refused``.
+    """
 
     kind: str  # "results" or "heartbeat"
     leases: list[worker_service_pb2.Lease]
-    futures: list[asyncio.Future[bool] | None]  # None: refused before reaching the store
-    reasons: list[str]
+    stored: list[int]
+    refused: dict[int, str]
+    future: asyncio.Future[list[bool]] | None = None
+
+    def answers(self, stored_answers: Sequence[bool]) -> list[tuple[bool, str]]:
+        """(accepted, reason) for every lease, in order."""
+        out: list[tuple[bool, str]] = [(False, "")] * len(self.leases)
+        for index, reason in self.refused.items():
+            out[index] = (False, reason)
+        for index, ok in zip(self.stored, stored_answers, strict=True):
+            out[index] = (ok, "" if ok else "lease is not current")
+        return out
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
@@ -287,42 +304,44 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     async def _enqueue_results(
         self, session: WorkerSession, results: Sequence[worker_service_pb2.TaskResult]
     ) -> _PendingAcks:
-        pending = _PendingAcks("results", [], [], [])
-        for result in results:
-            pending.leases.append(result.lease)
+        pending = _PendingAcks("results", [r.lease for r in results], [], {})
+        items: list[store.Outcome] = []
+        for index, result in enumerate(results):
             ref = self._lease_ref(session, result.lease)
             outcome = _OUTCOMES.get(result.outcome)
             if ref is None or outcome is None:
-                pending.futures.append(None)
-                pending.reasons.append(
+                pending.refused[index] = (
                     "malformed task id" if ref is None else f"unknown outcome {result.outcome}"
                 )
                 continue
-            item = store.Outcome(
-                lease=ref,
-                outcome=outcome,
-                result=result.result if outcome == store.OUTCOME_SUCCEEDED else None,
-                error=result.error[:10_000],
-                retryable=result.retryable and outcome != store.OUTCOME_CANCELLED,
+            pending.stored.append(index)
+            items.append(
+                store.Outcome(
+                    lease=ref,
+                    outcome=outcome,
+                    result=result.result if outcome == store.OUTCOME_SUCCEEDED else None,
+                    error=result.error[:10_000],
+                    retryable=result.retryable and outcome != store.OUTCOME_CANCELLED,
+                )
             )
-            pending.futures.append(await _enqueue(lambda i=item: self._recorder.results.enqueue(i)))
-            pending.reasons.append("")
+        if items:
+            pending.future = await _enqueue(self._recorder.results, items)
         return pending
 
     async def _enqueue_renewals(
         self, session: WorkerSession, leases: Sequence[worker_service_pb2.Lease]
     ) -> _PendingAcks:
-        pending = _PendingAcks("heartbeat", [], [], [])
-        for lease in leases:
-            pending.leases.append(lease)
+        pending = _PendingAcks("heartbeat", list(leases), [], {})
+        refs: list[store.LeaseRef] = []
+        for index, lease in enumerate(leases):
             ref = self._lease_ref(session, lease)
             if ref is None:
-                pending.futures.append(None)
+                pending.refused[index] = "malformed task id"
             else:
-                pending.futures.append(
-                    await _enqueue(lambda r=ref: self._recorder.renewals.enqueue(r))
-                )
-            pending.reasons.append("")
+                pending.stored.append(index)
+                refs.append(ref)
+        if refs:
+            pending.future = await _enqueue(self._recorder.renewals, refs)
         return pending
 
     async def _ack_loop(
@@ -332,30 +351,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             pending = await acks.get()
             if pending is None:
                 return
-            outcomes = await asyncio.gather(
-                *(f for f in pending.futures if f is not None), return_exceptions=True
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    # The store or our leadership failed: close the stream so the worker
-                    # reconnects (perhaps elsewhere) and resends what was not acknowledged.
-                    if isinstance(outcome, ConveyorError):
-                        raise outcome
-                    raise StoreUnavailable(str(outcome))
-            answers = iter(outcomes)
-            flags = [False if f is None else bool(next(answers)) for f in pending.futures]
+            try:
+                stored = await pending.future if pending.future is not None else []
+            except ConveyorError:
+                raise
+            except Exception as exc:
+                # The store failed: close the stream so the worker reconnects (perhaps to
+                # another coordinator) and resends what was not acknowledged.
+                raise StoreUnavailable(str(exc)) from exc
+            answers = pending.answers(stored)
             if pending.kind == "results":
                 message = worker_service_pb2.ConnectResponse(
                     result_acks=worker_service_pb2.ResultAcks(
                         acks=[
-                            worker_service_pb2.ResultAck(
-                                lease=lease,
-                                accepted=ok,
-                                reason="" if ok else (reason or "lease is not current"),
-                            )
-                            for lease, ok, reason in zip(
-                                pending.leases, flags, pending.reasons, strict=True
-                            )
+                            worker_service_pb2.ResultAck(lease=lease, accepted=ok, reason=reason)
+                            for lease, (ok, reason) in zip(pending.leases, answers, strict=True)
                         ]
                     )
                 )
@@ -363,7 +373,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 message = worker_service_pb2.ConnectResponse(
                     heartbeat_ack=worker_service_pb2.HeartbeatAck(
                         lost=[
-                            lease for lease, ok in zip(pending.leases, flags, strict=True) if not ok
+                            lease
+                            for lease, (ok, _) in zip(pending.leases, answers, strict=True)
+                            if not ok
                         ]
                     )
                 )
@@ -395,14 +407,22 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 )
 
 
+Entry = TypeVar("Entry")
+
+
 async def _enqueue(
-    enqueue: Callable[[], asyncio.Future[bool]],
-) -> asyncio.Future[bool]:
-    """Enqueues into a batcher, waiting (not failing) while it is overloaded."""
+    batcher: Batcher[Sequence[Entry], list[bool]], item: Sequence[Entry]
+) -> asyncio.Future[list[bool]]:
+    """Enqueues one message's entries, waiting (not failing) while the batcher is full.
+
+    Waiting here stops this stream's receive loop, which is the backpressure the worker
+    feels; refusing would lose nothing but would make the worker resend needlessly.
+    """
     delay = 0.005
+    weight = len(item)
     while True:
         try:
-            return enqueue()
+            return batcher.enqueue(item, weight)
         except Overloaded:
             await asyncio.sleep(delay)
             delay = min(0.2, delay * 2)

@@ -25,8 +25,8 @@ TASK_COLUMNS = """
     t.id, t.tenant, t.queue, t.type, t.payload, t.content_type, t.state, t.priority,
     t.attempt, t.max_attempts, t.attempt_base, t.idempotency_key, t.run_at, t.timeout_ms,
     t.retry_initial_ms, t.retry_max_ms, t.retry_multiplier, t.retry_jitter, t.labels,
-    t.traceparent, t.result, t.last_error, t.worker_id, t.lease_epoch, t.create_time,
-    t.update_time, t.finish_time
+    t.traceparent, t.result, t.last_error, t.worker_id, t.lease_epoch, t.lease_start_time,
+    t.create_time, t.update_time, t.finish_time
 """
 
 # Attempts left after this one: retry when the error allows and the budget is not spent.
@@ -128,9 +128,13 @@ async def attempts(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
 ) -> list[asyncpg.Record]:
     return await conn.fetch(
-        """
+        f"""
         SELECT attempt, worker_id, start_time, end_time, outcome, error FROM task_attempts
-        WHERE tenant = $1 AND task_id = $2 ORDER BY attempt
+        WHERE tenant = $1 AND task_id = $2
+        UNION ALL
+        SELECT attempt, worker_id, lease_start_time, NULL, {OUTCOME_RUNNING}, ''
+        FROM tasks WHERE tenant = $1 AND id = $2 AND state = {RUNNING}
+        ORDER BY attempt
         """,
         tenant,
         task_id,
@@ -170,7 +174,7 @@ async def claim(
     epoch: int,
     lease_seconds: float,
 ) -> list[asyncpg.Record]:
-    """Leases up to ``limit`` ready tasks to one worker and opens their attempt rows.
+    """Leases up to ``limit`` ready tasks to one worker (the attempt is the task row).
 
     ``types`` empty means any type. SKIP LOCKED keeps concurrent claimers off each other.
     """
@@ -186,13 +190,10 @@ async def claim(
         ), leased AS (
             UPDATE tasks t
             SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = $5, lease_epoch = $6,
+                lease_start_time = now(),
                 lease_expire_time = now() + make_interval(secs => $7), update_time = now()
             FROM picked WHERE t.id = picked.id
             RETURNING {TASK_COLUMNS}
-        ), opened AS (
-            INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time,
-                outcome)
-            SELECT id, attempt, tenant, $5, $6, now(), {OUTCOME_RUNNING} FROM leased
         )
         SELECT * FROM leased ORDER BY priority DESC, id
         """,
@@ -295,11 +296,14 @@ async def finish_attempts(
                 worker_id = NULL, lease_expire_time = NULL, update_time = now()
             FROM r
             WHERE {_LEASE_MATCH}
-            RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, r.outcome, r.error
+            RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, t.lease_epoch,
+                t.lease_start_time, r.worker_id, r.outcome, r.error
         ), closed AS (
-            UPDATE task_attempts a SET end_time = now(), outcome = applied.outcome,
-                error = applied.error
-            FROM applied WHERE a.task_id = applied.id AND a.attempt = applied.attempt
+            INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time,
+                end_time, outcome, error)
+            SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
+                error
+            FROM applied
         )
         SELECT id, tenant, queue, state, run_at FROM applied
         """,
@@ -334,7 +338,16 @@ _RELEASE = f"""
         finish_time = CASE WHEN {_RETRY_LEFT} THEN NULL ELSE now() END,
         last_error = $ERROR, worker_id = NULL, lease_expire_time = NULL, update_time = now()
     FROM victims WHERE t.id = victims.id
-    RETURNING t.id, t.tenant, t.queue, t.state, t.attempt, t.last_error
+    RETURNING t.id, t.tenant, t.queue, t.state, t.attempt, t.last_error, t.lease_epoch,
+        t.lease_start_time, victims.worker_id
+"""
+# Records the attempts a _RELEASE ended, as LEASE_EXPIRED.
+_CLOSE_RELEASED = f"""
+    INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time, end_time,
+        outcome, error)
+    SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(),
+        {OUTCOME_LEASE_EXPIRED}, last_error
+    FROM released
 """
 
 
@@ -347,13 +360,9 @@ async def reap_expired(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Rec
     return await conn.fetch(
         f"""
         WITH victims AS (
-            SELECT id FROM tasks WHERE state = {RUNNING} AND lease_expire_time < now()
+            SELECT id, worker_id FROM tasks WHERE state = {RUNNING} AND lease_expire_time < now()
             ORDER BY lease_expire_time LIMIT $1 FOR UPDATE SKIP LOCKED
-        ), released AS ({release}), closed AS (
-            UPDATE task_attempts a SET end_time = now(), outcome = {OUTCOME_LEASE_EXPIRED},
-                error = released.last_error
-            FROM released WHERE a.task_id = released.id AND a.attempt = released.attempt
-        )
+        ), released AS ({release}), closed AS ({_CLOSE_RELEASED})
         SELECT id, tenant, queue, state FROM released
         """,
         limit,
@@ -375,16 +384,12 @@ async def release_abandoned(
     return await conn.fetch(
         f"""
         WITH victims AS (
-            SELECT id FROM tasks t
+            SELECT id, worker_id FROM tasks t
             WHERE t.tenant = $1 AND t.worker_id = $2 AND t.state = {RUNNING}
               AND (t.id, t.attempt) NOT IN (
                   SELECT * FROM unnest($3::uuid[], $4::int[]))
             FOR UPDATE
-        ), released AS ({release}), closed AS (
-            UPDATE task_attempts a SET end_time = now(), outcome = {OUTCOME_LEASE_EXPIRED},
-                error = released.last_error
-            FROM released WHERE a.task_id = released.id AND a.attempt = released.attempt
-        )
+        ), released AS ({release}), closed AS ({_CLOSE_RELEASED})
         SELECT id, tenant, queue, state FROM released
         """,
         tenant,
@@ -424,7 +429,7 @@ async def cancel(
     return await conn.fetchrow(
         f"""
         WITH old AS (
-            SELECT id, state, worker_id, attempt, lease_epoch FROM tasks
+            SELECT id, tenant, state, worker_id, attempt, lease_epoch, lease_start_time FROM tasks
             WHERE tenant = $1 AND id = $2 FOR UPDATE
         ), cancelled AS (
             UPDATE tasks t SET state = {CANCELLED}, finish_time = now(), update_time = now(),
@@ -432,10 +437,12 @@ async def cancel(
             FROM old WHERE t.id = old.id AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING})
             RETURNING t.id
         ), closed AS (
-            UPDATE task_attempts a SET end_time = now(), outcome = {OUTCOME_CANCELLED},
-                error = 'cancelled'
-            FROM old, cancelled
-            WHERE old.state = {RUNNING} AND a.task_id = old.id AND a.attempt = old.attempt
+            INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time,
+                end_time, outcome, error)
+            SELECT old.id, old.attempt, old.tenant, old.worker_id, old.lease_epoch,
+                old.lease_start_time, now(), {OUTCOME_CANCELLED}, 'cancelled'
+            FROM old JOIN cancelled ON cancelled.id = old.id
+            WHERE old.state = {RUNNING}
         )
         SELECT old.state, old.worker_id, old.attempt, old.lease_epoch
         FROM old JOIN cancelled ON cancelled.id = old.id

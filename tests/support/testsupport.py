@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -17,6 +21,8 @@ from conveyor.v1 import (
 )
 
 T = TypeVar("T")
+
+SUPPORT_DIR = Path(__file__).parent
 
 # Short leases so lease-expiry paths run in seconds, not minutes.
 TEST_LEASE = 2.0
@@ -154,3 +160,53 @@ async def submit(
 ) -> Any:
     response = await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type=type, **fields))
     return response.task
+
+
+def spawn_worker(
+    address: str,
+    app: str,
+    log_path: str,
+    *,
+    concurrency: int = 10,
+    grace: float = 10.0,
+    extra: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Starts ``conveyor worker APP`` as a separate process, in its own process group."""
+    env = {
+        **os.environ,
+        "CONVEYOR_TEST_LOG": log_path,
+        "CONVEYOR_TEST_CONCURRENCY": str(concurrency),
+        "CONVEYOR_TEST_GRACE": str(grace),
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conveyor.cli.main",
+            "--coordinator",
+            address,
+            "worker",
+            app,
+            *extra,
+        ],
+        env=env,
+        start_new_session=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Kills a test process that is still running (cleanup after a failed test)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def completions(log_path: str) -> list[tuple[str, int]]:
+    """(task id, attempt) of every handler run that completed, from the worker app's log."""
+    try:
+        with open(log_path, encoding="utf-8") as log:
+            lines = log.read().split()
+    except FileNotFoundError:
+        return []
+    return [(lines[i], int(lines[i + 1])) for i in range(0, len(lines) - 1, 2)]

@@ -43,7 +43,9 @@ CREATE TABLE tasks (
     result            bytea,
     last_error        text NOT NULL DEFAULT '',
     worker_id         text,
+    -- The current (or last) lease: who granted it, when it started and when it runs out.
     lease_epoch       bigint,
+    lease_start_time  timestamptz,
     lease_expire_time timestamptz,
     create_time       timestamptz NOT NULL,
     update_time       timestamptz NOT NULL,
@@ -57,8 +59,11 @@ CREATE INDEX tasks_ready ON tasks (tenant, queue, priority DESC, id) WHERE state
 CREATE INDEX tasks_scheduled ON tasks (run_at) WHERE state = 2;
 CREATE INDEX tasks_leased ON tasks (lease_expire_time) WHERE state = 3;
 CREATE INDEX tasks_dead ON tasks (tenant, queue) WHERE state = 5;
-CREATE INDEX tasks_tenant_id ON tasks (tenant, id DESC);
+-- No (tenant, id) index: every state change is a non-HOT update that writes to every
+-- index, so each index costs on the hot path. Listing walks the primary key instead.
 
+-- Finished attempts only: the running attempt is the task row itself (attempt, worker_id,
+-- lease_start_time), so a task costs one attempt write, not an insert and an update.
 CREATE TABLE task_attempts (
     task_id    uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
     attempt    integer NOT NULL,

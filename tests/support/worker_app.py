@@ -1,0 +1,40 @@
+"""A worker application for the process-level tests: ``conveyor worker worker_app:worker``.
+
+Every handler that completes appends ``<task id> <attempt>`` to the file named by
+``CONVEYOR_TEST_LOG``, so a test can count side effects exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from conveyor.worker import TaskContext, Worker
+
+worker = Worker(
+    os.environ.get("CONVEYOR_COORDINATOR", "127.0.0.1:50051"),
+    concurrency=int(os.environ.get("CONVEYOR_TEST_CONCURRENCY", "10")),
+    grace_period=float(os.environ.get("CONVEYOR_TEST_GRACE", "10")),
+)
+
+
+def _record(ctx: TaskContext) -> None:
+    with open(os.environ["CONVEYOR_TEST_LOG"], "a", encoding="utf-8") as log:
+        log.write(f"{ctx.task_id} {ctx.attempt}\n")
+
+
+@worker.task("hold-first-attempt")
+async def hold_first_attempt(ctx: TaskContext, payload: Any) -> str:
+    """The first attempt hangs (to be killed mid-task); later attempts finish at once."""
+    if ctx.attempt == 1:
+        await asyncio.sleep(3600)
+    _record(ctx)
+    return "done"
+
+
+@worker.task("sleep")
+async def sleep(ctx: TaskContext, payload: Any) -> str:
+    await asyncio.sleep(float(payload))
+    _record(ctx)
+    return "slept"
