@@ -140,7 +140,7 @@ async def _run_dev(args: argparse.Namespace, data_dir: Path) -> int:
         print(_banner(coordinator.address, dsn), flush=True)
         await stop.wait()
         print("\nshutting down (worker, coordinator, PostgreSQL) …", flush=True)
-        await worker.shutdown()
+        worker.shutdown()  # drains: running demo tasks get the grace period
         with contextlib.suppress(asyncio.CancelledError):
             await worker_task
     finally:

