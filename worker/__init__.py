@@ -1,0 +1,34 @@
+"""The Conveyor worker SDK: run Python functions as handlers of Conveyor tasks.
+
+::
+
+    from conveyor.worker import NonRetryableError, TaskContext, Worker
+
+    worker = Worker("127.0.0.1:50051", queues=["default"], concurrency=10)
+
+    @worker.task("send-email")
+    async def send_email(ctx: TaskContext, payload: dict) -> dict:
+        if "to" not in payload:
+            raise NonRetryableError("payload has no 'to'")
+        ...
+        return {"sent": True}
+
+    if __name__ == "__main__":
+        worker.run_sync()  # or: conveyor worker myapp.tasks:worker
+
+All logging goes to the ``conveyor.worker`` logger.
+"""
+
+from conveyor.worker._context import CancellationSignal, TaskContext
+from conveyor.worker._errors import NonRetryableError, WorkerLoadError
+from conveyor.worker._loader import load_worker
+from conveyor.worker._worker import Worker
+
+__all__ = [
+    "CancellationSignal",
+    "NonRetryableError",
+    "TaskContext",
+    "Worker",
+    "WorkerLoadError",
+    "load_worker",
+]

@@ -1,0 +1,116 @@
+"""What a handler knows about the attempt it runs: :class:`TaskContext`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime
+
+__all__ = ["CancellationSignal", "TaskContext"]
+
+
+class CancellationSignal:
+    """Tells a handler that its attempt was stopped, from async and sync code alike.
+
+    The worker sets it when the attempt times out, when the coordinator cancels the task or
+    takes the lease back, and when the worker shuts down. Async handlers are also cancelled
+    (they get :class:`asyncio.CancelledError`); sync handlers, which run in a thread and
+    cannot be interrupted, should poll :meth:`is_set` or block on :meth:`wait_sync` and
+    return early.
+
+    It keeps two events because neither serves both worlds: an :class:`asyncio.Event` can
+    be awaited but is not thread-safe, a :class:`threading.Event` is thread-safe but would
+    block the event loop if awaited. Only the worker sets it, always on the loop thread.
+    """
+
+    __slots__ = ("_async_event", "_reason", "_thread_event")
+
+    def __init__(self) -> None:
+        self._async_event = asyncio.Event()
+        self._thread_event = threading.Event()
+        self._reason = ""
+
+    def is_set(self) -> bool:
+        """Whether the attempt was stopped; safe to call from any thread."""
+        return self._thread_event.is_set()
+
+    @property
+    def reason(self) -> str:
+        """Why the attempt was stopped (empty while it was not)."""
+        return self._reason
+
+    async def wait(self) -> None:
+        """Wait until the attempt is stopped (from the worker's event loop only)."""
+        await self._async_event.wait()
+
+    def wait_sync(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until the attempt is stopped or ``timeout`` passes.
+
+        For sync handlers only: calling it on the event loop would stall the worker.
+        Returns whether the signal is set.
+        """
+        return self._thread_event.wait(timeout)
+
+    def _set(self, reason: str) -> None:
+        if self._thread_event.is_set():
+            return
+        self._reason = reason
+        # Thread event first: a sync handler polling is_set() must never see the async
+        # side set while its own side is not.
+        self._thread_event.set()
+        self._async_event.set()
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TaskContext:
+    """The attempt a handler is running, passed as its first argument.
+
+    Attributes:
+        task_id: The task's id (a UUIDv7 string).
+        type: The task type the handler was registered for.
+        queue: The queue the task came from.
+        attempt: This attempt's number, starting at 1.
+        max_attempts: How many attempts the task gets in total.
+        idempotency_key: The key given at submit time ("" when none); with ``task_id``
+            and ``attempt`` it lets a handler deduplicate its side effects, since delivery
+            is at-least-once.
+        deadline: When the worker stops this attempt, as a :func:`time.monotonic` value
+            (the event loop's clock), or ``None`` when the attempt has no timeout. Compare
+            it with ``time.monotonic()``, or use :meth:`time_remaining`.
+        labels: The task's labels (read-only).
+        content_type: The payload's content type as submitted.
+        traceparent: The submitter's W3C trace context ("" when none).
+        create_time: When the task was submitted (UTC), when the coordinator said.
+        worker_id: The id this worker process registered with.
+        cancelled: Set when the attempt is stopped (timeout, cancellation, lost lease,
+            shutdown); see :class:`CancellationSignal`.
+    """
+
+    task_id: str
+    type: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    idempotency_key: str
+    deadline: float | None
+    labels: Mapping[str, str]
+    content_type: str = ""
+    traceparent: str = ""
+    create_time: datetime | None = None
+    worker_id: str = ""
+    cancelled: CancellationSignal = dataclasses.field(
+        default_factory=CancellationSignal, repr=False, compare=False
+    )
+
+    def is_cancelled(self) -> bool:
+        """Whether the attempt was stopped; cheap and safe to poll from sync handlers."""
+        return self.cancelled.is_set()
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline (never negative), or ``None`` without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())

@@ -1,0 +1,110 @@
+"""The outbox: results kept until the coordinator acknowledges them."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from conveyor.v1 import worker_service_pb2 as pb
+
+__all__ = ["MAX_RESULT_BYTES", "LeaseKey", "Outbox", "lease_key"]
+
+logger = logging.getLogger("conveyor.worker")
+
+#: Identifies an attempt: (task_id, attempt). The epoch is deliberately left out, so that
+#: an ack or cancel naming the attempt under a newer leader epoch still finds it; a task
+#: never has two live attempts with the same number.
+LeaseKey = tuple[str, int]
+
+#: Largest result message the worker sends. gRPC servers refuse messages over 4 MiB by
+#: default, and a refused message breaks the whole stream; resending it after the
+#: reconnect would break the next one too. Such a result becomes a failure instead.
+MAX_RESULT_BYTES = (4 << 20) - (64 << 10)
+
+
+def lease_key(lease: pb.Lease) -> LeaseKey:
+    """The key an attempt is filed under."""
+    return (lease.task_id, lease.attempt)
+
+
+class Outbox:
+    """Results in the order produced, each kept until a ResultAck (accepted or not).
+
+    "Unsent" are the results not yet written on the current session: all of them again
+    after a reconnect (:meth:`resend_all`), since the old stream may have lost any.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[LeaseKey, pb.TaskResult] = {}
+        # An OrderedDict, not a dict: taking from the front of a plain dict over and over
+        # rescans the deleted slots each time.
+        self._unsent: collections.OrderedDict[LeaseKey, None] = collections.OrderedDict()
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._results
+
+    def add(self, result: pb.TaskResult) -> None:
+        """Keep ``result`` (replacing it by a failure if it is too large to send)."""
+        key = lease_key(result.lease)
+        size = result.ByteSize()
+        if size > MAX_RESULT_BYTES:
+            error = f"result too large to send ({size} bytes, limit {MAX_RESULT_BYTES})"
+            logger.error("task %s attempt %d: %s", *key, error)
+            result = pb.TaskResult(
+                lease=result.lease, outcome=pb.TASK_OUTCOME_FAILED, error=error, retryable=False
+            )
+        self._results[key] = result
+        self._unsent[key] = None
+        self._settled.clear()
+
+    def ack(self, ack: pb.ResultAck) -> None:
+        """Drop the acknowledged result; a refusal is only worth a warning."""
+        key = lease_key(ack.lease)
+        if self._results.pop(key, None) is None:
+            logger.debug("ack for unknown result of task %s attempt %d", *key)
+            return
+        self._unsent.pop(key, None)
+        if not ack.accepted:
+            logger.warning(
+                "coordinator refused the result of task %s attempt %d: %s",
+                *key,
+                ack.reason or "no reason given",
+            )
+        if not self._results:
+            self._settled.set()
+
+    def leases(self) -> dict[LeaseKey, pb.Lease]:
+        """The leases of the results waiting for an ack."""
+        return {key: result.lease for key, result in self._results.items()}
+
+    def resend_all(self) -> None:
+        """Mark every kept result as unsent (a new session starts)."""
+        self._unsent = collections.OrderedDict.fromkeys(self._results)
+
+    def unsent_count(self) -> int:
+        """Results not yet written on the current session."""
+        return len(self._unsent)
+
+    def peek_unsent(self) -> pb.TaskResult | None:
+        """The next result to write, without taking it."""
+        for key in self._unsent:
+            return self._results[key]
+        return None
+
+    def take_unsent(self, limit: int) -> list[pb.TaskResult]:
+        """Up to ``limit`` results to write now; they stay kept until acked."""
+        batch: list[pb.TaskResult] = []
+        while self._unsent and len(batch) < limit:
+            key, _ = self._unsent.popitem(last=False)
+            batch.append(self._results[key])
+        return batch
+
+    async def wait_settled(self) -> None:
+        """Wait until every result was acknowledged."""
+        await self._settled.wait()

@@ -1,0 +1,442 @@
+"""Runs assignments: slots, timeouts, cancellation and the outbox of unacknowledged results.
+
+The runtime outlives any one stream. Handlers keep running while the session reconnects,
+and results wait in the outbox until a ResultAck clears them, whichever session that
+arrives on. The session only feeds it (assignments, acks, cancels) and drains it (leases
+to heartbeat, results to send, credit to grant), through :class:`RuntimeListener`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC
+from types import MappingProxyType
+from typing import Protocol
+
+from conveyor.v1 import worker_service_pb2 as pb
+from conveyor.worker._codec import (
+    TaskFailure,
+    call_sync_handler,
+    decode_payload,
+    describe_exception,
+    encode_result,
+)
+from conveyor.worker._context import CancellationSignal, TaskContext
+from conveyor.worker._errors import NonRetryableError
+from conveyor.worker._outbox import LeaseKey, Outbox, lease_key
+from conveyor.worker._registry import Handler, TaskRegistry
+
+__all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
+
+logger = logging.getLogger("conveyor.worker")
+
+SUCCEEDED = pb.TASK_OUTCOME_SUCCEEDED
+FAILED = pb.TASK_OUTCOME_FAILED
+TIMED_OUT = pb.TASK_OUTCOME_TIMED_OUT
+CANCELLED = pb.TASK_OUTCOME_CANCELLED
+
+SHUTDOWN_ERROR = "worker shut down"
+
+
+class RuntimeListener(Protocol):
+    """What the runtime tells the connected session."""
+
+    def results_ready(self) -> None:
+        """New results are waiting to be sent."""
+
+    def slots_changed(self) -> None:
+        """Free slots changed; the session may owe the coordinator credit."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Execution:
+    """One attempt, from assignment until its handler has returned."""
+
+    key: LeaseKey
+    lease: pb.Lease
+    assignment: pb.Assignment
+    handler: Handler
+    timeout: float | None
+    signal: CancellationSignal = dataclasses.field(default_factory=CancellationSignal)
+    context: TaskContext | None = None
+    task: asyncio.Task[None] | None = None
+    # The thread-side future of a sync handler: a thread cannot be interrupted, so the
+    # slot stays taken until this is done, even after the attempt was reported.
+    thread_future: concurrent.futures.Future[bytes] | None = None
+    # Set once the attempt's outcome is fixed (reported, or abandoned without a report):
+    # the first of completion, timeout, cancel, lost lease and shutdown wins.
+    decided: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+def _copy_lease(lease: pb.Lease) -> pb.Lease:
+    return pb.Lease(task_id=lease.task_id, attempt=lease.attempt, epoch=lease.epoch)
+
+
+def _result(
+    lease: pb.Lease,
+    outcome: pb.TaskOutcome.ValueType,
+    *,
+    error: str = "",
+    retryable: bool = False,
+    result: bytes = b"",
+) -> pb.TaskResult:
+    return pb.TaskResult(
+        lease=lease, outcome=outcome, result=result, error=error, retryable=retryable
+    )
+
+
+class Runtime:
+    """Owns every attempt this worker process holds, across sessions."""
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        *,
+        concurrency: int,
+        executor: concurrent.futures.Executor,
+        worker_id: str,
+    ) -> None:
+        self._registry = registry
+        self._concurrency = concurrency
+        self._executor = executor
+        self._worker_id = worker_id
+        self._loop = asyncio.get_running_loop()
+        # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
+        self._held: dict[LeaseKey, _Execution] = {}
+        # Attempts taking a slot: handlers running, including reported ones whose handler
+        # (typically a sync one in its thread) has not returned yet.
+        self._occupied: set[_Execution] = set()
+        # Assignments beyond the slots (only if the coordinator oversends): started in
+        # order as slots free, so the worker never runs more than `concurrency`.
+        self._backlog: collections.deque[_Execution] = collections.deque()
+        self._outbox = Outbox()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: RuntimeListener | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- what the session reads ------------------------------------------------------
+
+    def free_slots(self) -> int:
+        """How many more assignments the worker can start right now."""
+        return self._concurrency - len(self._occupied) - len(self._backlog)
+
+    def held_leases(self) -> list[pb.Lease]:
+        """Leases the worker still answers for: for Hello.in_flight and Heartbeat.
+
+        These are the attempts still running (or waiting for a slot) and the attempts whose
+        result is not acknowledged yet. The latter matter on reconnect: the coordinator
+        takes back at once every lease a worker does not list in Hello, which would make
+        a finished task run again and the resent result be refused as stale.
+        """
+        leases = [_copy_lease(e.lease) for e in self._held.values()]
+        leases.extend(
+            _copy_lease(lease) for k, lease in self._outbox.leases().items() if k not in self._held
+        )
+        return leases
+
+    @property
+    def outbox(self) -> Outbox:
+        """The results waiting to be sent or acknowledged."""
+        return self._outbox
+
+    def pending_results(self) -> int:
+        """Results waiting for an acknowledgement."""
+        return len(self._outbox)
+
+    async def wait_idle(self) -> None:
+        """Wait until no attempt is held (every outcome decided)."""
+        await self._idle.wait()
+
+    def running_count(self) -> int:
+        """Attempts held (running or waiting for a slot)."""
+        return len(self._held)
+
+    # -- session attachment -----------------------------------------------------------
+
+    def attach(self, listener: RuntimeListener) -> None:
+        """Make ``listener`` the live session; every unacked result is to be (re)sent."""
+        self._listener = listener
+        self._outbox.resend_all()
+        if self._outbox.unsent_count():
+            listener.results_ready()
+        listener.slots_changed()
+
+    def detach(self, listener: RuntimeListener) -> None:
+        """The session ended; keep everything for the next one."""
+        if self._listener is listener:
+            self._listener = None
+
+    # -- what the session feeds ------------------------------------------------------
+
+    def accept(self, assignment: pb.Assignment) -> None:
+        """Take one assignment: start it, or queue it if no slot is free."""
+        lease = pb.Lease()
+        lease.CopyFrom(assignment.lease)
+        key = lease_key(lease)
+        if key in self._held or key in self._outbox:
+            # A coordinator resending an attempt we already run or finished: the running
+            # handler or the outbox answers it; running it twice would duplicate effects.
+            logger.warning("ignoring duplicate assignment of task %s attempt %d", *key)
+            self._notify_slots()  # the credit it consumed is owed back
+            return
+        handler = self._registry.get(assignment.type)
+        if handler is None:
+            known = ", ".join(sorted(self._registry.types())) or "none"
+            error = (
+                f"no handler registered for task type {assignment.type!r} on worker "
+                f"{self._worker_id} (registered: {known})"
+            )
+            logger.error("task %s: %s", lease.task_id, error)
+            self._emit(_result(lease, FAILED, error=error, retryable=False))
+            self._notify_slots()
+            return
+        timeout: float | None = None
+        if assignment.HasField("timeout"):
+            timeout = assignment.timeout.ToTimedelta().total_seconds()
+            if timeout <= 0:
+                timeout = None
+        execution = _Execution(
+            key=key, lease=lease, assignment=assignment, handler=handler, timeout=timeout
+        )
+        self._held[key] = execution
+        self._idle.clear()
+        if self._backlog or len(self._occupied) >= self._concurrency:
+            logger.warning(
+                "coordinator assigned task %s beyond the granted credit; it waits for a slot",
+                lease.task_id,
+            )
+            self._backlog.append(execution)
+            return
+        self._start(execution)
+
+    def ack(self, ack: pb.ResultAck) -> None:
+        """A ResultAck: accepted or refused, the result is done with."""
+        self._outbox.ack(ack)
+
+    def cancel(self, leases: Iterable[pb.Lease]) -> None:
+        """CancelTasks: stop these attempts and report them CANCELLED."""
+        for lease in leases:
+            execution = self._held.get(lease_key(lease))
+            if execution is None:
+                continue  # already finished; its result answers the cancel
+            logger.info("task %s attempt %d cancelled by the coordinator", *execution.key)
+            self._stop(
+                execution,
+                "cancelled by the coordinator",
+                _result(execution.lease, CANCELLED, error="cancelled by the coordinator"),
+            )
+
+    def abandon(self, leases: Iterable[pb.Lease]) -> None:
+        """Leases the coordinator says are no longer ours: stop, and report nothing."""
+        for lease in leases:
+            execution = self._held.get(lease_key(lease))
+            if execution is None:
+                continue  # finished meanwhile: its result will be refused or accepted
+            logger.warning(
+                "lease of task %s attempt %d lost; abandoning the attempt", *execution.key
+            )
+            self._stop(execution, "lease lost", None)
+
+    def stop_all(self, reason: str = SHUTDOWN_ERROR) -> None:
+        """Stop every held attempt, reporting each FAILED and retryable."""
+        for execution in list(self._held.values()):
+            self._stop(
+                execution, reason, _result(execution.lease, FAILED, error=reason, retryable=True)
+            )
+
+    async def close(self) -> None:
+        """Cancel the handlers still running and wait for them to end.
+
+        Unbounded (a handler may swallow cancellation): the caller bounds it.
+        """
+        self._listener = None
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+
+    def report_leftovers(self) -> None:
+        """Log what could not be stopped (handlers ignoring cancellation, busy threads)."""
+        if self._tasks:
+            logger.warning("%d async handler(s) ignored cancellation", len(self._tasks))
+        busy = sum(1 for e in self._occupied if e.thread_future and not e.thread_future.done())
+        if busy:
+            # Threads cannot be interrupted: the interpreter waits for them at exit.
+            logger.warning(
+                "%d sync handler(s) still running in threads; the process exits when they return",
+                busy,
+            )
+
+    # -- execution ---------------------------------------------------------------------
+
+    def _start(self, execution: _Execution) -> None:
+        assignment = execution.assignment
+        deadline = None
+        if execution.timeout is not None:
+            deadline = time.monotonic() + execution.timeout
+            # loop.call_later runs on the loop's monotonic clock, the same as `deadline`.
+            execution.timer = self._loop.call_later(execution.timeout, self._on_timeout, execution)
+        execution.context = TaskContext(
+            task_id=execution.lease.task_id,
+            type=assignment.type,
+            queue=assignment.queue,
+            attempt=execution.lease.attempt,
+            max_attempts=assignment.max_attempts,
+            idempotency_key=assignment.idempotency_key,
+            deadline=deadline,
+            labels=MappingProxyType(dict(assignment.labels)),
+            content_type=assignment.content_type,
+            traceparent=assignment.traceparent,
+            create_time=(
+                assignment.create_time.ToDatetime(tzinfo=UTC)
+                if assignment.HasField("create_time")
+                else None
+            ),
+            worker_id=self._worker_id,
+            cancelled=execution.signal,
+        )
+        self._occupied.add(execution)
+        task = self._loop.create_task(
+            self._execute(execution),
+            name=f"conveyor-task-{assignment.type}-{execution.lease.task_id}",
+        )
+        execution.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, execution: _Execution) -> None:
+        try:
+            result = await self._invoke(execution)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if execution.decided:
+                return  # stopped by the runtime, which already reported the outcome
+            if current is not None and current.cancelling():
+                raise  # torn down from outside (the loop is shutting down)
+            # The handler raised CancelledError on its own (e.g. from a cancelled future
+            # it awaited): that is a failure of the attempt, not a cancellation.
+            result = _result(
+                execution.lease,
+                FAILED,
+                error="CancelledError raised by the handler",
+                retryable=True,
+            )
+        finally:
+            self._release(execution)
+        if not execution.decided:
+            self._decide(execution)
+            self._emit(result)
+
+    async def _invoke(self, execution: _Execution) -> pb.TaskResult:
+        handler = execution.handler
+        ctx = execution.context
+        assert ctx is not None
+        payload = execution.assignment.payload
+        lease = execution.lease
+        try:
+            if handler.is_async:
+                value = await handler.func(ctx, decode_payload(handler, payload, ctx.content_type))
+                data = encode_result(handler, value)
+            else:
+                # copy_context: the handler sees the caller's contextvars (tracing, log
+                # context), as asyncio.to_thread would give it.
+                future = self._executor.submit(
+                    contextvars.copy_context().run, call_sync_handler, handler, ctx, payload
+                )
+                execution.thread_future = future
+                data = await asyncio.wrap_future(future)
+        except TaskFailure as exc:
+            logger.warning("task %s attempt %d failed: %s", *execution.key, exc.message)
+            return _result(lease, FAILED, error=exc.message, retryable=exc.retryable)
+        except NonRetryableError as exc:
+            logger.warning("task %s attempt %d failed for good: %s", *execution.key, exc)
+            return _result(
+                lease,
+                FAILED,
+                error=describe_exception(exc, with_traceback=False),
+                retryable=False,
+            )
+        except Exception as exc:
+            logger.warning("task %s attempt %d failed", *execution.key, exc_info=exc)
+            return _result(lease, FAILED, error=describe_exception(exc), retryable=True)
+        logger.debug("task %s attempt %d succeeded", *execution.key)
+        return _result(lease, SUCCEEDED, result=data)
+
+    def _on_timeout(self, execution: _Execution) -> None:
+        execution.timer = None
+        error = f"attempt timed out after {execution.timeout:g}s"
+        logger.warning("task %s attempt %d: %s", *execution.key, error)
+        self._stop(
+            execution, "timed out", _result(execution.lease, TIMED_OUT, error=error, retryable=True)
+        )
+
+    def _stop(self, execution: _Execution, reason: str, result: pb.TaskResult | None) -> None:
+        """Fix the outcome now and stop the handler without waiting for it."""
+        if execution.decided:
+            return
+        self._decide(execution)
+        execution.signal._set(reason)
+        if result is not None:
+            self._emit(result)
+        if execution.task is None:
+            # Still in the backlog: it never ran, so it only gives its place back.
+            self._backlog.remove(execution)
+            self._notify_slots()
+        else:
+            # For a sync handler this only stops the wait; the thread sees the signal.
+            execution.task.cancel()
+
+    def _decide(self, execution: _Execution) -> None:
+        execution.decided = True
+        if execution.timer is not None:
+            execution.timer.cancel()
+            execution.timer = None
+        self._held.pop(execution.key, None)
+        if not self._held:
+            self._idle.set()
+
+    def _release(self, execution: _Execution) -> None:
+        future = execution.thread_future
+        if future is None or future.done():
+            self._free_slot(execution)
+            return
+        logger.warning(
+            "sync handler of task %s attempt %d is still running after it was stopped; "
+            "its slot stays taken until it returns (poll ctx.is_cancelled())",
+            *execution.key,
+        )
+        loop = self._loop
+
+        def thread_done(_: concurrent.futures.Future[bytes]) -> None:
+            # A closed loop raises RuntimeError: nobody needs the slot any more then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._free_slot, execution)
+
+        future.add_done_callback(thread_done)
+
+    def _free_slot(self, execution: _Execution) -> None:
+        if execution not in self._occupied:
+            return
+        self._occupied.discard(execution)
+        while self._backlog and len(self._occupied) < self._concurrency:
+            self._start(self._backlog.popleft())
+        self._notify_slots()
+
+    def _emit(self, result: pb.TaskResult) -> None:
+        self._outbox.add(result)
+        if self._listener is not None:
+            self._listener.results_ready()
+
+    def _notify_slots(self) -> None:
+        if self._listener is not None:
+            self._listener.slots_changed()

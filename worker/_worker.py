@@ -1,0 +1,476 @@
+"""The public :class:`Worker`: registration, run, graceful drain and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from conveyor.worker._connection import Connector
+from conveyor.worker._registry import TaskRegistry
+from conveyor.worker._runtime import SHUTDOWN_ERROR, Runtime
+from conveyor.worker._session import HelloInfo
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("conveyor.worker")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: After the in-flight work is done (or stopped), how long to wait for the coordinator to
+#: acknowledge the last results before giving up on them (their tasks then come back
+#: when their leases expire).
+RESULT_ACK_TIMEOUT = 5.0
+#: How long the final half-close may take before the stream is cut.
+CLOSE_TIMEOUT = 2.0
+#: How long stopped async handlers get to unwind at the very end.
+HANDLER_EXIT_TIMEOUT = 1.0
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+async def _bounded(awaitable: Awaitable[None], seconds: float) -> bool:
+    """Await ``awaitable`` for at most ``seconds``; whether it finished in time."""
+    try:
+        async with asyncio.timeout(seconds):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
+
+
+def _parse_addresses(coordinators: str | Sequence[str]) -> list[str]:
+    # A comma-separated string is accepted so a list fits in one flag or env variable.
+    items = coordinators.split(",") if isinstance(coordinators, str) else list(coordinators)
+    addresses = [item.strip() for item in items if item and item.strip()]
+    if not addresses:
+        raise ValueError("at least one coordinator address is needed")
+    return addresses
+
+
+class Worker:
+    """A Conveyor worker process: handlers for task types, run against a coordinator.
+
+    Register handlers with :meth:`task`, then run the worker with ``await worker.run()``,
+    ``worker.run_sync()`` or ``async with worker: ...``::
+
+        worker = Worker("127.0.0.1:50051", queues=["emails"], concurrency=20)
+
+        @worker.task("send-email")
+        async def send_email(ctx: TaskContext, payload: dict) -> dict:
+            ...
+            return {"sent": True}
+
+        worker.run_sync()
+
+    The worker holds one stream to the leader coordinator, takes at most ``concurrency``
+    tasks at a time, renews their leases, reports results, reconnects (cycling through
+    ``coordinators``) when the stream breaks while handlers keep running, and drains
+    gracefully on :meth:`shutdown`, SIGTERM or SIGINT.
+
+    Args:
+        coordinators: Coordinator address(es) as ``host:port``: a sequence, or one string
+            (comma-separated for several). Any replica will do; followers redirect to the
+            leader.
+        queues: The queues to take work from.
+        concurrency: How many attempts may run at once (the credit the worker grants).
+        worker_id: This worker's id, stable across reconnects; defaults to a fresh
+            UUID4 per :class:`Worker` object.
+        grace_period: On shutdown, seconds to let running handlers finish before they
+            are cancelled and reported as failed (retryable).
+        sync_threads: Threads for sync handlers; defaults to ``concurrency``.
+        credentials: gRPC channel credentials for TLS; plaintext when ``None``.
+        metadata: gRPC metadata sent when opening the stream (for example an API key).
+    """
+
+    def __init__(
+        self,
+        coordinators: str | Sequence[str] = "127.0.0.1:50051",
+        *,
+        queues: str | Sequence[str] = ("default",),
+        concurrency: int = 10,
+        worker_id: str | None = None,
+        grace_period: float = 30.0,
+        sync_threads: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._addresses: list[str] = []
+        self._queues: tuple[str, ...] = ()
+        self._concurrency = 1
+        self._worker_id = worker_id or str(uuid.uuid4())
+        self._grace_period = 0.0
+        self._sync_threads: int | None = None
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
+        self._registry = TaskRegistry()
+        # Set for the duration of one run.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runtime: Runtime | None = None
+        self._connector: Connector | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
+        self._signals_installed: list[signal.Signals] = []
+        self._context_task: asyncio.Task[None] | None = None
+        # Created lazily, by run() or by an early wait_connected(), so that it belongs to
+        # the loop the worker runs on; dropped when the run ends.
+        self._connected: asyncio.Event | None = None
+        self.configure(
+            coordinators=coordinators,
+            queues=queues,
+            concurrency=concurrency,
+            grace_period=grace_period,
+            sync_threads=sync_threads,
+        )
+
+    # -- configuration -------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        coordinators: str | Sequence[str] | None = None,
+        queues: str | Sequence[str] | None = None,
+        concurrency: int | None = None,
+        worker_id: str | None = None,
+        grace_period: float | None = None,
+        sync_threads: int | None = None,
+    ) -> Self:
+        """Change settings before the worker runs; ``None`` keeps a setting as it is.
+
+        Meant for ``conveyor worker MODULE`` to apply its command-line flags to a worker
+        loaded with :func:`load_worker`. Validates everything before changing anything.
+
+        Raises:
+            ValueError: A setting is invalid.
+            RuntimeError: The worker is running.
+        """
+        if self._loop is not None:
+            raise RuntimeError("cannot configure a running worker")
+        addresses = self._addresses if coordinators is None else _parse_addresses(coordinators)
+        queue_tuple = self._queues
+        if queues is not None:
+            queue_tuple = (queues,) if isinstance(queues, str) else tuple(queues)
+            if not queue_tuple or not all(isinstance(q, str) and q for q in queue_tuple):
+                raise ValueError(f"queues must be non-empty strings, got {queues!r}")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if grace_period is not None and grace_period < 0:
+            raise ValueError(f"grace_period must not be negative, got {grace_period}")
+        if sync_threads is not None and sync_threads < 1:
+            raise ValueError(f"sync_threads must be at least 1, got {sync_threads}")
+        if worker_id is not None and not worker_id:
+            raise ValueError("worker_id must not be empty")
+        self._addresses = addresses
+        self._queues = queue_tuple
+        self._concurrency = self._concurrency if concurrency is None else concurrency
+        self._worker_id = worker_id or self._worker_id
+        self._grace_period = self._grace_period if grace_period is None else grace_period
+        self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
+        return self
+
+    @property
+    def worker_id(self) -> str:
+        """The id this worker registers with (stable across reconnects)."""
+        return self._worker_id
+
+    @property
+    def coordinators(self) -> tuple[str, ...]:
+        """The coordinator addresses, in the order they are tried."""
+        return tuple(self._addresses)
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues this worker takes work from."""
+        return self._queues
+
+    @property
+    def concurrency(self) -> int:
+        """How many attempts may run at once."""
+        return self._concurrency
+
+    @property
+    def grace_period(self) -> float:
+        """Seconds running handlers get to finish on shutdown."""
+        return self._grace_period
+
+    @property
+    def task_types(self) -> tuple[str, ...]:
+        """The task types with a registered handler."""
+        return tuple(self._registry.types())
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is in progress."""
+        return self._loop is not None
+
+    def task(self, task_type: str, *, raw: bool = False) -> Callable[[F], F]:
+        """Register the decorated function as the handler of ``task_type``.
+
+        The handler is called as ``handler(ctx, payload)`` with a :class:`TaskContext`.
+        ``async def`` handlers run on the event loop; plain functions run in a thread pool
+        (they must not touch the loop, and should poll ``ctx.is_cancelled()`` if long).
+
+        With ``raw=False`` (the default) the payload is decoded from JSON (an empty
+        payload gives ``None``) and the return value is JSON-encoded as the result. With
+        ``raw=True`` the handler receives the payload bytes and returns bytes (or
+        ``None`` for an empty result).
+
+        Raise :class:`NonRetryableError` to fail the task for good; any other exception
+        fails the attempt and the task is retried (while attempts remain).
+
+        The function is returned unchanged, so it can still be called directly.
+        """
+
+        def decorator(func: F) -> F:
+            self._registry.register(task_type, func, raw=raw)
+            return func
+
+        return decorator
+
+    def register(self, task_type: str, func: Callable[..., Any], *, raw: bool = False) -> None:
+        """Register ``func`` as the handler of ``task_type``; see :meth:`task`."""
+        self._registry.register(task_type, func, raw=raw)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Run until :meth:`shutdown` (or SIGTERM/SIGINT), then drain and return.
+
+        Args:
+            install_signal_handlers: Handle SIGTERM and SIGINT: the first one drains
+                gracefully, a second one stops at once. Defaults to ``True`` when called
+                on the main thread (signal handlers can only be installed there).
+
+        Raises:
+            RuntimeError: The worker is already running.
+        """
+        self._start(install_signal_handlers)
+        await self._serve()
+
+    def run_sync(self, *, install_signal_handlers: bool | None = None) -> None:
+        """Run the worker in a new event loop (:func:`asyncio.run`) until it is done."""
+        asyncio.run(self.run(install_signal_handlers=install_signal_handlers))
+
+    def shutdown(self, *, force: bool = False) -> None:
+        """Ask the running worker to drain and stop; returns at once.
+
+        The worker sends Drain to the coordinator, takes no new work, gives running
+        handlers up to ``grace_period`` to finish, cancels the rest (reported as failed,
+        retryable, "worker shut down"), waits briefly for its last results to be
+        acknowledged, and then :meth:`run` returns. ``force=True`` skips the waiting:
+        handlers are cancelled at once. Safe to call from any thread, and a no-op when
+        the worker is not running.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            self._request_stop(force)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._request_stop, force)
+
+    async def wait_connected(self) -> None:
+        """Wait until the worker has a live session with a coordinator.
+
+        May be called before :meth:`run` has started (for example right after
+        ``asyncio.create_task(worker.run())``); bound it with ``asyncio.timeout``.
+        """
+        if self._connected is None:
+            self._connected = asyncio.Event()
+        await self._connected.wait()
+
+    async def __aenter__(self) -> Self:
+        """Start the worker in the background; leaving the block drains and stops it."""
+        self._start(install_signal_handlers=False)
+        self._context_task = asyncio.get_running_loop().create_task(
+            self._serve(), name="conveyor-worker"
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Drain and stop the worker started by ``async with``."""
+        task, self._context_task = self._context_task, None
+        if task is None:
+            return
+        self.shutdown()
+        await task
+
+    # -- internals -------------------------------------------------------------------
+
+    def _start(self, install_signal_handlers: bool | None) -> None:
+        if self._loop is not None:
+            raise RuntimeError("the worker is already running")
+        loop = asyncio.get_running_loop()
+        if not len(self._registry):
+            logger.warning("worker %s has no task handlers registered", self._worker_id)
+        self._registry.freeze()
+        self._loop = loop
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._sync_threads or self._concurrency,
+            thread_name_prefix="conveyor-worker",
+        )
+        self._stop_requested = asyncio.Event()
+        self._force = asyncio.Event()
+        self._runtime = Runtime(
+            self._registry,
+            concurrency=self._concurrency,
+            executor=self._executor,
+            worker_id=self._worker_id,
+        )
+        info = HelloInfo(
+            worker_id=self._worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self._queues,
+            task_types=tuple(self._registry.types()),
+        )
+        if self._connected is None:
+            self._connected = asyncio.Event()
+        self._connector = Connector(
+            self._addresses,
+            connected=self._connected,
+            info=info,
+            runtime=self._runtime,
+            credentials=self._credentials,
+            metadata=self._metadata,
+        )
+        if install_signal_handlers is None:
+            install_signal_handlers = threading.current_thread() is threading.main_thread()
+        if install_signal_handlers:
+            for sig in _SIGNALS:
+                try:
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    # No signal support on this loop or platform: shutdown() still works.
+                    logger.debug("cannot install a handler for %s", sig.name)
+                else:
+                    self._signals_installed.append(sig)
+        logger.info(
+            "worker %s starting: queues %s, task types %s, concurrency %d, coordinators %s",
+            self._worker_id,
+            ",".join(self._queues),
+            ",".join(info.task_types) or "(none)",
+            self._concurrency,
+            ",".join(self._addresses),
+        )
+
+    async def _serve(self) -> None:
+        assert self._connector is not None and self._runtime is not None
+        assert self._stop_requested is not None
+        loop = asyncio.get_running_loop()
+        connector, runtime = self._connector, self._runtime
+        connection = loop.create_task(connector.run(), name="conveyor-connection")
+        stop_wait = loop.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({connection, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if connection.done():
+                connection.result()  # the connection loop only ends early on a bug
+                raise RuntimeError("the connection loop ended unexpectedly")
+            await self._drain(connector, runtime)
+        except asyncio.CancelledError:
+            # Cancelled from outside (e.g. Ctrl-C without our signal handlers): still
+            # report the running attempts, so that their tasks come back quickly.
+            runtime.stop_all()
+            await _bounded(connector.close(), HANDLER_EXIT_TIMEOUT)
+            raise
+        finally:
+            stop_wait.cancel()
+            connection.cancel()
+            await asyncio.gather(connection, stop_wait, return_exceptions=True)
+            await _bounded(runtime.close(), HANDLER_EXIT_TIMEOUT)
+            runtime.report_leftovers()
+            self._teardown()
+        logger.info("worker %s stopped", self._worker_id)
+
+    async def _drain(self, connector: Connector, runtime: Runtime) -> None:
+        logger.info(
+            "worker %s draining: %d task(s) running, grace period %gs",
+            self._worker_id,
+            runtime.running_count(),
+            self._grace_period,
+        )
+        connector.drain()
+        if runtime.running_count():
+            await _bounded(self._unless_forced(runtime.wait_idle()), self._grace_period)
+        if runtime.running_count():
+            logger.warning("stopping %d unfinished task(s)", runtime.running_count())
+            runtime.stop_all(SHUTDOWN_ERROR)
+        if runtime.pending_results():
+            await _bounded(self._unless_forced(runtime.outbox.wait_settled()), RESULT_ACK_TIMEOUT)
+        if runtime.pending_results():
+            logger.warning(
+                "%d result(s) not acknowledged; their tasks will run again once their "
+                "leases expire",
+                runtime.pending_results(),
+            )
+        if not await _bounded(connector.close(), CLOSE_TIMEOUT):
+            logger.warning("the stream did not close in time; cutting it")
+
+    async def _unless_forced(self, awaitable: Awaitable[None]) -> None:
+        """Wait for ``awaitable``, or until a forced stop is requested."""
+        assert self._force is not None
+        waiter = asyncio.ensure_future(awaitable)
+        forced = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({waiter, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            forced.cancel()
+            await asyncio.gather(waiter, forced, return_exceptions=True)
+
+    def _request_stop(self, force: bool) -> None:
+        if self._stop_requested is None or self._force is None:
+            return
+        if force:
+            self._force.set()
+        self._stop_requested.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        assert self._stop_requested is not None
+        if not self._stop_requested.is_set():
+            logger.info("received %s: draining (send it again to stop at once)", sig.name)
+            self._request_stop(force=False)
+        else:
+            logger.warning("received %s again: stopping at once", sig.name)
+            self._request_stop(force=True)
+
+    def _teardown(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            for sig in self._signals_installed:
+                loop.remove_signal_handler(sig)
+        self._signals_installed = []
+        if self._executor is not None:
+            # Never wait here: a sync handler that ignores cancellation would hang the
+            # shutdown; queued-but-unstarted calls are dropped.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._registry.freeze(False)
+        self._loop = None
+        self._runtime = None
+        self._connector = None
+        self._executor = None
+        self._stop_requested = None
+        self._force = None
+        self._connected = None
