@@ -86,7 +86,7 @@ async def _wait_serving(address: str, proc: Process) -> None:
             if proc.returncode is not None:
                 raise RuntimeError(f"the coordinator exited with code {proc.returncode}")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)  # type: ignore[attr-defined]
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:

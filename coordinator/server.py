@@ -21,7 +21,7 @@ from conveyor.coordinator.maintenance import Maintenance
 from conveyor.coordinator.results import ResultRecorder
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
-from conveyor.coordinator.store.migrations import migrate
+from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.watchers import TaskWatchers

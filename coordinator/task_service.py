@@ -235,7 +235,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         )
 
     @rpc
-    async def WatchTask(
+    async def WatchTask(  # type: ignore[override]
         self,
         request: task_service_pb2.WatchTaskRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]

@@ -91,7 +91,7 @@ def _duration_ms(
     if nanos > upper / timedelta(microseconds=1) * 1000:
         out.append(FieldViolation(field, f"must be at most {upper}"))
         return None
-    return max(1, nanos // 1_000_000)
+    return max(1, int(nanos) // 1_000_000)
 
 
 def validate_submit(

@@ -11,7 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q -e '.[dev]'
 
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-.venv/bin/buf lint
+# ruff (lint and format), buf lint and mypy --strict
+scripts/check.sh
 .venv/bin/pytest -q "$@"
