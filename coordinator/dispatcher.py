@@ -22,6 +22,7 @@ from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.sessions import SessionRegistry, WorkerSession
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.v1 import worker_service_pb2
 
@@ -39,8 +40,7 @@ class Dispatcher:
         sessions: SessionRegistry,
         watchers: TaskWatchers,
         *,
-        cluster: str,
-        epoch: Callable[[], int],
+        fence: Callable[[], Fence],
         lease_seconds: float,
         poll_interval: float,
         on_fenced: Callable[[Fenced], None],
@@ -48,8 +48,7 @@ class Dispatcher:
         self._pool = pool
         self._sessions = sessions
         self._watchers = watchers
-        self._cluster = cluster
-        self._epoch = epoch
+        self._fence = fence
         self._lease_seconds = lease_seconds
         self._poll_interval = poll_interval
         self._on_fenced = on_fenced
@@ -85,10 +84,15 @@ class Dispatcher:
             except Fenced as exc:
                 self._on_fenced(exc)
                 return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:
                 failures += 1
                 delay = min(5.0, 0.05 * 2**failures)
-                _log.warning("dispatch round failed (%s); retrying in %.2fs", exc, delay)
+                if isinstance(
+                    exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | TimeoutError
+                ):
+                    _log.warning("dispatch round failed (%s); retrying in %.2fs", exc, delay)
+                else:  # a bug, not an outage: say so loudly, but keep dispatching
+                    _log.exception("dispatch round crashed; retrying in %.2fs", delay)
                 await asyncio.sleep(delay)
                 self._wakeup.set()
                 continue
@@ -97,23 +101,25 @@ class Dispatcher:
 
     async def _round(self, ready: list[WorkerSession]) -> bool:
         """Claims for each session; True when some session got all it asked (more may wait)."""
-        epoch = self._epoch()
+        fence = self._fence()
         claims: list[tuple[WorkerSession, list[asyncpg.Record]]] = []
         full = False
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._cluster, epoch)
+        # One statement per session, each carrying its own fence check; no transaction
+        # around them, so a round costs one round trip per session with credit.
+        async with self._pool.acquire() as conn:
             for session in ready:
                 want = min(session.credit, MAX_CLAIM_PER_SESSION)
-                rows = await store.claim(
-                    conn,
-                    tenant=session.tenant,
-                    queues=session.queues,
-                    types=session.task_types,
-                    limit=want,
-                    worker_id=session.worker_id,
-                    epoch=epoch,
-                    lease_seconds=self._lease_seconds,
-                )
+                with leadership.fencing(fence):
+                    rows = await store.claim(
+                        conn,
+                        tenant=session.tenant,
+                        queues=session.queues,
+                        types=session.task_types,
+                        limit=want,
+                        worker_id=session.worker_id,
+                        fence=fence,
+                        lease_seconds=self._lease_seconds,
+                    )
                 if rows:
                     claims.append((session, rows))
                     full = full or len(rows) == want

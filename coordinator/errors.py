@@ -81,6 +81,38 @@ class InvalidState(ConveyorError):
         )
 
 
+class ScheduleNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "SCHEDULE_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"schedule {name!r} does not exist", metadata={"name": name})
+
+
+class ScheduleAlreadyExists(ConveyorError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "SCHEDULE_ALREADY_EXISTS"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a schedule named {name!r} exists already; pick another name, or change it "
+            "with UpdateSchedule",
+            metadata={"name": name},
+        )
+
+
+class EtagMismatch(ConveyorError):
+    code = grpc.StatusCode.ABORTED
+    reason = "ETAG_MISMATCH"
+
+    def __init__(self, what: str, sent: str, current: str) -> None:
+        super().__init__(
+            f"{what} changed since it was read (etag {sent!r}, now {current!r}); read it "
+            "again and retry",
+            metadata={"etag": current},
+        )
+
+
 class NotLeader(ConveyorError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "NOT_LEADER"

@@ -13,6 +13,7 @@ import asyncpg
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.watchers import TaskWatchers
 
 _log = logging.getLogger("conveyor.coordinator.maintenance")
@@ -29,16 +30,14 @@ class Maintenance:
         pool: asyncpg.Pool,
         watchers: TaskWatchers,
         *,
-        cluster: str,
-        epoch: Callable[[], int],
+        fence: Callable[[], Fence],
         reaper_interval: float,
         on_ready: Callable[[str, str], None],
         on_fenced: Callable[[Fenced], None],
     ) -> None:
         self._pool = pool
         self._watchers = watchers
-        self._cluster = cluster
-        self._epoch = epoch
+        self._fence = fence
         self._reaper_interval = reaper_interval
         self._on_ready = on_ready
         self._on_fenced = on_fenced
@@ -83,16 +82,21 @@ class Maintenance:
                 failures += 1
                 delay = min(5.0, 0.1 * 2**failures)
                 _log.warning("%s sweep failed (%s); retrying in %.1fs", name, exc, delay)
+            except Exception:
+                # A bug, not an outage: say so loudly, but keep sweeping.
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                _log.exception("%s sweep crashed; retrying in %.1fs", name, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), delay)
             wakeup.clear()
 
     async def _promote(self) -> float:
         """Promotes due tasks; returns seconds until the next one is due (capped)."""
+        fence = self._fence()
         async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await leadership.check_epoch(conn, self._cluster, self._epoch())
-                rows = await store.promote_due(conn, SWEEP_LIMIT)
+            with leadership.fencing(fence):
+                rows = await store.promote_due(conn, SWEEP_LIMIT, fence)
             next_due = await store.next_run_at(conn)
         self._announce(rows)
         self._next_due = next_due
@@ -104,9 +108,10 @@ class Maintenance:
         return max(0.0, min(MAX_PROMOTER_SLEEP, wait))
 
     async def _reap(self) -> float:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._cluster, self._epoch())
-            rows = await store.reap_expired(conn, SWEEP_LIMIT)
+        fence = self._fence()
+        async with self._pool.acquire() as conn:
+            with leadership.fencing(fence):
+                rows = await store.reap_expired(conn, SWEEP_LIMIT, fence)
         if rows:
             self.reaped += len(rows)
             _log.info("took back %d expired leases", len(rows))

@@ -15,6 +15,7 @@ import asyncpg
 from conveyor.coordinator.batcher import Batcher
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.watchers import TaskWatchers
 
 REFUSED_REASON = "lease is not current: the task finished, was cancelled or was leased again"
@@ -26,8 +27,7 @@ class ResultRecorder:
         pool: asyncpg.Pool,
         watchers: TaskWatchers,
         *,
-        cluster: str,
-        epoch: Callable[[], int],
+        fence: Callable[[], Fence],
         lease_seconds: float,
         max_batch: int,
         max_pending: int,
@@ -35,8 +35,7 @@ class ResultRecorder:
     ) -> None:
         self._pool = pool
         self._watchers = watchers
-        self._cluster = cluster
-        self._epoch = epoch
+        self._fence = fence
         self._lease_seconds = lease_seconds
         self._on_scheduled = on_scheduled
         # One item per worker message (a list of results or leases), so a message costs
@@ -62,9 +61,12 @@ class ResultRecorder:
 
     async def _flush_results(self, messages: Sequence[Sequence[store.Outcome]]) -> list[list[bool]]:
         outcomes = [o for message in messages for o in message]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._cluster, self._epoch())
-            applied_rows = await store.finish_attempts(conn, outcomes)
+        fence = self._fence()
+        # One statement applies every result and records the attempts, fence included;
+        # the rare refusals are recorded after it (they change no task).
+        async with self._pool.acquire() as conn:
+            with leadership.fencing(fence):
+                applied_rows = await store.finish_attempts(conn, outcomes, fence)
             applied = {r["id"] for r in applied_rows}
             refused = [o for o in outcomes if o.lease.task_id not in applied]
             if refused:
@@ -79,7 +81,8 @@ class ResultRecorder:
         self, messages: Sequence[Sequence[store.LeaseRef]]
     ) -> list[list[bool]]:
         leases = [x for message in messages for x in message]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._cluster, self._epoch())
-            renewed = await store.renew_leases(conn, leases, self._lease_seconds)
+        fence = self._fence()
+        async with self._pool.acquire() as conn:
+            with leadership.fencing(fence):
+                renewed = await store.renew_leases(conn, leases, self._lease_seconds, fence)
         return [[(x.task_id, x.attempt) in renewed for x in message] for message in messages]

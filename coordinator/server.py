@@ -19,8 +19,11 @@ from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.maintenance import Maintenance
 from conveyor.coordinator.results import ResultRecorder
+from conveyor.coordinator.schedule_firer import ScheduleFirer
+from conveyor.coordinator.schedule_service import ScheduleHooks
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.task_service import TaskServicer
@@ -66,6 +69,7 @@ class Coordinator:
         self._submitter: Submitter | None = None
         self._recorder: ResultRecorder | None = None
         self._maintenance: Maintenance | None = None
+        self.schedule_firer: ScheduleFirer | None = None
         self._worker_servicer: WorkerServicer | None = None
 
     async def start(self) -> None:
@@ -76,6 +80,17 @@ class Coordinator:
             min_size=cfg.pool_min_size,
             max_size=cfg.pool_max_size,
             command_timeout=cfg.statement_timeout,
+            server_settings={
+                # asyncpg prepares every statement; after a few runs PostgreSQL may switch
+                # to a generic plan made when the tables were small (a sequential scan
+                # joined to 1000 results: seconds per batch once the table has grown).
+                # Planning each batch anew costs far less than that.
+                "plan_cache_mode": "force_custom_plan",
+                # Batch statements look expensive to the planner; compiling them is not
+                # worth it for millisecond queries.
+                "jit": "off",
+                "application_name": "conveyor-coordinator",
+            },
         )
         pool = self._pool
         async with pool.acquire() as conn:
@@ -97,8 +112,7 @@ class Coordinator:
             pool,
             self.sessions,
             self.watchers,
-            cluster=cfg.cluster,
-            epoch=self._current_epoch,
+            fence=self._current_fence,
             lease_seconds=cfg.lease_duration,
             poll_interval=cfg.poll_interval,
             on_fenced=self._fenced,
@@ -106,8 +120,7 @@ class Coordinator:
         self._maintenance = Maintenance(
             pool,
             self.watchers,
-            cluster=cfg.cluster,
-            epoch=self._current_epoch,
+            fence=self._current_fence,
             reaper_interval=cfg.reaper_interval,
             on_ready=self._dispatcher.wake,
             on_fenced=self._fenced,
@@ -122,8 +135,7 @@ class Coordinator:
         self._recorder = ResultRecorder(
             pool,
             self.watchers,
-            cluster=cfg.cluster,
-            epoch=self._current_epoch,
+            fence=self._current_fence,
             lease_seconds=cfg.lease_duration,
             max_batch=cfg.max_batch,
             max_pending=cfg.max_pending_operations,
@@ -135,8 +147,7 @@ class Coordinator:
             self._dispatcher,
             self._recorder,
             self.watchers,
-            cluster=cfg.cluster,
-            epoch=self._current_epoch,
+            fence=self._current_fence,
             is_leader=lambda: self.leader,
             leader_address=self._leader_address,
             heartbeat_interval=cfg.heartbeat_interval,
@@ -148,10 +159,16 @@ class Coordinator:
             self._submitter,
             self.sessions,
             self.watchers,
-            epoch=self._current_epoch,
+            fence=self._current_fence,
             is_leader=lambda: self.leader,
             leader_address=self._leader_address,
             on_ready=self._dispatcher.wake,
+        )
+        self.schedule_firer = ScheduleFirer(
+            pool, fence=self._current_fence, on_ready=self._dispatcher.wake, on_fenced=self._fenced
+        )
+        task_servicer.configure_schedules(
+            ScheduleHooks(on_change=self.schedule_firer.wake, now=self.schedule_firer.now)
         )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(task_servicer, self._server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
@@ -169,14 +186,15 @@ class Coordinator:
         self._recorder.start()
         self._dispatcher.start()
         self._maintenance.start()
+        self.schedule_firer.start()
         await self._server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, serving)
         _log.info("coordinator %s serving on %s, epoch %d", self.node_id, self.address, self.epoch)
 
-    def _current_epoch(self) -> int:
-        return self.epoch
+    def _current_fence(self) -> Fence:
+        return Fence(self.config.cluster, self.epoch)
 
     def _leader_address(self) -> str:
         return self.address if self.leader else ""
@@ -200,6 +218,8 @@ class Coordinator:
             await self._dispatcher.stop()
         if self._maintenance is not None:
             await self._maintenance.stop()
+        if self.schedule_firer is not None:
+            await self.schedule_firer.stop()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking calls, lets calls in progress finish within ``grace``, then closes."""

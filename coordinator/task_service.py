@@ -22,9 +22,11 @@ from conveyor.coordinator.errors import (
     TaskNotFound,
     to_status,
 )
+from conveyor.coordinator.schedule_service import ScheduleServiceMixin
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.submissions import SubmitGroup, Submitter
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
@@ -58,7 +60,7 @@ def rpc(handler: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServicer):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -67,7 +69,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         sessions: SessionRegistry,
         watchers: TaskWatchers,
         *,
-        epoch: Callable[[], int],
+        fence: Callable[[], Fence],
         is_leader: Callable[[], bool],
         leader_address: Callable[[], str],
         on_ready: Callable[[str, str], None],
@@ -77,7 +79,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self._submitter = submitter
         self._sessions = sessions
         self._watchers = watchers
-        self._epoch = epoch
+        self._fence = fence
         self._is_leader = is_leader
         self._leader_address = leader_address
         self._on_ready = on_ready
@@ -161,7 +163,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         tenant = self._tenant(context)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                await leadership.check_epoch(conn, self._config.cluster, self._epoch())
+                await leadership.check_epoch(conn, self._fence())
                 previous = await store.cancel(conn, tenant, task_id)
             row = await store.get(conn, tenant, task_id)
         if row is None:
@@ -202,7 +204,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         tenant = self._tenant(context)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                await leadership.check_epoch(conn, self._config.cluster, self._epoch())
+                await leadership.check_epoch(conn, self._fence())
                 row = await store.redrive(conn, tenant, task_id)
             if row is None:
                 current = await store.get(conn, tenant, task_id)

@@ -35,6 +35,7 @@ from conveyor.coordinator.results import ResultRecorder
 from conveyor.coordinator.sessions import SessionRegistry, WorkerSession
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.validation import MAX_NAME_LENGTH
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
@@ -91,8 +92,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         recorder: ResultRecorder,
         watchers: TaskWatchers,
         *,
-        cluster: str,
-        epoch: Callable[[], int],
+        fence: Callable[[], Fence],
         is_leader: Callable[[], bool],
         leader_address: Callable[[], str],
         heartbeat_interval: float,
@@ -103,8 +103,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self._dispatcher = dispatcher
         self._recorder = recorder
         self._watchers = watchers
-        self._cluster = cluster
-        self._epoch = epoch
+        self._fence = fence
         self._is_leader = is_leader
         self._leader_address = leader_address
         self._heartbeat_interval = heartbeat_interval
@@ -167,7 +166,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             worker_service_pb2.ConnectResponse(
                 welcome=worker_service_pb2.Welcome(
                     session_id=session.session_id,
-                    epoch=self._epoch(),
+                    epoch=self._fence().epoch,
                     heartbeat_interval=convert.duration_ms(int(self._heartbeat_interval * 1000)),
                     lease_duration=convert.duration_ms(int(self._lease_seconds * 1000)),
                     lost=lost,
@@ -229,9 +228,14 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 lost.append(lease)
             else:
                 valid.append(ref)
+        fence = self._fence()
         async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._cluster, self._epoch())
-            renewed = await store.renew_leases(conn, valid, self._lease_seconds) if valid else set()
+            await leadership.check_epoch(conn, fence)
+            renewed = (
+                await store.renew_leases(conn, valid, self._lease_seconds, fence)
+                if valid
+                else set()
+            )
             released = await store.release_abandoned(
                 conn, session.tenant, session.worker_id, sorted(renewed)
             )

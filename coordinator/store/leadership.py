@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import asyncpg
 
 from conveyor.coordinator.errors import Fenced
@@ -28,16 +32,49 @@ async def take_office(conn: asyncpg.Connection, cluster: str, leader_id: str, ad
     return epoch
 
 
-async def check_epoch(conn: asyncpg.Connection, cluster: str, epoch: int) -> None:
-    """Raises Fenced unless ``epoch`` is still the cluster's.
+FENCED_SQLSTATE = "CVF01"
 
-    Call it inside the transaction of the write it guards.
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of one leader: its cluster and epoch.
+
+    ``sql(n)`` is the condition to put in a dispatch-side statement's WHERE clause, with
+    ``params`` appended to the statement's parameters as $n and $n+1. Run the statement
+    inside ``with fencing(fence):`` to turn a failed check into :class:`Fenced`.
     """
-    current = await conn.fetchval(
-        "SELECT epoch FROM leadership WHERE cluster = $1 FOR SHARE", cluster
-    )
-    if current != epoch:
-        raise Fenced(epoch, current)
+
+    cluster: str
+    epoch: int
+
+    @property
+    def params(self) -> tuple[str, int]:
+        return (self.cluster, self.epoch)
+
+    @staticmethod
+    def sql(first_param: int) -> str:
+        return f"(SELECT conveyor_fence(${first_param}::text, ${first_param + 1}::bigint))"
+
+
+@contextlib.contextmanager
+def fencing(fence: Fence) -> Iterator[None]:
+    """Translates the database's fencing failure into :class:`Fenced`."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:
+            raise Fenced(fence.epoch, None) from exc
+        raise
+
+
+async def check_epoch(conn: asyncpg.Connection, fence: Fence) -> None:
+    """Raises Fenced unless the fence's epoch is still the cluster's.
+
+    For transactions of several statements: call it first inside the transaction; the
+    leadership row stays share-locked until the transaction ends.
+    """
+    with fencing(fence):
+        await conn.execute(f"SELECT {Fence.sql(1)}", *fence.params)
 
 
 async def current(conn: asyncpg.Connection, cluster: str) -> asyncpg.Record | None:

@@ -15,6 +15,7 @@ from datetime import datetime
 
 import asyncpg
 
+from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.validation import ListFilter, NewTask
 
 PENDING, SCHEDULED, RUNNING, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
@@ -171,7 +172,7 @@ async def claim(
     types: Sequence[str],
     limit: int,
     worker_id: str,
-    epoch: int,
+    fence: Fence,
     lease_seconds: float,
 ) -> list[asyncpg.Record]:
     """Leases up to ``limit`` ready tasks to one worker (the attempt is the task row).
@@ -181,12 +182,21 @@ async def claim(
     return await conn.fetch(
         f"""
         WITH picked AS (
-            SELECT id FROM tasks
-            WHERE tenant = $1 AND state = {PENDING} AND queue = ANY($2::text[])
-              AND (cardinality($3::text[]) = 0 OR type = ANY($3::text[]))
-            ORDER BY priority DESC, id
+            -- Per queue, the head of the ready index in dispatch order; then the best of
+            -- those heads. Written so that the index gives the order whatever the
+            -- planner's (always stale, on a queue table) statistics say.
+            SELECT head.id, head.priority FROM unnest($2::text[]) AS q(name)
+            CROSS JOIN LATERAL (
+                SELECT id, priority FROM tasks
+                WHERE tenant = $1 AND state = {PENDING} AND queue = q.name
+                  AND (cardinality($3::text[]) = 0 OR type = ANY($3::text[]))
+                ORDER BY priority DESC, id
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED
+            ) AS head
+            WHERE {Fence.sql(8)}
+            ORDER BY head.priority DESC, head.id
             LIMIT $4
-            FOR UPDATE SKIP LOCKED
         ), leased AS (
             UPDATE tasks t
             SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = $5, lease_epoch = $6,
@@ -202,8 +212,9 @@ async def claim(
         list(types),
         limit,
         worker_id,
-        epoch,
+        fence.epoch,
         lease_seconds,
+        *fence.params,
     )
 
 
@@ -235,7 +246,7 @@ _LEASE_MATCH = """
 
 
 async def renew_leases(
-    conn: asyncpg.Connection, leases: Sequence[LeaseRef], lease_seconds: float
+    conn: asyncpg.Connection, leases: Sequence[LeaseRef], lease_seconds: float, fence: Fence
 ) -> set[tuple[uuid.UUID, int]]:
     """Extends the leases still held; returns (task_id, attempt) of those renewed."""
     rows = await conn.fetch(
@@ -243,11 +254,12 @@ async def renew_leases(
         UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => $6)
         FROM unnest($1::text[], $2::uuid[], $3::int[], $4::bigint[], $5::text[])
             AS r(tenant, id, attempt, epoch, worker_id)
-        WHERE {_LEASE_MATCH}
+        WHERE {Fence.sql(7)} AND {_LEASE_MATCH}
         RETURNING t.id, t.attempt
         """,
         *_lease_arrays(leases),
         lease_seconds,
+        *fence.params,
     )
     return {(r["id"], r["attempt"]) for r in rows}
 
@@ -264,7 +276,7 @@ class Outcome:
 
 
 async def finish_attempts(
-    conn: asyncpg.Connection, outcomes: Sequence[Outcome]
+    conn: asyncpg.Connection, outcomes: Sequence[Outcome], fence: Fence
 ) -> list[asyncpg.Record]:
     """Applies results whose lease is current; returns (id, tenant, queue, state) of those applied.
 
@@ -295,7 +307,7 @@ async def finish_attempts(
                     ELSE r.error END,
                 worker_id = NULL, lease_expire_time = NULL, update_time = now()
             FROM r
-            WHERE {_LEASE_MATCH}
+            WHERE {Fence.sql(10)} AND {_LEASE_MATCH}
             RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, t.lease_epoch,
                 t.lease_start_time, r.worker_id, r.outcome, r.error
         ), closed AS (
@@ -312,6 +324,7 @@ async def finish_attempts(
         [o.result for o in outcomes],
         [o.error for o in outcomes],
         [o.retryable for o in outcomes],
+        *fence.params,
     )
 
 
@@ -351,7 +364,7 @@ _CLOSE_RELEASED = f"""
 """
 
 
-async def reap_expired(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def reap_expired(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
     """Takes back leases that expired: the task is PENDING again (DEAD when out of attempts)."""
     release = _RELEASE.replace(
         "$ERROR",
@@ -360,12 +373,14 @@ async def reap_expired(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Rec
     return await conn.fetch(
         f"""
         WITH victims AS (
-            SELECT id, worker_id FROM tasks WHERE state = {RUNNING} AND lease_expire_time < now()
+            SELECT id, worker_id FROM tasks
+            WHERE {Fence.sql(2)} AND state = {RUNNING} AND lease_expire_time < now()
             ORDER BY lease_expire_time LIMIT $1 FOR UPDATE SKIP LOCKED
         ), released AS ({release}), closed AS ({_CLOSE_RELEASED})
         SELECT id, tenant, queue, state FROM released
         """,
         limit,
+        *fence.params,
     )
 
 
@@ -399,19 +414,21 @@ async def release_abandoned(
     )
 
 
-async def promote_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
     """Makes SCHEDULED tasks whose run_at has come PENDING; returns their (id, tenant, queue)."""
     return await conn.fetch(
         f"""
         UPDATE tasks t SET state = {PENDING}, update_time = now()
         FROM (
-            SELECT id FROM tasks WHERE state = {SCHEDULED} AND run_at <= now()
+            SELECT id FROM tasks
+            WHERE {Fence.sql(2)} AND state = {SCHEDULED} AND run_at <= now()
             ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED
         ) due
         WHERE t.id = due.id
         RETURNING t.id, t.tenant, t.queue
         """,
         limit,
+        *fence.params,
     )
 
 

@@ -14,6 +14,25 @@ CREATE TABLE leadership (
     update_time timestamptz NOT NULL DEFAULT now()
 );
 
+-- The fencing check. Dispatch-side statements call it as an uncorrelated sub-select, which
+-- PostgreSQL runs once, before touching any row; it takes the leadership row FOR SHARE
+-- until the statement's transaction ends and fails with SQLSTATE CVF01 when p_epoch is no
+-- longer the cluster's. One statement then carries its own fence: no separate round trip.
+CREATE FUNCTION conveyor_fence(p_cluster text, p_epoch bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    current_epoch bigint;
+BEGIN
+    SELECT epoch INTO current_epoch FROM leadership WHERE cluster = p_cluster FOR SHARE;
+    IF current_epoch IS DISTINCT FROM p_epoch THEN
+        RAISE EXCEPTION 'fenced: epoch % of cluster % is not current (current: %)',
+            p_epoch, p_cluster, current_epoch
+            USING ERRCODE = 'CVF01';
+    END IF;
+    RETURN true;
+END
+$$;
+
 CREATE TABLE tasks (
     id                uuid PRIMARY KEY,
     tenant            text NOT NULL,
