@@ -51,9 +51,10 @@ def retry_policy(
     )
 
 
-def _labels(value: Any) -> dict[str, str]:
-    if not value:
-        return {}
+def _labels(value: Any) -> dict[str, str] | None:
+    # Stored as jsonb, read back as text; most tasks have none, so skip the parse.
+    if not value or value == "{}":
+        return None
     if isinstance(value, str):
         loaded: dict[str, str] = json.loads(value)
         return loaded
@@ -104,14 +105,14 @@ def task_from_new(
     """The Task message for a row just inserted, without reading it back.
 
     This runs once per submitted task, so the shared parts are built once per batch
-    (``now``, ``run_at``) or cached (durations, retry policies).
+    (``now``, ``run_at``) or cached (durations, retry policies). The payload is not
+    echoed: the submitter has it, and sending it back would double the traffic.
     """
     return task_pb2.Task(
         id=str(task_id),
         tenant=tenant,
         queue=task.queue,
         type=task.type,
-        payload=task.payload,
         content_type=task.content_type,
         state=state,  # type: ignore[arg-type]
         priority=task.priority,

@@ -72,24 +72,36 @@ class Submitter:
         )
         results: list[SubmitResult | BaseException] = []
         rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            existing = await store.find_by_idempotency_keys(conn, keys)
-            # Keys claimed by earlier groups of this same batch: (task id, hash, message).
-            claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]] = {}
-            for group in groups:
-                outcome = self._plan_group(group, existing, claimed, now, now_message, rows)
-                results.append(outcome)
-            if rows:
-                inserted = await store.insert(conn, rows, now)
-                if len(inserted) != len(rows):
-                    # Another transaction took a key between our look-up and insert (only
-                    # possible with two writers); fail the batch so clients retry cleanly.
-                    raise StoreUnavailable("a concurrent submit took the same idempotency key")
-        for _tenant, _id, task, state, run_at in rows:
-            if state == store.PENDING:
-                self._on_ready(_tenant, task.queue)
+        async with self._pool.acquire() as conn:
+            if not keys:
+                # Nothing to deduplicate: one COPY, atomic by itself.
+                for group in groups:
+                    results.append(self._plan_group(group, {}, {}, now, now_message, rows))
+                if rows:
+                    await store.copy_new(conn, rows, now)
             else:
-                self._on_scheduled(run_at)
+                async with conn.transaction():
+                    existing = await store.find_by_idempotency_keys(conn, keys)
+                    # Keys claimed by earlier groups of this batch: (hash, message, dedup).
+                    claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]] = {}
+                    for group in groups:
+                        results.append(
+                            self._plan_group(group, existing, claimed, now, now_message, rows)
+                        )
+                    keyed = [r for r in rows if r[2].idempotency_key]
+                    inserted = await store.insert(conn, keyed, now) if keyed else set()
+                    if len(inserted) != len(keyed):
+                        # Another transaction took a key between our look-up and insert
+                        # (only possible with two writers); fail so clients retry cleanly.
+                        raise StoreUnavailable("a concurrent submit took the same idempotency key")
+                    unkeyed = [r for r in rows if not r[2].idempotency_key]
+                    if unkeyed:
+                        await store.copy_new(conn, unkeyed, now)
+        for tenant, queue in {(r[0], r[2].queue) for r in rows if r[3] == store.PENDING}:
+            self._on_ready(tenant, queue)
+        scheduled = [r[4] for r in rows if r[3] == store.SCHEDULED]
+        if scheduled:
+            self._on_scheduled(min(scheduled))
         return results
 
     def _plan_group(

@@ -5,6 +5,8 @@ Nothing reaches the store unless it passed here, so a bad request writes nothing
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -36,7 +38,7 @@ DEFAULT_PAGE_SIZE = 100
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/]*$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewTask:
     """A validated submit, ready to insert."""
 
@@ -58,29 +60,30 @@ class NewTask:
     traceparent: str
 
 
+@functools.lru_cache(maxsize=4096)
+def _name_problem(value: str) -> str | None:
+    """What is wrong with a queue or type name, or None; cached since names repeat."""
+    if len(value) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters"
+    if not _NAME.match(value):
+        return "must start with a letter or digit and contain only letters, digits and _ . : - /"
+    return None
+
+
 def _check_name(value: str, field: str, out: list[FieldViolation], *, required: bool) -> None:
     if not value:
         if required:
             out.append(FieldViolation(field, "must not be empty"))
         return
-    if len(value) > MAX_NAME_LENGTH:
-        out.append(FieldViolation(field, f"must be at most {MAX_NAME_LENGTH} characters"))
-    elif not _NAME.match(value):
-        out.append(
-            FieldViolation(
-                field,
-                "must start with a letter or digit and contain only letters, digits and _ . : - /",
-            )
-        )
+    problem = _name_problem(value)
+    if problem is not None:
+        out.append(FieldViolation(field, problem))
 
 
-def _duration_ms(
-    message: Any, name: str, field: str, upper: timedelta, out: list[FieldViolation]
-) -> int | None:
-    """Milliseconds of the Duration field ``name`` of ``message``; None when unset or bad."""
-    if not message.HasField(name):
+def _duration_ms(value: Any, field: str, upper: timedelta, out: list[FieldViolation]) -> int | None:
+    """Milliseconds of a Duration message (None when unset); None when bad, with a violation."""
+    if value is None:
         return None
-    value = getattr(message, name)
     if not -999_999_999 <= value.nanos <= 999_999_999:
         out.append(FieldViolation(field, "is not a valid duration"))
         return None
@@ -101,89 +104,127 @@ def validate_submit(
     prefix: str = "",
     now: datetime | None = None,
 ) -> tuple[NewTask | None, list[FieldViolation]]:
-    """Validates one SubmitTaskRequest; field paths get ``prefix`` (``tasks[3].``)."""
+    """Validates one SubmitTaskRequest; field paths get ``prefix`` (``tasks[3].``).
+
+    This runs for every submitted task, so it reads the fields that are set in one call
+    (``ListFields``) and checks only those; unset fields take their defaults.
+    """
     out: list[FieldViolation] = []
-    queue = req.queue or defaults.DEFAULT_QUEUE
-    _check_name(req.queue, prefix + "queue", out, required=False)
-    _check_name(req.type, prefix + "type", out, required=True)
-    if len(req.payload) > max_payload_bytes:
+    fields: dict[str, Any] = {fd.name: value for fd, value in req.ListFields()}
+    queue: str = fields.get("queue", "")
+    type_: str = fields.get("type", "")
+    payload: bytes = fields.get("payload", b"")
+    _check_name(queue, prefix + "queue", out, required=False)
+    _check_name(type_, prefix + "type", out, required=True)
+    if len(payload) > max_payload_bytes:
         out.append(
             FieldViolation(
                 prefix + "payload",
-                f"is {len(req.payload)} bytes, more than the limit of {max_payload_bytes}",
+                f"is {len(payload)} bytes, more than the limit of {max_payload_bytes}",
             )
         )
-    if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+    key: str = fields.get("idempotency_key", "")
+    if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         out.append(
             FieldViolation(
                 prefix + "idempotency_key",
                 f"must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
             )
         )
-    if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
+    priority: int = fields.get("priority", 0)
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         out.append(
             FieldViolation(
                 prefix + "priority", f"must be between {-MAX_PRIORITY} and {MAX_PRIORITY}"
             )
         )
-    if req.max_attempts < 0 or req.max_attempts > MAX_ATTEMPTS:
+    max_attempts: int = fields.get("max_attempts", 0)
+    if max_attempts < 0 or max_attempts > MAX_ATTEMPTS:
         out.append(
             FieldViolation(
                 prefix + "max_attempts", f"must be between 1 and {MAX_ATTEMPTS} (0 for the default)"
             )
         )
-    if len(req.content_type) > MAX_NAME_LENGTH:
+    content_type: str = fields.get("content_type", "")
+    if len(content_type) > MAX_NAME_LENGTH:
         out.append(
             FieldViolation(prefix + "content_type", f"must be at most {MAX_NAME_LENGTH} characters")
         )
     run_at: datetime | None = None
-    if req.HasField("run_at"):
-        now = now or datetime.now(UTC)
-        if req.run_at.nanos < 0 or req.run_at.nanos > 999_999_999:
-            out.append(FieldViolation(prefix + "run_at", "is not a valid timestamp"))
-        else:
-            run_at = req.run_at.ToDatetime(tzinfo=UTC)
-            if run_at - now > MAX_RUN_AT_AHEAD:
-                out.append(
-                    FieldViolation(prefix + "run_at", "must be less than a year in the future")
-                )
-    timeout_ms = _duration_ms(req, "timeout", prefix + "timeout", MAX_TIMEOUT, out)
-    initial_ms, max_ms, multiplier, jitter = _check_retry_policy(req, prefix, out)
-    _check_labels(req, prefix, out)
-    if len(req.traceparent) > 128:
+    if "run_at" in fields:
+        run_at = _check_run_at(fields["run_at"], prefix, now, out)
+    timeout_ms = _duration_ms(fields.get("timeout"), prefix + "timeout", MAX_TIMEOUT, out)
+    if "retry_policy" in fields:
+        initial_ms, max_ms, multiplier, jitter = _check_retry_policy(
+            fields["retry_policy"], prefix, out
+        )
+    else:
+        initial_ms, max_ms, multiplier, jitter = _DEFAULT_RETRY
+    labels: dict[str, str] = {}
+    if "labels" in fields:
+        labels = dict(fields["labels"])
+        _check_labels(labels, prefix, out)
+    traceparent: str = fields.get("traceparent", "")
+    if len(traceparent) > 128:
         out.append(FieldViolation(prefix + "traceparent", "must be at most 128 characters"))
     if out:
         return None, out
     task = NewTask(
-        queue=queue,
-        type=req.type,
-        payload=req.payload,
-        content_type=req.content_type or defaults.DEFAULT_CONTENT_TYPE,
-        priority=req.priority,
-        max_attempts=req.max_attempts or defaults.DEFAULT_MAX_ATTEMPTS,
-        idempotency_key=req.idempotency_key or None,
+        queue=queue or defaults.DEFAULT_QUEUE,
+        type=type_,
+        payload=payload,
+        content_type=content_type or defaults.DEFAULT_CONTENT_TYPE,
+        priority=priority,
+        max_attempts=max_attempts or defaults.DEFAULT_MAX_ATTEMPTS,
+        idempotency_key=key or None,
         request_hash=b"",
         run_at=run_at,
-        timeout_ms=timeout_ms or int(defaults.DEFAULT_TIMEOUT_S * 1000),
+        timeout_ms=timeout_ms or _DEFAULT_TIMEOUT_MS,
         retry_initial_ms=initial_ms,
         retry_max_ms=max_ms,
         retry_multiplier=multiplier,
         retry_jitter=jitter,
-        labels=dict(req.labels),
-        traceparent=req.traceparent,
+        labels=labels,
+        traceparent=traceparent,
     )
-    return _with_hash(task), []
+    return (_with_hash(task) if key else task), []
+
+
+_DEFAULT_TIMEOUT_MS = int(defaults.DEFAULT_TIMEOUT_S * 1000)
+_DEFAULT_RETRY = (
+    int(defaults.DEFAULT_RETRY_INITIAL_S * 1000),
+    int(defaults.DEFAULT_RETRY_MAX_S * 1000),
+    defaults.DEFAULT_RETRY_MULTIPLIER,
+    defaults.DEFAULT_RETRY_JITTER,
+)
+
+
+def _check_run_at(
+    value: Any, prefix: str, now: datetime | None, out: list[FieldViolation]
+) -> datetime | None:
+    if not 0 <= value.nanos <= 999_999_999:
+        out.append(FieldViolation(prefix + "run_at", "is not a valid timestamp"))
+        return None
+    run_at: datetime = value.ToDatetime(tzinfo=UTC)
+    if run_at - (now or datetime.now(UTC)) > MAX_RUN_AT_AHEAD:
+        out.append(FieldViolation(prefix + "run_at", "must be less than a year in the future"))
+    return run_at
 
 
 def _check_retry_policy(
-    req: task_service_pb2.SubmitTaskRequest, prefix: str, out: list[FieldViolation]
+    policy: task_pb2.RetryPolicy, prefix: str, out: list[FieldViolation]
 ) -> tuple[int, int, float, float]:
-    policy = req.retry_policy
     initial_ms = _duration_ms(
-        policy, "initial_backoff", prefix + "retry_policy.initial_backoff", MAX_BACKOFF, out
+        policy.initial_backoff if policy.HasField("initial_backoff") else None,
+        prefix + "retry_policy.initial_backoff",
+        MAX_BACKOFF,
+        out,
     )
     max_ms = _duration_ms(
-        policy, "max_backoff", prefix + "retry_policy.max_backoff", MAX_BACKOFF, out
+        policy.max_backoff if policy.HasField("max_backoff") else None,
+        prefix + "retry_policy.max_backoff",
+        MAX_BACKOFF,
+        out,
     )
     initial_ms = initial_ms or int(defaults.DEFAULT_RETRY_INITIAL_S * 1000)
     max_ms = max_ms or max(initial_ms, int(defaults.DEFAULT_RETRY_MAX_S * 1000))
@@ -199,18 +240,16 @@ def _check_retry_policy(
             )
         )
     # A set retry_policy means its jitter is meant, zero included.
-    jitter = policy.jitter if req.HasField("retry_policy") else defaults.DEFAULT_RETRY_JITTER
+    jitter = policy.jitter
     if not 0.0 <= jitter <= 1.0:
         out.append(FieldViolation(prefix + "retry_policy.jitter", "must be between 0 and 1"))
     return initial_ms, max_ms, multiplier, jitter
 
 
-def _check_labels(
-    req: task_service_pb2.SubmitTaskRequest, prefix: str, out: list[FieldViolation]
-) -> None:
-    if len(req.labels) > MAX_LABELS:
+def _check_labels(labels: dict[str, str], prefix: str, out: list[FieldViolation]) -> None:
+    if len(labels) > MAX_LABELS:
         out.append(FieldViolation(prefix + "labels", f"must have at most {MAX_LABELS} entries"))
-    for key, value in req.labels.items():
+    for key, value in labels.items():
         if not key or len(key) > MAX_LABEL_KEY_LENGTH:
             out.append(
                 FieldViolation(
@@ -254,7 +293,7 @@ def _with_hash(task: NewTask) -> NewTask:
     digest.update(len(head).to_bytes(8, "big"))
     digest.update(head)
     digest.update(task.payload)
-    return NewTask(**{**task.__dict__, "request_hash": digest.digest()})
+    return dataclasses.replace(task, request_hash=digest.digest())
 
 
 def validate_submit_one(

@@ -15,25 +15,27 @@ from contextlib import contextmanager
 
 class TaskWatchers:
     def __init__(self) -> None:
-        self._events: dict[uuid.UUID, set[asyncio.Event]] = {}
+        self._events: dict[str, set[asyncio.Event]] = {}
 
     @contextmanager
     def watch(self, task_id: uuid.UUID) -> Iterator[asyncio.Event]:
         """Registers a watcher for the duration of the ``with`` block."""
+        key = str(task_id)
         event = asyncio.Event()
-        self._events.setdefault(task_id, set()).add(event)
+        self._events.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
-            watchers = self._events.get(task_id)
+            watchers = self._events.get(key)
             if watchers is not None:
                 watchers.discard(event)
                 if not watchers:
-                    del self._events[task_id]
+                    del self._events[key]
 
-    def changed(self, task_ids: Iterable[uuid.UUID]) -> None:
+    def changed(self, task_ids: Iterable[uuid.UUID | str]) -> None:
+        """Wakes the watchers of these tasks (ids as UUIDs or canonical lowercase text)."""
         if not self._events:
             return
         for task_id in task_ids:
-            for event in self._events.get(task_id, ()):
+            for event in self._events.get(str(task_id), ()):
                 event.set()

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Protocol
 
@@ -36,6 +36,8 @@ from conveyor.worker._registry import Handler, TaskRegistry
 
 __all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
 
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 logger = logging.getLogger("conveyor.worker")
 
 SUCCEEDED = pb.TASK_OUTCOME_SUCCEEDED
@@ -202,7 +204,7 @@ class Runtime:
             return
         timeout: float | None = None
         if assignment.HasField("timeout"):
-            timeout = assignment.timeout.ToTimedelta().total_seconds()
+            timeout = assignment.timeout.seconds + assignment.timeout.nanos / 1e9
             if timeout <= 0:
                 timeout = None
         execution = _Execution(
@@ -298,7 +300,11 @@ class Runtime:
             content_type=assignment.content_type,
             traceparent=assignment.traceparent,
             create_time=(
-                assignment.create_time.ToDatetime(tzinfo=UTC)
+                _EPOCH
+                + timedelta(
+                    seconds=assignment.create_time.seconds,
+                    microseconds=assignment.create_time.nanos // 1000,
+                )
                 if assignment.HasField("create_time")
                 else None
             ),

@@ -48,7 +48,8 @@ async def insert(
 ) -> set[uuid.UUID]:
     """Inserts (tenant, id, task, state, run_at) rows; returns the ids actually inserted.
 
-    A row whose idempotency key is taken is skipped, not an error: the caller compares it.
+    For rows with idempotency keys: a row whose key is taken is skipped, not an error (the
+    caller compares it). Rows without keys go faster through copy_new().
     """
     cols: list[list[object]] = [[] for _ in range(19)]
     for tenant, task_id, task, state, run_at in rows:
@@ -98,6 +99,53 @@ async def insert(
         now,
     )
     return {r["id"] for r in inserted}
+
+
+_COPY_COLUMNS = (
+    "id", "tenant", "queue", "type", "payload", "content_type", "state", "priority",
+    "max_attempts", "run_at", "timeout_ms", "retry_initial_ms", "retry_max_ms",
+    "retry_multiplier", "retry_jitter", "labels", "traceparent", "create_time", "update_time",
+)  # fmt: skip
+
+
+async def copy_new(
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
+    now: datetime,
+) -> None:
+    """Inserts (tenant, id, task, state, run_at) rows without idempotency keys with COPY.
+
+    COPY encodes rows straight into the binary protocol, about half the client CPU of an
+    INSERT over unnest() arrays; it needs no conflict handling because ids are new.
+    """
+    await conn.copy_records_to_table(
+        "tasks",
+        columns=_COPY_COLUMNS,
+        records=[
+            (
+                task_id,
+                tenant,
+                task.queue,
+                task.type,
+                task.payload,
+                task.content_type,
+                state,
+                task.priority,
+                task.max_attempts,
+                run_at,
+                task.timeout_ms,
+                task.retry_initial_ms,
+                task.retry_max_ms,
+                task.retry_multiplier,
+                task.retry_jitter,
+                json.dumps(task.labels) if task.labels else "{}",
+                task.traceparent,
+                now,
+                now,
+            )
+            for tenant, task_id, task, state, run_at in rows
+        ],
+    )
 
 
 async def find_by_idempotency_keys(
@@ -223,7 +271,7 @@ class LeaseRef:
     """One lease as a worker names it, with who is asking."""
 
     tenant: str
-    task_id: uuid.UUID
+    task_id: str  # canonical lowercase text
     attempt: int
     epoch: int
     worker_id: str
@@ -247,7 +295,7 @@ _LEASE_MATCH = """
 
 async def renew_leases(
     conn: asyncpg.Connection, leases: Sequence[LeaseRef], lease_seconds: float, fence: Fence
-) -> set[tuple[uuid.UUID, int]]:
+) -> set[tuple[str, int]]:
     """Extends the leases still held; returns (task_id, attempt) of those renewed."""
     rows = await conn.fetch(
         f"""
@@ -255,7 +303,7 @@ async def renew_leases(
         FROM unnest($1::text[], $2::uuid[], $3::int[], $4::bigint[], $5::text[])
             AS r(tenant, id, attempt, epoch, worker_id)
         WHERE {Fence.sql(7)} AND {_LEASE_MATCH}
-        RETURNING t.id, t.attempt
+        RETURNING t.id::text AS id, t.attempt
         """,
         *_lease_arrays(leases),
         lease_seconds,
@@ -317,7 +365,7 @@ async def finish_attempts(
                 error
             FROM applied
         )
-        SELECT id, tenant, queue, state, run_at FROM applied
+        SELECT id::text AS id, tenant, queue, state, run_at FROM applied
         """,
         *_lease_arrays(leases),
         [o.outcome for o in outcomes],
@@ -388,7 +436,7 @@ async def release_abandoned(
     conn: asyncpg.Connection,
     tenant: str,
     worker_id: str,
-    keep: Sequence[tuple[uuid.UUID, int]],
+    keep: Sequence[tuple[str, int]],
 ) -> list[asyncpg.Record]:
     """Takes back tasks leased to ``worker_id`` that the worker says it is not running.
 
