@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from conveyor.cli import logs, services, task_commands
+from conveyor.cli import logs, schedule_commands, services, status_command, task_commands
 from conveyor.cli.errors import CLIError
 
 
@@ -27,9 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     services.add_parsers(sub)
     task_commands.add_parsers(sub)
+    schedule_commands.add_parsers(sub)
+    status_command.add_parser(sub)
     from conveyor.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from conveyor.bench import schedules as bench_schedules
+
+    bench_schedules.add_parser(sub)
+    from conveyor.bench import failover as bench_failover
+
+    bench_failover.add_parser(sub)
     return parser
 
 

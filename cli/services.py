@@ -11,6 +11,7 @@ from pathlib import Path
 
 from conveyor.cli.errors import CLIError
 from conveyor.coordinator import Coordinator, CoordinatorConfig, serve
+from conveyor.coordinator.election import parse_endpoints
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -34,7 +35,26 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="PostgreSQL connection string (env CONVEYOR_DSN)",
     )
     p.add_argument("--listen", default=os.environ.get("CONVEYOR_LISTEN", DEFAULT_LISTEN))
-    p.add_argument("--cluster", default="default")
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("CONVEYOR_ETCD", ""),
+        metavar="URL[,URL]",
+        help="etcd endpoints for leader election (env CONVEYOR_ETCD); none: single-node",
+    )
+    p.add_argument(
+        "--advertise",
+        default=os.environ.get("CONVEYOR_ADVERTISE", ""),
+        metavar="HOST:PORT",
+        help="address other processes reach this coordinator at (default: --listen)",
+    )
+    p.add_argument("--cluster", default="default", help="cluster name (one leader per cluster)")
+    p.add_argument(
+        "--election-ttl",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="etcd lease TTL: how long a dead leader keeps office",
+    )
     p.add_argument("--lease-duration", type=float, default=30.0, metavar="SECONDS")
     p.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--max-payload-bytes", type=int, default=1 << 20)
@@ -60,10 +80,19 @@ def _coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         raise CLIError("--lease-duration and --heartbeat-interval must be positive", code=2)
     if args.heartbeat_interval >= args.lease_duration:
         raise CLIError("--heartbeat-interval must be shorter than --lease-duration", code=2)
+    try:
+        etcd = tuple(parse_endpoints(args.etcd)) if args.etcd else ()
+    except ValueError as exc:
+        raise CLIError(f"--etcd: {exc}", code=2) from None
+    if args.election_ttl < 1:
+        raise CLIError("--election-ttl must be at least 1 second", code=2)
     return CoordinatorConfig(
         dsn=args.dsn,
         listen=args.listen,
         cluster=args.cluster,
+        etcd=tuple(f"http://{host}:{port}" for host, port in etcd),
+        advertise=args.advertise,
+        election_ttl=args.election_ttl,
         lease_duration=args.lease_duration,
         heartbeat_interval=args.heartbeat_interval,
         max_payload_bytes=args.max_payload_bytes,

@@ -9,7 +9,8 @@ blocking twin :class:`Client`::
         task = await client.submit("send_email", {"to": "ada@example.com"})
         print(await client.result(task.id, timeout=30))
 
-Results are frozen dataclasses (:class:`Task`, :class:`TaskAttempt`, :class:`QueueStats`);
+Results are frozen dataclasses (:class:`Task`, :class:`TaskAttempt`, :class:`QueueStats`,
+:class:`Schedule`);
 errors derive from :class:`ConveyorError` (the tree is drawn in ``_errors.py``).
 """
 
@@ -31,9 +32,13 @@ from conveyor.client._errors import (
 )
 from conveyor.client._models import (
     AttemptOutcome,
+    CatchUpPolicy,
+    OverlapPolicy,
     Page,
     QueueStats,
     RetryPolicy,
+    Schedule,
+    ScheduleFiring,
     Task,
     TaskAttempt,
     TaskSpec,
@@ -44,6 +49,7 @@ from conveyor.client._sync_client import Client
 __all__ = [
     "AsyncClient",
     "AttemptOutcome",
+    "CatchUpPolicy",
     "Client",
     "ConveyorError",
     "DeadlineExceededError",
@@ -51,11 +57,14 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidStateError",
     "NotLeaderError",
+    "OverlapPolicy",
     "OverloadedError",
     "Page",
     "QueueStats",
     "RPCError",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleFiring",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",

@@ -22,16 +22,27 @@ from conveyor.client._errors import (
     WaitTimeoutError,
 )
 from conveyor.client._models import (
+    CatchUpPolicy,
+    OverlapPolicy,
     Page,
     QueueStats,
     RetryPolicy,
+    Schedule,
     Task,
     TaskAttempt,
     TaskSpec,
     TaskState,
+    _duration,
+    _encode_payload,
+    _timestamp,
+    _to_timedelta,
+    catch_up_to_proto,
+    overlap_to_proto,
     state_to_proto,
     task_spec,
+    task_template,
 )
+from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
 
 __all__ = ["AsyncClient"]
@@ -48,6 +59,8 @@ _MAX_WATCH_FAILURES = 10
 _WATCH_BACKOFF_BASE = 0.1
 _WATCH_HEALTHY_AFTER = 30.0
 _WATCH_BACKOFF_MAX = 5.0
+# "Not given" for arguments where None is a meaningful value (a JSON null payload).
+_UNSET: Any = object()
 
 
 class AsyncClient:
@@ -389,6 +402,218 @@ class AsyncClient:
         if task.state is TaskState.CANCELLED:
             raise TaskCancelledError(task)
         return task.json()
+
+    # -- schedules ---------------------------------------------------------------------
+
+    async def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        payload: Any = None,
+        *,
+        time_zone: str = "UTC",
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+        # The tasks' execution timeout, not a deadline on this call (hence the noqa).
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109
+        retry_policy: RetryPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
+        raw: bool = False,
+        content_type: str | None = None,
+        overlap_policy: OverlapPolicy | str | None = None,
+        catch_up_policy: CatchUpPolicy | str | None = None,
+        catch_up_limit: int | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        paused: bool = False,
+    ) -> Schedule:
+        """Creates a schedule that submits a task at every tick of ``cron``.
+
+        Args:
+            name: Unique per tenant (letters, digits, ``_ . : - /``).
+            cron: 5 fields (``"*/5 * * * *"``), 6 with seconds first (``"*/10 * * * * *"``)
+                or an alias such as ``"@hourly"``.
+            type, payload, queue, priority, max_attempts, timeout, retry_policy, labels,
+                raw, content_type: The task each tick submits, as for :meth:`submit`.
+            time_zone: IANA zone the expression is read in (DST: a skipped wall time does
+                not fire, a repeated one fires once).
+            overlap_policy: ``ALLOW`` (default), ``SKIP`` or ``BUFFER_ONE`` while the
+                previous firing is unfinished.
+            catch_up_policy: For ticks missed while no coordinator ran: ``SKIP``,
+                ``FIRE_ONCE`` (default) or ``FIRE_ALL`` (up to ``catch_up_limit``, 100).
+            start_time, end_time: No ticks before ``start_time`` or from ``end_time`` on.
+            paused: Create it paused.
+
+        Raises:
+            InvalidArgumentError: A field is invalid (cron, time zone, template, ...).
+            RPCError: ``ALREADY_EXISTS`` (reason ``SCHEDULE_ALREADY_EXISTS``): the name is taken.
+        """
+        schedule = spb.Schedule(
+            name=name,
+            cron=cron,
+            time_zone=time_zone,
+            task_template=task_template(
+                type,
+                payload,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                retry_policy=retry_policy,
+                labels=labels,
+                raw=raw,
+                content_type=content_type,
+            ),
+            overlap_policy=overlap_to_proto(overlap_policy),  # type: ignore[arg-type]
+            catch_up_policy=catch_up_to_proto(catch_up_policy),  # type: ignore[arg-type]
+            catch_up_limit=catch_up_limit or 0,
+            paused=paused,
+        )
+        _set_times(schedule, start_time, end_time)
+        response = await self._conn.unary(
+            lambda stub: stub.CreateSchedule,
+            spb.CreateScheduleRequest(schedule=schedule),
+            idempotent=False,
+        )
+        return Schedule.from_proto(response.schedule)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        """Returns the schedule with its next fire times and latest firings.
+
+        Raises:
+            RPCError: ``NOT_FOUND`` (reason ``SCHEDULE_NOT_FOUND``).
+        """
+        response = await self._conn.unary(
+            lambda stub: stub.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
+        )
+        return Schedule.from_proto(response.schedule)
+
+    async def list_schedules(
+        self, page_size: int = 100, page_token: str | None = None
+    ) -> Page[Schedule]:
+        """Returns one page of schedules, by name."""
+        response = await self._conn.unary(
+            lambda stub: stub.ListSchedules,
+            spb.ListSchedulesRequest(page_size=page_size, page_token=page_token or ""),
+            idempotent=True,
+        )
+        return Page(
+            items=[Schedule.from_proto(s) for s in response.schedules],
+            next_page_token=response.next_page_token or None,
+        )
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        cron: str | None = None,
+        time_zone: str | None = None,
+        type: str | None = None,
+        payload: Any = _UNSET,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109
+        retry_policy: RetryPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
+        raw: bool = False,
+        content_type: str | None = None,
+        overlap_policy: OverlapPolicy | str | None = None,
+        catch_up_policy: CatchUpPolicy | str | None = None,
+        catch_up_limit: int | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        etag: str | None = None,
+    ) -> Schedule:
+        """Changes the given fields of a schedule (the others stay as they are).
+
+        Changing ``cron``, ``time_zone``, ``start_time`` or ``end_time`` restarts the
+        schedule from now. With ``etag`` (from a read), the update applies only if nobody
+        changed the schedule since (else ``RPCError`` with code ``ABORTED``).
+        """
+        schedule = spb.Schedule(name=name, etag=etag or "")
+        paths: list[str] = []
+        for path, value in (
+            ("cron", cron),
+            ("time_zone", time_zone),
+            ("catch_up_limit", catch_up_limit),
+        ):
+            if value is not None:
+                setattr(schedule, path, value)
+                paths.append(path)
+        if overlap_policy is not None:
+            schedule.overlap_policy = overlap_to_proto(overlap_policy)  # type: ignore[assignment]
+            paths.append("overlap_policy")
+        if catch_up_policy is not None:
+            schedule.catch_up_policy = catch_up_to_proto(catch_up_policy)  # type: ignore[assignment]
+            paths.append("catch_up_policy")
+        _set_times(schedule, start_time, end_time)
+        paths += [p for p, v in (("start_time", start_time), ("end_time", end_time)) if v]
+        t = schedule.task_template
+        for field, value in (
+            ("type", type),
+            ("queue", queue),
+            ("priority", priority),
+            ("max_attempts", max_attempts),
+        ):
+            if value is not None:
+                setattr(t, field, value)
+                paths.append(f"task_template.{field}")
+        if payload is not _UNSET:
+            t.payload, t.content_type = _encode_payload(payload, raw=raw)
+            paths += ["task_template.payload", "task_template.content_type"]
+        if content_type is not None:
+            t.content_type = content_type
+            if "task_template.content_type" not in paths:
+                paths.append("task_template.content_type")
+        if timeout is not None:
+            t.timeout.CopyFrom(_duration(_to_timedelta(timeout, "timeout") or timedelta()))
+            paths.append("task_template.timeout")
+        if retry_policy is not None:
+            t.retry_policy.CopyFrom(retry_policy.to_proto())
+            paths.append("task_template.retry_policy")
+        if labels is not None:
+            t.labels.update(labels)
+            paths.append("task_template.labels")
+        if not paths:
+            raise ValueError("update_schedule() needs at least one field to change")
+        request = spb.UpdateScheduleRequest(schedule=schedule)
+        request.update_mask.paths.extend(paths)
+        response = await self._conn.unary(
+            lambda stub: stub.UpdateSchedule, request, idempotent=False
+        )
+        return Schedule.from_proto(response.schedule)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Deletes a schedule; the tasks it submitted stay."""
+        await self._conn.unary(
+            lambda stub: stub.DeleteSchedule, spb.DeleteScheduleRequest(name=name), idempotent=False
+        )
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        """Stops a schedule firing (pausing a paused one changes nothing)."""
+        response = await self._conn.unary(
+            lambda stub: stub.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
+        )
+        return Schedule.from_proto(response.schedule)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """Starts a paused schedule again from now; ticks missed while paused do not fire."""
+        response = await self._conn.unary(
+            lambda stub: stub.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
+        )
+        return Schedule.from_proto(response.schedule)
+
+
+def _set_times(schedule: spb.Schedule, start: datetime | None, end: datetime | None) -> None:
+    for name, value in (("start_time", start), ("end_time", end)):
+        if value is None:
+            continue
+        if value.tzinfo is None:
+            raise ValueError(f"{name} must be timezone-aware, such as datetime.now(UTC)")
+        getattr(schedule, name).CopyFrom(_timestamp(value))
 
 
 def _stream_broke(err: RPCError) -> bool:

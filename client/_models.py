@@ -15,13 +15,17 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from conveyor.v1 import task_pb2, task_service_pb2
+from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
     "AttemptOutcome",
+    "CatchUpPolicy",
+    "OverlapPolicy",
     "Page",
     "QueueStats",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleFiring",
     "Task",
     "TaskAttempt",
     "TaskSpec",
@@ -459,3 +463,198 @@ def task_spec(value: TaskSpec | Mapping[str, Any]) -> TaskSpec:
     if isinstance(value, Mapping):
         return TaskSpec(**value)
     raise TypeError(f"expected a TaskSpec or a dict of submit() arguments, got {value!r}")
+
+
+# -- schedules ---------------------------------------------------------------------------
+
+
+class OverlapPolicy(enum.StrEnum):
+    """What a tick does while the schedule's previous firing is unfinished."""
+
+    #: A policy this client does not know (sent by a newer coordinator).
+    UNSPECIFIED = "UNSPECIFIED"
+    #: Fire every tick regardless.
+    ALLOW = "ALLOW"
+    #: Skip the tick while the previous firing is unfinished.
+    SKIP = "SKIP"
+    #: Keep one tick waiting and fire it when the previous firing finishes.
+    BUFFER_ONE = "BUFFER_ONE"
+
+
+class CatchUpPolicy(enum.StrEnum):
+    """What happens to ticks missed while no coordinator was firing (downtime, failover)."""
+
+    #: A policy this client does not know (sent by a newer coordinator).
+    UNSPECIFIED = "UNSPECIFIED"
+    #: Missed ticks are not fired.
+    SKIP = "SKIP"
+    #: The latest missed tick fires once for all of them.
+    FIRE_ONCE = "FIRE_ONCE"
+    #: Every missed tick fires, up to ``catch_up_limit`` of the latest ones.
+    FIRE_ALL = "FIRE_ALL"
+
+
+def _enum_from_proto(enum_type: Any, prefix: str, cls: type[enum.StrEnum], value: int) -> Any:
+    try:
+        return cls[enum_type.Name(value).removeprefix(prefix)]
+    except (ValueError, KeyError):
+        return cls["UNSPECIFIED"]
+
+
+def _enum_to_proto(enum_type: Any, prefix: str, cls: type[enum.StrEnum], value: Any) -> int:
+    if value is None:
+        return 0
+    key = str(value).strip().upper().replace("-", "_").removeprefix(prefix)
+    try:
+        number: int = enum_type.Value(prefix + cls[key].name)
+    except (KeyError, ValueError):
+        valid = ", ".join(m.name for m in cls if m.name != "UNSPECIFIED")
+        raise ValueError(f"unknown {cls.__name__} {value!r}: use one of {valid}") from None
+    return number
+
+
+def overlap_to_proto(value: OverlapPolicy | str | None) -> int:
+    """An overlap policy (enum or name such as ``"skip"``) as its proto number."""
+    return _enum_to_proto(schedule_pb2.OverlapPolicy, "OVERLAP_POLICY_", OverlapPolicy, value)
+
+
+def catch_up_to_proto(value: CatchUpPolicy | str | None) -> int:
+    """A catch-up policy (enum or name such as ``"fire_all"``) as its proto number."""
+    return _enum_to_proto(schedule_pb2.CatchUpPolicy, "CATCH_UP_POLICY_", CatchUpPolicy, value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleFiring:
+    """One tick of a schedule and the task it submitted."""
+
+    tick_time: datetime
+    task_id: str
+    #: When the task was written.
+    fire_time: datetime | None = None
+    #: The task's state when the schedule was read.
+    task_state: TaskState = TaskState.UNSPECIFIED
+
+    @classmethod
+    def from_proto(cls, msg: schedule_pb2.ScheduleFiring) -> ScheduleFiring:
+        """Converts from the wire message ``conveyor.v1.ScheduleFiring``."""
+        return cls(
+            tick_time=msg.tick_time.ToDatetime(tzinfo=UTC),
+            task_id=msg.task_id,
+            fire_time=_datetime_or_none(msg, "fire_time"),
+            task_state=state_from_proto(msg.task_state),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Schedule:
+    """A cron schedule that submits a task at every tick, as last read from the coordinator.
+
+    The task fields (``type``, ``payload``, ``queue``, ...) are the template's; each firing
+    is a task with the idempotency key ``schedule:<id>:<tick time>``.
+    """
+
+    name: str
+    #: 5 fields, or 6 with seconds first, or an alias such as ``@hourly``.
+    cron: str
+    #: IANA zone the expression is read in.
+    time_zone: str = "UTC"
+    #: The task type each firing submits.
+    type: str = ""
+    payload: bytes = b""
+    content_type: str = JSON_CONTENT_TYPE
+    queue: str = "default"
+    priority: int = 0
+    #: ``None`` means the coordinator's default.
+    max_attempts: int | None = None
+    timeout: timedelta | None = None
+    retry_policy: RetryPolicy | None = None
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    overlap_policy: OverlapPolicy = OverlapPolicy.ALLOW
+    catch_up_policy: CatchUpPolicy = CatchUpPolicy.FIRE_ONCE
+    #: Most missed ticks FIRE_ALL fires.
+    catch_up_limit: int = 100
+    paused: bool = False
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    #: The next fire times (UTC); empty while paused or when no tick is left.
+    next_fire_times: tuple[datetime, ...] = ()
+    #: The latest firings, newest first.
+    recent_firings: tuple[ScheduleFiring, ...] = ()
+    id: str = ""
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    #: Pass to ``update_schedule(etag=)`` to update only if nobody changed it since.
+    etag: str = ""
+
+    def json(self) -> Any:
+        """The template's payload decoded as JSON; ``None`` when empty."""
+        return json.loads(self.payload) if self.payload else None
+
+    @classmethod
+    def from_proto(cls, msg: schedule_pb2.Schedule) -> Schedule:
+        """Converts from the wire message ``conveyor.v1.Schedule``."""
+        t = msg.task_template
+        return cls(
+            name=msg.name,
+            cron=msg.cron,
+            time_zone=msg.time_zone or "UTC",
+            type=t.type,
+            payload=t.payload,
+            content_type=t.content_type or JSON_CONTENT_TYPE,
+            queue=t.queue or "default",
+            priority=t.priority,
+            max_attempts=t.max_attempts or None,
+            timeout=t.timeout.ToTimedelta() if t.HasField("timeout") else None,
+            retry_policy=(
+                RetryPolicy.from_proto(t.retry_policy) if t.HasField("retry_policy") else None
+            ),
+            labels=dict(t.labels),
+            overlap_policy=_enum_from_proto(
+                schedule_pb2.OverlapPolicy, "OVERLAP_POLICY_", OverlapPolicy, msg.overlap_policy
+            ),
+            catch_up_policy=_enum_from_proto(
+                schedule_pb2.CatchUpPolicy, "CATCH_UP_POLICY_", CatchUpPolicy, msg.catch_up_policy
+            ),
+            catch_up_limit=msg.catch_up_limit,
+            paused=msg.paused,
+            start_time=_datetime_or_none(msg, "start_time"),
+            end_time=_datetime_or_none(msg, "end_time"),
+            next_fire_times=tuple(ts.ToDatetime(tzinfo=UTC) for ts in msg.next_fire_times),
+            recent_firings=tuple(ScheduleFiring.from_proto(f) for f in msg.recent_firings),
+            id=msg.id,
+            create_time=_datetime_or_none(msg, "create_time"),
+            update_time=_datetime_or_none(msg, "update_time"),
+            etag=msg.etag,
+        )
+
+
+def task_template(
+    type: str,
+    payload: Any = None,
+    *,
+    queue: str | None = "default",
+    priority: int = 0,
+    max_attempts: int | None = None,
+    timeout: timedelta | float | None = None,
+    retry_policy: RetryPolicy | None = None,
+    labels: Mapping[str, str] | None = None,
+    raw: bool = False,
+    content_type: str | None = None,
+) -> schedule_pb2.TaskTemplate:
+    """The wire ``conveyor.v1.TaskTemplate`` for ``submit()``-style arguments."""
+    encoded, default_type = _encode_payload(payload, raw=raw)
+    msg = schedule_pb2.TaskTemplate(
+        queue=queue or "",
+        type=type,
+        payload=encoded,
+        priority=priority,
+        max_attempts=max_attempts or 0,
+        content_type=content_type or default_type,
+        labels=dict(labels or {}),
+    )
+    delta = _to_timedelta(timeout, "timeout")
+    if delta is not None:
+        msg.timeout.CopyFrom(_duration(delta))
+    if retry_policy is not None:
+        msg.retry_policy.CopyFrom(retry_policy.to_proto())
+    return msg

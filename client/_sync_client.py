@@ -16,11 +16,14 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from conveyor.client._async_client import AsyncClient
+from conveyor.client._async_client import _UNSET, AsyncClient
 from conveyor.client._models import (
+    CatchUpPolicy,
+    OverlapPolicy,
     Page,
     QueueStats,
     RetryPolicy,
+    Schedule,
     Task,
     TaskAttempt,
     TaskSpec,
@@ -236,3 +239,119 @@ class Client:
     def result(self, task_id: str, timeout: float | timedelta | None = None) -> Any:
         """Blocks until the task finishes; returns its result. See :meth:`AsyncClient.result`."""
         return self._loop.run(self._async.result(task_id, timeout))
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        payload: Any = None,
+        *,
+        time_zone: str = "UTC",
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry_policy: RetryPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
+        raw: bool = False,
+        content_type: str | None = None,
+        overlap_policy: OverlapPolicy | str | None = None,
+        catch_up_policy: CatchUpPolicy | str | None = None,
+        catch_up_limit: int | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        paused: bool = False,
+    ) -> Schedule:
+        """Creates a cron schedule. See :meth:`AsyncClient.create_schedule`."""
+        return self._loop.run(
+            self._async.create_schedule(
+                name,
+                cron,
+                type,
+                payload,
+                time_zone=time_zone,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                retry_policy=retry_policy,
+                labels=labels,
+                raw=raw,
+                content_type=content_type,
+                overlap_policy=overlap_policy,
+                catch_up_policy=catch_up_policy,
+                catch_up_limit=catch_up_limit,
+                start_time=start_time,
+                end_time=end_time,
+                paused=paused,
+            )
+        )
+
+    def get_schedule(self, name: str) -> Schedule:
+        """Returns a schedule. See :meth:`AsyncClient.get_schedule`."""
+        return self._loop.run(self._async.get_schedule(name))
+
+    def list_schedules(self, page_size: int = 100, page_token: str | None = None) -> Page[Schedule]:
+        """Returns one page of schedules. See :meth:`AsyncClient.list_schedules`."""
+        return self._loop.run(self._async.list_schedules(page_size, page_token))
+
+    def update_schedule(
+        self,
+        name: str,
+        *,
+        cron: str | None = None,
+        time_zone: str | None = None,
+        type: str | None = None,
+        payload: Any = _UNSET,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry_policy: RetryPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
+        raw: bool = False,
+        content_type: str | None = None,
+        overlap_policy: OverlapPolicy | str | None = None,
+        catch_up_policy: CatchUpPolicy | str | None = None,
+        catch_up_limit: int | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        etag: str | None = None,
+    ) -> Schedule:
+        """Changes the given fields of a schedule. See :meth:`AsyncClient.update_schedule`."""
+        return self._loop.run(
+            self._async.update_schedule(
+                name,
+                cron=cron,
+                time_zone=time_zone,
+                type=type,
+                payload=payload,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                retry_policy=retry_policy,
+                labels=labels,
+                raw=raw,
+                content_type=content_type,
+                overlap_policy=overlap_policy,
+                catch_up_policy=catch_up_policy,
+                catch_up_limit=catch_up_limit,
+                start_time=start_time,
+                end_time=end_time,
+                etag=etag,
+            )
+        )
+
+    def delete_schedule(self, name: str) -> None:
+        """Deletes a schedule. See :meth:`AsyncClient.delete_schedule`."""
+        self._loop.run(self._async.delete_schedule(name))
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """Stops a schedule firing. See :meth:`AsyncClient.pause_schedule`."""
+        return self._loop.run(self._async.pause_schedule(name))
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Starts a paused schedule again. See :meth:`AsyncClient.resume_schedule`."""
+        return self._loop.run(self._async.resume_schedule(name))

@@ -25,6 +25,12 @@ class CoordinatorConfig:
     """host:port to serve gRPC on; port 0 picks a free one."""
     cluster: str = "default"
     """Name of the cluster; coordinators of one cluster share a leader and an epoch."""
+    etcd: tuple[str, ...] = ()
+    """etcd endpoints (``http://HOST:PORT``); empty means single-node mode (leads alone)."""
+    advertise: str = ""
+    """host:port other processes reach this coordinator at; defaults to the bound address."""
+    election_ttl: float = 2.0
+    """Seconds of the etcd lease behind leadership: how long a dead leader holds office."""
     lease_duration: float = 30.0
     """Seconds a task's lease lasts without a heartbeat before it is taken back."""
     heartbeat_interval: float = 10.0

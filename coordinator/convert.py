@@ -25,6 +25,12 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     )
 
 
+def timestamp_from_seconds(seconds: float) -> timestamp_pb2.Timestamp:
+    """A Timestamp from Unix seconds (time.time())."""
+    whole = int(seconds)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
 def maybe_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return None if value is None else timestamp(value)
 

@@ -47,6 +47,10 @@ _MAX_YEARS_BETWEEN_MATCHES = 10
 # edges of a skipped or repeated stretch of wall time look this far.
 _MAX_CLOCK_CHANGE = timedelta(hours=3)
 _SECOND = timedelta(seconds=1)
+_SECONDS = tuple(timedelta(seconds=s) for s in range(61))
+# Every zone's UTC offset is a whole number of minutes since 1972 (Liberia was the last
+# with seconds), so from then on a tick's second is the same in UTC and on the wall clock.
+_WHOLE_MINUTE_OFFSETS_SINCE = datetime(1973, 1, 1, tzinfo=UTC)
 # plan() fires at most this many on-time ticks of one schedule per call; the rest are
 # left due and fired by the next call, so one runaway schedule cannot stall a batch.
 MAX_TICKS_PER_PLAN = 1000
@@ -122,6 +126,14 @@ class CronSpec:
 
         ``is_tick`` says ``t`` is itself a tick, which allows the fast same-minute step.
         """
+        if is_tick and not t.microsecond and t >= _WHOLE_MINUTE_OFFSETS_SINCE:
+            # The next allowed second of the same minute, if any, is the next tick: the
+            # minute matched already, and a minute is one piece of wall time (clock
+            # changes happen between minutes), so the step is the same in UTC.
+            seconds = self._seconds
+            i = bisect.bisect_right(seconds, t.second)
+            if i < len(seconds):
+                return t + _SECONDS[seconds[i] - t.second]
         if self._zone is None:
             wall = t.astimezone(UTC).replace(tzinfo=None)
         else:
@@ -168,19 +180,17 @@ class CronSpec:
                 return utc
             wall = candidate  # pragma: no cover - defensive
 
-    def ticks(
-        self, after: datetime, until: datetime, limit: int, *, is_tick: bool = False
-    ) -> list[datetime]:
-        """Up to ``limit`` ticks in ``(after, until]``, oldest first."""
-        out: list[datetime] = []
-        tick: datetime | None = after
-        while len(out) < limit:
-            assert tick is not None
-            tick = self.next_after(tick, is_tick=is_tick or bool(out))
-            if tick is None or tick > until:
-                break
+    def ticks_through(
+        self, first: datetime, until: datetime, limit: int
+    ) -> tuple[list[datetime], datetime | None]:
+        """The ticks from ``first`` (a tick) through ``until``, at most ``limit`` of them,
+        oldest first; and the tick after the last of them (None if there is none)."""
+        out = [first]
+        tick = self.next_after(first, is_tick=True)
+        while tick is not None and tick <= until and len(out) < limit:
             out.append(tick)
-        return out
+            tick = self.next_after(tick, is_tick=True)
+        return out, tick
 
     # -- wall clock --------------------------------------------------------------------
 
@@ -324,9 +334,8 @@ def plan(spec: CronSpec, state: ScheduleState, now: datetime, missed_before: dat
         if cursor is not None and end is not None and cursor >= end:
             cursor = None
     if cursor is not None and cursor <= now:
-        due.append(cursor)
-        due.extend(spec.ticks(cursor, now, MAX_TICKS_PER_PLAN - 1, is_tick=True))
-        cursor = spec.next_after(due[-1], is_tick=True)
+        on_time, cursor = spec.ticks_through(cursor, now, MAX_TICKS_PER_PLAN)
+        due.extend(on_time)
         if end is not None:
             due = [t for t in due if t < end]
             if cursor is not None and cursor >= end:

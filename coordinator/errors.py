@@ -116,7 +116,6 @@ class EtagMismatch(ConveyorError):
 class NotLeader(ConveyorError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "NOT_LEADER"
-    retry_after = 0.5
 
     def __init__(self, leader_address: str = "") -> None:
         where = f"; the leader is at {leader_address}" if leader_address else ""
@@ -124,6 +123,9 @@ class NotLeader(ConveyorError):
             f"this coordinator is not the leader{where}",
             metadata={"leader_address": leader_address},
         )
+        # A known leader can be asked at once; an unknown one is being elected, which
+        # takes a fraction of the election TTL.
+        self.retry_after = 0.05 if leader_address else 0.25
 
 
 class StoreUnavailable(ConveyorError):

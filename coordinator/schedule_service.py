@@ -8,12 +8,11 @@ fires its first tick on time without waiting for the firer's next round.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -33,6 +32,7 @@ from conveyor.coordinator.errors import (
     to_status,
 )
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.schedule_firer import idempotency_key
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store.leadership import Fence
@@ -41,6 +41,7 @@ from conveyor.v1 import schedule_pb2
 _log = logging.getLogger("conveyor.coordinator.schedule_service")
 
 NEXT_FIRE_TIMES = 5
+RECENT_FIRINGS = 10
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -249,7 +250,7 @@ class ScheduleServiceMixin:
                     first = first_tick(spec, now, row["start_time"])
                     if first is not None and row["end_time"] is not None:
                         first = first if first < row["end_time"] else None
-                    row = await store.resume(conn, row["id"], first, now)
+                    row = await store.resume(conn, tenant, row["id"], first, now)
             self.schedule_hooks.on_change()
             schedule = await self._schedule_messages(conn, tenant, [row])
         return schedule_pb2.ResumeScheduleResponse(schedule=schedule[0])
@@ -257,10 +258,33 @@ class ScheduleServiceMixin:
     async def _schedule_messages(
         self, conn: asyncpg.Connection, tenant: str, rows: Sequence[asyncpg.Record]
     ) -> list[schedule_pb2.Schedule]:
-        """Schedule messages for rows, with next fire times and the firings' task states."""
-        firings = {r["id"]: json.loads(r["recent_firings"]) for r in rows}
-        task_ids = [uuid.UUID(f["task"]) for fs in firings.values() for f in fs]
-        states = await store.task_states(conn, tenant, task_ids)
+        """Schedule messages for rows, with next fire times and recent firings.
+
+        Recent firings are found by key: the tasks of the schedule's last ticks (before
+        its cursor), and its latest firing whatever its tick (keeping a list on the row
+        would rewrite it at every tick).
+        """
+        now = self.schedule_hooks.now()
+        keys: dict[str, tuple[uuid.UUID, datetime]] = {}
+        for row in rows:
+            spec = compile_cron(row["cron"], row["time_zone"])
+            tick = row["next_fire_time"] or now
+            for _ in range(RECENT_FIRINGS):
+                tick = spec.prev_before(tick)
+                if tick is None or tick < row["create_time"] - timedelta(seconds=1):
+                    break
+                keys[idempotency_key(row["id"], tick)] = (row["id"], tick)
+        last_ids = [r["last_task_id"] for r in rows if r["last_task_id"] is not None]
+        found = await store.firings(conn, tenant, list(keys), last_ids)
+        by_schedule: dict[uuid.UUID, dict[datetime, asyncpg.Record]] = {}
+        for task in found:
+            key = task["idempotency_key"]
+            if key in keys:
+                schedule_id, tick = keys[key]
+            else:  # a latest firing older than the ticks looked at
+                _, schedule_text, tick_text = key.split(":", 2)
+                schedule_id, tick = uuid.UUID(schedule_text), datetime.fromisoformat(tick_text)
+            by_schedule.setdefault(schedule_id, {})[tick] = task
         out = []
         for row in rows:
             message = _stored_message(row)
@@ -272,16 +296,16 @@ class ScheduleServiceMixin:
                         spec, row["next_fire_time"], NEXT_FIRE_TIMES, row["end_time"]
                     )
                 )
-            for f in firings[row["id"]]:
-                task_id = uuid.UUID(f["task"])
-                message.recent_firings.append(
-                    schedule_pb2.ScheduleFiring(
-                        tick_time=convert.timestamp(datetime.fromisoformat(f["tick"])),
-                        task_id=str(task_id),
-                        fire_time=convert.timestamp(datetime.fromisoformat(f["fired"])),
-                        task_state=states.get(task_id, 0),  # type: ignore[arg-type]
-                    )
+            firings = sorted(by_schedule.get(row["id"], {}).items(), reverse=True)
+            message.recent_firings.extend(
+                schedule_pb2.ScheduleFiring(
+                    tick_time=convert.timestamp(tick),
+                    task_id=str(task["id"]),
+                    fire_time=convert.timestamp(task["create_time"]),
+                    task_state=task["state"],
                 )
+                for tick, task in firings[:RECENT_FIRINGS]
+            )
             out.append(message)
         return out
 

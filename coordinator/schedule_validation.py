@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.cron import (
@@ -246,21 +247,17 @@ def apply_mask(
 
 
 def _copy_field(target: Any, source: Any, name: str) -> None:
-    descriptor = source.DESCRIPTOR.fields_by_name[name]
-    if descriptor.message_type is not None and descriptor.label != descriptor.LABEL_REPEATED:
+    value = getattr(source, name)
+    if isinstance(value, Message):
         if source.HasField(name):
-            getattr(target, name).CopyFrom(getattr(source, name))
+            getattr(target, name).CopyFrom(value)
         else:
             target.ClearField(name)
-    elif descriptor.label == descriptor.LABEL_REPEATED:
+    elif isinstance(value, str | bytes | int | float):
+        setattr(target, name, value)
+    else:  # a map (the template's labels)
         target.ClearField(name)
-        value = getattr(source, name)
-        if hasattr(value, "items"):
-            getattr(target, name).update(value)
-        else:
-            getattr(target, name).extend(value)
-    else:
-        setattr(target, name, getattr(source, name))
+        getattr(target, name).update(value)
 
 
 @dataclass(frozen=True)

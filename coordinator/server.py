@@ -14,8 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.coordinator.admin_service import AdminServicer, ClusterView
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.dispatcher import Dispatcher
+from conveyor.coordinator.election import Election, Member, parse_endpoints
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.maintenance import Maintenance
 from conveyor.coordinator.results import ResultRecorder
@@ -30,6 +32,8 @@ from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
 from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
     worker_service_pb2,
@@ -41,6 +45,7 @@ _log = logging.getLogger("conveyor.coordinator")
 # Room for a full SubmitTasks batch of large payloads; per-payload limits are checked apart.
 MAX_MESSAGE_BYTES = 64 << 20
 SERVICE_NAMES = (
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
 )
@@ -49,8 +54,11 @@ SERVICE_NAMES = (
 class Coordinator:
     """One coordinator: gRPC API, dispatcher, result recorder and maintenance sweeps.
 
-    Without etcd it leads by itself: at start it takes a new epoch in Postgres, so a second
-    coordinator started on the same database fences this one off instead of racing it.
+    With etcd endpoints it joins its cluster's election (``coordinator/election.py``) and
+    leads only while it holds the etcd lease; otherwise it answers with the leader's
+    address. Without etcd it leads by itself: at start it takes a new epoch in Postgres, so
+    a second coordinator started on the same database fences this one off instead of
+    racing it. Either way, every dispatch-side write is fenced by the epoch.
     """
 
     def __init__(self, config: CoordinatorConfig) -> None:
@@ -71,6 +79,10 @@ class Coordinator:
         self._maintenance: Maintenance | None = None
         self.schedule_firer: ScheduleFirer | None = None
         self._worker_servicer: WorkerServicer | None = None
+        self._election: Election | None = None
+        self.leader_changes: set[asyncio.Task[None]] = set()
+        # Serialises taking and leaving office, which the election and fencing both do.
+        self._office = asyncio.Lock()
 
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
@@ -106,7 +118,7 @@ class Coordinator:
         if port == 0:
             raise OSError(f"cannot listen on {cfg.listen}: the address is in use or invalid")
         host = cfg.listen.rsplit(":", 1)[0]
-        self.address = f"{host}:{port}"
+        self.address = cfg.advertise or f"{host}:{port}"
 
         self._dispatcher = Dispatcher(
             pool,
@@ -174,30 +186,116 @@ class Coordinator:
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
             self._worker_servicer, self._server
         )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.sessions, view=self.cluster_view, replicas=self._replicas),
+            self._server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
 
-        async with pool.acquire() as conn:
-            self.epoch = await leadership.take_office(conn, cfg.cluster, self.node_id, self.address)
-        self.leader = True
         self._submitter.batcher.start()
         self._recorder.start()
-        self._dispatcher.start()
-        self._maintenance.start()
-        self.schedule_firer.start()
         await self._server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, serving)
-        _log.info("coordinator %s serving on %s, epoch %d", self.node_id, self.address, self.epoch)
+        if cfg.etcd:
+            self._election = Election(
+                parse_endpoints(cfg.etcd),
+                cluster=cfg.cluster,
+                node_id=self.node_id,
+                address=self.address,
+                ttl=cfg.election_ttl,
+                on_elected=self._elected,
+                on_deposed=self._deposed,
+            )
+            self._election.start()
+            _log.info(
+                "coordinator %s serving on %s; campaigning in cluster %s",
+                self.node_id,
+                self.address,
+                cfg.cluster,
+            )
+        else:
+            await self._elected(None)
+            _log.info(
+                "coordinator %s serving on %s (single-node), epoch %d",
+                self.node_id,
+                self.address,
+                self.epoch,
+            )
+
+    # -- leadership ------------------------------------------------------------------
+
+    async def _elected(self, term_revision: int | None) -> bool:
+        """Takes office: records a new epoch in Postgres, then starts dispatching."""
+        assert self._pool is not None
+        async with self._office:
+            async with self._pool.acquire() as conn:
+                epoch = await leadership.take_office(
+                    conn, self.config.cluster, self.node_id, self.address, term_revision
+                )
+            if epoch is None:
+                _log.warning(
+                    "won etcd at revision %s but a newer term is recorded; not leading",
+                    term_revision,
+                )
+                return False
+            self.epoch = epoch
+            self.leader = True
+            assert self._dispatcher and self._maintenance and self.schedule_firer
+            self._dispatcher.start()
+            self._maintenance.start()
+            self.schedule_firer.start()
+            _log.info(
+                "coordinator %s leads cluster %s, epoch %d",
+                self.node_id,
+                self.config.cluster,
+                epoch,
+            )
+            return True
+
+    async def _deposed(self, reason: str) -> None:
+        """Leaves office: stops dispatching at once, sends workers to the new leader."""
+        async with self._office:
+            if not self.leader:
+                return
+            self.leader = False
+            _log.warning("coordinator %s no longer leads: %s", self.node_id, reason)
+            if self._worker_servicer is not None:
+                self._worker_servicer.step_down()
+            await self._stop_loops()
 
     def _current_fence(self) -> Fence:
         return Fence(self.config.cluster, self.epoch)
 
     def _leader_address(self) -> str:
-        return self.address if self.leader else ""
+        if self.leader:
+            return self.address
+        if self._election is not None and self._election.leader is not None:
+            return self._election.leader.address
+        return ""
+
+    def cluster_view(self) -> ClusterView:
+        """What this coordinator knows about the cluster, for AdminService."""
+        me = Member(self.node_id, self.address)
+        leader: Member | None = me if self.leader else None
+        if leader is None and self._election is not None:
+            leader = self._election.leader
+        return ClusterView(
+            cluster=self.config.cluster,
+            mode="etcd" if self._election is not None else "single-node",
+            me=me,
+            leader=leader,
+            epoch=self.epoch,
+        )
+
+    async def _replicas(self) -> list[Member]:
+        if self._election is None:
+            return [Member(self.node_id, self.address)]
+        return await self._election.members()
 
     def _scheduled(self, run_at: datetime) -> None:
         if self._maintenance is not None:
@@ -208,10 +306,17 @@ class Coordinator:
         if not self.leader:
             return
         _log.error("%s; this coordinator steps down and stops dispatching", exc)
+        # Stop dispatching before anything else runs; the rest of leaving office follows.
         self.leader = False
-        if self._worker_servicer is not None:
-            self._worker_servicer.step_down()
-        asyncio.get_running_loop().create_task(self._stop_loops())
+        self.leader_changes.add(asyncio.get_running_loop().create_task(self._leave_fenced()))
+
+    async def _leave_fenced(self) -> None:
+        async with self._office:
+            if self.leader:
+                return  # elected again meanwhile
+            if self._worker_servicer is not None:
+                self._worker_servicer.step_down()
+            await self._stop_loops()
 
     async def _stop_loops(self) -> None:
         if self._dispatcher is not None:
@@ -226,7 +331,10 @@ class Coordinator:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self._election is not None:
+            await self._election.stop()  # resigns, so another replica takes over at once
         await self._stop_loops()
+        await asyncio.gather(*self.leader_changes, return_exceptions=True)
         await self._server.stop(grace)
         if self._submitter is not None:
             await self._submitter.batcher.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ class WorkerSession:
     pid: int = 0
     credit: int = 0
     draining: bool = False
+    connect_time: float = field(default_factory=time.time)
     closed: bool = False
     outbox: asyncio.Queue[worker_service_pb2.ConnectResponse] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)

@@ -1,5 +1,21 @@
-"""Servers embedded in the package: PostgreSQL (for `conveyor dev` and the tests)."""
+"""Servers embedded in the package: PostgreSQL (for `conveyor dev` and the tests) and etcd
+(real members on loopback, for the tests of replicated coordinators)."""
 
+from conveyor.embedded.etcd import (
+    EtcdCluster,
+    EtcdError,
+    EtcdNotFoundError,
+    EtcdServer,
+    find_etcd_binary,
+)
 from conveyor.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "EtcdCluster",
+    "EtcdError",
+    "EtcdNotFoundError",
+    "EtcdServer",
+    "find_etcd_binary",
+]

@@ -5,6 +5,8 @@
 - `database_dsn` (function): a fresh, uniquely named database on that server, dropped
   afterwards. A plain sync fixture, so sync and async tests can both use it.
 - `pg_tmpdir` (function): a temporary folder for an `EmbeddedPostgres` data dir (see below).
+- `etcd_server` (function): one real etcd member on loopback; `etcd_cluster` (function):
+  three. Stopped afterwards; they fail (never skip) when no etcd binary is found.
 
 Markers: `integration` (every test under tests/integration gets it) and `slow`.
 """
@@ -23,6 +25,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from conveyor.embedded.etcd import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
 
 T = TypeVar("T")
 
@@ -121,3 +125,58 @@ def database_dsn(pg_dsn: str) -> Iterator[str]:
         yield _with_database(pg_dsn, name)
     finally:
         run_async(lambda: execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# -- etcd -------------------------------------------------------------------------------
+#
+# - `etcd_server` (function): one etcd member on loopback (a one-member cluster).
+# - `etcd_cluster` (function): a static 3-member cluster on loopback.
+# Both are stopped afterwards, checked to leave no process behind, and their data removed.
+# No skipping: without an etcd binary these fail, saying how to get one.
+
+
+def _etcd_binary_or_fail() -> None:
+    try:
+        find_etcd_binary()
+    except EtcdNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _assert_nothing_left(members: list[EtcdServer]) -> None:
+    left = [m for m in members if m.process_group_alive()]
+    assert not left, f"etcd processes left running after stop: {left}"
+
+
+@pytest.fixture
+def etcd_server() -> Iterator[EtcdServer]:
+    """One running etcd member (``.endpoints``, ``.client_urls``), stopped afterwards."""
+    _etcd_binary_or_fail()
+    path = Path(tempfile.mkdtemp(prefix="conveyor-test-etcd-"))
+    server = EtcdServer(path / "etcd0")
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+            _assert_nothing_left([server])
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A running 3-member etcd cluster (``.endpoints``, ``.client_urls``, ``.members``),
+    stopped afterwards."""
+    _etcd_binary_or_fail()
+    path = Path(tempfile.mkdtemp(prefix="conveyor-test-etcd-"))
+    cluster = EtcdCluster(3, path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+            _assert_nothing_left(cluster.members)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)

@@ -18,7 +18,9 @@ __all__ = ["Connector", "backoff_delay"]
 logger = logging.getLogger("conveyor.worker")
 
 BACKOFF_INITIAL = 0.1
-BACKOFF_MAX = 5.0
+# Kept short: during a leader failover the cluster is back within a few seconds, and a
+# worker asleep in a long backoff would stretch that outage for its tasks.
+BACKOFF_MAX = 2.0
 
 
 def backoff_delay(failures: int, *, rng: random.Random | None = None) -> float:
@@ -81,8 +83,16 @@ class Connector:
             await self._session.close()
 
     async def run(self) -> None:
-        """Connect, and reconnect whenever the stream ends, until :meth:`close`."""
-        failures = 0
+        """Connect, and reconnect whenever the stream ends, until :meth:`close`.
+
+        Failed attempts are retried at once on the next address (or the leader a
+        coordinator redirected to) until every address was tried once; only a whole round
+        without a session backs off. A refused connection costs nothing, and during a
+        failover the next address may well be the new leader.
+        """
+        failures = 0  # rounds through the addresses without a session
+        tried = 0  # attempts in the current round
+        answered = False  # some coordinator answered (redirected) in this round
         index = 0
         redirect_to: str | None = None
         while not self._closing:
@@ -108,6 +118,9 @@ class Connector:
                 return
             if end.welcomed:
                 failures = 0
+                tried = 0
+            tried += 1
+            round_over = tried > len(self._addresses)
             if end.redirect is not None:
                 logger.info(
                     "coordinator %s redirected to the leader at %s",
@@ -118,12 +131,19 @@ class Connector:
                     redirect_to = end.redirect
                 else:
                     index += 1
-                # Follow a redirect at once, but not in a tight loop: consecutive
-                # redirects without a Welcome in between go through the backoff.
-                delay = 0.0 if failures == 0 else backoff_delay(failures - 1)
+                # Follow a redirect at once. A round of them means a leader change is
+                # under way (the cluster answers): look again shortly, without growing
+                # the backoff, so the new leader is found as soon as it is elected.
+                answered = True
+                delay = random.uniform(0.05, 0.15) if round_over else 0.0
             else:
                 index += 1
-                delay = backoff_delay(failures)
+                if end.rejected or (round_over and not answered):
+                    delay = backoff_delay(failures)
+                elif round_over:
+                    delay = random.uniform(0.05, 0.15)
+                else:
+                    delay = 0.0
                 # Once per outage at WARNING, then quieter; a refusal needs a human each time.
                 if end.rejected:
                     log = logger.error
@@ -137,7 +157,11 @@ class Connector:
                     end.error or "closed",
                     delay,
                 )
-            failures += 1
+            if delay > 0:
+                if not answered:
+                    failures += 1
+                tried = 0
+                answered = False
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:

@@ -11,23 +11,36 @@ import asyncpg
 from conveyor.coordinator.errors import Fenced
 
 
-async def take_office(conn: asyncpg.Connection, cluster: str, leader_id: str, address: str) -> int:
+async def take_office(
+    conn: asyncpg.Connection,
+    cluster: str,
+    leader_id: str,
+    address: str,
+    term_revision: int | None = None,
+) -> int | None:
     """Starts a new term: bumps the cluster's epoch and returns it.
 
+    With ``term_revision`` (the etcd revision the election was won at), the term is
+    refused (None) unless that revision is newer than the recorded one: a candidate that
+    stalled between winning in etcd and getting here must not displace a newer leader.
     The UPDATE waits for every in-flight transaction that holds the row FOR SHARE (the old
-    leader's writes), and every later check_epoch sees the new value.
+    leader's writes), and every later fence check sees the new value.
     """
-    epoch: int = await conn.fetchval(
+    epoch: int | None = await conn.fetchval(
         """
-        INSERT INTO leadership (cluster, epoch, leader_id, address) VALUES ($1, 1, $2, $3)
+        INSERT INTO leadership (cluster, epoch, leader_id, address, term_revision)
+        VALUES ($1, 1, $2, $3, coalesce($4, 0))
         ON CONFLICT (cluster) DO UPDATE
             SET epoch = leadership.epoch + 1, leader_id = excluded.leader_id,
-                address = excluded.address, update_time = now()
+                address = excluded.address, update_time = now(),
+                term_revision = coalesce($4, leadership.term_revision)
+            WHERE $4::bigint IS NULL OR leadership.term_revision < $4
         RETURNING epoch
         """,
         cluster,
         leader_id,
         address,
+        term_revision,
     )
     return epoch
 

@@ -19,7 +19,7 @@ from conveyor.coordinator.store.tasks import CANCELLED, DEAD, SUCCEEDED
 SCHEDULE_COLUMNS = """
     s.id, s.tenant, s.name, s.cron, s.time_zone, s.template, s.overlap_policy,
     s.catch_up_policy, s.catch_up_limit, s.paused, s.start_time, s.end_time,
-    s.next_fire_time, s.buffered_tick, s.last_task_id, s.recent_firings, s.version,
+    s.next_fire_time, s.buffered_tick, s.last_task_id, s.version,
     s.create_time, s.update_time
 """
 
@@ -169,16 +169,21 @@ async def pause(
 
 
 async def resume(
-    conn: asyncpg.Connection, schedule_id: uuid.UUID, next_fire_time: datetime | None, now: datetime
+    conn: asyncpg.Connection,
+    tenant: str,
+    schedule_id: uuid.UUID,
+    next_fire_time: datetime | None,
+    now: datetime,
 ) -> asyncpg.Record:
     """Unpauses a schedule (locked by the caller) with a fresh cursor."""
     record: asyncpg.Record = await conn.fetchrow(
         f"""
-        UPDATE schedules s SET paused = false, next_fire_time = $2, wake_time = $2,
-            buffered_tick = NULL, version = s.version + 1, update_time = $3
-        WHERE s.id = $1
+        UPDATE schedules s SET paused = false, next_fire_time = $3, wake_time = $3,
+            buffered_tick = NULL, version = s.version + 1, update_time = $4
+        WHERE s.tenant = $1 AND s.id = $2
         RETURNING {SCHEDULE_COLUMNS}
         """,
+        tenant,
         schedule_id,
         next_fire_time,
         now,
@@ -186,24 +191,34 @@ async def resume(
     return record
 
 
-async def task_states(
-    conn: asyncpg.Connection, tenant: str, task_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, int]:
-    if not task_ids:
-        return {}
-    rows = await conn.fetch(
-        "SELECT id, state FROM tasks WHERE tenant = $1 AND id = ANY($2::uuid[])",
+async def firings(
+    conn: asyncpg.Connection, tenant: str, keys: Sequence[str], task_ids: Sequence[uuid.UUID]
+) -> list[asyncpg.Record]:
+    """The tasks with these idempotency keys or ids: (idempotency_key, id, state, create_time)."""
+    if not keys and not task_ids:
+        return []
+    return await conn.fetch(
+        """
+        SELECT idempotency_key, id, state, create_time FROM tasks
+        WHERE tenant = $1 AND idempotency_key = ANY($2::text[])
+        UNION
+        SELECT idempotency_key, id, state, create_time FROM tasks
+        WHERE tenant = $1 AND id = ANY($3::uuid[])
+        """,
         tenant,
+        list(keys),
         list(task_ids),
     )
-    return {r["id"]: r["state"] for r in rows}
 
 
 # -- the firer ---------------------------------------------------------------------------
 
 
-async def due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[asyncpg.Record]:
-    """Locks up to ``limit`` schedules due by ``now``, earliest first, for all tenants.
+async def due(
+    conn: asyncpg.Connection, now: datetime, horizon: datetime, limit: int
+) -> list[asyncpg.Record]:
+    """Locks up to ``limit`` schedules due, earliest first, for all tenants: by ``now``,
+    or by ``horizon`` for ALLOW schedules (which the firer prepares ahead).
 
     ``previous_unfinished`` tells the overlap policies whether the latest firing's task is
     still unfinished; it is looked up only for schedules whose policy needs it.
@@ -218,12 +233,13 @@ async def due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[async
         FROM schedules s
         LEFT JOIN tasks t
             ON s.overlap_policy <> 1 AND t.id = s.last_task_id AND t.tenant = s.tenant
-        WHERE s.wake_time <= $1 AND NOT s.paused
+        WHERE s.wake_time <= $2 AND NOT s.paused AND (s.wake_time <= $1 OR s.overlap_policy = 1)
         ORDER BY s.wake_time
-        LIMIT $2
+        LIMIT $3
         FOR UPDATE OF s SKIP LOCKED
         """,
         now,
+        horizon,
         limit,
     )
 
@@ -247,27 +263,19 @@ class Advance:
     buffered_tick: datetime | None
     last_task_id: uuid.UUID | None
     """The newest firing's task; None leaves the column as it is."""
-    firings: str | None
-    """The new firings, newest first, as a JSON array to prepend to recent_firings."""
-
-
-RECENT_FIRINGS = 10
 
 
 async def advance(conn: asyncpg.Connection, rows: Sequence[Advance]) -> None:
-    """Moves the schedules' cursors and records their new firings, in one statement."""
+    """Moves the schedules' cursors, in one statement."""
     await conn.execute(
-        f"""
+        """
         UPDATE schedules s SET
             next_fire_time = r.next_fire_time, wake_time = r.wake_time,
             buffered_tick = r.buffered_tick,
-            last_task_id = coalesce(r.last_task_id, s.last_task_id),
-            recent_firings = CASE WHEN r.firings IS NULL THEN s.recent_firings
-                ELSE jsonb_path_query_array(r.firings::jsonb || s.recent_firings,
-                    '$[0 to {RECENT_FIRINGS - 1}]') END
+            last_task_id = coalesce(r.last_task_id, s.last_task_id)
         FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
-            $5::uuid[], $6::text[])
-            AS r(id, next_fire_time, wake_time, buffered_tick, last_task_id, firings)
+            $5::uuid[])
+            AS r(id, next_fire_time, wake_time, buffered_tick, last_task_id)
         WHERE s.id = r.id
         """,
         [r.id for r in rows],
@@ -275,12 +283,18 @@ async def advance(conn: asyncpg.Connection, rows: Sequence[Advance]) -> None:
         [r.wake_time for r in rows],
         [r.buffered_tick for r in rows],
         [r.last_task_id for r in rows],
-        [r.firings for r in rows],
     )
 
 
-async def next_wake(conn: asyncpg.Connection) -> datetime | None:
-    value: datetime | None = await conn.fetchval(
-        "SELECT min(wake_time) FROM schedules WHERE NOT paused AND wake_time IS NOT NULL"
+async def next_wake(conn: asyncpg.Connection) -> tuple[datetime | None, datetime | None]:
+    """The earliest wake_time of ALLOW schedules, and of the others."""
+    row = await conn.fetchrow(
+        """
+        SELECT
+            (SELECT min(wake_time) FROM schedules
+             WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy = 1) AS allow,
+            (SELECT min(wake_time) FROM schedules
+             WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy <> 1) AS other
+        """
     )
-    return value
+    return row["allow"], row["other"]

@@ -38,3 +38,10 @@ async def sleep(ctx: TaskContext, payload: Any) -> str:
     await asyncio.sleep(float(payload))
     _record(ctx)
     return "slept"
+
+
+@worker.task("noop")
+async def noop(ctx: TaskContext, payload: Any) -> str:
+    """Finishes at once (the load of the distributed scenarios); still logs its effect."""
+    _record(ctx)
+    return "ok"

@@ -11,6 +11,9 @@ CREATE TABLE leadership (
     epoch       bigint NOT NULL,
     leader_id   text NOT NULL,
     address     text NOT NULL DEFAULT '',
+    -- etcd revision at which the current term was won (0 in single-node mode): a
+    -- candidate may only take office with a newer one.
+    term_revision bigint NOT NULL DEFAULT 0,
     update_time timestamptz NOT NULL DEFAULT now()
 );
 

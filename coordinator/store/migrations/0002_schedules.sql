@@ -25,10 +25,10 @@ CREATE TABLE schedules (
     -- is buffered (BUFFER_ONE) waiting for the previous firing to finish.
     wake_time       timestamptz,
     buffered_tick   timestamptz,
-    -- The latest firing's task, for the overlap policies.
+    -- The latest firing's task, for the overlap policies. (The other recent firings are
+    -- found by their idempotency keys: rewriting a list here at every tick would multiply
+    -- the WAL each firing costs.)
     last_task_id    uuid,
-    -- The latest firings, newest first: [{"tick": ..., "task": ..., "fired": ...}].
-    recent_firings  jsonb NOT NULL DEFAULT '[]',
     -- Bumped by every change a client makes (not by firing); the etag.
     version         bigint NOT NULL DEFAULT 1,
     create_time     timestamptz NOT NULL,

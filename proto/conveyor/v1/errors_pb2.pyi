@@ -37,6 +37,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_STORE_UNAVAILABLE: _ErrorReason.ValueType  # 7
     """The store (PostgreSQL) cannot be reached."""
     ERROR_REASON_PROTOCOL_VIOLATION: _ErrorReason.ValueType  # 8
+    ERROR_REASON_SCHEDULE_NOT_FOUND: _ErrorReason.ValueType  # 9
+    """No schedule has the name (for this tenant); metadata "name"."""
+    ERROR_REASON_SCHEDULE_ALREADY_EXISTS: _ErrorReason.ValueType  # 10
+    """A schedule with the name exists already; metadata "name"."""
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 11
+    """The request's etag is not the resource's current one: read it again, then retry."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -59,4 +65,10 @@ ERROR_REASON_OVERLOADED: ErrorReason.ValueType  # 6
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason.ValueType  # 7
 """The store (PostgreSQL) cannot be reached."""
 ERROR_REASON_PROTOCOL_VIOLATION: ErrorReason.ValueType  # 8
+ERROR_REASON_SCHEDULE_NOT_FOUND: ErrorReason.ValueType  # 9
+"""No schedule has the name (for this tenant); metadata "name"."""
+ERROR_REASON_SCHEDULE_ALREADY_EXISTS: ErrorReason.ValueType  # 10
+"""A schedule with the name exists already; metadata "name"."""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 11
+"""The request's etag is not the resource's current one: read it again, then retry."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -119,7 +119,9 @@ class SubmitTaskResponse(_message.Message):
     deduplicated: _builtins.bool
     """True when the idempotency key matched an existing task, which is returned instead."""
     @_builtins.property
-    def task(self) -> _task_pb2.Task: ...
+    def task(self) -> _task_pb2.Task:
+        """The task as committed. A new task's payload is not echoed back (GetTask has it)."""
+
     def __init__(
         self,
         *,
