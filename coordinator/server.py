@@ -25,7 +25,7 @@ from conveyor.coordinator.schedule_firer import ScheduleFirer
 from conveyor.coordinator.schedule_service import ScheduleHooks
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
-from conveyor.coordinator.store.leadership import Fence
+from conveyor.coordinator.store.leadership import UNSAFE_DISABLE_FENCING, Fence
 from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.task_service import TaskServicer
@@ -87,6 +87,8 @@ class Coordinator:
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
         cfg = self.config
+        if UNSAFE_DISABLE_FENCING:
+            _log.error("CONVEYOR_UNSAFE_DISABLE_FENCING is set: fencing is OFF (tests only)")
         self._pool = await asyncpg.create_pool(
             cfg.dsn,
             min_size=cfg.pool_min_size,

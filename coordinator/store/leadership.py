@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,14 +29,20 @@ async def take_office(
     """
     epoch: int | None = await conn.fetchval(
         """
-        INSERT INTO leadership (cluster, epoch, leader_id, address, term_revision)
-        VALUES ($1, 1, $2, $3, coalesce($4, 0))
-        ON CONFLICT (cluster) DO UPDATE
-            SET epoch = leadership.epoch + 1, leader_id = excluded.leader_id,
-                address = excluded.address, update_time = now(),
-                term_revision = coalesce($4, leadership.term_revision)
-            WHERE $4::bigint IS NULL OR leadership.term_revision < $4
-        RETURNING epoch
+        WITH term AS (
+            INSERT INTO leadership (cluster, epoch, leader_id, address, term_revision)
+            VALUES ($1, 1, $2, $3, coalesce($4, 0))
+            ON CONFLICT (cluster) DO UPDATE
+                SET epoch = leadership.epoch + 1, leader_id = excluded.leader_id,
+                    address = excluded.address, update_time = now(),
+                    term_revision = coalesce($4, leadership.term_revision)
+                WHERE $4::bigint IS NULL OR leadership.term_revision < $4
+            RETURNING cluster, epoch, leader_id, address, term_revision
+        ), recorded AS (
+            INSERT INTO leadership_terms (cluster, epoch, leader_id, address, term_revision)
+            SELECT * FROM term
+        )
+        SELECT epoch FROM term
         """,
         cluster,
         leader_id,
@@ -46,6 +53,11 @@ async def take_office(
 
 
 FENCED_SQLSTATE = "CVF01"
+
+
+# Test-only fault switch (CONVEYOR_UNSAFE_DISABLE_FENCING=1): every fence check passes.
+# It exists so the failover tests can show their checker catches what fencing prevents.
+UNSAFE_DISABLE_FENCING = os.environ.get("CONVEYOR_UNSAFE_DISABLE_FENCING") == "1"
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class Fence:
 
     @staticmethod
     def sql(first_param: int) -> str:
+        if UNSAFE_DISABLE_FENCING:
+            return f"(${first_param}::text IS NOT NULL OR ${first_param + 1}::bigint > 0)"
         return f"(SELECT conveyor_fence(${first_param}::text, ${first_param + 1}::bigint))"
 
 

@@ -898,3 +898,41 @@ class Checker:
     async def check(self, dsn: str, *, wait_settled: float = 0.0) -> list[str]:
         """The violations, as readable strings (empty: every guarantee held)."""
         return (await self.report(dsn, wait_settled=wait_settled)).violations
+
+
+async def fencing_violations(dsn: str, cluster: str = "test") -> list[str]:
+    """Dispatch-side writes made by an epoch after a newer term had begun.
+
+    With fencing, none can exist: every claim and result carries its epoch check in the
+    same statement, serialised with the newer leader taking office. A lease stamped by an
+    older epoch that started after a newer term began is such a write.
+    """
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT a.task_id::text AS task, a.attempt, a.epoch, a.start_time,
+                   newer.epoch AS newer_epoch, newer.start_time AS newer_start
+            FROM (
+                SELECT task_id, attempt, epoch, start_time FROM task_attempts
+                UNION ALL
+                SELECT id, attempt, lease_epoch, lease_start_time FROM tasks
+                WHERE lease_start_time IS NOT NULL
+            ) a
+            JOIN leadership_terms newer
+              ON newer.cluster = $1 AND newer.epoch > a.epoch
+             AND a.start_time > newer.start_time
+            ORDER BY a.start_time
+            """,
+            cluster,
+        )
+    finally:
+        await conn.close()
+    return [
+        f"task {r['task']} attempt {r['attempt']} was leased by epoch {r['epoch']} at "
+        f"{r['start_time']:%H:%M:%S.%f}, after epoch {r['newer_epoch']} took office at "
+        f"{r['newer_start']:%H:%M:%S.%f}"
+        for r in rows
+    ]

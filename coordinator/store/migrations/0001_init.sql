@@ -36,6 +36,18 @@ BEGIN
 END
 $$;
 
+-- Every term, as it began: the history operators (and the failover checker) read to see
+-- which leader held which epoch when.
+CREATE TABLE leadership_terms (
+    cluster       text NOT NULL,
+    epoch         bigint NOT NULL,
+    leader_id     text NOT NULL,
+    address       text NOT NULL,
+    term_revision bigint NOT NULL,
+    start_time    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (cluster, epoch)
+);
+
 CREATE TABLE tasks (
     id                uuid PRIMARY KEY,
     tenant            text NOT NULL,
