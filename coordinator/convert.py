@@ -148,6 +148,25 @@ def attempt_from_row(row: Mapping[str, Any]) -> task_pb2.TaskAttempt:
     )
 
 
+def assignment_from_new(
+    task_id: uuid.UUID, task: NewTask, epoch: int, now: timestamp_pb2.Timestamp
+) -> worker_service_pb2.Assignment:
+    """The first attempt of a task just inserted as leased (the submit hand-off)."""
+    return worker_service_pb2.Assignment(
+        lease=worker_service_pb2.Lease(task_id=str(task_id), attempt=1, epoch=epoch),
+        queue=task.queue,
+        type=task.type,
+        payload=task.payload,
+        content_type=task.content_type,
+        max_attempts=task.max_attempts,
+        idempotency_key=task.idempotency_key or "",
+        timeout=duration_ms(task.timeout_ms),
+        labels=task.labels or None,
+        traceparent=task.traceparent,
+        create_time=now,
+    )
+
+
 def assignment_from_row(row: Mapping[str, Any]) -> worker_service_pb2.Assignment:
     return worker_service_pb2.Assignment(
         lease=worker_service_pb2.Lease(

@@ -56,6 +56,40 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self.dispatched = 0
 
+    def take_idle(self, tenant: str, queue: str, task_type: str) -> WorkerSession | None:
+        """A starving session that takes this kind of task, with one credit reserved for it.
+
+        For the submit hand-off; the caller returns the credit with ``give_back`` if the
+        task does not reach the session after all.
+        """
+        if self._task is None:
+            return None  # not leading
+        for session in self._sessions.wanting_work():
+            if (
+                session.starving
+                and session.tenant == tenant
+                and queue in session.queues
+                and (not session.task_types or task_type in session.task_types)
+            ):
+                session.credit -= 1
+                return session
+        return None
+
+    def give_back(self, session: WorkerSession, credits: int) -> None:
+        session.credit += credits
+        self._wakeup.set()
+
+    async def deliver(
+        self, session: WorkerSession, assignments: list[worker_service_pb2.Assignment]
+    ) -> None:
+        """Pushes assignments whose credit was already reserved."""
+        self.dispatched += len(assignments)
+        await session.send(
+            worker_service_pb2.ConnectResponse(
+                assignments=worker_service_pb2.Assignments(assignments=assignments)
+            )
+        )
+
     def wake(self, tenant: str | None = None, queue: str | None = None) -> None:
         """Says work may be ready (for that tenant's queue, or anywhere)."""
         self._wakeup.set()
@@ -105,26 +139,36 @@ class Dispatcher:
         claims: list[tuple[WorkerSession, list[asyncpg.Record]]] = []
         full = False
         # One statement per session, each carrying its own fence check; no transaction
-        # around them, so a round costs one round trip per session with credit.
+        # around them, so a round costs one round trip per session with credit. Credit is
+        # reserved before each claim (a submit hand-off may take some meanwhile) and what
+        # the claim did not use is given back.
         async with self._pool.acquire() as conn:
             for session in ready:
                 want = min(session.credit, MAX_CLAIM_PER_SESSION)
-                with leadership.fencing(fence):
-                    rows = await store.claim(
-                        conn,
-                        tenant=session.tenant,
-                        queues=session.queues,
-                        types=session.task_types,
-                        limit=want,
-                        worker_id=session.worker_id,
-                        fence=fence,
-                        lease_seconds=self._lease_seconds,
-                    )
+                if want <= 0:
+                    continue
+                session.credit -= want
+                try:
+                    with leadership.fencing(fence):
+                        rows = await store.claim(
+                            conn,
+                            tenant=session.tenant,
+                            queues=session.queues,
+                            types=session.task_types,
+                            limit=want,
+                            worker_id=session.worker_id,
+                            fence=fence,
+                            lease_seconds=self._lease_seconds,
+                        )
+                except BaseException:
+                    session.credit += want
+                    raise
+                session.credit += want - len(rows)
+                session.starving = len(rows) < want
                 if rows:
                     claims.append((session, rows))
                     full = full or len(rows) == want
         for session, rows in claims:
-            session.credit -= len(rows)
             self.dispatched += len(rows)
             message = worker_service_pb2.ConnectResponse(
                 assignments=worker_service_pb2.Assignments(

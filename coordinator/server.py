@@ -141,9 +141,11 @@ class Coordinator:
         )
         self._submitter = Submitter(
             pool,
+            self._dispatcher,
+            fence=self._current_fence,
+            lease_seconds=cfg.lease_duration,
             max_batch=cfg.max_batch,
             max_pending=cfg.max_pending_operations,
-            on_ready=self._dispatcher.wake,
             on_scheduled=self._scheduled,
         )
         self._recorder = ResultRecorder(

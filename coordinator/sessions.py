@@ -31,6 +31,9 @@ class WorkerSession:
     pid: int = 0
     credit: int = 0
     draining: bool = False
+    # Set when the dispatcher's last claim for this session came back short: nothing was
+    # waiting for it, so a fresh submit may be handed to it directly.
+    starving: bool = False
     connect_time: float = field(default_factory=time.time)
     closed: bool = False
     outbox: asyncio.Queue[worker_service_pb2.ConnectResponse] = field(

@@ -51,6 +51,79 @@ async def insert(
     For rows with idempotency keys: a row whose key is taken is skipped, not an error (the
     caller compares it). Rows without keys go faster through copy_new().
     """
+    inserted = await conn.fetch(
+        f"""
+        INSERT INTO tasks ({_INSERT_COLUMNS})
+        SELECT {_INSERT_VALUES}, $20, $20
+        FROM {_UNNEST_NEW}
+        ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING id
+        """,
+        *_new_columns(rows),
+        now,
+    )
+    return {r["id"] for r in inserted}
+
+
+async def insert_leased(
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
+    worker_ids: Sequence[str],
+    fence: Fence,
+    lease_seconds: float,
+    now: datetime,
+) -> None:
+    """Inserts new tasks already RUNNING, each leased to its worker (attempt 1).
+
+    The hand-off path: a fresh task goes straight to a waiting worker in the statement
+    that commits it, instead of a second transaction claiming it. A dispatch-side write,
+    so it carries the fence. No idempotency keys here (the caller keeps those apart).
+    """
+    await conn.execute(
+        f"""
+        INSERT INTO tasks ({_INSERT_COLUMNS}, attempt, worker_id, lease_epoch,
+            lease_start_time, lease_expire_time)
+        SELECT {_INSERT_VALUES}, $20, $20, 1, w.worker_id, $23, now(),
+            now() + make_interval(secs => $21)
+        FROM {_UNNEST_NEW}
+        JOIN unnest($1::uuid[], $22::text[]) AS w(id, worker_id) ON w.id = r.id
+        WHERE {Fence.sql(24)}
+        """,
+        *_new_columns(rows),
+        now,
+        lease_seconds,
+        list(worker_ids),
+        fence.epoch,
+        *fence.params,
+    )
+
+
+_INSERT_COLUMNS = """
+    id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
+    idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
+    retry_multiplier, retry_jitter, labels, traceparent, create_time, update_time
+"""
+_INSERT_VALUES = """
+    r.id, r.tenant, r.queue, r.type, r.payload, r.content_type, r.state, r.priority,
+    r.max_attempts, r.idempotency_key, r.request_hash, r.run_at, r.timeout_ms,
+    r.retry_initial_ms, r.retry_max_ms, r.retry_multiplier, r.retry_jitter,
+    r.labels::jsonb, r.traceparent
+"""
+_UNNEST_NEW = """
+    unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
+        $7::smallint[], $8::int[], $9::int[], $10::text[], $11::bytea[], $12::timestamptz[],
+        $13::bigint[], $14::bigint[], $15::bigint[], $16::float8[], $17::float8[],
+        $18::text[], $19::text[])
+    AS r(id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
+        idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
+        retry_multiplier, retry_jitter, labels, traceparent)
+"""
+
+
+def _new_columns(
+    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
+) -> list[list[object]]:
+    """The 19 parameter arrays of _UNNEST_NEW for (tenant, id, task, state, run_at) rows."""
     cols: list[list[object]] = [[] for _ in range(19)]
     for tenant, task_id, task, state, run_at in rows:
         values = (
@@ -76,29 +149,7 @@ async def insert(
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
-    inserted = await conn.fetch(
-        """
-        INSERT INTO tasks (id, tenant, queue, type, payload, content_type, state, priority,
-            max_attempts, idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms,
-            retry_max_ms, retry_multiplier, retry_jitter, labels, traceparent, create_time,
-            update_time)
-        SELECT id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
-            idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
-            retry_multiplier, retry_jitter, labels::jsonb, traceparent, $20, $20
-        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
-            $7::smallint[], $8::int[], $9::int[], $10::text[], $11::bytea[], $12::timestamptz[],
-            $13::bigint[], $14::bigint[], $15::bigint[], $16::float8[], $17::float8[],
-            $18::text[], $19::text[])
-            AS r(id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
-                idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms,
-                retry_max_ms, retry_multiplier, retry_jitter, labels, traceparent)
-        ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING id
-        """,
-        *cols,
-        now,
-    )
-    return {r["id"] for r in inserted}
+    return cols
 
 
 _COPY_COLUMNS = (
