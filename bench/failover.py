@@ -132,11 +132,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(worker.wait(), 15)
                 await db.close()
+                await _stop_all(procs)  # before PostgreSQL goes away under them
     finally:
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await _stop_all(procs)
         await asyncio.to_thread(etcd.stop)
         shutil.rmtree(folder, ignore_errors=True)
     figures = {
@@ -153,6 +151,18 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         f"all {figures['failover_all_s']}"
     )
     return figures
+
+
+async def _stop_all(procs: dict[str, Process]) -> None:
+    for proc in procs.values():
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 async def _runs(
