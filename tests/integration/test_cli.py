@@ -44,6 +44,12 @@ async def test_submit_get_list_cancel(coordinator: Coordinator) -> None:
     assert code == 0 and "cli" in out
     code, out, _ = await _conveyor(*where, "cancel", task_id)
     assert code == 0 and "CANCELLED" in out
+    code, out, _ = await _conveyor(*where, "status", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["mode"] == "single-node"
+    assert status["leader"]["address"] == coordinator.address
+    assert status["epoch"] == str(coordinator.epoch)  # int64 is a string in proto3 JSON
 
 
 async def test_errors_are_one_line(coordinator: Coordinator) -> None:
