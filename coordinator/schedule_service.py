@@ -7,13 +7,11 @@ fires its first tick on time without waiting for the firer's next round.
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -23,15 +21,12 @@ from conveyor.coordinator import schedule_validation as check
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.cron import compile_cron, first_tick, next_fire_times, utc_now
 from conveyor.coordinator.errors import (
-    ConveyorError,
     EtagMismatch,
-    NotLeader,
     ScheduleAlreadyExists,
     ScheduleNotFound,
-    StoreUnavailable,
-    to_status,
 )
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.leader_rpc import leader_rpc
 from conveyor.coordinator.schedule_firer import idempotency_key
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
@@ -42,32 +37,6 @@ _log = logging.getLogger("conveyor.coordinator.schedule_service")
 
 NEXT_FIRE_TIMES = 5
 RECENT_FIRINGS = 10
-
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-
-
-def _rpc(handler: Handler) -> Handler:
-    """Maps domain and store errors to rich gRPC statuses (as task_service.rpc does)."""
-
-    @functools.wraps(handler)
-    async def wrapper(
-        self: ScheduleServiceMixin,
-        request: Any,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
-    ) -> Any:
-        try:
-            if not self._is_leader():
-                raise NotLeader(self._leader_address())
-            return await handler(self, request, context)
-        except ConveyorError as exc:
-            await context.abort_with_status(to_status(exc))
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            _log.warning("%s failed: store unavailable: %s", handler.__name__, exc)
-            await context.abort_with_status(to_status(StoreUnavailable(str(exc))))
-        except asyncpg.QueryCanceledError as exc:
-            await context.abort_with_status(to_status(StoreUnavailable(f"query timed out: {exc}")))
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _noop() -> None:
@@ -103,7 +72,7 @@ class ScheduleServiceMixin:
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
         raise NotImplementedError  # TaskServicer's
 
-    @_rpc
+    @leader_rpc
     async def CreateSchedule(
         self,
         request: schedule_pb2.CreateScheduleRequest,
@@ -129,7 +98,7 @@ class ScheduleServiceMixin:
             schedule = await self._schedule_messages(conn, tenant, [row])
         return schedule_pb2.CreateScheduleResponse(schedule=schedule[0])
 
-    @_rpc
+    @leader_rpc
     async def GetSchedule(
         self,
         request: schedule_pb2.GetScheduleRequest,
@@ -144,7 +113,7 @@ class ScheduleServiceMixin:
             schedule = await self._schedule_messages(conn, tenant, [row])
         return schedule_pb2.GetScheduleResponse(schedule=schedule[0])
 
-    @_rpc
+    @leader_rpc
     async def ListSchedules(
         self,
         request: schedule_pb2.ListSchedulesRequest,
@@ -162,7 +131,7 @@ class ScheduleServiceMixin:
             next_page_token=check.page_token(rows[-1]["name"]) if more else "",
         )
 
-    @_rpc
+    @leader_rpc
     async def UpdateSchedule(
         self,
         request: schedule_pb2.UpdateScheduleRequest,
@@ -199,7 +168,7 @@ class ScheduleServiceMixin:
             schedule = await self._schedule_messages(conn, tenant, [row])
         return schedule_pb2.UpdateScheduleResponse(schedule=schedule[0])
 
-    @_rpc
+    @leader_rpc
     async def DeleteSchedule(
         self,
         request: schedule_pb2.DeleteScheduleRequest,
@@ -213,7 +182,7 @@ class ScheduleServiceMixin:
             raise ScheduleNotFound(name)
         return schedule_pb2.DeleteScheduleResponse()
 
-    @_rpc
+    @leader_rpc
     async def PauseSchedule(
         self,
         request: schedule_pb2.PauseScheduleRequest,
@@ -230,7 +199,7 @@ class ScheduleServiceMixin:
             schedule = await self._schedule_messages(conn, tenant, [row])
         return schedule_pb2.PauseScheduleResponse(schedule=schedule[0])
 
-    @_rpc
+    @leader_rpc
     async def ResumeSchedule(
         self,
         request: schedule_pb2.ResumeScheduleRequest,

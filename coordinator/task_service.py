@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import asyncpg
 import grpc
@@ -15,13 +13,10 @@ import grpc
 from conveyor.coordinator import convert, validation
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.errors import (
-    ConveyorError,
     InvalidState,
-    NotLeader,
-    StoreUnavailable,
     TaskNotFound,
-    to_status,
 )
+from conveyor.coordinator.leader_rpc import leader_rpc
 from conveyor.coordinator.schedule_service import ScheduleServiceMixin
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
@@ -36,28 +31,6 @@ _log = logging.getLogger("conveyor.coordinator.task_service")
 # A watcher re-reads its task this often even without a wake-up, as a safety net.
 WATCH_REFRESH = 2.0
 _TERMINAL = {store.SUCCEEDED, store.DEAD, store.CANCELLED}
-
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-
-
-def rpc(handler: Handler) -> Handler:
-    """Maps domain and store errors to rich gRPC statuses, in one place for every method."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: TaskServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
-        try:
-            if not self._is_leader():
-                raise NotLeader(self._leader_address())
-            return await handler(self, request, context)
-        except ConveyorError as exc:
-            await context.abort_with_status(to_status(exc))
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            _log.warning("%s failed: store unavailable: %s", handler.__name__, exc)
-            await context.abort_with_status(to_status(StoreUnavailable(str(exc))))
-        except asyncpg.QueryCanceledError as exc:
-            await context.abort_with_status(to_status(StoreUnavailable(f"query timed out: {exc}")))
-
-    return wrapper  # type: ignore[return-value]
 
 
 class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServicer):
@@ -88,7 +61,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
         # Until API keys exist every caller is the default tenant.
         return DEFAULT_TENANT
 
-    @rpc
+    @leader_rpc
     async def SubmitTask(
         self,
         request: task_service_pb2.SubmitTaskRequest,
@@ -102,7 +75,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             task=result.task, deduplicated=result.deduplicated
         )
 
-    @rpc
+    @leader_rpc
     async def SubmitTasks(
         self,
         request: task_service_pb2.SubmitTasksRequest,
@@ -119,7 +92,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             ]
         )
 
-    @rpc
+    @leader_rpc
     async def GetTask(
         self,
         request: task_service_pb2.GetTaskRequest,
@@ -137,7 +110,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             attempts=[convert.attempt_from_row(a) for a in attempts],
         )
 
-    @rpc
+    @leader_rpc
     async def ListTasks(
         self,
         request: task_service_pb2.ListTasksRequest,
@@ -153,7 +126,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             next_page_token=str(rows[-1]["id"]) if more else "",
         )
 
-    @rpc
+    @leader_rpc
     async def CancelTask(
         self,
         request: task_service_pb2.CancelTaskRequest,
@@ -194,7 +167,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             )
         )
 
-    @rpc
+    @leader_rpc
     async def RetryTask(
         self,
         request: task_service_pb2.RetryTaskRequest,
@@ -215,7 +188,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
         self._on_ready(tenant, row["queue"])
         return task_service_pb2.RetryTaskResponse(task=convert.task_from_row(row))
 
-    @rpc
+    @leader_rpc
     async def ListQueues(
         self,
         request: task_service_pb2.ListQueuesRequest,
@@ -236,7 +209,7 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             ]
         )
 
-    @rpc
+    @leader_rpc
     async def WatchTask(  # type: ignore[override]
         self,
         request: task_service_pb2.WatchTaskRequest,
