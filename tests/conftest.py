@@ -26,6 +26,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+# Before anything imports gRPC (it reads this once): the tests start processes (pg_ctl,
+# coordinators, workers) from a process full of gRPC threads, and gRPC's fork handlers
+# can crash the child between fork and exec (pg_ctl died of SIGSEGV in CI).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from conveyor.embedded.etcd import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
 
 T = TypeVar("T")
