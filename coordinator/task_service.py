@@ -85,12 +85,12 @@ class TaskServicer(ScheduleServiceMixin, task_service_pb2_grpc.TaskServiceServic
             request, max_payload_bytes=self._config.max_payload_bytes
         )
         results = await self._submitter.submit(SubmitGroup(self._tenant(context), tasks))
-        return task_service_pb2.SubmitTasksResponse(
-            results=[
-                task_service_pb2.SubmitTaskResponse(task=r.task, deduplicated=r.deduplicated)
-                for r in results
-            ]
-        )
+        response = task_service_pb2.SubmitTasksResponse()
+        add = response.results.add
+        for r in results:
+            # Built in place: a SubmitTaskResponse made apart would be copied once more.
+            add(task=r.task, deduplicated=r.deduplicated)
+        return response
 
     @leader_rpc
     async def GetTask(

@@ -30,6 +30,13 @@ TASK_COLUMNS = """
     t.create_time, t.update_time, t.finish_time
 """
 
+# What an Assignment needs (convert.assignment_from_row): a claim returns no more, since
+# decoding every column of every claimed row is a measurable share of dispatch.
+CLAIM_COLUMNS = """
+    t.id, t.queue, t.type, t.payload, t.content_type, t.priority, t.attempt, t.max_attempts,
+    t.idempotency_key, t.timeout_ms, t.labels, t.traceparent, t.lease_epoch, t.create_time
+"""
+
 # Attempts left after this one: retry when the error allows and the budget is not spent.
 _RETRY_LEFT = "(t.attempt - t.attempt_base) < t.max_attempts"
 # Exponential backoff with jitter, capped; the exponent is bounded so power() cannot overflow.
@@ -302,7 +309,7 @@ async def claim(
                 lease_start_time = now(),
                 lease_expire_time = now() + make_interval(secs => $7), update_time = now()
             FROM picked WHERE t.id = picked.id
-            RETURNING {TASK_COLUMNS}
+            RETURNING {CLAIM_COLUMNS}
         )
         SELECT * FROM leased ORDER BY priority DESC, id
         """,
