@@ -103,6 +103,12 @@ class Coordinator:
                 # Batch statements look expensive to the planner; compiling them is not
                 # worth it for millisecond queries.
                 "jit": "off",
+                # A transaction of ours holds the leadership row FOR SHARE (the fence)
+                # until it ends. If this process freezes mid-transaction (SIGSTOP, a VM
+                # pause), that lock would keep the next leader from taking office for as
+                # long as the freeze lasts; PostgreSQL ends such a session instead. Our
+                # transactions never sit idle for more than a moment otherwise.
+                "idle_in_transaction_session_timeout": "5s",
                 "application_name": "conveyor-coordinator",
             },
         )

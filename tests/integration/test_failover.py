@@ -8,7 +8,7 @@ wrote after a newer one took office (fencing_violations).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,22 @@ from conveyor.embedded.etcd import EtcdCluster, EtcdServer
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 pytestmark = pytest.mark.slow
+
+
+def _has_workers(address: str) -> Callable[[], Awaitable[bool]]:
+    """A check: the coordinator at ``address`` leads and has a worker connected."""
+
+    async def check() -> bool:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                status = await admin_service_pb2_grpc.AdminServiceStub(channel).GetClusterStatus(
+                    admin_service_pb2.GetClusterStatusRequest(), timeout=2
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return status.answered_by.leader and len(status.workers) > 0
+
+    return check
 
 
 class Cluster:
@@ -115,9 +131,9 @@ async def _paused_leader_scenario(cluster: Cluster) -> tuple[list[str], list[str
     load.start()
     await load.wait_acknowledged(100)
     old.pause()
-    await wait_for_leader(cluster.dsn, newer_than=first["epoch"], timeout=30)
-    # Well past the old lease; then the old leader wakes up with work queued.
-    await asyncio.sleep(2.0)  # the pause itself is the scenario, not a wait for a condition
+    second = await wait_for_leader(cluster.dsn, newer_than=first["epoch"], timeout=30)
+    # The new leader has taken over a worker (the old one wakes up to a changed world).
+    await eventually(_has_workers(second["address"]), timeout=30)
     old.resume()
     log = await load.wait(timeout=120)
     violations = await Checker(log, cluster.effects).check(cluster.dsn, wait_settled=30)
@@ -153,8 +169,8 @@ async def test_checker_catches_a_paused_leader_without_fencing(
         load.start()
         await load.wait_acknowledged(100)
         old.pause()
-        await wait_for_leader(scenario.dsn, newer_than=first["epoch"], timeout=30)
-        await asyncio.sleep(2.0)  # the pause itself is the scenario
+        second = await wait_for_leader(scenario.dsn, newer_than=first["epoch"], timeout=30)
+        await eventually(_has_workers(second["address"]), timeout=30)
         old.resume()
         # The old leader, unfenced, dispatches again under its stale epoch.
         found = await eventually(lambda: fencing_violations(scenario.dsn), timeout=30)
