@@ -62,8 +62,8 @@ class Dispatcher:
         For the submit hand-off; the caller returns the credit with ``give_back`` if the
         task does not reach the session after all.
         """
-        if self._task is None:
-            return None  # not leading
+        if self._task is None or self._task.done():
+            return None  # not leading (or fenced)
         for session in self._sessions.wanting_work():
             if (
                 session.starving
@@ -91,7 +91,8 @@ class Dispatcher:
         )
 
     def wake(self, tenant: str | None = None, queue: str | None = None) -> None:
-        """Says work may be ready (for that tenant's queue, or anywhere)."""
+        """Says work may be ready. The queue is not used: one round serves every session,
+        and the callback signature is shared with the other ``on_ready`` hooks."""
         self._wakeup.set()
 
     def start(self) -> None:

@@ -253,6 +253,9 @@ class Coordinator:
                     term_revision,
                 )
                 return False
+            # Loops of an earlier term may still run (fenced, and elected again before
+            # leaving office finished): end them so each loop runs once.
+            await self._stop_loops()
             self.epoch = epoch
             self.leader = True
             assert self._dispatcher and self._maintenance and self.schedule_firer
