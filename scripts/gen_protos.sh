@@ -4,7 +4,11 @@
 # committed stubs differ from what this script produces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The project's venv by default: protoc's mypy plugins are scripts beside its python.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 py=${PYTHON:-python}
+bindir=$(dirname "$(command -v "$py")")
+export PATH="$bindir:$PATH"
 out=${1:-proto}
 rm -f "$out"/conveyor/v1/*_pb2*.py "$out"/conveyor/v1/*_pb2*.pyi
 "$py" -m grpc_tools.protoc -I proto \

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\x17GetClusterStatusRequest\"C\n\x0f\x43oordinatorInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"\xa2\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x30\n\x0c\x63onnect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12,\n\x06leader\x18\x03 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\x12\x31\n\x0b\x61nswered_by\x18\x07 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo2o\n\x0c\x41\x64minService\x12_\n\x10GetClusterStatus\x12$.conveyor.v1.GetClusterStatusRequest\x1a%.conveyor.v1.GetClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\x17GetClusterStatusRequest\"C\n\x0f\x43oordinatorInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"\xc9\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x30\n\x0c\x63onnect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntask_types\x18\x08 \x03(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\"\x8e\x01\n\x0eWorkerEviction\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08released\x18\x06 \x01(\x05\"\xba\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12,\n\x06leader\x18\x03 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\x12\x31\n\x0b\x61nswered_by\x18\x07 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\x35\n\x10recent_evictions\x18\x08 \x03(\x0b\x32\x1b.conveyor.v1.WorkerEviction2o\n\x0c\x41\x64minService\x12_\n\x10GetClusterStatus\x12$.conveyor.v1.GetClusterStatusRequest\x1a%.conveyor.v1.GetClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COORDINATORINFO']._serialized_start=108
   _globals['_COORDINATORINFO']._serialized_end=175
   _globals['_WORKERINFO']._serialized_start=178
-  _globals['_WORKERINFO']._serialized_end=340
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=343
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=602
-  _globals['_ADMINSERVICE']._serialized_start=604
-  _globals['_ADMINSERVICE']._serialized_end=715
+  _globals['_WORKERINFO']._serialized_end=379
+  _globals['_WORKEREVICTION']._serialized_start=382
+  _globals['_WORKEREVICTION']._serialized_end=524
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=527
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=841
+  _globals['_ADMINSERVICE']._serialized_start=843
+  _globals['_ADMINSERVICE']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

@@ -75,16 +75,24 @@ class WorkerInfo(_message.Message):
     CREDIT_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     pid: _builtins.int
     credit: _builtins.int
     """Free slots the worker has granted and the coordinator has not used yet."""
     draining: _builtins.bool
+    in_flight: _builtins.int
+    """Tasks leased to the worker that it has not reported a result for yet."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def connect_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The task types the worker has handlers for; it is assigned no other type."""
+
     def __init__(
         self,
         *,
@@ -95,14 +103,57 @@ class WorkerInfo(_message.Message):
         credit: _builtins.int = ...,
         draining: _builtins.bool = ...,
         connect_time: _timestamp_pb2.Timestamp | None = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+        in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "hostname", b"hostname", "pid", b"pid", "queues", b"queues", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class WorkerEviction(_message.Message):
+    """WorkerEviction is a worker the coordinator cut off (silent, not reading its stream,
+    or replaced), with its leases released at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    hostname: _builtins.str
+    pid: _builtins.int
+    reason: _builtins.str
+    """Why, in words: "no message for 31s", "stopped reading its stream", ..."""
+    released: _builtins.int
+    """Leases taken back from it."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        released: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "pid", b"pid", "reason", b"reason", "released", b"released", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerEviction: _TypeAlias = WorkerEviction  # noqa: Y015
 
 @_typing.final
 class GetClusterStatusResponse(_message.Message):
@@ -115,6 +166,7 @@ class GetClusterStatusResponse(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    RECENT_EVICTIONS_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     mode: _builtins.str
     """"single-node" (no etcd) or "etcd"."""
@@ -136,6 +188,10 @@ class GetClusterStatusResponse(_message.Message):
     def answered_by(self) -> Global___CoordinatorInfo:
         """The coordinator that answered."""
 
+    @_builtins.property
+    def recent_evictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerEviction]:
+        """The latest evictions by the answering coordinator, newest first (at most 20)."""
+
     def __init__(
         self,
         *,
@@ -146,10 +202,11 @@ class GetClusterStatusResponse(_message.Message):
         replicas: _abc.Iterable[Global___CoordinatorInfo] | None = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
         answered_by: Global___CoordinatorInfo | None = ...,
+        recent_evictions: _abc.Iterable[Global___WorkerEviction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "leader", b"leader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "cluster", b"cluster", "epoch", b"epoch", "leader", b"leader", "mode", b"mode", "replicas", b"replicas", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "cluster", b"cluster", "epoch", b"epoch", "leader", b"leader", "mode", b"mode", "recent_evictions", b"recent_evictions", "replicas", b"replicas", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/errors.proto\x12\x0b\x63onveyor.v1*\xac\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_TASK_NOT_FOUND\x10\x02\x12)\n%ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_INVALID_STATE\x10\x04\x12\x1b\n\x17\x45RROR_REASON_NOT_LEADER\x10\x05\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\x06\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x07\x12#\n\x1f\x45RROR_REASON_PROTOCOL_VIOLATION\x10\x08\x12#\n\x1f\x45RROR_REASON_SCHEDULE_NOT_FOUND\x10\t\x12(\n$ERROR_REASON_SCHEDULE_ALREADY_EXISTS\x10\n\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/errors.proto\x12\x0b\x63onveyor.v1*\x92\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_TASK_NOT_FOUND\x10\x02\x12)\n%ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_INVALID_STATE\x10\x04\x12\x1b\n\x17\x45RROR_REASON_NOT_LEADER\x10\x05\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\x06\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x07\x12#\n\x1f\x45RROR_REASON_PROTOCOL_VIOLATION\x10\x08\x12#\n\x1f\x45RROR_REASON_SCHEDULE_NOT_FOUND\x10\t\x12(\n$ERROR_REASON_SCHEDULE_ALREADY_EXISTS\x10\n\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x0b\x12 \n\x1c\x45RROR_REASON_OUTCOME_UNKNOWN\x10\x0c\x12!\n\x1d\x45RROR_REASON_WORKER_ID_IN_USE\x10\r\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.errors_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=42
-  _globals['_ERRORREASON']._serialized_end=470
+  _globals['_ERRORREASON']._serialized_end=572
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A schedule with the name exists already; metadata "name"."""
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 11
     """The request's etag is not the resource's current one: read it again, then retry."""
+    ERROR_REASON_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 12
+    """The store connection broke while a write was committing: it may or may not have been
+    applied. Resending is safe only with an idempotency key (the client library adds one to
+    the submits it retries).
+    """
+    ERROR_REASON_WORKER_ID_IN_USE: _ErrorReason.ValueType  # 13
+    """Another live worker process already uses this worker id; metadata "worker_id". Give
+    each worker process its own id (the SDK's default does).
+    """
+    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 14
+    """A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure
+    names it and RetryInfo says when to try again. Nothing was written.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -71,4 +84,17 @@ ERROR_REASON_SCHEDULE_ALREADY_EXISTS: ErrorReason.ValueType  # 10
 """A schedule with the name exists already; metadata "name"."""
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 11
 """The request's etag is not the resource's current one: read it again, then retry."""
+ERROR_REASON_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 12
+"""The store connection broke while a write was committing: it may or may not have been
+applied. Resending is safe only with an idempotency key (the client library adds one to
+the submits it retries).
+"""
+ERROR_REASON_WORKER_ID_IN_USE: ErrorReason.ValueType  # 13
+"""Another live worker process already uses this worker id; metadata "worker_id". Give
+each worker process its own id (the SDK's default does).
+"""
+ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 14
+"""A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure
+names it and RetryInfo says when to try again. Nothing was written.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

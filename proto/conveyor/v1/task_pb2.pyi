@@ -318,6 +318,7 @@ class QueueStats(_message.Message):
     SCHEDULED_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     DEAD_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     """Tasks ready to run now (PENDING)."""
@@ -325,6 +326,8 @@ class QueueStats(_message.Message):
     """Tasks waiting for a future run_at (SCHEDULED)."""
     running: _builtins.int
     dead: _builtins.int
+    workers: _builtins.int
+    """Workers connected to the leader that take tasks from this queue."""
     def __init__(
         self,
         *,
@@ -333,10 +336,11 @@ class QueueStats(_message.Message):
         scheduled: _builtins.int = ...,
         running: _builtins.int = ...,
         dead: _builtins.int = ...,
+        workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "pending", b"pending", "running", b"running", "scheduled", b"scheduled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -205,6 +205,11 @@ class GetTaskResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    UNSERVED_FIELD_NUMBER: _builtins.int
+    unserved: _builtins.bool
+    """True when the task waits (PENDING or SCHEDULED) and no worker connected to the leader
+    takes tasks of its type from its queue: nothing will run it until one connects.
+    """
     @_builtins.property
     def task(self) -> _task_pb2.Task: ...
     @_builtins.property
@@ -216,10 +221,11 @@ class GetTaskResponse(_message.Message):
         *,
         task: _task_pb2.Task | None = ...,
         attempts: _abc.Iterable[_task_pb2.TaskAttempt] | None = ...,
+        unserved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,16 +353,20 @@ class WatchTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    UNSERVED_FIELD_NUMBER: _builtins.int
+    unserved: _builtins.bool
+    """As in GetTaskResponse: no connected worker takes this waiting task's type and queue."""
     @_builtins.property
     def task(self) -> _task_pb2.Task: ...
     def __init__(
         self,
         *,
         task: _task_pb2.Task | None = ...,
+        unserved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "unserved", b"unserved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
