@@ -87,6 +87,14 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     """The worker died or went silent and its lease expired."""
     ATTEMPT_OUTCOME_CANCELLED: _AttemptOutcome.ValueType  # 6
     """The task was cancelled while this attempt ran."""
+    ATTEMPT_OUTCOME_NOT_STARTED: _AttemptOutcome.ValueType  # 7
+    """Leased but never started on a worker (the stream broke before it arrived, the worker
+    was replaced or evicted): it does not count against max_attempts.
+    """
+    ATTEMPT_OUTCOME_INTERRUPTED: _AttemptOutcome.ValueType  # 8
+    """The worker shut down while the attempt ran (its drain's grace period ran out): the
+    task is ready again at once, and the attempt does not count against max_attempts.
+    """
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
     """AttemptOutcome is how one attempt of a task ended."""
@@ -103,6 +111,14 @@ ATTEMPT_OUTCOME_LEASE_EXPIRED: AttemptOutcome.ValueType  # 5
 """The worker died or went silent and its lease expired."""
 ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome.ValueType  # 6
 """The task was cancelled while this attempt ran."""
+ATTEMPT_OUTCOME_NOT_STARTED: AttemptOutcome.ValueType  # 7
+"""Leased but never started on a worker (the stream broke before it arrived, the worker
+was replaced or evicted): it does not count against max_attempts.
+"""
+ATTEMPT_OUTCOME_INTERRUPTED: AttemptOutcome.ValueType  # 8
+"""The worker shut down while the attempt ran (its drain's grace period ran out): the
+task is ready again at once, and the attempt does not count against max_attempts.
+"""
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 @_typing.final
@@ -193,6 +209,7 @@ class Task(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    UNCOUNTED_ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Time-ordered id (UUIDv7, canonical text form)."""
     tenant: _builtins.str
@@ -215,6 +232,11 @@ class Task(_message.Message):
     """The worker holding the lease while RUNNING."""
     traceparent: _builtins.str
     """W3C trace context of the submitter."""
+    uncounted_attempts: _builtins.int
+    """Attempts that do not count against max_attempts: those before the last RetryTask
+    (a redrive gives a fresh budget), those that never started and those interrupted by
+    a worker's shutdown. `attempt - uncounted_attempts` is the budget used so far.
+    """
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """When the task may run next (submitted run_at, or the end of a retry backoff)."""
@@ -260,10 +282,11 @@ class Task(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
+        uncounted_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "create_time", b"create_time", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "create_time", b"create_time", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

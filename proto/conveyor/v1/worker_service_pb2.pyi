@@ -33,6 +33,10 @@ class _TaskOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskOutco
     TASK_OUTCOME_TIMED_OUT: _TaskOutcome.ValueType  # 3
     TASK_OUTCOME_CANCELLED: _TaskOutcome.ValueType  # 4
     """The handler stopped because the task was cancelled."""
+    TASK_OUTCOME_INTERRUPTED: _TaskOutcome.ValueType  # 5
+    """The worker stopped the handler because it is shutting down (the drain's grace period
+    ran out). The task is ready again at once; the attempt does not count.
+    """
 
 class TaskOutcome(_TaskOutcome, metaclass=_TaskOutcomeEnumTypeWrapper):
     """TaskOutcome is how a worker finished an attempt."""
@@ -43,6 +47,10 @@ TASK_OUTCOME_FAILED: TaskOutcome.ValueType  # 2
 TASK_OUTCOME_TIMED_OUT: TaskOutcome.ValueType  # 3
 TASK_OUTCOME_CANCELLED: TaskOutcome.ValueType  # 4
 """The handler stopped because the task was cancelled."""
+TASK_OUTCOME_INTERRUPTED: TaskOutcome.ValueType  # 5
+"""The worker stopped the handler because it is shutting down (the drain's grace period
+ran out). The task is ready again at once; the attempt does not count.
+"""
 Global___TaskOutcome: _TypeAlias = TaskOutcome  # noqa: Y015
 
 @_typing.final
