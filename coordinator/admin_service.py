@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.election import Member
+from conveyor.coordinator.errors import is_store_error
 from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.db import Database
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+
+_log = logging.getLogger("conveyor.coordinator.admin")
 
 
 @dataclass(frozen=True)
@@ -28,20 +35,33 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(
         self,
         sessions: SessionRegistry,
+        db: Database,
         *,
         view: Callable[[], ClusterView],
         replicas: Callable[[], Awaitable[list[Member]]],
     ) -> None:
         self._sessions = sessions
+        self._db = db
         self._view = view
         self._replicas = replicas
+
+    async def _in_flight(self, worker_ids: list[str]) -> dict[tuple[str, str], int]:
+        """Leases held per worker, from the database (the status still answers without)."""
+        if not worker_ids:
+            return {}
+        try:
+            async with self._db.read() as conn:
+                return await store.running_per_worker(conn, worker_ids)
+        except Exception as exc:
+            if not is_store_error(exc):
+                raise
+            _log.warning("cluster status without in-flight counts: %s", exc)
+            return {}
 
     async def GetClusterStatus(
         self,
         request: admin_service_pb2.GetClusterStatusRequest,
-        context: grpc.aio.ServicerContext[
-            admin_service_pb2.GetClusterStatusRequest, admin_service_pb2.GetClusterStatusResponse
-        ],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_service_pb2.GetClusterStatusResponse:
         view = self._view()
         leader_id = view.leader.node_id if view.leader else ""
@@ -52,6 +72,8 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             )
 
         replicas = await self._replicas()
+        sessions = list(self._sessions)
+        in_flight = await self._in_flight([s.worker_id for s in sessions])
         return admin_service_pb2.GetClusterStatusResponse(
             cluster=view.cluster,
             mode=view.mode,
@@ -64,11 +86,24 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     hostname=s.hostname,
                     pid=s.pid,
                     queues=s.queues,
+                    task_types=sorted(s.task_types),
                     credit=s.credit,
                     draining=s.draining,
                     connect_time=convert.timestamp_from_seconds(s.connect_time),
+                    in_flight=in_flight.get((s.tenant, s.worker_id), 0),
                 )
-                for s in self._sessions
+                for s in sessions
+            ],
+            recent_evictions=[
+                admin_service_pb2.WorkerEviction(
+                    worker_id=e.worker_id,
+                    hostname=e.hostname,
+                    pid=e.pid,
+                    reason=e.reason,
+                    time=convert.timestamp_from_seconds(e.time),
+                    released=e.released,
+                )
+                for e in self._sessions.evictions
             ],
             answered_by=info(view.me),
         )

@@ -4,6 +4,13 @@ Callers enqueue items and await their own result; a single flush loop takes ever
 queued (up to ``max_batch``) and hands it to one ``flush`` call, which writes it in one
 transaction. While a flush runs, new items pile up and go in the next one, so batches grow
 with load and a lone item waits for no timer.
+
+A bad item fails only its own caller. Validation keeps what PostgreSQL would refuse out of
+a batch; should the store still refuse a whole flush, and the error proves the transaction
+rolled back (the server reported it, the connection stayed up), the items are flushed
+again one by one, so only the culprit's caller hears the error. A flush whose outcome is
+unknown (the connection broke while it committed) is never retried: every caller of it
+hears so.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from conveyor.coordinator.errors import Overloaded
+from conveyor.coordinator.errors import Overloaded, rolled_back
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,6 +61,8 @@ class Batcher(Generic[T, R]):
         # with the next batch's, at the price of no ordering between batches.
         self._slots = asyncio.Semaphore(concurrency)
         self._flushes: set[asyncio.Task[None]] = set()
+        self.isolations = 0
+        """Flushes the store refused, retried item by item."""
 
     @property
     def pending(self) -> int:
@@ -124,7 +133,19 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.cancel()
             raise
-        except Exception as exc:  # the whole batch failed: every caller hears why
+        except Exception as exc:
+            if len(batch) > 1 and rolled_back(exc):
+                _log.warning(
+                    "%s flush of %d items was refused (%s); flushing them one by one",
+                    self._name,
+                    len(items),
+                    exc,
+                )
+                self.isolations += 1
+                for entry in batch:
+                    await self._flush_batch([entry])
+                return
+            # The whole batch failed: every caller hears why.
             _log.warning("%s flush of %d items failed: %s", self._name, len(items), exc)
             for _, _, future in batch:
                 if not future.done():

@@ -1,4 +1,20 @@
-"""Coordinator configuration and the defaults a task gets when a submit leaves them out."""
+"""Coordinator configuration, validated when it is made, and the defaults a task gets.
+
+The timing rules (checked by :class:`CoordinatorConfig` itself, so every way of starting a
+coordinator gets them):
+
+- a worker heartbeats every ``heartbeat_interval``; each heartbeat is answered, so each
+  side of a worker stream hears from the other at least that often;
+- each side gives up on the other after ``liveness_timeout`` of silence (the worker is
+  told it in Welcome; the coordinator evicts the worker): at least two heartbeat
+  intervals, so one late message is no reason to cut a stream;
+- ``liveness_timeout + heartbeat_interval <= lease_duration``: a worker that gave up on a
+  silent (frozen, partitioned) leader still has a heartbeat interval to reach the next
+  leader and renew its leases before they expire, so the new leader does not take back
+  the work of healthy workers;
+- ``max_payload_bytes`` leaves room in a message of ``max_message_bytes`` for the rest of
+  an Assignment, so any payload accepted at submit can be delivered.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +30,20 @@ DEFAULT_RETRY_MAX_S = 300.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
 DEFAULT_RETRY_JITTER = 0.2
 
+MAX_MESSAGE_BYTES = 64 << 20
+"""gRPC message limit, both ways: room for a full SubmitTasks batch of large payloads."""
+ASSIGNMENT_HEADROOM = 64 << 10
+"""Bytes an Assignment may take besides its payload (labels, key, names, ...): the
+validation limits add up to about 22 KiB."""
+
+
+class ConfigError(ValueError):
+    """An invalid CoordinatorConfig; the message names the setting and the rule."""
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    """Settings of one coordinator process."""
+    """Settings of one coordinator process. Invalid settings raise :class:`ConfigError`."""
 
     dsn: str
     """PostgreSQL connection string."""
@@ -35,8 +61,14 @@ class CoordinatorConfig:
     """Seconds a task's lease lasts without a heartbeat before it is taken back."""
     heartbeat_interval: float = 10.0
     """Seconds between worker heartbeats (told to workers in Welcome)."""
+    liveness_timeout: float = 0.0
+    """Seconds of silence after which each side of a worker stream gives up on the other
+    (told to workers in Welcome). 0: ``lease_duration - heartbeat_interval``, the longest
+    the rules allow."""
     max_payload_bytes: int = 1 << 20
-    """Largest accepted task payload."""
+    """Largest accepted task payload (and task result)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Largest gRPC message sent or received."""
     reaper_interval: float = 1.0
     """Seconds between sweeps for expired leases."""
     poll_interval: float = 1.0
@@ -48,5 +80,81 @@ class CoordinatorConfig:
     """Most operations (submits, results, claimed tasks) written in one transaction."""
     max_pending_operations: int = 50_000
     """Submits and results waiting for a transaction beyond this are refused (backpressure)."""
+    max_backlog: int = 0
+    """Most unfinished tasks (pending, scheduled, running) the coordinator holds; submits
+    past it are refused with QUOTA_EXCEEDED and nothing is written. 0: no limit."""
+    backlog_refresh: float = 1.0
+    """Seconds between counts of unfinished tasks when ``max_backlog`` is set."""
     statement_timeout: float = 30.0
     """Seconds any one database round trip may take."""
+    keepalive_time: float = 20.0
+    """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
+    keepalive_timeout: float = 10.0
+    """Seconds a keepalive ping may go unanswered before the connection is closed."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid coordinator configuration: " + "; ".join(problems))
+
+    @property
+    def worker_liveness_timeout(self) -> float:
+        """``liveness_timeout``, with its default applied."""
+        return self.liveness_timeout or self.lease_duration - self.heartbeat_interval
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty when they are valid)."""
+        out: list[str] = []
+        if not self.dsn:
+            out.append("dsn is required (postgresql://...)")
+        positive = {
+            "lease_duration": self.lease_duration,
+            "heartbeat_interval": self.heartbeat_interval,
+            "election_ttl": self.election_ttl,
+            "reaper_interval": self.reaper_interval,
+            "poll_interval": self.poll_interval,
+            "statement_timeout": self.statement_timeout,
+            "keepalive_time": self.keepalive_time,
+            "keepalive_timeout": self.keepalive_timeout,
+            "backlog_refresh": self.backlog_refresh,
+        }
+        out += [f"{name} must be positive (got {value})" for name, value in positive.items()
+                if not value > 0]  # fmt: skip
+        if self.liveness_timeout < 0:
+            out.append(
+                f"liveness_timeout must be 0 (the default) or positive, got {self.liveness_timeout}"
+            )
+        if not 1 <= self.pool_min_size <= self.pool_max_size:
+            out.append(
+                f"pool sizes must satisfy 1 <= pool_min_size <= pool_max_size "
+                f"(got {self.pool_min_size} and {self.pool_max_size})"
+            )
+        for name, value in (("max_batch", self.max_batch),
+                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+            if value < 1:
+                out.append(f"{name} must be at least 1 (got {value})")
+        if self.max_backlog < 0:
+            out.append(f"max_backlog must be 0 (no limit) or positive, got {self.max_backlog}")
+        if out:
+            return out  # the relations below assume sane values
+        heartbeat, lease = self.heartbeat_interval, self.lease_duration
+        liveness = self.worker_liveness_timeout
+        if liveness < 2 * heartbeat:
+            out.append(
+                f"liveness timeout {liveness:g}s must be at least two heartbeat intervals "
+                f"(2 x {heartbeat:g}s): lower heartbeat_interval or raise lease_duration"
+            )
+        if liveness + heartbeat > lease:
+            out.append(
+                f"liveness timeout {liveness:g}s plus one heartbeat interval ({heartbeat:g}s) "
+                f"must not exceed lease_duration {lease:g}s, so a worker that gave up on a "
+                "silent leader can renew its leases with the next one before they expire"
+            )
+        limit = self.max_message_bytes - ASSIGNMENT_HEADROOM
+        if not 1 <= self.max_payload_bytes <= limit:
+            out.append(
+                f"max_payload_bytes must be between 1 and max_message_bytes - "
+                f"{ASSIGNMENT_HEADROOM} = {limit} so that every accepted payload fits in a "
+                f"message (got {self.max_payload_bytes})"
+            )
+        return out

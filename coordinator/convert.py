@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.coordinator.leases import LeaseKey
 from conveyor.coordinator.validation import NewTask
 from conveyor.v1 import task_pb2, worker_service_pb2
 
@@ -80,6 +82,7 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         priority=row["priority"],
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
+        uncounted_attempts=row["attempt_base"],
         idempotency_key=row["idempotency_key"] or "",
         run_at=maybe_timestamp(row["run_at"]),
         timeout=duration_ms(row["timeout_ms"]),
@@ -148,12 +151,14 @@ def attempt_from_row(row: Mapping[str, Any]) -> task_pb2.TaskAttempt:
     )
 
 
-def assignment_from_new(
-    task_id: uuid.UUID, task: NewTask, epoch: int, now: timestamp_pb2.Timestamp
-) -> worker_service_pb2.Assignment:
-    """The first attempt of a task just inserted as leased (the submit hand-off)."""
-    return worker_service_pb2.Assignment(
-        lease=worker_service_pb2.Lease(task_id=str(task_id), attempt=1, epoch=epoch),
+def add_assignment_from_new(
+    add: Callable[..., worker_service_pb2.Assignment], new: tuple[LeaseKey, NewTask, Timestamp]
+) -> None:
+    """Adds the first attempt of a task just inserted as leased (the submit hand-off):
+    ``new`` is (its lease, the task, the submit's time)."""
+    key, task, now = new
+    add(
+        lease=worker_service_pb2.Lease(task_id=key.task_id, attempt=key.attempt, epoch=key.epoch),
         queue=task.queue,
         type=task.type,
         payload=task.payload,
@@ -167,8 +172,11 @@ def assignment_from_new(
     )
 
 
-def assignment_from_row(row: Mapping[str, Any]) -> worker_service_pb2.Assignment:
-    return worker_service_pb2.Assignment(
+def add_assignment_from_row(
+    add: Callable[..., worker_service_pb2.Assignment], row: Mapping[str, Any]
+) -> None:
+    """Adds the Assignment of a claimed row (``store.tasks.ASSIGNMENT_COLUMNS``)."""
+    add(
         lease=worker_service_pb2.Lease(
             task_id=str(row["id"]), attempt=row["attempt"], epoch=row["lease_epoch"]
         ),

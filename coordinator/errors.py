@@ -1,20 +1,59 @@
-"""Domain errors of the coordinator and their one mapping to gRPC statuses.
+"""Domain errors of the coordinator, and the one table that turns any exception into a status.
 
 Every error leaves as a gRPC status with a ``google.rpc.ErrorInfo`` (domain ``conveyor.dev``,
-reason the ``conveyor.v1.ErrorReason`` name without its prefix) and, where it helps,
-``BadRequest`` field violations or ``RetryInfo``.
+reason the ``conveyor.v1.ErrorReason`` name without its ``ERROR_REASON_`` prefix) and, where
+it helps, ``BadRequest`` field violations, ``QuotaFailure`` or ``RetryInfo``. Handlers only
+raise: the error interceptor (``coordinator/intercept_errors.py``) calls :func:`to_status`.
+
+``ErrorReason`` is the catalog: each value (but UNSPECIFIED) has exactly one
+:class:`ConveyorError` subclass here, which names it in ``reason`` (a unit test walks the
+enum). Store failures are not domain errors; :func:`domain_error` maps them:
+
+=====================================================  =========================================
+exception                                              becomes
+=====================================================  =========================================
+``ConveyorError``                                      itself
+``Fenced`` (this coordinator's epoch is stale)          NOT_LEADER (UNAVAILABLE, RetryInfo)
+PostgreSQL restarting / shutting down (57P01 57P02      STORE_UNAVAILABLE (UNAVAILABLE, RetryInfo)
+57P03), too many connections or no resources (53*),
+deadlock (40P01), serialization failure (40001),
+lock not available (55P03), a statement timeout
+(57014), a lost connection (08*, OSError, asyncpg
+InterfaceError, TimeoutError)
+a value PostgreSQL refused (22*, 54*): validation       INVALID_ARGUMENT (the request alone)
+should have caught it, so it is logged as a bug
+anything else                                          INTERNAL, logged with its traceback
+=====================================================  =========================================
+
+A lost connection while a write may have been committing is not "retry shortly": the
+write paths raise :class:`OutcomeUnknown` for it themselves (see ``store/db.py``).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
+import asyncpg
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from conveyor.v1 import errors_pb2
+
 DOMAIN = "conveyor.dev"
+_REASON_PREFIX = "ERROR_REASON_"
+
+_log = logging.getLogger("conveyor.coordinator.errors")
+
+
+def reason_name(reason: errors_pb2.ErrorReason.ValueType) -> str:
+    """The wire name of an ErrorReason value: ``TASK_NOT_FOUND`` for ERROR_REASON_TASK_NOT_FOUND."""
+    return errors_pb2.ErrorReason.Name(reason).removeprefix(_REASON_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -26,10 +65,10 @@ class FieldViolation:
 
 
 class ConveyorError(Exception):
-    """Root of the coordinator's domain errors; each subclass maps to one status code."""
+    """Root of the coordinator's domain errors; each subclass names one ErrorReason."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "UNSPECIFIED"
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[errors_pb2.ErrorReason.ValueType] = errors_pb2.ERROR_REASON_UNSPECIFIED
     retry_after: float | None = None
     """Seconds the caller should wait before retrying, sent as RetryInfo; None if pointless."""
 
@@ -38,21 +77,28 @@ class ConveyorError(Exception):
         self.message = message
         self.metadata = metadata or {}
 
+    def extra_details(self) -> Sequence[Message]:
+        """google.rpc detail messages besides ErrorInfo and RetryInfo."""
+        return ()
+
 
 class InvalidArgument(ConveyorError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
+    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
         more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
         super().__init__(f"invalid request: {summary}{more}")
-        self.violations = violations
+        self.violations = list(violations)
+
+    def extra_details(self) -> Sequence[Message]:
+        return [_bad_request(self.violations)]
 
 
 class TaskNotFound(ConveyorError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = "TASK_NOT_FOUND"
+    reason = errors_pb2.ERROR_REASON_TASK_NOT_FOUND
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} does not exist", metadata={"task_id": task_id})
@@ -60,7 +106,7 @@ class TaskNotFound(ConveyorError):
 
 class IdempotencyKeyConflict(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "IDEMPOTENCY_KEY_CONFLICT"
+    reason = errors_pb2.ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT
 
     def __init__(self, key: str, existing_task_id: str) -> None:
         super().__init__(
@@ -72,7 +118,7 @@ class IdempotencyKeyConflict(ConveyorError):
 
 class InvalidState(ConveyorError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "INVALID_STATE"
+    reason = errors_pb2.ERROR_REASON_INVALID_STATE
 
     def __init__(self, task_id: str, state: str, action: str) -> None:
         super().__init__(
@@ -81,41 +127,9 @@ class InvalidState(ConveyorError):
         )
 
 
-class ScheduleNotFound(ConveyorError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "SCHEDULE_NOT_FOUND"
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"schedule {name!r} does not exist", metadata={"name": name})
-
-
-class ScheduleAlreadyExists(ConveyorError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "SCHEDULE_ALREADY_EXISTS"
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"a schedule named {name!r} exists already; pick another name, or change it "
-            "with UpdateSchedule",
-            metadata={"name": name},
-        )
-
-
-class EtagMismatch(ConveyorError):
-    code = grpc.StatusCode.ABORTED
-    reason = "ETAG_MISMATCH"
-
-    def __init__(self, what: str, sent: str, current: str) -> None:
-        super().__init__(
-            f"{what} changed since it was read (etag {sent!r}, now {current!r}); read it "
-            "again and retry",
-            metadata={"etag": current},
-        )
-
-
 class NotLeader(ConveyorError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "NOT_LEADER"
+    reason = errors_pb2.ERROR_REASON_NOT_LEADER
 
     def __init__(self, leader_address: str = "") -> None:
         where = f"; the leader is at {leader_address}" if leader_address else ""
@@ -128,69 +142,248 @@ class NotLeader(ConveyorError):
         self.retry_after = 0.05 if leader_address else 0.25
 
 
-class StoreUnavailable(ConveyorError):
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "STORE_UNAVAILABLE"
-    retry_after = 1.0
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"PostgreSQL is unavailable ({detail}); retry shortly")
-
-
 class Overloaded(ConveyorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "OVERLOADED"
+    reason = errors_pb2.ERROR_REASON_OVERLOADED
     retry_after = 0.2
 
     def __init__(self, what: str) -> None:
         super().__init__(f"the coordinator is overloaded ({what}); retry with backoff")
 
 
-class Fenced(ConveyorError):
-    """This coordinator's epoch is no longer the leader's: it must not write."""
-
+class StoreUnavailable(ConveyorError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "NOT_LEADER"
-    retry_after = 0.5
+    reason = errors_pb2.ERROR_REASON_STORE_UNAVAILABLE
+    retry_after = 1.0
 
-    def __init__(self, own_epoch: int, current_epoch: int | None) -> None:
-        super().__init__(
-            f"leadership lost: own epoch {own_epoch}, current epoch {current_epoch}",
-            metadata={"leader_address": ""},
-        )
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"PostgreSQL is unavailable ({detail}); retry shortly")
 
 
 class ProtocolViolation(ConveyorError):
+    """The worker broke the protocol; the stream is closed (BadRequest names the fields)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "PROTOCOL_VIOLATION"
+    reason = errors_pb2.ERROR_REASON_PROTOCOL_VIOLATION
+
+    def __init__(self, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+        super().__init__(message)
+        self.violations = list(violations)
+
+    def extra_details(self) -> Sequence[Message]:
+        return [_bad_request(self.violations)] if self.violations else ()
+
+
+class ScheduleNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_SCHEDULE_NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"schedule {name!r} does not exist", metadata={"name": name})
+
+
+class ScheduleAlreadyExists(ConveyorError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = errors_pb2.ERROR_REASON_SCHEDULE_ALREADY_EXISTS
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a schedule named {name!r} exists already; pick another name, or change it "
+            "with UpdateSchedule",
+            metadata={"name": name},
+        )
+
+
+class EtagMismatch(ConveyorError):
+    code = grpc.StatusCode.ABORTED
+    reason = errors_pb2.ERROR_REASON_ETAG_MISMATCH
+
+    def __init__(self, what: str, sent: str, current: str) -> None:
+        super().__init__(
+            f"{what} changed since it was read (etag {sent!r}, now {current!r}); read it "
+            "again and retry",
+            metadata={"etag": current},
+        )
+
+
+class OutcomeUnknown(ConveyorError):
+    """The store connection broke while a write was committing: it may have been applied.
+
+    UNAVAILABLE (the coordinator could not finish), but without RetryInfo: a blind resend
+    may duplicate the write; resending is safe only with an idempotency key.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = errors_pb2.ERROR_REASON_OUTCOME_UNKNOWN
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the connection to PostgreSQL broke while the write was committing ({detail}): "
+            "it may or may not have been applied. Read the state back, or resend with an "
+            "idempotency key (a resend without one may duplicate it)"
+        )
+
+
+class WorkerIdInUse(ConveyorError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = errors_pb2.ERROR_REASON_WORKER_ID_IN_USE
+
+    def __init__(self, worker_id: str, hostname: str, pid: int, retry_after: float) -> None:
+        super().__init__(
+            f"worker id {worker_id!r} is in use by a live worker process (host {hostname!r}, "
+            f"pid {pid}); give each worker process its own id (the SDK's default does). If "
+            f"that process has exited, its session ends within {retry_after:.0f}s",
+            metadata={"worker_id": worker_id},
+        )
+
+
+class QuotaExceeded(ConveyorError):
+    """A limit was reached; nothing was written. QuotaFailure names the limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = errors_pb2.ERROR_REASON_QUOTA_EXCEEDED
+
+    def __init__(self, subject: str, description: str, retry_after: float) -> None:
+        super().__init__(f"{description}; nothing was written, retry later")
+        self.subject = subject
+        self.description = description
+        self.retry_after = retry_after
+
+    def extra_details(self) -> Sequence[Message]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=self.subject, description=self.description
+        )
+        return [error_details_pb2.QuotaFailure(violations=[violation])]
+
+
+class Fenced(Exception):
+    """This coordinator's epoch is no longer the leader's: it must not write.
+
+    Internal: the loops that meet it step down; an API call that meets it answers
+    NOT_LEADER (see :func:`domain_error`).
+    """
+
+    def __init__(self, own_epoch: int) -> None:
+        super().__init__(f"leadership lost: epoch {own_epoch} is no longer current")
+        self.own_epoch = own_epoch
+
+
+# -- store failures ------------------------------------------------------------------------
+
+# SQLSTATEs after which the same request may well succeed shortly: the server is
+# restarting or short of resources, or this transaction lost a race. (Class 08, a lost
+# connection, is recognised by prefix.)
+RETRYABLE_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown: the server is stopping or restarting
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now: starting up or in recovery
+        "57014",  # query_canceled: our statement_timeout
+        "53000",  # insufficient_resources
+        "53100",  # disk_full
+        "53200",  # out_of_memory
+        "53300",  # too_many_connections
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+    }
+)
+# Classes of values PostgreSQL refuses (data exceptions, program limits): the request's own.
+_REFUSED_VALUE_CLASSES = ("22", "54")
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")
+
+
+def is_connection_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection broke (or timed out) mid-conversation.
+
+    After such an error a statement that was on its way, or a COMMIT, may or may not
+    have been applied by the server.
+    """
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    state = _sqlstate(exc)
+    return state.startswith("08") or state in ("57P01", "57P02", "57014")
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """Whether ``exc`` proves that the failed statement or transaction left no trace.
+
+    True for errors the server reported about a statement while the connection stayed
+    up: it rolled the transaction back. False for connection losses, where it is unknown.
+    """
+    return isinstance(exc, asyncpg.PostgresError) and not is_connection_loss(exc)
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage of (or refusal by) the store, rather than a bug here."""
+    return isinstance(exc, asyncpg.PostgresError) or is_connection_loss(exc)
+
+
+def domain_error(exc: BaseException) -> ConveyorError | None:
+    """The domain error an exception stands for (the table in the module docstring).
+
+    None for an exception that is no known failure: a bug, which leaves as INTERNAL.
+    """
+    if isinstance(exc, ConveyorError):
+        return exc
+    if isinstance(exc, Fenced):
+        return NotLeader("")
+    state = _sqlstate(exc)
+    if state.startswith(_REFUSED_VALUE_CLASSES):
+        _log.error(
+            "PostgreSQL refused a value that validation let through (a bug: validate it): %s",
+            exc,
+        )
+        return InvalidArgument([FieldViolation("request", f"refused by the database: {exc}")])
+    if state == "57014":
+        return StoreUnavailable(f"a statement timed out: {exc}")
+    if is_connection_loss(exc) or state in RETRYABLE_SQLSTATES:
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    return None
+
+
+# -- the status ----------------------------------------------------------------------------
+
+
+def _bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ]
+    )
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
 
 
 def to_status(error: ConveyorError) -> grpc.Status:
-    """Builds the rich gRPC status for a domain error."""
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    packed = any_pb2.Any()
-    packed.Pack(info)
-    details.append(packed)
-    if isinstance(error, InvalidArgument):
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        details.append(packed)
+    """The rich gRPC status of a domain error."""
+    info = error_details_pb2.ErrorInfo(
+        reason=reason_name(error.reason), domain=DOMAIN, metadata=error.metadata
+    )
+    details = [_pack(info), *(_pack(d) for d in error.extra_details())]
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(packed)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(
         code=getattr(code_pb2, error.code.name), message=error.message, details=details
+    )
+    return rpc_status.to_status(status)
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    """The status of a bug: INTERNAL, pointing at the coordinator's log."""
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error in the coordinator (request {request_id}); its log has the "
+        "traceback. This is a bug: please report it",
     )
     return rpc_status.to_status(status)

@@ -30,7 +30,6 @@ keeps them apart), so one batch's planning overlaps another's round trips.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -52,13 +51,13 @@ from conveyor.coordinator.cron import (
     plan,
     utc_now,
 )
-from conveyor.coordinator.errors import Fenced
+from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.schedule_validation import template_task
-from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
-from conveyor.coordinator.store.leadership import Fence
+from conveyor.coordinator.store.tasks import NewRow
+from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.validation import NewTask
 
 _log = logging.getLogger("conveyor.coordinator.schedules")
@@ -101,14 +100,12 @@ class _Firing:
     template: _Compiled
 
 
-class ScheduleFirer:
-    """Fires due schedules while this coordinator leads.
+class ScheduleFirer(Service):
+    """Fires due schedules while this coordinator leads (a supervised service).
 
     Args:
-        fence: The leader's fencing token, checked in every firing transaction.
-        on_ready: Called with (tenant, queue) after a commit put tasks on the queue.
-        on_fenced: Called once when a newer epoch fenced this coordinator off; the firer
-            has stopped by then.
+        deps: The coordinator's services; the firer fences every firing transaction
+            with the office's token, and is woken when a client changes a schedule.
         now: The clock (an aware UTC datetime), injectable for tests.
         batch_size: Schedules locked and fired per statement (a transaction that prepares
             ahead may take several batches before it commits).
@@ -125,13 +122,12 @@ class ScheduleFirer:
             one future tick); 0 turns preparing ahead off.
     """
 
+    name = "schedule-firer"
+
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        deps: Deps,
         *,
-        fence: Callable[[], Fence],
-        on_ready: Callable[[str, str], None],
-        on_fenced: Callable[[Fenced], None],
         now: Callable[[], datetime] = utc_now,
         batch_size: int = 1000,
         parallel: int = 2,
@@ -144,10 +140,7 @@ class ScheduleFirer:
             raise ValueError("batch_size and parallel must be positive")
         if not 0 <= max_lookahead < 1:
             raise ValueError("max_lookahead must be at least 0 and below 1 second")
-        self._pool = pool
-        self._fence = fence
-        self._on_ready = on_ready
-        self._on_fenced = on_fenced
+        super().__init__(deps)
         self.now = now
         self.batch_size = batch_size
         self.parallel = parallel
@@ -157,13 +150,12 @@ class ScheduleFirer:
         self.max_lookahead = max_lookahead
         self.lookahead = min(max_lookahead, _MIN_LOOKAHEAD)
         """Current lookahead (seconds), adapted to how long preparing a round takes."""
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._cache: dict[uuid.UUID, _Compiled] = {}
         self._prepared = 0.0
         self.started: datetime | None = None
         self.fired = 0
         """Tasks submitted since start (for tests and metrics)."""
+        deps.events.on_schedules_changed(self.wake)
 
     @property
     def missed_before(self) -> datetime:
@@ -173,38 +165,12 @@ class ScheduleFirer:
 
     def start(self) -> None:
         """Starts the loop; call after taking office."""
-        self.started = self.now()
-        self._task = asyncio.create_task(self._loop(), name="schedule-firer")
+        if not self.running:
+            self.started = self.now()
+        super().start()
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    def wake(self) -> None:
-        """Makes the loop look for due schedules now (one was created, changed or resumed)."""
-        self._wakeup.set()
-
-    async def _loop(self) -> None:
-        failures = 0
-        while True:
-            self._wakeup.clear()
-            try:
-                delay = await self.run_once()
-                failures = 0
-            except Fenced as exc:
-                self._task = None
-                self._on_fenced(exc)
-                return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
-                _log.warning("firing schedules failed (%s); retrying in %.1fs", exc, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), delay)
+    async def step(self) -> float:
+        return await self.run_once()
 
     async def run_once(self) -> float:
         """Fires every schedule due now; returns how long to sleep before the next round.
@@ -227,7 +193,7 @@ class ScheduleFirer:
             # Start the next round early enough for this round's amount of work.
             wanted = _LOOKAHEAD_MARGIN * self._prepared + _MIN_LOOKAHEAD
             self.lookahead = min(self.max_lookahead, max(wanted, 0.8 * self.lookahead))
-        async with self._pool.acquire() as conn:
+        async with self.deps.db.read() as conn:
             allow, other = await store.next_wake(conn)
         wakes = [w for w in (other, allow and allow - timedelta(seconds=self.lookahead)) if w]
         if not wakes:
@@ -245,8 +211,7 @@ class ScheduleFirer:
         more = True
         while more:
             firings: list[_Firing] = []
-            async with self._pool.acquire() as conn, conn.transaction():
-                await leadership.check_epoch(conn, self._fence())
+            async with self.deps.db.write(self.deps.office.fence()) as conn:
                 target: datetime | None = None
                 while more:
                     rows = await store.due(conn, now, horizon, self.batch_size)
@@ -328,7 +293,9 @@ class ScheduleFirer:
         for f in firings:
             key = idempotency_key(f.schedule_id, f.tick)
             keys[(f.tenant, key)] = f
-            rows.append((f.tenant, f.task_id, _with_key(f.template.fields, key), pending, f.tick))
+            rows.append(
+                NewRow(f.tenant, f.task_id, _with_key(f.template.fields, key), pending, f.tick)
+            )
         # In key order, the unique index on keys takes the batch leaf by leaf instead of
         # at random places: measurably less work for PostgreSQL.
         rows.sort(key=_row_key)
@@ -371,7 +338,7 @@ class ScheduleFirer:
             return
         self.fired += len(firings)
         for tenant, queue in {(f.tenant, f.template.task.queue) for f in firings}:
-            self._on_ready(tenant, queue)
+            self.deps.events.ready(tenant, queue)
 
 
 def _advance(
@@ -389,8 +356,8 @@ def _advance(
     )
 
 
-def _row_key(row: tuple[str, uuid.UUID, NewTask, int, datetime]) -> tuple[str, str]:
-    return (row[0], row[2].idempotency_key or "")
+def _row_key(row: NewRow) -> tuple[str, str]:
+    return (row.tenant, row.task.idempotency_key or "")
 
 
 _KEYED = frozenset({"idempotency_key", "request_hash"})

@@ -1,6 +1,8 @@
-"""``TaskService``'s schedule methods, as a mixin that ``TaskServicer`` inherits.
+"""The schedule half of ``TaskService``: its own service object, built in one step.
 
-Every write checks the leader's epoch in its transaction (a schedule's cursor is
+``TaskServicer`` (the wire API, unchanged: schedules are TaskService methods) delegates
+CreateSchedule, GetSchedule, ListSchedules, UpdateSchedule, DeleteSchedule, PauseSchedule
+and ResumeSchedule here. Every write runs in a fenced transaction (a schedule's cursor is
 dispatch-side state) and wakes the firer after its commit, so a new or resumed schedule
 fires its first tick on time without waiting for the firer's next round.
 """
@@ -10,27 +12,23 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 
 import asyncpg
-import grpc
 
-from conveyor.coordinator import convert
+from conveyor.coordinator import context, convert
 from conveyor.coordinator import schedule_validation as check
-from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.cron import compile_cron, first_tick, next_fire_times, utc_now
+from conveyor.coordinator.cron import compile_cron, first_tick, next_fire_times
+from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import (
     EtagMismatch,
     ScheduleAlreadyExists,
     ScheduleNotFound,
 )
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.leader_rpc import leader_rpc
 from conveyor.coordinator.schedule_firer import idempotency_key
-from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
-from conveyor.coordinator.store.leadership import Fence
 from conveyor.v1 import schedule_pb2
 
 _log = logging.getLogger("conveyor.coordinator.schedule_service")
@@ -39,89 +37,62 @@ NEXT_FIRE_TIMES = 5
 RECENT_FIRINGS = 10
 
 
-def _noop() -> None:
-    return None
+def _first(spec_tick: datetime | None, end: datetime | None) -> datetime | None:
+    """The first tick, unless the schedule ends before it."""
+    if spec_tick is not None and end is not None and spec_tick >= end:
+        return None
+    return spec_tick
 
 
-@dataclass(frozen=True)
-class ScheduleHooks:
-    """What the schedule methods need beyond TaskServicer's own state."""
+class ScheduleService:
+    """The schedule methods; ``now`` is the firer's clock (for first ticks)."""
 
-    on_change: Callable[[], None] = _noop
-    """Called after a commit that created, changed or resumed a schedule (wakes the firer)."""
-    now: Callable[[], datetime] = utc_now
-    """The clock (the firer's), for first ticks."""
+    def __init__(self, deps: Deps, *, now: Callable[[], datetime]) -> None:
+        self._deps = deps
+        self._now = now
 
+    def _write(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A fenced transaction: a schedule's cursor is dispatch-side state."""
+        return self._deps.db.write(self._deps.office.fence())
 
-class ScheduleServiceMixin:
-    """CreateSchedule, GetSchedule, ListSchedules, UpdateSchedule, DeleteSchedule,
-    PauseSchedule and ResumeSchedule."""
-
-    # Set by TaskServicer.__init__.
-    _pool: asyncpg.Pool
-    _config: CoordinatorConfig
-    _fence: Callable[[], Fence]
-    _is_leader: Callable[[], bool]
-    _leader_address: Callable[[], str]
-
-    schedule_hooks: ScheduleHooks = ScheduleHooks()
-
-    def configure_schedules(self, hooks: ScheduleHooks) -> None:
-        self.schedule_hooks = hooks
-
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
-        raise NotImplementedError  # TaskServicer's
-
-    @leader_rpc
-    async def CreateSchedule(
-        self,
-        request: schedule_pb2.CreateScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def create(
+        self, request: schedule_pb2.CreateScheduleRequest
     ) -> schedule_pb2.CreateScheduleResponse:
-        tenant = self._tenant(context)
+        tenant = context.current().tenant
         valid = check.validate_schedule(
-            request.schedule, tenant=tenant, max_payload_bytes=self._config.max_payload_bytes
+            request.schedule,
+            tenant=tenant,
+            max_payload_bytes=self._deps.config.max_payload_bytes,
         )
-        now = self.schedule_hooks.now()
-        first = first_tick(valid.spec, now, valid.row.start_time)
-        if first is not None and valid.row.end_time is not None and first >= valid.row.end_time:
-            first = None
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await leadership.check_epoch(conn, self._fence())
-                row = await store.insert(
-                    conn, uuid7(), valid.row, paused=valid.paused, next_fire_time=first, now=now
-                )
-            if row is None:
-                raise ScheduleAlreadyExists(valid.row.name)
-            self.schedule_hooks.on_change()
-            schedule = await self._schedule_messages(conn, tenant, [row])
-        return schedule_pb2.CreateScheduleResponse(schedule=schedule[0])
+        now = self._now()
+        first = _first(first_tick(valid.spec, now, valid.row.start_time), valid.row.end_time)
+        async with self._write() as conn:
+            row = await store.insert(
+                conn, uuid7(), valid.row, paused=valid.paused, next_fire_time=first, now=now
+            )
+        if row is None:
+            raise ScheduleAlreadyExists(valid.row.name)
+        self._deps.events.schedules_changed()
+        return schedule_pb2.CreateScheduleResponse(schedule=await self._message(tenant, row))
 
-    @leader_rpc
-    async def GetSchedule(
-        self,
-        request: schedule_pb2.GetScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def get(
+        self, request: schedule_pb2.GetScheduleRequest
     ) -> schedule_pb2.GetScheduleResponse:
         name = check.validate_name(request.name)
-        tenant = self._tenant(context)
-        async with self._pool.acquire() as conn:
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
             row = await store.get(conn, tenant, name)
             if row is None:
                 raise ScheduleNotFound(name)
-            schedule = await self._schedule_messages(conn, tenant, [row])
-        return schedule_pb2.GetScheduleResponse(schedule=schedule[0])
+            (schedule,) = await self._schedule_messages(conn, tenant, [row])
+        return schedule_pb2.GetScheduleResponse(schedule=schedule)
 
-    @leader_rpc
-    async def ListSchedules(
-        self,
-        request: schedule_pb2.ListSchedulesRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def list_page(
+        self, request: schedule_pb2.ListSchedulesRequest
     ) -> schedule_pb2.ListSchedulesResponse:
         page = check.validate_list(request.page_size, request.page_token)
-        tenant = self._tenant(context)
-        async with self._pool.acquire() as conn:
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
             rows = await store.list_page(conn, tenant, page.after_name, page.page_size)
             more = len(rows) > page.page_size
             rows = rows[: page.page_size]
@@ -131,98 +102,74 @@ class ScheduleServiceMixin:
             next_page_token=check.page_token(rows[-1]["name"]) if more else "",
         )
 
-    @leader_rpc
-    async def UpdateSchedule(
-        self,
-        request: schedule_pb2.UpdateScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def update(
+        self, request: schedule_pb2.UpdateScheduleRequest
     ) -> schedule_pb2.UpdateScheduleResponse:
         name = check.validate_name(request.schedule.name, "schedule.name")
-        tenant = self._tenant(context)
-        now = self.schedule_hooks.now()
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await leadership.check_epoch(conn, self._fence())
-                current = await store.get(conn, tenant, name, for_update=True)
-                if current is None:
-                    raise ScheduleNotFound(name)
-                etag = _etag(current)
-                if request.schedule.etag and request.schedule.etag != etag:
-                    raise EtagMismatch(f"schedule {name!r}", request.schedule.etag, etag)
-                merged, restart = check.apply_mask(
-                    _stored_message(current), request.schedule, request.update_mask
+        tenant = context.current().tenant
+        now = self._now()
+        async with self._write() as conn:
+            current = await _locked(conn, tenant, name)
+            etag = _etag(current)
+            if request.schedule.etag and request.schedule.etag != etag:
+                raise EtagMismatch(f"schedule {name!r}", request.schedule.etag, etag)
+            merged, restart = check.apply_mask(
+                _stored_message(current), request.schedule, request.update_mask
+            )
+            valid = check.validate_schedule(
+                merged, tenant=tenant, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            first = None
+            if restart:
+                first = _first(
+                    first_tick(valid.spec, now, valid.row.start_time), valid.row.end_time
                 )
-                valid = check.validate_schedule(
-                    merged, tenant=tenant, max_payload_bytes=self._config.max_payload_bytes
-                )
-                first = None
-                if restart:
-                    first = first_tick(valid.spec, now, valid.row.start_time)
-                    end = valid.row.end_time
-                    if first is not None and end is not None and first >= end:
-                        first = None
-                row = await store.update(
-                    conn, current["id"], valid.row, restart=restart, next_fire_time=first, now=now
-                )
-            self.schedule_hooks.on_change()
-            schedule = await self._schedule_messages(conn, tenant, [row])
-        return schedule_pb2.UpdateScheduleResponse(schedule=schedule[0])
+            row = await store.update(
+                conn, current["id"], valid.row, restart=restart, next_fire_time=first, now=now
+            )
+        self._deps.events.schedules_changed()
+        return schedule_pb2.UpdateScheduleResponse(schedule=await self._message(tenant, row))
 
-    @leader_rpc
-    async def DeleteSchedule(
-        self,
-        request: schedule_pb2.DeleteScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def delete(
+        self, request: schedule_pb2.DeleteScheduleRequest
     ) -> schedule_pb2.DeleteScheduleResponse:
         name = check.validate_name(request.name)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, self._fence())
-            deleted = await store.delete(conn, self._tenant(context), name)
+        async with self._write() as conn:
+            deleted = await store.delete(conn, context.current().tenant, name)
         if not deleted:
             raise ScheduleNotFound(name)
         return schedule_pb2.DeleteScheduleResponse()
 
-    @leader_rpc
-    async def PauseSchedule(
-        self,
-        request: schedule_pb2.PauseScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def pause(
+        self, request: schedule_pb2.PauseScheduleRequest
     ) -> schedule_pb2.PauseScheduleResponse:
         name = check.validate_name(request.name)
-        tenant = self._tenant(context)
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await leadership.check_epoch(conn, self._fence())
-                row = await store.pause(conn, tenant, name, self.schedule_hooks.now())
-            if row is None:
-                raise ScheduleNotFound(name)
-            schedule = await self._schedule_messages(conn, tenant, [row])
-        return schedule_pb2.PauseScheduleResponse(schedule=schedule[0])
+        tenant = context.current().tenant
+        async with self._write() as conn:
+            row = await store.pause(conn, tenant, name, self._now())
+        if row is None:
+            raise ScheduleNotFound(name)
+        return schedule_pb2.PauseScheduleResponse(schedule=await self._message(tenant, row))
 
-    @leader_rpc
-    async def ResumeSchedule(
-        self,
-        request: schedule_pb2.ResumeScheduleRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    async def resume(
+        self, request: schedule_pb2.ResumeScheduleRequest
     ) -> schedule_pb2.ResumeScheduleResponse:
         name = check.validate_name(request.name)
-        tenant = self._tenant(context)
-        now = self.schedule_hooks.now()
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await leadership.check_epoch(conn, self._fence())
-                row = await store.get(conn, tenant, name, for_update=True)
-                if row is None:
-                    raise ScheduleNotFound(name)
-                if row["paused"]:
-                    spec = compile_cron(row["cron"], row["time_zone"])
-                    first = first_tick(spec, now, row["start_time"])
-                    if first is not None and row["end_time"] is not None:
-                        first = first if first < row["end_time"] else None
-                    row = await store.resume(conn, tenant, row["id"], first, now)
-            self.schedule_hooks.on_change()
-            schedule = await self._schedule_messages(conn, tenant, [row])
-        return schedule_pb2.ResumeScheduleResponse(schedule=schedule[0])
+        tenant = context.current().tenant
+        now = self._now()
+        async with self._write() as conn:
+            row = await _locked(conn, tenant, name)
+            if row["paused"]:
+                spec = compile_cron(row["cron"], row["time_zone"])
+                first = _first(first_tick(spec, now, row["start_time"]), row["end_time"])
+                row = await store.resume(conn, tenant, row["id"], first, now)
+        self._deps.events.schedules_changed()
+        return schedule_pb2.ResumeScheduleResponse(schedule=await self._message(tenant, row))
+
+    async def _message(self, tenant: str, row: asyncpg.Record) -> schedule_pb2.Schedule:
+        async with self._deps.db.read() as conn:
+            (schedule,) = await self._schedule_messages(conn, tenant, [row])
+        return schedule
 
     async def _schedule_messages(
         self, conn: asyncpg.Connection, tenant: str, rows: Sequence[asyncpg.Record]
@@ -233,7 +180,7 @@ class ScheduleServiceMixin:
         its cursor), and its latest firing whatever its tick (keeping a list on the row
         would rewrite it at every tick).
         """
-        now = self.schedule_hooks.now()
+        now = self._now()
         keys: dict[str, tuple[uuid.UUID, datetime]] = {}
         for row in rows:
             spec = compile_cron(row["cron"], row["time_zone"])
@@ -277,6 +224,14 @@ class ScheduleServiceMixin:
             )
             out.append(message)
         return out
+
+
+async def _locked(conn: asyncpg.Connection, tenant: str, name: str) -> asyncpg.Record:
+    """The schedule, locked for the transaction; ScheduleNotFound when there is none."""
+    row = await store.get(conn, tenant, name, for_update=True)
+    if row is None:
+        raise ScheduleNotFound(name)
+    return row
 
 
 def _etag(row: asyncpg.Record) -> str:

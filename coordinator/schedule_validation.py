@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import field_mask_pb2
@@ -29,9 +28,11 @@ from conveyor.coordinator.errors import FieldViolation, InvalidArgument
 from conveyor.coordinator.store.schedules import ScheduleRow
 from conveyor.coordinator.validation import (
     DEFAULT_PAGE_SIZE,
-    MAX_NAME_LENGTH,
     MAX_PAGE_SIZE,
     NewTask,
+    check_text,
+    check_timestamp,
+    name_problem,
     validate_submit,
 )
 from conveyor.v1 import schedule_pb2, task_service_pb2
@@ -40,7 +41,7 @@ DEFAULT_TIME_ZONE = "UTC"
 DEFAULT_CATCH_UP_LIMIT = 100
 MAX_CATCH_UP_LIMIT = 10_000
 MAX_CRON_LENGTH = 256
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/]*$")
+MAX_TIME_ZONE_LENGTH = 64
 
 # UpdateSchedule's mask: the fields a client may change (name, paused and the output-only
 # fields may not), and the template's fields, which may also be named one by one.
@@ -71,15 +72,10 @@ class ValidSchedule:
 def check_name(value: str, field: str, out: list[FieldViolation]) -> None:
     if not value:
         out.append(FieldViolation(field, "must not be empty"))
-    elif len(value) > MAX_NAME_LENGTH:
-        out.append(FieldViolation(field, f"must be at most {MAX_NAME_LENGTH} characters"))
-    elif not _NAME.match(value):
-        out.append(
-            FieldViolation(
-                field,
-                "must start with a letter or digit and contain only letters, digits and _ . : - /",
-            )
-        )
+        return
+    problem = name_problem(value)
+    if problem is not None:
+        out.append(FieldViolation(field, problem))
 
 
 def validate_name(value: str, field: str = "name") -> str:
@@ -120,16 +116,36 @@ def template_task(template: bytes) -> NewTask:
 def _timestamp(msg: Any, name: str, field: str, out: list[FieldViolation]) -> datetime | None:
     if not msg.HasField(name):
         return None
-    value = getattr(msg, name)
-    if not 0 <= value.nanos <= 999_999_999:
-        out.append(FieldViolation(field, "is not a valid timestamp"))
-        return None
+    return check_timestamp(getattr(msg, name), field, out)
+
+
+def _check_cron(cron: str, field: str, out: list[FieldViolation]) -> bool:
+    before = len(out)
+    check_text(cron, field, out, max_length=MAX_CRON_LENGTH)
+    if len(out) > before:
+        return False
+    if not cron.strip():
+        out.append(FieldViolation(field, "must not be empty"))
+        return False
     try:
-        result: datetime = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        out.append(FieldViolation(field, "is out of range"))
-        return None
-    return result
+        compile_cron(cron.strip(), DEFAULT_TIME_ZONE)
+    except CronError as exc:
+        out.append(FieldViolation(field, f"{cron!r} {exc}"))
+        return False
+    return True
+
+
+def _check_time_zone(time_zone: str, field: str, out: list[FieldViolation]) -> bool:
+    before = len(out)
+    check_text(time_zone, field, out, max_length=MAX_TIME_ZONE_LENGTH)
+    if len(out) > before:
+        return False
+    try:
+        compile_cron("0 0 * * *", time_zone)
+    except CronError as exc:
+        out.append(FieldViolation(field, str(exc)))
+        return False
+    return True
 
 
 def validate_schedule(
@@ -143,20 +159,9 @@ def validate_schedule(
     check_name(msg.name, prefix + "name", out)
     spec: CronSpec | None = None
     time_zone = msg.time_zone or DEFAULT_TIME_ZONE
-    if not msg.cron.strip():
-        out.append(FieldViolation(prefix + "cron", "must not be empty"))
-    elif len(msg.cron) > MAX_CRON_LENGTH:
-        out.append(FieldViolation(prefix + "cron", f"must be at most {MAX_CRON_LENGTH} characters"))
-    else:
-        try:
-            compile_cron(msg.cron.strip(), DEFAULT_TIME_ZONE)
-        except CronError as exc:
-            out.append(FieldViolation(prefix + "cron", f"{msg.cron!r} {exc}"))
-    try:
-        compile_cron("0 0 * * *", time_zone)
-    except CronError as exc:
-        out.append(FieldViolation(prefix + "time_zone", str(exc)))
-    if not out:
+    cron_ok = _check_cron(msg.cron, prefix + "cron", out)
+    zone_ok = _check_time_zone(time_zone, prefix + "time_zone", out)
+    if cron_ok and zone_ok:
         spec = compile_cron(msg.cron.strip(), time_zone)
 
     template_prefix = prefix + "task_template."
@@ -275,6 +280,8 @@ def validate_list(page_size: int, page_token: str) -> ListPage:
         try:
             after = base64.urlsafe_b64decode(page_token.encode()).decode()
         except (binascii.Error, UnicodeError, ValueError):
+            after = None
+        if after is None or name_problem(after) is not None:
             out.append(FieldViolation("page_token", "is not a token from a previous call"))
     if out:
         raise InvalidArgument(out)

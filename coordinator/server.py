@@ -7,7 +7,6 @@ import logging
 import signal
 import socket
 import uuid
-from datetime import datetime
 
 import asyncpg
 import grpc
@@ -15,19 +14,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.admin_service import AdminServicer, ClusterView
+from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.dispatch_policy import DispatchPolicy
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.election import Election, Member, parse_endpoints
 from conveyor.coordinator.errors import Fenced
-from conveyor.coordinator.maintenance import Maintenance
+from conveyor.coordinator.interceptors import server_interceptors
+from conveyor.coordinator.maintenance import Promoter, Reaper
 from conveyor.coordinator.results import ResultRecorder
 from conveyor.coordinator.schedule_firer import ScheduleFirer
-from conveyor.coordinator.schedule_service import ScheduleHooks
+from conveyor.coordinator.schedule_service import ScheduleService
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import leadership
-from conveyor.coordinator.store.leadership import UNSAFE_DISABLE_FENCING, Fence
+from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.migrator import migrate
+from conveyor.coordinator.store.sql import UNSAFE_DISABLE_FENCING
 from conveyor.coordinator.submissions import Submitter
+from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
@@ -42,13 +47,14 @@ from conveyor.v1 import (
 
 _log = logging.getLogger("conveyor.coordinator")
 
-# Room for a full SubmitTasks batch of large payloads; per-payload limits are checked apart.
-MAX_MESSAGE_BYTES = 64 << 20
 SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
 )
+# Clients may ping this often on idle connections (the SDKs' keepalive) without being
+# told to calm down (gRPC's default allows one ping in 5 minutes).
+MIN_CLIENT_PING_INTERVAL_MS = 5_000
 
 
 class Coordinator:
@@ -64,32 +70,44 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self.epoch = 0
-        self.leader = False
         self.address = ""
+        self.office = Office(config.cluster)
+        self.office.on_fenced = self._fenced
+        self.office.leader_address = self._leader_address
+        self.sessions = SessionRegistry()
+        self.watchers = TaskWatchers()
+        self.deps: Deps | None = None
         self._pool: asyncpg.Pool | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._closed = asyncio.Event()
-        self.sessions = SessionRegistry()
-        self.watchers = TaskWatchers()
-        self._dispatcher: Dispatcher | None = None
-        self._submitter: Submitter | None = None
-        self._recorder: ResultRecorder | None = None
-        self._maintenance: Maintenance | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.submitter: Submitter | None = None
+        self.recorder: ResultRecorder | None = None
+        self.backlog: BacklogCounter | None = None
         self.schedule_firer: ScheduleFirer | None = None
+        self.services: list[Service] = []
+        """The leader's background services, started on taking office."""
         self._worker_servicer: WorkerServicer | None = None
         self._election: Election | None = None
         self.leader_changes: set[asyncio.Task[None]] = set()
         # Serialises taking and leaving office, which the election and fencing both do.
-        self._office = asyncio.Lock()
+        self._office_lock = asyncio.Lock()
+
+    @property
+    def epoch(self) -> int:
+        return self.office.epoch
+
+    @property
+    def leader(self) -> bool:
+        return self.office.leader
 
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
         cfg = self.config
         if UNSAFE_DISABLE_FENCING:
             _log.error("CONVEYOR_UNSAFE_DISABLE_FENCING is set: fencing is OFF (tests only)")
-        self._pool = await asyncpg.create_pool(
+        self._pool = pool = await asyncpg.create_pool(
             cfg.dsn,
             min_size=cfg.pool_min_size,
             max_size=cfg.pool_max_size,
@@ -112,102 +130,74 @@ class Coordinator:
                 "application_name": "conveyor-coordinator",
             },
         )
-        pool = self._pool
         async with pool.acquire() as conn:
             await migrate(conn)
-        self._server = grpc.aio.server(
+        self._server = server = grpc.aio.server(
+            interceptors=server_interceptors(
+                is_leader=self.office.is_leader, leader_address=self._leader_address
+            ),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+                # HTTP/2 keepalive: a peer that stops answering pings (dead, frozen, cut
+                # off) loses its connection even while the TCP socket looks open.
+                ("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)),
+                ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", 0),
+            ],
         )
-        port = self._server.add_insecure_port(cfg.listen)
+        port = server.add_insecure_port(cfg.listen)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.listen}: the address is in use or invalid")
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{port}"
 
-        self._dispatcher = Dispatcher(
-            pool,
-            self.sessions,
-            self.watchers,
-            fence=self._current_fence,
-            lease_seconds=cfg.lease_duration,
-            poll_interval=cfg.poll_interval,
-            on_fenced=self._fenced,
+        self.deps = deps = Deps(
+            config=cfg,
+            db=Database(pool),
+            office=self.office,
+            sessions=self.sessions,
+            watchers=self.watchers,
+            events=Events(),
         )
-        self._maintenance = Maintenance(
-            pool,
-            self.watchers,
-            fence=self._current_fence,
-            reaper_interval=cfg.reaper_interval,
-            on_ready=self._dispatcher.wake,
-            on_fenced=self._fenced,
+        policy = DispatchPolicy(
+            lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
         )
-        self._submitter = Submitter(
-            pool,
-            self._dispatcher,
-            fence=self._current_fence,
-            lease_seconds=cfg.lease_duration,
-            max_batch=cfg.max_batch,
-            max_pending=cfg.max_pending_operations,
-            on_scheduled=self._scheduled,
+        self.dispatcher = Dispatcher(deps, policy)
+        self.backlog = BacklogCounter(deps)
+        self.schedule_firer = ScheduleFirer(deps)
+        self.services = [
+            self.dispatcher,
+            Promoter(deps),
+            Reaper(deps),
+            self.schedule_firer,
+            self.backlog,
+        ]
+        self.submitter = Submitter(
+            deps, policy=policy, dispatcher=self.dispatcher, backlog=self.backlog
         )
-        self._recorder = ResultRecorder(
-            pool,
-            self.watchers,
-            fence=self._current_fence,
-            lease_seconds=cfg.lease_duration,
-            max_batch=cfg.max_batch,
-            max_pending=cfg.max_pending_operations,
-            on_scheduled=self._scheduled,
+        self.recorder = ResultRecorder(deps)
+        self._worker_servicer = WorkerServicer(deps, self.dispatcher, self.recorder)
+        schedules = ScheduleService(deps, now=self.schedule_firer.now)
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(deps, self.submitter, schedules), server
         )
-        self._worker_servicer = WorkerServicer(
-            pool,
-            self.sessions,
-            self._dispatcher,
-            self._recorder,
-            self.watchers,
-            fence=self._current_fence,
-            is_leader=lambda: self.leader,
-            leader_address=self._leader_address,
-            heartbeat_interval=cfg.heartbeat_interval,
-            lease_seconds=cfg.lease_duration,
-        )
-        task_servicer = TaskServicer(
-            pool,
-            cfg,
-            self._submitter,
-            self.sessions,
-            self.watchers,
-            fence=self._current_fence,
-            is_leader=lambda: self.leader,
-            leader_address=self._leader_address,
-            on_ready=self._dispatcher.wake,
-        )
-        self.schedule_firer = ScheduleFirer(
-            pool, fence=self._current_fence, on_ready=self._dispatcher.wake, on_fenced=self._fenced
-        )
-        task_servicer.configure_schedules(
-            ScheduleHooks(on_change=self.schedule_firer.wake, now=self.schedule_firer.now)
-        )
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(task_servicer, self._server)
-        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            self._worker_servicer, self._server
-        )
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self._worker_servicer, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.sessions, view=self.cluster_view, replicas=self._replicas),
-            self._server,
+            AdminServicer(self.sessions, deps.db, view=self.cluster_view, replicas=self._replicas),
+            server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-        self._submitter.batcher.start()
-        self._recorder.start()
-        await self._server.start()
+        self.submitter.batcher.start()
+        self.recorder.start()
+        await server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, serving)
@@ -242,7 +232,7 @@ class Coordinator:
     async def _elected(self, term_revision: int | None) -> bool:
         """Takes office: records a new epoch in Postgres, then starts dispatching."""
         assert self._pool is not None
-        async with self._office:
+        async with self._office_lock:
             async with self._pool.acquire() as conn:
                 epoch = await leadership.take_office(
                     conn, self.config.cluster, self.node_id, self.address, term_revision
@@ -255,13 +245,11 @@ class Coordinator:
                 return False
             # Loops of an earlier term may still run (fenced, and elected again before
             # leaving office finished): end them so each loop runs once.
-            await self._stop_loops()
-            self.epoch = epoch
-            self.leader = True
-            assert self._dispatcher and self._maintenance and self.schedule_firer
-            self._dispatcher.start()
-            self._maintenance.start()
-            self.schedule_firer.start()
+            await self._stop_services()
+            self.office.epoch = epoch
+            self.office.leader = True
+            for service in self.services:
+                service.start()
             _log.info(
                 "coordinator %s leads cluster %s, epoch %d",
                 self.node_id,
@@ -272,17 +260,17 @@ class Coordinator:
 
     async def _deposed(self, reason: str) -> None:
         """Leaves office: stops dispatching at once, sends workers to the new leader."""
-        async with self._office:
+        async with self._office_lock:
             if not self.leader:
                 return
-            self.leader = False
+            self.office.leader = False
             _log.warning("coordinator %s no longer leads: %s", self.node_id, reason)
-            if self._worker_servicer is not None:
-                self._worker_servicer.step_down()
-            await self._stop_loops()
+            self._redirect_workers()
+            await self._stop_services()
 
-    def _current_fence(self) -> Fence:
-        return Fence(self.config.cluster, self.epoch)
+    def _redirect_workers(self) -> None:
+        if self._worker_servicer is not None:
+            self._worker_servicer.step_down(self._leader_address())
 
     def _leader_address(self) -> str:
         if self.leader:
@@ -310,34 +298,27 @@ class Coordinator:
             return [Member(self.node_id, self.address)]
         return await self._election.members()
 
-    def _scheduled(self, run_at: datetime) -> None:
-        if self._maintenance is not None:
-            self._maintenance.scheduled(run_at)
-
     def _fenced(self, exc: Fenced) -> None:
         """Another coordinator took a newer epoch: stop writing at once."""
         if not self.leader:
             return
         _log.error("%s; this coordinator steps down and stops dispatching", exc)
         # Stop dispatching before anything else runs; the rest of leaving office follows.
-        self.leader = False
-        self.leader_changes.add(asyncio.get_running_loop().create_task(self._leave_fenced()))
+        self.office.leader = False
+        task = asyncio.get_running_loop().create_task(self._leave_fenced())
+        self.leader_changes.add(task)
+        task.add_done_callback(self.leader_changes.discard)
 
     async def _leave_fenced(self) -> None:
-        async with self._office:
+        async with self._office_lock:
             if self.leader:
                 return  # elected again meanwhile
-            if self._worker_servicer is not None:
-                self._worker_servicer.step_down()
-            await self._stop_loops()
+            self._redirect_workers()
+            await self._stop_services()
 
-    async def _stop_loops(self) -> None:
-        if self._dispatcher is not None:
-            await self._dispatcher.stop()
-        if self._maintenance is not None:
-            await self._maintenance.stop()
-        if self.schedule_firer is not None:
-            await self.schedule_firer.stop()
+    async def _stop_services(self) -> None:
+        for service in self.services:
+            await service.stop()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking calls, lets calls in progress finish within ``grace``, then closes."""
@@ -346,13 +327,20 @@ class Coordinator:
         await self._health.enter_graceful_shutdown()
         if self._election is not None:
             await self._election.stop()  # resigns, so another replica takes over at once
-        await self._stop_loops()
+        await self._stop_services()
+        if self.leader:
+            # Workers leave on their own (after their pending acknowledgements), instead
+            # of holding the server's grace period and being cut.
+            self.office.leader = False
+            self._redirect_workers()
         await asyncio.gather(*self.leader_changes, return_exceptions=True)
         await self._server.stop(grace)
-        if self._submitter is not None:
-            await self._submitter.batcher.stop()
-        if self._recorder is not None:
-            await self._recorder.stop()
+        if self._worker_servicer is not None:
+            await self._worker_servicer.wait_settled()
+        if self.submitter is not None:
+            await self.submitter.batcher.stop()
+        if self.recorder is not None:
+            await self.recorder.stop()
         if self._pool is not None:
             await self._pool.close()
         self._server = None

@@ -1,21 +1,48 @@
-"""Connected worker sessions, as the dispatcher and the API see them."""
+"""Connected worker sessions: who they are, what they can take, and their outboxes.
+
+Nothing sent to one worker may wait for that worker. :meth:`WorkerSession.push` never
+blocks: it queues the message in the session's bounded outbox, or, when the outbox is
+full (the worker stopped reading), ends the session as evicted and says so. Assignments
+never overflow it, because the dispatch policy claims no more bytes than the outbox has
+room for. The stream's send loop (``worker_service.py``) takes messages out with
+:meth:`WorkerSession.next_message`; whatever is still queued when a session ends never
+reached the worker, and its assignments go back at once without using an attempt
+(:meth:`WorkerSession.take_undelivered`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from conveyor.coordinator.leases import LeaseKey
 from conveyor.v1 import worker_service_pb2
 
 _log = logging.getLogger("conveyor.coordinator.sessions")
 
-# Messages waiting to be written to one worker's stream. Assignments are bounded by credit
-# and acks by results in flight, so this only fills when the worker stops reading.
-OUTBOX_SIZE = 1024
+OUTBOX_MESSAGES = 1024
+"""Messages queued for one worker before it counts as not reading. Assignments are bounded
+by credit and bytes, acks by the worker's own messages in flight."""
+OUTBOX_BYTES = 64 << 20
+"""Assignment bytes (estimated) queued for one worker at most; the dispatch policy claims
+within what is left."""
+RECENT_EVICTIONS = 20
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """A worker the coordinator cut off, for GetClusterStatus.recent_evictions."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    reason: str
+    time: float
+    released: int
 
 
 @dataclass(eq=False)
@@ -26,7 +53,7 @@ class WorkerSession:
     worker_id: str
     tenant: str
     queues: tuple[str, ...]
-    task_types: tuple[str, ...]
+    task_types: frozenset[str]
     hostname: str = ""
     pid: int = 0
     credit: int = 0
@@ -34,37 +61,143 @@ class WorkerSession:
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False
+    # Set when the dispatcher left it out for lack of outbox room; the send loop wakes
+    # the dispatcher when room frees up.
+    throttled: bool = False
     connect_time: float = field(default_factory=time.time)
     closed: bool = False
-    outbox: asyncio.Queue[worker_service_pb2.ConnectResponse] = field(
-        default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)
+    """No more messages are accepted (the stream is ending or ended)."""
+    end_reason: str = ""
+    evicted: bool = False
+    ended: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    """Done when something ended the session from outside its stream."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the stream handler finished with the session (its leases settled)."""
+    _outbox: collections.deque[tuple[worker_service_pb2.ConnectResponse, int, bool]] = field(
+        default_factory=collections.deque
+    )
+    _outbox_bytes: int = 0
+    _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
+    _finishing: bool = False
 
     @property
     def wants_work(self) -> bool:
         return self.credit > 0 and not self.draining and not self.closed
 
-    async def send(self, message: worker_service_pb2.ConnectResponse) -> None:
-        if not self.closed:
-            await self.outbox.put(message)
+    @property
+    def outbox_room(self) -> int:
+        """Assignment bytes the outbox can take now."""
+        return OUTBOX_BYTES - self._outbox_bytes
+
+    def same_process(self, hostname: str, pid: int) -> bool:
+        """Whether a Hello with this identity comes from this session's worker process."""
+        return (self.hostname, self.pid) == (hostname, pid)
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def push(
+        self,
+        message: worker_service_pb2.ConnectResponse,
+        *,
+        size: int = 0,
+        assignments: bool = False,
+    ) -> bool:
+        """Queues a message for the worker without waiting; False when it will not be sent.
+
+        ``size`` is the message's weight against :data:`OUTBOX_BYTES`; ``assignments``
+        marks a message whose leases go back if it is never written.
+        """
+        if self.closed:
+            return False
+        if len(self._outbox) >= OUTBOX_MESSAGES:
+            self.end(f"stopped reading its stream ({OUTBOX_MESSAGES} messages waiting)", evict=True)
+            return False
+        self._outbox.append((message, size, assignments))
+        self._outbox_bytes += size
+        self._has_mail.set()
+        return True
+
+    async def next_message(self) -> tuple[worker_service_pb2.ConnectResponse, int] | None:
+        """The next message to write and its size (see :meth:`sent`); None once the
+        session is finishing and everything queued was taken."""
+        while not self._outbox:
+            if self._finishing:
+                return None
+            self._has_mail.clear()
+            await self._has_mail.wait()
+        message, size, _ = self._outbox.popleft()
+        return message, size
+
+    def sent(self, size: int) -> None:
+        """A message taken with :meth:`next_message` was written."""
+        self._outbox_bytes -= size
+
+    @property
+    def outbox_empty(self) -> bool:
+        return not self._outbox
+
+    def take_undelivered(self) -> list[LeaseKey]:
+        """Empties the outbox (the session is over); the leases of its assignments."""
+        keys: list[LeaseKey] = []
+        while self._outbox:
+            message, size, assignments = self._outbox.popleft()
+            self._outbox_bytes -= size
+            if assignments:
+                keys.extend(self.assigned(message))
+        return keys
+
+    def assigned(self, message: worker_service_pb2.ConnectResponse) -> list[LeaseKey]:
+        """The lease keys of an Assignments message for this session."""
+        tenant, worker_id = self.tenant, self.worker_id
+        return [
+            LeaseKey(tenant, a.lease.task_id, a.lease.attempt, a.lease.epoch, worker_id)
+            for a in message.assignments.assignments
+        ]
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def finish(self, reason: str) -> None:
+        """Takes no more messages; the stream ends once those queued are written."""
+        self.closed = True
+        self.end_reason = self.end_reason or reason
+        self._finishing = True
+        self._has_mail.set()
+
+    def end(self, reason: str, *, evict: bool = False) -> None:
+        """Ends the session from outside its stream; the stream handler finishes it."""
+        if self.closed and self.ended.done():
+            return
+        self.closed = True
+        self.end_reason = self.end_reason or reason
+        self.evicted = self.evicted or evict
+        if evict:
+            _log.warning("evicting worker %s: %s", self.worker_id, reason)
+        if not self.ended.done():
+            self.ended.set_result(None)
 
 
 class SessionRegistry:
-    """The live sessions, by session id and by worker id."""
+    """The live sessions, by session id and by worker id, and the recent evictions."""
 
     def __init__(self) -> None:
         self._by_session: dict[str, WorkerSession] = {}
         self._by_worker: dict[str, WorkerSession] = {}
-        self._rotation = itertools.count()
+        self.evictions: collections.deque[Eviction] = collections.deque(maxlen=RECENT_EVICTIONS)
 
-    def add(self, session: WorkerSession) -> WorkerSession | None:
-        """Registers a session; returns (and retires) an older session of the same worker."""
-        previous = self._by_worker.get(session.worker_id)
-        if previous is not None:
-            self.remove(previous)
-        self._by_session[session.session_id] = session
+    def holder(self, worker_id: str) -> WorkerSession | None:
+        """The session that holds ``worker_id`` (live, or still settling after its end)."""
+        return self._by_worker.get(worker_id)
+
+    def reserve(self, session: WorkerSession) -> None:
+        """Takes the session's worker id (the caller checked :meth:`holder` first)."""
         self._by_worker[session.worker_id] = session
-        return previous
+
+    def activate(self, session: WorkerSession) -> None:
+        """Makes the session visible to dispatch and status."""
+        if not session.closed:
+            self._by_session[session.session_id] = session
 
     def remove(self, session: WorkerSession) -> None:
         session.closed = True
@@ -73,18 +206,24 @@ class SessionRegistry:
             del self._by_worker[session.worker_id]
 
     def by_worker(self, worker_id: str) -> WorkerSession | None:
-        return self._by_worker.get(worker_id)
+        """The live session of ``worker_id``."""
+        session = self._by_worker.get(worker_id)
+        return session if session is not None and not session.closed else None
+
+    def record_eviction(self, session: WorkerSession, released: int) -> None:
+        self.evictions.appendleft(
+            Eviction(
+                worker_id=session.worker_id,
+                hostname=session.hostname,
+                pid=session.pid,
+                reason=session.end_reason,
+                time=time.time(),
+                released=released,
+            )
+        )
 
     def __len__(self) -> int:
         return len(self._by_session)
 
     def __iter__(self) -> Iterator[WorkerSession]:
         return iter(list(self._by_session.values()))
-
-    def wanting_work(self) -> list[WorkerSession]:
-        """Sessions with free credit, in an order that rotates so no worker is starved."""
-        ready = [s for s in self._by_session.values() if s.wants_work]
-        if len(ready) > 1:
-            shift = next(self._rotation) % len(ready)
-            ready = ready[shift:] + ready[:shift]
-        return ready

@@ -4,27 +4,34 @@ A submit is acknowledged only after its transaction commits. Idempotency keys ar
 per tenant: the same key with the same request returns the first task (``deduplicated``);
 the same key with a different request fails with IDEMPOTENCY_KEY_CONFLICT and writes
 nothing. A SubmitTasks batch is one group: all of it is written, or none of it.
+
+If the store loses its connection while a flush commits, every caller of that flush hears
+OUTCOME_UNKNOWN (their tasks may exist). If the store refuses a flush outright, nothing
+was written, and the batcher retries its groups one by one so that only the group the
+store refuses fails (see ``batcher.py``).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 from google.protobuf import timestamp_pb2
 
-from conveyor.coordinator import convert
+from conveyor.coordinator import convert, dispatch_policy
+from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.batcher import Batcher
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch_policy import DispatchPolicy, Packed
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.sessions import WorkerSession
-from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.leadership import Fence
+from conveyor.coordinator.store.db import committing
+from conveyor.coordinator.store.tasks import NewRow
 from conveyor.coordinator.validation import NewTask
 from conveyor.v1 import task_pb2
 
@@ -49,6 +56,8 @@ class Submitted:
 
 
 SubmitResult = list[Submitted]
+# Keys claimed by earlier groups of a flush: (request hash, the task, deduplicated).
+_Claimed = dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]]
 
 
 class Submitter:
@@ -56,26 +65,26 @@ class Submitter:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
-        dispatcher: Dispatcher,
+        deps: Deps,
         *,
-        fence: Callable[[], Fence],
-        lease_seconds: float,
-        max_batch: int,
-        max_pending: int,
-        on_scheduled: Callable[[datetime], None],
+        policy: DispatchPolicy,
+        dispatcher: Dispatcher,
+        backlog: BacklogCounter,
     ) -> None:
-        self._pool = pool
+        self._deps = deps
+        self._policy = policy
         self._dispatcher = dispatcher
-        self._fence = fence
-        self._lease_seconds = lease_seconds
-        self._on_ready = dispatcher.wake
-        self._on_scheduled = on_scheduled
+        self._backlog = backlog
         self.batcher: Batcher[SubmitGroup, SubmitResult] = Batcher(
-            "submit", self._flush, max_batch=max_batch, max_pending=max_pending
+            "submit",
+            self._flush,
+            max_batch=deps.config.max_batch,
+            max_pending=deps.config.max_pending_operations,
         )
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
+        """Writes the group; raises QuotaExceeded (writing nothing) past the backlog limit."""
+        self._backlog.admit(len(group.tasks))
         return await self.batcher.submit(group, weight=len(group.tasks))
 
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
@@ -85,111 +94,117 @@ class Submitter:
             {(g.tenant, t.idempotency_key) for g in groups for t in g.tasks if t.idempotency_key}
         )
         results: list[SubmitResult | BaseException] = []
-        rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]] = []
-        async with self._pool.acquire() as conn:
-            if not keys:
-                # Nothing to deduplicate: one statement, atomic by itself.
-                for group in groups:
-                    results.append(self._plan_group(group, {}, {}, now, now_message, rows))
+        rows: list[NewRow] = []
+        if not keys:
+            # Nothing to deduplicate: one statement, atomic by itself.
+            for group in groups:
+                results.append(self._plan_group(group, {}, {}, now, now_message, rows))
+            async with self._deps.db.read() as conn:
                 sessions = self._reserve_hand_off(rows)
                 if sessions:
-                    try:
-                        await self._hand_off(conn, rows, sessions, results, now, now_message)
-                    except BaseException:
-                        for session in sessions:
-                            self._dispatcher.give_back(session, 1)
-                        raise
+                    await self._hand_off(conn, rows, sessions, results, now, now_message)
                     return results
-                await self._write_unkeyed(conn, rows, now)
-            else:
-                async with conn.transaction():
-                    existing = await store.find_by_idempotency_keys(conn, keys)
-                    # Keys claimed by earlier groups of this batch: (hash, message, dedup).
-                    claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]] = {}
-                    for group in groups:
-                        results.append(
-                            self._plan_group(group, existing, claimed, now, now_message, rows)
-                        )
-                    keyed = [r for r in rows if r[2].idempotency_key]
-                    inserted = await store.insert(conn, keyed, now) if keyed else set()
-                    if len(inserted) != len(keyed):
-                        # Another transaction took a key between our look-up and insert
-                        # (only possible with two writers); fail so clients retry cleanly.
-                        raise StoreUnavailable("a concurrent submit took the same idempotency key")
-                    await self._write_unkeyed(
-                        conn, [r for r in rows if not r[2].idempotency_key], now
+                with committing():
+                    await self._write_unkeyed(conn, rows, now)
+        else:
+            async with self._deps.db.write() as conn:
+                existing = await store.find_by_idempotency_keys(conn, keys)
+                claimed: _Claimed = {}
+                for group in groups:
+                    results.append(
+                        self._plan_group(group, existing, claimed, now, now_message, rows)
                     )
-        for tenant, queue in {(r[0], r[2].queue) for r in rows if r[3] == store.PENDING}:
-            self._on_ready(tenant, queue)
-        scheduled = [r[4] for r in rows if r[3] == store.SCHEDULED]
+                keyed = [r for r in rows if r.task.idempotency_key]
+                inserted = await store.insert(conn, keyed, now) if keyed else set()
+                if len(inserted) != len(keyed):
+                    # Another transaction took a key between our look-up and insert (only
+                    # possible with two writers); fail so that clients retry cleanly.
+                    raise StoreUnavailable("a concurrent submit took the same idempotency key")
+                await self._write_unkeyed(
+                    conn, [r for r in rows if not r.task.idempotency_key], now
+                )
+        events = self._deps.events
+        for tenant, queue in {(r.tenant, r.task.queue) for r in rows if r.state == store.PENDING}:
+            events.ready(tenant, queue)
+        scheduled = [r.run_at for r in rows if r.state == store.SCHEDULED]
         if scheduled:
-            self._on_scheduled(min(scheduled))
+            events.scheduled(min(scheduled))
         return results
 
-    def _reserve_hand_off(
-        self, rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]]
-    ) -> list[WorkerSession]:
+    def _reserve_hand_off(self, rows: list[NewRow]) -> list[WorkerSession]:
         """A waiting worker for every row, credit reserved; [] unless all rows have one.
 
         Only small flushes of tasks ready now are handed off: that is the lightly loaded
         case, where pickup latency is what counts; under load the dispatcher's batched
         claims are cheaper.
         """
-        if len(rows) > HAND_OFF_MAX or any(r[3] != store.PENDING for r in rows):
+        if not self._dispatcher.running:
+            return []  # not leading (or fenced)
+        if len(rows) > HAND_OFF_MAX or any(r.state != store.PENDING for r in rows):
             return []
         sessions: list[WorkerSession] = []
-        for tenant, _id, task, _state, _run_at in rows:
-            session = self._dispatcher.take_idle(tenant, task.queue, task.type)
+        live = list(self._deps.sessions)
+        for row in rows:
+            session = self._policy.pick_idle(live, row.tenant, row.task.queue, row.task.type)
             if session is None:
-                for taken in sessions:
-                    self._dispatcher.give_back(taken, 1)
+                self._give_back(sessions)
                 return []
             sessions.append(session)
         return sessions
 
+    def _give_back(self, sessions: list[WorkerSession]) -> None:
+        for session in sessions:
+            session.credit += 1
+        if sessions:
+            self._dispatcher.wake()
+
     async def _hand_off(
         self,
         conn: asyncpg.Connection,
-        rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]],
+        rows: list[NewRow],
         sessions: list[WorkerSession],
         results: list[SubmitResult | BaseException],
         now: datetime,
         now_message: timestamp_pb2.Timestamp,
     ) -> None:
-        """Inserts the rows leased to their sessions, then pushes the assignments."""
-        fence = self._fence()
-        leased = [(t, i, task, store.RUNNING, r) for t, i, task, _s, r in rows]
-        with leadership.fencing(fence):
-            await store.insert_leased(
-                conn,
-                leased,
-                [s.worker_id for s in sessions],
-                fence,
-                self._lease_seconds,
-                now,
-            )
-        # The answers were planned as PENDING: they are RUNNING, attempt 1, now.
+        """Inserts the rows leased to their sessions, then queues the assignments."""
+        fence = self._deps.office.fence()
+        try:
+            with committing():
+                keys = await store.insert_leased(
+                    conn,
+                    rows,
+                    [s.worker_id for s in sessions],
+                    fence,
+                    self._deps.config.lease_duration,
+                    now,
+                )
+        except BaseException:
+            self._give_back(sessions)
+            raise
+        # The answers were planned as PENDING: they are RUNNING, in their first attempt.
         by_id = {
             s.task.id: s.task
             for result in results
             if not isinstance(result, BaseException)
             for s in result
         }
-        for session, (_tenant, task_id, task, _state, _run_at) in zip(sessions, rows, strict=True):
-            message = by_id[str(task_id)]
+        for session, row, key in zip(sessions, rows, keys, strict=True):
+            message = by_id[key.task_id]
             message.state = store.RUNNING  # type: ignore[assignment]
-            message.attempt = 1
+            message.attempt = key.attempt
             message.worker_id = session.worker_id
-            await self._dispatcher.deliver(
-                session, [convert.assignment_from_new(task_id, task, fence.epoch, now_message)]
+            item = (key, row.task, now_message)
+            weight = dispatch_policy.assignment_size(row.task.payload, None)
+            packed = Packed(
+                dispatch_policy.assignments_message(convert.add_assignment_from_new, [item]),
+                weight,
+                1,
             )
+            await self._dispatcher.deliver(conn, session, [packed])
 
     @staticmethod
-    async def _write_unkeyed(
-        conn: asyncpg.Connection,
-        rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]],
-        now: datetime,
-    ) -> None:
+    async def _write_unkeyed(conn: asyncpg.Connection, rows: list[NewRow], now: datetime) -> None:
         # COPY costs an extra round trip but half the encoding: it wins for batches and
         # loses for the lone submit whose latency is what matters.
         if len(rows) >= COPY_THRESHOLD:
@@ -197,18 +212,18 @@ class Submitter:
         elif rows:
             await store.insert(conn, rows, now)
 
+    @staticmethod
     def _plan_group(
-        self,
         group: SubmitGroup,
         existing: dict[tuple[str, str], asyncpg.Record],
-        claimed: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]],
+        claimed: _Claimed,
         now: datetime,
         now_message: timestamp_pb2.Timestamp,
-        rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]],
+        rows: list[NewRow],
     ) -> SubmitResult | ConveyorError:
         out: SubmitResult = []
-        new_rows: list[tuple[str, uuid.UUID, NewTask, int, datetime]] = []
-        new_claims: dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]] = {}
+        new_rows: list[NewRow] = []
+        new_claims: _Claimed = {}
         for task in group.tasks:
             key = (group.tenant, task.idempotency_key) if task.idempotency_key else None
             if key is not None:
@@ -231,7 +246,7 @@ class Submitter:
             message = convert.task_from_new(
                 group.tenant, task_id, task, state, run_at_message, now_message
             )
-            new_rows.append((group.tenant, task_id, task, state, run_at))
+            new_rows.append(NewRow(group.tenant, task_id, task, state, run_at))
             if key is not None:
                 new_claims[key] = (task.request_hash, message, False)
             out.append(Submitted(message, deduplicated=False))

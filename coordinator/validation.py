@@ -1,6 +1,12 @@
-"""Checks API requests and turns them into normalised values, or field violations.
+"""Checks API requests and worker messages; turns them into normalised values, or field
+violations.
 
-Nothing reaches the store unless it passed here, so a bad request writes nothing.
+Nothing reaches the store unless it passed here, so a bad request writes nothing and
+never shares a transaction with others' requests only to fail it. The rule is: refuse
+here everything PostgreSQL would refuse, in every field (text with NUL bytes, values out
+of a column's range, timestamps out of range), and whatever makes no sense where it
+stands (control characters in names, keys and identifiers; a trailing newline in a
+queue name).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from conveyor.coordinator import config as defaults
-from conveyor.coordinator.errors import FieldViolation, InvalidArgument
+from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
-from conveyor.v1 import task_pb2, task_service_pb2
+from conveyor.coordinator.leases import PROTOCOL_VERSION
+from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 MAX_NAME_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -34,8 +41,19 @@ MAX_LABEL_VALUE_LENGTH = 256
 MAX_BATCH = 1000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
-# Queue and type names travel in metrics labels and CLI output: keep them to a safe alphabet.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/]*$")
+MAX_CONTENT_TYPE_LENGTH = 128
+MAX_TRACEPARENT_LENGTH = 128
+MAX_HOSTNAME_LENGTH = 255
+MAX_CREDIT = 100_000
+MAX_HELLO_QUEUES = 100
+MAX_HELLO_TYPES = 1000
+# Queue, type and schedule names travel in metrics labels and CLI output: a safe alphabet,
+# matched in full (``$`` would also match before a trailing newline).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-/]*")
+NAME_RULE = "must start with a letter or digit and contain only letters, digits and _ . : - /"
+# Control characters (C0, DEL, C1): nonsense in an identifier, and NUL is refused by
+# PostgreSQL in any text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,23 +79,56 @@ class NewTask:
 
 
 @functools.lru_cache(maxsize=4096)
-def _name_problem(value: str) -> str | None:
-    """What is wrong with a queue or type name, or None; cached since names repeat."""
+def name_problem(value: str) -> str | None:
+    """What is wrong with a queue, type or schedule name, or None; cached (names repeat)."""
     if len(value) > MAX_NAME_LENGTH:
         return f"must be at most {MAX_NAME_LENGTH} characters"
-    if not _NAME.match(value):
-        return "must start with a letter or digit and contain only letters, digits and _ . : - /"
+    if not NAME.fullmatch(value):
+        return NAME_RULE
     return None
 
 
-def _check_name(value: str, field: str, out: list[FieldViolation], *, required: bool) -> None:
+def check_name(value: str, field: str, out: list[FieldViolation], *, required: bool) -> None:
     if not value:
         if required:
             out.append(FieldViolation(field, "must not be empty"))
         return
-    problem = _name_problem(value)
+    problem = name_problem(value)
     if problem is not None:
         out.append(FieldViolation(field, problem))
+
+
+def check_text(
+    value: str,
+    field: str,
+    out: list[FieldViolation],
+    *,
+    max_length: int,
+    identifier: bool = True,
+) -> None:
+    """A string field: at most ``max_length`` characters, no NUL; for an ``identifier``
+    (a key, a content type, a host name) no control characters at all."""
+    if len(value) > max_length:
+        out.append(FieldViolation(field, f"must be at most {max_length} characters"))
+    elif identifier and _CONTROL.search(value):
+        out.append(FieldViolation(field, "must not contain control characters"))
+    elif "\x00" in value:
+        out.append(FieldViolation(field, "must not contain NUL characters"))
+
+
+def check_timestamp(value: Any, field: str, out: list[FieldViolation]) -> datetime | None:
+    """A Timestamp message as an aware datetime; None, with a violation, when invalid."""
+    if not 0 <= value.nanos <= 999_999_999:
+        out.append(FieldViolation(field, "is not a valid timestamp (nanos out of range)"))
+        return None
+    try:
+        result: datetime = value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        out.append(
+            FieldViolation(field, "is out of range (years 0001 to 9999, as google.protobuf)")
+        )
+        return None
+    return result
 
 
 def _duration_ms(value: Any, field: str, upper: timedelta, out: list[FieldViolation]) -> int | None:
@@ -114,8 +165,8 @@ def validate_submit(
     queue: str = fields.get("queue", "")
     type_: str = fields.get("type", "")
     payload: bytes = fields.get("payload", b"")
-    _check_name(queue, prefix + "queue", out, required=False)
-    _check_name(type_, prefix + "type", out, required=True)
+    check_name(queue, prefix + "queue", out, required=False)
+    check_name(type_, prefix + "type", out, required=True)
     if len(payload) > max_payload_bytes:
         out.append(
             FieldViolation(
@@ -124,13 +175,8 @@ def validate_submit(
             )
         )
     key: str = fields.get("idempotency_key", "")
-    if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        out.append(
-            FieldViolation(
-                prefix + "idempotency_key",
-                f"must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
-            )
-        )
+    if key:
+        check_text(key, prefix + "idempotency_key", out, max_length=MAX_IDEMPOTENCY_KEY_LENGTH)
     priority: int = fields.get("priority", 0)
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         out.append(
@@ -146,10 +192,8 @@ def validate_submit(
             )
         )
     content_type: str = fields.get("content_type", "")
-    if len(content_type) > MAX_NAME_LENGTH:
-        out.append(
-            FieldViolation(prefix + "content_type", f"must be at most {MAX_NAME_LENGTH} characters")
-        )
+    if content_type:
+        check_text(content_type, prefix + "content_type", out, max_length=MAX_CONTENT_TYPE_LENGTH)
     run_at: datetime | None = None
     if "run_at" in fields:
         run_at = _check_run_at(fields["run_at"], prefix, now, out)
@@ -165,8 +209,8 @@ def validate_submit(
         labels = dict(fields["labels"])
         _check_labels(labels, prefix, out)
     traceparent: str = fields.get("traceparent", "")
-    if len(traceparent) > 128:
-        out.append(FieldViolation(prefix + "traceparent", "must be at most 128 characters"))
+    if traceparent:
+        check_text(traceparent, prefix + "traceparent", out, max_length=MAX_TRACEPARENT_LENGTH)
     if out:
         return None, out
     task = NewTask(
@@ -202,11 +246,8 @@ _DEFAULT_RETRY = (
 def _check_run_at(
     value: Any, prefix: str, now: datetime | None, out: list[FieldViolation]
 ) -> datetime | None:
-    if not 0 <= value.nanos <= 999_999_999:
-        out.append(FieldViolation(prefix + "run_at", "is not a valid timestamp"))
-        return None
-    run_at: datetime = value.ToDatetime(tzinfo=UTC)
-    if run_at - (now or datetime.now(UTC)) > MAX_RUN_AT_AHEAD:
+    run_at = check_timestamp(value, prefix + "run_at", out)
+    if run_at is not None and run_at - (now or datetime.now(UTC)) > MAX_RUN_AT_AHEAD:
         out.append(FieldViolation(prefix + "run_at", "must be less than a year in the future"))
     return run_at
 
@@ -250,20 +291,12 @@ def _check_labels(labels: dict[str, str], prefix: str, out: list[FieldViolation]
     if len(labels) > MAX_LABELS:
         out.append(FieldViolation(prefix + "labels", f"must have at most {MAX_LABELS} entries"))
     for key, value in labels.items():
-        if not key or len(key) > MAX_LABEL_KEY_LENGTH:
-            out.append(
-                FieldViolation(
-                    f"{prefix}labels[{key!r}]",
-                    f"key must be 1 to {MAX_LABEL_KEY_LENGTH} characters",
-                )
-            )
-        if len(value) > MAX_LABEL_VALUE_LENGTH:
-            out.append(
-                FieldViolation(
-                    f"{prefix}labels[{key!r}]",
-                    f"value must be at most {MAX_LABEL_VALUE_LENGTH} characters",
-                )
-            )
+        field = f"{prefix}labels[{key[:MAX_LABEL_KEY_LENGTH]!r}]"
+        if not key:
+            out.append(FieldViolation(field, "key must not be empty"))
+        else:
+            check_text(key, field + " key", out, max_length=MAX_LABEL_KEY_LENGTH)
+        check_text(value, field, out, max_length=MAX_LABEL_VALUE_LENGTH, identifier=False)
 
 
 def _with_hash(task: NewTask) -> NewTask:
@@ -349,9 +382,9 @@ class ListFilter:
 
 def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
     out: list[FieldViolation] = []
-    _check_name(req.queue, "queue", out, required=False)
-    _check_name(req.type, "type", out, required=False)
-    if req.state not in task_pb2.TaskState.values():
+    check_name(req.queue, "queue", out, required=False)
+    check_name(req.type, "type", out, required=False)
+    if req.state not in task_pb2.TaskState.values():  # an open enum: any int32 arrives
         out.append(FieldViolation("state", f"{req.state} is not a TaskState value"))
     if req.page_size < 0 or req.page_size > MAX_PAGE_SIZE:
         out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
@@ -368,4 +401,72 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
         type=req.type or None,
         page_size=req.page_size or DEFAULT_PAGE_SIZE,
         after_id=after,
+    )
+
+
+# -- the worker's Hello ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidHello:
+    """A checked Hello, normalised (no queues means the default queue)."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    task_types: frozenset[str]
+    credits: int
+    in_flight: list[worker_service_pb2.Lease]
+
+
+def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
+    """Checks every field of a Hello; raises ProtocolViolation naming each bad one."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolViolation(
+            f"protocol version {hello.protocol_version} is not supported; this coordinator "
+            f"speaks {PROTOCOL_VERSION}"
+        )
+    out: list[FieldViolation] = []
+    if not hello.worker_id:
+        out.append(FieldViolation("hello.worker_id", "must not be empty"))
+    else:
+        check_text(hello.worker_id, "hello.worker_id", out, max_length=MAX_NAME_LENGTH)
+    check_text(hello.hostname, "hello.hostname", out, max_length=MAX_HOSTNAME_LENGTH)
+    if hello.pid < 0:
+        out.append(FieldViolation("hello.pid", "must not be negative"))
+    if len(hello.queues) > MAX_HELLO_QUEUES:
+        out.append(FieldViolation("hello.queues", f"must name at most {MAX_HELLO_QUEUES} queues"))
+    else:
+        for i, queue in enumerate(hello.queues):
+            check_name(queue, f"hello.queues[{i}]", out, required=True)
+    if not hello.task_types:
+        out.append(
+            FieldViolation(
+                "hello.task_types",
+                "must list the task types this worker has handlers for; a worker is only "
+                "assigned the types it names (none means none, not any)",
+            )
+        )
+    elif len(hello.task_types) > MAX_HELLO_TYPES:
+        out.append(FieldViolation("hello.task_types", f"must name at most {MAX_HELLO_TYPES} types"))
+    else:
+        for i, task_type in enumerate(hello.task_types):
+            check_name(task_type, f"hello.task_types[{i}]", out, required=True)
+    if not 0 <= hello.credits <= MAX_CREDIT:
+        out.append(FieldViolation("hello.credits", f"must be between 0 and {MAX_CREDIT}"))
+    if len(hello.in_flight) > MAX_CREDIT:
+        out.append(FieldViolation("hello.in_flight", f"must list at most {MAX_CREDIT} leases"))
+    if out:
+        raise ProtocolViolation(
+            "invalid Hello: " + "; ".join(f"{v.field}: {v.description}" for v in out[:5]), out
+        )
+    return ValidHello(
+        worker_id=hello.worker_id,
+        hostname=hello.hostname,
+        pid=hello.pid,
+        queues=tuple(dict.fromkeys(hello.queues)) or (defaults.DEFAULT_QUEUE,),
+        task_types=frozenset(hello.task_types),
+        credits=hello.credits,
+        in_flight=list(hello.in_flight),
     )

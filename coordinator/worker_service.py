@@ -1,9 +1,26 @@
 """``WorkerService.Connect``: one bidirectional stream per worker process.
 
-Each stream is split into a receive loop (this handler), a send loop draining the
-session's outbox, and an ack loop that waits for group-committed results and heartbeats
-and answers them in order. Nothing the worker sends can harm another worker's tasks:
-malformed leases are refused one by one, and a stream that breaks the protocol is closed.
+A stream starts with Hello, checked in full (``validation.validate_hello``), then:
+
+1. the worker id is taken. A live session with the same id from another process
+   (another hostname or pid) refuses this one: WORKER_ID_IN_USE. A session of the same
+   process (a reconnect that overtook the old stream's end) is retired first, and this
+   stream waits until the old one has settled its leases;
+2. its leases are resumed: those listed in ``Hello.in_flight`` are renewed, every other
+   lease of the worker goes back at once without using an attempt (the worker lists all
+   it holds, so it never received those) and Welcome lists the ones it lost;
+3. the stream runs as three loops: receive (this handler's), send (draining the
+   session's outbox, see ``sessions.py``) and ack (answering each Results or Heartbeat
+   after its group commit, in order). A full ack queue stops the receive loop, which is
+   the backpressure the worker feels.
+
+Each side expects to hear from the other at least every heartbeat interval and gives up
+after ``liveness_timeout`` (told to the worker in Welcome). A worker silent that long, or
+that does not take a message within it, or whose outbox overflows, is evicted: logged,
+listed in ``GetClusterStatus.recent_evictions``, its stream cut (UNAVAILABLE), and its
+leases taken back at once: those never written to its stream without using an attempt,
+the rest as LEASE_EXPIRED (they may have run). Whenever a stream ends, assignments still
+in its outbox go back at once, not counted.
 """
 
 from __future__ import annotations
@@ -11,345 +28,271 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
-import asyncpg
 import grpc
 
-from conveyor.coordinator import convert
+from conveyor.coordinator import context as request_context
+from conveyor.coordinator import convert, leases, results, validation
 from conveyor.coordinator.batcher import Batcher
-from conveyor.coordinator.config import DEFAULT_QUEUE, DEFAULT_TENANT
-from conveyor.coordinator.dispatcher import Dispatcher
-from conveyor.coordinator.errors import (
-    ConveyorError,
-    Overloaded,
-    ProtocolViolation,
-    StoreUnavailable,
-    to_status,
-)
-from conveyor.coordinator.results import ResultRecorder
-from conveyor.coordinator.sessions import SessionRegistry, WorkerSession
-from conveyor.coordinator.store import leadership
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatcher import Dispatcher, release_undelivered
+from conveyor.coordinator.errors import Overloaded, ProtocolViolation, WorkerIdInUse
+from conveyor.coordinator.interceptors import Undecodable
+from conveyor.coordinator.leases import LeaseKey, to_proto
+from conveyor.coordinator.maintenance import announce
+from conveyor.coordinator.results import Mapped, ResultRecorder
+from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.leadership import Fence
-from conveyor.coordinator.validation import MAX_NAME_LENGTH
-from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.coordinator.store.tasks import Release
+from conveyor.coordinator.validation import MAX_CREDIT, ValidHello
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 _log = logging.getLogger("conveyor.coordinator.worker_service")
 
-PROTOCOL_VERSION = 1
-# A task id in canonical text form. Leases keep ids as text end to end (asyncpg encodes
-# text to uuid): parsing a UUID object per result is measurable at 10k results/s.
-_TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HELLO_TIMEOUT = 10.0
-MAX_CREDIT = 100_000
 # Results/heartbeat batches awaiting their commit per stream; a full queue stops reading
 # from the worker, which is the backpressure the worker feels.
 ACK_QUEUE_SIZE = 64
 FLUSH_ON_CLOSE_TIMEOUT = 10.0
+# Longest a reconnect waits for its old session to settle its leases.
+RETIRE_TIMEOUT = 10.0
 
-_OUTCOMES = {
-    worker_service_pb2.TASK_OUTCOME_SUCCEEDED: store.OUTCOME_SUCCEEDED,
-    worker_service_pb2.TASK_OUTCOME_FAILED: store.OUTCOME_FAILED,
-    worker_service_pb2.TASK_OUTCOME_TIMED_OUT: store.OUTCOME_TIMED_OUT,
-    worker_service_pb2.TASK_OUTCOME_CANCELLED: store.OUTCOME_CANCELLED,
-}
+Context = grpc.aio.ServicerContext[
+    worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
+]
 
 
 @dataclass
 class _PendingAcks:
-    """One Results or Heartbeat message waiting for its commit.
+    """One Results or Heartbeat message waiting for its commit."""
 
-    ``stored`` holds the positions (in ``leases``) of the entries sent to the store, whose
-    answers ``future`` brings in that order; the other entries were refused up front, with
-    the reason in ``refused``.
-    """
-
-    kind: str  # "results" or "heartbeat"
+    results: bool
     leases: list[worker_service_pb2.Lease]
-    stored: list[int]
-    refused: dict[int, str]
-    future: asyncio.Future[list[bool]] | None = None
-
-    def answers(self, stored_answers: Sequence[bool]) -> list[tuple[bool, str]]:
-        """(accepted, reason) for every lease, in order."""
-        out: list[tuple[bool, str]] = [(False, "")] * len(self.leases)
-        for index, reason in self.refused.items():
-            out[index] = (False, reason)
-        for index, ok in zip(self.stored, stored_answers, strict=True):
-            out[index] = (ok, "" if ok else "lease is not current")
-        return out
+    mapped: Mapped
+    future: asyncio.Future[list[bool]] | None
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        sessions: SessionRegistry,
-        dispatcher: Dispatcher,
-        recorder: ResultRecorder,
-        watchers: TaskWatchers,
-        *,
-        fence: Callable[[], Fence],
-        is_leader: Callable[[], bool],
-        leader_address: Callable[[], str],
-        heartbeat_interval: float,
-        lease_seconds: float,
-    ) -> None:
-        self._pool = pool
-        self._sessions = sessions
+    def __init__(self, deps: Deps, dispatcher: Dispatcher, recorder: ResultRecorder) -> None:
+        self._deps = deps
         self._dispatcher = dispatcher
         self._recorder = recorder
-        self._watchers = watchers
-        self._fence = fence
-        self._is_leader = is_leader
-        self._leader_address = leader_address
-        self._heartbeat_interval = heartbeat_interval
-        self._lease_seconds = lease_seconds
+        self._settling: set[asyncio.Task[None]] = set()
 
     # The generated base class expects a generator; writing through the context instead
     # lets the send and receive loops run independently of each other.
     async def Connect(  # type: ignore[override]
-        self,
-        request_iterator: object,
-        context: grpc.aio.ServicerContext[
-            worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
-        ],
+        self, request_iterator: object, context: Context
     ) -> None:
-        try:
-            await self._serve(context)
-        except ConveyorError as exc:
-            await context.abort_with_status(to_status(exc))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            await context.abort_with_status(to_status(StoreUnavailable(str(exc))))
-
-    async def _serve(
-        self,
-        context: grpc.aio.ServicerContext[
-            worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
-        ],
-    ) -> None:
-        try:
-            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
-        except TimeoutError:
-            raise ProtocolViolation(f"no Hello within {HELLO_TIMEOUT:.0f}s") from None
-        if not isinstance(first, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
-            return
-        if first.WhichOneof("message") != "hello":
-            raise ProtocolViolation("the first message on the stream must be Hello")
-        hello = first.hello
-        self._check_hello(hello)
-        if not self._is_leader():
-            await context.write(
-                worker_service_pb2.ConnectResponse(
-                    redirect=worker_service_pb2.Redirect(leader_address=self._leader_address())
-                )
-            )
+        hello = await self._read_hello(context)
+        if hello is None:
             return
         session = WorkerSession(
             session_id=str(uuid.uuid4()),
             worker_id=hello.worker_id,
-            tenant=DEFAULT_TENANT,
-            queues=tuple(hello.queues) or (DEFAULT_QUEUE,),
-            task_types=tuple(hello.task_types),
+            tenant=request_context.current().tenant,
+            queues=hello.queues,
+            task_types=hello.task_types,
             hostname=hello.hostname,
             pid=hello.pid,
         )
-        lost = await self._resume(session, hello.in_flight)
-        previous = self._sessions.add(session)
-        if previous is not None:
-            _log.info("worker %s reconnected; retiring its old session", session.worker_id)
-        session.credit = hello.credits
-        await context.write(
-            worker_service_pb2.ConnectResponse(
-                welcome=worker_service_pb2.Welcome(
-                    session_id=session.session_id,
-                    epoch=self._fence().epoch,
-                    heartbeat_interval=convert.duration_ms(int(self._heartbeat_interval * 1000)),
-                    lease_duration=convert.duration_ms(int(self._lease_seconds * 1000)),
-                    lost=lost,
-                )
-            )
-        )
-        _log.info(
-            "worker %s connected (host %s pid %d, queues %s, credit %d)",
-            session.worker_id,
-            session.hostname,
-            session.pid,
-            ",".join(session.queues),
-            session.credit,
-        )
-        self._dispatcher.wake()
-        acks: asyncio.Queue[_PendingAcks | None] = asyncio.Queue(ACK_QUEUE_SIZE)
-        sender = asyncio.create_task(self._send_loop(session, context), name="worker-send")
-        acker = asyncio.create_task(self._ack_loop(session, acks), name="worker-ack")
+        await self._take_worker_id(session)
+        settle = None
         try:
-            await self._receive_loop(session, context, acks, acker)
-            # The worker closed its side: answer what it sent before letting go.
-            await acks.put(None)
-            await asyncio.wait_for(asyncio.shield(acker), FLUSH_ON_CLOSE_TIMEOUT)
-            await asyncio.wait_for(session.outbox.join(), FLUSH_ON_CLOSE_TIMEOUT)
-        finally:
-            self._sessions.remove(session)
-            for task in (sender, acker):
-                task.cancel()
-            results = await asyncio.gather(sender, acker, return_exceptions=True)
-            _log.info("worker %s disconnected", session.worker_id)
-            for result in results:
-                if isinstance(result, ConveyorError):
-                    raise result
-
-    def _check_hello(self, hello: worker_service_pb2.Hello) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolViolation(
-                f"protocol version {hello.protocol_version} is not supported; "
-                f"this coordinator speaks {PROTOCOL_VERSION}"
+            lost = await self._resume(session, hello.in_flight)
+            session.credit = hello.credits
+            self._welcome(session, lost)
+            self._deps.sessions.activate(session)
+            _log.info(
+                "worker %s connected (host %s pid %d, queues %s, types %s, credit %d)",
+                session.worker_id,
+                session.hostname,
+                session.pid,
+                ",".join(session.queues),
+                ",".join(sorted(session.task_types)),
+                session.credit,
             )
-        if not hello.worker_id or len(hello.worker_id) > MAX_NAME_LENGTH:
-            raise ProtocolViolation(f"Hello.worker_id must be 1 to {MAX_NAME_LENGTH} characters")
-        if not 0 <= hello.credits <= MAX_CREDIT:
-            raise ProtocolViolation(f"Hello.credits must be between 0 and {MAX_CREDIT}")
+            self._dispatcher.wake()
+            await self._converse(session, context)
+        finally:
+            # Settling writes to the store; it must finish even if this call is cancelled.
+            settle = asyncio.get_running_loop().create_task(self._settle(session))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            await asyncio.shield(settle)
+        if session.evicted:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"evicted: {session.end_reason}")
+
+    async def wait_settled(self) -> None:
+        """Waits for ended streams to settle their leases (before the pool closes)."""
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    async def _read_hello(self, context: Context) -> ValidHello | None:
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
+        except TimeoutError:
+            raise ProtocolViolation(f"no Hello within {HELLO_TIMEOUT:.0f}s") from None
+        if isinstance(first, Undecodable):
+            raise ProtocolViolation(f"the first message cannot be decoded: {first.problem}")
+        if not isinstance(first, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
+            return None
+        if first.WhichOneof("message") != "hello":
+            raise ProtocolViolation("the first message on the stream must be Hello")
+        return validation.validate_hello(first.hello)
+
+    async def _take_worker_id(self, session: WorkerSession) -> None:
+        registry = self._deps.sessions
+        while (holder := registry.holder(session.worker_id)) is not None:
+            if not holder.closed and not holder.same_process(session.hostname, session.pid):
+                raise WorkerIdInUse(
+                    session.worker_id,
+                    holder.hostname,
+                    holder.pid,
+                    self._deps.config.worker_liveness_timeout,
+                )
+            holder.end("replaced by a new stream from the same worker process")
+            try:
+                async with asyncio.timeout(RETIRE_TIMEOUT):
+                    await holder.done.wait()
+            except TimeoutError:
+                _log.warning("worker %s: the old session did not settle in time", holder.worker_id)
+                registry.remove(holder)
+        registry.reserve(session)
 
     async def _resume(
         self, session: WorkerSession, in_flight: Sequence[worker_service_pb2.Lease]
     ) -> list[worker_service_pb2.Lease]:
-        """Keeps the leases of tasks the worker still runs; returns those it lost.
-
-        Leases held by this worker id that it does not list were assigned to a stream that
-        broke before they arrived; they are taken back at once instead of at lease expiry.
-        """
-        valid: list[store.LeaseRef] = []
+        """Keeps the leases of tasks the worker still holds; returns those it lost."""
+        keys: list[LeaseKey] = []
         lost: list[worker_service_pb2.Lease] = []
         for lease in in_flight:
-            ref = self._lease_ref(session, lease)
-            if ref is None:
+            key = leases.parse(session.tenant, session.worker_id, lease)
+            if key is None:
                 lost.append(lease)
             else:
-                valid.append(ref)
-        fence = self._fence()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await leadership.check_epoch(conn, fence)
+                keys.append(key)
+        deps = self._deps
+        fence = deps.office.fence()
+        async with deps.db.write(fence) as conn:
             renewed = (
-                await store.renew_leases(conn, valid, self._lease_seconds, fence)
-                if valid
+                await store.renew_leases(conn, keys, deps.config.lease_duration, fence)
+                if keys
                 else set()
             )
             released = await store.release_abandoned(
-                conn, session.tenant, session.worker_id, sorted(renewed)
+                conn, session.tenant, session.worker_id, list(renewed), fence
             )
-        for ref in valid:
-            if (ref.task_id, ref.attempt) not in renewed:
-                lost.append(
-                    worker_service_pb2.Lease(
-                        task_id=ref.task_id, attempt=ref.attempt, epoch=ref.epoch
-                    )
-                )
+        lost.extend(to_proto(k) for k in keys if k not in renewed)
         if released:
             _log.info(
-                "took back %d tasks worker %s no longer runs", len(released), session.worker_id
+                "took back %d tasks worker %s never received", len(released), session.worker_id
             )
-            self._watchers.changed(r["id"] for r in released)
+            announce(deps, released)
         return lost
 
-    @staticmethod
-    def _lease_ref(
-        session: WorkerSession, lease: worker_service_pb2.Lease
-    ) -> store.LeaseRef | None:
-        task_id = lease.task_id.lower()
-        if not _TASK_ID.fullmatch(task_id):
-            return None
-        return store.LeaseRef(
-            tenant=session.tenant,
-            task_id=task_id,
-            attempt=lease.attempt,
-            epoch=lease.epoch,
-            worker_id=session.worker_id,
+    def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
+        cfg = self._deps.config
+        session.push(
+            worker_service_pb2.ConnectResponse(
+                welcome=worker_service_pb2.Welcome(
+                    session_id=session.session_id,
+                    epoch=self._deps.office.epoch,
+                    heartbeat_interval=convert.duration_ms(int(cfg.heartbeat_interval * 1000)),
+                    lease_duration=convert.duration_ms(int(cfg.lease_duration * 1000)),
+                    liveness_timeout=convert.duration_ms(int(cfg.worker_liveness_timeout * 1000)),
+                    lost=lost,
+                )
+            )
         )
+
+    # -- the stream ------------------------------------------------------------------------
+
+    async def _converse(self, session: WorkerSession, context: Context) -> None:
+        loop = asyncio.get_running_loop()
+        acks: asyncio.Queue[_PendingAcks | None] = asyncio.Queue(ACK_QUEUE_SIZE)
+        receiver = loop.create_task(self._receive_loop(session, context, acks), name="worker-recv")
+        sender = loop.create_task(self._send_loop(session, context), name="worker-send")
+        acker = loop.create_task(self._ack_loop(session, acks), name="worker-ack")
+        loops = {receiver, sender, acker}
+        try:
+            done, _ = await asyncio.wait(
+                {*loops, session.ended}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done & loops:
+                task.result()  # raises what broke the stream
+            if receiver in done:
+                # The worker closed its side: answer what it sent before letting go.
+                await acks.put(None)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
+                        await asyncio.shield(acker)
+                        session.finish("the worker closed its stream")
+                        await asyncio.shield(sender)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
 
     async def _receive_loop(
         self,
         session: WorkerSession,
-        context: grpc.aio.ServicerContext[
-            worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
-        ],
+        context: Context,
         acks: asyncio.Queue[_PendingAcks | None],
-        acker: asyncio.Task[None],
     ) -> None:
+        """Returns when the worker closes its side; ends the session when it falls silent."""
+        cfg = self._deps.config
+        liveness = cfg.worker_liveness_timeout
+        tenant, worker_id = session.tenant, session.worker_id
         while True:
-            read = asyncio.ensure_future(context.read())
-            done, _ = await asyncio.wait({read, acker}, return_when=asyncio.FIRST_COMPLETED)
-            if acker in done:
-                read.cancel()
-                acker.result()  # raises what stopped it
+            try:
+                async with asyncio.timeout(liveness):
+                    message = await context.read()
+            except TimeoutError:
+                session.end(
+                    f"no message for {liveness:g}s (heartbeats are due every "
+                    f"{cfg.heartbeat_interval:g}s)",
+                    evict=True,
+                )
                 return
-            message = read.result()
+            if isinstance(message, Undecodable):
+                raise ProtocolViolation(f"a message cannot be decoded: {message.problem}")
             if not isinstance(message, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
                 return
             kind = message.WhichOneof("message")
-            if kind == "credit":
+            if kind == "results":
+                wire = message.results.results
+                mapped, outcomes = results.map_results(
+                    tenant, worker_id, wire, max_result_bytes=cfg.max_payload_bytes
+                )
+                future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
+                await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
+            elif kind == "heartbeat":
+                wire_leases = message.heartbeat.leases
+                mapped, keys = results.map_leases(tenant, worker_id, wire_leases)
+                future = await _enqueue(self._recorder.renewals, keys) if keys else None
+                await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
+            elif kind == "credit":
                 credits = message.credit.credits
                 if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
-                    raise ProtocolViolation(f"credit {credits} is out of range")
+                    raise ProtocolViolation(
+                        f"Credit.credits {credits} is out of range: a worker may hold at most "
+                        f"{MAX_CREDIT} credits (it holds {session.credit})"
+                    )
                 session.credit += credits
                 if session.wants_work:
                     self._dispatcher.wake()
-            elif kind == "results":
-                await acks.put(await self._enqueue_results(session, message.results.results))
-            elif kind == "heartbeat":
-                await acks.put(await self._enqueue_renewals(session, message.heartbeat.leases))
             elif kind == "drain":
                 session.draining = True
-                _log.info("worker %s is draining", session.worker_id)
+                _log.info("worker %s is draining", worker_id)
             else:
                 raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
-
-    async def _enqueue_results(
-        self, session: WorkerSession, results: Sequence[worker_service_pb2.TaskResult]
-    ) -> _PendingAcks:
-        pending = _PendingAcks("results", [r.lease for r in results], [], {})
-        items: list[store.Outcome] = []
-        for index, result in enumerate(results):
-            ref = self._lease_ref(session, result.lease)
-            outcome = _OUTCOMES.get(result.outcome)
-            if ref is None or outcome is None:
-                pending.refused[index] = (
-                    "malformed task id" if ref is None else f"unknown outcome {result.outcome}"
-                )
-                continue
-            pending.stored.append(index)
-            items.append(
-                store.Outcome(
-                    lease=ref,
-                    outcome=outcome,
-                    result=result.result if outcome == store.OUTCOME_SUCCEEDED else None,
-                    error=result.error[:10_000],
-                    retryable=result.retryable and outcome != store.OUTCOME_CANCELLED,
-                )
-            )
-        if items:
-            pending.future = await _enqueue(self._recorder.results, items)
-        return pending
-
-    async def _enqueue_renewals(
-        self, session: WorkerSession, leases: Sequence[worker_service_pb2.Lease]
-    ) -> _PendingAcks:
-        pending = _PendingAcks("heartbeat", list(leases), [], {})
-        refs: list[store.LeaseRef] = []
-        for index, lease in enumerate(leases):
-            ref = self._lease_ref(session, lease)
-            if ref is None:
-                pending.refused[index] = "malformed task id"
-            else:
-                pending.stored.append(index)
-                refs.append(ref)
-        if refs:
-            pending.future = await _enqueue(self._recorder.renewals, refs)
-        return pending
 
     async def _ack_loop(
         self, session: WorkerSession, acks: asyncio.Queue[_PendingAcks | None]
@@ -358,24 +301,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             pending = await acks.get()
             if pending is None:
                 return
-            try:
-                stored = await pending.future if pending.future is not None else []
-            except ConveyorError:
-                raise
-            except Exception as exc:
-                # The store failed: close the stream so the worker reconnects (perhaps to
-                # another coordinator) and resends what was not acknowledged.
-                raise StoreUnavailable(str(exc)) from exc
-            answers = pending.answers(stored)
-            if pending.kind == "results":
-                message = worker_service_pb2.ConnectResponse(
-                    result_acks=worker_service_pb2.ResultAcks(
-                        acks=[
-                            worker_service_pb2.ResultAck(lease=lease, accepted=ok, reason=reason)
-                            for lease, (ok, reason) in zip(pending.leases, answers, strict=True)
-                        ]
-                    )
-                )
+            # A failed commit raises here and ends the stream: the worker reconnects
+            # (perhaps to another coordinator) and resends what was not acknowledged.
+            stored = await pending.future if pending.future is not None else []
+            answers = pending.mapped.answers(stored)
+            if pending.results:
+                message = worker_service_pb2.ConnectResponse()
+                add = message.result_acks.acks.add
+                for lease, (ok, reason) in zip(pending.leases, answers, strict=True):
+                    add(lease=lease, accepted=ok, reason=reason)
             else:
                 message = worker_service_pb2.ConnectResponse(
                     heartbeat_ack=worker_service_pb2.HeartbeatAck(
@@ -386,40 +320,77 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         ]
                     )
                 )
-            await session.send(message)
+            if not session.push(message):
+                return
 
-    @staticmethod
-    async def _send_loop(
-        session: WorkerSession,
-        context: grpc.aio.ServicerContext[
-            worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
-        ],
-    ) -> None:
-        while True:
-            message = await session.outbox.get()
+    async def _send_loop(self, session: WorkerSession, context: Context) -> None:
+        """Writes the outbox; returns when the session finished and its outbox is empty."""
+        liveness = self._deps.config.worker_liveness_timeout
+        while (item := await session.next_message()) is not None:
+            message, size = item
             try:
-                await context.write(message)
-            finally:
-                session.outbox.task_done()
-
-    def step_down(self) -> None:
-        """Closes every worker stream; workers reconnect and find the new leader."""
-        for session in self._sessions:
-            session.closed = True
-            with contextlib.suppress(asyncio.QueueFull):
-                session.outbox.put_nowait(
-                    worker_service_pb2.ConnectResponse(
-                        redirect=worker_service_pb2.Redirect(leader_address=self._leader_address())
-                    )
+                async with asyncio.timeout(liveness):
+                    await context.write(message)
+            except TimeoutError:
+                session.end(
+                    f"stopped reading its stream (a message waited {liveness:g}s)", evict=True
                 )
+                return
+            session.sent(size)
+            if session.throttled and session.outbox_room > 0:
+                session.throttled = False
+                self._dispatcher.wake()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def _settle(self, session: WorkerSession) -> None:
+        """Takes back what the ended session cannot finish; then frees its worker id."""
+        deps = self._deps
+        deps.sessions.remove(session)
+        undelivered = session.take_undelivered()
+        released = 0
+        try:
+            if undelivered or session.evicted:
+                async with deps.db.read() as conn:
+                    if undelivered:
+                        await release_undelivered(deps, conn, undelivered)
+                    if session.evicted:
+                        reason = session.end_reason.replace("%", "%%")
+                        how = Release(
+                            store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason}"
+                        )
+                        rows = await store.release_worker(
+                            conn, session.tenant, session.worker_id, how, deps.office.fence()
+                        )
+                        released = len(rows)
+                        announce(deps, rows)
+        except Exception as exc:
+            # Store down or fenced: the leases come back when they expire or when the
+            # worker reconnects.
+            _log.warning(
+                "worker %s: could not take back its leases now: %r", session.worker_id, exc
+            )
+        finally:
+            if session.evicted:
+                deps.sessions.record_eviction(session, released + len(undelivered))
+            session.done.set()
+            _log.info(
+                "worker %s disconnected%s",
+                session.worker_id,
+                f" ({session.end_reason})" if session.end_reason else "",
+            )
+
+    def step_down(self, leader_address: str) -> None:
+        """Sends every worker to the new leader; their streams end once that is written."""
+        redirect = worker_service_pb2.ConnectResponse(
+            redirect=worker_service_pb2.Redirect(leader_address=leader_address)
+        )
+        for session in self._deps.sessions:
+            session.push(redirect)
+            session.finish("this coordinator no longer leads")
 
 
-Entry = TypeVar("Entry")
-
-
-async def _enqueue(
-    batcher: Batcher[Sequence[Entry], list[bool]], item: Sequence[Entry]
-) -> asyncio.Future[list[bool]]:
+async def _enqueue(batcher: Batcher[Sequence[Any], list[bool]], item: Sequence[Any]) -> Any:
     """Enqueues one message's entries, waiting (not failing) while the batcher is full.
 
     Waiting here stops this stream's receive loop, which is the backpressure the worker

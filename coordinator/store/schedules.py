@@ -14,14 +14,17 @@ from datetime import datetime
 
 import asyncpg
 
+from conveyor.coordinator.cron import OVERLAP_ALLOW
+from conveyor.coordinator.store.sql import Query, columns, transpose, unnest
 from conveyor.coordinator.store.tasks import CANCELLED, DEAD, SUCCEEDED
 
-SCHEDULE_COLUMNS = """
-    s.id, s.tenant, s.name, s.cron, s.time_zone, s.template, s.overlap_policy,
-    s.catch_up_policy, s.catch_up_limit, s.paused, s.start_time, s.end_time,
-    s.next_fire_time, s.buffered_tick, s.last_task_id, s.version,
-    s.create_time, s.update_time
-"""
+SCHEDULE_COLUMNS = (
+    "id", "tenant", "name", "cron", "time_zone", "template", "overlap_policy",
+    "catch_up_policy", "catch_up_limit", "paused", "start_time", "end_time",
+    "next_fire_time", "buffered_tick", "last_task_id", "version", "create_time", "update_time",
+)  # fmt: skip
+"""Every column a Schedule message shows."""
+_SCHEDULE = columns(SCHEDULE_COLUMNS, "s")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,35 @@ class ScheduleRow:
     end_time: datetime | None
 
 
+_INSERT = Query(
+    "insert_schedule",
+    f"""
+    INSERT INTO schedules AS s (id, tenant, name, cron, time_zone, template,
+        overlap_policy, catch_up_policy, catch_up_limit, paused, start_time, end_time,
+        next_fire_time, wake_time, create_time, update_time)
+    VALUES (:id, :tenant, :name, :cron, :time_zone, :template, :overlap_policy,
+        :catch_up_policy, :catch_up_limit, :paused, :start_time, :end_time, :next_fire_time,
+        :next_fire_time, :now, :now)
+    ON CONFLICT (tenant, name) DO NOTHING
+    RETURNING {_SCHEDULE}
+    """,
+)
+
+
+def _row_values(row: ScheduleRow) -> dict[str, object]:
+    return {
+        "tenant": row.tenant,
+        "cron": row.cron,
+        "time_zone": row.time_zone,
+        "template": row.template,
+        "overlap_policy": row.overlap_policy,
+        "catch_up_policy": row.catch_up_policy,
+        "catch_up_limit": row.catch_up_limit,
+        "start_time": row.start_time,
+        "end_time": row.end_time,
+    }
+
+
 async def insert(
     conn: asyncpg.Connection,
     schedule_id: uuid.UUID,
@@ -50,58 +82,66 @@ async def insert(
     now: datetime,
 ) -> asyncpg.Record | None:
     """Inserts a schedule; None when the tenant has one with that name already."""
-    return await conn.fetchrow(
-        f"""
-        INSERT INTO schedules AS s (id, tenant, name, cron, time_zone, template,
-            overlap_policy, catch_up_policy, catch_up_limit, paused, start_time, end_time,
-            next_fire_time, wake_time, create_time, update_time)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $14)
-        ON CONFLICT (tenant, name) DO NOTHING
-        RETURNING {SCHEDULE_COLUMNS}
-        """,
-        schedule_id,
-        row.tenant,
-        row.name,
-        row.cron,
-        row.time_zone,
-        row.template,
-        row.overlap_policy,
-        row.catch_up_policy,
-        row.catch_up_limit,
-        paused,
-        row.start_time,
-        row.end_time,
-        next_fire_time,
-        now,
+    return await _INSERT.fetchrow(
+        conn,
+        id=schedule_id,
+        name=row.name,
+        paused=paused,
+        next_fire_time=next_fire_time,
+        now=now,
+        **_row_values(row),
     )
+
+
+_GET = Query(
+    "get_schedule",
+    f"SELECT {_SCHEDULE} FROM schedules s WHERE s.tenant = :tenant AND s.name = :name",
+)
+_GET_FOR_UPDATE = Query(
+    "get_schedule_for_update",
+    f"SELECT {_SCHEDULE} FROM schedules s WHERE s.tenant = :tenant AND s.name = :name FOR UPDATE",
+)
 
 
 async def get(
     conn: asyncpg.Connection, tenant: str, name: str, *, for_update: bool = False
 ) -> asyncpg.Record | None:
-    lock = "FOR UPDATE" if for_update else ""
-    return await conn.fetchrow(
-        f"SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant = $1 AND s.name = $2 {lock}",
-        tenant,
-        name,
-    )
+    query = _GET_FOR_UPDATE if for_update else _GET
+    return await query.fetchrow(conn, tenant=tenant, name=name)
+
+
+_LIST_PAGE = Query(
+    "list_schedules",
+    f"""
+    SELECT {_SCHEDULE} FROM schedules s
+    WHERE s.tenant = :tenant AND (:after_name::text IS NULL OR s.name > :after_name)
+    ORDER BY s.name
+    LIMIT :limit
+    """,
+)
 
 
 async def list_page(
     conn: asyncpg.Connection, tenant: str, after_name: str | None, page_size: int
 ) -> list[asyncpg.Record]:
     """By name; fetches one row more than the page to tell whether another page exists."""
-    return await conn.fetch(
-        f"""
-        SELECT {SCHEDULE_COLUMNS} FROM schedules s
-        WHERE s.tenant = $1 AND ($2::text IS NULL OR s.name > $2)
-        ORDER BY s.name
-        LIMIT $3
-        """,
-        tenant,
-        after_name,
-        page_size + 1,
-    )
+    return await _LIST_PAGE.fetch(conn, tenant=tenant, after_name=after_name, limit=page_size + 1)
+
+
+_UPDATE = Query(
+    "update_schedule",
+    f"""
+    UPDATE schedules s SET cron = :cron, time_zone = :time_zone, template = :template,
+        overlap_policy = :overlap_policy, catch_up_policy = :catch_up_policy,
+        catch_up_limit = :catch_up_limit, start_time = :start_time, end_time = :end_time,
+        next_fire_time = CASE WHEN :restart THEN :next_fire_time ELSE s.next_fire_time END,
+        wake_time = CASE WHEN :restart THEN :next_fire_time ELSE s.wake_time END,
+        buffered_tick = CASE WHEN :restart THEN NULL ELSE s.buffered_tick END,
+        version = s.version + 1, update_time = :now
+    WHERE s.tenant = :tenant AND s.id = :id
+    RETURNING {_SCHEDULE}
+    """,
+)
 
 
 async def update(
@@ -114,58 +154,57 @@ async def update(
     now: datetime,
 ) -> asyncpg.Record:
     """Writes the client-set columns; ``restart`` also moves the cursor to next_fire_time."""
-    record: asyncpg.Record = await conn.fetchrow(
-        f"""
-        UPDATE schedules s SET cron = $3, time_zone = $4, template = $5, overlap_policy = $6,
-            catch_up_policy = $7, catch_up_limit = $8, start_time = $9, end_time = $10,
-            next_fire_time = CASE WHEN $11 THEN $12 ELSE s.next_fire_time END,
-            wake_time = CASE WHEN $11 THEN $12 ELSE s.wake_time END,
-            buffered_tick = CASE WHEN $11 THEN NULL ELSE s.buffered_tick END,
-            version = s.version + 1, update_time = $13
-        WHERE s.tenant = $1 AND s.id = $2
-        RETURNING {SCHEDULE_COLUMNS}
-        """,
-        row.tenant,
-        schedule_id,
-        row.cron,
-        row.time_zone,
-        row.template,
-        row.overlap_policy,
-        row.catch_up_policy,
-        row.catch_up_limit,
-        row.start_time,
-        row.end_time,
-        restart,
-        next_fire_time,
-        now,
+    record: asyncpg.Record = await _UPDATE.fetchrow(
+        conn,
+        id=schedule_id,
+        restart=restart,
+        next_fire_time=next_fire_time,
+        now=now,
+        **_row_values(row),
     )
     return record
 
 
+_DELETE = Query(
+    "delete_schedule",
+    "DELETE FROM schedules WHERE tenant = :tenant AND name = :name RETURNING id",
+)
+
+
 async def delete(conn: asyncpg.Connection, tenant: str, name: str) -> bool:
-    deleted = await conn.fetchval(
-        "DELETE FROM schedules WHERE tenant = $1 AND name = $2 RETURNING id", tenant, name
-    )
-    return deleted is not None
+    return await _DELETE.fetchval(conn, tenant=tenant, name=name) is not None
+
+
+_PAUSE = Query(
+    "pause_schedule",
+    f"""
+    UPDATE schedules s SET
+        paused = true, buffered_tick = NULL,
+        version = s.version + CASE WHEN s.paused THEN 0 ELSE 1 END,
+        update_time = CASE WHEN s.paused THEN s.update_time ELSE :now END
+    WHERE s.tenant = :tenant AND s.name = :name
+    RETURNING {_SCHEDULE}
+    """,
+)
 
 
 async def pause(
     conn: asyncpg.Connection, tenant: str, name: str, now: datetime
 ) -> asyncpg.Record | None:
     """Pauses a schedule (a buffered tick is dropped); returns it, None if there is none."""
-    return await conn.fetchrow(
-        f"""
-        UPDATE schedules s SET
-            paused = true, buffered_tick = NULL,
-            version = s.version + CASE WHEN s.paused THEN 0 ELSE 1 END,
-            update_time = CASE WHEN s.paused THEN s.update_time ELSE $3 END
-        WHERE s.tenant = $1 AND s.name = $2
-        RETURNING {SCHEDULE_COLUMNS}
-        """,
-        tenant,
-        name,
-        now,
-    )
+    return await _PAUSE.fetchrow(conn, tenant=tenant, name=name, now=now)
+
+
+_RESUME = Query(
+    "resume_schedule",
+    f"""
+    UPDATE schedules s SET paused = false, next_fire_time = :next_fire_time,
+        wake_time = :next_fire_time, buffered_tick = NULL, version = s.version + 1,
+        update_time = :now
+    WHERE s.tenant = :tenant AND s.id = :id
+    RETURNING {_SCHEDULE}
+    """,
+)
 
 
 async def resume(
@@ -176,19 +215,22 @@ async def resume(
     now: datetime,
 ) -> asyncpg.Record:
     """Unpauses a schedule (locked by the caller) with a fresh cursor."""
-    record: asyncpg.Record = await conn.fetchrow(
-        f"""
-        UPDATE schedules s SET paused = false, next_fire_time = $3, wake_time = $3,
-            buffered_tick = NULL, version = s.version + 1, update_time = $4
-        WHERE s.tenant = $1 AND s.id = $2
-        RETURNING {SCHEDULE_COLUMNS}
-        """,
-        tenant,
-        schedule_id,
-        next_fire_time,
-        now,
+    record: asyncpg.Record = await _RESUME.fetchrow(
+        conn, tenant=tenant, id=schedule_id, next_fire_time=next_fire_time, now=now
     )
     return record
+
+
+_FIRINGS = Query(
+    "schedule_firings",
+    """
+    SELECT idempotency_key, id, state, create_time FROM tasks
+    WHERE tenant = :tenant AND idempotency_key = ANY(:keys::text[])
+    UNION
+    SELECT idempotency_key, id, state, create_time FROM tasks
+    WHERE tenant = :tenant AND id = ANY(:ids::uuid[])
+    """,
+)
 
 
 async def firings(
@@ -197,21 +239,30 @@ async def firings(
     """The tasks with these idempotency keys or ids: (idempotency_key, id, state, create_time)."""
     if not keys and not task_ids:
         return []
-    return await conn.fetch(
-        """
-        SELECT idempotency_key, id, state, create_time FROM tasks
-        WHERE tenant = $1 AND idempotency_key = ANY($2::text[])
-        UNION
-        SELECT idempotency_key, id, state, create_time FROM tasks
-        WHERE tenant = $1 AND id = ANY($3::uuid[])
-        """,
-        tenant,
-        list(keys),
-        list(task_ids),
-    )
+    return await _FIRINGS.fetch(conn, tenant=tenant, keys=list(keys), ids=list(task_ids))
 
 
 # -- the firer ---------------------------------------------------------------------------
+
+_DUE = Query(
+    "due_schedules",
+    f"""
+    SELECT s.id, s.tenant, s.cron, s.time_zone, s.version, s.overlap_policy,
+        s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
+        s.buffered_tick,
+        coalesce(t.state NOT IN ({SUCCEEDED}, {DEAD}, {CANCELLED}), false)
+            AS previous_unfinished
+    FROM schedules s
+    LEFT JOIN tasks t
+        ON s.overlap_policy <> {OVERLAP_ALLOW} AND t.id = s.last_task_id
+        AND t.tenant = s.tenant
+    WHERE s.wake_time <= :horizon AND NOT s.paused
+        AND (s.wake_time <= :now OR s.overlap_policy = {OVERLAP_ALLOW})
+    ORDER BY s.wake_time
+    LIMIT :limit
+    FOR UPDATE OF s SKIP LOCKED
+    """,
+)
 
 
 async def due(
@@ -223,34 +274,19 @@ async def due(
     ``previous_unfinished`` tells the overlap policies whether the latest firing's task is
     still unfinished; it is looked up only for schedules whose policy needs it.
     """
-    return await conn.fetch(
-        f"""
-        SELECT s.id, s.tenant, s.cron, s.time_zone, s.version, s.overlap_policy,
-            s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
-            s.buffered_tick,
-            coalesce(t.state NOT IN ({SUCCEEDED}, {DEAD}, {CANCELLED}), false)
-                AS previous_unfinished
-        FROM schedules s
-        LEFT JOIN tasks t
-            ON s.overlap_policy <> 1 AND t.id = s.last_task_id AND t.tenant = s.tenant
-        WHERE s.wake_time <= $2 AND NOT s.paused AND (s.wake_time <= $1 OR s.overlap_policy = 1)
-        ORDER BY s.wake_time
-        LIMIT $3
-        FOR UPDATE OF s SKIP LOCKED
-        """,
-        now,
-        horizon,
-        limit,
-    )
+    return await _DUE.fetch(conn, now=now, horizon=horizon, limit=limit)
+
+
+_TEMPLATES = Query(
+    "schedule_templates",
+    "SELECT id, version, template FROM schedules WHERE id = ANY(:ids::uuid[])",
+)
 
 
 async def templates(
     conn: asyncpg.Connection, schedule_ids: Sequence[uuid.UUID]
 ) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        "SELECT id, version, template FROM schedules WHERE id = ANY($1::uuid[])",
-        list(schedule_ids),
-    )
+    return await _TEMPLATES.fetch(conn, ids=list(schedule_ids))
 
 
 @dataclass(frozen=True)
@@ -265,36 +301,53 @@ class Advance:
     """The newest firing's task; None leaves the column as it is."""
 
 
+_ADVANCE_ARRAYS = (
+    ("id", "uuid"),
+    ("next_fire_time", "timestamptz"),
+    ("wake_time", "timestamptz"),
+    ("buffered_tick", "timestamptz"),
+    ("last_task_id", "uuid"),
+)
+_ADVANCE = Query(
+    "advance_schedules",
+    f"""
+    UPDATE schedules s SET
+        next_fire_time = r.next_fire_time, wake_time = r.wake_time,
+        buffered_tick = r.buffered_tick,
+        last_task_id = coalesce(r.last_task_id, s.last_task_id)
+    FROM {unnest(_ADVANCE_ARRAYS, "r")}
+    WHERE s.id = r.id
+    """,
+)
+
+
 async def advance(conn: asyncpg.Connection, rows: Sequence[Advance]) -> None:
     """Moves the schedules' cursors, in one statement."""
-    await conn.execute(
-        """
-        UPDATE schedules s SET
-            next_fire_time = r.next_fire_time, wake_time = r.wake_time,
-            buffered_tick = r.buffered_tick,
-            last_task_id = coalesce(r.last_task_id, s.last_task_id)
-        FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
-            $5::uuid[])
-            AS r(id, next_fire_time, wake_time, buffered_tick, last_task_id)
-        WHERE s.id = r.id
-        """,
-        [r.id for r in rows],
-        [r.next_fire_time for r in rows],
-        [r.wake_time for r in rows],
-        [r.buffered_tick for r in rows],
-        [r.last_task_id for r in rows],
+    await _ADVANCE.execute(
+        conn,
+        **transpose(
+            [(r.id, r.next_fire_time, r.wake_time, r.buffered_tick, r.last_task_id) for r in rows],
+            [name for name, _ in _ADVANCE_ARRAYS],
+        ),
     )
+
+
+_NEXT_WAKE = Query(
+    "next_schedule_wake",
+    f"""
+    SELECT
+        (SELECT min(wake_time) FROM schedules
+         WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy = {OVERLAP_ALLOW})
+            AS allow,
+        (SELECT min(wake_time) FROM schedules
+         WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy <> {OVERLAP_ALLOW})
+            AS other
+    """,
+)
 
 
 async def next_wake(conn: asyncpg.Connection) -> tuple[datetime | None, datetime | None]:
     """The earliest wake_time of ALLOW schedules, and of the others."""
-    row = await conn.fetchrow(
-        """
-        SELECT
-            (SELECT min(wake_time) FROM schedules
-             WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy = 1) AS allow,
-            (SELECT min(wake_time) FROM schedules
-             WHERE NOT paused AND wake_time IS NOT NULL AND overlap_policy <> 1) AS other
-        """
-    )
+    row = await _NEXT_WAKE.fetchrow(conn)
+    assert row is not None
     return row["allow"], row["other"]

@@ -1,8 +1,24 @@
-"""SQL for the ``tasks`` table (and the ``task_attempts`` rows that move with it).
+"""SQL for the ``tasks`` table and the ``task_attempts`` rows that move with it.
 
-Every statement is plain, parameterised SQL taking arrays (``unnest``) so one round trip
-serves a whole batch. Every statement filters by tenant, except the maintenance sweeps
-(promotion, lease reaping) which act for all tenants by design.
+Every statement takes arrays (``unnest``) so one round trip serves a whole batch, and every
+statement filters by tenant, except the maintenance sweeps (promotion, lease reaping) which
+act for all tenants by design. Dispatch-side writes carry the leader's fence (``{fence}``,
+see ``sql.py``). The claim, which decides the order of work, is the dispatch policy's
+(``coordinator/dispatch_policy.py``).
+
+What counts as an attempt (``attempt`` counts every lease, ``attempt_base`` the ones that do
+not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
+
+- a lease that ends in a result counts, except TASK_OUTCOME_INTERRUPTED (the worker's
+  drain ran out of time): the task is PENDING again at once, attempt row INTERRUPTED;
+- a lease that *expired* counts (the worker went silent: the task may have run), and so
+  does a lease taken back from an evicted worker that had received it: LEASE_EXPIRED;
+- a lease that never started does not count: claimed or handed off but never written to
+  the worker's stream (the stream broke, the session was replaced or evicted first), or
+  left out of the worker's ``Hello.in_flight`` when it reconnects (a worker lists every
+  lease it holds: running, waiting for a slot, or finished with an unacknowledged
+  result). The task is PENDING again at once, attempt row NOT_STARTED;
+- RetryTask gives a fresh budget: ``attempt_base = attempt``.
 """
 
 from __future__ import annotations
@@ -10,33 +26,77 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from conveyor.coordinator.store.leadership import Fence
+from conveyor.coordinator.leases import FIRST_ATTEMPT, KEY_ARRAYS, LeaseKey, key_arrays, keys_of
+from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
 from conveyor.coordinator.validation import ListFilter, NewTask
+from conveyor.v1 import task_pb2
 
-PENDING, SCHEDULED, RUNNING, SUCCEEDED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6
-OUTCOME_RUNNING, OUTCOME_SUCCEEDED, OUTCOME_FAILED = 1, 2, 3
-OUTCOME_TIMED_OUT, OUTCOME_LEASE_EXPIRED, OUTCOME_CANCELLED = 4, 5, 6
+PENDING = task_pb2.TASK_STATE_PENDING
+SCHEDULED = task_pb2.TASK_STATE_SCHEDULED
+RUNNING = task_pb2.TASK_STATE_RUNNING
+SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+DEAD = task_pb2.TASK_STATE_DEAD
+CANCELLED = task_pb2.TASK_STATE_CANCELLED
+UNFINISHED = (PENDING, SCHEDULED, RUNNING)
+TERMINAL = frozenset({SUCCEEDED, DEAD, CANCELLED})
 
-TASK_COLUMNS = """
-    t.id, t.tenant, t.queue, t.type, t.payload, t.content_type, t.state, t.priority,
-    t.attempt, t.max_attempts, t.attempt_base, t.idempotency_key, t.run_at, t.timeout_ms,
-    t.retry_initial_ms, t.retry_max_ms, t.retry_multiplier, t.retry_jitter, t.labels,
-    t.traceparent, t.result, t.last_error, t.worker_id, t.lease_epoch, t.lease_start_time,
-    t.create_time, t.update_time, t.finish_time
+OUTCOME_RUNNING = task_pb2.ATTEMPT_OUTCOME_RUNNING
+OUTCOME_SUCCEEDED = task_pb2.ATTEMPT_OUTCOME_SUCCEEDED
+OUTCOME_FAILED = task_pb2.ATTEMPT_OUTCOME_FAILED
+OUTCOME_TIMED_OUT = task_pb2.ATTEMPT_OUTCOME_TIMED_OUT
+OUTCOME_LEASE_EXPIRED = task_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED
+OUTCOME_CANCELLED = task_pb2.ATTEMPT_OUTCOME_CANCELLED
+OUTCOME_NOT_STARTED = task_pb2.ATTEMPT_OUTCOME_NOT_STARTED
+OUTCOME_INTERRUPTED = task_pb2.ATTEMPT_OUTCOME_INTERRUPTED
+
+# -- columns -------------------------------------------------------------------------------
+
+TASK_COLUMNS = (
+    "id", "tenant", "queue", "type", "payload", "content_type", "state", "priority",
+    "attempt", "max_attempts", "attempt_base", "idempotency_key", "run_at", "timeout_ms",
+    "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
+    "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
+    "create_time", "update_time", "finish_time",
+)  # fmt: skip
+"""Every column a Task message shows (convert.task_from_row)."""
+
+ASSIGNMENT_COLUMNS = (
+    "id", "queue", "type", "payload", "content_type", "priority", "attempt", "max_attempts",
+    "idempotency_key", "timeout_ms", "labels", "traceparent", "lease_epoch", "create_time",
+)  # fmt: skip
+"""What an Assignment needs (convert.assignment_from_row): a claim returns no more, since
+decoding every column of every claimed row is a measurable share of dispatch."""
+
+NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
+    ("id", "uuid"), ("tenant", "text"), ("queue", "text"), ("type", "text"),
+    ("payload", "bytea"), ("content_type", "text"), ("state", "smallint"),
+    ("priority", "int"), ("max_attempts", "int"), ("idempotency_key", "text"),
+    ("request_hash", "bytea"), ("run_at", "timestamptz"), ("timeout_ms", "bigint"),
+    ("retry_initial_ms", "bigint"), ("retry_max_ms", "bigint"),
+    ("retry_multiplier", "float8"), ("retry_jitter", "float8"), ("labels", "text"),
+    ("traceparent", "text"),
+)  # fmt: skip
+"""The columns a new task is written with (in :func:`_record` order), and their types."""
+NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
+
+ATTEMPT_COLUMNS = (
+    "task_id", "attempt", "tenant", "worker_id", "epoch", "start_time", "end_time", "outcome",
+    "error",
+)  # fmt: skip
+
+_TASK = columns(TASK_COLUMNS, "t")
+_NEW_VALUES = ", ".join(f"r.{n}::jsonb" if n == "labels" else f"r.{n}" for n in NEW_TASK_COLUMNS)
+_KEYS = unnest(KEY_ARRAYS, "r")
+# A lease as a worker names it (r, from _KEYS) matches the task row only while current.
+_LEASE_MATCH = f"""
+    t.tenant = r.tenant AND t.id = r.id AND t.attempt = r.attempt AND t.lease_epoch = r.epoch
+    AND t.worker_id = r.worker_id AND t.state = {RUNNING}
 """
-
-# What an Assignment needs (convert.assignment_from_row): a claim returns no more, since
-# decoding every column of every claimed row is a measurable share of dispatch.
-CLAIM_COLUMNS = """
-    t.id, t.queue, t.type, t.payload, t.content_type, t.priority, t.attempt, t.max_attempts,
-    t.idempotency_key, t.timeout_ms, t.labels, t.traceparent, t.lease_epoch, t.create_time
-"""
-
 # Attempts left after this one: retry when the error allows and the budget is not spent.
 _RETRY_LEFT = "(t.attempt - t.attempt_base) < t.max_attempts"
 # Exponential backoff with jitter, capped; the exponent is bounded so power() cannot overflow.
@@ -48,162 +108,138 @@ _BACKOFF = """
 """
 
 
-async def insert(
-    conn: asyncpg.Connection,
-    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
-    now: datetime,
-) -> set[uuid.UUID]:
-    """Inserts (tenant, id, task, state, run_at) rows; returns the ids actually inserted.
+class NewRow(NamedTuple):
+    """A task about to be inserted."""
 
-    For rows with idempotency keys: a row whose key is taken is skipped, not an error (the
-    caller compares it). Rows without keys go faster through copy_new().
-    """
-    inserted = await conn.fetch(
-        f"""
-        INSERT INTO tasks ({_INSERT_COLUMNS})
-        SELECT {_INSERT_VALUES}, $20, $20
-        FROM {_UNNEST_NEW}
-        ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING id
-        """,
-        *_new_columns(rows),
-        now,
+    tenant: str
+    id: uuid.UUID
+    task: NewTask
+    state: int
+    run_at: datetime
+
+
+def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
+    """The row's values in NEW_TASK_COLUMNS order, then ``tail``."""
+    task = row.task
+    return (
+        row.id,
+        row.tenant,
+        task.queue,
+        task.type,
+        task.payload,
+        task.content_type,
+        row.state,
+        task.priority,
+        task.max_attempts,
+        task.idempotency_key,
+        task.request_hash or None,
+        row.run_at,
+        task.timeout_ms,
+        task.retry_initial_ms,
+        task.retry_max_ms,
+        task.retry_multiplier,
+        task.retry_jitter,
+        json.dumps(task.labels) if task.labels else "{}",
+        task.traceparent,
+        *tail,
     )
+
+
+def _new_arrays(rows: Sequence[NewRow]) -> dict[str, Any]:
+    return transpose([_record(r) for r in rows], NEW_TASK_COLUMNS)
+
+
+# -- submits -------------------------------------------------------------------------------
+
+_INSERT = Query(
+    "insert_tasks",
+    f"""
+    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
+    SELECT {_NEW_VALUES}, :now, :now
+    FROM {unnest(NEW_TASK_ARRAYS, "r")}
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+    """,
+)
+
+
+async def insert(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> set[uuid.UUID]:
+    """Inserts rows; returns the ids actually inserted.
+
+    A row whose idempotency key is taken is skipped, not an error (the caller compares
+    it). Large batches without keys go faster through :func:`copy_new`.
+    """
+    inserted = await _INSERT.fetch(conn, now=now, **_new_arrays(rows))
     return {r["id"] for r in inserted}
+
+
+_INSERT_LEASED = Query(
+    "insert_leased_tasks",
+    f"""
+    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time, attempt,
+        worker_id, lease_epoch, lease_start_time, lease_expire_time)
+    SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, :lease_epoch, now(),
+        now() + make_interval(secs => :lease_seconds)
+    FROM {unnest(NEW_TASK_ARRAYS, "r")}
+    JOIN unnest(:id::uuid[], :worker_ids::text[]) AS w(id, worker_id) ON w.id = r.id
+    WHERE {FENCE}
+    """,
+)
 
 
 async def insert_leased(
     conn: asyncpg.Connection,
-    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
+    rows: Sequence[NewRow],
     worker_ids: Sequence[str],
     fence: Fence,
     lease_seconds: float,
     now: datetime,
-) -> None:
-    """Inserts new tasks already RUNNING, each leased to its worker (attempt 1).
+) -> list[LeaseKey]:
+    """Inserts new tasks already RUNNING, each leased to its worker (its first attempt).
 
     The hand-off path: a fresh task goes straight to a waiting worker in the statement
     that commits it, instead of a second transaction claiming it. A dispatch-side write,
     so it carries the fence. No idempotency keys here (the caller keeps those apart).
+    Returns the lease keys, in row order.
     """
-    await conn.execute(
-        f"""
-        INSERT INTO tasks ({_INSERT_COLUMNS}, attempt, worker_id, lease_epoch,
-            lease_start_time, lease_expire_time)
-        SELECT {_INSERT_VALUES}, $20, $20, 1, w.worker_id, $23, now(),
-            now() + make_interval(secs => $21)
-        FROM {_UNNEST_NEW}
-        JOIN unnest($1::uuid[], $22::text[]) AS w(id, worker_id) ON w.id = r.id
-        WHERE {Fence.sql(24)}
-        """,
-        *_new_columns(rows),
-        now,
-        lease_seconds,
-        list(worker_ids),
-        fence.epoch,
-        *fence.params,
+    await _INSERT_LEASED.execute(
+        conn,
+        now=now,
+        attempt=FIRST_ATTEMPT,
+        worker_ids=list(worker_ids),
+        lease_epoch=fence.epoch,
+        lease_seconds=lease_seconds,
+        fence=fence,
+        **_new_arrays([r._replace(state=RUNNING) for r in rows]),
     )
+    return [
+        LeaseKey(r.tenant, str(r.id), FIRST_ATTEMPT, fence.epoch, worker)
+        for r, worker in zip(rows, worker_ids, strict=True)
+    ]
 
 
-_INSERT_COLUMNS = """
-    id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
-    idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
-    retry_multiplier, retry_jitter, labels, traceparent, create_time, update_time
-"""
-_INSERT_VALUES = """
-    r.id, r.tenant, r.queue, r.type, r.payload, r.content_type, r.state, r.priority,
-    r.max_attempts, r.idempotency_key, r.request_hash, r.run_at, r.timeout_ms,
-    r.retry_initial_ms, r.retry_max_ms, r.retry_multiplier, r.retry_jitter,
-    r.labels::jsonb, r.traceparent
-"""
-_UNNEST_NEW = """
-    unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
-        $7::smallint[], $8::int[], $9::int[], $10::text[], $11::bytea[], $12::timestamptz[],
-        $13::bigint[], $14::bigint[], $15::bigint[], $16::float8[], $17::float8[],
-        $18::text[], $19::text[])
-    AS r(id, tenant, queue, type, payload, content_type, state, priority, max_attempts,
-        idempotency_key, request_hash, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
-        retry_multiplier, retry_jitter, labels, traceparent)
-"""
-
-
-def _new_columns(
-    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
-) -> list[list[object]]:
-    """The 19 parameter arrays of _UNNEST_NEW for (tenant, id, task, state, run_at) rows."""
-    cols: list[list[object]] = [[] for _ in range(19)]
-    for tenant, task_id, task, state, run_at in rows:
-        values = (
-            task_id,
-            tenant,
-            task.queue,
-            task.type,
-            task.payload,
-            task.content_type,
-            state,
-            task.priority,
-            task.max_attempts,
-            task.idempotency_key,
-            task.request_hash or None,
-            run_at,
-            task.timeout_ms,
-            task.retry_initial_ms,
-            task.retry_max_ms,
-            task.retry_multiplier,
-            task.retry_jitter,
-            json.dumps(task.labels) if task.labels else "{}",
-            task.traceparent,
-        )
-        for col, value in zip(cols, values, strict=True):
-            col.append(value)
-    return cols
-
-
-_COPY_COLUMNS = (
-    "id", "tenant", "queue", "type", "payload", "content_type", "state", "priority",
-    "max_attempts", "run_at", "timeout_ms", "retry_initial_ms", "retry_max_ms",
-    "retry_multiplier", "retry_jitter", "labels", "traceparent", "create_time", "update_time",
-)  # fmt: skip
-
-
-async def copy_new(
-    conn: asyncpg.Connection,
-    rows: Sequence[tuple[str, uuid.UUID, NewTask, int, datetime]],
-    now: datetime,
-) -> None:
-    """Inserts (tenant, id, task, state, run_at) rows without idempotency keys with COPY.
+async def copy_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> None:
+    """Inserts rows without idempotency keys with COPY.
 
     COPY encodes rows straight into the binary protocol, about half the client CPU of an
     INSERT over unnest() arrays; it needs no conflict handling because ids are new.
     """
     await conn.copy_records_to_table(
         "tasks",
-        columns=_COPY_COLUMNS,
-        records=[
-            (
-                task_id,
-                tenant,
-                task.queue,
-                task.type,
-                task.payload,
-                task.content_type,
-                state,
-                task.priority,
-                task.max_attempts,
-                run_at,
-                task.timeout_ms,
-                task.retry_initial_ms,
-                task.retry_max_ms,
-                task.retry_multiplier,
-                task.retry_jitter,
-                json.dumps(task.labels) if task.labels else "{}",
-                task.traceparent,
-                now,
-                now,
-            )
-            for tenant, task_id, task, state, run_at in rows
-        ],
+        columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
+        records=[_record(r, now, now) for r in rows],
     )
+
+
+_BY_KEYS = Query(
+    "tasks_by_idempotency_keys",
+    f"""
+    SELECT {_TASK}, t.request_hash
+    FROM tasks t
+    JOIN unnest(:tenants::text[], :keys::text[]) AS k(tenant, key)
+        ON t.tenant = k.tenant AND t.idempotency_key = k.key
+    """,
+)
 
 
 async def find_by_idempotency_keys(
@@ -212,396 +248,454 @@ async def find_by_idempotency_keys(
     """Existing tasks by (tenant, idempotency_key), with their request_hash."""
     if not pairs:
         return {}
-    rows = await conn.fetch(
-        f"""
-        SELECT {TASK_COLUMNS}, t.request_hash
-        FROM tasks t
-        JOIN unnest($1::text[], $2::text[]) AS k(tenant, key)
-            ON t.tenant = k.tenant AND t.idempotency_key = k.key
-        """,
-        [p[0] for p in pairs],
-        [p[1] for p in pairs],
-    )
+    rows = await _BY_KEYS.fetch(conn, tenants=[p[0] for p in pairs], keys=[p[1] for p in pairs])
     return {(r["tenant"], r["idempotency_key"]): r for r in rows}
 
 
+# -- reads ---------------------------------------------------------------------------------
+
+_GET = Query("get_task", f"SELECT {_TASK} FROM tasks t WHERE t.tenant = :tenant AND t.id = :id")
+
+
 async def get(conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        f"SELECT {TASK_COLUMNS} FROM tasks t WHERE t.tenant = $1 AND t.id = $2", tenant, task_id
-    )
+    return await _GET.fetchrow(conn, tenant=tenant, id=task_id)
+
+
+_ATTEMPTS = Query(
+    "task_attempts",
+    f"""
+    SELECT attempt, worker_id, start_time, end_time, outcome, error FROM task_attempts
+    WHERE tenant = :tenant AND task_id = :id
+    UNION ALL
+    SELECT attempt, worker_id, lease_start_time, NULL, {OUTCOME_RUNNING}, ''
+    FROM tasks WHERE tenant = :tenant AND id = :id AND state = {RUNNING}
+    ORDER BY attempt
+    """,
+)
 
 
 async def attempts(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
 ) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        f"""
-        SELECT attempt, worker_id, start_time, end_time, outcome, error FROM task_attempts
-        WHERE tenant = $1 AND task_id = $2
-        UNION ALL
-        SELECT attempt, worker_id, lease_start_time, NULL, {OUTCOME_RUNNING}, ''
-        FROM tasks WHERE tenant = $1 AND id = $2 AND state = {RUNNING}
-        ORDER BY attempt
-        """,
-        tenant,
-        task_id,
-    )
+    return await _ATTEMPTS.fetch(conn, tenant=tenant, id=task_id)
+
+
+_LIST_PAGE = Query(
+    "list_tasks",
+    f"""
+    SELECT {_TASK} FROM tasks t
+    WHERE t.tenant = :tenant
+      AND (:queue::text IS NULL OR t.queue = :queue)
+      AND (:state::smallint IS NULL OR t.state = :state)
+      AND (:type::text IS NULL OR t.type = :type)
+      AND (:after_id::uuid IS NULL OR t.id < :after_id)
+    ORDER BY t.id DESC
+    LIMIT :limit
+    """,
+)
 
 
 async def list_page(conn: asyncpg.Connection, tenant: str, flt: ListFilter) -> list[asyncpg.Record]:
     """Newest first; fetches one row more than the page to tell whether another page exists."""
-    return await conn.fetch(
-        f"""
-        SELECT {TASK_COLUMNS} FROM tasks t
-        WHERE t.tenant = $1
-          AND ($2::text IS NULL OR t.queue = $2)
-          AND ($3::smallint IS NULL OR t.state = $3)
-          AND ($4::text IS NULL OR t.type = $4)
-          AND ($5::uuid IS NULL OR t.id < $5)
-        ORDER BY t.id DESC
-        LIMIT $6
-        """,
-        tenant,
-        flt.queue,
-        flt.state,
-        flt.type,
-        flt.after_id,
-        flt.page_size + 1,
+    return await _LIST_PAGE.fetch(
+        conn,
+        tenant=tenant,
+        queue=flt.queue,
+        state=flt.state,
+        type=flt.type,
+        after_id=flt.after_id,
+        limit=flt.page_size + 1,
     )
 
 
-async def claim(
-    conn: asyncpg.Connection,
-    *,
-    tenant: str,
-    queues: Sequence[str],
-    types: Sequence[str],
-    limit: int,
-    worker_id: str,
-    fence: Fence,
-    lease_seconds: float,
-) -> list[asyncpg.Record]:
-    """Leases up to ``limit`` ready tasks to one worker (the attempt is the task row).
-
-    ``types`` empty means any type. SKIP LOCKED keeps concurrent claimers off each other.
-    """
-    return await conn.fetch(
-        f"""
-        WITH picked AS (
-            -- Per queue, the head of the ready index in dispatch order; then the best of
-            -- those heads. Written so that the index gives the order whatever the
-            -- planner's (always stale, on a queue table) statistics say.
-            SELECT head.id, head.priority FROM unnest($2::text[]) AS q(name)
-            CROSS JOIN LATERAL (
-                SELECT id, priority FROM tasks
-                WHERE tenant = $1 AND state = {PENDING} AND queue = q.name
-                  AND (cardinality($3::text[]) = 0 OR type = ANY($3::text[]))
-                ORDER BY priority DESC, id
-                LIMIT $4
-                FOR UPDATE SKIP LOCKED
-            ) AS head
-            WHERE {Fence.sql(8)}
-            ORDER BY head.priority DESC, head.id
-            LIMIT $4
-        ), leased AS (
-            UPDATE tasks t
-            SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = $5, lease_epoch = $6,
-                lease_start_time = now(),
-                lease_expire_time = now() + make_interval(secs => $7), update_time = now()
-            FROM picked WHERE t.id = picked.id
-            RETURNING {CLAIM_COLUMNS}
-        )
-        SELECT * FROM leased ORDER BY priority DESC, id
-        """,
-        tenant,
-        list(queues),
-        list(types),
-        limit,
-        worker_id,
-        fence.epoch,
-        lease_seconds,
-        *fence.params,
-    )
+_QUEUE_STATS = Query(
+    "queue_stats",
+    f"""
+    SELECT queue,
+        count(*) FILTER (WHERE state = {PENDING}) AS pending,
+        count(*) FILTER (WHERE state = {SCHEDULED}) AS scheduled,
+        count(*) FILTER (WHERE state = {RUNNING}) AS running,
+        count(*) FILTER (WHERE state = {DEAD}) AS dead
+    FROM tasks
+    WHERE tenant = :tenant AND state IN ({PENDING}, {SCHEDULED}, {RUNNING}, {DEAD})
+    GROUP BY queue ORDER BY queue
+    """,
+)
 
 
-@dataclass(frozen=True)
-class LeaseRef:
-    """One lease as a worker names it, with who is asking."""
-
-    tenant: str
-    task_id: str  # canonical lowercase text
-    attempt: int
-    epoch: int
-    worker_id: str
+async def queue_stats(conn: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
+    return await _QUEUE_STATS.fetch(conn, tenant=tenant)
 
 
-def _lease_arrays(leases: Sequence[LeaseRef]) -> list[list[object]]:
-    return [
-        [x.tenant for x in leases],
-        [x.task_id for x in leases],
-        [x.attempt for x in leases],
-        [x.epoch for x in leases],
-        [x.worker_id for x in leases],
-    ]
+_RUNNING_PER_WORKER = Query(
+    "running_per_worker",
+    f"""
+    SELECT tenant, worker_id, count(*) AS running FROM tasks
+    WHERE state = {RUNNING} AND worker_id = ANY(:worker_ids::text[])
+    GROUP BY tenant, worker_id
+    """,
+)
 
 
-_LEASE_MATCH = """
-    t.tenant = r.tenant AND t.id = r.id AND t.attempt = r.attempt AND t.lease_epoch = r.epoch
-    AND t.worker_id = r.worker_id AND t.state = 3
-"""
+async def running_per_worker(
+    conn: asyncpg.Connection, worker_ids: Sequence[str]
+) -> dict[tuple[str, str], int]:
+    """Leases held per (tenant, worker id), for these workers."""
+    rows = await _RUNNING_PER_WORKER.fetch(conn, worker_ids=list(worker_ids))
+    return {(r["tenant"], r["worker_id"]): r["running"] for r in rows}
+
+
+# Three partial indexes (tasks_ready, tasks_scheduled, tasks_leased) cover these states,
+# so the count reads them and not the table.
+_COUNT_UNFINISHED = Query(
+    "count_unfinished",
+    f"""
+    SELECT (SELECT count(*) FROM tasks WHERE state = {PENDING})
+         + (SELECT count(*) FROM tasks WHERE state = {SCHEDULED})
+         + (SELECT count(*) FROM tasks WHERE state = {RUNNING})
+    """,
+)
+
+
+async def count_unfinished(conn: asyncpg.Connection) -> int:
+    """Tasks not finished yet (PENDING, SCHEDULED, RUNNING), all tenants."""
+    return int(await _COUNT_UNFINISHED.fetchval(conn))
+
+
+# -- leases: renewals and results ------------------------------------------------------------
+
+_RENEW = Query(
+    "renew_leases",
+    f"""
+    UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => :lease_seconds)
+    FROM {_KEYS}
+    WHERE {FENCE} AND {_LEASE_MATCH}
+    RETURNING t.tenant, t.id::text AS id, t.attempt, t.lease_epoch, t.worker_id
+    """,
+)
 
 
 async def renew_leases(
-    conn: asyncpg.Connection, leases: Sequence[LeaseRef], lease_seconds: float, fence: Fence
-) -> set[tuple[str, int]]:
-    """Extends the leases still held; returns (task_id, attempt) of those renewed."""
-    rows = await conn.fetch(
-        f"""
-        UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => $6)
-        FROM unnest($1::text[], $2::uuid[], $3::int[], $4::bigint[], $5::text[])
-            AS r(tenant, id, attempt, epoch, worker_id)
-        WHERE {Fence.sql(7)} AND {_LEASE_MATCH}
-        RETURNING t.id::text AS id, t.attempt
-        """,
-        *_lease_arrays(leases),
-        lease_seconds,
-        *fence.params,
-    )
-    return {(r["id"], r["attempt"]) for r in rows}
+    conn: asyncpg.Connection, keys: Sequence[LeaseKey], lease_seconds: float, fence: Fence
+) -> set[LeaseKey]:
+    """Extends the leases still held; returns those renewed."""
+    rows = await _RENEW.fetch(conn, lease_seconds=lease_seconds, fence=fence, **key_arrays(keys))
+    return keys_of(rows)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The end of one attempt as a worker reported it."""
 
-    lease: LeaseRef
-    outcome: int  # an AttemptOutcome number
+    key: LeaseKey
+    outcome: int
+    """An AttemptOutcome number."""
     result: bytes | None
     error: str
     retryable: bool
 
 
+_FINISH = Query(
+    "finish_attempts",
+    f"""
+    WITH r AS (
+        SELECT * FROM unnest(:tenant::text[], :id::uuid[], :attempt::int[], :epoch::bigint[],
+            :worker_id::text[], :outcome::smallint[], :result::bytea[], :error::text[],
+            :retryable::bool[])
+            AS r(tenant, id, attempt, epoch, worker_id, outcome, result, error, retryable)
+    ), applied AS (
+        UPDATE tasks t SET
+            state = CASE
+                WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN {SUCCEEDED}
+                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN {PENDING}
+                WHEN r.retryable AND {_RETRY_LEFT} THEN {SCHEDULED}
+                ELSE {DEAD} END,
+            run_at = CASE
+                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN now()
+                WHEN r.outcome <> {OUTCOME_SUCCEEDED} AND r.retryable AND {_RETRY_LEFT}
+                THEN now() + {_BACKOFF} ELSE t.run_at END,
+            attempt_base = t.attempt_base
+                + CASE WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN 1 ELSE 0 END,
+            finish_time = CASE
+                WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN now()
+                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN NULL
+                WHEN NOT (r.retryable AND {_RETRY_LEFT}) THEN now() END,
+            result = r.result,
+            last_error = CASE WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN t.last_error
+                ELSE r.error END,
+            worker_id = NULL, lease_expire_time = NULL, update_time = now()
+        FROM r
+        WHERE {FENCE} AND {_LEASE_MATCH}
+        RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, t.lease_epoch,
+            t.lease_start_time, r.worker_id, r.outcome, r.error
+    ), closed AS (
+        INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
+        SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
+            error
+        FROM applied
+    )
+    SELECT id::text AS id, tenant, queue, state, run_at, attempt, lease_epoch, worker_id
+    FROM applied
+    """,
+)
+
+
 async def finish_attempts(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], fence: Fence
 ) -> list[asyncpg.Record]:
-    """Applies results whose lease is current; returns (id, tenant, queue, state) of those applied.
+    """Applies results whose lease is current; returns the rows applied (their lease key
+    fields, queue, new state and run_at).
 
-    Success -> SUCCEEDED. Failure -> SCHEDULED after a backoff when retryable with attempts
-    left, else DEAD. The attempt row is closed in the same statement.
+    Success -> SUCCEEDED. Interrupted -> PENDING at once, not counted. Failure ->
+    SCHEDULED after a backoff when retryable with attempts left, else DEAD. The attempt
+    row is closed in the same statement.
     """
-    leases = [o.lease for o in outcomes]
-    return await conn.fetch(
-        f"""
-        WITH r AS (
-            SELECT * FROM unnest($1::text[], $2::uuid[], $3::int[], $4::bigint[], $5::text[],
-                $6::smallint[], $7::bytea[], $8::text[], $9::bool[])
-                AS r(tenant, id, attempt, epoch, worker_id, outcome, result, error, retryable)
-        ), applied AS (
-            UPDATE tasks t SET
-                state = CASE
-                    WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN {SUCCEEDED}
-                    WHEN r.retryable AND {_RETRY_LEFT} THEN {SCHEDULED}
-                    ELSE {DEAD} END,
-                run_at = CASE
-                    WHEN r.outcome <> {OUTCOME_SUCCEEDED} AND r.retryable AND {_RETRY_LEFT}
-                    THEN now() + {_BACKOFF} ELSE t.run_at END,
-                finish_time = CASE
-                    WHEN r.outcome = {OUTCOME_SUCCEEDED} OR NOT (r.retryable AND {_RETRY_LEFT})
-                    THEN now() END,
-                result = r.result,
-                last_error = CASE WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN t.last_error
-                    ELSE r.error END,
-                worker_id = NULL, lease_expire_time = NULL, update_time = now()
-            FROM r
-            WHERE {Fence.sql(10)} AND {_LEASE_MATCH}
-            RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, t.lease_epoch,
-                t.lease_start_time, r.worker_id, r.outcome, r.error
-        ), closed AS (
-            INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time,
-                end_time, outcome, error)
-            SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
-                error
-            FROM applied
-        )
-        SELECT id::text AS id, tenant, queue, state, run_at FROM applied
-        """,
-        *_lease_arrays(leases),
-        [o.outcome for o in outcomes],
-        [o.result for o in outcomes],
-        [o.error for o in outcomes],
-        [o.retryable for o in outcomes],
-        *fence.params,
+    return await _FINISH.fetch(
+        conn,
+        outcome=[o.outcome for o in outcomes],
+        result=[o.result for o in outcomes],
+        error=[o.error for o in outcomes],
+        retryable=[o.retryable for o in outcomes],
+        fence=fence,
+        **key_arrays([o.key for o in outcomes]),
     )
+
+
+_RECORD_REFUSED = Query(
+    "record_refused_results",
+    f"""
+    INSERT INTO refused_results (tenant, task_id, attempt, epoch, worker_id, outcome, reason)
+    SELECT r.tenant, r.id, r.attempt, r.epoch, r.worker_id, r.outcome, :reason
+    FROM {unnest((*KEY_ARRAYS, ("outcome", "smallint")), "r")}
+    """,
+)
 
 
 async def record_refused(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], reason: str
 ) -> None:
-    leases = [o.lease for o in outcomes]
-    await conn.execute(
-        """
-        INSERT INTO refused_results (tenant, task_id, attempt, epoch, worker_id, outcome, reason)
-        SELECT tenant, id, attempt, epoch, worker_id, outcome, $7
-        FROM unnest($1::text[], $2::uuid[], $3::int[], $4::bigint[], $5::text[], $6::smallint[])
-            AS r(tenant, id, attempt, epoch, worker_id, outcome)
-        """,
-        *_lease_arrays(leases),
-        [o.outcome for o in outcomes],
-        reason,
+    """Records results that were refused (they change no task)."""
+    await _RECORD_REFUSED.execute(
+        conn,
+        outcome=[o.outcome for o in outcomes],
+        reason=reason,
+        **key_arrays([o.key for o in outcomes]),
     )
 
 
+# -- leases: taking them back --------------------------------------------------------------
+
+# Ends the leases of the rows in ``victims`` (id, worker_id): counted ones as the rules in
+# the module docstring say (PENDING with attempts left, else DEAD), uncounted ones PENDING
+# with attempt_base moved on. Every statement below is one of three ways to pick victims,
+# followed by this.
 _RELEASE = f"""
-    UPDATE tasks t SET
-        state = CASE WHEN {_RETRY_LEFT} THEN {PENDING} ELSE {DEAD} END,
-        finish_time = CASE WHEN {_RETRY_LEFT} THEN NULL ELSE now() END,
-        last_error = $ERROR, worker_id = NULL, lease_expire_time = NULL, update_time = now()
-    FROM victims WHERE t.id = victims.id
-    RETURNING t.id, t.tenant, t.queue, t.state, t.attempt, t.last_error, t.lease_epoch,
-        t.lease_start_time, victims.worker_id
+    released AS (
+        UPDATE tasks t SET
+            state = CASE WHEN NOT :counted OR {_RETRY_LEFT} THEN {PENDING} ELSE {DEAD} END,
+            attempt_base = t.attempt_base + CASE WHEN :counted THEN 0 ELSE 1 END,
+            finish_time = CASE WHEN NOT :counted OR {_RETRY_LEFT} THEN NULL ELSE now() END,
+            last_error = CASE WHEN :counted THEN format(:error::text, victims.worker_id)
+                ELSE t.last_error END,
+            worker_id = NULL, lease_expire_time = NULL, update_time = now()
+        FROM victims WHERE t.id = victims.id
+        RETURNING t.id, t.tenant, t.queue, t.state, t.attempt, t.lease_epoch,
+            t.lease_start_time, victims.worker_id
+    ), closed AS (
+        INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
+        SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(),
+            :outcome::smallint, format(:error::text, worker_id)
+        FROM released
+    )
+    SELECT id, tenant, queue, state FROM released
 """
-# Records the attempts a _RELEASE ended, as LEASE_EXPIRED.
-_CLOSE_RELEASED = f"""
-    INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time, end_time,
-        outcome, error)
-    SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(),
-        {OUTCOME_LEASE_EXPIRED}, last_error
-    FROM released
-"""
+
+
+class Release(NamedTuple):
+    """How released leases end: the attempt's outcome, whether it counts, and why."""
+
+    outcome: int
+    counted: bool
+    error: str
+    """A format() string; %s is the worker id."""
+
+
+EXPIRED = Release(OUTCOME_LEASE_EXPIRED, True, "lease expired: worker %s stopped heartbeating")
+RECONNECTED_WITHOUT = Release(
+    OUTCOME_NOT_STARTED, False, "never started: worker %s reconnected without it"
+)
+
+
+_REAP = Query(
+    "reap_expired_leases",
+    f"""
+    WITH victims AS (
+        SELECT id, worker_id FROM tasks
+        WHERE {FENCE} AND state = {RUNNING} AND lease_expire_time < now()
+        ORDER BY lease_expire_time LIMIT :limit FOR UPDATE SKIP LOCKED
+    ), {_RELEASE}
+    """,
+)
 
 
 async def reap_expired(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
-    """Takes back leases that expired: the task is PENDING again (DEAD when out of attempts)."""
-    release = _RELEASE.replace(
-        "$ERROR",
-        "'lease expired: worker ' || coalesce(t.worker_id, '?') || ' stopped heartbeating'",
-    )
-    return await conn.fetch(
-        f"""
-        WITH victims AS (
-            SELECT id, worker_id FROM tasks
-            WHERE {Fence.sql(2)} AND state = {RUNNING} AND lease_expire_time < now()
-            ORDER BY lease_expire_time LIMIT $1 FOR UPDATE SKIP LOCKED
-        ), released AS ({release}), closed AS ({_CLOSE_RELEASED})
-        SELECT id, tenant, queue, state FROM released
-        """,
-        limit,
-        *fence.params,
-    )
+    """Takes back leases that expired (counted: the task may have run)."""
+    return await _REAP.fetch(conn, limit=limit, fence=fence, **EXPIRED._asdict())
+
+
+_RELEASE_ABANDONED = Query(
+    "release_abandoned_leases",
+    f"""
+    WITH victims AS (
+        SELECT id, worker_id FROM tasks t
+        WHERE {FENCE} AND t.tenant = :tenant AND t.worker_id = :worker AND t.state = {RUNNING}
+          AND (t.id, t.attempt) NOT IN (SELECT * FROM unnest(:keep_ids::uuid[],
+              :keep_attempts::int[]))
+        FOR UPDATE
+    ), {_RELEASE}
+    """,
+)
 
 
 async def release_abandoned(
     conn: asyncpg.Connection,
     tenant: str,
     worker_id: str,
-    keep: Sequence[tuple[str, int]],
+    keep: Sequence[LeaseKey],
+    fence: Fence,
 ) -> list[asyncpg.Record]:
-    """Takes back tasks leased to ``worker_id`` that the worker says it is not running.
+    """Takes back the leases of ``worker_id`` it does not list in Hello (not counted).
 
-    Called when a worker (re)connects: it lists its in-flight tasks, so any other lease it
-    holds was lost on the way (assigned to a stream that broke) and can run elsewhere now.
+    Called when a worker (re)connects: it lists every lease it holds, so any other was
+    lost on the way (assigned to a stream that broke before it arrived).
     """
-    release = _RELEASE.replace("$ERROR", "'worker ' || $2 || ' reconnected without this task'")
-    return await conn.fetch(
-        f"""
-        WITH victims AS (
-            SELECT id, worker_id FROM tasks t
-            WHERE t.tenant = $1 AND t.worker_id = $2 AND t.state = {RUNNING}
-              AND (t.id, t.attempt) NOT IN (
-                  SELECT * FROM unnest($3::uuid[], $4::int[]))
-            FOR UPDATE
-        ), released AS ({release}), closed AS ({_CLOSE_RELEASED})
-        SELECT id, tenant, queue, state FROM released
-        """,
-        tenant,
-        worker_id,
-        [k[0] for k in keep],
-        [k[1] for k in keep],
+    return await _RELEASE_ABANDONED.fetch(
+        conn,
+        tenant=tenant,
+        worker=worker_id,
+        keep_ids=[k.task_id for k in keep],
+        keep_attempts=[k.attempt for k in keep],
+        fence=fence,
+        **RECONNECTED_WITHOUT._asdict(),
     )
+
+
+_RELEASE_KEYS = Query(
+    "release_leases",
+    f"""
+    WITH victims AS (
+        SELECT t.id, t.worker_id FROM tasks t JOIN {_KEYS} ON {_LEASE_MATCH}
+        WHERE {FENCE}
+        FOR UPDATE OF t
+    ), {_RELEASE}
+    """,
+)
+
+
+async def release_leases(
+    conn: asyncpg.Connection, keys: Sequence[LeaseKey], how: Release, fence: Fence
+) -> list[asyncpg.Record]:
+    """Ends these leases if still current (those never delivered, or an evicted worker's)."""
+    return await _RELEASE_KEYS.fetch(conn, fence=fence, **how._asdict(), **key_arrays(keys))
+
+
+_RELEASE_WORKER = Query(
+    "release_worker_leases",
+    f"""
+    WITH victims AS (
+        SELECT id, worker_id FROM tasks
+        WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
+        FOR UPDATE
+    ), {_RELEASE}
+    """,
+)
+
+
+async def release_worker(
+    conn: asyncpg.Connection, tenant: str, worker_id: str, how: Release, fence: Fence
+) -> list[asyncpg.Record]:
+    """Ends every lease ``worker_id`` holds (an evicted worker's)."""
+    return await _RELEASE_WORKER.fetch(
+        conn, tenant=tenant, worker=worker_id, fence=fence, **how._asdict()
+    )
+
+
+# -- maintenance ---------------------------------------------------------------------------
+
+_PROMOTE = Query(
+    "promote_due",
+    f"""
+    UPDATE tasks t SET state = {PENDING}, update_time = now()
+    FROM (
+        SELECT id FROM tasks
+        WHERE {FENCE} AND state = {SCHEDULED} AND run_at <= now()
+        ORDER BY run_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    ) due
+    WHERE t.id = due.id
+    RETURNING t.id, t.tenant, t.queue
+    """,
+)
 
 
 async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
     """Makes SCHEDULED tasks whose run_at has come PENDING; returns their (id, tenant, queue)."""
-    return await conn.fetch(
-        f"""
-        UPDATE tasks t SET state = {PENDING}, update_time = now()
-        FROM (
-            SELECT id FROM tasks
-            WHERE {Fence.sql(2)} AND state = {SCHEDULED} AND run_at <= now()
-            ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED
-        ) due
-        WHERE t.id = due.id
-        RETURNING t.id, t.tenant, t.queue
-        """,
-        limit,
-        *fence.params,
-    )
+    return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
+
+
+_NEXT_RUN_AT = Query("next_run_at", f"SELECT min(run_at) FROM tasks WHERE state = {SCHEDULED}")
 
 
 async def next_run_at(conn: asyncpg.Connection) -> datetime | None:
-    value: datetime | None = await conn.fetchval(
-        f"SELECT min(run_at) FROM tasks WHERE state = {SCHEDULED}"
-    )
+    value: datetime | None = await _NEXT_RUN_AT.fetchval(conn)
     return value
 
 
+# -- transitions -----------------------------------------------------------------------------
+
+_CANCEL = Query(
+    "cancel_task",
+    f"""
+    WITH old AS (
+        SELECT id, tenant, state, worker_id, attempt, lease_epoch, lease_start_time FROM tasks
+        WHERE {FENCE} AND tenant = :tenant AND id = :id FOR UPDATE
+    ), cancelled AS (
+        UPDATE tasks t SET state = {CANCELLED}, finish_time = now(), update_time = now(),
+            worker_id = NULL, lease_expire_time = NULL
+        FROM old WHERE t.id = old.id AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING})
+        RETURNING t.id
+    ), closed AS (
+        INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
+        SELECT old.id, old.attempt, old.tenant, old.worker_id, old.lease_epoch,
+            old.lease_start_time, now(), {OUTCOME_CANCELLED}, 'cancelled'
+        FROM old JOIN cancelled ON cancelled.id = old.id
+        WHERE old.state = {RUNNING}
+    )
+    SELECT old.id::text AS id, old.tenant, old.state, old.worker_id, old.attempt,
+        old.lease_epoch
+    FROM old JOIN cancelled ON cancelled.id = old.id
+    """,
+)
+
+
 async def cancel(
-    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
+    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
 ) -> asyncpg.Record | None:
     """Cancels a non-terminal task; returns its previous state and lease, None if none changed."""
-    return await conn.fetchrow(
-        f"""
-        WITH old AS (
-            SELECT id, tenant, state, worker_id, attempt, lease_epoch, lease_start_time FROM tasks
-            WHERE tenant = $1 AND id = $2 FOR UPDATE
-        ), cancelled AS (
-            UPDATE tasks t SET state = {CANCELLED}, finish_time = now(), update_time = now(),
-                worker_id = NULL, lease_expire_time = NULL
-            FROM old WHERE t.id = old.id AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING})
-            RETURNING t.id
-        ), closed AS (
-            INSERT INTO task_attempts (task_id, attempt, tenant, worker_id, epoch, start_time,
-                end_time, outcome, error)
-            SELECT old.id, old.attempt, old.tenant, old.worker_id, old.lease_epoch,
-                old.lease_start_time, now(), {OUTCOME_CANCELLED}, 'cancelled'
-            FROM old JOIN cancelled ON cancelled.id = old.id
-            WHERE old.state = {RUNNING}
-        )
-        SELECT old.state, old.worker_id, old.attempt, old.lease_epoch
-        FROM old JOIN cancelled ON cancelled.id = old.id
-        """,
-        tenant,
-        task_id,
-    )
+    return await _CANCEL.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
+
+
+_REDRIVE = Query(
+    "redrive_task",
+    f"""
+    UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
+        finish_time = NULL, result = NULL, update_time = now()
+    WHERE {FENCE} AND t.tenant = :tenant AND t.id = :id AND t.state = {DEAD}
+    RETURNING {_TASK}
+    """,
+)
 
 
 async def redrive(
-    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
+    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
 ) -> asyncpg.Record | None:
     """Makes a DEAD task PENDING with a fresh attempt budget; None if it is not DEAD."""
-    return await conn.fetchrow(
-        f"""
-        UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
-            finish_time = NULL, result = NULL, update_time = now()
-        WHERE t.tenant = $1 AND t.id = $2 AND t.state = {DEAD}
-        RETURNING {TASK_COLUMNS}
-        """,
-        tenant,
-        task_id,
-    )
-
-
-async def queue_stats(conn: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        f"""
-        SELECT queue,
-            count(*) FILTER (WHERE state = {PENDING}) AS pending,
-            count(*) FILTER (WHERE state = {SCHEDULED}) AS scheduled,
-            count(*) FILTER (WHERE state = {RUNNING}) AS running,
-            count(*) FILTER (WHERE state = {DEAD}) AS dead
-        FROM tasks
-        WHERE tenant = $1 AND state IN ({PENDING}, {SCHEDULED}, {RUNNING}, {DEAD})
-        GROUP BY queue ORDER BY queue
-        """,
-        tenant,
-    )
+    return await _REDRIVE.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)

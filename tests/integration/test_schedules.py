@@ -29,7 +29,7 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from testsupport import coordinator_config, eventually
+from testsupport import coordinator_config, eventually, service_deps
 
 from conveyor.client import AsyncClient, CatchUpPolicy, OverlapPolicy
 from conveyor.coordinator import Coordinator
@@ -38,7 +38,6 @@ from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.schedule_firer import ScheduleFirer
 from conveyor.coordinator.schedule_validation import validate_schedule
 from conveyor.coordinator.store import leadership, schedules
-from conveyor.coordinator.store.leadership import Fence
 from conveyor.coordinator.store.migrator import migrate
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -280,12 +279,7 @@ async def test_the_firer_across_fall_back_with_an_injected_clock(database_dsn: s
                 conn, uuid7(), valid.row, paused=False, next_fire_time=first, now=start
             )
         firer = ScheduleFirer(
-            pool,
-            fence=lambda: Fence("default", epoch),
-            on_ready=lambda tenant, queue: None,
-            on_fenced=lambda exc: None,
-            now=lambda: clock[0],
-            max_lookahead=0,
+            service_deps(pool, database_dsn, epoch=epoch), now=lambda: clock[0], max_lookahead=0
         )
         firer.started = start
         while clock[0] < datetime(2025, 11, 2, 8, 30, tzinfo=UTC):  # 03:30 EST

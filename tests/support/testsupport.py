@@ -10,9 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 
 from conveyor.coordinator import CoordinatorConfig
+from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.store.db import Database
+from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.v1 import (
     task_service_pb2,
     task_service_pb2_grpc,
@@ -27,6 +32,23 @@ SUPPORT_DIR = Path(__file__).parent
 # Short leases so lease-expiry paths run in seconds, not minutes.
 TEST_LEASE = 2.0
 TEST_HEARTBEAT = 0.5
+
+
+def service_deps(
+    pool: asyncpg.Pool, dsn: str, *, epoch: int, cluster: str = "default", **config: Any
+) -> Deps:
+    """The dependencies of coordinator services, for running one alone on ``pool`` as the
+    leader of ``epoch`` (taken with ``store.leadership.take_office``)."""
+    office = Office(cluster)
+    office.epoch, office.leader = epoch, True
+    return Deps(
+        config=coordinator_config(dsn, cluster=cluster, **config),
+        db=Database(pool),
+        office=office,
+        sessions=SessionRegistry(),
+        watchers=TaskWatchers(),
+        events=Events(),
+    )
 
 
 def coordinator_config(dsn: str, **overrides: Any) -> CoordinatorConfig:
@@ -63,9 +85,12 @@ class RawWorker:
     """Drives one WorkerService.Connect stream message by message."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
         self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self.call: Any = None
+        self._pulse: asyncio.Task[None] | None = None
 
     async def _requests(self) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         while True:
@@ -79,10 +104,19 @@ class RawWorker:
         worker_id: str = "raw-worker",
         *,
         credits: int = 10,
-        types: tuple[str, ...] = (),
+        types: tuple[str, ...] = ("echo",),
         queues: tuple[str, ...] = (),
         in_flight: tuple[worker_service_pb2.Lease, ...] = (),
+        hostname: str = "",
+        pid: int = 0,
+        pulse: bool = True,
     ) -> worker_service_pb2.Welcome:
+        """Opens the stream with Hello; returns Welcome.
+
+        ``pulse`` sends an empty Heartbeat every TEST_HEARTBEAT, as a live worker would, so
+        the coordinator does not evict it for silence; it renews no lease (send
+        heartbeats with leases to renew them).
+        """
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self.call = stub.Connect(self._requests())
         await self.send(
@@ -93,11 +127,20 @@ class RawWorker:
                 task_types=types,
                 queues=queues,
                 in_flight=in_flight,
+                hostname=hostname,
+                pid=pid,
             )
         )
         first = await self.receive()
         assert first.WhichOneof("message") == "welcome", first
+        if pulse:
+            self._pulse = asyncio.create_task(self._beat())
         return first.welcome
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(TEST_HEARTBEAT)
+            await self.send(heartbeat=worker_service_pb2.Heartbeat())
 
     async def send(self, **message: Any) -> None:
         await self._outgoing.put(worker_service_pb2.ConnectRequest(**message))
@@ -149,6 +192,9 @@ class RawWorker:
         return acks.acks[0]  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        if self._pulse is not None:
+            self._pulse.cancel()
+            await asyncio.gather(self._pulse, return_exceptions=True)
         await self._outgoing.put(None)
         if self.call is not None:
             self.call.cancel()

@@ -195,11 +195,17 @@ class Hello(_message.Message):
 
     @_builtins.property
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Task types this worker has handlers for."""
+        """Task types this worker has handlers for; it is assigned no other type. Must not be
+        empty.
+        """
 
     @_builtins.property
     def in_flight(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
-        """Tasks still running from a previous session, to keep their leases."""
+        """Every lease the worker still holds: tasks running or waiting for a slot, and tasks
+        finished whose result is not acknowledged yet. The coordinator keeps these and takes
+        back at once, without using an attempt, every other lease of this worker id: a lease
+        not listed was never received.
+        """
 
     def __init__(
         self,
@@ -349,6 +355,7 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch; leases granted in this session carry it."""
@@ -360,6 +367,15 @@ class Welcome(_message.Message):
     def lost(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
         """In-flight leases from Hello that are no longer the worker's; it should abandon them."""
 
+    @_builtins.property
+    def liveness_timeout(self) -> _duration_pb2.Duration:
+        """Silence after which each side gives up on the other: the coordinator evicts a worker
+        it has not heard from for this long, and the worker should reconnect (to any
+        coordinator) when it has not heard from the coordinator for this long. At least two
+        heartbeat intervals, and at most lease_duration minus one heartbeat interval, so a
+        worker that gives up on a silent leader can renew its leases with the next one in time.
+        """
+
     def __init__(
         self,
         *,
@@ -368,10 +384,11 @@ class Welcome(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
         lost: _abc.Iterable[Global___Lease] | None = ...,
+        liveness_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "lost", b"lost", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,37 @@
+"""The coordinator's gRPC server interceptors: the seam for cross-cutting concerns.
+
+:func:`server_interceptors` is the chain, outermost first. Each concern is one module with
+one :class:`~conveyor.coordinator.intercept_base.BehaviorInterceptor`, and adding one
+(authentication and tenants, metrics, tracing) is a new module plus one line here:
+
+1. ``context``: binds the request context (request id, peer, deadline, trace context);
+2. ``errors``: maps whatever escapes to the right status (so it sees the layers below);
+3. (authentication goes here: it sets tenant, key id and scopes in the context, and its
+   refusals are mapped by ``errors``);
+4. ``leader``: followers refuse leader-only methods.
+
+The worker stream goes through the same chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc.aio
+
+from conveyor.coordinator.intercept_context import ContextInterceptor
+from conveyor.coordinator.intercept_errors import ErrorInterceptor, Undecodable
+from conveyor.coordinator.intercept_leader import LeaderInterceptor
+
+__all__ = ["Undecodable", "server_interceptors"]
+
+
+def server_interceptors(
+    *, is_leader: Callable[[], bool], leader_address: Callable[[], str]
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptor chain of a coordinator, outermost first."""
+    return [
+        ContextInterceptor(),
+        ErrorInterceptor(),
+        LeaderInterceptor(is_leader, leader_address),
+    ]
