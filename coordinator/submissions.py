@@ -84,8 +84,12 @@ class Submitter:
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
         """Writes the group; raises QuotaExceeded (writing nothing) past the backlog limit."""
-        self._backlog.admit(len(group.tasks))
-        return await self.batcher.submit(group, weight=len(group.tasks))
+        count = len(group.tasks)
+        self._backlog.admit(count)
+        try:
+            return await self.batcher.submit(group, weight=count)
+        finally:
+            self._backlog.done(count)
 
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
         now = datetime.now(UTC)

@@ -22,6 +22,7 @@ from conveyor.coordinator.errors import InvalidState, TaskNotFound
 from conveyor.coordinator.leases import LeaseKey, to_proto
 from conveyor.coordinator.schedule_service import ScheduleService
 from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.submissions import SubmitGroup, Submitter
 from conveyor.v1 import (
     schedule_pb2,
@@ -167,7 +168,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         task_id = validation.validate_task_id(request.id)
         tenant = context.current().tenant
         async with self._deps.db.read() as conn:
-            previous = await store.cancel(conn, tenant, task_id, self._deps.office.fence())
+            with committing():
+                previous = await store.cancel(conn, tenant, task_id, self._deps.office.fence())
             row = await store.get(conn, tenant, task_id)
         if row is None:
             raise TaskNotFound(request.id)
@@ -202,7 +204,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         task_id = validation.validate_task_id(request.id)
         tenant = context.current().tenant
         async with self._deps.db.read() as conn:
-            row = await store.redrive(conn, tenant, task_id, self._deps.office.fence())
+            with committing():
+                row = await store.redrive(conn, tenant, task_id, self._deps.office.fence())
             if row is None:
                 current = await store.get(conn, tenant, task_id)
                 if current is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -11,7 +12,10 @@ import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from testsupport import coordinator_config, error_details, eventually, submit
 
+from conveyor.coordinator import Coordinator, validation
+from conveyor.coordinator.submissions import SubmitGroup
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Stub = task_service_pb2_grpc.TaskServiceStub
@@ -116,6 +120,36 @@ BAD_REQUESTS = [
         "jitter",
         task_service_pb2.SubmitTaskRequest(type="t", retry_policy=task_pb2.RetryPolicy(jitter=3.0)),
         "retry_policy.jitter",
+    ),
+    # What PostgreSQL would refuse answered UNKNOWN and failed others' submits (issue 7.3).
+    (
+        "NUL in content_type",
+        task_service_pb2.SubmitTaskRequest(type="t", content_type="text/plain\x00"),
+        "content_type",
+    ),
+    (
+        "NUL in idempotency_key",
+        task_service_pb2.SubmitTaskRequest(type="t", idempotency_key="k\x00"),
+        "idempotency_key",
+    ),
+    (
+        "NUL in a label",
+        task_service_pb2.SubmitTaskRequest(type="t", labels={"k": "v\x00"}),
+        "labels['k']",
+    ),
+    # The name regex's $ matched before a trailing newline (issue 7.3).
+    (
+        "queue with a newline",
+        task_service_pb2.SubmitTaskRequest(type="t", queue="default\n"),
+        "queue",
+    ),
+    # An out-of-range run_at raised out of validation: UNKNOWN (issue 7.10).
+    (
+        "run_at out of range",
+        task_service_pb2.SubmitTaskRequest(
+            type="t", run_at=timestamp_pb2.Timestamp(seconds=-62_135_596_801)
+        ),
+        "run_at",
     ),
 ]
 
@@ -256,3 +290,182 @@ async def test_list_tasks_paginates_newest_first(stub: Stub) -> None:
         if not token:
             break
     assert seen == expected
+
+
+async def test_40_good_submits_and_one_bad_one_at_once(stub: Stub, db: asyncpg.Connection) -> None:
+    """The bad one shared the good ones' transaction and failed two of them (issue 7.3)."""
+    good = [
+        stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="echo", payload=str(i).encode()))
+        for i in range(40)
+    ]
+    bad = stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="echo", content_type="\x00"))
+    outcomes = await asyncio.gather(*good[:20], bad, *good[20:], return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1
+    assert isinstance(failed[0], grpc.aio.AioRpcError)
+    assert failed[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _count(db) == 40
+
+
+async def test_a_flush_the_store_refuses_fails_only_the_culprit(
+    coordinator: Coordinator, db: asyncpg.Connection
+) -> None:
+    """Below validation: a task PostgreSQL refuses shares a flush with 40 good ones; the
+    flush is retried item by item and only the culprit's caller hears the error."""
+    assert coordinator.submitter is not None
+    batcher = coordinator.submitter.batcher
+
+    def group(content_type: str) -> SubmitGroup:
+        task = validation.validate_submit_one(
+            task_service_pb2.SubmitTaskRequest(type="echo"), max_payload_bytes=1024
+        )
+        return SubmitGroup("default", [dataclasses.replace(task, content_type=content_type)])
+
+    # Enqueued in one go, so one flush takes them all.
+    futures = [batcher.enqueue(group("application/json")) for _ in range(20)]
+    futures.append(batcher.enqueue(group("bad\x00")))
+    futures += [batcher.enqueue(group("application/json")) for _ in range(20)]
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], asyncpg.DataError)
+    assert batcher.isolations >= 1
+    assert await _count(db) == 40
+
+
+async def test_an_undecodable_request_is_invalid_argument(coordinator: Coordinator) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        call = channel.unary_unary("/conveyor.v1.TaskService/SubmitTask")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"\x12\x02\xff\xfe")  # field 2 (type), a string that is not UTF-8
+    details = error_details(caught.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+async def test_fifty_submits_with_one_key_and_one_that_differs(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    same = task_service_pb2.SubmitTaskRequest(type="echo", payload=b"x", idempotency_key="race")
+    odd = task_service_pb2.SubmitTaskRequest(type="echo", payload=b"y", idempotency_key="race")
+    calls = [stub.SubmitTask(same) for _ in range(50)]
+    calls.insert(25, stub.SubmitTask(odd))
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    answers = [o for o in outcomes if isinstance(o, task_service_pb2.SubmitTaskResponse)]
+    assert await _count(db) == 1
+    assert len({a.task.id for a in answers}) == 1
+    # The odd one is refused, unless it came first: then the 50 are.
+    if len(errors) == 1:
+        assert len(answers) == 50
+    else:
+        assert len(answers) == 1 and len(errors) == 50
+    assert {error_details(e).reason for e in errors} == {"IDEMPOTENCY_KEY_CONFLICT"}
+    assert {e.code() for e in errors} == {grpc.StatusCode.ALREADY_EXISTS}
+
+
+async def test_past_the_backlog_limit_submits_are_refused_and_nothing_is_written(
+    database_dsn: str,
+) -> None:
+    coordinator = Coordinator(coordinator_config(database_dsn, max_backlog=5))
+    await coordinator.start()
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            for _ in range(3):
+                await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="echo"))
+            batch = [task_service_pb2.SubmitTaskRequest(type="echo")] * 3
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SubmitTasks(task_service_pb2.SubmitTasksRequest(tasks=batch))
+        details = error_details(caught.value)
+        assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.reason == "QUOTA_EXCEEDED"
+        assert details.quota_subjects == ["max_backlog"]
+        assert details.retry_after is not None and details.retry_after > 0
+        conn = await asyncpg.connect(database_dsn)
+        try:
+            assert await _count(conn) == 3
+        finally:
+            await conn.close()
+    finally:
+        await coordinator.stop(grace=1.0)
+
+
+_SLOW_COMMIT = """
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.queue = 'slow' THEN PERFORM pg_sleep(60); END IF;
+    RETURN NEW;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON tasks
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+
+
+@pytest.mark.parametrize("key", ["", "with-a-key"], ids=["autocommit insert", "transaction"])
+async def test_a_connection_lost_while_committing_is_outcome_unknown(
+    stub: Stub, db: asyncpg.Connection, key: str
+) -> None:
+    """The insert may have committed: "retry shortly" would invite a duplicate (issue 7.10)."""
+    await db.execute(_SLOW_COMMIT)
+    call = asyncio.ensure_future(
+        stub.SubmitTask(
+            task_service_pb2.SubmitTaskRequest(type="echo", queue="slow", idempotency_key=key)
+        )
+    )
+
+    async def committing() -> int:
+        # The coordinator's backend, inside the commit-time trigger.
+        return int(
+            await db.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE wait_event = 'PgSleep' AND application_name = 'conveyor-coordinator'"
+            )
+        )
+
+    await eventually(committing, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    details = error_details(caught.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "OUTCOME_UNKNOWN")
+    assert details.retry_after is None and "idempotency key" in details.message
+
+
+async def test_a_postgresql_restart_during_a_call_is_unavailable_with_retry_info(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
+    """57P01 (the server shutting a connection down) reached clients as UNKNOWN (issue 7.10)."""
+    task = await submit(stub)
+    async with db.transaction():
+        await db.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        call = asyncio.ensure_future(stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id)))
+
+        async def blocked() -> int:
+            return int(
+                await db.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND application_name = 'conveyor-coordinator'"
+                )
+            )
+
+        await eventually(blocked, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    details = error_details(caught.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    assert details.retry_after is not None
+    # And the next call gets a fresh connection.
+    assert (await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))).task.id == task.id
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (task_service_pb2.ListTasksRequest(queue="default\n"), "queue"),
+        (task_service_pb2.ListTasksRequest(page_token="\x00"), "page_token"),
+    ],
+)
+async def test_bad_list_filters_are_invalid(
+    stub: Stub, request_: task_service_pb2.ListTasksRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListTasks(request_)
+    assert error_details(caught.value).fields == [field]

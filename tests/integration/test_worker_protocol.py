@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -10,9 +11,13 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from testsupport import TEST_LEASE, RawWorker, eventually, submit
+from testsupport import TEST_LEASE, ErrorDetails, RawWorker, error_details, eventually, submit
 
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.sessions import OUTBOX_BYTES
 from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
@@ -297,3 +302,294 @@ async def test_first_message_must_be_hello(raw_workers: Workers) -> None:
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Hello" in (caught.value.details() or "")
+
+
+# -- hardening (issue 7) --------------------------------------------------------------------
+
+
+async def _protocol_error(hello: worker_service_pb2.Hello, address: str) -> ErrorDetails:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(
+            iter([worker_service_pb2.ConnectRequest(hello=hello)])
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    return error_details(caught.value)
+
+
+def _hello(**fields: object) -> worker_service_pb2.Hello:
+    values: dict[str, object] = {
+        "protocol_version": 1,
+        "worker_id": "w",
+        "task_types": ["echo"],
+        "credits": 1,
+        **fields,
+    }
+    return worker_service_pb2.Hello(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        # Empty task types meant "anything": a worker with no handler for a type killed
+        # its tasks (issue 7.2).
+        ({"task_types": []}, "hello.task_types"),
+        ({"worker_id": "w\x00"}, "hello.worker_id"),
+        ({"queues": ["default\n"]}, "hello.queues[0]"),
+        ({"credits": -1}, "hello.credits"),
+        ({"task_types": ["bad type"]}, "hello.task_types[0]"),
+    ],
+)
+async def test_a_bad_hello_is_refused_naming_the_field(
+    coordinator: Coordinator, fields: dict[str, object], field: str
+) -> None:
+    details = await _protocol_error(_hello(**fields), coordinator.address)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.reason == "PROTOCOL_VIOLATION"
+    assert field in details.fields
+
+
+async def test_a_worker_is_assigned_only_the_types_it_serves(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    unserved = [await submit(stub, "other") for _ in range(5)]
+    served = await submit(stub, "echo")
+    worker = raw_workers()
+    await worker.connect(credits=10, types=("echo",))
+    (only,) = await worker.assignments(1)
+    assert only.lease.task_id == served.id
+    for task in unserved:
+        got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+        assert got.task.state == task_pb2.TASK_STATE_PENDING and got.unserved
+    assert not (await stub.GetTask(task_service_pb2.GetTaskRequest(id=served.id))).unserved
+
+
+async def test_80_one_mib_payloads_arrive_in_messages_under_the_default_limit(
+    stub: Stub, raw_workers: Workers
+) -> None:
+    """One claim of 80 x 1 MiB was one 80 MiB message: the stream died and every task ended
+    DEAD without running (issue 7.1). The raw worker has gRPC's default 4 MiB limit."""
+    payload = b"x" * (1 << 20)
+    for _ in range(8):
+        await stub.SubmitTasks(
+            task_service_pb2.SubmitTasksRequest(
+                tasks=[task_service_pb2.SubmitTaskRequest(type="echo", payload=payload)] * 10
+            )
+        )
+    worker = raw_workers()
+    await worker.connect(credits=100)
+    got = await worker.assignments(80, timeout=60)
+    assert len({a.lease.task_id for a in got}) == 80
+    assert all(len(a.payload) == len(payload) for a in got)
+
+
+async def test_a_stale_result_beside_the_current_one_is_refused_and_recorded(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """Results were matched by task id alone: a stale result flushed with the current
+    attempt's result was acknowledged and never recorded as refused (issue 7.8)."""
+    task = await submit(stub)
+    worker = raw_workers()
+    await worker.connect("w", credits=1)
+    (first,) = await worker.assignments(1)
+    # No renewal: the lease expires and the task comes back to the same worker.
+    await eventually(lambda: _is(db, task.id, task_pb2.TASK_STATE_PENDING), timeout=TEST_LEASE * 5)
+    await worker.send(credit=worker_service_pb2.Credit(credits=1))
+    (second,) = await worker.assignments(1)
+    assert second.lease.attempt == first.lease.attempt + 1
+    succeeded = worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[
+                worker_service_pb2.TaskResult(lease=first.lease, outcome=succeeded, result=b"1"),
+                worker_service_pb2.TaskResult(lease=second.lease, outcome=succeeded, result=b"2"),
+            ]
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    assert [(a.lease.attempt, a.accepted) for a in acks.acks] == [(1, False), (2, True)]
+    refused = await db.fetch("SELECT attempt, worker_id FROM refused_results")
+    assert [(r["attempt"], r["worker_id"]) for r in refused] == [(1, "w")]
+    assert await db.fetchval("SELECT result FROM tasks") == b"2"
+
+
+async def test_a_task_the_worker_never_received_does_not_use_an_attempt(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """A lease the worker leaves out of Hello.in_flight was never received: it went back
+    counted, so with max_attempts=1 the task died without running (issue 7.4)."""
+    task = await submit(stub, max_attempts=1)
+    first = raw_workers()
+    await first.connect("phoenix", credits=1, hostname="h", pid=7)
+    await first.assignments(1)
+    await first.close()
+    again = raw_workers()
+    await again.connect("phoenix", credits=1, hostname="h", pid=7)
+    (retry,) = await again.assignments(1)
+    assert retry.lease.attempt == 2
+    assert (await again.report(retry.lease)).accepted
+    got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+    assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert (got.task.attempt, got.task.uncounted_attempts) == (2, 1)
+    assert [a.outcome for a in got.attempts] == [
+        task_pb2.ATTEMPT_OUTCOME_NOT_STARTED,
+        task_pb2.ATTEMPT_OUTCOME_SUCCEEDED,
+    ]
+
+
+async def test_an_interrupted_attempt_is_ready_again_at_once_and_does_not_count(
+    stub: Stub, raw_workers: Workers
+) -> None:
+    task = await submit(stub, max_attempts=1)
+    worker = raw_workers()
+    await worker.connect(credits=2)
+    (first,) = await worker.assignments(1)
+    ack = await worker.report(first.lease, worker_service_pb2.TASK_OUTCOME_INTERRUPTED)
+    assert ack.accepted
+    (second,) = await worker.assignments(1)
+    assert (await worker.report(second.lease)).accepted
+    got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+    assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED and got.task.uncounted_attempts == 1
+    assert [a.outcome for a in got.attempts] == [
+        task_pb2.ATTEMPT_OUTCOME_INTERRUPTED,
+        task_pb2.ATTEMPT_OUTCOME_SUCCEEDED,
+    ]
+
+
+async def test_a_nul_byte_in_an_error_text_harms_no_result(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """A NUL in one worker's error text failed the shared result flush (issue 7.3)."""
+    tasks = [await submit(stub, max_attempts=1) for _ in range(2)]
+    worker = raw_workers()
+    await worker.connect(credits=2)
+    first, second = await worker.assignments(2)
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[
+                worker_service_pb2.TaskResult(lease=first.lease, outcome=FAILED, error="a\x00b"),
+                worker_service_pb2.TaskResult(
+                    lease=second.lease, outcome=worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+                ),
+            ]
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    assert [a.accepted for a in acks.acks] == [True, True]
+    states = {
+        r["id"]: r["last_error"] for r in await db.fetch("SELECT id::text, last_error FROM tasks")
+    }
+    assert states[first.lease.task_id] == "a\\x00b"
+    assert len(states) == len(tasks)
+
+
+async def test_a_silent_worker_is_evicted_and_its_leases_come_back(
+    coordinator: Coordinator, stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """A worker whose connection stays open but says nothing was never evicted (issue 7.7)."""
+    task = await submit(stub)
+    silent = raw_workers()
+    welcome = await silent.connect("mute", credits=1, pulse=False)
+    liveness = welcome.liveness_timeout.ToTimedelta().total_seconds()
+    assert liveness == coordinator.config.worker_liveness_timeout
+    await silent.assignments(1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            await silent.call.read()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "evicted" in (caught.value.details() or "")
+    row = await db.fetchrow("SELECT state, worker_id FROM tasks WHERE id = $1::uuid", task.id)
+    assert (row["state"], row["worker_id"]) == (task_pb2.TASK_STATE_PENDING, None)
+    outcome = await db.fetchval("SELECT outcome FROM task_attempts")
+    assert outcome == task_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED  # it may have run: counted
+    status = await _cluster_status(coordinator.address)
+    (eviction,) = status.recent_evictions
+    assert eviction.worker_id == "mute" and eviction.released == 1
+    assert "no message for" in eviction.reason
+
+
+async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
+    coordinator: Coordinator, stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """Nothing sent to one worker may wait for it: a worker that stops reading is evicted
+    (its outbox stays bounded), and another worker gets its tasks."""
+    payload = b"p" * (200 << 10)
+    ids = [
+        r.task.id
+        for r in (
+            await stub.SubmitTasks(
+                task_service_pb2.SubmitTasksRequest(
+                    tasks=[task_service_pb2.SubmitTaskRequest(type="echo", payload=payload)] * 60
+                )
+            )
+        ).results
+    ]
+    stuck = raw_workers()
+    await stuck.connect("stuck", credits=60)  # and never reads again
+    peak = 0
+
+    async def evicted() -> bool:
+        nonlocal peak
+        session = coordinator.sessions.by_worker("stuck")
+        if session is not None:
+            peak = max(peak, OUTBOX_BYTES - session.outbox_room)
+        return any(e.worker_id == "stuck" for e in coordinator.sessions.evictions)
+
+    await eventually(evicted, timeout=30, interval=0.01)
+    assert peak <= OUTBOX_BYTES
+    reason = next(e.reason for e in coordinator.sessions.evictions if e.worker_id == "stuck")
+    assert "stopped reading" in reason
+    rescuer = raw_workers()
+    await rescuer.connect("rescuer", credits=60)
+    got = await rescuer.assignments(60, timeout=30)
+    assert sorted(a.lease.task_id for a in got) == sorted(ids)
+
+
+async def test_a_second_process_with_the_same_worker_id_is_refused(
+    coordinator: Coordinator, stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    """Two processes with one worker id took each other's running tasks back (issue 7.12)."""
+    task = await submit(stub)
+    first = raw_workers()
+    await first.connect("twin", credits=1, hostname="host-a", pid=10)
+    (assignment,) = await first.assignments(1)
+    details = await _protocol_error(
+        _hello(worker_id="twin", hostname="host-b", pid=11), coordinator.address
+    )
+    assert (details.code, details.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE")
+    assert details.metadata["worker_id"] == "twin"
+    assert await _state(db, task.id) == task_pb2.TASK_STATE_RUNNING
+    # The same process reconnecting (same host and pid) retires its old stream instead.
+    again = raw_workers()
+    await again.connect("twin", credits=0, hostname="host-a", pid=10, in_flight=(assignment.lease,))
+    await asyncio.wait_for(_until_ended(first), 10)
+    assert (await again.report(assignment.lease)).accepted
+
+
+async def test_status_shows_workers_their_types_and_load(
+    coordinator: Coordinator, stub: Stub, raw_workers: Workers
+) -> None:
+    await submit(stub, queue="mail")
+    worker = raw_workers()
+    await worker.connect("w1", credits=5, queues=("mail", "sms"), types=("echo", "ping"))
+    await worker.assignments(1)
+    status = await _cluster_status(coordinator.address)
+    (info,) = status.workers
+    assert list(info.task_types) == ["echo", "ping"] and info.in_flight == 1
+    queues = await stub.ListQueues(task_service_pb2.ListQueuesRequest())
+    assert {q.name: q.workers for q in queues.queues} == {"mail": 1}
+
+
+async def _until_ended(worker: RawWorker) -> None:
+    """Reads the worker's stream until the coordinator ends it (cleanly or not)."""
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        while await worker.call.read() is not grpc.aio.EOF:
+            pass
+
+
+async def _cluster_status(address: str) -> admin_service_pb2.GetClusterStatusResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await admin_service_pb2_grpc.AdminServiceStub(channel).GetClusterStatus(
+            admin_service_pb2.GetClusterStatusRequest(), timeout=5
+        )

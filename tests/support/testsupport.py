@@ -7,23 +7,24 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from conveyor.coordinator import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
-from conveyor.coordinator.sessions import SessionRegistry
-from conveyor.coordinator.store.db import Database
-from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.v1 import (
     task_service_pb2,
     task_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from conveyor.coordinator.deps import Deps
 
 T = TypeVar("T")
 
@@ -39,6 +40,11 @@ def service_deps(
 ) -> Deps:
     """The dependencies of coordinator services, for running one alone on ``pool`` as the
     leader of ``epoch`` (taken with ``store.leadership.take_office``)."""
+    from conveyor.coordinator.deps import Deps, Events, Office
+    from conveyor.coordinator.sessions import SessionRegistry
+    from conveyor.coordinator.store.db import Database
+    from conveyor.coordinator.watchers import TaskWatchers
+
     office = Office(cluster)
     office.epoch, office.leader = epoch, True
     return Deps(
@@ -85,9 +91,9 @@ class RawWorker:
     """Drives one WorkerService.Connect stream message by message."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
+        # gRPC's default receive limit (4 MiB), as a worker in any language has it: the
+        # coordinator must keep every message under it.
+        self._channel = grpc.aio.insecure_channel(address)
         self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self.call: Any = None
         self._pulse: asyncio.Task[None] | None = None
@@ -199,6 +205,46 @@ class RawWorker:
         if self.call is not None:
             self.call.cancel()
         await self._channel.close()
+
+
+@dataclass
+class ErrorDetails:
+    """The google.rpc details of an error status, as tests look at them."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    fields: list[str] = field(default_factory=list)
+    retry_after: float | None = None
+    quota_subjects: list[str] = field(default_factory=list)
+
+
+def error_details(err: grpc.aio.AioRpcError) -> ErrorDetails:
+    """Reads the status of a failed call; fails the test when it carries no rich details
+    (every coordinator error must)."""
+    out = ErrorDetails(err.code(), err.details() or "")
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert isinstance(raw, bytes), f"{err.code()} {err.details()!r} carries no google.rpc.Status"
+    for detail in status_pb2.Status.FromString(raw).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "conveyor.dev"
+            out.reason, out.metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.fields = [v.field for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            out.quota_subjects = [v.subject for v in quota.violations]
+    return out
 
 
 async def submit(

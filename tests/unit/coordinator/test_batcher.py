@@ -1,0 +1,88 @@
+"""Group commit (coordinator/batcher.py): batching, weights, backpressure, and a bad item
+failing only its own caller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+
+from conveyor.coordinator.batcher import Batcher
+from conveyor.coordinator.errors import Overloaded
+
+
+class FakeStore:
+    """A flush that refuses any batch containing a poisoned item, the way PostgreSQL
+    refuses a whole statement for one bad row."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.error = error or asyncpg.exceptions.CharacterNotInRepertoireError("NUL byte")
+
+    async def flush(self, items: Sequence[str]) -> list[str | BaseException]:
+        self.batches.append(list(items))
+        await asyncio.sleep(0)
+        if any(item.startswith("bad") for item in items):
+            raise self.error
+        return [item.upper() for item in items]
+
+
+async def test_concurrent_items_share_a_flush() -> None:
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=100, max_pending=1000)
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(f"i{n}") for n in range(20)))
+    finally:
+        await batcher.stop()
+    assert results == [f"I{n}" for n in range(20)]
+    assert len(store.batches) < 20  # they waited for one another, not for a timer
+
+
+async def test_a_refused_batch_is_retried_item_by_item_so_only_the_culprit_fails() -> None:
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=100, max_pending=1000)
+    batcher.start()
+    try:
+        items = [f"good{n}" for n in range(40)]
+        items.insert(17, "bad")
+        outcomes = await asyncio.gather(
+            *(batcher.submit(item) for item in items), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+    failed = [item for item, out in zip(items, outcomes, strict=True) if isinstance(out, Exception)]
+    assert failed == ["bad"]
+    assert batcher.isolations >= 1
+
+
+async def test_an_unknown_outcome_is_never_retried() -> None:
+    # The connection broke: the batch may have committed, so a retry could apply it twice.
+    store = FakeStore(asyncpg.exceptions.ConnectionDoesNotExistError("lost mid-commit"))
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=100, max_pending=1000)
+    batcher.start()
+    try:
+        outcomes = await asyncio.gather(
+            batcher.submit("good1"), batcher.submit("bad"), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+    assert all(isinstance(o, asyncpg.exceptions.ConnectionDoesNotExistError) for o in outcomes)
+    assert batcher.isolations == 0
+    assert sum(len(b) for b in store.batches) == 2
+
+
+async def test_weights_bound_a_batch_and_the_queue() -> None:
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=3, max_pending=5)
+    with pytest.raises(Overloaded):
+        batcher.enqueue("a", 3)
+        batcher.enqueue("b", 3)
+    batcher.start()
+    try:
+        await asyncio.gather(batcher.submit("c", 2), batcher.submit("d", 1))
+    finally:
+        await batcher.stop()
+    assert all(len(b) <= 2 for b in store.batches)

@@ -1,0 +1,115 @@
+"""The dispatch policy's pure parts: who takes what, the order of a round, the portions,
+and Assignments messages bounded by bytes (coordinator/dispatch_policy.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.coordinator import dispatch_policy
+from conveyor.coordinator.dispatch_policy import (
+    MAX_CLAIM_BYTES,
+    MAX_CLAIM_PER_SESSION,
+    MESSAGE_BYTES,
+    DispatchPolicy,
+)
+from conveyor.coordinator.sessions import OUTBOX_BYTES, WorkerSession
+from conveyor.v1 import worker_service_pb2
+
+
+def _session(name: str, credit: int = 10, **fields: Any) -> WorkerSession:
+    values: dict[str, Any] = {
+        "session_id": name,
+        "worker_id": name,
+        "tenant": "t",
+        "queues": ("q",),
+        "task_types": frozenset({"a"}),
+        "credit": credit,
+        **fields,
+    }
+    return WorkerSession(**values)
+
+
+async def test_a_session_takes_only_its_tenant_queues_and_types() -> None:
+    session = _session("w", queues=("q", "r"), task_types=frozenset({"a", "b"}))
+    assert dispatch_policy.takes(session, "t", "r", "b")
+    assert not dispatch_policy.takes(session, "t", "q", "c")  # a type it has no handler for
+    assert not dispatch_policy.takes(session, "t", "s", "a")
+    assert not dispatch_policy.takes(session, "other", "q", "a")
+    closed = _session("gone", closed=True)
+    assert not dispatch_policy.serving([closed], "t", "q", "a")
+    assert dispatch_policy.serving([closed, session], "t", "q", "a")
+
+
+async def test_a_round_rotates_and_portions_by_credit_count_and_room() -> None:
+    policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
+    sessions = [
+        _session("a", credit=3),
+        _session("b", credit=10_000),
+        _session("idle", credit=0),
+        _session("draining", credit=5, draining=True),
+    ]
+    first = policy.plan(sessions)
+    second = policy.plan(sessions)
+    assert [c.session.worker_id for c in first] != [c.session.worker_id for c in second]
+    assert sorted(c.session.worker_id for c in first) == ["a", "b"]
+    portions = {c.session.worker_id: (c.limit, c.max_bytes) for c in first}
+    assert portions == {"a": (3, MAX_CLAIM_BYTES), "b": (MAX_CLAIM_PER_SESSION, MAX_CLAIM_BYTES)}
+
+
+async def test_a_session_whose_outbox_is_full_is_left_out_until_it_drains() -> None:
+    policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
+    session = _session("slow")
+    message = worker_service_pb2.ConnectResponse()
+    assert session.push(message, size=OUTBOX_BYTES - 1000, assignments=True)
+    (claim,) = policy.plan([session])
+    assert claim.max_bytes == 1000
+    assert session.push(message, size=1000, assignments=True)
+    assert policy.plan([session]) == []
+    assert session.throttled
+
+
+def test_messages_are_split_by_bytes_a_large_item_alone() -> None:
+    mib = 1 << 20
+    weights = [mib] * 7 + [MESSAGE_BYTES * 2] + [10] * 3
+    groups = dispatch_policy.split(weights)
+    assert [end - start for start, end, _ in groups] == [3, 3, 1, 1, 3]
+    assert all(size <= MESSAGE_BYTES for _, end, size in groups if end - _ > 1)
+    assert sum(end - start for start, end, _ in groups) == len(weights)
+    assert dispatch_policy.split([]) == []
+
+
+async def test_claimed_rows_pack_into_messages_under_the_limit() -> None:
+    rows = [
+        {
+            "id": f"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a{n:02x}",
+            "attempt": 1,
+            "lease_epoch": 1,
+            "queue": "q",
+            "type": "a",
+            "payload": b"x" * (1 << 20),
+            "content_type": "application/json",
+            "max_attempts": 3,
+            "idempotency_key": None,
+            "timeout_ms": 1000,
+            "labels": "{}",
+            "traceparent": "",
+            "create_time": None,
+        }
+        for n in range(80)
+    ]
+    packed = DispatchPolicy.pack(rows)  # type: ignore[arg-type]
+    assert sum(p.count for p in packed) == 80
+    assert all(p.message.ByteSize() <= MESSAGE_BYTES + (1 << 20) for p in packed)
+    assert all(p.size >= p.message.ByteSize() for p in packed)
+    leases = [a.lease.task_id for p in packed for a in p.message.assignments.assignments]
+    assert leases == [r["id"] for r in rows]
+
+
+async def test_a_fresh_task_is_handed_only_to_a_starving_session_that_takes_it() -> None:
+    busy = _session("busy")
+    other = _session("other", starving=True, task_types=frozenset({"b"}))
+    idle = _session("idle", starving=True, credit=1)
+    assert DispatchPolicy.pick_idle([busy, other], "t", "q", "a") is None
+    assert DispatchPolicy.pick_idle([busy, other, idle], "t", "q", "a") is idle
+    assert idle.credit == 0
+    assert DispatchPolicy.pick_idle([idle], "t", "q", "a") is None

@@ -1,0 +1,155 @@
+"""The dispatcher against a real PostgreSQL, with in-memory sessions (no gRPC): credit
+accounting, claims bounded by bytes, a failed claim that costs the others nothing, and
+claimed tasks that could not be sent going back without using an attempt."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from testsupport import service_deps
+
+from conveyor.coordinator import validation
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch_policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
+from conveyor.coordinator.dispatcher import Dispatcher
+from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.sessions import WorkerSession
+from conveyor.coordinator.store import leadership
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.migrator import migrate
+from conveyor.coordinator.store.sql import Fence
+from conveyor.v1 import task_service_pb2
+
+
+@pytest.fixture
+async def deps(database_dsn: str) -> AsyncIterator[Deps]:
+    pool = await asyncpg.create_pool(database_dsn, min_size=1, max_size=3)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            epoch = await leadership.take_office(conn, "default", "test", "")
+        assert epoch is not None
+        yield service_deps(pool, database_dsn, epoch=epoch)
+    finally:
+        await pool.close()
+
+
+async def _insert(deps: Deps, count: int, *, queue: str = "q", payload: bytes = b"{}") -> None:
+    task = validation.validate_submit_one(
+        task_service_pb2.SubmitTaskRequest(type="a", queue=queue, payload=payload),
+        max_payload_bytes=2 << 20,
+    )
+    now = datetime.now(UTC)
+    rows = [store.NewRow("default", uuid7(), task, store.PENDING, now) for _ in range(count)]
+    async with deps.db.read() as conn:
+        await store.insert(conn, rows, now)
+
+
+def _session(name: str, credit: int, queue: str = "q") -> WorkerSession:
+    return WorkerSession(
+        session_id=name,
+        worker_id=name,
+        tenant="default",
+        queues=(queue,),
+        task_types=frozenset({"a"}),
+        credit=credit,
+    )
+
+
+def _queued(session: WorkerSession) -> int:
+    return len(session.take_undelivered())
+
+
+async def _running(deps: Deps) -> dict[str, int]:
+    async with deps.db.read() as conn:
+        rows = await conn.fetch(
+            "SELECT worker_id, count(*) AS n FROM tasks WHERE state = 3 GROUP BY worker_id"
+        )
+    return {r["worker_id"]: r["n"] for r in rows}
+
+
+class FailingSecondClaim(DispatchPolicy):
+    """The store refuses the second claim of a round."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.claims = 0
+        self.order: list[str] = []
+
+    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+        self.claims += 1
+        self.order.append(claim.session.worker_id)
+        if self.claims == 2:
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return await super().claim(conn, claim, fence)
+
+
+async def test_one_failed_claim_loses_no_other_claim_and_leaks_no_credit(deps: Deps) -> None:
+    for queue in ("q1", "q2", "q3"):
+        await _insert(deps, 4, queue=queue)
+    sessions = {f"w{n}": _session(f"w{n}", 5, queue=f"q{n}") for n in (1, 2, 3)}
+    for session in sessions.values():
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = FailingSecondClaim()
+    dispatcher = Dispatcher(deps, policy)
+    with pytest.raises(asyncpg.exceptions.DeadlockDetectedError):
+        await dispatcher.step()
+    first, failed, *_ = policy.order
+    # What committed before the failure was pushed; the failed claim gave its credit back.
+    assert (sessions[first].credit, _queued(sessions[first])) == (1, 4)
+    assert (sessions[failed].credit, _queued(sessions[failed])) == (5, 0)
+    assert await _running(deps) == {first: 4}
+    # The next round serves the rest.
+    policy.claims = 10
+    await dispatcher.step()
+    assert set(await _running(deps)) == set(sessions)
+    assert all(s.credit == 1 for s in sessions.values())
+
+
+async def test_a_claim_is_cut_at_the_byte_budget_and_the_round_goes_on(deps: Deps) -> None:
+    await _insert(deps, 20, payload=b"x" * (1 << 20))
+    session = _session("big", 100)
+    deps.sessions.reserve(session)
+    deps.sessions.activate(session)
+    policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
+    dispatcher = Dispatcher(deps, policy)
+    delay = await dispatcher.step()
+    claimed = 100 - session.credit
+    assert claimed == MAX_CLAIM_BYTES // (1 << 20)
+    assert delay == 0.0  # more may be waiting: the next round follows at once
+    await dispatcher.step()
+    assert 100 - session.credit == 20
+
+
+async def test_tasks_claimed_for_a_session_that_ended_go_back_uncounted(deps: Deps) -> None:
+    await _insert(deps, 3)
+    session = _session("gone", 3)
+    policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
+    dispatcher = Dispatcher(deps, policy)
+    async with deps.db.read() as conn:
+        rows = await policy.claim(conn, Claim(session, 3, MAX_CLAIM_BYTES), deps.office.fence())
+        assert len(rows) == 3
+        session.end("the stream broke")
+        await dispatcher.deliver(conn, session, policy.pack(rows))
+        tasks = await conn.fetch("SELECT state, attempt, attempt_base FROM tasks")
+        attempts = await conn.fetch("SELECT outcome, error FROM task_attempts")
+    assert [tuple(t) for t in tasks] == [(store.PENDING, 1, 1)] * 3
+    assert {a["outcome"] for a in attempts} == {store.OUTCOME_NOT_STARTED}
+    assert "never started" in attempts[0]["error"]
+
+
+async def test_credit_reserved_for_a_claim_comes_back_when_it_finds_less(deps: Deps) -> None:
+    await _insert(deps, 2)
+    session = _session("w", 10)
+    deps.sessions.reserve(session)
+    deps.sessions.activate(session)
+    dispatcher = Dispatcher(deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20))
+    await asyncio.wait_for(dispatcher.step(), 10)
+    assert session.credit == 8 and session.starving
+    assert _queued(session) == 2

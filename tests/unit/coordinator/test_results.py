@@ -1,0 +1,70 @@
+"""Worker results and heartbeats mapped from the wire (coordinator/results.py): one bad
+entry never fails the others; text is made storable."""
+
+from __future__ import annotations
+
+from conveyor.coordinator import leases
+from conveyor.coordinator.results import MAX_ERROR_CHARS, map_leases, map_results, storable_error
+from conveyor.coordinator.store import tasks as store
+from conveyor.v1 import worker_service_pb2 as pb
+
+TASK = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+LEASE = pb.Lease(task_id=TASK, attempt=1, epoch=1)
+
+
+def _result(**fields: object) -> pb.TaskResult:
+    values: dict[str, object] = {"lease": LEASE, "outcome": pb.TASK_OUTCOME_SUCCEEDED, **fields}
+    return pb.TaskResult(**values)  # type: ignore[arg-type]
+
+
+def test_each_result_is_checked_alone() -> None:
+    wire = [
+        _result(result=b'"ok"'),
+        _result(lease=pb.Lease(task_id="nonsense")),
+        _result(outcome=99),
+        _result(outcome=pb.TASK_OUTCOME_FAILED, error="boom\x00tail", retryable=True),
+        _result(outcome=pb.TASK_OUTCOME_INTERRUPTED),
+        _result(outcome=pb.TASK_OUTCOME_CANCELLED, retryable=True),
+    ]
+    mapped, outcomes = map_results("t", "w", wire, max_result_bytes=1024)
+    assert mapped.stored == [0, 3, 4, 5]
+    assert mapped.refused == {
+        1: leases.REFUSED_MALFORMED,
+        2: f"{leases.REFUSED_UNKNOWN_OUTCOME} 99",
+    }
+    ok, failed, interrupted, cancelled = outcomes
+    assert ok.key == leases.LeaseKey("t", TASK, 1, 1, "w")
+    assert (ok.outcome, ok.result) == (store.OUTCOME_SUCCEEDED, b'"ok"')
+    assert (failed.outcome, failed.result, failed.error) == (
+        store.OUTCOME_FAILED,
+        None,
+        "boom\\x00tail",
+    )
+    assert interrupted.outcome == store.OUTCOME_INTERRUPTED
+    assert not cancelled.retryable  # a cancelled attempt is not retried
+    answers = mapped.answers([True, False, True, True])
+    assert answers[1] == (False, leases.REFUSED_MALFORMED)
+    assert answers[3] == (False, leases.REFUSED_NOT_CURRENT)
+    assert [a[0] for a in answers] == [True, False, False, False, True, True]
+
+
+def test_a_result_too_large_to_store_fails_the_task_once_and_says_why() -> None:
+    _, (outcome,) = map_results("t", "w", [_result(result=b"x" * 2000)], max_result_bytes=1000)
+    assert (outcome.outcome, outcome.result, outcome.retryable) == (
+        store.OUTCOME_FAILED,
+        None,
+        False,
+    )
+    assert "2000 bytes" in outcome.error and "1000" in outcome.error
+
+
+def test_error_texts_are_cut_to_size() -> None:
+    text = storable_error("e" * (MAX_ERROR_CHARS * 2))
+    assert len(text) == MAX_ERROR_CHARS and text.endswith("(truncated)")
+    assert storable_error("fine") == "fine"
+
+
+def test_heartbeat_leases_malformed_ones_are_lost() -> None:
+    mapped, keys = map_leases("t", "w", [LEASE, pb.Lease(task_id="x")])
+    assert keys == [leases.LeaseKey("t", TASK, 1, 1, "w")]
+    assert mapped.answers([True]) == [(True, ""), (False, leases.REFUSED_MALFORMED)]
