@@ -176,26 +176,25 @@ async def test_idempotent_submit_through_the_client(client: AsyncClient, worker:
 
 
 async def test_80_one_mib_tasks_run_on_a_worker_with_100_slots(coordinator: Coordinator) -> None:
-    """All 80 ended DEAD without running: one claim became one message over the limit, the
-    stream died, and each reconnect used an attempt (issue 7.1)."""
-    worker = Worker(coordinator.address, concurrency=100, grace_period=2.0)
-    ran: set[str] = set()
+    """All 80 ended DEAD without running: the worker's first claim took all 80 into one
+    message over the limit, the stream died, and each reconnect used an attempt (issue 7.1)."""
+    payload = "x" * ((1 << 20) - 16)
+    async with AsyncClient(coordinator.address) as client:
+        tasks = [await client.submit("big", payload) for _ in range(80)]
+        worker = Worker(coordinator.address, concurrency=100, grace_period=2.0)
+        ran: set[str] = set()
 
-    @worker.task("big")
-    async def big(ctx: TaskContext, payload: str) -> int:
-        ran.add(ctx.task_id)
-        return len(payload)
+        @worker.task("big")
+        async def big(ctx: TaskContext, payload: str) -> int:
+            ran.add(ctx.task_id)
+            return len(payload)
 
-    run = asyncio.create_task(worker.run(install_signal_handlers=False))
-    try:
-        await asyncio.wait_for(worker.wait_connected(), 10)
-        payload = "x" * ((1 << 20) - 16)
-        async with AsyncClient(coordinator.address) as client:
-            tasks = [await client.submit("big", payload) for _ in range(80)]
+        run = asyncio.create_task(worker.run(install_signal_handlers=False))
+        try:
             results = [await client.result(t.id, timeout=60) for t in tasks]
-        assert results == [len(payload)] * 80
-        assert ran == {t.id for t in tasks}
-    finally:
-        worker.shutdown(force=True)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(run, 10)
+        finally:
+            worker.shutdown(force=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(run, 10)
+    assert results == [len(payload)] * 80
+    assert ran == {t.id for t in tasks}

@@ -14,7 +14,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from testsupport import TEST_LEASE, ErrorDetails, RawWorker, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.sessions import OUTBOX_BYTES
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -514,6 +513,8 @@ async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
 ) -> None:
     """Nothing sent to one worker may wait for it: a worker that stops reading is evicted
     (its outbox stays bounded), and another worker gets its tasks."""
+    from conveyor.coordinator.sessions import OUTBOX_BYTES
+
     payload = b"p" * (200 << 10)
     ids = [
         r.task.id
