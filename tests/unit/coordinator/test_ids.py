@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from conveyor.coordinator.ids import parse_task_id, uuid7
 
 
@@ -9,7 +11,7 @@ def test_ids_made_in_a_burst_are_strictly_increasing() -> None:
     # Thousands of ids per millisecond: random bits after the timestamp would order most
     # pairs of one millisecond wrongly (the defect this pins).
     ids = [uuid7() for _ in range(20_000)]
-    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(ids))
     assert len({i.int >> 80 for i in ids}) < len(ids), "expected ids sharing a millisecond"
 
 
