@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter as Tally
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from operator import itemgetter
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -134,13 +134,32 @@ def _registry(process_metrics: bool) -> CollectorRegistry:
     return registry
 
 
-def _add_counts(counter: Counter, tally: Tally[tuple[str, ...]]) -> None:
-    for labels, n in tally.items():
-        counter.labels(*labels).inc(n)
+class _Children:
+    """A labelled counter's children by label values: ``Counter.labels()`` validates and
+    locks on every call, which would cost more than the counting itself per group.
+
+    Used from the process's event loop thread only (the recorders run there).
+    """
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def inc(self, labels: tuple[str, ...], n: float) -> None:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.metric.labels(*labels)
+        child.inc(n)
+
+    def add(self, tally: Tally[tuple[str, ...]]) -> None:
+        for labels, n in tally.items():
+            self.inc(labels, n)
 
 
-def _labels(row: Row) -> tuple[str, str, str]:
-    return (row["tenant"], row["queue"], row["type"])
+# (tenant, queue, type) of a row in one C call.
+_labels: Callable[[Row], tuple[str, str, str]] = itemgetter(*TASK_LABELS)
 
 
 class CoordinatorMetrics:
@@ -195,6 +214,16 @@ class CoordinatorMetrics:
             "Results and heartbeats refused because their lease was not current.",
             registry=r,
         )
+
+        self._submitted = _Children(self.submitted)
+        self._dispatched = _Children(self.dispatched)
+        self._succeeded = _Children(self.succeeded)
+        self._failed = _Children(self.failed)
+        self._retried = _Children(self.retried)
+        self._dead_lettered = _Children(self.dead_lettered)
+        self._cancelled = _Children(self.cancelled)
+        self._lease_expired = _Children(self.lease_expired)
+        self._requeued = _Children(self.requeued)
 
         # -- task latency histograms ----------------------------------------------------
         def latency(name: str, doc: str) -> BatchHistogram:
@@ -312,7 +341,7 @@ class CoordinatorMetrics:
         Deduplicated submits (an idempotency key seen before) are not new tasks: leave
         them out.
         """
-        _add_counts(self.submitted, Tally(map(_labels, rows)))
+        self._submitted.add(Tally(map(_labels, rows)))
 
     def record_dispatched(self, rows: Iterable[Row]) -> None:
         """Attempts leased in one claim round.
@@ -324,20 +353,20 @@ class CoordinatorMetrics:
         row.
         """
         tally: Tally[tuple[str, ...]] = Tally()
-        waits: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
-        pickups: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
+        waits: list[tuple[tuple[str, ...], float]] = []
+        pickups: list[tuple[tuple[str, ...], float]] = []
         for row in rows:
             labels = _labels(row)
             tally[labels] += 1
             wait = row["queue_wait_seconds"]
             if wait is not None:
-                waits[labels].append(wait)
+                waits.append((labels, wait))
             pickup = row["pickup_seconds"]
             if pickup is not None:
-                pickups[labels].append(pickup)
-        _add_counts(self.dispatched, tally)
-        self.queue_wait.observe_groups(waits)
-        self.pickup_latency.observe_groups(pickups)
+                pickups.append((labels, pickup))
+        self._dispatched.add(tally)
+        self.queue_wait.observe_pairs(waits)
+        self.pickup_latency.observe_pairs(pickups)
 
     def record_results(self, rows: Iterable[Row]) -> None:
         """Results applied by one result flush.
@@ -347,33 +376,33 @@ class CoordinatorMetrics:
         back); ``run_seconds`` (lease start to now, or None); ``end_to_end_seconds``
         (create time to now when the task reached SUCCEEDED or DEAD, else None).
         """
-        outcomes: dict[int, Tally[tuple[str, ...]]] = defaultdict(Tally)
-        runs: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
-        ends: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
+        tally: Tally[tuple[tuple[str, ...], int]] = Tally()
+        runs: list[tuple[tuple[str, ...], float]] = []
+        ends: list[tuple[tuple[str, ...], float]] = []
         for row in rows:
             labels = _labels(row)
-            outcomes[row["state"]][labels] += 1
+            tally[labels, row["state"]] += 1
             run = row["run_seconds"]
             if run is not None:
-                runs[labels].append(run)
+                runs.append((labels, run))
             end = row["end_to_end_seconds"]
             if end is not None:
-                ends[labels].append(end)
-        for state, tally in outcomes.items():
+                ends.append((labels, end))
+        for (group, state), n in tally.items():
             if state == SUCCEEDED:
-                _add_counts(self.succeeded, tally)
+                self._succeeded.inc(group, n)
             elif state == PENDING:
-                _add_counts(self.requeued, tally)
+                self._requeued.inc(group, n)
             elif state == CANCELLED:
-                _add_counts(self.cancelled, tally)
+                self._cancelled.inc(group, n)
             else:
-                _add_counts(self.failed, tally)
+                self._failed.inc(group, n)
                 if state == SCHEDULED:
-                    _add_counts(self.retried, tally)
+                    self._retried.inc(group, n)
                 elif state == DEAD:
-                    _add_counts(self.dead_lettered, tally)
-        self.run_time.observe_groups(runs)
-        self.end_to_end.observe_groups(ends)
+                    self._dead_lettered.inc(group, n)
+        self.run_time.observe_pairs(runs)
+        self.end_to_end.observe_pairs(ends)
 
     def record_lease_expired(self, rows: Iterable[Row]) -> None:
         """Leases the reaper took back (columns tenant, queue, type, ``state`` after it:
@@ -385,27 +414,25 @@ class CoordinatorMetrics:
             expired[labels] += 1
             if row["state"] == DEAD:
                 dead[labels] += 1
-        _add_counts(self.lease_expired, expired)
-        _add_counts(self.dead_lettered, dead)
+        self._lease_expired.add(expired)
+        self._dead_lettered.add(dead)
 
     def record_cancelled(self, rows: Iterable[Row]) -> None:
         """Tasks a cancel moved to CANCELLED (columns tenant, queue, type)."""
-        _add_counts(self.cancelled, Tally(map(_labels, rows)))
+        self._cancelled.add(Tally(map(_labels, rows)))
 
     def record_requeued(self, rows: Iterable[Row]) -> None:
         """Attempts given back without counting outside a result (claimed but never
         delivered; columns tenant, queue, type)."""
-        _add_counts(self.requeued, Tally(map(_labels, rows)))
+        self._requeued.add(Tally(map(_labels, rows)))
 
     def record_firings(self, rows: Iterable[Row]) -> None:
         """Schedule firings committed in one firer round (columns tenant,
         ``lag_seconds``: commit time minus tick time)."""
-        lags: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
-        for row in rows:
-            lags[(row["tenant"],)].append(row["lag_seconds"])
-        for (tenant,), values in lags.items():
-            self.schedule_firings.labels(tenant).inc(len(values))
-        self.schedule_lag.observe_groups(lags)
+        lags = [((row["tenant"],), row["lag_seconds"]) for row in rows]
+        for (tenant,), n in Tally(labels for labels, _ in lags).items():
+            self.schedule_firings.labels(tenant).inc(n)
+        self.schedule_lag.observe_pairs(lags)
 
     def record_flush(self, kind: str, items: int, seconds: float) -> None:
         """One group-commit transaction of ``kind`` (submit, result, renewal, claim)."""
@@ -485,17 +512,13 @@ class WorkerMetrics:
             "Sessions this process opened again after losing one.",
             registry=r,
         )
+        self._executions = _Children(self.executions)
 
     def record_executions(self, runs: Iterable[tuple[str, str, str, float]]) -> None:
         """Handler runs of one results message: (queue, type, outcome, seconds) each."""
-        tally: Tally[tuple[str, ...]] = Tally()
-        times: defaultdict[tuple[str, ...], list[float]] = defaultdict(list)
-        for queue, type_, outcome, seconds in runs:
-            key = (queue, type_, outcome)
-            tally[key] += 1
-            times[key].append(seconds)
-        _add_counts(self.executions, tally)
-        self.execution_time.observe_groups(times)
+        pairs = [((queue, type_, outcome), seconds) for queue, type_, outcome, seconds in runs]
+        self._executions.add(Tally(labels for labels, _ in pairs))
+        self.execution_time.observe_pairs(pairs)
 
     def watch_process(
         self,

@@ -42,7 +42,8 @@ def test_batch_histogram_exposes_what_prometheus_client_histogram_would() -> Non
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     batch = BatchHistogram("h_seconds", "doc", ("a",), buckets=LATENCY_BUCKETS, registry=ours)
     reference = Histogram("h_seconds", "doc", ("a",), buckets=LATENCY_BUCKETS, registry=theirs)
-    batch.observe_many(("x",), values[:4])
+    batch.observe_many(("x",), values[:3])
+    batch.observe_pairs([(("x",), values[3])])
     batch.observe_groups({("x",): values[4:], ("y",): [1.0]})
     for v in values:
         reference.labels("x").observe(v)
@@ -60,6 +61,8 @@ def test_batch_histogram_rejects_wrong_label_count_and_bad_buckets() -> None:
     h = BatchHistogram("h_seconds", "doc", ("a", "b"), buckets=(1, 2), registry=registry)
     with pytest.raises(ValueError, match=r"expected labels \('a', 'b'\)"):
         h.observe(("only-one",), 1.0)
+    with pytest.raises(ValueError, match=r"expected labels \('a', 'b'\)"):
+        h.observe_pairs([(("a", "b", "c"), 1.0)])
     with pytest.raises(ValueError, match="distinct finite"):
         BatchHistogram("g_seconds", "doc", (), buckets=(1, 1), registry=registry)
 
