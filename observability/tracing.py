@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -48,6 +48,7 @@ __all__ = [
     "SERVICE_COORDINATOR",
     "SERVICE_WORKER",
     "UNTRACED_RPC_PREFIXES",
+    "Row",
     "Tracing",
     "current_traceparent",
     "endpoint_from_env",
@@ -81,6 +82,12 @@ UNTRACED_RPC_PREFIXES = (
 _INSTRUMENTATION = "conveyor"
 _propagator = TraceContextTextMapPropagator()
 _log = logging.getLogger("conveyor.observability.tracing")
+
+
+class Row(Protocol):
+    """A claimed task's row: anything indexable by column name (asyncpg.Record, dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
 def endpoint_from_env(env: Mapping[str, str] | None = None) -> str | None:
@@ -228,9 +235,7 @@ class Tracing:
         ) as span:
             yield _traceparent_of(span)
 
-    def dispatch_spans(
-        self, rows: Sequence[Mapping[str, Any]], *, start_time_ns: int | None = None
-    ) -> list[str]:
+    def dispatch_spans(self, rows: Sequence[Row], *, start_time_ns: int | None = None) -> list[str]:
         """One ``dispatch`` span per leased attempt of a claim round; returns each
         attempt's ``traceparent`` for its assignment (the rows' own when disabled).
 
