@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -39,26 +38,6 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 CLI = [sys.executable, "-m", "conveyor.cli.main"]
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench-failover", help="measure leader failover time (SIGKILL to first new dispatch)"
-    )
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--coordinators", type=int, default=3)
-    p.add_argument("--election-ttl", type=float, default=2.0)
-    p.add_argument("--rate", type=float, default=50.0, help="tasks submitted per second")
-    p.add_argument("--dsn", help="PostgreSQL to use (its database must be empty or Conveyor's)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
-    p.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    figures = asyncio.run(_bench(args))
-    if args.json:
-        print(json.dumps(figures))
-    return 0
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +59,8 @@ async def _leader(addresses: list[str]) -> str:
     return ""
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the failover benchmark (options as ``conveyor bench-failover`` takes them)."""
     folder = Path(tempfile.mkdtemp(prefix="conveyor-failover-"))
     etcd = EtcdServer(folder / "etcd", unsafe_no_fsync=False)
     procs: dict[str, Process] = {}

@@ -29,7 +29,6 @@ traversable/readable by it (``chmod o+rx`` on each parent folder, as the wheel d
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shlex
@@ -44,6 +43,8 @@ import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from conveyor.embedded.lock import DirectoryLock
 
 # Importing the wheel runs its server module, which warns (platformdirs' RuntimeDirWarning
 # when XDG_RUNTIME_DIR is unset, DeprecationWarnings): harmless here, and fatal under
@@ -98,54 +99,6 @@ class EmbeddedPostgresBusyError(EmbeddedPostgresError):
         )
         self.data_dir = data_dir
         self.owner_pid = owner_pid
-
-
-class _DirLock:
-    """An exclusive flock() on ``path``, with the holder's pid written inside.
-
-    flock() belongs to the open file, so the kernel releases it when the holder exits,
-    however it exits, and a pid found in a stale file means nothing. The file is opened
-    close-on-exec (Python's default), so the postmaster that pg_ctl spawns never inherits
-    it and cannot keep it locked after its owner is gone.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> bool:
-        """Takes the lock without waiting; False when another open file holds it."""
-        if self._fd is not None:
-            return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the last descriptor drops the flock
-
-    def holder_pid(self) -> int | None:
-        """The pid the holder wrote (best effort: it may not have written it yet)."""
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
 
 
 def _is_root() -> bool:
@@ -273,7 +226,7 @@ class EmbeddedPostgres:
         self.port: int | None = port
         self._lock = threading.RLock()
         self._run_as: str | None = SYSTEM_USER if _is_root() else None
-        self._dir_lock = _DirLock(self.data_dir / _LOCK_FILE)
+        self._dir_lock = DirectoryLock(self.data_dir / _LOCK_FILE)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -394,7 +347,7 @@ class EmbeddedPostgres:
             return
         self._prepare()
         if not self._dir_lock.acquire():
-            raise EmbeddedPostgresBusyError(self.data_dir, self._dir_lock.holder_pid())
+            raise EmbeddedPostgresBusyError(self.data_dir, self._dir_lock.holder().pid)
 
     def _release_ownership(self) -> None:
         self._dir_lock.release()
