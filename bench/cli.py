@@ -115,6 +115,14 @@ def bench_failover(
         float, typer.Option("--election-ttl", help="Their etcd lease TTL, seconds.")
     ] = 2.0,
     rate: Annotated[float, typer.Option("--rate", help="Tasks submitted per second.")] = 50.0,
+    etcd: Annotated[
+        str | None,
+        typer.Option(
+            "--etcd",
+            metavar="URL[,URL]",
+            help="etcd to elect on (default: one started here from a local etcd binary).",
+        ),
+    ] = None,
     dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
@@ -124,6 +132,11 @@ def bench_failover(
     from conveyor.bench.failover import run
 
     args = argparse.Namespace(
-        runs=runs, coordinators=coordinators, election_ttl=election_ttl, rate=rate, dsn=dsn
+        runs=runs,
+        coordinators=coordinators,
+        election_ttl=election_ttl,
+        rate=rate,
+        etcd=etcd,
+        dsn=dsn,
     )
     return _print_figures(asyncio.run(run(args)), as_json)

@@ -16,13 +16,13 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from asyncio.subprocess import Process
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,12 @@ from typing import Any
 import asyncpg
 import grpc
 
-from conveyor.bench.runner import _postgres, _say, _wait_serving
+from conveyor.bench.etcd import local_etcd
+from conveyor.bench.runner import _free_port, _postgres, _say, _wait_serving
 from conveyor.client import AsyncClient, TaskSpec
-from conveyor.embedded.etcd import EtcdServer
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 CLI = [sys.executable, "-m", "conveyor.cli.main"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _leader(addresses: list[str]) -> str:
@@ -62,13 +55,18 @@ async def _leader(addresses: list[str]) -> str:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the failover benchmark (options as ``conveyor bench-failover`` takes them)."""
     folder = Path(tempfile.mkdtemp(prefix="conveyor-failover-"))
-    etcd = EtcdServer(folder / "etcd", unsafe_no_fsync=False)
     procs: dict[str, Process] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Its own election key, so that a shared etcd's real clusters are never disturbed.
+    cluster = f"bench-failover-{uuid.uuid4().hex[:8]}"
     try:
-        _say("starting etcd …")
-        await asyncio.to_thread(etcd.start)
-        async with _postgres(args.dsn) as dsn:
+        async with AsyncExitStack() as stack:
+            if args.etcd:
+                etcd_urls = args.etcd
+            else:
+                _say("starting etcd …")
+                etcd_urls = await stack.enter_async_context(local_etcd(folder / "etcd"))
+            dsn = await stack.enter_async_context(_postgres(args.dsn))
             addresses = [f"127.0.0.1:{_free_port()}" for _ in range(args.coordinators)]
 
             async def start_coordinator(address: str) -> None:
@@ -82,7 +80,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "--listen",
                     address,
                     "--etcd",
-                    etcd.client_urls,
+                    etcd_urls,
+                    "--cluster",
+                    cluster,
                     "--election-ttl",
                     str(args.election_ttl),
                     env=env,
@@ -112,10 +112,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(worker.wait(), 15)
                 await db.close()
-                await _stop_all(procs)  # before PostgreSQL goes away under them
+                await _stop_all(procs)  # before PostgreSQL and etcd go away under them
     finally:
         await _stop_all(procs)
-        await asyncio.to_thread(etcd.stop)
         shutil.rmtree(folder, ignore_errors=True)
     figures = {
         "runs": len(durations),
