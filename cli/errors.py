@@ -211,10 +211,16 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, EmbeddedPostgresError):
         # Its message ends with the server log; the first line says what failed.
         return str(exc).splitlines()[0], FAILURE
-    from conveyor.worker import WorkerLoadError
+    from conveyor.worker import NonRetryableError, WorkerLoadError
 
     if isinstance(exc, WorkerLoadError):
         return str(exc), USAGE
+    if type(exc).__module__.startswith("conveyor.worker.") and not isinstance(
+        exc, NonRetryableError
+    ):
+        # The worker SDK's own errors (a worker with no handlers, a worker id in use, ...)
+        # are documented failures whose messages say what to do.
+        return str(exc), FAILURE
     if isinstance(exc, OSError):
         return str(exc), FAILURE
     return None

@@ -227,7 +227,7 @@ def get(
     else:
         output.print_text(task_detail(view))
         if view.attempts:
-            output.print_text("attempts:")
+            output.print_text("attempt history:")
             output.print_table(
                 ["#", "WORKER", "STARTED", "ENDED", "OUTCOME", "ERROR"],
                 [
