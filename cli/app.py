@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from conveyor.cli import logs
 from conveyor.cli.errors import describe
@@ -121,20 +122,34 @@ def _option(opt: _GlobalOption, *, root: bool) -> Any:
     )
 
 
-def root_callback(
-    coordinator: Annotated[str, _option(GLOBAL_OPTIONS[0], root=True)] = DEFAULT_COORDINATOR,
-    rpc_timeout: Annotated[float, _option(GLOBAL_OPTIONS[1], root=True)] = 10.0,
-    log_level: Annotated[LogLevel, _option(GLOBAL_OPTIONS[2], root=True)] = LogLevel.info,
-    log_format: Annotated[LogFormat, _option(GLOBAL_OPTIONS[3], root=True)] = LogFormat.text,
-    debug: Annotated[bool, _option(GLOBAL_OPTIONS[4], root=True)] = False,
-) -> None:
-    """Conveyor: a gRPC-first task queue on PostgreSQL.
+ROOT_HELP = (
+    "Conveyor: a gRPC-first task queue on PostgreSQL.\n\n"
+    "Start with [bold]conveyor dev[/bold] (PostgreSQL, a coordinator and a demo worker on "
+    "this machine), then [bold]conveyor submit echo '\"hello\"' --wait[/bold] in another "
+    "shell."
+)
 
-    Start with [bold]conveyor dev[/bold] (PostgreSQL, a coordinator and a demo worker on
-    this machine), then [bold]conveyor submit echo '"hello"' --wait[/bold] in another shell.
-    """
+
+def root_callback(**values: Any) -> None:
+    """The root command: keeps the global options given before the command."""
     global _before_command
-    _before_command = Globals(coordinator, rpc_timeout, log_level, log_format, debug)
+    _before_command = Globals(**values)
+
+
+# The root's parameters are the global options, with the environment and the defaults.
+_root_parameters = [
+    inspect.Parameter(
+        opt.field,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=getattr(Globals(), opt.field),
+        annotation=Annotated[opt.annotation, _option(opt, root=True)],
+    )
+    for opt in GLOBAL_OPTIONS
+]
+root_callback.__signature__ = inspect.Signature(_root_parameters)  # type: ignore[attr-defined]
+root_callback.__annotations__ = {p.name: p.annotation for p in _root_parameters}
+# typer shows the callback's docstring as the root's help.
+root_callback.__doc__ = ROOT_HELP
 
 
 def make_app(name: str | None = None, help: str | None = None) -> typer.Typer:
@@ -195,7 +210,7 @@ def command(
         run.__annotations__ = {p.name: p.annotation for p in (*own, *extra)} | {"return": int}
         del run.__wrapped__  # typer must see `run`'s signature, not fn's
         epilog = "[bold]Example" + ("s" if len(examples) > 1 else "") + ":[/bold]\n\n"
-        epilog += "\n\n".join(f"  {line}" for line in examples)
+        epilog += "\n\n".join(f"  {escape(line)}" for line in examples)
         app.command(name, help=reflow(help or fn.__doc__ or ""), epilog=epilog)(run)
         return fn
 
