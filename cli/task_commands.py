@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, timedelta
@@ -19,6 +20,8 @@ from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import AsyncClient, Client, Task, TaskState
 from conveyor.v1 import task_pb2
+
+logger = logging.getLogger("conveyor.cli")
 
 # The demo worker's types: for these, `conveyor worker --demo` is the worker to start.
 DEMO_TYPES = ("echo", "sleep", "fail")
@@ -166,8 +169,13 @@ async def _wait(client: AsyncClient, g: Globals, task: Task, wait_timeout: float
             ) from None
         finally:
             checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await checker
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # Only a hint failed to come; the wait's own outcome stands.
+                logger.debug("checking whether a worker serves %s failed", task.id, exc_info=True)
     raise AssertionError("watch() ended before the task finished")  # pragma: no cover
 
 
