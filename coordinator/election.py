@@ -235,8 +235,18 @@ class Election:
         if await self._on_elected(revision):
             self.leading = True
         else:
-            # A newer term is already recorded in Postgres: hand the key back.
-            await asyncio.wait_for(client.delete(self._leader_key), CALL_TIMEOUT)
+            # A newer term is already recorded in Postgres: hand the key back, but only
+            # the key this campaign created. Taking office can take long enough for our
+            # lease to expire and another node to win the key; deleting that node's key
+            # would depose a healthy leader for nothing.
+            await asyncio.wait_for(
+                client.transaction(
+                    compare=[txn.create(self._leader_key) == revision],
+                    success=[txn.delete(self._leader_key)],
+                    failure=[],
+                ),
+                CALL_TIMEOUT,
+            )
 
     async def _check_still_leader(self, client: aetcd.Client, lease: aetcd.leases.Lease) -> None:
         found = await asyncio.wait_for(client.get(self._leader_key), CALL_TIMEOUT)

@@ -1,26 +1,22 @@
 """Task ids: UUIDv7 (RFC 9562), time-ordered so the primary key index stays append-mostly.
 
-Python 3.11's uuid module has no uuid7; the layout is twelve lines, so it is written here
-rather than adding a dependency.
+Ids made by one process are strictly increasing, also within one millisecond (RFC 9562
+section 6.2, a counter in the bits after the timestamp): the tasks of one SubmitTasks
+batch are dispatched oldest first because the dispatch order falls back to the id. The
+``uuid-utils`` package does this in Rust, at half the cost of the hand-written version
+this replaced, which drew random bits and so ordered ids of one millisecond at random.
 """
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
+
+from uuid_utils.compat import uuid7 as _uuid7
 
 
 def uuid7() -> uuid.UUID:
-    """Returns a new UUIDv7: 48 bits of Unix milliseconds, then 74 random bits."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80
-    value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
-    value |= 0b10 << 62  # variant
-    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b, 62 bits
-    return uuid.UUID(int=value)
+    """Returns a new UUIDv7, greater than every one this process made before."""
+    return _uuid7()
 
 
 def parse_task_id(text: str) -> uuid.UUID | None:
