@@ -1,13 +1,7 @@
-"""Servers embedded in the package: PostgreSQL (for `conveyor dev` and the tests) and etcd
-(real members on loopback, for the tests of replicated coordinators)."""
+"""Servers embedded in the package: PostgreSQL (for `conveyor dev` and the tests).
 
-from conveyor.embedded.etcd import (
-    EtcdCluster,
-    EtcdError,
-    EtcdNotFoundError,
-    EtcdServer,
-    find_etcd_binary,
-)
+(The tests' etcd harness lives in tests/support/etcd_servers.py: it does not ship.)"""
+
 from conveyor.embedded.postgres import (
     EmbeddedPostgres,
     EmbeddedPostgresBusyError,
@@ -18,9 +12,4 @@ __all__ = [
     "EmbeddedPostgres",
     "EmbeddedPostgresBusyError",
     "EmbeddedPostgresError",
-    "EtcdCluster",
-    "EtcdError",
-    "EtcdNotFoundError",
-    "EtcdServer",
-    "find_etcd_binary",
 ]

@@ -25,13 +25,13 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from etcd_servers import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
 
 # Before anything imports gRPC (it reads this once): the tests start processes (pg_ctl,
 # coordinators, workers) from a process full of gRPC threads, and gRPC's fork handlers
 # can crash the child between fork and exec (pg_ctl died of SIGSEGV in CI).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from conveyor.embedded.etcd import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ def etcd_server() -> Iterator[EtcdServer]:
         yield server
     finally:
         try:
-            server.stop()
+            server.halt()
             _assert_nothing_left([server])
         finally:
             shutil.rmtree(path, ignore_errors=True)

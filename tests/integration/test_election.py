@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import aetcd
+from etcd_servers import EtcdServer
 from testsupport import eventually
 
 from conveyor.coordinator.election import Election, parse_endpoints
-from conveyor.embedded.etcd import EtcdServer
 
 LEADER_KEY = b"/conveyor/test/leader"
 

@@ -1,9 +1,10 @@
-"""conveyor.embedded.etcd: real etcd members on loopback, driven with the aetcd client.
+"""The tests' etcd harness (tests/support/etcd_servers.py): real members on loopback,
+driven with the aetcd client.
 
 What the coordinator scenario tests rely on: a member answers once start() returns, data
 survives a crash and a restart, a 3-member cluster keeps serving with one member gone,
 SIGSTOP freezes a member (and a frozen raft leader is replaced), and nothing is left
-running after stop() or kill().
+running after halt(), stop() or kill().
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from urllib.parse import urlsplit
 
 import aetcd
 import pytest
-
-from conveyor.embedded import EtcdCluster, EtcdServer
-from conveyor.embedded.etcd import EtcdNotFoundError, find_etcd_binary
+from etcd_servers import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
 
 T = TypeVar("T")
 
@@ -73,14 +72,14 @@ async def test_kill_and_restart_keep_the_data(etcd_server: EtcdServer) -> None:
     assert not etcd_server.process_group_alive()
     assert not etcd_server.healthy(timeout=0.2)
 
-    etcd_server.start()
+    await asyncio.to_thread(etcd_server.start)
     assert etcd_server.pid not in (None, pid)
     assert etcd_server.client_url == endpoint  # same port, same data
     async with client_for(endpoint) as etcd:
         got = await retrying(lambda: etcd.get(b"survives"))
         assert got is not None and got.value == b"crash"
 
-    etcd_server.restart()  # graceful this time
+    await etcd_server.restart()  # graceful this time
     async with client_for(endpoint) as etcd:
         got = await retrying(lambda: etcd.get(b"survives"))
         assert got is not None and got.value == b"crash"
@@ -108,10 +107,10 @@ def test_stop_leaves_no_process_behind(tmp_path: Path) -> None:
         pid = server.pid
         assert pid is not None and server.process_group_alive()
         server.pause()
-        code = server.stop()  # SIGTERM reaches a paused member too (SIGCONT follows)
+        code = server.halt()  # SIGTERM reaches a paused member too (SIGCONT follows)
         assert code is not None and code in (0, -signal.SIGTERM)
         assert server.pid is None and not server.process_group_alive()
-        assert server.stop() == code  # idempotent
+        assert server.halt() == code  # idempotent
     finally:
         server.kill()
 
@@ -123,7 +122,7 @@ async def test_three_members_survive_losing_one(etcd_cluster: EtcdCluster) -> No
 
     leader = etcd_cluster.leader()
     assert leader is not None
-    leader.stop()  # the hardest member to lose: a new raft leader must be elected
+    await leader.stop()  # the hardest member to lose: a new raft leader must be elected
     assert not leader.process_group_alive()
     survivors = [m for m in etcd_cluster if m is not leader]
     assert etcd_cluster.running_endpoints() == [m.client_url for m in survivors]
@@ -137,7 +136,7 @@ async def test_three_members_survive_losing_one(etcd_cluster: EtcdCluster) -> No
     assert new_leader is not None and new_leader is not leader
 
     # The stopped member rejoins with its data and catches up.
-    leader.start()
+    await asyncio.to_thread(leader.start)
     async with client_for(leader.client_url) as etcd:
         got = await retrying(lambda: etcd.get(b"quorum"))
         assert got is not None and got.value == b"two of three"

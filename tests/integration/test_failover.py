@@ -23,9 +23,9 @@ from cluster import (
     fencing_violations,
     wait_for_leader,
 )
+from etcd_servers import EtcdCluster, EtcdServer
 from testsupport import eventually
 
-from conveyor.embedded.etcd import EtcdCluster, EtcdServer
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -191,7 +191,7 @@ async def test_one_etcd_member_down_keeps_serving(
         load = LoadGenerator(scenario.addresses, count=400, rate=100)
         load.start()
         await load.wait_acknowledged(50)
-        etcd_cluster[0].stop()
+        await etcd_cluster[0].stop()
         log = await load.wait(timeout=120)
         violations = await Checker(log, scenario.effects).check(scenario.dsn, wait_settled=30)
         assert not violations, "\n".join(violations[:20]) + scenario.logs()
@@ -210,7 +210,7 @@ async def test_etcd_down_stops_dispatch_until_it_returns(
     load = LoadGenerator(cluster.addresses, count=300, rate=50, give_up_after=120)
     load.start()
     await load.wait_acknowledged(50)
-    etcd_server.stop()
+    await etcd_server.stop()
     # Safe: with no etcd there is no leader, so nothing is dispatched.
     leader_log = cluster.by_address(first["address"])
 
@@ -219,7 +219,7 @@ async def test_etcd_down_stops_dispatch_until_it_returns(
         return "no longer leads" in tail or "steps down" in tail
 
     await eventually(stepped_down, timeout=15)
-    etcd_server.start()
+    await asyncio.to_thread(etcd_server.start)
     await wait_for_leader(cluster.dsn, newer_than=first["epoch"], timeout=30)
     log = await load.wait(timeout=180)
     violations = await Checker(log, cluster.effects).check(cluster.dsn, wait_settled=60)

@@ -11,11 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,9 +20,10 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import grpc
 import pytest
+from clitools import conveyor
+from cluster import CoordinatorProcess
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from testsupport import coordinator_config, eventually, service_deps
 
@@ -225,8 +221,9 @@ async def test_catch_up_policies_after_downtime(
 
     await coordinator.stop(grace=1.0)
     last_fired = {n: _ticks(await _firings(db, i))[-1] for n, i in ids.items()}
-    # The downtime: several ticks pass with no coordinator at all.
-    await asyncio.sleep(4.5)
+    # The downtime: no coordinator at all until four ticks past the last firing, so that
+    # at least three are missed before the successor's grace period.
+    await _sleep_until(max(last_fired.values()) + 4 * SECOND + timedelta(milliseconds=500))
     successor = Coordinator(coordinator_config(database_dsn))
     await successor.start()
     try:
@@ -510,107 +507,61 @@ async def test_python_client_and_cli(coordinator: Coordinator, db: asyncpg.Conne
         assert [s.name for s in page] == ["report"]
 
     where = ["--coordinator", coordinator.address]
-    code, out, err = await _conveyor(
+    result = await conveyor(
         *where, "schedules", "create", "ticker", EVERY_SECOND, "tick", '{"n": 1}',
         "--overlap", "buffer-one", "--catch-up", "skip", "--json",
     )  # fmt: skip
-    assert code == 0, err
-    created = json.loads(out)
+    assert result.code == 0, result.err
+    created = json.loads(result.out)
     assert created["overlap_policy"] == "BUFFER_ONE" and created["payload"] == {"n": 1}
     await eventually(_fired(db, created["id"], 1), timeout=10)
-    code, out, err = await _conveyor(*where, "schedules", "get", "ticker")
-    assert code == 0, err
-    assert "last firings:" in out and "buffer-one" in out
-    code, out, _ = await _conveyor(*where, "schedules", "list")
-    assert code == 0 and "report" in out and "ticker" in out
-    code, out, _ = await _conveyor(*where, "schedules", "pause", "ticker")
-    assert code == 0 and "paused" in out
-    code, out, _ = await _conveyor(*where, "schedules", "resume", "ticker")
-    assert code == 0 and "resumed" in out
-    code, out, _ = await _conveyor(*where, "schedules", "delete", "ticker")
-    assert code == 0
-    code, _, err = await _conveyor(*where, "schedules", "get", "ticker")
-    assert code == 1 and "does not exist" in err and "Traceback" not in err
-    code, _, err = await _conveyor(*where, "schedules", "create", "x", "61 * * * *", "t")
-    assert code == 1 and "schedule.cron" in err
-
-
-async def _conveyor(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "conveyor.cli.main",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    result = await conveyor(*where, "schedules", "get", "ticker")
+    assert result.code == 0, result.err
+    assert "last firings:" in result.out and "buffer-one" in result.out
+    result = await conveyor(*where, "schedules", "list")
+    assert result.code == 0 and "report" in result.out and "ticker" in result.out
+    result = await conveyor(*where, "schedules", "pause", "ticker")
+    assert result.code == 0 and "paused" in result.out
+    result = await conveyor(*where, "schedules", "resume", "ticker")
+    assert result.code == 0 and "resumed" in result.out
+    result = await conveyor(*where, "schedules", "delete", "ticker")
+    assert result.code == 0
+    result = await conveyor(*where, "schedules", "get", "ticker")
+    assert result.code == 1 and "Traceback" not in result.err
+    assert "does not exist" in result.err or "no schedule named" in result.err
+    result = await conveyor(*where, "schedules", "create", "x", "61 * * * *", "t")
+    assert result.code == 1 and "schedule.cron" in result.err
 
 
 # -- a coordinator killed around a tick ----------------------------------------------------
 
 
 class CoordinatorProcesses:
-    """Coordinator processes on one database, the leader killed on demand.
-
-    Single-node today: each process leads by itself and takes a new epoch when it starts,
-    so "failover" is starting the next process. With etcd, ``start`` would launch several
-    replicas with ``--etcd`` and ``kill_leader`` would find the leader through
-    ``leadership`` (the row names it) before killing it; the test body stays the same.
-    """
+    """Coordinator processes on one database, one after the other, the leader killed on
+    demand. Single-node: each takes a new epoch when it starts, so "failover" is starting
+    the next one (the etcd variant is test_failover.py's)."""
 
     def __init__(self, dsn: str, logs: Path) -> None:
         self.dsn = dsn
         self.logs = logs
-        self.leader: subprocess.Popen[bytes] | None = None
-        self.address = ""
-        self._started: list[subprocess.Popen[bytes]] = []
+        self.started: list[CoordinatorProcess] = []
+
+    @property
+    def leader(self) -> CoordinatorProcess:
+        return self.started[-1]
 
     async def start(self) -> None:
         """Starts the next coordinator and waits until it serves (it has taken office)."""
-        self._spawn()
-        await self._wait_serving()
-
-    def _spawn(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
-        command = [sys.executable, "-m", "conveyor.cli.main", "--log-level", "warning"]
-        command += ["coordinator", "--dsn", self.dsn, "--listen", self.address]
-        command += ["--lease-duration", "2", "--heartbeat-interval", "0.5"]
-        with open(self.logs / f"coordinator-{len(self._started)}.log", "wb") as log:
-            self.leader = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self._started.append(self.leader)
-
-    async def _wait_serving(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-
-            async def serving() -> bool:
-                assert self.leader is not None and self.leader.poll() is None, "it exited"
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                except grpc.aio.AioRpcError:
-                    return False
-                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-            await eventually(serving, timeout=30, interval=0.05)
-
-    def kill_leader(self) -> None:
-        assert self.leader is not None
-        os.kill(self.leader.pid, signal.SIGKILL)
-        self.leader.wait(10)
+        name = f"coordinator-{len(self.started)}"
+        process = CoordinatorProcess(
+            self.dsn, None, log_dir=self.logs, name=name, log_level="warning"
+        )
+        self.started.append(process.start())
+        await process.wait_serving()
 
     def close(self) -> None:
-        for proc in self._started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        for process in self.started:
+            process.close()
 
 
 @pytest.fixture
@@ -635,7 +586,7 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
     await processes.start()
     db = await asyncpg.connect(database_dsn)
     try:
-        async with AsyncClient(processes.address) as client:
+        async with AsyncClient(processes.leader.address) as client:
             names = [f"k-{i:03d}" for i in range(count)]
             for chunk in range(0, count, 50):
                 await asyncio.gather(
@@ -659,7 +610,7 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
         for offset in (0.004, -0.01, 0.025, 0.06):
             boundary = datetime.now(UTC).replace(microsecond=0) + 2 * SECOND
             await _sleep_until(boundary + timedelta(seconds=offset))
-            processes.kill_leader()
+            processes.leader.kill()
             await processes.start()
             epochs.append(await db.fetchval("SELECT epoch FROM leadership"))
             await eventually(lambda b=boundary: all_fired_through(b + SECOND), timeout=15)

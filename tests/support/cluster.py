@@ -25,22 +25,17 @@ Typical scenario (leader SIGKILLed under load)::
     assert not violations, "\n".join(violations)
     # finally: close() every process
 
-Every process runs in its own process group (signals reach it and nothing else) and
-writes stdout and stderr to ``<log_dir>/<name>.log``. ``close()`` SIGKILLs whatever still
-runs: call it in a ``finally``. Processes are started with subprocess.Popen (non-blocking);
-what can wait long (``stop``, ``wait_serving``) is async so the event loop keeps running
-the load generator meanwhile.
+The processes are ``processes.ManagedProcess`` objects (the tests' one process harness):
+each in its own process group, its output in ``<log_dir>/<name>.log``. ``close()``
+SIGKILLs whatever still runs: call it in a ``finally``. What can wait long (``stop``,
+``wait_serving``) is async, so the event loop keeps running the load generator meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -48,10 +43,11 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from processes import ManagedProcess, free_ports
 
 SUPPORT_DIR = Path(__file__).parent
 
@@ -67,176 +63,12 @@ STATE_NAMES = {
 SUCCEEDED = 4
 OUTCOME_SUCCEEDED = 2
 
-_LOG_TAIL_CHARS = 4000
-
-
-_handed_out: set[int] = set()
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` ports free right now, never one this process handed out before (so two
-    coordinators made one after the other cannot get the same port)."""
-    socks: list[socket.socket] = []
-    chosen: list[int] = []
-    try:
-        while len(chosen) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(sock)  # held open until all are chosen: distinct among themselves
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-            if port not in _handed_out:
-                chosen.append(port)
-        _handed_out.update(chosen)
-        return chosen
-    finally:
-        for sock in socks:
-            sock.close()
-
 
 def _join(values: str | Sequence[str]) -> str:
     return values if isinstance(values, str) else ",".join(values)
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-class ManagedProcess:
-    """One child process in its own process group, its output in ``log_path``."""
-
-    def __init__(self, name: str, log_dir: Path | str, env: Mapping[str, str] | None = None):
-        self.name = name
-        self.log_path = Path(log_dir) / f"{name}.log"
-        self.extra_env = dict(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
-        self._log_offset = 0
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def environment(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
-
-    # -- state ---------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The pid (also the process group id) while it runs."""
-        proc = self.proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the process lives (paused included)."""
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused and self.running
-
-    @property
-    def returncode(self) -> int | None:
-        """How the last run ended (negative: by that signal); None while running."""
-        return None if self.proc is None else self.proc.poll()
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Spawns the process (no-op when it runs). Does not wait for it to be ready."""
-        if self.running:
-            return self
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._log_offset = log.tell()
-            log.write(f"--- {time.strftime('%H:%M:%S')} starting {self.name}\n".encode())
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.environment(),
-                start_new_session=True,
-            )
-        self._paused = False
-        return self
-
-    def signal(self, sig: signal.Signals) -> None:
-        """Sends ``sig`` to the process group (nothing when it is not running)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> int | None:
-        """SIGKILL (a crash); returns the exit status once reaped (at once, in practice)."""
-        if self.proc is None:
-            return None
-        self.signal(signal.SIGKILL)
-        code = self.proc.wait(10)
-        self._paused = False
-        return code
-
-    async def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (a graceful shutdown; SIGCONT too, should it be paused), SIGKILL after
-        ``timeout``. Returns the exit status."""
-        if self.proc is None:
-            return None
-        self.signal(signal.SIGTERM)
-        self.signal(signal.SIGCONT)
-        self._paused = False
-        try:
-            return await self.wait_exit(timeout)
-        except TimeoutError:
-            return self.kill()
-
-    async def wait_exit(self, timeout: float) -> int:
-        """Waits for the process to end; TimeoutError after ``timeout``."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while (code := self.proc.poll()) is None:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.name} still runs after {timeout}s")
-            await asyncio.sleep(0.02)
-        return code
-
-    def pause(self) -> None:
-        """SIGSTOP: frozen in place (no heartbeats, no lease renewal, sockets open)."""
-        if not self.running:
-            raise RuntimeError(f"cannot pause {self.name}: not running")
-        self.signal(signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        self.signal(signal.SIGCONT)
-        self._paused = False
-
-    async def restart(self, *, kill: bool = False) -> Self:
-        """Stops (or SIGKILLs) and starts again, with the same arguments and port."""
-        if kill:
-            self.kill()
-        else:
-            await self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Cleanup for ``finally``: SIGKILLs the process group if anything still runs."""
-        if self.proc is not None:
-            self.signal(signal.SIGCONT)
-            self.kill()
-
-    def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
-        """The end of this run's output."""
-        try:
-            with self.log_path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(self._log_offset, size - chars))
-                return f.read().decode("utf-8", "replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def __repr__(self) -> str:
-        state = "paused" if self.paused else "running" if self.running else "stopped"
-        return f"<{type(self).__name__} {self.name} pid={self.pid} {state}>"
 
 
 class CoordinatorProcess(ManagedProcess):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import inspect
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
 import grpc
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     from conveyor.coordinator.deps import Deps
 
 T = TypeVar("T")
-
-SUPPORT_DIR = Path(__file__).parent
 
 # Short leases so lease-expiry paths run in seconds, not minutes.
 TEST_LEASE = 2.0
@@ -73,16 +70,20 @@ def coordinator_config(dsn: str, **overrides: Any) -> CoordinatorConfig:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05
+    check: Callable[[], Awaitable[T] | T], *, timeout: float = 10.0, interval: float = 0.05
 ) -> T:
-    """Polls ``check`` until it returns a truthy value or ``timeout`` passes (then fails)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: T | None = None
+    """The tests' one wait for a condition: polls ``check`` (a function, sync or async)
+    until it returns a truthy value, which it returns; fails after ``timeout`` seconds,
+    showing the last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
-        last = await check()
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
-            return last
-        if asyncio.get_running_loop().time() > deadline:
+            return cast(T, last)
+        if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s; last value {last!r}")
         await asyncio.sleep(interval)
 
@@ -254,6 +255,9 @@ async def submit(
     return response.task
 
 
+# -- for tests/integration/test_worker_processes.py, on the one process harness ---------------
+
+
 def spawn_worker(
     address: str,
     app: str,
@@ -263,28 +267,21 @@ def spawn_worker(
     grace: float = 10.0,
     extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
-    """Starts ``conveyor worker APP`` as a separate process, in its own process group."""
-    env = {
-        **os.environ,
-        "CONVEYOR_TEST_LOG": log_path,
-        "CONVEYOR_TEST_CONCURRENCY": str(concurrency),
-        "CONVEYOR_TEST_GRACE": str(grace),
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "conveyor.cli.main",
-            "--coordinator",
-            address,
-            "worker",
-            app,
-            *extra,
-        ],
-        env=env,
-        start_new_session=True,
-    )
+    """Starts ``conveyor worker APP`` as a separate process (a ``cluster.WorkerProcess``:
+    its own process group, output beside ``log_path``); returns its Popen."""
+    from cluster import WorkerProcess
+
+    worker = WorkerProcess(
+        address,
+        log_path,
+        log_dir=Path(log_path).parent,
+        app=app,
+        concurrency=concurrency,
+        grace=grace,
+        extra_args=extra,
+    ).start()
+    assert worker.proc is not None
+    return worker.proc
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -296,9 +293,6 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def completions(log_path: str) -> list[tuple[str, int]]:
     """(task id, attempt) of every handler run that completed, from the worker app's log."""
-    try:
-        with open(log_path, encoding="utf-8") as log:
-            lines = log.read().split()
-    except FileNotFoundError:
-        return []
-    return [(lines[i], int(lines[i + 1])) for i in range(0, len(lines) - 1, 2)]
+    from cluster import read_effects
+
+    return read_effects(log_path)

@@ -1,4 +1,7 @@
-"""Real etcd servers on loopback, for the tests of replicated coordinators (and local play).
+"""Real etcd servers on loopback, for the tests of replicated coordinators.
+
+Test machinery (it moved out of the installed package): a member is a
+``processes.ManagedProcess``, the tests' one process harness.
 
 The ``etcd`` binary is looked up by :func:`find_etcd_binary`, in this order:
 
@@ -21,7 +24,7 @@ Layout of one member's folder (``data_dir``)::
 
 from __future__ import annotations
 
-import atexit
+import asyncio
 import contextlib
 import functools
 import importlib.util
@@ -30,19 +33,18 @@ import logging
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
+
+from processes import ManagedProcess, free_ports
 
 __all__ = [
     "EtcdCluster",
@@ -52,12 +54,11 @@ __all__ = [
     "find_etcd_binary",
 ]
 
-logger = logging.getLogger("conveyor.embedded")
+logger = logging.getLogger("conveyor.tests.etcd")
 
 ENV_BIN = "CONVEYOR_ETCD_BIN"
 _LOG_FILE = "etcd.log"
 _DATA = "data"
-_LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 3
 _ADDRESS_IN_USE = "address already in use"
 
@@ -178,38 +179,7 @@ def _supports_flag(binary: Path, flag: str) -> bool:
     return flag in result.stdout + result.stderr
 
 
-# -- processes and ports ------------------------------------------------------------------
-
-
-# Members started and not yet stopped: held strongly, so one whose object was dropped
-# without stop() is still found (and killed) at exit.
-_live: set[EtcdServer] = set()
-_live_lock = threading.Lock()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    """Safety net: members this process started and never stopped die with it."""
-    with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.kill()
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    """``count`` distinct ports free on ``host`` right now (held together while chosen)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+# -- members ------------------------------------------------------------------------------
 
 
 def _url_host(host: str) -> str:
@@ -230,7 +200,7 @@ def _http_json(url: str, *, data: bytes | None = None, timeout: float = 1.0) -> 
         return json.loads(response.read().decode("utf-8"))
 
 
-class EtcdServer:
+class EtcdServer(ManagedProcess):
     """One etcd member on loopback, its files in ``data_dir`` (see the module docstring).
 
     Alone (the defaults) it is a one-member cluster; :class:`EtcdCluster` builds several
@@ -239,10 +209,9 @@ class EtcdServer:
 
     ``start()`` returns once the member answers ``GET /health`` with ``"true"`` (which needs
     a raft leader, so in a cluster a quorum must be up: start the members with
-    ``wait=False`` and then ``wait_ready()`` each). ``stop()`` is SIGTERM with a SIGKILL
-    fallback, ``kill()`` SIGKILL; ``pause()``/``resume()`` SIGSTOP/SIGCONT. Signals go to
-    the member's process group. Nothing outlives ``stop()``/``kill()``; as a last resort,
-    members still running when this Python process exits are killed (atexit).
+    ``wait=False`` and then ``wait_ready()`` each). ``halt()`` is SIGTERM with a SIGKILL
+    fallback (``await stop()`` from async code), ``kill()`` SIGKILL; ``pause()`` and
+    ``resume()`` SIGSTOP and SIGCONT. Signals go to the member's process group.
     """
 
     def __init__(
@@ -263,7 +232,7 @@ class EtcdServer:
         extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
-        self.name = name
+        super().__init__(name, self.data_dir, log_path=self.data_dir / _LOG_FILE)
         self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
@@ -275,11 +244,6 @@ class EtcdServer:
         self.unsafe_no_fsync = unsafe_no_fsync
         self.start_timeout = start_timeout
         self.extra_args = tuple(extra_args)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._log_offset = 0
-        self._paused = False
-        self._lock = threading.RLock()
 
     # -- addresses and files -------------------------------------------------------------
 
@@ -312,72 +276,15 @@ class EtcdServer:
     def etcd_data_dir(self) -> Path:
         return self.data_dir / _DATA
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / _LOG_FILE
-
-    @property
-    def pid(self) -> int | None:
-        """The member's pid (also its process group id) while it runs, else None."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    @property
-    def returncode(self) -> int | None:
-        """How the last run ended (negative: killed by that signal); None while running."""
-        return self._proc.returncode if self._proc is not None else None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused and self.is_running()
-
-    def is_running(self) -> bool:
-        """True while the process lives (paused or not)."""
-        return self._proc is not None and self._proc.poll() is None
-
     def _port(self, kind: str) -> int:
         port = self.client_port if kind == "client" else self.peer_port
         if port is None:
             raise EtcdError(f"{self.name} has no {kind} port yet: call start() first")
         return port
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- the process ---------------------------------------------------------------------
 
-    def start(self, *, wait: bool = True) -> Self:
-        """Starts the member (no-op when it runs); with ``wait``, blocks until healthy.
-
-        With ports picked here (none given) and a fresh data dir, a port taken between
-        picking and binding is retried with new ports.
-        """
-        with self._lock:
-            if self.is_running():
-                if wait:
-                    self.wait_ready()
-                return self
-            auto_ports = self.client_port is None or self.peer_port is None
-            fresh = not (self.etcd_data_dir / "member").exists()
-            attempts = _PORT_ATTEMPTS if auto_ports and fresh else 1
-            for attempt in range(1, attempts + 1):
-                if self.client_port is None or self.peer_port is None:
-                    self.client_port, self.peer_port = _free_ports(self.host, 2)
-                self._spawn()
-                if not wait:
-                    return self
-                try:
-                    self.wait_ready()
-                except EtcdError:
-                    if attempt < attempts and self.address_in_use():
-                        logger.info("etcd %s: port taken meanwhile; new ports", self.name)
-                        self.kill()
-                        shutil.rmtree(self.etcd_data_dir, ignore_errors=True)
-                        self.client_port = self.peer_port = None
-                        continue
-                    self.kill()
-                    raise
-                break
-            return self
-
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         initial = self.initial_cluster or f"{self.name}={self.peer_url}"
         args = [
             str(self.binary),
@@ -408,31 +315,71 @@ class EtcdServer:
             args.append("--unsafe-no-fsync")
         return [*args, *self.extra_args]
 
-    def _spawn(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = self._command()
-        self._close_log()
-        self._log_file = self.log_path.open("ab")
-        self._log_offset = self._log_file.tell()
-        logger.info(
-            "starting etcd %s: client %s, peer %s", self.name, self.client_url, self.peer_url
-        )
-        try:
-            self._proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                cwd=str(self.data_dir),
-                env=_etcd_env(),
-                start_new_session=True,  # its own process group: signals reach it alone
-            )
-        except OSError as exc:
-            self._close_log()
-            raise EtcdError(f"could not run {command[0]}: {exc}") from exc
-        self._paused = False
-        with _live_lock:
-            _live.add(self)
+    def environment(self) -> dict[str, str]:
+        return _etcd_env()
+
+    def working_dir(self) -> Path:
+        return self.data_dir
+
+    def start(self, *, wait: bool = True) -> Self:
+        """Starts the member (no-op when it runs); with ``wait``, blocks until healthy.
+
+        With ports picked here (none given) and a fresh data dir, a port taken between
+        picking and binding is retried with new ports.
+        """
+        with self._lock:
+            if self.running:
+                if wait:
+                    self.wait_ready()
+                return self
+            auto_ports = self.client_port is None or self.peer_port is None
+            fresh = not (self.etcd_data_dir / "member").exists()
+            attempts = _PORT_ATTEMPTS if auto_ports and fresh else 1
+            for attempt in range(1, attempts + 1):
+                if self.client_port is None or self.peer_port is None:
+                    self.client_port, self.peer_port = free_ports(2, self.host)
+                logger.info(
+                    "starting etcd %s: client %s, peer %s",
+                    self.name,
+                    self.client_url,
+                    self.peer_url,
+                )
+                try:
+                    super().start()
+                except OSError as exc:
+                    raise EtcdError(f"could not run {self.binary}: {exc}") from exc
+                if not wait:
+                    return self
+                try:
+                    self.wait_ready()
+                except EtcdError:
+                    if attempt < attempts and self.address_in_use():
+                        logger.info("etcd %s: port taken meanwhile; new ports", self.name)
+                        self.kill()
+                        shutil.rmtree(self.etcd_data_dir, ignore_errors=True)
+                        self.client_port = self.peer_port = None
+                        continue
+                    self.kill()
+                    raise
+                break
+            return self
+
+    async def restart(self, *, kill: bool = False, wait: bool = True) -> Self:
+        """Stops (or, with ``kill``, SIGKILLs) the member and starts it again: same ports,
+        same data."""
+        if kill:
+            self.kill()
+        else:
+            await self.stop()
+        return await asyncio.to_thread(self.start, wait=wait)
+
+    def resume(self, *, wait: bool = False) -> None:
+        """SIGCONT; with ``wait``, also blocks until the member is healthy again."""
+        super().resume()
+        if wait:
+            self.wait_ready()
+
+    # -- health --------------------------------------------------------------------------
 
     def healthy(self, timeout: float = 1.0) -> bool:
         """One ``GET /health``: True when the member answers ``{"health": "true"}``."""
@@ -451,105 +398,19 @@ class EtcdServer:
         while True:
             if self.healthy(timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
                 return
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
+            if not self.running:
                 raise EtcdError(
-                    f"etcd {self.name} is not running (exit code {code})\n"
+                    f"etcd {self.name} is not running (exit code {self.returncode})\n"
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             if time.monotonic() >= deadline:
                 raise EtcdError(
                     f"etcd {self.name} at {self.client_url} was not healthy in time"
-                    f"{' (paused)' if self._paused else ''}\n"
+                    f"{' (paused)' if self.paused else ''}\n"
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (and SIGCONT, should it be paused), then SIGKILL after ``timeout``.
-
-        Returns the exit code (None when it was not running). Idempotent.
-        """
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return None
-            if proc.poll() is None:
-                self._signal(signal.SIGTERM)
-                self._signal(signal.SIGCONT)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    logger.warning("etcd %s ignored SIGTERM for %.0fs; killing", self.name, timeout)
-                    self._signal(signal.SIGKILL)
-                    proc.wait(10)
-            self._finish()
-            return proc.returncode
-
-    def terminate(self) -> None:
-        """Sends SIGTERM (and SIGCONT) without waiting; ``stop()`` then waits."""
-        with self._lock:
-            if self.is_running():
-                self._signal(signal.SIGTERM)
-                self._signal(signal.SIGCONT)
-
-    def kill(self) -> int | None:
-        """SIGKILL the member's process group (a crash) and reap it. Idempotent."""
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return None
-            if proc.poll() is None:
-                self._signal(signal.SIGKILL)
-                proc.wait(10)
-            self._finish()
-            return proc.returncode
-
-    def pause(self) -> None:
-        """SIGSTOP: the process stays, frozen (no heartbeats, no answers)."""
-        with self._lock:
-            self._require_running("pause")
-            self._signal(signal.SIGSTOP)
-            self._paused = True
-            self._wait_state(stopped=True)
-
-    def resume(self, *, wait: bool = False) -> None:
-        """SIGCONT; with ``wait``, also blocks until the member is healthy again."""
-        with self._lock:
-            self._require_running("resume")
-            self._signal(signal.SIGCONT)
-            self._paused = False
-            self._wait_state(stopped=False)
-        if wait:
-            self.wait_ready()
-
-    def restart(self, *, kill: bool = False, wait: bool = True) -> Self:
-        """Stops (or, with ``kill``, SIGKILLs) the member and starts it again: same ports,
-        same data."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        return self.start(wait=wait)
-
-    def process_group_alive(self) -> bool:
-        """True when any process of the member's last process group is left (zombies aside)."""
-        proc = self._proc
-        if proc is None:
-            return False
-        return _group_alive(proc.pid)
-
-    def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
-        """The end of this run's log (the whole log before the first start)."""
-        try:
-            with self.log_path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(self._log_offset, size - chars))
-                return f.read().decode("utf-8", "replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
 
     def address_in_use(self) -> bool:
         """True when this run's log says a port was taken."""
@@ -568,43 +429,6 @@ class EtcdServer:
         assert isinstance(header, dict)
         return str(header["member_id"])
 
-    # -- internals -----------------------------------------------------------------------
-
-    def _require_running(self, what: str) -> None:
-        if not self.is_running():
-            raise EtcdError(f"cannot {what} etcd {self.name}: it is not running")
-
-    def _signal(self, sig: signal.Signals) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-    def _wait_state(self, *, stopped: bool, timeout: float = 5.0) -> None:
-        """Waits until /proc shows the process stopped (T) or not; skipped without procfs."""
-        proc = self._proc
-        if proc is None:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = _proc_state(proc.pid)
-            if state is None or (state in ("T", "t")) == stopped:
-                return
-            time.sleep(0.005)
-        raise EtcdError(f"etcd {self.name} did not {'stop' if stopped else 'continue'} in time")
-
-    def _finish(self) -> None:
-        self._paused = False
-        self._close_log()
-        with _live_lock:
-            _live.discard(self)
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
     def __enter__(self) -> Self:
         return self.start()
 
@@ -614,29 +438,11 @@ class EtcdServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.halt()
 
     def __repr__(self) -> str:
         ports = f"client={self.client_port}, peer={self.peer_port}"
         return f"EtcdServer({self.name!r}, {ports}, pid={self.pid}, dir={str(self.data_dir)!r})"
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[0]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 class EtcdCluster:
@@ -676,7 +482,7 @@ class EtcdCluster:
         self._build()
 
     def _build(self) -> None:
-        ports = _free_ports(self.host, 2 * self.size)
+        ports = free_ports(2 * self.size, self.host)
         token = f"conveyor-{uuid.uuid4().hex[:12]}"
         names = [f"etcd{i}" for i in range(self.size)]
         host = _url_host(self.host)
@@ -787,7 +593,7 @@ class EtcdCluster:
                 member.terminate()
             for member in group:
                 try:
-                    member.stop(timeout)
+                    member.halt(timeout)
                 except Exception as exc:  # keep stopping the others
                     errors.append(exc)
         if errors:
