@@ -25,7 +25,7 @@ from cluster import CoordinatorProcess
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from testsupport import coordinator_config, eventually, service_deps
+from testsupport import coordinator_config, eventually, leader_pool, service_deps
 
 from conveyor.client import AsyncClient, CatchUpPolicy, OverlapPolicy
 from conveyor.coordinator import Coordinator
@@ -33,8 +33,7 @@ from conveyor.coordinator.cron import first_tick
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.schedule_firer import ScheduleFirer
 from conveyor.coordinator.schedule_validation import validate_schedule
-from conveyor.coordinator.store import leadership, schedules
-from conveyor.coordinator.store.migrator import migrate
+from conveyor.coordinator.store import schedules
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
@@ -266,12 +265,9 @@ async def test_the_firer_across_fall_back_with_an_injected_clock(database_dsn: s
     the repeated hour fires once, and nothing waits for real time."""
     start = datetime(2025, 11, 2, 4, 50, tzinfo=UTC)  # 00:50 EDT
     clock = [start]
-    pool = await asyncpg.create_pool(database_dsn, min_size=1, max_size=3)
+    pool, epoch = await leader_pool(database_dsn)
     try:
         async with pool.acquire() as conn:
-            await migrate(conn)
-            epoch = await leadership.take_office(conn, "default", "test", "")
-            assert epoch is not None
             valid = validate_schedule(
                 _schedule("ny", "0 */20 * * * *", time_zone="America/New_York"),
                 tenant="default",

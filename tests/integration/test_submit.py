@@ -389,6 +389,17 @@ async def test_past_the_backlog_limit_submits_are_refused_and_nothing_is_written
         await coordinator.stop(grace=1.0)
 
 
+async def _terminate_coordinator_backends(db: asyncpg.Connection, where: str) -> int:
+    """Terminates the coordinator's PostgreSQL backends that match ``where`` (as a restart
+    would); returns how many."""
+    return int(
+        await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            f"WHERE application_name = 'conveyor-coordinator' AND {where}"
+        )
+    )
+
+
 _SLOW_COMMIT = """
 CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -412,16 +423,8 @@ async def test_a_connection_lost_while_committing_is_outcome_unknown(
         )
     )
 
-    async def committing() -> int:
-        # The coordinator's backend, inside the commit-time trigger.
-        return int(
-            await db.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE wait_event = 'PgSleep' AND application_name = 'conveyor-coordinator'"
-            )
-        )
-
-    await eventually(committing, timeout=10)
+    # The coordinator's backend, inside the commit-time trigger.
+    await eventually(lambda: _terminate_coordinator_backends(db, "wait_event = 'PgSleep'"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     details = error_details(caught.value)
@@ -438,15 +441,7 @@ async def test_a_postgresql_restart_during_a_call_is_unavailable_with_retry_info
         await db.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         call = asyncio.ensure_future(stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id)))
 
-        async def blocked() -> int:
-            return int(
-                await db.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND application_name = 'conveyor-coordinator'"
-                )
-            )
-
-        await eventually(blocked, timeout=10)
+        await eventually(lambda: _terminate_coordinator_backends(db, "wait_event_type = 'Lock'"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     details = error_details(caught.value)

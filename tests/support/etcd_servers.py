@@ -429,17 +429,6 @@ class EtcdServer(ManagedProcess):
         assert isinstance(header, dict)
         return str(header["member_id"])
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.halt()
-
     def __repr__(self) -> str:
         ports = f"client={self.client_port}, peer={self.peer_port}"
         return f"EtcdServer({self.name!r}, {ports}, pid={self.pid}, dir={str(self.data_dir)!r})"

@@ -243,6 +243,12 @@ class ManagedProcess:
             self.signal(signal.SIGCONT)
             self.kill()
 
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.halt()
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         """The end of this run's output."""
         try:

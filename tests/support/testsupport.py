@@ -32,6 +32,21 @@ TEST_LEASE = 2.0
 TEST_HEARTBEAT = 0.5
 
 
+async def leader_pool(dsn: str, *, cluster: str = "default") -> tuple[asyncpg.Pool, int]:
+    """A small pool on a migrated database, and a fresh leader term (its epoch) to fence
+    writes with: for running coordinator services and store functions alone. Close the
+    pool when done."""
+    from conveyor.coordinator.store import leadership
+    from conveyor.coordinator.store.migrator import migrate
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+        epoch = await leadership.take_office(conn, cluster, "test", "")
+    assert epoch is not None
+    return pool, epoch
+
+
 def service_deps(
     pool: asyncpg.Pool, dsn: str, *, epoch: int, cluster: str = "default", **config: Any
 ) -> Deps:

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from testsupport import service_deps
+from testsupport import leader_pool, service_deps
 
 from conveyor.coordinator import validation
 from conveyor.coordinator.deps import Deps
@@ -19,21 +19,15 @@ from conveyor.coordinator.dispatch_policy import MAX_CLAIM_BYTES, Claim, Dispatc
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.sessions import WorkerSession
-from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import task_service_pb2
 
 
 @pytest.fixture
 async def deps(database_dsn: str) -> AsyncIterator[Deps]:
-    pool = await asyncpg.create_pool(database_dsn, min_size=1, max_size=3)
+    pool, epoch = await leader_pool(database_dsn)
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-            epoch = await leadership.take_office(conn, "default", "test", "")
-        assert epoch is not None
         yield service_deps(pool, database_dsn, epoch=epoch)
     finally:
         await pool.close()
