@@ -86,7 +86,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     hostname=s.hostname,
                     pid=s.pid,
                     queues=s.queues,
-                    task_types=sorted(s.task_types),
+                    task_types=s.task_types,
                     credit=s.credit,
                     draining=s.draining,
                     connect_time=convert.timestamp_from_seconds(s.connect_time),

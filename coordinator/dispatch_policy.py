@@ -56,7 +56,7 @@ def takes_from(session: WorkerSession, tenant: str, queue: str) -> bool:
 
 def takes(session: WorkerSession, tenant: str, queue: str, task_type: str) -> bool:
     """Whether ``session`` takes tasks of this tenant, queue and type (the one rule)."""
-    return takes_from(session, tenant, queue) and task_type in session.task_types
+    return takes_from(session, tenant, queue) and task_type in session.type_set
 
 
 def serving(sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str) -> bool:

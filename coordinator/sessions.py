@@ -53,7 +53,8 @@ class WorkerSession:
     worker_id: str
     tenant: str
     queues: tuple[str, ...]
-    task_types: frozenset[str]
+    task_types: tuple[str, ...]
+    """The types it has handlers for, in the order the worker named them."""
     hostname: str = ""
     pid: int = 0
     credit: int = 0
@@ -81,6 +82,10 @@ class WorkerSession:
     _outbox_bytes: int = 0
     _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
     _finishing: bool = False
+    type_set: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.type_set = frozenset(self.task_types)
 
     @property
     def wants_work(self) -> bool:

@@ -415,7 +415,7 @@ class ValidHello:
     hostname: str
     pid: int
     queues: tuple[str, ...]
-    task_types: frozenset[str]
+    task_types: tuple[str, ...]
     credits: int
     in_flight: list[worker_service_pb2.Lease]
 
@@ -466,7 +466,7 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         hostname=hello.hostname,
         pid=hello.pid,
         queues=tuple(dict.fromkeys(hello.queues)) or (defaults.DEFAULT_QUEUE,),
-        task_types=frozenset(hello.task_types),
+        task_types=tuple(dict.fromkeys(hello.task_types)),
         credits=hello.credits,
         in_flight=list(hello.in_flight),
     )

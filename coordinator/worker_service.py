@@ -113,7 +113,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.hostname,
                 session.pid,
                 ",".join(session.queues),
-                ",".join(sorted(session.task_types)),
+                ",".join(session.task_types),
                 session.credit,
             )
             self._dispatcher.wake()

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+SUPPORT_DIR = Path(__file__).parent
+
 # Short leases so lease-expiry paths run in seconds, not minutes.
 TEST_LEASE = 2.0
 TEST_HEARTBEAT = 0.5

@@ -22,7 +22,7 @@ def _session(name: str, credit: int = 10, **fields: Any) -> WorkerSession:
         "worker_id": name,
         "tenant": "t",
         "queues": ("q",),
-        "task_types": frozenset({"a"}),
+        "task_types": ("a",),
         "credit": credit,
         **fields,
     }
@@ -30,7 +30,7 @@ def _session(name: str, credit: int = 10, **fields: Any) -> WorkerSession:
 
 
 async def test_a_session_takes_only_its_tenant_queues_and_types() -> None:
-    session = _session("w", queues=("q", "r"), task_types=frozenset({"a", "b"}))
+    session = _session("w", queues=("q", "r"), task_types=("a", "b"))
     assert dispatch_policy.takes(session, "t", "r", "b")
     assert not dispatch_policy.takes(session, "t", "q", "c")  # a type it has no handler for
     assert not dispatch_policy.takes(session, "t", "s", "a")
@@ -107,7 +107,7 @@ async def test_claimed_rows_pack_into_messages_under_the_limit() -> None:
 
 async def test_a_fresh_task_is_handed_only_to_a_starving_session_that_takes_it() -> None:
     busy = _session("busy")
-    other = _session("other", starving=True, task_types=frozenset({"b"}))
+    other = _session("other", starving=True, task_types=("b",))
     idle = _session("idle", starving=True, credit=1)
     assert DispatchPolicy.pick_idle([busy, other], "t", "q", "a") is None
     assert DispatchPolicy.pick_idle([busy, other, idle], "t", "q", "a") is idle

@@ -50,7 +50,7 @@ def _session(name: str, credit: int, queue: str = "q") -> WorkerSession:
         worker_id=name,
         tenant="default",
         queues=(queue,),
-        task_types=frozenset({"a"}),
+        task_types=("a",),
         credit=credit,
     )
 

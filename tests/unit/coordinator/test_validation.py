@@ -115,7 +115,7 @@ def _hello(**fields: Any) -> worker_service_pb2.Hello:
 def test_a_valid_hello_is_normalised() -> None:
     hello = validation.validate_hello(_hello(queues=["q", "q", "r"], hostname="h", pid=3))
     assert hello.queues == ("q", "r")
-    assert hello.task_types == frozenset({"a"})
+    assert hello.task_types == ("a",)
     assert validation.validate_hello(_hello()).queues == ("default",)
 
 
