@@ -41,7 +41,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from processes import ManagedProcess, free_ports
@@ -99,18 +98,23 @@ def _etcd_env() -> dict[str, str]:
     return env
 
 
+def _ask(binary: Path, flag: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``binary flag`` (``--version``, ``--help``) and returns what it said."""
+    return subprocess.run(
+        [str(binary), flag],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_etcd_env(),
+        check=False,
+    )
+
+
 def _probe(binary: Path) -> str | None:
     """Why ``binary`` is unusable, or None when ``binary --version`` works."""
     try:
-        result = subprocess.run(
-            [str(binary), "--version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=_etcd_env(),
-            check=False,
-        )
+        result = _ask(binary, "--version")
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{binary}: {exc}"
     if result.returncode != 0 or "etcd Version" not in result.stdout:
@@ -165,15 +169,7 @@ def find_etcd_binary() -> Path:
 @functools.cache
 def _supports_flag(binary: Path, flag: str) -> bool:
     try:
-        result = subprocess.run(
-            [str(binary), "--help"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=_etcd_env(),
-            check=False,
-        )
+        result = _ask(binary, "--help")
     except (OSError, subprocess.TimeoutExpired):
         return False
     return flag in result.stdout + result.stderr
@@ -613,12 +609,7 @@ class EtcdCluster:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
