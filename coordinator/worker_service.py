@@ -187,7 +187,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 else set()
             )
             released = await store.release_abandoned(
-                conn, session.tenant, session.worker_id, list(renewed), fence
+                conn, session.tenant, session.worker_id, [k for k in keys if k in renewed], fence
             )
         lost.extend(to_proto(k) for k in keys if k not in renewed)
         if released:

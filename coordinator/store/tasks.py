@@ -31,7 +31,14 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from conveyor.coordinator.leases import FIRST_ATTEMPT, KEY_ARRAYS, LeaseKey, key_arrays, keys_of
+from conveyor.coordinator.leases import (
+    FIRST_ATTEMPT,
+    KEY_ARRAYS,
+    KeyTuple,
+    LeaseKey,
+    key_arrays,
+    keys_of,
+)
 from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
 from conveyor.coordinator.validation import ListFilter, NewTask
 from conveyor.v1 import task_pb2
@@ -377,7 +384,7 @@ _RENEW = Query(
 
 async def renew_leases(
     conn: asyncpg.Connection, keys: Sequence[LeaseKey], lease_seconds: float, fence: Fence
-) -> set[LeaseKey]:
+) -> set[KeyTuple]:
     """Extends the leases still held; returns those renewed."""
     rows = await _RENEW.fetch(conn, lease_seconds=lease_seconds, fence=fence, **key_arrays(keys))
     return keys_of(rows)
