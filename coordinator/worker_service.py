@@ -101,7 +101,6 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             pid=hello.pid,
         )
         await self._take_worker_id(session)
-        settle = None
         try:
             lost = await self._resume(session, hello.in_flight)
             session.credit = hello.credits
