@@ -126,9 +126,9 @@ class WorkerSession:
 
     async def next_message(self) -> tuple[worker_service_pb2.ConnectResponse, int] | None:
         """The next message to write and its size (see :meth:`sent`); None once the
-        session is finishing and everything queued was taken."""
-        while not self._outbox:
-            if self._finishing:
+        session ended, or is finishing and everything queued was taken."""
+        while not self._outbox or self.ended.done():
+            if self._finishing or self.ended.done():
                 return None
             self._has_mail.clear()
             await self._has_mail.wait()
@@ -181,6 +181,7 @@ class WorkerSession:
             _log.warning("evicting worker %s: %s", self.worker_id, reason)
         if not self.ended.done():
             self.ended.set_result(None)
+        self._has_mail.set()  # the send loop stops after the message it is writing
 
 
 class SessionRegistry:

@@ -60,6 +60,8 @@ ACK_QUEUE_SIZE = 64
 FLUSH_ON_CLOSE_TIMEOUT = 10.0
 # Longest a reconnect waits for its old session to settle its leases.
 RETIRE_TIMEOUT = 10.0
+# Longest an ending stream waits for the write in progress.
+SENDER_STOP_TIMEOUT = 5.0
 
 Context = grpc.aio.ServicerContext[
     worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
@@ -235,8 +237,16 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         session.finish("the worker closed its stream")
                         await asyncio.shield(sender)
         finally:
-            for task in loops:
-                task.cancel()
+            # The sender stops after the message it is writing: gRPC cannot end a call
+            # (with a status) while a write is still on its way, and a write cannot be
+            # called back. Only a worker that reads nothing keeps it that long.
+            session.end("the stream ended")
+            receiver.cancel()
+            acker.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SENDER_STOP_TIMEOUT):
+                    await asyncio.wait({sender})
+            sender.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
 
     async def _receive_loop(

@@ -594,3 +594,33 @@ async def _cluster_status(address: str) -> admin_service_pb2.GetClusterStatusRes
         return await admin_service_pb2_grpc.AdminServiceStub(channel).GetClusterStatus(
             admin_service_pb2.GetClusterStatusRequest(), timeout=5
         )
+
+
+async def test_a_protocol_violation_while_assignments_are_written_ends_with_its_status(
+    coordinator: Coordinator, stub: Stub
+) -> None:
+    """gRPC cannot send a status while a write is on its way: aborting while assignments
+    were being written answered INTERNAL ("Internal error from Core") instead of the
+    violation."""
+    payload = b"x" * (1 << 20)
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        workers = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        for round_ in range(10):
+            await stub.SubmitTasks(
+                task_service_pb2.SubmitTasksRequest(
+                    tasks=[task_service_pb2.SubmitTaskRequest(type="echo", payload=payload)] * 3
+                )
+            )
+            hello = worker_service_pb2.ConnectRequest(
+                hello=_hello(worker_id=f"w{round_}", credits=3)
+            )
+            bad = worker_service_pb2.ConnectRequest(credit=worker_service_pb2.Credit(credits=-1))
+            call = workers.Connect(iter([hello, bad]))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+            details = error_details(caught.value)
+            assert (details.code, details.reason) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "PROTOCOL_VIOLATION",
+            )
