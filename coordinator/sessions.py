@@ -70,6 +70,8 @@ class WorkerSession:
     """No more messages are accepted (the stream is ending or ended)."""
     end_reason: str = ""
     evicted: bool = False
+    write_stuck: bool = False
+    """A write to the worker never finished (it reads nothing): no status can follow."""
     ended: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

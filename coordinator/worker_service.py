@@ -103,6 +103,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             pid=hello.pid,
         )
         await self._take_worker_id(session)
+        failure: Exception | None = None
         try:
             lost = await self._resume(session, hello.in_flight)
             session.credit = hello.credits
@@ -119,12 +120,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
             self._dispatcher.wake()
             await self._converse(session, context)
+        except Exception as exc:
+            failure = exc
         finally:
             # Settling writes to the store; it must finish even if this call is cancelled.
             settle = asyncio.get_running_loop().create_task(self._settle(session))
             self._settling.add(settle)
             settle.add_done_callback(self._settling.discard)
             await asyncio.shield(settle)
+        if session.write_stuck:
+            # A write is stuck on a peer that reads nothing: no status can follow it. Ended
+            # as cancelled, the call is dropped by gRPC without one (the peer is not
+            # listening anyway).
+            raise asyncio.CancelledError(f"worker {session.worker_id}: {session.end_reason}")
+        if failure is not None:
+            raise failure
         if session.evicted:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"evicted: {session.end_reason}")
 
@@ -246,6 +256,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SENDER_STOP_TIMEOUT):
                     await asyncio.wait({sender})
+            if not sender.done():
+                session.write_stuck = True
             sender.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
 
@@ -341,6 +353,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 async with asyncio.timeout(liveness):
                     await context.write(message)
             except TimeoutError:
+                session.write_stuck = True
                 session.end(
                     f"stopped reading its stream (a message waited {liveness:g}s)", evict=True
                 )

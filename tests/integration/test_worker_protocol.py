@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -509,7 +510,11 @@ async def test_a_silent_worker_is_evicted_and_its_leases_come_back(
 
 
 async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
-    coordinator: Coordinator, stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+    coordinator: Coordinator,
+    stub: Stub,
+    raw_workers: Workers,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Nothing sent to one worker may wait for it: a worker that stops reading is evicted
     (its outbox stays bounded), and another worker gets its tasks."""
@@ -545,6 +550,8 @@ async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
     await rescuer.connect("rescuer", credits=60)
     got = await rescuer.assignments(60, timeout=30)
     assert sorted(a.lease.task_id for a in got) == sorted(ids)
+    # Cut without a status (none can follow a write it never takes), and quietly.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_second_process_with_the_same_worker_id_is_refused(
