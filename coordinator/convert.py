@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.coordinator.leases import LeaseKey
+from conveyor.coordinator.leases import LeaseKey, lease_proto, to_proto
 from conveyor.coordinator.validation import NewTask
 from conveyor.v1 import task_pb2, worker_service_pb2
 
@@ -158,7 +158,7 @@ def add_assignment_from_new(
     ``new`` is (its lease, the task, the submit's time)."""
     key, task, now = new
     add(
-        lease=worker_service_pb2.Lease(task_id=key.task_id, attempt=key.attempt, epoch=key.epoch),
+        lease=to_proto(key),
         queue=task.queue,
         type=task.type,
         payload=task.payload,
@@ -177,9 +177,7 @@ def add_assignment_from_row(
 ) -> None:
     """Adds the Assignment of a claimed row (``store.tasks.ASSIGNMENT_COLUMNS``)."""
     add(
-        lease=worker_service_pb2.Lease(
-            task_id=str(row["id"]), attempt=row["attempt"], epoch=row["lease_epoch"]
-        ),
+        lease=lease_proto(str(row["id"]), row["attempt"], row["lease_epoch"]),
         queue=row["queue"],
         type=row["type"],
         payload=row["payload"],

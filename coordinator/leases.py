@@ -63,8 +63,13 @@ def parse(tenant: str, worker_id: str, lease: worker_service_pb2.Lease) -> Lease
     return LeaseKey(tenant, task_id, lease.attempt, lease.epoch, worker_id)
 
 
+def lease_proto(task_id: str, attempt: int, epoch: int) -> worker_service_pb2.Lease:
+    """The wire form of a lease (the one place a Lease message is made)."""
+    return worker_service_pb2.Lease(task_id=task_id, attempt=attempt, epoch=epoch)
+
+
 def to_proto(key: LeaseKey) -> worker_service_pb2.Lease:
-    return worker_service_pb2.Lease(task_id=key.task_id, attempt=key.attempt, epoch=key.epoch)
+    return lease_proto(key.task_id, key.attempt, key.epoch)
 
 
 def from_row(row: Any) -> LeaseKey:
