@@ -58,7 +58,7 @@ class BehaviorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(CONVEYOR_METHODS):
             return handler
         hit = self._wrapped.get(method)

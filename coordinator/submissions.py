@@ -195,7 +195,7 @@ class Submitter:
         }
         for session, row, key in zip(sessions, rows, keys, strict=True):
             message = by_id[key.task_id]
-            message.state = store.RUNNING  # type: ignore[assignment]
+            message.state = store.RUNNING
             message.attempt = key.attempt
             message.worker_id = session.worker_id
             item = (key, row.task, now_message)
