@@ -41,41 +41,50 @@ async def _count(dsn: str, sql: str) -> int:
 
 
 async def test_a_frozen_worker_is_evicted_and_its_late_results_change_nothing(
-    coordinator: Coordinator, database_dsn: str, tmp_path: Path, workers: list[WorkerProcess]
+    database_dsn: str, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     """A worker frozen mid-task (SIGSTOP: its connection stays open, it says nothing) is
-    evicted; its tasks run elsewhere; thawed, it finishes them late and reports, and each
-    task still has exactly one committed outcome."""
-    effects = tmp_path / "effects.log"
-    frozen = WorkerProcess(
-        coordinator.address, effects, log_dir=tmp_path, name="frozen", concurrency=20
-    )
-    workers.append(frozen.start())
-    load = LoadGenerator(coordinator.address, count=20, rate=200, task_type="sleep", payload=b"1.5")
-    log = await load.wait(timeout=60)
-    assert len(log.acknowledged) == 20
+    evicted, its leases taken back at once (the lease itself would last 30 s); its tasks
+    run elsewhere; thawed, it finishes them late and reports, and each task still has
+    exactly one committed outcome."""
+    config = coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    try:
+        effects = tmp_path / "effects.log"
+        frozen = WorkerProcess(
+            coordinator.address, effects, log_dir=tmp_path, name="frozen", concurrency=20
+        )
+        workers.append(frozen.start())
+        load = LoadGenerator(
+            coordinator.address, count=20, rate=200, task_type="sleep", payload=b"1.5"
+        )
+        log = await load.wait(timeout=60)
+        assert len(log.acknowledged) == 20
 
-    async def all_running() -> bool:
-        return await _count(database_dsn, "SELECT count(*) FROM tasks WHERE state = 3") == 20
+        async def all_running() -> bool:
+            return await _count(database_dsn, "SELECT count(*) FROM tasks WHERE state = 3") == 20
 
-    await eventually(all_running, timeout=30)
-    frozen.pause()
-    await eventually(lambda: _evictions(coordinator), timeout=30)
-    (eviction,) = coordinator.sessions.evictions
-    assert eviction.released == 20 and "no message for" in eviction.reason
-    rescuer = WorkerProcess(
-        coordinator.address, effects, log_dir=tmp_path, name="rescuer", concurrency=20
-    )
-    workers.append(rescuer.start())
-    report = await Checker(log, effects).report(database_dsn, wait_settled=60)
-    assert report.violations == [], "\n".join(report.violations)
-    frozen.resume()
-    # Thawed, it reconnects (its stream was cut) and learns its leases are gone; whatever
-    # it reports for them is refused.
-    await eventually(lambda: _connected(coordinator, 2), timeout=30)
-    report = await Checker(log, effects).report(database_dsn)
-    assert report.violations == [], "\n".join(report.violations)
-    assert report.succeeded == 20
+        await eventually(all_running, timeout=30)
+        frozen.pause()
+        await eventually(lambda: _evictions(coordinator), timeout=30)
+        (eviction,) = coordinator.sessions.evictions
+        assert eviction.released == 20 and "no message for" in eviction.reason
+        rescuer = WorkerProcess(
+            coordinator.address, effects, log_dir=tmp_path, name="rescuer", concurrency=20
+        )
+        workers.append(rescuer.start())
+        report = await Checker(log, effects).report(database_dsn, wait_settled=60)
+        assert report.violations == [], "\n".join(report.violations)
+        frozen.resume()
+        # Thawed, it reconnects (its stream was cut) and learns its leases are gone;
+        # whatever it reports for them is refused.
+        await eventually(lambda: _connected(coordinator, 2), timeout=30)
+        report = await Checker(log, effects).report(database_dsn)
+        assert report.violations == [], "\n".join(report.violations)
+        assert report.succeeded == 20
+    finally:
+        await coordinator.stop(grace=1.0)
 
 
 async def _evictions(coordinator: Coordinator) -> bool:

@@ -12,7 +12,15 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from testsupport import TEST_LEASE, ErrorDetails, RawWorker, error_details, eventually, submit
+from testsupport import (
+    TEST_LEASE,
+    ErrorDetails,
+    RawWorker,
+    coordinator_config,
+    error_details,
+    eventually,
+    submit,
+)
 
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import (
@@ -484,29 +492,37 @@ async def test_a_nul_byte_in_an_error_text_harms_no_result(
     assert len(states) == len(tasks)
 
 
-async def test_a_silent_worker_is_evicted_and_its_leases_come_back(
-    coordinator: Coordinator, stub: Stub, raw_workers: Workers, db: asyncpg.Connection
-) -> None:
-    """A worker whose connection stays open but says nothing was never evicted (issue 7.7)."""
-    task = await submit(stub)
-    silent = raw_workers()
-    welcome = await silent.connect("mute", credits=1, pulse=False)
-    liveness = welcome.liveness_timeout.ToTimedelta().total_seconds()
-    assert liveness == coordinator.config.worker_liveness_timeout
-    await silent.assignments(1)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while True:
-            await silent.call.read()
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "evicted" in (caught.value.details() or "")
-    row = await db.fetchrow("SELECT state, worker_id FROM tasks WHERE id = $1::uuid", task.id)
-    assert (row["state"], row["worker_id"]) == (task_pb2.TASK_STATE_PENDING, None)
-    outcome = await db.fetchval("SELECT outcome FROM task_attempts")
-    assert outcome == task_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED  # it may have run: counted
-    status = await _cluster_status(coordinator.address)
-    (eviction,) = status.recent_evictions
-    assert eviction.worker_id == "mute" and eviction.released == 1
-    assert "no message for" in eviction.reason
+async def test_a_silent_worker_is_evicted_and_its_leases_come_back(database_dsn: str) -> None:
+    """A worker whose connection stays open but says nothing was never evicted (issue 7.7).
+    Its lease comes back at eviction, long before the lease would have expired."""
+    config = coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    silent = RawWorker(coordinator.address)
+    db = await asyncpg.connect(database_dsn)
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            task = await submit(task_service_pb2_grpc.TaskServiceStub(channel))
+        welcome = await silent.connect("mute", credits=1, pulse=False)
+        assert welcome.liveness_timeout.ToTimedelta().total_seconds() == 1.5
+        await silent.assignments(1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await silent.call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "evicted" in (caught.value.details() or "")
+        row = await db.fetchrow("SELECT state, worker_id FROM tasks WHERE id = $1::uuid", task.id)
+        assert (row["state"], row["worker_id"]) == (task_pb2.TASK_STATE_PENDING, None)
+        outcome = await db.fetchval("SELECT outcome FROM task_attempts")
+        assert outcome == task_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED  # it may have run: counted
+        status = await _cluster_status(coordinator.address)
+        (eviction,) = status.recent_evictions
+        assert eviction.worker_id == "mute" and eviction.released == 1
+        assert "no message for 1.5s" in eviction.reason
+    finally:
+        await silent.close()
+        await db.close()
+        await coordinator.stop(grace=1.0)
 
 
 async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
