@@ -270,7 +270,7 @@ class Coordinator:
 
     def _redirect_workers(self) -> None:
         if self._worker_servicer is not None:
-            self._worker_servicer.step_down(self._leader_address())
+            self._worker_servicer.step_down()
 
     def _leader_address(self) -> str:
         if self.leader:

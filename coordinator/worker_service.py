@@ -109,6 +109,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
+            if not self._deps.office.leader:
+                # Left office while this stream was opening (step_down missed it).
+                self._redirect(session)
             _log.info(
                 "worker %s connected (host %s pid %d, queues %s, types %s, credit %d)",
                 session.worker_id,
@@ -402,14 +405,20 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 f" ({session.end_reason})" if session.end_reason else "",
             )
 
-    def step_down(self, leader_address: str) -> None:
+    def step_down(self) -> None:
         """Sends every worker to the new leader; their streams end once that is written."""
-        redirect = worker_service_pb2.ConnectResponse(
-            redirect=worker_service_pb2.Redirect(leader_address=leader_address)
-        )
         for session in self._deps.sessions:
-            session.push(redirect)
-            session.finish("this coordinator no longer leads")
+            self._redirect(session)
+
+    def _redirect(self, session: WorkerSession) -> None:
+        session.push(
+            worker_service_pb2.ConnectResponse(
+                redirect=worker_service_pb2.Redirect(
+                    leader_address=self._deps.office.leader_address()
+                )
+            )
+        )
+        session.finish("this coordinator no longer leads")
 
 
 async def _enqueue(batcher: Batcher[Sequence[Any], list[bool]], item: Sequence[Any]) -> Any:
