@@ -1,0 +1,120 @@
+"""SDK behaviour that needs the coordinator's side of issues 7 and 9, end to end.
+
+The SDK side is done and unit-tested against fake servicers; these tests run it against
+the real coordinator. They are strict xfails while the coordinator on this branch lacks
+the server side (then they fail for that reason): once it lands they pass, strict xfail
+turns that into a failure, and the marker is to be removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from testsupport import SUPPORT_DIR, eventually
+
+from conveyor.client import AsyncClient, AttemptOutcome, TaskState, WaitTimeoutError
+from conveyor.coordinator import Coordinator
+from conveyor.worker import TaskContext, Worker
+
+_NEEDS_SERVER = "needs the coordinator side of issues 7/9 (h/core); remove once it lands"
+
+
+@pytest.fixture
+async def client(coordinator: Coordinator) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(coordinator.address) as c:
+        yield c
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": GetTask/WatchTask unserved")
+async def test_waiting_on_a_type_nobody_serves_says_so(client: AsyncClient) -> None:
+    task = await client.submit("nobody-serves-this", {"n": 1}, queue="lonely")
+    assert (await client.get(task.id)).unserved
+    with pytest.raises(WaitTimeoutError) as caught:
+        await client.result(task.id, timeout=0.5)
+    assert "no connected worker serves type 'nobody-serves-this' on queue 'lonely'" in str(
+        caught.value
+    )
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": TASK_OUTCOME_INTERRUPTED")
+async def test_end_of_grace_period_interrupts_without_using_an_attempt(
+    coordinator: Coordinator, client: AsyncClient
+) -> None:
+    worker = Worker(coordinator.address, grace_period=0.2)
+    started = asyncio.Event()
+
+    @worker.task("long")
+    async def long(ctx: TaskContext, payload: Any) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        async with asyncio.timeout(10):
+            await worker.wait_connected()
+        task = await client.submit("long", None, max_attempts=1)
+        async with asyncio.timeout(10):
+            await started.wait()
+        worker.shutdown()
+        async with asyncio.timeout(10):
+            await run
+
+        async def settled() -> Any:
+            current, attempts = await client.get_with_attempts(task.id)
+            return (current, attempts) if current.state is not TaskState.RUNNING else None
+
+        current, attempts = await eventually(settled)
+        assert attempts[0].outcome is AttemptOutcome.INTERRUPTED
+        # Ready again at once, with its one attempt still to use.
+        assert current.state is TaskState.PENDING
+        assert current.attempts_counted == 0 and current.uncounted_attempts == 1
+    finally:
+        worker.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": WORKER_ID_IN_USE")
+async def test_second_process_with_the_same_worker_id_is_refused(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    first = Worker(coordinator.address, worker_id="same-id")
+    first.register("noop", lambda ctx, payload: None)
+    run = asyncio.create_task(first.run(install_signal_handlers=False))
+    second: asyncio.subprocess.Process | None = None
+    try:
+        async with asyncio.timeout(10):
+            await first.wait_connected()
+        # Another process (another pid) with the same id, while the first is live.
+        env = {
+            **os.environ,
+            "CONVEYOR_TEST_WORKER_ID": "same-id",
+            "CONVEYOR_TEST_LOG": str(tmp_path / "effects.log"),
+            "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
+        }
+        second = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "conveyor.cli.main", "--coordinator", coordinator.address),
+            *("worker", "worker_app:worker"),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(second.communicate(), 10)
+        assert second.returncode == 1
+        assert "refused worker id 'same-id': another live worker process uses it" in (
+            stderr.decode()
+        )
+    finally:
+        if second is not None and second.returncode is None:
+            second.kill()
+            await second.wait()
+        first.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
