@@ -38,7 +38,7 @@ from conveyor.client._models import (
     task_spec,
     task_template,
 )
-from conveyor.transport import ConnectionOptions, parse_addresses
+from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
 from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
@@ -59,9 +59,8 @@ _MAX_BATCH_BYTES = 3 * 1024 * 1024
 # inside each attempt, about a minute); the count resets when the task changes state or
 # a stream stayed up for _WATCH_HEALTHY_AFTER seconds.
 _MAX_WATCH_FAILURES = 10
-_WATCH_BACKOFF_BASE = 0.1
+_WATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 _WATCH_HEALTHY_AFTER = 30.0
-_WATCH_BACKOFF_MAX = 5.0
 # "Not given" for arguments where None is a meaningful value (a JSON null payload).
 _UNSET: Any = object()
 
@@ -390,7 +389,7 @@ class AsyncClient:
                 # incident, not the next failure of a cluster that cannot serve streams.
                 failures = 0
             failures += 1
-            await asyncio.sleep(min(_WATCH_BACKOFF_MAX, _WATCH_BACKOFF_BASE * 2 ** (failures - 1)))
+            await asyncio.sleep(_WATCH_BACKOFF.delay(failures))
 
     # A timeout argument rather than "wrap it in asyncio.timeout()": the sync twin needs
     # the same signature, and the error names the task and its last state.

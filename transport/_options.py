@@ -45,7 +45,8 @@ class ConnectionOptions:
     #: Further metadata sent with every call and stream, as ``(key, value)`` pairs.
     metadata: tuple[tuple[str, str], ...] = ()
     #: grpc.aio client interceptors, outermost first, on every channel (for example
-    #: OpenTelemetry's ``aio_client_interceptors()``).
+    #: OpenTelemetry's ``aio_client_interceptors()``). grpc.aio files each object under
+    #: the first interceptor kind it implements, so give one object per kind.
     interceptors: tuple[ClientInterceptor, ...] = ()
     #: Largest message sent or received, in bytes: the coordinator's own limit, so a batch
     #: the coordinator may send always fits.
@@ -130,6 +131,9 @@ class ConnectionOptions:
             options += [
                 ("grpc.keepalive_time_ms", int(self.keepalive_interval * 1000)),
                 ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+                # gRPC 1.6x+ waits for a ping's answer this long (default: a minute),
+                # whatever keepalive_timeout says; without it a dead peer is noticed late.
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout * 1000)),
                 # Ping only while a call is open: an idle client has nothing to lose, and
                 # servers treat pings on an idle connection as abuse.
                 ("grpc.keepalive_permit_without_calls", 0),

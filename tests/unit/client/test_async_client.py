@@ -35,6 +35,7 @@ from conveyor.client import (
     WaitTimeoutError,
 )
 from conveyor.client._channel import Action, RetryRules, decide
+from conveyor.transport import Backoff
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Code = grpc.StatusCode
@@ -428,8 +429,7 @@ async def test_watch_gives_up_when_streams_keep_breaking(
 ) -> None:
     from conveyor.client import _async_client
 
-    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF_BASE", 0.001)
-    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF_MAX", 0.005)
+    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF", Backoff(initial=0.001, maximum=0.005))
     running = _task("w", task_pb2.TASK_STATE_RUNNING)
     fake.add_task(id="w", state=task_pb2.TASK_STATE_RUNNING)
     fake.watch_scripts["w"] = [[running, Code.UNAVAILABLE] for _ in range(20)]
