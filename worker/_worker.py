@@ -139,6 +139,9 @@ class Worker:
         self._queues: tuple[str, ...] = ()
         self._concurrency = 1
         self._worker_id = default_worker_id()
+        # The default id names the process that made it; a Worker made before a fork
+        # (a pre-forking server importing the app) gets a fresh one in each child.
+        self._default_id_pid: int | None = os.getpid()
         self._grace_period = 0.0
         self._sync_threads: int | None = None
         self._options = ConnectionOptions.merge(
@@ -206,7 +209,9 @@ class Worker:
         self._addresses = addresses
         self._queues = queue_tuple
         self._concurrency = self._concurrency if concurrency is None else concurrency
-        self._worker_id = worker_id or self._worker_id
+        if worker_id is not None:
+            self._worker_id = worker_id
+            self._default_id_pid = None
         self._grace_period = self._grace_period if grace_period is None else grace_period
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
         return self
@@ -362,6 +367,9 @@ class Worker:
         if self._loop is not None:
             raise RuntimeError("the worker is already running")
         loop = asyncio.get_running_loop()
+        if self._default_id_pid is not None and self._default_id_pid != os.getpid():
+            self._worker_id = default_worker_id()
+            self._default_id_pid = os.getpid()
         if not len(self._registry):
             # It could take no task, and an empty list of types would read as "anything".
             raise NoHandlersError(

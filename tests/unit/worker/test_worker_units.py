@@ -64,6 +64,28 @@ def test_worker_defaults_and_addresses() -> None:
     assert host == socket.gethostname() and pid == str(os.getpid()) and len(random_part) == 6
     assert Worker().worker_id != worker.worker_id  # one id per worker object
     assert Worker(worker_id="w-1").worker_id == "w-1"
+
+
+def test_a_worker_made_before_a_fork_gets_the_child_s_own_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = Worker("127.0.0.1:9")
+    worker.register("noop", lambda ctx, payload: None)
+    parent_id = worker.worker_id
+    # As in a child after fork (a pre-forking server that imported the app): another pid.
+    monkeypatch.setattr(os, "getpid", lambda: 424242)
+
+    async def started_id() -> str:
+        worker._start(install_signal_handlers=False)
+        try:
+            return worker.worker_id
+        finally:
+            worker._teardown()
+
+    child_id = asyncio.run(started_id())
+    assert child_id.split("-")[-2] == "424242" and child_id != parent_id
+    explicit = Worker(worker_id="fixed")
+    assert explicit.worker_id == "fixed"
     assert Worker("a:1, b:2").coordinators == ("a:1", "b:2")
     assert Worker(["a:1", "b:2"], queues="emails").queues == ("emails",)
     assert Worker(worker_id="fixed").worker_id == "fixed"
