@@ -439,47 +439,49 @@ class ProtocolViolationError(RPCError):
     _hint = "Upgrade the worker SDK to match the coordinator; report it if both are current."
 
 
-class ScheduleNotFoundError(RPCError):
+class _ScheduleError(RPCError):
+    """Base of the errors about one schedule, which the server names in metadata."""
+
+    def __init__(self, message: str, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.name = name
+
+    @classmethod
+    def _named(cls, name: str) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        name = info.metadata.get("name") or None
+        message = cls._describe(info) if name is None else cls._named(name)
+        return cls(message, name=name, **_common_kwargs(info))
+
+
+class ScheduleNotFoundError(_ScheduleError):
     """No schedule has the given name (for this API key's tenant).
 
     Attributes:
         name: The schedule name, when the server named it.
     """
 
-    def __init__(self, message: str, *, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.name = name
-
     @classmethod
-    def _from_status(cls, info: StatusInfo) -> RPCError:
-        name = info.metadata.get("name") or None
-        if name is None:
-            return cls(cls._describe(info), **_common_kwargs(info))
-        message = f"no schedule named {name!r}. List the schedules to see their names."
-        return cls(message, name=name, **_common_kwargs(info))
+    def _named(cls, name: str) -> str:
+        return f"no schedule named {name!r}. List the schedules to see their names."
 
 
-class ScheduleAlreadyExistsError(RPCError):
+class ScheduleAlreadyExistsError(_ScheduleError):
     """A schedule with the name exists already.
 
     Attributes:
         name: The schedule name, when the server named it.
     """
 
-    def __init__(self, message: str, *, name: str | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.name = name
-
     @classmethod
-    def _from_status(cls, info: StatusInfo) -> RPCError:
-        name = info.metadata.get("name") or None
-        if name is None:
-            return cls(cls._describe(info), **_common_kwargs(info))
-        message = (
+    def _named(cls, name: str) -> str:
+        return (
             f"a schedule named {name!r} exists already. Pick another name, or change the "
             f"existing one with an update."
         )
-        return cls(message, name=name, **_common_kwargs(info))
 
 
 class EtagMismatchError(RPCError):
