@@ -70,7 +70,8 @@ class WaitTimeoutError(ConveyorError, TimeoutError):
             message += f": {task.unserved_hint()}"
         ConveyorError.__init__(
             self,
-            f"{message}. It stays queued: wait again with a longer timeout, or cancel it.",
+            f"{message}. Waiting does not affect the task: wait again with a longer timeout, "
+            f"or cancel it.",
         )
         self.task_id = task_id
         self.timeout = timeout

@@ -447,13 +447,13 @@ class _ScheduleError(RPCError):
         self.name = name
 
     @classmethod
-    def _named(cls, name: str) -> str:
+    def _named(cls, name: str, server_message: str) -> str:
         raise NotImplementedError
 
     @classmethod
     def _from_status(cls, info: StatusInfo) -> RPCError:
         name = info.metadata.get("name") or None
-        message = cls._describe(info) if name is None else cls._named(name)
+        message = cls._describe(info) if name is None else cls._named(name, info.message)
         return cls(message, name=name, **_common_kwargs(info))
 
 
@@ -465,8 +465,9 @@ class ScheduleNotFoundError(_ScheduleError):
     """
 
     @classmethod
-    def _named(cls, name: str) -> str:
-        return f"no schedule named {name!r}. List the schedules to see their names."
+    def _named(cls, name: str, server_message: str) -> str:
+        said = f" ({server_message})" if server_message else ""
+        return f"no schedule named {name!r}{said}. List the schedules to see their names."
 
 
 class ScheduleAlreadyExistsError(_ScheduleError):
@@ -477,7 +478,7 @@ class ScheduleAlreadyExistsError(_ScheduleError):
     """
 
     @classmethod
-    def _named(cls, name: str) -> str:
+    def _named(cls, name: str, server_message: str) -> str:
         return (
             f"a schedule named {name!r} exists already. Pick another name, or change the "
             f"existing one with an update."
