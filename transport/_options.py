@@ -20,13 +20,8 @@ __all__ = ["MAX_MESSAGE_BYTES", "ClientInterceptor", "ConnectionOptions"]
 #: The coordinator's send and receive limit for one gRPC message; the SDK uses the same.
 MAX_MESSAGE_BYTES = 64 << 20
 
-#: Any of grpc.aio's four client interceptor kinds.
-ClientInterceptor = (
-    aio.UnaryUnaryClientInterceptor
-    | aio.UnaryStreamClientInterceptor
-    | aio.StreamUnaryClientInterceptor
-    | aio.StreamStreamClientInterceptor
-)
+#: Any of grpc.aio's four client interceptor kinds (their common base).
+ClientInterceptor = aio.ClientInterceptor
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

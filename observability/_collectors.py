@@ -1,0 +1,277 @@
+"""Collectors that read state at scrape time: queue depth from the database, workers and
+process state from memory.
+
+Prometheus scrapes through the exposition server's threads, while the state lives on the
+process's asyncio loop (the asyncpg pool, the session registry). :func:`call_on_loop`
+runs a source on its loop from the scrape thread, with a timeout, so a scrape never
+touches loop-owned objects from another thread and never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "DEPTH_STATES",
+    "QueueDepth",
+    "QueueDepthCollector",
+    "Source",
+    "WorkerPool",
+    "WorkerPoolCollector",
+    "WorkerProcessCollector",
+    "WorkerProcessState",
+    "call_on_loop",
+]
+
+T = TypeVar("T")
+Source = Callable[[], T | Awaitable[T]]
+
+_log = logging.getLogger("conveyor.observability.metrics")
+
+DEPTH_STATES = ("pending", "scheduled", "running", "dead")
+
+
+def call_on_loop(source: Source[T], loop: asyncio.AbstractEventLoop | None, timeout: float) -> T:
+    """Calls ``source`` (sync, or returning an awaitable) and returns its value.
+
+    With a ``loop``, the call runs on that loop (from another thread) and is given up
+    after ``timeout`` seconds; without one, a sync source is called right here.
+    """
+    if loop is None:
+        value = source()
+        if inspect.isawaitable(value):
+            close = getattr(value, "close", None)
+            if close is not None:
+                close()  # never awaited: no "coroutine was never awaited" warning
+            raise TypeError("an async metrics source needs the event loop it runs on (loop=)")
+        return value
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError(
+            "metrics were collected on the event loop their source runs on; collect from "
+            "another thread (the exposition server does; in tests use asyncio.to_thread)"
+        )
+
+    async def run() -> T:
+        value = source()
+        if inspect.isawaitable(value):
+            return await value
+        return value
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        raise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """Tasks of one (tenant, queue) by state, and the age of its oldest ready task."""
+
+    tenant: str
+    queue: str
+    pending: int = 0
+    scheduled: int = 0
+    running: int = 0
+    dead: int = 0
+    #: Seconds since the oldest PENDING task became ready; None when nothing is pending.
+    oldest_pending_age_seconds: float | None = None
+
+
+class QueueDepthCollector(Collector):
+    """``conveyor_queue_depth{tenant,queue,state}`` and
+    ``conveyor_queue_oldest_pending_age_seconds{tenant,queue}``, read at scrape time.
+
+    ``fetch`` runs one grouped query; its result is reused for ``max_age`` seconds, so
+    several Prometheus servers (or a scrape storm) cost one query per ``max_age``. A
+    fetch that fails or times out yields no depth series (an absent series, not a stale
+    one: alerts on absence fire) and counts ``conveyor_queue_depth_errors_total``.
+    """
+
+    def __init__(
+        self,
+        fetch: Source[Iterable[QueueDepth]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_age: float = 5.0,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._loop = loop
+        self._max_age = max_age
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rows: list[QueueDepth] | None = None
+        self._fetched_at = -float("inf")
+        self._errors = 0
+        self.fetches = 0
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing must not query the database (registration calls it).
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._current())
+
+    def _current(self) -> list[QueueDepth] | None:
+        with self._lock:
+            if self._rows is not None and self._clock() - self._fetched_at < self._max_age:
+                return self._rows
+            try:
+                rows = list(call_on_loop(self._fetch, self._loop, self._timeout))
+            except Exception as exc:
+                self._errors += 1
+                self._rows = None
+                _log.warning("queue depth for metrics: the query failed: %r", exc)
+                return None
+            self.fetches += 1
+            self._rows = rows
+            self._fetched_at = self._clock()
+            return rows
+
+    def _families(self, rows: list[QueueDepth] | None) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "conveyor_queue_depth",
+            "Tasks per queue by state (pending, scheduled, running, dead), read from the "
+            "database at scrape time.",
+            labels=("tenant", "queue", "state"),
+        )
+        oldest = GaugeMetricFamily(
+            "conveyor_queue_oldest_pending_age_seconds",
+            "Seconds since the oldest pending (ready) task of the queue became ready; 0 when "
+            "none is pending.",
+            labels=("tenant", "queue"),
+        )
+        errors = CounterMetricFamily(
+            "conveyor_queue_depth_errors",
+            "Scrapes whose queue depth query failed or timed out.",
+        )
+        for row in rows or ():
+            for state in DEPTH_STATES:
+                depth.add_metric([row.tenant, row.queue, state], getattr(row, state))
+            oldest.add_metric([row.tenant, row.queue], row.oldest_pending_age_seconds or 0.0)
+        errors.add_metric([], self._errors)
+        yield depth
+        yield oldest
+        yield errors
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerPool:
+    """The workers connected to a leader, for one tenant."""
+
+    tenant: str
+    connected: int
+    #: Free slots the workers granted that the coordinator has not used yet.
+    credits: int
+    #: Tasks leased to these workers without a result yet.
+    in_flight: int
+
+
+class _SourceCollector(Collector, Generic[T]):
+    def __init__(
+        self, source: Source[T], loop: asyncio.AbstractEventLoop | None, timeout: float
+    ) -> None:
+        self._source = source
+        self._loop = loop
+        self._timeout = timeout
+
+    def _read(self) -> T | None:
+        try:
+            return call_on_loop(self._source, self._loop, self._timeout)
+        except Exception as exc:
+            _log.warning("metrics source %r failed: %r", self._source, exc)
+            return None
+
+
+class WorkerPoolCollector(_SourceCollector[Iterable[WorkerPool]]):
+    """``conveyor_workers_connected``, ``conveyor_workers_credits`` and
+    ``conveyor_workers_in_flight_tasks`` per tenant, from the leader's session registry."""
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(()))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._read() or ())
+
+    @staticmethod
+    def _families(pools: Iterable[WorkerPool]) -> Iterator[Metric]:
+        connected = GaugeMetricFamily(
+            "conveyor_workers_connected",
+            "Worker processes connected to this coordinator (the leader has them all).",
+            labels=("tenant",),
+        )
+        credits = GaugeMetricFamily(
+            "conveyor_workers_credits",
+            "Free slots the connected workers granted that are not used yet.",
+            labels=("tenant",),
+        )
+        in_flight = GaugeMetricFamily(
+            "conveyor_workers_in_flight_tasks",
+            "Tasks leased to connected workers without a result yet (credits in use).",
+            labels=("tenant",),
+        )
+        for pool in pools:
+            connected.add_metric([pool.tenant], pool.connected)
+            credits.add_metric([pool.tenant], pool.credits)
+            in_flight.add_metric([pool.tenant], pool.in_flight)
+        yield connected
+        yield credits
+        yield in_flight
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerProcessState:
+    """What one worker process is doing."""
+
+    concurrency: int
+    running: int
+    connected: bool
+
+
+class WorkerProcessCollector(_SourceCollector[WorkerProcessState]):
+    """``conveyor_worker_concurrency``, ``conveyor_worker_running_tasks`` and
+    ``conveyor_worker_connected`` of one worker process."""
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._read())
+
+    @staticmethod
+    def _families(state: WorkerProcessState | None) -> Iterator[Metric]:
+        concurrency = GaugeMetricFamily(
+            "conveyor_worker_concurrency", "Handler slots of this worker process."
+        )
+        running = GaugeMetricFamily(
+            "conveyor_worker_running_tasks", "Handlers running in this worker process."
+        )
+        connected = GaugeMetricFamily(
+            "conveyor_worker_connected",
+            "1 while this worker process has a session with the leader, else 0.",
+        )
+        if state is not None:
+            concurrency.add_metric([], state.concurrency)
+            running.add_metric([], state.running)
+            connected.add_metric([], 1.0 if state.connected else 0.0)
+        yield concurrency
+        yield running
+        yield connected

@@ -1,0 +1,102 @@
+"""The HTTP endpoint Prometheus scrapes (``--metrics-listen HOST:PORT``).
+
+prometheus_client's own WSGI server, in daemon threads off the event loop: a scrape's
+work (collecting, formatting, the queue depth query waiting on the loop) never runs on the
+loop that serves gRPC. It serves ``/metrics`` (any path, like prometheus_client), with
+OpenMetrics and gzip when the scraper asks for them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+from prometheus_client.registry import CollectorRegistry
+
+__all__ = ["MetricsServer", "parse_listen"]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port).
+
+    Raises ValueError naming what is wrong, for a clear ``--metrics-listen`` error.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(
+            f"metrics listen address {value!r} is not HOST:PORT (for example 0.0.0.0:9464)"
+        )
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"metrics listen address {value!r}: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"metrics listen address {value!r}: {host!r} is not an IPv6 address"
+            ) from None
+    elif ":" in host:
+        raise ValueError(f"metrics listen address {value!r}: write an IPv6 host as [{host}]")
+    return host or "0.0.0.0", port
+
+
+class MetricsServer:
+    """Serves one registry over HTTP until :meth:`stop`.
+
+    ``MetricsServer(registry, "127.0.0.1:0")`` picks a free port; :attr:`port` and
+    :attr:`url` tell which once started.
+    """
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self._registry = registry
+        self._host, self._port = parse_listen(listen)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Binds and starts serving; raises OSError (with the address) when it cannot bind."""
+        if self._server is not None:
+            return
+        try:
+            server, thread = start_http_server(self._port, self._host, self._registry)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot serve metrics on {self._host}:{self._port}: {exc.strerror}"
+            ) from exc
+        self._server, self._thread = server, thread
+        self._port = server.server_port
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops serving and closes the socket; waits up to ``timeout`` for the thread.
+
+        Blocking (it waits for the serving thread): from a coroutine, call it through
+        ``asyncio.to_thread``.
+        """
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def url(self) -> str:
+        """The scrape URL (on loopback when bound to all interfaces)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._port}/metrics"
