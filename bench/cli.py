@@ -1,43 +1,142 @@
-"""The ``conveyor bench`` sub-command."""
+"""``conveyor bench``, ``bench-schedules`` and ``bench-failover``: the benchmarks' commands."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+from typing import Annotated, Any
 
-from conveyor.bench.runner import BenchConfig, run
+import typer
+
+from conveyor.cli.app import Globals, command
+
+DSN_HELP = "PostgreSQL to use (its database must be empty or Conveyor's); default: embedded."
+JSON_HELP = "End with one JSON line of the figures."
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="measure throughput and pickup latency (coordinator and workers as processes)",
+def register(app: typer.Typer) -> None:
+    command(app, "bench", example=["conveyor bench", "conveyor bench --tasks 5000 --json"])(bench)
+    command(
+        app,
+        "bench-schedules",
+        example=["conveyor bench-schedules --json", "conveyor bench-schedules --schedules 1000"],
+    )(bench_schedules)
+    command(app, "bench-failover", example="conveyor bench-failover --runs 7 --json")(
+        bench_failover
     )
-    p.add_argument("--tasks", type=int, default=20_000, help="no-op tasks per throughput run")
-    p.add_argument("--workers", type=int, default=2, help="worker processes")
-    p.add_argument("--concurrency", type=int, default=500, help="slots per worker")
-    p.add_argument("--batch", type=int, default=500, help="tasks per SubmitTasks call")
-    p.add_argument("--submitters", type=int, default=4, help="concurrent submit calls")
-    p.add_argument("--latency-rate", type=float, default=100.0, help="tasks/s when timing pickup")
-    p.add_argument("--latency-seconds", type=float, default=10.0)
-    p.add_argument("--dsn", help="PostgreSQL to use (its database must be empty or Conveyor's)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
-    p.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    config = BenchConfig(
-        tasks=args.tasks,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        batch=args.batch,
-        submitters=args.submitters,
-        latency_rate=args.latency_rate,
-        latency_seconds=args.latency_seconds,
-        dsn=args.dsn,
-    )
-    figures = asyncio.run(run(config))
-    if args.json:
-        print(json.dumps(figures))
+def _print_figures(figures: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(figures), flush=True)
     return 0
+
+
+def bench(
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="No-op tasks per run.")] = 20_000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Slots per worker.")
+    ] = 500,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Tasks per SubmitTasks.")] = 500,
+    submitters: Annotated[
+        int, typer.Option("--submitters", min=1, help="Concurrent submit calls.")
+    ] = 4,
+    latency_rate: Annotated[
+        float, typer.Option("--latency-rate", help="Tasks/s when timing pickup.")
+    ] = 100.0,
+    latency_seconds: Annotated[
+        float, typer.Option("--latency-seconds", help="Seconds of the pickup run.")
+    ] = 10.0,
+    dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure throughput and pickup latency: a coordinator and workers as processes."""
+    from conveyor.bench.runner import BenchConfig, run
+
+    config = BenchConfig(
+        tasks=tasks,
+        workers=workers,
+        concurrency=concurrency,
+        batch=batch,
+        submitters=submitters,
+        latency_rate=latency_rate,
+        latency_seconds=latency_seconds,
+        dsn=dsn,
+    )
+    return _print_figures(asyncio.run(run(config)), as_json)
+
+
+def bench_schedules(
+    schedules: Annotated[
+        int, typer.Option("--schedules", min=1, help="Schedules to create.")
+    ] = 10_000,
+    cron: Annotated[str, typer.Option("--cron", help="Their expression.")] = "* * * * * *",
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Length of the measured window.")
+    ] = 20.0,
+    warm_up: Annotated[float, typer.Option("--warm-up", help="Seconds before the window.")] = 5.0,
+    create_concurrency: Annotated[
+        int, typer.Option("--create-concurrency", min=1, help="CreateSchedule calls at once.")
+    ] = 64,
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--dsn", help="PostgreSQL to use: an empty database, with track_commit_timestamp on."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure the firing lag of many second-level schedules (tick to task committed)."""
+    from conveyor.bench.schedules import run
+
+    args = argparse.Namespace(
+        schedules=schedules,
+        cron=cron,
+        seconds=seconds,
+        warm_up=warm_up,
+        create_concurrency=create_concurrency,
+        dsn=dsn,
+    )
+    return _print_figures(asyncio.run(run(args)), as_json)
+
+
+def bench_failover(
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Leader kills.")] = 5,
+    coordinators: Annotated[
+        int, typer.Option("--coordinators", min=2, help="Coordinator processes.")
+    ] = 3,
+    election_ttl: Annotated[
+        float, typer.Option("--election-ttl", help="Their etcd lease TTL, seconds.")
+    ] = 2.0,
+    rate: Annotated[float, typer.Option("--rate", help="Tasks submitted per second.")] = 50.0,
+    etcd: Annotated[
+        str | None,
+        typer.Option(
+            "--etcd",
+            metavar="URL[,URL]",
+            help="etcd to elect on (default: one started here from a local etcd binary).",
+        ),
+    ] = None,
+    dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure leader failover: from a leader's SIGKILL to the next leader's first dispatch."""
+    from conveyor.bench.failover import run
+
+    args = argparse.Namespace(
+        runs=runs,
+        coordinators=coordinators,
+        election_ttl=election_ttl,
+        rate=rate,
+        etcd=etcd,
+        dsn=dsn,
+    )
+    return _print_figures(asyncio.run(run(args)), as_json)

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from asyncio.subprocess import Process
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,39 +30,12 @@ from typing import Any
 import asyncpg
 import grpc
 
-from conveyor.bench.runner import _postgres, _say, _wait_serving
+from conveyor.bench.etcd import local_etcd
+from conveyor.bench.runner import _free_port, _postgres, _say, _wait_serving
 from conveyor.client import AsyncClient, TaskSpec
-from conveyor.embedded.etcd import EtcdServer
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 CLI = [sys.executable, "-m", "conveyor.cli.main"]
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench-failover", help="measure leader failover time (SIGKILL to first new dispatch)"
-    )
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--coordinators", type=int, default=3)
-    p.add_argument("--election-ttl", type=float, default=2.0)
-    p.add_argument("--rate", type=float, default=50.0, help="tasks submitted per second")
-    p.add_argument("--dsn", help="PostgreSQL to use (its database must be empty or Conveyor's)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
-    p.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    figures = asyncio.run(_bench(args))
-    if args.json:
-        print(json.dumps(figures))
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _leader(addresses: list[str]) -> str:
@@ -80,15 +52,21 @@ async def _leader(addresses: list[str]) -> str:
     return ""
 
 
-async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the failover benchmark (options as ``conveyor bench-failover`` takes them)."""
     folder = Path(tempfile.mkdtemp(prefix="conveyor-failover-"))
-    etcd = EtcdServer(folder / "etcd", unsafe_no_fsync=False)
     procs: dict[str, Process] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Its own election key, so that a shared etcd's real clusters are never disturbed.
+    cluster = f"bench-failover-{uuid.uuid4().hex[:8]}"
     try:
-        _say("starting etcd …")
-        await asyncio.to_thread(etcd.start)
-        async with _postgres(args.dsn) as dsn:
+        async with AsyncExitStack() as stack:
+            if args.etcd:
+                etcd_urls = args.etcd
+            else:
+                _say("starting etcd …")
+                etcd_urls = await stack.enter_async_context(local_etcd(folder / "etcd"))
+            dsn = await stack.enter_async_context(_postgres(args.dsn))
             addresses = [f"127.0.0.1:{_free_port()}" for _ in range(args.coordinators)]
 
             async def start_coordinator(address: str) -> None:
@@ -102,7 +80,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     "--listen",
                     address,
                     "--etcd",
-                    etcd.client_urls,
+                    etcd_urls,
+                    "--cluster",
+                    cluster,
                     "--election-ttl",
                     str(args.election_ttl),
                     env=env,
@@ -132,10 +112,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(worker.wait(), 15)
                 await db.close()
-                await _stop_all(procs)  # before PostgreSQL goes away under them
+                await _stop_all(procs)  # before PostgreSQL and etcd go away under them
     finally:
         await _stop_all(procs)
-        await asyncio.to_thread(etcd.stop)
         shutil.rmtree(folder, ignore_errors=True)
     figures = {
         "runs": len(durations),

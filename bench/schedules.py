@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -29,30 +28,6 @@ import asyncpg
 
 from conveyor.bench.runner import _free_port, _percentile, _say, _stop, _wait_serving
 from conveyor.client import AsyncClient
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "bench-schedules",
-        help="measure the firing lag of many second-level schedules (tick to task committed)",
-    )
-    p.add_argument("--schedules", type=int, default=10_000, help="schedules to create")
-    p.add_argument("--cron", default="* * * * * *", help="their expression (default: every s)")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of the measured window")
-    p.add_argument("--warm-up", type=float, default=5.0, help="seconds before the window")
-    p.add_argument("--create-concurrency", type=int, default=64, help="CreateSchedule calls")
-    p.add_argument(
-        "--dsn", help="PostgreSQL to use: an empty database, with track_commit_timestamp on"
-    )
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
-    p.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    figures = asyncio.run(run(args))
-    if args.json:
-        print(json.dumps(figures))
-    return 0
 
 
 @asynccontextmanager

@@ -1,11 +1,226 @@
-"""How the CLI reports failure: one readable line, never a traceback."""
+"""How the CLI reports failure: one line in CLI terms (``conveyor: ...``), never a traceback.
+
+:func:`describe` knows every failure a user can cause or meet (bad input, an unreachable
+coordinator, a missing task, a busy port, a wait that timed out, ...) and words it as
+commands and flags, not as Python calls. Anything it does not know is a bug and keeps its
+traceback.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+# Exit codes: 1 for a failure, 2 for a usage error (as click and argparse use them).
+FAILURE = 1
+USAGE = 2
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class CLIError(Exception):
     """An error to print as one line (``conveyor: <message>``) before exiting with ``code``."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = FAILURE) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class RPCFailure:
+    """What the CLI needs of a failed call, whether the client library or a raw stub made it."""
+
+    code: grpc.StatusCode
+    message: str
+    address: str | None = None
+    reason: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    retry_after: float | None = None
+    violations: tuple[tuple[str, str], ...] = ()
+
+
+def failure_from_grpc(err: grpc.RpcError, address: str | None = None) -> RPCFailure:
+    """Reads code, message and the ``google.rpc`` details off a raw failed call."""
+    code_fn = getattr(err, "code", None)
+    details_fn = getattr(err, "details", None)
+    trailing_fn = getattr(err, "trailing_metadata", None)
+    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    message = (details_fn() if callable(details_fn) else None) or ""
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    retry_after: float | None = None
+    violations: list[tuple[str, str]] = []
+    for key, value in (trailing_fn() if callable(trailing_fn) else None) or ():
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            break
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason or None, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations.extend((v.field, v.description) for v in bad.field_violations)
+    return RPCFailure(code, message, address, reason, metadata, retry_after, tuple(violations))
+
+
+def _failure_from_client(err: object) -> RPCFailure:
+    """The same from a ``conveyor.client.RPCError`` (its documented attributes)."""
+    return RPCFailure(
+        code=getattr(err, "code", grpc.StatusCode.UNKNOWN),
+        message=getattr(err, "server_message", "") or str(err),
+        address=getattr(err, "address", None),
+        reason=getattr(err, "reason", None),
+        metadata=getattr(err, "metadata", None) or {},
+        retry_after=getattr(err, "retry_after", None),
+        violations=tuple(getattr(err, "field_violations", ()) or ()),
+    )
+
+
+def _retry(retry_after: float | None) -> str:
+    return f"try again in {retry_after:g}s" if retry_after else "try again shortly"
+
+
+def _connection_failure(message: str) -> bool:
+    text = message.lower()
+    return not text or any(
+        sign in text for sign in ("connect", "connection refused", "dns resolution", "unavailable")
+    )
+
+
+_PROTO_ENUM = re.compile(r"\b(?:TASK_STATE|ATTEMPT_OUTCOME|TASK_OUTCOME)_([A-Z_]+)\b")
+
+
+def _cli_terms(text: str) -> str:
+    """Proto enum names as the CLI writes them: TASK_STATE_DEAD -> dead."""
+    words = _PROTO_ENUM.sub(lambda m: m[1].lower().replace("_", " "), text)
+    return words.lower() if words.isupper() else words
+
+
+def describe_failure(f: RPCFailure) -> str:
+    """One line for a failed call, in CLI terms."""
+    return _cli_terms(" ".join(_describe_failure(f).split()))
+
+
+def _describe_failure(f: RPCFailure) -> str:
+    where = f.address or "the coordinator"
+    meta = f.metadata
+    reason = f.reason
+    if f.violations:
+        listed = "; ".join(f"{name}: {what}" for name, what in f.violations)
+        return f"invalid request: {listed}"
+    if reason == "TASK_NOT_FOUND":
+        return f"no task with id {meta.get('task_id', '?')} (conveyor tasks lists recent ones)"
+    if reason == "SCHEDULE_NOT_FOUND":
+        return (
+            f"no schedule named {meta.get('name', '?')} (it does not exist or was deleted; "
+            "conveyor schedules list shows the schedules)"
+        )
+    if reason == "SCHEDULE_ALREADY_EXISTS":
+        name = meta.get("name", "?")
+        return f"a schedule named {name} exists already (conveyor schedules get {name})"
+    if reason == "IDEMPOTENCY_KEY_CONFLICT":
+        task = meta.get("task_id", "?")
+        return (
+            f"idempotency key {meta.get('idempotency_key', '?')} is already used by task "
+            f"{task}, submitted with a different request: use a new key "
+            f"(conveyor get {task} shows that task)"
+        )
+    if reason == "INVALID_STATE":
+        task, state = meta.get("task_id", "?"), _cli_terms(meta.get("state", "?"))
+        return (
+            f"task {task} is {state}: conveyor cancel takes only unfinished tasks, "
+            "conveyor retry only dead ones"
+        )
+    if reason == "STORE_UNAVAILABLE":
+        return f"{where} cannot reach its PostgreSQL: {f.message}; {_retry(f.retry_after)}"
+    if reason == "NOT_LEADER":
+        leader = meta.get("leader_address")
+        known = f"says the leader is {leader}" if leader else "knows no leader yet"
+        return f"{where} is not the leader and {known}; {_retry(f.retry_after)}"
+    if reason in ("OVERLOADED", "QUOTA_EXCEEDED"):
+        return f"{where} refused the call: {f.message}; {_retry(f.retry_after)}"
+    if reason == "OUTCOME_UNKNOWN":
+        return (
+            f"{where} lost its database connection while writing, so the change may or may "
+            "not have been made: look before trying again (conveyor get, conveyor tasks); a "
+            "submit with --idempotency-key is safe to repeat"
+        )
+    if f.code is grpc.StatusCode.UNAVAILABLE:
+        # gRPC's own words for a refused connection add nothing; a server's words might.
+        said = "" if _connection_failure(f.message) else f" ({f.message})"
+        return (
+            f"cannot reach the coordinator at {where}{said}: is it running? (conveyor dev "
+            "starts one; --coordinator names another)"
+        )
+    if f.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{where} did not answer in time; raise --rpc-timeout if it is just slow"
+    if f.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return f"{where} refused the call: {f.message or f.code.name.lower()}"
+    if f.code is grpc.StatusCode.UNIMPLEMENTED:
+        return f"{where} does not offer this call ({f.message}); is it an older version?"
+    return f"{where} answered {f.code.name}: {f.message or 'no details'}"
+
+
+class RemoteError(Exception):
+    """A raw call failed on every coordinator tried; ``failure`` is the last one's answer."""
+
+    def __init__(self, failure: RPCFailure) -> None:
+        super().__init__(describe_failure(failure))
+        self.failure = failure
+
+
+def describe(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for an expected failure, or None for a bug."""
+    from conveyor.client import ConveyorError, RPCError, WaitTimeoutError
+
+    if isinstance(exc, CLIError):
+        return str(exc), exc.code
+    if isinstance(exc, RemoteError):
+        return str(exc), FAILURE
+    if isinstance(exc, RPCError):
+        return describe_failure(_failure_from_client(exc)), FAILURE
+    if isinstance(exc, grpc.RpcError):
+        return describe_failure(failure_from_grpc(exc)), FAILURE
+    if isinstance(exc, WaitTimeoutError):
+        state = exc.task.state.value.lower() if exc.task is not None else "not seen yet"
+        return (
+            f"gave up waiting after {exc.timeout:g}s: task {exc.task_id} is {state}; it "
+            f"keeps going (conveyor get {exc.task_id} shows it, conveyor cancel "
+            f"{exc.task_id} stops it)",
+            FAILURE,
+        )
+    if isinstance(exc, ConveyorError):
+        return str(exc), FAILURE
+    from conveyor.embedded.postgres import EmbeddedPostgresError
+
+    if isinstance(exc, EmbeddedPostgresError):
+        # Its message ends with the server log; the first line says what failed.
+        return str(exc).splitlines()[0], FAILURE
+    from conveyor.worker import NonRetryableError, WorkerLoadError
+
+    if isinstance(exc, WorkerLoadError):
+        return str(exc), USAGE
+    if type(exc).__module__.startswith("conveyor.worker.") and not isinstance(
+        exc, NonRetryableError
+    ):
+        # The worker SDK's own errors (a worker with no handlers, a worker id in use, ...)
+        # are documented failures whose messages say what to do.
+        return str(exc), FAILURE
+    if isinstance(exc, OSError):
+        return str(exc), FAILURE
+    return None

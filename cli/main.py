@@ -1,65 +1,101 @@
-"""Entry point of the ``conveyor`` command."""
+"""Entry point of the ``conveyor`` command (the console script and ``python -m``)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from conveyor.cli import logs, schedule_commands, services, status_command, task_commands
-from conveyor.cli.errors import CLIError
+import typer
+
+from conveyor.cli import app as cli_app
+from conveyor.cli.errors import USAGE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="conveyor", description="Conveyor: a gRPC-first task queue on PostgreSQL."
-    )
-    parser.add_argument(
-        "--coordinator",
-        default=os.environ.get("CONVEYOR_COORDINATOR", "127.0.0.1:50051"),
-        metavar="HOST:PORT[,HOST:PORT]",
-        help="coordinator address(es) (env CONVEYOR_COORDINATOR)",
-    )
-    parser.add_argument("--rpc-timeout", type=float, default=10.0, metavar="SECONDS")
-    parser.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "info"))
-    parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    services.add_parsers(sub)
-    task_commands.add_parsers(sub)
-    schedule_commands.add_parsers(sub)
-    status_command.add_parser(sub)
+def build() -> typer.Typer:
+    """The whole command tree."""
+    from conveyor.cli import dev, schedule_commands, services, status_command, task_commands
+
+    root = cli_app.make_app()
+    root.callback(help=cli_app.reflow(cli_app.root_callback.__doc__ or ""))(cli_app.root_callback)
+    dev.register(root)
+    services.register(root)
+    task_commands.register(root)
+    schedule_commands.register(root)
+    status_command.register(root)
     from conveyor.bench import cli as bench_cli
 
-    bench_cli.add_parser(sub)
-    from conveyor.bench import schedules as bench_schedules
+    bench_cli.register(root)
+    return root
 
-    bench_schedules.add_parser(sub)
-    from conveyor.bench import failover as bench_failover
 
-    bench_failover.add_parser(sub)
-    return parser
+@dataclass(frozen=True)
+class CommandInfo:
+    """One runnable command of the tree, for tests and tools that check command lines."""
+
+    path: str
+    options: frozenset[str]
+    arguments: int
+    epilog: str
+
+
+def command_tree() -> dict[str, CommandInfo]:
+    """Every runnable command by its path (``"schedules create"``), with its option flags."""
+    found: dict[str, CommandInfo] = {}
+
+    def walk(cmd: Any, path: str) -> None:
+        children = getattr(cmd, "commands", None)
+        if children:
+            for name, child in children.items():
+                walk(child, f"{path} {name}".strip())
+            return
+        options = {
+            flag
+            for param in cmd.params
+            if param.param_type_name == "option"
+            for flag in (*param.opts, *param.secondary_opts)
+        }
+        arguments = sum(1 for param in cmd.params if param.param_type_name == "argument")
+        found[path] = CommandInfo(path, frozenset(options), arguments, cmd.epilog or "")
+
+    walk(typer.main.get_command(build()), "")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
+    """Runs one ``conveyor`` command line; returns the exit code."""
+    command = typer.main.get_command(build())
     try:
-        code: int = args.run(args)
-    except CLIError as exc:
-        print(f"conveyor: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
+        result = command.main(
+            args=list(sys.argv[1:] if argv is None else argv),
+            prog_name="conveyor",
+            standalone_mode=False,
+        )
+    except typer.TyperException as exc:  # a usage error (bad flag, missing argument, ...)
+        where = getattr(getattr(exc, "ctx", None), "command_path", None) or "conveyor"
+        print(f"{where}: {exc.format_message()} (see {where} --help)", file=sys.stderr, flush=True)
+        return int(getattr(exc, "exit_code", USAGE))
+    except typer.Abort:
         return 130
-    except Exception as exc:
-        from conveyor.client import ConveyorError
-
-        if isinstance(exc, ConveyorError | OSError):
-            print(f"conveyor: {exc}", file=sys.stderr)
-            return 1
+    except SystemExit as exc:
+        # rich and typer end a write to a closed stdout (`conveyor --help | head -1`) with
+        # exit 1, after pointing stdout at /dev/null; a reader that stopped reading is no
+        # failure of ours.
+        if exc.code == 1 and _stdout_discarded():
+            return 0
         raise
-    return code
+    return result if isinstance(result, int) else 0
+
+
+def _stdout_discarded() -> bool:
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

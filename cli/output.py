@@ -1,15 +1,40 @@
-"""Formatting of tasks and queues for people (tables) and programs (JSON)."""
+"""Formatting for people (rich tables, detail blocks) and programs (JSON).
+
+Tables are plain columns (no borders) so that ``grep`` and ``awk`` work on them; colour
+only on a terminal. Every value a user supplied is printed as text, never as rich markup.
+Times carry their zone: the local one for tasks, the schedule's own for schedules.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from enum import Enum
 from typing import Any
 
-from conveyor.client import QueueStats, Task, TaskAttempt
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+# Wide enough that no table is ever wrapped when stdout is a pipe or a file.
+_PIPE_WIDTH = 10_000
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console on stdout (or stderr): the terminal's width, or no width limit on a pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(
+        file=stream,
+        width=shutil.get_terminal_size().columns if tty else _PIPE_WIDTH,
+        highlight=False,
+        soft_wrap=not tty,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -31,96 +56,77 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_json(value: Any) -> str:
-    """JSON for a client dataclass (or a list of them); payloads and results decoded."""
+def plain(value: Any) -> Any:
+    """A client dataclass (or a list of them) as JSON-ready data; payloads decoded."""
     if isinstance(value, list):
-        return json.dumps([_plain(asdict(v)) for v in value], indent=2)
-    return json.dumps(_plain(asdict(value)), indent=2)
+        return [_plain(asdict(v)) for v in value]
+    return _plain(asdict(value))
 
 
-def _short(data: bytes, limit: int = 60) -> str:
-    text = data.decode("utf-8", "replace") if data else ""
+def to_json(value: Any) -> str:
+    """JSON text for a client dataclass, a list of them, or a dict from :func:`plain`."""
+    return json.dumps(value if isinstance(value, dict) else plain(value), indent=2)
+
+
+def short(data: bytes | str, limit: int = 60) -> str:
+    """Text of at most ``limit`` characters (an ellipsis marks a cut)."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+def when(value: datetime | None, zone: tzinfo | None = None) -> str:
+    """A time in ``zone`` (default: this machine's), with the zone's name."""
+    if value is None:
+        return "-"
+    local = value.astimezone(zone)
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or local.strftime("%z"))
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    return "\n".join(lines)
+def state_name(state: Enum | str) -> str:
+    """A state or outcome as the CLI writes it: lower case, words apart (``not started``)."""
+    text = state.value if isinstance(state, Enum) else state
+    return str(text).lower().replace("_", " ")
 
 
-def task_detail(task: Task, attempts: Sequence[TaskAttempt] = ()) -> str:
-    lines = [
-        f"id:           {task.id}",
-        f"state:        {task.state.value}",
-        f"queue/type:   {task.queue} / {task.type}",
-        f"attempt:      {task.attempt} of {task.max_attempts}",
-        f"priority:     {task.priority}",
-        f"created:      {_when(task.create_time)}",
-        f"run at:       {_when(task.run_at)}",
-        f"finished:     {_when(task.finish_time)}",
-        f"payload:      {_short(task.payload, 200)}",
-    ]
-    if task.idempotency_key:
-        lines.append(f"idempotency:  {task.idempotency_key}")
-    if task.worker_id:
-        lines.append(f"worker:       {task.worker_id}")
-    if task.result:
-        lines.append(f"result:       {_short(task.result, 200)}")
-    if task.last_error:
-        lines.append(f"last error:   {task.last_error}")
-    if attempts:
-        lines.append("attempts:")
-        lines.append(
-            table(
-                ["  #", "WORKER", "STARTED", "ENDED", "OUTCOME", "ERROR"],
-                [
-                    (
-                        f"  {a.attempt}",
-                        a.worker_id,
-                        _when(a.start_time),
-                        _when(a.end_time),
-                        a.outcome.value,
-                        _short((a.error or "").encode(), 50),
-                    )
-                    for a in attempts
-                ],
-            )
-        )
-    return "\n".join(lines)
+def attempts_text(attempt: int, max_attempts: int, uncounted: int = 0) -> str:
+    """``3 of 3``, or ``3 of 3 (6 in all)`` when some attempts did not count."""
+    counted = max(attempt - uncounted, 0)
+    text = f"{counted} of {max_attempts}"
+    return f"{text} ({attempt} in all)" if uncounted > 0 else text
 
 
-def task_table(tasks: Sequence[Task]) -> str:
-    return table(
-        ["ID", "STATE", "QUEUE", "TYPE", "ATTEMPT", "CREATED"],
-        [
-            (
-                t.id,
-                t.state.value,
-                t.queue,
-                t.type,
-                f"{t.attempt}/{t.max_attempts}",
-                _when(t.create_time),
-            )
-            for t in tasks
-        ],
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
+    """Plain aligned columns with bold headers."""
+    grid = Table(
+        box=None,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 2, 0, 0),
+        header_style="bold",
     )
+    for i, header in enumerate(headers):
+        # The first column is usually an id: never cut it.
+        grid.add_column(header, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        grid.add_row(*(Text(str(cell)) for cell in row))
+    return grid
 
 
-def queue_table(queues: Sequence[QueueStats]) -> str:
-    if not queues:
-        return "no queues have tasks waiting, running or dead"
-    return table(
-        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD"],
-        [(q.name, q.pending, q.scheduled, q.running, q.dead) for q in queues],
-    )
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: int = 0) -> None:
+    """Prints a :func:`table`; on a pipe as plain text without trailing blanks."""
+    out = console()
+    grid = table(headers, rows)
+    if out.is_terminal:
+        out.print(Padding(grid, (0, 0, 0, indent), expand=False) if indent else grid)
+        return
+    with out.capture() as captured:
+        out.print(grid)
+    prefix = " " * indent
+    lines = [prefix + line.rstrip() for line in captured.get().splitlines()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def print_text(text: str) -> None:
+    """Prints user-supplied text as is (no markup)."""
+    print(text, flush=True)

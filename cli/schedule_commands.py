@@ -1,149 +1,213 @@
-"""``conveyor schedules create|list|get|pause|resume|delete``: cron schedules from the shell."""
+"""``conveyor schedules create|list|get|pause|resume|delete``: cron schedules from the shell.
+
+Times are printed in the schedule's own time zone, with the zone's name (``02:00:00 CET``):
+that is the zone its cron expression is read in.
+"""
 
 from __future__ import annotations
 
-import argparse
+import enum
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import typer
 
 from conveyor.cli import output
-from conveyor.cli.errors import CLIError
-from conveyor.client import CatchUpPolicy, Client, OverlapPolicy, Schedule
+from conveyor.cli.app import Globals, command, make_app
+from conveyor.cli.errors import USAGE, CLIError
+from conveyor.client import CatchUpPolicy, Client, Schedule
 
 
-def _choices(enum: Any) -> list[str]:
-    return [m.name.lower().replace("_", "-") for m in enum if m.name != "UNSPECIFIED"]
+class Overlap(enum.StrEnum):
+    allow = "allow"
+    skip = "skip"
+    buffer_one = "buffer-one"
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parent = sub.add_parser("schedules", help="cron schedules that submit a task at each tick")
-    commands = parent.add_subparsers(dest="schedules_command", required=True, metavar="COMMAND")
+class CatchUp(enum.StrEnum):
+    skip = "skip"
+    fire_once = "fire-once"
+    fire_all = "fire-all"
 
-    p = commands.add_parser("create", help="create a schedule")
-    p.add_argument("name", help="unique name, e.g. nightly-report")
-    p.add_argument(
-        "cron",
-        help="5 fields, 6 with seconds first ('*/10 * * * * *'), or @hourly, @daily, ...",
+
+def register(app: typer.Typer) -> None:
+    """Adds ``conveyor schedules ...`` to ``app``."""
+    group = make_app(
+        "schedules",
+        help="Cron schedules that submit a task at every tick.",
     )
-    p.add_argument("type", help="task type each tick submits")
-    p.add_argument("payload", nargs="?", default="null", help="JSON payload (default: null)")
-    p.add_argument("--time-zone", default="UTC", help="IANA zone, e.g. Europe/Berlin")
-    p.add_argument("--queue", default="default")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--max-attempts", type=int)
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="execution timeout")
-    p.add_argument("--overlap", choices=_choices(OverlapPolicy), default="allow")
-    p.add_argument("--catch-up", choices=_choices(CatchUpPolicy), default="fire-once")
-    p.add_argument("--catch-up-limit", type=int, help="most missed ticks fire-all fires")
-    p.add_argument("--start", type=_aware_time, metavar="ISO-TIME", help="no ticks before")
-    p.add_argument("--end", type=_aware_time, metavar="ISO-TIME", help="no ticks from then on")
-    p.add_argument("--paused", action="store_true", help="create it paused")
-    p.add_argument("--json", action="store_true", help="print the schedule as JSON")
-    p.set_defaults(run=_create)
-
-    p = commands.add_parser("list", help="list schedules by name")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_list)
-
-    p = commands.add_parser("get", help="show a schedule, its next fire times and last firings")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_get)
-
-    for name, run, text in (
-        ("pause", _pause, "stop a schedule firing"),
-        ("resume", _resume, "start a paused schedule again, from now"),
-        ("delete", _delete, "delete a schedule (its tasks stay)"),
-    ):
-        p = commands.add_parser(name, help=text)
-        p.add_argument("name")
-        p.set_defaults(run=run)
+    command(
+        group,
+        "create",
+        example=[
+            "conveyor schedules create nightly-report '0 2 * * *' send-report "
+            '\'{"to": "ops"}\' --time-zone Europe/Berlin',
+            "conveyor schedules create heartbeat '*/10 * * * * *' echo '\"beat\"'",
+        ],
+    )(create)
+    command(group, "list", example="conveyor schedules list")(list_)
+    command(group, "get", example="conveyor schedules get nightly-report")(get)
+    command(group, "pause", example="conveyor schedules pause nightly-report")(pause)
+    command(group, "resume", example="conveyor schedules resume nightly-report")(resume)
+    command(group, "delete", example="conveyor schedules delete nightly-report")(delete)
+    app.add_typer(group)
 
 
 def _aware_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
+        raise typer.BadParameter(
             f"{text!r} is not an ISO 8601 time such as 2030-01-01T09:00:00+01:00"
         ) from None
     if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset (or Z)")
+        raise typer.BadParameter(f"{text!r} needs a UTC offset (or Z)")
     return value
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.coordinator, timeout=args.rpc_timeout)
+def _client(g: Globals) -> Client:
+    return Client(g.addresses, timeout=g.rpc_timeout)
 
 
-def _create(args: argparse.Namespace) -> int:
+Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]
+AsJSON = Annotated[bool, typer.Option("--json", help="Print the schedule as JSON.")]
+
+
+def create(
+    name: Annotated[str, typer.Argument(help="Unique name, e.g. nightly-report.")],
+    cron: Annotated[
+        str,
+        typer.Argument(
+            help="5 fields, 6 with seconds first ('*/10 * * * * *'), or @hourly, @daily, ..."
+        ),
+    ],
+    type: Annotated[str, typer.Argument(help="Task type each tick submits.")],
+    payload: Annotated[str, typer.Argument(help="JSON payload of each task.")] = "null",
+    time_zone: Annotated[
+        str, typer.Option("--time-zone", help="IANA zone the cron is read in.")
+    ] = "UTC",
+    queue: Annotated[str, typer.Option("--queue", help="Queue of the tasks.")] = "default",
+    priority: Annotated[int, typer.Option("--priority", help="Priority of the tasks.")] = 0,
+    max_attempts: Annotated[
+        int | None, typer.Option("--max-attempts", help="Attempts per task.")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", metavar="SECONDS", help="Execution timeout of an attempt."),
+    ] = None,
+    overlap: Annotated[
+        Overlap,
+        typer.Option("--overlap", case_sensitive=False, help="While the last firing runs."),
+    ] = Overlap.allow,
+    catch_up: Annotated[
+        CatchUp,
+        typer.Option("--catch-up", case_sensitive=False, help="Ticks missed while down."),
+    ] = CatchUp.fire_once,
+    catch_up_limit: Annotated[
+        int | None, typer.Option("--catch-up-limit", help="Most missed ticks fire-all fires.")
+    ] = None,
+    start: Annotated[
+        datetime | None,
+        typer.Option("--start", metavar="ISO-TIME", parser=_aware_time, help="No ticks before."),
+    ] = None,
+    end: Annotated[
+        datetime | None,
+        typer.Option(
+            "--end", metavar="ISO-TIME", parser=_aware_time, help="No ticks from then on."
+        ),
+    ] = None,
+    paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
+    as_json: AsJSON = False,
+    *,
+    g: Globals,
+) -> int:
+    """Create a schedule: a task of TYPE with PAYLOAD at every tick of CRON."""
     try:
-        payload = json.loads(args.payload)
+        value = json.loads(payload)
     except ValueError as exc:
-        raise CLIError(f"the payload is not valid JSON ({exc})", code=2) from None
-    with _client(args) as client:
+        raise CLIError(f"the payload is not valid JSON ({exc})", code=USAGE) from None
+    with _client(g) as client:
         schedule = client.create_schedule(
-            args.name,
-            args.cron,
-            args.type,
-            payload,
-            time_zone=args.time_zone,
-            queue=args.queue,
-            priority=args.priority,
-            max_attempts=args.max_attempts,
-            timeout=args.timeout,
-            overlap_policy=args.overlap,
-            catch_up_policy=args.catch_up,
-            catch_up_limit=args.catch_up_limit,
-            start_time=args.start,
-            end_time=args.end,
-            paused=args.paused,
+            name,
+            cron,
+            type,
+            value,
+            time_zone=time_zone,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            overlap_policy=overlap.value,
+            catch_up_policy=catch_up.value,
+            catch_up_limit=catch_up_limit,
+            start_time=start,
+            end_time=end,
+            paused=paused,
         )
-    print(output.to_json(schedule) if args.json else schedule_detail(schedule))
+    output.print_text(output.to_json(schedule) if as_json else schedule_detail(schedule))
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        page = client.list_schedules(page_size=min(max(args.limit, 1), 1000))
-    print(output.to_json(page.items) if args.json else schedule_table(page.items))
+def list_(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (1000).")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the schedules as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """List schedules by name."""
+    with _client(g) as client:
+        page = client.list_schedules(page_size=min(limit, 1000))
+    if as_json:
+        output.print_text(output.to_json(page.items))
+    elif not page.items:
+        output.print_text("no schedules")
+    else:
+        print_schedule_table(page.items)
     return 0
 
 
-def _get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        schedule = client.get_schedule(args.name)
-    print(output.to_json(schedule) if args.json else schedule_detail(schedule))
+def get(name: Name, as_json: AsJSON = False, *, g: Globals) -> int:
+    """Show a schedule, its next fire times and its last firings."""
+    with _client(g) as client:
+        schedule = client.get_schedule(name)
+    output.print_text(output.to_json(schedule) if as_json else schedule_detail(schedule))
     return 0
 
 
-def _pause(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        schedule = client.pause_schedule(args.name)
-    print(f"{schedule.name} paused")
+def pause(name: Name, *, g: Globals) -> int:
+    """Stop a schedule firing (a paused schedule does not catch up on resume)."""
+    with _client(g) as client:
+        schedule = client.pause_schedule(name)
+    output.print_text(f"{schedule.name} paused")
     return 0
 
 
-def _resume(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        schedule = client.resume_schedule(args.name)
-    nxt = _when(schedule.next_fire_times[0]) if schedule.next_fire_times else "never"
-    print(f"{schedule.name} resumed; next fire time {nxt}")
+def resume(name: Name, *, g: Globals) -> int:
+    """Start a paused schedule again, from now."""
+    with _client(g) as client:
+        schedule = client.resume_schedule(name)
+    zone = _zone(schedule)
+    nxt = output.when(schedule.next_fire_times[0], zone) if schedule.next_fire_times else "never"
+    output.print_text(f"{schedule.name} resumed; next fire time {nxt}")
     return 0
 
 
-def _delete(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.delete_schedule(args.name)
-    print(f"{args.name} deleted")
+def delete(name: Name, *, g: Globals) -> int:
+    """Delete a schedule (the tasks it submitted stay)."""
+    with _client(g) as client:
+        client.delete_schedule(name)
+    output.print_text(f"{name} deleted")
     return 0
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+def _zone(s: Schedule) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(s.time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None  # a zone this machine does not know: show local times, named
 
 
 def _policy(value: Any) -> str:
@@ -151,6 +215,8 @@ def _policy(value: Any) -> str:
 
 
 def schedule_detail(s: Schedule) -> str:
+    """The key: value block of one schedule; times in its own zone."""
+    zone = _zone(s)
     lines = [
         f"name:         {s.name}",
         f"id:           {s.id}",
@@ -162,39 +228,32 @@ def schedule_detail(s: Schedule) -> str:
         f"state:        {'paused' if s.paused else 'active'}",
     ]
     if s.start_time or s.end_time:
-        lines.append(f"window:       {_when(s.start_time)} .. {_when(s.end_time)}")
+        lines.append(
+            f"window:       {output.when(s.start_time, zone)} .. {output.when(s.end_time, zone)}"
+        )
     lines.append(
-        "next:         " + (", ".join(_when(t) for t in s.next_fire_times) or "none scheduled")
+        "next:         "
+        + (", ".join(output.when(t, zone) for t in s.next_fire_times) or "none scheduled")
     )
     if s.recent_firings:
         lines.append("last firings:")
-        lines.append(
-            output.table(
-                ["  TICK", "TASK", "STATE", "LAG"],
-                [
-                    (
-                        f"  {_when(f.tick_time)}",
-                        f.task_id,
-                        f.task_state.value,
-                        _lag(f.tick_time, f.fire_time),
-                    )
-                    for f in s.recent_firings
-                ],
+        width = max(len(output.when(f.tick_time, zone)) for f in s.recent_firings)
+        for f in s.recent_firings:
+            lines.append(
+                f"  {output.when(f.tick_time, zone).ljust(width)}  {f.task_id}  "
+                f"{output.state_name(f.task_state).ljust(9)}  {_lag(f.tick_time, f.fire_time)}"
             )
-        )
     return "\n".join(lines)
 
 
 def _lag(tick: datetime, fired: datetime | None) -> str:
     if fired is None:
         return "-"
-    return f"{(fired - tick).total_seconds() * 1000:.0f} ms"
+    return f"lag {(fired - tick).total_seconds() * 1000:.0f} ms"
 
 
-def schedule_table(schedules: Sequence[Schedule]) -> str:
-    if not schedules:
-        return "no schedules"
-    return output.table(
+def print_schedule_table(schedules: Sequence[Schedule]) -> None:
+    output.print_table(
         ["NAME", "CRON", "TIME ZONE", "TYPE", "QUEUE", "STATE", "NEXT"],
         [
             (
@@ -204,7 +263,7 @@ def schedule_table(schedules: Sequence[Schedule]) -> str:
                 s.type,
                 s.queue,
                 "paused" if s.paused else "active",
-                _when(s.next_fire_times[0]) if s.next_fire_times else "-",
+                output.when(s.next_fire_times[0], _zone(s)) if s.next_fire_times else "-",
             )
             for s in schedules
         ],

@@ -1,202 +1,299 @@
-"""``conveyor coordinator``, ``conveyor worker`` and ``conveyor dev``."""
+"""``conveyor coordinator`` and ``conveyor worker``: the long-running processes."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import os
-import signal
-from pathlib import Path
+import errno
+import socket
+from typing import TYPE_CHECKING, Annotated
 
-from conveyor.cli.errors import CLIError
-from conveyor.coordinator import Coordinator, CoordinatorConfig, serve
-from conveyor.coordinator.election import parse_endpoints
+import typer
+
+from conveyor.cli.app import Globals, command
+from conveyor.cli.errors import USAGE, CLIError
+
+if TYPE_CHECKING:
+    from conveyor.coordinator import CoordinatorConfig
+    from conveyor.worker import Worker
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "dev",
-        help="run PostgreSQL (embedded), a coordinator and a demo worker on this machine",
-    )
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
-    p.add_argument(
-        "--data-dir", default=".conveyor/dev", metavar="DIR", help="where PostgreSQL keeps data"
-    )
-    p.add_argument("--concurrency", type=int, default=20, help="demo worker slots")
-    p.set_defaults(run=_dev)
-
-    p = sub.add_parser("coordinator", help="run a coordinator")
-    p.add_argument(
-        "--dsn",
-        default=os.environ.get("CONVEYOR_DSN"),
-        help="PostgreSQL connection string (env CONVEYOR_DSN)",
-    )
-    p.add_argument("--listen", default=os.environ.get("CONVEYOR_LISTEN", DEFAULT_LISTEN))
-    p.add_argument(
-        "--etcd",
-        default=os.environ.get("CONVEYOR_ETCD", ""),
-        metavar="URL[,URL]",
-        help="etcd endpoints for leader election (env CONVEYOR_ETCD); none: single-node",
-    )
-    p.add_argument(
-        "--advertise",
-        default=os.environ.get("CONVEYOR_ADVERTISE", ""),
-        metavar="HOST:PORT",
-        help="address other processes reach this coordinator at (default: --listen)",
-    )
-    p.add_argument("--cluster", default="default", help="cluster name (one leader per cluster)")
-    p.add_argument(
-        "--election-ttl",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="etcd lease TTL: how long a dead leader keeps office",
-    )
-    p.add_argument("--lease-duration", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--max-payload-bytes", type=int, default=1 << 20)
-    p.add_argument("--pool-size", type=int, default=16, help="most PostgreSQL connections")
-    p.set_defaults(run=_coordinator)
-
-    p = sub.add_parser("worker", help="run a worker process")
-    p.add_argument(
-        "target",
-        nargs="?",
-        help="MODULE[:ATTR] naming a conveyor.worker.Worker (ATTR defaults to 'worker')",
-    )
-    p.add_argument("--demo", action="store_true", help="serve the demo types echo, sleep, fail")
-    p.add_argument("--concurrency", type=int, default=None, help="overrides the worker's own")
-    p.add_argument("--queues", default=None, help="comma-separated; overrides the worker's own")
-    p.set_defaults(run=_worker)
+def register(app: typer.Typer) -> None:
+    command(
+        app,
+        "coordinator",
+        example=[
+            "conveyor coordinator --dsn postgresql://conveyor@db.internal/conveyor",
+            'conveyor coordinator --dsn "$DSN" --etcd http://10.0.0.1:2379 '
+            "--listen 0.0.0.0:50051 --advertise 10.0.0.5:50051",
+        ],
+    )(coordinator)
+    command(
+        app,
+        "worker",
+        example=[
+            "conveyor worker myapp.tasks:worker",
+            "conveyor worker --demo --coordinator 127.0.0.1:50051",
+            "conveyor worker myapp.tasks --queues mail,default --concurrency 50 --grace-period 60",
+        ],
+    )(worker)
 
 
-def _coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
-    if not args.dsn:
-        raise CLIError("no database: pass --dsn postgresql://... or set CONVEYOR_DSN", code=2)
-    if args.lease_duration <= 0 or args.heartbeat_interval <= 0:
-        raise CLIError("--lease-duration and --heartbeat-interval must be positive", code=2)
-    if args.heartbeat_interval >= args.lease_duration:
-        raise CLIError("--heartbeat-interval must be shorter than --lease-duration", code=2)
+def check_listen(listen: str) -> None:
+    """Fails in one line when ``listen`` is malformed or its port is taken.
+
+    Checked before anything starts (PostgreSQL takes seconds); the coordinator's own bind
+    still decides, and its failure is worded the same way.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
     try:
-        etcd = tuple(parse_endpoints(args.etcd)) if args.etcd else ()
-    except ValueError as exc:
-        raise CLIError(f"--etcd: {exc}", code=2) from None
-    if args.election_ttl < 1:
-        raise CLIError("--election-ttl must be at least 1 second", code=2)
-    return CoordinatorConfig(
-        dsn=args.dsn,
-        listen=args.listen,
-        cluster=args.cluster,
-        etcd=tuple(f"http://{host}:{port}" for host, port in etcd),
-        advertise=args.advertise,
-        election_ttl=args.election_ttl,
-        lease_duration=args.lease_duration,
-        heartbeat_interval=args.heartbeat_interval,
-        max_payload_bytes=args.max_payload_bytes,
-        pool_max_size=args.pool_size,
-        pool_min_size=min(4, args.pool_size),
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 <= port < 65536:
+        raise CLIError(f"--listen {listen!r} is not HOST:PORT (e.g. 127.0.0.1:50051)", code=USAGE)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC does: a port whose old connections linger in TIME_WAIT is usable.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CLIError(busy_port_message(listen, exc)) from None
+
+
+def busy_port_message(listen: str, exc: BaseException | None = None) -> str:
+    """One line for an address the coordinator cannot listen on."""
+    in_use = (
+        exc is None
+        or (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE)
+        or is_bind_failure(exc)
+    )
+    why = "the address is in use (another conveyor dev or coordinator?)" if in_use else str(exc)
+    return f"cannot listen on {listen}: {why}; pick another with --listen HOST:PORT"
+
+
+def is_bind_failure(exc: BaseException) -> bool:
+    """Whether the coordinator failed to start because it could not bind its address
+    (gRPC raises RuntimeError "Failed to bind", older versions returned port 0)."""
+    text = str(exc)
+    return isinstance(exc, OSError | RuntimeError) and (
+        "bind" in text.lower() or "address is in use" in text
     )
 
 
-def _coordinator(args: argparse.Namespace) -> int:
-    asyncio.run(serve(_coordinator_config(args)))
+def coordinator(
+    dsn: Annotated[
+        str | None,
+        typer.Option("--dsn", envvar="CONVEYOR_DSN", help="PostgreSQL connection string."),
+    ] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", envvar="CONVEYOR_LISTEN", metavar="HOST:PORT", help="Where to serve gRPC."
+        ),
+    ] = DEFAULT_LISTEN,
+    etcd: Annotated[
+        str,
+        typer.Option(
+            "--etcd",
+            envvar="CONVEYOR_ETCD",
+            metavar="URL[,URL]",
+            help="etcd endpoints for leader election; none: single-node (leads alone).",
+        ),
+    ] = "",
+    advertise: Annotated[
+        str,
+        typer.Option(
+            "--advertise",
+            envvar="CONVEYOR_ADVERTISE",
+            metavar="HOST:PORT",
+            help="Address other processes reach this coordinator at (default: --listen).",
+        ),
+    ] = "",
+    cluster: Annotated[
+        str, typer.Option("--cluster", help="Cluster name (one leader per cluster).")
+    ] = "default",
+    election_ttl: Annotated[
+        float,
+        typer.Option(
+            "--election-ttl", metavar="SECONDS", help="How long a dead leader keeps office."
+        ),
+    ] = 2.0,
+    lease_duration: Annotated[
+        float,
+        typer.Option(
+            "--lease-duration", metavar="SECONDS", help="A task's lease without heartbeats."
+        ),
+    ] = 30.0,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option("--heartbeat-interval", metavar="SECONDS", help="Between worker heartbeats."),
+    ] = 10.0,
+    max_payload_bytes: Annotated[
+        int, typer.Option("--max-payload-bytes", help="Largest task payload accepted.")
+    ] = 1 << 20,
+    pool_size: Annotated[
+        int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
+    ] = 16,
+    *,
+    g: Globals,
+) -> int:
+    """Run a coordinator against your PostgreSQL (and etcd, for several replicas)."""
+    config = coordinator_config(
+        dsn=dsn,
+        listen=listen,
+        etcd=etcd,
+        advertise=advertise,
+        cluster=cluster,
+        election_ttl=election_ttl,
+        lease_duration=lease_duration,
+        heartbeat_interval=heartbeat_interval,
+        max_payload_bytes=max_payload_bytes,
+        pool_size=pool_size,
+    )
+    check_listen(listen)
+    from conveyor.coordinator import serve
+
+    try:
+        asyncio.run(serve(config))
+    except (OSError, RuntimeError) as exc:
+        if is_bind_failure(exc):
+            raise CLIError(busy_port_message(listen, exc)) from None
+        raise
     return 0
 
 
-def _build_worker(args: argparse.Namespace) -> object:
+def coordinator_config(
+    *,
+    dsn: str | None,
+    listen: str,
+    etcd: str,
+    advertise: str,
+    cluster: str,
+    election_ttl: float,
+    lease_duration: float,
+    heartbeat_interval: float,
+    max_payload_bytes: int,
+    pool_size: int,
+) -> CoordinatorConfig:
+    """The coordinator's configuration from its flags; a bad value is a one-line error."""
+    from conveyor.coordinator import CoordinatorConfig
+    from conveyor.coordinator.election import parse_endpoints
+
+    if not dsn:
+        raise CLIError("no database: pass --dsn postgresql://... or set CONVEYOR_DSN", code=USAGE)
+    if lease_duration <= 0 or heartbeat_interval <= 0:
+        raise CLIError("--lease-duration and --heartbeat-interval must be positive", code=USAGE)
+    if heartbeat_interval >= lease_duration:
+        raise CLIError("--heartbeat-interval must be shorter than --lease-duration", code=USAGE)
+    if election_ttl < 1:
+        raise CLIError("--election-ttl must be at least 1 second", code=USAGE)
+    if pool_size < 1:
+        raise CLIError("--pool-size must be at least 1", code=USAGE)
+    try:
+        endpoints = tuple(parse_endpoints(etcd)) if etcd else ()
+    except ValueError as exc:
+        raise CLIError(f"--etcd: {exc}", code=USAGE) from None
+    try:
+        return CoordinatorConfig(
+            dsn=dsn,
+            listen=listen,
+            cluster=cluster,
+            etcd=tuple(f"http://{host}:{port}" for host, port in endpoints),
+            advertise=advertise,
+            election_ttl=election_ttl,
+            lease_duration=lease_duration,
+            heartbeat_interval=heartbeat_interval,
+            max_payload_bytes=max_payload_bytes,
+            pool_max_size=pool_size,
+            pool_min_size=min(4, pool_size),
+        )
+    except ValueError as exc:  # the configuration's own checks
+        raise CLIError(str(exc), code=USAGE) from None
+
+
+def worker(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODULE[:ATTR]",
+            help="The conveyor.worker.Worker to run (ATTR defaults to 'worker').",
+            show_default=False,
+        ),
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Serve the demo types echo, sleep and fail.")
+    ] = False,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", help="Tasks run at once (overrides the worker's own)."),
+    ] = None,
+    queues: Annotated[
+        str | None,
+        typer.Option("--queues", help="Comma-separated queues (overrides the worker's own)."),
+    ] = None,
+    grace_period: Annotated[
+        float | None,
+        typer.Option(
+            "--grace-period",
+            metavar="SECONDS",
+            help="On SIGTERM or Ctrl-C, how long running tasks may finish (default 30).",
+        ),
+    ] = None,
+    *,
+    g: Globals,
+) -> int:
+    """Run a worker process.
+
+    SIGTERM or Ctrl-C drains it: no new work, running tasks get the grace period to finish
+    (a task still running then goes back to its queue), then it exits 0. A second signal
+    stops at once.
+    """
+    built = build_worker(
+        g, target=target, demo=demo, concurrency=concurrency, queues=queues, grace=grace_period
+    )
+    asyncio.run(built.run())
+    return 0
+
+
+def build_worker(
+    g: Globals,
+    *,
+    target: str | None,
+    demo: bool,
+    concurrency: int | None,
+    queues: str | None,
+    grace: float | None,
+) -> Worker:
+    """The worker to run: the demo one, or the user's with the flags applied."""
     from conveyor.worker import Worker, load_worker
     from conveyor.worker.demo import register_demo_tasks
 
-    overrides: dict[str, object] = {}
-    if args.concurrency is not None:
-        overrides["concurrency"] = args.concurrency
-    if args.queues:
-        overrides["queues"] = tuple(q.strip() for q in args.queues.split(",") if q.strip())
-    if args.demo:
-        if args.target:
-            raise CLIError("give either MODULE[:ATTR] or --demo, not both", code=2)
-        worker = Worker(args.coordinator, **overrides)  # type: ignore[arg-type]
-        register_demo_tasks(worker)
-        return worker
-    if not args.target:
-        raise CLIError("name the worker to run (MODULE[:ATTR]) or pass --demo", code=2)
+    queue_names = None
+    if queues is not None:
+        queue_names = tuple(q.strip() for q in queues.split(",") if q.strip())
+        if not queue_names:
+            raise CLIError("--queues names no queue; e.g. --queues default,mail", code=USAGE)
+    if demo and target:
+        raise CLIError("give either MODULE[:ATTR] or --demo, not both", code=USAGE)
+    if demo:
+        built = register_demo_tasks(Worker(g.coordinator))
+    elif target:
+        built = load_worker(target)
+    else:
+        raise CLIError("name the worker to run (MODULE[:ATTR]) or pass --demo", code=USAGE)
     try:
-        worker = load_worker(args.target)
-    except (ImportError, AttributeError, TypeError) as exc:
-        raise CLIError(str(exc), code=2) from None
-    worker.configure(coordinators=args.coordinator, **overrides)  # type: ignore[arg-type]
-    return worker
-
-
-def _worker(args: argparse.Namespace) -> int:
-    worker = _build_worker(args)
-    asyncio.run(worker.run())  # type: ignore[attr-defined]
-    return 0
-
-
-def _dev(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_run_dev(args, data_dir))
-
-
-async def _run_dev(args: argparse.Namespace, data_dir: Path) -> int:
-    from conveyor.embedded.postgres import EmbeddedPostgres
-    from conveyor.worker import Worker
-    from conveyor.worker.demo import register_demo_tasks
-
-    print(f"starting PostgreSQL in {data_dir / 'postgres'} …", flush=True)
-    postgres = EmbeddedPostgres(data_dir / "postgres")
-    dsn = await asyncio.to_thread(postgres.start)
-    coordinator: Coordinator | None = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        print("starting the coordinator …", flush=True)
-        coordinator = Coordinator(CoordinatorConfig(dsn=dsn, listen=args.listen))
-        try:
-            await coordinator.start()
-        except OSError as exc:
-            raise CLIError(f"{exc}; pick another with --listen HOST:PORT") from None
-        worker = Worker(coordinator.address, concurrency=args.concurrency)
-        register_demo_tasks(worker)
-        worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
-        print(_banner(coordinator.address, dsn), flush=True)
-        await stop.wait()
-        print("\nshutting down (worker, coordinator, PostgreSQL) …", flush=True)
-        worker.shutdown()  # drains: running demo tasks get the grace period
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker_task
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        if coordinator is not None:
-            await coordinator.stop()
-        await asyncio.to_thread(postgres.stop)
-    print("stopped.")
-    return 0
-
-
-def _banner(address: str, dsn: str) -> str:
-    return f"""
-Conveyor is running.
-  coordinator  {address}   (gRPC; health and reflection on)
-  postgres     {dsn}
-  worker       demo task types: echo, sleep, fail
-
-Submit a task with grpcurl:
-  grpcurl -plaintext -d '{{"type": "echo", "payload": "ImhlbGxvIg=="}}' \\
-      {address} conveyor.v1.TaskService/SubmitTask
-
-or with the CLI / Python client:
-  conveyor submit echo '"hello"' --wait --coordinator {address}
-  python -c 'from conveyor.client import Client; c = Client("{address}"); \\
-      t = c.submit("echo", "hello"); print(c.result(t.id, timeout=10))'
-
-Press Ctrl-C to stop.
-"""
+        built.configure(
+            coordinators=g.coordinator,
+            concurrency=concurrency,
+            queues=queue_names,
+            grace_period=grace,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc), code=USAGE) from None
+    return built

@@ -1,90 +1,143 @@
-"""``conveyor status``: the leader, its epoch, the replicas and the connected workers."""
+"""``conveyor status`` (leader, epoch, replicas, workers, evictions) and ``conveyor health``."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
+from datetime import UTC
+from typing import Annotated
 
 import grpc
+import typer
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conveyor.cli import output
-from conveyor.cli.errors import CLIError
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("status", help="cluster status: leader, epoch, replicas, workers")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_status)
+from conveyor.cli import output, wire
+from conveyor.cli.app import Globals, command
+from conveyor.cli.errors import RemoteError, failure_from_grpc
+from conveyor.v1 import admin_service_pb2
 
 
-async def _ask(address: str, rpc_timeout: float) -> admin_service_pb2.GetClusterStatusResponse:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = admin_service_pb2_grpc.AdminServiceStub(channel)
-        return await stub.GetClusterStatus(
-            admin_service_pb2.GetClusterStatusRequest(), timeout=rpc_timeout
-        )
+def register(app: typer.Typer) -> None:
+    command(
+        app,
+        "status",
+        example=[
+            "conveyor status",
+            "conveyor --coordinator 10.0.0.5:50051,10.0.0.6:50051 status",
+        ],
+    )(status)
+    command(
+        app,
+        "health",
+        example=[
+            "conveyor health",
+            "conveyor health --coordinator 127.0.0.1:50051 --rpc-timeout 3",
+        ],
+    )(health)
 
 
-async def _fetch(
-    addresses: list[str], rpc_timeout: float
-) -> admin_service_pb2.GetClusterStatusResponse:
-    errors: list[str] = []
-    for address in addresses:
-        try:
-            status = await _ask(address, rpc_timeout)
-        except grpc.aio.AioRpcError as err:
-            errors.append(f"{address}: {err.code().name} {err.details()}")
-            continue
-        # Only the leader knows the workers: ask it when someone else answered.
-        leader = status.leader.address
-        if leader and not status.answered_by.leader and leader != address:
-            try:
-                return await _ask(leader, rpc_timeout)
-            except grpc.aio.AioRpcError as err:
-                errors.append(f"{leader} (leader): {err.code().name} {err.details()}")
-        return status
-    raise CLIError("no coordinator answered: " + "; ".join(errors))
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Show the leader, its epoch, the replicas, the workers and recent evictions.
+
+    Each connected worker is listed with its queues, the task types it serves and its tasks
+    in flight. The exit code is 1 while the cluster has no leader.
+    """
+    reply = asyncio.run(wire.cluster_status(g.addresses, g.rpc_timeout))
+    if as_json:
+        output.print_text(json.dumps(json_format.MessageToDict(reply), indent=2))
+    else:
+        print_status(reply)
+    return 0 if reply.leader.node_id else 1
 
 
-def _status(args: argparse.Namespace) -> int:
-    addresses = [a.strip() for a in args.coordinator.split(",") if a.strip()]
-    status = asyncio.run(_fetch(addresses, args.rpc_timeout))
-    if args.json:
-        print(json.dumps(json_format.MessageToDict(status), indent=2))
-        return 0
-    leader = status.leader
-    print(f"cluster:  {status.cluster} ({status.mode})")
-    print(f"leader:   {leader.address} ({leader.node_id})" if leader.node_id else "leader:   none")
-    print(f"epoch:    {status.epoch}")
-    print("replicas:")
-    print(
-        output.table(
-            ["  NODE", "ADDRESS", "ROLE"],
-            [
-                (f"  {r.node_id}", r.address, "leader" if r.leader else "follower")
-                for r in status.replicas
-            ],
-        )
+def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
+    leader = reply.leader
+    output.print_text(f"cluster:  {reply.cluster} ({reply.mode})")
+    output.print_text(
+        f"leader:   {leader.address} ({leader.node_id})" if leader.node_id else "leader:   none"
     )
-    print(f"workers:  {len(status.workers)}")
-    if status.workers:
-        print(
-            output.table(
-                ["  WORKER", "HOST", "PID", "QUEUES", "CREDIT", "STATE"],
-                [
-                    (
-                        f"  {w.worker_id}",
-                        w.hostname,
-                        w.pid,
-                        ",".join(w.queues),
-                        w.credit,
-                        "draining" if w.draining else "active",
-                    )
-                    for w in status.workers
-                ],
-            )
+    output.print_text(f"epoch:    {reply.epoch}")
+    output.print_text("replicas:")
+    output.print_table(
+        ["NODE", "ADDRESS", "ROLE"],
+        [(r.node_id, r.address, "leader" if r.leader else "follower") for r in reply.replicas],
+        indent=2,
+    )
+    output.print_text(f"workers:  {len(reply.workers)}")
+    if reply.workers:
+        output.print_table(
+            ["WORKER", "HOST", "PID", "QUEUES", "TASK TYPES", "IN FLIGHT", "CREDIT", "STATE"],
+            [
+                (
+                    w.worker_id,
+                    w.hostname,
+                    w.pid,
+                    ",".join(w.queues),
+                    ",".join(w.task_types) or "-",
+                    w.in_flight,
+                    w.credit,
+                    "draining" if w.draining else "active",
+                )
+                for w in reply.workers
+            ],
+            indent=2,
         )
-    return 0 if leader.node_id else 1
+    if reply.recent_evictions:
+        output.print_text("recent evictions:")
+        output.print_table(
+            ["WHEN", "WORKER", "HOST", "PID", "RELEASED", "WHY"],
+            [
+                (
+                    output.when(e.time.ToDatetime(tzinfo=UTC)) if e.HasField("time") else "-",
+                    e.worker_id,
+                    e.hostname,
+                    e.pid,
+                    e.released,
+                    e.reason,
+                )
+                for e in reply.recent_evictions
+            ],
+            indent=2,
+        )
+
+
+def health(
+    service: Annotated[
+        str, typer.Option("--service", help="A service name to check; '' is the whole server.")
+    ] = "",
+    *,
+    g: Globals,
+) -> int:
+    """Check the gRPC health of each coordinator; exit 0 when all are SERVING.
+
+    For container health checks and probes: prints each address with its state (SERVING,
+    NOT_SERVING, UNREACHABLE).
+    """
+    results = asyncio.run(_check_all(g.addresses, service, g.rpc_timeout))
+    for address, state in results:
+        output.print_text(f"{address} {state}")
+    return 0 if all(state == "SERVING" for _, state in results) else 1
+
+
+async def _check_all(addresses: list[str], service: str, seconds: float) -> list[tuple[str, str]]:
+    return list(await asyncio.gather(*(_check(a, service, seconds) for a in addresses)))
+
+
+async def _check(address: str, service: str, seconds: float) -> tuple[str, str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = await stub.Check(request, timeout=seconds)  # type: ignore[attr-defined]
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return address, "UNREACHABLE"
+            if err.code() is grpc.StatusCode.NOT_FOUND:
+                return address, "SERVICE_UNKNOWN"
+            raise RemoteError(failure_from_grpc(err, address)) from None
+    return address, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -2,60 +2,61 @@
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import contextlib
+import enum
 import json
+import logging
 import sys
-from datetime import timedelta
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, timedelta
+from typing import Annotated, Any
 
-from conveyor.cli import output
-from conveyor.cli.errors import CLIError
-from conveyor.client import Client, TaskState
+import grpc
+import typer
 
+from conveyor.cli import output, wire
+from conveyor.cli.app import Globals, command
+from conveyor.cli.errors import USAGE, CLIError
+from conveyor.client import AsyncClient, Client, Task, TaskState
+from conveyor.v1 import task_pb2
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("submit", help="submit a task")
-    p.add_argument("type", help="task type, e.g. echo")
-    p.add_argument("payload", nargs="?", default="null", help="JSON payload (default: null)")
-    p.add_argument("--queue", default="default")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--delay", type=float, metavar="SECONDS", help="run no earlier than this")
-    p.add_argument("--idempotency-key")
-    p.add_argument("--max-attempts", type=int)
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="execution timeout")
-    p.add_argument("--wait", action="store_true", help="wait for the task to finish")
-    p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--json", action="store_true", help="print the task as JSON")
-    p.set_defaults(run=_submit)
+logger = logging.getLogger("conveyor.cli")
 
-    p = sub.add_parser("get", help="show one task and its attempts")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_get)
-
-    p = sub.add_parser("tasks", help="list tasks, newest first")
-    p.add_argument("--queue")
-    p.add_argument("--state", choices=[s.value for s in TaskState])
-    p.add_argument("--type")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_tasks)
-
-    p = sub.add_parser("queues", help="task counts per queue")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_queues)
-
-    p = sub.add_parser("cancel", help="cancel a task")
-    p.add_argument("id")
-    p.set_defaults(run=_cancel)
-
-    p = sub.add_parser("retry", help="redrive a DEAD task")
-    p.add_argument("id")
-    p.set_defaults(run=_retry)
+# The demo worker's types: for these, `conveyor worker --demo` is the worker to start.
+DEMO_TYPES = ("echo", "sleep", "fail")
+# How often `submit --wait` asks whether some worker serves the task: the first look comes
+# soon (a worker that is connected takes the task within milliseconds), then it settles.
+_UNSERVED_FIRST_CHECK = 0.5
+_UNSERVED_INTERVAL = 2.0
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.coordinator, timeout=args.rpc_timeout)
+class StateChoice(enum.StrEnum):
+    """Task states as ``--state`` takes them (case does not matter)."""
+
+    pending = "pending"
+    scheduled = "scheduled"
+    running = "running"
+    succeeded = "succeeded"
+    dead = "dead"
+    cancelled = "cancelled"
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the task commands to ``app`` (the commands are registered at import)."""
+    for name, fn, example in _COMMANDS:
+        command(app, name, example=example)(fn)
+
+
+def unserved_text(task: Task) -> str:
+    """Why a waiting task does not run, and what to start so that it does."""
+    hint = "conveyor worker --demo" if task.type in DEMO_TYPES else "conveyor worker MODULE:ATTR"
+    if task.queue != "default":
+        hint += f" --queues {task.queue}"
+    return (
+        f"no connected worker serves type {task.type!r} on queue {task.queue!r}: the task "
+        f"waits until one connects (start one: {hint})"
+    )
 
 
 def _parse_payload(text: str) -> Any:
@@ -64,67 +65,344 @@ def _parse_payload(text: str) -> Any:
     except ValueError as exc:
         raise CLIError(
             f"the payload is not valid JSON ({exc}); quote it for the shell, e.g. '\"hello\"'",
-            code=2,
+            code=USAGE,
         ) from None
 
 
-def _submit(args: argparse.Namespace) -> int:
-    payload = _parse_payload(args.payload)
-    with _client(args) as client:
-        task = client.submit(
-            args.type,
-            payload,
-            queue=args.queue,
-            priority=args.priority,
-            run_at=timedelta(seconds=args.delay) if args.delay else None,
-            idempotency_key=args.idempotency_key,
-            max_attempts=args.max_attempts,
-            timeout=args.timeout,
+def submit(
+    type: Annotated[str, typer.Argument(help="Task type, e.g. echo.", show_default=False)],
+    payload: Annotated[str, typer.Argument(help="JSON payload; quote it for the shell.")] = "null",
+    queue: Annotated[str, typer.Option("--queue", help="Queue to put it on.")] = "default",
+    priority: Annotated[int, typer.Option("--priority", help="Higher runs first.")] = 0,
+    delay: Annotated[
+        float | None,
+        typer.Option("--delay", metavar="SECONDS", help="Run no earlier than this from now."),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="Submitting the same key again returns the task."),
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option("--max-attempts", help="Attempts before it is dead (3).")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", metavar="SECONDS", help="Execution timeout of an attempt."),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the task to finish.")] = False,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-timeout", metavar="SECONDS", help="Give up waiting after this (implies --wait)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Submit a task and print its id.
+
+    With --wait, wait for it to finish and print the outcome; the exit code is 1 when the
+    task ends dead or cancelled. While it waits, it says so when no connected worker serves
+    the task's type on its queue.
+    """
+    value = _parse_payload(payload)
+    wait = wait or wait_timeout is not None
+    task = asyncio.run(
+        _submit(
+            g,
+            type,
+            value,
+            wait=wait,
+            wait_timeout=wait_timeout,
+            queue=queue,
+            priority=priority,
+            run_at=timedelta(seconds=delay) if delay else None,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            timeout=timeout,
         )
-        if args.wait:
-            print(f"submitted {task.id}; waiting for it to finish…", file=sys.stderr)
-            task = client.wait(task.id, timeout=args.wait_timeout)
-    if args.json:
-        print(output.to_json(task))
-    elif args.wait:
-        print(output.task_detail(task))
+    )
+    if as_json:
+        output.print_text(output.to_json(task))
+    elif wait:
+        output.print_text(task_detail(wire.TaskView(task, 0, False)))
     else:
-        print(task.id)
-    return 0 if task.state is not TaskState.DEAD else 1
+        output.print_text(task.id)
+    return 1 if task.state in (TaskState.DEAD, TaskState.CANCELLED) else 0
 
 
-def _get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        task, attempts = client.get_with_attempts(args.id)
-    print(output.to_json(task) if args.json else output.task_detail(task, attempts))
+async def _submit(
+    g: Globals, type: str, payload: Any, *, wait: bool, wait_timeout: float | None, **options: Any
+) -> Task:
+    async with AsyncClient(g.addresses, timeout=g.rpc_timeout) as client:
+        task = await client.submit(type, payload, **options)
+        if not wait:
+            return task
+        return await _wait(client, g, task, wait_timeout)
+
+
+async def _wait(client: AsyncClient, g: Globals, task: Task, wait_timeout: float | None) -> Task:
+    """Waits for the task over WatchTask, saying so on stderr, and saying why when no
+    connected worker serves it."""
+    err = output.console(stderr=True)
+    unserved = asyncio.Event()
+    with _status(err, f"waiting for {task.id} ({output.state_name(task.state)})") as status:
+        if not err.is_terminal:
+            print(f"submitted {task.id}; waiting for it to finish…", file=sys.stderr, flush=True)
+        checker = asyncio.create_task(_watch_unserved(g, task, unserved, status))
+        last = task
+        try:
+            async with asyncio.timeout(wait_timeout):
+                async for update in client.watch(task.id):
+                    last = update
+                    if status is not None:
+                        status.update(f"waiting for {task.id} ({output.state_name(update.state)})")
+                    if update.is_terminal:
+                        return update
+        except TimeoutError:
+            why = f"; {unserved_text(last)}" if unserved.is_set() else ""
+            raise CLIError(
+                f"gave up waiting after {wait_timeout:g}s: task {task.id} is "
+                f"{output.state_name(last.state)}{why}; it keeps going (conveyor get {task.id} "
+                f"shows it, conveyor cancel {task.id} stops it)"
+            ) from None
+        finally:
+            checker.cancel()
+            try:
+                await checker
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # Only a hint failed to come; the wait's own outcome stands.
+                logger.debug("checking whether a worker serves %s failed", task.id, exc_info=True)
+    raise AssertionError("watch() ended before the task finished")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _status(err: Any, text: str) -> Iterator[Any]:
+    """A spinner with ``text`` on a terminal; nothing (None) otherwise."""
+    if not err.is_terminal:
+        yield None
+        return
+    with err.status(text) as status:
+        yield status
+
+
+async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, status: Any) -> None:
+    """Looks now and then whether a worker serves the task; says so once when none does."""
+    delay = _UNSERVED_FIRST_CHECK
+    async with _channel(g) as channel:
+        while True:
+            await asyncio.sleep(delay)
+            delay = _UNSERVED_INTERVAL
+            try:
+                now = await wire.task_unserved(channel, task.id, g.rpc_timeout)
+            except grpc.aio.AioRpcError:
+                continue  # the wait itself reports a coordinator that is gone
+            if now and not unserved.is_set():
+                unserved.set()
+                message = f"note: {unserved_text(task)}"
+                if status is not None:
+                    status.console.print(message, markup=False)
+                else:
+                    print(message, file=sys.stderr, flush=True)
+            elif not now:
+                unserved.clear()
+
+
+@contextlib.asynccontextmanager
+async def _channel(g: Globals) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(g.addresses[0]) as channel:
+        yield channel
+
+
+def get(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task's id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Show one task and its attempts.
+
+    A waiting task that no connected worker serves says so (and which worker to start).
+    """
+    view = wire.get_task(g.addresses, g.rpc_timeout, task_id)
+    if as_json:
+        data = output.plain(view.task)
+        data.update(uncounted_attempts=view.uncounted_attempts, unserved=view.unserved)
+        output.print_text(output.to_json(data))
+    else:
+        output.print_text(task_detail(view))
+        if view.attempts:
+            output.print_text("attempt history:")
+            output.print_table(
+                ["#", "WORKER", "STARTED", "ENDED", "OUTCOME", "ERROR"],
+                [
+                    (
+                        a.attempt,
+                        a.worker_id or "-",
+                        output.when(a.start_time.ToDatetime(tzinfo=UTC))
+                        if a.HasField("start_time")
+                        else "-",
+                        output.when(a.end_time.ToDatetime(tzinfo=UTC))
+                        if a.HasField("end_time")
+                        else "-",
+                        wire.outcome_name(a.outcome),
+                        output.short(a.error, 60) if a.error else "",
+                    )
+                    for a in view.attempts
+                ],
+                indent=2,
+            )
     return 0
 
 
-def _tasks(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        page = client.list(
-            queue=args.queue, state=args.state, type=args.type, page_size=min(args.limit, 1000)
-        )
-    print(output.to_json(page.items) if args.json else output.task_table(page.items))
+def task_detail(view: wire.TaskView) -> str:
+    """The key: value block of one task."""
+    task = view.task
+    lines = [
+        f"id:           {task.id}",
+        f"state:        {output.state_name(task.state)}",
+        f"queue/type:   {task.queue} / {task.type}",
+        "attempts:     "
+        + output.attempts_text(task.attempt, task.max_attempts, view.uncounted_attempts),
+        f"priority:     {task.priority}",
+        f"created:      {output.when(task.create_time)}",
+        f"run at:       {output.when(task.run_at)}",
+        f"finished:     {output.when(task.finish_time)}",
+        f"payload:      {output.short(task.payload, 200)}",
+    ]
+    if view.unserved:
+        lines.append(f"waiting:      {unserved_text(task)}")
+    if task.idempotency_key:
+        lines.append(f"idempotency:  {task.idempotency_key}")
+    if task.worker_id:
+        lines.append(f"worker:       {task.worker_id}")
+    if task.result:
+        lines.append(f"result:       {output.short(task.result, 200)}")
+    if task.last_error:
+        lines.append(f"last error:   {task.last_error}")
+    return "\n".join(lines)
+
+
+def tasks(
+    queue: Annotated[str | None, typer.Option("--queue", help="Only this queue.")] = None,
+    state: Annotated[
+        StateChoice | None,
+        typer.Option("--state", case_sensitive=False, help="Only tasks in this state."),
+    ] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (1000).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tasks as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """List tasks, newest first."""
+    proto_state = (
+        task_pb2.TaskState.Value(f"TASK_STATE_{state.name.upper()}")
+        if state is not None
+        else task_pb2.TASK_STATE_UNSPECIFIED
+    )
+    views = wire.list_tasks(
+        g.addresses,
+        g.rpc_timeout,
+        queue=queue,
+        state=proto_state,
+        type=type,
+        page_size=min(limit, 1000),
+    )
+    if as_json:
+        output.print_text(output.to_json([v.task for v in views]))
+        return 0
+    if not views:
+        output.print_text("no tasks match")
+        return 0
+    output.print_table(
+        ["ID", "STATE", "QUEUE", "TYPE", "ATTEMPTS", "CREATED"],
+        [
+            (
+                v.task.id,
+                output.state_name(v.task.state),
+                v.task.queue,
+                v.task.type,
+                output.attempts_text(v.task.attempt, v.task.max_attempts, v.uncounted_attempts),
+                output.when(v.task.create_time),
+            )
+            for v in views
+        ],
+    )
     return 0
 
 
-def _queues(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        queues = client.queues()
-    print(output.to_json(queues) if args.json else output.queue_table(queues))
+def queues(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Show task counts per queue and the connected workers that take from each."""
+    stats = wire.list_queues(g.addresses, g.rpc_timeout)
+    if as_json:
+        rows = [
+            {
+                "name": q.name,
+                "pending": q.pending,
+                "scheduled": q.scheduled,
+                "running": q.running,
+                "dead": q.dead,
+                "workers": q.workers,
+            }
+            for q in stats
+        ]
+        output.print_text(json.dumps(rows, indent=2))
+        return 0
+    if not stats:
+        output.print_text("no queues have tasks waiting, running or dead")
+        return 0
+    output.print_table(
+        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "WORKERS"],
+        [(q.name, q.pending, q.scheduled, q.running, q.dead, q.workers) for q in stats],
+    )
     return 0
 
 
-def _cancel(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        task = client.cancel(args.id)
-    print(f"{task.id} {task.state.value}")
+def cancel(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task's id.")],
+    *,
+    g: Globals,
+) -> int:
+    """Cancel an unfinished task (a running one's worker is told to stop)."""
+    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+        task = client.cancel(task_id)
+    output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0
 
 
-def _retry(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        task = client.retry(args.id)
-    print(f"{task.id} {task.state.value}")
+def retry(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The dead task's id.")],
+    *,
+    g: Globals,
+) -> int:
+    """Redrive a dead task: it runs again with a fresh set of attempts."""
+    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+        task = client.retry(task_id)
+    output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0
+
+
+_COMMANDS = (
+    (
+        "submit",
+        submit,
+        [
+            "conveyor submit echo '\"hello\"' --wait",
+            'conveyor submit send-email \'{"to": "ada@example.com"}\' --queue mail '
+            "--idempotency-key welcome-ada",
+        ],
+    ),
+    ("get", get, "conveyor get 01890a5d-ac96-774b-bcce-b302099a8057"),
+    ("tasks", tasks, "conveyor tasks --state dead --queue default"),
+    ("queues", queues, "conveyor queues"),
+    ("cancel", cancel, "conveyor cancel 01890a5d-ac96-774b-bcce-b302099a8057"),
+    ("retry", retry, "conveyor retry 01890a5d-ac96-774b-bcce-b302099a8057"),
+)

@@ -8,10 +8,15 @@ from conveyor.embedded.etcd import (
     EtcdServer,
     find_etcd_binary,
 )
-from conveyor.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from conveyor.embedded.postgres import (
+    EmbeddedPostgres,
+    EmbeddedPostgresBusyError,
+    EmbeddedPostgresError,
+)
 
 __all__ = [
     "EmbeddedPostgres",
+    "EmbeddedPostgresBusyError",
     "EmbeddedPostgresError",
     "EtcdCluster",
     "EtcdError",

