@@ -24,8 +24,11 @@ Every exception the SDK raises on purpose derives from one root, so
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
     ├── WaitTimeoutError             (client) wait() gave up; also a TimeoutError (.task_id, .task)
-    ├── NoHandlersError              (worker) a Worker without handlers cannot start
-    └── WorkerLoadError              (worker) load_worker() cannot find the Worker
+    └── NoHandlersError              (worker) a Worker without handlers cannot start
+
+Two exceptions stand apart on purpose: ``NonRetryableError`` is raised by handlers, not
+by the SDK, and ``WorkerLoadError`` (``load_worker`` cannot find the Worker) is a usage
+error of the command line.
 
 The coordinator attaches a ``google.rpc.ErrorInfo`` (domain ``conveyor.dev``, reason a
 ``conveyor.v1.ErrorReason`` name without its prefix) to every error status, plus

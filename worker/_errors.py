@@ -19,8 +19,12 @@ class NonRetryableError(Exception):
     """
 
 
-class WorkerLoadError(ConveyorError):
-    """:func:`load_worker` could not produce a :class:`Worker` from the given spec."""
+class WorkerLoadError(Exception):
+    """:func:`load_worker` could not produce a :class:`Worker` from the given spec.
+
+    A usage error of the command line (a bad ``MODULE:ATTR``) rather than a failure of
+    the SDK, so it is no :class:`ConveyorError` (``conveyor worker`` exits 2 for it).
+    """
 
 
 class NoHandlersError(ConveyorError):
