@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testsupport import SUPPORT_DIR, eventually
+from testsupport import SUPPORT_DIR, coordinator_config, eventually
 
-from conveyor.client import AsyncClient, AttemptOutcome, TaskState, WaitTimeoutError
+from conveyor.client import (
+    AsyncClient,
+    AttemptOutcome,
+    QuotaExceededError,
+    TaskState,
+    WaitTimeoutError,
+)
 from conveyor.coordinator import Coordinator
 from conveyor.worker import TaskContext, Worker
 
@@ -118,3 +124,35 @@ async def test_second_process_with_the_same_worker_id_is_refused(
         first.shutdown(force=True)
         with contextlib.suppress(BaseException):
             await run
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": QUOTA_EXCEEDED (max_backlog)")
+async def test_backlog_quota_is_raised_or_waited_out(database_dsn: str) -> None:
+    coordinator = Coordinator(coordinator_config(database_dsn, max_backlog=3))
+    await coordinator.start()
+    worker = Worker(coordinator.address)
+    worker.register("echo", lambda ctx, payload: payload)
+    run: asyncio.Task[None] | None = None
+    try:
+        async with AsyncClient(coordinator.address) as client:
+            for _ in range(3):
+                await client.submit("echo", None)
+            with pytest.raises(QuotaExceededError) as caught:
+                await client.submit("echo", None)
+        assert [subject for subject, _ in caught.value.violations] == ["max_backlog"]
+        assert caught.value.retry_after is not None and caught.value.retry_after > 0
+
+        async with AsyncClient(
+            coordinator.address, timeout=30, retry_resource_exhausted=True
+        ) as client:
+            # Refused until a worker works the backlog off; the client waits per RetryInfo.
+            pending = asyncio.create_task(client.submit("echo", "late"))
+            run = asyncio.create_task(worker.run(install_signal_handlers=False))
+            task = await pending
+            assert await client.result(task.id, timeout=20) == "late"
+    finally:
+        worker.shutdown(force=True)
+        if run is not None:
+            with contextlib.suppress(BaseException):
+                await run
+        await coordinator.stop(grace=1.0)
