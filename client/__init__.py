@@ -1,35 +1,22 @@
 """Python client for Conveyor, the gRPC-first task queue.
 
 Submit, inspect, wait for and cancel tasks, with :class:`AsyncClient` (asyncio) or its
-blocking twin :class:`Client`::
+blocking twin :class:`Client` (generated from it: same methods, arguments and docs)::
 
     from conveyor.client import AsyncClient
 
     async with AsyncClient("127.0.0.1:50051") as client:
-        task = await client.submit("send_email", {"to": "ada@example.com"})
+        task = await client.submit("echo", {"to": "ada@example.com"})
         print(await client.result(task.id, timeout=30))
 
 Results are frozen dataclasses (:class:`Task`, :class:`TaskAttempt`, :class:`QueueStats`,
-:class:`Schedule`);
-errors derive from :class:`ConveyorError` (the tree is drawn in ``_errors.py``).
+:class:`Schedule`); errors derive from :class:`ConveyorError` (the tree is drawn in
+``conveyor/transport/_errors.py``). :class:`ConnectionOptions` holds the transport
+settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.client`` logger.
 """
 
-from conveyor.client._async_client import AsyncClient
-from conveyor.client._errors import (
-    ConveyorError,
-    DeadlineExceededError,
-    IdempotencyConflictError,
-    InvalidArgumentError,
-    InvalidStateError,
-    NotLeaderError,
-    OverloadedError,
-    RPCError,
-    TaskCancelledError,
-    TaskFailedError,
-    TaskNotFoundError,
-    UnavailableError,
-    WaitTimeoutError,
-)
+from conveyor.client._async_client import AUTO_KEY_PREFIX, AsyncClient
+from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
     AttemptOutcome,
     CatchUpPolicy,
@@ -45,26 +32,56 @@ from conveyor.client._models import (
     TaskState,
 )
 from conveyor.client._sync_client import Client
+from conveyor.transport._errors import (
+    ConveyorError,
+    DeadlineExceededError,
+    EtagMismatchError,
+    IdempotencyConflictError,
+    InvalidArgumentError,
+    InvalidStateError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
+    ProtocolViolationError,
+    QuotaExceededError,
+    RPCError,
+    ScheduleAlreadyExistsError,
+    ScheduleNotFoundError,
+    StoreUnavailableError,
+    TaskNotFoundError,
+    UnavailableError,
+    WorkerIdInUseError,
+)
+from conveyor.transport._options import ConnectionOptions
 
 __all__ = [
+    "AUTO_KEY_PREFIX",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",
     "Client",
+    "ConnectionOptions",
     "ConveyorError",
     "DeadlineExceededError",
+    "EtagMismatchError",
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
     "NotLeaderError",
+    "OutcomeUnknownError",
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "ProtocolViolationError",
     "QueueStats",
+    "QuotaExceededError",
     "RPCError",
     "RetryPolicy",
     "Schedule",
+    "ScheduleAlreadyExistsError",
     "ScheduleFiring",
+    "ScheduleNotFoundError",
+    "StoreUnavailableError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -74,4 +91,5 @@ __all__ = [
     "TaskState",
     "UnavailableError",
     "WaitTimeoutError",
+    "WorkerIdInUseError",
 ]

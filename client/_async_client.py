@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
+import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
@@ -11,16 +13,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from uuid_utils.compat import uuid7
 
-from conveyor.client._channel import Connection, parse_addresses
-from conveyor.client._errors import (
-    InvalidArgumentError,
-    RPCError,
-    TaskCancelledError,
-    TaskFailedError,
-    UnavailableError,
-    WaitTimeoutError,
-)
+from conveyor.client._channel import Connection, RetryRules
+from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
     CatchUpPolicy,
     OverlapPolicy,
@@ -42,10 +38,17 @@ from conveyor.client._models import (
     task_spec,
     task_template,
 )
+from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
+from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
 
-__all__ = ["AsyncClient"]
+__all__ = ["AUTO_KEY_PREFIX", "AsyncClient"]
+
+logger = logging.getLogger("conveyor.client")
+
+#: Idempotency keys the client makes for submits that have none start with this.
+AUTO_KEY_PREFIX = "auto:"
 
 # The coordinator accepts at most this many tasks per SubmitTasks call.
 MAX_BATCH = 1000
@@ -56,9 +59,8 @@ _MAX_BATCH_BYTES = 3 * 1024 * 1024
 # inside each attempt, about a minute); the count resets when the task changes state or
 # a stream stayed up for _WATCH_HEALTHY_AFTER seconds.
 _MAX_WATCH_FAILURES = 10
-_WATCH_BACKOFF_BASE = 0.1
+_WATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 _WATCH_HEALTHY_AFTER = 30.0
-_WATCH_BACKOFF_MAX = 5.0
 # "Not given" for arguments where None is a meaningful value (a JSON null payload).
 _UNSET: Any = object()
 
@@ -75,7 +77,21 @@ class AsyncClient:
         timeout: Seconds each call may take, retries and failover included; ``None`` for
             no limit. Does not apply to ``watch()`` once its stream is open, nor to
             ``wait()``, which take their own.
-        api_key: Sent as ``authorization: Bearer <api_key>`` with every call.
+        api_key: Sent as ``authorization: Bearer <api_key>`` with every call (a shortcut
+            for ``options=ConnectionOptions(api_key=...)``).
+        options: Transport settings: TLS credentials, metadata, message limits,
+            keepalive, client interceptors.
+        retry_submits: Resend a submit whose outcome is unknown (the connection broke
+            after it was sent, or the coordinator answered ``OUTCOME_UNKNOWN``). To make
+            that safe, a submit without ``idempotency_key`` gets one of its own,
+            ``"auto:<UUIDv7>"`` (one per task in ``submit_many``), so a resend returns the
+            task already written instead of a second one. With ``False`` submits without
+            a key are sent without one (the coordinator's cheapest path) and such a
+            failure raises: the task may or may not exist.
+        retry_resource_exhausted: Resend calls refused with ``RESOURCE_EXHAUSTED``
+            (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
+            wait the server asks for (``RetryInfo``), within ``timeout``. By default they
+            raise at once.
     """
 
     def __init__(
@@ -84,8 +100,19 @@ class AsyncClient:
         *,
         timeout: float | None = 10.0,
         api_key: str | None = None,
+        options: ConnectionOptions | None = None,
+        retry_submits: bool = True,
+        retry_resource_exhausted: bool = False,
     ) -> None:
-        self._conn = Connection(parse_addresses(coordinators), timeout=timeout, api_key=api_key)
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
+        self._conn = Connection(
+            parse_addresses(coordinators),
+            timeout=timeout,
+            options=ConnectionOptions.merge(options, api_key=api_key),
+            rules=RetryRules(retry_resource_exhausted=retry_resource_exhausted),
+        )
+        self._retry_submits = retry_submits
 
     @property
     def addresses(self) -> builtins.list[str]:
@@ -135,7 +162,7 @@ class AsyncClient:
                 (``application/octet-stream``), as is any payload with ``raw=True``.
             queue: The queue to put it on.
             idempotency_key: Makes resubmitting safe: the same key returns the first task.
-                Also lets the client retry the submit after a connection failure.
+                Without one the client makes its own (see ``retry_submits``).
             priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
             max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
@@ -165,13 +192,22 @@ class AsyncClient:
             content_type=content_type,
             traceparent=traceparent,
         )
+        request = spec.to_proto()
+        self._add_keys([request])
         response = await self._conn.unary(
             lambda stub: stub.SubmitTask,
-            spec.to_proto(),
+            request,
             # Without a key, a resend after a broken connection could create a duplicate.
-            idempotent=spec.idempotency_key is not None,
+            idempotent=bool(request.idempotency_key),
         )
         return Task.from_proto(response.task)
+
+    def _add_keys(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
+        """Gives keyless submits a key of their own, unless ``retry_submits`` is off."""
+        if self._retry_submits:
+            for request in requests:
+                if not request.idempotency_key:
+                    request.idempotency_key = f"{AUTO_KEY_PREFIX}{uuid7()}"
 
     async def submit_many(
         self, tasks: Iterable[TaskSpec | Mapping[str, Any]]
@@ -182,9 +218,12 @@ class AsyncClient:
         (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
         (fewer when payloads are large); each batch is atomic, the whole call is not: when
         a batch fails, the batches before it stay submitted (the error says how many).
+        Tasks without an idempotency key get one each, as in :meth:`submit`.
         """
         requests = [task_spec(t).to_proto() for t in tasks]
         results: list[Task] = []
+        # Keys go on before batching: the batch request copies the messages.
+        self._add_keys(requests)
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
@@ -223,9 +262,7 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
         )
-        return Task.from_proto(response.task), [
-            TaskAttempt.from_proto(a) for a in response.attempts
-        ]
+        return _task(response), [TaskAttempt.from_proto(a) for a in response.attempts]
 
     async def list(
         self,
@@ -335,7 +372,7 @@ class AsyncClient:
                 # aclosing: leaving early must cancel the stream now, not at GC time.
                 async with aclosing(stream):
                     async for response in stream:
-                        task = Task.from_proto(response.task)
+                        task = _task(response)
                         # A reopened stream repeats the current state: not news, and not
                         # progress either, so it does not reset the failure count.
                         if task != last:
@@ -352,7 +389,7 @@ class AsyncClient:
                 # incident, not the next failure of a cluster that cannot serve streams.
                 failures = 0
             failures += 1
-            await asyncio.sleep(min(_WATCH_BACKOFF_MAX, _WATCH_BACKOFF_BASE * 2 ** (failures - 1)))
+            await asyncio.sleep(_WATCH_BACKOFF.delay(failures))
 
     # A timeout argument rather than "wrap it in asyncio.timeout()": the sync twin needs
     # the same signature, and the error names the task and its last state.
@@ -363,6 +400,10 @@ class AsyncClient:
     ) -> Task:
         """Waits until the task is terminal (SUCCEEDED, DEAD or CANCELLED) and returns it.
 
+        When the coordinator says that no connected worker serves the task (its type on
+        its queue), a warning is logged once (logger ``conveyor.client``) and the
+        timeout's error says so too.
+
         Args:
             timeout: Seconds (or a timedelta) to wait at most; ``None`` waits for good.
 
@@ -371,6 +412,7 @@ class AsyncClient:
         """
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         last: Task | None = None
+        warned = False
         try:
             async with asyncio.timeout(seconds):
                 updates = self.watch(task_id)
@@ -379,6 +421,9 @@ class AsyncClient:
                         last = task
                         if task.is_terminal:
                             return task
+                        if task.unserved and not warned:
+                            warned = True
+                            logger.warning("waiting for task %s: %s", task.id, task.unserved_hint())
         except TimeoutError as err:
             raise WaitTimeoutError(task_id, seconds or 0.0, last) from err
         # watch() only ends on a terminal state.
@@ -605,6 +650,11 @@ class AsyncClient:
             lambda stub: stub.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
         )
         return Schedule.from_proto(response.schedule)
+
+
+def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:
+    task = Task.from_proto(response.task)
+    return dataclasses.replace(task, unserved=True) if response.unserved else task
 
 
 def _set_times(schedule: spb.Schedule, start: datetime | None, end: datetime | None) -> None:

@@ -1,37 +1,48 @@
-"""Channels to the coordinators, and the rules for failing over between them.
+"""The client's calls to the coordinators: failover, and what it resends by itself.
 
-Rules (the only place they are written down in code):
+Rules (the only place they are written down in code; addresses, redirects and backoff
+follow the shared rules of :mod:`conveyor.transport._failover`):
 
-* Addresses are tried in order, starting from the one that last answered (usually the
-  leader), so a healthy cluster costs no extra round trips.
-* ``UNAVAILABLE`` with reason ``NOT_LEADER`` means the request was refused before anything
-  was written. Any call, even a submit without idempotency key, is resent to the
-  ``leader_address`` from the error (or to the next address while the leader is unknown),
-  at most ``_MAX_REDIRECTS`` times, after a short backoff.
 * Before a call is sent, the channel must be connected. An address that cannot be
   connected to is skipped: nothing was sent, so any call may move on.
-* Once sent, a call that fails with a plain ``UNAVAILABLE`` (no ErrorInfo: the connection
-  broke) may or may not have reached the server. Only calls marked idempotent (reads,
-  watches, submits carrying an idempotency key) are resent, to the next address, for at
-  most ``_MAX_ROUNDS`` passes over all addresses. Everything else raises.
-* Every other error is raised at once, converted by ``error_from_rpc``.
+* ``NOT_LEADER`` means the request was refused before anything was written: any call is
+  resent where the error points, at most ``max_redirects`` times.
+* ``STORE_UNAVAILABLE`` means the coordinator could not reach PostgreSQL and wrote
+  nothing: any call is resent (to the same coordinator) after the server's ``RetryInfo``.
+* A plain ``UNAVAILABLE`` once the call was sent (no ErrorInfo: the connection broke) and
+  ``OUTCOME_UNKNOWN`` (the store broke while committing) may or may not have been applied.
+  Only idempotent calls are resent: reads, watches, and submits carrying an idempotency
+  key (the client gives each submit one of its own unless told not to). Anything else
+  raises, saying why it was not resent.
+* ``RESOURCE_EXHAUSTED`` (``OVERLOADED``, ``QUOTA_EXCEEDED``: nothing written) is resent
+  after the server's ``RetryInfo`` only with ``retry_resource_exhausted=True``.
+* Every other error is raised at once, converted by the error catalog.
 * All retries of one call share its deadline: the client's ``timeout`` bounds the whole
-  call, not each attempt.
+  call. A wait the server asks for that would end past the deadline is not started: the
+  error is raised at once. Without a deadline, answered retries stop after
+  ``max_retries``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc import aio
 
-from conveyor.client._errors import (
+from conveyor.transport import AddressBook, Backoff, ConnectionOptions
+from conveyor.transport._errors import (
     DeadlineExceededError,
     NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
+    QuotaExceededError,
     RPCError,
+    StoreUnavailableError,
     UnavailableError,
     error_from_rpc,
 )
@@ -40,62 +51,78 @@ from conveyor.v1 import task_service_pb2_grpc
 if TYPE_CHECKING:
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
+__all__ = ["Action", "Connection", "RetryRules", "decide"]
+
 T = TypeVar("T")
 
-# Redirects a call follows before giving up: a leader change needs one, an election in
-# progress a few more; more than that means the cluster cannot settle and the caller
-# should hear about it.
-_MAX_REDIRECTS = 4
-# Passes over all addresses for idempotent calls hit by connection failures.
-_MAX_ROUNDS = 3
-# Backoff between redirects and between passes: short, since a leader change takes
-# etcd a lease TTL at most and a restarted coordinator comes back in well under a second.
-_BACKOFF_BASE = 0.05
-_BACKOFF_MAX = 1.0
+# Between redirects and between passes over the addresses: short, since a leader change
+# takes etcd a lease TTL at most and a restarted coordinator is back in under a second.
+_FAILOVER_BACKOFF = Backoff(initial=0.05, maximum=1.0)
+# Between resends to a coordinator that answered "not now" without saying for how long.
+_ANSWERED_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 # How long one address may take to connect before the next is tried, when there is a
 # next one. A lone address gets the whole deadline instead.
 _CONNECT_TIMEOUT = 3.0
 # gRPC keeps a channel that failed to connect in TRANSIENT_FAILURE until it is READY
 # again ("sticky" failure), so a patient pass cannot wait for a state change that ends
-# the attempt; it waits long enough for one reconnect attempt (the reconnect backoff
-# below is capped at 1s) and then moves on.
+# the attempt; it waits long enough for one reconnect attempt (the reconnect backoff is
+# capped at 1 s by ConnectionOptions) and then moves on.
 _PATIENT_WAIT = 1.5
-
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    # gRPC's default reconnect backoff grows to 120s, so a coordinator restart could
-    # leave a client refusing calls for minutes; cap it near the failover timescale.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # A page of 1000 tasks with large payloads or results exceeds the 4 MiB default.
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-]
 
 StubMethod = Callable[["TaskServiceAsyncStub"], Any]
 
 
-def parse_addresses(coordinators: str | Sequence[str]) -> list[str]:
-    """Accepts ``"host:port"``, ``"h1:p1,h2:p2"`` or a sequence of addresses."""
-    raw = coordinators.split(",") if isinstance(coordinators, str) else list(coordinators)
-    addresses = [a.strip() for a in raw if a and a.strip()]
-    if not addresses:
-        raise ValueError(
-            "no coordinator address given: pass 'host:port' or a list of them "
-            "(for example '127.0.0.1:50051')"
-        )
-    # Order matters (it is the failover order); duplicates would only waste attempts.
-    return list(dict.fromkeys(addresses))
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryRules:
+    """What the client resends by itself (the module docstring has the rules)."""
+
+    #: Resend after RESOURCE_EXHAUSTED (OVERLOADED, QUOTA_EXCEEDED) per RetryInfo.
+    retry_resource_exhausted: bool = False
+    #: NOT_LEADER redirects one call follows.
+    max_redirects: int = 4
+    #: Passes over all addresses for idempotent calls hit by connection failures.
+    max_rounds: int = 3
+    #: Resends after answers that say "not now", when no deadline bounds them.
+    max_retries: int = 10
 
 
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    """The pause before retry number ``attempt`` (1-based), honouring RetryInfo if shorter."""
-    delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2.0 ** (attempt - 1))
-    if retry_after is not None:
-        # The server knows better when it wants to be asked again, but never wait longer
-        # than our own cap inside a call: the caller's deadline is the real bound.
-        delay = min(max(retry_after, 0.0), _BACKOFF_MAX)
-    return delay
+class Action(enum.Enum):
+    """What to do after a failed attempt of a call."""
+
+    #: Resend where a NOT_LEADER error points (or the next address).
+    REDIRECT = "redirect"
+    #: The connection failed: resend to the next address.
+    NEXT_ADDRESS = "next address"
+    #: The coordinator answered "not now": resend to it after its RetryInfo.
+    SAME_ADDRESS = "same address"
+    #: Raise the error.
+    RAISE = "raise"
+
+
+def decide(error: RPCError, *, idempotent: bool, rules: RetryRules) -> Action:
+    """The retry rule for one failed attempt; pure, so the rules are tested alone."""
+    if isinstance(error, NotLeaderError):
+        return Action.REDIRECT
+    if isinstance(error, StoreUnavailableError):
+        return Action.SAME_ADDRESS  # nothing was written
+    if isinstance(error, OutcomeUnknownError):
+        return Action.SAME_ADDRESS if idempotent else Action.RAISE
+    if is_connection_failure(error):
+        return Action.NEXT_ADDRESS if idempotent else Action.RAISE
+    if isinstance(error, OverloadedError | QuotaExceededError):
+        return Action.SAME_ADDRESS if rules.retry_resource_exhausted else Action.RAISE
+    return Action.RAISE
+
+
+def is_connection_failure(error: RPCError) -> bool:
+    """A plain UNAVAILABLE (no ErrorInfo) comes from gRPC itself: the connection broke."""
+    return type(error) is UnavailableError and error.reason is None
+
+
+_NOT_RESENT = (
+    "It was not resent because it may have reached the server; submits are resent safely "
+    "only with an idempotency key (the client adds one unless retry_submits=False)."
+)
 
 
 class Connection:
@@ -106,25 +133,24 @@ class Connection:
         addresses: Sequence[str],
         *,
         timeout: float | None,
-        api_key: str | None = None,
+        options: ConnectionOptions,
+        rules: RetryRules,
     ) -> None:
-        self.addresses = list(addresses)
+        self.book = AddressBook(addresses)
         self.timeout = timeout
-        # The address that answered last; calls start there.
-        self.current = self.addresses[0]
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        )
+        self.options = options
+        self.rules = rules
+        self._metadata = options.call_metadata()
         # Channels are created lazily, inside the running event loop that will use them.
-        # Redirect targets outside `addresses` get channels too; there are few of them.
+        # Redirect targets outside the addresses get channels too; there are few of them.
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, TaskServiceAsyncStub] = {}
         self._closed = False
 
     @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Metadata sent with every call (the API key)."""
-        return self._metadata
+    def addresses(self) -> list[str]:
+        """The configured addresses, in failover order."""
+        return self.book.addresses
 
     def stub(self, address: str) -> TaskServiceAsyncStub:
         """The TaskService stub for one address, opening its channel on first use."""
@@ -140,7 +166,7 @@ class Connection:
             raise RuntimeError("the Conveyor client is closed; create a new one")
         channel = self._channels.get(address)
         if channel is None:
-            channel = aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = self.options.open_channel(address)
             self._channels[address] = channel
         return channel
 
@@ -151,25 +177,13 @@ class Connection:
         for channel in channels:
             await channel.close()
 
-    def _next_address(self, address: str) -> str:
-        # A redirect target that is not configured falls back to the first configured one.
-        if address not in self.addresses:
-            return self.addresses[0]
-        return self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)]
-
     def deadline(self) -> float | None:
         """The loop time by which a call started now must finish."""
         if self.timeout is None:
             return None
         return asyncio.get_running_loop().time() + self.timeout
 
-    async def unary(
-        self,
-        method: StubMethod,
-        request: Any,
-        *,
-        idempotent: bool,
-    ) -> Any:
+    async def unary(self, method: StubMethod, request: Any, *, idempotent: bool) -> Any:
         """Makes one unary call with failover; raises RPCError subclasses."""
 
         async def attempt(stub: TaskServiceAsyncStub, remaining: float | None) -> Any:
@@ -218,15 +232,17 @@ class Connection:
         Returns the result and the address that produced it.
         """
         loop = asyncio.get_running_loop()
-        address = self.current
+        address = self.book.current
         redirects = 0
+        retries = 0  # answered "not now" (store, unknown outcome, exhausted)
         failures = 0  # connection failures within this call, over all addresses
         last_error: RPCError | None = None
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise _deadline_error(last_error, address)
-            if not await self._ready(address, remaining, patient=failures >= len(self.addresses)):
+            patient = failures >= len(self.addresses)
+            if not await self._ready(address, remaining, patient=patient):
                 # Never connected, so nothing was sent: safe to move on for any call.
                 failures += 1
                 last_error = _connect_error(address)
@@ -239,37 +255,54 @@ class Connection:
                 raise _deadline_error(last_error, address) from None
             except grpc.RpcError as err:
                 error = error_from_rpc(err, address=address)
-                if isinstance(error, NotLeaderError) and redirects < _MAX_REDIRECTS:
+                action = decide(error, idempotent=idempotent, rules=self.rules)
+                if action is Action.REDIRECT and redirects < self.rules.max_redirects:
+                    assert isinstance(error, NotLeaderError)
                     redirects += 1
-                    address = error.leader_address or self._next_address(address)
-                    await asyncio.sleep(_clamp(backoff(redirects, error.retry_after), deadline))
+                    address = self.book.redirect(error.leader_address, from_address=address)
+                    delay = error.retry_after
+                    if delay is None:
+                        delay = _FAILOVER_BACKOFF.delay(redirects)
+                    await asyncio.sleep(_clamp(delay, deadline))
                     continue
-                if not _is_connection_failure(error):
-                    raise error from err
-                if not idempotent:
-                    error._append(
-                        "The call was not retried because it may have reached the server "
-                        "before the connection broke; give submits an idempotency_key to "
-                        "make them safe to retry."
-                    )
-                    raise error from err
-                failures += 1
-                last_error = error
-                address = await self._after_failure(address, failures, error, deadline)
-                continue
-            self.current = address
+                if action is Action.SAME_ADDRESS:
+                    retries += 1
+                    delay = error.retry_after
+                    if delay is None:
+                        delay = _ANSWERED_BACKOFF.delay(retries)
+                    if _out_of_budget(retries, delay, deadline, self.rules, loop.time()):
+                        error._append(
+                            f"(Resent {retries - 1} time(s); the client's timeout or retry "
+                            f"budget leaves no room for the next wait of {delay:g}s.)"
+                        )
+                        raise error from err
+                    last_error = error
+                    await asyncio.sleep(delay)
+                    continue
+                if action is Action.NEXT_ADDRESS:
+                    failures += 1
+                    last_error = error
+                    address = await self._after_failure(address, failures, error, deadline)
+                    continue
+                if not idempotent and (
+                    is_connection_failure(error) or isinstance(error, OutcomeUnknownError)
+                ):
+                    error._append(_NOT_RESENT)
+                raise error from err
+            self.book.answered(address)
             return result, address
 
     async def _after_failure(
         self, address: str, failures: int, error: RPCError, deadline: float | None
     ) -> str:
         """Picks the next address after a connection failure, or raises when out of passes."""
-        if failures >= len(self.addresses) * _MAX_ROUNDS:
+        if failures >= len(self.addresses) * self.rules.max_rounds:
             raise error
         if failures % len(self.addresses) == 0:
             # A full pass failed: pause before the next one instead of spinning.
-            await asyncio.sleep(_clamp(backoff(failures // len(self.addresses)), deadline))
-        return self._next_address(address)
+            delay = _FAILOVER_BACKOFF.delay(failures // len(self.addresses))
+            await asyncio.sleep(_clamp(delay, deadline))
+        return self.book.next_after(address)
 
     async def _ready(self, address: str, remaining: float | None, *, patient: bool) -> bool:
         """Waits until the channel to ``address`` is connected; False if it cannot connect.
@@ -307,11 +340,13 @@ class Connection:
         return True
 
 
-def _is_connection_failure(error: RPCError) -> bool:
-    # A plain UNAVAILABLE (no ErrorInfo) comes from gRPC itself: the connection broke or
-    # could not be made. UNAVAILABLE with a reason (STORE_UNAVAILABLE) is an answer from a
-    # live coordinator, and another address will not have a better store.
-    return isinstance(error, UnavailableError) and error.reason is None
+def _out_of_budget(
+    retries: int, delay: float, deadline: float | None, rules: RetryRules, now: float
+) -> bool:
+    if deadline is None:
+        return retries > rules.max_retries
+    # Waiting only to hit the deadline would hide the server's answer behind a timeout.
+    return now + delay >= deadline
 
 
 def _connect_error(address: str) -> UnavailableError:
@@ -327,7 +362,7 @@ def _deadline_error(last_error: RPCError | None, address: str) -> RPCError:
     if last_error is not None:
         # The deadline ran out while failing over; the failure that caused the failover
         # says more than "deadline exceeded" does.
-        last_error._append("(The client's timeout ran out while trying other coordinators.)")
+        last_error._append("(The client's timeout ran out while trying again.)")
         return last_error
     return DeadlineExceededError(
         f"the call to {address} did not finish within the client's timeout. Raise timeout= "

@@ -89,6 +89,12 @@ class AttemptOutcome(enum.StrEnum):
     LEASE_EXPIRED = "LEASE_EXPIRED"
     #: The task was cancelled while this attempt ran.
     CANCELLED = "CANCELLED"
+    #: Leased but never started on a worker (the stream broke before it arrived, the
+    #: worker was replaced); it does not count against ``max_attempts``.
+    NOT_STARTED = "NOT_STARTED"
+    #: Stopped by the worker's shutdown (its drain's grace period ran out); the task was
+    #: ready again at once, and the attempt does not count against ``max_attempts``.
+    INTERRUPTED = "INTERRUPTED"
 
 
 # Enum tables built from the proto names, so a state added to only one side shows up as
@@ -253,9 +259,14 @@ class Task:
     payload: bytes = b""
     #: MIME type of the payload; ``application/json`` unless submitted raw.
     content_type: str = JSON_CONTENT_TYPE
-    #: Attempts started so far (1 while the first attempt runs).
+    #: Attempts started so far over the task's whole life (1 while the first runs),
+    #: including those that do not count; see ``attempts_counted``.
     attempt: int = 0
     max_attempts: int = 0
+    #: Attempts that do not count against ``max_attempts``: those before the last redrive
+    #: (``retry()`` gives a fresh budget), those that never started on a worker and those
+    #: interrupted by a worker's shutdown.
+    uncounted_attempts: int = 0
     #: Higher runs first within a queue.
     priority: int = 0
     #: The handler's return value once SUCCEEDED (JSON from the Python worker); see json().
@@ -279,11 +290,40 @@ class Task:
     retry_policy: RetryPolicy | None = None
     #: W3C trace context of the submitter.
     traceparent: str | None = None
+    #: True when the read found the task waiting (PENDING or SCHEDULED) with no worker
+    #: connected that takes its type from its queue: nothing runs it until one connects.
+    unserved: bool = False
 
     @property
     def is_terminal(self) -> bool:
         """Whether the task has finished (SUCCEEDED, DEAD or CANCELLED)."""
         return self.state.is_terminal
+
+    @property
+    def attempts_counted(self) -> int:
+        """Attempts that count against ``max_attempts``: the budget used so far."""
+        return max(0, self.attempt - self.uncounted_attempts)
+
+    @property
+    def attempt_summary(self) -> str:
+        """The attempts as a person reads them: ``"attempt 3 of 3 (6 in all)"``.
+
+        The first number counts against ``max_attempts``; "in all" appears when some
+        attempts did not count (a redrive, an attempt that never started or was
+        interrupted by a worker's shutdown).
+        """
+        text = f"attempt {self.attempts_counted} of {self.max_attempts}"
+        if self.uncounted_attempts > 0:
+            text += f" ({self.attempt} in all)"
+        return text
+
+    def unserved_hint(self) -> str:
+        """What to do about an unserved task, in one sentence."""
+        return (
+            f"no connected worker serves type {self.type!r} on queue {self.queue!r}; start "
+            f"one with a handler for it (for example `conveyor worker MODULE --queues "
+            f"{self.queue}`)"
+        )
 
     def json(self) -> Any:
         """Decodes the result as JSON; ``None`` when there is no result (yet)."""
@@ -303,6 +343,7 @@ class Task:
             content_type=msg.content_type or JSON_CONTENT_TYPE,
             attempt=msg.attempt,
             max_attempts=msg.max_attempts,
+            uncounted_attempts=msg.uncounted_attempts,
             priority=msg.priority,
             result=msg.result,
             last_error=msg.last_error or None,
@@ -366,6 +407,8 @@ class QueueStats:
     running: int = 0
     #: In the dead-letter queue.
     dead: int = 0
+    #: Workers connected to the leader that take tasks from this queue.
+    workers: int = 0
 
     @classmethod
     def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
@@ -376,6 +419,7 @@ class QueueStats:
             scheduled=msg.scheduled,
             running=msg.running,
             dead=msg.dead,
+            workers=msg.workers,
         )
 
 

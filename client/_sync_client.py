@@ -4,6 +4,10 @@ It owns a private event loop running in a daemon thread and hands every call to 
 :class:`AsyncClient` living on that loop, so conversions, failover, error mapping and
 waiting exist once, in the async implementation. Blocking callers may come from any
 thread, including threads that run an event loop of their own.
+
+The methods below the marker line are generated from ``AsyncClient`` by
+``python -m conveyor.client._codegen`` (same signatures, defaults and docstrings); a test
+fails when they are stale.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from conveyor.client._models import (
     TaskSpec,
     TaskState,
 )
+from conveyor.transport import ConnectionOptions
 
 __all__ = ["Client"]
 
@@ -100,13 +105,8 @@ class Client:
     """Blocking client for a Conveyor cluster; the twin of :class:`AsyncClient`.
 
     Use as ``with Client("10.0.0.1:50051") as client: ...`` or call :meth:`close`.
-    Thread-safe. The methods and their arguments are those of :class:`AsyncClient`;
-    see there for details.
-
-    Args:
-        coordinators: One ``"host:port"``, several separated by commas, or a sequence.
-        timeout: Seconds each call may take, retries and failover included.
-        api_key: Sent as ``authorization: Bearer <api_key>`` with every call.
+    Thread-safe. The constructor's arguments and the methods are those of
+    :class:`AsyncClient` (see there); ``watch`` and ``iter_tasks`` return iterators.
     """
 
     def __init__(
@@ -115,9 +115,19 @@ class Client:
         *,
         timeout: float | None = 10.0,
         api_key: str | None = None,
+        options: ConnectionOptions | None = None,
+        retry_submits: bool = True,
+        retry_resource_exhausted: bool = False,
     ) -> None:
         # Built before the thread starts, so bad arguments raise here and leak no thread.
-        self._async = AsyncClient(coordinators, timeout=timeout, api_key=api_key)
+        self._async = AsyncClient(
+            coordinators,
+            timeout=timeout,
+            api_key=api_key,
+            options=options,
+            retry_submits=retry_submits,
+            retry_resource_exhausted=retry_resource_exhausted,
+        )
         self._loop = _LoopThread()
         self._close_lock = threading.Lock()
 
@@ -147,6 +157,7 @@ class Client:
             finally:
                 self._loop.stop()
 
+    # -- generated from AsyncClient by `python -m conveyor.client._codegen`; do not edit below --
     def submit(
         self,
         type: str,
@@ -164,7 +175,29 @@ class Client:
         content_type: str | None = None,
         traceparent: str | None = None,
     ) -> Task:
-        """Submits one task and returns it as committed. See :meth:`AsyncClient.submit`."""
+        """Submits one task and returns it as committed.
+
+        Args:
+            type: The task type, the name a worker registered a handler under.
+            payload: Anything ``json.dumps`` accepts; bytes are sent as-is
+                (``application/octet-stream``), as is any payload with ``raw=True``.
+            queue: The queue to put it on.
+            idempotency_key: Makes resubmitting safe: the same key returns the first task.
+                Without one the client makes its own (see ``retry_submits``).
+            priority: Higher runs first within a queue (-1000 to 1000).
+            run_at: Earliest start: an aware datetime or a delay from now.
+            max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
+            timeout: Execution timeout of one attempt; ``None`` for the default (5 min).
+            retry_policy: Backoff between attempts; ``None`` for the default.
+            labels: Free-form string labels.
+            raw: Send ``payload`` bytes as-is instead of JSON-encoding.
+            content_type: Overrides the payload's MIME type.
+            traceparent: W3C trace context linking the execution to the caller's trace.
+
+        Raises:
+            InvalidArgumentError: A field is invalid (see ``field_violations``).
+            IdempotencyConflictError: The key is taken by a different request.
+        """
         return self._loop.run(
             self._async.submit(
                 type,
@@ -184,15 +217,26 @@ class Client:
         )
 
     def submit_many(self, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> builtins.list[Task]:
-        """Submits many tasks in batches. See :meth:`AsyncClient.submit_many`."""
+        """Submits many tasks in as few calls as possible; returns them in input order.
+
+        Each element is a :class:`TaskSpec` or a dict of :meth:`submit` keyword arguments
+        (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
+        (fewer when payloads are large); each batch is atomic, the whole call is not: when
+        a batch fails, the batches before it stay submitted (the error says how many).
+        Tasks without an idempotency key get one each, as in :meth:`submit`.
+        """
         return self._loop.run(self._async.submit_many(tasks))
 
     def get(self, task_id: str) -> Task:
-        """Returns the task's current state. See :meth:`AsyncClient.get`."""
+        """Returns the task's current state.
+
+        Raises:
+            TaskNotFoundError: No task has this id.
+        """
         return self._loop.run(self._async.get(task_id))
 
     def get_with_attempts(self, task_id: str) -> tuple[Task, builtins.list[TaskAttempt]]:
-        """Returns the task and all its attempts. See :meth:`AsyncClient.get_with_attempts`."""
+        """Returns the task and every attempt so far, oldest first."""
         return self._loop.run(self._async.get_with_attempts(task_id))
 
     def list(
@@ -203,7 +247,15 @@ class Client:
         page_size: int = 100,
         page_token: str | None = None,
     ) -> Page[Task]:
-        """Returns one page of tasks, newest first. See :meth:`AsyncClient.list`."""
+        """Returns one page of tasks, newest first, optionally filtered.
+
+        Args:
+            queue: Only tasks on this queue.
+            state: Only tasks in this state (a :class:`TaskState` or its name).
+            type: Only tasks of this type.
+            page_size: At most 1000.
+            page_token: ``next_page_token`` of the previous page.
+        """
         return self._loop.run(self._async.list(queue, state, type, page_size, page_token))
 
     def iter_tasks(
@@ -213,31 +265,62 @@ class Client:
         type: str | None = None,
         page_size: int = 100,
     ) -> Iterator[Task]:
-        """Yields every matching task across pages. See :meth:`AsyncClient.iter_tasks`."""
+        """Yields every matching task, newest first, fetching pages as it goes."""
         return self._loop.iterate(self._async.iter_tasks(queue, state, type, page_size))
 
     def queues(self) -> builtins.list[QueueStats]:
-        """Returns every queue with its counts. See :meth:`AsyncClient.queues`."""
+        """Returns every queue with its task counts by state."""
         return self._loop.run(self._async.queues())
 
     def cancel(self, task_id: str) -> Task:
-        """Cancels an unfinished task. See :meth:`AsyncClient.cancel`."""
+        """Cancels an unfinished task (a running one's worker is told to stop).
+
+        Raises:
+            InvalidStateError: The task has already finished.
+        """
         return self._loop.run(self._async.cancel(task_id))
 
     def retry(self, task_id: str) -> Task:
-        """Redrives a DEAD task. See :meth:`AsyncClient.retry`."""
+        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
+
+        Raises:
+            InvalidStateError: The task is not DEAD.
+        """
         return self._loop.run(self._async.retry(task_id))
 
     def watch(self, task_id: str) -> Iterator[Task]:
-        """Yields the task's state and each change until terminal. See :meth:`AsyncClient.watch`."""
+        """Yields the task's current state, then each change, until it is terminal.
+
+        A broken stream is reopened by itself (after re-reading the task, so a change
+        made while disconnected is not missed); it gives up with :class:`UnavailableError`
+        only after about a minute without any coordinator answering. Intermediate
+        states may be skipped while disconnected; the terminal state never is.
+        """
         return self._loop.iterate(self._async.watch(task_id))
 
     def wait(self, task_id: str, timeout: float | timedelta | None = None) -> Task:
-        """Blocks until the task is terminal and returns it. See :meth:`AsyncClient.wait`."""
+        """Waits until the task is terminal (SUCCEEDED, DEAD or CANCELLED) and returns it.
+
+        When the coordinator says that no connected worker serves the task (its type on
+        its queue), a warning is logged once (logger ``conveyor.client``) and the
+        timeout's error says so too.
+
+        Args:
+            timeout: Seconds (or a timedelta) to wait at most; ``None`` waits for good.
+
+        Raises:
+            WaitTimeoutError: The timeout passed first; the task keeps running.
+        """
         return self._loop.run(self._async.wait(task_id, timeout))
 
     def result(self, task_id: str, timeout: float | timedelta | None = None) -> Any:
-        """Blocks until the task finishes; returns its result. See :meth:`AsyncClient.result`."""
+        """Waits for the task and returns its result decoded from JSON.
+
+        Raises:
+            TaskFailedError: The task ended DEAD (``last_error`` says why).
+            TaskCancelledError: The task was cancelled.
+            WaitTimeoutError: The timeout passed first.
+        """
         return self._loop.run(self._async.result(task_id, timeout))
 
     def create_schedule(
@@ -263,7 +346,27 @@ class Client:
         end_time: datetime | None = None,
         paused: bool = False,
     ) -> Schedule:
-        """Creates a cron schedule. See :meth:`AsyncClient.create_schedule`."""
+        """Creates a schedule that submits a task at every tick of ``cron``.
+
+        Args:
+            name: Unique per tenant (letters, digits, ``_ . : - /``).
+            cron: 5 fields (``"*/5 * * * *"``), 6 with seconds first (``"*/10 * * * * *"``)
+                or an alias such as ``"@hourly"``.
+            type, payload, queue, priority, max_attempts, timeout, retry_policy, labels,
+                raw, content_type: The task each tick submits, as for :meth:`submit`.
+            time_zone: IANA zone the expression is read in (DST: a skipped wall time does
+                not fire, a repeated one fires once).
+            overlap_policy: ``ALLOW`` (default), ``SKIP`` or ``BUFFER_ONE`` while the
+                previous firing is unfinished.
+            catch_up_policy: For ticks missed while no coordinator ran: ``SKIP``,
+                ``FIRE_ONCE`` (default) or ``FIRE_ALL`` (up to ``catch_up_limit``, 100).
+            start_time, end_time: No ticks before ``start_time`` or from ``end_time`` on.
+            paused: Create it paused.
+
+        Raises:
+            InvalidArgumentError: A field is invalid (cron, time zone, template, ...).
+            RPCError: ``ALREADY_EXISTS`` (reason ``SCHEDULE_ALREADY_EXISTS``): the name is taken.
+        """
         return self._loop.run(
             self._async.create_schedule(
                 name,
@@ -289,11 +392,15 @@ class Client:
         )
 
     def get_schedule(self, name: str) -> Schedule:
-        """Returns a schedule. See :meth:`AsyncClient.get_schedule`."""
+        """Returns the schedule with its next fire times and latest firings.
+
+        Raises:
+            RPCError: ``NOT_FOUND`` (reason ``SCHEDULE_NOT_FOUND``).
+        """
         return self._loop.run(self._async.get_schedule(name))
 
     def list_schedules(self, page_size: int = 100, page_token: str | None = None) -> Page[Schedule]:
-        """Returns one page of schedules. See :meth:`AsyncClient.list_schedules`."""
+        """Returns one page of schedules, by name."""
         return self._loop.run(self._async.list_schedules(page_size, page_token))
 
     def update_schedule(
@@ -319,7 +426,12 @@ class Client:
         end_time: datetime | None = None,
         etag: str | None = None,
     ) -> Schedule:
-        """Changes the given fields of a schedule. See :meth:`AsyncClient.update_schedule`."""
+        """Changes the given fields of a schedule (the others stay as they are).
+
+        Changing ``cron``, ``time_zone``, ``start_time`` or ``end_time`` restarts the
+        schedule from now. With ``etag`` (from a read), the update applies only if nobody
+        changed the schedule since (else ``RPCError`` with code ``ABORTED``).
+        """
         return self._loop.run(
             self._async.update_schedule(
                 name,
@@ -345,13 +457,13 @@ class Client:
         )
 
     def delete_schedule(self, name: str) -> None:
-        """Deletes a schedule. See :meth:`AsyncClient.delete_schedule`."""
+        """Deletes a schedule; the tasks it submitted stay."""
         self._loop.run(self._async.delete_schedule(name))
 
     def pause_schedule(self, name: str) -> Schedule:
-        """Stops a schedule firing. See :meth:`AsyncClient.pause_schedule`."""
+        """Stops a schedule firing (pausing a paused one changes nothing)."""
         return self._loop.run(self._async.pause_schedule(name))
 
     def resume_schedule(self, name: str) -> Schedule:
-        """Starts a paused schedule again. See :meth:`AsyncClient.resume_schedule`."""
+        """Starts a paused schedule again from now; ticks missed while paused do not fire."""
         return self._loop.run(self._async.resume_schedule(name))

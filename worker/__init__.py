@@ -19,16 +19,21 @@
 All logging goes to the ``conveyor.worker`` logger.
 """
 
+from conveyor.transport._errors import WorkerIdInUseError
+from conveyor.transport._options import ConnectionOptions
 from conveyor.worker._context import CancellationSignal, TaskContext
-from conveyor.worker._errors import NonRetryableError, WorkerLoadError
+from conveyor.worker._errors import NoHandlersError, NonRetryableError, WorkerLoadError
 from conveyor.worker._loader import load_worker
 from conveyor.worker._worker import Worker
 
 __all__ = [
     "CancellationSignal",
+    "ConnectionOptions",
+    "NoHandlersError",
     "NonRetryableError",
     "TaskContext",
     "Worker",
+    "WorkerIdInUseError",
     "WorkerLoadError",
     "load_worker",
 ]

@@ -14,18 +14,20 @@ from conveyor.worker._context import TaskContext
 from conveyor.worker._registry import Handler
 
 __all__ = [
-    "MAX_ERROR_CHARS",
+    "MAX_ERROR_BYTES",
     "TaskFailure",
     "call_sync_handler",
     "decode_payload",
     "describe_exception",
     "encode_result",
+    "sanitize_error",
 ]
 
-#: Cap on the error text sent to the coordinator: it is stored with every attempt, and a
-#: deep traceback can be large. The head (the exception line) and the tail (where it was
-#: raised) are kept.
-MAX_ERROR_CHARS = 8192
+#: Cap on the error text sent to the coordinator, in UTF-8 bytes: it is stored with
+#: every attempt, and a deep traceback can be large. The head (the exception line) and
+#: the tail (where it was raised) are kept, with a marker between them.
+MAX_ERROR_BYTES = 8192
+_TRUNCATED = "\n[... truncated ...]\n"
 
 
 class TaskFailure(Exception):
@@ -103,19 +105,19 @@ def call_sync_handler(handler: Handler, ctx: TaskContext, payload: bytes) -> byt
 
 
 def describe_exception(exc: BaseException, *, with_traceback: bool = True) -> str:
-    """``"Type: message"``, followed by the traceback, capped at :data:`MAX_ERROR_CHARS`.
+    """``"Type: message"``, followed by the traceback, made fit by :func:`sanitize_error`.
 
     The traceback starts at the handler: the SDK's and the thread pool's own frames above
     it say nothing about the failure.
     """
     summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if not with_traceback or exc.__traceback__ is None:
-        return _cap(summary)
+        return sanitize_error(summary)
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and _is_plumbing(tb.tb_frame.f_code):
         tb = tb.tb_next
     trace = "".join(traceback.format_exception(type(exc), exc, tb))
-    return _cap(f"{summary}\n\n{trace}")
+    return sanitize_error(f"{summary}\n\n{trace}")
 
 
 # The SDK's private modules (not demo.py, whose handlers are user code) and the pool's.
@@ -129,10 +131,19 @@ def _is_plumbing(code: CodeType) -> bool:
     return code.co_filename.startswith(_PLUMBING_PREFIXES)
 
 
-def _cap(text: str) -> str:
-    if len(text) <= MAX_ERROR_CHARS:
-        return text
-    marker = "\n[... truncated ...]\n"
-    head = MAX_ERROR_CHARS // 4
-    tail = MAX_ERROR_CHARS - head - len(marker)
-    return text[:head] + marker + text[-tail:]
+def sanitize_error(text: str) -> str:
+    """Error text the coordinator always accepts: no NUL, valid UTF-8, at most
+    :data:`MAX_ERROR_BYTES` bytes.
+
+    PostgreSQL text cannot hold NUL (shown as ``\\x00`` instead), a lone surrogate
+    (from a badly decoded file name, say) is no UTF-8 (shown as ``?``), and a long text is
+    cut in the middle with a marker, keeping its head and tail.
+    """
+    data = text.replace("\x00", "\\x00").encode("utf-8", "replace")
+    if len(data) <= MAX_ERROR_BYTES:
+        return data.decode("utf-8")
+    marker = _TRUNCATED.encode()
+    head = MAX_ERROR_BYTES // 4
+    tail = MAX_ERROR_BYTES - head - len(marker)
+    # A cut may split a character; "ignore" drops its partial bytes.
+    return (data[:head] + marker + data[-tail:]).decode("utf-8", "ignore")

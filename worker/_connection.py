@@ -1,4 +1,21 @@
-"""Keeps one session open: reconnects with backoff, cycles addresses, follows redirects."""
+"""Keeps one session open: reconnects with backoff, cycles addresses, follows redirects.
+
+Addresses, redirects and backoff follow the shared rules of
+:mod:`conveyor.transport._failover`. The worker's own rules:
+
+* A failed attempt moves on at once to the next address (or to the leader a coordinator
+  redirected to) until every address was tried once; only a whole round without a
+  session backs off. A refused connection costs nothing, and during a failover the next
+  address may well be the new leader.
+* A round of redirects means a leader change is under way (the cluster answers): look
+  again shortly, without growing the backoff.
+* A fatal refusal (``WORKER_ID_IN_USE``) ends the loop with that error: retrying cannot
+  fix a misconfiguration.
+* Logs: one line per failed attempt, with the wait before the next one: "cannot reach the
+  coordinator at X" when nothing answered there, "lost the stream" when an established
+  session broke. WARNING for the first failure of an outage, INFO for the next ones; a
+  refusal (a coordinator saying no) is an ERROR each time, since someone must act.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +25,20 @@ import logging
 import random
 from collections.abc import Sequence
 
-import grpc
-
+from conveyor.transport import AddressBook, Backoff, ConnectionOptions
 from conveyor.worker._runtime import Runtime
-from conveyor.worker._session import HelloInfo, Session
+from conveyor.worker._session import HelloInfo, Session, SessionEnd
 
-__all__ = ["Connector", "backoff_delay"]
+__all__ = ["RECONNECT_BACKOFF", "Connector"]
 
 logger = logging.getLogger("conveyor.worker")
 
-BACKOFF_INITIAL = 0.1
-# Kept short: during a leader failover the cluster is back within a few seconds, and a
-# worker asleep in a long backoff would stretch that outage for its tasks.
-BACKOFF_MAX = 2.0
-
-
-def backoff_delay(failures: int, *, rng: random.Random | None = None) -> float:
-    """Delay before the next connection attempt after ``failures`` failed ones in a row.
-
-    Exponential from :data:`BACKOFF_INITIAL`, capped at :data:`BACKOFF_MAX`, with jitter
-    over the upper half of the range so that workers that lost the same coordinator do not
-    all come back in the same instant, while still waiting at least half the step.
-    """
-    step = min(BACKOFF_MAX, BACKOFF_INITIAL * (2 ** min(failures, 32)))
-    return (rng or random).uniform(step / 2, step)
+#: Waits between rounds of failed attempts. Kept short: during a leader failover the
+#: cluster is back within a few seconds, and a worker asleep in a long backoff would
+#: stretch that outage for its tasks.
+RECONNECT_BACKOFF = Backoff(initial=0.1, maximum=2.0)
+#: The pause before looking again after a round of redirects (a leader being elected).
+_ELECTION_PAUSE = (0.05, 0.15)
 
 
 class Connector:
@@ -44,16 +51,12 @@ class Connector:
         connected: asyncio.Event,
         info: HelloInfo,
         runtime: Runtime,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        options: ConnectionOptions,
     ) -> None:
-        if not addresses:
-            raise ValueError("at least one coordinator address is needed")
-        self._addresses = list(addresses)
+        self._book = AddressBook(addresses)
         self._info = info
         self._runtime = runtime
-        self._credentials = credentials
-        self._metadata = tuple(metadata)
+        self._options = options
         self._session: Session | None = None
         self._draining = False
         self._closing = False
@@ -85,26 +88,21 @@ class Connector:
     async def run(self) -> None:
         """Connect, and reconnect whenever the stream ends, until :meth:`close`.
 
-        Failed attempts are retried at once on the next address (or the leader a
-        coordinator redirected to) until every address was tried once; only a whole round
-        without a session backs off. A refused connection costs nothing, and during a
-        failover the next address may well be the new leader.
+        Raises:
+            WorkerIdInUseError: The coordinator refused this worker's id (another live
+                process uses it).
         """
         failures = 0  # rounds through the addresses without a session
         tried = 0  # attempts in the current round
         answered = False  # some coordinator answered (redirected) in this round
-        index = 0
-        redirect_to: str | None = None
+        target = self._book.current
         while not self._closing:
-            target = redirect_to or self._addresses[index % len(self._addresses)]
-            redirect_to = None
             session = Session(
                 target,
                 info=self._info,
                 runtime=self._runtime,
                 draining=self._draining,
-                credentials=self._credentials,
-                metadata=self._metadata,
+                options=self._options,
                 on_welcome=lambda _session: self.connected.set(),
             )
             self._session = session
@@ -114,54 +112,40 @@ class Connector:
             finally:
                 self._session = None
                 self.connected.clear()
+            if end.fatal is not None:
+                raise end.fatal
             if self._closing:
                 return
             if end.welcomed:
+                self._book.answered(target)
                 failures = 0
                 tried = 0
             tried += 1
-            round_over = tried > len(self._addresses)
+            round_over = tried >= len(self._book.addresses)
             if end.redirect is not None:
                 logger.info(
                     "coordinator %s redirected to the leader at %s",
                     target,
                     end.redirect or "(unknown)",
                 )
-                if end.redirect:
-                    redirect_to = end.redirect
-                else:
-                    index += 1
-                # Follow a redirect at once. A round of them means a leader change is
-                # under way (the cluster answers): look again shortly, without growing
-                # the backoff, so the new leader is found as soon as it is elected.
+                next_target = self._book.redirect(end.redirect, from_address=target)
                 answered = True
-                delay = random.uniform(0.05, 0.15) if round_over else 0.0
+                delay = random.uniform(*_ELECTION_PAUSE) if round_over else 0.0
             else:
-                index += 1
+                next_target = self._book.next_after(target)
                 if end.rejected or (round_over and not answered):
-                    delay = backoff_delay(failures)
+                    delay = RECONNECT_BACKOFF.delay(failures + 1)
                 elif round_over:
-                    delay = random.uniform(0.05, 0.15)
+                    delay = random.uniform(*_ELECTION_PAUSE)
                 else:
                     delay = 0.0
-                # Once per outage at WARNING, then quieter; a refusal needs a human each time.
-                if end.rejected:
-                    log = logger.error
-                elif end.welcomed or failures == 0:
-                    log = logger.warning
-                else:
-                    log = logger.info
-                log(
-                    "lost the stream to coordinator %s (%s); reconnecting in %.2fs",
-                    target,
-                    end.error or "closed",
-                    delay,
-                )
+                _log_failure(target, end, delay, first=end.welcomed or failures == 0)
             if delay > 0:
                 if not answered:
                     failures += 1
                 tried = 0
                 answered = False
+            target = next_target
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
@@ -170,3 +154,20 @@ class Connector:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._wakeup.wait()
+
+
+def _log_failure(target: str, end: SessionEnd, delay: float, *, first: bool) -> None:
+    """One line for one failed attempt (the rules are in the module docstring)."""
+    if end.rejected:
+        log = logger.error
+    elif first:
+        log = logger.warning
+    else:
+        log = logger.info
+    then = f"trying again in {delay:.2f}s" if delay > 0 else "trying the next address"
+    if not end.reached:
+        log("cannot reach the coordinator at %s (%s); %s", target, end.error or "no answer", then)
+    elif end.welcomed:
+        log("lost the stream to coordinator %s (%s); %s", target, end.error or "closed", then)
+    else:
+        log("coordinator %s did not accept the worker (%s); %s", target, end.error, then)

@@ -17,10 +17,13 @@ logger = logging.getLogger("conveyor.worker")
 #: never has two live attempts with the same number.
 LeaseKey = tuple[str, int]
 
-#: Largest result message the worker sends. gRPC servers refuse messages over 4 MiB by
-#: default, and a refused message breaks the whole stream; resending it after the
-#: reconnect would break the next one too. Such a result becomes a failure instead.
-MAX_RESULT_BYTES = (4 << 20) - (64 << 10)
+#: Largest result the worker reports, in bytes. Results are stored with the task and
+#: read back whole by every GetTask and WatchTask, so they are meant to be small (store
+#: big outputs elsewhere and return a reference). A result too large for the stream would
+#: break it, and resending it after the reconnect would break the next one too: such a
+#: result fails its task (for good: running the handler again would produce it again)
+#: instead of poisoning the batch it travels in.
+MAX_RESULT_BYTES = 4 << 20
 
 
 def lease_key(lease: pb.Lease) -> LeaseKey:
@@ -42,6 +45,8 @@ class Outbox:
         self._unsent: collections.OrderedDict[LeaseKey, None] = collections.OrderedDict()
         self._settled = asyncio.Event()
         self._settled.set()
+        # Results of attempts the coordinator cancelled: their refusal is expected.
+        self._cancelled: set[LeaseKey] = set()
 
     def __len__(self) -> int:
         return len(self._results)
@@ -52,9 +57,12 @@ class Outbox:
     def add(self, result: pb.TaskResult) -> None:
         """Keep ``result`` (replacing it by a failure if it is too large to send)."""
         key = lease_key(result.lease)
-        size = result.ByteSize()
+        size = len(result.result)
         if size > MAX_RESULT_BYTES:
-            error = f"result too large to send ({size} bytes, limit {MAX_RESULT_BYTES})"
+            error = (
+                f"the handler's result is too large ({size} bytes; the limit is "
+                f"{MAX_RESULT_BYTES}): store large outputs elsewhere and return a reference"
+            )
             logger.error("task %s attempt %d: %s", *key, error)
             result = pb.TaskResult(
                 lease=result.lease, outcome=pb.TASK_OUTCOME_FAILED, error=error, retryable=False
@@ -63,15 +71,26 @@ class Outbox:
         self._unsent[key] = None
         self._settled.clear()
 
+    def cancelled(self, key: LeaseKey) -> None:
+        """The coordinator cancelled this attempt: a refusal of its result is expected."""
+        # Only results still waiting for their ack: the set never outgrows the outbox.
+        if key in self._results:
+            self._cancelled.add(key)
+
     def ack(self, ack: pb.ResultAck) -> None:
-        """Drop the acknowledged result; a refusal is only worth a warning."""
+        """Drop the acknowledged result; a refusal is worth a warning unless expected."""
         key = lease_key(ack.lease)
-        if self._results.pop(key, None) is None:
+        result = self._results.pop(key, None)
+        cancelled = key in self._cancelled
+        self._cancelled.discard(key)
+        if result is None:
             logger.debug("ack for unknown result of task %s attempt %d", *key)
             return
         self._unsent.pop(key, None)
         if not ack.accepted:
-            logger.warning(
+            # A task cancelled on purpose has no use for its result: nothing is wrong.
+            expected = cancelled or result.outcome == pb.TASK_OUTCOME_CANCELLED
+            (logger.info if expected else logger.warning)(
                 "coordinator refused the result of task %s attempt %d: %s",
                 *key,
                 ack.reason or "no reason given",

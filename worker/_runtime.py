@@ -28,6 +28,7 @@ from conveyor.worker._codec import (
     decode_payload,
     describe_exception,
     encode_result,
+    sanitize_error,
 )
 from conveyor.worker._context import CancellationSignal, TaskContext
 from conveyor.worker._errors import NonRetryableError
@@ -44,6 +45,7 @@ SUCCEEDED = pb.TASK_OUTCOME_SUCCEEDED
 FAILED = pb.TASK_OUTCOME_FAILED
 TIMED_OUT = pb.TASK_OUTCOME_TIMED_OUT
 CANCELLED = pb.TASK_OUTCOME_CANCELLED
+INTERRUPTED = pb.TASK_OUTCOME_INTERRUPTED
 
 SHUTDOWN_ERROR = "worker shut down"
 
@@ -92,7 +94,11 @@ def _result(
     result: bytes = b"",
 ) -> pb.TaskResult:
     return pb.TaskResult(
-        lease=lease, outcome=outcome, result=result, error=error, retryable=retryable
+        lease=lease,
+        outcome=outcome,
+        result=result,
+        error=sanitize_error(error) if error else "",
+        retryable=retryable,
     )
 
 
@@ -228,9 +234,12 @@ class Runtime:
     def cancel(self, leases: Iterable[pb.Lease]) -> None:
         """CancelTasks: stop these attempts and report them CANCELLED."""
         for lease in leases:
-            execution = self._held.get(lease_key(lease))
+            key = lease_key(lease)
+            execution = self._held.get(key)
             if execution is None:
-                continue  # already finished; its result answers the cancel
+                # Already finished; its result answers the cancel (and will be refused).
+                self._outbox.cancelled(key)
+                continue
             logger.info("task %s attempt %d cancelled by the coordinator", *execution.key)
             self._stop(
                 execution,
@@ -250,10 +259,16 @@ class Runtime:
             self._stop(execution, "lease lost", None)
 
     def stop_all(self, reason: str = SHUTDOWN_ERROR) -> None:
-        """Stop every held attempt, reporting each FAILED and retryable."""
+        """Stop every held attempt because the worker shuts down: each is INTERRUPTED.
+
+        The coordinator makes such a task ready again at once, and the attempt does not
+        count against its ``max_attempts`` (the handler was stopped, it did not fail).
+        """
         for execution in list(self._held.values()):
             self._stop(
-                execution, reason, _result(execution.lease, FAILED, error=reason, retryable=True)
+                execution,
+                reason,
+                _result(execution.lease, INTERRUPTED, error=reason, retryable=True),
             )
 
     async def close(self) -> None:

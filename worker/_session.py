@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
-from google.rpc import error_details_pb2, status_pb2
 
+from conveyor.transport import ConnectionOptions, error_from_rpc
+from conveyor.transport._errors import NotLeaderError, RPCError, WorkerIdInUseError
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._runtime import Runtime
 
-__all__ = ["HelloInfo", "Session", "SessionEnd", "not_leader_address"]
+__all__ = ["HelloInfo", "Session", "SessionEnd", "liveness_timeout"]
 
 logger = logging.getLogger("conveyor.worker")
 
@@ -31,22 +32,20 @@ PROTOCOL_VERSION = 1
 WELCOME_TIMEOUT = 10.0
 #: Used when Welcome carries no heartbeat interval.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: Used when Welcome carries no lease duration (the coordinator's default).
+DEFAULT_LEASE_DURATION = 30.0
 #: Credits freed within this window go out as one Credit message.
 CREDIT_COALESCE = 0.001
 #: Results finished within this window go out as one Results message...
 RESULT_BATCH_WINDOW = 0.002
 #: ...of at most this many results...
 RESULT_BATCH_MAX = 100
-#: ...and about this many bytes, under gRPC's default 4 MiB receive limit (a single
-#: result larger than this still goes alone; the runtime refuses to produce bigger ones).
-RESULT_BATCH_BYTES = 3 << 20
+#: ...and about this many bytes, well under the coordinator's 64 MiB message limit (a
+#: single result larger than this still goes alone; the outbox refuses bigger ones).
+RESULT_BATCH_BYTES = 8 << 20
 #: Outgoing messages waiting for the writer; a full queue makes senders wait (backpressure
 #: from HTTP/2 flow control reaches the loops that produce messages).
 OUTGOING_QUEUE_SIZE = 256
-#: Assignments batch many payloads into one message; allow more than gRPC's default 4 MiB.
-MAX_RECEIVE_MESSAGE_BYTES = 64 << 20
-
-_ERROR_DOMAIN = "conveyor.dev"
 # Codes that mean "try again later"; anything else is the coordinator refusing the worker.
 _TRANSIENT_CODES = frozenset(
     {
@@ -78,47 +77,67 @@ class SessionEnd:
 
     Attributes:
         welcomed: The coordinator accepted the session (resets the reconnect backoff).
+        reached: Some coordinator answered on this stream (any message or a status of its
+            own); False when the address could not be reached at all.
         redirect: Set when the coordinator pointed at the leader: its address, or ""
             when it does not know it. ``None`` when there was no redirect.
         error: What broke the stream, for the log; ``None`` for an orderly end.
         rejected: The coordinator refused the worker (a status other than UNAVAILABLE,
             e.g. INVALID_ARGUMENT for a protocol violation or UNAUTHENTICATED): retrying
             goes on, but someone has to fix something.
+        fatal: An error retrying cannot fix (WORKER_ID_IN_USE): the worker stops with it.
     """
 
     welcomed: bool
+    reached: bool = True
     redirect: str | None = None
     error: str | None = None
     rejected: bool = False
+    fatal: RPCError | None = None
 
 
 class _SessionError(Exception):
     """The session cannot go on (protocol violation, silence, send stall)."""
 
 
-def not_leader_address(error: grpc.aio.AioRpcError) -> str | None:
-    """The leader's address from a NOT_LEADER status, or ``None`` for other errors.
+def liveness_timeout(heartbeat_interval: float, lease_duration: float) -> float:
+    """How long the coordinator may stay silent before the worker drops the stream.
 
-    The coordinator may refuse the stream outright with UNAVAILABLE and a
-    ``google.rpc.ErrorInfo`` (reason NOT_LEADER, metadata ``leader_address``) instead of
-    answering with a Redirect message; both mean the same to the worker.
+    Every heartbeat is answered, so silence means the coordinator is gone, frozen or cut
+    off. The worker must notice that well before its leases expire, so that it reconnects
+    (to the next leader) and lists its running tasks in Hello while their leases still
+    stand; otherwise the next leader reaps them and they run twice. Hence: two and a half
+    heartbeat intervals (one late answer is no reason to reconnect), but at most the lease
+    minus one interval, and never under one and a half intervals (an answer cannot come
+    before the heartbeat it answers). With the defaults (heartbeat 10 s, lease 30 s) that
+    is 20 s, leaving 10 s to reconnect before a lease renewed just before the silence runs
+    out.
     """
-    if error.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except Exception:  # malformed details must not break reconnecting
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.reason == "NOT_LEADER":
-                if info.domain not in ("", _ERROR_DOMAIN):
-                    continue
-                return str(info.metadata.get("leader_address", ""))
-    return None
+    timeout = min(2.5 * heartbeat_interval, lease_duration - heartbeat_interval)
+    return max(timeout, 1.5 * heartbeat_interval)
+
+
+def _classify(exc: grpc.aio.AioRpcError, target: str, *, welcomed: bool, heard: bool) -> SessionEnd:
+    """A SessionEnd for a stream that ended with an error status."""
+    error = error_from_rpc(exc, address=target)
+    if isinstance(error, NotLeaderError):
+        # The coordinator may refuse the stream outright with NOT_LEADER instead of
+        # answering with a Redirect message; both mean the same to the worker.
+        return SessionEnd(welcomed=welcomed, redirect=error.leader_address or "")
+    if isinstance(error, WorkerIdInUseError):
+        return SessionEnd(welcomed=welcomed, error=str(error), fatal=error)
+    # A bare UNAVAILABLE before any answer: gRPC could not connect at all.
+    reached = heard or error.reason is not None or exc.code() != grpc.StatusCode.UNAVAILABLE
+    details = exc.details() or "no details"
+    if not reached:
+        # gRPC's text nests the cause last ("failed to connect to all addresses; last
+        # error: ...: Connection refused"); the cause is what a reader needs.
+        return SessionEnd(welcomed=welcomed, reached=False, error=details.rsplit(": ", 1)[-1])
+    return SessionEnd(
+        welcomed=welcomed,
+        error=f"{exc.code().name}: {details}",
+        rejected=exc.code() not in _TRANSIENT_CODES,
+    )
 
 
 class Session:
@@ -131,8 +150,7 @@ class Session:
         info: HelloInfo,
         runtime: Runtime,
         draining: bool,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        options: ConnectionOptions,
         on_welcome: Callable[[Session], None] | None = None,
     ) -> None:
         self.target = target
@@ -140,8 +158,7 @@ class Session:
         self._info = info
         self._runtime = runtime
         self._draining = draining
-        self._credentials = credentials
-        self._metadata = tuple(metadata)
+        self._options = options
         self._outgoing: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue(OUTGOING_QUEUE_SIZE)
         self._credit_wanted = asyncio.Event()
         self._results_wanted = asyncio.Event()
@@ -154,7 +171,9 @@ class Session:
         # Credit granted on this session that no assignment has used yet.
         self._outstanding = 0
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        self._liveness = liveness_timeout(DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_DURATION)
         self._last_heard = 0.0
+        self._heard = False  # any message from the coordinator on this stream
         self.session_id = ""
 
     @property
@@ -205,27 +224,15 @@ class Session:
         """Open the stream, converse until it ends, and clean up everything it started."""
         # A fresh channel per session: a Redirect points somewhere else, and reconnecting
         # (with backoff, across addresses) is the Connector's job, not gRPC's.
-        options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)]
-        if self._credentials is None:
-            channel = grpc.aio.insecure_channel(self.target, options=options)
-        else:
-            channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
+        channel = self._options.open_channel(self.target)
         tasks: list[asyncio.Task[SessionEnd | None]] = []
         call: grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse] | None = None
         try:
             stub = pb_grpc.WorkerServiceStub(channel)
-            call = stub.Connect(metadata=self._metadata or None)
+            call = stub.Connect(metadata=self._options.call_metadata() or None)
             end = await self._converse(call, tasks)
         except grpc.aio.AioRpcError as exc:
-            leader = not_leader_address(exc)
-            if leader is not None:
-                end = SessionEnd(welcomed=self._welcomed, redirect=leader)
-            else:
-                end = SessionEnd(
-                    welcomed=self._welcomed,
-                    error=f"{exc.code().name}: {exc.details() or 'no details'}",
-                    rejected=exc.code() not in _TRANSIENT_CODES,
-                )
+            end = _classify(exc, self.target, welcomed=self._welcomed, heard=self._heard)
         except TimeoutError:
             end = SessionEnd(welcomed=self._welcomed, error="timed out waiting for Welcome")
         except _SessionError as exc:
@@ -275,6 +282,7 @@ class Session:
             first = await call.read()
         if first is grpc.aio.EOF:
             raise _SessionError("the coordinator closed the stream before Welcome")
+        self._heard = True
         assert isinstance(first, pb.ConnectResponse)
         kind = first.WhichOneof("message")
         if kind == "redirect":
@@ -312,14 +320,29 @@ class Session:
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
         if interval > 0:
             self._heartbeat_interval = interval
+        lease = welcome.lease_duration.ToTimedelta().total_seconds()
+        if lease <= 0:
+            lease = DEFAULT_LEASE_DURATION
+        self._liveness = liveness_timeout(self._heartbeat_interval, lease)
+        if self._liveness >= lease:
+            # The coordinator's settings leave no room to notice silence before a lease
+            # runs out; say so, since tasks may then run twice after a failover.
+            logger.warning(
+                "coordinator %s: lease duration %gs is too short for heartbeat interval %gs; "
+                "leases may expire before this worker notices a silent coordinator",
+                self.target,
+                lease,
+                self._heartbeat_interval,
+            )
         self._last_heard = asyncio.get_running_loop().time()
         logger.info(
-            "connected to coordinator %s (session %s, epoch %d, heartbeat %gs, %d resumed, "
-            "%d lost)",
+            "connected to coordinator %s (session %s, epoch %d, heartbeat %gs, lease %gs, "
+            "%d resumed, %d lost)",
             self.target,
             welcome.session_id,
             welcome.epoch,
             self._heartbeat_interval,
+            lease,
             resumed - len(welcome.lost),
             len(welcome.lost),
         )
@@ -327,14 +350,9 @@ class Session:
 
     # -- the loops ---------------------------------------------------------------------
 
-    def _liveness_timeout(self) -> float:
-        # A HeartbeatAck answers every heartbeat: three missed in a row means the
-        # coordinator (or the path to it) is gone even if TCP has not noticed.
-        return 3 * self._heartbeat_interval + 1.0
-
     async def _send(self, message: pb.ConnectRequest) -> None:
         try:
-            async with asyncio.timeout(self._liveness_timeout()):
+            async with asyncio.timeout(self._liveness):
                 await self._outgoing.put(message)
         except TimeoutError:
             raise _SessionError("the coordinator stopped reading the stream") from None
@@ -370,6 +388,7 @@ class Session:
                 return SessionEnd(welcomed=True, error="the coordinator ended the stream")
             assert isinstance(message, pb.ConnectResponse)
             self._last_heard = loop.time()
+            self._heard = True
             kind = message.WhichOneof("message")
             if kind == "assignments":
                 assignments = message.assignments.assignments
@@ -398,14 +417,29 @@ class Session:
                 logger.debug("ignoring unknown coordinator message %r", kind)
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats every interval, and the watchdog on the coordinator's silence.
+
+        It wakes for whichever comes first, the next heartbeat or the moment the silence
+        would pass the liveness timeout, so silence is noticed on time, not at the next
+        heartbeat after it.
+        """
         loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self._heartbeat_interval
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
-            silent = loop.time() - self._last_heard
-            if silent > self._liveness_timeout():
-                raise _SessionError(f"no message from the coordinator for {silent:.1f}s")
-            leases = self._runtime.held_leases()
-            await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
+            await asyncio.sleep(
+                max(0.0, min(next_beat, self._last_heard + self._liveness) - loop.time())
+            )
+            now = loop.time()
+            silent = now - self._last_heard
+            if silent >= self._liveness:
+                raise _SessionError(
+                    f"no message from the coordinator for {silent:.1f}s (liveness timeout "
+                    f"{self._liveness:g}s)"
+                )
+            if now >= next_beat:
+                next_beat = now + self._heartbeat_interval
+                leases = self._runtime.held_leases()
+                await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
 
     async def _credit_loop(self) -> None:
         while True:

@@ -7,17 +7,20 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
+import sys
 import threading
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
 
+from conveyor.transport import ConnectionOptions, parse_addresses
 from conveyor.worker._connection import Connector
+from conveyor.worker._errors import NoHandlersError
 from conveyor.worker._registry import TaskRegistry
 from conveyor.worker._runtime import SHUTDOWN_ERROR, Runtime
 from conveyor.worker._session import HelloInfo
@@ -50,13 +53,28 @@ async def _bounded(awaitable: Awaitable[None], seconds: float) -> bool:
     return True
 
 
-def _parse_addresses(coordinators: str | Sequence[str]) -> list[str]:
-    # A comma-separated string is accepted so a list fits in one flag or env variable.
-    items = coordinators.split(",") if isinstance(coordinators, str) else list(coordinators)
-    addresses = [item.strip() for item in items if item and item.strip()]
-    if not addresses:
-        raise ValueError("at least one coordinator address is needed")
-    return addresses
+def default_worker_id() -> str:
+    """``hostname-pid-random``: unique per process, and readable in ``conveyor status``.
+
+    The random part keeps two processes apart even where pids repeat (containers that
+    all run as pid 1 on hosts with the same name).
+    """
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _configure_logging() -> None:
+    """Log to stderr the way ``conveyor worker`` does, unless the application set logging
+    up itself (the root logger has handlers)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO").upper())
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
 class Worker:
@@ -85,13 +103,22 @@ class Worker:
             leader.
         queues: The queues to take work from.
         concurrency: How many attempts may run at once (the credit the worker grants).
-        worker_id: This worker's id, stable across reconnects; defaults to a fresh
-            UUID4 per :class:`Worker` object.
-        grace_period: On shutdown, seconds to let running handlers finish before they
-            are cancelled and reported as failed (retryable).
+        worker_id: This worker's id, stable across reconnects. It must be unique among
+            live worker processes: the coordinator refuses a second process with the same
+            id (:class:`WorkerIdInUseError`, which stops the worker). The default,
+            ``hostname-pid-random``, is unique per process.
+        grace_period: On shutdown (SIGTERM, SIGINT, :meth:`shutdown`), seconds that
+            running handlers get to finish. The rule: when it runs out, the handlers still
+            running are cancelled and reported INTERRUPTED; the coordinator makes those
+            tasks ready again at once, and the interrupted attempt does not count against
+            ``max_attempts``. ``0`` interrupts them at once.
         sync_threads: Threads for sync handlers; defaults to ``concurrency``.
-        credentials: gRPC channel credentials for TLS; plaintext when ``None``.
-        metadata: gRPC metadata sent when opening the stream (for example an API key).
+        credentials: gRPC channel credentials for TLS; plaintext when ``None`` (a shortcut
+            for ``options=ConnectionOptions(credentials=...)``).
+        metadata: gRPC metadata sent when opening the stream.
+        api_key: Sent as ``authorization: Bearer <api_key>`` when opening the stream.
+        options: Transport settings shared with the client: TLS, metadata, message
+            limits, keepalive, client interceptors.
     """
 
     def __init__(
@@ -105,15 +132,21 @@ class Worker:
         sync_threads: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        api_key: str | None = None,
+        options: ConnectionOptions | None = None,
     ) -> None:
         self._addresses: list[str] = []
         self._queues: tuple[str, ...] = ()
         self._concurrency = 1
-        self._worker_id = worker_id or str(uuid.uuid4())
+        self._worker_id = default_worker_id()
+        # The default id names the process that made it; a Worker made before a fork
+        # (a pre-forking server importing the app) gets a fresh one in each child.
+        self._default_id_pid: int | None = os.getpid()
         self._grace_period = 0.0
         self._sync_threads: int | None = None
-        self._credentials = credentials
-        self._metadata = tuple(metadata)
+        self._options = ConnectionOptions.merge(
+            options, api_key=api_key, credentials=credentials, metadata=metadata
+        )
         self._registry = TaskRegistry()
         # Set for the duration of one run.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,6 +164,7 @@ class Worker:
             coordinators=coordinators,
             queues=queues,
             concurrency=concurrency,
+            worker_id=worker_id,
             grace_period=grace_period,
             sync_threads=sync_threads,
         )
@@ -158,7 +192,7 @@ class Worker:
         """
         if self._loop is not None:
             raise RuntimeError("cannot configure a running worker")
-        addresses = self._addresses if coordinators is None else _parse_addresses(coordinators)
+        addresses = self._addresses if coordinators is None else parse_addresses(coordinators)
         queue_tuple = self._queues
         if queues is not None:
             queue_tuple = (queues,) if isinstance(queues, str) else tuple(queues)
@@ -170,12 +204,14 @@ class Worker:
             raise ValueError(f"grace_period must not be negative, got {grace_period}")
         if sync_threads is not None and sync_threads < 1:
             raise ValueError(f"sync_threads must be at least 1, got {sync_threads}")
-        if worker_id is not None and not worker_id:
-            raise ValueError("worker_id must not be empty")
+        if worker_id is not None and (not worker_id.strip() or "\x00" in worker_id):
+            raise ValueError(f"worker_id must be a non-empty string without NUL, got {worker_id!r}")
         self._addresses = addresses
         self._queues = queue_tuple
         self._concurrency = self._concurrency if concurrency is None else concurrency
-        self._worker_id = worker_id or self._worker_id
+        if worker_id is not None:
+            self._worker_id = worker_id
+            self._default_id_pid = None
         self._grace_period = self._grace_period if grace_period is None else grace_period
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
         return self
@@ -254,24 +290,32 @@ class Worker:
                 on the main thread (signal handlers can only be installed there).
 
         Raises:
+            NoHandlersError: No task handler is registered (nothing could run).
+            WorkerIdInUseError: The coordinator refused the worker id: another live worker
+                process uses it.
             RuntimeError: The worker is already running.
         """
         self._start(install_signal_handlers)
         await self._serve()
 
     def run_sync(self, *, install_signal_handlers: bool | None = None) -> None:
-        """Run the worker in a new event loop (:func:`asyncio.run`) until it is done."""
+        """Run the worker in a new event loop (:func:`asyncio.run`) until it is done.
+
+        Sets logging up as ``conveyor worker`` does (INFO, or ``CONVEYOR_LOG_LEVEL``, to
+        stderr) unless the application configured logging itself.
+        """
+        _configure_logging()
         asyncio.run(self.run(install_signal_handlers=install_signal_handlers))
 
     def shutdown(self, *, force: bool = False) -> None:
         """Ask the running worker to drain and stop; returns at once.
 
         The worker sends Drain to the coordinator, takes no new work, gives running
-        handlers up to ``grace_period`` to finish, cancels the rest (reported as failed,
-        retryable, "worker shut down"), waits briefly for its last results to be
-        acknowledged, and then :meth:`run` returns. ``force=True`` skips the waiting:
-        handlers are cancelled at once. Safe to call from any thread, and a no-op when
-        the worker is not running.
+        handlers up to ``grace_period`` to finish, cancels the rest (reported INTERRUPTED:
+        their tasks are ready again at once, without using an attempt), waits briefly for
+        its last results to be acknowledged, and then :meth:`run` returns. ``force=True``
+        skips the waiting: handlers are interrupted at once. Safe to call from any
+        thread, and a no-op when the worker is not running.
         """
         loop = self._loop
         if loop is None:
@@ -323,8 +367,15 @@ class Worker:
         if self._loop is not None:
             raise RuntimeError("the worker is already running")
         loop = asyncio.get_running_loop()
+        if self._default_id_pid is not None and self._default_id_pid != os.getpid():
+            self._worker_id = default_worker_id()
+            self._default_id_pid = os.getpid()
         if not len(self._registry):
-            logger.warning("worker %s has no task handlers registered", self._worker_id)
+            # It could take no task, and an empty list of types would read as "anything".
+            raise NoHandlersError(
+                f"worker {self._worker_id} has no task handlers: register at least one with "
+                f"@worker.task('TYPE') before starting it"
+            )
         self._registry.freeze()
         self._loop = loop
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -353,8 +404,7 @@ class Worker:
             connected=self._connected,
             info=info,
             runtime=self._runtime,
-            credentials=self._credentials,
-            metadata=self._metadata,
+            options=self._options,
         )
         if install_signal_handlers is None:
             install_signal_handlers = threading.current_thread() is threading.main_thread()
@@ -371,7 +421,7 @@ class Worker:
             "worker %s starting: queues %s, task types %s, concurrency %d, coordinators %s",
             self._worker_id,
             ",".join(self._queues),
-            ",".join(info.task_types) or "(none)",
+            ",".join(info.task_types),
             self._concurrency,
             ",".join(self._addresses),
         )
@@ -386,8 +436,14 @@ class Worker:
         try:
             await asyncio.wait({connection, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if connection.done():
-                connection.result()  # the connection loop only ends early on a bug
-                raise RuntimeError("the connection loop ended unexpectedly")
+                error = connection.exception()
+                if error is None:  # it only ends early on a fatal refusal, or a bug
+                    raise RuntimeError("the connection loop ended unexpectedly")
+                # A fatal refusal (WORKER_ID_IN_USE): retrying cannot help, so stop the
+                # running attempts (their leases expire) and raise it to the caller.
+                logger.error("worker %s stopping: %s", self._worker_id, error)
+                runtime.stop_all()
+                raise error
             await self._drain(connector, runtime)
         except asyncio.CancelledError:
             # Cancelled from outside (e.g. Ctrl-C without our signal handlers): still

@@ -1,17 +1,31 @@
 """Workers as real processes, with real signals: SIGKILL mid-task loses nothing; SIGTERM
-drains. Checked against the database and the worker app's own log of side effects."""
+drains; every process has its own default id; a worker without handlers refuses to start
+in one line. Checked against the database and the worker app's own log of side effects."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
-from testsupport import TEST_LEASE, completions, eventually, spawn_worker, stop_process, submit
+from testsupport import (
+    SUPPORT_DIR,
+    TEST_LEASE,
+    completions,
+    eventually,
+    spawn_worker,
+    stop_process,
+    submit,
+)
 
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2_grpc
@@ -91,3 +105,55 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(
         assert sorted(task_id for task_id, _ in completions(log)) == sorted(running)
     finally:
         stop_process(worker)
+
+
+async def test_each_worker_process_has_its_own_default_id(
+    coordinator: Coordinator, stub: Stub, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "effects.log")
+    workers = [
+        spawn_worker(coordinator.address, "worker_app:worker", log, concurrency=2) for _ in range(2)
+    ]
+    try:
+        # Four tasks that each hold a slot: two workers with two slots each share them.
+        ids = [(await submit(stub, "sleep", payload=b"1.5")).id for _ in range(4)]
+        await eventually(_in_state(db, task_pb2.TASK_STATE_RUNNING, 4), timeout=20)
+        running = {r["worker_id"] for r in await db.fetch("SELECT DISTINCT worker_id FROM tasks")}
+        await eventually(_in_state(db, task_pb2.TASK_STATE_SUCCEEDED, 4), timeout=20)
+        assert sorted(task_id for task_id, _ in completions(log)) == sorted(ids)
+        # hostname-pid-random, one per process: no two processes share an id.
+        host = re.escape(socket.gethostname())
+        expected = {re.compile(rf"^{host}-{proc.pid}-[0-9a-f]{{6}}$") for proc in workers}
+        assert len(running) == 2
+        for pattern in expected:
+            assert sum(bool(pattern.match(worker_id)) for worker_id in running) == 1, running
+    finally:
+        for proc in workers:
+            stop_process(proc)
+
+
+def test_worker_without_handlers_refuses_to_start_in_one_line(coordinator: Coordinator) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conveyor.cli.main",
+            "--coordinator",
+            coordinator.address,
+            "worker",
+            "worker_app:idle",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    assert "has no task handlers: register at least one with @worker.task('TYPE')" in lines[0]

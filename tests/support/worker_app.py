@@ -16,6 +16,8 @@ worker = Worker(
     os.environ.get("CONVEYOR_COORDINATOR", "127.0.0.1:50051"),
     concurrency=int(os.environ.get("CONVEYOR_TEST_CONCURRENCY", "10")),
     grace_period=float(os.environ.get("CONVEYOR_TEST_GRACE", "10")),
+    # Unset: the default id, unique per process.
+    worker_id=os.environ.get("CONVEYOR_TEST_WORKER_ID") or None,
 )
 
 
@@ -45,3 +47,7 @@ async def noop(ctx: TaskContext, payload: Any) -> str:
     """Finishes at once (the load of the distributed scenarios); still logs its effect."""
     _record(ctx)
     return "ok"
+
+
+#: A worker without handlers: ``conveyor worker worker_app:idle`` must refuse to start.
+idle = Worker(os.environ.get("CONVEYOR_COORDINATOR", "127.0.0.1:50051"))

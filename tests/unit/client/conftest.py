@@ -79,11 +79,14 @@ class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
         self.always_fail: dict[str, grpc.Status] = {}
         # (method, request, invocation metadata) for every call received.
         self.calls: list[tuple[str, Any, dict[str, str]]] = []
-        # task id -> one list per WatchTask call, played in order: tasks to send, a status
-        # or bare code to end with, HANG, or a callable to run (a change behind its back).
+        # task id -> one list per WatchTask call, played in order: tasks (or whole
+        # responses) to send, a status or bare code to end with, HANG, or a callable to run
+        # (a change behind its back).
         self.watch_scripts: dict[str, list[list[Any]]] = defaultdict(list)
         self.queues: list[task_pb2.QueueStats] = []
         self.delay: dict[str, float] = {}
+        # Task ids GetTask reports as unserved (no connected worker takes them).
+        self.unserved: set[str] = set()
         self._ids = itertools.count(1)
 
     def add_task(self, **fields: Any) -> task_pb2.Task:
@@ -165,7 +168,9 @@ class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
                 error="boom",
             )
         ]
-        return task_service_pb2.GetTaskResponse(task=self.tasks[request.id], attempts=attempts)
+        return task_service_pb2.GetTaskResponse(
+            task=self.tasks[request.id], attempts=attempts, unserved=request.id in self.unserved
+        )
 
     async def ListTasks(self, request: Any, context: Any) -> Any:
         await self._enter("ListTasks", request, context)
@@ -235,6 +240,9 @@ class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
             elif isinstance(item, task_pb2.Task):
                 self.tasks[item.id] = item
                 yield task_service_pb2.WatchTaskResponse(task=item)
+            elif isinstance(item, task_service_pb2.WatchTaskResponse):
+                self.tasks[item.task.id] = item.task
+                yield item
             else:
                 await context.abort_with_status(item)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -12,11 +14,18 @@ import grpc
 import pytest
 
 from conveyor.client import (
+    AUTO_KEY_PREFIX,
     AsyncClient,
     DeadlineExceededError,
     InvalidArgumentError,
     InvalidStateError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    OverloadedError,
     QueueStats,
+    QuotaExceededError,
+    RPCError,
+    StoreUnavailableError,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
@@ -25,7 +34,9 @@ from conveyor.client import (
     UnavailableError,
     WaitTimeoutError,
 )
-from conveyor.v1 import task_pb2, task_service_pb2_grpc
+from conveyor.client._channel import Action, RetryRules, decide
+from conveyor.transport import Backoff
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Code = grpc.StatusCode
 StartServer = Callable[[Any], Awaitable[str]]
@@ -142,7 +153,7 @@ async def test_cancel_and_retry(fake: Any, address: str) -> None:
         with pytest.raises(InvalidStateError) as caught:
             await client.cancel("a")
     assert caught.value.state is TaskState.CANCELLED
-    assert "cancel() applies only to unfinished tasks" in str(caught.value)
+    assert "Only unfinished tasks can be cancelled" in str(caught.value)
 
 
 async def test_call_timeout(fake: Any, address: str) -> None:
@@ -239,7 +250,7 @@ async def test_reconnects_when_the_coordinator_comes_back(fake: Any, dead_addres
     assert loop.time() - began < 3
 
 
-async def test_broken_call_is_retried_only_when_idempotent(
+async def test_broken_submit_is_resent_under_its_own_key(
     fake_factory: Callable[[], Any], start_server: StartServer
 ) -> None:
     flaky, healthy = fake_factory(), fake_factory()
@@ -250,15 +261,144 @@ async def test_broken_call_is_retried_only_when_idempotent(
     healthy.add_task(id="x")
 
     async with AsyncClient(addresses) as client:
-        with pytest.raises(UnavailableError, match="give submits an idempotency_key"):
-            await client.submit("t")
-        assert healthy.count("SubmitTask") == 0
+        task = await client.submit("t")
+        # The resend carried the key the first send had, so the server can deduplicate.
+        sent, resent = flaky.requests("SubmitTask")[0], healthy.requests("SubmitTask")[0]
+        assert sent.idempotency_key == resent.idempotency_key == task.idempotency_key
+        assert task.idempotency_key is not None
+        assert uuid.UUID(task.idempotency_key.removeprefix(AUTO_KEY_PREFIX)).version == 7
 
         task = await client.submit("t", idempotency_key="k-1")
         assert task.idempotency_key == "k-1"
-        assert healthy.count("SubmitTask") == 1
-
         assert (await client.get("x")).id == "x"
+
+
+async def test_without_retry_submits_a_broken_submit_raises(
+    fake_factory: Callable[[], Any], start_server: StartServer
+) -> None:
+    flaky, healthy = fake_factory(), fake_factory()
+    addresses = [await start_server(flaky), await start_server(healthy)]
+    flaky.always_fail["SubmitTask"] = Code.UNAVAILABLE
+    async with AsyncClient(addresses, retry_submits=False) as client:
+        with pytest.raises(UnavailableError, match="not resent because it may have reached"):
+            await client.submit("t")
+        assert flaky.requests("SubmitTask")[0].idempotency_key == ""
+        assert healthy.count("SubmitTask") == 0
+        # A key of the caller's own still makes it safe.
+        assert (await client.submit("t", idempotency_key="k")).idempotency_key == "k"
+
+
+async def test_submit_many_gives_each_task_its_own_key(fake: Any, address: str) -> None:
+    async with AsyncClient(address) as client:
+        tasks = await client.submit_many(
+            [{"type": "t"}, {"type": "t", "idempotency_key": "mine"}, {"type": "t"}]
+        )
+    keys = [t.idempotency_key or "" for t in tasks]
+    assert keys[1] == "mine"
+    assert keys[0].startswith(AUTO_KEY_PREFIX) and keys[2].startswith(AUTO_KEY_PREFIX)
+    # UUIDv7 keys are time-ordered: the index they go into stays append-mostly.
+    assert keys[0] != keys[2] and keys[0] < keys[2]
+
+
+async def test_outcome_unknown_is_resent_only_with_a_key(
+    fake: Any, address: str, status: Callable[..., grpc.Status]
+) -> None:
+    unknown = status(Code.UNAVAILABLE, "connection lost while committing", reason="OUTCOME_UNKNOWN")
+    fake.fail("SubmitTask", unknown)
+    async with AsyncClient(address) as client:
+        task = await client.submit("t")
+    first, second = fake.requests("SubmitTask")
+    assert first.idempotency_key == second.idempotency_key == task.idempotency_key
+
+    fake.fail("SubmitTask", unknown)
+    fake.fail("CancelTask", unknown)
+    fake.add_task(id="c", state=task_pb2.TASK_STATE_RUNNING)
+    async with AsyncClient(address, retry_submits=False) as client:
+        with pytest.raises(OutcomeUnknownError, match="not resent"):
+            await client.submit("t")
+        with pytest.raises(OutcomeUnknownError):
+            await client.cancel("c")  # not idempotent: a second cancel would fail
+    assert fake.count("SubmitTask") == 3 and fake.count("CancelTask") == 1
+
+
+async def test_store_unavailable_is_resent_after_retry_info(
+    fake: Any, address: str, status: Callable[..., grpc.Status]
+) -> None:
+    fake.add_task(id="c", state=task_pb2.TASK_STATE_RUNNING)
+    fake.fail(
+        "CancelTask",
+        status(Code.UNAVAILABLE, "db restarting", reason="STORE_UNAVAILABLE", retry_after=0.2),
+    )
+    loop = asyncio.get_running_loop()
+    async with AsyncClient(address, timeout=5) as client:
+        began = loop.time()
+        # Nothing was written by the refused call, so even a cancel is safe to resend.
+        assert (await client.cancel("c")).state is TaskState.CANCELLED
+    assert loop.time() - began >= 0.2
+    assert fake.count("CancelTask") == 2
+
+
+async def test_resource_exhausted_raises_unless_asked_to_retry(
+    fake: Any, address: str, status: Callable[..., grpc.Status]
+) -> None:
+    full = status(Code.RESOURCE_EXHAUSTED, "backlog full", reason="QUOTA_EXCEEDED", retry_after=0.2)
+    fake.fail("SubmitTask", full)
+    async with AsyncClient(address) as client:
+        with pytest.raises(QuotaExceededError):
+            await client.submit("t")
+    assert fake.count("SubmitTask") == 1
+
+    fake.fail("SubmitTask", full, times=2)
+    loop = asyncio.get_running_loop()
+    async with AsyncClient(address, timeout=5, retry_resource_exhausted=True) as client:
+        began = loop.time()
+        task = await client.submit("t")
+    assert loop.time() - began >= 0.4  # RetryInfo honoured before each resend
+    assert task.type == "t" and fake.count("SubmitTask") == 4
+
+    # A wait that would end past the deadline is not started: the error comes at once.
+    fake.fail(
+        "SubmitTask", status(Code.RESOURCE_EXHAUSTED, "x", reason="OVERLOADED", retry_after=30)
+    )
+    async with AsyncClient(address, timeout=2, retry_resource_exhausted=True) as client:
+        began = loop.time()
+        with pytest.raises(OverloadedError, match="leaves no room"):
+            await client.submit("t")
+    assert loop.time() - began < 1.5
+
+
+def test_retry_rules() -> None:
+    """Which failures are resent, for idempotent and other calls (the pure rule)."""
+
+    def error(cls: type[RPCError], reason: str | None = None) -> RPCError:
+        return cls("x", code=Code.UNAVAILABLE, reason=reason)
+
+    plain, eager = RetryRules(), RetryRules(retry_resource_exhausted=True)
+    cases: list[tuple[RPCError, Action, Action, Action]] = [
+        # error, idempotent, not idempotent, idempotent with retry_resource_exhausted
+        (error(NotLeaderError, "NOT_LEADER"), Action.REDIRECT, Action.REDIRECT, Action.REDIRECT),
+        (error(UnavailableError), Action.NEXT_ADDRESS, Action.RAISE, Action.NEXT_ADDRESS),
+        (error(StoreUnavailableError, "STORE_UNAVAILABLE"),) + (Action.SAME_ADDRESS,) * 3,
+        (
+            error(OutcomeUnknownError, "OUTCOME_UNKNOWN"),
+            Action.SAME_ADDRESS,
+            Action.RAISE,
+            Action.SAME_ADDRESS,
+        ),
+        (error(OverloadedError, "OVERLOADED"), Action.RAISE, Action.RAISE, Action.SAME_ADDRESS),
+        (
+            error(QuotaExceededError, "QUOTA_EXCEEDED"),
+            Action.RAISE,
+            Action.RAISE,
+            Action.SAME_ADDRESS,
+        ),
+        (error(TaskNotFoundError, "TASK_NOT_FOUND"), Action.RAISE, Action.RAISE, Action.RAISE),
+        (error(DeadlineExceededError), Action.RAISE, Action.RAISE, Action.RAISE),
+    ]
+    for err, idempotent, other, eager_action in cases:
+        assert decide(err, idempotent=True, rules=plain) is idempotent, err
+        assert decide(err, idempotent=False, rules=plain) is other, err
+        assert decide(err, idempotent=True, rules=eager) is eager_action, err
 
 
 # -- watch, wait and result ----------------------------------------------------------------
@@ -289,8 +429,7 @@ async def test_watch_gives_up_when_streams_keep_breaking(
 ) -> None:
     from conveyor.client import _async_client
 
-    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF_BASE", 0.001)
-    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF_MAX", 0.005)
+    monkeypatch.setattr(_async_client, "_WATCH_BACKOFF", Backoff(initial=0.001, maximum=0.005))
     running = _task("w", task_pb2.TASK_STATE_RUNNING)
     fake.add_task(id="w", state=task_pb2.TASK_STATE_RUNNING)
     fake.watch_scripts["w"] = [[running, Code.UNAVAILABLE] for _ in range(20)]
@@ -354,3 +493,22 @@ async def test_leaving_watch_early_cancels_the_stream(fake: Any, address: str, h
         assert first.state is TaskState.RUNNING
         await updates.aclose()
     await asyncio.sleep(0)
+
+
+async def test_wait_on_an_unserved_task_warns_once_and_says_so(
+    fake: Any, address: str, hang: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    waiting = task_pb2.Task(id="u", queue="mail", type="send-email", state=1)
+    fake.add_task(id="u", queue="mail", type="send-email")
+    fake.unserved.add("u")
+    unserved = task_service_pb2.WatchTaskResponse(task=waiting, unserved=True)
+    fake.watch_scripts["u"] = [[unserved, unserved, hang]]
+    caplog.set_level(logging.WARNING, logger="conveyor.client")
+    async with AsyncClient(address) as client:
+        assert (await client.get("u")).unserved
+        with pytest.raises(WaitTimeoutError) as caught:
+            await client.result("u", timeout=0.3)
+    assert "no connected worker serves type 'send-email' on queue 'mail'" in str(caught.value)
+    warnings = [r for r in caplog.records if r.name == "conveyor.client"]
+    assert len(warnings) == 1
+    assert "no connected worker serves type 'send-email'" in warnings[0].getMessage()

@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
+import conveyor.client
+import conveyor.worker
 from conveyor.client import (
     AsyncClient,
     ConveyorError,
     DeadlineExceededError,
+    EtagMismatchError,
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
     NotLeaderError,
+    OutcomeUnknownError,
     OverloadedError,
+    ProtocolViolationError,
+    QuotaExceededError,
     RPCError,
+    ScheduleAlreadyExistsError,
+    ScheduleNotFoundError,
+    StoreUnavailableError,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
     TaskState,
     UnavailableError,
     WaitTimeoutError,
+    WorkerIdInUseError,
 )
-from conveyor.client._errors import _ERROR_TABLE, error_from_rpc
 from conveyor.client._models import Task
-from conveyor.v1 import task_pb2
+from conveyor.transport import _errors
+from conveyor.transport._errors import ERROR_CLASSES, error_from_rpc
+from conveyor.v1 import errors_pb2, task_pb2
 
 Code = grpc.StatusCode
 
@@ -60,10 +72,39 @@ CASES: list[tuple[Code, str | None, dict[str, str], type[RPCError], dict[str, An
         Code.UNAVAILABLE,
         "STORE_UNAVAILABLE",
         {},
-        UnavailableError,
+        StoreUnavailableError,
         {"retry_after": 0.25},
         "cannot reach its store",
     ),
+    (
+        Code.NOT_FOUND,
+        "SCHEDULE_NOT_FOUND",
+        {"name": "nightly"},
+        ScheduleNotFoundError,
+        {"name": "nightly"},
+        "no schedule named 'nightly'",
+    ),
+    (
+        Code.ALREADY_EXISTS,
+        "SCHEDULE_ALREADY_EXISTS",
+        {"name": "nightly"},
+        ScheduleAlreadyExistsError,
+        {"name": "nightly"},
+        "a schedule named 'nightly' exists already",
+    ),
+    (Code.ABORTED, "ETAG_MISMATCH", {"etag": "e2"}, EtagMismatchError, {"etag": "e2"}, "denied"),
+    (Code.UNAVAILABLE, "OUTCOME_UNKNOWN", {}, OutcomeUnknownError, {}, "may or may not"),
+    (
+        Code.FAILED_PRECONDITION,
+        "WORKER_ID_IN_USE",
+        {"worker_id": "w-1"},
+        WorkerIdInUseError,
+        {"worker_id": "w-1"},
+        "refused worker id 'w-1'",
+    ),
+    (Code.INVALID_ARGUMENT, "PROTOCOL_VIOLATION", {}, ProtocolViolationError, {}, "Upgrade"),
+    # A reason this client does not know yet falls back to the code's class.
+    (Code.UNAVAILABLE, "SOMETHING_NEW", {}, UnavailableError, {}, "is unavailable"),
     (
         Code.RESOURCE_EXHAUSTED,
         "OVERLOADED",
@@ -95,8 +136,12 @@ async def test_status_maps_to_class(
     attrs: dict[str, Any],
     text: str,
 ) -> None:
-    fake.fail("GetTask", status(code, "denied", reason=reason, metadata=metadata, retry_after=0.25))
-    async with AsyncClient(address, timeout=2) as client:
+    # Every call fails alike: the retryable ones are resent until the timeout leaves no
+    # room for the server's 0.25 s RetryInfo, then raised as they are.
+    fake.always_fail["GetTask"] = status(
+        code, "denied", reason=reason, metadata=metadata, retry_after=0.25
+    )
+    async with AsyncClient(address, timeout=0.4) as client:
         with pytest.raises(RPCError) as caught:
             await client.get("t-9")
     err = caught.value
@@ -161,17 +206,136 @@ async def test_not_leader_exhausted_carries_leader_address(
     assert fake.count("GetTask") == 5  # the first try and four redirects
 
 
-def test_table_covers_every_contract_row() -> None:
-    rows = {
-        (Code.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (Code.NOT_FOUND, "TASK_NOT_FOUND"),
-        (Code.ALREADY_EXISTS, "IDEMPOTENCY_KEY_CONFLICT"),
-        (Code.FAILED_PRECONDITION, "INVALID_STATE"),
-        (Code.UNAVAILABLE, "NOT_LEADER"),
-        (Code.UNAVAILABLE, "STORE_UNAVAILABLE"),
-        (Code.RESOURCE_EXHAUSTED, "OVERLOADED"),
+def test_every_error_reason_has_exactly_one_class() -> None:
+    """The catalog walk: the proto enum is the one list of reasons the client knows."""
+    reasons = {
+        n for n in errors_pb2.ErrorReason.values() if n != errors_pb2.ERROR_REASON_UNSPECIFIED
     }
-    assert rows <= set(_ERROR_TABLE)
+    assert set(ERROR_CLASSES) == reasons
+    classes = list(ERROR_CLASSES.values())
+    assert len(set(classes)) == len(classes), "two reasons share a class"
+    for number, cls in ERROR_CLASSES.items():
+        assert issubclass(cls, RPCError)
+        # Each class is exported to applications under its own name.
+        assert getattr(conveyor.client, cls.__name__) is cls, errors_pb2.ErrorReason.Name(number)
+
+
+@pytest.mark.parametrize("number", sorted(ERROR_CLASSES))
+def test_each_reason_maps_to_its_class_through_a_status(
+    number: int, status: Callable[..., grpc.Status]
+) -> None:
+    reason = errors_pb2.ErrorReason.Name(number).removeprefix("ERROR_REASON_")
+    sent = status(Code.FAILED_PRECONDITION, "no", reason=reason)
+
+    class Failed(grpc.RpcError):
+        def code(self) -> Code:
+            return sent.code
+
+        def details(self) -> str:
+            return sent.details
+
+        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+            return tuple(sent.trailing_metadata)
+
+    err = error_from_rpc(Failed())
+    assert type(err) is ERROR_CLASSES[number]
+    assert err.reason == reason
+
+
+def test_a_reason_from_another_domain_is_not_ours(status: Callable[..., grpc.Status]) -> None:
+    sent = status(Code.UNAVAILABLE, "proxy says no", reason="NOT_LEADER")
+    # Rewrite the ErrorInfo's domain, as a gateway in front of the coordinator might.
+    from google.rpc import error_details_pb2, status_pb2
+
+    raw = status_pb2.Status.FromString(dict(sent.trailing_metadata)["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    raw.details[0].Unpack(info)
+    info.domain = "gateway.example"
+    raw.details[0].Pack(info)
+
+    class Failed(grpc.RpcError):
+        def code(self) -> Code:
+            return Code.UNAVAILABLE
+
+        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+            return (("grpc-status-details-bin", raw.SerializeToString()),)
+
+    err = error_from_rpc(Failed())
+    assert type(err) is UnavailableError and err.reason is None
+
+
+def test_quota_failure_details_are_read(status: Callable[..., grpc.Status]) -> None:
+    from google.rpc import error_details_pb2, status_pb2
+
+    sent = status(Code.RESOURCE_EXHAUSTED, "backlog full", reason="QUOTA_EXCEEDED", retry_after=2)
+    raw = status_pb2.Status.FromString(dict(sent.trailing_metadata)["grpc-status-details-bin"])
+    raw.details.add().Pack(
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject="tenant:default", description="pending backlog 100000 reached"
+                )
+            ]
+        )
+    )
+
+    class Failed(grpc.RpcError):
+        def code(self) -> Code:
+            return Code.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return "backlog full"
+
+        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+            return (("grpc-status-details-bin", raw.SerializeToString()),)
+
+    err = error_from_rpc(Failed())
+    assert isinstance(err, QuotaExceededError)
+    assert err.violations == [("tenant:default", "pending backlog 100000 reached")]
+    assert err.retry_after == 2
+    assert "tenant:default: pending backlog 100000 reached" in str(err)
+    assert "retry_resource_exhausted=True" in str(err)
+
+
+def _drawn_tree(doc: str) -> dict[str, str | None]:
+    """Class name -> drawn parent, read from the box drawing of the module docstring."""
+    parents: dict[str, str | None] = {}
+    stack: list[tuple[int, str]] = []
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if not stripped or not (stripped[0].isalpha() or stripped[0] in "│├└"):
+            continue
+        name_at = next((i for i, c in enumerate(line) if c.isalpha()), None)
+        if name_at is None:
+            continue
+        name = line[name_at:].split()[0]
+        if not name.endswith("Error"):
+            continue
+        while stack and stack[-1][0] >= name_at:
+            stack.pop()
+        parents[name] = stack[-1][1] if stack else None
+        stack.append((name_at, name))
+    return parents
+
+
+def test_the_drawn_tree_is_current() -> None:
+    """Every exported exception is drawn in the tree, under its real base class."""
+    drawn = _drawn_tree(_errors.__doc__ or "")
+    exported = {
+        obj
+        for module in (conveyor.client, conveyor.worker)
+        for obj in (getattr(module, name) for name in module.__all__)
+        if isinstance(obj, type) and issubclass(obj, ConveyorError)
+    }
+    assert set(drawn) == {cls.__name__ for cls in exported}
+    for cls in exported:
+        parent = drawn[cls.__name__]
+        if parent is None:
+            assert cls is ConveyorError
+        else:
+            # The nearest public base: private intermediate classes are not drawn.
+            base = next(b for b in cls.__mro__[1:] if not b.__name__.startswith("_"))
+            assert base.__name__ == parent, cls.__name__
 
 
 def test_garbled_details_still_map_by_code() -> None:
@@ -199,8 +363,21 @@ def test_outcome_errors_explain_themselves() -> None:
     )
     failed = TaskFailedError(dead)
     assert failed.last_error == "SMTP 550" and failed.task is dead
-    assert "is DEAD after 3 attempt(s): SMTP 550" in str(failed)
-    assert "retry('t1')" in str(failed)
+    assert "is DEAD after attempt 3 of 0: SMTP 550" in str(failed)
+    assert "redrive it" in str(failed)
+
+    redriven = Task.from_proto(
+        task_pb2.Task(
+            id="t2",
+            type="send",
+            state=task_pb2.TASK_STATE_DEAD,
+            attempt=6,
+            max_attempts=3,
+            uncounted_attempts=3,
+            last_error="SMTP 550",
+        )
+    )
+    assert "is DEAD after attempt 3 of 3 (6 in all): SMTP 550" in str(TaskFailedError(redriven))
 
     cancelled = TaskCancelledError(dead)
     assert "was cancelled" in str(cancelled)
@@ -208,3 +385,16 @@ def test_outcome_errors_explain_themselves() -> None:
     timeout = WaitTimeoutError("t1", 2.5, dead)
     assert isinstance(timeout, TimeoutError) and isinstance(timeout, ConveyorError)
     assert "after waiting 2.5s" in str(timeout)
+    assert "no connected worker" not in str(timeout)
+
+
+def test_wait_timeout_names_an_unserved_task() -> None:
+    waiting = Task.from_proto(
+        task_pb2.Task(id="t1", type="send-email", queue="mail", state=task_pb2.TASK_STATE_PENDING)
+    )
+    waiting = dataclasses.replace(waiting, unserved=True)
+    message = str(WaitTimeoutError("t1", 30, waiting))
+    assert (
+        "still PENDING after waiting 30s: no connected worker serves type 'send-email'" in message
+    )
+    assert "on queue 'mail'; start one" in message

@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from typing import Any
+
 import conveyor.client
+import conveyor.worker
+from conveyor.client import _codegen
 
 EXPECTED = [
+    "AUTO_KEY_PREFIX",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",
     "Client",
+    "ConnectionOptions",
     "ConveyorError",
     "DeadlineExceededError",
+    "EtagMismatchError",
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
     "NotLeaderError",
+    "OutcomeUnknownError",
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "ProtocolViolationError",
     "QueueStats",
+    "QuotaExceededError",
     "RPCError",
     "RetryPolicy",
     "Schedule",
+    "ScheduleAlreadyExistsError",
     "ScheduleFiring",
+    "ScheduleNotFoundError",
+    "StoreUnavailableError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -32,6 +47,7 @@ EXPECTED = [
     "TaskState",
     "UnavailableError",
     "WaitTimeoutError",
+    "WorkerIdInUseError",
 ]
 
 
@@ -42,7 +58,24 @@ def test_exported_names() -> None:
 def test_exports_resolve_to_private_modules() -> None:
     for name in EXPECTED:
         obj = getattr(conveyor.client, name)
-        assert obj.__module__.startswith("conveyor.client._"), name
+        if isinstance(obj, str):
+            continue
+        # The error catalog and ConnectionOptions live in the layer shared with the worker.
+        assert obj.__module__.startswith(("conveyor.client._", "conveyor.transport._")), name
+
+
+def test_worker_exports() -> None:
+    assert sorted(conveyor.worker.__all__) == [
+        "CancellationSignal",
+        "ConnectionOptions",
+        "NoHandlersError",
+        "NonRetryableError",
+        "TaskContext",
+        "Worker",
+        "WorkerIdInUseError",
+        "WorkerLoadError",
+        "load_worker",
+    ]
 
 
 def test_every_error_derives_from_the_root() -> None:
@@ -52,8 +85,39 @@ def test_every_error_derives_from_the_root() -> None:
             assert issubclass(obj, conveyor.client.ConveyorError), name
 
 
-def test_sync_and_async_clients_offer_the_same_methods() -> None:
-    def public(cls: type) -> set[str]:
-        return {n for n in vars(cls) if not n.startswith("_")}
+def _public(cls: type) -> dict[str, Any]:
+    return {n: v for n, v in vars(cls).items() if not n.startswith("_")}
 
-    assert public(conveyor.client.Client) == public(conveyor.client.AsyncClient)
+
+def test_sync_and_async_clients_offer_the_same_methods() -> None:
+    assert _public(conveyor.client.Client).keys() == _public(conveyor.client.AsyncClient).keys()
+
+
+def _sync_annotation(annotation: str) -> str:
+    # An async generator of T is an iterator of T in the blocking client.
+    return re.sub(r"^AsyncGenerator\[(.*), None\]$", r"Iterator[\1]", annotation)
+
+
+def test_sync_signatures_defaults_and_docs_match_the_async_ones() -> None:
+    """Not only the names: parameters, kinds, defaults, annotations and docstrings."""
+    sync_members = _public(conveyor.client.Client)
+    for name, async_member in _public(conveyor.client.AsyncClient).items():
+        sync_member = sync_members[name]
+        if isinstance(async_member, property):
+            assert isinstance(sync_member, property), name
+            continue
+        async_sig = inspect.signature(async_member)
+        sync_sig = inspect.signature(sync_member)
+        assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values()), name
+        assert sync_sig.return_annotation == _sync_annotation(async_sig.return_annotation), name
+        if name != "close":  # written by hand: it also stops the loop thread
+            assert inspect.getdoc(sync_member) == inspect.getdoc(async_member), name
+    init = inspect.signature(conveyor.client.Client.__init__)
+    assert init == inspect.signature(conveyor.client.AsyncClient.__init__)
+
+
+def test_generated_sync_client_is_current() -> None:
+    """_sync_client.py is what the generator makes of _async_client.py today."""
+    current = _codegen.SYNC_PATH.read_text(encoding="utf-8")
+    wanted = _codegen.generate(_codegen.ASYNC_PATH.read_text(encoding="utf-8"), current)
+    assert current == wanted, "stale: run python -m conveyor.client._codegen"

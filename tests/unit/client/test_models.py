@@ -155,9 +155,39 @@ def test_attempt_and_queue_stats_from_proto() -> None:
         error="too slow",
     )
     stats = QueueStats.from_proto(
-        task_pb2.QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4)
+        task_pb2.QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4, workers=5)
     )
-    assert stats == QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4)
+    assert stats == QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4, workers=5)
+
+
+def test_every_attempt_outcome_of_the_proto_is_known() -> None:
+    for name, number in task_pb2.AttemptOutcome.items():
+        outcome = TaskAttempt.from_proto(task_pb2.TaskAttempt(outcome=number)).outcome
+        assert outcome.name == name.removeprefix("ATTEMPT_OUTCOME_")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "max_attempts", "uncounted", "counted", "summary"),
+    [
+        (0, 3, 0, 0, "attempt 0 of 3"),
+        (2, 3, 0, 2, "attempt 2 of 3"),
+        # Redriven after three attempts, then three more: the budget reads 3 of 3.
+        (6, 3, 3, 3, "attempt 3 of 3 (6 in all)"),
+        # One attempt never started on a worker: it did not count.
+        (2, 1, 1, 1, "attempt 1 of 1 (2 in all)"),
+    ],
+)
+def test_attempts_read_right(
+    attempt: int, max_attempts: int, uncounted: int, counted: int, summary: str
+) -> None:
+    task = Task.from_proto(
+        task_pb2.Task(
+            id="t", attempt=attempt, max_attempts=max_attempts, uncounted_attempts=uncounted
+        )
+    )
+    assert task.uncounted_attempts == uncounted
+    assert task.attempts_counted == counted
+    assert task.attempt_summary == summary
 
 
 def test_retry_policy_round_trip_and_defaults() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from grpc_status import rpc_status
 
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
-from conveyor.worker import NonRetryableError, TaskContext, Worker
+from conveyor.worker import NonRetryableError, TaskContext, Worker, WorkerIdInUseError
 from conveyor.worker.demo import create_worker
 
 Key = tuple[str, int]
@@ -93,6 +94,9 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.epoch = 7
         self.redirect_to: str | None = None
         self.not_leader: str | None = None
+        # A status every Connect is refused with, when set.
+        self.refuse: status_pb2.Status | None = None
+        self.lease_duration: float | None = None
         self.welcome_lost: list[pb.Lease] = []
         self.lost: set[Key] = set()
         # Assignments handed out as credit allows, like the real dispatcher.
@@ -122,6 +126,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.streams.append(stream)
         if self.not_leader is not None:
             await context.abort_with_status(rpc_status.to_status(_not_leader(self.not_leader)))
+        if self.refuse is not None:
+            await context.abort_with_status(rpc_status.to_status(self.refuse))
         reader = asyncio.create_task(self._read(stream, context))
         try:
             while True:
@@ -153,14 +159,15 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     continue
                 interval = duration_pb2.Duration()
                 interval.FromTimedelta(timedelta(seconds=self.heartbeat_interval))
-                stream.send(
-                    welcome=pb.Welcome(
-                        session_id=f"session-{len(self.streams)}",
-                        epoch=self.epoch,
-                        heartbeat_interval=interval,
-                        lost=self.welcome_lost,
-                    )
+                welcome = pb.Welcome(
+                    session_id=f"session-{len(self.streams)}",
+                    epoch=self.epoch,
+                    heartbeat_interval=interval,
+                    lost=self.welcome_lost,
                 )
+                if self.lease_duration is not None:
+                    welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
+                stream.send(welcome=welcome)
                 self._grant(stream, request.hello.credits)
             elif kind == "credit":
                 self._grant(stream, request.credit.credits)
@@ -714,9 +721,10 @@ async def test_drain_stops_work_past_the_grace_period(
         fake.stream.assign(assignment("t1", "hang"))
         async with asyncio.timeout(5):
             await started.wait()
-    # Leaving the block drained the worker: the attempt is reported as a retryable failure.
+    # Leaving the block drained the worker: past the grace period the attempt is reported
+    # INTERRUPTED (ready again at once, not counted), not as a failure.
     result = fake.result_for("t1")
-    assert result is not None and result.outcome == pb.TASK_OUTCOME_FAILED
+    assert result is not None and result.outcome == pb.TASK_OUTCOME_INTERRUPTED
     assert result.retryable and result.error == "worker shut down"
 
 
@@ -893,9 +901,117 @@ async def test_silent_coordinator_is_dropped(coordinator: tuple[FakeCoordinator,
     worker = Worker(address)
     worker.register("work", lambda ctx, payload: None)
     async with running(worker):
-        # No HeartbeatAck for three intervals (+1 s): the worker gives up on the stream.
+        # No HeartbeatAck for 2.5 intervals: the worker gives up on the stream.
         await eventually(lambda: len(fake.streams) >= 2, timeout=5, what="a new stream")
         assert fake.streams[0].ended
+
+
+async def test_silence_is_noticed_well_before_the_lease_expires(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    # Heartbeat 1 s, lease 2.5 s: the old rule (3 heartbeats + 1 s) waited 4 s, past the
+    # lease; the liveness timeout from Welcome is 1.5 s (lease minus one interval).
+    fake, address = coordinator
+    fake.heartbeat_interval = 1.0
+    fake.lease_duration = 2.5
+    fake.answer_heartbeats = False
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+    async with running(worker):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await eventually(lambda: len(fake.streams) >= 2, timeout=5, what="a new stream")
+        assert loop.time() - began < 2.5, "the lease would have expired first"
+        # The new session says Hello (listing what the worker holds) while leases stand.
+        await eventually(lambda: fake.streams[1].hello is not None, what="a new Hello")
+
+
+async def test_worker_id_in_use_stops_the_worker_with_one_clear_error(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, address = coordinator
+    info = error_details_pb2.ErrorInfo(
+        reason="WORKER_ID_IN_USE", domain="conveyor.dev", metadata={"worker_id": "w-1"}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    fake.refuse = status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION, message="worker id in use", details=[detail]
+    )
+    worker = Worker(address, worker_id="w-1")
+    worker.register("work", lambda ctx, payload: None)
+    async with asyncio.timeout(5):
+        with pytest.raises(WorkerIdInUseError) as caught:
+            await worker.run(install_signal_handlers=False)
+    assert caught.value.worker_id == "w-1"
+    assert "another live worker process uses it" in str(caught.value)
+    assert len(fake.streams) == 1  # no retrying: it is a misconfiguration
+    assert not worker.running
+
+
+async def test_handler_errors_are_sanitised(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, address = coordinator
+    worker = Worker(address)
+
+    @worker.task("nul", raw=True)
+    async def nul(ctx: TaskContext, payload: bytes) -> bytes:
+        raise NonRetryableError("bad \x00 byte and \udcff surrogate")
+
+    async with running(worker):
+        fake.stream.assign(assignment("t1", "nul"))
+        await eventually(fake.results, what="a result")
+    result = fake.result_for("t1")
+    assert result is not None and result.outcome == pb.TASK_OUTCOME_FAILED
+    assert result.error == "NonRetryableError: bad \\x00 byte and ? surrogate"
+
+
+async def test_refusals_of_cancelled_tasks_are_no_warning(
+    coordinator: tuple[FakeCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, address = coordinator
+    fake.auto_ack = False
+    worker = Worker(address)
+
+    @worker.task("hang")
+    async def hang(ctx: TaskContext, payload: Any) -> None:
+        await asyncio.Event().wait()
+
+    @worker.task("quick")
+    async def quick(ctx: TaskContext, payload: Any) -> str:
+        return "done"
+
+    caplog.set_level(logging.INFO, logger="conveyor.worker")
+    refused = "lease is not current: the task finished, was cancelled or was leased again"
+    async with running(worker):
+        stream = fake.stream
+        hung, done, other = (
+            assignment("t1", "hang"),
+            assignment("t2", "quick"),
+            assignment("t3", "quick"),
+        )
+        stream.assign(hung, done, other)
+        await eventually(lambda: keys(fake.results()) >= {("t2", 1), ("t3", 1)}, what="results")
+        # t1 cancelled while running; t2 cancelled after it finished; t3 not cancelled.
+        stream.send(cancel_tasks=pb.CancelTasks(leases=[hung.lease, done.lease]))
+        await eventually(lambda: fake.result_for("t1"), what="the cancelled result")
+        stream.send(
+            result_acks=pb.ResultAcks(
+                acks=[
+                    pb.ResultAck(lease=a.lease, accepted=False, reason=refused)
+                    for a in (hung, done, other)
+                ]
+            )
+        )
+        await eventually(
+            lambda: sum("refused the result" in r.getMessage() for r in caplog.records) == 3,
+            what="three refusals logged",
+        )
+    refusals = {
+        r.getMessage().split()[6]: r.levelno
+        for r in caplog.records
+        if "refused the result" in r.getMessage()
+    }
+    assert refusals == {"t1": logging.INFO, "t2": logging.INFO, "t3": logging.WARNING}
 
 
 async def test_sync_handler_ignoring_cancellation_keeps_its_slot(
@@ -942,7 +1058,7 @@ async def test_oversized_result_becomes_a_failure(
         await eventually(fake.results, what="a result")
     result = fake.result_for("t1")
     assert result is not None and result.outcome == pb.TASK_OUTCOME_FAILED
-    assert not result.retryable and "result too large" in result.error
+    assert not result.retryable and "result is too large (5242880 bytes" in result.error
 
 
 async def test_drain_gives_up_on_acks_when_the_coordinator_is_gone(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from conveyor.transport import Backoff, ConnectionOptions
+from conveyor.transport._errors import ConveyorError, WorkerIdInUseError
 from conveyor.worker import (
+    NoHandlersError,
     NonRetryableError,
     TaskContext,
     Worker,
@@ -27,10 +31,10 @@ from conveyor.worker import (
     load_worker,
 )
 from conveyor.worker import demo as demo_module
-from conveyor.worker._codec import MAX_ERROR_CHARS, describe_exception
-from conveyor.worker._connection import BACKOFF_INITIAL, BACKOFF_MAX, backoff_delay
+from conveyor.worker._codec import MAX_ERROR_BYTES, describe_exception, sanitize_error
+from conveyor.worker._connection import RECONNECT_BACKOFF
 from conveyor.worker._registry import TaskRegistry
-from conveyor.worker._session import not_leader_address
+from conveyor.worker._session import _classify, liveness_timeout
 
 
 def make_context(deadline: float | None = None) -> TaskContext:
@@ -55,8 +59,33 @@ def test_worker_defaults_and_addresses() -> None:
     assert worker.queues == ("default",)
     assert worker.concurrency == 10
     assert worker.grace_period == 30.0
-    assert uuid.UUID(worker.worker_id).version == 4
+    # hostname-pid-random: unique per process, readable in `conveyor status`.
+    host, pid, random_part = worker.worker_id.rsplit("-", 2)
+    assert host == socket.gethostname() and pid == str(os.getpid()) and len(random_part) == 6
     assert Worker().worker_id != worker.worker_id  # one id per worker object
+    assert Worker(worker_id="w-1").worker_id == "w-1"
+
+
+def test_a_worker_made_before_a_fork_gets_the_child_s_own_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = Worker("127.0.0.1:9")
+    worker.register("noop", lambda ctx, payload: None)
+    parent_id = worker.worker_id
+    # As in a child after fork (a pre-forking server that imported the app): another pid.
+    monkeypatch.setattr(os, "getpid", lambda: 424242)
+
+    async def started_id() -> str:
+        worker._start(install_signal_handlers=False)
+        try:
+            return worker.worker_id
+        finally:
+            worker._teardown()
+
+    child_id = asyncio.run(started_id())
+    assert child_id.split("-")[-2] == "424242" and child_id != parent_id
+    explicit = Worker(worker_id="fixed")
+    assert explicit.worker_id == "fixed"
     assert Worker("a:1, b:2").coordinators == ("a:1", "b:2")
     assert Worker(["a:1", "b:2"], queues="emails").queues == ("emails",)
     assert Worker(worker_id="fixed").worker_id == "fixed"
@@ -156,10 +185,10 @@ async def test_context_cancellation_signal() -> None:
 
 def test_describe_exception_caps_long_tracebacks() -> None:
     try:
-        raise ValueError("deep " + "y" * 3 * MAX_ERROR_CHARS + " end")
+        raise ValueError("deep " + "y" * 3 * MAX_ERROR_BYTES + " end")
     except ValueError as exc:
         text = describe_exception(exc)
-    assert len(text) <= MAX_ERROR_CHARS
+    assert len(text.encode()) <= MAX_ERROR_BYTES
     assert text.startswith("ValueError: deep yyy")
     assert "[... truncated ...]" in text
     # The tail, where the traceback ends, is kept.
@@ -169,16 +198,42 @@ def test_describe_exception_caps_long_tracebacks() -> None:
     )
 
 
+def test_sanitize_error_makes_any_text_acceptable() -> None:
+    """What PostgreSQL or protobuf would refuse never reaches the coordinator."""
+    assert sanitize_error("a\x00b") == "a\\x00b"  # no NUL in text columns
+    assert sanitize_error("bad \udcff name") == "bad ? name"  # a lone surrogate is no UTF-8
+    wide = "€" * MAX_ERROR_BYTES  # 3 bytes each: the cap is in bytes, not characters
+    capped = sanitize_error(wide)
+    assert len(capped.encode()) <= MAX_ERROR_BYTES and "[... truncated ...]" in capped
+    assert capped.startswith("€€") and capped.endswith("€€")
+    assert sanitize_error("fine") == "fine"
+
+
 # -- reconnect policy --------------------------------------------------------------------------
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     rng = random.Random(1)
-    first = [backoff_delay(0, rng=rng) for _ in range(50)]
-    assert all(BACKOFF_INITIAL / 2 <= d <= BACKOFF_INITIAL for d in first)
+    initial, maximum = RECONNECT_BACKOFF.initial, RECONNECT_BACKOFF.maximum
+    first = [RECONNECT_BACKOFF.delay(1, rng=rng) for _ in range(50)]
+    assert all(initial / 2 <= d <= initial for d in first)
     assert len(set(first)) > 1  # jittered
-    assert all(0.2 <= backoff_delay(2, rng=rng) <= 0.4 for _ in range(50))
-    assert all(BACKOFF_MAX / 2 <= backoff_delay(n, rng=rng) <= BACKOFF_MAX for n in (6, 50, 10**6))
+    assert all(0.2 <= RECONNECT_BACKOFF.delay(3, rng=rng) <= 0.4 for _ in range(50))
+    for n in (6, 50, 10**6):
+        assert maximum / 2 <= RECONNECT_BACKOFF.delay(n, rng=rng) <= maximum
+    with pytest.raises(ValueError, match="invalid backoff"):
+        Backoff(initial=2, maximum=1)
+
+
+def test_liveness_timeout_leaves_room_before_leases_expire() -> None:
+    # The defaults: 31 s before (3 x 10 s + 1 s, past the 30 s lease); now 20 s.
+    assert liveness_timeout(10, 30) == 20
+    assert liveness_timeout(0.5, 2) == 1.25  # the tests' coordinator settings
+    assert liveness_timeout(1, 60) == 2.5  # long leases: silence is silence
+    # However short the lease, an answer cannot come before its heartbeat.
+    assert liveness_timeout(10, 12) == 15
+    for heartbeat, lease in [(10, 30), (5, 30), (1, 3), (0.5, 2), (2, 10)]:
+        assert liveness_timeout(heartbeat, lease) <= lease - heartbeat
 
 
 class _FakeRpcError(grpc.aio.AioRpcError):
@@ -191,18 +246,62 @@ class _FakeRpcError(grpc.aio.AioRpcError):
         super().__init__(code, grpc.aio.Metadata(), trailing, details="x")
 
 
-def test_not_leader_address_reads_error_info() -> None:
-    info = error_details_pb2.ErrorInfo(
-        reason="NOT_LEADER", domain="conveyor.dev", metadata={"leader_address": "10.0.0.2:50051"}
-    )
+def _status(code: int, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="conveyor.dev", metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, details=[detail])
-    assert not_leader_address(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, status)) == (
-        "10.0.0.2:50051"
+    return status_pb2.Status(code=code, details=[detail])
+
+
+def test_stream_errors_become_session_ends() -> None:
+    leader = _status(code_pb2.UNAVAILABLE, "NOT_LEADER", {"leader_address": "10.0.0.2:50051"})
+    end = _classify(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, leader), "a:1", welcomed=False, heard=False
     )
-    assert not_leader_address(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, None)) is None
-    assert not_leader_address(_FakeRpcError(grpc.StatusCode.INTERNAL, status)) is None
+    assert end.redirect == "10.0.0.2:50051" and end.fatal is None
+
+    in_use = _status(code_pb2.FAILED_PRECONDITION, "WORKER_ID_IN_USE", {"worker_id": "w"})
+    end = _classify(
+        _FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION, in_use),
+        "a:1",
+        welcomed=False,
+        heard=False,
+    )
+    assert isinstance(end.fatal, WorkerIdInUseError) and end.fatal.worker_id == "w"
+
+    # Nothing answered: gRPC's own UNAVAILABLE before any message.
+    end = _classify(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, None), "a:1", welcomed=False, heard=False
+    )
+    assert not end.reached and end.redirect is None and not end.rejected
+    end = _classify(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, None), "a:1", welcomed=True, heard=True
+    )
+    assert end.reached
+    end = _classify(
+        _FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, None), "a:1", welcomed=False, heard=False
+    )
+    assert end.rejected and end.reached
+
+
+def test_worker_without_handlers_refuses_to_start() -> None:
+    worker = Worker("127.0.0.1:9", worker_id="lonely")
+    with pytest.raises(NoHandlersError) as caught:
+        asyncio.run(worker.run(install_signal_handlers=False))
+    message = str(caught.value)
+    assert "\n" not in message and isinstance(caught.value, ConveyorError)
+    assert message == (
+        "worker lonely has no task handlers: register at least one with "
+        "@worker.task('TYPE') before starting it"
+    )
+    assert not worker.running
+
+
+def test_connection_options_reach_the_worker() -> None:
+    worker = Worker(api_key="k", metadata=[("x-team", "a")])
+    assert worker._options.call_metadata() == (("authorization", "Bearer k"), ("x-team", "a"))
+    with pytest.raises(ValueError, match="api_key is given twice"):
+        Worker(api_key="k", options=ConnectionOptions(api_key="other"))
 
 
 # -- load_worker ---------------------------------------------------------------------------
@@ -272,3 +371,35 @@ def test_sigterm_makes_run_sync_return_and_the_process_exit_0(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "returned"
     assert "draining" in done.stderr
+
+
+def test_run_sync_sets_up_logging_and_says_it_cannot_reach_the_coordinator(
+    tmp_path: Path,
+) -> None:
+    # No logging set-up in the app: run_sync() logs like `conveyor worker` does.
+    script = tmp_path / "run_worker.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, threading
+            from conveyor.worker import Worker
+
+            worker = Worker("127.0.0.1:9", grace_period=1)
+            worker.register("noop", lambda ctx, payload: None)
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            worker.run_sync()
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    unreachable = [line for line in lines if "cannot reach the coordinator at 127.0.0.1:9" in line]
+    # One line per attempt, each naming the growing wait; never "lost the stream".
+    assert len(unreachable) >= 2, done.stderr
+    assert " WARNING conveyor.worker: cannot reach" in unreachable[0]
+    assert all("trying again in" in line for line in unreachable)
+    assert not any("lost the stream" in line for line in lines)
+    assert any("INFO  conveyor.worker: worker " in line and "starting" in line for line in lines)

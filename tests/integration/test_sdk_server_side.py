@@ -1,0 +1,158 @@
+"""SDK behaviour that needs the coordinator's side of issues 7 and 9, end to end.
+
+The SDK side is done and unit-tested against fake servicers; these tests run it against
+the real coordinator. They are strict xfails while the coordinator on this branch lacks
+the server side (then they fail for that reason): once it lands they pass, strict xfail
+turns that into a failure, and the marker is to be removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from testsupport import SUPPORT_DIR, coordinator_config, eventually
+
+from conveyor.client import (
+    AsyncClient,
+    AttemptOutcome,
+    QuotaExceededError,
+    TaskState,
+    WaitTimeoutError,
+)
+from conveyor.coordinator import Coordinator
+from conveyor.worker import TaskContext, Worker
+
+_NEEDS_SERVER = "needs the coordinator side of issues 7/9 (h/core); remove once it lands"
+
+
+@pytest.fixture
+async def client(coordinator: Coordinator) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(coordinator.address) as c:
+        yield c
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": GetTask/WatchTask unserved")
+async def test_waiting_on_a_type_nobody_serves_says_so(client: AsyncClient) -> None:
+    task = await client.submit("nobody-serves-this", {"n": 1}, queue="lonely")
+    assert (await client.get(task.id)).unserved
+    with pytest.raises(WaitTimeoutError) as caught:
+        await client.result(task.id, timeout=0.5)
+    assert "no connected worker serves type 'nobody-serves-this' on queue 'lonely'" in str(
+        caught.value
+    )
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": TASK_OUTCOME_INTERRUPTED")
+async def test_end_of_grace_period_interrupts_without_using_an_attempt(
+    coordinator: Coordinator, client: AsyncClient
+) -> None:
+    worker = Worker(coordinator.address, grace_period=0.2)
+    started = asyncio.Event()
+
+    @worker.task("long")
+    async def long(ctx: TaskContext, payload: Any) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        async with asyncio.timeout(10):
+            await worker.wait_connected()
+        task = await client.submit("long", None, max_attempts=1)
+        async with asyncio.timeout(10):
+            await started.wait()
+        worker.shutdown()
+        async with asyncio.timeout(10):
+            await run
+
+        async def settled() -> Any:
+            current, attempts = await client.get_with_attempts(task.id)
+            return (current, attempts) if current.state is not TaskState.RUNNING else None
+
+        current, attempts = await eventually(settled)
+        assert attempts[0].outcome is AttemptOutcome.INTERRUPTED
+        # Ready again at once, with its one attempt still to use.
+        assert current.state is TaskState.PENDING
+        assert current.attempts_counted == 0 and current.uncounted_attempts == 1
+    finally:
+        worker.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": WORKER_ID_IN_USE")
+async def test_second_process_with_the_same_worker_id_is_refused(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    first = Worker(coordinator.address, worker_id="same-id")
+    first.register("noop", lambda ctx, payload: None)
+    run = asyncio.create_task(first.run(install_signal_handlers=False))
+    second: asyncio.subprocess.Process | None = None
+    try:
+        async with asyncio.timeout(10):
+            await first.wait_connected()
+        # Another process (another pid) with the same id, while the first is live.
+        env = {
+            **os.environ,
+            "CONVEYOR_TEST_WORKER_ID": "same-id",
+            "CONVEYOR_TEST_LOG": str(tmp_path / "effects.log"),
+            "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
+        }
+        second = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "conveyor.cli.main", "--coordinator", coordinator.address),
+            *("worker", "worker_app:worker"),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(second.communicate(), 10)
+        assert second.returncode == 1
+        assert "refused worker id 'same-id': another live worker process uses it" in (
+            stderr.decode()
+        )
+    finally:
+        if second is not None and second.returncode is None:
+            second.kill()
+            await second.wait()
+        first.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": QUOTA_EXCEEDED (max_backlog)")
+async def test_backlog_quota_is_raised_or_waited_out(database_dsn: str) -> None:
+    coordinator = Coordinator(coordinator_config(database_dsn, max_backlog=3))
+    await coordinator.start()
+    worker = Worker(coordinator.address)
+    worker.register("echo", lambda ctx, payload: payload)
+    run: asyncio.Task[None] | None = None
+    try:
+        async with AsyncClient(coordinator.address) as client:
+            for _ in range(3):
+                await client.submit("echo", None)
+            with pytest.raises(QuotaExceededError) as caught:
+                await client.submit("echo", None)
+        assert [subject for subject, _ in caught.value.violations] == ["max_backlog"]
+        assert caught.value.retry_after is not None and caught.value.retry_after > 0
+
+        async with AsyncClient(
+            coordinator.address, timeout=30, retry_resource_exhausted=True
+        ) as client:
+            # Refused until a worker works the backlog off; the client waits per RetryInfo.
+            pending = asyncio.create_task(client.submit("echo", "late"))
+            run = asyncio.create_task(worker.run(install_signal_handlers=False))
+            task = await pending
+            assert await client.result(task.id, timeout=20) == "late"
+    finally:
+        worker.shutdown(force=True)
+        if run is not None:
+            with contextlib.suppress(BaseException):
+                await run
+        await coordinator.stop(grace=1.0)

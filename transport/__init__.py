@@ -1,0 +1,28 @@
+"""The connection layer shared by :mod:`conveyor.client` and :mod:`conveyor.worker`.
+
+* :class:`ConnectionOptions`: credentials, API key and metadata, message limits,
+  keepalive and client interceptors; every channel is opened from one.
+* Failover rules (:func:`parse_addresses`, :class:`AddressBook`, :class:`Backoff`): which
+  coordinator to ask next, and how long to wait.
+* The error catalog (:func:`error_from_rpc`): every ``conveyor.v1.ErrorReason`` maps to
+  exactly one exception class; the tree is drawn in ``_errors.py`` and exported to
+  applications by :mod:`conveyor.client` (and the worker's by :mod:`conveyor.worker`).
+
+Applications normally need only :class:`ConnectionOptions`, which both packages accept.
+"""
+
+from conveyor.transport._errors import StatusInfo, error_from_rpc, parse_status
+from conveyor.transport._failover import AddressBook, Backoff, parse_addresses
+from conveyor.transport._options import MAX_MESSAGE_BYTES, ClientInterceptor, ConnectionOptions
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "AddressBook",
+    "Backoff",
+    "ClientInterceptor",
+    "ConnectionOptions",
+    "StatusInfo",
+    "error_from_rpc",
+    "parse_addresses",
+    "parse_status",
+]

@@ -1,0 +1,150 @@
+"""How the client and the worker reach a coordinator: one :class:`ConnectionOptions`.
+
+Every channel either of them opens is made by :meth:`ConnectionOptions.open_channel`, so
+transport security, credentials, call metadata, message limits, keepalive and client
+interceptors are decided in this one place (TLS and API keys, tracing interceptors and
+the like plug in here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+__all__ = ["MAX_MESSAGE_BYTES", "ClientInterceptor", "ConnectionOptions"]
+
+#: The coordinator's send and receive limit for one gRPC message; the SDK uses the same.
+MAX_MESSAGE_BYTES = 64 << 20
+
+#: Any of grpc.aio's four client interceptor kinds (their common base).
+ClientInterceptor = aio.ClientInterceptor
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionOptions:
+    """Transport settings shared by :class:`~conveyor.client.AsyncClient`,
+    :class:`~conveyor.client.Client` and :class:`~conveyor.worker.Worker`.
+
+    The defaults suit a coordinator reached over a local network in plaintext.
+    """
+
+    #: Channel credentials for TLS (``grpc.ssl_channel_credentials(...)``); plaintext
+    #: when ``None``.
+    credentials: grpc.ChannelCredentials | None = None
+    #: Sent as ``authorization: Bearer <api_key>`` with every call and stream.
+    api_key: str | None = None
+    #: Further metadata sent with every call and stream, as ``(key, value)`` pairs.
+    metadata: tuple[tuple[str, str], ...] = ()
+    #: grpc.aio client interceptors, outermost first, on every channel (for example
+    #: OpenTelemetry's ``aio_client_interceptors()``). grpc.aio files each object under
+    #: the first interceptor kind it implements, so give one object per kind.
+    interceptors: tuple[ClientInterceptor, ...] = ()
+    #: Largest message sent or received, in bytes: the coordinator's own limit, so a batch
+    #: the coordinator may send always fits.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    #: Seconds between HTTP/2 keepalive pings while a call is open, so that a peer that
+    #: died without closing the connection (a host gone, a partition) is noticed even on
+    #: a quiet stream; ``None`` turns pings off. The coordinator must allow pings this
+    #: often (gRPC servers refuse pings more often than every 5 minutes by default).
+    keepalive_interval: float | None = 30.0
+    #: Seconds to wait for a ping's answer before the connection is declared dead.
+    keepalive_timeout: float = 10.0
+    #: Cap on gRPC's own reconnect backoff, in seconds. gRPC's default grows to 120 s, which
+    #: would leave a restarted coordinator unused for minutes.
+    reconnect_backoff_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1 << 20:
+            raise ValueError(
+                f"max_message_bytes must be at least 1 MiB, got {self.max_message_bytes}"
+            )
+        if self.keepalive_interval is not None and self.keepalive_interval < 1:
+            raise ValueError(
+                f"keepalive_interval must be at least 1 second (or None), got "
+                f"{self.keepalive_interval}"
+            )
+        if self.keepalive_timeout <= 0:
+            raise ValueError(f"keepalive_timeout must be positive, got {self.keepalive_timeout}")
+        if self.reconnect_backoff_max < 0.1:
+            raise ValueError(
+                f"reconnect_backoff_max must be at least 0.1 s, got {self.reconnect_backoff_max}"
+            )
+        for pair in self.metadata:
+            if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+                raise ValueError(f"metadata must be (key, value) string pairs, got {pair!r}")
+        if self.api_key is not None and (not self.api_key or "\n" in self.api_key):
+            raise ValueError("api_key must be a non-empty single-line string")
+
+    @classmethod
+    def merge(
+        cls,
+        options: ConnectionOptions | None,
+        *,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> ConnectionOptions:
+        """``options`` with the shortcut arguments of the client and worker applied.
+
+        Raises:
+            ValueError: A shortcut and ``options`` both set the same thing.
+        """
+        base = options or cls()
+        changes: dict[str, Any] = {}
+        if api_key is not None:
+            if base.api_key is not None and base.api_key != api_key:
+                raise ValueError("api_key is given twice (directly and in options)")
+            changes["api_key"] = api_key
+        if credentials is not None:
+            if base.credentials is not None and base.credentials is not credentials:
+                raise ValueError("credentials are given twice (directly and in options)")
+            changes["credentials"] = credentials
+        if metadata:
+            changes["metadata"] = (*base.metadata, *(tuple(pair) for pair in metadata))
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata sent with every call: the API key, then :attr:`metadata`."""
+        key = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return (*key, *self.metadata)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """The gRPC channel arguments these options stand for."""
+        backoff_ms = int(self.reconnect_backoff_max * 1000)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", min(200, backoff_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
+        if self.keepalive_interval is not None:
+            options += [
+                ("grpc.keepalive_time_ms", int(self.keepalive_interval * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+                # gRPC 1.6x+ waits for a ping's answer this long (default: a minute),
+                # whatever keepalive_timeout says; without it a dead peer is noticed late.
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout * 1000)),
+                # Ping only while a call is open: an idle client has nothing to lose, and
+                # servers treat pings on an idle connection as abuse.
+                ("grpc.keepalive_permit_without_calls", 0),
+                # gRPC stops pinging after two pings without data by default, which would
+                # end the watch on a quiet stream exactly when it matters.
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        return options
+
+    def open_channel(self, address: str) -> aio.Channel:
+        """A new grpc.aio channel to ``address`` (``host:port``) with these options."""
+        interceptors = list(self.interceptors) or None
+        if self.credentials is None:
+            return aio.insecure_channel(
+                address, options=self.channel_options(), interceptors=interceptors
+            )
+        return aio.secure_channel(
+            address, self.credentials, options=self.channel_options(), interceptors=interceptors
+        )
