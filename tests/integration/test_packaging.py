@@ -67,10 +67,5 @@ def test_console_script_and_extras(wheel: zipfile.ZipFile) -> None:
     assert not re.search(r"^Requires-Dist: pytest(?!.*extra ==)", text, re.MULTILINE)
 
 
-@pytest.mark.xfail(
-    (ROOT / "embedded" / "etcd.py").exists(),
-    reason="embedded/etcd.py (the tests' etcd harness) moves to tests/support on branch h/core",
-    strict=True,
-)
 def test_the_etcd_harness_does_not_ship(wheel: zipfile.ZipFile) -> None:
     assert "conveyor/embedded/etcd.py" not in wheel.namelist()

@@ -1,10 +1,6 @@
-"""SDK behaviour that needs the coordinator's side of issues 7 and 9, end to end.
-
-The SDK side is done and unit-tested against fake servicers; these tests run it against
-the real coordinator. They are strict xfails while the coordinator on this branch lacks
-the server side (then they fail for that reason): once it lands they pass, strict xfail
-turns that into a failure, and the marker is to be removed.
-"""
+"""SDK behaviour that needs the coordinator's side of issues 7 and 9, end to end: unserved
+tasks, interrupted attempts, worker id conflicts and the backlog limit, against the real
+coordinator (the SDK's mapping logic is unit-tested against fake servicers)."""
 
 from __future__ import annotations
 
@@ -29,8 +25,6 @@ from conveyor.client import (
 from conveyor.coordinator import Coordinator
 from conveyor.worker import TaskContext, Worker
 
-_NEEDS_SERVER = "needs the coordinator side of issues 7/9 (h/core); remove once it lands"
-
 
 @pytest.fixture
 async def client(coordinator: Coordinator) -> AsyncIterator[AsyncClient]:
@@ -38,7 +32,6 @@ async def client(coordinator: Coordinator) -> AsyncIterator[AsyncClient]:
         yield c
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": GetTask/WatchTask unserved")
 async def test_waiting_on_a_type_nobody_serves_says_so(client: AsyncClient) -> None:
     task = await client.submit("nobody-serves-this", {"n": 1}, queue="lonely")
     assert (await client.get(task.id)).unserved
@@ -49,7 +42,6 @@ async def test_waiting_on_a_type_nobody_serves_says_so(client: AsyncClient) -> N
     )
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": TASK_OUTCOME_INTERRUPTED")
 async def test_end_of_grace_period_interrupts_without_using_an_attempt(
     coordinator: Coordinator, client: AsyncClient
 ) -> None:
@@ -87,7 +79,6 @@ async def test_end_of_grace_period_interrupts_without_using_an_attempt(
             await run
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": WORKER_ID_IN_USE")
 async def test_second_process_with_the_same_worker_id_is_refused(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
@@ -126,7 +117,6 @@ async def test_second_process_with_the_same_worker_id_is_refused(
             await run
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_SERVER + ": QUOTA_EXCEEDED (max_backlog)")
 async def test_backlog_quota_is_raised_or_waited_out(database_dsn: str) -> None:
     coordinator = Coordinator(coordinator_config(database_dsn, max_backlog=3))
     await coordinator.start()

@@ -8,19 +8,10 @@ import json
 import os
 import signal
 
-import pytest
 from clitools import CLI, conveyor
 from testsupport import eventually
 
 from conveyor.coordinator import Coordinator
-
-# The coordinator fills these fields once the server side of issue 9 item 5 lands (branch
-# h/core): until then they read as empty, and these tests are expected to fail. Strict, so
-# the merge that makes them pass also removes this mark.
-SERVER_SIDE_PENDING = pytest.mark.xfail(
-    reason="unserved, QueueStats.workers and WorkerInfo.task_types come with h/core",
-    strict=True,
-)
 
 
 async def _start_worker(address: str, *args: str) -> asyncio.subprocess.Process:
@@ -60,7 +51,6 @@ async def test_worker_grace_period(coordinator: Coordinator) -> None:
             await worker.wait()
 
 
-@SERVER_SIDE_PENDING
 async def test_unserved_task_is_shown(coordinator: Coordinator) -> None:
     address = coordinator.address
     where = ["--coordinator", address]
@@ -73,16 +63,19 @@ async def test_unserved_task_is_shown(coordinator: Coordinator) -> None:
     assert "no connected worker serves" in done.err.splitlines()[-1]
 
 
-@SERVER_SIDE_PENDING
 async def test_queues_and_status_show_the_workers(coordinator: Coordinator) -> None:
     address = coordinator.address
     worker = await _start_worker(address, "--demo")
     try:
         # A task that waits keeps the queue listed.
         await conveyor("submit", "echo", "--delay", "3600", "--coordinator", address)
-        done = await conveyor("queues", "--json", "--coordinator", address)
-        (default,) = [q for q in json.loads(done.out) if q["name"] == "default"]
-        assert default["workers"] == 1
+
+        async def workers_on_default() -> int:
+            done = await conveyor("queues", "--json", "--coordinator", address)
+            (default,) = [q for q in json.loads(done.out) if q["name"] == "default"]
+            return int(default["workers"])
+
+        assert await eventually(workers_on_default, timeout=30) == 1
         done = await conveyor("status", "--coordinator", address)
         assert "echo,sleep,fail" in done.out
     finally:
