@@ -138,9 +138,13 @@ _floats = st.one_of(
 )
 
 
+# Fixed once: a strategy must draw the same way every time (Hypothesis replays examples).
+_NOW = int(time.time())
+
+
 def _good_timestamp_fields() -> st.SearchStrategy[dict[str, int]]:
     # Within a month of now: run_at and a schedule's start and end are bounded.
-    now = int(time.time())
+    now = _NOW
     return st.fixed_dictionaries(
         {
             "seconds": st.integers(now - 30 * 86_400, now + 30 * 86_400),
