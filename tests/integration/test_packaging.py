@@ -4,6 +4,7 @@ the embedded PostgreSQL, the benchmarks) and no test machinery."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,8 +35,18 @@ _TEST_MACHINERY = re.compile(
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
     out = tmp_path_factory.mktemp("wheel")
+    # From a copy without build products: setuptools would pack a stale build/lib (a module
+    # deleted from the tree since the last build) along with the sources.
+    source = tmp_path_factory.mktemp("source") / "conveyor"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            "build", "dist", ".venv", ".git", "__pycache__", "*.egg-info", ".conveyor"
+        ),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "-w", str(out), "--no-deps",
+        [sys.executable, "-m", "pip", "wheel", str(source), "-w", str(out), "--no-deps",
          "--no-build-isolation", "-q"],
         check=True, timeout=300, capture_output=True,
     )  # fmt: skip
