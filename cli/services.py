@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -140,10 +142,49 @@ def coordinator(
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Turn authentication off: anyone who reaches the port acts as tenant "
+            "'default' with every scope. For local experiments only.",
+        ),
+    ] = False,
+    bootstrap_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap-key-file",
+            envvar="CONVEYOR_BOOTSTRAP_KEY_FILE",
+            metavar="PATH",
+            help="A file holding an API key to add as an admin key with every scope, unless "
+            "its id exists (also: CONVEYOR_BOOTSTRAP_KEY; make one with conveyor keys "
+            "generate).",
+        ),
+    ] = None,
+    max_backlog: Annotated[
+        int, typer.Option("--max-backlog", min=0, help="Default tenant limit: unfinished tasks.")
+    ] = 0,
+    submit_rate: Annotated[
+        float,
+        typer.Option("--submit-rate", min=0, help="Default tenant limit: tasks submitted per s."),
+    ] = 0.0,
+    submit_burst: Annotated[
+        int, typer.Option("--submit-burst", min=0, help="Default tenant limit: burst.")
+    ] = 0,
+    max_schedules: Annotated[
+        int, typer.Option("--max-schedules", min=0, help="Default tenant limit: schedules.")
+    ] = 0,
     *,
     g: Globals,
 ) -> int:
-    """Run a coordinator against your PostgreSQL (and etcd, for several replicas)."""
+    """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
+
+    Every call needs an API key (see conveyor keys); --insecure turns that off. Tenant
+    limits given here are every tenant's defaults (0: no limit); conveyor tenants set
+    overrides them per tenant.
+    """
+    from conveyor.coordinator.config import ConfigError
+
     config = coordinator_config(
         dsn=dsn,
         listen=listen,
@@ -155,6 +196,12 @@ def coordinator(
         heartbeat_interval=heartbeat_interval,
         max_payload_bytes=max_payload_bytes,
         pool_size=pool_size,
+        authentication=not insecure,
+        bootstrap_key=bootstrap_key(bootstrap_key_file),
+        max_backlog=max_backlog,
+        submit_rate=submit_rate,
+        submit_burst=submit_burst,
+        max_schedules=max_schedules,
     )
     check_listen(listen)
     from conveyor.coordinator import serve
@@ -165,7 +212,21 @@ def coordinator(
         if is_bind_failure(exc):
             raise CLIError(busy_port_message(listen, exc)) from None
         raise
+    except ConfigError as exc:  # found at start (a bootstrap key whose id is taken)
+        raise CLIError(str(exc)) from None
     return 0
+
+
+def bootstrap_key(path: str | None) -> str:
+    """The bootstrap key: from ``--bootstrap-key-file``, else ``CONVEYOR_BOOTSTRAP_KEY``."""
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise CLIError(
+                f"--bootstrap-key-file {path}: cannot read it ({exc.strerror})", code=USAGE
+            ) from None
+    return os.environ.get("CONVEYOR_BOOTSTRAP_KEY", "").strip()
 
 
 def coordinator_config(
@@ -180,6 +241,12 @@ def coordinator_config(
     heartbeat_interval: float,
     max_payload_bytes: int,
     pool_size: int,
+    authentication: bool = True,
+    bootstrap_key: str = "",
+    max_backlog: int = 0,
+    submit_rate: float = 0.0,
+    submit_burst: int = 0,
+    max_schedules: int = 0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error."""
     from conveyor.coordinator import CoordinatorConfig
@@ -212,6 +279,12 @@ def coordinator_config(
             max_payload_bytes=max_payload_bytes,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            authentication=authentication,
+            bootstrap_key=bootstrap_key,
+            max_backlog=max_backlog,
+            submit_rate=submit_rate,
+            submit_burst=submit_burst,
+            max_schedules=max_schedules,
         )
     except ValueError as exc:  # the configuration's own checks
         raise CLIError(str(exc), code=USAGE) from None
@@ -293,6 +366,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            api_key=g.api_key or None,
         )
     except ValueError as exc:
         raise CLIError(str(exc), code=USAGE) from None

@@ -33,6 +33,7 @@ from conveyor.client._models import (
 )
 from conveyor.client._sync_client import Client
 from conveyor.transport._errors import (
+    ApiKeyNotFoundError,
     ConveyorError,
     DeadlineExceededError,
     EtagMismatchError,
@@ -42,6 +43,7 @@ from conveyor.transport._errors import (
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
+    PermissionDeniedError,
     ProtocolViolationError,
     QuotaExceededError,
     RPCError,
@@ -49,6 +51,7 @@ from conveyor.transport._errors import (
     ScheduleNotFoundError,
     StoreUnavailableError,
     TaskNotFoundError,
+    UnauthenticatedError,
     UnavailableError,
     WorkerIdInUseError,
 )
@@ -56,6 +59,7 @@ from conveyor.transport._options import ConnectionOptions
 
 __all__ = [
     "AUTO_KEY_PREFIX",
+    "ApiKeyNotFoundError",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",
@@ -72,6 +76,7 @@ __all__ = [
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "PermissionDeniedError",
     "ProtocolViolationError",
     "QueueStats",
     "QuotaExceededError",
@@ -89,6 +94,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskSpec",
     "TaskState",
+    "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",

@@ -1,4 +1,8 @@
-"""``AdminService``: what an operator asks the cluster (``conveyor status``)."""
+"""``AdminService``: what an operator asks the cluster (``conveyor status``).
+
+The methods for API keys, tenant limits and the audit log are
+:class:`~conveyor.coordinator.security_admin.SecurityAdmin`'s; this class only routes them.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,15 @@ import grpc
 from conveyor.coordinator import convert
 from conveyor.coordinator.election import Member
 from conveyor.coordinator.errors import is_store_error
+from conveyor.coordinator.security_admin import SecurityAdmin
 from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 _log = logging.getLogger("conveyor.coordinator.admin")
+
+_Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,13 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         *,
         view: Callable[[], ClusterView],
         replicas: Callable[[], Awaitable[list[Member]]],
+        security: SecurityAdmin,
     ) -> None:
         self._sessions = sessions
         self._db = db
         self._view = view
         self._replicas = replicas
+        self._security = security
 
     async def _in_flight(self, worker_ids: list[str]) -> dict[tuple[str, str], int]:
         """Leases held per worker, from the database (the status still answers without)."""
@@ -107,3 +116,40 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             ],
             answered_by=info(view.me),
         )
+
+    # -- keys, tenants, audit (SecurityAdmin's) ------------------------------------------------
+
+    async def CreateApiKey(
+        self, request: admin_service_pb2.CreateApiKeyRequest, context: _Context
+    ) -> admin_service_pb2.CreateApiKeyResponse:
+        return await self._security.create_api_key(request)
+
+    async def ListApiKeys(
+        self, request: admin_service_pb2.ListApiKeysRequest, context: _Context
+    ) -> admin_service_pb2.ListApiKeysResponse:
+        return await self._security.list_api_keys(request)
+
+    async def RevokeApiKey(
+        self, request: admin_service_pb2.RevokeApiKeyRequest, context: _Context
+    ) -> admin_service_pb2.RevokeApiKeyResponse:
+        return await self._security.revoke_api_key(request)
+
+    async def GetTenant(
+        self, request: admin_service_pb2.GetTenantRequest, context: _Context
+    ) -> admin_service_pb2.GetTenantResponse:
+        return await self._security.get_tenant(request)
+
+    async def ListTenants(
+        self, request: admin_service_pb2.ListTenantsRequest, context: _Context
+    ) -> admin_service_pb2.ListTenantsResponse:
+        return await self._security.list_tenants(request)
+
+    async def UpdateTenantLimits(
+        self, request: admin_service_pb2.UpdateTenantLimitsRequest, context: _Context
+    ) -> admin_service_pb2.UpdateTenantLimitsResponse:
+        return await self._security.update_tenant_limits(request)
+
+    async def ListAuditEvents(
+        self, request: admin_service_pb2.ListAuditEventsRequest, context: _Context
+    ) -> admin_service_pb2.ListAuditEventsResponse:
+        return await self._security.list_audit_events(request)

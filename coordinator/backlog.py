@@ -1,23 +1,28 @@
-"""The backlog limit: refuse submits once too many tasks are unfinished.
+"""The backlog count behind each tenant's ``max_backlog``: unfinished tasks per tenant.
 
-``max_backlog`` (off when 0) bounds the tasks not finished yet (PENDING, SCHEDULED,
-RUNNING), coordinator-wide for now (the tenants work makes it per tenant). A submit that
-would pass it is refused before anything is written: RESOURCE_EXHAUSTED, reason
-QUOTA_EXCEEDED, a ``google.rpc.QuotaFailure`` naming the limit, and ``RetryInfo``.
+A tenant's ``max_backlog`` (``quotas.py``; the coordinator's ``max_backlog`` is every
+tenant's default) bounds its tasks not finished yet (PENDING, SCHEDULED, RUNNING). A
+submit that would pass it is refused before anything is written: RESOURCE_EXHAUSTED,
+reason QUOTA_EXCEEDED, a ``google.rpc.QuotaFailure`` naming ``max_backlog``, and
+``RetryInfo``.
 
 Counting every submit would cost a COUNT per call, so the count is approximate, and errs
-on the safe side: the :class:`BacklogCounter` service counts the unfinished tasks every
-``backlog_refresh`` seconds (three index-only counts over the partial indexes); submits
-admitted since are added to that figure, those still in flight and those committed after
-the count began alike. Completions in between are not subtracted, so the estimate is
-high by at most one refresh interval of finished work.
+on the safe side: the :class:`BacklogCounter` service counts the unfinished tasks of
+every tenant every ``backlog_refresh`` seconds (one grouped count; only while some tenant
+has a backlog limit); submits admitted since are added to that figure, those still in
+flight and those committed after the count began alike. Completions in between are not
+subtracted, so the estimate is high by at most one refresh interval of finished work.
+The bookkeeping is per call (a batch counts once), never per task.
 """
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
+
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import QuotaExceeded
-from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store import tenants as store
 from conveyor.coordinator.supervisor import Service
 
 
@@ -26,49 +31,58 @@ class BacklogCounter(Service):
 
     def __init__(self, deps: Deps) -> None:
         super().__init__(deps)
-        self.limit = deps.config.max_backlog
-        self.counted = 0
-        """Unfinished tasks at the last count."""
-        self.in_flight = 0
-        """Tasks admitted whose submit has not finished."""
-        self.committed = 0
-        """Tasks whose submit finished since the last count began."""
+        self.limited: Callable[[], bool] = lambda: deps.config.max_backlog > 0
+        """Whether some tenant has a backlog limit (``Quotas`` sets it): else nothing is
+        counted."""
+        self.counted: dict[str, int] = {}
+        """Unfinished tasks per tenant at the last count."""
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        """Tasks admitted whose submit has not finished, per tenant."""
+        self.committed: collections.Counter[str] = collections.Counter()
+        """Tasks whose submit finished since the last count began, per tenant."""
 
-    @property
-    def estimate(self) -> int:
-        return self.counted + self.committed + self.in_flight
+    def estimate(self, tenant: str) -> int:
+        return self.counted.get(tenant, 0) + self.committed[tenant] + self.in_flight[tenant]
 
-    def start(self) -> None:
-        if self.limit > 0:
-            super().start()
-
-    def admit(self, count: int) -> None:
-        """Counts ``count`` tasks about to be submitted, or raises QuotaExceeded; call
-        :meth:`done` when the submit has finished."""
-        if self.limit <= 0:
+    def check(self, tenant: str, count: int, limit: int) -> None:
+        """Raises QuotaExceeded when ``count`` more tasks would take ``tenant`` past
+        ``limit`` (0: no limit)."""
+        if limit <= 0:
             return
-        if self.estimate + count > self.limit:
+        estimate = self.estimate(tenant)
+        if estimate + count > limit:
             raise QuotaExceeded(
                 "max_backlog",
-                f"the backlog limit is reached: about {self.estimate} unfinished tasks, "
-                f"limit {self.limit} (max_backlog); this submit has {count}",
+                f"tenant {tenant!r} reached its backlog limit: about {estimate} unfinished "
+                f"tasks, limit {limit} (max_backlog); this submit has {count}",
                 retry_after=self.deps.config.backlog_refresh,
             )
-        self.in_flight += count
 
-    def done(self, count: int) -> None:
+    def admit(self, tenant: str, count: int, limit: int = 0) -> None:
+        """Counts ``count`` tasks of ``tenant`` about to be submitted, after :meth:`check`
+        against ``limit``; call :meth:`done` when the submit has finished."""
+        self.check(tenant, count, limit)
+        self.in_flight[tenant] += count
+
+    def done(self, tenant: str, count: int) -> None:
         """A submit admitted with :meth:`admit` finished (committed or not: a submit whose
         outcome is unknown may have committed, so all count until the next count)."""
-        if self.limit <= 0:
-            return
-        self.in_flight -= count
-        self.committed += count
+        self.in_flight[tenant] -= count
+        if not self.in_flight[tenant]:
+            del self.in_flight[tenant]
+        self.committed[tenant] += count
 
     async def step(self) -> float:
+        refresh = self.deps.config.backlog_refresh
+        if not self.limited():
+            # Nothing to enforce: forget, and count again once some tenant has a limit.
+            self.counted = {}
+            self.committed.clear()
+            return refresh
         # Submits that finished before the count began are in it; later ones may not be.
-        committed_before = self.committed
+        committed_before = collections.Counter(self.committed)
         async with self.deps.db.read() as conn:
-            counted = await store.count_unfinished(conn)
+            counted = await store.unfinished_per_tenant(conn)
         self.counted = counted
         self.committed -= committed_before
-        return self.deps.config.backlog_refresh
+        return refresh

@@ -18,7 +18,7 @@ coordinator gets them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_QUEUE = "default"
 DEFAULT_TENANT = "default"
@@ -81,10 +81,34 @@ class CoordinatorConfig:
     max_pending_operations: int = 50_000
     """Submits and results waiting for a transaction beyond this are refused (backpressure)."""
     max_backlog: int = 0
-    """Most unfinished tasks (pending, scheduled, running) the coordinator holds; submits
-    past it are refused with QUOTA_EXCEEDED and nothing is written. 0: no limit."""
+    """Most unfinished tasks (pending, scheduled, running) each tenant may hold, unless its
+    own limit says otherwise; submits past it are refused with QUOTA_EXCEEDED and nothing
+    is written. 0: no limit."""
     backlog_refresh: float = 1.0
-    """Seconds between counts of unfinished tasks when ``max_backlog`` is set."""
+    """Seconds between counts of unfinished tasks while some tenant has a backlog limit."""
+    submit_rate: float = 0.0
+    """Tasks per second each tenant may submit (token bucket), unless its own limit says
+    otherwise. 0: no limit."""
+    submit_burst: int = 0
+    """Tasks each tenant may submit at once above ``submit_rate`` (the bucket size); 0:
+    one second's worth."""
+    max_schedules: int = 0
+    """Schedules each tenant may have, unless its own limit says otherwise. 0: no limit."""
+    authentication: bool = True
+    """Require an API key on every call (``authorization: Bearer <key>``). False
+    (``--insecure``): no checks, every call acts as tenant "default" with every scope."""
+    bootstrap_key: str = field(default="", repr=False)
+    """An API key (``cvk_...``) made an admin key of tenant ``bootstrap_tenant`` with every
+    scope at start, unless a key with its id exists already (a revoked one stays revoked)."""
+    bootstrap_tenant: str = DEFAULT_TENANT
+    key_refresh: float = 30.0
+    """Seconds between full reloads of the API keys and tenant limits (a safety net:
+    changes arrive through LISTEN/NOTIFY within a second)."""
+    auth_failure_rate: float = 2.0
+    """Failed authentications per second a peer address may keep up once past
+    ``auth_failure_burst``; beyond that its calls are refused unchecked for a while."""
+    auth_failure_burst: int = 30
+    """Failed authentications a peer address may have in a burst. 0: no limit."""
     statement_timeout: float = 30.0
     """Seconds any one database round trip may take."""
     keepalive_time: float = 20.0
@@ -117,6 +141,7 @@ class CoordinatorConfig:
             "keepalive_time": self.keepalive_time,
             "keepalive_timeout": self.keepalive_timeout,
             "backlog_refresh": self.backlog_refresh,
+            "key_refresh": self.key_refresh,
         }
         out += [f"{name} must be positive (got {value})" for name, value in positive.items()
                 if not value > 0]  # fmt: skip
@@ -133,8 +158,23 @@ class CoordinatorConfig:
                             ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
-        if self.max_backlog < 0:
-            out.append(f"max_backlog must be 0 (no limit) or positive, got {self.max_backlog}")
+        limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
+                            ("submit_rate", self.submit_rate),
+                            ("submit_burst", self.submit_burst),
+                            ("max_schedules", self.max_schedules),
+                            ("auth_failure_rate", self.auth_failure_rate),
+                            ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
+        for name, limit in limits:
+            if not 0 <= limit < float("inf"):
+                out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
+        if self.bootstrap_key:
+            from conveyor.coordinator.api_keys import parse
+
+            if parse(self.bootstrap_key) is None:
+                out.append(
+                    "bootstrap_key is not a Conveyor API key (cvk_<id>_<secret>); make one "
+                    "with: conveyor keys generate"
+                )
         if out:
             return out  # the relations below assume sane values
         heartbeat, lease = self.heartbeat_interval, self.lease_duration

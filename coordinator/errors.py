@@ -238,13 +238,18 @@ class WorkerIdInUse(ConveyorError):
 
 
 class QuotaExceeded(ConveyorError):
-    """A limit was reached; nothing was written. QuotaFailure names the limit."""
+    """A limit was reached; nothing was written. QuotaFailure names the limit.
+
+    ``retry_after`` None (no RetryInfo) for a limit that waiting does not lift (a payload
+    too large, a schedule count): the message says what to change instead.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = errors_pb2.ERROR_REASON_QUOTA_EXCEEDED
 
-    def __init__(self, subject: str, description: str, retry_after: float) -> None:
-        super().__init__(f"{description}; nothing was written, retry later")
+    def __init__(self, subject: str, description: str, retry_after: float | None) -> None:
+        advice = "retry later" if retry_after is not None else "retrying will not help"
+        super().__init__(f"{description}; nothing was written, {advice}")
         self.subject = subject
         self.description = description
         self.retry_after = retry_after
@@ -254,6 +259,47 @@ class QuotaExceeded(ConveyorError):
             subject=self.subject, description=self.description
         )
         return [error_details_pb2.QuotaFailure(violations=[violation])]
+
+
+class Unauthenticated(ConveyorError):
+    """The call carries no valid API key. ``problem`` says which way, in one word; the
+    message never repeats what the caller sent (it may be someone's secret)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = errors_pb2.ERROR_REASON_UNAUTHENTICATED
+
+    def __init__(self, problem: str, message: str, *, key_id: str = "") -> None:
+        metadata = {"problem": problem}
+        if key_id:
+            metadata["key_id"] = key_id
+        super().__init__(message, metadata=metadata)
+        self.problem = problem
+
+
+class PermissionDenied(ConveyorError):
+    """The API key lacks the scope the method needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = errors_pb2.ERROR_REASON_PERMISSION_DENIED
+
+    def __init__(self, key_id: str, scope: str, method: str) -> None:
+        super().__init__(
+            f"API key {key_id} lacks the {scope!r} scope, which {method} needs; use a key "
+            f"with it (an admin creates one with: conveyor keys create --scope {scope} ...)",
+            metadata={"key_id": key_id, "scope": scope},
+        )
+        self.scope = scope
+
+
+class ApiKeyNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_API_KEY_NOT_FOUND
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"no API key has the id {key_id!r} (conveyor keys list shows them)",
+            metadata={"key_id": key_id},
+        )
 
 
 class Fenced(Exception):

@@ -15,7 +15,20 @@ import grpc.aio
 from conveyor.coordinator.errors import NotLeader
 from conveyor.coordinator.intercept_base import Behavior, BehaviorInterceptor
 
-ANY_COORDINATOR = frozenset({"/conveyor.v1.AdminService/GetClusterStatus"})
+ANY_COORDINATOR = frozenset(
+    {
+        "/conveyor.v1.AdminService/GetClusterStatus",
+        # Keys, limits and the audit log are not dispatch state: revoking a key must work
+        # during an election too.
+        "/conveyor.v1.AdminService/CreateApiKey",
+        "/conveyor.v1.AdminService/ListApiKeys",
+        "/conveyor.v1.AdminService/RevokeApiKey",
+        "/conveyor.v1.AdminService/GetTenant",
+        "/conveyor.v1.AdminService/ListTenants",
+        "/conveyor.v1.AdminService/UpdateTenantLimits",
+        "/conveyor.v1.AdminService/ListAuditEvents",
+    }
+)
 """Methods every coordinator answers; every other conveyor.v1 method is the leader's."""
 
 

@@ -6,9 +6,12 @@ one :class:`~conveyor.coordinator.intercept_base.BehaviorInterceptor`, and addin
 
 1. ``context``: binds the request context (request id, peer, deadline, trace context);
 2. ``errors``: maps whatever escapes to the right status (so it sees the layers below);
-3. (authentication goes here: it sets tenant, key id and scopes in the context, and its
-   refusals are mapped by ``errors``);
-4. ``leader``: followers refuse leader-only methods.
+3. ``auth``: checks the API key and the method's scope, and sets tenant, key id and
+   scopes in the context (``intercept_auth.py``; its refusals are mapped by ``errors``;
+   left out with authentication off);
+4. ``leader``: followers refuse leader-only methods;
+5. ``audit``: records key, schedule, cancel, retry, pause and admin calls with their
+   outcome (``intercept_audit.py``).
 
 The worker stream goes through the same chain.
 """
@@ -19,6 +22,8 @@ from collections.abc import Callable
 
 import grpc.aio
 
+from conveyor.coordinator.intercept_audit import AuditInterceptor
+from conveyor.coordinator.intercept_auth import AuthInterceptor
 from conveyor.coordinator.intercept_context import ContextInterceptor
 from conveyor.coordinator.intercept_errors import ErrorInterceptor, Undecodable
 from conveyor.coordinator.intercept_leader import LeaderInterceptor
@@ -27,11 +32,17 @@ __all__ = ["Undecodable", "server_interceptors"]
 
 
 def server_interceptors(
-    *, is_leader: Callable[[], bool], leader_address: Callable[[], str]
+    *,
+    is_leader: Callable[[], bool],
+    leader_address: Callable[[], str],
+    auth: AuthInterceptor | None = None,
+    audit: AuditInterceptor | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptor chain of a coordinator, outermost first."""
     return [
         ContextInterceptor(),
         ErrorInterceptor(),
+        *([auth] if auth is not None else []),
         LeaderInterceptor(is_leader, leader_address),
+        *([audit] if audit is not None else []),
     ]

@@ -27,6 +27,7 @@ from conveyor.coordinator.errors import (
     ScheduleNotFound,
 )
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.quotas import Quotas
 from conveyor.coordinator.schedule_firer import idempotency_key
 from conveyor.coordinator.store import schedules as store
 from conveyor.v1 import schedule_pb2
@@ -47,9 +48,10 @@ def _first(spec_tick: datetime | None, end: datetime | None) -> datetime | None:
 class ScheduleService:
     """The schedule methods; ``now`` is the firer's clock (for first ticks)."""
 
-    def __init__(self, deps: Deps, *, now: Callable[[], datetime]) -> None:
+    def __init__(self, deps: Deps, *, now: Callable[[], datetime], quotas: Quotas) -> None:
         self._deps = deps
         self._now = now
+        self._quotas = quotas
 
     def _write(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A fenced transaction: a schedule's cursor is dispatch-side state."""
@@ -64,9 +66,11 @@ class ScheduleService:
             tenant=tenant,
             max_payload_bytes=self._deps.config.max_payload_bytes,
         )
+        self._quotas.check_payload(tenant, len(request.schedule.task_template.payload))
         now = self._now()
         first = _first(first_tick(valid.spec, now, valid.row.start_time), valid.row.end_time)
         async with self._write() as conn:
+            await self._quotas.admit_schedule(conn, tenant)
             row = await store.insert(
                 conn, uuid7(), valid.row, paused=valid.paused, next_fire_time=first, now=now
             )
@@ -119,6 +123,7 @@ class ScheduleService:
             valid = check.validate_schedule(
                 merged, tenant=tenant, max_payload_bytes=self._deps.config.max_payload_bytes
             )
+            self._quotas.check_payload(tenant, len(merged.task_template.payload))
             first = None
             if restart:
                 first = _first(

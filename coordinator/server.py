@@ -14,19 +14,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.admin_service import AdminServicer, ClusterView
+from conveyor.coordinator.audit import AuditLog
+from conveyor.coordinator.auth import Authenticator, FailureLimiter, OpenStreams
 from conveyor.coordinator.backlog import BacklogCounter
-from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.bootstrap import ensure_bootstrap_key
+from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.directory import Directory
 from conveyor.coordinator.dispatch_policy import DispatchPolicy
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.election import Election, Member, parse_endpoints
 from conveyor.coordinator.errors import Fenced
+from conveyor.coordinator.intercept_audit import AuditInterceptor
+from conveyor.coordinator.intercept_auth import AuthInterceptor
 from conveyor.coordinator.interceptors import server_interceptors
 from conveyor.coordinator.maintenance import Promoter, Reaper
+from conveyor.coordinator.quotas import Quotas
 from conveyor.coordinator.results import ResultRecorder
 from conveyor.coordinator.schedule_firer import ScheduleFirer
 from conveyor.coordinator.schedule_service import ScheduleService
+from conveyor.coordinator.security_admin import SecurityAdmin
 from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.store import api_keys as key_store
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.migrator import migrate
@@ -85,6 +94,12 @@ class Coordinator:
         self.submitter: Submitter | None = None
         self.recorder: ResultRecorder | None = None
         self.backlog: BacklogCounter | None = None
+        self.quotas: Quotas | None = None
+        self.directory: Directory | None = None
+        """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
+        self.audit: AuditLog | None = None
+        self.streams = OpenStreams()
+        """Open streams per API key, ended when their key is revoked or expires."""
         self.schedule_firer: ScheduleFirer | None = None
         self.services: list[Service] = []
         """The leader's background services, started on taking office."""
@@ -132,9 +147,30 @@ class Coordinator:
         )
         async with pool.acquire() as conn:
             await migrate(conn)
+            if cfg.bootstrap_key:
+                await ensure_bootstrap_key(conn, cfg.bootstrap_key, cfg.bootstrap_tenant)
+            if cfg.authentication and not await key_store.has_active_admin(conn):
+                _log.warning(
+                    "no API key with the admin scope exists: create one with "
+                    "`conveyor keys create --dsn DSN --tenant TENANT --scope admin` (or start "
+                    "with CONVEYOR_BOOTSTRAP_KEY; see the README's secure set-up)"
+                )
+        db = Database(pool)
+        self.audit = AuditLog(db)
+        self.directory = Directory(db, cfg.dsn, refresh=cfg.key_refresh)
+        self.directory.on_key_change(self.streams.key_changed)
+        await self.directory.start()
+        self.audit.start()
+        auth: AuthInterceptor | None = None
+        if cfg.authentication:
+            limiter = FailureLimiter(cfg.auth_failure_rate, cfg.auth_failure_burst)
+            auth = AuthInterceptor(Authenticator(self.directory, self.audit, limiter), self.streams)
         self._server = server = grpc.aio.server(
             interceptors=server_interceptors(
-                is_leader=self.office.is_leader, leader_address=self._leader_address
+                is_leader=self.office.is_leader,
+                leader_address=self._leader_address,
+                auth=auth,
+                audit=AuditInterceptor(self.audit),
             ),
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -157,7 +193,7 @@ class Coordinator:
 
         self.deps = deps = Deps(
             config=cfg,
-            db=Database(pool),
+            db=db,
             office=self.office,
             sessions=self.sessions,
             watchers=self.watchers,
@@ -168,6 +204,7 @@ class Coordinator:
         )
         self.dispatcher = Dispatcher(deps, policy)
         self.backlog = BacklogCounter(deps)
+        self.quotas = quotas = Quotas(cfg, self.directory, self.backlog)
         self.schedule_firer = ScheduleFirer(deps)
         self.services = [
             self.dispatcher,
@@ -176,18 +213,22 @@ class Coordinator:
             self.schedule_firer,
             self.backlog,
         ]
-        self.submitter = Submitter(
-            deps, policy=policy, dispatcher=self.dispatcher, backlog=self.backlog
-        )
+        self.submitter = Submitter(deps, policy=policy, dispatcher=self.dispatcher, quotas=quotas)
         self.recorder = ResultRecorder(deps)
         self._worker_servicer = WorkerServicer(deps, self.dispatcher, self.recorder)
-        schedules = ScheduleService(deps, now=self.schedule_firer.now)
+        schedules = ScheduleService(deps, now=self.schedule_firer.now, quotas=quotas)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(deps, self.submitter, schedules), server
         )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self._worker_servicer, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.sessions, deps.db, view=self.cluster_view, replicas=self._replicas),
+            AdminServicer(
+                self.sessions,
+                deps.db,
+                view=self.cluster_view,
+                replicas=self._replicas,
+                security=SecurityAdmin(deps.db, self.directory, quotas),
+            ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -201,6 +242,13 @@ class Coordinator:
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, serving)
+        if not cfg.authentication:
+            _log.error(
+                "AUTHENTICATION IS OFF (--insecure): anyone who reaches %s can submit, read, "
+                "cancel and administer everything, as tenant %r. Never expose it like this.",
+                self.address,
+                DEFAULT_TENANT,
+            )
         if cfg.etcd:
             self._election = Election(
                 parse_endpoints(cfg.etcd),
@@ -341,6 +389,10 @@ class Coordinator:
             await self.submitter.batcher.stop()
         if self.recorder is not None:
             await self.recorder.stop()
+        if self.audit is not None:
+            await self.audit.stop()
+        if self.directory is not None:
+            await self.directory.stop()
         if self._pool is not None:
             await self._pool.close()
         self._server = None

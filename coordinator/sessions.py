@@ -187,20 +187,24 @@ class WorkerSession:
 
 
 class SessionRegistry:
-    """The live sessions, by session id and by worker id, and the recent evictions."""
+    """The live sessions, by session id and by (tenant, worker id), and the recent evictions.
+
+    Worker ids are per tenant: a worker of one tenant can neither take nor learn of the id
+    of another tenant's worker.
+    """
 
     def __init__(self) -> None:
         self._by_session: dict[str, WorkerSession] = {}
-        self._by_worker: dict[str, WorkerSession] = {}
+        self._by_worker: dict[tuple[str, str], WorkerSession] = {}
         self.evictions: collections.deque[Eviction] = collections.deque(maxlen=RECENT_EVICTIONS)
 
-    def holder(self, worker_id: str) -> WorkerSession | None:
+    def holder(self, tenant: str, worker_id: str) -> WorkerSession | None:
         """The session that holds ``worker_id`` (live, or still settling after its end)."""
-        return self._by_worker.get(worker_id)
+        return self._by_worker.get((tenant, worker_id))
 
     def reserve(self, session: WorkerSession) -> None:
         """Takes the session's worker id (the caller checked :meth:`holder` first)."""
-        self._by_worker[session.worker_id] = session
+        self._by_worker[session.tenant, session.worker_id] = session
 
     def activate(self, session: WorkerSession) -> None:
         """Makes the session visible to dispatch and status."""
@@ -210,12 +214,12 @@ class SessionRegistry:
     def remove(self, session: WorkerSession) -> None:
         session.closed = True
         self._by_session.pop(session.session_id, None)
-        if self._by_worker.get(session.worker_id) is session:
-            del self._by_worker[session.worker_id]
+        if self._by_worker.get((session.tenant, session.worker_id)) is session:
+            del self._by_worker[session.tenant, session.worker_id]
 
-    def by_worker(self, worker_id: str) -> WorkerSession | None:
-        """The live session of ``worker_id``."""
-        session = self._by_worker.get(worker_id)
+    def by_worker(self, tenant: str, worker_id: str) -> WorkerSession | None:
+        """The live session of the tenant's ``worker_id``."""
+        session = self._by_worker.get((tenant, worker_id))
         return session if session is not None and not session.closed else None
 
     def record_eviction(self, session: WorkerSession, released: int) -> None:

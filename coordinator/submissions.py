@@ -21,13 +21,13 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 
 from conveyor.coordinator import convert, dispatch_policy
-from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.batcher import Batcher
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch_policy import DispatchPolicy, Packed
 from conveyor.coordinator.dispatcher import Dispatcher
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.quotas import Quotas
 from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
@@ -69,12 +69,12 @@ class Submitter:
         *,
         policy: DispatchPolicy,
         dispatcher: Dispatcher,
-        backlog: BacklogCounter,
+        quotas: Quotas,
     ) -> None:
         self._deps = deps
         self._policy = policy
         self._dispatcher = dispatcher
-        self._backlog = backlog
+        self._quotas = quotas
         self.batcher: Batcher[SubmitGroup, SubmitResult] = Batcher(
             "submit",
             self._flush,
@@ -83,13 +83,13 @@ class Submitter:
         )
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
-        """Writes the group; raises QuotaExceeded (writing nothing) past the backlog limit."""
+        """Writes the group; raises QuotaExceeded (writing nothing) past a tenant limit."""
         count = len(group.tasks)
-        self._backlog.admit(count)
+        self._quotas.admit(group.tenant, group.tasks)
         try:
             return await self.batcher.submit(group, weight=count)
         finally:
-            self._backlog.done(count)
+            self._quotas.done(group.tenant, count)
 
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
         now = datetime.now(UTC)

@@ -182,7 +182,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         return task_service_pb2.CancelTaskResponse(task=convert.task_from_row(row))
 
     def _push_cancel(self, previous: asyncpg.Record) -> None:
-        session = self._deps.sessions.by_worker(previous["worker_id"])
+        session = self._deps.sessions.by_worker(previous["tenant"], previous["worker_id"])
         if session is None:
             return  # the worker is gone; its result will be refused when it returns
         key = LeaseKey(

@@ -163,7 +163,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
     async def _take_worker_id(self, session: WorkerSession) -> None:
         registry = self._deps.sessions
-        while (holder := registry.holder(session.worker_id)) is not None:
+        while (holder := registry.holder(session.tenant, session.worker_id)) is not None:
             if not holder.closed and not holder.same_process(session.hostname, session.pid):
                 raise WorkerIdInUse(
                     session.worker_id,

@@ -20,6 +20,9 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── ScheduleAlreadyExistsError  the schedule name is taken (.name)
     │   ├── EtagMismatchError        changed since it was read (.etag)
     │   ├── WorkerIdInUseError       another worker process uses this id (.worker_id)
+    │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
+    │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
+    │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -57,6 +60,7 @@ from conveyor.v1 import errors_pb2
 __all__ = [
     "ERROR_CLASSES",
     "ERROR_DOMAIN",
+    "ApiKeyNotFoundError",
     "ConveyorError",
     "DeadlineExceededError",
     "EtagMismatchError",
@@ -66,6 +70,7 @@ __all__ = [
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverloadedError",
+    "PermissionDeniedError",
     "ProtocolViolationError",
     "QuotaExceededError",
     "RPCError",
@@ -74,6 +79,7 @@ __all__ = [
     "StatusInfo",
     "StoreUnavailableError",
     "TaskNotFoundError",
+    "UnauthenticatedError",
     "UnavailableError",
     "WorkerIdInUseError",
     "error_from_rpc",
@@ -533,6 +539,91 @@ class WorkerIdInUseError(RPCError):
         return cls(message, worker_id=worker_id, **_common_kwargs(info))
 
 
+class UnauthenticatedError(RPCError):
+    """The coordinator found no valid API key on the call.
+
+    ``problem`` says which way: ``missing``, ``malformed``, ``unknown``, ``expired`` or
+    ``revoked`` (the last two with ``key_id``). Retrying with the same key does not help.
+
+    Attributes:
+        problem: One word, as above (``None`` when the server did not say).
+        key_id: The key's id, for an expired or revoked key.
+    """
+
+    _hint = (
+        "Pass a valid API key (api_key=, ConnectionOptions(api_key=...), the CLI's "
+        "--api-key or CONVEYOR_API_KEY); an admin creates one with `conveyor keys create`."
+    )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problem: str | None = None,
+        key_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.problem = problem
+        self.key_id = key_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info),
+            problem=info.metadata.get("problem") or None,
+            key_id=info.metadata.get("key_id") or None,
+            **_common_kwargs(info),
+        )
+
+
+class PermissionDeniedError(RPCError):
+    """The API key is valid but lacks the scope the call needs.
+
+    Attributes:
+        scope: The scope the call needs (``submit``, ``read``, ``operate``, ``worker``,
+            ``admin``).
+        key_id: The key that lacks it.
+    """
+
+    _hint = "Use a key with that scope; an admin creates one with `conveyor keys create --scope`."
+
+    def __init__(
+        self, message: str, *, scope: str | None = None, key_id: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.scope = scope
+        self.key_id = key_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info),
+            scope=info.metadata.get("scope") or None,
+            key_id=info.metadata.get("key_id") or None,
+            **_common_kwargs(info),
+        )
+
+
+class ApiKeyNotFoundError(RPCError):
+    """No API key has the given id.
+
+    Attributes:
+        key_id: The id that was looked up.
+    """
+
+    _hint = "List the keys (`conveyor keys list`) to see their ids."
+
+    def __init__(self, message: str, *, key_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.key_id = key_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        key_id = info.metadata.get("key_id") or None
+        return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -562,6 +653,9 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("OUTCOME_UNKNOWN"): OutcomeUnknownError,
     _reason("WORKER_ID_IN_USE"): WorkerIdInUseError,
     _reason("QUOTA_EXCEEDED"): QuotaExceededError,
+    _reason("UNAUTHENTICATED"): UnauthenticatedError,
+    _reason("PERMISSION_DENIED"): PermissionDeniedError,
+    _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.
@@ -571,6 +665,8 @@ _BY_CODE: Mapping[grpc.StatusCode, type[RPCError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 _BY_NAME: Mapping[str, type[RPCError]] = {

@@ -9,13 +9,18 @@ the like plug in here).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from grpc import aio
 
-__all__ = ["MAX_MESSAGE_BYTES", "ClientInterceptor", "ConnectionOptions"]
+__all__ = ["API_KEY_ENV", "MAX_MESSAGE_BYTES", "ClientInterceptor", "ConnectionOptions"]
+
+#: Where the client and the worker read an API key that neither ``api_key=`` nor ``options``
+#: gives.
+API_KEY_ENV = "CONVEYOR_API_KEY"
 
 #: The coordinator's send and receive limit for one gRPC message; the SDK uses the same.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -88,7 +93,8 @@ class ConnectionOptions:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> ConnectionOptions:
-        """``options`` with the shortcut arguments of the client and worker applied.
+        """``options`` with the shortcut arguments of the client and worker applied; the
+        API key from ``CONVEYOR_API_KEY`` when neither gives one.
 
         Raises:
             ValueError: A shortcut and ``options`` both set the same thing.
@@ -99,6 +105,8 @@ class ConnectionOptions:
             if base.api_key is not None and base.api_key != api_key:
                 raise ValueError("api_key is given twice (directly and in options)")
             changes["api_key"] = api_key
+        elif base.api_key is None and os.environ.get(API_KEY_ENV, "").strip():
+            changes["api_key"] = os.environ[API_KEY_ENV].strip()
         if credentials is not None:
             if base.credentials is not None and base.credentials is not credentials:
                 raise ValueError("credentials are given twice (directly and in options)")

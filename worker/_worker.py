@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -180,6 +181,7 @@ class Worker:
         worker_id: str | None = None,
         grace_period: float | None = None,
         sync_threads: int | None = None,
+        api_key: str | None = None,
     ) -> Self:
         """Change settings before the worker runs; ``None`` keeps a setting as it is.
 
@@ -206,6 +208,10 @@ class Worker:
             raise ValueError(f"sync_threads must be at least 1, got {sync_threads}")
         if worker_id is not None and (not worker_id.strip() or "\x00" in worker_id):
             raise ValueError(f"worker_id must be a non-empty string without NUL, got {worker_id!r}")
+        options = self._options
+        if api_key is not None:
+            options = dataclasses.replace(options, api_key=api_key)  # validates it
+        self._options = options
         self._addresses = addresses
         self._queues = queue_tuple
         self._concurrency = self._concurrency if concurrency is None else concurrency

@@ -553,7 +553,7 @@ async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
 
     async def evicted() -> bool:
         nonlocal peak
-        session = coordinator.sessions.by_worker("stuck")
+        session = coordinator.sessions.by_worker("default", "stuck")
         if session is not None:
             peak = max(peak, OUTBOX_BYTES - session.outbox_room)
         return any(e.worker_id == "stuck" for e in coordinator.sessions.evictions)

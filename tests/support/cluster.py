@@ -96,6 +96,7 @@ class CoordinatorProcess(ManagedProcess):
         log_level: str = "info",
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        insecure: bool = True,
     ) -> None:
         self.port = port if port is not None else free_ports(1)[0]
         super().__init__(name or f"coordinator-{self.port}", log_dir, env)
@@ -109,6 +110,8 @@ class CoordinatorProcess(ManagedProcess):
         self.heartbeat_interval = heartbeat_interval
         self.log_level = log_level
         self.extra_args = tuple(extra_args)
+        # Authentication off unless a test is about it (tests/integration/security).
+        self.insecure = insecure
 
     @property
     def address(self) -> str:
@@ -147,6 +150,8 @@ class CoordinatorProcess(ManagedProcess):
             args += ["--advertise", self.advertise, "--etcd", self.etcd]
             if self.election_ttl is not None:
                 args += ["--election-ttl", str(self.election_ttl)]
+        if self.insecure:
+            args.append("--insecure")
         return [*args, *self.extra_args]
 
     async def health(self, timeout: float = 1.0) -> int | None:

@@ -81,6 +81,8 @@ def coordinator_config(dsn: str, **overrides: Any) -> CoordinatorConfig:
         "poll_interval": 0.5,
         "pool_min_size": 1,
         "pool_max_size": 6,
+        # Authentication off unless a test is about it (tests/integration/security).
+        "authentication": False,
     }
     values.update(overrides)
     return CoordinatorConfig(**values)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService is for operators: the state of the cluster.
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
     """
 
     def __init__(self, channel):
@@ -40,15 +41,103 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/conveyor.v1.AdminService/CreateApiKey',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListApiKeys',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/conveyor.v1.AdminService/RevokeApiKey',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/conveyor.v1.AdminService/GetTenant',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListTenants',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenantLimits = channel.unary_unary(
+                '/conveyor.v1.AdminService/UpdateTenantLimits',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/conveyor.v1.AdminService/ListAuditEvents',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """AdminService is for operators: the state of the cluster.
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
     """
 
     def GetClusterStatus(self, request, context):
         """Shows the leader, its epoch, the coordinator replicas and the workers connected to the
         leader. Any coordinator answers; only the leader knows the workers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Creates an API key for a tenant. The response holds the key's secret, the only time
+        it is shown. Any coordinator answers; every coordinator knows the key within 1s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists API keys (never their secrets), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key: calls with it fail with UNAUTHENTICATED, and its open streams
+        end, on every coordinator within 1s. Revoking a revoked key changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """A tenant: its limits (set and in force) and its usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """The tenants that have API keys or limits of their own, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenantLimits(self, request, context):
+        """Sets the limits named in update_mask (all of them when it is empty); a named limit
+        left unset goes back to the coordinator's default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Reads the audit log, oldest first (or newest first), with each row's chain hashes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +151,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusResponse.SerializeToString,
             ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.GetTenantRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListTenantsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'UpdateTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenantLimits,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'conveyor.v1.AdminService', rpc_method_handlers)
@@ -71,7 +195,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService is for operators: the state of the cluster.
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
     """
 
     @staticmethod
@@ -91,6 +216,195 @@ class AdminService:
             '/conveyor.v1.AdminService/GetClusterStatus',
             conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.GetClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/CreateApiKey',
+            conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListApiKeys',
+            conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/RevokeApiKey',
+            conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/GetTenant',
+            conveyor_dot_v1_dot_admin__service__pb2.GetTenantRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListTenants',
+            conveyor_dot_v1_dot_admin__service__pb2.ListTenantsRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/UpdateTenantLimits',
+            conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/ListAuditEvents',
+            conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

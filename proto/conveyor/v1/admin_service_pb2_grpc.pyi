@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """AdminService is for operators: the state of the cluster."""
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -37,19 +39,63 @@ class AdminServiceStub:
     """Shows the leader, its epoch, the coordinator replicas and the workers connected to the
     leader. Any coordinator answers; only the leader knows the workers.
     """
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateApiKeyRequest, _admin_service_pb2.CreateApiKeyResponse]
+    """Creates an API key for a tenant. The response holds the key's secret, the only time
+    it is shown. Any coordinator answers; every coordinator knows the key within 1s.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListApiKeysRequest, _admin_service_pb2.ListApiKeysResponse]
+    """Lists API keys (never their secrets), newest first."""
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeApiKeyRequest, _admin_service_pb2.RevokeApiKeyResponse]
+    """Revokes an API key: calls with it fail with UNAUTHENTICATED, and its open streams
+    end, on every coordinator within 1s. Revoking a revoked key changes nothing.
+    """
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetTenantRequest, _admin_service_pb2.GetTenantResponse]
+    """A tenant: its limits (set and in force) and its usage."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListTenantsRequest, _admin_service_pb2.ListTenantsResponse]
+    """The tenants that have API keys or limits of their own, by name."""
+    UpdateTenantLimits: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateTenantLimitsRequest, _admin_service_pb2.UpdateTenantLimitsResponse]
+    """Sets the limits named in update_mask (all of them when it is empty); a named limit
+    left unset goes back to the coordinator's default.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
+    """Reads the audit log, oldest first (or newest first), with each row's chain hashes."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """AdminService is for operators: the state of the cluster."""
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetClusterStatusRequest, _admin_service_pb2.GetClusterStatusResponse]  # type: ignore[assignment]
     """Shows the leader, its epoch, the coordinator replicas and the workers connected to the
     leader. Any coordinator answers; only the leader knows the workers.
     """
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateApiKeyRequest, _admin_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """Creates an API key for a tenant. The response holds the key's secret, the only time
+    it is shown. Any coordinator answers; every coordinator knows the key within 1s.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListApiKeysRequest, _admin_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Lists API keys (never their secrets), newest first."""
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeApiKeyRequest, _admin_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revokes an API key: calls with it fail with UNAUTHENTICATED, and its open streams
+    end, on every coordinator within 1s. Revoking a revoked key changes nothing.
+    """
+    GetTenant: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetTenantRequest, _admin_service_pb2.GetTenantResponse]  # type: ignore[assignment]
+    """A tenant: its limits (set and in force) and its usage."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListTenantsRequest, _admin_service_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """The tenants that have API keys or limits of their own, by name."""
+    UpdateTenantLimits: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateTenantLimitsRequest, _admin_service_pb2.UpdateTenantLimitsResponse]  # type: ignore[assignment]
+    """Sets the limits named in update_mask (all of them when it is empty); a named limit
+    left unset goes back to the coordinator's default.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Reads the audit log, oldest first (or newest first), with each row's chain hashes."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AdminService is for operators: the state of the cluster."""
+    """AdminService is for operators: the state of the cluster, API keys, tenant limits and the
+    audit log. Every method needs SCOPE_ADMIN, which acts for every tenant.
+    """
 
     @_abc_1.abstractmethod
     def GetClusterStatus(
@@ -60,5 +106,67 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Shows the leader, its epoch, the coordinator replicas and the workers connected to the
         leader. Any coordinator answers; only the leader knows the workers.
         """
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _admin_service_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.CreateApiKeyResponse, _abc.Awaitable[_admin_service_pb2.CreateApiKeyResponse]]:
+        """Creates an API key for a tenant. The response holds the key's secret, the only time
+        it is shown. Any coordinator answers; every coordinator knows the key within 1s.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _admin_service_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListApiKeysResponse, _abc.Awaitable[_admin_service_pb2.ListApiKeysResponse]]:
+        """Lists API keys (never their secrets), newest first."""
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _admin_service_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_admin_service_pb2.RevokeApiKeyResponse]]:
+        """Revokes an API key: calls with it fail with UNAUTHENTICATED, and its open streams
+        end, on every coordinator within 1s. Revoking a revoked key changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _admin_service_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetTenantResponse, _abc.Awaitable[_admin_service_pb2.GetTenantResponse]]:
+        """A tenant: its limits (set and in force) and its usage."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _admin_service_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListTenantsResponse, _abc.Awaitable[_admin_service_pb2.ListTenantsResponse]]:
+        """The tenants that have API keys or limits of their own, by name."""
+
+    @_abc_1.abstractmethod
+    def UpdateTenantLimits(
+        self,
+        request: _admin_service_pb2.UpdateTenantLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.UpdateTenantLimitsResponse, _abc.Awaitable[_admin_service_pb2.UpdateTenantLimitsResponse]]:
+        """Sets the limits named in update_mask (all of them when it is empty); a named limit
+        left unset goes back to the coordinator's default.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_service_pb2.ListAuditEventsResponse]]:
+        """Reads the audit log, oldest first (or newest first), with each row's chain hashes."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -56,6 +56,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure
     names it and RetryInfo says when to try again. Nothing was written.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 15
+    """The call carries no valid API key: none, malformed, unknown, expired or revoked
+    (code UNAUTHENTICATED). Send "authorization: Bearer <key>"; metadata "problem" says
+    which, and "key_id" names the key when it was expired or revoked.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 16
+    """The API key lacks the scope the method needs (code PERMISSION_DENIED); metadata
+    "scope" names it ("submit", "read", "operate", "worker", "admin") and "key_id" the key.
+    """
+    ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """No API key has the id (code NOT_FOUND); metadata "key_id"."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -97,4 +108,15 @@ ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 14
 """A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure
 names it and RetryInfo says when to try again. Nothing was written.
 """
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 15
+"""The call carries no valid API key: none, malformed, unknown, expired or revoked
+(code UNAUTHENTICATED). Send "authorization: Bearer <key>"; metadata "problem" says
+which, and "key_id" names the key when it was expired or revoked.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
+"""The API key lacks the scope the method needs (code PERMISSION_DENIED); metadata
+"scope" names it ("submit", "read", "operate", "worker", "admin") and "key_id" the key.
+"""
+ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
+"""No API key has the id (code NOT_FOUND); metadata "key_id"."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -54,11 +54,19 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             assert address in banner
 
             commands = banner_commands(banner)
-            assert len(commands) == 4, commands
-            for command in commands:
-                code, out = await shell(command, REPO)
+            assert len(commands) == 5, commands
+            # In one shell, in order, as a user pastes them: the first sets the API key.
+            export = commands[0]
+            assert export.startswith("export CONVEYOR_API_KEY=cvk_"), export
+            key = export.split("=", 1)[1]
+            for command in commands[1:]:
+                code, out = await shell(f"{export}\n{command}", REPO)
                 assert code == 0, f"{command}\n{out}"
-            assert "succeeded" in (await shell(commands[0], REPO))[1]
+            assert "succeeded" in (await shell(f"{export}\n{commands[1]}", REPO))[1]
+            # Without the key, the coordinator refuses, in one line saying what to do.
+            code, out = await shell(commands[1], REPO)
+            assert code == 1 and "API key" in out, out
+            with_key = {"CONVEYOR_API_KEY": key}
 
             # A second one on the same data directory: one line, naming the first.
             second = await conveyor(
@@ -83,16 +91,18 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
 
             # The first one still answers, its PostgreSQL included.
             done = await conveyor(
-                "submit", "echo", '"hi"', "--wait", "--json", "--coordinator", address
-            )
+                "submit", "echo", '"hi"', "--wait", "--json", "--coordinator", address,
+                env=with_key,
+            )  # fmt: skip
             assert done.code == 0, done.err
             assert (json.loads(done.out)["state"], json.loads(done.out)["result"]) == (
                 "SUCCEEDED",
                 "hi",
             )
             done = await conveyor(
-                "submit", "fail", "--max-attempts", "1", "--wait", "--coordinator", address
-            )
+                "submit", "fail", "--max-attempts", "1", "--wait", "--coordinator", address,
+                "--api-key", key,
+            )  # fmt: skip
             assert done.code == 1 and "demo failure" in done.out
 
             assert await first.interrupt() == 0, first.output

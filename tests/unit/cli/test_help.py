@@ -11,6 +11,8 @@ KNOWN = {
     "status", "health", "bench", "bench-schedules", "bench-failover",
     "schedules create", "schedules list", "schedules get", "schedules pause",
     "schedules resume", "schedules delete",
+    "keys generate", "keys create", "keys list", "keys revoke",
+    "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
 }  # fmt: skip
 
 

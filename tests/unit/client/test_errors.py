@@ -12,6 +12,7 @@ import pytest
 import conveyor.client
 import conveyor.worker
 from conveyor.client import (
+    ApiKeyNotFoundError,
     AsyncClient,
     ConveyorError,
     DeadlineExceededError,
@@ -22,6 +23,7 @@ from conveyor.client import (
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
+    PermissionDeniedError,
     ProtocolViolationError,
     QuotaExceededError,
     RPCError,
@@ -32,6 +34,7 @@ from conveyor.client import (
     TaskFailedError,
     TaskNotFoundError,
     TaskState,
+    UnauthenticatedError,
     UnavailableError,
     WaitTimeoutError,
     WorkerIdInUseError,
@@ -114,7 +117,33 @@ CASES: list[tuple[Code, str | None, dict[str, str], type[RPCError], dict[str, An
         "overloaded",
     ),
     (Code.DEADLINE_EXCEEDED, None, {}, DeadlineExceededError, {}, "timeout"),
-    (Code.PERMISSION_DENIED, None, {}, RPCError, {"code": Code.PERMISSION_DENIED}, "denied"),
+    (
+        Code.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+        {"scope": "submit", "key_id": "k1"},
+        PermissionDeniedError,
+        {"scope": "submit", "key_id": "k1"},
+        "--scope",
+    ),
+    (
+        Code.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+        {"problem": "revoked", "key_id": "k1"},
+        UnauthenticatedError,
+        {"problem": "revoked", "key_id": "k1"},
+        "CONVEYOR_API_KEY",
+    ),
+    (
+        Code.NOT_FOUND,
+        "API_KEY_NOT_FOUND",
+        {"key_id": "k9"},
+        ApiKeyNotFoundError,
+        {"key_id": "k9"},
+        "keys list",
+    ),
+    # Without a reason (a proxy's refusal), the code still says what went wrong.
+    (Code.PERMISSION_DENIED, None, {}, PermissionDeniedError, {"scope": None}, "denied"),
+    (Code.UNAUTHENTICATED, None, {}, UnauthenticatedError, {"problem": None}, "API key"),
     # RESOURCE_EXHAUSTED without OVERLOADED is gRPC's own (oversized message), not load.
     (Code.RESOURCE_EXHAUSTED, None, {}, RPCError, {}, "RESOURCE_EXHAUSTED"),
 ]

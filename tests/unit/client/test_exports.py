@@ -12,6 +12,7 @@ from conveyor.client import _codegen
 
 EXPECTED = [
     "AUTO_KEY_PREFIX",
+    "ApiKeyNotFoundError",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",
@@ -28,6 +29,7 @@ EXPECTED = [
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "PermissionDeniedError",
     "ProtocolViolationError",
     "QueueStats",
     "QuotaExceededError",
@@ -45,6 +47,7 @@ EXPECTED = [
     "TaskNotFoundError",
     "TaskSpec",
     "TaskState",
+    "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",

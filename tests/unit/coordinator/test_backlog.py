@@ -1,5 +1,6 @@
-"""The approximate backlog count behind max_backlog (coordinator/backlog.py): it errs on the
-safe side, also for submits that are in flight while the count runs."""
+"""The approximate backlog count behind each tenant's max_backlog (coordinator/backlog.py):
+it errs on the safe side, also for submits that are in flight while the count runs, and one
+tenant's backlog never counts against another's."""
 
 from __future__ import annotations
 
@@ -19,20 +20,23 @@ from conveyor.coordinator.watchers import TaskWatchers
 
 
 class FakeDatabase:
-    """Answers the count with ``unfinished``; ``during`` runs while the count is taken."""
+    """Answers the count with ``unfinished`` (tenant "t"; ``others`` for the rest);
+    ``during`` runs while the count is taken."""
 
     def __init__(self) -> None:
         self.unfinished = 0
+        self.others: dict[str, int] = {}
         self.during: Any = None
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[Any]:
         yield self
 
-    async def fetchval(self, *args: Any) -> int:
+    async def fetch(self, *args: Any) -> list[dict[str, Any]]:
         if self.during is not None:
             self.during()
-        return self.unfinished
+        counts = {"t": self.unfinished, **self.others}
+        return [{"tenant": t, "n": n} for t, n in counts.items() if n]
 
 
 def _counter(limit: int) -> tuple[BacklogCounter, FakeDatabase]:
@@ -50,37 +54,53 @@ def _counter(limit: int) -> tuple[BacklogCounter, FakeDatabase]:
 
 async def test_submits_past_the_limit_are_refused() -> None:
     counter, _ = _counter(5)
-    counter.admit(3)
-    counter.done(3)
-    counter.admit(2)
+    counter.admit("t", 3, 5)
+    counter.done("t", 3)
+    counter.admit("t", 2, 5)
     with pytest.raises(QuotaExceeded) as caught:
-        counter.admit(1)
+        counter.admit("t", 1, 5)
     assert caught.value.subject == "max_backlog" and caught.value.retry_after
+    assert "'t'" in caught.value.message
+    # Another tenant's backlog is its own.
+    counter.admit("u", 5, 5)
+    assert counter.estimate("t") == 5 and counter.estimate("u") == 5
 
 
 async def test_a_submit_in_flight_during_the_count_still_counts() -> None:
     counter, db = _counter(5)
-    counter.admit(2)
-    counter.done(2)
-    counter.admit(3)  # not committed yet: the count will not see it
+    counter.admit("t", 2, 5)
+    counter.done("t", 2)
+    counter.admit("t", 3, 5)  # not committed yet: the count will not see it
     db.unfinished = 2
     await counter.step()
-    assert counter.estimate == 5
+    assert counter.estimate("t") == 5
     # One that finishes while the count runs is kept too (it may be missing from it).
-    db.during = lambda: counter.done(3)
+    db.during = lambda: counter.done("t", 3)
     await counter.step()
-    assert counter.estimate >= 5
+    assert counter.estimate("t") >= 5
     db.during = None
     db.unfinished = 5
     await counter.step()
-    assert counter.estimate == 5
+    assert counter.estimate("t") == 5
     db.unfinished = 1  # work finished
     await counter.step()
-    assert counter.estimate == 1
+    assert counter.estimate("t") == 1
 
 
-async def test_no_limit_costs_nothing() -> None:
-    counter, _ = _counter(0)
-    counter.admit(10**9)
-    counter.done(10**9)
-    assert counter.estimate == 0
+async def test_the_count_is_per_tenant() -> None:
+    counter, db = _counter(5)
+    db.unfinished, db.others = 4, {"u": 1}
+    await counter.step()
+    assert (counter.estimate("t"), counter.estimate("u"), counter.estimate("v")) == (4, 1, 0)
+    counter.check("u", 4, 5)
+    with pytest.raises(QuotaExceeded):
+        counter.check("t", 2, 5)
+
+
+async def test_without_limits_nothing_is_counted() -> None:
+    counter, db = _counter(0)
+    db.during = lambda: pytest.fail("counted without any limit")
+    counter.admit("t", 10**9)
+    counter.done("t", 10**9)
+    await counter.step()
+    assert counter.estimate("t") == 0

@@ -1,0 +1,116 @@
+"""SQL for the ``tenants`` table (limits per tenant, migration 0003) and per-tenant counts.
+
+A tenant exists as soon as something names it (a key, a task); this table only holds the
+limits set for it. A NULL limit is the coordinator's default, 0 no limit. Every change
+fires a NOTIFY on ``conveyor_tenants`` from a trigger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from conveyor.coordinator.store.sql import Query, columns
+from conveyor.coordinator.store.tasks import PENDING, RUNNING, SCHEDULED
+
+NOTIFY_CHANNEL = "conveyor_tenants"
+
+LIMIT_COLUMNS = ("max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules")
+_ROW = columns(("name", *LIMIT_COLUMNS))
+
+_ALL = Query("all_tenants", f"SELECT {_ROW} FROM tenants")
+
+
+async def load_all(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await _ALL.fetch(conn)
+
+
+_BY_NAMES = Query(
+    "tenants_by_names", f"SELECT {_ROW} FROM tenants WHERE name = ANY(:names::text[])"
+)
+
+
+async def load_names(conn: asyncpg.Connection, names: Sequence[str]) -> list[asyncpg.Record]:
+    return await _BY_NAMES.fetch(conn, names=list(names))
+
+
+# Sets the columns named in :set (a text array) to the given values, keeping the others.
+_UPSERT = Query(
+    "upsert_tenant_limits",
+    f"""
+    INSERT INTO tenants AS t (name, {", ".join(LIMIT_COLUMNS)})
+    VALUES (:name, {", ".join(f":{c}" for c in LIMIT_COLUMNS)})
+    ON CONFLICT (name) DO UPDATE SET
+        {
+        ", ".join(
+            f"{c} = CASE WHEN '{c}' = ANY(:set::text[]) THEN excluded.{c} ELSE t.{c} END"
+            for c in LIMIT_COLUMNS
+        )
+    },
+        update_time = now()
+    RETURNING {_ROW}
+    """,
+)
+
+
+async def set_limits(
+    conn: asyncpg.Connection, name: str, values: Mapping[str, Any], fields: Sequence[str]
+) -> asyncpg.Record:
+    """Sets ``fields`` of the tenant's limits to ``values`` (None: back to the default)."""
+    row = await _UPSERT.fetchrow(
+        conn,
+        name=name,
+        set=list(fields),
+        **{c: values.get(c) if c in fields else None for c in LIMIT_COLUMNS},
+    )
+    assert row is not None
+    return row
+
+
+# PENDING tasks are counted off the ready index (tenant first); SCHEDULED and RUNNING
+# rows are fewer and their indexes have no tenant, so those counts visit the rows.
+_UNFINISHED = Query(
+    "unfinished_per_tenant",
+    f"""
+    SELECT tenant, sum(n)::bigint AS n FROM (
+        SELECT tenant, count(*) AS n FROM tasks WHERE state = {PENDING} GROUP BY tenant
+        UNION ALL
+        SELECT tenant, count(*) FROM tasks WHERE state = {SCHEDULED} GROUP BY tenant
+        UNION ALL
+        SELECT tenant, count(*) FROM tasks WHERE state = {RUNNING} GROUP BY tenant
+    ) counts GROUP BY tenant
+    """,
+)
+
+
+async def unfinished_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
+    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per tenant that has any."""
+    return {r["tenant"]: int(r["n"]) for r in await _UNFINISHED.fetch(conn)}
+
+
+_SCHEDULES = Query(
+    "schedules_per_tenant", "SELECT tenant, count(*) AS n FROM schedules GROUP BY tenant"
+)
+
+
+async def schedules_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
+    return {r["tenant"]: int(r["n"]) for r in await _SCHEDULES.fetch(conn)}
+
+
+_COUNT_SCHEDULES = Query(
+    "count_tenant_schedules",
+    """
+    SELECT pg_advisory_xact_lock(hashtextextended('conveyor.schedules:' || :tenant, 0)),
+        (SELECT count(*) FROM schedules WHERE tenant = :tenant) AS n
+    """,
+)
+
+
+async def lock_and_count_schedules(conn: asyncpg.Connection, tenant: str) -> int:
+    """The tenant's schedule count, with the tenant's schedule-creation lock held until the
+    transaction ends (so two creations cannot both take the last free place)."""
+    row = await _COUNT_SCHEDULES.fetchrow(conn, tenant=tenant)
+    assert row is not None
+    return int(row["n"])
