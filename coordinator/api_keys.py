@@ -153,11 +153,20 @@ def required_scopes() -> Mapping[str, str]:
 @functools.cache
 def streaming_methods() -> frozenset[str]:
     """The full paths of the ``conveyor.v1`` methods that stream (either way)."""
-    return frozenset(
-        f"/{service.full_name}/{method.name}"
+    return frozenset(path for path, kind in _method_kinds().items() if any(kind))
+
+
+@functools.cache
+def client_streaming_methods() -> frozenset[str]:
+    """The full paths of the ``conveyor.v1`` methods whose client streams requests."""
+    return frozenset(path for path, (client, _) in _method_kinds().items() if client)
+
+
+def _method_kinds() -> dict[str, tuple[bool, bool]]:
+    return {
+        f"/{service.full_name}/{method.name}": (method.client_streaming, method.server_streaming)
         for module in _api_modules()
         if getattr(module, "DESCRIPTOR", None) is not None
         for service in module.DESCRIPTOR.services_by_name.values()  # type: ignore[attr-defined]
         for method in service.methods
-        if method.client_streaming or method.server_streaming
-    )
+    }

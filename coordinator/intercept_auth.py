@@ -16,6 +16,8 @@ call acts as tenant ``default`` with every scope.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import grpc.aio
@@ -23,7 +25,10 @@ import grpc.aio
 from conveyor.coordinator import api_keys
 from conveyor.coordinator import context as request_context
 from conveyor.coordinator.auth import Authenticator, OpenStreams
+from conveyor.coordinator.errors import ConveyorError
 from conveyor.coordinator.intercept_base import Behavior, BehaviorInterceptor
+
+FIRST_MESSAGE_WAIT = 1.0
 
 
 class AuthInterceptor(BehaviorInterceptor):
@@ -33,21 +38,28 @@ class AuthInterceptor(BehaviorInterceptor):
         self._streams = streams
         self._scopes = api_keys.required_scopes()
         self._streaming = api_keys.streaming_methods()
+        self._client_streaming = api_keys.client_streaming_methods()
 
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
         # Fails closed: a method without a scope (impossible: required_scopes() refuses to
         # start then) would need one nobody has.
         scope = self._scopes.get(method, "(none)")
         streaming = method in self._streaming
+        client_streaming = method in self._client_streaming
         authenticator, streams = self._authenticator, self._streams
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = request_context.current()
-            identity = authenticator.authenticate(
-                context.invocation_metadata() or (), call.peer, method, call.request_id
-            )
-            if scope not in identity.scopes:
-                raise authenticator.denied(identity, method, scope, call.peer)
+            try:
+                identity = authenticator.authenticate(
+                    context.invocation_metadata() or (), call.peer, method, call.request_id
+                )
+                if scope not in identity.scopes:
+                    raise authenticator.denied(identity, method, scope, call.peer)
+            except ConveyorError:
+                if client_streaming:
+                    await _take_first_message(context)
+                raise
             token = request_context.update(
                 tenant=identity.tenant, key_id=identity.key_id, scopes=identity.scopes
             )
@@ -63,3 +75,16 @@ class AuthInterceptor(BehaviorInterceptor):
                 request_context.reset(token)
 
         return authenticated
+
+
+async def _take_first_message(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Reads the caller's first message (its Hello) before a refusal, at most for a moment.
+
+    A client still writing when the status arrives would report its own failed write
+    (INTERNAL "Internal error from Core") instead of the refusal: taking the message it
+    sends first lets the refusal be what it reads. (A request this large would have been
+    read anyway for a unary call; the message limit bounds it.)
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(FIRST_MESSAGE_WAIT):
+            await context.read()

@@ -136,15 +136,16 @@ class RawWorker:
         hostname: str = "",
         pid: int = 0,
         pulse: bool = True,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> worker_service_pb2.Welcome:
         """Opens the stream with Hello; returns Welcome.
 
         ``pulse`` sends an empty Heartbeat every TEST_HEARTBEAT, as a live worker would, so
         the coordinator does not evict it for silence; it renews no lease (send
-        heartbeats with leases to renew them).
+        heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
         """
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
-        self.call = stub.Connect(self._requests())
+        self.call = stub.Connect(self._requests(), metadata=metadata or None)
         await self.send(
             hello=worker_service_pb2.Hello(
                 protocol_version=1,

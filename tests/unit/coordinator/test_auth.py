@@ -1,0 +1,302 @@
+"""Authentication, pure (coordinator/auth.py): what each bad key gets, that no refusal
+repeats what the caller sent, the per-peer throttle, and streams ended by their key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+import pytest
+
+from conveyor.coordinator import api_keys
+from conveyor.coordinator.audit import AuditLog
+from conveyor.coordinator.audit_chain import Event
+from conveyor.coordinator.auth import (
+    Authenticator,
+    FailureLimiter,
+    Identity,
+    OpenStreams,
+    peer_host,
+)
+from conveyor.coordinator.directory import CachedKey, Directory
+from conveyor.coordinator.errors import QuotaExceeded, Unauthenticated
+
+PEER = "ipv4:10.1.2.3:40000"
+
+
+class FakeAudit:
+    def __init__(self) -> None:
+        self.tallied: list[Event] = []
+
+    def tally(self, event: Event) -> None:
+        self.tallied.append(event)
+
+
+class FakeDirectory:
+    def __init__(self) -> None:
+        self.keys: dict[str, CachedKey] = {}
+
+
+def _key(tenant: str = "acme", *, scopes: tuple[str, ...] = ("read",), **kw: Any) -> str:
+    key_id, key = api_keys.generate()
+    DIRECTORY.keys[key_id] = CachedKey(
+        id=key_id,
+        secret_hash=api_keys.secret_hash(key),
+        tenant=tenant,
+        scopes=frozenset(scopes),
+        expire_at=kw.get("expire_at"),
+        revoked=kw.get("revoked", False),
+    )
+    return key
+
+
+DIRECTORY = FakeDirectory()
+
+
+def _authenticator(burst: int = 0) -> tuple[Authenticator, FakeAudit]:
+    audit = FakeAudit()
+    auth = Authenticator(
+        cast(Directory, DIRECTORY), cast(AuditLog, audit), FailureLimiter(1.0, burst)
+    )
+    return auth, audit
+
+
+def _refusal(auth: Authenticator, metadata: list[tuple[str, Any]]) -> Unauthenticated:
+    with pytest.raises(Unauthenticated) as caught:
+        auth.authenticate(metadata, PEER, "/conveyor.v1.TaskService/GetTask", "r1")
+    return caught.value
+
+
+def test_a_good_key_gives_its_tenant_and_scopes() -> None:
+    key = _key("acme", scopes=("submit", "read"))
+    auth, audit = _authenticator()
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        identity = auth.authenticate(
+            [("x-request-id", "r"), ("authorization", f"{scheme} {key}")], PEER, "/m", "r"
+        )
+        assert identity.tenant == "acme" and identity.scopes == {"submit", "read"}
+        assert identity.key_id == api_keys.parse(key)
+    assert audit.tallied == []
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ([], "missing"),
+        ([("authorization", "Basic dXNlcjpwYXNz")], "malformed"),
+        ([("authorization", "Bearer")], "malformed"),
+        ([("authorization", "Bearer not-a-key")], "malformed"),
+        ([("authorization", "Bearer " + "x" * 10_000)], "malformed"),
+        ([("authorization", "Bearer a"), ("authorization", "Bearer b")], "malformed"),
+        ([("authorization", b"\x00binary")], "malformed"),
+    ],
+)
+def test_missing_and_malformed(metadata: list[tuple[str, Any]], problem: str) -> None:
+    auth, audit = _authenticator()
+    error = _refusal(auth, metadata)
+    assert error.problem == problem
+    # Each says what to send instead.
+    assert "authorization: Bearer <key>" in error.message or "cvk_<id>_<secret>" in error.message
+    (event,) = audit.tallied
+    assert (event.action, event.outcome, event.peer) == (
+        "authentication_failed",
+        "UNAUTHENTICATED",
+        "10.1.2.3",
+    )
+    assert event.detail == f"problem={problem}"
+
+
+def test_unknown_id_and_wrong_secret_are_the_same_answer() -> None:
+    key = _key()
+    auth, _ = _authenticator()
+    key_id = api_keys.parse(key)
+    _, other = api_keys.generate()
+    wrong_secret = f"cvk_{key_id}_{other.split('_', 2)[2]}"
+    unknown = _refusal(auth, [("authorization", f"Bearer {other}")])
+    mismatch = _refusal(auth, [("authorization", f"Bearer {wrong_secret}")])
+    assert (unknown.problem, unknown.message, unknown.metadata) == (
+        mismatch.problem,
+        mismatch.message,
+        mismatch.metadata,
+    )
+    assert unknown.problem == "unknown" and "key_id" not in unknown.metadata
+
+
+def test_expired_and_revoked_name_the_key() -> None:
+    auth, audit = _authenticator()
+    expired = _key(expire_at=time.time() - 1)
+    revoked = _key("globex", revoked=True)
+    error = _refusal(auth, [("authorization", f"Bearer {expired}")])
+    assert error.problem == "expired" and error.metadata["key_id"] == api_keys.parse(expired)
+    error = _refusal(auth, [("authorization", f"Bearer {revoked}")])
+    assert error.problem == "revoked" and "revoked" in error.message
+    assert audit.tallied[-1].tenant == "globex"  # the failure is filed under its tenant
+    later = _key(expire_at=time.time() + 60)  # not expired yet: it works
+    assert auth.authenticate([("authorization", f"Bearer {later}")], PEER, "/m", "r").expire_at
+
+
+def test_no_refusal_repeats_what_was_sent() -> None:
+    key = _key()
+    secret = key.split("_", 2)[2]
+    auth, audit = _authenticator()
+    cases = [
+        [("x-api-key", key)],  # the wrong header
+        [("authorization", key)],  # no scheme
+        [("authorization", f"Bearer https://example.com/hook?api_key={key}")],  # in a URL
+        [("authorization", f"Bearer {key}x")],
+        [("authorization", f"Token {key}")],
+    ]
+    for metadata in cases:
+        error = _refusal(auth, metadata)
+        assert secret not in error.message and secret not in str(error.metadata)
+    for event in audit.tallied:
+        assert secret not in repr(event)
+    wrong_header = _refusal(auth, [("x-api-key", key)])
+    assert "'x-api-key'" in wrong_header.message and wrong_header.problem == "missing"
+
+
+def test_a_peer_that_keeps_failing_is_throttled_and_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    auth, audit = _authenticator(burst=3)
+    good = _key(scopes=("read",))
+    for _ in range(3):
+        _refusal(auth, [])
+    # Throttled now: even a good key is refused unchecked (checking would let it guess on).
+    with pytest.raises(QuotaExceeded) as caught:
+        auth.authenticate([("authorization", f"Bearer {good}")], PEER, "/m", "r")
+    assert caught.value.subject == "failed_authentications"
+    assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 1
+    assert audit.tallied[-1].action == "authentication_throttled"
+    # Another peer is not affected.
+    auth.authenticate([("authorization", f"Bearer {good}")], "ipv4:10.9.9.9:1", "/m", "r")
+    now[0] += 1.0  # one token back
+    auth.authenticate([("authorization", f"Bearer {good}")], PEER, "/m", "r")
+
+
+def test_the_limiter_forgets_the_least_recent_peer_first() -> None:
+    limiter = FailureLimiter(1.0, 1, max_peers=2)
+    for host in ("a", "b", "c"):
+        limiter.failed(host)
+    assert limiter.retry_after("a") is None  # forgotten
+    assert limiter.retry_after("c") is not None
+    assert FailureLimiter(1.0, 0).retry_after("x") is None  # off
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:127.0.0.1:5555", "127.0.0.1"),
+        ("ipv6:[::1]:5555", "::1"),
+        ("ipv6:[2001:db8::7]:1", "2001:db8::7"),
+        ("unix:/tmp/s", "unix:/tmp/s"),
+    ],
+)
+def test_peer_host(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
+
+
+# -- streams ended by their key ----------------------------------------------------------------
+
+
+def _identity(key_id: str, expire_at: float | None = None) -> Identity:
+    return Identity(key_id, "acme", frozenset({"read"}), expire_at)
+
+
+def _cached(key_id: str, *, revoked: bool = False, expire_at: float | None = None) -> CachedKey:
+    return CachedKey(key_id, b"", "acme", frozenset({"read"}), expire_at, revoked)
+
+
+async def test_a_revoked_key_ends_its_streams_and_lets_them_clean_up() -> None:
+    streams = OpenStreams()
+    cleaned = asyncio.Event()
+
+    async def handler() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+        return "never"
+
+    running = asyncio.create_task(streams.run(_identity("k1"), handler))
+    other = asyncio.create_task(streams.run(_identity("k2"), handler))
+    await asyncio.sleep(0)
+    assert len(streams) == 2
+    streams.key_changed("k1", _cached("k1", revoked=True))
+    with pytest.raises(Unauthenticated) as caught:
+        await running
+    assert caught.value.problem == "revoked" and cleaned.is_set()
+    assert len(streams) == 1 and not other.done()
+    streams.key_changed("k2", None)  # deleted: as revoked
+    with pytest.raises(Unauthenticated):
+        await other
+    assert len(streams) == 0
+
+
+async def test_an_expiring_key_ends_its_stream_at_its_expiry() -> None:
+    streams = OpenStreams()
+
+    async def handler() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    started = time.time()
+    with pytest.raises(Unauthenticated) as caught:
+        await streams.run(_identity("k1", expire_at=started + 0.2), handler)
+    assert caught.value.problem == "expired"
+    assert 0.15 <= time.time() - started < 1.0
+
+
+async def test_a_later_expiry_moves_the_timer() -> None:
+    streams = OpenStreams()
+    done = asyncio.Event()
+
+    async def handler() -> str:
+        await done.wait()
+        return "finished"
+
+    task = asyncio.create_task(streams.run(_identity("k1", expire_at=time.time() + 0.2), handler))
+    await asyncio.sleep(0)
+    streams.key_changed("k1", _cached("k1", expire_at=time.time() + 60))
+    await asyncio.sleep(0.4)
+    assert not task.done()
+    done.set()
+    assert await task == "finished"
+
+
+async def test_a_stream_that_ends_by_itself_returns_its_result_or_error() -> None:
+    streams = OpenStreams()
+
+    async def fine() -> str:
+        return "ok"
+
+    async def broken() -> str:
+        raise ValueError("boom")
+
+    assert await streams.run(_identity("k1"), fine) == "ok"
+    with pytest.raises(ValueError, match="boom"):
+        await streams.run(_identity("k1"), broken)
+    assert len(streams) == 0
+
+
+async def test_cancelling_the_call_cancels_the_handler() -> None:
+    streams = OpenStreams()
+    cancelled = asyncio.Event()
+
+    async def handler() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    task = asyncio.create_task(streams.run(_identity("k1"), handler))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set() and len(streams) == 0
