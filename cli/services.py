@@ -174,6 +174,19 @@ def coordinator(
     max_schedules: Annotated[
         int, typer.Option("--max-schedules", min=0, help="Default tenant limit: schedules.")
     ] = 0,
+    auth_failure_burst: Annotated[
+        int,
+        typer.Option(
+            "--auth-failure-burst",
+            min=0,
+            help="Failed authentications a peer address may have in a row before its calls "
+            "are refused for a while (0: no limit; behind a proxy every caller shares one).",
+        ),
+    ] = 30,
+    auth_failure_rate: Annotated[
+        float,
+        typer.Option("--auth-failure-rate", min=0, help="...and how many a second it regains."),
+    ] = 2.0,
     *,
     g: Globals,
 ) -> int:
@@ -202,6 +215,8 @@ def coordinator(
         submit_rate=submit_rate,
         submit_burst=submit_burst,
         max_schedules=max_schedules,
+        auth_failure_burst=auth_failure_burst,
+        auth_failure_rate=auth_failure_rate,
     )
     check_listen(listen)
     from conveyor.coordinator import serve
@@ -247,6 +262,8 @@ def coordinator_config(
     submit_rate: float = 0.0,
     submit_burst: int = 0,
     max_schedules: int = 0,
+    auth_failure_burst: int = 30,
+    auth_failure_rate: float = 2.0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error."""
     from conveyor.coordinator import CoordinatorConfig
@@ -285,6 +302,8 @@ def coordinator_config(
             submit_rate=submit_rate,
             submit_burst=submit_burst,
             max_schedules=max_schedules,
+            auth_failure_burst=auth_failure_burst,
+            auth_failure_rate=auth_failure_rate,
         )
     except ValueError as exc:  # the configuration's own checks
         raise CLIError(str(exc), code=USAGE) from None

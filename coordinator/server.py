@@ -64,6 +64,7 @@ SERVICE_NAMES = (
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
+MAX_METADATA_BYTES = 16 << 10
 
 
 class Coordinator:
@@ -183,6 +184,10 @@ class Coordinator:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
                 ("grpc.http2.max_ping_strikes", 0),
+                # One limit for request metadata (gRPC's default refuses between 8 and
+                # 16 KiB at random): past it RESOURCE_EXHAUSTED, before any interceptor.
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ],
         )
         port = server.add_insecure_port(cfg.listen)
