@@ -210,7 +210,12 @@ class Directory:
             server_settings={"application_name": "conveyor-coordinator-listener"},
         )
         lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
+
+        def terminated(_conn: object) -> None:
+            lost.set()
+            self._dirty.set()  # wakes the loop below to reconnect (and reload) at once
+
+        conn.add_termination_listener(terminated)
         try:
             await conn.add_listener(key_store.NOTIFY_CHANNEL, self._notified)
             await conn.add_listener(tenant_store.NOTIFY_CHANNEL, self._notified)

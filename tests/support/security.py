@@ -75,12 +75,18 @@ class Keys:
 
 
 def secure_coordinator(
-    dsn: str, log_dir: Path, admin_key: str, *, name: str = "secure", **kwargs: Any
+    dsn: str,
+    log_dir: Path,
+    admin_key: str,
+    *,
+    name: str = "secure",
+    etcd_endpoints: Sequence[str] | None = None,
+    **kwargs: Any,
 ) -> CoordinatorProcess:
     """A coordinator process that requires keys, bootstrapped with ``admin_key``."""
     env = {"CONVEYOR_BOOTSTRAP_KEY": admin_key, **kwargs.pop("env", {})}
     return CoordinatorProcess(
-        dsn, None, log_dir=log_dir, name=name, insecure=False, env=env, **kwargs
+        dsn, etcd_endpoints, log_dir=log_dir, name=name, insecure=False, env=env, **kwargs
     )
 
 
