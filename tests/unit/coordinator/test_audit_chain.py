@@ -4,6 +4,7 @@ of tampering and says which row."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from datetime import UTC, datetime, timedelta
 
 from conveyor.coordinator.audit_chain import (
@@ -40,7 +41,7 @@ def test_a_whole_chain_verifies_and_reports_its_head() -> None:
     rows = chain(0, GENESIS, _events(5))
     assert [r.seq for r in rows] == [1, 2, 3, 4, 5]
     assert rows[0].prev_hash == GENESIS
-    assert all(b.prev_hash == a.hash for a, b in zip(rows, rows[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(rows))
     result = verify(rows)
     assert result.ok and result.rows == 5
     assert (result.head_seq, result.head_hash) == (5, rows[-1].hash)
