@@ -1,11 +1,12 @@
 """The ``conveyor`` command tree (typer) and its global options.
 
 Global options (``--coordinator``, ``--api-key``, ``--rpc-timeout``, ``--log-level``,
-``--log-format``, ``--debug``) are accepted before the command, as click expects, and after
-it, as people write them (``conveyor worker --demo --coordinator X``): :func:`command` adds them to
-every command's own options, where a value given there wins over one given before the
-command, which wins over the environment and the default. A new global option (API keys
-and TLS, later) is one entry in :data:`GLOBAL_OPTIONS` and one field of :class:`Globals`.
+``--log-format``, ``--debug``) are accepted before the command, as click expects, and
+after it, as people write them (``conveyor worker --demo --coordinator X``):
+:func:`command` adds them to every command's own options, where a value given there wins
+over one given before the command, which wins over the environment and the default. A
+new global option (TLS, later) is one entry in :data:`GLOBAL_OPTIONS` and one field of
+:class:`Globals`.
 
 Every command is registered with :func:`command`, which also turns expected failures
 into one line on stderr (``conveyor: ...``) and a closed stdout (``| head``) into a quiet
@@ -26,15 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import grpc.aio
 import typer
 from rich.markup import escape
 
 from conveyor.cli import logs
-from conveyor.cli.errors import describe
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
+    import grpc.aio
+
+    from conveyor.client import AsyncClient, Client
     from conveyor.transport import ConnectionOptions
+from conveyor.cli.errors import describe
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 GLOBAL_PANEL = "Global options (before or after the command)"
@@ -70,18 +73,32 @@ class Globals:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
 
-    def connection_options(self) -> ConnectionOptions:
-        """How this command reaches the coordinator (API key, ...), for the client library."""
+    def options(self) -> ConnectionOptions:
+        """How every command reaches the coordinator (credentials, keys, metadata): the
+        one place the global options that shape a connection are applied; the client
+        library, the worker and the CLI's own calls all open their channels from it."""
         from conveyor.transport import ConnectionOptions
 
         return ConnectionOptions(api_key=self.api_key or None)
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """A raw channel to ``address`` whose calls carry what
-        :meth:`connection_options` says (the API key)."""
+        """A channel to ``address`` with :meth:`options` (close it, or ``async with``); its
+        calls carry the API key, as the client library's do."""
         from conveyor.cli.connect import open_channel
 
-        return open_channel(self.connection_options(), address)
+        return open_channel(self.options(), address)
+
+    def client(self) -> Client:
+        """A synchronous client for the command (close it, or ``with``)."""
+        from conveyor.client import Client
+
+        return Client(self.addresses, timeout=self.rpc_timeout, options=self.options())
+
+    def async_client(self) -> AsyncClient:
+        """An asyncio client for the command (``async with``)."""
+        from conveyor.client import AsyncClient
+
+        return AsyncClient(self.addresses, timeout=self.rpc_timeout, options=self.options())
 
 
 @dataclass(frozen=True)
@@ -132,13 +149,6 @@ GLOBAL_OPTIONS = (
 # The options given before the command (the root callback stores them here); a command's
 # own copies of the options override them. One CLI invocation per process.
 _before_command = Globals()
-# The running command's options, for code below the commands (cli/wire.py's raw calls).
-_current = Globals()
-
-
-def current() -> Globals:
-    """The global options of the command running in this process."""
-    return _current
 
 
 def _option(opt: _GlobalOption, *, root: bool) -> Any:
@@ -258,8 +268,6 @@ def reflow(doc: str) -> str:
 
 
 def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) -> int:
-    global _current
-    _current = g
     logs.configure(g.log_level.value, g.log_format.value)
     try:
         code = fn(*args, g=g, **kwargs)

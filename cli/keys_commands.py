@@ -90,7 +90,7 @@ def admin_call(g: Globals, call: Callable[[Any, float], Awaitable[T]]) -> T:
     async def method(channel: grpc.aio.Channel, seconds: float) -> T:
         return await call(admin_service_pb2_grpc.AdminServiceStub(channel), seconds)
 
-    result: T = wire.run(g.addresses, g.rpc_timeout, method)
+    result: T = wire.run(g, method)
     return result
 
 

@@ -175,6 +175,11 @@ class CoordinatorConfig:
                     "bootstrap_key is not a Conveyor API key (cvk_<id>_<secret>); make one "
                     "with: conveyor keys generate"
                 )
+        if self.etcd and 0 < self.election_ttl < 1:
+            out.append(
+                f"election_ttl must be at least 1 second: etcd leases are whole seconds "
+                f"(got {self.election_ttl})"
+            )
         if out:
             return out  # the relations below assume sane values
         heartbeat, lease = self.heartbeat_interval, self.lease_duration

@@ -17,11 +17,12 @@ dropped), but they count in the backlog like any other; the schedule count bound
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -30,7 +31,13 @@ from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.directory import Directory
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.store import tenants as store
-from conveyor.coordinator.validation import NewTask
+
+
+class _Submit(Protocol):
+    """One task of a submit call: a request (not yet validated) or a validated task."""
+
+    @property
+    def payload(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +136,23 @@ class Quotas:
 
     # -- submits ---------------------------------------------------------------------------
 
-    def admit(self, tenant: str, tasks: Sequence[NewTask]) -> None:
+    @contextlib.contextmanager
+    def admission(self, tenant: str, requests: Sequence[_Submit]) -> Iterator[None]:
+        """Admits one submit call, before its requests are even validated (so a tenant
+        flooding past its limits costs the coordinator next to nothing), or raises
+        QuotaExceeded; the call's tasks count in the tenant's backlog until it ends."""
+        self.admit(tenant, requests)
+        try:
+            yield
+        finally:
+            self.done(tenant, len(requests))
+
+    def admit(self, tenant: str, tasks: Sequence[_Submit]) -> None:
         """Admits one submit call, or raises QuotaExceeded (nothing is written); call
         :meth:`done` when the submit has finished."""
         limits = self.limits(tenant)
         count = len(tasks)
-        if 0 < limits.max_payload_bytes < self._config.max_payload_bytes:
+        if count and 0 < limits.max_payload_bytes < self._config.max_payload_bytes:
             self.check_payload(tenant, max(len(t.payload) for t in tasks), limits)
         # The backlog first: a submit it refuses takes no token.
         self.backlog.check(tenant, count, limits.max_backlog)

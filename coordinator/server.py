@@ -218,12 +218,12 @@ class Coordinator:
             self.schedule_firer,
             self.backlog,
         ]
-        self.submitter = Submitter(deps, policy=policy, dispatcher=self.dispatcher, quotas=quotas)
+        self.submitter = Submitter(deps, policy=policy, dispatcher=self.dispatcher)
         self.recorder = ResultRecorder(deps)
         self._worker_servicer = WorkerServicer(deps, self.dispatcher, self.recorder)
         schedules = ScheduleService(deps, now=self.schedule_firer.now, quotas=quotas)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(deps, self.submitter, schedules), server
+            TaskServicer(deps, self.submitter, schedules, quotas=quotas), server
         )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self._worker_servicer, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(

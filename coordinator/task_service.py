@@ -20,6 +20,7 @@ from conveyor.coordinator import context, convert, dispatch_policy, validation
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
 from conveyor.coordinator.leases import LeaseKey, to_proto
+from conveyor.coordinator.quotas import Quotas
 from conveyor.coordinator.schedule_service import ScheduleService
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
@@ -40,21 +41,25 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
-    def __init__(self, deps: Deps, submitter: Submitter, schedules: ScheduleService) -> None:
+    def __init__(
+        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+    ) -> None:
         self._deps = deps
         self._submitter = submitter
         self._schedules = schedules
+        self._quotas = quotas
 
     # -- submits -----------------------------------------------------------------------------
 
     async def SubmitTask(
         self, request: task_service_pb2.SubmitTaskRequest, context_: Context
     ) -> task_service_pb2.SubmitTaskResponse:
-        task = validation.validate_submit_one(
-            request, max_payload_bytes=self._deps.config.max_payload_bytes
-        )
         tenant = context.current().tenant
-        (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+        with self._quotas.admission(tenant, [request]):
+            task = validation.validate_submit_one(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
         return task_service_pb2.SubmitTaskResponse(
             task=result.task, deduplicated=result.deduplicated
         )
@@ -62,10 +67,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def SubmitTasks(
         self, request: task_service_pb2.SubmitTasksRequest, context_: Context
     ) -> task_service_pb2.SubmitTasksResponse:
-        tasks = validation.validate_submit_batch(
-            request, max_payload_bytes=self._deps.config.max_payload_bytes
-        )
-        results = await self._submitter.submit(SubmitGroup(context.current().tenant, tasks))
+        tenant = context.current().tenant
+        with self._quotas.admission(tenant, request.tasks):
+            tasks = validation.validate_submit_batch(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
         response = task_service_pb2.SubmitTasksResponse()
         add = response.results.add
         for r in results:
