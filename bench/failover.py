@@ -85,6 +85,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     cluster,
                     "--election-ttl",
                     str(args.election_ttl),
+                    # What is measured is the election; keys would cost nothing in it
+                    # (conveyor bench measures their cost).
+                    "--insecure",
                     env=env,
                 )
                 await _wait_serving(address, procs[address])

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
+from conveyor.coordinator import api_keys
 
 STARTUP_TIMEOUT = 60.0
 
@@ -47,6 +48,9 @@ class BenchConfig:
     latency_rate: float = 100.0
     latency_seconds: float = 10.0
     dsn: str | None = None
+    insecure: bool = False
+    """Authentication off (to compare): by default the coordinator requires a key, as in
+    production, and every process of the benchmark sends one."""
 
 
 def _say(message: str) -> None:
@@ -142,9 +146,19 @@ async def run(cfg: BenchConfig) -> dict[str, Any]:
     async with _postgres(cfg.dsn) as dsn:
         address = f"127.0.0.1:{_free_port()}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("CONVEYOR_API_KEY", None)
         cli = [sys.executable, "-m", "conveyor.cli.main"]
+        key: str | None = None
+        auth = ["--insecure"]
+        if not cfg.insecure:
+            # One admin key with every scope: the coordinator adds it at start, the workers
+            # and the client send it (checked once per call or stream, never per task).
+            key = api_keys.generate()[1]
+            env["CONVEYOR_BOOTSTRAP_KEY"] = env["CONVEYOR_API_KEY"] = key
+            auth = []
         try:
-            _say(f"starting the coordinator on {address} …")
+            _say(f"starting the coordinator on {address} (authentication "
+                 f"{'off' if cfg.insecure else 'on'}) …")  # fmt: skip
             coordinator = await asyncio.create_subprocess_exec(
                 *cli,
                 "--log-level",
@@ -154,12 +168,13 @@ async def run(cfg: BenchConfig) -> dict[str, Any]:
                 dsn,
                 "--listen",
                 address,
+                *auth,
                 env=env,
             )
             procs.append(coordinator)
             await _wait_serving(address, coordinator)
             db = await asyncpg.connect(dsn)
-            async with AsyncClient(address, timeout=60.0) as client:
+            async with AsyncClient(address, timeout=60.0, api_key=key) as client:
                 figures = await _measure(cfg, client, db, address, env, procs)
             await db.close()
         finally:
@@ -227,6 +242,7 @@ async def _measure(
     return {
         "tasks": cfg.tasks,
         "workers": cfg.workers,
+        "authentication": not cfg.insecure,
         "submit_per_s": round(cfg.tasks / submit_s),
         "e2e_per_s": round(cfg.tasks / e2e_s),
         "pickup_p50_ms": round(statistics.median(latencies), 2),
@@ -245,7 +261,8 @@ async def _warm_up(client: AsyncClient, db: asyncpg.Connection) -> None:
 def _report(cfg: BenchConfig, f: dict[str, Any]) -> None:
     _say(
         f"""
-Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})
+Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, \
+Python {platform.python_version()}, authentication {"on" if f["authentication"] else "off"})
   submit (batched)      {f["submit_per_s"]:>10,} tasks/s
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \

@@ -25,8 +25,9 @@ import grpc.aio
 from conveyor.coordinator import api_keys
 from conveyor.coordinator import context as request_context
 from conveyor.coordinator.auth import Authenticator, OpenStreams
-from conveyor.coordinator.errors import ConveyorError
+from conveyor.coordinator.errors import ConveyorError, QuotaExceeded
 from conveyor.coordinator.intercept_base import Behavior, BehaviorInterceptor
+from conveyor.coordinator.quotas import hold_back
 
 FIRST_MESSAGE_WAIT = 1.0
 
@@ -56,7 +57,11 @@ class AuthInterceptor(BehaviorInterceptor):
                 )
                 if scope not in identity.scopes:
                     raise authenticator.denied(identity, method, scope, call.peer)
-            except ConveyorError:
+            except ConveyorError as exc:
+                if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
+                    # A throttled peer: every call it makes meanwhile ignores the RetryInfo
+                    # it got, so each is answered late (see Quotas.hold).
+                    await hold_back(exc.retry_after)
                 if client_streaming:
                     await _take_first_message(context)
                 raise

@@ -17,20 +17,36 @@ dropped), but they count in the backlog like any other; the schedule count bound
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import asyncpg
 
+from conveyor.coordinator import context as request_context
 from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.directory import Directory
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.store import tenants as store
+
+HOLD_MAX = 1.0
+"""Longest a refusal is held back (see :meth:`Quotas.hold`)."""
+DEADLINE_MARGIN = 0.05
+
+
+async def hold_back(seconds: float) -> None:
+    """Waits ``seconds`` (at most HOLD_MAX), ending before the call's deadline."""
+    delay = min(seconds, HOLD_MAX)
+    deadline = request_context.current().deadline
+    if deadline is not None:
+        delay = min(delay, deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN)
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 class _Submit(Protocol):
@@ -114,6 +130,8 @@ class Quotas:
         self.defaults = Limits.defaults(config)
         self._limits: dict[str, Limits] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        # Per tenant: until when (time.monotonic()) its last refusal told it to wait.
+        self._refused_until: dict[str, float] = {}
         directory.on_tenant_change(self._forget)
 
     def _forget(self, tenant: str) -> None:
@@ -136,16 +154,38 @@ class Quotas:
 
     # -- submits ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def admission(self, tenant: str, requests: Sequence[_Submit]) -> Iterator[None]:
-        """Admits one submit call, before its requests are even validated (so a tenant
-        flooding past its limits costs the coordinator next to nothing), or raises
-        QuotaExceeded; the call's tasks count in the tenant's backlog until it ends."""
-        self.admit(tenant, requests)
+    @contextlib.asynccontextmanager
+    async def admission(self, tenant: str, requests: Sequence[_Submit]) -> AsyncIterator[None]:
+        """Admits one submit call, before its requests are even validated, or raises
+        QuotaExceeded (held back first when the tenant ignores RetryInfo: see
+        :meth:`hold`); the call's tasks count in the tenant's backlog until it ends."""
+        try:
+            self.admit(tenant, requests)
+        except QuotaExceeded as exc:
+            await self.hold(tenant, exc)
+            raise
         try:
             yield
         finally:
             self.done(tenant, len(requests))
+
+    async def hold(self, tenant: str, refusal: QuotaExceeded) -> None:
+        """Answers a refusal late when the tenant was told to wait and did not.
+
+        Every call costs the coordinator about a third of a millisecond of CPU in gRPC
+        alone, refused or not, so a client that resends in a tight loop past its limits
+        would take that CPU from every other tenant. The first refusal is answered at
+        once, with RetryInfo; one that comes while an earlier refusal's RetryInfo still
+        runs is answered when it runs out (at most HOLD_MAX, and before the call's
+        deadline). A client that honours RetryInfo is never held.
+        """
+        if refusal.retry_after is None:
+            return
+        now = time.monotonic()
+        until = self._refused_until.get(tenant, 0.0)
+        self._refused_until[tenant] = max(until, now + refusal.retry_after)
+        if now < until:
+            await hold_back(until - now)
 
     def admit(self, tenant: str, tasks: Sequence[_Submit]) -> None:
         """Admits one submit call, or raises QuotaExceeded (nothing is written); call

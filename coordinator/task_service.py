@@ -55,7 +55,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.SubmitTaskRequest, context_: Context
     ) -> task_service_pb2.SubmitTaskResponse:
         tenant = context.current().tenant
-        with self._quotas.admission(tenant, [request]):
+        async with self._quotas.admission(tenant, [request]):
             task = validation.validate_submit_one(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
@@ -68,7 +68,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.SubmitTasksRequest, context_: Context
     ) -> task_service_pb2.SubmitTasksResponse:
         tenant = context.current().tenant
-        with self._quotas.admission(tenant, request.tasks):
+        async with self._quotas.admission(tenant, request.tasks):
             tasks = validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )

@@ -212,7 +212,7 @@ async def test_brute_force_is_throttled_per_peer_and_aggregated_in_the_audit_log
     database_dsn: str, tmp_path: Path
 ) -> None:
     _, admin_key = api_keys.generate()
-    attempts = 80
+    burst, rate, attempts = 30, 2.0, 40  # the coordinator's defaults; 10 past the burst
     async with (
         running(secure_coordinator(database_dsn, tmp_path, admin_key)) as coordinator,
         grpc.aio.insecure_channel(coordinator.address) as channel,
@@ -220,14 +220,27 @@ async def test_brute_force_is_throttled_per_peer_and_aggregated_in_the_audit_log
         method = "/conveyor.v1.TaskService/ListQueues"
         request = task_service_pb2.ListQueuesRequest()
         codes = []
-        for _ in range(attempts):
+        for attempt in range(attempts):
+            if attempt == burst:
+                past_burst = time.monotonic()
             _, guess = api_keys.generate()
             codes.append((await call(channel, method, request, bearer(guess))).code)
-        # The first ones are refused as unknown keys; then the peer is throttled (the
-        # default burst is 30): refused unchecked, with RetryInfo.
-        assert codes[0] == CODE.UNAUTHENTICATED
-        assert codes[-1] == CODE.RESOURCE_EXHAUSTED
-        assert set(codes) == {CODE.UNAUTHENTICATED, CODE.RESOURCE_EXHAUSTED}
+        took = time.monotonic() - past_burst
+        # The burst is refused as unknown keys; past it the peer is throttled: its calls
+        # are refused unchecked (RESOURCE_EXHAUSTED, RetryInfo) and answered only when the
+        # RetryInfo it ignored runs out, so it gets no more than `rate` guesses a second.
+        assert codes[:burst] == [CODE.UNAUTHENTICATED] * burst
+        assert set(codes[burst:]) == {CODE.UNAUTHENTICATED, CODE.RESOURCE_EXHAUSTED}
+        checked = codes[burst:].count(CODE.UNAUTHENTICATED)
+        assert checked <= took * rate + 1, (checked, took)
+        # A good key from the throttled peer is refused unchecked too (checking it would
+        # let the peer go on guessing).
+        extra = 0
+        while extra < 5:  # a guess that is checked (and fails) uses the token back
+            extra += 1
+            _, guess = api_keys.generate()
+            if (await call(channel, method, request, bearer(guess))).code == (CODE.UNAUTHENTICATED):
+                break
         throttled = await call(channel, method, request, bearer(admin_key))
         assert (throttled.code, throttled.reason) == (CODE.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
         assert "failed authentications" in throttled.details
@@ -241,5 +254,5 @@ async def test_brute_force_is_throttled_per_peer_and_aggregated_in_the_audit_log
     finally:
         await conn.close()
     counted = sum(int(r["detail"].split("count=", 1)[1].split(";", 1)[0]) for r in rows)
-    assert counted == attempts + 1  # the admin key's throttled call too
+    assert counted == attempts + extra + 1  # the last guesses and the admin key's call too
     assert len(rows) < 10 and {r["peer"] for r in rows} == {"127.0.0.1"}

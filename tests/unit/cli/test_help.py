@@ -13,6 +13,7 @@ KNOWN = {
     "schedules resume", "schedules delete",
     "keys generate", "keys create", "keys list", "keys revoke",
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
+    "bench-tenants",
 }  # fmt: skip
 
 

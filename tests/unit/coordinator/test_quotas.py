@@ -120,3 +120,28 @@ def test_payload_size_per_tenant() -> None:
     assert caught.value.subject == "max_payload_bytes" and caught.value.retry_after is None
     quotas.check_payload("acme", 10)
     quotas.admit("globex", [_task(b"x" * 1000)])
+
+
+async def test_a_tenant_that_ignores_retry_info_is_answered_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quotas, _ = _quotas(submit_rate=10.0, submit_burst=1)
+    held: list[float] = []
+
+    async def hold_back(seconds: float) -> None:
+        held.append(seconds)
+
+    monkeypatch.setattr("conveyor.coordinator.quotas.hold_back", hold_back)
+    async with quotas.admission("acme", [_task()]):
+        pass
+    for _ in range(3):
+        with pytest.raises(QuotaExceeded):
+            async with quotas.admission("acme", [_task()]):
+                pass
+    # The first refusal is answered at once; the next ones, sent before its RetryInfo ran
+    # out, are held until it does.
+    assert len(held) == 2 and all(0 < s <= 0.1 for s in held)
+    # Another tenant is not held for acme's haste.
+    async with quotas.admission("globex", [_task()]):
+        pass
+    assert quotas.backlog.estimate("acme") == 1
