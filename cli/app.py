@@ -59,6 +59,11 @@ class Globals:
     log_level: LogLevel = LogLevel.info
     log_format: LogFormat = LogFormat.text
     debug: bool = False
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    encryption_key_file: str | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -100,6 +105,47 @@ GLOBAL_OPTIONS = (
         bool,
         "Show the traceback of an error, not just its one line.",
         envvar="CONVEYOR_DEBUG",
+    ),
+    # TLS and payload encryption: what they mean is in cli/security.py.
+    _GlobalOption(
+        "tls",
+        "--tls",
+        bool,
+        "Reach the coordinator over TLS, trusting the system's CAs (implied by --tls-ca).",
+        envvar="CONVEYOR_TLS",
+    ),
+    _GlobalOption(
+        "tls_ca",
+        "--tls-ca",
+        str,
+        "PEM certificates to trust for the coordinator's TLS certificate (implies --tls).",
+        envvar="CONVEYOR_TLS_CA",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "tls_cert",
+        "--tls-cert",
+        str,
+        "PEM certificate of this process: the coordinator's server certificate, a client's "
+        "or worker's certificate for mutual TLS.",
+        envvar="CONVEYOR_TLS_CERT",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "tls_key",
+        "--tls-key",
+        str,
+        "PEM private key of --tls-cert.",
+        envvar="CONVEYOR_TLS_KEY",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "encryption_key_file",
+        "--encryption-key-file",
+        str,
+        "Key ring for end-to-end payload encryption (conveyor encryption new-key makes one).",
+        envvar="CONVEYOR_ENCRYPTION_KEY_FILE",
+        metavar="FILE",
     ),
 )
 
@@ -226,6 +272,9 @@ def reflow(doc: str) -> str:
 
 def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) -> int:
     logs.configure(g.log_level.value, g.log_format.value)
+    from conveyor.cli import security
+
+    security.use(g)  # the raw channels (wire.py) connect as the options say
     try:
         code = fn(*args, g=g, **kwargs)
     except BrokenPipeError:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
@@ -140,10 +141,25 @@ def coordinator(
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca",
+            envvar="CONVEYOR_TLS_CLIENT_CA",
+            metavar="FILE",
+            help="Require client certificates issued by these PEM certificates (mutual "
+            "TLS; needs --tls-cert and --tls-key, this coordinator's certificate).",
+        ),
+    ] = None,
     *,
     g: Globals,
 ) -> int:
-    """Run a coordinator against your PostgreSQL (and etcd, for several replicas)."""
+    """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
+
+    With --tls-cert and --tls-key it serves TLS (renewed files are picked up without a
+    restart); with --tls-client-ca too, every client and worker must present a
+    certificate (mutual TLS).
+    """
     config = coordinator_config(
         dsn=dsn,
         listen=listen,
@@ -155,9 +171,15 @@ def coordinator(
         heartbeat_interval=heartbeat_interval,
         max_payload_bytes=max_payload_bytes,
         pool_size=pool_size,
+        tls_cert=g.tls_cert,
+        tls_key=g.tls_key,
+        tls_client_ca=tls_client_ca,
     )
     check_listen(listen)
     from conveyor.coordinator import serve
+    from conveyor.coordinator.tls import server_tls
+
+    server_tls(config)  # a bad TLS file fails here, in one line, before anything starts
 
     try:
         asyncio.run(serve(config))
@@ -180,6 +202,9 @@ def coordinator_config(
     heartbeat_interval: float,
     max_payload_bytes: int,
     pool_size: int,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error."""
     from conveyor.coordinator import CoordinatorConfig
@@ -212,6 +237,9 @@ def coordinator_config(
             max_payload_bytes=max_payload_bytes,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            tls_cert_file=tls_cert or "",
+            tls_key_file=tls_key or "",
+            tls_client_ca_file=tls_client_ca or "",
         )
     except ValueError as exc:  # the configuration's own checks
         raise CLIError(str(exc), code=USAGE) from None
@@ -293,6 +321,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            **security.worker_settings(g),
         )
     except ValueError as exc:
         raise CLIError(str(exc), code=USAGE) from None

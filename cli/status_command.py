@@ -12,7 +12,7 @@ import typer
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conveyor.cli import output, wire
+from conveyor.cli import output, security, wire
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import RemoteError, failure_from_grpc
 from conveyor.v1 import admin_service_pb2
@@ -129,7 +129,7 @@ async def _check_all(addresses: list[str], service: str, seconds: float) -> list
 
 
 async def _check(address: str, service: str, seconds: float) -> tuple[str, str]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with security.open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             request = health_pb2.HealthCheckRequest(service=service)

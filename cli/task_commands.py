@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import grpc
 import typer
 
-from conveyor.cli import output, wire
+from conveyor.cli import output, security, wire
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import AsyncClient, Client, Task, TaskState
@@ -135,7 +135,9 @@ def submit(
 async def _submit(
     g: Globals, type: str, payload: Any, *, wait: bool, wait_timeout: float | None, **options: Any
 ) -> Task:
-    async with AsyncClient(g.addresses, timeout=g.rpc_timeout) as client:
+    async with AsyncClient(
+        g.addresses, timeout=g.rpc_timeout, **security.client_settings(g)
+    ) as client:
         task = await client.submit(type, payload, **options)
         if not wait:
             return task
@@ -213,7 +215,7 @@ async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, statu
 
 @contextlib.asynccontextmanager
 async def _channel(g: Globals) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(g.addresses[0]) as channel:
+    async with security.open_channel(g.addresses[0]) as channel:
         yield channel
 
 
@@ -372,7 +374,7 @@ def cancel(
     g: Globals,
 ) -> int:
     """Cancel an unfinished task (a running one's worker is told to stop)."""
-    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+    with Client(g.addresses, timeout=g.rpc_timeout, **security.client_settings(g)) as client:
         task = client.cancel(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0
@@ -384,7 +386,7 @@ def retry(
     g: Globals,
 ) -> int:
     """Redrive a dead task: it runs again with a fresh set of attempts."""
-    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+    with Client(g.addresses, timeout=g.rpc_timeout, **security.client_settings(g)) as client:
         task = client.retry(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from conveyor.cli import security
 from conveyor.cli.errors import RemoteError, RPCFailure, failure_from_grpc
 from conveyor.client import Task
 from conveyor.v1 import (
@@ -37,7 +38,7 @@ async def call(
     """Runs ``method(channel, timeout)`` on the first coordinator that can answer."""
     last: RPCFailure | None = None
     for address in addresses:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with security.open_channel(address) as channel:
             try:
                 return await method(channel, rpc_timeout)
             except grpc.aio.AioRpcError as err:

@@ -53,6 +53,7 @@ from conveyor.transport._errors import (
     WorkerIdInUseError,
 )
 from conveyor.transport._options import ConnectionOptions
+from conveyor.transport._tls import TLSConfigError, tls_credentials
 
 __all__ = [
     "AUTO_KEY_PREFIX",
@@ -82,6 +83,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "TLSConfigError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -92,4 +94,5 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "tls_credentials",
 ]

@@ -21,6 +21,7 @@ All logging goes to the ``conveyor.worker`` logger.
 
 from conveyor.transport._errors import WorkerIdInUseError
 from conveyor.transport._options import ConnectionOptions
+from conveyor.transport._tls import TLSConfigError, tls_credentials
 from conveyor.worker._context import CancellationSignal, TaskContext
 from conveyor.worker._errors import NoHandlersError, NonRetryableError, WorkerLoadError
 from conveyor.worker._loader import load_worker
@@ -31,9 +32,11 @@ __all__ = [
     "ConnectionOptions",
     "NoHandlersError",
     "NonRetryableError",
+    "TLSConfigError",
     "TaskContext",
     "Worker",
     "WorkerIdInUseError",
     "WorkerLoadError",
     "load_worker",
+    "tls_credentials",
 ]

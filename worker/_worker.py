@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -180,8 +181,11 @@ class Worker:
         worker_id: str | None = None,
         grace_period: float | None = None,
         sync_threads: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> Self:
         """Change settings before the worker runs; ``None`` keeps a setting as it is.
+
+        ``credentials`` replaces the TLS credentials the worker was made with.
 
         Meant for ``conveyor worker MODULE`` to apply its command-line flags to a worker
         loaded with :func:`load_worker`. Validates everything before changing anything.
@@ -214,6 +218,8 @@ class Worker:
             self._default_id_pid = None
         self._grace_period = self._grace_period if grace_period is None else grace_period
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
+        if credentials is not None:
+            self._options = dataclasses.replace(self._options, credentials=credentials)
         return self
 
     @property

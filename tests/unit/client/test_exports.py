@@ -38,6 +38,7 @@ EXPECTED = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "TLSConfigError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -48,6 +49,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "tls_credentials",
 ]
 
 
@@ -70,11 +72,13 @@ def test_worker_exports() -> None:
         "ConnectionOptions",
         "NoHandlersError",
         "NonRetryableError",
+        "TLSConfigError",
         "TaskContext",
         "Worker",
         "WorkerIdInUseError",
         "WorkerLoadError",
         "load_worker",
+        "tls_credentials",
     ]
 
 
