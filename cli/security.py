@@ -1,4 +1,4 @@
-"""What the global TLS options mean for the CLI's connections, in one place.
+"""What the global TLS and encryption options mean for the CLI, in one place.
 
 Every channel the CLI opens (the client library's, the raw reads of ``wire.py``, the
 health checks of ``conveyor health``) is made from :func:`connection_options`:
@@ -10,8 +10,12 @@ health checks of ``conveyor health``) is made from :func:`connection_options`:
 ``conveyor coordinator`` and ``conveyor dev`` read ``--tls-cert`` and ``--tls-key`` as
 the coordinator's own certificate instead (see ``services.py``).
 
-The files are read when a command first needs a connection (a bad file is one line
-naming it), not at start, so a command that opens none never fails on them.
+``--encryption-key-file`` (``CONVEYOR_ENCRYPTION_KEY_FILE``) gives the client and the
+worker an :class:`~conveyor.client.EncryptionCodec`: payloads are encrypted before they
+leave, and what the CLI shows is decrypted (see :func:`payload_codec`).
+
+The files are read when a command first needs them (a bad file is one line naming it),
+not at start, so a command that needs none never fails on them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 import grpc
 
 from conveyor.cli.app import Globals
-from conveyor.transport import ConnectionOptions
+from conveyor.client import Task
+from conveyor.client._encryption import open_task as _open_task
+from conveyor.transport import ConnectionOptions, EncryptionCodec
 from conveyor.transport._tls import tls_credentials
 
 __all__ = [
@@ -29,6 +35,8 @@ __all__ = [
     "client_settings",
     "connection_options",
     "open_channel",
+    "open_task",
+    "payload_codec",
     "use",
     "uses_tls",
     "worker_settings",
@@ -72,9 +80,31 @@ def connection_options(g: Globals) -> ConnectionOptions:
     return options
 
 
+_codecs: dict[str, EncryptionCodec] = {}
+
+
+def payload_codec(g: Globals) -> EncryptionCodec | None:
+    """The encryption codec ``--encryption-key-file`` names; None without one.
+
+    Raises:
+        KeyRingError: The key file is missing, unreadable or invalid.
+    """
+    path = g.encryption_key_file
+    if not path:
+        return None
+    if path not in _codecs:
+        _codecs[path] = EncryptionCodec.from_key_file(path)
+    return _codecs[path]
+
+
+def open_task(task: Task) -> Task:
+    """``task`` as the running command's codec decrypts it (unchanged without one)."""
+    return _open_task(payload_codec(active()), task)
+
+
 def client_settings(g: Globals) -> dict[str, Any]:
     """The keyword arguments of ``AsyncClient`` and ``Client`` that ``g`` stands for."""
-    return {"options": connection_options(g)}
+    return {"options": connection_options(g), "codec": payload_codec(g)}
 
 
 def worker_settings(g: Globals) -> dict[str, Any]:
@@ -84,6 +114,9 @@ def worker_settings(g: Globals) -> dict[str, Any]:
     options = connection_options(g)
     if options.credentials is not None:
         settings["credentials"] = options.credentials
+    codec = payload_codec(g)
+    if codec is not None:
+        settings["codec"] = codec
     return settings
 
 

@@ -84,7 +84,7 @@ def get_task(addresses: Sequence[str], rpc_timeout: float, task_id: str) -> Task
             task_service_pb2.GetTaskRequest(id=task_id), timeout=seconds
         )
         return TaskView(
-            Task.from_proto(response.task),
+            security.open_task(Task.from_proto(response.task)),
             response.task.uncounted_attempts,
             response.unserved,
             tuple(response.attempts),
@@ -121,7 +121,10 @@ def list_tasks(
             ),
             timeout=seconds,
         )
-        return [TaskView(Task.from_proto(t), t.uncounted_attempts, False) for t in response.tasks]
+        return [
+            TaskView(security.open_task(Task.from_proto(t)), t.uncounted_attempts, False)
+            for t in response.tasks
+        ]
 
     result: list[TaskView] = run(addresses, rpc_timeout, method)
     return result

@@ -19,6 +19,15 @@
 All logging goes to the ``conveyor.worker`` logger.
 """
 
+from conveyor.transport._encryption import (
+    Binding,
+    DecryptionError,
+    EncryptionCodec,
+    EncryptionError,
+    KeyRing,
+    KeyRingError,
+    PayloadCodec,
+)
 from conveyor.transport._errors import WorkerIdInUseError
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -28,10 +37,17 @@ from conveyor.worker._loader import load_worker
 from conveyor.worker._worker import Worker
 
 __all__ = [
+    "Binding",
     "CancellationSignal",
     "ConnectionOptions",
+    "DecryptionError",
+    "EncryptionCodec",
+    "EncryptionError",
+    "KeyRing",
+    "KeyRingError",
     "NoHandlersError",
     "NonRetryableError",
+    "PayloadCodec",
     "TLSConfigError",
     "TaskContext",
     "Worker",
