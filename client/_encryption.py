@@ -1,8 +1,9 @@
 """Where the client applies its payload codec: on what it sends, and on what it reads.
 
 - Sending: every task payload (submit, submit_many) and schedule template payload is
-  encoded just before it leaves, after the client gave the submit its idempotency key
-  (an encrypted resend must be byte for byte the same request).
+  encoded once, just before it leaves; the client's own resends reuse the encoded
+  message, and a submit with an idempotency key encodes to the same bytes every time
+  (see ``transport/_encryption.py``), so both stay recognisable resends.
 - Reading: payloads and results of the tasks (and templates of the schedules) it reads
   are decoded. A read never fails because of the codec: what cannot be decoded (a key
   no longer in the ring, say) stays as it travelled, and :func:`require_result` raises
