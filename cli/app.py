@@ -24,12 +24,18 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
 
 from conveyor.cli import logs
+
+if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
+    import grpc.aio
+
+    from conveyor.client import AsyncClient, Client
+    from conveyor.transport import ConnectionOptions
 from conveyor.cli.errors import describe
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -69,6 +75,43 @@ class Globals:
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
+
+    def options(self) -> ConnectionOptions:
+        """How every command reaches the coordinator (credentials, keys, metadata): the
+        one place the global options that shape a connection are applied; the client
+        library, the worker and the CLI's own calls all open their channels from it."""
+        from conveyor.cli import security
+        from conveyor.transport import ConnectionOptions
+
+        return ConnectionOptions(credentials=security.channel_credentials(self))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to ``address`` with :meth:`options` (close it, or ``async with``)."""
+        return self.options().open_channel(address)
+
+    def client(self) -> Client:
+        """A synchronous client for the command (close it, or ``with``)."""
+        from conveyor.cli import security
+        from conveyor.client import Client
+
+        return Client(
+            self.addresses,
+            timeout=self.rpc_timeout,
+            options=self.options(),
+            codec=security.payload_codec(self),
+        )
+
+    def async_client(self) -> AsyncClient:
+        """An asyncio client for the command (``async with``)."""
+        from conveyor.cli import security
+        from conveyor.client import AsyncClient
+
+        return AsyncClient(
+            self.addresses,
+            timeout=self.rpc_timeout,
+            options=self.options(),
+            codec=security.payload_codec(self),
+        )
 
 
 @dataclass(frozen=True)
@@ -272,9 +315,6 @@ def reflow(doc: str) -> str:
 
 def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) -> int:
     logs.configure(g.log_level.value, g.log_format.value)
-    from conveyor.cli import security
-
-    security.use(g)  # the raw channels (wire.py) connect as the options say
     try:
         code = fn(*args, g=g, **kwargs)
     except BrokenPipeError:

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
-from conveyor.cli import output, security
+from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import CatchUpPolicy, Client, Schedule
@@ -69,7 +69,7 @@ def _aware_time(text: str) -> datetime:
 
 
 def _client(g: Globals) -> Client:
-    return Client(g.addresses, timeout=g.rpc_timeout, **security.client_settings(g))
+    return g.client()
 
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]

@@ -1,7 +1,8 @@
 """What the global TLS and encryption options mean for the CLI, in one place.
 
-Every channel the CLI opens (the client library's, the raw reads of ``wire.py``, the
-health checks of ``conveyor health``) is made from :func:`connection_options`:
+Every channel the CLI opens (``Globals.options()``: the client library's, the raw reads
+of ``wire.py``, the health checks of ``conveyor health``) is made from
+:func:`channel_credentials`:
 
 - ``--tls-ca FILE`` (or ``--tls``, trusting the system's CAs) turns TLS on;
 - ``--tls-cert`` and ``--tls-key`` add a client certificate (mutual TLS);
@@ -27,34 +28,18 @@ import grpc
 from conveyor.cli.app import Globals
 from conveyor.client import Task
 from conveyor.client._encryption import open_task as _open_task
-from conveyor.transport import ConnectionOptions, EncryptionCodec
+from conveyor.transport import EncryptionCodec
 from conveyor.transport._tls import tls_credentials
 
 __all__ = [
-    "active",
-    "client_settings",
-    "connection_options",
-    "open_channel",
+    "channel_credentials",
     "open_task",
     "payload_codec",
-    "use",
     "uses_tls",
     "worker_settings",
 ]
 
-_active: Globals | None = None
-_cached: tuple[Globals, ConnectionOptions] | None = None
-
-
-def use(g: Globals) -> None:
-    """Makes ``g`` the options of this invocation's raw channels (:func:`open_channel`)."""
-    global _active
-    _active = g
-
-
-def active() -> Globals:
-    """The global options of the command running (the defaults before any runs)."""
-    return _active or Globals()
+_credentials: dict[tuple[str | None, str | None, str | None], grpc.ChannelCredentials] = {}
 
 
 def uses_tls(g: Globals) -> bool:
@@ -62,22 +47,20 @@ def uses_tls(g: Globals) -> bool:
     return bool(g.tls or g.tls_ca or g.tls_cert or g.tls_key)
 
 
-def connection_options(g: Globals) -> ConnectionOptions:
-    """The transport settings ``g`` stands for (the files are read on the first call).
+def channel_credentials(g: Globals) -> grpc.ChannelCredentials | None:
+    """The TLS credentials ``g`` asks for; None for plaintext. The files are read once
+    per command.
 
     Raises:
         TLSConfigError: A TLS file is missing, unreadable, not PEM, expired, or only one
             of ``--tls-cert``/``--tls-key`` is given.
     """
-    global _cached
-    if _cached is not None and _cached[0] == g:
-        return _cached[1]
-    credentials = None
-    if uses_tls(g):
-        credentials = tls_credentials(g.tls_ca, g.tls_cert, g.tls_key)
-    options = ConnectionOptions(credentials=credentials)
-    _cached = (g, options)
-    return options
+    if not uses_tls(g):
+        return None
+    files = (g.tls_ca, g.tls_cert, g.tls_key)
+    if files not in _credentials:
+        _credentials[files] = tls_credentials(*files)
+    return _credentials[files]
 
 
 _codecs: dict[str, EncryptionCodec] = {}
@@ -97,29 +80,19 @@ def payload_codec(g: Globals) -> EncryptionCodec | None:
     return _codecs[path]
 
 
-def open_task(task: Task) -> Task:
-    """``task`` as the running command's codec decrypts it (unchanged without one)."""
-    return _open_task(payload_codec(active()), task)
-
-
-def client_settings(g: Globals) -> dict[str, Any]:
-    """The keyword arguments of ``AsyncClient`` and ``Client`` that ``g`` stands for."""
-    return {"options": connection_options(g), "codec": payload_codec(g)}
+def open_task(g: Globals, task: Task) -> Task:
+    """``task`` as the command's codec decrypts it (unchanged without one)."""
+    return _open_task(payload_codec(g), task)
 
 
 def worker_settings(g: Globals) -> dict[str, Any]:
     """The keyword arguments of ``Worker.configure`` that ``g`` stands for: only what the
     flags set, so a worker's own settings stay when no flag is given."""
     settings: dict[str, Any] = {}
-    options = connection_options(g)
-    if options.credentials is not None:
-        settings["credentials"] = options.credentials
+    credentials = channel_credentials(g)
+    if credentials is not None:
+        settings["credentials"] = credentials
     codec = payload_codec(g)
     if codec is not None:
         settings["codec"] = codec
     return settings
-
-
-def open_channel(address: str) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``address`` with the running command's options."""
-    return connection_options(active()).open_channel(address)

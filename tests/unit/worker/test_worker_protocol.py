@@ -169,9 +169,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
                 if self.liveness_timeout is not None:
-                    welcome.liveness_timeout.FromTimedelta(
-                        timedelta(seconds=self.liveness_timeout)
-                    )
+                    welcome.liveness_timeout.FromTimedelta(timedelta(seconds=self.liveness_timeout))
                 stream.send(welcome=welcome)
                 self._grant(stream, request.hello.credits)
             elif kind == "credit":
