@@ -10,12 +10,23 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clitools import conveyor
+import trustme
+from clitools import (
+    banner_commands,
+    conveyor,
+    dev_data_dir,
+    dev_process,
+    free_port,
+    remove_dev_data,
+    shell,
+)
 from cluster import CoordinatorProcess, WorkerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tlsfiles import TLSFiles, make_tls_files
 
 from conveyor.client import tls_credentials
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 class TLSCoordinatorProcess(CoordinatorProcess):
@@ -105,6 +116,15 @@ async def test_cli_and_worker_over_mutual_tls(
         # Without a client certificate the coordinator lets nobody in.
         refused = await conveyor("health", "--coordinator", address, "--tls-ca", str(files.ca_file))
         assert (refused.code, refused.out.strip()) == (1, f"{address} UNREACHABLE")
+        stranger = tmp_path / "stranger-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(stranger))
+        untrusted = await conveyor(
+            "get", task["id"], "--coordinator", address, "--tls-ca", str(stranger)
+        )
+        assert untrusted.code == 1
+        assert untrusted.err.startswith(
+            f"conveyor: the TLS handshake with {address} failed (CERTIFICATE_VERIFY_FAILED"
+        ), untrusted.err
         plain = await conveyor("get", task["id"], "--coordinator", address, "--rpc-timeout", "2")
         assert plain.code == 1
         assert "cannot reach the coordinator" in plain.err
@@ -141,3 +161,36 @@ async def test_bad_tls_files_fail_in_one_line(files: TLSFiles, tmp_path: Path) -
     done = await conveyor("queues", "--tls-ca", str(files.client_key_file))
     assert done.code == 1
     assert "CA file (--tls-ca)" in done.err and "holds no PEM certificate" in done.err
+
+
+@pytest.mark.slow
+async def test_dev_with_tls_and_encryption(files: TLSFiles, tmp_path: Path) -> None:
+    """``conveyor dev`` serves TLS and its demo worker encrypts: the banner's commands
+    carry the flags they need and work as printed."""
+    keys = tmp_path / "keys.json"
+    made = await conveyor("encryption", "new-key", "--key-file", str(keys))
+    assert made.code == 0, made.err
+    data_dir = dev_data_dir()
+    address = f"127.0.0.1:{free_port()}"
+    security = [
+        "--tls-cert", str(files.cert_file), "--tls-key", str(files.key_file),
+        "--tls-ca", str(files.ca_file), "--encryption-key-file", str(keys),
+    ]  # fmt: skip
+    try:
+        async with dev_process(data_dir, address, *security, cwd=REPO) as dev:
+            banner = await dev.read_until("Press Ctrl-C")
+            assert f"--tls-ca {files.ca_file}" in banner
+            assert f"--encryption-key-file {keys}" in banner
+            commands = banner_commands(banner)
+            assert len(commands) == 4, commands
+            for command in commands:
+                code, out = await shell(command, REPO)
+                assert code == 0, f"{command}\n{out}"
+            code, out = await shell(commands[0], REPO)
+            assert "succeeded" in out and "hello" in out  # decrypted for display
+            # Plaintext is refused by the TLS coordinator.
+            plain = await conveyor("queues", "--coordinator", address, "--rpc-timeout", "2")
+            assert plain.code == 1
+            assert await dev.interrupt() == 0, dev.output
+    finally:
+        remove_dev_data(data_dir)
