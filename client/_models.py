@@ -667,7 +667,18 @@ class Schedule:
     etag: str = ""
 
     def json(self) -> Any:
-        """The template's payload decoded as JSON; ``None`` when empty."""
+        """The template's payload decoded as JSON; ``None`` when empty.
+
+        Raises:
+            DecryptionError: The payload is still encrypted (the client that read it had
+                no codec holding its key).
+        """
+        if is_sealed(self.payload):
+            raise DecryptionError(
+                f"the payload of schedule {self.name} is encrypted with key "
+                f"{envelope_key_id(self.payload)!r}; read it with a client whose codec "
+                "holds that key (codec=EncryptionCodec.from_key_file(...))"
+            )
         return json.loads(self.payload) if self.payload else None
 
     @classmethod

@@ -134,6 +134,9 @@ async def test_rotation_end_to_end(
     assert shown.code == 0 and SECRET in shown.out, shown.err
     hidden = await conveyor("--coordinator", address, "get", first_id)
     assert hidden.code == 0 and SECRET not in hidden.out
+    assert "payload:      (encrypted with key 'k1': --encryption-key-file" in hidden.out
+    as_json = await conveyor("--coordinator", address, "get", first_id, "--json")
+    assert json.loads(as_json.out)["payload"]["encrypted_with_key"] == "k1"
 
 
 async def test_missing_or_wrong_key_fails_the_task_for_good(
