@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import struct
 import tempfile
 import threading
@@ -341,7 +342,8 @@ class KeyRing:
         return cls.from_json(text, source=where)
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
-        """Writes the key file atomically, readable by its owner only (mode 0600).
+        """Writes the key file atomically: a new file readable by its owner only (mode
+        0600), an existing one keeping its mode (a group that reads it still can).
 
         Raises:
             KeyRingError: ``overwrite`` is false and the file exists, or it cannot be
@@ -354,9 +356,11 @@ class KeyRing:
                 "adds a key to it"
             )
         try:
+            mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o600
             fd, temp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp: mode 0600
+                os.fchmod(fd, mode)
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
                     out.write(self.to_json())
                     out.flush()
                     os.fsync(out.fileno())

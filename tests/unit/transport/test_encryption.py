@@ -151,6 +151,9 @@ def test_key_file_round_trip_is_private(ring: KeyRing, tmp_path: Path) -> None:
     assert loaded.open(sealed, PAYLOAD)[0] == SECRET
     with pytest.raises(KeyRingError, match="exists already"):
         ring.save(path, overwrite=False)
+    path.chmod(0o640)  # shared with a service's group: a rotation keeps that
+    loaded.rotated("k3").save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 _KEY = "A" * 43 + "="  # 32 zero bytes in base64
