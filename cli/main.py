@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+
+# gRPC's C core logs a failed TLS handshake (and other connection trouble) at INFO on
+# stderr, which would come before the CLI's one-line error; set before gRPC is imported
+# (GRPC_VERBOSITY=INFO in the environment brings it back).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +24,7 @@ def build() -> typer.Typer:
     from conveyor.cli import (
         audit_commands,
         dev,
+        encryption_commands,
         keys_commands,
         schedule_commands,
         services,
@@ -37,6 +43,7 @@ def build() -> typer.Typer:
     keys_commands.register(root)
     tenants_commands.register(root)
     audit_commands.register(root)
+    encryption_commands.register(root)
     from conveyor.bench import cli as bench_cli
 
     bench_cli.register(root)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
@@ -161,6 +162,16 @@ def coordinator(
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca",
+            envvar="CONVEYOR_TLS_CLIENT_CA",
+            metavar="FILE",
+            help="Require client certificates issued by these PEM certificates (mutual "
+            "TLS; needs --tls-cert and --tls-key, this coordinator's certificate).",
+        ),
+    ] = None,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -208,6 +219,10 @@ def coordinator(
 ) -> int:
     """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
 
+    With --tls-cert and --tls-key it serves TLS (renewed files are picked up without a
+    restart); with --tls-client-ca too, every client and worker must present a
+    certificate (mutual TLS).
+
     Every call needs an API key (see conveyor keys); --insecure turns that off. Tenant
     limits given here are every tenant's defaults (0: no limit); conveyor tenants set
     overrides them per tenant.
@@ -227,6 +242,9 @@ def coordinator(
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
         pool_size=pool_size,
+        tls_cert=g.tls_cert,
+        tls_key=g.tls_key,
+        tls_client_ca=tls_client_ca,
         authentication=not insecure,
         bootstrap_key=bootstrap_key(bootstrap_key_file),
         submit_rate=submit_rate,
@@ -237,6 +255,9 @@ def coordinator(
     )
     check_listen(listen)
     from conveyor.coordinator import serve
+    from conveyor.coordinator.tls import server_tls
+
+    server_tls(config)  # a bad TLS file fails here, in one line, before anything starts
 
     try:
         asyncio.run(serve(config))
@@ -275,6 +296,9 @@ def coordinator_config(
     pool_size: int,
     liveness_timeout: float = 0.0,
     max_backlog: int = 0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
     authentication: bool = True,
     bootstrap_key: str = "",
     submit_rate: float = 0.0,
@@ -313,6 +337,9 @@ def coordinator_config(
             max_backlog=max_backlog,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            tls_cert_file=tls_cert or "",
+            tls_key_file=tls_key or "",
+            tls_client_ca_file=tls_client_ca or "",
             authentication=authentication,
             bootstrap_key=bootstrap_key,
             submit_rate=submit_rate,
@@ -416,6 +443,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            **security.worker_settings(g),
             api_key=g.api_key or None,
         )
     except ValueError as exc:

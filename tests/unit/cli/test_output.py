@@ -84,7 +84,8 @@ def test_unserved_says_which_worker_to_start() -> None:
         ),
         (
             RPCFailure(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials", "a:1"),
-            "a:1 refused the call: invalid credentials",
+            "a:1 refused the call: invalid credentials (the CLI sends --api-key, or "
+            "CONVEYOR_API_KEY)",
         ),
     ],
 )  # fmt: skip

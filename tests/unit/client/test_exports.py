@@ -14,20 +14,27 @@ EXPECTED = [
     "ApiKeyNotFoundError",
     "AsyncClient",
     "AttemptOutcome",
+    "Binding",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
     "DeadlineExceededError",
+    "DecryptionError",
+    "EncryptionCodec",
+    "EncryptionError",
     "EtagMismatchError",
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
+    "KeyRing",
+    "KeyRingError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "PayloadCodec",
     "PermissionDeniedError",
     "ProtocolViolationError",
     "QueueStats",
@@ -39,6 +46,7 @@ EXPECTED = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "TLSConfigError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -50,6 +58,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "tls_credentials",
 ]
 
 
@@ -68,15 +77,24 @@ def test_exports_resolve_to_private_modules() -> None:
 
 def test_worker_exports() -> None:
     assert sorted(conveyor.worker.__all__) == [
+        "Binding",
         "CancellationSignal",
         "ConnectionOptions",
+        "DecryptionError",
+        "EncryptionCodec",
+        "EncryptionError",
+        "KeyRing",
+        "KeyRingError",
         "NoHandlersError",
         "NonRetryableError",
+        "PayloadCodec",
+        "TLSConfigError",
         "TaskContext",
         "Worker",
         "WorkerIdInUseError",
         "WorkerLoadError",
         "load_worker",
+        "tls_credentials",
     ]
 
 
