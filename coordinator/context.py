@@ -1,9 +1,10 @@
 """The request context: who is calling and under what terms, for the handler to read.
 
 Interceptors fill it (``coordinator/interceptors.py``) before a handler runs; a handler reads
-it with :func:`current`. Today the tenant is always "default"; the authentication
-interceptor of the tenants work will set ``tenant``, ``key_id`` and ``scopes`` with
-:func:`update`, and tracing will read ``traceparent``.
+it with :func:`current`. The authentication interceptor (``intercept_auth.py``) sets
+``tenant``, ``key_id`` and ``scopes`` from the call's API key with :func:`update` (with
+authentication off they keep their defaults: tenant "default", no key); tracing reads
+``traceparent``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class RequestContext:
     peer: str = ""
     tenant: str = DEFAULT_TENANT
     key_id: str = ""
-    """The API key the call was authenticated with (none yet)."""
+    """The id of the API key the call was authenticated with ("" with authentication off)."""
     scopes: frozenset[str] = frozenset()
     deadline: float | None = None
     """When the caller stops waiting, in event-loop time; None without a deadline."""

@@ -294,6 +294,14 @@ class SecurityAdmin:
                 out.append(FieldViolation("update_mask", f"{name!r} is not a limit ({known})"))
                 continue
             values[name] = _limit_value(request.limits, name, out)
+        largest = self._quotas.defaults.max_payload_bytes
+        if (values.get("max_payload_bytes") or 0) > largest:
+            out.append(
+                FieldViolation(
+                    "limits.max_payload_bytes",
+                    f"must be at most the coordinator's own max_payload_bytes, {largest}",
+                )
+            )
         _raise(out)
         async with self._db.read() as conn:
             row = await tenant_store.set_limits(conn, request.tenant, values, fields)
