@@ -67,6 +67,7 @@ class AuditLog:
         self._window_end: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.dropped = 0
         """Events not recorded because the queue was full (since the last report)."""
         self.written = 0
@@ -77,16 +78,19 @@ class AuditLog:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-log")
 
     async def stop(self) -> None:
-        """Writes what is queued (aggregates included) within STOP_TIMEOUT, then stops."""
+        """Writes what is queued (aggregates included) within STOP_TIMEOUT, then stops.
+
+        The writer finishes by itself: cancelled in the middle of a write that committed,
+        it would put the batch back and write it twice.
+        """
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            self._stopping = True
+            self._wake.set()
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+            if not task.done():
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._close_window()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(STOP_TIMEOUT):
-                while self._queue:
-                    await self._write_batch()
         for _, future in self._queue:
             if future is not None and not future.done():
                 future.set_result(False)
@@ -192,17 +196,19 @@ class AuditLog:
         failures = 0
         while True:
             timeout = None if self._window_end is None else self._window_end - loop.time()
-            if not self._queue and (timeout is None or timeout > 0):
+            if not self._queue and not self._stopping and (timeout is None or timeout > 0):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
             self._wake.clear()
-            if self._window_end is not None and loop.time() >= self._window_end:
+            if self._stopping or (self._window_end is not None and loop.time() >= self._window_end):
                 self._close_window()
             try:
                 while self._queue:
                     await self._write_batch()
                 failures = 0
+                if self._stopping:
+                    return
             except Exception as exc:
                 failures += 1
                 delay = min(BACKOFF_MAX, 0.05 * 2**failures)
@@ -215,4 +221,7 @@ class AuditLog:
                     )
                 else:
                     _log.exception("writing audit events failed (a bug); retrying in %.2fs", delay)
-                await asyncio.sleep(delay)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()  # stop() cuts the wait short

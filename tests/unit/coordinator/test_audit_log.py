@@ -99,6 +99,7 @@ async def test_failures_are_counted_into_one_row_per_window(store: FakeStore) ->
 async def test_a_full_queue_drops_and_says_how_many(store: FakeStore) -> None:
     store.down = True
     log = AuditLog(cast(Database, store), max_queued=3)
+    log.start()
     kept = [log.record(_event(target=str(i))) for i in range(3)]
     dropped = log.record(_event(target="one too many"))
     assert dropped is not None and dropped.done() and dropped.result() is False
