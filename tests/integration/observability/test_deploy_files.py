@@ -30,7 +30,7 @@ PENDING_FLAGS = {
 }
 PENDING_COMMANDS: dict[str, str] = {}
 # What the Kubernetes files expect the cluster to provide.
-EXTERNAL_SECRETS = {"conveyor-db"}
+EXTERNAL_SECRETS = {"conveyor-db", "conveyor-keys"}
 EXTERNAL_HOSTS = {"etcd"}
 SWITCHES = {"--demo", "--json", "--wait", "--debug"}
 # A worker pod may only be killed once its drain (the grace period) and the flush of its
