@@ -109,6 +109,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
+            if self._deps.metrics is not None:
+                self._deps.metrics.worker_connected(session.tenant)
             if not self._deps.office.leader:
                 # Left office while this stream was opening (step_down missed it).
                 self._redirect(session)
@@ -172,6 +174,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     self._deps.config.worker_liveness_timeout,
                 )
             holder.end("replaced by a new stream from the same worker process")
+            if self._deps.metrics is not None:
+                self._deps.metrics.worker_evicted("replaced")
             try:
                 async with asyncio.timeout(RETIRE_TIMEOUT):
                     await holder.done.wait()
@@ -209,6 +213,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 "took back %d tasks worker %s never received", len(released), session.worker_id
             )
             announce(deps, released)
+            if deps.metrics is not None:
+                deps.metrics.record_requeued(released)
         return lost
 
     def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
@@ -282,7 +288,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.end(
                     f"no message for {liveness:g}s (heartbeats are due every "
                     f"{cfg.heartbeat_interval:g}s)",
-                    evict=True,
+                    evict="silent",
                 )
                 return
             if isinstance(message, Undecodable):
@@ -358,7 +364,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             except TimeoutError:
                 session.write_stuck = True
                 session.end(
-                    f"stopped reading its stream (a message waited {liveness:g}s)", evict=True
+                    f"stopped reading its stream (a message waited {liveness:g}s)",
+                    evict="not_reading",
                 )
                 return
             session.sent(size)
@@ -389,6 +396,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         )
                         released = len(rows)
                         announce(deps, rows)
+                        if deps.metrics is not None:
+                            deps.metrics.record_lease_expired(rows)
         except Exception as exc:
             # Store down or fenced: the leases come back when they expire or when the
             # worker reconnects.
@@ -398,6 +407,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         finally:
             if session.evicted:
                 deps.sessions.record_eviction(session, released + len(undelivered))
+                if deps.metrics is not None:
+                    deps.metrics.worker_evicted(session.eviction)
             session.done.set()
             _log.info(
                 "worker %s disconnected%s",
