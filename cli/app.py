@@ -29,8 +29,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 
-from conveyor.cli import logs
 from conveyor.cli.errors import describe
+from conveyor.observability import logs
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 GLOBAL_PANEL = "Global options (before or after the command)"

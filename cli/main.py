@@ -16,7 +16,14 @@ from conveyor.cli.errors import USAGE
 
 def build() -> typer.Typer:
     """The whole command tree."""
-    from conveyor.cli import dev, schedule_commands, services, status_command, task_commands
+    from conveyor.cli import (
+        dev,
+        schedule_commands,
+        services,
+        status_command,
+        task_commands,
+        top_command,
+    )
 
     root = cli_app.make_app()
     root.callback(help=cli_app.reflow(cli_app.root_callback.__doc__ or ""))(cli_app.root_callback)
@@ -25,6 +32,7 @@ def build() -> typer.Typer:
     task_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
+    top_command.register(root)
     from conveyor.bench import cli as bench_cli
 
     bench_cli.register(root)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from conveyor.worker import Worker
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+METRICS_ENV = "CONVEYOR_METRICS_LISTEN"
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +28,7 @@ def register(app: typer.Typer) -> None:
             "conveyor coordinator --dsn postgresql://conveyor@db.internal/conveyor",
             'conveyor coordinator --dsn "$DSN" --etcd http://10.0.0.1:2379 '
             "--listen 0.0.0.0:50051 --advertise 10.0.0.5:50051",
+            'conveyor coordinator --dsn "$DSN" --metrics-listen 0.0.0.0:9464',
         ],
     )(coordinator)
     command(
@@ -36,6 +38,7 @@ def register(app: typer.Typer) -> None:
             "conveyor worker myapp.tasks:worker",
             "conveyor worker --demo --coordinator 127.0.0.1:50051",
             "conveyor worker myapp.tasks --queues mail,default --concurrency 50 --grace-period 60",
+            "conveyor worker myapp.tasks:worker --metrics-listen 0.0.0.0:9465",
         ],
     )(worker)
 
@@ -64,6 +67,41 @@ def check_listen(listen: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise CLIError(busy_port_message(listen, exc)) from None
+
+
+def check_metrics_listen(value: str, flag: str = "--metrics-listen") -> None:
+    """Fails in one line when the metrics address is malformed or its port is taken."""
+    from conveyor.observability.metrics import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise CLIError(f"{flag}: {exc}", code=USAGE) from None
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As prometheus_client's server does (it sets SO_REUSEADDR).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = (
+                "the address is in use"
+                if exc.errno == errno.EADDRINUSE
+                else exc.strerror or str(exc)
+            )
+            raise CLIError(
+                f"cannot serve metrics on {value}: {why}; pick another with {flag} HOST:PORT"
+            ) from None
+
+
+def metrics_option(help: str, envvar: str | None = METRICS_ENV) -> typer.models.OptionInfo:
+    """The ``--metrics-listen`` option (off unless given)."""
+    info: typer.models.OptionInfo = typer.Option(
+        "--metrics-listen", envvar=envvar, metavar="HOST:PORT", help=help
+    )
+    return info
 
 
 def busy_port_message(listen: str, exc: BaseException | None = None) -> str:
@@ -140,10 +178,17 @@ def coordinator(
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    metrics_listen: Annotated[
+        str,
+        metrics_option("Serve Prometheus metrics on HOST:PORT (/metrics); none by default."),
+    ] = "",
     *,
     g: Globals,
 ) -> int:
-    """Run a coordinator against your PostgreSQL (and etcd, for several replicas)."""
+    """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
+
+    With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
+    """
     config = coordinator_config(
         dsn=dsn,
         listen=listen,
@@ -155,8 +200,11 @@ def coordinator(
         heartbeat_interval=heartbeat_interval,
         max_payload_bytes=max_payload_bytes,
         pool_size=pool_size,
+        metrics_listen=metrics_listen,
     )
     check_listen(listen)
+    if metrics_listen:
+        check_metrics_listen(metrics_listen)
     from conveyor.coordinator import serve
 
     try:
@@ -180,6 +228,7 @@ def coordinator_config(
     heartbeat_interval: float,
     max_payload_bytes: int,
     pool_size: int,
+    metrics_listen: str = "",
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error."""
     from conveyor.coordinator import CoordinatorConfig
@@ -212,6 +261,7 @@ def coordinator_config(
             max_payload_bytes=max_payload_bytes,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            metrics_listen=metrics_listen,
         )
     except ValueError as exc:  # the configuration's own checks
         raise CLIError(str(exc), code=USAGE) from None
@@ -245,6 +295,12 @@ def worker(
             help="On SIGTERM or Ctrl-C, how long running tasks may finish (default 30).",
         ),
     ] = None,
+    metrics_listen: Annotated[
+        str,
+        metrics_option(
+            "Serve this worker's Prometheus metrics on HOST:PORT (/metrics); none by default."
+        ),
+    ] = "",
     *,
     g: Globals,
 ) -> int:
@@ -252,12 +308,20 @@ def worker(
 
     SIGTERM or Ctrl-C drains it: no new work, running tasks get the grace period to finish
     (a task still running then goes back to its queue), then it exits 0. A second signal
-    stops at once.
+    stops at once. With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
     """
     built = build_worker(
-        g, target=target, demo=demo, concurrency=concurrency, queues=queues, grace=grace_period
+        g,
+        target=target,
+        demo=demo,
+        concurrency=concurrency,
+        queues=queues,
+        grace=grace_period,
+        metrics_listen=metrics_listen,
     )
-    asyncio.run(built.run())
+    if metrics_listen:
+        check_metrics_listen(metrics_listen)
+    built.run_sync()
     return 0
 
 
@@ -269,6 +333,7 @@ def build_worker(
     concurrency: int | None,
     queues: str | None,
     grace: float | None,
+    metrics_listen: str = "",
 ) -> Worker:
     """The worker to run: the demo one, or the user's with the flags applied."""
     from conveyor.worker import Worker, load_worker
@@ -293,6 +358,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            metrics_listen=metrics_listen or None,
         )
     except ValueError as exc:
         raise CLIError(str(exc), code=USAGE) from None

@@ -37,6 +37,7 @@ from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.telemetry import Telemetry
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
+from conveyor.observability.logs import log_context
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.v1 import (
     admin_service_pb2,
@@ -283,14 +284,16 @@ class Coordinator:
             self.office.epoch = epoch
             self.office.leader = True
             self.telemetry.took_office(epoch)
-            for service in self.services:
-                service.start()
-            _log.info(
-                "coordinator %s leads cluster %s, epoch %d",
-                self.node_id,
-                self.config.cluster,
-                epoch,
-            )
+            # The services' tasks copy this context: their log lines carry the epoch.
+            with log_context(epoch=epoch):
+                for service in self.services:
+                    service.start()
+                _log.info(
+                    "coordinator %s leads cluster %s, epoch %d",
+                    self.node_id,
+                    self.config.cluster,
+                    epoch,
+                )
             return True
 
     async def _deposed(self, reason: str) -> None:

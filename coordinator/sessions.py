@@ -190,7 +190,12 @@ class WorkerSession:
         if evict and not self.evicted:
             self.evicted, self.eviction = True, evict
         if evict:
-            _log.warning("evicting worker %s: %s", self.worker_id, reason)
+            _log.warning(
+                "evicting worker %s: %s",
+                self.worker_id,
+                reason,
+                extra={"worker_id": self.worker_id, "tenant": self.tenant},
+            )
         if not self.ended.done():
             self.ended.set_result(None)
         self._has_mail.set()  # the send loop stops after the message it is writing

@@ -49,6 +49,7 @@ from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.tasks import Release
 from conveyor.coordinator.validation import MAX_CREDIT, ValidHello
+from conveyor.observability.logs import log_context
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 _log = logging.getLogger("conveyor.coordinator.worker_service")
@@ -93,10 +94,17 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         hello = await self._read_hello(context)
         if hello is None:
             return
+        tenant = request_context.current().tenant
+        # Every line logged for this stream (its loops' tasks copy the context) names the
+        # worker, as its own log field.
+        with log_context(worker_id=hello.worker_id, tenant=tenant):
+            await self._serve(hello, tenant, context)
+
+    async def _serve(self, hello: ValidHello, tenant: str, context: Context) -> None:
         session = WorkerSession(
             session_id=str(uuid.uuid4()),
             worker_id=hello.worker_id,
-            tenant=request_context.current().tenant,
+            tenant=tenant,
             queues=hello.queues,
             task_types=hello.task_types,
             hostname=hello.hostname,
