@@ -24,10 +24,16 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
+
+if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
+    import grpc.aio
+
+    from conveyor.client import AsyncClient, Client
+    from conveyor.transport import ConnectionOptions
 
 from conveyor.cli.errors import describe
 from conveyor.observability import logs
@@ -64,6 +70,30 @@ class Globals:
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
+
+    def options(self) -> ConnectionOptions:
+        """How every command reaches the coordinator (credentials, keys, metadata): the
+        one place the global options that shape a connection are applied; the client
+        library, the worker and the CLI's own calls all open their channels from it."""
+        from conveyor.transport import ConnectionOptions
+
+        return ConnectionOptions()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to ``address`` with :meth:`options` (close it, or ``async with``)."""
+        return self.options().open_channel(address)
+
+    def client(self) -> Client:
+        """A synchronous client for the command (close it, or ``with``)."""
+        from conveyor.client import Client
+
+        return Client(self.addresses, timeout=self.rpc_timeout, options=self.options())
+
+    def async_client(self) -> AsyncClient:
+        """An asyncio client for the command (``async with``)."""
+        from conveyor.client import AsyncClient
+
+        return AsyncClient(self.addresses, timeout=self.rpc_timeout, options=self.options())
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,8 @@ class Watcher:
         queues: list[task_pb2.QueueStats] = []
         self.reached = False
         try:
-            status = await wire.cluster_status(self._g.addresses, self._g.rpc_timeout)
-            queues = await wire.call(self._g.addresses, self._g.rpc_timeout, _list_queues)
+            status = await wire.cluster_status(self._g)
+            queues = await wire.call(self._g, _list_queues)
             self.reached = True
         except (RemoteError, CLIError) as exc:
             problems.append(f"cannot read the cluster: {exc}")

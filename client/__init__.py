@@ -15,7 +15,7 @@ Results are frozen dataclasses (:class:`Task`, :class:`TaskAttempt`, :class:`Que
 settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.client`` logger.
 """
 
-from conveyor.client._async_client import AUTO_KEY_PREFIX, AsyncClient
+from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
     AttemptOutcome,
@@ -55,7 +55,6 @@ from conveyor.transport._errors import (
 from conveyor.transport._options import ConnectionOptions
 
 __all__ = [
-    "AUTO_KEY_PREFIX",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",

@@ -13,8 +13,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+import uuid_utils
 from opentelemetry import trace
-from uuid_utils.compat import uuid7
 
 from conveyor.client._channel import Connection, RetryRules
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
@@ -45,12 +45,9 @@ from conveyor.transport._errors import InvalidArgumentError, RPCError, Unavailab
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
 
-__all__ = ["AUTO_KEY_PREFIX", "AsyncClient"]
+__all__ = ["AsyncClient"]
 
 logger = logging.getLogger("conveyor.client")
-
-#: Idempotency keys the client makes for submits that have none start with this.
-AUTO_KEY_PREFIX = "auto:"
 
 # The coordinator accepts at most this many tasks per SubmitTasks call.
 MAX_BATCH = 1000
@@ -85,11 +82,11 @@ class AsyncClient:
             keepalive, client interceptors.
         retry_submits: Resend a submit whose outcome is unknown (the connection broke
             after it was sent, or the coordinator answered ``OUTCOME_UNKNOWN``). To make
-            that safe, a submit without ``idempotency_key`` gets one of its own,
-            ``"auto:<UUIDv7>"`` (one per task in ``submit_many``), so a resend returns the
-            task already written instead of a second one. With ``False`` submits without
-            a key are sent without one (the coordinator's cheapest path) and such a
-            failure raises: the task may or may not exist.
+            that safe, every task is sent with a ``request_id`` the client makes (a UUIDv7
+            that becomes the task's id), so a resend returns the task already written
+            instead of a second one; it costs the coordinator nothing. With ``False`` the
+            coordinator makes the ids, and such a failure raises unless the submit has an
+            ``idempotency_key``: the task may or may not exist.
         retry_resource_exhausted: Resend calls refused with ``RESOURCE_EXHAUSTED``
             (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
             wait the server asks for (``RetryInfo``), within ``timeout``. By default they
@@ -181,8 +178,9 @@ class AsyncClient:
             payload: Anything ``json.dumps`` accepts; bytes are sent as-is
                 (``application/octet-stream``), as is any payload with ``raw=True``.
             queue: The queue to put it on.
-            idempotency_key: Makes resubmitting safe: the same key returns the first task.
-                Without one the client makes its own (see ``retry_submits``).
+            idempotency_key: Makes resubmitting safe, also from another process or
+                much later: the same key returns the first task. (The client's own resends
+                are safe without one: see ``retry_submits``.)
             priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
             max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
@@ -222,21 +220,21 @@ class AsyncClient:
             return await self._submit_one(request)
 
     async def _submit_one(self, request: pb.SubmitTaskRequest) -> Task:
-        self._add_keys([request])
+        self._add_request_ids([request])
         response = await self._conn.unary(
             lambda stub: stub.SubmitTask,
             request,
-            # Without a key, a resend after a broken connection could create a duplicate.
-            idempotent=bool(request.idempotency_key),
+            # Without a key or an id, a resend after a broken connection could duplicate.
+            idempotent=bool(request.idempotency_key or request.request_id),
         )
         return Task.from_proto(response.task)
 
-    def _add_keys(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
-        """Gives keyless submits a key of their own, unless ``retry_submits`` is off."""
+    def _add_request_ids(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
+        """Gives each task an id of the client's making, unless ``retry_submits`` is off."""
         if self._retry_submits:
             for request in requests:
-                if not request.idempotency_key:
-                    request.idempotency_key = f"{AUTO_KEY_PREFIX}{uuid7()}"
+                if not request.request_id:
+                    request.request_id = str(uuid_utils.uuid7())
 
     async def submit_many(
         self, tasks: Iterable[TaskSpec | Mapping[str, Any]]
@@ -247,9 +245,9 @@ class AsyncClient:
         (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
         (fewer when payloads are large); each batch is atomic, the whole call is not: when
         a batch fails, the batches before it stay submitted (the error says how many).
-        Tasks without an idempotency key get one each, as in :meth:`submit`. With tracing
-        set up, one ``submit`` span covers the call, and tasks without a ``traceparent``
-        of their own carry its context.
+        Each task gets a request id, as in :meth:`submit`. With tracing set up, one
+        ``submit`` span covers the call, and tasks without a ``traceparent`` of their own
+        carry its context.
         """
         requests = [task_spec(t).to_proto() for t in tasks]
         tracing = self._tracing()
@@ -270,14 +268,14 @@ class AsyncClient:
         self, requests: builtins.list[pb.SubmitTaskRequest]
     ) -> builtins.list[Task]:
         results: list[Task] = []
-        # Keys go on before batching: the batch request copies the messages.
-        self._add_keys(requests)
+        # Ids go on before batching: the batch request copies the messages.
+        self._add_request_ids(requests)
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
                     lambda stub: stub.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
-                    idempotent=all(r.idempotency_key for r in batch),
+                    idempotent=all(r.idempotency_key or r.request_id for r in batch),
                 )
             except RPCError as err:
                 if isinstance(err, InvalidArgumentError):

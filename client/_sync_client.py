@@ -188,8 +188,9 @@ class Client:
             payload: Anything ``json.dumps`` accepts; bytes are sent as-is
                 (``application/octet-stream``), as is any payload with ``raw=True``.
             queue: The queue to put it on.
-            idempotency_key: Makes resubmitting safe: the same key returns the first task.
-                Without one the client makes its own (see ``retry_submits``).
+            idempotency_key: Makes resubmitting safe, also from another process or
+                much later: the same key returns the first task. (The client's own resends
+                are safe without one: see ``retry_submits``.)
             priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
             max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
@@ -230,9 +231,9 @@ class Client:
         (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
         (fewer when payloads are large); each batch is atomic, the whole call is not: when
         a batch fails, the batches before it stay submitted (the error says how many).
-        Tasks without an idempotency key get one each, as in :meth:`submit`. With tracing
-        set up, one ``submit`` span covers the call, and tasks without a ``traceparent``
-        of their own carry its context.
+        Each task gets a request id, as in :meth:`submit`. With tracing set up, one
+        ``submit`` span covers the call, and tasks without a ``traceparent`` of their own
+        carry its context.
         """
         return self._loop.run(self._async.submit_many(tasks))
 

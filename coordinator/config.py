@@ -145,6 +145,11 @@ class CoordinatorConfig:
                 out.append(f"metrics_listen: {exc}")
         if self.max_backlog < 0:
             out.append(f"max_backlog must be 0 (no limit) or positive, got {self.max_backlog}")
+        if self.etcd and 0 < self.election_ttl < 1:
+            out.append(
+                f"election_ttl must be at least 1 second: etcd leases are whole seconds "
+                f"(got {self.election_ttl})"
+            )
         if out:
             return out  # the relations below assume sane values
         heartbeat, lease = self.heartbeat_interval, self.lease_duration

@@ -105,7 +105,7 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
 
 def task_from_new(
     tenant: str,
-    task_id: uuid.UUID,
+    task_id: uuid.UUID | str,
     task: NewTask,
     state: int,
     run_at: timestamp_pb2.Timestamp,

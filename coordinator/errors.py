@@ -108,11 +108,28 @@ class IdempotencyKeyConflict(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT
 
-    def __init__(self, key: str, existing_task_id: str) -> None:
+    def __init__(
+        self, key: str, existing_task_id: str, *, message: str = "", request_id: str = ""
+    ) -> None:
+        metadata = {"task_id": existing_task_id}
+        metadata.update({"request_id": request_id} if request_id else {"idempotency_key": key})
         super().__init__(
-            f"idempotency key {key!r} is already used by task {existing_task_id} with a "
+            message
+            or f"idempotency key {key!r} is already used by task {existing_task_id} with a "
             "different request; use a new key, or resend the original request unchanged",
-            metadata={"idempotency_key": key, "task_id": existing_task_id},
+            metadata=metadata,
+        )
+
+    @classmethod
+    def for_request_id(cls, request_id: str) -> IdempotencyKeyConflict:
+        """A client-made request_id that is already the id of a different request's task."""
+        return cls(
+            "",
+            request_id,
+            request_id=request_id,
+            message=f"request_id {request_id} is already the id of a task submitted with a "
+            "different request; make a new request_id for each new task (the client library "
+            "does), and resend only the original request unchanged",
         )
 
 

@@ -5,6 +5,12 @@ per tenant: the same key with the same request returns the first task (``dedupli
 the same key with a different request fails with IDEMPOTENCY_KEY_CONFLICT and writes
 nothing. A SubmitTasks batch is one group: all of it is written, or none of it.
 
+A client-made ``request_id`` becomes the task's id, so a resend of a submit whose answer
+was lost meets its own row: the same request returns that task (``deduplicated``), another
+request with the same id fails like a key conflict. That costs nothing on the way in:
+such tasks go the fast way (hand-off, COPY) like any other, and only when the store
+refuses an id as taken is the flush done again the careful way, looking each id up.
+
 If the store loses its connection while a flush commits, every caller of that flush hears
 OUTCOME_UNKNOWN (their tasks may exist). If the store refuses a flush outright, nothing
 was written, and the batcher retries its groups one by one so that only the group the
@@ -13,6 +19,7 @@ store refuses fails (see ``batcher.py``).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ from datetime import UTC, datetime
 import asyncpg
 from google.protobuf import timestamp_pb2
 
-from conveyor.coordinator import convert, dispatch_policy
+from conveyor.coordinator import convert, dispatch_policy, validation
 from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.batcher import Batcher
 from conveyor.coordinator.deps import Deps
@@ -58,8 +65,37 @@ class Submitted:
 
 
 SubmitResult = list[Submitted]
-# Keys claimed by earlier groups of a flush: (request hash, the task, deduplicated).
-_Claimed = dict[tuple[str, str], tuple[bytes, task_pb2.Task, bool]]
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """A task a submit may turn out to repeat: its tenant, what it was made from (a stored
+    row or a submit of this flush) and its message. The fingerprint is computed only when
+    a repeat is found: hashing every payload on the way in would cost more than the rest
+    of a submit's planning."""
+
+    tenant: str
+    source: asyncpg.Record | NewTask
+    task: task_pb2.Task
+
+    def fingerprint(self) -> bytes:
+        if isinstance(self.source, NewTask):
+            return validation.request_fingerprint(self.source)
+        return _row_fingerprint(self.source)
+
+
+@dataclass
+class _Plan:
+    """What a flush found in the store, and what its groups took so far."""
+
+    keys: dict[tuple[str, str], asyncpg.Record]
+    ids: dict[str, asyncpg.Record]
+    claimed_keys: dict[tuple[str, str], _Prior]
+    claimed_ids: dict[str, _Prior]
+
+    @classmethod
+    def empty(cls) -> _Plan:
+        return cls({}, {}, {}, {})
 
 
 class Submitter:
@@ -97,48 +133,84 @@ class Submitter:
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
         now = datetime.now(UTC)
         now_message = convert.timestamp(now)
-        keys = sorted(
-            {(g.tenant, t.idempotency_key) for g in groups for t in g.tasks if t.idempotency_key}
-        )
+        tasks = [t for g in groups for t in g.tasks]
+        if not any(t.idempotency_key for t in tasks):
+            try:
+                return await self._flush_new(groups, now, now_message)
+            except asyncpg.UniqueViolationError:
+                # A client-made id is taken: most likely a resend of a submit an earlier
+                # send wrote. Nothing was written (one statement); do it the careful way.
+                if not any(t.task_id is not None for t in tasks):
+                    raise
+        return await self._flush_checked(groups, now, now_message)
+
+    async def _flush_new(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Nothing to look up: one statement, atomic by itself (a hand-off, COPY or INSERT)."""
         results: list[SubmitResult | BaseException] = []
         rows: list[NewRow] = []
-        if not keys:
-            # Nothing to deduplicate: one statement, atomic by itself.
-            for group in groups:
-                results.append(self._plan_group(group, {}, {}, now, now_message, rows))
-            async with self._deps.db.read() as conn:
-                sessions = self._reserve_hand_off(rows)
-                if sessions:
-                    await self._hand_off(conn, rows, sessions, results, now, now_message)
-                    self._count(rows)
-                    return results
+        plan = _Plan.empty()
+        for group in groups:
+            results.append(self._plan_group(group, plan, now, now_message, rows))
+        async with self._deps.db.read() as conn:
+            sessions = self._reserve_hand_off(rows)
+            if sessions:
+                await self._hand_off(conn, rows, sessions, results, now, now_message)
+            else:
                 with committing():
                     await self._write_unkeyed(conn, rows, now)
-        else:
-            async with self._deps.db.write() as conn:
-                existing = await store.find_by_idempotency_keys(conn, keys)
-                claimed: _Claimed = {}
-                for group in groups:
-                    results.append(
-                        self._plan_group(group, existing, claimed, now, now_message, rows)
-                    )
-                keyed = [r for r in rows if r.task.idempotency_key]
-                inserted = await store.insert(conn, keyed, now) if keyed else set()
-                if len(inserted) != len(keyed):
-                    # Another transaction took a key between our look-up and insert (only
-                    # possible with two writers); fail so that clients retry cleanly.
-                    raise StoreUnavailable("a concurrent submit took the same idempotency key")
-                await self._write_unkeyed(
-                    conn, [r for r in rows if not r.task.idempotency_key], now
-                )
         self._count(rows)
+        self._announce(rows)
+        return results
+
+    async def _flush_checked(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Looks up idempotency keys and client-made ids first, in one transaction."""
+        tasks = [(g.tenant, t) for g in groups for t in g.tasks]
+        keys = sorted({(tenant, t.idempotency_key) for tenant, t in tasks if t.idempotency_key})
+        ids = sorted({t.task_id for _, t in tasks if t.task_id is not None})
+        results: list[SubmitResult | BaseException] = []
+        rows: list[NewRow] = []
+        async with self._deps.db.write() as conn:
+            plan = _Plan(
+                await store.find_by_idempotency_keys(conn, keys),
+                await store.find_by_ids(conn, ids),
+                {},
+                {},
+            )
+            for group in groups:
+                results.append(self._plan_group(group, plan, now, now_message, rows))
+            checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
+            inserted = await store.insert(conn, checked, now) if checked else set()
+            if len(inserted) != len(checked):
+                # Another transaction took a key or an id between our look-up and insert
+                # (only possible with two writers); fail so that clients retry cleanly.
+                raise StoreUnavailable("a concurrent submit took the same idempotency key or id")
+            await self._write_unkeyed(
+                conn,
+                [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
+                now,
+            )
+        self._count(rows)
+        self._announce(rows)
+        return results
+
+    def _announce(self, rows: list[NewRow]) -> None:
+        """Tells the dispatcher and the promoter about committed rows."""
         events = self._deps.events
         for tenant, queue in {(r.tenant, r.task.queue) for r in rows if r.state == store.PENDING}:
             events.ready(tenant, queue)
         scheduled = [r.run_at for r in rows if r.state == store.SCHEDULED]
         if scheduled:
             events.scheduled(min(scheduled))
-        return results
 
     def _count(self, rows: list[NewRow]) -> None:
         """Counts the committed new tasks (deduplicated ones are not among ``rows``)."""
@@ -228,37 +300,49 @@ class Submitter:
     async def _write_unkeyed(conn: asyncpg.Connection, rows: list[NewRow], now: datetime) -> None:
         # COPY costs an extra round trip but half the encoding: it wins for batches and
         # loses for the lone submit whose latency is what matters.
+        # Either fails as a whole when an id is taken (only a client-made one can be).
         if len(rows) >= COPY_THRESHOLD:
             await store.copy_new(conn, rows, now)
         elif rows:
-            await store.insert(conn, rows, now)
+            await store.insert_new(conn, rows, now)
 
     @staticmethod
     def _plan_group(
         group: SubmitGroup,
-        existing: dict[tuple[str, str], asyncpg.Record],
-        claimed: _Claimed,
+        plan: _Plan,
         now: datetime,
         now_message: timestamp_pb2.Timestamp,
         rows: list[NewRow],
     ) -> SubmitResult | ConveyorError:
         out: SubmitResult = []
         new_rows: list[NewRow] = []
-        new_claims: _Claimed = {}
+        new_keys: dict[tuple[str, str], _Prior] = {}
+        new_ids: dict[str, _Prior] = {}
         for task in group.tasks:
             key = (group.tenant, task.idempotency_key) if task.idempotency_key else None
             if key is not None:
-                prior = new_claims.get(key) or claimed.get(key)
-                if prior is None and key in existing:
-                    row = existing[key]
-                    prior = (bytes(row["request_hash"] or b""), convert.task_from_row(row), True)
+                prior = new_keys.get(key) or plan.claimed_keys.get(key)
+                if prior is None and key in plan.keys:
+                    row = plan.keys[key]
+                    prior = _Prior(key[0], row, task_from_row(row))
                 if prior is not None:
-                    prior_hash, prior_task, _ = prior
-                    if prior_hash != task.request_hash:
-                        return IdempotencyKeyConflict(key[1], prior_task.id)
-                    out.append(Submitted(prior_task, deduplicated=True))
+                    if prior.fingerprint() != task.request_hash:
+                        return IdempotencyKeyConflict(key[1], prior.task.id)
+                    out.append(Submitted(prior.task, deduplicated=True))
                     continue
-            task_id = uuid7()
+            if task.task_id is not None:
+                prior = new_ids.get(task.task_id) or plan.claimed_ids.get(task.task_id)
+                if prior is None and task.task_id in plan.ids:
+                    row = plan.ids[task.task_id]
+                    prior = _Prior(row["tenant"], row, task_from_row(row))
+                if prior is not None:
+                    if prior.tenant != group.tenant or (
+                        prior.fingerprint() != validation.request_fingerprint(task)
+                    ):
+                        return IdempotencyKeyConflict.for_request_id(task.task_id)
+                    out.append(Submitted(prior.task, deduplicated=True))
+                    continue
+            task_id = task.task_id or uuid7()
             if task.run_at is not None and task.run_at > now:
                 run_at, state = task.run_at, store.SCHEDULED
                 run_at_message = convert.timestamp(run_at)
@@ -269,8 +353,41 @@ class Submitter:
             )
             new_rows.append(NewRow(group.tenant, task_id, task, state, run_at))
             if key is not None:
-                new_claims[key] = (task.request_hash, message, False)
+                new_keys[key] = _Prior(group.tenant, task, message)
+            if task.task_id is not None:
+                new_ids[task.task_id] = _Prior(group.tenant, task, message)
             out.append(Submitted(message, deduplicated=False))
         rows.extend(new_rows)
-        claimed.update(new_claims)
+        plan.claimed_keys.update(new_keys)
+        plan.claimed_ids.update(new_ids)
         return out
+
+
+def task_from_row(row: asyncpg.Record) -> task_pb2.Task:
+    return convert.task_from_row(row)
+
+
+def _row_fingerprint(row: asyncpg.Record) -> bytes:
+    """The request fingerprint of a stored task (what validation computes for a submit)."""
+    if row["request_hash"]:
+        return bytes(row["request_hash"])
+    labels = row["labels"]
+    task = validation.NewTask(
+        queue=row["queue"],
+        type=row["type"],
+        payload=bytes(row["payload"]),
+        content_type=row["content_type"],
+        priority=row["priority"],
+        max_attempts=row["max_attempts"],
+        idempotency_key=row["idempotency_key"],
+        request_hash=b"",
+        run_at=None,
+        timeout_ms=row["timeout_ms"],
+        retry_initial_ms=row["retry_initial_ms"],
+        retry_max_ms=row["retry_max_ms"],
+        retry_multiplier=row["retry_multiplier"],
+        retry_jitter=row["retry_jitter"],
+        labels=json.loads(labels) if isinstance(labels, str) else dict(labels or {}),
+        traceparent="",
+    )
+    return validation.request_fingerprint(task)

@@ -47,6 +47,17 @@ MAX_HOSTNAME_LENGTH = 255
 MAX_CREDIT = 100_000
 MAX_HELLO_QUEUES = 100
 MAX_HELLO_TYPES = 1000
+# How far a client-made request_id's time may be from the coordinator's clock. Resends
+# come within the client's timeout; an id far in the past would also jump its queue (the
+# dispatch order falls back to the id), so the window is kept short.
+REQUEST_ID_BEHIND = timedelta(hours=1)
+REQUEST_ID_AHEAD = timedelta(minutes=5)
+_REQUEST_ID_BEHIND_MS = REQUEST_ID_BEHIND // timedelta(milliseconds=1)
+_REQUEST_ID_AHEAD_MS = REQUEST_ID_AHEAD // timedelta(milliseconds=1)
+# A UUIDv7 in canonical text: version 7, RFC 9562 variant (10xx).
+_UUID7 = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-7[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+)
 # Queue, type and schedule names travel in metrics labels and CLI output: a safe alphabet,
 # matched in full (``$`` would also match before a trailing newline).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-/]*")
@@ -76,6 +87,10 @@ class NewTask:
     retry_jitter: float
     labels: dict[str, str]
     traceparent: str
+    task_id: str | None = None
+    """The id the client chose (``request_id``, canonical lowercase text), or None for one
+    made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
+    made per task."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -211,6 +226,9 @@ def validate_submit(
     traceparent: str = fields.get("traceparent", "")
     if traceparent:
         check_text(traceparent, prefix + "traceparent", out, max_length=MAX_TRACEPARENT_LENGTH)
+    task_id: str | None = None
+    if "request_id" in fields:
+        task_id = _check_request_id(fields["request_id"], prefix + "request_id", now, out)
     if out:
         return None, out
     task = NewTask(
@@ -230,6 +248,7 @@ def validate_submit(
         retry_jitter=jitter,
         labels=labels,
         traceparent=traceparent,
+        task_id=task_id,
     )
     return (_with_hash(task) if key else task), []
 
@@ -241,6 +260,42 @@ _DEFAULT_RETRY = (
     defaults.DEFAULT_RETRY_MULTIPLIER,
     defaults.DEFAULT_RETRY_JITTER,
 )
+
+
+def _check_request_id(
+    value: str, field: str, now: datetime | None, out: list[FieldViolation]
+) -> str | None:
+    """A client-made UUIDv7 in canonical text (either case), its time near the
+    coordinator's clock. This runs for every task a client library sends: a regular
+    expression checks the form, and the time is compared in integer milliseconds."""
+    if not _UUID7.fullmatch(value):
+        out.append(
+            FieldViolation(
+                field, f"{value[:40]!r} is not a UUIDv7 in canonical text (8-4-4-4-12 hex digits)"
+            )
+        )
+        return None
+    made_ms = int(value[:8] + value[9:13], 16)
+    offset_ms = made_ms - int((now or datetime.now(UTC)).timestamp() * 1000)
+    if not -_REQUEST_ID_BEHIND_MS <= offset_ms <= _REQUEST_ID_AHEAD_MS:
+        made = datetime.fromtimestamp(made_ms / 1000, UTC)
+        apart = timedelta(seconds=round(abs(offset_ms) / 1000))
+        out.append(
+            FieldViolation(
+                field,
+                f"was made at {made:%Y-%m-%d %H:%M:%S} UTC, {apart} "
+                f"{'behind' if offset_ms < 0 else 'ahead of'} the coordinator's clock; "
+                "it must be within an hour before and 5 minutes after it (check the client's "
+                "clock, and make a new request_id for a new task)",
+            )
+        )
+        return None
+    return value.lower()
+
+
+def request_fingerprint(task: NewTask) -> bytes:
+    """What makes two submits "the same request" (see ``_with_hash``)."""
+    return task.request_hash or _with_hash(task, force=True).request_hash
 
 
 def _check_run_at(
@@ -299,13 +354,13 @@ def _check_labels(labels: dict[str, str], prefix: str, out: list[FieldViolation]
         check_text(value, field, out, max_length=MAX_LABEL_VALUE_LENGTH, identifier=False)
 
 
-def _with_hash(task: NewTask) -> NewTask:
+def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
     """Fingerprints what makes two submits "the same request" for idempotency.
 
     run_at and traceparent are left out on purpose: a client retrying "in 10 minutes" or from
     a new trace span computes new values for them, and is still sending the same task.
     """
-    if task.idempotency_key is None:
+    if task.idempotency_key is None and not force:
         return task
     digest = hashlib.sha256()
     head = json.dumps(

@@ -260,7 +260,8 @@ class TaskNotFoundError(RPCError):
 
 
 class IdempotencyConflictError(RPCError):
-    """The idempotency key is already taken by a task submitted with a different request.
+    """The idempotency key (or the request_id) is already taken by a task submitted with a
+    different request.
 
     Attributes:
         idempotency_key: The conflicting key.
@@ -283,11 +284,18 @@ class IdempotencyConflictError(RPCError):
     def _from_status(cls, info: StatusInfo) -> RPCError:
         key = info.metadata.get("idempotency_key") or None
         existing = info.metadata.get("task_id") or None
-        message = (
-            f"idempotency key {key!r} is already used by task {existing!r}, submitted with a "
-            f"different request. Use a new key for a different task, or read the existing "
-            f"task {existing!r}."
-        )
+        if info.metadata.get("request_id"):
+            # A request_id (a client-made task id) reused for a different request.
+            message = (
+                f"request_id {existing} is already the id of a task submitted with a "
+                f"different request. Make a new request_id for each new task."
+            )
+        else:
+            message = (
+                f"idempotency key {key!r} is already used by task {existing!r}, submitted "
+                f"with a different request. Use a new key for a different task, or read the "
+                f"existing task {existing!r}."
+            )
         return cls(message, idempotency_key=key, existing_task_id=existing, **_common_kwargs(info))
 
 

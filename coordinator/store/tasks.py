@@ -125,7 +125,8 @@ class NewRow(NamedTuple):
     """A task about to be inserted."""
 
     tenant: str
-    id: uuid.UUID
+    id: uuid.UUID | str
+    """Made here (a UUID) or by the client (canonical text): asyncpg encodes both."""
     task: NewTask
     state: int
     run_at: datetime
@@ -170,7 +171,7 @@ _INSERT = Query(
     INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
     SELECT {_NEW_VALUES}, :now, :now
     FROM {unnest(NEW_TASK_ARRAYS, "r")}
-    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id
     """,
 )
@@ -179,11 +180,29 @@ _INSERT = Query(
 async def insert(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> set[uuid.UUID]:
     """Inserts rows; returns the ids actually inserted.
 
-    A row whose idempotency key is taken is skipped, not an error (the caller compares
-    it). Large batches without keys go faster through :func:`copy_new`.
+    A row whose idempotency key or id (a client-made request_id) is taken is skipped, not
+    an error (the caller looked them up first and compares). Large batches without keys
+    go faster through :func:`copy_new`.
     """
     inserted = await _INSERT.fetch(conn, now=now, **_new_arrays(rows))
     return {r["id"] for r in inserted}
+
+
+_INSERT_NEW = Query(
+    "insert_new_tasks",
+    f"""
+    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
+    SELECT {_NEW_VALUES}, :now, :now
+    FROM {unnest(NEW_TASK_ARRAYS, "r")}
+    """,
+)
+
+
+async def insert_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> None:
+    """Inserts rows without idempotency keys; like :func:`copy_new`, the statement fails as
+    a whole (UniqueViolationError) when an id is taken, which only a client-made id can be.
+    For small batches, where COPY's extra round trip costs more than it saves."""
+    await _INSERT_NEW.execute(conn, now=now, **_new_arrays(rows))
 
 
 _INSERT_LEASED = Query(
@@ -235,7 +254,8 @@ async def copy_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: dateti
     """Inserts rows without idempotency keys with COPY.
 
     COPY encodes rows straight into the binary protocol, about half the client CPU of an
-    INSERT over unnest() arrays; it needs no conflict handling because ids are new.
+    INSERT over unnest() arrays. It has no conflict handling: a taken id (only a client-made
+    one can be) fails the whole COPY with UniqueViolationError, writing nothing.
     """
     await conn.copy_records_to_table(
         "tasks",
@@ -253,6 +273,20 @@ _BY_KEYS = Query(
         ON t.tenant = k.tenant AND t.idempotency_key = k.key
     """,
 )
+
+
+_BY_IDS = Query(
+    "tasks_by_ids",
+    f"SELECT {_TASK}, t.request_hash FROM tasks t WHERE t.id = ANY(:ids::uuid[])",
+)
+
+
+async def find_by_ids(conn: asyncpg.Connection, ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+    """Existing tasks by id (canonical text), of any tenant (the caller checks the tenant),
+    for client-made ids (request_id) that an earlier send may have written."""
+    if not ids:
+        return {}
+    return {str(r["id"]): r for r in await _BY_IDS.fetch(conn, ids=list(ids))}
 
 
 async def find_by_idempotency_keys(

@@ -27,7 +27,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Some request field is invalid; BadRequest details name them."""
     ERROR_REASON_TASK_NOT_FOUND: _ErrorReason.ValueType  # 2
     ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT: _ErrorReason.ValueType  # 3
-    """The idempotency key is taken by a different request."""
+    """The idempotency key (metadata "idempotency_key") or the request_id (metadata
+    "request_id") is taken by a different request.
+    """
     ERROR_REASON_INVALID_STATE: _ErrorReason.ValueType  # 4
     """The transition is illegal in the task's current state."""
     ERROR_REASON_NOT_LEADER: _ErrorReason.ValueType  # 5
@@ -68,7 +70,9 @@ ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 1
 """Some request field is invalid; BadRequest details name them."""
 ERROR_REASON_TASK_NOT_FOUND: ErrorReason.ValueType  # 2
 ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT: ErrorReason.ValueType  # 3
-"""The idempotency key is taken by a different request."""
+"""The idempotency key (metadata "idempotency_key") or the request_id (metadata
+"request_id") is taken by a different request.
+"""
 ERROR_REASON_INVALID_STATE: ErrorReason.ValueType  # 4
 """The transition is illegal in the task's current state."""
 ERROR_REASON_NOT_LEADER: ErrorReason.ValueType  # 5

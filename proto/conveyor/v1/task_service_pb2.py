@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"p\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats2\xe6\t\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\x12P\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\x12\x44\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\x12L\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse0\x01\x12J\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\x12M\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12V\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\x12Y\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"p\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats2\xe6\t\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\x12P\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\x12\x44\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\x12L\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse0\x01\x12J\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\x12M\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12V\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\x12Y\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,39 +38,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITTASKREQUEST']._serialized_start=165
-  _globals['_SUBMITTASKREQUEST']._serialized_end=581
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=536
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=581
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=583
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=658
-  _globals['_SUBMITTASKSREQUEST']._serialized_start=660
-  _globals['_SUBMITTASKSREQUEST']._serialized_end=727
-  _globals['_SUBMITTASKSRESPONSE']._serialized_start=729
-  _globals['_SUBMITTASKSRESPONSE']._serialized_end=800
-  _globals['_GETTASKREQUEST']._serialized_start=802
-  _globals['_GETTASKREQUEST']._serialized_end=830
-  _globals['_GETTASKRESPONSE']._serialized_start=832
-  _globals['_GETTASKRESPONSE']._serialized_end=944
-  _globals['_LISTTASKSREQUEST']._serialized_start=946
-  _globals['_LISTTASKSREQUEST']._serialized_end=1071
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1073
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1151
-  _globals['_CANCELTASKREQUEST']._serialized_start=1153
-  _globals['_CANCELTASKREQUEST']._serialized_end=1184
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1186
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1239
-  _globals['_WATCHTASKREQUEST']._serialized_start=1241
-  _globals['_WATCHTASKREQUEST']._serialized_end=1271
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1273
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1343
-  _globals['_RETRYTASKREQUEST']._serialized_start=1345
-  _globals['_RETRYTASKREQUEST']._serialized_end=1375
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1377
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1429
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1431
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1450
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1452
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1513
-  _globals['_TASKSERVICE']._serialized_start=1516
-  _globals['_TASKSERVICE']._serialized_end=2770
+  _globals['_SUBMITTASKREQUEST']._serialized_end=601
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=556
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=601
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=603
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=678
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=680
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=747
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=749
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=820
+  _globals['_GETTASKREQUEST']._serialized_start=822
+  _globals['_GETTASKREQUEST']._serialized_end=850
+  _globals['_GETTASKRESPONSE']._serialized_start=852
+  _globals['_GETTASKRESPONSE']._serialized_end=964
+  _globals['_LISTTASKSREQUEST']._serialized_start=966
+  _globals['_LISTTASKSREQUEST']._serialized_end=1091
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1093
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1171
+  _globals['_CANCELTASKREQUEST']._serialized_start=1173
+  _globals['_CANCELTASKREQUEST']._serialized_end=1204
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1206
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1259
+  _globals['_WATCHTASKREQUEST']._serialized_start=1261
+  _globals['_WATCHTASKREQUEST']._serialized_end=1291
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1293
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1363
+  _globals['_RETRYTASKREQUEST']._serialized_start=1365
+  _globals['_RETRYTASKREQUEST']._serialized_end=1395
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1397
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1449
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1451
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1470
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1472
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=1533
+  _globals['_TASKSERVICE']._serialized_start=1536
+  _globals['_TASKSERVICE']._serialized_end=2790
 # @@protoc_insertion_point(module_scope)

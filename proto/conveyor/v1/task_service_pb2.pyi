@@ -57,6 +57,7 @@ class SubmitTaskRequest(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; "default" when empty."""
     type: _builtins.str
@@ -72,6 +73,13 @@ class SubmitTaskRequest(_message.Message):
     """MIME type of payload; defaults to application/json."""
     traceparent: _builtins.str
     """W3C trace context to link the task's execution to the submitter's trace."""
+    request_id: _builtins.str
+    """A UUIDv7 the client made, which becomes the task's id: resending the same request with
+    the same request_id returns the task it made (deduplicated) instead of a second one,
+    so a submit whose answer was lost can be sent again safely. Its time must be within an
+    hour before and five minutes after the coordinator's clock. The client library sets
+    one on every submit it may resend. Unlike idempotency_key it costs nothing extra.
+    """
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest time to run; unset means now."""
@@ -101,10 +109,11 @@ class SubmitTaskRequest(_message.Message):
         retry_policy: _task_pb2.RetryPolicy | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

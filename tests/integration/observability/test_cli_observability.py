@@ -97,7 +97,7 @@ async def test_metrics_listen_is_checked_before_anything_starts(
 ) -> None:
     bad = await conveyor("coordinator", "--dsn", "postgresql://x/y", "--metrics-listen", "9464")
     assert bad.code == 2
-    assert "metrics_listen" in bad.err and "is not HOST:PORT" in bad.err
+    assert "--metrics-listen" in bad.err and "is not HOST:PORT" in bad.err
     server = coordinator.telemetry.server
     assert server is not None
     busy = f"127.0.0.1:{server.port}"

@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from conveyor.client import (
-    AUTO_KEY_PREFIX,
     AsyncClient,
     DeadlineExceededError,
     InvalidArgumentError,
@@ -261,12 +260,12 @@ async def test_broken_submit_is_resent_under_its_own_key(
     healthy.add_task(id="x")
 
     async with AsyncClient(addresses) as client:
-        task = await client.submit("t")
-        # The resend carried the key the first send had, so the server can deduplicate.
+        await client.submit("t")
+        # The resend carried the id the first send had, so the server can deduplicate.
         sent, resent = flaky.requests("SubmitTask")[0], healthy.requests("SubmitTask")[0]
-        assert sent.idempotency_key == resent.idempotency_key == task.idempotency_key
-        assert task.idempotency_key is not None
-        assert uuid.UUID(task.idempotency_key.removeprefix(AUTO_KEY_PREFIX)).version == 7
+        assert sent.request_id == resent.request_id
+        assert uuid.UUID(sent.request_id).version == 7
+        assert sent.idempotency_key == ""
 
         task = await client.submit("t", idempotency_key="k-1")
         assert task.idempotency_key == "k-1"
@@ -282,33 +281,34 @@ async def test_without_retry_submits_a_broken_submit_raises(
     async with AsyncClient(addresses, retry_submits=False) as client:
         with pytest.raises(UnavailableError, match="not resent because it may have reached"):
             await client.submit("t")
-        assert flaky.requests("SubmitTask")[0].idempotency_key == ""
+        assert flaky.requests("SubmitTask")[0].request_id == ""
         assert healthy.count("SubmitTask") == 0
         # A key of the caller's own still makes it safe.
         assert (await client.submit("t", idempotency_key="k")).idempotency_key == "k"
 
 
-async def test_submit_many_gives_each_task_its_own_key(fake: Any, address: str) -> None:
+async def test_submit_many_gives_each_task_its_own_request_id(fake: Any, address: str) -> None:
     async with AsyncClient(address) as client:
-        tasks = await client.submit_many(
+        await client.submit_many(
             [{"type": "t"}, {"type": "t", "idempotency_key": "mine"}, {"type": "t"}]
         )
-    keys = [t.idempotency_key or "" for t in tasks]
-    assert keys[1] == "mine"
-    assert keys[0].startswith(AUTO_KEY_PREFIX) and keys[2].startswith(AUTO_KEY_PREFIX)
-    # UUIDv7 keys are time-ordered: the index they go into stays append-mostly.
-    assert keys[0] != keys[2] and keys[0] < keys[2]
+    (batch,) = fake.requests("SubmitTasks")
+    ids = [r.request_id for r in batch.tasks]
+    assert [r.idempotency_key for r in batch.tasks] == ["", "mine", ""]
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    # Increasing: they become task ids, and the tasks of a batch dispatch in order.
+    assert ids == sorted(ids) and len(set(ids)) == 3
 
 
-async def test_outcome_unknown_is_resent_only_with_a_key(
+async def test_outcome_unknown_is_resent_only_with_a_request_id_or_key(
     fake: Any, address: str, status: Callable[..., grpc.Status]
 ) -> None:
     unknown = status(Code.UNAVAILABLE, "connection lost while committing", reason="OUTCOME_UNKNOWN")
     fake.fail("SubmitTask", unknown)
     async with AsyncClient(address) as client:
-        task = await client.submit("t")
+        await client.submit("t")
     first, second = fake.requests("SubmitTask")
-    assert first.idempotency_key == second.idempotency_key == task.idempotency_key
+    assert first.request_id and first.request_id == second.request_id
 
     fake.fail("SubmitTask", unknown)
     fake.fail("CancelTask", unknown)

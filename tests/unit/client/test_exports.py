@@ -11,7 +11,6 @@ import conveyor.worker
 from conveyor.client import _codegen
 
 EXPECTED = [
-    "AUTO_KEY_PREFIX",
     "AsyncClient",
     "AttemptOutcome",
     "CatchUpPolicy",

@@ -97,6 +97,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         # A status every Connect is refused with, when set.
         self.refuse: status_pb2.Status | None = None
         self.lease_duration: float | None = None
+        self.liveness_timeout: float | None = None
         self.welcome_lost: list[pb.Lease] = []
         self.lost: set[Key] = set()
         # Assignments handed out as credit allows, like the real dispatcher.
@@ -167,6 +168,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
+                if self.liveness_timeout is not None:
+                    welcome.liveness_timeout.FromTimedelta(timedelta(seconds=self.liveness_timeout))
                 stream.send(welcome=welcome)
                 self._grant(stream, request.hello.credits)
             elif kind == "credit":
@@ -924,6 +927,25 @@ async def test_silence_is_noticed_well_before_the_lease_expires(
         assert loop.time() - began < 2.5, "the lease would have expired first"
         # The new session says Hello (listing what the worker holds) while leases stand.
         await eventually(lambda: fake.streams[1].hello is not None, what="a new Hello")
+
+
+async def test_the_liveness_timeout_the_coordinator_names_is_used(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    # Heartbeat 1 s and lease 30 s would give 2.5 s by the worker's own rule; the
+    # coordinator says 1.2 s (what it waits before evicting), and the worker uses that.
+    fake, address = coordinator
+    fake.heartbeat_interval = 1.0
+    fake.lease_duration = 30.0
+    fake.liveness_timeout = 1.2
+    fake.answer_heartbeats = False
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+    async with running(worker):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await eventually(lambda: len(fake.streams) >= 2, timeout=5, what="a new stream")
+        assert loop.time() - began < 2.2, "the worker waited its own 2.5 s"
 
 
 async def test_worker_id_in_use_stops_the_worker_with_one_clear_error(
