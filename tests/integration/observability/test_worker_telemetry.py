@@ -79,6 +79,10 @@ def build_worker(address: str, provider: TracerProvider) -> Worker:
     async def slow(ctx: TaskContext, payload: Any) -> None:
         await asyncio.sleep(3600)
 
+    @worker.task("hold")
+    async def hold(ctx: TaskContext, payload: Any) -> None:
+        await ctx.cancelled.wait()
+
     @worker.task("sync")
     def sync(ctx: TaskContext, payload: Any) -> str:
         with app_tracer.start_as_current_span("smtp"):
@@ -104,10 +108,18 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
         slow = await client.submit("slow", queue="obs", timeout=0.3, max_attempts=1)
         for task in (ok, boom, sync, slow):
             await client.wait(task.id, timeout=30)
+        held = await client.submit("hold", queue="obs")
+
+        async def holding() -> bool:
+            p = await scrape(worker.metrics_url)
+            return p.value("conveyor_worker_running_tasks") == 1
+
+        await eventually(holding)
+        await client.cancel(held.id)  # the worker is told to stop it
 
         async def recorded() -> Page | None:
             p = await scrape(worker.metrics_url)
-            return p if p.value("conveyor_worker_executions_total") == 4 else None
+            return p if p.value("conveyor_worker_executions_total") == 5 else None
 
         p = await eventually(recorded, timeout=15)
 
@@ -119,13 +131,18 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
         assert runs("ok", "succeeded") == runs("sync", "succeeded") == 1
         assert runs("boom", "failed") == 1
         assert runs("slow", "timed_out") == 1
+        assert runs("hold", "cancelled") == 1
         slow_time = p.value(
             "conveyor_worker_execution_seconds_sum", type="slow", outcome="timed_out"
         )
         assert 0.3 <= slow_time < 30
-        assert p.value("conveyor_worker_execution_seconds_count") == 4
+        assert p.value("conveyor_worker_execution_seconds_count") == 5
         assert p.value("conveyor_worker_concurrency") == 4
-        assert p.value("conveyor_worker_running_tasks") == 0
+
+        async def idle() -> bool:
+            return (await scrape(worker.metrics_url)).value("conveyor_worker_running_tasks") == 0
+
+        await eventually(idle)
         assert p.value("conveyor_worker_connected") == 1
         assert p.value("conveyor_worker_reconnects_total") == 0
         assert p.has("conveyor_build_info", component="worker")
@@ -145,7 +162,13 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
     assert worker.metrics_url == ""  # stopped with the worker
 
     executions = {s.name: s for s in spans.get_finished_spans() if s.name.startswith("execute")}
-    assert set(executions) == {"execute ok", "execute boom", "execute sync", "execute slow"}
+    assert set(executions) == {
+        "execute ok",
+        "execute boom",
+        "execute sync",
+        "execute slow",
+        "execute hold",
+    }
     traced = executions["execute ok"]
     assert traced.kind is SpanKind.CONSUMER
     assert traced.context.trace_id == int(TRACE, 16)
