@@ -127,6 +127,7 @@ async def _run(
 ) -> int:
     from conveyor.coordinator import Coordinator, CoordinatorConfig
     from conveyor.embedded.postgres import EmbeddedPostgres
+    from conveyor.observability.tracing import Tracing
     from conveyor.worker import Worker
     from conveyor.worker.demo import register_demo_tasks
 
@@ -142,8 +143,12 @@ async def _run(
         if stop.is_set():
             return 130
         print("starting the coordinator …", flush=True)
+        # One tracer provider for the process (with OTEL_EXPORTER_OTLP_ENDPOINT set): the
+        # coordinator's, which the demo worker finds as the global one.
+        tracing = Tracing.from_env("conveyor-dev", set_global=True)
         coordinator = Coordinator(
-            CoordinatorConfig(dsn=dsn, listen=listen, metrics_listen=metrics.coordinator)
+            CoordinatorConfig(dsn=dsn, listen=listen, metrics_listen=metrics.coordinator),
+            tracing=tracing,
         )
         try:
             await coordinator.start()

@@ -96,7 +96,7 @@ class Telemetry:
         async def depths() -> list[QueueDepth]:
             async with db.read() as conn:
                 rows = await store.queue_depths(conn)
-            return [QueueDepth(*row) for row in rows]
+            return [QueueDepth(**row._asdict()) for row in rows]
 
         async def pools() -> list[WorkerPool]:
             return await worker_pools(db, sessions)
