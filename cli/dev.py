@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import DEFAULT_COORDINATOR, Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.cli.services import (
@@ -32,6 +34,7 @@ from conveyor.cli.services import (
     is_bind_failure,
     metrics_option,
 )
+from conveyor.transport._tls import ServerTLS, tls_credentials
 
 if TYPE_CHECKING:
     from conveyor.embedded.lock import DirectoryLock
@@ -83,8 +86,14 @@ def dev(
     serves the task types echo, sleep and fail. One conveyor dev per data directory.
     Metrics are off unless --metrics-listen (the coordinator's) or --worker-metrics-listen
     (the demo worker's) asks for them.
+
+    With --tls-cert and --tls-key the coordinator serves TLS (the demo worker trusts
+    --tls-ca, or the certificate itself when it is self-signed); with
+    --encryption-key-file the demo worker decrypts payloads and encrypts results.
     """
     from conveyor.embedded.lock import DirectoryLock
+
+    _check_security(g)  # bad files fail here, before PostgreSQL starts
 
     folder = Path(data_dir).expanduser()
     try:
@@ -147,7 +156,13 @@ async def _run(
         # coordinator's, which the demo worker finds as the global one.
         tracing = Tracing.from_env("conveyor-dev", set_global=True)
         coordinator = Coordinator(
-            CoordinatorConfig(dsn=dsn, listen=listen, metrics_listen=metrics.coordinator),
+            CoordinatorConfig(
+                dsn=dsn,
+                listen=listen,
+                tls_cert_file=g.tls_cert or "",
+                tls_key_file=g.tls_key or "",
+                metrics_listen=metrics.coordinator,
+            ),
             tracing=tracing,
         )
         try:
@@ -160,14 +175,22 @@ async def _run(
         worker = Worker(
             coordinator.address,
             concurrency=concurrency,
+            credentials=tls_credentials(_trusted(g)) if g.tls_cert else None,
+            codec=security.payload_codec(g),
             metrics_listen=metrics.worker or None,
         )
         register_demo_tasks(worker)
         worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
-        print(
-            banner(coordinator.address, dsn, coordinator.telemetry.metrics_url, metrics.worker),
-            flush=True,
+        trust = _trusted(g) if g.tls_cert else None
+        text = banner(
+            coordinator.address,
+            dsn,
+            tls_ca=trust,
+            key_file=g.encryption_key_file,
+            metrics_url=coordinator.telemetry.metrics_url,
+            worker_metrics=metrics.worker,
         )
+        print(text, flush=True)
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
         if worker_task in done:
@@ -189,6 +212,22 @@ async def _run(
     return 0
 
 
+def _check_security(g: Globals) -> None:
+    """Fails in one line on TLS or key files that cannot work."""
+    if bool(g.tls_cert) != bool(g.tls_key):
+        raise CLIError("conveyor dev serves TLS with both --tls-cert and --tls-key", code=USAGE)
+    if g.tls_cert and g.tls_key:
+        ServerTLS(g.tls_cert, g.tls_key)
+        tls_credentials(_trusted(g))
+    security.payload_codec(g)
+
+
+def _trusted(g: Globals) -> str:
+    """What the demo worker and the banner's commands trust: --tls-ca, else the
+    certificate itself (which works for a self-signed one)."""
+    return g.tls_ca or g.tls_cert or ""
+
+
 def runnable(name: str) -> str | None:
     """How to run the program ``name`` of this installation from a new shell in this folder:
     ``name`` when PATH finds this very one, else its path (relative below the current
@@ -206,15 +245,42 @@ def runnable(name: str) -> str | None:
         return str(beside)
 
 
-def banner(address: str, dsn: str, metrics_url: str = "", worker_metrics: str = "") -> str:
-    """What ``conveyor dev`` prints once everything runs: commands that work as printed."""
+def banner(
+    address: str,
+    dsn: str,
+    *,
+    tls_ca: str | None = None,
+    key_file: str | None = None,
+    metrics_url: str = "",
+    worker_metrics: str = "",
+) -> str:
+    """What ``conveyor dev`` prints once everything runs: commands that work as printed
+    (with the TLS and key file flags they need when those are on), and where metrics
+    are served when they are."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
+    client_args = [f'"{address}"']
+    imports = ["Client"]
+    if tls_ca:
+        where += f" --tls-ca {shlex.quote(tls_ca)}"
+        client_args.append(
+            f"options=ConnectionOptions(credentials=tls_credentials({json.dumps(tls_ca)}))"
+        )
+        imports += ["ConnectionOptions", "tls_credentials"]
+    if key_file:
+        where += f" --encryption-key-file {shlex.quote(key_file)}"
+        client_args.append(f"codec=EncryptionCodec.from_key_file({json.dumps(key_file)})")
+        imports.append("EncryptionCodec")
+    client = ", ".join(client_args)
     python = runnable("python") or shlex.quote(sys.executable)
     grpcurl = runnable("grpcurl") or shutil.which("grpcurl")
-    if grpcurl:
+    transport = f"-cacert {shlex.quote(tls_ca)}" if tls_ca else "-plaintext"
+    if grpcurl and key_file:
+        # grpcurl would submit plaintext payloads, which the encrypting worker refuses.
+        grpc_lines = f"  {grpcurl} {transport} {address} list"
+    elif grpcurl:
         grpc_lines = (
-            f"  {grpcurl} -plaintext "
+            f"  {grpcurl} {transport} "
             f'-d \'{{"type": "echo", "payload": "ImhlbGxvIg=="}}\' \\\n'
             f"      {address} conveyor.v1.TaskService/SubmitTask"
         )
@@ -232,7 +298,8 @@ Conveyor is running.
 In another terminal, in {os.getcwd()}:
   {cli} submit echo '"hello"' --wait{where}
   {cli} status{where}
-  {python} -c 'from conveyor.client import Client; c = Client("{address}"); \\
+  {python} -c 'from conveyor.client import {", ".join(imports)}; \\
+      c = Client({client}); \\
       t = c.submit("echo", "hello"); print(c.result(t.id, timeout=10))'
 {grpc_lines}
 

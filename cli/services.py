@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
@@ -201,12 +202,25 @@ def coordinator(
         str,
         metrics_option("Serve Prometheus metrics on HOST:PORT (/metrics); none by default."),
     ] = "",
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca",
+            envvar="CONVEYOR_TLS_CLIENT_CA",
+            metavar="FILE",
+            help="Require client certificates issued by these PEM certificates (mutual "
+            "TLS; needs --tls-cert and --tls-key, this coordinator's certificate).",
+        ),
+    ] = None,
     *,
     g: Globals,
 ) -> int:
     """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
 
     With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
+    With --tls-cert and --tls-key it serves TLS (renewed files are picked up without a
+    restart); with --tls-client-ca too, every client and worker must present a
+    certificate (mutual TLS).
     """
     config = coordinator_config(
         dsn=dsn,
@@ -222,11 +236,17 @@ def coordinator(
         max_backlog=max_backlog,
         pool_size=pool_size,
         metrics_listen=metrics_listen,
+        tls_cert=g.tls_cert,
+        tls_key=g.tls_key,
+        tls_client_ca=tls_client_ca,
     )
     check_listen(listen)
     if metrics_listen:
         check_metrics_listen(metrics_listen)
     from conveyor.coordinator import serve
+    from conveyor.coordinator.tls import server_tls
+
+    server_tls(config)  # a bad TLS file fails here, in one line, before anything starts
 
     try:
         asyncio.run(serve(config))
@@ -252,6 +272,9 @@ def coordinator_config(
     liveness_timeout: float = 0.0,
     max_backlog: int = 0,
     metrics_listen: str = "",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -284,6 +307,9 @@ def coordinator_config(
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
             metrics_listen=metrics_listen,
+            tls_cert_file=tls_cert or "",
+            tls_key_file=tls_key or "",
+            tls_client_ca_file=tls_client_ca or "",
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -395,6 +421,7 @@ def build_worker(
             queues=queue_names,
             grace_period=grace,
             metrics_listen=metrics_listen or None,
+            **security.worker_settings(g),
         )
     except ValueError as exc:
         raise CLIError(str(exc), code=USAGE) from None

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from conveyor.cli import security
 from conveyor.cli.app import Globals
 from conveyor.cli.errors import RemoteError, RPCFailure, failure_from_grpc
 from conveyor.client import Task
@@ -81,7 +82,7 @@ def get_task(g: Globals, task_id: str) -> TaskView:
             task_service_pb2.GetTaskRequest(id=task_id), timeout=seconds
         )
         return TaskView(
-            Task.from_proto(response.task),
+            security.open_task(g, Task.from_proto(response.task)),
             response.task.uncounted_attempts,
             response.unserved,
             tuple(response.attempts),
@@ -117,7 +118,10 @@ def list_tasks(
             ),
             timeout=seconds,
         )
-        return [TaskView(Task.from_proto(t), t.uncounted_attempts, False) for t in response.tasks]
+        return [
+            TaskView(security.open_task(g, Task.from_proto(t)), t.uncounted_attempts, False)
+            for t in response.tasks
+        ]
 
     result: list[TaskView] = run(g, method)
     return result

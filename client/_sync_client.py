@@ -36,6 +36,7 @@ from conveyor.client._models import (
     TaskState,
 )
 from conveyor.transport import ConnectionOptions
+from conveyor.transport._encryption import PayloadCodec
 
 __all__ = ["Client"]
 
@@ -123,6 +124,7 @@ class Client:
         retry_submits: bool = True,
         retry_resource_exhausted: bool = False,
         tracer_provider: trace.TracerProvider | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         # Built before the thread starts, so bad arguments raise here and leak no thread.
         self._async = AsyncClient(
@@ -133,6 +135,7 @@ class Client:
             retry_submits=retry_submits,
             retry_resource_exhausted=retry_resource_exhausted,
             tracer_provider=tracer_provider,
+            codec=codec,
         )
         self._loop = _LoopThread()
         self._close_lock = threading.Lock()
@@ -330,6 +333,8 @@ class Client:
             TaskFailedError: The task ended DEAD (``last_error`` says why).
             TaskCancelledError: The task was cancelled.
             WaitTimeoutError: The timeout passed first.
+            DecryptionError: The result is encrypted and this client's codec cannot
+                open it (a key not in its ring, say).
         """
         return self._loop.run(self._async.result(task_id, timeout))
 

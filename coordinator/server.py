@@ -35,10 +35,12 @@ from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.telemetry import Telemetry
+from conveyor.coordinator.tls import add_port, server_tls
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
 from conveyor.observability.logs import log_context
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
+from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -98,6 +100,8 @@ class Coordinator:
         self.deps: Deps | None = None
         self._pool: asyncpg.Pool | None = None
         self._server: grpc.aio.Server | None = None
+        #: The TLS set-up served (None: plaintext), set by start().
+        self.tls: ServerTLS | None = None
         self._health = health.aio.HealthServicer()
         self._closed = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
@@ -123,6 +127,8 @@ class Coordinator:
 
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
+        # Before anything starts: a bad certificate is a one-line error, not a late one.
+        self.tls = server_tls(self.config)
         if UNSAFE_DISABLE_FENCING:
             _log.error("CONVEYOR_UNSAFE_DISABLE_FENCING is set: fencing is OFF (tests only)")
         # First: a port in use fails at once, before anything else is started.
@@ -180,7 +186,7 @@ class Coordinator:
                 ("grpc.http2.max_ping_strikes", 0),
             ],
         )
-        port = server.add_insecure_port(cfg.listen)
+        port = add_port(server, cfg.listen, self.tls)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.listen}: the address is in use or invalid")
         host = cfg.listen.rsplit(":", 1)[0]

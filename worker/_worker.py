@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from opentelemetry import trace
 from conveyor.observability.metrics import parse_listen
 from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
+from conveyor.transport._encryption import PayloadCodec
 from conveyor.worker._connection import Connector
 from conveyor.worker._errors import NoHandlersError
 from conveyor.worker._registry import TaskRegistry
@@ -143,6 +145,11 @@ class Worker:
             one once the application sets one up, and no spans (at no cost) until then.
             :meth:`run_sync` and ``conveyor worker`` set up a global one from the
             ``OTEL_EXPORTER_OTLP_ENDPOINT`` environment when the application has none.
+        codec: Decodes every payload before its handler sees it and encodes every
+            result, such as ``EncryptionCodec.from_key_file("keys.json")`` for end-to-end
+            encryption (the clients need the same keys). A payload it cannot decode (a
+            key not in the ring, an altered ciphertext) fails its task for good, with
+            the reason; so does an encrypted payload reaching a worker without a codec.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class Worker:
         options: ConnectionOptions | None = None,
         metrics_listen: str | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         self._addresses: list[str] = []
         self._metrics_listen: str | None = None
@@ -177,6 +185,7 @@ class Worker:
             options, api_key=api_key, credentials=credentials, metadata=metadata
         )
         self._registry = TaskRegistry()
+        self._codec = codec
         # Set for the duration of one run.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runtime: Runtime | None = None
@@ -211,8 +220,13 @@ class Worker:
         grace_period: float | None = None,
         sync_threads: int | None = None,
         metrics_listen: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        codec: PayloadCodec | None = None,
     ) -> Self:
         """Change settings before the worker runs; ``None`` keeps a setting as it is.
+
+        ``credentials`` replaces the TLS credentials the worker was made with, ``codec``
+        its payload codec.
 
         Meant for ``conveyor worker MODULE`` to apply its command-line flags to a worker
         loaded with :func:`load_worker`. Validates everything before changing anything.
@@ -249,6 +263,10 @@ class Worker:
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
         if metrics_listen is not None:
             self._metrics_listen = metrics_listen or None
+        if credentials is not None:
+            self._options = dataclasses.replace(self._options, credentials=credentials)
+        if codec is not None:
+            self._codec = codec
         return self
 
     @property
@@ -456,6 +474,7 @@ class Worker:
             worker_id=self._worker_id,
             metrics=metrics,
             tracing=tracing,
+            codec=self._codec,
         )
         if metrics is not None:
             metrics.watch_process(self._process_state, loop=loop)

@@ -124,3 +124,29 @@ def remove_dev_data(data_dir: Path) -> None:
     if pg.is_running():
         pg.stop(mode="immediate")
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def banner_commands(output: str) -> list[str]:
+    """The shell commands ``conveyor dev``'s banner prints (continuation lines joined)."""
+    block = output.split("In another terminal", 1)[1].split("Press Ctrl-C", 1)[0]
+    commands: list[str] = []
+    current = ""
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        current += line.strip() if not current else "\n" + line
+        if not line.endswith("\\"):
+            commands.append(current)
+            current = ""
+    return commands
+
+
+async def shell(command: str, cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    """Runs ``command`` with bash in ``cwd``; (exit code, stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
