@@ -116,12 +116,14 @@ async def _stop(procs: list[Process]) -> None:
 
 
 class _Scraper:
-    """Scrapes metrics endpoints every SCRAPE_INTERVAL, as Prometheus would, until stopped."""
+    """Scrapes metrics endpoints every SCRAPE_INTERVAL, as Prometheus would, and once
+    more each when stopped (so a short run still reads every endpoint)."""
 
     def __init__(self) -> None:
         self.urls: list[str] = []
         self.scrapes = 0
-        self.failures = 0
+        self.scraped: set[str] = set()
+        """The endpoints read at least once."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -131,16 +133,22 @@ class _Scraper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            await self._pass()
 
     async def _run(self) -> None:
         while True:
-            for url in list(self.urls):
-                try:
-                    await asyncio.to_thread(_fetch, url)
-                    self.scrapes += 1
-                except OSError:
-                    self.failures += 1  # a worker still starting: counted, not fatal
+            await self._pass()
             await asyncio.sleep(SCRAPE_INTERVAL)
+
+    async def _pass(self) -> None:
+        for url in list(self.urls):
+            try:
+                await asyncio.to_thread(_fetch, url)
+            except OSError:
+                continue  # a worker still starting; the next pass reads it
+            self.scrapes += 1
+            self.scraped.add(url)
 
 
 def _fetch(url: str) -> None:
@@ -221,6 +229,7 @@ async def run(cfg: BenchConfig) -> dict[str, Any]:
     figures["metrics"] = cfg.metrics
     if cfg.metrics:
         figures["scrapes"] = scraper.scrapes
+        figures["scraped_endpoints"] = len(scraper.scraped)
     _report(cfg, figures)
     return figures
 
