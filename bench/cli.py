@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
             "conveyor bench",
             "conveyor bench --tasks 5000 --json",
             "conveyor bench --insecure",
+            "conveyor bench --metrics --json",
         ],
     )(bench)
     command(
@@ -69,6 +70,14 @@ def bench(
             "--insecure", help="Authentication off, to compare (by default every call has a key)."
         ),
     ] = False,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Coordinator and workers serve metrics, scraped every second (compare a run "
+            "without).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
     g: Globals,
@@ -86,6 +95,7 @@ def bench(
         latency_seconds=latency_seconds,
         dsn=dsn,
         insecure=insecure,
+        metrics=metrics,
     )
     return _print_figures(asyncio.run(run(config)), as_json)
 

@@ -31,6 +31,7 @@ def build() -> typer.Typer:
         status_command,
         task_commands,
         tenants_commands,
+        top_command,
     )
 
     root = cli_app.make_app()
@@ -43,6 +44,7 @@ def build() -> typer.Typer:
     keys_commands.register(root)
     tenants_commands.register(root)
     audit_commands.register(root)
+    top_command.register(root)
     encryption_commands.register(root)
     from conveyor.bench import cli as bench_cli
 

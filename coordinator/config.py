@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from conveyor.observability.metrics import parse_listen
+
 DEFAULT_QUEUE = "default"
 DEFAULT_TENANT = "default"
 DEFAULT_CONTENT_TYPE = "application/json"
@@ -115,6 +117,9 @@ class CoordinatorConfig:
     """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    metrics_listen: str = ""
+    """host:port to serve Prometheus metrics on (``/metrics``); port 0 picks a free one.
+    Empty: no metrics endpoint, and nothing is recorded."""
     tls_cert_file: str = ""
     """PEM certificate chain to serve TLS with (with ``tls_key_file``); empty: plaintext.
     Renewed files are picked up on the next handshake (``coordinator/tls.py``)."""
@@ -133,6 +138,28 @@ class CoordinatorConfig:
     def worker_liveness_timeout(self) -> float:
         """``liveness_timeout``, with its default applied."""
         return self.liveness_timeout or self.lease_duration - self.heartbeat_interval
+
+    def _limit_problems(self) -> list[str]:
+        """What is wrong with the tenant limits, the throttle and the bootstrap key."""
+        out: list[str] = []
+        limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
+                            ("submit_rate", self.submit_rate),
+                            ("submit_burst", self.submit_burst),
+                            ("max_schedules", self.max_schedules),
+                            ("auth_failure_rate", self.auth_failure_rate),
+                            ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
+        for name, limit in limits:
+            if not 0 <= limit < float("inf"):
+                out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
+        if self.bootstrap_key:
+            from conveyor.coordinator.api_keys import parse
+
+            if parse(self.bootstrap_key) is None:
+                out.append(
+                    "bootstrap_key is not a Conveyor API key (cvk_<id>_<secret>); make one "
+                    "with: conveyor keys generate"
+                )
+        return out
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
@@ -166,23 +193,12 @@ class CoordinatorConfig:
                             ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
-        limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
-                            ("submit_rate", self.submit_rate),
-                            ("submit_burst", self.submit_burst),
-                            ("max_schedules", self.max_schedules),
-                            ("auth_failure_rate", self.auth_failure_rate),
-                            ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
-        for name, limit in limits:
-            if not 0 <= limit < float("inf"):
-                out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
-        if self.bootstrap_key:
-            from conveyor.coordinator.api_keys import parse
-
-            if parse(self.bootstrap_key) is None:
-                out.append(
-                    "bootstrap_key is not a Conveyor API key (cvk_<id>_<secret>); make one "
-                    "with: conveyor keys generate"
-                )
+        if self.metrics_listen:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as exc:
+                out.append(f"metrics_listen: {exc}")
+        out += self._limit_problems()
         if self.etcd and 0 < self.election_ttl < 1:
             out.append(
                 f"election_ttl must be at least 1 second: etcd leases are whole seconds "

@@ -13,7 +13,9 @@ one :class:`~conveyor.coordinator.intercept_base.BehaviorInterceptor`, and addin
 5. ``audit``: records key, schedule, cancel, retry, pause and admin calls with their
    outcome (``intercept_audit.py``).
 
-The worker stream goes through the same chain.
+The worker stream goes through the same chain. Before it, outermost, ``server.py`` puts
+the telemetry's interceptors when they are on (``coordinator/telemetry.py``): the RPC
+timer, so its time includes everything after it, then a span per RPC.
 """
 
 from __future__ import annotations
