@@ -4,12 +4,12 @@ leaves the first running, and Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from clitools import conveyor, dev_data_dir, dev_process, free_port, remove_dev_data
+from clitools import conveyor, dev_data_dir, dev_process, remove_dev_data
+from processes import free_port, run
 
 from conveyor.embedded import EmbeddedPostgres
 
@@ -34,13 +34,8 @@ def banner_commands(output: str) -> list[str]:
 
 
 async def shell(command: str, cwd: Path) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", command, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    done = await run(["bash", "-c", command], cwd=cwd, merge_stderr=True)
+    return done.code, done.out
 
 
 async def test_dev_banner_second_instance_and_ctrl_c() -> None:
@@ -68,7 +63,7 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             assert second.out == ""
             assert second.err == (
                 f"conveyor: conveyor dev is already running on {data_dir} "
-                f"(pid {first.proc.pid}, listening on {address})\n"
+                f"(pid {first.pid}, listening on {address})\n"
             )
             # Another data directory, the same port: one line, and nothing started.
             third = await conveyor(
@@ -95,8 +90,8 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             )
             assert done.code == 1 and "demo failure" in done.out
 
-            assert await first.interrupt() == 0, first.output
-            assert first.output.rstrip().endswith("stopped.")
+            assert await first.interrupt() == 0, first.output()
+            assert first.output().rstrip().endswith("stopped.")
         assert not EmbeddedPostgres(data_dir / "postgres").is_running()
         assert not (other_dir / "postgres").exists()
     finally:

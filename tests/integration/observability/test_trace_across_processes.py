@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import processes
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from testsupport import SUPPORT_DIR, eventually
 
@@ -32,22 +33,9 @@ STATUS_ERROR = 2
 
 
 async def run(env: dict[str, str], *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        HOP,
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    done = await processes.run([sys.executable, HOP, *args], env=env)
+    assert done.code == 0, done.err
+    return done.out
 
 
 def otel_env(endpoint: str | None) -> dict[str, str]:
