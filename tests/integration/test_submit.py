@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import TypeAlias
 
 import asyncpg
 import grpc
@@ -18,7 +19,8 @@ from conveyor.coordinator import Coordinator, validation
 from conveyor.coordinator.submissions import SubmitGroup
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
-Stub = task_service_pb2_grpc.TaskServiceStub
+# The aio stub type (type-checking only: the generated module has no such class at run time).
+Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
 
 
 def _details(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
@@ -334,7 +336,9 @@ async def test_a_flush_the_store_refuses_fails_only_the_culprit(
 
 async def test_an_undecodable_request_is_invalid_argument(coordinator: Coordinator) -> None:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
-        call = channel.unary_unary("/conveyor.v1.TaskService/SubmitTask")
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/conveyor.v1.TaskService/SubmitTask"
+        )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call(b"\x12\x02\xff\xfe")  # field 2 (type), a string that is not UTF-8
     details = error_details(caught.value)

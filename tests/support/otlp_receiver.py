@@ -81,7 +81,8 @@ class OtlpReceiver:
 
     async def __aenter__(self) -> OtlpReceiver:
         self._server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+        # opentelemetry-proto ships no type information for its gRPC modules.
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _TraceService(self.spans), self._server
         )
         self.port = self._server.add_insecure_port("127.0.0.1:0")

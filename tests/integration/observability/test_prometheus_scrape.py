@@ -62,7 +62,7 @@ async def value(prom: PrometheusServer, expr: str) -> float | None:
 async def test_prometheus_sees_queue_depth_and_succeeded_counts(
     coordinator: Coordinator,
     pool: asyncpg.Pool,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     tmp_path: Path,
 ) -> None:
