@@ -35,6 +35,9 @@ status=0
 .venv/bin/ruff check "${folders[@]}" || status=1
 .venv/bin/ruff format --check "${folders[@]}" || status=1
 .venv/bin/buf lint || status=1
+# The API stays wire- and JSON-compatible with the last release (or the last deliberate
+# break): proto/reference/api.json, recorded by scripts/api_reference.sh.
+.venv/bin/buf breaking --against proto/reference/api.json || status=1
 
 tree=build/mypy-tree
 rm -rf "$tree"

