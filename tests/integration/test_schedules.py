@@ -24,9 +24,14 @@ import pytest
 from clitools import conveyor
 from cluster import CoordinatorProcess
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from testsupport import coordinator_config, eventually, leader_pool, service_deps, sleep_until
+from testsupport import (
+    coordinator_config,
+    error_details,
+    eventually,
+    leader_pool,
+    service_deps,
+    sleep_until,
+)
 
 from conveyor.client import AsyncClient, CatchUpPolicy, OverlapPolicy
 from conveyor.coordinator import Coordinator
@@ -82,19 +87,8 @@ def _fired(db: asyncpg.Connection, schedule_id: str, count: int) -> Callable[[],
 
 def _details(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
     """(ErrorInfo.reason, BadRequest fields) of a rich error status."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "the error carries no google.rpc.Status"
-    reason, fields = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-    return reason, fields
+    details = error_details(err)
+    return details.reason, details.fields
 
 
 def _contiguous(ticks: list[datetime]) -> bool:

@@ -11,8 +11,6 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from testsupport import coordinator_config, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator, validation
@@ -24,21 +22,9 @@ Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
 
 
 def _details(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
-    """(ErrorInfo.reason, BadRequest fields) from a rich error status."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "the error carries no google.rpc.Status details"
-    reason, fields = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "conveyor.dev"
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-    return reason, fields
+    """(ErrorInfo.reason, BadRequest fields) of a rich error status."""
+    details = error_details(err)
+    return details.reason, details.fields
 
 
 async def _count(db: asyncpg.Connection) -> int:

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from clitools import CLI
 from grpc_health.v1 import health_pb2
 from processes import ManagedProcess, free_ports
 from testsupport import eventually, health_stub
@@ -128,9 +128,7 @@ class CoordinatorProcess(ManagedProcess):
 
     def command(self) -> list[str]:
         args = [
-            sys.executable,
-            "-m",
-            "conveyor.cli.main",
+            *CLI,
             "--log-level",
             self.log_level,
             "coordinator",
@@ -220,9 +218,7 @@ class WorkerProcess(ManagedProcess):
 
     def command(self) -> list[str]:
         args = [
-            sys.executable,
-            "-m",
-            "conveyor.cli.main",
+            *CLI,
             "--log-level",
             self.log_level,
             "--coordinator",
@@ -509,6 +505,20 @@ def read_effects(path: Path | str) -> list[tuple[str, int]]:
         if len(fields) == 2 and fields[1].isdigit():
             runs.append((fields[0], int(fields[1])))
     return runs
+
+
+def read_starts(path: Path | str) -> list[tuple[str, int]]:
+    """(task id, attempt) per handler run that began (the ``sleep`` handler's
+    ``started`` lines in the worker app's log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [
+        (fields[1], int(fields[2]))
+        for fields in map(str.split, text.splitlines())
+        if len(fields) == 3 and fields[0] == "started" and fields[2].isdigit()
+    ]
 
 
 def _state(value: int) -> str:
