@@ -16,7 +16,7 @@ from typing import TypeAlias
 
 import asyncpg
 import pytest
-from cluster import WorkerProcess, read_effects
+from cluster import WorkerProcess, read_effects, read_starts
 from processes import run
 from testsupport import SUPPORT_DIR, TEST_LEASE, eventually, submit
 
@@ -99,7 +99,13 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(
     worker = _worker(coordinator, tmp_path, concurrency=5, grace=20)
     try:
         running = [(await submit(stub, "sleep", payload=b"1.5")).id for _ in range(5)]
-        await eventually(_in_state(db, task_pb2.TASK_STATE_RUNNING, 5), timeout=20)
+        # Running in the worker, not only leased to it: an assignment still on its way
+        # when the drain begins goes back unstarted, and rightly so.
+        await eventually(
+            lambda: len(read_starts(worker.effects_log)) == 5,
+            timeout=20,
+            what="five handlers to start",
+        )
         worker.signal(signal.SIGTERM)
         # Submitted after the signal: a draining worker must not take these.
         late = [(await submit(stub, "sleep", payload=b"0")).id for _ in range(3)]
