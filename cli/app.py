@@ -24,12 +24,18 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
 
 from conveyor.cli import logs
+
+if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
+    import grpc.aio
+
+    from conveyor.client import AsyncClient, Client
+    from conveyor.transport import ConnectionOptions
 from conveyor.cli.errors import describe
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -59,11 +65,53 @@ class Globals:
     log_level: LogLevel = LogLevel.info
     log_format: LogFormat = LogFormat.text
     debug: bool = False
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    encryption_key_file: str | None = None
 
     @property
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
+
+    def options(self) -> ConnectionOptions:
+        """How every command reaches the coordinator (credentials, keys, metadata): the
+        one place the global options that shape a connection are applied; the client
+        library, the worker and the CLI's own calls all open their channels from it."""
+        from conveyor.cli import security
+        from conveyor.transport import ConnectionOptions
+
+        return ConnectionOptions(credentials=security.channel_credentials(self))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to ``address`` with :meth:`options` (close it, or ``async with``)."""
+        return self.options().open_channel(address)
+
+    def client(self) -> Client:
+        """A synchronous client for the command (close it, or ``with``)."""
+        from conveyor.cli import security
+        from conveyor.client import Client
+
+        return Client(
+            self.addresses,
+            timeout=self.rpc_timeout,
+            options=self.options(),
+            codec=security.payload_codec(self),
+        )
+
+    def async_client(self) -> AsyncClient:
+        """An asyncio client for the command (``async with``)."""
+        from conveyor.cli import security
+        from conveyor.client import AsyncClient
+
+        return AsyncClient(
+            self.addresses,
+            timeout=self.rpc_timeout,
+            options=self.options(),
+            codec=security.payload_codec(self),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,6 +148,47 @@ GLOBAL_OPTIONS = (
         bool,
         "Show the traceback of an error, not just its one line.",
         envvar="CONVEYOR_DEBUG",
+    ),
+    # TLS and payload encryption: what they mean is in cli/security.py.
+    _GlobalOption(
+        "tls",
+        "--tls",
+        bool,
+        "Reach the coordinator over TLS, trusting the system's CAs (implied by --tls-ca).",
+        envvar="CONVEYOR_TLS",
+    ),
+    _GlobalOption(
+        "tls_ca",
+        "--tls-ca",
+        str,
+        "PEM certificates to trust for the coordinator's TLS certificate (implies --tls).",
+        envvar="CONVEYOR_TLS_CA",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "tls_cert",
+        "--tls-cert",
+        str,
+        "PEM certificate of this process: the coordinator's server certificate, a client's "
+        "or worker's certificate for mutual TLS.",
+        envvar="CONVEYOR_TLS_CERT",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "tls_key",
+        "--tls-key",
+        str,
+        "PEM private key of --tls-cert.",
+        envvar="CONVEYOR_TLS_KEY",
+        metavar="FILE",
+    ),
+    _GlobalOption(
+        "encryption_key_file",
+        "--encryption-key-file",
+        str,
+        "Key ring for end-to-end payload encryption (conveyor encryption new-key makes one).",
+        envvar="CONVEYOR_ENCRYPTION_KEY_FILE",
+        metavar="FILE",
     ),
 )
 

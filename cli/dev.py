@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -21,9 +22,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import DEFAULT_COORDINATOR, Globals, command
-from conveyor.cli.errors import CLIError
+from conveyor.cli.errors import USAGE, CLIError
 from conveyor.cli.services import DEFAULT_LISTEN, busy_port_message, check_listen, is_bind_failure
+from conveyor.transport._tls import ServerTLS, tls_credentials
 
 if TYPE_CHECKING:
     from conveyor.embedded.lock import DirectoryLock
@@ -57,8 +60,14 @@ def dev(
 
     Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
     serves the task types echo, sleep and fail. One conveyor dev per data directory.
+
+    With --tls-cert and --tls-key the coordinator serves TLS (the demo worker trusts
+    --tls-ca, or the certificate itself when it is self-signed); with
+    --encryption-key-file the demo worker decrypts payloads and encrypts results.
     """
     from conveyor.embedded.lock import DirectoryLock
+
+    _check_security(g)  # bad files fail here, before PostgreSQL starts
 
     folder = Path(data_dir).expanduser()
     try:
@@ -96,7 +105,14 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
         if stop.is_set():
             return 130
         print("starting the coordinator …", flush=True)
-        coordinator = Coordinator(CoordinatorConfig(dsn=dsn, listen=listen))
+        coordinator = Coordinator(
+            CoordinatorConfig(
+                dsn=dsn,
+                listen=listen,
+                tls_cert_file=g.tls_cert or "",
+                tls_key_file=g.tls_key or "",
+            )
+        )
         try:
             await coordinator.start()
         except (OSError, RuntimeError) as exc:
@@ -104,10 +120,17 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
                 raise CLIError(busy_port_message(listen, exc)) from None
             raise
         lock.update(coordinator.address)
-        worker = Worker(coordinator.address, concurrency=concurrency)
+        worker = Worker(
+            coordinator.address,
+            concurrency=concurrency,
+            credentials=tls_credentials(_trusted(g)) if g.tls_cert else None,
+            codec=security.payload_codec(g),
+        )
         register_demo_tasks(worker)
         worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
-        print(banner(coordinator.address, dsn), flush=True)
+        trust = _trusted(g) if g.tls_cert else None
+        text = banner(coordinator.address, dsn, tls_ca=trust, key_file=g.encryption_key_file)
+        print(text, flush=True)
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
         if worker_task in done:
@@ -129,6 +152,22 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
     return 0
 
 
+def _check_security(g: Globals) -> None:
+    """Fails in one line on TLS or key files that cannot work."""
+    if bool(g.tls_cert) != bool(g.tls_key):
+        raise CLIError("conveyor dev serves TLS with both --tls-cert and --tls-key", code=USAGE)
+    if g.tls_cert and g.tls_key:
+        ServerTLS(g.tls_cert, g.tls_key)
+        tls_credentials(_trusted(g))
+    security.payload_codec(g)
+
+
+def _trusted(g: Globals) -> str:
+    """What the demo worker and the banner's commands trust: --tls-ca, else the
+    certificate itself (which works for a self-signed one)."""
+    return g.tls_ca or g.tls_cert or ""
+
+
 def runnable(name: str) -> str | None:
     """How to run the program ``name`` of this installation from a new shell in this folder:
     ``name`` when PATH finds this very one, else its path (relative below the current
@@ -146,15 +185,35 @@ def runnable(name: str) -> str | None:
         return str(beside)
 
 
-def banner(address: str, dsn: str) -> str:
-    """What ``conveyor dev`` prints once everything runs: commands that work as printed."""
+def banner(
+    address: str, dsn: str, *, tls_ca: str | None = None, key_file: str | None = None
+) -> str:
+    """What ``conveyor dev`` prints once everything runs: commands that work as printed
+    (with the TLS and key file flags they need when those are on)."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
+    client_args = [f'"{address}"']
+    imports = ["Client"]
+    if tls_ca:
+        where += f" --tls-ca {shlex.quote(tls_ca)}"
+        client_args.append(
+            f"options=ConnectionOptions(credentials=tls_credentials({json.dumps(tls_ca)}))"
+        )
+        imports += ["ConnectionOptions", "tls_credentials"]
+    if key_file:
+        where += f" --encryption-key-file {shlex.quote(key_file)}"
+        client_args.append(f"codec=EncryptionCodec.from_key_file({json.dumps(key_file)})")
+        imports.append("EncryptionCodec")
+    client = ", ".join(client_args)
     python = runnable("python") or shlex.quote(sys.executable)
     grpcurl = runnable("grpcurl") or shutil.which("grpcurl")
-    if grpcurl:
+    transport = f"-cacert {shlex.quote(tls_ca)}" if tls_ca else "-plaintext"
+    if grpcurl and key_file:
+        # grpcurl would submit plaintext payloads, which the encrypting worker refuses.
+        grpc_lines = f"  {grpcurl} {transport} {address} list"
+    elif grpcurl:
         grpc_lines = (
-            f"  {grpcurl} -plaintext "
+            f"  {grpcurl} {transport} "
             f'-d \'{{"type": "echo", "payload": "ImhlbGxvIg=="}}\' \\\n'
             f"      {address} conveyor.v1.TaskService/SubmitTask"
         )
@@ -169,7 +228,8 @@ Conveyor is running.
 In another terminal, in {os.getcwd()}:
   {cli} submit echo '"hello"' --wait{where}
   {cli} status{where}
-  {python} -c 'from conveyor.client import Client; c = Client("{address}"); \\
+  {python} -c 'from conveyor.client import {", ".join(imports)}; \\
+      c = Client({client}); \\
       t = c.submit("echo", "hello"); print(c.result(t.id, timeout=10))'
 {grpc_lines}
 

@@ -102,6 +102,22 @@ def _connection_failure(message: str) -> bool:
     )
 
 
+_TLS_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+(?::[^;]*)?)")
+
+
+def _tls_failure(f: RPCFailure) -> str | None:
+    """A failed TLS handshake in CLI terms (OpenSSL's reason kept), else None."""
+    if f.code is not grpc.StatusCode.UNAVAILABLE or "handshake failed" not in f.message.lower():
+        return None
+    found = _TLS_REASON.search(f.message)
+    return (
+        f"the TLS handshake with {f.address or 'the coordinator'} failed "
+        f"({found[1].strip() if found else 'no reason given'}): check that --tls-ca names "
+        "the CA that issued the coordinator's certificate, for the address dialled, and, "
+        "if it requires client certificates, --tls-cert and --tls-key"
+    )
+
+
 _PROTO_ENUM = re.compile(r"\b(?:TASK_STATE|ATTEMPT_OUTCOME|TASK_OUTCOME)_([A-Z_]+)\b")
 
 
@@ -113,7 +129,7 @@ def _cli_terms(text: str) -> str:
 
 def describe_failure(f: RPCFailure) -> str:
     """One line for a failed call, in CLI terms."""
-    return _cli_terms(" ".join(_describe_failure(f).split()))
+    return _cli_terms(" ".join((_tls_failure(f) or _describe_failure(f)).split()))
 
 
 def _describe_failure(f: RPCFailure) -> str:

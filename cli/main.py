@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+
+# gRPC's C core logs a failed TLS handshake (and other connection trouble) at INFO on
+# stderr, which would come before the CLI's one-line error; set before gRPC is imported
+# (GRPC_VERBOSITY=INFO in the environment brings it back).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +21,14 @@ from conveyor.cli.errors import USAGE
 
 def build() -> typer.Typer:
     """The whole command tree."""
-    from conveyor.cli import dev, schedule_commands, services, status_command, task_commands
+    from conveyor.cli import (
+        dev,
+        encryption_commands,
+        schedule_commands,
+        services,
+        status_command,
+        task_commands,
+    )
 
     root = cli_app.make_app()
     root.callback(help=cli_app.reflow(cli_app.root_callback.__doc__ or ""))(cli_app.root_callback)
@@ -25,6 +37,7 @@ def build() -> typer.Typer:
     task_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
+    encryption_commands.register(root)
     from conveyor.bench import cli as bench_cli
 
     bench_cli.register(root)

@@ -7,6 +7,7 @@ Times carry their zone: the local one for tasks, the schedule's own for schedule
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sys
@@ -20,6 +21,8 @@ from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
+
+from conveyor.transport._encryption import envelope_key_id, is_sealed
 
 # Wide enough that no table is ever wrapped when stdout is a pipe or a file.
 _PIPE_WIDTH = 10_000
@@ -44,6 +47,11 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, timedelta):
         return value.total_seconds()
+    if isinstance(value, bytes) and is_sealed(value):  # what no key of this CLI opened
+        return {
+            "encrypted_with_key": envelope_key_id(value),
+            "base64": base64.b64encode(value).decode(),
+        }
     if isinstance(value, bytes):
         try:
             return json.loads(value) if value else None
@@ -69,7 +77,13 @@ def to_json(value: Any) -> str:
 
 
 def short(data: bytes | str, limit: int = 60) -> str:
-    """Text of at most ``limit`` characters (an ellipsis marks a cut)."""
+    """Text of at most ``limit`` characters (an ellipsis marks a cut); an encrypted payload
+    or result is named as such, not printed as the bytes it is."""
+    if isinstance(data, bytes) and is_sealed(data):
+        return (
+            f"(encrypted with key {envelope_key_id(data)!r}: --encryption-key-file with "
+            "that key shows it)"
+        )
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -69,7 +69,7 @@ def _aware_time(text: str) -> datetime:
 
 
 def _client(g: Globals) -> Client:
-    return Client(g.addresses, timeout=g.rpc_timeout)
+    return g.client()
 
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]

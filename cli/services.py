@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import socket
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from conveyor.cli import security
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
@@ -134,16 +136,49 @@ def coordinator(
         float,
         typer.Option("--heartbeat-interval", metavar="SECONDS", help="Between worker heartbeats."),
     ] = 10.0,
+    liveness_timeout: Annotated[
+        float,
+        typer.Option(
+            "--liveness-timeout",
+            metavar="SECONDS",
+            help="Silence after which a worker is evicted (and a worker gives up on the "
+            "coordinator); 0: the lease duration minus one heartbeat interval.",
+        ),
+    ] = 0.0,
     max_payload_bytes: Annotated[
         int, typer.Option("--max-payload-bytes", help="Largest task payload accepted.")
     ] = 1 << 20,
+    max_backlog: Annotated[
+        int,
+        typer.Option(
+            "--max-backlog",
+            metavar="TASKS",
+            help="Unfinished tasks past which submits are refused (RESOURCE_EXHAUSTED); "
+            "0: no limit.",
+        ),
+    ] = 0,
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-client-ca",
+            envvar="CONVEYOR_TLS_CLIENT_CA",
+            metavar="FILE",
+            help="Require client certificates issued by these PEM certificates (mutual "
+            "TLS; needs --tls-cert and --tls-key, this coordinator's certificate).",
+        ),
+    ] = None,
     *,
     g: Globals,
 ) -> int:
-    """Run a coordinator against your PostgreSQL (and etcd, for several replicas)."""
+    """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
+
+    With --tls-cert and --tls-key it serves TLS (renewed files are picked up without a
+    restart); with --tls-client-ca too, every client and worker must present a
+    certificate (mutual TLS).
+    """
     config = coordinator_config(
         dsn=dsn,
         listen=listen,
@@ -153,11 +188,19 @@ def coordinator(
         election_ttl=election_ttl,
         lease_duration=lease_duration,
         heartbeat_interval=heartbeat_interval,
+        liveness_timeout=liveness_timeout,
         max_payload_bytes=max_payload_bytes,
+        max_backlog=max_backlog,
         pool_size=pool_size,
+        tls_cert=g.tls_cert,
+        tls_key=g.tls_key,
+        tls_client_ca=tls_client_ca,
     )
     check_listen(listen)
     from conveyor.coordinator import serve
+    from conveyor.coordinator.tls import server_tls
+
+    server_tls(config)  # a bad TLS file fails here, in one line, before anything starts
 
     try:
         asyncio.run(serve(config))
@@ -180,19 +223,21 @@ def coordinator_config(
     heartbeat_interval: float,
     max_payload_bytes: int,
     pool_size: int,
+    liveness_timeout: float = 0.0,
+    max_backlog: int = 0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> CoordinatorConfig:
-    """The coordinator's configuration from its flags; a bad value is a one-line error."""
+    """The coordinator's configuration from its flags; a bad value is a one-line error.
+
+    The rules are CoordinatorConfig's own; its message names settings, which map to the
+    flags by their dashed names."""
     from conveyor.coordinator import CoordinatorConfig
     from conveyor.coordinator.election import parse_endpoints
 
     if not dsn:
         raise CLIError("no database: pass --dsn postgresql://... or set CONVEYOR_DSN", code=USAGE)
-    if lease_duration <= 0 or heartbeat_interval <= 0:
-        raise CLIError("--lease-duration and --heartbeat-interval must be positive", code=USAGE)
-    if heartbeat_interval >= lease_duration:
-        raise CLIError("--heartbeat-interval must be shorter than --lease-duration", code=USAGE)
-    if election_ttl < 1:
-        raise CLIError("--election-ttl must be at least 1 second", code=USAGE)
     if pool_size < 1:
         raise CLIError("--pool-size must be at least 1", code=USAGE)
     try:
@@ -209,12 +254,31 @@ def coordinator_config(
             election_ttl=election_ttl,
             lease_duration=lease_duration,
             heartbeat_interval=heartbeat_interval,
+            liveness_timeout=liveness_timeout,
             max_payload_bytes=max_payload_bytes,
+            max_backlog=max_backlog,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            tls_cert_file=tls_cert or "",
+            tls_key_file=tls_key or "",
+            tls_client_ca_file=tls_client_ca or "",
         )
-    except ValueError as exc:  # the configuration's own checks
-        raise CLIError(str(exc), code=USAGE) from None
+    except ValueError as exc:  # the configuration's own checks, in terms of the flags
+        raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
+
+
+_FLAG_SETTINGS = (
+    "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
+    "max_payload_bytes", "max_backlog",
+)  # fmt: skip
+
+
+def _in_flag_terms(message: str) -> str:
+    """CoordinatorConfig names its settings (``lease_duration``); the CLI user knows them
+    as flags (``--lease-duration``)."""
+    for name in _FLAG_SETTINGS:
+        message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
+    return message
 
 
 def worker(
@@ -293,6 +357,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            **security.worker_settings(g),
         )
     except ValueError as exc:
         raise CLIError(str(exc), code=USAGE) from None

@@ -47,7 +47,7 @@ def status(
     Each connected worker is listed with its queues, the task types it serves and its tasks
     in flight. The exit code is 1 while the cluster has no leader.
     """
-    reply = asyncio.run(wire.cluster_status(g.addresses, g.rpc_timeout))
+    reply = asyncio.run(wire.cluster_status(g))
     if as_json:
         output.print_text(json.dumps(json_format.MessageToDict(reply), indent=2))
     else:
@@ -118,18 +118,19 @@ def health(
     For container health checks and probes: prints each address with its state (SERVING,
     NOT_SERVING, UNREACHABLE).
     """
-    results = asyncio.run(_check_all(g.addresses, service, g.rpc_timeout))
+    results = asyncio.run(_check_all(g, service))
     for address, state in results:
         output.print_text(f"{address} {state}")
     return 0 if all(state == "SERVING" for _, state in results) else 1
 
 
-async def _check_all(addresses: list[str], service: str, seconds: float) -> list[tuple[str, str]]:
-    return list(await asyncio.gather(*(_check(a, service, seconds) for a in addresses)))
+async def _check_all(g: Globals, service: str) -> list[tuple[str, str]]:
+    return list(await asyncio.gather(*(_check(g, a, service) for a in g.addresses)))
 
 
-async def _check(address: str, service: str, seconds: float) -> tuple[str, str]:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _check(g: Globals, address: str, service: str) -> tuple[str, str]:
+    seconds = g.rpc_timeout
+    async with g.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             request = health_pb2.HealthCheckRequest(service=service)

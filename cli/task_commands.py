@@ -18,7 +18,7 @@ import typer
 from conveyor.cli import output, wire
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
-from conveyor.client import AsyncClient, Client, Task, TaskState
+from conveyor.client import AsyncClient, Task, TaskState
 from conveyor.v1 import task_pb2
 
 logger = logging.getLogger("conveyor.cli")
@@ -135,7 +135,7 @@ def submit(
 async def _submit(
     g: Globals, type: str, payload: Any, *, wait: bool, wait_timeout: float | None, **options: Any
 ) -> Task:
-    async with AsyncClient(g.addresses, timeout=g.rpc_timeout) as client:
+    async with g.async_client() as client:
         task = await client.submit(type, payload, **options)
         if not wait:
             return task
@@ -213,7 +213,7 @@ async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, statu
 
 @contextlib.asynccontextmanager
 async def _channel(g: Globals) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(g.addresses[0]) as channel:
+    async with g.channel(g.addresses[0]) as channel:
         yield channel
 
 
@@ -227,7 +227,7 @@ def get(
 
     A waiting task that no connected worker serves says so (and which worker to start).
     """
-    view = wire.get_task(g.addresses, g.rpc_timeout, task_id)
+    view = wire.get_task(g, task_id)
     if as_json:
         data = output.plain(view.task)
         data.update(uncounted_attempts=view.uncounted_attempts, unserved=view.unserved)
@@ -305,8 +305,7 @@ def tasks(
         else task_pb2.TASK_STATE_UNSPECIFIED
     )
     views = wire.list_tasks(
-        g.addresses,
-        g.rpc_timeout,
+        g,
         queue=queue,
         state=proto_state,
         type=type,
@@ -341,7 +340,7 @@ def queues(
     g: Globals,
 ) -> int:
     """Show task counts per queue and the connected workers that take from each."""
-    stats = wire.list_queues(g.addresses, g.rpc_timeout)
+    stats = wire.list_queues(g)
     if as_json:
         rows = [
             {
@@ -372,7 +371,7 @@ def cancel(
     g: Globals,
 ) -> int:
     """Cancel an unfinished task (a running one's worker is told to stop)."""
-    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+    with g.client() as client:
         task = client.cancel(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0
@@ -384,7 +383,7 @@ def retry(
     g: Globals,
 ) -> int:
     """Redrive a dead task: it runs again with a fresh set of attempts."""
-    with Client(g.addresses, timeout=g.rpc_timeout) as client:
+    with g.client() as client:
         task = client.retry(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
     return 0

@@ -10,12 +10,15 @@ follow. Failures are raised as :class:`RemoteError`, which the CLI prints as one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
+from conveyor.cli import security
+from conveyor.cli.app import Globals
 from conveyor.cli.errors import RemoteError, RPCFailure, failure_from_grpc
 from conveyor.client import Task
 from conveyor.v1 import (
@@ -29,17 +32,13 @@ from conveyor.v1 import (
 T = TypeVar("T")
 
 
-async def call(
-    addresses: Sequence[str],
-    rpc_timeout: float,
-    method: Callable[[grpc.aio.Channel, float], Awaitable[T]],
-) -> T:
+async def call(g: Globals, method: Callable[[grpc.aio.Channel, float], Awaitable[T]]) -> T:
     """Runs ``method(channel, timeout)`` on the first coordinator that can answer."""
     last: RPCFailure | None = None
-    for address in addresses:
-        async with grpc.aio.insecure_channel(address) as channel:
+    for address in g.addresses:
+        async with g.channel(address) as channel:
             try:
-                return await method(channel, rpc_timeout)
+                return await method(channel, g.rpc_timeout)
             except grpc.aio.AioRpcError as err:
                 last = failure_from_grpc(err, address)
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
@@ -48,9 +47,9 @@ async def call(
     raise RemoteError(last)
 
 
-def run(addresses: Sequence[str], rpc_timeout: float, method: Any) -> Any:
+def run(g: Globals, method: Any) -> Any:
     """:func:`call` from synchronous code."""
-    return asyncio.run(call(addresses, rpc_timeout, method))
+    return asyncio.run(call(g, method))
 
 
 def _tasks(channel: grpc.aio.Channel) -> Any:
@@ -77,19 +76,19 @@ class TaskView:
     attempts: tuple[task_pb2.TaskAttempt, ...] = ()
 
 
-def get_task(addresses: Sequence[str], rpc_timeout: float, task_id: str) -> TaskView:
+def get_task(g: Globals, task_id: str) -> TaskView:
     async def method(channel: grpc.aio.Channel, seconds: float) -> TaskView:
         response = await _tasks(channel).GetTask(
             task_service_pb2.GetTaskRequest(id=task_id), timeout=seconds
         )
         return TaskView(
-            Task.from_proto(response.task),
+            security.open_task(g, Task.from_proto(response.task)),
             response.task.uncounted_attempts,
             response.unserved,
             tuple(response.attempts),
         )
 
-    result: TaskView = run(addresses, rpc_timeout, method)
+    result: TaskView = run(g, method)
     return result
 
 
@@ -102,8 +101,7 @@ async def task_unserved(channel: grpc.aio.Channel, task_id: str, seconds: float)
 
 
 def list_tasks(
-    addresses: Sequence[str],
-    rpc_timeout: float,
+    g: Globals,
     *,
     queue: str | None,
     state: int,
@@ -120,20 +118,23 @@ def list_tasks(
             ),
             timeout=seconds,
         )
-        return [TaskView(Task.from_proto(t), t.uncounted_attempts, False) for t in response.tasks]
+        return [
+            TaskView(security.open_task(g, Task.from_proto(t)), t.uncounted_attempts, False)
+            for t in response.tasks
+        ]
 
-    result: list[TaskView] = run(addresses, rpc_timeout, method)
+    result: list[TaskView] = run(g, method)
     return result
 
 
-def list_queues(addresses: Sequence[str], rpc_timeout: float) -> list[task_pb2.QueueStats]:
+def list_queues(g: Globals) -> list[task_pb2.QueueStats]:
     async def method(channel: grpc.aio.Channel, seconds: float) -> list[task_pb2.QueueStats]:
         response = await _tasks(channel).ListQueues(
             task_service_pb2.ListQueuesRequest(), timeout=seconds
         )
         return list(response.queues)
 
-    result: list[task_pb2.QueueStats] = run(addresses, rpc_timeout, method)
+    result: list[task_pb2.QueueStats] = run(g, method)
     return result
 
 
@@ -147,16 +148,14 @@ async def _cluster_status(
     return response
 
 
-async def cluster_status(
-    addresses: Sequence[str], rpc_timeout: float
-) -> admin_service_pb2.GetClusterStatusResponse:
+async def cluster_status(g: Globals) -> admin_service_pb2.GetClusterStatusResponse:
     """The cluster status, from the leader when a follower answered first (only the leader
     knows the workers)."""
-    status = await call(addresses, rpc_timeout, _cluster_status)
+    status = await call(g, _cluster_status)
     leader = status.leader.address
-    if leader and not status.answered_by.leader and leader not in addresses[:1]:
+    if leader and not status.answered_by.leader and leader not in g.addresses[:1]:
         try:
-            return await call([leader], rpc_timeout, _cluster_status)
+            return await call(dataclasses.replace(g, coordinator=leader), _cluster_status)
         except RemoteError:
             pass  # the follower's answer still says who leads; show that
     return status

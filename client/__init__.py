@@ -32,6 +32,15 @@ from conveyor.client._models import (
     TaskState,
 )
 from conveyor.client._sync_client import Client
+from conveyor.transport._encryption import (
+    Binding,
+    DecryptionError,
+    EncryptionCodec,
+    EncryptionError,
+    KeyRing,
+    KeyRingError,
+    PayloadCodec,
+)
 from conveyor.transport._errors import (
     ConveyorError,
     DeadlineExceededError,
@@ -53,24 +62,32 @@ from conveyor.transport._errors import (
     WorkerIdInUseError,
 )
 from conveyor.transport._options import ConnectionOptions
+from conveyor.transport._tls import TLSConfigError, tls_credentials
 
 __all__ = [
     "AsyncClient",
     "AttemptOutcome",
+    "Binding",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
     "DeadlineExceededError",
+    "DecryptionError",
+    "EncryptionCodec",
+    "EncryptionError",
     "EtagMismatchError",
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
+    "KeyRing",
+    "KeyRingError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "PayloadCodec",
     "ProtocolViolationError",
     "QueueStats",
     "QuotaExceededError",
@@ -81,6 +98,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "TLSConfigError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -91,4 +109,5 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "tls_credentials",
 ]

@@ -16,6 +16,13 @@ import grpc
 import uuid_utils
 
 from conveyor.client._channel import Connection, RetryRules
+from conveyor.client._encryption import (
+    open_schedule,
+    open_task,
+    require_result,
+    seal_request,
+    seal_template,
+)
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
     CatchUpPolicy,
@@ -39,6 +46,7 @@ from conveyor.client._models import (
     task_template,
 )
 from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
+from conveyor.transport._encryption import PayloadCodec
 from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
@@ -89,6 +97,12 @@ class AsyncClient:
             (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
             wait the server asks for (``RetryInfo``), within ``timeout``. By default they
             raise at once.
+        codec: Encodes the payloads this client submits (tasks and schedule templates)
+            and decodes the payloads and results it reads, such as
+            ``EncryptionCodec.from_key_file("keys.json")`` for end-to-end encryption: the
+            coordinator and its database then hold only ciphertext. Workers need the
+            same keys. What a read cannot decode stays as it travelled, and
+            :meth:`result` raises :class:`DecryptionError` for it.
     """
 
     def __init__(
@@ -100,6 +114,7 @@ class AsyncClient:
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
         retry_resource_exhausted: bool = False,
+        codec: PayloadCodec | None = None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
@@ -110,6 +125,7 @@ class AsyncClient:
             rules=RetryRules(retry_resource_exhausted=retry_resource_exhausted),
         )
         self._retry_submits = retry_submits
+        self._codec = codec
 
     @property
     def addresses(self) -> builtins.list[str]:
@@ -192,13 +208,14 @@ class AsyncClient:
         )
         request = spec.to_proto()
         self._add_request_ids([request])
+        seal_request(self._codec, request)
         response = await self._conn.unary(
             lambda stub: stub.SubmitTask,
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=bool(request.idempotency_key or request.request_id),
         )
-        return Task.from_proto(response.task)
+        return open_task(self._codec, Task.from_proto(response.task))
 
     def _add_request_ids(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
         """Gives each task an id of the client's making, unless ``retry_submits`` is off."""
@@ -222,6 +239,8 @@ class AsyncClient:
         results: list[Task] = []
         # Ids go on before batching: the batch request copies the messages.
         self._add_request_ids(requests)
+        for request in requests:
+            seal_request(self._codec, request)
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
@@ -238,7 +257,9 @@ class AsyncClient:
                         f"call were already submitted and stay submitted."
                     )
                 raise
-            results.extend(Task.from_proto(r.task) for r in response.results)
+            results.extend(
+                open_task(self._codec, Task.from_proto(r.task)) for r in response.results
+            )
         return results
 
     # -- reading -----------------------------------------------------------------------
@@ -260,7 +281,8 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
         )
-        return _task(response), [TaskAttempt.from_proto(a) for a in response.attempts]
+        task = open_task(self._codec, _task(response))
+        return task, [TaskAttempt.from_proto(a) for a in response.attempts]
 
     async def list(
         self,
@@ -288,7 +310,7 @@ class AsyncClient:
         )
         response = await self._conn.unary(lambda stub: stub.ListTasks, request, idempotent=True)
         return Page(
-            items=[Task.from_proto(t) for t in response.tasks],
+            items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],
             next_page_token=response.next_page_token or None,
         )
 
@@ -327,7 +349,7 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
         )
-        return Task.from_proto(response.task)
+        return open_task(self._codec, Task.from_proto(response.task))
 
     async def retry(self, task_id: str) -> Task:
         """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
@@ -338,7 +360,7 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
         )
-        return Task.from_proto(response.task)
+        return open_task(self._codec, Task.from_proto(response.task))
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -370,7 +392,7 @@ class AsyncClient:
                 # aclosing: leaving early must cancel the stream now, not at GC time.
                 async with aclosing(stream):
                     async for response in stream:
-                        task = _task(response)
+                        task = open_task(self._codec, _task(response))
                         # A reopened stream repeats the current state: not news, and not
                         # progress either, so it does not reset the failure count.
                         if task != last:
@@ -438,12 +460,15 @@ class AsyncClient:
             TaskFailedError: The task ended DEAD (``last_error`` says why).
             TaskCancelledError: The task was cancelled.
             WaitTimeoutError: The timeout passed first.
+            DecryptionError: The result is encrypted and this client's codec cannot
+                open it (a key not in its ring, say).
         """
         task = await self.wait(task_id, timeout)
         if task.state is TaskState.DEAD:
             raise TaskFailedError(task)
         if task.state is TaskState.CANCELLED:
             raise TaskCancelledError(task)
+        require_result(self._codec, task)
         return task.json()
 
     # -- schedules ---------------------------------------------------------------------
@@ -515,12 +540,13 @@ class AsyncClient:
             paused=paused,
         )
         _set_times(schedule, start_time, end_time)
+        seal_template(self._codec, schedule.task_template)
         response = await self._conn.unary(
             lambda stub: stub.CreateSchedule,
             spb.CreateScheduleRequest(schedule=schedule),
             idempotent=False,
         )
-        return Schedule.from_proto(response.schedule)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def get_schedule(self, name: str) -> Schedule:
         """Returns the schedule with its next fire times and latest firings.
@@ -531,7 +557,7 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
         )
-        return Schedule.from_proto(response.schedule)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def list_schedules(
         self, page_size: int = 100, page_token: str | None = None
@@ -543,7 +569,7 @@ class AsyncClient:
             idempotent=True,
         )
         return Page(
-            items=[Schedule.from_proto(s) for s in response.schedules],
+            items=[open_schedule(self._codec, Schedule.from_proto(s)) for s in response.schedules],
             next_page_token=response.next_page_token or None,
         )
 
@@ -622,12 +648,35 @@ class AsyncClient:
             paths.append("task_template.labels")
         if not paths:
             raise ValueError("update_schedule() needs at least one field to change")
+        await self._seal_update(schedule, paths)
         request = spb.UpdateScheduleRequest(schedule=schedule)
         request.update_mask.paths.extend(paths)
         response = await self._conn.unary(
             lambda stub: stub.UpdateSchedule, request, idempotent=False
         )
-        return Schedule.from_proto(response.schedule)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
+
+    async def _seal_update(self, schedule: spb.Schedule, paths: builtins.list[str]) -> None:
+        """Encodes the template payload of an update. The ciphertext is bound to the task
+        type, so a new type needs the payload again, and a new payload needs the type
+        (read from the schedule when the update leaves it, with the read's etag unless
+        the caller gave one, so a concurrent change of type cannot slip in between)."""
+        if self._codec is None:
+            return
+        template = {"task_template.type", "task_template.payload", "task_template.content_type"}
+        if not template.intersection(paths):
+            return
+        if "task_template.payload" not in paths:
+            raise ValueError(
+                "update_schedule() must pass payload= when it changes type= or "
+                "content_type= with a codec: the encrypted payload is bound to its task type"
+            )
+        task_type = schedule.task_template.type
+        if "task_template.type" not in paths:
+            current = await self.get_schedule(schedule.name)
+            task_type = current.type
+            schedule.etag = schedule.etag or current.etag
+        seal_template(self._codec, schedule.task_template, task_type)
 
     async def delete_schedule(self, name: str) -> None:
         """Deletes a schedule; the tasks it submitted stay."""
@@ -640,14 +689,14 @@ class AsyncClient:
         response = await self._conn.unary(
             lambda stub: stub.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
         )
-        return Schedule.from_proto(response.schedule)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def resume_schedule(self, name: str) -> Schedule:
         """Starts a paused schedule again from now; ticks missed while paused do not fire."""
         response = await self._conn.unary(
             lambda stub: stub.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
         )
-        return Schedule.from_proto(response.schedule)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:

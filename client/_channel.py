@@ -245,7 +245,7 @@ class Connection:
             if not await self._ready(address, remaining, patient=patient):
                 # Never connected, so nothing was sent: safe to move on for any call.
                 failures += 1
-                last_error = _connect_error(address)
+                last_error = _connect_error(address, tls=self.options.credentials is not None)
                 address = await self._after_failure(address, failures, last_error, deadline)
                 continue
             try:
@@ -349,10 +349,21 @@ def _out_of_budget(
     return now + delay >= deadline
 
 
-def _connect_error(address: str) -> UnavailableError:
+def _connect_error(address: str, *, tls: bool = False) -> UnavailableError:
+    # The channel reports only that it failed, not why: over TLS a refused handshake
+    # (untrusted certificate, a plaintext coordinator, a missing client certificate)
+    # looks the same as an absent coordinator, so name those causes too.
+    why = (
+        " Over TLS, also check that the coordinator serves TLS, that its certificate is "
+        "issued by a CA the client trusts (--tls-ca) for the name dialled, and, if it "
+        "requires client certificates, that this client presents one it accepts "
+        "(--tls-cert, --tls-key)."
+        if tls
+        else ""
+    )
     return UnavailableError(
         f"cannot connect to the coordinator at {address}. Check that it is running and "
-        f"reachable from here, or pass the addresses of more coordinators.",
+        f"reachable from here, or pass the addresses of more coordinators.{why}",
         code=grpc.StatusCode.UNAVAILABLE,
         address=address,
     )

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from conveyor.transport._encryption import DecryptionError, envelope_key_id, is_sealed
 from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
@@ -326,9 +327,20 @@ class Task:
         )
 
     def json(self) -> Any:
-        """Decodes the result as JSON; ``None`` when there is no result (yet)."""
+        """Decodes the result as JSON; ``None`` when there is no result (yet).
+
+        Raises:
+            DecryptionError: The result is still encrypted (the client that read it had
+                no codec holding its key).
+        """
         if not self.result:
             return None
+        if is_sealed(self.result):
+            raise DecryptionError(
+                f"the result of task {self.id} is encrypted with key "
+                f"{envelope_key_id(self.result)!r}; read it with a client whose codec holds "
+                "that key (codec=EncryptionCodec.from_key_file(...))"
+            )
         return json.loads(self.result)
 
     @classmethod
@@ -655,7 +667,18 @@ class Schedule:
     etag: str = ""
 
     def json(self) -> Any:
-        """The template's payload decoded as JSON; ``None`` when empty."""
+        """The template's payload decoded as JSON; ``None`` when empty.
+
+        Raises:
+            DecryptionError: The payload is still encrypted (the client that read it had
+                no codec holding its key).
+        """
+        if is_sealed(self.payload):
+            raise DecryptionError(
+                f"the payload of schedule {self.name} is encrypted with key "
+                f"{envelope_key_id(self.payload)!r}; read it with a client whose codec "
+                "holds that key (codec=EncryptionCodec.from_key_file(...))"
+            )
         return json.loads(self.payload) if self.payload else None
 
     @classmethod

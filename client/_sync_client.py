@@ -34,6 +34,7 @@ from conveyor.client._models import (
     TaskState,
 )
 from conveyor.transport import ConnectionOptions
+from conveyor.transport._encryption import PayloadCodec
 
 __all__ = ["Client"]
 
@@ -118,6 +119,7 @@ class Client:
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
         retry_resource_exhausted: bool = False,
+        codec: PayloadCodec | None = None,
     ) -> None:
         # Built before the thread starts, so bad arguments raise here and leak no thread.
         self._async = AsyncClient(
@@ -127,6 +129,7 @@ class Client:
             options=options,
             retry_submits=retry_submits,
             retry_resource_exhausted=retry_resource_exhausted,
+            codec=codec,
         )
         self._loop = _LoopThread()
         self._close_lock = threading.Lock()
@@ -321,6 +324,8 @@ class Client:
             TaskFailedError: The task ended DEAD (``last_error`` says why).
             TaskCancelledError: The task was cancelled.
             WaitTimeoutError: The timeout passed first.
+            DecryptionError: The result is encrypted and this client's codec cannot
+                open it (a key not in its ring, say).
         """
         return self._loop.run(self._async.result(task_id, timeout))
 

@@ -91,6 +91,14 @@ class CoordinatorConfig:
     """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    tls_cert_file: str = ""
+    """PEM certificate chain to serve TLS with (with ``tls_key_file``); empty: plaintext.
+    Renewed files are picked up on the next handshake (``coordinator/tls.py``)."""
+    tls_key_file: str = ""
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: str = ""
+    """PEM certificates that issue client certificates: when set, every client and worker
+    must present one (mutual TLS). Needs ``tls_cert_file``."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -135,6 +143,12 @@ class CoordinatorConfig:
                 out.append(f"{name} must be at least 1 (got {value})")
         if self.max_backlog < 0:
             out.append(f"max_backlog must be 0 (no limit) or positive, got {self.max_backlog}")
+        if self.etcd and 0 < self.election_ttl < 1:
+            out.append(
+                f"election_ttl must be at least 1 second: etcd leases are whole seconds "
+                f"(got {self.election_ttl})"
+            )
+        out += _tls_problems(self)
         if out:
             return out  # the relations below assume sane values
         heartbeat, lease = self.heartbeat_interval, self.lease_duration
@@ -158,3 +172,14 @@ class CoordinatorConfig:
                 f"message (got {self.max_payload_bytes})"
             )
         return out
+
+
+def _tls_problems(config: CoordinatorConfig) -> list[str]:
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        return ["TLS needs both tls_cert_file and tls_key_file (--tls-cert and --tls-key)"]
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        return [
+            "tls_client_ca_file (--tls-client-ca) needs TLS: give tls_cert_file and "
+            "tls_key_file (--tls-cert, --tls-key) too"
+        ]
+    return []

@@ -34,8 +34,10 @@ from conveyor.coordinator.store.sql import UNSAFE_DISABLE_FENCING
 from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.task_service import TaskServicer
+from conveyor.coordinator.tls import add_port, server_tls
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
+from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -79,6 +81,8 @@ class Coordinator:
         self.deps: Deps | None = None
         self._pool: asyncpg.Pool | None = None
         self._server: grpc.aio.Server | None = None
+        #: The TLS set-up served (None: plaintext), set by start().
+        self.tls: ServerTLS | None = None
         self._health = health.aio.HealthServicer()
         self._closed = asyncio.Event()
         self.dispatcher: Dispatcher | None = None
@@ -105,6 +109,8 @@ class Coordinator:
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
         cfg = self.config
+        # Before anything starts: a bad certificate is a one-line error, not a late one.
+        self.tls = server_tls(cfg)
         if UNSAFE_DISABLE_FENCING:
             _log.error("CONVEYOR_UNSAFE_DISABLE_FENCING is set: fencing is OFF (tests only)")
         self._pool = pool = await asyncpg.create_pool(
@@ -149,7 +155,7 @@ class Coordinator:
                 ("grpc.http2.max_ping_strikes", 0),
             ],
         )
-        port = server.add_insecure_port(cfg.listen)
+        port = add_port(server, cfg.listen, self.tls)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.listen}: the address is in use or invalid")
         host = cfg.listen.rsplit(":", 1)[0]

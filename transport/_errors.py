@@ -24,6 +24,10 @@ Every exception the SDK raises on purpose derives from one root, so
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
     ├── WaitTimeoutError             (client) wait() gave up; also a TimeoutError (.task_id, .task)
+    ├── TLSConfigError               a TLS file is unusable (missing, not PEM, mismatched, ...)
+    ├── EncryptionError              payload encryption failed or is misconfigured
+    │   ├── KeyRingError             a key ring or key file is invalid
+    │   └── DecryptionError          a payload or result does not open (key, tampering, binding)
     └── NoHandlersError              (worker) a Worker without handlers cannot start
 
 Two exceptions stand apart on purpose: ``NonRetryableError`` is raised by handlers, not

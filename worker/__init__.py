@@ -19,21 +19,40 @@
 All logging goes to the ``conveyor.worker`` logger.
 """
 
+from conveyor.transport._encryption import (
+    Binding,
+    DecryptionError,
+    EncryptionCodec,
+    EncryptionError,
+    KeyRing,
+    KeyRingError,
+    PayloadCodec,
+)
 from conveyor.transport._errors import WorkerIdInUseError
 from conveyor.transport._options import ConnectionOptions
+from conveyor.transport._tls import TLSConfigError, tls_credentials
 from conveyor.worker._context import CancellationSignal, TaskContext
 from conveyor.worker._errors import NoHandlersError, NonRetryableError, WorkerLoadError
 from conveyor.worker._loader import load_worker
 from conveyor.worker._worker import Worker
 
 __all__ = [
+    "Binding",
     "CancellationSignal",
     "ConnectionOptions",
+    "DecryptionError",
+    "EncryptionCodec",
+    "EncryptionError",
+    "KeyRing",
+    "KeyRingError",
     "NoHandlersError",
     "NonRetryableError",
+    "PayloadCodec",
+    "TLSConfigError",
     "TaskContext",
     "Worker",
     "WorkerIdInUseError",
     "WorkerLoadError",
     "load_worker",
+    "tls_credentials",
 ]

@@ -21,6 +21,14 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Protocol
 
+from conveyor.transport._encryption import (
+    ENCRYPTED_CONTENT_TYPE,
+    Binding,
+    DecryptionError,
+    PayloadCodec,
+    envelope_key_id,
+    is_sealed,
+)
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.worker._codec import (
     TaskFailure,
@@ -48,6 +56,9 @@ CANCELLED = pb.TASK_OUTCOME_CANCELLED
 INTERRUPTED = pb.TASK_OUTCOME_INTERRUPTED
 
 SHUTDOWN_ERROR = "worker shut down"
+# The content types a result has before encryption (results carry none on the wire).
+JSON_CONTENT_TYPE = "application/json"
+BYTES_CONTENT_TYPE = "application/octet-stream"
 
 
 class RuntimeListener(Protocol):
@@ -69,6 +80,9 @@ class _Execution:
     assignment: pb.Assignment
     handler: Handler
     timeout: float | None
+    #: The payload and content type the handler sees (decoded by the payload codec).
+    payload: bytes
+    content_type: str
     signal: CancellationSignal = dataclasses.field(default_factory=CancellationSignal)
     context: TaskContext | None = None
     task: asyncio.Task[None] | None = None
@@ -112,8 +126,10 @@ class Runtime:
         concurrency: int,
         executor: concurrent.futures.Executor,
         worker_id: str,
+        codec: PayloadCodec | None = None,
     ) -> None:
         self._registry = registry
+        self._codec = codec
         self._concurrency = concurrency
         self._executor = executor
         self._worker_id = worker_id
@@ -208,13 +224,27 @@ class Runtime:
             self._emit(_result(lease, FAILED, error=error, retryable=False))
             self._notify_slots()
             return
+        try:
+            payload, content_type = self._open_payload(assignment)
+        except TaskFailure as exc:
+            # Another attempt would see the same bytes: fail for good, without a slot.
+            logger.error("task %s: %s", lease.task_id, exc.message)
+            self._emit(_result(lease, FAILED, error=exc.message, retryable=False))
+            self._notify_slots()
+            return
         timeout: float | None = None
         if assignment.HasField("timeout"):
             timeout = assignment.timeout.seconds + assignment.timeout.nanos / 1e9
             if timeout <= 0:
                 timeout = None
         execution = _Execution(
-            key=key, lease=lease, assignment=assignment, handler=handler, timeout=timeout
+            key=key,
+            lease=lease,
+            assignment=assignment,
+            handler=handler,
+            timeout=timeout,
+            payload=payload,
+            content_type=content_type,
         )
         self._held[key] = execution
         self._idle.clear()
@@ -312,7 +342,7 @@ class Runtime:
             idempotency_key=assignment.idempotency_key,
             deadline=deadline,
             labels=MappingProxyType(dict(assignment.labels)),
-            content_type=assignment.content_type,
+            content_type=execution.content_type,
             traceparent=assignment.traceparent,
             create_time=(
                 _EPOCH
@@ -362,7 +392,7 @@ class Runtime:
         handler = execution.handler
         ctx = execution.context
         assert ctx is not None
-        payload = execution.assignment.payload
+        payload = execution.payload
         lease = execution.lease
         try:
             if handler.is_async:
@@ -376,6 +406,7 @@ class Runtime:
                 )
                 execution.thread_future = future
                 data = await asyncio.wrap_future(future)
+            data = self._seal_result(execution, data)
         except TaskFailure as exc:
             logger.warning("task %s attempt %d failed: %s", *execution.key, exc.message)
             return _result(lease, FAILED, error=exc.message, retryable=exc.retryable)
@@ -392,6 +423,55 @@ class Runtime:
             return _result(lease, FAILED, error=describe_exception(exc), retryable=True)
         logger.debug("task %s attempt %d succeeded", *execution.key)
         return _result(lease, SUCCEEDED, result=data)
+
+    def _open_payload(self, assignment: pb.Assignment) -> tuple[bytes, str]:
+        """The payload and content type for the handler, decoded by the codec.
+
+        Raises:
+            TaskFailure: Not retryable: the payload cannot be decoded (its key is not in
+                the ring, it was altered or sealed for another type), or it is encrypted
+                and this worker has no codec.
+        """
+        data, content_type = assignment.payload, assignment.content_type
+        task_id = assignment.lease.task_id
+        if self._codec is None:
+            if is_sealed(data) or content_type == ENCRYPTED_CONTENT_TYPE:
+                raise TaskFailure(
+                    f"the payload of task {task_id} is encrypted (key "
+                    f"{envelope_key_id(data)!r}) and worker {self._worker_id} has no key "
+                    "ring: give it the application's keys (Worker(codec="
+                    "EncryptionCodec.from_key_file(...)), or --encryption-key-file)",
+                    retryable=False,
+                )
+            return data, content_type
+        try:
+            return self._codec.decode(data, content_type, Binding.payload(assignment.type))
+        except DecryptionError as exc:
+            raise TaskFailure(
+                f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}", retryable=False
+            ) from exc
+        except Exception as exc:  # a codec of the application's own that failed
+            raise TaskFailure(
+                f"the payload codec failed on task {task_id}: {type(exc).__name__}: {exc}",
+                retryable=False,
+            ) from exc
+
+    def _seal_result(self, execution: _Execution, data: bytes) -> bytes:
+        """The result as it is to travel, encoded by the codec."""
+        if self._codec is None:
+            return data
+        content_type = BYTES_CONTENT_TYPE if execution.handler.raw else JSON_CONTENT_TYPE
+        binding = Binding.result(execution.assignment.type, execution.lease.task_id)
+        try:
+            sealed, _ = self._codec.encode(data, content_type, binding)
+        except Exception as exc:
+            # The handler ran; running it again would repeat its effects to fail the same way.
+            raise TaskFailure(
+                f"the payload codec could not encode the result of task "
+                f"{execution.lease.task_id}: {type(exc).__name__}: {exc}",
+                retryable=False,
+            ) from exc
+        return sealed
 
     def _on_timeout(self, execution: _Execution) -> None:
         execution.timer = None

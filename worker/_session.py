@@ -323,7 +323,11 @@ class Session:
         lease = welcome.lease_duration.ToTimedelta().total_seconds()
         if lease <= 0:
             lease = DEFAULT_LEASE_DURATION
-        self._liveness = liveness_timeout(self._heartbeat_interval, lease)
+        told = welcome.liveness_timeout.ToTimedelta().total_seconds()
+        # The coordinator says how long it waits before it evicts a silent worker; the
+        # worker gives up on a silent coordinator after the same time. Older coordinators
+        # do not say: then the same rule computed here.
+        self._liveness = told if told > 0 else liveness_timeout(self._heartbeat_interval, lease)
         if self._liveness >= lease:
             # The coordinator's settings leave no room to notice silence before a lease
             # runs out; say so, since tasks may then run twice after a failover.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from conveyor.transport import ConnectionOptions, parse_addresses
+from conveyor.transport._encryption import PayloadCodec
 from conveyor.worker._connection import Connector
 from conveyor.worker._errors import NoHandlersError
 from conveyor.worker._registry import TaskRegistry
@@ -119,6 +121,11 @@ class Worker:
         api_key: Sent as ``authorization: Bearer <api_key>`` when opening the stream.
         options: Transport settings shared with the client: TLS, metadata, message
             limits, keepalive, client interceptors.
+        codec: Decodes every payload before its handler sees it and encodes every
+            result, such as ``EncryptionCodec.from_key_file("keys.json")`` for end-to-end
+            encryption (the clients need the same keys). A payload it cannot decode (a
+            key not in the ring, an altered ciphertext) fails its task for good, with
+            the reason; so does an encrypted payload reaching a worker without a codec.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class Worker:
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         self._addresses: list[str] = []
         self._queues: tuple[str, ...] = ()
@@ -148,6 +156,7 @@ class Worker:
             options, api_key=api_key, credentials=credentials, metadata=metadata
         )
         self._registry = TaskRegistry()
+        self._codec = codec
         # Set for the duration of one run.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runtime: Runtime | None = None
@@ -180,8 +189,13 @@ class Worker:
         worker_id: str | None = None,
         grace_period: float | None = None,
         sync_threads: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        codec: PayloadCodec | None = None,
     ) -> Self:
         """Change settings before the worker runs; ``None`` keeps a setting as it is.
+
+        ``credentials`` replaces the TLS credentials the worker was made with, ``codec``
+        its payload codec.
 
         Meant for ``conveyor worker MODULE`` to apply its command-line flags to a worker
         loaded with :func:`load_worker`. Validates everything before changing anything.
@@ -214,6 +228,10 @@ class Worker:
             self._default_id_pid = None
         self._grace_period = self._grace_period if grace_period is None else grace_period
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
+        if credentials is not None:
+            self._options = dataclasses.replace(self._options, credentials=credentials)
+        if codec is not None:
+            self._codec = codec
         return self
 
     @property
@@ -389,6 +407,7 @@ class Worker:
             concurrency=self._concurrency,
             executor=self._executor,
             worker_id=self._worker_id,
+            codec=self._codec,
         )
         info = HelloInfo(
             worker_id=self._worker_id,

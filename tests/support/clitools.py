@@ -96,3 +96,24 @@ def remove_dev_data(data_dir: Path) -> None:
         pg.stop(mode="immediate")
     shutil.rmtree(data_dir, ignore_errors=True)
     _dev_log(data_dir).unlink(missing_ok=True)
+
+
+def banner_commands(output: str) -> list[str]:
+    """The shell commands ``conveyor dev``'s banner prints (continuation lines joined)."""
+    block = output.split("In another terminal", 1)[1].split("Press Ctrl-C", 1)[0]
+    commands: list[str] = []
+    current = ""
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        current += line.strip() if not current else "\n" + line
+        if not line.endswith("\\"):
+            commands.append(current)
+            current = ""
+    return commands
+
+
+async def shell(command: str, cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    """Runs ``command`` with bash in ``cwd``; (exit code, stdout and stderr)."""
+    done = await run(["bash", "-c", command], cwd=cwd, timeout=timeout, merge_stderr=True)
+    return done.code, done.out

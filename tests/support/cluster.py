@@ -162,7 +162,7 @@ class CoordinatorProcess(ManagedProcess):
                     f"{self.name} exited ({self.returncode}) before serving; log "
                     f"{self.log_path}:\n{self.log_tail()}"
                 )
-            return await serving(self.address)
+            return await self.health() == health_pb2.HealthCheckResponse.SERVING
 
         try:
             await eventually(up, timeout=timeout, what=f"{self.name} at {self.address} to serve")

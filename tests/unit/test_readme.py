@@ -82,9 +82,10 @@ def test_inline_commands_and_every_flag_exist() -> None:
         words = span.replace("\\|", "|").split()[1:]
         if not words or words[0].startswith("-"):
             continue
-        names = words[1].split("|") if words[0] == "schedules" and len(words) > 1 else [""]
+        groups = {path.split()[0] for path in tree if " " in path}
+        names = words[1].split("|") if words[0] in groups and len(words) > 1 else [""]
         for name in names:
-            path = f"schedules {name}" if name else words[0]
+            path = f"{words[0]} {name}" if name else words[0]
             assert path in tree, f"`{span}`: no command {path!r}"
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", README))
     unknown = mentioned - every_flag - ROOT_FLAGS

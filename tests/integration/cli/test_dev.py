@@ -8,34 +8,21 @@ import json
 from pathlib import Path
 
 import pytest
-from clitools import conveyor, dev_data_dir, dev_process, remove_dev_data
-from processes import free_port, run
+from clitools import (
+    banner_commands,
+    conveyor,
+    dev_data_dir,
+    dev_process,
+    remove_dev_data,
+    shell,
+)
+from processes import free_port
 
 from conveyor.embedded import EmbeddedPostgres
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def banner_commands(output: str) -> list[str]:
-    """The shell commands the banner prints (continuation lines joined)."""
-    block = output.split("In another terminal", 1)[1].split("Press Ctrl-C", 1)[0]
-    commands: list[str] = []
-    current = ""
-    for line in block.splitlines()[1:]:
-        if not line.strip():
-            continue
-        current += line.strip() if not current else "\n" + line
-        if not line.endswith("\\"):
-            commands.append(current)
-            current = ""
-    return commands
-
-
-async def shell(command: str, cwd: Path) -> tuple[int, str]:
-    done = await run(["bash", "-c", command], cwd=cwd, merge_stderr=True)
-    return done.code, done.out
 
 
 async def test_dev_banner_second_instance_and_ctrl_c() -> None:

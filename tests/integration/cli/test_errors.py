@@ -65,6 +65,19 @@ async def test_usage_errors_are_one_line() -> None:
     assert one_line(done.err) == "conveyor: name the worker to run (MODULE[:ATTR]) or pass --demo"
 
 
+async def test_coordinator_settings_that_do_not_fit_are_one_line_in_flag_terms() -> None:
+    """CoordinatorConfig's own rules, worded with the flags that set them (and nothing is
+    started: the DSN names no reachable server)."""
+    dsn = ["--dsn", "postgresql://nobody@127.0.0.1:1/none"]
+    done = await conveyor("coordinator", *dsn, "--liveness-timeout", "50")
+    assert done.code == 2
+    line = one_line(done.err)
+    assert "liveness timeout 50s plus one heartbeat interval" in line
+    assert "must not exceed --lease-duration 30s" in line
+    done = await conveyor("coordinator", *dsn, "--max-backlog", "-1")
+    assert done.code == 2 and "--max-backlog must be 0 (no limit) or positive" in one_line(done.err)
+
+
 async def test_bad_worker_module_path(tmp_path: Path) -> None:
     done = await conveyor("worker", "no_such_module_here:worker", cwd=tmp_path)
     assert done.code == 2

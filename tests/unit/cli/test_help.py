@@ -11,6 +11,7 @@ KNOWN = {
     "status", "health", "bench", "bench-schedules", "bench-failover",
     "schedules create", "schedules list", "schedules get", "schedules pause",
     "schedules resume", "schedules delete",
+    "encryption new-key", "encryption rotate", "encryption list",
 }  # fmt: skip
 
 

@@ -13,20 +13,27 @@ from conveyor.client import _codegen
 EXPECTED = [
     "AsyncClient",
     "AttemptOutcome",
+    "Binding",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
     "DeadlineExceededError",
+    "DecryptionError",
+    "EncryptionCodec",
+    "EncryptionError",
     "EtagMismatchError",
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
+    "KeyRing",
+    "KeyRingError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
     "OverloadedError",
     "Page",
+    "PayloadCodec",
     "ProtocolViolationError",
     "QueueStats",
     "QuotaExceededError",
@@ -37,6 +44,7 @@ EXPECTED = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "TLSConfigError",
     "Task",
     "TaskAttempt",
     "TaskCancelledError",
@@ -47,6 +55,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "tls_credentials",
 ]
 
 
@@ -65,15 +74,24 @@ def test_exports_resolve_to_private_modules() -> None:
 
 def test_worker_exports() -> None:
     assert sorted(conveyor.worker.__all__) == [
+        "Binding",
         "CancellationSignal",
         "ConnectionOptions",
+        "DecryptionError",
+        "EncryptionCodec",
+        "EncryptionError",
+        "KeyRing",
+        "KeyRingError",
         "NoHandlersError",
         "NonRetryableError",
+        "PayloadCodec",
+        "TLSConfigError",
         "TaskContext",
         "Worker",
         "WorkerIdInUseError",
         "WorkerLoadError",
         "load_worker",
+        "tls_credentials",
     ]
 
 

@@ -84,6 +84,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         # A status every Connect is refused with, when set.
         self.refuse: status_pb2.Status | None = None
         self.lease_duration: float | None = None
+        self.liveness_timeout: float | None = None
         self.welcome_lost: list[pb.Lease] = []
         self.lost: set[Key] = set()
         # Assignments handed out as credit allows, like the real dispatcher.
@@ -156,6 +157,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
+                if self.liveness_timeout is not None:
+                    welcome.liveness_timeout.FromTimedelta(timedelta(seconds=self.liveness_timeout))
                 stream.send(welcome=welcome)
                 self._grant(stream, request.hello.credits)
             elif kind == "credit":
@@ -915,6 +918,25 @@ async def test_silence_is_noticed_well_before_the_lease_expires(
         await eventually(lambda: fake.streams[1].hello is not None, what="a new Hello")
 
 
+async def test_the_liveness_timeout_the_coordinator_names_is_used(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    # Heartbeat 1 s and lease 30 s would give 2.5 s by the worker's own rule; the
+    # coordinator says 1.2 s (what it waits before evicting), and the worker uses that.
+    fake, address = coordinator
+    fake.heartbeat_interval = 1.0
+    fake.lease_duration = 30.0
+    fake.liveness_timeout = 1.2
+    fake.answer_heartbeats = False
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+    async with running(worker):
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await eventually(lambda: len(fake.streams) >= 2, timeout=5, what="a new stream")
+        assert loop.time() - began < 2.2, "the worker waited its own 2.5 s"
+
+
 async def test_worker_id_in_use_stops_the_worker_with_one_clear_error(
     coordinator: tuple[FakeCoordinator, str],
 ) -> None:
@@ -1070,3 +1092,53 @@ async def test_drain_gives_up_on_acks_when_the_coordinator_is_gone(
         worker.shutdown()
         async with asyncio.timeout(5):
             await task
+
+
+async def test_encrypted_payloads_and_results(coordinator: tuple[FakeCoordinator, str]) -> None:
+    """With a codec the handler sees the plaintext and its content type; results leave
+    sealed to their task; a payload that does not open fails for good, without running."""
+    from conveyor.transport import Binding, EncryptionCodec, KeyRing
+    from conveyor.transport._encryption import envelope_key_id
+
+    fake, address = coordinator
+    ring = KeyRing.generate("k1")
+    worker = Worker(address, codec=EncryptionCodec(ring))
+    seen: list[tuple[Any, str]] = []
+
+    @worker.task("add")
+    def add(ctx: TaskContext, payload: dict[str, int]) -> int:  # sync: runs in a thread
+        seen.append((payload, ctx.content_type))
+        return payload["a"] + payload["b"]
+
+    @worker.task("echo", raw=True)
+    async def echo(ctx: TaskContext, payload: bytes) -> bytes:
+        return payload
+
+    def sealed(task_type: str, data: bytes, content_type: str = "application/json") -> bytes:
+        return ring.seal(data, content_type, Binding.payload(task_type))
+
+    async with running(worker):
+        fake.stream.assign(
+            assignment("t1", "add", sealed("add", b'{"a": 2, "b": 3}')),
+            assignment("t2", "echo", sealed("echo", b"\x00raw", "application/octet-stream")),
+            # Sealed for another type: replayed as "add", it must not open.
+            assignment("t3", "add", sealed("echo", b'{"a": 1, "b": 1}')),
+            assignment("t4", "add", b'{"a": 1, "b": 1}'),  # plaintext
+        )
+        await eventually(lambda: len(fake.results()) == 4, what="four results")
+
+    assert seen == [({"a": 2, "b": 3}, "application/json")]
+    ok = fake.result_for("t1")
+    assert ok is not None and ok.outcome == pb.TASK_OUTCOME_SUCCEEDED
+    assert envelope_key_id(ok.result) == "k1"
+    assert ring.open(ok.result, Binding.result("add", "t1")) == (b"5", "application/json")
+    raw = fake.result_for("t2")
+    assert raw is not None
+    assert ring.open(raw.result, Binding.result("echo", "t2")) == (
+        b"\x00raw",
+        "application/octet-stream",
+    )
+    for task_id, reason in (("t3", "cannot decrypt task t3"), ("t4", "is not encrypted")):
+        failed = fake.result_for(task_id)
+        assert failed is not None and failed.outcome == pb.TASK_OUTCOME_FAILED
+        assert not failed.retryable and reason in failed.error, failed.error
