@@ -233,12 +233,18 @@ class WorkerProcess(ManagedProcess):
         return [*args, *self.extra_args]
 
 
-async def health_status(address: str, timeout: float = 1.0) -> int | None:
-    """One gRPC health check (service "") of ``address``: the status number, None when
-    unreachable."""
-    async with grpc.aio.insecure_channel(
-        address, options=[("grpc.enable_http_proxy", 0)]
-    ) as channel:
+async def health_status(
+    address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> int | None:
+    """One gRPC health check (service "") of ``address``, over TLS with ``credentials``:
+    the status number, None when unreachable."""
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = (
+        grpc.aio.insecure_channel(address, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials, options=options)
+    )
+    async with channel:
         try:
             reply = await health_stub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout

@@ -8,7 +8,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import trustme
 from clitools import (
@@ -19,10 +18,8 @@ from clitools import (
     remove_dev_data,
     shell,
 )
-from cluster import CoordinatorProcess, WorkerProcess
-from grpc_health.v1 import health_pb2
+from cluster import CoordinatorProcess, WorkerProcess, health_status
 from processes import free_port
-from testsupport import health_stub
 from tlsfiles import TLSFiles, make_tls_files
 
 from conveyor.client import tls_credentials
@@ -49,14 +46,7 @@ class TLSCoordinatorProcess(CoordinatorProcess):
         )
 
     async def health(self, timeout: float = 1.0) -> int | None:
-        async with grpc.aio.secure_channel(self.address, self.credentials) as channel:
-            try:
-                reply = await health_stub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=timeout
-                )
-            except grpc.aio.AioRpcError:
-                return None
-            return int(reply.status)
+        return await health_status(self.address, timeout, self.credentials)
 
 
 @pytest.fixture
