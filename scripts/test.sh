@@ -20,7 +20,9 @@ scripts/check.sh
 rm -rf build/coverage
 mkdir -p build/coverage
 status=0
-.venv/bin/coverage run -m pytest -q "$@" || status=$?
+# Two test processes (pytest-xdist): the suite mostly waits, so this halves its time on
+# two cores. `scripts/test.sh -n 0 ...` runs in one process.
+.venv/bin/coverage run -m pytest -q -n 2 "$@" || status=$?
 .venv/bin/coverage combine -q
 echo
 if [ $# -eq 0 ]; then
