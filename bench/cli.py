@@ -16,7 +16,15 @@ JSON_HELP = "End with one JSON line of the figures."
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "bench", example=["conveyor bench", "conveyor bench --tasks 5000 --json"])(bench)
+    command(
+        app,
+        "bench",
+        example=[
+            "conveyor bench",
+            "conveyor bench --tasks 5000 --json",
+            "conveyor bench --metrics --json",
+        ],
+    )(bench)
     command(
         app,
         "bench-schedules",
@@ -50,6 +58,14 @@ def bench(
         float, typer.Option("--latency-seconds", help="Seconds of the pickup run.")
     ] = 10.0,
     dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Coordinator and workers serve metrics, scraped every second (compare a run "
+            "without).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
     g: Globals,
@@ -66,6 +82,7 @@ def bench(
         latency_rate=latency_rate,
         latency_seconds=latency_seconds,
         dsn=dsn,
+        metrics=metrics,
     )
     return _print_figures(asyncio.run(run(config)), as_json)
 

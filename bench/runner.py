@@ -6,6 +6,10 @@ Figures (all from timestamps, none from timed sleeps):
   read from the database (first create_time to last finish_time).
 - pickup_p50/p95/p99_ms: at a light steady rate, from the client's send time to the
   handler's start, measured by a probe task across processes on one clock.
+
+With ``metrics`` the coordinator and the workers serve Prometheus metrics and are scraped
+every second throughout (harsher than a usual 15 s scrape interval), so the figures
+include what recording and serving metrics cost; compare with a run without.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from asyncio.subprocess import Process
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +40,8 @@ from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
 
 STARTUP_TIMEOUT = 60.0
+#: Seconds between scrapes of every metrics endpoint in a run with metrics.
+SCRAPE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class BenchConfig:
     latency_rate: float = 100.0
     latency_seconds: float = 10.0
     dsn: str | None = None
+    metrics: bool = False
 
 
 def _say(message: str) -> None:
@@ -107,6 +115,56 @@ async def _stop(procs: list[Process]) -> None:
             await proc.wait()
 
 
+class _Scraper:
+    """Scrapes metrics endpoints every SCRAPE_INTERVAL, as Prometheus would, and once
+    more each when stopped (so a short run still reads every endpoint)."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.scrapes = 0
+        self.scraped: set[str] = set()
+        """The endpoints read at least once."""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            await self._pass()
+
+    async def _run(self) -> None:
+        while True:
+            await self._pass()
+            await asyncio.sleep(SCRAPE_INTERVAL)
+
+    async def _pass(self) -> None:
+        for url in list(self.urls):
+            try:
+                await asyncio.to_thread(_fetch, url)
+            except OSError:
+                continue  # a worker still starting; the next pass reads it
+            self.scrapes += 1
+            self.scraped.add(url)
+
+
+def _fetch(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        response.read()
+
+
+def _metrics_args(cfg: BenchConfig, scraper: _Scraper) -> list[str]:
+    """``--metrics-listen`` on a free port (its URL added to the scraper), or nothing."""
+    if not cfg.metrics:
+        return []
+    listen = f"127.0.0.1:{_free_port()}"
+    scraper.urls.append(f"http://{listen}/metrics")
+    return ["--metrics-listen", listen]
+
+
 async def _submit_all(client: AsyncClient, specs: list[TaskSpec], cfg: BenchConfig) -> None:
     chunks = [specs[i : i + cfg.batch] for i in range(0, len(specs), cfg.batch)]
     queue: asyncio.Queue[list[TaskSpec]] = asyncio.Queue()
@@ -139,6 +197,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def run(cfg: BenchConfig) -> dict[str, Any]:
     """Runs all three measurements and returns the figures."""
     procs: list[Process] = []
+    scraper = _Scraper()
     async with _postgres(cfg.dsn) as dsn:
         address = f"127.0.0.1:{_free_port()}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -154,16 +213,23 @@ async def run(cfg: BenchConfig) -> dict[str, Any]:
                 dsn,
                 "--listen",
                 address,
+                *_metrics_args(cfg, scraper),
                 env=env,
             )
             procs.append(coordinator)
             await _wait_serving(address, coordinator)
+            scraper.start()
             db = await asyncpg.connect(dsn)
             async with AsyncClient(address, timeout=60.0) as client:
-                figures = await _measure(cfg, client, db, address, env, procs)
+                figures = await _measure(cfg, client, db, address, env, procs, scraper)
             await db.close()
         finally:
+            await scraper.stop()
             await _stop(procs)
+    figures["metrics"] = cfg.metrics
+    if cfg.metrics:
+        figures["scrapes"] = scraper.scrapes
+        figures["scraped_endpoints"] = len(scraper.scraped)
     _report(cfg, figures)
     return figures
 
@@ -175,6 +241,7 @@ async def _measure(
     address: str,
     env: dict[str, str],
     procs: list[Process],
+    scraper: _Scraper,
 ) -> dict[str, Any]:
     # 1. Submit throughput, with no worker consuming the queue.
     specs = [TaskSpec(type="noop", queue="bench-submit", payload=b"", raw=True)] * cfg.tasks
@@ -195,6 +262,7 @@ async def _measure(
                 address,
                 "--concurrency",
                 str(cfg.concurrency),
+                *_metrics_args(cfg, scraper),
                 env=env,
             )
         )
@@ -245,7 +313,8 @@ async def _warm_up(client: AsyncClient, db: asyncpg.Connection) -> None:
 def _report(cfg: BenchConfig, f: dict[str, Any]) -> None:
     _say(
         f"""
-Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})
+Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, \
+Python {platform.python_version()}, metrics {"on, scraped every second" if cfg.metrics else "off"})
   submit (batched)      {f["submit_per_s"]:>10,} tasks/s
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \

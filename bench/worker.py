@@ -16,8 +16,14 @@ from conveyor.worker import TaskContext, Worker
 QUEUE = "bench"
 
 
-def build(coordinator: str, concurrency: int) -> Worker:
-    worker = Worker(coordinator, queues=[QUEUE], concurrency=concurrency, grace_period=5.0)
+def build(coordinator: str, concurrency: int, metrics_listen: str | None = None) -> Worker:
+    worker = Worker(
+        coordinator,
+        queues=[QUEUE],
+        concurrency=concurrency,
+        grace_period=5.0,
+        metrics_listen=metrics_listen,
+    )
 
     @worker.task("noop", raw=True)
     async def noop(ctx: TaskContext, payload: bytes) -> bytes:
@@ -35,9 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--concurrency", type=int, default=500)
+    parser.add_argument("--metrics-listen", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    build(args.coordinator, args.concurrency).run_sync()
+    build(args.coordinator, args.concurrency, args.metrics_listen).run_sync()
 
 
 if __name__ == "__main__":

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 
-from conveyor.cli import logs
-
 if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
     import grpc.aio
 
     from conveyor.client import AsyncClient, Client
     from conveyor.transport import ConnectionOptions
+
 from conveyor.cli.errors import describe
+from conveyor.observability import logs
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 GLOBAL_PANEL = "Global options (before or after the command)"

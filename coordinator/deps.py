@@ -3,13 +3,15 @@
 :class:`Deps` is built once by ``server.py``: the configuration, the database, the office
 (leadership: epoch, fence, what to do when fenced), the connected workers, the task
 watchers, and :class:`Events`, the wake-ups between services (a submit commits: the
-dispatcher looks for a worker; a task is scheduled: the promoter looks at its clock).
+dispatcher looks for a worker; a task is scheduled: the promoter looks at its clock);
+and the telemetry services record into: ``metrics`` (None when the coordinator exports
+none, so nothing is recorded) and ``tracing`` (disabled unless an OTLP endpoint is set).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from conveyor.coordinator.config import CoordinatorConfig
@@ -18,6 +20,8 @@ from conveyor.coordinator.sessions import SessionRegistry
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.observability.metrics import CoordinatorMetrics
+from conveyor.observability.tracing import Tracing
 
 
 def _nobody() -> str:
@@ -37,10 +41,12 @@ class Office:
         self.leader = False
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None
         self.leader_address: Callable[[], str] = _nobody
+        self.on_refused: Callable[[], None] | None = None
+        """Called each time the fence refuses a write of this office's (for metrics)."""
 
     def fence(self) -> Fence:
         """The fencing token of the current term."""
-        return Fence(self.cluster, self.epoch)
+        return Fence(self.cluster, self.epoch, self.on_refused)
 
     def is_leader(self) -> bool:
         return self.leader
@@ -93,3 +99,5 @@ class Deps:
     sessions: SessionRegistry
     watchers: TaskWatchers
     events: Events
+    metrics: CoordinatorMetrics | None = None
+    tracing: Tracing = field(default_factory=Tracing.disabled)

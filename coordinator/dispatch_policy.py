@@ -114,7 +114,13 @@ _CLAIM = Query(
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
-        RETURNING {columns(ASSIGNMENT_COLUMNS, "t")}
+        RETURNING {columns(ASSIGNMENT_COLUMNS, "t")}, t.tenant,
+            -- For metrics: ready (run_at) to leased, and submit to the first lease of a
+            -- task submitted ready to run.
+            greatest(0, extract(epoch FROM now() - t.run_at))::float8 AS queue_wait_seconds,
+            CASE WHEN t.attempt = 1 AND t.run_at <= t.create_time
+                THEN greatest(0, extract(epoch FROM now() - t.create_time))::float8
+            END AS pickup_seconds
     )
     SELECT * FROM leased ORDER BY priority DESC, id
     """,

@@ -16,6 +16,7 @@ rebuilds nothing but its session list.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -26,6 +27,7 @@ from conveyor.coordinator.leases import LeaseKey
 from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
+from conveyor.coordinator.telemetry import dispatch_spans
 
 _log = logging.getLogger("conveyor.coordinator.dispatcher")
 
@@ -54,12 +56,14 @@ class Dispatcher(Service):
         if not claims:
             return self.deps.config.poll_interval
         fence = self.deps.office.fence()
+        metrics, tracing = self.deps.metrics, self.deps.tracing
         more = False
         async with self.deps.db.read() as conn:
             for claim in claims:
                 session = claim.session
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
                 session.credit -= claim.limit
+                started, started_ns = time.perf_counter(), time.time_ns()
                 try:
                     rows = await self.policy.claim(conn, claim, fence)
                 except BaseException:
@@ -71,7 +75,13 @@ class Dispatcher(Service):
                 session.starving = not full
                 if rows:
                     more = more or full
-                    await self.deliver(conn, session, self.policy.pack(rows))
+                    if metrics is not None:
+                        metrics.record_flush("claim", len(rows), time.perf_counter() - started)
+                        metrics.record_dispatched(rows)
+                    messages = self.policy.pack(rows)
+                    if tracing.enabled:
+                        dispatch_spans(tracing, rows, messages, started_ns)
+                    await self.deliver(conn, session, messages)
                     self.deps.watchers.changed(r["id"] for r in rows)
         return 0.0 if more else self.deps.config.poll_interval
 
@@ -94,6 +104,8 @@ async def release_undelivered(deps: Deps, conn: asyncpg.Connection, keys: list[L
     released = await store.release_leases(conn, keys, UNDELIVERED, deps.office.fence())
     if released:
         _log.info("took back %d tasks that never reached their worker", len(released))
+        if deps.metrics is not None:
+            deps.metrics.record_requeued(released)
         deps.watchers.changed(r["id"] for r in released)
         for tenant, queue in {(r["tenant"], r["queue"]) for r in released}:
             deps.events.ready(tenant, queue)

@@ -71,6 +71,8 @@ class Election:
     ``on_elected(term_revision)`` is awaited when this node wins the key; it takes office
     (records the epoch in Postgres) and returns False if that was refused.
     ``on_deposed(reason)`` is awaited when this node stops leading for any reason.
+    ``on_session(up)`` is told when this node's etcd session (its lease) is established
+    (True) and when it is lost or closed (False), for metrics.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Election:
         ttl: float,
         on_elected: Callable[[int], Awaitable[bool]],
         on_deposed: Callable[[str], Awaitable[None]],
+        on_session: Callable[[bool], None] | None = None,
     ) -> None:
         self._endpoints = list(endpoints)
         self._cluster = cluster
@@ -91,6 +94,7 @@ class Election:
         self._ttl = max(1, round(ttl))
         self._on_elected = on_elected
         self._on_deposed = on_deposed
+        self._on_session = on_session
         self._prefix = f"/conveyor/{cluster}/".encode()
         self._leader_key = self._prefix + b"leader"
         self._member_key = self._prefix + b"members/" + node_id.encode()
@@ -175,6 +179,8 @@ class Election:
         self._lease_valid_until = sent + lease.ttl
         await asyncio.wait_for(client.put(self._member_key, self._value, lease=lease), CALL_TIMEOUT)
         _log.info("connected to etcd at %s:%d (lease ttl %ds)", host, port, lease.ttl)
+        if self._on_session is not None:
+            self._on_session(True)
 
     async def _campaign_forever(self) -> None:
         assert self._client is not None and self._lease is not None
@@ -267,6 +273,8 @@ class Election:
 
     async def _close_client(self) -> None:
         client, self._client, self._lease = self._client, None, None
+        if self._on_session is not None:
+            self._on_session(False)
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), CALL_TIMEOUT)

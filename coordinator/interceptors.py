@@ -10,7 +10,9 @@ one :class:`~conveyor.coordinator.intercept_base.BehaviorInterceptor`, and addin
    refusals are mapped by ``errors``);
 4. ``leader``: followers refuse leader-only methods.
 
-The worker stream goes through the same chain.
+The worker stream goes through the same chain. Before it, outermost, ``server.py`` puts
+the telemetry's interceptors when they are on (``coordinator/telemetry.py``): the RPC
+timer, so its time includes everything after it, then a span per RPC.
 """
 
 from __future__ import annotations

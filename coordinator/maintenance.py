@@ -77,5 +77,7 @@ class Reaper(Service):
         if rows:
             self.reaped += len(rows)
             _log.info("took back %d expired leases", len(rows))
+            if self.deps.metrics is not None:
+                self.deps.metrics.record_lease_expired(rows)
         announce(self.deps, rows)
         return 0.0 if len(rows) == SWEEP_LIMIT else self.deps.config.reaper_interval

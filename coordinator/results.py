@@ -126,6 +126,7 @@ class ResultRecorder:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
         cfg = deps.config
+        on_flush = deps.metrics.record_flush if deps.metrics is not None else None
         # One item per worker message (a list of results or leases), so a message costs
         # one future however many results it carries.
         self.results: Batcher[Sequence[Outcome], list[bool]] = Batcher(
@@ -134,12 +135,14 @@ class ResultRecorder:
             max_batch=cfg.max_batch,
             max_pending=cfg.max_pending_operations,
             concurrency=2,
+            on_flush=on_flush,
         )
         self.renewals: Batcher[Sequence[LeaseKey], list[bool]] = Batcher(
             "renewal",
             self._flush_renewals,
             max_batch=cfg.max_batch,
             max_pending=cfg.max_pending_operations,
+            on_flush=on_flush,
         )
 
     def start(self) -> None:
@@ -161,6 +164,9 @@ class ResultRecorder:
             refused = [o for o in outcomes if o.key not in applied]
             if refused:
                 await store.record_refused(conn, refused, leases.REFUSED_NOT_CURRENT)
+        if deps.metrics is not None:
+            deps.metrics.record_results(applied_rows)
+            deps.metrics.record_refused(len(refused))
         deps.watchers.changed(row["id"] for row in applied_rows)
         for row in applied_rows:
             if row["state"] == store.SCHEDULED:
@@ -175,4 +181,6 @@ class ResultRecorder:
             renewed = await store.renew_leases(
                 conn, keys, self._deps.config.lease_duration, self._deps.office.fence()
             )
+        if self._deps.metrics is not None:
+            self._deps.metrics.record_refused(sum(1 for k in keys if k not in renewed))
         return [[k in renewed for k in message] for message in messages]

@@ -337,6 +337,12 @@ class ScheduleFirer(Service):
         if not firings:
             return
         self.fired += len(firings)
+        if self.deps.metrics is not None:
+            # Called right after the commit: the lag is from each tick to about now.
+            committed = self.now()
+            self.deps.metrics.record_firing_lags(
+                (f.tenant, (committed - f.tick).total_seconds()) for f in firings
+            )
         for tenant, queue in {(f.tenant, f.template.task.queue) for f in firings}:
             self.deps.events.ready(tenant, queue)
 

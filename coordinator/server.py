@@ -34,9 +34,12 @@ from conveyor.coordinator.store.sql import UNSAFE_DISABLE_FENCING
 from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.task_service import TaskServicer
+from conveyor.coordinator.telemetry import Telemetry
 from conveyor.coordinator.tls import add_port, server_tls
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
+from conveyor.observability.logs import log_context
+from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
@@ -59,6 +62,11 @@ SERVICE_NAMES = (
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
 
 
+def new_node_id() -> str:
+    """A coordinator's id: ``hostname-random``, unique per process."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
 class Coordinator:
     """One coordinator: gRPC API, dispatcher, result recorder and maintenance sweeps.
 
@@ -69,13 +77,24 @@ class Coordinator:
     racing it. Either way, every dispatch-side write is fenced by the epoch.
     """
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        node_id: str | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.config = config
-        self.node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.node_id = node_id or new_node_id()
         self.address = ""
+        self.telemetry = Telemetry(config, node_id=self.node_id, tracing=tracing)
+        """Metrics (``telemetry.metrics``, None without ``metrics_listen``) and tracing
+        (``tracing`` given, or from the ``OTEL_*`` environment)."""
         self.office = Office(config.cluster)
         self.office.on_fenced = self._fenced
         self.office.leader_address = self._leader_address
+        if self.telemetry.metrics is not None:
+            self.office.on_refused = self.telemetry.metrics.fenced
         self.sessions = SessionRegistry()
         self.watchers = TaskWatchers()
         self.deps: Deps | None = None
@@ -108,11 +127,20 @@ class Coordinator:
 
     async def start(self) -> None:
         """Migrates the schema, takes office, binds the port and starts the loops."""
-        cfg = self.config
         # Before anything starts: a bad certificate is a one-line error, not a late one.
-        self.tls = server_tls(cfg)
+        self.tls = server_tls(self.config)
         if UNSAFE_DISABLE_FENCING:
             _log.error("CONVEYOR_UNSAFE_DISABLE_FENCING is set: fencing is OFF (tests only)")
+        # First: a port in use fails at once, before anything else is started.
+        self.telemetry.start_endpoint()
+        try:
+            await self._start()
+        except BaseException:
+            await self.telemetry.stop_endpoint()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
         self._pool = pool = await asyncpg.create_pool(
             cfg.dsn,
             min_size=cfg.pool_min_size,
@@ -139,9 +167,12 @@ class Coordinator:
         async with pool.acquire() as conn:
             await migrate(conn)
         self._server = server = grpc.aio.server(
-            interceptors=server_interceptors(
-                is_leader=self.office.is_leader, leader_address=self._leader_address
-            ),
+            interceptors=[
+                *self.telemetry.interceptors(),
+                *server_interceptors(
+                    is_leader=self.office.is_leader, leader_address=self._leader_address
+                ),
+            ],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -168,7 +199,10 @@ class Coordinator:
             sessions=self.sessions,
             watchers=self.watchers,
             events=Events(),
+            metrics=self.telemetry.metrics,
+            tracing=self.telemetry.tracing,
         )
+        self.telemetry.watch(deps.db, self.sessions)
         policy = DispatchPolicy(
             lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
         )
@@ -216,6 +250,7 @@ class Coordinator:
                 ttl=cfg.election_ttl,
                 on_elected=self._elected,
                 on_deposed=self._deposed,
+                on_session=self.telemetry.etcd_session,
             )
             self._election.start()
             _log.info(
@@ -254,14 +289,17 @@ class Coordinator:
             await self._stop_services()
             self.office.epoch = epoch
             self.office.leader = True
-            for service in self.services:
-                service.start()
-            _log.info(
-                "coordinator %s leads cluster %s, epoch %d",
-                self.node_id,
-                self.config.cluster,
-                epoch,
-            )
+            self.telemetry.took_office(epoch)
+            # The services' tasks copy this context: their log lines carry the epoch.
+            with log_context(epoch=epoch):
+                for service in self.services:
+                    service.start()
+                _log.info(
+                    "coordinator %s leads cluster %s, epoch %d",
+                    self.node_id,
+                    self.config.cluster,
+                    epoch,
+                )
             return True
 
     async def _deposed(self, reason: str) -> None:
@@ -270,6 +308,7 @@ class Coordinator:
             if not self.leader:
                 return
             self.office.leader = False
+            self.telemetry.left_office()
             _log.warning("coordinator %s no longer leads: %s", self.node_id, reason)
             self._redirect_workers()
             await self._stop_services()
@@ -311,6 +350,7 @@ class Coordinator:
         _log.error("%s; this coordinator steps down and stops dispatching", exc)
         # Stop dispatching before anything else runs; the rest of leaving office follows.
         self.office.leader = False
+        self.telemetry.left_office()
         task = asyncio.get_running_loop().create_task(self._leave_fenced())
         self.leader_changes.add(task)
         task.add_done_callback(self.leader_changes.discard)
@@ -331,6 +371,7 @@ class Coordinator:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        await self.telemetry.stop_endpoint()
         if self._election is not None:
             await self._election.stop()  # resigns, so another replica takes over at once
         await self._stop_services()
@@ -338,6 +379,7 @@ class Coordinator:
             # Workers leave on their own (after their pending acknowledgements), instead
             # of holding the server's grace period and being cut.
             self.office.leader = False
+            self.telemetry.left_office()
             self._redirect_workers()
         await asyncio.gather(*self.leader_changes, return_exceptions=True)
         await self._server.stop(grace)
@@ -349,6 +391,7 @@ class Coordinator:
             await self.recorder.stop()
         if self._pool is not None:
             await self._pool.close()
+        await self.telemetry.shutdown()
         self._server = None
         self._closed.set()
         _log.info("coordinator %s stopped", self.node_id)
@@ -358,8 +401,13 @@ class Coordinator:
 
 
 async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Runs a coordinator until SIGTERM or SIGINT, then shuts it down gracefully."""
-    coordinator = Coordinator(config)
+    """Runs a coordinator until SIGTERM or SIGINT, then shuts it down gracefully.
+
+    Tracing follows the ``OTEL_*`` environment, as the process's global tracer provider.
+    """
+    node_id = new_node_id()
+    tracing = Tracing.from_env(SERVICE_COORDINATOR, instance_id=node_id, set_global=True)
+    coordinator = Coordinator(config, node_id=node_id, tracing=tracing)
     await coordinator.start()
     if ready is not None:
         ready.set()

@@ -70,6 +70,8 @@ class WorkerSession:
     """No more messages are accepted (the stream is ending or ended)."""
     end_reason: str = ""
     evicted: bool = False
+    eviction: str = ""
+    """Why it was evicted, in a word: ``silent`` or ``not_reading`` (for metrics)."""
     write_stuck: bool = False
     """A write to the worker never finished (it reads nothing): no status can follow."""
     ended: asyncio.Future[None] = field(
@@ -119,7 +121,10 @@ class WorkerSession:
         if self.closed:
             return False
         if len(self._outbox) >= OUTBOX_MESSAGES:
-            self.end(f"stopped reading its stream ({OUTBOX_MESSAGES} messages waiting)", evict=True)
+            self.end(
+                f"stopped reading its stream ({OUTBOX_MESSAGES} messages waiting)",
+                evict="not_reading",
+            )
             return False
         self._outbox.append((message, size, assignments))
         self._outbox_bytes += size
@@ -172,15 +177,25 @@ class WorkerSession:
         self._finishing = True
         self._has_mail.set()
 
-    def end(self, reason: str, *, evict: bool = False) -> None:
-        """Ends the session from outside its stream; the stream handler finishes it."""
+    def end(self, reason: str, *, evict: str = "") -> None:
+        """Ends the session from outside its stream; the stream handler finishes it.
+
+        ``evict`` names why the worker is evicted (``silent``, ``not_reading``); empty
+        when it is not.
+        """
         if self.closed and self.ended.done():
             return
         self.closed = True
         self.end_reason = self.end_reason or reason
-        self.evicted = self.evicted or evict
+        if evict and not self.evicted:
+            self.evicted, self.eviction = True, evict
         if evict:
-            _log.warning("evicting worker %s: %s", self.worker_id, reason)
+            _log.warning(
+                "evicting worker %s: %s",
+                self.worker_id,
+                reason,
+                extra={"worker_id": self.worker_id, "tenant": self.tenant},
+            )
         if not self.ended.done():
             self.ended.set_result(None)
         self._has_mail.set()  # the send loop stops after the message it is writing

@@ -20,6 +20,7 @@ store refuses fails (see ``batcher.py``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow
+from conveyor.coordinator.telemetry import dispatch_spans, hand_off_rows
 from conveyor.coordinator.validation import NewTask
 from conveyor.v1 import task_pb2
 
@@ -116,6 +118,7 @@ class Submitter:
             self._flush,
             max_batch=deps.config.max_batch,
             max_pending=deps.config.max_pending_operations,
+            on_flush=deps.metrics.record_flush if deps.metrics is not None else None,
         )
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
@@ -160,6 +163,7 @@ class Submitter:
             else:
                 with committing():
                     await self._write_unkeyed(conn, rows, now)
+        self._count(rows)
         self._announce(rows)
         return results
 
@@ -195,6 +199,7 @@ class Submitter:
                 [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
                 now,
             )
+        self._count(rows)
         self._announce(rows)
         return results
 
@@ -206,6 +211,11 @@ class Submitter:
         scheduled = [r.run_at for r in rows if r.state == store.SCHEDULED]
         if scheduled:
             events.scheduled(min(scheduled))
+
+    def _count(self, rows: list[NewRow]) -> None:
+        """Counts the committed new tasks (deduplicated ones are not among ``rows``)."""
+        if self._deps.metrics is not None:
+            self._deps.metrics.count_submitted((r.tenant, r.task.queue, r.task.type) for r in rows)
 
     def _reserve_hand_off(self, rows: list[NewRow]) -> list[WorkerSession]:
         """A waiting worker for every row, credit reserved; [] unless all rows have one.
@@ -245,6 +255,7 @@ class Submitter:
     ) -> None:
         """Inserts the rows leased to their sessions, then queues the assignments."""
         fence = self._deps.office.fence()
+        started_ns = time.time_ns()
         try:
             with committing():
                 keys = await store.insert_leased(
@@ -265,7 +276,11 @@ class Submitter:
             if not isinstance(result, BaseException)
             for s in result
         }
-        for session, row, key in zip(sessions, rows, keys, strict=True):
+        metrics, tracing = self._deps.metrics, self._deps.tracing
+        leased = hand_off_rows(rows, keys) if metrics is not None or tracing.enabled else []
+        if metrics is not None:
+            metrics.record_dispatched(leased)
+        for index, (session, row, key) in enumerate(zip(sessions, rows, keys, strict=True)):
             message = by_id[key.task_id]
             message.state = store.RUNNING
             message.attempt = key.attempt
@@ -277,6 +292,8 @@ class Submitter:
                 weight,
                 1,
             )
+            if tracing.enabled:
+                dispatch_spans(tracing, leased[index : index + 1], [packed], started_ns)
             await self._dispatcher.deliver(conn, session, [packed])
 
     @staticmethod

@@ -128,6 +128,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     workers=sum(
                         1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
                     ),
+                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
                 )
                 for r in rows
             ]
@@ -177,6 +178,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             raise InvalidState(request.id, task_pb2.TaskState.Name(row["state"]), "cancel")
         if previous is not None:
             self._deps.watchers.changed([task_id])
+            if self._deps.metrics is not None:
+                self._deps.metrics.record_cancelled([row])
             if previous["state"] == store.RUNNING and previous["worker_id"]:
                 self._push_cancel(previous)
         return task_service_pb2.CancelTaskResponse(task=convert.task_from_row(row))

@@ -49,6 +49,7 @@ from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.tasks import Release
 from conveyor.coordinator.validation import MAX_CREDIT, ValidHello
+from conveyor.observability.logs import log_context
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 _log = logging.getLogger("conveyor.coordinator.worker_service")
@@ -93,10 +94,17 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         hello = await self._read_hello(context)
         if hello is None:
             return
+        tenant = request_context.current().tenant
+        # Every line logged for this stream (its loops' tasks copy the context) names the
+        # worker, as its own log field.
+        with log_context(worker_id=hello.worker_id, tenant=tenant):
+            await self._serve(hello, tenant, context)
+
+    async def _serve(self, hello: ValidHello, tenant: str, context: Context) -> None:
         session = WorkerSession(
             session_id=str(uuid.uuid4()),
             worker_id=hello.worker_id,
-            tenant=request_context.current().tenant,
+            tenant=tenant,
             queues=hello.queues,
             task_types=hello.task_types,
             hostname=hello.hostname,
@@ -109,6 +117,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
+            if self._deps.metrics is not None:
+                self._deps.metrics.worker_connected(session.tenant)
             if not self._deps.office.leader:
                 # Left office while this stream was opening (step_down missed it).
                 self._redirect(session)
@@ -172,6 +182,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     self._deps.config.worker_liveness_timeout,
                 )
             holder.end("replaced by a new stream from the same worker process")
+            if self._deps.metrics is not None:
+                self._deps.metrics.worker_evicted("replaced")
             try:
                 async with asyncio.timeout(RETIRE_TIMEOUT):
                     await holder.done.wait()
@@ -209,6 +221,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 "took back %d tasks worker %s never received", len(released), session.worker_id
             )
             announce(deps, released)
+            if deps.metrics is not None:
+                deps.metrics.record_requeued(released)
         return lost
 
     def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
@@ -282,7 +296,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.end(
                     f"no message for {liveness:g}s (heartbeats are due every "
                     f"{cfg.heartbeat_interval:g}s)",
-                    evict=True,
+                    evict="silent",
                 )
                 return
             if isinstance(message, Undecodable):
@@ -358,7 +372,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             except TimeoutError:
                 session.write_stuck = True
                 session.end(
-                    f"stopped reading its stream (a message waited {liveness:g}s)", evict=True
+                    f"stopped reading its stream (a message waited {liveness:g}s)",
+                    evict="not_reading",
                 )
                 return
             session.sent(size)
@@ -389,6 +404,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         )
                         released = len(rows)
                         announce(deps, rows)
+                        if deps.metrics is not None:
+                            deps.metrics.record_lease_expired(rows)
         except Exception as exc:
             # Store down or fenced: the leases come back when they expire or when the
             # worker reconnects.
@@ -398,6 +415,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         finally:
             if session.evicted:
                 deps.sessions.record_eviction(session, released + len(undelivered))
+                if deps.metrics is not None:
+                    deps.metrics.worker_evicted(session.eviction)
             session.done.set()
             _log.info(
                 "worker %s disconnected%s",

@@ -24,9 +24,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     Raises ValueError naming what is wrong, for a clear ``--metrics-listen`` error.
     """
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    bracketed = host.startswith("[") and host.endswith("]")
+    unbalanced = ("[" in host or "]" in host) and not bracketed
+    if not sep or not port_text.isdigit() or unbalanced:
         raise ValueError(
-            f"metrics listen address {value!r} is not HOST:PORT (for example 0.0.0.0:9464)"
+            f"metrics listen address {value!r} is not HOST:PORT (for example 0.0.0.0:9464, "
+            "or [::1]:9464)"
         )
     port = int(port_text)
     if port > 65535:

@@ -45,6 +45,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, histogram: Histogram) -> None:
         self._histogram = histogram
+        # gRPC looks the handler up for every call; each method is wrapped once and the
+        # wrapper reused while the inner handler is the same object.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        # Histogram.labels() validates and locks per call: children are looked up here.
+        self._children: dict[tuple[str, str, str], Any] = {}
 
     async def intercept_service(
         self,
@@ -56,15 +61,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED, nothing to label
-        return cast(
-            "grpc.RpcMethodHandler[TRequest, TResponse]",
-            self._wrap(handler, handler_call_details.method),
-        )
+        method: str = handler_call_details.method
+        hit = self._wrapped.get(method)
+        if hit is None or hit[0] is not handler:
+            hit = self._wrapped[method] = (handler, self._wrap(handler, method))
+        return cast("grpc.RpcMethodHandler[TRequest, TResponse]", hit[1])
 
     def _wrap(self, handler: Any, full_method: str) -> Any:
         _, _, full = full_method.partition("/")
         service, _, method = full.partition("/")
-        observe = self._histogram
+        histogram, children = self._histogram, self._children
 
         def record(
             context: grpc.aio.ServicerContext[Any, Any], start: float, failed: BaseException | None
@@ -72,7 +78,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = _code_name(context, failed)
             if failed is not None and code == "OK":
                 code = "UNKNOWN"
-            observe.labels(service, method, code).observe(time.perf_counter() - start)
+            key = (service, method, code)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = histogram.labels(*key)
+            child.observe(time.perf_counter() - start)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -11,6 +11,10 @@ keys of its JSON object (and ``key=value`` pairs after a text line's message):
 - :func:`task_logger` (a :class:`logging.LoggerAdapter`) binds them to one logger, for a
   handler that is given a logger rather than running inside the context.
 
+The worker SDK binds a task's fields with :func:`bind_fields` and a :class:`LazyFields`
+at the start of each task's own asyncio task: one context variable set, and the fields
+are computed only if the task logs something.
+
 A field given with ``extra=`` on a call wins over both. The JSON line also carries the
 current OpenTelemetry ``trace_id`` and ``span_id`` when a span is active, so a log line
 leads to its trace.
@@ -23,16 +27,18 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from types import MappingProxyType
 from typing import Any, TextIO
 
 __all__ = [
     "FIELDS",
     "JSONFormatter",
+    "LazyFields",
     "TaskFieldsFilter",
     "TaskLoggerAdapter",
     "TextFormatter",
+    "bind_fields",
     "configure",
     "current_fields",
     "log_context",
@@ -68,6 +74,44 @@ def log_context(**fields: object) -> Iterator[None]:
         yield
     finally:
         _fields.reset(token)
+
+
+class LazyFields(Mapping[str, object]):
+    """Log fields made by ``make`` the first time a log line reads them (then kept).
+
+    ``make`` must return only names of :data:`FIELDS` (not checked: it runs when a line
+    is written, where an error would lose the line).
+    """
+
+    __slots__ = ("_fields", "_make")
+
+    def __init__(self, make: Callable[[], Mapping[str, object]]) -> None:
+        self._make = make
+        self._fields: Mapping[str, object] | None = None
+
+    def _get(self) -> Mapping[str, object]:
+        if self._fields is None:
+            self._fields = self._make()
+        return self._fields
+
+    def __getitem__(self, key: str) -> object:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def bind_fields(fields: Mapping[str, object]) -> None:
+    """Makes ``fields`` the log fields of the rest of the running context, replacing any.
+
+    For code that owns its context, such as an asyncio task started for one piece of
+    work (each task runs in a copy of its creator's context, so nothing leaks out of
+    it); everything else should use the :func:`log_context` block.
+    """
+    _fields.set(fields)
 
 
 def current_fields() -> Mapping[str, object]:

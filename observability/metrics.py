@@ -341,7 +341,11 @@ class CoordinatorMetrics:
         Deduplicated submits (an idempotency key seen before) are not new tasks: leave
         them out.
         """
-        self._submitted.add(Tally(map(_labels, rows)))
+        self.count_submitted(map(_labels, rows))
+
+    def count_submitted(self, labels: Iterable[tuple[str, str, str]]) -> None:
+        """:meth:`record_submitted` for tasks given as (tenant, queue, type) tuples."""
+        self._submitted.add(Tally(labels))
 
     def record_dispatched(self, rows: Iterable[Row]) -> None:
         """Attempts leased in one claim round.
@@ -429,30 +433,55 @@ class CoordinatorMetrics:
     def record_firings(self, rows: Iterable[Row]) -> None:
         """Schedule firings committed in one firer round (columns tenant,
         ``lag_seconds``: commit time minus tick time)."""
-        lags = [((row["tenant"],), row["lag_seconds"]) for row in rows]
-        for (tenant,), n in Tally(labels for labels, _ in lags).items():
+        self.record_firing_lags((row["tenant"], row["lag_seconds"]) for row in rows)
+
+    def record_firing_lags(self, lags: Iterable[tuple[str, float]]) -> None:
+        """:meth:`record_firings` for firings given as (tenant, lag seconds) pairs."""
+        pairs = [((tenant,), lag) for tenant, lag in lags]
+        for (tenant,), n in Tally(labels for labels, _ in pairs).items():
             self.schedule_firings.labels(tenant).inc(n)
-        self.schedule_lag.observe_pairs(lags)
+        self.schedule_lag.observe_pairs(pairs)
 
     def record_flush(self, kind: str, items: int, seconds: float) -> None:
         """One group-commit transaction of ``kind`` (submit, result, renewal, claim)."""
         self.batch_items.labels(kind).observe(items)
         self.flush_time.labels(kind).observe(seconds)
 
+    def record_refused(self, count: int) -> None:
+        """Results or lease renewals of one flush refused as not current."""
+        if count:
+            self.results_refused.inc(count)
+
+    # -- workers (once per stream) -------------------------------------------------------
+
+    def worker_connected(self, tenant: str) -> None:
+        """A worker stream was accepted (a connect or a reconnect)."""
+        self.worker_sessions.labels(tenant).inc()
+
+    def worker_evicted(self, reason: str) -> None:
+        """The coordinator cut a worker off; ``reason`` is one of :data:`EVICTION_REASONS`."""
+        if reason not in EVICTION_REASONS:
+            raise ValueError(f"eviction reason {reason!r} is not one of {EVICTION_REASONS}")
+        self.worker_evictions.labels(reason).inc()
+
     # -- leadership (rare events) ------------------------------------------------------
 
     def took_office(self, epoch: int) -> None:
+        """This coordinator began a term with ``epoch``."""
         self.leader.labels(self.cluster).set(1)
         self.epoch.labels(self.cluster).set(epoch)
         self.terms.labels(self.cluster).inc()
 
     def left_office(self) -> None:
+        """This coordinator no longer leads (deposed, fenced or stopping)."""
         self.leader.labels(self.cluster).set(0)
 
     def fenced(self) -> None:
+        """The fence refused one of this coordinator's writes (a newer epoch exists)."""
         self.fenced_writes.labels(self.cluster).inc()
 
     def etcd_session_changed(self, up: bool) -> None:
+        """This coordinator's etcd session (its lease) came up or went down."""
         self.etcd_session.labels(self.cluster).set(1 if up else 0)
 
     # -- read at scrape time -----------------------------------------------------------
@@ -496,7 +525,7 @@ class WorkerMetrics:
         self.executions = Counter(
             "conveyor_worker_executions_total",
             "Handler runs finished in this process, by queue, type and outcome "
-            "(succeeded, failed, timed_out, cancelled, interrupted).",
+            "(succeeded, failed, timed_out, cancelled, interrupted, lost).",
             ("queue", "type", "outcome"),
             registry=r,
         )
@@ -515,7 +544,12 @@ class WorkerMetrics:
         self._executions = _Children(self.executions)
 
     def record_executions(self, runs: Iterable[tuple[str, str, str, float]]) -> None:
-        """Handler runs of one results message: (queue, type, outcome, seconds) each."""
+        """Handler runs of one results message: (queue, type, outcome, seconds) each.
+
+        Outcomes: ``succeeded``, ``failed``, ``timed_out``, ``cancelled``,
+        ``interrupted`` (stopped by the worker's shutdown) and ``lost`` (stopped because
+        the coordinator took the lease back; no result is sent for those).
+        """
         pairs = [((queue, type_, outcome), seconds) for queue, type_, outcome, seconds in runs]
         self._executions.add(Tally(labels for labels, _ in pairs))
         self.execution_time.observe_pairs(pairs)

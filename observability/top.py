@@ -250,6 +250,10 @@ def _workers_table(workers: Sequence[WorkerView]) -> Table:
 
 def _header(s: Snapshot) -> Text:
     text = Text()
+    if not s.cluster and not s.mode:
+        # Nothing answered yet: say so rather than "no leader".
+        text.append("cluster unknown", style="bold red")
+        return text
     text.append(f"cluster {s.cluster} ({s.mode})  ")
     if s.leader:
         text.append("leader ", style="bold")

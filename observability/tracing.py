@@ -110,16 +110,18 @@ def endpoint_from_env(env: Mapping[str, str] | None = None) -> str | None:
 def _task_attributes(
     task_id: str, queue: str, type_: str, attempt: int, tenant: str
 ) -> dict[str, str | int]:
-    return {
+    attributes: dict[str, str | int] = {
         ATTR_TASK_ID: task_id,
         ATTR_QUEUE: queue,
         ATTR_TYPE: type_,
         ATTR_ATTEMPT: attempt,
-        ATTR_TENANT: tenant,
         "messaging.system": "conveyor",
         "messaging.destination.name": queue,
         "messaging.message.id": task_id,
     }
+    if tenant:  # a worker does not know its tenant (the coordinator's spans carry it)
+        attributes[ATTR_TENANT] = tenant
+    return attributes
 
 
 def _parent(traceparent: str) -> Any:
@@ -161,6 +163,16 @@ class Tracing:
         """Spans through ``provider`` (the global provider by default: an application's
         own OpenTelemetry set-up, or a no-op one when it has none)."""
         return cls(provider if provider is not None else trace.get_tracer_provider())
+
+    @classmethod
+    def from_global(cls) -> Tracing:
+        """Spans through the process's global tracer provider once one is set up (by the
+        application, or :meth:`from_env` with ``set_global``); disabled while there is
+        none, so spans cost nothing then."""
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return cls.disabled()
+        return cls(provider)
 
     @classmethod
     def from_env(
@@ -211,15 +223,16 @@ class Tracing:
 
     @contextlib.contextmanager
     def submit_span(
-        self, type_: str, queue: str, *, tenant: str = "", count: int = 1
+        self, type_: str, queue: str, *, tenant: str = "", count: int = 1, parent: str = ""
     ) -> Iterator[str]:
         """Around a submit: yields the ``traceparent`` to send with the task(s).
 
-        Disabled, it yields the caller's current context ("" when none), so a task
-        still joins the application's own trace.
+        The span is a child of ``parent`` (a W3C traceparent) when given, else of the
+        caller's current span. Disabled, it yields ``parent`` or the caller's current
+        context ("" when none), so a task still joins the application's own trace.
         """
         if self._tracer is None:
-            yield current_traceparent()
+            yield parent or current_traceparent()
             return
         attributes: dict[str, str | int] = {
             ATTR_QUEUE: queue,
@@ -231,7 +244,10 @@ class Tracing:
         if tenant:
             attributes[ATTR_TENANT] = tenant
         with self._tracer.start_as_current_span(
-            f"submit {type_}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"submit {type_}",
+            context=_parent(parent) if parent else None,
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
         ) as span:
             yield _traceparent_of(span)
 

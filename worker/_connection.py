@@ -25,6 +25,7 @@ import logging
 import random
 from collections.abc import Sequence
 
+from conveyor.observability.metrics import WorkerMetrics
 from conveyor.transport import AddressBook, Backoff, ConnectionOptions
 from conveyor.worker._runtime import Runtime
 from conveyor.worker._session import HelloInfo, Session, SessionEnd
@@ -52,8 +53,11 @@ class Connector:
         info: HelloInfo,
         runtime: Runtime,
         options: ConnectionOptions,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._book = AddressBook(addresses)
+        self._metrics = metrics
+        self._sessions_welcomed = 0
         self._info = info
         self._runtime = runtime
         self._options = options
@@ -103,7 +107,7 @@ class Connector:
                 runtime=self._runtime,
                 draining=self._draining,
                 options=self._options,
-                on_welcome=lambda _session: self.connected.set(),
+                on_welcome=self._welcomed,
             )
             self._session = session
             try:
@@ -147,6 +151,12 @@ class Connector:
                 answered = False
             target = next_target
             await self._pause(delay)
+
+    def _welcomed(self, session: Session) -> None:
+        self.connected.set()
+        self._sessions_welcomed += 1
+        if self._sessions_welcomed > 1 and self._metrics is not None:
+            self._metrics.reconnects.inc()
 
     async def _pause(self, delay: float) -> None:
         if delay <= 0:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 
+from conveyor.observability.logs import TaskLoggerAdapter, task_logger
+
 __all__ = ["CancellationSignal", "TaskContext"]
 
 
@@ -106,8 +108,15 @@ class TaskContext:
         traceparent: The submitter's W3C trace context ("" when none).
         create_time: When the task was submitted (UTC), when the coordinator said.
         worker_id: The id this worker process registered with.
+        epoch: The coordinator epoch (leader term) that leased this attempt.
         cancelled: Set when the attempt is stopped (timeout, cancellation, lost lease,
             shutdown); see :class:`CancellationSignal`.
+
+    :attr:`logger` is a logger whose lines carry the attempt's fields (``task_id``,
+    ``attempt``, ``queue``, ``type``, ``worker_id``, ``epoch``): as keys of the JSON line
+    with ``--log-format json``, as ``key=value`` in text. Any logger used while the
+    handler runs adds them too, when logging is set up by ``conveyor`` (the CLI or
+    :meth:`Worker.run_sync`).
     """
 
     task_id: str
@@ -122,9 +131,33 @@ class TaskContext:
     traceparent: str = ""
     create_time: datetime | None = None
     worker_id: str = ""
+    epoch: int = 0
     cancelled: CancellationSignal = dataclasses.field(
         default_factory=CancellationSignal, repr=False, compare=False
     )
+    _logger: TaskLoggerAdapter | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def logger(self) -> TaskLoggerAdapter:
+        """A logger (``conveyor.task``) whose lines carry this attempt's fields."""
+        if self._logger is None:
+            # A frozen dataclass: the cache is written the way its __init__ writes fields.
+            object.__setattr__(self, "_logger", task_logger("conveyor.task", **self.log_fields()))
+        assert self._logger is not None
+        return self._logger
+
+    def log_fields(self) -> dict[str, object]:
+        """The attempt's log fields (see :data:`conveyor.observability.logs.FIELDS`)."""
+        return {
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "queue": self.queue,
+            "type": self.type,
+            "worker_id": self.worker_id,
+            "epoch": self.epoch,
+        }
 
     def is_cancelled(self) -> bool:
         """Whether the attempt was stopped; cheap and safe to poll from sync handlers."""

@@ -4,6 +4,12 @@ The runtime outlives any one stream. Handlers keep running while the session rec
 and results wait in the outbox until a ResultAck clears them, whichever session that
 arrives on. The session only feeds it (assignments, acks, cancels) and drains it (leases
 to heartbeat, results to send, credit to grant), through :class:`RuntimeListener`.
+
+Telemetry, per attempt: each handler runs in its own asyncio task, whose log fields are
+bound at its start (computed only if it logs); with tracing on, inside an ``execute``
+span that is a child of the assignment's ``traceparent`` and ends with the attempt's
+outcome; with metrics on, the finished run is noted as a tuple and the notes are
+recorded in one call per results message (:meth:`Runtime.record_runs`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
+from conveyor.observability import logs
+from conveyor.observability.metrics import WorkerMetrics
+from conveyor.observability.tracing import Tracing
 from conveyor.transport._encryption import (
     ENCRYPTED_CONTENT_TYPE,
     Binding,
@@ -60,6 +69,16 @@ SHUTDOWN_ERROR = "worker shut down"
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
 
+#: How metrics and spans name the outcomes; ``lost``: the lease was taken back.
+OUTCOME_NAMES = {
+    SUCCEEDED: "succeeded",
+    FAILED: "failed",
+    TIMED_OUT: "timed_out",
+    CANCELLED: "cancelled",
+    INTERRUPTED: "interrupted",
+}
+LOST = "lost"
+
 
 class RuntimeListener(Protocol):
     """What the runtime tells the connected session."""
@@ -93,6 +112,9 @@ class _Execution:
     # the first of completion, timeout, cancel, lost lease and shutdown wins.
     decided: bool = False
     timer: asyncio.TimerHandle | None = None
+    # Telemetry: when the handler started (metrics on), its execute span (tracing on).
+    started: float = 0.0
+    span: Any = None
 
 
 def _copy_lease(lease: pb.Lease) -> pb.Lease:
@@ -126,10 +148,17 @@ class Runtime:
         concurrency: int,
         executor: concurrent.futures.Executor,
         worker_id: str,
+        metrics: WorkerMetrics | None = None,
+        tracing: Tracing | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
         self._registry = registry
         self._codec = codec
+        self._metrics = metrics
+        self._tracing = tracing if tracing is not None else Tracing.disabled()
+        # Finished runs not recorded yet: (queue, type, outcome, seconds); None without
+        # metrics, so nothing is noted at all.
+        self._runs: list[tuple[str, str, str, float]] | None = [] if metrics else None
         self._concurrency = concurrency
         self._executor = executor
         self._worker_id = worker_id
@@ -184,6 +213,21 @@ class Runtime:
     def running_count(self) -> int:
         """Attempts held (running or waiting for a slot)."""
         return len(self._held)
+
+    def busy_slots(self) -> int:
+        """Slots taken by handlers (those still running after their attempt was
+        reported included)."""
+        return len(self._occupied)
+
+    def record_runs(self) -> None:
+        """Records the runs finished since the last call in the metrics, in one call.
+
+        Called once per results message sent, and at scrape time.
+        """
+        runs = self._runs
+        if runs and self._metrics is not None:
+            self._runs = []
+            self._metrics.record_executions(runs)
 
     # -- session attachment -----------------------------------------------------------
 
@@ -354,8 +398,11 @@ class Runtime:
                 else None
             ),
             worker_id=self._worker_id,
+            epoch=execution.lease.epoch,
             cancelled=execution.signal,
         )
+        if self._runs is not None:
+            execution.started = time.monotonic()
         self._occupied.add(execution)
         task = self._loop.create_task(
             self._execute(execution),
@@ -366,6 +413,24 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, execution: _Execution) -> None:
+        ctx = execution.context
+        assert ctx is not None
+        # This task's own context: the fields stay with it (and its sync handler's thread).
+        logs.bind_fields(logs.LazyFields(ctx.log_fields))
+        if not self._tracing.enabled:
+            await self._attempt(execution)
+            return
+        with self._tracing.execution_span(
+            ctx.traceparent,
+            task_id=ctx.task_id,
+            queue=ctx.queue,
+            type_=ctx.type,
+            attempt=ctx.attempt,
+        ) as span:
+            execution.span = span
+            await self._attempt(execution)
+
+    async def _attempt(self, execution: _Execution) -> None:
         try:
             result = await self._invoke(execution)
         except asyncio.CancelledError:
@@ -386,6 +451,7 @@ class Runtime:
             self._release(execution)
         if not execution.decided:
             self._decide(execution)
+            self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
             self._emit(result)
 
     async def _invoke(self, execution: _Execution) -> pb.TaskResult:
@@ -487,6 +553,11 @@ class Runtime:
             return
         self._decide(execution)
         execution.signal._set(reason)
+        if execution.task is not None:
+            if result is None:
+                self._ran(execution, LOST, reason)
+            else:
+                self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
         if result is not None:
             self._emit(result)
         if execution.task is None:
@@ -496,6 +567,15 @@ class Runtime:
         else:
             # For a sync handler this only stops the wait; the thread sees the signal.
             execution.task.cancel()
+
+    def _ran(self, execution: _Execution, outcome: str, error: str) -> None:
+        """A handler run ended with ``outcome``: noted for the metrics, marked on its span."""
+        if self._runs is not None:
+            assignment = execution.assignment
+            seconds = time.monotonic() - execution.started
+            self._runs.append((assignment.queue, assignment.type, outcome, seconds))
+        if execution.span is not None:
+            Tracing.record_outcome(execution.span, outcome, error)
 
     def _decide(self, execution: _Execution) -> None:
         execution.decided = True

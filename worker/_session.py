@@ -473,6 +473,7 @@ class Session:
             self._batch_full.clear()
             while batch := self._take_batch():
                 await self._send(pb.ConnectRequest(results=pb.Results(results=batch)))
+                self._runtime.record_runs()
 
     def _take_batch(self) -> list[pb.TaskResult]:
         batch: list[pb.TaskResult] = []

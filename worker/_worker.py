@@ -15,10 +15,13 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
+from opentelemetry import trace
 
+from conveyor.observability.metrics import parse_listen
+from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import PayloadCodec
 from conveyor.worker._connection import Connector
@@ -26,6 +29,9 @@ from conveyor.worker._errors import NoHandlersError
 from conveyor.worker._registry import TaskRegistry
 from conveyor.worker._runtime import SHUTDOWN_ERROR, Runtime
 from conveyor.worker._session import HelloInfo
+
+if TYPE_CHECKING:
+    from conveyor.observability.metrics import MetricsServer, WorkerProcessState
 
 __all__ = ["Worker"]
 
@@ -79,6 +85,15 @@ def _configure_logging() -> None:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
+def _process_tracing(worker_id: str) -> Tracing:
+    """Tracing for a worker's own process (run_sync, ``conveyor worker``): from the
+    ``OTEL_*`` environment, as the global provider, unless the application set one up
+    (then it is the application's to run and to shut down)."""
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return Tracing.disabled()
+    return Tracing.from_env(SERVICE_WORKER, instance_id=worker_id, set_global=True)
+
+
 class Worker:
     """A Conveyor worker process: handlers for task types, run against a coordinator.
 
@@ -121,6 +136,15 @@ class Worker:
         api_key: Sent as ``authorization: Bearer <api_key>`` when opening the stream.
         options: Transport settings shared with the client: TLS, metadata, message
             limits, keepalive, client interceptors.
+        metrics_listen: ``host:port`` to serve this process's Prometheus metrics on
+            (``/metrics``; port 0 picks a free one, see :attr:`metrics_url`): handler runs
+            by outcome and their duration, slots in use, connection state, reconnects.
+            ``None`` (the default): no endpoint, and nothing is recorded.
+        tracer_provider: The OpenTelemetry tracer provider for the ``execute`` span of
+            each attempt (a child of the task's trace); by default the process's global
+            one once the application sets one up, and no spans (at no cost) until then.
+            :meth:`run_sync` and ``conveyor worker`` set up a global one from the
+            ``OTEL_EXPORTER_OTLP_ENDPOINT`` environment when the application has none.
         codec: Decodes every payload before its handler sees it and encodes every
             result, such as ``EncryptionCodec.from_key_file("keys.json")`` for end-to-end
             encryption (the clients need the same keys). A payload it cannot decode (a
@@ -141,9 +165,14 @@ class Worker:
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
+        metrics_listen: str | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
         self._addresses: list[str] = []
+        self._metrics_listen: str | None = None
+        self._tracer_provider = tracer_provider
+        self._metrics_server: MetricsServer | None = None
         self._queues: tuple[str, ...] = ()
         self._concurrency = 1
         self._worker_id = default_worker_id()
@@ -176,6 +205,7 @@ class Worker:
             worker_id=worker_id,
             grace_period=grace_period,
             sync_threads=sync_threads,
+            metrics_listen=metrics_listen,
         )
 
     # -- configuration -------------------------------------------------------------------
@@ -189,6 +219,7 @@ class Worker:
         worker_id: str | None = None,
         grace_period: float | None = None,
         sync_threads: int | None = None,
+        metrics_listen: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         codec: PayloadCodec | None = None,
     ) -> Self:
@@ -220,6 +251,8 @@ class Worker:
             raise ValueError(f"sync_threads must be at least 1, got {sync_threads}")
         if worker_id is not None and (not worker_id.strip() or "\x00" in worker_id):
             raise ValueError(f"worker_id must be a non-empty string without NUL, got {worker_id!r}")
+        if metrics_listen:
+            parse_listen(metrics_listen)  # raises ValueError naming what is wrong
         self._addresses = addresses
         self._queues = queue_tuple
         self._concurrency = self._concurrency if concurrency is None else concurrency
@@ -228,6 +261,8 @@ class Worker:
             self._default_id_pid = None
         self._grace_period = self._grace_period if grace_period is None else grace_period
         self._sync_threads = self._sync_threads if sync_threads is None else sync_threads
+        if metrics_listen is not None:
+            self._metrics_listen = metrics_listen or None
         if credentials is not None:
             self._options = dataclasses.replace(self._options, credentials=credentials)
         if codec is not None:
@@ -268,6 +303,16 @@ class Worker:
     def running(self) -> bool:
         """Whether :meth:`run` is in progress."""
         return self._loop is not None
+
+    @property
+    def metrics_listen(self) -> str | None:
+        """Where metrics are to be served (``None``: not at all)."""
+        return self._metrics_listen
+
+    @property
+    def metrics_url(self) -> str:
+        """The URL of the running worker's metrics endpoint ("" when there is none)."""
+        return self._metrics_server.url if self._metrics_server is not None else ""
 
     def task(self, task_type: str, *, raw: bool = False) -> Callable[[F], F]:
         """Register the decorated function as the handler of ``task_type``.
@@ -320,10 +365,16 @@ class Worker:
         """Run the worker in a new event loop (:func:`asyncio.run`) until it is done.
 
         Sets logging up as ``conveyor worker`` does (INFO, or ``CONVEYOR_LOG_LEVEL``, to
-        stderr) unless the application configured logging itself.
+        stderr) unless the application configured logging itself; likewise tracing, when
+        ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the application has no tracer provider
+        of its own (the spans still buffered are exported before it returns).
         """
         _configure_logging()
-        asyncio.run(self.run(install_signal_handlers=install_signal_handlers))
+        tracing = _process_tracing(self._worker_id)
+        try:
+            asyncio.run(self.run(install_signal_handlers=install_signal_handlers))
+        finally:
+            tracing.shutdown()
 
     def shutdown(self, *, force: bool = False) -> None:
         """Ask the running worker to drain and stop; returns at once.
@@ -394,6 +445,20 @@ class Worker:
                 f"worker {self._worker_id} has no task handlers: register at least one with "
                 f"@worker.task('TYPE') before starting it"
             )
+        metrics = None
+        if self._metrics_listen:
+            from conveyor.observability.metrics import MetricsServer, WorkerMetrics
+
+            metrics = WorkerMetrics()
+            server = MetricsServer(metrics.registry, self._metrics_listen)
+            server.start()  # first: a port in use fails before anything else starts
+            self._metrics_server = server
+            logger.info("serving metrics on %s", server.url)
+        tracing = (
+            Tracing(self._tracer_provider)
+            if self._tracer_provider is not None
+            else Tracing.from_global()
+        )
         self._registry.freeze()
         self._loop = loop
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -407,8 +472,12 @@ class Worker:
             concurrency=self._concurrency,
             executor=self._executor,
             worker_id=self._worker_id,
+            metrics=metrics,
+            tracing=tracing,
             codec=self._codec,
         )
+        if metrics is not None:
+            metrics.watch_process(self._process_state, loop=loop)
         info = HelloInfo(
             worker_id=self._worker_id,
             hostname=socket.gethostname(),
@@ -424,6 +493,7 @@ class Worker:
             info=info,
             runtime=self._runtime,
             options=self._options,
+            metrics=metrics,
         )
         if install_signal_handlers is None:
             install_signal_handlers = threading.current_thread() is threading.main_thread()
@@ -476,6 +546,9 @@ class Worker:
             await asyncio.gather(connection, stop_wait, return_exceptions=True)
             await _bounded(runtime.close(), HANDLER_EXIT_TIMEOUT)
             runtime.report_leftovers()
+            server, self._metrics_server = self._metrics_server, None
+            if server is not None:
+                await asyncio.to_thread(server.stop)
             self._teardown()
         logger.info("worker %s stopped", self._worker_id)
 
@@ -514,6 +587,18 @@ class Worker:
             waiter.cancel()
             forced.cancel()
             await asyncio.gather(waiter, forced, return_exceptions=True)
+
+    def _process_state(self) -> WorkerProcessState:
+        """What the metrics endpoint reads at scrape time (on the worker's loop)."""
+        from conveyor.observability.metrics import WorkerProcessState
+
+        runtime, connected = self._runtime, self._connected
+        if runtime is None:
+            return WorkerProcessState(self._concurrency, 0, False)
+        runtime.record_runs()
+        return WorkerProcessState(
+            self._concurrency, runtime.busy_slots(), connected is not None and connected.is_set()
+        )
 
     def _request_stop(self, force: bool) -> None:
         if self._stop_requested is None or self._force is None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -59,6 +59,8 @@ class Fence:
 
     cluster: str
     epoch: int
+    on_refused: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    """Called when the database refuses a write fenced with this token (for metrics)."""
 
 
 def compile_named(text: str) -> tuple[str, tuple[str, ...]]:
@@ -142,7 +144,10 @@ class Query:
 
 def _translate(exc: asyncpg.PostgresError, values: Mapping[str, Any]) -> BaseException:
     if getattr(exc, "sqlstate", None) == FENCED_SQLSTATE and "fence" in values:
-        return Fenced(values["fence"].epoch)
+        fence: Fence = values["fence"]
+        if fence.on_refused is not None:
+            fence.on_refused()
+        return Fenced(fence.epoch)
     return exc
 
 

@@ -115,6 +115,12 @@ _BACKOFF = """
 """
 
 
+# Seconds from a timestamp column to now, for the metrics' durations: computed by the
+# database, once per row of a statement that returns the row anyway. Never negative: some
+# timestamps (create_time) come from the coordinator's clock, which may run ahead.
+_SECONDS_SINCE = "greatest(0, extract(epoch FROM now() - {}))::float8"
+
+
 class NewRow(NamedTuple):
     """A task about to be inserted."""
 
@@ -356,7 +362,8 @@ _QUEUE_STATS = Query(
         count(*) FILTER (WHERE state = {PENDING}) AS pending,
         count(*) FILTER (WHERE state = {SCHEDULED}) AS scheduled,
         count(*) FILTER (WHERE state = {RUNNING}) AS running,
-        count(*) FILTER (WHERE state = {DEAD}) AS dead
+        count(*) FILTER (WHERE state = {DEAD}) AS dead,
+        min(run_at) FILTER (WHERE state = {PENDING}) AS oldest_pending
     FROM tasks
     WHERE tenant = :tenant AND state IN ({PENDING}, {SCHEDULED}, {RUNNING}, {DEAD})
     GROUP BY queue ORDER BY queue
@@ -366,6 +373,61 @@ _QUEUE_STATS = Query(
 
 async def queue_stats(conn: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
     return await _QUEUE_STATS.fetch(conn, tenant=tenant)
+
+
+# One statement per state, so each reads its own partial index (tasks_ready,
+# tasks_scheduled, tasks_leased, tasks_dead) instead of the whole table, which is mostly
+# finished tasks. For metrics, at scrape time: all tenants.
+_QUEUE_DEPTHS = Query(
+    "queue_depths",
+    f"""
+    SELECT tenant, queue, {PENDING}::smallint AS state, count(*) AS n,
+        {_SECONDS_SINCE.format("min(run_at)")} AS oldest
+    FROM tasks WHERE state = {PENDING} GROUP BY tenant, queue
+    UNION ALL
+    SELECT tenant, queue, {SCHEDULED}, count(*), NULL FROM tasks WHERE state = {SCHEDULED}
+    GROUP BY tenant, queue
+    UNION ALL
+    SELECT tenant, queue, {RUNNING}, count(*), NULL FROM tasks WHERE state = {RUNNING}
+    GROUP BY tenant, queue
+    UNION ALL
+    SELECT tenant, queue, {DEAD}, count(*), NULL FROM tasks WHERE state = {DEAD}
+    GROUP BY tenant, queue
+    """,
+)
+_DEPTH_NAMES = {PENDING: "pending", SCHEDULED: "scheduled", RUNNING: "running", DEAD: "dead"}
+
+
+class QueueDepthRow(NamedTuple):
+    """Tasks of one (tenant, queue) by state, and the age of its oldest ready task."""
+
+    tenant: str
+    queue: str
+    pending: int
+    scheduled: int
+    running: int
+    dead: int
+    oldest_pending_age_seconds: float | None
+    """Seconds since the oldest PENDING task's run_at; None when none is pending."""
+
+
+async def queue_depths(conn: asyncpg.Connection) -> list[QueueDepthRow]:
+    """Every (tenant, queue) with unfinished or dead tasks, counted by state."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in await _QUEUE_DEPTHS.fetch(conn):
+        counts = found.setdefault(
+            (row["tenant"], row["queue"]),
+            {"pending": 0, "scheduled": 0, "running": 0, "dead": 0, "oldest": None},
+        )
+        counts[_DEPTH_NAMES[row["state"]]] = row["n"]
+        if row["oldest"] is not None:
+            counts["oldest"] = row["oldest"]
+    return [
+        QueueDepthRow(
+            tenant, queue, c["pending"], c["scheduled"], c["running"], c["dead"], c["oldest"]
+        )
+        for (tenant, queue), c in sorted(found.items())
+    ]
 
 
 _RUNNING_PER_WORKER = Query(
@@ -466,15 +528,18 @@ _FINISH = Query(
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM r
         WHERE {FENCE} AND {_LEASE_MATCH}
-        RETURNING t.id, t.tenant, t.queue, t.state, t.run_at, t.attempt, t.lease_epoch,
-            t.lease_start_time, r.worker_id, r.outcome, r.error
+        RETURNING t.id, t.tenant, t.queue, t.type, t.state, t.run_at, t.attempt, t.lease_epoch,
+            t.lease_start_time, t.create_time, r.worker_id, r.outcome, r.error
     ), closed AS (
         INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
         SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
             error
         FROM applied
     )
-    SELECT id::text AS id, tenant, queue, state, run_at, attempt, lease_epoch, worker_id
+    SELECT id::text AS id, tenant, queue, type, state, run_at, attempt, lease_epoch, worker_id,
+        {_SECONDS_SINCE.format("lease_start_time")} AS run_seconds,
+        CASE WHEN state IN ({SUCCEEDED}, {DEAD}) THEN {_SECONDS_SINCE.format("create_time")}
+        END AS end_to_end_seconds
     FROM applied
     """,
 )
@@ -484,7 +549,8 @@ async def finish_attempts(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], fence: Fence
 ) -> list[asyncpg.Record]:
     """Applies results whose lease is current; returns the rows applied (their lease key
-    fields, queue, new state and run_at).
+    fields, queue, type, new state and run_at; for metrics, ``run_seconds`` since the
+    lease started and ``end_to_end_seconds`` since the submit when the task finished).
 
     Success -> SUCCEEDED. Interrupted -> PENDING at once, not counted. Failure ->
     SCHEDULED after a backoff when retryable with attempts left, else DEAD. The attempt
@@ -539,7 +605,7 @@ _RELEASE = f"""
                 ELSE t.last_error END,
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM victims WHERE t.id = victims.id
-        RETURNING t.id, t.tenant, t.queue, t.state, t.attempt, t.lease_epoch,
+        RETURNING t.id, t.tenant, t.queue, t.type, t.state, t.attempt, t.lease_epoch,
             t.lease_start_time, victims.worker_id
     ), closed AS (
         INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
@@ -547,7 +613,7 @@ _RELEASE = f"""
             :outcome::smallint, format(:error::text, worker_id)
         FROM released
     )
-    SELECT id, tenant, queue, state FROM released
+    SELECT id, tenant, queue, type, state FROM released
 """
 
 

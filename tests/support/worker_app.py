@@ -11,6 +11,8 @@ import asyncio
 import os
 from typing import Any
 
+from opentelemetry import trace
+
 from conveyor.worker import TaskContext, Worker
 
 worker = Worker(
@@ -49,6 +51,18 @@ async def noop(ctx: TaskContext, payload: Any) -> str:
     """Finishes at once (the load of the distributed scenarios); still logs its effect."""
     _record(ctx)
     return "ok"
+
+
+@worker.task("traced")
+async def traced(ctx: TaskContext, payload: Any) -> str:
+    """Attempt 1 fails, attempt 2 succeeds; each opens a span of its own through the
+    global API (as application code would) and logs through ``ctx.logger``."""
+    with trace.get_tracer("app").start_as_current_span("smtp"):
+        ctx.logger.info("sending attempt %d", ctx.attempt)
+    if ctx.attempt == 1:
+        raise RuntimeError("the mail server said try again")
+    _record(ctx)
+    return "sent"
 
 
 #: A worker without handlers: ``conveyor worker worker_app:idle`` must refuse to start.

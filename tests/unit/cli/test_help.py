@@ -8,7 +8,7 @@ from conveyor.cli.main import command_tree
 # The commands scripts, tests and the README use; renaming one breaks them.
 KNOWN = {
     "dev", "coordinator", "worker", "submit", "get", "tasks", "queues", "cancel", "retry",
-    "status", "health", "bench", "bench-schedules", "bench-failover",
+    "status", "health", "top", "bench", "bench-schedules", "bench-failover",
     "schedules create", "schedules list", "schedules get", "schedules pause",
     "schedules resume", "schedules delete",
     "encryption new-key", "encryption rotate", "encryption list",

@@ -20,8 +20,9 @@ EXPECTED = {
         "UNTRACED_RPC_PREFIXES", "Row", "Tracing", "current_traceparent", "endpoint_from_env",
     },
     "logs": {
-        "FIELDS", "JSONFormatter", "TaskFieldsFilter", "TaskLoggerAdapter", "TextFormatter",
-        "configure", "current_fields", "log_context", "task_logger",
+        "FIELDS", "JSONFormatter", "LazyFields", "TaskFieldsFilter", "TaskLoggerAdapter",
+        "TextFormatter", "bind_fields", "configure", "current_fields", "log_context",
+        "task_logger",
     },
     "grpc_metrics": {"MetricsInterceptor"},
     "top": {

@@ -144,3 +144,32 @@ def test_json_lines_name_the_active_trace(capture: tuple[io.StringIO, logging.Lo
 def test_bad_format_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="not one of: text, json"):
         logs.configure("info", "yaml")
+
+
+async def test_lazy_fields_bound_to_a_task_are_made_only_when_it_logs(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    buffer, log = capture
+    logs.configure("info", "json", stream=buffer)
+    made: list[str] = []
+
+    def fields(task_id: str) -> dict[str, object]:
+        made.append(task_id)
+        return {"task_id": task_id, "attempt": 1}
+
+    async def task(task_id: str, talk: bool) -> None:
+        logs.bind_fields(logs.LazyFields(lambda: fields(task_id)))
+        if talk:
+            with logs.log_context(queue="q"):  # adds to the bound fields
+                log.info("one")
+            log.info("two")
+
+    await asyncio.gather(
+        asyncio.create_task(task("quiet", False)), asyncio.create_task(task("t", True))
+    )
+    log.info("outside")
+    assert made == ["t"], "made once, and only for the task that logged"
+    one, two, outside = json_lines(buffer)
+    assert (one["task_id"], one["attempt"], one["queue"]) == ("t", 1, "q")
+    assert (two["task_id"], "queue" in two) == ("t", False)
+    assert "task_id" not in outside

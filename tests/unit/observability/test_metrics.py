@@ -122,6 +122,24 @@ def test_dispatch_submit_cancel_expiry_and_firings() -> None:
     assert value(m, "conveyor_group_commit_flush_seconds_count", kind="submit") == 1
 
 
+def test_tuple_forms_refusals_and_worker_sessions() -> None:
+    m = CoordinatorMetrics(process_metrics=False)
+    m.count_submitted([("default", "q", "t")] * 4)
+    m.record_firing_lags([("acme", 0.5), ("acme", 1.5)])
+    m.record_refused(0)
+    m.record_refused(3)
+    m.worker_connected("default")
+    m.worker_evicted("silent")
+    assert value(m, "conveyor_tasks_submitted_total", **LABELS) == 4
+    assert value(m, "conveyor_schedule_firings_total", tenant="acme") == 2
+    assert value(m, "conveyor_schedule_firing_lag_seconds_sum", tenant="acme") == 2.0
+    assert value(m, "conveyor_results_refused_total") == 3
+    assert value(m, "conveyor_worker_sessions_total", tenant="default") == 1
+    assert value(m, "conveyor_worker_evictions_total", reason="silent") == 1
+    with pytest.raises(ValueError, match="is not one of"):
+        m.worker_evicted("the worker was rude")  # free text would make unbounded labels
+
+
 def test_leadership_series_exist_from_the_start_and_follow_office() -> None:
     m = CoordinatorMetrics(cluster="c1", process_metrics=False)
     assert value(m, "conveyor_leader", cluster="c1") == 0

@@ -174,6 +174,8 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
         ("host:70000", "out of range"),
         ("::1:9464", r"write an IPv6 host as \[::1\]"),
         ("[nope]:1", "not an IPv6 address"),
+        ("[::1", "not HOST:PORT"),
+        ("::1]:80", "not HOST:PORT"),
     ],
 )
 def test_parse_listen_errors_say_what_is_wrong(text: str, message: str) -> None:

@@ -106,3 +106,10 @@ def test_rates_come_from_two_scrapes_of_the_metrics_endpoint() -> None:
     # A restarted coordinator's counters start again from zero.
     assert rates(after, before, 1.0)["emails"].submitted == 10.0
     assert rates(before, after, 0) == {}
+
+
+def test_a_cluster_never_reached_is_unknown_not_leaderless() -> None:
+    nothing = admin_service_pb2.GetClusterStatusResponse()
+    text = screen(snapshot_from_protos(nothing, [], problem="cannot read the cluster"))
+    assert "cluster unknown" in text and "NO LEADER" not in text
+    assert "cannot read the cluster" in text

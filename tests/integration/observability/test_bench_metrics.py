@@ -1,0 +1,27 @@
+"""``conveyor bench --metrics`` runs with the metrics of every process on and scraped (a
+smoke run: tiny numbers, and no timing asserted; the lead compares the figures of full
+runs with and without on a quiet machine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from clitools import conveyor
+
+pytestmark = pytest.mark.slow
+
+
+async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> None:
+    done = await conveyor(
+        "bench", "--tasks", "60", "--workers", "1", "--concurrency", "20", "--batch", "30",
+        "--latency-rate", "10", "--latency-seconds", "0.5", "--dsn", database_dsn,
+        "--metrics", "--json",
+        timeout=240,
+    )  # fmt: skip
+    assert done.code == 0, done.err
+    figures = json.loads(done.out.strip().splitlines()[-1])
+    assert figures["metrics"] is True
+    assert figures["scraped_endpoints"] == 2, "the coordinator and the worker were scraped"
+    assert figures["e2e_per_s"] > 0 and figures["pickup_samples"] == 5
+    assert "metrics on, scraped every second" in done.err
