@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Static checks: ruff (lint and format), buf lint and mypy --strict.
+# Static checks: ruff (lint and format), buf lint and mypy --strict over the package and
+# the tests.
 #
 # mypy cannot follow the import hook that setuptools' editable install uses for our
 # package-dir mapping (conveyor.coordinator -> coordinator/ ...). So this script builds a
 # tree of symlinks, build/mypy-tree/conveyor/<pkg> -> <folder>, from the package-dir table in
-# pyproject.toml, and runs mypy on that tree with .venv's mypy and dependencies.
+# pyproject.toml, and runs .venv's mypy from the root: [tool.mypy] names that tree and
+# tests/ as what to check (so a plain `.venv/bin/mypy` works too, once the tree exists).
 # Run scripts/test.sh (or pip install -e '.[dev]') once first to create .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,9 @@ status=0
 .venv/bin/ruff check "${folders[@]}" || status=1
 .venv/bin/ruff format --check "${folders[@]}" || status=1
 .venv/bin/buf lint || status=1
+# The API stays wire- and JSON-compatible with the last release (or the last deliberate
+# break): proto/reference/api.json, recorded by scripts/api_reference.sh.
+.venv/bin/buf breaking --against proto/reference/api.json || status=1
 
 tree=build/mypy-tree
 rm -rf "$tree"
@@ -57,6 +62,6 @@ for name, folder in sorted(package_dir.items()):
     link.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(root / folder, link, target_is_directory=True)
 PY
-(cd "$tree" && ../../.venv/bin/mypy --config-file ../../pyproject.toml -p conveyor) || status=1
+.venv/bin/mypy || status=1
 
 exit $status

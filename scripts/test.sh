@@ -11,6 +11,23 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q -e '.[dev]'
 
-# ruff (lint and format), buf lint and mypy --strict
+# ruff (lint and format), buf lint, buf breaking and mypy --strict
 scripts/check.sh
-.venv/bin/pytest -q "$@"
+
+# The tests under coverage, the processes they start included ([tool.coverage.run] in
+# pyproject.toml). The report comes last; on a full run (no arguments) it fails below the
+# floor, fail_under in [tool.coverage.report].
+rm -rf build/coverage
+mkdir -p build/coverage
+status=0
+# Two test processes (pytest-xdist): the suite mostly waits, so this halves its time on
+# two cores. `scripts/test.sh -n 0 ...` runs in one process.
+.venv/bin/coverage run -m pytest -q -n 2 "$@" || status=$?
+.venv/bin/coverage combine -q
+echo
+if [ $# -eq 0 ]; then
+  .venv/bin/coverage report || status=$((status ? status : 1))
+else
+  .venv/bin/coverage report --fail-under=0
+fi
+exit $status

@@ -36,7 +36,9 @@ async def db(database_dsn: str, coordinator: Coordinator) -> AsyncIterator[async
 
 
 @pytest.fixture
-async def stub(coordinator: Coordinator) -> AsyncIterator[task_service_pb2_grpc.TaskServiceStub]:
+async def stub(
+    coordinator: Coordinator,
+) -> AsyncIterator[task_service_pb2_grpc.TaskServiceAsyncStub]:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
         yield task_service_pb2_grpc.TaskServiceStub(channel)
 

@@ -342,7 +342,7 @@ def _hello() -> st.SearchStrategy[worker_service_pb2.Hello]:
         task_types=st.just(["echo"]),
         credits=st.integers(0, 5),
     )
-    return st.one_of(good, requests(worker_service_pb2.Hello))  # type: ignore[arg-type]
+    return st.one_of(good, requests(worker_service_pb2.Hello))
 
 
 def _lease() -> st.SearchStrategy[worker_service_pb2.Lease]:
@@ -353,7 +353,7 @@ def _lease() -> st.SearchStrategy[worker_service_pb2.Lease]:
             attempt=st.integers(-2, 3),
             epoch=st.integers(-1, 3),
         ),
-        requests(worker_service_pb2.Lease),  # type: ignore[arg-type]
+        requests(worker_service_pb2.Lease),
     )
 
 
@@ -382,7 +382,7 @@ def _worker_message() -> st.SearchStrategy[worker_service_pb2.ConnectRequest]:
                 worker_service_pb2.Heartbeat, leases=st.lists(_lease(), max_size=3)
             ),
         ),
-        requests(worker_service_pb2.ConnectRequest),  # type: ignore[arg-type]
+        requests(worker_service_pb2.ConnectRequest),
     )
 
 

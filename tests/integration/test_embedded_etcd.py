@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import aetcd
 import pytest
 from etcd_servers import EtcdCluster, EtcdNotFoundError, EtcdServer, find_etcd_binary
+from testsupport import eventually
 
 T = TypeVar("T")
 
@@ -38,15 +38,22 @@ async def client_for(endpoint: str, timeout: float = 0.5) -> AsyncIterator[aetcd
 
 
 async def retrying(op: Callable[[], Awaitable[T]], *, timeout: float = 10.0) -> T:
-    """Runs ``op`` until it does not raise an etcd client error, or fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Runs ``op`` until it does not raise an etcd client error, or fails at the deadline
+    (from the last error)."""
+    errors: list[aetcd.ClientError] = []
+
+    async def attempt() -> tuple[T] | None:
         try:
-            return await op()
-        except aetcd.ClientError:
-            if time.monotonic() >= deadline:
-                raise
-        await asyncio.sleep(0.05)
+            return (await op(),)  # a tuple: the answer itself may be None
+        except aetcd.ClientError as exc:
+            errors.append(exc)
+            return None
+
+    try:
+        (answer,) = await eventually(attempt, timeout=timeout, what="an answer from etcd")
+    except AssertionError as exc:
+        raise exc from (errors[-1] if errors else None)
+    return answer
 
 
 async def test_single_member_serves_put_and_get(etcd_server: EtcdServer) -> None:

@@ -24,7 +24,7 @@ from cluster import (
     wait_for_leader,
 )
 from etcd_servers import EtcdCluster, EtcdServer
-from testsupport import eventually
+from testsupport import eventually, sleep_until
 
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
@@ -305,7 +305,7 @@ async def test_schedules_fire_each_tick_once_across_leader_sigkill(cluster: Clus
         for offset in (0.005, -0.01):
             leader = await wait_for_leader(cluster.dsn, newer_than=epoch - 1)
             boundary = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
-            await asyncio.sleep(max(0.0, (boundary - datetime.now(UTC)).total_seconds() + offset))
+            await sleep_until(boundary + timedelta(seconds=offset))
             victim = cluster.by_address(leader["address"])
             victim.kill()
             epoch = (await wait_for_leader(cluster.dsn, newer_than=leader["epoch"]))["epoch"]
@@ -315,7 +315,7 @@ async def test_schedules_fire_each_tick_once_across_leader_sigkill(cluster: Clus
         end = datetime.now(UTC).replace(microsecond=0)
 
         async def fired_through_end() -> bool:
-            behind = await db.fetchval(
+            behind: int = await db.fetchval(
                 "SELECT count(*) FROM schedules WHERE next_fire_time <= $1", end
             )
             return behind == 0

@@ -16,7 +16,7 @@ from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worke
 async def test_old_leader_is_fenced_off(
     coordinator: Coordinator,
     database_dsn: str,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     db: asyncpg.Connection,
 ) -> None:

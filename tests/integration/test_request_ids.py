@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -18,10 +19,13 @@ from uuid_utils.compat import uuid7
 
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
-Stub = task_service_pb2_grpc.TaskServiceStub
+# The aio stub type (type-checking only: the generated module has no such class at run time).
+Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
 
 
-def _request(request_id: str, payload: bytes = b'{"n": 1}', **fields: object) -> object:
+def _request(
+    request_id: str, payload: bytes = b'{"n": 1}', **fields: Any
+) -> task_service_pb2.SubmitTaskRequest:
     return task_service_pb2.SubmitTaskRequest(
         type="echo", payload=payload, request_id=request_id, **fields
     )

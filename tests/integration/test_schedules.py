@@ -9,12 +9,13 @@ the only sleeps are downtimes a test imposes on purpose.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -23,9 +24,14 @@ import pytest
 from clitools import conveyor
 from cluster import CoordinatorProcess
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from testsupport import coordinator_config, eventually, leader_pool, service_deps
+from testsupport import (
+    coordinator_config,
+    error_details,
+    eventually,
+    leader_pool,
+    service_deps,
+    sleep_until,
+)
 
 from conveyor.client import AsyncClient, CatchUpPolicy, OverlapPolicy
 from conveyor.coordinator import Coordinator
@@ -37,7 +43,8 @@ from conveyor.coordinator.store import schedules
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
-Stub = task_service_pb2_grpc.TaskServiceStub
+# The aio stub type (type-checking only: the generated module has no such class at run time).
+Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
 SECOND = timedelta(seconds=1)
 EVERY_SECOND = "* * * * * *"
 
@@ -56,13 +63,14 @@ async def _create(stub: Stub, name: str, cron: str = EVERY_SECOND, **fields: Any
 
 async def _firings(db: asyncpg.Connection, schedule_id: str) -> list[asyncpg.Record]:
     """The schedule's tasks, by tick (run_at is the tick)."""
-    return await db.fetch(
+    rows: list[asyncpg.Record] = await db.fetch(
         """
         SELECT id, idempotency_key, run_at, create_time, state FROM tasks
         WHERE idempotency_key LIKE 'schedule:' || $1 || ':%' ORDER BY run_at
         """,
         schedule_id,
     )
+    return rows
 
 
 def _ticks(rows: list[asyncpg.Record]) -> list[datetime]:
@@ -79,19 +87,8 @@ def _fired(db: asyncpg.Connection, schedule_id: str, count: int) -> Callable[[],
 
 def _details(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
     """(ErrorInfo.reason, BadRequest fields) of a rich error status."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "the error carries no google.rpc.Status"
-    reason, fields = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-    return reason, fields
+    details = error_details(err)
+    return details.reason, details.fields
 
 
 def _contiguous(ticks: list[datetime]) -> bool:
@@ -222,7 +219,7 @@ async def test_catch_up_policies_after_downtime(
     last_fired = {n: _ticks(await _firings(db, i))[-1] for n, i in ids.items()}
     # The downtime: no coordinator at all until four ticks past the last firing, so that
     # at least three are missed before the successor's grace period.
-    await _sleep_until(max(last_fired.values()) + 4 * SECOND + timedelta(milliseconds=500))
+    await sleep_until(max(last_fired.values()) + 4 * SECOND + timedelta(milliseconds=500))
     successor = Coordinator(coordinator_config(database_dsn))
     await successor.start()
     try:
@@ -328,7 +325,7 @@ async def test_bad_input_writes_nothing(stub: Stub, db: asyncpg.Connection) -> N
             },
         ),
         (spb.Schedule(name="no-template", cron="* * * * *"), {"schedule.task_template"}),
-        (_schedule("policy", overlap_policy=42), {"schedule.overlap_policy"}),  # type: ignore[arg-type]
+        (_schedule("policy", overlap_policy=42), {"schedule.overlap_policy"}),
         (_schedule("limit", catch_up_limit=10**6), {"schedule.catch_up_limit"}),
         # What PostgreSQL would refuse, or no worker could name (issue 7.3).
         (_schedule("nightly\n"), {"schedule.name"}),
@@ -366,14 +363,15 @@ async def test_bad_input_writes_nothing(stub: Stub, db: asyncpg.Connection) -> N
         await stub.GetSchedule(spb.GetScheduleRequest(name="taken\n"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    for call, request in (
-        (stub.GetSchedule, spb.GetScheduleRequest(name="missing")),
-        (stub.PauseSchedule, spb.PauseScheduleRequest(name="missing")),
-        (stub.ResumeSchedule, spb.ResumeScheduleRequest(name="missing")),
-        (stub.DeleteSchedule, spb.DeleteScheduleRequest(name="missing")),
-    ):
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: stub.GetSchedule(spb.GetScheduleRequest(name="missing")),
+        lambda: stub.PauseSchedule(spb.PauseScheduleRequest(name="missing")),
+        lambda: stub.ResumeSchedule(spb.ResumeScheduleRequest(name="missing")),
+        lambda: stub.DeleteSchedule(spb.DeleteScheduleRequest(name="missing")),
+    ]
+    for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call(request)  # type: ignore[operator]
+            await call()
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert _details(caught.value)[0] == "SCHEDULE_NOT_FOUND"
 
@@ -569,10 +567,6 @@ async def processes(database_dsn: str, tmp_path: Path) -> AsyncIterator[Coordina
         cluster.close()
 
 
-async def _sleep_until(moment: datetime) -> None:
-    await asyncio.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()))
-
-
 @pytest.mark.slow
 async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
     processes: CoordinatorProcesses, database_dsn: str
@@ -595,7 +589,7 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
                 )
 
         async def all_fired_through(moment: datetime) -> bool:
-            behind = await db.fetchval(
+            behind: int = await db.fetchval(
                 "SELECT count(*) FROM schedules WHERE next_fire_time <= $1", moment
             )
             return behind == 0
@@ -605,11 +599,11 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
         # that tick is not started, in flight or committing.
         for offset in (0.004, -0.01, 0.025, 0.06):
             boundary = datetime.now(UTC).replace(microsecond=0) + 2 * SECOND
-            await _sleep_until(boundary + timedelta(seconds=offset))
+            await sleep_until(boundary + timedelta(seconds=offset))
             processes.leader.kill()
             await processes.start()
             epochs.append(await db.fetchval("SELECT epoch FROM leadership"))
-            await eventually(lambda b=boundary: all_fired_through(b + SECOND), timeout=15)
+            await eventually(functools.partial(all_fired_through, boundary + SECOND), timeout=15)
         assert epochs == list(range(epochs[0], epochs[0] + len(epochs)))
 
         end = datetime.now(UTC).replace(microsecond=0)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import processes
 import pytest
 from testsupport import SUPPORT_DIR, coordinator_config, eventually
 
@@ -85,7 +86,6 @@ async def test_second_process_with_the_same_worker_id_is_refused(
     first = Worker(coordinator.address, worker_id="same-id")
     first.register("noop", lambda ctx, payload: None)
     run = asyncio.create_task(first.run(install_signal_handlers=False))
-    second: asyncio.subprocess.Process | None = None
     try:
         async with asyncio.timeout(10):
             await first.wait_connected()
@@ -96,22 +96,17 @@ async def test_second_process_with_the_same_worker_id_is_refused(
             "CONVEYOR_TEST_LOG": str(tmp_path / "effects.log"),
             "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
         }
-        second = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "conveyor.cli.main", "--coordinator", coordinator.address),
-            *("worker", "worker_app:worker"),
+        second = await processes.run(
+            [
+                *(sys.executable, "-m", "conveyor.cli.main", "--coordinator", coordinator.address),
+                *("worker", "worker_app:worker"),
+            ],
             env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            timeout=10,
         )
-        _, stderr = await asyncio.wait_for(second.communicate(), 10)
-        assert second.returncode == 1
-        assert "refused worker id 'same-id': another live worker process uses it" in (
-            stderr.decode()
-        )
+        assert second.code == 1
+        assert "refused worker id 'same-id': another live worker process uses it" in second.err
     finally:
-        if second is not None and second.returncode is None:
-            second.kill()
-            await second.wait()
         first.shutdown(force=True)
         with contextlib.suppress(BaseException):
             await run

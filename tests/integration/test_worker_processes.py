@@ -4,38 +4,47 @@ in one line. Checked against the database and the worker app's own log of side e
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
 import pytest
-from testsupport import (
-    SUPPORT_DIR,
-    TEST_LEASE,
-    completions,
-    eventually,
-    spawn_worker,
-    stop_process,
-    submit,
-)
+from cluster import WorkerProcess, read_effects, read_starts
+from processes import run
+from testsupport import SUPPORT_DIR, TEST_LEASE, eventually, submit
 
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2_grpc
 
-Stub = task_service_pb2_grpc.TaskServiceStub
+# The aio stub type (type-checking only: the generated module has no such class at run time).
+Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
+
+
+def _worker(
+    coordinator: Coordinator, tmp_path: Path, *, concurrency: int, grace: float = 10.0
+) -> WorkerProcess:
+    """``conveyor worker worker_app:worker`` as its own process, started; its completed
+    handler runs appended to ``tmp_path/effects.log``."""
+    return WorkerProcess(
+        coordinator.address,
+        tmp_path / "effects.log",
+        log_dir=tmp_path,
+        concurrency=concurrency,
+        grace=grace,
+    ).start()
 
 
 def _in_state(db: asyncpg.Connection, state: int, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return await db.fetchval("SELECT count(*) FROM tasks WHERE state = $1", state) == count
+        found: int = await db.fetchval("SELECT count(*) FROM tasks WHERE state = $1", state)
+        return found == count
 
     return check
 
@@ -44,22 +53,20 @@ def _in_state(db: asyncpg.Connection, state: int, count: int) -> Callable[[], Aw
 async def test_sigkilled_worker_loses_nothing(
     coordinator: Coordinator, stub: Stub, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    log = str(tmp_path / "effects.log")
-    victim = spawn_worker(coordinator.address, "worker_app:worker", log, concurrency=10)
+    victim = _worker(coordinator, tmp_path, concurrency=10)
     rescuer = None
     try:
         ids = [(await submit(stub, "hold-first-attempt")).id for _ in range(10)]
         # All ten are running in the victim (its first attempts hang).
         await eventually(_in_state(db, task_pb2.TASK_STATE_RUNNING, 10), timeout=20)
         victim_id = await db.fetchval("SELECT DISTINCT worker_id FROM tasks WHERE state = 3")
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(10) == -signal.SIGKILL
-        rescuer = spawn_worker(coordinator.address, "worker_app:worker", log, concurrency=10)
+        assert victim.kill() == -signal.SIGKILL
+        rescuer = _worker(coordinator, tmp_path, concurrency=10)
         await eventually(
             _in_state(db, task_pb2.TASK_STATE_SUCCEEDED, 10), timeout=TEST_LEASE * 10 + 20
         )
         # Every task completed exactly once, on its second attempt, on the rescuer.
-        done = completions(log)
+        done = read_effects(victim.effects_log)
         assert Counter(task_id for task_id, _ in done) == Counter(ids)
         assert {attempt for _, attempt in done} == {2}
         attempts = await db.fetch(
@@ -80,64 +87,69 @@ async def test_sigkilled_worker_loses_nothing(
             assert history[0][1] == victim_id
             assert history[1][1] != victim_id
     finally:
-        stop_process(victim)
+        victim.close()
         if rescuer is not None:
-            stop_process(rescuer)
+            rescuer.close()
 
 
 @pytest.mark.slow
 async def test_sigterm_drains_in_flight_work_and_exits_zero(
     coordinator: Coordinator, stub: Stub, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    log = str(tmp_path / "effects.log")
-    worker = spawn_worker(coordinator.address, "worker_app:worker", log, concurrency=5, grace=20)
+    worker = _worker(coordinator, tmp_path, concurrency=5, grace=20)
     try:
         running = [(await submit(stub, "sleep", payload=b"1.5")).id for _ in range(5)]
-        await eventually(_in_state(db, task_pb2.TASK_STATE_RUNNING, 5), timeout=20)
-        worker.send_signal(signal.SIGTERM)
+        # Running in the worker, not only leased to it: an assignment still on its way
+        # when the drain begins goes back unstarted, and rightly so.
+        await eventually(
+            lambda: len(read_starts(worker.effects_log)) == 5,
+            timeout=20,
+            what="five handlers to start",
+        )
+        worker.signal(signal.SIGTERM)
         # Submitted after the signal: a draining worker must not take these.
         late = [(await submit(stub, "sleep", payload=b"0")).id for _ in range(3)]
-        code = await asyncio.to_thread(worker.wait, 30)
-        assert code == 0
+        assert await worker.wait_exit(30) == 0
         states = dict(await db.fetch("SELECT id::text, state FROM tasks"))
         assert all(states[i] == task_pb2.TASK_STATE_SUCCEEDED for i in running)
         assert all(states[i] == task_pb2.TASK_STATE_PENDING for i in late)
-        assert sorted(task_id for task_id, _ in completions(log)) == sorted(running)
+        assert sorted(task_id for task_id, _ in read_effects(worker.effects_log)) == sorted(running)
     finally:
-        stop_process(worker)
+        worker.close()
 
 
 async def test_each_worker_process_has_its_own_default_id(
     coordinator: Coordinator, stub: Stub, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    log = str(tmp_path / "effects.log")
-    workers = [
-        spawn_worker(coordinator.address, "worker_app:worker", log, concurrency=2) for _ in range(2)
-    ]
+    workers = [_worker(coordinator, tmp_path, concurrency=2) for _ in range(2)]
     try:
         # Four tasks that each hold a slot: two workers with two slots each share them.
         ids = [(await submit(stub, "sleep", payload=b"1.5")).id for _ in range(4)]
         await eventually(_in_state(db, task_pb2.TASK_STATE_RUNNING, 4), timeout=20)
         running = {r["worker_id"] for r in await db.fetch("SELECT DISTINCT worker_id FROM tasks")}
         await eventually(_in_state(db, task_pb2.TASK_STATE_SUCCEEDED, 4), timeout=20)
-        assert sorted(task_id for task_id, _ in completions(log)) == sorted(ids)
+        assert sorted(task_id for task_id, _ in read_effects(tmp_path / "effects.log")) == sorted(
+            ids
+        )
         # hostname-pid-random, one per process: no two processes share an id.
         host = re.escape(socket.gethostname())
-        expected = {re.compile(rf"^{host}-{proc.pid}-[0-9a-f]{{6}}$") for proc in workers}
+        expected = {re.compile(rf"^{host}-{worker.pid}-[0-9a-f]{{6}}$") for worker in workers}
         assert len(running) == 2
         for pattern in expected:
             assert sum(bool(pattern.match(worker_id)) for worker_id in running) == 1, running
     finally:
-        for proc in workers:
-            stop_process(proc)
+        for worker in workers:
+            worker.close()
 
 
-def test_worker_without_handlers_refuses_to_start_in_one_line(coordinator: Coordinator) -> None:
+async def test_worker_without_handlers_refuses_to_start_in_one_line(
+    coordinator: Coordinator,
+) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
     }
-    done = subprocess.run(
+    done = await run(
         [
             sys.executable,
             "-m",
@@ -148,12 +160,8 @@ def test_worker_without_handlers_refuses_to_start_in_one_line(coordinator: Coord
             "worker_app:idle",
         ],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr  # one line, no traceback
+    assert done.code != 0
+    lines = [line for line in done.err.splitlines() if line.strip()]
+    assert len(lines) == 1, done.err  # one line, no traceback
     assert "has no task handlers: register at least one with @worker.task('TYPE')" in lines[0]

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeAlias
 
 import asyncpg
 import grpc
@@ -33,7 +34,8 @@ from conveyor.v1 import (
     worker_service_pb2_grpc,
 )
 
-Stub = task_service_pb2_grpc.TaskServiceStub
+# The aio stub type (type-checking only: the generated module has no such class at run time).
+Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
 Workers = Callable[[], RawWorker]
 FAILED = worker_service_pb2.TASK_OUTCOME_FAILED
 

@@ -43,7 +43,7 @@ NASTY = [
     "😀",
 ]
 
-_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
+_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 nasty_text: st.SearchStrategy[str] = st.one_of(
     _text,
     st.builds(lambda a, c, b: a + c + b, _text, st.sampled_from(NASTY), _text),
@@ -122,6 +122,7 @@ def _good_scalar(field: FD) -> st.SearchStrategy[Any]:
     if kind in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
         return st.sampled_from([0.0, 0.1, 0.5, 1.0, 2.0])
     if kind == FD.TYPE_ENUM:
+        assert field.enum_type is not None
         return st.sampled_from([v.number for v in field.enum_type.values])
     return st.sampled_from([0, 1, 2, 3, 5, 10])
 
@@ -203,6 +204,7 @@ def _scalar(field: FD) -> st.SearchStrategy[Any]:
     if kind in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
         return _floats
     if kind == FD.TYPE_ENUM:
+        assert field.enum_type is not None
         known = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(known), _ints((-5, 50)))
     if kind in (FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32):
@@ -278,6 +280,8 @@ def requests(cls: type[Message]) -> st.SearchStrategy[Message]:
     """Random requests of message class ``cls``: half hostile throughout, half well-formed
     with at most one hostile field (so the deeper code and the store see bad values too)."""
     desc = cls.DESCRIPTOR
+    # The upb Descriptor the stubs also allow is an instance of this one at run time.
+    assert isinstance(desc, descriptor.Descriptor)
     hostile = message_fields(desc)
     good = message_fields(desc, good=True)
     one_bad = st.tuples(good, hostile).map(lambda pair: _with_one_of(pair[0], pair[1]))

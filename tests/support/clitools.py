@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
+
+from processes import Completed, ManagedProcess, run
+from testsupport import eventually
 
 # The command as the tests run it: this interpreter, so the venv's packages are used.
 CLI = [sys.executable, "-m", "conveyor.cli.main"]
@@ -20,40 +20,11 @@ CLI = [sys.executable, "-m", "conveyor.cli.main"]
 DEV_START_TIMEOUT = 120.0
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 async def conveyor(
     *args: str, timeout: float = 60, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> Result:
+) -> Completed:
     """Runs ``conveyor ARGS`` to completion and returns its exit code and output."""
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None  # communicate() returned: the process has exited
-    return Result(proc.returncode, out.decode(), err.decode())
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return await run([*CLI, *args], timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def dev_data_dir() -> Path:
@@ -62,58 +33,58 @@ def dev_data_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="conveyor-test-dev-"))
 
 
-class DevProcess:
-    """A running ``conveyor dev`` whose output is collected as it comes."""
+class DevProcess(ManagedProcess):
+    """A ``conveyor dev`` process (the one process harness); its output goes to a log file
+    beside ``data_dir``, read back by :meth:`output`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, address: str) -> None:
-        self.proc = proc
+    def __init__(self, data_dir: Path, address: str, *extra: str, cwd: Path | None = None) -> None:
+        super().__init__("conveyor-dev", data_dir.parent, log_path=_dev_log(data_dir))
+        self.data_dir = data_dir
         self.address = address
-        self.output = ""
+        self.extra = extra
+        self.cwd = cwd
+
+    def command(self) -> list[str]:
+        data_dir = str(self.data_dir)
+        return [*CLI, "dev", "--listen", self.address, "--data-dir", data_dir, *self.extra]
+
+    def working_dir(self) -> Path | None:
+        return self.cwd
 
     async def read_until(self, marker: str, timeout: float = DEV_START_TIMEOUT) -> str:
-        """Reads output until ``marker`` appears; fails if the process exits first."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            while marker not in self.output:
-                line = await self.proc.stdout.readline()
-                assert line, f"conveyor dev exited early:\n{self.output}"
-                self.output += line.decode()
-        return self.output
+        """Waits until ``marker`` is in the output; fails if the process exits first."""
+
+        def seen() -> str | None:
+            output = self.output()
+            if marker in output:
+                return output
+            assert self.running, f"conveyor dev exited early ({self.returncode}):\n{output}"
+            return None
+
+        return await eventually(seen, timeout=timeout, what=f"{marker!r} from conveyor dev")
 
     async def interrupt(self, timeout: float = 60) -> int:
-        """Ctrl-C, then the rest of the output and the exit code."""
-        assert self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(timeout):
-            self.output += (await self.proc.stdout.read()).decode()
-            return await self.proc.wait()
+        """Ctrl-C (SIGINT to its process group, as a terminal sends it); the exit code."""
+        self.signal(signal.SIGINT)
+        code = await self.wait_exit(timeout)
+        self.close()  # reaped: nothing runs any more
+        return code
 
 
 @asynccontextmanager
 async def dev_process(
     data_dir: Path, address: str, *extra: str, cwd: Path | None = None
 ) -> AsyncIterator[DevProcess]:
-    """Starts ``conveyor dev`` (output in ``.output``); killed at exit if still running."""
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        "dev",
-        "--listen",
-        address,
-        "--data-dir",
-        str(data_dir),
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    dev = DevProcess(proc, address)
+    """Starts ``conveyor dev`` (its output: ``.output()``); killed at exit if still running."""
+    dev = DevProcess(data_dir, address, *extra, cwd=cwd).start()
     try:
         yield dev
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        dev.close()
+
+
+def _dev_log(data_dir: Path) -> Path:
+    return data_dir.with_name(data_dir.name + ".log")
 
 
 def remove_dev_data(data_dir: Path) -> None:
@@ -124,6 +95,7 @@ def remove_dev_data(data_dir: Path) -> None:
     if pg.is_running():
         pg.stop(mode="immediate")
     shutil.rmtree(data_dir, ignore_errors=True)
+    _dev_log(data_dir).unlink(missing_ok=True)
 
 
 def banner_commands(output: str) -> list[str]:
@@ -143,10 +115,5 @@ def banner_commands(output: str) -> list[str]:
 
 async def shell(command: str, cwd: Path, timeout: float = 60) -> tuple[int, str]:
     """Runs ``command`` with bash in ``cwd``; (exit code, stdout and stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", command, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    done = await run(["bash", "-c", command], cwd=cwd, timeout=timeout, merge_stderr=True)
+    return done.code, done.out

@@ -34,9 +34,9 @@ SIGKILLs whatever still runs: call it in a ``finally``. What can wait long (``st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from clitools import CLI
+from grpc_health.v1 import health_pb2
 from processes import ManagedProcess, free_ports
+from testsupport import eventually, health_stub
 
 SUPPORT_DIR = Path(__file__).parent
 
@@ -129,9 +131,7 @@ class CoordinatorProcess(ManagedProcess):
 
     def command(self) -> list[str]:
         args = [
-            sys.executable,
-            "-m",
-            "conveyor.cli.main",
+            *CLI,
             "--log-level",
             self.log_level,
             "coordinator",
@@ -156,35 +156,23 @@ class CoordinatorProcess(ManagedProcess):
 
     async def health(self, timeout: float = 1.0) -> int | None:
         """One gRPC health check (service ""): the status number, None when unreachable."""
-        async with grpc.aio.insecure_channel(
-            self.address, options=[("grpc.enable_http_proxy", 0)]
-        ) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)  # type: ignore[attr-defined]
-            except grpc.aio.AioRpcError:
-                return None
-            return int(reply.status)
+        return await health_status(self.address, timeout)
 
     async def wait_serving(self, timeout: float = 30.0) -> None:
         """Polls the health check until SERVING; fails early (with the log) if it exits."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def up() -> bool:
             if not self.running:
                 raise AssertionError(
                     f"{self.name} exited ({self.returncode}) before serving; log "
                     f"{self.log_path}:\n{self.log_tail()}"
                 )
-            remaining = deadline - time.monotonic()
-            status = await self.health(timeout=max(0.1, min(1.0, remaining)))
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"{self.name} at {self.address} not SERVING within {timeout}s "
-                    f"(last status {status}); log {self.log_path}:\n{self.log_tail()}"
-                )
-            await asyncio.sleep(0.05)
+            return await self.health() == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            await eventually(up, timeout=timeout, what=f"{self.name} at {self.address} to serve")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log {self.log_path}:\n{self.log_tail()}") from None
 
 
 class WorkerProcess(ManagedProcess):
@@ -235,9 +223,7 @@ class WorkerProcess(ManagedProcess):
 
     def command(self) -> list[str]:
         args = [
-            sys.executable,
-            "-m",
-            "conveyor.cli.main",
+            *CLI,
             "--log-level",
             self.log_level,
             "--coordinator",
@@ -250,6 +236,32 @@ class WorkerProcess(ManagedProcess):
         if self.queues:
             args += ["--queues", ",".join(self.queues)]
         return [*args, *self.extra_args]
+
+
+async def health_status(
+    address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> int | None:
+    """One gRPC health check (service "") of ``address``, over TLS with ``credentials``:
+    the status number, None when unreachable."""
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = (
+        grpc.aio.insecure_channel(address, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials, options=options)
+    )
+    async with channel:
+        try:
+            reply = await health_stub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return int(reply.status)
+
+
+async def serving(address: str, timeout: float = 1.0) -> bool:
+    """Whether gRPC health at ``address`` says SERVING now."""
+    return await health_status(address, timeout) == health_pb2.HealthCheckResponse.SERVING
 
 
 async def current_leadership(dsn: str, cluster: str = "test") -> dict[str, Any] | None:
@@ -271,18 +283,16 @@ async def wait_for_leader(
     dsn: str, cluster: str = "test", *, newer_than: int = 0, timeout: float = 30.0
 ) -> dict[str, Any]:
     """Polls ``leadership`` until a leader with an epoch above ``newer_than`` is recorded."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] | None = None
-    while True:
+
+    async def newer() -> dict[str, Any] | None:
         last = await current_leadership(dsn, cluster)
-        if last is not None and last["epoch"] > newer_than:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"no leader of cluster {cluster!r} with epoch > {newer_than} within "
-                f"{timeout}s (last: {last})"
-            )
-        await asyncio.sleep(0.05)
+        return last if last is not None and last["epoch"] > newer_than else None
+
+    return await eventually(
+        newer,
+        timeout=timeout,
+        what=f"a leader of cluster {cluster!r} with epoch > {newer_than}",
+    )
 
 
 # -- load generator -----------------------------------------------------------------------
@@ -508,6 +518,20 @@ def read_effects(path: Path | str) -> list[tuple[str, int]]:
     return runs
 
 
+def read_starts(path: Path | str) -> list[tuple[str, int]]:
+    """(task id, attempt) per handler run that began (the ``sleep`` handler's
+    ``started`` lines in the worker app's log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [
+        (fields[1], int(fields[2]))
+        for fields in map(str.split, text.splitlines())
+        if len(fields) == 3 and fields[0] == "started" and fields[2].isdigit()
+    ]
+
+
 def _state(value: int) -> str:
     return STATE_NAMES.get(value, f"state {value}")
 
@@ -706,17 +730,19 @@ class Checker:
         import asyncpg
 
         ids = list(self.log.acknowledged.values())
-        deadline = time.monotonic() + timeout
         conn = await asyncpg.connect(dsn)
         try:
-            while time.monotonic() < deadline:
-                open_count = await conn.fetchval(
+
+            async def settled() -> bool:
+                open_count: int = await conn.fetchval(
                     "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND state IN (1,2,3)",
                     ids,
                 )
-                if open_count == 0:
-                    return
-                await asyncio.sleep(0.1)
+                return open_count == 0
+
+            # Not settled in time is no failure here: check() reports what is left.
+            with contextlib.suppress(AssertionError):
+                await eventually(settled, timeout=timeout, interval=0.1, what="settled tasks")
         finally:
             await conn.close()
 

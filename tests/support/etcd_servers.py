@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Self
 
-from processes import ManagedProcess, free_ports
+from processes import ManagedProcess, free_ports, wait_until
 
 __all__ = [
     "EtcdCluster",
@@ -389,24 +389,26 @@ class EtcdServer(ManagedProcess):
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Polls ``/health`` until it is true; EtcdError (with the log's tail) on exit/deadline."""
-        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
-        delay = 0.02
-        while True:
-            if self.healthy(timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
-                return
+        timeout = self.start_timeout if timeout is None else timeout
+
+        def ready() -> bool:
+            if self.healthy(timeout=1.0):
+                return True
             if not self.running:
                 raise EtcdError(
                     f"etcd {self.name} is not running (exit code {self.returncode})\n"
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            if time.monotonic() >= deadline:
-                raise EtcdError(
-                    f"etcd {self.name} at {self.client_url} was not healthy in time"
-                    f"{' (paused)' if self.paused else ''}\n"
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+            return False
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"etcd {self.name} to be healthy")
+        except AssertionError:
+            raise EtcdError(
+                f"etcd {self.name} at {self.client_url} was not healthy in time"
+                f"{' (paused)' if self.paused else ''}\n"
+                f"log {self.log_path}:\n{self.log_tail()}"
+            ) from None
 
     def address_in_use(self) -> bool:
         """True when this run's log says a port was taken."""

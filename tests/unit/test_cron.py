@@ -35,13 +35,25 @@ NY = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
-def local(zone: ZoneInfo, *args: int, fold: int = 0) -> datetime:
+def local(
+    zone: ZoneInfo,
+    year: int,
+    month: int,
+    day: int,
+    hour: int = 0,
+    minute: int = 0,
+    second: int = 0,
+    *,
+    fold: int = 0,
+) -> datetime:
     """A wall-clock time in ``zone``, as UTC."""
-    return datetime(*args, tzinfo=zone, fold=fold).astimezone(UTC)  # type: ignore[misc]
+    return datetime(year, month, day, hour, minute, second, tzinfo=zone, fold=fold).astimezone(UTC)
 
 
 def walk(spec: CronSpec, after: datetime, count: int) -> list[datetime]:

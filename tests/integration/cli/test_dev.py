@@ -13,10 +13,10 @@ from clitools import (
     conveyor,
     dev_data_dir,
     dev_process,
-    free_port,
     remove_dev_data,
     shell,
 )
+from processes import free_port
 
 from conveyor.embedded import EmbeddedPostgres
 
@@ -58,7 +58,7 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             assert second.out == ""
             assert second.err == (
                 f"conveyor: conveyor dev is already running on {data_dir} "
-                f"(pid {first.proc.pid}, listening on {address})\n"
+                f"(pid {first.pid}, listening on {address})\n"
             )
             # Another data directory, the same port: one line, and nothing started.
             third = await conveyor(
@@ -87,8 +87,8 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             )  # fmt: skip
             assert done.code == 1 and "demo failure" in done.out
 
-            assert await first.interrupt() == 0, first.output
-            assert first.output.rstrip().endswith("stopped.")
+            assert await first.interrupt() == 0, first.output()
+            assert first.output().rstrip().endswith("stopped.")
         assert not EmbeddedPostgres(data_dir / "postgres").is_running()
         assert not (other_dir / "postgres").exists()
     finally:

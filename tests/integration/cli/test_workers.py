@@ -3,23 +3,23 @@ connected worker serves (`get`, `submit --wait`, `queues`, `status`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
+from pathlib import Path
 
 from clitools import CLI, conveyor
+from processes import Command
 from testsupport import eventually
 
 from conveyor.coordinator import Coordinator
 
 
-async def _start_worker(address: str, *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *CLI, "worker", *args, "--coordinator", address, "--log-level", "warning",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+def _start_worker(address: str, log_dir: Path, *args: str) -> Command:
+    return Command(
+        "worker",
+        [*CLI, "worker", *args, "--coordinator", address, "--log-level", "warning"],
+        log_dir,
+    ).start()
 
 
 async def _task(address: str, task_id: str) -> dict[str, object]:
@@ -29,11 +29,11 @@ async def _task(address: str, task_id: str) -> dict[str, object]:
     return shown
 
 
-async def test_worker_grace_period(coordinator: Coordinator) -> None:
+async def test_worker_grace_period(coordinator: Coordinator, tmp_path: Path) -> None:
     """SIGTERM drains: a task still running when --grace-period ends is given up, and the
     worker exits 0 then, not after the default 30 s."""
     address = coordinator.address
-    worker = await _start_worker(address, "--demo", "--grace-period", "1")
+    worker = _start_worker(address, tmp_path, "--demo", "--grace-period", "1")
     try:
         task_id = (await conveyor("submit", "sleep", "60", "--coordinator", address)).out.strip()
 
@@ -41,14 +41,12 @@ async def test_worker_grace_period(coordinator: Coordinator) -> None:
             return (await _task(address, task_id))["state"] == "RUNNING"
 
         await eventually(running, timeout=30)
-        worker.send_signal(signal.SIGTERM)
+        worker.signal(signal.SIGTERM)
         # 1 s of grace plus the drain; far below the 30 s default.
-        assert await asyncio.wait_for(worker.wait(), 15) == 0
+        assert await worker.wait_exit(15) == 0, worker.output()
         assert (await _task(address, task_id))["state"] != "RUNNING"
     finally:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
+        worker.close()
 
 
 async def test_unserved_task_is_shown(coordinator: Coordinator) -> None:
@@ -63,9 +61,9 @@ async def test_unserved_task_is_shown(coordinator: Coordinator) -> None:
     assert "no connected worker serves" in done.err.splitlines()[-1]
 
 
-async def test_queues_and_status_show_the_workers(coordinator: Coordinator) -> None:
+async def test_queues_and_status_show_the_workers(coordinator: Coordinator, tmp_path: Path) -> None:
     address = coordinator.address
-    worker = await _start_worker(address, "--demo")
+    worker = _start_worker(address, tmp_path, "--demo")
     try:
         # A task that waits keeps the queue listed.
         await conveyor("submit", "echo", "--delay", "3600", "--coordinator", address)
@@ -79,5 +77,4 @@ async def test_queues_and_status_show_the_workers(coordinator: Coordinator) -> N
         done = await conveyor("status", "--coordinator", address)
         assert "echo,sleep,fail" in done.out
     finally:
-        worker.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(worker.wait(), 30)
+        await worker.stop(30)

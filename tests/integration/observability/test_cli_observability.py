@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from clitools import conveyor, dev_data_dir, dev_process, free_port, remove_dev_data
+from clitools import conveyor, dev_data_dir, dev_process, remove_dev_data
 from metrics_scrape import scrape
+from processes import free_port
 from testsupport import coordinator_config, eventually
 
 from conveyor.cli.app import Globals
@@ -144,14 +145,14 @@ async def test_dev_serves_metrics_only_when_asked() -> None:
                 return got.value("conveyor_worker_connected") == 1
 
             await eventually(worker_connected, timeout=30)
-            assert await dev.interrupt() == 0, dev.output
+            assert await dev.interrupt() == 0, dev.output()
         # Without the flags: nothing listens, and the banner says nothing of metrics.
         async with dev_process(data_dir, address) as dev:
             banner = await dev.read_until("Press Ctrl-C")
             assert "metrics" not in banner
             with pytest.raises(OSError):
                 await scrape(f"http://{coordinator_metrics}/metrics")
-            assert await dev.interrupt() == 0, dev.output
+            assert await dev.interrupt() == 0, dev.output()
     finally:
         remove_dev_data(data_dir)
 

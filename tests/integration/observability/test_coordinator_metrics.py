@@ -58,7 +58,7 @@ def by_type(
 
 async def test_the_task_lifecycle_moves_every_task_metric(
     coordinator: Coordinator,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
 ) -> None:
     never = task_pb2.RetryPolicy(initial_backoff=duration_pb2.Duration(seconds=3600))
@@ -108,9 +108,9 @@ async def test_the_task_lifecycle_moves_every_task_metric(
     seen: dict[str, Any] = {}
     while len(seen) < 2:
         message = await worker.receive()
-        kind = message.WhichOneof("message")
-        if kind in ("result_acks", "assignments"):
-            seen[kind] = getattr(message, kind)
+        received = message.WhichOneof("message")
+        if received in ("result_acks", "assignments"):
+            seen[received] = getattr(message, received)
     assert seen["result_acks"].acks[0].accepted
     (again,) = seen["assignments"].assignments
     assert again.type == "intr" and again.lease.attempt == 2
@@ -181,7 +181,7 @@ async def test_the_task_lifecycle_moves_every_task_metric(
 
 async def test_leadership_schedules_evictions_and_the_process(
     coordinator: Coordinator,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     database_dsn: str,
 ) -> None:

@@ -52,7 +52,7 @@ def dispatch_span(spans: InMemorySpanExporter, span_id: str) -> ReadableSpan:
 
 async def test_claimed_and_handed_off_attempts_get_dispatch_spans(
     coordinator: Coordinator,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     spans: InMemorySpanExporter,
 ) -> None:
@@ -98,7 +98,7 @@ async def test_claimed_and_handed_off_attempts_get_dispatch_spans(
 
 async def test_a_task_submitted_without_a_trace_starts_one_at_dispatch(
     coordinator: Coordinator,
-    stub: task_service_pb2_grpc.TaskServiceStub,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     spans: InMemorySpanExporter,
 ) -> None:

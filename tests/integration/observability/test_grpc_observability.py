@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from testsupport import eventually
+from testsupport import eventually, health_stub
 
 from conveyor.observability.grpc_metrics import MetricsInterceptor
 from conveyor.observability.metrics import CoordinatorMetrics
@@ -83,7 +83,7 @@ async def test_every_call_is_timed_with_the_code_the_client_saw(
 ) -> None:
     s, _ = served
     async with grpc.aio.insecure_channel(s.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = health_stub(channel)
         for _ in range(3):
             await stub.Check(health_pb2.HealthCheckRequest(service="conveyor.v1.TaskService"))
         with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -93,13 +93,16 @@ async def test_every_call_is_timed_with_the_code_the_client_saw(
             ("Fail", grpc.StatusCode.UNKNOWN),
             ("Refuse", grpc.StatusCode.INVALID_ARGUMENT),
         ):
-            call = channel.unary_unary(f"/test.Faulty/{method}")
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                f"/test.Faulty/{method}"
+            )
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await call(b"", timeout=5)
             assert failed.value.code() == expected
         # A response stream the client abandons counts as CANCELLED once it ends.
         watch = stub.Watch(health_pb2.HealthCheckRequest(service="conveyor.v1.TaskService"))
         first = await asyncio.wait_for(watch.read(), 5)
+        assert isinstance(first, health_pb2.HealthCheckResponse), first
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
 
@@ -121,9 +124,12 @@ async def test_server_spans_are_children_of_the_callers_span(
     client_interceptors = s.tracing.client_interceptors()
     assert client_interceptors
     async with grpc.aio.insecure_channel(s.address, interceptors=client_interceptors) as channel:
-        assert await channel.unary_unary("/test.Faulty/Echo")(b"hi", timeout=5) == b"hi"
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/test.Faulty/Echo"
+        )
+        assert await echo(b"hi", timeout=5) == b"hi"
         # Health probes are not traced on the server (noise), but still answered.
-        await health_pb2_grpc.HealthStub(channel).Check(
+        await health_stub(channel).Check(
             health_pb2.HealthCheckRequest(service="conveyor.v1.TaskService")
         )
 

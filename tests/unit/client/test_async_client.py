@@ -228,13 +228,24 @@ async def test_all_unreachable_raises_unavailable(dead_address: str) -> None:
 
 
 async def test_reconnects_when_the_coordinator_comes_back(fake: Any, dead_address: str) -> None:
+    fake.add_task(id="t")
+    host, port = dead_address.rsplit(":", 1)
+    tried = asyncio.Event()
+
+    def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tried.set()  # the client tried while no coordinator was there
+        writer.close()
+
+    down = await asyncio.start_server(hang_up, host, int(port))
     server = grpc.aio.server()
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(fake, server)
-    server.add_insecure_port(dead_address)
-    fake.add_task(id="t")
 
     async def start_later() -> None:
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(5):
+            await tried.wait()
+        down.close()
+        await down.wait_closed()
+        server.add_insecure_port(dead_address)
         await server.start()
 
     async with AsyncClient(dead_address, timeout=5) as client:
@@ -498,7 +509,9 @@ async def test_leaving_watch_early_cancels_the_stream(fake: Any, address: str, h
 async def test_wait_on_an_unserved_task_warns_once_and_says_so(
     fake: Any, address: str, hang: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    waiting = task_pb2.Task(id="u", queue="mail", type="send-email", state=1)
+    waiting = task_pb2.Task(
+        id="u", queue="mail", type="send-email", state=task_pb2.TASK_STATE_PENDING
+    )
     fake.add_task(id="u", queue="mail", type="send-email")
     fake.unserved.add("u")
     unserved = task_service_pb2.WatchTaskResponse(task=waiting, unserved=True)

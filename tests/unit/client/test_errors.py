@@ -251,7 +251,7 @@ def test_every_error_reason_has_exactly_one_class() -> None:
 
 @pytest.mark.parametrize("number", sorted(ERROR_CLASSES))
 def test_each_reason_maps_to_its_class_through_a_status(
-    number: int, status: Callable[..., grpc.Status]
+    number: errors_pb2.ErrorReason.ValueType, status: Callable[..., grpc.Status]
 ) -> None:
     reason = errors_pb2.ErrorReason.Name(number).removeprefix("ERROR_REASON_")
     sent = status(Code.FAILED_PRECONDITION, "no", reason=reason)
@@ -263,7 +263,8 @@ def test_each_reason_maps_to_its_class_through_a_status(
         def details(self) -> str:
             return sent.details
 
-        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        # typeshed has a _Metadatum class here; gRPC gives (key, value) pairs.
+        def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
             return tuple(sent.trailing_metadata)
 
     err = error_from_rpc(Failed())
@@ -286,7 +287,8 @@ def test_a_reason_from_another_domain_is_not_ours(status: Callable[..., grpc.Sta
         def code(self) -> Code:
             return Code.UNAVAILABLE
 
-        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        # typeshed has a _Metadatum class here; gRPC gives (key, value) pairs.
+        def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
             return (("grpc-status-details-bin", raw.SerializeToString()),)
 
     err = error_from_rpc(Failed())
@@ -315,7 +317,8 @@ def test_quota_failure_details_are_read(status: Callable[..., grpc.Status]) -> N
         def details(self) -> str:
             return "backlog full"
 
-        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        # typeshed has a _Metadatum class here; gRPC gives (key, value) pairs.
+        def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
             return (("grpc-status-details-bin", raw.SerializeToString()),)
 
     err = error_from_rpc(Failed())
@@ -375,7 +378,8 @@ def test_garbled_details_still_map_by_code() -> None:
         def details(self) -> str:
             return "gone"
 
-        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        # typeshed has a _Metadatum class here; gRPC gives (key, value) pairs.
+        def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
             return (("grpc-status-details-bin", b"\xff\xff not a status"),)
 
     err = error_from_rpc(Broken(), address="h:1")

@@ -97,7 +97,7 @@ async def test_claimed_rows_pack_into_messages_under_the_limit() -> None:
         }
         for n in range(80)
     ]
-    packed = DispatchPolicy.pack(rows)  # type: ignore[arg-type]
+    packed = DispatchPolicy.pack(rows)
     assert sum(p.count for p in packed) == 80
     assert all(p.message.ByteSize() <= MESSAGE_BYTES + (1 << 20) for p in packed)
     assert all(p.size >= p.message.ByteSize() for p in packed)

@@ -59,7 +59,9 @@ async def harness() -> AsyncIterator[tuple[Harness, grpc.aio.Channel]]:
 
 
 async def _call(channel: grpc.aio.Channel, raw: bytes, **kwargs: Any) -> grpc.aio.AioRpcError:
-    call = channel.unary_unary(GET, request_serializer=None, response_deserializer=None)
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        GET, request_serializer=None, response_deserializer=None
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(raw, **kwargs)
     return caught.value
@@ -143,7 +145,9 @@ async def test_the_handler_reads_the_request_context(
     harness: tuple[Harness, grpc.aio.Channel],
 ) -> None:
     h, channel = harness
-    call = channel.unary_unary(GET, request_serializer=None, response_deserializer=None)
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        GET, request_serializer=None, response_deserializer=None
+    )
     await call(
         REQUEST,
         timeout=30,

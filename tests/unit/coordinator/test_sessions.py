@@ -39,7 +39,9 @@ async def test_what_was_never_written_is_handed_back_as_lease_keys() -> None:
     assert session.push(_assignments(), size=100, assignments=True)
     assert session.push(pb.ConnectResponse(heartbeat_ack=pb.HeartbeatAck()))
     assert session.push(_assignments(), size=100, assignments=True)
-    written, size = await asyncio.wait_for(session.next_message(), 1)
+    taken = await asyncio.wait_for(session.next_message(), 1)
+    assert taken is not None
+    written, size = taken
     assert written.WhichOneof("message") == "assignments" and size == 100
     session.sent(size)
     session.end("the stream broke")

@@ -9,6 +9,7 @@ from typing import cast
 
 import asyncpg
 import pytest
+from testsupport import eventually
 
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Events, Office
@@ -70,8 +71,7 @@ async def test_a_fenced_round_steps_down_and_ends_the_service() -> None:
     service = Scripted(deps, [Fenced(1)])
     service.start()
     await asyncio.wait_for(service.wait_until(lambda s: s.steps >= 1), 10)
-    await asyncio.sleep(0)
-    assert not service.running
+    await eventually(lambda: not service.running, what="the fenced service to end")
     assert len(seen) == 1 and service.successes == 0
     await service.stop()
 

@@ -26,7 +26,9 @@ def value(metrics: CoordinatorMetrics | WorkerMetrics, name: str, **labels: str)
     return 0.0 if got is None else got
 
 
-def result_row(state: int, *, queue: str = "q", run: float | None = 0.5, e2e: float | None = None):
+def result_row(
+    state: int, *, queue: str = "q", run: float | None = 0.5, e2e: float | None = None
+) -> dict[str, object]:
     return {
         "tenant": "default",
         "queue": queue,

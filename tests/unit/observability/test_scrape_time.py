@@ -6,7 +6,7 @@ import asyncio
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -119,16 +119,18 @@ async def test_collecting_on_the_sources_own_loop_is_refused_not_deadlocked() ->
     async def fetch() -> list[QueueDepth]:
         return []
 
+    source: Callable[[], list[QueueDepth] | Awaitable[list[QueueDepth]]] = fetch
     with pytest.raises(RuntimeError, match="another thread"):
-        call_on_loop(fetch, asyncio.get_running_loop(), timeout=5)
+        call_on_loop(source, asyncio.get_running_loop(), timeout=5)
 
 
 def test_an_async_source_without_a_loop_is_a_clear_error() -> None:
     async def fetch() -> list[QueueDepth]:
         return []
 
+    source: Callable[[], list[QueueDepth] | Awaitable[list[QueueDepth]]] = fetch
     with pytest.raises(TypeError, match="needs the event loop"):
-        call_on_loop(fetch, None, timeout=1)
+        call_on_loop(source, None, timeout=1)
 
 
 async def test_worker_gauges_are_read_from_their_sources() -> None:

@@ -79,6 +79,7 @@ class _Proxy:
         self.target_port = target_port
         self.frozen = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -86,6 +87,7 @@ class _Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(task)
@@ -104,12 +106,18 @@ class _Proxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
 
 
 async def _watch_through_frozen_proxy(
     options: ConnectionOptions, wait: float
 ) -> Callable[[], None] | BaseException | None:
-    servicer = _Watch()
+    servicer = _Watch()  # type: ignore[abstract]  # a fake: the other RPCs go unused
     # The coordinator must allow pings this often for keepalive to work (see the report).
     server = aio.server(options=[("grpc.http2.min_ping_interval_without_data_ms", 500)])
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
@@ -124,7 +132,7 @@ async def _watch_through_frozen_proxy(
             task_service_pb2.WatchTaskRequest(id="t"), metadata=options.call_metadata()
         )
         first = await call.read()
-        assert first.task.id == "t"
+        assert isinstance(first, task_service_pb2.WatchTaskResponse) and first.task.id == "t"
         assert servicer.metadata[0]["authorization"] == "Bearer k"
         proxy.frozen.set()
         try:
@@ -188,7 +196,7 @@ class _TagStream(_Tag, aio.UnaryStreamClientInterceptor):
 async def test_interceptors_see_every_call_of_the_client() -> None:
     from conveyor.client import AsyncClient, TaskNotFoundError
 
-    servicer = _Watch()
+    servicer = _Watch()  # type: ignore[abstract]  # a fake: the other RPCs go unused
     server = aio.server()
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

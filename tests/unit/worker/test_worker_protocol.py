@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from testsupport import eventually
 
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
@@ -28,20 +29,6 @@ from conveyor.worker import NonRetryableError, TaskContext, Worker, WorkerIdInUs
 from conveyor.worker.demo import create_worker
 
 Key = tuple[str, int]
-
-# -- polling -----------------------------------------------------------------------------
-
-
-async def eventually(
-    predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` until it is true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
 
 # -- the fake coordinator ------------------------------------------------------------------
 
@@ -120,7 +107,9 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
             batch, self.queue = self.queue[:n], self.queue[n:]
             stream.assign(*batch)
 
-    async def Connect(
+    # Written with context.write(), grpc.aio's other style of stream handler, which the
+    # generated stubs do not describe (as coordinator/worker_service.py).
+    async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         stream = FakeStream()
