@@ -11,8 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clitools import conveyor, dev_data_dir, dev_process, free_port, remove_dev_data
+from clitools import conveyor, dev_data_dir, dev_process, remove_dev_data
 from cluster import WorkerProcess
+from processes import free_port
 from security import Keys, running, secure_coordinator
 
 from conveyor.client import AsyncClient, PermissionDeniedError, UnauthenticatedError
@@ -44,6 +45,7 @@ async def test_a_cluster_from_its_first_key(database_dsn: str, tmp_path: Path) -
         assert app.code == 0, app.err
         app_key = app.out.strip()
         key_id = api_keys.parse(app_key)
+        assert key_id is not None, app_key
         assert f"created API key {key_id} for tenant acme" in app.err
         # ... which the CLI takes from the environment as well as from --api-key.
         env = {"CONVEYOR_API_KEY": app_key}
@@ -56,7 +58,7 @@ async def test_a_cluster_from_its_first_key(database_dsn: str, tmp_path: Path) -
         listed = await conveyor("keys", "list", "--tenant", "acme", *where, "--api-key", admin_key)
         assert listed.code == 0 and key_id in listed.out and "the shop" in listed.out
         assert app_key.split("_", 2)[2] not in listed.out
-        revoked = await conveyor("keys", "revoke", key_id or "", *where, "--api-key", admin_key)
+        revoked = await conveyor("keys", "revoke", key_id, *where, "--api-key", admin_key)
         assert revoked.code == 0 and f"revoked API key {key_id} (tenant acme)" in revoked.out
         refused = await conveyor("queues", *where, env=env)
         assert refused.code == 1 and "revoked" in refused.err

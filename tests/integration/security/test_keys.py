@@ -10,13 +10,14 @@ import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from security import Keys, bearer, call, running, secure_coordinator, stream_answer
-from testsupport import RawWorker, eventually
+from testsupport import RawWorker, eventually, health_stub
 
 from conveyor.coordinator import api_keys
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
@@ -100,25 +101,30 @@ async def test_every_rpc_refuses_calls_without_a_valid_key(
 
         await eventually(refused, timeout=3)
         # Health and reflection stay open.
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]
+        reply = await health_stub(channel).Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _open_watch(channel: grpc.aio.Channel, key: str, task_id: str) -> object:
-    stream = task_service_pb2_grpc.TaskServiceStub(channel).WatchTask(
-        task_service_pb2.WatchTaskRequest(id=task_id), metadata=bearer(key)
+_Watch = grpc.aio.UnaryStreamCall[
+    task_service_pb2.WatchTaskRequest, task_service_pb2.WatchTaskResponse
+]
+
+
+async def _open_watch(channel: grpc.aio.Channel, key: str, task_id: str) -> _Watch:
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub = task_service_pb2_grpc.TaskServiceStub(
+        channel
     )
+    stream = stub.WatchTask(task_service_pb2.WatchTaskRequest(id=task_id), metadata=bearer(key))
     first = await stream.read()
-    assert first.task.id == task_id
+    assert isinstance(first, task_service_pb2.WatchTaskResponse) and first.task.id == task_id
     return stream
 
 
-async def _ended(stream: object, started: float) -> float:
+async def _ended(stream: _Watch | grpc.aio.StreamStreamCall[Any, Any], started: float) -> float:
     """Seconds from ``started`` until the stream ended; asserts it ended UNAUTHENTICATED."""
     async with asyncio.timeout(10):
         with contextlib.suppress(grpc.aio.AioRpcError):
-            while await stream.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            while await stream.read() is not grpc.aio.EOF:
                 pass
     took = time.monotonic() - started
     answer = await stream_answer(stream)
@@ -158,8 +164,8 @@ async def test_open_streams_of_a_revoked_or_expired_key_end_within_a_second(
             assert await _ended(worker.call, started) < ENDS_WITHIN
         finally:
             await worker.close()
-        assert not kept.done()  # type: ignore[attr-defined]
-        kept.cancel()  # type: ignore[attr-defined]
+        assert not kept.done()
+        kept.cancel()
         # Expired: the stream ends at the key's expire_time.
         expiry = datetime.now(UTC) + timedelta(seconds=1.5)
         short = await keys.create("acme", "read", expire_time=expiry)

@@ -6,14 +6,16 @@ written; another tenant is not affected. The client waits a rate limit out when 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from clitools import conveyor
 from security import Key, Keys, running, secure_coordinator
-from testsupport import error_details
+from testsupport import ErrorDetails, error_details
 
 from conveyor.client import AsyncClient, QuotaExceededError
 from conveyor.coordinator import api_keys
@@ -22,9 +24,9 @@ from conveyor.v1 import schedule_pb2, task_service_pb2, task_service_pb2_grpc
 pytestmark = pytest.mark.slow
 
 
-async def _refusal(call: object) -> object:
+async def _refusal(call: Awaitable[Any]) -> ErrorDetails:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
+        await call
     details = error_details(caught.value)
     assert (details.code, details.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
     return details
@@ -52,7 +54,9 @@ async def test_tenant_limits(database_dsn: str, tmp_path: Path) -> None:
         }  # fmt: skip
         stub = task_service_pb2_grpc.TaskServiceStub(channel)
 
-        def submit(key: Key, count: int = 1, payload: bytes = b"") -> object:
+        def submit(
+            key: Key, count: int = 1, payload: bytes = b""
+        ) -> Awaitable[task_service_pb2.SubmitTasksResponse]:
             request = task_service_pb2.SubmitTaskRequest(type="t", payload=payload)
             return stub.SubmitTasks(
                 task_service_pb2.SubmitTasksRequest(tasks=[request] * count),

@@ -15,6 +15,7 @@ from testsupport import eventually
 from conveyor.coordinator import audit
 from conveyor.coordinator.audit import AuditLog
 from conveyor.coordinator.audit_chain import Event
+from conveyor.coordinator.store import audit as audit_store
 from conveyor.coordinator.store.db import Database
 
 
@@ -45,7 +46,7 @@ class FakeStore:
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> FakeStore:
     fake = FakeStore()
-    monkeypatch.setattr(audit.store, "append", fake.append)
+    monkeypatch.setattr(audit_store, "append", fake.append)
     monkeypatch.setattr(audit, "AGGREGATE_WINDOW", 0.05)
     return fake
 
