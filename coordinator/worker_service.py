@@ -236,6 +236,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     lease_duration=convert.duration_ms(int(cfg.lease_duration * 1000)),
                     liveness_timeout=convert.duration_ms(int(cfg.worker_liveness_timeout * 1000)),
                     lost=lost,
+                    tenant=session.tenant,
                 )
             )
         )

@@ -108,14 +108,16 @@ class TaskContext:
         traceparent: The submitter's W3C trace context ("" when none).
         create_time: When the task was submitted (UTC), when the coordinator said.
         worker_id: The id this worker process registered with.
+        tenant: The tenant the task belongs to (the worker key's tenant; ``"default"``
+            against a coordinator without authentication).
         epoch: The coordinator epoch (leader term) that leased this attempt.
         cancelled: Set when the attempt is stopped (timeout, cancellation, lost lease,
             shutdown); see :class:`CancellationSignal`.
 
     :attr:`logger` is a logger whose lines carry the attempt's fields (``task_id``,
-    ``attempt``, ``queue``, ``type``, ``worker_id``, ``epoch``): as keys of the JSON line
-    with ``--log-format json``, as ``key=value`` in text. Any logger used while the
-    handler runs adds them too, when logging is set up by ``conveyor`` (the CLI or
+    ``attempt``, ``queue``, ``type``, ``worker_id``, ``tenant``, ``epoch``): as keys of the
+    JSON line with ``--log-format json``, as ``key=value`` in text. Any logger used while
+    the handler runs adds them too, when logging is set up by ``conveyor`` (the CLI or
     :meth:`Worker.run_sync`).
     """
 
@@ -131,6 +133,7 @@ class TaskContext:
     traceparent: str = ""
     create_time: datetime | None = None
     worker_id: str = ""
+    tenant: str = ""
     epoch: int = 0
     cancelled: CancellationSignal = dataclasses.field(
         default_factory=CancellationSignal, repr=False, compare=False
@@ -156,6 +159,7 @@ class TaskContext:
             "queue": self.queue,
             "type": self.type,
             "worker_id": self.worker_id,
+            "tenant": self.tenant,
             "epoch": self.epoch,
         }
 

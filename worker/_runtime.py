@@ -162,6 +162,9 @@ class Runtime:
         self._concurrency = concurrency
         self._executor = executor
         self._worker_id = worker_id
+        # The tenant of the worker's key, from the session's Welcome: a key belongs to one
+        # tenant, so every attempt this runtime starts is that tenant's.
+        self.tenant = ""
         self._loop = asyncio.get_running_loop()
         # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
         self._held: dict[LeaseKey, _Execution] = {}
@@ -398,6 +401,7 @@ class Runtime:
                 else None
             ),
             worker_id=self._worker_id,
+            tenant=self.tenant,
             epoch=execution.lease.epoch,
             cancelled=execution.signal,
         )
@@ -426,6 +430,7 @@ class Runtime:
             queue=ctx.queue,
             type_=ctx.type,
             attempt=ctx.attempt,
+            tenant=ctx.tenant,
         ) as span:
             execution.span = span
             await self._attempt(execution)

@@ -350,6 +350,7 @@ class Session:
             resumed - len(welcome.lost),
             len(welcome.lost),
         )
+        self._runtime.tenant = welcome.tenant
         self._runtime.abandon(welcome.lost)
 
     # -- the loops ---------------------------------------------------------------------

@@ -356,9 +356,14 @@ class Welcome(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
     LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch; leases granted in this session carry it."""
+    tenant: _builtins.str
+    """The tenant of the worker's API key ("default" without authentication): every task of
+    this session is that tenant's.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -385,10 +390,11 @@ class Welcome(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         lost: _abc.Iterable[Global___Lease] | None = ...,
         liveness_timeout: _duration_pb2.Duration | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

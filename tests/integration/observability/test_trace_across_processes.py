@@ -124,7 +124,7 @@ async def test_submit_dispatch_and_execution_form_one_trace(
             assert span.attributes["conveyor.queue"] == "emails"
             assert span.attributes["conveyor.task.type"] == "traced"
             assert span.attributes["conveyor.task.attempt"] == attempt
-        assert dispatch.attributes["conveyor.tenant"] == "default"
+            assert span.attributes["conveyor.tenant"] == "default"
     assert executions[0].status_code == STATUS_ERROR
     assert executions[0].attributes["conveyor.task.outcome"] == "failed"
     assert executions[1].attributes["conveyor.task.outcome"] == "succeeded"
@@ -136,9 +136,12 @@ async def test_submit_dispatch_and_execution_form_one_trace(
     sending = [e for e in worker_lines if e["message"].startswith("sending attempt")]
     assert [e["attempt"] for e in sending] == [1, 2]
     for entry in sending:
-        assert {"task_id", "attempt", "queue", "type", "worker_id", "epoch"} <= entry.keys()
+        assert {"task_id", "attempt", "queue", "type", "worker_id", "tenant", "epoch"} <= (
+            entry.keys()
+        )
         assert (entry["task_id"], entry["queue"], entry["type"]) == (task.id, "emails", "traced")
         assert entry["worker_id"] == "traced-worker" and entry["epoch"] >= 1
+        assert entry["tenant"] == "default"
         assert entry["trace_id"] == submit.trace_id
     assert sending[0]["span_id"] in {h.span_id for h in handlers}
     (failed,) = [e for e in worker_lines if "failed" in e["message"] and "task_id" in e]

@@ -194,7 +194,7 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
     assert not [s for s in spans.get_finished_spans() if s.name.startswith("submit ")]
 
     lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
-    fields = {"task_id", "attempt", "queue", "type", "worker_id", "epoch"}
+    fields = {"task_id", "attempt", "queue", "type", "worker_id", "tenant", "epoch"}
 
     def line(message: str) -> dict[str, Any]:
         found: list[dict[str, Any]] = [entry for entry in lines if entry["message"] == message]
@@ -210,7 +210,7 @@ async def test_metrics_spans_and_log_fields_of_handler_runs(
         assert fields <= entry.keys(), (message, entry)
         assert entry["task_id"] == task.id and entry["worker_id"] == "obs-worker"
         assert entry["queue"] == "obs" and entry["attempt"] == 1
-        assert entry["epoch"] == coordinator.epoch
+        assert entry["epoch"] == coordinator.epoch and entry["tenant"] == "default"
     assert line("sending mail")["logger"] == "conveyor.task"
     # The SDK's own line about the failure carries the fields too.
     (failed,) = [e for e in lines if "failed for good" in e["message"]]

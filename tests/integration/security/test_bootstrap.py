@@ -108,12 +108,14 @@ async def test_client_and_worker_take_the_key_from_the_environment(
         reader = (await keys.create("acme", "read")).key
         monkeypatch.setenv("CONVEYOR_API_KEY", key)
         worker = Worker(coordinator.address)
-        worker.register("echo", lambda ctx, payload: payload)
+        # The handler learns its task's tenant (the worker key's, from Welcome).
+        worker.register("echo", lambda ctx, payload: {**payload, "tenant": ctx.tenant})
         run = asyncio.create_task(worker.run(install_signal_handlers=False))
         try:
             async with AsyncClient(coordinator.address) as client:
                 task = await client.submit("echo", {"from": "env"})
-                assert await client.result(task.id, timeout=20) == {"from": "env"}
+                result = await client.result(task.id, timeout=20)
+                assert result == {"from": "env", "tenant": "acme"}
                 assert task.tenant == "acme"
         finally:
             worker.shutdown(force=True)
