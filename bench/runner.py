@@ -8,8 +8,8 @@ Figures (all from timestamps, none from timed sleeps):
   handler's start, measured by a probe task across processes on one clock.
 
 With ``metrics`` the coordinator and the workers serve Prometheus metrics and are scraped
-every second throughout (harsher than a usual 15 s scrape interval), so the figures
-include what recording and serving metrics cost; compare with a run without.
+every ``scrape_interval`` throughout (1 s by default, harsher than a usual 15 s), so the
+figures include what recording and serving metrics cost; compare with a run without.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from conveyor.client import AsyncClient, TaskSpec
 from conveyor.coordinator import api_keys
 
 STARTUP_TIMEOUT = 60.0
-#: Seconds between scrapes of every metrics endpoint in a run with metrics.
-SCRAPE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,8 @@ class BenchConfig:
     latency_seconds: float = 10.0
     dsn: str | None = None
     metrics: bool = False
+    scrape_interval: float = 1.0
+    """Seconds between scrapes of every metrics endpoint in a run with metrics."""
     insecure: bool = False
     """Authentication off (to compare): by default the coordinator requires a key, as in
     production, and every process of the benchmark sends one."""
@@ -120,10 +120,11 @@ async def _stop(procs: list[Process]) -> None:
 
 
 class _Scraper:
-    """Scrapes metrics endpoints every SCRAPE_INTERVAL, as Prometheus would, and once
+    """Scrapes metrics endpoints every ``interval`` seconds, as Prometheus would, and once
     more each when stopped (so a short run still reads every endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self.urls: list[str] = []
         self.scrapes = 0
         self.scraped: set[str] = set()
@@ -143,7 +144,7 @@ class _Scraper:
     async def _run(self) -> None:
         while True:
             await self._pass()
-            await asyncio.sleep(SCRAPE_INTERVAL)
+            await asyncio.sleep(self.interval)
 
     async def _pass(self) -> None:
         for url in list(self.urls):
@@ -201,7 +202,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def run(cfg: BenchConfig) -> dict[str, Any]:
     """Runs all three measurements and returns the figures."""
     procs: list[Process] = []
-    scraper = _Scraper()
+    scraper = _Scraper(cfg.scrape_interval)
     async with _postgres(cfg.dsn) as dsn:
         address = f"127.0.0.1:{_free_port()}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -243,6 +244,7 @@ async def run(cfg: BenchConfig) -> dict[str, Any]:
             await _stop(procs)
     figures["metrics"] = cfg.metrics
     if cfg.metrics:
+        figures["scrape_interval_s"] = cfg.scrape_interval
         figures["scrapes"] = scraper.scrapes
         figures["scraped_endpoints"] = len(scraper.scraped)
     _report(cfg, figures)
@@ -331,7 +333,7 @@ def _report(cfg: BenchConfig, f: dict[str, Any]) -> None:
         f"""
 Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, \
 Python {platform.python_version()}, authentication {"on" if f["authentication"] else "off"}, \
-metrics {"on, scraped every second" if cfg.metrics else "off"})
+metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off"})
   submit (batched)      {f["submit_per_s"]:>10,} tasks/s
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \

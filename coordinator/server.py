@@ -281,7 +281,7 @@ class Coordinator:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-        self.submitter.batcher.start()
+        self.submitter.start()
         self.recorder.start()
         await server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -439,7 +439,7 @@ class Coordinator:
         if self._worker_servicer is not None:
             await self._worker_servicer.wait_settled()
         if self.submitter is not None:
-            await self.submitter.batcher.stop()
+            await self.submitter.stop()
         if self.recorder is not None:
             await self.recorder.stop()
         if self.audit is not None:

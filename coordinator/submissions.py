@@ -19,6 +19,7 @@ store refuses fails (see ``batcher.py``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -47,6 +48,11 @@ from conveyor.v1 import task_pb2
 COPY_THRESHOLD = 64
 # Flushes of at most this many tasks may be handed straight to waiting workers.
 HAND_OFF_MAX = 16
+# Submits of at most this many tasks have their own group commit (a lane): a lone submit
+# never shares a flush with, or waits for, another caller's batch of hundreds, whose
+# encoding and COPY take tens of milliseconds (one tenant's bulk submits would otherwise
+# set every other tenant's submit latency).
+SMALL_SUBMIT_MAX = HAND_OFF_MAX
 
 
 @dataclass(frozen=True)
@@ -110,17 +116,35 @@ class Submitter:
         self._deps = deps
         self._policy = policy
         self._dispatcher = dispatcher
+        on_flush = deps.metrics.record_flush if deps.metrics is not None else None
         self.batcher: Batcher[SubmitGroup, SubmitResult] = Batcher(
             "submit",
             self._flush,
             max_batch=deps.config.max_batch,
             max_pending=deps.config.max_pending_operations,
-            on_flush=deps.metrics.record_flush if deps.metrics is not None else None,
+            on_flush=on_flush,
         )
+        self.small: Batcher[SubmitGroup, SubmitResult] = Batcher(
+            "submit",
+            self._flush,
+            max_batch=deps.config.max_batch,
+            max_pending=deps.config.max_pending_operations,
+            on_flush=on_flush,
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.small.start()
+
+    async def stop(self) -> None:
+        """Flushes what is queued, then stops."""
+        await asyncio.gather(self.batcher.stop(), self.small.stop())
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
         """Writes the group (admitted by the tenant's quotas already: ``quotas.py``)."""
-        return await self.batcher.submit(group, weight=len(group.tasks))
+        weight = len(group.tasks)
+        lane = self.small if weight <= SMALL_SUBMIT_MAX else self.batcher
+        return await lane.submit(group, weight=weight)
 
     async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
         now = datetime.now(UTC)

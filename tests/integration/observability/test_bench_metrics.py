@@ -16,12 +16,12 @@ async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> No
     done = await conveyor(
         "bench", "--tasks", "60", "--workers", "1", "--concurrency", "20", "--batch", "30",
         "--latency-rate", "10", "--latency-seconds", "0.5", "--dsn", database_dsn,
-        "--metrics", "--json",
+        "--metrics", "--scrape-interval", "0.5", "--json",
         timeout=240,
     )  # fmt: skip
     assert done.code == 0, done.err
     figures = json.loads(done.out.strip().splitlines()[-1])
-    assert figures["metrics"] is True
+    assert figures["metrics"] is True and figures["scrape_interval_s"] == 0.5
     assert figures["scraped_endpoints"] == 2, "the coordinator and the worker were scraped"
     assert figures["e2e_per_s"] > 0 and figures["pickup_samples"] == 5
-    assert "metrics on, scraped every second" in done.err
+    assert "metrics on, scraped every 0.5 s" in done.err
