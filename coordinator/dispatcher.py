@@ -15,6 +15,7 @@ rebuilds nothing but its session list.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -45,10 +46,21 @@ class Dispatcher(Service):
         super().__init__(deps)
         self.policy = policy
         self.dispatched = 0
+        self._wake_soon = False
         deps.events.on_ready(self._on_ready)
 
     def _on_ready(self, tenant: str, queue: str) -> None:
-        # One round serves every session, so the queue does not narrow it.
+        # One round serves every session, so the queue does not narrow it. The wake waits
+        # one turn of the event loop, so the callers whose commit announced the work are
+        # answered first: woken at once, the round's claim went out ahead of their answers,
+        # and on a small machine sending it can hand the CPU to PostgreSQL for most of a
+        # millisecond (a lone submit took 1 ms longer, measured with raw SubmitTask calls).
+        if not self._wake_soon:
+            self._wake_soon = True
+            asyncio.get_running_loop().call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_soon = False
         self.wake()
 
     async def step(self) -> float:

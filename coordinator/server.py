@@ -77,6 +77,20 @@ def new_node_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection: nothing beyond what asyncpg always does
+    (roll back an open transaction, drop listeners).
+
+    asyncpg's default also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` on every release: one more round trip on every submit's way to its answer, and
+    one more statement for PostgreSQL per batch, to undo session state that pooled
+    connections never hold here. Locks and settings are transaction-level
+    (``pg_advisory_xact_lock``), no cursor outlives its transaction, and the key
+    directory LISTENs on a connection of its own (``directory.py``). Code that adds
+    session state to a pooled connection must undo it itself.
+    """
+
+
 class Coordinator:
     """One coordinator: gRPC API, dispatcher, result recorder and maintenance sweeps.
 
@@ -179,6 +193,7 @@ class Coordinator:
                 "idle_in_transaction_session_timeout": "5s",
                 "application_name": "conveyor-coordinator",
             },
+            reset=_keep_session,
         )
         async with pool.acquire() as conn:
             await migrate(conn)
