@@ -6,6 +6,8 @@ Figures (all from timestamps, none from timed sleeps):
   read from the database (first create_time to last finish_time).
 - pickup_p50/p95/p99_ms: at a light steady rate, from the client's send time to the
   handler's start, measured by a probe task across processes on one clock.
+- submit_latency_p50/p99_ms: the same probes' submits, from the call to its answer (the
+  client library included).
 
 With ``metrics`` the coordinator and the workers serve Prometheus metrics and are scraped
 every ``scrape_interval`` throughout (1 s by default, harsher than a usual 15 s), so the
@@ -301,9 +303,13 @@ async def _measure(
     interval = 1.0 / cfg.latency_rate
     start = time.perf_counter()
 
+    answered: list[float] = []
+
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
+        sent = time.perf_counter()
         await client.submit("probe", repr(time.time()).encode(), queue=QUEUE, raw=True)
+        answered.append((time.perf_counter() - sent) * 1000.0)
 
     await asyncio.gather(*(one(i) for i in range(count)))
     await _wait_done(db, "probe", count, within=60.0)
@@ -319,6 +325,8 @@ async def _measure(
         "pickup_p95_ms": round(_percentile(latencies, 95), 2),
         "pickup_p99_ms": round(_percentile(latencies, 99), 2),
         "pickup_samples": len(latencies),
+        "submit_latency_p50_ms": round(statistics.median(answered), 2),
+        "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
     }
 
 
@@ -338,5 +346,6 @@ metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \
 p99 {f["pickup_p99_ms"]} ms   ({f["pickup_samples"]} tasks at {cfg.latency_rate:.0f}/s)
+  lone submit answered  p50 {f["submit_latency_p50_ms"]} ms   p99 {f["submit_latency_p99_ms"]} ms
 """
     )
