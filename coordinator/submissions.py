@@ -11,6 +11,12 @@ request with the same id fails like a key conflict. That costs nothing on the wa
 such tasks go the fast way (hand-off, COPY) like any other, and only when the store
 refuses an id as taken is the flush done again the careful way, looking each id up.
 
+Two lanes of group commit: submits of up to ``SMALL_SUBMIT_MAX`` tasks and larger ones
+flush apart, so a lone submit never waits behind another caller's batch. The lanes may
+commit at the same moment; two submits with one idempotency key (or id) racing through
+both lanes are settled by the unique index: one is written, the other fails UNAVAILABLE,
+and its retry finds the first (deduplicated, or a conflict).
+
 If the store loses its connection while a flush commits, every caller of that flush hears
 OUTCOME_UNKNOWN (their tasks may exist). If the store refuses a flush outright, nothing
 was written, and the batcher retries its groups one by one so that only the group the
