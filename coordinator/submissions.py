@@ -122,21 +122,19 @@ class Submitter:
         self._deps = deps
         self._policy = policy
         self._dispatcher = dispatcher
-        on_flush = deps.metrics.record_flush if deps.metrics is not None else None
-        self.batcher: Batcher[SubmitGroup, SubmitResult] = Batcher(
-            "submit",
-            self._flush,
-            max_batch=deps.config.max_batch,
-            max_pending=deps.config.max_pending_operations,
-            on_flush=on_flush,
-        )
-        self.small: Batcher[SubmitGroup, SubmitResult] = Batcher(
-            "submit",
-            self._flush,
-            max_batch=deps.config.max_batch,
-            max_pending=deps.config.max_pending_operations,
-            on_flush=on_flush,
-        )
+
+        def lane() -> Batcher[SubmitGroup, SubmitResult]:
+            return Batcher(
+                "submit",
+                self._flush,
+                max_batch=deps.config.max_batch,
+                max_pending=deps.config.max_pending_operations,
+                on_flush=deps.metrics.record_flush if deps.metrics is not None else None,
+            )
+
+        self.batcher = lane()
+        self.small = lane()
+        """Submits of up to SMALL_SUBMIT_MAX tasks (``batcher`` takes the larger ones)."""
 
     def start(self) -> None:
         self.batcher.start()
