@@ -63,12 +63,27 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group)
 
 
+#: The longest --expires-in: beyond it a date overflows (and a key should not outlive it).
+MAX_EXPIRES_IN = timedelta(days=36525)
+
+
+def _check_tenant(tenant: str) -> None:
+    from conveyor.coordinator.validation import name_problem
+
+    problem = name_problem(tenant)
+    if problem is not None:
+        raise CLIError(f"--tenant {tenant!r} {problem}", code=USAGE)
+
+
 def parse_duration(text: str) -> timedelta:
     """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` as a timedelta; CLIError otherwise."""
     match = _DURATION.fullmatch(text.strip())
     if match is None or float(match.group(1)) <= 0:
         raise CLIError(f"--expires-in {text!r} is not a duration such as 90d, 12h, 30m", code=USAGE)
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_EXPIRES_IN.total_seconds():
+        raise CLIError(f"--expires-in {text!r} is more than 100 years", code=USAGE)
+    return timedelta(seconds=seconds)
 
 
 def scopes_text(scopes: Any) -> str:
@@ -179,7 +194,9 @@ def create(
     or the client's api_key=.
     """
     from conveyor.coordinator import api_keys
-    from conveyor.coordinator.validation import name_problem
+    from conveyor.coordinator.errors import FieldViolation
+    from conveyor.coordinator.security_admin import MAX_DESCRIPTION_LENGTH
+    from conveyor.coordinator.validation import check_text
 
     names = [s.strip() for given in scope for s in given.split(",") if s.strip()]
     try:
@@ -188,9 +205,12 @@ def create(
         raise CLIError(f"--scope: {exc}", code=USAGE) from None
     if not scopes:
         raise CLIError("name at least one --scope (submit, read, operate, worker, admin)", USAGE)
-    problem = name_problem(tenant)
-    if problem is not None:
-        raise CLIError(f"--tenant {tenant!r} {problem}", code=USAGE)
+    _check_tenant(tenant)
+    # Checked here as the API checks it: with --dsn nothing else would before PostgreSQL.
+    out: list[FieldViolation] = []
+    check_text(description, "description", out, max_length=MAX_DESCRIPTION_LENGTH, identifier=False)
+    if out:
+        raise CLIError(f"--description {out[0].description}", code=USAGE)
     expire_time = None
     if expires_in is not None:
         expire_time = datetime.now(UTC) + parse_duration(expires_in)
@@ -258,6 +278,8 @@ def list_(
     g: Globals,
 ) -> int:
     """List API keys (never their secrets), newest first."""
+    if tenant is not None:
+        _check_tenant(tenant)
     if dsn:
         keys = _list_in_database(dsn, tenant, show_all)
     else:
@@ -312,6 +334,8 @@ def revoke(
     """Revoke an API key: calls with it fail, and its open streams end, on every coordinator
     within a second. Revoking a revoked key changes nothing."""
     from conveyor.coordinator import api_keys
+    from conveyor.coordinator.errors import InvalidArgument
+    from conveyor.coordinator.security_admin import validate_key_id
 
     if key_id.startswith(api_keys.KEY_PREFIX):
         # A whole key was pasted: take its id, and never echo the secret.
@@ -319,6 +343,10 @@ def revoke(
         if parsed is None:
             raise CLIError("that is not a key id nor a whole key; keys list shows ids", USAGE)
         key_id = parsed
+    try:
+        validate_key_id(key_id)
+    except InvalidArgument:
+        raise CLIError(f"{key_id!r} is not an API key id (keys list shows them)", USAGE) from None
     if dsn:
         key = _revoke_in_database(dsn, key_id)
     else:

@@ -177,7 +177,10 @@ def set_(
             raise CLIError(f"{flag} {text!r} is not a number (or 'default')", USAGE) from None
         if value < 0:
             raise CLIError(f"{flag} must be 0 (no limit) or more, got {text}", USAGE)
-        setattr(limits, field, value)
+        try:
+            setattr(limits, field, value)
+        except ValueError:  # past the field's int64 range
+            raise CLIError(f"{flag} {text} is too large", USAGE) from None
     if not paths:
         raise CLIError("name at least one limit to set (see conveyor tenants set --help)", USAGE)
     request = admin_service_pb2.UpdateTenantLimitsRequest(

@@ -317,12 +317,7 @@ class SecurityAdmin:
         out: list[FieldViolation] = []
         check_name(request.tenant, "tenant", out, required=False)
         size = _page_size(request.page_size, out)
-        after: int | None = None
-        if request.page_token:
-            try:
-                after = int(request.page_token)
-            except ValueError:
-                out.append(FieldViolation("page_token", "is not a token this list gave"))
+        after = _audit_page_token(request.page_token, out)
         _raise(out)
         async with self._db.read() as conn:
             rows = await audit_store.page(
@@ -354,11 +349,23 @@ def _limit_value(limits: auth_pb2.TenantLimits, name: str, out: list[FieldViolat
     return int(value)
 
 
+def _audit_page_token(token: str, out: list[FieldViolation]) -> int | None:
+    """The audit row sequence number a ListAuditEvents page token names (a bigint)."""
+    if not token:
+        return None
+    if token.isascii() and token.isdigit() and 0 < int(token) < 2**63:
+        return int(token)
+    out.append(FieldViolation("page_token", "is not a token this list gave"))
+    return None
+
+
 def _key_page_token(token: str, out: list[FieldViolation]) -> tuple[datetime, str] | None:
     if not token:
         return None
     when, _, key_id = token.partition("|")
     try:
+        if not _KEY_ID.fullmatch(key_id):
+            raise ValueError(key_id)
         stamp = timestamp_pb2.Timestamp()
         stamp.FromJsonString(when)
         return stamp.ToDatetime(tzinfo=UTC), key_id

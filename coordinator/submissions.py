@@ -344,9 +344,9 @@ class Submitter:
                 prior = new_keys.get(key) or plan.claimed_keys.get(key)
                 if prior is None and key in plan.keys:
                     row = plan.keys[key]
-                    prior = _Prior(key[0], row, task_from_row(row))
+                    prior = _Prior(key[0], row, convert.task_from_row(row))
                 if prior is not None:
-                    if prior.fingerprint() != task.request_hash:
+                    if prior.fingerprint() != validation.request_fingerprint(task):
                         return IdempotencyKeyConflict(key[1], prior.task.id)
                     out.append(Submitted(prior.task, deduplicated=True))
                     continue
@@ -354,7 +354,7 @@ class Submitter:
                 prior = new_ids.get(task.task_id) or plan.claimed_ids.get(task.task_id)
                 if prior is None and task.task_id in plan.ids:
                     row = plan.ids[task.task_id]
-                    prior = _Prior(row["tenant"], row, task_from_row(row))
+                    prior = _Prior(row["tenant"], row, convert.task_from_row(row))
                 if prior is not None:
                     if prior.tenant != group.tenant or (
                         prior.fingerprint() != validation.request_fingerprint(task)
@@ -381,10 +381,6 @@ class Submitter:
         plan.claimed_keys.update(new_keys)
         plan.claimed_ids.update(new_ids)
         return out
-
-
-def task_from_row(row: asyncpg.Record) -> task_pb2.Task:
-    return convert.task_from_row(row)
 
 
 def _row_fingerprint(row: asyncpg.Record) -> bytes:

@@ -99,18 +99,21 @@ async def schedules_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
     return {r["tenant"]: int(r["n"]) for r in await _SCHEDULES.fetch(conn)}
 
 
+_LOCK_SCHEDULES = Query(
+    "lock_tenant_schedules",
+    "SELECT pg_advisory_xact_lock(hashtextextended('conveyor.schedules:' || :tenant, 0))",
+)
 _COUNT_SCHEDULES = Query(
-    "count_tenant_schedules",
-    """
-    SELECT pg_advisory_xact_lock(hashtextextended('conveyor.schedules:' || :tenant, 0)),
-        (SELECT count(*) FROM schedules WHERE tenant = :tenant) AS n
-    """,
+    "count_tenant_schedules", "SELECT count(*) FROM schedules WHERE tenant = :tenant"
 )
 
 
 async def lock_and_count_schedules(conn: asyncpg.Connection, tenant: str) -> int:
     """The tenant's schedule count, with the tenant's schedule-creation lock held until the
-    transaction ends (so two creations cannot both take the last free place)."""
-    row = await _COUNT_SCHEDULES.fetchrow(conn, tenant=tenant)
-    assert row is not None
-    return int(row["n"])
+    transaction ends (so two creations cannot both take the last free place).
+
+    Two statements on purpose: under READ COMMITTED a statement's snapshot is taken before
+    it waits for the lock, so a count in the locking statement would miss the schedule
+    the previous holder committed while this one waited."""
+    await _LOCK_SCHEDULES.execute(conn, tenant=tenant)
+    return int(await _COUNT_SCHEDULES.fetchval(conn, tenant=tenant))

@@ -145,3 +145,19 @@ def test_a_bad_hello_is_a_protocol_violation_naming_the_field(
 def test_another_protocol_version_is_refused() -> None:
     with pytest.raises(ProtocolViolation, match="protocol version 2"):
         validation.validate_hello(_hello(protocol_version=2))
+
+
+def test_admin_page_tokens_are_checked_before_the_store() -> None:
+    from conveyor.coordinator.errors import FieldViolation
+    from conveyor.coordinator.security_admin import _audit_page_token, _key_page_token
+
+    out: list[FieldViolation] = []
+    assert _audit_page_token("", out) is None and _audit_page_token("42", out) == 42
+    assert _key_page_token("2026-11-30T00:00:00Z|abcdefghijk2", out) is not None
+    assert not out
+    for token in ("99999999999999999999", "-1", "0", " 1_0 ", "\u0661\u0662"):
+        bad: list[FieldViolation] = []
+        assert _audit_page_token(token, bad) is None and bad, token
+    for token in ("2026-11-30T00:00:00Z|a\x00", "2026-11-30T00:00:00Z|" + "a" * 10_000, "x|y"):
+        bad = []
+        assert _key_page_token(token, bad) is None and bad, token
