@@ -5,6 +5,7 @@ written; another tenant is not affected. The client waits a rate limit out when 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable
 from pathlib import Path
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from clitools import conveyor
 from security import Key, Keys, running, secure_coordinator
-from testsupport import ErrorDetails, error_details
+from testsupport import ErrorDetails, error_details, eventually, leader_pool
 
 from conveyor.client import AsyncClient, QuotaExceededError
 from conveyor.coordinator import api_keys
@@ -118,3 +119,44 @@ async def test_tenant_limits(database_dsn: str, tmp_path: Path) -> None:
         assert await db.fetchval("SELECT count(*) FROM schedules WHERE tenant = 'acme'") == 1
     finally:
         await db.close()
+
+
+async def test_the_schedule_count_sees_what_the_lock_holder_committed(database_dsn: str) -> None:
+    """Two creations racing for a tenant's last free schedule: the second counts after the
+    first commits (a count taken in the locking statement used an older snapshot)."""
+    from conveyor.coordinator.store import tenants
+
+    pool, _ = await leader_pool(database_dsn)
+    try:
+        async with pool.acquire() as first, pool.acquire() as second:
+            holder = first.transaction()
+            await holder.start()
+            assert await tenants.lock_and_count_schedules(first, "race") == 0
+            waiter = asyncio.create_task(_count_in_transaction(second, "race"))
+
+            # The waiter is queued on the tenant's lock (PostgreSQL says so), not done.
+            async def waiting() -> bool:
+                return bool(
+                    await first.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    )
+                )
+
+            await eventually(waiting, timeout=10)
+            await first.execute(
+                "INSERT INTO schedules (id, tenant, name, cron, time_zone, template, "
+                "overlap_policy, catch_up_policy, catch_up_limit, create_time, update_time) "
+                "VALUES (gen_random_uuid(), 'race', 'one', '* * * * *', 'UTC', '', 1, 1, 0, "
+                "now(), now())"
+            )
+            await holder.commit()
+            assert await asyncio.wait_for(waiter, 10) == 1
+    finally:
+        await pool.close()
+
+
+async def _count_in_transaction(conn: asyncpg.Connection, tenant: str) -> int:
+    from conveyor.coordinator.store import tenants
+
+    async with conn.transaction():
+        return await tenants.lock_and_count_schedules(conn, tenant)
