@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from conveyor.observability.metrics import parse_listen
+from conveyor.transport._options import MAX_MESSAGE_BYTES as _SDK_MAX_MESSAGE_BYTES
 
 DEFAULT_QUEUE = "default"
 DEFAULT_TENANT = "default"
@@ -32,8 +33,9 @@ DEFAULT_RETRY_MAX_S = 300.0
 DEFAULT_RETRY_MULTIPLIER = 2.0
 DEFAULT_RETRY_JITTER = 0.2
 
-MAX_MESSAGE_BYTES = 64 << 20
-"""gRPC message limit, both ways: room for a full SubmitTasks batch of large payloads."""
+# The gRPC message limit, both ways (room for a full SubmitTasks batch of large payloads):
+# the SDK's, so a coordinator never sends what a worker would refuse to read.
+MAX_MESSAGE_BYTES = _SDK_MAX_MESSAGE_BYTES
 ASSIGNMENT_HEADROOM = 64 << 10
 """Bytes an Assignment may take besides its payload (labels, key, names, ...): the
 validation limits add up to about 22 KiB."""

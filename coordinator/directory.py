@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,8 +94,6 @@ class Directory:
         self._pending_tenants: set[str] = set()
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.listening = asyncio.Event()
-        """Set while the listener connection is up (for tests and status)."""
         self.reloads = 0
         """Full reloads done (start, reconnects, periodic)."""
 
@@ -117,7 +114,6 @@ class Directory:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self.listening.clear()
 
     # -- applying changes --------------------------------------------------------------------
 
@@ -199,7 +195,6 @@ class Directory:
                 failures += 1
                 if failures == 1:
                     _log.warning("key and tenant change listener lost (%s); reconnecting", exc)
-            self.listening.clear()
             await asyncio.sleep(min(BACKOFF_MAX, 0.1 * 2**failures))
 
     async def _session(self) -> None:
@@ -221,7 +216,6 @@ class Directory:
             await conn.add_listener(tenant_store.NOTIFY_CHANNEL, self._notified)
             # Listening from here on: a full reload now leaves no change unheard.
             await self.reload_all()
-            self.listening.set()
             loop = asyncio.get_running_loop()
             next_reload = loop.time() + self._refresh
             while not lost.is_set():
@@ -243,7 +237,3 @@ class Directory:
             if not conn.is_closed():
                 conn.terminate()
 
-
-def now() -> float:
-    """The clock key expiry is compared with (time.time())."""
-    return time.time()

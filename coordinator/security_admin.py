@@ -229,11 +229,9 @@ class SecurityAdmin:
         key_id = validate_key_id(request.id)
         async with self._db.read() as conn:
             row = await key_store.revoke(conn, key_id)
-            cached = await key_store.get(conn, key_id) if row is not None else None
         if row is None:
             raise ApiKeyNotFound(key_id)
-        if cached is not None:
-            self._directory.apply_keys([cached])
+        self._directory.apply_keys([row])
         return admin_service_pb2.RevokeApiKeyResponse(key=api_key_message(row))
 
     # -- tenants ---------------------------------------------------------------------------

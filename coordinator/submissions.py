@@ -300,20 +300,23 @@ class Submitter:
         leased = hand_off_rows(rows, keys) if metrics is not None or tracing.enabled else []
         if metrics is not None:
             metrics.record_dispatched(leased)
-        for index, (session, row, key) in enumerate(zip(sessions, rows, keys, strict=True)):
+        messages: list[Packed] = []
+        for session, row, key in zip(sessions, rows, keys, strict=True):
             message = by_id[key.task_id]
             message.state = store.RUNNING
             message.attempt = key.attempt
             message.worker_id = session.worker_id
             item = (key, row.task, now_message)
-            weight = dispatch_policy.assignment_size(row.task.payload, None)
-            packed = Packed(
-                dispatch_policy.assignments_message(convert.add_assignment_from_new, [item]),
-                weight,
-                1,
+            messages.append(
+                Packed(
+                    dispatch_policy.assignments_message(convert.add_assignment_from_new, [item]),
+                    dispatch_policy.assignment_size(row.task.payload, None),
+                    1,
+                )
             )
-            if tracing.enabled:
-                dispatch_spans(tracing, leased[index : index + 1], [packed], started_ns)
+        if tracing.enabled:
+            dispatch_spans(tracing, leased, messages, started_ns)
+        for session, packed in zip(sessions, messages, strict=True):
             await self._dispatcher.deliver(conn, session, [packed])
 
     @staticmethod

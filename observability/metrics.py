@@ -335,16 +335,12 @@ class CoordinatorMetrics:
 
     # -- batch recorders: called once per batch on the hot path --------------------------
 
-    def record_submitted(self, rows: Iterable[Row]) -> None:
-        """Tasks of one committed submit batch (columns tenant, queue, type).
+    def count_submitted(self, labels: Iterable[tuple[str, str, str]]) -> None:
+        """Tasks of one committed submit batch, as (tenant, queue, type) tuples.
 
         Deduplicated submits (an idempotency key seen before) are not new tasks: leave
         them out.
         """
-        self.count_submitted(map(_labels, rows))
-
-    def count_submitted(self, labels: Iterable[tuple[str, str, str]]) -> None:
-        """:meth:`record_submitted` for tasks given as (tenant, queue, type) tuples."""
         self._submitted.add(Tally(labels))
 
     def record_dispatched(self, rows: Iterable[Row]) -> None:
@@ -430,13 +426,9 @@ class CoordinatorMetrics:
         delivered; columns tenant, queue, type)."""
         self._requeued.add(Tally(map(_labels, rows)))
 
-    def record_firings(self, rows: Iterable[Row]) -> None:
-        """Schedule firings committed in one firer round (columns tenant,
-        ``lag_seconds``: commit time minus tick time)."""
-        self.record_firing_lags((row["tenant"], row["lag_seconds"]) for row in rows)
-
     def record_firing_lags(self, lags: Iterable[tuple[str, float]]) -> None:
-        """:meth:`record_firings` for firings given as (tenant, lag seconds) pairs."""
+        """Schedule firings committed in one firer round, as (tenant, lag seconds) pairs
+        (the lag: commit time minus tick time)."""
         pairs = [((tenant,), lag) for tenant, lag in lags]
         for (tenant,), n in Tally(labels for labels, _ in pairs).items():
             self.schedule_firings.labels(tenant).inc(n)

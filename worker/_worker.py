@@ -11,7 +11,6 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import grpc
 from opentelemetry import trace
 
+from conveyor.observability import logs
 from conveyor.observability.metrics import parse_listen
 from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
@@ -73,16 +73,8 @@ def default_worker_id() -> str:
 def _configure_logging() -> None:
     """Log to stderr the way ``conveyor worker`` does, unless the application set logging
     up itself (the root logger has handlers)."""
-    root = logging.getLogger()
-    if root.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
-    )
-    root.addHandler(handler)
-    root.setLevel(os.environ.get("CONVEYOR_LOG_LEVEL", "INFO").upper())
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    if not logging.getLogger().handlers:
+        logs.configure(os.environ.get("CONVEYOR_LOG_LEVEL", "info"))
 
 
 def _process_tracing(worker_id: str) -> Tracing:

@@ -126,13 +126,14 @@ _REVOKE = Query(
     f"""
     UPDATE api_keys k SET revoke_time = coalesce(k.revoke_time, now())
     WHERE k.id = :id
-    RETURNING {_KEY}
+    RETURNING {_CACHED}
     """,
 )
 
 
 async def revoke(conn: asyncpg.Connection, key_id: str) -> asyncpg.Record | None:
-    """Revokes the key (once: a second revocation keeps the first time); None if none."""
+    """Revokes the key (once: a second revocation keeps the first time); None if none.
+    The row has the hash too, for the key cache."""
     return await _REVOKE.fetchrow(conn, id=key_id)
 
 

@@ -95,7 +95,7 @@ def test_results_of_one_batch_are_counted_by_outcome_and_labels() -> None:
 
 def test_dispatch_submit_cancel_expiry_and_firings() -> None:
     m = CoordinatorMetrics(process_metrics=False)
-    m.record_submitted([LABELS, LABELS, {**LABELS, "type": "u"}])
+    m.count_submitted([("default", "q", "t"), ("default", "q", "t"), ("default", "q", "u")])
     m.record_dispatched(
         [
             {**LABELS, "queue_wait_seconds": 0.01, "pickup_seconds": 0.02},
@@ -105,7 +105,7 @@ def test_dispatch_submit_cancel_expiry_and_firings() -> None:
     m.record_cancelled([LABELS])
     m.record_lease_expired([{**LABELS, "state": PENDING}, {**LABELS, "state": DEAD}])
     m.record_requeued([LABELS])
-    m.record_firings([{"tenant": "default", "lag_seconds": 0.2}] * 3)
+    m.record_firing_lags([("default", 0.2)] * 3)
     m.record_flush("submit", 40, 0.004)
     assert value(m, "conveyor_tasks_submitted_total", **LABELS) == 2
     assert value(m, "conveyor_tasks_submitted_total", **{**LABELS, "type": "u"}) == 1
@@ -171,7 +171,7 @@ def test_worker_executions_are_grouped_per_batch() -> None:
 
 def test_two_coordinators_in_one_process_do_not_share_or_touch_the_global_registry() -> None:
     a, b = CoordinatorMetrics(), CoordinatorMetrics()
-    a.record_submitted([LABELS])
+    a.count_submitted([("default", "q", "t")])
     assert value(a, "conveyor_tasks_submitted_total", **LABELS) == 1
     assert value(b, "conveyor_tasks_submitted_total", **LABELS) == 0
     assert not {n for n in metric_names(REGISTRY) if n.startswith("conveyor_")}

@@ -92,9 +92,9 @@ def test_rates_come_from_two_scrapes_of_the_metrics_endpoint() -> None:
 
     m = CoordinatorMetrics(process_metrics=False)
     row = {"tenant": "default", "queue": "emails", "type": "send"}
-    m.record_submitted([row] * 10)
+    m.count_submitted([("default", "emails", "send")] * 10)
     before = totals_from_metrics(generate_latest(m.registry).decode())
-    m.record_submitted([row] * 30 + [{**row, "type": "other"}] * 10)
+    m.count_submitted([("default", "emails", "send")] * 30 + [("default", "emails", "other")] * 10)
     m.record_results(
         [{**row, "state": 4, "run_seconds": 0.1, "end_to_end_seconds": 0.2}] * 20
         + [{**row, "state": 2, "run_seconds": 0.1, "end_to_end_seconds": None}] * 2

@@ -381,12 +381,22 @@ def test_run_sync_sets_up_logging_and_says_it_cannot_reach_the_coordinator(
     script.write_text(
         textwrap.dedent(
             """
-            import os, signal, threading
+            import logging, os, signal
             from conveyor.worker import Worker
 
+            class StopAfterTwoAttempts(logging.Handler):
+                # On the worker's own logger, so the root logger stays unconfigured.
+                seen = 0
+
+                def emit(self, record: logging.LogRecord) -> None:
+                    if "cannot reach" in record.getMessage():
+                        self.seen += 1
+                        if self.seen == 2:
+                            os.kill(os.getpid(), signal.SIGTERM)
+
+            logging.getLogger("conveyor.worker").addHandler(StopAfterTwoAttempts())
             worker = Worker("127.0.0.1:9", grace_period=1)
             worker.register("noop", lambda ctx, payload: None)
-            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
             worker.run_sync()
             """
         )
