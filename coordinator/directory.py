@@ -236,4 +236,3 @@ class Directory:
                 await asyncio.wait_for(conn.close(), 2.0)
             if not conn.is_closed():
                 conn.terminate()
-
