@@ -200,7 +200,7 @@ async def with_bystander(
 ) -> tuple[Message | None, grpc.aio.AioRpcError | None]:
     """Sends ``request`` and, at the same moment, a well-formed submit that must succeed."""
     with no_server_errors(name):
-        (response, error), (canary, canary_error) = await asyncio.gather(
+        (response, error), (_, canary_error) = await asyncio.gather(
             call(channel, service, name, request),
             call(channel, "conveyor.v1.TaskService", "SubmitTask", CANARY),
         )
@@ -208,7 +208,6 @@ async def with_bystander(
         f"a well-formed submit failed beside {name}: "
         f"{canary_error.code().name} {canary_error.details()!r}"
     )
-    assert canary is not None
     return response, error
 
 
@@ -313,8 +312,7 @@ async def test_watch_task_answers_ok_or_a_documented_error(
     )
     stream = watch(request, timeout=CALL_TIMEOUT)
     try:
-        first = await stream.read()
-        assert first is grpc.aio.EOF or isinstance(first, task_service_pb2.WatchTaskResponse)
+        await stream.read()
     except grpc.aio.AioRpcError as exc:
         assert_documented(exc, "WatchTask")
     finally:

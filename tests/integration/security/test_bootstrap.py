@@ -156,13 +156,13 @@ async def test_dev_prints_the_same_key_at_every_start() -> None:
                 banner = await dev.read_until("Press Ctrl-C")
                 line = next(x for x in banner.splitlines() if "export CONVEYOR_API_KEY=" in x)
                 keys.append(line.split("=", 1)[1].strip())
-                assert await dev.interrupt() == 0, dev.output
+                assert await dev.interrupt() == 0, dev.output()
         assert keys[0] == keys[1] and api_keys.parse(keys[0]) is not None
         assert (data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
         async with dev_process(data_dir, address, "--insecure") as dev:
             banner = await dev.read_until("Press Ctrl-C")
             assert "authentication is off (--insecure)" in banner
             assert "CONVEYOR_API_KEY" not in banner
-            assert await dev.interrupt() == 0, dev.output
+            assert await dev.interrupt() == 0, dev.output()
     finally:
         remove_dev_data(data_dir)

@@ -51,7 +51,6 @@ async def test_every_rpc_refuses_calls_without_a_valid_key(
         grpc.aio.insecure_channel(coordinator.address) as channel,
     ):
         keys = Keys(channel, admin_key)
-        expired = await keys.create("acme", *api_keys.ALL_SCOPES)
         revoked = await keys.create("acme", *api_keys.ALL_SCOPES)
         await keys.revoke(revoked.id)
         _, unknown = api_keys.generate()

@@ -95,7 +95,14 @@ CASES: list[tuple[Code, str | None, dict[str, str], type[RPCError], dict[str, An
         {"name": "nightly"},
         "a schedule named 'nightly' exists already",
     ),
-    (Code.ABORTED, "ETAG_MISMATCH", {"etag": "e2"}, EtagMismatchError, {"etag": "e2"}, "denied"),
+    (
+        Code.ABORTED,
+        "ETAG_MISMATCH",
+        {"etag": "e2"},
+        EtagMismatchError,
+        {"etag": "e2"},
+        "Read it again",
+    ),
     (Code.UNAVAILABLE, "OUTCOME_UNKNOWN", {}, OutcomeUnknownError, {}, "may or may not"),
     (
         Code.FAILED_PRECONDITION,
@@ -142,7 +149,7 @@ CASES: list[tuple[Code, str | None, dict[str, str], type[RPCError], dict[str, An
         "keys list",
     ),
     # Without a reason (a proxy's refusal), the code still says what went wrong.
-    (Code.PERMISSION_DENIED, None, {}, PermissionDeniedError, {"scope": None}, "denied"),
+    (Code.PERMISSION_DENIED, None, {}, PermissionDeniedError, {"scope": None}, "--scope"),
     (Code.UNAUTHENTICATED, None, {}, UnauthenticatedError, {"problem": None}, "API key"),
     # RESOURCE_EXHAUSTED without OVERLOADED is gRPC's own (oversized message), not load.
     (Code.RESOURCE_EXHAUSTED, None, {}, RPCError, {}, "RESOURCE_EXHAUSTED"),

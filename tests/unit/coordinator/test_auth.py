@@ -285,9 +285,11 @@ async def test_a_stream_that_ends_by_itself_returns_its_result_or_error() -> Non
 async def test_cancelling_the_call_cancels_the_handler() -> None:
     streams = OpenStreams()
     cancelled = asyncio.Event()
+    started = asyncio.Event()
 
     async def handler() -> str:
         try:
+            started.set()
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             cancelled.set()
@@ -295,7 +297,7 @@ async def test_cancelling_the_call_cancels_the_handler() -> None:
         return "never"
 
     task = asyncio.create_task(streams.run(_identity("k1"), handler))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(started.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
