@@ -18,7 +18,7 @@ import typer
 from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
-from conveyor.client import CatchUpPolicy, Client, Schedule
+from conveyor.client import CatchUpPolicy, Schedule
 
 
 class Overlap(enum.StrEnum):
@@ -66,10 +66,6 @@ def _aware_time(text: str) -> datetime:
     if value.tzinfo is None:
         raise typer.BadParameter(f"{text!r} needs a UTC offset (or Z)")
     return value
-
-
-def _client(g: Globals) -> Client:
-    return g.client()
 
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]
@@ -129,7 +125,7 @@ def create(
         value = json.loads(payload)
     except ValueError as exc:
         raise CLIError(f"the payload is not valid JSON ({exc})", code=USAGE) from None
-    with _client(g) as client:
+    with g.client() as client:
         schedule = client.create_schedule(
             name,
             cron,
@@ -158,7 +154,7 @@ def list_(
     g: Globals,
 ) -> int:
     """List schedules by name."""
-    with _client(g) as client:
+    with g.client() as client:
         page = client.list_schedules(page_size=min(limit, 1000))
     if as_json:
         output.print_text(output.to_json(page.items))
@@ -171,7 +167,7 @@ def list_(
 
 def get(name: Name, as_json: AsJSON = False, *, g: Globals) -> int:
     """Show a schedule, its next fire times and its last firings."""
-    with _client(g) as client:
+    with g.client() as client:
         schedule = client.get_schedule(name)
     output.print_text(output.to_json(schedule) if as_json else schedule_detail(schedule))
     return 0
@@ -179,7 +175,7 @@ def get(name: Name, as_json: AsJSON = False, *, g: Globals) -> int:
 
 def pause(name: Name, *, g: Globals) -> int:
     """Stop a schedule firing (a paused schedule does not catch up on resume)."""
-    with _client(g) as client:
+    with g.client() as client:
         schedule = client.pause_schedule(name)
     output.print_text(f"{schedule.name} paused")
     return 0
@@ -187,7 +183,7 @@ def pause(name: Name, *, g: Globals) -> int:
 
 def resume(name: Name, *, g: Globals) -> int:
     """Start a paused schedule again, from now."""
-    with _client(g) as client:
+    with g.client() as client:
         schedule = client.resume_schedule(name)
     zone = _zone(schedule)
     nxt = output.when(schedule.next_fire_times[0], zone) if schedule.next_fire_times else "never"
@@ -197,7 +193,7 @@ def resume(name: Name, *, g: Globals) -> int:
 
 def delete(name: Name, *, g: Globals) -> int:
     """Delete a schedule (the tasks it submitted stay)."""
-    with _client(g) as client:
+    with g.client() as client:
         client.delete_schedule(name)
     output.print_text(f"{name} deleted")
     return 0

@@ -8,7 +8,7 @@ import enum
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, timedelta
 from typing import Annotated, Any
 
@@ -192,7 +192,7 @@ def _status(err: Any, text: str) -> Iterator[Any]:
 async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, status: Any) -> None:
     """Looks now and then whether a worker serves the task; says so once when none does."""
     delay = _UNSERVED_FIRST_CHECK
-    async with _channel(g) as channel:
+    async with g.channel(g.addresses[0]) as channel:
         while True:
             await asyncio.sleep(delay)
             delay = _UNSERVED_INTERVAL
@@ -209,12 +209,6 @@ async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, statu
                     print(message, file=sys.stderr, flush=True)
             elif not now:
                 unserved.clear()
-
-
-@contextlib.asynccontextmanager
-async def _channel(g: Globals) -> AsyncIterator[grpc.aio.Channel]:
-    async with g.channel(g.addresses[0]) as channel:
-        yield channel
 
 
 def get(

@@ -27,9 +27,8 @@ from conveyor.coordinator.cron import (
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument
 from conveyor.coordinator.store.schedules import ScheduleRow
 from conveyor.coordinator.validation import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     NewTask,
+    check_page_size,
     check_text,
     check_timestamp,
     name_problem,
@@ -273,8 +272,7 @@ class ListPage:
 
 def validate_list(page_size: int, page_token: str) -> ListPage:
     out: list[FieldViolation] = []
-    if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    size = check_page_size(page_size, out)
     after: str | None = None
     if page_token:
         try:
@@ -285,7 +283,7 @@ def validate_list(page_size: int, page_token: str) -> ListPage:
             out.append(FieldViolation("page_token", "is not a token from a previous call"))
     if out:
         raise InvalidArgument(out)
-    return ListPage(after, page_size or DEFAULT_PAGE_SIZE)
+    return ListPage(after, size)
 
 
 def page_token(name: str) -> str:

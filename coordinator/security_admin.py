@@ -27,9 +27,8 @@ from conveyor.coordinator.store import audit as audit_store
 from conveyor.coordinator.store import tenants as tenant_store
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.validation import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     check_name,
+    check_page_size,
     check_text,
     check_timestamp,
 )
@@ -95,12 +94,6 @@ def audit_event_message(row: Row) -> auth_pb2.AuditEvent:
         prev_hash=row.prev_hash,
         hash=row.hash,
     )
-
-
-def _page_size(value: int, out: list[FieldViolation]) -> int:
-    if not 0 <= value <= MAX_PAGE_SIZE:
-        out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-    return value or DEFAULT_PAGE_SIZE
 
 
 def _raise(out: list[FieldViolation]) -> None:
@@ -201,7 +194,7 @@ class SecurityAdmin:
     ) -> admin_service_pb2.ListApiKeysResponse:
         out: list[FieldViolation] = []
         check_name(request.tenant, "tenant", out, required=False)
-        size = _page_size(request.page_size, out)
+        size = check_page_size(request.page_size, out)
         after = _key_page_token(request.page_token, out)
         _raise(out)
         async with self._db.read() as conn:
@@ -314,7 +307,7 @@ class SecurityAdmin:
     ) -> admin_service_pb2.ListAuditEventsResponse:
         out: list[FieldViolation] = []
         check_name(request.tenant, "tenant", out, required=False)
-        size = _page_size(request.page_size, out)
+        size = check_page_size(request.page_size, out)
         after = _audit_page_token(request.page_token, out)
         _raise(out)
         async with self._db.read() as conn:

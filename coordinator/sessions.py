@@ -69,9 +69,9 @@ class WorkerSession:
     closed: bool = False
     """No more messages are accepted (the stream is ending or ended)."""
     end_reason: str = ""
-    evicted: bool = False
     eviction: str = ""
-    """Why it was evicted, in a word: ``silent`` or ``not_reading`` (for metrics)."""
+    """Why it was evicted, in a word: ``silent`` or ``not_reading`` (for metrics); empty
+    while it is not."""
     write_stuck: bool = False
     """A write to the worker never finished (it reads nothing): no status can follow."""
     ended: asyncio.Future[None] = field(
@@ -87,6 +87,10 @@ class WorkerSession:
     _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
     _finishing: bool = False
     type_set: frozenset[str] = field(init=False)
+
+    @property
+    def evicted(self) -> bool:
+        return bool(self.eviction)
 
     def __post_init__(self) -> None:
         self.type_set = frozenset(self.task_types)
@@ -187,8 +191,8 @@ class WorkerSession:
             return
         self.closed = True
         self.end_reason = self.end_reason or reason
-        if evict and not self.evicted:
-            self.evicted, self.eviction = True, evict
+        if evict and not self.eviction:
+            self.eviction = evict
         if evict:
             _log.warning(
                 "evicting worker %s: %s",

@@ -435,14 +435,20 @@ class ListFilter:
     after_id: uuid.UUID | None
 
 
+def check_page_size(value: int, out: list[FieldViolation]) -> int:
+    """A list call's ``page_size``: 0 (the default) to MAX_PAGE_SIZE; the size to use."""
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    return value or DEFAULT_PAGE_SIZE
+
+
 def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
     out: list[FieldViolation] = []
     check_name(req.queue, "queue", out, required=False)
     check_name(req.type, "type", out, required=False)
     if req.state not in task_pb2.TaskState.values():  # an open enum: any int32 arrives
         out.append(FieldViolation("state", f"{req.state} is not a TaskState value"))
-    if req.page_size < 0 or req.page_size > MAX_PAGE_SIZE:
-        out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    page_size = check_page_size(req.page_size, out)
     after: uuid.UUID | None = None
     if req.page_token:
         after = parse_task_id(req.page_token)
@@ -454,7 +460,7 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
         queue=req.queue or None,
         state=req.state or None,
         type=req.type or None,
-        page_size=req.page_size or DEFAULT_PAGE_SIZE,
+        page_size=page_size,
         after_id=after,
     )
 

@@ -56,8 +56,9 @@ from typing import Any, ClassVar, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-# googleapis-common-protos ships no type stubs; the messages are used dynamically here.
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+# googleapis-common-protos ships no type stubs (pyproject.toml lets mypy import it
+# untyped); the messages are used dynamically here.
+from google.rpc import error_details_pb2, status_pb2
 
 from conveyor.v1 import errors_pb2
 
