@@ -200,12 +200,7 @@ class Submitter:
         results: list[SubmitResult | BaseException] = []
         rows: list[NewRow] = []
         async with self._deps.db.write() as conn:
-            plan = _Plan(
-                await store.find_by_idempotency_keys(conn, keys),
-                await store.find_by_ids(conn, ids),
-                {},
-                {},
-            )
+            plan = _Plan(*await store.find_priors(conn, keys, ids), {}, {})
             for group in groups:
                 results.append(self._plan_group(group, plan, now, now_message, rows))
             checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]

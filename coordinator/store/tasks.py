@@ -275,18 +275,39 @@ _BY_KEYS = Query(
 )
 
 
-_BY_IDS = Query(
-    "tasks_by_ids",
-    f"SELECT {_TASK}, t.request_hash FROM tasks t WHERE t.id = ANY(:ids::uuid[])",
+# The tasks a submit may repeat, in one round trip: by idempotency key, then by id.
+_PRIORS = Query(
+    "tasks_by_keys_and_ids",
+    f"""
+    SELECT {_TASK}, t.request_hash, true AS by_key
+    FROM tasks t
+    JOIN unnest(:tenants::text[], :keys::text[]) AS k(tenant, key)
+        ON t.tenant = k.tenant AND t.idempotency_key = k.key
+    UNION ALL
+    SELECT {_TASK}, t.request_hash, false AS by_key FROM tasks t WHERE t.id = ANY(:ids::uuid[])
+    """,
 )
 
 
-async def find_by_ids(conn: asyncpg.Connection, ids: Sequence[str]) -> dict[str, asyncpg.Record]:
-    """Existing tasks by id (canonical text), of any tenant (the caller checks the tenant),
-    for client-made ids (request_id) that an earlier send may have written."""
-    if not ids:
-        return {}
-    return {str(r["id"]): r for r in await _BY_IDS.fetch(conn, ids=list(ids))}
+async def find_priors(
+    conn: asyncpg.Connection, pairs: Sequence[tuple[str, str]], ids: Sequence[str]
+) -> tuple[dict[tuple[str, str], asyncpg.Record], dict[str, asyncpg.Record]]:
+    """Existing tasks by (tenant, idempotency_key) and by id (canonical text), with their
+    request_hash. By id of any tenant (the caller checks the tenant): client-made ids
+    (request_id) that an earlier send may have written."""
+    by_key: dict[tuple[str, str], asyncpg.Record] = {}
+    by_id: dict[str, asyncpg.Record] = {}
+    if not pairs and not ids:
+        return by_key, by_id
+    rows = await _PRIORS.fetch(
+        conn, tenants=[p[0] for p in pairs], keys=[p[1] for p in pairs], ids=list(ids)
+    )
+    for row in rows:
+        if row["by_key"]:
+            by_key[(row["tenant"], row["idempotency_key"])] = row
+        else:
+            by_id[str(row["id"])] = row
+    return by_key, by_id
 
 
 async def find_by_idempotency_keys(
