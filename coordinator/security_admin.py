@@ -230,13 +230,18 @@ class SecurityAdmin:
     # -- tenants ---------------------------------------------------------------------------
 
     async def _tenants(self, names: Iterable[str] | None) -> list[auth_pb2.Tenant]:
+        asked = None if names is None else list(names)
         async with self._db.read() as conn:
-            set_limits = {r["name"]: r for r in await tenant_store.load_all(conn)}
-            backlog = await tenant_store.unfinished_per_tenant(conn)
-            schedules = await tenant_store.schedules_per_tenant(conn)
-            keys = await key_store.active_per_tenant(conn)
-            if names is None:
-                names = sorted(set(set_limits) | set(await key_store.tenants(conn)))
+            rows = await (
+                tenant_store.load_all(conn)
+                if asked is None
+                else tenant_store.load_names(conn, asked)
+            )
+            set_limits = {r["name"]: r for r in rows}
+            backlog = await tenant_store.unfinished_per_tenant(conn, asked)
+            schedules = await tenant_store.schedules_per_tenant(conn, asked)
+            keys = await key_store.active_per_tenant(conn, asked)
+        names = sorted(set(set_limits) | set(keys)) if asked is None else asked
         return [
             auth_pb2.Tenant(
                 name=name,

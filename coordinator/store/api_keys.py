@@ -140,23 +140,22 @@ async def revoke(conn: asyncpg.Connection, key_id: str) -> asyncpg.Record | None
 _ACTIVE_PER_TENANT = Query(
     "active_api_keys_per_tenant",
     """
-    SELECT tenant, count(*) AS keys FROM api_keys
-    WHERE revoke_time IS NULL AND (expire_time IS NULL OR expire_time > now())
+    SELECT tenant, count(*) FILTER (
+        WHERE revoke_time IS NULL AND (expire_time IS NULL OR expire_time > now())
+    ) AS keys
+    FROM api_keys WHERE :names::text[] IS NULL OR tenant = ANY(:names::text[])
     GROUP BY tenant
     """,
 )
 
 
-async def active_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
-    return {r["tenant"]: r["keys"] for r in await _ACTIVE_PER_TENANT.fetch(conn)}
-
-
-_TENANTS = Query("api_key_tenants", "SELECT DISTINCT tenant FROM api_keys")
-
-
-async def tenants(conn: asyncpg.Connection) -> list[str]:
-    """Every tenant some key (active or not) belongs to."""
-    return [r["tenant"] for r in await _TENANTS.fetch(conn)]
+async def active_per_tenant(
+    conn: asyncpg.Connection, names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Active keys per tenant, for every tenant some key (active or not) belongs to (of
+    ``names`` only, when given)."""
+    rows = await _ACTIVE_PER_TENANT.fetch(conn, names=None if names is None else list(names))
+    return {r["tenant"]: r["keys"] for r in rows}
 
 
 _HAS_ADMIN = Query(

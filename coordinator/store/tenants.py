@@ -69,34 +69,48 @@ async def set_limits(
     return row
 
 
+# Every tenant, or those in :names (the plans are made per call: force_custom_plan).
+_NAMED = "(:names::text[] IS NULL OR tenant = ANY(:names::text[]))"
+
 # PENDING tasks are counted off the ready index (tenant first); SCHEDULED and RUNNING
 # rows are fewer and their indexes have no tenant, so those counts visit the rows.
 _UNFINISHED = Query(
     "unfinished_per_tenant",
     f"""
     SELECT tenant, sum(n)::bigint AS n FROM (
-        SELECT tenant, count(*) AS n FROM tasks WHERE state = {PENDING} GROUP BY tenant
+        SELECT tenant, count(*) AS n FROM tasks WHERE state = {PENDING} AND {_NAMED}
+        GROUP BY tenant
         UNION ALL
-        SELECT tenant, count(*) FROM tasks WHERE state = {SCHEDULED} GROUP BY tenant
+        SELECT tenant, count(*) FROM tasks WHERE state = {SCHEDULED} AND {_NAMED}
+        GROUP BY tenant
         UNION ALL
-        SELECT tenant, count(*) FROM tasks WHERE state = {RUNNING} GROUP BY tenant
+        SELECT tenant, count(*) FROM tasks WHERE state = {RUNNING} AND {_NAMED}
+        GROUP BY tenant
     ) counts GROUP BY tenant
     """,
 )
 
 
-async def unfinished_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
-    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per tenant that has any."""
-    return {r["tenant"]: int(r["n"]) for r in await _UNFINISHED.fetch(conn)}
+async def unfinished_per_tenant(
+    conn: asyncpg.Connection, names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per tenant that has any (of
+    ``names`` only, when given)."""
+    rows = await _UNFINISHED.fetch(conn, names=None if names is None else list(names))
+    return {r["tenant"]: int(r["n"]) for r in rows}
 
 
 _SCHEDULES = Query(
-    "schedules_per_tenant", "SELECT tenant, count(*) AS n FROM schedules GROUP BY tenant"
+    "schedules_per_tenant",
+    f"SELECT tenant, count(*) AS n FROM schedules WHERE {_NAMED} GROUP BY tenant",
 )
 
 
-async def schedules_per_tenant(conn: asyncpg.Connection) -> dict[str, int]:
-    return {r["tenant"]: int(r["n"]) for r in await _SCHEDULES.fetch(conn)}
+async def schedules_per_tenant(
+    conn: asyncpg.Connection, names: Sequence[str] | None = None
+) -> dict[str, int]:
+    rows = await _SCHEDULES.fetch(conn, names=None if names is None else list(names))
+    return {r["tenant"]: int(r["n"]) for r in rows}
 
 
 _LOCK_SCHEDULES = Query(
