@@ -21,8 +21,6 @@ not at start, so a command that needs none never fails on them.
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from conveyor.cli.app import Globals
@@ -36,7 +34,6 @@ __all__ = [
     "open_task",
     "payload_codec",
     "uses_tls",
-    "worker_settings",
 ]
 
 _credentials: dict[tuple[str | None, str | None, str | None], grpc.ChannelCredentials] = {}
@@ -83,16 +80,3 @@ def payload_codec(g: Globals) -> EncryptionCodec | None:
 def open_task(g: Globals, task: Task) -> Task:
     """``task`` as the command's codec decrypts it (unchanged without one)."""
     return _open_task(payload_codec(g), task)
-
-
-def worker_settings(g: Globals) -> dict[str, Any]:
-    """The keyword arguments of ``Worker.configure`` that ``g`` stands for: only what the
-    flags set, so a worker's own settings stay when no flag is given."""
-    settings: dict[str, Any] = {}
-    credentials = channel_credentials(g)
-    if credentials is not None:
-        settings["credentials"] = credentials
-    codec = payload_codec(g)
-    if codec is not None:
-        settings["codec"] = codec
-    return settings

@@ -507,7 +507,8 @@ def build_worker(
             queues=queue_names,
             grace_period=grace,
             metrics_listen=metrics_listen or None,
-            **security.worker_settings(g),
+            credentials=security.channel_credentials(g),
+            codec=security.payload_codec(g),
             api_key=g.api_key or None,
         )
     except ValueError as exc:

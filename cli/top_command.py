@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-import grpc
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -35,7 +34,7 @@ from conveyor.observability.top import (
     snapshot_from_protos,
     totals_from_metrics,
 )
-from conveyor.v1 import admin_service_pb2, task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2, task_pb2
 
 #: Longest a scrape of the metrics endpoint may take.
 SCRAPE_TIMEOUT = 5.0
@@ -129,7 +128,7 @@ class Watcher:
         self.reached = False
         try:
             status = await wire.cluster_status(self._g)
-            queues = await wire.call(self._g, _list_queues)
+            queues = await wire.call(self._g, wire.queues_on)
             self.reached = True
         except (RemoteError, CLIError) as exc:
             problems.append(f"cannot read the cluster: {exc}")
@@ -168,12 +167,6 @@ class Watcher:
         if previous is None:
             return None
         return rates(previous.totals, scrape.totals, scrape.at - previous.at)
-
-
-async def _list_queues(channel: grpc.aio.Channel, seconds: float) -> list[task_pb2.QueueStats]:
-    stub = task_service_pb2_grpc.TaskServiceStub(channel)
-    response = await stub.ListQueues(task_service_pb2.ListQueuesRequest(), timeout=seconds)
-    return list(response.queues)
 
 
 def _fetch(url: str) -> str:

@@ -127,14 +127,16 @@ def list_tasks(
     return result
 
 
-def list_queues(g: Globals) -> list[task_pb2.QueueStats]:
-    async def method(channel: grpc.aio.Channel, seconds: float) -> list[task_pb2.QueueStats]:
-        response = await _tasks(channel).ListQueues(
-            task_service_pb2.ListQueuesRequest(), timeout=seconds
-        )
-        return list(response.queues)
+async def queues_on(channel: grpc.aio.Channel, seconds: float) -> list[task_pb2.QueueStats]:
+    """ListQueues on ``channel`` (a method for :func:`run` or :func:`call`)."""
+    response = await _tasks(channel).ListQueues(
+        task_service_pb2.ListQueuesRequest(), timeout=seconds
+    )
+    return list(response.queues)
 
-    result: list[task_pb2.QueueStats] = run(g, method)
+
+def list_queues(g: Globals) -> list[task_pb2.QueueStats]:
+    result: list[task_pb2.QueueStats] = run(g, queues_on)
     return result
 
 

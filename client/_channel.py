@@ -121,7 +121,8 @@ def is_connection_failure(error: RPCError) -> bool:
 
 _NOT_RESENT = (
     "It was not resent because it may have reached the server; submits are resent safely "
-    "only with an idempotency key (the client adds one unless retry_submits=False)."
+    "only with a request id (the client gives each one unless retry_submits=False) or an "
+    "idempotency key."
 )
 
 

@@ -155,12 +155,16 @@ class CoordinatorConfig:
                 out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
         if self.bootstrap_key:
             from conveyor.coordinator.api_keys import parse
+            from conveyor.coordinator.validation import name_problem
 
             if parse(self.bootstrap_key) is None:
                 out.append(
                     "bootstrap_key is not a Conveyor API key (cvk_<id>_<secret>); make one "
                     "with: conveyor keys generate"
                 )
+            problem = name_problem(self.bootstrap_tenant)
+            if problem is not None:
+                out.append(f"bootstrap_tenant {self.bootstrap_tenant!r} {problem}")
         return out
 
     def problems(self) -> list[str]:

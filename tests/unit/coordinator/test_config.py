@@ -45,3 +45,13 @@ def test_an_explicit_liveness_timeout_within_the_rules_is_kept() -> None:
         dsn="postgresql://x", heartbeat_interval=1, lease_duration=10, liveness_timeout=3
     )
     assert config.worker_liveness_timeout == 3
+
+
+def test_the_bootstrap_tenant_is_a_valid_name() -> None:
+    from conveyor.coordinator.api_keys import generate
+
+    key = generate()[1]
+    assert CoordinatorConfig(dsn="x", bootstrap_key=key, bootstrap_tenant="ops").bootstrap_key
+    for bad in ("", "a\x00b", "x" * 1000):
+        with pytest.raises(ConfigError, match="bootstrap_tenant"):
+            CoordinatorConfig(dsn="x", bootstrap_key=key, bootstrap_tenant=bad)
