@@ -10,7 +10,6 @@ since cutting off the newest rows leaves no trace in the chain itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC
 from typing import Annotated, Any
 
@@ -87,28 +86,37 @@ def list_(
     return 0
 
 
-def _rows_through_api(g: Globals) -> Iterator[Any]:
+def _rows_through_api(g: Globals) -> list[Any]:
     from conveyor.coordinator.audit_chain import Event, Row
+    from conveyor.v1 import admin_service_pb2
 
-    token = ""
-    while True:
-        page = _page(g, "", False, PAGE, token)
-        for e in page.events:
-            event = Event(
-                time=e.time.ToDatetime(tzinfo=UTC),
-                tenant=e.tenant,
-                key_id=e.key_id,
-                action=e.action,
-                target=e.target,
-                outcome=e.outcome,
-                peer=e.peer,
-                request_id=e.request_id,
-                detail=e.detail,
-            )
-            yield Row(e.seq, event, bytes(e.prev_hash), bytes(e.hash))
-        token = page.next_page_token
-        if not token:
-            return
+    async def call(stub: Any, seconds: float) -> list[Any]:
+        # Every page on one channel, oldest first.
+        events: list[Any] = []
+        token = ""
+        while True:
+            request = admin_service_pb2.ListAuditEventsRequest(page_size=PAGE, page_token=token)
+            page = await stub.ListAuditEvents(request, timeout=seconds)
+            events.extend(page.events)
+            token = page.next_page_token
+            if not token:
+                return events
+
+    rows: list[Any] = []
+    for e in admin_call(g, call):
+        event = Event(
+            time=e.time.ToDatetime(tzinfo=UTC),
+            tenant=e.tenant,
+            key_id=e.key_id,
+            action=e.action,
+            target=e.target,
+            outcome=e.outcome,
+            peer=e.peer,
+            request_id=e.request_id,
+            detail=e.detail,
+        )
+        rows.append(Row(e.seq, event, bytes(e.prev_hash), bytes(e.hash)))
+    return rows
 
 
 def _verify_in_database(dsn: str) -> Any:

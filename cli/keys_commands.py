@@ -295,21 +295,22 @@ def list_(
 def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[Any]:
     from conveyor.v1 import admin_service_pb2
 
-    keys: list[Any] = []
-    token = ""
-    while True:
-        request = admin_service_pb2.ListApiKeysRequest(
-            tenant=tenant or "", show_inactive=show_all, page_size=1000, page_token=token
-        )
+    async def call(stub: Any, seconds: float) -> list[Any]:
+        # Every page on one channel.
+        keys: list[Any] = []
+        token = ""
+        while True:
+            request = admin_service_pb2.ListApiKeysRequest(
+                tenant=tenant or "", show_inactive=show_all, page_size=1000, page_token=token
+            )
+            page = await stub.ListApiKeys(request, timeout=seconds)
+            keys.extend(page.keys)
+            token = page.next_page_token
+            if not token:
+                return keys
 
-        async def call(stub: Any, seconds: float, request: Any = request) -> Any:
-            return await stub.ListApiKeys(request, timeout=seconds)
-
-        page = admin_call(g, call)
-        keys.extend(page.keys)
-        token = page.next_page_token
-        if not token:
-            return keys
+    result: list[Any] = admin_call(g, call)
+    return result
 
 
 def _list_in_database(dsn: str, tenant: str | None, show_all: bool) -> list[Any]:
