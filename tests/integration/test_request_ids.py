@@ -13,8 +13,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
-from testsupport import RawWorker
+from testsupport import RawWorker, error_details
 from uuid_utils.compat import uuid7
 
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -33,16 +32,6 @@ def _request(
 
 async def _rows(db: asyncpg.Connection, ids: list[str]) -> int:
     return int(await db.fetchval("SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[])", ids))
-
-
-def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def test_the_request_id_becomes_the_task_id_and_a_resend_is_deduplicated(
@@ -64,7 +53,7 @@ async def test_a_reused_request_id_with_another_request_is_refused(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.SubmitTask(_request(request_id, payload=b'{"n": 2}'))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    info = _error_info(caught.value)
+    info = error_details(caught.value)
     assert info.reason == "IDEMPOTENCY_KEY_CONFLICT"
     assert info.metadata["request_id"] == request_id
     assert "make a new request_id" in (caught.value.details() or "")

@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from testsupport import coordinator_config, eventually
+from testsupport import eventually
 
 from conveyor.client import AsyncClient
 from conveyor.coordinator import Coordinator
@@ -29,16 +29,6 @@ from conveyor.worker import NonRetryableError, TaskContext, Worker
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE}-{PARENT}-01"
-
-
-@pytest.fixture
-async def coordinator(database_dsn: str) -> AsyncIterator[Coordinator]:
-    coord = Coordinator(coordinator_config(database_dsn))
-    await coord.start()
-    try:
-        yield coord
-    finally:
-        await coord.stop(grace=1.0)
 
 
 @pytest.fixture
