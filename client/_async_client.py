@@ -19,9 +19,10 @@ from opentelemetry import trace
 from conveyor.client._channel import Connection, RetryRules
 from conveyor.client._encryption import (
     open_schedule,
+    open_submitted,
     open_task,
     require_result,
-    seal_request,
+    seal_requests,
     seal_template,
 )
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
@@ -237,14 +238,14 @@ class AsyncClient:
 
     async def _submit_one(self, request: pb.SubmitTaskRequest) -> Task:
         self._add_request_ids([request])
-        seal_request(self._codec, request)
+        plain = seal_requests(self._codec, [request])
         response = await self._conn.unary(
             lambda stub: stub.SubmitTask,
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=bool(request.idempotency_key or request.request_id),
         )
-        return open_task(self._codec, Task.from_proto(response.task))
+        return open_submitted(self._codec, Task.from_proto(response.task), plain, 0)
 
     def _add_request_ids(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
         """Gives each task an id of the client's making, unless ``retry_submits`` is off."""
@@ -287,8 +288,7 @@ class AsyncClient:
         results: list[Task] = []
         # Ids go on before batching: the batch request copies the messages.
         self._add_request_ids(requests)
-        for request in requests:
-            seal_request(self._codec, request)
+        plain = seal_requests(self._codec, requests)
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
@@ -306,7 +306,8 @@ class AsyncClient:
                     )
                 raise
             results.extend(
-                open_task(self._codec, Task.from_proto(r.task)) for r in response.results
+                open_submitted(self._codec, Task.from_proto(r.task), plain, index)
+                for index, r in enumerate(response.results, start=len(results))
             )
         return results
 

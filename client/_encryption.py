@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from conveyor.client._models import Schedule, Task
 from conveyor.transport._encryption import Binding, DecryptionError, PayloadCodec, is_sealed
@@ -56,11 +57,42 @@ def open_task(codec: PayloadCodec | None, task: Task) -> Task:
     """``task`` with its payload and result decoded, as far as the codec can."""
     if codec is None:
         return task
-    payload, content_type, result = task.payload, task.content_type, task.result
+    payload, content_type = task.payload, task.content_type
     try:
         payload, content_type = codec.decode(payload, content_type, Binding.payload(task.type))
     except DecryptionError as exc:
         logger.debug("task %s: payload left encrypted: %s", task.id, exc)
+    return _open_result(codec, task, payload, content_type)
+
+
+def seal_requests(
+    codec: PayloadCodec | None, requests: Sequence[pb.SubmitTaskRequest]
+) -> list[tuple[bytes, str]]:
+    """Encodes submits' payloads in place; returns what they were before (for
+    :func:`open_submitted`), or nothing without a codec."""
+    if codec is None:
+        return []
+    plain = [(r.payload, r.content_type) for r in requests]
+    for request in requests:
+        seal_request(codec, request)
+    return plain
+
+
+def open_submitted(
+    codec: PayloadCodec | None, task: Task, plain: Sequence[tuple[bytes, str]], index: int
+) -> Task:
+    """A submit's answer, decoded without decrypting its payload again: the coordinator
+    echoes no payload for a new task, and a repeat of an earlier task has the one this
+    client sealed (``plain[index]``, from :func:`seal_requests`), or the submit would have
+    been refused. Its result (a repeat of a finished task) is decoded."""
+    if codec is None:
+        return task
+    payload, content_type = plain[index]
+    return _open_result(codec, task, payload if task.payload else b"", content_type)
+
+
+def _open_result(codec: PayloadCodec, task: Task, payload: bytes, content_type: str) -> Task:
+    result = task.result
     if result:
         try:
             result, _ = codec.decode(

@@ -103,6 +103,13 @@ async def test_rotation_end_to_end(
         # The same submit again is recognised as a resend, not refused as different.
         again = await client.submit("echo", {"secret": SECRET}, idempotency_key="order-2")
         assert again.id == second.id
+        # Answers say the content type as submitted; a repeat echoes the payload in clear.
+        assert second.content_type == again.content_type == "application/json"
+        assert json.loads(again.payload) == {"secret": SECRET}
+        many = await client.submit_many(
+            [{"type": "other", "payload": {"n": n}} for n in range(1500)]
+        )
+        assert {t.content_type for t in many} == {"application/json"}
 
         stored = {t: await _stored(database_dsn, t) for t in (first_id, second.id)}
         assert envelope_key_id(stored[first_id]["payload"]) == "k1"
