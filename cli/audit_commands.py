@@ -87,7 +87,7 @@ def list_(
 
 
 def _rows_through_api(g: Globals) -> list[Any]:
-    from conveyor.coordinator.audit_chain import Event, Row
+    from conveyor.coordinator.audit.chain import Event, Row
     from conveyor.v1 import admin_service_pb2
 
     async def call(stub: Any, seconds: float) -> list[Any]:
@@ -120,7 +120,7 @@ def _rows_through_api(g: Globals) -> list[Any]:
 
 
 def _verify_in_database(dsn: str) -> Any:
-    from conveyor.coordinator.audit_chain import Verification, verify
+    from conveyor.coordinator.audit.chain import Verification, verify
     from conveyor.coordinator.store import audit as store
 
     async def work(conn: Any) -> Verification:
@@ -141,7 +141,7 @@ def verify(dsn: Dsn = None, *, g: Globals) -> int:
     """Check the audit log's hash chain: exit 0 when it is whole, 1 naming each row that was
     deleted or edited. Prints the head (last row and its hash): keep it, and compare it
     next time, to notice newest rows cut off."""
-    from conveyor.coordinator.audit_chain import verify as check
+    from conveyor.coordinator.audit.chain import verify as check
 
     result = _verify_in_database(dsn) if dsn else check(_rows_through_api(g))
     for seq, problem in result.problems:

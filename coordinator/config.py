@@ -154,8 +154,8 @@ class CoordinatorConfig:
             if not 0 <= limit < float("inf"):
                 out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
         if self.bootstrap_key:
-            from conveyor.coordinator.api_keys import parse
-            from conveyor.coordinator.validation import name_problem
+            from conveyor.coordinator.api.validation import name_problem
+            from conveyor.coordinator.tenancy.keys import parse
 
             if parse(self.bootstrap_key) is None:
                 out.append(

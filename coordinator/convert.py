@@ -12,8 +12,8 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.coordinator.leases import LeaseKey, lease_proto, to_proto
-from conveyor.coordinator.validation import NewTask
+from conveyor.coordinator.api.validation import NewTask
+from conveyor.coordinator.lifecycle.leases import LeaseKey, lease_proto, to_proto
 from conveyor.v1 import task_pb2, worker_service_pb2
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import Fenced
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.sql import Fence
-from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.observability.metrics import CoordinatorMetrics
 from conveyor.observability.tracing import Tracing
 

@@ -13,40 +13,40 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from conveyor.coordinator.admin_service import AdminServicer, ClusterView
-from conveyor.coordinator.audit import AuditLog
-from conveyor.coordinator.auth import Authenticator, FailureLimiter, OpenStreams
-from conveyor.coordinator.backlog import BacklogCounter
-from conveyor.coordinator.bootstrap import ensure_bootstrap_key
+from conveyor.coordinator.api.admin_service import AdminServicer, ClusterView
+from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
+from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
+from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.schedule_service import ScheduleService
+from conveyor.coordinator.api.security_admin import SecurityAdmin
+from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.tls import add_port, server_tls
+from conveyor.coordinator.api.worker_service import WorkerServicer
+from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Events, Office
-from conveyor.coordinator.directory import Directory
-from conveyor.coordinator.dispatch_policy import DispatchPolicy
-from conveyor.coordinator.dispatcher import Dispatcher
-from conveyor.coordinator.election import Election, Member, parse_endpoints
+from conveyor.coordinator.dispatch.dispatcher import Dispatcher
+from conveyor.coordinator.dispatch.policy import DispatchPolicy
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import Fenced
-from conveyor.coordinator.intercept_audit import AuditInterceptor
-from conveyor.coordinator.intercept_auth import AuthInterceptor
-from conveyor.coordinator.interceptors import server_interceptors
-from conveyor.coordinator.maintenance import Promoter, Reaper
-from conveyor.coordinator.quotas import Quotas
-from conveyor.coordinator.results import ResultRecorder
-from conveyor.coordinator.schedule_firer import ScheduleFirer
-from conveyor.coordinator.schedule_service import ScheduleService
-from conveyor.coordinator.security_admin import SecurityAdmin
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.leader.election import Election, Member, parse_endpoints
+from conveyor.coordinator.leader.maintenance import Promoter, Reaper
+from conveyor.coordinator.lifecycle.results import ResultRecorder
+from conveyor.coordinator.lifecycle.submits import Submitter
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
+from conveyor.coordinator.schedules.firer import ScheduleFirer
 from conveyor.coordinator.store import api_keys as key_store
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.store.sql import UNSAFE_DISABLE_FENCING
-from conveyor.coordinator.submissions import Submitter
 from conveyor.coordinator.supervisor import Service
-from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.telemetry import Telemetry
-from conveyor.coordinator.tls import add_port, server_tls
-from conveyor.coordinator.watchers import TaskWatchers
-from conveyor.coordinator.worker_service import WorkerServicer
+from conveyor.coordinator.tenancy.auth import Authenticator, FailureLimiter, OpenStreams
+from conveyor.coordinator.tenancy.backlog import BacklogCounter
+from conveyor.coordinator.tenancy.bootstrap import ensure_bootstrap_key
+from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.observability.logs import log_context
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS

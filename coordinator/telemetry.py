@@ -25,8 +25,8 @@ from typing import Any
 import grpc.aio
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.dispatch_policy import Packed
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.dispatch.policy import Packed
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
 from conveyor.observability.grpc_metrics import MetricsInterceptor

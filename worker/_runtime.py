@@ -49,8 +49,8 @@ from conveyor.worker._codec import (
 )
 from conveyor.worker._context import CancellationSignal, TaskContext
 from conveyor.worker._errors import NonRetryableError
-from conveyor.worker._outbox import LeaseKey, Outbox, lease_key
 from conveyor.worker._registry import Handler, TaskRegistry
+from conveyor.worker._results import LeaseKey, Outbox, lease_key
 
 __all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from conveyor.coordinator.audit_chain import GENESIS, Event, Row, chain
+from conveyor.coordinator.audit.chain import GENESIS, Event, Row, chain
 from conveyor.coordinator.store.sql import Query, columns, transpose, unnest
 
 # Any constant: it only has to be the same for every appender ("audt").

@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from conveyor.coordinator.leases import (
+from conveyor.coordinator.api.validation import ListFilter, NewTask
+from conveyor.coordinator.lifecycle.leases import (
     FIRST_ATTEMPT,
     KEY_ARRAYS,
     KeyTuple,
@@ -40,7 +41,6 @@ from conveyor.coordinator.leases import (
     keys_of,
 )
 from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
-from conveyor.coordinator.validation import ListFilter, NewTask
 from conveyor.v1 import task_pb2
 
 PENDING = task_pb2.TASK_STATE_PENDING

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.coordinator import dispatch_policy
-from conveyor.coordinator.dispatch_policy import (
+from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.policy import (
     MAX_CLAIM_BYTES,
     MAX_CLAIM_PER_SESSION,
     MESSAGE_BYTES,
     DispatchPolicy,
 )
-from conveyor.coordinator.sessions import OUTBOX_BYTES, WorkerSession
+from conveyor.coordinator.dispatch.sessions import OUTBOX_BYTES, WorkerSession
 from conveyor.v1 import worker_service_pb2
 
 

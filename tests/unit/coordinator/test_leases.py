@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conveyor.coordinator import leases
-from conveyor.coordinator.leases import LeaseKey
+from conveyor.coordinator.lifecycle import leases
+from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.v1 import worker_service_pb2
 
 TASK = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"

@@ -3,8 +3,13 @@ entry never fails the others; text is made storable."""
 
 from __future__ import annotations
 
-from conveyor.coordinator import leases
-from conveyor.coordinator.results import MAX_ERROR_CHARS, map_leases, map_results, storable_error
+from conveyor.coordinator.lifecycle import leases
+from conveyor.coordinator.lifecycle.results import (
+    MAX_ERROR_CHARS,
+    map_leases,
+    map_results,
+    storable_error,
+)
 from conveyor.coordinator.store import tasks as store
 from conveyor.v1 import worker_service_pb2 as pb
 

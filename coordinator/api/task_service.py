@@ -1,0 +1,265 @@
+"""``TaskService``: the API applications use to submit, inspect, wait for and cancel tasks.
+
+Handlers only do their work: the interceptors (``coordinator/interceptors.py``) refuse calls
+on a follower, fill the request context (the tenant is read from it) and turn whatever a
+handler raises into the right status. The schedule methods are the
+:class:`~conveyor.coordinator.schedule_service.ScheduleService`'s; this class only routes
+them, so the wire API keeps schedules in TaskService.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg
+import grpc
+
+from conveyor.coordinator import convert
+from conveyor.coordinator.api import context, validation
+from conveyor.coordinator.api.schedule_service import ScheduleService
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.lifecycle.leases import LeaseKey, to_proto
+from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.db import committing
+from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.v1 import (
+    schedule_pb2,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+)
+
+# A watcher re-reads its task this often even without a wake-up, as a safety net.
+WATCH_REFRESH = 2.0
+_WAITING = frozenset({store.PENDING, store.SCHEDULED})
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(
+        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+    ) -> None:
+        self._deps = deps
+        self._submitter = submitter
+        self._schedules = schedules
+        self._quotas = quotas
+
+    # -- submits -----------------------------------------------------------------------------
+
+    async def SubmitTask(
+        self, request: task_service_pb2.SubmitTaskRequest, context_: Context
+    ) -> task_service_pb2.SubmitTaskResponse:
+        tenant = context.current().tenant
+        async with self._quotas.admission(tenant, [request]):
+            task = validation.validate_submit_one(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+        return task_service_pb2.SubmitTaskResponse(
+            task=result.task, deduplicated=result.deduplicated
+        )
+
+    async def SubmitTasks(
+        self, request: task_service_pb2.SubmitTasksRequest, context_: Context
+    ) -> task_service_pb2.SubmitTasksResponse:
+        tenant = context.current().tenant
+        async with self._quotas.admission(tenant, request.tasks):
+            tasks = validation.validate_submit_batch(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
+        response = task_service_pb2.SubmitTasksResponse()
+        add = response.results.add
+        for r in results:
+            # Built in place: a SubmitTaskResponse made apart would be copied once more.
+            add(task=r.task, deduplicated=r.deduplicated)
+        return response
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _unserved(self, row: asyncpg.Record) -> bool:
+        """Whether the task waits and no connected worker takes its queue and type."""
+        return row["state"] in _WAITING and not dispatch_policy.serving(
+            self._deps.sessions, row["tenant"], row["queue"], row["type"]
+        )
+
+    async def GetTask(
+        self, request: task_service_pb2.GetTaskRequest, context_: Context
+    ) -> task_service_pb2.GetTaskResponse:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            row = await store.get(conn, tenant, task_id)
+            if row is None:
+                raise TaskNotFound(request.id)
+            attempts = await store.attempts(conn, tenant, task_id)
+        return task_service_pb2.GetTaskResponse(
+            task=convert.task_from_row(row),
+            attempts=[convert.attempt_from_row(a) for a in attempts],
+            unserved=self._unserved(row),
+        )
+
+    async def ListTasks(
+        self, request: task_service_pb2.ListTasksRequest, context_: Context
+    ) -> task_service_pb2.ListTasksResponse:
+        flt = validation.validate_list(request)
+        async with self._deps.db.read() as conn:
+            rows = await store.list_page(conn, context.current().tenant, flt)
+        more = len(rows) > flt.page_size
+        rows = rows[: flt.page_size]
+        return task_service_pb2.ListTasksResponse(
+            tasks=[convert.task_from_row(r) for r in rows],
+            next_page_token=str(rows[-1]["id"]) if more else "",
+        )
+
+    async def ListQueues(
+        self, request: task_service_pb2.ListQueuesRequest, context_: Context
+    ) -> task_service_pb2.ListQueuesResponse:
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            rows = await store.queue_stats(conn, tenant)
+        sessions = list(self._deps.sessions)
+        return task_service_pb2.ListQueuesResponse(
+            queues=[
+                task_pb2.QueueStats(
+                    name=r["queue"],
+                    pending=r["pending"],
+                    scheduled=r["scheduled"],
+                    running=r["running"],
+                    dead=r["dead"],
+                    workers=sum(
+                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
+                    ),
+                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
+                )
+                for r in rows
+            ]
+        )
+
+    async def WatchTask(  # type: ignore[override]
+        self, request: task_service_pb2.WatchTaskRequest, context_: Context
+    ) -> None:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        with self._deps.watchers.watch(task_id) as changed:
+            sent: tuple[object, ...] | None = None
+            while True:
+                changed.clear()
+                async with self._deps.db.read() as conn:
+                    row = await store.get(conn, tenant, task_id)
+                if row is None:
+                    raise TaskNotFound(request.id)
+                unserved = self._unserved(row)
+                version = (row["state"], row["update_time"], unserved)
+                if version != sent:
+                    sent = version
+                    await context_.write(
+                        task_service_pb2.WatchTaskResponse(
+                            task=convert.task_from_row(row), unserved=unserved
+                        )
+                    )
+                if row["state"] in store.TERMINAL:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_REFRESH)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    async def CancelTask(
+        self, request: task_service_pb2.CancelTaskRequest, context_: Context
+    ) -> task_service_pb2.CancelTaskResponse:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            with committing():
+                previous = await store.cancel(conn, tenant, task_id, self._deps.office.fence())
+            row = await store.get(conn, tenant, task_id)
+        if row is None:
+            raise TaskNotFound(request.id)
+        if previous is None and row["state"] != store.CANCELLED:
+            raise InvalidState(request.id, task_pb2.TaskState.Name(row["state"]), "cancel")
+        if previous is not None:
+            self._deps.watchers.changed([task_id])
+            if self._deps.metrics is not None:
+                self._deps.metrics.record_cancelled([row])
+            if previous["state"] == store.RUNNING and previous["worker_id"]:
+                self._push_cancel(previous)
+        return task_service_pb2.CancelTaskResponse(task=convert.task_from_row(row))
+
+    def _push_cancel(self, previous: asyncpg.Record) -> None:
+        session = self._deps.sessions.by_worker(previous["tenant"], previous["worker_id"])
+        if session is None:
+            return  # the worker is gone; its result will be refused when it returns
+        key = LeaseKey(
+            previous["tenant"],
+            previous["id"],
+            previous["attempt"],
+            previous["lease_epoch"],
+            previous["worker_id"],
+        )
+        session.push(
+            worker_service_pb2.ConnectResponse(
+                cancel_tasks=worker_service_pb2.CancelTasks(leases=[to_proto(key)])
+            )
+        )
+
+    async def RetryTask(
+        self, request: task_service_pb2.RetryTaskRequest, context_: Context
+    ) -> task_service_pb2.RetryTaskResponse:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            with committing():
+                row = await store.redrive(conn, tenant, task_id, self._deps.office.fence())
+            if row is None:
+                current = await store.get(conn, tenant, task_id)
+                if current is None:
+                    raise TaskNotFound(request.id)
+                raise InvalidState(request.id, task_pb2.TaskState.Name(current["state"]), "retry")
+        self._deps.watchers.changed([task_id])
+        self._deps.events.ready(tenant, row["queue"])
+        return task_service_pb2.RetryTaskResponse(task=convert.task_from_row(row))
+
+    # -- schedules (ScheduleService's) -------------------------------------------------------
+
+    async def CreateSchedule(
+        self, request: schedule_pb2.CreateScheduleRequest, context_: Context
+    ) -> schedule_pb2.CreateScheduleResponse:
+        return await self._schedules.create(request)
+
+    async def GetSchedule(
+        self, request: schedule_pb2.GetScheduleRequest, context_: Context
+    ) -> schedule_pb2.GetScheduleResponse:
+        return await self._schedules.get(request)
+
+    async def ListSchedules(
+        self, request: schedule_pb2.ListSchedulesRequest, context_: Context
+    ) -> schedule_pb2.ListSchedulesResponse:
+        return await self._schedules.list_page(request)
+
+    async def UpdateSchedule(
+        self, request: schedule_pb2.UpdateScheduleRequest, context_: Context
+    ) -> schedule_pb2.UpdateScheduleResponse:
+        return await self._schedules.update(request)
+
+    async def DeleteSchedule(
+        self, request: schedule_pb2.DeleteScheduleRequest, context_: Context
+    ) -> schedule_pb2.DeleteScheduleResponse:
+        return await self._schedules.delete(request)
+
+    async def PauseSchedule(
+        self, request: schedule_pb2.PauseScheduleRequest, context_: Context
+    ) -> schedule_pb2.PauseScheduleResponse:
+        return await self._schedules.pause(request)
+
+    async def ResumeSchedule(
+        self, request: schedule_pb2.ResumeScheduleRequest, context_: Context
+    ) -> schedule_pb2.ResumeScheduleResponse:
+        return await self._schedules.resume(request)

@@ -1,0 +1,235 @@
+"""The dispatch policy: which worker gets which work, in what order, in what portions.
+
+Everything about the order of work is decided here, in one place that later rules
+(fairness between tenants, rate limits, concurrency keys, circuit breakers, deadlines)
+extend without touching the stream code:
+
+- :func:`takes`: whether a session takes a (tenant, queue, type) at all. The one matching
+  rule, shared with ``unserved``, ``QueueStats.workers`` and the submit hand-off: the
+  tenant is the session's, the queue one it names, the type one it has a handler for
+  (a worker always names its types; none means nothing, never "anything").
+- :meth:`DispatchPolicy.plan`: the sessions to claim for in a round, in a rotating order
+  so no worker is starved, and how much each may get: its credit, at most
+  ``MAX_CLAIM_PER_SESSION`` tasks and ``MAX_CLAIM_BYTES`` of payload, and no more than its
+  outbox has room for.
+- :meth:`DispatchPolicy.claim`: the claim query. Per queue the head of the ready index
+  in dispatch order (priority, then age: ids are time-ordered), then the best of those
+  heads, cut at the byte budget; leased in the same statement, fenced.
+- :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
+  ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
+  the message limit).
+- :meth:`DispatchPolicy.pick_idle`: the session a fresh submit may be handed to directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from conveyor.coordinator import convert
+from conveyor.coordinator.dispatch.sessions import WorkerSession
+from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns
+from conveyor.coordinator.store.tasks import ASSIGNMENT_COLUMNS, PENDING, RUNNING
+from conveyor.v1 import worker_service_pb2
+
+T = TypeVar("T")
+
+MAX_CLAIM_PER_SESSION = 500
+"""Tasks claimed for one session per round, so one greedy worker cannot stall a round's
+transaction; the next round follows at once."""
+MAX_CLAIM_BYTES = 16 << 20
+"""Payload bytes claimed for one session per round (at least one task whatever its size)."""
+MESSAGE_BYTES = 3 << 20
+"""Target size of one Assignments message: below gRPC's default 4 MiB receive limit."""
+ASSIGNMENT_OVERHEAD = 512
+"""Bytes an Assignment takes besides its payload and labels (an estimate, on the high side)."""
+
+
+def takes_from(session: WorkerSession, tenant: str, queue: str) -> bool:
+    """Whether ``session`` takes tasks from this tenant's queue (of some type)."""
+    return session.tenant == tenant and queue in session.queues
+
+
+def takes(session: WorkerSession, tenant: str, queue: str, task_type: str) -> bool:
+    """Whether ``session`` takes tasks of this tenant, queue and type (the one rule)."""
+    return takes_from(session, tenant, queue) and task_type in session.type_set
+
+
+def serving(sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str) -> bool:
+    """Whether any of ``sessions`` takes this kind of task."""
+    return any(takes(s, tenant, queue, task_type) for s in sessions if not s.closed)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One session's portion of a round."""
+
+    session: WorkerSession
+    limit: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """One Assignments message, with its weight against the session's outbox."""
+
+    message: worker_service_pb2.ConnectResponse
+    size: int
+    count: int
+
+
+_CLAIM = Query(
+    "claim_tasks",
+    f"""
+    WITH heads AS (
+        -- Per queue, the head of the ready index in dispatch order; then the best of
+        -- those heads. Written so that the index gives the order whatever the planner's
+        -- (always stale, on a queue table) statistics say.
+        SELECT head.id, head.priority, head.size FROM unnest(:queues::text[]) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT id, priority, octet_length(payload) AS size FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
+              AND type = ANY(:types::text[])
+            ORDER BY priority DESC, id
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) AS head
+        WHERE {FENCE}
+        ORDER BY head.priority DESC, head.id
+        LIMIT :limit
+    ), picked AS (
+        -- Cut at the byte budget, keeping the first task whatever its size.
+        SELECT id FROM (
+            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+        ) ahead
+        WHERE before < :max_bytes
+    ), leased AS (
+        UPDATE tasks t
+        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
+            lease_epoch = :lease_epoch, lease_start_time = now(),
+            lease_expire_time = now() + make_interval(secs => :lease_seconds),
+            update_time = now()
+        FROM picked WHERE t.id = picked.id
+        RETURNING {columns(ASSIGNMENT_COLUMNS, "t")}, t.tenant,
+            -- For metrics: ready (run_at) to leased, and submit to the first lease of a
+            -- task submitted ready to run.
+            greatest(0, extract(epoch FROM now() - t.run_at))::float8 AS queue_wait_seconds,
+            CASE WHEN t.attempt = 1 AND t.run_at <= t.create_time
+                THEN greatest(0, extract(epoch FROM now() - t.create_time))::float8
+            END AS pickup_seconds
+    )
+    SELECT * FROM leased ORDER BY priority DESC, id
+    """,
+)
+
+
+class DispatchPolicy:
+    """See the module docstring."""
+
+    def __init__(self, *, lease_seconds: float, max_payload_bytes: int) -> None:
+        self._lease_seconds = lease_seconds
+        self._max_payload_bytes = max_payload_bytes
+        self._rotation = itertools.count()
+
+    def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
+        """This round's claims, in a rotating order so no worker is starved."""
+        ready = [s for s in sessions if s.wants_work]
+        if len(ready) > 1:
+            shift = next(self._rotation) % len(ready)
+            ready = ready[shift:] + ready[:shift]
+        claims: list[Claim] = []
+        for session in ready:
+            room = min(MAX_CLAIM_BYTES, session.outbox_room)
+            session.throttled = room <= 0
+            if room > 0:
+                claims.append(Claim(session, min(session.credit, MAX_CLAIM_PER_SESSION), room))
+        return claims
+
+    async def claim(
+        self, conn: asyncpg.Connection, claim: Claim, fence: Fence
+    ) -> list[asyncpg.Record]:
+        """Leases up to the claim's portion of ready tasks to its session (fenced)."""
+        session = claim.session
+        return await _CLAIM.fetch(
+            conn,
+            tenant=session.tenant,
+            queues=list(session.queues),
+            types=list(session.task_types),
+            limit=claim.limit,
+            max_bytes=claim.max_bytes,
+            worker_id=session.worker_id,
+            lease_epoch=fence.epoch,
+            lease_seconds=self._lease_seconds,
+            fence=fence,
+        )
+
+    def filled(self, claim: Claim, rows: Sequence[asyncpg.Record]) -> bool:
+        """Whether the claim got its whole portion (so more work may be waiting)."""
+        if not rows or len(rows) >= claim.limit:
+            return bool(rows)
+        # Cut at the byte budget: the next task may not have fitted.
+        claimed = sum(len(r["payload"]) for r in rows)
+        return claimed + self._max_payload_bytes > claim.max_bytes
+
+    @staticmethod
+    def pack(rows: Sequence[asyncpg.Record]) -> list[Packed]:
+        """Claimed rows as Assignments messages of at most MESSAGE_BYTES each (estimated)."""
+        weights = [assignment_size(r["payload"], r["labels"]) for r in rows]
+        return [
+            Packed(assignments_message(convert.add_assignment_from_row, rows[i:j]), size, j - i)
+            for i, j, size in split(weights)
+        ]
+
+    @staticmethod
+    def pick_idle(
+        sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str
+    ) -> WorkerSession | None:
+        """A starving session that takes this kind of task, with one credit reserved.
+
+        For the submit hand-off; the caller gives the credit back if the task does not
+        reach the session after all.
+        """
+        for session in sessions:
+            if (
+                session.starving
+                and session.wants_work
+                and session.outbox_room > 0
+                and takes(session, tenant, queue, task_type)
+            ):
+                session.credit -= 1
+                return session
+        return None
+
+
+def assignment_size(payload: bytes, labels: object) -> int:
+    """The estimated encoded size of an Assignment (``labels`` as stored: JSON text)."""
+    return len(payload) + ASSIGNMENT_OVERHEAD + (len(labels) if isinstance(labels, str) else 0)
+
+
+def split(weights: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Consecutive groups of at most MESSAGE_BYTES (a heavier item alone): (start, end, size)."""
+    groups: list[tuple[int, int, int]] = []
+    start, size = 0, 0
+    for index, weight in enumerate(weights):
+        if index > start and size + weight > MESSAGE_BYTES:
+            groups.append((start, index, size))
+            start, size = index, 0
+        size += weight
+    if len(weights) > start:
+        groups.append((start, len(weights), size))
+    return groups
+
+
+def assignments_message(
+    add_one: Callable[[Any, T], object], items: Sequence[T]
+) -> worker_service_pb2.ConnectResponse:
+    """An Assignments message built in place (a message made apart would be copied in)."""
+    message = worker_service_pb2.ConnectResponse()
+    add = message.assignments.assignments.add
+    for item in items:
+        add_one(add, item)
+    return message

@@ -1,0 +1,260 @@
+"""Connected worker sessions: who they are, what they can take, and their outboxes.
+
+Nothing sent to one worker may wait for that worker. :meth:`WorkerSession.push` never
+blocks: it queues the message in the session's bounded outbox, or, when the outbox is
+full (the worker stopped reading), ends the session as evicted and says so. Assignments
+never overflow it, because the dispatch policy claims no more bytes than the outbox has
+room for. The stream's send loop (``worker_service.py``) takes messages out with
+:meth:`WorkerSession.next_message`; whatever is still queued when a session ends never
+reached the worker, and its assignments go back at once without using an attempt
+(:meth:`WorkerSession.take_undelivered`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from conveyor.coordinator.lifecycle.leases import LeaseKey
+from conveyor.v1 import worker_service_pb2
+
+_log = logging.getLogger("conveyor.coordinator.sessions")
+
+OUTBOX_MESSAGES = 1024
+"""Messages queued for one worker before it counts as not reading. Assignments are bounded
+by credit and bytes, acks by the worker's own messages in flight."""
+OUTBOX_BYTES = 64 << 20
+"""Assignment bytes (estimated) queued for one worker at most; the dispatch policy claims
+within what is left."""
+RECENT_EVICTIONS = 20
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """A worker the coordinator cut off, for GetClusterStatus.recent_evictions."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    reason: str
+    time: float
+    released: int
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One worker's stream: who it is, what it takes, and how much more it can take."""
+
+    session_id: str
+    worker_id: str
+    tenant: str
+    queues: tuple[str, ...]
+    task_types: tuple[str, ...]
+    """The types it has handlers for, in the order the worker named them."""
+    hostname: str = ""
+    pid: int = 0
+    credit: int = 0
+    draining: bool = False
+    # Set when the dispatcher's last claim for this session came back short: nothing was
+    # waiting for it, so a fresh submit may be handed to it directly.
+    starving: bool = False
+    # Set when the dispatcher left it out for lack of outbox room; the send loop wakes
+    # the dispatcher when room frees up.
+    throttled: bool = False
+    connect_time: float = field(default_factory=time.time)
+    closed: bool = False
+    """No more messages are accepted (the stream is ending or ended)."""
+    end_reason: str = ""
+    eviction: str = ""
+    """Why it was evicted, in a word: ``silent`` or ``not_reading`` (for metrics); empty
+    while it is not."""
+    write_stuck: bool = False
+    """A write to the worker never finished (it reads nothing): no status can follow."""
+    ended: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    """Done when something ended the session from outside its stream."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the stream handler finished with the session (its leases settled)."""
+    _outbox: collections.deque[tuple[worker_service_pb2.ConnectResponse, int, bool]] = field(
+        default_factory=collections.deque
+    )
+    _outbox_bytes: int = 0
+    _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
+    _finishing: bool = False
+    type_set: frozenset[str] = field(init=False)
+
+    @property
+    def evicted(self) -> bool:
+        return bool(self.eviction)
+
+    def __post_init__(self) -> None:
+        self.type_set = frozenset(self.task_types)
+
+    @property
+    def wants_work(self) -> bool:
+        return self.credit > 0 and not self.draining and not self.closed
+
+    @property
+    def outbox_room(self) -> int:
+        """Assignment bytes the outbox can take now."""
+        return OUTBOX_BYTES - self._outbox_bytes
+
+    def same_process(self, hostname: str, pid: int) -> bool:
+        """Whether a Hello with this identity comes from this session's worker process."""
+        return (self.hostname, self.pid) == (hostname, pid)
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def push(
+        self,
+        message: worker_service_pb2.ConnectResponse,
+        *,
+        size: int = 0,
+        assignments: bool = False,
+    ) -> bool:
+        """Queues a message for the worker without waiting; False when it will not be sent.
+
+        ``size`` is the message's weight against :data:`OUTBOX_BYTES`; ``assignments``
+        marks a message whose leases go back if it is never written.
+        """
+        if self.closed:
+            return False
+        if len(self._outbox) >= OUTBOX_MESSAGES:
+            self.end(
+                f"stopped reading its stream ({OUTBOX_MESSAGES} messages waiting)",
+                evict="not_reading",
+            )
+            return False
+        self._outbox.append((message, size, assignments))
+        self._outbox_bytes += size
+        self._has_mail.set()
+        return True
+
+    async def next_message(self) -> tuple[worker_service_pb2.ConnectResponse, int] | None:
+        """The next message to write and its size (see :meth:`sent`); None once the
+        session ended, or is finishing and everything queued was taken."""
+        while not self._outbox or self.ended.done():
+            if self._finishing or self.ended.done():
+                return None
+            self._has_mail.clear()
+            await self._has_mail.wait()
+        message, size, _ = self._outbox.popleft()
+        return message, size
+
+    def sent(self, size: int) -> None:
+        """A message taken with :meth:`next_message` was written."""
+        self._outbox_bytes -= size
+
+    @property
+    def outbox_empty(self) -> bool:
+        return not self._outbox
+
+    def take_undelivered(self) -> list[LeaseKey]:
+        """Empties the outbox (the session is over); the leases of its assignments."""
+        keys: list[LeaseKey] = []
+        while self._outbox:
+            message, size, assignments = self._outbox.popleft()
+            self._outbox_bytes -= size
+            if assignments:
+                keys.extend(self.assigned(message))
+        return keys
+
+    def assigned(self, message: worker_service_pb2.ConnectResponse) -> list[LeaseKey]:
+        """The lease keys of an Assignments message for this session."""
+        tenant, worker_id = self.tenant, self.worker_id
+        return [
+            LeaseKey(tenant, a.lease.task_id, a.lease.attempt, a.lease.epoch, worker_id)
+            for a in message.assignments.assignments
+        ]
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def finish(self, reason: str) -> None:
+        """Takes no more messages; the stream ends once those queued are written."""
+        self.closed = True
+        self.end_reason = self.end_reason or reason
+        self._finishing = True
+        self._has_mail.set()
+
+    def end(self, reason: str, *, evict: str = "") -> None:
+        """Ends the session from outside its stream; the stream handler finishes it.
+
+        ``evict`` names why the worker is evicted (``silent``, ``not_reading``); empty
+        when it is not.
+        """
+        if self.closed and self.ended.done():
+            return
+        self.closed = True
+        self.end_reason = self.end_reason or reason
+        if evict and not self.eviction:
+            self.eviction = evict
+        if evict:
+            _log.warning(
+                "evicting worker %s: %s",
+                self.worker_id,
+                reason,
+                extra={"worker_id": self.worker_id, "tenant": self.tenant},
+            )
+        if not self.ended.done():
+            self.ended.set_result(None)
+        self._has_mail.set()  # the send loop stops after the message it is writing
+
+
+class SessionRegistry:
+    """The live sessions, by session id and by (tenant, worker id), and the recent evictions.
+
+    Worker ids are per tenant: a worker of one tenant can neither take nor learn of the id
+    of another tenant's worker.
+    """
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, WorkerSession] = {}
+        self._by_worker: dict[tuple[str, str], WorkerSession] = {}
+        self.evictions: collections.deque[Eviction] = collections.deque(maxlen=RECENT_EVICTIONS)
+
+    def holder(self, tenant: str, worker_id: str) -> WorkerSession | None:
+        """The session that holds ``worker_id`` (live, or still settling after its end)."""
+        return self._by_worker.get((tenant, worker_id))
+
+    def reserve(self, session: WorkerSession) -> None:
+        """Takes the session's worker id (the caller checked :meth:`holder` first)."""
+        self._by_worker[session.tenant, session.worker_id] = session
+
+    def activate(self, session: WorkerSession) -> None:
+        """Makes the session visible to dispatch and status."""
+        if not session.closed:
+            self._by_session[session.session_id] = session
+
+    def remove(self, session: WorkerSession) -> None:
+        session.closed = True
+        self._by_session.pop(session.session_id, None)
+        if self._by_worker.get((session.tenant, session.worker_id)) is session:
+            del self._by_worker[session.tenant, session.worker_id]
+
+    def by_worker(self, tenant: str, worker_id: str) -> WorkerSession | None:
+        """The live session of the tenant's ``worker_id``."""
+        session = self._by_worker.get((tenant, worker_id))
+        return session if session is not None and not session.closed else None
+
+    def record_eviction(self, session: WorkerSession, released: int) -> None:
+        self.evictions.appendleft(
+            Eviction(
+                worker_id=session.worker_id,
+                hostname=session.hostname,
+                pid=session.pid,
+                reason=session.end_reason,
+                time=time.time(),
+                released=released,
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+    def __iter__(self) -> Iterator[WorkerSession]:
+        return iter(list(self._by_session.values()))

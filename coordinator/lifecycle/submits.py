@@ -1,0 +1,409 @@
+"""Submits: validated tasks written in group-committed transactions, idempotency included.
+
+A submit is acknowledged only after its transaction commits. Idempotency keys are scoped
+per tenant: the same key with the same request returns the first task (``deduplicated``);
+the same key with a different request fails with IDEMPOTENCY_KEY_CONFLICT and writes
+nothing. A SubmitTasks batch is one group: all of it is written, or none of it.
+
+A client-made ``request_id`` becomes the task's id, so a resend of a submit whose answer
+was lost meets its own row: the same request returns that task (``deduplicated``), another
+request with the same id fails like a key conflict. That costs nothing on the way in:
+such tasks go the fast way (hand-off, COPY) like any other, and only when the store
+refuses an id as taken is the flush done again the careful way, looking each id up.
+
+Two lanes of group commit: submits of up to ``SMALL_SUBMIT_MAX`` tasks and larger ones
+flush apart, so a lone submit never waits behind another caller's batch. The lanes may
+commit at the same moment; two submits with one idempotency key (or id) racing through
+both lanes are settled by the unique index: one is written, the other fails UNAVAILABLE,
+and its retry finds the first (deduplicated, or a conflict).
+
+If the store loses its connection while a flush commits, every caller of that flush hears
+OUTCOME_UNKNOWN (their tasks may exist). If the store refuses a flush outright, nothing
+was written, and the batcher retries its groups one by one so that only the group the
+store refuses fails (see ``batcher.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from conveyor.coordinator import convert
+from conveyor.coordinator.api import validation
+from conveyor.coordinator.api.validation import NewTask
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.dispatcher import Dispatcher
+from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
+from conveyor.coordinator.dispatch.sessions import WorkerSession
+from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
+from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.db import committing
+from conveyor.coordinator.store.tasks import NewRow
+from conveyor.coordinator.telemetry import dispatch_spans, hand_off_rows
+from conveyor.v1 import task_pb2
+
+# Batches of at least this many new tasks without idempotency keys are written with COPY.
+COPY_THRESHOLD = 64
+# Flushes of at most this many tasks may be handed straight to waiting workers.
+HAND_OFF_MAX = 16
+# Submits of at most this many tasks have their own group commit (a lane): a lone submit
+# never shares a flush with, or waits for, another caller's batch of hundreds, whose
+# encoding and COPY take tens of milliseconds (one tenant's bulk submits would otherwise
+# set every other tenant's submit latency).
+SMALL_SUBMIT_MAX = HAND_OFF_MAX
+
+
+@dataclass(frozen=True)
+class SubmitGroup:
+    """Tasks submitted by one call; written all together or not at all."""
+
+    tenant: str
+    tasks: Sequence[NewTask]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    task: task_pb2.Task
+    deduplicated: bool
+
+
+SubmitResult = list[Submitted]
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """A task a submit may turn out to repeat: its tenant, what it was made from (a stored
+    row or a submit of this flush) and its message. The fingerprint is computed only when
+    a repeat is found: hashing every payload on the way in would cost more than the rest
+    of a submit's planning."""
+
+    tenant: str
+    source: asyncpg.Record | NewTask
+    task: task_pb2.Task
+
+    def fingerprint(self) -> bytes:
+        if isinstance(self.source, NewTask):
+            return validation.request_fingerprint(self.source)
+        return _row_fingerprint(self.source)
+
+
+@dataclass
+class _Plan:
+    """What a flush found in the store, and what its groups took so far."""
+
+    keys: dict[tuple[str, str], asyncpg.Record]
+    ids: dict[str, asyncpg.Record]
+    claimed_keys: dict[tuple[str, str], _Prior]
+    claimed_ids: dict[str, _Prior]
+
+    @classmethod
+    def empty(cls) -> _Plan:
+        return cls({}, {}, {}, {})
+
+
+class Submitter:
+    """Owns the submit batcher and tells the dispatcher about new ready work after commit."""
+
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        policy: DispatchPolicy,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self._deps = deps
+        self._policy = policy
+        self._dispatcher = dispatcher
+
+        def lane() -> Batcher[SubmitGroup, SubmitResult]:
+            return Batcher(
+                "submit",
+                self._flush,
+                max_batch=deps.config.max_batch,
+                max_pending=deps.config.max_pending_operations,
+                on_flush=deps.metrics.record_flush if deps.metrics is not None else None,
+            )
+
+        self.batcher = lane()
+        self.small = lane()
+        """Submits of up to SMALL_SUBMIT_MAX tasks (``batcher`` takes the larger ones)."""
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.small.start()
+
+    async def stop(self) -> None:
+        """Flushes what is queued, then stops."""
+        await asyncio.gather(self.batcher.stop(), self.small.stop())
+
+    async def submit(self, group: SubmitGroup) -> SubmitResult:
+        """Writes the group (admitted by the tenant's quotas already: ``quotas.py``)."""
+        weight = len(group.tasks)
+        lane = self.small if weight <= SMALL_SUBMIT_MAX else self.batcher
+        return await lane.submit(group, weight=weight)
+
+    async def _flush(self, groups: Sequence[SubmitGroup]) -> list[SubmitResult | BaseException]:
+        now = datetime.now(UTC)
+        now_message = convert.timestamp(now)
+        tasks = [t for g in groups for t in g.tasks]
+        if not any(t.idempotency_key for t in tasks):
+            try:
+                return await self._flush_new(groups, now, now_message)
+            except asyncpg.UniqueViolationError:
+                # A client-made id is taken: most likely a resend of a submit an earlier
+                # send wrote. Nothing was written (one statement); do it the careful way.
+                if not any(t.task_id is not None for t in tasks):
+                    raise
+        return await self._flush_checked(groups, now, now_message)
+
+    async def _flush_new(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Nothing to look up: one statement, atomic by itself (a hand-off, COPY or INSERT)."""
+        results: list[SubmitResult | BaseException] = []
+        rows: list[NewRow] = []
+        plan = _Plan.empty()
+        for group in groups:
+            results.append(self._plan_group(group, plan, now, now_message, rows))
+        async with self._deps.db.read() as conn:
+            sessions = self._reserve_hand_off(rows)
+            if sessions:
+                await self._hand_off(conn, rows, sessions, results, now, now_message)
+            else:
+                with committing():
+                    await self._write_unkeyed(conn, rows, now)
+        self._count(rows)
+        self._announce(rows)
+        return results
+
+    async def _flush_checked(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Looks up idempotency keys and client-made ids first, in one transaction."""
+        tasks = [(g.tenant, t) for g in groups for t in g.tasks]
+        keys = sorted({(tenant, t.idempotency_key) for tenant, t in tasks if t.idempotency_key})
+        ids = sorted({t.task_id for _, t in tasks if t.task_id is not None})
+        results: list[SubmitResult | BaseException] = []
+        rows: list[NewRow] = []
+        async with self._deps.db.write() as conn:
+            plan = _Plan(*await store.find_priors(conn, keys, ids), {}, {})
+            for group in groups:
+                results.append(self._plan_group(group, plan, now, now_message, rows))
+            checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
+            inserted = await store.insert(conn, checked, now) if checked else set()
+            if len(inserted) != len(checked):
+                # Another transaction took a key or an id between our look-up and insert
+                # (only possible with two writers); fail so that clients retry cleanly.
+                raise StoreUnavailable("a concurrent submit took the same idempotency key or id")
+            await self._write_unkeyed(
+                conn,
+                [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
+                now,
+            )
+        self._count(rows)
+        self._announce(rows)
+        return results
+
+    def _announce(self, rows: list[NewRow]) -> None:
+        """Tells the dispatcher and the promoter about committed rows."""
+        events = self._deps.events
+        for tenant, queue in {(r.tenant, r.task.queue) for r in rows if r.state == store.PENDING}:
+            events.ready(tenant, queue)
+        scheduled = [r.run_at for r in rows if r.state == store.SCHEDULED]
+        if scheduled:
+            events.scheduled(min(scheduled))
+
+    def _count(self, rows: list[NewRow]) -> None:
+        """Counts the committed new tasks (deduplicated ones are not among ``rows``)."""
+        if self._deps.metrics is not None:
+            self._deps.metrics.count_submitted((r.tenant, r.task.queue, r.task.type) for r in rows)
+
+    def _reserve_hand_off(self, rows: list[NewRow]) -> list[WorkerSession]:
+        """A waiting worker for every row, credit reserved; [] unless all rows have one.
+
+        Only small flushes of tasks ready now are handed off: that is the lightly loaded
+        case, where pickup latency is what counts; under load the dispatcher's batched
+        claims are cheaper.
+        """
+        if not self._dispatcher.running:
+            return []  # not leading (or fenced)
+        if len(rows) > HAND_OFF_MAX or any(r.state != store.PENDING for r in rows):
+            return []
+        sessions: list[WorkerSession] = []
+        live = list(self._deps.sessions)
+        for row in rows:
+            session = self._policy.pick_idle(live, row.tenant, row.task.queue, row.task.type)
+            if session is None:
+                self._give_back(sessions)
+                return []
+            sessions.append(session)
+        return sessions
+
+    def _give_back(self, sessions: list[WorkerSession]) -> None:
+        for session in sessions:
+            session.credit += 1
+        if sessions:
+            self._dispatcher.wake()
+
+    async def _hand_off(
+        self,
+        conn: asyncpg.Connection,
+        rows: list[NewRow],
+        sessions: list[WorkerSession],
+        results: list[SubmitResult | BaseException],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> None:
+        """Inserts the rows leased to their sessions, then queues the assignments."""
+        fence = self._deps.office.fence()
+        started_ns = time.time_ns()
+        try:
+            with committing():
+                keys = await store.insert_leased(
+                    conn,
+                    rows,
+                    [s.worker_id for s in sessions],
+                    fence,
+                    self._deps.config.lease_duration,
+                    now,
+                )
+        except BaseException:
+            self._give_back(sessions)
+            raise
+        # The answers were planned as PENDING: they are RUNNING, in their first attempt.
+        by_id = {
+            s.task.id: s.task
+            for result in results
+            if not isinstance(result, BaseException)
+            for s in result
+        }
+        metrics, tracing = self._deps.metrics, self._deps.tracing
+        leased = hand_off_rows(rows, keys) if metrics is not None or tracing.enabled else []
+        if metrics is not None:
+            metrics.record_dispatched(leased)
+        messages: list[Packed] = []
+        for session, row, key in zip(sessions, rows, keys, strict=True):
+            message = by_id[key.task_id]
+            message.state = store.RUNNING
+            message.attempt = key.attempt
+            message.worker_id = session.worker_id
+            item = (key, row.task, now_message)
+            messages.append(
+                Packed(
+                    dispatch_policy.assignments_message(convert.add_assignment_from_new, [item]),
+                    dispatch_policy.assignment_size(row.task.payload, None),
+                    1,
+                )
+            )
+        if tracing.enabled:
+            dispatch_spans(tracing, leased, messages, started_ns)
+        for session, packed in zip(sessions, messages, strict=True):
+            await self._dispatcher.deliver(conn, session, [packed])
+
+    @staticmethod
+    async def _write_unkeyed(conn: asyncpg.Connection, rows: list[NewRow], now: datetime) -> None:
+        # COPY costs an extra round trip but half the encoding: it wins for batches and
+        # loses for the lone submit whose latency is what matters.
+        # Either fails as a whole when an id is taken (only a client-made one can be).
+        if len(rows) >= COPY_THRESHOLD:
+            await store.copy_new(conn, rows, now)
+        elif rows:
+            await store.insert_new(conn, rows, now)
+
+    @staticmethod
+    def _plan_group(
+        group: SubmitGroup,
+        plan: _Plan,
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+        rows: list[NewRow],
+    ) -> SubmitResult | ConveyorError:
+        out: SubmitResult = []
+        new_rows: list[NewRow] = []
+        new_keys: dict[tuple[str, str], _Prior] = {}
+        new_ids: dict[str, _Prior] = {}
+        for task in group.tasks:
+            key = (group.tenant, task.idempotency_key) if task.idempotency_key else None
+            if key is not None:
+                prior = new_keys.get(key) or plan.claimed_keys.get(key)
+                if prior is None and key in plan.keys:
+                    row = plan.keys[key]
+                    prior = _Prior(key[0], row, convert.task_from_row(row))
+                if prior is not None:
+                    if prior.fingerprint() != validation.request_fingerprint(task):
+                        return IdempotencyKeyConflict(key[1], prior.task.id)
+                    out.append(Submitted(prior.task, deduplicated=True))
+                    continue
+            if task.task_id is not None:
+                prior = new_ids.get(task.task_id) or plan.claimed_ids.get(task.task_id)
+                if prior is None and task.task_id in plan.ids:
+                    row = plan.ids[task.task_id]
+                    prior = _Prior(row["tenant"], row, convert.task_from_row(row))
+                if prior is not None:
+                    if prior.tenant != group.tenant or (
+                        prior.fingerprint() != validation.request_fingerprint(task)
+                    ):
+                        return IdempotencyKeyConflict.for_request_id(task.task_id)
+                    out.append(Submitted(prior.task, deduplicated=True))
+                    continue
+            task_id = task.task_id or uuid7()
+            if task.run_at is not None and task.run_at > now:
+                run_at, state = task.run_at, store.SCHEDULED
+                run_at_message = convert.timestamp(run_at)
+            else:
+                run_at, state, run_at_message = now, store.PENDING, now_message
+            message = convert.task_from_new(
+                group.tenant, task_id, task, state, run_at_message, now_message
+            )
+            new_rows.append(NewRow(group.tenant, task_id, task, state, run_at))
+            if key is not None:
+                new_keys[key] = _Prior(group.tenant, task, message)
+            if task.task_id is not None:
+                new_ids[task.task_id] = _Prior(group.tenant, task, message)
+            out.append(Submitted(message, deduplicated=False))
+        rows.extend(new_rows)
+        plan.claimed_keys.update(new_keys)
+        plan.claimed_ids.update(new_ids)
+        return out
+
+
+def _row_fingerprint(row: asyncpg.Record) -> bytes:
+    """The request fingerprint of a stored task (what validation computes for a submit)."""
+    if row["request_hash"]:
+        return bytes(row["request_hash"])
+    labels = row["labels"]
+    task = validation.NewTask(
+        queue=row["queue"],
+        type=row["type"],
+        payload=bytes(row["payload"]),
+        content_type=row["content_type"],
+        priority=row["priority"],
+        max_attempts=row["max_attempts"],
+        idempotency_key=row["idempotency_key"],
+        request_hash=b"",
+        run_at=None,
+        timeout_ms=row["timeout_ms"],
+        retry_initial_ms=row["retry_initial_ms"],
+        retry_max_ms=row["retry_max_ms"],
+        retry_multiplier=row["retry_multiplier"],
+        retry_jitter=row["retry_jitter"],
+        labels=json.loads(labels) if isinstance(labels, str) else dict(labels or {}),
+        traceparent="",
+    )
+    return validation.request_fingerprint(task)
