@@ -24,13 +24,14 @@ from conveyor.coordinator.api.tls import add_port, server_tls
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.dispatcher import Dispatcher
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.leader.election import Election, Member, parse_endpoints
 from conveyor.coordinator.leader.maintenance import Promoter, Reaper
+from conveyor.coordinator.lifecycle.leases import Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
@@ -117,8 +118,7 @@ class Coordinator:
         self.office = Office(config.cluster)
         self.office.on_fenced = self._fenced
         self.office.leader_address = self._leader_address
-        if self.telemetry.metrics is not None:
-            self.office.on_refused = self.telemetry.metrics.fenced
+        self.office.on_refused = self.telemetry.metrics.fenced
         self.sessions = SessionRegistry()
         self.watchers = TaskWatchers()
         self.deps: Deps | None = None
@@ -131,6 +131,7 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self.submitter: Submitter | None = None
         self.recorder: ResultRecorder | None = None
+        self.leases: Leases | None = None
         self.backlog: BacklogCounter | None = None
         self.quotas: Quotas | None = None
         self.directory: Directory | None = None
@@ -254,15 +255,15 @@ class Coordinator:
             office=self.office,
             sessions=self.sessions,
             watchers=self.watchers,
-            events=Events(),
             metrics=self.telemetry.metrics,
             tracing=self.telemetry.tracing,
         )
-        self.telemetry.watch(deps.db, self.sessions)
+        self.telemetry.watch(deps.db, self.sessions, deps.after_commit)
         policy = DispatchPolicy(
             lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
         )
-        self.dispatcher = Dispatcher(deps, policy)
+        self.leases = Leases(deps)
+        self.dispatcher = Dispatcher(deps, policy, self.leases)
         self.backlog = BacklogCounter(deps)
         self.quotas = quotas = Quotas(cfg, self.directory, self.backlog)
         self.schedule_firer = ScheduleFirer(deps)
@@ -273,10 +274,12 @@ class Coordinator:
             self.schedule_firer,
             self.backlog,
         ]
-        self.submitter = Submitter(deps, policy=policy, dispatcher=self.dispatcher)
+        self.submitter = Submitter(deps, hand_off=self.dispatcher)
         self.recorder = ResultRecorder(deps)
-        self._worker_servicer = WorkerServicer(deps, self.dispatcher, self.recorder)
-        schedules = ScheduleService(deps, now=self.schedule_firer.now, quotas=quotas)
+        self._worker_servicer = WorkerServicer(deps, self.dispatcher, self.recorder, self.leases)
+        schedules = ScheduleService(
+            deps, now=self.schedule_firer.now, changed=self.schedule_firer.wake, quotas=quotas
+        )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(deps, self.submitter, schedules, quotas=quotas), server
         )
@@ -298,6 +301,7 @@ class Coordinator:
 
         self.submitter.start()
         self.recorder.start()
+        self.leases.start()
         await server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
@@ -318,7 +322,7 @@ class Coordinator:
                 ttl=cfg.election_ttl,
                 on_elected=self._elected,
                 on_deposed=self._deposed,
-                on_session=self.telemetry.etcd_session,
+                on_session=self.telemetry.metrics.etcd_session_changed,
             )
             self._election.start()
             _log.info(
@@ -357,7 +361,7 @@ class Coordinator:
             await self._stop_services()
             self.office.epoch = epoch
             self.office.leader = True
-            self.telemetry.took_office(epoch)
+            self.telemetry.metrics.took_office(epoch)
             # The services' tasks copy this context: their log lines carry the epoch.
             with log_context(epoch=epoch):
                 for service in self.services:
@@ -376,7 +380,7 @@ class Coordinator:
             if not self.leader:
                 return
             self.office.leader = False
-            self.telemetry.left_office()
+            self.telemetry.metrics.left_office()
             _log.warning("coordinator %s no longer leads: %s", self.node_id, reason)
             self._redirect_workers()
             await self._stop_services()
@@ -418,7 +422,7 @@ class Coordinator:
         _log.error("%s; this coordinator steps down and stops dispatching", exc)
         # Stop dispatching before anything else runs; the rest of leaving office follows.
         self.office.leader = False
-        self.telemetry.left_office()
+        self.telemetry.metrics.left_office()
         task = asyncio.get_running_loop().create_task(self._leave_fenced())
         self.leader_changes.add(task)
         task.add_done_callback(self.leader_changes.discard)
@@ -447,7 +451,7 @@ class Coordinator:
             # Workers leave on their own (after their pending acknowledgements), instead
             # of holding the server's grace period and being cut.
             self.office.leader = False
-            self.telemetry.left_office()
+            self.telemetry.metrics.left_office()
             self._redirect_workers()
         await asyncio.gather(*self.leader_changes, return_exceptions=True)
         await self._server.stop(grace)
@@ -457,6 +461,8 @@ class Coordinator:
             await self.submitter.stop()
         if self.recorder is not None:
             await self.recorder.stop()
+        if self.leases is not None:
+            await self.leases.stop()
         if self.audit is not None:
             await self.audit.stop()
         if self.directory is not None:

@@ -47,11 +47,20 @@ def _first(spec_tick: datetime | None, end: datetime | None) -> datetime | None:
 
 
 class ScheduleService:
-    """The schedule methods; ``now`` is the firer's clock (for first ticks)."""
+    """The schedule methods; ``now`` is the firer's clock (for first ticks), ``changed``
+    wakes the firer (a schedule was created, changed or resumed)."""
 
-    def __init__(self, deps: Deps, *, now: Callable[[], datetime], quotas: Quotas) -> None:
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        now: Callable[[], datetime],
+        changed: Callable[[], None],
+        quotas: Quotas,
+    ) -> None:
         self._deps = deps
         self._now = now
+        self._changed = changed
         self._quotas = quotas
 
     def _write(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
@@ -77,7 +86,7 @@ class ScheduleService:
             )
         if row is None:
             raise ScheduleAlreadyExists(valid.row.name)
-        self._deps.events.schedules_changed()
+        self._changed()
         return schedule_pb2.CreateScheduleResponse(schedule=await self._message(tenant, row))
 
     async def get(
@@ -133,7 +142,7 @@ class ScheduleService:
             row = await store.update(
                 conn, current["id"], valid.row, restart=restart, next_fire_time=first, now=now
             )
-        self._deps.events.schedules_changed()
+        self._changed()
         return schedule_pb2.UpdateScheduleResponse(schedule=await self._message(tenant, row))
 
     async def delete(
@@ -169,7 +178,7 @@ class ScheduleService:
                 spec = compile_cron(row["cron"], row["time_zone"])
                 first = _first(first_tick(spec, now, row["start_time"]), row["end_time"])
                 row = await store.resume(conn, tenant, row["id"], first, now)
-        self._deps.events.schedules_changed()
+        self._changed()
         return schedule_pb2.ResumeScheduleResponse(schedule=await self._message(tenant, row))
 
     async def _message(self, tenant: str, row: asyncpg.Record) -> schedule_pb2.Schedule:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -22,17 +24,16 @@ from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
-from conveyor.coordinator.lifecycle.leases import LeaseKey, to_proto
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.db import committing
+from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.v1 import (
     schedule_pb2,
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
-    worker_service_pb2,
 )
 
 # A watcher re-reads its task this often even without a wake-up, as a safety net.
@@ -40,6 +41,8 @@ WATCH_REFRESH = 2.0
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
 
 Context = grpc.aio.ServicerContext[Any, Any]
+TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
+"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition or None."""
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
@@ -175,57 +178,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: task_service_pb2.CancelTaskRequest, context_: Context
     ) -> task_service_pb2.CancelTaskResponse:
-        task_id = validation.validate_task_id(request.id)
-        tenant = context.current().tenant
-        async with self._deps.db.read() as conn:
-            with committing():
-                previous = await store.cancel(conn, tenant, task_id, self._deps.office.fence())
-            row = await store.get(conn, tenant, task_id)
-        if row is None:
-            raise TaskNotFound(request.id)
-        if previous is None and row["state"] != store.CANCELLED:
-            raise InvalidState(request.id, task_pb2.TaskState.Name(row["state"]), "cancel")
-        if previous is not None:
-            self._deps.watchers.changed([task_id])
-            if self._deps.metrics is not None:
-                self._deps.metrics.record_cancelled([row])
-            if previous["state"] == store.RUNNING and previous["worker_id"]:
-                self._push_cancel(previous)
+        row = await self._transition(
+            request.id, "cancel", store.cancel, Cause.CANCELLED, done=store.CANCELLED
+        )
         return task_service_pb2.CancelTaskResponse(task=convert.task_from_row(row))
-
-    def _push_cancel(self, previous: asyncpg.Record) -> None:
-        session = self._deps.sessions.by_worker(previous["tenant"], previous["worker_id"])
-        if session is None:
-            return  # the worker is gone; its result will be refused when it returns
-        key = LeaseKey(
-            previous["tenant"],
-            previous["id"],
-            previous["attempt"],
-            previous["lease_epoch"],
-            previous["worker_id"],
-        )
-        session.push(
-            worker_service_pb2.ConnectResponse(
-                cancel_tasks=worker_service_pb2.CancelTasks(leases=[to_proto(key)])
-            )
-        )
 
     async def RetryTask(
         self, request: task_service_pb2.RetryTaskRequest, context_: Context
     ) -> task_service_pb2.RetryTaskResponse:
-        task_id = validation.validate_task_id(request.id)
-        tenant = context.current().tenant
-        async with self._deps.db.read() as conn:
-            with committing():
-                row = await store.redrive(conn, tenant, task_id, self._deps.office.fence())
-            if row is None:
-                current = await store.get(conn, tenant, task_id)
-                if current is None:
-                    raise TaskNotFound(request.id)
-                raise InvalidState(request.id, task_pb2.TaskState.Name(current["state"]), "retry")
-        self._deps.watchers.changed([task_id])
-        self._deps.events.ready(tenant, row["queue"])
+        row = await self._transition(request.id, "retry", store.redrive, Cause.REDRIVEN)
         return task_service_pb2.RetryTaskResponse(task=convert.task_from_row(row))
+
+    async def _transition(
+        self, request_id: str, action: str, write: TaskWrite, cause: Cause, *, done: int = -1
+    ) -> asyncpg.Record:
+        """One task's fenced transition, then the task as it is after it (read in the same
+        transaction): NOT_FOUND when there is no such task, INVALID_STATE when the write
+        changed nothing, unless the task is in ``done`` already (a repeated cancel)."""
+        task_id = validation.validate_task_id(request_id)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            changed = await write(conn, tenant, task_id, self._deps.office.fence())
+            row = await store.get(conn, tenant, task_id)
+        if row is None:
+            raise TaskNotFound(request_id)
+        if changed is None and row["state"] != done:
+            raise InvalidState(request_id, task_pb2.TaskState.Name(row["state"]), action)
+        if changed is not None:
+            self._deps.after_commit.publish(cause, [changed])
+        return row
 
     # -- schedules (ScheduleService's) -------------------------------------------------------
 

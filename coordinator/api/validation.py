@@ -24,8 +24,10 @@ from typing import Any
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
-from conveyor.coordinator.lifecycle.leases import PROTOCOL_VERSION
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
+
+PROTOCOL_VERSION = 1
+"""The worker protocol version this coordinator speaks (``Hello.protocol_version``)."""
 
 MAX_NAME_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256

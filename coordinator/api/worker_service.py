@@ -41,16 +41,13 @@ from conveyor.coordinator.api import validation
 from conveyor.coordinator.api.interceptors.chain import Undecodable
 from conveyor.coordinator.api.validation import MAX_CREDIT, ValidHello
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch.dispatcher import Dispatcher, release_undelivered
+from conveyor.coordinator.dispatch.dispatcher import Dispatcher
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.errors import Overloaded, ProtocolViolation, WorkerIdInUse
-from conveyor.coordinator.leader.maintenance import announce
 from conveyor.coordinator.lifecycle import leases, results
 from conveyor.coordinator.lifecycle.batcher import Batcher
-from conveyor.coordinator.lifecycle.leases import LeaseKey, to_proto
-from conveyor.coordinator.lifecycle.results import Mapped, ResultRecorder
-from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.tasks import Release
+from conveyor.coordinator.lifecycle.leases import Leases, Mapped
+from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.observability.logs import log_context
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
 
@@ -82,10 +79,13 @@ class _PendingAcks:
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, deps: Deps, dispatcher: Dispatcher, recorder: ResultRecorder) -> None:
+    def __init__(
+        self, deps: Deps, dispatcher: Dispatcher, recorder: ResultRecorder, leases: Leases
+    ) -> None:
         self._deps = deps
         self._dispatcher = dispatcher
         self._recorder = recorder
+        self._leases = leases
         self._settling: set[asyncio.Task[None]] = set()
 
     # The generated base class expects a generator; writing through the context instead
@@ -115,12 +115,11 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         await self._take_worker_id(session)
         failure: Exception | None = None
         try:
-            lost = await self._resume(session, hello.in_flight)
+            lost = await self._leases.resume(session.tenant, session.worker_id, hello.in_flight)
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
-            if self._deps.metrics is not None:
-                self._deps.metrics.worker_connected(session.tenant)
+            self._deps.metrics.worker_connected(session.tenant)
             if not self._deps.office.leader:
                 # Left office while this stream was opening (step_down missed it).
                 self._redirect(session)
@@ -184,8 +183,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     self._deps.config.worker_liveness_timeout,
                 )
             holder.end("replaced by a new stream from the same worker process")
-            if self._deps.metrics is not None:
-                self._deps.metrics.worker_evicted("replaced")
+            self._deps.metrics.worker_evicted("replaced")
             try:
                 async with asyncio.timeout(RETIRE_TIMEOUT):
                     await holder.done.wait()
@@ -193,39 +191,6 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 _log.warning("worker %s: the old session did not settle in time", holder.worker_id)
                 registry.remove(holder)
         registry.reserve(session)
-
-    async def _resume(
-        self, session: WorkerSession, in_flight: Sequence[worker_service_pb2.Lease]
-    ) -> list[worker_service_pb2.Lease]:
-        """Keeps the leases of tasks the worker still holds; returns those it lost."""
-        keys: list[LeaseKey] = []
-        lost: list[worker_service_pb2.Lease] = []
-        for lease in in_flight:
-            key = leases.parse(session.tenant, session.worker_id, lease)
-            if key is None:
-                lost.append(lease)
-            else:
-                keys.append(key)
-        deps = self._deps
-        fence = deps.office.fence()
-        async with deps.db.write(fence) as conn:
-            renewed = (
-                await store.renew_leases(conn, keys, deps.config.lease_duration, fence)
-                if keys
-                else set()
-            )
-            released = await store.release_abandoned(
-                conn, session.tenant, session.worker_id, [k for k in keys if k in renewed], fence
-            )
-        lost.extend(to_proto(k) for k in keys if k not in renewed)
-        if released:
-            _log.info(
-                "took back %d tasks worker %s never received", len(released), session.worker_id
-            )
-            announce(deps, released)
-            if deps.metrics is not None:
-                deps.metrics.record_requeued(released)
-        return lost
 
     def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
         cfg = self._deps.config
@@ -316,8 +281,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
                 wire_leases = message.heartbeat.leases
-                mapped, keys = results.map_leases(tenant, worker_id, wire_leases)
-                future = await _enqueue(self._recorder.renewals, keys) if keys else None
+                mapped, keys = leases.map_leases(tenant, worker_id, wire_leases)
+                future = await _enqueue(self._leases.renewals, keys) if keys else None
                 await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
             elif kind == "credit":
                 credits = message.credit.credits
@@ -394,21 +359,13 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         released = 0
         try:
             if undelivered or session.evicted:
-                async with deps.db.read() as conn:
+                async with deps.db.autocommit() as conn:
                     if undelivered:
-                        await release_undelivered(deps, conn, undelivered)
+                        await self._leases.release_undelivered(conn, undelivered)
                     if session.evicted:
-                        reason = session.end_reason.replace("%", "%%")
-                        how = Release(
-                            store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason}"
+                        released = await self._leases.release_evicted(
+                            conn, session.tenant, session.worker_id, session.end_reason
                         )
-                        rows = await store.release_worker(
-                            conn, session.tenant, session.worker_id, how, deps.office.fence()
-                        )
-                        released = len(rows)
-                        announce(deps, rows)
-                        if deps.metrics is not None:
-                            deps.metrics.record_lease_expired(rows)
         except Exception as exc:
             # Store down or fenced: the leases come back when they expire or when the
             # worker reconnects.
@@ -418,8 +375,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         finally:
             if session.evicted:
                 deps.sessions.record_eviction(session, released + len(undelivered))
-                if deps.metrics is not None:
-                    deps.metrics.worker_evicted(session.eviction)
+                deps.metrics.worker_evicted(session.eviction)
             session.done.set()
             _log.info(
                 "worker %s disconnected%s",

@@ -12,9 +12,10 @@ extend without touching the stream code:
   so no worker is starved, and how much each may get: its credit, at most
   ``MAX_CLAIM_PER_SESSION`` tasks and ``MAX_CLAIM_BYTES`` of payload, and no more than its
   outbox has room for.
-- :meth:`DispatchPolicy.claim`: the claim query. Per queue the head of the ready index
-  in dispatch order (priority, then age: ids are time-ordered), then the best of those
-  heads, cut at the byte budget; leased in the same statement, fenced.
+- :meth:`DispatchPolicy.claim`: one session's claim (``store.tasks.claim``: per queue the
+  head of the ready index in dispatch order, priority then age since ids are
+  time-ordered, then the best of those heads, cut at the byte budget; leased in the same
+  statement, fenced).
 - :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
@@ -32,8 +33,8 @@ import asyncpg
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.dispatch.sessions import WorkerSession
-from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns
-from conveyor.coordinator.store.tasks import ASSIGNMENT_COLUMNS, PENDING, RUNNING
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
 
 T = TypeVar("T")
@@ -82,51 +83,6 @@ class Packed:
     count: int
 
 
-_CLAIM = Query(
-    "claim_tasks",
-    f"""
-    WITH heads AS (
-        -- Per queue, the head of the ready index in dispatch order; then the best of
-        -- those heads. Written so that the index gives the order whatever the planner's
-        -- (always stale, on a queue table) statistics say.
-        SELECT head.id, head.priority, head.size FROM unnest(:queues::text[]) AS q(name)
-        CROSS JOIN LATERAL (
-            SELECT id, priority, octet_length(payload) AS size FROM tasks
-            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
-              AND type = ANY(:types::text[])
-            ORDER BY priority DESC, id
-            LIMIT :limit
-            FOR UPDATE SKIP LOCKED
-        ) AS head
-        WHERE {FENCE}
-        ORDER BY head.priority DESC, head.id
-        LIMIT :limit
-    ), picked AS (
-        -- Cut at the byte budget, keeping the first task whatever its size.
-        SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
-        ) ahead
-        WHERE before < :max_bytes
-    ), leased AS (
-        UPDATE tasks t
-        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_epoch = :lease_epoch, lease_start_time = now(),
-            lease_expire_time = now() + make_interval(secs => :lease_seconds),
-            update_time = now()
-        FROM picked WHERE t.id = picked.id
-        RETURNING {columns(ASSIGNMENT_COLUMNS, "t")}, t.tenant,
-            -- For metrics: ready (run_at) to leased, and submit to the first lease of a
-            -- task submitted ready to run.
-            greatest(0, extract(epoch FROM now() - t.run_at))::float8 AS queue_wait_seconds,
-            CASE WHEN t.attempt = 1 AND t.run_at <= t.create_time
-                THEN greatest(0, extract(epoch FROM now() - t.create_time))::float8
-            END AS pickup_seconds
-    )
-    SELECT * FROM leased ORDER BY priority DESC, id
-    """,
-)
-
-
 class DispatchPolicy:
     """See the module docstring."""
 
@@ -152,17 +108,17 @@ class DispatchPolicy:
     async def claim(
         self, conn: asyncpg.Connection, claim: Claim, fence: Fence
     ) -> list[asyncpg.Record]:
-        """Leases up to the claim's portion of ready tasks to its session (fenced)."""
+        """Leases up to the claim's portion of ready tasks to its session (fenced): the
+        claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
-        return await _CLAIM.fetch(
+        return await store.claim(
             conn,
             tenant=session.tenant,
-            queues=list(session.queues),
-            types=list(session.task_types),
+            queues=session.queues,
+            types=session.task_types,
             limit=claim.limit,
             max_bytes=claim.max_bytes,
             worker_id=session.worker_id,
-            lease_epoch=fence.epoch,
             lease_seconds=self._lease_seconds,
             fence=fence,
         )

@@ -19,8 +19,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from conveyor.coordinator.lifecycle.leases import LeaseKey
-from conveyor.v1 import worker_service_pb2
+from conveyor.coordinator.lifecycle.leases import LeaseKey, lease_proto
+from conveyor.coordinator.lifecycle.transitions import (
+    ATTEMPT,
+    ID,
+    LEASE_EPOCH,
+    RUNNING,
+    TENANT,
+    WORKER_ID,
+    Transitions,
+)
+from conveyor.v1 import task_pb2, worker_service_pb2
 
 _log = logging.getLogger("conveyor.coordinator.sessions")
 
@@ -31,6 +40,7 @@ OUTBOX_BYTES = 64 << 20
 """Assignment bytes (estimated) queued for one worker at most; the dispatch policy claims
 within what is left."""
 RECENT_EVICTIONS = 20
+CANCELLED = task_pb2.TASK_STATE_CANCELLED
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,21 @@ class SessionRegistry:
         """The live session of the tenant's ``worker_id``."""
         session = self._by_worker.get((tenant, worker_id))
         return session if session is not None and not session.closed else None
+
+    def on_transitions(self, batch: Transitions) -> None:
+        """Tells a worker to stop an attempt it runs that was cancelled (CancelTasks). A
+        worker gone meanwhile finds out when its result is refused."""
+        if not batch.entered(CANCELLED):
+            return
+        for row in batch.left(RUNNING):
+            session = self.by_worker(row[TENANT], row[WORKER_ID]) if row[WORKER_ID] else None
+            if session is not None:
+                lease = lease_proto(row[ID], row[ATTEMPT], row[LEASE_EPOCH])
+                session.push(
+                    worker_service_pb2.ConnectResponse(
+                        cancel_tasks=worker_service_pb2.CancelTasks(leases=[lease])
+                    )
+                )
 
     def record_eviction(self, session: WorkerSession, released: int) -> None:
         self.evictions.appendleft(

@@ -6,12 +6,10 @@ Both are supervised services (``supervisor.py``) and act for all tenants.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import asyncpg
-
 from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.lifecycle.transitions import SCHEDULED, Cause, Transitions
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
 
@@ -23,15 +21,6 @@ SWEEP_LIMIT = 5000
 MAX_PROMOTER_SLEEP = 1.0
 
 
-def announce(deps: Deps, rows: Sequence[asyncpg.Record]) -> None:
-    """Tells watchers and the dispatcher about tasks that became ready (or changed)."""
-    if not rows:
-        return
-    deps.watchers.changed(r["id"] for r in rows)
-    for tenant, queue in {(r["tenant"], r["queue"]) for r in rows}:
-        deps.events.ready(tenant, queue)
-
-
 class Promoter(Service):
     """Makes SCHEDULED tasks PENDING when their run_at comes."""
 
@@ -40,19 +29,20 @@ class Promoter(Service):
     def __init__(self, deps: Deps) -> None:
         super().__init__(deps)
         self._next_due: datetime | None = None
-        deps.events.on_scheduled(self._scheduled)
+        deps.after_commit.listen(self._on_transitions)
 
-    def _scheduled(self, run_at: datetime) -> None:
-        if self._next_due is None or run_at < self._next_due:
+    def _on_transitions(self, batch: Transitions) -> None:
+        run_at = batch.earliest_run_at(SCHEDULED)
+        if run_at is not None and (self._next_due is None or run_at < self._next_due):
             self._next_due = run_at
             self.wake()
 
     async def step(self) -> float:
         """Promotes due tasks; returns seconds until the next one is due (capped)."""
-        async with self.deps.db.read() as conn:
+        async with self.deps.db.autocommit() as conn:
             rows = await store.promote_due(conn, SWEEP_LIMIT, self.deps.office.fence())
             next_due = await store.next_run_at(conn)
-        announce(self.deps, rows)
+        self.deps.after_commit.publish(Cause.PROMOTED, rows)
         self._next_due = next_due
         if len(rows) == SWEEP_LIMIT:
             return 0.0
@@ -72,12 +62,10 @@ class Reaper(Service):
         self.reaped = 0
 
     async def step(self) -> float:
-        async with self.deps.db.read() as conn:
+        async with self.deps.db.autocommit() as conn:
             rows = await store.reap_expired(conn, SWEEP_LIMIT, self.deps.office.fence())
         if rows:
             self.reaped += len(rows)
             _log.info("took back %d expired leases", len(rows))
-            if self.deps.metrics is not None:
-                self.deps.metrics.record_lease_expired(rows)
-        announce(self.deps, rows)
+        self.deps.after_commit.publish(Cause.EXPIRED, rows)
         return 0.0 if len(rows) == SWEEP_LIMIT else self.deps.config.reaper_interval

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import asyncpg
 from google.protobuf import timestamp_pb2
@@ -39,28 +39,40 @@ from conveyor.coordinator import convert
 from conveyor.coordinator.api import validation
 from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.dispatch.dispatcher import Dispatcher
-from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
-from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.lifecycle.leases import LeaseKey
+from conveyor.coordinator.lifecycle.transitions import Cause, Row
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow
-from conveyor.coordinator.telemetry import dispatch_spans, hand_off_rows
 from conveyor.v1 import task_pb2
 
 # Batches of at least this many new tasks without idempotency keys are written with COPY.
 COPY_THRESHOLD = 64
-# Flushes of at most this many tasks may be handed straight to waiting workers.
-HAND_OFF_MAX = 16
 # Submits of at most this many tasks have their own group commit (a lane): a lone submit
 # never shares a flush with, or waits for, another caller's batch of hundreds, whose
 # encoding and COPY take tens of milliseconds (one tenant's bulk submits would otherwise
-# set every other tenant's submit latency).
-SMALL_SUBMIT_MAX = HAND_OFF_MAX
+# set every other tenant's submit latency). As many as a hand-off may take.
+SMALL_SUBMIT_MAX = 16
+
+
+class HandOff(Protocol):
+    """Where a fresh submit can lease at once (the dispatcher's hand-off)."""
+
+    def reserve(self, rows: Sequence[NewRow]) -> Sequence[Any]:
+        """A waiting worker for every row, reserved; empty when not all rows have one."""
+
+    async def hand_off(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[NewRow],
+        reserved: Sequence[Any],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[LeaseKey]:
+        """Inserts the rows leased to the reserved workers; their leases, in row order."""
 
 
 @dataclass(frozen=True)
@@ -112,18 +124,11 @@ class _Plan:
 
 
 class Submitter:
-    """Owns the submit batcher and tells the dispatcher about new ready work after commit."""
+    """Owns the submit batchers; what it commits takes the after-commit path."""
 
-    def __init__(
-        self,
-        deps: Deps,
-        *,
-        policy: DispatchPolicy,
-        dispatcher: Dispatcher,
-    ) -> None:
+    def __init__(self, deps: Deps, *, hand_off: HandOff) -> None:
         self._deps = deps
-        self._policy = policy
-        self._dispatcher = dispatcher
+        self._hand_off = hand_off
 
         def lane() -> Batcher[SubmitGroup, SubmitResult]:
             return Batcher(
@@ -131,7 +136,7 @@ class Submitter:
                 self._flush,
                 max_batch=deps.config.max_batch,
                 max_pending=deps.config.max_pending_operations,
-                on_flush=deps.metrics.record_flush if deps.metrics is not None else None,
+                on_flush=deps.metrics.record_flush,
             )
 
         self.batcher = lane()
@@ -178,15 +183,15 @@ class Submitter:
         plan = _Plan.empty()
         for group in groups:
             results.append(self._plan_group(group, plan, now, now_message, rows))
-        async with self._deps.db.read() as conn:
-            sessions = self._reserve_hand_off(rows)
-            if sessions:
-                await self._hand_off(conn, rows, sessions, results, now, now_message)
-            else:
-                with committing():
-                    await self._write_unkeyed(conn, rows, now)
-        self._count(rows)
-        self._announce(rows)
+        async with self._deps.db.autocommit() as conn:
+            reserved = self._hand_off.reserve(rows)
+            if reserved:
+                keys = await self._hand_off.hand_off(conn, rows, reserved, now, now_message)
+                _leased(results, keys)
+                return results  # the hand-off published its transitions
+            with committing():
+                written = await self._write_unkeyed(conn, rows, now)
+        self._deps.after_commit.publish(Cause.SUBMITTED, written)
         return results
 
     async def _flush_checked(
@@ -206,125 +211,32 @@ class Submitter:
             for group in groups:
                 results.append(self._plan_group(group, plan, now, now_message, rows))
             checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
-            inserted = await store.insert(conn, checked, now) if checked else set()
+            inserted = await store.insert(conn, checked, now) if checked else []
             if len(inserted) != len(checked):
                 # Another transaction took a key or an id between our look-up and insert
                 # (only possible with two writers); fail so that clients retry cleanly.
                 raise StoreUnavailable("a concurrent submit took the same idempotency key or id")
-            await self._write_unkeyed(
+            unkeyed = await self._write_unkeyed(
                 conn,
                 [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
                 now,
             )
-        self._count(rows)
-        self._announce(rows)
+        self._deps.after_commit.publish(Cause.SUBMITTED, [*inserted, *unkeyed])
         return results
 
-    def _announce(self, rows: list[NewRow]) -> None:
-        """Tells the dispatcher and the promoter about committed rows."""
-        events = self._deps.events
-        for tenant, queue in {(r.tenant, r.task.queue) for r in rows if r.state == store.PENDING}:
-            events.ready(tenant, queue)
-        scheduled = [r.run_at for r in rows if r.state == store.SCHEDULED]
-        if scheduled:
-            events.scheduled(min(scheduled))
-
-    def _count(self, rows: list[NewRow]) -> None:
-        """Counts the committed new tasks (deduplicated ones are not among ``rows``)."""
-        if self._deps.metrics is not None:
-            self._deps.metrics.count_submitted((r.tenant, r.task.queue, r.task.type) for r in rows)
-
-    def _reserve_hand_off(self, rows: list[NewRow]) -> list[WorkerSession]:
-        """A waiting worker for every row, credit reserved; [] unless all rows have one.
-
-        Only small flushes of tasks ready now are handed off: that is the lightly loaded
-        case, where pickup latency is what counts; under load the dispatcher's batched
-        claims are cheaper.
-        """
-        if not self._dispatcher.running:
-            return []  # not leading (or fenced)
-        if len(rows) > HAND_OFF_MAX or any(r.state != store.PENDING for r in rows):
-            return []
-        sessions: list[WorkerSession] = []
-        live = list(self._deps.sessions)
-        for row in rows:
-            session = self._policy.pick_idle(live, row.tenant, row.task.queue, row.task.type)
-            if session is None:
-                self._give_back(sessions)
-                return []
-            sessions.append(session)
-        return sessions
-
-    def _give_back(self, sessions: list[WorkerSession]) -> None:
-        for session in sessions:
-            session.credit += 1
-        if sessions:
-            self._dispatcher.wake()
-
-    async def _hand_off(
-        self,
-        conn: asyncpg.Connection,
-        rows: list[NewRow],
-        sessions: list[WorkerSession],
-        results: list[SubmitResult | BaseException],
-        now: datetime,
-        now_message: timestamp_pb2.Timestamp,
-    ) -> None:
-        """Inserts the rows leased to their sessions, then queues the assignments."""
-        fence = self._deps.office.fence()
-        started_ns = time.time_ns()
-        try:
-            with committing():
-                keys = await store.insert_leased(
-                    conn,
-                    rows,
-                    [s.worker_id for s in sessions],
-                    fence,
-                    self._deps.config.lease_duration,
-                    now,
-                )
-        except BaseException:
-            self._give_back(sessions)
-            raise
-        # The answers were planned as PENDING: they are RUNNING, in their first attempt.
-        by_id = {
-            s.task.id: s.task
-            for result in results
-            if not isinstance(result, BaseException)
-            for s in result
-        }
-        metrics, tracing = self._deps.metrics, self._deps.tracing
-        leased = hand_off_rows(rows, keys) if metrics is not None or tracing.enabled else []
-        if metrics is not None:
-            metrics.record_dispatched(leased)
-        messages: list[Packed] = []
-        for session, row, key in zip(sessions, rows, keys, strict=True):
-            message = by_id[key.task_id]
-            message.state = store.RUNNING
-            message.attempt = key.attempt
-            message.worker_id = session.worker_id
-            item = (key, row.task, now_message)
-            messages.append(
-                Packed(
-                    dispatch_policy.assignments_message(convert.add_assignment_from_new, [item]),
-                    dispatch_policy.assignment_size(row.task.payload, None),
-                    1,
-                )
-            )
-        if tracing.enabled:
-            dispatch_spans(tracing, leased, messages, started_ns)
-        for session, packed in zip(sessions, messages, strict=True):
-            await self._dispatcher.deliver(conn, session, [packed])
-
     @staticmethod
-    async def _write_unkeyed(conn: asyncpg.Connection, rows: list[NewRow], now: datetime) -> None:
+    async def _write_unkeyed(
+        conn: asyncpg.Connection, rows: list[NewRow], now: datetime
+    ) -> Sequence[Row]:
+        """Writes rows without keys; returns their transitions."""
         # COPY costs an extra round trip but half the encoding: it wins for batches and
         # loses for the lone submit whose latency is what matters.
         # Either fails as a whole when an id is taken (only a client-made one can be).
-        if len(rows) >= COPY_THRESHOLD:
-            await store.copy_new(conn, rows, now)
-        elif rows:
-            await store.insert_new(conn, rows, now)
+        if len(rows) >= COPY_THRESHOLD and store.COPY_USABLE:
+            return await store.copy_new(conn, rows, now)
+        if rows:
+            return await store.insert_new(conn, rows, now)
+        return []
 
     @staticmethod
     def _plan_group(
@@ -381,6 +293,21 @@ class Submitter:
         plan.claimed_keys.update(new_keys)
         plan.claimed_ids.update(new_ids)
         return out
+
+
+def _leased(results: Sequence[SubmitResult | BaseException], keys: Sequence[LeaseKey]) -> None:
+    """The answers of handed-off tasks, planned as PENDING: RUNNING, in their first attempt."""
+    by_id = {
+        s.task.id: s.task
+        for result in results
+        if not isinstance(result, BaseException)
+        for s in result
+    }
+    for key in keys:
+        message = by_id[key.task_id]
+        message.state = store.RUNNING
+        message.attempt = key.attempt
+        message.worker_id = key.worker_id
 
 
 def _row_fingerprint(row: asyncpg.Record) -> bytes:

@@ -1,8 +1,9 @@
 """Wakes WatchTask streams when the tasks they watch change state.
 
-Writers call ``changed(ids)`` after commit; it costs one dict lookup per id, and nothing when
-no one watches. A watcher re-reads its task from the store when woken, so a missed or
-coalesced wake-up loses nothing (watchers also re-read on a slow timer).
+An after-commit listener (``transitions.py``): every committed batch of transitions costs
+one dict lookup per task, and nothing when no one watches. A watcher re-reads its task
+from the store when woken, so a missed or coalesced wake-up loses nothing (watchers also
+re-read on a slow timer).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+from conveyor.coordinator.lifecycle.transitions import Transitions
 
 
 class TaskWatchers:
@@ -31,6 +34,10 @@ class TaskWatchers:
                 watchers.discard(event)
                 if not watchers:
                     del self._events[key]
+
+    def on_transitions(self, batch: Transitions) -> None:
+        if self._events:
+            self.changed(batch.ids())
 
     def changed(self, task_ids: Iterable[uuid.UUID | str]) -> None:
         """Wakes the watchers of these tasks (ids as UUIDs or canonical lowercase text)."""

@@ -45,6 +45,7 @@ import asyncpg
 from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
 from conveyor.coordinator.schedules.cron import (
     OVERLAP_ALLOW,
     CronSpec,
@@ -155,7 +156,6 @@ class ScheduleFirer(Service):
         self.started: datetime | None = None
         self.fired = 0
         """Tasks submitted since start (for tests and metrics)."""
-        deps.events.on_schedules_changed(self.wake)
 
     @property
     def missed_before(self) -> datetime:
@@ -211,6 +211,7 @@ class ScheduleFirer(Service):
         more = True
         while more:
             firings: list[_Firing] = []
+            inserted: list[Row] = []
             async with self.deps.db.write(self.deps.office.fence()) as conn:
                 target: datetime | None = None
                 while more:
@@ -218,7 +219,7 @@ class ScheduleFirer(Service):
                     more = len(rows) == self.batch_size
                     if not rows:
                         break
-                    fired = await self._fire(conn, rows, now, horizon)
+                    fired = await self._fire(conn, rows, now, horizon, inserted)
                     firings += fired
                     if fired:
                         latest = max(f.tick for f in fired)
@@ -228,7 +229,7 @@ class ScheduleFirer(Service):
                 self._prepared = max(self._prepared, time.monotonic() - started)
                 if target is not None:
                     await self._sleep_until(target)
-            self._announce(firings)
+            self._announce(firings, inserted)
 
     async def _sleep_until(self, moment: datetime) -> None:
         """Returns at ``moment`` by the firer's clock, not before (timers may fire early)."""
@@ -244,7 +245,10 @@ class ScheduleFirer(Service):
         rows: Sequence[asyncpg.Record],
         now: datetime,
         horizon: datetime,
+        inserted: list[Row],
     ) -> list[_Firing]:
+        """Plans and writes one batch of due schedules; their firings' new tasks are added
+        to ``inserted``."""
         await self._compile(conn, rows)
         missed_before = self.missed_before
         firings: list[_Firing] = []
@@ -278,15 +282,16 @@ class ScheduleFirer(Service):
             _log.info("%d schedules had missed ticks; their catch-up policies applied", missed)
         if firings:
             # Written at the tick when prepared ahead (the commit waits for it).
-            await self._insert(conn, firings, max(now, *(f.tick for f in firings)))
+            inserted += await self._insert(conn, firings, max(now, *(f.tick for f in firings)))
         recheck = now + self.buffer_recheck
         await store.advance(conn, [_advance(r, d, mine, recheck) for r, d, mine in planned])
         return firings
 
     async def _insert(
         self, conn: asyncpg.Connection, firings: list[_Firing], now: datetime
-    ) -> None:
-        """Inserts the firings' tasks; a firing whose key is taken gets the existing task."""
+    ) -> list[Row]:
+        """Inserts the firings' tasks; a firing whose key is taken gets the existing task.
+        Returns the transitions of the tasks inserted."""
         rows = []
         keys: dict[tuple[str, str], _Firing] = {}
         pending = task_store.PENDING
@@ -301,15 +306,17 @@ class ScheduleFirer(Service):
         rows.sort(key=_row_key)
         inserted = await task_store.insert(conn, rows, now)
         if len(inserted) == len(rows):
-            return
+            return inserted
         # Only a client submitting with a key of this format, or a writer that escaped
         # fencing, can have taken one.
-        taken = [k for k, f in keys.items() if f.task_id not in inserted]
+        ids = {row[ID] for row in inserted}
+        taken = [k for k, f in keys.items() if str(f.task_id) not in ids]
         existing = await task_store.find_by_idempotency_keys(conn, taken)
         for k in taken:
             if k in existing:
                 keys[k].task_id = existing[k]["id"]
         _log.warning("%d schedule ticks had tasks already; not fired again", len(taken))
+        return inserted
 
     async def _compile(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
         stale = [
@@ -333,18 +340,17 @@ class ScheduleFirer(Service):
                 fields=template_fields(task),
             )
 
-    def _announce(self, firings: list[_Firing]) -> None:
+    def _announce(self, firings: list[_Firing], inserted: list[Row]) -> None:
+        """After the commit: counts the firings (the lag is from each tick to about now)
+        and publishes the new tasks' transitions."""
         if not firings:
             return
         self.fired += len(firings)
-        if self.deps.metrics is not None:
-            # Called right after the commit: the lag is from each tick to about now.
-            committed = self.now()
-            self.deps.metrics.record_firing_lags(
-                (f.tenant, (committed - f.tick).total_seconds()) for f in firings
-            )
-        for tenant, queue in {(f.tenant, f.template.task.queue) for f in firings}:
-            self.deps.events.ready(tenant, queue)
+        committed = self.now()
+        self.deps.metrics.record_firing_lags(
+            (f.tenant, (committed - f.tick).total_seconds()) for f in firings
+        )
+        self.deps.after_commit.publish(Cause.FIRED, inserted)
 
 
 def _advance(

@@ -1,4 +1,5 @@
-"""The handler skeleton, once: a connection to read with, or a fenced write transaction.
+"""The handler skeleton, once: a connection to read with, one for single-statement writes,
+or a fenced write transaction.
 
 ``async with db.write(fence) as conn:`` acquires a connection, begins, checks the leader's
 epoch first (so the leadership row stays share-locked until the commit), and commits. A
@@ -37,7 +38,14 @@ class Database:
         self.pool = pool
 
     def read(self) -> asyncpg.pool.PoolAcquireContext:
-        """A pooled connection (autocommit): ``async with db.read() as conn``."""
+        """A pooled connection to read with: ``async with db.read() as conn``."""
+        return self.pool.acquire()
+
+    def autocommit(self) -> asyncpg.pool.PoolAcquireContext:
+        """A pooled connection for writes that are one statement each, each its own
+        transaction (a group commit's, a claim, a sweep): ``async with db.autocommit()``.
+        Wrap a statement whose loss of connection must say OUTCOME_UNKNOWN in
+        :func:`committing`."""
         return self.pool.acquire()
 
     @contextlib.asynccontextmanager

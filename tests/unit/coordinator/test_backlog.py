@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
@@ -47,7 +47,6 @@ def _counter(limit: int) -> tuple[BacklogCounter, FakeDatabase]:
         office=Office("c"),
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
     return BacklogCounter(deps), db
 

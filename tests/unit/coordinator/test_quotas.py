@@ -11,7 +11,7 @@ import pytest
 
 from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
@@ -51,7 +51,6 @@ def _quotas(**config: Any) -> tuple[Quotas, FakeDirectory]:
         office=Office("c"),
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
     directory = FakeDirectory()
     return Quotas(cfg, cast(Directory, directory), BacklogCounter(deps)), directory

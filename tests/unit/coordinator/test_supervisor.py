@@ -12,7 +12,7 @@ import pytest
 from testsupport import eventually
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
@@ -29,7 +29,6 @@ def _deps() -> Deps:
         office=office,
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
 
 
