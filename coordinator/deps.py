@@ -46,7 +46,8 @@ class Office:
         self.epoch = 0
         self.leader = False
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None
-        self.leader_address: Callable[[], str] = _nobody
+        self.locate_leader: Callable[[], str] = _nobody
+        """Where the leader is, as this coordinator knows it (set by leadership)."""
         self.on_refused: Callable[[], None] | None = None
         """Called each time the fence refuses a write of this office's (for metrics)."""
 
@@ -56,6 +57,10 @@ class Office:
 
     def is_leader(self) -> bool:
         return self.leader
+
+    def leader_address(self) -> str:
+        """The leader's address ("" when unknown)."""
+        return self.locate_leader()
 
     def fenced(self, exc: Fenced) -> None:
         """Another coordinator took a newer epoch: leave office (at once, not awaited)."""

@@ -88,6 +88,15 @@ class Telemetry:
         """Where the metrics are served ("" when they are not)."""
         return self.server.url if self.server is not None else ""
 
+    def start(self) -> None:
+        """Serves the metrics (a component of the coordinator: ``supervisor.py``)."""
+        self.start_endpoint()
+
+    async def stop(self) -> None:
+        """Stops serving metrics, then exports the spans still buffered."""
+        await self.stop_endpoint()
+        await self.shutdown()
+
     def start_endpoint(self) -> None:
         """Binds the metrics endpoint (if any); raises OSError naming the address."""
         if self.metrics.enabled and self.server is None:
@@ -147,7 +156,7 @@ class Telemetry:
     # -- shutdown ---------------------------------------------------------------------
 
     async def stop_endpoint(self) -> None:
-        """Stops serving metrics (first, so no scrape reads a closing pool)."""
+        """Stops serving metrics (before the pool closes, so no scrape reads a closing one)."""
         server, self.server = self.server, None
         if server is not None:
             await asyncio.to_thread(server.stop)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,6 +17,7 @@ from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import is_store_error
 from conveyor.coordinator.leader.election import Member
+from conveyor.coordinator.leader.leadership import ClusterView
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
@@ -25,17 +25,6 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 _log = logging.getLogger("conveyor.coordinator.admin")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """What one coordinator knows about its cluster."""
-
-    cluster: str
-    mode: str
-    me: Member
-    leader: Member | None
-    epoch: int
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
