@@ -177,7 +177,7 @@ def add_assignment_from_row(
 ) -> None:
     """Adds the Assignment of a claimed row (``store.tasks.ASSIGNMENT_COLUMNS``)."""
     add(
-        lease=lease_proto(str(row["id"]), row["attempt"], row["lease_epoch"]),
+        lease=lease_proto(str(row["id"]), row["attempt"], row["epoch"]),
         queue=row["queue"],
         type=row["type"],
         payload=row["payload"],

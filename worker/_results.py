@@ -1,4 +1,7 @@
-"""The outbox: results kept until the coordinator acknowledges them."""
+"""Pending results: kept until the coordinator acknowledges them, resent after a reconnect.
+
+(The coordinator's "outbox" is something else: a session's queue of messages to its
+worker. What a worker SDK keeps here are results it owes, not messages.)"""
 
 from __future__ import annotations
 
@@ -8,14 +11,15 @@ import logging
 
 from conveyor.v1 import worker_service_pb2 as pb
 
-__all__ = ["MAX_RESULT_BYTES", "LeaseKey", "Outbox", "lease_key"]
+__all__ = ["MAX_RESULT_BYTES", "AttemptKey", "PendingResults", "attempt_key"]
 
 logger = logging.getLogger("conveyor.worker")
 
-#: Identifies an attempt: (task_id, attempt). The epoch is deliberately left out, so that
-#: an ack or cancel naming the attempt under a newer leader epoch still finds it; a task
-#: never has two live attempts with the same number.
-LeaseKey = tuple[str, int]
+#: Identifies an attempt: (task_id, attempt). Not the coordinator's lease key: the epoch
+#: is deliberately left out, so that an ack or cancel naming the attempt under a newer
+#: leader epoch still finds it (a task never has two live attempts with the same number),
+#: and the tenant and worker id are this worker's own.
+AttemptKey = tuple[str, int]
 
 #: Largest result the worker reports, in bytes. Results are stored with the task and
 #: read back whole by every GetTask and WatchTask, so they are meant to be small (store
@@ -26,12 +30,12 @@ LeaseKey = tuple[str, int]
 MAX_RESULT_BYTES = 4 << 20
 
 
-def lease_key(lease: pb.Lease) -> LeaseKey:
+def attempt_key(lease: pb.Lease) -> AttemptKey:
     """The key an attempt is filed under."""
     return (lease.task_id, lease.attempt)
 
 
-class Outbox:
+class PendingResults:
     """Results in the order produced, each kept until a ResultAck (accepted or not).
 
     "Unsent" are the results not yet written on the current session: all of them again
@@ -39,14 +43,14 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._results: dict[LeaseKey, pb.TaskResult] = {}
+        self._results: dict[AttemptKey, pb.TaskResult] = {}
         # An OrderedDict, not a dict: taking from the front of a plain dict over and over
         # rescans the deleted slots each time.
-        self._unsent: collections.OrderedDict[LeaseKey, None] = collections.OrderedDict()
+        self._unsent: collections.OrderedDict[AttemptKey, None] = collections.OrderedDict()
         self._settled = asyncio.Event()
         self._settled.set()
         # Results of attempts the coordinator cancelled: their refusal is expected.
-        self._cancelled: set[LeaseKey] = set()
+        self._cancelled: set[AttemptKey] = set()
 
     def __len__(self) -> int:
         return len(self._results)
@@ -56,7 +60,7 @@ class Outbox:
 
     def add(self, result: pb.TaskResult) -> None:
         """Keep ``result`` (replacing it by a failure if it is too large to send)."""
-        key = lease_key(result.lease)
+        key = attempt_key(result.lease)
         size = len(result.result)
         if size > MAX_RESULT_BYTES:
             error = (
@@ -71,15 +75,15 @@ class Outbox:
         self._unsent[key] = None
         self._settled.clear()
 
-    def cancelled(self, key: LeaseKey) -> None:
+    def cancelled(self, key: AttemptKey) -> None:
         """The coordinator cancelled this attempt: a refusal of its result is expected."""
-        # Only results still waiting for their ack: the set never outgrows the outbox.
+        # Only results still waiting for their ack: the set never outgrows them.
         if key in self._results:
             self._cancelled.add(key)
 
     def ack(self, ack: pb.ResultAck) -> None:
         """Drop the acknowledged result; a refusal is worth a warning unless expected."""
-        key = lease_key(ack.lease)
+        key = attempt_key(ack.lease)
         result = self._results.pop(key, None)
         cancelled = key in self._cancelled
         self._cancelled.discard(key)
@@ -98,7 +102,7 @@ class Outbox:
         if not self._results:
             self._settled.set()
 
-    def leases(self) -> dict[LeaseKey, pb.Lease]:
+    def leases(self) -> dict[AttemptKey, pb.Lease]:
         """The leases of the results waiting for an ack."""
         return {key: result.lease for key, result in self._results.items()}
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from conveyor.coordinator.lifecycle.leases import LeaseKey, lease_proto
 from conveyor.coordinator.lifecycle.transitions import (
     ATTEMPT,
+    EPOCH,
     ID,
-    LEASE_EPOCH,
     RUNNING,
     TENANT,
     WORKER_ID,
@@ -259,7 +259,7 @@ class SessionRegistry:
         for row in batch.left(RUNNING):
             session = self.by_worker(row[TENANT], row[WORKER_ID]) if row[WORKER_ID] else None
             if session is not None:
-                lease = lease_proto(row[ID], row[ATTEMPT], row[LEASE_EPOCH])
+                lease = lease_proto(row[ID], row[ATTEMPT], row[EPOCH])
                 session.push(
                     worker_service_pb2.ConnectResponse(
                         cancel_tasks=worker_service_pb2.CancelTasks(leases=[lease])

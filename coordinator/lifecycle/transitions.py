@@ -2,7 +2,7 @@
 
 Every statement that changes a task's state returns transition rows of one shape
 (``store/transitions.py``: id, tenant, queue, type, the state before and after, attempt,
-lease epoch, worker, outcome, run_at, the durations the metrics need). The code that
+epoch, worker, outcome, run_at, the durations the metrics need). The code that
 committed them hands the rows to :meth:`AfterCommit.publish` once per statement, as one
 :class:`Transitions` batch with its :class:`Cause`; every registered listener then sees
 the whole batch. That is the only place anything happens because a task changed state:
@@ -60,7 +60,7 @@ _log = logging.getLogger("conveyor.coordinator.transitions")
     FROM_STATE,
     STATE,
     ATTEMPT,
-    LEASE_EPOCH,
+    EPOCH,
     WORKER_ID,
     OUTCOME,
     RUN_AT,

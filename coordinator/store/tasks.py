@@ -244,7 +244,7 @@ _INSERT_LEASED = Query(
     WITH changed AS (
         INSERT INTO tasks AS t ({columns(NEW_TASK_COLUMNS)}, create_time, update_time,
             attempt, worker_id, lease_epoch, lease_start_time, lease_expire_time)
-        SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, :lease_epoch, now(),
+        SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, :epoch, now(),
             now() + make_interval(secs => :lease_seconds)
         FROM {unnest(NEW_TASK_ARRAYS, "r")}
         JOIN unnest(:id::uuid[], :worker_ids::text[]) AS w(id, worker_id) ON w.id = r.id
@@ -276,7 +276,7 @@ async def insert_leased(
         now=now,
         attempt=FIRST_ATTEMPT,
         worker_ids=list(worker_ids),
-        lease_epoch=fence.epoch,
+        epoch=fence.epoch,
         lease_seconds=lease_seconds,
         fence=fence,
         **_new_arrays([r._replace(state=RUNNING) for r in rows]),
@@ -561,7 +561,7 @@ _CLAIM = Query(
     ), changed AS (
         UPDATE tasks t
         SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_epoch = :lease_epoch, lease_start_time = now(),
+            lease_epoch = :epoch, lease_start_time = now(),
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
@@ -597,7 +597,7 @@ async def claim(
         limit=limit,
         max_bytes=max_bytes,
         worker_id=worker_id,
-        lease_epoch=fence.epoch,
+        epoch=fence.epoch,
         lease_seconds=lease_seconds,
         fence=fence,
     )

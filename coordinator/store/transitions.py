@@ -50,7 +50,7 @@ FRAGMENTS: tuple[Fragment, ...] = ()
 """The same-transaction fragments, in the order they run (none yet)."""
 
 COLUMNS = (
-    "id", "tenant", "queue", "type", "from_state", "state", "attempt", "lease_epoch",
+    "id", "tenant", "queue", "type", "from_state", "state", "attempt", "epoch",
     "worker_id", "outcome", "run_at", "queue_wait_seconds", "pickup_seconds", "run_seconds",
     "end_to_end_seconds",
 )  # fmt: skip
@@ -58,8 +58,9 @@ COLUMNS = (
 
 - ``id`` (canonical text), ``tenant``, ``queue``, ``type``;
 - ``from_state`` (TASK_STATE_UNSPECIFIED for a task just inserted) and ``state``;
-- ``attempt``, ``lease_epoch`` and ``worker_id`` of the lease begun or ended (the worker
-  that held it, for a lease that ended);
+- ``attempt``, ``epoch`` (the ``lease_epoch`` column: the leader's epoch that granted the
+  lease) and ``worker_id`` of the lease begun or ended (the worker that held it, for a
+  lease that ended);
 - ``outcome``: the AttemptOutcome of the attempt that ended, else NULL;
 - ``run_at``;
 - for the metrics, computed by the database (its clock, once per row of a statement that
@@ -104,7 +105,7 @@ def tail(extra: str = "", order: str = "") -> str:
     fragments = "".join(f", {f.name} AS ({f.sql})" for f in FRAGMENTS)
     return f"""{fragments}
     SELECT changed.id::text AS id, tenant, queue, type, from_state, state, attempt,
-        lease_epoch, worker_id, outcome, run_at,
+        lease_epoch AS epoch, worker_id, outcome, run_at,
         CASE WHEN state = {_RUNNING} THEN {_SINCE.format("run_at")} END AS queue_wait_seconds,
         CASE WHEN state = {_RUNNING} AND attempt = 1 AND run_at <= create_time
             THEN {_SINCE.format("create_time")} END AS pickup_seconds,

@@ -83,7 +83,7 @@ async def test_claimed_rows_pack_into_messages_under_the_limit() -> None:
         {
             "id": f"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a{n:02x}",
             "attempt": 1,
-            "lease_epoch": 1,
+            "epoch": 1,
             "queue": "q",
             "type": "a",
             "payload": b"x" * (1 << 20),
