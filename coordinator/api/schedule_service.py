@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context
+from conveyor.coordinator.api import context, pages
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import (
     EtagMismatch,
@@ -108,13 +108,11 @@ class ScheduleService:
         tenant = context.current().tenant
         async with self._deps.db.read() as conn:
             rows = await store.list_page(conn, tenant, page.after_name, page.page_size)
-            more = len(rows) > page.page_size
-            rows = rows[: page.page_size]
+            rows, token = pages.page(
+                rows, page.page_size, lambda last: check.page_token(last["name"])
+            )
             schedules = await self._schedule_messages(conn, tenant, rows)
-        return schedule_pb2.ListSchedulesResponse(
-            schedules=schedules,
-            next_page_token=check.page_token(rows[-1]["name"]) if more else "",
-        )
+        return schedule_pb2.ListSchedulesResponse(schedules=schedules, next_page_token=token)
 
     async def update(
         self, request: schedule_pb2.UpdateScheduleRequest

@@ -10,15 +10,15 @@ once, and reaches the others through the directory's NOTIFY within a second.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from google.protobuf import timestamp_pb2
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context
+from conveyor.coordinator.api import context, pages
 from conveyor.coordinator.api.validation import (
     check_name,
     check_page_size,
@@ -35,6 +35,8 @@ from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.coordinator.tenancy.directory import Directory
 from conveyor.coordinator.tenancy.quotas import Limits, Quotas
 from conveyor.v1 import admin_service_pb2, auth_pb2
+
+T = TypeVar("T")
 
 MAX_DESCRIPTION_LENGTH = 1000
 MAX_LIMIT = 2**62
@@ -179,7 +181,7 @@ class SecurityAdmin:
                 out.append(FieldViolation("expire_time", "must be in the future"))
         _raise(out)
         created_by = context.current().key_id or "insecure"
-        async with self._db.read() as conn:
+        async with self._db.autocommit() as conn:
             row, key = await create_key(
                 conn,
                 tenant=request.tenant,
@@ -194,25 +196,16 @@ class SecurityAdmin:
     async def list_api_keys(
         self, request: admin_service_pb2.ListApiKeysRequest
     ) -> admin_service_pb2.ListApiKeysResponse:
-        out: list[FieldViolation] = []
-        check_name(request.tenant, "tenant", out, required=False)
-        size = check_page_size(request.page_size, out)
-        after = _key_page_token(request.page_token, out)
-        _raise(out)
+        tenant, size, after = _page_request(request, _key_page_token)
         async with self._db.read() as conn:
             rows = await key_store.list_page(
                 conn,
-                tenant=request.tenant or None,
+                tenant=tenant,
                 show_inactive=request.show_inactive,
                 after=after,
-                limit=size + 1,
+                limit=pages.limit(size),
             )
-        more = len(rows) > size
-        rows = rows[:size]
-        token = ""
-        if more:
-            last = rows[-1]
-            token = f"{convert.timestamp(last['create_time']).ToJsonString()}|{last['id']}"
+        rows, token = pages.page(rows, size, _key_token)
         now = datetime.now(UTC)
         return admin_service_pb2.ListApiKeysResponse(
             keys=[api_key_message(r, now) for r in rows], next_page_token=token
@@ -222,7 +215,7 @@ class SecurityAdmin:
         self, request: admin_service_pb2.RevokeApiKeyRequest
     ) -> admin_service_pb2.RevokeApiKeyResponse:
         key_id = validate_key_id(request.id)
-        async with self._db.read() as conn:
+        async with self._db.autocommit() as conn:
             row = await key_store.revoke(conn, key_id)
         if row is None:
             raise ApiKeyNotFound(key_id)
@@ -301,7 +294,7 @@ class SecurityAdmin:
                 )
             )
         _raise(out)
-        async with self._db.read() as conn:
+        async with self._db.autocommit() as conn:
             row = await tenant_store.set_limits(conn, request.tenant, values, fields)
         self._directory.apply_tenants([row])
         (tenant,) = await self._tenants([request.tenant])
@@ -312,25 +305,41 @@ class SecurityAdmin:
     async def list_audit_events(
         self, request: admin_service_pb2.ListAuditEventsRequest
     ) -> admin_service_pb2.ListAuditEventsResponse:
-        out: list[FieldViolation] = []
-        check_name(request.tenant, "tenant", out, required=False)
-        size = check_page_size(request.page_size, out)
-        after = _audit_page_token(request.page_token, out)
-        _raise(out)
+        tenant, size, after = _page_request(request, _audit_page_token)
         async with self._db.read() as conn:
             rows = await audit_store.page(
                 conn,
-                tenant=request.tenant or None,
+                tenant=tenant,
                 newest_first=request.newest_first,
                 after=after,
-                limit=size + 1,
+                limit=pages.limit(size),
             )
-        more = len(rows) > size
-        rows = rows[:size]
+        events, token = pages.page(rows, size, lambda last: str(last.seq))
         return admin_service_pb2.ListAuditEventsResponse(
-            events=[audit_event_message(r) for r in rows],
-            next_page_token=str(rows[-1].seq) if more else "",
+            events=[audit_event_message(r) for r in events], next_page_token=token
         )
+
+
+class _PageRequest(Protocol):
+    tenant: str
+    page_size: int
+    page_token: str
+
+
+def _page_request(
+    request: _PageRequest, parse_token: Callable[[str, list[FieldViolation]], T | None]
+) -> tuple[str | None, int, T | None]:
+    """An admin list's tenant filter (None: every tenant), page size and position."""
+    out: list[FieldViolation] = []
+    check_name(request.tenant, "tenant", out, required=False)
+    size = check_page_size(request.page_size, out)
+    after = parse_token(request.page_token, out)
+    _raise(out)
+    return request.tenant or None, size, after
+
+
+def _key_token(last: Mapping[str, Any]) -> str:
+    return f"{convert.timestamp(last['create_time']).ToJsonString()}|{last['id']}"
 
 
 def _limit_value(limits: auth_pb2.TenantLimits, name: str, out: list[FieldViolation]) -> Any:

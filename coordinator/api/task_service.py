@@ -19,7 +19,7 @@ import asyncpg
 import grpc
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context, validation
+from conveyor.coordinator.api import context, pages, validation
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
@@ -115,11 +115,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         flt = validation.validate_list(request)
         async with self._deps.db.read() as conn:
             rows = await store.list_page(conn, context.current().tenant, flt)
-        more = len(rows) > flt.page_size
-        rows = rows[: flt.page_size]
+        rows, token = pages.page(rows, flt.page_size, lambda last: str(last["id"]))
         return task_service_pb2.ListTasksResponse(
-            tasks=[convert.task_from_row(r) for r in rows],
-            next_page_token=str(rows[-1]["id"]) if more else "",
+            tasks=[convert.task_from_row(r) for r in rows], next_page_token=token
         )
 
     async def ListQueues(
