@@ -27,6 +27,7 @@ from conveyor.client._encryption import (
 )
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
+    UNSET,
     CatchUpPolicy,
     OverlapPolicy,
     Page,
@@ -37,15 +38,12 @@ from conveyor.client._models import (
     TaskAttempt,
     TaskSpec,
     TaskState,
-    _duration,
-    _encode_payload,
+    TaskTemplate,
     _timestamp,
-    _to_timedelta,
     catch_up_to_proto,
     overlap_to_proto,
     state_to_proto,
     task_spec,
-    task_template,
 )
 from conveyor.observability.tracing import Tracing
 from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
@@ -69,8 +67,6 @@ _MAX_BATCH_BYTES = 3 * 1024 * 1024
 _MAX_WATCH_FAILURES = 10
 _WATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 _WATCH_HEALTHY_AFTER = 30.0
-# "Not given" for arguments where None is a meaningful value (a JSON null payload).
-_UNSET: Any = object()
 
 
 class AsyncClient:
@@ -571,9 +567,9 @@ class AsyncClient:
             name=name,
             cron=cron,
             time_zone=time_zone,
-            task_template=task_template(
-                type,
-                payload,
+            task_template=TaskTemplate(
+                type=type,
+                payload=payload,
                 queue=queue,
                 priority=priority,
                 max_attempts=max_attempts,
@@ -582,7 +578,7 @@ class AsyncClient:
                 labels=labels,
                 raw=raw,
                 content_type=content_type,
-            ),
+            ).to_template(),
             overlap_policy=overlap_to_proto(overlap_policy),  # type: ignore[arg-type]
             catch_up_policy=catch_up_to_proto(catch_up_policy),  # type: ignore[arg-type]
             catch_up_limit=catch_up_limit or 0,
@@ -629,7 +625,7 @@ class AsyncClient:
         cron: str | None = None,
         time_zone: str | None = None,
         type: str | None = None,
-        payload: Any = _UNSET,
+        payload: Any = UNSET,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
@@ -669,32 +665,19 @@ class AsyncClient:
             paths.append("catch_up_policy")
         _set_times(schedule, start_time, end_time)
         paths += [p for p, v in (("start_time", start_time), ("end_time", end_time)) if v]
-        t = schedule.task_template
-        for field, value in (
-            ("type", type),
-            ("queue", queue),
-            ("priority", priority),
-            ("max_attempts", max_attempts),
-        ):
-            if value is not None:
-                setattr(t, field, value)
-                paths.append(f"task_template.{field}")
-        if payload is not _UNSET:
-            t.payload, t.content_type = _encode_payload(payload, raw=raw)
-            paths += ["task_template.payload", "task_template.content_type"]
-        if content_type is not None:
-            t.content_type = content_type
-            if "task_template.content_type" not in paths:
-                paths.append("task_template.content_type")
-        if timeout is not None:
-            t.timeout.CopyFrom(_duration(_to_timedelta(timeout, "timeout") or timedelta()))
-            paths.append("task_template.timeout")
-        if retry_policy is not None:
-            t.retry_policy.CopyFrom(retry_policy.to_proto())
-            paths.append("task_template.retry_policy")
-        if labels is not None:
-            t.labels.update(labels)
-            paths.append("task_template.labels")
+        paths += TaskTemplate.changes(
+            schedule.task_template,
+            type=type,
+            payload=payload,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            retry_policy=retry_policy,
+            labels=labels,
+            raw=raw,
+            content_type=content_type,
+        )
         if not paths:
             raise ValueError("update_schedule() needs at least one field to change")
         await self._seal_update(schedule, paths)

@@ -22,8 +22,9 @@ from typing import Any, Self, TypeVar
 
 from opentelemetry import trace
 
-from conveyor.client._async_client import _UNSET, AsyncClient
+from conveyor.client._async_client import AsyncClient
 from conveyor.client._models import (
+    UNSET,
     CatchUpPolicy,
     OverlapPolicy,
     Page,
@@ -425,7 +426,7 @@ class Client:
         cron: str | None = None,
         time_zone: str | None = None,
         type: str | None = None,
-        payload: Any = _UNSET,
+        payload: Any = UNSET,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
