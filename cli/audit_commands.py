@@ -18,7 +18,8 @@ import typer
 from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import FAILURE
-from conveyor.cli.keys_commands import AsJson, Dsn, admin_call, on_database
+from conveyor.cli.keys_commands import AsJson, Dsn, on_database
+from conveyor.cli.wire import admin_call
 
 PAGE = 1000
 
@@ -42,8 +43,8 @@ def _page(g: Globals, tenant: str, newest_first: bool, size: int, token: str) ->
         tenant=tenant, newest_first=newest_first, page_size=size, page_token=token
     )
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return await stub.ListAuditEvents(request, timeout=seconds)
+    async def call(admin: Any) -> Any:
+        return await admin.ListAuditEvents(request)
 
     return admin_call(g, call)
 
@@ -90,13 +91,13 @@ def _rows_through_api(g: Globals) -> list[Any]:
     from conveyor.coordinator.audit.chain import Event, Row
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> list[Any]:
+    async def call(admin: Any) -> list[Any]:
         # Every page on one channel, oldest first.
         events: list[Any] = []
         token = ""
         while True:
             request = admin_service_pb2.ListAuditEventsRequest(page_size=PAGE, page_token=token)
-            page = await stub.ListAuditEvents(request, timeout=seconds)
+            page = await admin.ListAuditEvents(request)
             events.extend(page.events)
             token = page.next_page_token
             if not token:

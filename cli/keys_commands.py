@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-import grpc
 import typer
 
-from conveyor.cli import output, wire
+from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
+from conveyor.cli.wire import admin_call
 
 T = TypeVar("T")
 
@@ -96,17 +96,6 @@ def state_text(state: int) -> str:
     from conveyor.v1 import auth_pb2
 
     return auth_pb2.ApiKeyState.Name(state).removeprefix("API_KEY_STATE_").lower()  # type: ignore[arg-type]
-
-
-def admin_call(g: Globals, call: Callable[[Any, float], Awaitable[T]]) -> T:
-    """``call(AdminService stub, timeout)`` on the first coordinator that answers."""
-    from conveyor.v1 import admin_service_pb2_grpc
-
-    async def method(channel: grpc.aio.Channel, seconds: float) -> T:
-        return await call(admin_service_pb2_grpc.AdminServiceStub(channel), seconds)
-
-    result: T = wire.run(g, method)
-    return result
 
 
 def on_database(dsn: str, work: Callable[[Any], Awaitable[T]]) -> T:
@@ -247,8 +236,8 @@ def _create_through_api(
         stamp.FromDatetime(expire)
         request.expire_time.CopyFrom(stamp)
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return await stub.CreateApiKey(request, timeout=seconds)
+    async def call(admin: Any) -> Any:
+        return await admin.CreateApiKey(request)
 
     response = admin_call(g, call)
     return response.key, response.secret
@@ -295,7 +284,7 @@ def list_(
 def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[Any]:
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> list[Any]:
+    async def call(admin: Any) -> list[Any]:
         # Every page on one channel.
         keys: list[Any] = []
         token = ""
@@ -303,7 +292,7 @@ def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[An
             request = admin_service_pb2.ListApiKeysRequest(
                 tenant=tenant or "", show_inactive=show_all, page_size=1000, page_token=token
             )
-            page = await stub.ListApiKeys(request, timeout=seconds)
+            page = await admin.ListApiKeys(request)
             keys.extend(page.keys)
             token = page.next_page_token
             if not token:
@@ -353,9 +342,9 @@ def revoke(
     else:
         from conveyor.v1 import admin_service_pb2
 
-        async def call(stub: Any, seconds: float) -> Any:
+        async def call(admin: Any) -> Any:
             request = admin_service_pb2.RevokeApiKeyRequest(id=key_id)
-            return (await stub.RevokeApiKey(request, timeout=seconds)).key
+            return (await admin.RevokeApiKey(request)).key
 
         key = admin_call(g, call)
     output.print_text(f"revoked API key {key.id} (tenant {key.tenant})")

@@ -236,7 +236,7 @@ class AsyncClient:
         self._add_request_ids([request])
         plain = seal_requests(self._codec, [request])
         response = await self._conn.unary(
-            lambda stub: stub.SubmitTask,
+            lambda s: s.tasks.SubmitTask,
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=bool(request.idempotency_key or request.request_id),
@@ -288,7 +288,7 @@ class AsyncClient:
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
-                    lambda stub: stub.SubmitTasks,
+                    lambda s: s.tasks.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
                     idempotent=all(r.idempotency_key or r.request_id for r in batch),
                 )
@@ -324,7 +324,7 @@ class AsyncClient:
 
     async def _get(self, task_id: str) -> tuple[Task, builtins.list[TaskAttempt]]:
         response = await self._conn.unary(
-            lambda stub: stub.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
+            lambda s: s.tasks.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
         )
         task = open_task(self._codec, _task(response))
         return task, [TaskAttempt.from_proto(a) for a in response.attempts]
@@ -353,7 +353,7 @@ class AsyncClient:
             page_size=page_size,
             page_token=page_token or "",
         )
-        response = await self._conn.unary(lambda stub: stub.ListTasks, request, idempotent=True)
+        response = await self._conn.unary(lambda s: s.tasks.ListTasks, request, idempotent=True)
         return Page(
             items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],
             next_page_token=response.next_page_token or None,
@@ -379,7 +379,7 @@ class AsyncClient:
     async def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         response = await self._conn.unary(
-            lambda stub: stub.ListQueues, pb.ListQueuesRequest(), idempotent=True
+            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
 
@@ -392,7 +392,7 @@ class AsyncClient:
             InvalidStateError: The task has already finished.
         """
         response = await self._conn.unary(
-            lambda stub: stub.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
+            lambda s: s.tasks.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
         )
         return open_task(self._codec, Task.from_proto(response.task))
 
@@ -403,7 +403,7 @@ class AsyncClient:
             InvalidStateError: The task is not DEAD.
         """
         response = await self._conn.unary(
-            lambda stub: stub.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
+            lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
         )
         return open_task(self._codec, Task.from_proto(response.task))
 
@@ -432,7 +432,7 @@ class AsyncClient:
                     if task.is_terminal:
                         return
                 stream = self._conn.stream(
-                    lambda stub: stub.WatchTask, pb.WatchTaskRequest(id=task_id)
+                    lambda s: s.tasks.WatchTask, pb.WatchTaskRequest(id=task_id)
                 )
                 # aclosing: leaving early must cancel the stream now, not at GC time.
                 async with aclosing(stream):
@@ -587,7 +587,7 @@ class AsyncClient:
         _set_times(schedule, start_time, end_time)
         seal_template(self._codec, schedule.task_template)
         response = await self._conn.unary(
-            lambda stub: stub.CreateSchedule,
+            lambda s: s.tasks.CreateSchedule,
             spb.CreateScheduleRequest(schedule=schedule),
             idempotent=False,
         )
@@ -600,7 +600,9 @@ class AsyncClient:
             RPCError: ``NOT_FOUND`` (reason ``SCHEDULE_NOT_FOUND``).
         """
         response = await self._conn.unary(
-            lambda stub: stub.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
+            lambda s: s.tasks.GetSchedule,
+            spb.GetScheduleRequest(name=name),
+            idempotent=True,
         )
         return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
@@ -609,7 +611,7 @@ class AsyncClient:
     ) -> Page[Schedule]:
         """Returns one page of schedules, by name."""
         response = await self._conn.unary(
-            lambda stub: stub.ListSchedules,
+            lambda s: s.tasks.ListSchedules,
             spb.ListSchedulesRequest(page_size=page_size, page_token=page_token or ""),
             idempotent=True,
         )
@@ -684,7 +686,7 @@ class AsyncClient:
         request = spb.UpdateScheduleRequest(schedule=schedule)
         request.update_mask.paths.extend(paths)
         response = await self._conn.unary(
-            lambda stub: stub.UpdateSchedule, request, idempotent=False
+            lambda s: s.tasks.UpdateSchedule, request, idempotent=False
         )
         return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
@@ -713,20 +715,26 @@ class AsyncClient:
     async def delete_schedule(self, name: str) -> None:
         """Deletes a schedule; the tasks it submitted stay."""
         await self._conn.unary(
-            lambda stub: stub.DeleteSchedule, spb.DeleteScheduleRequest(name=name), idempotent=False
+            lambda s: s.tasks.DeleteSchedule,
+            spb.DeleteScheduleRequest(name=name),
+            idempotent=False,
         )
 
     async def pause_schedule(self, name: str) -> Schedule:
         """Stops a schedule firing (pausing a paused one changes nothing)."""
         response = await self._conn.unary(
-            lambda stub: stub.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
+            lambda s: s.tasks.PauseSchedule,
+            spb.PauseScheduleRequest(name=name),
+            idempotent=True,
         )
         return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def resume_schedule(self, name: str) -> Schedule:
         """Starts a paused schedule again from now; ticks missed while paused do not fire."""
         response = await self._conn.unary(
-            lambda stub: stub.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
+            lambda s: s.tasks.ResumeSchedule,
+            spb.ResumeScheduleRequest(name=name),
+            idempotent=True,
         )
         return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 

@@ -46,12 +46,13 @@ from conveyor.transport._errors import (
     UnavailableError,
     error_from_rpc,
 )
-from conveyor.v1 import task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
 
 if TYPE_CHECKING:
+    from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
-__all__ = ["Action", "Connection", "RetryRules", "decide"]
+__all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
 
 T = TypeVar("T")
 
@@ -68,8 +69,22 @@ _CONNECT_TIMEOUT = 3.0
 # the attempt; it waits long enough for one reconnect attempt (the reconnect backoff is
 # capped at 1 s by ConnectionOptions) and then moves on.
 _PATIENT_WAIT = 1.5
+# Asked of a channel that failed to connect, only to learn why (see _connect_failure):
+# the call fails before anything is sent, and were the channel up, health answers anyone.
+_PROBE = "/grpc.health.v1.Health/Check"
+_PROBE_TIMEOUT = 1.0
 
-StubMethod = Callable[["TaskServiceAsyncStub"], Any]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stubs:
+    """The services of one coordinator, on its channel."""
+
+    tasks: TaskServiceAsyncStub
+    admin: AdminServiceAsyncStub
+
+
+StubMethod = Callable[[Stubs], Any]
+"""Picks the method to call: ``lambda stubs: stubs.tasks.GetTask``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,7 +160,7 @@ class Connection:
         # Channels are created lazily, inside the running event loop that will use them.
         # Redirect targets outside the addresses get channels too; there are few of them.
         self._channels: dict[str, aio.Channel] = {}
-        self._stubs: dict[str, TaskServiceAsyncStub] = {}
+        self._stubs: dict[str, Stubs] = {}
         self._closed = False
 
     @property
@@ -153,14 +168,18 @@ class Connection:
         """The configured addresses, in failover order."""
         return self.book.addresses
 
-    def stub(self, address: str) -> TaskServiceAsyncStub:
-        """The TaskService stub for one address, opening its channel on first use."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            # The generated stub's overloads type it as the async stub for an aio channel.
-            stub = task_service_pb2_grpc.TaskServiceStub(self._channel(address))
-            self._stubs[address] = stub
-        return stub
+    def stubs(self, address: str) -> Stubs:
+        """The service stubs for one address, opening its channel on first use."""
+        stubs = self._stubs.get(address)
+        if stubs is None:
+            # The generated stubs' overloads type them as async stubs for an aio channel.
+            channel = self._channel(address)
+            stubs = Stubs(
+                task_service_pb2_grpc.TaskServiceStub(channel),
+                admin_service_pb2_grpc.AdminServiceStub(channel),
+            )
+            self._stubs[address] = stubs
+        return stubs
 
     def _channel(self, address: str) -> aio.Channel:
         if self._closed:
@@ -187,8 +206,8 @@ class Connection:
     async def unary(self, method: StubMethod, request: Any, *, idempotent: bool) -> Any:
         """Makes one unary call with failover; raises RPCError subclasses."""
 
-        async def attempt(stub: TaskServiceAsyncStub, remaining: float | None) -> Any:
-            return await method(stub)(request, timeout=remaining, metadata=self._metadata)
+        async def attempt(stubs: Stubs, remaining: float | None) -> Any:
+            return await method(stubs)(request, timeout=remaining, metadata=self._metadata)
 
         result, _ = await self.call(attempt, idempotent=idempotent, deadline=self.deadline())
         return result
@@ -201,8 +220,8 @@ class Connection:
         raises (the caller decides whether to reopen it).
         """
 
-        async def attempt(stub: TaskServiceAsyncStub, remaining: float | None) -> Any:
-            call = method(stub)(request, metadata=self._metadata)
+        async def attempt(stubs: Stubs, remaining: float | None) -> Any:
+            call = method(stubs)(request, metadata=self._metadata)
             try:
                 first = await asyncio.wait_for(call.read(), remaining)
             except BaseException:
@@ -223,7 +242,7 @@ class Connection:
 
     async def call(
         self,
-        attempt: Callable[[TaskServiceAsyncStub, float | None], Awaitable[T]],
+        attempt: Callable[[Stubs, float | None], Awaitable[T]],
         *,
         idempotent: bool,
         deadline: float | None,
@@ -246,11 +265,11 @@ class Connection:
             if not await self._ready(address, remaining, patient=patient):
                 # Never connected, so nothing was sent: safe to move on for any call.
                 failures += 1
-                last_error = _connect_error(address, tls=self.options.credentials is not None)
+                last_error = await self._connect_failure(address)
                 address = await self._after_failure(address, failures, last_error, deadline)
                 continue
             try:
-                result = await attempt(self.stub(address), remaining)
+                result = await attempt(self.stubs(address), remaining)
             except TimeoutError:
                 # Raised by asyncio.wait_for around a stream's first read.
                 raise _deadline_error(last_error, address) from None
@@ -305,6 +324,22 @@ class Connection:
             await asyncio.sleep(_clamp(delay, deadline))
         return self.book.next_after(address)
 
+    async def _connect_failure(self, address: str) -> UnavailableError:
+        """Why ``address`` could not be connected to, in gRPC's words where it has them: a
+        call on a channel in TRANSIENT_FAILURE fails at once, unsent, saying why (a refused
+        TLS handshake, a refused connection); they go in ``server_message``."""
+        detail = ""
+        channel = self._channel(address)
+        if channel.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            try:
+                probe = channel.unary_unary(
+                    _PROBE, request_serializer=bytes, response_deserializer=bytes
+                )
+                await probe(b"", timeout=_PROBE_TIMEOUT)
+            except grpc.RpcError as err:
+                detail = str(_call_details(err))
+        return _connect_error(address, tls=self.options.credentials is not None, detail=detail)
+
     async def _ready(self, address: str, remaining: float | None, *, patient: bool) -> bool:
         """Waits until the channel to ``address`` is connected; False if it cannot connect.
 
@@ -350,7 +385,12 @@ def _out_of_budget(
     return now + delay >= deadline
 
 
-def _connect_error(address: str, *, tls: bool = False) -> UnavailableError:
+def _call_details(err: grpc.RpcError) -> object:
+    details = getattr(err, "details", None)
+    return details() if callable(details) else ""
+
+
+def _connect_error(address: str, *, tls: bool = False, detail: str = "") -> UnavailableError:
     # The channel reports only that it failed, not why: over TLS a refused handshake
     # (untrusted certificate, a plaintext coordinator, a missing client certificate)
     # looks the same as an absent coordinator, so name those causes too.
@@ -367,6 +407,7 @@ def _connect_error(address: str, *, tls: bool = False) -> UnavailableError:
         f"reachable from here, or pass the addresses of more coordinators.{why}",
         code=grpc.StatusCode.UNAVAILABLE,
         address=address,
+        server_message=detail,
     )
 
 
