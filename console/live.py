@@ -109,7 +109,14 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         try:
             async for current in session.client.watch(task_id):
                 found, attempts = await session.client.get_with_attempts(task_id)
-                html = fragment(request, "_task_live.html", session, task=found, attempts=attempts)
+                html = fragment(
+                    request,
+                    "_task_live.html",
+                    session,
+                    task=found,
+                    attempts=attempts,
+                    source="stream",
+                )
                 yield "task", html
                 if found.is_terminal and current.is_terminal:
                     break
@@ -159,7 +166,7 @@ async def queues_stream(request: web.Request) -> web.StreamResponse:
 
     async def read() -> str:
         stats = await session.client.queues()
-        return fragment(request, "_queues.html", session, queues=stats)
+        return fragment(request, "_queues.html", session, queues=stats, source="stream")
 
     return await _serve(request, session, _polled(request, session, "queues", read))
 
@@ -169,7 +176,9 @@ async def workers_stream(request: web.Request) -> web.StreamResponse:
 
     async def read() -> str:
         status, stats = await pages.workers_view(session.client, session)
-        return fragment(request, "_workers.html", session, cluster=status, queues=stats)
+        return fragment(
+            request, "_workers.html", session, cluster=status, queues=stats, source="stream"
+        )
 
     return await _serve(request, session, _polled(request, session, "workers", read))
 

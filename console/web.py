@@ -182,6 +182,8 @@ def render(
     **context: Any,
 ) -> web.Response:
     """Renders ``template`` as a whole page for ``session`` (its flash messages shown)."""
+    if "flashes" not in context:
+        context["flashes"] = session.take_flashes() if session else []
     text = fragment(request, template, session, **context)
     return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
 
@@ -189,12 +191,13 @@ def render(
 def fragment(
     request: web.Request, template: str, session: ConsoleSession | None, **context: Any
 ) -> str:
-    """Renders ``template`` (a page or a fragment) to text."""
+    """Renders ``template`` (a page or a fragment) to text; only :func:`render` shows (and
+    so uses up) the session's flash messages: a live update must not take them."""
     state = request.app[STATE]
     values = {
         "session": session,
         "csrf": session.csrf if session else "",
-        "flashes": session.take_flashes() if session and "flashes" not in context else [],
+        "flashes": [],
         "now": datetime.now(UTC),
         "path": request.path,
         "page_size": state.page_size,
