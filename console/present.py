@@ -106,13 +106,21 @@ def payload_view(data: bytes, content_type: str) -> PayloadView:
         text = shown.decode()
     except UnicodeDecodeError as exc:
         # A cut through a multi-byte character is still text.
-        if cut and exc.start >= len(shown) - 3:
-            text = shown[: exc.start].decode()
-        else:
-            dump = _hex(data[:_HEX_BYTES])
-            left = f"; the first {_HEX_BYTES} as hex" if len(data) > _HEX_BYTES else ""
-            return PayloadView("binary", dump, size + left)
+        text = shown[: exc.start].decode() if cut and exc.start >= len(shown) - 3 else ""
+        if not text:
+            return _binary(data, size)
+    if _CONTROL.search(text):
+        return _binary(data, size)
     return PayloadView("text", text, size + more)
+
+
+# Control characters other than tab and line ends: bytes, not text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _binary(data: bytes, size: str) -> PayloadView:
+    left = f"; the first {_HEX_BYTES} as hex" if len(data) > _HEX_BYTES else ""
+    return PayloadView("binary", _hex(data[:_HEX_BYTES]), size + left)
 
 
 def _is_json(content_type: str) -> bool:

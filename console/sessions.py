@@ -106,6 +106,8 @@ class SessionStore(Generic[C]):
         self._clock = clock
         # Least recently used first, so the one to push out is at the front.
         self._sessions: OrderedDict[str, Session[C]] = OrderedDict()
+        # Clients of sessions found expired on use, for :meth:`expired` to hand over.
+        self._retired: list[C] = []
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -123,11 +125,15 @@ class SessionStore(Generic[C]):
 
     def get(self, session_id: str | None) -> Session[C] | None:
         """The live session with this id, now marked as used; None when there is none (or
-        it has just expired: :meth:`expired` hands its client over)."""
+        it has just expired: it ends, and :meth:`expired` hands its client over)."""
         if not session_id:
             return None
         session = self._sessions.get(session_id)
-        if session is None or self._over(session, self._clock()):
+        if session is None:
+            return None
+        if self._over(session, self._clock()):
+            del self._sessions[session_id]
+            self._retired.append(session.client)
             return None
         session.last_seen = self._clock()
         self._sessions.move_to_end(session_id)
@@ -149,12 +155,14 @@ class SessionStore(Generic[C]):
         over = [s for s in self._sessions.values() if self._over(s, now)]
         for session in over:
             del self._sessions[session.id]
-        return [s.client for s in over]
+        retired, self._retired = self._retired, []
+        return retired + [s.client for s in over]
 
     def clear(self) -> list[C]:
         """Ends every session (the console stops); their clients, to close."""
-        clients = [s.client for s in self._sessions.values()]
+        clients = self._retired + [s.client for s in self._sessions.values()]
         self._sessions.clear()
+        self._retired = []
         return clients
 
     def _over(self, session: Session[C], now: float) -> bool:
