@@ -393,7 +393,12 @@ async def test_an_action_without_the_csrf_token_is_refused(
         await ops.go(f"/tasks/{task.id}")
         token = await _csrf(ops)
         cancel = f"{console.url}/tasks/{task.id}/cancel"
-        for form in ({}, {"csrf": "forged" + token[6:]}, {"csrf": ""}):
+        forms: list[dict[str, str | float | bool]] = [
+            {},
+            {"csrf": "forged" + token[6:]},
+            {"csrf": ""},
+        ]
+        for form in forms:
             answer = await ops.page.request.post(cancel, form=form)
             assert answer.status == 403, form
             assert "security token" in await answer.text()
