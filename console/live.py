@@ -82,7 +82,9 @@ async def _serve(
                 break
             await response.write(event(*item))
         else:
-            await response.write(event("end", ""))
+            ended = "Your session ended: reload the page to sign in again."
+            notice = fragment(request, "_notice.html", None, message=ended, retrying=False)
+            await response.write(event("notice", notice) + event("end", ""))
     except ConnectionResetError:
         pass  # the browser left: nothing more to send
     finally:

@@ -10,6 +10,7 @@ answer with a redirect back to the page, whose flash message says what happened.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -17,8 +18,10 @@ from aiohttp import web
 from conveyor.client import (
     AsyncClient,
     ConveyorError,
+    Page,
     PermissionDeniedError,
     QueueStats,
+    Task,
     TaskState,
 )
 from conveyor.client._models import parse_state_name
@@ -83,6 +86,16 @@ async def tasks(request: web.Request, session: ConsoleSession) -> web.StreamResp
             title="Not understood",
             message=f"There is no task state {state_name!r}.",
         )
+    _, context = await _task_page(request, session, state)
+    context["filters"]["state"] = state.name if state else ""
+    return render(request, "tasks.html", session, states=STATES, **context)
+
+
+async def _task_page(
+    request: web.Request, session: ConsoleSession, state: TaskState | None
+) -> tuple[Page[Task], dict[str, Any]]:
+    """One page of tasks as the query asks (queue, type, page token), and what the
+    templates show of it."""
     queue, type_ = _text(request, "queue"), _text(request, "type")
     token = _text(request, "page_token")
     rows = await session.client.list(
@@ -92,16 +105,12 @@ async def tasks(request: web.Request, session: ConsoleSession) -> web.StreamResp
         page_size=request.app[STATE].page_size,
         page_token=token or None,
     )
-    return render(
-        request,
-        "tasks.html",
-        session,
-        tasks=rows.items,
-        next_token=rows.next_page_token,
-        paged=bool(token),
-        filters={"queue": queue, "type": type_, "state": state.name if state else ""},
-        states=STATES,
-    )
+    return rows, {
+        "tasks": rows.items,
+        "next_token": rows.next_page_token,
+        "paged": bool(token),
+        "filters": {"queue": queue, "type": type_},
+    }
 
 
 @page
@@ -135,25 +144,8 @@ async def retry(request: web.Request, session: ConsoleSession) -> web.StreamResp
 
 @page
 async def dead(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    queue, type_ = _text(request, "queue"), _text(request, "type")
-    token = _text(request, "page_token")
-    rows = await session.client.list(
-        queue or None,
-        TaskState.DEAD,
-        type_ or None,
-        page_size=request.app[STATE].page_size,
-        page_token=token or None,
-    )
-    return render(
-        request,
-        "dead.html",
-        session,
-        tasks=rows.items,
-        groups=group_page(rows.items),
-        next_token=rows.next_page_token,
-        paged=bool(token),
-        filters={"queue": queue, "type": type_},
-    )
+    rows, context = await _task_page(request, session, TaskState.DEAD)
+    return render(request, "dead.html", session, groups=group_page(rows.items), **context)
 
 
 @action
