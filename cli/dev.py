@@ -318,7 +318,7 @@ async def _run(
             stop_wait.cancel()
             worker_task.result()  # the demo worker ended by itself: report why
             return 1
-        print("\nshutting down (console, worker, coordinator, PostgreSQL) …", flush=True)
+        print("\nshutting down (worker, console, coordinator, PostgreSQL) …", flush=True)
         worker.shutdown()  # drains: running demo tasks get the grace period
         with contextlib.suppress(asyncio.CancelledError):
             await worker_task
