@@ -176,3 +176,28 @@ async def test_conveyor_console_prints_a_sign_in_link_for_its_key(
                 assert response.status == 200  # signed in with the admin key
     finally:
         await process.stop()
+
+
+async def test_pause_and_resume_a_schedule_and_find_it_by_id(
+    stack: Stack, console: ConsoleProcess
+) -> None:
+    async with stack.client(stack.acme.user.key) as client:
+        made = await client.create_schedule("hourly/report", "0 * * * *", "report")
+    async with browsing(console.url) as http:
+        await sign_in(http, stack.acme.user.key)
+        async with http.get("/schedules") as page:
+            html = await page.text()
+            assert "hourly/report" in html
+            (token,) = set(re.findall(r'name="csrf" value="([^"]+)"', html))
+        for action, paused in (("pause", True), ("resume", False)):
+            form = {"csrf": token, "name": "hourly/report", "back": "/schedules"}
+            async with http.post(f"/schedule/{action}", data=form) as answer:
+                assert answer.status == 200 and answer.url.path == "/schedules"
+                word = "paused" if paused else "active"
+                assert f"Schedule hourly/report is {word}." in await answer.text()
+            async with stack.client(stack.acme.user.key) as client:
+                assert (await client.get_schedule("hourly/report")).paused is paused
+        # A fired task knows its schedule by id only: the console finds the name.
+        async with http.get(f"/schedules/by-id/{made.id}") as page:
+            assert page.url.path == "/schedule" and page.url.query["name"] == "hourly/report"
+            assert "Next fire times" in await page.text()
