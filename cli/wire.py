@@ -37,8 +37,8 @@ class Admin:
         idempotent = method.startswith(("Get", "List"))
 
         async def call(request: Any) -> Any:
-            return await self._conn.unary(
-                lambda s: getattr(s.admin, method), request, idempotent=idempotent
+            return await self._conn.admin_unary(
+                lambda stub: getattr(stub, method), request, idempotent=idempotent
             )
 
         return call

@@ -84,7 +84,9 @@ class Stubs:
 
 
 StubMethod = Callable[[Stubs], Any]
-"""Picks the method to call: ``lambda stubs: stubs.tasks.GetTask``."""
+"""Picks the method to call: ``lambda s: s.tasks.GetTask``."""
+AdminMethod = Callable[["AdminServiceAsyncStub"], Any]
+"""Picks an AdminService method: ``lambda stub: stub.GetClusterStatus``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,6 +214,10 @@ class Connection:
         result, _ = await self.call(attempt, idempotent=idempotent, deadline=self.deadline())
         return result
 
+    async def admin_unary(self, method: AdminMethod, request: Any, *, idempotent: bool) -> Any:
+        """:meth:`unary` for an AdminService method (the same channels, key and rules)."""
+        return await self.unary(lambda s: method(s.admin), request, idempotent=idempotent)
+
     async def stream(self, method: StubMethod, request: Any) -> AsyncGenerator[Any, None]:
         """Opens a server stream with failover, then yields its messages.
 
@@ -249,7 +255,8 @@ class Connection:
     ) -> tuple[T, str]:
         """Runs ``attempt`` against the coordinators until it succeeds or may not retry.
 
-        Returns the result and the address that produced it.
+        ``attempt`` gets the stubs of the address tried. Returns the result and the address
+        that produced it.
         """
         loop = asyncio.get_running_loop()
         address = self.book.current

@@ -421,7 +421,7 @@ class QueueStats:
     dead: int = 0
     #: Workers connected to the leader that take tasks from this queue.
     workers: int = 0
-    #: When the oldest PENDING task became ready (its run_at); None when none is.
+    #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
     oldest_pending_time: datetime | None = None
 
     @classmethod

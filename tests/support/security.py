@@ -55,11 +55,17 @@ class Keys:
         self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         self._metadata = bearer(admin_key)
 
-    async def create(self, tenant: str, *scopes: str, expire_time: datetime | None = None) -> Key:
+    async def create(
+        self,
+        tenant: str,
+        *scopes: str,
+        expire_time: datetime | None = None,
+        description: str = "test",
+    ) -> Key:
         request = admin_service_pb2.CreateApiKeyRequest(
             tenant=tenant,
             scopes=[api_keys.scope_value(s) for s in scopes],
-            description="test",
+            description=description,
         )
         if expire_time is not None:
             stamp = timestamp_pb2.Timestamp()
