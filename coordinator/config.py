@@ -124,7 +124,7 @@ class CoordinatorConfig:
     Empty: no metrics endpoint, and nothing is recorded."""
     tls_cert_file: str = ""
     """PEM certificate chain to serve TLS with (with ``tls_key_file``); empty: plaintext.
-    Renewed files are picked up on the next handshake (``coordinator/tls.py``)."""
+    Renewed files are picked up on the next handshake (``api/tls.py``)."""
     tls_key_file: str = ""
     """PEM private key of ``tls_cert_file``."""
     tls_client_ca_file: str = ""

@@ -28,12 +28,11 @@ from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Office
-from conveyor.coordinator.dispatch.dispatcher import Dispatcher
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
 from conveyor.coordinator.leader.maintenance import Promoter, Reaper
-from conveyor.coordinator.lifecycle.leases import Leases
+from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers

@@ -24,13 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.dispatch.policy import Packed
-from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.lifecycle.transitions import (
     ID,
     QUEUE,
@@ -50,6 +48,10 @@ from conveyor.observability.metrics import (
     WorkerPool,
 )
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
+
+if TYPE_CHECKING:
+    from conveyor.coordinator.dispatch.policy import Packed
+    from conveyor.coordinator.dispatch.sessions import SessionRegistry
 
 __all__ = ["Telemetry", "dispatch_spans"]
 

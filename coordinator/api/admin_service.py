@@ -1,7 +1,7 @@
 """``AdminService``: what an operator asks the cluster (``conveyor status``).
 
 The methods for API keys, tenant limits and the audit log are
-:class:`~conveyor.coordinator.security_admin.SecurityAdmin`'s; this class only routes them.
+:class:`~conveyor.coordinator.api.security_admin.SecurityAdmin`'s; this class only routes them.
 """
 
 from __future__ import annotations

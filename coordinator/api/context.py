@@ -1,7 +1,7 @@
 """The request context: who is calling and under what terms, for the handler to read.
 
-Interceptors fill it (``coordinator/interceptors.py``) before a handler runs; a handler reads
-it with :func:`current`. The authentication interceptor (``intercept_auth.py``) sets
+Interceptors fill it (``api/interceptors/``) before a handler runs; a handler reads
+it with :func:`current`. The authentication interceptor (``api/interceptors/auth.py``) sets
 ``tenant``, ``key_id`` and ``scopes`` from the call's API key with :func:`update` (with
 authentication off they keep their defaults: tenant "default", no key); tracing reads
 ``traceparent``.

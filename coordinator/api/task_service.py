@@ -1,6 +1,6 @@
 """``TaskService``: the API applications use to submit, inspect, wait for and cancel tasks.
 
-Handlers only do their work: the interceptors (``coordinator/interceptors.py``) refuse calls
+Handlers only do their work: the interceptors (``api/interceptors/``) refuse calls
 on a follower, fill the request context (the tenant is read from it) and turn whatever a
 handler raises into the right status. The schedule methods are the
 :class:`~conveyor.coordinator.schedule_service.ScheduleService`'s; this class only routes

@@ -41,12 +41,11 @@ from conveyor.coordinator.api import validation
 from conveyor.coordinator.api.interceptors.chain import Undecodable
 from conveyor.coordinator.api.validation import MAX_CREDIT, ValidHello
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch.dispatcher import Dispatcher
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.errors import Overloaded, ProtocolViolation, WorkerIdInUse
 from conveyor.coordinator.lifecycle import leases, results
 from conveyor.coordinator.lifecycle.batcher import Batcher
-from conveyor.coordinator.lifecycle.leases import Leases, Mapped
+from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases, Mapped
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.observability.logs import log_context
 from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc

@@ -1,7 +1,7 @@
 """The audit log's appender: events from every call path, batched into the hash chain.
 
 :class:`AuditLog` runs on every coordinator. Actions (key, schedule, cancel, retry, pause
-and admin calls; ``intercept_audit.py``) are recorded after they ran, with their outcome,
+and admin calls; ``api/interceptors/audit.py``) are recorded after they ran, with their outcome,
 and the call waits for the append to commit (at most ``APPEND_WAIT``): so an answered
 action is in the log, save an outage of the store, during which events wait in memory
 (bounded) and are written when it is back.

@@ -27,15 +27,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
+
+if TYPE_CHECKING:
+    from conveyor.coordinator.dispatch.sessions import WorkerSession
 
 T = TypeVar("T")
 

@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from conveyor.coordinator.lifecycle.leases import LeaseKey, lease_proto
+from conveyor.coordinator.convert import lease_proto
+from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import (
     ATTEMPT,
     EPOCH,

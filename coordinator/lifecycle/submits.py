@@ -152,7 +152,7 @@ class Submitter:
         await asyncio.gather(self.batcher.stop(), self.small.stop())
 
     async def submit(self, group: SubmitGroup) -> SubmitResult:
-        """Writes the group (admitted by the tenant's quotas already: ``quotas.py``)."""
+        """Writes the group (admitted by the tenant's quotas already: ``tenancy/quotas.py``)."""
         weight = len(group.tasks)
         lane = self.small if weight <= SMALL_SUBMIT_MAX else self.batcher
         return await lane.submit(group, weight=weight)

@@ -77,7 +77,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     one more statement for PostgreSQL per batch, to undo session state that pooled
     connections never hold here. Locks and settings are transaction-level
     (``pg_advisory_xact_lock``), no cursor outlives its transaction, and the key
-    directory LISTENs on a connection of its own (``directory.py``). Code that adds
+    directory LISTENs on a connection of its own (``tenancy/directory.py``). Code that adds
     session state to a pooled connection must undo it itself.
     """
 

@@ -17,7 +17,7 @@ once per call or stream, never per task. What it refuses, and how:
   let it try keys. (Behind a proxy every caller has the proxy's address; raise the limits
   or turn them off with ``auth_failure_burst=0`` there.)
 
-Every failure is tallied into the audit log (``audit.py`` aggregates them: one row per
+Every failure is tallied into the audit log (``audit/appender.py`` aggregates them: one row per
 peer, problem and key a second, with a count), never one row per attempt.
 
 :class:`OpenStreams` ends the open streams (WatchTask, worker Connect) of a key that is

@@ -1,5 +1,5 @@
 """The audit interceptor: every key, schedule, cancel, retry, pause and admin call, with its
-outcome, into the audit log (``audit.py``).
+outcome, into the audit log (``audit/appender.py``).
 
 :data:`AUDITED` is the one table of audited methods and what each acts on (its target).
 The event is recorded after the call ran, whatever its outcome ("OK", or the error

@@ -2,7 +2,7 @@
 
 For each ``conveyor.v1`` call, once (a stream is checked when it opens, never per
 message or per task): the key in ``authorization: Bearer <key>`` is checked
-(``auth.py``), the method's scope (the ``required_scope`` option in the protos, see
+(``tenancy/auth.py``), the method's scope (the ``required_scope`` option in the protos, see
 ``api_keys.required_scopes``) must be among the key's, and the request context gets the
 key's tenant, id and scopes, which every handler and query filters by. A stream runs
 under :class:`~conveyor.coordinator.auth.OpenStreams`, which ends it when its key is

@@ -1,17 +1,17 @@
 """The coordinator's gRPC server interceptors: the seam for cross-cutting concerns.
 
 :func:`server_interceptors` is the chain, outermost first. Each concern is one module with
-one :class:`~conveyor.coordinator.intercept_base.BehaviorInterceptor`, and adding one
+one :class:`~conveyor.coordinator.api.interceptors.base.BehaviorInterceptor`, and adding one
 (authentication and tenants, metrics, tracing) is a new module plus one line here:
 
 1. ``context``: binds the request context (request id, peer, deadline, trace context);
 2. ``errors``: maps whatever escapes to the right status (so it sees the layers below);
 3. ``auth``: checks the API key and the method's scope, and sets tenant, key id and
-   scopes in the context (``intercept_auth.py``; its refusals are mapped by ``errors``;
+   scopes in the context (``auth.py``; its refusals are mapped by ``errors``;
    left out with authentication off);
 4. ``leader``: followers refuse leader-only methods;
 5. ``audit``: records key, schedule, cancel, retry, pause and admin calls with their
-   outcome (``intercept_audit.py``).
+   outcome (``audit.py``).
 
 The worker stream goes through the same chain. Before it, outermost, ``server.py`` puts
 the telemetry's interceptors when they are on (``coordinator/telemetry.py``): the RPC

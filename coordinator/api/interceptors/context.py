@@ -1,4 +1,4 @@
-"""Fills the request context (``coordinator/context.py``) before the handler runs."""
+"""Fills the request context (``api/context.py``) before the handler runs."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from testsupport import leader_pool, service_deps
 
 from conveyor.coordinator.api import validation
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch.dispatcher import Dispatcher
 from conveyor.coordinator.dispatch.policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle.leases import Dispatcher
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import task_service_pb2

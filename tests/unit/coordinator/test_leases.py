@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conveyor.coordinator import convert
 from conveyor.coordinator.lifecycle import leases
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.store import tasks as store
@@ -14,7 +15,7 @@ def test_a_wire_lease_becomes_the_key_of_the_session_that_sends_it() -> None:
     wire = worker_service_pb2.Lease(task_id=TASK.upper(), attempt=2, epoch=7)
     key = leases.parse("t1", "w1", wire)
     assert key == LeaseKey("t1", TASK, 2, 7, "w1")
-    assert key is not None and leases.to_proto(key) == worker_service_pb2.Lease(
+    assert key is not None and convert.to_proto(key) == worker_service_pb2.Lease(
         task_id=TASK, attempt=2, epoch=7
     )
 
