@@ -10,7 +10,7 @@ once, and reaches the others through the directory's NOTIFY within a second.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -196,16 +196,16 @@ class SecurityAdmin:
     async def list_api_keys(
         self, request: admin_service_pb2.ListApiKeysRequest
     ) -> admin_service_pb2.ListApiKeysResponse:
-        tenant, size, after = _page_request(request, _key_page_token)
-        async with self._db.read() as conn:
-            rows = await key_store.list_page(
+        def fetch(conn: asyncpg.Connection, after: Any, limit: int) -> Awaitable[list[Any]]:
+            return key_store.list_page(
                 conn,
-                tenant=tenant,
+                tenant=request.tenant or None,
                 show_inactive=request.show_inactive,
                 after=after,
-                limit=pages.limit(size),
+                limit=limit,
             )
-        rows, token = pages.page(rows, size, _key_token)
+
+        rows, token = await self._listed(request, _key_page_token, fetch, _key_token)
         now = datetime.now(UTC)
         return admin_service_pb2.ListApiKeysResponse(
             keys=[api_key_message(r, now) for r in rows], next_page_token=token
@@ -305,37 +305,45 @@ class SecurityAdmin:
     async def list_audit_events(
         self, request: admin_service_pb2.ListAuditEventsRequest
     ) -> admin_service_pb2.ListAuditEventsResponse:
-        tenant, size, after = _page_request(request, _audit_page_token)
-        async with self._db.read() as conn:
-            rows = await audit_store.page(
+        def fetch(conn: asyncpg.Connection, after: Any, limit: int) -> Awaitable[list[Row]]:
+            return audit_store.page(
                 conn,
-                tenant=tenant,
+                tenant=request.tenant or None,
                 newest_first=request.newest_first,
                 after=after,
-                limit=pages.limit(size),
+                limit=limit,
             )
-        events, token = pages.page(rows, size, lambda last: str(last.seq))
+
+        events, token = await self._listed(
+            request, _audit_page_token, fetch, lambda last: str(last.seq)
+        )
         return admin_service_pb2.ListAuditEventsResponse(
             events=[audit_event_message(r) for r in events], next_page_token=token
         )
+
+    async def _listed(
+        self,
+        request: _PageRequest,
+        parse_token: Callable[[str, list[FieldViolation]], Any],
+        fetch: Callable[[asyncpg.Connection, Any, int], Awaitable[list[T]]],
+        token: Callable[[T], str],
+    ) -> tuple[list[T], str]:
+        """One page of an admin list: the request checked (tenant filter, page size, the
+        token's position), the rows read, and the next page's token."""
+        out: list[FieldViolation] = []
+        check_name(request.tenant, "tenant", out, required=False)
+        size = check_page_size(request.page_size, out)
+        after = parse_token(request.page_token, out)
+        _raise(out)
+        async with self._db.read() as conn:
+            rows = await fetch(conn, after, pages.limit(size))
+        return pages.page(rows, size, token)
 
 
 class _PageRequest(Protocol):
     tenant: str
     page_size: int
     page_token: str
-
-
-def _page_request(
-    request: _PageRequest, parse_token: Callable[[str, list[FieldViolation]], T | None]
-) -> tuple[str | None, int, T | None]:
-    """An admin list's tenant filter (None: every tenant), page size and position."""
-    out: list[FieldViolation] = []
-    check_name(request.tenant, "tenant", out, required=False)
-    size = check_page_size(request.page_size, out)
-    after = parse_token(request.page_token, out)
-    _raise(out)
-    return request.tenant or None, size, after
 
 
 def _key_token(last: Mapping[str, Any]) -> str:

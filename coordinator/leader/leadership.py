@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -46,68 +46,59 @@ class ClusterView:
     epoch: int
 
 
+@dataclass(eq=False)
 class Leadership:
     """This coordinator's terms (see the module docstring); a component of the server.
 
     ``step_down`` sends the connected workers to the new leader.
     """
 
-    def __init__(
-        self,
-        config: CoordinatorConfig,
-        *,
-        node_id: str,
-        address: str,
-        pool: asyncpg.Pool,
-        office: Office,
-        metrics: CoordinatorMetrics,
-        services: Sequence[Service],
-        step_down: Callable[[], None],
-    ) -> None:
-        self._config = config
-        self._node_id = node_id
-        self._address = address
-        self._pool = pool
-        self._office = office
-        self._metrics = metrics
-        self._services = services
-        self._step_down = step_down
-        self._term = Supervisor("term")
-        self._election: Election | None = None
-        self._changes: set[asyncio.Task[None]] = set()
-        # Serialises taking and leaving office, which the election and fencing both do.
-        self._lock = asyncio.Lock()
-        office.on_fenced = self._fenced
-        office.locate_leader = self.leader_address
+    config: CoordinatorConfig
+    node_id: str
+    address: str
+    pool: asyncpg.Pool
+    office: Office
+    metrics: CoordinatorMetrics
+    services: Sequence[Service]
+    step_down: Callable[[], None]
+    _term: Supervisor = field(init=False, default_factory=lambda: Supervisor("term"))
+    _election: Election | None = field(init=False, default=None)
+    _changes: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    # Serialises taking and leaving office, which the election and fencing both do.
+    _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.office.on_fenced = self._fenced
+        self.office.locate_leader = self.leader_address
 
     async def start(self) -> None:
         """Campaigns (etcd), or takes office at once (single-node)."""
-        cfg = self._config
+        cfg = self.config
         if cfg.etcd:
             self._election = Election(
                 parse_endpoints(cfg.etcd),
                 cluster=cfg.cluster,
-                node_id=self._node_id,
-                address=self._address,
+                node_id=self.node_id,
+                address=self.address,
                 ttl=cfg.election_ttl,
                 on_elected=self._elected,
                 on_deposed=self._deposed,
-                on_session=self._metrics.etcd_session_changed,
+                on_session=self.metrics.etcd_session_changed,
             )
             self._election.start()
             _log.info(
                 "coordinator %s serving on %s; campaigning in cluster %s",
-                self._node_id,
-                self._address,
+                self.node_id,
+                self.address,
                 cfg.cluster,
             )
         else:
             await self._elected(None)
             _log.info(
                 "coordinator %s serving on %s (single-node), epoch %d",
-                self._node_id,
-                self._address,
-                self._office.epoch,
+                self.node_id,
+                self.address,
+                self.office.epoch,
             )
 
     async def stop(self) -> None:
@@ -115,11 +106,11 @@ class Leadership:
         if self._election is not None:
             await self._election.stop()
         await self._term.stop()
-        if self._office.leader:
+        if self.office.leader:
             # Workers leave on their own (after their pending acknowledgements), instead
             # of holding the server's grace period and being cut.
             self._leave()
-            self._step_down()
+            self.step_down()
         await asyncio.gather(*self._changes, return_exceptions=True)
 
     # -- taking and leaving office -------------------------------------------------------
@@ -127,9 +118,9 @@ class Leadership:
     async def _elected(self, term_revision: int | None) -> bool:
         """Takes office: records a new epoch in Postgres, then starts the term's services."""
         async with self._lock:
-            async with self._pool.acquire() as conn:
+            async with self.pool.acquire() as conn:
                 epoch = await leadership.take_office(
-                    conn, self._config.cluster, self._node_id, self._address, term_revision
+                    conn, self.config.cluster, self.node_id, self.address, term_revision
                 )
             if epoch is None:
                 _log.warning(
@@ -140,17 +131,17 @@ class Leadership:
             # Loops of an earlier term may still run (fenced, and elected again before
             # leaving office finished): end them so each loop runs once.
             await self._term.stop()
-            self._office.epoch = epoch
-            self._office.leader = True
-            self._metrics.took_office(epoch)
+            self.office.epoch = epoch
+            self.office.leader = True
+            self.metrics.took_office(epoch)
             # The services' tasks copy this context: their log lines carry the epoch.
             with log_context(epoch=epoch):
-                for service in self._services:
+                for service in self.services:
                     await self._term.start(service)
                 _log.info(
                     "coordinator %s leads cluster %s, epoch %d",
-                    self._node_id,
-                    self._config.cluster,
+                    self.node_id,
+                    self.config.cluster,
                     epoch,
                 )
             return True
@@ -158,16 +149,16 @@ class Leadership:
     async def _deposed(self, reason: str) -> None:
         """Leaves office: stops dispatching at once, sends workers to the new leader."""
         async with self._lock:
-            if not self._office.leader:
+            if not self.office.leader:
                 return
             self._leave()
-            _log.warning("coordinator %s no longer leads: %s", self._node_id, reason)
-            self._step_down()
+            _log.warning("coordinator %s no longer leads: %s", self.node_id, reason)
+            self.step_down()
             await self._term.stop()
 
     def _fenced(self, exc: Fenced) -> None:
         """Another coordinator took a newer epoch: stop writing at once."""
-        if not self._office.leader:
+        if not self.office.leader:
             return
         _log.error("%s; this coordinator steps down and stops dispatching", exc)
         # Stop dispatching before anything else runs; the rest of leaving office follows.
@@ -178,39 +169,39 @@ class Leadership:
 
     async def _leave_fenced(self) -> None:
         async with self._lock:
-            if self._office.leader:
+            if self.office.leader:
                 return  # elected again meanwhile
-            self._step_down()
+            self.step_down()
             await self._term.stop()
 
     def _leave(self) -> None:
-        self._office.leader = False
-        self._metrics.left_office()
+        self.office.leader = False
+        self.metrics.left_office()
 
     # -- what this coordinator knows -------------------------------------------------------
 
     def leader_address(self) -> str:
-        if self._office.leader:
-            return self._address
+        if self.office.leader:
+            return self.address
         if self._election is not None and self._election.leader is not None:
             return self._election.leader.address
         return ""
 
     def cluster_view(self) -> ClusterView:
         """What this coordinator knows about the cluster, for AdminService."""
-        me = Member(self._node_id, self._address)
-        leader: Member | None = me if self._office.leader else None
+        me = Member(self.node_id, self.address)
+        leader: Member | None = me if self.office.leader else None
         if leader is None and self._election is not None:
             leader = self._election.leader
         return ClusterView(
-            cluster=self._config.cluster,
+            cluster=self.config.cluster,
             mode="etcd" if self._election is not None else "single-node",
             me=me,
             leader=leader,
-            epoch=self._office.epoch,
+            epoch=self.office.epoch,
         )
 
     async def replicas(self) -> list[Member]:
         if self._election is None:
-            return [Member(self._node_id, self._address)]
+            return [Member(self.node_id, self.address)]
         return await self._election.members()

@@ -20,9 +20,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from conveyor.coordinator.errors import Overloaded, rolled_back
+
+if TYPE_CHECKING:
+    from conveyor.coordinator.deps import Deps
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -168,3 +171,18 @@ class Batcher(Generic[T, R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def group_commit(
+    name: str, flush: FlushFn[T, R], deps: Deps, *, concurrency: int = 1
+) -> Batcher[T, R]:
+    """A coordinator's group commit: bounded by its configuration (``max_batch``,
+    ``max_pending_operations``), each flush timed by its metrics."""
+    return Batcher(
+        name,
+        flush,
+        max_batch=deps.config.max_batch,
+        max_pending=deps.config.max_pending_operations,
+        concurrency=concurrency,
+        on_flush=deps.metrics.record_flush,
+    )

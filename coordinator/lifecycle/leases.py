@@ -53,7 +53,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.coordinator import convert
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
-from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
@@ -148,14 +148,9 @@ class Leases:
 
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
-        cfg = deps.config
         # One item per heartbeat (a list of leases), so a message costs one future.
-        self.renewals: Batcher[Sequence[LeaseKey], list[bool]] = Batcher(
-            "renewal",
-            self._flush_renewals,
-            max_batch=cfg.max_batch,
-            max_pending=cfg.max_pending_operations,
-            on_flush=deps.metrics.record_flush,
+        self.renewals: Batcher[Sequence[LeaseKey], list[bool]] = group_commit(
+            "renewal", self._flush_renewals, deps
         )
 
     def start(self) -> None:

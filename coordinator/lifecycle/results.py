@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.lifecycle import leases
-from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.leases import Mapped
 from conveyor.coordinator.lifecycle.transitions import COLUMNS, Cause
 from conveyor.coordinator.store import tasks as store
@@ -89,16 +89,10 @@ class ResultRecorder:
 
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
-        cfg = deps.config
         # One item per worker message (a list of results), so a message costs one future
         # however many results it carries.
-        self.results: Batcher[Sequence[Outcome], list[bool]] = Batcher(
-            "result",
-            self._flush_results,
-            max_batch=cfg.max_batch,
-            max_pending=cfg.max_pending_operations,
-            concurrency=2,
-            on_flush=deps.metrics.record_flush,
+        self.results: Batcher[Sequence[Outcome], list[bool]] = group_commit(
+            "result", self._flush_results, deps, concurrency=2
         )
 
     def start(self) -> None:

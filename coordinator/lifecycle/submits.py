@@ -41,7 +41,7 @@ from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import Cause, Row
 from conveyor.coordinator.store import tasks as store
@@ -130,17 +130,8 @@ class Submitter:
         self._deps = deps
         self._hand_off = hand_off
 
-        def lane() -> Batcher[SubmitGroup, SubmitResult]:
-            return Batcher(
-                "submit",
-                self._flush,
-                max_batch=deps.config.max_batch,
-                max_pending=deps.config.max_pending_operations,
-                on_flush=deps.metrics.record_flush,
-            )
-
-        self.batcher = lane()
-        self.small = lane()
+        self.batcher: Batcher[SubmitGroup, SubmitResult] = group_commit("submit", self._flush, deps)
+        self.small: Batcher[SubmitGroup, SubmitResult] = group_commit("submit", self._flush, deps)
         """Submits of up to SMALL_SUBMIT_MAX tasks (``batcher`` takes the larger ones)."""
 
     def start(self) -> None:

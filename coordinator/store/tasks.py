@@ -696,15 +696,7 @@ async def finish_attempts(
     SCHEDULED after a backoff when retryable with attempts left, else DEAD. The attempt
     row is closed in the same statement.
     """
-    return await _FINISH.fetch(
-        conn,
-        outcome=[o.outcome for o in outcomes],
-        result=[o.result for o in outcomes],
-        error=[o.error for o in outcomes],
-        retryable=[o.retryable for o in outcomes],
-        fence=fence,
-        **key_arrays([o.key for o in outcomes]),
-    )
+    return await _FINISH.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
 
 
 _RECORD_REFUSED = Query(
@@ -712,7 +704,7 @@ _RECORD_REFUSED = Query(
     f"""
     INSERT INTO refused_results (tenant, task_id, attempt, epoch, worker_id, outcome, reason)
     SELECT r.tenant, r.id, r.attempt, r.epoch, r.worker_id, r.outcome, :reason
-    FROM {unnest((*KEY_ARRAYS, ("outcome", "smallint")), "r")}
+    FROM {unnest(_OUTCOME_ARRAYS, "r")}
     """,
 )
 
@@ -721,12 +713,16 @@ async def record_refused(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], reason: str
 ) -> None:
     """Records results that were refused (they change no task)."""
-    await _RECORD_REFUSED.execute(
-        conn,
-        outcome=[o.outcome for o in outcomes],
-        reason=reason,
-        **key_arrays([o.key for o in outcomes]),
+    await _RECORD_REFUSED.execute(conn, reason=reason, **_outcome_arrays(outcomes))
+
+
+def _outcome_arrays(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Outcomes as the array parameters named in ``_OUTCOME_ARRAYS``."""
+    arrays = transpose(
+        [(o.outcome, o.result, o.error, o.retryable) for o in outcomes],
+        [name for name, _ in _OUTCOME_ARRAYS[len(KEY_ARRAYS) :]],
     )
+    return {**arrays, **key_arrays([o.key for o in outcomes])}
 
 
 # -- leases: taking them back --------------------------------------------------------------
