@@ -152,8 +152,13 @@ class Session:
         draining: bool,
         options: ConnectionOptions,
         on_welcome: Callable[[Session], None] | None = None,
+        resume_token: bytes = b"",
     ) -> None:
         self.target = target
+        #: The process's resume token: the last Welcome's, presented in Hello (it proves to
+        #: the coordinator that this process holds the leases it lists); then this
+        #: session's Welcome's. A secret: never logged.
+        self.resume_token = resume_token
         self._on_welcome_callback = on_welcome
         self._info = info
         self._runtime = runtime
@@ -274,6 +279,7 @@ class Session:
             task_types=self._info.task_types,
             credits=credits,
             in_flight=in_flight,
+            resume_token=self.resume_token,
         )
         self._outstanding = credits
         await self._outgoing.put(pb.ConnectRequest(hello=hello))
@@ -317,6 +323,8 @@ class Session:
     def _on_welcome(self, welcome: pb.Welcome, resumed: int) -> None:
         self._welcomed = True
         self.session_id = welcome.session_id
+        if welcome.resume_token:
+            self.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
         if interval > 0:
             self._heartbeat_interval = interval

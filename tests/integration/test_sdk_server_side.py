@@ -80,6 +80,47 @@ async def test_end_of_grace_period_interrupts_without_using_an_attempt(
             await run
 
 
+async def test_a_running_task_survives_its_workers_reconnect(
+    coordinator: Coordinator, client: AsyncClient
+) -> None:
+    """The SDK presents its resume token when it reconnects, so the coordinator knows the
+    leases it lists are its own: the running attempt is kept, not run again."""
+    worker = Worker(coordinator.address)
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    @worker.task("long")
+    async def long(ctx: TaskContext, payload: Any) -> str:
+        started.set()
+        await finish.wait()
+        return "done"
+
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        async with asyncio.timeout(10):
+            await worker.wait_connected()
+        task = await client.submit("long", None, max_attempts=1)
+        async with asyncio.timeout(10):
+            await started.wait()
+        first = coordinator.sessions.by_worker("default", worker.worker_id)
+        assert first is not None
+        first.end("cut by the test")
+
+        def reconnected() -> bool:
+            session = coordinator.sessions.by_worker("default", worker.worker_id)
+            return session is not None and session is not first
+
+        await eventually(reconnected, what="the worker's next session")
+        finish.set()
+        assert await client.result(task.id, timeout=10) == "done"
+        current, attempts = await client.get_with_attempts(task.id)
+        assert [a.outcome for a in attempts] == [AttemptOutcome.SUCCEEDED]
+        assert current.attempt == 1
+    finally:
+        worker.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
+
+
 async def test_second_process_with_the_same_worker_id_is_refused(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
