@@ -336,6 +336,23 @@ async def get(conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID) -> asyn
     return await _GET.fetchrow(conn, tenant=tenant, id=task_id)
 
 
+_GET_MANY = Query(
+    "get_tasks",
+    f"""
+    SELECT {_TASK} FROM tasks t
+    JOIN unnest(:tenant::text[], :id::uuid[]) AS k(tenant, id)
+        ON t.tenant = k.tenant AND t.id = k.id
+    """,
+)
+
+
+async def get_many(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+) -> list[asyncpg.Record]:
+    """The tasks named by (tenant, task id) that exist, in no particular order."""
+    return await _GET_MANY.fetch(conn, tenant=[k[0] for k in keys], id=[k[1] for k in keys])
+
+
 _ATTEMPTS = Query(
     "task_attempts",
     f"""
