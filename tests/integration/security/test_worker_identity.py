@@ -241,3 +241,56 @@ async def test_an_evicted_sessions_end_releases_none_of_the_next_sessions_leases
         await new.close()
         await old.close()
         await coordinator.stop(grace=1.0)
+
+
+async def test_a_session_that_settles_too_late_leaves_its_successors_leases_alone(
+    database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconnect waits only so long for the evicted session to settle
+    (RETIRE_TIMEOUT, shortened here); when that session's end finally releases, the leases
+    are its process's newer session's, which resumed them: it must leave them alone."""
+    from conveyor.coordinator import worker_service
+
+    original = worker_service.WorkerServicer._release_evicted
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def late(self: worker_service.WorkerServicer, *args: Any) -> int:
+        entered.set()
+        await gate.wait()
+        return await original(self, *args)
+
+    monkeypatch.setattr(worker_service, "RETIRE_TIMEOUT", 0.5)
+    monkeypatch.setattr(worker_service.WorkerServicer, "_release_evicted", late)
+    coordinator = Coordinator(
+        coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
+    )
+    await coordinator.start()
+    old, new = RawWorker(coordinator.address), RawWorker(coordinator.address)
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            task = await submit(stub, max_attempts=1)
+            welcome = await old.connect("gc-pause", credits=1, pulse=False)
+            (lease,) = [a.lease for a in await old.assignments(1)]
+            await asyncio.wait_for(entered.wait(), 10)  # evicted; its release held back
+
+            resumed = await new.connect(
+                "gc-pause", credits=0, in_flight=(lease,), resume_token=welcome.resume_token
+            )
+            assert list(resumed.lost) == []
+            gate.set()
+
+            def settled() -> bool:
+                return any(e.worker_id == "gc-pause" for e in coordinator.sessions.evictions)
+
+            await eventually(settled, what="the evicted session's end")
+            eviction = next(e for e in coordinator.sessions.evictions)
+            assert eviction.released == 0
+            assert (await new.report(lease)).accepted
+            got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+            assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
+    finally:
+        gate.set()
+        await new.close()
+        await old.close()
+        await coordinator.stop(grace=1.0)
