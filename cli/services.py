@@ -248,8 +248,7 @@ def coordinator(
         typer.Option(
             "--max-watch-streams",
             min=0,
-            help="WatchTask streams each tenant may have open on this coordinator (0: no "
-            "limit).",
+            help="WatchTask streams each tenant may have open on this coordinator (0: no limit).",
         ),
     ] = 1000,
     auth_failure_burst: Annotated[
