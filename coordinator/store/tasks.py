@@ -790,16 +790,23 @@ async def release_abandoned(
     )
 
 
-_RELEASE_FOREIGN = Query(
-    "release_foreign_leases",
-    f"""
-    WITH victims AS (
-        SELECT id, worker_id FROM tasks
-        WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
-          AND lease_holder IS DISTINCT FROM :holder
-        FOR UPDATE
-    ), {_RELEASE}
-    """,
+def _release_by_holder(name: str, holder_match: str) -> Query:
+    """Ends the leases of a worker id whose holder matches (see the two uses)."""
+    return Query(
+        name,
+        f"""
+        WITH victims AS (
+            SELECT id, worker_id FROM tasks
+            WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
+              AND {holder_match}
+            FOR UPDATE
+        ), {_RELEASE}
+        """,
+    )
+
+
+_RELEASE_FOREIGN = _release_by_holder(
+    "release_foreign_leases", "lease_holder IS DISTINCT FROM :holder"
 )
 
 
@@ -836,17 +843,7 @@ async def release_leases(
     return await _RELEASE_KEYS.fetch(conn, fence=fence, **how._asdict(), **key_arrays(keys))
 
 
-_RELEASE_WORKER = Query(
-    "release_worker_leases",
-    f"""
-    WITH victims AS (
-        SELECT id, worker_id FROM tasks
-        WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
-          AND lease_holder = :holder
-        FOR UPDATE
-    ), {_RELEASE}
-    """,
-)
+_RELEASE_WORKER = _release_by_holder("release_worker_leases", "lease_holder = :holder")
 
 
 async def release_worker(

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from security import Keys, running, secure_coordinator
+from security import secured
 from testsupport import RawWorker, coordinator_config, error_details, eventually, submit
 
-from conveyor.coordinator import Coordinator, api_keys
-from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.sessions import Eviction
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
 
 Workers = Callable[[], RawWorker]
 NOT_STARTED = task_pb2.ATTEMPT_OUTCOME_NOT_STARTED
@@ -42,12 +44,8 @@ async def _attempts(db: asyncpg.Connection, task_id: str) -> list[tuple[int, int
 async def test_a_hello_with_a_live_workers_host_and_pid_does_not_take_its_id(
     database_dsn: str, tmp_path: Path
 ) -> None:
-    _, admin_key = api_keys.generate()
-    async with (
-        running(secure_coordinator(database_dsn, tmp_path, admin_key)) as coordinator,
-        grpc.aio.insecure_channel(coordinator.address) as channel,
-    ):
-        keys = Keys(channel, admin_key)
+    async with secured(database_dsn, tmp_path) as coordinator:
+        keys, channel = coordinator.keys, coordinator.channel
         submitter = await keys.create("acme", "submit", "read")
         victim_key = await keys.create("acme", "worker")
         intruder_key = await keys.create("acme", "worker")
@@ -178,6 +176,51 @@ async def test_a_reconnect_with_its_resume_token_replaces_its_live_session(
     assert (await again.report(leases[kept.id])).accepted
 
 
+@dataclass
+class _Silent:
+    """A worker that fell silent with a task and was evicted, and its process's next
+    stream, not yet opened."""
+
+    coordinator: Coordinator
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub
+    task: task_pb2.Task
+    """Its task: one attempt, so once released it is dead, not offered again."""
+    lease: worker_service_pb2.Lease
+    resume_token: bytes
+    new: RawWorker
+
+    async def settled(self) -> Eviction:
+        """The old session's eviction, once its end has settled."""
+
+        def recorded() -> Eviction | None:
+            return next(iter(self.coordinator.sessions.evictions), None)
+
+        return await eventually(recorded, what="the evicted session's end")
+
+
+@contextlib.asynccontextmanager
+async def _silent_worker(database_dsn: str, entered: asyncio.Event) -> AsyncIterator[_Silent]:
+    """Yields once the eviction's release has begun (``entered``: the test's gate)."""
+    coordinator = Coordinator(
+        coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
+    )
+    await coordinator.start()
+    old, new = RawWorker(coordinator.address), RawWorker(coordinator.address)
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            task = await submit(stub, max_attempts=1)
+            welcome = await old.connect("gc-pause", credits=1, pulse=False)
+            (lease,) = [a.lease for a in await old.assignments(1)]
+            # Silent past the liveness timeout: evicted.
+            await asyncio.wait_for(entered.wait(), 10)
+            yield _Silent(coordinator, stub, task, lease, welcome.resume_token, new)
+    finally:
+        await new.close()
+        await old.close()
+        await coordinator.stop(grace=1.0)
+
+
 async def test_an_evicted_sessions_end_releases_none_of_the_next_sessions_leases(
     database_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,47 +243,22 @@ async def test_an_evicted_sessions_end_releases_none_of_the_next_sessions_leases
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(store, "release_worker", held)
-    coordinator = Coordinator(
-        coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
-    )
-    await coordinator.start()
-    old, new = RawWorker(coordinator.address), RawWorker(coordinator.address)
-    try:
-        async with grpc.aio.insecure_channel(coordinator.address) as channel:
-            stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            # One attempt: released by the eviction, it is dead, not offered again.
-            first = await submit(stub, max_attempts=1)
-            welcome = await old.connect("gc-pause", credits=1, pulse=False)
-            (held_lease,) = [a.lease for a in await old.assignments(1)]
-            # Silent past the liveness timeout: evicted; its end's release waits at the gate.
-            await asyncio.wait_for(entered.wait(), 10)
-
-            # The same process comes back (its pause over), listing what it holds.
-            resumed = await new.connect(
-                "gc-pause", credits=1, in_flight=(held_lease,), resume_token=welcome.resume_token
-            )
-            second = await submit(stub)
-            (fresh,) = [a.lease for a in await new.assignments(1)]
-            assert fresh.task_id == second.id
-            gate.set()
-
-            def settled() -> bool:
-                return any(e.worker_id == "gc-pause" for e in coordinator.sessions.evictions)
-
-            await eventually(settled, what="the evicted session's end")
-            # Every lease the new session holds is still its own.
-            holds = [fresh] + [held_lease] * (held_lease not in resumed.lost)
-            for lease in holds:
-                assert (await new.report(lease)).accepted, lease
-            states = {
-                t.id: (await stub.GetTask(task_service_pb2.GetTaskRequest(id=t.id))).task.state
-                for t in (first, second)
-            }
-            assert states[second.id] == task_pb2.TASK_STATE_SUCCEEDED
-    finally:
-        await new.close()
-        await old.close()
-        await coordinator.stop(grace=1.0)
+    async with _silent_worker(database_dsn, entered) as silent:
+        # The same process comes back (its pause over), listing what it holds.
+        new = silent.new
+        resumed = await new.connect(
+            "gc-pause", credits=1, in_flight=(silent.lease,), resume_token=silent.resume_token
+        )
+        second = await submit(silent.stub)
+        (fresh,) = [a.lease for a in await new.assignments(1)]
+        assert fresh.task_id == second.id
+        gate.set()
+        await silent.settled()
+        # Every lease the new session holds is still its own.
+        for lease in [fresh] + [silent.lease] * (silent.lease not in resumed.lost):
+            assert (await new.report(lease)).accepted, lease
+        got = await silent.stub.GetTask(task_service_pb2.GetTaskRequest(id=second.id))
+        assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
 
 
 async def test_a_session_that_settles_too_late_leaves_its_successors_leases_alone(
@@ -261,36 +279,15 @@ async def test_a_session_that_settles_too_late_leaves_its_successors_leases_alon
 
     monkeypatch.setattr(worker_service, "RETIRE_TIMEOUT", 0.5)
     monkeypatch.setattr(worker_service.WorkerServicer, "_release_evicted", late)
-    coordinator = Coordinator(
-        coordinator_config(database_dsn, lease_duration=30.0, liveness_timeout=1.5)
-    )
-    await coordinator.start()
-    old, new = RawWorker(coordinator.address), RawWorker(coordinator.address)
-    try:
-        async with grpc.aio.insecure_channel(coordinator.address) as channel:
-            stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            task = await submit(stub, max_attempts=1)
-            welcome = await old.connect("gc-pause", credits=1, pulse=False)
-            (lease,) = [a.lease for a in await old.assignments(1)]
-            await asyncio.wait_for(entered.wait(), 10)  # evicted; its release held back
-
-            resumed = await new.connect(
-                "gc-pause", credits=0, in_flight=(lease,), resume_token=welcome.resume_token
+    async with _silent_worker(database_dsn, entered) as silent:
+        try:
+            resumed = await silent.new.connect(
+                "gc-pause", credits=0, in_flight=(silent.lease,), resume_token=silent.resume_token
             )
             assert list(resumed.lost) == []
+        finally:
             gate.set()
-
-            def settled() -> bool:
-                return any(e.worker_id == "gc-pause" for e in coordinator.sessions.evictions)
-
-            await eventually(settled, what="the evicted session's end")
-            eviction = next(e for e in coordinator.sessions.evictions)
-            assert eviction.released == 0
-            assert (await new.report(lease)).accepted
-            got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
-            assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
-    finally:
-        gate.set()
-        await new.close()
-        await old.close()
-        await coordinator.stop(grace=1.0)
+        assert (await silent.settled()).released == 0
+        assert (await silent.new.report(silent.lease)).accepted
+        got = await silent.stub.GetTask(task_service_pb2.GetTaskRequest(id=silent.task.id))
+        assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED

@@ -13,17 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import grpc
 import processes
 import pytest
-from cluster import CoordinatorProcess
-from security import Keys, running, secure_coordinator
+from security import secured
 from testsupport import eventually, sleep_until
 
 from conveyor.coordinator import api_keys
@@ -35,17 +31,6 @@ pytestmark = pytest.mark.slow
 
 # Far longer than a worker that stops takes; on main these workers ran until killed here.
 STOPS_WITHIN = 30.0
-
-
-@asynccontextmanager
-async def _coordinator(database_dsn: str, tmp_path: Path) -> AsyncIterator[tuple[str, Keys]]:
-    _, admin_key = api_keys.generate()
-    process: CoordinatorProcess = secure_coordinator(database_dsn, tmp_path, admin_key)
-    async with (
-        running(process) as coordinator,
-        grpc.aio.insecure_channel(coordinator.address) as channel,
-    ):
-        yield coordinator.address, Keys(channel, admin_key)
 
 
 async def _worker(address: str, key: str | None) -> processes.Completed:
@@ -70,7 +55,8 @@ def _said_once(err: str, words: str) -> str:
 async def test_a_worker_with_a_revoked_or_expired_key_stops_with_one_line(
     database_dsn: str, tmp_path: Path
 ) -> None:
-    async with _coordinator(database_dsn, tmp_path) as (address, keys):
+    async with secured(database_dsn, tmp_path) as coordinator:
+        address, keys = coordinator.address, coordinator.keys
         revoked = await keys.create("acme", "worker")
         await keys.revoke(revoked.id)
         expires = datetime.now(UTC) + timedelta(seconds=1)
@@ -87,7 +73,8 @@ async def test_a_worker_with_a_revoked_or_expired_key_stops_with_one_line(
 async def test_a_worker_stops_when_its_key_is_revoked_while_it_runs(
     database_dsn: str, tmp_path: Path
 ) -> None:
-    async with _coordinator(database_dsn, tmp_path) as (address, keys):
+    async with secured(database_dsn, tmp_path) as coordinator:
+        address, keys = coordinator.address, coordinator.keys
         key = await keys.create("acme", "worker")
         worker = Worker(address, api_key=key.key)
         worker.register("noop", lambda ctx, payload: None)
@@ -116,7 +103,8 @@ async def test_a_worker_without_a_usable_key_stops_saying_how_to_get_one(
     database_dsn: str, tmp_path: Path, key: str | None, problem: str
 ) -> None:
     """Issue 20, break 2: it retried forever, about 43 log lines a minute."""
-    async with _coordinator(database_dsn, tmp_path) as (address, _):
+    async with secured(database_dsn, tmp_path) as coordinator:
+        address = coordinator.address
         done = await _worker(address, key)
         assert done.code == 1, done
         line = _said_once(done.err, problem)
@@ -132,7 +120,8 @@ async def test_an_unknown_key_is_retried_for_a_while_then_the_worker_stops(
     """A key the coordinator does not know may be a new one on its way there: a worker
     started with it connects once it arrives, and one that never arrives stops."""
     monkeypatch.setattr(_connection, "UNKNOWN_KEY_PATIENCE", 3.0)
-    async with _coordinator(database_dsn, tmp_path) as (address, _):
+    async with secured(database_dsn, tmp_path) as coordinator:
+        address = coordinator.address
         _, never = api_keys.generate()
         lost = Worker(address, api_key=never)
         lost.register("noop", lambda ctx, payload: None)
