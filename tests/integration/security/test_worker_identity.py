@@ -56,16 +56,25 @@ async def test_a_hello_with_a_live_workers_host_and_pid_does_not_take_its_id(
                 metadata=submitter.metadata,
             )
         ).task
-        victim, intruder = RawWorker(coordinator.address), RawWorker(coordinator.address)
+        victim = RawWorker(coordinator.address)
+        intruders = [RawWorker(coordinator.address) for _ in range(2)]
         try:
             await victim.connect(
                 "prod-worker", hostname="prod-host", pid=7, metadata=victim_key.metadata
             )
             (assignment,) = await victim.assignments(1)
 
-            # The refusal names the worker id it was asked about, and nothing of the holder.
+            # Repeating the holder's host and pid proves nothing (it took the session over).
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await intruder.connect(
+                await intruders[0].connect(
+                    "prod-worker", hostname="prod-host", pid=7, metadata=intruder_key.metadata
+                )
+            assert error_details(caught.value).reason == "WORKER_ID_IN_USE"
+
+            # The refusal names the worker id it was asked about, and nothing of the holder
+            # (it told the host and pid to repeat).
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await intruders[1].connect(
                     "prod-worker", hostname="elsewhere", pid=1, metadata=intruder_key.metadata
                 )
             refused = error_details(caught.value)
@@ -76,14 +85,6 @@ async def test_a_hello_with_a_live_workers_host_and_pid_does_not_take_its_id(
             assert refused.metadata == {"worker_id": "prod-worker"}
             assert "prod-host" not in refused.message and "pid" not in refused.message
 
-            # Repeating the holder's host and pid proves nothing either.
-            intruder = RawWorker(coordinator.address)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await intruder.connect(
-                    "prod-worker", hostname="prod-host", pid=7, metadata=intruder_key.metadata
-                )
-            assert error_details(caught.value).reason == "WORKER_ID_IN_USE"
-
             # The live worker still holds its attempt, and its result counts.
             assert (await victim.report(assignment.lease, result=b'"done"')).accepted
             got = await stub.GetTask(
@@ -93,14 +94,16 @@ async def test_a_hello_with_a_live_workers_host_and_pid_does_not_take_its_id(
             assert (got.task.attempt, got.task.uncounted_attempts) == (1, 0)
             assert [a.outcome for a in got.attempts] == [task_pb2.ATTEMPT_OUTCOME_SUCCEEDED]
         finally:
-            await intruder.close()
-            await victim.close()
+            for worker in (victim, *intruders):
+                await worker.close()
 
 
+@pytest.mark.parametrize("lists_it", [False, True])
 async def test_a_new_process_on_a_free_worker_id_calls_no_running_attempt_not_started(
     stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Workers,
     db: asyncpg.Connection,
+    lists_it: bool,
 ) -> None:
     """The worker's stream broke (its process may still run the task) and another process
     took the id: the running attempt goes back counted, as it may have run, never as
@@ -112,8 +115,9 @@ async def test_a_new_process_on_a_free_worker_id_calls_no_running_attempt_not_st
     await victim.close()
 
     newcomer = raw_workers()
-    welcome = await newcomer.connect("phoenix", credits=0, in_flight=(assignment.lease,))
-    assert list(welcome.lost) == [assignment.lease]
+    listed = (assignment.lease,) if lists_it else ()
+    welcome = await newcomer.connect("phoenix", credits=0, in_flight=listed)
+    assert list(welcome.lost) == list(listed)
     assert await _attempts(db, task.id) == [(1, LEASE_EXPIRED)]
     got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
     assert got.task.state == task_pb2.TASK_STATE_PENDING
