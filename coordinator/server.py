@@ -35,6 +35,7 @@ from conveyor.coordinator.leader.maintenance import Promoter, Reaper
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
+from conveyor.coordinator.lifecycle.watch_reader import WatchReader
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.schedules.firer import ScheduleFirer
 from conveyor.coordinator.store import api_keys as key_store
@@ -83,7 +84,7 @@ class Coordinator:
         self.office = Office(config.cluster)
         self.office.on_refused = self.telemetry.metrics.fenced
         self.sessions = SessionRegistry()
-        self.watchers = TaskWatchers()
+        self.watchers = TaskWatchers(max_per_tenant=config.max_watch_streams)
         self.streams = OpenStreams()
         """Open streams per API key, ended when their key is revoked or expires."""
         self.components = Supervisor("coordinator")
@@ -203,6 +204,8 @@ class Coordinator:
         await components.start(self.submitter)
         await components.start(recorder)
         await components.start(leases)
+        # WatchTask streams are reads: served for the life of the process, not of a term.
+        await components.start(WatchReader(deps))
         await components.start(api)
         if not cfg.authentication:
             _log.error(

@@ -148,7 +148,7 @@ class Telemetry:
             metrics.record_dispatched(rows)
         elif cause is Cause.FINISHED:
             metrics.record_results(rows)
-        elif cause is Cause.EXPIRED or cause is Cause.EVICTED:
+        elif cause in (Cause.EXPIRED, Cause.EVICTED, Cause.TAKEN_OVER):
             metrics.record_lease_expired(rows)
         elif cause is Cause.NOT_STARTED:
             metrics.record_requeued(rows)

@@ -28,6 +28,8 @@ from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 PROTOCOL_VERSION = 1
 """The worker protocol version this coordinator speaks (``Hello.protocol_version``)."""
+RESUME_TOKEN_BYTES = 32
+"""The length of a worker process's resume token (``Welcome.resume_token``)."""
 
 MAX_NAME_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -481,6 +483,8 @@ class ValidHello:
     task_types: tuple[str, ...]
     credits: int
     in_flight: list[worker_service_pb2.Lease]
+    resume_token: bytes
+    """Empty on a worker process's first connect."""
 
 
 def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
@@ -520,6 +524,14 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         out.append(FieldViolation("hello.credits", f"must be between 0 and {MAX_CREDIT}"))
     if len(hello.in_flight) > MAX_CREDIT:
         out.append(FieldViolation("hello.in_flight", f"must list at most {MAX_CREDIT} leases"))
+    if hello.resume_token and len(hello.resume_token) != RESUME_TOKEN_BYTES:
+        out.append(
+            FieldViolation(
+                "hello.resume_token",
+                f"must be empty or the {RESUME_TOKEN_BYTES} bytes of an earlier Welcome's "
+                "resume_token, unchanged",
+            )
+        )
     if out:
         raise ProtocolViolation(
             "invalid Hello: " + "; ".join(f"{v.field}: {v.description}" for v in out[:5]), out
@@ -532,4 +544,5 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         task_types=tuple(dict.fromkeys(hello.task_types)),
         credits=hello.credits,
         in_flight=list(hello.in_flight),
+        resume_token=hello.resume_token,
     )

@@ -2,13 +2,18 @@
 
 A stream starts with Hello, checked in full (``validation.validate_hello``), then:
 
-1. the worker id is taken. A live session with the same id from another process
-   (another hostname or pid) refuses this one: WORKER_ID_IN_USE. A session of the same
-   process (a reconnect that overtook the old stream's end) is retired first, and this
-   stream waits until the old one has settled its leases;
-2. its leases are resumed: those listed in ``Hello.in_flight`` are renewed, every other
-   lease of the worker goes back at once without using an attempt (the worker lists all
-   it holds, so it never received those) and Welcome lists the ones it lost;
+1. the worker id is taken. A live session with the same id refuses this one
+   (WORKER_ID_IN_USE), unless the Hello presents that session's resume token: then it is
+   the same process (a reconnect that overtook the old stream's end), the old session is
+   retired, and this stream waits until the old one has settled its leases. Hostname and
+   pid prove nothing (see ``sessions.py``);
+2. its leases are resumed. The process's own (granted to the resume token it presents):
+   those listed in ``Hello.in_flight`` are renewed, every other one goes back at once
+   without using an attempt (the worker lists all it holds, so it never received those).
+   Any other lease of the worker id was granted to another process, which may be running
+   it: it goes back counted (LEASE_EXPIRED), even if listed. Welcome lists the listed
+   leases that are not the worker's, and the resume token: the one presented if it held
+   a lease or the live session, else a new one;
 3. the stream runs as three loops: receive (this handler's), send (draining the
    session's outbox, see ``sessions.py``) and ack (answering each Results or Heartbeat
    after its group commit, in order). A full ack queue stops the receive loop, which is
@@ -111,10 +116,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             hostname=hello.hostname,
             pid=hello.pid,
         )
-        await self._take_worker_id(session)
+        proven = await self._take_worker_id(session, hello.resume_token)
         failure: Exception | None = None
         try:
-            lost = await self._leases.resume(session.tenant, session.worker_id, hello.in_flight)
+            lost = await self._leases.resume(session, hello, proven=proven)
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
@@ -171,25 +176,32 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             raise ProtocolViolation("the first message on the stream must be Hello")
         return validation.validate_hello(first.hello)
 
-    async def _take_worker_id(self, session: WorkerSession) -> None:
+    async def _take_worker_id(self, session: WorkerSession, resume_token: bytes) -> bool:
+        """Reserves the worker id; whether ``resume_token`` proved the Hello is the process
+        of the live session that held it."""
         registry = self._deps.sessions
+        proven = False
         while (holder := registry.holder(session.tenant, session.worker_id)) is not None:
-            if not holder.closed and not holder.same_process(session.hostname, session.pid):
-                raise WorkerIdInUse(
-                    session.worker_id,
-                    holder.hostname,
-                    holder.pid,
-                    self._deps.config.worker_liveness_timeout,
-                )
-            holder.end("replaced by a new stream from the same worker process")
-            self._deps.metrics.worker_evicted("replaced")
+            if not holder.closed:
+                if not holder.proven_by(resume_token):
+                    raise WorkerIdInUse(
+                        session.worker_id, self._deps.config.worker_liveness_timeout
+                    )
+                proven = True
+                holder.end("replaced by a new stream from the same worker process")
+                self._deps.metrics.worker_evicted("replaced")
             try:
                 async with asyncio.timeout(RETIRE_TIMEOUT):
                     await holder.done.wait()
             except TimeoutError:
                 _log.warning("worker %s: the old session did not settle in time", holder.worker_id)
+                # Its leases are this session's to resume now; it must not release them
+                # when it gets that far (nor halfway through, hence the lock).
+                async with holder.releasing:
+                    holder.superseded = True
                 registry.remove(holder)
         registry.reserve(session)
+        return proven
 
     def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
         cfg = self._deps.config
@@ -203,6 +215,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     liveness_timeout=convert.duration_ms(int(cfg.worker_liveness_timeout * 1000)),
                     lost=lost,
                     tenant=session.tenant,
+                    resume_token=session.resume_token,
                 )
             )
         )
@@ -351,9 +364,14 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     # -- closing ---------------------------------------------------------------------------
 
     async def _settle(self, session: WorkerSession) -> None:
-        """Takes back what the ended session cannot finish; then frees its worker id."""
+        """Takes back what the ended session cannot finish; then frees its worker id.
+
+        The worker id stays reserved until then: a reconnect of the same process waits, so
+        the release here never meets the leases it resumes (and when it stops waiting,
+        ``superseded`` tells this session to leave them alone).
+        """
         deps = self._deps
-        deps.sessions.remove(session)
+        deps.sessions.retire(session)
         undelivered = session.take_undelivered()
         released = 0
         try:
@@ -362,9 +380,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     if undelivered:
                         await self._leases.release_undelivered(conn, undelivered)
                     if session.evicted:
-                        released = await self._leases.release_evicted(
-                            conn, session.tenant, session.worker_id, session.end_reason
-                        )
+                        released = await self._leases.release_evicted(conn, session)
         except Exception as exc:
             # Store down or fenced: the leases come back when they expire or when the
             # worker reconnects.
@@ -372,6 +388,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 "worker %s: could not take back its leases now: %r", session.worker_id, exc
             )
         finally:
+            deps.sessions.remove(session)
             if session.evicted:
                 deps.sessions.record_eviction(session, released + len(undelivered))
                 deps.metrics.worker_evicted(session.eviction)

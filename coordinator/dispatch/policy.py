@@ -121,6 +121,7 @@ class DispatchPolicy:
             limit=claim.limit,
             max_bytes=claim.max_bytes,
             worker_id=session.worker_id,
+            holder=session.holder,
             lease_seconds=self._lease_seconds,
             fence=fence,
         )

@@ -39,6 +39,7 @@ end (asyncpg encodes text to uuid): parsing a UUID object per result is measurab
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -63,6 +64,7 @@ from conveyor.coordinator.telemetry import dispatch_spans
 from conveyor.v1 import worker_service_pb2
 
 if TYPE_CHECKING:
+    from conveyor.coordinator.api.validation import ValidHello
     from conveyor.coordinator.deps import Deps
     from conveyor.coordinator.dispatch.sessions import WorkerSession
 
@@ -91,6 +93,12 @@ class LeaseKey(NamedTuple):
     attempt: int
     epoch: int
     worker_id: str
+
+
+def lease_holder(resume_token: bytes) -> bytes:
+    """What a lease records of the token of the process it was granted to (its SHA-256:
+    the ``lease_holder`` column, ``sessions.WorkerSession.holder``)."""
+    return hashlib.sha256(resume_token).digest()
 
 
 def parse(tenant: str, worker_id: str, lease: worker_service_pb2.Lease) -> LeaseKey | None:
@@ -171,13 +179,21 @@ class Leases:
         return [[next(answers) for _ in message] for message in messages]
 
     async def resume(
-        self, tenant: str, worker_id: str, in_flight: Sequence[worker_service_pb2.Lease]
+        self, session: WorkerSession, hello: ValidHello, *, proven: bool
     ) -> list[worker_service_pb2.Lease]:
-        """A worker (re)connects: keeps the leases it lists that are still current, takes
-        back every other it held (never received: not counted). Returns those it lost."""
+        """A worker (re)connects: returns the leases it lists that it lost.
+
+        Its process's own leases (granted to the resume token it presents; ``proven``: the
+        token is the live session's it replaced): those it lists and that are still
+        current are renewed, every other goes back at once, not counted (it lists all it
+        holds, so it never received those). Any other lease of its worker id was granted
+        to another process, which may be running it: it goes back counted (LEASE_EXPIRED),
+        even if listed.
+        """
+        tenant, worker_id, token = session.tenant, session.worker_id, hello.resume_token
         keys: list[LeaseKey] = []
         lost: list[worker_service_pb2.Lease] = []
-        for lease in in_flight:
+        for lease in hello.in_flight:
             key = parse(tenant, worker_id, lease)
             if key is None:
                 lost.append(lease)
@@ -186,17 +202,32 @@ class Leases:
         deps = self._deps
         fence = deps.office.fence()
         async with deps.db.write(fence) as conn:
+            if token and (
+                proven or await store.holds_leases(conn, tenant, worker_id, lease_holder(token))
+            ):
+                session.adopt(token)
+            holder = session.holder
             renewed = (
-                await store.renew_leases(conn, keys, deps.config.lease_duration, fence)
+                await store.resume_leases(conn, keys, holder, deps.config.lease_duration, fence)
                 if keys
                 else set()
             )
             kept = [k for i, k in enumerate(keys) if i in renewed]
-            released = await store.release_abandoned(conn, tenant, worker_id, kept, fence)
+            unsent = await store.release_abandoned(conn, tenant, worker_id, holder, kept, fence)
+            foreign = await store.release_foreign(conn, tenant, worker_id, holder, fence)
         lost.extend(convert.to_proto(k) for i, k in enumerate(keys) if i not in renewed)
-        if released:
-            _log.info("took back %d tasks worker %s never received", len(released), worker_id)
-            deps.after_commit.publish(Cause.NOT_STARTED, released)
+        if unsent:
+            _log.info("took back %d tasks worker %s never received", len(unsent), worker_id)
+            deps.after_commit.publish(Cause.NOT_STARTED, unsent)
+        if foreign:
+            _log.warning(
+                "worker id %s connected from a process without the resume token of the one "
+                "that held %d running tasks: took them back as expired leases (they may have "
+                "run); a worker process sends its token when it reconnects",
+                worker_id,
+                len(foreign),
+            )
+            deps.after_commit.publish(Cause.TAKEN_OVER, foreign)
         return lost
 
     async def release_undelivered(self, conn: asyncpg.Connection, keys: list[LeaseKey]) -> None:
@@ -207,16 +238,18 @@ class Leases:
             _log.info("took back %d tasks that never reached their worker", len(released))
             deps.after_commit.publish(Cause.NOT_STARTED, released)
 
-    async def release_evicted(
-        self, conn: asyncpg.Connection, tenant: str, worker_id: str, reason: str
-    ) -> int:
-        """Takes back every lease of an evicted worker, counted (they may have run);
-        returns how many."""
-        how = Release(
-            store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason.replace('%', '%%')}"
-        )
+    async def release_evicted(self, conn: asyncpg.Connection, session: WorkerSession) -> int:
+        """Takes back every lease of an evicted session, counted (they may have run);
+        returns how many. None when a newer session of its process took them over."""
         deps = self._deps
-        released = await store.release_worker(conn, tenant, worker_id, how, deps.office.fence())
+        async with session.releasing:
+            if session.superseded:
+                return 0
+            reason = session.end_reason.replace("%", "%%")
+            how = Release(store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason}")
+            released = await store.release_worker(
+                conn, session.tenant, session.worker_id, session.holder, how, deps.office.fence()
+            )
         deps.after_commit.publish(Cause.EVICTED, released)
         return len(released)
 
@@ -342,10 +375,11 @@ class Dispatcher(Service):
         fence = deps.office.fence()
         started_ns = time.time_ns()
         workers = [s.worker_id for s in sessions]
+        holders = [s.holder for s in sessions]
         try:
             with committing():
                 leased = await store.insert_leased(
-                    conn, rows, workers, fence, deps.config.lease_duration, now
+                    conn, rows, workers, holders, fence, deps.config.lease_duration, now
                 )
         except BaseException:
             self._give_back(sessions)

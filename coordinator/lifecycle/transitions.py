@@ -101,6 +101,9 @@ class Cause(enum.Enum):
     """Leases the reaper took back (PENDING, or DEAD on the last attempt)."""
     EVICTED = "evicted"
     """Leases taken back from an evicted worker (counted, as an expiry)."""
+    TAKEN_OVER = "taken_over"
+    """Leases of a worker id taken back when another process connected with it (counted,
+    as an expiry: they may be running in the process that held them)."""
     NOT_STARTED = "not_started"
     """Leases that never reached their worker, given back without counting."""
     PROMOTED = "promoted"

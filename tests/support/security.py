@@ -107,6 +107,26 @@ async def running(process: CoordinatorProcess) -> AsyncIterator[CoordinatorProce
         await process.stop()
 
 
+@dataclass(frozen=True)
+class Secured:
+    """A running coordinator that requires keys, a channel to it, and its admin's Keys."""
+
+    address: str
+    channel: grpc.aio.Channel
+    keys: Keys
+
+
+@contextlib.asynccontextmanager
+async def secured(dsn: str, log_dir: Path) -> AsyncIterator[Secured]:
+    """A coordinator process that requires keys (bootstrapped with a new admin key)."""
+    _, admin_key = api_keys.generate()
+    async with (
+        running(secure_coordinator(dsn, log_dir, admin_key)) as coordinator,
+        grpc.aio.insecure_channel(coordinator.address) as channel,
+    ):
+        yield Secured(coordinator.address, channel, Keys(channel, admin_key))
+
+
 def tasks_stub(channel: grpc.aio.Channel) -> task_service_pb2_grpc.TaskServiceStub:
     return task_service_pb2_grpc.TaskServiceStub(channel)
 

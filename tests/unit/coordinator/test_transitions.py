@@ -65,7 +65,7 @@ async def test_every_state_change_returns_the_one_row_shape(deps: Deps) -> None:
         assert _shape(inserted) == [(store.UNSPECIFIED, store.PENDING)]
         claimed = await store.claim(
             conn, tenant="t", queues=["q"], types=["a"], limit=3, max_bytes=1 << 20,
-            worker_id="w", lease_seconds=30, fence=fence,
+            worker_id="w", holder=b"h", lease_seconds=30, fence=fence,
         )  # fmt: skip
         assert _shape(claimed) == [(store.PENDING, RUNNING)]
         assert all(r["queue_wait_seconds"] is not None for r in claimed)
