@@ -10,13 +10,13 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 import uuid_utils
 from opentelemetry import trace
 
-from conveyor.client._channel import AdminMethod, Connection, RetryRules
+from conveyor.client._channel import AdminMethod, Connection, RetryRules, StubMethod
 from conveyor.client._encryption import (
     open_schedule,
     open_submitted,
@@ -32,10 +32,10 @@ from conveyor.client._models import (
     OverlapPolicy,
     Page,
     QueueStats,
-    RetryPolicy,
     Schedule,
     Task,
     TaskAttempt,
+    TaskOptions,
     TaskSpec,
     TaskState,
     TaskTemplate,
@@ -171,18 +171,10 @@ class AsyncClient:
         type: str,
         payload: Any = None,
         *,
-        queue: str = "default",
         idempotency_key: str | None = None,
-        priority: int = 0,
         run_at: datetime | timedelta | None = None,
-        max_attempts: int | None = None,
-        # The task's execution timeout, not a deadline on this call (hence the noqa).
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         traceparent: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
 
@@ -190,20 +182,16 @@ class AsyncClient:
             type: The task type, the name a worker registered a handler under.
             payload: Anything ``json.dumps`` accepts; bytes are sent as-is
                 (``application/octet-stream``), as is any payload with ``raw=True``.
-            queue: The queue to put it on.
             idempotency_key: Makes resubmitting safe, also from another process or
                 much later: the same key returns the first task. (The client's own resends
                 are safe without one: see ``retry_submits``.)
-            priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
-            max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
-            timeout: Execution timeout of one attempt; ``None`` for the default (5 min).
-            retry_policy: Backoff between attempts; ``None`` for the default.
-            labels: Free-form string labels.
-            raw: Send ``payload`` bytes as-is instead of JSON-encoding.
-            content_type: Overrides the payload's MIME type.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
+                ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
+                attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
+                ``content_type``.
 
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
@@ -212,22 +200,15 @@ class AsyncClient:
         spec = TaskSpec(
             type=type,
             payload=payload,
-            queue=queue,
             idempotency_key=idempotency_key,
-            priority=priority,
             run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            retry_policy=retry_policy,
-            labels=labels,
-            raw=raw,
-            content_type=content_type,
             traceparent=traceparent,
+            **task,
         )
         tracing = self._tracing()
         if not tracing.enabled:
             return await self._submit_one(spec.to_proto())
-        with tracing.submit_span(type, queue, parent=traceparent or "") as context:
+        with tracing.submit_span(type, spec.queue, parent=traceparent or "") as context:
             request = spec.to_proto()
             request.traceparent = context
             return await self._submit_one(request)
@@ -399,10 +380,7 @@ class AsyncClient:
         Raises:
             InvalidStateError: The task has already finished.
         """
-        response = await self._conn.unary(
-            lambda s: s.tasks.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
-        )
-        return open_task(self._codec, Task.from_proto(response.task))
+        return await self._task_call(lambda s: s.tasks.CancelTask, pb.CancelTaskRequest(id=task_id))
 
     async def retry(self, task_id: str) -> Task:
         """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
@@ -410,9 +388,12 @@ class AsyncClient:
         Raises:
             InvalidStateError: The task is not DEAD.
         """
-        response = await self._conn.unary(
-            lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
-        )
+        return await self._task_call(lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id))
+
+    async def _task_call(self, method: StubMethod, request: Any) -> Task:
+        """A transition of one task (cancel, retry: never resent once it may have reached
+        the coordinator); the task as it is after it."""
+        response = await self._conn.unary(method, request, idempotent=False)
         return open_task(self._codec, Task.from_proto(response.task))
 
     # -- waiting -----------------------------------------------------------------------
@@ -534,21 +515,13 @@ class AsyncClient:
         payload: Any = None,
         *,
         time_zone: str = "UTC",
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int | None = None,
-        # The tasks' execution timeout, not a deadline on this call (hence the noqa).
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         paused: bool = False,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Creates a schedule that submits a task at every tick of ``cron``.
 
@@ -556,8 +529,8 @@ class AsyncClient:
             name: Unique per tenant (letters, digits, ``_ . : - /``).
             cron: 5 fields (``"*/5 * * * *"``), 6 with seconds first (``"*/10 * * * * *"``)
                 or an alias such as ``"@hourly"``.
-            type, payload, queue, priority, max_attempts, timeout, retry_policy, labels,
-                raw, content_type: The task each tick submits, as for :meth:`submit`.
+            type, payload, task: The task each tick submits, as for :meth:`submit`
+                (:class:`TaskOptions`).
             time_zone: IANA zone the expression is read in (DST: a skipped wall time does
                 not fire, a repeated one fires once).
             overlap_policy: ``ALLOW`` (default), ``SKIP`` or ``BUFFER_ONE`` while the
@@ -575,18 +548,7 @@ class AsyncClient:
             name=name,
             cron=cron,
             time_zone=time_zone,
-            task_template=TaskTemplate(
-                type=type,
-                payload=payload,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                retry_policy=retry_policy,
-                labels=labels,
-                raw=raw,
-                content_type=content_type,
-            ).to_template(),
+            task_template=TaskTemplate(type=type, payload=payload, **task).to_template(),
             overlap_policy=overlap_to_proto(overlap_policy),  # type: ignore[arg-type]
             catch_up_policy=catch_up_to_proto(catch_up_policy),  # type: ignore[arg-type]
             catch_up_limit=catch_up_limit or 0,
@@ -594,12 +556,11 @@ class AsyncClient:
         )
         _set_times(schedule, start_time, end_time)
         seal_template(self._codec, schedule.task_template)
-        response = await self._conn.unary(
+        return await self._schedule_call(
             lambda s: s.tasks.CreateSchedule,
             spb.CreateScheduleRequest(schedule=schedule),
             idempotent=False,
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def get_schedule(self, name: str) -> Schedule:
         """Returns the schedule with its next fire times and latest firings.
@@ -607,12 +568,9 @@ class AsyncClient:
         Raises:
             RPCError: ``NOT_FOUND`` (reason ``SCHEDULE_NOT_FOUND``).
         """
-        response = await self._conn.unary(
-            lambda s: s.tasks.GetSchedule,
-            spb.GetScheduleRequest(name=name),
-            idempotent=True,
+        return await self._schedule_call(
+            lambda s: s.tasks.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def list_schedules(
         self, page_size: int = 100, page_token: str | None = None
@@ -636,26 +594,21 @@ class AsyncClient:
         time_zone: str | None = None,
         type: str | None = None,
         payload: Any = UNSET,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         etag: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Changes the given fields of a schedule (the others stay as they are).
 
         Changing ``cron``, ``time_zone``, ``start_time`` or ``end_time`` restarts the
         schedule from now. With ``etag`` (from a read), the update applies only if nobody
-        changed the schedule since (else ``RPCError`` with code ``ABORTED``).
+        changed the schedule since (else ``RPCError`` with code ``ABORTED``). The task's
+        fields (``type``, ``payload``, :class:`TaskOptions`) change only where given; a
+        new ``payload`` is encoded as for :meth:`submit` (``raw``).
         """
         schedule = spb.Schedule(name=name, etag=etag or "")
         paths: list[str] = []
@@ -675,28 +628,15 @@ class AsyncClient:
             paths.append("catch_up_policy")
         _set_times(schedule, start_time, end_time)
         paths += [p for p, v in (("start_time", start_time), ("end_time", end_time)) if v]
-        paths += TaskTemplate.changes(
-            schedule.task_template,
-            type=type,
-            payload=payload,
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            retry_policy=retry_policy,
-            labels=labels,
-            raw=raw,
-            content_type=content_type,
-        )
+        paths += TaskTemplate.changes(schedule.task_template, type=type, payload=payload, **task)
         if not paths:
             raise ValueError("update_schedule() needs at least one field to change")
         await self._seal_update(schedule, paths)
         request = spb.UpdateScheduleRequest(schedule=schedule)
         request.update_mask.paths.extend(paths)
-        response = await self._conn.unary(
+        return await self._schedule_call(
             lambda s: s.tasks.UpdateSchedule, request, idempotent=False
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def _seal_update(self, schedule: spb.Schedule, paths: builtins.list[str]) -> None:
         """Encodes the template payload of an update. The ciphertext is bound to the task
@@ -720,6 +660,13 @@ class AsyncClient:
             schedule.etag = schedule.etag or current.etag
         seal_template(self._codec, schedule.task_template, task_type)
 
+    async def _schedule_call(
+        self, method: StubMethod, request: Any, *, idempotent: bool
+    ) -> Schedule:
+        """One schedule call; the schedule as it answered, its template opened."""
+        response = await self._conn.unary(method, request, idempotent=idempotent)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
+
     async def delete_schedule(self, name: str) -> None:
         """Deletes a schedule; the tasks it submitted stay."""
         await self._conn.unary(
@@ -730,21 +677,15 @@ class AsyncClient:
 
     async def pause_schedule(self, name: str) -> Schedule:
         """Stops a schedule firing (pausing a paused one changes nothing)."""
-        response = await self._conn.unary(
-            lambda s: s.tasks.PauseSchedule,
-            spb.PauseScheduleRequest(name=name),
-            idempotent=True,
+        return await self._schedule_call(
+            lambda s: s.tasks.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def resume_schedule(self, name: str) -> Schedule:
         """Starts a paused schedule again from now; ticks missed while paused do not fire."""
-        response = await self._conn.unary(
-            lambda s: s.tasks.ResumeSchedule,
-            spb.ResumeScheduleRequest(name=name),
-            idempotent=True,
+        return await self._schedule_call(
+            lambda s: s.tasks.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:

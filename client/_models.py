@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -453,6 +453,33 @@ class Page(Generic[T]):
         return len(self.items)
 
 
+class TaskOptions(TypedDict, total=False):
+    """How a task runs, beside its type and payload: the keyword arguments ``submit()``,
+    ``create_schedule()`` and ``update_schedule()`` share, declared once (the fields of
+    :class:`TaskTemplate` but those two)."""
+
+    #: The queue to put it on (``"default"``).
+    queue: str
+    #: Higher runs first within a queue (-1000 to 1000; 0).
+    priority: int
+    #: Attempts before the task is DEAD; ``None`` for the coordinator's default (3).
+    max_attempts: int | None
+    #: Execution timeout of one attempt (a timedelta or seconds); ``None`` for the default
+    #: (5 min). Not a deadline on the call.
+    timeout: timedelta | float | None
+    #: Backoff between attempts; ``None`` for the default.
+    retry_policy: RetryPolicy | None
+    #: Free-form string labels.
+    labels: Mapping[str, str] | None
+    #: Send a bytes ``payload`` as-is instead of JSON-encoding it.
+    raw: bool
+    #: Overrides the payload's MIME type (JSON, or octet-stream for raw bytes).
+    content_type: str | None
+
+
+_TEMPLATE_UPDATES = frozenset({"type", "payload", *TaskOptions.__annotations__})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskTemplate:
     """The task itself, without when or how often: what ``submit()`` sends and what a
@@ -507,6 +534,11 @@ class TaskTemplate:
         """Writes into ``msg`` the fields of ``values`` that are given (not ``None``; the
         payload: not :data:`UNSET`) and returns their ``update_mask`` paths. ``raw``
         goes with ``payload``; a new payload brings its content type."""
+        unknown = values.keys() - _TEMPLATE_UPDATES
+        if unknown:
+            raise TypeError(
+                f"update_schedule() got an unexpected keyword argument {min(unknown)!r}"
+            )
         paths: list[str] = []
         for name in ("type", "queue", "priority", "max_attempts"):
             if values.get(name) is not None:

@@ -37,7 +37,7 @@ def _nobody() -> str:
 class Office:
     """Whether this coordinator leads, with which epoch, and how it steps down.
 
-    The coordinator takes and leaves office (``server.py``); services only read
+    The coordinator takes and leaves office (``leader/leadership.py``); services only read
     :meth:`fence` and report :meth:`fenced`.
     """
 

@@ -240,7 +240,7 @@ class Leases:
 
     async def release_evicted(self, conn: asyncpg.Connection, session: WorkerSession) -> int:
         """Takes back every lease of an evicted session, counted (they may have run);
-        returns how many. None when a newer session of its process took them over."""
+        returns how many (none when a newer session of its process took them over)."""
         deps = self._deps
         async with session.releasing:
             if session.superseded:

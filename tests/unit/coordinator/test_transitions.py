@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from testsupport import leader_pool, service_deps
 
 from conveyor.coordinator.api import validation
 from conveyor.coordinator.deps import Deps
@@ -31,15 +29,6 @@ from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store import transitions as shape
 from conveyor.coordinator.store.sql import Query
 from conveyor.v1 import task_service_pb2
-
-
-@pytest.fixture
-async def deps(database_dsn: str) -> AsyncIterator[Deps]:
-    pool, epoch = await leader_pool(database_dsn)
-    try:
-        yield service_deps(pool, database_dsn, epoch=epoch)
-    finally:
-        await pool.close()
 
 
 def _rows(count: int, *, run_at: datetime | None = None) -> list[store.NewRow]:
@@ -97,6 +86,20 @@ async def test_every_state_change_returns_the_one_row_shape(deps: Deps) -> None:
         assert _shape(promoted) == [(store.SCHEDULED, store.PENDING)]
 
 
+def _promote_with(fragment: shape.Fragment, monkeypatch: pytest.MonkeyPatch) -> Query:
+    """A promotion of every SCHEDULED task, written with ``fragment`` as the only one."""
+    monkeypatch.setattr(shape, "FRAGMENTS", (fragment,))
+    return Query(
+        f"promote_with_{fragment.name}",
+        f"""
+        WITH changed AS (
+            UPDATE tasks t SET state = {store.PENDING} WHERE t.state = {store.SCHEDULED}
+            RETURNING {shape.changed(from_state=store.SCHEDULED)}
+        ) {shape.tail()}
+        """,
+    )
+
+
 async def test_a_fragment_writes_in_the_same_statement_as_the_state_change(
     deps: Deps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,16 +108,7 @@ async def test_a_fragment_writes_in_the_same_statement_as_the_state_change(
         "INSERT INTO seen (task_id, from_state, to_state) "
         "SELECT id, from_state, state FROM changed",
     )
-    monkeypatch.setattr(shape, "FRAGMENTS", (outbox,))
-    promote = Query(
-        "promote_with_outbox",
-        f"""
-        WITH changed AS (
-            UPDATE tasks t SET state = {store.PENDING} WHERE t.state = {store.SCHEDULED}
-            RETURNING {shape.changed(from_state=store.SCHEDULED)}
-        ) {shape.tail()}
-        """,
-    )
+    promote = _promote_with(outbox, monkeypatch)
     now = datetime.now(UTC)
     async with deps.db.autocommit() as conn:
         await conn.execute("CREATE TABLE seen (task_id uuid, from_state int, to_state int)")
@@ -131,16 +125,7 @@ async def test_a_fragment_that_fails_rolls_the_state_change_back(
     deps: Deps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     failing = shape.Fragment("bad", "INSERT INTO missing_table SELECT id FROM changed")
-    monkeypatch.setattr(shape, "FRAGMENTS", (failing,))
-    promote = Query(
-        "promote_failing",
-        f"""
-        WITH changed AS (
-            UPDATE tasks t SET state = {store.PENDING} WHERE t.state = {store.SCHEDULED}
-            RETURNING {shape.changed(from_state=store.SCHEDULED)}
-        ) {shape.tail()}
-        """,
-    )
+    promote = _promote_with(failing, monkeypatch)
     now = datetime.now(UTC)
     async with deps.db.autocommit() as conn:
         await store.insert(conn, _rows(2, run_at=now + timedelta(hours=1)), now)
