@@ -25,6 +25,7 @@ from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
 from conveyor.coordinator.leases import PROTOCOL_VERSION
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 MAX_NAME_LENGTH = 128
@@ -192,6 +193,16 @@ def validate_submit(
     key: str = fields.get("idempotency_key", "")
     if key:
         check_text(key, prefix + "idempotency_key", out, max_length=MAX_IDEMPOTENCY_KEY_LENGTH)
+        if key.startswith(SCHEDULE_KEY_PREFIX):
+            # Firings' keys: taken by a client, a tick would not fire, and the task would
+            # pass for a firing (a worker opens an encrypted template's payload on it).
+            out.append(
+                FieldViolation(
+                    prefix + "idempotency_key",
+                    f"must not start with {SCHEDULE_KEY_PREFIX!r}: that prefix is reserved "
+                    "for the tasks schedules fire",
+                )
+            )
     priority: int = fields.get("priority", 0)
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         out.append(

@@ -516,7 +516,10 @@ class Runtime:
                 )
             return data, content_type
         try:
-            return self._codec.decode(data, content_type, Binding.payload(assignment.type))
+            binding = Binding.payload(
+                assignment.type, task_id=task_id, idempotency_key=assignment.idempotency_key
+            )
+            return self._codec.decode(data, content_type, binding)
         except DecryptionError as exc:
             raise TaskFailure(
                 f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}", retryable=False

@@ -64,7 +64,9 @@ class SubmitTaskRequest(_message.Message):
     """Task type, the name a worker registered a handler under."""
     payload: _builtins.bytes
     idempotency_key: _builtins.str
-    """Unique per tenant: a second submit with the same key and request returns the first task."""
+    """Unique per tenant: a second submit with the same key and request returns the first task.
+    Keys starting with "schedule:" are reserved for the tasks schedules fire.
+    """
     priority: _builtins.int
     """Higher runs first within a queue; -1000 to 1000."""
     max_attempts: _builtins.int

@@ -256,3 +256,101 @@ async def test_schedule_templates_are_encrypted(
     finally:
         worker.close()
     assert await plaintext_in_database(database_dsn, SECRET) == []
+
+
+async def _swap(dsn: str, table: str, column: str, first: str, second: str) -> None:
+    """Swaps ``column`` of two rows of ``table`` in PostgreSQL (what anyone who can write
+    to it can do), and bumps ``version`` where there is one (so caches reread it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        bump = ", version = t.version + 1" if table == "schedules" else ""
+        await conn.execute(
+            f"""
+            UPDATE {table} t SET {column} = o.{column}{bump}
+            FROM {table} o
+            WHERE (t.id, o.id) IN (($1::uuid, $2::uuid), ($2::uuid, $1::uuid))
+            """,
+            first,
+            second,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_payload_moved_to_another_task_or_schedule_does_not_open(
+    coordinator: CoordinatorProcess, database_dsn: str, tmp_path: Path
+) -> None:
+    """Two encrypted `echo` tasks whose payloads are swapped in SQL: neither runs on the
+    other's payload (each is refused, for good); likewise templates swapped between two
+    schedules, and a fired task's payload moved onto a submitted task."""
+    await coordinator.wait_serving()
+    address = coordinator.address
+    keys = tmp_path / "keys.json"
+    KeyRing.generate("k1").save(keys)
+    codec = EncryptionCodec.from_key_file(keys)
+    async with AsyncClient(address, codec=codec) as client:
+        # Submitted while no worker runs, so they wait for the swap.
+        alice = await client.submit("echo", {"pay": "alice"}, max_attempts=3)
+        bob = await client.submit("echo", {"pay": "bob"}, idempotency_key="order-bob")
+        await _swap(database_dsn, "tasks", "payload", alice.id, bob.id)
+        # Two schedules of one type, made paused; their templates swapped, then resumed.
+        first = await client.create_schedule("first", "* * * * * *", "echo", "1", paused=True)
+        second = await client.create_schedule("second", "* * * * * *", "echo", "2", paused=True)
+        await _swap(database_dsn, "schedules", "template", first.id, second.id)
+        await client.resume_schedule("first")
+        await client.resume_schedule("second")
+        fired = await eventually(
+            lambda: _first_fired(database_dsn, first.id), timeout=30, what="a firing"
+        )
+        # A fired task's payload moved onto a submitted task of the same type.
+        carol = await client.submit("echo", {"pay": "carol"})
+        await _copy_payload(database_dsn, fired, carol.id)
+
+        worker = DemoWorker(address, keys, tmp_path)
+        try:
+            worker.start()
+            for task_id in (alice.id, bob.id, carol.id):
+                done = await client.wait(task_id, timeout=60)
+                assert done.state is TaskState.DEAD, (done, worker.log_tail())
+                assert done.attempt == 1 and not done.result  # it never ran
+                assert done.last_error and "does not open with key 'k1'" in done.last_error
+            assert "cannot decrypt task" in worker.log_tail()
+            # Every firing of the swapped schedules is refused the same way.
+            for schedule in (first, second):
+                task_id = await eventually(
+                    lambda s=schedule: _first_fired(database_dsn, s.id, dead=True),  # type: ignore[misc]
+                    timeout=30,
+                    what=f"a dead firing of {schedule.name}",
+                )
+                done = await client.get(task_id)
+                assert not done.result and "does not open" in (done.last_error or "")
+        finally:
+            await worker.stop()
+    assert await plaintext_in_database(database_dsn, "alice") == []
+
+
+async def _first_fired(dsn: str, schedule_id: str, *, dead: bool = False) -> str | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        value = await conn.fetchval(
+            "SELECT id::text FROM tasks WHERE idempotency_key LIKE $1 AND ($2 = false OR state = 5)"
+            " ORDER BY id LIMIT 1",
+            f"schedule:{schedule_id}:%",
+            dead,
+        )
+        return str(value) if value is not None else None
+    finally:
+        await conn.close()
+
+
+async def _copy_payload(dsn: str, source: str, target: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "UPDATE tasks t SET payload = s.payload FROM tasks s "
+            "WHERE s.id = $1::uuid AND t.id = $2::uuid",
+            source,
+            target,
+        )
+    finally:
+        await conn.close()

@@ -201,7 +201,7 @@ async def _peers_seen(targets: dict[str, str], connections: int) -> dict[str, li
         return b""
 
     server = grpc.aio.server()
-    method = grpc.unary_unary_rpc_method_handler(handler)
+    method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(handler)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.S", {"M": method})])
     dial = {name: target for name, target in targets.items()}
     for name, target in targets.items():
@@ -216,7 +216,10 @@ async def _peers_seen(targets: dict[str, str], connections: int) -> dict[str, li
                 # A channel of its own subchannel pool: a connection of its own.
                 options = [("grpc.use_local_subchannel_pool", 1)]
                 async with grpc.aio.insecure_channel(target, options=options) as channel:
-                    await channel.unary_unary("/t.S/M")(b"", timeout=10)
+                    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                        "/t.S/M"
+                    )
+                    await call(b"", timeout=10)
     finally:
         await server.stop(None)
     return seen

@@ -1114,18 +1114,24 @@ async def test_encrypted_payloads_and_results(coordinator: tuple[FakeCoordinator
     async def echo(ctx: TaskContext, payload: bytes) -> bytes:
         return payload
 
-    def sealed(task_type: str, data: bytes, content_type: str = "application/json") -> bytes:
-        return ring.seal(data, content_type, Binding.payload(task_type))
+    def sealed(
+        task_type: str, task_id: str, data: bytes, content_type: str = "application/json"
+    ) -> bytes:
+        # assignment() gives each task the idempotency key "key-<id>": bound to it.
+        binding = Binding.payload(task_type, task_id=task_id, idempotency_key=f"key-{task_id}")
+        return ring.seal(data, content_type, binding)
 
     async with running(worker):
         fake.stream.assign(
-            assignment("t1", "add", sealed("add", b'{"a": 2, "b": 3}')),
-            assignment("t2", "echo", sealed("echo", b"\x00raw", "application/octet-stream")),
+            assignment("t1", "add", sealed("add", "t1", b'{"a": 2, "b": 3}')),
+            assignment("t2", "echo", sealed("echo", "t2", b"\x00raw", "application/octet-stream")),
             # Sealed for another type: replayed as "add", it must not open.
-            assignment("t3", "add", sealed("echo", b'{"a": 1, "b": 1}')),
+            assignment("t3", "add", sealed("echo", "t3", b'{"a": 1, "b": 1}')),
             assignment("t4", "add", b'{"a": 1, "b": 1}'),  # plaintext
+            # Sealed for task t1: moved onto t5, it must not open.
+            assignment("t5", "add", sealed("add", "t1", b'{"a": 2, "b": 3}')),
         )
-        await eventually(lambda: len(fake.results()) == 4, what="four results")
+        await eventually(lambda: len(fake.results()) == 5, what="five results")
 
     assert seen == [({"a": 2, "b": 3}, "application/json")]
     ok = fake.result_for("t1")
@@ -1138,7 +1144,11 @@ async def test_encrypted_payloads_and_results(coordinator: tuple[FakeCoordinator
         b"\x00raw",
         "application/octet-stream",
     )
-    for task_id, reason in (("t3", "cannot decrypt task t3"), ("t4", "is not encrypted")):
+    for task_id, reason in (
+        ("t3", "cannot decrypt task t3"),
+        ("t4", "is not encrypted"),
+        ("t5", "cannot decrypt task t5"),
+    ):
         failed = fake.result_for(task_id)
         assert failed is not None and failed.outcome == pb.TASK_OUTCOME_FAILED
         assert not failed.retryable and reason in failed.error, failed.error
