@@ -767,7 +767,11 @@ class AsyncClient:
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:
     task = Task.from_proto(response.task)
-    return dataclasses.replace(task, unserved=True) if response.unserved else task
+    if not response.unserved:
+        return task
+    return dataclasses.replace(
+        task, unserved=True, unserved_encryption_key=response.unserved_encryption_key
+    )
 
 
 def _set_times(schedule: spb.Schedule, start: datetime | None, end: datetime | None) -> None:

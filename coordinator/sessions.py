@@ -57,6 +57,9 @@ class WorkerSession:
     """The types it has handlers for, in the order the worker named them."""
     hostname: str = ""
     pid: int = 0
+    encryption_keys: frozenset[str] | None = None
+    """The encryption keys the worker opens (Hello, then EncryptionKeys messages, less
+    those it reported lacking); None: it did not say, and is given every key's tasks."""
     credit: int = 0
     draining: bool = False
     # Set when the dispatcher's last claim for this session came back short: nothing was
@@ -103,6 +106,12 @@ class WorkerSession:
     def outbox_room(self) -> int:
         """Assignment bytes the outbox can take now."""
         return OUTBOX_BYTES - self._outbox_bytes
+
+    def opens(self, encryption_key: str | None) -> bool:
+        """Whether the worker can open a payload sealed with ``encryption_key`` (None: a
+        payload that is not encrypted)."""
+        keys = self.encryption_keys
+        return encryption_key is None or keys is None or encryption_key in keys
 
     def same_process(self, hostname: str, pid: int) -> bool:
         """Whether a Hello with this identity comes from this session's worker process."""

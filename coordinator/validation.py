@@ -25,11 +25,18 @@ from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
 from conveyor.coordinator.leases import PROTOCOL_VERSION
-from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
+from conveyor.transport._encryption import (
+    ENCRYPTED_CONTENT_TYPE,
+    SCHEDULE_KEY_PREFIX,
+    envelope_key_id,
+    is_key_id,
+)
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 MAX_NAME_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
+MAX_KEY_IDS = 1000
+"""Encryption key ids one worker may name (a key ring keeps its old keys, so it grows)."""
 MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 1000
 MAX_TIMEOUT = timedelta(days=1)
@@ -92,6 +99,10 @@ class NewTask:
     """The id the client chose (``request_id``, canonical lowercase text), or None for one
     made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
     made per task."""
+    encryption_key: str | None = None
+    """The key id an encrypted payload's envelope names (read from its header, no
+    cryptography): dispatch gives the task only to a worker that holds it. None for any
+    other payload, or an envelope whose header does not parse (a worker fails that)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -218,8 +229,11 @@ def validate_submit(
             )
         )
     content_type: str = fields.get("content_type", "")
+    encryption_key: str | None = None
     if content_type:
         check_text(content_type, prefix + "content_type", out, max_length=MAX_CONTENT_TYPE_LENGTH)
+        if content_type == ENCRYPTED_CONTENT_TYPE:
+            encryption_key = envelope_key_id(payload)
     run_at: datetime | None = None
     if "run_at" in fields:
         run_at = _check_run_at(fields["run_at"], prefix, now, out)
@@ -260,6 +274,7 @@ def validate_submit(
         labels=labels,
         traceparent=traceparent,
         task_id=task_id,
+        encryption_key=encryption_key,
     )
     return (_with_hash(task) if key else task), []
 
@@ -490,6 +505,26 @@ class ValidHello:
     task_types: tuple[str, ...]
     credits: int
     in_flight: list[worker_service_pb2.Lease]
+    encryption_keys: frozenset[str] | None = None
+    """The encryption keys the worker opens; None when it did not say (any key)."""
+
+
+def check_key_ids(
+    message: worker_service_pb2.EncryptionKeys, field: str, out: list[FieldViolation]
+) -> frozenset[str]:
+    """The key ids of an EncryptionKeys message (Hello's, or one sent later)."""
+    if len(message.key_ids) > MAX_KEY_IDS:
+        out.append(FieldViolation(field, f"must name at most {MAX_KEY_IDS} keys"))
+        return frozenset()
+    for i, key_id in enumerate(message.key_ids):
+        if not is_key_id(key_id):
+            out.append(
+                FieldViolation(
+                    f"{field}[{i}]",
+                    "is not a key id (1 to 64 characters of letters, digits and '._:-')",
+                )
+            )
+    return frozenset(message.key_ids)
 
 
 def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
@@ -529,6 +564,9 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         out.append(FieldViolation("hello.credits", f"must be between 0 and {MAX_CREDIT}"))
     if len(hello.in_flight) > MAX_CREDIT:
         out.append(FieldViolation("hello.in_flight", f"must list at most {MAX_CREDIT} leases"))
+    keys = None
+    if hello.HasField("encryption_keys"):
+        keys = check_key_ids(hello.encryption_keys, "hello.encryption_keys.key_ids", out)
     if out:
         raise ProtocolViolation(
             "invalid Hello: " + "; ".join(f"{v.field}: {v.description}" for v in out[:5]), out
@@ -541,4 +579,5 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         task_types=tuple(dict.fromkeys(hello.task_types)),
         credits=hello.credits,
         in_flight=list(hello.in_flight),
+        encryption_keys=keys,
     )

@@ -106,6 +106,7 @@ __all__ = [
     "KeyedCodec",
     "PayloadCodec",
     "envelope_key_id",
+    "is_key_id",
     "is_sealed",
     "schedule_of",
 ]
@@ -259,6 +260,12 @@ def envelope_key_id(data: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return key_id if len(raw) == length and _KEY_ID.fullmatch(key_id) else None
+
+
+def is_key_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed key id (1 to 64 characters of letters, digits and
+    ``._:-``, starting with a letter or digit)."""
+    return _KEY_ID.fullmatch(value) is not None
 
 
 def _check_key_id(key_id: str) -> str:

@@ -202,12 +202,14 @@ class RawWorker:
         pid: int = 0,
         pulse: bool = True,
         metadata: tuple[tuple[str, str], ...] = (),
+        encryption_keys: tuple[str, ...] | None = None,
     ) -> worker_service_pb2.Welcome:
         """Opens the stream with Hello; returns Welcome.
 
         ``pulse`` sends an empty Heartbeat every TEST_HEARTBEAT, as a live worker would, so
         the coordinator does not evict it for silence; it renews no lease (send
         heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
+        ``encryption_keys`` names the keys the worker opens (None: it does not say).
         """
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self._call = stub.Connect(self._requests(), metadata=metadata or None)
@@ -221,6 +223,9 @@ class RawWorker:
                 in_flight=in_flight,
                 hostname=hostname,
                 pid=pid,
+                encryption_keys=None
+                if encryption_keys is None
+                else worker_service_pb2.EncryptionKeys(key_ids=encryption_keys),
             )
         )
         first = await self.receive()

@@ -161,6 +161,20 @@ def test_a_bad_hello_is_a_protocol_violation_naming_the_field(
     assert field in [v.field for v in caught.value.violations]
 
 
+def test_hello_encryption_keys_are_checked_and_unset_means_any() -> None:
+    assert validation.validate_hello(_hello()).encryption_keys is None
+    named = worker_service_pb2.EncryptionKeys(key_ids=["k1", "k2", "k1"])
+    keys = validation.validate_hello(_hello(encryption_keys=named)).encryption_keys
+    assert keys == frozenset({"k1", "k2"})
+    none = worker_service_pb2.EncryptionKeys()
+    assert validation.validate_hello(_hello(encryption_keys=none)).encryption_keys == frozenset()
+    for bad in (["bad id"], ["k"] * (validation.MAX_KEY_IDS + 1), ["x" * 65]):
+        with pytest.raises(ProtocolViolation, match=r"hello\.encryption_keys\.key_ids"):
+            validation.validate_hello(
+                _hello(encryption_keys=worker_service_pb2.EncryptionKeys(key_ids=bad))
+            )
+
+
 def test_another_protocol_version_is_refused() -> None:
     with pytest.raises(ProtocolViolation, match="protocol version 2"):
         validation.validate_hello(_hello(protocol_version=2))
