@@ -184,14 +184,8 @@ async def test_a_payload_that_does_not_open_fails_for_good(
 
 
 async def _attempts_by_worker(dsn: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT worker_id, count(*) AS n FROM task_attempts GROUP BY worker_id"
-        )
-        return {r["worker_id"]: r["n"] for r in rows}
-    finally:
-        await conn.close()
+    rows = await _sql(dsn, "SELECT worker_id, count(*) AS n FROM task_attempts GROUP BY worker_id")
+    return {r["worker_id"]: r["n"] for r in rows}
 
 
 async def _workers(address: str, count: int) -> dict[str, admin_service_pb2.WorkerInfo]:
@@ -401,23 +395,29 @@ async def test_schedule_templates_are_encrypted(
     assert await plaintext_in_database(database_dsn, SECRET) == []
 
 
-async def _swap(dsn: str, table: str, column: str, first: str, second: str) -> None:
-    """Swaps ``column`` of two rows of ``table`` in PostgreSQL (what anyone who can write
-    to it can do), and bumps ``version`` where there is one (so caches reread it)."""
+async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    """Runs one statement in PostgreSQL, as anyone who can write to it can."""
     conn = await asyncpg.connect(dsn)
     try:
-        bump = ", version = t.version + 1" if table == "schedules" else ""
-        await conn.execute(
-            f"""
-            UPDATE {table} t SET {column} = o.{column}{bump}
-            FROM {table} o
-            WHERE (t.id, o.id) IN (($1::uuid, $2::uuid), ($2::uuid, $1::uuid))
-            """,
-            first,
-            second,
-        )
+        return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+async def _swap(dsn: str, table: str, column: str, first: str, second: str) -> None:
+    """Swaps ``column`` of two rows of ``table``, and bumps ``version`` where there is one
+    (so caches reread it)."""
+    bump = ", version = t.version + 1" if table == "schedules" else ""
+    await _sql(
+        dsn,
+        f"""
+        UPDATE {table} t SET {column} = o.{column}{bump}
+        FROM {table} o
+        WHERE (t.id, o.id) IN (($1::uuid, $2::uuid), ($2::uuid, $1::uuid))
+        """,
+        first,
+        second,
+    )
 
 
 async def test_a_payload_moved_to_another_task_or_schedule_does_not_open(
@@ -473,30 +473,24 @@ async def test_a_payload_moved_to_another_task_or_schedule_does_not_open(
 
 
 async def _first_fired(dsn: str, schedule_id: str, *, dead: bool = False) -> str | None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        value = await conn.fetchval(
-            "SELECT id::text FROM tasks WHERE idempotency_key LIKE $1 AND ($2 = false OR state = 5)"
-            " ORDER BY id LIMIT 1",
-            f"schedule:{schedule_id}:%",
-            dead,
-        )
-        return str(value) if value is not None else None
-    finally:
-        await conn.close()
+    rows = await _sql(
+        dsn,
+        "SELECT id::text FROM tasks WHERE idempotency_key LIKE $1 AND ($2 = false OR state = 5)"
+        " ORDER BY id LIMIT 1",
+        f"schedule:{schedule_id}:%",
+        dead,
+    )
+    return str(rows[0]["id"]) if rows else None
 
 
 async def _copy_payload(dsn: str, source: str, target: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "UPDATE tasks t SET payload = s.payload FROM tasks s "
-            "WHERE s.id = $1::uuid AND t.id = $2::uuid",
-            source,
-            target,
-        )
-    finally:
-        await conn.close()
+    await _sql(
+        dsn,
+        "UPDATE tasks t SET payload = s.payload FROM tasks s "
+        "WHERE s.id = $1::uuid AND t.id = $2::uuid",
+        source,
+        target,
+    )
 
 
 async def test_a_worker_that_lost_a_key_gives_the_task_back_uncounted(
