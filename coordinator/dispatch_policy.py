@@ -62,11 +62,6 @@ def takes(session: WorkerSession, tenant: str, queue: str, task_type: str) -> bo
     return takes_from(session, tenant, queue) and task_type in session.type_set
 
 
-def serving(sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str) -> bool:
-    """Whether any of ``sessions`` takes this kind of task."""
-    return any(takes(s, tenant, queue, task_type) for s in sessions if not s.closed)
-
-
 def unserved(
     sessions: Iterable[WorkerSession],
     tenant: str,

@@ -581,9 +581,8 @@ async def finish_attempts(
     lease started and ``end_to_end_seconds`` since the submit when the task finished).
 
     Success -> SUCCEEDED. Interrupted or not started -> PENDING at once, not counted.
-    Failure ->
-    SCHEDULED after a backoff when retryable with attempts left, else DEAD. The attempt
-    row is closed in the same statement.
+    Failure -> SCHEDULED after a backoff when retryable with attempts left, else DEAD.
+    The attempt row is closed in the same statement.
     """
     return await _FINISH.fetch(
         conn,

@@ -399,7 +399,8 @@ async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
     """Runs one statement in PostgreSQL, as anyone who can write to it can."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetch(query, *args)
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
     finally:
         await conn.close()
 

@@ -36,8 +36,8 @@ async def test_a_session_takes_only_its_tenant_queues_and_types() -> None:
     assert not dispatch_policy.takes(session, "t", "s", "a")
     assert not dispatch_policy.takes(session, "other", "q", "a")
     closed = _session("gone", closed=True)
-    assert not dispatch_policy.serving([closed], "t", "q", "a")
-    assert dispatch_policy.serving([closed, session], "t", "q", "a")
+    assert dispatch_policy.unserved([closed], "t", "q", "a", None) == (True, "")
+    assert dispatch_policy.unserved([closed, session], "t", "q", "a", None) == (False, "")
 
 
 async def test_a_round_rotates_and_portions_by_credit_count_and_room() -> None:
