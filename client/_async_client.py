@@ -607,8 +607,9 @@ class AsyncClient:
         if schedule.id and response.schedule.id != schedule.id:
             raise EncryptionError(
                 f"the coordinator gave schedule {name!r} an id of its own, not the one its "
-                "encrypted payload is bound to: it is too old for encrypted schedules. "
-                f"Delete the schedule (its tasks could not be opened) and upgrade it."
+                "encrypted payload is bound to: the coordinator is too old for encrypted "
+                "schedules. Delete the schedule (its tasks could not be opened) and upgrade "
+                "the coordinator."
             )
         return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
