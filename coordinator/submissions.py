@@ -248,7 +248,7 @@ class Submitter:
         for row in rows:
             task = row.task
             session = self._policy.pick_idle(
-                live, row.tenant, task.queue, task.type, task.encryption_key
+                live, row.tenant, task.queue, task.type, store.encryption_key(task)
             )
             if session is None:
                 self._give_back(sessions)

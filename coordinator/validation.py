@@ -25,12 +25,7 @@ from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
 from conveyor.coordinator.leases import PROTOCOL_VERSION
-from conveyor.transport._encryption import (
-    ENCRYPTED_CONTENT_TYPE,
-    SCHEDULE_KEY_PREFIX,
-    envelope_key_id,
-    is_key_id,
-)
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX, is_key_id
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 MAX_NAME_LENGTH = 128
@@ -99,10 +94,6 @@ class NewTask:
     """The id the client chose (``request_id``, canonical lowercase text), or None for one
     made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
     made per task."""
-    encryption_key: str | None = None
-    """The key id an encrypted payload's envelope names (read from its header, no
-    cryptography): dispatch gives the task only to a worker that holds it. None for any
-    other payload, or an envelope whose header does not parse (a worker fails that)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -229,11 +220,8 @@ def validate_submit(
             )
         )
     content_type: str = fields.get("content_type", "")
-    encryption_key: str | None = None
     if content_type:
         check_text(content_type, prefix + "content_type", out, max_length=MAX_CONTENT_TYPE_LENGTH)
-        if content_type == ENCRYPTED_CONTENT_TYPE:
-            encryption_key = envelope_key_id(payload)
     run_at: datetime | None = None
     if "run_at" in fields:
         run_at = _check_run_at(fields["run_at"], prefix, now, out)
@@ -274,7 +262,6 @@ def validate_submit(
         labels=labels,
         traceparent=traceparent,
         task_id=task_id,
-        encryption_key=encryption_key,
     )
     return (_with_hash(task) if key else task), []
 
