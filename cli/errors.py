@@ -186,12 +186,23 @@ def _describe_failure(f: RPCFailure) -> str:
     if f.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{where} did not answer in time; raise --rpc-timeout if it is just slow"
     if f.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        unauthenticated = f.code is grpc.StatusCode.UNAUTHENTICATED
-        hint = " (the CLI sends --api-key, or CONVEYOR_API_KEY)" if unauthenticated else ""
-        return f"{where} refused the call: {f.message or f.code.name.lower()}{hint}"
+        return _refused(f, where)
     if f.code is grpc.StatusCode.UNIMPLEMENTED:
         return f"{where} does not offer this call ({f.message}); is it an older version?"
     return f"{where} answered {f.code.name}: {f.message or 'no details'}"
+
+
+def _refused(f: RPCFailure, where: str) -> str:
+    """An API key the coordinator did not take, and how to get one that works."""
+    hint = ""
+    if f.metadata.get("problem") in ("missing", "malformed", "unknown"):
+        hint = (
+            "; pass one with --api-key or CONVEYOR_API_KEY (an admin creates one with "
+            "`conveyor keys create`)"
+        )
+    elif f.code is grpc.StatusCode.UNAUTHENTICATED:
+        hint = " (the CLI sends --api-key, or CONVEYOR_API_KEY)"
+    return f"{where} refused the call: {f.message or f.code.name.lower()}{hint}"
 
 
 class RemoteError(Exception):

@@ -23,6 +23,7 @@ def build() -> typer.Typer:
     """The whole command tree."""
     from conveyor.cli import (
         audit_commands,
+        console_command,
         dev,
         encryption_commands,
         keys_commands,
@@ -46,6 +47,7 @@ def build() -> typer.Typer:
     audit_commands.register(root)
     top_command.register(root)
     encryption_commands.register(root)
+    console_command.register(root)
     from conveyor.bench import cli as bench_cli
 
     bench_cli.register(root)

@@ -243,6 +243,14 @@ def coordinator(
     max_schedules: Annotated[
         int, typer.Option("--max-schedules", min=0, help="Default tenant limit: schedules.")
     ] = 0,
+    max_watch_streams: Annotated[
+        int,
+        typer.Option(
+            "--max-watch-streams",
+            min=0,
+            help="WatchTask streams each tenant may have open on this coordinator (0: no limit).",
+        ),
+    ] = 1000,
     auth_failure_burst: Annotated[
         int,
         typer.Option(
@@ -294,6 +302,7 @@ def coordinator(
         submit_rate=submit_rate,
         submit_burst=submit_burst,
         max_schedules=max_schedules,
+        max_watch_streams=max_watch_streams,
         auth_failure_burst=auth_failure_burst,
         auth_failure_rate=auth_failure_rate,
     )
@@ -351,6 +360,7 @@ def coordinator_config(
     submit_rate: float = 0.0,
     submit_burst: int = 0,
     max_schedules: int = 0,
+    max_watch_streams: int = 1000,
     auth_failure_burst: int = 30,
     auth_failure_rate: float = 2.0,
 ) -> CoordinatorConfig:
@@ -393,6 +403,7 @@ def coordinator_config(
             submit_rate=submit_rate,
             submit_burst=submit_burst,
             max_schedules=max_schedules,
+            max_watch_streams=max_watch_streams,
             auth_failure_burst=auth_failure_burst,
             auth_failure_rate=auth_failure_rate,
         )
@@ -403,7 +414,7 @@ def coordinator_config(
 _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
-    "max_schedules", "auth_failure_burst", "auth_failure_rate",
+    "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import grpc
 import uuid_utils
 from opentelemetry import trace
 
-from conveyor.client._channel import Connection, RetryRules
+from conveyor.client._channel import AdminMethod, Connection, RetryRules
 from conveyor.client._encryption import (
     open_schedule,
     open_submitted,
@@ -392,6 +392,14 @@ class AsyncClient:
             lambda stub: stub.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
+
+    async def _admin_read(self, method: AdminMethod, request: Any) -> Any:
+        """One AdminService read with this client's addresses, failover, key and TLS.
+
+        Private: the client does not wrap the AdminService yet; conveyor's console shows
+        it through each signed-in user's own client with this.
+        """
+        return await self._conn.admin_unary(method, request, idempotent=True)
 
     # -- transitions -------------------------------------------------------------------
 

@@ -46,9 +46,10 @@ from conveyor.transport._errors import (
     UnavailableError,
     error_from_rpc,
 )
-from conveyor.v1 import task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
 
 if TYPE_CHECKING:
+    from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "decide"]
@@ -70,6 +71,7 @@ _CONNECT_TIMEOUT = 3.0
 _PATIENT_WAIT = 1.5
 
 StubMethod = Callable[["TaskServiceAsyncStub"], Any]
+AdminMethod = Callable[["AdminServiceAsyncStub"], Any]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class Connection:
         # Redirect targets outside the addresses get channels too; there are few of them.
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, TaskServiceAsyncStub] = {}
+        self._admin_stubs: dict[str, AdminServiceAsyncStub] = {}
         self._closed = False
 
     @property
@@ -162,6 +165,14 @@ class Connection:
             self._stubs[address] = stub
         return stub
 
+    def admin_stub(self, address: str) -> AdminServiceAsyncStub:
+        """The AdminService stub for one address, on the channel :meth:`stub` uses."""
+        stub = self._admin_stubs.get(address)
+        if stub is None:
+            stub = admin_service_pb2_grpc.AdminServiceStub(self._channel(address))
+            self._admin_stubs[address] = stub
+        return stub
+
     def _channel(self, address: str) -> aio.Channel:
         if self._closed:
             raise RuntimeError("the Conveyor client is closed; create a new one")
@@ -175,6 +186,7 @@ class Connection:
         """Closes every channel; in-flight calls are cancelled."""
         self._closed = True
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
+        self._admin_stubs = {}
         for channel in channels:
             await channel.close()
 
@@ -191,6 +203,17 @@ class Connection:
             return await method(stub)(request, timeout=remaining, metadata=self._metadata)
 
         result, _ = await self.call(attempt, idempotent=idempotent, deadline=self.deadline())
+        return result
+
+    async def admin_unary(self, method: AdminMethod, request: Any, *, idempotent: bool) -> Any:
+        """:meth:`unary` for an AdminService method (the same channels, key and rules)."""
+
+        async def attempt(stub: AdminServiceAsyncStub, remaining: float | None) -> Any:
+            return await method(stub)(request, timeout=remaining, metadata=self._metadata)
+
+        result, _ = await self.call(
+            attempt, idempotent=idempotent, deadline=self.deadline(), stubs=self.admin_stub
+        )
         return result
 
     async def stream(self, method: StubMethod, request: Any) -> AsyncGenerator[Any, None]:
@@ -223,15 +246,18 @@ class Connection:
 
     async def call(
         self,
-        attempt: Callable[[TaskServiceAsyncStub, float | None], Awaitable[T]],
+        attempt: Callable[[Any, float | None], Awaitable[T]],
         *,
         idempotent: bool,
         deadline: float | None,
+        stubs: Callable[[str], Any] | None = None,
     ) -> tuple[T, str]:
         """Runs ``attempt`` against the coordinators until it succeeds or may not retry.
 
-        Returns the result and the address that produced it.
+        ``attempt`` gets the stub of the address tried: the TaskService's, or
+        ``stubs(address)``. Returns the result and the address that produced it.
         """
+        stub_of = stubs or self.stub
         loop = asyncio.get_running_loop()
         address = self.book.current
         redirects = 0
@@ -250,7 +276,7 @@ class Connection:
                 address = await self._after_failure(address, failures, last_error, deadline)
                 continue
             try:
-                result = await attempt(self.stub(address), remaining)
+                result = await attempt(stub_of(address), remaining)
             except TimeoutError:
                 # Raised by asyncio.wait_for around a stream's first read.
                 raise _deadline_error(last_error, address) from None

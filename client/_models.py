@@ -432,6 +432,8 @@ class QueueStats:
     dead: int = 0
     #: Workers connected to the leader that take tasks from this queue.
     workers: int = 0
+    #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
+    oldest_pending_time: datetime | None = None
 
     @classmethod
     def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
@@ -443,6 +445,7 @@ class QueueStats:
             running=msg.running,
             dead=msg.dead,
             workers=msg.workers,
+            oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
         )
 
 

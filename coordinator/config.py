@@ -98,6 +98,11 @@ class CoordinatorConfig:
     one second's worth."""
     max_schedules: int = 0
     """Schedules each tenant may have, unless its own limit says otherwise. 0: no limit."""
+    max_watch_streams: int = 1000
+    """WatchTask streams each tenant may have open on one coordinator; past it, WatchTask
+    is refused with QUOTA_EXCEEDED. 0: no limit. (All watchers share one read of
+    PostgreSQL per change and per refresh, so this bounds streams and memory, not load
+    on the database.)"""
     authentication: bool = True
     """Require an API key on every call (``authorization: Bearer <key>``). False
     (``--insecure``): no checks, every call acts as tenant "default" with every scope."""
@@ -199,6 +204,10 @@ class CoordinatorConfig:
                             ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
+        if self.max_watch_streams < 0:
+            out.append(
+                f"max_watch_streams must be 0 (no limit) or positive, got {self.max_watch_streams}"
+            )
         if self.metrics_listen:
             try:
                 parse_listen(self.metrics_listen)

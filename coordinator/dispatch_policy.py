@@ -128,7 +128,7 @@ _CLAIM = Query(
     ), leased AS (
         UPDATE tasks t
         SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_epoch = :lease_epoch, lease_start_time = now(),
+            lease_holder = :holder, lease_epoch = :lease_epoch, lease_start_time = now(),
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
@@ -181,6 +181,7 @@ class DispatchPolicy:
             limit=claim.limit,
             max_bytes=claim.max_bytes,
             worker_id=session.worker_id,
+            holder=session.holder,
             lease_epoch=fence.epoch,
             lease_seconds=self._lease_seconds,
             fence=fence,

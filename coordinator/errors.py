@@ -245,11 +245,14 @@ class WorkerIdInUse(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_WORKER_ID_IN_USE
 
-    def __init__(self, worker_id: str, hostname: str, pid: int, retry_after: float) -> None:
+    # Says nothing of the session that holds the id: what a Hello could repeat to pass
+    # for it is nobody else's business (and proves nothing since the resume token).
+    def __init__(self, worker_id: str, liveness_timeout: float) -> None:
         super().__init__(
-            f"worker id {worker_id!r} is in use by a live worker process (host {hostname!r}, "
-            f"pid {pid}); give each worker process its own id (the SDK's default does). If "
-            f"that process has exited, its session ends within {retry_after:.0f}s",
+            f"worker id {worker_id!r} is in use by a live worker session; give each worker "
+            f"process its own id (the SDK's default does). A reconnect of the same process "
+            f"presents its resume token and is not refused. If the process that holds it has "
+            f"exited, its session ends within {liveness_timeout:.0f}s",
             metadata={"worker_id": worker_id},
         )
 

@@ -22,6 +22,8 @@ from conveyor.v1 import worker_service_pb2
 
 PROTOCOL_VERSION = 1
 """The worker protocol version this coordinator speaks (``Hello.protocol_version``)."""
+RESUME_TOKEN_BYTES = 32
+"""The length of a worker process's resume token (``Welcome.resume_token``)."""
 
 FIRST_ATTEMPT = 1
 """The attempt number of a task's first lease (``attempt`` counts leases, from 1)."""

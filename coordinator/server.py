@@ -45,6 +45,7 @@ from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.task_service import TaskServicer
 from conveyor.coordinator.telemetry import Telemetry
 from conveyor.coordinator.tls import add_port, server_tls
+from conveyor.coordinator.watch_reader import WatchReader
 from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.coordinator.worker_service import WorkerServicer
 from conveyor.observability.logs import log_context
@@ -120,7 +121,8 @@ class Coordinator:
         if self.telemetry.metrics is not None:
             self.office.on_refused = self.telemetry.metrics.fenced
         self.sessions = SessionRegistry()
-        self.watchers = TaskWatchers()
+        self.watchers = TaskWatchers(max_per_tenant=config.max_watch_streams)
+        self.watch_reader: WatchReader | None = None
         self.deps: Deps | None = None
         self._pool: asyncpg.Pool | None = None
         self._server: grpc.aio.Server | None = None
@@ -298,6 +300,9 @@ class Coordinator:
 
         self.submitter.start()
         self.recorder.start()
+        # WatchTask streams are reads: served for the life of the process, not of a term.
+        self.watch_reader = WatchReader(deps)
+        self.watch_reader.start()
         await server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
@@ -457,6 +462,8 @@ class Coordinator:
             await self.submitter.stop()
         if self.recorder is not None:
             await self.recorder.stop()
+        if self.watch_reader is not None:
+            await self.watch_reader.stop()
         if self.audit is not None:
             await self.audit.stop()
         if self.directory is not None:

@@ -8,18 +8,29 @@ room for. The stream's send loop (``worker_service.py``) takes messages out with
 :meth:`WorkerSession.next_message`; whatever is still queued when a session ends never
 reached the worker, and its assignments go back at once without using an attempt
 (:meth:`WorkerSession.take_undelivered`).
+
+Who a worker is: nothing its Hello says about itself (worker id, hostname, pid) proves
+that it is the process that holds a session or a lease. Each session has a resume token
+(:attr:`WorkerSession.resume_token`, 32 random bytes, told to the worker in Welcome and
+kept across its reconnects): a Hello that presents it may replace the live session of its
+worker id and resume the leases granted to it; the leases carry the token's hash
+(``tasks.lease_holder``, :attr:`WorkerSession.holder`), so the proof holds across a
+restart or failover of the coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from conveyor.coordinator.leases import LeaseKey
+from conveyor.coordinator.leases import RESUME_TOKEN_BYTES, LeaseKey
 from conveyor.v1 import worker_service_pb2
 
 _log = logging.getLogger("conveyor.coordinator.sessions")
@@ -31,6 +42,11 @@ OUTBOX_BYTES = 64 << 20
 """Assignment bytes (estimated) queued for one worker at most; the dispatch policy claims
 within what is left."""
 RECENT_EVICTIONS = 20
+
+
+def lease_holder(resume_token: bytes) -> bytes:
+    """What a lease records of the token of the process it was granted to (its SHA-256)."""
+    return hashlib.sha256(resume_token).digest()
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,22 @@ class WorkerSession:
     task_types: tuple[str, ...]
     """The types it has handlers for, in the order the worker named them."""
     hostname: str = ""
+    """As the worker said in Hello: for people to read; it proves nothing."""
     pid: int = 0
+    """As the worker said in Hello: for people to read; it proves nothing."""
+    resume_token: bytes = field(
+        default_factory=lambda: secrets.token_bytes(RESUME_TOKEN_BYTES), repr=False
+    )
+    """The secret of the worker process (see the module docstring); a new one unless the
+    process proved an earlier one (:meth:`adopt`)."""
+    holder: bytes = field(init=False, repr=False)
+    """``lease_holder(resume_token)``: what the leases granted to this session record."""
+    superseded: bool = False
+    """A newer session of the same process took over before this one settled its leases:
+    they are the newer one's now."""
+    releasing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while this session's end releases its leases, so a newer session of the same
+    process cannot take over halfway through (see :attr:`superseded`)."""
     encryption_keys: frozenset[str] | None = None
     """The encryption keys the worker opens (Hello, then EncryptionKeys messages, less
     those it reported lacking); None: it did not say, and is given every key's tasks."""
@@ -97,6 +128,12 @@ class WorkerSession:
 
     def __post_init__(self) -> None:
         self.type_set = frozenset(self.task_types)
+        self.holder = lease_holder(self.resume_token)
+
+    def adopt(self, resume_token: bytes) -> None:
+        """Takes the token a Hello proved (the process's), instead of the new one."""
+        self.resume_token = resume_token
+        self.holder = lease_holder(resume_token)
 
     @property
     def wants_work(self) -> bool:
@@ -113,9 +150,9 @@ class WorkerSession:
         keys = self.encryption_keys
         return encryption_key is None or keys is None or encryption_key in keys
 
-    def same_process(self, hostname: str, pid: int) -> bool:
-        """Whether a Hello with this identity comes from this session's worker process."""
-        return (self.hostname, self.pid) == (hostname, pid)
+    def proven_by(self, resume_token: bytes) -> bool:
+        """Whether a Hello presenting ``resume_token`` comes from this session's process."""
+        return bool(resume_token) and hmac.compare_digest(resume_token, self.resume_token)
 
     # -- the outbox ------------------------------------------------------------------------
 
@@ -227,7 +264,8 @@ class SessionRegistry:
         self.evictions: collections.deque[Eviction] = collections.deque(maxlen=RECENT_EVICTIONS)
 
     def holder(self, tenant: str, worker_id: str) -> WorkerSession | None:
-        """The session that holds ``worker_id`` (live, or still settling after its end)."""
+        """The session that holds ``worker_id`` (live, or still settling its leases after
+        its end)."""
         return self._by_worker.get((tenant, worker_id))
 
     def reserve(self, session: WorkerSession) -> None:
@@ -239,9 +277,15 @@ class SessionRegistry:
         if not session.closed:
             self._by_session[session.session_id] = session
 
-    def remove(self, session: WorkerSession) -> None:
+    def retire(self, session: WorkerSession) -> None:
+        """Hides an ended session from dispatch and status; it keeps its worker id until
+        :meth:`remove` (its leases are not settled yet)."""
         session.closed = True
         self._by_session.pop(session.session_id, None)
+
+    def remove(self, session: WorkerSession) -> None:
+        """Frees the session's worker id (unless a newer session holds it already)."""
+        self.retire(session)
         if self._by_worker.get((session.tenant, session.worker_id)) is session:
             del self._by_worker[session.tenant, session.worker_id]
 

@@ -280,6 +280,7 @@ class Submitter:
                     conn,
                     rows,
                     [s.worker_id for s in sessions],
+                    [s.holder for s in sessions],
                     fence,
                     self._deps.config.lease_duration,
                     now,

@@ -9,8 +9,6 @@ them, so the wire API keeps schedules in TaskService.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
@@ -34,8 +32,6 @@ from conveyor.v1 import (
     worker_service_pb2,
 )
 
-# A watcher re-reads its task this often even without a wake-up, as a safety net.
-WATCH_REFRESH = 2.0
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -157,14 +153,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> None:
         task_id = validation.validate_task_id(request.id)
         tenant = context.current().tenant
-        with self._deps.watchers.watch(task_id) as changed:
+        # The rows come from the coordinator's one watch reader (watchers.py), never from
+        # a read of this stream's own.
+        with self._deps.watchers.watch(tenant, task_id) as watch:
             sent: tuple[object, ...] | None = None
             while True:
-                changed.clear()
-                async with self._deps.db.read() as conn:
-                    row = await store.get(conn, tenant, task_id)
-                if row is None:
-                    raise TaskNotFound(request.id)
+                row = await watch.next()
                 unserved, missing_key = self._unserved(row)
                 version = (row["state"], row["update_time"], unserved, missing_key)
                 if version != sent:
@@ -178,8 +172,6 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     )
                 if row["state"] in store.TERMINAL:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WATCH_REFRESH)
 
     # -- transitions -------------------------------------------------------------------------
 

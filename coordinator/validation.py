@@ -24,7 +24,7 @@ from typing import Any
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
-from conveyor.coordinator.leases import PROTOCOL_VERSION
+from conveyor.coordinator.leases import PROTOCOL_VERSION, RESUME_TOKEN_BYTES
 from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX, is_key_id
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
@@ -492,6 +492,8 @@ class ValidHello:
     task_types: tuple[str, ...]
     credits: int
     in_flight: list[worker_service_pb2.Lease]
+    resume_token: bytes
+    """Empty on a worker process's first connect."""
     encryption_keys: frozenset[str] | None = None
     """The encryption keys the worker opens; None when it did not say (any key)."""
 
@@ -551,6 +553,14 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         out.append(FieldViolation("hello.credits", f"must be between 0 and {MAX_CREDIT}"))
     if len(hello.in_flight) > MAX_CREDIT:
         out.append(FieldViolation("hello.in_flight", f"must list at most {MAX_CREDIT} leases"))
+    if hello.resume_token and len(hello.resume_token) != RESUME_TOKEN_BYTES:
+        out.append(
+            FieldViolation(
+                "hello.resume_token",
+                f"must be empty or the {RESUME_TOKEN_BYTES} bytes of an earlier Welcome's "
+                "resume_token, unchanged",
+            )
+        )
     keys = None
     if hello.HasField("encryption_keys"):
         keys = check_key_ids(hello.encryption_keys, "hello.encryption_keys.key_ids", out)
@@ -566,5 +576,6 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         task_types=tuple(dict.fromkeys(hello.task_types)),
         credits=hello.credits,
         in_flight=list(hello.in_flight),
+        resume_token=hello.resume_token,
         encryption_keys=keys,
     )

@@ -2,13 +2,18 @@
 
 A stream starts with Hello, checked in full (``validation.validate_hello``), then:
 
-1. the worker id is taken. A live session with the same id from another process
-   (another hostname or pid) refuses this one: WORKER_ID_IN_USE. A session of the same
-   process (a reconnect that overtook the old stream's end) is retired first, and this
-   stream waits until the old one has settled its leases;
-2. its leases are resumed: those listed in ``Hello.in_flight`` are renewed, every other
-   lease of the worker goes back at once without using an attempt (the worker lists all
-   it holds, so it never received those) and Welcome lists the ones it lost;
+1. the worker id is taken. A live session with the same id refuses this one
+   (WORKER_ID_IN_USE), unless the Hello presents that session's resume token: then it is
+   the same process (a reconnect that overtook the old stream's end), the old session is
+   retired, and this stream waits until the old one has settled its leases. Hostname and
+   pid prove nothing (see ``sessions.py``);
+2. its leases are resumed. The process's own (granted to the resume token it presents):
+   those listed in ``Hello.in_flight`` are renewed, every other one goes back at once
+   without using an attempt (the worker lists all it holds, so it never received those).
+   Any other lease of the worker id was granted to another process, which may be running
+   it: it goes back counted (LEASE_EXPIRED), even if listed. Welcome lists the listed
+   leases that are not the worker's, and the resume token: the one presented if it held
+   a lease or the live session, else a new one;
 3. the stream runs as three loops: receive (this handler's), send (draining the
    session's outbox, see ``sessions.py``) and ack (answering each Results or Heartbeat
    after its group commit, in order). A full ack queue stops the receive loop, which is
@@ -33,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 
 from conveyor.coordinator import context as request_context
@@ -50,7 +56,7 @@ from conveyor.coordinator.interceptors import Undecodable
 from conveyor.coordinator.leases import LeaseKey, to_proto
 from conveyor.coordinator.maintenance import announce
 from conveyor.coordinator.results import Mapped, ResultRecorder
-from conveyor.coordinator.sessions import WorkerSession
+from conveyor.coordinator.sessions import WorkerSession, lease_holder
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.tasks import Release
 from conveyor.coordinator.validation import MAX_CREDIT, ValidHello
@@ -116,10 +122,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             pid=hello.pid,
             encryption_keys=hello.encryption_keys,
         )
-        await self._take_worker_id(session)
+        proven = await self._take_worker_id(session, hello.resume_token)
         failure: Exception | None = None
         try:
-            lost = await self._resume(session, hello.in_flight)
+            lost = await self._resume(session, hello, proven=proven)
             session.credit = hello.credits
             self._welcome(session, lost)
             self._deps.sessions.activate(session)
@@ -179,34 +185,44 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             raise ProtocolViolation("the first message on the stream must be Hello")
         return validation.validate_hello(first.hello)
 
-    async def _take_worker_id(self, session: WorkerSession) -> None:
+    async def _take_worker_id(self, session: WorkerSession, resume_token: bytes) -> bool:
+        """Reserves the worker id; whether ``resume_token`` proved the Hello is the process
+        of the live session that held it."""
         registry = self._deps.sessions
+        proven = False
         while (holder := registry.holder(session.tenant, session.worker_id)) is not None:
-            if not holder.closed and not holder.same_process(session.hostname, session.pid):
-                raise WorkerIdInUse(
-                    session.worker_id,
-                    holder.hostname,
-                    holder.pid,
-                    self._deps.config.worker_liveness_timeout,
-                )
-            holder.end("replaced by a new stream from the same worker process")
-            if self._deps.metrics is not None:
-                self._deps.metrics.worker_evicted("replaced")
+            if not holder.closed:
+                if not holder.proven_by(resume_token):
+                    raise WorkerIdInUse(
+                        session.worker_id, self._deps.config.worker_liveness_timeout
+                    )
+                proven = True
+                holder.end("replaced by a new stream from the same worker process")
+                if self._deps.metrics is not None:
+                    self._deps.metrics.worker_evicted("replaced")
             try:
                 async with asyncio.timeout(RETIRE_TIMEOUT):
                     await holder.done.wait()
             except TimeoutError:
                 _log.warning("worker %s: the old session did not settle in time", holder.worker_id)
+                # Its leases are this session's to resume now; it must not release them
+                # when it gets that far (nor halfway through, hence the lock).
+                async with holder.releasing:
+                    holder.superseded = True
                 registry.remove(holder)
         registry.reserve(session)
+        return proven
 
     async def _resume(
-        self, session: WorkerSession, in_flight: Sequence[worker_service_pb2.Lease]
+        self, session: WorkerSession, hello: ValidHello, *, proven: bool
     ) -> list[worker_service_pb2.Lease]:
-        """Keeps the leases of tasks the worker still holds; returns those it lost."""
+        """Keeps the leases of tasks the worker still holds; returns those it lost.
+
+        ``proven``: the Hello's resume token is the live session's it replaced.
+        """
         keys: list[LeaseKey] = []
         lost: list[worker_service_pb2.Lease] = []
-        for lease in in_flight:
+        for lease in hello.in_flight:
             key = leases.parse(session.tenant, session.worker_id, lease)
             if key is None:
                 lost.append(lease)
@@ -214,23 +230,38 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 keys.append(key)
         deps = self._deps
         fence = deps.office.fence()
+        tenant, worker_id, token = session.tenant, session.worker_id, hello.resume_token
         async with deps.db.write(fence) as conn:
+            if token and (
+                proven or await store.holds_leases(conn, tenant, worker_id, lease_holder(token))
+            ):
+                session.adopt(token)
+            holder = session.holder
             renewed = (
-                await store.renew_leases(conn, keys, deps.config.lease_duration, fence)
+                await store.resume_leases(conn, keys, holder, deps.config.lease_duration, fence)
                 if keys
                 else set()
             )
-            released = await store.release_abandoned(
-                conn, session.tenant, session.worker_id, [k for k in keys if k in renewed], fence
-            )
+            kept = [k for k in keys if k in renewed]
+            unsent = await store.release_abandoned(conn, tenant, worker_id, holder, kept, fence)
+            foreign = await store.release_foreign(conn, tenant, worker_id, holder, fence)
         lost.extend(to_proto(k) for k in keys if k not in renewed)
-        if released:
-            _log.info(
-                "took back %d tasks worker %s never received", len(released), session.worker_id
-            )
-            announce(deps, released)
+        if unsent:
+            _log.info("took back %d tasks worker %s never received", len(unsent), worker_id)
+            announce(deps, unsent)
             if deps.metrics is not None:
-                deps.metrics.record_requeued(released)
+                deps.metrics.record_requeued(unsent)
+        if foreign:
+            _log.warning(
+                "worker id %s connected from a process without the resume token of the one "
+                "that held %d running tasks: took them back as expired leases (they may have "
+                "run); a worker process sends its token when it reconnects",
+                worker_id,
+                len(foreign),
+            )
+            announce(deps, foreign)
+            if deps.metrics is not None:
+                deps.metrics.record_lease_expired(foreign)
         return lost
 
     def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
@@ -245,6 +276,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     liveness_timeout=convert.duration_ms(int(cfg.worker_liveness_timeout * 1000)),
                     lost=lost,
                     tenant=session.tenant,
+                    resume_token=session.resume_token,
                 )
             )
         )
@@ -410,9 +442,14 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     # -- closing ---------------------------------------------------------------------------
 
     async def _settle(self, session: WorkerSession) -> None:
-        """Takes back what the ended session cannot finish; then frees its worker id."""
+        """Takes back what the ended session cannot finish; then frees its worker id.
+
+        The worker id stays reserved until then: a reconnect of the same process waits, so
+        the release here never meets the leases it resumes (and when it stops waiting,
+        ``superseded`` tells this session to leave them alone).
+        """
         deps = self._deps
-        deps.sessions.remove(session)
+        deps.sessions.retire(session)
         undelivered = session.take_undelivered()
         released = 0
         try:
@@ -421,17 +458,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     if undelivered:
                         await release_undelivered(deps, conn, undelivered)
                     if session.evicted:
-                        reason = session.end_reason.replace("%", "%%")
-                        how = Release(
-                            store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason}"
-                        )
-                        rows = await store.release_worker(
-                            conn, session.tenant, session.worker_id, how, deps.office.fence()
-                        )
-                        released = len(rows)
-                        announce(deps, rows)
-                        if deps.metrics is not None:
-                            deps.metrics.record_lease_expired(rows)
+                        released = await self._release_evicted(conn, session)
         except Exception as exc:
             # Store down or fenced: the leases come back when they expire or when the
             # worker reconnects.
@@ -439,6 +466,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 "worker %s: could not take back its leases now: %r", session.worker_id, exc
             )
         finally:
+            deps.sessions.remove(session)
             if session.evicted:
                 deps.sessions.record_eviction(session, released + len(undelivered))
                 if deps.metrics is not None:
@@ -449,6 +477,22 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.worker_id,
                 f" ({session.end_reason})" if session.end_reason else "",
             )
+
+    async def _release_evicted(self, conn: asyncpg.Connection, session: WorkerSession) -> int:
+        """Takes back, counted, the leases of an evicted session (they may have run)."""
+        deps = self._deps
+        async with session.releasing:
+            if session.superseded:
+                return 0
+            reason = session.end_reason.replace("%", "%%")
+            how = Release(store.OUTCOME_LEASE_EXPIRED, True, f"worker %s was evicted: {reason}")
+            rows = await store.release_worker(
+                conn, session.tenant, session.worker_id, session.holder, how, deps.office.fence()
+            )
+        announce(deps, rows)
+        if deps.metrics is not None:
+            deps.metrics.record_lease_expired(rows)
+        return len(rows)
 
     def step_down(self) -> None:
         """Sends every worker to the new leader; their streams end once that is written."""

@@ -9,8 +9,12 @@ Addresses, redirects and backoff follow the shared rules of
   address may well be the new leader.
 * A round of redirects means a leader change is under way (the cluster answers): look
   again shortly, without growing the backoff.
-* A fatal refusal (``WORKER_ID_IN_USE``) ends the loop with that error: retrying cannot
-  fix a misconfiguration.
+* A fatal refusal ends the loop with that error: retrying cannot fix a misconfiguration
+  (``WORKER_ID_IN_USE``, a key without the worker scope) or a key that is missing,
+  malformed, expired or revoked (a revoked key stays revoked).
+* A key the coordinator does not know may be a new one still on its way there: the
+  worker retries for :data:`UNKNOWN_KEY_PATIENCE`, saying so once, then stops the same
+  way.
 * Logs: one line per failed attempt, with the wait before the next one: "cannot reach the
   coordinator at X" when nothing answered there, "lost the stream" when an established
   session broke. WARNING for the first failure of an outage, INFO for the next ones; a
@@ -30,7 +34,7 @@ from conveyor.transport import AddressBook, Backoff, ConnectionOptions
 from conveyor.worker._runtime import Runtime
 from conveyor.worker._session import HelloInfo, Session, SessionEnd
 
-__all__ = ["RECONNECT_BACKOFF", "Connector"]
+__all__ = ["RECONNECT_BACKOFF", "UNKNOWN_KEY_PATIENCE", "Connector"]
 
 logger = logging.getLogger("conveyor.worker")
 
@@ -40,6 +44,10 @@ logger = logging.getLogger("conveyor.worker")
 RECONNECT_BACKOFF = Backoff(initial=0.1, maximum=2.0)
 #: The pause before looking again after a round of redirects (a leader being elected).
 _ELECTION_PAUSE = (0.05, 0.15)
+#: How long a worker whose API key the coordinator does not know keeps trying. A key just
+#: created reaches every coordinator within a second (LISTEN/NOTIFY), or at the latest at
+#: the coordinator's next full reload of the keys (every 30 s by default).
+UNKNOWN_KEY_PATIENCE = 60.0
 
 
 class Connector:
@@ -62,6 +70,8 @@ class Connector:
         self._runtime = runtime
         self._options = options
         self._session: Session | None = None
+        # Kept across sessions: each Hello proves this is the process that holds its leases.
+        self._resume_token = b""
         self._draining = False
         self._closing = False
         self._wakeup = asyncio.Event()
@@ -95,10 +105,15 @@ class Connector:
         Raises:
             WorkerIdInUseError: The coordinator refused this worker's id (another live
                 process uses it).
+            UnauthenticatedError: The API key is missing, malformed, expired or revoked,
+                or still unknown after :data:`UNKNOWN_KEY_PATIENCE`.
+            PermissionDeniedError: The API key lacks the worker scope.
         """
         failures = 0  # rounds through the addresses without a session
         tried = 0  # attempts in the current round
         answered = False  # some coordinator answered (redirected) in this round
+        unknown_since: float | None = None  # refused for an unknown key since (loop time)
+        loop = asyncio.get_running_loop()
         target = self._book.current
         while not self._closing:
             session = Session(
@@ -108,6 +123,7 @@ class Connector:
                 draining=self._draining,
                 options=self._options,
                 on_welcome=self._welcomed,
+                resume_token=self._resume_token,
             )
             self._session = session
             try:
@@ -124,6 +140,22 @@ class Connector:
                 self._book.answered(target)
                 failures = 0
                 tried = 0
+                unknown_since = None
+            quiet = False
+            if end.unknown_key is not None:
+                if unknown_since is None:
+                    unknown_since = loop.time()
+                    logger.warning(
+                        "coordinator %s does not know this worker's API key; a new key takes "
+                        "a moment to reach every coordinator, so the worker tries again for "
+                        "up to %gs",
+                        target,
+                        UNKNOWN_KEY_PATIENCE,
+                    )
+                elif loop.time() - unknown_since >= UNKNOWN_KEY_PATIENCE:
+                    end.unknown_key._append(f"(still unknown after {UNKNOWN_KEY_PATIENCE:g}s)")
+                    raise end.unknown_key
+                quiet = True
             tried += 1
             round_over = tried >= len(self._book.addresses)
             if end.redirect is not None:
@@ -143,7 +175,8 @@ class Connector:
                     delay = random.uniform(*_ELECTION_PAUSE)
                 else:
                     delay = 0.0
-                _log_failure(target, end, delay, first=end.welcomed or failures == 0)
+                if not quiet:
+                    _log_failure(target, end, delay, first=end.welcomed or failures == 0)
             if delay > 0:
                 if not answered:
                     failures += 1
@@ -153,6 +186,7 @@ class Connector:
             await self._pause(delay)
 
     def _welcomed(self, session: Session) -> None:
+        self._resume_token = session.resume_token
         self.connected.set()
         self._sessions_welcomed += 1
         if self._sessions_welcomed > 1 and self._metrics is not None:

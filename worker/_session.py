@@ -18,7 +18,13 @@ import grpc
 import grpc.aio
 
 from conveyor.transport import ConnectionOptions, error_from_rpc
-from conveyor.transport._errors import NotLeaderError, RPCError, WorkerIdInUseError
+from conveyor.transport._errors import (
+    NotLeaderError,
+    PermissionDeniedError,
+    RPCError,
+    UnauthenticatedError,
+    WorkerIdInUseError,
+)
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._runtime import Runtime
@@ -83,9 +89,14 @@ class SessionEnd:
             when it does not know it. ``None`` when there was no redirect.
         error: What broke the stream, for the log; ``None`` for an orderly end.
         rejected: The coordinator refused the worker (a status other than UNAVAILABLE,
-            e.g. INVALID_ARGUMENT for a protocol violation or UNAUTHENTICATED): retrying
-            goes on, but someone has to fix something.
-        fatal: An error retrying cannot fix (WORKER_ID_IN_USE): the worker stops with it.
+            e.g. INVALID_ARGUMENT for a protocol violation): retrying goes on, but someone
+            has to fix something.
+        fatal: An error retrying cannot fix: the worker id is in use, the API key is
+            missing, malformed, expired or revoked, or lacks the worker scope. The worker
+            stops with it.
+        unknown_key: The coordinator does not know the API key: a new key may still be on
+            its way to this coordinator, so the worker retries for a while (the
+            Connector's rule), then stops with this error.
     """
 
     welcomed: bool
@@ -94,6 +105,7 @@ class SessionEnd:
     error: str | None = None
     rejected: bool = False
     fatal: RPCError | None = None
+    unknown_key: UnauthenticatedError | None = None
 
 
 class _SessionError(Exception):
@@ -124,7 +136,11 @@ def _classify(exc: grpc.aio.AioRpcError, target: str, *, welcomed: bool, heard: 
         # The coordinator may refuse the stream outright with NOT_LEADER instead of
         # answering with a Redirect message; both mean the same to the worker.
         return SessionEnd(welcomed=welcomed, redirect=error.leader_address or "")
-    if isinstance(error, WorkerIdInUseError):
+    if isinstance(error, UnauthenticatedError) and error.problem in (None, "unknown"):
+        return SessionEnd(welcomed=welcomed, error=str(error), rejected=True, unknown_key=error)
+    if isinstance(error, WorkerIdInUseError | UnauthenticatedError | PermissionDeniedError):
+        # The key's problem is permanent (missing, malformed, expired, revoked: a revoked
+        # key stays revoked), and so is a missing scope or a taken id.
         return SessionEnd(welcomed=welcomed, error=str(error), fatal=error)
     # A bare UNAVAILABLE before any answer: gRPC could not connect at all.
     reached = heard or error.reason is not None or exc.code() != grpc.StatusCode.UNAVAILABLE
@@ -152,8 +168,13 @@ class Session:
         draining: bool,
         options: ConnectionOptions,
         on_welcome: Callable[[Session], None] | None = None,
+        resume_token: bytes = b"",
     ) -> None:
         self.target = target
+        #: The process's resume token: the last Welcome's, presented in Hello (it proves to
+        #: the coordinator that this process holds the leases it lists); then this
+        #: session's Welcome's. A secret: never logged.
+        self.resume_token = resume_token
         self._on_welcome_callback = on_welcome
         self._info = info
         self._runtime = runtime
@@ -278,6 +299,7 @@ class Session:
             task_types=self._info.task_types,
             credits=credits,
             in_flight=in_flight,
+            resume_token=self.resume_token,
             encryption_keys=keys,
         )
         self._outstanding = credits
@@ -322,6 +344,8 @@ class Session:
     def _on_welcome(self, welcome: pb.Welcome, resumed: int) -> None:
         self._welcomed = True
         self.session_id = welcome.session_id
+        if welcome.resume_token:
+            self.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
         if interval > 0:
             self._heartbeat_interval = interval

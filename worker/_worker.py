@@ -356,6 +356,10 @@ class Worker:
             NoHandlersError: No task handler is registered (nothing could run).
             WorkerIdInUseError: The coordinator refused the worker id: another live worker
                 process uses it.
+            UnauthenticatedError: The API key is missing, malformed, expired or revoked
+                (also while the worker runs), or the coordinator still does not know it
+                after a minute (a new key reaches every coordinator within seconds).
+            PermissionDeniedError: The API key lacks the worker scope.
             RuntimeError: The worker is already running.
         """
         self._start(install_signal_handlers)
@@ -528,9 +532,9 @@ class Worker:
                 error = connection.exception()
                 if error is None:  # it only ends early on a fatal refusal, or a bug
                     raise RuntimeError("the connection loop ended unexpectedly")
-                # A fatal refusal (WORKER_ID_IN_USE): retrying cannot help, so stop the
-                # running attempts (their leases expire) and raise it to the caller.
-                logger.error("worker %s stopping: %s", self._worker_id, error)
+                # A fatal refusal (the worker id is taken, the key cannot work): retrying
+                # cannot help, so stop the running attempts (their leases expire) and
+                # raise it to the caller, who reports it (conveyor worker: in one line).
                 runtime.stop_all()
                 raise error
             await self._drain(connector, runtime)

@@ -19,7 +19,10 @@ not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
   the worker's stream (the stream broke, the session was replaced or evicted first), or
   left out of the worker's ``Hello.in_flight`` when it reconnects (a worker lists every
   lease it holds: running, waiting for a slot, or finished with an unacknowledged
-  result). The task is PENDING again at once, attempt row NOT_STARTED;
+  result). The task is PENDING again at once, attempt row NOT_STARTED. Only the process
+  the lease was granted to can say so: its Hello carries the resume token whose hash is
+  the row's ``lease_holder``. A lease of the worker id held by another process (another
+  token, or none: a new process took a free id) counts (LEASE_EXPIRED): it may have run;
 - RetryTask gives a fresh budget: ``attempt_base = attempt``.
 """
 
@@ -221,11 +224,12 @@ _INSERT_LEASED = Query(
     "insert_leased_tasks",
     f"""
     INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time, attempt,
-        worker_id, lease_epoch, lease_start_time, lease_expire_time)
-    SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, :lease_epoch, now(),
+        worker_id, lease_holder, lease_epoch, lease_start_time, lease_expire_time)
+    SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, w.holder, :lease_epoch, now(),
         now() + make_interval(secs => :lease_seconds)
     FROM {unnest(NEW_TASK_ARRAYS, "r")}
-    JOIN unnest(:id::uuid[], :worker_ids::text[]) AS w(id, worker_id) ON w.id = r.id
+    JOIN unnest(:id::uuid[], :worker_ids::text[], :holders::bytea[]) AS w(id, worker_id, holder)
+        ON w.id = r.id
     WHERE {FENCE}
     """,
 )
@@ -235,11 +239,13 @@ async def insert_leased(
     conn: asyncpg.Connection,
     rows: Sequence[NewRow],
     worker_ids: Sequence[str],
+    holders: Sequence[bytes],
     fence: Fence,
     lease_seconds: float,
     now: datetime,
 ) -> list[LeaseKey]:
-    """Inserts new tasks already RUNNING, each leased to its worker (its first attempt).
+    """Inserts new tasks already RUNNING, each leased to its worker (its first attempt);
+    ``holders`` are the workers' lease holders (``sessions.WorkerSession.holder``).
 
     The hand-off path: a fresh task goes straight to a waiting worker in the statement
     that commits it, instead of a second transaction claiming it. A dispatch-side write,
@@ -251,6 +257,7 @@ async def insert_leased(
         now=now,
         attempt=FIRST_ATTEMPT,
         worker_ids=list(worker_ids),
+        holders=list(holders),
         lease_epoch=fence.epoch,
         lease_seconds=lease_seconds,
         fence=fence,
@@ -339,6 +346,23 @@ _GET = Query("get_task", f"SELECT {_TASK} FROM tasks t WHERE t.tenant = :tenant 
 
 async def get(conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID) -> asyncpg.Record | None:
     return await _GET.fetchrow(conn, tenant=tenant, id=task_id)
+
+
+_GET_MANY = Query(
+    "get_tasks",
+    f"""
+    SELECT {_TASK} FROM tasks t
+    JOIN unnest(:tenant::text[], :id::uuid[]) AS k(tenant, id)
+        ON t.tenant = k.tenant AND t.id = k.id
+    """,
+)
+
+
+async def get_many(
+    conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+) -> list[asyncpg.Record]:
+    """The tasks named by (tenant, task id) that exist, in no particular order."""
+    return await _GET_MANY.fetch(conn, tenant=[k[0] for k in keys], id=[k[1] for k in keys])
 
 
 _ATTEMPTS = Query(
@@ -519,6 +543,54 @@ async def renew_leases(
     return keys_of(rows)
 
 
+_HOLDS = Query(
+    "holds_leases",
+    f"""
+    SELECT EXISTS (
+        SELECT FROM tasks
+        WHERE tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
+          AND lease_holder = :holder
+    )
+    """,
+)
+
+
+async def holds_leases(
+    conn: asyncpg.Connection, tenant: str, worker_id: str, holder: bytes
+) -> bool:
+    """Whether the tenant's ``worker_id`` holds a lease granted to ``holder``."""
+    return bool(await _HOLDS.fetchval(conn, tenant=tenant, worker=worker_id, holder=holder))
+
+
+_RESUME = Query(
+    "resume_leases",
+    f"""
+    UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => :lease_seconds),
+        lease_holder = :holder
+    FROM {_KEYS}
+    WHERE {FENCE} AND {_LEASE_MATCH}
+      -- NULL: granted before leases had holders (the migration), to whoever lists it.
+      AND (t.lease_holder = :holder OR t.lease_holder IS NULL)
+    RETURNING t.tenant, t.id::text AS id, t.attempt, t.lease_epoch, t.worker_id
+    """,
+)
+
+
+async def resume_leases(
+    conn: asyncpg.Connection,
+    keys: Sequence[LeaseKey],
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> set[KeyTuple]:
+    """Renews the leases a reconnecting worker lists that were granted to ``holder``;
+    returns those renewed."""
+    rows = await _RESUME.fetch(
+        conn, holder=holder, lease_seconds=lease_seconds, fence=fence, **key_arrays(keys)
+    )
+    return keys_of(rows)
+
+
 class Outcome(NamedTuple):
     """The end of one attempt as a worker reported it."""
 
@@ -667,6 +739,12 @@ EXPIRED = Release(OUTCOME_LEASE_EXPIRED, True, "lease expired: worker %s stopped
 RECONNECTED_WITHOUT = Release(
     OUTCOME_NOT_STARTED, False, "never started: worker %s reconnected without it"
 )
+TAKEN_OVER = Release(
+    OUTCOME_LEASE_EXPIRED,
+    True,
+    "worker id %s connected from a process that does not hold this lease (no resume token "
+    "of the one that did); it may have run",
+)
 
 
 _REAP = Query(
@@ -692,6 +770,7 @@ _RELEASE_ABANDONED = Query(
     WITH victims AS (
         SELECT id, worker_id FROM tasks t
         WHERE {FENCE} AND t.tenant = :tenant AND t.worker_id = :worker AND t.state = {RUNNING}
+          AND t.lease_holder = :holder
           AND (t.id, t.attempt) NOT IN (SELECT * FROM unnest(:keep_ids::uuid[],
               :keep_attempts::int[]))
         FOR UPDATE
@@ -704,22 +783,60 @@ async def release_abandoned(
     conn: asyncpg.Connection,
     tenant: str,
     worker_id: str,
+    holder: bytes,
     keep: Sequence[LeaseKey],
     fence: Fence,
 ) -> list[asyncpg.Record]:
-    """Takes back the leases of ``worker_id`` it does not list in Hello (not counted).
+    """Takes back the leases granted to ``holder`` that it does not list in Hello (not
+    counted).
 
-    Called when a worker (re)connects: it lists every lease it holds, so any other was
-    lost on the way (assigned to a stream that broke before it arrived).
+    Called when a worker (re)connects with its resume token: it lists every lease it
+    holds, so any other was lost on the way (assigned to a stream that broke before it
+    arrived).
     """
     return await _RELEASE_ABANDONED.fetch(
         conn,
         tenant=tenant,
         worker=worker_id,
+        holder=holder,
         keep_ids=[k.task_id for k in keep],
         keep_attempts=[k.attempt for k in keep],
         fence=fence,
         **RECONNECTED_WITHOUT._asdict(),
+    )
+
+
+def _release_by_holder(name: str, holder_match: str) -> Query:
+    """Ends the leases of a worker id whose holder matches (see the two uses)."""
+    return Query(
+        name,
+        f"""
+        WITH victims AS (
+            SELECT id, worker_id FROM tasks
+            WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
+              AND {holder_match}
+            FOR UPDATE
+        ), {_RELEASE}
+        """,
+    )
+
+
+_RELEASE_FOREIGN = _release_by_holder(
+    "release_foreign_leases", "lease_holder IS DISTINCT FROM :holder"
+)
+
+
+async def release_foreign(
+    conn: asyncpg.Connection, tenant: str, worker_id: str, holder: bytes, fence: Fence
+) -> list[asyncpg.Record]:
+    """Takes back the leases of ``worker_id`` not granted to ``holder`` (counted).
+
+    Called when a worker connects: leases of its worker id that another process holds
+    (one that did not hand this Hello its resume token) may be running there, so they are
+    never called not started; and they are not the new process's to finish.
+    """
+    return await _RELEASE_FOREIGN.fetch(
+        conn, tenant=tenant, worker=worker_id, holder=holder, fence=fence, **TAKEN_OVER._asdict()
     )
 
 
@@ -742,24 +859,20 @@ async def release_leases(
     return await _RELEASE_KEYS.fetch(conn, fence=fence, **how._asdict(), **key_arrays(keys))
 
 
-_RELEASE_WORKER = Query(
-    "release_worker_leases",
-    f"""
-    WITH victims AS (
-        SELECT id, worker_id FROM tasks
-        WHERE {FENCE} AND tenant = :tenant AND worker_id = :worker AND state = {RUNNING}
-        FOR UPDATE
-    ), {_RELEASE}
-    """,
-)
+_RELEASE_WORKER = _release_by_holder("release_worker_leases", "lease_holder = :holder")
 
 
 async def release_worker(
-    conn: asyncpg.Connection, tenant: str, worker_id: str, how: Release, fence: Fence
+    conn: asyncpg.Connection,
+    tenant: str,
+    worker_id: str,
+    holder: bytes,
+    how: Release,
+    fence: Fence,
 ) -> list[asyncpg.Record]:
-    """Ends every lease ``worker_id`` holds (an evicted worker's)."""
+    """Ends every lease of ``worker_id`` granted to ``holder`` (an evicted worker's)."""
     return await _RELEASE_WORKER.fetch(
-        conn, tenant=tenant, worker=worker_id, fence=fence, **how._asdict()
+        conn, tenant=tenant, worker=worker_id, holder=holder, fence=fence, **how._asdict()
     )
 
 

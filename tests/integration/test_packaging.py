@@ -26,7 +26,9 @@ MUST_SHIP = {
     "conveyor/embedded/postgres.py",
     "conveyor/bench/runner.py",  # `conveyor bench` is a user command
     "conveyor/bench/worker.py",  # its worker processes
+    "conveyor/console/server.py",  # `conveyor console`, and `conveyor dev`'s console
 }
+CONSOLE = Path(__file__).resolve().parents[2] / "console"
 _TEST_MACHINERY = re.compile(
     r"(^|/)(tests?|testsupport|support)(/|\.py$)|(^|/)(conftest|test_\w+)\.py$"
 )
@@ -76,6 +78,20 @@ def test_console_script_and_extras(wheel: zipfile.ZipFile) -> None:
     assert re.search(r"^Requires-Dist: typer", text, re.MULTILINE)
     # The dev tools are an extra too, never a requirement of the package itself.
     assert not re.search(r"^Requires-Dist: pytest(?!.*extra ==)", text, re.MULTILINE)
+
+
+def test_the_console_ships_its_templates_and_static_files(wheel: zipfile.ZipFile) -> None:
+    # Every file the console serves or renders: nothing is fetched from elsewhere.
+    served = {
+        "conveyor/console/" + str(path.relative_to(CONSOLE))
+        for folder in ("templates", "static")
+        for path in (CONSOLE / folder).rglob("*")
+        if path.is_file()
+    }
+    assert {n for n in served if n.endswith((".html", ".js", ".css", ".svg"))}, served
+    names = set(wheel.namelist())
+    assert served <= names, served - names
+    assert "conveyor/console/py.typed" in names
 
 
 def test_the_etcd_harness_does_not_ship(wheel: zipfile.ZipFile) -> None:

@@ -20,6 +20,7 @@ from conveyor.client import (
     AsyncClient,
     AttemptOutcome,
     QuotaExceededError,
+    Task,
     TaskState,
     WaitTimeoutError,
 )
@@ -43,6 +44,28 @@ async def test_waiting_on_a_type_nobody_serves_says_so(client: AsyncClient) -> N
     )
 
 
+@contextlib.asynccontextmanager
+async def _running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
+    """Runs the worker until the block ends (then stops it at once); yields its run."""
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        async with asyncio.timeout(10):
+            await worker.wait_connected()
+        yield run
+    finally:
+        worker.shutdown(force=True)
+        with contextlib.suppress(BaseException):
+            await run
+
+
+async def _started(client: AsyncClient, started: asyncio.Event) -> Task:
+    """Submits a task of type "long" (one attempt); returns it once its handler started."""
+    task = await client.submit("long", None, max_attempts=1)
+    async with asyncio.timeout(10):
+        await started.wait()
+    return task
+
+
 async def test_end_of_grace_period_interrupts_without_using_an_attempt(
     coordinator: Coordinator, client: AsyncClient
 ) -> None:
@@ -54,13 +77,8 @@ async def test_end_of_grace_period_interrupts_without_using_an_attempt(
         started.set()
         await asyncio.sleep(60)
 
-    run = asyncio.create_task(worker.run(install_signal_handlers=False))
-    try:
-        async with asyncio.timeout(10):
-            await worker.wait_connected()
-        task = await client.submit("long", None, max_attempts=1)
-        async with asyncio.timeout(10):
-            await started.wait()
+    async with _running(worker) as run:
+        task = await _started(client, started)
         worker.shutdown()
         async with asyncio.timeout(10):
             await run
@@ -74,10 +92,38 @@ async def test_end_of_grace_period_interrupts_without_using_an_attempt(
         # Ready again at once, with its one attempt still to use.
         assert current.state is TaskState.PENDING
         assert current.attempts_counted == 0 and current.uncounted_attempts == 1
-    finally:
-        worker.shutdown(force=True)
-        with contextlib.suppress(BaseException):
-            await run
+
+
+async def test_a_running_task_survives_its_workers_reconnect(
+    coordinator: Coordinator, client: AsyncClient
+) -> None:
+    """The SDK presents its resume token when it reconnects, so the coordinator knows the
+    leases it lists are its own: the running attempt is kept, not run again."""
+    worker = Worker(coordinator.address)
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    @worker.task("long")
+    async def long(ctx: TaskContext, payload: Any) -> str:
+        started.set()
+        await finish.wait()
+        return "done"
+
+    async with _running(worker):
+        task = await _started(client, started)
+        first = coordinator.sessions.by_worker("default", worker.worker_id)
+        assert first is not None
+        first.end("cut by the test")
+
+        def reconnected() -> bool:
+            session = coordinator.sessions.by_worker("default", worker.worker_id)
+            return session is not None and session is not first
+
+        await eventually(reconnected, what="the worker's next session")
+        finish.set()
+        assert await client.result(task.id, timeout=10) == "done"
+        current, attempts = await client.get_with_attempts(task.id)
+        assert [a.outcome for a in attempts] == [AttemptOutcome.SUCCEEDED]
+        assert current.attempt == 1
 
 
 async def test_second_process_with_the_same_worker_id_is_refused(
@@ -105,7 +151,9 @@ async def test_second_process_with_the_same_worker_id_is_refused(
             timeout=10,
         )
         assert second.code == 1
-        assert "refused worker id 'same-id': another live worker process uses it" in second.err
+        # Said once, in one line.
+        (said,) = [line for line in second.err.splitlines() if "in use" in line]
+        assert "worker id 'same-id' is in use by a live worker session" in said
     finally:
         first.shutdown(force=True)
         with contextlib.suppress(BaseException):

@@ -162,11 +162,13 @@ async def test_reconnect_keeps_in_flight_and_releases_the_rest(
 ) -> None:
     kept, lost = await submit(stub), await submit(stub)
     first = raw_workers()
-    await first.connect("phoenix", credits=2)
+    token = (await first.connect("phoenix", credits=2)).resume_token
     assignments = {a.lease.task_id: a for a in await first.assignments(2)}
     await first.close()
     second = raw_workers()
-    welcome = await second.connect("phoenix", credits=0, in_flight=(assignments[kept.id].lease,))
+    welcome = await second.connect(
+        "phoenix", credits=0, in_flight=(assignments[kept.id].lease,), resume_token=token
+    )
     assert list(welcome.lost) == []
     # The lease the worker did not list is taken back at once, not at lease expiry.
     assert await _state(db, lost.id) == task_pb2.TASK_STATE_PENDING
@@ -431,11 +433,11 @@ async def test_a_task_the_worker_never_received_does_not_use_an_attempt(
     counted, so with max_attempts=1 the task died without running (issue 7.4)."""
     task = await submit(stub, max_attempts=1)
     first = raw_workers()
-    await first.connect("phoenix", credits=1, hostname="h", pid=7)
+    token = (await first.connect("phoenix", credits=1)).resume_token
     await first.assignments(1)
     await first.close()
     again = raw_workers()
-    await again.connect("phoenix", credits=1, hostname="h", pid=7)
+    await again.connect("phoenix", credits=1, resume_token=token)
     (retry,) = await again.assignments(1)
     assert retry.lease.attempt == 2
     assert (await again.report(retry.lease)).accepted
@@ -578,7 +580,7 @@ async def test_a_second_process_with_the_same_worker_id_is_refused(
     """Two processes with one worker id took each other's running tasks back (issue 7.12)."""
     task = await submit(stub)
     first = raw_workers()
-    await first.connect("twin", credits=1, hostname="host-a", pid=10)
+    token = (await first.connect("twin", credits=1, hostname="host-a", pid=10)).resume_token
     (assignment,) = await first.assignments(1)
     details = await _protocol_error(
         _hello(worker_id="twin", hostname="host-b", pid=11), coordinator.address
@@ -586,9 +588,9 @@ async def test_a_second_process_with_the_same_worker_id_is_refused(
     assert (details.code, details.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE")
     assert details.metadata["worker_id"] == "twin"
     assert await _state(db, task.id) == task_pb2.TASK_STATE_RUNNING
-    # The same process reconnecting (same host and pid) retires its old stream instead.
+    # The same process reconnecting (its resume token) retires its old stream instead.
     again = raw_workers()
-    await again.connect("twin", credits=0, hostname="host-a", pid=10, in_flight=(assignment.lease,))
+    await again.connect("twin", credits=0, in_flight=(assignment.lease,), resume_token=token)
     await asyncio.wait_for(_until_ended(first), 10)
     assert (await again.report(assignment.lease)).accepted
 

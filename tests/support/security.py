@@ -55,11 +55,17 @@ class Keys:
         self._admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         self._metadata = bearer(admin_key)
 
-    async def create(self, tenant: str, *scopes: str, expire_time: datetime | None = None) -> Key:
+    async def create(
+        self,
+        tenant: str,
+        *scopes: str,
+        expire_time: datetime | None = None,
+        description: str = "test",
+    ) -> Key:
         request = admin_service_pb2.CreateApiKeyRequest(
             tenant=tenant,
             scopes=[api_keys.scope_value(s) for s in scopes],
-            description="test",
+            description=description,
         )
         if expire_time is not None:
             stamp = timestamp_pb2.Timestamp()
@@ -99,6 +105,26 @@ async def running(process: CoordinatorProcess) -> AsyncIterator[CoordinatorProce
         yield process
     finally:
         await process.stop()
+
+
+@dataclass(frozen=True)
+class Secured:
+    """A running coordinator that requires keys, a channel to it, and its admin's Keys."""
+
+    address: str
+    channel: grpc.aio.Channel
+    keys: Keys
+
+
+@contextlib.asynccontextmanager
+async def secured(dsn: str, log_dir: Path) -> AsyncIterator[Secured]:
+    """A coordinator process that requires keys (bootstrapped with a new admin key)."""
+    _, admin_key = api_keys.generate()
+    async with (
+        running(secure_coordinator(dsn, log_dir, admin_key)) as coordinator,
+        grpc.aio.insecure_channel(coordinator.address) as channel,
+    ):
+        yield Secured(coordinator.address, channel, Keys(channel, admin_key))
 
 
 def tasks_stub(channel: grpc.aio.Channel) -> task_service_pb2_grpc.TaskServiceStub:

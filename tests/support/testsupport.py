@@ -203,6 +203,7 @@ class RawWorker:
         pulse: bool = True,
         metadata: tuple[tuple[str, str], ...] = (),
         encryption_keys: tuple[str, ...] | None = None,
+        resume_token: bytes = b"",
     ) -> worker_service_pb2.Welcome:
         """Opens the stream with Hello; returns Welcome.
 
@@ -210,24 +211,27 @@ class RawWorker:
         the coordinator does not evict it for silence; it renews no lease (send
         heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
         ``encryption_keys`` names the keys the worker opens (None: it does not say).
+        ``resume_token`` is the one of an earlier Welcome: this Hello comes from the same
+        worker process.
         """
         stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
         self._call = stub.Connect(self._requests(), metadata=metadata or None)
-        await self.send(
-            hello=worker_service_pb2.Hello(
-                protocol_version=1,
-                worker_id=worker_id,
-                credits=credits,
-                task_types=types,
-                queues=queues,
-                in_flight=in_flight,
-                hostname=hostname,
-                pid=pid,
-                encryption_keys=None
-                if encryption_keys is None
-                else worker_service_pb2.EncryptionKeys(key_ids=encryption_keys),
-            )
+        hello = worker_service_pb2.Hello(
+            protocol_version=1,
+            worker_id=worker_id,
+            credits=credits,
+            task_types=types,
+            queues=queues,
+            in_flight=in_flight,
+            hostname=hostname,
+            pid=pid,
+            encryption_keys=None
+            if encryption_keys is None
+            else worker_service_pb2.EncryptionKeys(key_ids=encryption_keys),
         )
+        if resume_token:
+            hello.resume_token = resume_token
+        await self.send(hello=hello)
         first = await self.receive()
         assert first.WhichOneof("message") == "welcome", first
         if pulse:

@@ -51,8 +51,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the submits it retries).
     """
     ERROR_REASON_WORKER_ID_IN_USE: _ErrorReason.ValueType  # 13
-    """Another live worker process already uses this worker id; metadata "worker_id". Give
-    each worker process its own id (the SDK's default does).
+    """Another live worker session already uses this worker id; metadata "worker_id". Give
+    each worker process its own id (the SDK's default does). A reconnect of the same
+    process proves itself with Hello.resume_token and is not refused.
     """
     ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 14
     """A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure
@@ -105,8 +106,9 @@ applied. Resending is safe only with an idempotency key (the client library adds
 the submits it retries).
 """
 ERROR_REASON_WORKER_ID_IN_USE: ErrorReason.ValueType  # 13
-"""Another live worker process already uses this worker id; metadata "worker_id". Give
-each worker process its own id (the SDK's default does).
+"""Another live worker session already uses this worker id; metadata "worker_id". Give
+each worker process its own id (the SDK's default does). A reconnect of the same
+process proves itself with Hello.resume_token and is not refused.
 """
 ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 14
 """A limit was reached (the pending backlog, the submit rate); google.rpc.QuotaFailure

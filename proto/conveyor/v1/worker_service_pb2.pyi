@@ -201,6 +201,7 @@ class Hello(_message.Message):
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Must be 1."""
@@ -210,6 +211,13 @@ class Hello(_message.Message):
     pid: _builtins.int
     credits: _builtins.int
     """Initial credit: how many more tasks the worker can take now."""
+    resume_token: _builtins.bytes
+    """The resume_token of the last Welcome this worker process received; empty on its
+    first connect. It proves that this Hello comes from the process that holds the worker
+    id's leases: without it, a Hello cannot replace a live session of the worker id
+    (WORKER_ID_IN_USE), and it resumes none of the leases the worker id holds. Hostname
+    and pid are for people to read and grant nothing.
+    """
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues to take work from; empty means "default"."""
@@ -223,9 +231,11 @@ class Hello(_message.Message):
     @_builtins.property
     def in_flight(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
         """Every lease the worker still holds: tasks running or waiting for a slot, and tasks
-        finished whose result is not acknowledged yet. The coordinator keeps these and takes
-        back at once, without using an attempt, every other lease of this worker id: a lease
-        not listed was never received.
+        finished whose result is not acknowledged yet. With the resume_token of the process
+        that was granted them, the coordinator keeps these and takes back at once, without
+        using an attempt, every other lease it granted that process: a lease not listed was
+        never received. Leases granted to another process (another resume_token, or none)
+        are neither kept nor called not started: they go back counted, as they may have run.
         """
 
     @_builtins.property
@@ -248,11 +258,12 @@ class Hello(_message.Message):
         task_types: _abc.Iterable[_builtins.str] | None = ...,
         credits: _builtins.int = ...,
         in_flight: _abc.Iterable[Global___Lease] | None = ...,
+        resume_token: _builtins.bytes = ...,
         encryption_keys: Global___EncryptionKeys | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["encryption_keys", b"encryption_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "protocol_version", b"protocol_version", "queues", b"queues", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "protocol_version", b"protocol_version", "queues", b"queues", "resume_token", b"resume_token", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,12 +430,19 @@ class Welcome(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch; leases granted in this session carry it."""
     tenant: _builtins.str
     """The tenant of the worker's API key ("default" without authentication): every task of
     this session is that tenant's.
+    """
+    resume_token: _builtins.bytes
+    """A secret that names this worker process to the coordinator (32 random bytes). Send
+    it in the Hello of every later session of this process (Hello.resume_token); keep it
+    out of logs. It stays the same across the process's reconnects, so a Welcome lost on
+    its way costs nothing.
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
@@ -453,10 +471,11 @@ class Welcome(_message.Message):
         lost: _abc.Iterable[Global___Lease] | None = ...,
         liveness_timeout: _duration_pb2.Duration | None = ...,
         tenant: _builtins.str = ...,
+        resume_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "resume_token", b"resume_token", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,8 +5,10 @@ leaves the first running, and Ctrl-C stops everything it started."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import aiohttp
 import pytest
 from clitools import (
     banner_commands,
@@ -17,6 +19,7 @@ from clitools import (
     shell,
 )
 from processes import free_port
+from testsupport import eventually
 
 from conveyor.embedded import EmbeddedPostgres
 
@@ -34,6 +37,7 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
         async with dev_process(data_dir, address, cwd=REPO) as first:
             banner = await first.read_until("Press Ctrl-C")
             assert address in banner
+            await _console_link_signs_in_once(banner)
 
             commands = banner_commands(banner)
             assert len(commands) == 5, commands
@@ -94,3 +98,24 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
     finally:
         remove_dev_data(data_dir)
         remove_dev_data(other_dir)
+
+
+async def _console_link_signs_in_once(banner: str) -> None:
+    """The banner's console address, and its one-time link that signs a browser in."""
+    (link,) = re.findall(r"sign in once with (http://\S+)", banner)
+    base = link.split("/sign-in", 1)[0]
+    assert f"console      {base}/" in banner
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies of 127.0.0.1 too
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(cookie_jar=jar, timeout=timeout) as http:
+        async with http.get(link) as response:
+            assert response.status == 200
+
+        async def demo_worker_shown() -> bool | None:
+            async with http.get(base + "/workers", allow_redirects=False) as response:
+                assert response.status == 200  # signed in, with the admin key
+                return True if "echo, sleep, fail" in await response.text() else None
+
+        await eventually(demo_worker_shown, what="the demo worker on the console's page")
+        async with http.get(link) as response:
+            assert response.status == 400  # once only

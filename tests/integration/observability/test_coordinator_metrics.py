@@ -216,9 +216,9 @@ async def test_leadership_schedules_evictions_and_the_process(
     silent = raw_workers()
     await silent.connect("silent", types=("x",), pulse=False)
     first = raw_workers()
-    await first.connect("twice", types=("x",), hostname="h", pid=7)
+    token = (await first.connect("twice", types=("x",))).resume_token
     second = raw_workers()
-    await second.connect("twice", types=("x",), hostname="h", pid=7)
+    await second.connect("twice", types=("x",), resume_token=token)
 
     async def evicted() -> Page | None:
         got = await page(coordinator)

@@ -158,6 +158,9 @@ def test_attempt_and_queue_stats_from_proto() -> None:
         task_pb2.QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4, workers=5)
     )
     assert stats == QueueStats(name="q", pending=1, scheduled=2, running=3, dead=4, workers=5)
+    oldest = task_pb2.QueueStats(name="q", pending=1)
+    oldest.oldest_pending_time.FromDatetime(WHEN)
+    assert QueueStats.from_proto(oldest).oldest_pending_time == WHEN
 
 
 def test_every_attempt_outcome_of_the_proto_is_known() -> None:

@@ -278,10 +278,32 @@ def test_stream_errors_become_session_ends() -> None:
         _FakeRpcError(grpc.StatusCode.UNAVAILABLE, None), "a:1", welcomed=True, heard=True
     )
     assert end.reached
+    # An UNAUTHENTICATED that does not say why: retried a while, as an unknown key.
     end = _classify(
         _FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, None), "a:1", welcomed=False, heard=False
     )
-    assert end.rejected and end.reached
+    assert end.rejected and end.reached and end.unknown_key is not None and end.fatal is None
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "metadata", "fatal"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {"problem": "revoked"}, True),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {"problem": "expired"}, True),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {"problem": "missing"}, True),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {"problem": "malformed"}, True),
+        (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", {"scope": "worker"}, True),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {"problem": "unknown"}, False),
+    ],
+)
+def test_a_key_that_cannot_work_ends_the_worker(
+    code: grpc.StatusCode, reason: str, metadata: dict[str, str], fatal: bool
+) -> None:
+    """Issue 15 item 9: only an unknown key (maybe a new one on its way) is retried."""
+    status = _status(code.value[0], reason, metadata)
+    end = _classify(_FakeRpcError(code, status), "a:1", welcomed=False, heard=False)
+    assert (end.fatal is not None) == fatal
+    assert (end.unknown_key is not None) == (not fatal)
 
 
 def test_worker_without_handlers_refuses_to_start() -> None:

@@ -1,0 +1,296 @@
+"""The operator's pages: queues, tasks and a task, dead letters, schedules, workers.
+
+Every page reads with the signed-in user's own client (their key: their tenant, their
+scopes) and fetches one page of rows at most: lists go by the API's keyset page tokens
+(``?page_token=`` is the API's ``next_page_token``), never by reading a table whole.
+Actions (cancel, retry, pause, resume) are POSTs that carry the session's CSRF token and
+answer with a redirect back to the page, whose flash message says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from conveyor.client import (
+    AsyncClient,
+    ConveyorError,
+    Page,
+    PermissionDeniedError,
+    QueueStats,
+    Task,
+    TaskState,
+)
+from conveyor.client._models import parse_state_name
+from conveyor.console import admin
+from conveyor.console.dead_letters import group_page
+from conveyor.console.present import made_by_schedule
+from conveyor.console.web import (
+    STATE,
+    ConsoleSession,
+    action,
+    describe,
+    page,
+    redirect,
+    render,
+)
+from conveyor.v1 import admin_service_pb2
+
+__all__ = ["routes", "schedule_url", "task_url"]
+
+#: The states the task filter offers, in lifecycle order.
+STATES = [s for s in TaskState if s is not TaskState.UNSPECIFIED]
+#: Dead tasks retried at once by one "retry selected" (one RetryTask each, a few at a time).
+MAX_RETRY_SELECTION = 200
+_RETRY_CONCURRENCY = 8
+#: Schedule pages read to find a schedule by its id (a task knows only the id).
+_FIND_SCHEDULE_PAGES = 10
+
+
+def task_url(task_id: str) -> str:
+    return "/tasks/" + task_id
+
+
+def schedule_url(name: str) -> str:
+    # Schedule names may hold "/": a query parameter, not a path segment.
+    return "/schedule?" + urlencode({"name": name})
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    raise redirect("/queues")
+
+
+@page
+async def queues(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    stats = await session.client.queues()
+    return render(request, "queues.html", session, queues=stats)
+
+
+def _text(request: web.Request, name: str) -> str:
+    return request.query.get(name, "").strip()
+
+
+@page
+async def tasks(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    state_name = _text(request, "state")
+    state = parse_state_name(state_name) if state_name else None
+    if state_name and state in (None, TaskState.UNSPECIFIED):
+        return render(
+            request,
+            "error.html",
+            session,
+            status=400,
+            title="Not understood",
+            message=f"There is no task state {state_name!r}.",
+        )
+    _, context = await _task_page(request, session, state)
+    context["filters"]["state"] = state.name if state else ""
+    return render(request, "tasks.html", session, states=STATES, **context)
+
+
+async def _task_page(
+    request: web.Request, session: ConsoleSession, state: TaskState | None
+) -> tuple[Page[Task], dict[str, Any]]:
+    """One page of tasks as the query asks (queue, type, page token), and what the
+    templates show of it."""
+    queue, type_ = _text(request, "queue"), _text(request, "type")
+    token = _text(request, "page_token")
+    rows = await session.client.list(
+        queue or None,
+        state,
+        type_ or None,
+        page_size=request.app[STATE].page_size,
+        page_token=token or None,
+    )
+    return rows, {
+        "tasks": rows.items,
+        "next_token": rows.next_page_token,
+        "paged": bool(token),
+        "filters": {"queue": queue, "type": type_},
+    }
+
+
+@page
+async def task(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    found, attempts = await session.client.get_with_attempts(request.match_info["id"])
+    return render(
+        request,
+        "task.html",
+        session,
+        task=found,
+        attempts=attempts,
+        made_by=made_by_schedule(found.idempotency_key),
+    )
+
+
+@action
+async def cancel(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    task_id = request.match_info["id"]
+    done = await session.client.cancel(task_id)
+    session.flash(f"Task {task_id} is {done.state.name}.")
+    raise redirect(task_url(task_id))
+
+
+@action
+async def retry(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    task_id = request.match_info["id"]
+    done = await session.client.retry(task_id)
+    session.flash(f"Task {task_id} redriven: it is {done.state.name} with fresh attempts.")
+    raise redirect(task_url(task_id))
+
+
+@page
+async def dead(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    rows, context = await _task_page(request, session, TaskState.DEAD)
+    return render(request, "dead.html", session, groups=group_page(rows.items), **context)
+
+
+@action
+async def retry_selected(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """Redrives the dead tasks ticked on the page: one RetryTask each, a few at a time (a
+    bulk redrive RPC of the coordinator will replace this)."""
+    form = await request.post()
+    # A group's button names its tasks on the page; otherwise the ticked ones.
+    group = form.get("group")
+    chosen = str(group).split() if group else [str(v) for v in form.getall("task", [])]
+    ids = list(dict.fromkeys(chosen))
+    if not ids:
+        session.flash("No task was selected.", error=True)
+        raise redirect("/dead")
+    if len(ids) > MAX_RETRY_SELECTION:
+        session.flash(f"At most {MAX_RETRY_SELECTION} tasks at once.", error=True)
+        raise redirect("/dead")
+    limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
+
+    async def one(task_id: str) -> str | None:
+        async with limit:
+            try:
+                await session.client.retry(task_id)
+            except PermissionDeniedError:
+                raise
+            except ConveyorError as exc:
+                return f"{task_id}: {describe(exc)}"
+        return None
+
+    failures = [f for f in await asyncio.gather(*(one(i) for i in ids)) if f]
+    done = len(ids) - len(failures)
+    session.flash(f"Redrove {done} of {len(ids)} dead task(s).", error=bool(failures))
+    for failure in failures[:5]:
+        session.flash(failure, error=True)
+    raise redirect("/dead")
+
+
+@page
+async def schedules(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    token = _text(request, "page_token")
+    rows = await session.client.list_schedules(
+        page_size=request.app[STATE].page_size, page_token=token or None
+    )
+    return render(
+        request,
+        "schedules.html",
+        session,
+        schedules=rows.items,
+        next_token=rows.next_page_token,
+        paged=bool(token),
+    )
+
+
+@page
+async def schedule(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    found = await session.client.get_schedule(_text(request, "name"))
+    return render(request, "schedule.html", session, schedule=found)
+
+
+@page
+async def schedule_by_id(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """Finds a schedule by its id (what a fired task's idempotency key names), reading at
+    most a few pages of schedules: the API looks schedules up by name only."""
+    wanted = request.match_info["id"]
+    token: str | None = None
+    for _ in range(_FIND_SCHEDULE_PAGES):
+        rows = await session.client.list_schedules(page_size=1000, page_token=token)
+        for item in rows.items:
+            if item.id == wanted:
+                raise redirect(schedule_url(item.name))
+        token = rows.next_page_token
+        if token is None:
+            break
+    return render(
+        request,
+        "error.html",
+        session,
+        status=404,
+        title="Not found",
+        message=f"No schedule has the id {wanted}: it may have been deleted since.",
+    )
+
+
+async def _pause_or_resume(
+    request: web.Request, session: ConsoleSession, *, pause: bool
+) -> web.StreamResponse:
+    form = await request.post()
+    name = str(form.get("name", ""))
+    client = session.client
+    done = await (client.pause_schedule(name) if pause else client.resume_schedule(name))
+    session.flash(f"Schedule {name} is {'paused' if done.paused else 'active'}.")
+    back = str(form.get("back", ""))
+    raise redirect("/schedules" if back == "/schedules" else schedule_url(name))
+
+
+@action
+async def pause_schedule(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    return await _pause_or_resume(request, session, pause=True)
+
+
+@action
+async def resume_schedule(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    return await _pause_or_resume(request, session, pause=False)
+
+
+async def workers_view(
+    client: AsyncClient, session: ConsoleSession
+) -> tuple[admin_service_pb2.GetClusterStatusResponse | None, list[QueueStats] | None]:
+    """What the workers page shows: the cluster status for an admin key (every worker),
+    and the tenant's queues with their worker counts for a key that may read."""
+    status = None
+    if "admin" not in session.denied:
+        try:
+            status = await admin.cluster_status(client)
+        except PermissionDeniedError:
+            session.denied.add("admin")
+    stats = None
+    if "read" not in session.denied:
+        try:
+            stats = await client.queues()
+        except PermissionDeniedError:
+            session.denied.add("read")
+    return status, stats
+
+
+@page
+async def workers(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    status, stats = await workers_view(session.client, session)
+    return render(request, "workers.html", session, cluster=status, queues=stats)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/", index),
+        web.get("/queues", queues),
+        web.get("/tasks", tasks),
+        web.get("/tasks/{id}", task),
+        web.post("/tasks/{id}/cancel", cancel),
+        web.post("/tasks/{id}/retry", retry),
+        web.get("/dead", dead),
+        web.post("/dead/retry", retry_selected),
+        web.get("/schedules", schedules),
+        web.get("/schedule", schedule),
+        web.get("/schedules/by-id/{id}", schedule_by_id),
+        web.post("/schedule/pause", pause_schedule),
+        web.post("/schedule/resume", resume_schedule),
+        web.get("/workers", workers),
+    ]
