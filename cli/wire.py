@@ -71,9 +71,11 @@ class TaskView:
 
     task: Task
     uncounted_attempts: int
-    #: No connected worker takes this waiting task's type from its queue.
+    #: No connected worker takes this waiting task's type from its queue (or holds its key).
     unserved: bool
     attempts: tuple[task_pb2.TaskAttempt, ...] = ()
+    #: The encryption key no connected worker that takes the task holds, when that is why.
+    unserved_encryption_key: str = ""
 
 
 def get_task(g: Globals, task_id: str) -> TaskView:
@@ -86,18 +88,22 @@ def get_task(g: Globals, task_id: str) -> TaskView:
             response.task.uncounted_attempts,
             response.unserved,
             tuple(response.attempts),
+            response.unserved_encryption_key,
         )
 
     result: TaskView = run(g, method)
     return result
 
 
-async def task_unserved(channel: grpc.aio.Channel, task_id: str, seconds: float) -> bool:
-    """Whether the task waits with no connected worker for it (one GetTask)."""
+async def task_unserved(
+    channel: grpc.aio.Channel, task_id: str, seconds: float
+) -> tuple[bool, str]:
+    """Whether the task waits with no connected worker for it (one GetTask), and the
+    encryption key none of them holds when that is why."""
     response = await _tasks(channel).GetTask(
         task_service_pb2.GetTaskRequest(id=task_id), timeout=seconds
     )
-    return bool(response.unserved)
+    return bool(response.unserved), response.unserved_encryption_key
 
 
 def list_tasks(

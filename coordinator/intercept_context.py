@@ -9,6 +9,7 @@ from typing import Any
 import grpc.aio
 
 from conveyor.coordinator import context as request_context
+from conveyor.coordinator.auth import peer_host
 from conveyor.coordinator.intercept_base import Behavior, BehaviorInterceptor
 
 REQUEST_ID_KEY = "x-request-id"
@@ -31,7 +32,7 @@ class ContextInterceptor(BehaviorInterceptor):
                 request_context.RequestContext(
                     method=method,
                     request_id=request_id or os.urandom(8).hex(),
-                    peer=context.peer(),
+                    peer=peer_host(context.peer()),
                     deadline=None
                     if remaining is None
                     else asyncio.get_running_loop().time() + remaining,

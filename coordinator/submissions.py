@@ -246,7 +246,10 @@ class Submitter:
         sessions: list[WorkerSession] = []
         live = list(self._deps.sessions)
         for row in rows:
-            session = self._policy.pick_idle(live, row.tenant, row.task.queue, row.task.type)
+            task = row.task
+            session = self._policy.pick_idle(
+                live, row.tenant, task.queue, task.type, store.encryption_key(task)
+            )
             if session is None:
                 self._give_back(sessions)
                 return []
