@@ -44,8 +44,9 @@ def status(
 ) -> int:
     """Show the leader, its epoch, the replicas, the workers and recent evictions.
 
-    Each connected worker is listed with its queues, the task types it serves and its tasks
-    in flight. The exit code is 1 while the cluster has no leader.
+    Each connected worker is listed with its queues, the task types it serves, the
+    encryption keys it holds (it is given only tasks it can open) and its tasks in flight.
+    The exit code is 1 while the cluster has no leader.
     """
     reply = asyncio.run(wire.cluster_status(g))
     if as_json:
@@ -71,7 +72,17 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
     output.print_text(f"workers:  {len(reply.workers)}")
     if reply.workers:
         output.print_table(
-            ["WORKER", "HOST", "PID", "QUEUES", "TASK TYPES", "IN FLIGHT", "CREDIT", "STATE"],
+            [
+                "WORKER",
+                "HOST",
+                "PID",
+                "QUEUES",
+                "TASK TYPES",
+                "KEYS",
+                "IN FLIGHT",
+                "CREDIT",
+                "STATE",
+            ],
             [
                 (
                     w.worker_id,
@@ -79,6 +90,7 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
                     w.pid,
                     ",".join(w.queues),
                     ",".join(w.task_types) or "-",
+                    _keys(w),
                     w.in_flight,
                     w.credit,
                     "draining" if w.draining else "active",
@@ -104,6 +116,13 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
             ],
             indent=2,
         )
+
+
+def _keys(worker: admin_service_pb2.WorkerInfo) -> str:
+    """The encryption keys a worker holds: ``-`` for none, ``any`` when it did not say."""
+    if not worker.HasField("encryption_keys"):
+        return "any"
+    return ",".join(worker.encryption_keys.key_ids) or "-"
 
 
 def health(

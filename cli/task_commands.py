@@ -46,8 +46,16 @@ def register(app: typer.Typer) -> None:
         command(app, name, example=example)(fn)
 
 
-def unserved_text(task: Task) -> str:
-    """Why a waiting task does not run, and what to start so that it does."""
+def unserved_text(task: Task, encryption_key: str = "") -> str:
+    """Why a waiting task does not run, and what to start so that it does
+    (``encryption_key``: the key no connected worker that takes it holds)."""
+    if encryption_key:
+        return (
+            f"no connected worker that serves type {task.type!r} on queue {task.queue!r} "
+            f"holds encryption key {encryption_key!r}, which its payload is sealed with: "
+            "the task waits until one does (add the key to the workers' key file: they "
+            "reread it)"
+        )
     hint = "conveyor worker --demo" if task.type in DEMO_TYPES else "conveyor worker MODULE:ATTR"
     if task.queue != "default":
         hint += f" --queues {task.queue}"
@@ -145,10 +153,11 @@ async def _wait(client: AsyncClient, g: Globals, task: Task, wait_timeout: float
     connected worker serves it."""
     err = output.console(stderr=True)
     unserved = asyncio.Event()
+    why_unserved = [""]  # the missing key, when that is why
     with _status(err, f"waiting for {task.id} ({output.state_name(task.state)})") as status:
         if not err.is_terminal:
             print(f"submitted {task.id}; waiting for it to finish…", file=sys.stderr, flush=True)
-        checker = asyncio.create_task(_watch_unserved(g, task, unserved, status))
+        checker = asyncio.create_task(_watch_unserved(g, task, unserved, why_unserved, status))
         last = task
         try:
             async with asyncio.timeout(wait_timeout):
@@ -159,7 +168,7 @@ async def _wait(client: AsyncClient, g: Globals, task: Task, wait_timeout: float
                     if update.is_terminal:
                         return update
         except TimeoutError:
-            why = f"; {unserved_text(last)}" if unserved.is_set() else ""
+            why = f"; {unserved_text(last, why_unserved[0])}" if unserved.is_set() else ""
             raise CLIError(
                 f"gave up waiting after {wait_timeout:g}s: task {task.id} is "
                 f"{output.state_name(last.state)}{why}; it keeps going (conveyor get {task.id} "
@@ -187,20 +196,24 @@ def _status(err: Any, text: str) -> Iterator[Any]:
         yield status
 
 
-async def _watch_unserved(g: Globals, task: Task, unserved: asyncio.Event, status: Any) -> None:
-    """Looks now and then whether a worker serves the task; says so once when none does."""
+async def _watch_unserved(
+    g: Globals, task: Task, unserved: asyncio.Event, why: list[str], status: Any
+) -> None:
+    """Looks now and then whether a worker serves the task; says so once when none does
+    (``why[0]``: the encryption key none of them holds, when that is the reason)."""
     delay = _UNSERVED_FIRST_CHECK
     async with g.async_client() as client:
         while True:
             await asyncio.sleep(delay)
             delay = _UNSERVED_INTERVAL
             try:
-                now = (await client.get(task.id)).unserved
+                current = await client.get(task.id)
+                now, why[0] = current.unserved, current.unserved_encryption_key
             except RPCError:
                 continue  # the wait itself reports a coordinator that is gone
             if now and not unserved.is_set():
                 unserved.set()
-                message = f"note: {unserved_text(task)}"
+                message = f"note: {unserved_text(task, why[0])}"
                 if status is not None:
                     status.console.print(message, markup=False)
                 else:
@@ -260,7 +273,7 @@ def task_detail(task: Task) -> str:
         f"payload:      {output.short(task.payload, 200)}",
     ]
     if task.unserved:
-        lines.append(f"waiting:      {unserved_text(task)}")
+        lines.append(f"waiting:      {unserved_text(task, task.unserved_encryption_key)}")
     if task.idempotency_key:
         lines.append(f"idempotency:  {task.idempotency_key}")
     if task.worker_id:

@@ -39,6 +39,7 @@ from conveyor.transport._encryption import (
     EncryptionError,
     KeyRing,
     KeyRingError,
+    KeyUnavailableError,
     PayloadCodec,
 )
 from conveyor.transport._errors import (
@@ -86,6 +87,7 @@ __all__ = [
     "InvalidStateError",
     "KeyRing",
     "KeyRingError",
+    "KeyUnavailableError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",

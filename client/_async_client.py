@@ -47,7 +47,7 @@ from conveyor.client._models import (
 )
 from conveyor.observability.tracing import Tracing
 from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
-from conveyor.transport._encryption import PayloadCodec
+from conveyor.transport._encryption import EncryptionError, PayloadCodec
 from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
@@ -90,8 +90,9 @@ class AsyncClient:
             that safe, every task is sent with a ``request_id`` the client makes (a UUIDv7
             that becomes the task's id), so a resend returns the task already written
             instead of a second one; it costs the coordinator nothing. With ``False`` the
-            coordinator makes the ids, and such a failure raises unless the submit has an
-            ``idempotency_key``: the task may or may not exist.
+            coordinator makes the ids (unless a ``codec`` needs them: an encrypted
+            payload is bound to its task's id), and such a failure raises unless the
+            submit has an ``idempotency_key``: the task may or may not exist.
         retry_resource_exhausted: Resend calls refused with ``RESOURCE_EXHAUSTED``
             (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
             wait the server asks for (``RetryInfo``), within ``timeout``. By default they
@@ -220,16 +221,21 @@ class AsyncClient:
             lambda s: s.tasks.SubmitTask,
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
-            idempotent=bool(request.idempotency_key or request.request_id),
+            idempotent=self._resendable(request),
         )
         return open_submitted(self._codec, Task.from_proto(response.task), plain, 0)
 
     def _add_request_ids(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
-        """Gives each task an id of the client's making, unless ``retry_submits`` is off."""
-        if self._retry_submits:
+        """Gives each task an id of the client's making, unless ``retry_submits`` is off
+        and there is no codec (an encrypted payload is bound to its task's id)."""
+        if self._retry_submits or self._codec is not None:
             for request in requests:
                 if not request.request_id:
                     request.request_id = str(uuid_utils.uuid7())
+
+    def _resendable(self, request: pb.SubmitTaskRequest) -> bool:
+        """Whether a resend of ``request`` cannot make a second task (and is wanted)."""
+        return bool(request.idempotency_key or (request.request_id and self._retry_submits))
 
     async def submit_many(
         self, tasks: Iterable[TaskSpec | Mapping[str, Any]]
@@ -271,7 +277,7 @@ class AsyncClient:
                 response = await self._conn.unary(
                     lambda s: s.tasks.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
-                    idempotent=all(r.idempotency_key or r.request_id for r in batch),
+                    idempotent=all(self._resendable(r) for r in batch),
                 )
             except RPCError as err:
                 if isinstance(err, InvalidArgumentError):
@@ -555,12 +561,23 @@ class AsyncClient:
             paused=paused,
         )
         _set_times(schedule, start_time, end_time)
-        seal_template(self._codec, schedule.task_template)
-        return await self._schedule_call(
+        if self._codec is not None:
+            # The encrypted template is bound to the schedule's id: the client chooses it.
+            schedule.id = str(uuid_utils.uuid7())
+            seal_template(self._codec, schedule.task_template, schedule.id)
+        response = await self._conn.unary(
             lambda s: s.tasks.CreateSchedule,
             spb.CreateScheduleRequest(schedule=schedule),
             idempotent=False,
         )
+        if schedule.id and response.schedule.id != schedule.id:
+            raise EncryptionError(
+                f"the coordinator gave schedule {name!r} an id of its own, not the one its "
+                "encrypted payload is bound to: the coordinator is too old for encrypted "
+                "schedules. Delete the schedule (its tasks could not be opened) and upgrade "
+                "the coordinator."
+            )
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def get_schedule(self, name: str) -> Schedule:
         """Returns the schedule with its next fire times and latest firings.
@@ -640,9 +657,11 @@ class AsyncClient:
 
     async def _seal_update(self, schedule: spb.Schedule, paths: builtins.list[str]) -> None:
         """Encodes the template payload of an update. The ciphertext is bound to the task
-        type, so a new type needs the payload again, and a new payload needs the type
-        (read from the schedule when the update leaves it, with the read's etag unless
-        the caller gave one, so a concurrent change of type cannot slip in between)."""
+        type and the schedule's id, so a new type needs the payload again, and a new
+        payload needs the id (and the type, when the update leaves it): both are read
+        from the schedule, with the read's etag unless the caller gave one, so a
+        concurrent change (or a schedule deleted and made again under the name) cannot
+        slip in between."""
         if self._codec is None:
             return
         template = {"task_template.type", "task_template.payload", "task_template.content_type"}
@@ -653,12 +672,12 @@ class AsyncClient:
                 "update_schedule() must pass payload= when it changes type= or "
                 "content_type= with a codec: the encrypted payload is bound to its task type"
             )
+        current = await self.get_schedule(schedule.name)
+        schedule.etag = schedule.etag or current.etag
         task_type = schedule.task_template.type
         if "task_template.type" not in paths:
-            current = await self.get_schedule(schedule.name)
             task_type = current.type
-            schedule.etag = schedule.etag or current.etag
-        seal_template(self._codec, schedule.task_template, task_type)
+        seal_template(self._codec, schedule.task_template, current.id, task_type)
 
     async def _schedule_call(
         self, method: StubMethod, request: Any, *, idempotent: bool
@@ -690,7 +709,11 @@ class AsyncClient:
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:
     task = Task.from_proto(response.task)
-    return dataclasses.replace(task, unserved=True) if response.unserved else task
+    if not response.unserved:
+        return task
+    return dataclasses.replace(
+        task, unserved=True, unserved_encryption_key=response.unserved_encryption_key
+    )
 
 
 def _set_times(schedule: spb.Schedule, start: datetime | None, end: datetime | None) -> None:

@@ -30,26 +30,34 @@ _RESULT_CONTENT_TYPE = ""
 
 
 def seal_request(codec: PayloadCodec | None, request: pb.SubmitTaskRequest) -> None:
-    """Encodes a submit's payload in place."""
+    """Encodes a submit's payload in place, bound to its idempotency key or, without
+    one, to its id (``request_id``, which the caller has set)."""
     if codec is None:
         return
     request.payload, request.content_type = codec.encode(
         request.payload,
         request.content_type,
-        Binding.payload(request.type),
+        Binding.payload(
+            request.type, task_id=request.request_id, idempotency_key=request.idempotency_key
+        ),
         idempotency_key=request.idempotency_key,
     )
 
 
 def seal_template(
-    codec: PayloadCodec | None, template: schedule_pb2.TaskTemplate, task_type: str | None = None
+    codec: PayloadCodec | None,
+    template: schedule_pb2.TaskTemplate,
+    schedule_id: str,
+    task_type: str | None = None,
 ) -> None:
     """Encodes a schedule template's payload in place (each firing's task carries it),
-    for ``task_type`` (by default the template's)."""
+    bound to the schedule ``schedule_id`` and ``task_type`` (by default the template's)."""
     if codec is None:
         return
     template.payload, template.content_type = codec.encode(
-        template.payload, template.content_type, Binding.payload(task_type or template.type)
+        template.payload,
+        template.content_type,
+        Binding.schedule(task_type or template.type, schedule_id),
     )
 
 
@@ -58,8 +66,11 @@ def open_task(codec: PayloadCodec | None, task: Task) -> Task:
     if codec is None:
         return task
     payload, content_type = task.payload, task.content_type
+    binding = Binding.payload(
+        task.type, task_id=task.id, idempotency_key=task.idempotency_key or ""
+    )
     try:
-        payload, content_type = codec.decode(payload, content_type, Binding.payload(task.type))
+        payload, content_type = codec.decode(payload, content_type, binding)
     except DecryptionError as exc:
         logger.debug("task %s: payload left encrypted: %s", task.id, exc)
     return _open_result(codec, task, payload, content_type)
@@ -125,7 +136,7 @@ def open_schedule(codec: PayloadCodec | None, schedule: Schedule) -> Schedule:
         return schedule
     try:
         payload, content_type = codec.decode(
-            schedule.payload, schedule.content_type, Binding.payload(schedule.type)
+            schedule.payload, schedule.content_type, Binding.schedule(schedule.type, schedule.id)
         )
     except DecryptionError as exc:
         logger.debug("schedule %s: payload left encrypted: %s", schedule.name, exc)

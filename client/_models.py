@@ -91,7 +91,8 @@ class AttemptOutcome(enum.StrEnum):
     #: The task was cancelled while this attempt ran.
     CANCELLED = "CANCELLED"
     #: Leased but never started on a worker (the stream broke before it arrived, the
-    #: worker was replaced); it does not count against ``max_attempts``.
+    #: worker was replaced), or the worker lacked the key its payload is encrypted with;
+    #: it does not count against ``max_attempts``.
     NOT_STARTED = "NOT_STARTED"
     #: Stopped by the worker's shutdown (its drain's grace period ran out); the task was
     #: ready again at once, and the attempt does not count against ``max_attempts``.
@@ -292,8 +293,11 @@ class Task:
     #: W3C trace context of the submitter.
     traceparent: str | None = None
     #: True when the read found the task waiting (PENDING or SCHEDULED) with no worker
-    #: connected that takes its type from its queue: nothing runs it until one connects.
+    #: connected that takes its type from its queue, or none of them holding the key its
+    #: payload is encrypted with: nothing runs it until one connects.
     unserved: bool = False
+    #: When unserved for want of a key: the key id no connected worker holds.
+    unserved_encryption_key: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -320,6 +324,13 @@ class Task:
 
     def unserved_hint(self) -> str:
         """What to do about an unserved task, in one sentence."""
+        if self.unserved_encryption_key:
+            return (
+                f"no connected worker that serves type {self.type!r} on queue "
+                f"{self.queue!r} holds encryption key {self.unserved_encryption_key!r}, "
+                "which its payload is sealed with; add that key to the workers' key file "
+                "(they reread it) or start one that holds it"
+            )
         return (
             f"no connected worker serves type {self.type!r} on queue {self.queue!r}; start "
             f"one with a handler for it (for example `conveyor worker MODULE --queues "

@@ -23,8 +23,10 @@ from conveyor.transport._encryption import (
     DecryptionError,
     EncryptionCodec,
     EncryptionError,
+    KeyedCodec,
     KeyRing,
     KeyRingError,
+    KeyUnavailableError,
     PayloadCodec,
 )
 from conveyor.transport._errors import StatusInfo, error_from_rpc, parse_status
@@ -45,6 +47,8 @@ __all__ = [
     "EncryptionError",
     "KeyRing",
     "KeyRingError",
+    "KeyUnavailableError",
+    "KeyedCodec",
     "PayloadCodec",
     "ServerTLS",
     "StatusInfo",

@@ -5,9 +5,9 @@ worker SDK, when it returns a result) and decrypted in the application (the work
 before the handler runs; the client, when it reads). The coordinator and PostgreSQL only
 ever hold envelopes; neither has a key. Temporal's payload codec is the model.
 
-The envelope (version 1), all lengths big-endian::
+The envelope (version 2), all lengths big-endian::
 
-    magic "\\x00CVE" | version 0x01 | key id length (1 byte) | key id (ASCII) | nonce (12)
+    magic "\\x00CVE" | version 0x02 | key id length (1 byte) | key id (ASCII) | nonce (12)
     | AES-256-GCM ciphertext of [content type length (2) | content type | data] | tag (16)
 
 - The magic starts with NUL, which no JSON text does, so an envelope is never mistaken
@@ -16,12 +16,41 @@ The envelope (version 1), all lengths big-endian::
   ciphertext.
 - The key id names the key of the :class:`KeyRing` that sealed it, so keys can rotate:
   new envelopes use the ring's primary key, old ones still open with the key they name.
-- The associated data binds the ciphertext to the header and to what it is (a
-  :class:`Binding`): a payload to its task type, a result to its task type and task id.
-  A payload copied onto a task of another type, a result copied onto another task, or a
-  payload passed off as a result fails to open (:class:`DecryptionError`), as does any
-  change to a byte. Tenants are not in the binding (the client does not know its
-  tenant): give each tenant its own keys.
+  The coordinator reads it too (:func:`envelope_key_id`, no key needed), to give a task
+  only to a worker that holds its key.
+- The associated data is the header (magic to nonce) followed by the :class:`Binding`,
+  three length-prefixed parts ``kind | task type | subject``; what each kind binds:
+
+  ==========  ================================  =====================================
+  kind        what is sealed                    subject
+  ==========  ================================  =====================================
+  task        a task's payload                  the task id (its ``request_id``, a
+                                                UUIDv7 the client makes)
+  keyed       the payload of a task submitted   the idempotency key (unique per
+              with an idempotency key           tenant; a resubmit seals the same bytes)
+  schedule    a schedule's template payload,    the schedule id (the client chooses it
+              and so every task it fires        on create); a firing names it in its
+                                                idempotency key ``schedule:<id>:<tick>``
+  result      a task's result                   the task id
+  ==========  ================================  =====================================
+
+  So a task's payload does not open on another task (ids are unique in the cluster,
+  idempotency keys within a tenant), under another type, as a template or a result; a
+  template does not open on another schedule or on a submitted task; a change to any
+  byte, the header included, fails too (:class:`DecryptionError`). The tenant is not
+  bound (a client does not know its tenant): a keyed payload could open on a task with
+  the same idempotency key in another tenant that holds the same keys, and a template's
+  tasks all carry one payload, so one firing's payload opens on another firing of the
+  same schedule. Give each tenant its own keys. The coordinator refuses client submits
+  with ``schedule:`` keys, so only a firing names a schedule.
+- Version 1 envelopes (sealed before this binding existed) still open, with their
+  weaker binding: a payload or template only to its task type (a result, as now, to its
+  task). Refusing them would dead-letter every task queued at the upgrade and break
+  every encrypted schedule; only envelopes sealed before can be moved, nobody without a
+  key can make new ones, and the header's version is in the associated data, so a
+  version 2 envelope cannot be passed off as version 1. Set the payload of encrypted
+  schedules again to move them to version 2; ``EncryptionCodec(legacy=False)`` refuses
+  version 1 once nothing sealed before is left.
 - The nonce is random, except for a payload submitted with an idempotency key: then it
   is derived (HMAC-SHA256) from the key, the idempotency key, the binding and the
   plaintext, so submitting the same task again gives the same bytes and the coordinator
@@ -55,7 +84,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -66,15 +95,20 @@ from conveyor.transport._errors import ConveyorError
 
 __all__ = [
     "ENCRYPTED_CONTENT_TYPE",
+    "SCHEDULE_KEY_PREFIX",
     "Binding",
     "DecryptionError",
     "EncryptionCodec",
     "EncryptionError",
     "KeyRing",
     "KeyRingError",
+    "KeyUnavailableError",
+    "KeyedCodec",
     "PayloadCodec",
     "envelope_key_id",
+    "is_key_id",
     "is_sealed",
+    "schedule_of",
 ]
 
 logger = logging.getLogger("conveyor.transport")
@@ -82,8 +116,14 @@ logger = logging.getLogger("conveyor.transport")
 #: The content type the coordinator sees for an encrypted payload.
 ENCRYPTED_CONTENT_TYPE = "application/vnd.conveyor.encrypted"
 
+#: How a schedule firing's idempotency key starts: ``schedule:<schedule id>:<tick>``
+#: (``coordinator/schedule_firer.py`` writes it; clients may not submit such keys).
+SCHEDULE_KEY_PREFIX = "schedule:"
+
 MAGIC = b"\x00CVE"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1
+"""Envelopes of version 1 bind a payload to its type only; they still open (see above)."""
 NONCE_BYTES = 12
 KEY_BYTES = 32
 _TAG_BYTES = 16
@@ -107,37 +147,96 @@ class DecryptionError(EncryptionError):
     would see the same bytes."""
 
 
+class KeyUnavailableError(DecryptionError):
+    """The envelope names a key this ring does not hold. Another process's ring may hold
+    it: a worker gives such a task back (``TASK_OUTCOME_KEY_UNAVAILABLE``) instead of
+    failing it."""
+
+    def __init__(self, message: str, key_id: str) -> None:
+        super().__init__(message)
+        #: The key id the envelope names.
+        self.key_id = key_id
+
+
+Kind = Literal["task", "keyed", "schedule", "result"]
+_PAYLOAD_KINDS = frozenset({"task", "keyed", "schedule"})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Binding:
-    """What a ciphertext is bound to (its associated data); see :meth:`payload` and
-    :meth:`result`."""
+    """What a ciphertext is bound to (its associated data; see the module docstring).
 
-    kind: Literal["payload", "result"]
+    Make one with :meth:`payload` (a task's payload, from what the task says about
+    itself), :meth:`schedule` (a schedule's template) or :meth:`result`.
+    """
+
+    kind: Kind
     task_type: str
-    #: The task id, for results (a payload is sealed before its task has an id, and a
-    #: schedule's template payload serves many tasks).
-    task_id: str = ""
+    #: The task id, the idempotency key or the schedule id, by ``kind``.
+    subject: str
 
     @classmethod
-    def payload(cls, task_type: str) -> Binding:
-        """A task payload (or a schedule template's), bound to its task type."""
-        return cls("payload", task_type)
+    def payload(cls, task_type: str, *, task_id: str = "", idempotency_key: str = "") -> Binding:
+        """A task's payload: bound to its schedule when a schedule fired it (its
+        idempotency key says so), else to its idempotency key when it has one, else to
+        its id.
+
+        Raises:
+            ValueError: Neither an id nor an idempotency key.
+        """
+        schedule_id = schedule_of(idempotency_key)
+        if schedule_id is not None:
+            return cls("schedule", task_type, schedule_id)
+        if idempotency_key:
+            return cls("keyed", task_type, idempotency_key)
+        if not task_id:
+            raise ValueError(
+                "an encrypted payload is bound to its task: give the task an id "
+                "(request_id) or an idempotency key before sealing it"
+            )
+        return cls("task", task_type, task_id)
+
+    @classmethod
+    def schedule(cls, task_type: str, schedule_id: str) -> Binding:
+        """A schedule's template payload (and every task the schedule fires)."""
+        return cls("schedule", task_type, schedule_id)
 
     @classmethod
     def result(cls, task_type: str, task_id: str) -> Binding:
-        """A task result, bound to its task type and task id."""
+        """A task's result, bound to its task type and task id."""
         return cls("result", task_type, task_id)
 
     def describe(self) -> str:
         """What the ciphertext is, for error messages."""
-        if self.kind == "result":
-            return f"the result of task {self.task_id} (type {self.task_type!r})"
-        return f"the payload of a task of type {self.task_type!r}"
+        what = {
+            "task": f"the payload of task {self.subject}",
+            "keyed": f"the payload of the task with idempotency key {self.subject!r}",
+            "schedule": f"the payload of schedule {self.subject}",
+            "result": f"the result of task {self.subject}",
+        }[self.kind]
+        return f"{what} (type {self.task_type!r})"
 
-    def associated_data(self) -> bytes:
-        """The binding as AES-GCM associated data (each part length-prefixed)."""
-        parts = (self.kind, self.task_type, self.task_id)
+    def associated_data(self, version: int = VERSION) -> bytes:
+        """The binding as AES-GCM associated data (each part length-prefixed), as an
+        envelope of ``version`` has it."""
+        if version == LEGACY_VERSION:
+            # Version 1: ("payload", type, "") for payloads and templates alike.
+            if self.kind in _PAYLOAD_KINDS:
+                parts = ("payload", self.task_type, "")
+            else:
+                parts = ("result", self.task_type, self.subject)
+        else:
+            parts = (self.kind, self.task_type, self.subject)
         return b"".join(_framed(part.encode()) for part in parts)
+
+
+def schedule_of(idempotency_key: str) -> str | None:
+    """The schedule id a firing's idempotency key names (``schedule:<id>:<tick>``); None
+    for any other key."""
+    if not idempotency_key.startswith(SCHEDULE_KEY_PREFIX):
+        return None
+    schedule_id, colon, _ = idempotency_key[len(SCHEDULE_KEY_PREFIX) :].partition(":")
+    return schedule_id if colon and schedule_id else None
 
 
 def _framed(data: bytes) -> bytes:
@@ -161,6 +260,12 @@ def envelope_key_id(data: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return key_id if len(raw) == length and _KEY_ID.fullmatch(key_id) else None
+
+
+def is_key_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed key id (1 to 64 characters of letters, digits and
+    ``._:-``, starting with a letter or digit)."""
+    return _KEY_ID.fullmatch(value) is not None
 
 
 def _check_key_id(key_id: str) -> str:
@@ -393,22 +498,30 @@ class KeyRing:
         header = header_start + nonce
         return header + key.aead.encrypt(nonce, plaintext, header + aad_tail)
 
-    def open(self, data: bytes, binding: Binding) -> tuple[bytes, str]:
-        """The data and content type an envelope holds.
+    def open(self, data: bytes, binding: Binding, *, legacy: bool = True) -> tuple[bytes, str]:
+        """The data and content type an envelope holds; ``legacy`` also opens version 1
+        envelopes (bound to their type only).
 
         Raises:
-            DecryptionError: Not an envelope, a version this SDK does not know, a key not
-                in the ring, or the ciphertext does not open (altered, or bound to
-                another task type, task or kind).
+            KeyUnavailableError: The envelope names a key not in the ring.
+            DecryptionError: Not an envelope, a version this SDK does not open, or the
+                ciphertext does not open (altered, or bound to another task type, task,
+                schedule or kind).
         """
         what = binding.describe()
         if not is_sealed(data):
             raise DecryptionError(f"{what} is not encrypted")
-        if len(data) < len(MAGIC) + 2 or data[len(MAGIC)] != VERSION:
-            version = data[len(MAGIC)] if len(data) > len(MAGIC) else "?"
+        version = data[len(MAGIC)] if len(data) > len(MAGIC) else None
+        if version != VERSION and not (legacy and version == LEGACY_VERSION):
+            if version == LEGACY_VERSION:
+                raise DecryptionError(
+                    f"{what} is an envelope of version 1 (bound to its task type only), "
+                    "which this codec refuses (legacy=False): submit it again"
+                )
             raise DecryptionError(
-                f"{what} is an envelope of version {version}, which this SDK cannot open "
-                f"(it knows version {VERSION}); upgrade conveyor"
+                f"{what} is an envelope of version {'?' if version is None else version}, "
+                f"which this SDK cannot open (it knows versions 1 and {VERSION}); upgrade "
+                "conveyor"
             )
         key_id = envelope_key_id(data)
         start = len(MAGIC) + 2 + data[len(MAGIC) + 1]
@@ -416,21 +529,24 @@ class KeyRing:
             raise DecryptionError(f"{what} is a malformed envelope (cut short or altered)")
         key = self._key(key_id)
         if key is None:
-            raise DecryptionError(
+            raise KeyUnavailableError(
                 f"{what} was encrypted with key {key_id!r}, which is not in the key ring "
                 f"(keys: {', '.join(self.key_ids)}): add that key to the key file; keep "
-                "old keys as long as tasks or results sealed with them exist"
+                "old keys as long as tasks or results sealed with them exist",
+                key_id,
             )
         header = data[: start + NONCE_BYTES]
         try:
             plaintext = key.aead.decrypt(
-                header[start:], data[start + NONCE_BYTES :], header + binding.associated_data()
+                header[start:],
+                data[start + NONCE_BYTES :],
+                header + binding.associated_data(version),
             )
         except InvalidTag:
             raise DecryptionError(
                 f"{what} does not open with key {key_id!r}: it was altered, or it was "
-                f"sealed for another task type, task or purpose (ciphertexts are bound to "
-                f"them)"
+                f"sealed for another task, schedule, task type or purpose (ciphertexts "
+                f"are bound to them)"
             ) from None
         if len(plaintext) < 2:
             raise DecryptionError(f"{what} holds a malformed plaintext")
@@ -462,8 +578,23 @@ class PayloadCodec(Protocol):
         """``(data, content_type)`` as the application sees them.
 
         Raises:
+            KeyUnavailableError: ``data`` needs a key this codec does not hold (a worker
+                gives the task back for one that does).
             DecryptionError: ``data`` cannot be decoded; never retryable.
         """
+        ...
+
+
+@runtime_checkable
+class KeyedCodec(Protocol):
+    """A :class:`PayloadCodec` that can say which keys it opens (as
+    :class:`EncryptionCodec` does). A worker with one names them to the coordinator,
+    which then gives it only tasks sealed with one of them; a worker with a codec that
+    cannot say is given every task, as before."""
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of the keys it opens now (a key file it reads may change them)."""
         ...
 
 
@@ -487,11 +618,17 @@ class EncryptionCodec:
         allow_plaintext: Accept payloads and results that are not encrypted (while
             turning encryption on with tasks already queued). Off by default: a worker
             then refuses plaintext, which only someone without the keys could have sent.
+        legacy: Open version 1 envelopes too, whose payloads are bound to their task
+            type only (see the module docstring). On by default, so tasks and schedules
+            sealed before the upgrade still run; turn it off once none is left.
     """
 
-    def __init__(self, keys: KeyRing, *, allow_plaintext: bool = False) -> None:
+    def __init__(
+        self, keys: KeyRing, *, allow_plaintext: bool = False, legacy: bool = True
+    ) -> None:
         self._ring = keys
         self.allow_plaintext = allow_plaintext
+        self.legacy = legacy
         self._path: Path | None = None
         self._version: tuple[int, int, int] | None = None
         self._checked = 0.0
@@ -503,14 +640,14 @@ class EncryptionCodec:
 
     @classmethod
     def from_key_file(
-        cls, path: str | os.PathLike[str], *, allow_plaintext: bool = False
+        cls, path: str | os.PathLike[str], *, allow_plaintext: bool = False, legacy: bool = True
     ) -> EncryptionCodec:
         """A codec with the keys of ``path``, rereading it when it changes.
 
         Raises:
             KeyRingError: The file is missing, unreadable or invalid.
         """
-        codec = cls(KeyRing.load(path), allow_plaintext=allow_plaintext)
+        codec = cls(KeyRing.load(path), allow_plaintext=allow_plaintext, legacy=legacy)
         codec._path = Path(path)
         codec._version = _file_version(codec._path)
         codec._checked = time.monotonic()
@@ -521,6 +658,12 @@ class EncryptionCodec:
         """The key ring in use (reread from the key file if it changed)."""
         self._refresh()
         return self._ring
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of the keys this codec opens (a worker names them in Hello, so it is
+        given only tasks it can open; see :class:`KeyedCodec`)."""
+        return self.keys.key_ids
 
     def _refresh(self, *, urgent: bool = False) -> None:
         path = self._path
@@ -577,7 +720,7 @@ class EncryptionCodec:
         if key_id is not None and key_id not in ring and self._path is not None:
             self._refresh(urgent=True)
             ring = self._ring
-        return ring.open(data, binding)
+        return ring.open(data, binding, legacy=self.legacy)
 
 
 def _file_version(path: Path) -> tuple[int, int, int] | None:

@@ -31,6 +31,7 @@ Every exception the SDK raises on purpose derives from one root, so
     ├── EncryptionError              payload encryption failed or is misconfigured
     │   ├── KeyRingError             a key ring or key file is invalid
     │   └── DecryptionError          a payload or result does not open (key, tampering, binding)
+    │       └── KeyUnavailableError  its key is not in the ring (.key_id): another may hold it
     └── NoHandlersError              (worker) a Worker without handlers cannot start
 
 Two exceptions stand apart on purpose: ``NonRetryableError`` is raised by handlers, not

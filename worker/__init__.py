@@ -24,8 +24,10 @@ from conveyor.transport._encryption import (
     DecryptionError,
     EncryptionCodec,
     EncryptionError,
+    KeyedCodec,
     KeyRing,
     KeyRingError,
+    KeyUnavailableError,
     PayloadCodec,
 )
 from conveyor.transport._errors import WorkerIdInUseError
@@ -45,6 +47,8 @@ __all__ = [
     "EncryptionError",
     "KeyRing",
     "KeyRingError",
+    "KeyUnavailableError",
+    "KeyedCodec",
     "NoHandlersError",
     "NonRetryableError",
     "PayloadCodec",

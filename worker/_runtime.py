@@ -34,6 +34,8 @@ from conveyor.transport._encryption import (
     ENCRYPTED_CONTENT_TYPE,
     Binding,
     DecryptionError,
+    KeyedCodec,
+    KeyUnavailableError,
     PayloadCodec,
     envelope_key_id,
     is_sealed,
@@ -63,6 +65,7 @@ FAILED = pb.TASK_OUTCOME_FAILED
 TIMED_OUT = pb.TASK_OUTCOME_TIMED_OUT
 CANCELLED = pb.TASK_OUTCOME_CANCELLED
 INTERRUPTED = pb.TASK_OUTCOME_INTERRUPTED
+KEY_UNAVAILABLE = pb.TASK_OUTCOME_KEY_UNAVAILABLE
 
 SHUTDOWN_ERROR = "worker shut down"
 # The content types a result has before encryption (results carry none on the wire).
@@ -78,6 +81,15 @@ OUTCOME_NAMES = {
     INTERRUPTED: "interrupted",
 }
 LOST = "lost"
+
+
+class _KeyUnavailable(Exception):
+    """The payload is sealed with a key this worker does not hold: the task goes back."""
+
+    def __init__(self, key_id: str, message: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+        self.message = message
 
 
 class RuntimeListener(Protocol):
@@ -179,6 +191,8 @@ class Runtime:
         self._listener: RuntimeListener | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Key ids this worker was given tasks of and lacks, said once each (see accept).
+        self._lacking: set[str] = set()
 
     # -- what the session reads ------------------------------------------------------
 
@@ -199,6 +213,19 @@ class Runtime:
             _copy_lease(lease) for k, lease in self._pending.leases().items() if k not in self._held
         )
         return leases
+
+    def encryption_keys(self) -> pb.EncryptionKeys | None:
+        """The encryption keys this worker opens, for Hello and EncryptionKeys: none
+        without a codec, the codec's when it can name them (a key file reread included),
+        None (unsaid: given every key's tasks) for a codec that cannot."""
+        codec = self._codec
+        if codec is None:
+            return pb.EncryptionKeys()
+        if not isinstance(codec, KeyedCodec):
+            return None
+        key_ids = codec.key_ids
+        self._lacking.difference_update(key_ids)  # held again: say it again if lost
+        return pb.EncryptionKeys(key_ids=key_ids)
 
     @property
     def pending(self) -> PendingResults:
@@ -273,6 +300,26 @@ class Runtime:
             return
         try:
             payload, content_type = self._open_payload(assignment)
+        except _KeyUnavailable as exc:
+            # Another worker may hold the key: the task goes back, not counted, and the
+            # coordinator gives this worker no more of that key's tasks.
+            if exc.key_id not in self._lacking:
+                self._lacking.add(exc.key_id)
+                logger.error(
+                    "%s; this worker gives such tasks back for a worker that holds the key "
+                    "and is sent no more of them (said once per key)",
+                    exc.message,
+                )
+            self._emit(
+                pb.TaskResult(
+                    lease=lease,
+                    outcome=KEY_UNAVAILABLE,
+                    error=sanitize_error(exc.message),
+                    key_id=exc.key_id,
+                )
+            )
+            self._notify_slots()
+            return
         except TaskFailure as exc:
             # Another attempt would see the same bytes: fail for good, without a slot.
             logger.error("task %s: %s", lease.task_id, exc.message)
@@ -499,24 +546,38 @@ class Runtime:
         """The payload and content type for the handler, decoded by the codec.
 
         Raises:
-            TaskFailure: Not retryable: the payload cannot be decoded (its key is not in
-                the ring, it was altered or sealed for another type), or it is encrypted
-                and this worker has no codec.
+            _KeyUnavailable: The payload is sealed with a key this worker does not hold
+                (no codec, or not in its ring): another worker may hold it.
+            TaskFailure: Not retryable: the payload cannot be decoded (altered, or
+                sealed for another task, schedule or type), or its envelope is malformed.
         """
         data, content_type = assignment.payload, assignment.content_type
         task_id = assignment.lease.task_id
         if self._codec is None:
             if is_sealed(data) or content_type == ENCRYPTED_CONTENT_TYPE:
-                raise TaskFailure(
-                    f"the payload of task {task_id} is encrypted (key "
-                    f"{envelope_key_id(data)!r}) and worker {self._worker_id} has no key "
-                    "ring: give it the application's keys (Worker(codec="
-                    "EncryptionCodec.from_key_file(...)), or --encryption-key-file)",
-                    retryable=False,
+                key_id = envelope_key_id(data)
+                message = (
+                    f"the payload of task {task_id} is encrypted (key {key_id!r}) and "
+                    f"worker {self._worker_id} has no key ring: give it the application's "
+                    "keys (Worker(codec=EncryptionCodec.from_key_file(...)), or "
+                    "--encryption-key-file)"
                 )
+                if key_id is not None:
+                    raise _KeyUnavailable(key_id, message)
+                raise TaskFailure(message, retryable=False)
             return data, content_type
         try:
-            return self._codec.decode(data, content_type, Binding.payload(assignment.type))
+            binding = Binding.payload(
+                assignment.type, task_id=task_id, idempotency_key=assignment.idempotency_key
+            )
+            return self._codec.decode(data, content_type, binding)
+        except KeyUnavailableError as exc:
+            message = f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}"
+            if isinstance(self._codec, KeyedCodec):
+                raise _KeyUnavailable(exc.key_id, message) from exc
+            # A codec that cannot name its keys: the coordinator could not stop sending
+            # this worker such tasks, so giving them back would only bring them back.
+            raise TaskFailure(message, retryable=False) from exc
         except DecryptionError as exc:
             raise TaskFailure(
                 f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}", retryable=False

@@ -195,6 +195,8 @@ class Session:
         self._liveness = liveness_timeout(DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_DURATION)
         self._last_heard = 0.0
         self._heard = False  # any message from the coordinator on this stream
+        # The encryption key ids last named to the coordinator (None: not named).
+        self._keys_named: tuple[str, ...] | None = None
         self.session_id = ""
 
     @property
@@ -286,6 +288,8 @@ class Session:
         tasks.append(writer)
         credits = 0 if self._draining else max(0, self._runtime.free_slots())
         in_flight = self._runtime.held_leases()
+        keys = self._runtime.encryption_keys()
+        self._keys_named = None if keys is None else tuple(keys.key_ids)
         hello = pb.Hello(
             protocol_version=PROTOCOL_VERSION,
             worker_id=self._info.worker_id,
@@ -296,6 +300,7 @@ class Session:
             credits=credits,
             in_flight=in_flight,
             resume_token=self.resume_token,
+            encryption_keys=keys,
         )
         self._outstanding = credits
         await self._outgoing.put(pb.ConnectRequest(hello=hello))
@@ -467,8 +472,23 @@ class Session:
                 )
             if now >= next_beat:
                 next_beat = now + self._heartbeat_interval
+                await self._name_new_keys()
                 leases = self._runtime.held_leases()
                 await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
+
+    async def _name_new_keys(self) -> None:
+        """Tells the coordinator when the encryption keys changed (a key file reread), so
+        tasks of a key just added reach this worker and those of a key removed do not."""
+        keys = self._runtime.encryption_keys()
+        if keys is None or tuple(keys.key_ids) == self._keys_named:
+            return
+        logger.info(
+            "encryption keys changed to %s; telling coordinator %s",
+            ", ".join(keys.key_ids) or "none",
+            self.target,
+        )
+        self._keys_named = tuple(keys.key_ids)
+        await self._send(pb.ConnectRequest(encryption_keys=keys))
 
     async def _credit_loop(self) -> None:
         while True:

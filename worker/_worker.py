@@ -139,9 +139,12 @@ class Worker:
             ``OTEL_EXPORTER_OTLP_ENDPOINT`` environment when the application has none.
         codec: Decodes every payload before its handler sees it and encodes every
             result, such as ``EncryptionCodec.from_key_file("keys.json")`` for end-to-end
-            encryption (the clients need the same keys). A payload it cannot decode (a
-            key not in the ring, an altered ciphertext) fails its task for good, with
-            the reason; so does an encrypted payload reaching a worker without a codec.
+            encryption (the clients need the same keys). The worker names the keys it
+            holds to the coordinator (none without a codec), which gives it only tasks
+            it can open; a task sealed with a key it lacks after all (a key file
+            rewritten without it) goes back, not counted, for a worker that holds it. A
+            payload that does not open with the key it names (altered, or sealed for
+            another task) fails its task for good, with the reason.
     """
 
     def __init__(

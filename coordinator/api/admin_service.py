@@ -20,7 +20,7 @@ from conveyor.coordinator.leader.election import Member
 from conveyor.coordinator.leader.leadership import ClusterView
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, worker_service_pb2
 
 _log = logging.getLogger("conveyor.coordinator.admin")
 
@@ -89,6 +89,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                     draining=s.draining,
                     connect_time=convert.timestamp_from_seconds(s.connect_time),
                     in_flight=in_flight.get((s.tenant, s.worker_id), 0),
+                    encryption_keys=None
+                    if s.encryption_keys is None
+                    else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),
                 )
                 for s in sessions
             ],

@@ -26,6 +26,8 @@ class RequestContext:
     request_id: str = ""
     """The caller's ``x-request-id``, or one made up; in logs and INTERNAL errors."""
     peer: str = ""
+    """The caller's address without its port (``auth.peer_host``): what the failed-
+    authentication throttle keys on and what audit rows record."""
     tenant: str = DEFAULT_TENANT
     key_id: str = ""
     """The id of the API key the call was authenticated with ("" with authentication off)."""

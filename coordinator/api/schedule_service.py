@@ -22,6 +22,8 @@ from conveyor.coordinator.api import context, pages
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import (
     EtagMismatch,
+    FieldViolation,
+    InvalidArgument,
     ScheduleAlreadyExists,
     ScheduleNotFound,
 )
@@ -76,14 +78,32 @@ class ScheduleService:
             tenant=tenant,
             max_payload_bytes=self._deps.config.max_payload_bytes,
         )
+        schedule_id = check.validate_schedule_id(request.schedule.id)
         self._quotas.check_payload(tenant, len(request.schedule.task_template.payload))
         now = self._now()
         first = _first(first_tick(valid.spec, now, valid.row.start_time), valid.row.end_time)
-        async with self._write() as conn:
-            await self._quotas.admit_schedule(conn, tenant)
-            row = await store.insert(
-                conn, uuid7(), valid.row, paused=valid.paused, next_fire_time=first, now=now
-            )
+        try:
+            async with self._write() as conn:
+                await self._quotas.admit_schedule(conn, tenant)
+                row = await store.insert(
+                    conn,
+                    schedule_id or uuid7(),
+                    valid.row,
+                    paused=valid.paused,
+                    next_fire_time=first,
+                    now=now,
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if schedule_id is None or exc.constraint_name != "schedules_pkey":
+                raise
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "schedule.id",
+                        "is the id of another schedule: leave it empty, or choose a new UUID",
+                    )
+                ]
+            ) from None
         if row is None:
             raise ScheduleAlreadyExists(valid.row.name)
         self._changed()

@@ -27,6 +27,7 @@ from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import (
     schedule_pb2,
     task_pb2,
@@ -83,10 +84,18 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     # -- reads -------------------------------------------------------------------------------
 
-    def _unserved(self, row: asyncpg.Record) -> bool:
-        """Whether the task waits and no connected worker takes its queue and type."""
-        return row["state"] in _WAITING and not dispatch_policy.serving(
-            self._deps.sessions, row["tenant"], row["queue"], row["type"]
+    def _unserved(self, row: asyncpg.Record) -> tuple[bool, str]:
+        """Whether the task waits and no connected worker takes its queue and type or,
+        taking them, holds its encryption key; and that key id when it is the reason."""
+        if row["state"] not in _WAITING:
+            return False, ""
+        key = (
+            envelope_key_id(row["payload"])
+            if row["content_type"] == ENCRYPTED_CONTENT_TYPE
+            else None
+        )
+        return dispatch_policy.unserved(
+            self._deps.sessions, row["tenant"], row["queue"], row["type"], key
         )
 
     async def GetTask(
@@ -99,10 +108,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             if row is None:
                 raise TaskNotFound(request.id)
             attempts = await store.attempts(conn, tenant, task_id)
+        unserved, missing_key = self._unserved(row)
         return task_service_pb2.GetTaskResponse(
             task=convert.task_from_row(row),
             attempts=[convert.attempt_from_row(a) for a in attempts],
-            unserved=self._unserved(row),
+            unserved=unserved,
+            unserved_encryption_key=missing_key,
         )
 
     async def ListTasks(
@@ -151,13 +162,15 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             sent: tuple[object, ...] | None = None
             while True:
                 row = await watch.next()
-                unserved = self._unserved(row)
-                version = (row["state"], row["update_time"], unserved)
+                unserved, missing_key = self._unserved(row)
+                version = (row["state"], row["update_time"], unserved, missing_key)
                 if version != sent:
                     sent = version
                     await context_.write(
                         task_service_pb2.WatchTaskResponse(
-                            task=convert.task_from_row(row), unserved=unserved
+                            task=convert.task_from_row(row),
+                            unserved=unserved,
+                            unserved_encryption_key=missing_key,
                         )
                     )
                 if row["state"] in store.TERMINAL:

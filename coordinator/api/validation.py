@@ -24,6 +24,7 @@ from typing import Any
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX, is_key_id
 from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
 
 PROTOCOL_VERSION = 1
@@ -33,6 +34,8 @@ RESUME_TOKEN_BYTES = 32
 
 MAX_NAME_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
+MAX_KEY_IDS = 1000
+"""Encryption key ids one worker may name (a key ring keeps its old keys, so it grows)."""
 MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 1000
 MAX_TIMEOUT = timedelta(days=1)
@@ -196,6 +199,16 @@ def validate_submit(
     key: str = fields.get("idempotency_key", "")
     if key:
         check_text(key, prefix + "idempotency_key", out, max_length=MAX_IDEMPOTENCY_KEY_LENGTH)
+        if key.startswith(SCHEDULE_KEY_PREFIX):
+            # Firings' keys: taken by a client, a tick would not fire, and the task would
+            # pass for a firing (a worker opens an encrypted template's payload on it).
+            out.append(
+                FieldViolation(
+                    prefix + "idempotency_key",
+                    f"must not start with {SCHEDULE_KEY_PREFIX!r}: that prefix is reserved "
+                    "for the tasks schedules fire",
+                )
+            )
     priority: int = fields.get("priority", 0)
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         out.append(
@@ -485,6 +498,26 @@ class ValidHello:
     in_flight: list[worker_service_pb2.Lease]
     resume_token: bytes
     """Empty on a worker process's first connect."""
+    encryption_keys: frozenset[str] | None = None
+    """The encryption keys the worker opens; None when it did not say (any key)."""
+
+
+def check_key_ids(
+    message: worker_service_pb2.EncryptionKeys, field: str, out: list[FieldViolation]
+) -> frozenset[str]:
+    """The key ids of an EncryptionKeys message (Hello's, or one sent later)."""
+    if len(message.key_ids) > MAX_KEY_IDS:
+        out.append(FieldViolation(field, f"must name at most {MAX_KEY_IDS} keys"))
+        return frozenset()
+    for i, key_id in enumerate(message.key_ids):
+        if not is_key_id(key_id):
+            out.append(
+                FieldViolation(
+                    f"{field}[{i}]",
+                    "is not a key id (1 to 64 characters of letters, digits and '._:-')",
+                )
+            )
+    return frozenset(message.key_ids)
 
 
 def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
@@ -532,6 +565,9 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
                 "resume_token, unchanged",
             )
         )
+    keys = None
+    if hello.HasField("encryption_keys"):
+        keys = check_key_ids(hello.encryption_keys, "hello.encryption_keys.key_ids", out)
     if out:
         raise ProtocolViolation(
             "invalid Hello: " + "; ".join(f"{v.field}: {v.description}" for v in out[:5]), out
@@ -545,4 +581,5 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         credits=hello.credits,
         in_flight=list(hello.in_flight),
         resume_token=hello.resume_token,
+        encryption_keys=keys,
     )

@@ -47,7 +47,12 @@ from conveyor.coordinator.api.interceptors.chain import Undecodable
 from conveyor.coordinator.api.validation import MAX_CREDIT, ValidHello
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch.sessions import WorkerSession
-from conveyor.coordinator.errors import Overloaded, ProtocolViolation, WorkerIdInUse
+from conveyor.coordinator.errors import (
+    FieldViolation,
+    Overloaded,
+    ProtocolViolation,
+    WorkerIdInUse,
+)
 from conveyor.coordinator.lifecycle import leases, results
 from conveyor.coordinator.lifecycle.batcher import Batcher
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases, Mapped
@@ -115,6 +120,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             task_types=hello.task_types,
             hostname=hello.hostname,
             pid=hello.pid,
+            encryption_keys=hello.encryption_keys,
         )
         proven = await self._take_worker_id(session, hello.resume_token)
         failure: Exception | None = None
@@ -128,13 +134,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 # Left office while this stream was opening (step_down missed it).
                 self._redirect(session)
             _log.info(
-                "worker %s connected (host %s pid %d, queues %s, types %s, credit %d)",
+                "worker %s connected (host %s pid %d, queues %s, types %s, credit %d, "
+                "encryption keys %s)",
                 session.worker_id,
                 session.hostname,
                 session.pid,
                 ",".join(session.queues),
                 ",".join(session.task_types),
                 session.credit,
+                _keys_text(session.encryption_keys),
             )
             self._dispatcher.wake()
             await self._converse(session, context)
@@ -289,6 +297,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 mapped, outcomes = results.map_results(
                     tenant, worker_id, wire, max_result_bytes=cfg.max_payload_bytes
                 )
+                if mapped.missing_keys:
+                    _lacks(session, mapped.missing_keys)
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
                 await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
@@ -309,6 +319,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             elif kind == "drain":
                 session.draining = True
                 _log.info("worker %s is draining", worker_id)
+            elif kind == "encryption_keys":
+                violations: list[FieldViolation] = []
+                held = validation.check_key_ids(
+                    message.encryption_keys, "encryption_keys.key_ids", violations
+                )
+                if violations:
+                    raise ProtocolViolation(
+                        f"invalid EncryptionKeys: {violations[0].field}: "
+                        f"{violations[0].description}",
+                        violations,
+                    )
+                session.encryption_keys = held
+                _log.info("worker %s now holds encryption keys %s", worker_id, _keys_text(held))
+                if session.wants_work:
+                    self._dispatcher.wake()  # tasks of a new key may be waiting
             else:
                 raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
 
@@ -413,6 +438,36 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
         )
         session.finish("this coordinator no longer leads")
+
+
+def _keys_text(keys: frozenset[str] | None) -> str:
+    if keys is None:
+        return "not named (any)"
+    return ",".join(sorted(keys)) or "none"
+
+
+def _lacks(session: WorkerSession, missing: set[str]) -> None:
+    """The worker reported tasks it cannot open: it is given no more of those keys."""
+    keys = session.encryption_keys
+    if keys is None:
+        # It did not name its keys, so none can be taken away: it may be given such a
+        # task again (the SDK names its keys whenever it can report this).
+        _log.warning(
+            "worker %s cannot open tasks of encryption key(s) %s but did not name its keys "
+            "in Hello: it may be given them again",
+            session.worker_id,
+            ",".join(sorted(missing)),
+        )
+        return
+    lost = keys & missing
+    if lost:
+        session.encryption_keys = keys - lost
+        _log.warning(
+            "worker %s does not hold encryption key(s) %s after all; it is given no more of "
+            "their tasks, which wait for a worker that holds them",
+            session.worker_id,
+            ",".join(sorted(lost)),
+        )
 
 
 async def _enqueue(batcher: Batcher[Sequence[Any], list[bool]], item: Sequence[Any]) -> Any:

@@ -7,7 +7,10 @@ extend without touching the stream code:
 - :func:`takes`: whether a session takes a (tenant, queue, type) at all. The one matching
   rule, shared with ``unserved``, ``QueueStats.workers`` and the submit hand-off: the
   tenant is the session's, the queue one it names, the type one it has a handler for
-  (a worker always names its types; none means nothing, never "anything").
+  (a worker always names its types; none means nothing, never "anything"). An encrypted
+  task also needs a session that holds its key (``WorkerSession.opens``; the claim
+  filters on ``tasks.encryption_key`` the same way), so a worker without it neither
+  fails the task nor spends its attempts.
 - :meth:`DispatchPolicy.plan`: the sessions to claim for in a round, in a rotating order
   so no worker is starved, and how much each may get: its credit, at most
   ``MAX_CLAIM_PER_SESSION`` tasks and ``MAX_CLAIM_BYTES`` of payload, and no more than its
@@ -62,9 +65,21 @@ def takes(session: WorkerSession, tenant: str, queue: str, task_type: str) -> bo
     return takes_from(session, tenant, queue) and task_type in session.type_set
 
 
-def serving(sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str) -> bool:
-    """Whether any of ``sessions`` takes this kind of task."""
-    return any(takes(s, tenant, queue, task_type) for s in sessions if not s.closed)
+def unserved(
+    sessions: Iterable[WorkerSession],
+    tenant: str,
+    queue: str,
+    task_type: str,
+    encryption_key: str | None,
+) -> tuple[bool, str]:
+    """Whether no session takes this task, and if sessions take its kind but none holds
+    its encryption key, that key id ("" otherwise)."""
+    takers = [s for s in sessions if not s.closed and takes(s, tenant, queue, task_type)]
+    if not takers:
+        return True, ""
+    if any(s.opens(encryption_key) for s in takers):
+        return False, ""
+    return True, encryption_key or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +133,7 @@ class DispatchPolicy:
             tenant=session.tenant,
             queues=session.queues,
             types=session.task_types,
+            keys=session.encryption_keys,
             limit=claim.limit,
             max_bytes=claim.max_bytes,
             worker_id=session.worker_id,
@@ -145,7 +161,11 @@ class DispatchPolicy:
 
     @staticmethod
     def pick_idle(
-        sessions: Iterable[WorkerSession], tenant: str, queue: str, task_type: str
+        sessions: Iterable[WorkerSession],
+        tenant: str,
+        queue: str,
+        task_type: str,
+        encryption_key: str | None = None,
     ) -> WorkerSession | None:
         """A starving session that takes this kind of task, with one credit reserved.
 
@@ -158,6 +178,7 @@ class DispatchPolicy:
                 and session.wants_work
                 and session.outbox_room > 0
                 and takes(session, tenant, queue, task_type)
+                and session.opens(encryption_key)
             ):
                 session.credit -= 1
                 return session

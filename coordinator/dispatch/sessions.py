@@ -94,6 +94,9 @@ class WorkerSession:
     releasing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while this session's end releases its leases, so a newer session of the same
     process cannot take over halfway through (see :attr:`superseded`)."""
+    encryption_keys: frozenset[str] | None = None
+    """The encryption keys the worker opens (Hello, then EncryptionKeys messages, less
+    those it reported lacking); None: it did not say, and is given every key's tasks."""
     credit: int = 0
     draining: bool = False
     # Set when the dispatcher's last claim for this session came back short: nothing was
@@ -146,6 +149,12 @@ class WorkerSession:
     def outbox_room(self) -> int:
         """Assignment bytes the outbox can take now."""
         return OUTBOX_BYTES - self._outbox_bytes
+
+    def opens(self, encryption_key: str | None) -> bool:
+        """Whether the worker can open a payload sealed with ``encryption_key`` (None: a
+        payload that is not encrypted)."""
+        keys = self.encryption_keys
+        return encryption_key is None or keys is None or encryption_key in keys
 
     def proven_by(self, resume_token: bytes) -> bool:
         """Whether a Hello presenting ``resume_token`` comes from this session's process."""

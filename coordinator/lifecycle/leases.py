@@ -120,6 +120,8 @@ class Mapped:
     size: int
     stored: list[int] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)
+    missing_keys: set[str] | None = None
+    """Encryption key ids the worker reported it does not hold (KEY_UNAVAILABLE)."""
 
     def answers(self, stored_answers: Sequence[bool]) -> list[tuple[bool, str]]:
         """(accepted, reason) for every entry of the message, in order."""
@@ -348,7 +350,10 @@ class Dispatcher(Service):
         sessions: list[WorkerSession] = []
         live = list(self.deps.sessions)
         for row in rows:
-            session = self.policy.pick_idle(live, row.tenant, row.task.queue, row.task.type)
+            task = row.task
+            session = self.policy.pick_idle(
+                live, row.tenant, task.queue, task.type, store.encryption_key(task)
+            )
             if session is None:
                 self._give_back(sessions)
                 return []

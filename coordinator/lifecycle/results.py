@@ -9,7 +9,9 @@ What a worker sends is checked here, one result at a time, so nothing in one res
 fail another's batch: a malformed lease or an unknown outcome is refused alone; an error
 text is made storable (NUL bytes escaped, long texts cut); a result larger than
 ``max_payload_bytes`` is stored as a non-retryable failure that says so, instead of being
-refused over and over.
+refused over and over. KEY_UNAVAILABLE (the worker lacks the payload's encryption key) is
+stored as an attempt that never started: the task is ready again at once, not counted,
+and the stream stops giving that worker the key's tasks (``Mapped.missing_keys``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _OUTCOMES = {
     worker_service_pb2.TASK_OUTCOME_TIMED_OUT: store.OUTCOME_TIMED_OUT,
     worker_service_pb2.TASK_OUTCOME_CANCELLED: store.OUTCOME_CANCELLED,
     worker_service_pb2.TASK_OUTCOME_INTERRUPTED: store.OUTCOME_INTERRUPTED,
+    # The payload's key is not the worker's: the handler never ran.
+    worker_service_pb2.TASK_OUTCOME_KEY_UNAVAILABLE: store.OUTCOME_NOT_STARTED,
 }
 
 
@@ -70,7 +74,11 @@ def map_results(
         error = storable_error(result.error)
         retryable = result.retryable and outcome != store.OUTCOME_CANCELLED
         value: bytes | None = None
-        if outcome == store.OUTCOME_SUCCEEDED:
+        if outcome == store.OUTCOME_NOT_STARTED:
+            if mapped.missing_keys is None:
+                mapped.missing_keys = set()
+            mapped.missing_keys.add(result.key_id)
+        elif outcome == store.OUTCOME_SUCCEEDED:
             value = result.result
             if len(value) > max_result_bytes:
                 outcome, value, retryable = store.OUTCOME_FAILED, None, False

@@ -60,6 +60,7 @@ from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
 from conveyor.coordinator.store.tasks import NewRow
 from conveyor.coordinator.supervisor import Service
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
 
 _log = logging.getLogger("conveyor.coordinator.schedules")
 
@@ -71,8 +72,10 @@ _MIN_LOOKAHEAD = 0.05
 
 
 def idempotency_key(schedule_id: uuid.UUID, tick: datetime) -> str:
-    """The key of a tick's task: ``schedule:<id>:<tick as UTC ISO 8601>``."""
-    return f"schedule:{schedule_id}:{_iso(tick)}"
+    """The key of a tick's task: ``schedule:<id>:<tick as UTC ISO 8601>``. Workers and
+    clients read the schedule id from it (``transport._encryption.schedule_of``): an
+    encrypted template is bound to it."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{_iso(tick)}"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -83,6 +84,25 @@ def validate_name(value: str, field: str = "name") -> str:
     if out:
         raise InvalidArgument(out)
     return value
+
+
+def validate_schedule_id(value: str, field: str = "schedule.id") -> uuid.UUID | None:
+    """The id a client chose for a new schedule (None: the coordinator makes one).
+
+    The Python client chooses it when it encrypts the template, which is bound to it, so
+    it must come back as sent: canonical text (lowercase, hyphenated) only.
+    """
+    if not value:
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != value:
+        raise InvalidArgument(
+            [FieldViolation(field, "must be a UUID in canonical form (lowercase, hyphenated)")]
+        )
+    return parsed
 
 
 def template_request(template: schedule_pb2.TaskTemplate) -> task_service_pb2.SubmitTaskRequest:

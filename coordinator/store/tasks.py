@@ -12,7 +12,9 @@ What counts as an attempt (``attempt`` counts every lease, ``attempt_base`` the 
 not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
 
 - a lease that ends in a result counts, except TASK_OUTCOME_INTERRUPTED (the worker's
-  drain ran out of time): the task is PENDING again at once, attempt row INTERRUPTED;
+  drain ran out of time): the task is PENDING again at once, attempt row INTERRUPTED; and
+  TASK_OUTCOME_KEY_UNAVAILABLE (the worker lacks the payload's encryption key, so the
+  handler never ran): PENDING again at once, attempt row NOT_STARTED;
 - a lease that *expired* counts (the worker went silent: the task may have run), and so
   does a lease taken back from an evicted worker that had received it: LEASE_EXPIRED;
 - a lease that never started does not count: claimed or handed off but never written to
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,6 +42,7 @@ from conveyor.coordinator.api.validation import ListFilter, NewTask
 from conveyor.coordinator.store import transitions
 from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
 from conveyor.coordinator.store.transitions import TAIL, changed, tail
+from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import task_pb2
 
 if TYPE_CHECKING:
@@ -94,7 +97,7 @@ NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("request_hash", "bytea"), ("run_at", "timestamptz"), ("timeout_ms", "bigint"),
     ("retry_initial_ms", "bigint"), ("retry_max_ms", "bigint"),
     ("retry_multiplier", "float8"), ("retry_jitter", "float8"), ("labels", "text"),
-    ("traceparent", "text"),
+    ("traceparent", "text"), ("encryption_key", "text"),
 )  # fmt: skip
 """The columns a new task is written with (in :func:`_record` order), and their types."""
 NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
@@ -159,6 +162,13 @@ class NewRow(NamedTuple):
     run_at: datetime
 
 
+def encryption_key(task: NewTask) -> str | None:
+    """The key id an encrypted payload's envelope names, read from its header (no
+    cryptography): dispatch gives the task only to a worker that holds it. None for any
+    other payload, and for an envelope whose header does not parse (a worker fails that)."""
+    return envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None
+
+
 def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
     """The row's values in NEW_TASK_COLUMNS order, then ``tail``."""
     task = row.task
@@ -182,6 +192,8 @@ def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
         task.retry_jitter,
         json.dumps(task.labels) if task.labels else "{}",
         task.traceparent,
+        # encryption_key(task), inline: a call per submitted task is measurable here.
+        envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None,
         *tail,
     )
 
@@ -569,6 +581,9 @@ _CLAIM = Query(
             SELECT id, priority, octet_length(payload) AS size FROM tasks
             WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
               AND type = ANY(:types::text[])
+              -- A worker that named its keys gets only tasks it can open (NULL: any).
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
             ORDER BY priority DESC, id
             LIMIT :limit
             FOR UPDATE SKIP LOCKED
@@ -601,6 +616,7 @@ async def claim(
     tenant: str,
     queues: Sequence[str],
     types: Sequence[str],
+    keys: Iterable[str] | None,
     limit: int,
     max_bytes: int,
     worker_id: str,
@@ -608,8 +624,9 @@ async def claim(
     lease_seconds: float,
     fence: Fence,
 ) -> list[asyncpg.Record]:
-    """Leases up to ``limit`` ready tasks of these queues and types to ``worker_id`` (its
-    process's ``holder``: ``sessions.WorkerSession.holder``), in
+    """Leases up to ``limit`` ready tasks of these queues and types, encrypted with one of
+    ``keys`` or not encrypted (``keys`` None: any), to ``worker_id`` (its process's
+    ``holder``: ``sessions.WorkerSession.holder``), in
     dispatch order (per queue the head of the ready index: priority, then age, since ids
     are time-ordered; then the best of those heads), cut at ``max_bytes`` of payload (the
     first task whatever its size). Fenced. Returns the transitions, each with what its
@@ -620,6 +637,7 @@ async def claim(
         tenant=tenant,
         queues=list(queues),
         types=list(types),
+        keys=None if keys is None else list(keys),
         limit=limit,
         max_bytes=max_bytes,
         worker_id=worker_id,
@@ -722,6 +740,10 @@ class Outcome(NamedTuple):
     retryable: bool
 
 
+# A result that gives the attempt back: the worker's drain interrupted it, or it never
+# started (the worker lacks the payload's encryption key). Ready again at once, not counted.
+_GIVEN_BACK = f"r.outcome IN ({OUTCOME_INTERRUPTED}, {OUTCOME_NOT_STARTED})"
+
 _FINISH = Query(
     "finish_attempts",
     f"""
@@ -731,18 +753,18 @@ _FINISH = Query(
         UPDATE tasks t SET
             state = CASE
                 WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN {SUCCEEDED}
-                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN {PENDING}
+                WHEN {_GIVEN_BACK} THEN {PENDING}
                 WHEN r.retryable AND {_RETRY_LEFT} THEN {SCHEDULED}
                 ELSE {DEAD} END,
             run_at = CASE
-                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN now()
+                WHEN {_GIVEN_BACK} THEN now()
                 WHEN r.outcome <> {OUTCOME_SUCCEEDED} AND r.retryable AND {_RETRY_LEFT}
                 THEN now() + {_BACKOFF} ELSE t.run_at END,
             attempt_base = t.attempt_base
-                + CASE WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN 1 ELSE 0 END,
+                + CASE WHEN {_GIVEN_BACK} THEN 1 ELSE 0 END,
             finish_time = CASE
                 WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN now()
-                WHEN r.outcome = {OUTCOME_INTERRUPTED} THEN NULL
+                WHEN {_GIVEN_BACK} THEN NULL
                 WHEN NOT (r.retryable AND {_RETRY_LEFT}) THEN now() END,
             result = r.result,
             last_error = CASE WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN t.last_error
@@ -767,9 +789,9 @@ async def finish_attempts(
 ) -> list[asyncpg.Record]:
     """Applies results whose lease is current; returns their transitions.
 
-    Success -> SUCCEEDED. Interrupted -> PENDING at once, not counted. Failure ->
-    SCHEDULED after a backoff when retryable with attempts left, else DEAD. The attempt
-    row is closed in the same statement.
+    Success -> SUCCEEDED. Interrupted or not started -> PENDING at once, not counted.
+    Failure -> SCHEDULED after a backoff when retryable with attempts left, else DEAD.
+    The attempt row is closed in the same statement.
     """
     return await _FINISH.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
 

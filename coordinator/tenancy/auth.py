@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -65,14 +66,29 @@ class Identity:
 
 
 def peer_host(peer: str) -> str:
-    """The address of a gRPC peer without its port: ``ipv4:10.0.0.7:5123`` -> ``10.0.0.7``,
-    ``ipv6:[::1]:5123`` -> ``::1``."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1:].split("]", 1)[0]
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    return peer
+    """The address of a gRPC peer without its port: one per host, whatever the connection.
+
+    gRPC core writes a peer as a URI (``grpc_sockaddr_to_uri``), percent-encoding what a
+    URI path may not hold: ``ipv4:10.0.0.7:5123``, ``ipv6:%5B::1%5D:5123`` (a zone as
+    ``%5Bfe80::1%252%5D``), ``unix:/run/s.sock`` (``unix:`` for a client's unnamed
+    socket), ``unix-abstract:name``, ``vsock:3:5123``; older versions wrote
+    ``ipv6:[::1]:5123``, and IPv4-mapped IPv6 peers are written as IPv4. IPv4 and IPv6
+    peers give the bare address (``10.0.0.7``, ``::1``); every other form keeps its scheme
+    and loses a trailing ``:PORT`` (``unix:``, ``vsock:3``), and one without a scheme is
+    taken whole.
+    """
+    scheme, colon, rest = peer.partition(":")
+    if not colon:
+        return peer
+    address = urllib.parse.unquote(rest) if "%" in rest else rest
+    if scheme in ("unix", "unix-abstract"):
+        return f"{scheme}:{address}"  # a path, not host and port
+    host, colon, port = address.rpartition(":")
+    if colon and port.isdigit():
+        address = host
+    if address[:1] == "[" and address[-1:] == "]":
+        address = address[1:-1]
+    return address if scheme in ("ipv4", "ipv6") else f"{scheme}:{address}"
 
 
 class FailureLimiter:
@@ -127,11 +143,10 @@ class Authenticator:
         self.limiter = limiter
 
     def authenticate(
-        self, metadata: Iterable[tuple[str, Any]], peer: str, method: str, request_id: str
+        self, metadata: Iterable[tuple[str, Any]], host: str, method: str, request_id: str
     ) -> Identity:
-        """The identity of a call, or raises Unauthenticated (or QuotaExceeded for a
-        throttled peer)."""
-        host = peer_host(peer)
+        """The identity of a call from ``host`` (the peer's address, :func:`peer_host`),
+        or raises Unauthenticated (or QuotaExceeded for a throttled peer)."""
         wait = self.limiter.retry_after(host)
         if wait is not None:
             self._audit.tally(Event.make(
@@ -195,11 +210,12 @@ class Authenticator:
             )
         return Identity(key.id, key.tenant, key.scopes, key.expire_at)
 
-    def denied(self, identity: Identity, method: str, scope: str, peer: str) -> PermissionDenied:
-        """The refusal of a call whose key lacks ``scope`` (tallied in the audit log)."""
+    def denied(self, identity: Identity, method: str, scope: str, host: str) -> PermissionDenied:
+        """The refusal of a call from ``host`` whose key lacks ``scope`` (tallied in the
+        audit log)."""
         self._audit.tally(Event.make(
             tenant=identity.tenant, key_id=identity.key_id, action=PERMISSION_DENIED,
-            target=method, outcome="PERMISSION_DENIED", peer=peer_host(peer),
+            target=method, outcome="PERMISSION_DENIED", peer=host,
             detail=f"scope={scope}",
         ))  # fmt: skip
         return PermissionDenied(identity.key_id, scope, method.rsplit("/", 1)[-1])

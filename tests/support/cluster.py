@@ -99,13 +99,15 @@ class CoordinatorProcess(ManagedProcess):
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         insecure: bool = True,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.port = port if port is not None else free_ports(1)[0]
+        self.port = port if port is not None else free_ports(1, host.strip("[]"))[0]
         super().__init__(name or f"coordinator-{self.port}", log_dir, env)
         self.dsn = dsn
         self.etcd = _join(etcd_endpoints) if etcd_endpoints else None
         self.cluster = cluster
-        self.listen = f"127.0.0.1:{self.port}"
+        # ``host`` "[::1]" listens on (and is dialled over) IPv6 loopback.
+        self.listen = f"{host}:{self.port}"
         self.advertise = advertise or self.listen
         self.election_ttl = election_ttl
         self.lease_duration = lease_duration
@@ -117,7 +119,7 @@ class CoordinatorProcess(ManagedProcess):
 
     @property
     def address(self) -> str:
-        """``127.0.0.1:PORT``, what clients and workers dial."""
+        """``HOST:PORT`` (``127.0.0.1:PORT`` by default), what clients and workers dial."""
         return self.listen
 
     def environment(self) -> dict[str, str]:

@@ -32,9 +32,14 @@ def measure(codec: EncryptionCodec, size: int, number: int) -> dict[str, float]:
     data = os.urandom(size)
 
     def submit(key: str) -> None:
-        seal_request(codec, pb.SubmitTaskRequest(type="t", payload=data, idempotency_key=key))
+        seal_request(
+            codec,
+            pb.SubmitTaskRequest(type="t", payload=data, idempotency_key=key, request_id="id-1"),
+        )
 
-    sealed = pb.SubmitTaskRequest(type="t", payload=data, content_type="application/json")
+    sealed = pb.SubmitTaskRequest(
+        type="t", payload=data, content_type="application/json", request_id="id-1"
+    )
     seal_request(codec, sealed)
     result, _ = codec.encode(data, "application/json", Binding.result("t", "id-1"))
     task = Task(
@@ -48,7 +53,7 @@ def measure(codec: EncryptionCodec, size: int, number: int) -> dict[str, float]:
     )
 
     def worker() -> None:
-        codec.decode(sealed.payload, sealed.content_type, Binding.payload("t"))
+        codec.decode(sealed.payload, sealed.content_type, Binding.payload("t", task_id="id-1"))
         codec.encode(data, "application/json", Binding.result("t", "id-1"))
 
     def per_task(fn: Callable[[], object]) -> float:

@@ -201,6 +201,7 @@ class RawWorker:
         pid: int = 0,
         pulse: bool = True,
         metadata: tuple[tuple[str, str], ...] = (),
+        encryption_keys: tuple[str, ...] | None = None,
         resume_token: bytes = b"",
     ) -> worker_service_pb2.Welcome:
         """Opens the stream with Hello; returns Welcome.
@@ -208,6 +209,7 @@ class RawWorker:
         ``pulse`` sends an empty Heartbeat every TEST_HEARTBEAT, as a live worker would, so
         the coordinator does not evict it for silence; it renews no lease (send
         heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
+        ``encryption_keys`` names the keys the worker opens (None: it does not say).
         ``resume_token`` is the one of an earlier Welcome: this Hello comes from the same
         worker process.
         """
@@ -222,6 +224,9 @@ class RawWorker:
             in_flight=in_flight,
             hostname=hostname,
             pid=pid,
+            encryption_keys=None
+            if encryption_keys is None
+            else worker_service_pb2.EncryptionKeys(key_ids=encryption_keys),
         )
         if resume_token:
             hello.resume_token = resume_token

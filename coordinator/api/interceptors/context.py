@@ -10,6 +10,7 @@ import grpc.aio
 
 from conveyor.coordinator.api import context as request_context
 from conveyor.coordinator.api.interceptors.base import Behavior, BehaviorInterceptor
+from conveyor.coordinator.tenancy.auth import peer_host
 
 REQUEST_ID_KEY = "x-request-id"
 TRACEPARENT_KEY = "traceparent"
@@ -31,7 +32,7 @@ class ContextInterceptor(BehaviorInterceptor):
                 request_context.RequestContext(
                     method=method,
                     request_id=request_id or os.urandom(8).hex(),
-                    peer=context.peer(),
+                    peer=peer_host(context.peer()),
                     deadline=None
                     if remaining is None
                     else asyncio.get_running_loop().time() + remaining,

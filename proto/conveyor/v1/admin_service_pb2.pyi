@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from conveyor.v1 import auth_pb2 as _auth_pb2
+from conveyor.v1 import worker_service_pb2 as _worker_service_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
@@ -79,6 +80,7 @@ class WorkerInfo(_message.Message):
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     pid: _builtins.int
@@ -95,6 +97,12 @@ class WorkerInfo(_message.Message):
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The task types the worker has handlers for; it is assigned no other type."""
 
+    @_builtins.property
+    def encryption_keys(self) -> _worker_service_pb2.EncryptionKeys:
+        """The end-to-end encryption keys the worker holds (Hello.encryption_keys, and later
+        changes); unset when it did not say (an older worker: it is assigned every key's tasks).
+        """
+
     def __init__(
         self,
         *,
@@ -107,10 +115,11 @@ class WorkerInfo(_message.Message):
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         task_types: _abc.Iterable[_builtins.str] | None = ...,
         in_flight: _builtins.int = ...,
+        encryption_keys: _worker_service_pb2.EncryptionKeys | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "encryption_keys", b"encryption_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -216,7 +216,11 @@ class Schedule(_message.Message):
     Set on create to create it paused; changed by PauseSchedule and ResumeSchedule.
     """
     id: _builtins.str
-    """Output only: the schedule's id (a UUID), part of its firings' idempotency keys."""
+    """The schedule's id (a UUID in canonical form), part of its firings' idempotency keys.
+    Output only, except in CreateSchedule: a client may choose it (the Python client does
+    when it encrypts the template, which is bound to the id); empty, the coordinator
+    makes one. An id another schedule has is refused (INVALID_ARGUMENT).
+    """
     etag: _builtins.str
     """Output only, except in UpdateSchedule: when set there, the update is refused
     (ABORTED, ETAG_MISMATCH) unless it equals the schedule's current etag.

@@ -64,7 +64,9 @@ class SubmitTaskRequest(_message.Message):
     """Task type, the name a worker registered a handler under."""
     payload: _builtins.bytes
     idempotency_key: _builtins.str
-    """Unique per tenant: a second submit with the same key and request returns the first task."""
+    """Unique per tenant: a second submit with the same key and request returns the first task.
+    Keys starting with "schedule:" are reserved for the tasks schedules fire.
+    """
     priority: _builtins.int
     """Higher runs first within a queue; -1000 to 1000."""
     max_attempts: _builtins.int
@@ -215,10 +217,15 @@ class GetTaskResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     UNSERVED_FIELD_NUMBER: _builtins.int
+    UNSERVED_ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
     unserved: _builtins.bool
     """True when the task waits (PENDING or SCHEDULED) and no worker connected to the leader
     takes tasks of its type from its queue: nothing will run it until one connects.
+    Also true when such workers are connected but none holds the end-to-end encryption
+    key its payload is sealed with: then unserved_encryption_key names that key.
     """
+    unserved_encryption_key: _builtins.str
+    """The key id no connected worker that takes this task holds; empty otherwise."""
     @_builtins.property
     def task(self) -> _task_pb2.Task: ...
     @_builtins.property
@@ -231,10 +238,11 @@ class GetTaskResponse(_message.Message):
         task: _task_pb2.Task | None = ...,
         attempts: _abc.Iterable[_task_pb2.TaskAttempt] | None = ...,
         unserved: _builtins.bool = ...,
+        unserved_encryption_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,8 +371,13 @@ class WatchTaskResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     UNSERVED_FIELD_NUMBER: _builtins.int
+    UNSERVED_ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
     unserved: _builtins.bool
-    """As in GetTaskResponse: no connected worker takes this waiting task's type and queue."""
+    """As in GetTaskResponse: no connected worker takes this waiting task's type and queue
+    (or can open it: unserved_encryption_key).
+    """
+    unserved_encryption_key: _builtins.str
+    """As in GetTaskResponse."""
     @_builtins.property
     def task(self) -> _task_pb2.Task: ...
     def __init__(
@@ -372,10 +385,11 @@ class WatchTaskResponse(_message.Message):
         *,
         task: _task_pb2.Task | None = ...,
         unserved: _builtins.bool = ...,
+        unserved_encryption_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "unserved", b"unserved"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,6 +37,12 @@ class _TaskOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskOutco
     """The worker stopped the handler because it is shutting down (the drain's grace period
     ran out). The task is ready again at once; the attempt does not count.
     """
+    TASK_OUTCOME_KEY_UNAVAILABLE: _TaskOutcome.ValueType  # 6
+    """The handler did not run: the payload is sealed with an encryption key the worker does
+    not hold (TaskResult.key_id). The task is ready again at once, for a worker that holds
+    it; the attempt does not count, and this session is assigned no more tasks of that
+    key (until an EncryptionKeys message names it again).
+    """
 
 class TaskOutcome(_TaskOutcome, metaclass=_TaskOutcomeEnumTypeWrapper):
     """TaskOutcome is how a worker finished an attempt."""
@@ -51,6 +57,12 @@ TASK_OUTCOME_INTERRUPTED: TaskOutcome.ValueType  # 5
 """The worker stopped the handler because it is shutting down (the drain's grace period
 ran out). The task is ready again at once; the attempt does not count.
 """
+TASK_OUTCOME_KEY_UNAVAILABLE: TaskOutcome.ValueType  # 6
+"""The handler did not run: the payload is sealed with an encryption key the worker does
+not hold (TaskResult.key_id). The task is ready again at once, for a worker that holds
+it; the attempt does not count, and this session is assigned no more tasks of that
+key (until an EncryptionKeys message names it again).
+"""
 Global___TaskOutcome: _TypeAlias = TaskOutcome  # noqa: Y015
 
 @_typing.final
@@ -64,6 +76,7 @@ class ConnectRequest(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -74,6 +87,12 @@ class ConnectRequest(_message.Message):
     def results(self) -> Global___Results: ...
     @_builtins.property
     def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def encryption_keys(self) -> Global___EncryptionKeys:
+        """The keys the worker opens changed (its key file was reread): they replace those of
+        Hello.encryption_keys from now on.
+        """
+
     def __init__(
         self,
         *,
@@ -82,12 +101,13 @@ class ConnectRequest(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         results: Global___Results | None = ...,
         drain: Global___Drain | None = ...,
+        encryption_keys: Global___EncryptionKeys | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "results", b"results"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "drain", b"drain", "encryption_keys", b"encryption_keys", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "drain", b"drain", "encryption_keys", b"encryption_keys", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "credit", "heartbeat", "results", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "credit", "heartbeat", "results", "drain", "encryption_keys"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -182,6 +202,7 @@ class Hello(_message.Message):
     CREDITS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """Must be 1."""
     worker_id: _builtins.str
@@ -217,6 +238,15 @@ class Hello(_message.Message):
         are neither kept nor called not started: they go back counted, as they may have run.
         """
 
+    @_builtins.property
+    def encryption_keys(self) -> Global___EncryptionKeys:
+        """The end-to-end encryption keys the worker can open. The coordinator then assigns it
+        only tasks whose payload is sealed with one of them (or not sealed): a task no
+        connected worker can open waits, reported as unserved, instead of failing on a
+        worker that lacks its key. Unset (an older worker, or a codec that cannot say): it is
+        assigned tasks of every key, as before.
+        """
+
     def __init__(
         self,
         *,
@@ -229,14 +259,42 @@ class Hello(_message.Message):
         credits: _builtins.int = ...,
         in_flight: _abc.Iterable[Global___Lease] | None = ...,
         resume_token: _builtins.bytes = ...,
+        encryption_keys: Global___EncryptionKeys | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encryption_keys", b"encryption_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "protocol_version", b"protocol_version", "queues", b"queues", "resume_token", b"resume_token", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "protocol_version", b"protocol_version", "queues", b"queues", "resume_token", b"resume_token", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class EncryptionKeys(_message.Message):
+    """EncryptionKeys names the end-to-end encryption keys a worker holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key ids, as envelopes name them; empty: the worker holds none (no key ring), so it is
+        assigned no encrypted task. At most 1000, each 1 to 64 characters of letters, digits
+        and "._:-".
+        """
+
+    def __init__(
+        self,
+        *,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_ids", b"key_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptionKeys: _TypeAlias = EncryptionKeys  # noqa: Y015
 
 @_typing.final
 class Credit(_message.Message):
@@ -292,6 +350,7 @@ class TaskResult(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     outcome: Global___TaskOutcome.ValueType
     result: _builtins.bytes
     """The handler's return value, for SUCCEEDED."""
@@ -299,6 +358,8 @@ class TaskResult(_message.Message):
     """What went wrong, for FAILED and TIMED_OUT."""
     retryable: _builtins.bool
     """False sends the task straight to DEAD."""
+    key_id: _builtins.str
+    """For KEY_UNAVAILABLE: the key id the payload's envelope names."""
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     def __init__(
@@ -309,10 +370,11 @@ class TaskResult(_message.Message):
         result: _builtins.bytes = ...,
         error: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "outcome", b"outcome", "result", b"result", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "key_id", b"key_id", "lease", b"lease", "outcome", b"outcome", "result", b"result", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -68,16 +68,19 @@ async def test_status_lists_workers_and_health(
 
     assert callable(raw_workers)
     worker: RawWorker = raw_workers()
-    await worker.connect("cli-worker", types=("echo", "resize"), queues=("media",))
+    await worker.connect(
+        "cli-worker", types=("echo", "resize"), queues=("media",), encryption_keys=("k1", "k2")
+    )
     done = await conveyor("status", "--coordinator", coordinator.address)
     assert done.code == 0, done.err
     lines = done.out.splitlines()
     header = next(line for line in lines if line.split()[:1] == ["WORKER"])
     assert header.split() == [
-        "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "IN", "FLIGHT", "CREDIT", "STATE"
+        "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "KEYS", "IN", "FLIGHT", "CREDIT",
+        "STATE",
     ]  # fmt: skip
     row = next(line.split() for line in lines if line.split()[:1] == ["cli-worker"])
-    assert "media" in row and row[-1] == "active"
+    assert "media" in row and "k1,k2" in row and row[-1] == "active"
     done = await conveyor("health", "--coordinator", coordinator.address)
     assert (done.code, done.out.strip()) == (0, f"{coordinator.address} SERVING")
     done = await conveyor("health", "--coordinator", "127.0.0.1:1", "--rpc-timeout", "2")

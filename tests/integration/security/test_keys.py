@@ -261,3 +261,53 @@ async def test_brute_force_is_throttled_per_peer_and_aggregated_in_the_audit_log
     counted = sum(int(r["detail"].split("count=", 1)[1].split(";", 1)[0]) for r in rows)
     assert counted == attempts + extra + 1  # the last guesses and the admin key's call too
     assert len(rows) < 10 and {r["peer"] for r in rows} == {"127.0.0.1"}
+
+
+async def test_bad_keys_over_ipv6_are_throttled_per_host_not_per_connection(
+    database_dsn: str, tmp_path: Path
+) -> None:
+    """gRPC writes an IPv6 peer as ``ipv6:%5B::1%5D:PORT``: every connection from one host
+    must share one bucket, as over IPv4, or the throttle does nothing."""
+    _, admin_key = api_keys.generate()
+    burst, rate, connections, guesses = 12, 0.5, 6, 5  # 30 guesses, each connection < burst
+    process = secure_coordinator(
+        database_dsn,
+        tmp_path,
+        admin_key,
+        host="[::1]",
+        extra_args=["--auth-failure-burst", str(burst), "--auth-failure-rate", str(rate)],
+    )
+    method = "/conveyor.v1.TaskService/ListQueues"
+    request = task_service_pb2.ListQueuesRequest()
+
+    async def guess_over_own_connection() -> list[grpc.StatusCode]:
+        # A subchannel pool of its own: this channel's calls go over a new TCP connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(coordinator.address, options=options) as channel:
+            return [
+                (await call(channel, method, request, bearer(api_keys.generate()[1]))).code
+                for _ in range(guesses)
+            ]
+
+    async with running(process) as coordinator:
+        assert coordinator.address.startswith("[::1]:")
+        started = time.monotonic()
+        codes = [c for batch in await asyncio.gather(
+            *(guess_over_own_connection() for _ in range(connections))
+        ) for c in batch]  # fmt: skip
+        took = time.monotonic() - started
+        # One bucket for [::1]: past the burst (and what the rate gave back meanwhile),
+        # calls are refused unchecked.
+        checked = codes.count(CODE.UNAUTHENTICATED)
+        assert set(codes) == {CODE.UNAUTHENTICATED, CODE.RESOURCE_EXHAUSTED}, codes
+        assert checked <= burst + took * rate + 1, (checked, took)
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        peers = await conn.fetch(
+            "SELECT DISTINCT peer FROM audit_events WHERE action IN "
+            "('authentication_failed', 'authentication_throttled')"
+        )
+    finally:
+        await conn.close()
+    # The audit log names the host the same way, not one row per connection's port.
+    assert [r["peer"] for r in peers] == ["::1"]

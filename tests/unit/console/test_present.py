@@ -55,7 +55,7 @@ def test_text_binary_empty_and_cut() -> None:
 def test_an_encrypted_payload_says_so_and_shows_nothing() -> None:
     codec = EncryptionCodec(KeyRing.generate("k1"))
     sealed, content_type = codec.encode(
-        b'{"card": "4242"}', "application/json", Binding.payload("charge")
+        b'{"card": "4242"}', "application/json", Binding.payload("charge", task_id="t1")
     )
     view = payload_view(sealed, content_type)
     assert view.kind == "encrypted" and view.text == ""

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, cast
 
+import grpc
+import grpc.aio
 import pytest
 
 from conveyor.coordinator.audit.appender import AuditLog
@@ -22,7 +25,8 @@ from conveyor.coordinator.tenancy.auth import (
 )
 from conveyor.coordinator.tenancy.directory import CachedKey, Directory
 
-PEER = "ipv4:10.1.2.3:40000"
+HOST = "10.1.2.3"
+"""The address of the calls here (``auth.peer_host`` of the peer gRPC reports)."""
 
 
 class FakeAudit:
@@ -64,7 +68,7 @@ def _authenticator(burst: int = 0) -> tuple[Authenticator, FakeAudit]:
 
 def _refusal(auth: Authenticator, metadata: list[tuple[str, Any]]) -> Unauthenticated:
     with pytest.raises(Unauthenticated) as caught:
-        auth.authenticate(metadata, PEER, "/conveyor.v1.TaskService/GetTask", "r1")
+        auth.authenticate(metadata, HOST, "/conveyor.v1.TaskService/GetTask", "r1")
     return caught.value
 
 
@@ -73,7 +77,7 @@ def test_a_good_key_gives_its_tenant_and_scopes() -> None:
     auth, audit = _authenticator()
     for scheme in ("Bearer", "bearer", "BEARER"):
         identity = auth.authenticate(
-            [("x-request-id", "r"), ("authorization", f"{scheme} {key}")], PEER, "/m", "r"
+            [("x-request-id", "r"), ("authorization", f"{scheme} {key}")], HOST, "/m", "r"
         )
         assert identity.tenant == "acme" and identity.scopes == {"submit", "read"}
         assert identity.key_id == api_keys.parse(key)
@@ -133,7 +137,7 @@ def test_expired_and_revoked_name_the_key() -> None:
     assert error.problem == "revoked" and "revoked" in error.message
     assert audit.tallied[-1].tenant == "globex"  # the failure is filed under its tenant
     later = _key(expire_at=time.time() + 60)  # not expired yet: it works
-    assert auth.authenticate([("authorization", f"Bearer {later}")], PEER, "/m", "r").expire_at
+    assert auth.authenticate([("authorization", f"Bearer {later}")], HOST, "/m", "r").expire_at
 
 
 def test_no_refusal_repeats_what_was_sent() -> None:
@@ -167,14 +171,14 @@ def test_a_peer_that_keeps_failing_is_throttled_and_recovers(
         _refusal(auth, [])
     # Throttled now: even a good key is refused unchecked (checking would let it guess on).
     with pytest.raises(QuotaExceeded) as caught:
-        auth.authenticate([("authorization", f"Bearer {good}")], PEER, "/m", "r")
+        auth.authenticate([("authorization", f"Bearer {good}")], HOST, "/m", "r")
     assert caught.value.subject == "failed_authentications"
     assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 1
     assert audit.tallied[-1].action == "authentication_throttled"
     # Another peer is not affected.
-    auth.authenticate([("authorization", f"Bearer {good}")], "ipv4:10.9.9.9:1", "/m", "r")
+    auth.authenticate([("authorization", f"Bearer {good}")], "10.9.9.9", "/m", "r")
     now[0] += 1.0  # one token back
-    auth.authenticate([("authorization", f"Bearer {good}")], PEER, "/m", "r")
+    auth.authenticate([("authorization", f"Bearer {good}")], HOST, "/m", "r")
 
 
 def test_the_limiter_forgets_the_least_recent_peer_first() -> None:
@@ -186,16 +190,78 @@ def test_the_limiter_forgets_the_least_recent_peer_first() -> None:
     assert FailureLimiter(1.0, 0).retry_after("x") is None  # off
 
 
+async def _peers_seen(targets: dict[str, str], connections: int) -> dict[str, list[str]]:
+    """What ``context.peer()`` says, per listening address, for calls made over
+    ``connections`` separate connections to each: gRPC's own peer strings."""
+    seen: dict[str, list[str]] = {}
+    current = ""
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        seen.setdefault(current, []).append(context.peer())
+        return b""
+
+    server = grpc.aio.server()
+    method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(handler)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.S", {"M": method})])
+    dial = {name: target for name, target in targets.items()}
+    for name, target in targets.items():
+        port = server.add_insecure_port(target)
+        if target.endswith(":0"):
+            dial[name] = f"{target[:-2]}:{port}"
+    await server.start()
+    try:
+        for name, target in dial.items():
+            current = name
+            for _ in range(connections):
+                # A channel of its own subchannel pool: a connection of its own.
+                options = [("grpc.use_local_subchannel_pool", 1)]
+                async with grpc.aio.insecure_channel(target, options=options) as channel:
+                    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                        "/t.S/M"
+                    )
+                    await call(b"", timeout=10)
+    finally:
+        await server.stop(None)
+    return seen
+
+
+async def test_peer_host_of_real_connections_is_one_per_host(tmp_path: Path) -> None:
+    targets = {
+        "ipv4": "127.0.0.1:0",
+        "ipv6": "[::1]:0",
+        "unix": f"unix:{tmp_path}/conveyor test%.sock",
+        "unix-abstract": "unix-abstract:conveyor test %",
+    }
+    seen = await _peers_seen(targets, connections=3)
+    # Each connection has a peer string of its own (its port)...
+    assert len(set(seen["ipv4"])) == len(set(seen["ipv6"])) == 3, seen
+    # ... and every connection from one host the same address: the throttle's bucket.
+    hosts = {name: {peer_host(peer) for peer in peers} for name, peers in seen.items()}
+    assert hosts == {
+        "ipv4": {"127.0.0.1"},
+        "ipv6": {"::1"},
+        # A client's unix socket is unnamed: every local caller is one peer.
+        "unix": {"unix:"},
+        "unix-abstract": {"unix:"},
+    }, seen
+
+
 @pytest.mark.parametrize(
     ("peer", "host"),
     [
-        ("ipv4:127.0.0.1:5555", "127.0.0.1"),
+        # Forms gRPC core writes (sockaddr_utils.cc) that this machine cannot produce: a
+        # zone (its "%" encoded too), a named client socket, vsock, an older gRPC's
+        # unencoded brackets, and a peer without a scheme.
+        ("ipv6:%5Bfe80::1%252%5D:5555", "fe80::1%2"),
+        ("ipv6:%5B2001:db8::7%5D:1", "2001:db8::7"),
+        ("unix:/run/my%20app.sock", "unix:/run/my app.sock"),
+        ("unix-abstract:name%00x", "unix-abstract:name\x00x"),
+        ("vsock:3:5555", "vsock:3"),
         ("ipv6:[::1]:5555", "::1"),
-        ("ipv6:[2001:db8::7]:1", "2001:db8::7"),
-        ("unix:/tmp/s", "unix:/tmp/s"),
+        ("something-else", "something-else"),
     ],
 )
-def test_peer_host(peer: str, host: str) -> None:
+def test_peer_host_of_other_forms(peer: str, host: str) -> None:
     assert peer_host(peer) == host
 
 

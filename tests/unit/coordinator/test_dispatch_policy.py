@@ -36,8 +36,8 @@ async def test_a_session_takes_only_its_tenant_queues_and_types() -> None:
     assert not dispatch_policy.takes(session, "t", "s", "a")
     assert not dispatch_policy.takes(session, "other", "q", "a")
     closed = _session("gone", closed=True)
-    assert not dispatch_policy.serving([closed], "t", "q", "a")
-    assert dispatch_policy.serving([closed, session], "t", "q", "a")
+    assert dispatch_policy.unserved([closed], "t", "q", "a", None) == (True, "")
+    assert dispatch_policy.unserved([closed, session], "t", "q", "a", None) == (False, "")
 
 
 async def test_a_round_rotates_and_portions_by_credit_count_and_room() -> None:
@@ -113,3 +113,22 @@ async def test_a_fresh_task_is_handed_only_to_a_starving_session_that_takes_it()
     assert DispatchPolicy.pick_idle([busy, other, idle], "t", "q", "a") is idle
     assert idle.credit == 0
     assert DispatchPolicy.pick_idle([idle], "t", "q", "a") is None
+
+
+async def test_an_encrypted_task_goes_only_to_a_session_that_holds_its_key() -> None:
+    """Named keys limit a session to what it can open; unnamed (an older worker) is any."""
+    keyless = _session("keyless", starving=True, encryption_keys=frozenset())
+    keyed = _session("keyed", starving=True, encryption_keys=frozenset({"k1"}))
+    unsaid = _session("unsaid", starving=True)
+    assert keyless.opens(None) and not keyless.opens("k1")
+    assert keyed.opens("k1") and not keyed.opens("k2") and unsaid.opens("k2")
+    assert DispatchPolicy.pick_idle([keyless], "t", "q", "a", "k1") is None
+    assert DispatchPolicy.pick_idle([keyless, keyed], "t", "q", "a", "k1") is keyed
+    assert DispatchPolicy.pick_idle([keyless], "t", "q", "a") is keyless  # not encrypted
+    # Unserved, and why: nobody takes it at all, or those who take it lack its key.
+    other_type = _session("other", task_types=("b",), encryption_keys=frozenset({"k2"}))
+    assert dispatch_policy.unserved([other_type], "t", "q", "a", "k2") == (True, "")
+    assert dispatch_policy.unserved([keyless, keyed], "t", "q", "a", "k2") == (True, "k2")
+    assert dispatch_policy.unserved([keyless, keyed], "t", "q", "a", "k1") == (False, "")
+    assert dispatch_policy.unserved([keyless, unsaid], "t", "q", "a", "k2") == (False, "")
+    assert dispatch_policy.unserved([keyless], "t", "q", "a", None) == (False, "")

@@ -69,3 +69,21 @@ def test_heartbeat_leases_malformed_ones_are_lost() -> None:
     mapped, keys = map_leases("t", "w", [LEASE, pb.Lease(task_id="x")])
     assert keys == [leases.LeaseKey("t", TASK, 1, 1, "w")]
     assert mapped.answers([True]) == [(True, ""), (False, leases.REFUSED_MALFORMED)]
+
+
+def test_a_payload_the_worker_cannot_open_is_an_attempt_that_never_started() -> None:
+    """KEY_UNAVAILABLE: stored as NOT_STARTED (not counted), and the key is noted so the
+    stream gives that worker no more of its tasks."""
+    wire = [
+        _result(outcome=pb.TASK_OUTCOME_KEY_UNAVAILABLE, key_id="k1", error="no k1"),
+        _result(result=b'"ok"'),
+    ]
+    mapped, (unopened, ok) = map_results("t", "w", wire, max_result_bytes=1024)
+    assert (unopened.outcome, unopened.result, unopened.error) == (
+        store.OUTCOME_NOT_STARTED,
+        None,
+        "no k1",
+    )
+    assert ok.outcome == store.OUTCOME_SUCCEEDED
+    assert mapped.missing_keys == {"k1"}
+    assert map_results("t", "w", [_result()], max_result_bytes=1)[0].missing_keys is None

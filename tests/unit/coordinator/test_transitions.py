@@ -53,7 +53,7 @@ async def test_every_state_change_returns_the_one_row_shape(deps: Deps) -> None:
         inserted = await store.insert_new(conn, _rows(4), now)
         assert _shape(inserted) == [(store.UNSPECIFIED, store.PENDING)]
         claimed = await store.claim(
-            conn, tenant="t", queues=["q"], types=["a"], limit=3, max_bytes=1 << 20,
+            conn, tenant="t", queues=["q"], types=["a"], keys=None, limit=3, max_bytes=1 << 20,
             worker_id="w", holder=b"h", lease_seconds=30, fence=fence,
         )  # fmt: skip
         assert _shape(claimed) == [(store.PENDING, RUNNING)]

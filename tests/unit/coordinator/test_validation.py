@@ -64,6 +64,25 @@ def test_list_filters_and_page_tokens() -> None:
         validation.validate_task_id("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b\x00")
 
 
+def test_schedule_firings_keys_are_not_for_clients() -> None:
+    """A client's task under a firing's key would block the tick and pass for a firing
+    (whose encrypted payload is bound to its schedule)."""
+    assert _violations(idempotency_key="schedule:0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b:x") == [
+        "idempotency_key"
+    ]
+    assert _violations(idempotency_key="my-schedule:1") == []
+
+
+def test_a_schedule_id_a_client_chose_must_come_back_as_sent() -> None:
+    chosen = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    assert str(schedule_validation.validate_schedule_id(chosen)) == chosen
+    assert schedule_validation.validate_schedule_id("") is None
+    for bad in (chosen.upper(), chosen.replace("-", ""), "nightly", chosen + "\x00"):
+        with pytest.raises(InvalidArgument) as caught:
+            schedule_validation.validate_schedule_id(bad)
+        assert [v.field for v in caught.value.violations] == ["schedule.id"]
+
+
 def _schedule(**fields: Any) -> schedule_pb2.Schedule:
     values: dict[str, Any] = {
         "name": "s",
@@ -141,6 +160,20 @@ def test_a_bad_hello_is_a_protocol_violation_naming_the_field(
     with pytest.raises(ProtocolViolation) as caught:
         validation.validate_hello(_hello(**fields))
     assert field in [v.field for v in caught.value.violations]
+
+
+def test_hello_encryption_keys_are_checked_and_unset_means_any() -> None:
+    assert validation.validate_hello(_hello()).encryption_keys is None
+    named = worker_service_pb2.EncryptionKeys(key_ids=["k1", "k2", "k1"])
+    keys = validation.validate_hello(_hello(encryption_keys=named)).encryption_keys
+    assert keys == frozenset({"k1", "k2"})
+    none = worker_service_pb2.EncryptionKeys()
+    assert validation.validate_hello(_hello(encryption_keys=none)).encryption_keys == frozenset()
+    for bad in (["bad id"], ["k"] * (validation.MAX_KEY_IDS + 1), ["x" * 65]):
+        with pytest.raises(ProtocolViolation, match=r"hello\.encryption_keys\.key_ids"):
+            validation.validate_hello(
+                _hello(encryption_keys=worker_service_pb2.EncryptionKeys(key_ids=bad))
+            )
 
 
 def test_another_protocol_version_is_refused() -> None:

@@ -1,5 +1,6 @@
 """The encryption envelope: round trips, the key id it names, tamper detection, the
-binding to task type, task and purpose, rotation, and the key file."""
+binding to task type, task (id or idempotency key), schedule and purpose, version 1
+envelopes, rotation, and the key file."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ from conveyor.transport._encryption import (
     EncryptionCodec,
     KeyRing,
     KeyRingError,
+    KeyUnavailableError,
+    _framed,
     envelope_key_id,
     is_sealed,
+    schedule_of,
 )
 
 SECRET = b'{"card": "4111 1111 1111 1111"}'
-PAYLOAD = Binding.payload("charge")
+TASK_ID = "0190f4a2-7b1c-7d3e-8f00-0123456789ab"
+PAYLOAD = Binding.payload("charge", task_id=TASK_ID)
 
 
 @pytest.fixture
@@ -71,21 +76,85 @@ def test_unknown_version_says_upgrade(ring: KeyRing) -> None:
 
 
 def test_ciphertext_is_bound_to_type_task_and_purpose(ring: KeyRing) -> None:
-    """A ciphertext cannot be replayed as another type's payload, another task's result,
-    or a result (an echo handler would otherwise hand back any payload as a result)."""
-    payload = ring.seal(SECRET, "application/json", Binding.payload("charge"))
-    for other in (Binding.payload("refund"), Binding.result("charge", "t1")):
-        with pytest.raises(DecryptionError, match="sealed for another task type, task or"):
+    """A ciphertext cannot be replayed as another task's payload, another type's, a
+    schedule's, another task's result, or a result (an echo handler would otherwise hand
+    back any payload as a result)."""
+    payload = ring.seal(SECRET, "application/json", PAYLOAD)
+    others = (
+        Binding.payload("refund", task_id=TASK_ID),
+        Binding.payload("charge", task_id=TASK_ID.replace("ab", "ac")),
+        Binding.payload("charge", task_id=TASK_ID, idempotency_key=TASK_ID),
+        Binding.schedule("charge", TASK_ID),
+        Binding.result("charge", TASK_ID),
+    )
+    for other in others:
+        with pytest.raises(DecryptionError, match="sealed for another task, schedule, task"):
             ring.open(payload, other)
     result = ring.seal(b'"ok"', "application/json", Binding.result("charge", "t1"))
     assert ring.open(result, Binding.result("charge", "t1"))[0] == b'"ok"'
-    for other in (Binding.result("charge", "t2"), Binding.payload("charge")):
+    for other in (Binding.result("charge", "t2"), Binding.payload("charge", task_id="t1")):
         with pytest.raises(DecryptionError):
             ring.open(result, other)
     # The parts are framed: moving a character from the type to the task id differs too.
     framed = ring.seal(b"x", "", Binding.result("ab", "c"))
     with pytest.raises(DecryptionError):
         ring.open(framed, Binding.result("a", "bc"))
+
+
+def test_a_payload_is_bound_to_what_names_its_task() -> None:
+    """Its schedule when a schedule fired it, else its idempotency key (a resubmit with a
+    new request id is the same request), else its id; never to nothing."""
+    schedule_id = "0190f4a2-0000-7000-8000-00000000000a"
+    fired = Binding.payload("t", task_id=TASK_ID, idempotency_key=f"schedule:{schedule_id}:x")
+    assert fired == Binding.schedule("t", schedule_id)
+    assert Binding.payload("t", task_id=TASK_ID, idempotency_key="order-1").subject == "order-1"
+    assert Binding.payload("t", task_id=TASK_ID) == Binding("task", "t", TASK_ID)
+    with pytest.raises(ValueError, match="bound to its task"):
+        Binding.payload("t")
+    assert schedule_of("schedule:") is None and schedule_of("order-1") is None
+
+
+def test_the_schedule_firers_keys_name_their_schedule() -> None:
+    """The worker and the client read the schedule id from a firing's idempotency key,
+    in the format the coordinator writes."""
+    from datetime import UTC, datetime
+    from uuid import UUID
+
+    from conveyor.coordinator.schedules.firer import idempotency_key
+
+    schedule_id = UUID("0190f4a2-0000-7000-8000-00000000000a")
+    key = idempotency_key(schedule_id, datetime(2026, 3, 15, 12, 0, tzinfo=UTC))
+    assert schedule_of(key) == str(schedule_id)
+
+
+def _legacy_seal(ring: KeyRing, data: bytes, task_type: str) -> bytes:
+    """An envelope as version 1 sealed a payload: bound to its type only."""
+    key_id = ring.primary.encode()
+    header = MAGIC + bytes((1, len(key_id))) + key_id + bytes(NONCE_BYTES)
+    aad = header + _framed(b"payload") + _framed(task_type.encode()) + _framed(b"")
+    plaintext = _framed(b"application/json") + data
+    return header + ring._derived[ring.primary].aead.encrypt(bytes(NONCE_BYTES), plaintext, aad)
+
+
+def test_version_1_payloads_still_open_with_their_type_binding(ring: KeyRing) -> None:
+    old = _legacy_seal(ring, SECRET, "charge")
+    # Opens on any task of its type (what version 1 bound), under any new binding...
+    for binding in (PAYLOAD, Binding.payload("charge", task_id="x", idempotency_key="k")):
+        assert ring.open(old, binding) == (SECRET, "application/json")
+    assert EncryptionCodec(ring).decode(old, ENCRYPTED_CONTENT_TYPE, PAYLOAD)[0] == SECRET
+    # ... never as another type or as a result, and not at all when refused.
+    for other in (Binding.payload("refund", task_id="x"), Binding.result("charge", "x")):
+        with pytest.raises(DecryptionError):
+            ring.open(old, other)
+    with pytest.raises(DecryptionError, match=r"version 1 .* which this codec refuses"):
+        EncryptionCodec(ring, legacy=False).decode(old, ENCRYPTED_CONTENT_TYPE, PAYLOAD)
+    # A version 2 envelope relabelled as version 1 does not open as one: the version is
+    # in the associated data.
+    new = bytearray(ring.seal(SECRET, "application/json", PAYLOAD))
+    assert new[len(MAGIC)] == 2
+    new[len(MAGIC)] = 1
+    with pytest.raises(DecryptionError, match="does not open"):
+        ring.open(bytes(new), PAYLOAD)
 
 
 def test_idempotent_submits_seal_to_the_same_bytes(ring: KeyRing) -> None:
@@ -109,9 +178,10 @@ def test_rotation_keeps_old_keys_decrypting(ring: KeyRing) -> None:
     assert envelope_key_id(new) == "k2"
     assert rotated.open(old, PAYLOAD)[0] == SECRET
     with pytest.raises(
-        DecryptionError, match=r"key 'k2', which is not in the key ring \(keys: k1\)"
-    ):
+        KeyUnavailableError, match=r"key 'k2', which is not in the key ring \(keys: k1\)"
+    ) as missing:
         ring.open(new, PAYLOAD)
+    assert missing.value.key_id == "k2"
     with pytest.raises(KeyRingError, match="already in the ring"):
         rotated.rotated("k1")
 

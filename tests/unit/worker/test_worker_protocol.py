@@ -1114,18 +1114,24 @@ async def test_encrypted_payloads_and_results(coordinator: tuple[FakeCoordinator
     async def echo(ctx: TaskContext, payload: bytes) -> bytes:
         return payload
 
-    def sealed(task_type: str, data: bytes, content_type: str = "application/json") -> bytes:
-        return ring.seal(data, content_type, Binding.payload(task_type))
+    def sealed(
+        task_type: str, task_id: str, data: bytes, content_type: str = "application/json"
+    ) -> bytes:
+        # assignment() gives each task the idempotency key "key-<id>": bound to it.
+        binding = Binding.payload(task_type, task_id=task_id, idempotency_key=f"key-{task_id}")
+        return ring.seal(data, content_type, binding)
 
     async with running(worker):
         fake.stream.assign(
-            assignment("t1", "add", sealed("add", b'{"a": 2, "b": 3}')),
-            assignment("t2", "echo", sealed("echo", b"\x00raw", "application/octet-stream")),
+            assignment("t1", "add", sealed("add", "t1", b'{"a": 2, "b": 3}')),
+            assignment("t2", "echo", sealed("echo", "t2", b"\x00raw", "application/octet-stream")),
             # Sealed for another type: replayed as "add", it must not open.
-            assignment("t3", "add", sealed("echo", b'{"a": 1, "b": 1}')),
+            assignment("t3", "add", sealed("echo", "t3", b'{"a": 1, "b": 1}')),
             assignment("t4", "add", b'{"a": 1, "b": 1}'),  # plaintext
+            # Sealed for task t1: moved onto t5, it must not open.
+            assignment("t5", "add", sealed("add", "t1", b'{"a": 2, "b": 3}')),
         )
-        await eventually(lambda: len(fake.results()) == 4, what="four results")
+        await eventually(lambda: len(fake.results()) == 5, what="five results")
 
     assert seen == [({"a": 2, "b": 3}, "application/json")]
     ok = fake.result_for("t1")
@@ -1138,7 +1144,97 @@ async def test_encrypted_payloads_and_results(coordinator: tuple[FakeCoordinator
         b"\x00raw",
         "application/octet-stream",
     )
-    for task_id, reason in (("t3", "cannot decrypt task t3"), ("t4", "is not encrypted")):
+    for task_id, reason in (
+        ("t3", "cannot decrypt task t3"),
+        ("t4", "is not encrypted"),
+        ("t5", "cannot decrypt task t5"),
+    ):
         failed = fake.result_for(task_id)
         assert failed is not None and failed.outcome == pb.TASK_OUTCOME_FAILED
         assert not failed.retryable and reason in failed.error, failed.error
+
+
+async def test_a_payload_sealed_with_a_key_the_worker_lacks_goes_back(
+    coordinator: tuple[FakeCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hello names the keys the worker holds; a payload under another key is given back
+    (KEY_UNAVAILABLE, its key named), said once per key, without running or failing."""
+    from conveyor.transport import Binding, EncryptionCodec, KeyRing
+
+    fake, address = coordinator
+    ring, other = KeyRing.generate("k1"), KeyRing.generate("k2")
+    worker = Worker(address, codec=EncryptionCodec(ring))
+    ran: list[str] = []
+
+    @worker.task("echo", raw=True)
+    async def echo(ctx: TaskContext, payload: bytes) -> bytes:
+        ran.append(ctx.task_id)
+        return payload
+
+    def sealed(task_id: str) -> bytes:
+        binding = Binding.payload("echo", task_id=task_id, idempotency_key=f"key-{task_id}")
+        return other.seal(b"x", "application/octet-stream", binding)
+
+    async with running(worker):
+        await eventually(lambda: fake.stream.hello, what="Hello")
+        hello = fake.stream.hello
+        assert hello is not None and list(hello.encryption_keys.key_ids) == ["k1"]
+        fake.stream.assign(assignment("t1", "echo", sealed("t1")))
+        fake.stream.assign(assignment("t2", "echo", sealed("t2")))
+        await eventually(lambda: len(fake.results()) == 2, what="two results")
+    assert ran == []
+    for result in fake.results():
+        assert (result.outcome, result.key_id) == (pb.TASK_OUTCOME_KEY_UNAVAILABLE, "k2")
+        assert "'k2', which is not in the key ring" in result.error
+    said = [r for r in caplog.records if "gives such tasks back" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
+
+
+async def test_a_worker_without_codec_names_no_keys_and_gives_sealed_payloads_back(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    from conveyor.transport import Binding, KeyRing
+
+    fake, address = coordinator
+    worker = Worker(address)
+
+    @worker.task("echo", raw=True)
+    async def echo(ctx: TaskContext, payload: bytes) -> bytes:
+        return payload
+
+    binding = Binding.payload("echo", task_id="t1", idempotency_key="key-t1")
+    payload = KeyRing.generate("k1").seal(b"x", "application/octet-stream", binding)
+    async with running(worker):
+        await eventually(lambda: fake.stream.hello, what="Hello")
+        hello = fake.stream.hello
+        assert hello is not None and hello.HasField("encryption_keys")
+        assert list(hello.encryption_keys.key_ids) == []
+        fake.stream.assign(assignment("t1", "echo", payload))
+        result = await eventually(lambda: fake.result_for("t1"), what="the result")
+    assert (result.outcome, result.key_id) == (pb.TASK_OUTCOME_KEY_UNAVAILABLE, "k1")
+    assert "has no key ring" in result.error
+
+
+async def test_a_key_file_reread_is_told_to_the_coordinator(
+    coordinator: tuple[FakeCoordinator, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor.transport import EncryptionCodec, KeyRing, _encryption
+
+    monkeypatch.setattr(_encryption, "_RELOAD_INTERVAL", 0.0)
+    fake, address = coordinator
+    path = tmp_path / "keys.json"
+    ring = KeyRing.generate("k1")
+    ring.save(path)
+    worker = Worker(address, codec=EncryptionCodec.from_key_file(path))
+
+    @worker.task("echo")
+    async def echo(ctx: TaskContext, payload: Any) -> Any:
+        return payload
+
+    async with running(worker):
+        await eventually(lambda: fake.stream.hello, what="Hello")
+        ring.rotated("k2").save(path)
+        told = await eventually(
+            lambda: fake.stream.of("encryption_keys"), what="an EncryptionKeys message"
+        )
+    assert [list(m.key_ids) for m in told] == [["k1", "k2"]]
