@@ -223,6 +223,8 @@ def schedule_detail(s: Schedule) -> str:
         + (f" (limit {s.catch_up_limit})" if s.catch_up_policy is CatchUpPolicy.FIRE_ALL else ""),
         f"state:        {'paused' if s.paused else 'active'}",
     ]
+    if s.fault:
+        lines.append(f"set aside:    {s.fault}")
     if s.start_time or s.end_time:
         lines.append(
             f"window:       {output.when(s.start_time, zone)} .. {output.when(s.end_time, zone)}"
@@ -235,8 +237,12 @@ def schedule_detail(s: Schedule) -> str:
         lines.append("last firings:")
         width = max(len(output.when(f.tick_time, zone)) for f in s.recent_firings)
         for f in s.recent_firings:
+            tick = output.when(f.tick_time, zone).ljust(width)
+            if f.refused_limit:
+                lines.append(f"  {tick}  refused: the tenant was over its {f.refused_limit}")
+                continue
             lines.append(
-                f"  {output.when(f.tick_time, zone).ljust(width)}  {f.task_id}  "
+                f"  {tick}  {f.task_id}  "
                 f"{output.state_name(f.task_state).ljust(9)}  {_lag(f.tick_time, f.fire_time)}"
             )
     return "\n".join(lines)

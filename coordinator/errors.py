@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from conveyor.coordinator import bounds
 from conveyor.v1 import errors_pb2
 
 DOMAIN = "conveyor.dev"
@@ -434,7 +435,7 @@ def to_status(error: ConveyorError) -> grpc.Status:
     details = [_pack(info), *(_pack(d) for d in error.extra_details())]
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        delay.FromNanoseconds(int(bounds.retry_delay(error.retry_after) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(
         code=getattr(code_pb2, error.code.name), message=error.message, details=details

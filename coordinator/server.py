@@ -265,7 +265,7 @@ class Coordinator:
         self.dispatcher = Dispatcher(deps, policy)
         self.backlog = BacklogCounter(deps)
         self.quotas = quotas = Quotas(cfg, self.directory, self.backlog)
-        self.schedule_firer = ScheduleFirer(deps)
+        self.schedule_firer = ScheduleFirer(deps, quotas=quotas)
         self.services = [
             self.dispatcher,
             Promoter(deps),

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor.coordinator import errors
+from conveyor.coordinator import bounds, errors
 from conveyor.coordinator.errors import (
     ConveyorError,
     Fenced,
@@ -86,6 +86,15 @@ def test_quota_exceeded_names_the_limit_with_retry_info() -> None:
     (violation,) = details["QuotaFailure"].violations  # type: ignore[attr-defined]
     assert violation.subject == "max_backlog"
     assert details["RetryInfo"].retry_delay.ToMilliseconds() == 1500  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seconds", [1e12, float("inf"), float("nan"), -1.0, 5e-324])
+def test_every_retry_info_has_a_sane_ceiling(seconds: float) -> None:
+    """A tiny submit rate made an infinite wait, and RetryInfo raised OverflowError: the
+    caller saw UNKNOWN (issue 15). Every RetryInfo is within 0 and bounds.RETRY_AFTER_MAX."""
+    details = _details(to_status(QuotaExceeded("submit_rate", "slow", seconds)))
+    delay = details["RetryInfo"].retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
+    assert 0 <= delay <= bounds.RETRY_AFTER_MAX
 
 
 def test_outcome_unknown_is_not_retry_shortly() -> None:
