@@ -381,6 +381,13 @@ def rolled_back(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and not is_connection_loss(exc)
 
 
+def refused_row(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL refusing the values of a row (a data exception, an
+    integrity constraint, a program limit: SQLSTATE classes 22, 23, 54), with nothing
+    written: in a sweep over all tenants, one bad row's doing, to be found and set aside."""
+    return rolled_back(exc) and _sqlstate(exc).startswith((*_REFUSED_VALUE_CLASSES, "23"))
+
+
 def is_store_error(exc: BaseException) -> bool:
     """Whether ``exc`` is an outage of (or refusal by) the store, rather than a bug here."""
     return isinstance(exc, asyncpg.PostgresError) or is_connection_loss(exc)

@@ -207,7 +207,9 @@ class Coordinator:
                 )
         db = Database(pool)
         self.audit = AuditLog(db)
-        self.directory = Directory(db, cfg.dsn, refresh=cfg.key_refresh)
+        self.directory = Directory(
+            db, cfg.dsn, refresh=cfg.key_refresh, metrics=self.telemetry.metrics
+        )
         self.directory.on_key_change(self.streams.key_changed)
         await self.directory.start()
         self.audit.start()
