@@ -320,6 +320,15 @@ async def find_by_idempotency_keys(
     return {(r["tenant"], r["idempotency_key"]): r for r in rows}
 
 
+_TAKE_BACK = Query("take_back_tasks", "DELETE FROM tasks WHERE id = ANY(:ids::uuid[])")
+
+
+async def take_back(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> None:
+    """Deletes rows this transaction inserted (a submit flush that must plan again):
+    nobody else has seen them."""
+    await _TAKE_BACK.execute(conn, ids=list(ids))
+
+
 # -- reads ---------------------------------------------------------------------------------
 
 _GET = Query("get_task", f"SELECT {_TASK} FROM tasks t WHERE t.tenant = :tenant AND t.id = :id")
