@@ -27,6 +27,7 @@ store refuses fails (see ``batcher.py``).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import json
 import time
@@ -216,26 +217,30 @@ class Submitter:
         async with self._deps.db.write() as conn:
             priors = await store.find_priors(conn, keys, ids)
             for round_ in itertools.count(1):
-                results, rows, owners = self._plan_checked(
+                results, rows, starts = self._plan_checked(
                     groups, _Plan(*priors, {}, {}), failed, now, now_message
                 )
-                checked = [i for i, r in enumerate(rows) if _looked_up(r)]
-                inserted = (
-                    await store.insert(conn, [rows[i] for i in checked], now) if checked else set()
-                )
+                checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
+                inserted = await store.insert(conn, checked, now) if checked else set()
                 if len(inserted) == len(checked):
                     break
-                taken = {str(i) for i in inserted}
-                lost = [i for i in checked if str(rows[i].id) not in taken]
                 await store.take_back(conn, list(inserted))
                 self.races += 1
                 if round_ > MAX_RACE_ROUNDS:
-                    for i in lost:
-                        failed[owners[i]] = StoreUnavailable(
-                            "a concurrent submit took the same idempotency key or id"
-                        )
+                    taken = {str(i) for i in inserted}
+                    for position, row in enumerate(rows):
+                        looked_up = row.task.idempotency_key or row.task.task_id is not None
+                        if looked_up and str(row.id) not in taken:
+                            group = bisect.bisect_right(starts, position) - 1
+                            failed[group] = StoreUnavailable(
+                                "a concurrent submit took the same idempotency key or id"
+                            )
                 priors = await store.find_priors(conn, keys, ids)
-            await self._write_unkeyed(conn, [r for r in rows if not _looked_up(r)], now)
+            await self._write_unkeyed(
+                conn,
+                [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
+                now,
+            )
         self._count(rows)
         self._announce(rows)
         return results
@@ -248,19 +253,18 @@ class Submitter:
         now: datetime,
         now_message: timestamp_pb2.Timestamp,
     ) -> tuple[list[SubmitResult | BaseException], list[NewRow], list[int]]:
-        """Plans every group but the failed ones: their results, the new rows, and the
-        group of each row."""
+        """Plans every group but the failed ones: their results, the new rows, and where
+        each group's rows start among them."""
         results: list[SubmitResult | BaseException] = []
         rows: list[NewRow] = []
-        owners: list[int] = []
+        starts: list[int] = []
         for i, group in enumerate(groups):
+            starts.append(len(rows))
             if i in failed:
                 results.append(failed[i])
-                continue
-            before = len(rows)
-            results.append(self._plan_group(group, plan, now, now_message, rows))
-            owners += [i] * (len(rows) - before)
-        return results, rows, owners
+            else:
+                results.append(self._plan_group(group, plan, now, now_message, rows))
+        return results, rows, starts
 
     def _announce(self, rows: list[NewRow]) -> None:
         """Tells the dispatcher and the promoter about committed rows."""
@@ -423,11 +427,6 @@ class Submitter:
         plan.claimed_keys.update(new_keys)
         plan.claimed_ids.update(new_ids)
         return out
-
-
-def _looked_up(row: NewRow) -> bool:
-    """Whether a new row has a key or a client-made id (looked up before it is written)."""
-    return bool(row.task.idempotency_key) or row.task.task_id is not None
 
 
 def _row_fingerprint(row: asyncpg.Record) -> bytes:
