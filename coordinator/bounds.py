@@ -59,9 +59,8 @@ def time_problem(value: datetime) -> str | None:
 def seconds_problem(
     value: float, *, lowest: float = SECONDS_MIN, highest: float = SECONDS_MAX
 ) -> str | None:
-    """What is wrong with a duration in seconds (``lowest`` to ``highest``, within the
-    duration range), or None. NaN and infinity are refused."""
-    lowest, highest = max(lowest, 0.0), min(highest, SECONDS_MAX)
+    """What is wrong with a duration in seconds (``lowest`` to ``highest``: by default
+    the duration range), or None. NaN and infinity are refused."""
     if not lowest <= value <= highest:
         return f"must be between {lowest:g} and {highest:g} seconds"
     return None
