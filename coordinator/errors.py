@@ -435,7 +435,8 @@ def _pack(message: Message) -> any_pb2.Any:
 
 
 def to_status(error: ConveyorError) -> grpc.Status:
-    """The rich gRPC status of a domain error."""
+    """The rich gRPC status of a domain error; its RetryInfo within 0 and
+    ``bounds.RETRY_AFTER_MAX``, whatever the error says."""
     info = error_details_pb2.ErrorInfo(
         reason=reason_name(error.reason), domain=DOMAIN, metadata=error.metadata
     )

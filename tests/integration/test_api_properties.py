@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conveyor.coordinator import Coordinator
+from conveyor.coordinator.supervisor import Service
 from conveyor.v1 import (
     admin_service_pb2,
     errors_pb2,
@@ -188,12 +189,14 @@ async def loops_keep_serving(coordinator: Coordinator) -> AsyncIterator[None]:
     (an end_time at the largest Timestamp was accepted and stopped the firer)."""
     yield
     for service in coordinator.services:
-        steps = service.steps
-        service.wake()
-        await asyncio.wait_for(
-            service.wait_until(lambda s, seen=steps: s.steps > seen), CALL_TIMEOUT
-        )
+        await asyncio.wait_for(_one_more_step(service), CALL_TIMEOUT)
     assert_loops_healthy(coordinator)
+
+
+async def _one_more_step(service: Service) -> None:
+    steps = service.steps
+    service.wake()
+    await service.wait_until(lambda s: s.steps > steps)
 
 
 def assert_loops_healthy(coordinator: Coordinator) -> None:
@@ -306,9 +309,7 @@ async def test_create_schedule_answers_ok_or_a_documented_error(
     name = response.schedule.name
     firer = coordinator.schedule_firer
     assert firer is not None
-    steps = firer.steps
-    firer.wake()
-    await asyncio.wait_for(firer.wait_until(lambda f: f.steps > steps), CALL_TIMEOUT)
+    await asyncio.wait_for(_one_more_step(firer), CALL_TIMEOUT)
     assert_loops_healthy(coordinator)
     for method, req in (
         ("GetSchedule", schedule_pb2.GetScheduleRequest(name=name)),

@@ -84,7 +84,8 @@ async def test_edge_timestamps_are_refused_and_every_tenants_schedules_keep_firi
                 lambda: _more(db, "globex", before + 3), timeout=10, what="three more firings"
             )
             firer = secure.coordinator.schedule_firer
-            assert firer is not None and firer.failures == 0, firer.last_error
+            assert firer is not None
+            assert firer.failures == 0, firer.last_error
         finally:
             await db.close()
 
@@ -165,7 +166,8 @@ async def test_every_tenant_limit_has_a_range(database_dsn: str, limit: str, val
     and every submit of the tenant answered UNKNOWN (OverflowError)."""
     async with secure_coordinator(database_dsn) as secure:
         request = admin_service_pb2.UpdateTenantLimitsRequest(
-            tenant="acme", limits=auth_pb2.TenantLimits(**{limit: value})
+            tenant="acme",
+            limits=auth_pb2.TenantLimits(**{limit: value}),  # type: ignore[arg-type]
         )
         details = await _refused(
             secure.admin.UpdateTenantLimits(request, metadata=secure.admin_metadata)

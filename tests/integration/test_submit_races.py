@@ -70,15 +70,18 @@ async def _bystand(
         if done.is_set():
             break
         if lane == "small":
-            call = secure.tasks.SubmitTask(_task(f"by-{me}-{n}"), metadata=key.metadata)
             size = 1
-        else:
-            tasks = [_task(f"by-{me}-{n}-{i}") for i in range(BIG)]
-            call = secure.tasks.SubmitTasks(
-                task_service_pb2.SubmitTasksRequest(tasks=tasks), metadata=key.metadata
+            answer = await _answer(
+                secure.tasks.SubmitTask(_task(f"by-{me}-{n}"), metadata=key.metadata)
             )
+        else:
             size = BIG
-        answer = await _answer(call)
+            tasks = [_task(f"by-{me}-{n}-{i}") for i in range(BIG)]
+            answer = await _answer(
+                secure.tasks.SubmitTasks(
+                    task_service_pb2.SubmitTasksRequest(tasks=tasks), metadata=key.metadata
+                )
+            )
         tally[answer] += 1
         written += size if answer == "OK" else 0
     return written
