@@ -345,7 +345,7 @@ class CoordinatorMetrics:
             "conveyor_rows_set_aside",
             "Rows a loop serving every tenant could not use and set aside (skipped and "
             "marked, said once in the log), by loop: schedule-firer, promoter, reaper, "
-            "directory.",
+            "dispatcher, directory.",
             ("loop",),
             registry=r,
         )

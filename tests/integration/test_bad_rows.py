@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
-from testsupport import coordinator_config, eventually
+from testsupport import RawWorker, coordinator_config, eventually
 
 from conveyor.coordinator import Coordinator
 from conveyor.coordinator.store.migrator import load_migrations
@@ -242,6 +242,51 @@ async def test_the_reaper_sets_an_unreapable_lease_aside_and_reaps_the_others(
     assert reaper.failures == 0, reaper.last_error
     assert _set_aside(coordinator, "reaper") == 2
     assert _said(caplog, str(no_worker)) == 1 and _said(caplog, str(no_start)) == 1
+
+
+# -- the dispatcher --------------------------------------------------------------------------
+
+
+async def test_the_dispatcher_sets_an_unsendable_task_aside_and_delivers_the_others(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+    raw_workers: Callable[[], RawWorker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A claimed row no Assignment could carry (labels that are no string map, a
+    create_time at infinity) failed the dispatcher's round after the claim had committed:
+    every task claimed with it stayed leased to a worker that never got it, until the
+    lease expired and an attempt was spent."""
+    dispatcher = coordinator.dispatcher
+    assert dispatcher is not None
+    bad = [uuid.uuid4(), uuid.uuid4()]
+    await db.execute(
+        _PLANT_TASK.replace("now(), now(), $5", "$10, now(), $5").replace(
+            "lease_expire_time)", "lease_expire_time, labels)"
+        ).replace("$9)", "$9, $11::jsonb)"),
+        bad[0], "default", 1, datetime.now(UTC), 0, None, None, None, None,
+        datetime.now(UTC), '[1, 2]',
+    )  # fmt: skip
+    await db.execute(
+        _PLANT_TASK.replace("now(), now(), $5", "$10, now(), $5"),
+        bad[1], "default", 1, datetime.now(UTC), 0, None, None, None, None, datetime.max,
+    )  # fmt: skip
+    good = [
+        (await stub.SubmitTask(task_service_pb2.SubmitTaskRequest(type="t"))).task.id
+        for _ in range(3)
+    ]
+    worker = raw_workers()
+    await worker.connect(credits=10, types=("t",), queues=("q", "default"))
+    got = await worker.assignments(3)
+    assert sorted(a.lease.task_id for a in got) == sorted(good)
+    assert all(a.lease.attempt == 1 for a in got)
+    rows = await db.fetch("SELECT state, last_error FROM tasks WHERE id = ANY($1::uuid[])", bad)
+    assert all(r["state"] == task_pb2.TASK_STATE_DEAD for r in rows), rows
+    assert all("set aside by the dispatcher" in r["last_error"] for r in rows), rows
+    assert dispatcher.failures == 0, dispatcher.last_error
+    assert _set_aside(coordinator, "dispatcher") == 2
+    assert all(_said(caplog, str(task_id)) == 1 for task_id in bad)
 
 
 # -- the key and limit caches --------------------------------------------------------------
