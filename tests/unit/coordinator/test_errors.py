@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import asyncpg
 import grpc
 import pytest
@@ -95,6 +98,20 @@ def test_every_retry_info_has_a_sane_ceiling(seconds: float) -> None:
     details = _details(to_status(QuotaExceeded("submit_rate", "slow", seconds)))
     delay = details["RetryInfo"].retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
     assert 0 <= delay <= bounds.RETRY_AFTER_MAX
+
+
+def test_a_status_fits_the_trailers_a_client_takes_whatever_the_request() -> None:
+    """A 10 KB field echoed in a violation, or a thousand bad tasks, made trailers the
+    client refused (RESOURCE_EXHAUSTED instead of the INVALID_ARGUMENT sent)."""
+    huge = "é" * 10_000
+    violations = [FieldViolation(f"tasks[{i}].{huge}", f"{huge!r} is wrong") for i in range(1000)]
+    status = to_status(InvalidArgument(violations))
+    # On the wire: binary trailers in base64, the message percent-encoded.
+    wire = sum(len(k) + len(base64.b64encode(v)) for k, v in status.trailing_metadata)
+    wire += len(urllib.parse.quote(status.details.encode()))
+    assert wire < 8 * 1024
+    bad = _details(status)["BadRequest"].field_violations  # type: ignore[attr-defined]
+    assert len(bad) == errors.MAX_VIOLATIONS + 1 and "990 more" in bad[-1].description
 
 
 def test_outcome_unknown_is_not_retry_shortly() -> None:
