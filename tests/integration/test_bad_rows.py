@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import grpc
@@ -38,31 +39,10 @@ ERROR = logging.ERROR
 
 
 @pytest.fixture
-async def coordinator(database_dsn: str) -> AsyncIterator[Coordinator]:
-    """A coordinator (authentication off: every call is tenant ``default``) with metrics."""
-    coord = Coordinator(coordinator_config(database_dsn, metrics_listen="127.0.0.1:0"))
-    await coord.start()
-    try:
-        yield coord
-    finally:
-        await coord.stop(grace=1.0)
-
-
-@pytest.fixture
-async def stub(
-    coordinator: Coordinator,
-) -> AsyncIterator[task_service_pb2_grpc.TaskServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(coordinator.address) as channel:
-        yield task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture
-async def db(database_dsn: str, coordinator: Coordinator) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+def coordinator_settings() -> dict[str, Any]:
+    """The coordinator fixture (authentication off: every call is tenant ``default``)
+    with metrics."""
+    return {"metrics_listen": "127.0.0.1:0"}
 
 
 def _set_aside(coordinator: Coordinator, loop: str) -> float:
