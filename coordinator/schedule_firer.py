@@ -49,6 +49,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -88,6 +89,8 @@ _LOOKAHEAD_MARGIN = 1.5
 _MIN_LOOKAHEAD = 0.05
 # Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
 KEEP_REFUSALS = 10
+# Seconds between log lines about one tenant's refused ticks.
+REFUSALS_LOG_INTERVAL = 60.0
 # What a stored schedule may hold that the firer cannot use; anything else is a bug.
 _EXPECTED_FAULTS = (CronError, DecodeError, ValueError)
 
@@ -186,8 +189,9 @@ class ScheduleFirer(Service):
         """Tasks submitted since start (for tests and metrics)."""
         self.refused = 0
         """Ticks the tenants' limits refused since start."""
-        self._refusing: set[tuple[str, str]] = set()
-        """(tenant, limit) pairs whose ticks the last round refused (to log changes only)."""
+        self._refusals_said: dict[tuple[str, str], tuple[float, int]] = {}
+        """Per (tenant, limit): when its refused ticks were last logged, and how many have
+        been refused since (they are logged at most once a REFUSALS_LOG_INTERVAL)."""
         deps.events.on_schedules_changed(self.wake)
 
     @property
@@ -378,22 +382,28 @@ class ScheduleFirer(Service):
         return refused
 
     def _count_refused(self, refused: list[_Firing]) -> None:
-        """After the commit: the refused ticks in the metrics, and in the log when a
-        tenant's ticks start (or stop) being refused."""
+        """After the commit: the refused ticks in the metrics, and in the log (a tenant
+        over its limit for hours is one line a REFUSALS_LOG_INTERVAL, not one a tick)."""
+        if not refused:
+            return
         self.refused += len(refused)
         tally = collections.Counter((f.tenant, f.refused or "") for f in refused)
-        if self.deps.metrics is not None and tally:
+        if self.deps.metrics is not None:
             self.deps.metrics.count_refused_ticks(tally)
-        for tenant, limit in tally.keys() - self._refusing:
+        now = time.monotonic()
+        for (tenant, limit), count in tally.items():
+            said, since = self._refusals_said.get((tenant, limit), (-math.inf, 0))
+            if now - said < REFUSALS_LOG_INTERVAL:
+                self._refusals_said[(tenant, limit)] = (said, since + count)
+                continue
+            self._refusals_said[(tenant, limit)] = (now, 0)
             _log.warning(
-                "tenant %r is over its %s: its schedules' ticks are refused (recorded among "
-                "their recent firings) until it is not",
+                "%d schedule ticks of tenant %r refused: it is over its %s (a firing is a "
+                "submit; the ticks are recorded among their schedules' recent firings)",
+                since + count,
                 tenant,
                 limit,
             )
-        for tenant, limit in self._refusing - tally.keys():
-            _log.info("tenant %r is no longer over its %s: its schedules fire", tenant, limit)
-        self._refusing = set(tally)
 
     async def _insert(
         self, conn: asyncpg.Connection, firings: list[_Firing], now: datetime
