@@ -25,6 +25,7 @@ import asyncpg
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch_policy import DispatchPolicy, Packed
 from conveyor.coordinator.leases import LeaseKey
+from conveyor.coordinator.maintenance import set_aside
 from conveyor.coordinator.sessions import WorkerSession
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
@@ -90,12 +91,29 @@ class Dispatcher(Service):
                     if metrics is not None:
                         metrics.record_flush("claim", len(rows), time.perf_counter() - started)
                         metrics.record_dispatched(rows)
-                    messages = self.policy.pack(rows)
+                    try:
+                        messages = self.policy.pack(rows)
+                    except Exception:
+                        rows = await self._set_aside_unusable(conn, session, rows)
+                        messages = self.policy.pack(rows)
                     if tracing.enabled:
                         dispatch_spans(tracing, rows, messages, started_ns)
                     await self.deliver(conn, session, messages)
                     self.deps.watchers.changed(r["id"] for r in rows)
         return 0.0 if more else self.deps.config.poll_interval
+
+    async def _set_aside_unusable(
+        self, conn: asyncpg.Connection, session: WorkerSession, rows: list[asyncpg.Record]
+    ) -> list[asyncpg.Record]:
+        """Sets aside the claimed rows no Assignment can carry (one bad row never stops
+        the dispatcher, nor the rows claimed with it); returns the others."""
+        bad = self.policy.unusable(rows)
+        for i, exc in bad.items():
+            why = f"it cannot be sent to a worker: {type(exc).__name__}: {exc}"
+            await set_aside(self.deps, conn, self.name, [rows[i]["id"]], store.RUNNING, why)
+        session.credit += len(bad)
+        self.deps.watchers.changed(rows[i]["id"] for i in bad)
+        return [row for i, row in enumerate(rows) if i not in bad]
 
     async def deliver(
         self, conn: asyncpg.Connection, session: WorkerSession, messages: Sequence[Packed]

@@ -209,7 +209,9 @@ class Coordinator:
                 )
         db = Database(pool)
         self.audit = AuditLog(db)
-        self.directory = Directory(db, cfg.dsn, refresh=cfg.key_refresh)
+        self.directory = Directory(
+            db, cfg.dsn, refresh=cfg.key_refresh, metrics=self.telemetry.metrics
+        )
         self.directory.on_key_change(self.streams.key_changed)
         await self.directory.start()
         self.audit.start()
@@ -267,7 +269,7 @@ class Coordinator:
         self.dispatcher = Dispatcher(deps, policy)
         self.backlog = BacklogCounter(deps)
         self.quotas = quotas = Quotas(cfg, self.directory, self.backlog)
-        self.schedule_firer = ScheduleFirer(deps)
+        self.schedule_firer = ScheduleFirer(deps, quotas=quotas)
         self.services = [
             self.dispatcher,
             Promoter(deps),
