@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays q
     from conveyor.client._channel import Connection
     from conveyor.transport import ConnectionOptions
 
+from conveyor.cli import values
 from conveyor.cli.errors import describe
 from conveyor.observability import logs
 
@@ -136,6 +137,8 @@ class _GlobalOption:
     help: str
     envvar: str | None = None
     metavar: str | None = None
+    parser: Callable[[str], Any] | None = None
+    """Parses and checks the text (``cli/values.py``); None: typer's own for the type."""
 
 
 GLOBAL_OPTIONS = (
@@ -161,6 +164,7 @@ GLOBAL_OPTIONS = (
         float,
         "Seconds each call to the coordinator may take.",
         metavar="SECONDS",
+        parser=values.seconds(),
     ),
     _GlobalOption("log_level", "--log-level", LogLevel, "Log level.", envvar="CONVEYOR_LOG_LEVEL"),
     _GlobalOption("log_format", "--log-format", LogFormat, "Log format."),
@@ -227,6 +231,7 @@ def _option(opt: _GlobalOption, *, root: bool) -> Any:
         # Only the root reads the environment: a command-level option means "given here".
         envvar=opt.envvar if root else None,
         metavar=opt.metavar,
+        parser=opt.parser,
         rich_help_panel=GLOBAL_PANEL,
         show_default=root,
         case_sensitive=False,

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
-from conveyor.cli import output
+from conveyor.cli import output, values
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import CatchUpPolicy, Schedule
@@ -56,18 +56,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group)
 
 
-def _aware_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise typer.BadParameter(
-            f"{text!r} is not an ISO 8601 time such as 2030-01-01T09:00:00+01:00"
-        ) from None
-    if value.tzinfo is None:
-        raise typer.BadParameter(f"{text!r} needs a UTC offset (or Z)")
-    return value
-
-
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]
 AsJSON = Annotated[bool, typer.Option("--json", help="Print the schedule as JSON.")]
 
@@ -86,13 +74,21 @@ def create(
         str, typer.Option("--time-zone", help="IANA zone the cron is read in.")
     ] = "UTC",
     queue: Annotated[str, typer.Option("--queue", help="Queue of the tasks.")] = "default",
-    priority: Annotated[int, typer.Option("--priority", help="Priority of the tasks.")] = 0,
+    priority: Annotated[
+        int, typer.Option("--priority", parser=values.priority, help="Priority of the tasks.")
+    ] = 0,
     max_attempts: Annotated[
-        int | None, typer.Option("--max-attempts", help="Attempts per task.")
+        int | None,
+        typer.Option("--max-attempts", parser=values.max_attempts, help="Attempts per task."),
     ] = None,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", metavar="SECONDS", help="Execution timeout of an attempt."),
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            parser=values.seconds(),
+            help="Execution timeout of an attempt.",
+        ),
     ] = None,
     overlap: Annotated[
         Overlap,
@@ -103,16 +99,21 @@ def create(
         typer.Option("--catch-up", case_sensitive=False, help="Ticks missed while down."),
     ] = CatchUp.fire_once,
     catch_up_limit: Annotated[
-        int | None, typer.Option("--catch-up-limit", help="Most missed ticks fire-all fires.")
+        int | None,
+        typer.Option(
+            "--catch-up-limit",
+            parser=values.catch_up_limit,
+            help="Most missed ticks fire-all fires.",
+        ),
     ] = None,
     start: Annotated[
         datetime | None,
-        typer.Option("--start", metavar="ISO-TIME", parser=_aware_time, help="No ticks before."),
+        typer.Option("--start", metavar="ISO-TIME", parser=values.instant, help="No ticks before."),
     ] = None,
     end: Annotated[
         datetime | None,
         typer.Option(
-            "--end", metavar="ISO-TIME", parser=_aware_time, help="No ticks from then on."
+            "--end", metavar="ISO-TIME", parser=values.instant, help="No ticks from then on."
         ),
     ] = None,
     paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
@@ -223,6 +224,8 @@ def schedule_detail(s: Schedule) -> str:
         + (f" (limit {s.catch_up_limit})" if s.catch_up_policy is CatchUpPolicy.FIRE_ALL else ""),
         f"state:        {'paused' if s.paused else 'active'}",
     ]
+    if s.fault:
+        lines.append(f"set aside:    {s.fault}")
     if s.start_time or s.end_time:
         lines.append(
             f"window:       {output.when(s.start_time, zone)} .. {output.when(s.end_time, zone)}"
@@ -235,8 +238,12 @@ def schedule_detail(s: Schedule) -> str:
         lines.append("last firings:")
         width = max(len(output.when(f.tick_time, zone)) for f in s.recent_firings)
         for f in s.recent_firings:
+            tick = output.when(f.tick_time, zone).ljust(width)
+            if f.refused_limit:
+                lines.append(f"  {tick}  refused: the tenant was over its {f.refused_limit}")
+                continue
             lines.append(
-                f"  {output.when(f.tick_time, zone).ljust(width)}  {f.task_id}  "
+                f"  {tick}  {f.task_id}  "
                 f"{output.state_name(f.task_state).ljust(9)}  {_lag(f.tick_time, f.fire_time)}"
             )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli import output
+from conveyor.cli import output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import AsyncClient, RPCError, Task, TaskState
@@ -79,27 +79,45 @@ def submit(
     type: Annotated[str, typer.Argument(help="Task type, e.g. echo.", show_default=False)],
     payload: Annotated[str, typer.Argument(help="JSON payload; quote it for the shell.")] = "null",
     queue: Annotated[str, typer.Option("--queue", help="Queue to put it on.")] = "default",
-    priority: Annotated[int, typer.Option("--priority", help="Higher runs first.")] = 0,
+    priority: Annotated[
+        int, typer.Option("--priority", parser=values.priority, help="Higher runs first.")
+    ] = 0,
     delay: Annotated[
         float | None,
-        typer.Option("--delay", metavar="SECONDS", help="Run no earlier than this from now."),
+        typer.Option(
+            "--delay",
+            metavar="SECONDS",
+            parser=values.delay,
+            help="Run no earlier than this from now.",
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option("--idempotency-key", help="Submitting the same key again returns the task."),
     ] = None,
     max_attempts: Annotated[
-        int | None, typer.Option("--max-attempts", help="Attempts before it is dead (3).")
+        int | None,
+        typer.Option(
+            "--max-attempts", parser=values.max_attempts, help="Attempts before it is dead (3)."
+        ),
     ] = None,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", metavar="SECONDS", help="Execution timeout of an attempt."),
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            parser=values.seconds(),
+            help="Execution timeout of an attempt.",
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the task to finish.")] = False,
     wait_timeout: Annotated[
         float | None,
         typer.Option(
-            "--wait-timeout", metavar="SECONDS", help="Give up waiting after this (implies --wait)."
+            "--wait-timeout",
+            metavar="SECONDS",
+            parser=values.seconds(),
+            help="Give up waiting after this (implies --wait).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON.")] = False,

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from conveyor.cli import wire
+from conveyor.cli import values, wire
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import CLIError
 from conveyor.client import QueueStats, RPCError
@@ -62,7 +62,13 @@ def top(
         ),
     ] = "",
     interval: Annotated[
-        float, typer.Option("--interval", min=0.1, metavar="SECONDS", help="Between refreshes.")
+        float,
+        typer.Option(
+            "--interval",
+            metavar="SECONDS",
+            parser=values.seconds(0.1),
+            help="Between refreshes.",
+        ),
     ] = 1.0,
     iterations: Annotated[
         int,

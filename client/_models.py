@@ -706,14 +706,18 @@ def catch_up_to_proto(value: CatchUpPolicy | str | None) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduleFiring:
-    """One tick of a schedule and the task it submitted."""
+    """One tick of a schedule: the task it submitted, or the limit that refused it."""
 
     tick_time: datetime
+    #: Empty when the tick was refused.
     task_id: str
-    #: When the task was written.
+    #: When the task was written (or the tick refused).
     fire_time: datetime | None = None
     #: The task's state when the schedule was read.
     task_state: TaskState = TaskState.UNSPECIFIED
+    #: The tenant limit (``max_backlog``, ``submit_rate``) the tick was over, so it
+    #: submitted no task; empty for a tick that fired.
+    refused_limit: str = ""
 
     @classmethod
     def from_proto(cls, msg: schedule_pb2.ScheduleFiring) -> ScheduleFiring:
@@ -723,6 +727,7 @@ class ScheduleFiring:
             task_id=msg.task_id,
             fire_time=_datetime_or_none(msg, "fire_time"),
             task_state=state_from_proto(msg.task_state),
+            refused_limit=msg.refused_limit,
         )
 
 
@@ -766,6 +771,9 @@ class Schedule:
     update_time: datetime | None = None
     #: Pass to ``update_schedule(etag=)`` to update only if nobody changed it since.
     etag: str = ""
+    #: Why the coordinator set the schedule aside (a stored value it could not use);
+    #: empty while it fires. ``update_schedule`` or ``resume_schedule`` restarts it.
+    fault: str = ""
 
     def json(self) -> Any:
         """The template's payload decoded as JSON; ``None`` when empty.
@@ -817,4 +825,5 @@ class Schedule:
             create_time=_datetime_or_none(msg, "create_time"),
             update_time=_datetime_or_none(msg, "update_time"),
             etag=msg.etag,
+            fault=msg.fault,
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from conveyor.coordinator import bounds
 from conveyor.observability.metrics import parse_listen
 from conveyor.transport._options import MAX_MESSAGE_BYTES as _SDK_MAX_MESSAGE_BYTES
 
@@ -153,11 +154,15 @@ class CoordinatorConfig:
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),
-                            ("auth_failure_rate", self.auth_failure_rate),
                             ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
         for name, limit in limits:
-            if not 0 <= limit < float("inf"):
-                out.append(f"{name} must be 0 (no limit) or positive, got {limit}")
+            problem = bounds.limit_problem(name, limit)
+            if problem is not None:
+                out.append(f"{name} {problem}, got {limit}")
+        # A rate like submit_rate: 0 turns the throttle off (with the burst).
+        problem = bounds.rate_problem(self.auth_failure_rate)
+        if problem is not None:
+            out.append(f"auth_failure_rate {problem}, got {self.auth_failure_rate}")
         if self.bootstrap_key:
             from conveyor.coordinator.api.validation import name_problem
             from conveyor.coordinator.tenancy.keys import parse
@@ -170,6 +175,24 @@ class CoordinatorConfig:
             problem = name_problem(self.bootstrap_tenant)
             if problem is not None:
                 out.append(f"bootstrap_tenant {self.bootstrap_tenant!r} {problem}")
+        return out
+
+    def _size_problems(self) -> list[str]:
+        """The pool, the group commits and the watch streams: their sizes."""
+        out: list[str] = []
+        if not 1 <= self.pool_min_size <= self.pool_max_size:
+            out.append(
+                f"pool sizes must satisfy 1 <= pool_min_size <= pool_max_size "
+                f"(got {self.pool_min_size} and {self.pool_max_size})"
+            )
+        for name, value in (("max_batch", self.max_batch),
+                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+            if value < 1:
+                out.append(f"{name} must be at least 1 (got {value})")
+        if self.max_watch_streams < 0:
+            out.append(
+                f"max_watch_streams must be 0 (no limit) or positive, got {self.max_watch_streams}"
+            )
         return out
 
     def problems(self) -> list[str]:
@@ -189,25 +212,16 @@ class CoordinatorConfig:
             "backlog_refresh": self.backlog_refresh,
             "key_refresh": self.key_refresh,
         }
-        out += [f"{name} must be positive (got {value})" for name, value in positive.items()
-                if not value > 0]  # fmt: skip
-        if self.liveness_timeout < 0:
+        for name, value in positive.items():
+            problem = bounds.seconds_problem(value)
+            if problem is not None:
+                out.append(f"{name} {problem} (got {value})")
+        problem = bounds.seconds_problem(self.liveness_timeout)
+        if self.liveness_timeout != 0 and problem is not None:
             out.append(
-                f"liveness_timeout must be 0 (the default) or positive, got {self.liveness_timeout}"
+                f"liveness_timeout {problem}, or 0 for the default (got {self.liveness_timeout})"
             )
-        if not 1 <= self.pool_min_size <= self.pool_max_size:
-            out.append(
-                f"pool sizes must satisfy 1 <= pool_min_size <= pool_max_size "
-                f"(got {self.pool_min_size} and {self.pool_max_size})"
-            )
-        for name, value in (("max_batch", self.max_batch),
-                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
-            if value < 1:
-                out.append(f"{name} must be at least 1 (got {value})")
-        if self.max_watch_streams < 0:
-            out.append(
-                f"max_watch_streams must be 0 (no limit) or positive, got {self.max_watch_streams}"
-            )
+        out += self._size_problems()
         if self.metrics_listen:
             try:
                 parse_listen(self.metrics_listen)

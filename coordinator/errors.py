@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from conveyor.coordinator import bounds
 from conveyor.v1 import errors_pb2
 
 DOMAIN = "conveyor.dev"
@@ -383,6 +384,13 @@ def rolled_back(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and not is_connection_loss(exc)
 
 
+def refused_row(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL refusing the values of a row (a data exception, an
+    integrity constraint, a program limit: SQLSTATE classes 22, 23, 54), with nothing
+    written: in a sweep over all tenants, one bad row's doing, to be found and set aside."""
+    return rolled_back(exc) and _sqlstate(exc).startswith((*_REFUSED_VALUE_CLASSES, "23"))
+
+
 def is_store_error(exc: BaseException) -> bool:
     """Whether ``exc`` is an outage of (or refusal by) the store, rather than a bug here."""
     return isinstance(exc, asyncpg.PostgresError) or is_connection_loss(exc)
@@ -414,13 +422,41 @@ def domain_error(exc: BaseException) -> ConveyorError | None:
 # -- the status ----------------------------------------------------------------------------
 
 
+# A status travels in trailers, of which a client takes 8 KiB (gRPC's default) and refuses
+# the rest as RESOURCE_EXHAUSTED: a status built from an oversized request (a 10 KB field
+# echoed in a violation, a batch of a thousand bad tasks) would never arrive. Texts are
+# cut to these many bytes (percent-encoded, a message byte takes up to 3 characters) and
+# the violations to the first few, which keeps a status within about 6 KiB.
+MAX_MESSAGE_BYTES = 400
+MAX_VIOLATIONS = 10
+MAX_FIELD_BYTES = 100
+MAX_DESCRIPTION_BYTES = 200
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` UTF-8 bytes, marked when cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode(errors="ignore") + "..."
+
+
 def _bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ]
-    )
+    shown = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(v.field, MAX_FIELD_BYTES),
+            description=_cut(v.description, MAX_DESCRIPTION_BYTES),
+        )
+        for v in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        shown.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field="request",
+                description=f"and {len(violations) - MAX_VIOLATIONS} more violations",
+            )
+        )
+    return error_details_pb2.BadRequest(field_violations=shown)
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -430,17 +466,20 @@ def _pack(message: Message) -> any_pb2.Any:
 
 
 def to_status(error: ConveyorError) -> grpc.Status:
-    """The rich gRPC status of a domain error."""
+    """The rich gRPC status of a domain error; its RetryInfo within 0 and
+    ``bounds.RETRY_AFTER_MAX``, whatever the error says."""
     info = error_details_pb2.ErrorInfo(
         reason=reason_name(error.reason), domain=DOMAIN, metadata=error.metadata
     )
     details = [_pack(info), *(_pack(d) for d in error.extra_details())]
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        delay.FromNanoseconds(int(bounds.retry_delay(error.retry_after) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+        code=getattr(code_pb2, error.code.name),
+        message=_cut(error.message, MAX_MESSAGE_BYTES),
+        details=details,
     )
     return rpc_status.to_status(status)
 

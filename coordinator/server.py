@@ -42,7 +42,7 @@ from conveyor.coordinator.store import api_keys as key_store
 from conveyor.coordinator.store.db import Database, Pool
 from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.store.sql import UNSAFE_DISABLE_FENCING
-from conveyor.coordinator.supervisor import Supervisor
+from conveyor.coordinator.supervisor import Service, Supervisor
 from conveyor.coordinator.telemetry import Telemetry
 from conveyor.coordinator.tenancy.auth import Authenticator, FailureLimiter, OpenStreams
 from conveyor.coordinator.tenancy.backlog import BacklogCounter
@@ -96,6 +96,9 @@ class Coordinator:
         self.directory: Directory | None = None
         """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
         self.schedule_firer: ScheduleFirer | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.services: list[Service] = []
+        """The leader's services, started in this order for each term (``leadership``)."""
         self.leadership: Leadership | None = None
         self._api: ApiServer | None = None
         self._closed = asyncio.Event()
@@ -135,7 +138,9 @@ class Coordinator:
                     "with CONVEYOR_BOOTSTRAP_KEY; see the README's secure set-up)"
                 )
         db = Database(pool)
-        self.directory = directory = Directory(db, cfg.dsn, refresh=cfg.key_refresh)
+        self.directory = directory = Directory(
+            db, cfg.dsn, refresh=cfg.key_refresh, metrics=self.telemetry.metrics
+        )
         directory.on_key_change(self.streams.key_changed)
         await components.start(directory)
         audit = await components.start(AuditLog(db))
@@ -172,14 +177,15 @@ class Coordinator:
             lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
         )
         leases = Leases(deps)
-        dispatcher = Dispatcher(deps, policy, leases)
+        self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
         backlog = BacklogCounter(deps)
         quotas = Quotas(cfg, directory, backlog)
-        self.schedule_firer = firer = ScheduleFirer(deps)
+        self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
+        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,
@@ -187,7 +193,7 @@ class Coordinator:
             pool=pool,
             office=self.office,
             metrics=self.telemetry.metrics,
-            services=[dispatcher, Promoter(deps), Reaper(deps), firer, backlog],
+            services=self.services,
             step_down=workers.step_down,
         )
         api.serve(

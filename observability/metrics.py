@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from operator import itemgetter
 from typing import Any, Protocol
@@ -341,6 +341,23 @@ class CoordinatorMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.schedule_ticks_refused = Counter(
+            "conveyor_schedule_ticks_refused",
+            "Schedule ticks that submitted no task because the tenant was over a limit "
+            "(max_backlog, submit_rate): a firing is a submit.",
+            ("tenant", "limit"),
+            registry=r,
+        )
+
+        # -- loops that serve every tenant ------------------------------------------------
+        self.rows_set_aside = Counter(
+            "conveyor_rows_set_aside",
+            "Rows a loop serving every tenant could not use and set aside (skipped and "
+            "marked, said once in the log), by loop: schedule-firer, promoter, reaper, "
+            "dispatcher, directory.",
+            ("loop",),
+            registry=r,
+        )
 
     # -- batch recorders: called once per batch on the hot path --------------------------
 
@@ -442,6 +459,16 @@ class CoordinatorMetrics:
         for (tenant,), n in Tally(labels for labels, _ in pairs).items():
             self.schedule_firings.labels(tenant).inc(n)
         self.schedule_lag.observe_pairs(pairs)
+
+    def count_refused_ticks(self, tally: Mapping[tuple[str, str], int]) -> None:
+        """Schedule ticks refused in one firer transaction, by (tenant, limit)."""
+        for (tenant, limit), n in tally.items():
+            self.schedule_ticks_refused.labels(tenant, limit).inc(n)
+
+    def count_set_aside(self, loop: str, count: int) -> None:
+        """Rows the loop ``loop`` set aside (each once)."""
+        if count:
+            self.rows_set_aside.labels(loop).inc(count)
 
     def record_flush(self, kind: str, items: int, seconds: float) -> None:
         """One group-commit transaction of ``kind`` (submit, result, renewal, claim)."""

@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 
 import asyncpg
+from google.protobuf.message import DecodeError
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages
@@ -153,6 +154,8 @@ class ScheduleService:
             )
             self._quotas.check_payload(tenant, len(merged.task_template.payload))
             first = None
+            # A schedule the firer set aside restarts with any change: it is back in service.
+            restart = restart or current["fault"] is not None
             if restart:
                 first = _first(
                     first_tick(valid.spec, now, valid.row.start_time), valid.row.end_time
@@ -192,7 +195,15 @@ class ScheduleService:
         now = self._now()
         async with self._write() as conn:
             row = await _locked(conn, tenant, name)
-            if row["paused"]:
+            if row["paused"] or row["fault"] is not None:
+                if row["fault"] is not None:
+                    # Set aside by the firer: resumed only if what is stored is usable
+                    # (else INVALID_ARGUMENT names it, to change with UpdateSchedule).
+                    check.validate_schedule(
+                        _stored_message(row),
+                        tenant=tenant,
+                        max_payload_bytes=self._deps.config.max_payload_bytes,
+                    )
                 spec = compile_cron(row["cron"], row["time_zone"])
                 first = _first(first_tick(spec, now, row["start_time"]), row["end_time"])
                 row = await store.resume(conn, tenant, row["id"], first, now)
@@ -211,11 +222,13 @@ class ScheduleService:
 
         Recent firings are found by key: the tasks of the schedule's last ticks (before
         its cursor), and its latest firing whatever its tick (keeping a list on the row
-        would rewrite it at every tick).
+        would rewrite it at every tick); and the ticks its tenant's limits refused.
         """
         now = self._now()
         keys: dict[str, tuple[uuid.UUID, datetime]] = {}
         for row in rows:
+            if row["fault"] is not None:
+                continue  # set aside: its stored cron or zone may be what it could not use
             spec = compile_cron(row["cron"], row["time_zone"])
             tick = row["next_fire_time"] or now
             for _ in range(RECENT_FIRINGS):
@@ -225,7 +238,16 @@ class ScheduleService:
                 keys[idempotency_key(row["id"], tick)] = (row["id"], tick)
         last_ids = [r["last_task_id"] for r in rows if r["last_task_id"] is not None]
         found = await store.firings(conn, tenant, list(keys), last_ids)
-        by_schedule: dict[uuid.UUID, dict[datetime, asyncpg.Record]] = {}
+        by_schedule: dict[uuid.UUID, dict[datetime, schedule_pb2.ScheduleFiring]] = {}
+        refused = await store.refusals(conn, tenant, [r["id"] for r in rows], RECENT_FIRINGS)
+        for refusal in refused:
+            by_schedule.setdefault(refusal["schedule_id"], {})[refusal["tick"]] = (
+                schedule_pb2.ScheduleFiring(
+                    tick_time=convert.timestamp(refusal["tick"]),
+                    fire_time=convert.timestamp(refusal["refuse_time"]),
+                    refused_limit=refusal["limit_name"],
+                )
+            )
         for task in found:
             key = task["idempotency_key"]
             if key in keys:
@@ -233,11 +255,16 @@ class ScheduleService:
             else:  # a latest firing older than the ticks looked at
                 _, schedule_text, tick_text = key.split(":", 2)
                 schedule_id, tick = uuid.UUID(schedule_text), datetime.fromisoformat(tick_text)
-            by_schedule.setdefault(schedule_id, {})[tick] = task
+            by_schedule.setdefault(schedule_id, {})[tick] = schedule_pb2.ScheduleFiring(
+                tick_time=convert.timestamp(tick),
+                task_id=str(task["id"]),
+                fire_time=convert.timestamp(task["create_time"]),
+                task_state=task["state"],
+            )
         out = []
         for row in rows:
             message = _stored_message(row)
-            if not row["paused"]:
+            if not row["paused"] and row["fault"] is None:
                 spec = compile_cron(row["cron"], row["time_zone"])
                 message.next_fire_times.extend(
                     convert.timestamp(t)
@@ -246,15 +273,7 @@ class ScheduleService:
                     )
                 )
             firings = sorted(by_schedule.get(row["id"], {}).items(), reverse=True)
-            message.recent_firings.extend(
-                schedule_pb2.ScheduleFiring(
-                    tick_time=convert.timestamp(tick),
-                    task_id=str(task["id"]),
-                    fire_time=convert.timestamp(task["create_time"]),
-                    task_state=task["state"],
-                )
-                for tick, task in firings[:RECENT_FIRINGS]
-            )
+            message.recent_firings.extend(firing for _, firing in firings[:RECENT_FIRINGS])
             out.append(message)
         return out
 
@@ -273,11 +292,15 @@ def _etag(row: asyncpg.Record) -> str:
 
 def _stored_message(row: asyncpg.Record) -> schedule_pb2.Schedule:
     """The schedule as stored: what a client set, and the output-only identity fields."""
+    try:
+        template = schedule_pb2.TaskTemplate.FromString(row["template"])
+    except DecodeError:  # written by hand; the firer sets such a schedule aside
+        template = schedule_pb2.TaskTemplate()
     return schedule_pb2.Schedule(
         name=row["name"],
         cron=row["cron"],
         time_zone=row["time_zone"],
-        task_template=schedule_pb2.TaskTemplate.FromString(row["template"]),
+        task_template=template,
         overlap_policy=row["overlap_policy"],
         catch_up_policy=row["catch_up_policy"],
         catch_up_limit=row["catch_up_limit"],
@@ -288,4 +311,5 @@ def _stored_message(row: asyncpg.Record) -> schedule_pb2.Schedule:
         create_time=convert.timestamp(row["create_time"]),
         update_time=convert.timestamp(row["update_time"]),
         etag=_etag(row),
+        fault=row["fault"] or "",
     )

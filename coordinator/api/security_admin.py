@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 from google.protobuf import timestamp_pb2
 
-from conveyor.coordinator import convert
+from conveyor.coordinator import bounds, convert
 from conveyor.coordinator.api import context, pages
 from conveyor.coordinator.api.validation import (
     check_name,
@@ -39,8 +39,6 @@ from conveyor.v1 import admin_service_pb2, auth_pb2
 T = TypeVar("T")
 
 MAX_DESCRIPTION_LENGTH = 1000
-MAX_LIMIT = 2**62
-"""Upper bound of an integer limit (anything above is "no limit" in all but name)."""
 _KEY_ID = re.compile(r"[a-z2-7]{12}")
 
 
@@ -56,7 +54,8 @@ def api_key_message(row: Mapping[str, Any], now: datetime | None = None) -> auth
     return auth_pb2.ApiKey(
         id=row["id"],
         tenant=row["tenant"],
-        scopes=[api_keys.scope_value(s) for s in row["scopes"]],
+        # A scope written by hand (SQL) that this version does not know grants nothing.
+        scopes=[api_keys.scope_value(s) for s in row["scopes"] if s in api_keys.ALL_SCOPES],
         description=row["description"],
         create_time=convert.timestamp(row["create_time"]),
         expire_time=convert.maybe_timestamp(row["expire_time"]),
@@ -355,13 +354,10 @@ def _limit_value(limits: auth_pb2.TenantLimits, name: str, out: list[FieldViolat
     if not limits.HasField(name):  # type: ignore[arg-type]
         return None
     value = getattr(limits, name)
-    if name == "submit_rate":
-        if not (value >= 0 and value < float("inf")):
-            out.append(FieldViolation(f"limits.{name}", "must be 0 (no limit) or positive"))
-        return float(value)
-    if not 0 <= value <= MAX_LIMIT:
-        out.append(FieldViolation(f"limits.{name}", f"must be between 0 and {MAX_LIMIT}"))
-    return int(value)
+    problem = bounds.limit_problem(name, value)
+    if problem is not None:
+        out.append(FieldViolation(f"limits.{name}", problem))
+    return float(value) if name == "submit_rate" else int(value)
 
 
 def _audit_page_token(token: str, out: list[FieldViolation]) -> int | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from conveyor.coordinator import bounds
 from conveyor.coordinator import config as defaults
 from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
 from conveyor.coordinator.ids import parse_task_id
@@ -38,8 +39,9 @@ MAX_KEY_IDS = 1000
 """Encryption key ids one worker may name (a key ring keeps its old keys, so it grows)."""
 MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 1000
-MAX_TIMEOUT = timedelta(days=1)
-MAX_BACKOFF = timedelta(days=1)
+# The longest durations (bounds.SECONDS_MAX).
+MAX_TIMEOUT = timedelta(seconds=bounds.SECONDS_MAX)
+MAX_BACKOFF = timedelta(seconds=bounds.SECONDS_MAX)
 MAX_MULTIPLIER = 100.0
 MAX_RUN_AT_AHEAD = timedelta(days=366)
 MAX_LABELS = 64
@@ -65,6 +67,8 @@ _REQUEST_ID_AHEAD_MS = REQUEST_ID_AHEAD // timedelta(milliseconds=1)
 _UUID7 = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-7[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
 )
+_TIME_MIN_SECONDS = int(bounds.TIME_MIN.timestamp())
+_TIME_MAX_SECONDS = int(bounds.TIME_MAX.timestamp())
 # Queue, type and schedule names travel in metrics labels and CLI output: a safe alphabet,
 # matched in full (``$`` would also match before a trailing newline).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-/]*")
@@ -139,16 +143,19 @@ def check_text(
 
 
 def check_timestamp(value: Any, field: str, out: list[FieldViolation]) -> datetime | None:
-    """A Timestamp message as an aware datetime; None, with a violation, when invalid."""
+    """A Timestamp message as an aware datetime within the one time range
+    (``bounds.TIME_MIN`` to ``bounds.TIME_MAX``); None, with a violation, when not."""
     if not 0 <= value.nanos <= 999_999_999:
         out.append(FieldViolation(field, "is not a valid timestamp (nanos out of range)"))
         return None
-    try:
+    problem = None
+    if not _TIME_MIN_SECONDS <= value.seconds <= _TIME_MAX_SECONDS:
+        problem = f"must be {bounds.TIME_RANGE}"
+    else:
         result: datetime = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError, OSError):
-        out.append(
-            FieldViolation(field, "is out of range (years 0001 to 9999, as google.protobuf)")
-        )
+        problem = bounds.time_problem(result)  # the last second's nanoseconds
+    if problem is not None:
+        out.append(FieldViolation(field, problem))
         return None
     return result
 

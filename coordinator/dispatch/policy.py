@@ -160,6 +160,19 @@ class DispatchPolicy:
         ]
 
     @staticmethod
+    def unusable(rows: Sequence[asyncpg.Record]) -> dict[int, Exception]:
+        """The claimed rows no Assignment can carry (a value written by hand, past
+        validation, that does not convert), by position, with why: when :meth:`pack`
+        fails, the rows are tried one by one to find them."""
+        found: dict[int, Exception] = {}
+        for i, row in enumerate(rows):
+            try:
+                assignments_message(convert.add_assignment_from_row, [row])
+            except Exception as exc:
+                found[i] = exc
+        return found
+
+    @staticmethod
     def pick_idle(
         sessions: Iterable[WorkerSession],
         tenant: str,

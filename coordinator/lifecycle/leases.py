@@ -54,6 +54,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conveyor.coordinator import convert
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
+from conveyor.coordinator.leader.maintenance import set_aside
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions
 from conveyor.coordinator.store import tasks as store
@@ -314,12 +315,28 @@ class Dispatcher(Service):
                 if rows:
                     more = more or full
                     metrics.record_flush("claim", len(rows), time.perf_counter() - started)
-                    messages = self.policy.pack(rows)
+                    self.deps.after_commit.publish(Cause.CLAIMED, rows)
+                    try:
+                        messages = self.policy.pack(rows)
+                    except Exception:
+                        rows = await self._set_aside_unusable(conn, session, rows)
+                        messages = self.policy.pack(rows)
                     if tracing.enabled:
                         dispatch_spans(tracing, rows, messages, started_ns)
-                    self.deps.after_commit.publish(Cause.CLAIMED, rows)
                     await self.deliver(conn, session, messages)
         return 0.0 if more else self.deps.config.poll_interval
+
+    async def _set_aside_unusable(
+        self, conn: asyncpg.Connection, session: WorkerSession, rows: list[asyncpg.Record]
+    ) -> list[asyncpg.Record]:
+        """Sets aside the claimed rows no Assignment can carry (one bad row never stops
+        the dispatcher, nor the rows claimed with it); returns the others."""
+        bad = self.policy.unusable(rows)
+        for i, exc in bad.items():
+            why = f"it cannot be sent to a worker: {type(exc).__name__}: {exc}"
+            await set_aside(self.deps, conn, self.name, [rows[i]["id"]], store.RUNNING, why)
+        session.credit += len(bad)
+        return [row for i, row in enumerate(rows) if i not in bad]
 
     async def deliver(
         self, conn: asyncpg.Connection, session: WorkerSession, messages: Sequence[Packed]

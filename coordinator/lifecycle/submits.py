@@ -14,8 +14,9 @@ refuses an id as taken is the flush done again the careful way, looking each id 
 Two lanes of group commit: submits of up to ``SMALL_SUBMIT_MAX`` tasks and larger ones
 flush apart, so a lone submit never waits behind another caller's batch. The lanes may
 commit at the same moment; two submits with one idempotency key (or id) racing through
-both lanes are settled by the unique index: one is written, the other fails UNAVAILABLE,
-and its retry finds the first (deduplicated, or a conflict).
+both lanes are settled by the unique index: one is written, and the other's flush plans
+again against it, so that submit alone is answered with the first (deduplicated, or a
+conflict) and the rest of its flush is written (``Submitter._flush_checked``).
 
 If the store loses its connection while a flush commits, every caller of that flush hears
 OUTCOME_UNKNOWN (their tasks may exist). If the store refuses a flush outright, nothing
@@ -26,6 +27,8 @@ store refuses fails (see ``batcher.py``).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +46,7 @@ from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, S
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.leases import LeaseKey
-from conveyor.coordinator.lifecycle.transitions import Cause, Row
+from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow
@@ -51,6 +54,8 @@ from conveyor.v1 import task_pb2
 
 # Batches of at least this many new tasks without idempotency keys are written with COPY.
 COPY_THRESHOLD = 64
+# Times a flush plans again after losing a race for a key or id (see _flush_checked).
+MAX_RACE_ROUNDS = 3
 # Submits of at most this many tasks have their own group commit (a lane): a lone submit
 # never shares a flush with, or waits for, another caller's batch of hundreds, whose
 # encoding and COPY take tens of milliseconds (one tenant's bulk submits would otherwise
@@ -133,6 +138,8 @@ class Submitter:
         self.batcher: Batcher[SubmitGroup, SubmitResult] = group_commit("submit", self._flush, deps)
         self.small: Batcher[SubmitGroup, SubmitResult] = group_commit("submit", self._flush, deps)
         """Submits of up to SMALL_SUBMIT_MAX tasks (``batcher`` takes the larger ones)."""
+        self.races = 0
+        """Flushes planned again after losing a key or id to the other lane."""
 
     def start(self) -> None:
         self.batcher.start()
@@ -191,22 +198,42 @@ class Submitter:
         now: datetime,
         now_message: timestamp_pb2.Timestamp,
     ) -> list[SubmitResult | BaseException]:
-        """Looks up idempotency keys and client-made ids first, in one transaction."""
+        """Looks up idempotency keys and client-made ids first, in one transaction.
+
+        The other lane's flush may take a key or an id between the look-up and the insert
+        (one key sent through both lanes at once). The insert skips such a row, and
+        ON CONFLICT waited for that flush to end, so its row is committed by then and a
+        new look-up sees it: this flush takes back what it inserted and plans again
+        against what won, answering the racing submit as a resend (deduplicated) or a
+        conflict, and writing every other group as before. Each round settles a key, so
+        it ends; past MAX_RACE_ROUNDS a group whose key is taken yet again fails alone.
+        """
         tasks = [(g.tenant, t) for g in groups for t in g.tasks]
         keys = sorted({(tenant, t.idempotency_key) for tenant, t in tasks if t.idempotency_key})
         ids = sorted({t.task_id for _, t in tasks if t.task_id is not None})
-        results: list[SubmitResult | BaseException] = []
-        rows: list[NewRow] = []
+        failed: dict[int, ConveyorError] = {}
         async with self._deps.db.write() as conn:
-            plan = _Plan(*await store.find_priors(conn, keys, ids), {}, {})
-            for group in groups:
-                results.append(self._plan_group(group, plan, now, now_message, rows))
-            checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
-            inserted = await store.insert(conn, checked, now) if checked else []
-            if len(inserted) != len(checked):
-                # Another transaction took a key or an id between our look-up and insert
-                # (only possible with two writers); fail so that clients retry cleanly.
-                raise StoreUnavailable("a concurrent submit took the same idempotency key or id")
+            priors = await store.find_priors(conn, keys, ids)
+            for round_ in itertools.count(1):
+                results, rows, starts = self._plan_checked(
+                    groups, _Plan(*priors, {}, {}), failed, now, now_message
+                )
+                checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
+                inserted = await store.insert(conn, checked, now) if checked else []
+                if len(inserted) == len(checked):
+                    break
+                await store.take_back(conn, [r[ID] for r in inserted])
+                self.races += 1
+                if round_ > MAX_RACE_ROUNDS:
+                    taken = {r[ID] for r in inserted}
+                    for position, row in enumerate(rows):
+                        looked_up = row.task.idempotency_key or row.task.task_id is not None
+                        if looked_up and str(row.id) not in taken:
+                            group = bisect.bisect_right(starts, position) - 1
+                            failed[group] = StoreUnavailable(
+                                "a concurrent submit took the same idempotency key or id"
+                            )
+                priors = await store.find_priors(conn, keys, ids)
             unkeyed = await self._write_unkeyed(
                 conn,
                 [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
@@ -214,6 +241,27 @@ class Submitter:
             )
         self._deps.after_commit.publish(Cause.SUBMITTED, [*inserted, *unkeyed])
         return results
+
+    def _plan_checked(
+        self,
+        groups: Sequence[SubmitGroup],
+        plan: _Plan,
+        failed: dict[int, ConveyorError],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> tuple[list[SubmitResult | BaseException], list[NewRow], list[int]]:
+        """Plans every group but the failed ones: their results, the new rows, and where
+        each group's rows start among them."""
+        results: list[SubmitResult | BaseException] = []
+        rows: list[NewRow] = []
+        starts: list[int] = []
+        for i, group in enumerate(groups):
+            starts.append(len(rows))
+            if i in failed:
+                results.append(failed[i])
+            else:
+                results.append(self._plan_group(group, plan, now, now_message, rows))
+        return results, rows, starts
 
     @staticmethod
     async def _write_unkeyed(

@@ -112,6 +112,8 @@ class Cause(enum.Enum):
     """A task cancelled (from PENDING, SCHEDULED or RUNNING)."""
     REDRIVEN = "redriven"
     """A DEAD task made PENDING again (RetryTask)."""
+    SET_ASIDE = "set_aside"
+    """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not
@@ -124,6 +126,7 @@ _ONLY_STATE = {
     Cause.PROMOTED: PENDING,
     Cause.CANCELLED: task_pb2.TASK_STATE_CANCELLED,
     Cause.REDRIVEN: PENDING,
+    Cause.SET_ASIDE: task_pb2.TASK_STATE_DEAD,
 }
 
 

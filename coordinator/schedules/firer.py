@@ -21,6 +21,21 @@ for the tick and commits at it. The tasks become visible at their tick, not a ro
 work after it; until then the rows stay locked, so a client changing such a schedule
 waits for that commit (under a second). Every other policy is decided at the tick.
 
+A firing is a submit: it counts against its tenant's ``max_backlog`` and ``submit_rate``
+(``quotas.py``), decided once per tenant per batch, in memory. The ticks a tenant's limits
+do not admit (the latest ones of the batch) submit nothing: each is recorded as refused,
+with the limit, among the schedule's recent firings (``schedule_refusals``) and in
+``conveyor_schedule_ticks_refused_total``, and the cursor moves past it as past a fired
+tick; a refused tick is not fired later (the catch-up policy is about ticks missed while
+no coordinator fired, and is unaffected).
+
+One bad row never stops the firer, which serves every tenant: a schedule whose stored
+values it cannot use (an expression or zone that does not compile, a template that does
+not decode, tick arithmetic that fails) is set aside in the same transaction (``fault``
+says why, ``wake_time`` NULL takes it out of the rounds), said once in the log and in
+``conveyor_rows_set_aside_total``; the rest of the batch fires. UpdateSchedule and
+ResumeSchedule bring it back.
+
 Parsed expressions and templates are cached per schedule (keyed by its version), so a
 round costs, per firing, a few microseconds of tick arithmetic and one row in each of
 two statements. ``parallel`` batches run at once on their own connections (SKIP LOCKED
@@ -30,9 +45,11 @@ keeps them apart), so one batch's planning overlaps another's round trips.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,6 +58,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from google.protobuf.message import DecodeError
 
 from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
@@ -48,6 +66,7 @@ from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
 from conveyor.coordinator.schedules.cron import (
     OVERLAP_ALLOW,
+    CronError,
     CronSpec,
     Plan,
     ScheduleState,
@@ -60,6 +79,7 @@ from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
 from conveyor.coordinator.store.tasks import NewRow
 from conveyor.coordinator.supervisor import Service
+from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
 
 _log = logging.getLogger("conveyor.coordinator.schedules")
@@ -69,6 +89,12 @@ _MAX_CACHED = 200_000
 # The lookahead is this many times the last round's preparation time, plus the minimum.
 _LOOKAHEAD_MARGIN = 1.5
 _MIN_LOOKAHEAD = 0.05
+# Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
+KEEP_REFUSALS = 10
+# Seconds between log lines about one tenant's refused ticks.
+REFUSALS_LOG_INTERVAL = 60.0
+# What a stored schedule may hold that the firer cannot use; anything else is a bug.
+_EXPECTED_FAULTS = (CronError, DecodeError, ValueError)
 
 
 def idempotency_key(schedule_id: uuid.UUID, tick: datetime) -> str:
@@ -102,6 +128,8 @@ class _Firing:
     tick: datetime
     task_id: uuid.UUID
     template: _Compiled
+    refused: str | None = None
+    """The tenant limit that refused this firing (then it submits nothing)."""
 
 
 class ScheduleFirer(Service):
@@ -110,6 +138,8 @@ class ScheduleFirer(Service):
     Args:
         deps: The coordinator's services; the firer fences every firing transaction
             with the office's token, and is woken when a client changes a schedule.
+        quotas: The tenants' limits, which every firing counts against; None fires
+            without limits.
         now: The clock (an aware UTC datetime), injectable for tests.
         batch_size: Schedules locked and fired per statement (a transaction that prepares
             ahead may take several batches before it commits).
@@ -132,6 +162,7 @@ class ScheduleFirer(Service):
         self,
         deps: Deps,
         *,
+        quotas: Quotas | None = None,
         now: Callable[[], datetime] = utc_now,
         batch_size: int = 1000,
         parallel: int = 2,
@@ -145,6 +176,7 @@ class ScheduleFirer(Service):
         if not 0 <= max_lookahead < 1:
             raise ValueError("max_lookahead must be at least 0 and below 1 second")
         super().__init__(deps)
+        self.quotas = quotas
         self.now = now
         self.batch_size = batch_size
         self.parallel = parallel
@@ -159,6 +191,11 @@ class ScheduleFirer(Service):
         self.started: datetime | None = None
         self.fired = 0
         """Tasks submitted since start (for tests and metrics)."""
+        self.refused = 0
+        """Ticks the tenants' limits refused since start."""
+        self._refusals_said: dict[tuple[str, str], tuple[float, int]] = {}
+        """Per (tenant, limit): when its refused ticks were last logged, and how many have
+        been refused since (they are logged at most once a REFUSALS_LOG_INTERVAL)."""
 
     @property
     def missed_before(self) -> datetime:
@@ -183,6 +220,9 @@ class ScheduleFirer(Service):
         visible on time even when a round's work takes a good part of a second. The other
         policies decide on the state of the previous firing, so they wait for the tick.
         """
+        if self.quotas is not None:
+            # Firings count in the backlog: fire against a count, not an empty one.
+            await self.quotas.backlog_ready()
         now = self.now()
         horizon = now + timedelta(seconds=self.lookahead)
         self._prepared = 0.0
@@ -215,23 +255,33 @@ class ScheduleFirer(Service):
         while more:
             firings: list[_Firing] = []
             inserted: list[Row] = []
-            async with self.deps.db.write(self.deps.office.fence()) as conn:
-                target: datetime | None = None
-                while more:
-                    rows = await store.due(conn, now, horizon, self.batch_size)
-                    more = len(rows) == self.batch_size
-                    if not rows:
-                        break
-                    fired = await self._fire(conn, rows, now, horizon, inserted)
-                    firings += fired
-                    if fired:
-                        latest = max(f.tick for f in fired)
-                        target = latest if target is None or latest > target else target
-                    if target is None or target <= self.now():
-                        break
-                self._prepared = max(self._prepared, time.monotonic() - started)
-                if target is not None:
-                    await self._sleep_until(target)
+            refused: list[_Firing] = []
+            admitted: collections.Counter[str] = collections.Counter()
+            try:
+                async with self.deps.db.write(self.deps.office.fence()) as conn:
+                    target: datetime | None = None
+                    while more:
+                        rows = await store.due(conn, now, horizon, self.batch_size)
+                        more = len(rows) == self.batch_size
+                        if not rows:
+                            break
+                        fired = await self._fire(
+                            conn, rows, now, horizon, admitted, refused, inserted
+                        )
+                        firings += fired
+                        if fired:
+                            latest = max(f.tick for f in fired)
+                            target = latest if target is None or latest > target else target
+                        if target is None or target <= self.now():
+                            break
+                    self._prepared = max(self._prepared, time.monotonic() - started)
+                    if target is not None:
+                        await self._sleep_until(target)
+            finally:
+                if self.quotas is not None:
+                    for tenant, count in admitted.items():
+                        self.quotas.done(tenant, count)
+            self._count_refused(refused)
             self._announce(firings, inserted)
 
     async def _sleep_until(self, moment: datetime) -> None:
@@ -248,33 +298,42 @@ class ScheduleFirer(Service):
         rows: Sequence[asyncpg.Record],
         now: datetime,
         horizon: datetime,
+        admitted: collections.Counter[str],
+        refused: list[_Firing],
         inserted: list[Row],
     ) -> list[_Firing]:
-        """Plans and writes one batch of due schedules; their firings' new tasks are added
-        to ``inserted``."""
-        await self._compile(conn, rows)
+        """Fires one batch; returns the firings written. ``admitted`` counts the firings
+        each tenant's limits admitted (to give back to the backlog after the commit),
+        ``refused`` gets those they refused, ``inserted`` the new tasks' transitions."""
+        faults = await self._compile(conn, rows)
         missed_before = self.missed_before
         firings: list[_Firing] = []
         planned: list[tuple[asyncpg.Record, Plan, list[_Firing]]] = []
         missed = 0
         cache = self._cache
         for row in rows:
+            if row["id"] in faults:
+                continue
             compiled = cache[row["id"]]
             allow = row["overlap_policy"] == OVERLAP_ALLOW
-            decided = plan(
-                compiled.spec,
-                ScheduleState(
-                    next_fire_time=row["next_fire_time"],
-                    overlap_policy=row["overlap_policy"],
-                    catch_up_policy=row["catch_up_policy"],
-                    catch_up_limit=row["catch_up_limit"],
-                    end_time=row["end_time"],
-                    buffered_tick=row["buffered_tick"],
-                    previous_unfinished=row["previous_unfinished"],
-                ),
-                horizon if allow else now,
-                missed_before,
-            )
+            try:
+                decided = plan(
+                    compiled.spec,
+                    ScheduleState(
+                        next_fire_time=row["next_fire_time"],
+                        overlap_policy=row["overlap_policy"],
+                        catch_up_policy=row["catch_up_policy"],
+                        catch_up_limit=row["catch_up_limit"],
+                        end_time=row["end_time"],
+                        buffered_tick=row["buffered_tick"],
+                        previous_unfinished=row["previous_unfinished"],
+                    ),
+                    horizon if allow else now,
+                    missed_before,
+                )
+            except Exception as exc:  # one schedule's arithmetic never stops the others
+                faults[row["id"]] = _fault(row, exc, "its ticks could not be computed")
+                continue
             missed += decided.missed
             mine = [
                 _Firing(row["tenant"], row["id"], tick, uuid7(), compiled) for tick in decided.fire
@@ -283,12 +342,73 @@ class ScheduleFirer(Service):
             planned.append((row, decided, mine))
         if missed:
             _log.info("%d schedules had missed ticks; their catch-up policies applied", missed)
+        if faults:
+            await store.set_aside(conn, faults)
+            self.deps.metrics.count_set_aside(self.name, len(faults))
+        if firings and self.quotas is not None:
+            refusals = self._admit(firings, admitted)
+            if refusals:
+                refused += refusals
+                firings = [f for f in firings if f.refused is None]
+                await store.record_refusals(
+                    conn,
+                    [
+                        store.Refusal(f.schedule_id, f.tenant, f.tick, f.refused or "")
+                        for f in refusals
+                    ],
+                    now,
+                    KEEP_REFUSALS,
+                )
         if firings:
             # Written at the tick when prepared ahead (the commit waits for it).
             inserted += await self._insert(conn, firings, max(now, *(f.tick for f in firings)))
         recheck = now + self.buffer_recheck
         await store.advance(conn, [_advance(r, d, mine, recheck) for r, d, mine in planned])
         return firings
+
+    def _admit(self, firings: list[_Firing], admitted: collections.Counter[str]) -> list[_Firing]:
+        """Asks each tenant's limits once for this batch's firings (oldest ticks first);
+        marks and returns those refused."""
+        assert self.quotas is not None
+        if not self.quotas.limits_firings():
+            return []
+        by_tenant: dict[str, list[_Firing]] = {}
+        for firing in firings:
+            by_tenant.setdefault(firing.tenant, []).append(firing)
+        refused: list[_Firing] = []
+        for tenant, mine in by_tenant.items():
+            count, limit = self.quotas.admit_firings(tenant, len(mine))
+            admitted[tenant] += count
+            if limit is None:
+                continue
+            mine.sort(key=_tick)
+            for firing in mine[count:]:
+                firing.refused = limit
+                refused.append(firing)
+        return refused
+
+    def _count_refused(self, refused: list[_Firing]) -> None:
+        """After the commit: the refused ticks in the metrics, and in the log (a tenant
+        over its limit for hours is one line a REFUSALS_LOG_INTERVAL, not one a tick)."""
+        if not refused:
+            return
+        self.refused += len(refused)
+        tally = collections.Counter((f.tenant, f.refused or "") for f in refused)
+        self.deps.metrics.count_refused_ticks(tally)
+        now = time.monotonic()
+        for (tenant, limit), count in tally.items():
+            said, since = self._refusals_said.get((tenant, limit), (-math.inf, 0))
+            if now - said < REFUSALS_LOG_INTERVAL:
+                self._refusals_said[(tenant, limit)] = (said, since + count)
+                continue
+            self._refusals_said[(tenant, limit)] = (now, 0)
+            _log.warning(
+                "%d schedule ticks of tenant %r refused: it is over its %s (a firing is a "
+                "submit; the ticks are recorded among their schedules' recent firings)",
+                since + count,
+                tenant,
+                limit,
+            )
 
     async def _insert(
         self, conn: asyncpg.Connection, firings: list[_Firing], now: datetime
@@ -321,27 +441,36 @@ class ScheduleFirer(Service):
         _log.warning("%d schedule ticks had tasks already; not fired again", len(taken))
         return inserted
 
-    async def _compile(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+    async def _compile(
+        self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
+    ) -> dict[uuid.UUID, str]:
+        """Caches the expressions and templates of ``rows``; returns the schedules it could
+        not use, with the reason (each said once in the log)."""
+        faults: dict[uuid.UUID, str] = {}
         stale = [
             r["id"]
             for r in rows
             if (c := self._cache.get(r["id"])) is None or c.version != r["version"]
         ]
         if not stale:
-            return
+            return faults
         if len(self._cache) + len(stale) > _MAX_CACHED:
             self._cache.clear()
             stale = [r["id"] for r in rows]
         by_id = {r["id"]: r for r in rows}
         for t in await store.templates(conn, stale):
             row = by_id[t["id"]]
-            task = template_task(t["template"])
+            try:
+                task = template_task(t["template"])
+                spec = compile_cron(row["cron"], row["time_zone"])
+            except Exception as exc:  # one schedule's stored values never stop the others
+                self._cache.pop(t["id"], None)
+                faults[t["id"]] = _fault(row, exc, "its stored expression or template is unusable")
+                continue
             self._cache[t["id"]] = _Compiled(
-                version=row["version"],
-                spec=compile_cron(row["cron"], row["time_zone"]),
-                task=task,
-                fields=template_fields(task),
+                version=row["version"], spec=spec, task=task, fields=template_fields(task)
             )
+        return faults
 
     def _announce(self, firings: list[_Firing], inserted: list[Row]) -> None:
         """After the commit: counts the firings (the lag is from each tick to about now)
@@ -356,18 +485,39 @@ class ScheduleFirer(Service):
         self.deps.after_commit.publish(Cause.FIRED, inserted)
 
 
+def _fault(row: asyncpg.Record, exc: Exception, what: str) -> str:
+    """Says once that a schedule is set aside; returns the reason to store with it."""
+    reason = f"{what}: {type(exc).__name__}: {exc}"[:1000]
+    _log.error(
+        "schedule %s (%r) of tenant %r set aside, the firer cannot use it: %s; the other "
+        "schedules fire. UpdateSchedule or ResumeSchedule gives it a fresh start",
+        row["id"],
+        row["name"],
+        row["tenant"],
+        reason,
+        # An unexpected kind of failure is a bug here, not a bad value: keep its traceback.
+        exc_info=None if isinstance(exc, _EXPECTED_FAULTS) else exc,
+    )
+    return reason
+
+
+def _tick(firing: _Firing) -> datetime:
+    return firing.tick
+
+
 def _advance(
     row: asyncpg.Record, decided: Plan, mine: list[_Firing], recheck: datetime
 ) -> store.Advance:
     wake = decided.next_fire_time
     if decided.buffered_tick is not None and (wake is None or recheck < wake):
         wake = recheck  # look again soon: the previous firing may finish any time
+    fired = [f for f in mine if f.refused is None]
     return store.Advance(
         id=row["id"],
         next_fire_time=decided.next_fire_time,
         wake_time=wake,
         buffered_tick=decided.buffered_tick,
-        last_task_id=mine[-1].task_id if mine else None,
+        last_task_id=fired[-1].task_id if fired else None,
     )
 
 

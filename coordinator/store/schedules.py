@@ -8,7 +8,7 @@ like the maintenance sweeps.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,6 +22,7 @@ SCHEDULE_COLUMNS = (
     "id", "tenant", "name", "cron", "time_zone", "template", "overlap_policy",
     "catch_up_policy", "catch_up_limit", "paused", "start_time", "end_time",
     "next_fire_time", "buffered_tick", "last_task_id", "version", "create_time", "update_time",
+    "fault",
 )  # fmt: skip
 """Every column a Schedule message shows."""
 _SCHEDULE = columns(SCHEDULE_COLUMNS, "s")
@@ -137,7 +138,7 @@ _UPDATE = Query(
         next_fire_time = CASE WHEN :restart THEN :next_fire_time ELSE s.next_fire_time END,
         wake_time = CASE WHEN :restart THEN :next_fire_time ELSE s.wake_time END,
         buffered_tick = CASE WHEN :restart THEN NULL ELSE s.buffered_tick END,
-        version = s.version + 1, update_time = :now
+        fault = NULL, version = s.version + 1, update_time = :now
     WHERE s.tenant = :tenant AND s.id = :id
     RETURNING {_SCHEDULE}
     """,
@@ -153,7 +154,8 @@ async def update(
     next_fire_time: datetime | None,
     now: datetime,
 ) -> asyncpg.Record:
-    """Writes the client-set columns; ``restart`` also moves the cursor to next_fire_time."""
+    """Writes the client-set columns; ``restart`` also moves the cursor to next_fire_time
+    (give a schedule set aside by the firer a restart: it is back in service)."""
     record: asyncpg.Record = await _UPDATE.fetchrow(
         conn,
         id=schedule_id,
@@ -199,8 +201,8 @@ _RESUME = Query(
     "resume_schedule",
     f"""
     UPDATE schedules s SET paused = false, next_fire_time = :next_fire_time,
-        wake_time = :next_fire_time, buffered_tick = NULL, version = s.version + 1,
-        update_time = :now
+        wake_time = :next_fire_time, buffered_tick = NULL, fault = NULL,
+        version = s.version + 1, update_time = :now
     WHERE s.tenant = :tenant AND s.id = :id
     RETURNING {_SCHEDULE}
     """,
@@ -214,7 +216,8 @@ async def resume(
     next_fire_time: datetime | None,
     now: datetime,
 ) -> asyncpg.Record:
-    """Unpauses a schedule (locked by the caller) with a fresh cursor."""
+    """Unpauses a schedule (locked by the caller) with a fresh cursor; one the firer set
+    aside is back in service."""
     record: asyncpg.Record = await _RESUME.fetchrow(
         conn, tenant=tenant, id=schedule_id, next_fire_time=next_fire_time, now=now
     )
@@ -242,12 +245,35 @@ async def firings(
     return await _FIRINGS.fetch(conn, tenant=tenant, keys=list(keys), ids=list(task_ids))
 
 
+_REFUSALS = Query(
+    "schedule_refusals",
+    """
+    SELECT schedule_id, tick, limit_name, refuse_time FROM (
+        SELECT r.*, row_number() OVER (PARTITION BY r.schedule_id ORDER BY r.tick DESC) AS n
+        FROM schedule_refusals r
+        WHERE r.tenant = :tenant AND r.schedule_id = ANY(:ids::uuid[])
+    ) latest
+    WHERE n <= :keep
+    """,
+)
+
+
+async def refusals(
+    conn: asyncpg.Connection, tenant: str, schedule_ids: Sequence[uuid.UUID], keep: int
+) -> list[asyncpg.Record]:
+    """The latest ``keep`` refused ticks of each schedule: (schedule_id, tick, limit_name,
+    refuse_time)."""
+    if not schedule_ids:
+        return []
+    return await _REFUSALS.fetch(conn, tenant=tenant, ids=list(schedule_ids), keep=keep)
+
+
 # -- the firer ---------------------------------------------------------------------------
 
 _DUE = Query(
     "due_schedules",
     f"""
-    SELECT s.id, s.tenant, s.cron, s.time_zone, s.version, s.overlap_policy,
+    SELECT s.id, s.tenant, s.name, s.cron, s.time_zone, s.version, s.overlap_policy,
         s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
         s.buffered_tick,
         coalesce(t.state NOT IN ({SUCCEEDED}, {DEAD}, {CANCELLED}), false)
@@ -351,3 +377,72 @@ async def next_wake(conn: asyncpg.Connection) -> tuple[datetime | None, datetime
     row = await _NEXT_WAKE.fetchrow(conn)
     assert row is not None
     return row["allow"], row["other"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A tick the firer did not fire: the tenant was over ``limit`` (a firing is a submit)."""
+
+    schedule_id: uuid.UUID
+    tenant: str
+    tick: datetime
+    limit: str
+
+
+_REFUSAL_ARRAYS = (
+    ("schedule_id", "uuid"),
+    ("tenant", "text"),
+    ("tick", "timestamptz"),
+    ("limit_name", "text"),
+)
+_RECORD_REFUSALS = Query(
+    "record_schedule_refusals",
+    f"""
+    INSERT INTO schedule_refusals (schedule_id, tenant, tick, limit_name, refuse_time)
+    SELECT r.schedule_id, r.tenant, r.tick, r.limit_name, :now
+    FROM {unnest(_REFUSAL_ARRAYS, "r")}
+    ON CONFLICT (schedule_id, tick) DO NOTHING
+    """,
+)
+# Older refusals than the schedules' latest :keep are of no use to anyone.
+_PRUNE_REFUSALS = Query(
+    "prune_schedule_refusals",
+    """
+    DELETE FROM schedule_refusals r
+    WHERE r.schedule_id = ANY(:ids::uuid[]) AND r.tick < (
+        SELECT x.tick FROM schedule_refusals x WHERE x.schedule_id = r.schedule_id
+        ORDER BY x.tick DESC OFFSET :keep - 1 LIMIT 1)
+    """,
+)
+
+
+async def record_refusals(
+    conn: asyncpg.Connection, rows: Sequence[Refusal], now: datetime, keep: int
+) -> None:
+    """Records refused ticks, keeping each schedule's latest ``keep``: two statements,
+    in rounds that refused something only."""
+    await _RECORD_REFUSALS.execute(
+        conn,
+        now=now,
+        **transpose(
+            [(r.schedule_id, r.tenant, r.tick, r.limit) for r in rows],
+            [name for name, _ in _REFUSAL_ARRAYS],
+        ),
+    )
+    await _PRUNE_REFUSALS.execute(conn, ids=list({r.schedule_id for r in rows}), keep=keep)
+
+
+_SET_ASIDE = Query(
+    "set_schedules_aside",
+    """
+    UPDATE schedules s SET wake_time = NULL, buffered_tick = NULL, fault = r.fault
+    FROM unnest(:ids::uuid[], :faults::text[]) AS r(id, fault)
+    WHERE s.id = r.id
+    """,
+)
+
+
+async def set_aside(conn: asyncpg.Connection, faults: Mapping[uuid.UUID, str]) -> None:
+    """Takes schedules the firer could not use out of its rounds (``wake_time`` NULL), with
+    the reason; UpdateSchedule and ResumeSchedule bring them back."""
+    await _SET_ASIDE.execute(conn, ids=list(faults), faults=list(faults.values()))

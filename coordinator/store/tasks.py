@@ -384,6 +384,16 @@ async def find_by_idempotency_keys(
     return {(r["tenant"], r["idempotency_key"]): r for r in rows}
 
 
+_TAKE_BACK = Query("take_back_tasks", "DELETE FROM tasks WHERE id = ANY(:ids::uuid[])")
+
+
+async def take_back(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> None:
+    """Deletes rows this transaction inserted (a submit flush that must plan again):
+    nobody else has seen them. (What a same-transaction fragment wrote for them, once
+    ``transitions.FRAGMENTS`` holds one, must go with them.)"""
+    await _TAKE_BACK.execute(conn, ids=list(ids))
+
+
 # -- reads ---------------------------------------------------------------------------------
 
 _GET = Query("get_task", f"SELECT {_TASK} FROM tasks t WHERE t.tenant = :tenant AND t.id = :id")
@@ -875,15 +885,72 @@ _REAP = Query(
     WITH victims AS (
         SELECT id, worker_id FROM tasks
         WHERE {FENCE} AND state = {RUNNING} AND lease_expire_time < now()
+            AND (:only::uuid IS NULL OR id = :only)
         ORDER BY lease_expire_time LIMIT :limit FOR UPDATE SKIP LOCKED
     ), {_RELEASE}
     """,
 )
 
 
-async def reap_expired(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
-    """Takes back leases that expired (counted: the task may have run)."""
-    return await _REAP.fetch(conn, limit=limit, fence=fence, **EXPIRED._asdict())
+async def reap_expired(
+    conn: asyncpg.Connection, limit: int, fence: Fence, *, only: uuid.UUID | None = None
+) -> list[asyncpg.Record]:
+    """Takes back leases that expired (counted: the task may have run); of the task
+    ``only`` alone, when given."""
+    return await _REAP.fetch(conn, limit=limit, fence=fence, only=only, **EXPIRED._asdict())
+
+
+_EXPIRED_IDS = Query(
+    "expired_lease_ids",
+    f"""
+    SELECT id FROM tasks WHERE state = {RUNNING} AND lease_expire_time < now()
+    ORDER BY lease_expire_time LIMIT :limit
+    """,
+)
+
+
+async def expired_lease_ids(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+    """The tasks whose lease expired, earliest first (the reaper's candidates)."""
+    return [r["id"] for r in await _EXPIRED_IDS.fetch(conn, limit=limit)]
+
+
+_UNREACHABLE = Query(
+    "unreachable_scheduled",
+    f"""
+    SELECT id FROM tasks
+    WHERE state = {SCHEDULED} AND run_at IN ('infinity', '-infinity')
+    LIMIT :limit
+    """,
+)
+
+
+async def unreachable_scheduled(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+    """SCHEDULED tasks whose run_at is infinite (written by hand: validation keeps run_at
+    within a year): never due, and no time to compare with."""
+    return [r["id"] for r in await _UNREACHABLE.fetch(conn, limit=limit)]
+
+
+_SET_ASIDE = Query(
+    "set_tasks_aside",
+    f"""
+    WITH changed AS (
+        UPDATE tasks t SET state = {DEAD}, worker_id = NULL, lease_expire_time = NULL,
+            finish_time = now(), update_time = now(), last_error = :why
+        WHERE {FENCE} AND t.id = ANY(:ids::uuid[]) AND t.state = :state
+        RETURNING {changed(from_state=":state")}
+    ) {TAIL}
+    """,
+)
+
+
+async def set_aside(
+    conn: asyncpg.Connection, ids: Sequence[uuid.UUID], state: int, why: str, fence: Fence
+) -> list[asyncpg.Record]:
+    """Moves tasks a sweep cannot handle (still in ``state``) to DEAD, ``last_error``
+    saying why: out of the sweep, in the dead-letter queue where an operator sees them.
+    No attempt row: what could not be written is usually the attempt. Returns the
+    transitions."""
+    return await _SET_ASIDE.fetch(conn, ids=list(ids), state=state, why=why, fence=fence)
 
 
 _RELEASE_ABANDONED = Query(

@@ -13,6 +13,13 @@ has a backlog limit); submits admitted since are added to that figure, those sti
 flight and those committed after the count began alike. Completions in between are not
 subtracted, so the estimate is high by at most one refresh interval of finished work.
 The bookkeeping is per call (a batch counts once), never per task.
+
+Until the counter has counted, the figure is empty: right after this coordinator took
+office (a failover, a start), and right after a first backlog limit was set (nothing is
+counted while no tenant has one). A submit or a firing of a limited tenant then waits
+for the count (:meth:`BacklogCounter.ready`, which starts it at once) instead of being
+admitted against nothing; without the wait, a tenant could add a refresh interval's
+worth of submits past its limit.
 """
 
 from __future__ import annotations
@@ -40,6 +47,20 @@ class BacklogCounter(Service):
         """Tasks admitted whose submit has not finished, per tenant."""
         self.committed: collections.Counter[str] = collections.Counter()
         """Tasks whose submit finished since the last count began, per tenant."""
+        self.current = False
+        """Whether ``counted`` is a count taken while some tenant had a backlog limit, in
+        this term of office (else the estimate knows nothing of older tasks)."""
+
+    async def ready(self) -> None:
+        """Returns once the count is current, counting at once if it is not (the caller
+        bounds the wait)."""
+        if not self.current:
+            self.wake()
+            await self.wait_until(lambda counter: counter.current)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.current = False  # the next term counts again before trusting the figure
 
     def estimate(self, tenant: str) -> int:
         return self.counted.get(tenant, 0) + self.committed[tenant] + self.in_flight[tenant]
@@ -78,6 +99,7 @@ class BacklogCounter(Service):
             # Nothing to enforce: forget, and count again once some tenant has a limit.
             self.counted = {}
             self.committed.clear()
+            self.current = False
             return refresh
         # Submits that finished before the count began are in it; later ones may not be.
         committed_before = collections.Counter(self.committed)
@@ -85,4 +107,5 @@ class BacklogCounter(Service):
             counted = await store.unfinished_per_tenant(conn)
         self.counted = counted
         self.committed -= committed_before
+        self.current = True
         return refresh

@@ -14,6 +14,12 @@ each time the listener (re)connects (after LISTEN, so nothing falls between), an
 
 Listeners (``on_key_change``, ``on_tenant_change``) hear every key and tenant whose row
 changed or disappeared, on every path above.
+
+One bad row never stops the cache, which serves every tenant: a key row that cannot be
+read is left out (it authenticates nothing), a tenant's limit outside its range
+(``bounds.py``; rows written by hand, past validation) is left out (the coordinator's
+default applies); each is said once in the log and counted in
+``conveyor_rows_set_aside_total{loop="directory"}``, and every other row is loaded.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from datetime import datetime
 
 import asyncpg
 
+from conveyor.coordinator import bounds
 from conveyor.coordinator.store import api_keys as key_store
 from conveyor.coordinator.store import tenants as tenant_store
 from conveyor.coordinator.store.db import Database
+from conveyor.observability.metrics import CoordinatorMetrics
 
 _log = logging.getLogger("conveyor.coordinator.directory")
 
@@ -82,10 +90,20 @@ TenantLimitRow = dict[str, float | int | None]
 class Directory:
     """The key and tenant-limit cache of one coordinator; see the module docstring."""
 
-    def __init__(self, db: Database, dsn: str, *, refresh: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        dsn: str,
+        *,
+        refresh: float,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self._db = db
         self._dsn = dsn
         self._refresh = refresh
+        self._metrics = metrics or CoordinatorMetrics.off()
+        self._reported: set[tuple[str, str]] = set()
+        """Bad rows said already (kind and id with the problem): each is said once."""
         self.keys: dict[str, CachedKey] = {}
         self.limits: dict[str, TenantLimitRow] = {}
         self._key_listeners: list[Callable[[str, CachedKey | None], None]] = []
@@ -118,9 +136,16 @@ class Directory:
     # -- applying changes --------------------------------------------------------------------
 
     def apply_keys(self, rows: Iterable[asyncpg.Record], asked: Iterable[str] = ()) -> None:
-        """Takes these key rows; ids in ``asked`` without a row are gone."""
-        found = {row["id"]: cached_key(row) for row in rows}
-        for key_id in set(asked) - found.keys():
+        """Takes these key rows; ids in ``asked`` without a (usable) row are gone."""
+        found: dict[str, CachedKey] = {}
+        unusable: list[str] = []
+        for row in rows:
+            try:
+                found[row["id"]] = cached_key(row)
+            except Exception as exc:  # one key row never stops the cache
+                self._bad_row("key", row["id"], f"it cannot be read ({exc})")
+                unusable.append(row["id"])
+        for key_id in {*asked, *unusable} - found.keys():
             if self.keys.pop(key_id, None) is not None:
                 self._key_changed(key_id, None)
         for key_id, key in found.items():
@@ -129,7 +154,7 @@ class Directory:
                 self._key_changed(key_id, key)
 
     def apply_tenants(self, rows: Iterable[asyncpg.Record], asked: Iterable[str] = ()) -> None:
-        found = {row["name"]: {c: row[c] for c in tenant_store.LIMIT_COLUMNS} for row in rows}
+        found = {row["name"]: self._limits_of(row) for row in rows}
         for name in set(asked) - found.keys():
             if self.limits.pop(name, None) is not None:
                 self._tenant_changed(name)
@@ -137,6 +162,34 @@ class Directory:
             if self.limits.get(name) != limits:
                 self.limits[name] = limits
                 self._tenant_changed(name)
+
+    def _limits_of(self, row: asyncpg.Record) -> TenantLimitRow:
+        """A tenant's limits as set, without those outside their range (the default
+        applies to those)."""
+        limits: TenantLimitRow = {}
+        for column in tenant_store.LIMIT_COLUMNS:
+            value = row[column]
+            problem = None if value is None else bounds.limit_problem(column, value)
+            if problem is not None:
+                self._bad_row(
+                    "tenant", row["name"], f"its {column} {value!r} {problem}; the default applies"
+                )
+                value = None
+            limits[column] = value
+        return limits
+
+    def _bad_row(self, kind: str, name: str, problem: str) -> None:
+        if (kind, f"{name}: {problem}") in self._reported:
+            return
+        self._reported.add((kind, f"{name}: {problem}"))
+        _log.error(
+            "%s %r left out of the cache: %s (a row written by hand, past validation: "
+            "correct it); every other row is loaded",
+            kind,
+            name,
+            problem,
+        )
+        self._metrics.count_set_aside("directory", 1)
 
     def _key_changed(self, key_id: str, key: CachedKey | None) -> None:
         for listener in self._key_listeners:

@@ -11,8 +11,16 @@ helps (the backlog and the rate; not a payload too large, nor a schedule too man
 Admission is per call: one SubmitTasks of 500 tasks costs one check and takes 500
 tokens, never 500 checks. The submit rate is a token bucket per tenant
 (:class:`TokenBucket`), in the leader's memory (every submit goes to the leader); a new
-leader starts every bucket full. Tasks a schedule fires are not refused (a tick is never
-dropped), but they count in the backlog like any other; the schedule count bounds them.
+leader starts every bucket full.
+
+A schedule's firing is a submit too: the firer asks once per tenant and batch
+(:meth:`Quotas.admit_firings`), which admits as many firings as the tenant's backlog and
+bucket have room for; the ticks refused are recorded on their schedules
+(``schedule_firer.py``). The payload limit and the schedule count were checked when the
+schedule was written.
+
+Every value here is within its range (``bounds.py``): the limits when they are set, and
+a RetryInfo is at most ``bounds.RETRY_AFTER_MAX``.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from conveyor.coordinator import bounds
 from conveyor.coordinator.api import context as request_context
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.errors import QuotaExceeded
+from conveyor.coordinator.errors import QuotaExceeded, StoreUnavailable
 from conveyor.coordinator.store import tenants as store
 from conveyor.coordinator.tenancy.backlog import BacklogCounter
 from conveyor.coordinator.tenancy.directory import Directory
@@ -103,18 +112,28 @@ class TokenBucket:
         self.tokens = float(size)
         self._last = time.monotonic()
 
-    def take(self, count: int) -> float | None:
-        """Takes ``count`` tokens and returns None, or takes none and returns the seconds
-        until ``count`` are there (``math.inf`` when count is more than the bucket holds)."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.size, self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def take(self, count: int) -> float | None:
+        """Takes ``count`` tokens and returns None, or takes none and returns the seconds
+        until ``count`` are there (``math.inf`` when count is more than the bucket holds)."""
+        self._refill()
         if count <= self.tokens:
             self.tokens -= count
             return None
         if count > self.size:
             return math.inf
         return (count - self.tokens) / self.rate
+
+    def take_up_to(self, count: int) -> int:
+        """Takes as many whole tokens as there are, up to ``count``; returns how many."""
+        self._refill()
+        taken = min(count, int(self.tokens))
+        self.tokens -= taken
+        return taken
 
 
 class Quotas:
@@ -137,6 +156,8 @@ class Quotas:
     def _forget(self, tenant: str) -> None:
         self._limits.pop(tenant, None)
         self._buckets.pop(tenant, None)  # a new rate starts a full bucket
+        if not self.backlog.current:
+            self.backlog.wake()  # a first backlog limit: count now, not at the next refresh
 
     def limits(self, tenant: str) -> Limits:
         """The limits in force for ``tenant``."""
@@ -152,6 +173,31 @@ class Quotas:
             row.get("max_backlog") for row in self._directory.limits.values()
         )
 
+    def limits_firings(self) -> bool:
+        """Whether any tenant has a backlog or rate limit (else firings need no asking)."""
+        return (
+            self.defaults.max_backlog > 0
+            or self.defaults.submit_rate > 0
+            or any(
+                row.get("max_backlog") or row.get("submit_rate")
+                for row in self._directory.limits.values()
+            )
+        )
+
+    async def backlog_ready(self) -> None:
+        """Returns once the backlog count can be trusted, if any tenant has a backlog
+        limit: after this coordinator took office, or a first limit was set, the count is
+        empty until the counter has counted (see ``backlog.py``)."""
+        if not self.backlog.current and self.backlog_limited():
+            timeout = self._config.statement_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.backlog.ready()
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the tenants' backlog count did not finish within {timeout:g}s"
+                ) from None
+
     # -- submits ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -159,6 +205,8 @@ class Quotas:
         """Admits one submit call, before its requests are even validated, or raises
         QuotaExceeded (held back first when the tenant ignores RetryInfo: see
         :meth:`hold`); the call's tasks count in the tenant's backlog until it ends."""
+        if not self.backlog.current and self.limits(tenant).max_backlog > 0:
+            await self.backlog_ready()
         try:
             self.admit(tenant, requests)
         except QuotaExceeded as exc:
@@ -183,7 +231,7 @@ class Quotas:
             return
         now = time.monotonic()
         until = self._refused_until.get(tenant, 0.0)
-        self._refused_until[tenant] = max(until, now + refusal.retry_after)
+        self._refused_until[tenant] = max(until, now + bounds.retry_delay(refusal.retry_after))
         if now < until:
             await hold_back(until - now)
 
@@ -200,13 +248,36 @@ class Quotas:
             self._take(tenant, count, limits)
         self.backlog.admit(tenant, count)
 
+    def admit_firings(self, tenant: str, count: int) -> tuple[int, str | None]:
+        """Admits up to ``count`` schedule firings of ``tenant``, as many as its backlog and
+        submit rate have room for; returns how many, and the limit that refused the others
+        (None when none was refused). Call :meth:`done` with the count admitted once their
+        transaction has ended."""
+        limits = self.limits(tenant)
+        admitted, refused_by = count, None
+        if limits.max_backlog > 0:
+            room = max(0, limits.max_backlog - self.backlog.estimate(tenant))
+            if room < admitted:
+                admitted, refused_by = room, "max_backlog"
+        if limits.submit_rate > 0 and admitted:
+            taken = self._bucket(tenant, limits).take_up_to(admitted)
+            if taken < admitted:
+                admitted, refused_by = taken, "submit_rate"
+        if admitted:
+            self.backlog.admit(tenant, admitted)
+        return admitted, refused_by
+
     def done(self, tenant: str, count: int) -> None:
         self.backlog.done(tenant, count)
 
-    def _take(self, tenant: str, count: int, limits: Limits) -> None:
+    def _bucket(self, tenant: str, limits: Limits) -> TokenBucket:
         bucket = self._buckets.get(tenant)
         if bucket is None or bucket.rate != limits.submit_rate:
             bucket = self._buckets[tenant] = TokenBucket(limits.submit_rate, limits.bucket_size)
+        return bucket
+
+    def _take(self, tenant: str, count: int, limits: Limits) -> None:
+        bucket = self._bucket(tenant, limits)
         wait = bucket.take(count)
         if wait is None:
             return

@@ -5,6 +5,7 @@ the database holds (the ground truth every test compares against)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import grpc
@@ -16,8 +17,17 @@ from conveyor.v1 import task_service_pb2_grpc
 
 
 @pytest.fixture
-async def coordinator(database_dsn: str) -> AsyncIterator[Coordinator]:
-    coord = Coordinator(coordinator_config(database_dsn))
+def coordinator_settings() -> dict[str, Any]:
+    """CoordinatorConfig settings for the ``coordinator`` fixture; a test module overrides
+    this fixture to change them (``{"metrics_listen": "127.0.0.1:0"}``)."""
+    return {}
+
+
+@pytest.fixture
+async def coordinator(
+    database_dsn: str, coordinator_settings: dict[str, Any]
+) -> AsyncIterator[Coordinator]:
+    coord = Coordinator(coordinator_config(database_dsn, **coordinator_settings))
     await coord.start()
     try:
         yield coord

@@ -2,12 +2,16 @@
 
 Random requests for every RPC (built from the proto descriptors by ``api_strategies``:
 NUL and control characters, long unicode, numbers and timestamps at and past every
-boundary, unknown enum numbers) and random sequences of worker-protocol messages on a raw
+boundary, unknown enum numbers, and well-formed requests with one timestamp, duration or
+number at the edge of its type) and random sequences of worker-protocol messages on a raw
 stream. Every answer must be OK or a documented error: a canonical code other than
 UNKNOWN/INTERNAL, with a ``google.rpc.ErrorInfo`` in the ``conveyor.dev`` domain whose
 reason is an ``ErrorReason``, and ``BadRequest`` field violations for INVALID_ARGUMENT.
 Meanwhile a well-formed submit from another caller, sent at the same moment, must
-succeed: a bad request fails alone.
+succeed: a bad request fails alone. What was accepted must read back, and no loop that
+serves every tenant (the firer, the promoter, the reaper, the dispatcher, the backlog
+counter) may fail a round because of it: an accepted value nothing can use later is a
+failure too.
 
 The README's test command runs a bounded number of examples with a fixed seed. A longer
 run, with new random examples each time:
@@ -33,6 +37,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conveyor.coordinator import Coordinator
+from conveyor.coordinator.supervisor import Service
 from conveyor.v1 import (
     admin_service_pb2,
     errors_pb2,
@@ -178,6 +183,27 @@ def no_server_errors(what: str) -> Iterator[None]:
     assert not crashes, f"{what}: the coordinator logged {crashes[0].getMessage()!r}"
 
 
+@pytest.fixture(autouse=True)
+async def loops_keep_serving(coordinator: Coordinator) -> AsyncIterator[None]:
+    """After the examples, every leader service still steps, and none ever failed a round
+    (an end_time at the largest Timestamp was accepted and stopped the firer)."""
+    yield
+    for service in coordinator.services:
+        await asyncio.wait_for(_one_more_step(service), CALL_TIMEOUT)
+    assert_loops_healthy(coordinator)
+
+
+async def _one_more_step(service: Service) -> None:
+    steps = service.steps
+    service.wake()
+    await service.wait_until(lambda s: s.steps > steps)
+
+
+def assert_loops_healthy(coordinator: Coordinator) -> None:
+    failed = {s.name: repr(s.last_error) for s in coordinator.services if s.failures}
+    assert not failed, f"a loop that serves every tenant failed: {failed}"
+
+
 @pytest.fixture
 async def channel(coordinator: Coordinator) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(
@@ -266,7 +292,9 @@ async def test_submit_tasks_answers_ok_or_a_documented_error(
 @PROFILE
 @given(request=requests(schedule_pb2.CreateScheduleRequest))
 async def test_create_schedule_answers_ok_or_a_documented_error(
-    channel: grpc.aio.Channel, request: schedule_pb2.CreateScheduleRequest
+    coordinator: Coordinator,
+    channel: grpc.aio.Channel,
+    request: schedule_pb2.CreateScheduleRequest,
 ) -> None:
     response, error = await with_bystander(
         channel, "conveyor.v1.TaskService", "CreateSchedule", request
@@ -276,10 +304,18 @@ async def test_create_schedule_answers_ok_or_a_documented_error(
         assert_documented(error, "CreateSchedule")
         return
     assert isinstance(response, schedule_pb2.CreateScheduleResponse)
-    # Accepted means usable: it reads back, and it can be deleted again.
+    # Accepted means usable: it reads back, the list with it too, it pauses and resumes,
+    # the firer goes on, and it can be deleted again.
     name = response.schedule.name
+    firer = coordinator.schedule_firer
+    assert firer is not None
+    await asyncio.wait_for(_one_more_step(firer), CALL_TIMEOUT)
+    assert_loops_healthy(coordinator)
     for method, req in (
         ("GetSchedule", schedule_pb2.GetScheduleRequest(name=name)),
+        ("ListSchedules", schedule_pb2.ListSchedulesRequest()),
+        ("PauseSchedule", schedule_pb2.PauseScheduleRequest(name=name)),
+        ("ResumeSchedule", schedule_pb2.ResumeScheduleRequest(name=name)),
         ("DeleteSchedule", schedule_pb2.DeleteScheduleRequest(name=name)),
     ):
         _, follow_error = await call(channel, "conveyor.v1.TaskService", method, req)
@@ -289,7 +325,7 @@ async def test_create_schedule_answers_ok_or_a_documented_error(
 @settings(PROFILE, max_examples=PROFILE.max_examples * 3)
 @given(data=st.data())
 async def test_every_unary_rpc_answers_ok_or_a_documented_error(
-    channel: grpc.aio.Channel, data: st.DataObject
+    coordinator: Coordinator, channel: grpc.aio.Channel, data: st.DataObject
 ) -> None:
     service, name = data.draw(st.sampled_from(UNARY_METHODS), label="rpc")
     request_cls, _ = _method(service, name)
@@ -298,6 +334,21 @@ async def test_every_unary_rpc_answers_ok_or_a_documented_error(
     event(f"{name}: {error.code().name if error else 'OK'}")
     if error is not None:
         assert_documented(error, name)
+        return
+    # What one call stored, every later reader must read: the lists of it answer.
+    for method, req in READ_BACK.get(name, ()):
+        _, read_error = await call(channel, service, method, req)
+        assert read_error is None or read_error.code() in DOCUMENTED, (
+            f"{method} after {name}: {read_error}"
+        )
+    assert_loops_healthy(coordinator)
+
+
+# The lists that read what each writing call stored.
+READ_BACK: dict[str, tuple[tuple[str, Message], ...]] = {
+    "CreateApiKey": (("ListApiKeys", admin_service_pb2.ListApiKeysRequest(show_inactive=True)),),
+    "UpdateTenantLimits": (("ListTenants", admin_service_pb2.ListTenantsRequest()),),
+}
 
 
 @PROFILE

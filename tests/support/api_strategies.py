@@ -2,7 +2,10 @@
 
 Every field gets values a hostile or buggy client could send: NUL and control characters,
 long unicode, trailing newlines, numbers at and past every boundary, timestamps and
-durations far outside what datetime can hold, enum numbers the proto does not define. Some
+durations far outside what datetime can hold, enum numbers the proto does not define; and
+well-formed requests with one timestamp, duration or number at the edge of its type
+(:func:`one_edge`: the smallest and largest Timestamp and Duration, zero, negative, NaN,
+infinity, the tiniest double). Some
 fields (names, ids, cron expressions, zones) also draw well-formed values often enough
 that requests get past the first check and reach the deeper code, and the store.
 
@@ -188,6 +191,125 @@ def _duration_fields() -> st.SearchStrategy[dict[str, int]]:
     return st.fixed_dictionaries({"seconds": seconds, "nanos": nanos})
 
 
+# -- edges: the extremes of each type, where layers that each hold a value disagree --------
+
+# The smallest and largest Timestamp (asyncpg stores them as -infinity and infinity),
+# the last nanosecond of the largest, the Unix epoch and a second before it, a year 9999
+# instant a zone east of UTC pushes past datetime's range, the edges of the coordinator's
+# time range (1970-01-01, 9000-01-01) and a second past them; and nanos out of range.
+EDGE_TIMESTAMPS = [
+    {"seconds": -62_135_596_800},
+    {"seconds": 253_402_300_799, "nanos": 999_999_999},
+    {"seconds": 253_402_300_799, "nanos": 999_999_998},
+    {"seconds": 253_402_300_799},
+    {"seconds": 253_402_300_799 - 5 * 3600},
+    {"seconds": 0},
+    {"seconds": -1},
+    {"seconds": 0, "nanos": 999_999_999},
+    {"seconds": 221_845_392_000},
+    {"seconds": 221_845_392_000, "nanos": 1},
+    {"seconds": 221_845_392_001},
+    {"seconds": 253_402_300_800},
+    {"seconds": -62_135_596_801},
+    {"seconds": INT64[1]},
+    {"seconds": INT64[0]},
+    {"seconds": 0, "nanos": -1},
+    {"seconds": 0, "nanos": 1_000_000_000},
+]
+# The largest and smallest Duration, a nanosecond, zero, negative, a day and a nanosecond
+# past it, and seconds and nanos of opposite signs.
+EDGE_DURATIONS = [
+    {"seconds": 315_576_000_000, "nanos": 999_999_999},
+    {"seconds": -315_576_000_000, "nanos": -999_999_999},
+    {"nanos": 1},
+    {},
+    {"seconds": -1},
+    {"nanos": -1},
+    {"seconds": 86_400},
+    {"seconds": 86_400, "nanos": 1},
+    {"seconds": 1, "nanos": -1},
+    {"seconds": INT64[1]},
+]
+EDGE_DOUBLES = [
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    -0.0,
+    5e-324,
+    1e-300,
+    1e-12,
+    0.000_999,
+    0.001,
+    1e9,
+    1e10,
+    1e308,
+    1.7976931348623157e308,
+    -1e-300,
+]
+
+
+def _edge_ints(bounds: tuple[int, int]) -> list[int]:
+    low, high = bounds
+    return [
+        v
+        for v in (low, high, 0, -1, 1, low + 1, high - 1, 2**62, 2**62 + 1, 2**31, 2**31 - 1)
+        if low <= v <= high
+    ]
+
+
+def _edge_scalar(field: FD) -> st.SearchStrategy[Any]:
+    kind = field.type
+    if kind in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
+        return st.sampled_from(EDGE_DOUBLES)
+    if kind in (FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_ENUM):
+        return st.sampled_from(_edge_ints(INT32))
+    if kind in (FD.TYPE_UINT32, FD.TYPE_FIXED32):
+        return st.sampled_from(_edge_ints(UINT32))
+    if kind in (FD.TYPE_UINT64, FD.TYPE_FIXED64):
+        return st.sampled_from(_edge_ints(UINT64))
+    if kind in (FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64):
+        return st.sampled_from(_edge_ints(INT64))
+    return _scalar(field)
+
+
+def _has_edge(field: FD, depth: int) -> bool:
+    """Whether a field is, or holds, a timestamp, duration or number (at this depth)."""
+    if field.message_type is None:
+        return field.type not in (FD.TYPE_STRING, FD.TYPE_BYTES, FD.TYPE_BOOL)
+    if field.message_type.GetOptions().map_entry or depth >= 3:
+        return False
+    return any(_has_edge(f, depth + 1) for f in field.message_type.fields)
+
+
+def one_edge(desc: descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    """A well-formed request with one timestamp, duration or number, anywhere in it, at an
+    edge of its type (the largest Timestamp in a schedule's end_time, a submit_rate of
+    1e-300): values each layer holds alone, and the next one may not."""
+    if desc.full_name == "google.protobuf.Timestamp":
+        return st.sampled_from(EDGE_TIMESTAMPS)
+    if desc.full_name == "google.protobuf.Duration":
+        return st.sampled_from(EDGE_DURATIONS)
+    candidates = [f for f in desc.fields if _has_edge(f, depth)]
+    good = message_fields(desc, depth, good=True)
+    if not candidates:
+        return good
+
+    def edge_of(field: FD) -> st.SearchStrategy[tuple[str, Any]]:
+        if field.message_type is not None:
+            cls = _message_class(field.message_type)
+            inner = one_edge(field.message_type, depth + 1).map(lambda kw: cls(**kw))
+            value: st.SearchStrategy[Any] = (
+                st.lists(inner, min_size=1, max_size=2) if (field.is_repeated) else inner
+            )
+        else:
+            scalar = _edge_scalar(field)
+            value = st.lists(scalar, min_size=1, max_size=2) if field.is_repeated else scalar
+        return value.map(lambda v: (field.name, v))
+
+    edge = st.sampled_from(candidates).flatmap(edge_of)
+    return st.tuples(good, edge).map(lambda pair: {**pair[0], pair[1][0]: pair[1][1]})
+
+
 def _scalar(field: FD) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind == FD.TYPE_STRING:
@@ -285,9 +407,11 @@ def requests(cls: type[Message]) -> st.SearchStrategy[Message]:
     hostile = message_fields(desc)
     good = message_fields(desc, good=True)
     one_bad = st.tuples(good, hostile).map(lambda pair: _with_one_of(pair[0], pair[1]))
-    # One in five hostile throughout; the rest well-formed, half of those with one bad
-    # field. (one_of would favour its first branch while generating.)
-    mix = [hostile, good, good, one_bad, one_bad]
+    edge = one_edge(desc)
+    # One in seven hostile throughout; the rest well-formed, of those a third with one
+    # bad field and a third with one value at the edge of its type. (one_of would favour
+    # its first branch while generating.)
+    mix = [hostile, good, good, one_bad, one_bad, edge, edge]
     return st.integers(0, len(mix) - 1).flatmap(lambda i: mix[i]).map(lambda kw: cls(**kw))
 
 

@@ -28,7 +28,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/schedule.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n\x0cTaskTemplate\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12\x35\n\x06labels\x18\x0b \x03(\x0b\x32%.conveyor.v1.TaskTemplate.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07J\x04\x08\x0c\x10\rR\x0fidempotency_keyR\x06run_atR\x0btraceparent\"\xc0\x04\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x30\n\rtask_template\x18\x04 \x01(\x0b\x32\x19.conveyor.v1.TaskTemplate\x12\x32\n\x0eoverlap_policy\x18\x05 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x33\n\x0f\x63\x61tch_up_policy\x18\x06 \x01(\x0e\x32\x1a.conveyor.v1.CatchUpPolicy\x12\x16\n\x0e\x63\x61tch_up_limit\x18\x07 \x01(\x05\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_fire_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0erecent_firings\x18\x0c \x03(\x0b\x32\x1b.conveyor.v1.ScheduleFiring\x12\n\n\x02id\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x10 \x01(\t\"\xab\x01\n\x0eScheduleFiring\x12-\n\ttick_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12-\n\tfire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\ntask_state\x18\x04 \x01(\x0e\x32\x16.conveyor.v1.TaskState\"@\n\x15\x43reateScheduleRequest\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"A\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"q\n\x15UpdateScheduleRequest\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x15PauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x16ResumeScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule*\x81\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x03*\x87\x01\n\rCatchUpPolicy\x12\x1f\n\x1b\x43\x41TCH_UP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41TCH_UP_POLICY_SKIP\x10\x01\x12\x1d\n\x19\x43\x41TCH_UP_POLICY_FIRE_ONCE\x10\x02\x12\x1c\n\x18\x43\x41TCH_UP_POLICY_FIRE_ALL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63onveyor/v1/schedule.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n\x0cTaskTemplate\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12\x35\n\x06labels\x18\x0b \x03(\x0b\x32%.conveyor.v1.TaskTemplate.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07J\x04\x08\x0c\x10\rR\x0fidempotency_keyR\x06run_atR\x0btraceparent\"\xcf\x04\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x30\n\rtask_template\x18\x04 \x01(\x0b\x32\x19.conveyor.v1.TaskTemplate\x12\x32\n\x0eoverlap_policy\x18\x05 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x33\n\x0f\x63\x61tch_up_policy\x18\x06 \x01(\x0e\x32\x1a.conveyor.v1.CatchUpPolicy\x12\x16\n\x0e\x63\x61tch_up_limit\x18\x07 \x01(\x05\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_fire_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0erecent_firings\x18\x0c \x03(\x0b\x32\x1b.conveyor.v1.ScheduleFiring\x12\n\n\x02id\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x10 \x01(\t\x12\r\n\x05\x66\x61ult\x18\x11 \x01(\t\"\xc2\x01\n\x0eScheduleFiring\x12-\n\ttick_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12-\n\tfire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\ntask_state\x18\x04 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x15\n\rrefused_limit\x18\x05 \x01(\t\"@\n\x15\x43reateScheduleRequest\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"A\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"q\n\x15UpdateScheduleRequest\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x15PauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x16ResumeScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule*\x81\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x03*\x87\x01\n\rCatchUpPolicy\x12\x1f\n\x1b\x43\x41TCH_UP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41TCH_UP_POLICY_SKIP\x10\x01\x12\x1d\n\x19\x43\x41TCH_UP_POLICY_FIRE_ONCE\x10\x02\x12\x1c\n\x18\x43\x41TCH_UP_POLICY_FIRE_ALL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +37,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKTEMPLATE_LABELSENTRY']._loaded_options = None
   _globals['_TASKTEMPLATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OVERLAPPOLICY']._serialized_start=2140
-  _globals['_OVERLAPPOLICY']._serialized_end=2269
-  _globals['_CATCHUPPOLICY']._serialized_start=2272
-  _globals['_CATCHUPPOLICY']._serialized_end=2407
+  _globals['_OVERLAPPOLICY']._serialized_start=2178
+  _globals['_OVERLAPPOLICY']._serialized_end=2307
+  _globals['_CATCHUPPOLICY']._serialized_start=2310
+  _globals['_CATCHUPPOLICY']._serialized_end=2445
   _globals['_TASKTEMPLATE']._serialized_start=167
   _globals['_TASKTEMPLATE']._serialized_end=539
   _globals['_TASKTEMPLATE_LABELSENTRY']._serialized_start=438
   _globals['_TASKTEMPLATE_LABELSENTRY']._serialized_end=483
   _globals['_SCHEDULE']._serialized_start=542
-  _globals['_SCHEDULE']._serialized_end=1118
-  _globals['_SCHEDULEFIRING']._serialized_start=1121
-  _globals['_SCHEDULEFIRING']._serialized_end=1292
-  _globals['_CREATESCHEDULEREQUEST']._serialized_start=1294
-  _globals['_CREATESCHEDULEREQUEST']._serialized_end=1358
-  _globals['_CREATESCHEDULERESPONSE']._serialized_start=1360
-  _globals['_CREATESCHEDULERESPONSE']._serialized_end=1425
-  _globals['_GETSCHEDULEREQUEST']._serialized_start=1427
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=1461
-  _globals['_GETSCHEDULERESPONSE']._serialized_start=1463
-  _globals['_GETSCHEDULERESPONSE']._serialized_end=1525
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1527
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1588
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1590
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1680
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1682
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1795
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1797
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1862
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1864
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1901
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1903
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1927
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1929
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1965
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=1967
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2031
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2033
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=2070
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=2072
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=2137
+  _globals['_SCHEDULE']._serialized_end=1133
+  _globals['_SCHEDULEFIRING']._serialized_start=1136
+  _globals['_SCHEDULEFIRING']._serialized_end=1330
+  _globals['_CREATESCHEDULEREQUEST']._serialized_start=1332
+  _globals['_CREATESCHEDULEREQUEST']._serialized_end=1396
+  _globals['_CREATESCHEDULERESPONSE']._serialized_start=1398
+  _globals['_CREATESCHEDULERESPONSE']._serialized_end=1463
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=1465
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=1499
+  _globals['_GETSCHEDULERESPONSE']._serialized_start=1501
+  _globals['_GETSCHEDULERESPONSE']._serialized_end=1563
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1565
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1626
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1628
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1718
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1720
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1833
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1835
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1900
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1902
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1939
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1941
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1965
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1967
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=2003
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=2005
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2069
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2071
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=2108
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=2110
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=2175
 # @@protoc_insertion_point(module_scope)

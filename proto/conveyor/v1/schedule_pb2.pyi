@@ -195,6 +195,7 @@ class Schedule(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    FAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique per tenant: letters, digits and _ . : - /, at most 128 characters."""
     cron: _builtins.str
@@ -224,6 +225,11 @@ class Schedule(_message.Message):
     etag: _builtins.str
     """Output only, except in UpdateSchedule: when set there, the update is refused
     (ABORTED, ETAG_MISMATCH) unless it equals the schedule's current etag.
+    """
+    fault: _builtins.str
+    """Output only: why the firer set this schedule aside (a stored value it could not use,
+    such as a row written by hand); empty while the schedule fires. A schedule set aside
+    does not fire until UpdateSchedule or ResumeSchedule gives it a fresh start.
     """
     @_builtins.property
     def task_template(self) -> Global___TaskTemplate:
@@ -274,10 +280,11 @@ class Schedule(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        fault: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "task_template", b"task_template", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up_limit", b"catch_up_limit", "catch_up_policy", b"catch_up_policy", "create_time", b"create_time", "cron", b"cron", "end_time", b"end_time", "etag", b"etag", "id", b"id", "name", b"name", "next_fire_times", b"next_fire_times", "overlap_policy", b"overlap_policy", "paused", b"paused", "recent_firings", b"recent_firings", "start_time", b"start_time", "task_template", b"task_template", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up_limit", b"catch_up_limit", "catch_up_policy", b"catch_up_policy", "create_time", b"create_time", "cron", b"cron", "end_time", b"end_time", "etag", b"etag", "fault", b"fault", "id", b"id", "name", b"name", "next_fire_times", b"next_fire_times", "overlap_policy", b"overlap_policy", "paused", b"paused", "recent_firings", b"recent_firings", "start_time", b"start_time", "task_template", b"task_template", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,7 +292,9 @@ Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
 
 @_typing.final
 class ScheduleFiring(_message.Message):
-    """ScheduleFiring is one tick that submitted a task."""
+    """ScheduleFiring is one tick of a schedule: the task it submitted, or why it submitted
+    none.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -293,17 +302,23 @@ class ScheduleFiring(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     FIRE_TIME_FIELD_NUMBER: _builtins.int
     TASK_STATE_FIELD_NUMBER: _builtins.int
+    REFUSED_LIMIT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
-    """The task it submitted."""
+    """The task it submitted; empty when the tick was refused (refused_limit)."""
     task_state: _task_pb2.TaskState.ValueType
-    """The task's current state."""
+    """The task's current state; unspecified when the tick was refused."""
+    refused_limit: _builtins.str
+    """Set when the tick submitted no task because the tenant was over this limit at the
+    tick ("max_backlog" or "submit_rate"): a firing is a submit. A refused tick is not
+    fired later; the catch-up policy is about ticks missed while no coordinator fired.
+    """
     @_builtins.property
     def tick_time(self) -> _timestamp_pb2.Timestamp:
         """The tick the firing is for."""
 
     @_builtins.property
     def fire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the task was written (tick_time plus the firing lag)."""
+        """When the task was written (tick_time plus the firing lag), or the tick refused."""
 
     def __init__(
         self,
@@ -312,10 +327,11 @@ class ScheduleFiring(_message.Message):
         task_id: _builtins.str = ...,
         fire_time: _timestamp_pb2.Timestamp | None = ...,
         task_state: _task_pb2.TaskState.ValueType = ...,
+        refused_limit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "tick_time", b"tick_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "task_id", b"task_id", "task_state", b"task_state", "tick_time", b"tick_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fire_time", b"fire_time", "refused_limit", b"refused_limit", "task_id", b"task_id", "task_state", b"task_state", "tick_time", b"tick_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

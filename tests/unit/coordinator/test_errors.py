@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor.coordinator import errors
+from conveyor.coordinator import bounds, errors
 from conveyor.coordinator.errors import (
     ConveyorError,
     Fenced,
@@ -86,6 +89,31 @@ def test_quota_exceeded_names_the_limit_with_retry_info() -> None:
     (violation,) = details["QuotaFailure"].violations  # type: ignore[attr-defined]
     assert violation.subject == "max_backlog"
     assert details["RetryInfo"].retry_delay.ToMilliseconds() == 1500  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seconds", [1e12, float("inf"), float("nan"), -1.0, 5e-324])
+def test_every_retry_info_has_a_sane_ceiling(seconds: float) -> None:
+    """A tiny submit rate made an infinite wait, and RetryInfo raised OverflowError: the
+    caller saw UNKNOWN (issue 15). Every RetryInfo is within 0 and bounds.RETRY_AFTER_MAX."""
+    details = _details(to_status(QuotaExceeded("submit_rate", "slow", seconds)))
+    delay = details["RetryInfo"].retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
+    assert 0 <= delay <= bounds.RETRY_AFTER_MAX
+
+
+def test_a_status_fits_the_trailers_a_client_takes_whatever_the_request() -> None:
+    """A 10 KB field echoed in a violation, or a thousand bad tasks, made trailers the
+    client refused (RESOURCE_EXHAUSTED instead of the INVALID_ARGUMENT sent)."""
+    huge = "é" * 10_000
+    violations = [FieldViolation(f"tasks[{i}].{huge}", f"{huge!r} is wrong") for i in range(1000)]
+    status = to_status(InvalidArgument(violations))
+    # On the wire: binary trailers in base64, the message percent-encoded.
+    wire = len(urllib.parse.quote(status.details.encode()))
+    for key, value in status.trailing_metadata:
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        wire += len(key) + len(base64.b64encode(raw))
+    assert wire < 8 * 1024
+    bad = _details(status)["BadRequest"].field_violations  # type: ignore[attr-defined]
+    assert len(bad) == errors.MAX_VIOLATIONS + 1 and "990 more" in bad[-1].description
 
 
 def test_outcome_unknown_is_not_retry_shortly() -> None:

@@ -144,3 +144,35 @@ async def test_a_tenant_that_ignores_retry_info_is_answered_late(
     async with quotas.admission("globex", [_task()]):
         pass
     assert quotas.backlog.estimate("acme") == 1
+
+
+def test_firings_are_admitted_as_far_as_the_backlog_has_room() -> None:
+    """A schedule firing is a submit: the firer asks once per tenant and batch, and as
+    many firings as fit are admitted (the others are refused, with the limit)."""
+    quotas, directory = _quotas()
+    directory.set("t", max_backlog=3)
+    quotas.backlog.counted = {"t": 2}
+    assert quotas.admit_firings("t", 5) == (1, "max_backlog")
+    assert quotas.admit_firings("t", 5) == (0, "max_backlog")
+    assert quotas.admit_firings("other", 5) == (5, None)
+    quotas.done("t", 1)
+    with pytest.raises(QuotaExceeded):
+        quotas.admit("t", [_task()])
+
+
+def test_firings_take_what_the_bucket_holds() -> None:
+    quotas, directory = _quotas()
+    directory.set("t", submit_rate=0.001, submit_burst=2)
+    assert quotas.admit_firings("t", 5) == (2, "submit_rate")
+    assert quotas.admit_firings("t", 1) == (0, "submit_rate")
+    with pytest.raises(QuotaExceeded) as caught:
+        quotas.admit("t", [_task()])
+    assert caught.value.subject == "submit_rate"
+    assert quotas.limits_firings() and not _quotas()[0].limits_firings()
+
+
+def test_take_up_to_takes_whole_tokens_only() -> None:
+    bucket = TokenBucket(rate=0.001, size=3)
+    assert bucket.take_up_to(2) == 2
+    assert bucket.take_up_to(5) == 1
+    assert bucket.take_up_to(5) == 0
