@@ -154,6 +154,7 @@ class CoordinatorConfig:
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),
+                            ("max_watch_streams", self.max_watch_streams),
                             ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
         for name, limit in limits:
             problem = bounds.limit_problem(name, limit)
@@ -212,10 +213,6 @@ class CoordinatorConfig:
                             ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
-        if self.max_watch_streams < 0:
-            out.append(
-                f"max_watch_streams must be 0 (no limit) or positive, got {self.max_watch_streams}"
-            )
         if self.metrics_listen:
             try:
                 parse_listen(self.metrics_listen)
