@@ -154,6 +154,7 @@ class CoordinatorConfig:
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),
+                            ("max_watch_streams", self.max_watch_streams),
                             ("auth_failure_burst", self.auth_failure_burst))  # fmt: skip
         for name, limit in limits:
             problem = bounds.limit_problem(name, limit)
@@ -175,24 +176,6 @@ class CoordinatorConfig:
             problem = name_problem(self.bootstrap_tenant)
             if problem is not None:
                 out.append(f"bootstrap_tenant {self.bootstrap_tenant!r} {problem}")
-        return out
-
-    def _size_problems(self) -> list[str]:
-        """The pool, the group commits and the watch streams: their sizes."""
-        out: list[str] = []
-        if not 1 <= self.pool_min_size <= self.pool_max_size:
-            out.append(
-                f"pool sizes must satisfy 1 <= pool_min_size <= pool_max_size "
-                f"(got {self.pool_min_size} and {self.pool_max_size})"
-            )
-        for name, value in (("max_batch", self.max_batch),
-                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
-            if value < 1:
-                out.append(f"{name} must be at least 1 (got {value})")
-        if self.max_watch_streams < 0:
-            out.append(
-                f"max_watch_streams must be 0 (no limit) or positive, got {self.max_watch_streams}"
-            )
         return out
 
     def problems(self) -> list[str]:
@@ -221,7 +204,15 @@ class CoordinatorConfig:
             out.append(
                 f"liveness_timeout {problem}, or 0 for the default (got {self.liveness_timeout})"
             )
-        out += self._size_problems()
+        if not 1 <= self.pool_min_size <= self.pool_max_size:
+            out.append(
+                f"pool sizes must satisfy 1 <= pool_min_size <= pool_max_size "
+                f"(got {self.pool_min_size} and {self.pool_max_size})"
+            )
+        for name, value in (("max_batch", self.max_batch),
+                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+            if value < 1:
+                out.append(f"{name} must be at least 1 (got {value})")
         if self.metrics_listen:
             try:
                 parse_listen(self.metrics_listen)
