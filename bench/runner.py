@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 
 STARTUP_TIMEOUT = 60.0
 

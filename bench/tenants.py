@@ -29,7 +29,7 @@ from google.protobuf import field_mask_pb2
 from conveyor.bench.runner import _free_port, _percentile, _postgres, _say, _stop, _wait_serving
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, auth_pb2
 
 FLOOD_WARM_UP = 1.0

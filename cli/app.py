@@ -23,7 +23,7 @@ import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -31,9 +31,8 @@ import typer
 from rich.markup import escape
 
 if TYPE_CHECKING:  # imported when a command connects: `conveyor --help` stays quick
-    import grpc.aio
-
     from conveyor.client import AsyncClient, Client
+    from conveyor.client._channel import Connection
     from conveyor.transport import ConnectionOptions
 
 from conveyor.cli import values
@@ -90,12 +89,20 @@ class Globals:
             credentials=security.channel_credentials(self), api_key=self.api_key or None
         )
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """A channel to ``address`` with :meth:`options` (close it, or ``async with``); its
-        calls carry the API key, as the client library's do."""
-        from conveyor.cli.connect import open_channel
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """The client library's connection layer to the coordinators (failover, the
+        resends it allows, the API key), for the calls the client's methods do not make;
+        closed when the block ends."""
+        from conveyor.client._channel import Connection, RetryRules
 
-        return open_channel(self.options(), address)
+        conn = Connection(
+            self.addresses, timeout=self.rpc_timeout, options=self.options(), rules=RetryRules()
+        )
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
     def client(self) -> Client:
         """A synchronous client for the command (close it, or ``with``)."""

@@ -18,7 +18,8 @@ import typer
 from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import FAILURE
-from conveyor.cli.keys_commands import AsJson, Dsn, admin_call, on_database
+from conveyor.cli.keys_commands import AsJson, Dsn, on_database
+from conveyor.cli.wire import admin_call
 
 PAGE = 1000
 
@@ -42,8 +43,8 @@ def _page(g: Globals, tenant: str, newest_first: bool, size: int, token: str) ->
         tenant=tenant, newest_first=newest_first, page_size=size, page_token=token
     )
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return await stub.ListAuditEvents(request, timeout=seconds)
+    async def call(admin: Any) -> Any:
+        return await admin.ListAuditEvents(request)
 
     return admin_call(g, call)
 
@@ -87,16 +88,16 @@ def list_(
 
 
 def _rows_through_api(g: Globals) -> list[Any]:
-    from conveyor.coordinator.audit_chain import Event, Row
+    from conveyor.coordinator.audit.chain import Event, Row
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> list[Any]:
+    async def call(admin: Any) -> list[Any]:
         # Every page on one channel, oldest first.
         events: list[Any] = []
         token = ""
         while True:
             request = admin_service_pb2.ListAuditEventsRequest(page_size=PAGE, page_token=token)
-            page = await stub.ListAuditEvents(request, timeout=seconds)
+            page = await admin.ListAuditEvents(request)
             events.extend(page.events)
             token = page.next_page_token
             if not token:
@@ -120,7 +121,7 @@ def _rows_through_api(g: Globals) -> list[Any]:
 
 
 def _verify_in_database(dsn: str) -> Any:
-    from conveyor.coordinator.audit_chain import Verification, verify
+    from conveyor.coordinator.audit.chain import Verification, verify
     from conveyor.coordinator.store import audit as store
 
     async def work(conn: Any) -> Verification:
@@ -141,7 +142,7 @@ def verify(dsn: Dsn = None, *, g: Globals) -> int:
     """Check the audit log's hash chain: exit 0 when it is whole, 1 naming each row that was
     deleted or edited. Prints the head (last row and its hash): keep it, and compare it
     next time, to notice newest rows cut off."""
-    from conveyor.coordinator.audit_chain import verify as check
+    from conveyor.coordinator.audit.chain import verify as check
 
     result = _verify_in_database(dsn) if dsn else check(_rows_through_api(g))
     for seq, problem in result.problems:

@@ -146,7 +146,7 @@ def dev(
 def dev_key(folder: Path) -> str:
     """The admin key of this data directory: made at the first start, then read back, so a
     restart prints the same one (the file is the owner's alone, like the data)."""
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.tenancy import keys as api_keys
 
     path = folder / KEY_FILE
     try:

@@ -13,14 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+
+from conveyor.transport import error_from_rpc
 
 # Exit codes: 1 for a failure, 2 for a usage error (as click and argparse use them).
 FAILURE = 1
 USAGE = 2
-
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class CLIError(Exception):
@@ -33,7 +31,7 @@ class CLIError(Exception):
 
 @dataclass(frozen=True)
 class RPCFailure:
-    """What the CLI needs of a failed call, whether the client library or a raw stub made it."""
+    """What the CLI needs of a failed call (read off the client's ``RPCError``)."""
 
     code: grpc.StatusCode
     message: str
@@ -44,42 +42,8 @@ class RPCFailure:
     violations: tuple[tuple[str, str], ...] = ()
 
 
-def failure_from_grpc(err: grpc.RpcError, address: str | None = None) -> RPCFailure:
-    """Reads code, message and the ``google.rpc`` details off a raw failed call."""
-    code_fn = getattr(err, "code", None)
-    details_fn = getattr(err, "details", None)
-    trailing_fn = getattr(err, "trailing_metadata", None)
-    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
-    message = (details_fn() if callable(details_fn) else None) or ""
-    reason: str | None = None
-    metadata: dict[str, str] = {}
-    retry_after: float | None = None
-    violations: list[tuple[str, str]] = []
-    for key, value in (trailing_fn() if callable(trailing_fn) else None) or ():
-        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except DecodeError:
-            break
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason or None, dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToTimedelta().total_seconds()
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
-    return RPCFailure(code, message, address, reason, metadata, retry_after, tuple(violations))
-
-
 def _failure_from_client(err: object) -> RPCFailure:
-    """The same from a ``conveyor.client.RPCError`` (its documented attributes)."""
+    """The failure a ``conveyor.client.RPCError`` describes (its documented attributes)."""
     return RPCFailure(
         code=getattr(err, "code", grpc.StatusCode.UNKNOWN),
         message=getattr(err, "server_message", "") or str(err),
@@ -205,26 +169,16 @@ def _refused(f: RPCFailure, where: str) -> str:
     return f"{where} refused the call: {f.message or f.code.name.lower()}{hint}"
 
 
-class RemoteError(Exception):
-    """A raw call failed on every coordinator tried; ``failure`` is the last one's answer."""
-
-    def __init__(self, failure: RPCFailure) -> None:
-        super().__init__(describe_failure(failure))
-        self.failure = failure
-
-
 def describe(exc: BaseException) -> tuple[str, int] | None:
     """(one line, exit code) for an expected failure, or None for a bug."""
     from conveyor.client import ConveyorError, RPCError, WaitTimeoutError
 
     if isinstance(exc, CLIError):
         return str(exc), exc.code
-    if isinstance(exc, RemoteError):
-        return str(exc), FAILURE
+    if isinstance(exc, grpc.RpcError):  # a raw call's: read by the client's catalog
+        exc = error_from_rpc(exc)
     if isinstance(exc, RPCError):
         return describe_failure(_failure_from_client(exc)), FAILURE
-    if isinstance(exc, grpc.RpcError):
-        return describe_failure(failure_from_grpc(exc)), FAILURE
     if isinstance(exc, WaitTimeoutError):
         state = exc.task.state.value.lower() if exc.task is not None else "not seen yet"
         return (

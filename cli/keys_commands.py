@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-import grpc
 import typer
 
-from conveyor.cli import output, wire
+from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
+from conveyor.cli.wire import admin_call
 
 T = TypeVar("T")
 
@@ -68,7 +68,7 @@ MAX_EXPIRES_IN = timedelta(days=36525)
 
 
 def _check_tenant(tenant: str) -> None:
-    from conveyor.coordinator.validation import name_problem
+    from conveyor.coordinator.api.validation import name_problem
 
     problem = name_problem(tenant)
     if problem is not None:
@@ -87,7 +87,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def scopes_text(scopes: Any) -> str:
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.tenancy import keys as api_keys
 
     return ",".join(api_keys.scope_name(s) for s in scopes)
 
@@ -96,17 +96,6 @@ def state_text(state: int) -> str:
     from conveyor.v1 import auth_pb2
 
     return auth_pb2.ApiKeyState.Name(state).removeprefix("API_KEY_STATE_").lower()  # type: ignore[arg-type]
-
-
-def admin_call(g: Globals, call: Callable[[Any, float], Awaitable[T]]) -> T:
-    """``call(AdminService stub, timeout)`` on the first coordinator that answers."""
-    from conveyor.v1 import admin_service_pb2_grpc
-
-    async def method(channel: grpc.aio.Channel, seconds: float) -> T:
-        return await call(admin_service_pb2_grpc.AdminServiceStub(channel), seconds)
-
-    result: T = wire.run(g, method)
-    return result
 
 
 def on_database(dsn: str, work: Callable[[Any], Awaitable[T]]) -> T:
@@ -159,7 +148,7 @@ def generate(*, g: Globals) -> int:
     """Print a new random API key, and nothing else: for CONVEYOR_BOOTSTRAP_KEY or
     --bootstrap-key-file, which a coordinator adds as an admin key at start. Nothing is
     stored; the key works once a coordinator was started with it."""
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.tenancy import keys as api_keys
 
     output.print_text(api_keys.generate()[1])
     return 0
@@ -193,10 +182,10 @@ def create(
     Keep it secret: the cluster keeps only its hash. Send it as --api-key, CONVEYOR_API_KEY
     or the client's api_key=.
     """
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.api.security_admin import MAX_DESCRIPTION_LENGTH
+    from conveyor.coordinator.api.validation import check_text
     from conveyor.coordinator.errors import FieldViolation
-    from conveyor.coordinator.security_admin import MAX_DESCRIPTION_LENGTH
-    from conveyor.coordinator.validation import check_text
+    from conveyor.coordinator.tenancy import keys as api_keys
 
     names = [s.strip() for given in scope for s in given.split(",") if s.strip()]
     try:
@@ -236,7 +225,7 @@ def _create_through_api(
 ) -> tuple[Any, str]:
     from google.protobuf import timestamp_pb2
 
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.tenancy import keys as api_keys
     from conveyor.v1 import admin_service_pb2
 
     request = admin_service_pb2.CreateApiKeyRequest(
@@ -247,8 +236,8 @@ def _create_through_api(
         stamp.FromDatetime(expire)
         request.expire_time.CopyFrom(stamp)
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return await stub.CreateApiKey(request, timeout=seconds)
+    async def call(admin: Any) -> Any:
+        return await admin.CreateApiKey(request)
 
     response = admin_call(g, call)
     return response.key, response.secret
@@ -257,8 +246,8 @@ def _create_through_api(
 def _create_in_database(
     dsn: str, tenant: str, scopes: tuple[str, ...], description: str, expire: datetime | None
 ) -> tuple[Any, str]:
-    from conveyor.coordinator.bootstrap import create_key_in_database
-    from conveyor.coordinator.security_admin import api_key_message
+    from conveyor.coordinator.api.security_admin import api_key_message
+    from conveyor.coordinator.tenancy.bootstrap import create_key_in_database
 
     async def work(conn: Any) -> tuple[Any, str]:
         row, key = await create_key_in_database(
@@ -295,7 +284,7 @@ def list_(
 def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[Any]:
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> list[Any]:
+    async def call(admin: Any) -> list[Any]:
         # Every page on one channel.
         keys: list[Any] = []
         token = ""
@@ -303,7 +292,7 @@ def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[An
             request = admin_service_pb2.ListApiKeysRequest(
                 tenant=tenant or "", show_inactive=show_all, page_size=1000, page_token=token
             )
-            page = await stub.ListApiKeys(request, timeout=seconds)
+            page = await admin.ListApiKeys(request)
             keys.extend(page.keys)
             token = page.next_page_token
             if not token:
@@ -314,7 +303,7 @@ def _list_through_api(g: Globals, tenant: str | None, show_all: bool) -> list[An
 
 
 def _list_in_database(dsn: str, tenant: str | None, show_all: bool) -> list[Any]:
-    from conveyor.coordinator.security_admin import api_key_message
+    from conveyor.coordinator.api.security_admin import api_key_message
     from conveyor.coordinator.store import api_keys as store
 
     async def work(conn: Any) -> list[Any]:
@@ -334,9 +323,9 @@ def revoke(
 ) -> int:
     """Revoke an API key: calls with it fail, and its open streams end, on every coordinator
     within a second. Revoking a revoked key changes nothing."""
-    from conveyor.coordinator import api_keys
+    from conveyor.coordinator.api.security_admin import validate_key_id
     from conveyor.coordinator.errors import InvalidArgument
-    from conveyor.coordinator.security_admin import validate_key_id
+    from conveyor.coordinator.tenancy import keys as api_keys
 
     if key_id.startswith(api_keys.KEY_PREFIX):
         # A whole key was pasted: take its id, and never echo the secret.
@@ -353,9 +342,9 @@ def revoke(
     else:
         from conveyor.v1 import admin_service_pb2
 
-        async def call(stub: Any, seconds: float) -> Any:
+        async def call(admin: Any) -> Any:
             request = admin_service_pb2.RevokeApiKeyRequest(id=key_id)
-            return (await stub.RevokeApiKey(request, timeout=seconds)).key
+            return (await admin.RevokeApiKey(request)).key
 
         key = admin_call(g, call)
     output.print_text(f"revoked API key {key.id} (tenant {key.tenant})")
@@ -363,8 +352,8 @@ def revoke(
 
 
 def _revoke_in_database(dsn: str, key_id: str) -> Any:
-    from conveyor.coordinator.bootstrap import revoke_key_in_database
-    from conveyor.coordinator.security_admin import api_key_message
+    from conveyor.coordinator.api.security_admin import api_key_message
+    from conveyor.coordinator.tenancy.bootstrap import revoke_key_in_database
 
     async def work(conn: Any) -> Any:
         row = await revoke_key_in_database(conn, key_id)

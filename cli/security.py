@@ -1,8 +1,8 @@
 """What the global TLS and encryption options mean for the CLI, in one place.
 
-Every channel the CLI opens (``Globals.options()``: the client library's, the raw reads
-of ``wire.py``, the health checks of ``conveyor health``) is made from
-:func:`channel_credentials`:
+Every channel the CLI opens (``Globals.options()``: the client library's, its connection
+layer for the AdminService calls of ``wire.py``, the health checks of ``conveyor
+health``) is made from :func:`channel_credentials`:
 
 - ``--tls-ca FILE`` (or ``--tls``, trusting the system's CAs) turns TLS on;
 - ``--tls-cert`` and ``--tls-key`` add a client certificate (mutual TLS);

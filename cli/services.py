@@ -310,7 +310,7 @@ def coordinator(
     if metrics_listen:
         check_metrics_listen(metrics_listen)
     from conveyor.coordinator import serve
-    from conveyor.coordinator.tls import server_tls
+    from conveyor.coordinator.api.tls import server_tls
 
     server_tls(config)  # a bad TLS file fails here, in one line, before anything starts
 
@@ -369,7 +369,7 @@ def coordinator_config(
     The rules are CoordinatorConfig's own; its message names settings, which map to the
     flags by their dashed names."""
     from conveyor.coordinator import CoordinatorConfig
-    from conveyor.coordinator.election import parse_endpoints
+    from conveyor.coordinator.leader.election import parse_endpoints
 
     if not dsn:
         raise CLIError("no database: pass --dsn postgresql://... or set CONVEYOR_DSN", code=USAGE)

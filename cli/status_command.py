@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.cli import output, wire
 from conveyor.cli.app import Globals, command
-from conveyor.cli.errors import RemoteError, failure_from_grpc
+from conveyor.transport import error_from_rpc
 from conveyor.v1 import admin_service_pb2
 
 
@@ -148,8 +148,10 @@ async def _check_all(g: Globals, service: str) -> list[tuple[str, str]]:
 
 
 async def _check(g: Globals, address: str, service: str) -> tuple[str, str]:
+    # A probe of each address, not a call to the cluster: no failover, and no API key
+    # (health answers without one).
     seconds = g.rpc_timeout
-    async with g.channel(address) as channel:
+    async with g.options().open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             request = health_pb2.HealthCheckRequest(service=service)
@@ -159,5 +161,5 @@ async def _check(g: Globals, address: str, service: str) -> tuple[str, str]:
                 return address, "UNREACHABLE"
             if err.code() is grpc.StatusCode.NOT_FOUND:
                 return address, "SERVICE_UNKNOWN"
-            raise RemoteError(failure_from_grpc(err, address)) from None
+            raise error_from_rpc(err, address=address) from None
     return address, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

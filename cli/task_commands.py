@@ -9,17 +9,15 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
-import grpc
 import typer
 
-from conveyor.cli import output, values, wire
+from conveyor.cli import output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
-from conveyor.client import AsyncClient, Task, TaskState
-from conveyor.v1 import task_pb2
+from conveyor.client import AsyncClient, RPCError, Task, TaskState
 
 logger = logging.getLogger("conveyor.cli")
 
@@ -152,7 +150,7 @@ def submit(
     if as_json:
         output.print_text(output.to_json(task))
     elif wait:
-        output.print_text(task_detail(wire.TaskView(task, 0, False)))
+        output.print_text(task_detail(task))
     else:
         output.print_text(task.id)
     return 1 if task.state in (TaskState.DEAD, TaskState.CANCELLED) else 0
@@ -222,13 +220,14 @@ async def _watch_unserved(
     """Looks now and then whether a worker serves the task; says so once when none does
     (``why[0]``: the encryption key none of them holds, when that is the reason)."""
     delay = _UNSERVED_FIRST_CHECK
-    async with g.channel(g.addresses[0]) as channel:
+    async with g.async_client() as client:
         while True:
             await asyncio.sleep(delay)
             delay = _UNSERVED_INTERVAL
             try:
-                now, why[0] = await wire.task_unserved(channel, task.id, g.rpc_timeout)
-            except grpc.aio.AioRpcError:
+                current = await client.get(task.id)
+                now, why[0] = current.unserved, current.unserved_encryption_key
+            except RPCError:
                 continue  # the wait itself reports a coordinator that is gone
             if now and not unserved.is_set():
                 unserved.set()
@@ -251,16 +250,13 @@ def get(
 
     A waiting task that no connected worker serves says so (and which worker to start).
     """
-    view = wire.get_task(g, task_id)
+    with g.client() as client:
+        task, attempts = client.get_with_attempts(task_id)
     if as_json:
-        data = output.plain(view.task)
-        data.update(uncounted_attempts=view.uncounted_attempts, unserved=view.unserved)
-        if view.unserved_encryption_key:
-            data["unserved_encryption_key"] = view.unserved_encryption_key
-        output.print_text(output.to_json(data))
+        output.print_text(output.to_json(task))
     else:
-        output.print_text(task_detail(view))
-        if view.attempts:
+        output.print_text(task_detail(task))
+        if attempts:
             output.print_text("attempt history:")
             output.print_table(
                 ["#", "WORKER", "STARTED", "ENDED", "OUTCOME", "ERROR"],
@@ -268,39 +264,34 @@ def get(
                     (
                         a.attempt,
                         a.worker_id or "-",
-                        output.when(a.start_time.ToDatetime(tzinfo=UTC))
-                        if a.HasField("start_time")
-                        else "-",
-                        output.when(a.end_time.ToDatetime(tzinfo=UTC))
-                        if a.HasField("end_time")
-                        else "-",
-                        wire.outcome_name(a.outcome),
+                        output.when(a.start_time) if a.start_time else "-",
+                        output.when(a.end_time) if a.end_time else "-",
+                        a.outcome.value.lower().replace("_", " "),
                         output.short(a.error, 60) if a.error else "",
                     )
-                    for a in view.attempts
+                    for a in attempts
                 ],
                 indent=2,
             )
     return 0
 
 
-def task_detail(view: wire.TaskView) -> str:
+def task_detail(task: Task) -> str:
     """The key: value block of one task."""
-    task = view.task
     lines = [
         f"id:           {task.id}",
         f"state:        {output.state_name(task.state)}",
         f"queue/type:   {task.queue} / {task.type}",
         "attempts:     "
-        + output.attempts_text(task.attempt, task.max_attempts, view.uncounted_attempts),
+        + output.attempts_text(task.attempt, task.max_attempts, task.uncounted_attempts),
         f"priority:     {task.priority}",
         f"created:      {output.when(task.create_time)}",
         f"run at:       {output.when(task.run_at)}",
         f"finished:     {output.when(task.finish_time)}",
         f"payload:      {output.short(task.payload, 200)}",
     ]
-    if view.unserved:
-        lines.append(f"waiting:      {unserved_text(task, view.unserved_encryption_key)}")
+    if task.unserved:
+        lines.append(f"waiting:      {unserved_text(task, task.unserved_encryption_key)}")
     if task.idempotency_key:
         lines.append(f"idempotency:  {task.idempotency_key}")
     if task.worker_id:
@@ -325,36 +316,31 @@ def tasks(
     g: Globals,
 ) -> int:
     """List tasks, newest first."""
-    proto_state = (
-        task_pb2.TaskState.Value(f"TASK_STATE_{state.name.upper()}")
-        if state is not None
-        else task_pb2.TASK_STATE_UNSPECIFIED
-    )
-    views = wire.list_tasks(
-        g,
-        queue=queue,
-        state=proto_state,
-        type=type,
-        page_size=min(limit, 1000),
-    )
+    with g.client() as client:
+        found = client.list(
+            queue=queue,
+            state=state.name.upper() if state is not None else None,
+            type=type,
+            page_size=min(limit, 1000),
+        ).items
     if as_json:
-        output.print_text(output.to_json([v.task for v in views]))
+        output.print_text(output.to_json(found))
         return 0
-    if not views:
+    if not found:
         output.print_text("no tasks match")
         return 0
     output.print_table(
         ["ID", "STATE", "QUEUE", "TYPE", "ATTEMPTS", "CREATED"],
         [
             (
-                v.task.id,
-                output.state_name(v.task.state),
-                v.task.queue,
-                v.task.type,
-                output.attempts_text(v.task.attempt, v.task.max_attempts, v.uncounted_attempts),
-                output.when(v.task.create_time),
+                t.id,
+                output.state_name(t.state),
+                t.queue,
+                t.type,
+                output.attempts_text(t.attempt, t.max_attempts, t.uncounted_attempts),
+                output.when(t.create_time),
             )
-            for v in views
+            for t in found
         ],
     )
     return 0
@@ -366,7 +352,8 @@ def queues(
     g: Globals,
 ) -> int:
     """Show task counts per queue and the connected workers that take from each."""
-    stats = wire.list_queues(g)
+    with g.client() as client:
+        stats = client.queues()
     if as_json:
         rows = [
             {

@@ -14,7 +14,8 @@ import typer
 from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
-from conveyor.cli.keys_commands import AsJson, admin_call
+from conveyor.cli.keys_commands import AsJson
+from conveyor.cli.wire import admin_call
 
 LIMITS = ("max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules")
 _HEADERS = ["TENANT", "BACKLOG", "MAX BACKLOG", "SUBMIT RATE", "BURST", "MAX PAYLOAD",
@@ -75,8 +76,8 @@ def list_(as_json: AsJson = False, *, g: Globals) -> int:
     """
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return await stub.ListTenants(admin_service_pb2.ListTenantsRequest(), timeout=seconds)
+    async def call(admin: Any) -> Any:
+        return await admin.ListTenants(admin_service_pb2.ListTenantsRequest())
 
     reply = admin_call(g, call)
     if as_json:
@@ -99,9 +100,9 @@ def get(
     """Show a tenant's limits (set for it, and in force) and usage."""
     from conveyor.v1 import admin_service_pb2
 
-    async def call(stub: Any, seconds: float) -> Any:
+    async def call(admin: Any) -> Any:
         request = admin_service_pb2.GetTenantRequest(name=name)
-        return (await stub.GetTenant(request, timeout=seconds)).tenant
+        return (await admin.GetTenant(request)).tenant
 
     _print_tenant(admin_call(g, call), as_json)
     return 0
@@ -187,8 +188,8 @@ def set_(
         tenant=name, limits=limits, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
 
-    async def call(stub: Any, seconds: float) -> Any:
-        return (await stub.UpdateTenantLimits(request, timeout=seconds)).tenant
+    async def call(admin: Any) -> Any:
+        return (await admin.UpdateTenantLimits(request)).tenant
 
     _print_tenant(admin_call(g, call), as_json)
     return 0

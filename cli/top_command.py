@@ -24,7 +24,8 @@ from rich.live import Live
 
 from conveyor.cli import values, wire
 from conveyor.cli.app import Globals, command
-from conveyor.cli.errors import CLIError, RemoteError
+from conveyor.cli.errors import CLIError
+from conveyor.client import QueueStats, RPCError
 from conveyor.observability.top import (
     QueueRates,
     QueueTotals,
@@ -34,7 +35,7 @@ from conveyor.observability.top import (
     snapshot_from_protos,
     totals_from_metrics,
 )
-from conveyor.v1 import admin_service_pb2, task_pb2
+from conveyor.v1 import admin_service_pb2
 
 #: Longest a scrape of the metrics endpoint may take.
 SCRAPE_TIMEOUT = 5.0
@@ -130,13 +131,14 @@ class Watcher:
     async def snapshot(self) -> Snapshot:
         problems: list[str] = []
         status = admin_service_pb2.GetClusterStatusResponse()
-        queues: list[task_pb2.QueueStats] = []
+        queues: list[QueueStats] = []
         self.reached = False
         try:
             status = await wire.cluster_status(self._g)
-            queues = await wire.call(self._g, wire.queues_on)
+            async with self._g.async_client() as client:
+                queues = await client.queues()
             self.reached = True
-        except (RemoteError, CLIError) as exc:
+        except (RPCError, CLIError) as exc:
             problems.append(f"cannot read the cluster: {exc}")
             if self._last is not None:
                 # Keep the last picture up, marked stale (its time says when it was taken).
@@ -144,9 +146,9 @@ class Watcher:
         queue_rates = await self._rates(problems)
         now = datetime.now(UTC)
         oldest = {
-            q.name: max(0.0, (now - q.oldest_pending_time.ToDatetime(UTC)).total_seconds())
+            q.name: max(0.0, (now - q.oldest_pending_time).total_seconds())
             for q in queues
-            if q.HasField("oldest_pending_time")
+            if q.oldest_pending_time is not None
         }
         snapshot = snapshot_from_protos(
             status,

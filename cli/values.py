@@ -41,7 +41,7 @@ def seconds(lowest: float | None = None, highest: float | None = None) -> Callab
 
 def delay(text: str) -> float:
     """Seconds from now a task may be delayed by (run_at within a year, as validated)."""
-    from conveyor.coordinator import validation
+    from conveyor.coordinator.api import validation
 
     return seconds(0.0, validation.MAX_RUN_AT_AHEAD.total_seconds())(text)
 
@@ -57,19 +57,19 @@ def _whole(text: str, lowest: int, highest: int) -> int:
 
 
 def priority(text: str) -> int:
-    from conveyor.coordinator import validation
+    from conveyor.coordinator.api import validation
 
     return _whole(text, -validation.MAX_PRIORITY, validation.MAX_PRIORITY)
 
 
 def max_attempts(text: str) -> int:
-    from conveyor.coordinator import validation
+    from conveyor.coordinator.api import validation
 
     return _whole(text, 1, validation.MAX_ATTEMPTS)
 
 
 def catch_up_limit(text: str) -> int:
-    from conveyor.coordinator import schedule_validation
+    from conveyor.coordinator.schedules import validation as schedule_validation
 
     return _whole(text, 1, schedule_validation.MAX_CATCH_UP_LIMIT)
 

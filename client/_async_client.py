@@ -10,13 +10,13 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 import uuid_utils
 from opentelemetry import trace
 
-from conveyor.client._channel import AdminMethod, Connection, RetryRules
+from conveyor.client._channel import AdminMethod, Connection, RetryRules, StubMethod
 from conveyor.client._encryption import (
     open_schedule,
     open_submitted,
@@ -27,25 +27,23 @@ from conveyor.client._encryption import (
 )
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
+    UNSET,
     CatchUpPolicy,
     OverlapPolicy,
     Page,
     QueueStats,
-    RetryPolicy,
     Schedule,
     Task,
     TaskAttempt,
+    TaskOptions,
     TaskSpec,
     TaskState,
-    _duration,
-    _encode_payload,
+    TaskTemplate,
     _timestamp,
-    _to_timedelta,
     catch_up_to_proto,
     overlap_to_proto,
     state_to_proto,
     task_spec,
-    task_template,
 )
 from conveyor.observability.tracing import Tracing
 from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
@@ -69,8 +67,6 @@ _MAX_BATCH_BYTES = 3 * 1024 * 1024
 _MAX_WATCH_FAILURES = 10
 _WATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 _WATCH_HEALTHY_AFTER = 30.0
-# "Not given" for arguments where None is a meaningful value (a JSON null payload).
-_UNSET: Any = object()
 
 
 class AsyncClient:
@@ -176,18 +172,10 @@ class AsyncClient:
         type: str,
         payload: Any = None,
         *,
-        queue: str = "default",
         idempotency_key: str | None = None,
-        priority: int = 0,
         run_at: datetime | timedelta | None = None,
-        max_attempts: int | None = None,
-        # The task's execution timeout, not a deadline on this call (hence the noqa).
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         traceparent: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
 
@@ -195,20 +183,16 @@ class AsyncClient:
             type: The task type, the name a worker registered a handler under.
             payload: Anything ``json.dumps`` accepts; bytes are sent as-is
                 (``application/octet-stream``), as is any payload with ``raw=True``.
-            queue: The queue to put it on.
             idempotency_key: Makes resubmitting safe, also from another process or
                 much later: the same key returns the first task. (The client's own resends
                 are safe without one: see ``retry_submits``.)
-            priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
-            max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
-            timeout: Execution timeout of one attempt; ``None`` for the default (5 min).
-            retry_policy: Backoff between attempts; ``None`` for the default.
-            labels: Free-form string labels.
-            raw: Send ``payload`` bytes as-is instead of JSON-encoding.
-            content_type: Overrides the payload's MIME type.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
+                ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
+                attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
+                ``content_type``.
 
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
@@ -217,22 +201,15 @@ class AsyncClient:
         spec = TaskSpec(
             type=type,
             payload=payload,
-            queue=queue,
             idempotency_key=idempotency_key,
-            priority=priority,
             run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            retry_policy=retry_policy,
-            labels=labels,
-            raw=raw,
-            content_type=content_type,
             traceparent=traceparent,
+            **task,
         )
         tracing = self._tracing()
         if not tracing.enabled:
             return await self._submit_one(spec.to_proto())
-        with tracing.submit_span(type, queue, parent=traceparent or "") as context:
+        with tracing.submit_span(type, spec.queue, parent=traceparent or "") as context:
             request = spec.to_proto()
             request.traceparent = context
             return await self._submit_one(request)
@@ -241,7 +218,7 @@ class AsyncClient:
         self._add_request_ids([request])
         plain = seal_requests(self._codec, [request])
         response = await self._conn.unary(
-            lambda stub: stub.SubmitTask,
+            lambda s: s.tasks.SubmitTask,
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=self._resendable(request),
@@ -298,7 +275,7 @@ class AsyncClient:
         for batch in _batches(requests):
             try:
                 response = await self._conn.unary(
-                    lambda stub: stub.SubmitTasks,
+                    lambda s: s.tasks.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
                     idempotent=all(self._resendable(r) for r in batch),
                 )
@@ -334,7 +311,7 @@ class AsyncClient:
 
     async def _get(self, task_id: str) -> tuple[Task, builtins.list[TaskAttempt]]:
         response = await self._conn.unary(
-            lambda stub: stub.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
+            lambda s: s.tasks.GetTask, pb.GetTaskRequest(id=task_id), idempotent=True
         )
         task = open_task(self._codec, _task(response))
         return task, [TaskAttempt.from_proto(a) for a in response.attempts]
@@ -363,7 +340,7 @@ class AsyncClient:
             page_size=page_size,
             page_token=page_token or "",
         )
-        response = await self._conn.unary(lambda stub: stub.ListTasks, request, idempotent=True)
+        response = await self._conn.unary(lambda s: s.tasks.ListTasks, request, idempotent=True)
         return Page(
             items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],
             next_page_token=response.next_page_token or None,
@@ -389,7 +366,7 @@ class AsyncClient:
     async def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         response = await self._conn.unary(
-            lambda stub: stub.ListQueues, pb.ListQueuesRequest(), idempotent=True
+            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
 
@@ -409,10 +386,7 @@ class AsyncClient:
         Raises:
             InvalidStateError: The task has already finished.
         """
-        response = await self._conn.unary(
-            lambda stub: stub.CancelTask, pb.CancelTaskRequest(id=task_id), idempotent=False
-        )
-        return open_task(self._codec, Task.from_proto(response.task))
+        return await self._task_call(lambda s: s.tasks.CancelTask, pb.CancelTaskRequest(id=task_id))
 
     async def retry(self, task_id: str) -> Task:
         """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
@@ -420,9 +394,12 @@ class AsyncClient:
         Raises:
             InvalidStateError: The task is not DEAD.
         """
-        response = await self._conn.unary(
-            lambda stub: stub.RetryTask, pb.RetryTaskRequest(id=task_id), idempotent=False
-        )
+        return await self._task_call(lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id))
+
+    async def _task_call(self, method: StubMethod, request: Any) -> Task:
+        """A transition of one task (cancel, retry: never resent once it may have reached
+        the coordinator); the task as it is after it."""
+        response = await self._conn.unary(method, request, idempotent=False)
         return open_task(self._codec, Task.from_proto(response.task))
 
     # -- waiting -----------------------------------------------------------------------
@@ -450,7 +427,7 @@ class AsyncClient:
                     if task.is_terminal:
                         return
                 stream = self._conn.stream(
-                    lambda stub: stub.WatchTask, pb.WatchTaskRequest(id=task_id)
+                    lambda s: s.tasks.WatchTask, pb.WatchTaskRequest(id=task_id)
                 )
                 # aclosing: leaving early must cancel the stream now, not at GC time.
                 async with aclosing(stream):
@@ -544,21 +521,13 @@ class AsyncClient:
         payload: Any = None,
         *,
         time_zone: str = "UTC",
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int | None = None,
-        # The tasks' execution timeout, not a deadline on this call (hence the noqa).
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         paused: bool = False,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Creates a schedule that submits a task at every tick of ``cron``.
 
@@ -566,8 +535,8 @@ class AsyncClient:
             name: Unique per tenant (letters, digits, ``_ . : - /``).
             cron: 5 fields (``"*/5 * * * *"``), 6 with seconds first (``"*/10 * * * * *"``)
                 or an alias such as ``"@hourly"``.
-            type, payload, queue, priority, max_attempts, timeout, retry_policy, labels,
-                raw, content_type: The task each tick submits, as for :meth:`submit`.
+            type, payload, task: The task each tick submits, as for :meth:`submit`
+                (:class:`TaskOptions`).
             time_zone: IANA zone the expression is read in (DST: a skipped wall time does
                 not fire, a repeated one fires once).
             overlap_policy: ``ALLOW`` (default), ``SKIP`` or ``BUFFER_ONE`` while the
@@ -585,18 +554,7 @@ class AsyncClient:
             name=name,
             cron=cron,
             time_zone=time_zone,
-            task_template=task_template(
-                type,
-                payload,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                retry_policy=retry_policy,
-                labels=labels,
-                raw=raw,
-                content_type=content_type,
-            ),
+            task_template=TaskTemplate(type=type, payload=payload, **task).to_template(),
             overlap_policy=overlap_to_proto(overlap_policy),  # type: ignore[arg-type]
             catch_up_policy=catch_up_to_proto(catch_up_policy),  # type: ignore[arg-type]
             catch_up_limit=catch_up_limit or 0,
@@ -608,7 +566,7 @@ class AsyncClient:
             schedule.id = str(uuid_utils.uuid7())
             seal_template(self._codec, schedule.task_template, schedule.id)
         response = await self._conn.unary(
-            lambda stub: stub.CreateSchedule,
+            lambda s: s.tasks.CreateSchedule,
             spb.CreateScheduleRequest(schedule=schedule),
             idempotent=False,
         )
@@ -627,17 +585,16 @@ class AsyncClient:
         Raises:
             RPCError: ``NOT_FOUND`` (reason ``SCHEDULE_NOT_FOUND``).
         """
-        response = await self._conn.unary(
-            lambda stub: stub.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
+        return await self._schedule_call(
+            lambda s: s.tasks.GetSchedule, spb.GetScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def list_schedules(
         self, page_size: int = 100, page_token: str | None = None
     ) -> Page[Schedule]:
         """Returns one page of schedules, by name."""
         response = await self._conn.unary(
-            lambda stub: stub.ListSchedules,
+            lambda s: s.tasks.ListSchedules,
             spb.ListSchedulesRequest(page_size=page_size, page_token=page_token or ""),
             idempotent=True,
         )
@@ -653,27 +610,22 @@ class AsyncClient:
         cron: str | None = None,
         time_zone: str | None = None,
         type: str | None = None,
-        payload: Any = _UNSET,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: timedelta | float | None = None,  # noqa: ASYNC109
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
+        payload: Any = UNSET,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         etag: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Changes the given fields of a schedule (the others stay as they are).
 
         Changing ``cron``, ``time_zone``, ``start_time`` or ``end_time`` restarts the
         schedule from now. With ``etag`` (from a read), the update applies only if nobody
-        changed the schedule since (else ``RPCError`` with code ``ABORTED``).
+        changed the schedule since (else ``RPCError`` with code ``ABORTED``). The task's
+        fields (``type``, ``payload``, :class:`TaskOptions`) change only where given; a
+        new ``payload`` is encoded as for :meth:`submit` (``raw``).
         """
         schedule = spb.Schedule(name=name, etag=etag or "")
         paths: list[str] = []
@@ -693,41 +645,15 @@ class AsyncClient:
             paths.append("catch_up_policy")
         _set_times(schedule, start_time, end_time)
         paths += [p for p, v in (("start_time", start_time), ("end_time", end_time)) if v]
-        t = schedule.task_template
-        for field, value in (
-            ("type", type),
-            ("queue", queue),
-            ("priority", priority),
-            ("max_attempts", max_attempts),
-        ):
-            if value is not None:
-                setattr(t, field, value)
-                paths.append(f"task_template.{field}")
-        if payload is not _UNSET:
-            t.payload, t.content_type = _encode_payload(payload, raw=raw)
-            paths += ["task_template.payload", "task_template.content_type"]
-        if content_type is not None:
-            t.content_type = content_type
-            if "task_template.content_type" not in paths:
-                paths.append("task_template.content_type")
-        if timeout is not None:
-            t.timeout.CopyFrom(_duration(_to_timedelta(timeout, "timeout") or timedelta()))
-            paths.append("task_template.timeout")
-        if retry_policy is not None:
-            t.retry_policy.CopyFrom(retry_policy.to_proto())
-            paths.append("task_template.retry_policy")
-        if labels is not None:
-            t.labels.update(labels)
-            paths.append("task_template.labels")
+        paths += TaskTemplate.changes(schedule.task_template, type=type, payload=payload, **task)
         if not paths:
             raise ValueError("update_schedule() needs at least one field to change")
         await self._seal_update(schedule, paths)
         request = spb.UpdateScheduleRequest(schedule=schedule)
         request.update_mask.paths.extend(paths)
-        response = await self._conn.unary(
-            lambda stub: stub.UpdateSchedule, request, idempotent=False
+        return await self._schedule_call(
+            lambda s: s.tasks.UpdateSchedule, request, idempotent=False
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def _seal_update(self, schedule: spb.Schedule, paths: builtins.list[str]) -> None:
         """Encodes the template payload of an update. The ciphertext is bound to the task
@@ -753,25 +679,32 @@ class AsyncClient:
             task_type = current.type
         seal_template(self._codec, schedule.task_template, current.id, task_type)
 
+    async def _schedule_call(
+        self, method: StubMethod, request: Any, *, idempotent: bool
+    ) -> Schedule:
+        """One schedule call; the schedule as it answered, its template opened."""
+        response = await self._conn.unary(method, request, idempotent=idempotent)
+        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
+
     async def delete_schedule(self, name: str) -> None:
         """Deletes a schedule; the tasks it submitted stay."""
         await self._conn.unary(
-            lambda stub: stub.DeleteSchedule, spb.DeleteScheduleRequest(name=name), idempotent=False
+            lambda s: s.tasks.DeleteSchedule,
+            spb.DeleteScheduleRequest(name=name),
+            idempotent=False,
         )
 
     async def pause_schedule(self, name: str) -> Schedule:
         """Stops a schedule firing (pausing a paused one changes nothing)."""
-        response = await self._conn.unary(
-            lambda stub: stub.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
+        return await self._schedule_call(
+            lambda s: s.tasks.PauseSchedule, spb.PauseScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
     async def resume_schedule(self, name: str) -> Schedule:
         """Starts a paused schedule again from now; ticks missed while paused do not fire."""
-        response = await self._conn.unary(
-            lambda stub: stub.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
+        return await self._schedule_call(
+            lambda s: s.tasks.ResumeSchedule, spb.ResumeScheduleRequest(name=name), idempotent=True
         )
-        return open_schedule(self._codec, Schedule.from_proto(response.schedule))
 
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
-__all__ = ["Action", "Connection", "RetryRules", "decide"]
+__all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
 
 T = TypeVar("T")
 
@@ -69,9 +69,24 @@ _CONNECT_TIMEOUT = 3.0
 # the attempt; it waits long enough for one reconnect attempt (the reconnect backoff is
 # capped at 1 s by ConnectionOptions) and then moves on.
 _PATIENT_WAIT = 1.5
+# Asked of a channel that failed to connect, only to learn why (see _connect_failure):
+# the call fails before anything is sent, and were the channel up, health answers anyone.
+_PROBE = "/grpc.health.v1.Health/Check"
+_PROBE_TIMEOUT = 1.0
 
-StubMethod = Callable[["TaskServiceAsyncStub"], Any]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stubs:
+    """The services of one coordinator, on its channel."""
+
+    tasks: TaskServiceAsyncStub
+    admin: AdminServiceAsyncStub
+
+
+StubMethod = Callable[[Stubs], Any]
+"""Picks the method to call: ``lambda s: s.tasks.GetTask``."""
 AdminMethod = Callable[["AdminServiceAsyncStub"], Any]
+"""Picks an AdminService method: ``lambda stub: stub.GetClusterStatus``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,8 +162,7 @@ class Connection:
         # Channels are created lazily, inside the running event loop that will use them.
         # Redirect targets outside the addresses get channels too; there are few of them.
         self._channels: dict[str, aio.Channel] = {}
-        self._stubs: dict[str, TaskServiceAsyncStub] = {}
-        self._admin_stubs: dict[str, AdminServiceAsyncStub] = {}
+        self._stubs: dict[str, Stubs] = {}
         self._closed = False
 
     @property
@@ -156,22 +170,18 @@ class Connection:
         """The configured addresses, in failover order."""
         return self.book.addresses
 
-    def stub(self, address: str) -> TaskServiceAsyncStub:
-        """The TaskService stub for one address, opening its channel on first use."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            # The generated stub's overloads type it as the async stub for an aio channel.
-            stub = task_service_pb2_grpc.TaskServiceStub(self._channel(address))
-            self._stubs[address] = stub
-        return stub
-
-    def admin_stub(self, address: str) -> AdminServiceAsyncStub:
-        """The AdminService stub for one address, on the channel :meth:`stub` uses."""
-        stub = self._admin_stubs.get(address)
-        if stub is None:
-            stub = admin_service_pb2_grpc.AdminServiceStub(self._channel(address))
-            self._admin_stubs[address] = stub
-        return stub
+    def stubs(self, address: str) -> Stubs:
+        """The service stubs for one address, opening its channel on first use."""
+        stubs = self._stubs.get(address)
+        if stubs is None:
+            # The generated stubs' overloads type them as async stubs for an aio channel.
+            channel = self._channel(address)
+            stubs = Stubs(
+                task_service_pb2_grpc.TaskServiceStub(channel),
+                admin_service_pb2_grpc.AdminServiceStub(channel),
+            )
+            self._stubs[address] = stubs
+        return stubs
 
     def _channel(self, address: str) -> aio.Channel:
         if self._closed:
@@ -186,7 +196,6 @@ class Connection:
         """Closes every channel; in-flight calls are cancelled."""
         self._closed = True
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
-        self._admin_stubs = {}
         for channel in channels:
             await channel.close()
 
@@ -199,22 +208,15 @@ class Connection:
     async def unary(self, method: StubMethod, request: Any, *, idempotent: bool) -> Any:
         """Makes one unary call with failover; raises RPCError subclasses."""
 
-        async def attempt(stub: TaskServiceAsyncStub, remaining: float | None) -> Any:
-            return await method(stub)(request, timeout=remaining, metadata=self._metadata)
+        async def attempt(stubs: Stubs, remaining: float | None) -> Any:
+            return await method(stubs)(request, timeout=remaining, metadata=self._metadata)
 
         result, _ = await self.call(attempt, idempotent=idempotent, deadline=self.deadline())
         return result
 
     async def admin_unary(self, method: AdminMethod, request: Any, *, idempotent: bool) -> Any:
         """:meth:`unary` for an AdminService method (the same channels, key and rules)."""
-
-        async def attempt(stub: AdminServiceAsyncStub, remaining: float | None) -> Any:
-            return await method(stub)(request, timeout=remaining, metadata=self._metadata)
-
-        result, _ = await self.call(
-            attempt, idempotent=idempotent, deadline=self.deadline(), stubs=self.admin_stub
-        )
-        return result
+        return await self.unary(lambda s: method(s.admin), request, idempotent=idempotent)
 
     async def stream(self, method: StubMethod, request: Any) -> AsyncGenerator[Any, None]:
         """Opens a server stream with failover, then yields its messages.
@@ -224,8 +226,8 @@ class Connection:
         raises (the caller decides whether to reopen it).
         """
 
-        async def attempt(stub: TaskServiceAsyncStub, remaining: float | None) -> Any:
-            call = method(stub)(request, metadata=self._metadata)
+        async def attempt(stubs: Stubs, remaining: float | None) -> Any:
+            call = method(stubs)(request, metadata=self._metadata)
             try:
                 first = await asyncio.wait_for(call.read(), remaining)
             except BaseException:
@@ -246,18 +248,16 @@ class Connection:
 
     async def call(
         self,
-        attempt: Callable[[Any, float | None], Awaitable[T]],
+        attempt: Callable[[Stubs, float | None], Awaitable[T]],
         *,
         idempotent: bool,
         deadline: float | None,
-        stubs: Callable[[str], Any] | None = None,
     ) -> tuple[T, str]:
         """Runs ``attempt`` against the coordinators until it succeeds or may not retry.
 
-        ``attempt`` gets the stub of the address tried: the TaskService's, or
-        ``stubs(address)``. Returns the result and the address that produced it.
+        ``attempt`` gets the stubs of the address tried. Returns the result and the address
+        that produced it.
         """
-        stub_of = stubs or self.stub
         loop = asyncio.get_running_loop()
         address = self.book.current
         redirects = 0
@@ -272,11 +272,11 @@ class Connection:
             if not await self._ready(address, remaining, patient=patient):
                 # Never connected, so nothing was sent: safe to move on for any call.
                 failures += 1
-                last_error = _connect_error(address, tls=self.options.credentials is not None)
+                last_error = await self._connect_failure(address)
                 address = await self._after_failure(address, failures, last_error, deadline)
                 continue
             try:
-                result = await attempt(stub_of(address), remaining)
+                result = await attempt(self.stubs(address), remaining)
             except TimeoutError:
                 # Raised by asyncio.wait_for around a stream's first read.
                 raise _deadline_error(last_error, address) from None
@@ -331,6 +331,22 @@ class Connection:
             await asyncio.sleep(_clamp(delay, deadline))
         return self.book.next_after(address)
 
+    async def _connect_failure(self, address: str) -> UnavailableError:
+        """Why ``address`` could not be connected to, in gRPC's words where it has them: a
+        call on a channel in TRANSIENT_FAILURE fails at once, unsent, saying why (a refused
+        TLS handshake, a refused connection); they go in ``server_message``."""
+        detail = ""
+        channel = self._channel(address)
+        if channel.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            try:
+                probe = channel.unary_unary(
+                    _PROBE, request_serializer=bytes, response_deserializer=bytes
+                )
+                await probe(b"", timeout=_PROBE_TIMEOUT)
+            except grpc.RpcError as err:
+                detail = str(_call_details(err))
+        return _connect_error(address, tls=self.options.credentials is not None, detail=detail)
+
     async def _ready(self, address: str, remaining: float | None, *, patient: bool) -> bool:
         """Waits until the channel to ``address`` is connected; False if it cannot connect.
 
@@ -376,7 +392,12 @@ def _out_of_budget(
     return now + delay >= deadline
 
 
-def _connect_error(address: str, *, tls: bool = False) -> UnavailableError:
+def _call_details(err: grpc.RpcError) -> object:
+    details = getattr(err, "details", None)
+    return details() if callable(details) else ""
+
+
+def _connect_error(address: str, *, tls: bool = False, detail: str = "") -> UnavailableError:
     # The channel reports only that it failed, not why: over TLS a refused handshake
     # (untrusted certificate, a plaintext coordinator, a missing client certificate)
     # looks the same as an absent coordinator, so name those causes too.
@@ -393,6 +414,7 @@ def _connect_error(address: str, *, tls: bool = False) -> UnavailableError:
         f"reachable from here, or pass the addresses of more coordinators.{why}",
         code=grpc.StatusCode.UNAVAILABLE,
         address=address,
+        server_message=detail,
     )
 
 

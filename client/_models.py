@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -464,11 +464,41 @@ class Page(Generic[T]):
         return len(self.items)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TaskSpec:
-    """Everything needed to submit one task; the arguments of ``submit()`` as a value.
+class TaskOptions(TypedDict, total=False):
+    """How a task runs, beside its type and payload: the keyword arguments ``submit()``,
+    ``create_schedule()`` and ``update_schedule()`` share, declared once (the fields of
+    :class:`TaskTemplate` but those two)."""
 
-    ``submit_many()`` takes a list of these (or of dicts with the same keys).
+    #: The queue to put it on (``"default"``).
+    queue: str
+    #: Higher runs first within a queue (-1000 to 1000; 0).
+    priority: int
+    #: Attempts before the task is DEAD; ``None`` for the coordinator's default (3).
+    max_attempts: int | None
+    #: Execution timeout of one attempt (a timedelta or seconds); ``None`` for the default
+    #: (5 min). Not a deadline on the call.
+    timeout: timedelta | float | None
+    #: Backoff between attempts; ``None`` for the default.
+    retry_policy: RetryPolicy | None
+    #: Free-form string labels.
+    labels: Mapping[str, str] | None
+    #: Send a bytes ``payload`` as-is instead of JSON-encoding it.
+    raw: bool
+    #: Overrides the payload's MIME type (JSON, or octet-stream for raw bytes).
+    content_type: str | None
+
+
+_TEMPLATE_UPDATES = frozenset({"type", "payload", *TaskOptions.__annotations__})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskTemplate:
+    """The task itself, without when or how often: what ``submit()`` sends and what a
+    schedule submits at every tick (``create_schedule()``, ``update_schedule()``).
+
+    One value carries these parameters through every method that takes them, and one
+    place turns them into each wire message (:meth:`to_proto`, :meth:`TaskSpec.to_proto`,
+    :meth:`changes`).
     """
 
     #: The task type: the name a worker registered a handler under.
@@ -476,13 +506,8 @@ class TaskSpec:
     #: JSON-encoded unless it is bytes or ``raw`` is set.
     payload: Any = None
     queue: str = "default"
-    #: A second submit with the same key returns the first task instead of a new one;
-    #: also what makes a submit safe for the client to retry after a connection failure.
-    idempotency_key: str | None = None
     #: Higher runs first within a queue; -1000 to 1000.
     priority: int = 0
-    #: Earliest time to run: an aware datetime, or a delay from now.
-    run_at: datetime | timedelta | None = None
     #: Attempts before the task is DEAD; ``None`` for the coordinator's default (3).
     max_attempts: int | None = None
     #: Execution timeout of one attempt (timedelta or seconds); ``None`` for the default.
@@ -493,31 +518,93 @@ class TaskSpec:
     raw: bool = False
     #: MIME type of the payload; by default JSON, or octet-stream for raw bytes.
     content_type: str | None = None
-    #: W3C trace context to link the task's execution to the caller's trace.
-    traceparent: str | None = None
 
-    def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
-        """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
+    def _fill(self, msg: schedule_pb2.TaskTemplate | task_service_pb2.SubmitTaskRequest) -> None:
         payload, content_type = _encode_payload(self.payload, raw=self.raw)
-        msg = task_service_pb2.SubmitTaskRequest(
-            queue=self.queue,
-            type=self.type,
-            payload=payload,
-            idempotency_key=self.idempotency_key or "",
-            priority=self.priority,
-            max_attempts=self.max_attempts or 0,
-            content_type=self.content_type or content_type,
-            labels=dict(self.labels or {}),
-            traceparent=self.traceparent or "",
-        )
-        run_at = _resolve_run_at(self.run_at)
-        if run_at is not None:
-            msg.run_at.CopyFrom(_timestamp(run_at))
+        msg.queue = self.queue
+        msg.type = self.type
+        msg.payload = payload
+        msg.priority = self.priority
+        msg.max_attempts = self.max_attempts or 0
+        msg.content_type = self.content_type or content_type
+        msg.labels.update(self.labels or {})
         timeout = _to_timedelta(self.timeout, "timeout")
         if timeout is not None:
             msg.timeout.CopyFrom(_duration(timeout))
         if self.retry_policy is not None:
             msg.retry_policy.CopyFrom(self.retry_policy.to_proto())
+
+    def to_template(self) -> schedule_pb2.TaskTemplate:
+        """Converts to the wire message ``conveyor.v1.TaskTemplate``."""
+        msg = schedule_pb2.TaskTemplate()
+        self._fill(msg)
+        return msg
+
+    @staticmethod
+    def changes(msg: schedule_pb2.TaskTemplate, **values: Any) -> list[str]:
+        """Writes into ``msg`` the fields of ``values`` that are given (not ``None``; the
+        payload: not :data:`UNSET`) and returns their ``update_mask`` paths. ``raw``
+        goes with ``payload``; a new payload brings its content type."""
+        unknown = values.keys() - _TEMPLATE_UPDATES
+        if unknown:
+            raise TypeError(
+                f"update_schedule() got an unexpected keyword argument {min(unknown)!r}"
+            )
+        paths: list[str] = []
+        for name in ("type", "queue", "priority", "max_attempts"):
+            if values.get(name) is not None:
+                setattr(msg, name, values[name])
+                paths.append(name)
+        if values.get("payload", UNSET) is not UNSET:
+            msg.payload, msg.content_type = _encode_payload(
+                values["payload"], raw=values.get("raw", False)
+            )
+            paths += ["payload", "content_type"]
+        if values.get("content_type") is not None:
+            msg.content_type = values["content_type"]
+            if "content_type" not in paths:
+                paths.append("content_type")
+        if values.get("timeout") is not None:
+            timeout = _to_timedelta(values["timeout"], "timeout") or timedelta()
+            msg.timeout.CopyFrom(_duration(timeout))
+            paths.append("timeout")
+        if values.get("retry_policy") is not None:
+            msg.retry_policy.CopyFrom(values["retry_policy"].to_proto())
+            paths.append("retry_policy")
+        if values.get("labels") is not None:
+            msg.labels.update(values["labels"])
+            paths.append("labels")
+        return [f"task_template.{path}" for path in paths]
+
+
+UNSET: Any = object()
+"""An argument not given (where ``None`` is a value, as for a payload)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec(TaskTemplate):
+    """Everything needed to submit one task; the arguments of ``submit()`` as a value.
+
+    ``submit_many()`` takes a list of these (or of dicts with the same keys).
+    """
+
+    #: A second submit with the same key returns the first task instead of a new one;
+    #: also what makes a submit safe for the client to retry after a connection failure.
+    idempotency_key: str | None = None
+    #: Earliest time to run: an aware datetime, or a delay from now.
+    run_at: datetime | timedelta | None = None
+    #: W3C trace context to link the task's execution to the caller's trace.
+    traceparent: str | None = None
+
+    def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
+        """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
+        msg = task_service_pb2.SubmitTaskRequest(
+            idempotency_key=self.idempotency_key or "", traceparent=self.traceparent or ""
+        )
+        self._fill(msg)
+        run_at = _resolve_run_at(self.run_at)
+        if run_at is not None:
+            msg.run_at.CopyFrom(_timestamp(run_at))
         return msg
 
 
@@ -740,35 +827,3 @@ class Schedule:
             etag=msg.etag,
             fault=msg.fault,
         )
-
-
-def task_template(
-    type: str,
-    payload: Any = None,
-    *,
-    queue: str | None = "default",
-    priority: int = 0,
-    max_attempts: int | None = None,
-    timeout: timedelta | float | None = None,
-    retry_policy: RetryPolicy | None = None,
-    labels: Mapping[str, str] | None = None,
-    raw: bool = False,
-    content_type: str | None = None,
-) -> schedule_pb2.TaskTemplate:
-    """The wire ``conveyor.v1.TaskTemplate`` for ``submit()``-style arguments."""
-    encoded, default_type = _encode_payload(payload, raw=raw)
-    msg = schedule_pb2.TaskTemplate(
-        queue=queue or "",
-        type=type,
-        payload=encoded,
-        priority=priority,
-        max_attempts=max_attempts or 0,
-        content_type=content_type or default_type,
-        labels=dict(labels or {}),
-    )
-    delta = _to_timedelta(timeout, "timeout")
-    if delta is not None:
-        msg.timeout.CopyFrom(_duration(delta))
-    if retry_policy is not None:
-        msg.retry_policy.CopyFrom(retry_policy.to_proto())
-    return msg

@@ -18,20 +18,21 @@ import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from opentelemetry import trace
 
-from conveyor.client._async_client import _UNSET, AsyncClient
+from conveyor.client._async_client import AsyncClient
 from conveyor.client._models import (
+    UNSET,
     CatchUpPolicy,
     OverlapPolicy,
     Page,
     QueueStats,
-    RetryPolicy,
     Schedule,
     Task,
     TaskAttempt,
+    TaskOptions,
     TaskSpec,
     TaskState,
 )
@@ -172,17 +173,10 @@ class Client:
         type: str,
         payload: Any = None,
         *,
-        queue: str = "default",
         idempotency_key: str | None = None,
-        priority: int = 0,
         run_at: datetime | timedelta | None = None,
-        max_attempts: int | None = None,
-        timeout: timedelta | float | None = None,
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         traceparent: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
 
@@ -190,20 +184,16 @@ class Client:
             type: The task type, the name a worker registered a handler under.
             payload: Anything ``json.dumps`` accepts; bytes are sent as-is
                 (``application/octet-stream``), as is any payload with ``raw=True``.
-            queue: The queue to put it on.
             idempotency_key: Makes resubmitting safe, also from another process or
                 much later: the same key returns the first task. (The client's own resends
                 are safe without one: see ``retry_submits``.)
-            priority: Higher runs first within a queue (-1000 to 1000).
             run_at: Earliest start: an aware datetime or a delay from now.
-            max_attempts: Attempts before the task is DEAD; ``None`` for the default (3).
-            timeout: Execution timeout of one attempt; ``None`` for the default (5 min).
-            retry_policy: Backoff between attempts; ``None`` for the default.
-            labels: Free-form string labels.
-            raw: Send ``payload`` bytes as-is instead of JSON-encoding.
-            content_type: Overrides the payload's MIME type.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
+                ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
+                attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
+                ``content_type``.
 
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
@@ -213,17 +203,10 @@ class Client:
             self._async.submit(
                 type,
                 payload,
-                queue=queue,
                 idempotency_key=idempotency_key,
-                priority=priority,
                 run_at=run_at,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                retry_policy=retry_policy,
-                labels=labels,
-                raw=raw,
-                content_type=content_type,
                 traceparent=traceparent,
+                **task,
             )
         )
 
@@ -346,20 +329,13 @@ class Client:
         payload: Any = None,
         *,
         time_zone: str = "UTC",
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int | None = None,
-        timeout: timedelta | float | None = None,
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         paused: bool = False,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Creates a schedule that submits a task at every tick of ``cron``.
 
@@ -367,8 +343,8 @@ class Client:
             name: Unique per tenant (letters, digits, ``_ . : - /``).
             cron: 5 fields (``"*/5 * * * *"``), 6 with seconds first (``"*/10 * * * * *"``)
                 or an alias such as ``"@hourly"``.
-            type, payload, queue, priority, max_attempts, timeout, retry_policy, labels,
-                raw, content_type: The task each tick submits, as for :meth:`submit`.
+            type, payload, task: The task each tick submits, as for :meth:`submit`
+                (:class:`TaskOptions`).
             time_zone: IANA zone the expression is read in (DST: a skipped wall time does
                 not fire, a repeated one fires once).
             overlap_policy: ``ALLOW`` (default), ``SKIP`` or ``BUFFER_ONE`` while the
@@ -389,20 +365,13 @@ class Client:
                 type,
                 payload,
                 time_zone=time_zone,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                retry_policy=retry_policy,
-                labels=labels,
-                raw=raw,
-                content_type=content_type,
                 overlap_policy=overlap_policy,
                 catch_up_policy=catch_up_policy,
                 catch_up_limit=catch_up_limit,
                 start_time=start_time,
                 end_time=end_time,
                 paused=paused,
+                **task,
             )
         )
 
@@ -425,27 +394,22 @@ class Client:
         cron: str | None = None,
         time_zone: str | None = None,
         type: str | None = None,
-        payload: Any = _UNSET,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: timedelta | float | None = None,
-        retry_policy: RetryPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
-        raw: bool = False,
-        content_type: str | None = None,
+        payload: Any = UNSET,
         overlap_policy: OverlapPolicy | str | None = None,
         catch_up_policy: CatchUpPolicy | str | None = None,
         catch_up_limit: int | None = None,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
         etag: str | None = None,
+        **task: Unpack[TaskOptions],
     ) -> Schedule:
         """Changes the given fields of a schedule (the others stay as they are).
 
         Changing ``cron``, ``time_zone``, ``start_time`` or ``end_time`` restarts the
         schedule from now. With ``etag`` (from a read), the update applies only if nobody
-        changed the schedule since (else ``RPCError`` with code ``ABORTED``).
+        changed the schedule since (else ``RPCError`` with code ``ABORTED``). The task's
+        fields (``type``, ``payload``, :class:`TaskOptions`) change only where given; a
+        new ``payload`` is encoded as for :meth:`submit` (``raw``).
         """
         return self._loop.run(
             self._async.update_schedule(
@@ -454,20 +418,13 @@ class Client:
                 time_zone=time_zone,
                 type=type,
                 payload=payload,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                retry_policy=retry_policy,
-                labels=labels,
-                raw=raw,
-                content_type=content_type,
                 overlap_policy=overlap_policy,
                 catch_up_policy=catch_up_policy,
                 catch_up_limit=catch_up_limit,
                 start_time=start_time,
                 end_time=end_time,
                 etag=etag,
+                **task,
             )
         )
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from conveyor.client import AsyncClient
 from conveyor.console.web import STATE, ConsoleSession, action, page, render
-from conveyor.coordinator.audit_chain import Event, Row, Verification, verify
+from conveyor.coordinator.audit.chain import Event, Row, Verification, verify
 from conveyor.v1 import admin_service_pb2, auth_pb2
 
 __all__ = ["cluster_status", "routes", "scope_names"]

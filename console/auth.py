@@ -37,7 +37,7 @@ from conveyor.console.web import (
     render,
     sign_in_url,
 )
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 
 __all__ = ["routes"]
 

@@ -130,7 +130,7 @@ class CoordinatorConfig:
     Empty: no metrics endpoint, and nothing is recorded."""
     tls_cert_file: str = ""
     """PEM certificate chain to serve TLS with (with ``tls_key_file``); empty: plaintext.
-    Renewed files are picked up on the next handshake (``coordinator/tls.py``)."""
+    Renewed files are picked up on the next handshake (``api/tls.py``)."""
     tls_key_file: str = ""
     """PEM private key of ``tls_cert_file``."""
     tls_client_ca_file: str = ""
@@ -165,8 +165,8 @@ class CoordinatorConfig:
         if problem is not None:
             out.append(f"auth_failure_rate {problem}, got {self.auth_failure_rate}")
         if self.bootstrap_key:
-            from conveyor.coordinator.api_keys import parse
-            from conveyor.coordinator.validation import name_problem
+            from conveyor.coordinator.api.validation import name_problem
+            from conveyor.coordinator.tenancy.keys import parse
 
             if parse(self.bootstrap_key) is None:
                 out.append(

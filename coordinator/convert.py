@@ -7,14 +7,16 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from conveyor.coordinator.leases import LeaseKey, lease_proto, to_proto
-from conveyor.coordinator.validation import NewTask
+from conveyor.coordinator.api.validation import NewTask
 from conveyor.v1 import task_pb2, worker_service_pb2
+
+if TYPE_CHECKING:
+    from conveyor.coordinator.lifecycle.leases import LeaseKey
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -151,6 +153,15 @@ def attempt_from_row(row: Mapping[str, Any]) -> task_pb2.TaskAttempt:
     )
 
 
+def lease_proto(task_id: str, attempt: int, epoch: int) -> worker_service_pb2.Lease:
+    """The wire form of a lease (the one place a Lease message is made)."""
+    return worker_service_pb2.Lease(task_id=task_id, attempt=attempt, epoch=epoch)
+
+
+def to_proto(key: LeaseKey) -> worker_service_pb2.Lease:
+    return lease_proto(key.task_id, key.attempt, key.epoch)
+
+
 def add_assignment_from_new(
     add: Callable[..., worker_service_pb2.Assignment], new: tuple[LeaseKey, NewTask, Timestamp]
 ) -> None:
@@ -177,7 +188,7 @@ def add_assignment_from_row(
 ) -> None:
     """Adds the Assignment of a claimed row (``store.tasks.ASSIGNMENT_COLUMNS``)."""
     add(
-        lease=lease_proto(str(row["id"]), row["attempt"], row["lease_epoch"]),
+        lease=lease_proto(str(row["id"]), row["attempt"], row["epoch"]),
         queue=row["queue"],
         type=row["type"],
         payload=row["payload"],

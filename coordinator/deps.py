@@ -2,26 +2,32 @@
 
 :class:`Deps` is built once by ``server.py``: the configuration, the database, the office
 (leadership: epoch, fence, what to do when fenced), the connected workers, the task
-watchers, and :class:`Events`, the wake-ups between services (a submit commits: the
-dispatcher looks for a worker; a task is scheduled: the promoter looks at its clock);
-and the telemetry services record into: ``metrics`` (None when the coordinator exports
-none, so nothing is recorded) and ``tracing`` (disabled unless an OTLP endpoint is set).
+watchers, the after-commit path every task state change takes
+(``lifecycle/transitions.py``: a submit commits, the dispatcher's listener looks for a
+worker; a task is scheduled, the promoter's looks at its clock), and the telemetry
+services record into: ``metrics`` (``CoordinatorMetrics.off()`` when the coordinator
+exports none, so nothing is recorded) and ``tracing`` (disabled unless an OTLP endpoint
+is set).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from typing import TYPE_CHECKING
 
-from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.errors import Fenced
-from conveyor.coordinator.sessions import SessionRegistry
-from conveyor.coordinator.store.db import Database
+from conveyor.coordinator.lifecycle.transitions import AfterCommit
 from conveyor.coordinator.store.sql import Fence
-from conveyor.coordinator.watchers import TaskWatchers
 from conveyor.observability.metrics import CoordinatorMetrics
 from conveyor.observability.tracing import Tracing
+
+if TYPE_CHECKING:
+    # Types only: the sessions and the watchers import what imports this module.
+    from conveyor.coordinator.config import CoordinatorConfig
+    from conveyor.coordinator.dispatch.sessions import SessionRegistry
+    from conveyor.coordinator.lifecycle.watchers import TaskWatchers
+    from conveyor.coordinator.store.db import Database
 
 
 def _nobody() -> str:
@@ -31,7 +37,7 @@ def _nobody() -> str:
 class Office:
     """Whether this coordinator leads, with which epoch, and how it steps down.
 
-    The coordinator takes and leaves office (``server.py``); services only read
+    The coordinator takes and leaves office (``leader/leadership.py``); services only read
     :meth:`fence` and report :meth:`fenced`.
     """
 
@@ -40,7 +46,8 @@ class Office:
         self.epoch = 0
         self.leader = False
         self.on_fenced: Callable[[Fenced], None] = lambda exc: None
-        self.leader_address: Callable[[], str] = _nobody
+        self.locate_leader: Callable[[], str] = _nobody
+        """Where the leader is, as this coordinator knows it (set by leadership)."""
         self.on_refused: Callable[[], None] | None = None
         """Called each time the fence refuses a write of this office's (for metrics)."""
 
@@ -51,42 +58,13 @@ class Office:
     def is_leader(self) -> bool:
         return self.leader
 
+    def leader_address(self) -> str:
+        """The leader's address ("" when unknown)."""
+        return self.locate_leader()
+
     def fenced(self, exc: Fenced) -> None:
         """Another coordinator took a newer epoch: leave office (at once, not awaited)."""
         self.on_fenced(exc)
-
-
-class Events:
-    """Wake-ups between services; listeners register in their constructors."""
-
-    def __init__(self) -> None:
-        self._ready: list[Callable[[str, str], None]] = []
-        self._scheduled: list[Callable[[datetime], None]] = []
-        self._schedules_changed: list[Callable[[], None]] = []
-
-    def on_ready(self, listener: Callable[[str, str], None]) -> None:
-        self._ready.append(listener)
-
-    def ready(self, tenant: str, queue: str) -> None:
-        """Work may be ready on (tenant, queue): a submit, promotion or release committed."""
-        for listener in self._ready:
-            listener(tenant, queue)
-
-    def on_scheduled(self, listener: Callable[[datetime], None]) -> None:
-        self._scheduled.append(listener)
-
-    def scheduled(self, run_at: datetime) -> None:
-        """A task became SCHEDULED for ``run_at``."""
-        for listener in self._scheduled:
-            listener(run_at)
-
-    def on_schedules_changed(self, listener: Callable[[], None]) -> None:
-        self._schedules_changed.append(listener)
-
-    def schedules_changed(self) -> None:
-        """A schedule was created, changed or resumed."""
-        for listener in self._schedules_changed:
-            listener()
 
 
 @dataclass(frozen=True)
@@ -98,6 +76,12 @@ class Deps:
     office: Office
     sessions: SessionRegistry
     watchers: TaskWatchers
-    events: Events
-    metrics: CoordinatorMetrics | None = None
+    after_commit: AfterCommit = field(default_factory=AfterCommit)
+    metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics.off)
     tracing: Tracing = field(default_factory=Tracing.disabled)
+
+    def __post_init__(self) -> None:
+        # The listeners of what every coordinator has: WatchTask's watchers, and the
+        # sessions (a cancelled attempt is called off on its worker's stream).
+        self.after_commit.listen(self.watchers.on_transitions)
+        self.after_commit.listen(self.sessions.on_transitions)

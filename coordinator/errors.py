@@ -3,7 +3,7 @@
 Every error leaves as a gRPC status with a ``google.rpc.ErrorInfo`` (domain ``conveyor.dev``,
 reason the ``conveyor.v1.ErrorReason`` name without its ``ERROR_REASON_`` prefix) and, where
 it helps, ``BadRequest`` field violations, ``QuotaFailure`` or ``RetryInfo``. Handlers only
-raise: the error interceptor (``coordinator/intercept_errors.py``) calls :func:`to_status`.
+raise: the error interceptor (``api/interceptors/errors.py``) calls :func:`to_status`.
 
 ``ErrorReason`` is the catalog: each value (but UNSPECIFIED) has exactly one
 :class:`ConveyorError` subclass here, which names it in ``reason`` (a unit test walks the

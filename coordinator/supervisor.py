@@ -1,4 +1,11 @@
-"""The leader's background services, on one supervised lifecycle.
+"""Lifecycles, one owner: every long-lived component, and the leader's services.
+
+A :class:`Supervisor` starts components in order and stops the ones it started in the
+reverse order, once, whatever stops it (a clean shutdown, a start that failed half-way,
+the end of a leader's term). A component is anything with ``start()`` (plain or async)
+and ``async stop()``: the coordinator's store, telemetry, key directory, audit log, group
+commits, gRPC server and leadership are one supervisor's (``server.py``); the leader's
+services are another's, for as long as a term lasts (``leader/leadership.py``).
 
 A :class:`Service` implements :meth:`Service.step` (one round of work, returning how long
 to wait before the next; :meth:`Service.wake` cuts the wait short). The lifecycle around
@@ -19,9 +26,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
-from typing import ClassVar, Self
+from typing import ClassVar, Protocol, Self, TypeVar
 
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import Fenced, is_store_error
@@ -30,6 +38,50 @@ _log = logging.getLogger("conveyor.coordinator.services")
 
 BACKOFF_BASE = 0.05
 BACKOFF_MAX = 5.0
+
+
+class Component(Protocol):
+    """A long-lived part of the coordinator: started once, stopped once."""
+
+    def start(self) -> object:
+        """Starts it (or returns an awaitable that does)."""
+
+    async def stop(self) -> None:
+        """Stops it, after finishing (or giving up on) what it holds."""
+
+
+C = TypeVar("C", bound=Component)
+
+
+class Supervisor:
+    """Starts components in order; stops those started in reverse order (see above)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._started: list[Component] = []
+
+    @property
+    def components(self) -> list[Component]:
+        """The components started, in start order."""
+        return list(self._started)
+
+    async def start(self, component: C) -> C:
+        """Starts ``component`` (after the ones started before it); returns it."""
+        started = component.start()
+        if inspect.isawaitable(started):
+            await started
+        self._started.append(component)
+        return component
+
+    async def stop(self) -> None:
+        """Stops every component started, the last one first. One that fails to stop is
+        logged; the others still stop."""
+        while self._started:
+            component = self._started.pop()
+            try:
+                await component.stop()
+            except Exception:
+                _log.exception("%s: stopping %s failed", self.name, type(component).__name__)
 
 
 class Service(abc.ABC):

@@ -3,11 +3,15 @@
 ``server.py`` makes one :class:`Telemetry` per coordinator and hands its ``metrics`` and
 ``tracing`` to the services through :class:`~conveyor.coordinator.deps.Deps`:
 
-- Metrics (:class:`~conveyor.observability.metrics.CoordinatorMetrics`) exist only when
-  ``metrics_listen`` is set. Services record into ``deps.metrics`` once per batch (a
-  group commit, a claim, a sweep) and skip it when it is None, so a coordinator without
-  an endpoint records nothing at all. Queue depth and the connected workers are read at
-  scrape time (:meth:`Telemetry.watch`); leadership comes from the office's events.
+- Metrics (:class:`~conveyor.observability.metrics.CoordinatorMetrics`) record only when
+  ``metrics_listen`` is set; otherwise ``metrics`` is ``CoordinatorMetrics.off()``, whose
+  methods do nothing, so a coordinator without an endpoint records nothing at all and no
+  caller tests for it. Task state changes are counted by one after-commit listener
+  (:meth:`Telemetry.on_transitions`, once per batch: a group commit, a claim, a sweep),
+  registered only while metrics are recorded; group-commit sizes and refusals are
+  recorded where they happen, once per flush. Queue depth and the connected workers are
+  read at scrape time (:meth:`Telemetry.watch`); leadership comes from the office's
+  events.
 - Tracing (:class:`~conveyor.observability.tracing.Tracing`) is on when the ``OTEL_*``
   variables name an OTLP endpoint: a span per RPC through the gRPC server interceptor,
   and a ``dispatch`` span per leased attempt, whose context replaces the stored
@@ -20,13 +24,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.dispatch_policy import Packed
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.lifecycle.transitions import (
+    ID,
+    QUEUE,
+    TENANT,
+    TYPE,
+    AfterCommit,
+    Cause,
+    Transitions,
+)
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
 from conveyor.observability.grpc_metrics import MetricsInterceptor
@@ -38,7 +49,11 @@ from conveyor.observability.metrics import (
 )
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 
-__all__ = ["Telemetry", "dispatch_spans", "hand_off_rows"]
+if TYPE_CHECKING:
+    from conveyor.coordinator.dispatch.policy import Packed
+    from conveyor.coordinator.dispatch.sessions import SessionRegistry
+
+__all__ = ["Telemetry", "dispatch_spans"]
 
 _log = logging.getLogger("conveyor.coordinator.telemetry")
 
@@ -58,7 +73,11 @@ class Telemetry:
         self, config: CoordinatorConfig, *, node_id: str, tracing: Tracing | None = None
     ) -> None:
         self._listen = config.metrics_listen
-        self.metrics = CoordinatorMetrics(cluster=config.cluster) if self._listen else None
+        self.metrics = (
+            CoordinatorMetrics(cluster=config.cluster)
+            if self._listen
+            else CoordinatorMetrics.off(cluster=config.cluster)
+        )
         self.tracing = (
             tracing
             if tracing is not None
@@ -71,9 +90,18 @@ class Telemetry:
         """Where the metrics are served ("" when they are not)."""
         return self.server.url if self.server is not None else ""
 
+    def start(self) -> None:
+        """Serves the metrics (a component of the coordinator: ``supervisor.py``)."""
+        self.start_endpoint()
+
+    async def stop(self) -> None:
+        """Stops serving metrics, then exports the spans still buffered."""
+        await self.stop_endpoint()
+        await self.shutdown()
+
     def start_endpoint(self) -> None:
         """Binds the metrics endpoint (if any); raises OSError naming the address."""
-        if self.metrics is not None and self.server is None:
+        if self.metrics.enabled and self.server is None:
             server = MetricsServer(self.metrics.registry, self._listen)
             server.start()
             self.server = server
@@ -83,14 +111,16 @@ class Telemetry:
         """The telemetry's server interceptors, to go first in the chain: RPC timing
         (so it includes the interceptors after it), then a span per RPC."""
         timing: list[grpc.aio.ServerInterceptor] = (
-            [MetricsInterceptor(self.metrics.rpc_duration)] if self.metrics is not None else []
+            [MetricsInterceptor(self.metrics.rpc_duration)] if self.metrics.enabled else []
         )
         return [*timing, *self.tracing.server_interceptors()]
 
-    def watch(self, db: Database, sessions: SessionRegistry) -> None:
-        """Registers the scrape-time sources (queue depth, workers) on the running loop."""
-        if self.metrics is None:
+    def watch(self, db: Database, sessions: SessionRegistry, after_commit: AfterCommit) -> None:
+        """Registers the scrape-time sources (queue depth, workers) on the running loop,
+        and the listener that counts transitions."""
+        if not self.metrics.enabled:
             return
+        after_commit.listen(self.on_transitions)
         loop = asyncio.get_running_loop()
 
         async def depths() -> list[QueueDepth]:
@@ -106,24 +136,29 @@ class Telemetry:
         )
         self.metrics.watch_workers(pools, loop=loop, timeout=SCRAPE_TIMEOUT)
 
-    # -- leadership -------------------------------------------------------------------
-
-    def took_office(self, epoch: int) -> None:
-        if self.metrics is not None:
-            self.metrics.took_office(epoch)
-
-    def left_office(self) -> None:
-        if self.metrics is not None:
-            self.metrics.left_office()
-
-    def etcd_session(self, up: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.etcd_session_changed(up)
+    def on_transitions(self, batch: Transitions) -> None:
+        """Counts one batch of committed transitions, by what caused it."""
+        metrics, cause, rows = self.metrics, batch.cause, batch.rows
+        if cause is Cause.SUBMITTED:
+            metrics.count_submitted((r[TENANT], r[QUEUE], r[TYPE]) for r in rows)
+        elif cause is Cause.CLAIMED:
+            metrics.record_dispatched(rows)
+        elif cause is Cause.HANDED_OFF:
+            metrics.count_submitted((r[TENANT], r[QUEUE], r[TYPE]) for r in rows)
+            metrics.record_dispatched(rows)
+        elif cause is Cause.FINISHED:
+            metrics.record_results(rows)
+        elif cause in (Cause.EXPIRED, Cause.EVICTED, Cause.TAKEN_OVER):
+            metrics.record_lease_expired(rows)
+        elif cause is Cause.NOT_STARTED:
+            metrics.record_requeued(rows)
+        elif cause is Cause.CANCELLED:
+            metrics.record_cancelled(rows)
 
     # -- shutdown ---------------------------------------------------------------------
 
     async def stop_endpoint(self) -> None:
-        """Stops serving metrics (first, so no scrape reads a closing pool)."""
+        """Stops serving metrics (before the pool closes, so no scrape reads a closing one)."""
         server, self.server = self.server, None
         if server is not None:
             await asyncio.to_thread(server.stop)
@@ -153,28 +188,11 @@ async def worker_pools(db: Database, sessions: SessionRegistry) -> list[WorkerPo
 def dispatch_spans(
     tracing: Tracing, rows: Sequence[Any], messages: Sequence[Packed], start_ns: int
 ) -> None:
-    """One ``dispatch`` span per claimed row, started at ``start_ns`` (the claim's start);
-    each span's context becomes its Assignment's ``traceparent``. ``messages`` hold the
-    rows' assignments in row order (:meth:`DispatchPolicy.pack` keeps it)."""
-    traceparents = iter(tracing.dispatch_spans(rows, start_time_ns=start_ns))
+    """One ``dispatch`` span per leased row (a transition with ``traceparent``), started at
+    ``start_ns`` (the claim's start); each span's context becomes the ``traceparent`` of the
+    Assignment with the row's task id in ``messages``."""
+    traceparents = tracing.dispatch_spans(rows, start_time_ns=start_ns)
+    by_id = {row[ID]: traceparent for row, traceparent in zip(rows, traceparents, strict=True)}
     for packed in messages:
         for assignment in packed.message.assignments.assignments:
-            assignment.traceparent = next(traceparents)
-
-
-def hand_off_rows(rows: Sequence[store.NewRow], keys: Sequence[Any]) -> list[dict[str, object]]:
-    """Handed-off tasks as claimed rows for the metrics and the dispatch spans: leased in
-    the statement that wrote them, so they waited for nothing."""
-    return [
-        {
-            "id": key.task_id,
-            "tenant": row.tenant,
-            "queue": row.task.queue,
-            "type": row.task.type,
-            "attempt": key.attempt,
-            "traceparent": row.task.traceparent,
-            "queue_wait_seconds": 0.0,
-            "pickup_seconds": 0.0,
-        }
-        for row, key in zip(rows, keys, strict=True)
-    ]
+            assignment.traceparent = by_id[assignment.lease.task_id]

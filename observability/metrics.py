@@ -166,8 +166,17 @@ class CoordinatorMetrics:
     """The coordinator's metrics, on :attr:`registry`.
 
     ``cluster`` labels the leadership series, so one Prometheus can watch several
-    clusters and "no leader" is decided per cluster.
+    clusters and "no leader" is decided per cluster. A coordinator that exports no metrics
+    holds :meth:`off` instead, so nothing is recorded and no caller tests for None.
     """
+
+    enabled = True
+    """False for :meth:`off`: no registry, and every method does nothing."""
+
+    @classmethod
+    def off(cls, *, cluster: str = "default") -> CoordinatorMetrics:
+        """Metrics that record nothing, at no cost: every method is a no-op."""
+        return _Off(cluster)
 
     def __init__(self, *, cluster: str = "default", process_metrics: bool = True) -> None:
         self.cluster = cluster
@@ -531,6 +540,25 @@ class CoordinatorMetrics:
         collector = WorkerPoolCollector(source, loop, timeout)
         self.registry.register(collector)
         return collector
+
+
+class _Off(CoordinatorMetrics):
+    """:meth:`CoordinatorMetrics.off`: its public methods are replaced below by no-ops, so
+    a recorder added to CoordinatorMetrics is a no-op here without a line more."""
+
+    enabled = False
+
+    def __init__(self, cluster: str) -> None:  # builds no registry and no metric
+        self.cluster = cluster
+
+
+def _ignore(*args: object, **kwargs: object) -> None:
+    return None
+
+
+for _name, _member in vars(CoordinatorMetrics).items():
+    if callable(_member) and not _name.startswith("_"):
+        setattr(_Off, _name, staticmethod(_ignore))
 
 
 class WorkerMetrics:

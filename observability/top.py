@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from conveyor.v1 import admin_service_pb2, task_pb2
+from conveyor.v1 import admin_service_pb2
 
 __all__ = [
     "QueueRates",
@@ -103,9 +104,32 @@ class Snapshot:
     problem: str = ""
 
 
+class QueueCounts(Protocol):
+    """A queue's counts as the API gives them (``conveyor.v1.QueueStats``, or the
+    client's ``QueueStats``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def scheduled(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def dead(self) -> int: ...
+
+    @property
+    def workers(self) -> int: ...
+
+
 def snapshot_from_protos(
     status: admin_service_pb2.GetClusterStatusResponse,
-    queues: Iterable[task_pb2.QueueStats],
+    queues: Iterable[QueueCounts],
     *,
     queue_rates: Mapping[str, QueueRates] | None = None,
     oldest_pending: Mapping[str, float] | None = None,

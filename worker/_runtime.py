@@ -1,7 +1,7 @@
-"""Runs assignments: slots, timeouts, cancellation and the outbox of unacknowledged results.
+"""Runs assignments: slots, timeouts, cancellation and the results pending acknowledgement.
 
 The runtime outlives any one stream. Handlers keep running while the session reconnects,
-and results wait in the outbox until a ResultAck clears them, whichever session that
+and results wait (:class:`PendingResults`) until a ResultAck clears them, whichever session that
 arrives on. The session only feeds it (assignments, acks, cancels) and drains it (leases
 to heartbeat, results to send, credit to grant), through :class:`RuntimeListener`.
 
@@ -51,8 +51,8 @@ from conveyor.worker._codec import (
 )
 from conveyor.worker._context import CancellationSignal, TaskContext
 from conveyor.worker._errors import NonRetryableError
-from conveyor.worker._outbox import LeaseKey, Outbox, lease_key
 from conveyor.worker._registry import Handler, TaskRegistry
+from conveyor.worker._results import AttemptKey, PendingResults, attempt_key
 
 __all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
 
@@ -106,7 +106,7 @@ class RuntimeListener(Protocol):
 class _Execution:
     """One attempt, from assignment until its handler has returned."""
 
-    key: LeaseKey
+    key: AttemptKey
     lease: pb.Lease
     assignment: pb.Assignment
     handler: Handler
@@ -179,14 +179,14 @@ class Runtime:
         self.tenant = ""
         self._loop = asyncio.get_running_loop()
         # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
-        self._held: dict[LeaseKey, _Execution] = {}
+        self._held: dict[AttemptKey, _Execution] = {}
         # Attempts taking a slot: handlers running, including reported ones whose handler
         # (typically a sync one in its thread) has not returned yet.
         self._occupied: set[_Execution] = set()
         # Assignments beyond the slots (only if the coordinator oversends): started in
         # order as slots free, so the worker never runs more than `concurrency`.
         self._backlog: collections.deque[_Execution] = collections.deque()
-        self._outbox = Outbox()
+        self._pending = PendingResults()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: RuntimeListener | None = None
         self._idle = asyncio.Event()
@@ -210,7 +210,7 @@ class Runtime:
         """
         leases = [_copy_lease(e.lease) for e in self._held.values()]
         leases.extend(
-            _copy_lease(lease) for k, lease in self._outbox.leases().items() if k not in self._held
+            _copy_lease(lease) for k, lease in self._pending.leases().items() if k not in self._held
         )
         return leases
 
@@ -228,13 +228,13 @@ class Runtime:
         return pb.EncryptionKeys(key_ids=key_ids)
 
     @property
-    def outbox(self) -> Outbox:
+    def pending(self) -> PendingResults:
         """The results waiting to be sent or acknowledged."""
-        return self._outbox
+        return self._pending
 
     def pending_results(self) -> int:
         """Results waiting for an acknowledgement."""
-        return len(self._outbox)
+        return len(self._pending)
 
     async def wait_idle(self) -> None:
         """Wait until no attempt is held (every outcome decided)."""
@@ -264,8 +264,8 @@ class Runtime:
     def attach(self, listener: RuntimeListener) -> None:
         """Make ``listener`` the live session; every unacked result is to be (re)sent."""
         self._listener = listener
-        self._outbox.resend_all()
-        if self._outbox.unsent_count():
+        self._pending.resend_all()
+        if self._pending.unsent_count():
             listener.results_ready()
         listener.slots_changed()
 
@@ -280,10 +280,10 @@ class Runtime:
         """Take one assignment: start it, or queue it if no slot is free."""
         lease = pb.Lease()
         lease.CopyFrom(assignment.lease)
-        key = lease_key(lease)
-        if key in self._held or key in self._outbox:
+        key = attempt_key(lease)
+        if key in self._held or key in self._pending:
             # A coordinator resending an attempt we already run or finished: the running
-            # handler or the outbox answers it; running it twice would duplicate effects.
+            # handler or its pending result answers it; running it twice would duplicate effects.
             logger.warning("ignoring duplicate assignment of task %s attempt %d", *key)
             self._notify_slots()  # the credit it consumed is owed back
             return
@@ -353,16 +353,16 @@ class Runtime:
 
     def ack(self, ack: pb.ResultAck) -> None:
         """A ResultAck: accepted or refused, the result is done with."""
-        self._outbox.ack(ack)
+        self._pending.ack(ack)
 
     def cancel(self, leases: Iterable[pb.Lease]) -> None:
         """CancelTasks: stop these attempts and report them CANCELLED."""
         for lease in leases:
-            key = lease_key(lease)
+            key = attempt_key(lease)
             execution = self._held.get(key)
             if execution is None:
                 # Already finished; its result answers the cancel (and will be refused).
-                self._outbox.cancelled(key)
+                self._pending.cancelled(key)
                 continue
             logger.info("task %s attempt %d cancelled by the coordinator", *execution.key)
             self._stop(
@@ -374,7 +374,7 @@ class Runtime:
     def abandon(self, leases: Iterable[pb.Lease]) -> None:
         """Leases the coordinator says are no longer ours: stop, and report nothing."""
         for lease in leases:
-            execution = self._held.get(lease_key(lease))
+            execution = self._held.get(attempt_key(lease))
             if execution is None:
                 continue  # finished meanwhile: its result will be refused or accepted
             logger.warning(
@@ -680,7 +680,7 @@ class Runtime:
         self._notify_slots()
 
     def _emit(self, result: pb.TaskResult) -> None:
-        self._outbox.add(result)
+        self._pending.add(result)
         if self._listener is not None:
             self._listener.results_ready()
 

@@ -47,7 +47,7 @@ RESULT_BATCH_WINDOW = 0.002
 #: ...of at most this many results...
 RESULT_BATCH_MAX = 100
 #: ...and about this many bytes, well under the coordinator's 64 MiB message limit (a
-#: single result larger than this still goes alone; the outbox refuses bigger ones).
+#: single result larger than this still goes alone; PendingResults refuses bigger ones).
 RESULT_BATCH_BYTES = 8 << 20
 #: Outgoing messages waiting for the writer; a full queue makes senders wait (backpressure
 #: from HTTP/2 flow control reaches the loops that produce messages).
@@ -234,7 +234,7 @@ class Session:
     def results_ready(self) -> None:
         """Wake the results loop (called by the runtime)."""
         self._results_wanted.set()
-        if self._runtime.outbox.unsent_count() >= RESULT_BATCH_MAX:
+        if self._runtime.pending.unsent_count() >= RESULT_BATCH_MAX:
             self._batch_full.set()
 
     def slots_changed(self) -> None:
@@ -397,7 +397,7 @@ class Session:
         while True:
             message = await self._outgoing.get()
             if self._write_closed:
-                continue  # after the half-close; unsent results stay in the outbox
+                continue  # after the half-close; unsent results stay pending
             if message is None:
                 await call.done_writing()
                 self._write_closed = True
@@ -509,7 +509,7 @@ class Session:
     async def _results_loop(self) -> None:
         while True:
             await self._results_wanted.wait()
-            if self._runtime.outbox.unsent_count() < RESULT_BATCH_MAX:
+            if self._runtime.pending.unsent_count() < RESULT_BATCH_MAX:
                 # Give results finishing right after this one a moment to share the message.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RESULT_BATCH_WINDOW):
@@ -524,11 +524,11 @@ class Session:
         batch: list[pb.TaskResult] = []
         size = 0
         while len(batch) < RESULT_BATCH_MAX:
-            peek = self._runtime.outbox.peek_unsent()
+            peek = self._runtime.pending.peek_unsent()
             if peek is None:
                 break
             if batch and size + peek.ByteSize() > RESULT_BATCH_BYTES:
                 break
             size += peek.ByteSize()
-            batch.extend(self._runtime.outbox.take_unsent(1))
+            batch.extend(self._runtime.pending.take_unsent(1))
         return batch

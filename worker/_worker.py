@@ -570,7 +570,7 @@ class Worker:
             logger.warning("stopping %d unfinished task(s)", runtime.running_count())
             runtime.stop_all(SHUTDOWN_ERROR)
         if runtime.pending_results():
-            await _bounded(self._unless_forced(runtime.outbox.wait_settled()), RESULT_ACK_TIMEOUT)
+            await _bounded(self._unless_forced(runtime.pending.wait_settled()), RESULT_ACK_TIMEOUT)
         if runtime.pending_results():
             logger.warning(
                 "%d result(s) not acknowledged; their tasks will run again once their "

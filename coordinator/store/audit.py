@@ -1,4 +1,4 @@
-"""SQL for the ``audit_events`` hash chain (migration 0003; the chain is ``audit_chain.py``'s).
+"""SQL for the ``audit_events`` hash chain (migration 0003; the chain is ``audit/chain.py``'s).
 
 Appends are serialized across every coordinator (and ``conveyor keys --dsn``) by a
 transaction-level advisory lock: the appender reads the head under it, chains its batch
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from conveyor.coordinator.audit_chain import GENESIS, Event, Row, chain
+from conveyor.coordinator.audit.chain import GENESIS, Event, Row, chain
 from conveyor.coordinator.store.sql import Query, columns, transpose, unnest
 
 # Any constant: it only has to be the same for every appender ("audt").

@@ -1,4 +1,5 @@
-"""The handler skeleton, once: a connection to read with, or a fenced write transaction.
+"""The handler skeleton, once: a connection to read with, one for single-statement writes,
+or a fenced write transaction.
 
 ``async with db.write(fence) as conn:`` acquires a connection, begins, checks the leader's
 epoch first (so the leadership row stays share-locked until the commit), and commits. A
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 
+from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.errors import OutcomeUnknown, is_connection_loss
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store.sql import Fence
@@ -37,7 +39,14 @@ class Database:
         self.pool = pool
 
     def read(self) -> asyncpg.pool.PoolAcquireContext:
-        """A pooled connection (autocommit): ``async with db.read() as conn``."""
+        """A pooled connection to read with: ``async with db.read() as conn``."""
+        return self.pool.acquire()
+
+    def autocommit(self) -> asyncpg.pool.PoolAcquireContext:
+        """A pooled connection for writes that are one statement each, each its own
+        transaction (a group commit's, a claim, a sweep): ``async with db.autocommit()``.
+        Wrap a statement whose loss of connection must say OUTCOME_UNKNOWN in
+        :func:`committing`."""
         return self.pool.acquire()
 
     @contextlib.asynccontextmanager
@@ -57,3 +66,61 @@ class Database:
                 raise
             with committing():
                 await transaction.commit()
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection: nothing beyond what asyncpg always does
+    (roll back an open transaction, drop listeners).
+
+    asyncpg's default also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` on every release: one more round trip on every submit's way to its answer, and
+    one more statement for PostgreSQL per batch, to undo session state that pooled
+    connections never hold here. Locks and settings are transaction-level
+    (``pg_advisory_xact_lock``), no cursor outlives its transaction, and the key
+    directory LISTENs on a connection of its own (``tenancy/directory.py``). Code that adds
+    session state to a pooled connection must undo it itself.
+    """
+
+
+class Pool:
+    """The coordinator's connection pool, as a component: opened at start, closed at stop."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self._config = config
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "the pool is opened by start()"
+        return self._pool
+
+    async def start(self) -> None:
+        cfg = self._config
+        self._pool = await asyncpg.create_pool(
+            cfg.dsn,
+            min_size=cfg.pool_min_size,
+            max_size=cfg.pool_max_size,
+            command_timeout=cfg.statement_timeout,
+            server_settings={
+                # asyncpg prepares every statement; after a few runs PostgreSQL may switch
+                # to a generic plan made when the tables were small (a sequential scan
+                # joined to 1000 results: seconds per batch once the table has grown).
+                # Planning each batch anew costs far less than that.
+                "plan_cache_mode": "force_custom_plan",
+                # Batch statements look expensive to the planner; compiling them is not
+                # worth it for millisecond queries.
+                "jit": "off",
+                # A transaction of ours holds the leadership row FOR SHARE (the fence)
+                # until it ends. If this process freezes mid-transaction (SIGSTOP, a VM
+                # pause), that lock would keep the next leader from taking office for as
+                # long as the freeze lasts; PostgreSQL ends such a session instead. Our
+                # transactions never sit idle for more than a moment otherwise.
+                "idle_in_transaction_session_timeout": "5s",
+                "application_name": "conveyor-coordinator",
+            },
+            reset=_keep_session,
+        )
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()

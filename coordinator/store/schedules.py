@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from conveyor.coordinator.cron import OVERLAP_ALLOW
+from conveyor.coordinator.schedules.cron import OVERLAP_ALLOW
 from conveyor.coordinator.store.sql import Query, columns, transpose, unnest
 from conveyor.coordinator.store.tasks import CANCELLED, DEAD, SUCCEEDED
 

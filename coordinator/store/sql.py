@@ -157,10 +157,19 @@ def columns(names: Iterable[str], alias: str = "") -> str:
     return ", ".join(prefix + name for name in names)
 
 
-def unnest(typed: Sequence[tuple[str, str]], alias: str) -> str:
-    """``unnest(:x::T[], ...) AS alias(x, ...)``: one array parameter per (name, type)."""
+def unnest(typed: Sequence[tuple[str, str]], alias: str, *, numbered: bool = False) -> str:
+    """``unnest(:x::T[], ...) AS alias(x, ...)``: one array parameter per (name, type).
+
+    ``numbered`` adds a column ``i``, each element's position in the arrays from 0 (so a
+    statement can say which of its inputs it matched)."""
     arrays = ", ".join(f":{name}::{pg_type}[]" for name, pg_type in typed)
-    return f"unnest({arrays}) AS {alias}({columns(name for name, _ in typed)})"
+    names = columns(name for name, _ in typed)
+    if numbered:
+        return (
+            f"(SELECT *, n - 1 AS i FROM unnest({arrays}) WITH ORDINALITY AS u({names}, n))"
+            f" AS {alias}"
+        )
+    return f"unnest({arrays}) AS {alias}({names})"
 
 
 def transpose(records: Sequence[Sequence[Any]], names: Sequence[str]) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 Every statement takes arrays (``unnest``) so one round trip serves a whole batch, and every
 statement filters by tenant, except the maintenance sweeps (promotion, lease reaping) which
 act for all tenants by design. Dispatch-side writes carry the leader's fence (``{fence}``,
-see ``sql.py``). The claim, which decides the order of work, is the dispatch policy's
-(``coordinator/dispatch_policy.py``).
+see ``sql.py``). Every statement that changes a task's state returns the one row shape
+of ``transitions.py`` (its ``changed`` CTE and tail), which the after-commit path hands to
+its listeners. The claim is here too; the dispatch policy (``dispatch/policy.py``) decides
+whom it claims for and how much.
 
 What counts as an attempt (``attempt`` counts every lease, ``attempt_base`` the ones that do
 not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
@@ -30,25 +32,24 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
-from conveyor.coordinator.leases import (
-    FIRST_ATTEMPT,
-    KEY_ARRAYS,
-    KeyTuple,
-    LeaseKey,
-    key_arrays,
-    keys_of,
-)
+from conveyor.coordinator.api.validation import ListFilter, NewTask
+from conveyor.coordinator.store import transitions
 from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
-from conveyor.coordinator.validation import ListFilter, NewTask
+from conveyor.coordinator.store.transitions import TAIL, changed, tail
 from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import task_pb2
 
+if TYPE_CHECKING:
+    from conveyor.coordinator.lifecycle.leases import LeaseKey
+
+UNSPECIFIED = task_pb2.TASK_STATE_UNSPECIFIED
+"""The state "before" of a task just inserted."""
 PENDING = task_pb2.TASK_STATE_PENDING
 SCHEDULED = task_pb2.TASK_STATE_SCHEDULED
 RUNNING = task_pb2.TASK_STATE_RUNNING
@@ -67,6 +68,9 @@ OUTCOME_CANCELLED = task_pb2.ATTEMPT_OUTCOME_CANCELLED
 OUTCOME_NOT_STARTED = task_pb2.ATTEMPT_OUTCOME_NOT_STARTED
 OUTCOME_INTERRUPTED = task_pb2.ATTEMPT_OUTCOME_INTERRUPTED
 
+FIRST_ATTEMPT = 1
+"""The attempt number of a task's first lease (``attempt`` counts leases, from 1)."""
+
 # -- columns -------------------------------------------------------------------------------
 
 TASK_COLUMNS = (
@@ -79,11 +83,12 @@ TASK_COLUMNS = (
 """Every column a Task message shows (convert.task_from_row)."""
 
 ASSIGNMENT_COLUMNS = (
-    "id", "queue", "type", "payload", "content_type", "priority", "attempt", "max_attempts",
-    "idempotency_key", "timeout_ms", "labels", "traceparent", "lease_epoch", "create_time",
+    "payload", "content_type", "priority", "max_attempts", "idempotency_key", "timeout_ms",
+    "labels", "traceparent",
 )  # fmt: skip
-"""What an Assignment needs (convert.assignment_from_row): a claim returns no more, since
-decoding every column of every claimed row is a measurable share of dispatch."""
+"""What an Assignment needs (convert.add_assignment_from_row) beyond a transition row and
+``create_time``: a claim returns no more, since decoding every column of every claimed row
+is a measurable share of dispatch."""
 
 NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("id", "uuid"), ("tenant", "text"), ("queue", "text"), ("type", "text"),
@@ -104,7 +109,27 @@ ATTEMPT_COLUMNS = (
 
 _TASK = columns(TASK_COLUMNS, "t")
 _NEW_VALUES = ", ".join(f"r.{n}::jsonb" if n == "labels" else f"r.{n}" for n in NEW_TASK_COLUMNS)
+KEY_ARRAYS: tuple[tuple[str, str], ...] = (
+    ("tenant", "text"),
+    ("id", "uuid"),
+    ("attempt", "int"),
+    ("epoch", "bigint"),
+    ("worker_id", "text"),
+)
+"""A lease key's fields (``leases.LeaseKey``, in its order) as array parameters."""
+
+
+def key_arrays(keys: Sequence[LeaseKey]) -> dict[str, Any]:
+    """Lease keys as the array parameters named in :data:`KEY_ARRAYS`."""
+    if not keys:
+        return {name: [] for name, _ in KEY_ARRAYS}
+    values = zip(*keys, strict=True)
+    return {name: list(column) for (name, _), column in zip(KEY_ARRAYS, values, strict=True)}
+
+
 _KEYS = unnest(KEY_ARRAYS, "r")
+# The same, numbered from 0 (r.i): a statement returns the positions of the keys it matched.
+_NUMBERED_KEYS = unnest(KEY_ARRAYS, "r", numbered=True)
 # A lease as a worker names it (r, from _KEYS) matches the task row only while current.
 _LEASE_MATCH = f"""
     t.tenant = r.tenant AND t.id = r.id AND t.attempt = r.attempt AND t.lease_epoch = r.epoch
@@ -121,9 +146,8 @@ _BACKOFF = """
 """
 
 
-# Seconds from a timestamp column to now, for the metrics' durations: computed by the
-# database, once per row of a statement that returns the row anyway. Never negative: some
-# timestamps (create_time) come from the coordinator's clock, which may run ahead.
+# Seconds from a timestamp column to now, computed by the database. Never negative: some
+# timestamps come from the coordinator's clock, which may run ahead.
 _SECONDS_SINCE = "greatest(0, extract(epoch FROM now() - {}))::float8"
 
 
@@ -183,54 +207,66 @@ def _new_arrays(rows: Sequence[NewRow]) -> dict[str, Any]:
 _INSERT = Query(
     "insert_tasks",
     f"""
-    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
-    SELECT {_NEW_VALUES}, :now, :now
-    FROM {unnest(NEW_TASK_ARRAYS, "r")}
-    ON CONFLICT DO NOTHING
-    RETURNING id
+    WITH changed AS (
+        INSERT INTO tasks AS t ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
+        SELECT {_NEW_VALUES}, :now, :now
+        FROM {unnest(NEW_TASK_ARRAYS, "r")}
+        ON CONFLICT DO NOTHING
+        RETURNING {changed(from_state=UNSPECIFIED)}
+    ) {TAIL}
     """,
 )
 
 
-async def insert(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> set[uuid.UUID]:
-    """Inserts rows; returns the ids actually inserted.
+async def insert(
+    conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime
+) -> list[asyncpg.Record]:
+    """Inserts rows; returns the transitions of those actually inserted.
 
     A row whose idempotency key or id (a client-made request_id) is taken is skipped, not
     an error (the caller looked them up first and compares). Large batches without keys
     go faster through :func:`copy_new`.
     """
-    inserted = await _INSERT.fetch(conn, now=now, **_new_arrays(rows))
-    return {r["id"] for r in inserted}
+    return await _INSERT.fetch(conn, now=now, **_new_arrays(rows))
 
 
 _INSERT_NEW = Query(
     "insert_new_tasks",
     f"""
-    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
-    SELECT {_NEW_VALUES}, :now, :now
-    FROM {unnest(NEW_TASK_ARRAYS, "r")}
+    WITH changed AS (
+        INSERT INTO tasks AS t ({columns(NEW_TASK_COLUMNS)}, create_time, update_time)
+        SELECT {_NEW_VALUES}, :now, :now
+        FROM {unnest(NEW_TASK_ARRAYS, "r")}
+        RETURNING {changed(from_state=UNSPECIFIED)}
+    ) {TAIL}
     """,
 )
 
 
-async def insert_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> None:
+async def insert_new(
+    conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime
+) -> list[asyncpg.Record]:
     """Inserts rows without idempotency keys; like :func:`copy_new`, the statement fails as
     a whole (UniqueViolationError) when an id is taken, which only a client-made id can be.
-    For small batches, where COPY's extra round trip costs more than it saves."""
-    await _INSERT_NEW.execute(conn, now=now, **_new_arrays(rows))
+    For small batches, where COPY's extra round trip costs more than it saves. Returns
+    the transitions."""
+    return await _INSERT_NEW.fetch(conn, now=now, **_new_arrays(rows))
 
 
 _INSERT_LEASED = Query(
     "insert_leased_tasks",
     f"""
-    INSERT INTO tasks ({columns(NEW_TASK_COLUMNS)}, create_time, update_time, attempt,
-        worker_id, lease_holder, lease_epoch, lease_start_time, lease_expire_time)
-    SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, w.holder, :lease_epoch, now(),
-        now() + make_interval(secs => :lease_seconds)
-    FROM {unnest(NEW_TASK_ARRAYS, "r")}
-    JOIN unnest(:id::uuid[], :worker_ids::text[], :holders::bytea[]) AS w(id, worker_id, holder)
-        ON w.id = r.id
-    WHERE {FENCE}
+    WITH changed AS (
+        INSERT INTO tasks AS t ({columns(NEW_TASK_COLUMNS)}, create_time, update_time,
+            attempt, worker_id, lease_holder, lease_epoch, lease_start_time, lease_expire_time)
+        SELECT {_NEW_VALUES}, :now, :now, :attempt, w.worker_id, w.holder, :epoch, now(),
+            now() + make_interval(secs => :lease_seconds)
+        FROM {unnest(NEW_TASK_ARRAYS, "r")}
+        JOIN unnest(:id::uuid[], :worker_ids::text[], :holders::bytea[])
+            AS w(id, worker_id, holder) ON w.id = r.id
+        WHERE {FENCE}
+        RETURNING {changed(from_state=UNSPECIFIED)}, t.traceparent
+    ) {tail("traceparent")}
     """,
 )
 
@@ -243,34 +279,38 @@ async def insert_leased(
     fence: Fence,
     lease_seconds: float,
     now: datetime,
-) -> list[LeaseKey]:
-    """Inserts new tasks already RUNNING, each leased to its worker (its first attempt);
-    ``holders`` are the workers' lease holders (``sessions.WorkerSession.holder``).
+) -> list[asyncpg.Record]:
+    """Inserts new tasks already RUNNING, each leased to its worker (its first attempt,
+    :data:`FIRST_ATTEMPT`, under ``fence.epoch``); ``holders`` are the workers' lease
+    holders (``sessions.WorkerSession.holder``).
 
     The hand-off path: a fresh task goes straight to a waiting worker in the statement
     that commits it, instead of a second transaction claiming it. A dispatch-side write,
     so it carries the fence. No idempotency keys here (the caller keeps those apart).
-    Returns the lease keys, in row order.
+    Returns the transitions, with ``traceparent``, in no particular order.
     """
-    await _INSERT_LEASED.execute(
+    return await _INSERT_LEASED.fetch(
         conn,
         now=now,
         attempt=FIRST_ATTEMPT,
         worker_ids=list(worker_ids),
         holders=list(holders),
-        lease_epoch=fence.epoch,
+        epoch=fence.epoch,
         lease_seconds=lease_seconds,
         fence=fence,
         **_new_arrays([r._replace(state=RUNNING) for r in rows]),
     )
-    return [
-        LeaseKey(r.tenant, str(r.id), FIRST_ATTEMPT, fence.epoch, worker)
-        for r, worker in zip(rows, worker_ids, strict=True)
-    ]
 
 
-async def copy_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime) -> None:
-    """Inserts rows without idempotency keys with COPY.
+COPY_USABLE = not transitions.FRAGMENTS
+"""COPY carries no CTE, so no same-transaction fragment: it is used only while there is none."""
+
+
+async def copy_new(
+    conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime
+) -> list[tuple[Any, ...]]:
+    """Inserts rows without idempotency keys with COPY; returns their transitions (made
+    here: COPY returns nothing). Only while :data:`COPY_USABLE`.
 
     COPY encodes rows straight into the binary protocol, about half the client CPU of an
     INSERT over unnest() arrays. It has no conflict handling: a taken id (only a client-made
@@ -281,6 +321,11 @@ async def copy_new(conn: asyncpg.Connection, rows: Sequence[NewRow], now: dateti
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
         records=[_record(r, now, now) for r in rows],
     )
+    return [
+        (str(r.id), r.tenant, r.task.queue, r.task.type, UNSPECIFIED, r.state, 0, None, None,
+         None, r.run_at, None, None, None, None)
+        for r in rows
+    ]  # fmt: skip
 
 
 _BY_KEYS = Query(
@@ -344,7 +389,8 @@ _TAKE_BACK = Query("take_back_tasks", "DELETE FROM tasks WHERE id = ANY(:ids::uu
 
 async def take_back(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> None:
     """Deletes rows this transaction inserted (a submit flush that must plan again):
-    nobody else has seen them."""
+    nobody else has seen them. (What a same-transaction fragment wrote for them, once
+    ``transitions.FRAGMENTS`` holds one, must go with them.)"""
     await _TAKE_BACK.execute(conn, ids=list(ids))
 
 
@@ -531,25 +577,118 @@ async def count_unfinished(conn: asyncpg.Connection) -> int:
     return int(await _COUNT_UNFINISHED.fetchval(conn))
 
 
+# -- leases: the claim ----------------------------------------------------------------------
+
+_CLAIM = Query(
+    "claim_tasks",
+    f"""
+    WITH heads AS (
+        -- Per queue, the head of the ready index in dispatch order; then the best of
+        -- those heads. Written so that the index gives the order whatever the planner's
+        -- (always stale, on a queue table) statistics say.
+        SELECT head.id, head.priority, head.size FROM unnest(:queues::text[]) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT id, priority, octet_length(payload) AS size FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
+              AND type = ANY(:types::text[])
+              -- A worker that named its keys gets only tasks it can open (NULL: any).
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
+            ORDER BY priority DESC, id
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) AS head
+        WHERE {FENCE}
+        ORDER BY head.priority DESC, head.id
+        LIMIT :limit
+    ), picked AS (
+        -- Cut at the byte budget, keeping the first task whatever its size.
+        SELECT id FROM (
+            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+        ) ahead
+        WHERE before < :max_bytes
+    ), changed AS (
+        UPDATE tasks t
+        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
+            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
+            lease_expire_time = now() + make_interval(secs => :lease_seconds),
+            update_time = now()
+        FROM picked WHERE t.id = picked.id
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
+    """,
+)
+
+
+async def claim(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str,
+    queues: Sequence[str],
+    types: Sequence[str],
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> list[asyncpg.Record]:
+    """Leases up to ``limit`` ready tasks of these queues and types, encrypted with one of
+    ``keys`` or not encrypted (``keys`` None: any), to ``worker_id`` (its process's
+    ``holder``: ``sessions.WorkerSession.holder``), in
+    dispatch order (per queue the head of the ready index: priority, then age, since ids
+    are time-ordered; then the best of those heads), cut at ``max_bytes`` of payload (the
+    first task whatever its size). Fenced. Returns the transitions, each with what its
+    Assignment needs (:data:`ASSIGNMENT_COLUMNS`), in dispatch order.
+    """
+    return await _CLAIM.fetch(
+        conn,
+        tenant=tenant,
+        queues=list(queues),
+        types=list(types),
+        keys=None if keys is None else list(keys),
+        limit=limit,
+        max_bytes=max_bytes,
+        worker_id=worker_id,
+        holder=holder,
+        epoch=fence.epoch,
+        lease_seconds=lease_seconds,
+        fence=fence,
+    )
+
+
 # -- leases: renewals and results ------------------------------------------------------------
 
 _RENEW = Query(
     "renew_leases",
     f"""
     UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => :lease_seconds)
-    FROM {_KEYS}
+    FROM {_NUMBERED_KEYS}
     WHERE {FENCE} AND {_LEASE_MATCH}
-    RETURNING t.tenant, t.id::text AS id, t.attempt, t.lease_epoch, t.worker_id
+    RETURNING r.i
     """,
 )
 
 
 async def renew_leases(
     conn: asyncpg.Connection, keys: Sequence[LeaseKey], lease_seconds: float, fence: Fence
-) -> set[KeyTuple]:
-    """Extends the leases still held; returns those renewed."""
+) -> set[int]:
+    """Extends the leases still held; returns the positions (in ``keys``) of those renewed.
+
+    Positions, not keys: a set of small ints is the cheapest thing to build per row and
+    to test each key against."""
     rows = await _RENEW.fetch(conn, lease_seconds=lease_seconds, fence=fence, **key_arrays(keys))
-    return keys_of(rows)
+    return {row[0] for row in rows}
+
+
+_OUTCOME_ARRAYS = (
+    *KEY_ARRAYS,
+    ("outcome", "smallint"),
+    ("result", "bytea"),
+    ("error", "text"),
+    ("retryable", "bool"),
+)
 
 
 _HOLDS = Query(
@@ -576,11 +715,11 @@ _RESUME = Query(
     f"""
     UPDATE tasks t SET lease_expire_time = now() + make_interval(secs => :lease_seconds),
         lease_holder = :holder
-    FROM {_KEYS}
+    FROM {_NUMBERED_KEYS}
     WHERE {FENCE} AND {_LEASE_MATCH}
       -- NULL: granted before leases had holders (the migration), to whoever lists it.
       AND (t.lease_holder = :holder OR t.lease_holder IS NULL)
-    RETURNING t.tenant, t.id::text AS id, t.attempt, t.lease_epoch, t.worker_id
+    RETURNING r.i
     """,
 )
 
@@ -591,13 +730,13 @@ async def resume_leases(
     holder: bytes,
     lease_seconds: float,
     fence: Fence,
-) -> set[KeyTuple]:
+) -> set[int]:
     """Renews the leases a reconnecting worker lists that were granted to ``holder``;
-    returns those renewed."""
+    returns the positions (in ``keys``) of those renewed."""
     rows = await _RESUME.fetch(
         conn, holder=holder, lease_seconds=lease_seconds, fence=fence, **key_arrays(keys)
     )
-    return keys_of(rows)
+    return {row[0] for row in rows}
 
 
 class Outcome(NamedTuple):
@@ -619,11 +758,8 @@ _FINISH = Query(
     "finish_attempts",
     f"""
     WITH r AS (
-        SELECT * FROM unnest(:tenant::text[], :id::uuid[], :attempt::int[], :epoch::bigint[],
-            :worker_id::text[], :outcome::smallint[], :result::bytea[], :error::text[],
-            :retryable::bool[])
-            AS r(tenant, id, attempt, epoch, worker_id, outcome, result, error, retryable)
-    ), applied AS (
+        SELECT * FROM {unnest(_OUTCOME_ARRAYS, "r", numbered=True)}
+    ), changed AS (
         UPDATE tasks t SET
             state = CASE
                 WHEN r.outcome = {OUTCOME_SUCCEEDED} THEN {SUCCEEDED}
@@ -646,19 +782,14 @@ _FINISH = Query(
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM r
         WHERE {FENCE} AND {_LEASE_MATCH}
-        RETURNING t.id, t.tenant, t.queue, t.type, t.state, t.run_at, t.attempt, t.lease_epoch,
-            t.lease_start_time, t.create_time, r.worker_id, r.outcome, r.error
+        RETURNING {changed(from_state=RUNNING, worker_id="r.worker_id", outcome="r.outcome")},
+            r.error, r.i
     ), closed AS (
         INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
         SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
             error
-        FROM applied
-    )
-    SELECT id::text AS id, tenant, queue, type, state, run_at, attempt, lease_epoch, worker_id,
-        {_SECONDS_SINCE.format("lease_start_time")} AS run_seconds,
-        CASE WHEN state IN ({SUCCEEDED}, {DEAD}) THEN {_SECONDS_SINCE.format("create_time")}
-        END AS end_to_end_seconds
-    FROM applied
+        FROM changed
+    ) {tail("i")}
     """,
 )
 
@@ -666,23 +797,13 @@ _FINISH = Query(
 async def finish_attempts(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], fence: Fence
 ) -> list[asyncpg.Record]:
-    """Applies results whose lease is current; returns the rows applied (their lease key
-    fields, queue, type, new state and run_at; for metrics, ``run_seconds`` since the
-    lease started and ``end_to_end_seconds`` since the submit when the task finished).
+    """Applies results whose lease is current; returns their transitions.
 
     Success -> SUCCEEDED. Interrupted or not started -> PENDING at once, not counted.
     Failure -> SCHEDULED after a backoff when retryable with attempts left, else DEAD.
     The attempt row is closed in the same statement.
     """
-    return await _FINISH.fetch(
-        conn,
-        outcome=[o.outcome for o in outcomes],
-        result=[o.result for o in outcomes],
-        error=[o.error for o in outcomes],
-        retryable=[o.retryable for o in outcomes],
-        fence=fence,
-        **key_arrays([o.key for o in outcomes]),
-    )
+    return await _FINISH.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
 
 
 _RECORD_REFUSED = Query(
@@ -690,7 +811,7 @@ _RECORD_REFUSED = Query(
     f"""
     INSERT INTO refused_results (tenant, task_id, attempt, epoch, worker_id, outcome, reason)
     SELECT r.tenant, r.id, r.attempt, r.epoch, r.worker_id, r.outcome, :reason
-    FROM {unnest((*KEY_ARRAYS, ("outcome", "smallint")), "r")}
+    FROM {unnest(_OUTCOME_ARRAYS, "r")}
     """,
 )
 
@@ -699,12 +820,16 @@ async def record_refused(
     conn: asyncpg.Connection, outcomes: Sequence[Outcome], reason: str
 ) -> None:
     """Records results that were refused (they change no task)."""
-    await _RECORD_REFUSED.execute(
-        conn,
-        outcome=[o.outcome for o in outcomes],
-        reason=reason,
-        **key_arrays([o.key for o in outcomes]),
+    await _RECORD_REFUSED.execute(conn, reason=reason, **_outcome_arrays(outcomes))
+
+
+def _outcome_arrays(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """Outcomes as the array parameters named in ``_OUTCOME_ARRAYS``."""
+    arrays = transpose(
+        [(o.outcome, o.result, o.error, o.retryable) for o in outcomes],
+        [name for name, _ in _OUTCOME_ARRAYS[len(KEY_ARRAYS) :]],
     )
+    return {**arrays, **key_arrays([o.key for o in outcomes])}
 
 
 # -- leases: taking them back --------------------------------------------------------------
@@ -714,7 +839,7 @@ async def record_refused(
 # with attempt_base moved on. Every statement below is one of three ways to pick victims,
 # followed by this.
 _RELEASE = f"""
-    released AS (
+    changed AS (
         UPDATE tasks t SET
             state = CASE WHEN NOT :counted OR {_RETRY_LEFT} THEN {PENDING} ELSE {DEAD} END,
             attempt_base = t.attempt_base + CASE WHEN :counted THEN 0 ELSE 1 END,
@@ -723,15 +848,13 @@ _RELEASE = f"""
                 ELSE t.last_error END,
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM victims WHERE t.id = victims.id
-        RETURNING t.id, t.tenant, t.queue, t.type, t.state, t.attempt, t.lease_epoch,
-            t.lease_start_time, victims.worker_id
+        RETURNING {changed(from_state=RUNNING, worker_id="victims.worker_id", outcome=":outcome")}
     ), closed AS (
         INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
         SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(),
-            :outcome::smallint, format(:error::text, worker_id)
-        FROM released
-    )
-    SELECT id, tenant, queue, type, state FROM released
+            outcome, format(:error::text, worker_id)
+        FROM changed
+    ) {TAIL}
 """
 
 
@@ -810,10 +933,12 @@ async def unreachable_scheduled(conn: asyncpg.Connection, limit: int) -> list[uu
 _SET_ASIDE = Query(
     "set_tasks_aside",
     f"""
-    UPDATE tasks t SET state = {DEAD}, worker_id = NULL, lease_expire_time = NULL,
-        finish_time = now(), update_time = now(), last_error = :why
-    WHERE {FENCE} AND t.id = ANY(:ids::uuid[]) AND t.state = :state
-    RETURNING t.id, t.tenant, t.queue, t.type, t.state
+    WITH changed AS (
+        UPDATE tasks t SET state = {DEAD}, worker_id = NULL, lease_expire_time = NULL,
+            finish_time = now(), update_time = now(), last_error = :why
+        WHERE {FENCE} AND t.id = ANY(:ids::uuid[]) AND t.state = :state
+        RETURNING {changed(from_state=":state")}
+    ) {TAIL}
     """,
 )
 
@@ -823,7 +948,8 @@ async def set_aside(
 ) -> list[asyncpg.Record]:
     """Moves tasks a sweep cannot handle (still in ``state``) to DEAD, ``last_error``
     saying why: out of the sweep, in the dead-letter queue where an operator sees them.
-    No attempt row: what could not be written is usually the attempt."""
+    No attempt row: what could not be written is usually the attempt. Returns the
+    transitions."""
     return await _SET_ASIDE.fetch(conn, ids=list(ids), state=state, why=why, fence=fence)
 
 
@@ -944,20 +1070,22 @@ async def release_worker(
 _PROMOTE = Query(
     "promote_due",
     f"""
-    UPDATE tasks t SET state = {PENDING}, update_time = now()
-    FROM (
-        SELECT id FROM tasks
-        WHERE {FENCE} AND state = {SCHEDULED} AND run_at <= now()
-        ORDER BY run_at LIMIT :limit FOR UPDATE SKIP LOCKED
-    ) due
-    WHERE t.id = due.id
-    RETURNING t.id, t.tenant, t.queue
+    WITH changed AS (
+        UPDATE tasks t SET state = {PENDING}, update_time = now()
+        FROM (
+            SELECT id FROM tasks
+            WHERE {FENCE} AND state = {SCHEDULED} AND run_at <= now()
+            ORDER BY run_at LIMIT :limit FOR UPDATE SKIP LOCKED
+        ) due
+        WHERE t.id = due.id
+        RETURNING {changed(from_state=SCHEDULED)}
+    ) {TAIL}
     """,
 )
 
 
 async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
-    """Makes SCHEDULED tasks whose run_at has come PENDING; returns their (id, tenant, queue)."""
+    """Makes SCHEDULED tasks whose run_at has come PENDING; returns their transitions."""
     return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
 
 
@@ -971,27 +1099,29 @@ async def next_run_at(conn: asyncpg.Connection) -> datetime | None:
 
 # -- transitions -----------------------------------------------------------------------------
 
+# A cancel ends the attempt of a RUNNING task; a waiting task has none to end.
+_CANCELLED_OUTCOME = f"CASE WHEN old.state = {RUNNING} THEN {OUTCOME_CANCELLED} END"
+
 _CANCEL = Query(
     "cancel_task",
     f"""
     WITH old AS (
-        SELECT id, tenant, state, worker_id, attempt, lease_epoch, lease_start_time FROM tasks
+        SELECT id, state, worker_id FROM tasks
         WHERE {FENCE} AND tenant = :tenant AND id = :id FOR UPDATE
-    ), cancelled AS (
+    ), changed AS (
         UPDATE tasks t SET state = {CANCELLED}, finish_time = now(), update_time = now(),
             worker_id = NULL, lease_expire_time = NULL
         FROM old WHERE t.id = old.id AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING})
-        RETURNING t.id
+        RETURNING {
+        changed(from_state="old.state", worker_id="old.worker_id", outcome=_CANCELLED_OUTCOME)
+    }
     ), closed AS (
         INSERT INTO task_attempts ({columns(ATTEMPT_COLUMNS)})
-        SELECT old.id, old.attempt, old.tenant, old.worker_id, old.lease_epoch,
-            old.lease_start_time, now(), {OUTCOME_CANCELLED}, 'cancelled'
-        FROM old JOIN cancelled ON cancelled.id = old.id
-        WHERE old.state = {RUNNING}
-    )
-    SELECT old.id::text AS id, old.tenant, old.state, old.worker_id, old.attempt,
-        old.lease_epoch
-    FROM old JOIN cancelled ON cancelled.id = old.id
+        SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(),
+            {OUTCOME_CANCELLED}, 'cancelled'
+        FROM changed
+        WHERE from_state = {RUNNING}
+    ) {TAIL}
     """,
 )
 
@@ -999,17 +1129,19 @@ _CANCEL = Query(
 async def cancel(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
 ) -> asyncpg.Record | None:
-    """Cancels a non-terminal task; returns its previous state and lease, None if none changed."""
+    """Cancels a non-terminal task; returns its transition, None if none changed."""
     return await _CANCEL.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
 
 
 _REDRIVE = Query(
     "redrive_task",
     f"""
-    UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
-        finish_time = NULL, result = NULL, update_time = now()
-    WHERE {FENCE} AND t.tenant = :tenant AND t.id = :id AND t.state = {DEAD}
-    RETURNING {_TASK}
+    WITH changed AS (
+        UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
+            finish_time = NULL, result = NULL, update_time = now()
+        WHERE {FENCE} AND t.tenant = :tenant AND t.id = :id AND t.state = {DEAD}
+        RETURNING {changed(from_state=DEAD)}
+    ) {TAIL}
     """,
 )
 
@@ -1017,5 +1149,6 @@ _REDRIVE = Query(
 async def redrive(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
 ) -> asyncpg.Record | None:
-    """Makes a DEAD task PENDING with a fresh attempt budget; None if it is not DEAD."""
+    """Makes a DEAD task PENDING with a fresh attempt budget; returns its transition, None
+    if it is not DEAD."""
     return await _REDRIVE.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)

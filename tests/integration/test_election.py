@@ -8,7 +8,7 @@ import aetcd
 from etcd_servers import EtcdServer
 from testsupport import eventually
 
-from conveyor.coordinator.election import Election, parse_endpoints
+from conveyor.coordinator.leader.election import Election, parse_endpoints
 
 LEADER_KEY = b"/conveyor/test/leader"
 

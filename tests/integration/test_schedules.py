@@ -35,10 +35,10 @@ from testsupport import (
 
 from conveyor.client import AsyncClient, CatchUpPolicy, OverlapPolicy
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.cron import first_tick
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.schedule_firer import ScheduleFirer
-from conveyor.coordinator.schedule_validation import validate_schedule
+from conveyor.coordinator.schedules.cron import first_tick
+from conveyor.coordinator.schedules.firer import ScheduleFirer
+from conveyor.coordinator.schedules.validation import validate_schedule
 from conveyor.coordinator.store import schedules
 from conveyor.v1 import schedule_pb2 as spb
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc

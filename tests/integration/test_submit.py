@@ -13,8 +13,9 @@ import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from testsupport import coordinator_config, error_details, eventually, submit
 
-from conveyor.coordinator import Coordinator, validation
-from conveyor.coordinator.submissions import SubmitGroup
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.api import validation
+from conveyor.coordinator.lifecycle.submits import SubmitGroup
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 # The aio stub type (type-checking only: the generated module has no such class at run time).

@@ -17,7 +17,7 @@ import pytest
 from security import Key
 from tenancy import Secure, secure_coordinator
 
-from conveyor.coordinator.submissions import SMALL_SUBMIT_MAX
+from conveyor.coordinator.lifecycle.submits import SMALL_SUBMIT_MAX
 from conveyor.v1 import task_service_pb2
 
 pytestmark = pytest.mark.slow

@@ -538,7 +538,7 @@ async def test_a_stream_that_stops_reading_is_cut_and_its_tasks_go_elsewhere(
 ) -> None:
     """Nothing sent to one worker may wait for it: a worker that stops reading is evicted
     (its outbox stays bounded), and another worker gets its tasks."""
-    from conveyor.coordinator.sessions import OUTBOX_BYTES
+    from conveyor.coordinator.dispatch.sessions import OUTBOX_BYTES
 
     payload = b"p" * (200 << 10)
     ids = [

@@ -19,7 +19,7 @@ from cluster import CoordinatorProcess
 from google.protobuf import descriptor_pool, message_factory, timestamp_pb2
 from testsupport import error_details
 
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,

@@ -12,7 +12,8 @@ import grpc
 from security import Key, Keys
 from testsupport import coordinator_config
 
-from conveyor.coordinator import Coordinator, api_keys
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
 
 

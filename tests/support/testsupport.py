@@ -56,10 +56,10 @@ def service_deps(
 ) -> Deps:
     """The dependencies of coordinator services, for running one alone on ``pool`` as the
     leader of ``epoch`` (taken with ``store.leadership.take_office``)."""
-    from conveyor.coordinator.deps import Deps, Events, Office
-    from conveyor.coordinator.sessions import SessionRegistry
+    from conveyor.coordinator.deps import Deps, Office
+    from conveyor.coordinator.dispatch.sessions import SessionRegistry
+    from conveyor.coordinator.lifecycle.watchers import TaskWatchers
     from conveyor.coordinator.store.db import Database
-    from conveyor.coordinator.watchers import TaskWatchers
 
     office = Office(cluster)
     office.epoch, office.leader = epoch, True
@@ -69,7 +69,6 @@ def service_deps(
         office=office,
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
 
 

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conveyor.coordinator.cron import (
+from conveyor.coordinator.schedules.cron import (
     CATCH_UP_FIRE_ALL,
     CATCH_UP_FIRE_ONCE,
     CATCH_UP_SKIP,
@@ -29,7 +29,7 @@ from conveyor.coordinator.cron import (
     next_fire_times,
     plan,
 )
-from conveyor.coordinator.schedule_firer import idempotency_key
+from conveyor.coordinator.schedules.firer import idempotency_key
 
 NY = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -30,7 +30,8 @@ from playwright.async_api import Browser, async_playwright
 from security import Keys
 from testsupport import coordinator_config
 
-from conveyor.coordinator import Coordinator, api_keys
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.tenancy import keys as api_keys
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from security import Keys
 
 from conveyor.console import Console, ConsoleConfig, SessionPolicy
 from conveyor.console.web import CONTENT_SECURITY_POLICY, SESSION_COOKIE
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 
 pytestmark = pytest.mark.slow
 

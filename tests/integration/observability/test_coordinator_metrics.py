@@ -252,9 +252,10 @@ async def test_without_metrics_listen_nothing_is_served_or_recorded(
     coord = Coordinator(coordinator_config(database_dsn))
     await coord.start()
     try:
-        assert coord.telemetry.metrics is None
+        assert not coord.telemetry.metrics.enabled
+        assert not hasattr(coord.telemetry.metrics, "registry")
         assert coord.telemetry.metrics_url == ""
-        assert coord.deps is not None and coord.deps.metrics is None
+        assert coord.deps is not None and coord.deps.metrics is coord.telemetry.metrics
         assert not coord.telemetry.interceptors()
     finally:
         await coord.stop(grace=1.0)

@@ -14,7 +14,7 @@ import pytest
 from clitools import conveyor
 from security import Keys, call, running, secure_coordinator
 
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import schedule_pb2, task_service_pb2
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ async def test_actions_are_audited_and_tampering_is_detected(
         assert verified.code == 1
         assert "row 5: row 5 was edited" in verified.out and "TAMPERED" in verified.out
         # Edited with its hash recomputed by someone who knows the encoding: caught at 6.
-        from conveyor.coordinator.audit_chain import row_hash
+        from conveyor.coordinator.audit.chain import row_hash
         from conveyor.coordinator.store.audit import row_from_record
 
         row = row_from_record(await db.fetchrow("SELECT * FROM audit_events WHERE seq = 5"))

@@ -13,10 +13,10 @@ import pytest
 from testsupport import coordinator_config, error_details, leader_pool, service_deps
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.backlog import BacklogCounter
-from conveyor.coordinator.directory import Directory
 from conveyor.coordinator.errors import QuotaExceeded
-from conveyor.coordinator.quotas import Quotas
+from conveyor.coordinator.tenancy.backlog import BacklogCounter
+from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,

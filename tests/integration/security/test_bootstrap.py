@@ -17,7 +17,7 @@ from processes import free_port
 from security import Keys, running, secure_coordinator
 
 from conveyor.client import AsyncClient, PermissionDeniedError, UnauthenticatedError
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.worker import Worker
 
 pytestmark = pytest.mark.slow

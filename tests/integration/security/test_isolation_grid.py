@@ -24,7 +24,7 @@ from google.protobuf import field_mask_pb2
 from security import Answer, Key, Keys, call, running, secure_coordinator, stream_answer
 from testsupport import RawWorker
 
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import (
     admin_service_pb2,
     auth_pb2,

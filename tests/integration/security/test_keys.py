@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from security import Keys, bearer, call, running, secure_coordinator, stream_answer
 from testsupport import RawWorker, eventually, health_stub
 
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 
 pytestmark = pytest.mark.slow

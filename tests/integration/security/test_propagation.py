@@ -21,7 +21,8 @@ from etcd_servers import EtcdServer
 from security import Key, Keys, bearer, call, running, secure_coordinator
 from testsupport import coordinator_config, eventually
 
-from conveyor.coordinator import Coordinator, api_keys
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import admin_service_pb2
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from security import Key, Keys, running, secure_coordinator
 from testsupport import ErrorDetails, error_details, eventually, leader_pool
 
 from conveyor.client import AsyncClient, QuotaExceededError
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import schedule_pb2, task_service_pb2, task_service_pb2_grpc
 
 pytestmark = pytest.mark.slow

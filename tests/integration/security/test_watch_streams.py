@@ -18,8 +18,9 @@ import pytest
 from security import Keys
 from testsupport import coordinator_config, error_details, eventually, submit
 
-from conveyor.coordinator import Coordinator, api_keys
-from conveyor.coordinator.watchers import WATCH_REFRESH
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.lifecycle.watchers import WATCH_REFRESH
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Stream = grpc.aio.UnaryStreamCall[

@@ -24,7 +24,7 @@ from security import secured
 from testsupport import RawWorker, coordinator_config, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.sessions import Eviction
+from conveyor.coordinator.dispatch.sessions import Eviction
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
 
 Workers = Callable[[], RawWorker]
@@ -271,18 +271,19 @@ async def test_a_session_that_settles_too_late_leaves_its_successors_leases_alon
     """The reconnect waits only so long for the evicted session to settle
     (RETIRE_TIMEOUT, shortened here); when that session's end finally releases, the leases
     are its process's newer session's, which resumed them: it must leave them alone."""
-    from conveyor.coordinator import worker_service
+    from conveyor.coordinator.api import worker_service
+    from conveyor.coordinator.lifecycle import leases
 
-    original = worker_service.WorkerServicer._release_evicted
+    original = leases.Leases.release_evicted
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def late(self: worker_service.WorkerServicer, *args: Any) -> int:
+    async def late(self: leases.Leases, *args: Any) -> int:
         entered.set()
         await gate.wait()
         return await original(self, *args)
 
     monkeypatch.setattr(worker_service, "RETIRE_TIMEOUT", 0.5)
-    monkeypatch.setattr(worker_service.WorkerServicer, "_release_evicted", late)
+    monkeypatch.setattr(leases.Leases, "release_evicted", late)
     async with _silent_worker(database_dsn, entered) as silent:
         try:
             resumed = await silent.new.connect(

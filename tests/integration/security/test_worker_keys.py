@@ -22,8 +22,8 @@ import pytest
 from security import secured
 from testsupport import eventually, sleep_until
 
-from conveyor.coordinator import api_keys
 from conveyor.coordinator.store import api_keys as key_store
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.transport._errors import UnauthenticatedError
 from conveyor.worker import Worker, _connection
 

@@ -11,7 +11,7 @@ import pytest
 from security import Keys, running, secure_coordinator
 from testsupport import RawWorker
 
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc, worker_service_pb2
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conveyor.client import CatchUpPolicy, OverlapPolicy, RetryPolicy, Schedule, TaskState
-from conveyor.client._models import catch_up_to_proto, overlap_to_proto, task_template
+from conveyor.client._models import TaskTemplate, catch_up_to_proto, overlap_to_proto
 from conveyor.v1 import schedule_pb2, task_pb2
 
 
@@ -16,9 +16,9 @@ def test_schedule_from_proto() -> None:
         name="nightly",
         cron="0 2 * * *",
         time_zone="Europe/Berlin",
-        task_template=task_template(
-            "report", {"to": "ops"}, queue="reports", timeout=30, max_attempts=5
-        ),
+        task_template=TaskTemplate(
+            type="report", payload={"to": "ops"}, queue="reports", timeout=30, max_attempts=5
+        ).to_template(),
         overlap_policy=schedule_pb2.OVERLAP_POLICY_BUFFER_ONE,
         catch_up_policy=schedule_pb2.CATCH_UP_POLICY_FIRE_ALL,
         catch_up_limit=7,
@@ -66,8 +66,10 @@ def test_policy_names_are_checked() -> None:
 
 
 def test_task_template_matches_submit_encoding() -> None:
-    template = task_template("raw", b"\x00\x01", retry_policy=RetryPolicy(multiplier=3))
+    template = TaskTemplate(
+        type="raw", payload=b"\x00\x01", retry_policy=RetryPolicy(multiplier=3)
+    ).to_template()
     assert template.payload == b"\x00\x01"
     assert template.content_type == "application/octet-stream"
     assert template.retry_policy.multiplier == 3
-    assert task_template("json", [1, 2]).payload == b"[1,2]"
+    assert TaskTemplate(type="json", payload=[1, 2]).to_template().payload == b"[1,2]"

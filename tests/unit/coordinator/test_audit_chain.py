@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from conveyor.coordinator.audit_chain import (
+from conveyor.coordinator.audit.chain import (
     GENESIS,
     MAX_FIELD_LENGTH,
     Event,

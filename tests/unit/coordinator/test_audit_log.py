@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from testsupport import eventually
 
-from conveyor.coordinator import audit
-from conveyor.coordinator.audit import AuditLog
-from conveyor.coordinator.audit_chain import Event
+from conveyor.coordinator.audit import appender as audit
+from conveyor.coordinator.audit.appender import AuditLog
+from conveyor.coordinator.audit.chain import Event
 from conveyor.coordinator.store import audit as audit_store
 from conveyor.coordinator.store.db import Database
 

@@ -12,18 +12,18 @@ import grpc
 import grpc.aio
 import pytest
 
-from conveyor.coordinator import api_keys
-from conveyor.coordinator.audit import AuditLog
-from conveyor.coordinator.audit_chain import Event
-from conveyor.coordinator.auth import (
+from conveyor.coordinator.audit.appender import AuditLog
+from conveyor.coordinator.audit.chain import Event
+from conveyor.coordinator.errors import QuotaExceeded, Unauthenticated
+from conveyor.coordinator.tenancy import keys as api_keys
+from conveyor.coordinator.tenancy.auth import (
     Authenticator,
     FailureLimiter,
     Identity,
     OpenStreams,
     peer_host,
 )
-from conveyor.coordinator.directory import CachedKey, Directory
-from conveyor.coordinator.errors import QuotaExceeded, Unauthenticated
+from conveyor.coordinator.tenancy.directory import CachedKey, Directory
 
 HOST = "10.1.2.3"
 """The address of the calls here (``auth.peer_host`` of the peer gRPC reports)."""

@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 import conveyor.v1
-from conveyor.coordinator import api_keys
+from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import auth_pb2
 
 # What the issue names for each scope; a new RPC must be placed here too (the test below

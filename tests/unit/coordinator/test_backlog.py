@@ -10,13 +10,13 @@ from typing import Any, cast
 
 import pytest
 
-from conveyor.coordinator.backlog import BacklogCounter
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import QuotaExceeded
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.store.db import Database
-from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.coordinator.tenancy.backlog import BacklogCounter
 
 
 class FakeDatabase:
@@ -47,7 +47,6 @@ def _counter(limit: int) -> tuple[BacklogCounter, FakeDatabase]:
         office=Office("c"),
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
     return BacklogCounter(deps), db
 

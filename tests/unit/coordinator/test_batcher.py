@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from conveyor.coordinator.batcher import Batcher
 from conveyor.coordinator.errors import Overloaded
+from conveyor.coordinator.lifecycle.batcher import Batcher
 
 
 class FakeStore:

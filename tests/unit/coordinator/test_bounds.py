@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conveyor.coordinator import bounds
-from conveyor.coordinator.cron import compile_cron, first_tick, next_fire_times
+from conveyor.coordinator.schedules.cron import compile_cron, first_tick, next_fire_times
 
 EDGES = [bounds.TIME_MIN, bounds.TIME_MAX]
 

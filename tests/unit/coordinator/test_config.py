@@ -59,7 +59,7 @@ def test_an_explicit_liveness_timeout_within_the_rules_is_kept() -> None:
 
 
 def test_the_bootstrap_tenant_is_a_valid_name() -> None:
-    from conveyor.coordinator.api_keys import generate
+    from conveyor.coordinator.tenancy.keys import generate
 
     key = generate()[1]
     assert CoordinatorConfig(dsn="x", bootstrap_key=key, bootstrap_tenant="ops").bootstrap_key

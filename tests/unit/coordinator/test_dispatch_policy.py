@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.coordinator import dispatch_policy
-from conveyor.coordinator.dispatch_policy import (
+from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.policy import (
     MAX_CLAIM_BYTES,
     MAX_CLAIM_PER_SESSION,
     MESSAGE_BYTES,
     DispatchPolicy,
 )
-from conveyor.coordinator.sessions import OUTBOX_BYTES, WorkerSession
+from conveyor.coordinator.dispatch.sessions import OUTBOX_BYTES, WorkerSession
 from conveyor.v1 import worker_service_pb2
 
 
@@ -83,7 +83,7 @@ async def test_claimed_rows_pack_into_messages_under_the_limit() -> None:
         {
             "id": f"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a{n:02x}",
             "attempt": 1,
-            "lease_epoch": 1,
+            "epoch": 1,
             "queue": "q",
             "type": "a",
             "payload": b"x" * (1 << 20),

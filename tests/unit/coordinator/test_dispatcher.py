@@ -5,32 +5,21 @@ claimed tasks that could not be sent going back without using an attempt."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
-from testsupport import leader_pool, service_deps
 
-from conveyor.coordinator import validation
+from conveyor.coordinator.api import validation
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch_policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
-from conveyor.coordinator.dispatcher import Dispatcher
+from conveyor.coordinator.dispatch.policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
+from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.sessions import WorkerSession
+from conveyor.coordinator.lifecycle.leases import Dispatcher
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import task_service_pb2
-
-
-@pytest.fixture
-async def deps(database_dsn: str) -> AsyncIterator[Deps]:
-    pool, epoch = await leader_pool(database_dsn)
-    try:
-        yield service_deps(pool, database_dsn, epoch=epoch)
-    finally:
-        await pool.close()
 
 
 async def _insert(deps: Deps, count: int, *, queue: str = "q", payload: bytes = b"{}") -> None:

@@ -12,9 +12,9 @@ import grpc.aio
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor.coordinator import context
+from conveyor.coordinator.api import context
+from conveyor.coordinator.api.interceptors.chain import server_interceptors
 from conveyor.coordinator.errors import TaskNotFound
-from conveyor.coordinator.interceptors import server_interceptors
 from conveyor.v1 import task_service_pb2
 
 SERVICE = "conveyor.v1.TaskService"

@@ -1,9 +1,11 @@
-"""The one lease key (coordinator/leases.py)."""
+"""The one lease key (coordinator/lifecycle/leases.py)."""
 
 from __future__ import annotations
 
-from conveyor.coordinator import leases
-from conveyor.coordinator.leases import LeaseKey
+from conveyor.coordinator import convert
+from conveyor.coordinator.lifecycle import leases
+from conveyor.coordinator.lifecycle.leases import LeaseKey
+from conveyor.coordinator.store import tasks as store
 from conveyor.v1 import worker_service_pb2
 
 TASK = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
@@ -13,7 +15,7 @@ def test_a_wire_lease_becomes_the_key_of_the_session_that_sends_it() -> None:
     wire = worker_service_pb2.Lease(task_id=TASK.upper(), attempt=2, epoch=7)
     key = leases.parse("t1", "w1", wire)
     assert key == LeaseKey("t1", TASK, 2, 7, "w1")
-    assert key is not None and leases.to_proto(key) == worker_service_pb2.Lease(
+    assert key is not None and convert.to_proto(key) == worker_service_pb2.Lease(
         task_id=TASK, attempt=2, epoch=7
     )
 
@@ -32,11 +34,11 @@ def test_keys_differ_by_attempt_and_epoch() -> None:
 
 def test_key_arrays_are_the_store_parameters_in_order() -> None:
     keys = [LeaseKey("t", TASK, 1, 3, "w"), LeaseKey("t", TASK, 2, 3, "w")]
-    assert leases.key_arrays(keys) == {
+    assert store.key_arrays(keys) == {
         "tenant": ["t", "t"],
         "id": [TASK, TASK],
         "attempt": [1, 2],
         "epoch": [3, 3],
         "worker_id": ["w", "w"],
     }
-    assert leases.key_arrays([])["id"] == []
+    assert store.key_arrays([])["id"] == []

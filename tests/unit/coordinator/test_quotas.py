@@ -9,16 +9,16 @@ from typing import Any, cast
 
 import pytest
 
-from conveyor.coordinator.backlog import BacklogCounter
+from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
-from conveyor.coordinator.directory import Directory
+from conveyor.coordinator.deps import Deps, Office
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import QuotaExceeded
-from conveyor.coordinator.quotas import Limits, Quotas, TokenBucket
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.store.db import Database
-from conveyor.coordinator.validation import NewTask
-from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.coordinator.tenancy.backlog import BacklogCounter
+from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.quotas import Limits, Quotas, TokenBucket
 
 
 class FakeDirectory:
@@ -51,7 +51,6 @@ def _quotas(**config: Any) -> tuple[Quotas, FakeDirectory]:
         office=Office("c"),
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
     directory = FakeDirectory()
     return Quotas(cfg, cast(Directory, directory), BacklogCounter(deps)), directory
@@ -131,7 +130,7 @@ async def test_a_tenant_that_ignores_retry_info_is_answered_late(
     async def hold_back(seconds: float) -> None:
         held.append(seconds)
 
-    monkeypatch.setattr("conveyor.coordinator.quotas.hold_back", hold_back)
+    monkeypatch.setattr("conveyor.coordinator.tenancy.quotas.hold_back", hold_back)
     async with quotas.admission("acme", [_task()]):
         pass
     for _ in range(3):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.coordinator.leases import LeaseKey
-from conveyor.coordinator.sessions import OUTBOX_MESSAGES, WorkerSession
+from conveyor.coordinator.dispatch.sessions import OUTBOX_MESSAGES, WorkerSession
+from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.v1 import worker_service_pb2 as pb
 
 TASK = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"

@@ -12,12 +12,12 @@ import pytest
 from testsupport import eventually
 
 from conveyor.coordinator.config import CoordinatorConfig
-from conveyor.coordinator.deps import Deps, Events, Office
+from conveyor.coordinator.deps import Deps, Office
+from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.errors import Fenced
-from conveyor.coordinator.sessions import SessionRegistry
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.supervisor import Service
-from conveyor.coordinator.watchers import TaskWatchers
 
 
 def _deps() -> Deps:
@@ -29,7 +29,6 @@ def _deps() -> Deps:
         office=office,
         sessions=SessionRegistry(),
         watchers=TaskWatchers(),
-        events=Events(),
     )
 
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from google.protobuf import timestamp_pb2
 
-from conveyor.coordinator import schedule_validation, validation
+from conveyor.coordinator.api import validation
 from conveyor.coordinator.errors import InvalidArgument, ProtocolViolation
+from conveyor.coordinator.schedules import validation as schedule_validation
 from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2, worker_service_pb2
 
 
@@ -181,8 +182,8 @@ def test_another_protocol_version_is_refused() -> None:
 
 
 def test_admin_page_tokens_are_checked_before_the_store() -> None:
+    from conveyor.coordinator.api.security_admin import _audit_page_token, _key_page_token
     from conveyor.coordinator.errors import FieldViolation
-    from conveyor.coordinator.security_admin import _audit_page_token, _key_page_token
 
     out: list[FieldViolation] = []
     assert _audit_page_token("", out) is None and _audit_page_token("42", out) == 42

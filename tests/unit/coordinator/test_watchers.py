@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from conveyor.coordinator.errors import QuotaExceeded, StoreUnavailable, TaskNotFound
-from conveyor.coordinator.watchers import TaskWatchers
+from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 
 TASK = "01890000-0000-7000-8000-000000000001"
 

@@ -177,6 +177,15 @@ def test_two_coordinators_in_one_process_do_not_share_or_touch_the_global_regist
     assert not {n for n in metric_names(REGISTRY) if n.startswith("conveyor_")}
 
 
+def test_metrics_that_are_off_take_every_call_and_record_nothing() -> None:
+    off = CoordinatorMetrics.off(cluster="c1")
+    assert not off.enabled and not hasattr(off, "registry")
+    public = [n for n, m in vars(CoordinatorMetrics).items() if callable(m) and n[0] != "_"]
+    assert {"record_results", "record_flush", "took_office", "watch_queue_depth"} <= set(public)
+    for name in public:  # a recorder added later is a no-op here too
+        assert getattr(off, name)(object(), x=1) is None, name
+
+
 @pytest.mark.parametrize("make", [CoordinatorMetrics, WorkerMetrics])
 def test_names_follow_prometheus_conventions(make: type) -> None:
     metrics = make()

@@ -120,7 +120,7 @@ def test_the_schedule_firers_keys_name_their_schedule() -> None:
     from datetime import UTC, datetime
     from uuid import UUID
 
-    from conveyor.coordinator.schedule_firer import idempotency_key
+    from conveyor.coordinator.schedules.firer import idempotency_key
 
     schedule_id = UUID("0190f4a2-0000-7000-8000-00000000000a")
     key = idempotency_key(schedule_id, datetime(2026, 3, 15, 12, 0, tzinfo=UTC))

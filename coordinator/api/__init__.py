@@ -1,0 +1,2 @@
+"""The gRPC API: one module per service (tasks, schedules, workers, admin), the
+interceptors at its seams, request validation, pagination, and the server itself."""

@@ -1,0 +1,249 @@
+"""``TaskService``: the API applications use to submit, inspect, wait for and cancel tasks.
+
+Handlers only do their work: the interceptors (``api/interceptors/``) refuse calls
+on a follower, fill the request context (the tenant is read from it) and turn whatever a
+handler raises into the right status. The schedule methods are the
+:class:`~conveyor.coordinator.schedule_service.ScheduleService`'s; this class only routes
+them, so the wire API keeps schedules in TaskService.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+
+from conveyor.coordinator import convert
+from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api.schedule_service import ScheduleService
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.lifecycle.transitions import Cause
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.sql import Fence
+from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
+from conveyor.v1 import (
+    schedule_pb2,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
+
+_WAITING = frozenset({store.PENDING, store.SCHEDULED})
+
+Context = grpc.aio.ServicerContext[Any, Any]
+TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
+"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition or None."""
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(
+        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+    ) -> None:
+        self._deps = deps
+        self._submitter = submitter
+        self._schedules = schedules
+        self._quotas = quotas
+
+    # -- submits -----------------------------------------------------------------------------
+
+    async def SubmitTask(
+        self, request: task_service_pb2.SubmitTaskRequest, context_: Context
+    ) -> task_service_pb2.SubmitTaskResponse:
+        tenant = context.current().tenant
+        async with self._quotas.admission(tenant, [request]):
+            task = validation.validate_submit_one(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+        return task_service_pb2.SubmitTaskResponse(
+            task=result.task, deduplicated=result.deduplicated
+        )
+
+    async def SubmitTasks(
+        self, request: task_service_pb2.SubmitTasksRequest, context_: Context
+    ) -> task_service_pb2.SubmitTasksResponse:
+        tenant = context.current().tenant
+        async with self._quotas.admission(tenant, request.tasks):
+            tasks = validation.validate_submit_batch(
+                request, max_payload_bytes=self._deps.config.max_payload_bytes
+            )
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
+        response = task_service_pb2.SubmitTasksResponse()
+        add = response.results.add
+        for r in results:
+            # Built in place: a SubmitTaskResponse made apart would be copied once more.
+            add(task=r.task, deduplicated=r.deduplicated)
+        return response
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _unserved(self, row: asyncpg.Record) -> tuple[bool, str]:
+        """Whether the task waits and no connected worker takes its queue and type or,
+        taking them, holds its encryption key; and that key id when it is the reason."""
+        if row["state"] not in _WAITING:
+            return False, ""
+        key = (
+            envelope_key_id(row["payload"])
+            if row["content_type"] == ENCRYPTED_CONTENT_TYPE
+            else None
+        )
+        return dispatch_policy.unserved(
+            self._deps.sessions, row["tenant"], row["queue"], row["type"], key
+        )
+
+    async def GetTask(
+        self, request: task_service_pb2.GetTaskRequest, context_: Context
+    ) -> task_service_pb2.GetTaskResponse:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            row = await store.get(conn, tenant, task_id)
+            if row is None:
+                raise TaskNotFound(request.id)
+            attempts = await store.attempts(conn, tenant, task_id)
+        unserved, missing_key = self._unserved(row)
+        return task_service_pb2.GetTaskResponse(
+            task=convert.task_from_row(row),
+            attempts=[convert.attempt_from_row(a) for a in attempts],
+            unserved=unserved,
+            unserved_encryption_key=missing_key,
+        )
+
+    async def ListTasks(
+        self, request: task_service_pb2.ListTasksRequest, context_: Context
+    ) -> task_service_pb2.ListTasksResponse:
+        flt = validation.validate_list(request)
+        async with self._deps.db.read() as conn:
+            rows = await store.list_page(conn, context.current().tenant, flt)
+        rows, token = pages.page(rows, flt.page_size, lambda last: str(last["id"]))
+        return task_service_pb2.ListTasksResponse(
+            tasks=[convert.task_from_row(r) for r in rows], next_page_token=token
+        )
+
+    async def ListQueues(
+        self, request: task_service_pb2.ListQueuesRequest, context_: Context
+    ) -> task_service_pb2.ListQueuesResponse:
+        tenant = context.current().tenant
+        async with self._deps.db.read() as conn:
+            rows = await store.queue_stats(conn, tenant)
+        sessions = list(self._deps.sessions)
+        return task_service_pb2.ListQueuesResponse(
+            queues=[
+                task_pb2.QueueStats(
+                    name=r["queue"],
+                    pending=r["pending"],
+                    scheduled=r["scheduled"],
+                    running=r["running"],
+                    dead=r["dead"],
+                    workers=sum(
+                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
+                    ),
+                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
+                )
+                for r in rows
+            ]
+        )
+
+    async def WatchTask(  # type: ignore[override]
+        self, request: task_service_pb2.WatchTaskRequest, context_: Context
+    ) -> None:
+        task_id = validation.validate_task_id(request.id)
+        tenant = context.current().tenant
+        # The rows come from the coordinator's one watch reader (watchers.py), never from
+        # a read of this stream's own.
+        with self._deps.watchers.watch(tenant, task_id) as watch:
+            sent: tuple[object, ...] | None = None
+            while True:
+                row = await watch.next()
+                unserved, missing_key = self._unserved(row)
+                version = (row["state"], row["update_time"], unserved, missing_key)
+                if version != sent:
+                    sent = version
+                    await context_.write(
+                        task_service_pb2.WatchTaskResponse(
+                            task=convert.task_from_row(row),
+                            unserved=unserved,
+                            unserved_encryption_key=missing_key,
+                        )
+                    )
+                if row["state"] in store.TERMINAL:
+                    return
+
+    # -- transitions -------------------------------------------------------------------------
+
+    async def CancelTask(
+        self, request: task_service_pb2.CancelTaskRequest, context_: Context
+    ) -> task_service_pb2.CancelTaskResponse:
+        row = await self._transition(
+            request.id, "cancel", store.cancel, Cause.CANCELLED, done=store.CANCELLED
+        )
+        return task_service_pb2.CancelTaskResponse(task=convert.task_from_row(row))
+
+    async def RetryTask(
+        self, request: task_service_pb2.RetryTaskRequest, context_: Context
+    ) -> task_service_pb2.RetryTaskResponse:
+        row = await self._transition(request.id, "retry", store.redrive, Cause.REDRIVEN)
+        return task_service_pb2.RetryTaskResponse(task=convert.task_from_row(row))
+
+    async def _transition(
+        self, request_id: str, action: str, write: TaskWrite, cause: Cause, *, done: int = -1
+    ) -> asyncpg.Record:
+        """One task's fenced transition, then the task as it is after it (read in the same
+        transaction): NOT_FOUND when there is no such task, INVALID_STATE when the write
+        changed nothing, unless the task is in ``done`` already (a repeated cancel)."""
+        task_id = validation.validate_task_id(request_id)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            changed = await write(conn, tenant, task_id, self._deps.office.fence())
+            row = await store.get(conn, tenant, task_id)
+        if row is None:
+            raise TaskNotFound(request_id)
+        if changed is None and row["state"] != done:
+            raise InvalidState(request_id, task_pb2.TaskState.Name(row["state"]), action)
+        if changed is not None:
+            self._deps.after_commit.publish(cause, [changed])
+        return row
+
+    # -- schedules (ScheduleService's) -------------------------------------------------------
+
+    async def CreateSchedule(
+        self, request: schedule_pb2.CreateScheduleRequest, context_: Context
+    ) -> schedule_pb2.CreateScheduleResponse:
+        return await self._schedules.create(request)
+
+    async def GetSchedule(
+        self, request: schedule_pb2.GetScheduleRequest, context_: Context
+    ) -> schedule_pb2.GetScheduleResponse:
+        return await self._schedules.get(request)
+
+    async def ListSchedules(
+        self, request: schedule_pb2.ListSchedulesRequest, context_: Context
+    ) -> schedule_pb2.ListSchedulesResponse:
+        return await self._schedules.list_page(request)
+
+    async def UpdateSchedule(
+        self, request: schedule_pb2.UpdateScheduleRequest, context_: Context
+    ) -> schedule_pb2.UpdateScheduleResponse:
+        return await self._schedules.update(request)
+
+    async def DeleteSchedule(
+        self, request: schedule_pb2.DeleteScheduleRequest, context_: Context
+    ) -> schedule_pb2.DeleteScheduleResponse:
+        return await self._schedules.delete(request)
+
+    async def PauseSchedule(
+        self, request: schedule_pb2.PauseScheduleRequest, context_: Context
+    ) -> schedule_pb2.PauseScheduleResponse:
+        return await self._schedules.pause(request)
+
+    async def ResumeSchedule(
+        self, request: schedule_pb2.ResumeScheduleRequest, context_: Context
+    ) -> schedule_pb2.ResumeScheduleResponse:
+        return await self._schedules.resume(request)

@@ -1,0 +1,592 @@
+"""Checks API requests and worker messages; turns them into normalised values, or field
+violations.
+
+Nothing reaches the store unless it passed here, so a bad request writes nothing and
+never shares a transaction with others' requests only to fail it. The rule is: refuse
+here everything PostgreSQL would refuse, in every field (text with NUL bytes, values out
+of a column's range, timestamps out of range), and whatever makes no sense where it
+stands (control characters in names, keys and identifiers; a trailing newline in a
+queue name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from conveyor.coordinator import bounds
+from conveyor.coordinator import config as defaults
+from conveyor.coordinator.errors import FieldViolation, InvalidArgument, ProtocolViolation
+from conveyor.coordinator.ids import parse_task_id
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX, is_key_id
+from conveyor.v1 import task_pb2, task_service_pb2, worker_service_pb2
+
+PROTOCOL_VERSION = 1
+"""The worker protocol version this coordinator speaks (``Hello.protocol_version``)."""
+RESUME_TOKEN_BYTES = 32
+"""The length of a worker process's resume token (``Welcome.resume_token``)."""
+
+MAX_NAME_LENGTH = 128
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+MAX_KEY_IDS = 1000
+"""Encryption key ids one worker may name (a key ring keeps its old keys, so it grows)."""
+MAX_PRIORITY = 1000
+MAX_ATTEMPTS = 1000
+# The longest durations (bounds.SECONDS_MAX).
+MAX_TIMEOUT = timedelta(seconds=bounds.SECONDS_MAX)
+MAX_BACKOFF = timedelta(seconds=bounds.SECONDS_MAX)
+MAX_MULTIPLIER = 100.0
+MAX_RUN_AT_AHEAD = timedelta(days=366)
+MAX_LABELS = 64
+MAX_LABEL_KEY_LENGTH = 63
+MAX_LABEL_VALUE_LENGTH = 256
+MAX_BATCH = 1000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_CONTENT_TYPE_LENGTH = 128
+MAX_TRACEPARENT_LENGTH = 128
+MAX_HOSTNAME_LENGTH = 255
+MAX_CREDIT = 100_000
+MAX_HELLO_QUEUES = 100
+MAX_HELLO_TYPES = 1000
+# How far a client-made request_id's time may be from the coordinator's clock. Resends
+# come within the client's timeout; an id far in the past would also jump its queue (the
+# dispatch order falls back to the id), so the window is kept short.
+REQUEST_ID_BEHIND = timedelta(hours=1)
+REQUEST_ID_AHEAD = timedelta(minutes=5)
+_REQUEST_ID_BEHIND_MS = REQUEST_ID_BEHIND // timedelta(milliseconds=1)
+_REQUEST_ID_AHEAD_MS = REQUEST_ID_AHEAD // timedelta(milliseconds=1)
+# A UUIDv7 in canonical text: version 7, RFC 9562 variant (10xx).
+_UUID7 = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-7[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+)
+_TIME_MIN_SECONDS = int(bounds.TIME_MIN.timestamp())
+_TIME_MAX_SECONDS = int(bounds.TIME_MAX.timestamp())
+# Queue, type and schedule names travel in metrics labels and CLI output: a safe alphabet,
+# matched in full (``$`` would also match before a trailing newline).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-/]*")
+NAME_RULE = "must start with a letter or digit and contain only letters, digits and _ . : - /"
+# Control characters (C0, DEL, C1): nonsense in an identifier, and NUL is refused by
+# PostgreSQL in any text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated submit, ready to insert."""
+
+    queue: str
+    type: str
+    payload: bytes
+    content_type: str
+    priority: int
+    max_attempts: int
+    idempotency_key: str | None
+    request_hash: bytes
+    run_at: datetime | None
+    timeout_ms: int
+    retry_initial_ms: int
+    retry_max_ms: int
+    retry_multiplier: float
+    retry_jitter: float
+    labels: dict[str, str]
+    traceparent: str
+    task_id: str | None = None
+    """The id the client chose (``request_id``, canonical lowercase text), or None for one
+    made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
+    made per task."""
+
+
+@functools.lru_cache(maxsize=4096)
+def name_problem(value: str) -> str | None:
+    """What is wrong with a queue, type or schedule name, or None; cached (names repeat)."""
+    if len(value) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters"
+    if not NAME.fullmatch(value):
+        return NAME_RULE
+    return None
+
+
+def check_name(value: str, field: str, out: list[FieldViolation], *, required: bool) -> None:
+    if not value:
+        if required:
+            out.append(FieldViolation(field, "must not be empty"))
+        return
+    problem = name_problem(value)
+    if problem is not None:
+        out.append(FieldViolation(field, problem))
+
+
+def check_text(
+    value: str,
+    field: str,
+    out: list[FieldViolation],
+    *,
+    max_length: int,
+    identifier: bool = True,
+) -> None:
+    """A string field: at most ``max_length`` characters, no NUL; for an ``identifier``
+    (a key, a content type, a host name) no control characters at all."""
+    if len(value) > max_length:
+        out.append(FieldViolation(field, f"must be at most {max_length} characters"))
+    elif identifier and _CONTROL.search(value):
+        out.append(FieldViolation(field, "must not contain control characters"))
+    elif "\x00" in value:
+        out.append(FieldViolation(field, "must not contain NUL characters"))
+
+
+def check_timestamp(value: Any, field: str, out: list[FieldViolation]) -> datetime | None:
+    """A Timestamp message as an aware datetime within the one time range
+    (``bounds.TIME_MIN`` to ``bounds.TIME_MAX``); None, with a violation, when not."""
+    if not 0 <= value.nanos <= 999_999_999:
+        out.append(FieldViolation(field, "is not a valid timestamp (nanos out of range)"))
+        return None
+    problem = None
+    if not _TIME_MIN_SECONDS <= value.seconds <= _TIME_MAX_SECONDS:
+        problem = f"must be {bounds.TIME_RANGE}"
+    else:
+        result: datetime = value.ToDatetime(tzinfo=UTC)
+        problem = bounds.time_problem(result)  # the last second's nanoseconds
+    if problem is not None:
+        out.append(FieldViolation(field, problem))
+        return None
+    return result
+
+
+def _duration_ms(value: Any, field: str, upper: timedelta, out: list[FieldViolation]) -> int | None:
+    """Milliseconds of a Duration message (None when unset); None when bad, with a violation."""
+    if value is None:
+        return None
+    if not -999_999_999 <= value.nanos <= 999_999_999:
+        out.append(FieldViolation(field, "is not a valid duration"))
+        return None
+    nanos = value.seconds * 1_000_000_000 + value.nanos
+    if nanos <= 0:
+        out.append(FieldViolation(field, "must be positive"))
+        return None
+    if nanos > upper / timedelta(microseconds=1) * 1000:
+        out.append(FieldViolation(field, f"must be at most {upper}"))
+        return None
+    return max(1, int(nanos) // 1_000_000)
+
+
+def validate_submit(
+    req: task_service_pb2.SubmitTaskRequest,
+    *,
+    max_payload_bytes: int,
+    prefix: str = "",
+    now: datetime | None = None,
+) -> tuple[NewTask | None, list[FieldViolation]]:
+    """Validates one SubmitTaskRequest; field paths get ``prefix`` (``tasks[3].``).
+
+    This runs for every submitted task, so it reads the fields that are set in one call
+    (``ListFields``) and checks only those; unset fields take their defaults.
+    """
+    out: list[FieldViolation] = []
+    fields: dict[str, Any] = {fd.name: value for fd, value in req.ListFields()}
+    queue: str = fields.get("queue", "")
+    type_: str = fields.get("type", "")
+    payload: bytes = fields.get("payload", b"")
+    check_name(queue, prefix + "queue", out, required=False)
+    check_name(type_, prefix + "type", out, required=True)
+    if len(payload) > max_payload_bytes:
+        out.append(
+            FieldViolation(
+                prefix + "payload",
+                f"is {len(payload)} bytes, more than the limit of {max_payload_bytes}",
+            )
+        )
+    key: str = fields.get("idempotency_key", "")
+    if key:
+        check_text(key, prefix + "idempotency_key", out, max_length=MAX_IDEMPOTENCY_KEY_LENGTH)
+        if key.startswith(SCHEDULE_KEY_PREFIX):
+            # Firings' keys: taken by a client, a tick would not fire, and the task would
+            # pass for a firing (a worker opens an encrypted template's payload on it).
+            out.append(
+                FieldViolation(
+                    prefix + "idempotency_key",
+                    f"must not start with {SCHEDULE_KEY_PREFIX!r}: that prefix is reserved "
+                    "for the tasks schedules fire",
+                )
+            )
+    priority: int = fields.get("priority", 0)
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        out.append(
+            FieldViolation(
+                prefix + "priority", f"must be between {-MAX_PRIORITY} and {MAX_PRIORITY}"
+            )
+        )
+    max_attempts: int = fields.get("max_attempts", 0)
+    if max_attempts < 0 or max_attempts > MAX_ATTEMPTS:
+        out.append(
+            FieldViolation(
+                prefix + "max_attempts", f"must be between 1 and {MAX_ATTEMPTS} (0 for the default)"
+            )
+        )
+    content_type: str = fields.get("content_type", "")
+    if content_type:
+        check_text(content_type, prefix + "content_type", out, max_length=MAX_CONTENT_TYPE_LENGTH)
+    run_at: datetime | None = None
+    if "run_at" in fields:
+        run_at = _check_run_at(fields["run_at"], prefix, now, out)
+    timeout_ms = _duration_ms(fields.get("timeout"), prefix + "timeout", MAX_TIMEOUT, out)
+    if "retry_policy" in fields:
+        initial_ms, max_ms, multiplier, jitter = _check_retry_policy(
+            fields["retry_policy"], prefix, out
+        )
+    else:
+        initial_ms, max_ms, multiplier, jitter = _DEFAULT_RETRY
+    labels: dict[str, str] = {}
+    if "labels" in fields:
+        labels = dict(fields["labels"])
+        _check_labels(labels, prefix, out)
+    traceparent: str = fields.get("traceparent", "")
+    if traceparent:
+        check_text(traceparent, prefix + "traceparent", out, max_length=MAX_TRACEPARENT_LENGTH)
+    task_id: str | None = None
+    if "request_id" in fields:
+        task_id = _check_request_id(fields["request_id"], prefix + "request_id", now, out)
+    if out:
+        return None, out
+    task = NewTask(
+        queue=queue or defaults.DEFAULT_QUEUE,
+        type=type_,
+        payload=payload,
+        content_type=content_type or defaults.DEFAULT_CONTENT_TYPE,
+        priority=priority,
+        max_attempts=max_attempts or defaults.DEFAULT_MAX_ATTEMPTS,
+        idempotency_key=key or None,
+        request_hash=b"",
+        run_at=run_at,
+        timeout_ms=timeout_ms or _DEFAULT_TIMEOUT_MS,
+        retry_initial_ms=initial_ms,
+        retry_max_ms=max_ms,
+        retry_multiplier=multiplier,
+        retry_jitter=jitter,
+        labels=labels,
+        traceparent=traceparent,
+        task_id=task_id,
+    )
+    return (_with_hash(task) if key else task), []
+
+
+_DEFAULT_TIMEOUT_MS = int(defaults.DEFAULT_TIMEOUT_S * 1000)
+_DEFAULT_RETRY = (
+    int(defaults.DEFAULT_RETRY_INITIAL_S * 1000),
+    int(defaults.DEFAULT_RETRY_MAX_S * 1000),
+    defaults.DEFAULT_RETRY_MULTIPLIER,
+    defaults.DEFAULT_RETRY_JITTER,
+)
+
+
+def _check_request_id(
+    value: str, field: str, now: datetime | None, out: list[FieldViolation]
+) -> str | None:
+    """A client-made UUIDv7 in canonical text (either case), its time near the
+    coordinator's clock. This runs for every task a client library sends: a regular
+    expression checks the form, and the time is compared in integer milliseconds."""
+    if not _UUID7.fullmatch(value):
+        out.append(
+            FieldViolation(
+                field, f"{value[:40]!r} is not a UUIDv7 in canonical text (8-4-4-4-12 hex digits)"
+            )
+        )
+        return None
+    made_ms = int(value[:8] + value[9:13], 16)
+    offset_ms = made_ms - int((now or datetime.now(UTC)).timestamp() * 1000)
+    if not -_REQUEST_ID_BEHIND_MS <= offset_ms <= _REQUEST_ID_AHEAD_MS:
+        made = datetime.fromtimestamp(made_ms / 1000, UTC)
+        apart = timedelta(seconds=round(abs(offset_ms) / 1000))
+        out.append(
+            FieldViolation(
+                field,
+                f"was made at {made:%Y-%m-%d %H:%M:%S} UTC, {apart} "
+                f"{'behind' if offset_ms < 0 else 'ahead of'} the coordinator's clock; "
+                "it must be within an hour before and 5 minutes after it (check the client's "
+                "clock, and make a new request_id for a new task)",
+            )
+        )
+        return None
+    return value.lower()
+
+
+def request_fingerprint(task: NewTask) -> bytes:
+    """What makes two submits "the same request" (see ``_with_hash``)."""
+    return task.request_hash or _with_hash(task, force=True).request_hash
+
+
+def _check_run_at(
+    value: Any, prefix: str, now: datetime | None, out: list[FieldViolation]
+) -> datetime | None:
+    run_at = check_timestamp(value, prefix + "run_at", out)
+    if run_at is not None and run_at - (now or datetime.now(UTC)) > MAX_RUN_AT_AHEAD:
+        out.append(FieldViolation(prefix + "run_at", "must be less than a year in the future"))
+    return run_at
+
+
+def _check_retry_policy(
+    policy: task_pb2.RetryPolicy, prefix: str, out: list[FieldViolation]
+) -> tuple[int, int, float, float]:
+    initial_ms = _duration_ms(
+        policy.initial_backoff if policy.HasField("initial_backoff") else None,
+        prefix + "retry_policy.initial_backoff",
+        MAX_BACKOFF,
+        out,
+    )
+    max_ms = _duration_ms(
+        policy.max_backoff if policy.HasField("max_backoff") else None,
+        prefix + "retry_policy.max_backoff",
+        MAX_BACKOFF,
+        out,
+    )
+    initial_ms = initial_ms or int(defaults.DEFAULT_RETRY_INITIAL_S * 1000)
+    max_ms = max_ms or max(initial_ms, int(defaults.DEFAULT_RETRY_MAX_S * 1000))
+    if max_ms < initial_ms:
+        out.append(
+            FieldViolation(prefix + "retry_policy.max_backoff", "must not be below initial_backoff")
+        )
+    multiplier = policy.multiplier or defaults.DEFAULT_RETRY_MULTIPLIER
+    if not 1.0 <= multiplier <= MAX_MULTIPLIER:
+        out.append(
+            FieldViolation(
+                prefix + "retry_policy.multiplier", f"must be between 1 and {MAX_MULTIPLIER}"
+            )
+        )
+    # A set retry_policy means its jitter is meant, zero included.
+    jitter = policy.jitter
+    if not 0.0 <= jitter <= 1.0:
+        out.append(FieldViolation(prefix + "retry_policy.jitter", "must be between 0 and 1"))
+    return initial_ms, max_ms, multiplier, jitter
+
+
+def _check_labels(labels: dict[str, str], prefix: str, out: list[FieldViolation]) -> None:
+    if len(labels) > MAX_LABELS:
+        out.append(FieldViolation(prefix + "labels", f"must have at most {MAX_LABELS} entries"))
+    for key, value in labels.items():
+        field = f"{prefix}labels[{key[:MAX_LABEL_KEY_LENGTH]!r}]"
+        if not key:
+            out.append(FieldViolation(field, "key must not be empty"))
+        else:
+            check_text(key, field + " key", out, max_length=MAX_LABEL_KEY_LENGTH)
+        check_text(value, field, out, max_length=MAX_LABEL_VALUE_LENGTH, identifier=False)
+
+
+def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
+    """Fingerprints what makes two submits "the same request" for idempotency.
+
+    run_at and traceparent are left out on purpose: a client retrying "in 10 minutes" or from
+    a new trace span computes new values for them, and is still sending the same task.
+    """
+    if task.idempotency_key is None and not force:
+        return task
+    digest = hashlib.sha256()
+    head = json.dumps(
+        [
+            task.queue,
+            task.type,
+            task.content_type,
+            task.priority,
+            task.max_attempts,
+            task.timeout_ms,
+            task.retry_initial_ms,
+            task.retry_max_ms,
+            task.retry_multiplier,
+            task.retry_jitter,
+            sorted(task.labels.items()),
+        ]
+    ).encode()
+    digest.update(len(head).to_bytes(8, "big"))
+    digest.update(head)
+    digest.update(task.payload)
+    return dataclasses.replace(task, request_hash=digest.digest())
+
+
+def validate_submit_one(
+    req: task_service_pb2.SubmitTaskRequest, *, max_payload_bytes: int
+) -> NewTask:
+    task, violations = validate_submit(req, max_payload_bytes=max_payload_bytes)
+    if violations or task is None:
+        raise InvalidArgument(violations)
+    return task
+
+
+def validate_submit_batch(
+    req: task_service_pb2.SubmitTasksRequest, *, max_payload_bytes: int
+) -> list[NewTask]:
+    if not req.tasks:
+        raise InvalidArgument([FieldViolation("tasks", "must contain at least one task")])
+    if len(req.tasks) > MAX_BATCH:
+        raise InvalidArgument([FieldViolation("tasks", f"must contain at most {MAX_BATCH} tasks")])
+    tasks: list[NewTask] = []
+    violations: list[FieldViolation] = []
+    now = datetime.now(UTC)
+    for i, one in enumerate(req.tasks):
+        task, bad = validate_submit(
+            one, max_payload_bytes=max_payload_bytes, prefix=f"tasks[{i}].", now=now
+        )
+        violations.extend(bad)
+        if task is not None:
+            tasks.append(task)
+    if violations:
+        raise InvalidArgument(violations)
+    return tasks
+
+
+def validate_task_id(value: str, field: str = "id") -> uuid.UUID:
+    if not value:
+        raise InvalidArgument([FieldViolation(field, "must not be empty")])
+    parsed = parse_task_id(value)
+    if parsed is None:
+        raise InvalidArgument(
+            [FieldViolation(field, f"{value[:64]!r} is not a task id (a UUID such as 0190...)")]
+        )
+    return parsed
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    queue: str | None
+    state: int | None
+    type: str | None
+    page_size: int
+    after_id: uuid.UUID | None
+
+
+def check_page_size(value: int, out: list[FieldViolation]) -> int:
+    """A list call's ``page_size``: 0 (the default) to MAX_PAGE_SIZE; the size to use."""
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        out.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    return value or DEFAULT_PAGE_SIZE
+
+
+def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
+    out: list[FieldViolation] = []
+    check_name(req.queue, "queue", out, required=False)
+    check_name(req.type, "type", out, required=False)
+    if req.state not in task_pb2.TaskState.values():  # an open enum: any int32 arrives
+        out.append(FieldViolation("state", f"{req.state} is not a TaskState value"))
+    page_size = check_page_size(req.page_size, out)
+    after: uuid.UUID | None = None
+    if req.page_token:
+        after = parse_task_id(req.page_token)
+        if after is None:
+            out.append(FieldViolation("page_token", "is not a token from a previous ListTasks"))
+    if out:
+        raise InvalidArgument(out)
+    return ListFilter(
+        queue=req.queue or None,
+        state=req.state or None,
+        type=req.type or None,
+        page_size=page_size,
+        after_id=after,
+    )
+
+
+# -- the worker's Hello ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidHello:
+    """A checked Hello, normalised (no queues means the default queue)."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    task_types: tuple[str, ...]
+    credits: int
+    in_flight: list[worker_service_pb2.Lease]
+    resume_token: bytes
+    """Empty on a worker process's first connect."""
+    encryption_keys: frozenset[str] | None = None
+    """The encryption keys the worker opens; None when it did not say (any key)."""
+
+
+def check_key_ids(
+    message: worker_service_pb2.EncryptionKeys, field: str, out: list[FieldViolation]
+) -> frozenset[str]:
+    """The key ids of an EncryptionKeys message (Hello's, or one sent later)."""
+    if len(message.key_ids) > MAX_KEY_IDS:
+        out.append(FieldViolation(field, f"must name at most {MAX_KEY_IDS} keys"))
+        return frozenset()
+    for i, key_id in enumerate(message.key_ids):
+        if not is_key_id(key_id):
+            out.append(
+                FieldViolation(
+                    f"{field}[{i}]",
+                    "is not a key id (1 to 64 characters of letters, digits and '._:-')",
+                )
+            )
+    return frozenset(message.key_ids)
+
+
+def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
+    """Checks every field of a Hello; raises ProtocolViolation naming each bad one."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolViolation(
+            f"protocol version {hello.protocol_version} is not supported; this coordinator "
+            f"speaks {PROTOCOL_VERSION}"
+        )
+    out: list[FieldViolation] = []
+    if not hello.worker_id:
+        out.append(FieldViolation("hello.worker_id", "must not be empty"))
+    else:
+        check_text(hello.worker_id, "hello.worker_id", out, max_length=MAX_NAME_LENGTH)
+    check_text(hello.hostname, "hello.hostname", out, max_length=MAX_HOSTNAME_LENGTH)
+    if hello.pid < 0:
+        out.append(FieldViolation("hello.pid", "must not be negative"))
+    if len(hello.queues) > MAX_HELLO_QUEUES:
+        out.append(FieldViolation("hello.queues", f"must name at most {MAX_HELLO_QUEUES} queues"))
+    else:
+        for i, queue in enumerate(hello.queues):
+            check_name(queue, f"hello.queues[{i}]", out, required=True)
+    if not hello.task_types:
+        out.append(
+            FieldViolation(
+                "hello.task_types",
+                "must list the task types this worker has handlers for; a worker is only "
+                "assigned the types it names (none means none, not any)",
+            )
+        )
+    elif len(hello.task_types) > MAX_HELLO_TYPES:
+        out.append(FieldViolation("hello.task_types", f"must name at most {MAX_HELLO_TYPES} types"))
+    else:
+        for i, task_type in enumerate(hello.task_types):
+            check_name(task_type, f"hello.task_types[{i}]", out, required=True)
+    if not 0 <= hello.credits <= MAX_CREDIT:
+        out.append(FieldViolation("hello.credits", f"must be between 0 and {MAX_CREDIT}"))
+    if len(hello.in_flight) > MAX_CREDIT:
+        out.append(FieldViolation("hello.in_flight", f"must list at most {MAX_CREDIT} leases"))
+    if hello.resume_token and len(hello.resume_token) != RESUME_TOKEN_BYTES:
+        out.append(
+            FieldViolation(
+                "hello.resume_token",
+                f"must be empty or the {RESUME_TOKEN_BYTES} bytes of an earlier Welcome's "
+                "resume_token, unchanged",
+            )
+        )
+    keys = None
+    if hello.HasField("encryption_keys"):
+        keys = check_key_ids(hello.encryption_keys, "hello.encryption_keys.key_ids", out)
+    if out:
+        raise ProtocolViolation(
+            "invalid Hello: " + "; ".join(f"{v.field}: {v.description}" for v in out[:5]), out
+        )
+    return ValidHello(
+        worker_id=hello.worker_id,
+        hostname=hello.hostname,
+        pid=hello.pid,
+        queues=tuple(dict.fromkeys(hello.queues)) or (defaults.DEFAULT_QUEUE,),
+        task_types=tuple(dict.fromkeys(hello.task_types)),
+        credits=hello.credits,
+        in_flight=list(hello.in_flight),
+        resume_token=hello.resume_token,
+        encryption_keys=keys,
+    )

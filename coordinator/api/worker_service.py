@@ -1,0 +1,486 @@
+"""``WorkerService.Connect``: one bidirectional stream per worker process.
+
+A stream starts with Hello, checked in full (``validation.validate_hello``), then:
+
+1. the worker id is taken. A live session with the same id refuses this one
+   (WORKER_ID_IN_USE), unless the Hello presents that session's resume token: then it is
+   the same process (a reconnect that overtook the old stream's end), the old session is
+   retired, and this stream waits until the old one has settled its leases. Hostname and
+   pid prove nothing (see ``sessions.py``);
+2. its leases are resumed. The process's own (granted to the resume token it presents):
+   those listed in ``Hello.in_flight`` are renewed, every other one goes back at once
+   without using an attempt (the worker lists all it holds, so it never received those).
+   Any other lease of the worker id was granted to another process, which may be running
+   it: it goes back counted (LEASE_EXPIRED), even if listed. Welcome lists the listed
+   leases that are not the worker's, and the resume token: the one presented if it held
+   a lease or the live session, else a new one;
+3. the stream runs as three loops: receive (this handler's), send (draining the
+   session's outbox, see ``sessions.py``) and ack (answering each Results or Heartbeat
+   after its group commit, in order). A full ack queue stops the receive loop, which is
+   the backpressure the worker feels.
+
+Each side expects to hear from the other at least every heartbeat interval and gives up
+after ``liveness_timeout`` (told to the worker in Welcome). A worker silent that long, or
+that does not take a message within it, or whose outbox overflows, is evicted: logged,
+listed in ``GetClusterStatus.recent_evictions``, its stream cut (UNAVAILABLE), and its
+leases taken back at once: those never written to its stream without using an attempt,
+the rest as LEASE_EXPIRED (they may have run). Whenever a stream ends, assignments still
+in its outbox go back at once, not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from conveyor.coordinator import convert
+from conveyor.coordinator.api import context as request_context
+from conveyor.coordinator.api import validation
+from conveyor.coordinator.api.interceptors.chain import Undecodable
+from conveyor.coordinator.api.validation import MAX_CREDIT, ValidHello
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch.sessions import WorkerSession
+from conveyor.coordinator.errors import (
+    FieldViolation,
+    Overloaded,
+    ProtocolViolation,
+    WorkerIdInUse,
+)
+from conveyor.coordinator.lifecycle import leases, results
+from conveyor.coordinator.lifecycle.batcher import Batcher
+from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases, Mapped
+from conveyor.coordinator.lifecycle.results import ResultRecorder
+from conveyor.observability.logs import log_context
+from conveyor.v1 import worker_service_pb2, worker_service_pb2_grpc
+
+_log = logging.getLogger("conveyor.coordinator.worker_service")
+
+HELLO_TIMEOUT = 10.0
+# Results/heartbeat batches awaiting their commit per stream; a full queue stops reading
+# from the worker, which is the backpressure the worker feels.
+ACK_QUEUE_SIZE = 64
+FLUSH_ON_CLOSE_TIMEOUT = 10.0
+# Longest a reconnect waits for its old session to settle its leases.
+RETIRE_TIMEOUT = 10.0
+# Longest an ending stream waits for the write in progress.
+SENDER_STOP_TIMEOUT = 5.0
+
+Context = grpc.aio.ServicerContext[
+    worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
+]
+
+
+@dataclass
+class _PendingAcks:
+    """One Results or Heartbeat message waiting for its commit."""
+
+    results: bool
+    leases: list[worker_service_pb2.Lease]
+    mapped: Mapped
+    future: asyncio.Future[list[bool]] | None
+
+
+class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
+    def __init__(
+        self, deps: Deps, dispatcher: Dispatcher, recorder: ResultRecorder, leases: Leases
+    ) -> None:
+        self._deps = deps
+        self._dispatcher = dispatcher
+        self._recorder = recorder
+        self._leases = leases
+        self._settling: set[asyncio.Task[None]] = set()
+
+    # The generated base class expects a generator; writing through the context instead
+    # lets the send and receive loops run independently of each other.
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: object, context: Context
+    ) -> None:
+        hello = await self._read_hello(context)
+        if hello is None:
+            return
+        tenant = request_context.current().tenant
+        # Every line logged for this stream (its loops' tasks copy the context) names the
+        # worker, as its own log field.
+        with log_context(worker_id=hello.worker_id, tenant=tenant):
+            await self._serve(hello, tenant, context)
+
+    async def _serve(self, hello: ValidHello, tenant: str, context: Context) -> None:
+        session = WorkerSession(
+            session_id=str(uuid.uuid4()),
+            worker_id=hello.worker_id,
+            tenant=tenant,
+            queues=hello.queues,
+            task_types=hello.task_types,
+            hostname=hello.hostname,
+            pid=hello.pid,
+            encryption_keys=hello.encryption_keys,
+        )
+        proven = await self._take_worker_id(session, hello.resume_token)
+        failure: Exception | None = None
+        try:
+            lost = await self._leases.resume(session, hello, proven=proven)
+            session.credit = hello.credits
+            self._welcome(session, lost)
+            self._deps.sessions.activate(session)
+            self._deps.metrics.worker_connected(session.tenant)
+            if not self._deps.office.leader:
+                # Left office while this stream was opening (step_down missed it).
+                self._redirect(session)
+            _log.info(
+                "worker %s connected (host %s pid %d, queues %s, types %s, credit %d, "
+                "encryption keys %s)",
+                session.worker_id,
+                session.hostname,
+                session.pid,
+                ",".join(session.queues),
+                ",".join(session.task_types),
+                session.credit,
+                _keys_text(session.encryption_keys),
+            )
+            self._dispatcher.wake()
+            await self._converse(session, context)
+        except Exception as exc:
+            failure = exc
+        finally:
+            # Settling writes to the store; it must finish even if this call is cancelled.
+            settle = asyncio.get_running_loop().create_task(self._settle(session))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            await asyncio.shield(settle)
+        if session.write_stuck:
+            # A write is stuck on a peer that reads nothing: no status can follow it. Ended
+            # as cancelled, the call is dropped by gRPC without one (the peer is not
+            # listening anyway).
+            raise asyncio.CancelledError(f"worker {session.worker_id}: {session.end_reason}")
+        if failure is not None:
+            raise failure
+        if session.evicted:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"evicted: {session.end_reason}")
+
+    async def wait_settled(self) -> None:
+        """Waits for ended streams to settle their leases (before the pool closes)."""
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    async def _read_hello(self, context: Context) -> ValidHello | None:
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
+        except TimeoutError:
+            raise ProtocolViolation(f"no Hello within {HELLO_TIMEOUT:.0f}s") from None
+        if isinstance(first, Undecodable):
+            raise ProtocolViolation(f"the first message cannot be decoded: {first.problem}")
+        if not isinstance(first, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
+            return None
+        if first.WhichOneof("message") != "hello":
+            raise ProtocolViolation("the first message on the stream must be Hello")
+        return validation.validate_hello(first.hello)
+
+    async def _take_worker_id(self, session: WorkerSession, resume_token: bytes) -> bool:
+        """Reserves the worker id; whether ``resume_token`` proved the Hello is the process
+        of the live session that held it."""
+        registry = self._deps.sessions
+        proven = False
+        while (holder := registry.holder(session.tenant, session.worker_id)) is not None:
+            if not holder.closed:
+                if not holder.proven_by(resume_token):
+                    raise WorkerIdInUse(
+                        session.worker_id, self._deps.config.worker_liveness_timeout
+                    )
+                proven = True
+                holder.end("replaced by a new stream from the same worker process")
+                self._deps.metrics.worker_evicted("replaced")
+            try:
+                async with asyncio.timeout(RETIRE_TIMEOUT):
+                    await holder.done.wait()
+            except TimeoutError:
+                _log.warning("worker %s: the old session did not settle in time", holder.worker_id)
+                # Its leases are this session's to resume now; it must not release them
+                # when it gets that far (nor halfway through, hence the lock).
+                async with holder.releasing:
+                    holder.superseded = True
+                registry.remove(holder)
+        registry.reserve(session)
+        return proven
+
+    def _welcome(self, session: WorkerSession, lost: list[worker_service_pb2.Lease]) -> None:
+        cfg = self._deps.config
+        session.push(
+            worker_service_pb2.ConnectResponse(
+                welcome=worker_service_pb2.Welcome(
+                    session_id=session.session_id,
+                    epoch=self._deps.office.epoch,
+                    heartbeat_interval=convert.duration_ms(int(cfg.heartbeat_interval * 1000)),
+                    lease_duration=convert.duration_ms(int(cfg.lease_duration * 1000)),
+                    liveness_timeout=convert.duration_ms(int(cfg.worker_liveness_timeout * 1000)),
+                    lost=lost,
+                    tenant=session.tenant,
+                    resume_token=session.resume_token,
+                )
+            )
+        )
+
+    # -- the stream ------------------------------------------------------------------------
+
+    async def _converse(self, session: WorkerSession, context: Context) -> None:
+        loop = asyncio.get_running_loop()
+        acks: asyncio.Queue[_PendingAcks | None] = asyncio.Queue(ACK_QUEUE_SIZE)
+        receiver = loop.create_task(self._receive_loop(session, context, acks), name="worker-recv")
+        sender = loop.create_task(self._send_loop(session, context), name="worker-send")
+        acker = loop.create_task(self._ack_loop(session, acks), name="worker-ack")
+        loops = {receiver, sender, acker}
+        try:
+            done, _ = await asyncio.wait(
+                {*loops, session.ended}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done & loops:
+                task.result()  # raises what broke the stream
+            if receiver in done:
+                # The worker closed its side: answer what it sent before letting go.
+                await acks.put(None)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
+                        await asyncio.shield(acker)
+                        session.finish("the worker closed its stream")
+                        await asyncio.shield(sender)
+        finally:
+            # The sender stops after the message it is writing: gRPC cannot end a call
+            # (with a status) while a write is still on its way, and a write cannot be
+            # called back. Only a worker that reads nothing keeps it that long.
+            session.end("the stream ended")
+            receiver.cancel()
+            acker.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SENDER_STOP_TIMEOUT):
+                    await asyncio.wait({sender})
+            if not sender.done():
+                session.write_stuck = True
+            sender.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _receive_loop(
+        self,
+        session: WorkerSession,
+        context: Context,
+        acks: asyncio.Queue[_PendingAcks | None],
+    ) -> None:
+        """Returns when the worker closes its side; ends the session when it falls silent."""
+        cfg = self._deps.config
+        liveness = cfg.worker_liveness_timeout
+        tenant, worker_id = session.tenant, session.worker_id
+        while True:
+            try:
+                async with asyncio.timeout(liveness):
+                    message = await context.read()
+            except TimeoutError:
+                session.end(
+                    f"no message for {liveness:g}s (heartbeats are due every "
+                    f"{cfg.heartbeat_interval:g}s)",
+                    evict="silent",
+                )
+                return
+            if isinstance(message, Undecodable):
+                raise ProtocolViolation(f"a message cannot be decoded: {message.problem}")
+            if not isinstance(message, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
+                return
+            kind = message.WhichOneof("message")
+            if kind == "results":
+                wire = message.results.results
+                mapped, outcomes = results.map_results(
+                    tenant, worker_id, wire, max_result_bytes=cfg.max_payload_bytes
+                )
+                if mapped.missing_keys:
+                    _lacks(session, mapped.missing_keys)
+                future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
+                await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
+            elif kind == "heartbeat":
+                wire_leases = message.heartbeat.leases
+                mapped, keys = leases.map_leases(tenant, worker_id, wire_leases)
+                future = await _enqueue(self._leases.renewals, keys) if keys else None
+                await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
+            elif kind == "credit":
+                credits = message.credit.credits
+                if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
+                    raise ProtocolViolation(
+                        f"Credit.credits {credits} is out of range: a worker may hold at most "
+                        f"{MAX_CREDIT} credits (it holds {session.credit})"
+                    )
+                session.credit += credits
+                if session.wants_work:
+                    self._dispatcher.wake()
+            elif kind == "drain":
+                session.draining = True
+                _log.info("worker %s is draining", worker_id)
+            elif kind == "encryption_keys":
+                violations: list[FieldViolation] = []
+                held = validation.check_key_ids(
+                    message.encryption_keys, "encryption_keys.key_ids", violations
+                )
+                if violations:
+                    raise ProtocolViolation(
+                        f"invalid EncryptionKeys: {violations[0].field}: "
+                        f"{violations[0].description}",
+                        violations,
+                    )
+                session.encryption_keys = held
+                _log.info("worker %s now holds encryption keys %s", worker_id, _keys_text(held))
+                if session.wants_work:
+                    self._dispatcher.wake()  # tasks of a new key may be waiting
+            else:
+                raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
+
+    async def _ack_loop(
+        self, session: WorkerSession, acks: asyncio.Queue[_PendingAcks | None]
+    ) -> None:
+        while True:
+            pending = await acks.get()
+            if pending is None:
+                return
+            # A failed commit raises here and ends the stream: the worker reconnects
+            # (perhaps to another coordinator) and resends what was not acknowledged.
+            stored = await pending.future if pending.future is not None else []
+            answers = pending.mapped.answers(stored)
+            if pending.results:
+                message = worker_service_pb2.ConnectResponse()
+                add = message.result_acks.acks.add
+                for lease, (ok, reason) in zip(pending.leases, answers, strict=True):
+                    add(lease=lease, accepted=ok, reason=reason)
+            else:
+                message = worker_service_pb2.ConnectResponse(
+                    heartbeat_ack=worker_service_pb2.HeartbeatAck(
+                        lost=[
+                            lease
+                            for lease, (ok, _) in zip(pending.leases, answers, strict=True)
+                            if not ok
+                        ]
+                    )
+                )
+            if not session.push(message):
+                return
+
+    async def _send_loop(self, session: WorkerSession, context: Context) -> None:
+        """Writes the outbox; returns when the session finished and its outbox is empty."""
+        liveness = self._deps.config.worker_liveness_timeout
+        while (item := await session.next_message()) is not None:
+            message, size = item
+            try:
+                async with asyncio.timeout(liveness):
+                    await context.write(message)
+            except TimeoutError:
+                session.write_stuck = True
+                session.end(
+                    f"stopped reading its stream (a message waited {liveness:g}s)",
+                    evict="not_reading",
+                )
+                return
+            session.sent(size)
+            if session.throttled and session.outbox_room > 0:
+                session.throttled = False
+                self._dispatcher.wake()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def _settle(self, session: WorkerSession) -> None:
+        """Takes back what the ended session cannot finish; then frees its worker id.
+
+        The worker id stays reserved until then: a reconnect of the same process waits, so
+        the release here never meets the leases it resumes (and when it stops waiting,
+        ``superseded`` tells this session to leave them alone).
+        """
+        deps = self._deps
+        deps.sessions.retire(session)
+        undelivered = session.take_undelivered()
+        released = 0
+        try:
+            if undelivered or session.evicted:
+                async with deps.db.autocommit() as conn:
+                    if undelivered:
+                        await self._leases.release_undelivered(conn, undelivered)
+                    if session.evicted:
+                        released = await self._leases.release_evicted(conn, session)
+        except Exception as exc:
+            # Store down or fenced: the leases come back when they expire or when the
+            # worker reconnects.
+            _log.warning(
+                "worker %s: could not take back its leases now: %r", session.worker_id, exc
+            )
+        finally:
+            deps.sessions.remove(session)
+            if session.evicted:
+                deps.sessions.record_eviction(session, released + len(undelivered))
+                deps.metrics.worker_evicted(session.eviction)
+            session.done.set()
+            _log.info(
+                "worker %s disconnected%s",
+                session.worker_id,
+                f" ({session.end_reason})" if session.end_reason else "",
+            )
+
+    def step_down(self) -> None:
+        """Sends every worker to the new leader; their streams end once that is written."""
+        for session in self._deps.sessions:
+            self._redirect(session)
+
+    def _redirect(self, session: WorkerSession) -> None:
+        session.push(
+            worker_service_pb2.ConnectResponse(
+                redirect=worker_service_pb2.Redirect(
+                    leader_address=self._deps.office.leader_address()
+                )
+            )
+        )
+        session.finish("this coordinator no longer leads")
+
+
+def _keys_text(keys: frozenset[str] | None) -> str:
+    if keys is None:
+        return "not named (any)"
+    return ",".join(sorted(keys)) or "none"
+
+
+def _lacks(session: WorkerSession, missing: set[str]) -> None:
+    """The worker reported tasks it cannot open: it is given no more of those keys."""
+    keys = session.encryption_keys
+    if keys is None:
+        # It did not name its keys, so none can be taken away: it may be given such a
+        # task again (the SDK names its keys whenever it can report this).
+        _log.warning(
+            "worker %s cannot open tasks of encryption key(s) %s but did not name its keys "
+            "in Hello: it may be given them again",
+            session.worker_id,
+            ",".join(sorted(missing)),
+        )
+        return
+    lost = keys & missing
+    if lost:
+        session.encryption_keys = keys - lost
+        _log.warning(
+            "worker %s does not hold encryption key(s) %s after all; it is given no more of "
+            "their tasks, which wait for a worker that holds them",
+            session.worker_id,
+            ",".join(sorted(lost)),
+        )
+
+
+async def _enqueue(batcher: Batcher[Sequence[Any], list[bool]], item: Sequence[Any]) -> Any:
+    """Enqueues one message's entries, waiting (not failing) while the batcher is full.
+
+    Waiting here stops this stream's receive loop, which is the backpressure the worker
+    feels; refusing would lose nothing but would make the worker resend needlessly.
+    """
+    delay = 0.005
+    weight = len(item)
+    while True:
+        try:
+            return batcher.enqueue(item, weight)
+        except Overloaded:
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 2)

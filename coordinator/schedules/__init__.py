@@ -1,0 +1,1 @@
+"""Cron schedules: tick arithmetic and policies (pure), validation, and the leader's firer."""

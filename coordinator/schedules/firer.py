@@ -1,0 +1,540 @@
+"""The leader's schedule firer: one loop fires every due schedule, in batches.
+
+There is no timer per schedule. Each round locks a batch of due schedules (``wake_time``
+<= now, by index, earliest first), decides what each fires (:func:`cron.plan`), inserts
+every firing of the batch with one multi-row insert and moves every cursor with one
+update, all in one transaction that first checks the leader's epoch. Then it wakes the
+dispatcher for the queues that got work, and sleeps until the earliest ``wake_time``
+(at most ``max_sleep``; :meth:`ScheduleFirer.wake` cuts the sleep short when a client
+creates, changes or resumes a schedule).
+
+Exactly once per tick: a firing's task has the idempotency key
+``schedule:<schedule id>:<tick, UTC ISO 8601>`` and is inserted in the transaction that
+moves the cursor past the tick. A crash before the commit leaves neither; after it, both.
+A coordinator fenced off by a newer epoch fails its check and writes nothing, and the key
+(ON CONFLICT DO NOTHING) turns any second insert of a tick into a no-op regardless.
+
+Preparing ahead: a round's work for 10,000 second-level schedules takes a good part of a
+second, so for ALLOW schedules (whose firing does not depend on the previous one) the
+firer starts that early: it locks, plans and inserts in a transaction that then waits
+for the tick and commits at it. The tasks become visible at their tick, not a round's
+work after it; until then the rows stay locked, so a client changing such a schedule
+waits for that commit (under a second). Every other policy is decided at the tick.
+
+A firing is a submit: it counts against its tenant's ``max_backlog`` and ``submit_rate``
+(``quotas.py``), decided once per tenant per batch, in memory. The ticks a tenant's limits
+do not admit (the latest ones of the batch) submit nothing: each is recorded as refused,
+with the limit, among the schedule's recent firings (``schedule_refusals``) and in
+``conveyor_schedule_ticks_refused_total``, and the cursor moves past it as past a fired
+tick; a refused tick is not fired later (the catch-up policy is about ticks missed while
+no coordinator fired, and is unaffected).
+
+One bad row never stops the firer, which serves every tenant: a schedule whose stored
+values it cannot use (an expression or zone that does not compile, a template that does
+not decode, tick arithmetic that fails) is set aside in the same transaction (``fault``
+says why, ``wake_time`` NULL takes it out of the rounds), said once in the log and in
+``conveyor_rows_set_aside_total``; the rest of the batch fires. UpdateSchedule and
+ResumeSchedule bring it back.
+
+Parsed expressions and templates are cached per schedule (keyed by its version), so a
+round costs, per firing, a few microseconds of tick arithmetic and one row in each of
+two statements. ``parallel`` batches run at once on their own connections (SKIP LOCKED
+keeps them apart), so one batch's planning overlaps another's round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from google.protobuf.message import DecodeError
+
+from conveyor.coordinator.api.validation import NewTask
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
+from conveyor.coordinator.schedules.cron import (
+    OVERLAP_ALLOW,
+    CronError,
+    CronSpec,
+    Plan,
+    ScheduleState,
+    compile_cron,
+    plan,
+    utc_now,
+)
+from conveyor.coordinator.schedules.validation import template_task
+from conveyor.coordinator.store import schedules as store
+from conveyor.coordinator.store import tasks as task_store
+from conveyor.coordinator.store.tasks import NewRow
+from conveyor.coordinator.supervisor import Service
+from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
+
+_log = logging.getLogger("conveyor.coordinator.schedules")
+
+# Entries of the per-schedule cache beyond which it is dropped (deleted schedules linger).
+_MAX_CACHED = 200_000
+# The lookahead is this many times the last round's preparation time, plus the minimum.
+_LOOKAHEAD_MARGIN = 1.5
+_MIN_LOOKAHEAD = 0.05
+# Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
+KEEP_REFUSALS = 10
+# Seconds between log lines about one tenant's refused ticks.
+REFUSALS_LOG_INTERVAL = 60.0
+# What a stored schedule may hold that the firer cannot use; anything else is a bug.
+_EXPECTED_FAULTS = (CronError, DecodeError, ValueError)
+
+
+def idempotency_key(schedule_id: uuid.UUID, tick: datetime) -> str:
+    """The key of a tick's task: ``schedule:<id>:<tick as UTC ISO 8601>``. Workers and
+    clients read the schedule id from it (``transport._encryption.schedule_of``): an
+    encrypted template is bound to it."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{_iso(tick)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso(tick: datetime) -> str:
+    # Cached: the schedules of a batch mostly share their tick, and strftime is slow.
+    utc = tick.astimezone(UTC)
+    fraction = f".{utc.microsecond:06d}" if utc.microsecond else ""
+    return f"{utc:%Y-%m-%dT%H:%M:%S}{fraction}Z"
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    version: int
+    spec: CronSpec
+    task: NewTask
+    fields: dict[str, Any]
+    """The task's fields but the per-firing ones (see template_fields)."""
+
+
+@dataclass
+class _Firing:
+    tenant: str
+    schedule_id: uuid.UUID
+    tick: datetime
+    task_id: uuid.UUID
+    template: _Compiled
+    refused: str | None = None
+    """The tenant limit that refused this firing (then it submits nothing)."""
+
+
+class ScheduleFirer(Service):
+    """Fires due schedules while this coordinator leads (a supervised service).
+
+    Args:
+        deps: The coordinator's services; the firer fences every firing transaction
+            with the office's token, and is woken when a client changes a schedule.
+        quotas: The tenants' limits, which every firing counts against; None fires
+            without limits.
+        now: The clock (an aware UTC datetime), injectable for tests.
+        batch_size: Schedules locked and fired per statement (a transaction that prepares
+            ahead may take several batches before it commits).
+        parallel: Batches in flight at once, each on its own connection.
+        max_sleep: Longest sleep between rounds, so schedules written by anything other
+            than this coordinator's API are still noticed.
+        misfire_grace: Ticks due more than this many seconds before the firer started are
+            *missed* and follow the schedule's catch-up policy.
+        buffer_recheck: How often a schedule with a buffered tick checks whether its
+            previous firing has finished.
+        max_lookahead: Seconds before a tick the firer may start preparing it (ALLOW
+            schedules only); the round's preparation time, measured, sets how early it
+            starts. Below 1 (ticks are whole seconds apart, so a round prepares at most
+            one future tick); 0 turns preparing ahead off.
+    """
+
+    name = "schedule-firer"
+
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        quotas: Quotas | None = None,
+        now: Callable[[], datetime] = utc_now,
+        batch_size: int = 1000,
+        parallel: int = 2,
+        max_sleep: float = 1.0,
+        misfire_grace: float = 1.0,
+        buffer_recheck: float = 0.5,
+        max_lookahead: float = 0.9,
+    ) -> None:
+        if batch_size < 1 or parallel < 1:
+            raise ValueError("batch_size and parallel must be positive")
+        if not 0 <= max_lookahead < 1:
+            raise ValueError("max_lookahead must be at least 0 and below 1 second")
+        super().__init__(deps)
+        self.quotas = quotas
+        self.now = now
+        self.batch_size = batch_size
+        self.parallel = parallel
+        self.max_sleep = max_sleep
+        self.misfire_grace = timedelta(seconds=misfire_grace)
+        self.buffer_recheck = timedelta(seconds=buffer_recheck)
+        self.max_lookahead = max_lookahead
+        self.lookahead = min(max_lookahead, _MIN_LOOKAHEAD)
+        """Current lookahead (seconds), adapted to how long preparing a round takes."""
+        self._cache: dict[uuid.UUID, _Compiled] = {}
+        self._prepared = 0.0
+        self.started: datetime | None = None
+        self.fired = 0
+        """Tasks submitted since start (for tests and metrics)."""
+        self.refused = 0
+        """Ticks the tenants' limits refused since start."""
+        self._refusals_said: dict[tuple[str, str], tuple[float, int]] = {}
+        """Per (tenant, limit): when its refused ticks were last logged, and how many have
+        been refused since (they are logged at most once a REFUSALS_LOG_INTERVAL)."""
+
+    @property
+    def missed_before(self) -> datetime:
+        """Ticks before this instant were missed: due well before the firer started."""
+        started = self.started or self.now()
+        return started - self.misfire_grace
+
+    def start(self) -> None:
+        """Starts the loop; call after taking office."""
+        if not self.running:
+            self.started = self.now()
+        super().start()
+
+    async def step(self) -> float:
+        return await self.run_once()
+
+    async def run_once(self) -> float:
+        """Fires every schedule due now; returns how long to sleep before the next round.
+
+        ALLOW schedules due within the lookahead are prepared now (inserted in a
+        transaction that waits) and committed at their tick, so their tasks become
+        visible on time even when a round's work takes a good part of a second. The other
+        policies decide on the state of the previous firing, so they wait for the tick.
+        """
+        if self.quotas is not None:
+            # Firings count in the backlog: fire against a count, not an empty one.
+            await self.quotas.backlog_ready()
+        now = self.now()
+        horizon = now + timedelta(seconds=self.lookahead)
+        self._prepared = 0.0
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.parallel):
+                    group.create_task(self._drain(now, horizon))
+        except ExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        if self.max_lookahead > 0:
+            # Start the next round early enough for this round's amount of work.
+            wanted = _LOOKAHEAD_MARGIN * self._prepared + _MIN_LOOKAHEAD
+            self.lookahead = min(self.max_lookahead, max(wanted, 0.8 * self.lookahead))
+        async with self.deps.db.read() as conn:
+            allow, other = await store.next_wake(conn)
+        wakes = [w for w in (other, allow and allow - timedelta(seconds=self.lookahead)) if w]
+        if not wakes:
+            return self.max_sleep
+        # Rows a client's transaction had locked are due but were skipped: look again soon.
+        return max(0.005, min(self.max_sleep, (min(wakes) - self.now()).total_seconds()))
+
+    async def _drain(self, now: datetime, horizon: datetime) -> None:
+        """Fires batches until fewer than a full batch of unlocked schedules is due.
+
+        Batches whose ticks are still ahead pile up in one transaction, which commits at
+        the latest of their ticks; the others commit as soon as they are written.
+        """
+        started = time.monotonic()
+        more = True
+        while more:
+            firings: list[_Firing] = []
+            inserted: list[Row] = []
+            refused: list[_Firing] = []
+            admitted: collections.Counter[str] = collections.Counter()
+            try:
+                async with self.deps.db.write(self.deps.office.fence()) as conn:
+                    target: datetime | None = None
+                    while more:
+                        rows = await store.due(conn, now, horizon, self.batch_size)
+                        more = len(rows) == self.batch_size
+                        if not rows:
+                            break
+                        fired = await self._fire(
+                            conn, rows, now, horizon, admitted, refused, inserted
+                        )
+                        firings += fired
+                        if fired:
+                            latest = max(f.tick for f in fired)
+                            target = latest if target is None or latest > target else target
+                        if target is None or target <= self.now():
+                            break
+                    self._prepared = max(self._prepared, time.monotonic() - started)
+                    if target is not None:
+                        await self._sleep_until(target)
+            finally:
+                if self.quotas is not None:
+                    for tenant, count in admitted.items():
+                        self.quotas.done(tenant, count)
+            self._count_refused(refused)
+            self._announce(firings, inserted)
+
+    async def _sleep_until(self, moment: datetime) -> None:
+        """Returns at ``moment`` by the firer's clock, not before (timers may fire early)."""
+        for _ in range(10):
+            wait = (moment - self.now()).total_seconds()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _fire(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[asyncpg.Record],
+        now: datetime,
+        horizon: datetime,
+        admitted: collections.Counter[str],
+        refused: list[_Firing],
+        inserted: list[Row],
+    ) -> list[_Firing]:
+        """Fires one batch; returns the firings written. ``admitted`` counts the firings
+        each tenant's limits admitted (to give back to the backlog after the commit),
+        ``refused`` gets those they refused, ``inserted`` the new tasks' transitions."""
+        faults = await self._compile(conn, rows)
+        missed_before = self.missed_before
+        firings: list[_Firing] = []
+        planned: list[tuple[asyncpg.Record, Plan, list[_Firing]]] = []
+        missed = 0
+        cache = self._cache
+        for row in rows:
+            if row["id"] in faults:
+                continue
+            compiled = cache[row["id"]]
+            allow = row["overlap_policy"] == OVERLAP_ALLOW
+            try:
+                decided = plan(
+                    compiled.spec,
+                    ScheduleState(
+                        next_fire_time=row["next_fire_time"],
+                        overlap_policy=row["overlap_policy"],
+                        catch_up_policy=row["catch_up_policy"],
+                        catch_up_limit=row["catch_up_limit"],
+                        end_time=row["end_time"],
+                        buffered_tick=row["buffered_tick"],
+                        previous_unfinished=row["previous_unfinished"],
+                    ),
+                    horizon if allow else now,
+                    missed_before,
+                )
+            except Exception as exc:  # one schedule's arithmetic never stops the others
+                faults[row["id"]] = _fault(row, exc, "its ticks could not be computed")
+                continue
+            missed += decided.missed
+            mine = [
+                _Firing(row["tenant"], row["id"], tick, uuid7(), compiled) for tick in decided.fire
+            ]
+            firings.extend(mine)
+            planned.append((row, decided, mine))
+        if missed:
+            _log.info("%d schedules had missed ticks; their catch-up policies applied", missed)
+        if faults:
+            await store.set_aside(conn, faults)
+            self.deps.metrics.count_set_aside(self.name, len(faults))
+        if firings and self.quotas is not None:
+            refusals = self._admit(firings, admitted)
+            if refusals:
+                refused += refusals
+                firings = [f for f in firings if f.refused is None]
+                await store.record_refusals(
+                    conn,
+                    [
+                        store.Refusal(f.schedule_id, f.tenant, f.tick, f.refused or "")
+                        for f in refusals
+                    ],
+                    now,
+                    KEEP_REFUSALS,
+                )
+        if firings:
+            # Written at the tick when prepared ahead (the commit waits for it).
+            inserted += await self._insert(conn, firings, max(now, *(f.tick for f in firings)))
+        recheck = now + self.buffer_recheck
+        await store.advance(conn, [_advance(r, d, mine, recheck) for r, d, mine in planned])
+        return firings
+
+    def _admit(self, firings: list[_Firing], admitted: collections.Counter[str]) -> list[_Firing]:
+        """Asks each tenant's limits once for this batch's firings (oldest ticks first);
+        marks and returns those refused."""
+        assert self.quotas is not None
+        if not self.quotas.limits_firings():
+            return []
+        by_tenant: dict[str, list[_Firing]] = {}
+        for firing in firings:
+            by_tenant.setdefault(firing.tenant, []).append(firing)
+        refused: list[_Firing] = []
+        for tenant, mine in by_tenant.items():
+            count, limit = self.quotas.admit_firings(tenant, len(mine))
+            admitted[tenant] += count
+            if limit is None:
+                continue
+            mine.sort(key=_tick)
+            for firing in mine[count:]:
+                firing.refused = limit
+                refused.append(firing)
+        return refused
+
+    def _count_refused(self, refused: list[_Firing]) -> None:
+        """After the commit: the refused ticks in the metrics, and in the log (a tenant
+        over its limit for hours is one line a REFUSALS_LOG_INTERVAL, not one a tick)."""
+        if not refused:
+            return
+        self.refused += len(refused)
+        tally = collections.Counter((f.tenant, f.refused or "") for f in refused)
+        self.deps.metrics.count_refused_ticks(tally)
+        now = time.monotonic()
+        for (tenant, limit), count in tally.items():
+            said, since = self._refusals_said.get((tenant, limit), (-math.inf, 0))
+            if now - said < REFUSALS_LOG_INTERVAL:
+                self._refusals_said[(tenant, limit)] = (said, since + count)
+                continue
+            self._refusals_said[(tenant, limit)] = (now, 0)
+            _log.warning(
+                "%d schedule ticks of tenant %r refused: it is over its %s (a firing is a "
+                "submit; the ticks are recorded among their schedules' recent firings)",
+                since + count,
+                tenant,
+                limit,
+            )
+
+    async def _insert(
+        self, conn: asyncpg.Connection, firings: list[_Firing], now: datetime
+    ) -> list[Row]:
+        """Inserts the firings' tasks; a firing whose key is taken gets the existing task.
+        Returns the transitions of the tasks inserted."""
+        rows = []
+        keys: dict[tuple[str, str], _Firing] = {}
+        pending = task_store.PENDING
+        for f in firings:
+            key = idempotency_key(f.schedule_id, f.tick)
+            keys[(f.tenant, key)] = f
+            rows.append(
+                NewRow(f.tenant, f.task_id, _with_key(f.template.fields, key), pending, f.tick)
+            )
+        # In key order, the unique index on keys takes the batch leaf by leaf instead of
+        # at random places: measurably less work for PostgreSQL.
+        rows.sort(key=_row_key)
+        inserted = await task_store.insert(conn, rows, now)
+        if len(inserted) == len(rows):
+            return inserted
+        # Only a client submitting with a key of this format, or a writer that escaped
+        # fencing, can have taken one.
+        ids = {row[ID] for row in inserted}
+        taken = [k for k, f in keys.items() if str(f.task_id) not in ids]
+        existing = await task_store.find_by_idempotency_keys(conn, taken)
+        for k in taken:
+            if k in existing:
+                keys[k].task_id = existing[k]["id"]
+        _log.warning("%d schedule ticks had tasks already; not fired again", len(taken))
+        return inserted
+
+    async def _compile(
+        self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]
+    ) -> dict[uuid.UUID, str]:
+        """Caches the expressions and templates of ``rows``; returns the schedules it could
+        not use, with the reason (each said once in the log)."""
+        faults: dict[uuid.UUID, str] = {}
+        stale = [
+            r["id"]
+            for r in rows
+            if (c := self._cache.get(r["id"])) is None or c.version != r["version"]
+        ]
+        if not stale:
+            return faults
+        if len(self._cache) + len(stale) > _MAX_CACHED:
+            self._cache.clear()
+            stale = [r["id"] for r in rows]
+        by_id = {r["id"]: r for r in rows}
+        for t in await store.templates(conn, stale):
+            row = by_id[t["id"]]
+            try:
+                task = template_task(t["template"])
+                spec = compile_cron(row["cron"], row["time_zone"])
+            except Exception as exc:  # one schedule's stored values never stop the others
+                self._cache.pop(t["id"], None)
+                faults[t["id"]] = _fault(row, exc, "its stored expression or template is unusable")
+                continue
+            self._cache[t["id"]] = _Compiled(
+                version=row["version"], spec=spec, task=task, fields=template_fields(task)
+            )
+        return faults
+
+    def _announce(self, firings: list[_Firing], inserted: list[Row]) -> None:
+        """After the commit: counts the firings (the lag is from each tick to about now)
+        and publishes the new tasks' transitions."""
+        if not firings:
+            return
+        self.fired += len(firings)
+        committed = self.now()
+        self.deps.metrics.record_firing_lags(
+            (f.tenant, (committed - f.tick).total_seconds()) for f in firings
+        )
+        self.deps.after_commit.publish(Cause.FIRED, inserted)
+
+
+def _fault(row: asyncpg.Record, exc: Exception, what: str) -> str:
+    """Says once that a schedule is set aside; returns the reason to store with it."""
+    reason = f"{what}: {type(exc).__name__}: {exc}"[:1000]
+    _log.error(
+        "schedule %s (%r) of tenant %r set aside, the firer cannot use it: %s; the other "
+        "schedules fire. UpdateSchedule or ResumeSchedule gives it a fresh start",
+        row["id"],
+        row["name"],
+        row["tenant"],
+        reason,
+        # An unexpected kind of failure is a bug here, not a bad value: keep its traceback.
+        exc_info=None if isinstance(exc, _EXPECTED_FAULTS) else exc,
+    )
+    return reason
+
+
+def _tick(firing: _Firing) -> datetime:
+    return firing.tick
+
+
+def _advance(
+    row: asyncpg.Record, decided: Plan, mine: list[_Firing], recheck: datetime
+) -> store.Advance:
+    wake = decided.next_fire_time
+    if decided.buffered_tick is not None and (wake is None or recheck < wake):
+        wake = recheck  # look again soon: the previous firing may finish any time
+    fired = [f for f in mine if f.refused is None]
+    return store.Advance(
+        id=row["id"],
+        next_fire_time=decided.next_fire_time,
+        wake_time=wake,
+        buffered_tick=decided.buffered_tick,
+        last_task_id=fired[-1].task_id if fired else None,
+    )
+
+
+def _row_key(row: NewRow) -> tuple[str, str]:
+    return (row.tenant, row.task.idempotency_key or "")
+
+
+_KEYED = frozenset({"idempotency_key", "request_hash"})
+
+
+def template_fields(task: NewTask) -> dict[str, Any]:
+    """A template task's fields, without the per-firing ones."""
+    return {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in _KEYED}
+
+
+def _with_key(fields: dict[str, Any], key: str) -> NewTask:
+    """The template's task with a firing's idempotency key, and no request hash (a client
+    resending with this key is not sending this request). Built from cached fields:
+    dataclasses.replace would cost a fifth of the whole firing."""
+    return NewTask(**fields, idempotency_key=key, request_hash=b"")

@@ -1,0 +1,123 @@
+"""The one row shape of a task's state change, and the SQL every state change ends with.
+
+Every statement of ``tasks.py`` that changes a task's state (inserts, the claim, results,
+releases, reaping, promotion, cancel, redrive) is written as::
+
+    WITH ..., changed AS (
+        UPDATE tasks t SET ... RETURNING {changed(from_state=...)}
+    ) {TAIL}
+
+:func:`changed` names what the ``changed`` CTE returns, the same columns for every
+statement: the task (id, tenant, queue, type), the state before and after, the attempt,
+its lease epoch and worker, the attempt's outcome where one ended, ``run_at``, and the
+timestamps the durations are computed from. :data:`TAIL` then runs every
+same-transaction fragment on ``changed`` and returns :data:`COLUMNS`, one row per task
+changed, in the shape the after-commit path (``lifecycle/transitions.py``) hands its
+listeners. A statement that needs more columns for its own caller (the claim: what an
+Assignment carries) names them with :func:`tail`.
+
+A feature that must write in the same transaction as the state change (an outbox row per
+transition, the release of a task's dependents) is one :class:`Fragment`: a CTE that reads
+``changed``, added to :data:`FRAGMENTS`. It then runs inside every state-changing
+statement, so no state change can commit without it::
+
+    OUTBOX = Fragment("outbox", '''
+        INSERT INTO webhook_outbox (tenant, task_id, from_state, to_state)
+        SELECT tenant, id, from_state, state FROM changed''')
+
+The one statement that cannot carry a CTE, COPY, is used only while :data:`FRAGMENTS` is
+empty (``tasks.copy_new``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conveyor.v1 import task_pb2
+
+__all__ = ["COLUMNS", "FRAGMENTS", "TAIL", "Fragment", "changed", "tail"]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A write in the same statement as every state change: a CTE over ``changed``."""
+
+    name: str
+    sql: str
+
+
+FRAGMENTS: tuple[Fragment, ...] = ()
+"""The same-transaction fragments, in the order they run (none yet)."""
+
+COLUMNS = (
+    "id", "tenant", "queue", "type", "from_state", "state", "attempt", "epoch",
+    "worker_id", "outcome", "run_at", "queue_wait_seconds", "pickup_seconds", "run_seconds",
+    "end_to_end_seconds",
+)  # fmt: skip
+"""A transition row, in this order (``lifecycle/transitions.py`` names the positions):
+
+- ``id`` (canonical text), ``tenant``, ``queue``, ``type``;
+- ``from_state`` (TASK_STATE_UNSPECIFIED for a task just inserted) and ``state``;
+- ``attempt``, ``epoch`` (the ``lease_epoch`` column: the leader's epoch that granted the
+  lease) and ``worker_id`` of the lease begun or ended (the worker that held it, for a
+  lease that ended);
+- ``outcome``: the AttemptOutcome of the attempt that ended, else NULL;
+- ``run_at``;
+- for the metrics, computed by the database (its clock, once per row of a statement that
+  returns the row anyway; never negative, since some timestamps come from a coordinator's
+  clock): ``queue_wait_seconds`` (ready to leased) and ``pickup_seconds`` (submit to the
+  first lease of a task submitted ready to run) for a lease begun; ``run_seconds`` (lease
+  start to now) for a lease ended; ``end_to_end_seconds`` (submit to now) for a task that
+  reached SUCCEEDED or DEAD.
+"""
+
+_PENDING = task_pb2.TASK_STATE_PENDING
+_RUNNING = task_pb2.TASK_STATE_RUNNING
+_SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+_DEAD = task_pb2.TASK_STATE_DEAD
+
+_SINCE = "greatest(0, extract(epoch FROM now() - {}))::float8"
+
+
+def changed(
+    alias: str = "t",
+    *,
+    from_state: int | str,
+    worker_id: str = "",
+    outcome: int | str = "NULL",
+) -> str:
+    """What the ``changed`` CTE returns: the RETURNING list of a statement's write.
+
+    ``from_state`` and ``outcome`` are SQL (a literal or an expression); ``worker_id``
+    names the worker whose lease ended when the write already cleared the row's.
+    """
+    a = alias
+    return (
+        f"{a}.id, {a}.tenant, {a}.queue, {a}.type, ({from_state})::smallint AS from_state, "
+        f"{a}.state, {a}.attempt, {a}.lease_epoch, {worker_id or f'{a}.worker_id'} AS worker_id, "
+        f"({outcome})::smallint AS outcome, {a}.run_at, {a}.create_time, {a}.lease_start_time"
+    )
+
+
+def tail(extra: str = "", order: str = "") -> str:
+    """The end of a state-changing statement (see :data:`TAIL`), with ``extra`` columns
+    after :data:`COLUMNS` and an ORDER BY."""
+    fragments = "".join(f", {f.name} AS ({f.sql})" for f in FRAGMENTS)
+    return f"""{fragments}
+    SELECT changed.id::text AS id, tenant, queue, type, from_state, state, attempt,
+        lease_epoch AS epoch, worker_id, outcome, run_at,
+        CASE WHEN state = {_RUNNING} THEN {_SINCE.format("run_at")} END AS queue_wait_seconds,
+        CASE WHEN state = {_RUNNING} AND attempt = 1 AND run_at <= create_time
+            THEN {_SINCE.format("create_time")} END AS pickup_seconds,
+        CASE WHEN from_state = {_RUNNING} AND state <> {_RUNNING}
+            THEN {_SINCE.format("lease_start_time")} END AS run_seconds,
+        CASE WHEN state IN ({_SUCCEEDED}, {_DEAD})
+            THEN {_SINCE.format("create_time")} END AS end_to_end_seconds
+        {f", {extra}" if extra else ""}
+    FROM changed
+    {f"ORDER BY {order}" if order else ""}
+    """
+
+
+TAIL = tail()
+"""The end of every state-changing statement: the fragments, then the transition rows."""
