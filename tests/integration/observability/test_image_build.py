@@ -93,6 +93,9 @@ def test_dockerignore_matching() -> None:
     assert not _ignored("observability/tests.py", patterns)
 
 
+# A clean venv installs every dependency from the package index: about a minute alone,
+# past the default 120 s on a machine busy with other work.
+@pytest.mark.timeout(400)
 async def test_the_wheel_built_like_the_image_installs_and_runs(
     tmp_path: Path, database_dsn: str
 ) -> None:
