@@ -10,6 +10,7 @@ import traceback
 from types import CodeType
 from typing import Any
 
+from conveyor.transport._error_text import MAX_ERROR_BYTES, storable_error
 from conveyor.worker._context import TaskContext
 from conveyor.worker._registry import Handler
 
@@ -22,12 +23,6 @@ __all__ = [
     "encode_result",
     "sanitize_error",
 ]
-
-#: Cap on the error text sent to the coordinator, in UTF-8 bytes: it is stored with
-#: every attempt, and a deep traceback can be large. The head (the exception line) and
-#: the tail (where it was raised) are kept, with a marker between them.
-MAX_ERROR_BYTES = 8192
-_TRUNCATED = "\n[... truncated ...]\n"
 
 
 class TaskFailure(Exception):
@@ -132,18 +127,5 @@ def _is_plumbing(code: CodeType) -> bool:
 
 
 def sanitize_error(text: str) -> str:
-    """Error text the coordinator always accepts: no NUL, valid UTF-8, at most
-    :data:`MAX_ERROR_BYTES` bytes.
-
-    PostgreSQL text cannot hold NUL (shown as ``\\x00`` instead), a lone surrogate
-    (from a badly decoded file name, say) is no UTF-8 (shown as ``?``), and a long text is
-    cut in the middle with a marker, keeping its head and tail.
-    """
-    data = text.replace("\x00", "\\x00").encode("utf-8", "replace")
-    if len(data) <= MAX_ERROR_BYTES:
-        return data.decode("utf-8")
-    marker = _TRUNCATED.encode()
-    head = MAX_ERROR_BYTES // 4
-    tail = MAX_ERROR_BYTES - head - len(marker)
-    # A cut may split a character; "ignore" drops its partial bytes.
-    return (data[:head] + marker + data[-tail:]).decode("utf-8", "ignore")
+    """Error text the coordinator always accepts (see :func:`storable_error`)."""
+    return storable_error(text)

@@ -25,12 +25,11 @@ from conveyor.coordinator.lifecycle.leases import Mapped
 from conveyor.coordinator.lifecycle.transitions import COLUMNS, Cause
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.tasks import Outcome
+from conveyor.transport._error_text import storable_error
 from conveyor.v1 import worker_service_pb2
 
-MAX_ERROR_CHARS = 10_000
 # Where finish_attempts puts the position of each result it applied (after the columns).
 APPLIED = len(COLUMNS)
-_TRUNCATED = " ... (truncated)"
 
 _OUTCOMES = {
     worker_service_pb2.TASK_OUTCOME_SUCCEEDED: store.OUTCOME_SUCCEEDED,
@@ -41,15 +40,6 @@ _OUTCOMES = {
     # The payload's key is not the worker's: the handler never ran.
     worker_service_pb2.TASK_OUTCOME_KEY_UNAVAILABLE: store.OUTCOME_NOT_STARTED,
 }
-
-
-def storable_error(text: str) -> str:
-    """An error text PostgreSQL takes: no NUL bytes, at most MAX_ERROR_CHARS."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - len(_TRUNCATED)] + _TRUNCATED
-    return text
 
 
 def map_results(

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from conveyor.coordinator.lifecycle import leases
 from conveyor.coordinator.lifecycle.leases import map_leases
-from conveyor.coordinator.lifecycle.results import MAX_ERROR_CHARS, map_results, storable_error
+from conveyor.coordinator.lifecycle.results import map_results
 from conveyor.coordinator.store import tasks as store
+from conveyor.transport._error_text import MAX_ERROR_BYTES, storable_error
 from conveyor.v1 import worker_service_pb2 as pb
 
 TASK = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
@@ -60,9 +61,14 @@ def test_a_result_too_large_to_store_fails_the_task_once_and_says_why() -> None:
 
 
 def test_error_texts_are_cut_to_size() -> None:
-    text = storable_error("e" * (MAX_ERROR_CHARS * 2))
-    assert len(text) == MAX_ERROR_CHARS and text.endswith("(truncated)")
+    text = storable_error("head " + "e" * (MAX_ERROR_BYTES * 2) + " tail")
+    assert len(text.encode()) <= MAX_ERROR_BYTES and "[... truncated ...]" in text
+    assert text.startswith("head ") and text.endswith(" tail")
     assert storable_error("fine") == "fine"
+    # The same cut as the worker SDK's, in bytes: a text with NUL bytes and wide
+    # characters from a worker in another language is stored in the same shape.
+    wide = storable_error("\x00€" * MAX_ERROR_BYTES)
+    assert "\x00" not in wide and len(wide.encode()) <= MAX_ERROR_BYTES
 
 
 def test_heartbeat_leases_malformed_ones_are_lost() -> None:
