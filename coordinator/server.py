@@ -245,14 +245,16 @@ async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None
     node_id = new_node_id()
     tracing = Tracing.from_env(SERVICE_COORDINATOR, instance_id=node_id, set_global=True)
     coordinator = Coordinator(config, node_id=node_id, tracing=tracing)
-    await coordinator.start()
-    if ready is not None:
-        ready.set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before starting: the port serves (and health says so) while the rest still starts,
+    # and a SIGTERM then must stop the coordinator gracefully, not kill it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await coordinator.start()
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
