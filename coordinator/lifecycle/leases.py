@@ -266,11 +266,11 @@ HAND_OFF_MAX = 16
 class Dispatcher(Service):
     name = "dispatcher"
 
-    def __init__(self, deps: Deps, policy: DispatchPolicy, leases: Leases | None = None) -> None:
+    def __init__(self, deps: Deps, policy: DispatchPolicy, leases: Leases) -> None:
         super().__init__(deps)
         self.policy = policy
-        self.leases = leases or Leases(deps)
-        """Where assignments that cannot be sent go back."""
+        self.leases = leases
+        """Where assignments that cannot be sent go back (the process's one Leases)."""
         self.dispatched = 0
         self._wake_soon = False
         deps.after_commit.listen(self._on_transitions)

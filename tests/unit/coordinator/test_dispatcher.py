@@ -16,7 +16,7 @@ from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch.policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.lifecycle.leases import Dispatcher
+from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import task_service_pb2
@@ -80,7 +80,7 @@ async def test_one_failed_claim_loses_no_other_claim_and_leaks_no_credit(deps: D
         deps.sessions.reserve(session)
         deps.sessions.activate(session)
     policy = FailingSecondClaim()
-    dispatcher = Dispatcher(deps, policy)
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
     with pytest.raises(asyncpg.exceptions.DeadlockDetectedError):
         await dispatcher.step()
     first, failed, *_ = policy.order
@@ -101,7 +101,7 @@ async def test_a_claim_is_cut_at_the_byte_budget_and_the_round_goes_on(deps: Dep
     deps.sessions.reserve(session)
     deps.sessions.activate(session)
     policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
-    dispatcher = Dispatcher(deps, policy)
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
     delay = await dispatcher.step()
     claimed = 100 - session.credit
     assert claimed == MAX_CLAIM_BYTES // (1 << 20)
@@ -114,7 +114,7 @@ async def test_tasks_claimed_for_a_session_that_ended_go_back_uncounted(deps: De
     await _insert(deps, 3)
     session = _session("gone", 3)
     policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
-    dispatcher = Dispatcher(deps, policy)
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
     async with deps.db.read() as conn:
         rows = await policy.claim(conn, Claim(session, 3, MAX_CLAIM_BYTES), deps.office.fence())
         assert len(rows) == 3
@@ -132,7 +132,9 @@ async def test_credit_reserved_for_a_claim_comes_back_when_it_finds_less(deps: D
     session = _session("w", 10)
     deps.sessions.reserve(session)
     deps.sessions.activate(session)
-    dispatcher = Dispatcher(deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20))
+    dispatcher = Dispatcher(
+        deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20), Leases(deps)
+    )
     await asyncio.wait_for(dispatcher.step(), 10)
     assert session.credit == 8 and session.starving
     assert _queued(session) == 2
