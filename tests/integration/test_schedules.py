@@ -594,6 +594,10 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
             )
             return behind == 0
 
+        async def took_office_after(epoch: int) -> bool:
+            current: int = await db.fetchval("SELECT epoch FROM leadership")
+            return current != epoch
+
         epochs = [await db.fetchval("SELECT epoch FROM leadership")]
         # Kill just before, at and just after tick boundaries: the firing transaction of
         # that tick is not started, in flight or committing.
@@ -602,6 +606,8 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
             await sleep_until(boundary + timedelta(seconds=offset))
             processes.leader.kill()
             await processes.start()
+            # SERVING comes with the port; a single node takes office just after it.
+            await eventually(functools.partial(took_office_after, epochs[-1]), timeout=15)
             epochs.append(await db.fetchval("SELECT epoch FROM leadership"))
             await eventually(functools.partial(all_fired_through, boundary + SECOND), timeout=15)
         assert epochs == list(range(epochs[0], epochs[0] + len(epochs)))
