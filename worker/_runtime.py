@@ -20,12 +20,13 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from conveyor.observability import logs
 from conveyor.observability.metrics import WorkerMetrics
@@ -166,6 +167,14 @@ class Runtime:
     ) -> None:
         self._registry = registry
         self._codec = codec
+        # Decided once, and without reading ``key_ids``: that may check a key file, and on
+        # Python 3.11 ``isinstance(codec, KeyedCodec)`` reads it (3.12 looks it up as
+        # this does).
+        self._keyed = (
+            cast(KeyedCodec, codec)
+            if inspect.getattr_static(codec, "key_ids", None) is not None
+            else None
+        )
         self._metrics = metrics
         self._tracing = tracing if tracing is not None else Tracing.disabled()
         # Finished runs not recorded yet: (queue, type, outcome, seconds); None without
@@ -214,16 +223,20 @@ class Runtime:
         )
         return leases
 
-    def encryption_keys(self) -> pb.EncryptionKeys | None:
+    async def encryption_keys(self) -> pb.EncryptionKeys | None:
         """The encryption keys this worker opens, for Hello and EncryptionKeys: none
         without a codec, the codec's when it can name them (a key file reread included),
-        None (unsaid: given every key's tasks) for a codec that cannot."""
-        codec = self._codec
-        if codec is None:
+        None (unsaid: given every key's tasks) for a codec that cannot.
+
+        Read in a thread: a codec made from a key file checks the file when asked (a
+        stat, and the whole file when it changed), which must not stall the event loop.
+        """
+        if self._codec is None:
             return pb.EncryptionKeys()
-        if not isinstance(codec, KeyedCodec):
+        keyed = self._keyed
+        if keyed is None:
             return None
-        key_ids = codec.key_ids
+        key_ids = await asyncio.to_thread(lambda: tuple(keyed.key_ids))
         self._lacking.difference_update(key_ids)  # held again: say it again if lost
         return pb.EncryptionKeys(key_ids=key_ids)
 
@@ -573,7 +586,7 @@ class Runtime:
             return self._codec.decode(data, content_type, binding)
         except KeyUnavailableError as exc:
             message = f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}"
-            if isinstance(self._codec, KeyedCodec):
+            if self._keyed is not None:
                 raise _KeyUnavailable(exc.key_id, message) from exc
             # A codec that cannot name its keys: the coordinator could not stop sending
             # this worker such tasks, so giving them back would only bring them back.

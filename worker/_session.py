@@ -288,7 +288,7 @@ class Session:
         tasks.append(writer)
         credits = 0 if self._draining else max(0, self._runtime.free_slots())
         in_flight = self._runtime.held_leases()
-        keys = self._runtime.encryption_keys()
+        keys = await self._runtime.encryption_keys()
         self._keys_named = None if keys is None else tuple(keys.key_ids)
         hello = pb.Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -472,14 +472,15 @@ class Session:
                 )
             if now >= next_beat:
                 next_beat = now + self._heartbeat_interval
-                await self._name_new_keys()
                 leases = self._runtime.held_leases()
                 await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
+                # After the heartbeat: a slow key file must not delay the lease renewal.
+                await self._name_new_keys()
 
     async def _name_new_keys(self) -> None:
         """Tells the coordinator when the encryption keys changed (a key file reread), so
         tasks of a key just added reach this worker and those of a key removed do not."""
-        keys = self._runtime.encryption_keys()
+        keys = await self._runtime.encryption_keys()
         if keys is None or tuple(keys.key_ids) == self._keys_named:
             return
         logger.info(

@@ -1238,3 +1238,33 @@ async def test_a_key_file_reread_is_told_to_the_coordinator(
             lambda: fake.stream.of("encryption_keys"), what="an EncryptionKeys message"
         )
     assert [list(m.key_ids) for m in told] == [["k1", "k2"]]
+
+
+async def test_the_key_file_is_checked_off_the_event_loop(
+    coordinator: tuple[FakeCoordinator, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hello and every heartbeat ask the codec for its keys, which checks its key file (a
+    stat, and a read when it changed): never on the event loop, which every task and the
+    stream share (on Python 3.11 even ``isinstance(codec, KeyedCodec)`` reads the keys)."""
+    from conveyor.transport import EncryptionCodec, KeyRing, _encryption
+
+    fake, address = coordinator
+    path = tmp_path / "keys.json"
+    KeyRing.generate("k1").save(path)
+    codec = EncryptionCodec.from_key_file(path)
+    monkeypatch.setattr(_encryption, "_RELOAD_INTERVAL", 0.0)
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []  # one per check of the key file
+    check = _encryption._file_version
+
+    def watched(file: Any) -> Any:
+        on_loop.append(threading.get_ident() == loop_thread)
+        return check(file)
+
+    monkeypatch.setattr(_encryption, "_file_version", watched)
+    worker = Worker(address, codec=codec)
+    worker.register("echo", lambda ctx, payload: payload)
+
+    async with running(worker):
+        await eventually(lambda: len(fake.stream.of("heartbeat")) >= 3, what="3 heartbeats")
+    assert on_loop and not any(on_loop), on_loop
