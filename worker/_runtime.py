@@ -84,15 +84,6 @@ OUTCOME_NAMES = {
 LOST = "lost"
 
 
-class _KeyUnavailable(Exception):
-    """The payload is sealed with a key this worker does not hold: the task goes back."""
-
-    def __init__(self, key_id: str, message: str) -> None:
-        super().__init__(message)
-        self.key_id = key_id
-        self.message = message
-
-
 class RuntimeListener(Protocol):
     """What the runtime tells the connected session."""
 
@@ -313,7 +304,7 @@ class Runtime:
             return
         try:
             payload, content_type = self._open_payload(assignment)
-        except _KeyUnavailable as exc:
+        except KeyUnavailableError as exc:
             # Another worker may hold the key: the task goes back, not counted, and the
             # coordinator gives this worker no more of that key's tasks.
             if exc.key_id not in self._lacking:
@@ -321,13 +312,13 @@ class Runtime:
                 logger.error(
                     "%s; this worker gives such tasks back for a worker that holds the key "
                     "and is sent no more of them (said once per key)",
-                    exc.message,
+                    exc,
                 )
             self._emit(
                 pb.TaskResult(
                     lease=lease,
                     outcome=KEY_UNAVAILABLE,
-                    error=sanitize_error(exc.message),
+                    error=sanitize_error(str(exc)),
                     key_id=exc.key_id,
                 )
             )
@@ -559,8 +550,8 @@ class Runtime:
         """The payload and content type for the handler, decoded by the codec.
 
         Raises:
-            _KeyUnavailable: The payload is sealed with a key this worker does not hold
-                (no codec, or not in its ring): another worker may hold it.
+            KeyUnavailableError: The payload is sealed with a key this worker does not
+                hold (no codec, or not in its ring): another worker may hold it.
             TaskFailure: Not retryable: the payload cannot be decoded (altered, or
                 sealed for another task, schedule or type), or its envelope is malformed.
         """
@@ -576,7 +567,7 @@ class Runtime:
                     "--encryption-key-file)"
                 )
                 if key_id is not None:
-                    raise _KeyUnavailable(key_id, message)
+                    raise KeyUnavailableError(message, key_id)
                 raise TaskFailure(message, retryable=False)
             return data, content_type
         try:
@@ -587,7 +578,7 @@ class Runtime:
         except KeyUnavailableError as exc:
             message = f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}"
             if self._keyed is not None:
-                raise _KeyUnavailable(exc.key_id, message) from exc
+                raise KeyUnavailableError(message, exc.key_id) from exc
             # A codec that cannot name its keys: the coordinator could not stop sending
             # this worker such tasks, so giving them back would only bring them back.
             raise TaskFailure(message, retryable=False) from exc
