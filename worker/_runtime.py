@@ -177,6 +177,9 @@ class Runtime:
         # The tenant of the worker's key, from the session's Welcome: a key belongs to one
         # tenant, so every attempt this runtime starts is that tenant's.
         self.tenant = ""
+        # The last Welcome's resume token, presented in the next Hello: it proves to the
+        # coordinator that this process holds the leases Hello lists. A secret: never logged.
+        self.resume_token = b""
         self._loop = asyncio.get_running_loop()
         # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
         self._held: dict[AttemptKey, _Execution] = {}

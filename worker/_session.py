@@ -168,13 +168,8 @@ class Session:
         draining: bool,
         options: ConnectionOptions,
         on_welcome: Callable[[Session], None] | None = None,
-        resume_token: bytes = b"",
     ) -> None:
         self.target = target
-        #: The process's resume token: the last Welcome's, presented in Hello (it proves to
-        #: the coordinator that this process holds the leases it lists); then this
-        #: session's Welcome's. A secret: never logged.
-        self.resume_token = resume_token
         self._on_welcome_callback = on_welcome
         self._info = info
         self._runtime = runtime
@@ -299,7 +294,7 @@ class Session:
             task_types=self._info.task_types,
             credits=credits,
             in_flight=in_flight,
-            resume_token=self.resume_token,
+            resume_token=self._runtime.resume_token,
             encryption_keys=keys,
         )
         self._outstanding = credits
@@ -345,7 +340,7 @@ class Session:
         self._welcomed = True
         self.session_id = welcome.session_id
         if welcome.resume_token:
-            self.resume_token = welcome.resume_token
+            self._runtime.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
         if interval > 0:
             self._heartbeat_interval = interval

@@ -154,6 +154,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     epoch=self.epoch,
                     heartbeat_interval=interval,
                     lost=self.welcome_lost,
+                    resume_token=f"token-{len(self.streams)}".encode(),
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
@@ -451,6 +452,25 @@ async def test_results_are_batched(coordinator: tuple[FakeCoordinator, str]) -> 
         await eventually(lambda: len(fake.results()) == 40, what="all results")
         # Forty results finishing together travel in one or two messages, not forty.
         assert len(fake.stream.of("results")) <= 2
+
+
+async def test_each_hello_presents_the_last_welcomes_resume_token(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    """The token proves to the coordinator that the leases Hello lists are this process's:
+    none on the first Hello, then the one the last Welcome gave, across sessions."""
+    fake, address = coordinator
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+
+    async with running(worker):
+        for n in (1, 2):
+            await eventually(lambda: len(fake.streams) == n and fake.stream.hello, what="Hello")
+            await eventually(lambda: fake.stream.of("heartbeat"), what="a welcomed session")
+            fake.stream.abort()
+        await eventually(lambda: len(fake.streams) == 3 and fake.stream.hello, what="Hello 3")
+    tokens = [stream.hello.resume_token for stream in fake.streams if stream.hello]
+    assert tokens == [b"", b"token-1", b"token-2"]
 
 
 async def test_unacked_results_are_resent_after_reconnect(
