@@ -45,6 +45,7 @@ from conveyor.transport._errors import (
     StoreUnavailableError,
     UnavailableError,
     error_from_rpc,
+    parse_status,
 )
 from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
 
@@ -344,7 +345,7 @@ class Connection:
                 )
                 await probe(b"", timeout=_PROBE_TIMEOUT)
             except grpc.RpcError as err:
-                detail = str(_call_details(err))
+                detail = parse_status(err).message
         return _connect_error(address, tls=self.options.credentials is not None, detail=detail)
 
     async def _ready(self, address: str, remaining: float | None, *, patient: bool) -> bool:
@@ -390,11 +391,6 @@ def _out_of_budget(
         return retries > rules.max_retries
     # Waiting only to hit the deadline would hide the server's answer behind a timeout.
     return now + delay >= deadline
-
-
-def _call_details(err: grpc.RpcError) -> object:
-    details = getattr(err, "details", None)
-    return details() if callable(details) else ""
 
 
 def _connect_error(address: str, *, tls: bool = False, detail: str = "") -> UnavailableError:

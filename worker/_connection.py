@@ -70,8 +70,6 @@ class Connector:
         self._runtime = runtime
         self._options = options
         self._session: Session | None = None
-        # Kept across sessions: each Hello proves this is the process that holds its leases.
-        self._resume_token = b""
         self._draining = False
         self._closing = False
         self._wakeup = asyncio.Event()
@@ -123,7 +121,6 @@ class Connector:
                 draining=self._draining,
                 options=self._options,
                 on_welcome=self._welcomed,
-                resume_token=self._resume_token,
             )
             self._session = session
             try:
@@ -186,7 +183,6 @@ class Connector:
             await self._pause(delay)
 
     def _welcomed(self, session: Session) -> None:
-        self._resume_token = session.resume_token
         self.connected.set()
         self._sessions_welcomed += 1
         if self._sessions_welcomed > 1 and self._metrics is not None:

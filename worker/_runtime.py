@@ -20,12 +20,13 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from conveyor.observability import logs
 from conveyor.observability.metrics import WorkerMetrics
@@ -81,15 +82,6 @@ OUTCOME_NAMES = {
     INTERRUPTED: "interrupted",
 }
 LOST = "lost"
-
-
-class _KeyUnavailable(Exception):
-    """The payload is sealed with a key this worker does not hold: the task goes back."""
-
-    def __init__(self, key_id: str, message: str) -> None:
-        super().__init__(message)
-        self.key_id = key_id
-        self.message = message
 
 
 class RuntimeListener(Protocol):
@@ -166,6 +158,14 @@ class Runtime:
     ) -> None:
         self._registry = registry
         self._codec = codec
+        # Decided once, and without reading ``key_ids``: that may check a key file, and on
+        # Python 3.11 ``isinstance(codec, KeyedCodec)`` reads it (3.12 looks it up as
+        # this does).
+        self._keyed = (
+            cast(KeyedCodec, codec)
+            if inspect.getattr_static(codec, "key_ids", None) is not None
+            else None
+        )
         self._metrics = metrics
         self._tracing = tracing if tracing is not None else Tracing.disabled()
         # Finished runs not recorded yet: (queue, type, outcome, seconds); None without
@@ -177,6 +177,9 @@ class Runtime:
         # The tenant of the worker's key, from the session's Welcome: a key belongs to one
         # tenant, so every attempt this runtime starts is that tenant's.
         self.tenant = ""
+        # The last Welcome's resume token, presented in the next Hello: it proves to the
+        # coordinator that this process holds the leases Hello lists. A secret: never logged.
+        self.resume_token = b""
         self._loop = asyncio.get_running_loop()
         # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
         self._held: dict[AttemptKey, _Execution] = {}
@@ -214,16 +217,20 @@ class Runtime:
         )
         return leases
 
-    def encryption_keys(self) -> pb.EncryptionKeys | None:
+    async def encryption_keys(self) -> pb.EncryptionKeys | None:
         """The encryption keys this worker opens, for Hello and EncryptionKeys: none
         without a codec, the codec's when it can name them (a key file reread included),
-        None (unsaid: given every key's tasks) for a codec that cannot."""
-        codec = self._codec
-        if codec is None:
+        None (unsaid: given every key's tasks) for a codec that cannot.
+
+        Read in a thread: a codec made from a key file checks the file when asked (a
+        stat, and the whole file when it changed), which must not stall the event loop.
+        """
+        if self._codec is None:
             return pb.EncryptionKeys()
-        if not isinstance(codec, KeyedCodec):
+        keyed = self._keyed
+        if keyed is None:
             return None
-        key_ids = codec.key_ids
+        key_ids = await asyncio.to_thread(lambda: tuple(keyed.key_ids))
         self._lacking.difference_update(key_ids)  # held again: say it again if lost
         return pb.EncryptionKeys(key_ids=key_ids)
 
@@ -300,7 +307,7 @@ class Runtime:
             return
         try:
             payload, content_type = self._open_payload(assignment)
-        except _KeyUnavailable as exc:
+        except KeyUnavailableError as exc:
             # Another worker may hold the key: the task goes back, not counted, and the
             # coordinator gives this worker no more of that key's tasks.
             if exc.key_id not in self._lacking:
@@ -308,13 +315,13 @@ class Runtime:
                 logger.error(
                     "%s; this worker gives such tasks back for a worker that holds the key "
                     "and is sent no more of them (said once per key)",
-                    exc.message,
+                    exc,
                 )
             self._emit(
                 pb.TaskResult(
                     lease=lease,
                     outcome=KEY_UNAVAILABLE,
-                    error=sanitize_error(exc.message),
+                    error=sanitize_error(str(exc)),
                     key_id=exc.key_id,
                 )
             )
@@ -546,8 +553,8 @@ class Runtime:
         """The payload and content type for the handler, decoded by the codec.
 
         Raises:
-            _KeyUnavailable: The payload is sealed with a key this worker does not hold
-                (no codec, or not in its ring): another worker may hold it.
+            KeyUnavailableError: The payload is sealed with a key this worker does not
+                hold (no codec, or not in its ring): another worker may hold it.
             TaskFailure: Not retryable: the payload cannot be decoded (altered, or
                 sealed for another task, schedule or type), or its envelope is malformed.
         """
@@ -563,7 +570,7 @@ class Runtime:
                     "--encryption-key-file)"
                 )
                 if key_id is not None:
-                    raise _KeyUnavailable(key_id, message)
+                    raise KeyUnavailableError(message, key_id)
                 raise TaskFailure(message, retryable=False)
             return data, content_type
         try:
@@ -573,8 +580,8 @@ class Runtime:
             return self._codec.decode(data, content_type, binding)
         except KeyUnavailableError as exc:
             message = f"worker {self._worker_id} cannot decrypt task {task_id}: {exc}"
-            if isinstance(self._codec, KeyedCodec):
-                raise _KeyUnavailable(exc.key_id, message) from exc
+            if self._keyed is not None:
+                raise KeyUnavailableError(message, exc.key_id) from exc
             # A codec that cannot name its keys: the coordinator could not stop sending
             # this worker such tasks, so giving them back would only bring them back.
             raise TaskFailure(message, retryable=False) from exc

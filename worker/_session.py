@@ -168,13 +168,8 @@ class Session:
         draining: bool,
         options: ConnectionOptions,
         on_welcome: Callable[[Session], None] | None = None,
-        resume_token: bytes = b"",
     ) -> None:
         self.target = target
-        #: The process's resume token: the last Welcome's, presented in Hello (it proves to
-        #: the coordinator that this process holds the leases it lists); then this
-        #: session's Welcome's. A secret: never logged.
-        self.resume_token = resume_token
         self._on_welcome_callback = on_welcome
         self._info = info
         self._runtime = runtime
@@ -288,7 +283,7 @@ class Session:
         tasks.append(writer)
         credits = 0 if self._draining else max(0, self._runtime.free_slots())
         in_flight = self._runtime.held_leases()
-        keys = self._runtime.encryption_keys()
+        keys = await self._runtime.encryption_keys()
         self._keys_named = None if keys is None else tuple(keys.key_ids)
         hello = pb.Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -299,7 +294,7 @@ class Session:
             task_types=self._info.task_types,
             credits=credits,
             in_flight=in_flight,
-            resume_token=self.resume_token,
+            resume_token=self._runtime.resume_token,
             encryption_keys=keys,
         )
         self._outstanding = credits
@@ -345,7 +340,7 @@ class Session:
         self._welcomed = True
         self.session_id = welcome.session_id
         if welcome.resume_token:
-            self.resume_token = welcome.resume_token
+            self._runtime.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
         if interval > 0:
             self._heartbeat_interval = interval
@@ -472,14 +467,15 @@ class Session:
                 )
             if now >= next_beat:
                 next_beat = now + self._heartbeat_interval
-                await self._name_new_keys()
                 leases = self._runtime.held_leases()
                 await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
+                # After the heartbeat: a slow key file must not delay the lease renewal.
+                await self._name_new_keys()
 
     async def _name_new_keys(self) -> None:
         """Tells the coordinator when the encryption keys changed (a key file reread), so
         tasks of a key just added reach this worker and those of a key removed do not."""
-        keys = self._runtime.encryption_keys()
+        keys = await self._runtime.encryption_keys()
         if keys is None or tuple(keys.key_ids) == self._keys_named:
             return
         logger.info(

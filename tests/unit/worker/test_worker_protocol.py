@@ -154,6 +154,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     epoch=self.epoch,
                     heartbeat_interval=interval,
                     lost=self.welcome_lost,
+                    resume_token=f"token-{len(self.streams)}".encode(),
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
@@ -451,6 +452,25 @@ async def test_results_are_batched(coordinator: tuple[FakeCoordinator, str]) -> 
         await eventually(lambda: len(fake.results()) == 40, what="all results")
         # Forty results finishing together travel in one or two messages, not forty.
         assert len(fake.stream.of("results")) <= 2
+
+
+async def test_each_hello_presents_the_last_welcomes_resume_token(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    """The token proves to the coordinator that the leases Hello lists are this process's:
+    none on the first Hello, then the one the last Welcome gave, across sessions."""
+    fake, address = coordinator
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+
+    async with running(worker):
+        for n in (1, 2):
+            await eventually(lambda: len(fake.streams) == n and fake.stream.hello, what="Hello")
+            await eventually(lambda: fake.stream.of("heartbeat"), what="a welcomed session")
+            fake.stream.abort()
+        await eventually(lambda: len(fake.streams) == 3 and fake.stream.hello, what="Hello 3")
+    tokens = [stream.hello.resume_token for stream in fake.streams if stream.hello]
+    assert tokens == [b"", b"token-1", b"token-2"]
 
 
 async def test_unacked_results_are_resent_after_reconnect(
@@ -1238,3 +1258,33 @@ async def test_a_key_file_reread_is_told_to_the_coordinator(
             lambda: fake.stream.of("encryption_keys"), what="an EncryptionKeys message"
         )
     assert [list(m.key_ids) for m in told] == [["k1", "k2"]]
+
+
+async def test_the_key_file_is_checked_off_the_event_loop(
+    coordinator: tuple[FakeCoordinator, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hello and every heartbeat ask the codec for its keys, which checks its key file (a
+    stat, and a read when it changed): never on the event loop, which every task and the
+    stream share (on Python 3.11 even ``isinstance(codec, KeyedCodec)`` reads the keys)."""
+    from conveyor.transport import EncryptionCodec, KeyRing, _encryption
+
+    fake, address = coordinator
+    path = tmp_path / "keys.json"
+    KeyRing.generate("k1").save(path)
+    codec = EncryptionCodec.from_key_file(path)
+    monkeypatch.setattr(_encryption, "_RELOAD_INTERVAL", 0.0)
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []  # one per check of the key file
+    check = _encryption._file_version
+
+    def watched(file: Any) -> Any:
+        on_loop.append(threading.get_ident() == loop_thread)
+        return check(file)
+
+    monkeypatch.setattr(_encryption, "_file_version", watched)
+    worker = Worker(address, codec=codec)
+    worker.register("echo", lambda ctx, payload: payload)
+
+    async with running(worker):
+        await eventually(lambda: len(fake.stream.of("heartbeat")) >= 3, what="3 heartbeats")
+    assert on_loop and not any(on_loop), on_loop
