@@ -33,6 +33,7 @@ def build() -> typer.Typer:
         task_commands,
         tenants_commands,
         top_command,
+        webhooks_commands,
     )
 
     root = cli_app.make_app()
@@ -47,6 +48,7 @@ def build() -> typer.Typer:
     audit_commands.register(root)
     top_command.register(root)
     encryption_commands.register(root)
+    webhooks_commands.register(root)
     console_command.register(root)
     from conveyor.bench import cli as bench_cli
 

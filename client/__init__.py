@@ -63,6 +63,7 @@ from conveyor.transport._errors import (
     TaskNotFoundError,
     UnauthenticatedError,
     UnavailableError,
+    WebhookNotFoundError,
     WorkerIdInUseError,
 )
 from conveyor.transport._options import ConnectionOptions
@@ -116,6 +117,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
+    "WebhookNotFoundError",
     "WorkerIdInUseError",
     "tls_credentials",
 ]

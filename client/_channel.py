@@ -47,11 +47,12 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
-from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc, webhook_service_pb2_grpc
 
 if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+    from conveyor.v1.webhook_service_pb2_grpc import WebhookServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
 
@@ -82,6 +83,7 @@ class Stubs:
 
     tasks: TaskServiceAsyncStub
     admin: AdminServiceAsyncStub
+    webhooks: WebhookServiceAsyncStub
 
 
 StubMethod = Callable[[Stubs], Any]
@@ -180,6 +182,7 @@ class Connection:
             stubs = Stubs(
                 task_service_pb2_grpc.TaskServiceStub(channel),
                 admin_service_pb2_grpc.AdminServiceStub(channel),
+                webhook_service_pb2_grpc.WebhookServiceStub(channel),
             )
             self._stubs[address] = stubs
         return stubs

@@ -137,6 +137,17 @@ class CoordinatorConfig:
     """PEM certificates that issue client certificates: when set, every client and worker
     must present one (mutual TLS). Needs ``tls_cert_file``."""
 
+    webhook_allow_private: bool = False
+    """Let webhook deliveries go to any address (loopback, private, link-local) and over
+    plain HTTP; by default only to public addresses over HTTPS (``webhooks/guard.py``)."""
+    webhook_timeout: float = 10.0
+    """Seconds one webhook delivery may take (connect, send, answer)."""
+    webhook_retry_for: float = 86_400.0
+    """Seconds a webhook event is retried (from the event, or its replay) before it is
+    FAILED."""
+    webhook_retry_initial: float = 1.0
+    """Seconds before a failed webhook delivery's first retry (doubling, capped at 5 min)."""
+
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
@@ -194,6 +205,9 @@ class CoordinatorConfig:
             "keepalive_timeout": self.keepalive_timeout,
             "backlog_refresh": self.backlog_refresh,
             "key_refresh": self.key_refresh,
+            "webhook_timeout": self.webhook_timeout,
+            "webhook_retry_for": self.webhook_retry_for,
+            "webhook_retry_initial": self.webhook_retry_initial,
         }
         for name, value in positive.items():
             problem = bounds.seconds_problem(value)

@@ -323,6 +323,18 @@ class ApiKeyNotFound(ConveyorError):
         )
 
 
+class WebhookNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_WEBHOOK_NOT_FOUND
+
+    def __init__(self, webhook_id: str) -> None:
+        super().__init__(
+            f"no webhook subscription has the id {webhook_id!r} (conveyor webhooks list "
+            "shows them)",
+            metadata={"webhook_id": webhook_id},
+        )
+
+
 class Fenced(Exception):
     """This coordinator's epoch is no longer the leader's: it must not write.
 

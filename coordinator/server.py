@@ -24,6 +24,7 @@ from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
 from conveyor.coordinator.api.task_service import TaskServicer
 from conveyor.coordinator.api.tls import server_tls
+from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
@@ -49,6 +50,7 @@ from conveyor.coordinator.tenancy.backlog import BacklogCounter
 from conveyor.coordinator.tenancy.bootstrap import ensure_bootstrap_key
 from conveyor.coordinator.tenancy.directory import Directory
 from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.coordinator.webhooks.delivery import WebhookDeliverer
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS
 
@@ -97,6 +99,8 @@ class Coordinator:
         """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
         self.schedule_firer: ScheduleFirer | None = None
         self.dispatcher: Dispatcher | None = None
+        self.webhooks: WebhookDeliverer | None = None
+        """The leader's webhook deliverer (one of :attr:`services`)."""
         self.services: list[Service] = []
         """The leader's services, started in this order for each term (``leadership``)."""
         self.leadership: Leadership | None = None
@@ -185,7 +189,8 @@ class Coordinator:
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
+        self.webhooks = WebhookDeliverer(deps)
+        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog, self.webhooks]
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,
@@ -206,6 +211,7 @@ class Coordinator:
                 replicas=leadership.replicas,
                 security=SecurityAdmin(db, directory, quotas),
             ),
+            WebhookServicer(deps),
         )
         await components.start(self.submitter)
         await components.start(recorder)

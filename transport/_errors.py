@@ -23,6 +23,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── WebhookNotFoundError     no webhook subscription has the id (.webhook_id)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -87,6 +88,7 @@ __all__ = [
     "TaskNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
+    "WebhookNotFoundError",
     "WorkerIdInUseError",
     "error_from_rpc",
     "parse_status",
@@ -638,6 +640,25 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class WebhookNotFoundError(RPCError):
+    """No webhook subscription of the key's tenant has the given id.
+
+    Attributes:
+        webhook_id: The id that was looked up.
+    """
+
+    _hint = "List the subscriptions (`conveyor webhooks list`) to see their ids."
+
+    def __init__(self, message: str, *, webhook_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.webhook_id = webhook_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        webhook_id = info.metadata.get("webhook_id") or None
+        return cls(cls._describe(info), webhook_id=webhook_id, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -670,6 +691,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("WEBHOOK_NOT_FOUND"): WebhookNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

@@ -302,8 +302,11 @@ async def insert_leased(
     )
 
 
-COPY_USABLE = not transitions.FRAGMENTS
-"""COPY carries no CTE, so no same-transaction fragment: it is used only while there is none."""
+COPY_USABLE = all(f.copyable for f in transitions.FRAGMENTS)
+"""COPY carries no CTE: it is used only while every same-transaction fragment can run
+after it, over what the COPY wrote (``transitions.after_copy``)."""
+_AFTER_COPY_SQL = transitions.after_copy()
+_AFTER_COPY = Query("after_copy", _AFTER_COPY_SQL) if _AFTER_COPY_SQL else None
 
 
 async def copy_new(
@@ -321,6 +324,19 @@ async def copy_new(
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
         records=[_record(r, now, now) for r in rows],
     )
+    if _AFTER_COPY is not None:
+        # The fragments, in the same transaction: one more round trip per COPY (batches
+        # of COPY_THRESHOLD tasks and more), a few short arrays.
+        await _AFTER_COPY.execute(
+            conn,
+            id=[r.id for r in rows],
+            tenant=[r.tenant for r in rows],
+            queue=[r.task.queue for r in rows],
+            type=[r.task.type for r in rows],
+            from_state=[UNSPECIFIED] * len(rows),
+            state=[r.state for r in rows],
+            attempt=[0] * len(rows),
+        )
     return [
         (str(r.id), r.tenant, r.task.queue, r.task.type, UNSPECIFIED, r.state, 0, None, None,
          None, r.run_at, None, None, None, None)
@@ -384,13 +400,18 @@ async def find_by_idempotency_keys(
     return {(r["tenant"], r["idempotency_key"]): r for r in rows}
 
 
-_TAKE_BACK = Query("take_back_tasks", "DELETE FROM tasks WHERE id = ANY(:ids::uuid[])")
+_TAKE_BACK = Query(
+    "take_back_tasks",
+    """
+    WITH events AS (DELETE FROM webhook_outbox WHERE task_id = ANY(:ids::uuid[]))
+    DELETE FROM tasks WHERE id = ANY(:ids::uuid[])
+    """,
+)
 
 
 async def take_back(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> None:
     """Deletes rows this transaction inserted (a submit flush that must plan again):
-    nobody else has seen them. (What a same-transaction fragment wrote for them, once
-    ``transitions.FRAGMENTS`` holds one, must go with them.)"""
+    nobody else has seen them; nor the webhook events the outbox fragment wrote for them."""
     await _TAKE_BACK.execute(conn, ids=list(ids))
 
 

@@ -19,23 +19,34 @@ Assignment carries) names them with :func:`tail`.
 A feature that must write in the same transaction as the state change (an outbox row per
 transition, the release of a task's dependents) is one :class:`Fragment`: a CTE that reads
 ``changed``, added to :data:`FRAGMENTS`. It then runs inside every state-changing
-statement, so no state change can commit without it::
+statement, so no state change can commit without it (the webhook outbox,
+``store/webhooks.py``)::
 
-    OUTBOX = Fragment("outbox", '''
-        INSERT INTO webhook_outbox (tenant, task_id, from_state, to_state)
-        SELECT tenant, id, from_state, state FROM changed''')
+    WEBHOOK_EVENTS = Fragment("webhook_events", webhooks.OUTBOX_SQL, copyable=True)
 
-The one statement that cannot carry a CTE, COPY, is used only while :data:`FRAGMENTS` is
-empty (``tasks.copy_new``).
+The one statement that cannot carry a CTE, COPY, is used only while every fragment is
+``copyable``: one that reads no more of ``changed`` than :data:`COPY_COLUMNS`, which a
+COPY knows without reading anything back. ``tasks.copy_new`` then runs the fragments
+after the COPY, in its transaction, over those columns (:func:`after_copy`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conveyor.coordinator.store import webhooks
 from conveyor.v1 import task_pb2
 
-__all__ = ["COLUMNS", "FRAGMENTS", "TAIL", "Fragment", "changed", "tail"]
+__all__ = [
+    "COLUMNS",
+    "COPY_COLUMNS",
+    "FRAGMENTS",
+    "TAIL",
+    "Fragment",
+    "after_copy",
+    "changed",
+    "tail",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,22 @@ class Fragment:
 
     name: str
     sql: str
+    copyable: bool = False
+    """Reads only :data:`COPY_COLUMNS` of ``changed``, so it can follow a COPY."""
 
 
-FRAGMENTS: tuple[Fragment, ...] = ()
-"""The same-transaction fragments, in the order they run (none yet)."""
+FRAGMENTS: tuple[Fragment, ...] = (
+    # An event per transition owed to each matching webhook subscription.
+    Fragment("webhook_events", webhooks.OUTBOX_SQL, copyable=True),
+)
+"""The same-transaction fragments, in the order they run."""
+
+COPY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "uuid"), ("tenant", "text"), ("queue", "text"), ("type", "text"),
+    ("from_state", "smallint"), ("state", "smallint"), ("attempt", "int"),
+)  # fmt: skip
+"""What a copyable fragment may read of ``changed``, and the types :func:`after_copy`
+takes them as (array parameters of these names)."""
 
 COLUMNS = (
     "id", "tenant", "queue", "type", "from_state", "state", "attempt", "epoch",
@@ -116,6 +139,21 @@ def tail(extra: str = "", order: str = "") -> str:
         {f", {extra}" if extra else ""}
     FROM changed
     {f"ORDER BY {order}" if order else ""}
+    """
+
+
+def after_copy() -> str | None:
+    """The statement that runs the fragments for rows a COPY wrote (the array parameters
+    of :data:`COPY_COLUMNS`), or None when there are none; only while every fragment is
+    copyable."""
+    if not FRAGMENTS:
+        return None
+    arrays = ", ".join(f":{name}::{kind}[]" for name, kind in COPY_COLUMNS)
+    names = ", ".join(name for name, _ in COPY_COLUMNS)
+    fragments = "".join(f", {f.name} AS ({f.sql})" for f in FRAGMENTS)
+    return f"""
+    WITH changed AS (SELECT * FROM unnest({arrays}) AS c({names})){fragments}
+    SELECT count(*) FROM changed
     """
 
 
