@@ -88,8 +88,14 @@ def test_secrets_and_signatures_round_trip() -> None:
     )
     with pytest.raises(WebhookVerificationError):
         WebhookReceiver(new_secret()).verify(body, headers)
-    stale = {**headers, "Webhook-Timestamp": str(int(now.timestamp()) - 3600)}
-    with pytest.raises(WebhookVerificationError):
+    # Signed right, but an hour old: a captured request sent again.
+    then = datetime.fromtimestamp(int(now.timestamp()) - 3600, UTC)
+    stale = {
+        **headers,
+        "Webhook-Timestamp": str(int(then.timestamp())),
+        "Webhook-Signature": Webhook(secret).sign(message_id(7), then, body),
+    }
+    with pytest.raises(WebhookVerificationError, match="old"):
         WebhookReceiver(secret).verify(body, stale)
 
 
