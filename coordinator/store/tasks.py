@@ -307,6 +307,8 @@ COPY_USABLE = all(f.copyable for f in transitions.FRAGMENTS)
 after it, over what the COPY wrote (``transitions.after_copy``)."""
 _AFTER_COPY_SQL = transitions.after_copy()
 _AFTER_COPY = Query("after_copy", _AFTER_COPY_SQL) if _AFTER_COPY_SQL else None
+_AFTER_COPY_GATE_SQL = transitions.after_copy_gate()
+_AFTER_COPY_GATE = Query("after_copy_gate", _AFTER_COPY_GATE_SQL) if _AFTER_COPY_GATE_SQL else None
 
 
 async def copy_new(
@@ -324,9 +326,14 @@ async def copy_new(
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
         records=[_record(r, now, now) for r in rows],
     )
-    if _AFTER_COPY is not None:
+    if _AFTER_COPY is not None and (
+        _AFTER_COPY_GATE is None
+        or await _AFTER_COPY_GATE.fetchval(conn, tenants=list({r.tenant for r in rows}))
+    ):
         # The fragments, in the same transaction: one more round trip per COPY (batches
-        # of COPY_THRESHOLD tasks and more), a few short arrays.
+        # of COPY_THRESHOLD tasks and more) when the gate says they have work, else a
+        # small query instead of the arrays (measured: about 0.4 ms against 12 for the
+        # arrays of 500 tasks, on this machine).
         await _AFTER_COPY.execute(
             conn,
             id=[r.id for r in rows],

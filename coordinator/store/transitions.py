@@ -27,7 +27,9 @@ statement, so no state change can commit without it (the webhook outbox,
 The one statement that cannot carry a CTE, COPY, is used only while every fragment is
 ``copyable``: one that reads no more of ``changed`` than :data:`COPY_COLUMNS`, which a
 COPY knows without reading anything back. ``tasks.copy_new`` then runs the fragments
-after the COPY, in its transaction, over those columns (:func:`after_copy`).
+after the COPY, in its transaction, over those columns (:func:`after_copy`), unless
+their gates say they have nothing to write for the COPY's tenants
+(:func:`after_copy_gate`: one small query instead of the columns as arrays).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "TAIL",
     "Fragment",
     "after_copy",
+    "after_copy_gate",
     "changed",
     "tail",
 ]
@@ -57,11 +60,15 @@ class Fragment:
     sql: str
     copyable: bool = False
     """Reads only :data:`COPY_COLUMNS` of ``changed``, so it can follow a COPY."""
+    copy_gate: str = ""
+    """For a copyable fragment: SQL true when it may write anything for the tenants
+    ``:tenants`` (a text array), so a COPY whose tenants it has nothing for skips the
+    statement and its arrays (empty: always run it)."""
 
 
 FRAGMENTS: tuple[Fragment, ...] = (
     # An event per transition owed to each matching webhook subscription.
-    Fragment("webhook_events", webhooks.OUTBOX_SQL, copyable=True),
+    Fragment("webhook_events", webhooks.OUTBOX_SQL, copyable=True, copy_gate=webhooks.GATE_SQL),
 )
 """The same-transaction fragments, in the order they run."""
 
@@ -155,6 +162,15 @@ def after_copy() -> str | None:
     WITH changed AS (SELECT * FROM unnest({arrays}) AS c({names})){fragments}
     SELECT count(*) FROM changed
     """
+
+
+def after_copy_gate() -> str | None:
+    """A cheap statement that says whether :func:`after_copy` must run for a COPY's
+    tenants (``:tenants``), or None when some fragment must always run."""
+    gates = [f.copy_gate for f in FRAGMENTS]
+    if not gates or not all(gates):
+        return None
+    return "SELECT " + " OR ".join(f"({gate})" for gate in gates)
 
 
 TAIL = tail()

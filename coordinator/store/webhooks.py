@@ -34,6 +34,10 @@ OUTBOX_SQL = """
 """The outbox fragment: reads only id, tenant, queue, type, from_state, state and attempt
 of ``changed``, so it also runs after a COPY (``transitions.after_copy``)."""
 
+GATE_SQL = "EXISTS (SELECT 1 FROM webhook_subscriptions WHERE tenant = ANY (:tenants::text[]))"
+"""Whether any of the tenants ``:tenants`` has a subscription: the fragment's gate after a
+COPY (nothing to write for tenants without)."""
+
 SUBSCRIPTION_COLUMNS = (
     "id", "tenant", "url", "secret", "states", "queues", "types", "description",
     "create_time",
