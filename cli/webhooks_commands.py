@@ -190,7 +190,7 @@ def deliveries(
     from conveyor.v1 import webhook_service_pb2
 
     Delivery = webhook_service_pb2.WebhookDelivery
-    wanted = 0
+    wanted = Delivery.STATUS_UNSPECIFIED
     if status is not None:
         if status.lower() not in _STATUSES:
             raise CLIError(f"--status {status!r}: use one of {', '.join(_STATUSES)}", code=USAGE)
@@ -198,7 +198,7 @@ def deliveries(
     request = webhook_service_pb2.ListWebhookDeliveriesRequest(
         webhook_id=webhook_id,
         status=wanted,
-        page_size=limit,  # type: ignore[arg-type]
+        page_size=limit,
     )
     reply = _call(g, "ListWebhookDeliveries", request, idempotent=True)
     if as_json:

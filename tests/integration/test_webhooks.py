@@ -4,7 +4,6 @@ isolation, input checks and default address guard."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,8 +14,8 @@ import asyncpg
 import grpc
 import pytest
 from aiohttp import web
-from cluster import CoordinatorProcess
 from clitools import conveyor
+from cluster import CoordinatorProcess
 from processes import free_port
 from security import bearer
 from tenancy import secure_coordinator
@@ -78,7 +77,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _submit(
-    stub: task_service_pb2_grpc.TaskServiceStub, count: int, queue: str = "hooks"
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub, count: int, queue: str = "hooks"
 ) -> list[str]:
     request = task_service_pb2.SubmitTasksRequest(
         tasks=[task_service_pb2.SubmitTaskRequest(queue=queue, type="t") for _ in range(count)]
@@ -209,9 +208,9 @@ async def test_every_event_arrives_signed_across_a_coordinator_kill(
 
 
 async def _deliveries_if_settled(
-    hooks: webhook_service_pb2_grpc.WebhookServiceStub, webhook_id: str
+    hooks: webhook_service_pb2_grpc.WebhookServiceAsyncStub, webhook_id: str
 ) -> webhook_service_pb2.ListWebhookDeliveriesResponse | None:
-    reply = await hooks.ListWebhookDeliveries(
+    reply: webhook_service_pb2.ListWebhookDeliveriesResponse = await hooks.ListWebhookDeliveries(
         webhook_service_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id, page_size=1000),
         timeout=10,
     )
