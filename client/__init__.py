@@ -63,6 +63,7 @@ from conveyor.transport._errors import (
     TaskNotFoundError,
     UnauthenticatedError,
     UnavailableError,
+    WatchTooSlowError,
     WebhookNotFoundError,
     WorkerIdInUseError,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
+    "WatchTooSlowError",
     "WebhookNotFoundError",
     "WorkerIdInUseError",
     "tls_credentials",

@@ -137,6 +137,9 @@ class CoordinatorConfig:
     """PEM certificates that issue client certificates: when set, every client and worker
     must present one (mutual TLS). Needs ``tls_cert_file``."""
 
+    max_watch_buffer: int = 10_000
+    """Task changes a WatchTasks stream may have waiting to be sent; past it, the stream
+    is ended with WATCH_TOO_SLOW instead of buffering more."""
     webhook_allow_private: bool = False
     """Let webhook deliveries go to any address (loopback, private, link-local) and over
     plain HTTP; by default only to public addresses over HTTPS (``webhooks/guard.py``)."""
@@ -224,7 +227,8 @@ class CoordinatorConfig:
                 f"(got {self.pool_min_size} and {self.pool_max_size})"
             )
         for name, value in (("max_batch", self.max_batch),
-                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+                            ("max_pending_operations", self.max_pending_operations),
+                            ("max_watch_buffer", self.max_watch_buffer)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
         if self.metrics_listen:

@@ -335,6 +335,19 @@ class WebhookNotFound(ConveyorError):
         )
 
 
+class WatchTooSlow(ConveyorError):
+    """A WatchTasks stream fell too far behind: ended rather than buffering without bound."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = errors_pb2.ERROR_REASON_WATCH_TOO_SLOW
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"this WatchTasks stream was ended: {detail}; read it faster or narrow its "
+            "filter, reopen it, and read the current state with ListTasks"
+        )
+
+
 class Fenced(Exception):
     """This coordinator's epoch is no longer the leader's: it must not write.
 

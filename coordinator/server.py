@@ -36,6 +36,7 @@ from conveyor.coordinator.leader.maintenance import Promoter, Reaper
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
+from conveyor.coordinator.lifecycle.task_events import TaskEventHub
 from conveyor.coordinator.lifecycle.watch_reader import WatchReader
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.schedules.firer import ScheduleFirer
@@ -99,6 +100,8 @@ class Coordinator:
         """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
         self.schedule_firer: ScheduleFirer | None = None
         self.dispatcher: Dispatcher | None = None
+        self.events: TaskEventHub | None = None
+        """WatchTasks streams and the relay of task changes between coordinators."""
         self.webhooks: WebhookDeliverer | None = None
         """The leader's webhook deliverer (one of :attr:`services`)."""
         self.services: list[Service] = []
@@ -186,6 +189,13 @@ class Coordinator:
         quotas = Quotas(cfg, directory, backlog)
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
+        self.events = TaskEventHub(
+            deps.after_commit,
+            cfg.dsn,
+            self.node_id,
+            max_per_tenant=cfg.max_watch_streams,
+            buffer_limit=cfg.max_watch_buffer,
+        )
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
@@ -202,7 +212,7 @@ class Coordinator:
             step_down=workers.step_down,
         )
         api.serve(
-            TaskServicer(deps, self.submitter, schedules, quotas=quotas),
+            TaskServicer(deps, self.submitter, schedules, quotas=quotas, events=self.events),
             workers,
             AdminServicer(
                 self.sessions,
@@ -218,6 +228,8 @@ class Coordinator:
         await components.start(leases)
         # WatchTask streams are reads: served for the life of the process, not of a term.
         await components.start(WatchReader(deps))
+        # WatchTasks streams: theirs for the life of the process too.
+        await components.start(self.events)
         await components.start(api)
         if not cfg.authentication:
             _log.error(

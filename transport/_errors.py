@@ -24,6 +24,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
     │   ├── WebhookNotFoundError     no webhook subscription has the id (.webhook_id)
+    │   ├── WatchTooSlowError        a WatchTasks stream fell too far behind and was ended
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -88,6 +89,7 @@ __all__ = [
     "TaskNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
+    "WatchTooSlowError",
     "WebhookNotFoundError",
     "WorkerIdInUseError",
     "error_from_rpc",
@@ -659,6 +661,12 @@ class WebhookNotFoundError(RPCError):
         return cls(cls._describe(info), webhook_id=webhook_id, **_common_kwargs(info))
 
 
+class WatchTooSlowError(RPCError):
+    """A WatchTasks stream fell too far behind its task changes and the coordinator ended
+    it (it buffers a bounded number per stream). Reopen it; read the current state with
+    ``ListTasks``."""
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -692,6 +700,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
     _reason("WEBHOOK_NOT_FOUND"): WebhookNotFoundError,
+    _reason("WATCH_TOO_SLOW"): WatchTooSlowError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

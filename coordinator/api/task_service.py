@@ -17,12 +17,13 @@ import asyncpg
 import grpc
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api import context, pages, validation, watch_tasks
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.lifecycle.task_events import TaskEventHub
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
@@ -33,6 +34,7 @@ from conveyor.v1 import (
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
+    watch_pb2,
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
@@ -44,9 +46,16 @@ TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyn
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+        self,
+        deps: Deps,
+        submitter: Submitter,
+        schedules: ScheduleService,
+        *,
+        quotas: Quotas,
+        events: TaskEventHub | None = None,
     ) -> None:
         self._deps = deps
+        self._events = events
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
@@ -175,6 +184,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     )
                 if row["state"] in store.TERMINAL:
                     return
+
+    async def WatchTasks(  # type: ignore[override]
+        self, request: watch_pb2.WatchTasksRequest, context_: Context
+    ) -> None:
+        if self._events is None:
+            raise RuntimeError("WatchTasks needs the coordinator's TaskEventHub")
+        await watch_tasks.serve(self._events, request, context_)
 
     # -- transitions -------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ ANY_COORDINATOR = frozenset(
         "/conveyor.v1.AdminService/ListTenants",
         "/conveyor.v1.AdminService/UpdateTenantLimits",
         "/conveyor.v1.AdminService/ListAuditEvents",
+        # Its changes reach every coordinator (lifecycle/task_events.py).
+        "/conveyor.v1.TaskService/WatchTasks",
     }
 )
 """Methods every coordinator answers; every other conveyor.v1 method is the leader's."""

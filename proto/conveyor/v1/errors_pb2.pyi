@@ -74,6 +74,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
     "webhook_id".
     """
+    ERROR_REASON_WATCH_TOO_SLOW: _ErrorReason.ValueType  # 71
+    """A WatchTasks stream fell too far behind its task changes and was ended (code
+    RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+    state with ListTasks.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -132,5 +137,10 @@ ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 70
 """No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
 "webhook_id".
+"""
+ERROR_REASON_WATCH_TOO_SLOW: ErrorReason.ValueType  # 71
+"""A WatchTasks stream fell too far behind its task changes and was ended (code
+RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+state with ListTasks.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
