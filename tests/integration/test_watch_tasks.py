@@ -44,11 +44,9 @@ async def pair(database_dsn: str) -> AsyncIterator[tuple[Coordinator, Coordinato
         await follower.stop(grace=1.0)
 
 
-async def _open(
-    stub: task_service_pb2_grpc.TaskServiceAsyncStub, key: Key, **fields: Any
-) -> Any:
+async def _open(stub: task_service_pb2_grpc.TaskServiceAsyncStub, key: Key, **fields: Any) -> Any:
     call = stub.WatchTasks(watch_pb2.WatchTasksRequest(**fields), metadata=key.metadata)
-    first = await asyncio.wait_for(call.read(), 10)
+    first: Any = await asyncio.wait_for(call.read(), 10)
     assert list(first.events) == []  # open: changes from here on are sent
     return call
 
@@ -85,9 +83,11 @@ async def test_watch_tasks_on_leader_and_follower(
         slow = await _open(on_follower, acme, queues=["bulk"])
         assert leader.events is not None
         await eventually(
-            lambda: leader.events is not None
-            and leader.events.watched("acme")
-            and leader.events.watched("other"),
+            lambda: (
+                leader.events is not None
+                and leader.events.watched("acme")
+                and leader.events.watched("other")
+            ),
             timeout=10,
             what="the leader to hear of the follower's streams",
         )
@@ -136,4 +136,3 @@ async def test_watch_tasks_on_leader_and_follower(
         assert (event.task_id, event.state) == (q1[1], CANCELLED)
         for call in (by_queue, by_label, theirs):
             call.cancel()
-
