@@ -15,6 +15,8 @@ KNOWN = {
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
     "bench-tenants",
     "encryption new-key", "encryption rotate", "encryption list", "console",
+    "webhooks create", "webhooks list", "webhooks delete", "webhooks deliveries",
+    "webhooks replay",
 }  # fmt: skip
 
 

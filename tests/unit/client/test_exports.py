@@ -58,6 +58,8 @@ EXPECTED = [
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
+    "WatchTooSlowError",
+    "WebhookNotFoundError",
     "WorkerIdInUseError",
     "tls_credentials",
 ]

@@ -19,6 +19,7 @@ EXPECTED = {
         "SubmitTask": "submit", "SubmitTasks": "submit", "CreateSchedule": "submit",
         "UpdateSchedule": "submit", "DeleteSchedule": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
+        "WatchTasks": "read",
         "GetSchedule": "read", "ListSchedules": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate",
@@ -28,6 +29,10 @@ EXPECTED = {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
         "UpdateTenantLimits": "admin", "ListAuditEvents": "admin",
+    },
+    "WebhookService": {
+        "CreateWebhook": "admin", "ListWebhooks": "read", "DeleteWebhook": "admin",
+        "ListWebhookDeliveries": "read", "ReplayWebhookDeliveries": "operate",
     },
 }  # fmt: skip
 
@@ -89,6 +94,7 @@ def test_a_method_without_a_scope_stops_the_start(monkeypatch: pytest.MonkeyPatc
 def test_streaming_methods() -> None:
     assert api_keys.streaming_methods() == {
         "/conveyor.v1.TaskService/WatchTask",
+        "/conveyor.v1.TaskService/WatchTasks",
         "/conveyor.v1.WorkerService/Connect",
     }
 
