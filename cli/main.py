@@ -33,6 +33,7 @@ def build() -> typer.Typer:
         task_commands,
         tenants_commands,
         top_command,
+        types_commands,
         webhooks_commands,
     )
 
@@ -49,6 +50,7 @@ def build() -> typer.Typer:
     top_command.register(root)
     encryption_commands.register(root)
     webhooks_commands.register(root)
+    types_commands.register(root)
     console_command.register(root)
     from conveyor.bench import cli as bench_cli
 

@@ -47,11 +47,17 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
-from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc, webhook_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2_grpc,
+    task_service_pb2_grpc,
+    task_type_service_pb2_grpc,
+    webhook_service_pb2_grpc,
+)
 
 if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+    from conveyor.v1.task_type_service_pb2_grpc import TaskTypeServiceAsyncStub
     from conveyor.v1.webhook_service_pb2_grpc import WebhookServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
@@ -84,6 +90,7 @@ class Stubs:
     tasks: TaskServiceAsyncStub
     admin: AdminServiceAsyncStub
     webhooks: WebhookServiceAsyncStub
+    task_types: TaskTypeServiceAsyncStub
 
 
 StubMethod = Callable[[Stubs], Any]
@@ -183,6 +190,7 @@ class Connection:
                 task_service_pb2_grpc.TaskServiceStub(channel),
                 admin_service_pb2_grpc.AdminServiceStub(channel),
                 webhook_service_pb2_grpc.WebhookServiceStub(channel),
+                task_type_service_pb2_grpc.TaskTypeServiceStub(channel),
             )
             self._stubs[address] = stubs
         return stubs

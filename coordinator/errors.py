@@ -348,6 +348,17 @@ class WatchTooSlow(ConveyorError):
         )
 
 
+class TaskTypeNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_TASK_TYPE_NOT_FOUND
+
+    def __init__(self, type_: str) -> None:
+        super().__init__(
+            f"no definition of task type {type_!r} (conveyor types list shows them)",
+            metadata={"type": type_},
+        )
+
+
 class Fenced(Exception):
     """This coordinator's epoch is no longer the leader's: it must not write.
 

@@ -23,6 +23,7 @@ from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
 from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import server_tls
 from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
@@ -37,6 +38,7 @@ from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
 from conveyor.coordinator.lifecycle.task_events import TaskEventHub
+from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.watch_reader import WatchReader
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.schedules.firer import ScheduleFirer
@@ -100,6 +102,8 @@ class Coordinator:
         """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
         self.schedule_firer: ScheduleFirer | None = None
         self.dispatcher: Dispatcher | None = None
+        self.task_types: TaskTypes | None = None
+        """Task-type definitions, cached (LISTEN/NOTIFY keeps them current)."""
         self.events: TaskEventHub | None = None
         """WatchTasks streams and the relay of task changes between coordinators."""
         self.webhooks: WebhookDeliverer | None = None
@@ -151,6 +155,8 @@ class Coordinator:
         directory.on_key_change(self.streams.key_changed)
         await components.start(directory)
         audit = await components.start(AuditLog(db))
+        # Warmed before the API serves: submits read type definitions from it.
+        self.task_types = await components.start(TaskTypes(db, cfg.dsn, self.telemetry.metrics))
         auth: AuthInterceptor | None = None
         if cfg.authentication:
             limiter = FailureLimiter(cfg.auth_failure_rate, cfg.auth_failure_burst)
@@ -212,7 +218,14 @@ class Coordinator:
             step_down=workers.step_down,
         )
         api.serve(
-            TaskServicer(deps, self.submitter, schedules, quotas=quotas, events=self.events),
+            TaskServicer(
+                deps,
+                self.submitter,
+                schedules,
+                quotas=quotas,
+                events=self.events,
+                task_types=self.task_types,
+            ),
             workers,
             AdminServicer(
                 self.sessions,
@@ -222,6 +235,7 @@ class Coordinator:
                 security=SecurityAdmin(db, directory, quotas),
             ),
             WebhookServicer(deps),
+            TaskTypeServicer(db, max_payload_bytes=cfg.max_payload_bytes),
         )
         await components.start(self.submitter)
         await components.start(recorder)

@@ -25,6 +25,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
     │   ├── WebhookNotFoundError     no webhook subscription has the id (.webhook_id)
     │   ├── WatchTooSlowError        a WatchTasks stream fell too far behind and was ended
+    │   ├── TaskTypeNotFoundError    the tenant has no definition of the task type (.type)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -87,6 +88,7 @@ __all__ = [
     "StatusInfo",
     "StoreUnavailableError",
     "TaskNotFoundError",
+    "TaskTypeNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
     "WatchTooSlowError",
@@ -667,6 +669,26 @@ class WatchTooSlowError(RPCError):
     ``ListTasks``."""
 
 
+class TaskTypeNotFoundError(RPCError):
+    """The key's tenant has no definition of the task type.
+
+    Attributes:
+        type: The task type looked up.
+    """
+
+    _hint = "List the definitions (`conveyor types list`)."
+
+    def __init__(self, message: str, *, type: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.type = type
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info), type=info.metadata.get("type") or None, **_common_kwargs(info)
+        )
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -701,6 +723,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
     _reason("WEBHOOK_NOT_FOUND"): WebhookNotFoundError,
     _reason("WATCH_TOO_SLOW"): WatchTooSlowError,
+    _reason("TASK_TYPE_NOT_FOUND"): TaskTypeNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

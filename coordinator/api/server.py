@@ -1,4 +1,4 @@
-"""The gRPC server: the four services, health and reflection, behind the interceptors.
+"""The gRPC server: the services, health and reflection, behind the interceptors.
 
 A component of the coordinator (``server.py``): built and bound first (so a port in use
 is a one-line error and the address is known to the election), started once every
@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import add_port
 from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
@@ -24,6 +25,8 @@ from conveyor.v1 import (
     admin_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
+    task_type_service_pb2,
+    task_type_service_pb2_grpc,
     webhook_service_pb2,
     webhook_service_pb2_grpc,
     worker_service_pb2,
@@ -35,6 +38,7 @@ SERVICE_NAMES = (
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    task_type_service_pb2.DESCRIPTOR.services_by_name["TaskTypeService"].full_name,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
@@ -87,6 +91,7 @@ class ApiServer:
         workers: WorkerServicer,
         admin: AdminServicer,
         webhooks: WebhookServicer,
+        task_types: TaskTypeServicer,
     ) -> None:
         """Registers the services (before :meth:`start`)."""
         server = self._server
@@ -95,6 +100,7 @@ class ApiServer:
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
+        task_type_service_pb2_grpc.add_TaskTypeServiceServicer_to_server(task_types, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

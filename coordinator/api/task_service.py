@@ -24,6 +24,7 @@ from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.task_events import TaskEventHub
+from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
@@ -53,9 +54,11 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         *,
         quotas: Quotas,
         events: TaskEventHub | None = None,
+        task_types: TaskTypes | None = None,
     ) -> None:
         self._deps = deps
         self._events = events
+        self._task_types = task_types
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
@@ -67,6 +70,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTaskResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, [request]):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, [request])
             task = validation.validate_submit_one(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
@@ -80,6 +85,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTasksResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, request.tasks):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, request.tasks)
             tasks = validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )

@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
+from coordinator_pair import coordinator_pair
 from security import Key, Keys
-from testsupport import coordinator_config, eventually
+from testsupport import eventually
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, watch_pb2
 
 PENDING = task_pb2.TASK_STATE_PENDING
@@ -24,24 +24,8 @@ BUFFER = 50
 
 @pytest.fixture
 async def pair(database_dsn: str) -> AsyncIterator[tuple[Coordinator, Coordinator, str]]:
-    """Two coordinators on one database: the second takes office and fences the first,
-    which keeps serving reads as a follower."""
-    _, admin_key = api_keys.generate()
-    settings: dict[str, Any] = {
-        "authentication": True,
-        "bootstrap_key": admin_key,
-        "max_watch_buffer": BUFFER,
-    }
-    follower = Coordinator(coordinator_config(database_dsn, **settings))
-    await follower.start()
-    leader = Coordinator(coordinator_config(database_dsn, **settings))
-    try:
-        await leader.start()
-        await eventually(lambda: not follower.leader, timeout=10, what="the first to step down")
-        yield follower, leader, admin_key
-    finally:
-        await leader.stop(grace=1.0)
-        await follower.stop(grace=1.0)
+    async with coordinator_pair(database_dsn, max_watch_buffer=BUFFER) as coordinators:
+        yield coordinators
 
 
 async def _open(stub: task_service_pb2_grpc.TaskServiceAsyncStub, key: Key, **fields: Any) -> Any:

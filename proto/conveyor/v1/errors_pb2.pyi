@@ -79,6 +79,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
     state with ListTasks.
     """
+    ERROR_REASON_TASK_TYPE_NOT_FOUND: _ErrorReason.ValueType  # 72
+    """The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+    "type".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -142,5 +146,9 @@ ERROR_REASON_WATCH_TOO_SLOW: ErrorReason.ValueType  # 71
 """A WatchTasks stream fell too far behind its task changes and was ended (code
 RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
 state with ListTasks.
+"""
+ERROR_REASON_TASK_TYPE_NOT_FOUND: ErrorReason.ValueType  # 72
+"""The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+"type".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -16,7 +16,7 @@ KNOWN = {
     "bench-tenants",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "webhooks create", "webhooks list", "webhooks delete", "webhooks deliveries",
-    "webhooks replay",
+    "webhooks replay", "types set", "types get", "types list", "types delete",
 }  # fmt: skip
 
 

@@ -55,6 +55,7 @@ EXPECTED = [
     "TaskNotFoundError",
     "TaskSpec",
     "TaskState",
+    "TaskTypeNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",

@@ -34,6 +34,10 @@ EXPECTED = {
         "CreateWebhook": "admin", "ListWebhooks": "read", "DeleteWebhook": "admin",
         "ListWebhookDeliveries": "read", "ReplayWebhookDeliveries": "operate",
     },
+    "TaskTypeService": {
+        "SetTaskType": "admin", "GetTaskType": "read", "ListTaskTypes": "read",
+        "DeleteTaskType": "admin",
+    },
 }  # fmt: skip
 
 

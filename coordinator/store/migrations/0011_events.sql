@@ -1,4 +1,4 @@
--- Webhooks (issue 18): per-tenant subscriptions, the durable outbox of the events owed to
+-- Events (issue 18). Webhooks: per-tenant subscriptions, the durable outbox of the events owed to
 -- them and the attempts made to deliver each.
 --
 -- An outbox row is written in the same statement as the state change that causes it (the
@@ -61,3 +61,30 @@ CREATE TABLE webhook_attempts (
     duration_ms int NOT NULL DEFAULT 0,
     PRIMARY KEY (outbox_id, attempt)
 );
+
+-- Task-type definitions (issue 18): per tenant and type, the defaults a submit that
+-- leaves a field unset gets. NULL: not set (the coordinator's own default applies).
+CREATE TABLE task_types (
+    tenant           text NOT NULL,
+    type             text NOT NULL,
+    queue            text,
+    priority         int,
+    max_attempts     int,
+    timeout_ms       bigint,
+    retry_initial_ms bigint,
+    retry_max_ms     bigint,
+    retry_multiplier float8,
+    retry_jitter     float8,
+    version          bigint NOT NULL,
+    update_time      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, type)
+);
+
+-- One counter over every definition: each change takes the next version in its
+-- transaction, and coordinators say which version their cache holds (tenancy of the
+-- cache: coordinator/lifecycle/task_types.py).
+CREATE TABLE task_types_version (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version bigint NOT NULL
+);
+INSERT INTO task_types_version (version) VALUES (0);
