@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter, Histogram
 
+from conveyor.coordinator.config import DEFAULT_QUEUE
 from conveyor.coordinator.store import task_types as store
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.task_types import Definition
@@ -48,6 +49,7 @@ BACKOFF_MAX = 5.0
 DELAYS_KEPT = 1000
 
 Key = tuple[str, str]
+_UNSET_QUEUES = ("", DEFAULT_QUEUE)
 
 
 class TaskTypes:
@@ -280,8 +282,9 @@ async def wait_for_caches(db: Database, version: int) -> None:
 
 
 def fill(request: task_service_pb2.SubmitTaskRequest, d: Definition) -> None:
-    """Sets the fields ``request`` left unset to ``d``'s (where ``d`` sets them)."""
-    if not request.queue and d.queue is not None:
+    """Sets the fields ``request`` left unset to ``d``'s (where ``d`` sets them). The queue
+    ``default`` counts as unset: the SDKs and the CLI send it when the caller names none."""
+    if request.queue in _UNSET_QUEUES and d.queue is not None:
         request.queue = d.queue
     if not request.priority and d.priority is not None:
         request.priority = d.priority

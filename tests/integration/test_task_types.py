@@ -69,7 +69,7 @@ async def test_definitions_default_submits_everywhere_at_once(
             ),
         )  # fmt: skip
         assert defined.version > 0
-        task = await submit(acme)
+        task = await submit(acme, queue="default")  # what the SDKs send for "no queue"
         assert (task.queue, task.max_attempts, task.priority) == ("email", 5, 7)
         assert task.timeout.seconds == 30
         assert (task.retry_policy.initial_backoff.seconds, task.retry_policy.multiplier) == (2, 3)
