@@ -6,7 +6,6 @@ A change is answered once every coordinator's cache holds it.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 import typer
@@ -14,6 +13,7 @@ import typer
 from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.keys_commands import AsJson
+from conveyor.cli.wire import service_call
 
 _HEADERS = ["TYPE", "QUEUE", "PRIORITY", "MAX ATTEMPTS", "TIMEOUT", "RETRY", "VERSION"]
 TypeName = Annotated[str, typer.Argument(metavar="TYPE", help="The task type.")]
@@ -37,13 +37,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _call(g: Globals, method: str, request: Any, *, idempotent: bool) -> Any:
-    async def run() -> Any:
-        async with g.connection() as conn:
-            return await conn.unary(
-                lambda s: getattr(s.task_types, method), request, idempotent=idempotent
-            )
-
-    return asyncio.run(run())
+    return service_call(g, "task_types", method, request, idempotent=idempotent)
 
 
 def _row(t: Any) -> list[object]:

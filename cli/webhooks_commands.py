@@ -7,7 +7,6 @@ least once, retried with backoff. ``webhooks create`` prints the signing secret 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +15,7 @@ from conveyor.cli import output
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.cli.keys_commands import AsJson
+from conveyor.cli.wire import service_call
 
 _STATUSES = ("pending", "delivered", "failed")
 
@@ -54,13 +54,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _call(g: Globals, method: str, request: Any, *, idempotent: bool) -> Any:
-    async def run() -> Any:
-        async with g.connection() as conn:
-            return await conn.unary(
-                lambda s: getattr(s.webhooks, method), request, idempotent=idempotent
-            )
-
-    return asyncio.run(run())
+    return service_call(g, "webhooks", method, request, idempotent=idempotent)
 
 
 def _json(message: Any) -> Any:

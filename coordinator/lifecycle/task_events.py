@@ -55,6 +55,7 @@ from conveyor.coordinator.lifecycle.transitions import (
     Transitions,
 )
 from conveyor.coordinator.store import task_events as store
+from conveyor.coordinator.store.listener import listening, reconnecting
 
 _log = logging.getLogger("conveyor.coordinator.task_events")
 
@@ -68,8 +69,6 @@ MAX_NOTIFY_BYTES = 7000
 MAX_OUTGOING = 100_000
 """Changes waiting to be sent to other coordinators (or for their labels); past it, the
 affected tenants' streams are told they missed changes."""
-CONNECT_TIMEOUT = 5.0
-BACKOFF_MAX = 5.0
 QUOTA_SUBJECT = "watch_streams"
 
 Event = tuple[str, str, str, int, int, int, float]
@@ -276,36 +275,18 @@ class TaskEventHub:
     # -- the relay -------------------------------------------------------------------------
 
     async def _relay(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._session()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    _log.warning("task event relay lost its connection (%s); reconnecting", exc)
-            self.listening.clear()
-            # Notifications may have been lost with the connection.
-            self._end_all(StoreUnavailable("task changes may have been missed; reopen the stream"))
-            await asyncio.sleep(min(BACKOFF_MAX, 0.1 * 2**failures))
+        await reconnecting(self._session, "the task event relay", after=self._relay_lost)
+
+    def _relay_lost(self) -> None:
+        self.listening.clear()
+        # Notifications may have been lost with the connection.
+        self._end_all(StoreUnavailable("task changes may have been missed; reopen the stream"))
 
     async def _session(self) -> None:
-        conn = await asyncpg.connect(
-            self._dsn,
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": "conveyor-coordinator-events"},
-        )
-        lost = asyncio.Event()
-
-        def terminated(_conn: object) -> None:
-            lost.set()
-            self._wake.set()
-
-        conn.add_termination_listener(terminated)
-        try:
-            await conn.add_listener(INTEREST_CHANNEL, self._notified)
-            await conn.add_listener(EVENTS_CHANNEL, self._notified)
+        channels = {INTEREST_CHANNEL: self._notified, EVENTS_CHANNEL: self._notified}
+        async with listening(
+            self._dsn, "conveyor-coordinator-events", channels, on_lost=self._wake.set
+        ) as (conn, lost):
             self.listening.set()
             self._announce |= set(self._streams)
             loop = asyncio.get_running_loop()
@@ -320,11 +301,6 @@ class TaskEventHub:
                     next_renewal = loop.time() + INTEREST_RENEW
                     self._expire()
                 await self._flush(conn)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2.0)
-            if not conn.is_closed():
-                conn.terminate()
 
     async def _flush(self, conn: asyncpg.Connection) -> None:
         """Sends what is due: this coordinator's interest, changes others watch, losses;

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Histogram
 from conveyor.coordinator.config import DEFAULT_QUEUE
 from conveyor.coordinator.store import task_types as store
 from conveyor.coordinator.store.db import Database
+from conveyor.coordinator.store.listener import listening, reconnecting
 from conveyor.coordinator.store.task_types import Definition
 from conveyor.observability.metrics import CoordinatorMetrics
 from conveyor.v1 import task_service_pb2
@@ -44,9 +45,10 @@ FRESH_FOR = 1.0
 ACK_TIMEOUT = 1.0
 """Seconds a change's caller waits for every cache to hold it before ending the
 connections of those that do not."""
-CONNECT_TIMEOUT = 5.0
-BACKOFF_MAX = 5.0
 DELAYS_KEPT = 1000
+START_TIMEOUT = 5.0
+"""The longest start waits for the cache to be warm (the API serves either way: lookups
+read the store until it is)."""
 
 Key = tuple[str, str]
 _UNSET_QUEUES = ("", DEFAULT_QUEUE)
@@ -98,7 +100,7 @@ class TaskTypes:
         """Starts listening and warms the cache (waits for it, briefly)."""
         self._task = asyncio.get_running_loop().create_task(self._listen(), name="task-types")
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CONNECT_TIMEOUT):
+            async with asyncio.timeout(START_TIMEOUT):
                 await self._ready.wait()
 
     async def stop(self) -> None:
@@ -193,63 +195,44 @@ class TaskTypes:
         self._dirty.set()
 
     async def _listen(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._session()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    _log.warning("task-type listener lost (%s); reconnecting", exc)
-            self._synced = False
-            await asyncio.sleep(min(BACKOFF_MAX, 0.1 * 2**failures))
+        await reconnecting(self._session, "the task-type cache", after=self._lost)
+
+    def _lost(self) -> None:
+        self._synced = False
+        self._dirty.set()
 
     async def _session(self) -> None:
-        conn = await asyncpg.connect(
-            self._dsn,
-            timeout=CONNECT_TIMEOUT,
-            # Not "conveyor-types v...": a change's caller does not wait for a cache still
-            # loading (it reads what the change committed).
-            server_settings={"application_name": "conveyor-types-loading"},
-        )
-        lost = asyncio.Event()
-
-        def terminated(_conn: object) -> None:
-            self._synced = False
-            lost.set()
-            self._dirty.set()
-
-        conn.add_termination_listener(terminated)
-        try:
-            await conn.add_listener(store.NOTIFY_CHANNEL, self._notified)
-            # Listening from here on: what the load reads, and every change after it.
-            rows, version = await store.load_all(conn)
-            self._entries = {(r["tenant"], r["type"]): store.definition(r) for r in rows}
-            self._tenants = {r["tenant"] for r in rows}
-            self._generation += 1
-            self.version = max(self.version, version)
-            await self._announce(conn)
-            self._synced = True
-            self._ready.set()
-            while not lost.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PING_INTERVAL):
-                        await self._dirty.wait()
-                self._dirty.clear()
-                if lost.is_set():
-                    break
-                if self.version != self._announced:
-                    await self._announce(conn)
-                else:
-                    await conn.fetchval("SELECT 1", timeout=FRESH_FOR)
-                    self._fresh_until = time.monotonic() + FRESH_FOR
-        finally:
-            self._synced = False
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2.0)
-            if not conn.is_closed():
-                conn.terminate()
+        # Named "conveyor-types-loading" until loaded, not "conveyor-types v...": a change's
+        # caller does not wait for a cache still loading (it reads what the change wrote).
+        channels = {store.NOTIFY_CHANNEL: self._notified}
+        async with listening(self._dsn, "conveyor-types-loading", channels, on_lost=self._lost) as (
+            conn,
+            lost,
+        ):
+            try:
+                # Listening from here on: what the load reads, and every change after it.
+                rows, version = await store.load_all(conn)
+                self._entries = {(r["tenant"], r["type"]): store.definition(r) for r in rows}
+                self._tenants = {r["tenant"] for r in rows}
+                self._generation += 1
+                self.version = max(self.version, version)
+                await self._announce(conn)
+                self._synced = True
+                self._ready.set()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(PING_INTERVAL):
+                            await self._dirty.wait()
+                    self._dirty.clear()
+                    if lost.is_set():
+                        break
+                    if self.version != self._announced:
+                        await self._announce(conn)
+                    else:
+                        await conn.fetchval("SELECT 1", timeout=FRESH_FOR)
+                        self._fresh_until = time.monotonic() + FRESH_FOR
+            finally:
+                self._synced = False
 
     async def _announce(self, conn: asyncpg.Connection) -> None:
         version = self.version

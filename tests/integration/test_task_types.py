@@ -44,8 +44,8 @@ async def test_definitions_default_submits_everywhere_at_once(
         grpc.aio.insecure_channel(leader.address) as near,
     ):
         keys = Keys(near, admin_key)
-        acme = await keys.create("acme", "submit", "read", "admin")
-        other = await keys.create("other", "submit", "read", "admin")
+        acme = await keys.create("acme", "submit", "read", "operate")
+        other = await keys.create("other", "submit", "read", "operate")
         types_far = task_type_service_pb2_grpc.TaskTypeServiceStub(far)
         types_near = task_type_service_pb2_grpc.TaskTypeServiceStub(near)
         tasks = task_service_pb2_grpc.TaskServiceStub(near)

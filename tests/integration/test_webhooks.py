@@ -223,8 +223,8 @@ async def test_webhooks_are_tenant_isolated_checked_and_guarded(database_dsn: st
     async with secure_coordinator(database_dsn) as secure:
         hooks = webhook_service_pb2_grpc.WebhookServiceStub(secure.channel)
         tasks = task_service_pb2_grpc.TaskServiceStub(secure.channel)
-        acme = await secure.keys.create("acme", "submit", "read", "operate", "admin")
-        other = await secure.keys.create("other", "submit", "read", "operate", "admin")
+        acme = await secure.keys.create("acme", "submit", "read", "operate")
+        other = await secure.keys.create("other", "submit", "read", "operate")
 
         async def create(key: str, **fields: object) -> webhook_service_pb2.Webhook:
             request = webhook_service_pb2.CreateWebhookRequest(**fields)  # type: ignore[arg-type]

@@ -29,7 +29,8 @@ class TaskTypeServiceStub:
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     def __init__(self, channel):
@@ -64,7 +65,8 @@ class TaskTypeServiceServicer:
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     def SetTaskType(self, request, context):
@@ -127,7 +129,8 @@ class TaskTypeService:
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     @staticmethod

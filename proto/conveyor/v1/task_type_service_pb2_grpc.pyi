@@ -30,7 +30,8 @@ class TaskTypeServiceStub:
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     @_typing.overload
@@ -48,7 +49,8 @@ class TaskTypeServiceAsyncStub(TaskTypeServiceStub):
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -62,7 +64,8 @@ class TaskTypeServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskTypeService manages task-type definitions: per tenant and type, the defaults a
     submit that leaves a field unset gets (queue empty, priority 0, max_attempts 0, no
     timeout, no retry_policy). A change is acknowledged once every coordinator's cache
-    holds it: no submit after the acknowledgement uses the definition it replaced.
+    holds it: no submit after the acknowledgement uses the definition it replaced. The
+    caller's tenant's definitions; the operate scope changes them.
     """
 
     @_abc_1.abstractmethod

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class WebhookServiceStub:
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,
@@ -67,7 +68,8 @@ class WebhookServiceStub:
 
 
 class WebhookServiceServicer:
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,
@@ -145,7 +147,8 @@ def add_WebhookServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WebhookService:
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,

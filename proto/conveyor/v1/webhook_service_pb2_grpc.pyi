@@ -27,7 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WebhookServiceStub:
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,
@@ -50,7 +51,8 @@ class WebhookServiceStub:
 
 @_typing.type_check_only
 class WebhookServiceAsyncStub(WebhookServiceStub):
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,
@@ -69,7 +71,8 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """Sends deliveries again (same webhook-id), with a fresh retry window."""
 
 class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
-    """WebhookService manages a tenant's webhook subscriptions and their deliveries.
+    """WebhookService manages a tenant's webhook subscriptions and their deliveries (the
+    caller's tenant's: the operate scope manages them, as it operates the tenant's tasks).
 
     Every state change of a matching task is delivered to the subscription's URL as a POST
     signed the way the Standard Webhooks specification says (webhook-id, webhook-timestamp,

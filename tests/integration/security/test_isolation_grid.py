@@ -30,6 +30,9 @@ from conveyor.v1 import (
     auth_pb2,
     schedule_pb2,
     task_service_pb2,
+    task_type_service_pb2,
+    watch_pb2,
+    webhook_service_pb2,
     worker_service_pb2,
 )
 
@@ -52,6 +55,8 @@ class Things:
     keyed: str = ""
     """The task submitted with the idempotency key both tenants use."""
     spare_keys: list[str] = field(default_factory=list)
+    webhook: str = ""
+    """Its webhook subscription (filtered to a queue nothing uses: nothing is delivered)."""
 
 
 def schedule(name: str) -> schedule_pb2.Schedule:
@@ -92,6 +97,22 @@ async def make_things(channel: grpc.aio.Channel, address: str, things: Things) -
             submit,
         )
         assert create.code == CODE.OK, create
+    operate = keys["operate"].metadata
+    hook = await call(
+        channel,
+        WEBHOOKS + "CreateWebhook",
+        W.CreateWebhookRequest(url="https://hooks.example.com/x", queues=["never-used"]),
+        operate,
+    )
+    assert hook.code == CODE.OK, hook
+    things.webhook = hook.response.webhook.id
+    defined = await call(
+        channel,
+        TYPES + "SetTaskType",
+        TT.SetTaskTypeRequest(task_type=TT.TaskType(type=f"only-{things.tenant}", priority=1)),
+        operate,
+    )
+    assert defined.code == CODE.OK, defined
     # A dead task: a worker of the tenant fails it for good.
     dead = (
         await submit_task(
@@ -179,11 +200,26 @@ def _their_keys_listed(answer: Answer, mine: Things, theirs: Things) -> None:
     assert {k.tenant for k in answer.response.keys} == {theirs.tenant}
 
 
+def _own_webhooks_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    ids = {w.id for w in answer.response.webhooks}
+    assert mine.webhook in ids and theirs.webhook not in ids
+
+
+def _own_types_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    names = {t.type for t in answer.response.task_types}
+    assert f"only-{mine.tenant}" in names and f"only-{theirs.tenant}" not in names
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
+WEBHOOKS, TYPES = "/conveyor.v1.WebhookService/", "/conveyor.v1.TaskTypeService/"
 T = task_service_pb2
 A = admin_service_pb2
 S = schedule_pb2
+W = webhook_service_pb2
+TT = task_type_service_pb2
 
 CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "SubmitTask": (
@@ -201,6 +237,12 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "CancelTask": (lambda o: T.CancelTaskRequest(id=o.pending), _not_found),
     TASKS + "WatchTask": (lambda o: T.WatchTaskRequest(id=o.pending), _not_found),
     TASKS + "RetryTask": (lambda o: T.RetryTaskRequest(id=o.dead), _not_found),
+    # A stream of the caller's own tenant, whatever it names (test_watch_tasks.py shows
+    # that another tenant's changes never reach it).
+    TASKS + "WatchTasks": (
+        lambda o: watch_pb2.WatchTasksRequest(queues=[f"only-{o.tenant}"]),
+        _ok,
+    ),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
     TASKS + "CreateSchedule": (
         lambda o: S.CreateScheduleRequest(schedule=schedule(f"twin-{o.tenant}")),
@@ -250,6 +292,30 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         _cluster_wide,
     ),
     ADMIN + "ListAuditEvents": (lambda o: A.ListAuditEventsRequest(tenant=o.tenant), _cluster_wide),
+    WEBHOOKS + "CreateWebhook": (
+        lambda o: W.CreateWebhookRequest(url="https://hooks.example.com/y", queues=["never"]),
+        _ok,
+    ),
+    WEBHOOKS + "ListWebhooks": (lambda o: W.ListWebhooksRequest(), _own_webhooks_only),
+    WEBHOOKS + "DeleteWebhook": (lambda o: W.DeleteWebhookRequest(id=o.webhook), _not_found),
+    WEBHOOKS + "ListWebhookDeliveries": (
+        lambda o: W.ListWebhookDeliveriesRequest(webhook_id=o.webhook),
+        _not_found,
+    ),
+    WEBHOOKS + "ReplayWebhookDeliveries": (
+        lambda o: W.ReplayWebhookDeliveriesRequest(webhook_id=o.webhook, all_failed=True),
+        _not_found,
+    ),
+    TYPES + "SetTaskType": (
+        lambda o: TT.SetTaskTypeRequest(task_type=TT.TaskType(type=f"only-{o.tenant}")),
+        _ok,  # a definition of the caller's own tenant, named like the other's
+    ),
+    TYPES + "GetTaskType": (lambda o: TT.GetTaskTypeRequest(type=f"only-{o.tenant}"), _not_found),
+    TYPES + "ListTaskTypes": (lambda o: TT.ListTaskTypesRequest(), _own_types_only),
+    TYPES + "DeleteTaskType": (
+        lambda o: TT.DeleteTaskTypeRequest(type=f"only-{o.tenant}"),
+        _not_found,
+    ),
 }
 
 
@@ -317,7 +383,12 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                     except AssertionError as exc:
                         raise AssertionError(f"{where}: {exc}") from exc
                     if answer.code != CODE.OK:
-                        assert answer.reason in ("TASK_NOT_FOUND", "SCHEDULE_NOT_FOUND"), (
+                        assert answer.reason in (
+                            "TASK_NOT_FOUND",
+                            "SCHEDULE_NOT_FOUND",
+                            "WEBHOOK_NOT_FOUND",
+                            "TASK_TYPE_NOT_FOUND",
+                        ), (
                             where,
                             answer,
                         )

@@ -31,12 +31,12 @@ EXPECTED = {
         "UpdateTenantLimits": "admin", "ListAuditEvents": "admin",
     },
     "WebhookService": {
-        "CreateWebhook": "admin", "ListWebhooks": "read", "DeleteWebhook": "admin",
+        "CreateWebhook": "operate", "ListWebhooks": "read", "DeleteWebhook": "operate",
         "ListWebhookDeliveries": "read", "ReplayWebhookDeliveries": "operate",
     },
     "TaskTypeService": {
-        "SetTaskType": "admin", "GetTaskType": "read", "ListTaskTypes": "read",
-        "DeleteTaskType": "admin",
+        "SetTaskType": "operate", "GetTaskType": "read", "ListTaskTypes": "read",
+        "DeleteTaskType": "operate",
     },
 }  # fmt: skip
 
