@@ -17,6 +17,7 @@ settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.clien
 
 from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock
 from conveyor.client._models import (
     AttemptOutcome,
     CatchUpPolicy,
@@ -50,6 +51,8 @@ from conveyor.transport._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
+    LeaseNotHeldError,
+    LockNotHeldError,
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
@@ -88,6 +91,9 @@ __all__ = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",

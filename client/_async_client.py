@@ -17,6 +17,7 @@ import uuid_utils
 from opentelemetry import trace
 
 from conveyor.client._channel import AdminMethod, Connection, RetryRules, StubMethod
+from conveyor.client._locks import Lock
 from conveyor.client._encryption import (
     open_schedule,
     open_submitted,
@@ -164,6 +165,21 @@ class AsyncClient:
     async def close(self) -> None:
         """Closes the connections; calls still in flight are cancelled. Idempotent."""
         await self._conn.close()
+
+    def lock(
+        self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
+    ) -> Lock:
+        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``.
+
+        The block runs once the lock is taken (waiting up to ``timeout`` seconds for its
+        holder, then :class:`TimeoutError`); ``lk.fencing_token`` is larger than that of
+        every earlier holder of the name. A lock alone does not give mutual exclusion: a
+        holder paused past ``ttl`` (renewed every ``ttl / 3`` while the block runs) still
+        runs while another holds the lock, so pass the token with every write and have
+        the resource refuse a smaller one than it has seen (see :class:`Lock`). Locks
+        are per tenant; the API key needs the ``worker`` scope.
+        """
+        return Lock(self._conn, name, ttl, timeout=timeout, renew=renew)
 
     # -- submitting --------------------------------------------------------------------
 

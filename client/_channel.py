@@ -47,10 +47,11 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
-from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, effects_service_pb2_grpc, task_service_pb2_grpc
 
 if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
+    from conveyor.v1.effects_service_pb2_grpc import LedgerServiceAsyncStub, LockServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
@@ -82,6 +83,8 @@ class Stubs:
 
     tasks: TaskServiceAsyncStub
     admin: AdminServiceAsyncStub
+    ledger: LedgerServiceAsyncStub
+    locks: LockServiceAsyncStub
 
 
 StubMethod = Callable[[Stubs], Any]
@@ -180,6 +183,8 @@ class Connection:
             stubs = Stubs(
                 task_service_pb2_grpc.TaskServiceStub(channel),
                 admin_service_pb2_grpc.AdminServiceStub(channel),
+                effects_service_pb2_grpc.LedgerServiceStub(channel),
+                effects_service_pb2_grpc.LockServiceStub(channel),
             )
             self._stubs[address] = stubs
         return stubs

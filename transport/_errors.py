@@ -23,6 +23,8 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── LeaseNotHeldError        the attempt lost its task's lease (.task_id)
+    │   ├── LockNotHeldError         the lock was lost: TTL ran out, taken over (.name)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -73,6 +75,8 @@ __all__ = [
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
+    "LeaseNotHeldError",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverloadedError",
@@ -638,6 +642,45 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class LeaseNotHeldError(RPCError):
+    """The attempt does not hold its task's lease any more: it cannot record an effect.
+
+    The task finished, was cancelled or was leased again (this attempt's lease expired);
+    a later attempt does the work. Stop the handler without the effect.
+
+    Attributes:
+        task_id: The task, when the server named it.
+    """
+
+    def __init__(self, message: str, *, task_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.task_id = task_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        task_id = info.metadata.get("task_id") or None
+        return cls(cls._describe(info), task_id=task_id, **_common_kwargs(info))
+
+
+class LockNotHeldError(RPCError):
+    """The lock is not held by this holder any more (its TTL ran out, another took it).
+
+    Attributes:
+        name: The lock's name, when the server named it.
+    """
+
+    _hint = "Write nothing more under it; acquire it again (with a new fencing token)."
+
+    def __init__(self, message: str, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.name = name
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        name = info.metadata.get("name") or None
+        return cls(cls._describe(info), name=name, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -670,6 +713,8 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("LEASE_NOT_HELD"): LeaseNotHeldError,
+    _reason("LOCK_NOT_HELD"): LockNotHeldError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

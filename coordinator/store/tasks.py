@@ -78,7 +78,7 @@ TASK_COLUMNS = (
     "attempt", "max_attempts", "attempt_base", "idempotency_key", "run_at", "timeout_ms",
     "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
     "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
-    "create_time", "update_time", "finish_time",
+    "create_time", "update_time", "finish_time", "version",
 )  # fmt: skip
 """Every column a Task message shows (convert.task_from_row)."""
 

@@ -76,6 +76,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/conveyor.v1.TaskService/UpdateTask',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.FromString,
+                _registered_method=True)
         self.CreateSchedule = channel.unary_unary(
                 '/conveyor.v1.TaskService/CreateSchedule',
                 request_serializer=conveyor_dot_v1_dot_schedule__pb2.CreateScheduleRequest.SerializeToString,
@@ -170,6 +175,17 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTask(self, request, context):
+        """Changes the priority, run_at, labels or max_attempts of a task that has not started
+        (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+        ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+        FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+        same etag exactly one wins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateSchedule(self, request, context):
         """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken.
         """
@@ -260,6 +276,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.SerializeToString,
             ),
             'CreateSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSchedule,
@@ -514,6 +535,33 @@ class TaskService:
             '/conveyor.v1.TaskService/ListQueues',
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/UpdateTask',
+            conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,13 @@ class TaskServiceStub:
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
+    """
     CreateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
     GetSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.GetScheduleRequest, _schedule_pb2.GetScheduleResponse]
@@ -79,6 +86,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]  # type: ignore[assignment]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
+    """
     CreateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]  # type: ignore[assignment]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
     GetSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.GetScheduleRequest, _schedule_pb2.GetScheduleResponse]  # type: ignore[assignment]
@@ -156,6 +170,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _task_service_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.UpdateTaskResponse, _abc.Awaitable[_task_service_pb2.UpdateTaskResponse]]:
+        """Changes the priority, run_at, labels or max_attempts of a task that has not started
+        (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+        ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+        FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+        same etag exactly one wins.
+        """
 
     @_abc_1.abstractmethod
     def CreateSchedule(
