@@ -17,7 +17,6 @@ import uuid_utils
 from opentelemetry import trace
 
 from conveyor.client._channel import AdminMethod, Connection, RetryRules, StubMethod
-from conveyor.client._locks import Lock
 from conveyor.client._encryption import (
     open_schedule,
     open_submitted,
@@ -27,6 +26,7 @@ from conveyor.client._encryption import (
     seal_template,
 )
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock
 from conveyor.client._models import (
     UNSET,
     CatchUpPolicy,
@@ -411,6 +411,39 @@ class AsyncClient:
             InvalidStateError: The task is not DEAD.
         """
         return await self._task_call(lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id))
+
+    async def update(
+        self,
+        task_id: str,
+        *,
+        etag: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Task:
+        """Changes a task that has not started (PENDING or SCHEDULED, no attempt counted);
+        arguments left ``None`` keep their value. ``labels`` replaces all of them. A
+        ``run_at`` in the future makes the task SCHEDULED, one now or past PENDING.
+
+        With ``etag`` (``Task.etag`` of a read), the change applies only if the task did
+        not change since: of concurrent updates with one etag, exactly one wins.
+
+        Raises:
+            EtagMismatchError: The task changed since it was read (``etag`` is stale).
+            InvalidStateError: The task has started (or finished).
+        """
+        request = pb.UpdateTaskRequest(id=task_id, etag=etag or "")
+        if priority is not None:
+            request.priority = priority
+        if max_attempts is not None:
+            request.max_attempts = max_attempts
+        if run_at is not None:
+            request.run_at.FromDatetime(run_at)
+        if labels is not None:
+            request.update_labels = True
+            request.labels.update(labels)
+        return await self._task_call(lambda s: s.tasks.UpdateTask, request)
 
     async def _task_call(self, method: StubMethod, request: Any) -> Task:
         """A transition of one task (cancel, retry: never resent once it may have reached

@@ -97,7 +97,9 @@ class Lock:
             )
             if response.acquired:
                 break
-            wait = min(max(response.retry_after.ToTimedelta().total_seconds(), _MIN_POLL), _MAX_POLL)
+            wait = min(
+                max(response.retry_after.ToTimedelta().total_seconds(), _MIN_POLL), _MAX_POLL
+            )
             if deadline is not None and loop.time() + wait > deadline:
                 raise TimeoutError(
                     f"lock {self.name!r} is held by another holder; gave up after "

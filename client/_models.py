@@ -298,6 +298,9 @@ class Task:
     unserved: bool = False
     #: When unserved for want of a key: the key id no connected worker holds.
     unserved_encryption_key: str = ""
+    #: The task's version: ``update()`` with it changes the task only if nothing else
+    #: changed it since this read.
+    etag: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -367,6 +370,7 @@ class Task:
             attempt=msg.attempt,
             max_attempts=msg.max_attempts,
             uncounted_attempts=msg.uncounted_attempts,
+            etag=msg.etag,
             priority=msg.priority,
             result=msg.result,
             last_error=msg.last_error or None,

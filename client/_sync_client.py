@@ -284,6 +284,38 @@ class Client:
         """
         return self._loop.run(self._async.retry(task_id))
 
+    def update(
+        self,
+        task_id: str,
+        *,
+        etag: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Task:
+        """Changes a task that has not started (PENDING or SCHEDULED, no attempt counted);
+        arguments left ``None`` keep their value. ``labels`` replaces all of them. A
+        ``run_at`` in the future makes the task SCHEDULED, one now or past PENDING.
+
+        With ``etag`` (``Task.etag`` of a read), the change applies only if the task did
+        not change since: of concurrent updates with one etag, exactly one wins.
+
+        Raises:
+            EtagMismatchError: The task changed since it was read (``etag`` is stale).
+            InvalidStateError: The task has started (or finished).
+        """
+        return self._loop.run(
+            self._async.update(
+                task_id,
+                etag=etag,
+                priority=priority,
+                run_at=run_at,
+                max_attempts=max_attempts,
+                labels=labels,
+            )
+        )
+
     def watch(self, task_id: str) -> Iterator[Task]:
         """Yields the task's current state, then each change, until it is terminal.
 

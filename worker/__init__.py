@@ -19,6 +19,7 @@
 All logging goes to the ``conveyor.worker`` logger.
 """
 
+from conveyor.client._locks import Lock
 from conveyor.transport._encryption import (
     Binding,
     DecryptionError,
@@ -30,7 +31,6 @@ from conveyor.transport._encryption import (
     KeyUnavailableError,
     PayloadCodec,
 )
-from conveyor.client._locks import Lock
 from conveyor.transport._errors import LeaseNotHeldError, LockNotHeldError, WorkerIdInUseError
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials

@@ -145,7 +145,9 @@ class Ledger:
         if not calls.resume_token:
             raise RuntimeError("the worker has no session yet: it cannot prove its lease")
         request = pb.RecordEffectRequest(
-            lease=worker_service_pb2.Lease(task_id=ctx.task_id, attempt=ctx.attempt, epoch=ctx.epoch),
+            lease=worker_service_pb2.Lease(
+                task_id=ctx.task_id, attempt=ctx.attempt, epoch=ctx.epoch
+            ),
             resume_token=calls.resume_token,
             key=key,
             result=json.dumps(result, separators=(",", ":")).encode(),

@@ -179,7 +179,9 @@ class LockServicer(pb_grpc.LockServiceServicer):
         handle = secrets.token_bytes(HANDLE_BYTES)
         async with self._deps.db.write() as conn:
             taken = await lock_store.acquire(conn, tenant, request.name, handle, ttl)
-            left = 0.0 if taken is not None else await lock_store.time_left(conn, tenant, request.name)
+            left = (
+                0.0 if taken is not None else await lock_store.time_left(conn, tenant, request.name)
+            )
         if taken is None:
             wait = duration_pb2.Duration()
             wait.FromTimedelta(timedelta(seconds=left))

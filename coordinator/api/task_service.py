@@ -21,7 +21,7 @@ from conveyor.coordinator.api import context, pages, validation
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
@@ -210,6 +210,38 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         if changed is not None:
             self._deps.after_commit.publish(cause, [changed])
         return row
+
+    async def UpdateTask(
+        self, request: task_service_pb2.UpdateTaskRequest, context_: Context
+    ) -> task_service_pb2.UpdateTaskResponse:
+        update = validation.validate_update(request)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            current = await store.lock_for_update(conn, tenant, update.task_id)
+            if current is None:
+                raise TaskNotFound(request.id)
+            etag = convert.task_etag(current["version"])
+            if update.etag and update.etag != etag:
+                raise EtagMismatch(f"task {request.id}", update.etag, etag)
+            if not store.waiting_unstarted(current):
+                state = task_pb2.TaskState.Name(current["state"])
+                raise InvalidState(request.id, state, "update started")
+            changed = await store.update_waiting(
+                conn,
+                tenant,
+                update.task_id,
+                version=current["version"],
+                priority=update.priority,
+                max_attempts=update.max_attempts,
+                labels=update.labels,
+                run_at=update.run_at,
+                fence=self._deps.office.fence(),
+            )
+            row = await store.get(conn, tenant, update.task_id)
+        assert row is not None  # locked above: nothing deleted it
+        if changed is not None:
+            self._deps.after_commit.publish(Cause.UPDATED, [changed])
+        return task_service_pb2.UpdateTaskResponse(task=convert.task_from_row(row))
 
     # -- schedules (ScheduleService's) -------------------------------------------------------
 

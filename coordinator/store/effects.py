@@ -88,7 +88,7 @@ async def record(
 
 _GET = Query(
     "get_effect",
-    f"""
+    """
     SELECT t.id IS NOT NULL AS task_found, e.task_id::text AS task_id, e.key, e.result,
         e.attempt, e.fencing_token, e.create_time
     FROM tasks t LEFT JOIN task_effects e ON e.task_id = t.id AND e.key = :key

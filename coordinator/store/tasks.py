@@ -1152,3 +1152,90 @@ async def redrive(
     """Makes a DEAD task PENDING with a fresh attempt budget; returns its transition, None
     if it is not DEAD."""
     return await _REDRIVE.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
+
+
+# -- versioned updates (UpdateTask) -----------------------------------------------------------
+
+_FOR_UPDATE = Query(
+    "task_for_update",
+    """
+    SELECT state, attempt, attempt_base, version FROM tasks
+    WHERE tenant = :tenant AND id = :id
+    FOR UPDATE
+    """,
+)
+
+
+async def lock_for_update(
+    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """Locks the tenant's task until the transaction ends; its state, attempts and
+    version (None when there is no such task). Concurrent updates of one task queue here,
+    and each sees the version the one before it wrote."""
+    return await _FOR_UPDATE.fetchrow(conn, tenant=tenant, id=task_id)
+
+
+def waiting_unstarted(row: asyncpg.Record) -> bool:
+    """Whether UpdateTask may change the task: it waits (PENDING, SCHEDULED) and no
+    attempt counted since its submit or its last RetryTask."""
+    return row["state"] in (PENDING, SCHEDULED) and row["attempt"] == row["attempt_base"]
+
+
+_UPDATE = Query(
+    "update_task",
+    f"""
+    WITH old AS (
+        SELECT id, state FROM tasks
+        WHERE {FENCE} AND tenant = :tenant AND id = :id AND version = :version
+          AND state IN ({PENDING}, {SCHEDULED}) AND attempt = attempt_base
+    ), updated AS (
+        UPDATE tasks t SET
+            priority = coalesce(:priority::int, t.priority),
+            max_attempts = coalesce(:max_attempts::int, t.max_attempts),
+            labels = coalesce(:labels::jsonb, t.labels),
+            run_at = coalesce(:run_at::timestamptz, t.run_at),
+            state = CASE
+                WHEN :run_at::timestamptz IS NULL THEN t.state
+                WHEN :run_at::timestamptz > now() THEN {SCHEDULED}
+                ELSE {PENDING}
+            END,
+            version = t.version + 1, update_time = now()
+        FROM old WHERE t.id = old.id
+        RETURNING t.*, old.state AS old_state
+    ), changed AS (
+        SELECT {changed("updated", from_state="updated.old_state")} FROM updated
+        WHERE updated.state <> updated.old_state
+    ) {TAIL}
+    """,
+)
+
+
+async def update_waiting(
+    conn: asyncpg.Connection,
+    tenant: str,
+    task_id: uuid.UUID,
+    *,
+    version: int,
+    priority: int | None,
+    max_attempts: int | None,
+    labels: str | None,
+    run_at: datetime | None,
+    fence: Fence,
+) -> asyncpg.Record | None:
+    """Changes the fields given (None: kept) of a waiting, unstarted task still at
+    ``version``, and bumps the version; a ``run_at`` in the future makes it SCHEDULED, one
+    now or past PENDING. Call :func:`lock_for_update` first in the same transaction (it
+    tells why a task cannot be updated). Fenced (the state it sets is dispatch state).
+    Returns the transition when the state changed, else None.
+    """
+    return await _UPDATE.fetchrow(
+        conn,
+        tenant=tenant,
+        id=task_id,
+        version=version,
+        priority=priority,
+        max_attempts=max_attempts,
+        labels=labels,
+        run_at=run_at,
+        fence=fence,
+    )

@@ -7,23 +7,29 @@ module; worker and lock-holder processes are real, killed with real signals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import json
 import os
 import random
+import re
 import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
+import lock_holder
 import pytest
 from cluster import SUPPORT_DIR, WorkerProcess
+from google.protobuf import duration_pb2, timestamp_pb2
+from processes import ManagedProcess
 from testsupport import RawWorker, coordinator_config, error_details, eventually
 
+from conveyor.client import AsyncClient, EtagMismatchError
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import (
     effects_service_pb2,
@@ -33,7 +39,6 @@ from conveyor.v1 import (
     worker_service_pb2,
 )
 from conveyor.worker import fencing_token, pg_ledger
-
 from tests.conftest import run_async
 
 E = effects_service_pb2
@@ -81,9 +86,7 @@ def dsns(pg_dsn: str) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 async def coordinator(dsns: tuple[str, str]) -> AsyncIterator[Coordinator]:
-    coord = Coordinator(
-        coordinator_config(dsns[0], lease_duration=LEASE, heartbeat_interval=0.25)
-    )
+    coord = Coordinator(coordinator_config(dsns[0], lease_duration=LEASE, heartbeat_interval=0.25))
     await coord.start()
     try:
         yield coord
@@ -200,7 +203,10 @@ async def test_ledger_records_only_under_the_current_lease(
         ),
     ]
     for request in bad:
-        assert await _code(ledger.RecordEffect(request)) == (CODE.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert await _code(ledger.RecordEffect(request)) == (
+            CODE.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
     assert (await _code(ledger.GetEffect(E.GetEffectRequest(task_id="nope", key="k"))))[
         0
     ] == CODE.INVALID_ARGUMENT
@@ -336,3 +342,173 @@ async def test_each_effect_happens_once_across_sigkills(
     # Every effect carries its attempt's token; the kills made later attempts, with larger.
     tokens = await effects_db.fetch("SELECT attempt, fencing_token FROM effects")
     assert all(r["fencing_token"] & 0xFFFFFFFF == r["attempt"] for r in tokens)
+
+
+# -- locks with fencing tokens -----------------------------------------------------------
+
+
+class LockHolder(ManagedProcess):
+    """``lock_holder.py`` (see its docstring)."""
+
+    def __init__(self, address: str, dsn: str, name: str, ttl: float, log_dir: Path) -> None:
+        super().__init__(f"lock-holder-{name}", log_dir)
+        self.args = [address, dsn, name, str(ttl)]
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(SUPPORT_DIR / "lock_holder.py"), *self.args]
+
+    def environment(self) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(SUPPORT_DIR), os.environ.get("PYTHONPATH")) if p)
+        return {**super().environment(), "PYTHONPATH": path}
+
+
+@pytest.mark.slow
+async def test_a_paused_lock_holder_is_fenced_off(
+    coordinator: Coordinator, effects_db: asyncpg.Connection, dsns: tuple[str, str], tmp_path: Path
+) -> None:
+    ttl = 0.5
+    holder = LockHolder(coordinator.address, dsns[1], "export", ttl, tmp_path).start()
+    try:
+        first = await eventually(
+            lambda: re.search(r"acquired (\d+)", holder.log_tail()),
+            timeout=30,
+            what="the holder to take the lock",
+        )
+        old = int(first.group(1))
+        await eventually(
+            lambda: effects_db.fetchval("SELECT fencing_token FROM resource WHERE name = 'export'"),
+            what="the holder's first write",
+        )
+        holder.pause()  # SIGSTOP: it still believes it holds the lock
+        async with AsyncClient(coordinator.address) as client:
+            async with client.lock("export", ttl, timeout=10) as lock:
+                # Taken only once the paused holder's TTL ran out, with a larger token.
+                assert lock.fencing_token > old
+                await lock_holder.write(effects_db, "export", "second", lock.fencing_token)
+                holder.resume()
+                # The paused holder wakes up and writes with its old token: refused.
+                await eventually(
+                    lambda: f"refused {old}" in holder.log_tail(), what="the late write refused"
+                )
+                assert await holder.wait_exit(10) == 0
+                row = await effects_db.fetchrow("SELECT * FROM resource WHERE name = 'export'")
+                assert (row["value"], row["fencing_token"]) == ("second", lock.fencing_token)
+    finally:
+        holder.kill()
+
+
+async def test_lock_tokens_grow_and_bad_input_is_refused(
+    coordinator: Coordinator, channel: grpc.aio.Channel
+) -> None:
+    locks = effects_service_pb2_grpc.LockServiceStub(channel)
+    async with AsyncClient(coordinator.address) as client:
+        async with client.lock("nightly", 5) as first:
+            with pytest.raises(TimeoutError):
+                await client.lock("nightly", 5, timeout=0).acquire()
+            await first.renew()
+        async with client.lock("nightly", 5) as second:
+            assert second.fencing_token == first.fencing_token + 1
+        async with client.lock("nightly", 5, renew=False) as third:
+            assert third.fencing_token == second.fencing_token + 1
+    ttl = duration_pb2.Duration(seconds=1)
+    bad = [
+        locks.AcquireLock(E.AcquireLockRequest(name="", ttl=ttl)),
+        locks.AcquireLock(E.AcquireLockRequest(name="x\x00", ttl=ttl)),
+        locks.AcquireLock(E.AcquireLockRequest(name="x")),
+        locks.AcquireLock(E.AcquireLockRequest(name="x", ttl=duration_pb2.Duration(nanos=1000))),
+        locks.AcquireLock(E.AcquireLockRequest(name="x", ttl=duration_pb2.Duration(seconds=7200))),
+        locks.RenewLock(E.RenewLockRequest(name="x", handle=b"short", ttl=ttl)),
+        locks.ReleaseLock(E.ReleaseLockRequest(name="x", handle=b"")),
+    ]
+    for call in bad:
+        assert await _code(call) == (CODE.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    stale = E.RenewLockRequest(name="nightly", handle=os.urandom(16), ttl=ttl)
+    assert await _code(locks.RenewLock(stale)) == (CODE.FAILED_PRECONDITION, "LOCK_NOT_HELD")
+
+
+# -- versioned task updates --------------------------------------------------------------
+
+
+async def test_update_task_is_versioned_and_one_concurrent_update_wins(
+    coordinator: Coordinator, channel: grpc.aio.Channel
+) -> None:
+    tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+    later = timestamp_pb2.Timestamp()
+    later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    submitted = await tasks.SubmitTask(
+        T.SubmitTaskRequest(type="update-me", queue="updates", run_at=later)
+    )
+    task = submitted.task
+    assert task.state == 2 and task.etag == "1"
+    got = (await tasks.GetTask(T.GetTaskRequest(id=task.id))).task
+    assert got.etag == "1"
+
+    changed = await tasks.UpdateTask(
+        T.UpdateTaskRequest(
+            id=task.id, etag="1", priority=7, max_attempts=9, update_labels=True,
+            labels={"team": "billing"},
+        )
+    )  # fmt: skip
+    updated = changed.task
+    assert (updated.priority, updated.max_attempts, dict(updated.labels)) == (
+        7, 9, {"team": "billing"},
+    )  # fmt: skip
+    assert updated.etag == "2" and updated.state == 2
+    stale = T.UpdateTaskRequest(id=task.id, etag="1", priority=1)
+    assert await _code(tasks.UpdateTask(stale)) == (CODE.ABORTED, "ETAG_MISMATCH")
+
+    # Concurrent updates with the same etag, each on its own connection: exactly one wins.
+    channels = [grpc.aio.insecure_channel(coordinator.address) for _ in range(6)]
+    try:
+        answers = await asyncio.gather(
+            *(
+                _code(
+                    task_service_pb2_grpc.TaskServiceStub(c).UpdateTask(
+                        T.UpdateTaskRequest(id=task.id, etag="2", priority=100 + i)
+                    )
+                )
+                for i, c in enumerate(channels)
+            )
+        )
+    finally:
+        for c in channels:
+            await c.close()
+    assert collections.Counter(answers) == {
+        (CODE.OK, ""): 1,
+        (CODE.ABORTED, "ETAG_MISMATCH"): 5,
+    }
+    after = (await tasks.GetTask(T.GetTaskRequest(id=task.id))).task
+    assert after.etag == "3" and 100 <= after.priority < 106
+
+    # A run_at now makes it PENDING; through the client library too.
+    async with AsyncClient(coordinator.address) as client:
+        now_due = await client.update(task.id, etag="3", run_at=datetime.now(UTC))
+        assert now_due.state.name == "PENDING" and now_due.etag == "4"
+        with pytest.raises(EtagMismatchError):
+            await client.update(task.id, etag="3", priority=0)
+
+    # Once started, FAILED_PRECONDITION.
+    worker = RawWorker(coordinator.address)
+    try:
+        await worker.connect("updates-w", types=("update-me",), queues=("updates",))
+        (assignment,) = await worker.assignments(1)
+        assert assignment.lease.task_id == task.id
+        running = T.UpdateTaskRequest(id=task.id, priority=1)
+        assert await _code(tasks.UpdateTask(running)) == (
+            CODE.FAILED_PRECONDITION,
+            "INVALID_STATE",
+        )
+    finally:
+        await worker.close()
+
+    bad = [
+        T.UpdateTaskRequest(id=task.id),  # nothing to change
+        T.UpdateTaskRequest(id=task.id, priority=5000),
+        T.UpdateTaskRequest(id=task.id, max_attempts=0),
+        T.UpdateTaskRequest(id=task.id, labels={"a": "b"}),  # without update_labels
+        T.UpdateTaskRequest(id="not-a-task", priority=1),
+    ]
+    for request in bad:
+        assert await _code(tasks.UpdateTask(request)) == (CODE.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    unknown = T.UpdateTaskRequest(id=str(uuid.uuid4()), priority=1)
+    assert await _code(tasks.UpdateTask(unknown)) == (CODE.NOT_FOUND, "TASK_NOT_FOUND")
