@@ -380,19 +380,21 @@ async def test_a_paused_lock_holder_is_fenced_off(
             what="the holder's first write",
         )
         holder.pause()  # SIGSTOP: it still believes it holds the lock
-        async with AsyncClient(coordinator.address) as client:
-            async with client.lock("export", ttl, timeout=10) as lock:
-                # Taken only once the paused holder's TTL ran out, with a larger token.
-                assert lock.fencing_token > old
-                await lock_holder.write(effects_db, "export", "second", lock.fencing_token)
-                holder.resume()
-                # The paused holder wakes up and writes with its old token: refused.
-                await eventually(
-                    lambda: f"refused {old}" in holder.log_tail(), what="the late write refused"
-                )
-                assert await holder.wait_exit(10) == 0
-                row = await effects_db.fetchrow("SELECT * FROM resource WHERE name = 'export'")
-                assert (row["value"], row["fencing_token"]) == ("second", lock.fencing_token)
+        async with (
+            AsyncClient(coordinator.address) as client,
+            client.lock("export", ttl, timeout=10) as lock,
+        ):
+            # Taken only once the paused holder's TTL ran out, with a larger token.
+            assert lock.fencing_token > old
+            await lock_holder.write(effects_db, "export", "second", lock.fencing_token)
+            holder.resume()
+            # The paused holder wakes up and writes with its old token: refused.
+            await eventually(
+                lambda: f"refused {old}" in holder.log_tail(), what="the late write refused"
+            )
+            assert await holder.wait_exit(10) == 0
+            row = await effects_db.fetchrow("SELECT * FROM resource WHERE name = 'export'")
+            assert (row["value"], row["fencing_token"]) == ("second", lock.fencing_token)
     finally:
         holder.kill()
 
