@@ -17,7 +17,7 @@ settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.clien
 
 from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
-from conveyor.client._locks import Lock
+from conveyor.client._locks import Lock, SyncLock
 from conveyor.client._models import (
     AttemptOutcome,
     CatchUpPolicy,
@@ -111,6 +111,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",

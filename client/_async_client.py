@@ -169,7 +169,8 @@ class AsyncClient:
     def lock(
         self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
     ) -> Lock:
-        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``.
+        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``
+        (``with`` on the blocking client).
 
         The block runs once the lock is taken (waiting up to ``timeout`` seconds for its
         holder, then :class:`TimeoutError`); ``lk.fencing_token`` is larger than that of

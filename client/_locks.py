@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from google.protobuf import duration_pb2
 
@@ -25,9 +26,10 @@ from conveyor.client._channel import Connection
 from conveyor.transport._errors import LockNotHeldError, RPCError
 from conveyor.v1 import effects_service_pb2 as pb
 
-__all__ = ["Lock"]
+__all__ = ["Lock", "SyncLock"]
 
 _log = logging.getLogger("conveyor.lock")
+
 
 # Polling a held lock: at most this long between tries, however long its TTL has left
 # (a holder that releases early frees it sooner).
@@ -172,3 +174,50 @@ class Lock:
             # Unreleased, the lock frees itself when its TTL runs out; the block's own
             # exception (if any) is the one the caller needs to see.
             _log.warning("could not release lock %r: %s", self.name, error)
+
+
+class SyncLock:
+    """The blocking twin of :class:`Lock` (``Client.lock``): ``with client.lock(...) as lk``.
+
+    The lock lives on the blocking client's loop thread, which renews it while the block
+    runs; :attr:`fencing_token` is the same, and so is the rule: pass it with every write.
+    """
+
+    def __init__(self, lock: Lock, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+        self._lock = lock
+        self._run = run
+
+    @property
+    def name(self) -> str:
+        return self._lock.name
+
+    @property
+    def fencing_token(self) -> int:
+        """This acquisition's token (0 before the lock is taken)."""
+        return self._lock.fencing_token
+
+    @property
+    def lost(self) -> bool:
+        """Whether a renewal found the lock gone."""
+        return self._lock.lost.is_set()
+
+    def acquire(self) -> Self:
+        self._run(self._lock.acquire())
+        return self
+
+    def renew(self) -> None:
+        self._run(self._lock.renew())
+
+    def release(self) -> None:
+        self._run(self._lock.release())
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._run(self._lock.__aexit__(exc_type, exc, tb))

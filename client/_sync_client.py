@@ -23,6 +23,7 @@ from typing import Any, Self, TypeVar, Unpack
 from opentelemetry import trace
 
 from conveyor.client._async_client import AsyncClient
+from conveyor.client._locks import SyncLock
 from conveyor.client._models import (
     UNSET,
     CatchUpPolicy,
@@ -166,6 +167,22 @@ class Client:
                 self._loop.run(self._async.close())
             finally:
                 self._loop.stop()
+
+    def lock(
+        self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
+    ) -> SyncLock:
+        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``
+        (``with`` on the blocking client).
+
+        The block runs once the lock is taken (waiting up to ``timeout`` seconds for its
+        holder, then :class:`TimeoutError`); ``lk.fencing_token`` is larger than that of
+        every earlier holder of the name. A lock alone does not give mutual exclusion: a
+        holder paused past ``ttl`` (renewed every ``ttl / 3`` while the block runs) still
+        runs while another holds the lock, so pass the token with every write and have
+        the resource refuse a smaller one than it has seen (see :class:`Lock`). Locks
+        are per tenant; the API key needs the ``worker`` scope.
+        """
+        return SyncLock(self._async.lock(name, ttl, timeout=timeout, renew=renew), self._loop.run)
 
     # -- generated from AsyncClient by `python -m conveyor.client._codegen`; do not edit below --
     def submit(

@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from processes import ManagedProcess
 from testsupport import RawWorker, coordinator_config, error_details, eventually
 
-from conveyor.client import AsyncClient, EtagMismatchError
+from conveyor.client import AsyncClient, Client, EtagMismatchError
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import (
     effects_service_pb2,
@@ -412,6 +412,12 @@ async def test_lock_tokens_grow_and_bad_input_is_refused(
             assert second.fencing_token == first.fencing_token + 1
         async with client.lock("nightly", 5, renew=False) as third:
             assert third.fencing_token == second.fencing_token + 1
+
+    def blocking() -> int:  # the blocking client's twin, off this test's loop
+        with Client(coordinator.address) as sync_client, sync_client.lock("nightly", 5) as lk:
+            return lk.fencing_token
+
+    assert await asyncio.to_thread(blocking) == third.fencing_token + 1
     ttl = duration_pb2.Duration(seconds=1)
     bad = [
         locks.AcquireLock(E.AcquireLockRequest(name="", ttl=ttl)),

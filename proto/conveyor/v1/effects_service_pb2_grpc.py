@@ -68,13 +68,15 @@ class LedgerServiceServicer:
         one returns it unchanged (recorded = false). Refused with FAILED_PRECONDITION
         (LEASE_NOT_HELD) unless the lease is the task's current one and was granted to the
         process presenting resume_token: an attempt that lost its lease cannot record.
+        NOT_FOUND (TASK_NOT_FOUND) when the caller's tenant has no such task.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetEffect(self, request, context):
-        """The entry recorded under a key of one task of the caller's tenant, if any.
+        """The entry recorded under a key of one task of the caller's tenant, if any;
+        NOT_FOUND (TASK_NOT_FOUND) when the tenant has no such task.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,9 +45,12 @@ class LedgerServiceStub:
     one returns it unchanged (recorded = false). Refused with FAILED_PRECONDITION
     (LEASE_NOT_HELD) unless the lease is the task's current one and was granted to the
     process presenting resume_token: an attempt that lost its lease cannot record.
+    NOT_FOUND (TASK_NOT_FOUND) when the caller's tenant has no such task.
     """
     GetEffect: _grpc.UnaryUnaryMultiCallable[_effects_service_pb2.GetEffectRequest, _effects_service_pb2.GetEffectResponse]
-    """The entry recorded under a key of one task of the caller's tenant, if any."""
+    """The entry recorded under a key of one task of the caller's tenant, if any;
+    NOT_FOUND (TASK_NOT_FOUND) when the tenant has no such task.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -66,9 +69,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     one returns it unchanged (recorded = false). Refused with FAILED_PRECONDITION
     (LEASE_NOT_HELD) unless the lease is the task's current one and was granted to the
     process presenting resume_token: an attempt that lost its lease cannot record.
+    NOT_FOUND (TASK_NOT_FOUND) when the caller's tenant has no such task.
     """
     GetEffect: _aio.UnaryUnaryMultiCallable[_effects_service_pb2.GetEffectRequest, _effects_service_pb2.GetEffectResponse]  # type: ignore[assignment]
-    """The entry recorded under a key of one task of the caller's tenant, if any."""
+    """The entry recorded under a key of one task of the caller's tenant, if any;
+    NOT_FOUND (TASK_NOT_FOUND) when the tenant has no such task.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is the idempotency ledger of handlers: "this effect of this task happened,
@@ -90,6 +96,7 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         one returns it unchanged (recorded = false). Refused with FAILED_PRECONDITION
         (LEASE_NOT_HELD) unless the lease is the task's current one and was granted to the
         process presenting resume_token: an attempt that lost its lease cannot record.
+        NOT_FOUND (TASK_NOT_FOUND) when the caller's tenant has no such task.
         """
 
     @_abc_1.abstractmethod
@@ -98,7 +105,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _effects_service_pb2.GetEffectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_effects_service_pb2.GetEffectResponse, _abc.Awaitable[_effects_service_pb2.GetEffectResponse]]:
-        """The entry recorded under a key of one task of the caller's tenant, if any."""
+        """The entry recorded under a key of one task of the caller's tenant, if any;
+        NOT_FOUND (TASK_NOT_FOUND) when the tenant has no such task.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
