@@ -38,7 +38,7 @@ from conveyor.v1 import (
     task_service_pb2_grpc,
     worker_service_pb2,
 )
-from conveyor.worker import fencing_token, pg_ledger
+from conveyor.worker import TaskContext, Worker, fencing_token, pg_ledger
 from tests.conftest import run_async
 
 E = effects_service_pb2
@@ -221,6 +221,32 @@ async def test_ledger_records_only_under_the_current_lease(
         key="k",
     )
     assert await _code(ledger.RecordEffect(stray)) == (CODE.NOT_FOUND, "TASK_NOT_FOUND")
+
+
+async def test_handlers_reach_the_ledger_and_locks_through_their_context(
+    coordinator: Coordinator,
+) -> None:
+    worker = Worker(coordinator.address, queues=["handler-tools"], grace_period=1.0)
+
+    @worker.task("tools")
+    async def tools(ctx: TaskContext, payload: Any) -> dict[str, Any]:
+        async with ctx.lock("handler-lock", ttl=2) as lock:
+            first = await ctx.ledger.record("step", {"lock": lock.fencing_token})
+            again = await ctx.ledger.record("step", "ignored")  # the first record stands
+            seen = await ctx.ledger.get("step")
+            assert seen is not None and seen == again == first
+            return {
+                "lock": lock.fencing_token,
+                "ledger": seen.result,
+                "token": seen.fencing_token,
+                "fencing": ctx.fencing_token,
+            }
+
+    async with worker, AsyncClient(coordinator.address) as client:
+        task = await client.submit("tools", None, queue="handler-tools")
+        result = await client.result(task.id, timeout=30)
+    assert result["lock"] >= 1 and result["ledger"] == {"lock": result["lock"]}
+    assert result["token"] == result["fencing"] == fencing_token(1, 1)
 
 
 async def test_fencing_tokens_refuse_a_stale_writer(effects_db: asyncpg.Connection) -> None:
