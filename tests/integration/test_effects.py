@@ -102,7 +102,6 @@ async def effects_db(dsns: tuple[str, str]) -> AsyncIterator[asyncpg.Connection]
         """
         CREATE TABLE effects (task_id uuid NOT NULL, attempt int NOT NULL,
             fencing_token bigint NOT NULL);
-        CREATE TABLE kills (task_id uuid PRIMARY KEY, point text NOT NULL);
         CREATE TABLE resource (name text PRIMARY KEY, value text NOT NULL,
             fencing_token bigint NOT NULL);
         """
@@ -312,7 +311,10 @@ async def test_each_effect_happens_once_across_sigkills(
     control.mkdir()
     server = ForkServer(
         coordinator.address, tmp_path / "unused.log", log_dir=tmp_path, concurrency=RUNS,
-        env={"CONVEYOR_TEST_EFFECTS_DSN": dsns[1], "CONVEYOR_TEST_WORKER_ID": WORKER_ID},
+        env={
+            "CONVEYOR_TEST_EFFECTS_DSN": dsns[1], "CONVEYOR_TEST_WORKER_ID": WORKER_ID,
+            "CONVEYOR_TEST_KILL_DIR": str(control),
+        },
     )  # fmt: skip
     server.control = control
     server.start()
@@ -347,7 +349,7 @@ async def test_each_effect_happens_once_across_sigkills(
     finally:
         server.kill()
 
-    killed = {str(r["task_id"]): r["point"] for r in await effects_db.fetch("SELECT * FROM kills")}
+    killed = {p.name.removeprefix("kill-"): p.read_text() for p in control.glob("kill-*")}
     counts = {
         str(r["task_id"]): r["n"]
         for r in await effects_db.fetch(
@@ -365,7 +367,7 @@ async def test_each_effect_happens_once_across_sigkills(
             # The retry found the record and skipped the effect.
             assert task.attempt >= 2 and json.loads(task.result) == "skipped", (seed, task)
     assert lives == sum(p["kill"] != "none" for p in plans.values())
-    # Every effect carries its attempt's token; the kills made later attempts, with larger.
+    # Every effect carries its attempt's token (epoch << 32 | attempt).
     tokens = await effects_db.fetch("SELECT attempt, fencing_token FROM effects")
     assert all(r["fencing_token"] & 0xFFFFFFFF == r["attempt"] for r in tokens)
 

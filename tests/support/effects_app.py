@@ -2,8 +2,9 @@
 
 Each ``effect`` task does one effect (a row in the ``effects`` table of the database named
 by ``CONVEYOR_TEST_EFFECTS_DSN``) guarded by the ledger its payload names, and kills its
-own process with SIGKILL at the point its payload names, once per task (a ``kills`` row
-says it happened; a retry does not kill again). The guarded sections run one at a time in
+own process with SIGKILL at the point its payload names, once per task (a file
+``kill-<task id>`` in ``CONVEYOR_TEST_KILL_DIR`` says it happened and where; a retry does
+not kill again). The guarded sections run one at a time in
 the process, so a kill lands at the chosen point of one task while the others are before
 or after their sections: never between another task's effect and its record, the one gap
 the coordinator's ledger does not close (its docs say so).
@@ -42,19 +43,20 @@ _DSN = os.environ.get("CONVEYOR_TEST_EFFECTS_DSN", "")
 _section = asyncio.Lock()
 
 
-async def _kill_here(marks: asyncpg.Connection, ctx: TaskContext, point: str, wanted: str) -> None:
+def _kill_here(ctx: TaskContext, point: str, wanted: str) -> None:
     """SIGKILLs this process if ``point`` is the task's kill point and it was not killed
-    there yet (the row commits first, on a connection outside the effect's transaction,
-    so the retry knows)."""
+    there yet (the mark is made first, outside the effect's transaction, so the retry
+    knows)."""
     if point != wanted:
         return
-    first = await marks.fetchval(
-        "INSERT INTO kills (task_id, point) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
-        ctx.task_id,
-        point,
-    )
-    if first:
-        os.kill(os.getpid(), signal.SIGKILL)
+    mark = Path(os.environ["CONVEYOR_TEST_KILL_DIR"]) / f"kill-{ctx.task_id}"
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, point.encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _do_effect(conn: asyncpg.Connection, ctx: TaskContext) -> None:
@@ -70,27 +72,25 @@ async def _do_effect(conn: asyncpg.Connection, ctx: TaskContext) -> None:
 async def effect(ctx: TaskContext, payload: dict[str, Any]) -> str:
     point = payload["kill"]
     conn = await asyncpg.connect(_DSN)
-    marks = await asyncpg.connect(_DSN)
     try:
         async with _section:
-            await _kill_here(marks, ctx, point, "before_effect")
+            _kill_here(ctx, point, "before_effect")
             if payload["ledger"] == "postgres":
                 async with conn.transaction():
                     if await pg_ledger.is_processed(conn, ctx, "effect"):
                         return "skipped"
                     await _do_effect(conn, ctx)
-                    await _kill_here(marks, ctx, point, "in_transaction")
+                    _kill_here(ctx, point, "in_transaction")
                     await pg_ledger.mark_processed(conn, ctx, "effect")
             else:
                 if await ctx.ledger.get("effect") is not None:
                     return "skipped"
                 await _do_effect(conn, ctx)
                 await ctx.ledger.record("effect", {"attempt": ctx.attempt})
-            await _kill_here(marks, ctx, point, "after_record")
+            _kill_here(ctx, point, "after_record")
         return "done"
     finally:
         await conn.close()
-        await marks.close()
 
 
 def _serve_forks(control: Path) -> None:
