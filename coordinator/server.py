@@ -19,6 +19,7 @@ from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
 from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
@@ -178,6 +179,10 @@ class Coordinator:
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
+        if self.telemetry.metrics.enabled:
+            self.telemetry.metrics.watch_queue_pauses(
+                lambda: list(policy.pauses), loop=asyncio.get_running_loop()
+            )
         backlog = BacklogCounter(deps)
         quotas = Quotas(cfg, directory, backlog)
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
@@ -197,7 +202,9 @@ class Coordinator:
             step_down=workers.step_down,
         )
         api.serve(
-            TaskServicer(deps, self.submitter, schedules, quotas=quotas),
+            TaskServicer(
+                deps, self.submitter, schedules, quotas=quotas, queue_ops=QueueOps(deps, dispatcher)
+            ),
             workers,
             AdminServicer(
                 self.sessions,

@@ -179,6 +179,38 @@ def _their_keys_listed(answer: Answer, mine: Things, theirs: Things) -> None:
     assert {k.tenant for k in answer.response.keys} == {theirs.tenant}
 
 
+def _own_queue_paused(answer: Answer, mine: Things, theirs: Things) -> None:
+    # The queue is named like the other tenant's (which holds a pending task), but the
+    # name is per tenant: this tenant's own queue is paused, empty.
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and queue.paused and queue.pending == 0
+
+
+def _own_queue_resumed(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and not queue.paused and queue.pending == 0
+
+
+def _own_dead_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [t.id for t in answer.response.tasks] == [mine.dead]
+
+
+def _own_dead_groups_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [(g.type, g.count) for g in answer.response.groups] == [("doomed", 1)]
+
+
+def _theirs_not_found(answer: Answer, mine: Things, theirs: Things) -> None:
+    # A bulk call names what it did not find instead of failing: nothing of theirs.
+    assert answer.code == CODE.OK, answer
+    assert list(answer.response.not_found_ids) == [theirs.dead]
+    assert getattr(answer.response, "retried", 0) == 0
+    assert getattr(answer.response, "deleted", 0) == 0
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
 T = task_service_pb2
@@ -202,6 +234,21 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "WatchTask": (lambda o: T.WatchTaskRequest(id=o.pending), _not_found),
     TASKS + "RetryTask": (lambda o: T.RetryTaskRequest(id=o.dead), _not_found),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
+    TASKS + "PauseQueue": (
+        lambda o: T.PauseQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_paused,
+    ),
+    TASKS + "ResumeQueue": (
+        lambda o: T.ResumeQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_resumed,
+    ),
+    TASKS + "ListDeadTasks": (lambda o: T.ListDeadTasksRequest(), _own_dead_only),
+    TASKS + "ListDeadTaskGroups": (
+        lambda o: T.ListDeadTaskGroupsRequest(),
+        _own_dead_groups_only,
+    ),
+    TASKS + "RetryTasks": (lambda o: T.RetryTasksRequest(ids=[o.dead]), _theirs_not_found),
+    TASKS + "DeleteTasks": (lambda o: T.DeleteTasksRequest(ids=[o.dead]), _theirs_not_found),
     TASKS + "CreateSchedule": (
         lambda o: S.CreateScheduleRequest(schedule=schedule(f"twin-{o.tenant}")),
         _schedule_name_is_per_tenant,
