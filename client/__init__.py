@@ -19,7 +19,9 @@ from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
 from conveyor.client._models import (
     AttemptOutcome,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -73,10 +75,12 @@ __all__ = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
