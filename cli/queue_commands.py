@@ -1,5 +1,5 @@
-"""``conveyor queues pause|resume QUEUE`` and ``conveyor dead list|groups|retry``: queue
-operations and the dead-letter queue from the shell."""
+"""``conveyor queues pause|resume QUEUE``, ``conveyor dead list|groups|retry`` and
+``conveyor purge``: queue operations and the dead-letter queue from the shell."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def register(app: typer.Typer) -> None:
         ],
     )(retry)
     app.add_typer(group)
+    command(
+        app,
+        "purge",
+        example=[
+            "conveyor purge 01890a5d-ac96-774b-bcce-b302099a8057",
+            "conveyor purge --all --state succeeded --before 2030-01-01T00:00:00Z",
+        ],
+    )(purge)
 
 
 Queue = Annotated[str | None, typer.Option("--queue", help="Only this queue.")]
@@ -135,7 +143,7 @@ def list_(
                 t.queue,
                 t.type,
                 output.when(t.finish_time),
-                output.short(t.last_error.split("\n", 1)[0], 60),
+                output.short((t.last_error or "").split("\n", 1)[0], 60),
             )
             for t in found
         ],
@@ -210,11 +218,7 @@ def retry(
     """Redrive dead (and cancelled) tasks: by ids, or with --all every task the filter
     options match. Each runs again with a fresh set of attempts; a task redriven already
     is left alone, so repeating the command is safe."""
-    filters = (queue, type, fingerprint, after, before, state)
-    if bool(ids) == all_:
-        raise CLIError("give task ids, or --all with filter options (not both)", code=USAGE)
-    if ids and any(f for f in filters):
-        raise CLIError("filter options go with --all, not with task ids", code=USAGE)
+    _check_target(ids, all_, (queue, type, fingerprint, after, before, state))
     with g.client() as client:
         if ids:
             result = client.retry_tasks(ids)
@@ -230,6 +234,53 @@ def retry(
             )
     output.print_text(bulk_text("redrove", result))
     return 0
+
+
+def purge(
+    ids: Annotated[
+        list[str] | None, typer.Argument(metavar="[ID]...", help="Finished task ids.")
+    ] = None,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Delete every task the filter options match.")
+    ] = False,
+    queue: Queue = None,
+    type: Type = None,
+    fingerprint: Fingerprint = None,
+    after: After = None,
+    before: Before = None,
+    state: States = None,
+    max_tasks: Annotated[
+        int, typer.Option("--max", min=1, max=100_000, help="At most this many per call.")
+    ] = 10_000,
+    *,
+    g: Globals,
+) -> int:
+    """Delete finished tasks and their attempts: by ids, or with --all every task the
+    filter options match (dead ones unless --state says otherwise). Unfinished tasks are
+    never deleted. The coordinator's --retention-days does this by itself."""
+    _check_target(ids, all_, (queue, type, fingerprint, after, before, state))
+    with g.client() as client:
+        if ids:
+            result = client.delete_tasks(ids)
+        else:
+            result = client.delete_tasks(
+                queue=queue,
+                type=type,
+                fingerprint=fingerprint,
+                finished_after=after,
+                finished_before=before,
+                states=_states(state),
+                max_tasks=max_tasks,
+            )
+    output.print_text(bulk_text("deleted", result))
+    return 0
+
+
+def _check_target(ids: list[str] | None, all_: bool, filters: tuple[object, ...]) -> None:
+    if bool(ids) == all_:
+        raise CLIError("give task ids, or --all with filter options (not both)", code=USAGE)
+    if ids and any(f for f in filters):
+        raise CLIError("filter options go with --all, not with task ids", code=USAGE)
 
 
 def bulk_text(verb: str, result: BulkResult) -> str:

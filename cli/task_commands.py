@@ -384,12 +384,15 @@ def queues(
     output.print_table(
         ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "PAUSED", "WORKERS"],
         [
-            (q.name, q.pending, q.scheduled, q.running, q.dead, "yes" if q.paused else "no",
-             q.workers)
+            (q.name, q.pending, q.scheduled, q.running, q.dead, _yes_no(q.paused), q.workers)
             for q in stats
-        ],  # fmt: skip
+        ],
     )
     return 0
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 def cancel(

@@ -32,7 +32,7 @@ from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
-from conveyor.coordinator.leader.maintenance import Promoter, Reaper
+from conveyor.coordinator.leader.maintenance import Promoter, Reaper, Retention
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
@@ -190,7 +190,7 @@ class Coordinator:
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
+        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog, Retention(deps)]
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -30,7 +31,12 @@ DEAD, CANCELLED = task_pb2.TASK_STATE_DEAD, task_pb2.TASK_STATE_CANCELLED
 
 @pytest.fixture
 def coordinator_settings() -> dict[str, Any]:
-    return {"metrics_listen": "127.0.0.1:0", "poll_interval": 0.2}
+    return {
+        "metrics_listen": "127.0.0.1:0",
+        "poll_interval": 0.2,
+        "retention_days": 1,
+        "retention_interval": 0.1,
+    }
 
 
 async def _states(db: asyncpg.Connection, ids: list[str]) -> dict[str, int]:
@@ -43,11 +49,14 @@ async def _queue(stub: task_service_pb2_grpc.TaskServiceAsyncStub, name: str) ->
     return next((q for q in queues if q.name == name), None)
 
 
-async def _paused_gauge(coordinator: Coordinator, queue: str) -> float | None:
+async def _sample(coordinator: Coordinator, name: str, **labels: str) -> float | None:
     registry = coordinator.telemetry.metrics.registry
-    labels = {"tenant": "default", "queue": queue}
-    # Read from another thread, as a scrape is: the collector runs its source on the loop.
-    return await asyncio.to_thread(registry.get_sample_value, "conveyor_queue_paused", labels)
+    # Read from another thread, as a scrape is: a collector runs its source on the loop.
+    return await asyncio.to_thread(registry.get_sample_value, name, labels)
+
+
+async def _paused_gauge(coordinator: Coordinator, queue: str) -> float | None:
+    return await _sample(coordinator, "conveyor_queue_paused", tenant="default", queue=queue)
 
 
 async def test_pause_holds_dispatch_and_survives_a_new_leader(
@@ -143,6 +152,7 @@ async def _fail_all(worker: RawWorker, count: int, errors: dict[str, str]) -> li
 
 
 async def test_dead_letter_tools(
+    coordinator: Coordinator,
     stub: task_service_pb2_grpc.TaskServiceAsyncStub,
     raw_workers: Callable[[], RawWorker],
     db: asyncpg.Connection,
@@ -230,6 +240,49 @@ async def test_dead_letter_tools(
         T.DeleteTasksRequest(filter=T.DeadTaskFilter(queue="done-q", states=[SUCCEEDED]))
     )
     assert purge.deleted == 1 and await _states(db, [done.id]) == {}
+    purged = await _sample(
+        coordinator, "conveyor_tasks_purged_total", tenant="default", reason="purge"
+    )
+    assert purged == len(left) + 1
+
+
+def _uuid7_at(when: datetime) -> str:
+    """A UUIDv7 of ``when`` (random bits after the time), as a task made then has."""
+    value = (int(when.timestamp() * 1000) << 80) | (0x7 << 76) | (0b10 << 62)
+    return str(uuid.UUID(int=value | (uuid.uuid4().int & ((1 << 62) - 1))))
+
+
+async def test_retention_deletes_old_finished_tasks_only(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    """retention_days=1 (this module's coordinator): finished 3 days ago goes; finished
+    recently (even if made long ago), or unfinished, stays."""
+    now = datetime.now(UTC)
+    old = now - timedelta(days=3)
+    cases = {"old-done": (SUCCEEDED, old), "old-dead": (DEAD, old), "recent": (SUCCEEDED, now),
+             "old-pending": (PENDING, None), "made-old-done-now": (SUCCEEDED, now)}  # fmt: skip
+    ids: dict[str, str] = {}
+    for name, (state, finished) in cases.items():
+        task = await submit(stub, "echo", queue="retention")
+        new_id = task.id if name == "recent" else _uuid7_at(old - timedelta(hours=1))
+        await db.execute(
+            "UPDATE tasks SET id = $2, state = $3, finish_time = $4 WHERE id = $1",
+            task.id, new_id, state, finished,
+        )  # fmt: skip
+        ids[name] = new_id
+    gone = {ids["old-done"], ids["old-dead"]}
+    kept = set(ids.values()) - gone
+
+    async def swept() -> bool:
+        return set(await _states(db, list(ids.values()))) == kept
+
+    await eventually(swept, what="the retention sweep")
+    purged = await _sample(
+        coordinator, "conveyor_tasks_purged_total", tenant="default", reason="retention"
+    )
+    assert purged == 2
 
 
 async def test_single_retry_redrives_a_cancelled_task(

@@ -640,7 +640,7 @@ class ListDeadTasksResponse(_message.Message):
     """Empty when there are no more pages."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Task]:
-        """Newest first. Payloads are left out (GetTask has them)."""
+        """Newest first (as ListTasks shows them)."""
 
     def __init__(
         self,

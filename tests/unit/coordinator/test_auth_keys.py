@@ -22,6 +22,9 @@ EXPECTED = {
         "GetSchedule": "read", "ListSchedules": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate",
+        # Queue operations (issue 17): tenant-scoped like the calls above.
+        "ListDeadTasks": "read", "ListDeadTaskGroups": "read", "PauseQueue": "operate",
+        "ResumeQueue": "operate", "RetryTasks": "operate", "DeleteTasks": "operate",
     },
     "WorkerService": {"Connect": "worker"},
     "AdminService": {
