@@ -1,5 +1,6 @@
-"""``conveyor queues pause|resume QUEUE``, ``conveyor dead list|groups|retry`` and
-``conveyor purge``: queue operations and the dead-letter queue from the shell."""
+"""``conveyor queues pause|resume QUEUE``, ``conveyor dead list|groups|retry``,
+``conveyor purge`` and ``conveyor workers drain``: queue operations, the dead-letter queue
+and an operator's drain from the shell."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import output, values
+from conveyor.cli import output, values, wire
 from conveyor.cli.app import Globals, command, make_app
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import BulkResult
+from conveyor.v1 import admin_service_pb2
 
 
 class QueueAction(enum.StrEnum):
@@ -72,6 +74,16 @@ def register(app: typer.Typer) -> None:
             "conveyor purge --all --state succeeded --before 2030-01-01T00:00:00Z",
         ],
     )(purge)
+    workers = make_app("workers", help="Connected workers: drain one.")
+    command(
+        workers,
+        "drain",
+        example=[
+            "conveyor workers drain host-1-4242",
+            "conveyor workers drain host-1-4242 --tenant acme --reason 'kernel upgrade'",
+        ],
+    )(drain)
+    app.add_typer(workers)
 
 
 Queue = Annotated[str | None, typer.Option("--queue", help="Only this queue.")]
@@ -273,6 +285,35 @@ def purge(
                 max_tasks=max_tasks,
             )
     output.print_text(bulk_text("deleted", result))
+    return 0
+
+
+def drain(
+    worker_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The worker's id (conveyor status lists them).")
+    ],
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Its tenant, if another has the same id.")
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why; told to the worker, which logs it.")
+    ] = None,
+    *,
+    g: Globals,
+) -> int:
+    """Drain a worker (admin): it is given no more tasks, finishes those it holds and
+    exits (a worker of the Python SDK; an older one stays connected and idle)."""
+    request = admin_service_pb2.DrainWorkerRequest(
+        worker_id=worker_id, tenant=tenant or "", reason=reason or ""
+    )
+    reply: admin_service_pb2.DrainWorkerResponse = wire.admin_call(
+        g, lambda admin: admin.DrainWorker(request)
+    )
+    worker = reply.worker
+    output.print_text(
+        f"worker {worker.worker_id} of tenant {worker.tenant} is draining "
+        f"({worker.in_flight} task{'s' if worker.in_flight != 1 else ''} in flight)"
+    )
     return 0
 
 

@@ -66,6 +66,7 @@ from conveyor.transport._errors import (
     UnauthenticatedError,
     UnavailableError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -121,5 +122,6 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]

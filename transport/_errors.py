@@ -23,6 +23,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── WorkerNotFoundError      no worker with the id is connected (.worker_id)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -88,6 +89,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "error_from_rpc",
     "parse_status",
 ]
@@ -638,6 +640,25 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class WorkerNotFoundError(RPCError):
+    """No worker with the given id is connected to the leader (DrainWorker).
+
+    Attributes:
+        worker_id: The id that was looked up.
+    """
+
+    _hint = "`conveyor status` lists the connected workers and their ids."
+
+    def __init__(self, message: str, *, worker_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.worker_id = worker_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        worker_id = info.metadata.get("worker_id") or None
+        return cls(cls._describe(info), worker_id=worker_id, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -670,6 +691,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("WORKER_NOT_FOUND"): WorkerNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

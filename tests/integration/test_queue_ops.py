@@ -6,6 +6,7 @@ what the database holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,9 +18,18 @@ import pytest
 from testsupport import RawWorker, coordinator_config, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator
-from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+)
+from conveyor.worker import TaskContext, Worker
 
 T = task_service_pb2
+A = admin_service_pb2
 FAILED = worker_service_pb2.TASK_OUTCOME_FAILED
 PENDING, RUNNING, SUCCEEDED = (
     task_pb2.TASK_STATE_PENDING,
@@ -328,3 +338,61 @@ async def test_queue_calls_refuse_bad_input(
         await stub.PauseQueue(T.PauseQueueRequest(queue=""))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(bad.value).fields == ["queue"]
+
+
+async def test_operator_drain(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    raw_workers: Callable[[], RawWorker],
+    db: asyncpg.Connection,
+) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        # A raw worker: told to drain, given nothing more; its running task finishes.
+        worker = raw_workers()
+        await worker.connect("to-drain", credits=10, types=("work",), queues=("dr",))
+        held = await submit(stub, "work", queue="dr")
+        (assignment,) = await worker.assignments(1)
+        reply = await admin.DrainWorker(
+            A.DrainWorkerRequest(worker_id="to-drain", reason="kernel upgrade")
+        )
+        assert reply.worker.draining and reply.worker.in_flight == 1
+        assert reply.worker.tenant == "default"
+        told = await worker.receive_kind("drain")
+        assert told.reason == "kernel upgrade"
+        later = await submit(stub, "work", queue="dr")
+        other = raw_workers()
+        await other.connect("other", credits=10, types=("work",), queues=("dr",))
+        (got,) = await other.assignments(1)
+        assert got.lease.task_id == later.id  # not the drained worker's, though it had credit
+        assert (await worker.report(assignment.lease)).accepted
+        assert (await _states(db, [held.id]))[held.id] == SUCCEEDED
+        await other.close()
+
+        # A worker of the SDK drains and exits: its run() returns.
+        sdk = Worker(coordinator.address, worker_id="sdk-drained", queues="sdk", grace_period=5)
+
+        @sdk.task("echo")
+        async def echo(ctx: TaskContext, payload: Any) -> Any:
+            return payload
+
+        run = asyncio.create_task(sdk.run(install_signal_handlers=False))
+        try:
+            async with asyncio.timeout(10):
+                await sdk.wait_connected()
+            await admin.DrainWorker(A.DrainWorkerRequest(worker_id="sdk-drained"))
+            async with asyncio.timeout(10):
+                await run
+        finally:
+            sdk.shutdown(force=True)
+            with contextlib.suppress(BaseException):
+                await run
+
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await admin.DrainWorker(A.DrainWorkerRequest(worker_id="nobody"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(missing.value).reason == "WORKER_NOT_FOUND"
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await admin.DrainWorker(A.DrainWorkerRequest())
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(bad.value).fields == ["worker_id"]

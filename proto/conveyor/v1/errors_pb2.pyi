@@ -70,6 +70,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
     """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+    ERROR_REASON_WORKER_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """No worker with the id is connected to the leader (code NOT_FOUND); metadata
+    "worker_id". GetClusterStatus lists those that are.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -125,4 +129,8 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+ERROR_REASON_WORKER_NOT_FOUND: ErrorReason.ValueType  # 30
+"""No worker with the id is connected to the leader (code NOT_FOUND); metadata
+"worker_id". GetClusterStatus lists those that are.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

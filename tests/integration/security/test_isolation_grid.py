@@ -211,6 +211,12 @@ def _theirs_not_found(answer: Answer, mine: Things, theirs: Things) -> None:
     assert getattr(answer.response, "deleted", 0) == 0
 
 
+def _no_such_worker(answer: Answer, mine: Things, theirs: Things) -> None:
+    # Admin acts for every tenant; no worker of that id is connected (the set-up worker
+    # left), so the answer names the worker, not a tenant boundary.
+    assert answer.code == CODE.NOT_FOUND and answer.reason == "WORKER_NOT_FOUND", answer
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
 T = task_service_pb2
@@ -297,6 +303,10 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         _cluster_wide,
     ),
     ADMIN + "ListAuditEvents": (lambda o: A.ListAuditEventsRequest(tenant=o.tenant), _cluster_wide),
+    ADMIN + "DrainWorker": (
+        lambda o: A.DrainWorkerRequest(worker_id=f"{o.tenant}-setup", tenant=o.tenant),
+        _no_such_worker,
+    ),
 }
 
 
@@ -364,7 +374,11 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                     except AssertionError as exc:
                         raise AssertionError(f"{where}: {exc}") from exc
                     if answer.code != CODE.OK:
-                        assert answer.reason in ("TASK_NOT_FOUND", "SCHEDULE_NOT_FOUND"), (
+                        assert answer.reason in (
+                            "TASK_NOT_FOUND",
+                            "SCHEDULE_NOT_FOUND",
+                            "WORKER_NOT_FOUND",
+                        ), (
                             where,
                             answer,
                         )

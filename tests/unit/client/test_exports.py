@@ -61,6 +61,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]
 

@@ -30,7 +30,7 @@ EXPECTED = {
     "AdminService": {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
-        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin",
+        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin", "DrainWorker": "admin",
     },
 }  # fmt: skip
 
