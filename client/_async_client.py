@@ -98,8 +98,11 @@ class AsyncClient:
             submit has an ``idempotency_key``: the task may or may not exist.
         retry_resource_exhausted: Resend calls refused with ``RESOURCE_EXHAUSTED``
             (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
-            wait the server asks for (``RetryInfo``), within ``timeout``. By default they
-            raise at once.
+            wait the server asks for (``RetryInfo``), within ``timeout``. By default
+            (``None``) submits do (backpressure: a submit over a backlog or rate limit
+            waits its turn, and raises only when ``timeout`` leaves no room for the wait
+            or the refusal says waiting will not help) and other calls raise at once;
+            ``True``: every call waits; ``False``: none does.
         tracer_provider: The OpenTelemetry tracer provider for the ``submit`` span of
             each submit, whose context the task carries (so its dispatch and execution
             join the trace); by default the global one, once the application sets one
@@ -120,7 +123,7 @@ class AsyncClient:
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
-        retry_resource_exhausted: bool = False,
+        retry_resource_exhausted: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
@@ -225,6 +228,7 @@ class AsyncClient:
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=self._resendable(request),
+            submit=True,
         )
         return open_submitted(self._codec, Task.from_proto(response.task), plain, 0)
 
@@ -281,6 +285,7 @@ class AsyncClient:
                     lambda s: s.tasks.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
                     idempotent=all(self._resendable(r) for r in batch),
+                    submit=True,
                 )
             except RPCError as err:
                 if isinstance(err, InvalidArgumentError):

@@ -125,7 +125,7 @@ class Client:
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
-        retry_resource_exhausted: bool = False,
+        retry_resource_exhausted: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:

@@ -90,6 +90,10 @@ class CoordinatorConfig:
     """Most unfinished tasks (pending, scheduled, running) each tenant may hold, unless its
     own limit says otherwise; submits past it are refused with QUOTA_EXCEEDED and nothing
     is written. 0: no limit."""
+    max_queue_backlog: int = 0
+    """Most unfinished tasks (pending, scheduled, running) one queue of a tenant may hold;
+    submits past it are refused with QUOTA_EXCEEDED (``max_queue_backlog``) and RetryInfo,
+    and nothing is written. 0: no limit."""
     backlog_refresh: float = 1.0
     """Seconds between counts of unfinished tasks while some tenant has a backlog limit."""
     submit_rate: float = 0.0
@@ -158,6 +162,7 @@ class CoordinatorConfig:
         """What is wrong with the tenant limits, the throttle and the bootstrap key."""
         out: list[str] = []
         limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
+                            ("max_queue_backlog", self.max_queue_backlog),
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),

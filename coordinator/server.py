@@ -49,6 +49,7 @@ from conveyor.coordinator.tenancy.auth import Authenticator, FailureLimiter, Ope
 from conveyor.coordinator.tenancy.backlog import BacklogCounter
 from conveyor.coordinator.tenancy.bootstrap import ensure_bootstrap_key
 from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.queue_backlog import QueueBacklogCounter
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS
@@ -184,13 +185,16 @@ class Coordinator:
                 lambda: list(policy.pauses), loop=asyncio.get_running_loop()
             )
         backlog = BacklogCounter(deps)
-        quotas = Quotas(cfg, directory, backlog)
+        queue_backlog = QueueBacklogCounter(deps)
+        quotas = Quotas(cfg, directory, backlog, queue_backlog)
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
         self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog, Retention(deps)]
+        if cfg.max_queue_backlog > 0:
+            self.services.append(queue_backlog)
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,

@@ -435,11 +435,15 @@ class QuotaExceededError(RPCError):
     @classmethod
     def _from_status(cls, info: StatusInfo) -> RPCError:
         limits = "; ".join(f"{s}: {d}" if d else s for s, d in info.quota_violations)
+        advice = (
+            f"{_retry_phrase(info.retry_after)}: the client waits and resends a submit by "
+            f"itself while its timeout leaves room (retry_resource_exhausted=True: every call)."
+            if info.retry_after is not None
+            else "Waiting will not help: change the request."
+        )
         message = (
             f"{info.message or 'a limit was reached'}"
-            f"{f' ({limits})' if limits else ''}. Nothing was written. "
-            f"{_retry_phrase(info.retry_after)}, or pass retry_resource_exhausted=True to let "
-            f"the client wait and resend by itself."
+            f"{f' ({limits})' if limits else ''}. Nothing was written. {advice}"
         )
         return cls(message, violations=info.quota_violations, **_common_kwargs(info))
 

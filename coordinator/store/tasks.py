@@ -1358,3 +1358,27 @@ async def purge_expired(conn: asyncpg.Connection, cutoff: datetime, limit: int) 
     below = uuid.UUID(int=int(cutoff.timestamp() * 1000) << 80)  # the least UUIDv7 of then
     rows = await _PURGE_EXPIRED.fetch(conn, below=below, cutoff=cutoff, limit=limit)
     return [r[0] for r in rows]
+
+
+# One statement per state, so each reads its own partial index (as _QUEUE_DEPTHS does).
+_UNFINISHED_PER_QUEUE = Query(
+    "unfinished_per_queue",
+    f"""
+    SELECT tenant, queue, sum(n)::bigint AS n FROM (
+        SELECT tenant, queue, count(*) AS n FROM tasks WHERE state = {PENDING}
+        GROUP BY tenant, queue
+        UNION ALL
+        SELECT tenant, queue, count(*) FROM tasks WHERE state = {SCHEDULED}
+        GROUP BY tenant, queue
+        UNION ALL
+        SELECT tenant, queue, count(*) FROM tasks WHERE state = {RUNNING}
+        GROUP BY tenant, queue
+    ) counts GROUP BY tenant, queue
+    """,
+)
+
+
+async def unfinished_per_queue(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
+    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per (tenant, queue) that has any."""
+    rows = await _UNFINISHED_PER_QUEUE.fetch(conn)
+    return {(r["tenant"], r["queue"]): int(r["n"]) for r in rows}
