@@ -217,7 +217,7 @@ class Quotas:
         :meth:`hold`); the call's tasks count in the tenant's backlog until it ends."""
         if not self.backlog.current and self.limits(tenant).max_backlog > 0:
             await self.backlog_ready()
-        per_queue = await self._per_queue(requests)
+        per_queue = await self._per_queue(requests) if self.queue_backlog else None
         try:
             self.admit(tenant, requests, per_queue)
         except QuotaExceeded as exc:
