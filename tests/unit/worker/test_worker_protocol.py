@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -465,7 +466,7 @@ async def test_each_hello_presents_the_last_welcomes_resume_token(
 
     async with running(worker):
         for n in (1, 2):
-            await eventually(lambda: len(fake.streams) == n and fake.stream.hello, what="Hello")
+            await eventually(functools.partial(_said_hello_on, fake, n), what="Hello")
             await eventually(lambda: fake.stream.of("heartbeat"), what="a welcomed session")
             fake.stream.abort()
         await eventually(lambda: len(fake.streams) == 3 and fake.stream.hello, what="Hello 3")
@@ -1288,3 +1289,8 @@ async def test_the_key_file_is_checked_off_the_event_loop(
     async with running(worker):
         await eventually(lambda: len(fake.stream.of("heartbeat")) >= 3, what="3 heartbeats")
     assert on_loop and not any(on_loop), on_loop
+
+
+def _said_hello_on(fake: FakeCoordinator, streams: int) -> bool:
+    """The worker's ``streams``-th stream has sent its Hello."""
+    return len(fake.streams) == streams and bool(fake.stream.hello)
