@@ -29,12 +29,13 @@ async def test_queue_and_dead_letter_commands(
     assert done.code == 0, done.err
     assert [(q["name"], q["paused"]) for q in json.loads(done.out)] == [("mail", True)]
 
-    # Two dead tasks of one fingerprint, and a cancelled one.
+    # Two dead tasks of one fingerprint (on another queue: mail is paused), and a
+    # cancelled one.
     assert callable(raw_workers)
     worker: RawWorker = raw_workers()
-    await worker.connect("cli-dlq", credits=10, types=("send",), queues=("mail",))
+    await worker.connect("cli-dlq", credits=10, types=("send",), queues=("sms",))
     for _ in range(2):
-        await submit(stub, "send", queue="mail", max_attempts=1)
+        await submit(stub, "send", queue="sms", max_attempts=1)
     for assignment in await worker.assignments(2):
         await worker.report(
             assignment.lease,
