@@ -5,8 +5,9 @@ and an operator's drain from the shell."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 
@@ -230,20 +231,9 @@ def retry(
     """Redrive dead (and cancelled) tasks: by ids, or with --all every task the filter
     options match. Each runs again with a fresh set of attempts; a task redriven already
     is left alone, so repeating the command is safe."""
-    _check_target(ids, all_, (queue, type, fingerprint, after, before, state))
+    filters = _Filters(queue, type, fingerprint, after, before, state, max_tasks)
     with g.client() as client:
-        if ids:
-            result = client.retry_tasks(ids)
-        else:
-            result = client.retry_tasks(
-                queue=queue,
-                type=type,
-                fingerprint=fingerprint,
-                finished_after=after,
-                finished_before=before,
-                states=_states(state),
-                max_tasks=max_tasks,
-            )
+        result = _bulk(client.retry_tasks, ids, all_, filters)
     output.print_text(bulk_text("redrove", result))
     return 0
 
@@ -270,20 +260,9 @@ def purge(
     """Delete finished tasks and their attempts: by ids, or with --all every task the
     filter options match (dead ones unless --state says otherwise). Unfinished tasks are
     never deleted. The coordinator's --retention-days does this by itself."""
-    _check_target(ids, all_, (queue, type, fingerprint, after, before, state))
+    filters = _Filters(queue, type, fingerprint, after, before, state, max_tasks)
     with g.client() as client:
-        if ids:
-            result = client.delete_tasks(ids)
-        else:
-            result = client.delete_tasks(
-                queue=queue,
-                type=type,
-                fingerprint=fingerprint,
-                finished_after=after,
-                finished_before=before,
-                states=_states(state),
-                max_tasks=max_tasks,
-            )
+        result = _bulk(client.delete_tasks, ids, all_, filters)
     output.print_text(bulk_text("deleted", result))
     return 0
 
@@ -317,11 +296,38 @@ def drain(
     return 0
 
 
-def _check_target(ids: list[str] | None, all_: bool, filters: tuple[object, ...]) -> None:
+class _Filters(NamedTuple):
+    """The filter options of ``dead retry`` and ``purge``."""
+
+    queue: str | None
+    type: str | None
+    fingerprint: str | None
+    after: datetime | None
+    before: datetime | None
+    state: list[DeadState] | None
+    max_tasks: int
+
+
+def _bulk(
+    call: Callable[..., BulkResult], ids: list[str] | None, all_: bool, f: _Filters
+) -> BulkResult:
+    """``call`` (the client's retry_tasks or delete_tasks) by ids, or with --all by the
+    filter options."""
     if bool(ids) == all_:
         raise CLIError("give task ids, or --all with filter options (not both)", code=USAGE)
-    if ids and any(f for f in filters):
-        raise CLIError("filter options go with --all, not with task ids", code=USAGE)
+    if ids:
+        if any(f[:-1]):
+            raise CLIError("filter options go with --all, not with task ids", code=USAGE)
+        return call(ids)
+    return call(
+        queue=f.queue,
+        type=f.type,
+        fingerprint=f.fingerprint,
+        finished_after=f.after,
+        finished_before=f.before,
+        states=_states(f.state),
+        max_tasks=f.max_tasks,
+    )
 
 
 def bulk_text(verb: str, result: BulkResult) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from conveyor.coordinator import convert
@@ -299,14 +299,15 @@ class QueueOps:
             return task_service_pb2.RetryTasksResponse(
                 retried=len(retried), skipped_ids=skipped, not_found_ids=missing
             )
-        total, more = 0, True
-        while more and total < max_tasks:
-            want = min(BATCH, max_tasks - total)
+        matching = flt
+
+        async def batch(limit: int) -> int:
             async with deps.db.autocommit() as conn:
-                changed = await store.redrive_matching(conn, flt, want, deps.office.fence())
+                changed = await store.redrive_matching(conn, matching, limit, deps.office.fence())
             deps.after_commit.publish(Cause.REDRIVEN, changed)
-            total += len(changed)
-            more = len(changed) == want
+            return len(changed)
+
+        total, more = await _in_batches(max_tasks, batch)
         return task_service_pb2.RetryTasksResponse(retried=total, more=more)
 
     async def delete_many(
@@ -324,15 +325,29 @@ class QueueOps:
             return task_service_pb2.DeleteTasksResponse(
                 deleted=len(deleted), skipped_ids=skipped, not_found_ids=missing
             )
-        total, more = 0, True
-        while more and total < max_tasks:
-            want = min(BATCH, max_tasks - total)
+        matching = flt
+
+        async def batch(limit: int) -> int:
             async with deps.db.autocommit() as conn:
-                count = await store.delete_matching(conn, flt, want)
+                count = await store.delete_matching(conn, matching, limit)
             deps.metrics.count_purged({tenant: count}, "purge")
-            total += count
-            more = count == want
+            return count
+
+        total, more = await _in_batches(max_tasks, batch)
         return task_service_pb2.DeleteTasksResponse(deleted=total, more=more)
+
+
+async def _in_batches(max_tasks: int, batch: Callable[[int], Awaitable[int]]) -> tuple[int, bool]:
+    """Runs ``batch(limit)`` (one statement, its own transaction: how many it took) until
+    it takes fewer than asked or ``max_tasks`` are done; the total, and whether more may
+    match (the last batch was full)."""
+    total, more = 0, True
+    while more and total < max_tasks:
+        want = min(BATCH, max_tasks - total)
+        done = await batch(want)
+        total += done
+        more = done == want
+    return total, more
 
 
 def _leftovers(

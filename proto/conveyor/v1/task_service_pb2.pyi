@@ -795,7 +795,7 @@ class RetryTasksResponse(_message.Message):
     retried: _builtins.int
     """Tasks made PENDING by this call."""
     more: _builtins.bool
-    """True when the filter matches more tasks than max_tasks: call again."""
+    """True when the filter may match more tasks (max_tasks were taken): call again."""
     @_builtins.property
     def skipped_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Of the ids given: those that are not (or no longer) DEAD or CANCELLED, left alone."""
