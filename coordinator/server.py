@@ -216,6 +216,7 @@ class Coordinator:
                 view=leadership.cluster_view,
                 replicas=leadership.replicas,
                 security=SecurityAdmin(db, directory, quotas),
+                paused=lambda: list(policy.pauses),
             ),
         )
         await components.start(self.submitter)

@@ -8,7 +8,7 @@ The methods for API keys, tenant limits and the audit log are
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -44,8 +44,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         view: Callable[[], ClusterView],
         replicas: Callable[[], Awaitable[list[Member]]],
         security: SecurityAdmin,
+        paused: Callable[[], Iterable[tuple[str, str]]] = tuple,
     ) -> None:
         self._sessions = sessions
+        self._paused = paused
         self._db = db
         self._view = view
         self._replicas = replicas
@@ -99,6 +101,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 for e in self._sessions.evictions
             ],
             answered_by=info(view.me),
+            paused_queues=[
+                admin_service_pb2.PausedQueue(tenant=tenant, queue=queue)
+                for tenant, queue in self._paused()
+            ],
         )
 
     async def DrainWorker(

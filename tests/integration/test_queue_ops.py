@@ -114,6 +114,14 @@ async def test_pause_holds_dispatch_and_survives_a_new_leader(
     await stub.PauseQueue(T.PauseQueueRequest(queue="empty"))
     empty = await _queue(stub, "empty")
     assert empty is not None and empty.paused and empty.pending == 0
+    # conveyor status shows them, for every tenant.
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        status = await admin.GetClusterStatus(A.GetClusterStatusRequest())
+    assert [(p.tenant, p.queue) for p in status.paused_queues] == [
+        ("default", "empty"),
+        ("default", "q"),
+    ]
 
     # A new leader on the same database loads the pause (PostgreSQL holds it).
     await worker.close()
