@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+from tenancy import secure_coordinator
 from testsupport import RawWorker, coordinator_config, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator
@@ -52,6 +53,15 @@ def coordinator_settings() -> dict[str, Any]:
 async def _states(db: asyncpg.Connection, ids: list[str]) -> dict[str, int]:
     rows = await db.fetch("SELECT id::text, state FROM tasks WHERE id = ANY($1::uuid[])", ids)
     return {r["id"]: r["state"] for r in rows}
+
+
+@contextlib.asynccontextmanager
+async def _connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def _queue(stub: task_service_pb2_grpc.TaskServiceAsyncStub, name: str) -> Any:
@@ -404,3 +414,57 @@ async def test_operator_drain(
             await admin.DrainWorker(A.DrainWorkerRequest())
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_details(bad.value).fields == ["worker_id"]
+
+
+async def test_one_tenant_cannot_pause_redrive_or_purge_anothers(database_dsn: str) -> None:
+    """With keys: acme's pause of a queue named like globex's, and its redrive and purge
+    by filter (which match every tenant's rows but for the tenant), leave globex's alone.
+    (The isolation grid aims each call at the other tenant's ids.)"""
+    async with (
+        secure_coordinator(database_dsn, poll_interval=0.2) as secure,
+        _connect(database_dsn) as db,
+    ):
+        acme, globex = await secure.tenant("acme"), await secure.tenant("globex")
+        globex_worker = await secure.tenant("globex", "worker")
+        tasks = secure.tasks
+
+        async def dead(key: Any) -> str:
+            task = await tasks.SubmitTask(
+                T.SubmitTaskRequest(type="x", queue="shared"), metadata=key.metadata
+            )
+            await db.execute(
+                "UPDATE tasks SET state = $2, finish_time = now() WHERE id = $1",
+                task.task.id,
+                DEAD,
+            )
+            return task.task.id
+
+        mine, theirs = await dead(acme), await dead(globex)
+        await tasks.PauseQueue(T.PauseQueueRequest(queue="shared"), metadata=acme.metadata)
+        all_dead = T.DeadTaskFilter(states=[DEAD, CANCELLED])
+        retried = await tasks.RetryTasks(
+            T.RetryTasksRequest(filter=all_dead), metadata=acme.metadata
+        )
+        assert retried.retried == 1
+        assert (await _states(db, [mine, theirs])) == {mine: PENDING, theirs: DEAD}
+        await tasks.CancelTask(T.CancelTaskRequest(id=mine), metadata=acme.metadata)
+        purged = await tasks.DeleteTasks(
+            T.DeleteTasksRequest(filter=all_dead), metadata=acme.metadata
+        )
+        assert purged.deleted == 1
+        assert (await _states(db, [mine, theirs])) == {theirs: DEAD}
+        # globex's queue "shared" is not paused: its worker is served.
+        listed = await tasks.ListQueues(T.ListQueuesRequest(), metadata=globex.metadata)
+        assert not any(q.paused for q in listed.queues)
+        task = await tasks.SubmitTask(
+            T.SubmitTaskRequest(type="x", queue="shared"), metadata=globex.metadata
+        )
+        worker = RawWorker(secure.coordinator.address)
+        try:
+            await worker.connect(
+                "g", types=("x",), queues=("shared",), metadata=globex_worker.metadata
+            )
+            (got,) = await worker.assignments(1)
+            assert got.lease.task_id == task.task.id
+        finally:
+            await worker.close()
