@@ -20,7 +20,9 @@ from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTim
 from conveyor.client._locks import Lock, SyncLock
 from conveyor.client._models import (
     AttemptOutcome,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -67,6 +69,7 @@ from conveyor.transport._errors import (
     UnauthenticatedError,
     UnavailableError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -76,10 +79,12 @@ __all__ = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -124,5 +129,6 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]

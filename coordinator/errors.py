@@ -348,6 +348,19 @@ class ApiKeyNotFound(ConveyorError):
         )
 
 
+class WorkerNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_WORKER_NOT_FOUND
+
+    def __init__(self, worker_id: str, tenant: str = "") -> None:
+        whose = f" of tenant {tenant!r}" if tenant else ""
+        super().__init__(
+            f"no worker {worker_id!r}{whose} is connected to the leader (conveyor status "
+            "lists those that are)",
+            metadata={"worker_id": worker_id},
+        )
+
+
 class Fenced(Exception):
     """This coordinator's epoch is no longer the leader's: it must not write.
 

@@ -25,6 +25,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
     │   ├── LeaseNotHeldError        the attempt lost its task's lease (.task_id)
     │   ├── LockNotHeldError         the lock was lost: TTL ran out, taken over (.name)
+    │   ├── WorkerNotFoundError      no worker with the id is connected (.worker_id)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -92,6 +93,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "error_from_rpc",
     "parse_status",
 ]
@@ -437,11 +439,15 @@ class QuotaExceededError(RPCError):
     @classmethod
     def _from_status(cls, info: StatusInfo) -> RPCError:
         limits = "; ".join(f"{s}: {d}" if d else s for s, d in info.quota_violations)
+        advice = (
+            f"{_retry_phrase(info.retry_after)}: the client waits and resends a submit by "
+            f"itself while its timeout leaves room (retry_resource_exhausted=True: every call)."
+            if info.retry_after is not None
+            else "Waiting will not help: change the request."
+        )
         message = (
             f"{info.message or 'a limit was reached'}"
-            f"{f' ({limits})' if limits else ''}. Nothing was written. "
-            f"{_retry_phrase(info.retry_after)}, or pass retry_resource_exhausted=True to let "
-            f"the client wait and resend by itself."
+            f"{f' ({limits})' if limits else ''}. Nothing was written. {advice}"
         )
         return cls(message, violations=info.quota_violations, **_common_kwargs(info))
 
@@ -681,6 +687,25 @@ class LockNotHeldError(RPCError):
         return cls(cls._describe(info), name=name, **_common_kwargs(info))
 
 
+class WorkerNotFoundError(RPCError):
+    """No worker with the given id is connected to the leader (DrainWorker).
+
+    Attributes:
+        worker_id: The id that was looked up.
+    """
+
+    _hint = "`conveyor status` lists the connected workers and their ids."
+
+    def __init__(self, message: str, *, worker_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.worker_id = worker_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        worker_id = info.metadata.get("worker_id") or None
+        return cls(cls._describe(info), worker_id=worker_id, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -715,6 +740,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
     _reason("LEASE_NOT_HELD"): LeaseNotHeldError,
     _reason("LOCK_NOT_HELD"): LockNotHeldError,
+    _reason("WORKER_NOT_FOUND"): WorkerNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol, cast
@@ -199,6 +199,9 @@ class Runtime:
         self._idle.set()
         # Key ids this worker was given tasks of and lacks, said once each (see accept).
         self._lacking: set[str] = set()
+        # What the session calls when the coordinator asks this worker to drain and exit
+        # (an operator's DrainWorker): the Worker sets it to its own graceful stop.
+        self.on_drain_requested: Callable[[str], None] = lambda reason: None
 
     @property
     def resume_token(self) -> bytes:

@@ -484,6 +484,7 @@ class Worker:
             codec=self._codec,
             calls=self._calls,
         )
+        self._runtime.on_drain_requested = self._on_drain_requested
         if metrics is not None:
             metrics.watch_process(self._process_state, loop=loop)
         info = HelloInfo(
@@ -617,6 +618,14 @@ class Worker:
         if force:
             self._force.set()
         self._stop_requested.set()
+
+    def _on_drain_requested(self, reason: str) -> None:
+        """The coordinator asked this worker to drain (DrainWorker): as on SIGTERM, it
+        finishes what it holds (within the grace period) and exits."""
+        assert self._stop_requested is not None
+        if not self._stop_requested.is_set():
+            logger.info("the coordinator asked this worker to drain (%s): draining", reason)
+            self._request_stop(force=False)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         assert self._stop_requested is not None

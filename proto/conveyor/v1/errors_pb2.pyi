@@ -79,6 +79,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
     or the handle is not the holder's; metadata "name".
     """
+    ERROR_REASON_WORKER_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """No worker with the id is connected to the leader (code NOT_FOUND); metadata
+    "worker_id". GetClusterStatus lists those that are.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -142,5 +146,9 @@ leased to. An attempt that lost its lease cannot record an effect; metadata "tas
 ERROR_REASON_LOCK_NOT_HELD: ErrorReason.ValueType  # 61
 """The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
 or the handle is not the holder's; metadata "name".
+"""
+ERROR_REASON_WORKER_NOT_FOUND: ErrorReason.ValueType  # 30
+"""No worker with the id is connected to the leader (code NOT_FOUND); metadata
+"worker_id". GetClusterStatus lists those that are.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -347,6 +347,7 @@ class QueueStats(_message.Message):
     DEAD_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     """Tasks ready to run now (PENDING)."""
@@ -356,6 +357,10 @@ class QueueStats(_message.Message):
     dead: _builtins.int
     workers: _builtins.int
     """Workers connected to the leader that take tasks from this queue."""
+    paused: _builtins.bool
+    """True while the queue is paused (PauseQueue): it accepts submits but dispatches
+    nothing until ResumeQueue. A paused queue is listed even when it holds no task.
+    """
     @_builtins.property
     def oldest_pending_time(self) -> _timestamp_pb2.Timestamp:
         """When the oldest ready (PENDING) task became ready (its run_at); unset when none is
@@ -372,10 +377,11 @@ class QueueStats(_message.Message):
         dead: _builtins.int = ...,
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

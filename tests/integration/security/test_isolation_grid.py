@@ -212,6 +212,44 @@ def _their_effect_lease(o: Things) -> Any:
     return E.RecordEffectRequest(lease=lease, resume_token=b"\0" * 32, key="charge")
 
 
+def _own_queue_paused(answer: Answer, mine: Things, theirs: Things) -> None:
+    # The queue is named like the other tenant's (which holds a pending task), but the
+    # name is per tenant: this tenant's own queue is paused, empty.
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and queue.paused and queue.pending == 0
+
+
+def _own_queue_resumed(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and not queue.paused and queue.pending == 0
+
+
+def _own_dead_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [t.id for t in answer.response.tasks] == [mine.dead]
+
+
+def _own_dead_groups_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [(g.type, g.count) for g in answer.response.groups] == [("doomed", 1)]
+
+
+def _theirs_not_found(answer: Answer, mine: Things, theirs: Things) -> None:
+    # A bulk call names what it did not find instead of failing: nothing of theirs.
+    assert answer.code == CODE.OK, answer
+    assert list(answer.response.not_found_ids) == [theirs.dead]
+    assert getattr(answer.response, "retried", 0) == 0
+    assert getattr(answer.response, "deleted", 0) == 0
+
+
+def _no_such_worker(answer: Answer, mine: Things, theirs: Things) -> None:
+    # Admin acts for every tenant; no worker of that id is connected (the set-up worker
+    # left), so the answer names the worker, not a tenant boundary.
+    assert answer.code == CODE.NOT_FOUND and answer.reason == "WORKER_NOT_FOUND", answer
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
 LEDGER, LOCKS = "/conveyor.v1.LedgerService/", "/conveyor.v1.LockService/"
@@ -256,6 +294,21 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         lambda o: E.ReleaseLockRequest(name=f"held-by-{o.tenant}", handle=o.lock_handle),
         _their_lock_not_released,
     ),
+    TASKS + "PauseQueue": (
+        lambda o: T.PauseQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_paused,
+    ),
+    TASKS + "ResumeQueue": (
+        lambda o: T.ResumeQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_resumed,
+    ),
+    TASKS + "ListDeadTasks": (lambda o: T.ListDeadTasksRequest(), _own_dead_only),
+    TASKS + "ListDeadTaskGroups": (
+        lambda o: T.ListDeadTaskGroupsRequest(),
+        _own_dead_groups_only,
+    ),
+    TASKS + "RetryTasks": (lambda o: T.RetryTasksRequest(ids=[o.dead]), _theirs_not_found),
+    TASKS + "DeleteTasks": (lambda o: T.DeleteTasksRequest(ids=[o.dead]), _theirs_not_found),
     TASKS + "CreateSchedule": (
         lambda o: S.CreateScheduleRequest(schedule=schedule(f"twin-{o.tenant}")),
         _schedule_name_is_per_tenant,
@@ -304,6 +357,10 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         _cluster_wide,
     ),
     ADMIN + "ListAuditEvents": (lambda o: A.ListAuditEventsRequest(tenant=o.tenant), _cluster_wide),
+    ADMIN + "DrainWorker": (
+        lambda o: A.DrainWorkerRequest(worker_id=f"{o.tenant}-setup", tenant=o.tenant),
+        _no_such_worker,
+    ),
 }
 
 
@@ -375,6 +432,7 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                             "TASK_NOT_FOUND",
                             "SCHEDULE_NOT_FOUND",
                             "LOCK_NOT_HELD",
+                            "WORKER_NOT_FOUND",
                         ), (
                             where,
                             answer,

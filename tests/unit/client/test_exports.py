@@ -15,10 +15,12 @@ EXPECTED = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -63,6 +65,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]
 

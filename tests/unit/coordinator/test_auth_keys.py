@@ -22,6 +22,9 @@ EXPECTED = {
         "GetSchedule": "read", "ListSchedules": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate",
+        # Queue operations (issue 17): tenant-scoped like the calls above.
+        "ListDeadTasks": "read", "ListDeadTaskGroups": "read", "PauseQueue": "operate",
+        "ResumeQueue": "operate", "RetryTasks": "operate", "DeleteTasks": "operate",
     },
     "WorkerService": {"Connect": "worker"},
     # Issue 18: the ledger is the handlers'; locks are for handlers and applications alike,
@@ -31,7 +34,7 @@ EXPECTED = {
     "AdminService": {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
-        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin",
+        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin", "DrainWorker": "admin",
     },
 }  # fmt: skip
 
