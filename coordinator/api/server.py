@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.api.admin_service import AdminServicer
+from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.task_service import TaskServicer
 from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import add_port
@@ -23,6 +24,8 @@ from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    effects_service_pb2,
+    effects_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
     task_type_service_pb2,
@@ -37,6 +40,8 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LockService"].full_name,
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     task_type_service_pb2.DESCRIPTOR.services_by_name["TaskTypeService"].full_name,
 )
@@ -90,6 +95,7 @@ class ApiServer:
         tasks: TaskServicer,
         workers: WorkerServicer,
         admin: AdminServicer,
+        effects: tuple[LedgerServicer, LockServicer],
         webhooks: WebhookServicer,
         task_types: TaskTypeServicer,
     ) -> None:
@@ -99,6 +105,9 @@ class ApiServer:
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        ledger, locks = effects
+        effects_service_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
+        effects_service_pb2_grpc.add_LockServiceServicer_to_server(locks, server)
         webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
         task_type_service_pb2_grpc.add_TaskTypeServiceServicer_to_server(task_types, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
