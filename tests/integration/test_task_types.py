@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from coordinator_pair import coordinator_pair
+from coordinator_pair import coordinator_pair, known_everywhere
 from google.protobuf import duration_pb2
 from security import Key, Keys
 from testsupport import eventually
@@ -46,6 +46,7 @@ async def test_definitions_default_submits_everywhere_at_once(
         keys = Keys(near, admin_key)
         acme = await keys.create("acme", "submit", "read", "operate")
         other = await keys.create("other", "submit", "read", "operate")
+        await known_everywhere((follower, leader), acme.id, other.id)
         types_far = task_type_service_pb2_grpc.TaskTypeServiceStub(far)
         types_near = task_type_service_pb2_grpc.TaskTypeServiceStub(near)
         tasks = task_service_pb2_grpc.TaskServiceStub(near)

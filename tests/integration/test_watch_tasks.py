@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from coordinator_pair import coordinator_pair
+from coordinator_pair import coordinator_pair, known_everywhere
 from security import Key, Keys
 from testsupport import eventually
 
@@ -53,6 +53,7 @@ async def test_watch_tasks_on_leader_and_follower(
         keys = Keys(near, admin_key)
         acme = await keys.create("acme", "submit", "read", "operate")
         other = await keys.create("other", "submit", "read", "operate")
+        await known_everywhere((follower, leader), acme.id, other.id)
         on_follower = task_service_pb2_grpc.TaskServiceStub(far)
         on_leader = task_service_pb2_grpc.TaskServiceStub(near)
 

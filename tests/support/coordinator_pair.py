@@ -30,3 +30,16 @@ async def coordinator_pair(
     finally:
         await leader.stop(grace=1.0)
         await follower.stop(grace=1.0)
+
+
+async def known_everywhere(coordinators: tuple[Coordinator, ...], *key_ids: str) -> None:
+    """Waits until every coordinator's key directory holds the keys (a key made through
+    one coordinator reaches the others by NOTIFY, within a second)."""
+
+    def known() -> bool:
+        return all(
+            c.directory is not None and all(k in c.directory.keys for k in key_ids)
+            for c in coordinators
+        )
+
+    await eventually(known, timeout=10, what="the new keys on every coordinator")
