@@ -31,7 +31,7 @@ from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
-from conveyor.coordinator.leader.maintenance import Promoter, Reaper
+from conveyor.coordinator.leader.maintenance import DependencySweeper, Promoter, Reaper
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
@@ -185,7 +185,14 @@ class Coordinator:
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
+        self.services = [
+            dispatcher,
+            Promoter(deps),
+            Reaper(deps),
+            DependencySweeper(deps),
+            firer,
+            backlog,
+        ]
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,

@@ -1,4 +1,5 @@
-"""The leader's sweeps: promoting due SCHEDULED tasks and reaping expired leases.
+"""The leader's sweeps: promoting due SCHEDULED tasks, reaping expired leases, and
+releasing dependents a race left BLOCKED.
 
 Both are supervised services (``supervisor.py``) and act for all tenants, so one bad row
 (written by hand: validation lets nothing like it in) must never stop them. A sweep
@@ -21,6 +22,7 @@ import asyncpg
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import refused_row
 from conveyor.coordinator.lifecycle.transitions import SCHEDULED, Cause, Transitions
+from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
 
@@ -30,6 +32,8 @@ SWEEP_LIMIT = 5000
 # The promoter re-reads the earliest run_at at least this often, so a task scheduled by
 # another process (or one whose wake-up was missed) still runs on time.
 MAX_PROMOTER_SLEEP = 1.0
+# Seconds between the dependency sweeper's rounds (a backstop for a rare race).
+DEPENDENCY_SWEEP_INTERVAL = 5.0
 
 
 async def set_aside(
@@ -143,3 +147,20 @@ class Reaper(Service):
                     why = f"its expired lease cannot be taken back: {exc}"
                     await set_aside(self.deps, conn, self.name, [task_id], store.RUNNING, why)
         return reaped
+
+
+class DependencySweeper(Service):
+    """Releases the dependents a finishing statement could not see (``store/dependencies.py``:
+    a submit that committed while a dependency's finishing statement ran). A backstop:
+    every other release happens in the transaction that finishes the dependency."""
+
+    name = "dependency-sweeper"
+
+    async def step(self) -> float:
+        async with self.deps.db.autocommit() as conn:
+            ids = await dependencies.finished_dependencies(conn, SWEEP_LIMIT)
+            rows = await dependencies.release(conn, ids)
+        if rows:
+            _log.info("released %d dependents of %d finished tasks late", len(rows), len(ids))
+        self.deps.after_commit.publish(Cause.RELEASED, rows)
+        return 0.0 if len(ids) == SWEEP_LIMIT else DEPENDENCY_SWEEP_INTERVAL

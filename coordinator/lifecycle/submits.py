@@ -44,6 +44,7 @@ from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle import dependents
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
@@ -86,6 +87,9 @@ class SubmitGroup:
 
     tenant: str
     tasks: Sequence[NewTask]
+    has_dependencies: bool = False
+    """Some task lists ``after`` or ``after_refs``: the group goes the careful way
+    (``dependents.py``), and a group without them pays nothing for the feature."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,9 @@ class Submitter:
         now = datetime.now(UTC)
         now_message = convert.timestamp(now)
         tasks = [t for g in groups for t in g.tasks]
-        if not any(t.idempotency_key for t in tasks):
+        if not any(t.idempotency_key for t in tasks) and not any(
+            g.has_dependencies for g in groups
+        ):
             try:
                 return await self._flush_new(groups, now, now_message)
             except asyncpg.UniqueViolationError:
@@ -212,12 +218,17 @@ class Submitter:
         keys = sorted({(tenant, t.idempotency_key) for tenant, t in tasks if t.idempotency_key})
         ids = sorted({t.task_id for _, t in tasks if t.task_id is not None})
         failed: dict[int, ConveyorError] = {}
+        with_deps = any(g.has_dependencies for g in groups)
         async with self._deps.db.write() as conn:
             priors = await store.find_priors(conn, keys, ids)
+            if with_deps:
+                await dependents.check_after(conn, groups, failed)
             for round_ in itertools.count(1):
                 results, rows, starts = self._plan_checked(
                     groups, _Plan(*priors, {}, {}), failed, now, now_message
                 )
+                if with_deps:
+                    rows, edges = dependents.block(groups, results, rows)
                 checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
                 inserted = await store.insert(conn, checked, now) if checked else []
                 if len(inserted) == len(checked):
@@ -239,7 +250,11 @@ class Submitter:
                 [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
                 now,
             )
+            released: Sequence[Row] = []
+            if with_deps:
+                released = await dependents.write_edges(conn, edges, results)
         self._deps.after_commit.publish(Cause.SUBMITTED, [*inserted, *unkeyed])
+        self._deps.after_commit.publish(Cause.RELEASED, released)
         return results
 
     def _plan_checked(

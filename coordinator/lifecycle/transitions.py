@@ -72,6 +72,7 @@ _log = logging.getLogger("conveyor.coordinator.transitions")
 """The positions of :data:`COLUMNS` in a transition row."""
 
 PENDING = task_pb2.TASK_STATE_PENDING
+BLOCKED = task_pb2.TASK_STATE_BLOCKED
 SCHEDULED = task_pb2.TASK_STATE_SCHEDULED
 RUNNING = task_pb2.TASK_STATE_RUNNING
 TERMINAL = frozenset(
@@ -114,6 +115,10 @@ class Cause(enum.Enum):
     """A DEAD task made PENDING again (RetryTask)."""
     SET_ASIDE = "set_aside"
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
+    RELEASED = "released"
+    """BLOCKED tasks whose dependencies finished (PENDING or SCHEDULED), or that a dead or
+    cancelled dependency cancelled: by the release fragment of the statement that finished
+    them (published apart from that statement's own rows), or by a submit."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not
@@ -199,6 +204,23 @@ class AfterCommit:
         A listener that raises is a bug: it is logged, and the others (and the caller,
         whose write did commit) carry on.
         """
+        if not rows:
+            return
+        if rows[-1][FROM_STATE] == BLOCKED and cause is not Cause.RELEASED:
+            # The release fragment's rows come last (store/transitions.py): the dependents
+            # a finishing statement moved are a batch of their own. One comparison when
+            # there are none.
+            cut = len(rows)
+            while cut > 1 and rows[cut - 1][FROM_STATE] == BLOCKED:
+                cut -= 1
+            if cut == 1 and rows[0][FROM_STATE] == BLOCKED and cause is not Cause.CANCELLED:
+                cut = 0  # only a cancel's own row (its first) can have been BLOCKED
+            self._publish(cause, rows[:cut])
+            self._publish(Cause.RELEASED, rows[cut:])
+            return
+        self._publish(cause, rows)
+
+    def _publish(self, cause: Cause, rows: Sequence[Row]) -> None:
         if not rows:
             return
         batch = Transitions(cause, rows)

@@ -25,17 +25,34 @@ statement, so no state change can commit without it::
         INSERT INTO webhook_outbox (tenant, task_id, from_state, to_state)
         SELECT tenant, id, from_state, state FROM changed''')
 
-The one statement that cannot carry a CTE, COPY, is used only while :data:`FRAGMENTS` is
-empty (``tasks.copy_new``).
+A fragment marked ``finishing_only`` runs only in the statements that can finish a task
+(reach SUCCEEDED, DEAD or CANCELLED: results, lease reaping, cancel, setting aside); the
+others (inserts, the claim, promotion, redrive) are written with ``tail(finishes=False)``
+and do not carry it. A fragment marked ``transitions`` changes other tasks' states (the
+release of dependents): its CTE returns :func:`changed` columns, and the statement returns
+those rows after its own, as transitions of the same shape.
+
+The one statement that cannot carry a CTE, COPY, is used only while no fragment runs on
+inserts (``tasks.copy_new``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conveyor.coordinator.store import release
 from conveyor.v1 import task_pb2
 
-__all__ = ["COLUMNS", "FRAGMENTS", "TAIL", "Fragment", "changed", "tail"]
+__all__ = [
+    "COLUMNS",
+    "FRAGMENTS",
+    "INSERTS_CARRY_FRAGMENTS",
+    "TAIL",
+    "Fragment",
+    "changed",
+    "select_transitions",
+    "tail",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +61,11 @@ class Fragment:
 
     name: str
     sql: str
+    finishing_only: bool = False
+    """Runs only in statements that can finish a task (see the module docstring)."""
+    transitions: bool = False
+    """Its CTE returns :func:`changed` columns of tasks it moved: returned as transitions."""
 
-
-FRAGMENTS: tuple[Fragment, ...] = ()
-"""The same-transaction fragments, in the order they run (none yet)."""
 
 COLUMNS = (
     "id", "tenant", "queue", "type", "from_state", "state", "attempt", "epoch",
@@ -72,6 +90,7 @@ COLUMNS = (
 """
 
 _PENDING = task_pb2.TASK_STATE_PENDING
+_BLOCKED = task_pb2.TASK_STATE_BLOCKED
 _RUNNING = task_pb2.TASK_STATE_RUNNING
 _SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 _DEAD = task_pb2.TASK_STATE_DEAD
@@ -99,12 +118,32 @@ def changed(
     )
 
 
-def tail(extra: str = "", order: str = "") -> str:
+def tail(extra: str = "", order: str = "", *, finishes: bool = True) -> str:
     """The end of a state-changing statement (see :data:`TAIL`), with ``extra`` columns
-    after :data:`COLUMNS` and an ORDER BY."""
-    fragments = "".join(f", {f.name} AS ({f.sql})" for f in FRAGMENTS)
-    return f"""{fragments}
-    SELECT changed.id::text AS id, tenant, queue, type, from_state, state, attempt,
+    after :data:`COLUMNS` and an ORDER BY; ``finishes`` False for a statement that never
+    moves a task to SUCCEEDED, DEAD or CANCELLED (it skips ``finishing_only`` fragments)."""
+    applied = [f for f in FRAGMENTS if finishes or not f.finishing_only]
+    fragments = "".join(f", {f.name} AS ({f.sql})" for f in applied)
+    moved = [f.name for f in applied if f.transitions]
+    if moved and order:
+        raise ValueError("a statement with an ORDER BY must not carry a fragment that moves tasks")
+    # The rows a fragment moved have no value for the statement's own extra columns.
+    nulls = ", ".join("NULL" for _ in extra.split(",")) if extra else ""
+    return "".join(
+        [
+            fragments,
+            select_transitions("changed", extra),
+            *(f" UNION ALL {select_transitions(name, nulls)}" for name in moved),
+            f" ORDER BY {order}" if order else "",
+        ]
+    )
+
+
+def select_transitions(source: str, extra: str = "") -> str:
+    """``SELECT`` :data:`COLUMNS` (and ``extra``) ``FROM source``, a CTE of :func:`changed`
+    columns: the transition rows a statement returns."""
+    return f"""
+    SELECT {source}.id::text AS id, tenant, queue, type, from_state, state, attempt,
         lease_epoch AS epoch, worker_id, outcome, run_at,
         CASE WHEN state = {_RUNNING} THEN {_SINCE.format("run_at")} END AS queue_wait_seconds,
         CASE WHEN state = {_RUNNING} AND attempt = 1 AND run_at <= create_time
@@ -114,10 +153,29 @@ def tail(extra: str = "", order: str = "") -> str:
         CASE WHEN state IN ({_SUCCEEDED}, {_DEAD})
             THEN {_SINCE.format("create_time")} END AS end_to_end_seconds
         {f", {extra}" if extra else ""}
-    FROM changed
-    {f"ORDER BY {order}" if order else ""}
+    FROM {source}
     """
 
 
+FRAGMENTS: tuple[Fragment, ...] = (
+    # The release of dependents (store/dependencies.py): every CTE finishing-only, the last
+    # returning the tasks it moved.
+    *(
+        Fragment(name, sql, finishing_only=True, transitions=name == "deps_released")
+        for name, sql in release.release_ctes(
+            f"SELECT id, state FROM changed WHERE state IN {release.FINISHED}",
+            release.IN_CHANGED,
+            changed("d", from_state=_BLOCKED),
+        )
+    ),
+)
+"""The same-transaction fragments, in the order they run."""
+
+INSERTS_CARRY_FRAGMENTS = any(not f.finishing_only for f in FRAGMENTS)
+"""Whether some fragment runs on inserts (then COPY, which carries none, is not used)."""
+
 TAIL = tail()
 """The end of every state-changing statement: the fragments, then the transition rows."""
+
+TAIL_NOT_FINISHING = tail(finishes=False)
+"""The end of a state-changing statement that never finishes a task."""
