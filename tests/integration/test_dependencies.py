@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from clitools import conveyor
 
 from conveyor.client import (
     AsyncClient,
@@ -222,3 +223,21 @@ async def test_bad_dependencies_are_refused_naming_them(
         await client.submit_many([TaskSpec(type="ok", after_refs=["nowhere"])])
     # Nothing of the refused submits was written.
     assert await db.fetchval("SELECT count(*) FROM tasks WHERE tenant = 'default'") == 0
+
+
+async def test_the_cli_submits_after_and_shows_what_a_task_waits_for(
+    coordinator: Coordinator, client: AsyncClient
+) -> None:
+    # Two commands only: each is a process start (seconds on a busy machine). The list
+    # filter and the cancel of a BLOCKED task are the client tests' above.
+    where = ["--coordinator", coordinator.address]
+    first = await client.submit("nobody-runs-this")
+    second = await client.submit("nobody-runs-this")
+    done = await conveyor(*where, "submit", "echo", "--after", first.id, "--after", second.id)
+    assert done.code == 0, done.err
+    blocked = done.out.strip()
+    assert (await client.get(blocked)).state is TaskState.BLOCKED
+    done = await conveyor(*where, "get", blocked)
+    assert done.code == 0, done.err
+    waits = ", ".join(sorted([first.id, second.id]))
+    assert "state:        blocked" in done.out and f"waits for:    {waits}" in done.out
