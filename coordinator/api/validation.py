@@ -50,6 +50,8 @@ MAX_LABELS = 64
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_BATCH = 1000
+# Dependencies one task may list in after: a fan-in of this many tasks into one.
+MAX_AFTER = 10_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_CONTENT_TYPE_LENGTH = 128
@@ -325,8 +327,8 @@ def _check_dependencies(
 
 def _check_after(values: Sequence[str], field: str, out: list[FieldViolation]) -> tuple[str, ...]:
     """Dependency ids: task ids in canonical lowercase text, each once."""
-    if len(values) > MAX_BATCH:
-        out.append(FieldViolation(field, f"must list at most {MAX_BATCH} tasks"))
+    if len(values) > MAX_AFTER:
+        out.append(FieldViolation(field, f"must list at most {MAX_AFTER} tasks"))
         return ()
     ids: dict[str, None] = {}
     for value in values:

@@ -163,10 +163,10 @@ class Submitter:
         now = datetime.now(UTC)
         now_message = convert.timestamp(now)
         tasks = [t for g in groups for t in g.tasks]
-        if not any(t.idempotency_key for t in tasks) and not any(
-            g.has_dependencies for g in groups
-        ):
+        if not any(t.idempotency_key for t in tasks):
             try:
+                if any(g.has_dependencies for g in groups):
+                    return await self._flush_new_with_dependencies(groups, now, now_message)
                 return await self._flush_new(groups, now, now_message)
             except asyncpg.UniqueViolationError:
                 # A client-made id is taken: most likely a resend of a submit an earlier
@@ -196,6 +196,26 @@ class Submitter:
             with committing():
                 written = await self._write_unkeyed(conn, rows, now)
         self._deps.after_commit.publish(Cause.SUBMITTED, written)
+        return results
+
+    async def _flush_new_with_dependencies(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Nothing to look up but the dependencies (``dependents.py``): one transaction
+        writes the tasks (never handed off: some wait), their edges, and the release of
+        those whose dependencies are finished already."""
+        failed: dict[int, ConveyorError] = {}
+        async with self._deps.db.write() as conn:
+            await dependents.check_after(conn, groups, failed)
+            results, rows, _ = self._plan_checked(groups, _Plan.empty(), failed, now, now_message)
+            rows, edges = dependents.block(groups, results, rows)
+            written = await self._write_unkeyed(conn, rows, now)
+            released = await dependents.write_edges(conn, edges, results)
+        self._deps.after_commit.publish(Cause.SUBMITTED, written)
+        self._deps.after_commit.publish(Cause.RELEASED, released)
         return results
 
     async def _flush_checked(

@@ -111,7 +111,7 @@ class SubmitTaskRequest(_message.Message):
     @_builtins.property
     def after(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task ids (of this tenant) that must all finish before this task runs: it waits in
-        TASK_STATE_BLOCKED until then. At most 1000.
+        TASK_STATE_BLOCKED until then. At most 10000.
         """
 
     @_builtins.property
