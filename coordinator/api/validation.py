@@ -300,7 +300,9 @@ def validate_submit(
     )
     # A task with dependencies keeps its fingerprint even without a key: a resend of a
     # DAG by request_id is compared with it, and a stored row does not show its edges.
-    return (_with_hash(task) if key or task.has_dependencies else task), []
+    if task.has_dependencies:
+        return _with_hash(task, force=True), []
+    return (_with_hash(task) if key else task), []
 
 
 _NO_DEPENDENCIES: tuple[tuple[str, ...], tuple[str, ...], str, bool] = ((), (), "", False)

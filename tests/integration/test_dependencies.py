@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from clitools import conveyor
+from testsupport import eventually
 
 from conveyor.client import (
     AsyncClient,
@@ -26,6 +27,8 @@ from conveyor.client import (
     TaskState,
 )
 from conveyor.coordinator import Coordinator
+from conveyor.coordinator.ids import uuid7
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from conveyor.worker import NonRetryableError, TaskContext, Worker
 
 
@@ -108,7 +111,10 @@ async def test_a_chain_waits_blocked_and_runs_in_order(
 
 
 async def test_a_dag_in_one_submit_fans_out_and_in(
-    client: AsyncClient, gates: Gates, db: asyncpg.Connection
+    client: AsyncClient,
+    gates: Gates,
+    db: asyncpg.Connection,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
 ) -> None:
     # Refs may point forward: the sink comes first, the root last.
     specs = [
@@ -129,7 +135,8 @@ async def test_a_dag_in_one_submit_fans_out_and_in(
     last_mid = max([await _finished(db, m.id) for m in mids])
     assert await _first_start(db, sink.id) >= last_mid
 
-    # A resend of the same DAG (here by idempotency keys) returns the same tasks.
+    # A resend of the same DAG returns the same tasks: by idempotency keys, and by the
+    # request ids a client library resends with.
     keyed = [
         TaskSpec(type="ok", payload=1, ref="x", idempotency_key="dag-x"),
         TaskSpec(type="ok", payload=2, after_refs=["x"], idempotency_key="dag-y"),
@@ -137,6 +144,19 @@ async def test_a_dag_in_one_submit_fans_out_and_in(
     first = await client.submit_many(keyed)
     again = await client.submit_many(keyed)
     assert [t.id for t in again] == [t.id for t in first]
+    request = task_service_pb2.SubmitTasksRequest(
+        tasks=[
+            task_service_pb2.SubmitTaskRequest(type="gate", ref="p", request_id=str(uuid7())),
+            task_service_pb2.SubmitTaskRequest(
+                type="ok", after_refs=["p"], request_id=str(uuid7())
+            ),
+        ]
+    )
+    sent = await stub.SubmitTasks(request)
+    resent = await stub.SubmitTasks(request)
+    assert [r.task.id for r in resent.results] == [r.task.id for r in sent.results]
+    assert [r.deduplicated for r in resent.results] == [True, True]
+    assert resent.results[1].task.state == task_pb2.TASK_STATE_BLOCKED
 
 
 async def test_a_dead_dependency_cancels_or_lets_run_per_policy(
@@ -241,3 +261,24 @@ async def test_the_cli_submits_after_and_shows_what_a_task_waits_for(
     assert done.code == 0, done.err
     waits = ", ".join(sorted([first.id, second.id]))
     assert "state:        blocked" in done.out and f"waits for:    {waits}" in done.out
+
+
+async def test_the_sweeper_releases_dependents_a_finish_did_not_see(
+    coordinator: Coordinator, client: AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A finish whose statement began before a dependent's submit committed does not see
+    its edge (store/dependencies.py); the leader's sweeper releases it."""
+    first = await client.submit("nobody-runs-this")
+    blocked = await client.submit("nobody-runs-this", after=[first])
+    # What that finish amounts to: the dependency finished, its edge still there.
+    await db.execute(
+        "UPDATE tasks SET state = 4, finish_time = now() WHERE id = $1", uuid.UUID(first.id)
+    )
+    sweeper = next(s for s in coordinator.services if s.name == "dependency-sweeper")
+    sweeper.wake()
+
+    async def released() -> bool:
+        return (await client.get(blocked.id)).state is TaskState.PENDING
+
+    await eventually(released, timeout=5, what="the dependent released by the sweeper")
+    assert await db.fetchval("SELECT count(*) FROM task_edges") == 0
