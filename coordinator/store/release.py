@@ -22,6 +22,13 @@ FINISHED = f"({_SUCCEEDED}, {_DEAD}, {_CANCELLED})"
 IN_CHANGED = "EXISTS (SELECT FROM changed c WHERE c.id = {})"
 """``busy`` for the fragment: the statement's own changed rows."""
 
+# The BLOCKED dependents of task {} whose edge cancels them when it fails.
+_DOOMED = f"""
+    SELECT e.task_id FROM task_edges e
+    WHERE e.after_id = {{}} AND e.cancel_on_failure
+      AND (SELECT t.state FROM tasks t WHERE t.id = e.task_id) = {_BLOCKED}
+"""
+
 
 def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, str]]:
     """The release as named CTEs: ``finished`` selects (id, state) of the tasks that
@@ -31,22 +38,23 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
     return [
         ("deps_finished", finished),
         (
-            # The finished tasks (ok: succeeded), and the BLOCKED tasks a failure dooms
-            # down the chain (edges that cancel on failure), which count as cancelled.
+            # The finished tasks, and the BLOCKED tasks a failure dooms down the chain
+            # (edges that cancel on failure), which count as cancelled. Every step goes
+            # from a task to its edges by the after_id index and to the dependent by its
+            # primary key (LATERAL and a scalar sub-select: the plan cannot turn into a
+            # scan of every edge or every BLOCKED task).
             "deps_gone",
             f"""
             SELECT id, state FROM deps_finished
             UNION ALL
             SELECT DISTINCT doom.id, {_CANCELLED}::smallint FROM (
                 WITH RECURSIVE doom(id) AS (
-                    SELECT e.task_id FROM deps_finished f
-                    JOIN task_edges e ON e.after_id = f.id AND e.cancel_on_failure
-                    JOIN tasks t ON t.id = e.task_id AND t.state = {_BLOCKED}
+                    SELECT x.task_id FROM deps_finished f
+                    CROSS JOIN LATERAL ({_DOOMED.format("f.id")}) x
                     WHERE f.state <> {_SUCCEEDED}
                     UNION
-                    SELECT e.task_id FROM doom
-                    JOIN task_edges e ON e.after_id = doom.id AND e.cancel_on_failure
-                    JOIN tasks t ON t.id = e.task_id AND t.state = {_BLOCKED}
+                    SELECT x.task_id FROM doom
+                    CROSS JOIN LATERAL ({_DOOMED.format("doom.id")}) x
                 ) SELECT id FROM doom
             ) doom
             WHERE NOT ({busy.format("doom.id")})
@@ -55,18 +63,19 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
         (
             "deps_fired",
             """
-            DELETE FROM task_edges e USING deps_gone g WHERE e.after_id = g.id
-            RETURNING e.task_id, e.after_id, g.state, e.cancel_on_failure
+            DELETE FROM task_edges e WHERE e.after_id = ANY (ARRAY(SELECT id FROM deps_gone))
+            RETURNING e.task_id, e.after_id, e.cancel_on_failure
             """,
         ),
         (
             "deps_hit",
             f"""
-            SELECT task_id, count(*)::int AS n,
-                min(after_id::text || CASE state WHEN {_DEAD} THEN ' ended DEAD'
+            SELECT f.task_id, count(*)::int AS n,
+                min(f.after_id::text || CASE g.state WHEN {_DEAD} THEN ' ended DEAD'
                     ELSE ' was cancelled' END)
-                    FILTER (WHERE state <> {_SUCCEEDED} AND cancel_on_failure) AS doomed_by
-            FROM deps_fired GROUP BY task_id
+                    FILTER (WHERE g.state <> {_SUCCEEDED} AND f.cancel_on_failure) AS doomed_by
+            FROM deps_fired f JOIN deps_gone g ON g.id = f.after_id
+            GROUP BY f.task_id
             """,
         ),
         (
@@ -86,7 +95,8 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
                     THEN 'cancelled: its dependency ' || h.doomed_by ELSE d.last_error END,
                 update_time = now()
             FROM deps_hit h
-            WHERE d.id = h.task_id AND d.state = {_BLOCKED} AND NOT ({busy.format("d.id")})
+            WHERE d.id = h.task_id AND d.id = ANY (ARRAY(SELECT task_id FROM deps_hit))
+              AND d.state = {_BLOCKED} AND NOT ({busy.format("d.id")})
             RETURNING {returning}
             """,
         ),

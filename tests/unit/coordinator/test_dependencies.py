@@ -1,17 +1,27 @@
-"""Task dependencies, the pure parts: what validation accepts (refs, cycles, ids, the
-fingerprint), and how the after-commit path splits the dependents a statement moved from
-the statement's own rows."""
+"""Task dependencies, the parts below the API: what validation accepts (refs, cycles, ids,
+the fingerprint), how the after-commit path splits the dependents a statement moved from
+the statement's own rows, and the release under concurrent finishes (store functions on
+a real database)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from testsupport import eventually
 
 from conveyor.coordinator.api import validation
+from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import InvalidArgument
+from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import COLUMNS, AfterCommit, Cause, Transitions
+from conveyor.coordinator.store import dependencies
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.store.dependencies import Edge
 from conveyor.v1 import task_pb2, task_service_pb2
 
 BLOCKED = task_pb2.TASK_STATE_BLOCKED
@@ -120,3 +130,64 @@ def test_the_dependents_a_statement_moved_are_a_batch_of_their_own() -> None:
     seen.clear()
     after_commit.publish(Cause.RELEASED, [_row("f", BLOCKED, PENDING)])
     assert [(b.cause, list(b.ids())) for b in seen] == [(Cause.RELEASED, ["f"])]
+
+
+async def test_two_dependencies_finishing_in_concurrent_transactions_release_once(
+    deps: Deps,
+) -> None:
+    """The counter on the dependent's row: the second finish waits for the first's lock
+    and decrements what the first left, so the dependent is released (a count of edges
+    read from each statement's snapshot would see the other's edge and release none)."""
+    fence = deps.office.fence()
+    now = datetime.now(UTC)
+    task = validation.validate_submit_one(
+        task_service_pb2.SubmitTaskRequest(type="a", queue="q"), max_payload_bytes=100
+    )
+    a, b, d = (str(uuid7()) for _ in range(3))
+    async with deps.db.write() as conn:
+        await store.insert_new(
+            conn,
+            [
+                store.NewRow("t", a, task, store.PENDING, now),
+                store.NewRow("t", b, task, store.PENDING, now),
+                store.NewRow("t", d, task, store.BLOCKED, now),
+            ],
+            now,
+        )
+        await dependencies.insert_edges(conn, [Edge(d, a, "t", True), Edge(d, b, "t", True)])
+        claimed = await store.claim(
+            conn, tenant="t", queues=["q"], types=["a"], keys=None, limit=2, max_bytes=1 << 20,
+            worker_id="w", holder=b"h", lease_seconds=30, fence=fence,
+        )  # fmt: skip
+    keys = {r["id"]: LeaseKey("t", r["id"], r["attempt"], r["epoch"], "w") for r in claimed}
+
+    def done(task_id: str) -> list[store.Outcome]:
+        return [store.Outcome(keys[task_id], store.OUTCOME_SUCCEEDED, b"", "", False)]
+
+    async with deps.db.write() as first:
+        assert (await store.finish_attempts(first, done(a), fence))[-1]["id"] == a
+        # The second finish runs in its own transaction and waits for the first's lock
+        # on the dependent until the first commits.
+        second = asyncio.create_task(_finish_apart(deps, done(b), fence))
+
+        async def waiting() -> bool:
+            async with deps.db.autocommit() as conn:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            return bool(n)
+
+        await eventually(waiting, timeout=10, what="the second finish waiting for the lock")
+        assert not second.done()
+    rows = await second
+    assert [(r["id"], r["from_state"], r["state"]) for r in rows][-1] == (d, BLOCKED, PENDING)
+    async with deps.db.autocommit() as conn:
+        left = await conn.fetchrow("SELECT state, deps_left FROM tasks WHERE id = $1::uuid", d)
+        assert (left["state"], left["deps_left"]) == (PENDING, 0)
+        assert await conn.fetchval("SELECT count(*) FROM task_edges") == 0
+
+
+async def _finish_apart(deps: Deps, outcomes: list[store.Outcome], fence: Any) -> list[Any]:
+    async with deps.db.write() as conn:
+        return await store.finish_attempts(conn, outcomes, fence)
