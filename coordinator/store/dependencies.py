@@ -24,6 +24,7 @@ releases such dependents within a sweep interval (:func:`finished_dependencies`)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -86,26 +87,30 @@ _INSERT_EDGES = Query(
         INSERT INTO task_edges (task_id, after_id, tenant, cancel_on_failure)
         SELECT * FROM unnest(:task_id::uuid[], :after_id::uuid[], :tenant::text[],
             :cancel::bool[])
-        ON CONFLICT DO NOTHING
-        RETURNING task_id
     )
+    -- The counts made by the caller; the tasks found by their primary key (a join alone
+    -- lets the planner hash the whole table to find a batch).
     UPDATE tasks t SET deps_left = t.deps_left + c.n
-    FROM (SELECT task_id, count(*)::int AS n FROM e GROUP BY task_id) c
-    WHERE t.id = c.task_id
+    FROM unnest(:counted::uuid[], :counts::int[]) AS c(id, n)
+    WHERE t.id = ANY(:counted::uuid[]) AND t.id = c.id
     """,
 )
 
 
 async def insert_edges(conn: asyncpg.Connection, edges: Sequence[Edge]) -> None:
-    """Writes the edges of tasks this transaction inserted BLOCKED, and counts them."""
+    """Writes the edges (no pair twice) of tasks this transaction inserted BLOCKED, and
+    counts them in ``deps_left``."""
     if edges:
         task_ids, after_ids, tenants, cancel = zip(*edges, strict=True)
+        counts = Counter(task_ids)
         await _INSERT_EDGES.execute(
             conn,
             task_id=list(task_ids),
             after_id=list(after_ids),
             tenant=list(tenants),
             cancel=list(cancel),
+            counted=list(counts),
+            counts=list(counts.values()),
         )
 
 

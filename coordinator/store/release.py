@@ -39,10 +39,8 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
         ("deps_finished", finished),
         (
             # The finished tasks, and the BLOCKED tasks a failure dooms down the chain
-            # (edges that cancel on failure), which count as cancelled. Every step goes
-            # from a task to its edges by the after_id index and to the dependent by its
-            # primary key (LATERAL and a scalar sub-select: the plan cannot turn into a
-            # scan of every edge or every BLOCKED task).
+            # (edges that cancel on failure), which count as cancelled. The walk runs only
+            # after a failure; each step looks the dependent's state up by primary key.
             "deps_gone",
             f"""
             SELECT id, state FROM deps_finished
@@ -73,8 +71,12 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
             SELECT f.task_id, count(*)::int AS n,
                 min(f.after_id::text || CASE g.state WHEN {_DEAD} THEN ' ended DEAD'
                     ELSE ' was cancelled' END)
-                    FILTER (WHERE g.state <> {_SUCCEEDED} AND f.cancel_on_failure) AS doomed_by
-            FROM deps_fired f JOIN deps_gone g ON g.id = f.after_id
+                    FILTER (WHERE g.id IS NOT NULL AND f.cancel_on_failure) AS doomed_by
+            FROM deps_fired f
+            -- Only the failures (usually none): a join of every fired edge with every
+            -- finished task could be a nested loop over the two.
+            LEFT JOIN (SELECT id, state FROM deps_gone WHERE state <> {_SUCCEEDED}) g
+                ON g.id = f.after_id
             GROUP BY f.task_id
             """,
         ),
@@ -95,8 +97,7 @@ def release_ctes(finished: str, busy: str, returning: str) -> list[tuple[str, st
                     THEN 'cancelled: its dependency ' || h.doomed_by ELSE d.last_error END,
                 update_time = now()
             FROM deps_hit h
-            WHERE d.id = h.task_id AND d.id = ANY (ARRAY(SELECT task_id FROM deps_hit))
-              AND d.state = {_BLOCKED} AND NOT ({busy.format("d.id")})
+            WHERE d.id = h.task_id AND d.state = {_BLOCKED} AND NOT ({busy.format("d.id")})
             RETURNING {returning}
             """,
         ),
