@@ -29,7 +29,14 @@ from typing import Any
 
 import asyncpg
 
-from conveyor.bench.runner import _free_port, _postgres, _say, _stop, _wait_serving
+from conveyor.bench.runner import (
+    _free_port,
+    _postgres,
+    _say,
+    _stop,
+    _wait_serving,
+    start_worker,
+)
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, Task, TaskSpec
 
@@ -119,17 +126,7 @@ async def _scenario(
 
     _say(f"{scenario}: draining with {args.workers} worker processes …")
     workers: list[Process] = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "conveyor.bench.worker",
-            "--coordinator",
-            address,
-            "--concurrency",
-            str(args.concurrency),
-            env=env,
-        )
-        for _ in range(args.workers)
+        await start_worker(address, args.concurrency, env) for _ in range(args.workers)
     ]
     try:
         deadline = time.monotonic() + max(300.0, args.tasks / 50)
