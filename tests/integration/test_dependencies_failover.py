@@ -5,8 +5,8 @@ Chains, a fan-out, a fan-in and a dead dependency with both policies are in flig
 the leader is killed while dependencies are finishing. The release of dependents is
 written in the transaction that finishes their last dependency, so no kill can fall
 between the two: afterwards the database must show every dependent in the state its
-policy says, each that ran started after every dependency of it finished, and no task
-left BLOCKED or edge left behind.
+policy says and no task left BLOCKED or edge left behind, and the worker's log every
+dependent run after its dependencies.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from cluster import CoordinatorProcess, WorkerProcess, wait_for_leader
+from cluster import CoordinatorProcess, WorkerProcess, read_effects, wait_for_leader
 from etcd_servers import EtcdServer
 from testsupport import eventually
 
@@ -74,24 +74,36 @@ async def _submit(client: AsyncClient) -> tuple[Expected, dict[str, Task]]:
     return expect, {"bad": bad, "x": x, "y": y}
 
 
-def _problems(expect: Expected, rows: list[asyncpg.Record]) -> list[str]:
-    """Where the database disagrees with ``expect``: a state, a dependent started before
-    a dependency finished, a cancelled dependent that ran."""
+def _problems(expect: Expected, rows: list[asyncpg.Record], effects: Path) -> list[str]:
+    """Where the database and the worker's log disagree with ``expect``: a state, a
+    dependent that ran before a dependency's handler completed, a cancelled dependent that
+    ran.
+
+    The order is read from the worker's log (one process appends each completed handler
+    run, so its order is the order things happened): a dependent's first run must come
+    after the first completed run of each dependency that ran. The database's timestamps
+    cannot say it to the microsecond: ``now()`` is a transaction's start, which may precede
+    the commit its statement then sees."""
     tasks = {r["id"]: r for r in rows}
     if set(tasks) != set(expect):
         return [f"tasks in the database: {sorted(tasks)}, submitted: {sorted(expect)}"]
+    first: dict[str, int] = {}
+    for position, (task_id, _) in enumerate(read_effects(effects)):
+        first.setdefault(task_id, position)
     problems: list[str] = []
     for task_id, (after, state) in expect.items():
         row = tasks[task_id]
         if row["state"] != state:
-            problems.append(f"{task_id}: state {row['state']}, expected {state}")
+            problems.append(f"{task_id}: state {row['state']}, expected {state} ({dict(row)})")
         if state == CANCELLED:
-            if row["started"] is not None:
+            if row["started"] is not None or task_id in first:
                 problems.append(f"{task_id}: cancelled by a dependency, yet it ran")
             continue
+        if state == SUCCEEDED and task_id not in first:
+            problems.append(f"{task_id}: SUCCEEDED, yet no run of it completed")
         for dep in after:
-            if row["started"] is None or row["started"] < tasks[dep]["finish_time"]:
-                problems.append(f"{task_id} started {row['started']} before {dep} finished")
+            if dep in first and first.get(task_id, -1) < first[dep]:
+                problems.append(f"{task_id} ran before its dependency {dep} completed")
     return problems
 
 
@@ -110,7 +122,8 @@ async def test_dependents_run_exactly_when_they_should_across_a_leader_sigkill(
         for i in range(2)
     ]
     addresses = ",".join(c.address for c in coordinators)
-    worker = WorkerProcess(addresses, tmp_path / "effects.log", log_dir=tmp_path, concurrency=30)
+    effects = tmp_path / "effects.log"
+    worker = WorkerProcess(addresses, effects, log_dir=tmp_path, concurrency=30)
     db = await asyncpg.connect(database_dsn)
     try:
         for coordinator in coordinators:
@@ -132,7 +145,8 @@ async def test_dependents_run_exactly_when_they_should_across_a_leader_sigkill(
         )
         rows = await db.fetch(
             """
-            SELECT t.id::text AS id, t.state, t.finish_time, t.last_error,
+            SELECT t.id::text AS id, t.type, t.state, t.finish_time, t.last_error, t.attempt,
+                t.create_time, t.update_time,
                 (SELECT min(start_time) FROM task_attempts a WHERE a.task_id = t.id) AS started
             FROM tasks t
             """
@@ -143,7 +157,7 @@ async def test_dependents_run_exactly_when_they_should_across_a_leader_sigkill(
         for process in [worker, *coordinators]:
             process.close()
 
-    problems = _problems(expect, rows)
+    problems = _problems(expect, rows, effects)
     assert not problems, "\n".join(problems[:20])
     errors = {r["id"]: r["last_error"] or "" for r in rows}
     assert named["bad"].id in errors[named["x"].id]
