@@ -21,7 +21,12 @@ import asyncpg
 
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import refused_row
-from conveyor.coordinator.lifecycle.transitions import SCHEDULED, Cause, Transitions
+from conveyor.coordinator.lifecycle.transitions import (
+    SCHEDULED,
+    Cause,
+    Transitions,
+    split_released,
+)
 from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
@@ -49,7 +54,9 @@ async def set_aside(
     rows = await store.set_aside(
         conn, ids, state, f"set aside by the {loop}: {why}", deps.office.fence()
     )
-    for row in rows:
+    # Dependents a task set aside released or cancelled come after its own rows.
+    own, _ = split_released(Cause.SET_ASIDE, rows)
+    for row in own:
         _log.error(
             "task %s of tenant %r set aside (now DEAD): the %s cannot handle it (%s); the "
             "%s goes on",
@@ -59,9 +66,9 @@ async def set_aside(
             why,
             loop,
         )
-    deps.metrics.count_set_aside(loop, len(rows))
+    deps.metrics.count_set_aside(loop, len(own))
     deps.after_commit.publish(Cause.SET_ASIDE, rows)
-    return rows
+    return list(own)
 
 
 class Promoter(Service):
@@ -125,11 +132,12 @@ class Reaper(Service):
                 raise
             # One row the statement cannot handle refuses the whole sweep: go one by one.
             rows = await self._reap_one_by_one()
-        if rows:
-            self.reaped += len(rows)
-            _log.info("took back %d expired leases", len(rows))
+        own, _ = split_released(Cause.EXPIRED, rows)
+        if own:
+            self.reaped += len(own)
+            _log.info("took back %d expired leases", len(own))
         self.deps.after_commit.publish(Cause.EXPIRED, rows)
-        return 0.0 if len(rows) == SWEEP_LIMIT else self.deps.config.reaper_interval
+        return 0.0 if len(own) == SWEEP_LIMIT else self.deps.config.reaper_interval
 
     async def _reap_one_by_one(self) -> list[asyncpg.Record]:
         """Reaps the expired leases one task at a time, setting aside those refused."""
@@ -140,7 +148,13 @@ class Reaper(Service):
         for task_id in candidates:
             async with self.deps.db.autocommit() as conn:
                 try:
-                    reaped += await store.reap_expired(conn, 1, fence, only=task_id)
+                    rows = await store.reap_expired(conn, 1, fence, only=task_id)
+                    # The dependents each one released are published now: publish()
+                    # finds them at the end of a statement's rows, not amid a list of
+                    # several statements' rows.
+                    own, released = split_released(Cause.EXPIRED, rows)
+                    self.deps.after_commit.publish(Cause.RELEASED, released)
+                    reaped += own
                 except Exception as exc:
                     if not refused_row(exc):
                         raise

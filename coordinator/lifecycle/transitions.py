@@ -48,6 +48,7 @@ __all__ = [
     "Listener",
     "Row",
     "Transitions",
+    "split_released",
 ]
 
 _log = logging.getLogger("conveyor.coordinator.transitions")
@@ -184,6 +185,20 @@ class Transitions:
         return [row for row in self.rows if row[STATE] in TERMINAL]
 
 
+def split_released(cause: Cause, rows: Sequence[Row]) -> tuple[Sequence[Row], Sequence[Row]]:
+    """A statement's own transitions, and those of the dependents its release fragment
+    moved (``store/transitions.py``: they come last, each from BLOCKED). One comparison
+    when there are none."""
+    if not rows or rows[-1][FROM_STATE] != BLOCKED or cause is Cause.RELEASED:
+        return rows, ()
+    cut = len(rows)
+    while cut > 1 and rows[cut - 1][FROM_STATE] == BLOCKED:
+        cut -= 1
+    if cut == 1 and rows[0][FROM_STATE] == BLOCKED and cause is not Cause.CANCELLED:
+        cut = 0  # only a cancel's own row (its first) can have been BLOCKED
+    return rows[:cut], rows[cut:]
+
+
 Listener = Callable[[Transitions], None]
 """Told of every batch of transitions after it commits (see the module docstring)."""
 
@@ -204,21 +219,9 @@ class AfterCommit:
         A listener that raises is a bug: it is logged, and the others (and the caller,
         whose write did commit) carry on.
         """
-        if not rows:
-            return
-        if rows[-1][FROM_STATE] == BLOCKED and cause is not Cause.RELEASED:
-            # The release fragment's rows come last (store/transitions.py): the dependents
-            # a finishing statement moved are a batch of their own. One comparison when
-            # there are none.
-            cut = len(rows)
-            while cut > 1 and rows[cut - 1][FROM_STATE] == BLOCKED:
-                cut -= 1
-            if cut == 1 and rows[0][FROM_STATE] == BLOCKED and cause is not Cause.CANCELLED:
-                cut = 0  # only a cancel's own row (its first) can have been BLOCKED
-            self._publish(cause, rows[:cut])
-            self._publish(Cause.RELEASED, rows[cut:])
-            return
-        self._publish(cause, rows)
+        own, released = split_released(cause, rows)
+        self._publish(cause, own)
+        self._publish(Cause.RELEASED, released)
 
     def _publish(self, cause: Cause, rows: Sequence[Row]) -> None:
         if not rows:
