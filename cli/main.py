@@ -27,6 +27,7 @@ def build() -> typer.Typer:
         dev,
         encryption_commands,
         keys_commands,
+        queue_commands,
         schedule_commands,
         services,
         status_command,
@@ -40,6 +41,7 @@ def build() -> typer.Typer:
     dev.register(root)
     services.register(root)
     task_commands.register(root)
+    queue_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
     keys_commands.register(root)

@@ -120,6 +120,8 @@ class Cause(enum.Enum):
     """BLOCKED tasks whose dependencies finished (PENDING or SCHEDULED), or that a dead or
     cancelled dependency cancelled: by the release fragment of the statement that finished
     them (published apart from that statement's own rows), or by a submit."""
+    UPDATED = "updated"
+    """A waiting task whose run_at UpdateTask moved across now (PENDING, SCHEDULED)."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not

@@ -16,6 +16,7 @@ KNOWN = {
     "bench-tenants",
     "bench-deps",
     "encryption new-key", "encryption rotate", "encryption list", "console",
+    "dead list", "dead groups", "dead retry", "purge", "workers drain",
 }  # fmt: skip
 
 
