@@ -105,6 +105,17 @@ class TaskNotFound(ConveyorError):
         super().__init__(f"task {task_id} does not exist", metadata={"task_id": task_id})
 
 
+class DependencyNotFound(TaskNotFound):
+    def __init__(self, task_id: str) -> None:
+        ConveyorError.__init__(
+            self,
+            f"task {task_id}, listed in after, does not exist (a task of another tenant "
+            "counts as missing): submit it first, or refer to a task of the same "
+            "SubmitTasks request with after_refs",
+            metadata={"task_id": task_id},
+        )
+
+
 class IdempotencyKeyConflict(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT

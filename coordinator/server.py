@@ -35,7 +35,12 @@ from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
-from conveyor.coordinator.leader.maintenance import Promoter, Reaper, Retention
+from conveyor.coordinator.leader.maintenance import (
+    DependencySweeper,
+    Promoter,
+    Reaper,
+    Retention,
+)
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
@@ -218,6 +223,7 @@ class Coordinator:
             dispatcher,
             Promoter(deps),
             Reaper(deps),
+            DependencySweeper(deps),
             firer,
             backlog,
             Retention(deps),

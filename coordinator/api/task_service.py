@@ -10,7 +10,7 @@ them, so the wire API keeps schedules in TaskService.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -27,6 +27,7 @@ from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.task_events import TaskEventHub
 from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.transitions import Cause
+from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.tenancy.quotas import Quotas
@@ -42,8 +43,11 @@ from conveyor.v1 import (
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
 
 Context = grpc.aio.ServicerContext[Any, Any]
-TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
-"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition or None."""
+TaskWrite = Callable[
+    [asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[Sequence[asyncpg.Record]]
+]
+"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition (none
+when it changed nothing), then those of the dependents it moved."""
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
@@ -78,7 +82,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             task = validation.validate_submit_one(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+            group = SubmitGroup(tenant, [task], has_dependencies=bool(task.after))
+            (result,) = await self._submitter.submit(group)
         return task_service_pb2.SubmitTaskResponse(
             task=result.task, deduplicated=result.deduplicated
         )
@@ -93,7 +98,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             tasks = validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
+            deps = any(t.after or t.after_refs for t in tasks)
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks, deps))
         response = task_service_pb2.SubmitTasksResponse()
         add = response.results.add
         for r in results:
@@ -127,12 +133,18 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             if row is None:
                 raise TaskNotFound(request.id)
             attempts = await store.attempts(conn, tenant, task_id)
+            waiting_for = (
+                await dependencies.waiting_for(conn, tenant, str(task_id))
+                if row["state"] == store.BLOCKED
+                else []
+            )
         unserved, missing_key = self._unserved(row)
         return task_service_pb2.GetTaskResponse(
             task=convert.task_from_row(row),
             attempts=[convert.attempt_from_row(a) for a in attempts],
             unserved=unserved,
             unserved_encryption_key=missing_key,
+            waiting_for=waiting_for,
         )
 
     async def ListTasks(
@@ -213,10 +225,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             row = await store.get(conn, tenant, task_id)
         if row is None:
             raise TaskNotFound(request_id)
-        if changed is None and row["state"] != done:
+        if not changed and row["state"] != done:
             raise InvalidState(request_id, task_pb2.TaskState.Name(row["state"]), action)
-        if changed is not None:
-            self._deps.after_commit.publish(cause, [changed])
+        self._deps.after_commit.publish(cause, changed)
         return row
 
     async def UpdateTask(

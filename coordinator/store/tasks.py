@@ -41,7 +41,7 @@ import asyncpg
 from conveyor.coordinator.api.validation import ListFilter, NewTask
 from conveyor.coordinator.store import transitions
 from conveyor.coordinator.store.sql import FENCE, Fence, Query, columns, transpose, unnest
-from conveyor.coordinator.store.transitions import TAIL, changed, tail
+from conveyor.coordinator.store.transitions import TAIL, TAIL_NOT_FINISHING, changed, tail
 from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import task_pb2
 
@@ -56,7 +56,8 @@ RUNNING = task_pb2.TASK_STATE_RUNNING
 SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 DEAD = task_pb2.TASK_STATE_DEAD
 CANCELLED = task_pb2.TASK_STATE_CANCELLED
-UNFINISHED = (PENDING, SCHEDULED, RUNNING)
+BLOCKED = task_pb2.TASK_STATE_BLOCKED
+UNFINISHED = (PENDING, SCHEDULED, RUNNING, BLOCKED)
 TERMINAL = frozenset({SUCCEEDED, DEAD, CANCELLED})
 
 OUTCOME_RUNNING = task_pb2.ATTEMPT_OUTCOME_RUNNING
@@ -213,7 +214,7 @@ _INSERT = Query(
         FROM {unnest(NEW_TASK_ARRAYS, "r")}
         ON CONFLICT DO NOTHING
         RETURNING {changed(from_state=UNSPECIFIED)}
-    ) {TAIL}
+    ) {TAIL_NOT_FINISHING}
     """,
 )
 
@@ -238,7 +239,7 @@ _INSERT_NEW = Query(
         SELECT {_NEW_VALUES}, :now, :now
         FROM {unnest(NEW_TASK_ARRAYS, "r")}
         RETURNING {changed(from_state=UNSPECIFIED)}
-    ) {TAIL}
+    ) {TAIL_NOT_FINISHING}
     """,
 )
 
@@ -266,7 +267,7 @@ _INSERT_LEASED = Query(
             AS w(id, worker_id, holder) ON w.id = r.id
         WHERE {FENCE}
         RETURNING {changed(from_state=UNSPECIFIED)}, t.traceparent
-    ) {tail("traceparent")}
+    ) {tail("traceparent", finishes=False)}
     """,
 )
 
@@ -302,8 +303,8 @@ async def insert_leased(
     )
 
 
-COPY_USABLE = all(f.copyable for f in transitions.FRAGMENTS)
-"""COPY carries no CTE: it is used only while every same-transaction fragment can run
+COPY_USABLE = transitions.COPY_USABLE
+"""COPY carries no CTE: it is used only while every fragment that runs on inserts can run
 after it, over what the COPY wrote (``transitions.after_copy``)."""
 _AFTER_COPY_SQL = transitions.after_copy()
 _AFTER_COPY = Query("after_copy", _AFTER_COPY_SQL) if _AFTER_COPY_SQL else None
@@ -418,7 +419,8 @@ _TAKE_BACK = Query(
 
 async def take_back(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> None:
     """Deletes rows this transaction inserted (a submit flush that must plan again):
-    nobody else has seen them; nor the webhook events the outbox fragment wrote for them."""
+    nobody else has seen them; nor the webhook events the outbox fragment wrote for them.
+    (Their dependency edges go with them: ON DELETE CASCADE.)"""
     await _TAKE_BACK.execute(conn, ids=list(ids))
 
 
@@ -643,7 +645,13 @@ _CLAIM = Query(
             update_time = now()
         FROM picked WHERE t.id = picked.id
         RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
+    ) {
+        tail(
+            f"{columns(ASSIGNMENT_COLUMNS)}, create_time",
+            "changed.priority DESC, changed.id",
+            finishes=False,
+        )
+    }
     """,
 )
 
@@ -1107,7 +1115,7 @@ _PROMOTE = Query(
         ) due
         WHERE t.id = due.id
         RETURNING {changed(from_state=SCHEDULED)}
-    ) {TAIL}
+    ) {TAIL_NOT_FINISHING}
     """,
 )
 
@@ -1139,7 +1147,8 @@ _CANCEL = Query(
     ), changed AS (
         UPDATE tasks t SET state = {CANCELLED}, finish_time = now(), update_time = now(),
             worker_id = NULL, lease_expire_time = NULL
-        FROM old WHERE t.id = old.id AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING})
+        FROM old WHERE t.id = old.id
+            AND old.state IN ({PENDING}, {SCHEDULED}, {RUNNING}, {BLOCKED})
         RETURNING {
         changed(from_state="old.state", worker_id="old.worker_id", outcome=_CANCELLED_OUTCOME)
     }
@@ -1156,9 +1165,10 @@ _CANCEL = Query(
 
 async def cancel(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
-) -> asyncpg.Record | None:
-    """Cancels a non-terminal task; returns its transition, None if none changed."""
-    return await _CANCEL.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
+) -> list[asyncpg.Record]:
+    """Cancels a non-terminal task; returns its transition (none if it changed nothing),
+    then those of the dependents its cancel released or cancelled."""
+    return await _CANCEL.fetch(conn, tenant=tenant, id=task_id, fence=fence)
 
 
 # -- operations: the dead-letter queue, bulk redrive, purge and retention --------------------
@@ -1259,7 +1269,7 @@ _REDRIVE_OLD = f"""
             finish_time = NULL, result = NULL, update_time = now()
         FROM old WHERE t.id = old.id
         RETURNING {changed(from_state="old.state")}
-    ) {TAIL}
+    ) {TAIL_NOT_FINISHING}
 """
 REDRIVABLE = (DEAD, CANCELLED)
 """The states a redrive takes a task from."""
@@ -1288,11 +1298,10 @@ async def redrive_ids(
 
 async def redrive(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
-) -> asyncpg.Record | None:
+) -> list[asyncpg.Record]:
     """Makes a DEAD or CANCELLED task PENDING with a fresh attempt budget; returns its
-    transition, None if it is in neither state."""
-    rows = await redrive_ids(conn, tenant, [task_id], fence)
-    return rows[0] if rows else None
+    transition (none if it is in neither state)."""
+    return await redrive_ids(conn, tenant, [task_id], fence)
 
 
 _REDRIVE_MATCHING = f"""
@@ -1463,7 +1472,7 @@ _UPDATE = Query(
     ), changed AS (
         SELECT {changed("updated", from_state="updated.old_state")} FROM updated
         WHERE updated.state <> updated.old_state
-    ) {TAIL}
+    ) {TAIL_NOT_FINISHING}
     """,
 )
 

@@ -22,15 +22,22 @@ PENDING = 0
 DELIVERED = 1
 FAILED = 2
 
-OUTBOX_SQL = """
+
+def outbox_sql(source: str) -> str:
+    """The outbox fragment over ``source``, rows of :data:`transitions.COPY_COLUMNS`
+    (``changed``, or it and the dependents a release fragment moved)."""
+    return f"""
     INSERT INTO webhook_outbox (subscription_id, tenant, task_id, queue, type, from_state,
         to_state, attempt)
     SELECT s.id, c.tenant, c.id, c.queue, c.type, c.from_state, c.state, c.attempt
-    FROM changed c
+    FROM {source} c
     JOIN webhook_subscriptions s ON s.tenant = c.tenant
-    WHERE (s.states = '{}' OR c.state = ANY (s.states))
-      AND (s.queues = '{}' OR c.queue = ANY (s.queues))
-      AND (s.types = '{}' OR c.type = ANY (s.types))"""
+    WHERE (s.states = '{{}}' OR c.state = ANY (s.states))
+      AND (s.queues = '{{}}' OR c.queue = ANY (s.queues))
+      AND (s.types = '{{}}' OR c.type = ANY (s.types))"""
+
+
+OUTBOX_SQL = outbox_sql("changed")
 """The outbox fragment: reads only id, tenant, queue, type, from_state, state and attempt
 of ``changed``, so it also runs after a COPY (``transitions.after_copy``)."""
 
