@@ -19,6 +19,7 @@ from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
 from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.keda_scaler import KedaScaler
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
@@ -145,9 +146,11 @@ class Coordinator:
         await components.start(directory)
         audit = await components.start(AuditLog(db))
         auth: AuthInterceptor | None = None
+        authenticator: Authenticator | None = None
         if cfg.authentication:
             limiter = FailureLimiter(cfg.auth_failure_rate, cfg.auth_failure_burst)
-            auth = AuthInterceptor(Authenticator(directory, audit, limiter), self.streams)
+            authenticator = Authenticator(directory, audit, limiter)
+            auth = AuthInterceptor(authenticator, self.streams)
         self._api = api = ApiServer(
             cfg,
             interceptors=[
@@ -206,6 +209,7 @@ class Coordinator:
                 replicas=leadership.replicas,
                 security=SecurityAdmin(db, directory, quotas),
             ),
+            KedaScaler(deps, authenticator),
         )
         await components.start(self.submitter)
         await components.start(recorder)

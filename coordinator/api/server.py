@@ -1,4 +1,5 @@
-"""The gRPC server: the three services, health and reflection, behind the interceptors.
+"""The gRPC server: the three services, KEDA's external scaler, health and reflection,
+behind the interceptors.
 
 A component of the coordinator (``server.py``): built and bound first (so a port in use
 is a one-line error and the address is known to the election), started once every
@@ -12,11 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.coordinator.api import keda_scaler
 from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.task_service import TaskServicer
 from conveyor.coordinator.api.tls import add_port
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.keda import externalscaler_pb2_grpc
 from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
@@ -31,6 +34,7 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    keda_scaler.SERVICE_NAME,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
@@ -77,10 +81,17 @@ class ApiServer:
         host = config.listen.rsplit(":", 1)[0]
         self.address = config.advertise or f"{host}:{port}"
 
-    def serve(self, tasks: TaskServicer, workers: WorkerServicer, admin: AdminServicer) -> None:
+    def serve(
+        self,
+        tasks: TaskServicer,
+        workers: WorkerServicer,
+        admin: AdminServicer,
+        scaler: keda_scaler.KedaScaler,
+    ) -> None:
         """Registers the services (before :meth:`start`)."""
         server = self._server
         self._workers = workers
+        externalscaler_pb2_grpc.add_ExternalScalerServicer_to_server(scaler, server)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
