@@ -187,6 +187,15 @@ def coordinator(
             "coordinator); 0: the lease duration minus one heartbeat interval.",
         ),
     ] = 0.0,
+    max_worker_loop_lag: Annotated[
+        float,
+        typer.Option(
+            "--max-worker-loop-lag",
+            metavar="SECONDS",
+            help="Event-loop lag (from heartbeats) past which a worker is assigned nothing "
+            "until it recovers; 0: no limit.",
+        ),
+    ] = 1.0,
     max_payload_bytes: Annotated[
         int, typer.Option("--max-payload-bytes", help="Largest task payload accepted.")
     ] = 1 << 20,
@@ -292,6 +301,7 @@ def coordinator(
         lease_duration=lease_duration,
         heartbeat_interval=heartbeat_interval,
         liveness_timeout=liveness_timeout,
+        max_worker_loop_lag=max_worker_loop_lag,
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
         pool_size=pool_size,
@@ -352,6 +362,7 @@ def coordinator_config(
     max_payload_bytes: int,
     pool_size: int,
     liveness_timeout: float = 0.0,
+    max_worker_loop_lag: float = 1.0,
     max_backlog: int = 0,
     metrics_listen: str = "",
     tls_cert: str | None = None,
@@ -392,6 +403,7 @@ def coordinator_config(
             lease_duration=lease_duration,
             heartbeat_interval=heartbeat_interval,
             liveness_timeout=liveness_timeout,
+            max_worker_loop_lag=max_worker_loop_lag,
             max_payload_bytes=max_payload_bytes,
             max_backlog=max_backlog,
             pool_max_size=pool_size,
@@ -417,6 +429,7 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
+    "max_worker_loop_lag",
 )  # fmt: skip
 
 

@@ -99,6 +99,11 @@ class WorkerSession:
     those it reported lacking); None: it did not say, and is given every key's tasks."""
     credit: int = 0
     draining: bool = False
+    loop_lag: float = 0.0
+    """The event-loop lag the worker's last heartbeat reported, in seconds."""
+    unhealthy: str = ""
+    """Why the worker is assigned nothing for now (``dispatch/health.py``); empty while it
+    is healthy."""
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False
@@ -143,7 +148,7 @@ class WorkerSession:
 
     @property
     def wants_work(self) -> bool:
-        return self.credit > 0 and not self.draining and not self.closed
+        return self.credit > 0 and not self.draining and not self.closed and not self.unhealthy
 
     @property
     def outbox_room(self) -> int:

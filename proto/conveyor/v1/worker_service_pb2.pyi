@@ -324,16 +324,31 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASES_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.int
+    """The worker's load as it sends this heartbeat (unset from older workers): attempts it
+    holds, slots it could still take, and the most its event loop ran late since the
+    previous heartbeat. A worker whose loop lags past the coordinator's limit is assigned
+    nothing until a heartbeat reports less than half of it (conveyor status says so).
+    """
+    free_slots: _builtins.int
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]: ...
+    @_builtins.property
+    def loop_lag(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___Lease] | None = ...,
+        in_flight: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        loop_lag: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loop_lag", b"loop_lag"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "in_flight", b"in_flight", "leases", b"leases", "loop_lag", b"loop_lag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
