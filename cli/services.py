@@ -441,6 +441,13 @@ def _in_flag_terms(message: str) -> str:
     return message
 
 
+def _autoscale_seconds(flag: str, help: str) -> typer.models.OptionInfo:
+    option: typer.models.OptionInfo = typer.Option(
+        flag, metavar="SECONDS", help=f"With --autoscale: {help}"
+    )
+    return option
+
+
 def worker(
     target: Annotated[
         str | None,
@@ -486,25 +493,25 @@ def worker(
         ),
     ] = None,
     autoscale_interval: Annotated[
-        float,
-        typer.Option("--autoscale-interval", metavar="SECONDS",
-                     help="With --autoscale: seconds between looks at the load."),
+        float, _autoscale_seconds("--autoscale-interval", "seconds between looks at the load.")
     ] = 5.0,
     autoscale_cooldown: Annotated[
         float,
-        typer.Option("--autoscale-cooldown", metavar="SECONDS",
-                     help="With --autoscale: seconds the load must stay low before a "
-                     "process is drained (one at a time)."),
+        _autoscale_seconds(
+            "--autoscale-cooldown",
+            "seconds the load must stay low before a process is drained (one at a time).",
+        ),
     ] = 60.0,
     autoscale_latency: Annotated[
         float,
-        typer.Option("--autoscale-latency", metavar="SECONDS",
-                     help="With --autoscale: one more process while the oldest ready "
-                     "task has waited longer than this."),
+        _autoscale_seconds(
+            "--autoscale-latency",
+            "one more process while the oldest ready task has waited longer than this.",
+        ),
     ] = 5.0,
     *,
     g: Globals,
-) -> int:  # fmt: skip
+) -> int:
     """Run a worker process (or, with --autoscale, several).
 
     SIGTERM or Ctrl-C drains it: no new work, running tasks get the grace period to finish
