@@ -481,11 +481,14 @@ class Session:
         runtime = self._runtime
         lag = duration_pb2.Duration()
         lag.FromNanoseconds(int(self._loop_lag.take() * 1e9))
+        finished, failed = runtime.take_outcomes()
         return pb.Heartbeat(
             leases=runtime.held_leases(),
             in_flight=runtime.running_count(),
             free_slots=max(0, runtime.free_slots()),
             loop_lag=lag,
+            finished=finished,
+            failed=failed,
         )
 
     async def _name_new_keys(self) -> None:

@@ -97,7 +97,11 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self._recorder = recorder
         self._leases = leases
         self._health = WorkerHealth(
-            deps.config.max_worker_loop_lag, deps.metrics, wake=dispatcher.wake
+            deps.sessions,
+            max_loop_lag=deps.config.max_worker_loop_lag,
+            heartbeat_interval=deps.config.heartbeat_interval,
+            metrics=deps.metrics,
+            wake=dispatcher.wake,
         )
         self._settling: set[asyncio.Task[None]] = set()
 

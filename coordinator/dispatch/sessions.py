@@ -104,6 +104,11 @@ class WorkerSession:
     unhealthy: str = ""
     """Why the worker is assigned nothing for now (``dispatch/health.py``); empty while it
     is healthy."""
+    unhealthy_until: float = 0.0
+    """When a worker marked for its error rate is tried again (monotonic); 0: not so marked."""
+    recent_finished: float = 0.0
+    recent_failed: float = 0.0
+    """Attempts the worker's recent heartbeats reported ended, and failed (decayed counts)."""
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False

@@ -1,9 +1,11 @@
 """Worker health: a worker process whose handler blocks its event loop reports the lag
 with its heartbeats, is assigned nothing while it lags (conveyor status and the metrics
-say so), and gets work again once it recovers."""
+say so), and gets work again once it recovers; a worker whose attempts fail while its
+peers' succeed sits out a probation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,18 @@ import grpc
 import pytest
 from cluster import WorkerProcess
 from metrics_scrape import scrape
-from testsupport import eventually, submit
+from testsupport import RawWorker, eventually, submit
 
 from conveyor.cli.status_command import print_status
 from conveyor.coordinator import Coordinator
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.store.tasks import SUCCEEDED
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, task_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    task_service_pb2_grpc,
+    worker_service_pb2,
+)
 
 LIMIT = 0.2
 
@@ -93,3 +100,49 @@ async def test_a_worker_whose_loop_lags_gets_no_work_until_it_recovers(
         assert (await scrape(metrics)).value("conveyor_worker_unhealthy", tenant="default") == 0
     finally:
         await worker.stop(15)
+
+
+async def test_a_worker_failing_where_its_peers_succeed_sits_out_a_probation(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    raw_workers: Callable[[], RawWorker],
+) -> None:
+    good, bad = raw_workers(), raw_workers()
+    await good.connect("good", credits=0, types=("noop",), queues=("default",))
+    await bad.connect("bad", credits=0, types=("noop",), queues=("default",))
+    sessions = {s.worker_id: s for s in coordinator.sessions}
+
+    async def report(worker: RawWorker, name: str, finished: int, failed: int) -> None:
+        """One heartbeat with these counts, taken in by the coordinator."""
+        beat = worker_service_pb2.Heartbeat(finished=finished, failed=failed)
+        await worker.send(heartbeat=beat)
+        await eventually(lambda: sessions[name].recent_finished >= finished / 2)
+
+    # The good one succeeds; the bad one fails most of its attempts: it sits out.
+    await report(good, "good", 100, 0)
+    await report(bad, "bad", 100, 90)
+    assert sessions["bad"].unhealthy == (
+        "90 of its last 100 attempts failed, against 0% on the tenant's other workers"
+    )
+    assert not sessions["good"].unhealthy
+    await bad.send(credit=worker_service_pb2.Credit(credits=5))
+    first = await submit(stub, "noop")
+    await good.send(credit=worker_service_pb2.Credit(credits=1))
+    (assigned,) = await good.assignments(1)
+    assert assigned.lease.task_id == first.id
+    done = worker_service_pb2.TaskResult(
+        lease=assigned.lease, outcome=worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+    )
+    await good.send(results=worker_service_pb2.Results(results=[done]))
+
+    # After its probation (5 heartbeat intervals) it is tried again, counts cleared.
+    await eventually(lambda: not sessions["bad"].unhealthy, timeout=10, what="the probation over")
+    second = await submit(stub, "noop")
+    (assigned,) = await bad.assignments(1)
+    assert assigned.lease.task_id == second.id
+
+    # When every worker fails, the downstream is at fault (the breaker's business): no one
+    # is marked.
+    await report(good, "good", 100, 100)
+    await report(bad, "bad", 100, 100)
+    assert not sessions["good"].unhealthy and not sessions["bad"].unhealthy
