@@ -208,8 +208,8 @@ class Supervisor:
     async def _watch(self, child: _Child, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
         if child.draining or self._stopping:
-            _log.info("worker process %d (pid %d) exited with %d after draining", child.slot,
-                      process.pid, code)  # fmt: skip
+            _log.info("worker process %d (pid %d) exited with %d after it was asked to drain",
+                      child.slot, process.pid, code)  # fmt: skip
             self._children.pop(child.slot, None)
             return
         lived = time.monotonic() - child.started
