@@ -167,23 +167,20 @@ class KedaScaler(pb_grpc.ExternalScalerServicer):
         self, request: pb.ScaledObjectRef, context: Context
     ) -> AsyncIterator[pb.IsActiveResponse]:
         """Says whether the workload is active at once, then again each time it changes
-        (looking every ``streamInterval`` seconds), until KEDA ends the stream."""
+        (looking every ``streamInterval`` seconds), until KEDA ends the stream. The key is
+        checked at each look: a revoked or expired one ends the stream (UNAUTHENTICATED)."""
 
-        async def trigger_of() -> Trigger:
-            return self._trigger(request, context, "StreamIsActive")
-
-        trigger = await self._guarded(context, trigger_of)
-
-        async def active_now() -> bool:
-            return await self._value(trigger) > trigger.activation
+        async def active_now() -> tuple[bool, float]:
+            trigger = self._trigger(request, context, "StreamIsActive")
+            return await self._value(trigger) > trigger.activation, trigger.stream_interval
 
         last: bool | None = None
         while True:
-            active = await self._guarded(context, active_now)
+            active, interval = await self._guarded(context, active_now)
             if active != last:
                 last = active
                 yield pb.IsActiveResponse(result=active)
-            await asyncio.sleep(trigger.stream_interval)
+            await asyncio.sleep(interval)
 
     async def GetMetricSpec(
         self, request: pb.ScaledObjectRef, context: Context

@@ -111,5 +111,10 @@ async def test_keda_drives_the_scaler_with_the_trigger_metadata(database_dsn: st
             await submit(acme.metadata, "burst", 1)
             second = await asyncio.wait_for(stream.read(), 10)
             assert isinstance(second, pb.IsActiveResponse) and second.result is True
+            # The key is checked at each look: revoked, it ends the stream.
+            await secure.keys.revoke(acme_worker.id)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(stream.read(), 10)
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             stream.cancel()
