@@ -8,9 +8,12 @@ never per task. Two rules, judged at each heartbeat:
 
 - **Loop lag.** A handler that blocks its worker's event loop delays that worker's every
   task, heartbeat and result, so more work sent there waits behind it while other workers
-  may be free. A lag above ``max_worker_loop_lag`` marks the session unhealthy; a later
+  may be free. A lag above ``max_worker_loop_lag`` marks the session unhealthy when most
+  of its tenant's other workers (those that report a lag) stay under the limit; a later
   heartbeat reporting at most half the limit makes it healthy again (hysteresis: a worker
-  hovering at the limit does not flap).
+  hovering at the limit does not flap). When the tenant's workers all lag (the machines
+  are overloaded) or a worker has no peer, no one is marked: sending the work elsewhere
+  would not help, and stopping dispatch altogether would only stall it.
 - **Error rate.** A worker that failed at least :data:`FAILING` of its recent attempts
   (at least :data:`MIN_ATTEMPTS` of them, counts halved at each heartbeat) while the other
   workers of its tenant failed under :data:`PEERS_FAILING` of theirs is broken itself (a
@@ -79,6 +82,7 @@ class WorkerHealth:
         lag: float | None = None
         if beat.HasField("loop_lag"):
             lag = session.loop_lag = beat.loop_lag.ToNanoseconds() / 1e9
+            session.reports_lag = True
             self._metrics.record_loop_lag(lag)
         session.recent_finished = session.recent_finished * DECAY + beat.finished
         session.recent_failed = session.recent_failed * DECAY + beat.failed
@@ -95,7 +99,7 @@ class WorkerHealth:
                 if session.wants_work:
                     self._wake()
             return
-        problem = self._lag_problem(lag)
+        problem = self._lag_problem(session, lag)
         if problem is None and (problem := self._error_problem(session)) is not None:
             session.unhealthy_until = now + self._probation
         if problem is not None:
@@ -110,10 +114,30 @@ class WorkerHealth:
             return now >= session.unhealthy_until
         return lag is not None and lag <= self._limit / 2
 
-    def _lag_problem(self, lag: float | None) -> str | None:
-        if lag is None or self._limit <= 0 or lag <= self._limit:
+    def _lag_problem(self, session: WorkerSession, lag: float | None) -> str | None:
+        limit = self._limit
+        if lag is None or limit <= 0 or lag <= limit:
             return None
-        return f"event loop lag {lag:.3g}s, limit {self._limit:g}s (a handler blocks it?)"
+        # Rare (a lag past the limit): only then are its peers looked at.
+        peers = calm = 0
+        for other in self._peers(session):
+            if other.reports_lag:
+                peers += 1
+                calm += other.loop_lag <= limit
+        if calm * 2 <= peers or not peers:
+            return None  # most lag too (overload), or no peer to send the work to
+        return (
+            f"event loop lag {lag:.3g}s, limit {limit:g}s, while {calm} of the tenant's "
+            f"{peers} other workers stay under it (a handler blocks its loop?)"
+        )
+
+    def _peers(self, session: WorkerSession) -> Iterable[WorkerSession]:
+        """The tenant's other live sessions."""
+        return (
+            other
+            for other in self._sessions
+            if other is not session and other.tenant == session.tenant and not other.closed
+        )
 
     def _error_problem(self, session: WorkerSession) -> str | None:
         finished, failed = session.recent_finished, session.recent_failed
@@ -121,10 +145,9 @@ class WorkerHealth:
             return None
         # Rare (a worker failing most of its attempts): only then are its peers counted.
         peers_finished = peers_failed = 0.0
-        for other in self._sessions:
-            if other is not session and other.tenant == session.tenant and not other.closed:
-                peers_finished += other.recent_finished
-                peers_failed += other.recent_failed
+        for other in self._peers(session):
+            peers_finished += other.recent_finished
+            peers_failed += other.recent_failed
         if peers_finished < MIN_ATTEMPTS or peers_failed >= PEERS_FAILING * peers_finished:
             return None
         return (

@@ -101,6 +101,8 @@ class WorkerSession:
     draining: bool = False
     loop_lag: float = 0.0
     """The event-loop lag the worker's last heartbeat reported, in seconds."""
+    reports_lag: bool = False
+    """Whether its heartbeats report a lag at all (an older or other SDK may not)."""
     unhealthy: str = ""
     """Why the worker is assigned nothing for now (``dispatch/health.py``); empty while it
     is healthy."""

@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 import pytest
 from cluster import WorkerProcess
+from google.protobuf import duration_pb2
 from metrics_scrape import scrape
 from testsupport import RawWorker, eventually, submit
 
@@ -42,14 +43,24 @@ async def test_a_worker_whose_loop_lags_gets_no_work_until_it_recovers(
     db: asyncpg.Connection,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    raw_workers: Callable[[], RawWorker],
 ) -> None:
+    # A calm peer of the same tenant (on another queue: it takes none of this work). A
+    # worker is judged against its peers: were they all lagging, none would be marked.
+    peer = raw_workers()
+    await peer.connect("calm-peer", credits=0, types=("noop",), queues=("elsewhere",))
+    calm = duration_pb2.Duration(nanos=1_000_000)
+    await peer.send(heartbeat=worker_service_pb2.Heartbeat(loop_lag=calm))
     worker = WorkerProcess(
         coordinator.address, tmp_path / "effects.log", log_dir=tmp_path, concurrency=4
     ).start()
     try:
 
         def live() -> WorkerSession | None:
-            return next((s for s in coordinator.sessions if not s.closed), None)
+            return next(
+                (s for s in coordinator.sessions if not s.closed and s.worker_id != "calm-peer"),
+                None,
+            )
 
         session = await eventually(live, timeout=30, what="the worker connected")
         metrics = coordinator.telemetry.metrics_url
@@ -69,7 +80,7 @@ async def test_a_worker_whose_loop_lags_gets_no_work_until_it_recovers(
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             admin = admin_service_pb2_grpc.AdminServiceStub(channel)
             reply = await admin.GetClusterStatus(admin_service_pb2.GetClusterStatusRequest())
-        (info,) = reply.workers
+        (info,) = [w for w in reply.workers if w.worker_id == session.worker_id]
         assert info.unhealthy == session.unhealthy
         assert info.loop_lag.ToNanoseconds() / 1e9 > LIMIT
         print_status(reply)
