@@ -214,7 +214,7 @@ class Supervisor:
             return
         lived = time.monotonic() - child.started
         child.quick_deaths = 0 if lived >= STABLE_AFTER else child.quick_deaths + 1
-        delay = min(MAX_BACKOFF, self._backoff * 2 ** max(0, child.quick_deaths - 1))
+        delay = self._delay(child)
         how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with {code}"
         _log.warning(
             "worker process %d (pid %d) %s after %.1fs: restarting it in %.1fs (backoff, "
@@ -224,11 +224,23 @@ class Supervisor:
         child.process = None
         child.restart = asyncio.create_task(self._restart(child, delay))
 
+    def _delay(self, child: _Child) -> float:
+        """The backoff before restarting ``child``: doubling with each quick death."""
+        return min(MAX_BACKOFF, self._backoff * 2 ** max(0, child.quick_deaths - 1))
+
     async def _restart(self, child: _Child, delay: float) -> None:
         await asyncio.sleep(delay)
         child.restart = None
-        if not child.draining and not self._stopping:
+        if child.draining or self._stopping:
+            return
+        try:
             await self._start(child)
+        except OSError as exc:  # the command cannot start (gone, no resources): later
+            child.quick_deaths += 1
+            delay = self._delay(child)
+            _log.error("cannot start worker process %d (%s): trying again in %.1fs",
+                       child.slot, exc, delay)  # fmt: skip
+            child.restart = asyncio.create_task(self._restart(child, delay))
 
     async def _shutdown(self, force: asyncio.Event) -> None:
         self._stopping = True

@@ -1,11 +1,16 @@
-"""The autoscaling supervisor's decision (``conveyor worker --autoscale``): up at once, down
-one process at a time after a cooldown, within MIN..MAX."""
+"""The autoscaling supervisor (``conveyor worker --autoscale``): its decision (up at once,
+down one process at a time after a cooldown, within MIN..MAX) and its restart backoff."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import logging
+import sys
 
-from conveyor.worker._autoscale import Load, ScalePolicy, parse_range
+import pytest
+from testsupport import eventually
+
+from conveyor.worker._autoscale import Load, ScalePolicy, Supervisor, parse_range
 
 
 def policy() -> ScalePolicy:
@@ -52,3 +57,34 @@ def test_bad_ranges_are_refused(text: str) -> None:
 def test_ranges() -> None:
     assert parse_range("0:3") == (0, 3)
     assert parse_range("2:2") == (2, 2)
+
+
+async def test_a_process_that_keeps_dying_is_restarted_with_a_doubling_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Real processes (a command that exits at once with 3), no coordinator: the load
+    reader says nothing waits, so only MIN=1 is kept, and each death is a quick one."""
+    policy = ScalePolicy(1, 1, per_process=1, latency=60, cooldown=60)
+
+    async def idle() -> Load:
+        return Load(0, 0)
+
+    command = [sys.executable, "-c", "raise SystemExit(3)"]
+    supervisor = Supervisor(command, policy, idle, interval=0.05)
+    stop, force = asyncio.Event(), asyncio.Event()
+    caplog.set_level(logging.INFO, logger="conveyor.worker.autoscale")
+
+    def restarts() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "restarting it in" in r.getMessage()]
+
+    async def watch() -> None:
+        await eventually(lambda: len(restarts()) >= 3, timeout=20, what="three restarts")
+        stop.set()
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(supervisor.run(stop, force), watch())
+    delays = [m.split("restarting it in ")[1].split("s ")[0] for m in restarts()[:3]]
+    assert delays == ["0.1", "0.1", "0.2"]  # 0.05, 0.1, 0.2 as %.1f
+    assert all("exited with 3" in m for m in restarts())
+    assert ["quick death 1 in a row" in m for m in restarts()[:3]] == [True, False, False]
+    assert "quick death 3 in a row" in restarts()[2]
