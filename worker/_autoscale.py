@@ -226,7 +226,7 @@ class Supervisor:
 
     def _delay(self, child: _Child) -> float:
         """The backoff before restarting ``child``: doubling with each quick death."""
-        return min(MAX_BACKOFF, self._backoff * 2 ** max(0, child.quick_deaths - 1))
+        return min(MAX_BACKOFF, self._backoff * 2.0 ** max(0, child.quick_deaths - 1))
 
     async def _restart(self, child: _Child, delay: float) -> None:
         await asyncio.sleep(delay)
