@@ -4,7 +4,6 @@ SIGKILLed one replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from processes import Command
 from testsupport import eventually
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.store.tasks import SUCCEEDED
+from conveyor.coordinator.store.tasks import CANCELLED
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 
 BURST = 24
@@ -66,24 +65,26 @@ async def test_autoscale_scales_up_and_down_and_replaces_a_killed_process(
         (first,) = await eventually(exactly(coordinator, 1), timeout=30, what="1 worker")
         seen.add(first)
 
-        # A burst: 24 tasks of 0.5 s for processes of concurrency 2 asks for 12: capped at 3.
+        # A burst: 24 long tasks for processes of concurrency 2 ask for 12: capped at 3.
+        # They run until cancelled, so the burst outlasts however slow the processes start.
         request = task_service_pb2.SubmitTasksRequest(
-            tasks=[
-                task_service_pb2.SubmitTaskRequest(type="sleep", payload=json.dumps(0.5).encode())
-            ]
-            * BURST
+            tasks=[task_service_pb2.SubmitTaskRequest(type="sleep", payload=b"600")] * BURST
         )
-        await stub.SubmitTasks(request, timeout=10)
-        three = await eventually(exactly(coordinator, 3), timeout=30, what="3 workers")
+        reply = await stub.SubmitTasks(request, timeout=10)
+        three = await eventually(exactly(coordinator, 3), timeout=60, what="3 workers")
         assert first in three
         seen |= three
 
-        # The burst done, the supervisor drains back down to MIN, one at a time.
-        async def all_done() -> bool:
-            done = await db.fetchval("SELECT count(*) FROM tasks WHERE state = $1", SUCCEEDED)
+        # The burst over (cancelled), the supervisor drains back down to MIN, one at a time.
+        for result in reply.results:
+            cancel = task_service_pb2.CancelTaskRequest(id=result.task.id)
+            await stub.CancelTask(cancel, timeout=10)
+
+        async def all_cancelled() -> bool:
+            done = await db.fetchval("SELECT count(*) FROM tasks WHERE state = $1", CANCELLED)
             return bool(done == BURST)
 
-        await eventually(all_done, timeout=60, what="the burst done")
+        await eventually(all_cancelled, timeout=30, what="the burst cancelled")
         (last,) = await eventually(exactly(coordinator, 1), timeout=30, what="back to 1")
         drained = three - {last}
         await eventually(lambda: not any(pid_alive(p) for p in drained), timeout=30)
