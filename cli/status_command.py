@@ -46,8 +46,9 @@ def status(
 
     Each connected worker is listed with its queues, the task types it serves, the
     encryption keys it holds (it is given only tasks it can open), its tasks in flight and
-    its state: active, draining, or unhealthy (its event loop lags: it is assigned nothing
-    until it recovers, and why is said below the table).
+    its state: active, draining, or unhealthy (its event loop lags, or its attempts fail
+    where its peers' succeed: it is assigned nothing for now, and why is said below the
+    table).
     The exit code is 1 while the cluster has no leader.
     """
     reply = asyncio.run(wire.cluster_status(g))
@@ -124,7 +125,7 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
 
 
 def _state(worker: admin_service_pb2.WorkerInfo) -> str:
-    """``draining``, ``unhealthy`` (assigned nothing: its event loop lags) or ``active``."""
+    """``draining``, ``unhealthy`` (assigned nothing for now) or ``active``."""
     if worker.draining:
         return "draining"
     return "unhealthy" if worker.unhealthy else "active"

@@ -93,8 +93,8 @@ class WorkerInfo(_message.Message):
     in_flight: _builtins.int
     """Tasks leased to the worker that it has not reported a result for yet."""
     unhealthy: _builtins.str
-    """Why the worker is assigned nothing for now ("event loop lag 2.3s, limit 1s"); empty
-    while it is healthy.
+    """Why the worker is assigned nothing for now (its event loop lags, or its attempts fail
+    where its peers' succeed); empty while it is healthy.
     """
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
