@@ -27,12 +27,15 @@ def build() -> typer.Typer:
         dev,
         encryption_commands,
         keys_commands,
+        queue_commands,
         schedule_commands,
         services,
         status_command,
         task_commands,
         tenants_commands,
         top_command,
+        types_commands,
+        webhooks_commands,
     )
 
     root = cli_app.make_app()
@@ -40,6 +43,7 @@ def build() -> typer.Typer:
     dev.register(root)
     services.register(root)
     task_commands.register(root)
+    queue_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
     keys_commands.register(root)
@@ -47,6 +51,8 @@ def build() -> typer.Typer:
     audit_commands.register(root)
     top_command.register(root)
     encryption_commands.register(root)
+    webhooks_commands.register(root)
+    types_commands.register(root)
     console_command.register(root)
     from conveyor.bench import cli as bench_cli
 

@@ -208,9 +208,27 @@ def coordinator(
             "(RESOURCE_EXHAUSTED), unless its own limit says otherwise; 0: no limit.",
         ),
     ] = 0,
+    max_queue_backlog: Annotated[
+        int,
+        typer.Option(
+            "--max-queue-backlog",
+            metavar="TASKS",
+            help="Unfinished tasks past which submits to one queue of a tenant are refused "
+            "(RESOURCE_EXHAUSTED, with RetryInfo); 0: no limit.",
+        ),
+    ] = 0,
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    retention_days: Annotated[
+        float,
+        typer.Option(
+            "--retention-days",
+            metavar="DAYS",
+            help="Delete finished tasks (succeeded, dead, cancelled) this many days after "
+            "they finished; 0: keep them until deleted (conveyor purge).",
+        ),
+    ] = 0.0,
     metrics_listen: Annotated[
         str,
         metrics_option("Serve Prometheus metrics on HOST:PORT (/metrics); none by default."),
@@ -275,6 +293,23 @@ def coordinator(
         float,
         typer.Option("--auth-failure-rate", min=0, help="...and how many a second it regains."),
     ] = 2.0,
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(
+            "--webhook-allow-private",
+            envvar="CONVEYOR_WEBHOOK_ALLOW_PRIVATE",
+            help="Let webhooks go to loopback, private and link-local addresses and over "
+            "plain http (default: public addresses over https only).",
+        ),
+    ] = False,
+    webhook_retry_for: Annotated[
+        float,
+        typer.Option(
+            "--webhook-retry-for",
+            metavar="SECONDS",
+            help="How long a webhook event is retried before it is marked failed.",
+        ),
+    ] = 86_400.0,
     *,
     g: Globals,
 ) -> int:
@@ -304,7 +339,9 @@ def coordinator(
         max_worker_loop_lag=max_worker_loop_lag,
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
+        max_queue_backlog=max_queue_backlog,
         pool_size=pool_size,
+        retention_days=retention_days,
         metrics_listen=metrics_listen,
         tls_cert=g.tls_cert,
         tls_key=g.tls_key,
@@ -317,6 +354,8 @@ def coordinator(
         max_watch_streams=max_watch_streams,
         auth_failure_burst=auth_failure_burst,
         auth_failure_rate=auth_failure_rate,
+        webhook_allow_private=webhook_allow_private,
+        webhook_retry_for=webhook_retry_for,
     )
     check_listen(listen)
     if metrics_listen:
@@ -364,6 +403,8 @@ def coordinator_config(
     liveness_timeout: float = 0.0,
     max_worker_loop_lag: float = 1.0,
     max_backlog: int = 0,
+    max_queue_backlog: int = 0,
+    retention_days: float = 0.0,
     metrics_listen: str = "",
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -376,6 +417,8 @@ def coordinator_config(
     max_watch_streams: int = 1000,
     auth_failure_burst: int = 30,
     auth_failure_rate: float = 2.0,
+    webhook_allow_private: bool = False,
+    webhook_retry_for: float = 86_400.0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -406,6 +449,8 @@ def coordinator_config(
             max_worker_loop_lag=max_worker_loop_lag,
             max_payload_bytes=max_payload_bytes,
             max_backlog=max_backlog,
+            max_queue_backlog=max_queue_backlog,
+            retention_days=retention_days,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
             metrics_listen=metrics_listen,
@@ -420,6 +465,8 @@ def coordinator_config(
             max_watch_streams=max_watch_streams,
             auth_failure_burst=auth_failure_burst,
             auth_failure_rate=auth_failure_rate,
+            webhook_allow_private=webhook_allow_private,
+            webhook_retry_for=webhook_retry_for,
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -429,7 +476,8 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
-    "max_worker_loop_lag",
+    "retention_days", "max_queue_backlog",
+    "webhook_retry_for", "max_worker_loop_lag",
 )  # fmt: skip
 
 

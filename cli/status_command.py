@@ -105,6 +105,9 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
         for w in reply.workers:
             if w.unhealthy:
                 output.print_text(f"  {w.worker_id} is assigned nothing for now: {w.unhealthy}")
+    if reply.paused_queues:
+        paused = ", ".join(f"{q.queue} (tenant {q.tenant})" for q in reply.paused_queues)
+        output.print_text(f"paused queues: {paused}")
     if reply.recent_evictions:
         output.print_text("recent evictions:")
         output.print_table(

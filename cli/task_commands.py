@@ -17,6 +17,7 @@ import typer
 from conveyor.cli import output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
+from conveyor.cli.queue_commands import QueueAction, pause_or_resume
 from conveyor.client import AsyncClient, RPCError, Task, TaskState
 
 logger = logging.getLogger("conveyor.cli")
@@ -38,6 +39,14 @@ class StateChoice(enum.StrEnum):
     succeeded = "succeeded"
     dead = "dead"
     cancelled = "cancelled"
+    blocked = "blocked"
+
+
+class DependencyFailure(enum.StrEnum):
+    """What ``--on-dependency-failure`` takes."""
+
+    cancel = "cancel"
+    run = "run"
 
 
 def register(app: typer.Typer) -> None:
@@ -121,6 +130,22 @@ def submit(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON.")] = False,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            metavar="TASK_ID",
+            help="Run only after this task finished (repeat for several); waits BLOCKED.",
+        ),
+    ] = None,
+    on_dependency_failure: Annotated[
+        DependencyFailure,
+        typer.Option(
+            "--on-dependency-failure",
+            case_sensitive=False,
+            help="When a task of --after ends dead or cancelled: cancel this one, or run it.",
+        ),
+    ] = DependencyFailure.cancel,
     *,
     g: Globals,
 ) -> int:
@@ -145,6 +170,8 @@ def submit(
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
             timeout=timeout,
+            after=after or (),
+            on_dependency_failure=on_dependency_failure.value,
         )
     )
     if as_json:
@@ -292,6 +319,8 @@ def task_detail(task: Task) -> str:
     ]
     if task.unserved:
         lines.append(f"waiting:      {unserved_text(task, task.unserved_encryption_key)}")
+    if task.waiting_for:
+        lines.append(f"waits for:    {', '.join(task.waiting_for)}")
     if task.idempotency_key:
         lines.append(f"idempotency:  {task.idempotency_key}")
     if task.worker_id:
@@ -347,11 +376,19 @@ def tasks(
 
 
 def queues(
+    action: Annotated[
+        QueueAction | None,
+        typer.Argument(help="pause or resume QUEUE (without: list the queues)."),
+    ] = None,
+    queue: Annotated[str | None, typer.Argument(metavar="[QUEUE]", help="The queue.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
     *,
     g: Globals,
 ) -> int:
-    """Show task counts per queue and the connected workers that take from each."""
+    """Show task counts per queue and the connected workers that take from each; or pause
+    a queue (it accepts submits, dispatches nothing, running tasks finish) or resume it."""
+    if action is not None:
+        return pause_or_resume(g, action, queue)
     with g.client() as client:
         stats = client.queues()
     if as_json:
@@ -363,6 +400,7 @@ def queues(
                 "running": q.running,
                 "dead": q.dead,
                 "workers": q.workers,
+                "paused": q.paused,
             }
             for q in stats
         ]
@@ -372,10 +410,17 @@ def queues(
         output.print_text("no queues have tasks waiting, running or dead")
         return 0
     output.print_table(
-        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "WORKERS"],
-        [(q.name, q.pending, q.scheduled, q.running, q.dead, q.workers) for q in stats],
+        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "PAUSED", "WORKERS"],
+        [
+            (q.name, q.pending, q.scheduled, q.running, q.dead, _yes_no(q.paused), q.workers)
+            for q in stats
+        ],
     )
     return 0
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 def cancel(
@@ -391,11 +436,11 @@ def cancel(
 
 
 def retry(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The dead task's id.")],
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The dead or cancelled task's id.")],
     *,
     g: Globals,
 ) -> int:
-    """Redrive a dead task: it runs again with a fresh set of attempts."""
+    """Redrive a dead or cancelled task: it runs again with a fresh set of attempts."""
     with g.client() as client:
         task = client.retry(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
@@ -414,7 +459,7 @@ _COMMANDS = (
     ),
     ("get", get, "conveyor get 01890a5d-ac96-774b-bcce-b302099a8057"),
     ("tasks", tasks, "conveyor tasks --state dead --queue default"),
-    ("queues", queues, "conveyor queues"),
+    ("queues", queues, ["conveyor queues", "conveyor queues pause mail"]),
     ("cancel", cancel, "conveyor cancel 01890a5d-ac96-774b-bcce-b302099a8057"),
     ("retry", retry, "conveyor retry 01890a5d-ac96-774b-bcce-b302099a8057"),
 )

@@ -17,9 +17,12 @@ settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.clien
 
 from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock, SyncLock
 from conveyor.client._models import (
     AttemptOutcome,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -50,6 +53,8 @@ from conveyor.transport._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
+    LeaseNotHeldError,
+    LockNotHeldError,
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
@@ -61,9 +66,13 @@ from conveyor.transport._errors import (
     ScheduleNotFoundError,
     StoreUnavailableError,
     TaskNotFoundError,
+    TaskTypeNotFoundError,
     UnauthenticatedError,
     UnavailableError,
+    WatchTooSlowError,
+    WebhookNotFoundError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -73,10 +82,12 @@ __all__ = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -88,6 +99,9 @@ __all__ = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
@@ -105,6 +119,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",
@@ -113,9 +128,13 @@ __all__ = [
     "TaskNotFoundError",
     "TaskSpec",
     "TaskState",
+    "TaskTypeNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
     "WaitTimeoutError",
+    "WatchTooSlowError",
+    "WebhookNotFoundError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]

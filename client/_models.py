@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypedDict, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -21,7 +21,9 @@ from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
     "AttemptOutcome",
+    "BulkResult",
     "CatchUpPolicy",
+    "DeadTaskGroup",
     "OverlapPolicy",
     "Page",
     "QueueStats",
@@ -47,7 +49,8 @@ class TaskState(enum.StrEnum):
 
         SCHEDULED -> PENDING -> RUNNING -> SUCCEEDED
                                 RUNNING -> SCHEDULED (retry backoff) | DEAD | PENDING (lease lost)
-        PENDING | SCHEDULED | RUNNING -> CANCELLED;  DEAD -> PENDING (retry())
+        PENDING | SCHEDULED | RUNNING | BLOCKED -> CANCELLED;  DEAD -> PENDING (retry())
+        BLOCKED -> PENDING (its dependencies finished) | CANCELLED (one did not succeed)
     """
 
     #: A state this client does not know (sent by a newer coordinator), or unset.
@@ -62,8 +65,10 @@ class TaskState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     #: Failed for good (the dead-letter queue); terminal until redriven with retry().
     DEAD = "DEAD"
-    #: Cancelled by a client; terminal.
+    #: Cancelled by a client (or by a dependency that did not succeed); terminal.
     CANCELLED = "CANCELLED"
+    #: Submitted with ``after``: waits for those tasks to finish (``Task.waiting_for``).
+    BLOCKED = "BLOCKED"
 
     @property
     def is_terminal(self) -> bool:
@@ -298,6 +303,11 @@ class Task:
     unserved: bool = False
     #: When unserved for want of a key: the key id no connected worker holds.
     unserved_encryption_key: str = ""
+    #: While BLOCKED (as read by ``get()``): the ids of the dependencies it still waits for.
+    waiting_for: tuple[str, ...] = ()
+    #: The task's version: ``update()`` with it changes the task only if nothing else
+    #: changed it since this read.
+    etag: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -367,6 +377,7 @@ class Task:
             attempt=msg.attempt,
             max_attempts=msg.max_attempts,
             uncounted_attempts=msg.uncounted_attempts,
+            etag=msg.etag,
             priority=msg.priority,
             result=msg.result,
             last_error=msg.last_error or None,
@@ -434,6 +445,8 @@ class QueueStats:
     workers: int = 0
     #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
     oldest_pending_time: datetime | None = None
+    #: Paused (``pause_queue``): it accepts submits and dispatches nothing.
+    paused: bool = False
 
     @classmethod
     def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
@@ -446,7 +459,71 @@ class QueueStats:
             dead=msg.dead,
             workers=msg.workers,
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
+            paused=msg.paused,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadTaskGroup:
+    """Dead tasks of one type that failed with one error fingerprint."""
+
+    type: str
+    #: The first line of their last error ("ValueError: bad address").
+    fingerprint: str
+    count: int
+    #: The earliest and latest time one of them finished.
+    first_seen: datetime | None
+    last_seen: datetime | None
+    queues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, msg: task_service_pb2.DeadTaskGroup) -> DeadTaskGroup:
+        """Converts from the wire message ``conveyor.v1.DeadTaskGroup``."""
+        return cls(
+            type=msg.type,
+            fingerprint=msg.fingerprint,
+            count=msg.count,
+            first_seen=_datetime_or_none(msg, "first_seen"),
+            last_seen=_datetime_or_none(msg, "last_seen"),
+            queues=list(msg.queues),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk redrive or delete did."""
+
+    #: Tasks redriven (``retry_tasks``) or deleted (``delete_tasks``).
+    count: int
+    #: Of the ids given: those left alone (not dead or cancelled; not finished).
+    skipped_ids: list[str] = field(default_factory=list)
+    #: Of the ids given: those that name no task.
+    not_found_ids: list[str] = field(default_factory=list)
+    #: The filter matches more than ``max_tasks``: call again.
+    more: bool = False
+
+
+def dead_filter(
+    *,
+    queue: str | None = None,
+    type: str | None = None,
+    fingerprint: str | None = None,
+    finished_after: datetime | None = None,
+    finished_before: datetime | None = None,
+    states: Iterable[TaskState | str] | None = None,
+) -> task_service_pb2.DeadTaskFilter:
+    """The wire ``DeadTaskFilter`` of a dead-letter call's keyword arguments."""
+    flt = task_service_pb2.DeadTaskFilter(
+        queue=queue or "",
+        type=type or "",
+        fingerprint=fingerprint or "",
+        states=[state_to_proto(s) for s in states or ()],  # type: ignore[misc]
+    )
+    if finished_after is not None:
+        flt.finished_after.CopyFrom(_timestamp(finished_after))
+    if finished_before is not None:
+        flt.finished_before.CopyFrom(_timestamp(finished_before))
+    return flt
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,6 +672,17 @@ class TaskSpec(TaskTemplate):
     run_at: datetime | timedelta | None = None
     #: W3C trace context to link the task's execution to the caller's trace.
     traceparent: str | None = None
+    #: Tasks (ids or :class:`Task` values) that must all finish first: the task waits
+    #: BLOCKED until then.
+    after: Sequence[str | Task] = ()
+    #: What a dependency that ends DEAD or CANCELLED does: ``"cancel"`` this task too
+    #: (and its own dependents that say so), or ``"run"`` it anyway.
+    on_dependency_failure: Literal["cancel", "run"] = "cancel"
+    #: In ``submit_many()``: a name for this task that later tasks of the same call list
+    #: in ``after_refs`` (their ids are not known before). One call of up to 1000 tasks.
+    ref: str | None = None
+    #: In ``submit_many()``: refs of tasks of the same call this task waits for.
+    after_refs: Sequence[str] = ()
 
     def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
         """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
@@ -602,6 +690,17 @@ class TaskSpec(TaskTemplate):
             idempotency_key=self.idempotency_key or "", traceparent=self.traceparent or ""
         )
         self._fill(msg)
+        if self.after or self.after_refs or self.ref:
+            msg.after.extend(t if isinstance(t, str) else t.id for t in self.after)
+            msg.after_refs.extend(self.after_refs)
+            msg.ref = self.ref or ""
+            if self.on_dependency_failure not in ("cancel", "run"):
+                raise ValueError(
+                    f"on_dependency_failure must be 'cancel' or 'run', not "
+                    f"{self.on_dependency_failure!r}"
+                )
+            if self.on_dependency_failure == "run":
+                msg.dependency_policy = task_pb2.DEPENDENCY_POLICY_RUN
         run_at = _resolve_run_at(self.run_at)
         if run_at is not None:
             msg.run_at.CopyFrom(_timestamp(run_at))

@@ -37,6 +37,7 @@ DEFAULT_RETRY_JITTER = 0.2
 # The gRPC message limit, both ways (room for a full SubmitTasks batch of large payloads):
 # the SDK's, so a coordinator never sends what a worker would refuse to read.
 MAX_MESSAGE_BYTES = _SDK_MAX_MESSAGE_BYTES
+MAX_RETENTION_DAYS = 36_500
 ASSIGNMENT_HEADROOM = 64 << 10
 """Bytes an Assignment may take besides its payload (labels, key, names, ...): the
 validation limits add up to about 22 KiB."""
@@ -89,6 +90,10 @@ class CoordinatorConfig:
     """Most unfinished tasks (pending, scheduled, running) each tenant may hold, unless its
     own limit says otherwise; submits past it are refused with QUOTA_EXCEEDED and nothing
     is written. 0: no limit."""
+    max_queue_backlog: int = 0
+    """Most unfinished tasks (pending, scheduled, running) one queue of a tenant may hold;
+    submits past it are refused with QUOTA_EXCEEDED (``max_queue_backlog``) and RetryInfo,
+    and nothing is written. 0: no limit."""
     backlog_refresh: float = 1.0
     """Seconds between counts of unfinished tasks while some tenant has a backlog limit."""
     submit_rate: float = 0.0
@@ -129,6 +134,12 @@ class CoordinatorConfig:
     """Seconds of event-loop lag (reported with each heartbeat) past which a worker is
     assigned nothing until it reports at most half of it (``dispatch/health.py``). 0: no
     limit."""
+    retention_days: float = 0.0
+    """Days a finished task (SUCCEEDED, DEAD, CANCELLED) is kept after it finished; the
+    leader deletes older ones in small batches (``leader/maintenance.py``). 0: kept
+    until deleted (DeleteTasks)."""
+    retention_interval: float = 60.0
+    """Seconds between the leader's retention sweeps (while one finds nothing more)."""
     metrics_listen: str = ""
     """host:port to serve Prometheus metrics on (``/metrics``); port 0 picks a free one.
     Empty: no metrics endpoint, and nothing is recorded."""
@@ -140,6 +151,20 @@ class CoordinatorConfig:
     tls_client_ca_file: str = ""
     """PEM certificates that issue client certificates: when set, every client and worker
     must present one (mutual TLS). Needs ``tls_cert_file``."""
+
+    max_watch_buffer: int = 10_000
+    """Task changes a WatchTasks stream may have waiting to be sent; past it, the stream
+    is ended with WATCH_TOO_SLOW instead of buffering more."""
+    webhook_allow_private: bool = False
+    """Let webhook deliveries go to any address (loopback, private, link-local) and over
+    plain HTTP; by default only to public addresses over HTTPS (``webhooks/guard.py``)."""
+    webhook_timeout: float = 10.0
+    """Seconds one webhook delivery may take (connect, send, answer)."""
+    webhook_retry_for: float = 86_400.0
+    """Seconds a webhook event is retried (from the event, or its replay) before it is
+    FAILED."""
+    webhook_retry_initial: float = 1.0
+    """Seconds before a failed webhook delivery's first retry (doubling, capped at 5 min)."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -156,6 +181,7 @@ class CoordinatorConfig:
         the bootstrap key."""
         out: list[str] = []
         limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
+                            ("max_queue_backlog", self.max_queue_backlog),
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),
@@ -169,6 +195,11 @@ class CoordinatorConfig:
         if self.max_worker_loop_lag != 0 and problem is not None:
             out.append(
                 f"max_worker_loop_lag {problem}, or 0 for no limit (got {self.max_worker_loop_lag})"
+            )
+        if not 0 <= self.retention_days <= MAX_RETENTION_DAYS:
+            out.append(
+                f"retention_days must be between 0 (keep finished tasks) and "
+                f"{MAX_RETENTION_DAYS} (got {self.retention_days})"
             )
         # A rate like submit_rate: 0 turns the throttle off (with the burst).
         problem = bounds.rate_problem(self.auth_failure_rate)
@@ -204,6 +235,10 @@ class CoordinatorConfig:
             "keepalive_timeout": self.keepalive_timeout,
             "backlog_refresh": self.backlog_refresh,
             "key_refresh": self.key_refresh,
+            "retention_interval": self.retention_interval,
+            "webhook_timeout": self.webhook_timeout,
+            "webhook_retry_for": self.webhook_retry_for,
+            "webhook_retry_initial": self.webhook_retry_initial,
         }
         for name, value in positive.items():
             problem = bounds.seconds_problem(value)
@@ -220,7 +255,8 @@ class CoordinatorConfig:
                 f"(got {self.pool_min_size} and {self.pool_max_size})"
             )
         for name, value in (("max_batch", self.max_batch),
-                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+                            ("max_pending_operations", self.max_pending_operations),
+                            ("max_watch_buffer", self.max_watch_buffer)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
         if self.metrics_listen:

@@ -1,5 +1,5 @@
-"""The gRPC server: the three services, KEDA's external scaler, health and reflection,
-behind the interceptors.
+"""The gRPC server: the services, KEDA's external scaler, health and reflection, behind the
+interceptors.
 
 A component of the coordinator (``server.py``): built and bound first (so a port in use
 is a one-line error and the address is known to the election), started once every
@@ -15,8 +15,11 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.api import keda_scaler
 from conveyor.coordinator.api.admin_service import AdminServicer
+from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import add_port
+from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.keda import externalscaler_pb2_grpc
@@ -24,8 +27,14 @@ from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    effects_service_pb2,
+    effects_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
+    task_type_service_pb2,
+    task_type_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
@@ -34,6 +43,10 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LockService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    task_type_service_pb2.DESCRIPTOR.services_by_name["TaskTypeService"].full_name,
     keda_scaler.SERVICE_NAME,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
@@ -86,6 +99,9 @@ class ApiServer:
         tasks: TaskServicer,
         workers: WorkerServicer,
         admin: AdminServicer,
+        effects: tuple[LedgerServicer, LockServicer],
+        webhooks: WebhookServicer,
+        task_types: TaskTypeServicer,
         scaler: keda_scaler.KedaScaler,
     ) -> None:
         """Registers the services (before :meth:`start`)."""
@@ -95,6 +111,11 @@ class ApiServer:
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        ledger, locks = effects
+        effects_service_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
+        effects_service_pb2_grpc.add_LockServiceServicer_to_server(locks, server)
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
+        task_type_service_pb2_grpc.add_TaskTypeServiceServicer_to_server(task_types, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

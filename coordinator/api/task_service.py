@@ -10,20 +10,24 @@ them, so the wire API keeps schedules in TaskService.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api import context, pages, validation, watch_tasks
+from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.lifecycle.task_events import TaskEventHub
+from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.transitions import Cause
+from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.tenancy.quotas import Quotas
@@ -33,23 +37,38 @@ from conveyor.v1 import (
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
+    watch_pb2,
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
 
 Context = grpc.aio.ServicerContext[Any, Any]
-TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
-"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition or None."""
+TaskWrite = Callable[
+    [asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[Sequence[asyncpg.Record]]
+]
+"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition (none
+when it changed nothing), then those of the dependents it moved."""
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+        self,
+        deps: Deps,
+        submitter: Submitter,
+        schedules: ScheduleService,
+        *,
+        quotas: Quotas,
+        queue_ops: QueueOps,
+        events: TaskEventHub | None = None,
+        task_types: TaskTypes | None = None,
     ) -> None:
         self._deps = deps
+        self._events = events
+        self._task_types = task_types
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
+        self._queue_ops = queue_ops
 
     # -- submits -----------------------------------------------------------------------------
 
@@ -58,10 +77,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTaskResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, [request]):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, [request])
             task = validation.validate_submit_one(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+            group = SubmitGroup(tenant, [task], has_dependencies=bool(task.after))
+            (result,) = await self._submitter.submit(group)
         return task_service_pb2.SubmitTaskResponse(
             task=result.task, deduplicated=result.deduplicated
         )
@@ -71,10 +93,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTasksResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, request.tasks):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, request.tasks)
             tasks = validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
+            deps = any(t.after or t.after_refs for t in tasks)
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks, deps))
         response = task_service_pb2.SubmitTasksResponse()
         add = response.results.add
         for r in results:
@@ -108,12 +133,18 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             if row is None:
                 raise TaskNotFound(request.id)
             attempts = await store.attempts(conn, tenant, task_id)
+            waiting_for = (
+                await dependencies.waiting_for(conn, tenant, str(task_id))
+                if row["state"] == store.BLOCKED
+                else []
+            )
         unserved, missing_key = self._unserved(row)
         return task_service_pb2.GetTaskResponse(
             task=convert.task_from_row(row),
             attempts=[convert.attempt_from_row(a) for a in attempts],
             unserved=unserved,
             unserved_encryption_key=missing_key,
+            waiting_for=waiting_for,
         )
 
     async def ListTasks(
@@ -130,26 +161,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def ListQueues(
         self, request: task_service_pb2.ListQueuesRequest, context_: Context
     ) -> task_service_pb2.ListQueuesResponse:
-        tenant = context.current().tenant
-        async with self._deps.db.read() as conn:
-            rows = await store.queue_stats(conn, tenant)
-        sessions = list(self._deps.sessions)
-        return task_service_pb2.ListQueuesResponse(
-            queues=[
-                task_pb2.QueueStats(
-                    name=r["queue"],
-                    pending=r["pending"],
-                    scheduled=r["scheduled"],
-                    running=r["running"],
-                    dead=r["dead"],
-                    workers=sum(
-                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
-                    ),
-                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
-                )
-                for r in rows
-            ]
-        )
+        queues = await self._queue_ops.queue_stats(context.current().tenant)
+        return task_service_pb2.ListQueuesResponse(queues=queues)
 
     async def WatchTask(  # type: ignore[override]
         self, request: task_service_pb2.WatchTaskRequest, context_: Context
@@ -175,6 +188,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     )
                 if row["state"] in store.TERMINAL:
                     return
+
+    async def WatchTasks(  # type: ignore[override]
+        self, request: watch_pb2.WatchTasksRequest, context_: Context
+    ) -> None:
+        if self._events is None:
+            raise RuntimeError("WatchTasks needs the coordinator's TaskEventHub")
+        await watch_tasks.serve(self._events, request, context_)
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -205,11 +225,42 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             row = await store.get(conn, tenant, task_id)
         if row is None:
             raise TaskNotFound(request_id)
-        if changed is None and row["state"] != done:
+        if not changed and row["state"] != done:
             raise InvalidState(request_id, task_pb2.TaskState.Name(row["state"]), action)
-        if changed is not None:
-            self._deps.after_commit.publish(cause, [changed])
+        self._deps.after_commit.publish(cause, changed)
         return row
+
+    async def UpdateTask(
+        self, request: task_service_pb2.UpdateTaskRequest, context_: Context
+    ) -> task_service_pb2.UpdateTaskResponse:
+        update = validation.validate_update(request)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            current = await store.lock_for_update(conn, tenant, update.task_id)
+            if current is None:
+                raise TaskNotFound(request.id)
+            etag = convert.task_etag(current["version"])
+            if update.etag and update.etag != etag:
+                raise EtagMismatch(f"task {request.id}", update.etag, etag)
+            if not store.waiting_unstarted(current):
+                state = task_pb2.TaskState.Name(current["state"])
+                raise InvalidState(request.id, state, "update started")
+            changed = await store.update_waiting(
+                conn,
+                tenant,
+                update.task_id,
+                version=current["version"],
+                priority=update.priority,
+                max_attempts=update.max_attempts,
+                labels=update.labels,
+                run_at=update.run_at,
+                fence=self._deps.office.fence(),
+            )
+            row = await store.get(conn, tenant, update.task_id)
+        assert row is not None  # locked above: nothing deleted it
+        if changed is not None:
+            self._deps.after_commit.publish(Cause.UPDATED, [changed])
+        return task_service_pb2.UpdateTaskResponse(task=convert.task_from_row(row))
 
     # -- schedules (ScheduleService's) -------------------------------------------------------
 
@@ -247,3 +298,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: schedule_pb2.ResumeScheduleRequest, context_: Context
     ) -> schedule_pb2.ResumeScheduleResponse:
         return await self._schedules.resume(request)
+
+    # -- queue operations (QueueOps') --------------------------------------------------------
+
+    async def PauseQueue(
+        self, request: task_service_pb2.PauseQueueRequest, context_: Context
+    ) -> task_service_pb2.PauseQueueResponse:
+        return await self._queue_ops.pause(request)
+
+    async def ResumeQueue(
+        self, request: task_service_pb2.ResumeQueueRequest, context_: Context
+    ) -> task_service_pb2.ResumeQueueResponse:
+        return await self._queue_ops.resume(request)
+
+    async def ListDeadTasks(
+        self, request: task_service_pb2.ListDeadTasksRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTasksResponse:
+        return await self._queue_ops.list_dead(request)
+
+    async def ListDeadTaskGroups(
+        self, request: task_service_pb2.ListDeadTaskGroupsRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTaskGroupsResponse:
+        return await self._queue_ops.dead_groups(request)
+
+    async def RetryTasks(
+        self, request: task_service_pb2.RetryTasksRequest, context_: Context
+    ) -> task_service_pb2.RetryTasksResponse:
+        return await self._queue_ops.retry_many(request)
+
+    async def DeleteTasks(
+        self, request: task_service_pb2.DeleteTasksRequest, context_: Context
+    ) -> task_service_pb2.DeleteTasksResponse:
+        return await self._queue_ops.delete_many(request)

@@ -56,7 +56,7 @@ from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
 from conveyor.coordinator.leader.maintenance import set_aside
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
-from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions
+from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions, split_released
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow, Release
@@ -254,7 +254,7 @@ class Leases:
                 conn, session.tenant, session.worker_id, session.holder, how, deps.office.fence()
             )
         deps.after_commit.publish(Cause.EVICTED, released)
-        return len(released)
+        return len(split_released(Cause.EVICTED, released)[0])
 
 
 # -- where leases begin -----------------------------------------------------------------
@@ -290,7 +290,13 @@ class Dispatcher(Service):
         self._wake_soon = False
         self.wake()
 
+    async def stop(self) -> None:
+        await super().stop()
+        self.policy.pauses.forget()  # the next term reads them again
+
     async def step(self) -> float:
+        if not self.policy.pauses.current:
+            await self.policy.pauses.load(self.deps.db)
         claims = self.policy.plan(self.deps.sessions)
         if not claims:
             return self.deps.config.poll_interval
@@ -363,6 +369,8 @@ class Dispatcher(Service):
         if not self.running:
             return []  # not leading (or fenced)
         if len(rows) > HAND_OFF_MAX or any(r.state != PENDING for r in rows):
+            return []
+        if not self.policy.may_hand_off(rows):
             return []
         sessions: list[WorkerSession] = []
         live = list(self.deps.sessions)

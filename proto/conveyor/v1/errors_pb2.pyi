@@ -70,6 +70,32 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
     """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+    ERROR_REASON_LEASE_NOT_HELD: _ErrorReason.ValueType  # 60
+    """The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
+    finished, was cancelled or leased again, or the caller is not the process it was
+    leased to. An attempt that lost its lease cannot record an effect; metadata "task_id".
+    """
+    ERROR_REASON_LOCK_NOT_HELD: _ErrorReason.ValueType  # 61
+    """The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
+    or the handle is not the holder's; metadata "name".
+    """
+    ERROR_REASON_WORKER_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """No worker with the id is connected to the leader (code NOT_FOUND); metadata
+    "worker_id". GetClusterStatus lists those that are.
+    """
+    ERROR_REASON_WEBHOOK_NOT_FOUND: _ErrorReason.ValueType  # 70
+    """No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
+    "webhook_id".
+    """
+    ERROR_REASON_WATCH_TOO_SLOW: _ErrorReason.ValueType  # 71
+    """A WatchTasks stream fell too far behind its task changes and was ended (code
+    RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+    state with ListTasks.
+    """
+    ERROR_REASON_TASK_TYPE_NOT_FOUND: _ErrorReason.ValueType  # 72
+    """The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+    "type".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -125,4 +151,30 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+ERROR_REASON_LEASE_NOT_HELD: ErrorReason.ValueType  # 60
+"""The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
+finished, was cancelled or leased again, or the caller is not the process it was
+leased to. An attempt that lost its lease cannot record an effect; metadata "task_id".
+"""
+ERROR_REASON_LOCK_NOT_HELD: ErrorReason.ValueType  # 61
+"""The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
+or the handle is not the holder's; metadata "name".
+"""
+ERROR_REASON_WORKER_NOT_FOUND: ErrorReason.ValueType  # 30
+"""No worker with the id is connected to the leader (code NOT_FOUND); metadata
+"worker_id". GetClusterStatus lists those that are.
+"""
+ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 70
+"""No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
+"webhook_id".
+"""
+ERROR_REASON_WATCH_TOO_SLOW: ErrorReason.ValueType  # 71
+"""A WatchTasks stream fell too far behind its task changes and was ended (code
+RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+state with ListTasks.
+"""
+ERROR_REASON_TASK_TYPE_NOT_FOUND: ErrorReason.ValueType  # 72
+"""The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+"type".
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

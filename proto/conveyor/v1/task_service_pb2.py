@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from conveyor.v1 import auth_pb2 as conveyor_dot_v1_dot_auth__pb2
 from conveyor.v1 import schedule_pb2 as conveyor_dot_v1_dot_schedule__pb2
 from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
+from conveyor.v1 import watch_pb2 as conveyor_dot_v1_dot_watch__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats2\xc0\n\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x17\x63onveyor/v1/watch.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x04\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\r\n\x05\x61\x66ter\x18P \x03(\t\x12\x38\n\x11\x64\x65pendency_policy\x18Q \x01(\x0e\x32\x1d.conveyor.v1.DependencyPolicy\x12\x0b\n\x03ref\x18R \x01(\t\x12\x12\n\nafter_refs\x18S \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa6\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\x12\x13\n\x0bwaiting_for\x18P \x03(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\xab\x02\n\x11UpdateTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12*\n\x06run_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x0cmax_attempts\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\rupdate_labels\x18\x06 \x01(\x08\x12:\n\x06labels\x18\x07 \x03(\x0b\x32*.conveyor.v1.UpdateTaskRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priorityB\x0f\n\r_max_attempts\"5\n\x12UpdateTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"<\n\x12PauseQueueResponse\x12&\n\x05queue\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"=\n\x13ResumeQueueResponse\x12&\n\x05queue\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\"\xd3\x01\n\x0e\x44\x65\x61\x64TaskFilter\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x32\n\x0e\x66inished_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66inished_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06states\x18\x06 \x03(\x0e\x32\x16.conveyor.v1.TaskState\"j\n\x14ListDeadTasksRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x15ListDeadTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\x19ListDeadTaskGroupsRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"\xb0\x01\n\rDeadTaskGroup\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12.\n\nfirst_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queues\x18\x06 \x03(\t\"[\n\x1aListDeadTaskGroupsResponse\x12*\n\x06groups\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.DeadTaskGroup\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"`\n\x11RetryTasksRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\"_\n\x12RetryTasksResponse\x12\x0f\n\x07retried\x18\x01 \x01(\x03\x12\x13\n\x0bskipped_ids\x18\x02 \x03(\t\x12\x15\n\rnot_found_ids\x18\x03 \x03(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\"a\n\x12\x44\x65leteTasksRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\"`\n\x13\x44\x65leteTasksResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x13\n\x0bskipped_ids\x18\x02 \x03(\t\x12\x15\n\rnot_found_ids\x18\x03 \x03(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\x32\x91\x10\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12U\n\nWatchTasks\x12\x1e.conveyor.v1.WatchTasksRequest\x1a\x1f.conveyor.v1.WatchTasksResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nUpdateTask\x12\x1e.conveyor.v1.UpdateTaskRequest\x1a\x1f.conveyor.v1.UpdateTaskResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\"\x04\xc8\xf3\x18\x03\x12V\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\"\x04\xc8\xf3\x18\x03\x12\\\n\rListDeadTasks\x12!.conveyor.v1.ListDeadTasksRequest\x1a\".conveyor.v1.ListDeadTasksResponse\"\x04\xc8\xf3\x18\x02\x12k\n\x12ListDeadTaskGroups\x12&.conveyor.v1.ListDeadTaskGroupsRequest\x1a\'.conveyor.v1.ListDeadTaskGroupsResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nRetryTasks\x12\x1e.conveyor.v1.RetryTasksRequest\x1a\x1f.conveyor.v1.RetryTasksResponse\"\x04\xc8\xf3\x18\x03\x12V\n\x0b\x44\x65leteTasks\x12\x1f.conveyor.v1.DeleteTasksRequest\x1a .conveyor.v1.DeleteTasksResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKSERVICE'].methods_by_name['SubmitTask']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['SubmitTask']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['SubmitTasks']._loaded_options = None
@@ -50,10 +53,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['CancelTask']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['WatchTask']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['WatchTask']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['WatchTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['WatchTasks']._serialized_options = b'\310\363\030\002'
   _globals['_TASKSERVICE'].methods_by_name['RetryTask']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['RetryTask']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['ListQueues']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ListQueues']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['UpdateTask']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['UpdateTask']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['GetSchedule']._loaded_options = None
@@ -68,40 +75,86 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['PauseSchedule']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._serialized_options = b'\310\363\030\003'
-  _globals['_SUBMITTASKREQUEST']._serialized_start=189
-  _globals['_SUBMITTASKREQUEST']._serialized_end=625
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=580
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=625
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=627
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=702
-  _globals['_SUBMITTASKSREQUEST']._serialized_start=704
-  _globals['_SUBMITTASKSREQUEST']._serialized_end=771
-  _globals['_SUBMITTASKSRESPONSE']._serialized_start=773
-  _globals['_SUBMITTASKSRESPONSE']._serialized_end=844
-  _globals['_GETTASKREQUEST']._serialized_start=846
-  _globals['_GETTASKREQUEST']._serialized_end=874
-  _globals['_GETTASKRESPONSE']._serialized_start=877
-  _globals['_GETTASKRESPONSE']._serialized_end=1022
-  _globals['_LISTTASKSREQUEST']._serialized_start=1024
-  _globals['_LISTTASKSREQUEST']._serialized_end=1149
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1151
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1229
-  _globals['_CANCELTASKREQUEST']._serialized_start=1231
-  _globals['_CANCELTASKREQUEST']._serialized_end=1262
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1264
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1317
-  _globals['_WATCHTASKREQUEST']._serialized_start=1319
-  _globals['_WATCHTASKREQUEST']._serialized_end=1349
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1351
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1454
-  _globals['_RETRYTASKREQUEST']._serialized_start=1456
-  _globals['_RETRYTASKREQUEST']._serialized_end=1486
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1488
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1540
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1542
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1561
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1563
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1624
-  _globals['_TASKSERVICE']._serialized_start=1627
-  _globals['_TASKSERVICE']._serialized_end=2971
+  _globals['_TASKSERVICE'].methods_by_name['PauseQueue']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['PauseQueue']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['ResumeQueue']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ResumeQueue']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTasks']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTaskGroups']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTaskGroups']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['RetryTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['RetryTasks']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['DeleteTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['DeleteTasks']._serialized_options = b'\310\363\030\003'
+  _globals['_SUBMITTASKREQUEST']._serialized_start=214
+  _globals['_SUBMITTASKREQUEST']._serialized_end=756
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=711
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=756
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=758
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=833
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=835
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=902
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=904
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=975
+  _globals['_GETTASKREQUEST']._serialized_start=977
+  _globals['_GETTASKREQUEST']._serialized_end=1005
+  _globals['_GETTASKRESPONSE']._serialized_start=1008
+  _globals['_GETTASKRESPONSE']._serialized_end=1174
+  _globals['_LISTTASKSREQUEST']._serialized_start=1176
+  _globals['_LISTTASKSREQUEST']._serialized_end=1301
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1303
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1381
+  _globals['_CANCELTASKREQUEST']._serialized_start=1383
+  _globals['_CANCELTASKREQUEST']._serialized_end=1414
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1416
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1469
+  _globals['_WATCHTASKREQUEST']._serialized_start=1471
+  _globals['_WATCHTASKREQUEST']._serialized_end=1501
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1503
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1606
+  _globals['_RETRYTASKREQUEST']._serialized_start=1608
+  _globals['_RETRYTASKREQUEST']._serialized_end=1638
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1640
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1692
+  _globals['_UPDATETASKREQUEST']._serialized_start=1695
+  _globals['_UPDATETASKREQUEST']._serialized_end=1994
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_start=711
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_end=756
+  _globals['_UPDATETASKRESPONSE']._serialized_start=1996
+  _globals['_UPDATETASKRESPONSE']._serialized_end=2049
+  _globals['_LISTQUEUESREQUEST']._serialized_start=2051
+  _globals['_LISTQUEUESREQUEST']._serialized_end=2070
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=2072
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=2133
+  _globals['_PAUSEQUEUEREQUEST']._serialized_start=2135
+  _globals['_PAUSEQUEUEREQUEST']._serialized_end=2169
+  _globals['_PAUSEQUEUERESPONSE']._serialized_start=2171
+  _globals['_PAUSEQUEUERESPONSE']._serialized_end=2231
+  _globals['_RESUMEQUEUEREQUEST']._serialized_start=2233
+  _globals['_RESUMEQUEUEREQUEST']._serialized_end=2268
+  _globals['_RESUMEQUEUERESPONSE']._serialized_start=2270
+  _globals['_RESUMEQUEUERESPONSE']._serialized_end=2331
+  _globals['_DEADTASKFILTER']._serialized_start=2334
+  _globals['_DEADTASKFILTER']._serialized_end=2545
+  _globals['_LISTDEADTASKSREQUEST']._serialized_start=2547
+  _globals['_LISTDEADTASKSREQUEST']._serialized_end=2653
+  _globals['_LISTDEADTASKSRESPONSE']._serialized_start=2655
+  _globals['_LISTDEADTASKSRESPONSE']._serialized_end=2737
+  _globals['_LISTDEADTASKGROUPSREQUEST']._serialized_start=2739
+  _globals['_LISTDEADTASKGROUPSREQUEST']._serialized_end=2830
+  _globals['_DEADTASKGROUP']._serialized_start=2833
+  _globals['_DEADTASKGROUP']._serialized_end=3009
+  _globals['_LISTDEADTASKGROUPSRESPONSE']._serialized_start=3011
+  _globals['_LISTDEADTASKGROUPSRESPONSE']._serialized_end=3102
+  _globals['_RETRYTASKSREQUEST']._serialized_start=3104
+  _globals['_RETRYTASKSREQUEST']._serialized_end=3200
+  _globals['_RETRYTASKSRESPONSE']._serialized_start=3202
+  _globals['_RETRYTASKSRESPONSE']._serialized_end=3297
+  _globals['_DELETETASKSREQUEST']._serialized_start=3299
+  _globals['_DELETETASKSREQUEST']._serialized_end=3396
+  _globals['_DELETETASKSRESPONSE']._serialized_start=3398
+  _globals['_DELETETASKSRESPONSE']._serialized_end=3494
+  _globals['_TASKSERVICE']._serialized_start=3497
+  _globals['_TASKSERVICE']._serialized_end=5562
 # @@protoc_insertion_point(module_scope)

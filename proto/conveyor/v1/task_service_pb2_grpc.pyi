@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from conveyor.v1 import schedule_pb2 as _schedule_pb2
 from conveyor.v1 import task_service_pb2 as _task_service_pb2
+from conveyor.v1 import watch_pb2 as _watch_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -44,9 +45,23 @@ class TaskServiceStub:
     """Cancels a task that is not finished. A running task's worker is told to stop."""
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]
     """Streams the task's current state, then every change, until it is terminal."""
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_watch_pb2.WatchTasksRequest, _watch_pb2.WatchTasksResponse]
+    """Streams the state changes of the caller's tasks that match the filter, as they commit,
+    until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+    starts with the changes after it opened, and one that falls too far behind its
+    changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+    the current state with ListTasks.
+    """
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
-    """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+    """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
+    """
     CreateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
     GetSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.GetScheduleRequest, _schedule_pb2.GetScheduleResponse]
@@ -60,6 +75,29 @@ class TaskServiceStub:
     """Stops a schedule firing. Pausing a paused schedule changes nothing."""
     ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.ResumeScheduleRequest, _schedule_pb2.ResumeScheduleResponse]
     """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]
+    """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+    and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+    queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+    it holds across a failover.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]
+    """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+    ListDeadTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]
+    """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+    matching a filter, newest first.
+    """
+    ListDeadTaskGroups: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]
+    """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+    RetryTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTasksRequest, _task_service_pb2.RetryTasksResponse]
+    """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+    task that is no longer dead or cancelled (redriven already) is left alone, so the
+    call may be repeated safely.
+    """
+    DeleteTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTasksRequest, _task_service_pb2.DeleteTasksResponse]
+    """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+    filter. Unfinished tasks are never deleted (cancel them first).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -76,9 +114,23 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Cancels a task that is not finished. A running task's worker is told to stop."""
     WatchTask: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams the task's current state, then every change, until it is terminal."""
+    WatchTasks: _aio.UnaryStreamMultiCallable[_watch_pb2.WatchTasksRequest, _watch_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """Streams the state changes of the caller's tasks that match the filter, as they commit,
+    until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+    starts with the changes after it opened, and one that falls too far behind its
+    changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+    the current state with ListTasks.
+    """
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
-    """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+    """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]  # type: ignore[assignment]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
+    """
     CreateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]  # type: ignore[assignment]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
     GetSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.GetScheduleRequest, _schedule_pb2.GetScheduleResponse]  # type: ignore[assignment]
@@ -92,6 +144,29 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Stops a schedule firing. Pausing a paused schedule changes nothing."""
     ResumeSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.ResumeScheduleRequest, _schedule_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
     """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+    and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+    queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+    it holds across a failover.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+    ListDeadTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]  # type: ignore[assignment]
+    """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+    matching a filter, newest first.
+    """
+    ListDeadTaskGroups: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]  # type: ignore[assignment]
+    """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+    RetryTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTasksRequest, _task_service_pb2.RetryTasksResponse]  # type: ignore[assignment]
+    """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+    task that is no longer dead or cancelled (redriven already) is left alone, so the
+    call may be repeated safely.
+    """
+    DeleteTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTasksRequest, _task_service_pb2.DeleteTasksResponse]  # type: ignore[assignment]
+    """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+    filter. Unfinished tasks are never deleted (cancel them first).
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is the API applications use to submit, inspect, wait for and cancel tasks."""
@@ -143,12 +218,25 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the task's current state, then every change, until it is terminal."""
 
     @_abc_1.abstractmethod
+    def WatchTasks(
+        self,
+        request: _watch_pb2.WatchTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_watch_pb2.WatchTasksResponse], _abc.AsyncIterator[_watch_pb2.WatchTasksResponse]]:
+        """Streams the state changes of the caller's tasks that match the filter, as they commit,
+        until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+        starts with the changes after it opened, and one that falls too far behind its
+        changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+        the current state with ListTasks.
+        """
+
+    @_abc_1.abstractmethod
     def RetryTask(
         self,
         request: _task_service_pb2.RetryTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.RetryTaskResponse, _abc.Awaitable[_task_service_pb2.RetryTaskResponse]]:
-        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+        """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
 
     @_abc_1.abstractmethod
     def ListQueues(
@@ -156,6 +244,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _task_service_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.UpdateTaskResponse, _abc.Awaitable[_task_service_pb2.UpdateTaskResponse]]:
+        """Changes the priority, run_at, labels or max_attempts of a task that has not started
+        (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+        ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+        FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+        same etag exactly one wins.
+        """
 
     @_abc_1.abstractmethod
     def CreateSchedule(
@@ -211,5 +312,64 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_schedule_pb2.ResumeScheduleResponse, _abc.Awaitable[_schedule_pb2.ResumeScheduleResponse]]:
         """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _task_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.PauseQueueResponse, _abc.Awaitable[_task_service_pb2.PauseQueueResponse]]:
+        """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+        and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+        queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+        it holds across a failover.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _task_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ResumeQueueResponse, _abc.Awaitable[_task_service_pb2.ResumeQueueResponse]]:
+        """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+
+    @_abc_1.abstractmethod
+    def ListDeadTasks(
+        self,
+        request: _task_service_pb2.ListDeadTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListDeadTasksResponse, _abc.Awaitable[_task_service_pb2.ListDeadTasksResponse]]:
+        """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+        matching a filter, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadTaskGroups(
+        self,
+        request: _task_service_pb2.ListDeadTaskGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListDeadTaskGroupsResponse, _abc.Awaitable[_task_service_pb2.ListDeadTaskGroupsResponse]]:
+        """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+
+    @_abc_1.abstractmethod
+    def RetryTasks(
+        self,
+        request: _task_service_pb2.RetryTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RetryTasksResponse, _abc.Awaitable[_task_service_pb2.RetryTasksResponse]]:
+        """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+        task that is no longer dead or cancelled (redriven already) is left alone, so the
+        call may be repeated safely.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTasks(
+        self,
+        request: _task_service_pb2.DeleteTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.DeleteTasksResponse, _abc.Awaitable[_task_service_pb2.DeleteTasksResponse]]:
+        """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+        filter. Unfinished tasks are never deleted (cancel them first).
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
