@@ -45,7 +45,10 @@ def status(
     """Show the leader, its epoch, the replicas, the workers and recent evictions.
 
     Each connected worker is listed with its queues, the task types it serves, the
-    encryption keys it holds (it is given only tasks it can open) and its tasks in flight.
+    encryption keys it holds (it is given only tasks it can open), its tasks in flight and
+    its state: active, draining, or unhealthy (its event loop lags, or its attempts fail
+    where its peers' succeed: it is assigned nothing for now, and why is said below the
+    table).
     The exit code is 1 while the cluster has no leader.
     """
     reply = asyncio.run(wire.cluster_status(g))
@@ -93,12 +96,15 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
                     _keys(w),
                     w.in_flight,
                     w.credit,
-                    "draining" if w.draining else "active",
+                    _state(w),
                 )
                 for w in reply.workers
             ],
             indent=2,
         )
+        for w in reply.workers:
+            if w.unhealthy:
+                output.print_text(f"  {w.worker_id} is assigned nothing for now: {w.unhealthy}")
     if reply.paused_queues:
         paused = ", ".join(f"{q.queue} (tenant {q.tenant})" for q in reply.paused_queues)
         output.print_text(f"paused queues: {paused}")
@@ -119,6 +125,13 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
             ],
             indent=2,
         )
+
+
+def _state(worker: admin_service_pb2.WorkerInfo) -> str:
+    """``draining``, ``unhealthy`` (assigned nothing for now) or ``active``."""
+    if worker.draining:
+        return "draining"
+    return "unhealthy" if worker.unhealthy else "active"
 
 
 def _keys(worker: admin_service_pb2.WorkerInfo) -> str:
