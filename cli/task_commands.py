@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli import output, values
+from conveyor.cli import limits_commands, output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.client import AsyncClient, RPCError, Task, TaskState
@@ -363,6 +364,7 @@ def queues(
                 "running": q.running,
                 "dead": q.dead,
                 "workers": q.workers,
+                "rate_limits": [dataclasses.asdict(r) for r in q.rate_limits],
             }
             for q in stats
         ]
@@ -375,6 +377,11 @@ def queues(
         ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "WORKERS"],
         [(q.name, q.pending, q.scheduled, q.running, q.dead, q.workers) for q in stats],
     )
+    limited = [(q.name, q.rate_limits) for q in stats if q.rate_limits]
+    for name, limits in limited:
+        # Rate limits at dispatch (conveyor limits): tasks over the rate wait PENDING.
+        output.print_text(f"rate limits of queue {name}:")
+        output.print_table(limits_commands.HEADERS, limits_commands.rows(limits), indent=2)
     return 0
 
 

@@ -32,6 +32,7 @@ from conveyor.client._models import (
     OverlapPolicy,
     Page,
     QueueStats,
+    RateLimit,
     Schedule,
     Task,
     TaskAttempt,
@@ -50,6 +51,7 @@ from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import EncryptionError, PayloadCodec
 from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
+from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 
 __all__ = ["AsyncClient"]
@@ -369,6 +371,44 @@ class AsyncClient:
             lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
+
+    async def set_rate_limit(
+        self,
+        *,
+        rate: float,
+        queue: str = "",
+        type: str = "",
+        burst: int = 0,
+        all_tenants: bool = False,
+    ) -> RateLimit:
+        """Sets (creates or replaces) the rate limit of a queue, a type or both ("" for
+        every one): their tasks start at most ``rate`` a second, ``burst`` at once (0: one
+        second's worth). ``all_tenants`` (admin keys only) limits every tenant together."""
+        limit = task_pb2.RateLimit(
+            queue=queue, type=type, rate=rate, burst=burst, all_tenants=all_tenants
+        )
+        response = await self._conn.unary(
+            lambda s: s.tasks.SetRateLimit, pb.SetRateLimitRequest(limit=limit), idempotent=True
+        )
+        return RateLimit.from_proto(response.limit)
+
+    async def rate_limits(self) -> builtins.list[RateLimit]:
+        """Returns the rate limits that apply to this tenant: its own, then all tenants'."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListRateLimits, pb.ListRateLimitsRequest(), idempotent=True
+        )
+        return [RateLimit.from_proto(r) for r in response.limits]
+
+    async def delete_rate_limit(
+        self, *, queue: str = "", type: str = "", all_tenants: bool = False
+    ) -> None:
+        """Deletes a rate limit.
+
+        Raises:
+            RPCError: NOT_FOUND when there is no such limit.
+        """
+        request = pb.DeleteRateLimitRequest(queue=queue, type=type, all_tenants=all_tenants)
+        await self._conn.unary(lambda s: s.tasks.DeleteRateLimit, request, idempotent=False)
 
     async def _admin_read(self, method: AdminMethod, request: Any) -> Any:
         """One AdminService read with this client's addresses, failover, key and TLS.

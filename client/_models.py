@@ -25,6 +25,7 @@ __all__ = [
     "OverlapPolicy",
     "Page",
     "QueueStats",
+    "RateLimit",
     "RetryPolicy",
     "Schedule",
     "ScheduleFiring",
@@ -419,6 +420,35 @@ class TaskAttempt:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """A rate limit at dispatch: tasks of a queue and/or type start at most ``rate`` a
+    second (``burst`` at once after a quiet spell), however many workers take them."""
+
+    #: The queue it limits; "" for every queue.
+    queue: str = ""
+    #: The task type it limits; "" for every type (both "": the whole tenant).
+    type: str = ""
+    rate: float
+    burst: int = 0
+    #: Across every tenant together (an admin's), not the caller's tenant alone.
+    all_tenants: bool = False
+    #: Tokens left, as the leader last wrote them (about once a second).
+    tokens: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.RateLimit) -> RateLimit:
+        """Converts from the wire message ``conveyor.v1.RateLimit``."""
+        return cls(
+            queue=msg.queue,
+            type=msg.type,
+            rate=msg.rate,
+            burst=msg.burst,
+            all_tenants=msg.all_tenants,
+            tokens=msg.tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """A queue's task counts by state."""
 
@@ -434,6 +464,8 @@ class QueueStats:
     workers: int = 0
     #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
     oldest_pending_time: datetime | None = None
+    #: The rate limits that cover this queue (its own, and by type in every queue).
+    rate_limits: tuple[RateLimit, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
@@ -446,6 +478,7 @@ class QueueStats:
             dead=msg.dead,
             workers=msg.workers,
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
+            rate_limits=tuple(RateLimit.from_proto(r) for r in msg.rate_limits),
         )
 
 

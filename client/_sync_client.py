@@ -29,6 +29,7 @@ from conveyor.client._models import (
     OverlapPolicy,
     Page,
     QueueStats,
+    RateLimit,
     Schedule,
     Task,
     TaskAttempt,
@@ -267,6 +268,40 @@ class Client:
     def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         return self._loop.run(self._async.queues())
+
+    def set_rate_limit(
+        self,
+        *,
+        rate: float,
+        queue: str = "",
+        type: str = "",
+        burst: int = 0,
+        all_tenants: bool = False,
+    ) -> RateLimit:
+        """Sets (creates or replaces) the rate limit of a queue, a type or both ("" for
+        every one): their tasks start at most ``rate`` a second, ``burst`` at once (0: one
+        second's worth). ``all_tenants`` (admin keys only) limits every tenant together."""
+        return self._loop.run(
+            self._async.set_rate_limit(
+                rate=rate, queue=queue, type=type, burst=burst, all_tenants=all_tenants
+            )
+        )
+
+    def rate_limits(self) -> builtins.list[RateLimit]:
+        """Returns the rate limits that apply to this tenant: its own, then all tenants'."""
+        return self._loop.run(self._async.rate_limits())
+
+    def delete_rate_limit(
+        self, *, queue: str = "", type: str = "", all_tenants: bool = False
+    ) -> None:
+        """Deletes a rate limit.
+
+        Raises:
+            RPCError: NOT_FOUND when there is no such limit.
+        """
+        self._loop.run(
+            self._async.delete_rate_limit(queue=queue, type=type, all_tenants=all_tenants)
+        )
 
     def cancel(self, task_id: str) -> Task:
         """Cancels an unfinished task (a running one's worker is told to stop).

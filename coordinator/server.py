@@ -19,6 +19,7 @@ from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
 from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.rate_limits import RateLimitService
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
@@ -29,6 +30,7 @@ from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
+from conveyor.coordinator.dispatch.rate_limits import RateLimits
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
 from conveyor.coordinator.leader.maintenance import Promoter, Reaper
@@ -173,8 +175,15 @@ class Coordinator:
             tracing=self.telemetry.tracing,
         )
         self.telemetry.watch(db, self.sessions, deps.after_commit)
+        rate_limits = RateLimits()
+        if self.telemetry.metrics.enabled:
+            self.telemetry.metrics.watch_rate_limits(
+                rate_limits.levels, loop=asyncio.get_running_loop()
+            )
         policy = DispatchPolicy(
-            lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
+            lease_seconds=cfg.lease_duration,
+            max_payload_bytes=cfg.max_payload_bytes,
+            limits=rate_limits,
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
@@ -197,7 +206,13 @@ class Coordinator:
             step_down=workers.step_down,
         )
         api.serve(
-            TaskServicer(deps, self.submitter, schedules, quotas=quotas),
+            TaskServicer(
+                deps,
+                self.submitter,
+                schedules,
+                quotas=quotas,
+                rate_limits=RateLimitService(db, rate_limits, authentication=cfg.authentication),
+            ),
             workers,
             AdminServicer(
                 self.sessions,

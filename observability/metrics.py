@@ -43,6 +43,7 @@ from conveyor.observability._collectors import (
     DEPTH_STATES,
     QueueDepth,
     QueueDepthCollector,
+    RateLimitCollector,
     Source,
     WorkerPool,
     WorkerPoolCollector,
@@ -349,6 +350,16 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        # -- flow control at dispatch (coordinator/dispatch/rate_limits.py) ----------------
+        self.dispatch_holds = Counter(
+            "conveyor_dispatch_holds_total",
+            "Claims (rounds, not tasks) a dispatch rule held back, by the rule's tenant, "
+            "queue and type ('' for every one, '*' tenant: every tenant) and reason "
+            "(rate_limit: the bucket had no whole token left after the claim).",
+            ("tenant", "queue", "type", "reason"),
+            registry=r,
+        )
+
         # -- loops that serve every tenant ------------------------------------------------
         self.rows_set_aside = Counter(
             "conveyor_rows_set_aside",
@@ -470,6 +481,11 @@ class CoordinatorMetrics:
         if count:
             self.rows_set_aside.labels(loop).inc(count)
 
+    def count_holds(self, tally: Mapping[tuple[str, str, str], int], reason: str) -> None:
+        """Claims held back since the last call, per rule (tenant, queue, type)."""
+        for (tenant, queue, type_), n in tally.items():
+            self.dispatch_holds.labels(tenant, queue, type_, reason).inc(n)
+
     def record_flush(self, kind: str, items: int, seconds: float) -> None:
         """One group-commit transaction of ``kind`` (submit, result, renewal, claim)."""
         self.batch_items.labels(kind).observe(items)
@@ -538,6 +554,19 @@ class CoordinatorMetrics:
         """Exports the connected workers, their credits and in-flight tasks, read from
         ``source`` (run on ``loop`` when given) at scrape time."""
         collector = WorkerPoolCollector(source, loop, timeout)
+        self.registry.register(collector)
+        return collector
+
+    def watch_rate_limits(
+        self,
+        source: Source[Iterable[tuple[str, str, str, str, float]]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 2.0,
+    ) -> RateLimitCollector:
+        """Exports the rate limits' tokens, read from ``source`` (run on ``loop`` when
+        given) at scrape time."""
+        collector = RateLimitCollector(source, loop, timeout)
         self.registry.register(collector)
         return collector
 

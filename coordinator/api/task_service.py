@@ -18,6 +18,7 @@ import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
@@ -44,12 +45,19 @@ TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyn
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+        self,
+        deps: Deps,
+        submitter: Submitter,
+        schedules: ScheduleService,
+        *,
+        quotas: Quotas,
+        rate_limits: RateLimitService,
     ) -> None:
         self._deps = deps
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
+        self._rate_limits = rate_limits
 
     # -- submits -----------------------------------------------------------------------------
 
@@ -133,6 +141,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         tenant = context.current().tenant
         async with self._deps.db.read() as conn:
             rows = await store.queue_stats(conn, tenant)
+        limits = await self._rate_limits.of_tenant()
         sessions = list(self._deps.sessions)
         return task_service_pb2.ListQueuesResponse(
             queues=[
@@ -146,10 +155,28 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                         1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
                     ),
                     oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
+                    rate_limits=of_queue(limits, r["queue"]),
                 )
                 for r in rows
             ]
         )
+
+    # -- rate limits (api/rate_limits.py) ------------------------------------------------------
+
+    async def SetRateLimit(
+        self, request: task_service_pb2.SetRateLimitRequest, context_: Context
+    ) -> task_service_pb2.SetRateLimitResponse:
+        return await self._rate_limits.set_limit(request)
+
+    async def ListRateLimits(
+        self, request: task_service_pb2.ListRateLimitsRequest, context_: Context
+    ) -> task_service_pb2.ListRateLimitsResponse:
+        return await self._rate_limits.list_limits()
+
+    async def DeleteRateLimit(
+        self, request: task_service_pb2.DeleteRateLimitRequest, context_: Context
+    ) -> task_service_pb2.DeleteRateLimitResponse:
+        return await self._rate_limits.delete_limit(request)
 
     async def WatchTask(  # type: ignore[override]
         self, request: task_service_pb2.WatchTaskRequest, context_: Context

@@ -18,7 +18,9 @@ extend without touching the stream code:
 - :meth:`DispatchPolicy.claim`: one session's claim (``store.tasks.claim``: per queue the
   head of the ready index in dispatch order, priority then age since ids are
   time-ordered, then the best of those heads, cut at the byte budget; leased in the same
-  statement, fenced).
+  statement, fenced). Where a rate limit covers the session (``rate_limits.py``), the
+  claim takes no more than the buckets' tokens (``store.tasks.claim_limited``) and spends
+  them; the rules in order are in ``docs/architecture.md`` ("The dispatch rules").
 - :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from conveyor.coordinator import convert
+from conveyor.coordinator.dispatch.rate_limits import RateLimits
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
@@ -103,10 +106,14 @@ class Packed:
 class DispatchPolicy:
     """See the module docstring."""
 
-    def __init__(self, *, lease_seconds: float, max_payload_bytes: int) -> None:
+    def __init__(
+        self, *, lease_seconds: float, max_payload_bytes: int, limits: RateLimits | None = None
+    ) -> None:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
         self._rotation = itertools.count()
+        self.limits = limits or RateLimits()
+        """The rate limits' token buckets (the leader's)."""
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
         """This round's claims, in a rotating order so no worker is starved."""
@@ -128,6 +135,29 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
+        caps = self.limits.caps(session.tenant, session.queues, session.task_types, claim.limit)
+        if caps is not None:
+            rows = (
+                await store.claim_limited(
+                    conn,
+                    tenant=session.tenant,
+                    pairs=caps.pairs,
+                    queue_caps=caps.queues,
+                    type_caps=caps.types,
+                    total=caps.total,
+                    keys=session.encryption_keys,
+                    limit=claim.limit,
+                    max_bytes=claim.max_bytes,
+                    worker_id=session.worker_id,
+                    holder=session.holder,
+                    lease_seconds=self._lease_seconds,
+                    fence=fence,
+                )
+                if caps.pairs
+                else []
+            )
+            self.limits.spend(caps, rows)
+            return rows
         return await store.claim(
             conn,
             tenant=session.tenant,

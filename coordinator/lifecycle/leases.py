@@ -290,6 +290,12 @@ class Dispatcher(Service):
         self._wake_soon = False
         self.wake()
 
+    def start(self) -> None:
+        if not self.running:
+            # A new term: the rate limits' buckets start empty (dispatch/rate_limits.py).
+            self.policy.limits.reset()
+        super().start()
+
     async def step(self) -> float:
         claims = self.policy.plan(self.deps.sessions)
         if not claims:
@@ -297,7 +303,10 @@ class Dispatcher(Service):
         fence = self.deps.office.fence()
         metrics, tracing = self.deps.metrics, self.deps.tracing
         more = False
+        limits = self.policy.limits
         async with self.deps.db.autocommit() as conn:
+            if limits.stale():
+                await limits.refresh(conn)
             for claim in claims:
                 session = claim.session
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
@@ -324,7 +333,14 @@ class Dispatcher(Service):
                     if tracing.enabled:
                         dispatch_spans(tracing, rows, messages, started_ns)
                     await self.deliver(conn, session, messages)
-        return 0.0 if more else self.deps.config.poll_interval
+        if limits.holds:
+            metrics.count_holds(limits.holds, "rate_limit")
+            limits.holds.clear()
+        refill = limits.wake_after()
+        if more:
+            return 0.0
+        poll = self.deps.config.poll_interval
+        return poll if refill is None else min(poll, refill)
 
     async def _set_aside_unusable(
         self, conn: asyncpg.Connection, session: WorkerSession, rows: list[asyncpg.Record]
@@ -366,8 +382,13 @@ class Dispatcher(Service):
             return []
         sessions: list[WorkerSession] = []
         live = list(self.deps.sessions)
+        limits = self.policy.limits
         for row in rows:
             task = row.task
+            if limits.covering(row.tenant, task.queue, task.type):
+                # Rate limited (or not known yet): the claim spends the tokens.
+                self._give_back(sessions)
+                return []
             session = self.policy.pick_idle(
                 live, row.tenant, task.queue, task.type, store.encryption_key(task)
             )

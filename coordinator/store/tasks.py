@@ -658,6 +658,105 @@ async def claim(
     )
 
 
+_CLAIM_LIMITED = Query(
+    "claim_tasks_limited",
+    f"""
+    WITH candidates AS (
+        -- The claim of a session some rate limit covers (dispatch/rate_limits.py): per
+        -- (queue, type) pair the head of the ready index, as many as its tokens allow,
+        -- so a limited type never stands in front of the others of its queue.
+        SELECT c.id, c.priority, c.size, c.queue, c.type
+        FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
+            AS p(queue, type, cap)
+        CROSS JOIN LATERAL (
+            SELECT id, priority, octet_length(payload) AS size, queue, type FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = p.queue AND type = p.type
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
+            ORDER BY priority DESC, id
+            LIMIT p.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE {FENCE}
+    ), ranked AS (
+        -- Running counts for the limits of a whole queue, a whole type and the tenant:
+        -- a row over any cap is left (the counts include rows another cap left, so a
+        -- claim may take fewer than the tokens allow, never more).
+        SELECT id, priority, size, queue, type,
+            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, id) AS in_queue,
+            row_number() OVER (PARTITION BY type ORDER BY priority DESC, id) AS in_type,
+            row_number() OVER (ORDER BY priority DESC, id) AS in_all
+        FROM candidates
+    ), heads AS (
+        SELECT r.id, r.priority, r.size FROM ranked r
+        LEFT JOIN unnest(:cap_queues::text[], :queue_caps::int[]) AS qc(queue, cap)
+            ON qc.queue = r.queue
+        LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
+            ON tc.type = r.type
+        WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
+          AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total
+        ORDER BY r.priority DESC, r.id
+        LIMIT :limit
+    ), picked AS (
+        SELECT id FROM (
+            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+        ) ahead
+        WHERE before < :max_bytes
+    ), changed AS (
+        UPDATE tasks t
+        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
+            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
+            lease_expire_time = now() + make_interval(secs => :lease_seconds),
+            update_time = now()
+        FROM picked WHERE t.id = picked.id
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
+    """,
+)
+
+
+async def claim_limited(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str,
+    pairs: Sequence[tuple[str, str, int]],
+    queue_caps: Sequence[tuple[str, int]],
+    type_caps: Sequence[tuple[str, int]],
+    total: int,
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> list[asyncpg.Record]:
+    """:func:`claim` under rate limits: at most ``cap`` tasks of each (queue, type, cap)
+    of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
+    ``type_caps``, and ``total`` in all (``dispatch/rate_limits.Caps``). Same order, same
+    rows returned."""
+    return await _CLAIM_LIMITED.fetch(
+        conn,
+        tenant=tenant,
+        pair_queues=[p[0] for p in pairs],
+        pair_types=[p[1] for p in pairs],
+        pair_caps=[p[2] for p in pairs],
+        cap_queues=[q for q, _ in queue_caps],
+        queue_caps=[c for _, c in queue_caps],
+        cap_types=[t for t, _ in type_caps],
+        type_caps=[c for _, c in type_caps],
+        total=total,
+        keys=None if keys is None else list(keys),
+        limit=limit,
+        max_bytes=max_bytes,
+        worker_id=worker_id,
+        holder=holder,
+        epoch=fence.epoch,
+        lease_seconds=lease_seconds,
+        fence=fence,
+    )
+
+
 # -- leases: renewals and results ------------------------------------------------------------
 
 _RENEW = Query(

@@ -70,6 +70,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
     """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+    ERROR_REASON_RATE_LIMIT_NOT_FOUND: _ErrorReason.ValueType  # 40
+    """No rate limit of this tenant (or of all tenants) has this queue and type (code
+    NOT_FOUND); metadata "queue", "type".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -125,4 +129,8 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+ERROR_REASON_RATE_LIMIT_NOT_FOUND: ErrorReason.ValueType  # 40
+"""No rate limit of this tenant (or of all tenants) has this queue and type (code
+NOT_FOUND); metadata "queue", "type".
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -343,6 +343,7 @@ class QueueStats(_message.Message):
     DEAD_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     """Tasks ready to run now (PENDING)."""
@@ -358,6 +359,10 @@ class QueueStats(_message.Message):
         pending. How long work has waited: `conveyor top` shows its age.
         """
 
+    @_builtins.property
+    def rate_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """The rate limits that cover this queue: its own and those of every queue (by type)."""
+
     def __init__(
         self,
         *,
@@ -368,11 +373,56 @@ class QueueStats(_message.Message):
         dead: _builtins.int = ...,
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limits: _abc.Iterable[Global___RateLimit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "pending", b"pending", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """A token bucket the leader spends from at dispatch: tasks start at most `rate` a second,
+    `burst` at once after a quiet spell, however many workers take them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue it limits; empty: every queue."""
+    type: _builtins.str
+    """The task type it limits; empty: every type. Both empty: the whole tenant."""
+    rate: _builtins.float
+    """Tasks started per second, 0.001 to 1e9."""
+    burst: _builtins.int
+    """Tokens saved up at most (tasks started at once); 0 when set: one second's worth."""
+    all_tenants: _builtins.bool
+    """Across all tenants together (set by an admin), not the caller's tenant alone."""
+    tokens: _builtins.float
+    """Output only: the tokens left as the leader last wrote them (about once a second)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        type: _builtins.str = ...,
+        rate: _builtins.float = ...,
+        burst: _builtins.int = ...,
+        all_tenants: _builtins.bool = ...,
+        tokens: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "burst", b"burst", "queue", b"queue", "rate", b"rate", "tokens", b"tokens", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015

@@ -1,0 +1,17 @@
+-- Rate limits at dispatch (issue 17): a token bucket per (tenant, queue, type) that the
+-- leader's dispatcher spends from when it claims. tenant '*' is a limit across all
+-- tenants (set by an admin); queue '' is every queue, type '' every type. The leader
+-- keeps the buckets in memory and writes their level back about once a second (tokens,
+-- tokens_time), so that ListQueues on any coordinator shows it. A new leader does not
+-- trust the written level: it starts every bucket empty (see dispatch/rate_limits.py).
+CREATE TABLE rate_limits (
+    tenant text NOT NULL,
+    queue text NOT NULL DEFAULT '',
+    type text NOT NULL DEFAULT '',
+    rate float8 NOT NULL CHECK (rate > 0),
+    burst bigint NOT NULL CHECK (burst >= 1),
+    tokens float8 NOT NULL DEFAULT 0,
+    tokens_time timestamptz,
+    update_time timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, queue, type)
+);

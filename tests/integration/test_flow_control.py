@@ -1,0 +1,160 @@
+"""Flow control at dispatch, end to end: a rate limit set through the API holds four
+in-process workers together to its rate (measured from the attempts' start times the
+database recorded), leaves the other types of its queue alone, shows in ListQueues and
+the metrics, and refuses bad values with INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from clitools import conveyor
+from metrics_scrape import scrape
+from testsupport import eventually
+
+from conveyor.coordinator import Coordinator
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.worker import TaskContext, Worker
+
+RATE = 50.0
+BACKLOG = 5000
+FREE = 200
+WINDOW_STARTS = 200
+"""Limited starts to wait for past the first second: four seconds at the rate."""
+
+
+@pytest.fixture
+def coordinator_settings() -> dict[str, Any]:
+    return {"metrics_listen": "127.0.0.1:0", "poll_interval": 0.2}
+
+
+@contextlib.asynccontextmanager
+async def workers(address: str, count: int) -> AsyncIterator[list[Worker]]:
+    made = [Worker(address, concurrency=16, grace_period=1.0) for _ in range(count)]
+    for w in made:
+
+        @w.task("limited")
+        async def limited(ctx: TaskContext, payload: Any) -> None:
+            return None
+
+        @w.task("free")
+        async def free(ctx: TaskContext, payload: Any) -> None:
+            return None
+
+    runs = [asyncio.create_task(w.run(install_signal_handlers=False)) for w in made]
+    try:
+        for w in made:
+            await asyncio.wait_for(w.wait_connected(), 10)
+        yield made
+    finally:
+        for w in made:
+            w.shutdown(force=True)
+        for run in runs:
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+
+
+async def _code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code()
+
+
+async def test_a_rate_limit_holds_many_workers_to_its_rate(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    T = task_service_pb2
+    # Bad values are the caller's mistake.
+    for bad in (
+        task_pb2.RateLimit(type="limited", rate=-1),
+        task_pb2.RateLimit(type="limited", rate=0),
+        task_pb2.RateLimit(type="limited", rate=math.nan),
+        task_pb2.RateLimit(type="limited", rate=1e12),
+        task_pb2.RateLimit(type="limited", rate=5, burst=-1),
+        task_pb2.RateLimit(queue="no spaces", rate=5),
+    ):
+        code = await _code(stub.SetRateLimit(T.SetRateLimitRequest(limit=bad)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+    missing = T.DeleteRateLimitRequest(type="never-set")
+    assert await _code(stub.DeleteRateLimit(missing)) == grpc.StatusCode.NOT_FOUND
+
+    limit = task_pb2.RateLimit(type="limited", rate=RATE, burst=5)
+    set_ = await stub.SetRateLimit(T.SetRateLimitRequest(limit=limit))
+    assert (set_.limit.rate, set_.limit.burst, set_.limit.all_tenants) == (RATE, 5, False)
+    # The CLI; a burst of 0 is one second's worth.
+    where = ("--coordinator", coordinator.address)
+    done = await conveyor(*where, "limits", "set", "--queue", "spare", "--rate", "7.5", "--json")
+    assert done.code == 0 and json.loads(done.out)["burst"] == 8, done
+    await stub.DeleteRateLimit(T.DeleteRateLimitRequest(queue="spare"))
+    listed = await stub.ListRateLimits(T.ListRateLimitsRequest())
+    assert [(x.queue, x.type, x.rate) for x in listed.limits] == [("", "limited", RATE)]
+
+    for start in range(0, BACKLOG, 1000):
+        batch = [T.SubmitTaskRequest(type="limited") for _ in range(start, start + 1000)]
+        await stub.SubmitTasks(T.SubmitTasksRequest(tasks=batch))
+    await stub.SubmitTasks(
+        T.SubmitTasksRequest(tasks=[T.SubmitTaskRequest(type="free") for _ in range(FREE)])
+    )
+
+    async def started(task_type: str) -> int:
+        return int(
+            await db.fetchval(
+                "SELECT count(*) FROM tasks WHERE type = $1 AND attempt > 0", task_type
+            )
+        )
+
+    async with workers(coordinator.address, 4):
+        # The other type of the same queue does not wait behind the limited one.
+        await eventually(
+            lambda: _at_least(started("free"), FREE), timeout=10, what="the free tasks"
+        )
+        assert await started("limited") < BACKLOG / 4
+        # While the window runs: `conveyor queues` shows the limit.
+        done = await conveyor(*where, "queues")
+        assert done.code == 0 and "rate limits of queue default:" in done.out, done
+        assert any(line.split()[:3] == ["*", "limited", "50"] for line in done.out.splitlines())
+        await eventually(
+            lambda: _at_least(started("limited"), WINDOW_STARTS + int(RATE)),
+            timeout=30,
+            what="the limited tasks to start",
+        )
+        (queue,) = (await stub.ListQueues(T.ListQueuesRequest())).queues
+        assert [(x.type, x.rate) for x in queue.rate_limits] == [("limited", RATE)]
+        assert queue.pending > BACKLOG / 2
+        page = await scrape(coordinator.telemetry.metrics_url)
+        tokens = page.value("conveyor_rate_limit_tokens", scope="tenant", type="limited")
+        assert 0 <= tokens <= 5
+        assert page.value("conveyor_dispatch_holds_total", reason="rate_limit") > 0
+
+    starts = [
+        r[0]
+        for r in await db.fetch(
+            "SELECT extract(epoch FROM lease_start_time)::float8 FROM tasks "
+            "WHERE type = 'limited' AND attempt > 0 ORDER BY 1"
+        )
+    ]
+    # Past the first second (the bucket starts empty, the workers connect one by one),
+    # from the database's clock: the count of starts over the time they span.
+    first = starts[0] + 1.0
+    window = [s for s in starts if s >= first]
+    rate = (len(window) - 1) / (window[-1] - window[0])
+    assert RATE * 0.9 <= rate <= RATE * 1.1, (rate, len(window))
+    # Every second of the window, not only on average (a burst then a stall fails this).
+    per_second: dict[int, int] = {}
+    for s in window:
+        per_second[int(s - window[0])] = per_second.get(int(s - window[0]), 0) + 1
+    full_seconds = [n for second, n in per_second.items() if second < int(window[-1] - window[0])]
+    assert full_seconds and all(RATE * 0.8 <= n <= RATE * 1.2 for n in full_seconds), per_second
+
+
+async def _at_least(count: Any, wanted: int) -> bool | None:
+    return True if await count >= wanted else None
