@@ -102,6 +102,8 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         finish_time=maybe_timestamp(row["finish_time"]),
         labels=_labels(row["labels"]),
         traceparent=row["traceparent"],
+        concurrency_key=row["concurrency_key"] or "",
+        concurrency_limit=row["concurrency_limit"] or 0,
     )
 
 
@@ -139,6 +141,8 @@ def task_from_new(
         update_time=now,
         labels=task.labels or None,
         traceparent=task.traceparent,
+        concurrency_key=task.concurrency_key or "",
+        concurrency_limit=task.concurrency_limit or 0,
     )
 
 

@@ -23,6 +23,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── RateLimitNotFoundError   no rate limit has the queue and type (.queue, .type)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -80,6 +81,7 @@ __all__ = [
     "ProtocolViolationError",
     "QuotaExceededError",
     "RPCError",
+    "RateLimitNotFoundError",
     "ScheduleAlreadyExistsError",
     "ScheduleNotFoundError",
     "StatusInfo",
@@ -638,6 +640,33 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class RateLimitNotFoundError(RPCError):
+    """No rate limit has the given queue and type (``delete_rate_limit``).
+
+    Attributes:
+        queue: The queue named ("" for every queue).
+        type: The task type named ("" for every type).
+    """
+
+    _hint = "List the rate limits (`conveyor limits list`) to see them."
+
+    def __init__(
+        self, message: str, *, queue: str | None = None, type: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.queue = queue
+        self.type = type
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info),
+            queue=info.metadata.get("queue"),
+            type=info.metadata.get("type"),
+            **_common_kwargs(info),
+        )
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -670,6 +699,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("RATE_LIMIT_NOT_FOUND"): RateLimitNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

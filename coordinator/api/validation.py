@@ -45,6 +45,8 @@ MAX_BACKOFF = timedelta(seconds=bounds.SECONDS_MAX)
 MAX_MULTIPLIER = 100.0
 MAX_RUN_AT_AHEAD = timedelta(days=366)
 MAX_LABELS = 64
+MAX_CONCURRENCY_LIMIT = 10_000
+"""The most tasks of one concurrency key that may run at once."""
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_BATCH = 1000
@@ -102,6 +104,9 @@ class NewTask:
     """The id the client chose (``request_id``, canonical lowercase text), or None for one
     made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
     made per task."""
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    """At most this many tasks with ``concurrency_key`` run at once (None without a key)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -253,6 +258,10 @@ def validate_submit(
     task_id: str | None = None
     if "request_id" in fields:
         task_id = _check_request_id(fields["request_id"], prefix + "request_id", now, out)
+    concurrency_key: str = fields.get("concurrency_key", "")
+    concurrency_limit: int = fields.get("concurrency_limit", 0)
+    if concurrency_key or concurrency_limit:
+        _check_concurrency(concurrency_key, concurrency_limit, prefix, out)
     if out:
         return None, out
     task = NewTask(
@@ -273,8 +282,24 @@ def validate_submit(
         labels=labels,
         traceparent=traceparent,
         task_id=task_id,
+        concurrency_key=concurrency_key or None,
+        concurrency_limit=(concurrency_limit or 1) if concurrency_key else None,
     )
     return (_with_hash(task) if key else task), []
+
+
+def _check_concurrency(key: str, limit: int, prefix: str, out: list[FieldViolation]) -> None:
+    if not key:
+        out.append(FieldViolation(prefix + "concurrency_limit", "needs a concurrency_key to limit"))
+    else:
+        check_text(key, prefix + "concurrency_key", out, max_length=MAX_NAME_LENGTH)
+    if not 0 <= limit <= MAX_CONCURRENCY_LIMIT:
+        out.append(
+            FieldViolation(
+                prefix + "concurrency_limit",
+                f"must be between 1 and {MAX_CONCURRENCY_LIMIT} (0 for 1)",
+            )
+        )
 
 
 _DEFAULT_TIMEOUT_MS = int(defaults.DEFAULT_TIMEOUT_S * 1000)
@@ -400,6 +425,8 @@ def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
             task.retry_multiplier,
             task.retry_jitter,
             sorted(task.labels.items()),
+            # Only when set, so the fingerprints of tasks without a key stay as they were.
+            *([task.concurrency_key, task.concurrency_limit] if task.concurrency_key else []),
         ]
     ).encode()
     digest.update(len(head).to_bytes(8, "big"))

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.dispatch.rate_limits import RateLimits
+from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
+from conveyor.coordinator.dispatch.rate_limits import Caps, RateLimits
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
@@ -114,6 +115,21 @@ class DispatchPolicy:
         self._rotation = itertools.count()
         self.limits = limits or RateLimits()
         """The rate limits' token buckets (the leader's)."""
+        self.keys = ConcurrencyKeys()
+        """Which tenants have tasks with concurrency keys ready."""
+
+    def reset(self) -> None:
+        """A new term: the flow-control state is read again before the first claim."""
+        self.limits.reset()
+        self.keys.reset()
+
+    def stale(self) -> bool:
+        """Whether the flow-control state is due to be read again (about once a second)."""
+        return self.limits.stale()
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        await self.limits.refresh(conn)
+        await self.keys.refresh(conn)
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
         """This round's claims, in a rotating order so no worker is starved."""
@@ -135,37 +151,80 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
-        caps = self.limits.caps(session.tenant, session.queues, session.task_types, claim.limit)
-        if caps is not None:
-            rows = (
-                await store.claim_limited(
-                    conn,
-                    tenant=session.tenant,
-                    pairs=caps.pairs,
-                    queue_caps=caps.queues,
-                    type_caps=caps.types,
-                    total=caps.total,
-                    keys=session.encryption_keys,
-                    limit=claim.limit,
-                    max_bytes=claim.max_bytes,
-                    worker_id=session.worker_id,
-                    holder=session.holder,
-                    lease_seconds=self._lease_seconds,
-                    fence=fence,
-                )
-                if caps.pairs
-                else []
+        limit, max_bytes = claim.limit, claim.max_bytes
+        keyed: list[asyncpg.Record] = []
+        tenant, queues, types = session.tenant, session.queues, session.task_types
+        if tenant in self.keys.tenants:
+            caps = self.limits.caps(tenant, queues, types, limit)
+            keyed = await self._claim_pairs(conn, session, limit, max_bytes, fence, caps, True)
+            if keyed:
+                limit -= len(keyed)
+                max_bytes -= sum(len(r["payload"]) for r in keyed)
+                if limit <= 0 or max_bytes <= 0:
+                    return keyed
+        caps = self.limits.caps(tenant, queues, types, limit)
+        if caps is None:
+            rows = await self._claim_plain(conn, session, limit, max_bytes, fence)
+        else:
+            rows = await self._claim_pairs(conn, session, limit, max_bytes, fence, caps, False)
+        return keyed + rows if keyed else rows
+
+    async def _claim_pairs(
+        self,
+        conn: asyncpg.Connection,
+        session: WorkerSession,
+        limit: int,
+        max_bytes: int,
+        fence: Fence,
+        caps: Caps | None,
+        keyed: bool,
+    ) -> list[asyncpg.Record]:
+        """The claim per (queue, type) pair: under the rate limits' ``caps`` when some
+        cover the session, of the tasks with concurrency keys (``keyed``) or without."""
+        if caps is None:
+            pairs = [(q, t, limit) for q in session.queues for t in session.task_types]
+        else:
+            pairs = caps.pairs
+        rows = (
+            await store.claim_limited(
+                conn,
+                tenant=session.tenant,
+                pairs=pairs,
+                queue_caps=caps.queues if caps else (),
+                type_caps=caps.types if caps else (),
+                total=caps.total if caps else limit,
+                keyed=keyed,
+                keys=session.encryption_keys,
+                limit=limit,
+                max_bytes=max_bytes,
+                worker_id=session.worker_id,
+                holder=session.holder,
+                lease_seconds=self._lease_seconds,
+                fence=fence,
             )
+            if pairs
+            else []
+        )
+        if caps is not None:
             self.limits.spend(caps, rows)
-            return rows
+        return rows
+
+    async def _claim_plain(
+        self,
+        conn: asyncpg.Connection,
+        session: WorkerSession,
+        limit: int,
+        max_bytes: int,
+        fence: Fence,
+    ) -> list[asyncpg.Record]:
         return await store.claim(
             conn,
             tenant=session.tenant,
             queues=session.queues,
             types=session.task_types,
             keys=session.encryption_keys,
-            limit=claim.limit,
-            max_bytes=claim.max_bytes,
+            limit=limit,
+            max_bytes=max_bytes,
             worker_id=session.worker_id,
             holder=session.holder,
             lease_seconds=self._lease_seconds,

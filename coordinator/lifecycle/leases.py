@@ -274,6 +274,9 @@ class Dispatcher(Service):
         self.dispatched = 0
         self._wake_soon = False
         deps.after_commit.listen(self._on_transitions)
+        # A concurrency slot frees on every transition out of RUNNING (the seam).
+        policy.keys.wake = self.wake
+        deps.after_commit.listen(policy.keys.on_transitions)
 
     def _on_transitions(self, batch: Transitions) -> None:
         # Work became ready. One round serves every session, so which queue does not
@@ -293,7 +296,7 @@ class Dispatcher(Service):
     def start(self) -> None:
         if not self.running:
             # A new term: the rate limits' buckets start empty (dispatch/rate_limits.py).
-            self.policy.limits.reset()
+            self.policy.reset()
         super().start()
 
     async def step(self) -> float:
@@ -305,8 +308,8 @@ class Dispatcher(Service):
         more = False
         limits = self.policy.limits
         async with self.deps.db.autocommit() as conn:
-            if limits.stale():
-                await limits.refresh(conn)
+            if self.policy.stale():
+                await self.policy.refresh(conn)
             for claim in claims:
                 session = claim.session
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
@@ -385,8 +388,8 @@ class Dispatcher(Service):
         limits = self.policy.limits
         for row in rows:
             task = row.task
-            if limits.covering(row.tenant, task.queue, task.type):
-                # Rate limited (or not known yet): the claim spends the tokens.
+            if task.concurrency_key or limits.covering(row.tenant, task.queue, task.type):
+                # A keyed task, or rate limited (or not known yet): the claim decides.
                 self._give_back(sessions)
                 return []
             session = self.policy.pick_idle(

@@ -78,7 +78,7 @@ TASK_COLUMNS = (
     "attempt", "max_attempts", "attempt_base", "idempotency_key", "run_at", "timeout_ms",
     "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
     "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
-    "create_time", "update_time", "finish_time",
+    "create_time", "update_time", "finish_time", "concurrency_key", "concurrency_limit",
 )  # fmt: skip
 """Every column a Task message shows (convert.task_from_row)."""
 
@@ -97,7 +97,8 @@ NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("request_hash", "bytea"), ("run_at", "timestamptz"), ("timeout_ms", "bigint"),
     ("retry_initial_ms", "bigint"), ("retry_max_ms", "bigint"),
     ("retry_multiplier", "float8"), ("retry_jitter", "float8"), ("labels", "text"),
-    ("traceparent", "text"), ("encryption_key", "text"),
+    ("traceparent", "text"), ("encryption_key", "text"), ("concurrency_key", "text"),
+    ("concurrency_limit", "int"),
 )  # fmt: skip
 """The columns a new task is written with (in :func:`_record` order), and their types."""
 NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
@@ -194,6 +195,8 @@ def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
         task.traceparent,
         # encryption_key(task), inline: a call per submitted task is measurable here.
         envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None,
+        task.concurrency_key,
+        task.concurrency_limit,
         *tail,
     )
 
@@ -591,6 +594,8 @@ _CLAIM = Query(
             SELECT id, priority, octet_length(payload) AS size FROM tasks
             WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
               AND type = ANY(:types::text[])
+              -- Tasks with a concurrency key are the keyed claim's (claim_keyed).
+              AND concurrency_key IS NULL
               -- A worker that named its keys gets only tasks it can open (NULL: any).
               AND (:keys::text[] IS NULL OR encryption_key IS NULL
                    OR encryption_key = ANY(:keys::text[]))
@@ -658,22 +663,45 @@ async def claim(
     )
 
 
-_CLAIM_LIMITED = Query(
-    "claim_tasks_limited",
-    f"""
+# Running tasks of the concurrency key of the task ``k`` (index tasks_running_keyed).
+_BUSY = f"""(SELECT count(*) FROM tasks r WHERE r.tenant = :tenant AND r.state = {RUNNING}
+    AND r.concurrency_key = k.concurrency_key)"""
+
+
+def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
+    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``), of the
+    tasks without a concurrency key, or of those with one (``keyed``, ``claim_keyed``):
+    then a task is taken only while fewer than its key's limit run, counting the
+    running rows and those ahead of it in this claim."""
+    if keyed:
+        # Full keys are skipped in the scan itself, so they never stand in front of
+        # the others (the partial index tasks_ready_keyed holds keyed tasks only).
+        key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
+        key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
+        key_rank = (
+            ", row_number() OVER (PARTITION BY concurrency_key ORDER BY priority DESC, id)"
+            " AS in_key"
+        )
+        key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
+    else:
+        key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
+    return Query(
+        name,
+        f"""
     WITH candidates AS (
-        -- The claim of a session some rate limit covers (dispatch/rate_limits.py): per
-        -- (queue, type) pair the head of the ready index, as many as its tokens allow,
-        -- so a limited type never stands in front of the others of its queue.
-        SELECT c.id, c.priority, c.size, c.queue, c.type
-        FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
+        -- Per (queue, type) pair the head of the ready index, as many as its tokens
+        -- allow, so a limited type never stands in front of the others of its queue.
+        SELECT c.* FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
             AS p(queue, type, cap)
         CROSS JOIN LATERAL (
-            SELECT id, priority, octet_length(payload) AS size, queue, type FROM tasks
-            WHERE tenant = :tenant AND state = {PENDING} AND queue = p.queue AND type = p.type
-              AND (:keys::text[] IS NULL OR encryption_key IS NULL
-                   OR encryption_key = ANY(:keys::text[]))
-            ORDER BY priority DESC, id
+            SELECT k.id, k.priority, octet_length(k.payload) AS size, k.queue, k.type,
+                k.concurrency_key {key_columns}
+            FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = p.queue
+              AND k.type = p.type {key_filter}
+              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
+                   OR k.encryption_key = ANY(:keys::text[]))
+            ORDER BY k.priority DESC, k.id
             LIMIT p.cap
             FOR UPDATE SKIP LOCKED
         ) AS c
@@ -682,10 +710,10 @@ _CLAIM_LIMITED = Query(
         -- Running counts for the limits of a whole queue, a whole type and the tenant:
         -- a row over any cap is left (the counts include rows another cap left, so a
         -- claim may take fewer than the tokens allow, never more).
-        SELECT id, priority, size, queue, type,
+        SELECT *,
             row_number() OVER (PARTITION BY queue ORDER BY priority DESC, id) AS in_queue,
             row_number() OVER (PARTITION BY type ORDER BY priority DESC, id) AS in_type,
-            row_number() OVER (ORDER BY priority DESC, id) AS in_all
+            row_number() OVER (ORDER BY priority DESC, id) AS in_all {key_rank}
         FROM candidates
     ), heads AS (
         SELECT r.id, r.priority, r.size FROM ranked r
@@ -694,7 +722,7 @@ _CLAIM_LIMITED = Query(
         LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
             ON tc.type = r.type
         WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
-          AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total
+          AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
         ORDER BY r.priority DESC, r.id
         LIMIT :limit
     ), picked AS (
@@ -712,7 +740,11 @@ _CLAIM_LIMITED = Query(
         RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
     ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
     """,
-)
+    )
+
+
+_CLAIM_LIMITED = _claim_by_pairs("claim_tasks_limited", keyed=False)
+_CLAIM_KEYED = _claim_by_pairs("claim_tasks_keyed", keyed=True)
 
 
 async def claim_limited(
@@ -720,9 +752,10 @@ async def claim_limited(
     *,
     tenant: str,
     pairs: Sequence[tuple[str, str, int]],
-    queue_caps: Sequence[tuple[str, int]],
-    type_caps: Sequence[tuple[str, int]],
+    queue_caps: Sequence[tuple[str, int]] = (),
+    type_caps: Sequence[tuple[str, int]] = (),
     total: int,
+    keyed: bool = False,
     keys: Iterable[str] | None,
     limit: int,
     max_bytes: int,
@@ -731,11 +764,14 @@ async def claim_limited(
     lease_seconds: float,
     fence: Fence,
 ) -> list[asyncpg.Record]:
-    """:func:`claim` under rate limits: at most ``cap`` tasks of each (queue, type, cap)
-    of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
-    ``type_caps``, and ``total`` in all (``dispatch/rate_limits.Caps``). Same order, same
-    rows returned."""
-    return await _CLAIM_LIMITED.fetch(
+    """:func:`claim` per (queue, type) pair: at most ``cap`` tasks of each (queue, type,
+    cap) of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
+    ``type_caps``, and ``total`` in all (rate limits: ``dispatch/rate_limits.Caps``).
+    Of the tasks without a concurrency key, or with ``keyed`` of those with one, each
+    only while fewer than its key's ``concurrency_limit`` run (counted from the rows, so
+    the limit holds across workers and failover). Same order, same rows returned."""
+    query = _CLAIM_KEYED if keyed else _CLAIM_LIMITED
+    return await query.fetch(
         conn,
         tenant=tenant,
         pair_queues=[p[0] for p in pairs],
@@ -755,6 +791,29 @@ async def claim_limited(
         lease_seconds=lease_seconds,
         fence=fence,
     )
+
+
+_KEYED_TENANTS = Query(
+    "tenants_with_keyed_tasks",
+    f"""
+    WITH RECURSIVE t(tenant) AS (
+        -- Each tenant once, by skipping through the index (a DISTINCT reads every row).
+        (SELECT tenant FROM tasks WHERE state = {PENDING} AND concurrency_key IS NOT NULL
+         ORDER BY tenant LIMIT 1)
+        UNION ALL
+        SELECT (SELECT tenant FROM tasks WHERE state = {PENDING}
+                AND concurrency_key IS NOT NULL AND tenant > t.tenant
+                ORDER BY tenant LIMIT 1)
+        FROM t WHERE t.tenant IS NOT NULL
+    )
+    SELECT tenant FROM t WHERE tenant IS NOT NULL
+    """,
+)
+
+
+async def keyed_tenants(conn: asyncpg.Connection) -> set[str]:
+    """The tenants with ready tasks that carry a concurrency key."""
+    return {r[0] for r in await _KEYED_TENANTS.fetch(conn)}
 
 
 # -- leases: renewals and results ------------------------------------------------------------

@@ -158,3 +158,89 @@ async def test_a_rate_limit_holds_many_workers_to_its_rate(
 
 async def _at_least(count: Any, wanted: int) -> bool | None:
     return True if await count >= wanted else None
+
+
+async def test_a_concurrency_key_caps_its_running_tasks_and_only_them(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    T = task_service_pb2
+    for bad in (
+        T.SubmitTaskRequest(type="keyed", concurrency_limit=2),  # no key
+        T.SubmitTaskRequest(type="keyed", concurrency_key="a", concurrency_limit=10_001),
+        T.SubmitTaskRequest(type="keyed", concurrency_key="a", concurrency_limit=-1),
+        T.SubmitTaskRequest(type="keyed", concurrency_key="a\x00"),
+    ):
+        code = await _code(stub.SubmitTask(bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+    # Key "a" runs at most 3 at once, key "b" (limit 0: 1) one at a time; "b" is older
+    # and would fill the head of the queue, unkeyed tasks come last.
+    requests = [
+        *(T.SubmitTaskRequest(type="keyed", payload=b'"b"', concurrency_key="b") for _ in range(8)),
+        *(
+            T.SubmitTaskRequest(
+                type="keyed", payload=b'"a"', concurrency_key="a", concurrency_limit=3
+            )
+            for _ in range(12)
+        ),
+        *(T.SubmitTaskRequest(type="keyed", payload=b'""') for _ in range(10)),
+    ]
+    submitted = await stub.SubmitTasks(T.SubmitTasksRequest(tasks=requests))
+    shown = submitted.results[10].task
+    assert (shown.concurrency_key, shown.concurrency_limit) == ("a", 3)
+    running: dict[str, int] = {"a": 0, "b": 0, "": 0}
+    most: dict[str, int] = {"a": 0, "b": 0, "": 0}
+    made = [Worker(coordinator.address, concurrency=8, grace_period=1.0) for _ in range(2)]
+    for w in made:
+
+        @w.task("keyed")
+        async def keyed(ctx: TaskContext, payload: str) -> None:
+            running[payload] += 1
+            most[payload] = max(most[payload], running[payload])
+            try:
+                await asyncio.sleep(0.05)
+            finally:
+                running[payload] -= 1
+
+    runs = [asyncio.create_task(w.run(install_signal_handlers=False)) for w in made]
+    try:
+
+        async def finished() -> bool | None:
+            done = await db.fetchval("SELECT count(*) FROM tasks WHERE state = 4")
+            return True if done == len(requests) else None
+
+        # Half way, a new term for the dispatcher: nothing about the slots is in memory.
+        await eventually(
+            lambda: _at_least(
+                db.fetchval("SELECT count(*) FROM tasks WHERE state = 4 AND concurrency_key = 'b'"),
+                3,
+            ),
+            timeout=20,
+            what="a few b tasks",
+        )
+        dispatcher = coordinator.dispatcher
+        assert dispatcher is not None
+        await dispatcher.stop()
+        dispatcher.start()
+        await eventually(finished, timeout=20, what="every keyed task")
+    finally:
+        for w in made:
+            w.shutdown(force=True)
+        for run in runs:
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+    assert most["a"] == 3 and most["b"] == 1, most
+    assert most[""] > 3, most  # the unkeyed ones were not held to any key
+    # The database agrees: no lease of a key began while its limit's worth were held.
+    rows = await db.fetch(
+        """
+        SELECT t.concurrency_key, max((
+            SELECT count(*) FROM task_attempts b JOIN tasks u ON u.id = b.task_id
+            WHERE u.concurrency_key = t.concurrency_key
+              AND b.start_time <= a.start_time AND b.end_time > a.start_time))
+        FROM task_attempts a JOIN tasks t ON t.id = a.task_id
+        WHERE t.concurrency_key IS NOT NULL GROUP BY 1
+        """
+    )
+    assert dict((r[0], r[1]) for r in rows) == {"a": 3, "b": 1}

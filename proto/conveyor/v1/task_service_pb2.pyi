@@ -58,6 +58,8 @@ class SubmitTaskRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; "default" when empty."""
     type: _builtins.str
@@ -82,6 +84,13 @@ class SubmitTaskRequest(_message.Message):
     hour before and five minutes after the coordinator's clock. The client library sets
     one on every submit it may resend. Unlike idempotency_key it costs nothing extra.
     """
+    concurrency_key: _builtins.str
+    """At most concurrency_limit tasks of this tenant with the same key run at once,
+    cluster-wide (a customer id, an account): the others wait PENDING without holding
+    back tasks with other keys. Empty: no key.
+    """
+    concurrency_limit: _builtins.int
+    """With concurrency_key: how many of its tasks may run at once, 1 to 10000; 0 means 1."""
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest time to run; unset means now."""
@@ -112,10 +121,12 @@ class SubmitTaskRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

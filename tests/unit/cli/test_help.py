@@ -15,6 +15,7 @@ KNOWN = {
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
     "bench-tenants",
     "encryption new-key", "encryption rotate", "encryption list", "console",
+    "limits set", "limits list", "limits delete",
 }  # fmt: skip
 
 

@@ -41,6 +41,8 @@ EXPECTED = [
     "QueueStats",
     "QuotaExceededError",
     "RPCError",
+    "RateLimit",
+    "RateLimitNotFoundError",
     "RetryPolicy",
     "Schedule",
     "ScheduleAlreadyExistsError",

@@ -19,9 +19,9 @@ EXPECTED = {
         "SubmitTask": "submit", "SubmitTasks": "submit", "CreateSchedule": "submit",
         "UpdateSchedule": "submit", "DeleteSchedule": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
-        "GetSchedule": "read", "ListSchedules": "read",
+        "GetSchedule": "read", "ListSchedules": "read", "ListRateLimits": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
-        "ResumeSchedule": "operate",
+        "ResumeSchedule": "operate", "SetRateLimit": "operate", "DeleteRateLimit": "operate",
     },
     "WorkerService": {"Connect": "worker"},
     "AdminService": {

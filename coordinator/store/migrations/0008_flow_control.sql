@@ -15,3 +15,13 @@ CREATE TABLE rate_limits (
     update_time timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, queue, type)
 );
+
+-- Concurrency keys: at most concurrency_limit tasks with the same key (per tenant) run
+-- at once. The claim counts the RUNNING rows of a key (tasks_running_keyed), so the limit
+-- holds across workers and failover with nothing in memory. Both indexes are partial:
+-- a task without a key costs them nothing.
+ALTER TABLE tasks ADD COLUMN concurrency_key text, ADD COLUMN concurrency_limit int;
+CREATE INDEX tasks_ready_keyed ON tasks (tenant, queue, type, priority DESC, id)
+    WHERE state = 1 AND concurrency_key IS NOT NULL;
+CREATE INDEX tasks_running_keyed ON tasks (tenant, concurrency_key)
+    WHERE state = 3 AND concurrency_key IS NOT NULL;
