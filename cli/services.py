@@ -243,6 +243,22 @@ def coordinator(
     max_schedules: Annotated[
         int, typer.Option("--max-schedules", min=0, help="Default tenant limit: schedules.")
     ] = 0,
+    breaker_failure_rate: Annotated[
+        float,
+        typer.Option(
+            "--breaker-failure-rate",
+            help="Circuit breakers: stop dispatching a task type whose attempts fail at this "
+            "rate (0 to 1) over the last minute; 0: no breakers.",
+        ),
+    ] = 0.0,
+    breaker_min_requests: Annotated[
+        int,
+        typer.Option("--breaker-min-requests", help="Attempts a breaker needs before it opens."),
+    ] = 20,
+    breaker_cooldown: Annotated[
+        float,
+        typer.Option("--breaker-cooldown", help="Seconds an open breaker waits before probes."),
+    ] = 30.0,
     max_watch_streams: Annotated[
         int,
         typer.Option(
@@ -305,6 +321,9 @@ def coordinator(
         max_watch_streams=max_watch_streams,
         auth_failure_burst=auth_failure_burst,
         auth_failure_rate=auth_failure_rate,
+        breaker_failure_rate=breaker_failure_rate,
+        breaker_min_requests=breaker_min_requests,
+        breaker_cooldown=breaker_cooldown,
     )
     check_listen(listen)
     if metrics_listen:
@@ -363,6 +382,9 @@ def coordinator_config(
     max_watch_streams: int = 1000,
     auth_failure_burst: int = 30,
     auth_failure_rate: float = 2.0,
+    breaker_failure_rate: float = 0.0,
+    breaker_min_requests: int = 20,
+    breaker_cooldown: float = 30.0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -406,6 +428,9 @@ def coordinator_config(
             max_watch_streams=max_watch_streams,
             auth_failure_burst=auth_failure_burst,
             auth_failure_rate=auth_failure_rate,
+            breaker_failure_rate=breaker_failure_rate,
+            breaker_min_requests=breaker_min_requests,
+            breaker_cooldown=breaker_cooldown,
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -415,6 +440,7 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
+    "breaker_failure_rate", "breaker_min_requests", "breaker_cooldown",
 )  # fmt: skip
 
 

@@ -355,6 +355,7 @@ def queues(
     """Show task counts per queue and the connected workers that take from each."""
     with g.client() as client:
         stats = client.queues()
+        breakers = client.circuit_breakers()
     if as_json:
         rows = [
             {
@@ -382,6 +383,14 @@ def queues(
         # Rate limits at dispatch (conveyor limits): tasks over the rate wait PENDING.
         output.print_text(f"rate limits of queue {name}:")
         output.print_table(limits_commands.HEADERS, limits_commands.rows(limits), indent=2)
+    if breakers:
+        # Types the leader holds back after too many failures (their tasks wait PENDING).
+        output.print_text("circuit breakers not closed:")
+        output.print_table(
+            ["TYPE", "STATE", "OPENED"],
+            [(b.type, b.state, output.when(b.opened_time)) for b in breakers],
+            indent=2,
+        )
     return 0
 
 

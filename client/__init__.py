@@ -20,6 +20,7 @@ from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTim
 from conveyor.client._models import (
     AttemptOutcome,
     CatchUpPolicy,
+    CircuitBreaker,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -76,6 +77,7 @@ __all__ = [
     "AttemptOutcome",
     "Binding",
     "CatchUpPolicy",
+    "CircuitBreaker",
     "Client",
     "ConnectionOptions",
     "ConveyorError",

@@ -29,6 +29,7 @@ from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTim
 from conveyor.client._models import (
     UNSET,
     CatchUpPolicy,
+    CircuitBreaker,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -371,6 +372,14 @@ class AsyncClient:
             lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
+
+    async def circuit_breakers(self) -> builtins.list[CircuitBreaker]:
+        """Returns this tenant's circuit breakers that are not closed (the task types the
+        leader holds back after too many failures)."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
+        )
+        return [CircuitBreaker.from_proto(b) for b in response.circuit_breakers]
 
     async def set_rate_limit(
         self,

@@ -22,6 +22,7 @@ from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2
 __all__ = [
     "AttemptOutcome",
     "CatchUpPolicy",
+    "CircuitBreaker",
     "OverlapPolicy",
     "Page",
     "QueueStats",
@@ -416,6 +417,28 @@ class TaskAttempt:
             start_time=_datetime_or_none(msg, "start_time"),
             end_time=_datetime_or_none(msg, "end_time"),
             error=msg.error or None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreaker:
+    """A task type's circuit breaker that is not closed: the leader dispatches none of the
+    type while it is ``"open"``, then a few probes (``"half-open"``)."""
+
+    type: str
+    #: ``"open"`` or ``"half-open"``.
+    state: str
+    #: When it last opened.
+    opened_time: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.CircuitBreaker) -> CircuitBreaker:
+        """Converts from the wire message ``conveyor.v1.CircuitBreaker``."""
+        state = task_pb2.CircuitBreakerState.Name(msg.state)
+        return cls(
+            type=msg.type,
+            state=state.removeprefix("CIRCUIT_BREAKER_STATE_").lower().replace("_", "-"),
+            opened_time=_datetime_or_none(msg, "opened_time"),
         )
 
 

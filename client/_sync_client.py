@@ -26,6 +26,7 @@ from conveyor.client._async_client import AsyncClient
 from conveyor.client._models import (
     UNSET,
     CatchUpPolicy,
+    CircuitBreaker,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -268,6 +269,11 @@ class Client:
     def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         return self._loop.run(self._async.queues())
+
+    def circuit_breakers(self) -> builtins.list[CircuitBreaker]:
+        """Returns this tenant's circuit breakers that are not closed (the task types the
+        leader holds back after too many failures)."""
+        return self._loop.run(self._async.circuit_breakers())
 
     def set_rate_limit(
         self,

@@ -29,6 +29,7 @@ from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Office
+from conveyor.coordinator.dispatch.breakers import Breakers, Settings
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.rate_limits import RateLimits
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
@@ -176,14 +177,24 @@ class Coordinator:
         )
         self.telemetry.watch(db, self.sessions, deps.after_commit)
         rate_limits = RateLimits()
-        if self.telemetry.metrics.enabled:
-            self.telemetry.metrics.watch_rate_limits(
-                rate_limits.levels, loop=asyncio.get_running_loop()
+        breakers = Breakers(
+            Settings(
+                cfg.breaker_failure_rate,
+                cfg.breaker_min_requests,
+                cfg.breaker_window,
+                cfg.breaker_cooldown,
+                cfg.breaker_probes,
             )
+        )
+        if self.telemetry.metrics.enabled:
+            loop = asyncio.get_running_loop()
+            self.telemetry.metrics.watch_rate_limits(rate_limits.levels, loop=loop)
+            self.telemetry.metrics.watch_circuit_breakers(breakers.states, loop=loop)
         policy = DispatchPolicy(
             lease_seconds=cfg.lease_duration,
             max_payload_bytes=cfg.max_payload_bytes,
             limits=rate_limits,
+            breakers=breakers,
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
@@ -212,6 +223,7 @@ class Coordinator:
                 schedules,
                 quotas=quotas,
                 rate_limits=RateLimitService(db, rate_limits, authentication=cfg.authentication),
+                breakers=breakers,
             ),
             workers,
             AdminServicer(

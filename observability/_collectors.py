@@ -298,3 +298,25 @@ class RateLimitCollector(_SourceCollector[Iterable[tuple[str, str, str, str, flo
         for scope, tenant, queue, type_, tokens in levels:
             family.add_metric((scope, tenant, queue, type_), tokens)
         return family
+
+
+class CircuitBreakerCollector(_SourceCollector[Iterable[tuple[str, str, int]]]):
+    """``conveyor_circuit_breaker_state`` per (tenant, type), from the leader's breakers
+    (``coordinator/dispatch/breakers.py``): (tenant, type, state)."""
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family(())]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(self._read() or ())
+
+    @staticmethod
+    def _family(states: Iterable[tuple[str, str, int]]) -> Metric:
+        family = GaugeMetricFamily(
+            "conveyor_circuit_breaker_state",
+            "A task type's circuit breaker on the leader: 0 closed, 1 half-open, 2 open.",
+            labels=("tenant", "type"),
+        )
+        for tenant, type_, state in states:
+            family.add_metric((tenant, type_), state)
+        return family

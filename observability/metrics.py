@@ -41,6 +41,7 @@ from prometheus_client import (
 
 from conveyor.observability._collectors import (
     DEPTH_STATES,
+    CircuitBreakerCollector,
     QueueDepth,
     QueueDepthCollector,
     RateLimitCollector,
@@ -567,6 +568,19 @@ class CoordinatorMetrics:
         """Exports the rate limits' tokens, read from ``source`` (run on ``loop`` when
         given) at scrape time."""
         collector = RateLimitCollector(source, loop, timeout)
+        self.registry.register(collector)
+        return collector
+
+    def watch_circuit_breakers(
+        self,
+        source: Source[Iterable[tuple[str, str, int]]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 2.0,
+    ) -> CircuitBreakerCollector:
+        """Exports the circuit breakers' states, read from ``source`` (run on ``loop``
+        when given) at scrape time."""
+        collector = CircuitBreakerCollector(source, loop, timeout)
         self.registry.register(collector)
         return collector
 

@@ -21,7 +21,9 @@ from conveyor.coordinator.api import context, pages, validation
 from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch import breakers as breaker
 from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.breakers import Breakers
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.transitions import Cause
@@ -37,6 +39,11 @@ from conveyor.v1 import (
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
+_BREAKER_STATES = {
+    breaker.State.CLOSED: task_pb2.CIRCUIT_BREAKER_STATE_CLOSED,
+    breaker.State.HALF_OPEN: task_pb2.CIRCUIT_BREAKER_STATE_HALF_OPEN,
+    breaker.State.OPEN: task_pb2.CIRCUIT_BREAKER_STATE_OPEN,
+}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
@@ -52,12 +59,14 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         *,
         quotas: Quotas,
         rate_limits: RateLimitService,
+        breakers: Breakers,
     ) -> None:
         self._deps = deps
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
         self._rate_limits = rate_limits
+        self._breakers = breakers
 
     # -- submits -----------------------------------------------------------------------------
 
@@ -158,7 +167,15 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     rate_limits=of_queue(limits, r["queue"]),
                 )
                 for r in rows
-            ]
+            ],
+            circuit_breakers=[
+                task_pb2.CircuitBreaker(
+                    type=b.type,
+                    state=_BREAKER_STATES[b.state],
+                    opened_time=convert.maybe_timestamp(b.opened_wall),
+                )
+                for b in self._breakers.of_tenant(tenant)
+            ],
         )
 
     # -- rate limits (api/rate_limits.py) ------------------------------------------------------

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from conveyor.coordinator import convert
+from conveyor.coordinator.dispatch.breakers import Breakers, Settings
 from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
 from conveyor.coordinator.dispatch.rate_limits import Caps, RateLimits
 from conveyor.coordinator.store import tasks as store
@@ -95,6 +96,24 @@ class Claim:
     max_bytes: int
 
 
+@dataclass(slots=True)
+class _Budget:
+    """What is left of a claim's portion while its statements run, and what they took."""
+
+    limit: int
+    max_bytes: int
+    rows: list[asyncpg.Record] = field(default_factory=list)
+
+    def left(self) -> bool:
+        return self.limit > 0 and self.max_bytes > 0
+
+    def take(self, rows: list[asyncpg.Record]) -> None:
+        if rows:
+            self.limit -= len(rows)
+            self.max_bytes -= sum(len(r["payload"]) for r in rows)
+            self.rows = self.rows + rows if self.rows else rows
+
+
 @dataclass(frozen=True, slots=True)
 class Packed:
     """One Assignments message, with its weight against the session's outbox."""
@@ -108,7 +127,12 @@ class DispatchPolicy:
     """See the module docstring."""
 
     def __init__(
-        self, *, lease_seconds: float, max_payload_bytes: int, limits: RateLimits | None = None
+        self,
+        *,
+        lease_seconds: float,
+        max_payload_bytes: int,
+        limits: RateLimits | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
@@ -117,11 +141,14 @@ class DispatchPolicy:
         """The rate limits' token buckets (the leader's)."""
         self.keys = ConcurrencyKeys()
         """Which tenants have tasks with concurrency keys ready."""
+        self.breakers = breakers or Breakers(Settings(0.0, 1, 60.0, 30.0, 1))
+        """The circuit breakers per (tenant, type) (off unless configured)."""
 
     def reset(self) -> None:
         """A new term: the flow-control state is read again before the first claim."""
         self.limits.reset()
         self.keys.reset()
+        self.breakers.reset()
 
     def stale(self) -> bool:
         """Whether the flow-control state is due to be read again (about once a second)."""
@@ -130,6 +157,7 @@ class DispatchPolicy:
     async def refresh(self, conn: asyncpg.Connection) -> None:
         await self.limits.refresh(conn)
         await self.keys.refresh(conn)
+        await self.breakers.refresh(conn)
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
         """This round's claims, in a rotating order so no worker is starved."""
@@ -151,38 +179,47 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
-        limit, max_bytes = claim.limit, claim.max_bytes
-        keyed: list[asyncpg.Record] = []
-        tenant, queues, types = session.tenant, session.queues, session.task_types
-        if tenant in self.keys.tenants:
-            caps = self.limits.caps(tenant, queues, types, limit)
-            keyed = await self._claim_pairs(conn, session, limit, max_bytes, fence, caps, True)
-            if keyed:
-                limit -= len(keyed)
-                max_bytes -= sum(len(r["payload"]) for r in keyed)
-                if limit <= 0 or max_bytes <= 0:
-                    return keyed
-        caps = self.limits.caps(tenant, queues, types, limit)
-        if caps is None:
-            rows = await self._claim_plain(conn, session, limit, max_bytes, fence)
-        else:
-            rows = await self._claim_pairs(conn, session, limit, max_bytes, fence, caps, False)
-        return keyed + rows if keyed else rows
+        tenant, queues = session.tenant, session.queues
+        # Open circuit breakers take their types out (the same tuple when none is open).
+        types = self.breakers.allowed(tenant, session.task_types)
+        budget = _Budget(claim.limit, claim.max_bytes)
+        if types and tenant in self.keys.tenants:
+            caps = self.limits.caps(tenant, queues, types, budget.limit)
+            budget.take(await self._claim_pairs(conn, session, types, budget, fence, caps, True))
+        if types and budget.left():
+            caps = self.limits.caps(tenant, queues, types, budget.limit)
+            if caps is None:
+                budget.take(await self._claim_plain(conn, session, types, budget, fence))
+            else:
+                budget.take(
+                    await self._claim_pairs(conn, session, types, budget, fence, caps, False)
+                )
+        if self.breakers.enabled and budget.left():
+            # Half-open breakers: their probes, a claim of the type alone.
+            for type_, probes in self.breakers.probing(tenant, session.task_types):
+                if not budget.left():
+                    break
+                probe = _Budget(min(probes, budget.limit), budget.max_bytes)
+                rows = await self._claim_plain(conn, session, (type_,), probe, fence)
+                self.breakers.sent_probes(tenant, type_, len(rows))
+                budget.take(rows)
+        return budget.rows
 
     async def _claim_pairs(
         self,
         conn: asyncpg.Connection,
         session: WorkerSession,
-        limit: int,
-        max_bytes: int,
+        types: Sequence[str],
+        budget: _Budget,
         fence: Fence,
         caps: Caps | None,
         keyed: bool,
     ) -> list[asyncpg.Record]:
         """The claim per (queue, type) pair: under the rate limits' ``caps`` when some
         cover the session, of the tasks with concurrency keys (``keyed``) or without."""
+        limit = budget.limit
         if caps is None:
-            pairs = [(q, t, limit) for q in session.queues for t in session.task_types]
+            pairs = [(q, t, limit) for q in session.queues for t in types]
         else:
             pairs = caps.pairs
         rows = (
@@ -196,7 +233,7 @@ class DispatchPolicy:
                 keyed=keyed,
                 keys=session.encryption_keys,
                 limit=limit,
-                max_bytes=max_bytes,
+                max_bytes=budget.max_bytes,
                 worker_id=session.worker_id,
                 holder=session.holder,
                 lease_seconds=self._lease_seconds,
@@ -213,18 +250,18 @@ class DispatchPolicy:
         self,
         conn: asyncpg.Connection,
         session: WorkerSession,
-        limit: int,
-        max_bytes: int,
+        types: Sequence[str],
+        budget: _Budget,
         fence: Fence,
     ) -> list[asyncpg.Record]:
         return await store.claim(
             conn,
             tenant=session.tenant,
             queues=session.queues,
-            types=session.task_types,
+            types=types,
             keys=session.encryption_keys,
-            limit=limit,
-            max_bytes=max_bytes,
+            limit=budget.limit,
+            max_bytes=budget.max_bytes,
             worker_id=session.worker_id,
             holder=session.holder,
             lease_seconds=self._lease_seconds,

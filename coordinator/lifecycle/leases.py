@@ -277,6 +277,9 @@ class Dispatcher(Service):
         # A concurrency slot frees on every transition out of RUNNING (the seam).
         policy.keys.wake = self.wake
         deps.after_commit.listen(policy.keys.on_transitions)
+        # The circuit breakers count every attempt that ended (the seam too).
+        policy.breakers.wake = self.wake
+        deps.after_commit.listen(policy.breakers.on_transitions)
 
     def _on_transitions(self, batch: Transitions) -> None:
         # Work became ready. One round serves every session, so which queue does not
@@ -388,8 +391,13 @@ class Dispatcher(Service):
         limits = self.policy.limits
         for row in rows:
             task = row.task
-            if task.concurrency_key or limits.covering(row.tenant, task.queue, task.type):
-                # A keyed task, or rate limited (or not known yet): the claim decides.
+            if (
+                task.concurrency_key
+                or limits.covering(row.tenant, task.queue, task.type)
+                or self.policy.breakers.blocks(row.tenant, task.type)
+            ):
+                # A keyed task, rate limited (or not known yet), or its breaker is not
+                # closed: the claim decides.
                 self._give_back(sessions)
                 return []
             session = self.policy.pick_idle(

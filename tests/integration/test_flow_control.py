@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 from clitools import conveyor
+from google.protobuf import duration_pb2
 from metrics_scrape import scrape
 from testsupport import eventually
 
@@ -32,7 +34,16 @@ WINDOW_STARTS = 200
 
 @pytest.fixture
 def coordinator_settings() -> dict[str, Any]:
-    return {"metrics_listen": "127.0.0.1:0", "poll_interval": 0.2}
+    # Breakers on for every test here: their tasks succeed, but for the breaker test's.
+    return {
+        "metrics_listen": "127.0.0.1:0",
+        "poll_interval": 0.2,
+        "breaker_failure_rate": 0.5,
+        "breaker_min_requests": 6,
+        "breaker_window": 10.0,
+        "breaker_cooldown": 1.0,
+        "breaker_probes": 2,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -244,3 +255,78 @@ async def test_a_concurrency_key_caps_its_running_tasks_and_only_them(
         """
     )
     assert dict((r[0], r[1]) for r in rows) == {"a": 3, "b": 1}
+
+
+async def test_a_circuit_breaker_holds_a_failing_type_back_then_probes_and_closes(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    T = task_service_pb2
+    fast = task_pb2.RetryPolicy(initial_backoff=duration_pb2.Duration(nanos=10_000_000))
+    failing = [
+        T.SubmitTaskRequest(type="downstream", max_attempts=20, retry_policy=fast)
+        for _ in range(40)
+    ]
+    await stub.SubmitTasks(T.SubmitTasksRequest(tasks=failing))
+    broken = True
+    w = Worker(coordinator.address, concurrency=4, grace_period=1.0)
+
+    @w.task("downstream")
+    async def downstream(ctx: TaskContext, payload: Any) -> None:
+        if broken:
+            raise RuntimeError("the provider is down")
+
+    @w.task("other")
+    async def other(ctx: TaskContext, payload: Any) -> None:
+        return None
+
+    run = asyncio.create_task(w.run(install_signal_handlers=False))
+    try:
+
+        async def opened() -> list[Any] | None:
+            reply = await stub.ListQueues(T.ListQueuesRequest())
+            return list(reply.circuit_breakers) or None
+
+        (breaker,) = await eventually(opened, timeout=10, what="the breaker to open")
+        assert breaker.type == "downstream"
+        attempts_at_open = await db.fetchval("SELECT sum(attempt) FROM tasks")
+        # Open: other types still run; downstream attempts stop, its tasks wait unharmed.
+        done = await stub.SubmitTask(T.SubmitTaskRequest(type="other"))
+        await eventually(
+            lambda: _at_least(
+                db.fetchval(
+                    "SELECT count(*) FROM tasks WHERE id = $1 AND state = 4",
+                    uuid.UUID(done.task.id),
+                ),
+                1,
+            ),
+            timeout=5,
+            what="a task of another type",
+        )
+        page = await scrape(coordinator.telemetry.metrics_url)
+        state = page.value("conveyor_circuit_breaker_state", type="downstream")
+        assert state in (1, 2)  # open, or half-open once the cool-down passed
+        assert await db.fetchval("SELECT count(*) FROM tasks WHERE state = 5") == 0
+        # Held back: an attempt counts when it is claimed, so past those leased when it
+        # opened only probes (2 per cool-down of a second) were claimed meanwhile.
+        held = await db.fetchval("SELECT sum(attempt) FROM tasks WHERE type = 'downstream'")
+        assert held <= attempts_at_open + 2 * 2, (held, attempts_at_open)
+        # The provider recovers: after the cool-down two probes succeed and it closes.
+        broken = False
+        await eventually(
+            lambda: _at_least(
+                db.fetchval("SELECT count(*) FROM tasks WHERE state = 4 AND type = 'downstream'"),
+                40,
+            ),
+            timeout=20,
+            what="every downstream task",
+        )
+        assert not (await stub.ListQueues(T.ListQueuesRequest())).circuit_breakers
+        # Then each task succeeded at its next attempt: none was spent while held back.
+        total = await db.fetchval("SELECT sum(attempt) FROM tasks WHERE type = 'downstream'")
+        assert total <= held + 40, (total, held)
+    finally:
+        w.shutdown(force=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await run

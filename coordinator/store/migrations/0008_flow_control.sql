@@ -25,3 +25,14 @@ CREATE INDEX tasks_ready_keyed ON tasks (tenant, queue, type, priority DESC, id)
     WHERE state = 1 AND concurrency_key IS NOT NULL;
 CREATE INDEX tasks_running_keyed ON tasks (tenant, concurrency_key)
     WHERE state = 3 AND concurrency_key IS NOT NULL;
+
+-- Circuit breakers per (tenant, task type) that are not closed, written by the leader when
+-- one changes (dispatch/breakers.py), read back by the next leader, so that a failover
+-- never closes a breaker early. A closed breaker has no row.
+CREATE TABLE circuit_breakers (
+    tenant text NOT NULL,
+    type text NOT NULL,
+    state smallint NOT NULL,
+    opened_time timestamptz NOT NULL,
+    PRIMARY KEY (tenant, type)
+);

@@ -121,6 +121,31 @@ task is ready again at once, and the attempt does not count against max_attempts
 """
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
+class _CircuitBreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitBreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitBreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_BREAKER_STATE_UNSPECIFIED: _CircuitBreakerState.ValueType  # 0
+    CIRCUIT_BREAKER_STATE_CLOSED: _CircuitBreakerState.ValueType  # 1
+    """Dispatching."""
+    CIRCUIT_BREAKER_STATE_HALF_OPEN: _CircuitBreakerState.ValueType  # 2
+    """Letting a few probe tasks through after the cool-down."""
+    CIRCUIT_BREAKER_STATE_OPEN: _CircuitBreakerState.ValueType  # 3
+    """Dispatching none of the type until the cool-down is over."""
+
+class CircuitBreakerState(_CircuitBreakerState, metaclass=_CircuitBreakerStateEnumTypeWrapper): ...
+
+CIRCUIT_BREAKER_STATE_UNSPECIFIED: CircuitBreakerState.ValueType  # 0
+CIRCUIT_BREAKER_STATE_CLOSED: CircuitBreakerState.ValueType  # 1
+"""Dispatching."""
+CIRCUIT_BREAKER_STATE_HALF_OPEN: CircuitBreakerState.ValueType  # 2
+"""Letting a few probe tasks through after the cool-down."""
+CIRCUIT_BREAKER_STATE_OPEN: CircuitBreakerState.ValueType  # 3
+"""Dispatching none of the type until the cool-down is over."""
+Global___CircuitBreakerState: _TypeAlias = CircuitBreakerState  # noqa: Y015
+
 @_typing.final
 class RetryPolicy(_message.Message):
     """RetryPolicy says how long to wait between attempts: initial_backoff * multiplier^(attempt-1),
@@ -389,6 +414,38 @@ class QueueStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class CircuitBreaker(_message.Message):
+    """A circuit breaker of one task type that is not closed: the leader dispatches none of
+    the type while it is open, then a few probes (half-open); its tasks wait PENDING.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OPENED_TIME_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    state: Global___CircuitBreakerState.ValueType
+    @_builtins.property
+    def opened_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last opened."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        state: Global___CircuitBreakerState.ValueType = ...,
+        opened_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["opened_time", b"opened_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["opened_time", b"opened_time", "state", b"state", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CircuitBreaker: _TypeAlias = CircuitBreaker  # noqa: Y015
 
 @_typing.final
 class RateLimit(_message.Message):

@@ -580,16 +580,22 @@ class ListQueuesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUES_FIELD_NUMBER: _builtins.int
+    CIRCUIT_BREAKERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.QueueStats]: ...
+    @_builtins.property
+    def circuit_breakers(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.CircuitBreaker]:
+        """The tenant's circuit breakers that are not closed (the types the leader holds back)."""
+
     def __init__(
         self,
         *,
         queues: _abc.Iterable[_task_pb2.QueueStats] | None = ...,
+        circuit_breakers: _abc.Iterable[_task_pb2.CircuitBreaker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_breakers", b"circuit_breakers", "queues", b"queues"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ EXPECTED = [
     "AttemptOutcome",
     "Binding",
     "CatchUpPolicy",
+    "CircuitBreaker",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
