@@ -104,6 +104,7 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         traceparent=row["traceparent"],
         concurrency_key=row["concurrency_key"] or "",
         concurrency_limit=row["concurrency_limit"] or 0,
+        deadline=maybe_timestamp(row["deadline"]),
     )
 
 
@@ -121,7 +122,7 @@ def task_from_new(
     (``now``, ``run_at``) or cached (durations, retry policies). The payload is not
     echoed: the submitter has it, and sending it back would double the traffic.
     """
-    return task_pb2.Task(
+    message = task_pb2.Task(
         id=str(task_id),
         tenant=tenant,
         queue=task.queue,
@@ -141,9 +142,14 @@ def task_from_new(
         update_time=now,
         labels=task.labels or None,
         traceparent=task.traceparent,
-        concurrency_key=task.concurrency_key or "",
-        concurrency_limit=task.concurrency_limit or 0,
     )
+    if task.concurrency_key or task.deadline:
+        # Set apart: most tasks have neither, and every keyword costs per task here.
+        message.concurrency_key = task.concurrency_key or ""
+        message.concurrency_limit = task.concurrency_limit or 0
+        if task.deadline is not None:
+            message.deadline.CopyFrom(timestamp(task.deadline))
+    return message
 
 
 def attempt_from_row(row: Mapping[str, Any]) -> task_pb2.TaskAttempt:

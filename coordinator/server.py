@@ -30,6 +30,7 @@ from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.breakers import Breakers, Settings
+from conveyor.coordinator.dispatch.deadlines import DeadlineSweeper
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.rate_limits import RateLimits
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
@@ -205,7 +206,14 @@ class Coordinator:
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
+        self.services = [
+            dispatcher,
+            Promoter(deps),
+            Reaper(deps),
+            firer,
+            backlog,
+            DeadlineSweeper(deps),
+        ]
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,

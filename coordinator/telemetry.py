@@ -154,6 +154,8 @@ class Telemetry:
             metrics.record_requeued(rows)
         elif cause is Cause.CANCELLED:
             metrics.record_cancelled(rows)
+        elif cause is Cause.DEADLINE_EXCEEDED:
+            metrics.record_deadline_exceeded(rows)
 
     # -- shutdown ---------------------------------------------------------------------
 

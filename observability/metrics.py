@@ -361,6 +361,13 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        self._deadline_exceeded = _Children(
+            counter(
+                "conveyor_tasks_deadline_exceeded_total",
+                "Tasks whose deadline passed before an attempt started (made DEAD).",
+            )
+        )
+
         # -- loops that serve every tenant ------------------------------------------------
         self.rows_set_aside = Counter(
             "conveyor_rows_set_aside",
@@ -481,6 +488,10 @@ class CoordinatorMetrics:
         """Rows the loop ``loop`` set aside (each once)."""
         if count:
             self.rows_set_aside.labels(loop).inc(count)
+
+    def record_deadline_exceeded(self, rows: Iterable[Row]) -> None:
+        """Tasks the deadline sweep made DEAD (columns tenant, queue, type)."""
+        self._deadline_exceeded.add(Tally(map(_labels, rows)))
 
     def count_holds(self, tally: Mapping[tuple[str, str, str], int], reason: str) -> None:
         """Claims held back since the last call, per rule (tenant, queue, type)."""

@@ -107,6 +107,8 @@ class NewTask:
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
     """At most this many tasks with ``concurrency_key`` run at once (None without a key)."""
+    deadline: datetime | None = None
+    """The latest time the task may start."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -262,6 +264,9 @@ def validate_submit(
     concurrency_limit: int = fields.get("concurrency_limit", 0)
     if concurrency_key or concurrency_limit:
         _check_concurrency(concurrency_key, concurrency_limit, prefix, out)
+    deadline: datetime | None = None
+    if "deadline" in fields:
+        deadline = _check_deadline(fields["deadline"], run_at, prefix, now, out)
     if out:
         return None, out
     task = NewTask(
@@ -284,8 +289,28 @@ def validate_submit(
         task_id=task_id,
         concurrency_key=concurrency_key or None,
         concurrency_limit=(concurrency_limit or 1) if concurrency_key else None,
+        deadline=deadline,
     )
     return (_with_hash(task) if key else task), []
+
+
+def _check_deadline(
+    value: Any,
+    run_at: datetime | None,
+    prefix: str,
+    now: datetime | None,
+    out: list[FieldViolation],
+) -> datetime | None:
+    deadline = check_timestamp(value, prefix + "deadline", out)
+    if deadline is None:
+        return None
+    if deadline <= (now or datetime.now(UTC)):
+        out.append(FieldViolation(prefix + "deadline", "must be in the future"))
+    elif run_at is not None and deadline < run_at:
+        out.append(
+            FieldViolation(prefix + "deadline", "must not be before run_at (it could never start)")
+        )
+    return deadline
 
 
 def _check_concurrency(key: str, limit: int, prefix: str, out: list[FieldViolation]) -> None:
@@ -427,6 +452,7 @@ def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
             sorted(task.labels.items()),
             # Only when set, so the fingerprints of tasks without a key stay as they were.
             *([task.concurrency_key, task.concurrency_limit] if task.concurrency_key else []),
+            *([task.deadline.isoformat()] if task.deadline else []),
         ]
     ).encode()
     digest.update(len(head).to_bytes(8, "big"))

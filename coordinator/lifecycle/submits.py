@@ -373,5 +373,6 @@ def _row_fingerprint(row: asyncpg.Record) -> bytes:
         traceparent="",
         concurrency_key=row["concurrency_key"],
         concurrency_limit=row["concurrency_limit"],
+        deadline=row["deadline"],
     )
     return validation.request_fingerprint(task)

@@ -114,6 +114,8 @@ class Cause(enum.Enum):
     """A DEAD task made PENDING again (RetryTask)."""
     SET_ASIDE = "set_aside"
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    """Waiting tasks whose deadline passed before an attempt started, moved to DEAD."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not
@@ -127,6 +129,7 @@ _ONLY_STATE = {
     Cause.CANCELLED: task_pb2.TASK_STATE_CANCELLED,
     Cause.REDRIVEN: PENDING,
     Cause.SET_ASIDE: task_pb2.TASK_STATE_DEAD,
+    Cause.DEADLINE_EXCEEDED: task_pb2.TASK_STATE_DEAD,
 }
 
 

@@ -79,6 +79,7 @@ TASK_COLUMNS = (
     "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
     "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
     "create_time", "update_time", "finish_time", "concurrency_key", "concurrency_limit",
+    "deadline",
 )  # fmt: skip
 """Every column a Task message shows (convert.task_from_row)."""
 
@@ -98,7 +99,7 @@ NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("retry_initial_ms", "bigint"), ("retry_max_ms", "bigint"),
     ("retry_multiplier", "float8"), ("retry_jitter", "float8"), ("labels", "text"),
     ("traceparent", "text"), ("encryption_key", "text"), ("concurrency_key", "text"),
-    ("concurrency_limit", "int"),
+    ("concurrency_limit", "int"), ("deadline", "timestamptz"),
 )  # fmt: skip
 """The columns a new task is written with (in :func:`_record` order), and their types."""
 NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
@@ -197,6 +198,7 @@ def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
         envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None,
         task.concurrency_key,
         task.concurrency_limit,
+        task.deadline,
         *tail,
     )
 
@@ -582,6 +584,15 @@ async def count_unfinished(conn: asyncpg.Connection) -> int:
 
 # -- leases: the claim ----------------------------------------------------------------------
 
+# The dispatch order within a queue: priority, then earliest deadline (none: last), then
+# age (ids are time-ordered). The order of the ready indexes, so a claim reads it off.
+_ORDER = "priority DESC, deadline, id"
+# A task whose deadline passed is not started (the deadline sweep makes it DEAD).
+_BEFORE_DEADLINE = "AND (deadline IS NULL OR deadline > now())"
+
+# The claimed rows in dispatch order, as the worker gets them.
+_CLAIMED_ORDER = "changed.priority DESC, changed.deadline, changed.id"
+
 _CLAIM = Query(
     "claim_tasks",
     f"""
@@ -589,27 +600,29 @@ _CLAIM = Query(
         -- Per queue, the head of the ready index in dispatch order; then the best of
         -- those heads. Written so that the index gives the order whatever the planner's
         -- (always stale, on a queue table) statistics say.
-        SELECT head.id, head.priority, head.size FROM unnest(:queues::text[]) AS q(name)
+        SELECT head.id, head.priority, head.deadline, head.size
+        FROM unnest(:queues::text[]) AS q(name)
         CROSS JOIN LATERAL (
-            SELECT id, priority, octet_length(payload) AS size FROM tasks
+            SELECT id, priority, deadline, octet_length(payload) AS size FROM tasks
             WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
               AND type = ANY(:types::text[])
               -- Tasks with a concurrency key are the keyed claim's (claim_keyed).
               AND concurrency_key IS NULL
+              {_BEFORE_DEADLINE}
               -- A worker that named its keys gets only tasks it can open (NULL: any).
               AND (:keys::text[] IS NULL OR encryption_key IS NULL
                    OR encryption_key = ANY(:keys::text[]))
-            ORDER BY priority DESC, id
+            ORDER BY {_ORDER}
             LIMIT :limit
             FOR UPDATE SKIP LOCKED
         ) AS head
         WHERE {FENCE}
-        ORDER BY head.priority DESC, head.id
+        ORDER BY {_ORDER}
         LIMIT :limit
     ), picked AS (
         -- Cut at the byte budget, keeping the first task whatever its size.
         SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+            SELECT id, sum(size) OVER (ORDER BY {_ORDER}) - size AS before FROM heads
         ) ahead
         WHERE before < :max_bytes
     ), changed AS (
@@ -619,8 +632,8 @@ _CLAIM = Query(
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _CLAIMED_ORDER)}
     """,
 )
 
@@ -678,10 +691,7 @@ def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
         # the others (the partial index tasks_ready_keyed holds keyed tasks only).
         key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
         key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
-        key_rank = (
-            ", row_number() OVER (PARTITION BY concurrency_key ORDER BY priority DESC, id)"
-            " AS in_key"
-        )
+        key_rank = f", row_number() OVER (PARTITION BY concurrency_key ORDER BY {_ORDER}) AS in_key"
         key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
     else:
         key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
@@ -694,14 +704,15 @@ def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
         SELECT c.* FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
             AS p(queue, type, cap)
         CROSS JOIN LATERAL (
-            SELECT k.id, k.priority, octet_length(k.payload) AS size, k.queue, k.type,
-                k.concurrency_key {key_columns}
+            SELECT k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue,
+                k.type, k.concurrency_key {key_columns}
             FROM tasks k
             WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = p.queue
               AND k.type = p.type {key_filter}
+              AND (k.deadline IS NULL OR k.deadline > now())
               AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
                    OR k.encryption_key = ANY(:keys::text[]))
-            ORDER BY k.priority DESC, k.id
+            ORDER BY k.priority DESC, k.deadline, k.id
             LIMIT p.cap
             FOR UPDATE SKIP LOCKED
         ) AS c
@@ -711,23 +722,23 @@ def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
         -- a row over any cap is left (the counts include rows another cap left, so a
         -- claim may take fewer than the tokens allow, never more).
         SELECT *,
-            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, id) AS in_queue,
-            row_number() OVER (PARTITION BY type ORDER BY priority DESC, id) AS in_type,
-            row_number() OVER (ORDER BY priority DESC, id) AS in_all {key_rank}
+            row_number() OVER (PARTITION BY queue ORDER BY {_ORDER}) AS in_queue,
+            row_number() OVER (PARTITION BY type ORDER BY {_ORDER}) AS in_type,
+            row_number() OVER (ORDER BY {_ORDER}) AS in_all {key_rank}
         FROM candidates
     ), heads AS (
-        SELECT r.id, r.priority, r.size FROM ranked r
+        SELECT r.id, r.priority, r.deadline, r.size FROM ranked r
         LEFT JOIN unnest(:cap_queues::text[], :queue_caps::int[]) AS qc(queue, cap)
             ON qc.queue = r.queue
         LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
             ON tc.type = r.type
         WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
           AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
-        ORDER BY r.priority DESC, r.id
+        ORDER BY r.priority DESC, r.deadline, r.id
         LIMIT :limit
     ), picked AS (
         SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+            SELECT id, sum(size) OVER (ORDER BY {_ORDER}) - size AS before FROM heads
         ) ahead
         WHERE before < :max_bytes
     ), changed AS (
@@ -737,8 +748,8 @@ def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", "changed.priority DESC, changed.id")}
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _CLAIMED_ORDER)}
     """,
     )
 
@@ -1247,6 +1258,48 @@ async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> lis
     return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
 
 
+_EXPIRE_DEADLINES = Query(
+    "expire_deadlines",
+    f"""
+    WITH due AS (
+        SELECT id, state FROM tasks
+        WHERE {FENCE} AND deadline < now() AND deadline IS NOT NULL
+          AND state IN ({PENDING}, {SCHEDULED})
+        ORDER BY deadline LIMIT :limit FOR UPDATE SKIP LOCKED
+    ), changed AS (
+        UPDATE tasks t SET state = {DEAD}, finish_time = now(), update_time = now(),
+            last_error = format('DEADLINE_EXCEEDED: its deadline (%s) passed before an '
+                'attempt could start', t.deadline)
+        FROM due WHERE t.id = due.id
+        RETURNING {changed(from_state="due.state")}
+    ) {TAIL}
+    """,
+)
+
+
+async def expire_deadlines(
+    conn: asyncpg.Connection, limit: int, fence: Fence
+) -> list[asyncpg.Record]:
+    """Makes the waiting tasks (PENDING, SCHEDULED) whose deadline passed DEAD, earliest
+    first; returns their transitions."""
+    return await _EXPIRE_DEADLINES.fetch(conn, limit=limit, fence=fence)
+
+
+_NEXT_DEADLINE = Query(
+    "next_deadline",
+    f"""
+    SELECT min(deadline) FROM tasks
+    WHERE deadline IS NOT NULL AND state IN ({PENDING}, {SCHEDULED})
+    """,
+)
+
+
+async def next_deadline(conn: asyncpg.Connection) -> datetime | None:
+    """The earliest deadline of a waiting task (index tasks_deadline)."""
+    value: datetime | None = await _NEXT_DEADLINE.fetchval(conn)
+    return value
+
+
 _NEXT_RUN_AT = Query("next_run_at", f"SELECT min(run_at) FROM tasks WHERE state = {SCHEDULED}")
 
 
@@ -1296,7 +1349,9 @@ _REDRIVE = Query(
     f"""
     WITH changed AS (
         UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
-            finish_time = NULL, result = NULL, update_time = now()
+            finish_time = NULL, result = NULL, update_time = now(),
+            -- A passed deadline would end it again at once: a redriven task has none.
+            deadline = NULL
         WHERE {FENCE} AND t.tenant = :tenant AND t.id = :id AND t.state = {DEAD}
         RETURNING {changed(from_state=DEAD)}
     ) {TAIL}

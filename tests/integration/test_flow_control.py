@@ -9,17 +9,18 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from clitools import conveyor
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from metrics_scrape import scrape
-from testsupport import eventually
+from testsupport import RawWorker, eventually
 
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -330,3 +331,58 @@ async def test_a_circuit_breaker_holds_a_failing_type_back_then_probes_and_close
         w.shutdown(force=True)
         with contextlib.suppress(asyncio.CancelledError):
             await run
+
+
+async def test_deadlines_order_a_priority_and_end_what_waits_past_them(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+    raw_workers: Callable[[], RawWorker],
+) -> None:
+    T = task_service_pb2
+    now = time.time()
+
+    def at(seconds: float) -> timestamp_pb2.Timestamp:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromMilliseconds(int((now + seconds) * 1000))
+        return stamp
+
+    for bad in (
+        T.SubmitTaskRequest(type="edf", deadline=at(-1)),  # passed already
+        T.SubmitTaskRequest(type="edf", deadline=at(10), run_at=at(20)),  # never startable
+    ):
+        code = await _code(stub.SubmitTask(bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, bad
+    # Submitted in this order; dispatched by priority, then earliest deadline, then age.
+    requests = {
+        "none": T.SubmitTaskRequest(type="edf"),
+        "late": T.SubmitTaskRequest(type="edf", deadline=at(600)),
+        "soon": T.SubmitTaskRequest(type="edf", deadline=at(300)),
+        "urgent-priority": T.SubmitTaskRequest(type="edf", priority=5),
+    }
+    ids = {}
+    for name, request in requests.items():
+        ids[(await stub.SubmitTask(request)).task.id] = name
+    # Nobody takes "expiring": its deadline passes while it waits.
+    expiring = await stub.SubmitTask(T.SubmitTaskRequest(type="expiring", deadline=at(0.5)))
+    assert expiring.task.deadline == at(0.5)
+    worker = raw_workers()
+    await worker.connect("edf-worker", types=("edf",), credits=10)
+    got = await worker.assignments(4)
+    assert [ids[a.lease.task_id] for a in got] == ["urgent-priority", "soon", "late", "none"]
+
+    async def dead() -> asyncpg.Record | None:
+        row = await db.fetchrow(
+            "SELECT state, attempt, last_error FROM tasks WHERE id = $1",
+            uuid.UUID(expiring.task.id),
+        )
+        return row if row is not None and row["state"] == 5 else None
+
+    row = await eventually(dead, timeout=5, what="the expired task to be DEAD")
+    assert row["attempt"] == 0 and row["last_error"].startswith("DEADLINE_EXCEEDED"), row
+    page = await scrape(coordinator.telemetry.metrics_url)
+    assert page.value("conveyor_tasks_deadline_exceeded_total", type="expiring") == 1
+    # A redrive gives it a fresh start, without the deadline that passed.
+    redriven = await stub.RetryTask(T.RetryTaskRequest(id=expiring.task.id))
+    assert redriven.task.state == task_pb2.TASK_STATE_PENDING
+    assert not redriven.task.HasField("deadline")

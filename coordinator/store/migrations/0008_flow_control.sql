@@ -20,8 +20,9 @@ CREATE TABLE rate_limits (
 -- at once. The claim counts the RUNNING rows of a key (tasks_running_keyed), so the limit
 -- holds across workers and failover with nothing in memory. Both indexes are partial:
 -- a task without a key costs them nothing.
-ALTER TABLE tasks ADD COLUMN concurrency_key text, ADD COLUMN concurrency_limit int;
-CREATE INDEX tasks_ready_keyed ON tasks (tenant, queue, type, priority DESC, id)
+ALTER TABLE tasks ADD COLUMN concurrency_key text, ADD COLUMN concurrency_limit int,
+    ADD COLUMN deadline timestamptz;
+CREATE INDEX tasks_ready_keyed ON tasks (tenant, queue, type, priority DESC, deadline, id)
     WHERE state = 1 AND concurrency_key IS NOT NULL;
 CREATE INDEX tasks_running_keyed ON tasks (tenant, concurrency_key)
     WHERE state = 3 AND concurrency_key IS NOT NULL;
@@ -36,3 +37,12 @@ CREATE TABLE circuit_breakers (
     opened_time timestamptz NOT NULL,
     PRIMARY KEY (tenant, type)
 );
+
+-- Deadlines: within a priority, the earliest deadline first. NULL (no deadline) sorts
+-- last, so without deadlines the order, and the claim's plan, are what they were; the
+-- index keeps its name. A task still waiting when its deadline passes is made DEAD by
+-- the leader's sweep, which reads tasks_deadline.
+DROP INDEX tasks_ready;
+CREATE INDEX tasks_ready ON tasks (tenant, queue, priority DESC, deadline, id) WHERE state = 1;
+CREATE INDEX tasks_deadline ON tasks (deadline)
+    WHERE deadline IS NOT NULL AND state IN (1, 2);

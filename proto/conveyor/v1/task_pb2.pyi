@@ -237,6 +237,7 @@ class Task(_message.Message):
     UNCOUNTED_ATTEMPTS_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Time-ordered id (UUIDv7, canonical text form)."""
     tenant: _builtins.str
@@ -287,6 +288,10 @@ class Task(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The latest time the task may start (SubmitTaskRequest.deadline)."""
+
     def __init__(
         self,
         *,
@@ -315,10 +320,11 @@ class Task(_message.Message):
         uncounted_attempts: _builtins.int = ...,
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "create_time", b"create_time", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "create_time", b"create_time", "deadline", b"deadline", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

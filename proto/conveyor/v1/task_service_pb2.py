@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18( \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18) \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"<\n\x13SetRateLimitRequest\x12%\n\x05limit\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\"=\n\x14SetRateLimitResponse\x12%\n\x05limit\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\"\x17\n\x15ListRateLimitsRequest\"@\n\x16ListRateLimitsResponse\x12&\n\x06limits\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.RateLimit\"J\n\x16\x44\x65leteRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\"\x19\n\x17\x44\x65leteRateLimitResponse\"\x13\n\x11ListQueuesRequest\"t\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\x12\x35\n\x10\x63ircuit_breakers\x18( \x03(\x0b\x32\x1b.conveyor.v1.CircuitBreaker2\xe0\x0c\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12Y\n\x0cSetRateLimit\x12 .conveyor.v1.SetRateLimitRequest\x1a!.conveyor.v1.SetRateLimitResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eListRateLimits\x12\".conveyor.v1.ListRateLimitsRequest\x1a#.conveyor.v1.ListRateLimitsResponse\"\x04\xc8\xf3\x18\x02\x12\x62\n\x0f\x44\x65leteRateLimit\x12#.conveyor.v1.DeleteRateLimitRequest\x1a$.conveyor.v1.DeleteRateLimitResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x04\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18( \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18) \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18* \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"<\n\x13SetRateLimitRequest\x12%\n\x05limit\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\"=\n\x14SetRateLimitResponse\x12%\n\x05limit\x18\x01 \x01(\x0b\x32\x16.conveyor.v1.RateLimit\"\x17\n\x15ListRateLimitsRequest\"@\n\x16ListRateLimitsResponse\x12&\n\x06limits\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.RateLimit\"J\n\x16\x44\x65leteRateLimitRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\"\x19\n\x17\x44\x65leteRateLimitResponse\"\x13\n\x11ListQueuesRequest\"t\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\x12\x35\n\x10\x63ircuit_breakers\x18( \x03(\x0b\x32\x1b.conveyor.v1.CircuitBreaker2\xe0\x0c\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12Y\n\x0cSetRateLimit\x12 .conveyor.v1.SetRateLimitRequest\x1a!.conveyor.v1.SetRateLimitResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eListRateLimits\x12\".conveyor.v1.ListRateLimitsRequest\x1a#.conveyor.v1.ListRateLimitsResponse\"\x04\xc8\xf3\x18\x02\x12\x62\n\x0f\x44\x65leteRateLimit\x12#.conveyor.v1.DeleteRateLimitRequest\x1a$.conveyor.v1.DeleteRateLimitResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -75,51 +75,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._serialized_options = b'\310\363\030\003'
   _globals['_SUBMITTASKREQUEST']._serialized_start=189
-  _globals['_SUBMITTASKREQUEST']._serialized_end=677
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=632
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=677
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=679
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=754
-  _globals['_SUBMITTASKSREQUEST']._serialized_start=756
-  _globals['_SUBMITTASKSREQUEST']._serialized_end=823
-  _globals['_SUBMITTASKSRESPONSE']._serialized_start=825
-  _globals['_SUBMITTASKSRESPONSE']._serialized_end=896
-  _globals['_GETTASKREQUEST']._serialized_start=898
-  _globals['_GETTASKREQUEST']._serialized_end=926
-  _globals['_GETTASKRESPONSE']._serialized_start=929
-  _globals['_GETTASKRESPONSE']._serialized_end=1074
-  _globals['_LISTTASKSREQUEST']._serialized_start=1076
-  _globals['_LISTTASKSREQUEST']._serialized_end=1201
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1203
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1281
-  _globals['_CANCELTASKREQUEST']._serialized_start=1283
-  _globals['_CANCELTASKREQUEST']._serialized_end=1314
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1316
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1369
-  _globals['_WATCHTASKREQUEST']._serialized_start=1371
-  _globals['_WATCHTASKREQUEST']._serialized_end=1401
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1403
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1506
-  _globals['_RETRYTASKREQUEST']._serialized_start=1508
-  _globals['_RETRYTASKREQUEST']._serialized_end=1538
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1540
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1592
-  _globals['_SETRATELIMITREQUEST']._serialized_start=1594
-  _globals['_SETRATELIMITREQUEST']._serialized_end=1654
-  _globals['_SETRATELIMITRESPONSE']._serialized_start=1656
-  _globals['_SETRATELIMITRESPONSE']._serialized_end=1717
-  _globals['_LISTRATELIMITSREQUEST']._serialized_start=1719
-  _globals['_LISTRATELIMITSREQUEST']._serialized_end=1742
-  _globals['_LISTRATELIMITSRESPONSE']._serialized_start=1744
-  _globals['_LISTRATELIMITSRESPONSE']._serialized_end=1808
-  _globals['_DELETERATELIMITREQUEST']._serialized_start=1810
-  _globals['_DELETERATELIMITREQUEST']._serialized_end=1884
-  _globals['_DELETERATELIMITRESPONSE']._serialized_start=1886
-  _globals['_DELETERATELIMITRESPONSE']._serialized_end=1911
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1913
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1932
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1934
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=2050
-  _globals['_TASKSERVICE']._serialized_start=2053
-  _globals['_TASKSERVICE']._serialized_end=3685
+  _globals['_SUBMITTASKREQUEST']._serialized_end=723
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=678
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=723
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=725
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=800
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=802
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=869
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=871
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=942
+  _globals['_GETTASKREQUEST']._serialized_start=944
+  _globals['_GETTASKREQUEST']._serialized_end=972
+  _globals['_GETTASKRESPONSE']._serialized_start=975
+  _globals['_GETTASKRESPONSE']._serialized_end=1120
+  _globals['_LISTTASKSREQUEST']._serialized_start=1122
+  _globals['_LISTTASKSREQUEST']._serialized_end=1247
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1249
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1327
+  _globals['_CANCELTASKREQUEST']._serialized_start=1329
+  _globals['_CANCELTASKREQUEST']._serialized_end=1360
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1362
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1415
+  _globals['_WATCHTASKREQUEST']._serialized_start=1417
+  _globals['_WATCHTASKREQUEST']._serialized_end=1447
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1449
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1552
+  _globals['_RETRYTASKREQUEST']._serialized_start=1554
+  _globals['_RETRYTASKREQUEST']._serialized_end=1584
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1586
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1638
+  _globals['_SETRATELIMITREQUEST']._serialized_start=1640
+  _globals['_SETRATELIMITREQUEST']._serialized_end=1700
+  _globals['_SETRATELIMITRESPONSE']._serialized_start=1702
+  _globals['_SETRATELIMITRESPONSE']._serialized_end=1763
+  _globals['_LISTRATELIMITSREQUEST']._serialized_start=1765
+  _globals['_LISTRATELIMITSREQUEST']._serialized_end=1788
+  _globals['_LISTRATELIMITSRESPONSE']._serialized_start=1790
+  _globals['_LISTRATELIMITSRESPONSE']._serialized_end=1854
+  _globals['_DELETERATELIMITREQUEST']._serialized_start=1856
+  _globals['_DELETERATELIMITREQUEST']._serialized_end=1930
+  _globals['_DELETERATELIMITRESPONSE']._serialized_start=1932
+  _globals['_DELETERATELIMITRESPONSE']._serialized_end=1957
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1959
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1978
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1980
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=2096
+  _globals['_TASKSERVICE']._serialized_start=2099
+  _globals['_TASKSERVICE']._serialized_end=3731
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,7 @@ class SubmitTaskRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; "default" when empty."""
     type: _builtins.str
@@ -105,6 +106,13 @@ class SubmitTaskRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The latest time the task may start. Within a priority, the earliest deadline runs
+        first; a task not started by then ends DEAD, its last_error starting with
+        DEADLINE_EXCEEDED, without running. Must be in the future and not before run_at.
+        """
+
     def __init__(
         self,
         *,
@@ -123,10 +131,11 @@ class SubmitTaskRequest(_message.Message):
         request_id: _builtins.str = ...,
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
