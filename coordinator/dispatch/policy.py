@@ -52,6 +52,10 @@ T = TypeVar("T")
 MAX_CLAIM_PER_SESSION = 500
 """Tasks claimed for one session per round, so one greedy worker cannot stall a round's
 transaction; the next round follows at once."""
+FAIR_QUANTUM = 100
+"""Tasks one claim takes while workers of several tenants wait in a round: a tenant whose
+backlog keeps its workers claiming takes portions of this size, so another tenant's
+claim comes at most one portion later (the sessions are interleaved by tenant)."""
 MAX_CLAIM_BYTES = 16 << 20
 """Payload bytes claimed for one session per round (at least one task whatever its size)."""
 MESSAGE_BYTES = 3 << 20
@@ -160,17 +164,22 @@ class DispatchPolicy:
         await self.breakers.refresh(conn)
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
-        """This round's claims, in a rotating order so no worker is starved."""
+        """This round's claims, in a rotating order so no worker is starved; with workers
+        of several tenants, interleaved by tenant in portions of FAIR_QUANTUM."""
         ready = [s for s in sessions if s.wants_work]
+        most = MAX_CLAIM_PER_SESSION
         if len(ready) > 1:
             shift = next(self._rotation) % len(ready)
             ready = ready[shift:] + ready[:shift]
+            interleaved = by_tenant(ready)
+            if interleaved is not None:
+                ready, most = interleaved, FAIR_QUANTUM
         claims: list[Claim] = []
         for session in ready:
             room = min(MAX_CLAIM_BYTES, session.outbox_room)
             session.throttled = room <= 0
             if room > 0:
-                claims.append(Claim(session, min(session.credit, MAX_CLAIM_PER_SESSION), room))
+                claims.append(Claim(session, min(session.credit, most), room))
         return claims
 
     async def claim(
@@ -322,6 +331,18 @@ class DispatchPolicy:
                 session.credit -= 1
                 return session
         return None
+
+
+def by_tenant(sessions: Sequence[WorkerSession]) -> list[WorkerSession] | None:
+    """The sessions taking turns by tenant (the first of each tenant, then the second,
+    ...), keeping each tenant's order; None when they are all one tenant's."""
+    groups: dict[str, list[WorkerSession]] = {}
+    for session in sessions:
+        groups.setdefault(session.tenant, []).append(session)
+    if len(groups) < 2:
+        return None
+    turns = itertools.zip_longest(*groups.values())
+    return [s for turn in turns for s in turn if s is not None]
 
 
 def assignment_size(payload: bytes, labels: object) -> int:
