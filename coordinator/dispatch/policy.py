@@ -102,11 +102,21 @@ class Claim:
 
 @dataclass(slots=True)
 class _Budget:
-    """What is left of a claim's portion while its statements run, and what they took."""
+    """What is left of a claim's portion while its statements run, and what they took.
+
+    The bytes taken are summed only when a further statement needs them: the plain claim
+    alone never walks its rows here."""
 
     limit: int
-    max_bytes: int
+    bytes_given: int
     rows: list[asyncpg.Record] = field(default_factory=list)
+    _bytes_left: int | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        if self._bytes_left is None:
+            self._bytes_left = self.bytes_given - sum(len(r["payload"]) for r in self.rows)
+        return self._bytes_left
 
     def left(self) -> bool:
         return self.limit > 0 and self.max_bytes > 0
@@ -114,8 +124,8 @@ class _Budget:
     def take(self, rows: list[asyncpg.Record]) -> None:
         if rows:
             self.limit -= len(rows)
-            self.max_bytes -= sum(len(r["payload"]) for r in rows)
             self.rows = self.rows + rows if self.rows else rows
+            self._bytes_left = None
 
 
 @dataclass(frozen=True, slots=True)
