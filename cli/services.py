@@ -259,6 +259,17 @@ def coordinator(
         float,
         typer.Option("--breaker-cooldown", help="Seconds an open breaker waits before probes."),
     ] = 30.0,
+    aging_interval: Annotated[
+        float,
+        typer.Option(
+            "--aging-interval",
+            help="Aging: a waiting task's priority counts one more per this many seconds "
+            "(at most --aging-max more); 0: no aging.",
+        ),
+    ] = 0.0,
+    aging_max: Annotated[
+        int, typer.Option("--aging-max", help="The most aging adds to a task's priority.")
+    ] = 10,
     max_watch_streams: Annotated[
         int,
         typer.Option(
@@ -324,6 +335,8 @@ def coordinator(
         breaker_failure_rate=breaker_failure_rate,
         breaker_min_requests=breaker_min_requests,
         breaker_cooldown=breaker_cooldown,
+        aging_interval=aging_interval,
+        aging_max=aging_max,
     )
     check_listen(listen)
     if metrics_listen:
@@ -385,6 +398,8 @@ def coordinator_config(
     breaker_failure_rate: float = 0.0,
     breaker_min_requests: int = 20,
     breaker_cooldown: float = 30.0,
+    aging_interval: float = 0.0,
+    aging_max: int = 10,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -431,6 +446,8 @@ def coordinator_config(
             breaker_failure_rate=breaker_failure_rate,
             breaker_min_requests=breaker_min_requests,
             breaker_cooldown=breaker_cooldown,
+            aging_interval=aging_interval,
+            aging_max=aging_max,
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -440,7 +457,8 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
-    "breaker_failure_rate", "breaker_min_requests", "breaker_cooldown",
+    "breaker_failure_rate", "breaker_min_requests", "breaker_cooldown", "aging_interval",
+    "aging_max",
 )  # fmt: skip
 
 

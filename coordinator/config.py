@@ -99,6 +99,12 @@ class CoordinatorConfig:
     one second's worth."""
     max_schedules: int = 0
     """Schedules each tenant may have, unless its own limit says otherwise. 0: no limit."""
+    aging_interval: float = 0.0
+    """Aging at dispatch: a ready task's priority counts one more per this many seconds it
+    has waited, at most ``aging_max`` more, so a low priority cannot starve. 0: no aging
+    (the claim orders by priority alone)."""
+    aging_max: int = 10
+    """The most aging adds to a task's priority."""
     breaker_failure_rate: float = 0.0
     """Circuit breakers per (tenant, task type) (``dispatch/breakers.py``): the failure
     rate of a type's attempts over ``breaker_window`` at which the leader stops
@@ -191,7 +197,17 @@ class CoordinatorConfig:
         return out
 
     def _breaker_problems(self) -> list[str]:
+        """What is wrong with the flow-control settings (breakers, aging)."""
         out: list[str] = []
+        if self.aging_interval != 0:
+            problem = bounds.seconds_problem(self.aging_interval)
+            if problem is not None:
+                out.append(
+                    f"aging_interval {problem}, or 0 for no aging (got {self.aging_interval})"
+                )
+        problem = bounds.count_problem(self.aging_max, lowest=1, highest=2000)
+        if problem is not None:
+            out.append(f"aging_max {problem} (got {self.aging_max})")
         if not 0 <= self.breaker_failure_rate <= 1:
             out.append(
                 f"breaker_failure_rate must be between 0 (no breakers) and 1, "

@@ -196,6 +196,7 @@ class Coordinator:
             max_payload_bytes=cfg.max_payload_bytes,
             limits=rate_limits,
             breakers=breakers,
+            aging=(cfg.aging_interval, cfg.aging_max) if cfg.aging_interval else None,
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)

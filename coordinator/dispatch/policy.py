@@ -147,6 +147,7 @@ class DispatchPolicy:
         max_payload_bytes: int,
         limits: RateLimits | None = None,
         breakers: Breakers | None = None,
+        aging: tuple[float, int] | None = None,
     ) -> None:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
@@ -157,6 +158,8 @@ class DispatchPolicy:
         """Which tenants have tasks with concurrency keys ready."""
         self.breakers = breakers or Breakers(Settings(0.0, 1, 60.0, 30.0, 1))
         """The circuit breakers per (tenant, type) (off unless configured)."""
+        self.aging = aging
+        """(seconds per step, most steps) of aging, or None: priority alone."""
 
     def reset(self) -> None:
         """A new term: the flow-control state is read again before the first claim."""
@@ -273,6 +276,23 @@ class DispatchPolicy:
         budget: _Budget,
         fence: Fence,
     ) -> list[asyncpg.Record]:
+        if self.aging is not None:
+            interval, most = self.aging
+            return await store.claim_aged(
+                conn,
+                aging_interval=interval,
+                aging_max=most,
+                tenant=session.tenant,
+                queues=session.queues,
+                types=types,
+                keys=session.encryption_keys,
+                limit=budget.limit,
+                max_bytes=budget.max_bytes,
+                worker_id=session.worker_id,
+                holder=session.holder,
+                lease_seconds=self._lease_seconds,
+                fence=fence,
+            )
         return await store.claim(
             conn,
             tenant=session.tenant,

@@ -804,6 +804,110 @@ async def claim_limited(
     )
 
 
+MAX_AGING_LEVELS = 64
+"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
+
+_AGED_ORDER = (
+    "changed.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
+    "changed.run_at)) / :aging_interval))::int DESC, changed.deadline, changed.id"
+)
+
+_CLAIM_AGED = Query(
+    "claim_tasks_aged",
+    f"""
+    WITH RECURSIVE levels AS (
+        -- Per queue, each priority level with ready tasks, highest first (a loose scan of
+        -- the ready index: one probe per level).
+        SELECT q.name AS queue, (
+            SELECT max(priority) FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
+        ) AS priority, 1 AS depth
+        FROM unnest(:queues::text[]) AS q(name)
+        UNION ALL
+        SELECT l.queue, (
+            SELECT max(priority) FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = l.queue
+              AND priority < l.priority
+        ), l.depth + 1
+        FROM levels l WHERE l.priority IS NOT NULL AND l.depth < {MAX_AGING_LEVELS}
+    ), heads AS (
+        -- Per level the head of the ready index; then the best by effective priority:
+        -- the priority raised by one per aging interval waited since ready, at most
+        -- :aging_max (so a low priority cannot starve, and cannot jump without bound).
+        SELECT c.id, c.priority, c.deadline, c.size, c.priority + least(:aging_max,
+            floor(greatest(0, extract(epoch FROM now() - c.run_at)) / :aging_interval)
+        )::int AS effective
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT id, priority, deadline, run_at, octet_length(payload) AS size FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = l.queue
+              AND priority = l.priority AND type = ANY(:types::text[])
+              AND concurrency_key IS NULL {_BEFORE_DEADLINE}
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
+            ORDER BY deadline, id
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE l.priority IS NOT NULL AND {FENCE}
+        ORDER BY effective DESC, c.deadline, c.id
+        LIMIT :limit
+    ), picked AS (
+        SELECT id FROM (
+            SELECT id, sum(size) OVER (ORDER BY effective DESC, deadline, id) - size AS before
+            FROM heads
+        ) ahead
+        WHERE before < :max_bytes
+    ), changed AS (
+        UPDATE tasks t
+        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
+            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
+            lease_expire_time = now() + make_interval(secs => :lease_seconds),
+            update_time = now()
+        FROM picked WHERE t.id = picked.id
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _AGED_ORDER)}
+    """,
+)
+
+
+async def claim_aged(
+    conn: asyncpg.Connection,
+    *,
+    aging_interval: float,
+    aging_max: int,
+    tenant: str,
+    queues: Sequence[str],
+    types: Sequence[str],
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> list[asyncpg.Record]:
+    """:func:`claim` with aging: a ready task's priority counts one more per
+    ``aging_interval`` seconds it has waited since its run_at, at most ``aging_max``
+    more. Same rows returned (in priority order, not effective priority)."""
+    return await _CLAIM_AGED.fetch(
+        conn,
+        aging_interval=aging_interval,
+        aging_max=aging_max,
+        tenant=tenant,
+        queues=list(queues),
+        types=list(types),
+        keys=None if keys is None else list(keys),
+        limit=limit,
+        max_bytes=max_bytes,
+        worker_id=worker_id,
+        holder=holder,
+        epoch=fence.epoch,
+        lease_seconds=lease_seconds,
+        fence=fence,
+    )
+
+
 _KEYED_TENANTS = Query(
     "tenants_with_keyed_tasks",
     f"""

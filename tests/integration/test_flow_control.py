@@ -20,7 +20,7 @@ import pytest
 from clitools import conveyor
 from google.protobuf import duration_pb2, timestamp_pb2
 from metrics_scrape import scrape
-from testsupport import RawWorker, eventually
+from testsupport import RawWorker, coordinator_config, eventually
 
 from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -386,3 +386,38 @@ async def test_deadlines_order_a_priority_and_end_what_waits_past_them(
     redriven = await stub.RetryTask(T.RetryTaskRequest(id=expiring.task.id))
     assert redriven.task.state == task_pb2.TASK_STATE_PENDING
     assert not redriven.task.HasField("deadline")
+
+
+async def test_aging_lets_a_long_waiting_low_priority_task_pass(database_dsn: str) -> None:
+    """With aging (1 more per 10 s waited, at most 3), a priority-0 task ready for 25 s
+    goes before fresh priority-1 tasks, but not before priority-5 ones."""
+    T = task_service_pb2
+    coordinator = Coordinator(
+        coordinator_config(database_dsn, aging_interval=10.0, aging_max=3, poll_interval=0.2)
+    )
+    await coordinator.start()
+    worker = RawWorker(coordinator.address)
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            old = await stub.SubmitTask(T.SubmitTaskRequest(type="aged"))
+            # Ready 25 s ago: a submit makes a past run_at now, so the row is aged by hand.
+            conn = await asyncpg.connect(database_dsn)
+            try:
+                await conn.execute(
+                    "UPDATE tasks SET run_at = now() - interval '25 seconds' WHERE id = $1",
+                    uuid.UUID(old.task.id),
+                )
+            finally:
+                await conn.close()
+            fresh = [
+                (await stub.SubmitTask(T.SubmitTaskRequest(type="aged", priority=p))).task.id
+                for p in (1, 1, 5)
+            ]
+            await worker.connect("aging-worker", types=("aged",), credits=10)
+            got = [a.lease.task_id for a in await worker.assignments(4)]
+            # 0 + 2 (25 s) beats 1; 5 beats both. Without aging the old task came last.
+            assert got == [fresh[2], old.task.id, fresh[0], fresh[1]], got
+    finally:
+        await worker.close()
+        await coordinator.stop(grace=1.0)
