@@ -178,6 +178,9 @@ class AsyncClient:
         idempotency_key: str | None = None,
         run_at: datetime | timedelta | None = None,
         traceparent: str | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        deadline: datetime | timedelta | None = None,
         **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
@@ -192,6 +195,11 @@ class AsyncClient:
             run_at: Earliest start: an aware datetime or a delay from now.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            concurrency_key: At most ``concurrency_limit`` (1) tasks with this key run at
+                once, cluster-wide; the others wait without holding back other keys.
+            concurrency_limit: How many tasks of ``concurrency_key`` may run at once.
+            deadline: The latest start (an aware datetime or a delay from now); a task not
+                started by then ends DEAD with ``DEADLINE_EXCEEDED``, without running.
             task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
                 ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
                 attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
@@ -207,6 +215,9 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             run_at=run_at,
             traceparent=traceparent,
+            concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
+            deadline=deadline,
             **task,
         )
         tracing = self._tracing()

@@ -651,6 +651,13 @@ class TaskSpec(TaskTemplate):
     run_at: datetime | timedelta | None = None
     #: W3C trace context to link the task's execution to the caller's trace.
     traceparent: str | None = None
+    #: At most ``concurrency_limit`` tasks with this key (a customer id) run at once.
+    concurrency_key: str | None = None
+    #: With ``concurrency_key``: how many of its tasks may run at once (1 by default).
+    concurrency_limit: int | None = None
+    #: The latest start: an aware datetime, or a delay from now. A task not started by
+    #: then ends DEAD (``DEADLINE_EXCEEDED``) without running.
+    deadline: datetime | timedelta | None = None
 
     def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
         """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
@@ -661,6 +668,13 @@ class TaskSpec(TaskTemplate):
         run_at = _resolve_run_at(self.run_at)
         if run_at is not None:
             msg.run_at.CopyFrom(_timestamp(run_at))
+        if self.concurrency_key:
+            msg.concurrency_key = self.concurrency_key
+        if self.concurrency_limit:
+            msg.concurrency_limit = self.concurrency_limit
+        deadline = _resolve_run_at(self.deadline)
+        if deadline is not None:
+            msg.deadline.CopyFrom(_timestamp(deadline))
         return msg
 
 
