@@ -421,3 +421,61 @@ async def test_aging_lets_a_long_waiting_low_priority_task_pass(database_dsn: st
     finally:
         await worker.close()
         await coordinator.stop(grace=1.0)
+
+
+async def test_a_new_leader_starts_a_rate_limit_empty_not_full(database_dsn: str) -> None:
+    """Burst 100 at 4/s, full when the first coordinator stops: the next leader dispatches
+    at the rate from an empty bucket, not 100 at once."""
+    T = task_service_pb2
+    settings = {"poll_interval": 0.2}
+    first = Coordinator(coordinator_config(database_dsn, **settings))
+    await first.start()
+    try:
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            limit = task_pb2.RateLimit(type="slow", rate=4, burst=100)
+            await stub.SetRateLimit(T.SetRateLimitRequest(limit=limit))
+            batch = [T.SubmitTaskRequest(type="slow") for _ in range(300)]
+            await stub.SubmitTasks(T.SubmitTasksRequest(tasks=batch))
+        conn = await asyncpg.connect(database_dsn)
+        try:
+            # The old leader wrote its level back (its bucket filled up while nobody took
+            # the tasks): what a new leader must not trust.
+            await conn.execute("UPDATE rate_limits SET tokens = 100")
+        finally:
+            await conn.close()
+    finally:
+        await first.stop(grace=1.0)
+    second = Coordinator(coordinator_config(database_dsn, **settings))
+    await second.start()
+    worker = RawWorker(second.address)
+    try:
+        await worker.connect("after-failover", types=("slow",), credits=500)
+        conn = await asyncpg.connect(database_dsn)
+        try:
+
+            async def some_started() -> float | None:
+                first_start = await conn.fetchval(
+                    "SELECT extract(epoch FROM min(lease_start_time))::float8 FROM tasks"
+                )
+                return first_start  # type: ignore[no-any-return]
+
+            start = await eventually(some_started, timeout=10, what="the first dispatch")
+            await eventually(
+                lambda: _at_least(conn.fetchval("SELECT count(*) FROM tasks WHERE attempt > 0"), 8),
+                timeout=10,
+                what="eight dispatches",
+            )
+            early = await conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE attempt > 0 AND "
+                "extract(epoch FROM lease_start_time) < $1 + 1.0",
+                start,
+            )
+        finally:
+            await conn.close()
+        # From empty at 4/s: about 4 in the first second (5 with the rounding of rounds),
+        # where a full bucket would have let 100 go at once.
+        assert early <= 6, early
+    finally:
+        await worker.close()
+        await second.stop(grace=1.0)
