@@ -276,23 +276,6 @@ class DispatchPolicy:
         budget: _Budget,
         fence: Fence,
     ) -> list[asyncpg.Record]:
-        if self.aging is not None:
-            interval, most = self.aging
-            return await store.claim_aged(
-                conn,
-                aging_interval=interval,
-                aging_max=most,
-                tenant=session.tenant,
-                queues=session.queues,
-                types=types,
-                keys=session.encryption_keys,
-                limit=budget.limit,
-                max_bytes=budget.max_bytes,
-                worker_id=session.worker_id,
-                holder=session.holder,
-                lease_seconds=self._lease_seconds,
-                fence=fence,
-            )
         return await store.claim(
             conn,
             tenant=session.tenant,
@@ -305,6 +288,7 @@ class DispatchPolicy:
             holder=session.holder,
             lease_seconds=self._lease_seconds,
             fence=fence,
+            aging=self.aging,
         )
 
     def filled(self, claim: Claim, rows: Sequence[asyncpg.Record]) -> bool:

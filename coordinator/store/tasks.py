@@ -593,6 +593,29 @@ _BEFORE_DEADLINE = "AND (deadline IS NULL OR deadline > now())"
 # The claimed rows in dispatch order, as the worker gets them.
 _CLAIMED_ORDER = "changed.priority DESC, changed.deadline, changed.id"
 
+
+def _lease_heads(order: str, claimed_order: str) -> str:
+    """The end of every claim: ``heads`` (id, size and the columns of ``order``) cut at
+    the byte budget in ``order``, keeping the first task whatever its size; leased; the
+    transition rows with what an Assignment needs, in ``claimed_order``."""
+    return f"""picked AS (
+        SELECT id FROM (
+            SELECT id, sum(size) OVER (ORDER BY {order}) - size AS before FROM heads
+        ) ahead
+        WHERE before < :max_bytes
+    ), changed AS (
+        UPDATE tasks t
+        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
+            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
+            lease_expire_time = now() + make_interval(secs => :lease_seconds),
+            update_time = now()
+        FROM picked WHERE t.id = picked.id
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", claimed_order)}"""
+
+
+_LEASE_HEADS = _lease_heads(_ORDER, _CLAIMED_ORDER)
+
 _CLAIM = Query(
     "claim_tasks",
     f"""
@@ -619,21 +642,7 @@ _CLAIM = Query(
         WHERE {FENCE}
         ORDER BY {_ORDER}
         LIMIT :limit
-    ), picked AS (
-        -- Cut at the byte budget, keeping the first task whatever its size.
-        SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY {_ORDER}) - size AS before FROM heads
-        ) ahead
-        WHERE before < :max_bytes
-    ), changed AS (
-        UPDATE tasks t
-        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
-            lease_expire_time = now() + make_interval(secs => :lease_seconds),
-            update_time = now()
-        FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _CLAIMED_ORDER)}
+    ), {_LEASE_HEADS}
     """,
 )
 
@@ -651,17 +660,27 @@ async def claim(
     holder: bytes,
     lease_seconds: float,
     fence: Fence,
+    aging: tuple[float, int] | None = None,
 ) -> list[asyncpg.Record]:
     """Leases up to ``limit`` ready tasks of these queues and types, encrypted with one of
     ``keys`` or not encrypted (``keys`` None: any), to ``worker_id`` (its process's
     ``holder``: ``sessions.WorkerSession.holder``), in
-    dispatch order (per queue the head of the ready index: priority, then age, since ids
-    are time-ordered; then the best of those heads), cut at ``max_bytes`` of payload (the
-    first task whatever its size). Fenced. Returns the transitions, each with what its
-    Assignment needs (:data:`ASSIGNMENT_COLUMNS`), in dispatch order.
+    dispatch order (per queue the head of the ready index: priority, then the earliest
+    deadline, then age, since ids are time-ordered; then the best of those heads; with
+    ``aging``, (seconds per step, most steps), by priority raised with the wait), cut at
+    ``max_bytes`` of payload (the first task whatever its size). Fenced. Returns the
+    transitions, each with what its Assignment needs (:data:`ASSIGNMENT_COLUMNS`), in
+    dispatch order.
     """
-    return await _CLAIM.fetch(
+    # With aging (the coordinator's aging_interval, aging_max), see _CLAIM_AGED.
+    query, aged = (
+        (_CLAIM, {})
+        if aging is None
+        else (_CLAIM_AGED, {"aging_interval": aging[0], "aging_max": aging[1]})
+    )
+    return await query.fetch(
         conn,
+        **aged,
         tenant=tenant,
         queues=list(queues),
         types=list(types),
@@ -736,20 +755,7 @@ def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
           AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
         ORDER BY r.priority DESC, r.deadline, r.id
         LIMIT :limit
-    ), picked AS (
-        SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY {_ORDER}) - size AS before FROM heads
-        ) ahead
-        WHERE before < :max_bytes
-    ), changed AS (
-        UPDATE tasks t
-        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
-            lease_expire_time = now() + make_interval(secs => :lease_seconds),
-            update_time = now()
-        FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _CLAIMED_ORDER)}
+    ), {_LEASE_HEADS}
     """,
     )
 
@@ -852,60 +858,9 @@ _CLAIM_AGED = Query(
         WHERE l.priority IS NOT NULL AND {FENCE}
         ORDER BY effective DESC, c.deadline, c.id
         LIMIT :limit
-    ), picked AS (
-        SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY effective DESC, deadline, id) - size AS before
-            FROM heads
-        ) ahead
-        WHERE before < :max_bytes
-    ), changed AS (
-        UPDATE tasks t
-        SET state = {RUNNING}, attempt = t.attempt + 1, worker_id = :worker_id,
-            lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
-            lease_expire_time = now() + make_interval(secs => :lease_seconds),
-            update_time = now()
-        FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", _AGED_ORDER)}
+    ), {_lease_heads("effective DESC, deadline, id", _AGED_ORDER)}
     """,
 )
-
-
-async def claim_aged(
-    conn: asyncpg.Connection,
-    *,
-    aging_interval: float,
-    aging_max: int,
-    tenant: str,
-    queues: Sequence[str],
-    types: Sequence[str],
-    keys: Iterable[str] | None,
-    limit: int,
-    max_bytes: int,
-    worker_id: str,
-    holder: bytes,
-    lease_seconds: float,
-    fence: Fence,
-) -> list[asyncpg.Record]:
-    """:func:`claim` with aging: a ready task's priority counts one more per
-    ``aging_interval`` seconds it has waited since its run_at, at most ``aging_max``
-    more. Same rows returned (in priority order, not effective priority)."""
-    return await _CLAIM_AGED.fetch(
-        conn,
-        aging_interval=aging_interval,
-        aging_max=aging_max,
-        tenant=tenant,
-        queues=list(queues),
-        types=list(types),
-        keys=None if keys is None else list(keys),
-        limit=limit,
-        max_bytes=max_bytes,
-        worker_id=worker_id,
-        holder=holder,
-        epoch=fence.epoch,
-        lease_seconds=lease_seconds,
-        fence=fence,
-    )
 
 
 _KEYED_TENANTS = Query(

@@ -242,20 +242,25 @@ async def test_a_concurrency_key_caps_its_running_tasks_and_only_them(
         for run in runs:
             with contextlib.suppress(asyncio.CancelledError):
                 await run
-    assert most["a"] == 3 and most["b"] == 1, most
-    assert most[""] > 3, most  # the unkeyed ones were not held to any key
-    # The database agrees: no lease of a key began while its limit's worth were held.
+    # Never more of a key at once than its limit, in the handlers themselves (the leases
+    # in the database are no measure of that: a lease's start is its claim statement's
+    # start, which may come a little before the statement sees a slot freed).
+    assert most["a"] <= 3 and most["b"] <= 1, most
+    # And each key got its limit's worth at once (from the leases, which do not depend
+    # on how fast the handlers started), though "b" was older and filled the head of
+    # the queue; the unkeyed ones were held to no key ("": more than 3 at once).
     rows = await db.fetch(
         """
-        SELECT t.concurrency_key, max((
+        SELECT coalesce(t.concurrency_key, ''), max((
             SELECT count(*) FROM task_attempts b JOIN tasks u ON u.id = b.task_id
-            WHERE u.concurrency_key = t.concurrency_key
+            WHERE u.concurrency_key IS NOT DISTINCT FROM t.concurrency_key
               AND b.start_time <= a.start_time AND b.end_time > a.start_time))
         FROM task_attempts a JOIN tasks t ON t.id = a.task_id
-        WHERE t.concurrency_key IS NOT NULL GROUP BY 1
+        WHERE t.type = 'keyed' GROUP BY 1
         """
     )
-    assert dict((r[0], r[1]) for r in rows) == {"a": 3, "b": 1}
+    held = {r[0]: r[1] for r in rows}
+    assert held["a"] >= 3 and held["b"] >= 1 and held[""] > 3, held
 
 
 async def test_a_circuit_breaker_holds_a_failing_type_back_then_probes_and_closes(
@@ -364,8 +369,10 @@ async def test_deadlines_order_a_priority_and_end_what_waits_past_them(
     for name, request in requests.items():
         ids[(await stub.SubmitTask(request)).task.id] = name
     # Nobody takes "expiring": its deadline passes while it waits.
-    expiring = await stub.SubmitTask(T.SubmitTaskRequest(type="expiring", deadline=at(0.5)))
-    assert expiring.task.deadline == at(0.5)
+    soon = timestamp_pb2.Timestamp()
+    soon.FromMilliseconds(int((time.time() + 1.5) * 1000))  # from now: a slow machine
+    expiring = await stub.SubmitTask(T.SubmitTaskRequest(type="expiring", deadline=soon))
+    assert expiring.task.deadline == soon
     worker = raw_workers()
     await worker.connect("edf-worker", types=("edf",), credits=10)
     got = await worker.assignments(4)
