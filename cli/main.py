@@ -28,6 +28,7 @@ def build() -> typer.Typer:
         encryption_commands,
         keys_commands,
         limits_commands,
+        queue_commands,
         schedule_commands,
         services,
         status_command,
@@ -41,6 +42,7 @@ def build() -> typer.Typer:
     dev.register(root)
     services.register(root)
     task_commands.register(root)
+    queue_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
     keys_commands.register(root)

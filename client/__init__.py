@@ -17,10 +17,13 @@ settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.clien
 
 from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock, SyncLock
 from conveyor.client._models import (
     AttemptOutcome,
+    BulkResult,
     CatchUpPolicy,
     CircuitBreaker,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -52,6 +55,8 @@ from conveyor.transport._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
+    LeaseNotHeldError,
+    LockNotHeldError,
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
@@ -67,6 +72,7 @@ from conveyor.transport._errors import (
     UnauthenticatedError,
     UnavailableError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -76,11 +82,13 @@ __all__ = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "CircuitBreaker",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -92,6 +100,9 @@ __all__ = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
@@ -111,6 +122,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",
@@ -123,5 +135,6 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]

@@ -105,7 +105,16 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         concurrency_key=row["concurrency_key"] or "",
         concurrency_limit=row["concurrency_limit"] or 0,
         deadline=maybe_timestamp(row["deadline"]),
+        etag=task_etag(row["version"]),
     )
+
+
+def task_etag(version: int) -> str:
+    """A task's etag (``Task.etag``): its version, which UpdateTask bumps."""
+    return str(version)
+
+
+_NEW_ETAG = task_etag(1)
 
 
 def task_from_new(
@@ -142,6 +151,7 @@ def task_from_new(
         update_time=now,
         labels=task.labels or None,
         traceparent=task.traceparent,
+        etag=_NEW_ETAG,
     )
     if task.concurrency_key or task.deadline:
         # Set apart: most tasks have neither, and every keyword costs per task here.

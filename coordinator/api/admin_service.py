@@ -1,4 +1,5 @@
-"""``AdminService``: what an operator asks the cluster (``conveyor status``).
+"""``AdminService``: what an operator asks the cluster (``conveyor status``) and tells a
+worker (``DrainWorker``: ``conveyor workers drain``).
 
 The methods for API keys, tenant limits and the audit log are
 :class:`~conveyor.coordinator.api.security_admin.SecurityAdmin`'s; this class only routes them.
@@ -7,15 +8,21 @@ The methods for API keys, tenant limits and the audit log are
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api.security_admin import SecurityAdmin
-from conveyor.coordinator.dispatch.sessions import SessionRegistry
-from conveyor.coordinator.errors import is_store_error
+from conveyor.coordinator.api.validation import MAX_NAME_LENGTH, check_text
+from conveyor.coordinator.dispatch.sessions import SessionRegistry, WorkerSession
+from conveyor.coordinator.errors import (
+    FieldViolation,
+    InvalidArgument,
+    WorkerNotFound,
+    is_store_error,
+)
 from conveyor.coordinator.leader.election import Member
 from conveyor.coordinator.leader.leadership import ClusterView
 from conveyor.coordinator.store import tasks as store
@@ -25,6 +32,7 @@ from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, worker_servic
 _log = logging.getLogger("conveyor.coordinator.admin")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+MAX_REASON_LENGTH = 1000
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
@@ -36,8 +44,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         view: Callable[[], ClusterView],
         replicas: Callable[[], Awaitable[list[Member]]],
         security: SecurityAdmin,
+        paused: Callable[[], Iterable[tuple[str, str]]] = tuple,
     ) -> None:
         self._sessions = sessions
+        self._paused = paused
         self._db = db
         self._view = view
         self._replicas = replicas
@@ -78,23 +88,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             leader=info(view.leader) if view.leader else None,
             epoch=view.epoch,
             replicas=[info(m) for m in sorted(replicas, key=lambda m: m.node_id)],
-            workers=[
-                admin_service_pb2.WorkerInfo(
-                    worker_id=s.worker_id,
-                    hostname=s.hostname,
-                    pid=s.pid,
-                    queues=s.queues,
-                    task_types=s.task_types,
-                    credit=s.credit,
-                    draining=s.draining,
-                    connect_time=convert.timestamp_from_seconds(s.connect_time),
-                    in_flight=in_flight.get((s.tenant, s.worker_id), 0),
-                    encryption_keys=None
-                    if s.encryption_keys is None
-                    else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),
-                )
-                for s in sessions
-            ],
+            workers=[worker_info(s, in_flight) for s in sessions],
             recent_evictions=[
                 admin_service_pb2.WorkerEviction(
                     worker_id=e.worker_id,
@@ -107,7 +101,18 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
                 for e in self._sessions.evictions
             ],
             answered_by=info(view.me),
+            paused_queues=[
+                admin_service_pb2.PausedQueue(tenant=tenant, queue=queue)
+                for tenant, queue in self._paused()
+            ],
         )
+
+    async def DrainWorker(
+        self, request: admin_service_pb2.DrainWorkerRequest, context: _Context
+    ) -> admin_service_pb2.DrainWorkerResponse:
+        session = drain_worker(self._sessions, request)
+        in_flight = await self._in_flight([session.worker_id])
+        return admin_service_pb2.DrainWorkerResponse(worker=worker_info(session, in_flight))
 
     # -- keys, tenants, audit (SecurityAdmin's) ------------------------------------------------
 
@@ -145,3 +150,68 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.ListAuditEventsRequest, context: _Context
     ) -> admin_service_pb2.ListAuditEventsResponse:
         return await self._security.list_audit_events(request)
+
+
+def worker_info(
+    s: WorkerSession, in_flight: dict[tuple[str, str], int]
+) -> admin_service_pb2.WorkerInfo:
+    """A connected worker as GetClusterStatus shows it (``in_flight``: leases per
+    (tenant, worker id))."""
+    return admin_service_pb2.WorkerInfo(
+        worker_id=s.worker_id,
+        tenant=s.tenant,
+        hostname=s.hostname,
+        pid=s.pid,
+        queues=s.queues,
+        task_types=s.task_types,
+        credit=s.credit,
+        draining=s.draining,
+        connect_time=convert.timestamp_from_seconds(s.connect_time),
+        in_flight=in_flight.get((s.tenant, s.worker_id), 0),
+        encryption_keys=None
+        if s.encryption_keys is None
+        else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),
+    )
+
+
+def drain_worker(
+    sessions: SessionRegistry, request: admin_service_pb2.DrainWorkerRequest
+) -> WorkerSession:
+    """An operator's drain: the session gets no more work (``draining``, as when the
+    worker sends Drain itself) and is told to drain and exit (``ConnectResponse.drain``).
+    Not remembered past the session: a worker that reconnects anyway (an SDK that does
+    not know the message, after a broken stream) takes work again."""
+    out: list[FieldViolation] = []
+    check_text(request.worker_id, "worker_id", out, max_length=MAX_NAME_LENGTH)
+    if not request.worker_id:
+        out.append(FieldViolation("worker_id", "must not be empty"))
+    check_text(request.tenant, "tenant", out, max_length=MAX_NAME_LENGTH)
+    check_text(request.reason, "reason", out, max_length=MAX_REASON_LENGTH, identifier=False)
+    if out:
+        raise InvalidArgument(out)
+    found = [
+        s
+        for s in sessions
+        if not s.closed
+        and s.worker_id == request.worker_id
+        and (not request.tenant or s.tenant == request.tenant)
+    ]
+    if not found:
+        raise WorkerNotFound(request.worker_id, request.tenant)
+    if len(found) > 1:
+        tenants = ", ".join(sorted(repr(s.tenant) for s in found))
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "tenant",
+                    f"workers of tenants {tenants} have the id {request.worker_id!r}: name one",
+                )
+            ]
+        )
+    (session,) = found
+    reason = request.reason or "drained by an operator"
+    if not session.draining:
+        _log.info("draining worker %s of tenant %r (%s)", session.worker_id, session.tenant, reason)
+    session.draining = True
+    session.push(worker_service_pb2.ConnectResponse(drain=worker_service_pb2.Drain(reason=reason)))
+    return session

@@ -18,13 +18,14 @@ import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import breakers as breaker
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.breakers import Breakers
-from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
@@ -58,6 +59,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         schedules: ScheduleService,
         *,
         quotas: Quotas,
+        queue_ops: QueueOps,
         rate_limits: RateLimitService,
         breakers: Breakers,
     ) -> None:
@@ -65,6 +67,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
+        self._queue_ops = queue_ops
         self._rate_limits = rate_limits
         self._breakers = breakers
 
@@ -148,26 +151,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.ListQueuesRequest, context_: Context
     ) -> task_service_pb2.ListQueuesResponse:
         tenant = context.current().tenant
-        async with self._deps.db.read() as conn:
-            rows = await store.queue_stats(conn, tenant)
+        queues = await self._queue_ops.queue_stats(tenant)
         limits = await self._rate_limits.of_tenant()
-        sessions = list(self._deps.sessions)
+        if limits:
+            for queue in queues:
+                queue.rate_limits.extend(of_queue(limits, queue.name))
         return task_service_pb2.ListQueuesResponse(
-            queues=[
-                task_pb2.QueueStats(
-                    name=r["queue"],
-                    pending=r["pending"],
-                    scheduled=r["scheduled"],
-                    running=r["running"],
-                    dead=r["dead"],
-                    workers=sum(
-                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
-                    ),
-                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
-                    rate_limits=of_queue(limits, r["queue"]),
-                )
-                for r in rows
-            ],
+            queues=queues,
             circuit_breakers=[
                 task_pb2.CircuitBreaker(
                     type=b.type,
@@ -255,6 +245,38 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             self._deps.after_commit.publish(cause, [changed])
         return row
 
+    async def UpdateTask(
+        self, request: task_service_pb2.UpdateTaskRequest, context_: Context
+    ) -> task_service_pb2.UpdateTaskResponse:
+        update = validation.validate_update(request)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            current = await store.lock_for_update(conn, tenant, update.task_id)
+            if current is None:
+                raise TaskNotFound(request.id)
+            etag = convert.task_etag(current["version"])
+            if update.etag and update.etag != etag:
+                raise EtagMismatch(f"task {request.id}", update.etag, etag)
+            if not store.waiting_unstarted(current):
+                state = task_pb2.TaskState.Name(current["state"])
+                raise InvalidState(request.id, state, "update started")
+            changed = await store.update_waiting(
+                conn,
+                tenant,
+                update.task_id,
+                version=current["version"],
+                priority=update.priority,
+                max_attempts=update.max_attempts,
+                labels=update.labels,
+                run_at=update.run_at,
+                fence=self._deps.office.fence(),
+            )
+            row = await store.get(conn, tenant, update.task_id)
+        assert row is not None  # locked above: nothing deleted it
+        if changed is not None:
+            self._deps.after_commit.publish(Cause.UPDATED, [changed])
+        return task_service_pb2.UpdateTaskResponse(task=convert.task_from_row(row))
+
     # -- schedules (ScheduleService's) -------------------------------------------------------
 
     async def CreateSchedule(
@@ -291,3 +313,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: schedule_pb2.ResumeScheduleRequest, context_: Context
     ) -> schedule_pb2.ResumeScheduleResponse:
         return await self._schedules.resume(request)
+
+    # -- queue operations (QueueOps') --------------------------------------------------------
+
+    async def PauseQueue(
+        self, request: task_service_pb2.PauseQueueRequest, context_: Context
+    ) -> task_service_pb2.PauseQueueResponse:
+        return await self._queue_ops.pause(request)
+
+    async def ResumeQueue(
+        self, request: task_service_pb2.ResumeQueueRequest, context_: Context
+    ) -> task_service_pb2.ResumeQueueResponse:
+        return await self._queue_ops.resume(request)
+
+    async def ListDeadTasks(
+        self, request: task_service_pb2.ListDeadTasksRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTasksResponse:
+        return await self._queue_ops.list_dead(request)
+
+    async def ListDeadTaskGroups(
+        self, request: task_service_pb2.ListDeadTaskGroupsRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTaskGroupsResponse:
+        return await self._queue_ops.dead_groups(request)
+
+    async def RetryTasks(
+        self, request: task_service_pb2.RetryTasksRequest, context_: Context
+    ) -> task_service_pb2.RetryTasksResponse:
+        return await self._queue_ops.retry_many(request)
+
+    async def DeleteTasks(
+        self, request: task_service_pb2.DeleteTasksRequest, context_: Context
+    ) -> task_service_pb2.DeleteTasksResponse:
+        return await self._queue_ops.delete_many(request)

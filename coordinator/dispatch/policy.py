@@ -25,6 +25,8 @@ extend without touching the stream code:
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
 - :meth:`DispatchPolicy.pick_idle`: the session a fresh submit may be handed to directly.
+- :attr:`DispatchPolicy.pauses`: paused queues (``pauses.py``) are left out of every
+  claim and every hand-off.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import asyncpg
 from conveyor.coordinator import convert
 from conveyor.coordinator.dispatch.breakers import Breakers, Settings
 from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
+from conveyor.coordinator.dispatch.pauses import QueuePauses
 from conveyor.coordinator.dispatch.rate_limits import Caps, RateLimits
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
@@ -152,6 +155,8 @@ class DispatchPolicy:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
         self._rotation = itertools.count()
+        self.pauses = QueuePauses()
+        """Paused queues: no claim or hand-off takes from them."""
         self.limits = limits or RateLimits()
         """The rate limits' token buckets (the leader's)."""
         self.keys = ConcurrencyKeys()
@@ -201,20 +206,28 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
-        tenant, queues = session.tenant, session.queues
+        tenant = session.tenant
+        # Paused queues are left out (pauses.py).
+        queues = self.pauses.open_queues(tenant, session.queues)
+        if not queues:
+            return []
         # Open circuit breakers take their types out (the same tuple when none is open).
         types = self.breakers.allowed(tenant, session.task_types)
         budget = _Budget(claim.limit, claim.max_bytes)
         if types and tenant in self.keys.tenants:
             caps = self.limits.caps(tenant, queues, types, budget.limit)
-            budget.take(await self._claim_pairs(conn, session, types, budget, fence, caps, True))
+            budget.take(
+                await self._claim_pairs(conn, session, queues, types, budget, fence, caps, True)
+            )
         if types and budget.left():
             caps = self.limits.caps(tenant, queues, types, budget.limit)
             if caps is None:
-                budget.take(await self._claim_plain(conn, session, types, budget, fence))
+                budget.take(await self._claim_plain(conn, session, queues, types, budget, fence))
             else:
                 budget.take(
-                    await self._claim_pairs(conn, session, types, budget, fence, caps, False)
+                    await self._claim_pairs(
+                        conn, session, queues, types, budget, fence, caps, False
+                    )
                 )
         if self.breakers.enabled and budget.left():
             # Half-open breakers: their probes, a claim of the type alone.
@@ -222,7 +235,7 @@ class DispatchPolicy:
                 if not budget.left():
                     break
                 probe = _Budget(min(probes, budget.limit), budget.max_bytes)
-                rows = await self._claim_plain(conn, session, (type_,), probe, fence)
+                rows = await self._claim_plain(conn, session, queues, (type_,), probe, fence)
                 self.breakers.sent_probes(tenant, type_, len(rows))
                 budget.take(rows)
         return budget.rows
@@ -231,6 +244,7 @@ class DispatchPolicy:
         self,
         conn: asyncpg.Connection,
         session: WorkerSession,
+        queues: Sequence[str],
         types: Sequence[str],
         budget: _Budget,
         fence: Fence,
@@ -240,10 +254,7 @@ class DispatchPolicy:
         """The claim per (queue, type) pair: under the rate limits' ``caps`` when some
         cover the session, of the tasks with concurrency keys (``keyed``) or without."""
         limit = budget.limit
-        if caps is None:
-            pairs = [(q, t, limit) for q in session.queues for t in types]
-        else:
-            pairs = caps.pairs
+        pairs = [(q, t, limit) for q in queues for t in types] if caps is None else caps.pairs
         rows = (
             await store.claim_limited(
                 conn,
@@ -272,6 +283,7 @@ class DispatchPolicy:
         self,
         conn: asyncpg.Connection,
         session: WorkerSession,
+        queues: Sequence[str],
         types: Sequence[str],
         budget: _Budget,
         fence: Fence,
@@ -279,7 +291,7 @@ class DispatchPolicy:
         return await store.claim(
             conn,
             tenant=session.tenant,
-            queues=session.queues,
+            queues=queues,
             types=types,
             keys=session.encryption_keys,
             limit=budget.limit,
@@ -320,6 +332,12 @@ class DispatchPolicy:
             except Exception as exc:
                 found[i] = exc
         return found
+
+    def may_hand_off(self, rows: Iterable[store.NewRow]) -> bool:
+        """Whether fresh submits may go straight to waiting workers: not to a paused queue
+        (nor before this term has read which are)."""
+        pauses = self.pauses
+        return all(pauses.may_hand_off(r.tenant, r.task.queue) for r in rows)
 
     @staticmethod
     def pick_idle(

@@ -116,6 +116,8 @@ class Cause(enum.Enum):
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
     DEADLINE_EXCEEDED = "deadline_exceeded"
     """Waiting tasks whose deadline passed before an attempt started, moved to DEAD."""
+    UPDATED = "updated"
+    """A waiting task whose run_at UpdateTask moved across now (PENDING, SCHEDULED)."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not

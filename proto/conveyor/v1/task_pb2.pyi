@@ -238,6 +238,7 @@ class Task(_message.Message):
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Time-ordered id (UUIDv7, canonical text form)."""
     tenant: _builtins.str
@@ -268,6 +269,8 @@ class Task(_message.Message):
     concurrency_key: _builtins.str
     """At most concurrency_limit tasks with this key run at once (SubmitTaskRequest)."""
     concurrency_limit: _builtins.int
+    etag: _builtins.str
+    """The task's version as UpdateTask compares it: it changes with every UpdateTask."""
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """When the task may run next (submitted run_at, or the end of a retry backoff)."""
@@ -321,10 +324,11 @@ class Task(_message.Message):
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "create_time", b"create_time", "deadline", b"deadline", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "create_time", b"create_time", "deadline", b"deadline", "etag", b"etag", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,6 +386,7 @@ class QueueStats(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
     RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     """Tasks ready to run now (PENDING)."""
@@ -391,6 +396,10 @@ class QueueStats(_message.Message):
     dead: _builtins.int
     workers: _builtins.int
     """Workers connected to the leader that take tasks from this queue."""
+    paused: _builtins.bool
+    """True while the queue is paused (PauseQueue): it accepts submits but dispatches
+    nothing until ResumeQueue. A paused queue is listed even when it holds no task.
+    """
     @_builtins.property
     def oldest_pending_time(self) -> _timestamp_pb2.Timestamp:
         """When the oldest ready (PENDING) task became ready (its run_at); unset when none is
@@ -412,10 +421,11 @@ class QueueStats(_message.Message):
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
         rate_limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "pending", b"pending", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ KNOWN = {
     "bench-tenants",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "limits set", "limits list", "limits delete",
+    "dead list", "dead groups", "dead retry", "purge", "workers drain",
 }  # fmt: skip
 
 

@@ -15,11 +15,13 @@ EXPECTED = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "CircuitBreaker",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -31,6 +33,9 @@ EXPECTED = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
@@ -50,6 +55,7 @@ EXPECTED = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",
@@ -62,6 +68,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]
 
@@ -91,6 +98,11 @@ def test_worker_exports() -> None:
         "KeyRingError",
         "KeyUnavailableError",
         "KeyedCodec",
+        "LeaseNotHeldError",
+        "Ledger",
+        "LedgerEntry",
+        "Lock",
+        "LockNotHeldError",
         "NoHandlersError",
         "NonRetryableError",
         "PayloadCodec",
@@ -99,6 +111,7 @@ def test_worker_exports() -> None:
         "Worker",
         "WorkerIdInUseError",
         "WorkerLoadError",
+        "fencing_token",
         "load_worker",
         "tls_credentials",
     ]
@@ -120,7 +133,9 @@ def test_sync_and_async_clients_offer_the_same_methods() -> None:
 
 
 def _sync_annotation(annotation: str) -> str:
-    # An async generator of T is an iterator of T in the blocking client.
+    # An async generator of T is an iterator of T in the blocking client, a Lock a SyncLock.
+    if annotation == "Lock":
+        return "SyncLock"
     return re.sub(r"^AsyncGenerator\[(.*), None\]$", r"Iterator[\1]", annotation)
 
 
