@@ -335,9 +335,17 @@ class DispatchPolicy:
 
     def may_hand_off(self, rows: Iterable[store.NewRow]) -> bool:
         """Whether fresh submits may go straight to waiting workers: not to a paused queue
-        (nor before this term has read which are)."""
-        pauses = self.pauses
-        return all(pauses.may_hand_off(r.tenant, r.task.queue) for r in rows)
+        (nor before this term has read which are), nor past a flow-control rule."""
+        pauses, limits, breakers = self.pauses, self.limits, self.breakers
+        return all(
+            pauses.may_hand_off(r.tenant, r.task.queue)
+            # A keyed task, one a rate limit covers (or before the limits are read), or
+            # one whose breaker is not closed: the claim decides.
+            and not r.task.concurrency_key
+            and not limits.covering(r.tenant, r.task.queue, r.task.type)
+            and not breakers.blocks(r.tenant, r.task.type)
+            for r in rows
+        )
 
     @staticmethod
     def pick_idle(

@@ -396,18 +396,8 @@ class Dispatcher(Service):
             return []
         sessions: list[WorkerSession] = []
         live = list(self.deps.sessions)
-        limits = self.policy.limits
         for row in rows:
             task = row.task
-            if (
-                task.concurrency_key
-                or limits.covering(row.tenant, task.queue, task.type)
-                or self.policy.breakers.blocks(row.tenant, task.type)
-            ):
-                # A keyed task, rate limited (or not known yet), or its breaker is not
-                # closed: the claim decides.
-                self._give_back(sessions)
-                return []
             session = self.policy.pick_idle(
                 live, row.tenant, task.queue, task.type, store.encryption_key(task)
             )
