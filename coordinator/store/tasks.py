@@ -647,6 +647,28 @@ _CLAIM = Query(
 )
 
 
+def _lease_args(
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> dict[str, Any]:
+    """The parameters every claim statement takes besides what it claims from."""
+    return {
+        "keys": None if keys is None else list(keys),
+        "limit": limit,
+        "max_bytes": max_bytes,
+        "worker_id": worker_id,
+        "holder": holder,
+        "epoch": fence.epoch,
+        "lease_seconds": lease_seconds,
+        "fence": fence,
+    }
+
+
 async def claim(
     conn: asyncpg.Connection,
     *,
@@ -684,14 +706,7 @@ async def claim(
         tenant=tenant,
         queues=list(queues),
         types=list(types),
-        keys=None if keys is None else list(keys),
-        limit=limit,
-        max_bytes=max_bytes,
-        worker_id=worker_id,
-        holder=holder,
-        epoch=fence.epoch,
-        lease_seconds=lease_seconds,
-        fence=fence,
+        **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
     )
 
 
@@ -799,14 +814,7 @@ async def claim_limited(
         cap_types=[t for t, _ in type_caps],
         type_caps=[c for _, c in type_caps],
         total=total,
-        keys=None if keys is None else list(keys),
-        limit=limit,
-        max_bytes=max_bytes,
-        worker_id=worker_id,
-        holder=holder,
-        epoch=fence.epoch,
-        lease_seconds=lease_seconds,
-        fence=fence,
+        **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
     )
 
 
