@@ -309,6 +309,23 @@ def coordinator(
         float,
         typer.Option("--auth-failure-rate", min=0, help="...and how many a second it regains."),
     ] = 2.0,
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(
+            "--webhook-allow-private",
+            envvar="CONVEYOR_WEBHOOK_ALLOW_PRIVATE",
+            help="Let webhooks go to loopback, private and link-local addresses and over "
+            "plain http (default: public addresses over https only).",
+        ),
+    ] = False,
+    webhook_retry_for: Annotated[
+        float,
+        typer.Option(
+            "--webhook-retry-for",
+            metavar="SECONDS",
+            help="How long a webhook event is retried before it is marked failed.",
+        ),
+    ] = 86_400.0,
     *,
     g: Globals,
 ) -> int:
@@ -357,6 +374,8 @@ def coordinator(
         breaker_cooldown=breaker_cooldown,
         aging_interval=aging_interval,
         aging_max=aging_max,
+        webhook_allow_private=webhook_allow_private,
+        webhook_retry_for=webhook_retry_for,
     )
     check_listen(listen)
     if metrics_listen:
@@ -422,6 +441,8 @@ def coordinator_config(
     breaker_cooldown: float = 30.0,
     aging_interval: float = 0.0,
     aging_max: int = 10,
+    webhook_allow_private: bool = False,
+    webhook_retry_for: float = 86_400.0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -472,6 +493,8 @@ def coordinator_config(
             breaker_cooldown=breaker_cooldown,
             aging_interval=aging_interval,
             aging_max=aging_max,
+            webhook_allow_private=webhook_allow_private,
+            webhook_retry_for=webhook_retry_for,
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -482,7 +505,7 @@ _FLAG_SETTINGS = (
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
     "breaker_failure_rate", "breaker_min_requests", "breaker_cooldown", "aging_interval",
-    "aging_max", "retention_days", "max_queue_backlog",
+    "aging_max", "retention_days", "max_queue_backlog", "webhook_retry_for",
 )  # fmt: skip
 
 

@@ -61,6 +61,10 @@ class SubmitTaskRequest(_message.Message):
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    DEPENDENCY_POLICY_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    AFTER_REFS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; "default" when empty."""
     type: _builtins.str
@@ -92,6 +96,14 @@ class SubmitTaskRequest(_message.Message):
     """
     concurrency_limit: _builtins.int
     """With concurrency_key: how many of its tasks may run at once, 1 to 10000; 0 means 1."""
+    dependency_policy: _task_pb2.DependencyPolicy.ValueType
+    """What a dead or cancelled dependency does to this task; unspecified means
+    DEPENDENCY_POLICY_CANCEL.
+    """
+    ref: _builtins.str
+    """In SubmitTasks: a name for this task, unique in the request, that other tasks of the
+    same request list in after_refs (the ids are not known before the submit).
+    """
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest time to run; unset means now."""
@@ -113,6 +125,18 @@ class SubmitTaskRequest(_message.Message):
         DEADLINE_EXCEEDED, without running. Must be in the future and not before run_at.
         """
 
+    @_builtins.property
+    def after(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Task ids (of this tenant) that must all finish before this task runs: it waits in
+        TASK_STATE_BLOCKED until then. At most 10000.
+        """
+
+    @_builtins.property
+    def after_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In SubmitTasks: refs of tasks of the same request this task waits for, like `after`.
+        The request must not make a cycle.
+        """
+
     def __init__(
         self,
         *,
@@ -132,10 +156,14 @@ class SubmitTaskRequest(_message.Message):
         concurrency_key: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        after: _abc.Iterable[_builtins.str] | None = ...,
+        dependency_policy: _task_pb2.DependencyPolicy.ValueType = ...,
+        ref: _builtins.str = ...,
+        after_refs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_refs", b"after_refs", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "deadline", b"deadline", "dependency_policy", b"dependency_policy", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ref", b"ref", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,6 +266,7 @@ class GetTaskResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     UNSERVED_FIELD_NUMBER: _builtins.int
     UNSERVED_ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     unserved: _builtins.bool
     """True when the task waits (PENDING or SCHEDULED) and no worker connected to the leader
     takes tasks of its type from its queue: nothing will run it until one connects.
@@ -252,6 +281,10 @@ class GetTaskResponse(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskAttempt]:
         """Every attempt so far, oldest first."""
 
+    @_builtins.property
+    def waiting_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """While the task is BLOCKED: the ids of the dependencies it still waits for."""
+
     def __init__(
         self,
         *,
@@ -259,10 +292,11 @@ class GetTaskResponse(_message.Message):
         attempts: _abc.Iterable[_task_pb2.TaskAttempt] | None = ...,
         unserved: _builtins.bool = ...,
         unserved_encryption_key: _builtins.str = ...,
+        waiting_for: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

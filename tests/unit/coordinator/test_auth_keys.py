@@ -19,6 +19,7 @@ EXPECTED = {
         "SubmitTask": "submit", "SubmitTasks": "submit", "CreateSchedule": "submit",
         "UpdateSchedule": "submit", "DeleteSchedule": "submit", "UpdateTask": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
+        "WatchTasks": "read",
         "GetSchedule": "read", "ListSchedules": "read", "ListRateLimits": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate", "SetRateLimit": "operate", "DeleteRateLimit": "operate",
@@ -35,6 +36,14 @@ EXPECTED = {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
         "UpdateTenantLimits": "admin", "ListAuditEvents": "admin", "DrainWorker": "admin",
+    },
+    "WebhookService": {
+        "CreateWebhook": "operate", "ListWebhooks": "read", "DeleteWebhook": "operate",
+        "ListWebhookDeliveries": "read", "ReplayWebhookDeliveries": "operate",
+    },
+    "TaskTypeService": {
+        "SetTaskType": "operate", "GetTaskType": "read", "ListTaskTypes": "read",
+        "DeleteTaskType": "operate",
     },
 }  # fmt: skip
 
@@ -96,6 +105,7 @@ def test_a_method_without_a_scope_stops_the_start(monkeypatch: pytest.MonkeyPatc
 def test_streaming_methods() -> None:
     assert api_keys.streaming_methods() == {
         "/conveyor.v1.TaskService/WatchTask",
+        "/conveyor.v1.TaskService/WatchTasks",
         "/conveyor.v1.WorkerService/Connect",
     }
 
