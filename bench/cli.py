@@ -46,7 +46,11 @@ def register(app: typer.Typer) -> None:
     command(
         app,
         "bench-tenants",
-        example=["conveyor bench-tenants --json", "conveyor bench-tenants --seconds 20"],
+        example=[
+            "conveyor bench-tenants --json",
+            "conveyor bench-tenants --seconds 20",
+            "conveyor bench-tenants --backlog 100000 --rate 10 --json",
+        ],
     )(bench_tenants)
 
 
@@ -201,6 +205,14 @@ def bench_tenants(
     flood_batch: Annotated[
         int, typer.Option("--flood-batch", min=1, max=1000, help="Tasks per tenant A call.")
     ] = 500,
+    backlog: Annotated[
+        int,
+        typer.Option(
+            "--backlog",
+            min=0,
+            help="Tasks of tenant A waiting in the shared queue before each run beside it.",
+        ),
+    ] = 0,
     dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
@@ -216,6 +228,7 @@ def bench_tenants(
         flood_rate=flood_rate,
         callers=flood_callers,
         batch=flood_batch,
+        backlog=backlog,
         dsn=dsn,
     )
     return _print_figures(asyncio.run(run(config)), as_json)

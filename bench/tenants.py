@@ -50,6 +50,9 @@ class TenantsConfig:
     """A's concurrent submit calls."""
     batch: int = 500
     """Tasks per A call."""
+    backlog: int = 0
+    """Tasks of A's waiting in the shared queue before B measures beside it (written
+    straight into the table; A's max_backlog is raised to hold them and its flood)."""
     dsn: str | None = None
 
 
@@ -69,7 +72,9 @@ async def _set_up(address: str, admin_key: str, cfg: TenantsConfig) -> tuple[str
             )
             keys.append(reply.secret)
         limits = auth_pb2.TenantLimits(
-            submit_rate=cfg.flood_rate, submit_burst=cfg.flood_burst, max_backlog=cfg.flood_backlog
+            submit_rate=cfg.flood_rate,
+            submit_burst=cfg.flood_burst,
+            max_backlog=cfg.flood_backlog + cfg.backlog,
         )
         await admin.UpdateTenantLimits(
             admin_service_pb2.UpdateTenantLimitsRequest(
@@ -167,6 +172,9 @@ async def run(cfg: TenantsConfig) -> dict[str, Any]:
                     alone = await _probe(cfg, client, db, coordinator.pid)
                     phases: dict[str, tuple[dict[str, float], dict[str, int]]] = {}
                     for mode in ("polite", "flood"):
+                        if cfg.backlog:
+                            _say(f"tenant A: a backlog of {cfg.backlog} tasks …")
+                            await _seed_backlog(db, cfg.backlog)
                         _say(
                             f"tenant B while tenant A {FLOOD_MODES[mode]} ({cfg.callers} "
                             f"callers, batches of {cfg.batch}, limit {cfg.flood_rate:g}/s) …"
@@ -182,6 +190,26 @@ async def run(cfg: TenantsConfig) -> dict[str, Any]:
     figures = _figures(cfg, alone, phases)
     _report(figures)
     return figures
+
+
+async def _seed_backlog(db: asyncpg.Connection, count: int) -> None:
+    """Tops tenant A's ready tasks in B's queue up to ``count``, in one statement (a submit
+    of them would take as long as the measurement)."""
+    await db.execute(
+        """
+        WITH have AS (
+            SELECT count(*) AS n FROM tasks WHERE tenant = 'tenant-a' AND state = 1
+        )
+        INSERT INTO tasks (id, tenant, queue, type, payload, content_type, state, priority,
+            max_attempts, run_at, timeout_ms, retry_initial_ms, retry_max_ms,
+            retry_multiplier, retry_jitter, labels, traceparent, create_time, update_time)
+        SELECT gen_random_uuid(), 'tenant-a', $1, 'noop', '', 'application/octet-stream', 1,
+            0, 3, now(), 60000, 1000, 60000, 2, 0, '{}', '', now(), now()
+        FROM have, generate_series(1, $2 - have.n)
+        """,
+        QUEUE,
+        count,
+    )
 
 
 FLOOD_MODES = {
@@ -238,6 +266,7 @@ def _figures(
     flooded = out["b_beside_flood"]
     out["within_2x"] = flooded["submit_p99_ratio"] <= 2.0 and flooded["pickup_p99_ratio"] <= 2.0
     out["a_limit_per_s"] = cfg.flood_rate
+    out["a_backlog"] = cfg.backlog
     return out
 
 

@@ -27,6 +27,7 @@ def build() -> typer.Typer:
         dev,
         encryption_commands,
         keys_commands,
+        limits_commands,
         queue_commands,
         schedule_commands,
         services,
@@ -48,6 +49,7 @@ def build() -> typer.Typer:
     status_command.register(root)
     keys_commands.register(root)
     tenants_commands.register(root)
+    limits_commands.register(root)
     audit_commands.register(root)
     top_command.register(root)
     encryption_commands.register(root)

@@ -272,6 +272,33 @@ def coordinator(
     max_schedules: Annotated[
         int, typer.Option("--max-schedules", min=0, help="Default tenant limit: schedules.")
     ] = 0,
+    breaker_failure_rate: Annotated[
+        float,
+        typer.Option(
+            "--breaker-failure-rate",
+            help="Circuit breakers: stop dispatching a task type whose attempts fail at this "
+            "rate (0 to 1) over the last minute; 0: no breakers.",
+        ),
+    ] = 0.0,
+    breaker_min_requests: Annotated[
+        int,
+        typer.Option("--breaker-min-requests", help="Attempts a breaker needs before it opens."),
+    ] = 20,
+    breaker_cooldown: Annotated[
+        float,
+        typer.Option("--breaker-cooldown", help="Seconds an open breaker waits before probes."),
+    ] = 30.0,
+    aging_interval: Annotated[
+        float,
+        typer.Option(
+            "--aging-interval",
+            help="Aging: a waiting task's priority counts one more per this many seconds "
+            "(at most --aging-max more); 0: no aging.",
+        ),
+    ] = 0.0,
+    aging_max: Annotated[
+        int, typer.Option("--aging-max", help="The most aging adds to a task's priority.")
+    ] = 10,
     max_watch_streams: Annotated[
         int,
         typer.Option(
@@ -354,6 +381,11 @@ def coordinator(
         max_watch_streams=max_watch_streams,
         auth_failure_burst=auth_failure_burst,
         auth_failure_rate=auth_failure_rate,
+        breaker_failure_rate=breaker_failure_rate,
+        breaker_min_requests=breaker_min_requests,
+        breaker_cooldown=breaker_cooldown,
+        aging_interval=aging_interval,
+        aging_max=aging_max,
         webhook_allow_private=webhook_allow_private,
         webhook_retry_for=webhook_retry_for,
     )
@@ -417,6 +449,11 @@ def coordinator_config(
     max_watch_streams: int = 1000,
     auth_failure_burst: int = 30,
     auth_failure_rate: float = 2.0,
+    breaker_failure_rate: float = 0.0,
+    breaker_min_requests: int = 20,
+    breaker_cooldown: float = 30.0,
+    aging_interval: float = 0.0,
+    aging_max: int = 10,
     webhook_allow_private: bool = False,
     webhook_retry_for: float = 86_400.0,
 ) -> CoordinatorConfig:
@@ -465,6 +502,11 @@ def coordinator_config(
             max_watch_streams=max_watch_streams,
             auth_failure_burst=auth_failure_burst,
             auth_failure_rate=auth_failure_rate,
+            breaker_failure_rate=breaker_failure_rate,
+            breaker_min_requests=breaker_min_requests,
+            breaker_cooldown=breaker_cooldown,
+            aging_interval=aging_interval,
+            aging_max=aging_max,
             webhook_allow_private=webhook_allow_private,
             webhook_retry_for=webhook_retry_for,
         )
@@ -476,8 +518,9 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
-    "retention_days", "max_queue_backlog",
-    "webhook_retry_for", "max_worker_loop_lag",
+    "breaker_failure_rate", "breaker_min_requests", "breaker_cooldown", "aging_interval",
+    "aging_max", "retention_days", "max_queue_backlog", "webhook_retry_for",
+    "max_worker_loop_lag",
 )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conveyor.cli import output, values
+from conveyor.cli import limits_commands, output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 from conveyor.cli.queue_commands import QueueAction, pause_or_resume
@@ -391,6 +392,7 @@ def queues(
         return pause_or_resume(g, action, queue)
     with g.client() as client:
         stats = client.queues()
+        breakers = client.circuit_breakers()
     if as_json:
         rows = [
             {
@@ -401,6 +403,7 @@ def queues(
                 "dead": q.dead,
                 "workers": q.workers,
                 "paused": q.paused,
+                "rate_limits": [dataclasses.asdict(r) for r in q.rate_limits],
             }
             for q in stats
         ]
@@ -416,6 +419,19 @@ def queues(
             for q in stats
         ],
     )
+    limited = [(q.name, q.rate_limits) for q in stats if q.rate_limits]
+    for name, limits in limited:
+        # Rate limits at dispatch (conveyor limits): tasks over the rate wait PENDING.
+        output.print_text(f"rate limits of queue {name}:")
+        output.print_table(limits_commands.HEADERS, limits_commands.rows(limits), indent=2)
+    if breakers:
+        # Types the leader holds back after too many failures (their tasks wait PENDING).
+        output.print_text("circuit breakers not closed:")
+        output.print_table(
+            ["TYPE", "STATE", "OPENED"],
+            [(b.type, b.state, output.when(b.opened_time)) for b in breakers],
+            indent=2,
+        )
     return 0
 
 

@@ -31,10 +31,12 @@ from conveyor.client._models import (
     UNSET,
     BulkResult,
     CatchUpPolicy,
+    CircuitBreaker,
     DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
+    RateLimit,
     Schedule,
     Task,
     TaskAttempt,
@@ -54,6 +56,7 @@ from conveyor.transport import Backoff, ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import EncryptionError, PayloadCodec
 from conveyor.transport._errors import InvalidArgumentError, RPCError, UnavailableError
 from conveyor.v1 import schedule_pb2 as spb
+from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 
 __all__ = ["AsyncClient"]
@@ -198,6 +201,9 @@ class AsyncClient:
         idempotency_key: str | None = None,
         run_at: datetime | timedelta | None = None,
         traceparent: str | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        deadline: datetime | timedelta | None = None,
         after: Iterable[str | Task] = (),
         on_dependency_failure: Literal["cancel", "run"] = "cancel",
         **task: Unpack[TaskOptions],
@@ -214,6 +220,11 @@ class AsyncClient:
             run_at: Earliest start: an aware datetime or a delay from now.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            concurrency_key: At most ``concurrency_limit`` (1) tasks with this key run at
+                once, cluster-wide; the others wait without holding back other keys.
+            concurrency_limit: How many tasks of ``concurrency_key`` may run at once.
+            deadline: The latest start (an aware datetime or a delay from now); a task not
+                started by then ends DEAD with ``DEADLINE_EXCEEDED``, without running.
             after: Tasks (ids or :class:`Task` values, of this tenant) that must all
                 finish first: the task waits BLOCKED until then. A small DAG in one call:
                 ``submit_many()`` with ``ref`` and ``after_refs``.
@@ -236,6 +247,9 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             run_at=run_at,
             traceparent=traceparent,
+            concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
+            deadline=deadline,
             after=tuple(after),
             on_dependency_failure=on_dependency_failure,
             **task,
@@ -410,6 +424,52 @@ class AsyncClient:
             lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
+
+    async def circuit_breakers(self) -> builtins.list[CircuitBreaker]:
+        """Returns this tenant's circuit breakers that are not closed (the task types the
+        leader holds back after too many failures)."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
+        )
+        return [CircuitBreaker.from_proto(b) for b in response.circuit_breakers]
+
+    async def set_rate_limit(
+        self,
+        *,
+        rate: float,
+        queue: str = "",
+        type: str = "",
+        burst: int = 0,
+        all_tenants: bool = False,
+    ) -> RateLimit:
+        """Sets (creates or replaces) the rate limit of a queue, a type or both ("" for
+        every one): their tasks start at most ``rate`` a second, ``burst`` at once (0: one
+        second's worth). ``all_tenants`` (admin keys only) limits every tenant together."""
+        limit = task_pb2.RateLimit(
+            queue=queue, type=type, rate=rate, burst=burst, all_tenants=all_tenants
+        )
+        response = await self._conn.unary(
+            lambda s: s.tasks.SetRateLimit, pb.SetRateLimitRequest(limit=limit), idempotent=True
+        )
+        return RateLimit.from_proto(response.limit)
+
+    async def rate_limits(self) -> builtins.list[RateLimit]:
+        """Returns the rate limits that apply to this tenant: its own, then all tenants'."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListRateLimits, pb.ListRateLimitsRequest(), idempotent=True
+        )
+        return [RateLimit.from_proto(r) for r in response.limits]
+
+    async def delete_rate_limit(
+        self, *, queue: str = "", type: str = "", all_tenants: bool = False
+    ) -> None:
+        """Deletes a rate limit.
+
+        Raises:
+            RPCError: NOT_FOUND when there is no such limit.
+        """
+        request = pb.DeleteRateLimitRequest(queue=queue, type=type, all_tenants=all_tenants)
+        await self._conn.unary(lambda s: s.tasks.DeleteRateLimit, request, idempotent=False)
 
     async def _admin_read(self, method: AdminMethod, request: Any) -> Any:
         """One AdminService read with this client's addresses, failover, key and TLS.

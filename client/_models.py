@@ -23,10 +23,12 @@ __all__ = [
     "AttemptOutcome",
     "BulkResult",
     "CatchUpPolicy",
+    "CircuitBreaker",
     "DeadTaskGroup",
     "OverlapPolicy",
     "Page",
     "QueueStats",
+    "RateLimit",
     "RetryPolicy",
     "Schedule",
     "ScheduleFiring",
@@ -430,6 +432,57 @@ class TaskAttempt:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreaker:
+    """A task type's circuit breaker that is not closed: the leader dispatches none of the
+    type while it is ``"open"``, then a few probes (``"half-open"``)."""
+
+    type: str
+    #: ``"open"`` or ``"half-open"``.
+    state: str
+    #: When it last opened.
+    opened_time: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.CircuitBreaker) -> CircuitBreaker:
+        """Converts from the wire message ``conveyor.v1.CircuitBreaker``."""
+        state = task_pb2.CircuitBreakerState.Name(msg.state)
+        return cls(
+            type=msg.type,
+            state=state.removeprefix("CIRCUIT_BREAKER_STATE_").lower().replace("_", "-"),
+            opened_time=_datetime_or_none(msg, "opened_time"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """A rate limit at dispatch: tasks of a queue and/or type start at most ``rate`` a
+    second (``burst`` at once after a quiet spell), however many workers take them."""
+
+    #: The queue it limits; "" for every queue.
+    queue: str = ""
+    #: The task type it limits; "" for every type (both "": the whole tenant).
+    type: str = ""
+    rate: float
+    burst: int = 0
+    #: Across every tenant together (an admin's), not the caller's tenant alone.
+    all_tenants: bool = False
+    #: Tokens left, as the leader last wrote them (about once a second).
+    tokens: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.RateLimit) -> RateLimit:
+        """Converts from the wire message ``conveyor.v1.RateLimit``."""
+        return cls(
+            queue=msg.queue,
+            type=msg.type,
+            rate=msg.rate,
+            burst=msg.burst,
+            all_tenants=msg.all_tenants,
+            tokens=msg.tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """A queue's task counts by state."""
 
@@ -445,6 +498,8 @@ class QueueStats:
     workers: int = 0
     #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
     oldest_pending_time: datetime | None = None
+    #: The rate limits that cover this queue (its own, and by type in every queue).
+    rate_limits: tuple[RateLimit, ...] = ()
     #: Paused (``pause_queue``): it accepts submits and dispatches nothing.
     paused: bool = False
 
@@ -459,6 +514,7 @@ class QueueStats:
             dead=msg.dead,
             workers=msg.workers,
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
+            rate_limits=tuple(RateLimit.from_proto(r) for r in msg.rate_limits),
             paused=msg.paused,
         )
 
@@ -672,6 +728,13 @@ class TaskSpec(TaskTemplate):
     run_at: datetime | timedelta | None = None
     #: W3C trace context to link the task's execution to the caller's trace.
     traceparent: str | None = None
+    #: At most ``concurrency_limit`` tasks with this key (a customer id) run at once.
+    concurrency_key: str | None = None
+    #: With ``concurrency_key``: how many of its tasks may run at once (1 by default).
+    concurrency_limit: int | None = None
+    #: The latest start: an aware datetime, or a delay from now. A task not started by
+    #: then ends DEAD (``DEADLINE_EXCEEDED``) without running.
+    deadline: datetime | timedelta | None = None
     #: Tasks (ids or :class:`Task` values) that must all finish first: the task waits
     #: BLOCKED until then.
     after: Sequence[str | Task] = ()
@@ -704,6 +767,13 @@ class TaskSpec(TaskTemplate):
         run_at = _resolve_run_at(self.run_at)
         if run_at is not None:
             msg.run_at.CopyFrom(_timestamp(run_at))
+        if self.concurrency_key:
+            msg.concurrency_key = self.concurrency_key
+        if self.concurrency_limit:
+            msg.concurrency_limit = self.concurrency_limit
+        deadline = _resolve_run_at(self.deadline)
+        if deadline is not None:
+            msg.deadline.CopyFrom(_timestamp(deadline))
         return msg
 
 

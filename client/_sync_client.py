@@ -28,10 +28,12 @@ from conveyor.client._models import (
     UNSET,
     BulkResult,
     CatchUpPolicy,
+    CircuitBreaker,
     DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
+    RateLimit,
     Schedule,
     Task,
     TaskAttempt,
@@ -195,6 +197,9 @@ class Client:
         idempotency_key: str | None = None,
         run_at: datetime | timedelta | None = None,
         traceparent: str | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        deadline: datetime | timedelta | None = None,
         after: Iterable[str | Task] = (),
         on_dependency_failure: Literal["cancel", "run"] = "cancel",
         **task: Unpack[TaskOptions],
@@ -211,6 +216,11 @@ class Client:
             run_at: Earliest start: an aware datetime or a delay from now.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            concurrency_key: At most ``concurrency_limit`` (1) tasks with this key run at
+                once, cluster-wide; the others wait without holding back other keys.
+            concurrency_limit: How many tasks of ``concurrency_key`` may run at once.
+            deadline: The latest start (an aware datetime or a delay from now); a task not
+                started by then ends DEAD with ``DEADLINE_EXCEEDED``, without running.
             after: Tasks (ids or :class:`Task` values, of this tenant) that must all
                 finish first: the task waits BLOCKED until then. A small DAG in one call:
                 ``submit_many()`` with ``ref`` and ``after_refs``.
@@ -234,6 +244,9 @@ class Client:
                 idempotency_key=idempotency_key,
                 run_at=run_at,
                 traceparent=traceparent,
+                concurrency_key=concurrency_key,
+                concurrency_limit=concurrency_limit,
+                deadline=deadline,
                 after=after,
                 on_dependency_failure=on_dependency_failure,
                 **task,
@@ -302,6 +315,45 @@ class Client:
     def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         return self._loop.run(self._async.queues())
+
+    def circuit_breakers(self) -> builtins.list[CircuitBreaker]:
+        """Returns this tenant's circuit breakers that are not closed (the task types the
+        leader holds back after too many failures)."""
+        return self._loop.run(self._async.circuit_breakers())
+
+    def set_rate_limit(
+        self,
+        *,
+        rate: float,
+        queue: str = "",
+        type: str = "",
+        burst: int = 0,
+        all_tenants: bool = False,
+    ) -> RateLimit:
+        """Sets (creates or replaces) the rate limit of a queue, a type or both ("" for
+        every one): their tasks start at most ``rate`` a second, ``burst`` at once (0: one
+        second's worth). ``all_tenants`` (admin keys only) limits every tenant together."""
+        return self._loop.run(
+            self._async.set_rate_limit(
+                rate=rate, queue=queue, type=type, burst=burst, all_tenants=all_tenants
+            )
+        )
+
+    def rate_limits(self) -> builtins.list[RateLimit]:
+        """Returns the rate limits that apply to this tenant: its own, then all tenants'."""
+        return self._loop.run(self._async.rate_limits())
+
+    def delete_rate_limit(
+        self, *, queue: str = "", type: str = "", all_tenants: bool = False
+    ) -> None:
+        """Deletes a rate limit.
+
+        Raises:
+            RPCError: NOT_FOUND when there is no such limit.
+        """
+        self._loop.run(
+            self._async.delete_rate_limit(queue=queue, type=type, all_tenants=all_tenants)
+        )
 
     def cancel(self, task_id: str) -> Task:
         """Cancels an unfinished task (a running one's worker is told to stop).

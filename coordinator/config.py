@@ -104,6 +104,24 @@ class CoordinatorConfig:
     one second's worth."""
     max_schedules: int = 0
     """Schedules each tenant may have, unless its own limit says otherwise. 0: no limit."""
+    aging_interval: float = 0.0
+    """Aging at dispatch: a ready task's priority counts one more per this many seconds it
+    has waited, at most ``aging_max`` more, so a low priority cannot starve. 0: no aging
+    (the claim orders by priority alone)."""
+    aging_max: int = 10
+    """The most aging adds to a task's priority."""
+    breaker_failure_rate: float = 0.0
+    """Circuit breakers per (tenant, task type) (``dispatch/breakers.py``): the failure
+    rate of a type's attempts over ``breaker_window`` at which the leader stops
+    dispatching it, 0 to 1. 0: no breakers."""
+    breaker_min_requests: int = 20
+    """Attempts in the window before the failure rate can open a breaker."""
+    breaker_window: float = 60.0
+    """Seconds of the sliding window the failure rate is measured over."""
+    breaker_cooldown: float = 30.0
+    """Seconds an open breaker dispatches nothing before it lets probes through."""
+    breaker_probes: int = 3
+    """Tasks a half-open breaker lets through; as many successes close it."""
     max_watch_streams: int = 1000
     """WatchTask streams each tenant may have open on one coordinator; past it, WatchTask
     is refused with QUOTA_EXCEEDED. 0: no limit. (All watchers share one read of
@@ -219,6 +237,35 @@ class CoordinatorConfig:
                 out.append(f"bootstrap_tenant {self.bootstrap_tenant!r} {problem}")
         return out
 
+    def _breaker_problems(self) -> list[str]:
+        """What is wrong with the flow-control settings (breakers, aging)."""
+        out: list[str] = []
+        if self.aging_interval != 0:
+            problem = bounds.seconds_problem(self.aging_interval)
+            if problem is not None:
+                out.append(
+                    f"aging_interval {problem}, or 0 for no aging (got {self.aging_interval})"
+                )
+        problem = bounds.count_problem(self.aging_max, lowest=1, highest=2000)
+        if problem is not None:
+            out.append(f"aging_max {problem} (got {self.aging_max})")
+        if not 0 <= self.breaker_failure_rate <= 1:
+            out.append(
+                f"breaker_failure_rate must be between 0 (no breakers) and 1, "
+                f"got {self.breaker_failure_rate}"
+            )
+        for name, seconds in (("breaker_window", self.breaker_window),
+                              ("breaker_cooldown", self.breaker_cooldown)):  # fmt: skip
+            problem = bounds.seconds_problem(seconds)
+            if problem is not None:
+                out.append(f"{name} {problem} (got {seconds})")
+        for name, count in (("breaker_min_requests", self.breaker_min_requests),
+                            ("breaker_probes", self.breaker_probes)):  # fmt: skip
+            problem = bounds.count_problem(count, lowest=1, highest=1_000_000)
+            if problem is not None:
+                out.append(f"{name} {problem} (got {count})")
+        return out
+
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
         out: list[str] = []
@@ -265,6 +312,7 @@ class CoordinatorConfig:
             except ValueError as exc:
                 out.append(f"metrics_listen: {exc}")
         out += self._limit_problems()
+        out += self._breaker_problems()
         if self.etcd and 0 < self.election_ttl < 1:
             out.append(
                 f"election_ttl must be at least 1 second: etcd leases are whole seconds "

@@ -102,6 +102,9 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         finish_time=maybe_timestamp(row["finish_time"]),
         labels=_labels(row["labels"]),
         traceparent=row["traceparent"],
+        concurrency_key=row["concurrency_key"] or "",
+        concurrency_limit=row["concurrency_limit"] or 0,
+        deadline=maybe_timestamp(row["deadline"]),
         etag=task_etag(row["version"]),
     )
 
@@ -128,7 +131,7 @@ def task_from_new(
     (``now``, ``run_at``) or cached (durations, retry policies). The payload is not
     echoed: the submitter has it, and sending it back would double the traffic.
     """
-    return task_pb2.Task(
+    message = task_pb2.Task(
         id=str(task_id),
         tenant=tenant,
         queue=task.queue,
@@ -150,6 +153,13 @@ def task_from_new(
         traceparent=task.traceparent,
         etag=_NEW_ETAG,
     )
+    if task.concurrency_key or task.deadline:
+        # Set apart: most tasks have neither, and every keyword costs per task here.
+        message.concurrency_key = task.concurrency_key or ""
+        message.concurrency_limit = task.concurrency_limit or 0
+        if task.deadline is not None:
+            message.deadline.CopyFrom(timestamp(task.deadline))
+    return message
 
 
 def attempt_from_row(row: Mapping[str, Any]) -> task_pb2.TaskAttempt:

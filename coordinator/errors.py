@@ -211,6 +211,18 @@ class ScheduleNotFound(ConveyorError):
         super().__init__(f"schedule {name!r} does not exist", metadata={"name": name})
 
 
+class RateLimitNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_RATE_LIMIT_NOT_FOUND
+
+    def __init__(self, queue: str, type_: str) -> None:
+        super().__init__(
+            f"no rate limit has queue {queue!r} and type {type_!r} "
+            "(conveyor limits list shows them)",
+            metadata={"queue": queue, "type": type_},
+        )
+
+
 class ScheduleAlreadyExists(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_SCHEDULE_ALREADY_EXISTS

@@ -22,6 +22,7 @@ from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
 from conveyor.coordinator.api.keda_scaler import KedaScaler
 from conveyor.coordinator.api.queue_ops import QueueOps
+from conveyor.coordinator.api.rate_limits import RateLimitService
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
@@ -33,7 +34,10 @@ from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
 from conveyor.coordinator.deps import Deps, Office
+from conveyor.coordinator.dispatch.breakers import Breakers, Settings
+from conveyor.coordinator.dispatch.deadlines import DeadlineSweeper
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
+from conveyor.coordinator.dispatch.rate_limits import RateLimits
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
 from conveyor.coordinator.leader.maintenance import (
@@ -197,8 +201,26 @@ class Coordinator:
             tracing=self.telemetry.tracing,
         )
         self.telemetry.watch(db, self.sessions, deps.after_commit)
+        rate_limits = RateLimits()
+        breakers = Breakers(
+            Settings(
+                cfg.breaker_failure_rate,
+                cfg.breaker_min_requests,
+                cfg.breaker_window,
+                cfg.breaker_cooldown,
+                cfg.breaker_probes,
+            )
+        )
+        if self.telemetry.metrics.enabled:
+            loop = asyncio.get_running_loop()
+            self.telemetry.metrics.watch_rate_limits(rate_limits.levels, loop=loop)
+            self.telemetry.metrics.watch_circuit_breakers(breakers.states, loop=loop)
         policy = DispatchPolicy(
-            lease_seconds=cfg.lease_duration, max_payload_bytes=cfg.max_payload_bytes
+            lease_seconds=cfg.lease_duration,
+            max_payload_bytes=cfg.max_payload_bytes,
+            limits=rate_limits,
+            breakers=breakers,
+            aging=(cfg.aging_interval, cfg.aging_max) if cfg.aging_interval else None,
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
@@ -231,6 +253,7 @@ class Coordinator:
             backlog,
             Retention(deps),
             self.webhooks,
+            DeadlineSweeper(deps),
         ]
         if cfg.max_queue_backlog > 0:
             self.services.append(queue_backlog)
@@ -251,6 +274,8 @@ class Coordinator:
                 schedules,
                 quotas=quotas,
                 queue_ops=QueueOps(deps, dispatcher),
+                rate_limits=RateLimitService(db, rate_limits, authentication=cfg.authentication),
+                breakers=breakers,
                 events=self.events,
                 task_types=self.task_types,
             ),

@@ -309,3 +309,48 @@ class WorkerProcessCollector(_SourceCollector[WorkerProcessState]):
         yield concurrency
         yield running
         yield connected
+
+
+class RateLimitCollector(_SourceCollector[Iterable[tuple[str, str, str, str, float]]]):
+    """``conveyor_rate_limit_tokens`` per bucket, from the leader's rate limits
+    (``coordinator/dispatch/rate_limits.py``): (scope, tenant, queue, type, tokens)."""
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family(())]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(self._read() or ())
+
+    @staticmethod
+    def _family(levels: Iterable[tuple[str, str, str, str, float]]) -> Metric:
+        family = GaugeMetricFamily(
+            "conveyor_rate_limit_tokens",
+            "Tokens left in a rate limit's bucket on the leader (scope: tenant, or cluster "
+            "for a limit across all tenants; queue or type empty: every one).",
+            labels=("scope", "tenant", "queue", "type"),
+        )
+        for scope, tenant, queue, type_, tokens in levels:
+            family.add_metric((scope, tenant, queue, type_), tokens)
+        return family
+
+
+class CircuitBreakerCollector(_SourceCollector[Iterable[tuple[str, str, int]]]):
+    """``conveyor_circuit_breaker_state`` per (tenant, type), from the leader's breakers
+    (``coordinator/dispatch/breakers.py``): (tenant, type, state)."""
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family(())]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(self._read() or ())
+
+    @staticmethod
+    def _family(states: Iterable[tuple[str, str, int]]) -> Metric:
+        family = GaugeMetricFamily(
+            "conveyor_circuit_breaker_state",
+            "A task type's circuit breaker on the leader: 0 closed, 1 half-open, 2 open.",
+            labels=("tenant", "type"),
+        )
+        for tenant, type_, state in states:
+            family.add_metric((tenant, type_), state)
+        return family

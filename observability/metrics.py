@@ -41,9 +41,11 @@ from prometheus_client import (
 
 from conveyor.observability._collectors import (
     DEPTH_STATES,
+    CircuitBreakerCollector,
     QueueDepth,
     QueueDepthCollector,
     QueuePausedCollector,
+    RateLimitCollector,
     Source,
     WorkerPool,
     WorkerPoolCollector,
@@ -360,6 +362,23 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        # -- flow control at dispatch (coordinator/dispatch/rate_limits.py) ----------------
+        self.dispatch_holds = Counter(
+            "conveyor_dispatch_holds_total",
+            "Claims (rounds, not tasks) a dispatch rule held back, by the rule's tenant, "
+            "queue and type ('' for every one, '*' tenant: every tenant) and reason "
+            "(rate_limit: the bucket had no whole token left after the claim).",
+            ("tenant", "queue", "type", "reason"),
+            registry=r,
+        )
+
+        self._deadline_exceeded = _Children(
+            counter(
+                "conveyor_tasks_deadline_exceeded_total",
+                "Tasks whose deadline passed before an attempt started (made DEAD).",
+            )
+        )
+
         # -- loops that serve every tenant ------------------------------------------------
         self.rows_set_aside = Counter(
             "conveyor_rows_set_aside",
@@ -490,6 +509,15 @@ class CoordinatorMetrics:
         if count:
             self.rows_set_aside.labels(loop).inc(count)
 
+    def record_deadline_exceeded(self, rows: Iterable[Row]) -> None:
+        """Tasks the deadline sweep made DEAD (columns tenant, queue, type)."""
+        self._deadline_exceeded.add(Tally(map(_labels, rows)))
+
+    def count_holds(self, tally: Mapping[tuple[str, str, str], int], reason: str) -> None:
+        """Claims held back since the last call, per rule (tenant, queue, type)."""
+        for (tenant, queue, type_), n in tally.items():
+            self.dispatch_holds.labels(tenant, queue, type_, reason).inc(n)
+
     def count_purged(self, per_tenant: Mapping[str, int], reason: str) -> None:
         """Finished tasks deleted in one statement, per tenant (reason: retention, purge)."""
         for tenant, n in per_tenant.items():
@@ -579,6 +607,32 @@ class CoordinatorMetrics:
         """Exports the connected workers, their credits and in-flight tasks, read from
         ``source`` (run on ``loop`` when given) at scrape time."""
         collector = WorkerPoolCollector(source, loop, timeout)
+        self.registry.register(collector)
+        return collector
+
+    def watch_rate_limits(
+        self,
+        source: Source[Iterable[tuple[str, str, str, str, float]]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 2.0,
+    ) -> RateLimitCollector:
+        """Exports the rate limits' tokens, read from ``source`` (run on ``loop`` when
+        given) at scrape time."""
+        collector = RateLimitCollector(source, loop, timeout)
+        self.registry.register(collector)
+        return collector
+
+    def watch_circuit_breakers(
+        self,
+        source: Source[Iterable[tuple[str, str, int]]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 2.0,
+    ) -> CircuitBreakerCollector:
+        """Exports the circuit breakers' states, read from ``source`` (run on ``loop``
+        when given) at scrape time."""
+        collector = CircuitBreakerCollector(source, loop, timeout)
         self.registry.register(collector)
         return collector
 

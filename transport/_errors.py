@@ -23,6 +23,7 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── RateLimitNotFoundError   no rate limit has the queue and type (.queue, .type)
     │   ├── LeaseNotHeldError        the attempt lost its task's lease (.task_id)
     │   ├── LockNotHeldError         the lock was lost: TTL ran out, taken over (.name)
     │   ├── WorkerNotFoundError      no worker with the id is connected (.worker_id)
@@ -88,6 +89,7 @@ __all__ = [
     "ProtocolViolationError",
     "QuotaExceededError",
     "RPCError",
+    "RateLimitNotFoundError",
     "ScheduleAlreadyExistsError",
     "ScheduleNotFoundError",
     "StatusInfo",
@@ -654,6 +656,33 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class RateLimitNotFoundError(RPCError):
+    """No rate limit has the given queue and type (``delete_rate_limit``).
+
+    Attributes:
+        queue: The queue named ("" for every queue).
+        type: The task type named ("" for every type).
+    """
+
+    _hint = "List the rate limits (`conveyor limits list`) to see them."
+
+    def __init__(
+        self, message: str, *, queue: str | None = None, type: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.queue = queue
+        self.type = type
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info),
+            queue=info.metadata.get("queue"),
+            type=info.metadata.get("type"),
+            **_common_kwargs(info),
+        )
+
+
 class LeaseNotHeldError(RPCError):
     """The attempt does not hold its task's lease any more: it cannot record an effect.
 
@@ -789,6 +818,7 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("RATE_LIMIT_NOT_FOUND"): RateLimitNotFoundError,
     _reason("LEASE_NOT_HELD"): LeaseNotHeldError,
     _reason("LOCK_NOT_HELD"): LockNotHeldError,
     _reason("WORKER_NOT_FOUND"): WorkerNotFoundError,

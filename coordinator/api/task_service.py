@@ -19,9 +19,12 @@ import grpc
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation, watch_tasks
 from conveyor.coordinator.api.queue_ops import QueueOps
+from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch import breakers as breaker
 from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.breakers import Breakers
 from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.task_events import TaskEventHub
@@ -41,6 +44,11 @@ from conveyor.v1 import (
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
+_BREAKER_STATES = {
+    breaker.State.CLOSED: task_pb2.CIRCUIT_BREAKER_STATE_CLOSED,
+    breaker.State.HALF_OPEN: task_pb2.CIRCUIT_BREAKER_STATE_HALF_OPEN,
+    breaker.State.OPEN: task_pb2.CIRCUIT_BREAKER_STATE_OPEN,
+}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 TaskWrite = Callable[
@@ -59,6 +67,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         *,
         quotas: Quotas,
         queue_ops: QueueOps,
+        rate_limits: RateLimitService,
+        breakers: Breakers,
         events: TaskEventHub | None = None,
         task_types: TaskTypes | None = None,
     ) -> None:
@@ -69,6 +79,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self._schedules = schedules
         self._quotas = quotas
         self._queue_ops = queue_ops
+        self._rate_limits = rate_limits
+        self._breakers = breakers
 
     # -- submits -----------------------------------------------------------------------------
 
@@ -161,8 +173,40 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def ListQueues(
         self, request: task_service_pb2.ListQueuesRequest, context_: Context
     ) -> task_service_pb2.ListQueuesResponse:
-        queues = await self._queue_ops.queue_stats(context.current().tenant)
-        return task_service_pb2.ListQueuesResponse(queues=queues)
+        tenant = context.current().tenant
+        queues = await self._queue_ops.queue_stats(tenant)
+        limits = await self._rate_limits.of_tenant()
+        if limits:
+            for queue in queues:
+                queue.rate_limits.extend(of_queue(limits, queue.name))
+        return task_service_pb2.ListQueuesResponse(
+            queues=queues,
+            circuit_breakers=[
+                task_pb2.CircuitBreaker(
+                    type=b.type,
+                    state=_BREAKER_STATES[b.state],
+                    opened_time=convert.maybe_timestamp(b.opened_wall),
+                )
+                for b in self._breakers.of_tenant(tenant)
+            ],
+        )
+
+    # -- rate limits (api/rate_limits.py) ------------------------------------------------------
+
+    async def SetRateLimit(
+        self, request: task_service_pb2.SetRateLimitRequest, context_: Context
+    ) -> task_service_pb2.SetRateLimitResponse:
+        return await self._rate_limits.set_limit(request)
+
+    async def ListRateLimits(
+        self, request: task_service_pb2.ListRateLimitsRequest, context_: Context
+    ) -> task_service_pb2.ListRateLimitsResponse:
+        return await self._rate_limits.list_limits()
+
+    async def DeleteRateLimit(
+        self, request: task_service_pb2.DeleteRateLimitRequest, context_: Context
+    ) -> task_service_pb2.DeleteRateLimitResponse:
+        return await self._rate_limits.delete_limit(request)
 
     async def WatchTask(  # type: ignore[override]
         self, request: task_service_pb2.WatchTaskRequest, context_: Context

@@ -47,6 +47,8 @@ MAX_BACKOFF = timedelta(seconds=bounds.SECONDS_MAX)
 MAX_MULTIPLIER = 100.0
 MAX_RUN_AT_AHEAD = timedelta(days=366)
 MAX_LABELS = 64
+MAX_CONCURRENCY_LIMIT = 10_000
+"""The most tasks of one concurrency key that may run at once."""
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_BATCH = 1000
@@ -106,6 +108,11 @@ class NewTask:
     """The id the client chose (``request_id``, canonical lowercase text), or None for one
     made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
     made per task."""
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    """At most this many tasks with ``concurrency_key`` run at once (None without a key)."""
+    deadline: datetime | None = None
+    """The latest time the task may start."""
     after: tuple[str, ...] = ()
     """Ids (canonical text, no repeats) of the tasks this one waits for (``after``)."""
     after_refs: tuple[str, ...] = ()
@@ -269,6 +276,7 @@ def validate_submit(
     task_id: str | None = None
     if "request_id" in fields:
         task_id = _check_request_id(fields["request_id"], prefix + "request_id", now, out)
+    flow = _check_flow(fields, run_at, prefix, now, out)
     # Read only when set (ListFields): a submit without dependencies pays nothing here.
     dependencies = _NO_DEPENDENCIES
     if "after" in fields or "after_refs" in fields or "ref" in fields:
@@ -293,6 +301,9 @@ def validate_submit(
         labels=labels,
         traceparent=traceparent,
         task_id=task_id,
+        concurrency_key=flow[0],
+        concurrency_limit=flow[1],
+        deadline=flow[2],
         after=dependencies[0],
         after_refs=dependencies[1],
         ref=dependencies[2],
@@ -303,6 +314,63 @@ def validate_submit(
     if task.has_dependencies:
         return _with_hash(task, force=True), []
     return (_with_hash(task) if key else task), []
+
+
+_NO_FLOW: tuple[str | None, int | None, datetime | None] = (None, None, None)
+_FLOW_FIELDS = frozenset({"concurrency_key", "concurrency_limit", "deadline"})
+
+
+def _check_flow(
+    fields: dict[str, Any],
+    run_at: datetime | None,
+    prefix: str,
+    now: datetime | None,
+    out: list[FieldViolation],
+) -> tuple[str | None, int | None, datetime | None]:
+    """The concurrency key, its limit (1 when not given) and the deadline of a submit."""
+    if _FLOW_FIELDS.isdisjoint(fields):
+        return _NO_FLOW  # the usual submit: one set test
+    key: str = fields.get("concurrency_key", "")
+    limit: int = fields.get("concurrency_limit", 0)
+    if key or limit:
+        _check_concurrency(key, limit, prefix, out)
+    deadline: datetime | None = None
+    if "deadline" in fields:
+        deadline = _check_deadline(fields["deadline"], run_at, prefix, now, out)
+    return (key or None), ((limit or 1) if key else None), deadline
+
+
+def _check_deadline(
+    value: Any,
+    run_at: datetime | None,
+    prefix: str,
+    now: datetime | None,
+    out: list[FieldViolation],
+) -> datetime | None:
+    deadline = check_timestamp(value, prefix + "deadline", out)
+    if deadline is None:
+        return None
+    if deadline <= (now or datetime.now(UTC)):
+        out.append(FieldViolation(prefix + "deadline", "must be in the future"))
+    elif run_at is not None and deadline < run_at:
+        out.append(
+            FieldViolation(prefix + "deadline", "must not be before run_at (it could never start)")
+        )
+    return deadline
+
+
+def _check_concurrency(key: str, limit: int, prefix: str, out: list[FieldViolation]) -> None:
+    if not key:
+        out.append(FieldViolation(prefix + "concurrency_limit", "needs a concurrency_key to limit"))
+    else:
+        check_text(key, prefix + "concurrency_key", out, max_length=MAX_NAME_LENGTH)
+    if not 0 <= limit <= MAX_CONCURRENCY_LIMIT:
+        out.append(
+            FieldViolation(
+                prefix + "concurrency_limit",
+                f"must be between 1 and {MAX_CONCURRENCY_LIMIT} (0 for 1)",
+            )
+        )
 
 
 _NO_DEPENDENCIES: tuple[tuple[str, ...], tuple[str, ...], str, bool] = ((), (), "", False)
@@ -465,6 +533,9 @@ def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
             task.retry_multiplier,
             task.retry_jitter,
             sorted(task.labels.items()),
+            # Only when set, so the fingerprints of tasks without a key stay as they were.
+            *([task.concurrency_key, task.concurrency_limit] if task.concurrency_key else []),
+            *([task.deadline.isoformat()] if task.deadline else []),
             # Only when set, so the fingerprints stored before dependencies still match.
             *(
                 [sorted(task.after), sorted(task.after_refs), task.run_on_failure]

@@ -18,7 +18,9 @@ extend without touching the stream code:
 - :meth:`DispatchPolicy.claim`: one session's claim (``store.tasks.claim``: per queue the
   head of the ready index in dispatch order, priority then age since ids are
   time-ordered, then the best of those heads, cut at the byte budget; leased in the same
-  statement, fenced).
+  statement, fenced). Where a rate limit covers the session (``rate_limits.py``), the
+  claim takes no more than the buckets' tokens (``store.tasks.claim_limited``) and spends
+  them; the rules in order are in ``docs/architecture.md`` ("The dispatch rules").
 - :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
@@ -31,13 +33,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from conveyor.coordinator import convert
+from conveyor.coordinator.dispatch.breakers import Breakers, Settings
+from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
 from conveyor.coordinator.dispatch.pauses import QueuePauses
+from conveyor.coordinator.dispatch.rate_limits import Caps, RateLimits
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
@@ -50,6 +55,10 @@ T = TypeVar("T")
 MAX_CLAIM_PER_SESSION = 500
 """Tasks claimed for one session per round, so one greedy worker cannot stall a round's
 transaction; the next round follows at once."""
+FAIR_QUANTUM = 100
+"""Tasks one claim takes while workers of several tenants wait in a round: a tenant whose
+backlog keeps its workers claiming takes portions of this size, so another tenant's
+claim comes at most one portion later (the sessions are interleaved by tenant)."""
 MAX_CLAIM_BYTES = 16 << 20
 """Payload bytes claimed for one session per round (at least one task whatever its size)."""
 MESSAGE_BYTES = 3 << 20
@@ -94,6 +103,34 @@ class Claim:
     max_bytes: int
 
 
+@dataclass(slots=True)
+class _Budget:
+    """What is left of a claim's portion while its statements run, and what they took.
+
+    The bytes taken are summed only when a further statement needs them: the plain claim
+    alone never walks its rows here."""
+
+    limit: int
+    bytes_given: int
+    rows: list[asyncpg.Record] = field(default_factory=list)
+    _bytes_left: int | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        if self._bytes_left is None:
+            self._bytes_left = self.bytes_given - sum(len(r["payload"]) for r in self.rows)
+        return self._bytes_left
+
+    def left(self) -> bool:
+        return self.limit > 0 and self.max_bytes > 0
+
+    def take(self, rows: list[asyncpg.Record]) -> None:
+        if rows:
+            self.limit -= len(rows)
+            self.rows = self.rows + rows if self.rows else rows
+            self._bytes_left = None
+
+
 @dataclass(frozen=True, slots=True)
 class Packed:
     """One Assignments message, with its weight against the session's outbox."""
@@ -106,25 +143,61 @@ class Packed:
 class DispatchPolicy:
     """See the module docstring."""
 
-    def __init__(self, *, lease_seconds: float, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        lease_seconds: float,
+        max_payload_bytes: int,
+        limits: RateLimits | None = None,
+        breakers: Breakers | None = None,
+        aging: tuple[float, int] | None = None,
+    ) -> None:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
         self._rotation = itertools.count()
         self.pauses = QueuePauses()
         """Paused queues: no claim or hand-off takes from them."""
+        self.limits = limits or RateLimits()
+        """The rate limits' token buckets (the leader's)."""
+        self.keys = ConcurrencyKeys()
+        """Which tenants have tasks with concurrency keys ready."""
+        self.breakers = breakers or Breakers(Settings(0.0, 1, 60.0, 30.0, 1))
+        """The circuit breakers per (tenant, type) (off unless configured)."""
+        self.aging = aging
+        """(seconds per step, most steps) of aging, or None: priority alone."""
+
+    def reset(self) -> None:
+        """A new term: the flow-control state is read again before the first claim."""
+        self.limits.reset()
+        self.keys.reset()
+        self.breakers.reset()
+
+    def stale(self) -> bool:
+        """Whether the flow-control state is due to be read again (about once a second)."""
+        return self.limits.stale()
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        await self.limits.refresh(conn)
+        await self.keys.refresh(conn)
+        await self.breakers.refresh(conn)
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
-        """This round's claims, in a rotating order so no worker is starved."""
+        """This round's claims, in a rotating order so no worker is starved; with workers
+        of several tenants, interleaved by tenant in portions of FAIR_QUANTUM."""
         ready = [s for s in sessions if s.wants_work]
+        most = MAX_CLAIM_PER_SESSION
         if len(ready) > 1:
             shift = next(self._rotation) % len(ready)
             ready = ready[shift:] + ready[:shift]
+            interleaved = by_tenant(ready)
+            if interleaved is not None:
+                ready, most = interleaved, FAIR_QUANTUM
         claims: list[Claim] = []
         for session in ready:
             room = min(MAX_CLAIM_BYTES, session.outbox_room)
             session.throttled = room <= 0
             if room > 0:
-                claims.append(Claim(session, min(session.credit, MAX_CLAIM_PER_SESSION), room))
+                claims.append(Claim(session, min(session.credit, most), room))
         return claims
 
     async def claim(
@@ -133,21 +206,101 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
-        queues = self.pauses.open_queues(session.tenant, session.queues)
+        tenant = session.tenant
+        # Paused queues are left out (pauses.py).
+        queues = self.pauses.open_queues(tenant, session.queues)
         if not queues:
             return []
+        # Open circuit breakers take their types out (the same tuple when none is open).
+        types = self.breakers.allowed(tenant, session.task_types)
+        budget = _Budget(claim.limit, claim.max_bytes)
+        if types and tenant in self.keys.tenants:
+            caps = self.limits.caps(tenant, queues, types, budget.limit)
+            budget.take(
+                await self._claim_pairs(conn, session, queues, types, budget, fence, caps, True)
+            )
+        if types and budget.left():
+            caps = self.limits.caps(tenant, queues, types, budget.limit)
+            if caps is None:
+                budget.take(await self._claim_plain(conn, session, queues, types, budget, fence))
+            else:
+                budget.take(
+                    await self._claim_pairs(
+                        conn, session, queues, types, budget, fence, caps, False
+                    )
+                )
+        if self.breakers.enabled and budget.left():
+            # Half-open breakers: their probes, a claim of the type alone.
+            for type_, probes in self.breakers.probing(tenant, session.task_types):
+                if not budget.left():
+                    break
+                probe = _Budget(min(probes, budget.limit), budget.max_bytes)
+                rows = await self._claim_plain(conn, session, queues, (type_,), probe, fence)
+                self.breakers.sent_probes(tenant, type_, len(rows))
+                budget.take(rows)
+        return budget.rows
+
+    async def _claim_pairs(
+        self,
+        conn: asyncpg.Connection,
+        session: WorkerSession,
+        queues: Sequence[str],
+        types: Sequence[str],
+        budget: _Budget,
+        fence: Fence,
+        caps: Caps | None,
+        keyed: bool,
+    ) -> list[asyncpg.Record]:
+        """The claim per (queue, type) pair: under the rate limits' ``caps`` when some
+        cover the session, of the tasks with concurrency keys (``keyed``) or without."""
+        limit = budget.limit
+        pairs = [(q, t, limit) for q in queues for t in types] if caps is None else caps.pairs
+        rows = (
+            await store.claim_limited(
+                conn,
+                tenant=session.tenant,
+                pairs=pairs,
+                queue_caps=caps.queues if caps else (),
+                type_caps=caps.types if caps else (),
+                total=caps.total if caps else limit,
+                keyed=keyed,
+                keys=session.encryption_keys,
+                limit=limit,
+                max_bytes=budget.max_bytes,
+                worker_id=session.worker_id,
+                holder=session.holder,
+                lease_seconds=self._lease_seconds,
+                fence=fence,
+            )
+            if pairs
+            else []
+        )
+        if caps is not None:
+            self.limits.spend(caps, rows)
+        return rows
+
+    async def _claim_plain(
+        self,
+        conn: asyncpg.Connection,
+        session: WorkerSession,
+        queues: Sequence[str],
+        types: Sequence[str],
+        budget: _Budget,
+        fence: Fence,
+    ) -> list[asyncpg.Record]:
         return await store.claim(
             conn,
             tenant=session.tenant,
             queues=queues,
-            types=session.task_types,
+            types=types,
             keys=session.encryption_keys,
-            limit=claim.limit,
-            max_bytes=claim.max_bytes,
+            limit=budget.limit,
+            max_bytes=budget.max_bytes,
             worker_id=session.worker_id,
             holder=session.holder,
             lease_seconds=self._lease_seconds,
             fence=fence,
+            aging=self.aging,
         )
 
     def filled(self, claim: Claim, rows: Sequence[asyncpg.Record]) -> bool:
@@ -182,9 +335,17 @@ class DispatchPolicy:
 
     def may_hand_off(self, rows: Iterable[store.NewRow]) -> bool:
         """Whether fresh submits may go straight to waiting workers: not to a paused queue
-        (nor before this term has read which are)."""
-        pauses = self.pauses
-        return all(pauses.may_hand_off(r.tenant, r.task.queue) for r in rows)
+        (nor before this term has read which are), nor past a flow-control rule."""
+        pauses, limits, breakers = self.pauses, self.limits, self.breakers
+        return all(
+            pauses.may_hand_off(r.tenant, r.task.queue)
+            # A keyed task, one a rate limit covers (or before the limits are read), or
+            # one whose breaker is not closed: the claim decides.
+            and not r.task.concurrency_key
+            and not limits.covering(r.tenant, r.task.queue, r.task.type)
+            and not breakers.blocks(r.tenant, r.task.type)
+            for r in rows
+        )
 
     @staticmethod
     def pick_idle(
@@ -210,6 +371,18 @@ class DispatchPolicy:
                 session.credit -= 1
                 return session
         return None
+
+
+def by_tenant(sessions: Sequence[WorkerSession]) -> list[WorkerSession] | None:
+    """The sessions taking turns by tenant (the first of each tenant, then the second,
+    ...), keeping each tenant's order; None when they are all one tenant's."""
+    groups: dict[str, list[WorkerSession]] = {}
+    for session in sessions:
+        groups.setdefault(session.tenant, []).append(session)
+    if len(groups) < 2:
+        return None
+    turns = itertools.zip_longest(*groups.values())
+    return [s for turn in turns for s in turn if s is not None]
 
 
 def assignment_size(payload: bytes, labels: object) -> int:

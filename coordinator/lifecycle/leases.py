@@ -274,6 +274,12 @@ class Dispatcher(Service):
         self.dispatched = 0
         self._wake_soon = False
         deps.after_commit.listen(self._on_transitions)
+        # A concurrency slot frees on every transition out of RUNNING (the seam).
+        policy.keys.wake = self.wake
+        deps.after_commit.listen(policy.keys.on_transitions)
+        # The circuit breakers count every attempt that ended (the seam too).
+        policy.breakers.wake = self.wake
+        deps.after_commit.listen(policy.breakers.on_transitions)
 
     def _on_transitions(self, batch: Transitions) -> None:
         # Work became ready. One round serves every session, so which queue does not
@@ -290,6 +296,12 @@ class Dispatcher(Service):
         self._wake_soon = False
         self.wake()
 
+    def start(self) -> None:
+        if not self.running:
+            # A new term: the rate limits' buckets start empty (dispatch/rate_limits.py).
+            self.policy.reset()
+        super().start()
+
     async def stop(self) -> None:
         await super().stop()
         self.policy.pauses.forget()  # the next term reads them again
@@ -303,7 +315,10 @@ class Dispatcher(Service):
         fence = self.deps.office.fence()
         metrics, tracing = self.deps.metrics, self.deps.tracing
         more = False
+        limits = self.policy.limits
         async with self.deps.db.autocommit() as conn:
+            if self.policy.stale():
+                await self.policy.refresh(conn)
             for claim in claims:
                 session = claim.session
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
@@ -330,7 +345,14 @@ class Dispatcher(Service):
                     if tracing.enabled:
                         dispatch_spans(tracing, rows, messages, started_ns)
                     await self.deliver(conn, session, messages)
-        return 0.0 if more else self.deps.config.poll_interval
+        if limits.holds:
+            metrics.count_holds(limits.holds, "rate_limit")
+            limits.holds.clear()
+        refill = limits.wake_after()
+        if more:
+            return 0.0
+        poll = self.deps.config.poll_interval
+        return poll if refill is None else min(poll, refill)
 
     async def _set_aside_unusable(
         self, conn: asyncpg.Connection, session: WorkerSession, rows: list[asyncpg.Record]

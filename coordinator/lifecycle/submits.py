@@ -406,5 +406,8 @@ def _row_fingerprint(row: asyncpg.Record) -> bytes:
         retry_jitter=row["retry_jitter"],
         labels=json.loads(labels) if isinstance(labels, str) else dict(labels or {}),
         traceparent="",
+        concurrency_key=row["concurrency_key"],
+        concurrency_limit=row["concurrency_limit"],
+        deadline=row["deadline"],
     )
     return validation.request_fingerprint(task)

@@ -116,6 +116,8 @@ class Cause(enum.Enum):
     """A DEAD task made PENDING again (RetryTask)."""
     SET_ASIDE = "set_aside"
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    """Waiting tasks whose deadline passed before an attempt started, moved to DEAD."""
     RELEASED = "released"
     """BLOCKED tasks whose dependencies finished (PENDING or SCHEDULED), or that a dead or
     cancelled dependency cancelled: by the release fragment of the statement that finished
@@ -135,6 +137,7 @@ _ONLY_STATE = {
     Cause.CANCELLED: task_pb2.TASK_STATE_CANCELLED,
     Cause.REDRIVEN: PENDING,
     Cause.SET_ASIDE: task_pb2.TASK_STATE_DEAD,
+    Cause.DEADLINE_EXCEEDED: task_pb2.TASK_STATE_DEAD,
 }
 
 

@@ -79,7 +79,8 @@ TASK_COLUMNS = (
     "attempt", "max_attempts", "attempt_base", "idempotency_key", "run_at", "timeout_ms",
     "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
     "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
-    "create_time", "update_time", "finish_time", "version",
+    "create_time", "update_time", "finish_time", "version", "concurrency_key",
+    "concurrency_limit", "deadline",
 )  # fmt: skip
 """Every column a Task message shows (convert.task_from_row)."""
 
@@ -98,7 +99,8 @@ NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("request_hash", "bytea"), ("run_at", "timestamptz"), ("timeout_ms", "bigint"),
     ("retry_initial_ms", "bigint"), ("retry_max_ms", "bigint"),
     ("retry_multiplier", "float8"), ("retry_jitter", "float8"), ("labels", "text"),
-    ("traceparent", "text"), ("encryption_key", "text"),
+    ("traceparent", "text"), ("encryption_key", "text"), ("concurrency_key", "text"),
+    ("concurrency_limit", "int"), ("deadline", "timestamptz"),
 )  # fmt: skip
 """The columns a new task is written with (in :func:`_record` order), and their types."""
 NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
@@ -195,6 +197,9 @@ def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
         task.traceparent,
         # encryption_key(task), inline: a call per submitted task is measurable here.
         envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None,
+        task.concurrency_key,
+        task.concurrency_limit,
+        task.deadline,
         *tail,
     )
 
@@ -640,32 +645,23 @@ async def count_unfinished(conn: asyncpg.Connection) -> int:
 
 # -- leases: the claim ----------------------------------------------------------------------
 
-_CLAIM = Query(
-    "claim_tasks",
-    f"""
-    WITH heads AS (
-        -- Per queue, the head of the ready index in dispatch order; then the best of
-        -- those heads. Written so that the index gives the order whatever the planner's
-        -- (always stale, on a queue table) statistics say.
-        SELECT head.id, head.priority, head.size FROM unnest(:queues::text[]) AS q(name)
-        CROSS JOIN LATERAL (
-            SELECT id, priority, octet_length(payload) AS size FROM tasks
-            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
-              AND type = ANY(:types::text[])
-              -- A worker that named its keys gets only tasks it can open (NULL: any).
-              AND (:keys::text[] IS NULL OR encryption_key IS NULL
-                   OR encryption_key = ANY(:keys::text[]))
-            ORDER BY priority DESC, id
-            LIMIT :limit
-            FOR UPDATE SKIP LOCKED
-        ) AS head
-        WHERE {FENCE}
-        ORDER BY head.priority DESC, head.id
-        LIMIT :limit
-    ), picked AS (
-        -- Cut at the byte budget, keeping the first task whatever its size.
+# The dispatch order within a queue: priority, then earliest deadline (none: last), then
+# age (ids are time-ordered). The order of the ready indexes, so a claim reads it off.
+_ORDER = "priority DESC, deadline, id"
+# A task whose deadline passed is not started (the deadline sweep makes it DEAD).
+_BEFORE_DEADLINE = "AND (deadline IS NULL OR deadline > now())"
+
+# The claimed rows in dispatch order, as the worker gets them.
+_CLAIMED_ORDER = "changed.priority DESC, changed.deadline, changed.id"
+
+
+def _lease_heads(order: str, claimed_order: str) -> str:
+    """The end of every claim: ``heads`` (id, size and the columns of ``order``) cut at
+    the byte budget in ``order``, keeping the first task whatever its size; leased; the
+    transition rows with what an Assignment needs, in ``claimed_order``."""
+    return f"""picked AS (
         SELECT id FROM (
-            SELECT id, sum(size) OVER (ORDER BY priority DESC, id) - size AS before FROM heads
+            SELECT id, sum(size) OVER (ORDER BY {order}) - size AS before FROM heads
         ) ahead
         WHERE before < :max_bytes
     ), changed AS (
@@ -675,16 +671,63 @@ _CLAIM = Query(
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}
-    ) {
-        tail(
-            f"{columns(ASSIGNMENT_COLUMNS)}, create_time",
-            "changed.priority DESC, changed.id",
-            finishes=False,
-        )
-    }
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", claimed_order, finishes=False)}"""
+
+
+_LEASE_HEADS = _lease_heads(_ORDER, _CLAIMED_ORDER)
+
+_CLAIM = Query(
+    "claim_tasks",
+    f"""
+    WITH heads AS (
+        -- Per queue, the head of the ready index in dispatch order; then the best of
+        -- those heads. Written so that the index gives the order whatever the planner's
+        -- (always stale, on a queue table) statistics say.
+        SELECT head.id, head.priority, head.deadline, head.size
+        FROM unnest(:queues::text[]) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT id, priority, deadline, octet_length(payload) AS size FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
+              AND type = ANY(:types::text[])
+              -- Tasks with a concurrency key are the keyed claim's (claim_keyed).
+              AND concurrency_key IS NULL
+              {_BEFORE_DEADLINE}
+              -- A worker that named its keys gets only tasks it can open (NULL: any).
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
+            ORDER BY {_ORDER}
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) AS head
+        WHERE {FENCE}
+        ORDER BY {_ORDER}
+        LIMIT :limit
+    ), {_LEASE_HEADS}
     """,
 )
+
+
+def _lease_args(
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> dict[str, Any]:
+    """The parameters every claim statement takes besides what it claims from."""
+    return {
+        "keys": None if keys is None else list(keys),
+        "limit": limit,
+        "max_bytes": max_bytes,
+        "worker_id": worker_id,
+        "holder": holder,
+        "epoch": fence.epoch,
+        "lease_seconds": lease_seconds,
+        "fence": fence,
+    }
 
 
 async def claim(
@@ -700,29 +743,216 @@ async def claim(
     holder: bytes,
     lease_seconds: float,
     fence: Fence,
+    aging: tuple[float, int] | None = None,
 ) -> list[asyncpg.Record]:
     """Leases up to ``limit`` ready tasks of these queues and types, encrypted with one of
     ``keys`` or not encrypted (``keys`` None: any), to ``worker_id`` (its process's
     ``holder``: ``sessions.WorkerSession.holder``), in
-    dispatch order (per queue the head of the ready index: priority, then age, since ids
-    are time-ordered; then the best of those heads), cut at ``max_bytes`` of payload (the
-    first task whatever its size). Fenced. Returns the transitions, each with what its
-    Assignment needs (:data:`ASSIGNMENT_COLUMNS`), in dispatch order.
+    dispatch order (per queue the head of the ready index: priority, then the earliest
+    deadline, then age, since ids are time-ordered; then the best of those heads; with
+    ``aging``, (seconds per step, most steps), by priority raised with the wait), cut at
+    ``max_bytes`` of payload (the first task whatever its size). Fenced. Returns the
+    transitions, each with what its Assignment needs (:data:`ASSIGNMENT_COLUMNS`), in
+    dispatch order.
     """
-    return await _CLAIM.fetch(
+    # With aging (the coordinator's aging_interval, aging_max), see _CLAIM_AGED.
+    query, aged = (
+        (_CLAIM, {})
+        if aging is None
+        else (_CLAIM_AGED, {"aging_interval": aging[0], "aging_max": aging[1]})
+    )
+    return await query.fetch(
         conn,
+        **aged,
         tenant=tenant,
         queues=list(queues),
         types=list(types),
-        keys=None if keys is None else list(keys),
-        limit=limit,
-        max_bytes=max_bytes,
-        worker_id=worker_id,
-        holder=holder,
-        epoch=fence.epoch,
-        lease_seconds=lease_seconds,
-        fence=fence,
+        **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
     )
+
+
+# Running tasks of the concurrency key of the task ``k`` (index tasks_running_keyed).
+_BUSY = f"""(SELECT count(*) FROM tasks r WHERE r.tenant = :tenant AND r.state = {RUNNING}
+    AND r.concurrency_key = k.concurrency_key)"""
+
+
+def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
+    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``), of the
+    tasks without a concurrency key, or of those with one (``keyed``, ``claim_keyed``):
+    then a task is taken only while fewer than its key's limit run, counting the
+    running rows and those ahead of it in this claim."""
+    if keyed:
+        # Full keys are skipped in the scan itself, so they never stand in front of
+        # the others (the partial index tasks_ready_keyed holds keyed tasks only).
+        key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
+        key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
+        key_rank = f", row_number() OVER (PARTITION BY concurrency_key ORDER BY {_ORDER}) AS in_key"
+        key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
+    else:
+        key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
+    return Query(
+        name,
+        f"""
+    WITH candidates AS (
+        -- Per (queue, type) pair the head of the ready index, as many as its tokens
+        -- allow, so a limited type never stands in front of the others of its queue.
+        SELECT c.* FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
+            AS p(queue, type, cap)
+        CROSS JOIN LATERAL (
+            SELECT k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue,
+                k.type, k.concurrency_key {key_columns}
+            FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = p.queue
+              AND k.type = p.type {key_filter}
+              AND (k.deadline IS NULL OR k.deadline > now())
+              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
+                   OR k.encryption_key = ANY(:keys::text[]))
+            ORDER BY k.priority DESC, k.deadline, k.id
+            LIMIT p.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE {FENCE}
+    ), ranked AS (
+        -- Running counts for the limits of a whole queue, a whole type and the tenant:
+        -- a row over any cap is left (the counts include rows another cap left, so a
+        -- claim may take fewer than the tokens allow, never more).
+        SELECT *,
+            row_number() OVER (PARTITION BY queue ORDER BY {_ORDER}) AS in_queue,
+            row_number() OVER (PARTITION BY type ORDER BY {_ORDER}) AS in_type,
+            row_number() OVER (ORDER BY {_ORDER}) AS in_all {key_rank}
+        FROM candidates
+    ), heads AS (
+        SELECT r.id, r.priority, r.deadline, r.size FROM ranked r
+        LEFT JOIN unnest(:cap_queues::text[], :queue_caps::int[]) AS qc(queue, cap)
+            ON qc.queue = r.queue
+        LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
+            ON tc.type = r.type
+        WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
+          AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
+        ORDER BY r.priority DESC, r.deadline, r.id
+        LIMIT :limit
+    ), {_LEASE_HEADS}
+    """,
+    )
+
+
+_CLAIM_LIMITED = _claim_by_pairs("claim_tasks_limited", keyed=False)
+_CLAIM_KEYED = _claim_by_pairs("claim_tasks_keyed", keyed=True)
+
+
+async def claim_limited(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str,
+    pairs: Sequence[tuple[str, str, int]],
+    queue_caps: Sequence[tuple[str, int]] = (),
+    type_caps: Sequence[tuple[str, int]] = (),
+    total: int,
+    keyed: bool = False,
+    keys: Iterable[str] | None,
+    limit: int,
+    max_bytes: int,
+    worker_id: str,
+    holder: bytes,
+    lease_seconds: float,
+    fence: Fence,
+) -> list[asyncpg.Record]:
+    """:func:`claim` per (queue, type) pair: at most ``cap`` tasks of each (queue, type,
+    cap) of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
+    ``type_caps``, and ``total`` in all (rate limits: ``dispatch/rate_limits.Caps``).
+    Of the tasks without a concurrency key, or with ``keyed`` of those with one, each
+    only while fewer than its key's ``concurrency_limit`` run (counted from the rows, so
+    the limit holds across workers and failover). Same order, same rows returned."""
+    query = _CLAIM_KEYED if keyed else _CLAIM_LIMITED
+    return await query.fetch(
+        conn,
+        tenant=tenant,
+        pair_queues=[p[0] for p in pairs],
+        pair_types=[p[1] for p in pairs],
+        pair_caps=[p[2] for p in pairs],
+        cap_queues=[q for q, _ in queue_caps],
+        queue_caps=[c for _, c in queue_caps],
+        cap_types=[t for t, _ in type_caps],
+        type_caps=[c for _, c in type_caps],
+        total=total,
+        **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
+    )
+
+
+MAX_AGING_LEVELS = 64
+"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
+
+_AGED_ORDER = (
+    "changed.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
+    "changed.run_at)) / :aging_interval))::int DESC, changed.deadline, changed.id"
+)
+
+_CLAIM_AGED = Query(
+    "claim_tasks_aged",
+    f"""
+    WITH RECURSIVE levels AS (
+        -- Per queue, each priority level with ready tasks, highest first (a loose scan of
+        -- the ready index: one probe per level).
+        SELECT q.name AS queue, (
+            SELECT max(priority) FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = q.name
+        ) AS priority, 1 AS depth
+        FROM unnest(:queues::text[]) AS q(name)
+        UNION ALL
+        SELECT l.queue, (
+            SELECT max(priority) FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = l.queue
+              AND priority < l.priority
+        ), l.depth + 1
+        FROM levels l WHERE l.priority IS NOT NULL AND l.depth < {MAX_AGING_LEVELS}
+    ), heads AS (
+        -- Per level the head of the ready index; then the best by effective priority:
+        -- the priority raised by one per aging interval waited since ready, at most
+        -- :aging_max (so a low priority cannot starve, and cannot jump without bound).
+        SELECT c.id, c.priority, c.deadline, c.size, c.priority + least(:aging_max,
+            floor(greatest(0, extract(epoch FROM now() - c.run_at)) / :aging_interval)
+        )::int AS effective
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT id, priority, deadline, run_at, octet_length(payload) AS size FROM tasks
+            WHERE tenant = :tenant AND state = {PENDING} AND queue = l.queue
+              AND priority = l.priority AND type = ANY(:types::text[])
+              AND concurrency_key IS NULL {_BEFORE_DEADLINE}
+              AND (:keys::text[] IS NULL OR encryption_key IS NULL
+                   OR encryption_key = ANY(:keys::text[]))
+            ORDER BY deadline, id
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE l.priority IS NOT NULL AND {FENCE}
+        ORDER BY effective DESC, c.deadline, c.id
+        LIMIT :limit
+    ), {_lease_heads("effective DESC, deadline, id", _AGED_ORDER)}
+    """,
+)
+
+
+_KEYED_TENANTS = Query(
+    "tenants_with_keyed_tasks",
+    f"""
+    WITH RECURSIVE t(tenant) AS (
+        -- Each tenant once, by skipping through the index (a DISTINCT reads every row).
+        (SELECT tenant FROM tasks WHERE state = {PENDING} AND concurrency_key IS NOT NULL
+         ORDER BY tenant LIMIT 1)
+        UNION ALL
+        SELECT (SELECT tenant FROM tasks WHERE state = {PENDING}
+                AND concurrency_key IS NOT NULL AND tenant > t.tenant
+                ORDER BY tenant LIMIT 1)
+        FROM t WHERE t.tenant IS NOT NULL
+    )
+    SELECT tenant FROM t WHERE tenant IS NOT NULL
+    """,
+)
+
+
+async def keyed_tenants(conn: asyncpg.Connection) -> set[str]:
+    """The tenants with ready tasks that carry a concurrency key."""
+    return {r[0] for r in await _KEYED_TENANTS.fetch(conn)}
 
 
 # -- leases: renewals and results ------------------------------------------------------------
@@ -1156,6 +1386,48 @@ async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> lis
     return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
 
 
+_EXPIRE_DEADLINES = Query(
+    "expire_deadlines",
+    f"""
+    WITH due AS (
+        SELECT id, state FROM tasks
+        WHERE {FENCE} AND deadline < now() AND deadline IS NOT NULL
+          AND state IN ({PENDING}, {SCHEDULED})
+        ORDER BY deadline LIMIT :limit FOR UPDATE SKIP LOCKED
+    ), changed AS (
+        UPDATE tasks t SET state = {DEAD}, finish_time = now(), update_time = now(),
+            last_error = format('DEADLINE_EXCEEDED: its deadline (%s) passed before an '
+                'attempt could start', t.deadline)
+        FROM due WHERE t.id = due.id
+        RETURNING {changed(from_state="due.state")}
+    ) {TAIL}
+    """,
+)
+
+
+async def expire_deadlines(
+    conn: asyncpg.Connection, limit: int, fence: Fence
+) -> list[asyncpg.Record]:
+    """Makes the waiting tasks (PENDING, SCHEDULED) whose deadline passed DEAD, earliest
+    first; returns their transitions."""
+    return await _EXPIRE_DEADLINES.fetch(conn, limit=limit, fence=fence)
+
+
+_NEXT_DEADLINE = Query(
+    "next_deadline",
+    f"""
+    SELECT min(deadline) FROM tasks
+    WHERE deadline IS NOT NULL AND state IN ({PENDING}, {SCHEDULED})
+    """,
+)
+
+
+async def next_deadline(conn: asyncpg.Connection) -> datetime | None:
+    """The earliest deadline of a waiting task (index tasks_deadline)."""
+    value: datetime | None = await _NEXT_DEADLINE.fetchval(conn)
+    return value
+
+
 _NEXT_RUN_AT = Query("next_run_at", f"SELECT min(run_at) FROM tasks WHERE state = {SCHEDULED}")
 
 
@@ -1297,7 +1569,9 @@ async def dead_groups(
 _REDRIVE_OLD = f"""
     changed AS (
         UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
-            finish_time = NULL, result = NULL, update_time = now()
+            finish_time = NULL, result = NULL, update_time = now(),
+            -- A passed deadline would end it again at once: a redriven task has none.
+            deadline = NULL
         FROM old WHERE t.id = old.id
         RETURNING {changed(from_state="old.state")}
     ) {TAIL_NOT_FINISHING}

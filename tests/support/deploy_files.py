@@ -73,6 +73,8 @@ def exported_names() -> set[str]:
     coordinator.watch_queue_depth(lambda: [QueueDepth("default", "q", pending=1)])
     coordinator.watch_workers(lambda: [WorkerPool("default", 1, 1, 1)])
     coordinator.watch_queue_pauses(lambda: [("default", "q")])
+    coordinator.watch_rate_limits(lambda: [("tenant", "default", "q", "t", 1.0)])
+    coordinator.watch_circuit_breakers(lambda: [("default", "t", 2)])
     worker = WorkerMetrics()
     worker.watch_process(lambda: WorkerProcessState(1, 0, True))
     return sample_names(coordinator.registry) | sample_names(worker.registry)

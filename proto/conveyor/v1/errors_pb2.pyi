@@ -70,6 +70,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
     """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+    ERROR_REASON_RATE_LIMIT_NOT_FOUND: _ErrorReason.ValueType  # 40
+    """No rate limit of this tenant (or of all tenants) has this queue and type (code
+    NOT_FOUND); metadata "queue", "type".
+    """
     ERROR_REASON_LEASE_NOT_HELD: _ErrorReason.ValueType  # 60
     """The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
     finished, was cancelled or leased again, or the caller is not the process it was
@@ -151,6 +155,10 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+ERROR_REASON_RATE_LIMIT_NOT_FOUND: ErrorReason.ValueType  # 40
+"""No rate limit of this tenant (or of all tenants) has this queue and type (code
+NOT_FOUND); metadata "queue", "type".
+"""
 ERROR_REASON_LEASE_NOT_HELD: ErrorReason.ValueType  # 60
 """The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
 finished, was cancelled or leased again, or the caller is not the process it was

@@ -162,6 +162,31 @@ task is ready again at once, and the attempt does not count against max_attempts
 """
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
+class _CircuitBreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitBreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitBreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_BREAKER_STATE_UNSPECIFIED: _CircuitBreakerState.ValueType  # 0
+    CIRCUIT_BREAKER_STATE_CLOSED: _CircuitBreakerState.ValueType  # 1
+    """Dispatching."""
+    CIRCUIT_BREAKER_STATE_HALF_OPEN: _CircuitBreakerState.ValueType  # 2
+    """Letting a few probe tasks through after the cool-down."""
+    CIRCUIT_BREAKER_STATE_OPEN: _CircuitBreakerState.ValueType  # 3
+    """Dispatching none of the type until the cool-down is over."""
+
+class CircuitBreakerState(_CircuitBreakerState, metaclass=_CircuitBreakerStateEnumTypeWrapper): ...
+
+CIRCUIT_BREAKER_STATE_UNSPECIFIED: CircuitBreakerState.ValueType  # 0
+CIRCUIT_BREAKER_STATE_CLOSED: CircuitBreakerState.ValueType  # 1
+"""Dispatching."""
+CIRCUIT_BREAKER_STATE_HALF_OPEN: CircuitBreakerState.ValueType  # 2
+"""Letting a few probe tasks through after the cool-down."""
+CIRCUIT_BREAKER_STATE_OPEN: CircuitBreakerState.ValueType  # 3
+"""Dispatching none of the type until the cool-down is over."""
+Global___CircuitBreakerState: _TypeAlias = CircuitBreakerState  # noqa: Y015
+
 @_typing.final
 class RetryPolicy(_message.Message):
     """RetryPolicy says how long to wait between attempts: initial_backoff * multiplier^(attempt-1),
@@ -251,6 +276,9 @@ class Task(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     UNCOUNTED_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Time-ordered id (UUIDv7, canonical text form)."""
@@ -279,6 +307,9 @@ class Task(_message.Message):
     (a redrive gives a fresh budget), those that never started and those interrupted by
     a worker's shutdown. `attempt - uncounted_attempts` is the budget used so far.
     """
+    concurrency_key: _builtins.str
+    """At most concurrency_limit tasks with this key run at once (SubmitTaskRequest)."""
+    concurrency_limit: _builtins.int
     etag: _builtins.str
     """The task's version as UpdateTask compares it: it changes with every UpdateTask."""
     @_builtins.property
@@ -301,6 +332,10 @@ class Task(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The latest time the task may start (SubmitTaskRequest.deadline)."""
+
     def __init__(
         self,
         *,
@@ -327,11 +362,14 @@ class Task(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         uncounted_attempts: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "create_time", b"create_time", "etag", b"etag", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "create_time", b"create_time", "deadline", b"deadline", "etag", b"etag", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,6 +426,7 @@ class QueueStats(_message.Message):
     DEAD_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
@@ -408,6 +447,10 @@ class QueueStats(_message.Message):
         pending. How long work has waited: `conveyor top` shows its age.
         """
 
+    @_builtins.property
+    def rate_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """The rate limits that cover this queue: its own and those of every queue (by type)."""
+
     def __init__(
         self,
         *,
@@ -418,12 +461,89 @@ class QueueStats(_message.Message):
         dead: _builtins.int = ...,
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limits: _abc.Iterable[Global___RateLimit] | None = ...,
         paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class CircuitBreaker(_message.Message):
+    """A circuit breaker of one task type that is not closed: the leader dispatches none of
+    the type while it is open, then a few probes (half-open); its tasks wait PENDING.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OPENED_TIME_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    state: Global___CircuitBreakerState.ValueType
+    @_builtins.property
+    def opened_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last opened."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        state: Global___CircuitBreakerState.ValueType = ...,
+        opened_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["opened_time", b"opened_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["opened_time", b"opened_time", "state", b"state", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CircuitBreaker: _TypeAlias = CircuitBreaker  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """A token bucket the leader spends from at dispatch: tasks start at most `rate` a second,
+    `burst` at once after a quiet spell, however many workers take them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue it limits; empty: every queue."""
+    type: _builtins.str
+    """The task type it limits; empty: every type. Both empty: the whole tenant."""
+    rate: _builtins.float
+    """Tasks started per second, 0.001 to 1e9."""
+    burst: _builtins.int
+    """Tokens saved up at most (tasks started at once); 0 when set: one second's worth."""
+    all_tenants: _builtins.bool
+    """Across all tenants together (set by an admin), not the caller's tenant alone."""
+    tokens: _builtins.float
+    """Output only: the tokens left as the leader last wrote them (about once a second)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        type: _builtins.str = ...,
+        rate: _builtins.float = ...,
+        burst: _builtins.int = ...,
+        all_tenants: _builtins.bool = ...,
+        tokens: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "burst", b"burst", "queue", b"queue", "rate", b"rate", "tokens", b"tokens", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015

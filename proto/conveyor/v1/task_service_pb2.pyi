@@ -58,6 +58,9 @@ class SubmitTaskRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
     DEPENDENCY_POLICY_FIELD_NUMBER: _builtins.int
     REF_FIELD_NUMBER: _builtins.int
@@ -86,6 +89,13 @@ class SubmitTaskRequest(_message.Message):
     hour before and five minutes after the coordinator's clock. The client library sets
     one on every submit it may resend. Unlike idempotency_key it costs nothing extra.
     """
+    concurrency_key: _builtins.str
+    """At most concurrency_limit tasks of this tenant with the same key run at once,
+    cluster-wide (a customer id, an account): the others wait PENDING without holding
+    back tasks with other keys. Empty: no key.
+    """
+    concurrency_limit: _builtins.int
+    """With concurrency_key: how many of its tasks may run at once, 1 to 10000; 0 means 1."""
     dependency_policy: _task_pb2.DependencyPolicy.ValueType
     """What a dead or cancelled dependency does to this task; unspecified means
     DEPENDENCY_POLICY_CANCEL.
@@ -108,6 +118,13 @@ class SubmitTaskRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The latest time the task may start. Within a priority, the earliest deadline runs
+        first; a task not started by then ends DEAD, its last_error starting with
+        DEADLINE_EXCEEDED, without running. Must be in the future and not before run_at.
+        """
+
     @_builtins.property
     def after(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task ids (of this tenant) that must all finish before this task runs: it waits in
@@ -136,14 +153,17 @@ class SubmitTaskRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
         after: _abc.Iterable[_builtins.str] | None = ...,
         dependency_policy: _task_pb2.DependencyPolicy.ValueType = ...,
         ref: _builtins.str = ...,
         after_refs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_refs", b"after_refs", "content_type", b"content_type", "dependency_policy", b"dependency_policy", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ref", b"ref", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_refs", b"after_refs", "concurrency_key", b"concurrency_key", "concurrency_limit", b"concurrency_limit", "content_type", b"content_type", "deadline", b"deadline", "dependency_policy", b"dependency_policy", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ref", b"ref", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,6 +489,121 @@ class RetryTaskResponse(_message.Message):
 Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015
 
 @_typing.final
+class SetRateLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> _task_pb2.RateLimit: ...
+    def __init__(
+        self,
+        *,
+        limit: _task_pb2.RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetRateLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limit(self) -> _task_pb2.RateLimit: ...
+    def __init__(
+        self,
+        *,
+        limit: _task_pb2.RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsRequest: _TypeAlias = ListRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListRateLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.RateLimit]: ...
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[_task_pb2.RateLimit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRateLimitsResponse: _TypeAlias = ListRateLimitsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRateLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    type: _builtins.str
+    all_tenants: _builtins.bool
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        type: _builtins.str = ...,
+        all_tenants: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "queue", b"queue", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRateLimitRequest: _TypeAlias = DeleteRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRateLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRateLimitResponse: _TypeAlias = DeleteRateLimitResponse  # noqa: Y015
+
+@_typing.final
 class UpdateTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -579,16 +714,22 @@ class ListQueuesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUES_FIELD_NUMBER: _builtins.int
+    CIRCUIT_BREAKERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.QueueStats]: ...
+    @_builtins.property
+    def circuit_breakers(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.CircuitBreaker]:
+        """The tenant's circuit breakers that are not closed (the types the leader holds back)."""
+
     def __init__(
         self,
         *,
         queues: _abc.Iterable[_task_pb2.QueueStats] | None = ...,
+        circuit_breakers: _abc.Iterable[_task_pb2.CircuitBreaker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_breakers", b"circuit_breakers", "queues", b"queues"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,6 +82,21 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/conveyor.v1.TaskService/SetRateLimit',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListRateLimits',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.DeleteRateLimit = channel.unary_unary(
+                '/conveyor.v1.TaskService/DeleteRateLimit',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
+                _registered_method=True)
         self.UpdateTask = channel.unary_unary(
                 '/conveyor.v1.TaskService/UpdateTask',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
@@ -218,6 +233,28 @@ class TaskServiceServicer:
 
     def ListQueues(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimit(self, request, context):
+        """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
+        all tenants (all_tenants) needs SCOPE_ADMIN.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """The rate limits that apply to the caller's tenant: its own, then those of all tenants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRateLimit(self, request, context):
+        """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -377,6 +414,21 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'DeleteRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRateLimit,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.SerializeToString,
             ),
             'UpdateTask': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateTask,
@@ -693,6 +745,87 @@ class TaskService:
             '/conveyor.v1.TaskService/ListQueues',
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/SetRateLimit',
+            conveyor_dot_v1_dot_task__service__pb2.SetRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListRateLimits',
+            conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/DeleteRateLimit',
+            conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,14 @@ class TaskServiceStub:
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]
+    """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
+    all tenants (all_tenants) needs SCOPE_ADMIN.
+    """
+    ListRateLimits: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]
+    """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+    DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]
+    """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
     UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]
     """Changes the priority, run_at, labels or max_attempts of a task that has not started
     (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
@@ -124,6 +132,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
+    all tenants (all_tenants) needs SCOPE_ADMIN.
+    """
+    ListRateLimits: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
+    """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+    DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
+    """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
     UpdateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]  # type: ignore[assignment]
     """Changes the priority, run_at, labels or max_attempts of a task that has not started
     (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
@@ -244,6 +260,32 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _task_service_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.SetRateLimitResponse, _abc.Awaitable[_task_service_pb2.SetRateLimitResponse]]:
+        """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
+        all tenants (all_tenants) needs SCOPE_ADMIN.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRateLimits(
+        self,
+        request: _task_service_pb2.ListRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_task_service_pb2.ListRateLimitsResponse]]:
+        """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+
+    @_abc_1.abstractmethod
+    def DeleteRateLimit(
+        self,
+        request: _task_service_pb2.DeleteRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.DeleteRateLimitResponse, _abc.Awaitable[_task_service_pb2.DeleteRateLimitResponse]]:
+        """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
 
     @_abc_1.abstractmethod
     def UpdateTask(

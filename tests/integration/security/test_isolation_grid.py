@@ -30,6 +30,7 @@ from conveyor.v1 import (
     auth_pb2,
     effects_service_pb2,
     schedule_pb2,
+    task_pb2,
     task_service_pb2,
     task_type_service_pb2,
     watch_pb2,
@@ -92,6 +93,14 @@ async def make_things(channel: grpc.aio.Channel, address: str, things: Things) -
     await submit_task(
         tasks_.SubmitTaskRequest(queue=f"only-{things.tenant}", type=TYPE), metadata=submit
     )
+    limit = task_pb2.RateLimit(queue=f"only-{things.tenant}", type=TYPE, rate=1000)
+    made = await call(
+        channel,
+        "/conveyor.v1.TaskService/SetRateLimit",
+        tasks_.SetRateLimitRequest(limit=limit),
+        keys["operate"].metadata,
+    )
+    assert made.code == CODE.OK, made
     for name in ("nightly", f"only-{things.tenant}"):
         create = await call(
             channel,
@@ -179,6 +188,17 @@ def _own_queues_only(answer: Answer, mine: Things, theirs: Things) -> None:
     assert answer.code == CODE.OK, answer
     names = {q.name for q in answer.response.queues}
     assert f"only-{mine.tenant}" in names and f"only-{theirs.tenant}" not in names
+
+
+def _set_as_mine(answer: Answer, mine: Things, theirs: Things) -> None:
+    # A limit has no tenant field: it is the caller's own, never the other tenant's.
+    assert answer.code == CODE.OK and not answer.response.limit.all_tenants, answer
+
+
+def _own_limits_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    queues = {limit.queue for limit in answer.response.limits}
+    assert f"only-{mine.tenant}" in queues and f"only-{theirs.tenant}" not in queues
 
 
 def _own_schedules_only(answer: Answer, mine: Things, theirs: Things) -> None:
@@ -317,6 +337,17 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         _ok,
     ),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
+    TASKS + "SetRateLimit": (
+        lambda o: T.SetRateLimitRequest(
+            limit=task_pb2.RateLimit(queue=f"only-{o.tenant}", type=TYPE, rate=5)
+        ),
+        _set_as_mine,
+    ),
+    TASKS + "ListRateLimits": (lambda o: T.ListRateLimitsRequest(), _own_limits_only),
+    TASKS + "DeleteRateLimit": (
+        lambda o: T.DeleteRateLimitRequest(queue=f"only-{o.tenant}", type=TYPE),
+        _not_found,
+    ),
     TASKS + "UpdateTask": (lambda o: T.UpdateTaskRequest(id=o.pending, priority=5), _not_found),
     LEDGER + "RecordEffect": (_their_effect_lease, _not_found),
     LEDGER + "GetEffect": (lambda o: E.GetEffectRequest(task_id=o.pending, key="k"), _not_found),
@@ -497,6 +528,7 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                         assert answer.reason in (
                             "TASK_NOT_FOUND",
                             "SCHEDULE_NOT_FOUND",
+                            "RATE_LIMIT_NOT_FOUND",
                             "LOCK_NOT_HELD",
                             "WORKER_NOT_FOUND",
                             "WEBHOOK_NOT_FOUND",

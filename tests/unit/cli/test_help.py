@@ -16,6 +16,7 @@ KNOWN = {
     "bench-tenants",
     "bench-deps",
     "encryption new-key", "encryption rotate", "encryption list", "console",
+    "limits set", "limits list", "limits delete",
     "dead list", "dead groups", "dead retry", "purge", "workers drain",
     "webhooks create", "webhooks list", "webhooks delete", "webhooks deliveries",
     "webhooks replay", "types set", "types get", "types list", "types delete",

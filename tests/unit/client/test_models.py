@@ -268,3 +268,16 @@ def test_task_spec_accepts_dicts() -> None:
     assert spec == TaskSpec(type="t", payload=1, queue="q")
     with pytest.raises(TypeError):
         task_spec({"type": "t", "bogus": 1})
+
+
+def test_a_spec_carries_its_concurrency_key_and_deadline_only_when_set() -> None:
+    plain = TaskSpec(type="send").to_proto()
+    assert not plain.concurrency_key and not plain.HasField("deadline")
+    spec = TaskSpec(
+        type="send",
+        concurrency_key="customer-7",
+        concurrency_limit=2,
+        deadline=datetime(2030, 1, 1, tzinfo=UTC),
+    ).to_proto()
+    assert (spec.concurrency_key, spec.concurrency_limit) == ("customer-7", 2)
+    assert spec.deadline.ToDatetime(tzinfo=UTC) == datetime(2030, 1, 1, tzinfo=UTC)

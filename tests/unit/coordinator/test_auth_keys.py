@@ -20,9 +20,9 @@ EXPECTED = {
         "UpdateSchedule": "submit", "DeleteSchedule": "submit", "UpdateTask": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
         "WatchTasks": "read",
-        "GetSchedule": "read", "ListSchedules": "read",
+        "GetSchedule": "read", "ListSchedules": "read", "ListRateLimits": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
-        "ResumeSchedule": "operate",
+        "ResumeSchedule": "operate", "SetRateLimit": "operate", "DeleteRateLimit": "operate",
         # Queue operations (issue 17): tenant-scoped like the calls above.
         "ListDeadTasks": "read", "ListDeadTaskGroups": "read", "PauseQueue": "operate",
         "ResumeQueue": "operate", "RetryTasks": "operate", "DeleteTasks": "operate",

@@ -132,3 +132,18 @@ async def test_an_encrypted_task_goes_only_to_a_session_that_holds_its_key() -> 
     assert dispatch_policy.unserved([keyless, keyed], "t", "q", "a", "k1") == (False, "")
     assert dispatch_policy.unserved([keyless, unsaid], "t", "q", "a", "k2") == (False, "")
     assert dispatch_policy.unserved([keyless], "t", "q", "a", None) == (False, "")
+
+
+async def test_workers_of_several_tenants_take_turns_in_portions() -> None:
+    policy = DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20)
+    busy = [_session(f"a{i}", credit=1000, tenant="a") for i in range(3)]
+    quiet = _session("b0", credit=1000, tenant="b")
+    alone = policy.plan(busy)
+    assert {c.limit for c in alone} == {MAX_CLAIM_PER_SESSION}  # one tenant: no portions
+    for _ in range(4):  # whatever the rotation, b is never behind more than one of a's
+        claims = policy.plan([*busy, quiet])
+        order = [c.session.worker_id for c in claims]
+        assert order.index("b0") <= 1, order
+        assert [o[0] for o in order[:2]] in (["a", "b"], ["b", "a"])
+        assert {c.limit for c in claims} == {dispatch_policy.FAIR_QUANTUM}
+    assert dispatch_policy.by_tenant([quiet]) is None
