@@ -212,8 +212,19 @@ def redirect(location: str) -> web.HTTPSeeOther:
 
 
 def local_path(value: str | None, default: str = "/queues") -> str:
-    """``value`` when it is a path on this console (never another site), else ``default``."""
-    if value and value.startswith("/") and not value.startswith(("//", "/\\")):
+    """``value`` when it is a path on this console (never another site), else ``default``.
+
+    Browsers drop tabs and line breaks from a URL and read ``\\`` as ``/`` (WHATWG URL
+    parsing), so ``/<tab>/evil`` or ``/\\evil`` would leave for another host: a value
+    holding any control character or backslash is refused whole rather than cleaned.
+    """
+    if (
+        value
+        and value.startswith("/")
+        and not value.startswith("//")
+        and "\\" not in value
+        and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
+    ):
         return value
     return default
 

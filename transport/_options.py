@@ -42,6 +42,10 @@ class ConnectionOptions:
     credentials: grpc.ChannelCredentials | None = None
     #: Sent as ``authorization: Bearer <api_key>`` with every call and stream.
     api_key: str | None = None
+    #: Whether :meth:`merge` may look up a key that nobody gave (``CONVEYOR_API_KEY``).
+    #: False in a process that calls with other people's keys (the console): a session
+    #: signed in without one must not borrow the process's own.
+    find_api_key: bool = True
     #: Further metadata sent with every call and stream, as ``(key, value)`` pairs.
     metadata: tuple[tuple[str, str], ...] = ()
     #: grpc.aio client interceptors, outermost first, on every channel (for example
@@ -105,7 +109,7 @@ class ConnectionOptions:
             if base.api_key is not None and base.api_key != api_key:
                 raise ValueError("api_key is given twice (directly and in options)")
             changes["api_key"] = api_key
-        elif base.api_key is None and os.environ.get(API_KEY_ENV, "").strip():
+        elif base.api_key is None and base.find_api_key and os.environ.get(API_KEY_ENV, "").strip():
             changes["api_key"] = os.environ[API_KEY_ENV].strip()
         if credentials is not None:
             if base.credentials is not None and base.credentials is not credentials:

@@ -21,6 +21,7 @@ from security import Keys
 from conveyor.console import Console, ConsoleConfig, SessionPolicy
 from conveyor.console.web import CONTENT_SECURITY_POLICY, SESSION_COOKIE
 from conveyor.coordinator.tenancy import keys as api_keys
+from conveyor.transport._options import API_KEY_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +129,47 @@ async def test_a_revoked_key_ends_its_sessions(stack: Stack, console: ConsolePro
             assert "why=refused" in await until(refused, "the console to drop the revoked key")
             async with http.get("/sign-in?why=refused") as response:
                 assert "no longer accepts your API key" in await response.text()
+
+
+async def test_an_empty_key_never_borrows_the_consoles_own(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator's key in the console's environment (as the README's export line leaves
+    # it, and as conveyor console --api-key reads it) is theirs alone: a browser that
+    # signs in without a key must not get a session that calls with it.
+    monkeypatch.setenv(API_KEY_ENV, stack.admin)
+    async with in_process(stack) as console, browsing(console.url) as http:
+        refused = await sign_in(http, "")
+        assert refused.status == 401
+        async with http.get("/admin", allow_redirects=False) as response:
+            assert response.status == 303 and response.headers["Location"].startswith("/sign-in")
+        # A one-time link made for no key is no key either.
+        link = console.sign_in_link(None).removeprefix(console.url)
+        async with http.get(link) as response:
+            assert response.status == 200
+        async with http.get("/queues", allow_redirects=False) as response:
+            assert response.status == 303 and "why=refused" in response.headers["Location"]
+
+
+async def test_sign_in_sends_the_browser_nowhere_but_this_console(
+    stack: Stack, console: ConsoleProcess
+) -> None:
+    async with browsing(console.url) as http:
+        await sign_in(http, stack.acme.user.key)
+        # Browsers drop tabs and line breaks from a URL (WHATWG URL parsing) and read a
+        # backslash as a slash: each of these would leave for another site.
+        for elsewhere in ("//evil.example/", "/\\evil.example/", "/\t/evil.example/",
+                          "/\n/evil.example/", "/\r/evil.example/", "https://evil.example/",
+                          "/\t\\evil.example/"):  # fmt: skip
+            async with http.get(
+                "/sign-in", params={"next": elsewhere}, allow_redirects=False
+            ) as response:
+                assert response.status == 303, elsewhere
+                assert response.headers["Location"] == "/queues", elsewhere
+        async with http.get(
+            "/sign-in", params={"next": "/tasks?queue=emails"}, allow_redirects=False
+        ) as response:
+            assert response.headers["Location"] == "/tasks?queue=emails"
 
 
 async def test_failed_sign_ins_stop_before_the_coordinator_would_throttle(
