@@ -163,7 +163,7 @@ GLOBAL_OPTIONS = (
         "--rpc-timeout",
         float,
         "Seconds each call to the coordinator may take.",
-        metavar="SECONDS",
+        metavar="DURATION",
         parser=values.seconds(),
     ),
     _GlobalOption("log_level", "--log-level", LogLevel, "Log level.", envvar="CONVEYOR_LOG_LEVEL"),

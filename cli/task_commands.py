@@ -86,7 +86,7 @@ def submit(
         float | None,
         typer.Option(
             "--delay",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.delay,
             help="Run no earlier than this from now.",
         ),
@@ -105,7 +105,7 @@ def submit(
         float | None,
         typer.Option(
             "--timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(),
             help="Execution timeout of an attempt.",
         ),
@@ -115,7 +115,7 @@ def submit(
         float | None,
         typer.Option(
             "--wait-timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(),
             help="Give up waiting after this (implies --wait).",
         ),
