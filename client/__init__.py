@@ -30,6 +30,7 @@ from conveyor.client._models import (
     TaskAttempt,
     TaskSpec,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.client._sync_client import Client
 from conveyor.transport._encryption import (
@@ -117,5 +118,6 @@ __all__ = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerInfo",
     "tls_credentials",
 ]

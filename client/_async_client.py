@@ -39,6 +39,7 @@ from conveyor.client._models import (
     TaskSpec,
     TaskState,
     TaskTemplate,
+    WorkerInfo,
     _timestamp,
     catch_up_to_proto,
     overlap_to_proto,
@@ -369,6 +370,14 @@ class AsyncClient:
             lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """Returns the workers connected to the leader: the key's tenant's, or every
+        tenant's for an admin key."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListWorkers, pb.ListWorkersRequest(), idempotent=True
+        )
+        return [WorkerInfo.from_proto(w) for w in response.workers]
 
     async def _admin_read(self, method: AdminMethod, request: Any) -> Any:
         """One AdminService read with this client's addresses, failover, key and TLS.

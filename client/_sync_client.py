@@ -35,6 +35,7 @@ from conveyor.client._models import (
     TaskOptions,
     TaskSpec,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.transport import ConnectionOptions
 from conveyor.transport._encryption import PayloadCodec
@@ -267,6 +268,11 @@ class Client:
     def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
         return self._loop.run(self._async.queues())
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        """Returns the workers connected to the leader: the key's tenant's, or every
+        tenant's for an admin key."""
+        return self._loop.run(self._async.workers())
 
     def cancel(self, task_id: str) -> Task:
         """Cancels an unfinished task (a running one's worker is told to stop).

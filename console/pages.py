@@ -10,6 +10,7 @@ answer with a redirect back to the page, whose flash message says what happened.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,9 +21,9 @@ from conveyor.client import (
     ConveyorError,
     Page,
     PermissionDeniedError,
-    QueueStats,
     Task,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.client._models import parse_state_name
 from conveyor.console import admin
@@ -251,30 +252,36 @@ async def resume_schedule(request: web.Request, session: ConsoleSession) -> web.
     return await _pause_or_resume(request, session, pause=False)
 
 
-async def workers_view(
-    client: AsyncClient, session: ConsoleSession
-) -> tuple[admin_service_pb2.GetClusterStatusResponse | None, list[QueueStats] | None]:
-    """What the workers page shows: the cluster status for an admin key (every worker),
-    and the tenant's queues with their worker counts for a key that may read."""
-    status = None
+@dataclass(frozen=True)
+class WorkersView:
+    """What the workers page shows: the key's workers (every tenant's for an admin key),
+    and for an admin key the cluster (leader, epoch, evictions) too."""
+
+    workers: list[WorkerInfo] | None
+    cluster: admin_service_pb2.GetClusterStatusResponse | None
+
+
+async def workers_view(client: AsyncClient, session: ConsoleSession) -> WorkersView:
+    """Reads the workers page (a scope the key lacks is remembered, not asked again)."""
+    cluster = None
     if "admin" not in session.denied:
         try:
-            status = await admin.cluster_status(client)
+            cluster = await admin.cluster_status(client)
         except PermissionDeniedError:
             session.denied.add("admin")
-    stats = None
+    listed = None
     if "read" not in session.denied:
         try:
-            stats = await client.queues()
+            listed = await client.workers()
         except PermissionDeniedError:
             session.denied.add("read")
-    return status, stats
+    return WorkersView(listed, cluster)
 
 
 @page
 async def workers(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    status, stats = await workers_view(session.client, session)
-    return render(request, "workers.html", session, cluster=status, queues=stats)
+    view = await workers_view(session.client, session)
+    return render(request, "workers.html", session, workers=view.workers, cluster=view.cluster)
 
 
 def routes() -> list[web.RouteDef]:

@@ -14,13 +14,12 @@ import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api.security_admin import SecurityAdmin
+from conveyor.coordinator.api.workers import worker_infos
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
-from conveyor.coordinator.errors import is_store_error
 from conveyor.coordinator.leader.election import Member
 from conveyor.coordinator.leader.leadership import ClusterView
-from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
-from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, worker_service_pb2
+from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 _log = logging.getLogger("conveyor.coordinator.admin")
 
@@ -43,19 +42,6 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._replicas = replicas
         self._security = security
 
-    async def _in_flight(self, worker_ids: list[str]) -> dict[tuple[str, str], int]:
-        """Leases held per worker, from the database (the status still answers without)."""
-        if not worker_ids:
-            return {}
-        try:
-            async with self._db.read() as conn:
-                return await store.running_per_worker(conn, worker_ids)
-        except Exception as exc:
-            if not is_store_error(exc):
-                raise
-            _log.warning("cluster status without in-flight counts: %s", exc)
-            return {}
-
     async def GetClusterStatus(
         self,
         request: admin_service_pb2.GetClusterStatusRequest,
@@ -70,31 +56,14 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             )
 
         replicas = await self._replicas()
-        sessions = list(self._sessions)
-        in_flight = await self._in_flight([s.worker_id for s in sessions])
+        workers = await worker_infos(self._sessions, self._db)
         return admin_service_pb2.GetClusterStatusResponse(
             cluster=view.cluster,
             mode=view.mode,
             leader=info(view.leader) if view.leader else None,
             epoch=view.epoch,
             replicas=[info(m) for m in sorted(replicas, key=lambda m: m.node_id)],
-            workers=[
-                admin_service_pb2.WorkerInfo(
-                    worker_id=s.worker_id,
-                    hostname=s.hostname,
-                    pid=s.pid,
-                    queues=s.queues,
-                    task_types=s.task_types,
-                    credit=s.credit,
-                    draining=s.draining,
-                    connect_time=convert.timestamp_from_seconds(s.connect_time),
-                    in_flight=in_flight.get((s.tenant, s.worker_id), 0),
-                    encryption_keys=None
-                    if s.encryption_keys is None
-                    else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),
-                )
-                for s in sessions
-            ],
+            workers=workers,
             recent_evictions=[
                 admin_service_pb2.WorkerEviction(
                     worker_id=e.worker_id,

@@ -19,6 +19,7 @@ import grpc
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation
 from conveyor.coordinator.api.schedule_service import ScheduleService
+from conveyor.coordinator.api.workers import worker_infos
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.errors import InvalidState, TaskNotFound
@@ -26,6 +27,7 @@ from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
+from conveyor.coordinator.tenancy import keys
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import (
@@ -132,23 +134,39 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.ListQueuesResponse:
         tenant = context.current().tenant
         async with self._deps.db.read() as conn:
-            rows = await store.queue_stats(conn, tenant)
+            rows = {r["queue"]: r for r in await store.queue_stats(conn, tenant)}
         sessions = list(self._deps.sessions)
+        # A queue that only idle workers serve is listed too (with no tasks): an operator
+        # looking for where the workers are must find them.
+        served = {q for s in sessions if s.tenant == tenant for q in s.queues}
         return task_service_pb2.ListQueuesResponse(
             queues=[
                 task_pb2.QueueStats(
-                    name=r["queue"],
-                    pending=r["pending"],
-                    scheduled=r["scheduled"],
-                    running=r["running"],
-                    dead=r["dead"],
+                    name=queue,
+                    pending=r["pending"] if r else 0,
+                    scheduled=r["scheduled"] if r else 0,
+                    running=r["running"] if r else 0,
+                    dead=r["dead"] if r else 0,
                     workers=sum(
-                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, r["queue"])
+                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, queue)
                     ),
-                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
+                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"] if r else None),
                 )
-                for r in rows
+                for queue, r in ((q, rows.get(q)) for q in sorted(rows.keys() | served))
             ]
+        )
+
+    async def ListWorkers(
+        self, request: task_service_pb2.ListWorkersRequest, context_: Context
+    ) -> task_service_pb2.ListWorkersResponse:
+        call = context.current()
+        # An admin key acts for every tenant; with authentication off there are no keys
+        # and so no tenants to keep apart.
+        everyone = keys.ADMIN in call.scopes or not call.key_id
+        return task_service_pb2.ListWorkersResponse(
+            workers=await worker_infos(
+                self._deps.sessions, self._deps.db, None if everyone else call.tenant
+            )
         )
 
     async def WatchTask(  # type: ignore[override]

@@ -81,6 +81,7 @@ class WorkerInfo(_message.Message):
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     pid: _builtins.int
@@ -89,6 +90,8 @@ class WorkerInfo(_message.Message):
     draining: _builtins.bool
     in_flight: _builtins.int
     """Tasks leased to the worker that it has not reported a result for yet."""
+    tenant: _builtins.str
+    """The tenant the worker's key belongs to (its worker id is unique only within it)."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -116,10 +119,11 @@ class WorkerInfo(_message.Message):
         task_types: _abc.Iterable[_builtins.str] | None = ...,
         in_flight: _builtins.int = ...,
         encryption_keys: _worker_service_pb2.EncryptionKeys | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "encryption_keys", b"encryption_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from conveyor.v1 import admin_service_pb2 as conveyor_dot_v1_dot_admin__service__pb2
 from conveyor.v1 import auth_pb2 as conveyor_dot_v1_dot_auth__pb2
 from conveyor.v1 import schedule_pb2 as conveyor_dot_v1_dot_schedule__pb2
 from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
@@ -29,7 +30,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats2\xc0\n\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x1f\x63onveyor/v1/admin_service.proto\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo2\x98\x0b\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12V\n\x0bListWorkers\x12\x1f.conveyor.v1.ListWorkersRequest\x1a .conveyor.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,6 +55,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['RetryTask']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['ListQueues']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ListQueues']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['ListWorkers']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ListWorkers']._serialized_options = b'\310\363\030\002'
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['GetSchedule']._loaded_options = None
@@ -68,40 +71,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['PauseSchedule']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._serialized_options = b'\310\363\030\003'
-  _globals['_SUBMITTASKREQUEST']._serialized_start=189
-  _globals['_SUBMITTASKREQUEST']._serialized_end=625
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=580
-  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=625
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=627
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=702
-  _globals['_SUBMITTASKSREQUEST']._serialized_start=704
-  _globals['_SUBMITTASKSREQUEST']._serialized_end=771
-  _globals['_SUBMITTASKSRESPONSE']._serialized_start=773
-  _globals['_SUBMITTASKSRESPONSE']._serialized_end=844
-  _globals['_GETTASKREQUEST']._serialized_start=846
-  _globals['_GETTASKREQUEST']._serialized_end=874
-  _globals['_GETTASKRESPONSE']._serialized_start=877
-  _globals['_GETTASKRESPONSE']._serialized_end=1022
-  _globals['_LISTTASKSREQUEST']._serialized_start=1024
-  _globals['_LISTTASKSREQUEST']._serialized_end=1149
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1151
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1229
-  _globals['_CANCELTASKREQUEST']._serialized_start=1231
-  _globals['_CANCELTASKREQUEST']._serialized_end=1262
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1264
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1317
-  _globals['_WATCHTASKREQUEST']._serialized_start=1319
-  _globals['_WATCHTASKREQUEST']._serialized_end=1349
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1351
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1454
-  _globals['_RETRYTASKREQUEST']._serialized_start=1456
-  _globals['_RETRYTASKREQUEST']._serialized_end=1486
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1488
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1540
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1542
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1561
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1563
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1624
-  _globals['_TASKSERVICE']._serialized_start=1627
-  _globals['_TASKSERVICE']._serialized_end=2971
+  _globals['_SUBMITTASKREQUEST']._serialized_start=222
+  _globals['_SUBMITTASKREQUEST']._serialized_end=658
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=613
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=658
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=660
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=735
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=737
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=804
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=806
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=877
+  _globals['_GETTASKREQUEST']._serialized_start=879
+  _globals['_GETTASKREQUEST']._serialized_end=907
+  _globals['_GETTASKRESPONSE']._serialized_start=910
+  _globals['_GETTASKRESPONSE']._serialized_end=1055
+  _globals['_LISTTASKSREQUEST']._serialized_start=1057
+  _globals['_LISTTASKSREQUEST']._serialized_end=1182
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1184
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1262
+  _globals['_CANCELTASKREQUEST']._serialized_start=1264
+  _globals['_CANCELTASKREQUEST']._serialized_end=1295
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1297
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1350
+  _globals['_WATCHTASKREQUEST']._serialized_start=1352
+  _globals['_WATCHTASKREQUEST']._serialized_end=1382
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1384
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1487
+  _globals['_RETRYTASKREQUEST']._serialized_start=1489
+  _globals['_RETRYTASKREQUEST']._serialized_end=1519
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1521
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1573
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1575
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1594
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1596
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=1657
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1659
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1679
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1681
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1744
+  _globals['_TASKSERVICE']._serialized_start=1747
+  _globals['_TASKSERVICE']._serialized_end=3179
 # @@protoc_insertion_point(module_scope)

@@ -76,6 +76,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListWorkers',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
         self.CreateSchedule = channel.unary_unary(
                 '/conveyor.v1.TaskService/CreateSchedule',
                 request_serializer=conveyor_dot_v1_dot_schedule__pb2.CreateScheduleRequest.SerializeToString,
@@ -170,6 +175,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """The workers connected to the leader: the caller's tenant's, or every tenant's for an
+        admin key (the scope that acts for every tenant) and with authentication off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateSchedule(self, request, context):
         """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken.
         """
@@ -260,6 +273,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.SerializeToString,
             ),
             'CreateSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSchedule,
@@ -514,6 +532,33 @@ class TaskService:
             '/conveyor.v1.TaskService/ListQueues',
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListWorkers',
+            conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,7 +43,6 @@ async def test_the_global_rpc_timeout_has_a_range() -> None:
     assert done.code == 2 and "'--rpc-timeout'" in done.err, done
 
 
-
 # Issue 20, break 8: `--delay 1h` failed ("unable to parse string as a number") while
 # `keys create --expires-in 90d` worked. Every duration flag takes the same syntax; one
 # that parses goes on to connect (exit code 1 here), one that does not is a usage error.
