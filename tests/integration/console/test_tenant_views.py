@@ -40,9 +40,9 @@ async def test_a_tenant_sees_its_own_workers_and_their_idle_queues(
         assert everyone == {("acme", "acme-1"), ("globex", "globex-1")}
 
     key = ["--coordinator", stack.address, "--api-key", stack.acme.user.key]
-    admin = ["--coordinator", stack.address, "--api-key", stack.admin]
+    as_admin = ["--coordinator", stack.address, "--api-key", stack.admin]
     queues, status, everything = await asyncio.gather(
-        conveyor("queues", "--json", *key), conveyor("status", *key), conveyor("status", *admin)
+        conveyor("queues", "--json", *key), conveyor("status", *key), conveyor("status", *as_admin)
     )
     assert queues.code == 0, queues
     assert [q["name"] for q in json.loads(queues.out)] == ["idle-mail"]
