@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 async def test_a_tenant_sees_its_own_workers_and_their_idle_queues(
     stack: Stack, workers: Workers
 ) -> None:
-    for tenant, queue in ((stack.acme, "idle-mail"), (stack.globex, "idle-billing")):
-        worker = workers.make(tenant.worker, queues=[queue], worker_id=f"{tenant.name}-1")
+    for tenant, served in ((stack.acme, "idle-mail"), (stack.globex, "idle-billing")):
+        worker = workers.make(tenant.worker, queues=[served], worker_id=f"{tenant.name}-1")
 
         @worker.task("noop")
         async def noop(ctx: TaskContext, payload: object) -> None:
