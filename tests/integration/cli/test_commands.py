@@ -77,8 +77,8 @@ async def test_status_lists_workers_and_health(
     # Every tenant's workers (an admin's view; authentication off), each with its tenant.
     header = next(line for line in lines if line.split()[:1] == ["TENANT"])
     assert header.split() == [
-        "TENANT", "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "KEYS", "IN", "FLIGHT", "CREDIT",
-        "STATE",
+        "TENANT", "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "KEYS", "IN", "FLIGHT",
+        "CREDIT", "STATE",
     ]  # fmt: skip
     row = next(line.split() for line in lines if line.split()[1:2] == ["cli-worker"])
     assert row[0] == "default"
