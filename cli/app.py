@@ -74,6 +74,15 @@ class Globals:
     encryption_key_file: str | None = None
 
     @property
+    def tls_use(self) -> str:
+        """How this command dials: plaintext, TLS, or TLS with a client certificate."""
+        from conveyor.cli import errors, security
+
+        if not security.uses_tls(self):
+            return errors.PLAINTEXT
+        return errors.MUTUAL_TLS if self.tls_cert else errors.SERVER_TLS
+
+    @property
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
@@ -352,7 +361,7 @@ def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) 
     except typer.Exit:
         raise
     except Exception as exc:
-        described = describe(exc)
+        described = describe(exc, g.tls_use)
         if described is None:
             raise  # not an expected failure: a bug, worth its traceback
         message, exit_code = described

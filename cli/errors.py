@@ -69,16 +69,48 @@ def _connection_failure(message: str) -> bool:
 _TLS_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+(?::[^;]*)?)")
 
 
-def _tls_failure(f: RPCFailure) -> str | None:
-    """A failed TLS handshake in CLI terms (OpenSSL's reason kept), else None."""
-    if f.code is not grpc.StatusCode.UNAVAILABLE or "handshake failed" not in f.message.lower():
+#: How the command dialled the coordinator, as far as TLS goes (the mismatches differ).
+PLAINTEXT, SERVER_TLS, MUTUAL_TLS = "plaintext", "tls", "mutual-tls"
+
+
+def _tls_failure(f: RPCFailure, tls: str) -> str | None:
+    """A connection that TLS (or its absence) broke, in CLI terms naming the likely
+    mismatch for how the command dialled (``tls``: "" when unknown), else None."""
+    if f.code is not grpc.StatusCode.UNAVAILABLE:
         return None
-    found = _TLS_REASON.search(f.message)
+    where = f.address or "the coordinator"
+    text = f.message.lower()
+    if "handshake failed" in text:
+        found = _TLS_REASON.search(f.message)
+        reason = found[1].strip() if found else "no reason given"
+        if "WRONG_VERSION_NUMBER" in reason:
+            return (
+                f"{where} did not answer in TLS ({reason}): it probably serves plaintext; "
+                "leave out --tls-ca (and CONVEYOR_TLS_CA), or dial its TLS port"
+            )
+        return (
+            f"the TLS handshake with {where} failed ({reason}): check that --tls-ca names "
+            "the CA that issued the coordinator's certificate, for the address dialled, and, "
+            "if it requires client certificates, --tls-cert and --tls-key"
+        )
+    # The server hung up during the handshake: gRPC's client sees only "Socket closed".
+    if not text.endswith("socket closed") or not tls:
+        return None
+    if tls == PLAINTEXT:
+        return (
+            f"{where} closed the connection at once: it probably serves TLS; pass --tls-ca "
+            "with the CA that issued its certificate (and --tls-cert and --tls-key if it "
+            "requires client certificates)"
+        )
+    if tls == SERVER_TLS:
+        return (
+            f"{where} closed the TLS connection: it probably requires a client certificate "
+            "(mutual TLS); pass --tls-cert and --tls-key"
+        )
     return (
-        f"the TLS handshake with {f.address or 'the coordinator'} failed "
-        f"({found[1].strip() if found else 'no reason given'}): check that --tls-ca names "
-        "the CA that issued the coordinator's certificate, for the address dialled, and, "
-        "if it requires client certificates, --tls-cert and --tls-key"
+        f"{where} closed the TLS connection: it probably refuses this client certificate; "
+        "--tls-cert must be issued by the CA it trusts for clients (its --tls-client-ca) "
+        "and be valid now"
     )
 
 
@@ -91,9 +123,10 @@ def _cli_terms(text: str) -> str:
     return words.lower() if words.isupper() else words
 
 
-def describe_failure(f: RPCFailure) -> str:
-    """One line for a failed call, in CLI terms."""
-    return _cli_terms(" ".join((_tls_failure(f) or _describe_failure(f)).split()))
+def describe_failure(f: RPCFailure, tls: str = "") -> str:
+    """One line for a failed call, in CLI terms (``tls``: how the command dialled, one of
+    PLAINTEXT, SERVER_TLS, MUTUAL_TLS, so a refused connection names the likely mismatch)."""
+    return _cli_terms(" ".join((_tls_failure(f, tls) or _describe_failure(f)).split()))
 
 
 def _describe_failure(f: RPCFailure) -> str:
@@ -169,8 +202,9 @@ def _refused(f: RPCFailure, where: str) -> str:
     return f"{where} refused the call: {f.message or f.code.name.lower()}{hint}"
 
 
-def describe(exc: BaseException) -> tuple[str, int] | None:
-    """(one line, exit code) for an expected failure, or None for a bug."""
+def describe(exc: BaseException, tls: str = "") -> tuple[str, int] | None:
+    """(one line, exit code) for an expected failure, or None for a bug (``tls``: as
+    :func:`describe_failure` takes it)."""
     from conveyor.client import ConveyorError, RPCError, WaitTimeoutError
 
     if isinstance(exc, CLIError):
@@ -178,7 +212,7 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, grpc.RpcError):  # a raw call's: read by the client's catalog
         exc = error_from_rpc(exc)
     if isinstance(exc, RPCError):
-        return describe_failure(_failure_from_client(exc)), FAILURE
+        return describe_failure(_failure_from_client(exc), tls), FAILURE
     if isinstance(exc, WaitTimeoutError):
         state = exc.task.state.value.lower() if exc.task is not None else "not seen yet"
         return (
