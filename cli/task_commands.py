@@ -329,8 +329,18 @@ def tasks(
     if not found:
         output.print_text("no tasks match")
         return 0
+    # Dead tasks are listed to find out why they died: their last error says it.
+    errors = any(t.state is TaskState.DEAD for t in found)
     output.print_table(
-        ["ID", "STATE", "QUEUE", "TYPE", "ATTEMPTS", "CREATED"],
+        [
+            "ID",
+            "STATE",
+            "QUEUE",
+            "TYPE",
+            "ATTEMPTS",
+            "CREATED",
+            *(["LAST ERROR"] if errors else []),
+        ],
         [
             (
                 t.id,
@@ -339,11 +349,17 @@ def tasks(
                 t.type,
                 output.attempts_text(t.attempt, t.max_attempts, t.uncounted_attempts),
                 output.when(t.create_time),
+                *([_error_line(t.last_error)] if errors else []),
             )
             for t in found
         ],
     )
     return 0
+
+
+def _error_line(error: str | None) -> str:
+    """The first line of an error (its class and message; the traceback is in get)."""
+    return output.short(error.strip().splitlines()[0], 80) if error and error.strip() else "-"
 
 
 def queues(
