@@ -94,9 +94,11 @@ class Globals:
         from conveyor.cli import security
         from conveyor.transport import ConnectionOptions
 
-        return ConnectionOptions(
+        options = ConnectionOptions(
             credentials=security.channel_credentials(self), api_key=self.api_key or None
         )
+        # --api-key and CONVEYOR_API_KEY (read into api_key) win over a local conveyor dev's.
+        return ConnectionOptions.merge(options, addresses=self.addresses)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:

@@ -124,10 +124,11 @@ class AsyncClient:
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
+        addresses = parse_addresses(coordinators)
         self._conn = Connection(
-            parse_addresses(coordinators),
+            addresses,
             timeout=timeout,
-            options=ConnectionOptions.merge(options, api_key=api_key),
+            options=ConnectionOptions.merge(options, api_key=api_key, addresses=addresses),
             rules=RetryRules(retry_resource_exhausted=retry_resource_exhausted),
         )
         self._retry_submits = retry_submits

@@ -96,9 +96,11 @@ class ConnectionOptions:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        addresses: Sequence[str] = (),
     ) -> ConnectionOptions:
         """``options`` with the shortcut arguments of the client and worker applied; the
-        API key from ``CONVEYOR_API_KEY`` when neither gives one.
+        API key from ``CONVEYOR_API_KEY`` when neither gives one, else that of a local
+        ``conveyor dev`` listening on one of ``addresses`` (see ``_devkey``).
 
         Raises:
             ValueError: A shortcut and ``options`` both set the same thing.
@@ -111,6 +113,12 @@ class ConnectionOptions:
             changes["api_key"] = api_key
         elif base.api_key is None and base.find_api_key and os.environ.get(API_KEY_ENV, "").strip():
             changes["api_key"] = os.environ[API_KEY_ENV].strip()
+        elif base.api_key is None and base.find_api_key and addresses:
+            from conveyor.transport._devkey import find_dev_key
+
+            found = find_dev_key(addresses)
+            if found is not None:
+                changes["api_key"] = found.key
         if credentials is not None:
             if base.credentials is not None and base.credentials is not credentials:
                 raise ValueError("credentials are given twice (directly and in options)")

@@ -15,7 +15,10 @@ from conveyor.cli.app import GLOBAL_OPTIONS
 from conveyor.cli.main import command_tree
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+# The README and the pages it sends newcomers to for the secure set-up and operations.
+README = "\n".join(
+    (ROOT / page).read_text() for page in ("README.md", "docs/security.md", "docs/operations.md")
+)
 RUFF = Path(sys.executable).parent / "ruff"
 
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
