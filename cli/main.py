@@ -29,6 +29,7 @@ def build() -> typer.Typer:
         dev,
         encryption_commands,
         keys_commands,
+        queue_commands,
         schedule_commands,
         services,
         status_command,
@@ -42,6 +43,7 @@ def build() -> typer.Typer:
     dev.register(root)
     services.register(root)
     task_commands.register(root)
+    queue_commands.register(root)
     schedule_commands.register(root)
     status_command.register(root)
     keys_commands.register(root)

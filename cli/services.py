@@ -209,9 +209,27 @@ def coordinator(
             "(RESOURCE_EXHAUSTED), unless its own limit says otherwise; 0: no limit.",
         ),
     ] = 0,
+    max_queue_backlog: Annotated[
+        int,
+        typer.Option(
+            "--max-queue-backlog",
+            metavar="TASKS",
+            help="Unfinished tasks past which submits to one queue of a tenant are refused "
+            "(RESOURCE_EXHAUSTED, with RetryInfo); 0: no limit.",
+        ),
+    ] = 0,
     pool_size: Annotated[
         int, typer.Option("--pool-size", help="Most PostgreSQL connections.")
     ] = 16,
+    retention_days: Annotated[
+        float,
+        typer.Option(
+            "--retention-days",
+            metavar="DAYS",
+            help="Delete finished tasks (succeeded, dead, cancelled) this many days after "
+            "they finished; 0: keep them until deleted (conveyor purge).",
+        ),
+    ] = 0.0,
     metrics_listen: Annotated[
         str,
         metrics_option("Serve Prometheus metrics on HOST:PORT (/metrics); none by default."),
@@ -304,7 +322,9 @@ def coordinator(
         liveness_timeout=liveness_timeout,
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
+        max_queue_backlog=max_queue_backlog,
         pool_size=pool_size,
+        retention_days=retention_days,
         metrics_listen=metrics_listen,
         tls_cert=g.tls_cert,
         tls_key=g.tls_key,
@@ -363,6 +383,8 @@ def coordinator_config(
     pool_size: int,
     liveness_timeout: float = 0.0,
     max_backlog: int = 0,
+    max_queue_backlog: int = 0,
+    retention_days: float = 0.0,
     metrics_listen: str = "",
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -404,6 +426,8 @@ def coordinator_config(
             liveness_timeout=liveness_timeout,
             max_payload_bytes=max_payload_bytes,
             max_backlog=max_backlog,
+            max_queue_backlog=max_queue_backlog,
+            retention_days=retention_days,
             pool_max_size=pool_size,
             pool_min_size=min(4, pool_size),
             metrics_listen=metrics_listen,
@@ -427,6 +451,7 @@ _FLAG_SETTINGS = (
     "election_ttl", "lease_duration", "heartbeat_interval", "liveness_timeout",
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
+    "retention_days", "max_queue_backlog",
 )  # fmt: skip
 
 

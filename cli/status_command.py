@@ -91,6 +91,9 @@ def print_status(reply: admin_service_pb2.GetClusterStatusResponse) -> None:
         indent=2,
     )
     print_workers([WorkerInfo.from_proto(w) for w in reply.workers], tenants=True)
+    if reply.paused_queues:
+        paused = ", ".join(f"{q.queue} (tenant {q.tenant})" for q in reply.paused_queues)
+        output.print_text(f"paused queues: {paused}")
     if reply.recent_evictions:
         output.print_text("recent evictions:")
         output.print_table(

@@ -17,6 +17,7 @@ import typer
 from conveyor.cli import output, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
+from conveyor.cli.queue_commands import QueueAction, pause_or_resume
 from conveyor.client import AsyncClient, RPCError, Task, TaskState
 
 logger = logging.getLogger("conveyor.cli")
@@ -363,11 +364,19 @@ def _error_line(error: str | None) -> str:
 
 
 def queues(
+    action: Annotated[
+        QueueAction | None,
+        typer.Argument(help="pause or resume QUEUE (without: list the queues)."),
+    ] = None,
+    queue: Annotated[str | None, typer.Argument(metavar="[QUEUE]", help="The queue.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
     *,
     g: Globals,
 ) -> int:
-    """Show task counts per queue and the connected workers that take from each."""
+    """Show task counts per queue and the connected workers that take from each; or pause
+    a queue (it accepts submits, dispatches nothing, running tasks finish) or resume it."""
+    if action is not None:
+        return pause_or_resume(g, action, queue)
     with g.client() as client:
         stats = client.queues()
     if as_json:
@@ -379,6 +388,7 @@ def queues(
                 "running": q.running,
                 "dead": q.dead,
                 "workers": q.workers,
+                "paused": q.paused,
             }
             for q in stats
         ]
@@ -388,10 +398,17 @@ def queues(
         output.print_text("no queues have tasks waiting, running or dead")
         return 0
     output.print_table(
-        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "WORKERS"],
-        [(q.name, q.pending, q.scheduled, q.running, q.dead, q.workers) for q in stats],
+        ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "PAUSED", "WORKERS"],
+        [
+            (q.name, q.pending, q.scheduled, q.running, q.dead, _yes_no(q.paused), q.workers)
+            for q in stats
+        ],
     )
     return 0
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 def cancel(
@@ -407,11 +424,11 @@ def cancel(
 
 
 def retry(
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="The dead task's id.")],
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The dead or cancelled task's id.")],
     *,
     g: Globals,
 ) -> int:
-    """Redrive a dead task: it runs again with a fresh set of attempts."""
+    """Redrive a dead or cancelled task: it runs again with a fresh set of attempts."""
     with g.client() as client:
         task = client.retry(task_id)
     output.print_text(f"{task.id} {output.state_name(task.state)}")
@@ -430,7 +447,7 @@ _COMMANDS = (
     ),
     ("get", get, "conveyor get 01890a5d-ac96-774b-bcce-b302099a8057"),
     ("tasks", tasks, "conveyor tasks --state dead --queue default"),
-    ("queues", queues, "conveyor queues"),
+    ("queues", queues, ["conveyor queues", "conveyor queues pause mail"]),
     ("cancel", cancel, "conveyor cancel 01890a5d-ac96-774b-bcce-b302099a8057"),
     ("retry", retry, "conveyor retry 01890a5d-ac96-774b-bcce-b302099a8057"),
 )

@@ -17,9 +17,12 @@ settings (TLS, API key, metadata, interceptors). Logs go to the ``conveyor.clien
 
 from conveyor.client._async_client import AsyncClient
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock, SyncLock
 from conveyor.client._models import (
     AttemptOutcome,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -51,6 +54,8 @@ from conveyor.transport._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
     InvalidStateError,
+    LeaseNotHeldError,
+    LockNotHeldError,
     NotLeaderError,
     OutcomeUnknownError,
     OverloadedError,
@@ -65,6 +70,7 @@ from conveyor.transport._errors import (
     UnauthenticatedError,
     UnavailableError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
@@ -74,10 +80,12 @@ __all__ = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -89,6 +97,9 @@ __all__ = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
@@ -106,6 +117,7 @@ __all__ = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",
@@ -119,5 +131,6 @@ __all__ = [
     "WaitTimeoutError",
     "WorkerIdInUseError",
     "WorkerInfo",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]

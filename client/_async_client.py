@@ -26,9 +26,12 @@ from conveyor.client._encryption import (
     seal_template,
 )
 from conveyor.client._errors import TaskCancelledError, TaskFailedError, WaitTimeoutError
+from conveyor.client._locks import Lock
 from conveyor.client._models import (
     UNSET,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -42,6 +45,7 @@ from conveyor.client._models import (
     WorkerInfo,
     _timestamp,
     catch_up_to_proto,
+    dead_filter,
     overlap_to_proto,
     state_to_proto,
     task_spec,
@@ -96,8 +100,11 @@ class AsyncClient:
             submit has an ``idempotency_key``: the task may or may not exist.
         retry_resource_exhausted: Resend calls refused with ``RESOURCE_EXHAUSTED``
             (``OverloadedError``, ``QuotaExceededError``: nothing was written) after the
-            wait the server asks for (``RetryInfo``), within ``timeout``. By default they
-            raise at once.
+            wait the server asks for (``RetryInfo``), within ``timeout``. By default
+            (``None``) submits do (backpressure: a submit over a backlog or rate limit
+            waits its turn, and raises only when ``timeout`` leaves no room for the wait
+            or the refusal says waiting will not help) and other calls raise at once;
+            ``True``: every call waits; ``False``: none does.
         tracer_provider: The OpenTelemetry tracer provider for the ``submit`` span of
             each submit, whose context the task carries (so its dispatch and execution
             join the trace); by default the global one, once the application sets one
@@ -118,7 +125,7 @@ class AsyncClient:
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
-        retry_resource_exhausted: bool = False,
+        retry_resource_exhausted: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
@@ -166,6 +173,22 @@ class AsyncClient:
     async def close(self) -> None:
         """Closes the connections; calls still in flight are cancelled. Idempotent."""
         await self._conn.close()
+
+    def lock(
+        self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
+    ) -> Lock:
+        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``
+        (``with`` on the blocking client).
+
+        The block runs once the lock is taken (waiting up to ``timeout`` seconds for its
+        holder, then :class:`TimeoutError`); ``lk.fencing_token`` is larger than that of
+        every earlier holder of the name. A lock alone does not give mutual exclusion: a
+        holder paused past ``ttl`` (renewed every ``ttl / 3`` while the block runs) still
+        runs while another holds the lock, so pass the token with every write and have
+        the resource refuse a smaller one than it has seen (see :class:`Lock`). Locks
+        are per tenant; the API key needs the ``worker`` scope.
+        """
+        return Lock(self._conn, name, ttl, timeout=timeout, renew=renew)
 
     # -- submitting --------------------------------------------------------------------
 
@@ -224,6 +247,7 @@ class AsyncClient:
             request,
             # Without a key or an id, a resend after a broken connection could duplicate.
             idempotent=self._resendable(request),
+            submit=True,
         )
         return open_submitted(self._codec, Task.from_proto(response.task), plain, 0)
 
@@ -280,6 +304,7 @@ class AsyncClient:
                     lambda s: s.tasks.SubmitTasks,
                     pb.SubmitTasksRequest(tasks=batch),
                     idempotent=all(self._resendable(r) for r in batch),
+                    submit=True,
                 )
             except RPCError as err:
                 if isinstance(err, InvalidArgumentError):
@@ -399,18 +424,226 @@ class AsyncClient:
         return await self._task_call(lambda s: s.tasks.CancelTask, pb.CancelTaskRequest(id=task_id))
 
     async def retry(self, task_id: str) -> Task:
-        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
+        """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of
+        attempts.
 
         Raises:
-            InvalidStateError: The task is not DEAD.
+            InvalidStateError: The task is neither DEAD nor CANCELLED.
         """
         return await self._task_call(lambda s: s.tasks.RetryTask, pb.RetryTaskRequest(id=task_id))
+
+    async def update(
+        self,
+        task_id: str,
+        *,
+        etag: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Task:
+        """Changes a task that has not started (PENDING or SCHEDULED, no attempt counted);
+        arguments left ``None`` keep their value. ``labels`` replaces all of them. A
+        ``run_at`` in the future makes the task SCHEDULED, one now or past PENDING.
+
+        With ``etag`` (``Task.etag`` of a read), the change applies only if the task did
+        not change since: of concurrent updates with one etag, exactly one wins.
+
+        Raises:
+            EtagMismatchError: The task changed since it was read (``etag`` is stale).
+            InvalidStateError: The task has started (or finished).
+        """
+        request = pb.UpdateTaskRequest(id=task_id, etag=etag or "")
+        if priority is not None:
+            request.priority = priority
+        if max_attempts is not None:
+            request.max_attempts = max_attempts
+        if run_at is not None:
+            request.run_at.FromDatetime(run_at)
+        if labels is not None:
+            request.update_labels = True
+            request.labels.update(labels)
+        return await self._task_call(lambda s: s.tasks.UpdateTask, request)
 
     async def _task_call(self, method: StubMethod, request: Any) -> Task:
         """A transition of one task (cancel, retry: never resent once it may have reached
         the coordinator); the task as it is after it."""
         response = await self._conn.unary(method, request, idempotent=False)
         return open_task(self._codec, Task.from_proto(response.task))
+
+    # -- queue operations --------------------------------------------------------------
+
+    async def pause_queue(self, queue: str) -> QueueStats:
+        """Pauses a queue: it accepts submits and dispatches nothing (running tasks
+        finish) until :meth:`resume_queue`. Once this returns, no task of it is leased.
+        Pausing a paused queue changes nothing."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.PauseQueue, pb.PauseQueueRequest(queue=queue), idempotent=True
+        )
+        return QueueStats.from_proto(response.queue)
+
+    async def resume_queue(self, queue: str) -> QueueStats:
+        """Dispatches a paused queue again (a queue not paused is left as it is)."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ResumeQueue, pb.ResumeQueueRequest(queue=queue), idempotent=True
+        )
+        return QueueStats.from_proto(response.queue)
+
+    async def list_dead(
+        self,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Page[Task]:
+        """Returns one page of the dead-letter queue, newest first.
+
+        Args:
+            queue: Only tasks on this queue.
+            type: Only tasks of this type.
+            fingerprint: Only tasks whose last error's first line is this (as
+                :meth:`dead_groups` shows it).
+            finished_after: Only tasks that finished at or after this time.
+            finished_before: Only tasks that finished before this time.
+            states: The finished states to list: ``DEAD`` by default, also
+                ``CANCELLED`` or ``SUCCEEDED``.
+            page_size: At most 1000.
+            page_token: ``next_page_token`` of the previous page.
+        """
+        request = pb.ListDeadTasksRequest(
+            filter=dead_filter(
+                queue=queue,
+                type=type,
+                fingerprint=fingerprint,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+            ),
+            page_size=page_size,
+            page_token=page_token or "",
+        )
+        response = await self._conn.unary(lambda s: s.tasks.ListDeadTasks, request, idempotent=True)
+        return Page(
+            items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],
+            next_page_token=response.next_page_token or None,
+        )
+
+    async def dead_groups(
+        self,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        limit: int = 100,
+    ) -> builtins.list[DeadTaskGroup]:
+        """Returns the dead-letter queue grouped by task type and error fingerprint,
+        largest group first (at most ``limit`` groups, up to 1000)."""
+        request = pb.ListDeadTaskGroupsRequest(
+            filter=dead_filter(
+                queue=queue,
+                type=type,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+            ),
+            page_size=limit,
+        )
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListDeadTaskGroups, request, idempotent=True
+        )
+        return [DeadTaskGroup.from_proto(g) for g in response.groups]
+
+    async def retry_tasks(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        max_tasks: int = 0,
+    ) -> BulkResult:
+        """Redrives dead (and cancelled) tasks: each becomes PENDING with a fresh set of
+        attempts. By ``ids`` (at most 1000), or else every task the filter arguments
+        match (``states``: ``DEAD`` by default, ``CANCELLED`` too if named), at most
+        ``max_tasks`` (10000 by default) per call: call again while ``more``. A task no
+        longer dead or cancelled is left alone, so a repeated call redrives nothing twice.
+
+        Raises:
+            InvalidArgumentError: Both ids and filter arguments, or a bad filter.
+        """
+        request = pb.RetryTasksRequest(max_tasks=max_tasks)
+        self._bulk_target(
+            request, ids, queue, type, fingerprint, finished_after, finished_before, states
+        )
+        response = await self._conn.unary(lambda s: s.tasks.RetryTasks, request, idempotent=True)
+        return BulkResult(
+            response.retried, list(response.skipped_ids), list(response.not_found_ids),
+            response.more,
+        )  # fmt: skip
+
+    async def delete_tasks(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        max_tasks: int = 0,
+    ) -> BulkResult:
+        """Deletes finished tasks and their attempts: by ``ids`` (at most 1000), or else
+        every task the filter arguments match (``states``: ``DEAD`` by default, also
+        ``CANCELLED`` and ``SUCCEEDED``), at most ``max_tasks`` (10000 by default) per
+        call. Unfinished tasks are never deleted (they are listed in ``skipped_ids``).
+
+        Raises:
+            InvalidArgumentError: Both ids and filter arguments, or a bad filter.
+        """
+        request = pb.DeleteTasksRequest(max_tasks=max_tasks)
+        self._bulk_target(
+            request, ids, queue, type, fingerprint, finished_after, finished_before, states
+        )
+        response = await self._conn.unary(lambda s: s.tasks.DeleteTasks, request, idempotent=True)
+        return BulkResult(
+            response.deleted, list(response.skipped_ids), list(response.not_found_ids),
+            response.more,
+        )  # fmt: skip
+
+    @staticmethod
+    def _bulk_target(
+        request: pb.RetryTasksRequest | pb.DeleteTasksRequest,
+        ids: Sequence[str] | None,
+        *filters: Any,
+    ) -> None:
+        """Sets a bulk call's ids, or its filter (even empty) when there are none."""
+        if ids is not None:
+            if any(f is not None for f in filters):
+                raise ValueError("give either ids or filter arguments, not both")
+            request.ids.extend(ids)
+            return
+        queue, type_, fingerprint, after, before, states = filters
+        request.filter.CopyFrom(
+            dead_filter(
+                queue=queue,
+                type=type_,
+                fingerprint=fingerprint,
+                finished_after=after,
+                finished_before=before,
+                states=states,
+            )
+        )
 
     # -- waiting -----------------------------------------------------------------------
 

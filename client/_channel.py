@@ -15,7 +15,9 @@ follow the shared rules of :mod:`conveyor.transport._failover`):
   key (the client gives each submit one of its own unless told not to). Anything else
   raises, saying why it was not resent.
 * ``RESOURCE_EXHAUSTED`` (``OVERLOADED``, ``QUOTA_EXCEEDED``: nothing written) is resent
-  after the server's ``RetryInfo`` only with ``retry_resource_exhausted=True``.
+  after the server's ``RetryInfo``: for submits by default, when the refusal carries one
+  (backpressure: a submit waits its turn within the timeout instead of failing); for every
+  call with ``retry_resource_exhausted=True``; never with ``False``.
 * Every other error is raised at once, converted by the error catalog.
 * All retries of one call share its deadline: the client's ``timeout`` bounds the whole
   call. A wait the server asks for that would end past the deadline is not started: the
@@ -47,10 +49,11 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
-from conveyor.v1 import admin_service_pb2_grpc, task_service_pb2_grpc
+from conveyor.v1 import admin_service_pb2_grpc, effects_service_pb2_grpc, task_service_pb2_grpc
 
 if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
+    from conveyor.v1.effects_service_pb2_grpc import LedgerServiceAsyncStub, LockServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
@@ -82,6 +85,8 @@ class Stubs:
 
     tasks: TaskServiceAsyncStub
     admin: AdminServiceAsyncStub
+    ledger: LedgerServiceAsyncStub
+    locks: LockServiceAsyncStub
 
 
 StubMethod = Callable[[Stubs], Any]
@@ -94,8 +99,9 @@ AdminMethod = Callable[["AdminServiceAsyncStub"], Any]
 class RetryRules:
     """What the client resends by itself (the module docstring has the rules)."""
 
-    #: Resend after RESOURCE_EXHAUSTED (OVERLOADED, QUOTA_EXCEEDED) per RetryInfo.
-    retry_resource_exhausted: bool = False
+    #: Resend after RESOURCE_EXHAUSTED (OVERLOADED, QUOTA_EXCEEDED) per RetryInfo: every
+    #: call (True), none (False), or submits only when the refusal has a RetryInfo (None).
+    retry_resource_exhausted: bool | None = None
     #: NOT_LEADER redirects one call follows.
     max_redirects: int = 4
     #: Passes over all addresses for idempotent calls hit by connection failures.
@@ -117,8 +123,9 @@ class Action(enum.Enum):
     RAISE = "raise"
 
 
-def decide(error: RPCError, *, idempotent: bool, rules: RetryRules) -> Action:
-    """The retry rule for one failed attempt; pure, so the rules are tested alone."""
+def decide(error: RPCError, *, idempotent: bool, rules: RetryRules, submit: bool = False) -> Action:
+    """The retry rule for one failed attempt (``submit``: of a submit call); pure, so the
+    rules are tested alone."""
     if isinstance(error, NotLeaderError):
         return Action.REDIRECT
     if isinstance(error, StoreUnavailableError):
@@ -128,6 +135,11 @@ def decide(error: RPCError, *, idempotent: bool, rules: RetryRules) -> Action:
     if is_connection_failure(error):
         return Action.NEXT_ADDRESS if idempotent else Action.RAISE
     if isinstance(error, OverloadedError | QuotaExceededError):
+        if rules.retry_resource_exhausted is None:
+            # Backpressure by default: a submit waits as long as the server asks, when
+            # waiting helps (no RetryInfo: a payload too large, a batch over the burst).
+            waits = submit and error.retry_after is not None
+            return Action.SAME_ADDRESS if waits else Action.RAISE
         return Action.SAME_ADDRESS if rules.retry_resource_exhausted else Action.RAISE
     return Action.RAISE
 
@@ -180,6 +192,8 @@ class Connection:
             stubs = Stubs(
                 task_service_pb2_grpc.TaskServiceStub(channel),
                 admin_service_pb2_grpc.AdminServiceStub(channel),
+                effects_service_pb2_grpc.LedgerServiceStub(channel),
+                effects_service_pb2_grpc.LockServiceStub(channel),
             )
             self._stubs[address] = stubs
         return stubs
@@ -206,13 +220,18 @@ class Connection:
             return None
         return asyncio.get_running_loop().time() + self.timeout
 
-    async def unary(self, method: StubMethod, request: Any, *, idempotent: bool) -> Any:
-        """Makes one unary call with failover; raises RPCError subclasses."""
+    async def unary(
+        self, method: StubMethod, request: Any, *, idempotent: bool, submit: bool = False
+    ) -> Any:
+        """Makes one unary call with failover; raises RPCError subclasses. ``submit``
+        marks a submit (see the rules for RESOURCE_EXHAUSTED)."""
 
         async def attempt(stubs: Stubs, remaining: float | None) -> Any:
             return await method(stubs)(request, timeout=remaining, metadata=self._metadata)
 
-        result, _ = await self.call(attempt, idempotent=idempotent, deadline=self.deadline())
+        result, _ = await self.call(
+            attempt, idempotent=idempotent, deadline=self.deadline(), submit=submit
+        )
         return result
 
     async def admin_unary(self, method: AdminMethod, request: Any, *, idempotent: bool) -> Any:
@@ -253,6 +272,7 @@ class Connection:
         *,
         idempotent: bool,
         deadline: float | None,
+        submit: bool = False,
     ) -> tuple[T, str]:
         """Runs ``attempt`` against the coordinators until it succeeds or may not retry.
 
@@ -283,7 +303,7 @@ class Connection:
                 raise _deadline_error(last_error, address) from None
             except grpc.RpcError as err:
                 error = error_from_rpc(err, address=address)
-                action = decide(error, idempotent=idempotent, rules=self.rules)
+                action = decide(error, idempotent=idempotent, rules=self.rules, submit=submit)
                 if action is Action.REDIRECT and redirects < self.rules.max_redirects:
                     assert isinstance(error, NotLeaderError)
                     redirects += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypedDict, TypeVar
@@ -21,7 +21,9 @@ from conveyor.v1 import admin_service_pb2, schedule_pb2, task_pb2, task_service_
 
 __all__ = [
     "AttemptOutcome",
+    "BulkResult",
     "CatchUpPolicy",
+    "DeadTaskGroup",
     "OverlapPolicy",
     "Page",
     "QueueStats",
@@ -298,6 +300,9 @@ class Task:
     unserved: bool = False
     #: When unserved for want of a key: the key id no connected worker holds.
     unserved_encryption_key: str = ""
+    #: The task's version: ``update()`` with it changes the task only if nothing else
+    #: changed it since this read.
+    etag: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -367,6 +372,7 @@ class Task:
             attempt=msg.attempt,
             max_attempts=msg.max_attempts,
             uncounted_attempts=msg.uncounted_attempts,
+            etag=msg.etag,
             priority=msg.priority,
             result=msg.result,
             last_error=msg.last_error or None,
@@ -434,6 +440,8 @@ class QueueStats:
     workers: int = 0
     #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
     oldest_pending_time: datetime | None = None
+    #: Paused (``pause_queue``): it accepts submits and dispatches nothing.
+    paused: bool = False
 
     @classmethod
     def from_proto(cls, msg: task_pb2.QueueStats) -> QueueStats:
@@ -446,6 +454,7 @@ class QueueStats:
             dead=msg.dead,
             workers=msg.workers,
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
+            paused=msg.paused,
         )
 
 
@@ -489,6 +498,69 @@ class WorkerInfo:
             if msg.HasField("encryption_keys")
             else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadTaskGroup:
+    """Dead tasks of one type that failed with one error fingerprint."""
+
+    type: str
+    #: The first line of their last error ("ValueError: bad address").
+    fingerprint: str
+    count: int
+    #: The earliest and latest time one of them finished.
+    first_seen: datetime | None
+    last_seen: datetime | None
+    queues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, msg: task_service_pb2.DeadTaskGroup) -> DeadTaskGroup:
+        """Converts from the wire message ``conveyor.v1.DeadTaskGroup``."""
+        return cls(
+            type=msg.type,
+            fingerprint=msg.fingerprint,
+            count=msg.count,
+            first_seen=_datetime_or_none(msg, "first_seen"),
+            last_seen=_datetime_or_none(msg, "last_seen"),
+            queues=list(msg.queues),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk redrive or delete did."""
+
+    #: Tasks redriven (``retry_tasks``) or deleted (``delete_tasks``).
+    count: int
+    #: Of the ids given: those left alone (not dead or cancelled; not finished).
+    skipped_ids: list[str] = field(default_factory=list)
+    #: Of the ids given: those that name no task.
+    not_found_ids: list[str] = field(default_factory=list)
+    #: The filter matches more than ``max_tasks``: call again.
+    more: bool = False
+
+
+def dead_filter(
+    *,
+    queue: str | None = None,
+    type: str | None = None,
+    fingerprint: str | None = None,
+    finished_after: datetime | None = None,
+    finished_before: datetime | None = None,
+    states: Iterable[TaskState | str] | None = None,
+) -> task_service_pb2.DeadTaskFilter:
+    """The wire ``DeadTaskFilter`` of a dead-letter call's keyword arguments."""
+    flt = task_service_pb2.DeadTaskFilter(
+        queue=queue or "",
+        type=type or "",
+        fingerprint=fingerprint or "",
+        states=[state_to_proto(s) for s in states or ()],  # type: ignore[misc]
+    )
+    if finished_after is not None:
+        flt.finished_after.CopyFrom(_timestamp(finished_after))
+    if finished_before is not None:
+        flt.finished_before.CopyFrom(_timestamp(finished_before))
+    return flt
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,12 @@ from typing import Any, Self, TypeVar, Unpack
 from opentelemetry import trace
 
 from conveyor.client._async_client import AsyncClient
+from conveyor.client._locks import SyncLock
 from conveyor.client._models import (
     UNSET,
+    BulkResult,
     CatchUpPolicy,
+    DeadTaskGroup,
     OverlapPolicy,
     Page,
     QueueStats,
@@ -124,7 +127,7 @@ class Client:
         api_key: str | None = None,
         options: ConnectionOptions | None = None,
         retry_submits: bool = True,
-        retry_resource_exhausted: bool = False,
+        retry_resource_exhausted: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         codec: PayloadCodec | None = None,
     ) -> None:
@@ -167,6 +170,22 @@ class Client:
                 self._loop.run(self._async.close())
             finally:
                 self._loop.stop()
+
+    def lock(
+        self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
+    ) -> SyncLock:
+        """A named lock with a fencing token: ``async with client.lock("nightly", 30) as lk``
+        (``with`` on the blocking client).
+
+        The block runs once the lock is taken (waiting up to ``timeout`` seconds for its
+        holder, then :class:`TimeoutError`); ``lk.fencing_token`` is larger than that of
+        every earlier holder of the name. A lock alone does not give mutual exclusion: a
+        holder paused past ``ttl`` (renewed every ``ttl / 3`` while the block runs) still
+        runs while another holds the lock, so pass the token with every write and have
+        the resource refuse a smaller one than it has seen (see :class:`Lock`). Locks
+        are per tenant; the API key needs the ``worker`` scope.
+        """
+        return SyncLock(self._async.lock(name, ttl, timeout=timeout, renew=renew), self._loop.run)
 
     # -- generated from AsyncClient by `python -m conveyor.client._codegen`; do not edit below --
     def submit(
@@ -283,12 +302,184 @@ class Client:
         return self._loop.run(self._async.cancel(task_id))
 
     def retry(self, task_id: str) -> Task:
-        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
+        """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of
+        attempts.
 
         Raises:
-            InvalidStateError: The task is not DEAD.
+            InvalidStateError: The task is neither DEAD nor CANCELLED.
         """
         return self._loop.run(self._async.retry(task_id))
+
+    def update(
+        self,
+        task_id: str,
+        *,
+        etag: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Task:
+        """Changes a task that has not started (PENDING or SCHEDULED, no attempt counted);
+        arguments left ``None`` keep their value. ``labels`` replaces all of them. A
+        ``run_at`` in the future makes the task SCHEDULED, one now or past PENDING.
+
+        With ``etag`` (``Task.etag`` of a read), the change applies only if the task did
+        not change since: of concurrent updates with one etag, exactly one wins.
+
+        Raises:
+            EtagMismatchError: The task changed since it was read (``etag`` is stale).
+            InvalidStateError: The task has started (or finished).
+        """
+        return self._loop.run(
+            self._async.update(
+                task_id,
+                etag=etag,
+                priority=priority,
+                run_at=run_at,
+                max_attempts=max_attempts,
+                labels=labels,
+            )
+        )
+
+    def pause_queue(self, queue: str) -> QueueStats:
+        """Pauses a queue: it accepts submits and dispatches nothing (running tasks
+        finish) until :meth:`resume_queue`. Once this returns, no task of it is leased.
+        Pausing a paused queue changes nothing."""
+        return self._loop.run(self._async.pause_queue(queue))
+
+    def resume_queue(self, queue: str) -> QueueStats:
+        """Dispatches a paused queue again (a queue not paused is left as it is)."""
+        return self._loop.run(self._async.resume_queue(queue))
+
+    def list_dead(
+        self,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Page[Task]:
+        """Returns one page of the dead-letter queue, newest first.
+
+        Args:
+            queue: Only tasks on this queue.
+            type: Only tasks of this type.
+            fingerprint: Only tasks whose last error's first line is this (as
+                :meth:`dead_groups` shows it).
+            finished_after: Only tasks that finished at or after this time.
+            finished_before: Only tasks that finished before this time.
+            states: The finished states to list: ``DEAD`` by default, also
+                ``CANCELLED`` or ``SUCCEEDED``.
+            page_size: At most 1000.
+            page_token: ``next_page_token`` of the previous page.
+        """
+        return self._loop.run(
+            self._async.list_dead(
+                queue=queue,
+                type=type,
+                fingerprint=fingerprint,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+
+    def dead_groups(
+        self,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        limit: int = 100,
+    ) -> builtins.list[DeadTaskGroup]:
+        """Returns the dead-letter queue grouped by task type and error fingerprint,
+        largest group first (at most ``limit`` groups, up to 1000)."""
+        return self._loop.run(
+            self._async.dead_groups(
+                queue=queue,
+                type=type,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+                limit=limit,
+            )
+        )
+
+    def retry_tasks(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        max_tasks: int = 0,
+    ) -> BulkResult:
+        """Redrives dead (and cancelled) tasks: each becomes PENDING with a fresh set of
+        attempts. By ``ids`` (at most 1000), or else every task the filter arguments
+        match (``states``: ``DEAD`` by default, ``CANCELLED`` too if named), at most
+        ``max_tasks`` (10000 by default) per call: call again while ``more``. A task no
+        longer dead or cancelled is left alone, so a repeated call redrives nothing twice.
+
+        Raises:
+            InvalidArgumentError: Both ids and filter arguments, or a bad filter.
+        """
+        return self._loop.run(
+            self._async.retry_tasks(
+                ids,
+                queue=queue,
+                type=type,
+                fingerprint=fingerprint,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+                max_tasks=max_tasks,
+            )
+        )
+
+    def delete_tasks(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        type: str | None = None,
+        fingerprint: str | None = None,
+        finished_after: datetime | None = None,
+        finished_before: datetime | None = None,
+        states: Iterable[TaskState | str] | None = None,
+        max_tasks: int = 0,
+    ) -> BulkResult:
+        """Deletes finished tasks and their attempts: by ``ids`` (at most 1000), or else
+        every task the filter arguments match (``states``: ``DEAD`` by default, also
+        ``CANCELLED`` and ``SUCCEEDED``), at most ``max_tasks`` (10000 by default) per
+        call. Unfinished tasks are never deleted (they are listed in ``skipped_ids``).
+
+        Raises:
+            InvalidArgumentError: Both ids and filter arguments, or a bad filter.
+        """
+        return self._loop.run(
+            self._async.delete_tasks(
+                ids,
+                queue=queue,
+                type=type,
+                fingerprint=fingerprint,
+                finished_after=finished_after,
+                finished_before=finished_before,
+                states=states,
+                max_tasks=max_tasks,
+            )
+        )
 
     def watch(self, task_id: str) -> Iterator[Task]:
         """Yields the task's current state, then each change, until it is terminal.

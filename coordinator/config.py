@@ -37,6 +37,7 @@ DEFAULT_RETRY_JITTER = 0.2
 # The gRPC message limit, both ways (room for a full SubmitTasks batch of large payloads):
 # the SDK's, so a coordinator never sends what a worker would refuse to read.
 MAX_MESSAGE_BYTES = _SDK_MAX_MESSAGE_BYTES
+MAX_RETENTION_DAYS = 36_500
 ASSIGNMENT_HEADROOM = 64 << 10
 """Bytes an Assignment may take besides its payload (labels, key, names, ...): the
 validation limits add up to about 22 KiB."""
@@ -89,6 +90,10 @@ class CoordinatorConfig:
     """Most unfinished tasks (pending, scheduled, running) each tenant may hold, unless its
     own limit says otherwise; submits past it are refused with QUOTA_EXCEEDED and nothing
     is written. 0: no limit."""
+    max_queue_backlog: int = 0
+    """Most unfinished tasks (pending, scheduled, running) one queue of a tenant may hold;
+    submits past it are refused with QUOTA_EXCEEDED (``max_queue_backlog``) and RetryInfo,
+    and nothing is written. 0: no limit."""
     backlog_refresh: float = 1.0
     """Seconds between counts of unfinished tasks while some tenant has a backlog limit."""
     submit_rate: float = 0.0
@@ -125,6 +130,12 @@ class CoordinatorConfig:
     """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    retention_days: float = 0.0
+    """Days a finished task (SUCCEEDED, DEAD, CANCELLED) is kept after it finished; the
+    leader deletes older ones in small batches (``leader/maintenance.py``). 0: kept
+    until deleted (DeleteTasks)."""
+    retention_interval: float = 60.0
+    """Seconds between the leader's retention sweeps (while one finds nothing more)."""
     metrics_listen: str = ""
     """host:port to serve Prometheus metrics on (``/metrics``); port 0 picks a free one.
     Empty: no metrics endpoint, and nothing is recorded."""
@@ -151,6 +162,7 @@ class CoordinatorConfig:
         """What is wrong with the tenant limits, the throttle and the bootstrap key."""
         out: list[str] = []
         limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
+                            ("max_queue_backlog", self.max_queue_backlog),
                             ("submit_rate", self.submit_rate),
                             ("submit_burst", self.submit_burst),
                             ("max_schedules", self.max_schedules),
@@ -160,6 +172,11 @@ class CoordinatorConfig:
             problem = bounds.limit_problem(name, limit)
             if problem is not None:
                 out.append(f"{name} {problem}, got {limit}")
+        if not 0 <= self.retention_days <= MAX_RETENTION_DAYS:
+            out.append(
+                f"retention_days must be between 0 (keep finished tasks) and "
+                f"{MAX_RETENTION_DAYS} (got {self.retention_days})"
+            )
         # A rate like submit_rate: 0 turns the throttle off (with the burst).
         problem = bounds.rate_problem(self.auth_failure_rate)
         if problem is not None:
@@ -194,6 +211,7 @@ class CoordinatorConfig:
             "keepalive_timeout": self.keepalive_timeout,
             "backlog_refresh": self.backlog_refresh,
             "key_refresh": self.key_refresh,
+            "retention_interval": self.retention_interval,
         }
         for name, value in positive.items():
             problem = bounds.seconds_problem(value)

@@ -102,7 +102,16 @@ def task_from_row(row: Mapping[str, Any]) -> task_pb2.Task:
         finish_time=maybe_timestamp(row["finish_time"]),
         labels=_labels(row["labels"]),
         traceparent=row["traceparent"],
+        etag=task_etag(row["version"]),
     )
+
+
+def task_etag(version: int) -> str:
+    """A task's etag (``Task.etag``): its version, which UpdateTask bumps."""
+    return str(version)
+
+
+_NEW_ETAG = task_etag(1)
 
 
 def task_from_new(
@@ -139,6 +148,7 @@ def task_from_new(
         update_time=now,
         labels=task.labels or None,
         traceparent=task.traceparent,
+        etag=_NEW_ETAG,
     )
 
 

@@ -224,6 +224,31 @@ class EtagMismatch(ConveyorError):
         )
 
 
+class LeaseNotHeld(ConveyorError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = errors_pb2.ERROR_REASON_LEASE_NOT_HELD
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"the attempt does not hold the lease of task {task_id}: the task finished, was "
+            "cancelled or was leased again, or the caller is not the worker process it was "
+            "leased to; a later attempt does the work",
+            metadata={"task_id": task_id},
+        )
+
+
+class LockNotHeld(ConveyorError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = errors_pb2.ERROR_REASON_LOCK_NOT_HELD
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"lock {name!r} is not held with this handle: its TTL ran out or another holder "
+            "took it; write nothing more under its fencing token and acquire it again",
+            metadata={"name": name},
+        )
+
+
 class OutcomeUnknown(ConveyorError):
     """The store connection broke while a write was committing: it may have been applied.
 
@@ -320,6 +345,19 @@ class ApiKeyNotFound(ConveyorError):
         super().__init__(
             f"no API key has the id {key_id!r} (conveyor keys list shows them)",
             metadata={"key_id": key_id},
+        )
+
+
+class WorkerNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_WORKER_NOT_FOUND
+
+    def __init__(self, worker_id: str, tenant: str = "") -> None:
+        whose = f" of tenant {tenant!r}" if tenant else ""
+        super().__init__(
+            f"no worker {worker_id!r}{whose} is connected to the leader (conveyor status "
+            "lists those that are)",
+            metadata={"worker_id": worker_id},
         )
 
 

@@ -16,9 +16,11 @@ import socket
 import uuid
 
 from conveyor.coordinator.api.admin_service import AdminServicer
+from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
 from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
@@ -31,7 +33,7 @@ from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
-from conveyor.coordinator.leader.maintenance import Promoter, Reaper
+from conveyor.coordinator.leader.maintenance import Promoter, Reaper, Retention
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
@@ -48,6 +50,7 @@ from conveyor.coordinator.tenancy.auth import Authenticator, FailureLimiter, Ope
 from conveyor.coordinator.tenancy.backlog import BacklogCounter
 from conveyor.coordinator.tenancy.bootstrap import ensure_bootstrap_key
 from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.queue_backlog import QueueBacklogCounter
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS
@@ -178,14 +181,21 @@ class Coordinator:
         )
         leases = Leases(deps)
         self.dispatcher = dispatcher = Dispatcher(deps, policy, leases)
+        if self.telemetry.metrics.enabled:
+            self.telemetry.metrics.watch_queue_pauses(
+                lambda: list(policy.pauses), loop=asyncio.get_running_loop()
+            )
         backlog = BacklogCounter(deps)
-        quotas = Quotas(cfg, directory, backlog)
+        queue_backlog = QueueBacklogCounter(deps)
+        quotas = Quotas(cfg, directory, backlog, queue_backlog)
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog]
+        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog, Retention(deps)]
+        if cfg.max_queue_backlog > 0:
+            self.services.append(queue_backlog)
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,
@@ -197,7 +207,9 @@ class Coordinator:
             step_down=workers.step_down,
         )
         api.serve(
-            TaskServicer(deps, self.submitter, schedules, quotas=quotas),
+            TaskServicer(
+                deps, self.submitter, schedules, quotas=quotas, queue_ops=QueueOps(deps, dispatcher)
+            ),
             workers,
             AdminServicer(
                 self.sessions,
@@ -205,7 +217,9 @@ class Coordinator:
                 view=leadership.cluster_view,
                 replicas=leadership.replicas,
                 security=SecurityAdmin(db, directory, quotas),
+                paused=lambda: list(policy.pauses),
             ),
+            (LedgerServicer(deps), LockServicer(deps)),
         )
         await components.start(self.submitter)
         await components.start(recorder)

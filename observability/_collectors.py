@@ -25,6 +25,7 @@ __all__ = [
     "DEPTH_STATES",
     "QueueDepth",
     "QueueDepthCollector",
+    "QueuePausedCollector",
     "Source",
     "WorkerPool",
     "WorkerPoolCollector",
@@ -235,6 +236,28 @@ class WorkerPoolCollector(_SourceCollector[Iterable[WorkerPool]]):
         yield connected
         yield credits
         yield in_flight
+
+
+class QueuePausedCollector(_SourceCollector[Iterable[tuple[str, str]]]):
+    """``conveyor_queue_paused`` per paused (tenant, queue), from the leader's pauses
+    (a follower, which knows none, exports none)."""
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(()))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._read() or ())
+
+    @staticmethod
+    def _families(paused: Iterable[tuple[str, str]]) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "conveyor_queue_paused",
+            "1 for each queue paused (PauseQueue): it accepts submits and dispatches nothing.",
+            labels=("tenant", "queue"),
+        )
+        for tenant, queue in paused:
+            family.add_metric([tenant, queue], 1)
+        yield family
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from conveyor.observability._collectors import (
     DEPTH_STATES,
     QueueDepth,
     QueueDepthCollector,
+    QueuePausedCollector,
     Source,
     WorkerPool,
     WorkerPoolCollector,
@@ -359,6 +360,15 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        # -- queue operations -------------------------------------------------------------
+        self.purged = Counter(
+            "conveyor_tasks_purged_total",
+            "Finished tasks deleted, by reason: retention (older than the coordinator's "
+            "retention_days) or purge (DeleteTasks).",
+            ("tenant", "reason"),
+            registry=r,
+        )
+
     # -- batch recorders: called once per batch on the hot path --------------------------
 
     def count_submitted(self, labels: Iterable[tuple[str, str, str]]) -> None:
@@ -470,6 +480,12 @@ class CoordinatorMetrics:
         if count:
             self.rows_set_aside.labels(loop).inc(count)
 
+    def count_purged(self, per_tenant: Mapping[str, int], reason: str) -> None:
+        """Finished tasks deleted in one statement, per tenant (reason: retention, purge)."""
+        for tenant, n in per_tenant.items():
+            if n:
+                self.purged.labels(tenant, reason).inc(n)
+
     def record_flush(self, kind: str, items: int, seconds: float) -> None:
         """One group-commit transaction of ``kind`` (submit, result, renewal, claim)."""
         self.batch_items.labels(kind).observe(items)
@@ -527,6 +543,17 @@ class CoordinatorMetrics:
         collector = QueueDepthCollector(fetch, loop=loop, max_age=max_age, timeout=timeout)
         self.registry.register(collector)
         return collector
+
+    def watch_queue_pauses(
+        self,
+        source: Source[Iterable[tuple[str, str]]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 2.0,
+    ) -> None:
+        """Exports ``conveyor_queue_paused`` (1 per paused queue) from ``source``, the
+        leader's paused (tenant, queue) pairs, run on ``loop`` when given."""
+        self.registry.register(QueuePausedCollector(source, loop, timeout))
 
     def watch_workers(
         self,

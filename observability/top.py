@@ -64,6 +64,8 @@ class QueueView:
     #: Seconds the oldest ready task has waited (None when unknown or nothing waits).
     oldest_pending_age: float | None = None
     rates: QueueRates | None = None
+    #: Paused (PauseQueue): it accepts submits and dispatches nothing.
+    paused: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,6 +128,9 @@ class QueueCounts(Protocol):
     @property
     def workers(self) -> int: ...
 
+    @property
+    def paused(self) -> bool: ...
+
 
 def snapshot_from_protos(
     status: admin_service_pb2.GetClusterStatusResponse,
@@ -160,6 +165,7 @@ def snapshot_from_protos(
                 q.workers,
                 oldest_pending.get(q.name),
                 queue_rates.get(q.name),
+                paused=q.paused,
             )
             for q in queues
         ),
@@ -235,7 +241,7 @@ def _queues_table(queues: Sequence[QueueView]) -> Table:
         r = q.rates
         unserved = q.pending > 0 and q.workers == 0
         table.add_row(
-            q.name,
+            Text(f"{q.name} (paused)", style="yellow") if q.paused else q.name,
             f"{q.pending:,}",
             f"{q.scheduled:,}",
             f"{q.running:,}",

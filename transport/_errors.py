@@ -23,6 +23,9 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── UnauthenticatedError     no valid API key: missing, malformed, unknown, expired, revoked
     │   ├── PermissionDeniedError    the API key lacks the scope (.scope, .key_id)
     │   ├── ApiKeyNotFoundError      no API key has the id (.key_id)
+    │   ├── LeaseNotHeldError        the attempt lost its task's lease (.task_id)
+    │   ├── LockNotHeldError         the lock was lost: TTL ran out, taken over (.name)
+    │   ├── WorkerNotFoundError      no worker with the id is connected (.worker_id)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -73,6 +76,8 @@ __all__ = [
     "IdempotencyConflictError",
     "InvalidArgumentError",
     "InvalidStateError",
+    "LeaseNotHeldError",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverloadedError",
@@ -88,6 +93,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "error_from_rpc",
     "parse_status",
 ]
@@ -433,11 +439,15 @@ class QuotaExceededError(RPCError):
     @classmethod
     def _from_status(cls, info: StatusInfo) -> RPCError:
         limits = "; ".join(f"{s}: {d}" if d else s for s, d in info.quota_violations)
+        advice = (
+            f"{_retry_phrase(info.retry_after)}: the client waits and resends a submit by "
+            f"itself while its timeout leaves room (retry_resource_exhausted=True: every call)."
+            if info.retry_after is not None
+            else "Waiting will not help: change the request."
+        )
         message = (
             f"{info.message or 'a limit was reached'}"
-            f"{f' ({limits})' if limits else ''}. Nothing was written. "
-            f"{_retry_phrase(info.retry_after)}, or pass retry_resource_exhausted=True to let "
-            f"the client wait and resend by itself."
+            f"{f' ({limits})' if limits else ''}. Nothing was written. {advice}"
         )
         return cls(message, violations=info.quota_violations, **_common_kwargs(info))
 
@@ -638,6 +648,64 @@ class ApiKeyNotFoundError(RPCError):
         return cls(cls._describe(info), key_id=key_id, **_common_kwargs(info))
 
 
+class LeaseNotHeldError(RPCError):
+    """The attempt does not hold its task's lease any more: it cannot record an effect.
+
+    The task finished, was cancelled or was leased again (this attempt's lease expired);
+    a later attempt does the work. Stop the handler without the effect.
+
+    Attributes:
+        task_id: The task, when the server named it.
+    """
+
+    def __init__(self, message: str, *, task_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.task_id = task_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        task_id = info.metadata.get("task_id") or None
+        return cls(cls._describe(info), task_id=task_id, **_common_kwargs(info))
+
+
+class LockNotHeldError(RPCError):
+    """The lock is not held by this holder any more (its TTL ran out, another took it).
+
+    Attributes:
+        name: The lock's name, when the server named it.
+    """
+
+    _hint = "Write nothing more under it; acquire it again (with a new fencing token)."
+
+    def __init__(self, message: str, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.name = name
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        name = info.metadata.get("name") or None
+        return cls(cls._describe(info), name=name, **_common_kwargs(info))
+
+
+class WorkerNotFoundError(RPCError):
+    """No worker with the given id is connected to the leader (DrainWorker).
+
+    Attributes:
+        worker_id: The id that was looked up.
+    """
+
+    _hint = "`conveyor status` lists the connected workers and their ids."
+
+    def __init__(self, message: str, *, worker_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.worker_id = worker_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        worker_id = info.metadata.get("worker_id") or None
+        return cls(cls._describe(info), worker_id=worker_id, **_common_kwargs(info))
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -670,6 +738,9 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("UNAUTHENTICATED"): UnauthenticatedError,
     _reason("PERMISSION_DENIED"): PermissionDeniedError,
     _reason("API_KEY_NOT_FOUND"): ApiKeyNotFoundError,
+    _reason("LEASE_NOT_HELD"): LeaseNotHeldError,
+    _reason("LOCK_NOT_HELD"): LockNotHeldError,
+    _reason("WORKER_NOT_FOUND"): WorkerNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

@@ -19,6 +19,7 @@
 All logging goes to the ``conveyor.worker`` logger.
 """
 
+from conveyor.client._locks import Lock
 from conveyor.transport._encryption import (
     Binding,
     DecryptionError,
@@ -30,10 +31,11 @@ from conveyor.transport._encryption import (
     KeyUnavailableError,
     PayloadCodec,
 )
-from conveyor.transport._errors import WorkerIdInUseError
+from conveyor.transport._errors import LeaseNotHeldError, LockNotHeldError, WorkerIdInUseError
 from conveyor.transport._options import ConnectionOptions
 from conveyor.transport._tls import TLSConfigError, tls_credentials
 from conveyor.worker._context import CancellationSignal, TaskContext
+from conveyor.worker._effects import Ledger, LedgerEntry, fencing_token
 from conveyor.worker._errors import NoHandlersError, NonRetryableError, WorkerLoadError
 from conveyor.worker._loader import load_worker
 from conveyor.worker._worker import Worker
@@ -49,6 +51,11 @@ __all__ = [
     "KeyRingError",
     "KeyUnavailableError",
     "KeyedCodec",
+    "LeaseNotHeldError",
+    "Ledger",
+    "LedgerEntry",
+    "Lock",
+    "LockNotHeldError",
     "NoHandlersError",
     "NonRetryableError",
     "PayloadCodec",
@@ -57,6 +64,7 @@ __all__ = [
     "Worker",
     "WorkerIdInUseError",
     "WorkerLoadError",
+    "fencing_token",
     "load_worker",
     "tls_credentials",
 ]

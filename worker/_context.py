@@ -8,8 +8,14 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from conveyor.observability.logs import TaskLoggerAdapter, task_logger
+from conveyor.worker import _effects
+from conveyor.worker._effects import HandlerCalls, Ledger, fencing_token
+
+if TYPE_CHECKING:
+    from conveyor.client._locks import Lock
 
 __all__ = ["CancellationSignal", "TaskContext"]
 
@@ -111,6 +117,12 @@ class TaskContext:
         tenant: The tenant the task belongs to (the worker key's tenant; ``"default"``
             against a coordinator without authentication).
         epoch: The coordinator epoch (leader term) that leased this attempt.
+        fencing_token: This attempt's fencing token, ``epoch << 32 | attempt``: larger
+            for every later attempt of the task, across leader failover too. Pass it to
+            what the handler writes, and have the destination refuse a token smaller
+            than the largest it accepted (``conveyor.worker.pg_ledger``).
+        ledger: The task's idempotency ledger (:class:`~conveyor.worker.Ledger`): record
+            an effect after doing it, look it up before; async handlers only.
         cancelled: Set when the attempt is stopped (timeout, cancellation, lost lease,
             shutdown); see :class:`CancellationSignal`.
 
@@ -141,6 +153,34 @@ class TaskContext:
     _logger: TaskLoggerAdapter | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
+    _calls: HandlerCalls | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def fencing_token(self) -> int:
+        """This attempt's fencing token (see the class docstring)."""
+        return fencing_token(self.epoch, self.attempt)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The task's idempotency ledger (see :class:`~conveyor.worker.Ledger`)."""
+        return Ledger(self, self._handler_calls())
+
+    def lock(
+        self, name: str, ttl: float, *, timeout: float | None = None, renew: bool = True
+    ) -> Lock:
+        """A named lock of the worker's tenant, with a fencing token:
+        ``async with ctx.lock("ledger-export", ttl=30) as lock: ... lock.fencing_token``.
+        The same as :meth:`conveyor.client.AsyncClient.lock`: a lock alone does not give
+        mutual exclusion, the token check at the resource does."""
+        return _effects.lock(self._handler_calls(), name, ttl, timeout, renew)
+
+    def _handler_calls(self) -> HandlerCalls:
+        if self._calls is None:
+            raise RuntimeError(
+                "this TaskContext was not made by a running Worker: the ledger and locks "
+                "need the worker's connection to the coordinator"
+            )
+        return self._calls
 
     @property
     def logger(self) -> TaskLoggerAdapter:

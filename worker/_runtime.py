@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol, cast
@@ -51,6 +51,7 @@ from conveyor.worker._codec import (
     sanitize_error,
 )
 from conveyor.worker._context import CancellationSignal, TaskContext
+from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NonRetryableError
 from conveyor.worker._registry import Handler, TaskRegistry
 from conveyor.worker._results import AttemptKey, PendingResults, attempt_key
@@ -155,6 +156,7 @@ class Runtime:
         metrics: WorkerMetrics | None = None,
         tracing: Tracing | None = None,
         codec: PayloadCodec | None = None,
+        calls: HandlerCalls | None = None,
     ) -> None:
         self._registry = registry
         self._codec = codec
@@ -179,7 +181,8 @@ class Runtime:
         self.tenant = ""
         # The last Welcome's resume token, presented in the next Hello: it proves to the
         # coordinator that this process holds the leases Hello lists. A secret: never logged.
-        self.resume_token = b""
+        self._resume_token = b""
+        self._calls = calls
         self._loop = asyncio.get_running_loop()
         # Attempts whose outcome is not decided yet: their leases are ours to heartbeat.
         self._held: dict[AttemptKey, _Execution] = {}
@@ -196,6 +199,20 @@ class Runtime:
         self._idle.set()
         # Key ids this worker was given tasks of and lacks, said once each (see accept).
         self._lacking: set[str] = set()
+        # What the session calls when the coordinator asks this worker to drain and exit
+        # (an operator's DrainWorker): the Worker sets it to its own graceful stop.
+        self.on_drain_requested: Callable[[str], None] = lambda reason: None
+
+    @property
+    def resume_token(self) -> bytes:
+        """The last Welcome's resume token (handlers' ledger records present it too)."""
+        return self._resume_token
+
+    @resume_token.setter
+    def resume_token(self, token: bytes) -> None:
+        self._resume_token = token
+        if self._calls is not None:
+            self._calls.resume_token = token
 
     # -- what the session reads ------------------------------------------------------
 
@@ -458,6 +475,7 @@ class Runtime:
             tenant=self.tenant,
             epoch=execution.lease.epoch,
             cancelled=execution.signal,
+            _calls=self._calls,
         )
         if self._runs is not None:
             execution.started = time.monotonic()

@@ -439,6 +439,8 @@ class Session:
                 runtime.abandon(message.heartbeat_ack.lost)
             elif kind == "redirect":
                 return SessionEnd(welcomed=True, redirect=message.redirect.leader_address)
+            elif kind == "drain":
+                runtime.on_drain_requested(message.drain.reason)
             elif kind == "welcome":
                 logger.warning("ignoring a second Welcome on session %s", self.session_id)
             else:

@@ -25,6 +25,7 @@ from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import PayloadCodec
 from conveyor.worker._connection import Connector
+from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NoHandlersError
 from conveyor.worker._registry import TaskRegistry
 from conveyor.worker._runtime import SHUTDOWN_ERROR, Runtime
@@ -190,6 +191,7 @@ class Worker:
         self._force: asyncio.Event | None = None
         self._signals_installed: list[signal.Signals] = []
         self._context_task: asyncio.Task[None] | None = None
+        self._calls: HandlerCalls | None = None
         # Created lazily, by run() or by an early wait_connected(), so that it belongs to
         # the loop the worker runs on; dropped when the run ends.
         self._connected: asyncio.Event | None = None
@@ -471,6 +473,7 @@ class Worker:
         )
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
+        self._calls = HandlerCalls(self._addresses, self._options)
         self._runtime = Runtime(
             self._registry,
             concurrency=self._concurrency,
@@ -479,7 +482,9 @@ class Worker:
             metrics=metrics,
             tracing=tracing,
             codec=self._codec,
+            calls=self._calls,
         )
+        self._runtime.on_drain_requested = self._on_drain_requested
         if metrics is not None:
             metrics.watch_process(self._process_state, loop=loop)
         info = HelloInfo(
@@ -552,6 +557,9 @@ class Worker:
             await asyncio.gather(connection, stop_wait, return_exceptions=True)
             await _bounded(runtime.close(), HANDLER_EXIT_TIMEOUT)
             runtime.report_leftovers()
+            calls, self._calls = self._calls, None
+            if calls is not None:
+                await _bounded(calls.close(), CLOSE_TIMEOUT)
             server, self._metrics_server = self._metrics_server, None
             if server is not None:
                 await asyncio.to_thread(server.stop)
@@ -612,6 +620,14 @@ class Worker:
         if force:
             self._force.set()
         self._stop_requested.set()
+
+    def _on_drain_requested(self, reason: str) -> None:
+        """The coordinator asked this worker to drain (DrainWorker): as on SIGTERM, it
+        finishes what it holds (within the grace period) and exits."""
+        assert self._stop_requested is not None
+        if not self._stop_requested.is_set():
+            logger.info("the coordinator asked this worker to drain (%s): draining", reason)
+            self._request_stop(force=False)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         assert self._stop_requested is not None

@@ -1,4 +1,4 @@
-"""The gRPC server: the three services, health and reflection, behind the interceptors.
+"""The gRPC server: the services, health and reflection, behind the interceptors.
 
 A component of the coordinator (``server.py``): built and bound first (so a port in use
 is a one-line error and the address is known to the election), started once every
@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from conveyor.coordinator.api.admin_service import AdminServicer
+from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.task_service import TaskServicer
 from conveyor.coordinator.api.tls import add_port
 from conveyor.coordinator.api.worker_service import WorkerServicer
@@ -21,6 +22,8 @@ from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    effects_service_pb2,
+    effects_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
     worker_service_pb2,
@@ -31,6 +34,8 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    effects_service_pb2.DESCRIPTOR.services_by_name["LockService"].full_name,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
@@ -77,13 +82,22 @@ class ApiServer:
         host = config.listen.rsplit(":", 1)[0]
         self.address = config.advertise or f"{host}:{port}"
 
-    def serve(self, tasks: TaskServicer, workers: WorkerServicer, admin: AdminServicer) -> None:
+    def serve(
+        self,
+        tasks: TaskServicer,
+        workers: WorkerServicer,
+        admin: AdminServicer,
+        effects: tuple[LedgerServicer, LockServicer],
+    ) -> None:
         """Registers the services (before :meth:`start`)."""
         server = self._server
         self._workers = workers
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        ledger, locks = effects
+        effects_service_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
+        effects_service_pb2_grpc.add_LockServiceServicer_to_server(locks, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

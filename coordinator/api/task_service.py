@@ -18,11 +18,12 @@ import grpc
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.workers import worker_infos
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.errors import InvalidState, TaskNotFound
+from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
 from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import tasks as store
@@ -46,12 +47,19 @@ TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyn
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, deps: Deps, submitter: Submitter, schedules: ScheduleService, *, quotas: Quotas
+        self,
+        deps: Deps,
+        submitter: Submitter,
+        schedules: ScheduleService,
+        *,
+        quotas: Quotas,
+        queue_ops: QueueOps,
     ) -> None:
         self._deps = deps
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
+        self._queue_ops = queue_ops
 
     # -- submits -----------------------------------------------------------------------------
 
@@ -132,29 +140,8 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def ListQueues(
         self, request: task_service_pb2.ListQueuesRequest, context_: Context
     ) -> task_service_pb2.ListQueuesResponse:
-        tenant = context.current().tenant
-        async with self._deps.db.read() as conn:
-            rows = {r["queue"]: r for r in await store.queue_stats(conn, tenant)}
-        sessions = list(self._deps.sessions)
-        # A queue that only idle workers serve is listed too (with no tasks): an operator
-        # looking for where the workers are must find them.
-        served = {q for s in sessions if s.tenant == tenant for q in s.queues}
-        return task_service_pb2.ListQueuesResponse(
-            queues=[
-                task_pb2.QueueStats(
-                    name=queue,
-                    pending=r["pending"] if r else 0,
-                    scheduled=r["scheduled"] if r else 0,
-                    running=r["running"] if r else 0,
-                    dead=r["dead"] if r else 0,
-                    workers=sum(
-                        1 for s in sessions if dispatch_policy.takes_from(s, tenant, queue)
-                    ),
-                    oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"] if r else None),
-                )
-                for queue, r in ((q, rows.get(q)) for q in sorted(rows.keys() | served))
-            ]
-        )
+        queues = await self._queue_ops.queue_stats(context.current().tenant)
+        return task_service_pb2.ListQueuesResponse(queues=queues)
 
     async def ListWorkers(
         self, request: task_service_pb2.ListWorkersRequest, context_: Context
@@ -229,6 +216,38 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             self._deps.after_commit.publish(cause, [changed])
         return row
 
+    async def UpdateTask(
+        self, request: task_service_pb2.UpdateTaskRequest, context_: Context
+    ) -> task_service_pb2.UpdateTaskResponse:
+        update = validation.validate_update(request)
+        tenant = context.current().tenant
+        async with self._deps.db.write() as conn:
+            current = await store.lock_for_update(conn, tenant, update.task_id)
+            if current is None:
+                raise TaskNotFound(request.id)
+            etag = convert.task_etag(current["version"])
+            if update.etag and update.etag != etag:
+                raise EtagMismatch(f"task {request.id}", update.etag, etag)
+            if not store.waiting_unstarted(current):
+                state = task_pb2.TaskState.Name(current["state"])
+                raise InvalidState(request.id, state, "update started")
+            changed = await store.update_waiting(
+                conn,
+                tenant,
+                update.task_id,
+                version=current["version"],
+                priority=update.priority,
+                max_attempts=update.max_attempts,
+                labels=update.labels,
+                run_at=update.run_at,
+                fence=self._deps.office.fence(),
+            )
+            row = await store.get(conn, tenant, update.task_id)
+        assert row is not None  # locked above: nothing deleted it
+        if changed is not None:
+            self._deps.after_commit.publish(Cause.UPDATED, [changed])
+        return task_service_pb2.UpdateTaskResponse(task=convert.task_from_row(row))
+
     # -- schedules (ScheduleService's) -------------------------------------------------------
 
     async def CreateSchedule(
@@ -265,3 +284,35 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: schedule_pb2.ResumeScheduleRequest, context_: Context
     ) -> schedule_pb2.ResumeScheduleResponse:
         return await self._schedules.resume(request)
+
+    # -- queue operations (QueueOps') --------------------------------------------------------
+
+    async def PauseQueue(
+        self, request: task_service_pb2.PauseQueueRequest, context_: Context
+    ) -> task_service_pb2.PauseQueueResponse:
+        return await self._queue_ops.pause(request)
+
+    async def ResumeQueue(
+        self, request: task_service_pb2.ResumeQueueRequest, context_: Context
+    ) -> task_service_pb2.ResumeQueueResponse:
+        return await self._queue_ops.resume(request)
+
+    async def ListDeadTasks(
+        self, request: task_service_pb2.ListDeadTasksRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTasksResponse:
+        return await self._queue_ops.list_dead(request)
+
+    async def ListDeadTaskGroups(
+        self, request: task_service_pb2.ListDeadTaskGroupsRequest, context_: Context
+    ) -> task_service_pb2.ListDeadTaskGroupsResponse:
+        return await self._queue_ops.dead_groups(request)
+
+    async def RetryTasks(
+        self, request: task_service_pb2.RetryTasksRequest, context_: Context
+    ) -> task_service_pb2.RetryTasksResponse:
+        return await self._queue_ops.retry_many(request)
+
+    async def DeleteTasks(
+        self, request: task_service_pb2.DeleteTasksRequest, context_: Context
+    ) -> task_service_pb2.DeleteTasksResponse:
+        return await self._queue_ops.delete_many(request)

@@ -590,3 +590,47 @@ def validate_hello(hello: worker_service_pb2.Hello) -> ValidHello:
         resume_token=hello.resume_token,
         encryption_keys=keys,
     )
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """A checked UpdateTask: the fields to change (None: kept)."""
+
+    task_id: uuid.UUID
+    etag: str
+    priority: int | None
+    max_attempts: int | None
+    labels: str | None
+    """JSON, as the labels column takes it."""
+    run_at: datetime | None
+
+
+def validate_update(req: task_service_pb2.UpdateTaskRequest) -> TaskUpdate:
+    """Checks an UpdateTask request (its fields by the same rules as a submit's)."""
+    task_id = validate_task_id(req.id)
+    out: list[FieldViolation] = []
+    priority = req.priority if req.HasField("priority") else None
+    if priority is not None and not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        out.append(
+            FieldViolation("priority", f"must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
+        )
+    max_attempts = req.max_attempts if req.HasField("max_attempts") else None
+    if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS:
+        out.append(FieldViolation("max_attempts", f"must be between 1 and {MAX_ATTEMPTS}"))
+    run_at = _check_run_at(req.run_at, "", None, out) if req.HasField("run_at") else None
+    labels = None
+    if req.update_labels:
+        _check_labels(dict(req.labels), "", out)
+        labels = json.dumps(dict(req.labels))
+    elif req.labels:
+        out.append(FieldViolation("labels", "are applied only with update_labels set"))
+    if priority is None and max_attempts is None and run_at is None and labels is None:
+        out.append(
+            FieldViolation(
+                "id", "nothing to change: set priority, run_at, max_attempts or update_labels"
+            )
+        )
+    check_text(req.etag, "etag", out, max_length=64)
+    if out:
+        raise InvalidArgument(out)
+    return TaskUpdate(task_id, req.etag, priority, max_attempts, labels, run_at)

@@ -23,6 +23,8 @@ extend without touching the stream code:
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
 - :meth:`DispatchPolicy.pick_idle`: the session a fresh submit may be handed to directly.
+- :attr:`DispatchPolicy.pauses`: paused queues (``pauses.py``) are left out of every
+  claim and every hand-off.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from conveyor.coordinator import convert
+from conveyor.coordinator.dispatch.pauses import QueuePauses
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import worker_service_pb2
@@ -107,6 +110,8 @@ class DispatchPolicy:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
         self._rotation = itertools.count()
+        self.pauses = QueuePauses()
+        """Paused queues: no claim or hand-off takes from them."""
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
         """This round's claims, in a rotating order so no worker is starved."""
@@ -128,10 +133,13 @@ class DispatchPolicy:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
         claim query of ``store/tasks.py``, in the order it decides."""
         session = claim.session
+        queues = self.pauses.open_queues(session.tenant, session.queues)
+        if not queues:
+            return []
         return await store.claim(
             conn,
             tenant=session.tenant,
-            queues=session.queues,
+            queues=queues,
             types=session.task_types,
             keys=session.encryption_keys,
             limit=claim.limit,
@@ -171,6 +179,12 @@ class DispatchPolicy:
             except Exception as exc:
                 found[i] = exc
         return found
+
+    def may_hand_off(self, rows: Iterable[store.NewRow]) -> bool:
+        """Whether fresh submits may go straight to waiting workers: not to a paused queue
+        (nor before this term has read which are)."""
+        pauses = self.pauses
+        return all(pauses.may_hand_off(r.tenant, r.task.queue) for r in rows)
 
     @staticmethod
     def pick_idle(

@@ -1,6 +1,7 @@
-"""The leader's sweeps: promoting due SCHEDULED tasks and reaping expired leases.
+"""The leader's sweeps: promoting due SCHEDULED tasks, reaping expired leases, and
+deleting finished tasks past the retention period.
 
-Both are supervised services (``supervisor.py``) and act for all tenants, so one bad row
+All are supervised services (``supervisor.py``) and act for all tenants, so one bad row
 (written by hand: validation lets nothing like it in) must never stop them. A sweep
 whose statement the store refuses for a row's values (:func:`errors.refused_row`) goes
 through its candidates one by one; a row the promoter cannot compare (an infinite
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -27,6 +29,12 @@ from conveyor.coordinator.supervisor import Service
 _log = logging.getLogger("conveyor.coordinator.maintenance")
 
 SWEEP_LIMIT = 5000
+RETENTION_BATCH = 500
+"""Finished tasks one retention statement deletes: small, so each transaction is short
+and the sweep never competes with the hot path for long."""
+RETENTION_PAUSE = 0.05
+"""Seconds between two retention batches while there is more to delete."""
+RETENTION_OFF_SLEEP = 60.0
 # The promoter re-reads the earliest run_at at least this often, so a task scheduled by
 # another process (or one whose wake-up was missed) still runs on time.
 MAX_PROMOTER_SLEEP = 1.0
@@ -143,3 +151,24 @@ class Reaper(Service):
                     why = f"its expired lease cannot be taken back: {exc}"
                     await set_aside(self.deps, conn, self.name, [task_id], store.RUNNING, why)
         return reaped
+
+
+class Retention(Service):
+    """Deletes finished tasks older than ``retention_days`` (with their attempts), a
+    batch of RETENTION_BATCH at a time, oldest first; counted per tenant in
+    ``conveyor_tasks_purged_total{reason="retention"}``. Off while ``retention_days`` is 0.
+    """
+
+    name = "retention"
+
+    async def step(self) -> float:
+        config = self.deps.config
+        if not config.retention_days:
+            return RETENTION_OFF_SLEEP
+        cutoff = datetime.now(UTC) - timedelta(days=config.retention_days)
+        async with self.deps.db.autocommit() as conn:
+            tenants = await store.purge_expired(conn, cutoff, RETENTION_BATCH)
+        if tenants:
+            self.deps.metrics.count_purged(Counter(tenants), "retention")
+            _log.info("deleted %d tasks finished before %s (retention)", len(tenants), cutoff)
+        return RETENTION_PAUSE if len(tenants) == RETENTION_BATCH else config.retention_interval

@@ -290,7 +290,13 @@ class Dispatcher(Service):
         self._wake_soon = False
         self.wake()
 
+    async def stop(self) -> None:
+        await super().stop()
+        self.policy.pauses.forget()  # the next term reads them again
+
     async def step(self) -> float:
+        if not self.policy.pauses.current:
+            await self.policy.pauses.load(self.deps.db)
         claims = self.policy.plan(self.deps.sessions)
         if not claims:
             return self.deps.config.poll_interval
@@ -363,6 +369,8 @@ class Dispatcher(Service):
         if not self.running:
             return []  # not leading (or fenced)
         if len(rows) > HAND_OFF_MAX or any(r.state != PENDING for r in rows):
+            return []
+        if not self.policy.may_hand_off(rows):
             return []
         sessions: list[WorkerSession] = []
         live = list(self.deps.sessions)

@@ -114,6 +114,8 @@ class Cause(enum.Enum):
     """A DEAD task made PENDING again (RetryTask)."""
     SET_ASIDE = "set_aside"
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
+    UPDATED = "updated"
+    """A waiting task whose run_at UpdateTask moved across now (PENDING, SCHEDULED)."""
 
 
 # The one state each cause leads to, where there is only one: a batch of these is not

@@ -78,7 +78,7 @@ TASK_COLUMNS = (
     "attempt", "max_attempts", "attempt_base", "idempotency_key", "run_at", "timeout_ms",
     "retry_initial_ms", "retry_max_ms", "retry_multiplier", "retry_jitter", "labels",
     "traceparent", "result", "last_error", "worker_id", "lease_epoch", "lease_start_time",
-    "create_time", "update_time", "finish_time",
+    "create_time", "update_time", "finish_time", "version",
 )  # fmt: skip
 """Every column a Task message shows (convert.task_from_row)."""
 
@@ -1133,22 +1133,339 @@ async def cancel(
     return await _CANCEL.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
 
 
-_REDRIVE = Query(
-    "redrive_task",
-    f"""
-    WITH changed AS (
+# -- operations: the dead-letter queue, bulk redrive, purge and retention --------------------
+
+# The error fingerprint of a task: the first line of its last error ("Type: message", as
+# the worker SDK writes it), cut to a length that groups well and fits a label.
+FINGERPRINT_LENGTH = 200
+_FINGERPRINT = f"left(split_part(t.last_error, chr(10), 1), {FINGERPRINT_LENGTH})"
+# What a dead-letter filter matches (validation.DeadFilter), states aside: those go into
+# the text as literals (see _states) so that DEAD alone reads the tasks_dead index.
+_DEAD_MATCH = f"""
+    t.tenant = :tenant
+    AND (:queue::text IS NULL OR t.queue = :queue)
+    AND (:type::text IS NULL OR t.type = :type)
+    AND (:fingerprint::text IS NULL OR {_FINGERPRINT} = :fingerprint)
+    AND (:after::timestamptz IS NULL OR t.finish_time >= :after)
+    AND (:before::timestamptz IS NULL OR t.finish_time < :before)
+"""
+
+
+class DeadFilter(NamedTuple):
+    """Which finished tasks of a tenant an operation takes (``validation.dead_filter``)."""
+
+    tenant: str
+    states: tuple[int, ...]
+    """Terminal states, in ascending order."""
+    queue: str | None = None
+    type: str | None = None
+    fingerprint: str | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+
+    def params(self) -> dict[str, Any]:
+        values = self._asdict()
+        del values["states"]
+        return values
+
+
+def _states(states: Sequence[int]) -> str:
+    """``t.state IN (...)`` with literal states (never from a request as text: ints)."""
+    return f"t.state IN ({', '.join(str(int(s)) for s in states)})"
+
+
+_queries: dict[tuple[str, tuple[int, ...]], Query] = {}
+
+
+def _for_states(name: str, states: tuple[int, ...], text: str) -> Query:
+    """The statement ``text`` (``{states}`` marks the state test) for these states,
+    compiled once per set of states (at most seven: subsets of the terminal ones)."""
+    query = _queries.get((name, states))
+    if query is None:
+        query = _queries[(name, states)] = Query(name, text.replace("{states}", _states(states)))
+    return query
+
+
+_LIST_DEAD = f"""
+    SELECT {_TASK} FROM tasks t
+    WHERE {{states}} AND {_DEAD_MATCH}
+      AND (:after_id::uuid IS NULL OR t.id < :after_id)
+    ORDER BY t.id DESC
+    LIMIT :limit
+"""
+
+
+async def list_dead(
+    conn: asyncpg.Connection, flt: DeadFilter, after_id: uuid.UUID | None, limit: int
+) -> list[asyncpg.Record]:
+    """Finished tasks matching ``flt``, newest first, after the page token ``after_id``."""
+    query = _for_states("list_dead_tasks", flt.states, _LIST_DEAD)
+    return await query.fetch(conn, after_id=after_id, limit=limit, **flt.params())
+
+
+_DEAD_GROUPS = f"""
+    SELECT t.type, {_FINGERPRINT} AS fingerprint, count(*) AS n,
+        min(t.finish_time) AS first_seen, max(t.finish_time) AS last_seen,
+        array_agg(DISTINCT t.queue ORDER BY t.queue) AS queues
+    FROM tasks t
+    WHERE {{states}} AND {_DEAD_MATCH}
+    GROUP BY 1, 2
+    ORDER BY n DESC, t.type, fingerprint
+    LIMIT :limit
+"""
+
+
+async def dead_groups(
+    conn: asyncpg.Connection, flt: DeadFilter, limit: int
+) -> list[asyncpg.Record]:
+    """Tasks matching ``flt`` grouped by type and error fingerprint, largest first."""
+    query = _for_states("dead_task_groups", flt.states, _DEAD_GROUPS)
+    return await query.fetch(conn, limit=limit, **flt.params())
+
+
+# A redrive: the task becomes PENDING now with a fresh attempt budget (the module
+# docstring), from whichever state ``old`` found it in (DEAD or CANCELLED).
+_REDRIVE_OLD = f"""
+    changed AS (
         UPDATE tasks t SET state = {PENDING}, attempt_base = t.attempt, run_at = now(),
             finish_time = NULL, result = NULL, update_time = now()
-        WHERE {FENCE} AND t.tenant = :tenant AND t.id = :id AND t.state = {DEAD}
-        RETURNING {changed(from_state=DEAD)}
+        FROM old WHERE t.id = old.id
+        RETURNING {changed(from_state="old.state")}
     ) {TAIL}
+"""
+REDRIVABLE = (DEAD, CANCELLED)
+"""The states a redrive takes a task from."""
+
+_REDRIVE_IDS = Query(
+    "redrive_tasks",
+    f"""
+    WITH old AS (
+        SELECT id, state FROM tasks t
+        WHERE {FENCE} AND t.tenant = :tenant AND t.id = ANY(:ids::uuid[])
+          AND {_states(REDRIVABLE)}
+        ORDER BY t.id
+        FOR UPDATE
+    ), {_REDRIVE_OLD}
     """,
 )
+
+
+async def redrive_ids(
+    conn: asyncpg.Connection, tenant: str, ids: Sequence[uuid.UUID], fence: Fence
+) -> list[asyncpg.Record]:
+    """Makes the tenant's tasks among ``ids`` that are DEAD or CANCELLED PENDING with a
+    fresh attempt budget; returns their transitions (the others are left alone)."""
+    return await _REDRIVE_IDS.fetch(conn, tenant=tenant, ids=list(ids), fence=fence)
 
 
 async def redrive(
     conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID, fence: Fence
 ) -> asyncpg.Record | None:
-    """Makes a DEAD task PENDING with a fresh attempt budget; returns its transition, None
-    if it is not DEAD."""
-    return await _REDRIVE.fetchrow(conn, tenant=tenant, id=task_id, fence=fence)
+    """Makes a DEAD or CANCELLED task PENDING with a fresh attempt budget; returns its
+    transition, None if it is in neither state."""
+    rows = await redrive_ids(conn, tenant, [task_id], fence)
+    return rows[0] if rows else None
+
+
+_REDRIVE_MATCHING = f"""
+    WITH old AS (
+        SELECT id, state FROM tasks t
+        WHERE {FENCE} AND {{states}} AND {_DEAD_MATCH}
+        ORDER BY t.id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ), {_REDRIVE_OLD}
+"""
+
+
+async def redrive_matching(
+    conn: asyncpg.Connection, flt: DeadFilter, limit: int, fence: Fence
+) -> list[asyncpg.Record]:
+    """Redrives up to ``limit`` tasks matching ``flt`` (whose states are among
+    :data:`REDRIVABLE`), oldest first; returns their transitions."""
+    query = _for_states("redrive_matching_tasks", flt.states, _REDRIVE_MATCHING)
+    return await query.fetch(conn, limit=limit, fence=fence, **flt.params())
+
+
+_EXISTING = Query(
+    "existing_tasks",
+    "SELECT id::text FROM tasks WHERE tenant = :tenant AND id = ANY(:ids::uuid[])",
+)
+
+
+async def existing(conn: asyncpg.Connection, tenant: str, ids: Sequence[uuid.UUID]) -> set[str]:
+    """The ids (canonical text) of ``ids`` that name a task of ``tenant``."""
+    return {r[0] for r in await _EXISTING.fetch(conn, tenant=tenant, ids=list(ids))}
+
+
+# Deleting a finished task is no state change (nothing watches a finished task): its row
+# and its attempts (ON DELETE CASCADE) go. Unfinished tasks are never deleted.
+_DELETE_IDS = Query(
+    "delete_tasks",
+    f"""
+    DELETE FROM tasks t
+    WHERE t.tenant = :tenant AND t.id = ANY(:ids::uuid[]) AND {_states(sorted(TERMINAL))}
+    RETURNING t.id::text
+    """,
+)
+
+
+async def delete_ids(conn: asyncpg.Connection, tenant: str, ids: Sequence[uuid.UUID]) -> set[str]:
+    """Deletes the tenant's finished tasks among ``ids``; returns the ids deleted."""
+    return {r[0] for r in await _DELETE_IDS.fetch(conn, tenant=tenant, ids=list(ids))}
+
+
+_DELETE_MATCHING = f"""
+    DELETE FROM tasks WHERE id IN (
+        SELECT id FROM tasks t
+        WHERE {{states}} AND {_DEAD_MATCH}
+        ORDER BY t.id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+"""
+
+
+async def delete_matching(conn: asyncpg.Connection, flt: DeadFilter, limit: int) -> int:
+    """Deletes up to ``limit`` tasks matching ``flt`` (finished states only), oldest
+    first; returns how many."""
+    query = _for_states("delete_matching_tasks", flt.states, _DELETE_MATCHING)
+    status = await query.execute(conn, limit=limit, **flt.params())
+    return int(status.split()[-1])
+
+
+_PURGE_EXPIRED = Query(
+    "purge_expired_tasks",
+    f"""
+    DELETE FROM tasks WHERE id IN (
+        -- Finished before the cutoff means created before it: ids are UUIDv7, so the
+        -- primary key's range below the cutoff's id holds them all (no index of finish
+        -- times, which every finishing task would pay for).
+        SELECT id FROM tasks t
+        WHERE t.id < :below AND {_states(sorted(TERMINAL))} AND t.finish_time < :cutoff
+        ORDER BY t.id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING tenant
+    """,
+)
+
+
+async def purge_expired(conn: asyncpg.Connection, cutoff: datetime, limit: int) -> list[str]:
+    """Deletes up to ``limit`` tasks (of every tenant) that finished before ``cutoff``,
+    oldest first; returns the tenant of each task deleted."""
+    below = uuid.UUID(int=int(cutoff.timestamp() * 1000) << 80)  # the least UUIDv7 of then
+    rows = await _PURGE_EXPIRED.fetch(conn, below=below, cutoff=cutoff, limit=limit)
+    return [r[0] for r in rows]
+
+
+# One statement per state, so each reads its own partial index (as _QUEUE_DEPTHS does).
+_UNFINISHED_PER_QUEUE = Query(
+    "unfinished_per_queue",
+    f"""
+    SELECT tenant, queue, sum(n)::bigint AS n FROM (
+        SELECT tenant, queue, count(*) AS n FROM tasks WHERE state = {PENDING}
+        GROUP BY tenant, queue
+        UNION ALL
+        SELECT tenant, queue, count(*) FROM tasks WHERE state = {SCHEDULED}
+        GROUP BY tenant, queue
+        UNION ALL
+        SELECT tenant, queue, count(*) FROM tasks WHERE state = {RUNNING}
+        GROUP BY tenant, queue
+    ) counts GROUP BY tenant, queue
+    """,
+)
+
+
+async def unfinished_per_queue(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
+    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per (tenant, queue) that has any."""
+    rows = await _UNFINISHED_PER_QUEUE.fetch(conn)
+    return {(r["tenant"], r["queue"]): int(r["n"]) for r in rows}
+
+
+# -- versioned updates (UpdateTask) -----------------------------------------------------------
+
+_FOR_UPDATE = Query(
+    "task_for_update",
+    """
+    SELECT state, attempt, attempt_base, version FROM tasks
+    WHERE tenant = :tenant AND id = :id
+    FOR UPDATE
+    """,
+)
+
+
+async def lock_for_update(
+    conn: asyncpg.Connection, tenant: str, task_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """Locks the tenant's task until the transaction ends; its state, attempts and
+    version (None when there is no such task). Concurrent updates of one task queue here,
+    and each sees the version the one before it wrote."""
+    return await _FOR_UPDATE.fetchrow(conn, tenant=tenant, id=task_id)
+
+
+def waiting_unstarted(row: asyncpg.Record) -> bool:
+    """Whether UpdateTask may change the task: it waits (PENDING, SCHEDULED) and no
+    attempt counted since its submit or its last RetryTask."""
+    return row["state"] in (PENDING, SCHEDULED) and row["attempt"] == row["attempt_base"]
+
+
+_UPDATE = Query(
+    "update_task",
+    f"""
+    WITH old AS (
+        SELECT id, state FROM tasks
+        WHERE {FENCE} AND tenant = :tenant AND id = :id AND version = :version
+          AND state IN ({PENDING}, {SCHEDULED}) AND attempt = attempt_base
+    ), updated AS (
+        UPDATE tasks t SET
+            priority = coalesce(:priority::int, t.priority),
+            max_attempts = coalesce(:max_attempts::int, t.max_attempts),
+            labels = coalesce(:labels::jsonb, t.labels),
+            run_at = coalesce(:run_at::timestamptz, t.run_at),
+            state = CASE
+                WHEN :run_at::timestamptz IS NULL THEN t.state
+                WHEN :run_at::timestamptz > now() THEN {SCHEDULED}
+                ELSE {PENDING}
+            END,
+            version = t.version + 1, update_time = now()
+        FROM old WHERE t.id = old.id
+        RETURNING t.*, old.state AS old_state
+    ), changed AS (
+        SELECT {changed("updated", from_state="updated.old_state")} FROM updated
+        WHERE updated.state <> updated.old_state
+    ) {TAIL}
+    """,
+)
+
+
+async def update_waiting(
+    conn: asyncpg.Connection,
+    tenant: str,
+    task_id: uuid.UUID,
+    *,
+    version: int,
+    priority: int | None,
+    max_attempts: int | None,
+    labels: str | None,
+    run_at: datetime | None,
+    fence: Fence,
+) -> asyncpg.Record | None:
+    """Changes the fields given (None: kept) of a waiting, unstarted task still at
+    ``version``, and bumps the version; a ``run_at`` in the future makes it SCHEDULED, one
+    now or past PENDING. Call :func:`lock_for_update` first in the same transaction (it
+    tells why a task cannot be updated). Fenced (the state it sets is dispatch state).
+    Returns the transition when the state changed, else None.
+    """
+    return await _UPDATE.fetchrow(
+        conn,
+        tenant=tenant,
+        id=task_id,
+        version=version,
+        priority=priority,
+        max_attempts=max_attempts,
+        labels=labels,
+        run_at=run_at,
+        fence=fence,
+    )

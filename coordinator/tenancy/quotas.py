@@ -37,11 +37,12 @@ import asyncpg
 
 from conveyor.coordinator import bounds
 from conveyor.coordinator.api import context as request_context
-from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.coordinator.config import DEFAULT_QUEUE, CoordinatorConfig
 from conveyor.coordinator.errors import QuotaExceeded, StoreUnavailable
 from conveyor.coordinator.store import tenants as store
 from conveyor.coordinator.tenancy.backlog import BacklogCounter
 from conveyor.coordinator.tenancy.directory import Directory
+from conveyor.coordinator.tenancy.queue_backlog import QueueBacklogCounter
 
 HOLD_MAX = 1.0
 """Longest a refusal is held back (see :meth:`Quotas.hold`)."""
@@ -63,6 +64,9 @@ class _Submit(Protocol):
 
     @property
     def payload(self) -> bytes: ...
+
+    @property
+    def queue(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +144,17 @@ class Quotas:
     """Admission control for submits and schedules; see the module docstring."""
 
     def __init__(
-        self, config: CoordinatorConfig, directory: Directory, backlog: BacklogCounter
+        self,
+        config: CoordinatorConfig,
+        directory: Directory,
+        backlog: BacklogCounter,
+        queue_backlog: QueueBacklogCounter | None = None,
     ) -> None:
         self._config = config
         self._directory = directory
         self.backlog = backlog
+        self.queue_backlog = queue_backlog if config.max_queue_backlog > 0 else None
+        """The per-queue backlog limit's counter, while the limit is set."""
         backlog.limited = self.backlog_limited
         self.defaults = Limits.defaults(config)
         self._limits: dict[str, Limits] = {}
@@ -207,8 +217,9 @@ class Quotas:
         :meth:`hold`); the call's tasks count in the tenant's backlog until it ends."""
         if not self.backlog.current and self.limits(tenant).max_backlog > 0:
             await self.backlog_ready()
+        per_queue = await self._per_queue(requests) if self.queue_backlog else None
         try:
-            self.admit(tenant, requests)
+            self.admit(tenant, requests, per_queue)
         except QuotaExceeded as exc:
             await self.hold(tenant, exc)
             raise
@@ -216,6 +227,29 @@ class Quotas:
             yield
         finally:
             self.done(tenant, len(requests))
+            if per_queue and self.queue_backlog is not None:
+                self.queue_backlog.done(tenant, per_queue)
+
+    async def _per_queue(self, requests: Sequence[_Submit]) -> dict[str, int] | None:
+        """A call's tasks per queue, when the per-queue backlog limit is set (once its
+        count can be trusted); else None."""
+        counter = self.queue_backlog
+        if counter is None:
+            return None
+        if not counter.current:
+            timeout = self._config.statement_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await counter.ready()
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the queues' backlog count did not finish within {timeout:g}s"
+                ) from None
+        per_queue: dict[str, int] = {}
+        for request in requests:
+            queue = request.queue or DEFAULT_QUEUE
+            per_queue[queue] = per_queue.get(queue, 0) + 1
+        return per_queue
 
     async def hold(self, tenant: str, refusal: QuotaExceeded) -> None:
         """Answers a refusal late when the tenant was told to wait and did not.
@@ -235,17 +269,28 @@ class Quotas:
         if now < until:
             await hold_back(until - now)
 
-    def admit(self, tenant: str, tasks: Sequence[_Submit]) -> None:
+    def admit(
+        self, tenant: str, tasks: Sequence[_Submit], per_queue: dict[str, int] | None = None
+    ) -> None:
         """Admits one submit call, or raises QuotaExceeded (nothing is written); call
-        :meth:`done` when the submit has finished."""
+        :meth:`done` when the submit has finished (and ``queue_backlog.done`` with
+        ``per_queue``, the call's tasks per queue when the per-queue limit is set)."""
         limits = self.limits(tenant)
         count = len(tasks)
         if count and 0 < limits.max_payload_bytes < self._config.max_payload_bytes:
             self.check_payload(tenant, max(len(t.payload) for t in tasks), limits)
-        # The backlog first: a submit it refuses takes no token.
+        # The backlogs first: a submit they refuse takes no token.
         self.backlog.check(tenant, count, limits.max_backlog)
-        if limits.submit_rate > 0:
-            self._take(tenant, count, limits)
+        queues = self.queue_backlog if per_queue else None
+        if queues is not None and per_queue:
+            queues.admit(tenant, per_queue)
+        try:
+            if limits.submit_rate > 0:
+                self._take(tenant, count, limits)
+        except QuotaExceeded:
+            if queues is not None and per_queue:
+                queues.withdraw(tenant, per_queue)  # refused: nothing will be written
+            raise
         self.backlog.admit(tenant, count)
 
     def admit_firings(self, tenant: str, count: int) -> tuple[int, str | None]:

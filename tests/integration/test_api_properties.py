@@ -45,6 +45,9 @@ from conveyor.v1 import (
     task_service_pb2,
     worker_service_pb2,
 )
+from conveyor.v1 import (
+    effects_service_pb2 as effects,
+)
 
 settings.register_profile(
     "ci",
@@ -87,6 +90,8 @@ def _services() -> dict[str, Any]:
     return {
         "conveyor.v1.TaskService": task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
         "conveyor.v1.AdminService": admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
+        "conveyor.v1.LedgerService": effects.DESCRIPTOR.services_by_name["LedgerService"],
+        "conveyor.v1.LockService": effects.DESCRIPTOR.services_by_name["LockService"],
     }
 
 

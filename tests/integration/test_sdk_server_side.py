@@ -167,7 +167,7 @@ async def test_backlog_quota_is_raised_or_waited_out(database_dsn: str) -> None:
     worker.register("echo", lambda ctx, payload: payload)
     run: asyncio.Task[None] | None = None
     try:
-        async with AsyncClient(coordinator.address) as client:
+        async with AsyncClient(coordinator.address, retry_resource_exhausted=False) as client:
             for _ in range(3):
                 await client.submit("echo", None)
             with pytest.raises(QuotaExceededError) as caught:

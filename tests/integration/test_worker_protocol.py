@@ -248,9 +248,10 @@ async def test_cancel_running_is_pushed_to_the_worker(
         "SELECT outcome FROM task_attempts WHERE task_id = $1::uuid", task.id
     )
     assert outcome == task_pb2.ATTEMPT_OUTCOME_CANCELLED
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RetryTask(task_service_pb2.RetryTaskRequest(id=task.id))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # A cancelled task may be redriven (issue 20, break 6): PENDING, with a fresh budget.
+    retried = await stub.RetryTask(task_service_pb2.RetryTaskRequest(id=task.id))
+    assert retried.task.state == task_pb2.TASK_STATE_PENDING
+    assert retried.task.uncounted_attempts == retried.task.attempt == 1
 
 
 async def test_delayed_task_waits_for_run_at(stub: Stub, raw_workers: Workers) -> None:

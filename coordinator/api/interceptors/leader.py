@@ -27,6 +27,13 @@ ANY_COORDINATOR = frozenset(
         "/conveyor.v1.AdminService/ListTenants",
         "/conveyor.v1.AdminService/UpdateTenantLimits",
         "/conveyor.v1.AdminService/ListAuditEvents",
+        # The ledger is fenced by the task row and locks live in PostgreSQL: neither is
+        # dispatch state, so effects stay recordable during an election.
+        "/conveyor.v1.LedgerService/RecordEffect",
+        "/conveyor.v1.LedgerService/GetEffect",
+        "/conveyor.v1.LockService/AcquireLock",
+        "/conveyor.v1.LockService/RenewLock",
+        "/conveyor.v1.LockService/ReleaseLock",
     }
 )
 """Methods every coordinator answers; every other conveyor.v1 method is the leader's."""

@@ -91,7 +91,7 @@ class WorkerInfo(_message.Message):
     in_flight: _builtins.int
     """Tasks leased to the worker that it has not reported a result for yet."""
     tenant: _builtins.str
-    """The tenant the worker's key belongs to (its worker id is unique only within it)."""
+    """The tenant the worker works for."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -182,6 +182,7 @@ class GetClusterStatusResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     ANSWERED_BY_FIELD_NUMBER: _builtins.int
     RECENT_EVICTIONS_FIELD_NUMBER: _builtins.int
+    PAUSED_QUEUES_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     mode: _builtins.str
     """"single-node" (no etcd) or "etcd"."""
@@ -207,6 +208,12 @@ class GetClusterStatusResponse(_message.Message):
     def recent_evictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerEviction]:
         """The latest evictions by the answering coordinator, newest first (at most 20)."""
 
+    @_builtins.property
+    def paused_queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedQueue]:
+        """The paused queues of every tenant (PauseQueue), as the leader dispatches by them
+        (empty from a follower).
+        """
+
     def __init__(
         self,
         *,
@@ -218,14 +225,39 @@ class GetClusterStatusResponse(_message.Message):
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
         answered_by: Global___CoordinatorInfo | None = ...,
         recent_evictions: _abc.Iterable[Global___WorkerEviction] | None = ...,
+        paused_queues: _abc.Iterable[Global___PausedQueue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "leader", b"leader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "cluster", b"cluster", "epoch", b"epoch", "leader", b"leader", "mode", b"mode", "recent_evictions", b"recent_evictions", "replicas", b"replicas", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "cluster", b"cluster", "epoch", b"epoch", "leader", b"leader", "mode", b"mode", "paused_queues", b"paused_queues", "recent_evictions", b"recent_evictions", "replicas", b"replicas", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterStatusResponse: _TypeAlias = GetClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class PausedQueue(_message.Message):
+    """PausedQueue is one tenant's paused queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    queue: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PausedQueue: _TypeAlias = PausedQueue  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
@@ -564,3 +596,53 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class DrainWorkerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker's id, as GetClusterStatus lists it (required)."""
+    tenant: _builtins.str
+    """Its tenant; may be empty when no other tenant has a worker of that id."""
+    reason: _builtins.str
+    """Why, told to the worker and logged there."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainWorkerRequest: _TypeAlias = DrainWorkerRequest  # noqa: Y015
+
+@_typing.final
+class DrainWorkerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def worker(self) -> Global___WorkerInfo:
+        """The worker, now draining."""
+
+    def __init__(
+        self,
+        *,
+        worker: Global___WorkerInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainWorkerResponse: _TypeAlias = DrainWorkerResponse  # noqa: Y015

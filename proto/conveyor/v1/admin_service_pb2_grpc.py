@@ -71,6 +71,11 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/conveyor.v1.AdminService/DrainWorker',
+                request_serializer=conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/conveyor.v1.AdminService/ListAuditEvents',
                 request_serializer=conveyor_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
@@ -136,6 +141,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Drains a worker connected to the leader: it is assigned nothing more, is told to
+        finish what it holds and exit (a worker of the Python SDK does; an older one stays
+        connected and idle), and its running tasks finish and report as usual.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """Reads the audit log, oldest first (or newest first), with each row's chain hashes.
         """
@@ -180,6 +194,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.UpdateTenantLimits,
                     request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -378,6 +397,33 @@ class AdminService:
             '/conveyor.v1.AdminService/UpdateTenantLimits',
             conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsRequest.SerializeToString,
             conveyor_dot_v1_dot_admin__service__pb2.UpdateTenantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.AdminService/DrainWorker',
+            conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.SerializeToString,
+            conveyor_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class AdminServiceStub:
     """Sets the limits named in update_mask (all of them when it is empty); a named limit
     left unset goes back to the coordinator's default.
     """
+    DrainWorker: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DrainWorkerRequest, _admin_service_pb2.DrainWorkerResponse]
+    """Drains a worker connected to the leader: it is assigned nothing more, is told to
+    finish what it holds and exit (a worker of the Python SDK does; an older one stays
+    connected and idle), and its running tasks finish and report as usual.
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
     """Reads the audit log, oldest first (or newest first), with each row's chain hashes."""
 
@@ -88,6 +93,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     UpdateTenantLimits: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateTenantLimitsRequest, _admin_service_pb2.UpdateTenantLimitsResponse]  # type: ignore[assignment]
     """Sets the limits named in update_mask (all of them when it is empty); a named limit
     left unset goes back to the coordinator's default.
+    """
+    DrainWorker: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DrainWorkerRequest, _admin_service_pb2.DrainWorkerResponse]  # type: ignore[assignment]
+    """Drains a worker connected to the leader: it is assigned nothing more, is told to
+    finish what it holds and exit (a worker of the Python SDK does; an older one stays
+    connected and idle), and its running tasks finish and report as usual.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Reads the audit log, oldest first (or newest first), with each row's chain hashes."""
@@ -159,6 +169,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.UpdateTenantLimitsResponse, _abc.Awaitable[_admin_service_pb2.UpdateTenantLimitsResponse]]:
         """Sets the limits named in update_mask (all of them when it is empty); a named limit
         left unset goes back to the coordinator's default.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainWorker(
+        self,
+        request: _admin_service_pb2.DrainWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DrainWorkerResponse, _abc.Awaitable[_admin_service_pb2.DrainWorkerResponse]]:
+        """Drains a worker connected to the leader: it is assigned nothing more, is told to
+        finish what it holds and exit (a worker of the Python SDK does; an older one stays
+        connected and idle), and its running tasks finish and report as usual.
         """
 
     @_abc_1.abstractmethod

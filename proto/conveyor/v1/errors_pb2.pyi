@@ -70,6 +70,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 17
     """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+    ERROR_REASON_LEASE_NOT_HELD: _ErrorReason.ValueType  # 60
+    """The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
+    finished, was cancelled or leased again, or the caller is not the process it was
+    leased to. An attempt that lost its lease cannot record an effect; metadata "task_id".
+    """
+    ERROR_REASON_LOCK_NOT_HELD: _ErrorReason.ValueType  # 61
+    """The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
+    or the handle is not the holder's; metadata "name".
+    """
+    ERROR_REASON_WORKER_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """No worker with the id is connected to the leader (code NOT_FOUND); metadata
+    "worker_id". GetClusterStatus lists those that are.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -125,4 +138,17 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 17
 """No API key has the id (code NOT_FOUND); metadata "key_id"."""
+ERROR_REASON_LEASE_NOT_HELD: ErrorReason.ValueType  # 60
+"""The attempt does not hold the task's lease (code FAILED_PRECONDITION): the task
+finished, was cancelled or leased again, or the caller is not the process it was
+leased to. An attempt that lost its lease cannot record an effect; metadata "task_id".
+"""
+ERROR_REASON_LOCK_NOT_HELD: ErrorReason.ValueType  # 61
+"""The lock was lost (code FAILED_PRECONDITION): its TTL ran out, another holder took it,
+or the handle is not the holder's; metadata "name".
+"""
+ERROR_REASON_WORKER_NOT_FOUND: ErrorReason.ValueType  # 30
+"""No worker with the id is connected to the leader (code NOT_FOUND); metadata
+"worker_id". GetClusterStatus lists those that are.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

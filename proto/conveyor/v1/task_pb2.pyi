@@ -210,6 +210,7 @@ class Task(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     UNCOUNTED_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Time-ordered id (UUIDv7, canonical text form)."""
     tenant: _builtins.str
@@ -237,6 +238,8 @@ class Task(_message.Message):
     (a redrive gives a fresh budget), those that never started and those interrupted by
     a worker's shutdown. `attempt - uncounted_attempts` is the budget used so far.
     """
+    etag: _builtins.str
+    """The task's version as UpdateTask compares it: it changes with every UpdateTask."""
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """When the task may run next (submitted run_at, or the end of a retry backoff)."""
@@ -283,10 +286,11 @@ class Task(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         uncounted_attempts: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "create_time", b"create_time", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "create_time", b"create_time", "etag", b"etag", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "last_error", b"last_error", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "run_at", b"run_at", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type", "uncounted_attempts", b"uncounted_attempts", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,6 +347,7 @@ class QueueStats(_message.Message):
     DEAD_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
     """Tasks ready to run now (PENDING)."""
@@ -352,6 +357,10 @@ class QueueStats(_message.Message):
     dead: _builtins.int
     workers: _builtins.int
     """Workers connected to the leader that take tasks from this queue."""
+    paused: _builtins.bool
+    """True while the queue is paused (PauseQueue): it accepts submits but dispatches
+    nothing until ResumeQueue. A paused queue is listed even when it holds no task.
+    """
     @_builtins.property
     def oldest_pending_time(self) -> _timestamp_pb2.Timestamp:
         """When the oldest ready (PENDING) task became ready (its run_at); unset when none is
@@ -368,10 +377,11 @@ class QueueStats(_message.Message):
         dead: _builtins.int = ...,
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x1f\x63onveyor/v1/admin_service.proto\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo2\x98\x0b\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12V\n\x0bListWorkers\x12\x1f.conveyor.v1.ListWorkersRequest\x1a .conveyor.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x1f\x63onveyor/v1/admin_service.proto\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1a\x63onveyor/v1/schedule.proto\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x11SubmitTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12*\n\x06run_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\x0cretry_policy\x18\n \x01(\x0b\x32\x18.conveyor.v1.RetryPolicy\x12:\n\x06labels\x18\x0b \x03(\x0b\x32*.conveyor.v1.SubmitTaskRequest.LabelsEntry\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12SubmitTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.conveyor.v1.SubmitTaskRequest\"G\n\x13SubmitTasksResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.conveyor.v1.SubmitTaskResponse\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x91\x01\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12*\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x18.conveyor.v1.TaskAttempt\x12\x10\n\x08unserved\x18\x03 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x04 \x01(\t\"}\n\x10ListTasksRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.TaskState\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\x12\x10\n\x08unserved\x18\x02 \x01(\x08\x12\x1f\n\x17unserved_encryption_key\x18\x03 \x01(\t\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11RetryTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\xab\x02\n\x11UpdateTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12*\n\x06run_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x0cmax_attempts\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\rupdate_labels\x18\x06 \x01(\x08\x12:\n\x06labels\x18\x07 \x03(\x0b\x32*.conveyor.v1.UpdateTaskRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priorityB\x0f\n\r_max_attempts\"5\n\x12UpdateTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.conveyor.v1.Task\"\x13\n\x11ListQueuesRequest\"=\n\x12ListQueuesResponse\x12\'\n\x06queues\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.QueueStats\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"<\n\x12PauseQueueResponse\x12&\n\x05queue\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"=\n\x13ResumeQueueResponse\x12&\n\x05queue\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.QueueStats\"\xd3\x01\n\x0e\x44\x65\x61\x64TaskFilter\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x32\n\x0e\x66inished_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66inished_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06states\x18\x06 \x03(\x0e\x32\x16.conveyor.v1.TaskState\"j\n\x14ListDeadTasksRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x15ListDeadTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.conveyor.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\x19ListDeadTaskGroupsRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"\xb0\x01\n\rDeadTaskGroup\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12.\n\nfirst_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queues\x18\x06 \x03(\t\"[\n\x1aListDeadTaskGroupsResponse\x12*\n\x06groups\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.DeadTaskGroup\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"`\n\x11RetryTasksRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\"_\n\x12RetryTasksResponse\x12\x0f\n\x07retried\x18\x01 \x01(\x03\x12\x13\n\x0bskipped_ids\x18\x02 \x03(\t\x12\x15\n\rnot_found_ids\x18\x03 \x03(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\"a\n\x12\x44\x65leteTasksRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.conveyor.v1.DeadTaskFilter\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\"`\n\x13\x44\x65leteTasksResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x13\n\x0bskipped_ids\x18\x02 \x03(\t\x12\x15\n\rnot_found_ids\x18\x03 \x03(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\x32\x92\x10\n\x0bTaskService\x12S\n\nSubmitTask\x12\x1e.conveyor.v1.SubmitTaskRequest\x1a\x1f.conveyor.v1.SubmitTaskResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bSubmitTasks\x12\x1f.conveyor.v1.SubmitTasksRequest\x1a .conveyor.v1.SubmitTasksResponse\"\x04\xc8\xf3\x18\x01\x12J\n\x07GetTask\x12\x1b.conveyor.v1.GetTaskRequest\x1a\x1c.conveyor.v1.GetTaskResponse\"\x04\xc8\xf3\x18\x02\x12P\n\tListTasks\x12\x1d.conveyor.v1.ListTasksRequest\x1a\x1e.conveyor.v1.ListTasksResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nCancelTask\x12\x1e.conveyor.v1.CancelTaskRequest\x1a\x1f.conveyor.v1.CancelTaskResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tWatchTask\x12\x1d.conveyor.v1.WatchTaskRequest\x1a\x1e.conveyor.v1.WatchTaskResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12P\n\tRetryTask\x12\x1d.conveyor.v1.RetryTaskRequest\x1a\x1e.conveyor.v1.RetryTaskResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nListQueues\x12\x1e.conveyor.v1.ListQueuesRequest\x1a\x1f.conveyor.v1.ListQueuesResponse\"\x04\xc8\xf3\x18\x02\x12V\n\x0bListWorkers\x12\x1f.conveyor.v1.ListWorkersRequest\x1a .conveyor.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nUpdateTask\x12\x1e.conveyor.v1.UpdateTaskRequest\x1a\x1f.conveyor.v1.UpdateTaskResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12V\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\"\x04\xc8\xf3\x18\x02\x12_\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\"\x04\xc8\xf3\x18\x01\x12_\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\"\x04\xc8\xf3\x18\x01\x12\\\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\"\x04\xc8\xf3\x18\x03\x12_\n\x0eResumeSchedule\x12\".conveyor.v1.ResumeScheduleRequest\x1a#.conveyor.v1.ResumeScheduleResponse\"\x04\xc8\xf3\x18\x03\x12S\n\nPauseQueue\x12\x1e.conveyor.v1.PauseQueueRequest\x1a\x1f.conveyor.v1.PauseQueueResponse\"\x04\xc8\xf3\x18\x03\x12V\n\x0bResumeQueue\x12\x1f.conveyor.v1.ResumeQueueRequest\x1a .conveyor.v1.ResumeQueueResponse\"\x04\xc8\xf3\x18\x03\x12\\\n\rListDeadTasks\x12!.conveyor.v1.ListDeadTasksRequest\x1a\".conveyor.v1.ListDeadTasksResponse\"\x04\xc8\xf3\x18\x02\x12k\n\x12ListDeadTaskGroups\x12&.conveyor.v1.ListDeadTaskGroupsRequest\x1a\'.conveyor.v1.ListDeadTaskGroupsResponse\"\x04\xc8\xf3\x18\x02\x12S\n\nRetryTasks\x12\x1e.conveyor.v1.RetryTasksRequest\x1a\x1f.conveyor.v1.RetryTasksResponse\"\x04\xc8\xf3\x18\x03\x12V\n\x0b\x44\x65leteTasks\x12\x1f.conveyor.v1.DeleteTasksRequest\x1a .conveyor.v1.DeleteTasksResponse\"\x04\xc8\xf3\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKSERVICE'].methods_by_name['SubmitTask']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['SubmitTask']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['SubmitTasks']._loaded_options = None
@@ -57,6 +59,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['ListQueues']._serialized_options = b'\310\363\030\002'
   _globals['_TASKSERVICE'].methods_by_name['ListWorkers']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ListWorkers']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['UpdateTask']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['UpdateTask']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['CreateSchedule']._serialized_options = b'\310\363\030\001'
   _globals['_TASKSERVICE'].methods_by_name['GetSchedule']._loaded_options = None
@@ -71,6 +75,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSERVICE'].methods_by_name['PauseSchedule']._serialized_options = b'\310\363\030\003'
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['ResumeSchedule']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['PauseQueue']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['PauseQueue']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['ResumeQueue']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ResumeQueue']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTasks']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTaskGroups']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['ListDeadTaskGroups']._serialized_options = b'\310\363\030\002'
+  _globals['_TASKSERVICE'].methods_by_name['RetryTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['RetryTasks']._serialized_options = b'\310\363\030\003'
+  _globals['_TASKSERVICE'].methods_by_name['DeleteTasks']._loaded_options = None
+  _globals['_TASKSERVICE'].methods_by_name['DeleteTasks']._serialized_options = b'\310\363\030\003'
   _globals['_SUBMITTASKREQUEST']._serialized_start=222
   _globals['_SUBMITTASKREQUEST']._serialized_end=658
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=613
@@ -101,14 +117,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYTASKREQUEST']._serialized_end=1519
   _globals['_RETRYTASKRESPONSE']._serialized_start=1521
   _globals['_RETRYTASKRESPONSE']._serialized_end=1573
-  _globals['_LISTQUEUESREQUEST']._serialized_start=1575
-  _globals['_LISTQUEUESREQUEST']._serialized_end=1594
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=1596
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1657
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1659
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1679
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1681
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1744
-  _globals['_TASKSERVICE']._serialized_start=1747
-  _globals['_TASKSERVICE']._serialized_end=3179
+  _globals['_UPDATETASKREQUEST']._serialized_start=1576
+  _globals['_UPDATETASKREQUEST']._serialized_end=1875
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_start=613
+  _globals['_UPDATETASKREQUEST_LABELSENTRY']._serialized_end=658
+  _globals['_UPDATETASKRESPONSE']._serialized_start=1877
+  _globals['_UPDATETASKRESPONSE']._serialized_end=1930
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1932
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1951
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1953
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=2014
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2016
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2036
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2038
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2101
+  _globals['_PAUSEQUEUEREQUEST']._serialized_start=2103
+  _globals['_PAUSEQUEUEREQUEST']._serialized_end=2137
+  _globals['_PAUSEQUEUERESPONSE']._serialized_start=2139
+  _globals['_PAUSEQUEUERESPONSE']._serialized_end=2199
+  _globals['_RESUMEQUEUEREQUEST']._serialized_start=2201
+  _globals['_RESUMEQUEUEREQUEST']._serialized_end=2236
+  _globals['_RESUMEQUEUERESPONSE']._serialized_start=2238
+  _globals['_RESUMEQUEUERESPONSE']._serialized_end=2299
+  _globals['_DEADTASKFILTER']._serialized_start=2302
+  _globals['_DEADTASKFILTER']._serialized_end=2513
+  _globals['_LISTDEADTASKSREQUEST']._serialized_start=2515
+  _globals['_LISTDEADTASKSREQUEST']._serialized_end=2621
+  _globals['_LISTDEADTASKSRESPONSE']._serialized_start=2623
+  _globals['_LISTDEADTASKSRESPONSE']._serialized_end=2705
+  _globals['_LISTDEADTASKGROUPSREQUEST']._serialized_start=2707
+  _globals['_LISTDEADTASKGROUPSREQUEST']._serialized_end=2798
+  _globals['_DEADTASKGROUP']._serialized_start=2801
+  _globals['_DEADTASKGROUP']._serialized_end=2977
+  _globals['_LISTDEADTASKGROUPSRESPONSE']._serialized_start=2979
+  _globals['_LISTDEADTASKGROUPSRESPONSE']._serialized_end=3070
+  _globals['_RETRYTASKSREQUEST']._serialized_start=3072
+  _globals['_RETRYTASKSREQUEST']._serialized_end=3168
+  _globals['_RETRYTASKSRESPONSE']._serialized_start=3170
+  _globals['_RETRYTASKSRESPONSE']._serialized_end=3265
+  _globals['_DELETETASKSREQUEST']._serialized_start=3267
+  _globals['_DELETETASKSREQUEST']._serialized_end=3364
+  _globals['_DELETETASKSRESPONSE']._serialized_start=3366
+  _globals['_DELETETASKSRESPONSE']._serialized_end=3462
+  _globals['_TASKSERVICE']._serialized_start=3465
+  _globals['_TASKSERVICE']._serialized_end=5531
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/conveyor.v1.TaskService/UpdateTask',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.FromString,
+                _registered_method=True)
         self.CreateSchedule = channel.unary_unary(
                 '/conveyor.v1.TaskService/CreateSchedule',
                 request_serializer=conveyor_dot_v1_dot_schedule__pb2.CreateScheduleRequest.SerializeToString,
@@ -115,6 +120,36 @@ class TaskServiceStub:
                 '/conveyor.v1.TaskService/ResumeSchedule',
                 request_serializer=conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/conveyor.v1.TaskService/PauseQueue',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/conveyor.v1.TaskService/ResumeQueue',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
+        self.ListDeadTasks = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListDeadTasks',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksResponse.FromString,
+                _registered_method=True)
+        self.ListDeadTaskGroups = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListDeadTaskGroups',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsResponse.FromString,
+                _registered_method=True)
+        self.RetryTasks = channel.unary_unary(
+                '/conveyor.v1.TaskService/RetryTasks',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.RetryTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.RetryTasksResponse.FromString,
+                _registered_method=True)
+        self.DeleteTasks = channel.unary_unary(
+                '/conveyor.v1.TaskService/DeleteTasks',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteTasksResponse.FromString,
                 _registered_method=True)
 
 
@@ -163,7 +198,7 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RetryTask(self, request, context):
-        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts.
+        """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +213,17 @@ class TaskServiceServicer:
     def ListWorkers(self, request, context):
         """The workers connected to the leader: the caller's tenant's, or every tenant's for an
         admin key (the scope that acts for every tenant) and with authentication off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTask(self, request, context):
+        """Changes the priority, run_at, labels or max_attempts of a task that has not started
+        (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+        ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+        FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+        same etag exactly one wins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +277,55 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseQueue(self, request, context):
+        """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+        and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+        queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+        it holds across a failover.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadTasks(self, request, context):
+        """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+        matching a filter, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadTaskGroups(self, request, context):
+        """The dead-letter queue grouped by task type and error fingerprint, largest group first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTasks(self, request, context):
+        """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+        task that is no longer dead or cancelled (redriven already) is left alone, so the
+        call may be repeated safely.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTasks(self, request, context):
+        """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+        filter. Unfinished tasks are never deleted (cancel them first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +374,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.SerializeToString,
             ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.SerializeToString,
+            ),
             'CreateSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSchedule,
                     request_deserializer=conveyor_dot_v1_dot_schedule__pb2.CreateScheduleRequest.FromString,
@@ -313,6 +413,36 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ResumeSchedule,
                     request_deserializer=conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.PauseQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'ListDeadTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadTasks,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksResponse.SerializeToString,
+            ),
+            'ListDeadTaskGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadTaskGroups,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsResponse.SerializeToString,
+            ),
+            'RetryTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTasks,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.RetryTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.RetryTasksResponse.SerializeToString,
+            ),
+            'DeleteTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTasks,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +700,33 @@ class TaskService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/UpdateTask',
+            conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.UpdateTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateSchedule(request,
             target,
             options=(),
@@ -748,6 +905,168 @@ class TaskService:
             '/conveyor.v1.TaskService/ResumeSchedule',
             conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleRequest.SerializeToString,
             conveyor_dot_v1_dot_schedule__pb2.ResumeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/PauseQueue',
+            conveyor_dot_v1_dot_task__service__pb2.PauseQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ResumeQueue',
+            conveyor_dot_v1_dot_task__service__pb2.ResumeQueueRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListDeadTasks',
+            conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListDeadTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadTaskGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListDeadTaskGroups',
+            conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListDeadTaskGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/RetryTasks',
+            conveyor_dot_v1_dot_task__service__pb2.RetryTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.RetryTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/DeleteTasks',
+            conveyor_dot_v1_dot_task__service__pb2.DeleteTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.DeleteTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,11 +45,18 @@ class TaskServiceStub:
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]
     """Streams the task's current state, then every change, until it is terminal."""
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
-    """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+    """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]
     """The workers connected to the leader: the caller's tenant's, or every tenant's for an
     admin key (the scope that acts for every tenant) and with authentication off.
+    """
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
     """
     CreateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
@@ -64,6 +71,29 @@ class TaskServiceStub:
     """Stops a schedule firing. Pausing a paused schedule changes nothing."""
     ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_pb2.ResumeScheduleRequest, _schedule_pb2.ResumeScheduleResponse]
     """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]
+    """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+    and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+    queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+    it holds across a failover.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]
+    """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+    ListDeadTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]
+    """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+    matching a filter, newest first.
+    """
+    ListDeadTaskGroups: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]
+    """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+    RetryTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTasksRequest, _task_service_pb2.RetryTasksResponse]
+    """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+    task that is no longer dead or cancelled (redriven already) is left alone, so the
+    call may be repeated safely.
+    """
+    DeleteTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTasksRequest, _task_service_pb2.DeleteTasksResponse]
+    """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+    filter. Unfinished tasks are never deleted (cancel them first).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -81,11 +111,18 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WatchTask: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams the task's current state, then every change, until it is terminal."""
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
-    """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+    """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
     ListWorkers: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The workers connected to the leader: the caller's tenant's, or every tenant's for an
     admin key (the scope that acts for every tenant) and with authentication off.
+    """
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]  # type: ignore[assignment]
+    """Changes the priority, run_at, labels or max_attempts of a task that has not started
+    (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+    ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+    FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+    same etag exactly one wins.
     """
     CreateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.CreateScheduleRequest, _schedule_pb2.CreateScheduleResponse]  # type: ignore[assignment]
     """Creates a schedule; ALREADY_EXISTS (SCHEDULE_ALREADY_EXISTS) when the name is taken."""
@@ -100,6 +137,29 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Stops a schedule firing. Pausing a paused schedule changes nothing."""
     ResumeSchedule: _aio.UnaryUnaryMultiCallable[_schedule_pb2.ResumeScheduleRequest, _schedule_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
     """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+    and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+    queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+    it holds across a failover.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+    ListDeadTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]  # type: ignore[assignment]
+    """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+    matching a filter, newest first.
+    """
+    ListDeadTaskGroups: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]  # type: ignore[assignment]
+    """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+    RetryTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTasksRequest, _task_service_pb2.RetryTasksResponse]  # type: ignore[assignment]
+    """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+    task that is no longer dead or cancelled (redriven already) is left alone, so the
+    call may be repeated safely.
+    """
+    DeleteTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTasksRequest, _task_service_pb2.DeleteTasksResponse]  # type: ignore[assignment]
+    """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+    filter. Unfinished tasks are never deleted (cancel them first).
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is the API applications use to submit, inspect, wait for and cancel tasks."""
@@ -156,7 +216,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.RetryTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.RetryTaskResponse, _abc.Awaitable[_task_service_pb2.RetryTaskResponse]]:
-        """Redrives a DEAD task: it becomes PENDING with a fresh set of attempts."""
+        """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
 
     @_abc_1.abstractmethod
     def ListQueues(
@@ -173,6 +233,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_task_service_pb2.ListWorkersResponse, _abc.Awaitable[_task_service_pb2.ListWorkersResponse]]:
         """The workers connected to the leader: the caller's tenant's, or every tenant's for an
         admin key (the scope that acts for every tenant) and with authentication off.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _task_service_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.UpdateTaskResponse, _abc.Awaitable[_task_service_pb2.UpdateTaskResponse]]:
+        """Changes the priority, run_at, labels or max_attempts of a task that has not started
+        (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
+        ABORTED (ETAG_MISMATCH) when etag is set and not the task's current one,
+        FAILED_PRECONDITION (INVALID_STATE) once it started. Of concurrent updates with the
+        same etag exactly one wins.
         """
 
     @_abc_1.abstractmethod
@@ -229,5 +302,64 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_schedule_pb2.ResumeScheduleResponse, _abc.Awaitable[_schedule_pb2.ResumeScheduleResponse]]:
         """Starts a paused schedule again from now: ticks missed while paused are not fired."""
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _task_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.PauseQueueResponse, _abc.Awaitable[_task_service_pb2.PauseQueueResponse]]:
+        """Stops dispatching the caller's queue: it still accepts submits, running tasks finish,
+        and no task of it is leased once this returns, until ResumeQueue. Pausing a paused
+        queue changes nothing; a queue without tasks may be paused. Kept in PostgreSQL, so
+        it holds across a failover.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _task_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ResumeQueueResponse, _abc.Awaitable[_task_service_pb2.ResumeQueueResponse]]:
+        """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
+
+    @_abc_1.abstractmethod
+    def ListDeadTasks(
+        self,
+        request: _task_service_pb2.ListDeadTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListDeadTasksResponse, _abc.Awaitable[_task_service_pb2.ListDeadTasksResponse]]:
+        """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
+        matching a filter, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadTaskGroups(
+        self,
+        request: _task_service_pb2.ListDeadTaskGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListDeadTaskGroupsResponse, _abc.Awaitable[_task_service_pb2.ListDeadTaskGroupsResponse]]:
+        """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
+
+    @_abc_1.abstractmethod
+    def RetryTasks(
+        self,
+        request: _task_service_pb2.RetryTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RetryTasksResponse, _abc.Awaitable[_task_service_pb2.RetryTasksResponse]]:
+        """Redrives DEAD (and CANCELLED) tasks by ids or by filter, as RetryTask does each. A
+        task that is no longer dead or cancelled (redriven already) is left alone, so the
+        call may be repeated safely.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTasks(
+        self,
+        request: _task_service_pb2.DeleteTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.DeleteTasksResponse, _abc.Awaitable[_task_service_pb2.DeleteTasksResponse]]:
+        """Deletes finished tasks (DEAD, CANCELLED, SUCCEEDED) and their attempts, by ids or by
+        filter. Unfinished tasks are never deleted (cancel them first).
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -125,6 +125,7 @@ class ConnectResponse(_message.Message):
     CANCEL_TASKS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
     REDIRECT_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -137,6 +138,12 @@ class ConnectResponse(_message.Message):
     def heartbeat_ack(self) -> Global___HeartbeatAck: ...
     @_builtins.property
     def redirect(self) -> Global___Redirect: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain:
+        """An operator drained this worker (AdminService.DrainWorker): it is sent no more work;
+        it should finish what it holds and exit, as on SIGTERM (the Python SDK does).
+        """
+
     def __init__(
         self,
         *,
@@ -146,12 +153,13 @@ class ConnectResponse(_message.Message):
         cancel_tasks: Global___CancelTasks | None = ...,
         heartbeat_ack: Global___HeartbeatAck | None = ...,
         redirect: Global___Redirect | None = ...,
+        drain: Global___Drain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel_tasks", b"cancel_tasks", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "redirect", b"redirect", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel_tasks", b"cancel_tasks", "drain", b"drain", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "redirect", b"redirect", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel_tasks", b"cancel_tasks", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "redirect", b"redirect", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "cancel_tasks", b"cancel_tasks", "drain", b"drain", "heartbeat_ack", b"heartbeat_ack", "message", b"message", "redirect", b"redirect", "result_acks", b"result_acks", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "result_acks", "cancel_tasks", "heartbeat_ack", "redirect"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "result_acks", "cancel_tasks", "heartbeat_ack", "redirect", "drain"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -402,16 +410,23 @@ Global___Results: _TypeAlias = Results  # noqa: Y015
 
 @_typing.final
 class Drain(_message.Message):
-    """Drain tells the coordinator to stop sending work; results still flow."""
+    """Drain tells the coordinator to stop sending work; results still flow. From the
+    coordinator (ConnectResponse.drain) it asks the worker to drain and exit.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, in words (from the coordinator: the operator's reason); may be empty."""
     def __init__(
         self,
+        *,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from security import Answer, Key, Keys, call, running, secure_coordinator, stream_answer
 from testsupport import RawWorker
 
@@ -28,6 +28,7 @@ from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.v1 import (
     admin_service_pb2,
     auth_pb2,
+    effects_service_pb2,
     schedule_pb2,
     task_service_pb2,
     worker_service_pb2,
@@ -52,6 +53,8 @@ class Things:
     keyed: str = ""
     """The task submitted with the idempotency key both tenants use."""
     spare_keys: list[str] = field(default_factory=list)
+    lock_handle: bytes = b""
+    """The handle of the lock ``held-by-<tenant>``, taken with its worker key."""
 
 
 def schedule(name: str) -> schedule_pb2.Schedule:
@@ -92,6 +95,17 @@ async def make_things(channel: grpc.aio.Channel, address: str, things: Things) -
             submit,
         )
         assert create.code == CODE.OK, create
+    # A lock of its own, held for the whole grid.
+    held = await call(
+        channel,
+        LOCKS + "AcquireLock",
+        E.AcquireLockRequest(
+            name=f"held-by-{things.tenant}", ttl=duration_pb2.Duration(seconds=600)
+        ),
+        keys["worker"].metadata,
+    )
+    assert held.code == CODE.OK and held.response.acquired, held
+    things.lock_handle = held.response.handle
     # A dead task: a worker of the tenant fails it for good.
     dead = (
         await submit_task(
@@ -179,8 +193,67 @@ def _their_keys_listed(answer: Answer, mine: Things, theirs: Things) -> None:
     assert {k.tenant for k in answer.response.keys} == {theirs.tenant}
 
 
+def _lock_is_per_tenant(answer: Answer, mine: Things, theirs: Things) -> None:
+    # The other tenant holds a lock of this name; this tenant's is another, and free.
+    assert answer.code == CODE.OK and answer.response.acquired, answer
+
+
+def _their_lock_not_held(answer: Answer, mine: Things, theirs: Things) -> None:
+    # Their handle does not hold this tenant's lock of the name (it does not exist).
+    assert answer.code == CODE.FAILED_PRECONDITION and answer.reason == "LOCK_NOT_HELD", answer
+
+
+def _their_lock_not_released(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK and not answer.response.released, answer
+
+
+def _their_effect_lease(o: Things) -> Any:
+    lease = worker_service_pb2.Lease(task_id=o.pending, attempt=1, epoch=1)
+    return E.RecordEffectRequest(lease=lease, resume_token=b"\0" * 32, key="charge")
+
+
+def _own_queue_paused(answer: Answer, mine: Things, theirs: Things) -> None:
+    # The queue is named like the other tenant's (which holds a pending task), but the
+    # name is per tenant: this tenant's own queue is paused, empty.
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and queue.paused and queue.pending == 0
+
+
+def _own_queue_resumed(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    queue = answer.response.queue
+    assert queue.name == f"only-{theirs.tenant}" and not queue.paused and queue.pending == 0
+
+
+def _own_dead_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [t.id for t in answer.response.tasks] == [mine.dead]
+
+
+def _own_dead_groups_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    assert [(g.type, g.count) for g in answer.response.groups] == [("doomed", 1)]
+
+
+def _theirs_not_found(answer: Answer, mine: Things, theirs: Things) -> None:
+    # A bulk call names what it did not find instead of failing: nothing of theirs.
+    assert answer.code == CODE.OK, answer
+    assert list(answer.response.not_found_ids) == [theirs.dead]
+    assert getattr(answer.response, "retried", 0) == 0
+    assert getattr(answer.response, "deleted", 0) == 0
+
+
+def _no_such_worker(answer: Answer, mine: Things, theirs: Things) -> None:
+    # Admin acts for every tenant; no worker of that id is connected (the set-up worker
+    # left), so the answer names the worker, not a tenant boundary.
+    assert answer.code == CODE.NOT_FOUND and answer.reason == "WORKER_NOT_FOUND", answer
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
+LEDGER, LOCKS = "/conveyor.v1.LedgerService/", "/conveyor.v1.LockService/"
+E = effects_service_pb2
 T = task_service_pb2
 A = admin_service_pb2
 S = schedule_pb2
@@ -202,6 +275,40 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "WatchTask": (lambda o: T.WatchTaskRequest(id=o.pending), _not_found),
     TASKS + "RetryTask": (lambda o: T.RetryTaskRequest(id=o.dead), _not_found),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
+    TASKS + "UpdateTask": (lambda o: T.UpdateTaskRequest(id=o.pending, priority=5), _not_found),
+    LEDGER + "RecordEffect": (_their_effect_lease, _not_found),
+    LEDGER + "GetEffect": (lambda o: E.GetEffectRequest(task_id=o.pending, key="k"), _not_found),
+    LOCKS + "AcquireLock": (
+        lambda o: E.AcquireLockRequest(
+            name=f"held-by-{o.tenant}", ttl=duration_pb2.Duration(seconds=1)
+        ),
+        _lock_is_per_tenant,
+    ),
+    LOCKS + "RenewLock": (
+        lambda o: E.RenewLockRequest(
+            name=f"held-by-{o.tenant}", handle=o.lock_handle, ttl=duration_pb2.Duration(seconds=1)
+        ),
+        _their_lock_not_held,
+    ),
+    LOCKS + "ReleaseLock": (
+        lambda o: E.ReleaseLockRequest(name=f"held-by-{o.tenant}", handle=o.lock_handle),
+        _their_lock_not_released,
+    ),
+    TASKS + "PauseQueue": (
+        lambda o: T.PauseQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_paused,
+    ),
+    TASKS + "ResumeQueue": (
+        lambda o: T.ResumeQueueRequest(queue=f"only-{o.tenant}"),
+        _own_queue_resumed,
+    ),
+    TASKS + "ListDeadTasks": (lambda o: T.ListDeadTasksRequest(), _own_dead_only),
+    TASKS + "ListDeadTaskGroups": (
+        lambda o: T.ListDeadTaskGroupsRequest(),
+        _own_dead_groups_only,
+    ),
+    TASKS + "RetryTasks": (lambda o: T.RetryTasksRequest(ids=[o.dead]), _theirs_not_found),
+    TASKS + "DeleteTasks": (lambda o: T.DeleteTasksRequest(ids=[o.dead]), _theirs_not_found),
     TASKS + "CreateSchedule": (
         lambda o: S.CreateScheduleRequest(schedule=schedule(f"twin-{o.tenant}")),
         _schedule_name_is_per_tenant,
@@ -250,6 +357,10 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         _cluster_wide,
     ),
     ADMIN + "ListAuditEvents": (lambda o: A.ListAuditEventsRequest(tenant=o.tenant), _cluster_wide),
+    ADMIN + "DrainWorker": (
+        lambda o: A.DrainWorkerRequest(worker_id=f"{o.tenant}-setup", tenant=o.tenant),
+        _no_such_worker,
+    ),
 }
 
 
@@ -317,7 +428,12 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                     except AssertionError as exc:
                         raise AssertionError(f"{where}: {exc}") from exc
                     if answer.code != CODE.OK:
-                        assert answer.reason in ("TASK_NOT_FOUND", "SCHEDULE_NOT_FOUND"), (
+                        assert answer.reason in (
+                            "TASK_NOT_FOUND",
+                            "SCHEDULE_NOT_FOUND",
+                            "LOCK_NOT_HELD",
+                            "WORKER_NOT_FOUND",
+                        ), (
                             where,
                             answer,
                         )
@@ -334,6 +450,18 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                 channel, TASKS + "GetTask", T.GetTaskRequest(id=things[tenant].pending), read
             )
             assert get.response.task.state != 6  # not CANCELLED
+            assert get.response.task.priority != 5  # not updated
+            renew = await call(
+                channel,
+                LOCKS + "RenewLock",
+                E.RenewLockRequest(
+                    name=f"held-by-{tenant}",
+                    handle=things[tenant].lock_handle,
+                    ttl=duration_pb2.Duration(seconds=60),
+                ),
+                things[tenant].keys["worker"].metadata,
+            )
+            assert renew.code == CODE.OK, renew  # still held: nobody else released it
             listed = await call(channel, TASKS + "ListSchedules", S.ListSchedulesRequest(), read)
             names = {s.name for s in listed.response.schedules}
             assert {"nightly", f"only-{tenant}"} <= names

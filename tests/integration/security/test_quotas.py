@@ -101,7 +101,9 @@ async def test_tenant_limits(database_dsn: str, tmp_path: Path) -> None:
         ) as client:
             for _ in range(3):
                 await client.submit("t", None)
-        async with AsyncClient(coordinator.address, api_key=acme.key) as client:
+        async with AsyncClient(
+            coordinator.address, api_key=acme.key, retry_resource_exhausted=False
+        ) as client:
             with pytest.raises(QuotaExceededError) as caught:
                 await client.submit("t", None)
             assert caught.value.violations[0][0] == "submit_rate"

@@ -17,6 +17,7 @@ KNOWN = {
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
     "bench-tenants",
     "encryption new-key", "encryption rotate", "encryption list", "console",
+    "dead list", "dead groups", "dead retry", "purge", "workers drain",
 }  # fmt: skip
 
 

@@ -349,12 +349,12 @@ async def test_store_unavailable_is_resent_after_retry_info(
     assert fake.count("CancelTask") == 2
 
 
-async def test_resource_exhausted_raises_unless_asked_to_retry(
+async def test_resource_exhausted_waits_for_submits_unless_opted_out(
     fake: Any, address: str, status: Callable[..., grpc.Status]
 ) -> None:
     full = status(Code.RESOURCE_EXHAUSTED, "backlog full", reason="QUOTA_EXCEEDED", retry_after=0.2)
     fake.fail("SubmitTask", full)
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, retry_resource_exhausted=False) as client:  # opted out
         with pytest.raises(QuotaExceededError):
             await client.submit("t")
     assert fake.count("SubmitTask") == 1
@@ -376,6 +376,23 @@ async def test_resource_exhausted_raises_unless_asked_to_retry(
         with pytest.raises(OverloadedError, match="leaves no room"):
             await client.submit("t")
     assert loop.time() - began < 1.5
+    # By default a submit waits as the refusal says (backpressure); other calls do not.
+    before = fake.count("SubmitTask")
+    fake.fail("SubmitTask", full)
+    async with AsyncClient(address, timeout=5) as client:
+        assert (await client.submit("t")).type == "t"
+    assert fake.count("SubmitTask") == before + 2
+    fake.fail("CancelTask", full)
+    async with AsyncClient(address, timeout=5) as client:
+        with pytest.raises(QuotaExceededError):
+            await client.cancel("c")
+    assert fake.count("CancelTask") == 1
+    # Nor a refusal without RetryInfo (waiting would not help).
+    fake.fail("SubmitTask", status(Code.RESOURCE_EXHAUSTED, "too big", reason="QUOTA_EXCEEDED"))
+    async with AsyncClient(address, timeout=5) as client:
+        with pytest.raises(QuotaExceededError, match="Waiting will not help"):
+            await client.submit("t")
+    assert fake.count("SubmitTask") == before + 3
 
 
 def test_retry_rules() -> None:

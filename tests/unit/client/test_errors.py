@@ -38,6 +38,7 @@ from conveyor.client import (
     UnavailableError,
     WaitTimeoutError,
     WorkerIdInUseError,
+    WorkerNotFoundError,
 )
 from conveyor.client._models import Task
 from conveyor.transport import _errors
@@ -147,6 +148,14 @@ CASES: list[tuple[Code, str | None, dict[str, str], type[RPCError], dict[str, An
         ApiKeyNotFoundError,
         {"key_id": "k9"},
         "keys list",
+    ),
+    (
+        Code.NOT_FOUND,
+        "WORKER_NOT_FOUND",
+        {"worker_id": "w9"},
+        WorkerNotFoundError,
+        {"worker_id": "w9"},
+        "conveyor status",
     ),
     # Without a reason (a proxy's refusal), the code still says what went wrong.
     (Code.PERMISSION_DENIED, None, {}, PermissionDeniedError, {"scope": None}, "--scope"),

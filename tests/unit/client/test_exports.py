@@ -15,10 +15,12 @@ EXPECTED = [
     "AsyncClient",
     "AttemptOutcome",
     "Binding",
+    "BulkResult",
     "CatchUpPolicy",
     "Client",
     "ConnectionOptions",
     "ConveyorError",
+    "DeadTaskGroup",
     "DeadlineExceededError",
     "DecryptionError",
     "EncryptionCodec",
@@ -30,6 +32,9 @@ EXPECTED = [
     "KeyRing",
     "KeyRingError",
     "KeyUnavailableError",
+    "LeaseNotHeldError",
+    "Lock",
+    "LockNotHeldError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "OverlapPolicy",
@@ -47,6 +52,7 @@ EXPECTED = [
     "ScheduleFiring",
     "ScheduleNotFoundError",
     "StoreUnavailableError",
+    "SyncLock",
     "TLSConfigError",
     "Task",
     "TaskAttempt",
@@ -59,6 +65,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerNotFoundError",
     "tls_credentials",
 ]
 
@@ -88,6 +95,11 @@ def test_worker_exports() -> None:
         "KeyRingError",
         "KeyUnavailableError",
         "KeyedCodec",
+        "LeaseNotHeldError",
+        "Ledger",
+        "LedgerEntry",
+        "Lock",
+        "LockNotHeldError",
         "NoHandlersError",
         "NonRetryableError",
         "PayloadCodec",
@@ -96,6 +108,7 @@ def test_worker_exports() -> None:
         "Worker",
         "WorkerIdInUseError",
         "WorkerLoadError",
+        "fencing_token",
         "load_worker",
         "tls_credentials",
     ]
@@ -117,7 +130,9 @@ def test_sync_and_async_clients_offer_the_same_methods() -> None:
 
 
 def _sync_annotation(annotation: str) -> str:
-    # An async generator of T is an iterator of T in the blocking client.
+    # An async generator of T is an iterator of T in the blocking client, a Lock a SyncLock.
+    if annotation == "Lock":
+        return "SyncLock"
     return re.sub(r"^AsyncGenerator\[(.*), None\]$", r"Iterator[\1]", annotation)
 
 

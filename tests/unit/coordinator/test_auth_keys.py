@@ -17,17 +17,24 @@ from conveyor.v1 import auth_pb2
 EXPECTED = {
     "TaskService": {
         "SubmitTask": "submit", "SubmitTasks": "submit", "CreateSchedule": "submit",
-        "UpdateSchedule": "submit", "DeleteSchedule": "submit",
+        "UpdateSchedule": "submit", "DeleteSchedule": "submit", "UpdateTask": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
         "GetSchedule": "read", "ListSchedules": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate",
+        # Queue operations (issue 17): tenant-scoped like the calls above.
+        "ListDeadTasks": "read", "ListDeadTaskGroups": "read", "PauseQueue": "operate",
+        "ResumeQueue": "operate", "RetryTasks": "operate", "DeleteTasks": "operate",
     },
     "WorkerService": {"Connect": "worker"},
+    # Issue 18: the ledger is the handlers'; locks are for handlers and applications alike,
+    # under the one scope a worker key has.
+    "LedgerService": {"RecordEffect": "worker", "GetEffect": "worker"},
+    "LockService": {"AcquireLock": "worker", "RenewLock": "worker", "ReleaseLock": "worker"},
     "AdminService": {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
-        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin",
+        "UpdateTenantLimits": "admin", "ListAuditEvents": "admin", "DrainWorker": "admin",
     },
 }  # fmt: skip
 

@@ -113,3 +113,10 @@ def test_a_cluster_never_reached_is_unknown_not_leaderless() -> None:
     text = screen(snapshot_from_protos(nothing, [], problem="cannot read the cluster"))
     assert "cluster unknown" in text and "NO LEADER" not in text
     assert "cannot read the cluster" in text
+
+
+def test_a_paused_queue_says_so() -> None:
+    queues = [*QUEUES, task_pb2.QueueStats(name="held", pending=3, paused=True)]
+    text = screen(snapshot_from_protos(status(), queues))
+    assert "held (paused)" in text
+    assert "emails (paused)" not in text

@@ -1,0 +1,100 @@
+"""The per-queue backlog limit: ``max_queue_backlog`` unfinished tasks per queue of a tenant.
+
+Beside the tenant's ``max_backlog`` (``backlog.py``), and counted the same way, per
+(tenant, queue) instead of per tenant: a grouped count every ``backlog_refresh`` seconds
+while the limit is set, plus the tasks admitted since, so the estimate errs high by at
+most one refresh interval of finished work and never lets a burst through. A submit that
+would take a queue past the limit is refused before anything is written:
+RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, a ``QuotaFailure`` naming
+``max_queue_backlog``, and ``RetryInfo`` (the client waits it out by default). Per call:
+one check per queue named in the call, never per task.
+
+Until the counter has counted in this term of office, a submit waits for the count (as
+for the tenant's backlog). Schedule firings are not held to this limit (they are held to
+the tenant's).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+
+from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.errors import QuotaExceeded
+from conveyor.coordinator.store import tasks as store
+from conveyor.coordinator.supervisor import Service
+
+Key = tuple[str, str]
+"""(tenant, queue)."""
+
+
+class QueueBacklogCounter(Service):
+    name = "queue-backlog-counter"
+
+    def __init__(self, deps: Deps) -> None:
+        super().__init__(deps)
+        self.counted: dict[Key, int] = {}
+        self.in_flight: collections.Counter[Key] = collections.Counter()
+        self.committed: collections.Counter[Key] = collections.Counter()
+        self.current = False
+
+    @property
+    def limit(self) -> int:
+        return self.deps.config.max_queue_backlog
+
+    async def ready(self) -> None:
+        """Returns once the count is current (the caller bounds the wait)."""
+        if not self.current:
+            self.wake()
+            await self.wait_until(lambda counter: counter.current)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.current = False
+
+    def estimate(self, key: Key) -> int:
+        return self.counted.get(key, 0) + self.committed[key] + self.in_flight[key]
+
+    def admit(self, tenant: str, per_queue: Mapping[str, int]) -> None:
+        """Counts a submit call's tasks per queue, or raises QuotaExceeded (counting none)
+        when one queue would pass the limit; call :meth:`done` when the submit ended."""
+        limit = self.limit
+        for queue, count in per_queue.items():
+            estimate = self.estimate((tenant, queue))
+            if estimate + count > limit:
+                raise QuotaExceeded(
+                    "max_queue_backlog",
+                    f"queue {queue!r} of tenant {tenant!r} reached its backlog limit: about "
+                    f"{estimate} unfinished tasks, limit {limit} (max_queue_backlog); this "
+                    f"submit has {count} for it",
+                    retry_after=self.deps.config.backlog_refresh,
+                )
+        for queue, count in per_queue.items():
+            self.in_flight[(tenant, queue)] += count
+
+    def done(self, tenant: str, per_queue: Mapping[str, int]) -> None:
+        """A submit admitted with :meth:`admit` finished (committed or not: one whose
+        outcome is unknown may have committed, so all count until the next count)."""
+        self.withdraw(tenant, per_queue)
+        for queue, count in per_queue.items():
+            self.committed[(tenant, queue)] += count
+
+    def withdraw(self, tenant: str, per_queue: Mapping[str, int]) -> None:
+        """Takes back an admission whose submit was refused after all (it wrote nothing)."""
+        for queue, count in per_queue.items():
+            key = (tenant, queue)
+            self.in_flight[key] -= count
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+
+    async def step(self) -> float:
+        refresh = self.deps.config.backlog_refresh
+        if self.limit <= 0:
+            return refresh * 60  # off: the limit is configuration, it does not appear later
+        committed_before = collections.Counter(self.committed)
+        async with self.deps.db.read() as conn:
+            counted = await store.unfinished_per_queue(conn)
+        self.counted = counted
+        self.committed -= committed_before
+        self.current = True
+        return refresh
