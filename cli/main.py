@@ -95,9 +95,9 @@ def command_tree() -> dict[str, CommandInfo]:
 ALIASES = {
     "list": "tasks", "ls": "tasks", "ps": "tasks", "show": "get", "inspect": "get",
     "info": "get", "describe": "get", "redrive": "retry", "requeue": "retry",
-    "rerun": "retry", "kill": "cancel", "stop": "cancel", "delete": "cancel",
+    "rerun": "retry", "kill": "cancel", "stop": "cancel", "delete": "purge",
     "add": "submit", "enqueue": "submit", "push": "submit", "send": "submit",
-    "run": "submit", "workers": "status", "queue": "queues", "schedule": "schedules",
+    "run": "submit", "queue": "queues", "schedule": "schedules",
     "cron": "schedules", "key": "keys", "tenant": "tenants", "start": "dev", "serve": "dev",
 }  # fmt: skip
 _NO_SUCH_COMMAND = re.compile(r"No such command '([^']*)'")

@@ -200,11 +200,11 @@ def test_compose_ports_and_addresses_line_up() -> None:
         assert otlp.hostname in services and otlp.port == 4317  # Jaeger's OTLP/gRPC port
     assert len(listen_ports) == 1
     (port,) = listen_ports
-    # The host's commands (compose's header, the README) name every coordinator: with one
-    # address only, stopping it (the README's failover demo) leaves the host nothing.
+    # The host's commands (compose's header, the operations page) name every coordinator:
+    # with one address only, stopping it (the failover demo) leaves the host nothing.
     every = "--coordinator " + ",".join(host_addresses)
-    readme = (ROOT / "README.md").read_text()
-    for text, where in ((COMPOSE.read_text(), "compose.yaml"), (readme, "README.md")):
+    page = (ROOT / "docs" / "operations.md").read_text()
+    for text, where in ((COMPOSE.read_text(), "compose.yaml"), (page, "docs/operations.md")):
         named = re.findall(r"--coordinator (127\.0\.0\.1:5005\d\S*)", text)
         assert named and all(f"--coordinator {n}" == every for n in named), (where, named)
     for name, svc in conveyor_services("worker").items():

@@ -38,7 +38,7 @@ def test_unknown_commands_suggest_the_nearest_and_flags_show_no_type(
     for argv, suggested in (
         (["list"], "conveyor: No such command 'list'. Did you mean 'tasks'?"),
         (["subit"], "Did you mean 'submit'?"),
-        (["workers"], "Did you mean 'status'?"),
+        (["ls"], "Did you mean 'tasks'?"),
         (["schedules", "lst"], "conveyor schedules: No such command 'lst'. Did you mean 'list'?"),
     ):
         assert main(argv) == 2
