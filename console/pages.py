@@ -9,7 +9,6 @@ answer with a redirect back to the page, whose flash message says what happened.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +17,6 @@ from aiohttp import web
 
 from conveyor.client import (
     AsyncClient,
-    ConveyorError,
     Page,
     PermissionDeniedError,
     Task,
@@ -27,14 +25,13 @@ from conveyor.client import (
 )
 from conveyor.client._models import parse_state_name
 from conveyor.console import admin
-from conveyor.console.dead_letters import group_page
 from conveyor.console.present import made_by_schedule
 from conveyor.console.web import (
     STATE,
     ConsoleSession,
     action,
-    describe,
     page,
+    query_path,
     redirect,
     render,
 )
@@ -46,7 +43,8 @@ __all__ = ["routes", "schedule_url", "task_url"]
 STATES = [s for s in TaskState if s is not TaskState.UNSPECIFIED]
 #: Dead tasks retried at once by one "retry selected" (one RetryTask each, a few at a time).
 MAX_RETRY_SELECTION = 200
-_RETRY_CONCURRENCY = 8
+#: RetryTasks calls one group's button makes at most (each redrives up to 10,000).
+_GROUP_ROUNDS = 10
 #: Schedule pages read to find a schedule by its id (a task knows only the id).
 _FIND_SCHEDULE_PAGES = 10
 
@@ -145,43 +143,54 @@ async def retry(request: web.Request, session: ConsoleSession) -> web.StreamResp
 
 @page
 async def dead(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    rows, context = await _task_page(request, session, TaskState.DEAD)
-    return render(request, "dead.html", session, groups=group_page(rows.items), **context)
+    _, context = await _task_page(request, session, TaskState.DEAD)
+    # Every dead task of the tenant, grouped by the coordinator (ListDeadTaskGroups).
+    groups = await session.client.dead_groups(
+        queue=context["filters"]["queue"] or None, type=context["filters"]["type"] or None
+    )
+    return render(request, "dead.html", session, groups=groups, **context)
 
 
 @action
 async def retry_selected(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    """Redrives the dead tasks ticked on the page: one RetryTask each, a few at a time (a
-    bulk redrive RPC of the coordinator will replace this)."""
+    """Redrives the dead tasks ticked on the page, in one RetryTasks call."""
     form = await request.post()
-    # A group's button names its tasks on the page; otherwise the ticked ones.
-    group = form.get("group")
-    chosen = str(group).split() if group else [str(v) for v in form.getall("task", [])]
-    ids = list(dict.fromkeys(chosen))
+    ids = list(dict.fromkeys(str(v) for v in form.getall("task", [])))
     if not ids:
         session.flash("No task was selected.", error=True)
         raise redirect("/dead")
     if len(ids) > MAX_RETRY_SELECTION:
         session.flash(f"At most {MAX_RETRY_SELECTION} tasks at once.", error=True)
         raise redirect("/dead")
-    limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
-
-    async def one(task_id: str) -> str | None:
-        async with limit:
-            try:
-                await session.client.retry(task_id)
-            except PermissionDeniedError:
-                raise
-            except ConveyorError as exc:
-                return f"{task_id}: {describe(exc)}"
-        return None
-
-    failures = [f for f in await asyncio.gather(*(one(i) for i in ids)) if f]
-    done = len(ids) - len(failures)
-    session.flash(f"Redrove {done} of {len(ids)} dead task(s).", error=bool(failures))
-    for failure in failures[:5]:
-        session.flash(failure, error=True)
+    done = await session.client.retry_tasks(ids)
+    left = len(done.skipped_ids) + len(done.not_found_ids)
+    session.flash(f"Redrove {done.count} of {len(ids)} dead task(s).", error=bool(left))
+    if left:
+        named = " ".join((*done.skipped_ids, *done.not_found_ids)[:5])
+        session.flash(f"{left} were no longer dead (or gone): {named}", error=True)
     raise redirect("/dead")
+
+
+@action
+async def retry_group(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """Redrives every dead task of one group (type and error fingerprint, in the page's
+    queue if it filters by one), in RetryTasks calls of up to 10,000 each."""
+    form = await request.post()
+    type_, fingerprint = str(form.get("type", "")), str(form.get("fingerprint", ""))
+    queue = str(form.get("queue", "")) or None
+    if not type_ or not fingerprint:
+        # An empty fingerprint filters nothing: it would redrive the whole type.
+        session.flash("That group cannot be retried at once: tick its tasks.", error=True)
+        raise redirect("/dead")
+    total, more = 0, True
+    for _ in range(_GROUP_ROUNDS):
+        done = await session.client.retry_tasks(type=type_, fingerprint=fingerprint, queue=queue)
+        total, more = total + done.count, done.more
+        if not more:
+            break
+    tail = " (more remain: retry the group again)" if more else ""
+    session.flash(f"Redrove {total} dead task(s) of {type_}: {fingerprint}{tail}.")
+    raise redirect(query_path("/dead", queue=queue))
 
 
 @page
@@ -294,6 +303,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/tasks/{id}/retry", retry),
         web.get("/dead", dead),
         web.post("/dead/retry", retry_selected),
+        web.post("/dead/retry-group", retry_group),
         web.get("/schedules", schedules),
         web.get("/schedule", schedule),
         web.get("/schedules/by-id/{id}", schedule_by_id),
