@@ -350,6 +350,10 @@ class AsyncClient:
         type: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> Page[Task]:
         """Returns one page of tasks, newest first, optionally filtered.
 
@@ -359,6 +363,9 @@ class AsyncClient:
             type: Only tasks of this type.
             page_size: At most 1000.
             page_token: ``next_page_token`` of the previous page.
+            labels: Only tasks carrying each of these labels with its value.
+            created_after: Only tasks created at or after this time.
+            created_before: Only tasks created before this time.
         """
         request = pb.ListTasksRequest(
             queue=queue or "",
@@ -366,7 +373,12 @@ class AsyncClient:
             type=type or "",
             page_size=page_size,
             page_token=page_token or "",
+            labels=dict(labels or {}),
         )
+        if created_after is not None:
+            request.created_after.CopyFrom(_timestamp(created_after))
+        if created_before is not None:
+            request.created_before.CopyFrom(_timestamp(created_before))
         response = await self._conn.unary(lambda s: s.tasks.ListTasks, request, idempotent=True)
         return Page(
             items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],

@@ -262,6 +262,10 @@ class Client:
         type: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> Page[Task]:
         """Returns one page of tasks, newest first, optionally filtered.
 
@@ -271,8 +275,22 @@ class Client:
             type: Only tasks of this type.
             page_size: At most 1000.
             page_token: ``next_page_token`` of the previous page.
+            labels: Only tasks carrying each of these labels with its value.
+            created_after: Only tasks created at or after this time.
+            created_before: Only tasks created before this time.
         """
-        return self._loop.run(self._async.list(queue, state, type, page_size, page_token))
+        return self._loop.run(
+            self._async.list(
+                queue,
+                state,
+                type,
+                page_size,
+                page_token,
+                labels=labels,
+                created_after=created_after,
+                created_before=created_before,
+            )
+        )
 
     def iter_tasks(
         self,

@@ -10,6 +10,7 @@ answer with a redirect back to the page, whose flash message says what happened.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -77,15 +78,11 @@ async def tasks(request: web.Request, session: ConsoleSession) -> web.StreamResp
     state_name = _text(request, "state")
     state = parse_state_name(state_name) if state_name else None
     if state_name and state in (None, TaskState.UNSPECIFIED):
-        return render(
-            request,
-            "error.html",
-            session,
-            status=400,
-            title="Not understood",
-            message=f"There is no task state {state_name!r}.",
-        )
-    _, context = await _task_page(request, session, state)
+        return _not_understood(request, session, f"There is no task state {state_name!r}.")
+    try:
+        _, context = await _task_page(request, session, state)
+    except BadFilter as exc:
+        return _not_understood(request, session, str(exc))
     context["filters"]["state"] = state.name if state else ""
     return render(request, "tasks.html", session, states=STATES, **context)
 
@@ -96,20 +93,56 @@ async def _task_page(
     """One page of tasks as the query asks (queue, type, page token), and what the
     templates show of it."""
     queue, type_ = _text(request, "queue"), _text(request, "type")
+    label, after, before = (
+        _text(request, "label"),
+        _text(request, "after"),
+        _text(request, "before"),
+    )
     token = _text(request, "page_token")
+    key, _, value = label.partition("=")
     rows = await session.client.list(
         queue or None,
         state,
         type_ or None,
         page_size=request.app[STATE].page_size,
         page_token=token or None,
+        labels={key.strip(): value.strip()} if key.strip() else None,
+        created_after=_utc(after, "after"),
+        created_before=_utc(before, "before"),
     )
     return rows, {
         "tasks": rows.items,
         "next_token": rows.next_page_token,
         "paged": bool(token),
-        "filters": {"queue": queue, "type": type_},
+        "filters": {
+            "queue": queue,
+            "type": type_,
+            "label": label,
+            "after": after,
+            "before": before,
+        },
     }
+
+
+def _not_understood(request: web.Request, session: ConsoleSession, message: str) -> web.Response:
+    return render(
+        request, "error.html", session, status=400, title="Not understood", message=message
+    )
+
+
+class BadFilter(ValueError):
+    """A list filter of the query string that cannot be read (the page says so, 400)."""
+
+
+def _utc(text: str, name: str) -> datetime | None:
+    """A time filter as the form sends it (``2026-12-07T06:10``, read as UTC)."""
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadFilter(f"{name}: {text!r} is not a time such as 2026-12-07T06:10 (UTC)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @page
@@ -143,7 +176,10 @@ async def retry(request: web.Request, session: ConsoleSession) -> web.StreamResp
 
 @page
 async def dead(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    _, context = await _task_page(request, session, TaskState.DEAD)
+    try:
+        _, context = await _task_page(request, session, TaskState.DEAD)
+    except BadFilter as exc:
+        return _not_understood(request, session, str(exc))
     # Every dead task of the tenant, grouped by the coordinator (ListDeadTaskGroups).
     groups = await session.client.dead_groups(
         queue=context["filters"]["queue"] or None, type=context["filters"]["type"] or None

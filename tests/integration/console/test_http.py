@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,31 @@ async def test_pause_and_resume_a_schedule_and_find_it_by_id(
         async with http.get(f"/schedules/by-id/{made.id}") as page:
             assert page.url.path == "/schedule" and page.url.query["name"] == "hourly/report"
             assert "Next fire times" in await page.text()
+
+
+async def test_tasks_filter_by_label_and_time_page_by_page(stack: Stack) -> None:
+    async with stack.client(stack.acme.user.key) as client:
+        billing = [
+            (await client.submit("invoice", n, labels={"team": "billing"})).id for n in range(3)
+        ]
+        other = (await client.submit("invoice", 9, labels={"team": "search"})).id
+        # The API: labels and a creation window, newest first.
+        page = await client.list(labels={"team": "billing"}, page_size=2)
+        assert [t.id for t in page] == billing[:0:-1] and page.next_page_token
+        later = await client.list(created_after=datetime.now(UTC) + timedelta(minutes=1))
+        assert later.items == []
+        earlier = await client.list(created_before=datetime.now(UTC) + timedelta(minutes=1))
+        assert {*billing, other} <= {t.id for t in earlier}
+    async with in_process(stack, page_size=2) as console, browsing(console.url) as http:
+        await sign_in(http, stack.acme.user.key)
+        seen: list[str] = []
+        path: str | None = "/tasks?label=team%3Dbilling&after=2000-01-01T00:00"
+        while path:  # the pager's links keep the filters
+            async with http.get(path) as response:
+                html = await response.text()
+            seen += re.findall(r'href="/tasks/([0-9a-f-]{36})"', html)
+            found = re.search(r'rel="next" href="([^"]+)"', html)
+            path = found and found[1].replace("&amp;", "&")
+        assert seen == billing[::-1], seen
+        async with http.get("/tasks", params={"before": "not a time"}) as response:
+            assert response.status == 400 and "is not a time" in await response.text()
