@@ -15,7 +15,7 @@ KNOWN = {
     "schedules resume", "schedules delete",
     "keys generate", "keys create", "keys list", "keys revoke",
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
-    "bench-tenants",
+    "bench-tenants", "bench-console",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "dead list", "dead groups", "dead retry", "purge", "workers drain",
 }  # fmt: skip
