@@ -1,6 +1,6 @@
 """``conveyor bench-console``: the web console's time per page with many tasks stored.
 
-Starts PostgreSQL (embedded, unless ``--dsn``), a coordinator and the console in this
+Starts PostgreSQL (embedded and durable, unless ``--dsn``), a coordinator and the console in this
 process, writes ``--tasks`` tasks straight into the tasks table (one tenant; ten queues,
 twenty types, seven label values, spread over the last ``--tasks`` half-seconds; one in
 fifty dead with an error, one in ninety-seven waiting, the rest succeeded: a table that is
@@ -11,22 +11,16 @@ answer, on loopback. The issue's target is under 300 ms per page with 1,000,000 
 
 from __future__ import annotations
 
-import asyncio
 import platform
-import shutil
 import statistics
-import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from conveyor.bench.runner import _say
+from conveyor.bench.runner import _postgres, _say
 
 #: Tasks written per INSERT statement.
 _CHUNK = 100_000
@@ -37,23 +31,6 @@ class ConsoleBenchConfig:
     tasks: int = 1_000_000
     runs: int = 10
     dsn: str | None = None
-
-
-@asynccontextmanager
-async def _postgres(dsn: str | None) -> AsyncIterator[str]:
-    if dsn:
-        yield dsn
-        return
-    from conveyor.embedded import EmbeddedPostgres
-
-    folder = Path(tempfile.mkdtemp(prefix="conveyor-bench-console-"))
-    server = EmbeddedPostgres(folder / "pg")
-    try:
-        _say(f"starting PostgreSQL in {folder} …")
-        yield await asyncio.to_thread(server.start)
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _fill(dsn: str, total: int) -> None:
