@@ -76,11 +76,12 @@ class Globals:
     @property
     def tls_use(self) -> str:
         """How this command dials: plaintext, TLS, or TLS with a client certificate."""
-        from conveyor.cli import errors, security
+        from conveyor.cli import security
+        from conveyor.transport import _tls_hints as hints
 
         if not security.uses_tls(self):
-            return errors.PLAINTEXT
-        return errors.MUTUAL_TLS if self.tls_cert else errors.SERVER_TLS
+            return hints.PLAINTEXT
+        return hints.MUTUAL_TLS if self.tls_cert else hints.SERVER_TLS
 
     @property
     def addresses(self) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from conveyor.transport import error_from_rpc
+from conveyor.transport._tls_hints import tls_mismatch
 
 # Exit codes: 1 for a failure, 2 for a usage error (as click and argparse use them).
 FAILURE = 1
@@ -66,52 +67,11 @@ def _connection_failure(message: str) -> bool:
     )
 
 
-_TLS_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+(?::[^;]*)?)")
-
-
-#: How the command dialled the coordinator, as far as TLS goes (the mismatches differ).
-PLAINTEXT, SERVER_TLS, MUTUAL_TLS = "plaintext", "tls", "mutual-tls"
-
-
 def _tls_failure(f: RPCFailure, tls: str) -> str | None:
-    """A connection that TLS (or its absence) broke, in CLI terms naming the likely
-    mismatch for how the command dialled (``tls``: "" when unknown), else None."""
+    """A connection that TLS (or its absence) broke, naming the likely mismatch."""
     if f.code is not grpc.StatusCode.UNAVAILABLE:
         return None
-    where = f.address or "the coordinator"
-    text = f.message.lower()
-    if "handshake failed" in text:
-        found = _TLS_REASON.search(f.message)
-        reason = found[1].strip() if found else "no reason given"
-        if "WRONG_VERSION_NUMBER" in reason:
-            return (
-                f"{where} did not answer in TLS ({reason}): it probably serves plaintext; "
-                "leave out --tls-ca (and CONVEYOR_TLS_CA), or dial its TLS port"
-            )
-        return (
-            f"the TLS handshake with {where} failed ({reason}): check that --tls-ca names "
-            "the CA that issued the coordinator's certificate, for the address dialled, and, "
-            "if it requires client certificates, --tls-cert and --tls-key"
-        )
-    # The server hung up during the handshake: gRPC's client sees only "Socket closed".
-    if not text.endswith("socket closed") or not tls:
-        return None
-    if tls == PLAINTEXT:
-        return (
-            f"{where} closed the connection at once: it probably serves TLS; pass --tls-ca "
-            "with the CA that issued its certificate (and --tls-cert and --tls-key if it "
-            "requires client certificates)"
-        )
-    if tls == SERVER_TLS:
-        return (
-            f"{where} closed the TLS connection: it probably requires a client certificate "
-            "(mutual TLS); pass --tls-cert and --tls-key"
-        )
-    return (
-        f"{where} closed the TLS connection: it probably refuses this client certificate; "
-        "--tls-cert must be issued by the CA it trusts for clients (its --tls-client-ca) "
-        "and be valid now"
-    )
+    return tls_mismatch(f.message, f.address or "the coordinator", tls)
 
 
 _PROTO_ENUM = re.compile(r"\b(?:TASK_STATE|ATTEMPT_OUTCOME|TASK_OUTCOME)_([A-Z_]+)\b")
@@ -125,7 +85,8 @@ def _cli_terms(text: str) -> str:
 
 def describe_failure(f: RPCFailure, tls: str = "") -> str:
     """One line for a failed call, in CLI terms (``tls``: how the command dialled, one of
-    PLAINTEXT, SERVER_TLS, MUTUAL_TLS, so a refused connection names the likely mismatch)."""
+    ``transport._tls_hints``' PLAINTEXT, SERVER_TLS, MUTUAL_TLS, so a refused connection
+    names the likely mismatch)."""
     return _cli_terms(" ".join((_tls_failure(f, tls) or _describe_failure(f)).split()))
 
 

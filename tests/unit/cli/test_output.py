@@ -9,16 +9,10 @@ import grpc
 import pytest
 
 from conveyor.cli import output
-from conveyor.cli.errors import (
-    MUTUAL_TLS,
-    PLAINTEXT,
-    SERVER_TLS,
-    RPCFailure,
-    describe,
-    describe_failure,
-)
+from conveyor.cli.errors import RPCFailure, describe, describe_failure
 from conveyor.cli.task_commands import unserved_text
 from conveyor.client import Task, TaskState, WaitTimeoutError
+from conveyor.transport._tls_hints import MUTUAL_TLS, PLAINTEXT, SERVER_TLS
 
 
 @pytest.mark.parametrize(
