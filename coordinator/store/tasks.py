@@ -1196,9 +1196,6 @@ _LIST_DEAD = f"""
     SELECT {_TASK} FROM tasks t
     WHERE {{states}} AND {_DEAD_MATCH}
       AND (:after_id::uuid IS NULL OR t.id < :after_id)
-      AND (:labels::jsonb IS NULL OR t.labels @> :labels)
-      AND (:created_after::timestamptz IS NULL OR t.create_time >= :created_after)
-      AND (:created_before::timestamptz IS NULL OR t.create_time < :created_before)
     ORDER BY t.id DESC
     LIMIT :limit
 """

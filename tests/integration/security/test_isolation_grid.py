@@ -160,6 +160,12 @@ def _own_queues_only(answer: Answer, mine: Things, theirs: Things) -> None:
     assert f"only-{mine.tenant}" in names and f"only-{theirs.tenant}" not in names
 
 
+def _own_workers_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    # tests/integration/console/test_tenant_views.py lists workers connected at the time.
+    assert answer.code == CODE.OK, answer
+    assert {w.tenant for w in answer.response.workers} <= {mine.tenant}
+
+
 def _own_schedules_only(answer: Answer, mine: Things, theirs: Things) -> None:
     assert answer.code == CODE.OK, answer
     names = {s.name for s in answer.response.schedules}
@@ -275,6 +281,7 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "WatchTask": (lambda o: T.WatchTaskRequest(id=o.pending), _not_found),
     TASKS + "RetryTask": (lambda o: T.RetryTaskRequest(id=o.dead), _not_found),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
+    TASKS + "ListWorkers": (lambda o: T.ListWorkersRequest(), _own_workers_only),
     TASKS + "UpdateTask": (lambda o: T.UpdateTaskRequest(id=o.pending, priority=5), _not_found),
     LEDGER + "RecordEffect": (_their_effect_lease, _not_found),
     LEDGER + "GetEffect": (lambda o: E.GetEffectRequest(task_id=o.pending, key="k"), _not_found),

@@ -65,6 +65,7 @@ EXPECTED = [
     "UnavailableError",
     "WaitTimeoutError",
     "WorkerIdInUseError",
+    "WorkerInfo",
     "WorkerNotFoundError",
     "tls_credentials",
 ]
