@@ -1,4 +1,5 @@
-"""``conveyor bench``, ``bench-schedules`` and ``bench-failover``: the benchmarks' commands."""
+"""``conveyor bench``, ``bench-schedules``, ``bench-failover``, ``bench-tenants`` and
+``bench-deps``: the benchmarks' commands."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from conveyor.cli.app import Globals, command
 
 DSN_HELP = "PostgreSQL to use (its database must be empty or Conveyor's); default: embedded."
 JSON_HELP = "End with one JSON line of the figures."
+# Options of the benchmarks that submit and drain no-op tasks (bench, bench-deps).
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")]
+Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="Slots per worker.")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Tasks per SubmitTasks.")]
+Submitters = Annotated[int, typer.Option("--submitters", min=1, help="Concurrent submit calls.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +40,9 @@ def register(app: typer.Typer) -> None:
     command(app, "bench-failover", example="conveyor bench-failover --runs 7 --json")(
         bench_failover
     )
+    command(app, "bench-deps", example=["conveyor bench-deps", "conveyor bench-deps --json"])(
+        bench_deps
+    )
     command(
         app,
         "bench-tenants",
@@ -54,14 +63,10 @@ def _print_figures(figures: dict[str, Any], as_json: bool) -> int:
 
 def bench(
     tasks: Annotated[int, typer.Option("--tasks", min=1, help="No-op tasks per run.")] = 20_000,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 2,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, help="Slots per worker.")
-    ] = 500,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Tasks per SubmitTasks.")] = 500,
-    submitters: Annotated[
-        int, typer.Option("--submitters", min=1, help="Concurrent submit calls.")
-    ] = 4,
+    workers: Workers = 2,
+    concurrency: Concurrency = 500,
+    batch: Batch = 500,
+    submitters: Submitters = 4,
     latency_rate: Annotated[
         float, typer.Option("--latency-rate", help="Tasks/s when timing pickup.")
     ] = 100.0,
@@ -240,3 +245,28 @@ def bench_console(
         for path, took in figures["pages"].items():
             print(f"{took['median_ms']:8.1f} ms  (max {took['max_ms']:.1f})  {path}", flush=True)
     return _print_figures(figures, as_json)
+
+
+def bench_deps(
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="Tasks per scenario.")] = 10_000,
+    workers: Workers = 2,
+    concurrency: Concurrency = 500,
+    batch: Batch = 500,
+    submitters: Submitters = 4,
+    dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure fan-out and fan-in of many tasks against the same tasks without dependencies."""
+    from conveyor.bench.dependencies import run
+
+    args = argparse.Namespace(
+        tasks=tasks,
+        workers=workers,
+        concurrency=concurrency,
+        batch=batch,
+        submitters=submitters,
+        dsn=dsn,
+    )
+    return _print_figures(asyncio.run(run(args)), as_json)

@@ -109,6 +109,21 @@ async def _wait_serving(address: str, proc: Process) -> None:
     raise RuntimeError(f"the coordinator did not serve within {STARTUP_TIMEOUT:.0f}s")
 
 
+async def start_worker(address: str, concurrency: int, env: dict[str, str], *extra: str) -> Process:
+    """A worker process of no-op handlers (``bench/worker.py``)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conveyor.bench.worker",
+        "--coordinator",
+        address,
+        "--concurrency",
+        str(concurrency),
+        *extra,
+        env=env,
+    )
+
+
 async def _stop(procs: list[Process]) -> None:
     for proc in procs:
         if proc.returncode is None:
@@ -273,17 +288,7 @@ async def _measure(
     _say(f"starting {cfg.workers} worker processes ({cfg.concurrency} slots each) …")
     for _ in range(cfg.workers):
         procs.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "conveyor.bench.worker",
-                "--coordinator",
-                address,
-                "--concurrency",
-                str(cfg.concurrency),
-                *_metrics_args(cfg, scraper),
-                env=env,
-            )
+            await start_worker(address, cfg.concurrency, env, *_metrics_args(cfg, scraper))
         )
     await _warm_up(client, db)
     _say(f"end to end: {cfg.tasks} no-op tasks …")

@@ -36,6 +36,8 @@ def build() -> typer.Typer:
         task_commands,
         tenants_commands,
         top_command,
+        types_commands,
+        webhooks_commands,
     )
 
     root = cli_app.make_app()
@@ -51,6 +53,8 @@ def build() -> typer.Typer:
     audit_commands.register(root)
     top_command.register(root)
     encryption_commands.register(root)
+    webhooks_commands.register(root)
+    types_commands.register(root)
     console_command.register(root)
     from conveyor.bench import cli as bench_cli
 

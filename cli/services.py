@@ -294,6 +294,23 @@ def coordinator(
         float,
         typer.Option("--auth-failure-rate", min=0, help="...and how many a second it regains."),
     ] = 2.0,
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(
+            "--webhook-allow-private",
+            envvar="CONVEYOR_WEBHOOK_ALLOW_PRIVATE",
+            help="Let webhooks go to loopback, private and link-local addresses and over "
+            "plain http (default: public addresses over https only).",
+        ),
+    ] = False,
+    webhook_retry_for: Annotated[
+        float,
+        typer.Option(
+            "--webhook-retry-for",
+            metavar="SECONDS",
+            help="How long a webhook event is retried before it is marked failed.",
+        ),
+    ] = 86_400.0,
     *,
     g: Globals,
 ) -> int:
@@ -337,6 +354,8 @@ def coordinator(
         max_watch_streams=max_watch_streams,
         auth_failure_burst=auth_failure_burst,
         auth_failure_rate=auth_failure_rate,
+        webhook_allow_private=webhook_allow_private,
+        webhook_retry_for=webhook_retry_for,
     )
     check_listen(listen)
     if metrics_listen:
@@ -397,6 +416,8 @@ def coordinator_config(
     max_watch_streams: int = 1000,
     auth_failure_burst: int = 30,
     auth_failure_rate: float = 2.0,
+    webhook_allow_private: bool = False,
+    webhook_retry_for: float = 86_400.0,
 ) -> CoordinatorConfig:
     """The coordinator's configuration from its flags; a bad value is a one-line error.
 
@@ -442,6 +463,8 @@ def coordinator_config(
             max_watch_streams=max_watch_streams,
             auth_failure_burst=auth_failure_burst,
             auth_failure_rate=auth_failure_rate,
+            webhook_allow_private=webhook_allow_private,
+            webhook_retry_for=webhook_retry_for,
         )
     except ValueError as exc:  # the configuration's own checks, in terms of the flags
         raise CLIError(_in_flag_terms(str(exc)), code=USAGE) from None
@@ -452,6 +475,7 @@ _FLAG_SETTINGS = (
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
     "retention_days", "max_queue_backlog",
+    "webhook_retry_for",
 )  # fmt: skip
 
 

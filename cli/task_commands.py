@@ -39,6 +39,14 @@ class StateChoice(enum.StrEnum):
     succeeded = "succeeded"
     dead = "dead"
     cancelled = "cancelled"
+    blocked = "blocked"
+
+
+class DependencyFailure(enum.StrEnum):
+    """What ``--on-dependency-failure`` takes."""
+
+    cancel = "cancel"
+    run = "run"
 
 
 def register(app: typer.Typer) -> None:
@@ -122,6 +130,22 @@ def submit(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the task as JSON.")] = False,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            metavar="TASK_ID",
+            help="Run only after this task finished (repeat for several); waits BLOCKED.",
+        ),
+    ] = None,
+    on_dependency_failure: Annotated[
+        DependencyFailure,
+        typer.Option(
+            "--on-dependency-failure",
+            case_sensitive=False,
+            help="When a task of --after ends dead or cancelled: cancel this one, or run it.",
+        ),
+    ] = DependencyFailure.cancel,
     *,
     g: Globals,
 ) -> int:
@@ -146,6 +170,8 @@ def submit(
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
             timeout=timeout,
+            after=after or (),
+            on_dependency_failure=on_dependency_failure.value,
         )
     )
     if as_json:
@@ -293,6 +319,8 @@ def task_detail(task: Task) -> str:
     ]
     if task.unserved:
         lines.append(f"waiting:      {unserved_text(task, task.unserved_encryption_key)}")
+    if task.waiting_for:
+        lines.append(f"waits for:    {', '.join(task.waiting_for)}")
     if task.idempotency_key:
         lines.append(f"idempotency:  {task.idempotency_key}")
     if task.worker_id:

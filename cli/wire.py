@@ -73,3 +73,16 @@ async def cluster_status(g: Globals) -> admin_service_pb2.GetClusterStatusRespon
         except RPCError:
             pass  # the follower's answer still says who leads; show that
     return status
+
+
+def service_call(g: Globals, service: str, method: str, request: Any, *, idempotent: bool) -> Any:
+    """One call of another service on the connection layer (``service`` names the stub:
+    ``webhooks``, ``task_types``); reads (``idempotent``) are resent where allowed."""
+
+    async def run() -> Any:
+        async with g.connection() as conn:
+            return await conn.unary(
+                lambda s: getattr(getattr(s, service), method), request, idempotent=idempotent
+            )
+
+    return asyncio.run(run())

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Literal, Self, Unpack
 
 import grpc
 import uuid_utils
@@ -200,6 +200,8 @@ class AsyncClient:
         idempotency_key: str | None = None,
         run_at: datetime | timedelta | None = None,
         traceparent: str | None = None,
+        after: Iterable[str | Task] = (),
+        on_dependency_failure: Literal["cancel", "run"] = "cancel",
         **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
@@ -214,6 +216,12 @@ class AsyncClient:
             run_at: Earliest start: an aware datetime or a delay from now.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            after: Tasks (ids or :class:`Task` values, of this tenant) that must all
+                finish first: the task waits BLOCKED until then. A small DAG in one call:
+                ``submit_many()`` with ``ref`` and ``after_refs``.
+            on_dependency_failure: When a task of ``after`` ends DEAD or CANCELLED:
+                ``"cancel"`` this one too (its ``last_error`` names the dependency), or
+                ``"run"`` it anyway.
             task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
                 ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
                 attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
@@ -222,6 +230,7 @@ class AsyncClient:
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
             IdempotencyConflictError: The key is taken by a different request.
+            TaskNotFoundError: A task of ``after`` does not exist (or is another tenant's).
         """
         spec = TaskSpec(
             type=type,
@@ -229,6 +238,8 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             run_at=run_at,
             traceparent=traceparent,
+            after=tuple(after),
+            on_dependency_failure=on_dependency_failure,
             **task,
         )
         tracing = self._tracing()
@@ -275,6 +286,11 @@ class AsyncClient:
         Each task gets a request id, as in :meth:`submit`. With tracing set up, one
         ``submit`` span covers the call, and tasks without a ``traceparent`` of their own
         carry its context.
+
+        A small DAG goes in one call: give tasks a ``ref`` and list, in another task's
+        ``after_refs``, the refs it waits for (the batch is refused if they make a
+        cycle); every task of such a call must fit in one batch (1000 tasks). A resend
+        of the same call returns the same tasks.
         """
         requests = [task_spec(t).to_proto() for t in tasks]
         tracing = self._tracing()
@@ -964,6 +980,8 @@ class AsyncClient:
 
 def _task(response: pb.GetTaskResponse | pb.WatchTaskResponse) -> Task:
     task = Task.from_proto(response.task)
+    if isinstance(response, pb.GetTaskResponse) and response.waiting_for:
+        task = dataclasses.replace(task, waiting_for=tuple(response.waiting_for))
     if not response.unserved:
         return task
     return dataclasses.replace(

@@ -49,12 +49,20 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
-from conveyor.v1 import admin_service_pb2_grpc, effects_service_pb2_grpc, task_service_pb2_grpc
+from conveyor.v1 import (
+    admin_service_pb2_grpc,
+    effects_service_pb2_grpc,
+    task_service_pb2_grpc,
+    task_type_service_pb2_grpc,
+    webhook_service_pb2_grpc,
+)
 
 if TYPE_CHECKING:
     from conveyor.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
     from conveyor.v1.effects_service_pb2_grpc import LedgerServiceAsyncStub, LockServiceAsyncStub
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+    from conveyor.v1.task_type_service_pb2_grpc import TaskTypeServiceAsyncStub
+    from conveyor.v1.webhook_service_pb2_grpc import WebhookServiceAsyncStub
 
 __all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
 
@@ -87,6 +95,8 @@ class Stubs:
     admin: AdminServiceAsyncStub
     ledger: LedgerServiceAsyncStub
     locks: LockServiceAsyncStub
+    webhooks: WebhookServiceAsyncStub
+    task_types: TaskTypeServiceAsyncStub
 
 
 StubMethod = Callable[[Stubs], Any]
@@ -194,6 +204,8 @@ class Connection:
                 admin_service_pb2_grpc.AdminServiceStub(channel),
                 effects_service_pb2_grpc.LedgerServiceStub(channel),
                 effects_service_pb2_grpc.LockServiceStub(channel),
+                webhook_service_pb2_grpc.WebhookServiceStub(channel),
+                task_type_service_pb2_grpc.TaskTypeServiceStub(channel),
             )
             self._stubs[address] = stubs
         return stubs

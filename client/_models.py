@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypedDict, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -49,7 +49,8 @@ class TaskState(enum.StrEnum):
 
         SCHEDULED -> PENDING -> RUNNING -> SUCCEEDED
                                 RUNNING -> SCHEDULED (retry backoff) | DEAD | PENDING (lease lost)
-        PENDING | SCHEDULED | RUNNING -> CANCELLED;  DEAD -> PENDING (retry())
+        PENDING | SCHEDULED | RUNNING | BLOCKED -> CANCELLED;  DEAD -> PENDING (retry())
+        BLOCKED -> PENDING (its dependencies finished) | CANCELLED (one did not succeed)
     """
 
     #: A state this client does not know (sent by a newer coordinator), or unset.
@@ -64,8 +65,10 @@ class TaskState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     #: Failed for good (the dead-letter queue); terminal until redriven with retry().
     DEAD = "DEAD"
-    #: Cancelled by a client; terminal.
+    #: Cancelled by a client (or by a dependency that did not succeed); terminal.
     CANCELLED = "CANCELLED"
+    #: Submitted with ``after``: waits for those tasks to finish (``Task.waiting_for``).
+    BLOCKED = "BLOCKED"
 
     @property
     def is_terminal(self) -> bool:
@@ -300,6 +303,8 @@ class Task:
     unserved: bool = False
     #: When unserved for want of a key: the key id no connected worker holds.
     unserved_encryption_key: str = ""
+    #: While BLOCKED (as read by ``get()``): the ids of the dependencies it still waits for.
+    waiting_for: tuple[str, ...] = ()
     #: The task's version: ``update()`` with it changes the task only if nothing else
     #: changed it since this read.
     etag: str = ""
@@ -709,6 +714,17 @@ class TaskSpec(TaskTemplate):
     run_at: datetime | timedelta | None = None
     #: W3C trace context to link the task's execution to the caller's trace.
     traceparent: str | None = None
+    #: Tasks (ids or :class:`Task` values) that must all finish first: the task waits
+    #: BLOCKED until then.
+    after: Sequence[str | Task] = ()
+    #: What a dependency that ends DEAD or CANCELLED does: ``"cancel"`` this task too
+    #: (and its own dependents that say so), or ``"run"`` it anyway.
+    on_dependency_failure: Literal["cancel", "run"] = "cancel"
+    #: In ``submit_many()``: a name for this task that later tasks of the same call list
+    #: in ``after_refs`` (their ids are not known before). One call of up to 1000 tasks.
+    ref: str | None = None
+    #: In ``submit_many()``: refs of tasks of the same call this task waits for.
+    after_refs: Sequence[str] = ()
 
     def to_proto(self) -> task_service_pb2.SubmitTaskRequest:
         """Converts to the wire message ``conveyor.v1.SubmitTaskRequest``."""
@@ -716,6 +732,17 @@ class TaskSpec(TaskTemplate):
             idempotency_key=self.idempotency_key or "", traceparent=self.traceparent or ""
         )
         self._fill(msg)
+        if self.after or self.after_refs or self.ref:
+            msg.after.extend(t if isinstance(t, str) else t.id for t in self.after)
+            msg.after_refs.extend(self.after_refs)
+            msg.ref = self.ref or ""
+            if self.on_dependency_failure not in ("cancel", "run"):
+                raise ValueError(
+                    f"on_dependency_failure must be 'cancel' or 'run', not "
+                    f"{self.on_dependency_failure!r}"
+                )
+            if self.on_dependency_failure == "run":
+                msg.dependency_policy = task_pb2.DEPENDENCY_POLICY_RUN
         run_at = _resolve_run_at(self.run_at)
         if run_at is not None:
             msg.run_at.CopyFrom(_timestamp(run_at))

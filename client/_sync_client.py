@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack
+from typing import Any, Literal, Self, TypeVar, Unpack
 
 from opentelemetry import trace
 
@@ -196,6 +196,8 @@ class Client:
         idempotency_key: str | None = None,
         run_at: datetime | timedelta | None = None,
         traceparent: str | None = None,
+        after: Iterable[str | Task] = (),
+        on_dependency_failure: Literal["cancel", "run"] = "cancel",
         **task: Unpack[TaskOptions],
     ) -> Task:
         """Submits one task and returns it as committed.
@@ -210,6 +212,12 @@ class Client:
             run_at: Earliest start: an aware datetime or a delay from now.
             traceparent: W3C trace context linking the execution to the caller's trace;
                 by default, with tracing set up, the current span's (see the class).
+            after: Tasks (ids or :class:`Task` values, of this tenant) that must all
+                finish first: the task waits BLOCKED until then. A small DAG in one call:
+                ``submit_many()`` with ``ref`` and ``after_refs``.
+            on_dependency_failure: When a task of ``after`` ends DEAD or CANCELLED:
+                ``"cancel"`` this one too (its ``last_error`` names the dependency), or
+                ``"run"`` it anyway.
             task: How it runs (:class:`TaskOptions`): ``queue`` (``"default"``),
                 ``priority`` (-1000 to 1000), ``max_attempts`` (3), ``timeout`` (of one
                 attempt, 5 min), ``retry_policy``, ``labels``, ``raw`` (send bytes as-is),
@@ -218,6 +226,7 @@ class Client:
         Raises:
             InvalidArgumentError: A field is invalid (see ``field_violations``).
             IdempotencyConflictError: The key is taken by a different request.
+            TaskNotFoundError: A task of ``after`` does not exist (or is another tenant's).
         """
         return self._loop.run(
             self._async.submit(
@@ -226,6 +235,8 @@ class Client:
                 idempotency_key=idempotency_key,
                 run_at=run_at,
                 traceparent=traceparent,
+                after=after,
+                on_dependency_failure=on_dependency_failure,
                 **task,
             )
         )
@@ -240,6 +251,11 @@ class Client:
         Each task gets a request id, as in :meth:`submit`. With tracing set up, one
         ``submit`` span covers the call, and tasks without a ``traceparent`` of their own
         carry its context.
+
+        A small DAG goes in one call: give tasks a ``ref`` and list, in another task's
+        ``after_refs``, the refs it waits for (the batch is refused if they make a
+        cycle); every task of such a call must fit in one batch (1000 tasks). A resend
+        of the same call returns the same tasks.
         """
         return self._loop.run(self._async.submit_many(tasks))
 

@@ -148,6 +148,20 @@ class CoordinatorConfig:
     """PEM certificates that issue client certificates: when set, every client and worker
     must present one (mutual TLS). Needs ``tls_cert_file``."""
 
+    max_watch_buffer: int = 10_000
+    """Task changes a WatchTasks stream may have waiting to be sent; past it, the stream
+    is ended with WATCH_TOO_SLOW instead of buffering more."""
+    webhook_allow_private: bool = False
+    """Let webhook deliveries go to any address (loopback, private, link-local) and over
+    plain HTTP; by default only to public addresses over HTTPS (``webhooks/guard.py``)."""
+    webhook_timeout: float = 10.0
+    """Seconds one webhook delivery may take (connect, send, answer)."""
+    webhook_retry_for: float = 86_400.0
+    """Seconds a webhook event is retried (from the event, or its replay) before it is
+    FAILED."""
+    webhook_retry_initial: float = 1.0
+    """Seconds before a failed webhook delivery's first retry (doubling, capped at 5 min)."""
+
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
@@ -212,6 +226,9 @@ class CoordinatorConfig:
             "backlog_refresh": self.backlog_refresh,
             "key_refresh": self.key_refresh,
             "retention_interval": self.retention_interval,
+            "webhook_timeout": self.webhook_timeout,
+            "webhook_retry_for": self.webhook_retry_for,
+            "webhook_retry_initial": self.webhook_retry_initial,
         }
         for name, value in positive.items():
             problem = bounds.seconds_problem(value)
@@ -228,7 +245,8 @@ class CoordinatorConfig:
                 f"(got {self.pool_min_size} and {self.pool_max_size})"
             )
         for name, value in (("max_batch", self.max_batch),
-                            ("max_pending_operations", self.max_pending_operations)):  # fmt: skip
+                            ("max_pending_operations", self.max_pending_operations),
+                            ("max_watch_buffer", self.max_watch_buffer)):  # fmt: skip
             if value < 1:
                 out.append(f"{name} must be at least 1 (got {value})")
         if self.metrics_listen:

@@ -105,6 +105,17 @@ class TaskNotFound(ConveyorError):
         super().__init__(f"task {task_id} does not exist", metadata={"task_id": task_id})
 
 
+class DependencyNotFound(TaskNotFound):
+    def __init__(self, task_id: str) -> None:
+        ConveyorError.__init__(
+            self,
+            f"task {task_id}, listed in after, does not exist (a task of another tenant "
+            "counts as missing): submit it first, or refer to a task of the same "
+            "SubmitTasks request with after_refs",
+            metadata={"task_id": task_id},
+        )
+
+
 class IdempotencyKeyConflict(ConveyorError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = errors_pb2.ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT
@@ -345,6 +356,42 @@ class ApiKeyNotFound(ConveyorError):
         super().__init__(
             f"no API key has the id {key_id!r} (conveyor keys list shows them)",
             metadata={"key_id": key_id},
+        )
+
+
+class WebhookNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_WEBHOOK_NOT_FOUND
+
+    def __init__(self, webhook_id: str) -> None:
+        super().__init__(
+            f"no webhook subscription has the id {webhook_id!r} (conveyor webhooks list "
+            "shows them)",
+            metadata={"webhook_id": webhook_id},
+        )
+
+
+class WatchTooSlow(ConveyorError):
+    """A WatchTasks stream fell too far behind: ended rather than buffering without bound."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = errors_pb2.ERROR_REASON_WATCH_TOO_SLOW
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"this WatchTasks stream was ended: {detail}; read it faster or narrow its "
+            "filter, reopen it, and read the current state with ListTasks"
+        )
+
+
+class TaskTypeNotFound(ConveyorError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = errors_pb2.ERROR_REASON_TASK_TYPE_NOT_FOUND
+
+    def __init__(self, type_: str) -> None:
+        super().__init__(
+            f"no definition of task type {type_!r} (conveyor types list shows them)",
+            metadata={"type": type_},
         )
 
 

@@ -25,7 +25,9 @@ from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.server import ApiServer
 from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import server_tls
+from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.audit.appender import AuditLog
 from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
@@ -33,10 +35,17 @@ from conveyor.coordinator.deps import Deps, Office
 from conveyor.coordinator.dispatch.policy import DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import SessionRegistry
 from conveyor.coordinator.leader.leadership import Leadership
-from conveyor.coordinator.leader.maintenance import Promoter, Reaper, Retention
+from conveyor.coordinator.leader.maintenance import (
+    DependencySweeper,
+    Promoter,
+    Reaper,
+    Retention,
+)
 from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
 from conveyor.coordinator.lifecycle.results import ResultRecorder
 from conveyor.coordinator.lifecycle.submits import Submitter
+from conveyor.coordinator.lifecycle.task_events import TaskEventHub
+from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.watch_reader import WatchReader
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
 from conveyor.coordinator.schedules.firer import ScheduleFirer
@@ -52,6 +61,7 @@ from conveyor.coordinator.tenancy.bootstrap import ensure_bootstrap_key
 from conveyor.coordinator.tenancy.directory import Directory
 from conveyor.coordinator.tenancy.queue_backlog import QueueBacklogCounter
 from conveyor.coordinator.tenancy.quotas import Quotas
+from conveyor.coordinator.webhooks.delivery import WebhookDeliverer
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
 from conveyor.transport._tls import ServerTLS
 
@@ -100,6 +110,12 @@ class Coordinator:
         """API keys and tenant limits in memory, kept current (LISTEN/NOTIFY)."""
         self.schedule_firer: ScheduleFirer | None = None
         self.dispatcher: Dispatcher | None = None
+        self.task_types: TaskTypes | None = None
+        """Task-type definitions, cached (LISTEN/NOTIFY keeps them current)."""
+        self.events: TaskEventHub | None = None
+        """WatchTasks streams and the relay of task changes between coordinators."""
+        self.webhooks: WebhookDeliverer | None = None
+        """The leader's webhook deliverer (one of :attr:`services`)."""
         self.services: list[Service] = []
         """The leader's services, started in this order for each term (``leadership``)."""
         self.leadership: Leadership | None = None
@@ -147,6 +163,8 @@ class Coordinator:
         directory.on_key_change(self.streams.key_changed)
         await components.start(directory)
         audit = await components.start(AuditLog(db))
+        # Warmed before the API serves: submits read type definitions from it.
+        self.task_types = await components.start(TaskTypes(db, cfg.dsn, self.telemetry.metrics))
         auth: AuthInterceptor | None = None
         if cfg.authentication:
             limiter = FailureLimiter(cfg.auth_failure_rate, cfg.auth_failure_burst)
@@ -190,10 +208,27 @@ class Coordinator:
         quotas = Quotas(cfg, directory, backlog, queue_backlog)
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
+        self.events = TaskEventHub(
+            deps.after_commit,
+            cfg.dsn,
+            self.node_id,
+            max_per_tenant=cfg.max_watch_streams,
+            buffer_limit=cfg.max_watch_buffer,
+        )
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
-        self.services = [dispatcher, Promoter(deps), Reaper(deps), firer, backlog, Retention(deps)]
+        self.webhooks = WebhookDeliverer(deps)
+        self.services = [
+            dispatcher,
+            Promoter(deps),
+            Reaper(deps),
+            DependencySweeper(deps),
+            firer,
+            backlog,
+            Retention(deps),
+            self.webhooks,
+        ]
         if cfg.max_queue_backlog > 0:
             self.services.append(queue_backlog)
         self.leadership = leadership = Leadership(
@@ -208,7 +243,13 @@ class Coordinator:
         )
         api.serve(
             TaskServicer(
-                deps, self.submitter, schedules, quotas=quotas, queue_ops=QueueOps(deps, dispatcher)
+                deps,
+                self.submitter,
+                schedules,
+                quotas=quotas,
+                queue_ops=QueueOps(deps, dispatcher),
+                events=self.events,
+                task_types=self.task_types,
             ),
             workers,
             AdminServicer(
@@ -220,12 +261,16 @@ class Coordinator:
                 paused=lambda: list(policy.pauses),
             ),
             (LedgerServicer(deps), LockServicer(deps)),
+            WebhookServicer(deps),
+            TaskTypeServicer(db, max_payload_bytes=cfg.max_payload_bytes),
         )
         await components.start(self.submitter)
         await components.start(recorder)
         await components.start(leases)
         # WatchTask streams are reads: served for the life of the process, not of a term.
         await components.start(WatchReader(deps))
+        # WatchTasks streams: theirs for the life of the process too.
+        await components.start(self.events)
         await components.start(api)
         if not cfg.authentication:
             _log.error(

@@ -154,6 +154,9 @@ class Telemetry:
             metrics.record_requeued(rows)
         elif cause is Cause.CANCELLED:
             metrics.record_cancelled(rows)
+        elif cause is Cause.RELEASED:
+            # Dependents a dead or cancelled dependency cancelled (the rest became ready).
+            metrics.record_cancelled(batch.finished())
 
     # -- shutdown ---------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ Every exception the SDK raises on purpose derives from one root, so
     │   ├── LeaseNotHeldError        the attempt lost its task's lease (.task_id)
     │   ├── LockNotHeldError         the lock was lost: TTL ran out, taken over (.name)
     │   ├── WorkerNotFoundError      no worker with the id is connected (.worker_id)
+    │   ├── WebhookNotFoundError     no webhook subscription has the id (.webhook_id)
+    │   ├── WatchTooSlowError        a WatchTasks stream fell too far behind and was ended
+    │   ├── TaskTypeNotFoundError    the tenant has no definition of the task type (.type)
     │   └── DeadlineExceededError    the call ran past its deadline
     ├── TaskFailedError              (client) the awaited task is DEAD (.task, .last_error)
     ├── TaskCancelledError           (client) the awaited task was cancelled (.task)
@@ -90,8 +93,11 @@ __all__ = [
     "StatusInfo",
     "StoreUnavailableError",
     "TaskNotFoundError",
+    "TaskTypeNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
+    "WatchTooSlowError",
+    "WebhookNotFoundError",
     "WorkerIdInUseError",
     "WorkerNotFoundError",
     "error_from_rpc",
@@ -706,6 +712,51 @@ class WorkerNotFoundError(RPCError):
         return cls(cls._describe(info), worker_id=worker_id, **_common_kwargs(info))
 
 
+class WebhookNotFoundError(RPCError):
+    """No webhook subscription of the key's tenant has the given id.
+
+    Attributes:
+        webhook_id: The id that was looked up.
+    """
+
+    _hint = "List the subscriptions (`conveyor webhooks list`) to see their ids."
+
+    def __init__(self, message: str, *, webhook_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.webhook_id = webhook_id
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        webhook_id = info.metadata.get("webhook_id") or None
+        return cls(cls._describe(info), webhook_id=webhook_id, **_common_kwargs(info))
+
+
+class WatchTooSlowError(RPCError):
+    """A WatchTasks stream fell too far behind its task changes and the coordinator ended
+    it (it buffers a bounded number per stream). Reopen it; read the current state with
+    ``ListTasks``."""
+
+
+class TaskTypeNotFoundError(RPCError):
+    """The key's tenant has no definition of the task type.
+
+    Attributes:
+        type: The task type looked up.
+    """
+
+    _hint = "List the definitions (`conveyor types list`)."
+
+    def __init__(self, message: str, *, type: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.type = type
+
+    @classmethod
+    def _from_status(cls, info: StatusInfo) -> RPCError:
+        return cls(
+            cls._describe(info), type=info.metadata.get("type") or None, **_common_kwargs(info)
+        )
+
+
 class DeadlineExceededError(RPCError):
     """The call did not complete before its deadline (the client's ``timeout``)."""
 
@@ -741,6 +792,9 @@ ERROR_CLASSES: Mapping[errors_pb2.ErrorReason.ValueType, type[RPCError]] = {
     _reason("LEASE_NOT_HELD"): LeaseNotHeldError,
     _reason("LOCK_NOT_HELD"): LockNotHeldError,
     _reason("WORKER_NOT_FOUND"): WorkerNotFoundError,
+    _reason("WEBHOOK_NOT_FOUND"): WebhookNotFoundError,
+    _reason("WATCH_TOO_SLOW"): WatchTooSlowError,
+    _reason("TASK_TYPE_NOT_FOUND"): TaskTypeNotFoundError,
 }
 
 # Statuses without a reason of ours (gRPC's own, a proxy's, an older server) map by code.

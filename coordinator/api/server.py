@@ -15,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.task_service import TaskServicer
+from conveyor.coordinator.api.task_type_service import TaskTypeServicer
 from conveyor.coordinator.api.tls import add_port
+from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.transport._tls import ServerTLS
@@ -26,6 +28,10 @@ from conveyor.v1 import (
     effects_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
+    task_type_service_pb2,
+    task_type_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
@@ -36,6 +42,8 @@ SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     effects_service_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     effects_service_pb2.DESCRIPTOR.services_by_name["LockService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    task_type_service_pb2.DESCRIPTOR.services_by_name["TaskTypeService"].full_name,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
@@ -88,6 +96,8 @@ class ApiServer:
         workers: WorkerServicer,
         admin: AdminServicer,
         effects: tuple[LedgerServicer, LockServicer],
+        webhooks: WebhookServicer,
+        task_types: TaskTypeServicer,
     ) -> None:
         """Registers the services (before :meth:`start`)."""
         server = self._server
@@ -98,6 +108,8 @@ class ApiServer:
         ledger, locks = effects
         effects_service_pb2_grpc.add_LedgerServiceServicer_to_server(ledger, server)
         effects_service_pb2_grpc.add_LockServiceServicer_to_server(locks, server)
+        webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(webhooks, server)
+        task_type_service_pb2_grpc.add_TaskTypeServiceServicer_to_server(task_types, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

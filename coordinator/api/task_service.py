@@ -10,14 +10,14 @@ them, so the wire API keeps schedules in TaskService.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 
 from conveyor.coordinator import convert
-from conveyor.coordinator.api import context, pages, validation
+from conveyor.coordinator.api import context, pages, validation, watch_tasks
 from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.workers import worker_infos
@@ -25,7 +25,10 @@ from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitter
+from conveyor.coordinator.lifecycle.task_events import TaskEventHub
+from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.transitions import Cause
+from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.coordinator.tenancy import keys
@@ -36,13 +39,17 @@ from conveyor.v1 import (
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
+    watch_pb2,
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
 
 Context = grpc.aio.ServicerContext[Any, Any]
-TaskWrite = Callable[[asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[asyncpg.Record | None]]
-"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition or None."""
+TaskWrite = Callable[
+    [asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[Sequence[asyncpg.Record]]
+]
+"""A fenced write of one task (``store.tasks.cancel``, ``redrive``): its transition (none
+when it changed nothing), then those of the dependents it moved."""
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
@@ -54,8 +61,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         *,
         quotas: Quotas,
         queue_ops: QueueOps,
+        events: TaskEventHub | None = None,
+        task_types: TaskTypes | None = None,
     ) -> None:
         self._deps = deps
+        self._events = events
+        self._task_types = task_types
         self._submitter = submitter
         self._schedules = schedules
         self._quotas = quotas
@@ -68,10 +79,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTaskResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, [request]):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, [request])
             task = validation.validate_submit_one(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            (result,) = await self._submitter.submit(SubmitGroup(tenant, [task]))
+            group = SubmitGroup(tenant, [task], has_dependencies=bool(task.after))
+            (result,) = await self._submitter.submit(group)
         return task_service_pb2.SubmitTaskResponse(
             task=result.task, deduplicated=result.deduplicated
         )
@@ -81,10 +95,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.SubmitTasksResponse:
         tenant = context.current().tenant
         async with self._quotas.admission(tenant, request.tasks):
+            if self._task_types is not None:
+                await self._task_types.apply(tenant, request.tasks)
             tasks = validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
-            results = await self._submitter.submit(SubmitGroup(tenant, tasks))
+            deps = any(t.after or t.after_refs for t in tasks)
+            results = await self._submitter.submit(SubmitGroup(tenant, tasks, deps))
         response = task_service_pb2.SubmitTasksResponse()
         add = response.results.add
         for r in results:
@@ -118,12 +135,18 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             if row is None:
                 raise TaskNotFound(request.id)
             attempts = await store.attempts(conn, tenant, task_id)
+            waiting_for = (
+                await dependencies.waiting_for(conn, tenant, str(task_id))
+                if row["state"] == store.BLOCKED
+                else []
+            )
         unserved, missing_key = self._unserved(row)
         return task_service_pb2.GetTaskResponse(
             task=convert.task_from_row(row),
             attempts=[convert.attempt_from_row(a) for a in attempts],
             unserved=unserved,
             unserved_encryption_key=missing_key,
+            waiting_for=waiting_for,
         )
 
     async def ListTasks(
@@ -181,6 +204,13 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 if row["state"] in store.TERMINAL:
                     return
 
+    async def WatchTasks(  # type: ignore[override]
+        self, request: watch_pb2.WatchTasksRequest, context_: Context
+    ) -> None:
+        if self._events is None:
+            raise RuntimeError("WatchTasks needs the coordinator's TaskEventHub")
+        await watch_tasks.serve(self._events, request, context_)
+
     # -- transitions -------------------------------------------------------------------------
 
     async def CancelTask(
@@ -210,10 +240,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             row = await store.get(conn, tenant, task_id)
         if row is None:
             raise TaskNotFound(request_id)
-        if changed is None and row["state"] != done:
+        if not changed and row["state"] != done:
             raise InvalidState(request_id, task_pb2.TaskState.Name(row["state"]), action)
-        if changed is not None:
-            self._deps.after_commit.publish(cause, [changed])
+        self._deps.after_commit.publish(cause, changed)
         return row
 
     async def UpdateTask(

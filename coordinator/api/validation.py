@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import graphlib
 import hashlib
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +50,8 @@ MAX_LABELS = 64
 MAX_LABEL_KEY_LENGTH = 63
 MAX_LABEL_VALUE_LENGTH = 256
 MAX_BATCH = 1000
+# Dependencies one task may list in after: a fan-in of this many tasks into one.
+MAX_AFTER = 10_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_CONTENT_TYPE_LENGTH = 128
@@ -102,6 +106,18 @@ class NewTask:
     """The id the client chose (``request_id``, canonical lowercase text), or None for one
     made here. Kept as text: asyncpg encodes text to uuid in C, cheaper than a UUID object
     made per task."""
+    after: tuple[str, ...] = ()
+    """Ids (canonical text, no repeats) of the tasks this one waits for (``after``)."""
+    after_refs: tuple[str, ...] = ()
+    """Refs of tasks of the same SubmitTasks request this one waits for."""
+    ref: str = ""
+    """This task's name in its SubmitTasks request, for other tasks' ``after_refs``."""
+    run_on_failure: bool = False
+    """DEPENDENCY_POLICY_RUN: a dead or cancelled dependency counts as finished."""
+
+    @property
+    def has_dependencies(self) -> bool:
+        return bool(self.after or self.after_refs)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -253,6 +269,10 @@ def validate_submit(
     task_id: str | None = None
     if "request_id" in fields:
         task_id = _check_request_id(fields["request_id"], prefix + "request_id", now, out)
+    # Read only when set (ListFields): a submit without dependencies pays nothing here.
+    dependencies = _NO_DEPENDENCIES
+    if "after" in fields or "after_refs" in fields or "ref" in fields:
+        dependencies = _check_dependencies(fields, prefix, out)
     if out:
         return None, out
     task = NewTask(
@@ -273,8 +293,53 @@ def validate_submit(
         labels=labels,
         traceparent=traceparent,
         task_id=task_id,
+        after=dependencies[0],
+        after_refs=dependencies[1],
+        ref=dependencies[2],
+        run_on_failure=dependencies[3],
     )
+    # A task with dependencies keeps its fingerprint even without a key: a resend of a
+    # DAG by request_id is compared with it, and a stored row does not show its edges.
+    if task.has_dependencies:
+        return _with_hash(task, force=True), []
     return (_with_hash(task) if key else task), []
+
+
+_NO_DEPENDENCIES: tuple[tuple[str, ...], tuple[str, ...], str, bool] = ((), (), "", False)
+
+
+def _check_dependencies(
+    fields: dict[str, Any], prefix: str, out: list[FieldViolation]
+) -> tuple[tuple[str, ...], tuple[str, ...], str, bool]:
+    """``after``, ``after_refs``, ``ref`` and the policy of a submit that sets some."""
+    after: tuple[str, ...] = ()
+    if "after" in fields:
+        after = _check_after(fields["after"], prefix + "after", out)
+    after_refs = tuple(dict.fromkeys(fields.get("after_refs", ())))
+    for ref in after_refs:
+        check_text(ref, prefix + "after_refs", out, max_length=MAX_NAME_LENGTH)
+    ref = fields.get("ref", "")
+    if ref:
+        check_text(ref, prefix + "ref", out, max_length=MAX_NAME_LENGTH)
+    policy = fields.get("dependency_policy", 0)
+    if policy not in task_pb2.DependencyPolicy.values():
+        out.append(FieldViolation(prefix + "dependency_policy", f"{policy} is not a value"))
+    return after, after_refs, ref, policy == task_pb2.DEPENDENCY_POLICY_RUN
+
+
+def _check_after(values: Sequence[str], field: str, out: list[FieldViolation]) -> tuple[str, ...]:
+    """Dependency ids: task ids in canonical lowercase text, each once."""
+    if len(values) > MAX_AFTER:
+        out.append(FieldViolation(field, f"must list at most {MAX_AFTER} tasks"))
+        return ()
+    ids: dict[str, None] = {}
+    for value in values:
+        parsed = parse_task_id(value)
+        if parsed is None:
+            out.append(FieldViolation(field, f"{value[:64]!r} is not a task id (a UUID)"))
+        else:
+            ids[str(parsed)] = None
+    return tuple(ids)
 
 
 _DEFAULT_TIMEOUT_MS = int(defaults.DEFAULT_TIMEOUT_S * 1000)
@@ -400,6 +465,12 @@ def _with_hash(task: NewTask, *, force: bool = False) -> NewTask:
             task.retry_multiplier,
             task.retry_jitter,
             sorted(task.labels.items()),
+            # Only when set, so the fingerprints stored before dependencies still match.
+            *(
+                [sorted(task.after), sorted(task.after_refs), task.run_on_failure]
+                if task.after or task.after_refs
+                else []
+            ),
         ]
     ).encode()
     digest.update(len(head).to_bytes(8, "big"))
@@ -414,6 +485,16 @@ def validate_submit_one(
     task, violations = validate_submit(req, max_payload_bytes=max_payload_bytes)
     if violations or task is None:
         raise InvalidArgument(violations)
+    if task.after_refs:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "after_refs",
+                    "names tasks of the same SubmitTasks request: use after (task ids) in "
+                    "SubmitTask",
+                )
+            ]
+        )
     return task
 
 
@@ -436,7 +517,50 @@ def validate_submit_batch(
             tasks.append(task)
     if violations:
         raise InvalidArgument(violations)
+    if any(t.ref or t.after_refs for t in tasks):
+        check_dag(tasks)
     return tasks
+
+
+def check_dag(tasks: Sequence[NewTask]) -> None:
+    """Refs unique, every after_ref naming a task of the request, and no cycle
+    (INVALID_ARGUMENT naming the field, the ref or the cycle)."""
+    violations: list[FieldViolation] = []
+    index: dict[str, int] = {}
+    for i, task in enumerate(tasks):
+        if task.ref:
+            if task.ref in index:
+                violations.append(
+                    FieldViolation(
+                        f"tasks[{i}].ref", f"{task.ref!r} is also tasks[{index[task.ref]}]'s ref"
+                    )
+                )
+            index.setdefault(task.ref, i)
+    graph: dict[int, list[int]] = {}
+    for i, task in enumerate(tasks):
+        for ref in task.after_refs:
+            if ref not in index:
+                violations.append(
+                    FieldViolation(
+                        f"tasks[{i}].after_refs",
+                        f"{ref!r} is not the ref of a task of this request",
+                    )
+                )
+            else:
+                graph.setdefault(i, []).append(index[ref])
+    if violations:
+        raise InvalidArgument(violations)
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        cycle = " -> ".join(tasks[i].ref for i in reversed(exc.args[1]))
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "tasks", f"after_refs make a cycle ({cycle}): a task would wait for itself"
+                )
+            ]
+        ) from None
 
 
 def validate_task_id(value: str, field: str = "id") -> uuid.UUID:

@@ -1,5 +1,5 @@
-"""The leader's sweeps: promoting due SCHEDULED tasks, reaping expired leases, and
-deleting finished tasks past the retention period.
+"""The leader's sweeps: promoting due SCHEDULED tasks, reaping expired leases, releasing
+dependents a race left BLOCKED, and deleting finished tasks past the retention period.
 
 All are supervised services (``supervisor.py``) and act for all tenants, so one bad row
 (written by hand: validation lets nothing like it in) must never stop them. A sweep
@@ -22,7 +22,13 @@ import asyncpg
 
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import refused_row
-from conveyor.coordinator.lifecycle.transitions import SCHEDULED, Cause, Transitions
+from conveyor.coordinator.lifecycle.transitions import (
+    SCHEDULED,
+    Cause,
+    Transitions,
+    split_released,
+)
+from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.supervisor import Service
 
@@ -38,6 +44,8 @@ RETENTION_OFF_SLEEP = 60.0
 # The promoter re-reads the earliest run_at at least this often, so a task scheduled by
 # another process (or one whose wake-up was missed) still runs on time.
 MAX_PROMOTER_SLEEP = 1.0
+# Seconds between the dependency sweeper's rounds (a backstop for a rare race).
+DEPENDENCY_SWEEP_INTERVAL = 5.0
 
 
 async def set_aside(
@@ -53,7 +61,9 @@ async def set_aside(
     rows = await store.set_aside(
         conn, ids, state, f"set aside by the {loop}: {why}", deps.office.fence()
     )
-    for row in rows:
+    # Dependents a task set aside released or cancelled come after its own rows.
+    own, _ = split_released(Cause.SET_ASIDE, rows)
+    for row in own:
         _log.error(
             "task %s of tenant %r set aside (now DEAD): the %s cannot handle it (%s); the "
             "%s goes on",
@@ -63,9 +73,9 @@ async def set_aside(
             why,
             loop,
         )
-    deps.metrics.count_set_aside(loop, len(rows))
+    deps.metrics.count_set_aside(loop, len(own))
     deps.after_commit.publish(Cause.SET_ASIDE, rows)
-    return rows
+    return list(own)
 
 
 class Promoter(Service):
@@ -129,11 +139,12 @@ class Reaper(Service):
                 raise
             # One row the statement cannot handle refuses the whole sweep: go one by one.
             rows = await self._reap_one_by_one()
-        if rows:
-            self.reaped += len(rows)
-            _log.info("took back %d expired leases", len(rows))
+        own, _ = split_released(Cause.EXPIRED, rows)
+        if own:
+            self.reaped += len(own)
+            _log.info("took back %d expired leases", len(own))
         self.deps.after_commit.publish(Cause.EXPIRED, rows)
-        return 0.0 if len(rows) == SWEEP_LIMIT else self.deps.config.reaper_interval
+        return 0.0 if len(own) == SWEEP_LIMIT else self.deps.config.reaper_interval
 
     async def _reap_one_by_one(self) -> list[asyncpg.Record]:
         """Reaps the expired leases one task at a time, setting aside those refused."""
@@ -144,13 +155,36 @@ class Reaper(Service):
         for task_id in candidates:
             async with self.deps.db.autocommit() as conn:
                 try:
-                    reaped += await store.reap_expired(conn, 1, fence, only=task_id)
+                    rows = await store.reap_expired(conn, 1, fence, only=task_id)
+                    # The dependents each one released are published now: publish()
+                    # finds them at the end of a statement's rows, not amid a list of
+                    # several statements' rows.
+                    own, released = split_released(Cause.EXPIRED, rows)
+                    self.deps.after_commit.publish(Cause.RELEASED, released)
+                    reaped += own
                 except Exception as exc:
                     if not refused_row(exc):
                         raise
                     why = f"its expired lease cannot be taken back: {exc}"
                     await set_aside(self.deps, conn, self.name, [task_id], store.RUNNING, why)
         return reaped
+
+
+class DependencySweeper(Service):
+    """Releases the dependents a finishing statement could not see (``store/dependencies.py``:
+    a submit that committed while a dependency's finishing statement ran). A backstop:
+    every other release happens in the transaction that finishes the dependency."""
+
+    name = "dependency-sweeper"
+
+    async def step(self) -> float:
+        async with self.deps.db.autocommit() as conn:
+            ids = await dependencies.finished_dependencies(conn, SWEEP_LIMIT)
+            rows = await dependencies.release(conn, ids)
+        if rows:
+            _log.info("released %d dependents of %d finished tasks late", len(rows), len(ids))
+        self.deps.after_commit.publish(Cause.RELEASED, rows)
+        return 0.0 if len(ids) == SWEEP_LIMIT else DEPENDENCY_SWEEP_INTERVAL
 
 
 class Retention(Service):

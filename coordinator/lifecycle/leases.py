@@ -56,7 +56,7 @@ from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
 from conveyor.coordinator.leader.maintenance import set_aside
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
-from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions
+from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions, split_released
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow, Release
@@ -254,7 +254,7 @@ class Leases:
                 conn, session.tenant, session.worker_id, session.holder, how, deps.office.fence()
             )
         deps.after_commit.publish(Cause.EVICTED, released)
-        return len(released)
+        return len(split_released(Cause.EVICTED, released)[0])
 
 
 # -- where leases begin -----------------------------------------------------------------

@@ -44,6 +44,7 @@ from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle import dependents
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
@@ -86,6 +87,9 @@ class SubmitGroup:
 
     tenant: str
     tasks: Sequence[NewTask]
+    has_dependencies: bool = False
+    """Some task lists ``after`` or ``after_refs``: the group goes the careful way
+    (``dependents.py``), and a group without them pays nothing for the feature."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,8 @@ class Submitter:
         tasks = [t for g in groups for t in g.tasks]
         if not any(t.idempotency_key for t in tasks):
             try:
+                if any(g.has_dependencies for g in groups):
+                    return await self._flush_new_with_dependencies(groups, now, now_message)
                 return await self._flush_new(groups, now, now_message)
             except asyncpg.UniqueViolationError:
                 # A client-made id is taken: most likely a resend of a submit an earlier
@@ -192,6 +198,26 @@ class Submitter:
         self._deps.after_commit.publish(Cause.SUBMITTED, written)
         return results
 
+    async def _flush_new_with_dependencies(
+        self,
+        groups: Sequence[SubmitGroup],
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> list[SubmitResult | BaseException]:
+        """Nothing to look up but the dependencies (``dependents.py``): one transaction
+        writes the tasks (never handed off: some wait), their edges, and the release of
+        those whose dependencies are finished already."""
+        failed: dict[int, ConveyorError] = {}
+        async with self._deps.db.write() as conn:
+            await dependents.check_after(conn, groups, failed)
+            results, rows, _ = self._plan_checked(groups, _Plan.empty(), failed, now, now_message)
+            rows, edges = dependents.block(groups, results, rows)
+            written = await self._write_unkeyed(conn, rows, now)
+            released = await dependents.write_edges(conn, edges, results)
+        self._deps.after_commit.publish(Cause.SUBMITTED, written)
+        self._deps.after_commit.publish(Cause.RELEASED, released)
+        return results
+
     async def _flush_checked(
         self,
         groups: Sequence[SubmitGroup],
@@ -212,12 +238,17 @@ class Submitter:
         keys = sorted({(tenant, t.idempotency_key) for tenant, t in tasks if t.idempotency_key})
         ids = sorted({t.task_id for _, t in tasks if t.task_id is not None})
         failed: dict[int, ConveyorError] = {}
+        with_deps = any(g.has_dependencies for g in groups)
         async with self._deps.db.write() as conn:
             priors = await store.find_priors(conn, keys, ids)
+            if with_deps:
+                await dependents.check_after(conn, groups, failed)
             for round_ in itertools.count(1):
                 results, rows, starts = self._plan_checked(
                     groups, _Plan(*priors, {}, {}), failed, now, now_message
                 )
+                if with_deps:
+                    rows, edges = dependents.block(groups, results, rows)
                 checked = [r for r in rows if r.task.idempotency_key or r.task.task_id is not None]
                 inserted = await store.insert(conn, checked, now) if checked else []
                 if len(inserted) == len(checked):
@@ -239,7 +270,11 @@ class Submitter:
                 [r for r in rows if not r.task.idempotency_key and r.task.task_id is None],
                 now,
             )
+            released: Sequence[Row] = []
+            if with_deps:
+                released = await dependents.write_edges(conn, edges, results)
         self._deps.after_commit.publish(Cause.SUBMITTED, [*inserted, *unkeyed])
+        self._deps.after_commit.publish(Cause.RELEASED, released)
         return results
 
     def _plan_checked(

@@ -48,6 +48,7 @@ __all__ = [
     "Listener",
     "Row",
     "Transitions",
+    "split_released",
 ]
 
 _log = logging.getLogger("conveyor.coordinator.transitions")
@@ -72,6 +73,7 @@ _log = logging.getLogger("conveyor.coordinator.transitions")
 """The positions of :data:`COLUMNS` in a transition row."""
 
 PENDING = task_pb2.TASK_STATE_PENDING
+BLOCKED = task_pb2.TASK_STATE_BLOCKED
 SCHEDULED = task_pb2.TASK_STATE_SCHEDULED
 RUNNING = task_pb2.TASK_STATE_RUNNING
 TERMINAL = frozenset(
@@ -114,6 +116,10 @@ class Cause(enum.Enum):
     """A DEAD task made PENDING again (RetryTask)."""
     SET_ASIDE = "set_aside"
     """Tasks a loop could not handle (a row written by hand), moved to DEAD."""
+    RELEASED = "released"
+    """BLOCKED tasks whose dependencies finished (PENDING or SCHEDULED), or that a dead or
+    cancelled dependency cancelled: by the release fragment of the statement that finished
+    them (published apart from that statement's own rows), or by a submit."""
     UPDATED = "updated"
     """A waiting task whose run_at UpdateTask moved across now (PENDING, SCHEDULED)."""
 
@@ -181,6 +187,20 @@ class Transitions:
         return [row for row in self.rows if row[STATE] in TERMINAL]
 
 
+def split_released(cause: Cause, rows: Sequence[Row]) -> tuple[Sequence[Row], Sequence[Row]]:
+    """A statement's own transitions, and those of the dependents its release fragment
+    moved (``store/transitions.py``: they come last, each from BLOCKED). One comparison
+    when there are none."""
+    if not rows or rows[-1][FROM_STATE] != BLOCKED or cause is Cause.RELEASED:
+        return rows, ()
+    cut = len(rows)
+    while cut > 1 and rows[cut - 1][FROM_STATE] == BLOCKED:
+        cut -= 1
+    if cut == 1 and rows[0][FROM_STATE] == BLOCKED and cause is not Cause.CANCELLED:
+        cut = 0  # only a cancel's own row (its first) can have been BLOCKED
+    return rows[:cut], rows[cut:]
+
+
 Listener = Callable[[Transitions], None]
 """Told of every batch of transitions after it commits (see the module docstring)."""
 
@@ -201,6 +221,11 @@ class AfterCommit:
         A listener that raises is a bug: it is logged, and the others (and the caller,
         whose write did commit) carry on.
         """
+        own, released = split_released(cause, rows)
+        self._publish(cause, own)
+        self._publish(Cause.RELEASED, released)
+
+    def _publish(self, cause: Cause, rows: Sequence[Row]) -> None:
         if not rows:
             return
         batch = Transitions(cause, rows)

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from conveyor.coordinator.store.sql import Query, columns
-from conveyor.coordinator.store.tasks import PENDING, RUNNING, SCHEDULED
+from conveyor.coordinator.store.tasks import BLOCKED, PENDING, RUNNING, SCHEDULED
 
 NOTIFY_CHANNEL = "conveyor_tenants"
 
@@ -86,6 +86,9 @@ _UNFINISHED = Query(
         UNION ALL
         SELECT tenant, count(*) FROM tasks WHERE state = {RUNNING} AND {_NAMED}
         GROUP BY tenant
+        UNION ALL
+        SELECT tenant, count(*) FROM tasks WHERE state = {BLOCKED} AND {_NAMED}
+        GROUP BY tenant
     ) counts GROUP BY tenant
     """,
 )
@@ -94,7 +97,7 @@ _UNFINISHED = Query(
 async def unfinished_per_tenant(
     conn: asyncpg.Connection, names: Sequence[str] | None = None
 ) -> dict[str, int]:
-    """Unfinished tasks (PENDING, SCHEDULED, RUNNING) per tenant that has any (of
+    """Unfinished tasks (PENDING, SCHEDULED, RUNNING, BLOCKED) per tenant that has any (of
     ``names`` only, when given)."""
     rows = await _UNFINISHED.fetch(conn, names=None if names is None else list(names))
     return {r["tenant"]: int(r["n"]) for r in rows}

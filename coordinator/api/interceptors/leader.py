@@ -34,6 +34,13 @@ ANY_COORDINATOR = frozenset(
         "/conveyor.v1.LockService/AcquireLock",
         "/conveyor.v1.LockService/RenewLock",
         "/conveyor.v1.LockService/ReleaseLock",
+        # Its changes reach every coordinator (lifecycle/task_events.py).
+        "/conveyor.v1.TaskService/WatchTasks",
+        # Definitions are not dispatch state; a change reaches every coordinator's cache.
+        "/conveyor.v1.TaskTypeService/SetTaskType",
+        "/conveyor.v1.TaskTypeService/GetTaskType",
+        "/conveyor.v1.TaskTypeService/ListTaskTypes",
+        "/conveyor.v1.TaskTypeService/DeleteTaskType",
     }
 )
 """Methods every coordinator answers; every other conveyor.v1 method is the leader's."""

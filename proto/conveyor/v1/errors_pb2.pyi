@@ -83,6 +83,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """No worker with the id is connected to the leader (code NOT_FOUND); metadata
     "worker_id". GetClusterStatus lists those that are.
     """
+    ERROR_REASON_WEBHOOK_NOT_FOUND: _ErrorReason.ValueType  # 70
+    """No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
+    "webhook_id".
+    """
+    ERROR_REASON_WATCH_TOO_SLOW: _ErrorReason.ValueType  # 71
+    """A WatchTasks stream fell too far behind its task changes and was ended (code
+    RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+    state with ListTasks.
+    """
+    ERROR_REASON_TASK_TYPE_NOT_FOUND: _ErrorReason.ValueType  # 72
+    """The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+    "type".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every error status,
@@ -150,5 +163,18 @@ or the handle is not the holder's; metadata "name".
 ERROR_REASON_WORKER_NOT_FOUND: ErrorReason.ValueType  # 30
 """No worker with the id is connected to the leader (code NOT_FOUND); metadata
 "worker_id". GetClusterStatus lists those that are.
+"""
+ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 70
+"""No webhook subscription of the caller's tenant has the id (code NOT_FOUND); metadata
+"webhook_id".
+"""
+ERROR_REASON_WATCH_TOO_SLOW: ErrorReason.ValueType  # 71
+"""A WatchTasks stream fell too far behind its task changes and was ended (code
+RESOURCE_EXHAUSTED): read faster or filter more, reopen it, and read the current
+state with ListTasks.
+"""
+ERROR_REASON_TASK_TYPE_NOT_FOUND: ErrorReason.ValueType  # 72
+"""The caller's tenant has no definition of the task type (code NOT_FOUND); metadata
+"type".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

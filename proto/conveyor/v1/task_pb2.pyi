@@ -40,6 +40,8 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """Failed for good (attempts exhausted or a non-retryable error): the dead-letter queue."""
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 6
     """Cancelled by a client; terminal."""
+    TASK_STATE_BLOCKED: _TaskState.ValueType  # 7
+    """Submitted with `after`: waits for those tasks to finish (GetTask lists them)."""
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is where a task is in its lifecycle. It is output-only: it changes
@@ -52,6 +54,9 @@ class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
       RUNNING --(lease expired)--> PENDING
       PENDING | SCHEDULED | RUNNING --(CancelTask)--> CANCELLED
       DEAD --(RetryTask)--> PENDING
+      BLOCKED --(its last dependency finished)--> PENDING (or SCHEDULED before its run_at)
+      BLOCKED --(a dependency ended DEAD or CANCELLED, DEPENDENCY_POLICY_CANCEL)--> CANCELLED
+      BLOCKED --(CancelTask)--> CANCELLED
     """
 
 TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
@@ -67,7 +72,43 @@ TASK_STATE_DEAD: TaskState.ValueType  # 5
 """Failed for good (attempts exhausted or a non-retryable error): the dead-letter queue."""
 TASK_STATE_CANCELLED: TaskState.ValueType  # 6
 """Cancelled by a client; terminal."""
+TASK_STATE_BLOCKED: TaskState.ValueType  # 7
+"""Submitted with `after`: waits for those tasks to finish (GetTask lists them)."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
+
+class _DependencyPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DependencyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DependencyPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPENDENCY_POLICY_UNSPECIFIED: _DependencyPolicy.ValueType  # 0
+    """DEPENDENCY_POLICY_CANCEL."""
+    DEPENDENCY_POLICY_CANCEL: _DependencyPolicy.ValueType  # 1
+    """The dependent is cancelled too (its last_error names the dependency), and so are its
+    own dependents that have this policy, down the chain.
+    """
+    DEPENDENCY_POLICY_RUN: _DependencyPolicy.ValueType  # 2
+    """The dependency counts as finished: the dependent runs once every dependency ended,
+    however each ended.
+    """
+
+class DependencyPolicy(_DependencyPolicy, metaclass=_DependencyPolicyEnumTypeWrapper):
+    """DependencyPolicy says what a dependent task does when one of the tasks it waits for
+    ends without succeeding (DEAD or CANCELLED).
+    """
+
+DEPENDENCY_POLICY_UNSPECIFIED: DependencyPolicy.ValueType  # 0
+"""DEPENDENCY_POLICY_CANCEL."""
+DEPENDENCY_POLICY_CANCEL: DependencyPolicy.ValueType  # 1
+"""The dependent is cancelled too (its last_error names the dependency), and so are its
+own dependents that have this policy, down the chain.
+"""
+DEPENDENCY_POLICY_RUN: DependencyPolicy.ValueType  # 2
+"""The dependency counts as finished: the dependent runs once every dependency ended,
+however each ended.
+"""
+Global___DependencyPolicy: _TypeAlias = DependencyPolicy  # noqa: Y015
 
 class _AttemptOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)

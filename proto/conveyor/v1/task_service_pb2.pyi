@@ -59,6 +59,10 @@ class SubmitTaskRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    DEPENDENCY_POLICY_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    AFTER_REFS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; "default" when empty."""
     type: _builtins.str
@@ -83,6 +87,14 @@ class SubmitTaskRequest(_message.Message):
     hour before and five minutes after the coordinator's clock. The client library sets
     one on every submit it may resend. Unlike idempotency_key it costs nothing extra.
     """
+    dependency_policy: _task_pb2.DependencyPolicy.ValueType
+    """What a dead or cancelled dependency does to this task; unspecified means
+    DEPENDENCY_POLICY_CANCEL.
+    """
+    ref: _builtins.str
+    """In SubmitTasks: a name for this task, unique in the request, that other tasks of the
+    same request list in after_refs (the ids are not known before the submit).
+    """
     @_builtins.property
     def run_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest time to run; unset means now."""
@@ -97,6 +109,18 @@ class SubmitTaskRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def after(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Task ids (of this tenant) that must all finish before this task runs: it waits in
+        TASK_STATE_BLOCKED until then. At most 10000.
+        """
+
+    @_builtins.property
+    def after_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In SubmitTasks: refs of tasks of the same request this task waits for, like `after`.
+        The request must not make a cycle.
+        """
+
     def __init__(
         self,
         *,
@@ -113,10 +137,14 @@ class SubmitTaskRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        after: _abc.Iterable[_builtins.str] | None = ...,
+        dependency_policy: _task_pb2.DependencyPolicy.ValueType = ...,
+        ref: _builtins.str = ...,
+        after_refs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_refs", b"after_refs", "content_type", b"content_type", "dependency_policy", b"dependency_policy", "idempotency_key", b"idempotency_key", "labels", b"labels", "max_attempts", b"max_attempts", "payload", b"payload", "priority", b"priority", "queue", b"queue", "ref", b"ref", "request_id", b"request_id", "retry_policy", b"retry_policy", "run_at", b"run_at", "timeout", b"timeout", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,6 +247,7 @@ class GetTaskResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     UNSERVED_FIELD_NUMBER: _builtins.int
     UNSERVED_ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     unserved: _builtins.bool
     """True when the task waits (PENDING or SCHEDULED) and no worker connected to the leader
     takes tasks of its type from its queue: nothing will run it until one connects.
@@ -233,6 +262,10 @@ class GetTaskResponse(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskAttempt]:
         """Every attempt so far, oldest first."""
 
+    @_builtins.property
+    def waiting_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """While the task is BLOCKED: the ids of the dependencies it still waits for."""
+
     def __init__(
         self,
         *,
@@ -240,10 +273,11 @@ class GetTaskResponse(_message.Message):
         attempts: _abc.Iterable[_task_pb2.TaskAttempt] | None = ...,
         unserved: _builtins.bool = ...,
         unserved_encryption_key: _builtins.str = ...,
+        waiting_for: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "task", b"task", "unserved", b"unserved", "unserved_encryption_key", b"unserved_encryption_key", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ import warnings
 
 from conveyor.v1 import schedule_pb2 as conveyor_dot_v1_dot_schedule__pb2
 from conveyor.v1 import task_service_pb2 as conveyor_dot_v1_dot_task__service__pb2
+from conveyor.v1 import watch_pb2 as conveyor_dot_v1_dot_watch__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,11 @@ class TaskServiceStub:
                 '/conveyor.v1.TaskService/WatchTask',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchTaskRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.WatchTaskResponse.FromString,
+                _registered_method=True)
+        self.WatchTasks = channel.unary_stream(
+                '/conveyor.v1.TaskService/WatchTasks',
+                request_serializer=conveyor_dot_v1_dot_watch__pb2.WatchTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_watch__pb2.WatchTasksResponse.FromString,
                 _registered_method=True)
         self.RetryTask = channel.unary_unary(
                 '/conveyor.v1.TaskService/RetryTask',
@@ -192,6 +198,17 @@ class TaskServiceServicer:
 
     def WatchTask(self, request, context):
         """Streams the task's current state, then every change, until it is terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTasks(self, request, context):
+        """Streams the state changes of the caller's tasks that match the filter, as they commit,
+        until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+        starts with the changes after it opened, and one that falls too far behind its
+        changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+        the current state with ListTasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -358,6 +375,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTask,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.WatchTaskRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchTaskResponse.SerializeToString,
+            ),
+            'WatchTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTasks,
+                    request_deserializer=conveyor_dot_v1_dot_watch__pb2.WatchTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_watch__pb2.WatchTasksResponse.SerializeToString,
             ),
             'RetryTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryTask,
@@ -608,6 +630,33 @@ class TaskService:
             '/conveyor.v1.TaskService/WatchTask',
             conveyor_dot_v1_dot_task__service__pb2.WatchTaskRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.WatchTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/conveyor.v1.TaskService/WatchTasks',
+            conveyor_dot_v1_dot_watch__pb2.WatchTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_watch__pb2.WatchTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from conveyor.v1 import schedule_pb2 as _schedule_pb2
 from conveyor.v1 import task_service_pb2 as _task_service_pb2
+from conveyor.v1 import watch_pb2 as _watch_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -44,6 +45,13 @@ class TaskServiceStub:
     """Cancels a task that is not finished. A running task's worker is told to stop."""
     WatchTask: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]
     """Streams the task's current state, then every change, until it is terminal."""
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_watch_pb2.WatchTasksRequest, _watch_pb2.WatchTasksResponse]
+    """Streams the state changes of the caller's tasks that match the filter, as they commit,
+    until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+    starts with the changes after it opened, and one that falls too far behind its
+    changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+    the current state with ListTasks.
+    """
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
@@ -110,6 +118,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Cancels a task that is not finished. A running task's worker is told to stop."""
     WatchTask: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams the task's current state, then every change, until it is terminal."""
+    WatchTasks: _aio.UnaryStreamMultiCallable[_watch_pb2.WatchTasksRequest, _watch_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """Streams the state changes of the caller's tasks that match the filter, as they commit,
+    until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+    starts with the changes after it opened, and one that falls too far behind its
+    changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+    the current state with ListTasks.
+    """
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
@@ -209,6 +224,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTaskResponse], _abc.AsyncIterator[_task_service_pb2.WatchTaskResponse]]:
         """Streams the task's current state, then every change, until it is terminal."""
+
+    @_abc_1.abstractmethod
+    def WatchTasks(
+        self,
+        request: _watch_pb2.WatchTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_watch_pb2.WatchTasksResponse], _abc.AsyncIterator[_watch_pb2.WatchTasksResponse]]:
+        """Streams the state changes of the caller's tasks that match the filter, as they commit,
+        until the caller cancels. Any coordinator serves it. Nothing is replayed: a stream
+        starts with the changes after it opened, and one that falls too far behind its
+        changes is ended with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW); reopen it and read
+        the current state with ListTasks.
+        """
 
     @_abc_1.abstractmethod
     def RetryTask(

@@ -31,6 +31,9 @@ from conveyor.v1 import (
     effects_service_pb2,
     schedule_pb2,
     task_service_pb2,
+    task_type_service_pb2,
+    watch_pb2,
+    webhook_service_pb2,
     worker_service_pb2,
 )
 
@@ -55,6 +58,8 @@ class Things:
     spare_keys: list[str] = field(default_factory=list)
     lock_handle: bytes = b""
     """The handle of the lock ``held-by-<tenant>``, taken with its worker key."""
+    webhook: str = ""
+    """Its webhook subscription (filtered to a queue nothing uses: nothing is delivered)."""
 
 
 def schedule(name: str) -> schedule_pb2.Schedule:
@@ -106,6 +111,22 @@ async def make_things(channel: grpc.aio.Channel, address: str, things: Things) -
     )
     assert held.code == CODE.OK and held.response.acquired, held
     things.lock_handle = held.response.handle
+    operate = keys["operate"].metadata
+    hook = await call(
+        channel,
+        WEBHOOKS + "CreateWebhook",
+        W.CreateWebhookRequest(url="https://hooks.example.com/x", queues=["never-used"]),
+        operate,
+    )
+    assert hook.code == CODE.OK, hook
+    things.webhook = hook.response.webhook.id
+    defined = await call(
+        channel,
+        TYPES + "SetTaskType",
+        TT.SetTaskTypeRequest(task_type=TT.TaskType(type=f"only-{things.tenant}", priority=1)),
+        operate,
+    )
+    assert defined.code == CODE.OK, defined
     # A dead task: a worker of the tenant fails it for good.
     dead = (
         await submit_task(
@@ -256,13 +277,28 @@ def _no_such_worker(answer: Answer, mine: Things, theirs: Things) -> None:
     assert answer.code == CODE.NOT_FOUND and answer.reason == "WORKER_NOT_FOUND", answer
 
 
+def _own_webhooks_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    ids = {w.id for w in answer.response.webhooks}
+    assert mine.webhook in ids and theirs.webhook not in ids
+
+
+def _own_types_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    assert answer.code == CODE.OK, answer
+    names = {t.type for t in answer.response.task_types}
+    assert f"only-{mine.tenant}" in names and f"only-{theirs.tenant}" not in names
+
+
 Request = Callable[[Things], Any]
 TASKS, ADMIN = "/conveyor.v1.TaskService/", "/conveyor.v1.AdminService/"
 LEDGER, LOCKS = "/conveyor.v1.LedgerService/", "/conveyor.v1.LockService/"
 E = effects_service_pb2
+WEBHOOKS, TYPES = "/conveyor.v1.WebhookService/", "/conveyor.v1.TaskTypeService/"
 T = task_service_pb2
 A = admin_service_pb2
 S = schedule_pb2
+W = webhook_service_pb2
+TT = task_type_service_pb2
 
 CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "SubmitTask": (
@@ -280,6 +316,12 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
     TASKS + "CancelTask": (lambda o: T.CancelTaskRequest(id=o.pending), _not_found),
     TASKS + "WatchTask": (lambda o: T.WatchTaskRequest(id=o.pending), _not_found),
     TASKS + "RetryTask": (lambda o: T.RetryTaskRequest(id=o.dead), _not_found),
+    # A stream of the caller's own tenant, whatever it names (test_watch_tasks.py shows
+    # that another tenant's changes never reach it).
+    TASKS + "WatchTasks": (
+        lambda o: watch_pb2.WatchTasksRequest(queues=[f"only-{o.tenant}"]),
+        _ok,
+    ),
     TASKS + "ListQueues": (lambda o: T.ListQueuesRequest(), _own_queues_only),
     TASKS + "ListWorkers": (lambda o: T.ListWorkersRequest(), _own_workers_only),
     TASKS + "UpdateTask": (lambda o: T.UpdateTaskRequest(id=o.pending, priority=5), _not_found),
@@ -368,6 +410,30 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         lambda o: A.DrainWorkerRequest(worker_id=f"{o.tenant}-setup", tenant=o.tenant),
         _no_such_worker,
     ),
+    WEBHOOKS + "CreateWebhook": (
+        lambda o: W.CreateWebhookRequest(url="https://hooks.example.com/y", queues=["never"]),
+        _ok,
+    ),
+    WEBHOOKS + "ListWebhooks": (lambda o: W.ListWebhooksRequest(), _own_webhooks_only),
+    WEBHOOKS + "DeleteWebhook": (lambda o: W.DeleteWebhookRequest(id=o.webhook), _not_found),
+    WEBHOOKS + "ListWebhookDeliveries": (
+        lambda o: W.ListWebhookDeliveriesRequest(webhook_id=o.webhook),
+        _not_found,
+    ),
+    WEBHOOKS + "ReplayWebhookDeliveries": (
+        lambda o: W.ReplayWebhookDeliveriesRequest(webhook_id=o.webhook, all_failed=True),
+        _not_found,
+    ),
+    TYPES + "SetTaskType": (
+        lambda o: TT.SetTaskTypeRequest(task_type=TT.TaskType(type=f"only-{o.tenant}")),
+        _ok,  # a definition of the caller's own tenant, named like the other's
+    ),
+    TYPES + "GetTaskType": (lambda o: TT.GetTaskTypeRequest(type=f"only-{o.tenant}"), _not_found),
+    TYPES + "ListTaskTypes": (lambda o: TT.ListTaskTypesRequest(), _own_types_only),
+    TYPES + "DeleteTaskType": (
+        lambda o: TT.DeleteTaskTypeRequest(type=f"only-{o.tenant}"),
+        _not_found,
+    ),
 }
 
 
@@ -440,6 +506,8 @@ async def test_isolation_grid(database_dsn: str, tmp_path: Path) -> None:
                             "SCHEDULE_NOT_FOUND",
                             "LOCK_NOT_HELD",
                             "WORKER_NOT_FOUND",
+                            "WEBHOOK_NOT_FOUND",
+                            "TASK_TYPE_NOT_FOUND",
                         ), (
                             where,
                             answer,

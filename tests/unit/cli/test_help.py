@@ -16,8 +16,11 @@ KNOWN = {
     "keys generate", "keys create", "keys list", "keys revoke",
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
     "bench-tenants", "bench-console",
+    "bench-deps",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "dead list", "dead groups", "dead retry", "purge", "workers drain",
+    "webhooks create", "webhooks list", "webhooks delete", "webhooks deliveries",
+    "webhooks replay", "types set", "types get", "types list", "types delete",
 }  # fmt: skip
 
 

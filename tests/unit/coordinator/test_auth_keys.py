@@ -20,6 +20,7 @@ EXPECTED = {
         "UpdateSchedule": "submit", "DeleteSchedule": "submit", "UpdateTask": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
         "ListWorkers": "read",
+        "WatchTasks": "read",
         "GetSchedule": "read", "ListSchedules": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",
         "ResumeSchedule": "operate",
@@ -36,6 +37,14 @@ EXPECTED = {
         "GetClusterStatus": "admin", "CreateApiKey": "admin", "ListApiKeys": "admin",
         "RevokeApiKey": "admin", "GetTenant": "admin", "ListTenants": "admin",
         "UpdateTenantLimits": "admin", "ListAuditEvents": "admin", "DrainWorker": "admin",
+    },
+    "WebhookService": {
+        "CreateWebhook": "operate", "ListWebhooks": "read", "DeleteWebhook": "operate",
+        "ListWebhookDeliveries": "read", "ReplayWebhookDeliveries": "operate",
+    },
+    "TaskTypeService": {
+        "SetTaskType": "operate", "GetTaskType": "read", "ListTaskTypes": "read",
+        "DeleteTaskType": "operate",
     },
 }  # fmt: skip
 
@@ -97,6 +106,7 @@ def test_a_method_without_a_scope_stops_the_start(monkeypatch: pytest.MonkeyPatc
 def test_streaming_methods() -> None:
     assert api_keys.streaming_methods() == {
         "/conveyor.v1.TaskService/WatchTask",
+        "/conveyor.v1.TaskService/WatchTasks",
         "/conveyor.v1.WorkerService/Connect",
     }
 

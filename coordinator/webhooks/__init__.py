@@ -1,0 +1,1 @@
+"""Webhooks: where deliveries may go (guard), and the leader's deliverer (delivery)."""
