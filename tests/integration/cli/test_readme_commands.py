@@ -13,7 +13,8 @@ a user's shell would), holding the README's ``myapp/tasks.py``, with these stand
 the dev cluster's address for ``127.0.0.1:50051``, real ids for ``<task id>`` (a waiting
 task), ``<dead task id>`` and the key id of the ``keys revoke`` example. A long-running
 command (a worker) runs in the background until its block ends; a line whose comment
-says ``(exits 1)`` must exit 1.
+says ``(exits 1)`` must exit 1, one that says ``(runs until Ctrl-C)`` must still run after
+a few seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _BLOCK = re.compile(r"(?:<!-- not run by tests: (?P<why>[^>]+) -->\n)?^```sh\n(?
 _PYTHON = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 #: Commands that run until stopped: started in the background for the rest of the block.
 LONG_RUNNING = ("conveyor worker ", "conveyor dev", "conveyor coordinator ", "conveyor console")
+#: How long a command that streams until Ctrl-C must keep running.
+STREAM_SECONDS = 5
 #: The key id the README's `conveyor keys revoke` example shows.
 EXAMPLE_KEY_ID = "7xq2mrk4bd2a"
 
@@ -81,6 +84,8 @@ def script(body: str, address: str, ids: dict[str, str]) -> str:
             lines.append(f"{command} &")
         elif "(exits 1)" in comment:
             lines.append(f"{command} || [ $? -eq 1 ]")
+        elif "(runs until Ctrl-C)" in comment:  # a stream: it must still run after a while
+            lines.append(f"timeout {STREAM_SECONDS} {command} || [ $? -eq 124 ]")
         else:
             lines.append(line)
     return "\n".join(lines)
