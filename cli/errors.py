@@ -118,7 +118,7 @@ def _describe_failure(f: RPCFailure) -> str:
         task, state = meta.get("task_id", "?"), _cli_terms(meta.get("state", "?"))
         return (
             f"task {task} is {state}: conveyor cancel takes only unfinished tasks, "
-            "conveyor retry only dead ones"
+            "conveyor retry only dead or cancelled ones"
         )
     if reason == "STORE_UNAVAILABLE":
         return f"{where} cannot reach its PostgreSQL: {f.message}; {_retry(f.retry_after)}"

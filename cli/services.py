@@ -17,6 +17,7 @@ from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
 if TYPE_CHECKING:
+    from conveyor.cli.autoscale import Autoscale
     from conveyor.coordinator import CoordinatorConfig
     from conveyor.worker import Worker
 
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
             "conveyor worker --demo --coordinator 127.0.0.1:50051",
             "conveyor worker myapp.tasks --queues mail,default --concurrency 50 --grace-period 60",
             "conveyor worker myapp.tasks:worker --metrics-listen 0.0.0.0:9465",
+            "conveyor worker myapp.tasks --autoscale 1:8 --concurrency 20",
         ],
     )(worker)
 
@@ -197,6 +199,15 @@ def coordinator(
             "coordinator); 0: the lease duration minus one heartbeat interval.",
         ),
     ] = 0.0,
+    max_worker_loop_lag: Annotated[
+        float,
+        typer.Option(
+            "--max-worker-loop-lag",
+            metavar="SECONDS",
+            help="Event-loop lag (from heartbeats) past which a worker is assigned nothing "
+            "until it recovers; 0: no limit.",
+        ),
+    ] = 1.0,
     max_payload_bytes: Annotated[
         int, typer.Option("--max-payload-bytes", help="Largest task payload accepted.")
     ] = 1 << 20,
@@ -337,6 +348,7 @@ def coordinator(
         lease_duration=lease_duration,
         heartbeat_interval=heartbeat_interval,
         liveness_timeout=liveness_timeout,
+        max_worker_loop_lag=max_worker_loop_lag,
         max_payload_bytes=max_payload_bytes,
         max_backlog=max_backlog,
         max_queue_backlog=max_queue_backlog,
@@ -401,6 +413,7 @@ def coordinator_config(
     max_payload_bytes: int,
     pool_size: int,
     liveness_timeout: float = 0.0,
+    max_worker_loop_lag: float = 1.0,
     max_backlog: int = 0,
     max_queue_backlog: int = 0,
     retention_days: float = 0.0,
@@ -445,6 +458,7 @@ def coordinator_config(
             lease_duration=lease_duration,
             heartbeat_interval=heartbeat_interval,
             liveness_timeout=liveness_timeout,
+            max_worker_loop_lag=max_worker_loop_lag,
             max_payload_bytes=max_payload_bytes,
             max_backlog=max_backlog,
             max_queue_backlog=max_queue_backlog,
@@ -475,7 +489,7 @@ _FLAG_SETTINGS = (
     "max_payload_bytes", "max_backlog", "metrics_listen", "submit_rate", "submit_burst",
     "max_schedules", "auth_failure_burst", "auth_failure_rate", "max_watch_streams",
     "retention_days", "max_queue_backlog",
-    "webhook_retry_for",
+    "webhook_retry_for", "max_worker_loop_lag",
 )  # fmt: skip
 
 
@@ -485,6 +499,13 @@ def _in_flag_terms(message: str) -> str:
     for name in _FLAG_SETTINGS:
         message = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), message)
     return message
+
+
+def _autoscale_seconds(flag: str, help: str) -> typer.models.OptionInfo:
+    option: typer.models.OptionInfo = typer.Option(
+        flag, metavar="SECONDS", help=f"With --autoscale: {help}"
+    )
+    return option
 
 
 def worker(
@@ -522,14 +543,47 @@ def worker(
             "Serve this worker's Prometheus metrics on HOST:PORT (/metrics); none by default."
         ),
     ] = "",
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            "--autoscale",
+            metavar="MIN:MAX",
+            help="Run MIN to MAX worker processes, sized by the queues' backlog and pickup "
+            "latency, restarting any that dies.",
+            show_default=False,
+        ),
+    ] = None,
+    autoscale_interval: Annotated[
+        float, _autoscale_seconds("--autoscale-interval", "seconds between looks at the load.")
+    ] = 5.0,
+    autoscale_cooldown: Annotated[
+        float,
+        _autoscale_seconds(
+            "--autoscale-cooldown",
+            "seconds the load must stay low before a process is drained (one at a time).",
+        ),
+    ] = 60.0,
+    autoscale_latency: Annotated[
+        float,
+        _autoscale_seconds(
+            "--autoscale-latency",
+            "one more process while the oldest ready task has waited longer than this.",
+        ),
+    ] = 5.0,
     *,
     g: Globals,
 ) -> int:
-    """Run a worker process.
+    """Run a worker process (or, with --autoscale, several).
 
     SIGTERM or Ctrl-C drains it: no new work, running tasks get the grace period to finish
     (a task still running then goes back to its queue), then it exits 0. A second signal
     stops at once. With OTEL_EXPORTER_OTLP_ENDPOINT set it sends traces there (OTLP/gRPC).
+
+    --autoscale MIN:MAX runs a supervisor instead: it starts MIN worker processes (this
+    same command), adds some at once when the queues' backlog (pending plus running
+    tasks, per --concurrency) or the wait of the oldest ready task asks for them, drains
+    one at a time once the load stayed low for --autoscale-cooldown, and restarts a
+    process that dies, with backoff. SIGTERM drains them all.
     """
     built = build_worker(
         g,
@@ -542,8 +596,39 @@ def worker(
     )
     if metrics_listen:
         check_metrics_listen(metrics_listen)
+    if autoscale is not None:
+        from conveyor.cli import autoscale as supervisor
+
+        if not os.environ.get(supervisor.CHILD_ENV):  # else: one of its worker processes
+            flags = _autoscale_flags(
+                autoscale, autoscale_interval, autoscale_cooldown, autoscale_latency,
+                metrics_listen,
+            )  # fmt: skip
+            return supervisor.run(g, flags, concurrency=built.concurrency, queues=built.queues)
     built.run_sync()
     return 0
+
+
+def _autoscale_flags(
+    spec: str, interval: float, cooldown: float, latency: float, metrics_listen: str
+) -> Autoscale:
+    from conveyor.cli.autoscale import Autoscale, parse_range
+
+    if metrics_listen:
+        raise CLIError(
+            "--metrics-listen serves one process's metrics: with --autoscale the worker "
+            "processes would share its port; leave it out",
+            code=USAGE,
+        )
+    try:
+        minimum, maximum = parse_range(spec)
+    except ValueError as exc:
+        raise CLIError(str(exc), code=USAGE) from None
+    for flag, value in (("--autoscale-interval", interval), ("--autoscale-cooldown", cooldown),
+                        ("--autoscale-latency", latency)):  # fmt: skip
+        if not (0 < value < 86_400):
+            raise CLIError(f"{flag} must be a number of seconds above 0, got {value}", code=USAGE)
+    return Autoscale(minimum, maximum, interval, cooldown, latency)
 
 
 def build_worker(

@@ -50,9 +50,11 @@ def status(
     """Show the leader, its epoch, the replicas, the workers and recent evictions.
 
     Each connected worker is listed with its queues, the task types it serves, the
-    encryption keys it holds (it is given only tasks it can open) and its tasks in flight.
-    A tenant's own key sees its tenant's workers only (the rest needs an admin key, which
-    sees every tenant's). The exit code is 1 while the cluster has no leader.
+    encryption keys it holds (it is given only tasks it can open), its tasks in flight and
+    its state: active, draining, or unhealthy (its event loop lags, or its attempts fail
+    where its peers' succeed: it is assigned nothing for now, and why is said below the
+    table). A tenant's own key sees its tenant's workers only (the rest needs an admin key,
+    which sees every tenant's). The exit code is 1 while the cluster has no leader.
     """
     from conveyor.client import PermissionDeniedError
 
@@ -132,12 +134,22 @@ def print_workers(workers: Sequence[WorkerInfo], *, tenants: bool) -> None:
                 _keys(w),
                 w.in_flight,
                 w.credit,
-                "draining" if w.draining else "active",
+                _state(w),
             )
             for w in workers
         ],
         indent=2,
     )
+    for w in workers:
+        if w.unhealthy:
+            output.print_text(f"  {w.worker_id} is assigned nothing for now: {w.unhealthy}")
+
+
+def _state(worker: WorkerInfo) -> str:
+    """``draining``, ``unhealthy`` (assigned nothing for now) or ``active``."""
+    if worker.draining:
+        return "draining"
+    return "unhealthy" if worker.unhealthy else "active"
 
 
 def _keys(worker: WorkerInfo) -> str:

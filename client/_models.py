@@ -480,6 +480,9 @@ class WorkerInfo:
     #: Tasks leased to it that it has not reported a result for yet.
     in_flight: int = 0
     draining: bool = False
+    #: Why it is assigned nothing for now (its loop lags, its attempts fail where its
+    #: peers' succeed); empty while it is healthy.
+    unhealthy: str = ""
     connect_time: datetime | None = None
     #: The ids of the encryption keys it holds; ``None`` when it did not say (it is then
     #: assigned every key's tasks).
@@ -498,6 +501,7 @@ class WorkerInfo:
             credit=msg.credit,
             in_flight=msg.in_flight,
             draining=msg.draining,
+            unhealthy=msg.unhealthy,
             connect_time=_datetime_or_none(msg, "connect_time"),
             encryption_keys=tuple(msg.encryption_keys.key_ids)
             if msg.HasField("encryption_keys")

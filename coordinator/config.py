@@ -130,6 +130,10 @@ class CoordinatorConfig:
     """Seconds between HTTP/2 keepalive pings the server sends on idle connections."""
     keepalive_timeout: float = 10.0
     """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    max_worker_loop_lag: float = 1.0
+    """Seconds of event-loop lag (reported with each heartbeat) past which a worker is
+    assigned nothing until it reports at most half of it (``dispatch/health.py``). 0: no
+    limit."""
     retention_days: float = 0.0
     """Days a finished task (SUCCEEDED, DEAD, CANCELLED) is kept after it finished; the
     leader deletes older ones in small batches (``leader/maintenance.py``). 0: kept
@@ -173,7 +177,8 @@ class CoordinatorConfig:
         return self.liveness_timeout or self.lease_duration - self.heartbeat_interval
 
     def _limit_problems(self) -> list[str]:
-        """What is wrong with the tenant limits, the throttle and the bootstrap key."""
+        """What is wrong with the tenant limits, the throttle, the worker loop-lag limit and
+        the bootstrap key."""
         out: list[str] = []
         limits: tuple[tuple[str, float], ...] = (("max_backlog", self.max_backlog),
                             ("max_queue_backlog", self.max_queue_backlog),
@@ -186,6 +191,11 @@ class CoordinatorConfig:
             problem = bounds.limit_problem(name, limit)
             if problem is not None:
                 out.append(f"{name} {problem}, got {limit}")
+        problem = bounds.seconds_problem(self.max_worker_loop_lag)
+        if self.max_worker_loop_lag != 0 and problem is not None:
+            out.append(
+                f"max_worker_loop_lag {problem}, or 0 for no limit (got {self.max_worker_loop_lag})"
+            )
         if not 0 <= self.retention_days <= MAX_RETENTION_DAYS:
             out.append(
                 f"retention_days must be between 0 (keep finished tasks) and "

@@ -20,6 +20,7 @@ from conveyor.coordinator.api.effects_service import LedgerServicer, LockService
 from conveyor.coordinator.api.interceptors.audit import AuditInterceptor
 from conveyor.coordinator.api.interceptors.auth import AuthInterceptor
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.keda_scaler import KedaScaler
 from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.security_admin import SecurityAdmin
@@ -166,9 +167,11 @@ class Coordinator:
         # Warmed before the API serves: submits read type definitions from it.
         self.task_types = await components.start(TaskTypes(db, cfg.dsn, self.telemetry.metrics))
         auth: AuthInterceptor | None = None
+        authenticator: Authenticator | None = None
         if cfg.authentication:
             limiter = FailureLimiter(cfg.auth_failure_rate, cfg.auth_failure_burst)
-            auth = AuthInterceptor(Authenticator(directory, audit, limiter), self.streams)
+            authenticator = Authenticator(directory, audit, limiter)
+            auth = AuthInterceptor(authenticator, self.streams)
         self._api = api = ApiServer(
             cfg,
             interceptors=[
@@ -263,6 +266,7 @@ class Coordinator:
             (LedgerServicer(deps), LockServicer(deps)),
             WebhookServicer(deps),
             TaskTypeServicer(db, max_payload_bytes=cfg.max_payload_bytes),
+            KedaScaler(deps, authenticator),
         )
         await components.start(self.submitter)
         await components.start(recorder)

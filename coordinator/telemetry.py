@@ -181,10 +181,11 @@ async def worker_pools(db: Database, sessions: SessionRegistry) -> list[WorkerPo
         held = await store.running_per_worker(conn, [s.worker_id for s in live])
     totals: dict[str, list[int]] = {}
     for session in live:
-        entry = totals.setdefault(session.tenant, [0, 0, 0])
+        entry = totals.setdefault(session.tenant, [0, 0, 0, 0])
         entry[0] += 1
         entry[1] += session.credit
         entry[2] += held.get((session.tenant, session.worker_id), 0)
+        entry[3] += bool(session.unhealthy)
     return [WorkerPool(tenant, *entry) for tenant, entry in sorted(totals.items())]
 
 

@@ -184,6 +184,8 @@ class WorkerPool:
     credits: int
     #: Tasks leased to these workers without a result yet.
     in_flight: int
+    #: Sessions assigned nothing for now: their event loop lags (coordinator/dispatch/health.py).
+    unhealthy: int = 0
 
 
 class _SourceCollector(Collector, Generic[T]):
@@ -203,8 +205,9 @@ class _SourceCollector(Collector, Generic[T]):
 
 
 class WorkerPoolCollector(_SourceCollector[Iterable[WorkerPool]]):
-    """``conveyor_workers_connected``, ``conveyor_workers_credits`` and
-    ``conveyor_workers_in_flight_tasks`` per tenant, from the leader's session registry."""
+    """``conveyor_workers_connected``, ``conveyor_workers_credits``,
+    ``conveyor_workers_in_flight_tasks`` and ``conveyor_worker_unhealthy`` per tenant, from
+    the leader's session registry."""
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families(()))
@@ -229,13 +232,21 @@ class WorkerPoolCollector(_SourceCollector[Iterable[WorkerPool]]):
             "Tasks leased to connected workers without a result yet (credits in use).",
             labels=("tenant",),
         )
+        unhealthy = GaugeMetricFamily(
+            "conveyor_worker_unhealthy",
+            "Connected worker sessions assigned nothing for now because their event loop "
+            "lags (see conveyor status).",
+            labels=("tenant",),
+        )
         for pool in pools:
             connected.add_metric([pool.tenant], pool.connected)
             credits.add_metric([pool.tenant], pool.credits)
             in_flight.add_metric([pool.tenant], pool.in_flight)
+            unhealthy.add_metric([pool.tenant], pool.unhealthy)
         yield connected
         yield credits
         yield in_flight
+        yield unhealthy
 
 
 class QueuePausedCollector(_SourceCollector[Iterable[tuple[str, str]]]):

@@ -106,6 +106,9 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 #: Seconds per flush transaction.
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
+#: Seconds a worker's event loop ran late: a healthy loop stays in the milliseconds.
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 #: Values of ``conveyor_worker_evictions_total``'s ``reason`` label (a bounded set: the
 #: eviction message itself goes to the log and GetClusterStatus).
 EVICTION_REASONS = ("silent", "not_reading", "replaced")
@@ -289,6 +292,13 @@ class CoordinatorMetrics:
             "conveyor_worker_evictions_total",
             "Workers cut off by the coordinator, by reason (silent, not_reading, replaced).",
             ("reason",),
+            registry=r,
+        )
+        self.worker_loop_lag = Histogram(
+            "conveyor_worker_loop_lag_seconds",
+            "Event-loop lag workers report, one observation per heartbeat (the most their "
+            "loop ran late since the previous one).",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
 
@@ -501,6 +511,10 @@ class CoordinatorMetrics:
     def worker_connected(self, tenant: str) -> None:
         """A worker stream was accepted (a connect or a reconnect)."""
         self.worker_sessions.labels(tenant).inc()
+
+    def record_loop_lag(self, seconds: float) -> None:
+        """One worker heartbeat's event-loop lag."""
+        self.worker_loop_lag.observe(seconds)
 
     def worker_evicted(self, reason: str) -> None:
         """The coordinator cut a worker off; ``reason`` is one of :data:`EVICTION_REASONS`."""

@@ -76,6 +76,8 @@ class WorkerView:
     credit: int
     in_flight: int
     draining: bool
+    #: Why it is assigned nothing for now (its event loop lags, ...); "" while healthy.
+    unhealthy: str = ""
 
     @property
     def utilisation(self) -> float | None:
@@ -152,7 +154,15 @@ def snapshot_from_protos(
         epoch=status.epoch,
         replicas=tuple(ReplicaView(r.node_id, r.address, r.leader) for r in status.replicas),
         workers=tuple(
-            WorkerView(w.worker_id, w.hostname, tuple(w.queues), w.credit, w.in_flight, w.draining)
+            WorkerView(
+                w.worker_id,
+                w.hostname,
+                tuple(w.queues),
+                w.credit,
+                w.in_flight,
+                w.draining,
+                w.unhealthy,
+            )
             for w in status.workers
         ),
         queues=tuple(
@@ -271,11 +281,17 @@ def _workers_table(workers: Sequence[WorkerView]) -> Table:
             str(w.in_flight),
             str(w.credit),
             Text(bar, style="yellow" if used is not None and used >= 0.9 else ""),
-            Text("draining", style="yellow") if w.draining else "active",
+            _state(w),
         )
     if not workers:
         table.add_row(Text("(no worker connected)", style="bold red"), *[""] * 6)
     return table
+
+
+def _state(worker: WorkerView) -> Text | str:
+    if worker.draining:
+        return Text("draining", style="yellow")
+    return Text("unhealthy", style="bold red") if worker.unhealthy else "active"
 
 
 def _header(s: Snapshot) -> Text:
@@ -294,6 +310,9 @@ def _header(s: Snapshot) -> Text:
     busy = sum(w.in_flight for w in s.workers)
     slots = busy + sum(w.credit for w in s.workers)
     text.append(f"  workers {len(s.workers)}")
+    unhealthy = sum(1 for w in s.workers if w.unhealthy)
+    if unhealthy:
+        text.append(f"  unhealthy {unhealthy}", style="bold red")
     if slots:
         text.append(f"  utilisation {busy / slots:.0%}")
     if s.recent_evictions:

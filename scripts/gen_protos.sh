@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the committed Python stubs under proto/conveyor/v1 from the .proto files.
+# Regenerates the committed Python stubs under proto/conveyor/v1 (the API) and
+# proto/conveyor/keda (KEDA's external scaler API, vendored) from the .proto files.
 # The .proto files are the source of truth; tests/unit/test_proto_drift.py fails when the
 # committed stubs differ from what this script produces.
 set -euo pipefail
@@ -10,7 +11,10 @@ py=${PYTHON:-python}
 bindir=$(dirname "$(command -v "$py")")
 export PATH="$bindir:$PATH"
 out=${1:-proto}
-rm -f "$out"/conveyor/v1/*_pb2*.py "$out"/conveyor/v1/*_pb2*.pyi
-"$py" -m grpc_tools.protoc -I proto \
-  --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
-  proto/conveyor/v1/*.proto
+for pkg in v1 keda; do
+  mkdir -p "$out/conveyor/$pkg"
+  rm -f "$out/conveyor/$pkg"/*_pb2*.py "$out/conveyor/$pkg"/*_pb2*.pyi
+  "$py" -m grpc_tools.protoc -I proto \
+    --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" --mypy_grpc_out="$out" \
+    proto/conveyor/$pkg/*.proto
+done

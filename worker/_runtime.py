@@ -83,6 +83,9 @@ OUTCOME_NAMES = {
     INTERRUPTED: "interrupted",
 }
 LOST = "lost"
+# The outcomes a worker's health is judged by (cancelled and interrupted say nothing).
+_SUCCEEDED_NAME = OUTCOME_NAMES[SUCCEEDED]
+_JUDGED = frozenset(OUTCOME_NAMES[o] for o in (SUCCEEDED, FAILED, TIMED_OUT))
 
 
 class RuntimeListener(Protocol):
@@ -202,6 +205,9 @@ class Runtime:
         # What the session calls when the coordinator asks this worker to drain and exit
         # (an operator's DrainWorker): the Worker sets it to its own graceful stop.
         self.on_drain_requested: Callable[[str], None] = lambda reason: None
+        # Attempts ended (succeeded, failed, timed out) and failed since the last heartbeat.
+        self._finished = 0
+        self._failed = 0
 
     @property
     def resume_token(self) -> bytes:
@@ -267,6 +273,13 @@ class Runtime:
     def running_count(self) -> int:
         """Attempts held (running or waiting for a slot)."""
         return len(self._held)
+
+    def take_outcomes(self) -> tuple[int, int]:
+        """Attempts ended (succeeded, failed or timed out) since the last call, and how many
+        of those failed: for the heartbeat, which the coordinator judges health by."""
+        counts = self._finished, self._failed
+        self._finished = self._failed = 0
+        return counts
 
     def busy_slots(self) -> int:
         """Slots taken by handlers (those still running after their attempt was
@@ -661,6 +674,9 @@ class Runtime:
 
     def _ran(self, execution: _Execution, outcome: str, error: str) -> None:
         """A handler run ended with ``outcome``: noted for the metrics, marked on its span."""
+        if outcome in _JUDGED:
+            self._finished += 1
+            self._failed += outcome != _SUCCEEDED_NAME
         if self._runs is not None:
             assignment = execution.assignment
             seconds = time.monotonic() - execution.started

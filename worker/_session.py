@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import grpc
 import grpc.aio
+from google.protobuf import duration_pb2
 
 from conveyor.transport import ConnectionOptions, error_from_rpc
 from conveyor.transport._errors import (
@@ -28,6 +29,7 @@ from conveyor.transport._errors import (
 from conveyor.transport._tls_hints import ANY_TLS, PLAINTEXT, tls_mismatch
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
+from conveyor.worker._health import LoopLag
 from conveyor.worker._runtime import Runtime
 
 __all__ = ["HelloInfo", "Session", "SessionEnd", "liveness_timeout"]
@@ -200,6 +202,7 @@ class Session:
         self._heard = False  # any message from the coordinator on this stream
         # The encryption key ids last named to the coordinator (None: not named).
         self._keys_named: tuple[str, ...] | None = None
+        self._loop_lag = LoopLag()
         self.session_id = ""
 
     @property
@@ -327,6 +330,7 @@ class Session:
         for name, coro in (
             ("reader", self._read_loop(call)),
             ("heartbeat", self._heartbeat_loop()),
+            ("loop-lag", self._loop_lag.run()),
             ("credit", self._credit_loop()),
             ("results", self._results_loop()),
         ):
@@ -480,10 +484,25 @@ class Session:
                 )
             if now >= next_beat:
                 next_beat = now + self._heartbeat_interval
-                leases = self._runtime.held_leases()
-                await self._send(pb.ConnectRequest(heartbeat=pb.Heartbeat(leases=leases)))
+                await self._send(pb.ConnectRequest(heartbeat=self._heartbeat()))
                 # After the heartbeat: a slow key file must not delay the lease renewal.
                 await self._name_new_keys()
+
+    def _heartbeat(self) -> pb.Heartbeat:
+        """A heartbeat: the leases to renew, and the load (once per heartbeat, never per
+        task) the coordinator judges this worker's health by."""
+        runtime = self._runtime
+        lag = duration_pb2.Duration()
+        lag.FromNanoseconds(int(self._loop_lag.take() * 1e9))
+        finished, failed = runtime.take_outcomes()
+        return pb.Heartbeat(
+            leases=runtime.held_leases(),
+            in_flight=runtime.running_count(),
+            free_slots=max(0, runtime.free_slots()),
+            loop_lag=lag,
+            finished=finished,
+            failed=failed,
+        )
 
     async def _name_new_keys(self) -> None:
         """Tells the coordinator when the encryption keys changed (a key file reread), so

@@ -1,4 +1,5 @@
-"""The gRPC server: the services, health and reflection, behind the interceptors.
+"""The gRPC server: the services, KEDA's external scaler, health and reflection, behind the
+interceptors.
 
 A component of the coordinator (``server.py``): built and bound first (so a port in use
 is a one-line error and the address is known to the election), started once every
@@ -12,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.coordinator.api import keda_scaler
 from conveyor.coordinator.api.admin_service import AdminServicer
 from conveyor.coordinator.api.effects_service import LedgerServicer, LockServicer
 from conveyor.coordinator.api.task_service import TaskServicer
@@ -20,6 +22,7 @@ from conveyor.coordinator.api.tls import add_port
 from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.config import CoordinatorConfig
+from conveyor.keda import externalscaler_pb2_grpc
 from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
@@ -44,6 +47,7 @@ SERVICE_NAMES = (
     effects_service_pb2.DESCRIPTOR.services_by_name["LockService"].full_name,
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     task_type_service_pb2.DESCRIPTOR.services_by_name["TaskTypeService"].full_name,
+    keda_scaler.SERVICE_NAME,
 )
 # Clients may ping this often on idle connections (the SDKs' keepalive) without being
 # told to calm down (gRPC's default allows one ping in 5 minutes).
@@ -98,10 +102,12 @@ class ApiServer:
         effects: tuple[LedgerServicer, LockServicer],
         webhooks: WebhookServicer,
         task_types: TaskTypeServicer,
+        scaler: keda_scaler.KedaScaler,
     ) -> None:
         """Registers the services (before :meth:`start`)."""
         server = self._server
         self._workers = workers
+        externalscaler_pb2_grpc.add_ExternalScalerServicer_to_server(scaler, server)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)

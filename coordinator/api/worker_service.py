@@ -46,6 +46,7 @@ from conveyor.coordinator.api import validation
 from conveyor.coordinator.api.interceptors.chain import Undecodable
 from conveyor.coordinator.api.validation import MAX_CREDIT, ValidHello
 from conveyor.coordinator.deps import Deps
+from conveyor.coordinator.dispatch.health import WorkerHealth
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.errors import (
     FieldViolation,
@@ -95,6 +96,13 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self._dispatcher = dispatcher
         self._recorder = recorder
         self._leases = leases
+        self._health = WorkerHealth(
+            deps.sessions,
+            max_loop_lag=deps.config.max_worker_loop_lag,
+            heartbeat_interval=deps.config.heartbeat_interval,
+            metrics=deps.metrics,
+            wake=dispatcher.wake,
+        )
         self._settling: set[asyncio.Task[None]] = set()
 
     # The generated base class expects a generator; writing through the context instead
@@ -302,6 +310,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
                 await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
+                self._health.heartbeat(session, message.heartbeat)
                 wire_leases = message.heartbeat.leases
                 mapped, keys = leases.map_leases(tenant, worker_id, wire_leases)
                 future = await _enqueue(self._leases.renewals, keys) if keys else None

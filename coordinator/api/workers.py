@@ -50,6 +50,8 @@ def worker_info(
         draining=s.draining,
         connect_time=convert.timestamp_from_seconds(s.connect_time),
         in_flight=in_flight.get((s.tenant, s.worker_id), 0),
+        loop_lag=convert.duration_ms(round(s.loop_lag * 1000)),
+        unhealthy=s.unhealthy,
         encryption_keys=None
         if s.encryption_keys is None
         else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),

@@ -99,6 +99,18 @@ class WorkerSession:
     those it reported lacking); None: it did not say, and is given every key's tasks."""
     credit: int = 0
     draining: bool = False
+    loop_lag: float = 0.0
+    """The event-loop lag the worker's last heartbeat reported, in seconds."""
+    reports_lag: bool = False
+    """Whether its heartbeats report a lag at all (an older or other SDK may not)."""
+    unhealthy: str = ""
+    """Why the worker is assigned nothing for now (``dispatch/health.py``); empty while it
+    is healthy."""
+    unhealthy_until: float = 0.0
+    """When a worker marked for its error rate is tried again (monotonic); 0: not so marked."""
+    recent_finished: float = 0.0
+    recent_failed: float = 0.0
+    """Attempts the worker's recent heartbeats reported ended, and failed (decayed counts)."""
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False
@@ -143,7 +155,7 @@ class WorkerSession:
 
     @property
     def wants_work(self) -> bool:
-        return self.credit > 0 and not self.draining and not self.closed
+        return self.credit > 0 and not self.draining and not self.closed and not self.unhealthy
 
     @property
     def outbox_room(self) -> int:

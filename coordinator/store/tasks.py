@@ -578,6 +578,37 @@ async def queue_depths(conn: asyncpg.Connection) -> list[QueueDepthRow]:
     ]
 
 
+# The autoscaling signal (KEDA's external scaler, ``conveyor worker --autoscale``): one
+# statement per state, so each reads its partial index (tasks_ready by tenant and queue;
+# tasks_leased, whose rows are bounded by the workers' capacity).
+_BACKLOG = Query(
+    "queue_backlog",
+    f"""
+    SELECT p.n AS pending, p.oldest, r.n AS running
+    FROM (SELECT count(*) AS n, {_SECONDS_SINCE.format("min(run_at)")} AS oldest FROM tasks
+          WHERE state = {PENDING} AND tenant = :tenant AND queue = ANY(:queues::text[])) p,
+         (SELECT count(*) AS n FROM tasks
+          WHERE state = {RUNNING} AND tenant = :tenant AND queue = ANY(:queues::text[])) r
+    """,
+)
+
+
+class Backlog(NamedTuple):
+    """The work waiting in some queues of one tenant, and the work running there."""
+
+    pending: int
+    running: int
+    oldest_pending_age_seconds: float
+    """Seconds since the oldest PENDING task's run_at; 0 when none is pending."""
+
+
+async def queue_backlog(conn: asyncpg.Connection, tenant: str, queues: Sequence[str]) -> Backlog:
+    """Tasks PENDING and RUNNING in ``queues`` of ``tenant``, and the oldest pending age."""
+    row = await _BACKLOG.fetchrow(conn, tenant=tenant, queues=list(queues))
+    assert row is not None  # aggregates: always one row
+    return Backlog(row["pending"], row["running"], row["oldest"] or 0.0)
+
+
 _RUNNING_PER_WORKER = Query(
     "running_per_worker",
     f"""

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from clitools import conveyor
 from testsupport import eventually
@@ -28,7 +29,13 @@ from conveyor.client import (
 )
 from conveyor.coordinator import Coordinator
 from conveyor.coordinator.ids import uuid7
-from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import (
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+    webhook_service_pb2,
+    webhook_service_pb2_grpc,
+)
 from conveyor.worker import NonRetryableError, TaskContext, Worker
 
 
@@ -114,6 +121,35 @@ async def test_a_chain_waits_blocked_and_runs_in_order(
     assert gates.ran_after(b.id, a.id) and gates.ran_after(c.id, b.id)
     assert (await client.get(c.id)).waiting_for == ()
     assert await db.fetchval("SELECT count(*) FROM task_edges") == 0
+
+
+async def test_a_released_dependent_is_a_webhook_event(
+    coordinator: Coordinator, client: AsyncClient, gates: Gates, db: asyncpg.Connection
+) -> None:
+    # The release moves the dependent inside the finishing statement of its dependency:
+    # the outbox fragment of that statement must see it as well as the finished task.
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        hooks = webhook_service_pb2_grpc.WebhookServiceStub(channel)
+        await hooks.CreateWebhook(
+            # .invalid never resolves: the deliveries fail, the outbox is what is checked.
+            webhook_service_pb2.CreateWebhookRequest(url="https://hooks.invalid/", types=["ok"]),
+            timeout=10,
+        )
+    gate = await client.submit("gate", "event")
+    dependent = await client.submit("ok", "d", after=[gate])
+    gates.open("event")
+    assert (await client.wait(dependent.id, timeout=10)).state is TaskState.SUCCEEDED
+    moves = await db.fetch(
+        "SELECT from_state, to_state FROM webhook_outbox WHERE task_id = $1 ORDER BY id",
+        uuid.UUID(dependent.id),
+    )
+    S = task_pb2
+    assert [(m["from_state"], m["to_state"]) for m in moves] == [
+        (S.TASK_STATE_UNSPECIFIED, S.TASK_STATE_BLOCKED),
+        (S.TASK_STATE_BLOCKED, S.TASK_STATE_PENDING),
+        (S.TASK_STATE_PENDING, S.TASK_STATE_RUNNING),
+        (S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED),
+    ]
 
 
 async def test_a_dag_in_one_submit_fans_out_and_in(

@@ -72,6 +72,7 @@ def exported_names() -> set[str]:
     coordinator = CoordinatorMetrics()
     coordinator.watch_queue_depth(lambda: [QueueDepth("default", "q", pending=1)])
     coordinator.watch_workers(lambda: [WorkerPool("default", 1, 1, 1)])
+    coordinator.watch_queue_pauses(lambda: [("default", "q")])
     worker = WorkerMetrics()
     worker.watch_process(lambda: WorkerProcessState(1, 0, True))
     return sample_names(coordinator.registry) | sample_names(worker.registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from opentelemetry import trace
@@ -44,6 +45,18 @@ async def sleep(ctx: TaskContext, payload: Any) -> str:
     await asyncio.sleep(float(payload))
     _record(ctx)
     return "slept"
+
+
+@worker.task("block-loop")
+async def block_loop(ctx: TaskContext, payload: Any) -> str:
+    """Blocks the worker's event loop (as CPU work in an ``async def`` would) for about
+    ``payload`` seconds, 0.4 s at a time, letting the loop run for 0.1 s in between (so
+    heartbeats still go out)."""
+    for _ in range(round(float(payload) / 0.5)):
+        time.sleep(0.4)  # noqa: ASYNC251 (blocking the loop is the point)
+        await asyncio.sleep(0.1)
+    _record(ctx)
+    return "blocked"
 
 
 @worker.task("noop")

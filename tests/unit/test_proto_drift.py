@@ -1,4 +1,5 @@
-"""The committed stubs under proto/conveyor/v1 must be exactly what scripts/gen_protos.sh makes."""
+"""The committed stubs under proto/conveyor/v1 (and the vendored proto/conveyor/keda) must be
+exactly what scripts/gen_protos.sh makes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STUBS = ROOT / "proto" / "conveyor" / "v1"
+PACKAGES = ("v1", "keda")
 HINT = "the generated stubs drift from the .proto files: run scripts/gen_protos.sh and commit"
 
 
@@ -22,7 +23,6 @@ def _stubs(folder: Path) -> dict[str, bytes]:
 
 def test_generated_stubs_match_protos(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    (out / "conveyor" / "v1").mkdir(parents=True)
     bindir = str(Path(sys.executable).parent)  # protoc-gen-mypy and protoc-gen-mypy_grpc
     env = {
         **os.environ,
@@ -39,9 +39,19 @@ def test_generated_stubs_match_protos(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, f"scripts/gen_protos.sh failed:\n{proc.stdout}{proc.stderr}"
 
-    generated = _stubs(out / "conveyor" / "v1")
-    committed = _stubs(STUBS)
-    assert generated, "scripts/gen_protos.sh produced no stubs"
+    generated = {
+        f"{pkg}/{name}": text
+        for pkg in PACKAGES
+        for name, text in _stubs(out / "conveyor" / pkg).items()
+    }
+    committed = {
+        f"{pkg}/{name}": text
+        for pkg in PACKAGES
+        for name, text in _stubs(ROOT / "proto" / "conveyor" / pkg).items()
+    }
+    assert all(any(n.startswith(f"{p}/") for n in generated) for p in PACKAGES), (
+        "scripts/gen_protos.sh produced no stubs for some package"
+    )
 
     missing = sorted(generated.keys() - committed.keys())
     stale = sorted(committed.keys() - generated.keys())

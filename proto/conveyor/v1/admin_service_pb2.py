@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from conveyor.v1 import auth_pb2 as conveyor_dot_v1_dot_auth__pb2
 from conveyor.v1 import worker_service_pb2 as conveyor_dot_v1_dot_worker__service__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a conveyor/v1/worker_service.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\x17GetClusterStatusRequest\"C\n\x0f\x43oordinatorInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"\x8f\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x30\n\x0c\x63onnect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntask_types\x18\x08 \x03(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12\x34\n\x0f\x65ncryption_keys\x18\n \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeys\x12\x0e\n\x06tenant\x18\x1e \x01(\t\"\x8e\x01\n\x0eWorkerEviction\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08released\x18\x06 \x01(\x05\"\xeb\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12,\n\x06leader\x18\x03 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\x12\x31\n\x0b\x61nswered_by\x18\x07 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\x35\n\x10recent_evictions\x18\x08 \x03(\x0b\x32\x1b.conveyor.v1.WorkerEviction\x12/\n\rpaused_queues\x18\x1e \x03(\x0b\x32\x18.conveyor.v1.PausedQueue\",\n\x0bPausedQueue\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\"\x8f\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06scopes\x18\x02 \x03(\x0e\x32\x12.conveyor.v1.Scope\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x14\x43reateApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"b\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rshow_inactive\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Q\n\x13ListApiKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.conveyor.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x14RevokeApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.ApiKey\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11GetTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.Tenant\"\x14\n\x12ListTenantsRequest\"n\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.conveyor.v1.Tenant\x12\x31\n\x0e\x64\x65\x66\x61ult_limits\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TenantLimits\"\x87\x01\n\x19UpdateTenantLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TenantLimits\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x1aUpdateTenantLimitsResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.Tenant\"e\n\x16ListAuditEventsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0cnewest_first\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x17ListAuditEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x13\x44rainWorkerResponse\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.WorkerInfo2\xd6\x06\n\x0c\x41\x64minService\x12\x65\n\x10GetClusterStatus\x12$.conveyor.v1.GetClusterStatusRequest\x1a%.conveyor.v1.GetClusterStatusResponse\"\x04\xc8\xf3\x18\x05\x12Y\n\x0c\x43reateApiKey\x12 .conveyor.v1.CreateApiKeyRequest\x1a!.conveyor.v1.CreateApiKeyResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0bListApiKeys\x12\x1f.conveyor.v1.ListApiKeysRequest\x1a .conveyor.v1.ListApiKeysResponse\"\x04\xc8\xf3\x18\x05\x12Y\n\x0cRevokeApiKey\x12 .conveyor.v1.RevokeApiKeyRequest\x1a!.conveyor.v1.RevokeApiKeyResponse\"\x04\xc8\xf3\x18\x05\x12P\n\tGetTenant\x12\x1d.conveyor.v1.GetTenantRequest\x1a\x1e.conveyor.v1.GetTenantResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0bListTenants\x12\x1f.conveyor.v1.ListTenantsRequest\x1a .conveyor.v1.ListTenantsResponse\"\x04\xc8\xf3\x18\x05\x12k\n\x12UpdateTenantLimits\x12&.conveyor.v1.UpdateTenantLimitsRequest\x1a\'.conveyor.v1.UpdateTenantLimitsResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0b\x44rainWorker\x12\x1f.conveyor.v1.DrainWorkerRequest\x1a .conveyor.v1.DrainWorkerResponse\"\x04\xc8\xf3\x18\x05\x12\x62\n\x0fListAuditEvents\x12#.conveyor.v1.ListAuditEventsRequest\x1a$.conveyor.v1.ListAuditEventsResponse\"\x04\xc8\xf3\x18\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/admin_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a conveyor/v1/worker_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\x17GetClusterStatusRequest\"C\n\x0f\x43oordinatorInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"\xcf\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06queues\x18\x04 \x03(\t\x12\x0e\n\x06\x63redit\x18\x05 \x01(\x05\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x30\n\x0c\x63onnect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntask_types\x18\x08 \x03(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12\x34\n\x0f\x65ncryption_keys\x18\n \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeys\x12\x0e\n\x06tenant\x18\x1e \x01(\t\x12+\n\x08loop_lag\x18\x32 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tunhealthy\x18\x33 \x01(\t\"\x8e\x01\n\x0eWorkerEviction\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08released\x18\x06 \x01(\x05\"\xeb\x02\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12,\n\x06leader\x18\x03 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.conveyor.v1.WorkerInfo\x12\x31\n\x0b\x61nswered_by\x18\x07 \x01(\x0b\x32\x1c.conveyor.v1.CoordinatorInfo\x12\x35\n\x10recent_evictions\x18\x08 \x03(\x0b\x32\x1b.conveyor.v1.WorkerEviction\x12/\n\rpaused_queues\x18\x1e \x03(\x0b\x32\x18.conveyor.v1.PausedQueue\",\n\x0bPausedQueue\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\"\x8f\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x06scopes\x18\x02 \x03(\x0e\x32\x12.conveyor.v1.Scope\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x14\x43reateApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"b\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rshow_inactive\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Q\n\x13ListApiKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.conveyor.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x14RevokeApiKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.ApiKey\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11GetTenantResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.Tenant\"\x14\n\x12ListTenantsRequest\"n\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.conveyor.v1.Tenant\x12\x31\n\x0e\x64\x65\x66\x61ult_limits\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TenantLimits\"\x87\x01\n\x19UpdateTenantLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TenantLimits\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x1aUpdateTenantLimitsResponse\x12#\n\x06tenant\x18\x01 \x01(\x0b\x32\x13.conveyor.v1.Tenant\"e\n\x16ListAuditEventsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0cnewest_first\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x17ListAuditEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x13\x44rainWorkerResponse\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.WorkerInfo2\xd6\x06\n\x0c\x41\x64minService\x12\x65\n\x10GetClusterStatus\x12$.conveyor.v1.GetClusterStatusRequest\x1a%.conveyor.v1.GetClusterStatusResponse\"\x04\xc8\xf3\x18\x05\x12Y\n\x0c\x43reateApiKey\x12 .conveyor.v1.CreateApiKeyRequest\x1a!.conveyor.v1.CreateApiKeyResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0bListApiKeys\x12\x1f.conveyor.v1.ListApiKeysRequest\x1a .conveyor.v1.ListApiKeysResponse\"\x04\xc8\xf3\x18\x05\x12Y\n\x0cRevokeApiKey\x12 .conveyor.v1.RevokeApiKeyRequest\x1a!.conveyor.v1.RevokeApiKeyResponse\"\x04\xc8\xf3\x18\x05\x12P\n\tGetTenant\x12\x1d.conveyor.v1.GetTenantRequest\x1a\x1e.conveyor.v1.GetTenantResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0bListTenants\x12\x1f.conveyor.v1.ListTenantsRequest\x1a .conveyor.v1.ListTenantsResponse\"\x04\xc8\xf3\x18\x05\x12k\n\x12UpdateTenantLimits\x12&.conveyor.v1.UpdateTenantLimitsRequest\x1a\'.conveyor.v1.UpdateTenantLimitsResponse\"\x04\xc8\xf3\x18\x05\x12V\n\x0b\x44rainWorker\x12\x1f.conveyor.v1.DrainWorkerRequest\x1a .conveyor.v1.DrainWorkerResponse\"\x04\xc8\xf3\x18\x05\x12\x62\n\x0fListAuditEvents\x12#.conveyor.v1.ListAuditEventsRequest\x1a$.conveyor.v1.ListAuditEventsResponse\"\x04\xc8\xf3\x18\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,50 +54,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['DrainWorker']._serialized_options = b'\310\363\030\005'
   _globals['_ADMINSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\310\363\030\005'
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=173
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=198
-  _globals['_COORDINATORINFO']._serialized_start=200
-  _globals['_COORDINATORINFO']._serialized_end=267
-  _globals['_WORKERINFO']._serialized_start=270
-  _globals['_WORKERINFO']._serialized_end=541
-  _globals['_WORKEREVICTION']._serialized_start=544
-  _globals['_WORKEREVICTION']._serialized_end=686
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=689
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1052
-  _globals['_PAUSEDQUEUE']._serialized_start=1054
-  _globals['_PAUSEDQUEUE']._serialized_end=1098
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1101
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1244
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1246
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1318
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1320
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1418
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1420
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1501
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1503
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1536
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1538
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1594
-  _globals['_GETTENANTREQUEST']._serialized_start=1596
-  _globals['_GETTENANTREQUEST']._serialized_end=1628
-  _globals['_GETTENANTRESPONSE']._serialized_start=1630
-  _globals['_GETTENANTRESPONSE']._serialized_end=1686
-  _globals['_LISTTENANTSREQUEST']._serialized_start=1688
-  _globals['_LISTTENANTSREQUEST']._serialized_end=1708
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=1710
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=1820
-  _globals['_UPDATETENANTLIMITSREQUEST']._serialized_start=1823
-  _globals['_UPDATETENANTLIMITSREQUEST']._serialized_end=1958
-  _globals['_UPDATETENANTLIMITSRESPONSE']._serialized_start=1960
-  _globals['_UPDATETENANTLIMITSRESPONSE']._serialized_end=2025
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2027
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2128
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2130
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2221
-  _globals['_DRAINWORKERREQUEST']._serialized_start=2223
-  _globals['_DRAINWORKERREQUEST']._serialized_end=2294
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=2296
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=2358
-  _globals['_ADMINSERVICE']._serialized_start=2361
-  _globals['_ADMINSERVICE']._serialized_end=3215
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=205
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=230
+  _globals['_COORDINATORINFO']._serialized_start=232
+  _globals['_COORDINATORINFO']._serialized_end=299
+  _globals['_WORKERINFO']._serialized_start=302
+  _globals['_WORKERINFO']._serialized_end=637
+  _globals['_WORKEREVICTION']._serialized_start=640
+  _globals['_WORKEREVICTION']._serialized_end=782
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=785
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1148
+  _globals['_PAUSEDQUEUE']._serialized_start=1150
+  _globals['_PAUSEDQUEUE']._serialized_end=1194
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1197
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1340
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1342
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1414
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1416
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1514
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1516
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1597
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1599
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1632
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1634
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1690
+  _globals['_GETTENANTREQUEST']._serialized_start=1692
+  _globals['_GETTENANTREQUEST']._serialized_end=1724
+  _globals['_GETTENANTRESPONSE']._serialized_start=1726
+  _globals['_GETTENANTRESPONSE']._serialized_end=1782
+  _globals['_LISTTENANTSREQUEST']._serialized_start=1784
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1804
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1806
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1916
+  _globals['_UPDATETENANTLIMITSREQUEST']._serialized_start=1919
+  _globals['_UPDATETENANTLIMITSREQUEST']._serialized_end=2054
+  _globals['_UPDATETENANTLIMITSRESPONSE']._serialized_start=2056
+  _globals['_UPDATETENANTLIMITSRESPONSE']._serialized_end=2121
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2123
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2224
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2226
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2317
+  _globals['_DRAINWORKERREQUEST']._serialized_start=2319
+  _globals['_DRAINWORKERREQUEST']._serialized_end=2390
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=2392
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=2454
+  _globals['_ADMINSERVICE']._serialized_start=2457
+  _globals['_ADMINSERVICE']._serialized_end=3311
 # @@protoc_insertion_point(module_scope)

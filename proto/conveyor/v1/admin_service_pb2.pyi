@@ -7,6 +7,7 @@ from collections import abc as _abc
 from conveyor.v1 import auth_pb2 as _auth_pb2
 from conveyor.v1 import worker_service_pb2 as _worker_service_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -82,6 +83,8 @@ class WorkerInfo(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     ENCRYPTION_KEYS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     pid: _builtins.int
@@ -92,6 +95,10 @@ class WorkerInfo(_message.Message):
     """Tasks leased to the worker that it has not reported a result for yet."""
     tenant: _builtins.str
     """The tenant the worker works for."""
+    unhealthy: _builtins.str
+    """Why the worker is assigned nothing for now (its event loop lags, or its attempts fail
+    where its peers' succeed); empty while it is healthy.
+    """
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -105,6 +112,10 @@ class WorkerInfo(_message.Message):
         """The end-to-end encryption keys the worker holds (Hello.encryption_keys, and later
         changes); unset when it did not say (an older worker: it is assigned every key's tasks).
         """
+
+    @_builtins.property
+    def loop_lag(self) -> _duration_pb2.Duration:
+        """The event-loop lag of the worker's last heartbeat (Heartbeat.loop_lag)."""
 
     def __init__(
         self,
@@ -120,10 +131,12 @@ class WorkerInfo(_message.Message):
         in_flight: _builtins.int = ...,
         encryption_keys: _worker_service_pb2.EncryptionKeys | None = ...,
         tenant: _builtins.str = ...,
+        loop_lag: _duration_pb2.Duration | None = ...,
+        unhealthy: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "encryption_keys", b"encryption_keys"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "encryption_keys", b"encryption_keys", "loop_lag", b"loop_lag"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "credit", b"credit", "draining", b"draining", "encryption_keys", b"encryption_keys", "hostname", b"hostname", "in_flight", b"in_flight", "loop_lag", b"loop_lag", "pid", b"pid", "queues", b"queues", "task_types", b"task_types", "tenant", b"tenant", "unhealthy", b"unhealthy", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -332,16 +332,42 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASES_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.int
+    """The worker's load as it sends this heartbeat (unset from older workers): attempts it
+    holds, slots it could still take, and the most its event loop ran late since the
+    previous heartbeat. A worker whose loop lags past the coordinator's limit is assigned
+    nothing until a heartbeat reports half of it or less (conveyor status says so).
+    """
+    free_slots: _builtins.int
+    finished: _builtins.int
+    """Attempts that ended on the worker since the previous heartbeat (succeeded, failed or
+    timed out), and how many of those failed or timed out. A worker whose attempts fail
+    while the other workers of its tenant succeed (a broken install, a bad host) is
+    assigned nothing for a while.
+    """
+    failed: _builtins.int
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]: ...
+    @_builtins.property
+    def loop_lag(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___Lease] | None = ...,
+        in_flight: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        loop_lag: _duration_pb2.Duration | None = ...,
+        finished: _builtins.int = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loop_lag", b"loop_lag"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "finished", b"finished", "free_slots", b"free_slots", "in_flight", b"in_flight", "leases", b"leases", "loop_lag", b"loop_lag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,11 +45,13 @@ async def test_finished_task_transitions_in_cli_terms(coordinator: Coordinator) 
     where = ["--coordinator", coordinator.address]
     task_id = (await conveyor(*where, "submit", "echo")).out.strip()
     assert (await conveyor(*where, "cancel", task_id)).code == 0
+    # A cancelled task is redriven; the task, pending again, is not.
+    assert (await conveyor(*where, "retry", task_id)).code == 0
     done = await conveyor(*where, "retry", task_id)
     line = one_line(done.err)
-    assert done.code == 1 and f"task {task_id} is cancelled" in line
-    assert "conveyor retry only dead ones" in line
-    assert "TASK_STATE" not in line and "retry(" not in line and "CANCELLED" not in line
+    assert done.code == 1 and f"task {task_id} is pending" in line
+    assert "conveyor retry only dead or cancelled ones" in line
+    assert "TASK_STATE" not in line and "retry(" not in line and "PENDING" not in line
 
 
 async def test_usage_errors_are_one_line() -> None:

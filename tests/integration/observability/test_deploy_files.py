@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 KUBERNETES = DEPLOY / "kubernetes"
+# KEDA's resources: applied on their own (they need KEDA's CRDs), checked by their own test.
+KEDA_FILE = "scaledobject.yaml"
 
 # Used by the deploy files but not in the CLI yet. Keep this list short: each entry is
 # work still to do, and the test below checks every entry is still used.
@@ -258,7 +260,7 @@ def manifests() -> dict[str, dict[str, Any]]:
     """Each resource by file name (kustomization.yaml apart)."""
     out = {}
     for path in sorted(KUBERNETES.glob("*.yaml")):
-        if path.name != "kustomization.yaml":
+        if path.name not in ("kustomization.yaml", KEDA_FILE):
             out[path.name] = yaml.safe_load(path.read_text())
     return out
 
@@ -361,3 +363,47 @@ def test_kubernetes_cross_references() -> None:
     )
     grace = float(wflags.get("--grace-period", worker_grace_default()))
     assert worker["terminationGracePeriodSeconds"] == grace + FLUSH_MARGIN_SECONDS
+
+
+def test_keda_scaledobject_scales_the_worker_deployment_through_the_coordinators() -> None:
+    """The ScaledObject example names the worker Deployment, the coordinator Service's gRPC
+    port, an env var of the worker that holds its key, its TriggerAuthentication, and
+    metadata the scaler accepts."""
+    from conveyor.coordinator.api.keda_scaler import API_KEY_ENTRY, parse_trigger
+
+    documents = list(yaml.safe_load_all((KUBERNETES / KEDA_FILE).read_text()))
+    by_kind = {d["kind"]: d for d in documents}
+    assert sorted(by_kind) == ["ScaledObject", "TriggerAuthentication"]
+    assert all(d["apiVersion"] == "keda.sh/v1alpha1" for d in documents)
+    scaled, trigger_auth = by_kind["ScaledObject"], by_kind["TriggerAuthentication"]
+
+    worker = deployment("worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    ((_, container),) = kubernetes_containers("worker")
+    worker_env = {e["name"] for e in container["env"]}
+    (service,) = [
+        m
+        for m in manifests().values()
+        if m["kind"] == "Service" and m["metadata"]["name"] == "conveyor-coordinator"
+    ]
+    grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+    triggers = scaled["spec"]["triggers"]
+    assert triggers
+    for trigger in triggers:
+        assert trigger["type"] in ("external", "external-push")
+        meta = trigger["metadata"]
+        assert meta["scalerAddress"] == f"{service['metadata']['name']}:{grpc_port}"
+        assert meta[API_KEY_ENTRY] in worker_env
+        assert trigger["authenticationRef"]["name"] == trigger_auth["metadata"]["name"]
+        parsed = parse_trigger(meta, "default")  # refuses what the scaler would refuse
+        assert trigger["metricType"] == (
+            "Value" if parsed.metric == "oldestPendingAge" else "AverageValue"
+        )
+    # KEDA takes TLS material only from a TriggerAuthentication for this scaler.
+    for ref in trigger_auth["spec"]["secretTargetRef"]:
+        assert ref["parameter"] in ("caCert", "tlsClientCert", "tlsClientKey")
+    assert (
+        KEDA_FILE
+        not in yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())["resources"]
+    )

@@ -62,7 +62,7 @@ def test_unserved_says_which_worker_to_start() -> None:
                 "INVALID_STATE", {"task_id": "t1", "state": "TASK_STATE_DEAD"},
             ),
             "task t1 is dead: conveyor cancel takes only unfinished tasks, conveyor retry only "
-            "dead ones",
+            "dead or cancelled ones",
         ),
         (
             RPCFailure(

@@ -39,6 +39,12 @@ def status(leader: bool = True) -> admin_service_pb2.GetClusterStatusResponse:
                 worker_id="w-1", hostname="h1", queues=["emails"], credit=1, in_flight=9
             ),
             admin_service_pb2.WorkerInfo(
+                worker_id="w-3",
+                hostname="h3",
+                queues=["emails"],
+                unhealthy="event loop lag 2.5s, limit 1s",
+            ),
+            admin_service_pb2.WorkerInfo(
                 worker_id="w-2",
                 hostname="h2",
                 queues=["emails", "reports"],
@@ -68,7 +74,9 @@ def test_the_screen_shows_leadership_queues_workers_and_rates() -> None:
     text = screen(snapshot)
     assert "leader node-a (10.0.0.5:50051)" in text
     assert "epoch 12" in text and "replicas 2" in text
-    assert "workers 2" in text and "utilisation 45%" in text  # 9 of 20 slots
+    assert "workers 3" in text and "utilisation 45%" in text  # 9 of 20 slots
+    assert "unhealthy 1" in text
+    assert "unhealthy" in next(line for line in text.splitlines() if "w-3" in line)
     assert "evictions 1" in text and "03:04:05" in text
     emails = next(line for line in text.splitlines() if "emails " in line and "1,234" in line)
     for cell in ("1,234", "5", "9", "2", "1.2m", "120.0/s", "118.5/s", "0.5/s"):
