@@ -74,6 +74,16 @@ class Globals:
     encryption_key_file: str | None = None
 
     @property
+    def tls_use(self) -> str:
+        """How this command dials: plaintext, TLS, or TLS with a client certificate."""
+        from conveyor.cli import security
+        from conveyor.transport import _tls_hints as hints
+
+        if not security.uses_tls(self):
+            return hints.PLAINTEXT
+        return hints.MUTUAL_TLS if self.tls_cert else hints.SERVER_TLS
+
+    @property
     def addresses(self) -> list[str]:
         """``--coordinator`` split into its addresses."""
         return [a.strip() for a in self.coordinator.split(",") if a.strip()]
@@ -85,9 +95,11 @@ class Globals:
         from conveyor.cli import security
         from conveyor.transport import ConnectionOptions
 
-        return ConnectionOptions(
+        options = ConnectionOptions(
             credentials=security.channel_credentials(self), api_key=self.api_key or None
         )
+        # --api-key and CONVEYOR_API_KEY (read into api_key) win over a local conveyor dev's.
+        return ConnectionOptions.merge(options, addresses=self.addresses)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -163,7 +175,7 @@ GLOBAL_OPTIONS = (
         "--rpc-timeout",
         float,
         "Seconds each call to the coordinator may take.",
-        metavar="SECONDS",
+        metavar="DURATION",
         parser=values.seconds(),
     ),
     _GlobalOption("log_level", "--log-level", LogLevel, "Log level.", envvar="CONVEYOR_LOG_LEVEL"),
@@ -352,7 +364,7 @@ def _run(fn: Callable[..., Any], g: Globals, args: Any, kwargs: dict[str, Any]) 
     except typer.Exit:
         raise
     except Exception as exc:
-        described = describe(exc)
+        described = describe(exc, g.tls_use)
         if described is None:
             raise  # not an expected failure: a bug, worth its traceback
         message, exit_code = described

@@ -318,7 +318,19 @@ async def _run(
             stop_wait.cancel()
             worker_task.result()  # the demo worker ended by itself: report why
             return 1
-        print("\nshutting down (worker, console, coordinator, PostgreSQL) …", flush=True)
+        print(
+            f"\nshutting down: the demo worker's running tasks get up to "
+            f"{worker.grace_period:g} s to finish, then the console, the coordinator and "
+            "PostgreSQL stop (press Ctrl-C again to stop at once) …",
+            flush=True,
+        )
+
+        def at_once() -> None:
+            print("stopping at once: running demo tasks go back to their queue …", flush=True)
+            worker.shutdown(force=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, at_once)  # replaces stop.set
         worker.shutdown()  # drains: running demo tasks get the grace period
         with contextlib.suppress(asyncio.CancelledError):
             await worker_task

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from conveyor.transport import error_from_rpc
+from conveyor.transport._tls_hints import tls_mismatch
 
 # Exit codes: 1 for a failure, 2 for a usage error (as click and argparse use them).
 FAILURE = 1
@@ -66,20 +67,11 @@ def _connection_failure(message: str) -> bool:
     )
 
 
-_TLS_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+(?::[^;]*)?)")
-
-
-def _tls_failure(f: RPCFailure) -> str | None:
-    """A failed TLS handshake in CLI terms (OpenSSL's reason kept), else None."""
-    if f.code is not grpc.StatusCode.UNAVAILABLE or "handshake failed" not in f.message.lower():
+def _tls_failure(f: RPCFailure, tls: str) -> str | None:
+    """A connection that TLS (or its absence) broke, naming the likely mismatch."""
+    if f.code is not grpc.StatusCode.UNAVAILABLE:
         return None
-    found = _TLS_REASON.search(f.message)
-    return (
-        f"the TLS handshake with {f.address or 'the coordinator'} failed "
-        f"({found[1].strip() if found else 'no reason given'}): check that --tls-ca names "
-        "the CA that issued the coordinator's certificate, for the address dialled, and, "
-        "if it requires client certificates, --tls-cert and --tls-key"
-    )
+    return tls_mismatch(f.message, f.address or "the coordinator", tls)
 
 
 _PROTO_ENUM = re.compile(r"\b(?:TASK_STATE|ATTEMPT_OUTCOME|TASK_OUTCOME)_([A-Z_]+)\b")
@@ -91,9 +83,11 @@ def _cli_terms(text: str) -> str:
     return words.lower() if words.isupper() else words
 
 
-def describe_failure(f: RPCFailure) -> str:
-    """One line for a failed call, in CLI terms."""
-    return _cli_terms(" ".join((_tls_failure(f) or _describe_failure(f)).split()))
+def describe_failure(f: RPCFailure, tls: str = "") -> str:
+    """One line for a failed call, in CLI terms (``tls``: how the command dialled, one of
+    ``transport._tls_hints``' PLAINTEXT, SERVER_TLS, MUTUAL_TLS, so a refused connection
+    names the likely mismatch)."""
+    return _cli_terms(" ".join((_tls_failure(f, tls) or _describe_failure(f)).split()))
 
 
 def _describe_failure(f: RPCFailure) -> str:
@@ -169,8 +163,9 @@ def _refused(f: RPCFailure, where: str) -> str:
     return f"{where} refused the call: {f.message or f.code.name.lower()}{hint}"
 
 
-def describe(exc: BaseException) -> tuple[str, int] | None:
-    """(one line, exit code) for an expected failure, or None for a bug."""
+def describe(exc: BaseException, tls: str = "") -> tuple[str, int] | None:
+    """(one line, exit code) for an expected failure, or None for a bug (``tls``: as
+    :func:`describe_failure` takes it)."""
     from conveyor.client import ConveyorError, RPCError, WaitTimeoutError
 
     if isinstance(exc, CLIError):
@@ -178,7 +173,7 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, grpc.RpcError):  # a raw call's: read by the client's catalog
         exc = error_from_rpc(exc)
     if isinstance(exc, RPCError):
-        return describe_failure(_failure_from_client(exc)), FAILURE
+        return describe_failure(_failure_from_client(exc), tls), FAILURE
     if isinstance(exc, WaitTimeoutError):
         state = exc.task.state.value.lower() if exc.task is not None else "not seen yet"
         return (

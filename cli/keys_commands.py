@@ -12,7 +12,6 @@ what it is on stderr: the key is shown this once and never stored.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
@@ -30,8 +29,6 @@ DSN_HELP = (
     "Work on this PostgreSQL database directly instead of through a coordinator (how the "
     "first admin key is made); env CONVEYOR_DSN."
 )
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 Dsn = Annotated[
     str | None, typer.Option("--dsn", envvar="CONVEYOR_DSN", metavar="DSN", help=DSN_HELP)
@@ -76,11 +73,16 @@ def _check_tenant(tenant: str) -> None:
 
 
 def parse_duration(text: str) -> timedelta:
-    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` as a timedelta; CLIError otherwise."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or float(match.group(1)) <= 0:
-        raise CLIError(f"--expires-in {text!r} is not a duration such as 90d, 12h, 30m", code=USAGE)
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    """``90d``, ``12h``, ``1h30m``... (the CLI's one duration syntax) as a timedelta;
+    CLIError otherwise."""
+    from conveyor.cli.values import DURATION_EXAMPLES, duration_seconds
+
+    try:
+        seconds = duration_seconds(text)
+    except typer.BadParameter:
+        raise CLIError(f"--expires-in {text!r} is not {DURATION_EXAMPLES}", code=USAGE) from None
+    if seconds <= 0:
+        raise CLIError(f"--expires-in {text!r} must be more than nothing", code=USAGE)
     if seconds > MAX_EXPIRES_IN.total_seconds():
         raise CLIError(f"--expires-in {text!r} is more than 100 years", code=USAGE)
     return timedelta(seconds=seconds)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 
 # gRPC's C core logs a failed TLS handshake (and other connection trouble) at INFO on
@@ -95,9 +97,52 @@ def command_tree() -> dict[str, CommandInfo]:
     return found
 
 
+#: Words people type for a command that has another name here.
+ALIASES = {
+    "list": "tasks", "ls": "tasks", "ps": "tasks", "show": "get", "inspect": "get",
+    "info": "get", "describe": "get", "redrive": "retry", "requeue": "retry",
+    "rerun": "retry", "kill": "cancel", "stop": "cancel", "delete": "purge",
+    "add": "submit", "enqueue": "submit", "push": "submit", "send": "submit",
+    "run": "submit", "queue": "queues", "schedule": "schedules",
+    "cron": "schedules", "key": "keys", "tenant": "tenants", "start": "dev", "serve": "dev",
+}  # fmt: skip
+_NO_SUCH_COMMAND = re.compile(r"No such command '([^']*)'")
+
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """The usage error's text; for an unknown command, with the nearest command of the
+    group it was typed in (a word from other tools, or a near spelling) when one is close."""
+    message = exc.format_message()
+    found = _NO_SUCH_COMMAND.search(message)
+    ctx = getattr(exc, "ctx", None)
+    names = sorted(getattr(getattr(ctx, "command", None), "commands", {}))
+    if found is None or not names:
+        return message
+    typed = found[1].lower()
+    alias = ALIASES.get(typed) if ctx is not None and ctx.parent is None else None
+    close = [alias] if alias in names else difflib.get_close_matches(typed, names, n=1)
+    if not close:
+        return message
+    # Ours replaces typer's own guess (it would offer `worker` for `workers`).
+    return f"{message[: found.end() + 1]} Did you mean '{close[0]}'?"
+
+
+def _flags_show_no_type(command: Any) -> None:
+    """A flag takes no value, so its help shows none (typer would print ``<bool>``)."""
+    stack = [command]
+    while stack:
+        cmd = stack.pop()
+        ctx = typer.Context(cmd, help_option_names=["-h", "--help"])
+        for param in cmd.get_params(ctx):
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        stack.extend(getattr(cmd, "commands", {}).values())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one ``conveyor`` command line; returns the exit code."""
     command = typer.main.get_command(build())
+    _flags_show_no_type(command)
     try:
         result = command.main(
             args=list(sys.argv[1:] if argv is None else argv),
@@ -106,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except typer.TyperException as exc:  # a usage error (bad flag, missing argument, ...)
         where = getattr(getattr(exc, "ctx", None), "command_path", None) or "conveyor"
-        print(f"{where}: {exc.format_message()} (see {where} --help)", file=sys.stderr, flush=True)
+        message = _usage_message(exc)
+        print(f"{where}: {message} (see {where} --help)", file=sys.stderr, flush=True)
         return int(getattr(exc, "exit_code", USAGE))
     except typer.Abort:
         return 130

@@ -85,7 +85,7 @@ def create(
         float | None,
         typer.Option(
             "--timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(),
             help="Execution timeout of an attempt.",
         ),

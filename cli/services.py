@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from conveyor.cli import security
+from conveyor.cli import security, values
 from conveyor.cli.app import Globals, command
 from conveyor.cli.errors import USAGE, CLIError
 
@@ -165,24 +165,36 @@ def coordinator(
     election_ttl: Annotated[
         float,
         typer.Option(
-            "--election-ttl", metavar="SECONDS", help="How long a dead leader keeps office."
+            "--election-ttl",
+            metavar="DURATION",
+            parser=values.seconds(),
+            help="How long a dead leader keeps office.",
         ),
     ] = 2.0,
     lease_duration: Annotated[
         float,
         typer.Option(
-            "--lease-duration", metavar="SECONDS", help="A task's lease without heartbeats."
+            "--lease-duration",
+            metavar="DURATION",
+            parser=values.seconds(),
+            help="A task's lease without heartbeats.",
         ),
     ] = 30.0,
     heartbeat_interval: Annotated[
         float,
-        typer.Option("--heartbeat-interval", metavar="SECONDS", help="Between worker heartbeats."),
+        typer.Option(
+            "--heartbeat-interval",
+            metavar="DURATION",
+            parser=values.seconds(),
+            help="Between worker heartbeats.",
+        ),
     ] = 10.0,
     liveness_timeout: Annotated[
         float,
         typer.Option(
             "--liveness-timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
+            parser=values.seconds(0.0),
             help="Silence after which a worker is evicted (and a worker gives up on the "
             "coordinator); 0: the lease duration minus one heartbeat interval.",
         ),
@@ -563,7 +575,8 @@ def worker(
         float | None,
         typer.Option(
             "--grace-period",
-            metavar="SECONDS",
+            metavar="DURATION",
+            parser=values.seconds(0.0),
             help="On SIGTERM or Ctrl-C, how long running tasks may finish (default 30).",
         ),
     ] = None,

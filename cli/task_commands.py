@@ -96,7 +96,7 @@ def submit(
         float | None,
         typer.Option(
             "--delay",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.delay,
             help="Run no earlier than this from now.",
         ),
@@ -115,7 +115,7 @@ def submit(
         float | None,
         typer.Option(
             "--timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(),
             help="Execution timeout of an attempt.",
         ),
@@ -125,7 +125,7 @@ def submit(
         float | None,
         typer.Option(
             "--wait-timeout",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(),
             help="Give up waiting after this (implies --wait).",
         ),
@@ -359,8 +359,18 @@ def tasks(
     if not found:
         output.print_text("no tasks match")
         return 0
+    # Dead tasks are listed to find out why they died: their last error says it.
+    errors = any(t.state is TaskState.DEAD for t in found)
     output.print_table(
-        ["ID", "STATE", "QUEUE", "TYPE", "ATTEMPTS", "CREATED"],
+        [
+            "ID",
+            "STATE",
+            "QUEUE",
+            "TYPE",
+            "ATTEMPTS",
+            "CREATED",
+            *(["LAST ERROR"] if errors else []),
+        ],
         [
             (
                 t.id,
@@ -369,11 +379,17 @@ def tasks(
                 t.type,
                 output.attempts_text(t.attempt, t.max_attempts, t.uncounted_attempts),
                 output.when(t.create_time),
+                *([_error_line(t.last_error)] if errors else []),
             )
             for t in found
         ],
     )
     return 0
+
+
+def _error_line(error: str | None) -> str:
+    """The first line of an error (its class and message; the traceback is in get)."""
+    return output.short(error.strip().splitlines()[0], 80) if error and error.strip() else "-"
 
 
 def queues(

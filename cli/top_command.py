@@ -65,7 +65,7 @@ def top(
         float,
         typer.Option(
             "--interval",
-            metavar="SECONDS",
+            metavar="DURATION",
             parser=values.seconds(0.1),
             help="Between refreshes.",
         ),

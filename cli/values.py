@@ -10,15 +10,39 @@ when a flag is parsed, not before: ``conveyor --help`` stays quick.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
 
 import typer
 
+#: One part of a duration: a number and its unit (none: seconds).
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|[smhdw]?)")
+_UNITS = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+#: What every duration flag shows in its help.
+DURATION = "DURATION"
+DURATION_EXAMPLES = "a duration such as 30s, 1h30m, 90d, 500ms or 2.5 (seconds)"
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in ``text``, the one duration syntax of every flag: a number (seconds), or
+    numbers with units (``ms``, ``s``, ``m``, ``h``, ``d``, ``w``) run together, as ``1h30m``.
+
+    Raises:
+        typer.BadParameter: Not such a duration (``nan``, ``inf`` and signs included).
+    """
+    compact = text.strip().lower()
+    parts = _PART.findall(compact)
+    whole = "".join(number + unit for number, unit in parts)
+    # A bare number stands alone: "1h30" could mean seconds or minutes.
+    if not parts or whole != compact or (len(parts) > 1 and not all(u for _, u in parts)):
+        raise typer.BadParameter(f"{text!r} is not {DURATION_EXAMPLES}")
+    return sum(float(number) * _UNITS[unit] for number, unit in parts)
+
 
 def seconds(lowest: float | None = None, highest: float | None = None) -> Callable[[str], float]:
-    """A parser for a flag in seconds, from ``lowest`` to ``highest`` (by default the
-    duration range: a millisecond to a day)."""
+    """A parser for a duration flag (:func:`duration_seconds`), held from ``lowest`` to
+    ``highest`` seconds (by default the duration range: a millisecond to a day)."""
 
     def parse(text: str) -> float:
         from conveyor.coordinator import bounds
@@ -26,7 +50,7 @@ def seconds(lowest: float | None = None, highest: float | None = None) -> Callab
         try:
             value = float(text)
         except ValueError:
-            raise typer.BadParameter(f"{text!r} is not a number of seconds") from None
+            value = duration_seconds(text)
         problem = bounds.seconds_problem(
             value,
             lowest=bounds.SECONDS_MIN if lowest is None else lowest,

@@ -35,6 +35,7 @@ from conveyor.client._models import (
     TaskAttempt,
     TaskSpec,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.client._sync_client import Client
 from conveyor.transport._encryption import (
@@ -141,6 +142,7 @@ __all__ = [
     "WatchTooSlowError",
     "WebhookNotFoundError",
     "WorkerIdInUseError",
+    "WorkerInfo",
     "WorkerNotFoundError",
     "tls_credentials",
 ]

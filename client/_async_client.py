@@ -44,6 +44,7 @@ from conveyor.client._models import (
     TaskSpec,
     TaskState,
     TaskTemplate,
+    WorkerInfo,
     _timestamp,
     catch_up_to_proto,
     dead_filter,
@@ -133,10 +134,11 @@ class AsyncClient:
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
+        addresses = parse_addresses(coordinators)
         self._conn = Connection(
-            parse_addresses(coordinators),
+            addresses,
             timeout=timeout,
-            options=ConnectionOptions.merge(options, api_key=api_key),
+            options=ConnectionOptions.merge(options, api_key=api_key, addresses=addresses),
             rules=RetryRules(retry_resource_exhausted=retry_resource_exhausted),
         )
         self._retry_submits = retry_submits
@@ -378,6 +380,10 @@ class AsyncClient:
         type: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> Page[Task]:
         """Returns one page of tasks, newest first, optionally filtered.
 
@@ -387,6 +393,9 @@ class AsyncClient:
             type: Only tasks of this type.
             page_size: At most 1000.
             page_token: ``next_page_token`` of the previous page.
+            labels: Only tasks carrying each of these labels with its value.
+            created_after: Only tasks created at or after this time.
+            created_before: Only tasks created before this time.
         """
         request = pb.ListTasksRequest(
             queue=queue or "",
@@ -394,7 +403,12 @@ class AsyncClient:
             type=type or "",
             page_size=page_size,
             page_token=page_token or "",
+            labels=dict(labels or {}),
         )
+        if created_after is not None:
+            request.created_after.CopyFrom(_timestamp(created_after))
+        if created_before is not None:
+            request.created_before.CopyFrom(_timestamp(created_before))
         response = await self._conn.unary(lambda s: s.tasks.ListTasks, request, idempotent=True)
         return Page(
             items=[open_task(self._codec, Task.from_proto(t)) for t in response.tasks],
@@ -470,6 +484,14 @@ class AsyncClient:
         """
         request = pb.DeleteRateLimitRequest(queue=queue, type=type, all_tenants=all_tenants)
         await self._conn.unary(lambda s: s.tasks.DeleteRateLimit, request, idempotent=False)
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """Returns the workers connected to the leader: the key's tenant's, or every
+        tenant's for an admin key."""
+        response = await self._conn.unary(
+            lambda s: s.tasks.ListWorkers, pb.ListWorkersRequest(), idempotent=True
+        )
+        return [WorkerInfo.from_proto(w) for w in response.workers]
 
     async def _admin_read(self, method: AdminMethod, request: Any) -> Any:
         """One AdminService read with this client's addresses, failover, key and TLS.

@@ -17,7 +17,7 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.transport._encryption import DecryptionError, envelope_key_id, is_sealed
-from conveyor.v1 import schedule_pb2, task_pb2, task_service_pb2
+from conveyor.v1 import admin_service_pb2, schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
     "AttemptOutcome",
@@ -516,6 +516,52 @@ class QueueStats:
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
             rate_limits=tuple(RateLimit.from_proto(r) for r in msg.rate_limits),
             paused=msg.paused,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker connected to the leader, as :meth:`AsyncClient.workers` lists it."""
+
+    worker_id: str
+    #: The tenant of its key (worker ids are unique only within a tenant).
+    tenant: str = ""
+    hostname: str = ""
+    pid: int = 0
+    queues: tuple[str, ...] = ()
+    #: The task types it has handlers for; it is assigned no other type.
+    task_types: tuple[str, ...] = ()
+    #: Free slots it has granted and the coordinator has not used yet.
+    credit: int = 0
+    #: Tasks leased to it that it has not reported a result for yet.
+    in_flight: int = 0
+    draining: bool = False
+    #: Why it is assigned nothing for now (its loop lags, its attempts fail where its
+    #: peers' succeed); empty while it is healthy.
+    unhealthy: str = ""
+    connect_time: datetime | None = None
+    #: The ids of the encryption keys it holds; ``None`` when it did not say (it is then
+    #: assigned every key's tasks).
+    encryption_keys: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_proto(cls, msg: admin_service_pb2.WorkerInfo) -> WorkerInfo:
+        """Converts from the wire message ``conveyor.v1.WorkerInfo``."""
+        return cls(
+            worker_id=msg.worker_id,
+            tenant=msg.tenant,
+            hostname=msg.hostname,
+            pid=msg.pid,
+            queues=tuple(msg.queues),
+            task_types=tuple(msg.task_types),
+            credit=msg.credit,
+            in_flight=msg.in_flight,
+            draining=msg.draining,
+            unhealthy=msg.unhealthy,
+            connect_time=_datetime_or_none(msg, "connect_time"),
+            encryption_keys=tuple(msg.encryption_keys.key_ids)
+            if msg.HasField("encryption_keys")
+            else None,
         )
 
 

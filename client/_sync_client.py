@@ -40,6 +40,7 @@ from conveyor.client._models import (
     TaskOptions,
     TaskSpec,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.transport import ConnectionOptions
 from conveyor.transport._encryption import PayloadCodec
@@ -290,6 +291,10 @@ class Client:
         type: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> Page[Task]:
         """Returns one page of tasks, newest first, optionally filtered.
 
@@ -299,8 +304,22 @@ class Client:
             type: Only tasks of this type.
             page_size: At most 1000.
             page_token: ``next_page_token`` of the previous page.
+            labels: Only tasks carrying each of these labels with its value.
+            created_after: Only tasks created at or after this time.
+            created_before: Only tasks created before this time.
         """
-        return self._loop.run(self._async.list(queue, state, type, page_size, page_token))
+        return self._loop.run(
+            self._async.list(
+                queue,
+                state,
+                type,
+                page_size,
+                page_token,
+                labels=labels,
+                created_after=created_after,
+                created_before=created_before,
+            )
+        )
 
     def iter_tasks(
         self,
@@ -354,6 +373,11 @@ class Client:
         self._loop.run(
             self._async.delete_rate_limit(queue=queue, type=type, all_tenants=all_tenants)
         )
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        """Returns the workers connected to the leader: the key's tenant's, or every
+        tenant's for an admin key."""
+        return self._loop.run(self._async.workers())
 
     def cancel(self, task_id: str) -> Task:
         """Cancels an unfinished task (a running one's worker is told to stop).

@@ -11,7 +11,7 @@ vendored htmx swaps in (nothing is loaded from another site).
 Modules: ``server`` (:class:`Console`, :class:`ConsoleConfig`), ``web`` (what every
 request shares: sessions, rendering, CSRF, errors), ``auth`` (sign-in and out),
 ``pages`` and ``admin`` (the pages), ``live`` (the event streams), ``sessions`` and
-``present`` and ``dead_letters`` (pure logic), ``templates/`` and ``static/``.
+``present`` (pure logic), ``templates/`` and ``static/``.
 """
 
 from conveyor.console.server import DEFAULT_LISTEN, Console, ConsoleConfig

@@ -177,9 +177,14 @@ async def workers_stream(request: web.Request) -> web.StreamResponse:
     session = _signed_in(request)
 
     async def read() -> str:
-        status, stats = await pages.workers_view(session.client, session)
+        view = await pages.workers_view(session.client, session)
         return fragment(
-            request, "_workers.html", session, cluster=status, queues=stats, source="stream"
+            request,
+            "_workers.html",
+            session,
+            workers=view.workers,
+            cluster=view.cluster,
+            source="stream",
         )
 
     return await _serve(request, session, _polled(request, session, "workers", read))

@@ -9,7 +9,8 @@ answer with a redirect back to the page, whose flash message says what happened.
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,23 +18,21 @@ from aiohttp import web
 
 from conveyor.client import (
     AsyncClient,
-    ConveyorError,
     Page,
     PermissionDeniedError,
-    QueueStats,
     Task,
     TaskState,
+    WorkerInfo,
 )
 from conveyor.client._models import parse_state_name
 from conveyor.console import admin
-from conveyor.console.dead_letters import group_page
 from conveyor.console.present import made_by_schedule
 from conveyor.console.web import (
     STATE,
     ConsoleSession,
     action,
-    describe,
     page,
+    query_path,
     redirect,
     render,
 )
@@ -45,7 +44,8 @@ __all__ = ["routes", "schedule_url", "task_url"]
 STATES = [s for s in TaskState if s is not TaskState.UNSPECIFIED]
 #: Dead tasks retried at once by one "retry selected" (one RetryTask each, a few at a time).
 MAX_RETRY_SELECTION = 200
-_RETRY_CONCURRENCY = 8
+#: RetryTasks calls one group's button makes at most (each redrives up to 10,000).
+_GROUP_ROUNDS = 10
 #: Schedule pages read to find a schedule by its id (a task knows only the id).
 _FIND_SCHEDULE_PAGES = 10
 
@@ -78,15 +78,11 @@ async def tasks(request: web.Request, session: ConsoleSession) -> web.StreamResp
     state_name = _text(request, "state")
     state = parse_state_name(state_name) if state_name else None
     if state_name and state in (None, TaskState.UNSPECIFIED):
-        return render(
-            request,
-            "error.html",
-            session,
-            status=400,
-            title="Not understood",
-            message=f"There is no task state {state_name!r}.",
-        )
-    _, context = await _task_page(request, session, state)
+        return _not_understood(request, session, f"There is no task state {state_name!r}.")
+    try:
+        _, context = await _task_page(request, session, state)
+    except BadFilter as exc:
+        return _not_understood(request, session, str(exc))
     context["filters"]["state"] = state.name if state else ""
     return render(request, "tasks.html", session, states=STATES, **context)
 
@@ -97,20 +93,56 @@ async def _task_page(
     """One page of tasks as the query asks (queue, type, page token), and what the
     templates show of it."""
     queue, type_ = _text(request, "queue"), _text(request, "type")
+    label, after, before = (
+        _text(request, "label"),
+        _text(request, "after"),
+        _text(request, "before"),
+    )
     token = _text(request, "page_token")
+    key, _, value = label.partition("=")
     rows = await session.client.list(
         queue or None,
         state,
         type_ or None,
         page_size=request.app[STATE].page_size,
         page_token=token or None,
+        labels={key.strip(): value.strip()} if key.strip() else None,
+        created_after=_utc(after, "after"),
+        created_before=_utc(before, "before"),
     )
     return rows, {
         "tasks": rows.items,
         "next_token": rows.next_page_token,
         "paged": bool(token),
-        "filters": {"queue": queue, "type": type_},
+        "filters": {
+            "queue": queue,
+            "type": type_,
+            "label": label,
+            "after": after,
+            "before": before,
+        },
     }
+
+
+def _not_understood(request: web.Request, session: ConsoleSession, message: str) -> web.Response:
+    return render(
+        request, "error.html", session, status=400, title="Not understood", message=message
+    )
+
+
+class BadFilter(ValueError):
+    """A list filter of the query string that cannot be read (the page says so, 400)."""
+
+
+def _utc(text: str, name: str) -> datetime | None:
+    """A time filter as the form sends it (``2026-12-07T06:10``, read as UTC)."""
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadFilter(f"{name}: {text!r} is not a time such as 2026-12-07T06:10 (UTC)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @page
@@ -144,43 +176,57 @@ async def retry(request: web.Request, session: ConsoleSession) -> web.StreamResp
 
 @page
 async def dead(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    rows, context = await _task_page(request, session, TaskState.DEAD)
-    return render(request, "dead.html", session, groups=group_page(rows.items), **context)
+    try:
+        _, context = await _task_page(request, session, TaskState.DEAD)
+    except BadFilter as exc:
+        return _not_understood(request, session, str(exc))
+    # Every dead task of the tenant, grouped by the coordinator (ListDeadTaskGroups).
+    groups = await session.client.dead_groups(
+        queue=context["filters"]["queue"] or None, type=context["filters"]["type"] or None
+    )
+    return render(request, "dead.html", session, groups=groups, **context)
 
 
 @action
 async def retry_selected(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    """Redrives the dead tasks ticked on the page: one RetryTask each, a few at a time (a
-    bulk redrive RPC of the coordinator will replace this)."""
+    """Redrives the dead tasks ticked on the page, in one RetryTasks call."""
     form = await request.post()
-    # A group's button names its tasks on the page; otherwise the ticked ones.
-    group = form.get("group")
-    chosen = str(group).split() if group else [str(v) for v in form.getall("task", [])]
-    ids = list(dict.fromkeys(chosen))
+    ids = list(dict.fromkeys(str(v) for v in form.getall("task", [])))
     if not ids:
         session.flash("No task was selected.", error=True)
         raise redirect("/dead")
     if len(ids) > MAX_RETRY_SELECTION:
         session.flash(f"At most {MAX_RETRY_SELECTION} tasks at once.", error=True)
         raise redirect("/dead")
-    limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
-
-    async def one(task_id: str) -> str | None:
-        async with limit:
-            try:
-                await session.client.retry(task_id)
-            except PermissionDeniedError:
-                raise
-            except ConveyorError as exc:
-                return f"{task_id}: {describe(exc)}"
-        return None
-
-    failures = [f for f in await asyncio.gather(*(one(i) for i in ids)) if f]
-    done = len(ids) - len(failures)
-    session.flash(f"Redrove {done} of {len(ids)} dead task(s).", error=bool(failures))
-    for failure in failures[:5]:
-        session.flash(failure, error=True)
+    done = await session.client.retry_tasks(ids)
+    left = len(done.skipped_ids) + len(done.not_found_ids)
+    session.flash(f"Redrove {done.count} of {len(ids)} dead task(s).", error=bool(left))
+    if left:
+        named = " ".join((*done.skipped_ids, *done.not_found_ids)[:5])
+        session.flash(f"{left} were no longer dead (or gone): {named}", error=True)
     raise redirect("/dead")
+
+
+@action
+async def retry_group(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """Redrives every dead task of one group (type and error fingerprint, in the page's
+    queue if it filters by one), in RetryTasks calls of up to 10,000 each."""
+    form = await request.post()
+    type_, fingerprint = str(form.get("type", "")), str(form.get("fingerprint", ""))
+    queue = str(form.get("queue", "")) or None
+    if not type_ or not fingerprint:
+        # An empty fingerprint filters nothing: it would redrive the whole type.
+        session.flash("That group cannot be retried at once: tick its tasks.", error=True)
+        raise redirect("/dead")
+    total, more = 0, True
+    for _ in range(_GROUP_ROUNDS):
+        done = await session.client.retry_tasks(type=type_, fingerprint=fingerprint, queue=queue)
+        total, more = total + done.count, done.more
+        if not more:
+            break
+    tail = " (more remain: retry the group again)" if more else ""
+    session.flash(f"Redrove {total} dead task(s) of {type_}: {fingerprint}{tail}.")
+    raise redirect(query_path("/dead", queue=queue))
 
 
 @page
@@ -251,30 +297,36 @@ async def resume_schedule(request: web.Request, session: ConsoleSession) -> web.
     return await _pause_or_resume(request, session, pause=False)
 
 
-async def workers_view(
-    client: AsyncClient, session: ConsoleSession
-) -> tuple[admin_service_pb2.GetClusterStatusResponse | None, list[QueueStats] | None]:
-    """What the workers page shows: the cluster status for an admin key (every worker),
-    and the tenant's queues with their worker counts for a key that may read."""
-    status = None
+@dataclass(frozen=True)
+class WorkersView:
+    """What the workers page shows: the key's workers (every tenant's for an admin key),
+    and for an admin key the cluster (leader, epoch, evictions) too."""
+
+    workers: list[WorkerInfo] | None
+    cluster: admin_service_pb2.GetClusterStatusResponse | None
+
+
+async def workers_view(client: AsyncClient, session: ConsoleSession) -> WorkersView:
+    """Reads the workers page (a scope the key lacks is remembered, not asked again)."""
+    cluster = None
     if "admin" not in session.denied:
         try:
-            status = await admin.cluster_status(client)
+            cluster = await admin.cluster_status(client)
         except PermissionDeniedError:
             session.denied.add("admin")
-    stats = None
+    listed = None
     if "read" not in session.denied:
         try:
-            stats = await client.queues()
+            listed = await client.workers()
         except PermissionDeniedError:
             session.denied.add("read")
-    return status, stats
+    return WorkersView(listed, cluster)
 
 
 @page
 async def workers(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    status, stats = await workers_view(session.client, session)
-    return render(request, "workers.html", session, cluster=status, queues=stats)
+    view = await workers_view(session.client, session)
+    return render(request, "workers.html", session, workers=view.workers, cluster=view.cluster)
 
 
 def routes() -> list[web.RouteDef]:
@@ -287,6 +339,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/tasks/{id}/retry", retry),
         web.get("/dead", dead),
         web.post("/dead/retry", retry_selected),
+        web.post("/dead/retry-group", retry_group),
         web.get("/schedules", schedules),
         web.get("/schedule", schedule),
         web.get("/schedules/by-id/{id}", schedule_by_id),

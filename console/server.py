@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -123,10 +124,12 @@ class Console:
         self._address: tuple[str, int] | None = None
 
     def _client(self, api_key: str | None) -> AsyncClient:
+        # Exactly the session's key, or none: never one from the console's environment.
+        options = dataclasses.replace(self.config.options, api_key=None, find_api_key=False)
         return AsyncClient(
             self.config.coordinators,
             timeout=self.config.rpc_timeout,
-            options=ConnectionOptions.merge(self.config.options, api_key=api_key),
+            options=ConnectionOptions.merge(options, api_key=api_key or None),
             codec=self.config.codec,
         )
 

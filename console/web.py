@@ -97,7 +97,7 @@ def _environment() -> jinja2.Environment:
         age=present.ago,
         pb_time=_pb_time,
     )
-    env.globals.update(query=_query)
+    env.globals.update(query=query_path)
     return env
 
 
@@ -109,7 +109,7 @@ def _pb_time(value: Any) -> datetime | None:
     return result
 
 
-def _query(path: str, **params: Any) -> str:
+def query_path(path: str, **params: Any) -> str:
     """``path?k=v...`` with the non-empty parameters, encoded (for links in templates)."""
     given = {k: v for k, v in params.items() if v not in (None, "", False)}
     return f"{path}?{urlencode(given)}" if given else path
@@ -170,7 +170,7 @@ def current_session(request: web.Request) -> ConsoleSession | None:
 
 def sign_in_url(next_path: str | None = None, why: str | None = None) -> str:
     """The sign-in page, with where to go next (a local path) and why (a known reason)."""
-    return _query("/sign-in", next=next_path, why=why)
+    return query_path("/sign-in", next=next_path, why=why)
 
 
 def render(
@@ -212,8 +212,19 @@ def redirect(location: str) -> web.HTTPSeeOther:
 
 
 def local_path(value: str | None, default: str = "/queues") -> str:
-    """``value`` when it is a path on this console (never another site), else ``default``."""
-    if value and value.startswith("/") and not value.startswith(("//", "/\\")):
+    """``value`` when it is a path on this console (never another site), else ``default``.
+
+    Browsers drop tabs and line breaks from a URL and read ``\\`` as ``/`` (WHATWG URL
+    parsing), so ``/<tab>/evil`` or ``/\\evil`` would leave for another host: a value
+    holding any control character or backslash is refused whole rather than cleaned.
+    """
+    if (
+        value
+        and value.startswith("/")
+        and not value.startswith("//")
+        and "\\" not in value
+        and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
+    ):
         return value
     return default
 

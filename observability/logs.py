@@ -28,6 +28,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
@@ -194,7 +195,10 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # ISO 8601 in UTC with milliseconds, as log pipelines parse it without a hint.
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -7,7 +7,9 @@
 * A follower answers with the leader's address (``NOT_LEADER`` status or a ``Redirect``
   message): go there. While the leader is unknown (an election), go to the next address.
 * An address that fails goes to the next one; a redirect target that is not in the list
-  is tried, and failing it leads back to the first configured address.
+  is tried, and failing it leads on to the address after the one that redirected (a
+  leader advertising an address this process cannot reach, as in the compose file,
+  is then found by trying the list in turn).
 * Waits between attempts grow exponentially to a cap, with jitter over the upper half of
   each step, so that clients that lost the same coordinator do not all return at once.
 """
@@ -82,17 +84,25 @@ class AddressBook:
         self.addresses = list(addresses)
         #: The address that answered last; work starts there.
         self.current = self.addresses[0]
+        # The listed address that last redirected to each target outside the list.
+        self._redirected_from: dict[str, str] = {}
 
     def next_after(self, address: str) -> str:
         """The address to try after ``address`` failed."""
         if address not in self.addresses:
-            # A redirect target outside the list that failed: start over from the list.
-            return self.addresses[0]
+            # A redirect target outside the list that failed: on after the listed address
+            # that sent us there (back to it would only redirect us again).
+            origin = self._redirected_from.get(address)
+            return self.next_after(origin) if origin is not None else self.addresses[0]
         return self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)]
 
     def redirect(self, leader_address: str | None, *, from_address: str) -> str:
         """Where to go after ``from_address`` said it is not the leader."""
-        return leader_address or self.next_after(from_address)
+        if not leader_address:
+            return self.next_after(from_address)
+        if leader_address not in self.addresses and from_address in self.addresses:
+            self._redirected_from[leader_address] = from_address
+        return leader_address
 
     def answered(self, address: str) -> None:
         """``address`` served a call: start there next time."""

@@ -42,6 +42,10 @@ class ConnectionOptions:
     credentials: grpc.ChannelCredentials | None = None
     #: Sent as ``authorization: Bearer <api_key>`` with every call and stream.
     api_key: str | None = None
+    #: Whether :meth:`merge` may look up a key that nobody gave (``CONVEYOR_API_KEY``).
+    #: False in a process that calls with other people's keys (the console): a session
+    #: signed in without one must not borrow the process's own.
+    find_api_key: bool = True
     #: Further metadata sent with every call and stream, as ``(key, value)`` pairs.
     metadata: tuple[tuple[str, str], ...] = ()
     #: grpc.aio client interceptors, outermost first, on every channel (for example
@@ -92,9 +96,11 @@ class ConnectionOptions:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        addresses: Sequence[str] = (),
     ) -> ConnectionOptions:
         """``options`` with the shortcut arguments of the client and worker applied; the
-        API key from ``CONVEYOR_API_KEY`` when neither gives one.
+        API key from ``CONVEYOR_API_KEY`` when neither gives one, else that of a local
+        ``conveyor dev`` listening on one of ``addresses`` (see ``_devkey``).
 
         Raises:
             ValueError: A shortcut and ``options`` both set the same thing.
@@ -105,8 +111,14 @@ class ConnectionOptions:
             if base.api_key is not None and base.api_key != api_key:
                 raise ValueError("api_key is given twice (directly and in options)")
             changes["api_key"] = api_key
-        elif base.api_key is None and os.environ.get(API_KEY_ENV, "").strip():
+        elif base.api_key is None and base.find_api_key and os.environ.get(API_KEY_ENV, "").strip():
             changes["api_key"] = os.environ[API_KEY_ENV].strip()
+        elif base.api_key is None and base.find_api_key and addresses:
+            from conveyor.transport._devkey import find_dev_key
+
+            found = find_dev_key(addresses)
+            if found is not None:
+                changes["api_key"] = found.key
         if credentials is not None:
             if base.credentials is not None and base.credentials is not credentials:
                 raise ValueError("credentials are given twice (directly and in options)")

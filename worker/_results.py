@@ -92,13 +92,16 @@ class PendingResults:
             return
         self._unsent.pop(key, None)
         if not ack.accepted:
-            # A task cancelled on purpose has no use for its result: nothing is wrong.
-            expected = cancelled or result.outcome == pb.TASK_OUTCOME_CANCELLED
-            (logger.info if expected else logger.warning)(
-                "coordinator refused the result of task %s attempt %d: %s",
-                *key,
-                ack.reason or "no reason given",
-            )
+            if cancelled or result.outcome == pb.TASK_OUTCOME_CANCELLED:
+                # Cancelled on purpose (conveyor cancel): its result has no use, and the
+                # coordinator's "lease is not current" would read like a fault.
+                logger.info("task %s attempt %d was cancelled: its result is not kept", *key)
+            else:
+                logger.warning(
+                    "coordinator refused the result of task %s attempt %d: %s",
+                    *key,
+                    ack.reason or "no reason given",
+                )
         if not self._results:
             self._settled.set()
 

@@ -26,6 +26,7 @@ from conveyor.transport._errors import (
     UnauthenticatedError,
     WorkerIdInUseError,
 )
+from conveyor.transport._tls_hints import ANY_TLS, PLAINTEXT, tls_mismatch
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._health import LoopLag
@@ -131,8 +132,11 @@ def liveness_timeout(heartbeat_interval: float, lease_duration: float) -> float:
     return max(timeout, 1.5 * heartbeat_interval)
 
 
-def _classify(exc: grpc.aio.AioRpcError, target: str, *, welcomed: bool, heard: bool) -> SessionEnd:
-    """A SessionEnd for a stream that ended with an error status."""
+def _classify(
+    exc: grpc.aio.AioRpcError, target: str, *, welcomed: bool, heard: bool, dialled: str = ""
+) -> SessionEnd:
+    """A SessionEnd for a stream that ended with an error status (``dialled``: how the
+    worker dialled, for naming a TLS mismatch; see ``transport._tls_hints``)."""
     error = error_from_rpc(exc, address=target)
     if isinstance(error, NotLeaderError):
         # The coordinator may refuse the stream outright with NOT_LEADER instead of
@@ -147,6 +151,10 @@ def _classify(exc: grpc.aio.AioRpcError, target: str, *, welcomed: bool, heard: 
     # A bare UNAVAILABLE before any answer: gRPC could not connect at all.
     reached = heard or error.reason is not None or exc.code() != grpc.StatusCode.UNAVAILABLE
     details = exc.details() or "no details"
+    mismatch = None if reached else tls_mismatch(details, target, dialled)
+    if mismatch is not None:
+        # Reached, and refused for a setting of ours: an error until the settings change.
+        return SessionEnd(welcomed=welcomed, error=mismatch, rejected=True)
     if not reached:
         # gRPC's text nests the cause last ("failed to connect to all addresses; last
         # error: ...: Connection refused"); the cause is what a reader needs.
@@ -253,7 +261,10 @@ class Session:
             call = stub.Connect(metadata=self._options.call_metadata() or None)
             end = await self._converse(call, tasks)
         except grpc.aio.AioRpcError as exc:
-            end = _classify(exc, self.target, welcomed=self._welcomed, heard=self._heard)
+            dialled = PLAINTEXT if self._options.credentials is None else ANY_TLS
+            end = _classify(
+                exc, self.target, welcomed=self._welcomed, heard=self._heard, dialled=dialled
+            )
         except TimeoutError:
             end = SessionEnd(welcomed=self._welcomed, error="timed out waiting for Welcome")
         except _SessionError as exc:

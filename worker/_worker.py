@@ -501,7 +501,9 @@ class Worker:
             connected=self._connected,
             info=info,
             runtime=self._runtime,
-            options=self._options,
+            # Looked up now that the addresses are final (configure may change them): the
+            # key of a local conveyor dev on one of them, when none was given.
+            options=ConnectionOptions.merge(self._options, addresses=self._addresses),
             metrics=metrics,
         )
         if install_signal_handlers is None:

@@ -16,16 +16,15 @@ import grpc
 from conveyor.coordinator import convert
 from conveyor.coordinator.api.security_admin import SecurityAdmin
 from conveyor.coordinator.api.validation import MAX_NAME_LENGTH, check_text
+from conveyor.coordinator.api.workers import in_flight, worker_info
 from conveyor.coordinator.dispatch.sessions import SessionRegistry, WorkerSession
 from conveyor.coordinator.errors import (
     FieldViolation,
     InvalidArgument,
     WorkerNotFound,
-    is_store_error,
 )
 from conveyor.coordinator.leader.election import Member
 from conveyor.coordinator.leader.leadership import ClusterView
-from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import Database
 from conveyor.v1 import admin_service_pb2, admin_service_pb2_grpc, worker_service_pb2
 
@@ -54,17 +53,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self._security = security
 
     async def _in_flight(self, worker_ids: list[str]) -> dict[tuple[str, str], int]:
-        """Leases held per worker, from the database (the status still answers without)."""
-        if not worker_ids:
-            return {}
-        try:
-            async with self._db.read() as conn:
-                return await store.running_per_worker(conn, worker_ids)
-        except Exception as exc:
-            if not is_store_error(exc):
-                raise
-            _log.warning("cluster status without in-flight counts: %s", exc)
-            return {}
+        return await in_flight(self._db, worker_ids)
 
     async def GetClusterStatus(
         self,
@@ -150,30 +139,6 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.ListAuditEventsRequest, context: _Context
     ) -> admin_service_pb2.ListAuditEventsResponse:
         return await self._security.list_audit_events(request)
-
-
-def worker_info(
-    s: WorkerSession, in_flight: dict[tuple[str, str], int]
-) -> admin_service_pb2.WorkerInfo:
-    """A connected worker as GetClusterStatus shows it (``in_flight``: leases per
-    (tenant, worker id))."""
-    return admin_service_pb2.WorkerInfo(
-        worker_id=s.worker_id,
-        tenant=s.tenant,
-        hostname=s.hostname,
-        pid=s.pid,
-        queues=s.queues,
-        task_types=s.task_types,
-        credit=s.credit,
-        draining=s.draining,
-        connect_time=convert.timestamp_from_seconds(s.connect_time),
-        in_flight=in_flight.get((s.tenant, s.worker_id), 0),
-        loop_lag=convert.duration_ms(round(s.loop_lag * 1000)),
-        unhealthy=s.unhealthy,
-        encryption_keys=None
-        if s.encryption_keys is None
-        else worker_service_pb2.EncryptionKeys(key_ids=sorted(s.encryption_keys)),
-    )
 
 
 def drain_worker(

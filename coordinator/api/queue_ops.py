@@ -206,7 +206,8 @@ class QueueOps:
                 await dispatcher.wait_until(lambda d: d.steps > done)
 
     async def queue_stats(self, tenant: str) -> list[task_pb2.QueueStats]:
-        """The tenant's queues (those with tasks, and paused ones), by name."""
+        """The tenant's queues (those with tasks, paused ones, and those its workers serve),
+        by name."""
         async with self._deps.db.read() as conn:
             rows = await store.queue_stats(conn, tenant)
             paused = await queue_store.paused_of(conn, tenant)
@@ -230,6 +231,10 @@ class QueueOps:
         }
         for queue in paused - found.keys():
             found[queue] = task_pb2.QueueStats(name=queue, workers=workers(queue), paused=True)
+        # A queue only idle workers serve is listed too: where the workers are is news.
+        served = {q for s in sessions if s.tenant == tenant for q in s.queues}
+        for queue in served - found.keys():
+            found[queue] = task_pb2.QueueStats(name=queue, workers=workers(queue))
         return [found[name] for name in sorted(found)]
 
     # -- the dead-letter queue ----------------------------------------------------------

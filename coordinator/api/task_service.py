@@ -21,6 +21,7 @@ from conveyor.coordinator.api import context, pages, validation, watch_tasks
 from conveyor.coordinator.api.queue_ops import QueueOps
 from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.schedule_service import ScheduleService
+from conveyor.coordinator.api.workers import worker_infos
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import breakers as breaker
 from conveyor.coordinator.dispatch import policy as dispatch_policy
@@ -33,6 +34,7 @@ from conveyor.coordinator.lifecycle.transitions import Cause
 from conveyor.coordinator.store import dependencies
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
+from conveyor.coordinator.tenancy import keys
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.transport._encryption import ENCRYPTED_CONTENT_TYPE, envelope_key_id
 from conveyor.v1 import (
@@ -207,6 +209,19 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.DeleteRateLimitRequest, context_: Context
     ) -> task_service_pb2.DeleteRateLimitResponse:
         return await self._rate_limits.delete_limit(request)
+
+    async def ListWorkers(
+        self, request: task_service_pb2.ListWorkersRequest, context_: Context
+    ) -> task_service_pb2.ListWorkersResponse:
+        call = context.current()
+        # An admin key acts for every tenant; with authentication off there are no keys
+        # and so no tenants to keep apart.
+        everyone = keys.ADMIN in call.scopes or not call.key_id
+        return task_service_pb2.ListWorkersResponse(
+            workers=await worker_infos(
+                self._deps.sessions, self._deps.db, None if everyone else call.tenant
+            )
+        )
 
     async def WatchTask(  # type: ignore[override]
         self, request: task_service_pb2.WatchTaskRequest, context_: Context

@@ -652,6 +652,10 @@ class ListFilter:
     type: str | None
     page_size: int
     after_id: uuid.UUID | None
+    #: Labels every task must carry (as a JSON object; None: any).
+    labels: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
 
 
 def check_page_size(value: int, out: list[FieldViolation]) -> int:
@@ -673,6 +677,9 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
         after = parse_task_id(req.page_token)
         if after is None:
             out.append(FieldViolation("page_token", "is not a token from a previous ListTasks"))
+    _check_labels(dict(req.labels), "", out)  # the rules of a submit's labels
+    created_after = _time_or_none(req, "created_after", out)
+    created_before = _time_or_none(req, "created_before", out)
     if out:
         raise InvalidArgument(out)
     return ListFilter(
@@ -681,7 +688,23 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> ListFilter:
         type=req.type or None,
         page_size=page_size,
         after_id=after,
+        labels=json.dumps(dict(req.labels)) if req.labels else None,
+        created_after=created_after,
+        created_before=created_before,
     )
+
+
+def _time_or_none(msg: Any, name: str, out: list[FieldViolation]) -> datetime | None:
+    """A Timestamp field of a filter as an aware datetime; None when unset."""
+    if not msg.HasField(name):
+        return None
+    value = getattr(msg, name)
+    try:
+        when: datetime = value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        out.append(FieldViolation(name, "is not a valid time"))
+        return None
+    return when
 
 
 # -- the worker's Hello ---------------------------------------------------------------------

@@ -483,6 +483,9 @@ _LIST_PAGE = Query(
       AND (:state::smallint IS NULL OR t.state = :state)
       AND (:type::text IS NULL OR t.type = :type)
       AND (:after_id::uuid IS NULL OR t.id < :after_id)
+      AND (:labels::jsonb IS NULL OR t.labels @> :labels)
+      AND (:created_after::timestamptz IS NULL OR t.create_time >= :created_after)
+      AND (:created_before::timestamptz IS NULL OR t.create_time < :created_before)
     ORDER BY t.id DESC
     LIMIT :limit
     """,
@@ -498,6 +501,9 @@ async def list_page(conn: asyncpg.Connection, tenant: str, flt: ListFilter) -> l
         state=flt.state,
         type=flt.type,
         after_id=flt.after_id,
+        labels=flt.labels,
+        created_after=flt.created_after,
+        created_before=flt.created_before,
         limit=flt.page_size + 1,
     )
 

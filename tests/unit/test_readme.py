@@ -15,7 +15,10 @@ from conveyor.cli.app import GLOBAL_OPTIONS
 from conveyor.cli.main import command_tree
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+# The README and the pages it sends newcomers to for the secure set-up and operations.
+README = "\n".join(
+    (ROOT / page).read_text() for page in ("README.md", "docs/security.md", "docs/operations.md")
+)
 RUFF = Path(sys.executable).parent / "ruff"
 
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -96,3 +99,16 @@ def test_inline_commands_and_every_flag_exist() -> None:
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", ours))
     unknown = mentioned - every_flag - ROOT_FLAGS
     assert not unknown, f"the README mentions flags no command has: {sorted(unknown)}"
+
+
+def test_files_the_readme_has_you_create_are_git_ignored() -> None:
+    # Issue 20, first hour: `conveyor encryption new-key --key-file conveyor-keys.json`
+    # in the clone left a secret for `git add .` to pick up.
+    made = set(re.findall(r"--(?:encryption-)?key-file (\S+)", README))
+    made |= {re.sub(r"/.*", "/", name) for name in re.findall(r"Save this as\s+`([^`]+)`", README)}
+    assert "conveyor-keys.json" in made and "myapp/" in made, made
+    ignored = {
+        line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }  # fmt: skip
+    assert made <= ignored, f"not in .gitignore: {sorted(made - ignored)}"

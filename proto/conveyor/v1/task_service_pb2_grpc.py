@@ -97,6 +97,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListWorkers',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
         self.UpdateTask = channel.unary_unary(
                 '/conveyor.v1.TaskService/UpdateTask',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.UpdateTaskRequest.SerializeToString,
@@ -254,6 +259,14 @@ class TaskServiceServicer:
 
     def DeleteRateLimit(self, request, context):
         """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """The workers connected to the leader: the caller's tenant's, or every tenant's for an
+        admin key (the scope that acts for every tenant) and with authentication off.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -429,6 +442,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.DeleteRateLimit,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.SerializeToString,
             ),
             'UpdateTask': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateTask,
@@ -826,6 +844,33 @@ class TaskService:
             '/conveyor.v1.TaskService/DeleteRateLimit',
             conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListWorkers',
+            conveyor_dot_v1_dot_task__service__pb2.ListWorkersRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

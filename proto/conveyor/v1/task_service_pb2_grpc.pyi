@@ -63,6 +63,10 @@ class TaskServiceStub:
     """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
     DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]
     """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]
+    """The workers connected to the leader: the caller's tenant's, or every tenant's for an
+    admin key (the scope that acts for every tenant) and with authentication off.
+    """
     UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]
     """Changes the priority, run_at, labels or max_attempts of a task that has not started
     (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
@@ -140,6 +144,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
     DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
     """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """The workers connected to the leader: the caller's tenant's, or every tenant's for an
+    admin key (the scope that acts for every tenant) and with authentication off.
+    """
     UpdateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.UpdateTaskRequest, _task_service_pb2.UpdateTaskResponse]  # type: ignore[assignment]
     """Changes the priority, run_at, labels or max_attempts of a task that has not started
     (PENDING or SCHEDULED, no attempt counted since its submit or its last RetryTask):
@@ -286,6 +294,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.DeleteRateLimitResponse, _abc.Awaitable[_task_service_pb2.DeleteRateLimitResponse]]:
         """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _task_service_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListWorkersResponse, _abc.Awaitable[_task_service_pb2.ListWorkersResponse]]:
+        """The workers connected to the leader: the caller's tenant's, or every tenant's for an
+        admin key (the scope that acts for every tenant) and with authentication off.
+        """
 
     @_abc_1.abstractmethod
     def UpdateTask(

@@ -74,12 +74,14 @@ async def test_status_lists_workers_and_health(
     done = await conveyor("status", "--coordinator", coordinator.address)
     assert done.code == 0, done.err
     lines = done.out.splitlines()
-    header = next(line for line in lines if line.split()[:1] == ["WORKER"])
+    # Every tenant's workers (an admin's view; authentication off), each with its tenant.
+    header = next(line for line in lines if line.split()[:1] == ["TENANT"])
     assert header.split() == [
-        "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "KEYS", "IN", "FLIGHT", "CREDIT",
-        "STATE",
+        "TENANT", "WORKER", "HOST", "PID", "QUEUES", "TASK", "TYPES", "KEYS", "IN", "FLIGHT",
+        "CREDIT", "STATE",
     ]  # fmt: skip
-    row = next(line.split() for line in lines if line.split()[:1] == ["cli-worker"])
+    row = next(line.split() for line in lines if line.split()[1:2] == ["cli-worker"])
+    assert row[0] == "default"
     assert "media" in row and "k1,k2" in row and row[-1] == "active"
     done = await conveyor("health", "--coordinator", coordinator.address)
     assert (done.code, done.out.strip()) == (0, f"{coordinator.address} SERVING")

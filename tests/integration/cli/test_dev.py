@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -90,8 +91,18 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
                 "--api-key", key,
             )  # fmt: skip
             assert done.code == 1 and "demo failure" in done.out
+            on_dev = ["--coordinator", address, "--api-key", key]
 
-            assert await first.interrupt() == 0, first.output()
+            # Ctrl-C says what it waits for (a running task, here), and a second one stops
+            # at once instead of waiting out the 30 s grace period.
+            running = await conveyor("submit", "sleep", "600", *on_dev)
+            assert running.code == 0, running
+            await eventually(lambda: _is_running(running.out.strip(), on_dev), timeout=30)
+            first.signal(signal.SIGINT)
+            said = await first.read_until("press Ctrl-C again to stop at once")
+            assert "running tasks get up to 30 s to finish" in said
+            assert await first.interrupt(timeout=25) == 0, first.output()
+            assert "stopping at once" in first.output()
             assert first.output().rstrip().endswith("stopped.")
         assert not EmbeddedPostgres(data_dir / "postgres").is_running()
         assert not (other_dir / "postgres").exists()
@@ -119,3 +130,8 @@ async def _console_link_signs_in_once(banner: str) -> None:
         await eventually(demo_worker_shown, what="the demo worker on the console's page")
         async with http.get(link) as response:
             assert response.status == 400  # once only
+
+
+async def _is_running(task_id: str, where: list[str]) -> bool | None:
+    done = await conveyor("get", task_id, "--json", *where)
+    return True if json.loads(done.out)["state"] == "RUNNING" else None

@@ -41,3 +41,24 @@ async def test_a_flag_at_the_edge_of_its_type_is_one_line_naming_it(args: tuple[
 async def test_the_global_rpc_timeout_has_a_range() -> None:
     done = await conveyor("--rpc-timeout", "1e300", "get", "x", "--coordinator", "127.0.0.1:1")
     assert done.code == 2 and "'--rpc-timeout'" in done.err, done
+
+
+# Issue 20, break 8: `--delay 1h` failed ("unable to parse string as a number") while
+# `keys create --expires-in 90d` worked. Every duration flag takes the same syntax; one
+# that parses goes on to connect (exit code 1 here), one that does not is a usage error.
+DURATIONS = [
+    ("submit", "t", "--delay", "1h", "--timeout", "1m30s", "--wait-timeout", "500ms"),
+    ("schedules", "create", "n", "* * * * *", "t", "--timeout", "2m"),
+    ("keys", "create", "--tenant", "a", "--scope", "read", "--expires-in", "1h30m"),
+]
+
+
+@pytest.mark.parametrize("args", DURATIONS, ids=[" ".join(c) for c in DURATIONS])
+async def test_every_duration_flag_takes_units(args: tuple[str, ...]) -> None:
+    done = await conveyor(*args, *NOWHERE)
+    assert done.code == 1 and "cannot reach the coordinator" in done.err, done
+
+
+async def test_a_duration_flag_names_the_syntax() -> None:
+    done = await conveyor("submit", "t", "--delay", "1h30", *NOWHERE)
+    assert done.code == 2 and "'--delay'" in done.err and "1h30m" in done.err, done

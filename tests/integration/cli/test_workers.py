@@ -76,5 +76,13 @@ async def test_queues_and_status_show_the_workers(coordinator: Coordinator, tmp_
         assert await eventually(workers_on_default, timeout=30) == 1
         done = await conveyor("status", "--coordinator", address)
         assert "echo,sleep,fail" in done.out
+        # Issue 20, first hour: the dead tasks' list says why each died.
+        where = ["--coordinator", address]
+        dead = await conveyor("submit", "fail", "--max-attempts", "1", "--wait", *where)
+        assert dead.code == 1, dead
+        done = await conveyor("tasks", "--state", "dead", *where)
+        header, row = done.out.splitlines()[:2]
+        assert header.split()[-2:] == ["LAST", "ERROR"], done.out
+        assert row.endswith("DemoFailure: demo failure"), done.out
     finally:
         await worker.stop(30)

@@ -172,7 +172,7 @@ async def test_dead_letters_show_the_traceback_and_redrive(
     async with stack.client(acme.user.key) as client:
         tasks = [
             await client.submit("charge", {"card": card}, queue="payments", max_attempts=2)
-            for card in ("4242", "1881")
+            for card in ("4242", "1881", "5555")
         ]
     for task in tasks:
         await _wait_state(stack, acme.user.key, task.id, TaskState.DEAD)
@@ -181,7 +181,8 @@ async def test_dead_letters_show_the_traceback_and_redrive(
         await ops.sign_in(acme.user.key)
         await ops.go("/dead")
         groups = await ops.page.inner_text("table.groups")
-        assert "CardDeclinedError: card" in groups and "charge" in groups
+        # One group per error line, counted by the coordinator over every dead task.
+        assert "CardDeclinedError: card 4242 declined" in groups and "charge" in groups
         # From the dead letters to the task, its attempts and the traceback.
         await ops.page.click(f"a[href='/tasks/{tasks[0].id}']")
         await ops.page.wait_for_url(f"{console.url}/tasks/{tasks[0].id}")
@@ -208,6 +209,11 @@ async def test_dead_letters_show_the_traceback_and_redrive(
         await ops.page.wait_for_url(f"{console.url}/dead")
         assert "Redrove 1 of 1 dead task(s)." in await ops.text()
         await _wait_state(stack, acme.user.key, tasks[1].id, TaskState.SUCCEEDED)
+        # The last one by its group's button (a bulk RetryTasks by type and error).
+        await ops.page.click("button:text('Retry all 1')")
+        await ops.page.wait_for_url(f"{console.url}/dead")
+        assert "Redrove 1 dead task(s) of charge: CardDeclinedError: card 5555" in await ops.text()
+        await _wait_state(stack, acme.user.key, tasks[2].id, TaskState.SUCCEEDED)
         await ops.go("/dead")
         assert "No dead task." in await ops.text()
         assert ops.errors == [] and ops.dialogs == []

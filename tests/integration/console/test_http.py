@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from security import Keys
 from conveyor.console import Console, ConsoleConfig, SessionPolicy
 from conveyor.console.web import CONTENT_SECURITY_POLICY, SESSION_COOKIE
 from conveyor.coordinator.tenancy import keys as api_keys
+from conveyor.transport._options import API_KEY_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +132,47 @@ async def test_a_revoked_key_ends_its_sessions(stack: Stack, console: ConsolePro
                 assert "no longer accepts your API key" in await response.text()
 
 
+async def test_an_empty_key_never_borrows_the_consoles_own(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator's key in the console's environment (as the README's export line leaves
+    # it, and as conveyor console --api-key reads it) is theirs alone: a browser that
+    # signs in without a key must not get a session that calls with it.
+    monkeypatch.setenv(API_KEY_ENV, stack.admin)
+    async with in_process(stack) as console, browsing(console.url) as http:
+        refused = await sign_in(http, "")
+        assert refused.status == 401
+        async with http.get("/admin", allow_redirects=False) as response:
+            assert response.status == 303 and response.headers["Location"].startswith("/sign-in")
+        # A one-time link made for no key is no key either.
+        link = console.sign_in_link(None).removeprefix(console.url)
+        async with http.get(link) as response:
+            assert response.status == 200
+        async with http.get("/queues", allow_redirects=False) as response:
+            assert response.status == 303 and "why=refused" in response.headers["Location"]
+
+
+async def test_sign_in_sends_the_browser_nowhere_but_this_console(
+    stack: Stack, console: ConsoleProcess
+) -> None:
+    async with browsing(console.url) as http:
+        await sign_in(http, stack.acme.user.key)
+        # Browsers drop tabs and line breaks from a URL (WHATWG URL parsing) and read a
+        # backslash as a slash: each of these would leave for another site.
+        for elsewhere in ("//evil.example/", "/\\evil.example/", "/\t/evil.example/",
+                          "/\n/evil.example/", "/\r/evil.example/", "https://evil.example/",
+                          "/\t\\evil.example/"):  # fmt: skip
+            async with http.get(
+                "/sign-in", params={"next": elsewhere}, allow_redirects=False
+            ) as response:
+                assert response.status == 303, elsewhere
+                assert response.headers["Location"] == "/queues", elsewhere
+        async with http.get(
+            "/sign-in", params={"next": "/tasks?queue=emails"}, allow_redirects=False
+        ) as response:
+            assert response.headers["Location"] == "/tasks?queue=emails"
+
+
 async def test_failed_sign_ins_stop_before_the_coordinator_would_throttle(
     stack: Stack, console: ConsoleProcess
 ) -> None:
@@ -201,3 +244,31 @@ async def test_pause_and_resume_a_schedule_and_find_it_by_id(
         async with http.get(f"/schedules/by-id/{made.id}") as page:
             assert page.url.path == "/schedule" and page.url.query["name"] == "hourly/report"
             assert "Next fire times" in await page.text()
+
+
+async def test_tasks_filter_by_label_and_time_page_by_page(stack: Stack) -> None:
+    async with stack.client(stack.acme.user.key) as client:
+        billing = [
+            (await client.submit("invoice", n, labels={"team": "billing"})).id for n in range(3)
+        ]
+        other = (await client.submit("invoice", 9, labels={"team": "search"})).id
+        # The API: labels and a creation window, newest first.
+        page = await client.list(labels={"team": "billing"}, page_size=2)
+        assert [t.id for t in page] == billing[:0:-1] and page.next_page_token
+        later = await client.list(created_after=datetime.now(UTC) + timedelta(minutes=1))
+        assert later.items == []
+        earlier = await client.list(created_before=datetime.now(UTC) + timedelta(minutes=1))
+        assert {*billing, other} <= {t.id for t in earlier}
+    async with in_process(stack, page_size=2) as console, browsing(console.url) as http:
+        await sign_in(http, stack.acme.user.key)
+        seen: list[str] = []
+        path: str | None = "/tasks?label=team%3Dbilling&after=2000-01-01T00:00"
+        while path:  # the pager's links keep the filters
+            async with http.get(path) as response:
+                html = await response.text()
+            seen += re.findall(r'href="/tasks/([0-9a-f-]{36})"', html)
+            found = re.search(r'rel="next" href="([^"]+)"', html)
+            path = found and found[1].replace("&amp;", "&")
+        assert seen == billing[::-1], seen
+        async with http.get("/tasks", params={"before": "not a time"}) as response:
+            assert response.status == 400 and "is not a time" in await response.text()

@@ -172,13 +172,18 @@ def test_compose_ports_and_addresses_line_up() -> None:
     services = compose()["services"]
     coordinators = conveyor_services("coordinator")
     listen_ports = set()
+    host_addresses: list[str] = []
     for name, svc in coordinators.items():
         _, flags = parse_command(svc["command"])
         _, port = host_port(flags["--listen"])
         listen_ports.add(port)
-        assert flags["--advertise"] == f"{name}:{port}", name
-        published = [p.rsplit(":", 1)[1] for p in svc["ports"]]
-        assert published == [str(port)], f"{name} publishes {published}, listens on {port}"
+        (published,) = svc["ports"]
+        host_ip, host_port_, container_port = published.split(":")
+        assert container_port == str(port), f"{name} publishes {published}, listens on {port}"
+        # Issue 20, break 9: a follower redirects to the leader's advertised address, so
+        # it must be one the host reaches (the published port), never coordinatorN.
+        assert flags["--advertise"] == f"{host_ip}:{host_port_}", name
+        host_addresses.append(flags["--advertise"])
         dsn = urlsplit(flags["--dsn"])
         postgres = services[dsn.hostname or ""]["environment"]
         assert dsn.port == 5432
@@ -197,6 +202,13 @@ def test_compose_ports_and_addresses_line_up() -> None:
         assert otlp.hostname in services and otlp.port == 4317  # Jaeger's OTLP/gRPC port
     assert len(listen_ports) == 1
     (port,) = listen_ports
+    # The host's commands (compose's header, the operations page) name every coordinator:
+    # with one address only, stopping it (the failover demo) leaves the host nothing.
+    every = "--coordinator " + ",".join(host_addresses)
+    page = (ROOT / "docs" / "operations.md").read_text()
+    for text, where in ((COMPOSE.read_text(), "compose.yaml"), (page, "docs/operations.md")):
+        named = re.findall(r"--coordinator (127\.0\.0\.1:5005\d\S*)", text)
+        assert named and all(f"--coordinator {n}" == every for n in named), (where, named)
     for name, svc in conveyor_services("worker").items():
         _, flags = parse_command(svc["command"])
         assert flags["--coordinator"].split(",") == [f"{c}:{port}" for c in coordinators], name

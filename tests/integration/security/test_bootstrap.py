@@ -53,7 +53,11 @@ async def test_a_cluster_from_its_first_key(database_dsn: str, tmp_path: Path) -
         assert submitted.code == 0, submitted.err
         queues = await conveyor("queues", *where, env=env)
         assert queues.code == 0 and "default" in queues.out
-        denied = await conveyor("status", *where, env=env)
+        # status shows a tenant's key its own workers (issue 20, break 5); the cluster's
+        # keys stay the admin's.
+        status = await conveyor("status", *where, env=env)
+        assert status.code == 0 and "need an admin key" in status.out, status
+        denied = await conveyor("keys", "list", *where, env=env)
         assert denied.code == 1 and "'admin' scope" in denied.err, denied.err
         listed = await conveyor("keys", "list", "--tenant", "acme", *where, "--api-key", admin_key)
         assert listed.code == 0 and key_id in listed.out and "the shop" in listed.out

@@ -201,6 +201,12 @@ def _own_limits_only(answer: Answer, mine: Things, theirs: Things) -> None:
     assert f"only-{mine.tenant}" in queues and f"only-{theirs.tenant}" not in queues
 
 
+def _own_workers_only(answer: Answer, mine: Things, theirs: Things) -> None:
+    # tests/integration/console/test_tenant_views.py lists workers connected at the time.
+    assert answer.code == CODE.OK, answer
+    assert {w.tenant for w in answer.response.workers} <= {mine.tenant}
+
+
 def _own_schedules_only(answer: Answer, mine: Things, theirs: Things) -> None:
     assert answer.code == CODE.OK, answer
     names = {s.name for s in answer.response.schedules}
@@ -348,6 +354,7 @@ CROSS_TENANT: dict[str, tuple[Request, Check]] = {
         lambda o: T.DeleteRateLimitRequest(queue=f"only-{o.tenant}", type=TYPE),
         _not_found,
     ),
+    TASKS + "ListWorkers": (lambda o: T.ListWorkersRequest(), _own_workers_only),
     TASKS + "UpdateTask": (lambda o: T.UpdateTaskRequest(id=o.pending, priority=5), _not_found),
     LEDGER + "RecordEffect": (_their_effect_lease, _not_found),
     LEDGER + "GetEffect": (lambda o: E.GetEffectRequest(task_id=o.pending, key="k"), _not_found),

@@ -4,6 +4,7 @@ commands configured by flags before and after the command."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,9 +117,16 @@ async def test_cli_and_worker_over_mutual_tls(
         assert untrusted.err.startswith(
             f"conveyor: the TLS handshake with {address} failed (CERTIFICATE_VERIFY_FAILED"
         ), untrusted.err
-        plain = await conveyor("get", task["id"], "--coordinator", address, "--rpc-timeout", "2")
-        assert plain.code == 1
-        assert "cannot reach the coordinator" in plain.err
+        # Issue 20, break 3: these read "cannot reach the coordinator ...: is it running?".
+        plain, no_cert = await asyncio.gather(
+            conveyor("get", task["id"], "--coordinator", address, "--rpc-timeout", "2"),
+            conveyor(
+                "get", task["id"], "--coordinator", address, "--tls-ca", str(files.ca_file),
+                "--rpc-timeout", "2",
+            ),
+        )  # fmt: skip
+        assert plain.code == 1 and "it probably serves TLS; pass --tls-ca" in plain.err, plain
+        assert no_cert.code == 1 and "requires a client certificate" in no_cert.err, no_cert
     finally:
         worker.close()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conveyor.cli.app import GLOBAL_OPTIONS
-from conveyor.cli.main import command_tree
+from conveyor.cli.main import command_tree, main
 
 # The commands scripts, tests and the README use; renaming one breaks them.
 KNOWN = {
@@ -13,7 +15,7 @@ KNOWN = {
     "schedules resume", "schedules delete",
     "keys generate", "keys create", "keys list", "keys revoke",
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
-    "bench-tenants",
+    "bench-tenants", "bench-console",
     "bench-deps",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "limits set", "limits list", "limits delete",
@@ -30,3 +32,24 @@ def test_every_command_has_an_example_and_the_global_options() -> None:
         assert f"conveyor {path}" in info.epilog, f"conveyor {path} --help shows no example"
         missing = {opt.flag for opt in GLOBAL_OPTIONS} - info.options
         assert not missing, f"conveyor {path} does not take {missing} after the command"
+
+
+def test_unknown_commands_suggest_the_nearest_and_flags_show_no_type(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 20, first hour: `conveyor list` said only "No such command"; switches showed
+    # `<bool>` as if they took a value.
+    for argv, suggested in (
+        (["list"], "conveyor: No such command 'list'. Did you mean 'tasks'?"),
+        (["subit"], "Did you mean 'submit'?"),
+        (["ls"], "Did you mean 'tasks'?"),
+        (["schedules", "lst"], "conveyor schedules: No such command 'lst'. Did you mean 'list'?"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert suggested in err and err.count("Did you mean") == 1, err
+    assert main(["xyz"]) == 2
+    assert "Did you mean" not in capsys.readouterr().err
+    assert main(["submit", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "<bool>" not in help_text and "--wait" in help_text and "DURATION" in help_text

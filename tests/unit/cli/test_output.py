@@ -12,6 +12,7 @@ from conveyor.cli import output
 from conveyor.cli.errors import RPCFailure, describe, describe_failure
 from conveyor.cli.task_commands import unserved_text
 from conveyor.client import Task, TaskState, WaitTimeoutError
+from conveyor.transport._tls_hints import MUTUAL_TLS, PLAINTEXT, SERVER_TLS
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,31 @@ def test_unserved_says_which_worker_to_start() -> None:
 )  # fmt: skip
 def test_failures_in_cli_terms(failure: RPCFailure, line: str) -> None:
     assert describe_failure(failure) == line
+
+
+# What gRPC's client reports when TLS does not match (seen with grpcio 1.6x-1.8x).
+_CLOSED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:a:1: Socket closed"
+_HANDSHAKE = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:a:1: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:"
+    "{}: Invalid certificate verification context: OK"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "tls", "expected"),
+    [
+        (_CLOSED, PLAINTEXT, "it probably serves TLS; pass --tls-ca"),
+        (_CLOSED, SERVER_TLS, "it probably requires a client certificate (mutual TLS)"),
+        (_CLOSED, MUTUAL_TLS, "it probably refuses this client certificate"),
+        (_HANDSHAKE.format("WRONG_VERSION_NUMBER"), SERVER_TLS, "probably serves plaintext"),
+        (_HANDSHAKE.format("CERTIFICATE_VERIFY_FAILED"), SERVER_TLS, "check that --tls-ca"),
+    ],
+)
+def test_tls_mismatches_name_the_likely_cause(message: str, tls: str, expected: str) -> None:
+    # Issue 20, break 3: each read "cannot reach the coordinator at ...: is it running?".
+    line = describe_failure(RPCFailure(grpc.StatusCode.UNAVAILABLE, message, "a:1"), tls)
+    assert expected in line and "is it running" not in line, line
 
 
 def test_client_errors_in_cli_terms() -> None:

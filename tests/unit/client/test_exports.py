@@ -71,6 +71,7 @@ EXPECTED = [
     "WatchTooSlowError",
     "WebhookNotFoundError",
     "WorkerIdInUseError",
+    "WorkerInfo",
     "WorkerNotFoundError",
     "tls_credentials",
 ]

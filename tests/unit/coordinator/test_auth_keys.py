@@ -19,6 +19,7 @@ EXPECTED = {
         "SubmitTask": "submit", "SubmitTasks": "submit", "CreateSchedule": "submit",
         "UpdateSchedule": "submit", "DeleteSchedule": "submit", "UpdateTask": "submit",
         "GetTask": "read", "ListTasks": "read", "WatchTask": "read", "ListQueues": "read",
+        "ListWorkers": "read",
         "WatchTasks": "read",
         "GetSchedule": "read", "ListSchedules": "read", "ListRateLimits": "read",
         "CancelTask": "operate", "RetryTask": "operate", "PauseSchedule": "operate",

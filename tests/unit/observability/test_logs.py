@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -173,3 +174,17 @@ async def test_lazy_fields_bound_to_a_task_are_made_only_when_it_logs(
     assert (one["task_id"], one["attempt"], one["queue"]) == ("t", 1, "q")
     assert (two["task_id"], "queue" in two) == ("t", False)
     assert "task_id" not in outside
+
+
+def test_json_times_are_iso_8601_utc_with_milliseconds(
+    capture: tuple[io.StringIO, logging.Logger],
+) -> None:
+    # Issue 20, first hour: they were local time without a zone, to the second.
+    buffer, logger = capture
+    logs.configure("info", "json", stream=buffer)
+    logger.info("when")
+    (line,) = json_lines(buffer)
+    stamp = str(line["time"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 60

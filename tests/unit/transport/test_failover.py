@@ -42,8 +42,13 @@ def test_address_book_rotates_and_follows_redirects() -> None:
     assert book.redirect("z:9", from_address="a:1") == "z:9"
     assert book.redirect(None, from_address="b:2") == "c:3"
     assert book.redirect("", from_address="c:3") == "a:1"
-    # A failed redirect target outside the list leads back to the start of the list.
+    # A failed redirect target outside the list leads on after the address that sent us
+    # there (issue 20, break 9: the compose file's leader advertises an address its own
+    # workers cannot reach; going back to the first address looped on a follower).
+    assert book.next_after("z:9") == "b:2"
+    assert book.redirect("z:9", from_address="c:3") == "z:9"
     assert book.next_after("z:9") == "a:1"
+    assert book.next_after("y:8") == "a:1"  # a target nobody listed sent us to
     book.answered("z:9")
     assert book.current == "z:9"
     with pytest.raises(ValueError, match="at least one"):

@@ -997,6 +997,14 @@ async def test_handler_errors_are_sanitised(coordinator: tuple[FakeCoordinator, 
     assert result.error == "NonRetryableError: bad \\x00 byte and ? surrogate"
 
 
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if "refused the result" in r.getMessage() or "is not kept" in r.getMessage()
+    ]
+
+
 async def test_refusals_of_cancelled_tasks_are_no_warning(
     coordinator: tuple[FakeCoordinator, str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1035,15 +1043,28 @@ async def test_refusals_of_cancelled_tasks_are_no_warning(
             )
         )
         await eventually(
-            lambda: sum("refused the result" in r.getMessage() for r in caplog.records) == 3,
+            lambda: (
+                sum(r.getMessage().startswith(("coordinator", "task")) for r in caplog.records) >= 3
+            ),
             what="three refusals logged",
         )
-    refusals = {
-        r.getMessage().split()[6]: r.levelno
-        for r in caplog.records
-        if "refused the result" in r.getMessage()
+    said = {
+        r.getMessage().split()[1 if r.getMessage().startswith("task ") else 6]: (
+            r.levelno,
+            r.getMessage(),
+        )
+        for r in _refusals(caplog)
     }
-    assert refusals == {"t1": logging.INFO, "t2": logging.INFO, "t3": logging.WARNING}
+    # Issue 20, break 7: a cancelled task's refusal says it was cancelled, not that the
+    # coordinator refused its result ("lease is not current" reads like a fault).
+    assert {task: level for task, (level, _) in said.items()} == {
+        "t1": logging.INFO,
+        "t2": logging.INFO,
+        "t3": logging.WARNING,
+    }
+    for task in ("t1", "t2"):
+        assert said[task][1] == f"task {task} attempt 1 was cancelled: its result is not kept"
+    assert "refused the result of task t3" in said["t3"][1] and refused in said["t3"][1]
 
 
 async def test_sync_handler_ignoring_cancellation_keeps_its_slot(
