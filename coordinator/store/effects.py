@@ -1,4 +1,4 @@
-"""SQL for the ``task_effects`` table: the idempotency ledger of handlers (migration 0010).
+"""SQL for the ``task_effects`` table: the idempotency ledger of handlers (migration 0009).
 
 An entry is written only by the attempt that holds its task's lease, checked in the same
 statement on the task row (FOR SHARE: a reaper, a result or a cancel that ends the lease

@@ -1,4 +1,4 @@
-"""SQL for the ``locks`` table: named locks with fencing tokens (migration 0010).
+"""SQL for the ``locks`` table: named locks with fencing tokens (migration 0009).
 
 A name's row stays once made; each acquisition adds one to its ``fencing_token``, so the
 tokens of one name only grow. A lock is free when it has no handle or its TTL ran out (the

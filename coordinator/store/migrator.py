@@ -1,7 +1,7 @@
 """Versioned schema migrations, applied at coordinator start-up.
 
 Migrations are the numbered ``migrations/NNNN_name.sql`` files next to this module. They are
-applied in order, each in its own transaction, under a transaction-level advisory lock so two
+applied in order, in one transaction, under a transaction-level advisory lock so two
 coordinators starting at once apply each migration exactly once; running again is a no-op.
 """
 
@@ -37,10 +37,12 @@ def load_migrations() -> list[Migration]:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    # Gaps are allowed: numbers are handed to branches before they merge, so a branch may
-    # hold 0006 while 0004 is still on its way. Each version is applied once, by number.
-    if len(set(versions)) != len(versions) or (versions and versions[0] != 1):
-        raise RuntimeError(f"migration versions must be unique and start at 1, found {versions}")
+    # A gap or a repeat means a file was lost or two branches took one number: refuse to
+    # start rather than run a schema nobody tested.
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(
+            f"migration versions must be 1, 2, 3, ... without gaps or repeats, found {versions}"
+        )
     return found
 
 

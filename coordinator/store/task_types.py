@@ -95,7 +95,7 @@ async def upsert(conn: asyncpg.Connection, d: Definition) -> asyncpg.Record:
         retry_multiplier=d.retry_multiplier,
         retry_jitter=d.retry_jitter,
     )
-    assert row is not None  # the version row always exists (migration 0011)
+    assert row is not None  # the version row always exists (migration 0010)
     return row
 
 
