@@ -22,7 +22,7 @@ mkdir -p build/coverage
 status=0
 # Four test processes (pytest-xdist) on two cores: the suite mostly waits on the
 # processes and servers it starts, so four run it in 7-8 minutes where two took 9-10
-# (measured on the 2-core VM, 1,033 tests). `scripts/test.sh -n 0 ...` runs in one process.
+# (measured on the 2-core VM, 1,173 tests). `scripts/test.sh -n 0 ...` runs in one process.
 .venv/bin/coverage run -m pytest -q -n 4 "$@" || status=$?
 .venv/bin/coverage combine -q
 echo
