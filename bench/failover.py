@@ -5,14 +5,19 @@ worker process, with a backlog of delayed tasks falling due every 10 ms (so ther
 work the moment a leader can dispatch) and a trickle of client submits. Then, several
 times: SIGKILL the leader, and measure from the kill to the first task the next leader
 dispatched (its lease start, stamped by PostgreSQL, with the new epoch). Also reported:
-when the new leader took office, and when a client's submit was next acknowledged. The
-killed coordinator is restarted as a follower before the next run.
+when the new leader took office, and the submits' side of the failover. A client that
+knows every coordinator submits one task after another (``--rate`` a second, each call
+with the client's own failover and nothing more); its submit unavailability in a run is
+the longest gap between two acknowledged submits around the kill (from a second before
+it until after the new leader's first dispatch), and every submit that raised counts as
+failed. The killed coordinator is restarted as a follower before the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -109,7 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             db = await asyncpg.connect(dsn)
             try:
-                durations = await _runs(args, addresses, procs, start_coordinator, db)
+                durations, gaps, failed = await _runs(args, addresses, procs, start_coordinator, db)
             finally:
                 worker.send_signal(signal.SIGTERM)
                 with suppress(TimeoutError):
@@ -125,12 +130,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "failover_median_s": round(statistics.median(durations), 3),
         "failover_max_s": round(max(durations), 3),
         "failover_all_s": [round(d, 3) for d in durations],
+        "submit_gap_median_s": round(statistics.median(gaps), 3),
+        "submit_gap_max_s": round(max(gaps), 3),
+        "submit_gap_all_s": [round(g, 3) for g in gaps],
+        "failed_submits": failed,
     }
     _say(
         f"\nfailover (leader SIGKILL -> first dispatch by the new leader), "
         f"{len(durations)} runs, election TTL {args.election_ttl:g}s:\n"
         f"  median {figures['failover_median_s']} s   max {figures['failover_max_s']} s   "
-        f"all {figures['failover_all_s']}"
+        f"all {figures['failover_all_s']}\n"
+        f"submit unavailability (longest gap between acknowledged submits at "
+        f"{args.rate:g}/s around the kill):\n"
+        f"  median {figures['submit_gap_median_s']} s   max {figures['submit_gap_max_s']} s   "
+        f"all {figures['submit_gap_all_s']}   failed submits {failed}"
     )
     return figures
 
@@ -153,8 +166,12 @@ async def _runs(
     procs: dict[str, Process],
     start_coordinator: Any,
     db: asyncpg.Connection,
-) -> list[float]:
+) -> tuple[list[float], list[float], int]:
+    """The runs: the dispatch gaps, the submit gaps (seconds) and the submits that failed."""
     durations: list[float] = []
+    gaps: list[float] = []
+    acked: list[float] = []  # when each acknowledged submit was answered (unix time)
+    failures: list[float] = []  # when each failed submit was given up on
     async with AsyncClient(addresses, timeout=30.0) as client:
         # Work falling due every 10 ms for the whole run, already committed.
         start = datetime.now(UTC)
@@ -164,14 +181,20 @@ async def _runs(
         ]
         await client.submit_many(backlog)
         stop = asyncio.Event()
+        answered = asyncio.Event()
 
         async def trickle() -> None:
-            # Keyed submits: the client may retry them across the failover.
+            # One submit after another, each with the client's own failover only (it
+            # resends a submit safely: each carries a request id); one that raises failed.
             n = 0
             while not stop.is_set():
                 n += 1
-                with suppress(Exception):
+                try:
                     await client.submit("echo", n, idempotency_key=f"failover-{n}")
+                    acked.append(time.time())
+                    answered.set()
+                except Exception:
+                    failures.append(time.time())
                 await asyncio.sleep(1 / args.rate)
 
         feeder = asyncio.create_task(trickle())
@@ -204,23 +227,30 @@ async def _runs(
                     "SELECT extract(epoch FROM update_time) FROM leadership"
                 )
                 await start_coordinator(leader)
-                acked = None
-                deadline = time.monotonic() + 30
-                while acked is None and time.monotonic() < deadline:
-                    acked = await db.fetchval(
-                        "SELECT extract(epoch FROM min(create_time)) FROM tasks"
-                        " WHERE idempotency_key IS NOT NULL AND create_time > to_timestamp($1)",
-                        killed_at,
-                    )
-                    if acked is None:
-                        await asyncio.sleep(0.05)
-                client_s = float(acked) - killed_at if acked is not None else float("nan")
+                # The window closes with a submit acknowledged after the first dispatch.
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        while not (acked and acked[-1] > float(first)):
+                            answered.clear()
+                            await answered.wait()
+                window = [t for t in acked if t >= killed_at - 1.0]
+                # The longest gap, and when it began (from the kill).
+                gap, at = max(
+                    ((b - a, a - killed_at) for a, b in itertools.pairwise(window)),
+                    default=(0.0, 0.0),
+                )
+                if not window or window[0] > killed_at:
+                    first_gap = (window[0] if window else time.time()) - killed_at
+                    if first_gap > gap:
+                        gap, at = first_gap, 0.0
+                gaps.append(gap)
+                failed = sum(1 for t in failures if t >= killed_at - 1.0)
                 _say(
                     f"  run {run}: {durations[-1]:.3f} s (new leader in office after "
-                    f"{float(elected) - killed_at:.3f} s; next client submit acknowledged "
-                    f"after {client_s:.3f} s)"
+                    f"{float(elected) - killed_at:.3f} s); submits: longest gap "
+                    f"{gap:.3f} s (from {at:+.3f} s), {failed} failed"
                 )
         finally:
             stop.set()
             await feeder
-    return durations
+    return durations, gaps, len(failures)

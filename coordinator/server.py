@@ -53,6 +53,7 @@ from conveyor.coordinator.lifecycle.task_events import TaskEventHub
 from conveyor.coordinator.lifecycle.task_types import TaskTypes
 from conveyor.coordinator.lifecycle.watch_reader import WatchReader
 from conveyor.coordinator.lifecycle.watchers import TaskWatchers
+from conveyor.coordinator.lifecycle.work_ready import WorkReadyRelay
 from conveyor.coordinator.schedules.firer import ScheduleFirer
 from conveyor.coordinator.store import api_keys as key_store
 from conveyor.coordinator.store.db import Database, Pool
@@ -117,6 +118,8 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self.task_types: TaskTypes | None = None
         """Task-type definitions, cached (LISTEN/NOTIFY keeps them current)."""
+        self.work_ready: WorkReadyRelay | None = None
+        """Wakes the leader's dispatcher when a follower commits a submit (NOTIFY)."""
         self.events: TaskEventHub | None = None
         """WatchTasks streams and the relay of task changes between coordinators."""
         self.webhooks: WebhookDeliverer | None = None
@@ -240,23 +243,34 @@ class Coordinator:
             max_per_tenant=cfg.max_watch_streams,
             buffer_limit=cfg.max_watch_buffer,
         )
+        # WatchTask on a follower: the leader's changes of its tenants, relayed.
+        self.events.watch_tasks(self.watchers.tenants, self.watchers.changed)
+        self.watchers.on_first_watch = self.events.announce
         recorder = ResultRecorder(deps)
         workers = WorkerServicer(deps, dispatcher, recorder, leases)
         schedules = ScheduleService(deps, now=firer.now, changed=firer.wake, quotas=quotas)
         self.webhooks = WebhookDeliverer(deps)
+        promoter = Promoter(deps)
+        # A follower's submits wake this coordinator's dispatcher and promoter while it
+        # leads (a follower's commits never take this process's after-commit path).
+        self.work_ready = WorkReadyRelay(
+            deps.after_commit,
+            cfg.dsn,
+            self.node_id,
+            self.office,
+            ready=dispatcher.wake,
+            scheduled=promoter.due,
+        )
         self.services = [
             dispatcher,
-            Promoter(deps),
+            promoter,
             Reaper(deps),
             DependencySweeper(deps),
             firer,
-            backlog,
             Retention(deps),
             self.webhooks,
             DeadlineSweeper(deps),
         ]
-        if cfg.max_queue_backlog > 0:
-            self.services.append(queue_backlog)
         self.leadership = leadership = Leadership(
             cfg,
             node_id=self.node_id,
@@ -293,6 +307,11 @@ class Coordinator:
             TaskTypeServicer(db, max_payload_bytes=cfg.max_payload_bytes),
             KedaScaler(deps, authenticator),
         )
+        # Every coordinator admits submits, so each counts the backlogs its quotas check
+        # (reads), for the life of the process rather than of a term.
+        await components.start(backlog)
+        if cfg.max_queue_backlog > 0:
+            await components.start(queue_backlog)
         await components.start(self.submitter)
         await components.start(recorder)
         await components.start(leases)
@@ -300,6 +319,7 @@ class Coordinator:
         await components.start(WatchReader(deps))
         # WatchTasks streams: theirs for the life of the process too.
         await components.start(self.events)
+        await components.start(self.work_ready)
         await components.start(api)
         if not cfg.authentication:
             _log.error(

@@ -12,7 +12,9 @@ to wait before the next; :meth:`Service.wake` cuts the wait short). The lifecycl
 it is the same for every service (dispatcher, promoter, reaper, schedule firer, backlog
 counter):
 
-- ``start()`` when this coordinator takes office, ``stop()`` when it leaves;
+- ``start()`` when this coordinator takes office, ``stop()`` when it leaves (a few are
+  every coordinator's for the life of the process instead: the watch reader, the
+  backlog counters);
 - a step that raises is logged (a warning for a store outage, the traceback for anything
   else, which is a bug), counted in ``failures``, and retried after a growing backoff;
   one bad round never ends the service;

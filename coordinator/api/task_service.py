@@ -1,8 +1,9 @@
 """``TaskService``: the API applications use to submit, inspect, wait for and cancel tasks.
 
-Handlers only do their work: the interceptors (``api/interceptors/``) refuse calls
-on a follower, fill the request context (the tenant is read from it) and turn whatever a
-handler raises into the right status. The schedule methods are the
+Handlers only do their work: the interceptors (``api/interceptors/``) refuse calls on a
+follower (all but submits and reads: ``interceptors/leader.py``), fill the request context
+(the tenant is read from it) and turn whatever a handler raises into the right status.
+The schedule methods are the
 :class:`~conveyor.coordinator.schedule_service.ScheduleService`'s; this class only routes
 them, so the wire API keeps schedules in TaskService.
 """
@@ -125,8 +126,10 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
     def _unserved(self, row: asyncpg.Record) -> tuple[bool, str]:
         """Whether the task waits and no connected worker takes its queue and type or,
-        taking them, holds its encryption key; and that key id when it is the reason."""
-        if row["state"] not in _WAITING:
+        taking them, holds its encryption key; and that key id when it is the reason.
+        Only the leader knows: workers connect to it, so a follower (serving reads too)
+        never calls a task unserved."""
+        if row["state"] not in _WAITING or not self._deps.office.leader:
             return False, ""
         key = (
             envelope_key_id(row["payload"])

@@ -7,7 +7,7 @@ new epoch in PostgreSQL, so a second coordinator started on the same database fe
 this one off instead of racing it. Either way every dispatch-side write is fenced by the
 epoch.
 
-A term's services (dispatcher, promoter, reaper, schedule firer, backlog counter) are
+A term's services (dispatcher, promoter, reaper, schedule firer, webhooks) are
 started in order when the term begins and stopped in reverse when it ends, by one
 :class:`~conveyor.coordinator.supervisor.Supervisor`. Leaving office (deposed, fenced,
 or stopping) first stops dispatching (``Office.leader`` is False at once), then sends

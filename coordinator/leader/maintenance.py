@@ -90,7 +90,13 @@ class Promoter(Service):
 
     def _on_transitions(self, batch: Transitions) -> None:
         run_at = batch.earliest_run_at(SCHEDULED)
-        if run_at is not None and (self._next_due is None or run_at < self._next_due):
+        if run_at is not None:
+            self.due(run_at)
+
+    def due(self, run_at: datetime) -> None:
+        """A task was scheduled for ``run_at`` (here, or on a follower: ``work_ready.py``):
+        looks again now if that is earlier than the next one it knew of."""
+        if self._next_due is None or run_at < self._next_due:
             self._next_due = run_at
             self.wake()
 

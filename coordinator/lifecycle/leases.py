@@ -388,8 +388,8 @@ class Dispatcher(Service):
         case, where pickup latency is what counts; under load the batched claims are
         cheaper.
         """
-        if not self.running:
-            return []  # not leading (or fenced)
+        if not self.running or not self.deps.office.leader:
+            return []  # not leading (or fenced): a follower's submit only inserts
         if len(rows) > HAND_OFF_MAX or any(r.state != PENDING for r in rows):
             return []
         if not self.policy.may_hand_off(rows):

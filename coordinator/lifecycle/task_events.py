@@ -15,6 +15,12 @@ queue. The :class:`TaskEventHub` feeds them, from two sources:
   NOTIFYs per commit, from this hub's own connection, never in the committing
   transaction).
 
+WatchTask streams (one task each, ``watchers.py``) ride on the same relay: a coordinator
+with such watches says so for their tenants like for its own streams
+(:meth:`TaskEventHub.watch_tasks`), and the changes other coordinators send of those
+tenants mark the watched tasks for a read, so a follower's WatchTask sees what the leader
+commits within milliseconds, not at the watch reader's next refresh.
+
 A stream starts with the changes after it opened: the first (empty) response says it is
 open here; another coordinator learns of it within a few milliseconds (one NOTIFY), so
 a change it commits in that moment may be missed. When the listening connection is lost,
@@ -31,7 +37,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +172,22 @@ class TaskEventHub:
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         """Set while the relay's connection listens (for tests and the first response)."""
+        self._watched_tenants: Callable[[], Iterable[str]] = tuple
+        self._watched_changed: Callable[[Iterable[str]], None] = lambda ids: None
         after_commit.listen(self.on_transitions)
+
+    def watch_tasks(
+        self, tenants: Callable[[], Iterable[str]], changed: Callable[[Iterable[str]], None]
+    ) -> None:
+        """Relays other coordinators' changes of ``tenants()`` (those of this
+        coordinator's WatchTask streams) to ``changed`` (their task ids); call
+        :meth:`announce` when a tenant's first watch opens."""
+        self._watched_tenants, self._watched_changed = tenants, changed
+
+    def announce(self, tenant: str) -> None:
+        """Tells the other coordinators now that this one watches ``tenant``."""
+        self._announce.add(tenant)
+        self._wake.set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -267,8 +288,11 @@ class TaskEventHub:
             tenant = str(message["t"])
             if message.get("lost"):
                 self._end_tenant(tenant, WatchTooSlow("changes were dropped on their way here"))
-            elif tenant in self._streams:
-                self._deliver(tenant, [tuple(e) for e in message["e"]])
+                return
+            events = [tuple(e) for e in message["e"]]
+            if tenant in self._streams:
+                self._deliver(tenant, events)
+            self._watched_changed(str(e[0]) for e in events)
         except (ValueError, KeyError, TypeError) as exc:
             _log.warning("ignored a malformed %s notification: %s", channel, exc)
 
@@ -288,7 +312,7 @@ class TaskEventHub:
             self._dsn, "conveyor-coordinator-events", channels, on_lost=self._wake.set
         ) as (conn, lost):
             self.listening.set()
-            self._announce |= set(self._streams)
+            self._announce |= self._interests()
             loop = asyncio.get_running_loop()
             next_renewal = loop.time()
             while not lost.is_set():
@@ -297,10 +321,14 @@ class TaskEventHub:
                         await self._wake.wait()
                 self._wake.clear()
                 if loop.time() >= next_renewal:
-                    self._announce |= set(self._streams)
+                    self._announce |= self._interests()
                     next_renewal = loop.time() + INTEREST_RENEW
                     self._expire()
                 await self._flush(conn)
+
+    def _interests(self) -> set[str]:
+        """The tenants this coordinator watches: its streams', its WatchTask streams'."""
+        return set(self._streams) | set(self._watched_tenants())
 
     async def _flush(self, conn: asyncpg.Connection) -> None:
         """Sends what is due: this coordinator's interest, changes others watch, losses;

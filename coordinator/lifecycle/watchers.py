@@ -4,10 +4,11 @@ A stream registers a :class:`Watch` for its task and waits on it; it never reads
 PostgreSQL itself. The :class:`~conveyor.coordinator.lifecycle.watch_reader.WatchReader`
 reads, in one statement, every watched task that changed (marked by this module's
 after-commit listener, ``transitions.py``: one dict lookup per task of each committed
-batch, nothing when no one watches) and, every
-``WATCH_REFRESH`` seconds as a safety net, every watched task; each watch keeps only the
-latest row it was offered (no queue grows behind a slow stream). So a thousand watchers
-cost the database what one does: one indexed read per change and one per refresh.
+batch, nothing when no one watches; changes other coordinators commit are marked by the
+relay of ``task_events.py``) and, every ``WATCH_REFRESH`` seconds as a safety net, every
+watched task; each watch keeps only the latest row it was offered (no queue grows behind
+a slow stream). So a thousand watchers cost the database what one does: one indexed read
+per change and one per refresh.
 
 Each tenant may have at most ``max_per_tenant`` watches open on this coordinator; past
 it, WatchTask is refused with QUOTA_EXCEEDED (RESOURCE_EXHAUSTED).
@@ -86,6 +87,9 @@ class TaskWatchers:
         self._due: set[TaskKey] = set()
         self.on_due: Callable[[], None] = lambda: None
         """Called when a watched task is due for a read (the reader's wake-up)."""
+        self.on_first_watch: Callable[[str], None] = lambda tenant: None
+        """Called when a tenant's first watch opens here (the relay of other
+        coordinators' changes says this one wants that tenant's: ``task_events.py``)."""
 
     def __len__(self) -> int:
         return sum(self._per_tenant.values())
@@ -109,6 +113,8 @@ class TaskWatchers:
         watch = Watch(tenant, str(task_id))
         self._by_id.setdefault(watch.task_id, set()).add(watch)
         self._per_tenant[tenant] += 1
+        if self._per_tenant[tenant] == 1:
+            self.on_first_watch(tenant)
         self._mark_due([(tenant, watch.task_id)])
         try:
             yield watch
@@ -121,6 +127,10 @@ class TaskWatchers:
                 watches.discard(watch)
                 if not watches:
                     del self._by_id[watch.task_id]
+
+    def tenants(self) -> list[str]:
+        """The tenants with watches open here."""
+        return list(self._per_tenant)
 
     def on_transitions(self, batch: Transitions) -> None:
         """The after-commit listener: marks the batch's watched tasks for a read."""

@@ -14,9 +14,15 @@ flight and those committed after the count began alike. Completions in between a
 subtracted, so the estimate is high by at most one refresh interval of finished work.
 The bookkeeping is per call (a batch counts once), never per task.
 
-Until the counter has counted, the figure is empty: right after this coordinator took
-office (a failover, a start), and right after a first backlog limit was set (nothing is
-counted while no tenant has one). A submit or a firing of a limited tenant then waits
+Every coordinator serves submits (followers too), so every coordinator counts, for the
+life of its process: the count covers every coordinator's committed tasks, the additions
+since only its own. Submits other coordinators admitted since the last count are
+missing from a coordinator's estimate, so with clients spread over several replicas a
+tenant may pass its limit by what the others admitted within one refresh interval.
+
+Until the counter has counted, the figure is empty: right after this coordinator
+started, and right after a first backlog limit was set (nothing is counted while no
+tenant has one). A submit or a firing of a limited tenant then waits
 for the count (:meth:`BacklogCounter.ready`, which starts it at once) instead of being
 admitted against nothing; without the wait, a tenant could add a refresh interval's
 worth of submits past its limit.
@@ -48,8 +54,8 @@ class BacklogCounter(Service):
         self.committed: collections.Counter[str] = collections.Counter()
         """Tasks whose submit finished since the last count began, per tenant."""
         self.current = False
-        """Whether ``counted`` is a count taken while some tenant had a backlog limit, in
-        this term of office (else the estimate knows nothing of older tasks)."""
+        """Whether ``counted`` is a count taken while some tenant had a backlog limit, since
+        this counter started (else the estimate knows nothing of older tasks)."""
 
     async def ready(self) -> None:
         """Returns once the count is current, counting at once if it is not (the caller
@@ -60,7 +66,7 @@ class BacklogCounter(Service):
 
     async def stop(self) -> None:
         await super().stop()
-        self.current = False  # the next term counts again before trusting the figure
+        self.current = False  # started again, it counts again before trusting the figure
 
     def estimate(self, tenant: str) -> int:
         return self.counted.get(tenant, 0) + self.committed[tenant] + self.in_flight[tenant]

@@ -9,8 +9,9 @@ RESOURCE_EXHAUSTED, reason QUOTA_EXCEEDED, a ``QuotaFailure`` naming
 ``max_queue_backlog``, and ``RetryInfo`` (the client waits it out by default). Per call:
 one check per queue named in the call, never per task.
 
-Until the counter has counted in this term of office, a submit waits for the count (as
-for the tenant's backlog). Schedule firings are not held to this limit (they are held to
+Every coordinator counts, for the life of its process, since every one serves submits
+(as for the tenant's backlog). Until the counter has counted, a submit waits for the
+count. Schedule firings are not held to this limit (they are held to
 the tenant's).
 """
 

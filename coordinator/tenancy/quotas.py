@@ -10,8 +10,11 @@ helps (the backlog and the rate; not a payload too large, nor a schedule too man
 
 Admission is per call: one SubmitTasks of 500 tasks costs one check and takes 500
 tokens, never 500 checks. The submit rate is a token bucket per tenant
-(:class:`TokenBucket`), in the leader's memory (every submit goes to the leader); a new
-leader starts every bucket full.
+(:class:`TokenBucket`), in each coordinator's memory: every coordinator serves submits
+(followers too), so a tenant whose clients spread their submits over several replicas
+may reach the rate on each; a client sticks to the coordinator that answered it last, so
+in the common case one coordinator admits a client's submits. A coordinator starts every
+bucket full.
 
 A schedule's firing is a submit too: the firer asks once per tenant and batch
 (:meth:`Quotas.admit_firings`), which admits as many firings as the tenant's backlog and

@@ -36,6 +36,17 @@ ANY_COORDINATOR = frozenset(
         "/conveyor.v1.LockService/ReleaseLock",
         # Its changes reach every coordinator (lifecycle/task_events.py).
         "/conveyor.v1.TaskService/WatchTasks",
+        # Submits and reads: PostgreSQL is the truth, and a new task's insert needs no
+        # fence (only dispatch-side writes do: claims, leases, results, reaping). A
+        # follower inserts, then wakes the leader's dispatcher (lifecycle/work_ready.py),
+        # so submits keep working through an election and spread over the replicas.
+        "/conveyor.v1.TaskService/SubmitTask",
+        "/conveyor.v1.TaskService/SubmitTasks",
+        "/conveyor.v1.TaskService/GetTask",
+        "/conveyor.v1.TaskService/ListTasks",
+        "/conveyor.v1.TaskService/WatchTask",
+        "/conveyor.v1.TaskService/GetSchedule",
+        "/conveyor.v1.TaskService/ListSchedules",
         # Definitions are not dispatch state; a change reaches every coordinator's cache.
         "/conveyor.v1.TaskTypeService/SetTaskType",
         "/conveyor.v1.TaskTypeService/GetTaskType",

@@ -1,0 +1,202 @@
+"""Followers serve submits and reads; only dispatch needs the leader.
+
+In-process pairs (``coordinator_pair``: the second fences the first, which follows) show
+what a follower answers and that its submits wake the leader's dispatcher through
+PostgreSQL NOTIFY (``lifecycle/work_ready.py``), with the dispatcher's poll set far
+beyond the test's wait so that only the wake-up can dispatch in time. Separate processes
+against real etcd show the point of it: a client that knows every coordinator sees no
+failed submit while the leader is SIGKILLed, and every acknowledged task is in the
+database and completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cluster import Checker, CoordinatorProcess, LoadGenerator, WorkerProcess, wait_for_leader
+from coordinator_pair import coordinator_pair
+from etcd_servers import EtcdServer
+from testsupport import RawWorker, error_details, eventually, submit
+
+from conveyor.coordinator import Coordinator
+from conveyor.coordinator.lifecycle import watch_reader
+from conveyor.v1 import (
+    schedule_pb2,
+    task_pb2,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
+
+PENDING = task_pb2.TASK_STATE_PENDING
+SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+NO_POLL = 60.0
+"""The dispatcher's poll interval here: far past every wait of these tests."""
+
+
+@pytest.fixture
+async def pair(database_dsn: str) -> AsyncIterator[tuple[Coordinator, Coordinator]]:
+    async with coordinator_pair(database_dsn, authentication=False, poll_interval=NO_POLL) as (
+        follower,
+        leader,
+        _,
+    ):
+        for coordinator in (follower, leader):
+            relay = coordinator.work_ready
+            assert relay is not None
+            await asyncio.wait_for(relay.listening.wait(), 10)
+        yield follower, leader
+
+
+async def test_a_submit_to_a_follower_is_dispatched_by_the_leader_and_completes(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    follower, leader = pair
+    worker = RawWorker(leader.address)
+    try:
+        await worker.connect("w1", credits=4, types=("echo",))
+        async with grpc.aio.insecure_channel(follower.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            # Both submit calls, answered by the follower: it inserts, never hands off.
+            task = await submit(stub, "echo", payload=b"one")
+            assert task.state == PENDING
+            batch = await stub.SubmitTasks(
+                task_service_pb2.SubmitTasksRequest(
+                    tasks=[task_service_pb2.SubmitTaskRequest(type="echo", payload=b"two")]
+                )
+            )
+            ids = {task.id, batch.results[0].task.id}
+            # Dispatched within seconds, though the leader's dispatcher polls once a
+            # minute: the follower's NOTIFY woke it.
+            assignments = await worker.assignments(2, timeout=10)
+            assert {a.lease.task_id for a in assignments} == ids
+            for assignment in assignments:
+                ack = await worker.report(assignment.lease)
+                assert ack.accepted, ack
+            # Reads on the follower see what the leader wrote.
+            got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+            assert got.task.state == SUCCEEDED
+            assert [a.outcome for a in got.attempts] == [task_pb2.ATTEMPT_OUTCOME_SUCCEEDED]
+            listed = await stub.ListTasks(task_service_pb2.ListTasksRequest(state=SUCCEEDED))
+            assert ids <= {t.id for t in listed.tasks}
+    finally:
+        await worker.close()
+    relay = leader.work_ready
+    assert relay is not None and relay.received >= 1
+
+
+@pytest.fixture
+def no_watch_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No refresh of watched tasks within a test (set before the coordinators start)."""
+    monkeypatch.setattr(watch_reader, "WATCH_REFRESH", NO_POLL)
+
+
+async def test_a_follower_watch_sees_the_leaders_changes_as_they_happen(
+    no_watch_refresh: None, pair: tuple[Coordinator, Coordinator]
+) -> None:
+    # Only the relay of the leader's changes can tell the follower's watch that its task
+    # finished.
+    follower, leader = pair
+    worker = RawWorker(leader.address)
+    try:
+        await worker.connect("w2", credits=1, types=("echo",))
+        async with grpc.aio.insecure_channel(follower.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            task = await submit(stub, "echo")
+            watch = stub.WatchTask(task_service_pb2.WatchTaskRequest(id=task.id))
+            first = await asyncio.wait_for(watch.read(), 10)
+            assert first.task.id == task.id
+            # A follower does not know the leader's workers: never "unserved".
+            assert not first.unserved
+            events = leader.events
+            assert events is not None
+            await eventually(lambda: events.watched("default"), what="the follower's interest")
+            (assignment,) = await worker.assignments(1, timeout=10)
+            await worker.report(assignment.lease)
+            states = [first.task.state]
+            while states[-1] != SUCCEEDED:
+                response = await asyncio.wait_for(watch.read(), 10)
+                assert response is not grpc.aio.EOF, states
+                states.append(response.task.state)
+                assert not response.unserved
+    finally:
+        await worker.close()
+
+
+async def test_a_follower_serves_schedule_reads_and_refuses_the_rest(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    follower, leader = pair
+    async with (
+        grpc.aio.insecure_channel(follower.address) as far,
+        grpc.aio.insecure_channel(leader.address) as near,
+    ):
+        on_follower = task_service_pb2_grpc.TaskServiceStub(far)
+        on_leader = task_service_pb2_grpc.TaskServiceStub(near)
+        await on_leader.CreateSchedule(
+            schedule_pb2.CreateScheduleRequest(
+                schedule=schedule_pb2.Schedule(
+                    name="nightly",
+                    cron="0 3 * * *",
+                    task_template=schedule_pb2.TaskTemplate(type="echo"),
+                )
+            )
+        )
+        got = await on_follower.GetSchedule(schedule_pb2.GetScheduleRequest(name="nightly"))
+        assert got.schedule.name == "nightly"
+        listed = await on_follower.ListSchedules(schedule_pb2.ListSchedulesRequest())
+        assert [s.name for s in listed.schedules] == ["nightly"]
+        # Bad input is still bad input on a follower.
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await on_follower.GetTask(task_service_pb2.GetTaskRequest(id="not-a-uuid"))
+        assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        # Writes of dispatch state stay the leader's (NOT_LEADER; single-node followers
+        # know no leader address to give).
+        task = await submit(on_follower, "echo")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await on_follower.CancelTask(task_service_pb2.CancelTaskRequest(id=task.id))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert error_details(refused.value).reason == "NOT_LEADER"
+        cancelled = await on_leader.CancelTask(task_service_pb2.CancelTaskRequest(id=task.id))
+        assert cancelled.task.state == task_pb2.TASK_STATE_CANCELLED
+
+
+# -- separate processes: the leader SIGKILLed under a submit load -------------------------
+
+
+async def test_no_submit_fails_while_the_leader_is_sigkilled(
+    database_dsn: str, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    coordinators = [
+        CoordinatorProcess(database_dsn, etcd_server.endpoints, log_dir=tmp_path, name=f"c{i}")
+        for i in range(3)
+    ]
+    effects = tmp_path / "effects.log"
+    workers: list[WorkerProcess] = []
+    try:
+        for coordinator in coordinators:
+            coordinator.start()
+        for coordinator in coordinators:
+            await coordinator.wait_serving()
+        first = await wait_for_leader(database_dsn)
+        addresses = ",".join(c.address for c in coordinators)
+        workers.append(WorkerProcess(addresses, effects, log_dir=tmp_path, concurrency=50).start())
+        # The client's own failover only: a submit that raises counts as failed (the
+        # load generator's own retries would hide it).
+        load = LoadGenerator(addresses, count=900, rate=150, give_up_after=0.0)
+        load.start()
+        await load.wait_acknowledged(200)
+        next(c for c in coordinators if c.address == first["address"]).kill()
+        await wait_for_leader(database_dsn, newer_than=first["epoch"], timeout=30)
+        log = await load.wait(timeout=120)
+        assert not log.failed, list(log.failed.items())[:5]
+        assert not log.errors, log.errors
+        assert len(log.acknowledged) == log.count
+        violations = await Checker(log, effects).check(database_dsn, wait_settled=60)
+        assert not violations, "\n".join(violations[:20])
+    finally:
+        for process in [*workers, *coordinators]:
+            process.close()
