@@ -126,6 +126,9 @@ class Coordinator:
         """The leader's webhook deliverer (one of :attr:`services`)."""
         self.services: list[Service] = []
         """The leader's services, started in this order for each term (``leadership``)."""
+        self.everywhere: list[Service] = []
+        """The services every coordinator runs for the life of its process (backlog
+        counters, watch reader): what serves submits and reads, followers' too."""
         self.leadership: Leadership | None = None
         self._api: ApiServer | None = None
         self._closed = asyncio.Event()
@@ -309,14 +312,14 @@ class Coordinator:
         )
         # Every coordinator admits submits, so each counts the backlogs its quotas check
         # (reads), for the life of the process rather than of a term.
-        await components.start(backlog)
-        if cfg.max_queue_backlog > 0:
-            await components.start(queue_backlog)
+        self.everywhere = [backlog, *([queue_backlog] if cfg.max_queue_backlog > 0 else [])]
+        for service in self.everywhere:
+            await components.start(service)
         await components.start(self.submitter)
         await components.start(recorder)
         await components.start(leases)
         # WatchTask streams are reads: served for the life of the process, not of a term.
-        await components.start(WatchReader(deps))
+        self.everywhere.append(await components.start(WatchReader(deps)))
         # WatchTasks streams: theirs for the life of the process too.
         await components.start(self.events)
         await components.start(self.work_ready)

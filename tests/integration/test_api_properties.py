@@ -193,7 +193,7 @@ async def loops_keep_serving(coordinator: Coordinator) -> AsyncIterator[None]:
     """After the examples, every leader service still steps, and none ever failed a round
     (an end_time at the largest Timestamp was accepted and stopped the firer)."""
     yield
-    for service in coordinator.services:
+    for service in [*coordinator.services, *coordinator.everywhere]:
         await asyncio.wait_for(_one_more_step(service), CALL_TIMEOUT)
     assert_loops_healthy(coordinator)
 
@@ -205,7 +205,11 @@ async def _one_more_step(service: Service) -> None:
 
 
 def assert_loops_healthy(coordinator: Coordinator) -> None:
-    failed = {s.name: repr(s.last_error) for s in coordinator.services if s.failures}
+    failed = {
+        s.name: repr(s.last_error)
+        for s in [*coordinator.services, *coordinator.everywhere]
+        if s.failures
+    }
     assert not failed, f"a loop that serves every tenant failed: {failed}"
 
 

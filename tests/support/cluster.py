@@ -319,6 +319,9 @@ class SubmitLog:
     """Submit calls made, retries included."""
     errors: Counter[str] = field(default_factory=Counter)
     """Errors seen on calls that were then retried, by exception type."""
+    slowest: float = 0.0
+    """The longest an acknowledged submit took, in seconds, from its first call to its
+    acknowledgement (retries and the client's own failover included)."""
 
     def key(self, index: int) -> str:
         return f"{self.run_id}-{index:06d}"
@@ -338,6 +341,7 @@ class SubmitLog:
             "failed": self.failed,
             "calls": self.calls,
             "errors": dict(self.errors),
+            "slowest": self.slowest,
         }
         Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))
 
@@ -437,7 +441,8 @@ class LoadGenerator:
     async def _submit(self, client: Any, key: str) -> None:
         from conveyor.client import ConveyorError, IdempotencyConflictError, InvalidArgumentError
 
-        deadline = time.monotonic() + self.give_up_after
+        started = time.monotonic()
+        deadline = started + self.give_up_after
         delay = 0.05
         while True:
             self.log.calls += 1
@@ -461,6 +466,7 @@ class LoadGenerator:
                 delay = min(delay * 2, 1.0)
                 continue
             self.log.acknowledged[key] = task.id
+            self.log.slowest = max(self.log.slowest, time.monotonic() - started)
             async with self._progress:
                 self._progress.notify_all()
             return

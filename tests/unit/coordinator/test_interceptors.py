@@ -14,11 +14,14 @@ from google.rpc import error_details_pb2, status_pb2
 
 from conveyor.coordinator.api import context
 from conveyor.coordinator.api.interceptors.chain import server_interceptors
+from conveyor.coordinator.api.interceptors.leader import ANY_COORDINATOR
 from conveyor.coordinator.errors import TaskNotFound
 from conveyor.v1 import task_service_pb2
 
 SERVICE = "conveyor.v1.TaskService"
 GET = f"/{SERVICE}/GetTask"
+CANCEL = f"/{SERVICE}/CancelTask"
+"""Leader-only (GetTask is served by every coordinator); the stand-in takes either."""
 
 Behavior = Callable[[task_service_pb2.GetTaskRequest], Any]
 
@@ -46,7 +49,7 @@ async def harness() -> AsyncIterator[tuple[Harness, grpc.aio.Channel]]:
         response_serializer=task_service_pb2.GetTaskResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(SERVICE, {"GetTask": handler})]
+        [grpc.method_handlers_generic_handler(SERVICE, {"GetTask": handler, "CancelTask": handler})]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -58,9 +61,11 @@ async def harness() -> AsyncIterator[tuple[Harness, grpc.aio.Channel]]:
         await server.stop(None)
 
 
-async def _call(channel: grpc.aio.Channel, raw: bytes, **kwargs: Any) -> grpc.aio.AioRpcError:
+async def _call(
+    channel: grpc.aio.Channel, raw: bytes, method: str = GET, **kwargs: Any
+) -> grpc.aio.AioRpcError:
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-        GET, request_serializer=None, response_deserializer=None
+        method, request_serializer=None, response_deserializer=None
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(raw, **kwargs)
@@ -135,10 +140,26 @@ async def test_a_follower_refuses_with_the_leaders_address(
 ) -> None:
     h, channel = harness
     h.leader = False
-    error = await _call(channel, REQUEST)
+    error = await _call(channel, REQUEST, CANCEL)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert _info(error)["ErrorInfo"].metadata["leader_address"] == "L:1"
     assert h.seen == []
+
+
+async def test_a_follower_serves_reads_and_submits(
+    harness: tuple[Harness, grpc.aio.Channel],
+) -> None:
+    h, channel = harness
+    h.leader = False
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        GET, request_serializer=None, response_deserializer=None
+    )
+    await call(REQUEST, timeout=30)
+    assert [seen.method for seen in h.seen] == [GET]
+    served = {m.rsplit("/", 1)[1] for m in ANY_COORDINATOR if m.startswith(f"/{SERVICE}/")}
+    assert {"SubmitTask", "SubmitTasks", "GetTask", "ListTasks", "WatchTask"} <= served
+    # Dispatch state stays the leader's.
+    assert not served & {"CancelTask", "RetryTask", "UpdateTask", "PauseQueue", "ListQueues"}
 
 
 async def test_the_handler_reads_the_request_context(
