@@ -35,10 +35,12 @@ async def test_old_leader_is_fenced_off(
         row = await db.fetchrow("SELECT state, result FROM tasks WHERE id = $1::uuid", task.id)
         assert row["state"] == task_pb2.TASK_STATE_RUNNING
         assert await db.fetchval("SELECT count(*) FROM task_attempts") == 0
-        # And it tells clients to go elsewhere.
+        # And it sends clients elsewhere for what is the leader's; reads it still serves.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+            await stub.CancelTask(task_service_pb2.CancelTaskRequest(id=task.id))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        got = await stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id))
+        assert got.task.state == task_pb2.TASK_STATE_RUNNING
     finally:
         await successor.stop(grace=1.0)
 
