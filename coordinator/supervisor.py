@@ -55,6 +55,14 @@ class Component(Protocol):
 C = TypeVar("C", bound=Component)
 
 
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancels a component's own task and waits for it to end (None: nothing to stop)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Supervisor:
     """Starts components in order; stops those started in reverse order (see above)."""
 
@@ -121,10 +129,7 @@ class Service(abc.ABC):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def wait_until(self, condition: Callable[[Self], bool]) -> None:
         """Returns once ``condition(self)`` holds, checked after every step (for tests)."""

@@ -62,6 +62,7 @@ from conveyor.coordinator.lifecycle.transitions import (
 )
 from conveyor.coordinator.store import task_events as store
 from conveyor.coordinator.store.listener import listening, reconnecting
+from conveyor.coordinator.supervisor import stop_task
 
 _log = logging.getLogger("conveyor.coordinator.task_events")
 
@@ -196,10 +197,7 @@ class TaskEventHub:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         self._end_all(StoreUnavailable("the coordinator is stopping; reopen the stream"))
 
     # -- streams ---------------------------------------------------------------------------

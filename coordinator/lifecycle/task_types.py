@@ -34,6 +34,7 @@ from conveyor.coordinator.store import task_types as store
 from conveyor.coordinator.store.db import Database
 from conveyor.coordinator.store.listener import listening, reconnecting
 from conveyor.coordinator.store.task_types import Definition
+from conveyor.coordinator.supervisor import stop_task
 from conveyor.observability.metrics import CoordinatorMetrics
 from conveyor.v1 import task_service_pb2
 
@@ -105,10 +106,7 @@ class TaskTypes:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     @property
     def hit_rate(self) -> float:

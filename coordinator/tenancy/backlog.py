@@ -30,32 +30,45 @@ worth of submits past its limit.
 
 from __future__ import annotations
 
+import abc
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import asyncpg
 
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.store import tenants as store
 from conveyor.coordinator.supervisor import Service
 
+K = TypeVar("K", bound=Hashable)
 
-class BacklogCounter(Service):
-    name = "backlog-counter"
+
+class UnfinishedCount(Service, Generic[K], abc.ABC):
+    """Unfinished tasks per key (a tenant, or a tenant's queue), as described above: the
+    last grouped count plus what was admitted since. The per-tenant and the per-queue
+    limits share it; they differ in the key and in the query."""
 
     def __init__(self, deps: Deps) -> None:
         super().__init__(deps)
-        self.limited: Callable[[], bool] = lambda: deps.config.max_backlog > 0
-        """Whether some tenant has a backlog limit (``Quotas`` sets it): else nothing is
-        counted."""
-        self.counted: dict[str, int] = {}
-        """Unfinished tasks per tenant at the last count."""
-        self.in_flight: collections.Counter[str] = collections.Counter()
-        """Tasks admitted whose submit has not finished, per tenant."""
-        self.committed: collections.Counter[str] = collections.Counter()
-        """Tasks whose submit finished since the last count began, per tenant."""
+        self.counted: dict[K, int] = {}
+        """Unfinished tasks per key at the last count."""
+        self.in_flight: collections.Counter[K] = collections.Counter()
+        """Tasks admitted whose submit has not finished, per key."""
+        self.committed: collections.Counter[K] = collections.Counter()
+        """Tasks whose submit finished since the last count began, per key."""
         self.current = False
-        """Whether ``counted`` is a count taken while some tenant had a backlog limit, since
-        this counter started (else the estimate knows nothing of older tasks)."""
+        """Whether ``counted`` is a count taken while a limit was set, since this counter
+        started (else the estimate knows nothing of older tasks)."""
+
+    @abc.abstractmethod
+    def counting(self) -> bool:
+        """Whether some limit is set (else nothing is counted)."""
+
+    @abc.abstractmethod
+    async def count(self, conn: asyncpg.Connection) -> dict[K, int]:
+        """The grouped count of unfinished tasks."""
 
     async def ready(self) -> None:
         """Returns once the count is current, counting at once if it is not (the caller
@@ -68,8 +81,51 @@ class BacklogCounter(Service):
         await super().stop()
         self.current = False  # started again, it counts again before trusting the figure
 
-    def estimate(self, tenant: str) -> int:
-        return self.counted.get(tenant, 0) + self.committed[tenant] + self.in_flight[tenant]
+    def estimate(self, key: K) -> int:
+        return self.counted.get(key, 0) + self.committed[key] + self.in_flight[key]
+
+    def _enter(self, key: K, count: int) -> None:
+        self.in_flight[key] += count
+
+    def _leave(self, key: K, count: int, committed: bool) -> None:
+        self.in_flight[key] -= count
+        if not self.in_flight[key]:
+            del self.in_flight[key]
+        if committed:
+            self.committed[key] += count
+
+    async def step(self) -> float:
+        refresh = self.deps.config.backlog_refresh
+        if not self.counting():
+            # Nothing to enforce: forget, and count again once a limit is set.
+            self.counted = {}
+            self.committed.clear()
+            self.current = False
+            return refresh
+        # Submits that finished before the count began are in it; later ones may not be.
+        committed_before = collections.Counter(self.committed)
+        async with self.deps.db.read() as conn:
+            counted = await self.count(conn)
+        self.counted = counted
+        self.committed -= committed_before
+        self.current = True
+        return refresh
+
+
+class BacklogCounter(UnfinishedCount[str]):
+    name = "backlog-counter"
+
+    def __init__(self, deps: Deps) -> None:
+        super().__init__(deps)
+        self.limited: Callable[[], bool] = lambda: deps.config.max_backlog > 0
+        """Whether some tenant has a backlog limit (``Quotas`` sets it): else nothing is
+        counted."""
+
+    def counting(self) -> bool:
+        return self.limited()
+
+    async def count(self, conn: asyncpg.Connection) -> dict[str, int]:
+        return await store.unfinished_per_tenant(conn)
 
     def check(self, tenant: str, count: int, limit: int) -> None:
         """Raises QuotaExceeded when ``count`` more tasks would take ``tenant`` past
@@ -89,29 +145,9 @@ class BacklogCounter(Service):
         """Counts ``count`` tasks of ``tenant`` about to be submitted, after :meth:`check`
         against ``limit``; call :meth:`done` when the submit has finished."""
         self.check(tenant, count, limit)
-        self.in_flight[tenant] += count
+        self._enter(tenant, count)
 
     def done(self, tenant: str, count: int) -> None:
         """A submit admitted with :meth:`admit` finished (committed or not: a submit whose
         outcome is unknown may have committed, so all count until the next count)."""
-        self.in_flight[tenant] -= count
-        if not self.in_flight[tenant]:
-            del self.in_flight[tenant]
-        self.committed[tenant] += count
-
-    async def step(self) -> float:
-        refresh = self.deps.config.backlog_refresh
-        if not self.limited():
-            # Nothing to enforce: forget, and count again once some tenant has a limit.
-            self.counted = {}
-            self.committed.clear()
-            self.current = False
-            return refresh
-        # Submits that finished before the count began are in it; later ones may not be.
-        committed_before = collections.Counter(self.committed)
-        async with self.deps.db.read() as conn:
-            counted = await store.unfinished_per_tenant(conn)
-        self.counted = counted
-        self.committed -= committed_before
-        self.current = True
-        return refresh
+        self._leave(tenant, count, committed=True)

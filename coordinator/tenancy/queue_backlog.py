@@ -17,44 +17,30 @@ the tenant's).
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Mapping
 
-from conveyor.coordinator.deps import Deps
+import asyncpg
+
 from conveyor.coordinator.errors import QuotaExceeded
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.supervisor import Service
+from conveyor.coordinator.tenancy.backlog import UnfinishedCount
 
 Key = tuple[str, str]
 """(tenant, queue)."""
 
 
-class QueueBacklogCounter(Service):
+class QueueBacklogCounter(UnfinishedCount[Key]):
     name = "queue-backlog-counter"
-
-    def __init__(self, deps: Deps) -> None:
-        super().__init__(deps)
-        self.counted: dict[Key, int] = {}
-        self.in_flight: collections.Counter[Key] = collections.Counter()
-        self.committed: collections.Counter[Key] = collections.Counter()
-        self.current = False
 
     @property
     def limit(self) -> int:
         return self.deps.config.max_queue_backlog
 
-    async def ready(self) -> None:
-        """Returns once the count is current (the caller bounds the wait)."""
-        if not self.current:
-            self.wake()
-            await self.wait_until(lambda counter: counter.current)
+    def counting(self) -> bool:
+        return self.limit > 0
 
-    async def stop(self) -> None:
-        await super().stop()
-        self.current = False
-
-    def estimate(self, key: Key) -> int:
-        return self.counted.get(key, 0) + self.committed[key] + self.in_flight[key]
+    async def count(self, conn: asyncpg.Connection) -> dict[Key, int]:
+        return await store.unfinished_per_queue(conn)
 
     def admit(self, tenant: str, per_queue: Mapping[str, int]) -> None:
         """Counts a submit call's tasks per queue, or raises QuotaExceeded (counting none)
@@ -71,31 +57,15 @@ class QueueBacklogCounter(Service):
                     retry_after=self.deps.config.backlog_refresh,
                 )
         for queue, count in per_queue.items():
-            self.in_flight[(tenant, queue)] += count
+            self._enter((tenant, queue), count)
 
     def done(self, tenant: str, per_queue: Mapping[str, int]) -> None:
         """A submit admitted with :meth:`admit` finished (committed or not: one whose
         outcome is unknown may have committed, so all count until the next count)."""
-        self.withdraw(tenant, per_queue)
         for queue, count in per_queue.items():
-            self.committed[(tenant, queue)] += count
+            self._leave((tenant, queue), count, committed=True)
 
     def withdraw(self, tenant: str, per_queue: Mapping[str, int]) -> None:
         """Takes back an admission whose submit was refused after all (it wrote nothing)."""
         for queue, count in per_queue.items():
-            key = (tenant, queue)
-            self.in_flight[key] -= count
-            if not self.in_flight[key]:
-                del self.in_flight[key]
-
-    async def step(self) -> float:
-        refresh = self.deps.config.backlog_refresh
-        if self.limit <= 0:
-            return refresh * 60  # off: the limit is configuration, it does not appear later
-        committed_before = collections.Counter(self.committed)
-        async with self.deps.db.read() as conn:
-            counted = await store.unfinished_per_queue(conn)
-        self.counted = counted
-        self.committed -= committed_before
-        self.current = True
-        return refresh
+            self._leave((tenant, queue), count, committed=False)

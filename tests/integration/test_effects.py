@@ -407,14 +407,16 @@ async def test_a_paused_lock_holder_is_fenced_off(
             lambda: effects_db.fetchval("SELECT fencing_token FROM resource WHERE name = 'export'"),
             what="the holder's first write",
         )
-        holder.pause()  # SIGSTOP: it still believes it holds the lock
+        # SIGSTOP between two of its writes: it still believes it holds the lock.
+        holder.pause_at(signal.SIGUSR1)
         async with (
             AsyncClient(coordinator.address) as client,
             client.lock("export", ttl, timeout=10) as lock,
         ):
             # Taken only once the paused holder's TTL ran out, with a larger token.
             assert lock.fencing_token > old
-            await lock_holder.write(effects_db, "export", "second", lock.fencing_token)
+            async with asyncio.timeout(30):  # a holder stopped mid-transaction would block it
+                await lock_holder.write(effects_db, "export", "second", lock.fencing_token)
             holder.resume()
             # The paused holder wakes up and writes with its old token: refused.
             await eventually(

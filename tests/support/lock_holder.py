@@ -4,12 +4,18 @@ Takes the lock ``NAME`` (``AsyncClient.lock``), prints ``acquired <token>``, the
 its name under the lock's fencing token to the example resource (the ``resource`` table,
 each write checked with ``pg_ledger.check_fencing_token`` in its transaction) every 50 ms
 until the resource refuses the token: then it prints ``refused <token>`` and exits.
+
+On SIGUSR1 it stops itself (SIGSTOP) after its next committed write, still believing it
+holds the lock: paused by the test's SIGSTOP instead, it could stop inside a write's
+transaction, holding the resource row's lock, and the test's own write would wait for
+it forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 import asyncpg
@@ -36,6 +42,8 @@ async def write(conn: asyncpg.Connection, name: str, value: str, token: int) -> 
 async def main(address: str, dsn: str, name: str, ttl: float) -> None:
     conn = await asyncpg.connect(dsn)
     try:
+        pause = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pause.set)
         async with AsyncClient(address) as client, client.lock(name, ttl) as lock:
             print(f"acquired {lock.fencing_token}", flush=True)
             while True:
@@ -44,6 +52,9 @@ async def main(address: str, dsn: str, name: str, ttl: float) -> None:
                 except pg_ledger.StaleFencingTokenError:
                     print(f"refused {lock.fencing_token}", flush=True)
                     return
+                if pause.is_set():
+                    pause.clear()
+                    os.kill(os.getpid(), signal.SIGSTOP)  # between transactions
                 await asyncio.sleep(0.05)
     finally:
         await conn.close()

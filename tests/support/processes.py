@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from signal import Signals
 from typing import Self, TypeVar
 
 LOG_TAIL_CHARS = 4000
@@ -327,6 +328,16 @@ class ManagedProcess:
         self.signal(signal.SIGSTOP)
         self._paused = True
         self._wait_state(stopped=True)
+
+    def pause_at(self, ask: Signals, timeout: float = 10.0) -> None:
+        """Asks the process (with ``ask``) to SIGSTOP itself at a point of its choosing, and
+        returns once it has: a pause that cannot land inside, say, a transaction holding
+        row locks the test itself must take. :meth:`resume` continues it."""
+        if not self.running:
+            raise RuntimeError(f"cannot pause {self.name}: not running")
+        self.signal(ask)
+        self._paused = True
+        self._wait_state(stopped=True, timeout=timeout)
 
     def resume(self) -> None:
         """SIGCONT; returns once the process runs again."""
