@@ -19,8 +19,9 @@ from typing import Any
 import grpc
 import pytest
 from cluster import Checker, CoordinatorProcess, LoadGenerator, WorkerProcess, wait_for_leader
-from coordinator_pair import coordinator_pair
+from coordinator_pair import coordinator_pair, known_everywhere
 from etcd_servers import EtcdServer
+from security import Key, Keys
 from testsupport import RawWorker, error_details, eventually, submit
 
 from conveyor.coordinator import Coordinator
@@ -171,6 +172,68 @@ async def test_a_follower_serves_schedule_reads_and_refuses_the_rest(
         assert error_details(refused.value).reason == "NOT_LEADER"
         cancelled = await on_leader.CancelTask(task_service_pb2.CancelTaskRequest(id=task.id))
         assert cancelled.task.state == task_pb2.TASK_STATE_CANCELLED
+
+
+async def test_a_follower_applies_keys_validation_quotas_and_idempotency(
+    database_dsn: str,
+) -> None:
+    # Every tenant may have 3 unfinished tasks; nothing runs them (no worker).
+    async with (
+        coordinator_pair(database_dsn, max_backlog=3, poll_interval=NO_POLL) as (
+            follower,
+            leader,
+            admin_key,
+        ),
+        grpc.aio.insecure_channel(follower.address) as far,
+        grpc.aio.insecure_channel(leader.address) as near,
+    ):
+        keys = Keys(near, admin_key)
+        acme = await keys.create("acme", "submit", "read")
+        reader = await keys.create("acme", "read")
+        other = await keys.create("other", "submit", "read")
+        await known_everywhere((follower, leader), acme.id, reader.id, other.id)
+        on_follower = task_service_pb2_grpc.TaskServiceStub(far)
+        on_leader = task_service_pb2_grpc.TaskServiceStub(near)
+
+        async def refused(key: Key | None, **fields: Any) -> grpc.StatusCode:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await submit(on_follower, "echo", **fields) if key is None else (
+                    await on_follower.SubmitTask(
+                        task_service_pb2.SubmitTaskRequest(type="echo", **fields),
+                        metadata=key.metadata,
+                    )
+                )
+            return caught.value.code()
+
+        assert await refused(None) is grpc.StatusCode.UNAUTHENTICATED
+        assert await refused(reader) is grpc.StatusCode.PERMISSION_DENIED
+        assert await refused(acme, queue="no spaces") is grpc.StatusCode.INVALID_ARGUMENT
+        # One idempotency key through both coordinators: one task.
+        keyed = task_service_pb2.SubmitTaskRequest(type="echo", idempotency_key="once")
+        first = await on_follower.SubmitTask(keyed, metadata=acme.metadata)
+        again = await on_leader.SubmitTask(keyed, metadata=acme.metadata)
+        assert (again.task.id, again.deduplicated) == (first.task.id, True)
+        # The backlog limit holds on the follower (its counter runs there too; the
+        # estimate errs high, so it may refuse before the third task).
+        codes = []
+        for _ in range(3):
+            try:
+                await on_follower.SubmitTask(
+                    task_service_pb2.SubmitTaskRequest(type="echo"), metadata=acme.metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        listed = await on_follower.ListTasks(
+            task_service_pb2.ListTasksRequest(), metadata=acme.metadata
+        )
+        assert 1 <= len(listed.tasks) <= 3
+        # A tenant reads only its own tasks, on a follower too.
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await on_follower.GetTask(
+                task_service_pb2.GetTaskRequest(id=first.task.id), metadata=other.metadata
+            )
+        assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 # -- separate processes: the leader SIGKILLed under a submit load -------------------------
