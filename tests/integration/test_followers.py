@@ -37,9 +37,10 @@ PENDING = task_pb2.TASK_STATE_PENDING
 SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 NO_POLL = 60.0
 """The dispatcher's poll interval here: far past every wait of these tests."""
-SUBMIT_STALL_MAX = 1.0
-"""The longest a submit may take across the leader's SIGKILL: half the election's TTL
-(on main, where followers refused submits, they waited out the election: 2.5-3.5 s)."""
+SUBMIT_STALL_MAX = 1.5
+"""The longest a submit may take across the leader's SIGKILL (the election's TTL is 2 s):
+here 0.05-0.2 s; on main, where followers refused submits, they waited out the
+election, 3.3 s."""
 
 
 @pytest.fixture
@@ -267,7 +268,7 @@ async def test_no_submit_fails_while_the_leader_is_sigkilled(
         assert not log.failed, list(log.failed.items())[:5]
         assert not log.errors, log.errors
         assert len(log.acknowledged) == log.count
-        # Nor a submit held up by the election (2 s TTL): the next coordinator answered.
+        # Nor a submit held up by the election: the next coordinator answered it.
         assert log.slowest < SUBMIT_STALL_MAX, log.slowest
         violations = await Checker(log, effects).check(database_dsn, wait_settled=60)
         assert not violations, "\n".join(violations[:20])
