@@ -273,6 +273,7 @@ class GetTaskResponse(_message.Message):
     takes tasks of its type from its queue: nothing will run it until one connects.
     Also true when such workers are connected but none holds the end-to-end encryption
     key its payload is sealed with: then unserved_encryption_key names that key.
+    Only the leader knows its workers: a follower (which serves reads too) says false.
     """
     unserved_encryption_key: _builtins.str
     """The key id no connected worker that takes this task holds; empty otherwise."""
