@@ -142,7 +142,7 @@ class WorkReadyRelay:
                 self._ready()
             if "r" in message:
                 self._scheduled(datetime.fromtimestamp(float(message["r"]), UTC))
-        except (ValueError, TypeError, OverflowError, OSError) as exc:
+        except (ValueError, TypeError, AttributeError, OverflowError, OSError) as exc:
             _log.warning("ignored a malformed %s notification: %s", channel, exc)
 
     def _lost(self) -> None:

@@ -93,7 +93,8 @@ def test_the_leader_wakes_on_other_coordinators_notifications_only(
     with caplog.at_level(logging.WARNING):
         relay._notified(None, 1, CHANNEL, "not json")
         relay._notified(None, 1, CHANNEL, json.dumps({"n": "other", "r": "soon"}))
-    assert caplog.text.count("ignored a malformed") == 2
+        relay._notified(None, 1, CHANNEL, "[1, 2]")
+    assert caplog.text.count("ignored a malformed") == 3
 
 
 def test_a_follower_ignores_notifications() -> None:
