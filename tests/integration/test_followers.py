@@ -37,10 +37,10 @@ PENDING = task_pb2.TASK_STATE_PENDING
 SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
 NO_POLL = 60.0
 """The dispatcher's poll interval here: far past every wait of these tests."""
-SUBMIT_STALL_MAX = 1.5
+SUBMIT_STALL_MAX = 2.0
 """The longest a submit may take across the leader's SIGKILL (the election's TTL is 2 s):
-here 0.05-0.2 s; on main, where followers refused submits, they waited out the
-election, 3.3 s."""
+here 0.05-0.2 s; before followers took submits, they waited out the election, 3.3 s
+(and at least the TTL, so this bound still tells the two apart on a loaded machine)."""
 
 
 @pytest.fixture
