@@ -53,6 +53,8 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             # Without the key, the coordinator refuses, in one line saying what to do.
             code, out = await shell(commands[1], REPO)
             assert code == 1 and "API key" in out, out
+            # ... and says that in (or under) the dev's folder the key is found by itself.
+            assert "folder of a running `conveyor dev`" in out, out
             with_key = {"CONVEYOR_API_KEY": key}
 
             # A second one on the same data directory: one line, naming the first.
