@@ -6,7 +6,7 @@ measures each submit's latency (client clock around the call) and each task's pi
 latency (client send time to handler start, as ``conveyor bench`` does): first alone, then
 while tenant A (``bench/flood.py``, its own process) submits batches as fast as it can past
 its submit rate and backlog limits, refusals and all. B's p99 figures flooded are
-compared with its figures alone; the issue asks for at most 2x.
+compared with its figures alone; the target is at most 2x.
 """
 
 from __future__ import annotations

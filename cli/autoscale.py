@@ -4,7 +4,8 @@ The supervision itself is ``conveyor.worker._autoscale``; here the worker comman
 becomes the worker processes' command (the same line: each process sees
 ``CONVEYOR_AUTOSCALE_CHILD`` and runs as a plain worker), and the load is read from the
 coordinators through KEDA's external scaler API with the command's API key and TLS (a
-worker key may read its queues' depth).
+worker key may read its queues' depth), counting only the task types the worker module
+registers: a backlog of a type none of these processes would take starts none.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class Autoscale:
 class LoadReader:
     """Reads the supervised queues' load from the coordinators (the first that answers)."""
 
-    def __init__(self, g: Globals, queues: tuple[str, ...]) -> None:
+    def __init__(self, g: Globals, queues: tuple[str, ...], types: tuple[str, ...]) -> None:
         self._options = g.options()
         self._addresses = g.addresses
         self._timeout = g.rpc_timeout
         self._queues = ",".join(queues)
+        self._types = ",".join(types)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def close(self) -> None:
@@ -67,7 +69,11 @@ class LoadReader:
                 for metric, name in (("backlog", _BACKLOG), ("oldestPendingAge", _AGE)):
                     ref = pb.ScaledObjectRef(
                         name="conveyor-worker-autoscale",
-                        scalerMetadata={"queue": self._queues, "metric": metric},
+                        scalerMetadata={
+                            "queue": self._queues,
+                            "type": self._types,
+                            "metric": metric,
+                        },
                     )
                     reply = await stub.GetMetrics(
                         pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
@@ -81,13 +87,21 @@ class LoadReader:
         raise RuntimeError(f"no coordinator answered: {last}")
 
 
-def run(g: Globals, flags: Autoscale, *, concurrency: int, queues: tuple[str, ...]) -> int:
-    """Runs the supervisor until SIGTERM or SIGINT (module docstring); returns 0."""
+def run(
+    g: Globals,
+    flags: Autoscale,
+    *,
+    concurrency: int,
+    queues: tuple[str, ...],
+    types: tuple[str, ...],
+) -> int:
+    """Runs the supervisor until SIGTERM or SIGINT (module docstring), sized by the load
+    of ``types`` in ``queues``; returns 0."""
     policy = ScalePolicy(
         flags.minimum, flags.maximum, concurrency, latency=flags.latency, cooldown=flags.cooldown
     )
     command = [sys.executable, "-m", "conveyor.cli.main", *sys.argv[1:]]
-    reader = LoadReader(g, queues)
+    reader = LoadReader(g, queues, types)
 
     async def main() -> None:
         stop, force = asyncio.Event(), asyncio.Event()

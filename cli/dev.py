@@ -310,6 +310,7 @@ async def _run(
             api_key_file=folder / KEY_FILE,
             console_url=console.url if console else "",
             sign_in_link=console.sign_in_link(key) if console else "",
+            key_found_here=_key_found_here(folder),
         )
         print(text, flush=True)
         stop_wait = asyncio.create_task(stop.wait())
@@ -326,7 +327,13 @@ async def _run(
         )
 
         def at_once() -> None:
-            print("stopping at once: running demo tasks go back to their queue …", flush=True)
+            # A forced stop waits for no acknowledgement: the coordinator may not hear that
+            # the tasks were interrupted before it stops, so their leases say when they run.
+            print(
+                "stopping at once: running demo tasks are cut off; they run again once their "
+                "leases expire, when conveyor dev next runs on this data directory …",
+                flush=True,
+            )
             worker.shutdown(force=True)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -380,6 +387,17 @@ def runnable(name: str) -> str | None:
         return str(beside)
 
 
+def _key_found_here(data_dir: Path) -> bool:
+    """Whether a command run in the working directory finds the key of a dev whose data
+    directory is ``data_dir`` (``conveyor.transport._devkey``: ``.conveyor/dev`` of the
+    working directory or a folder above it)."""
+    from conveyor.transport._devkey import DEV_DATA_DIR
+
+    here = Path.cwd().resolve()
+    wanted = data_dir.expanduser().resolve()
+    return any((folder / DEV_DATA_DIR).resolve() == wanted for folder in (here, *here.parents))
+
+
 def banner(
     address: str,
     dsn: str,
@@ -392,11 +410,14 @@ def banner(
     api_key_file: Path | None = None,
     console_url: str = "",
     sign_in_link: str = "",
+    key_found_here: bool = False,
 ) -> str:
     """What ``conveyor dev`` prints once everything runs: commands that work as printed, in
-    one shell, in order (the first one sets the API key for the others), with the TLS and
-    key file flags they need when those are on, and where metrics are served when they
-    are."""
+    one shell, in order, with the TLS and key file flags they need when those are on, and
+    where metrics are served when they are. ``key_found_here``: the commands find the API
+    key by themselves in the working directory (``api_key_file`` is its
+    ``.conveyor/dev``), so the banner says so and exports it only for elsewhere; else the
+    first command sets it for the others."""
     cli = runnable("conveyor") or f"{shlex.quote(sys.executable)} -m conveyor.cli.main"
     where = "" if address == DEFAULT_COORDINATOR else f" --coordinator {address}"
     client_args = [f'"{address}"']
@@ -415,7 +436,11 @@ def banner(
     python = runnable("python") or shlex.quote(sys.executable)
     grpcurl = runnable("grpcurl") or shutil.which("grpcurl")
     transport = f"-cacert {shlex.quote(tls_ca)}" if tls_ca else "-plaintext"
-    if api_key:
+    if api_key and key_found_here and api_key_file is not None:
+        # grpcurl looks for no key: it reads the file (from any folder).
+        key_path = shlex.quote(str(api_key_file.resolve()))
+        transport += f' -H "authorization: Bearer $(cat {key_path})"'
+    elif api_key:
         transport += ' -H "authorization: Bearer $CONVEYOR_API_KEY"'
     if grpcurl and key_file:
         # grpcurl would submit plaintext payloads, which the encrypting worker refuses.
@@ -435,9 +460,17 @@ def banner(
             metrics += f"\n               sign in once with {sign_in_link}"
     if worker_metrics:
         metrics += f"\n  worker metrics http://{worker_metrics}/metrics"
+    here = f"In another terminal, in {os.getcwd()}:"
     if api_key:
         auth = f"  api key      admin, tenant default (kept in {api_key_file})\n"
         export = f"  export CONVEYOR_API_KEY={api_key}\n"
+        if key_found_here:
+            here = (
+                f"In another terminal, in {os.getcwd()} (the CLI, the client and workers\n"
+                "run in this folder or one under it find the API key by themselves; elsewhere,\n"
+                f"export CONVEYOR_API_KEY={api_key} first):"
+            )
+            export = ""
     else:
         auth = "  api key      NONE: authentication is off (--insecure); anyone may do anything\n"
         export = ""
@@ -447,7 +480,7 @@ Conveyor is running.
   postgres     {dsn}
   worker       demo task types: echo, sleep, fail{metrics}
 {auth}
-In another terminal, in {os.getcwd()}:
+{here}
 {export}  {cli} submit echo '"hello"' --wait{where}
   {cli} status{where}
   {python} -c 'from conveyor.client import {", ".join(imports)}; \\

@@ -153,7 +153,14 @@ def _describe_failure(f: RPCFailure) -> str:
 def _refused(f: RPCFailure, where: str) -> str:
     """An API key the coordinator did not take, and how to get one that works."""
     hint = ""
-    if f.metadata.get("problem") in ("missing", "malformed", "unknown"):
+    if f.metadata.get("problem") == "missing":
+        hint = (
+            "; pass one with --api-key or CONVEYOR_API_KEY (an admin creates one with "
+            "`conveyor keys create`), or run the command in (or under) the folder of a "
+            "running `conveyor dev`: it finds that dev's key (.conveyor/dev/admin.key) by "
+            "itself"
+        )
+    elif f.metadata.get("problem") in ("malformed", "unknown"):
         hint = (
             "; pass one with --api-key or CONVEYOR_API_KEY (an admin creates one with "
             "`conveyor keys create`)"

@@ -112,7 +112,9 @@ _NO_SUCH_COMMAND = re.compile(r"No such command '([^']*)'")
 def _usage_message(exc: typer.TyperException) -> str:
     """The usage error's text; for an unknown command, with the nearest command of the
     group it was typed in (a word from other tools, or a near spelling) when one is close."""
-    message = exc.format_message()
+    # Typer words a parser's ValueError as pydantic does ("Value error, ..."): the
+    # message is the error's text alone.
+    message = exc.format_message().replace(": Value error, ", ": ")
     found = _NO_SUCH_COMMAND.search(message)
     ctx = getattr(exc, "ctx", None)
     names = sorted(getattr(getattr(ctx, "command", None), "commands", {}))

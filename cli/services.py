@@ -647,7 +647,13 @@ def worker(
                 autoscale, autoscale_interval, autoscale_cooldown, autoscale_latency,
                 metrics_listen,
             )  # fmt: skip
-            return supervisor.run(g, flags, concurrency=built.concurrency, queues=built.queues)
+            return supervisor.run(
+                g,
+                flags,
+                concurrency=built.concurrency,
+                queues=built.queues,
+                types=built.task_types,
+            )
     built.run_sync()
     return 0
 

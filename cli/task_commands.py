@@ -147,6 +147,16 @@ def submit(
             help="When a task of --after ends dead or cancelled: cancel this one, or run it.",
         ),
     ] = DependencyFailure.cancel,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="KEY=VALUE",
+            parser=values.label,
+            help="A label to find the task by (repeat for several); conveyor tasks --label "
+            "filters by it.",
+        ),
+    ] = None,
     *,
     g: Globals,
 ) -> int:
@@ -173,6 +183,7 @@ def submit(
             timeout=timeout,
             after=after or (),
             on_dependency_failure=on_dependency_failure.value,
+            labels=values.labels(label) or None,
         )
     )
     if as_json:
@@ -340,6 +351,15 @@ def tasks(
         typer.Option("--state", case_sensitive=False, help="Only tasks in this state."),
     ] = None,
     type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="KEY=VALUE",
+            parser=values.label,
+            help="Only tasks with this label (repeat: with every one of them).",
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (1000).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the tasks as JSON.")] = False,
     *,
@@ -351,6 +371,7 @@ def tasks(
             queue=queue,
             state=state.name.upper() if state is not None else None,
             type=type,
+            labels=values.labels(label) or None,
             page_size=min(limit, 1000),
         ).items
     if as_json:

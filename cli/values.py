@@ -114,3 +114,21 @@ def instant(text: str) -> datetime:
     if problem is not None:
         raise typer.BadParameter(f"{text} {problem}")
     return value
+
+
+def label(text: str) -> str:
+    """A ``--label KEY=VALUE`` (the coordinator holds the key and value to its rules)."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"{text!r} is not KEY=VALUE, such as team=billing")
+    return text
+
+
+def labels(pairs: list[str] | None) -> dict[str, str]:
+    """The labels of repeated ``--label KEY=VALUE`` flags (checked by :func:`label`); a
+    key given twice keeps its last value."""
+    found: dict[str, str] = {}
+    for pair in pairs or ():
+        key, _, value = pair.partition("=")
+        found[key.strip()] = value.strip()
+    return found

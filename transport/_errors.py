@@ -584,7 +584,9 @@ class UnauthenticatedError(RPCError):
 
     _hint = (
         "Pass a valid API key (api_key=, ConnectionOptions(api_key=...), the CLI's "
-        "--api-key or CONVEYOR_API_KEY); an admin creates one with `conveyor keys create`."
+        "--api-key or CONVEYOR_API_KEY); an admin creates one with `conveyor keys create`. "
+        "Run in (or under) the folder of a running `conveyor dev`, the client, the worker "
+        "and the CLI find its key (.conveyor/dev/admin.key) by themselves."
     )
 
     def __init__(

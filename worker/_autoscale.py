@@ -4,7 +4,9 @@ The supervisor is a plain process that runs no tasks. It starts ``MIN`` worker p
 (the same ``conveyor worker`` command line, each one an ordinary worker), then every
 ``interval`` seconds reads its queues' load from a coordinator (KEDA's external scaler
 API, which every coordinator serves: tasks pending plus running, and how long the oldest
-ready task has waited, i.e. the pickup latency) and decides with :class:`ScalePolicy`:
+ready task has waited, i.e. the pickup latency; both counting only the task types its
+worker processes serve, as a task no process of it could take is no reason to start
+one) and decides with :class:`ScalePolicy`:
 
 - up at once, to ``ceil(load / concurrency)`` processes, and one more than running while
   the oldest ready task has waited longer than ``latency`` (work waits although the count
@@ -55,9 +57,9 @@ class Load:
     """What the coordinator says about the supervised queues."""
 
     tasks: float
-    """Tasks pending plus running."""
+    """Tasks pending plus running (of the types the worker processes serve)."""
     oldest_pending_age: float
-    """Seconds the oldest ready task has waited (0: none waits)."""
+    """Seconds the oldest ready task (of those types) has waited (0: none waits)."""
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -168,6 +170,11 @@ class Supervisor:
             _log.info(
                 "load %g tasks, oldest ready task waited %.1fs: %d -> %d worker processes",
                 load.tasks, load.oldest_pending_age, self.running, target,
+            )  # fmt: skip
+        else:
+            _log.debug(
+                "load %g tasks, oldest ready task waited %.1fs: keeping %d worker processes",
+                load.tasks, load.oldest_pending_age, self.running,
             )  # fmt: skip
         await self._resize(target)
 

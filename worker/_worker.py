@@ -473,7 +473,11 @@ class Worker:
         )
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
-        self._calls = HandlerCalls(self._addresses, self._options)
+        # Looked up now that the addresses are final (configure may change them): the key
+        # of a local conveyor dev on one of them, when none was given. The stream and the
+        # handlers' calls (ledger, locks) use the same key.
+        options = ConnectionOptions.merge(self._options, addresses=self._addresses)
+        self._calls = HandlerCalls(self._addresses, options)
         self._runtime = Runtime(
             self._registry,
             concurrency=self._concurrency,
@@ -501,9 +505,7 @@ class Worker:
             connected=self._connected,
             info=info,
             runtime=self._runtime,
-            # Looked up now that the addresses are final (configure may change them): the
-            # key of a local conveyor dev on one of them, when none was given.
-            options=ConnectionOptions.merge(self._options, addresses=self._addresses),
+            options=options,
             metrics=metrics,
         )
         if install_signal_handlers is None:

@@ -6,6 +6,9 @@ calls ``/externalscaler.ExternalScaler/*`` with the trigger's metadata in
 (``proto/conveyor/keda``). What the metadata says:
 
 - ``queue``: the queue, or several separated by commas (summed); default ``default``.
+- ``type``: optional; only tasks of this type, or of several separated by commas (the
+  types the scaled workers serve: a task no worker of theirs can take is no reason to
+  start one); default every type.
 - ``metric``: ``backlog`` (default): tasks PENDING in those queues, plus those RUNNING
   unless ``includeRunning`` is ``false`` (so busy workers are not scaled away under their
   tasks); or ``oldestPendingAge``: seconds the oldest PENDING task has waited.
@@ -78,6 +81,7 @@ SCOPES = frozenset({api_keys.READ, api_keys.WORKER})
 MIN_STREAM_INTERVAL = 0.5
 DEFAULT_STREAM_INTERVAL = 5.0
 MAX_QUEUES = 100
+MAX_TYPES = 1000  # as many as a worker's Hello may name
 _FIELD = "scaledObjectRef.scalerMetadata"
 
 
@@ -92,6 +96,8 @@ class Trigger:
     activation: float
     include_running: bool
     stream_interval: float
+    types: tuple[str, ...] = ()
+    """Only tasks of these types; none: every type."""
 
     @property
     def metric_name(self) -> str:
@@ -126,6 +132,13 @@ def parse_trigger(meta: Mapping[str, str], tenant: str) -> Trigger:
         problem = name_problem(queue)
         if problem is not None:
             out.append(FieldViolation(f"{_FIELD}.queue", f"queue {queue!r} {problem}"))
+    types = tuple(t.strip() for t in meta.get("type", "").split(",") if t.strip())
+    if len(types) > MAX_TYPES:
+        out.append(FieldViolation(f"{_FIELD}.type", f"names at most {MAX_TYPES} types"))
+    for type_ in types:
+        problem = name_problem(type_)
+        if problem is not None:
+            out.append(FieldViolation(f"{_FIELD}.type", f"type {type_!r} {problem}"))
     metric = meta.get("metric", BACKLOG)
     if metric not in METRIC_NAMES:
         known = " or ".join(METRIC_NAMES)
@@ -143,7 +156,7 @@ def parse_trigger(meta: Mapping[str, str], tenant: str) -> Trigger:
         )
     if out:
         raise InvalidArgument(out)
-    return Trigger(tenant, queues, metric, target, activation, running == "true", interval)
+    return Trigger(tenant, queues, metric, target, activation, running == "true", interval, types)
 
 
 class KedaScaler(pb_grpc.ExternalScalerServicer):
@@ -235,7 +248,7 @@ class KedaScaler(pb_grpc.ExternalScalerServicer):
 
     async def _value(self, trigger: Trigger) -> float:
         async with self._deps.db.read() as conn:
-            backlog = await store.queue_backlog(conn, trigger.tenant, trigger.queues)
+            backlog = await store.queue_backlog(conn, trigger.tenant, trigger.queues, trigger.types)
         if trigger.metric == OLDEST_PENDING_AGE:
             return backlog.oldest_pending_age_seconds
         return float(backlog.pending + (backlog.running if trigger.include_running else 0))

@@ -586,14 +586,18 @@ async def queue_depths(conn: asyncpg.Connection) -> list[QueueDepthRow]:
 # The autoscaling signal (KEDA's external scaler, ``conveyor worker --autoscale``): one
 # statement per state, so each reads its partial index (tasks_ready by tenant and queue;
 # tasks_leased, whose rows are bounded by the workers' capacity).
+# No types: every type (a filter on the rows the partial indexes already found).
+_OF_TYPES = "(cardinality(:types::text[]) = 0 OR type = ANY(:types::text[]))"
 _BACKLOG = Query(
     "queue_backlog",
     f"""
     SELECT p.n AS pending, p.oldest, r.n AS running
     FROM (SELECT count(*) AS n, {_SECONDS_SINCE.format("min(run_at)")} AS oldest FROM tasks
-          WHERE state = {PENDING} AND tenant = :tenant AND queue = ANY(:queues::text[])) p,
+          WHERE state = {PENDING} AND tenant = :tenant AND queue = ANY(:queues::text[])
+            AND {_OF_TYPES}) p,
          (SELECT count(*) AS n FROM tasks
-          WHERE state = {RUNNING} AND tenant = :tenant AND queue = ANY(:queues::text[])) r
+          WHERE state = {RUNNING} AND tenant = :tenant AND queue = ANY(:queues::text[])
+            AND {_OF_TYPES}) r
     """,
 )
 
@@ -607,9 +611,12 @@ class Backlog(NamedTuple):
     """Seconds since the oldest PENDING task's run_at; 0 when none is pending."""
 
 
-async def queue_backlog(conn: asyncpg.Connection, tenant: str, queues: Sequence[str]) -> Backlog:
-    """Tasks PENDING and RUNNING in ``queues`` of ``tenant``, and the oldest pending age."""
-    row = await _BACKLOG.fetchrow(conn, tenant=tenant, queues=list(queues))
+async def queue_backlog(
+    conn: asyncpg.Connection, tenant: str, queues: Sequence[str], types: Sequence[str] = ()
+) -> Backlog:
+    """Tasks PENDING and RUNNING in ``queues`` of ``tenant``, and the oldest pending age;
+    only those of ``types`` when some are given (the work some workers could take)."""
+    row = await _BACKLOG.fetchrow(conn, tenant=tenant, queues=list(queues), types=list(types))
     assert row is not None  # aggregates: always one row
     return Backlog(row["pending"], row["running"], row["oldest"] or 0.0)
 

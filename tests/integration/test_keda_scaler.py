@@ -67,6 +67,11 @@ async def test_keda_drives_the_scaler_with_the_trigger_metadata(database_dsn: st
             assert await value(ref(queue="emails", includeRunning="false", apiKeyFromEnv=key)) == 6
             assert await value(ref(queue="emails, sms", apiKeyFromEnv=key)) == 9
             assert await value(ref(queue="nothing-here", apiKeyFromEnv=key)) == 0
+            # Only some types (those the scaled workers serve): the emails are all echo.
+            assert await value(ref(queue="emails", type="echo, sleep", apiKeyFromEnv=key)) == 7
+            assert await value(ref(queue="emails", type="send-email", apiKeyFromEnv=key)) == 0
+            unserved = ref(queue="emails", type="x", metric="oldestPendingAge", apiKeyFromEnv=key)
+            assert await value(unserved, "conveyor-oldest-pending-age") == 0
             age = ref(queue="emails", metric="oldestPendingAge", apiKeyFromEnv=key)
             assert await value(age, "conveyor-oldest-pending-age") > 0
             (age_spec,) = (await scaler.GetMetricSpec(age, timeout=10)).metricSpecs
@@ -95,6 +100,8 @@ async def test_keda_drives_the_scaler_with_the_trigger_metadata(database_dsn: st
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         fields = await refused(ref(apiKeyFromEnv=key, tenant="other"), invalid)
         assert fields == ["scaledObjectRef.scalerMetadata.tenant"]
+        fields = await refused(ref(apiKeyFromEnv=key, type="bad type"), invalid)
+        assert fields == ["scaledObjectRef.scalerMetadata.type"]
         fields = await refused(ref(apiKeyFromEnv=key, target="-1", metric="depth"), invalid)
         assert fields == [
             "scaledObjectRef.scalerMetadata.metric",

@@ -104,7 +104,7 @@ def banner_commands(output: str) -> list[str]:
     commands: list[str] = []
     current = ""
     for line in block.splitlines()[1:]:
-        if not line.strip():
+        if not line.strip() or not line[0].isspace():  # a blank line, or the intro's
             continue
         current += line.strip() if not current else "\n" + line
         if not line.endswith("\\"):

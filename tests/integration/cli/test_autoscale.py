@@ -16,7 +16,7 @@ from processes import Command
 from testsupport import eventually
 
 from conveyor.coordinator import Coordinator
-from conveyor.coordinator.store.tasks import CANCELLED
+from conveyor.coordinator.store.tasks import CANCELLED, PENDING
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 
 BURST = 24
@@ -110,5 +110,64 @@ async def test_autoscale_scales_up_and_down_and_replaces_a_killed_process(
     finally:
         supervisor.close()
         for pid in seen:  # each in its own process group: not reached by close()
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+async def test_autoscale_counts_only_the_types_its_workers_serve(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """A backlog no process of it could take (a type the demo worker has no handler for),
+    however long it waits, starts no process; one of a type it serves does."""
+    supervisor = Command(
+        "autoscale",
+        [*CLI, "worker", "--demo", "--concurrency", "2", "--coordinator", coordinator.address,
+         "--autoscale", "1:3", "--autoscale-interval", "0.3", "--autoscale-cooldown", "1",
+         "--autoscale-latency", "0.5", "--grace-period", "5", "--log-level", "debug"],
+        tmp_path,
+    ).start()  # fmt: skip
+    seen: set[int] = set()
+    try:
+        seen |= await eventually(exactly(coordinator, 1), timeout=30, what="1 worker")
+        unserved = task_service_pb2.SubmitTasksRequest(
+            tasks=[task_service_pb2.SubmitTaskRequest(type="send-email", payload=b"{}")] * 8
+        )
+        await stub.SubmitTasks(unserved, timeout=10)
+
+        async def waited_past_latency() -> bool:
+            age = await db.fetchval(
+                "SELECT extract(epoch FROM now() - min(run_at)) FROM tasks WHERE state = $1",
+                PENDING,
+            )
+            return bool(age is not None and age > 1.0)
+
+        await eventually(waited_past_latency, timeout=30, what="the backlog older than 0.5 s")
+        before = len(supervisor.output())
+
+        def looked_three_times() -> bool:
+            return supervisor.output()[before:].count("oldest ready task waited") >= 3
+
+        await eventually(looked_three_times, timeout=30, what="3 looks at the load")
+        log = supervisor.output()[before:]
+        assert "started (pid" not in log and " -> " not in log, log
+        assert "load 0 tasks, oldest ready task waited 0.0s" in log, log
+
+        # Work it serves: 4 tasks for processes of concurrency 2 ask for 2.
+        served = task_service_pb2.SubmitTasksRequest(
+            tasks=[task_service_pb2.SubmitTaskRequest(type="sleep", payload=b"600")] * 4
+        )
+        reply = await stub.SubmitTasks(served, timeout=10)
+        seen |= await eventually(exactly(coordinator, 2), timeout=60, what="2 workers")
+        for result in reply.results:
+            await stub.CancelTask(task_service_pb2.CancelTaskRequest(id=result.task.id), timeout=10)
+        supervisor.signal(signal.SIGTERM)
+        assert await supervisor.wait_exit(30) == 0, supervisor.output()
+    finally:
+        supervisor.close()
+        for pid in seen:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)

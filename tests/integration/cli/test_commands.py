@@ -106,3 +106,23 @@ async def test_schedules_print_times_in_their_zone(coordinator: Coordinator) -> 
     done = await conveyor("schedules", "delete", "nightly", *where)
     assert done.code == 1
     assert done.err.startswith("conveyor: no schedule named nightly (")
+
+
+async def test_submit_with_labels_and_list_by_label(coordinator: Coordinator) -> None:
+    where = ["--coordinator", coordinator.address]
+    billing = await conveyor(
+        *where, "submit", "echo", "--label", "team=billing", "--label", "env=dev"
+    )
+    assert billing.code == 0, billing.err
+    other = await conveyor(*where, "submit", "echo", "--label", "team=search")
+    assert other.code == 0, other.err
+    done = await conveyor(*where, "get", billing.out.strip(), "--json")
+    assert json.loads(done.out)["labels"] == {"team": "billing", "env": "dev"}
+    done = await conveyor(*where, "tasks", "--label", "team=billing", "--json")
+    assert done.code == 0, done.err
+    assert [t["id"] for t in json.loads(done.out)] == [billing.out.strip()]
+    done = await conveyor(*where, "tasks", "--label", "team=billing", "--label", "env=prod")
+    assert done.code == 0 and done.out.strip() == "no tasks match"
+    done = await conveyor(*where, "submit", "echo", "--label", "no-value")
+    assert done.code == 2
+    assert "Invalid value for '--label': 'no-value' is not KEY=VALUE" in done.err

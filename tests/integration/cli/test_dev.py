@@ -53,6 +53,8 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             # Without the key, the coordinator refuses, in one line saying what to do.
             code, out = await shell(commands[1], REPO)
             assert code == 1 and "API key" in out, out
+            # ... and says that in (or under) the dev's folder the key is found by itself.
+            assert "folder of a running `conveyor dev`" in out, out
             with_key = {"CONVEYOR_API_KEY": key}
 
             # A second one on the same data directory: one line, naming the first.
@@ -102,7 +104,11 @@ async def test_dev_banner_second_instance_and_ctrl_c() -> None:
             said = await first.read_until("press Ctrl-C again to stop at once")
             assert "running tasks get up to 30 s to finish" in said
             assert await first.interrupt(timeout=25) == 0, first.output()
-            assert "stopping at once" in first.output()
+            # It says what happens to the running task: no "back to their queue" at once.
+            assert (
+                "stopping at once: running demo tasks are cut off; they run again once their "
+                "leases expire" in first.output()
+            )
             assert first.output().rstrip().endswith("stopped.")
         assert not EmbeddedPostgres(data_dir / "postgres").is_running()
         assert not (other_dir / "postgres").exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from clitools import dev_data_dir, dev_process, remove_dev_data, shell
+from clitools import banner_commands, dev_data_dir, dev_process, remove_dev_data, shell
 from processes import free_port
 from security import Keys
 
@@ -106,8 +106,17 @@ async def test_readme_shell_blocks_run_against_conveyor_dev() -> None:
     address = f"127.0.0.1:{free_port()}"
     try:
         async with dev_process(data_dir, address, cwd=folder) as dev:
-            await dev.read_until("Press Ctrl-C")
+            banner = await dev.read_until("Press Ctrl-C")
             key = (data_dir / "admin.key").read_text().strip()
+            # Run here, its banner's commands find the key: none exports it, all work as
+            # printed, from a folder under this one too.
+            commands = banner_commands(banner)
+            assert len(commands) == 4 and not any("export" in c for c in commands), banner
+            assert f"elsewhere,\nexport CONVEYOR_API_KEY={key} first" in banner
+            (folder / "myapp").mkdir()
+            for command in commands:
+                code, out = await shell(command, folder / "myapp")
+                assert code == 0, f"{command}\n{out}"
             async with AsyncClient(address, api_key=key, timeout=10) as client:
                 waiting = await client.submit("echo", "later", run_at=timedelta(hours=1))
                 failing = await client.submit("fail", "readme", max_attempts=1)
@@ -119,7 +128,6 @@ async def test_readme_shell_blocks_run_against_conveyor_dev() -> None:
                 "<task id>": waiting.id,
                 EXAMPLE_KEY_ID: revoked.id,
             }
-            (folder / "myapp").mkdir()
             (folder / "myapp" / "tasks.py").write_text(
                 worker_module().replace("127.0.0.1:50051", address)
             )

@@ -50,6 +50,14 @@ def test_unknown_commands_suggest_the_nearest_and_flags_show_no_type(
         assert suggested in err and err.count("Did you mean") == 1, err
     assert main(["xyz"]) == 2
     assert "Did you mean" not in capsys.readouterr().err
+    # A bad choice says what is wrong, without the "Value error, " of pydantic's wording.
+    assert main(["tasks", "--state", "deadd"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--state': 'deadd' is not one of 'pending'" in err, err
+    assert "Value error" not in err
+    assert main(["bench-tenants", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "issue" not in help_text and "within 2x" in help_text
     assert main(["submit", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert "<bool>" not in help_text and "--wait" in help_text and "DURATION" in help_text

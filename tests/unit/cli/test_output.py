@@ -84,6 +84,16 @@ def test_unserved_says_which_worker_to_start() -> None:
             "a:1 refused the call: backlog limit 1000 reached; try again in 2s",
         ),
         (
+            RPCFailure(
+                grpc.StatusCode.UNAUTHENTICATED, "no API key", "a:1", "UNAUTHENTICATED",
+                {"problem": "missing"},
+            ),
+            "a:1 refused the call: no API key; pass one with --api-key or CONVEYOR_API_KEY "
+            "(an admin creates one with `conveyor keys create`), or run the command in (or "
+            "under) the folder of a running `conveyor dev`: it finds that dev's key "
+            "(.conveyor/dev/admin.key) by itself",
+        ),
+        (
             RPCFailure(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials", "a:1"),
             "a:1 refused the call: invalid credentials (the CLI sends --api-key, or "
             "CONVEYOR_API_KEY)",
