@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -105,7 +106,15 @@ def bench(
     *,
     g: Globals,
 ) -> int:
-    """Measure throughput and pickup latency: a coordinator and workers as processes."""
+    """Measure throughput, pickup latency, CPU per task and idle worker memory: a
+    coordinator and workers as processes."""
+    try:
+        import psutil  # noqa: F401  (reads the processes' CPU and memory)
+    except ImportError:
+        print(
+            "conveyor: conveyor bench needs psutil: pip install 'conveyor[bench]'", file=sys.stderr
+        )
+        return 2
     from conveyor.bench.runner import BenchConfig, run
 
     config = BenchConfig(

@@ -8,6 +8,11 @@ Figures (all from timestamps, none from timed sleeps):
   handler's start, measured by a probe task across processes on one clock.
 - submit_latency_p50/p99_ms: the same probes' submits, from the call to its answer (the
   client library included).
+- cpu_per_task_us: CPU (user + system, psutil) spent during the end-to-end phase divided
+  by its tasks, by process group: coordinator, workers, client (this process), postgres
+  (the server and all its backends, when it runs on this machine), and total.
+- worker_idle_rss_mb: resident memory of the largest worker process when idle (started,
+  connected and warmed up by one task, before the end-to-end phase).
 
 With ``metrics`` the coordinator and the workers serve Prometheus metrics and are scraped
 every ``scrape_interval`` throughout (1 s by default, harsher than a usual 15 s), so the
@@ -38,6 +43,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conveyor.bench import cpu
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
 from conveyor.coordinator.tenancy import keys as api_keys
@@ -291,10 +297,19 @@ async def _measure(
             await start_worker(address, cfg.concurrency, env, *_metrics_args(cfg, scraper))
         )
     await _warm_up(client, db)
+    workers = [proc.pid for proc in procs[1:]]
+    idle_rss = [cpu.rss_mb(pid) for pid in workers]
+    groups = cpu.ProcessGroups(
+        coordinator=procs[0].pid,
+        workers=workers,
+        postmaster=cpu.postmaster_of(await db.fetchval("SELECT pg_backend_pid()")),
+    )
     _say(f"end to end: {cfg.tasks} no-op tasks …")
     specs = [TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True)] * cfg.tasks
+    before = cpu.sample(groups.resolve())
     await _submit_all(client, specs, cfg)
     await _wait_done(db, "noop", cfg.tasks + 1, within=max(120.0, cfg.tasks / 200))
+    cpu_per_task = cpu.per_task_us(before, cpu.sample(groups.resolve()), cfg.tasks)
     span = await db.fetchrow(
         "SELECT extract(epoch FROM max(finish_time) - min(create_time)) AS seconds "
         "FROM tasks WHERE type = 'noop' AND queue = $1 AND payload = ''",
@@ -332,6 +347,8 @@ async def _measure(
         "pickup_samples": len(latencies),
         "submit_latency_p50_ms": round(statistics.median(answered), 2),
         "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
+        "cpu_per_task_us": cpu_per_task,
+        "worker_idle_rss_mb": max(idle_rss),
     }
 
 
@@ -352,5 +369,16 @@ metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \
 p99 {f["pickup_p99_ms"]} ms   ({f["pickup_samples"]} tasks at {cfg.latency_rate:.0f}/s)
   lone submit answered  p50 {f["submit_latency_p50_ms"]} ms   p99 {f["submit_latency_p99_ms"]} ms
+  CPU per task (e2e)    {_cpu_line(f["cpu_per_task_us"])}
+  idle worker RSS       {f["worker_idle_rss_mb"]} MiB
 """
     )
+
+
+def _cpu_line(per_task: dict[str, float]) -> str:
+    """``total 180 µs = coordinator 70 + workers 45 + …`` in the groups' order."""
+    parts = [f"{name} {per_task[name]:g}" for name in cpu.GROUPS if name in per_task]
+    line = f"{per_task['total']:g} µs = " + " + ".join(parts)
+    if "postgres" not in per_task:
+        line += " (PostgreSQL not on this machine: not counted)"
+    return line

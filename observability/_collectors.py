@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -32,6 +33,7 @@ __all__ = [
     "WorkerProcessCollector",
     "WorkerProcessState",
     "call_on_loop",
+    "prefetch_sources",
 ]
 
 T = TypeVar("T")
@@ -188,6 +190,11 @@ class WorkerPool:
     unhealthy: int = 0
 
 
+_UNREAD: Any = object()
+PREFETCH_MAX_AGE = 1.0
+"""Seconds a value read by :func:`prefetch_sources` may wait for its collector."""
+
+
 class _SourceCollector(Collector, Generic[T]):
     def __init__(
         self, source: Source[T], loop: asyncio.AbstractEventLoop | None, timeout: float
@@ -195,13 +202,62 @@ class _SourceCollector(Collector, Generic[T]):
         self._source = source
         self._loop = loop
         self._timeout = timeout
+        self._prefetched: tuple[T | None, float] = (_UNREAD, 0.0)
+        self._lock = threading.Lock()
 
     def _read(self) -> T | None:
+        with self._lock:  # a value prefetched for this scrape is used once
+            (value, at), self._prefetched = self._prefetched, (_UNREAD, 0.0)
+        # Never an old one (a scrape that failed before collecting left it).
+        if value is not _UNREAD and time.monotonic() - at < PREFETCH_MAX_AGE:
+            return value
         try:
             return call_on_loop(self._source, self._loop, self._timeout)
         except Exception as exc:
             _log.warning("metrics source %r failed: %r", self._source, exc)
             return None
+
+
+async def _read_all(group: list[_SourceCollector[Any]]) -> list[Any]:
+    values: list[Any] = []
+    for collector in group:
+        try:
+            value = collector._source()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            _log.warning("metrics source %r failed: %r", collector._source, exc)
+            value = None
+        values.append(value)
+    return values
+
+
+def prefetch_sources(collectors: Iterable[Collector]) -> None:
+    """Reads every loop-bound source among ``collectors`` in one trip to its loop.
+
+    Each source otherwise wakes the loop once per scrape (a coordinator has four: the
+    workers, the pauses, the rate limits, the breakers), and every wake-up is a turn the
+    loop that serves gRPC spends on a scrape. The values are handed to the collectors,
+    each used by the next :meth:`collect` (the one of this scrape; never after
+    :data:`PREFETCH_MAX_AGE`). A source that fails, or a trip that times out, yields
+    nothing, as when read alone."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_SourceCollector[Any]]] = {}
+    for collector in collectors:
+        if isinstance(collector, _SourceCollector) and collector._loop is not None:
+            by_loop.setdefault(collector._loop, []).append(collector)
+    for loop, group in by_loop.items():
+        values: list[Any]
+        try:
+            values = call_on_loop(partial(_read_all, group), loop, max(c._timeout for c in group))
+        except TimeoutError:
+            _log.warning("metrics sources timed out on their event loop")
+            values = [None] * len(group)
+        except Exception:
+            continue  # (a scrape on the loop itself): each collector says why, alone
+        at = time.monotonic()
+        for collector, value in zip(group, values, strict=True):
+            with collector._lock:
+                collector._prefetched = (value, at)
 
 
 class WorkerPoolCollector(_SourceCollector[Iterable[WorkerPool]]):

@@ -84,9 +84,15 @@ NAME_RULE = "must start with a letter or digit and contain only letters, digits 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewTask:
-    """A validated submit, ready to insert."""
+    """A validated submit, ready to insert. Treat it as immutable.
+
+    Not ``frozen``: a frozen dataclass sets each of these 24 fields through
+    ``object.__setattr__``, 4 µs per task against 0.6 µs, and one is made for every
+    submitted task (5 % of the coordinator's samples in the end-to-end phase, see
+    docs/performance.md, issue 19). Nothing assigns to one after it is made.
+    """
 
     queue: str
     type: str

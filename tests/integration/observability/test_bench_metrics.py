@@ -26,3 +26,13 @@ async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> No
     assert figures["e2e_per_s"] > 0 and figures["pickup_samples"] == 5
     assert 0 < figures["submit_latency_p50_ms"] <= figures["submit_latency_p99_ms"]
     assert "metrics on, scraped every 0.5 s" in done.err
+    # CPU per task by process group (PostgreSQL's server is on this machine) and the idle
+    # worker's memory.
+    per_task = figures["cpu_per_task_us"]
+    assert set(per_task) == {"coordinator", "workers", "client", "postgres", "total"}
+    assert all(per_task[group] > 0 for group in per_task), per_task
+    assert per_task["total"] == pytest.approx(
+        sum(v for k, v in per_task.items() if k != "total"), abs=0.5
+    )
+    assert 10 < figures["worker_idle_rss_mb"] < 1000
+    assert "CPU per task (e2e)" in done.err and "idle worker RSS" in done.err
