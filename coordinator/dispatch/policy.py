@@ -271,6 +271,7 @@ class DispatchPolicy:
                 holder=session.holder,
                 lease_seconds=self._lease_seconds,
                 fence=fence,
+                aging=self.aging,
             )
             if pairs
             else []

@@ -777,73 +777,151 @@ async def claim(
     )
 
 
+MAX_AGING_LEVELS = 64
+"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
+
+
+def _effective(alias: str) -> str:
+    """The effective priority of the row ``alias`` under aging: its priority raised by one
+    per aging interval waited since ready, at most :aging_max (so a low priority cannot
+    starve, and cannot jump without bound)."""
+    return (
+        f"{alias}.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
+        f"{alias}.run_at)) / :aging_interval))::int"
+    )
+
+
+_AGED_ORDER = f"{_effective('changed')} DESC, changed.deadline, changed.id"
+
 # Running tasks of the concurrency key of the task ``k`` (index tasks_running_keyed).
 _BUSY = f"""(SELECT count(*) FROM tasks r WHERE r.tenant = :tenant AND r.state = {RUNNING}
     AND r.concurrency_key = k.concurrency_key)"""
 
+# The columns a candidate of a claim by pairs carries into its ranking.
+_CANDIDATE = (
+    "k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue, k.type, "
+    "k.concurrency_key"
+)
+# Where a candidate of a claim by pairs may come from (besides its pair and key).
+_CANDIDATE_FILTER = f"""k.tenant = :tenant AND k.state = {PENDING}
+              AND (k.deadline IS NULL OR k.deadline > now())
+              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
+                   OR k.encryption_key = ANY(:keys::text[]))"""
 
-def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
-    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``), of the
-    tasks without a concurrency key, or of those with one (``keyed``, ``claim_keyed``):
-    then a task is taken only while fewer than its key's limit run, counting the
-    running rows and those ahead of it in this claim."""
-    if keyed:
-        # Full keys are skipped in the scan itself, so they never stand in front of
-        # the others (the partial index tasks_ready_keyed holds keyed tasks only).
-        key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
-        key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
-        key_rank = f", row_number() OVER (PARTITION BY concurrency_key ORDER BY {_ORDER}) AS in_key"
-        key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
-    else:
-        key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
-    return Query(
-        name,
-        f"""
-    WITH candidates AS (
-        -- Per (queue, type) pair the head of the ready index, as many as its tokens
-        -- allow, so a limited type never stands in front of the others of its queue.
+
+def _pair_candidates(key_filter: str, key_columns: str, *, keyed: bool, aged: bool) -> str:
+    """The ``candidates`` CTE of a claim by pairs: per (queue, type) pair the head of the
+    ready index, as many as its cap allows, so a limited type never stands in front of
+    the others of its queue. With aging (``aged``), as the aged claim: per priority level
+    of the pair (a loose scan of the ready index, at most MAX_AGING_LEVELS) the oldest,
+    then the pair's best ``cap`` of those by effective priority (column ``effective``)."""
+    if not aged:
+        return f"""candidates AS (
         SELECT c.* FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
             AS p(queue, type, cap)
         CROSS JOIN LATERAL (
-            SELECT k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue,
-                k.type, k.concurrency_key {key_columns}
+            SELECT {_CANDIDATE} {key_columns}
             FROM tasks k
-            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = p.queue
-              AND k.type = p.type {key_filter}
-              AND (k.deadline IS NULL OR k.deadline > now())
-              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
-                   OR k.encryption_key = ANY(:keys::text[]))
+            WHERE {_CANDIDATE_FILTER} AND k.queue = p.queue AND k.type = p.type {key_filter}
             ORDER BY k.priority DESC, k.deadline, k.id
             LIMIT p.cap
             FOR UPDATE SKIP LOCKED
         ) AS c
         WHERE {FENCE}
-    ), ranked AS (
+    )"""
+    # The levels of a pair: of its type among the keyed tasks (tasks_ready_keyed has the
+    # type), of its whole queue otherwise (tasks_ready has not; an empty level costs a
+    # probe and takes nothing).
+    level_filter = "AND k.type = l.type AND k.concurrency_key IS NOT NULL" if keyed else ""
+    return f"""levels AS (
+        SELECT l.queue, l.type, l.cap, (
+            SELECT max(k.priority) FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = l.queue {level_filter}
+        ) AS priority, 1 AS depth
+        FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
+            AS l(queue, type, cap)
+        UNION ALL
+        SELECT l.queue, l.type, l.cap, (
+            SELECT max(k.priority) FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = l.queue {level_filter}
+              AND k.priority < l.priority
+        ), l.depth + 1
+        FROM levels l WHERE l.priority IS NOT NULL AND l.depth < {MAX_AGING_LEVELS}
+    ), leveled AS (
+        SELECT c.*, {_effective("c")} AS effective, l.cap
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT {_CANDIDATE}, k.run_at {key_columns}
+            FROM tasks k
+            WHERE {_CANDIDATE_FILTER} AND k.queue = l.queue AND k.type = l.type
+              AND k.priority = l.priority {key_filter}
+            ORDER BY k.deadline, k.id
+            LIMIT l.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE l.priority IS NOT NULL AND {FENCE}
+    ), candidates AS (
+        SELECT * FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY queue, type ORDER BY effective DESC, deadline, id) AS in_pair
+            FROM leveled
+        ) best
+        WHERE in_pair <= cap
+    )"""
+
+
+def _claim_by_pairs(name: str, *, keyed: bool, aged: bool = False) -> Query:
+    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``), of the
+    tasks without a concurrency key, or of those with one (``keyed``, ``claim_keyed``):
+    then a task is taken only while fewer than its key's limit run, counting the
+    running rows and those ahead of it in this claim. ``aged``: by effective priority
+    (aging, as :data:`_CLAIM_AGED`) instead of priority."""
+    # The dispatch order of the candidates, and of the rows the worker gets.
+    order = "effective DESC, deadline, id" if aged else _ORDER
+    heads_order = (
+        "r.effective DESC, r.deadline, r.id" if aged else "r.priority DESC, r.deadline, r.id"
+    )
+    if keyed:
+        # Full keys are skipped in the scan itself, so they never stand in front of
+        # the others (the partial index tasks_ready_keyed holds keyed tasks only).
+        key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
+        key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
+        key_rank = f", row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS in_key"
+        key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
+    else:
+        key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
+    candidates = _pair_candidates(key_filter, key_columns, keyed=keyed, aged=aged)
+    return Query(
+        name,
+        f"""
+    WITH {"RECURSIVE " if aged else ""}{candidates}, ranked AS (
         -- Running counts for the limits of a whole queue, a whole type and the tenant:
         -- a row over any cap is left (the counts include rows another cap left, so a
         -- claim may take fewer than the tokens allow, never more).
         SELECT *,
-            row_number() OVER (PARTITION BY queue ORDER BY {_ORDER}) AS in_queue,
-            row_number() OVER (PARTITION BY type ORDER BY {_ORDER}) AS in_type,
-            row_number() OVER (ORDER BY {_ORDER}) AS in_all {key_rank}
+            row_number() OVER (PARTITION BY queue ORDER BY {order}) AS in_queue,
+            row_number() OVER (PARTITION BY type ORDER BY {order}) AS in_type,
+            row_number() OVER (ORDER BY {order}) AS in_all {key_rank}
         FROM candidates
     ), heads AS (
-        SELECT r.id, r.priority, r.deadline, r.size FROM ranked r
+        SELECT r.id, r.priority, r.deadline, r.size{", r.effective" if aged else ""} FROM ranked r
         LEFT JOIN unnest(:cap_queues::text[], :queue_caps::int[]) AS qc(queue, cap)
             ON qc.queue = r.queue
         LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
             ON tc.type = r.type
         WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
           AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
-        ORDER BY r.priority DESC, r.deadline, r.id
+        ORDER BY {heads_order}
         LIMIT :limit
-    ), {_LEASE_HEADS}
+    ), {_lease_heads(order, _AGED_ORDER) if aged else _LEASE_HEADS}
     """,
     )
 
 
 _CLAIM_LIMITED = _claim_by_pairs("claim_tasks_limited", keyed=False)
 _CLAIM_KEYED = _claim_by_pairs("claim_tasks_keyed", keyed=True)
+_CLAIM_LIMITED_AGED = _claim_by_pairs("claim_tasks_limited_aged", keyed=False, aged=True)
+_CLAIM_KEYED_AGED = _claim_by_pairs("claim_tasks_keyed_aged", keyed=True, aged=True)
 
 
 async def claim_limited(
@@ -862,16 +940,23 @@ async def claim_limited(
     holder: bytes,
     lease_seconds: float,
     fence: Fence,
+    aging: tuple[float, int] | None = None,
 ) -> list[asyncpg.Record]:
     """:func:`claim` per (queue, type) pair: at most ``cap`` tasks of each (queue, type,
     cap) of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
     ``type_caps``, and ``total`` in all (rate limits: ``dispatch/rate_limits.Caps``).
     Of the tasks without a concurrency key, or with ``keyed`` of those with one, each
     only while fewer than its key's ``concurrency_limit`` run (counted from the rows, so
-    the limit holds across workers and failover). Same order, same rows returned."""
-    query = _CLAIM_KEYED if keyed else _CLAIM_LIMITED
+    the limit holds across workers and failover). Same order, with ``aging`` the same
+    effective priority, as :func:`claim`; same rows returned."""
+    if aging is None:
+        query, aged = (_CLAIM_KEYED if keyed else _CLAIM_LIMITED), {}
+    else:
+        query = _CLAIM_KEYED_AGED if keyed else _CLAIM_LIMITED_AGED
+        aged = {"aging_interval": aging[0], "aging_max": aging[1]}
     return await query.fetch(
         conn,
+        **aged,
         tenant=tenant,
         pair_queues=[p[0] for p in pairs],
         pair_types=[p[1] for p in pairs],
@@ -884,14 +969,6 @@ async def claim_limited(
         **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
     )
 
-
-MAX_AGING_LEVELS = 64
-"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
-
-_AGED_ORDER = (
-    "changed.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
-    "changed.run_at)) / :aging_interval))::int DESC, changed.deadline, changed.id"
-)
 
 _CLAIM_AGED = Query(
     "claim_tasks_aged",
@@ -915,9 +992,7 @@ _CLAIM_AGED = Query(
         -- Per level the head of the ready index; then the best by effective priority:
         -- the priority raised by one per aging interval waited since ready, at most
         -- :aging_max (so a low priority cannot starve, and cannot jump without bound).
-        SELECT c.id, c.priority, c.deadline, c.size, c.priority + least(:aging_max,
-            floor(greatest(0, extract(epoch FROM now() - c.run_at)) / :aging_interval)
-        )::int AS effective
+        SELECT c.id, c.priority, c.deadline, c.size, {_effective("c")} AS effective
         FROM levels l
         CROSS JOIN LATERAL (
             SELECT id, priority, deadline, run_at, octet_length(payload) AS size FROM tasks
