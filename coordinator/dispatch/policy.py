@@ -255,10 +255,12 @@ class DispatchPolicy:
         cover the session, of the tasks with concurrency keys (``keyed``) or without."""
         limit = budget.limit
         pairs = [(q, t, limit) for q in queues for t in types] if caps is None else caps.pairs
+        tenant = session.tenant
+        after = self.keys.after(tenant, pairs) if keyed else ()
         rows = (
             await store.claim_limited(
                 conn,
-                tenant=session.tenant,
+                tenant=tenant,
                 pairs=pairs,
                 queue_caps=caps.queues if caps else (),
                 type_caps=caps.types if caps else (),
@@ -272,10 +274,13 @@ class DispatchPolicy:
                 lease_seconds=self._lease_seconds,
                 fence=fence,
                 aging=self.aging,
+                after=after,
             )
             if pairs
             else []
         )
+        if keyed and rows:
+            self.keys.served(tenant, rows)
         if caps is not None:
             self.limits.spend(caps, rows)
         return rows

@@ -263,6 +263,48 @@ async def test_a_concurrency_key_caps_its_running_tasks_and_only_them(
     assert held["a"] >= 3 and held["b"] >= 1 and held[""] > 3, held
 
 
+async def test_concurrency_keys_take_turns_so_a_deep_backlog_does_not_hold_back_another_key(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    """Key "big" has 3,000 tasks waiting (a limit they never reach), key "small" 10 sent
+    after them: the first claim takes small's 10 beside big's first, not big's 3,000
+    first (the keyed claim took the head of the ready index, all big)."""
+    T = task_service_pb2
+
+    def keyed(key: str, limit: int) -> task_service_pb2.SubmitTaskRequest:
+        return T.SubmitTaskRequest(type="turns", concurrency_key=key, concurrency_limit=limit)
+
+    for _ in range(3):
+        batch = [keyed("big", 10_000) for _ in range(1000)]
+        await stub.SubmitTasks(T.SubmitTasksRequest(tasks=batch))
+    small = await stub.SubmitTasks(T.SubmitTasksRequest(tasks=[keyed("small", 10)] * 10))
+    small_ids = {r.task.id for r in small.results}
+    worker = RawWorker(coordinator.address)
+    try:
+        await worker.connect("turns-worker", types=("turns",), credits=50)
+        first = [a.lease.task_id for a in await worker.assignments(50, timeout=20)]
+        assert small_ids <= set(first), len(small_ids & set(first))
+        # In the database: every small task leased in the first claim (one statement, one
+        # now()), with no more than the rest of that claim's portion of big before them.
+        started = await db.fetch(
+            "SELECT concurrency_key, lease_start_time FROM tasks WHERE attempt > 0 "
+            "ORDER BY lease_start_time"
+        )
+        first_start = started[0]["lease_start_time"]
+        small_starts = [r["lease_start_time"] for r in started if r["concurrency_key"] == "small"]
+        assert len(small_starts) == 10 and set(small_starts) == {first_start}, small_starts
+        big_before = [
+            r
+            for r in started
+            if r["concurrency_key"] == "big" and r["lease_start_time"] <= max(small_starts)
+        ]
+        assert len(big_before) <= 40, len(big_before)
+    finally:
+        await worker.close()
+
+
 async def test_a_circuit_breaker_holds_a_failing_type_back_then_probes_and_closes(
     coordinator: Coordinator,
     stub: task_service_pb2_grpc.TaskServiceAsyncStub,
