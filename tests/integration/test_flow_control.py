@@ -20,6 +20,7 @@ import pytest
 from clitools import conveyor
 from google.protobuf import duration_pb2, timestamp_pb2
 from metrics_scrape import scrape
+from tenancy import secure_coordinator
 from testsupport import RawWorker, coordinator_config, eventually
 
 from conveyor.coordinator import Coordinator
@@ -515,6 +516,35 @@ async def test_aging_holds_in_the_limited_and_keyed_claims(database_dsn: str, he
     finally:
         await worker.close()
         await coordinator.stop(grace=1.0)
+
+
+async def test_a_tenant_dispatch_weight_is_set_shown_and_dispatched_by(database_dsn: str) -> None:
+    """``conveyor tenants set --dispatch-weight`` stores the weight with the tenant's
+    limits, shows it (set and in force; 1 for a tenant without one) and the leader's
+    dispatch policy portions by it; ``default`` takes it back to 1."""
+    async with secure_coordinator(database_dsn) as secure:
+        admin = ["--coordinator", secure.coordinator.address, "--api-key", secure.admin_key]
+        done = await conveyor("tenants", "set", "acme", "--dispatch-weight", "3", "--json", *admin)
+        assert done.code == 0, done.err
+        shown = json.loads(done.out)
+        assert shown["limits"] == {"dispatch_weight": 3}, shown
+        assert shown["effective_limits"]["dispatch_weight"] == 3, shown
+        listed = await conveyor("tenants", "list", *admin)
+        assert listed.code == 0 and "WEIGHT" in listed.out, listed.out
+        bad = await conveyor("tenants", "set", "acme", "--dispatch-weight", "9", *admin)
+        assert bad.code != 0 and "dispatch_weight" in bad.err, bad.err
+        dispatcher = secure.coordinator.dispatcher
+        assert dispatcher is not None
+        policy = dispatcher.policy
+
+        async def weighed(wanted: int) -> bool | None:
+            return True if policy.weight("acme") == wanted else None
+
+        await eventually(lambda: weighed(3), timeout=10, what="acme's weight at the leader")
+        assert policy.weight("globex") == 1
+        done = await conveyor("tenants", "set", "acme", "--dispatch-weight", "default", *admin)
+        assert done.code == 0, done.err
+        await eventually(lambda: weighed(1), timeout=10, what="acme's weight back to 1")
 
 
 async def test_a_new_leader_starts_a_rate_limit_empty_not_full(database_dsn: str) -> None:

@@ -151,6 +151,25 @@ async def test_workers_of_several_tenants_take_turns_in_portions() -> None:
     assert dispatch_policy.by_tenant([quiet]) is None
 
 
+async def test_a_tenant_dispatch_weight_scales_its_portions() -> None:
+    weights = {"a": 3, "c": 99}
+    policy = DispatchPolicy(
+        lease_seconds=30, max_payload_bytes=1 << 20, weight=lambda t: weights.get(t, 1)
+    )
+    sessions = [
+        _session("a0", credit=1000, tenant="a"),
+        _session("b0", credit=1000, tenant="b"),
+        _session("c0", credit=1000, tenant="c"),
+        _session("d0", credit=150, tenant="d"),
+    ]
+    limits = {c.session.worker_id: c.limit for c in policy.plan(sessions)}
+    quantum = dispatch_policy.FAIR_QUANTUM
+    # a: 3 portions; b: one; c: bounded by the most a claim takes; d: its credit.
+    assert limits == {"a0": 3 * quantum, "b0": quantum, "c0": MAX_CLAIM_PER_SESSION, "d0": 100}
+    # Alone, a tenant's weight changes nothing: its claims are whole.
+    assert [c.limit for c in policy.plan(sessions[:1])] == [MAX_CLAIM_PER_SESSION]
+
+
 def test_the_next_keyed_claim_starts_after_the_last_key_served() -> None:
     """Keys are visited after the last stop, wrapping around (byte order): the next claim
     starts after the last one visited that was served."""

@@ -7,3 +7,7 @@ DROP INDEX tasks_ready_keyed;
 CREATE INDEX tasks_ready_keyed
     ON tasks (tenant, queue, type, concurrency_key COLLATE "C", priority DESC, deadline, id)
     WHERE state = 1 AND concurrency_key IS NOT NULL;
+
+-- A tenant's share of dispatch beside other tenants (1 to 5; NULL: 1): each of its claims
+-- takes up to FAIR_QUANTUM times this while workers of several tenants wait in a round.
+ALTER TABLE tenants ADD COLUMN dispatch_weight int;
