@@ -14,13 +14,16 @@ extend without touching the stream code:
 - :meth:`DispatchPolicy.plan`: the sessions to claim for in a round, in a rotating order
   so no worker is starved, and how much each may get: its credit, at most
   ``MAX_CLAIM_PER_SESSION`` tasks and ``MAX_CLAIM_BYTES`` of payload, and no more than its
-  outbox has room for.
+  outbox has room for; with workers of several tenants, turns by tenant of
+  ``FAIR_QUANTUM`` times the tenant's dispatch weight (:attr:`DispatchPolicy.weight`).
 - :meth:`DispatchPolicy.claim`: one session's claim (``store.tasks.claim``: per queue the
   head of the ready index in dispatch order, priority then age since ids are
   time-ordered, then the best of those heads, cut at the byte budget; leased in the same
   statement, fenced). Where a rate limit covers the session (``rate_limits.py``), the
   claim takes no more than the buckets' tokens (``store.tasks.claim_limited``) and spends
-  them; the rules in order are in ``docs/architecture.md`` ("The dispatch rules").
+  them; tasks with concurrency keys go by turns of their keys (``concurrency.py``); with
+  aging, every claim orders by effective priority. The rules in order are in
+  ``docs/architecture.md`` ("The dispatch rules").
 - :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
