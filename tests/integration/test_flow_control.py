@@ -24,7 +24,7 @@ from tenancy import secure_coordinator
 from testsupport import RawWorker, coordinator_config, eventually
 
 from conveyor.coordinator import Coordinator
-from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
 from conveyor.worker import TaskContext, Worker
 
 RATE = 50.0
@@ -302,6 +302,35 @@ async def test_concurrency_keys_take_turns_so_a_deep_backlog_does_not_hold_back_
             if r["concurrency_key"] == "big" and r["lease_start_time"] <= max(small_starts)
         ]
         assert len(big_before) <= 40, len(big_before)
+    finally:
+        await worker.close()
+
+
+async def test_the_next_keyed_claim_starts_after_the_last_key_served(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+) -> None:
+    """60 keys of 2 tasks each (limit 2), a worker taking 20 at a time: the first claim
+    serves the first 20 keys, the next one the 20 after them, not the first keys' second
+    tasks (which have a free slot too): every key gets its turn before any gets two."""
+    T = task_service_pb2
+    keys = [f"k{i:02d}" for i in range(60)]
+    requests = [
+        T.SubmitTaskRequest(
+            type="rotation", payload=json.dumps(k).encode(), concurrency_key=k, concurrency_limit=2
+        )
+        for k in keys
+        for _ in range(2)
+    ]
+    await stub.SubmitTasks(T.SubmitTasksRequest(tasks=requests))
+    worker = RawWorker(coordinator.address)
+    try:
+        await worker.connect("rotation-worker", types=("rotation",), credits=20)
+        first = [json.loads(a.payload) for a in await worker.assignments(20, timeout=20)]
+        assert sorted(first) == keys[:20], first
+        await worker.send(credit=worker_service_pb2.Credit(credits=20))
+        second = [json.loads(a.payload) for a in await worker.assignments(20, timeout=20)]
+        assert sorted(second) == keys[20:40], second
     finally:
         await worker.close()
 
