@@ -30,9 +30,10 @@ not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -317,6 +318,20 @@ _AFTER_COPY_GATE_SQL = transitions.after_copy_gate()
 _AFTER_COPY_GATE = Query("after_copy_gate", _AFTER_COPY_GATE_SQL) if _AFTER_COPY_GATE_SQL else None
 
 
+COPY_SLICE = 50
+"""Rows a COPY encodes between two yields to the event loop (asyncpg encodes an async
+iterable's rows as they come): 500 rows are a few milliseconds of encoding that would
+hold every other call."""
+
+
+async def _in_slices(records: Sequence[tuple[object, ...]]) -> AsyncIterator[tuple[object, ...]]:
+    for start in range(0, len(records), COPY_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        for record in records[start : start + COPY_SLICE]:
+            yield record
+
+
 async def copy_new(
     conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime
 ) -> list[tuple[Any, ...]]:
@@ -327,10 +342,11 @@ async def copy_new(
     INSERT over unnest() arrays. It has no conflict handling: a taken id (only a client-made
     one can be) fails the whole COPY with UniqueViolationError, writing nothing.
     """
+    records = [_record(r, now, now) for r in rows]
     await conn.copy_records_to_table(
         "tasks",
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
-        records=[_record(r, now, now) for r in rows],
+        records=records if len(records) <= COPY_SLICE else _in_slices(records),
     )
     if _AFTER_COPY is not None and (
         _AFTER_COPY_GATE is None

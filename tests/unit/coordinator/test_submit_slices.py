@@ -15,6 +15,7 @@ from conveyor.coordinator import convert
 from conveyor.coordinator.api import validation
 from conveyor.coordinator.errors import IdempotencyKeyConflict, InvalidArgument
 from conveyor.coordinator.lifecycle.submits import SubmitGroup, Submitted, Submitter, _Plan
+from conveyor.coordinator.store import tasks as tasks_store
 from conveyor.coordinator.store.tasks import NewRow
 from conveyor.v1 import task_service_pb2
 
@@ -76,3 +77,14 @@ async def test_a_large_group_is_planned_a_slice_at_a_time_keys_matched_across_sl
         SubmitGroup("acme", clash), _Plan.empty(), now, convert.timestamp(now), []
     )
     assert isinstance(failed, IdempotencyKeyConflict)
+
+
+async def test_copy_rows_come_a_slice_at_a_time() -> None:
+    records = [(i,) for i in range(5 * tasks_store.COPY_SLICE + 3)]
+
+    async def collect() -> list[tuple[object, ...]]:
+        return [r async for r in tasks_store._in_slices(records)]
+
+    copying = asyncio.create_task(collect())
+    assert await _turns_during(copying) >= 5
+    assert copying.result() == records
