@@ -1,8 +1,9 @@
 """``conveyor tenants list|get|set``: each tenant's limits (quotas) and usage.
 
 A limit is a number (0: no limit) or ``default`` (the coordinator's default for it, which
-``tenants list`` shows). Limits are checked per submit call, on the leader; a change
-applies within a second.
+``tenants list`` shows). The dispatch weight (1 to 5, default 1) is the tenant's share of
+dispatch while workers of several tenants wait. Limits are checked per submit call, on the
+leader; a change applies within a second.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from conveyor.cli.errors import USAGE, CLIError
 from conveyor.cli.keys_commands import AsJson
 from conveyor.cli.wire import admin_call
 
-LIMITS = ("max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules")
+LIMITS = (
+    "max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules",
+    "dispatch_weight",
+)  # fmt: skip
 _HEADERS = ["TENANT", "BACKLOG", "MAX BACKLOG", "SUBMIT RATE", "BURST", "MAX PAYLOAD",
-            "SCHEDULES", "MAX SCHEDULES", "KEYS"]  # fmt: skip
+            "SCHEDULES", "MAX SCHEDULES", "KEYS", "WEIGHT"]  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +38,7 @@ def register(app: typer.Typer) -> None:
             "conveyor tenants set acme --max-backlog 100000 --submit-rate 500 --submit-burst 2000",
             "conveyor tenants set acme --max-payload-bytes 65536 --max-schedules 50",
             "conveyor tenants set acme --submit-rate default",
+            "conveyor tenants set acme --dispatch-weight 2",
         ],
     )(set_)
     app.add_typer(group)
@@ -60,6 +65,7 @@ def _row(tenant: Any) -> list[object]:
         usage.schedules,
         _limit(effective, "max_schedules"),
         usage.active_keys,
+        _limit(effective, "dispatch_weight"),
     ]
 
 
@@ -146,12 +152,20 @@ def set_(
     max_schedules: Annotated[
         str | None, typer.Option("--max-schedules", metavar="N|default", help="Most schedules.")
     ] = None,
+    dispatch_weight: Annotated[
+        str | None,
+        typer.Option(
+            "--dispatch-weight",
+            metavar="1-5|default",
+            help="Share of dispatch beside other tenants' workers (default 1).",
+        ),
+    ] = None,
     as_json: AsJson = False,
     *,
     g: Globals,
 ) -> int:
-    """Set some of a tenant's limits (0: no limit; default: the coordinator's default); the
-    others stay as they are."""
+    """Set some of a tenant's limits (0: no limit; default: the coordinator's default) or
+    its dispatch weight (1 to 5); the others stay as they are."""
     from google.protobuf import field_mask_pb2
 
     from conveyor.v1 import admin_service_pb2, auth_pb2
@@ -162,6 +176,7 @@ def set_(
         "submit_burst": submit_burst,
         "max_payload_bytes": max_payload_bytes,
         "max_schedules": max_schedules,
+        "dispatch_weight": dispatch_weight,
     }
     limits = auth_pb2.TenantLimits()
     paths: list[str] = []

@@ -80,11 +80,22 @@ def count_problem(value: int, *, lowest: int = 0, highest: int = COUNT_MAX) -> s
     return None
 
 
+MAX_DISPATCH_WEIGHT = 5
+"""The largest tenant dispatch weight: a claim of FAIR_QUANTUM (100) times it is then
+MAX_CLAIM_PER_SESSION (500), the most one claim takes anyway."""
+
+
 def limit_problem(name: str, value: float) -> str | None:
     """What is wrong with the value of a tenant limit (the ``tenants`` columns, the
-    coordinator's defaults), or None. 0 is "no limit" for each."""
+    coordinator's defaults), or None. 0 is "no limit" for each (but ``dispatch_weight``,
+    a share: 1 to MAX_DISPATCH_WEIGHT)."""
     if name == "submit_rate":
         return rate_problem(value)
+    if name == "dispatch_weight":
+        # Not a limit: a share, 1 (the default) to MAX_DISPATCH_WEIGHT.
+        if isinstance(value, float) and not value.is_integer():
+            return "must be a whole number"
+        return count_problem(int(value), lowest=1, highest=MAX_DISPATCH_WEIGHT)
     if isinstance(value, float) and not value.is_integer():
         return "must be a whole number"
     if not 0 <= value <= COUNT_MAX:

@@ -237,6 +237,8 @@ class Coordinator:
         backlog = BacklogCounter(deps)
         queue_backlog = QueueBacklogCounter(deps)
         quotas = Quotas(cfg, directory, backlog, queue_backlog)
+        # Each tenant's dispatch weight is among its settings (cached by the directory).
+        policy.weight = lambda tenant: quotas.limits(tenant).dispatch_weight
         self.schedule_firer = firer = ScheduleFirer(deps, quotas=quotas)
         self.submitter = Submitter(deps, hand_off=dispatcher)
         self.events = TaskEventHub(

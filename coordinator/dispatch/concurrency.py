@@ -14,11 +14,19 @@ The leader keeps only which tenants have keyed tasks ready (read with the rate l
 about once a second): the keyed claim runs only for their workers, and every other claim
 is the plain one, which leaves keyed tasks alone. So a tenant's first keyed tasks after a
 quiet spell wait up to a second before their first claim.
+
+Keys take turns: the keyed claim visits a (queue, type)'s keys one by one and orders
+what it takes by turns (every key's best task, then every key's second, ...), so one
+key's deep backlog does not stand in front of another key's tasks. It looks at up to
+``store.tasks.MAX_KEYS_PER_CLAIM`` keys per pair, starting after the key where the
+pair's last claim stopped (:meth:`ConcurrencyKeys.after`, kept here per (tenant, queue,
+type); a new term starts from the first key), so with more keys than one claim serves
+every key still gets its turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import asyncpg
 
@@ -37,9 +45,29 @@ class ConcurrencyKeys:
         self.tenants: frozenset[str] = frozenset()
         self.wake: Callable[[], None] = _nothing
         """Runs the dispatcher's next round (set by the dispatcher)."""
+        self._stops: dict[tuple[str, str, str], str] = {}
 
     def reset(self) -> None:
         self.tenants = frozenset()
+        self._stops.clear()
+
+    def after(self, tenant: str, pairs: Iterable[tuple[str, str, int]]) -> list[str]:
+        """Per (queue, type, cap) of ``pairs``, the key its last keyed claim stopped at
+        ("": none), where the next one starts."""
+        stops = self._stops
+        return [stops.get((tenant, queue, type_), "") for queue, type_, _ in pairs]
+
+    def served(self, tenant: str, rows: Sequence[asyncpg.Record]) -> None:
+        """A keyed claim took ``rows`` (with their queue, type and concurrency_key): the
+        next claim of each of their pairs starts after the last key served."""
+        served: dict[tuple[str, str, str], list[str]] = {}
+        for row in rows:
+            served.setdefault((tenant, row["queue"], row["type"]), []).append(
+                row["concurrency_key"]
+            )
+        stops = self._stops
+        for pair, keys in served.items():
+            stops[pair] = store.last_key(keys, stops.get(pair, ""))
 
     async def refresh(self, conn: asyncpg.Connection) -> None:
         self.tenants = frozenset(await store.keyed_tenants(conn))

@@ -14,13 +14,16 @@ extend without touching the stream code:
 - :meth:`DispatchPolicy.plan`: the sessions to claim for in a round, in a rotating order
   so no worker is starved, and how much each may get: its credit, at most
   ``MAX_CLAIM_PER_SESSION`` tasks and ``MAX_CLAIM_BYTES`` of payload, and no more than its
-  outbox has room for.
+  outbox has room for; with workers of several tenants, turns by tenant of
+  ``FAIR_QUANTUM`` times the tenant's dispatch weight (:attr:`DispatchPolicy.weight`).
 - :meth:`DispatchPolicy.claim`: one session's claim (``store.tasks.claim``: per queue the
   head of the ready index in dispatch order, priority then age since ids are
   time-ordered, then the best of those heads, cut at the byte budget; leased in the same
   statement, fenced). Where a rate limit covers the session (``rate_limits.py``), the
   claim takes no more than the buckets' tokens (``store.tasks.claim_limited``) and spends
-  them; the rules in order are in ``docs/architecture.md`` ("The dispatch rules").
+  them; tasks with concurrency keys go by turns of their keys (``concurrency.py``); with
+  aging, every claim orders by effective priority. The rules in order are in
+  ``docs/architecture.md`` ("The dispatch rules").
 - :meth:`DispatchPolicy.pack`: claimed rows as Assignments messages, each at most
   ``MESSAGE_BYTES`` (a single larger task travels alone; configuration guarantees it fits
   the message limit).
@@ -56,9 +59,11 @@ MAX_CLAIM_PER_SESSION = 500
 """Tasks claimed for one session per round, so one greedy worker cannot stall a round's
 transaction; the next round follows at once."""
 FAIR_QUANTUM = 100
-"""Tasks one claim takes while workers of several tenants wait in a round: a tenant whose
-backlog keeps its workers claiming takes portions of this size, so another tenant's
-claim comes at most one portion later (the sessions are interleaved by tenant)."""
+"""Tasks one claim takes while workers of several tenants wait in a round, times the
+tenant's dispatch weight (1 unless set, ``conveyor tenants set --dispatch-weight``): a
+tenant whose backlog keeps its workers claiming takes portions of this size, so another
+tenant's claim comes at most one portion later (the sessions are interleaved by
+tenant)."""
 MAX_CLAIM_BYTES = 16 << 20
 """Payload bytes claimed for one session per round (at least one task whatever its size)."""
 MESSAGE_BYTES = 3 << 20
@@ -151,6 +156,7 @@ class DispatchPolicy:
         limits: RateLimits | None = None,
         breakers: Breakers | None = None,
         aging: tuple[float, int] | None = None,
+        weight: Callable[[str], int] | None = None,
     ) -> None:
         self._lease_seconds = lease_seconds
         self._max_payload_bytes = max_payload_bytes
@@ -165,6 +171,8 @@ class DispatchPolicy:
         """The circuit breakers per (tenant, type) (off unless configured)."""
         self.aging = aging
         """(seconds per step, most steps) of aging, or None: priority alone."""
+        self.weight: Callable[[str], int] = weight or _equal
+        """A tenant's dispatch weight (``Limits.dispatch_weight``; 1 when not set)."""
 
     def reset(self) -> None:
         """A new term: the flow-control state is read again before the first claim."""
@@ -183,20 +191,27 @@ class DispatchPolicy:
 
     def plan(self, sessions: Iterable[WorkerSession]) -> list[Claim]:
         """This round's claims, in a rotating order so no worker is starved; with workers
-        of several tenants, interleaved by tenant in portions of FAIR_QUANTUM."""
+        of several tenants, interleaved by tenant in portions of FAIR_QUANTUM times the
+        tenant's dispatch weight (at most MAX_CLAIM_PER_SESSION)."""
         ready = [s for s in sessions if s.wants_work]
-        most = MAX_CLAIM_PER_SESSION
+        portions: dict[str, int] | None = None
         if len(ready) > 1:
             shift = next(self._rotation) % len(ready)
             ready = ready[shift:] + ready[:shift]
             interleaved = by_tenant(ready)
             if interleaved is not None:
-                ready, most = interleaved, FAIR_QUANTUM
+                ready = interleaved
+                weight = self.weight
+                portions = {
+                    t: min(MAX_CLAIM_PER_SESSION, FAIR_QUANTUM * max(1, weight(t)))
+                    for t in {s.tenant for s in ready}
+                }
         claims: list[Claim] = []
         for session in ready:
             room = min(MAX_CLAIM_BYTES, session.outbox_room)
             session.throttled = room <= 0
             if room > 0:
+                most = MAX_CLAIM_PER_SESSION if portions is None else portions[session.tenant]
                 claims.append(Claim(session, min(session.credit, most), room))
         return claims
 
@@ -255,10 +270,12 @@ class DispatchPolicy:
         cover the session, of the tasks with concurrency keys (``keyed``) or without."""
         limit = budget.limit
         pairs = [(q, t, limit) for q in queues for t in types] if caps is None else caps.pairs
+        tenant = session.tenant
+        after = self.keys.after(tenant, pairs) if keyed else ()
         rows = (
             await store.claim_limited(
                 conn,
-                tenant=session.tenant,
+                tenant=tenant,
                 pairs=pairs,
                 queue_caps=caps.queues if caps else (),
                 type_caps=caps.types if caps else (),
@@ -271,10 +288,14 @@ class DispatchPolicy:
                 holder=session.holder,
                 lease_seconds=self._lease_seconds,
                 fence=fence,
+                aging=self.aging,
+                after=after,
             )
             if pairs
             else []
         )
+        if keyed and rows:
+            self.keys.served(tenant, rows)
         if caps is not None:
             self.limits.spend(caps, rows)
         return rows
@@ -371,6 +392,10 @@ class DispatchPolicy:
                 session.credit -= 1
                 return session
         return None
+
+
+def _equal(tenant: str) -> int:
+    return 1
 
 
 def by_tenant(sessions: Sequence[WorkerSession]) -> list[WorkerSession] | None:

@@ -31,7 +31,7 @@ import bisect
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from google.protobuf import timestamp_pb2
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import validation
-from conveyor.coordinator.api.validation import NewTask
+from conveyor.coordinator.api.validation import SUBMIT_SLICE, NewTask
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import ConveyorError, IdempotencyKeyConflict, StoreUnavailable
 from conveyor.coordinator.ids import uuid7
@@ -186,7 +186,7 @@ class Submitter:
         rows: list[NewRow] = []
         plan = _Plan.empty()
         for group in groups:
-            results.append(self._plan_group(group, plan, now, now_message, rows))
+            results.append(await self._plan_group_sliced(group, plan, now, now_message, rows))
         async with self._deps.db.autocommit() as conn:
             reserved = self._hand_off.reserve(rows)
             if reserved:
@@ -320,11 +320,53 @@ class Submitter:
         now_message: timestamp_pb2.Timestamp,
         rows: list[NewRow],
     ) -> SubmitResult | ConveyorError:
-        out: SubmitResult = []
-        new_rows: list[NewRow] = []
-        new_keys: dict[tuple[str, str], _Prior] = {}
-        new_ids: dict[str, _Prior] = {}
-        for task in group.tasks:
+        planned = _GroupPlan()
+        failed = planned.add(group, group.tasks, plan, now, now_message)
+        return failed if failed is not None else planned.finish(plan, rows)
+
+    @staticmethod
+    async def _plan_group_sliced(
+        group: SubmitGroup,
+        plan: _Plan,
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+        rows: list[NewRow],
+    ) -> SubmitResult | ConveyorError:
+        """:meth:`_plan_group`, yielding to the event loop after every SUBMIT_SLICE tasks
+        (a batch of 500 is ~10 ms of planning that would hold every other call)."""
+        planned = _GroupPlan()
+        tasks = group.tasks
+        for start in range(0, len(tasks), SUBMIT_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part = tasks[start : start + SUBMIT_SLICE]
+            failed = planned.add(group, part, plan, now, now_message)
+            if failed is not None:
+                return failed
+        return planned.finish(plan, rows)
+
+
+@dataclass
+class _GroupPlan:
+    """One group's plan while it is made (maybe a slice at a time): its answers, its new
+    rows, and the keys and ids it claims; added to the flush's plan when it is whole."""
+
+    out: SubmitResult = field(default_factory=list)
+    new_rows: list[NewRow] = field(default_factory=list)
+    new_keys: dict[tuple[str, str], _Prior] = field(default_factory=dict)
+    new_ids: dict[str, _Prior] = field(default_factory=dict)
+
+    def add(
+        self,
+        group: SubmitGroup,
+        tasks: Sequence[NewTask],
+        plan: _Plan,
+        now: datetime,
+        now_message: timestamp_pb2.Timestamp,
+    ) -> ConveyorError | None:
+        """Plans ``tasks`` (of ``group``); a conflict fails the whole group."""
+        out, new_rows, new_keys, new_ids = self.out, self.new_rows, self.new_keys, self.new_ids
+        for task in tasks:
             key = (group.tenant, task.idempotency_key) if task.idempotency_key else None
             if key is not None:
                 prior = new_keys.get(key) or plan.claimed_keys.get(key)
@@ -363,10 +405,13 @@ class Submitter:
             if task.task_id is not None:
                 new_ids[task.task_id] = _Prior(group.tenant, task, message)
             out.append(Submitted(message, deduplicated=False))
-        rows.extend(new_rows)
-        plan.claimed_keys.update(new_keys)
-        plan.claimed_ids.update(new_ids)
-        return out
+        return None
+
+    def finish(self, plan: _Plan, rows: list[NewRow]) -> SubmitResult:
+        rows.extend(self.new_rows)
+        plan.claimed_keys.update(self.new_keys)
+        plan.claimed_ids.update(self.new_ids)
+        return self.out
 
 
 def _leased(results: Sequence[SubmitResult | BaseException], keys: Sequence[LeaseKey]) -> None:

@@ -30,9 +30,10 @@ not count; attempts left = ``max_attempts - (attempt - attempt_base)``):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -317,6 +318,20 @@ _AFTER_COPY_GATE_SQL = transitions.after_copy_gate()
 _AFTER_COPY_GATE = Query("after_copy_gate", _AFTER_COPY_GATE_SQL) if _AFTER_COPY_GATE_SQL else None
 
 
+COPY_SLICE = 50
+"""Rows a COPY encodes between two yields to the event loop (asyncpg encodes an async
+iterable's rows as they come): 500 rows are a few milliseconds of encoding that would
+hold every other call."""
+
+
+async def _in_slices(records: Sequence[tuple[object, ...]]) -> AsyncIterator[tuple[object, ...]]:
+    for start in range(0, len(records), COPY_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        for record in records[start : start + COPY_SLICE]:
+            yield record
+
+
 async def copy_new(
     conn: asyncpg.Connection, rows: Sequence[NewRow], now: datetime
 ) -> list[tuple[Any, ...]]:
@@ -327,10 +342,11 @@ async def copy_new(
     INSERT over unnest() arrays. It has no conflict handling: a taken id (only a client-made
     one can be) fails the whole COPY with UniqueViolationError, writing nothing.
     """
+    records = [_record(r, now, now) for r in rows]
     await conn.copy_records_to_table(
         "tasks",
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
-        records=[_record(r, now, now) for r in rows],
+        records=records if len(records) <= COPY_SLICE else _in_slices(records),
     )
     if _AFTER_COPY is not None and (
         _AFTER_COPY_GATE is None
@@ -668,10 +684,11 @@ _BEFORE_DEADLINE = "AND (deadline IS NULL OR deadline > now())"
 _CLAIMED_ORDER = "changed.priority DESC, changed.deadline, changed.id"
 
 
-def _lease_heads(order: str, claimed_order: str) -> str:
+def _lease_heads(order: str, claimed_order: str, extra: str = "") -> str:
     """The end of every claim: ``heads`` (id, size and the columns of ``order``) cut at
     the byte budget in ``order``, keeping the first task whatever its size; leased; the
-    transition rows with what an Assignment needs, in ``claimed_order``."""
+    transition rows with what an Assignment needs (and the task's ``extra`` columns, as
+    ``, a, b``), in ``claimed_order``."""
     return f"""picked AS (
         SELECT id FROM (
             SELECT id, sum(size) OVER (ORDER BY {order}) - size AS before FROM heads
@@ -684,8 +701,9 @@ def _lease_heads(order: str, claimed_order: str) -> str:
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
         FROM picked WHERE t.id = picked.id
-        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")}, t.deadline
-    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time", claimed_order, finishes=False)}"""
+        RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")},
+            t.deadline {extra.replace(", ", ", t.")}
+    ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time{extra}", claimed_order, finishes=False)}"""
 
 
 _LEASE_HEADS = _lease_heads(_ORDER, _CLAIMED_ORDER)
@@ -784,73 +802,291 @@ async def claim(
     )
 
 
-# Running tasks of the concurrency key of the task ``k`` (index tasks_running_keyed).
-_BUSY = f"""(SELECT count(*) FROM tasks r WHERE r.tenant = :tenant AND r.state = {RUNNING}
-    AND r.concurrency_key = k.concurrency_key)"""
+def last_key(keys: Iterable[str], after: str) -> str:
+    """Where the next keyed claim of a pair starts: of the ``keys`` a claim served, the
+    last in the order it visited them (after ``after``, wrapping around). Python compares
+    str by code point, as COLLATE "C" compares UTF-8 bytes."""
+    served = set(keys)
+    wrapped = [k for k in served if k <= after]
+    return max(wrapped) if wrapped else max(served, default=after)
 
 
-def _claim_by_pairs(name: str, *, keyed: bool) -> Query:
-    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``), of the
-    tasks without a concurrency key, or of those with one (``keyed``, ``claim_keyed``):
-    then a task is taken only while fewer than its key's limit run, counting the
-    running rows and those ahead of it in this claim."""
-    if keyed:
-        # Full keys are skipped in the scan itself, so they never stand in front of
-        # the others (the partial index tasks_ready_keyed holds keyed tasks only).
-        key_filter = f"AND k.concurrency_key IS NOT NULL AND {_BUSY} < k.concurrency_limit"
-        key_columns = f", k.concurrency_limit, {_BUSY} AS busy"
-        key_rank = f", row_number() OVER (PARTITION BY concurrency_key ORDER BY {_ORDER}) AS in_key"
-        key_room = "AND r.in_key + r.busy <= r.concurrency_limit"
-    else:
-        key_filter, key_columns, key_rank, key_room = "AND k.concurrency_key IS NULL", "", "", ""
-    return Query(
-        name,
-        f"""
-    WITH candidates AS (
-        -- Per (queue, type) pair the head of the ready index, as many as its tokens
-        -- allow, so a limited type never stands in front of the others of its queue.
+MAX_AGING_LEVELS = 64
+"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
+
+
+def _effective(alias: str) -> str:
+    """The effective priority of the row ``alias`` under aging: its priority raised by one
+    per aging interval waited since ready, at most :aging_max (so a low priority cannot
+    starve, and cannot jump without bound)."""
+    return (
+        f"{alias}.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
+        f"{alias}.run_at)) / :aging_interval))::int"
+    )
+
+
+_AGED_ORDER = f"{_effective('changed')} DESC, changed.deadline, changed.id"
+
+# The columns a candidate of a claim by pairs carries into its ranking.
+_CANDIDATE = (
+    "k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue, k.type, "
+    "k.concurrency_key"
+)
+# Where a candidate of a claim by pairs may come from (besides its pair and key).
+_CANDIDATE_FILTER = f"""k.tenant = :tenant AND k.state = {PENDING}
+              AND (k.deadline IS NULL OR k.deadline > now())
+              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
+                   OR k.encryption_key = ANY(:keys::text[]))"""
+
+
+def _pair_candidates(*, aged: bool) -> str:
+    """The ``candidates`` CTE of the limited claim: per (queue, type) pair the head of the
+    ready index, as many as its cap allows, so a limited type never stands in front of
+    the others of its queue. With aging (``aged``), as the aged claim: per priority level
+    of the pair's queue (a loose scan of the ready index, at most MAX_AGING_LEVELS) the
+    oldest of the pair, then the pair's best ``cap`` of those by effective priority
+    (column ``effective``)."""
+    if not aged:
+        return f"""candidates AS (
         SELECT c.* FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
             AS p(queue, type, cap)
         CROSS JOIN LATERAL (
-            SELECT k.id, k.priority, k.deadline, octet_length(k.payload) AS size, k.queue,
-                k.type, k.concurrency_key {key_columns}
+            SELECT {_CANDIDATE}
             FROM tasks k
-            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = p.queue
-              AND k.type = p.type {key_filter}
-              AND (k.deadline IS NULL OR k.deadline > now())
-              AND (:keys::text[] IS NULL OR k.encryption_key IS NULL
-                   OR k.encryption_key = ANY(:keys::text[]))
+            WHERE {_CANDIDATE_FILTER} AND k.queue = p.queue AND k.type = p.type
+              AND k.concurrency_key IS NULL
             ORDER BY k.priority DESC, k.deadline, k.id
             LIMIT p.cap
             FOR UPDATE SKIP LOCKED
         ) AS c
         WHERE {FENCE}
-    ), ranked AS (
+    )"""
+    # The levels of the pair's whole queue (tasks_ready has no type; an empty level
+    # costs a probe and takes nothing).
+    return f"""levels AS (
+        SELECT l.queue, l.type, l.cap, (
+            SELECT max(k.priority) FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = l.queue
+        ) AS priority, 1 AS depth
+        FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[])
+            AS l(queue, type, cap)
+        UNION ALL
+        SELECT l.queue, l.type, l.cap, (
+            SELECT max(k.priority) FROM tasks k
+            WHERE k.tenant = :tenant AND k.state = {PENDING} AND k.queue = l.queue
+              AND k.priority < l.priority
+        ), l.depth + 1
+        FROM levels l WHERE l.priority IS NOT NULL AND l.depth < {MAX_AGING_LEVELS}
+    ), leveled AS (
+        SELECT c.*, {_effective("c")} AS effective, l.cap
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT {_CANDIDATE}, k.run_at
+            FROM tasks k
+            WHERE {_CANDIDATE_FILTER} AND k.queue = l.queue AND k.type = l.type
+              AND k.priority = l.priority AND k.concurrency_key IS NULL
+            ORDER BY k.deadline, k.id
+            LIMIT l.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE l.priority IS NOT NULL AND {FENCE}
+    ), candidates AS (
+        SELECT * FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY queue, type ORDER BY effective DESC, deadline, id) AS in_pair
+            FROM leveled
+        ) best
+        WHERE in_pair <= cap
+    )"""
+
+
+def _caps(order: str, aged: bool, key_room: str = "") -> str:
+    """The ``ranked`` and ``heads`` CTEs of a claim by pairs: the caps of whole queues, whole
+    types and the total applied to ``candidates`` in ``order`` (and ``key_room``)."""
+    return f"""ranked AS (
         -- Running counts for the limits of a whole queue, a whole type and the tenant:
         -- a row over any cap is left (the counts include rows another cap left, so a
         -- claim may take fewer than the tokens allow, never more).
         SELECT *,
-            row_number() OVER (PARTITION BY queue ORDER BY {_ORDER}) AS in_queue,
-            row_number() OVER (PARTITION BY type ORDER BY {_ORDER}) AS in_type,
-            row_number() OVER (ORDER BY {_ORDER}) AS in_all {key_rank}
+            row_number() OVER (PARTITION BY queue ORDER BY {order}) AS in_queue,
+            row_number() OVER (PARTITION BY type ORDER BY {order}) AS in_type,
+            row_number() OVER (ORDER BY {order}) AS in_all
         FROM candidates
     ), heads AS (
-        SELECT r.id, r.priority, r.deadline, r.size FROM ranked r
+        SELECT id, priority, deadline, size{", effective" if aged else ""}{
+        ", in_key" if key_room else ""
+    } FROM ranked r
         LEFT JOIN unnest(:cap_queues::text[], :queue_caps::int[]) AS qc(queue, cap)
             ON qc.queue = r.queue
         LEFT JOIN unnest(:cap_types::text[], :type_caps::int[]) AS tc(type, cap)
             ON tc.type = r.type
         WHERE (qc.cap IS NULL OR r.in_queue <= qc.cap)
           AND (tc.cap IS NULL OR r.in_type <= tc.cap) AND r.in_all <= :total {key_room}
-        ORDER BY r.priority DESC, r.deadline, r.id
+        ORDER BY {order}
         LIMIT :limit
-    ), {_LEASE_HEADS}
+    )"""
+
+
+def _claim_by_pairs(name: str, *, aged: bool = False) -> Query:
+    """The claim per (queue, type) pair with caps (rate limits, ``claim_limited``) of the
+    tasks without a concurrency key. ``aged``: by effective priority (aging, as
+    :data:`_CLAIM_AGED`) instead of priority."""
+    order = "effective DESC, deadline, id" if aged else _ORDER
+    return Query(
+        name,
+        f"""
+    WITH {"RECURSIVE " if aged else ""}{_pair_candidates(aged=aged)}, {_caps(order, aged)},
+    {_lease_heads(order, _AGED_ORDER) if aged else _LEASE_HEADS}
     """,
     )
 
 
-_CLAIM_LIMITED = _claim_by_pairs("claim_tasks_limited", keyed=False)
-_CLAIM_KEYED = _claim_by_pairs("claim_tasks_keyed", keyed=True)
+MAX_KEYS_PER_CLAIM = 1000
+"""Concurrency keys per (queue, type) pair one keyed claim looks at, from where the last
+claim of the pair stopped (``after``), in key order, wrapping around."""
+
+# A keyed task of the claim's tenant that is ready (index tasks_ready_keyed).
+_KEYED_READY = f"k.tenant = :tenant AND k.state = {PENDING} AND k.concurrency_key IS NOT NULL"
+
+
+def _next_key(queue: str, type_: str, after: str) -> str:
+    """The pair's first key (byte order: COLLATE "C", as Python compares str) after
+    ``after``, else its first key (wrapping around); NULL: none."""
+    key = 'k.concurrency_key COLLATE "C"'
+    where = f"{_KEYED_READY} AND k.queue = {queue} AND k.type = {type_}"
+    return f"""coalesce(
+            (SELECT min({key}) FROM tasks k WHERE {where} AND {key} > {after}),
+            (SELECT min({key}) FROM tasks k WHERE {where}))"""
+
+
+def _room(pair: str, key: str) -> str:
+    """A LATERAL subquery of the key ``key`` of the pair ``pair`` (a row with queue, type
+    and cap): ``busy``, its running tasks (index tasks_running_keyed), and ``room``, what
+    it may take: its free slots by its best task's limit (a task with another limit is
+    held to its own later), at most the pair's cap."""
+    return f"""(
+            SELECT z.busy, least({pair}.cap, greatest(0, z.most - z.busy))::int AS room
+            FROM (SELECT (
+                SELECT count(*) FROM tasks r WHERE r.tenant = :tenant AND r.state = {RUNNING}
+                  AND r.concurrency_key = {key} COLLATE "default"
+            ) AS busy, coalesce((
+                SELECT k.concurrency_limit FROM tasks k WHERE {_KEYED_READY}
+                  AND k.queue = {pair}.queue AND k.type = {pair}.type
+                  AND k.concurrency_key COLLATE "C" = {key}
+                ORDER BY k.priority DESC, k.deadline, k.id LIMIT 1
+            ), 0) AS most) z
+        )"""
+
+
+def _claim_keyed(name: str, *, aged: bool) -> Query:
+    """The claim of the tasks with a concurrency key (``claim_limited(keyed=True)``), per
+    (queue, type) pair under its cap, fair between keys: it visits the pair's keys one
+    by one (a loose scan of tasks_ready_keyed, at most MAX_KEYS_PER_CLAIM, starting
+    after the key the last claim of the pair stopped at), takes from each at most the
+    slots its limit leaves (its running rows counted once), and orders what it took by
+    turns: every key's best task, then every key's second, ... (priority, or effective
+    priority with ``aged``, within a turn). So a key's deep backlog delays another
+    key's tasks by one turn per task ahead of them in that key, not by the backlog; a
+    task is taken only while fewer than its key's limit run, counting the running rows
+    and those ahead of it in this claim."""
+    order = "effective DESC, deadline, id" if aged else _ORDER
+    turns = f"in_key, {order}"
+    key = 'k.concurrency_key COLLATE "C"'
+    if aged:
+        # Per slot, its priority levels (loose scan), the oldest of each, and the slot's
+        # best by effective priority.
+        per_key = f"""levels AS (
+        SELECT s.*, (
+            SELECT max(k.priority) FROM tasks k WHERE {_KEYED_READY} AND k.queue = s.queue
+              AND k.type = s.type AND {key} = s.key
+        ) AS priority, 1 AS depth
+        FROM slots s
+        UNION ALL
+        SELECT l.queue, l.type, l.key, l.pair_cap, l.cap, l.busy, (
+            SELECT max(k.priority) FROM tasks k WHERE {_KEYED_READY} AND k.queue = l.queue
+              AND k.type = l.type AND {key} = l.key AND k.priority < l.priority
+        ), l.depth + 1
+        FROM levels l WHERE l.priority IS NOT NULL AND l.depth < {MAX_AGING_LEVELS}
+    ), leveled AS (
+        SELECT c.*, {_effective("c")} AS effective, l.cap, l.pair_cap, l.busy
+        FROM levels l
+        CROSS JOIN LATERAL (
+            SELECT {_CANDIDATE}, k.run_at, k.concurrency_limit
+            FROM tasks k
+            WHERE {_CANDIDATE_FILTER} AND k.concurrency_key IS NOT NULL
+              AND k.queue = l.queue AND k.type = l.type AND {key} = l.key
+              AND k.priority = l.priority
+            ORDER BY k.deadline, k.id
+            LIMIT l.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE l.priority IS NOT NULL AND l.cap > 0 AND {FENCE}
+    ), per_key AS (
+        SELECT * FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY queue, type, concurrency_key ORDER BY {order}) AS in_slot
+            FROM leveled
+        ) best
+        WHERE in_slot <= cap
+    )"""
+    else:
+        per_key = f"""per_key AS (
+        SELECT c.*, s.pair_cap, s.busy
+        FROM slots s
+        CROSS JOIN LATERAL (
+            SELECT {_CANDIDATE}, k.concurrency_limit
+            FROM tasks k
+            WHERE {_CANDIDATE_FILTER} AND k.concurrency_key IS NOT NULL
+              AND k.queue = s.queue AND k.type = s.type AND {key} = s.key
+            ORDER BY k.priority DESC, k.deadline, k.id
+            LIMIT s.cap
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE s.cap > 0 AND {FENCE}
+    )"""
+    return Query(
+        name,
+        f"""
+    WITH RECURSIVE keys AS (
+        -- Per pair, its keys with ready tasks, from after where the last claim stopped,
+        -- wrapping around, each once; with each key's free slots (room), until as many
+        -- keys have room as the claim takes tasks (one each is a full claim already).
+        SELECT p.queue, p.type, p.cap, f.key, f.key AS first, 1 AS n, o.busy, o.room,
+            (o.room > 0)::int AS open
+        FROM unnest(:pair_queues::text[], :pair_types::text[], :pair_caps::int[],
+                    :pair_after::text[]) AS p(queue, type, cap, after)
+        CROSS JOIN LATERAL (SELECT {_next_key("p.queue", "p.type", "p.after")} AS key) f
+        CROSS JOIN LATERAL {_room("p", "f.key")} o
+        WHERE f.key IS NOT NULL
+        UNION ALL
+        SELECT s.queue, s.type, s.cap, x.key, s.first, s.n + 1, o.busy, o.room,
+            s.open + (o.room > 0)::int
+        FROM keys s
+        CROSS JOIN LATERAL (SELECT {_next_key("s.queue", "s.type", "s.key")} AS key) x
+        CROSS JOIN LATERAL {_room("s", "x.key")} o
+        WHERE s.n < {MAX_KEYS_PER_CLAIM} AND s.open < :limit AND x.key <> s.first
+    ), slots AS (
+        SELECT queue, type, key, cap AS pair_cap, room AS cap, busy FROM keys WHERE room > 0
+    ), {per_key}, turned AS (
+        -- The turns: a task's place in its key (a key spans pairs: its slots are its).
+        SELECT *, row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS in_key
+        FROM per_key
+    ), candidates AS (
+        SELECT * FROM (
+            SELECT *, row_number() OVER (PARTITION BY queue, type ORDER BY {turns}) AS in_pair
+            FROM turned
+        ) paired
+        WHERE in_pair <= pair_cap
+    ), {_caps(turns, aged, "AND r.in_key + r.busy <= r.concurrency_limit")},
+    {_lease_heads(turns, _AGED_ORDER if aged else _CLAIMED_ORDER, ", concurrency_key")}
+    """,
+    )
+
+
+_CLAIM_LIMITED = _claim_by_pairs("claim_tasks_limited")
+_CLAIM_KEYED = _claim_keyed("claim_tasks_keyed", aged=False)
+_CLAIM_LIMITED_AGED = _claim_by_pairs("claim_tasks_limited_aged", aged=True)
+_CLAIM_KEYED_AGED = _claim_keyed("claim_tasks_keyed_aged", aged=True)
 
 
 async def claim_limited(
@@ -869,16 +1105,29 @@ async def claim_limited(
     holder: bytes,
     lease_seconds: float,
     fence: Fence,
+    aging: tuple[float, int] | None = None,
+    after: Sequence[str] = (),
 ) -> list[asyncpg.Record]:
     """:func:`claim` per (queue, type) pair: at most ``cap`` tasks of each (queue, type,
     cap) of ``pairs``, of each (queue, cap) of ``queue_caps`` and (type, cap) of
     ``type_caps``, and ``total`` in all (rate limits: ``dispatch/rate_limits.Caps``).
     Of the tasks without a concurrency key, or with ``keyed`` of those with one, each
     only while fewer than its key's ``concurrency_limit`` run (counted from the rows, so
-    the limit holds across workers and failover). Same order, same rows returned."""
-    query = _CLAIM_KEYED if keyed else _CLAIM_LIMITED
+    the limit holds across workers and failover), taking turns between keys (see
+    :func:`_claim_keyed`): ``after`` holds, per pair, the key its last claim stopped at
+    ("": none; keyed rows carry their ``concurrency_key``, for :func:`last_key`). Same
+    order, with ``aging`` the same effective priority, as :func:`claim`; same rows."""
+    extra: dict[str, Any] = {}
+    if aging is None:
+        query = _CLAIM_KEYED if keyed else _CLAIM_LIMITED
+    else:
+        query = _CLAIM_KEYED_AGED if keyed else _CLAIM_LIMITED_AGED
+        extra.update(aging_interval=aging[0], aging_max=aging[1])
+    if keyed:
+        extra["pair_after"] = list(after) if after else [""] * len(pairs)
     return await query.fetch(
         conn,
+        **extra,
         tenant=tenant,
         pair_queues=[p[0] for p in pairs],
         pair_types=[p[1] for p in pairs],
@@ -891,14 +1140,6 @@ async def claim_limited(
         **_lease_args(keys, limit, max_bytes, worker_id, holder, lease_seconds, fence),
     )
 
-
-MAX_AGING_LEVELS = 64
-"""Priority levels per queue an aged claim looks at (the highest ones with ready tasks)."""
-
-_AGED_ORDER = (
-    "changed.priority + least(:aging_max, floor(greatest(0, extract(epoch FROM now() - "
-    "changed.run_at)) / :aging_interval))::int DESC, changed.deadline, changed.id"
-)
 
 _CLAIM_AGED = Query(
     "claim_tasks_aged",
@@ -922,9 +1163,7 @@ _CLAIM_AGED = Query(
         -- Per level the head of the ready index; then the best by effective priority:
         -- the priority raised by one per aging interval waited since ready, at most
         -- :aging_max (so a low priority cannot starve, and cannot jump without bound).
-        SELECT c.id, c.priority, c.deadline, c.size, c.priority + least(:aging_max,
-            floor(greatest(0, extract(epoch FROM now() - c.run_at)) / :aging_interval)
-        )::int AS effective
+        SELECT c.id, c.priority, c.deadline, c.size, {_effective("c")} AS effective
         FROM levels l
         CROSS JOIN LATERAL (
             SELECT id, priority, deadline, run_at, octet_length(payload) AS size FROM tasks

@@ -1,7 +1,8 @@
 """SQL for the ``tenants`` table (limits per tenant, migration 0003) and per-tenant counts.
 
 A tenant exists as soon as something names it (a key, a task); this table only holds the
-limits set for it. A NULL limit is the coordinator's default, 0 no limit. Every change
+limits set for it (and its ``dispatch_weight``, migration 0012). A NULL limit is the
+coordinator's default, 0 no limit. Every change
 fires a NOTIFY on ``conveyor_tenants`` from a trigger.
 """
 
@@ -17,7 +18,10 @@ from conveyor.coordinator.store.tasks import BLOCKED, PENDING, RUNNING, SCHEDULE
 
 NOTIFY_CHANNEL = "conveyor_tenants"
 
-LIMIT_COLUMNS = ("max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules")
+LIMIT_COLUMNS = (
+    "max_backlog", "submit_rate", "submit_burst", "max_payload_bytes", "max_schedules",
+    "dispatch_weight",
+)  # fmt: skip
 _ROW = columns(("name", *LIMIT_COLUMNS))
 
 _ALL = Query("all_tenants", f"SELECT {_ROW} FROM tenants")

@@ -83,6 +83,9 @@ class Limits:
     """Bucket size; 0 with a rate: one second's worth, at least 1."""
     max_payload_bytes: int = 0
     max_schedules: int = 0
+    dispatch_weight: int = 1
+    """The tenant's share of dispatch (``DispatchPolicy.plan``): not a limit, 1 to
+    ``bounds.MAX_DISPATCH_WEIGHT``; no coordinator default (always 1)."""
 
     @property
     def bucket_size(self) -> int:

@@ -159,6 +159,9 @@ async def test_an_api_key_expiring_at_the_largest_timestamp_is_refused(database_
         ("max_backlog", 2**63 - 1),
         ("submit_burst", 2**63 - 1),
         ("max_schedules", -(2**63)),
+        ("dispatch_weight", 0),
+        ("dispatch_weight", 6),
+        ("dispatch_weight", -1),
     ],
 )
 async def test_every_tenant_limit_has_a_range(database_dsn: str, limit: str, value: float) -> None:

@@ -20,10 +20,11 @@ import pytest
 from clitools import conveyor
 from google.protobuf import duration_pb2, timestamp_pb2
 from metrics_scrape import scrape
+from tenancy import secure_coordinator
 from testsupport import RawWorker, coordinator_config, eventually
 
 from conveyor.coordinator import Coordinator
-from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc, worker_service_pb2
 from conveyor.worker import TaskContext, Worker
 
 RATE = 50.0
@@ -263,6 +264,77 @@ async def test_a_concurrency_key_caps_its_running_tasks_and_only_them(
     assert held["a"] >= 3 and held["b"] >= 1 and held[""] > 3, held
 
 
+async def test_concurrency_keys_take_turns_so_a_deep_backlog_does_not_hold_back_another_key(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    db: asyncpg.Connection,
+) -> None:
+    """Key "big" has 3,000 tasks waiting (a limit they never reach), key "small" 10 sent
+    after them: the first claim takes small's 10 beside big's first, not big's 3,000
+    first (the keyed claim took the head of the ready index, all big)."""
+    T = task_service_pb2
+
+    def keyed(key: str, limit: int) -> task_service_pb2.SubmitTaskRequest:
+        return T.SubmitTaskRequest(type="turns", concurrency_key=key, concurrency_limit=limit)
+
+    for _ in range(3):
+        batch = [keyed("big", 10_000) for _ in range(1000)]
+        await stub.SubmitTasks(T.SubmitTasksRequest(tasks=batch))
+    small = await stub.SubmitTasks(T.SubmitTasksRequest(tasks=[keyed("small", 10)] * 10))
+    small_ids = {r.task.id for r in small.results}
+    worker = RawWorker(coordinator.address)
+    try:
+        await worker.connect("turns-worker", types=("turns",), credits=50)
+        first = [a.lease.task_id for a in await worker.assignments(50, timeout=20)]
+        assert small_ids <= set(first), len(small_ids & set(first))
+        # In the database: every small task leased in the first claim (one statement, one
+        # now()), with no more than the rest of that claim's portion of big before them.
+        started = await db.fetch(
+            "SELECT concurrency_key, lease_start_time FROM tasks WHERE attempt > 0 "
+            "ORDER BY lease_start_time"
+        )
+        first_start = started[0]["lease_start_time"]
+        small_starts = [r["lease_start_time"] for r in started if r["concurrency_key"] == "small"]
+        assert len(small_starts) == 10 and set(small_starts) == {first_start}, small_starts
+        big_before = [
+            r
+            for r in started
+            if r["concurrency_key"] == "big" and r["lease_start_time"] <= max(small_starts)
+        ]
+        assert len(big_before) <= 40, len(big_before)
+    finally:
+        await worker.close()
+
+
+async def test_the_next_keyed_claim_starts_after_the_last_key_served(
+    coordinator: Coordinator,
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+) -> None:
+    """60 keys of 2 tasks each (limit 2), a worker taking 20 at a time: the first claim
+    serves the first 20 keys, the next one the 20 after them, not the first keys' second
+    tasks (which have a free slot too): every key gets its turn before any gets two."""
+    T = task_service_pb2
+    keys = [f"k{i:02d}" for i in range(60)]
+    requests = [
+        T.SubmitTaskRequest(
+            type="rotation", payload=json.dumps(k).encode(), concurrency_key=k, concurrency_limit=2
+        )
+        for k in keys
+        for _ in range(2)
+    ]
+    await stub.SubmitTasks(T.SubmitTasksRequest(tasks=requests))
+    worker = RawWorker(coordinator.address)
+    try:
+        await worker.connect("rotation-worker", types=("rotation",), credits=20)
+        first = [json.loads(a.payload) for a in await worker.assignments(20, timeout=20)]
+        assert sorted(first) == keys[:20], first
+        await worker.send(credit=worker_service_pb2.Credit(credits=20))
+        second = [json.loads(a.payload) for a in await worker.assignments(20, timeout=20)]
+        assert sorted(second) == keys[20:40], second
+    finally:
+        await worker.close()
+
+
 async def test_a_circuit_breaker_holds_a_failing_type_back_then_probes_and_closes(
     coordinator: Coordinator,
     stub: task_service_pb2_grpc.TaskServiceAsyncStub,
@@ -428,6 +500,80 @@ async def test_aging_lets_a_long_waiting_low_priority_task_pass(database_dsn: st
     finally:
         await worker.close()
         await coordinator.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("held_by", ["rate_limit", "concurrency_key"])
+async def test_aging_holds_in_the_limited_and_keyed_claims(database_dsn: str, held_by: str) -> None:
+    """The same aging (1 more per 10 s waited, at most 3) where a rate limit covers the
+    type (the limited claim) or the tasks carry a concurrency key (the keyed claim): the
+    priority-0 task ready for 25 s passes fresh priority-1 tasks, not priority-5 ones."""
+    T = task_service_pb2
+    coordinator = Coordinator(
+        coordinator_config(database_dsn, aging_interval=10.0, aging_max=3, poll_interval=0.2)
+    )
+    await coordinator.start()
+    worker = RawWorker(coordinator.address)
+    keyed = held_by == "concurrency_key"
+
+    def request(priority: int = 0) -> task_service_pb2.SubmitTaskRequest:
+        if keyed:
+            return T.SubmitTaskRequest(
+                type="aged", priority=priority, concurrency_key="one", concurrency_limit=10
+            )
+        return T.SubmitTaskRequest(type="aged", priority=priority)
+
+    try:
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = task_service_pb2_grpc.TaskServiceStub(channel)
+            if not keyed:
+                limit = task_pb2.RateLimit(type="aged", rate=1000, burst=100)
+                await stub.SetRateLimit(T.SetRateLimitRequest(limit=limit))
+            old = await stub.SubmitTask(request())
+            conn = await asyncpg.connect(database_dsn)
+            try:
+                await conn.execute(
+                    "UPDATE tasks SET run_at = now() - interval '25 seconds' WHERE id = $1",
+                    uuid.UUID(old.task.id),
+                )
+            finally:
+                await conn.close()
+            fresh = [(await stub.SubmitTask(request(p))).task.id for p in (1, 1, 5)]
+            await worker.connect("aging-worker", types=("aged",), credits=10)
+            got = [a.lease.task_id for a in await worker.assignments(4)]
+            # Without aging in these claims the old task came last.
+            assert got == [fresh[2], old.task.id, fresh[0], fresh[1]], got
+    finally:
+        await worker.close()
+        await coordinator.stop(grace=1.0)
+
+
+async def test_a_tenant_dispatch_weight_is_set_shown_and_dispatched_by(database_dsn: str) -> None:
+    """``conveyor tenants set --dispatch-weight`` stores the weight with the tenant's
+    limits, shows it (set and in force; 1 for a tenant without one) and the leader's
+    dispatch policy portions by it; ``default`` takes it back to 1."""
+    async with secure_coordinator(database_dsn) as secure:
+        admin = ["--coordinator", secure.coordinator.address, "--api-key", secure.admin_key]
+        done = await conveyor("tenants", "set", "acme", "--dispatch-weight", "3", "--json", *admin)
+        assert done.code == 0, done.err
+        shown = json.loads(done.out)
+        assert shown["limits"] == {"dispatch_weight": 3}, shown
+        assert shown["effective_limits"]["dispatch_weight"] == 3, shown
+        listed = await conveyor("tenants", "list", *admin)
+        assert listed.code == 0 and "WEIGHT" in listed.out, listed.out
+        bad = await conveyor("tenants", "set", "acme", "--dispatch-weight", "9", *admin)
+        assert bad.code != 0 and "dispatch_weight" in bad.err, bad.err
+        dispatcher = secure.coordinator.dispatcher
+        assert dispatcher is not None
+        policy = dispatcher.policy
+
+        async def weighed(wanted: int) -> bool | None:
+            return True if policy.weight("acme") == wanted else None
+
+        await eventually(lambda: weighed(3), timeout=10, what="acme's weight at the leader")
+        assert policy.weight("globex") == 1
+        done = await conveyor("tenants", "set", "acme", "--dispatch-weight", "default", *admin)
+        assert done.code == 0, done.err
+        await eventually(lambda: weighed(1), timeout=10, what="acme's weight back to 1")
 
 
 async def test_a_new_leader_starts_a_rate_limit_empty_not_full(database_dsn: str) -> None:

@@ -159,6 +159,7 @@ class TenantLimits(_message.Message):
     SUBMIT_BURST_FIELD_NUMBER: _builtins.int
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
     MAX_SCHEDULES_FIELD_NUMBER: _builtins.int
+    DISPATCH_WEIGHT_FIELD_NUMBER: _builtins.int
     max_backlog: _builtins.int
     """Most unfinished tasks (PENDING, SCHEDULED, RUNNING) the tenant may hold."""
     submit_rate: _builtins.float
@@ -173,6 +174,11 @@ class TenantLimits(_message.Message):
     """
     max_schedules: _builtins.int
     """Most schedules the tenant may have."""
+    dispatch_weight: _builtins.int
+    """The tenant's share of dispatch beside other tenants (1 to 5; unset: 1). While
+    workers of several tenants wait in a dispatch round, each of this tenant's claims
+    takes up to 100 tasks times the weight. Not a limit: 0 is not allowed.
+    """
     def __init__(
         self,
         *,
@@ -181,11 +187,14 @@ class TenantLimits(_message.Message):
         submit_burst: _builtins.int | None = ...,
         max_payload_bytes: _builtins.int | None = ...,
         max_schedules: _builtins.int | None = ...,
+        dispatch_weight: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_backlog", b"_max_backlog", "_max_payload_bytes", b"_max_payload_bytes", "_max_schedules", b"_max_schedules", "_submit_burst", b"_submit_burst", "_submit_rate", b"_submit_rate", "max_backlog", b"max_backlog", "max_payload_bytes", b"max_payload_bytes", "max_schedules", b"max_schedules", "submit_burst", b"submit_burst", "submit_rate", b"submit_rate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dispatch_weight", b"_dispatch_weight", "_max_backlog", b"_max_backlog", "_max_payload_bytes", b"_max_payload_bytes", "_max_schedules", b"_max_schedules", "_submit_burst", b"_submit_burst", "_submit_rate", b"_submit_rate", "dispatch_weight", b"dispatch_weight", "max_backlog", b"max_backlog", "max_payload_bytes", b"max_payload_bytes", "max_schedules", b"max_schedules", "submit_burst", b"submit_burst", "submit_rate", b"submit_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_backlog", b"_max_backlog", "_max_payload_bytes", b"_max_payload_bytes", "_max_schedules", b"_max_schedules", "_submit_burst", b"_submit_burst", "_submit_rate", b"_submit_rate", "max_backlog", b"max_backlog", "max_payload_bytes", b"max_payload_bytes", "max_schedules", b"max_schedules", "submit_burst", b"submit_burst", "submit_rate", b"submit_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dispatch_weight", b"_dispatch_weight", "_max_backlog", b"_max_backlog", "_max_payload_bytes", b"_max_payload_bytes", "_max_schedules", b"_max_schedules", "_submit_burst", b"_submit_burst", "_submit_rate", b"_submit_rate", "dispatch_weight", b"dispatch_weight", "max_backlog", b"max_backlog", "max_payload_bytes", b"max_payload_bytes", "max_schedules", b"max_schedules", "submit_burst", b"submit_burst", "submit_rate", b"submit_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dispatch_weight: _TypeAlias = _typing.Literal["dispatch_weight"]  # noqa: Y015
+    _WhichOneofArgType__dispatch_weight: _TypeAlias = _typing.Literal["_dispatch_weight", b"_dispatch_weight"]  # noqa: Y015
     _WhichOneofReturnType__max_backlog: _TypeAlias = _typing.Literal["max_backlog"]  # noqa: Y015
     _WhichOneofArgType__max_backlog: _TypeAlias = _typing.Literal["_max_backlog", b"_max_backlog"]  # noqa: Y015
     _WhichOneofReturnType__max_payload_bytes: _TypeAlias = _typing.Literal["max_payload_bytes"]  # noqa: Y015
@@ -196,6 +205,8 @@ class TenantLimits(_message.Message):
     _WhichOneofArgType__submit_burst: _TypeAlias = _typing.Literal["_submit_burst", b"_submit_burst"]  # noqa: Y015
     _WhichOneofReturnType__submit_rate: _TypeAlias = _typing.Literal["submit_rate"]  # noqa: Y015
     _WhichOneofArgType__submit_rate: _TypeAlias = _typing.Literal["_submit_rate", b"_submit_rate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dispatch_weight) -> _WhichOneofReturnType__dispatch_weight | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_backlog) -> _WhichOneofReturnType__max_backlog | None: ...
     @_typing.overload

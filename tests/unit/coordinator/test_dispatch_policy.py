@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.coordinator.dispatch import policy as dispatch_policy
+from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
 from conveyor.coordinator.dispatch.policy import (
     MAX_CLAIM_BYTES,
     MAX_CLAIM_PER_SESSION,
@@ -13,6 +14,7 @@ from conveyor.coordinator.dispatch.policy import (
     DispatchPolicy,
 )
 from conveyor.coordinator.dispatch.sessions import OUTBOX_BYTES, WorkerSession
+from conveyor.coordinator.store.tasks import last_key
 from conveyor.v1 import worker_service_pb2
 
 
@@ -147,3 +149,48 @@ async def test_workers_of_several_tenants_take_turns_in_portions() -> None:
         assert [o[0] for o in order[:2]] in (["a", "b"], ["b", "a"])
         assert {c.limit for c in claims} == {dispatch_policy.FAIR_QUANTUM}
     assert dispatch_policy.by_tenant([quiet]) is None
+
+
+async def test_a_tenant_dispatch_weight_scales_its_portions() -> None:
+    weights = {"a": 3, "c": 99}
+    policy = DispatchPolicy(
+        lease_seconds=30, max_payload_bytes=1 << 20, weight=lambda t: weights.get(t, 1)
+    )
+    sessions = [
+        _session("a0", credit=1000, tenant="a"),
+        _session("b0", credit=1000, tenant="b"),
+        _session("c0", credit=1000, tenant="c"),
+        _session("d0", credit=150, tenant="d"),
+    ]
+    limits = {c.session.worker_id: c.limit for c in policy.plan(sessions)}
+    quantum = dispatch_policy.FAIR_QUANTUM
+    # a: 3 portions; b: one; c: bounded by the most a claim takes; d: its credit.
+    assert limits == {"a0": 3 * quantum, "b0": quantum, "c0": MAX_CLAIM_PER_SESSION, "d0": 100}
+    # Alone, a tenant's weight changes nothing: its claims are whole.
+    assert [c.limit for c in policy.plan(sessions[:1])] == [MAX_CLAIM_PER_SESSION]
+
+
+def test_the_next_keyed_claim_starts_after_the_last_key_served() -> None:
+    """Keys are visited after the last stop, wrapping around (byte order): the next claim
+    starts after the last one visited that was served."""
+    assert last_key(["b", "d"], "") == "d"
+    assert last_key(["b", "d"], "c") == "b"  # visited d, then wrapped to b
+    assert last_key(["c"], "c") == "c"  # the stop itself comes last
+    assert last_key([], "c") == "c"  # nothing served: stays
+    assert last_key(["é", "z"], "a") == "é"  # code points, as COLLATE "C" on UTF-8
+
+
+def test_keyed_claims_remember_where_each_pair_stopped() -> None:
+    keys = ConcurrencyKeys()
+    pairs = [("q", "a", 10), ("q", "b", 10)]
+    assert keys.after("t", pairs) == ["", ""]
+    rows = [
+        {"queue": "q", "type": "a", "concurrency_key": "k1"},
+        {"queue": "q", "type": "a", "concurrency_key": "k3"},
+        {"queue": "q", "type": "b", "concurrency_key": "k2"},
+    ]
+    keys.served("t", rows)
+    assert keys.after("t", pairs) == ["k3", "k2"]
+    assert keys.after("other", pairs) == ["", ""]
+    keys.reset()
+    assert keys.after("t", pairs) == ["", ""]
