@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
             "conveyor bench --tasks 5000 --json",
             "conveyor bench --insecure",
             "conveyor bench --metrics --json",
+            "conveyor bench --rate-limit 1000000 --concurrency-keys 100 --json",
         ],
     )(bench)
     command(
@@ -102,6 +103,26 @@ def bench(
             "a usual setting 15; 1 is harsh on purpose).",
         ),
     ] = 1.0,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option(
+            "--rate-limit",
+            min=0.001,
+            help="A rate limit (tasks/s, burst one second's worth) on the benchmark's queue, "
+            "so every claim is the limited one; set it above the throughput to measure what "
+            "the rule costs.",
+        ),
+    ] = None,
+    concurrency_keys: Annotated[
+        int,
+        typer.Option(
+            "--concurrency-keys",
+            min=0,
+            help="The end-to-end and pickup tasks carry one of this many concurrency keys "
+            "(each limited to all the workers' slots, so it never binds): every claim is "
+            "the keyed one, taking turns between keys. 0: none.",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
     g: Globals,
@@ -129,6 +150,8 @@ def bench(
         insecure=insecure,
         metrics=metrics,
         scrape_interval=scrape_interval,
+        rate_limit=rate_limit,
+        concurrency_keys=concurrency_keys,
     )
     return _print_figures(asyncio.run(run(config)), as_json)
 

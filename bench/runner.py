@@ -67,6 +67,20 @@ class BenchConfig:
     insecure: bool = False
     """Authentication off (to compare): by default the coordinator requires a key, as in
     production, and every process of the benchmark sends one."""
+    rate_limit: float | None = None
+    """A rate limit on the end-to-end queue (tasks/s), or None: the limited claim's cost."""
+    concurrency_keys: int = 0
+    """End-to-end and pickup tasks spread over this many concurrency keys, none binding
+    (0: no keys): the keyed claim's cost."""
+
+    def flow(self, i: int) -> dict[str, Any]:
+        """The flow-control fields of the ``i``-th task of a phase."""
+        if not self.concurrency_keys:
+            return {}
+        return {
+            "concurrency_key": f"k{i % self.concurrency_keys}",
+            "concurrency_limit": self.workers * self.concurrency,
+        }
 
 
 def _say(message: str) -> None:
@@ -304,8 +318,16 @@ async def _measure(
         workers=workers,
         postmaster=cpu.postmaster_of(await db.fetchval("SELECT pg_backend_pid()")),
     )
+    if cfg.rate_limit is not None:
+        await client.set_rate_limit(rate=cfg.rate_limit, queue=QUEUE)
     _say(f"end to end: {cfg.tasks} no-op tasks …")
-    specs = [TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True)] * cfg.tasks
+    if cfg.concurrency_keys:
+        specs = [
+            TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True, **cfg.flow(i))
+            for i in range(cfg.tasks)
+        ]
+    else:
+        specs = [TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True)] * cfg.tasks
     before = cpu.sample(groups.resolve())
     await _submit_all(client, specs, cfg)
     await _wait_done(db, "noop", cfg.tasks + 1, within=max(120.0, cfg.tasks / 200))
@@ -328,7 +350,9 @@ async def _measure(
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
         sent = time.perf_counter()
-        await client.submit("probe", repr(time.time()).encode(), queue=QUEUE, raw=True)
+        await client.submit(
+            "probe", repr(time.time()).encode(), queue=QUEUE, raw=True, **cfg.flow(i)
+        )
         answered.append((time.perf_counter() - sent) * 1000.0)
 
     await asyncio.gather(*(one(i) for i in range(count)))
@@ -349,6 +373,8 @@ async def _measure(
         "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
         "cpu_per_task_us": cpu_per_task,
         "worker_idle_rss_mb": max(idle_rss),
+        "rate_limit": cfg.rate_limit,
+        "concurrency_keys": cfg.concurrency_keys,
     }
 
 
@@ -363,7 +389,7 @@ def _report(cfg: BenchConfig, f: dict[str, Any]) -> None:
         f"""
 Conveyor benchmark ({platform.machine()}, {os.cpu_count()} CPUs, \
 Python {platform.python_version()}, authentication {"on" if f["authentication"] else "off"}, \
-metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off"})
+metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off"}{_flow(cfg)})
   submit (batched)      {f["submit_per_s"]:>10,} tasks/s
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \
@@ -373,6 +399,16 @@ p99 {f["pickup_p99_ms"]} ms   ({f["pickup_samples"]} tasks at {cfg.latency_rate:
   idle worker RSS       {f["worker_idle_rss_mb"]} MiB
 """
     )
+
+
+def _flow(cfg: BenchConfig) -> str:
+    """The flow-control rules the run configured, for the report's first line."""
+    rules = []
+    if cfg.rate_limit is not None:
+        rules.append(f"rate limit {cfg.rate_limit:g}/s")
+    if cfg.concurrency_keys:
+        rules.append(f"{cfg.concurrency_keys} concurrency keys")
+    return "".join(f", {rule}" for rule in rules)
 
 
 def _cpu_line(per_task: dict[str, float]) -> str:
