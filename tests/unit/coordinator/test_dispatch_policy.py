@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.dispatch.concurrency import ConcurrencyKeys
+from conveyor.coordinator.dispatch.concurrency import KEYED_STICKY, ConcurrencyKeys
 from conveyor.coordinator.dispatch.policy import (
     MAX_CLAIM_BYTES,
     MAX_CLAIM_PER_SESSION,
@@ -194,3 +194,21 @@ def test_keyed_claims_remember_where_each_pair_stopped() -> None:
     assert keys.after("other", pairs) == ["", ""]
     keys.reset()
     assert keys.after("t", pairs) == ["", ""]
+
+
+def test_a_tenant_keeps_the_keyed_claim_for_a_while_after_its_keyed_tasks_were_seen() -> None:
+    """A trickle of keyed tasks, each taken before the next read, must not drop its
+    tenant between tasks (each new one would wait for the next read)."""
+    now = [1000.0]
+    keys = ConcurrencyKeys(clock=lambda: now[0])
+    keys.seen(["t"])
+    assert keys.tenants == {"t"}
+    now[0] += KEYED_STICKY - 1
+    keys.seen([])  # none ready at this read
+    assert keys.tenants == {"t"}
+    keys.seen(["u"])
+    now[0] += 2
+    keys.seen([])
+    assert keys.tenants == {"u"}  # t's last sighting is past KEYED_STICKY
+    keys.reset()
+    assert keys.tenants == frozenset()
