@@ -1066,7 +1066,12 @@ def _claim_keyed(name: str, *, aged: bool) -> Query:
         CROSS JOIN LATERAL {_room("s", "x.key")} o
         WHERE s.n < {MAX_KEYS_PER_CLAIM} AND s.open < :limit AND x.key <> s.first
     ), slots AS (
-        SELECT queue, type, key, cap AS pair_cap, room AS cap, busy FROM keys WHERE room > 0
+        -- Each key takes at most its share of the claim: with K keys open, a claim of N
+        -- takes N/K of each (rounded up), so it locks about N rows, not N per key. A key
+        -- with fewer leaves the claim short; the next round follows at once.
+        SELECT queue, type, key, cap AS pair_cap,
+            least(room, ceil(:limit::float8 / count(*) OVER ()))::int AS cap, busy
+        FROM keys WHERE room > 0
     ), {per_key}, turned AS (
         -- The turns: a task's place in its key (a key spans pairs: its slots are its).
         SELECT *, row_number() OVER (PARTITION BY concurrency_key ORDER BY {order}) AS in_key
