@@ -25,7 +25,6 @@ life of the process, so a newly elected leader listens already.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from conveyor.coordinator.deps import Office
 from conveyor.coordinator.lifecycle.transitions import AfterCommit, Transitions
 from conveyor.coordinator.store import task_events as store
 from conveyor.coordinator.store.listener import listening, reconnecting
+from conveyor.coordinator.supervisor import stop_task
 from conveyor.v1 import task_pb2
 
 _log = logging.getLogger("conveyor.coordinator.work_ready")
@@ -84,10 +84,7 @@ class WorkReadyRelay:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     # -- a follower's side -------------------------------------------------------------------
 
