@@ -316,6 +316,7 @@ class Dispatcher(Service):
         metrics, tracing = self.deps.metrics, self.deps.tracing
         more = False
         limits = self.policy.limits
+        stopped: asyncio.CancelledError | None = None
         async with self.deps.db.autocommit() as conn:
             if self.policy.stale():
                 await self.policy.refresh(conn)
@@ -324,10 +325,21 @@ class Dispatcher(Service):
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
                 session.credit -= claim.limit
                 started, started_ns = time.perf_counter(), time.time_ns()
+                # A stop (a term ending, a shutdown) that lands while the claim runs must
+                # not lose what it leased (it commits on its own): those tasks would wait
+                # out their lease undelivered. The claim finishes, its rows go out as
+                # usual, and then the step ends.
+                claiming = asyncio.ensure_future(self.policy.claim(conn, claim, fence))
                 try:
-                    rows = await self.policy.claim(conn, claim, fence)
+                    try:
+                        rows = await asyncio.shield(claiming)
+                    except asyncio.CancelledError as exc:
+                        stopped = exc
+                        rows = await claiming
                 except BaseException:
                     session.credit += claim.limit
+                    if stopped is not None:
+                        raise stopped from None
                     raise
                 session.credit += claim.limit - len(rows)
                 full = self.policy.filled(claim, rows)
@@ -345,6 +357,8 @@ class Dispatcher(Service):
                     if tracing.enabled:
                         dispatch_spans(tracing, rows, messages, started_ns)
                     await self.deliver(conn, session, messages)
+                if stopped is not None:
+                    raise stopped
         if limits.holds:
             metrics.count_holds(limits.holds, "rate_limit")
             limits.holds.clear()
