@@ -138,3 +138,39 @@ async def test_credit_reserved_for_a_claim_comes_back_when_it_finds_less(deps: D
     await asyncio.wait_for(dispatcher.step(), 10)
     assert session.credit == 8 and session.starving
     assert _queued(session) == 2
+
+
+class SlowClaim(DispatchPolicy):
+    """A claim that lets the test cancel the step while its statement has run."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.claimed = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+        rows = await super().claim(conn, claim, fence)  # committed: the tasks are leased
+        self.claimed.set()
+        await self.go_on.wait()
+        return rows
+
+
+async def test_a_step_stopped_during_its_claim_delivers_what_the_claim_leased(deps: Deps) -> None:
+    await _insert(deps, 3)
+    session = _session("w", 5)
+    deps.sessions.reserve(session)
+    deps.sessions.activate(session)
+    policy = SlowClaim()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    step = asyncio.create_task(dispatcher.step())
+    await asyncio.wait_for(policy.claimed.wait(), 10)
+    step.cancel()  # as Service.stop does when a term ends
+    await asyncio.sleep(0)
+    policy.go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(step, 10)
+    # The leased tasks went to their session (not left to wait out their lease), and the
+    # credit they took is spent, not lost.
+    assert _queued(session) == 3
+    assert session.credit == 2
+    assert await _running(deps) == {"w": 3}
