@@ -110,7 +110,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         async with self._quotas.admission(tenant, request.tasks):
             if self._task_types is not None:
                 await self._task_types.apply(tenant, request.tasks)
-            tasks = await validation.validate_submit_batch_sliced(
+            tasks = await validation.validate_submit_batch(
                 request, max_payload_bytes=self._deps.config.max_payload_bytes
             )
             deps = any(t.after or t.after_refs for t in tasks)

@@ -583,65 +583,33 @@ otherwise hold every other call on the loop (another tenant's submit, a dispatch
 for all of it."""
 
 
-def _check_batch_size(req: task_service_pb2.SubmitTasksRequest) -> None:
+async def validate_submit_batch(
+    req: task_service_pb2.SubmitTasksRequest, *, max_payload_bytes: int
+) -> list[NewTask]:
+    """A SubmitTasks request's tasks, validated a slice of SUBMIT_SLICE at a time with a
+    yield to the event loop between slices; every violation, named by its index in the
+    batch, raised together (INVALID_ARGUMENT)."""
     if not req.tasks:
         raise InvalidArgument([FieldViolation("tasks", "must contain at least one task")])
     if len(req.tasks) > MAX_BATCH:
         raise InvalidArgument([FieldViolation("tasks", f"must contain at most {MAX_BATCH} tasks")])
-
-
-def _validate_slice(
-    req: task_service_pb2.SubmitTasksRequest,
-    start: int,
-    stop: int,
-    max_payload_bytes: int,
-    now: datetime,
-    tasks: list[NewTask],
-    violations: list[FieldViolation],
-) -> None:
-    for i in range(start, stop):
+    tasks: list[NewTask] = []
+    violations: list[FieldViolation] = []
+    now = datetime.now(UTC)
+    for i, one in enumerate(req.tasks):
+        if i and not i % SUBMIT_SLICE:
+            await asyncio.sleep(0)
         task, bad = validate_submit(
-            req.tasks[i], max_payload_bytes=max_payload_bytes, prefix=f"tasks[{i}].", now=now
+            one, max_payload_bytes=max_payload_bytes, prefix=f"tasks[{i}].", now=now
         )
         violations.extend(bad)
         if task is not None:
             tasks.append(task)
-
-
-def _batch_done(tasks: list[NewTask], violations: list[FieldViolation]) -> list[NewTask]:
     if violations:
         raise InvalidArgument(violations)
     if any(t.ref or t.after_refs for t in tasks):
         check_dag(tasks)
     return tasks
-
-
-def validate_submit_batch(
-    req: task_service_pb2.SubmitTasksRequest, *, max_payload_bytes: int
-) -> list[NewTask]:
-    _check_batch_size(req)
-    tasks: list[NewTask] = []
-    violations: list[FieldViolation] = []
-    _validate_slice(req, 0, len(req.tasks), max_payload_bytes, datetime.now(UTC), tasks, violations)
-    return _batch_done(tasks, violations)
-
-
-async def validate_submit_batch_sliced(
-    req: task_service_pb2.SubmitTasksRequest, *, max_payload_bytes: int
-) -> list[NewTask]:
-    """:func:`validate_submit_batch`, yielding to the event loop after every SUBMIT_SLICE
-    tasks (the same result, the same violations)."""
-    _check_batch_size(req)
-    tasks: list[NewTask] = []
-    violations: list[FieldViolation] = []
-    now = datetime.now(UTC)
-    count = len(req.tasks)
-    for start in range(0, count, SUBMIT_SLICE):
-        if start:
-            await asyncio.sleep(0)
-        stop = min(count, start + SUBMIT_SLICE)
-        _validate_slice(req, start, stop, max_payload_bytes, now, tasks, violations)
-    return _batch_done(tasks, violations)
 
 
 def check_dag(tasks: Sequence[NewTask]) -> None:

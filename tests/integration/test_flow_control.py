@@ -467,46 +467,14 @@ async def test_deadlines_order_a_priority_and_end_what_waits_past_them(
     assert not redriven.task.HasField("deadline")
 
 
-async def test_aging_lets_a_long_waiting_low_priority_task_pass(database_dsn: str) -> None:
+@pytest.mark.parametrize("held_by", ["nothing", "rate_limit", "concurrency_key"])
+async def test_aging_lets_a_long_waiting_low_priority_task_pass(
+    database_dsn: str, held_by: str
+) -> None:
     """With aging (1 more per 10 s waited, at most 3), a priority-0 task ready for 25 s
-    goes before fresh priority-1 tasks, but not before priority-5 ones."""
-    T = task_service_pb2
-    coordinator = Coordinator(
-        coordinator_config(database_dsn, aging_interval=10.0, aging_max=3, poll_interval=0.2)
-    )
-    await coordinator.start()
-    worker = RawWorker(coordinator.address)
-    try:
-        async with grpc.aio.insecure_channel(coordinator.address) as channel:
-            stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            old = await stub.SubmitTask(T.SubmitTaskRequest(type="aged"))
-            # Ready 25 s ago: a submit makes a past run_at now, so the row is aged by hand.
-            conn = await asyncpg.connect(database_dsn)
-            try:
-                await conn.execute(
-                    "UPDATE tasks SET run_at = now() - interval '25 seconds' WHERE id = $1",
-                    uuid.UUID(old.task.id),
-                )
-            finally:
-                await conn.close()
-            fresh = [
-                (await stub.SubmitTask(T.SubmitTaskRequest(type="aged", priority=p))).task.id
-                for p in (1, 1, 5)
-            ]
-            await worker.connect("aging-worker", types=("aged",), credits=10)
-            got = [a.lease.task_id for a in await worker.assignments(4)]
-            # 0 + 2 (25 s) beats 1; 5 beats both. Without aging the old task came last.
-            assert got == [fresh[2], old.task.id, fresh[0], fresh[1]], got
-    finally:
-        await worker.close()
-        await coordinator.stop(grace=1.0)
-
-
-@pytest.mark.parametrize("held_by", ["rate_limit", "concurrency_key"])
-async def test_aging_holds_in_the_limited_and_keyed_claims(database_dsn: str, held_by: str) -> None:
-    """The same aging (1 more per 10 s waited, at most 3) where a rate limit covers the
-    type (the limited claim) or the tasks carry a concurrency key (the keyed claim): the
-    priority-0 task ready for 25 s passes fresh priority-1 tasks, not priority-5 ones."""
+    goes before fresh priority-1 tasks, but not before priority-5 ones: in the plain
+    claim, where a rate limit covers the type (the limited claim), and where the tasks
+    carry a concurrency key (the keyed claim)."""
     T = task_service_pb2
     coordinator = Coordinator(
         coordinator_config(database_dsn, aging_interval=10.0, aging_max=3, poll_interval=0.2)
@@ -525,7 +493,7 @@ async def test_aging_holds_in_the_limited_and_keyed_claims(database_dsn: str, he
     try:
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             stub = task_service_pb2_grpc.TaskServiceStub(channel)
-            if not keyed:
+            if held_by == "rate_limit":
                 limit = task_pb2.RateLimit(type="aged", rate=1000, burst=100)
                 await stub.SetRateLimit(T.SetRateLimitRequest(limit=limit))
             old = await stub.SubmitTask(request())
@@ -540,7 +508,7 @@ async def test_aging_holds_in_the_limited_and_keyed_claims(database_dsn: str, he
             fresh = [(await stub.SubmitTask(request(p))).task.id for p in (1, 1, 5)]
             await worker.connect("aging-worker", types=("aged",), credits=10)
             got = [a.lease.task_id for a in await worker.assignments(4)]
-            # Without aging in these claims the old task came last.
+            # 0 + 2 (25 s) beats 1; 5 beats both. Without aging the old task came last.
             assert got == [fresh[2], old.task.id, fresh[0], fresh[1]], got
     finally:
         await worker.close()

@@ -35,7 +35,7 @@ def _batch(*tasks: dict[str, Any]) -> list[validation.NewTask]:
     request = task_service_pb2.SubmitTasksRequest(
         tasks=[task_service_pb2.SubmitTaskRequest(type="t", **t) for t in tasks]
     )
-    return validation.validate_submit_batch(request, max_payload_bytes=1000)
+    return asyncio.run(validation.validate_submit_batch(request, max_payload_bytes=1000))
 
 
 def test_a_dag_may_refer_forward_and_fan_in() -> None:

@@ -35,16 +35,13 @@ async def _turns_during(work: asyncio.Task[Any]) -> int:
 
 async def test_a_large_batch_is_validated_a_slice_at_a_time() -> None:
     request = T.SubmitTasksRequest(tasks=[T.SubmitTaskRequest(type="t") for _ in range(10 * SLICE)])
-    sliced = asyncio.create_task(
-        validation.validate_submit_batch_sliced(request, max_payload_bytes=1000)
-    )
+    sliced = asyncio.create_task(validation.validate_submit_batch(request, max_payload_bytes=1000))
     assert await _turns_during(sliced) >= 9
-    whole = validation.validate_submit_batch(request, max_payload_bytes=1000)
-    assert [t.type for t in sliced.result()] == [t.type for t in whole]
+    assert [t.type for t in sliced.result()] == [t.type for t in request.tasks]
     # A bad task in a later slice is named by its index in the batch.
     request.tasks[3 * SLICE + 1].priority = 10**9
     with pytest.raises(InvalidArgument) as caught:
-        await validation.validate_submit_batch_sliced(request, max_payload_bytes=1000)
+        await validation.validate_submit_batch(request, max_payload_bytes=1000)
     assert [v.field for v in caught.value.violations] == [f"tasks[{3 * SLICE + 1}].priority"]
 
 
@@ -54,7 +51,7 @@ async def test_a_large_group_is_planned_a_slice_at_a_time_keys_matched_across_sl
         T.SubmitTaskRequest(type="t", idempotency_key=f"k{i % (2 * SLICE)}")
         for i in range(4 * SLICE)
     ]
-    tasks = validation.validate_submit_batch(
+    tasks = await validation.validate_submit_batch(
         T.SubmitTasksRequest(tasks=keyed), max_payload_bytes=1000
     )
     group = SubmitGroup("acme", tasks)
@@ -69,7 +66,7 @@ async def test_a_large_group_is_planned_a_slice_at_a_time_keys_matched_across_sl
     assert [s.deduplicated for s in result] == [False] * (2 * SLICE) + [True] * (2 * SLICE)
     assert all(isinstance(s, Submitted) for s in result) and len(rows) == 2 * SLICE
     # The same key with another request in a later slice fails the group.
-    clash = [*tasks[: 2 * SLICE], *validation.validate_submit_batch(
+    clash = [*tasks[: 2 * SLICE], *await validation.validate_submit_batch(
         T.SubmitTasksRequest(tasks=[T.SubmitTaskRequest(type="other", idempotency_key="k1")]),
         max_payload_bytes=1000,
     )]  # fmt: skip
