@@ -1898,7 +1898,8 @@ async def existing(conn: asyncpg.Connection, tenant: str, ids: Sequence[uuid.UUI
 
 
 # Deleting a finished task is no state change (nothing watches a finished task): its row
-# and its attempts (ON DELETE CASCADE) go. Unfinished tasks are never deleted.
+# and its attempts (the tasks_delete_attempts trigger, migration 0013) go. Unfinished
+# tasks are never deleted.
 _DELETE_IDS = Query(
     "delete_tasks",
     f"""
