@@ -30,10 +30,11 @@ import asyncio
 import bisect
 import itertools
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 from google.protobuf import timestamp_pb2
@@ -51,7 +52,7 @@ from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import committing
 from conveyor.coordinator.store.tasks import NewRow
-from conveyor.v1 import task_pb2
+from conveyor.v1 import task_pb2, task_service_pb2
 
 # Batches of at least this many new tasks without idempotency keys are written with COPY.
 COPY_THRESHOLD = 64
@@ -92,10 +93,76 @@ class SubmitGroup:
     (``dependents.py``), and a group without them pays nothing for the feature."""
 
 
-@dataclass(frozen=True)
 class Submitted:
-    task: task_pb2.Task
-    deduplicated: bool
+    """One task's answer: the task as committed, and whether it was a resend.
+
+    A new task's message is built only when something asks for it (:attr:`task`):
+    SubmitTasks encodes most answers from one encoding shared by the tasks of a batch
+    that differ only in their id (:meth:`entry`, ``convert.new_answer_parts``).
+    """
+
+    __slots__ = ("_fresh", "_task", "deduplicated")
+
+    def __init__(self, task: task_pb2.Task | None, deduplicated: bool) -> None:
+        self._task = task
+        self._fresh: _Fresh | None = None
+        self.deduplicated = deduplicated
+
+    @classmethod
+    def new(cls, fresh: _Fresh) -> Submitted:
+        """The answer of a task this flush inserts (not a resend)."""
+        answer = cls(None, deduplicated=False)
+        answer._fresh = fresh
+        return answer
+
+    @property
+    def task(self) -> task_pb2.Task:
+        """The Task message (built at the first call; changes to it are the answer's)."""
+        if self._task is None:
+            f = self._fresh
+            assert f is not None
+            self._task = convert.task_from_new(
+                f.tenant, f.task_id, f.task, f.state, f.run_at, f.now
+            )
+        return self._task
+
+    def entry(self) -> bytes:
+        """This answer as one encoded entry of ``SubmitTasksResponse.results``."""
+        f = self._fresh
+        if self._task is None and f is not None and f.parts is not None:
+            task_id = str(f.task_id)
+            if len(task_id) == convert.ID_LENGTH:
+                head, tail = f.parts
+                return head + task_id.encode() + tail
+        return convert.response_entry(
+            task_service_pb2.SubmitTaskResponse(
+                task=self.task, deduplicated=self.deduplicated
+            ).SerializeToString()
+        )
+
+
+class _Fresh(NamedTuple):
+    """What a new task's answer is made from (``convert.task_from_new``'s arguments), and
+    the shared encoding of its batch's answers (None: built from the message)."""
+
+    tenant: str
+    task_id: uuid.UUID | str
+    task: NewTask
+    state: int
+    run_at: timestamp_pb2.Timestamp
+    now: timestamp_pb2.Timestamp
+    parts: tuple[bytes, bytes] | None
+
+
+def _shape(task: NewTask, state: int, run_at: datetime) -> tuple[object, ...]:
+    """What a new task's answer shows besides its id and tenant (the key of its shared
+    encoding); labels are left out, since a task with labels is never shared."""
+    return (
+        task.queue, task.type, task.content_type, state, run_at, task.priority,
+        task.max_attempts, task.idempotency_key, task.timeout_ms, task.retry_initial_ms,
+        task.retry_max_ms, task.retry_multiplier, task.retry_jitter, task.traceparent,
+        task.concurrency_key, task.concurrency_limit, task.deadline,
+    )  # fmt: skip
 
 
 SubmitResult = list[Submitted]
@@ -110,7 +177,11 @@ class _Prior:
 
     tenant: str
     source: asyncpg.Record | NewTask
-    task: task_pb2.Task
+    answer: Submitted
+
+    @property
+    def task(self) -> task_pb2.Task:
+        return self.answer.task
 
     def fingerprint(self) -> bytes:
         if isinstance(self.source, NewTask):
@@ -355,6 +426,8 @@ class _GroupPlan:
     new_rows: list[NewRow] = field(default_factory=list)
     new_keys: dict[tuple[str, str], _Prior] = field(default_factory=dict)
     new_ids: dict[str, _Prior] = field(default_factory=dict)
+    shared: dict[tuple[object, ...], tuple[bytes, bytes]] = field(default_factory=dict)
+    """The shared encodings of the group's answers, by shape (:func:`_shape`)."""
 
     def add(
         self,
@@ -366,13 +439,14 @@ class _GroupPlan:
     ) -> ConveyorError | None:
         """Plans ``tasks`` (of ``group``); a conflict fails the whole group."""
         out, new_rows, new_keys, new_ids = self.out, self.new_rows, self.new_keys, self.new_ids
+        shared = self.shared
         for task in tasks:
             key = (group.tenant, task.idempotency_key) if task.idempotency_key else None
             if key is not None:
                 prior = new_keys.get(key) or plan.claimed_keys.get(key)
                 if prior is None and key in plan.keys:
                     row = plan.keys[key]
-                    prior = _Prior(key[0], row, convert.task_from_row(row))
+                    prior = _Prior(key[0], row, Submitted(convert.task_from_row(row), True))
                 if prior is not None:
                     if prior.fingerprint() != validation.request_fingerprint(task):
                         return IdempotencyKeyConflict(key[1], prior.task.id)
@@ -382,7 +456,8 @@ class _GroupPlan:
                 prior = new_ids.get(task.task_id) or plan.claimed_ids.get(task.task_id)
                 if prior is None and task.task_id in plan.ids:
                     row = plan.ids[task.task_id]
-                    prior = _Prior(row["tenant"], row, convert.task_from_row(row))
+                    found = Submitted(convert.task_from_row(row), True)
+                    prior = _Prior(row["tenant"], row, found)
                 if prior is not None:
                     if prior.tenant != group.tenant or (
                         prior.fingerprint() != validation.request_fingerprint(task)
@@ -396,15 +471,23 @@ class _GroupPlan:
                 run_at_message = convert.timestamp(run_at)
             else:
                 run_at, state, run_at_message = now, store.PENDING, now_message
-            message = convert.task_from_new(
-                group.tenant, task_id, task, state, run_at_message, now_message
+            parts: tuple[bytes, bytes] | None = None
+            if not task.labels:  # a dict: no key (and most tasks have none)
+                shape = _shape(task, state, run_at)
+                parts = shared.get(shape)
+                if parts is None:
+                    parts = shared[shape] = convert.new_answer_parts(
+                        group.tenant, task, state, run_at_message, now_message
+                    )
+            answer = Submitted.new(
+                _Fresh(group.tenant, task_id, task, state, run_at_message, now_message, parts)
             )
             new_rows.append(NewRow(group.tenant, task_id, task, state, run_at))
             if key is not None:
-                new_keys[key] = _Prior(group.tenant, task, message)
+                new_keys[key] = _Prior(group.tenant, task, answer)
             if task.task_id is not None:
-                new_ids[task.task_id] = _Prior(group.tenant, task, message)
-            out.append(Submitted(message, deduplicated=False))
+                new_ids[task.task_id] = _Prior(group.tenant, task, answer)
+            out.append(answer)
         return None
 
     def finish(self, plan: _Plan, rows: list[NewRow]) -> SubmitResult:
