@@ -102,11 +102,21 @@ class ResultRecorder:
     async def _flush_results(self, messages: Sequence[Sequence[Outcome]]) -> list[list[bool]]:
         outcomes = [o for message in messages for o in message]
         deps = self._deps
-        # One statement applies every result and records the attempts, fence included;
-        # the rare refusals are recorded after it (they change no task).
+        # One statement applies the results of tasks without dependents and records the
+        # attempts, fence included (without the release of dependents, which is most of
+        # its planning); what it did not apply (tasks with dependents, stale leases) goes
+        # through the full statement; the rare refusals are recorded after (they change
+        # no task). Each statement is atomic for the results it applies.
+        fence = deps.office.fence()
         async with deps.db.autocommit() as conn:
-            rows = await store.finish_attempts(conn, outcomes, deps.office.fence())
+            rows = await store.finish_attempts_plain(conn, outcomes, fence)
             applied = {row[APPLIED] for row in rows}
+            if len(applied) < len(outcomes):
+                rest = [i for i in range(len(outcomes)) if i not in applied]
+                more = await store.finish_attempts(conn, [outcomes[i] for i in rest], fence)
+                rows = [*rows, *more]
+                # Its positions are in ``rest`` (None: a dependent it released).
+                applied.update(rest[row[APPLIED]] for row in more if row[APPLIED] is not None)
             refused = [o for i, o in enumerate(outcomes) if i not in applied]
             if refused:
                 await store.record_refused(conn, refused, leases.REFUSED_NOT_CURRENT)

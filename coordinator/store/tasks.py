@@ -1308,9 +1308,15 @@ class Outcome(NamedTuple):
 # started (the worker lacks the payload's encryption key). Ready again at once, not counted.
 _GIVEN_BACK = f"r.outcome IN ({OUTCOME_INTERRUPTED}, {OUTCOME_NOT_STARTED})"
 
-_FINISH = Query(
-    "finish_attempts",
-    f"""
+
+def _finish(name: str, *, dependents: bool) -> Query:
+    """The result statement; without ``dependents``, for tasks without edges only."""
+    # A task with an edge is left to the full statement (in this one's snapshot, as the
+    # release fragment itself would see the edges).
+    only = "" if dependents else "AND NOT EXISTS (SELECT FROM task_edges e WHERE e.after_id = t.id)"
+    return Query(
+        name,
+        f"""
     WITH r AS (
         SELECT * FROM {unnest(_OUTCOME_ARRAYS, "r", numbered=True)}
     ), changed AS (
@@ -1335,7 +1341,7 @@ _FINISH = Query(
                 ELSE r.error END,
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM r
-        WHERE {FENCE} AND {_LEASE_MATCH}
+        WHERE {FENCE} AND {_LEASE_MATCH} {only}
         RETURNING {changed(from_state=RUNNING, worker_id="r.worker_id", outcome="r.outcome")},
             r.error, r.i
     ), closed AS (
@@ -1343,9 +1349,13 @@ _FINISH = Query(
         SELECT id, attempt, tenant, worker_id, lease_epoch, lease_start_time, now(), outcome,
             error
         FROM changed
-    ) {tail("i")}
+    ) {tail("i", dependents=dependents)}
     """,
-)
+    )
+
+
+_FINISH = _finish("finish_attempts", dependents=True)
+_FINISH_PLAIN = _finish("finish_attempts_plain", dependents=False)
 
 
 async def finish_attempts(
@@ -1358,6 +1368,21 @@ async def finish_attempts(
     The attempt row is closed in the same statement.
     """
     return await _FINISH.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
+
+
+async def finish_attempts_plain(
+    conn: asyncpg.Connection, outcomes: Sequence[Outcome], fence: Fence
+) -> list[asyncpg.Record]:
+    """:func:`finish_attempts` for the tasks no edge names as a dependency (in this
+    statement's snapshot), without the release of dependents: that release is two thirds
+    of the statement's planning, which is done per batch, and writes nothing for such
+    tasks. A result it does not apply (a task with dependents, or a stale lease) is for
+    :func:`finish_attempts`.
+
+    Equivalent to :func:`finish_attempts` for what it applies: that statement's release
+    reads the edges in its own snapshot too, so an edge a submit commits meanwhile is seen
+    by neither (the DependencySweeper's race, ``store/dependencies.py``)."""
+    return await _FINISH_PLAIN.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
 
 
 _RECORD_REFUSED = Query(

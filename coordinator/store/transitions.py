@@ -83,6 +83,10 @@ class Fragment:
     over: Callable[[str], str] | None = None
     """Its SQL over another source of :data:`COPY_COLUMNS` rows than ``changed``: given,
     the fragment also sees the rows earlier ``transitions`` fragments moved."""
+    releases_dependents: bool = False
+    """Part of the release of dependents (``release.py``): it writes nothing unless a task
+    the statement finished has an edge in ``task_edges``, so a statement that finishes
+    only tasks without edges may leave it out (``tail(dependents=False)``)."""
 
 
 COPY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -144,11 +148,19 @@ def changed(
     )
 
 
-def tail(extra: str = "", order: str = "", *, finishes: bool = True) -> str:
+def tail(
+    extra: str = "", order: str = "", *, finishes: bool = True, dependents: bool = True
+) -> str:
     """The end of a state-changing statement (see :data:`TAIL`), with ``extra`` columns
     after :data:`COLUMNS` and an ORDER BY; ``finishes`` False for a statement that never
-    moves a task to SUCCEEDED, DEAD or CANCELLED (it skips ``finishing_only`` fragments)."""
-    applied = [f for f in FRAGMENTS if finishes or not f.finishing_only]
+    moves a task to SUCCEEDED, DEAD or CANCELLED (it skips ``finishing_only`` fragments);
+    ``dependents`` False for one that finishes only tasks without edges (it skips the
+    ``releases_dependents`` fragments)."""
+    applied = [
+        f
+        for f in FRAGMENTS
+        if (finishes or not f.finishing_only) and (dependents or not f.releases_dependents)
+    ]
     moved: list[str] = []
     ctes: list[str] = []
     for f in applied:
@@ -197,7 +209,13 @@ FRAGMENTS: tuple[Fragment, ...] = (
     # The release of dependents (store/dependencies.py): every CTE finishing-only, the last
     # returning the tasks it moved.
     *(
-        Fragment(name, sql, finishing_only=True, transitions=name == "deps_released")
+        Fragment(
+            name,
+            sql,
+            finishing_only=True,
+            transitions=name == "deps_released",
+            releases_dependents=True,
+        )
         for name, sql in release.release_ctes(
             f"SELECT id, state FROM changed WHERE state IN {release.FINISHED}",
             release.IN_CHANGED,

@@ -17,6 +17,7 @@ from conveyor.coordinator.api import validation
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.errors import InvalidArgument
 from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.lifecycle import results
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.lifecycle.transitions import COLUMNS, AfterCommit, Cause, Transitions
 from conveyor.coordinator.store import dependencies
@@ -191,3 +192,52 @@ async def test_two_dependencies_finishing_in_concurrent_transactions_release_onc
 async def _finish_apart(deps: Deps, outcomes: list[store.Outcome], fence: Any) -> list[Any]:
     async with deps.db.write() as conn:
         return await store.finish_attempts(conn, outcomes, fence)
+
+
+async def test_a_result_batch_releases_the_dependents_of_its_tasks_and_only_theirs(
+    deps: Deps,
+) -> None:
+    """Results go through the statement without the release first (finish_attempts_plain):
+    a task with a dependent is left to the full statement, which releases the dependent;
+    a stale result is refused by both."""
+    fence = deps.office.fence()
+    now = datetime.now(UTC)
+    task = validation.validate_submit_one(
+        task_service_pb2.SubmitTaskRequest(type="a", queue="q"), max_payload_bytes=100
+    )
+    a, b, d = (str(uuid7()) for _ in range(3))
+    async with deps.db.write() as conn:
+        await store.insert_new(
+            conn,
+            [
+                store.NewRow("t", a, task, store.PENDING, now),
+                store.NewRow("t", b, task, store.PENDING, now),
+                store.NewRow("t", d, task, store.BLOCKED, now),
+            ],
+            now,
+        )
+        await dependencies.insert_edges(conn, [Edge(d, a, "t", True)])
+        claimed = await store.claim(
+            conn, tenant="t", queues=["q"], types=["a"], keys=None, limit=2, max_bytes=1 << 20,
+            worker_id="w", holder=b"h", lease_seconds=30, fence=fence,
+        )  # fmt: skip
+    keys = {r["id"]: LeaseKey("t", r["id"], r["attempt"], r["epoch"], "w") for r in claimed}
+    done = {i: store.Outcome(keys[i], store.OUTCOME_SUCCEEDED, b"", "", False) for i in (a, b)}
+    stale = store.Outcome(keys[b]._replace(attempt=7), store.OUTCOME_SUCCEEDED, b"", "", False)
+
+    async with deps.db.autocommit() as conn:
+        plain = await store.finish_attempts_plain(conn, [done[a], done[b]], fence)
+    assert [r["id"] for r in plain] == [b]  # a has a dependent: not this statement's
+
+    published: list[Transitions] = []
+    deps.after_commit.listen(published.append)
+    recorder = results.ResultRecorder(deps)
+    answers = await recorder._flush_results([[stale, done[a]], [done[b]]])
+    assert answers == [[False, True], [False]]  # b was finished above: its lease is gone
+    async with deps.db.autocommit() as conn:
+        states = dict(await conn.fetch("SELECT id::text, state FROM tasks"))
+        refused = await conn.fetchval("SELECT count(*) FROM refused_results")
+    assert states == {a: SUCCEEDED, b: SUCCEEDED, d: PENDING}
+    assert refused == 2
+    moved = [(r[0], r[5]) for batch in published for r in batch.rows]
+    assert (a, SUCCEEDED) in moved and (d, PENDING) in moved
