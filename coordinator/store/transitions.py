@@ -31,7 +31,10 @@ and do not carry it. A fragment marked ``transitions`` changes other tasks' stat
 release of dependents): its CTE returns :func:`changed` columns, and the statement returns
 those rows after its own, as transitions of the same shape. A fragment given ``over``
 sees those moved rows too, after its own statement's (the outbox: a released dependent's
-move is a transition like any other).
+move is a transition like any other). The release's fragments are marked
+``releases_dependents``: the result statement for tasks that no edge names
+(``tasks.finish_attempts_plain``, the hot path) leaves them out with
+``tail(dependents=False)``, since they would write nothing there.
 
 The one statement that cannot carry a CTE, COPY, is used only while every fragment that
 runs on inserts is ``copyable``: one that reads no more of ``changed`` than
