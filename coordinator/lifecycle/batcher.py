@@ -139,7 +139,9 @@ class Batcher(Generic[T, R]):
         self._flushes.discard(flush)
         if self._unstarted is flush:
             self._unstarted = None  # cancelled before it ran
-        self._start_flushes()
+        if not flush.cancelled():
+            # (Cancelled: the loop is being torn down; a new flush would outlive it.)
+            self._start_flushes()
 
     def _take_batch(self) -> list[tuple[T, int, asyncio.Future[R]]]:
         batch: list[tuple[T, int, asyncio.Future[R]]] = []
