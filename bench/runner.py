@@ -47,6 +47,7 @@ from conveyor.bench import cpu
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
 from conveyor.coordinator.tenancy import keys as api_keys
+from conveyor.transport._gc import freeze_startup_heap
 
 STARTUP_TIMEOUT = 60.0
 
@@ -297,6 +298,11 @@ async def _measure(
     procs: list[Process],
     scraper: _Scraper,
 ) -> dict[str, Any]:
+    # This process's start-up heap (and the processes' set-up above) lives through the
+    # run: frozen, the client's full collections skip it, as the coordinator's and the
+    # workers' do (``transport/_gc.py``); unfrozen, one took 0.2-0.4 s here, and a probe
+    # whose send time was taken just before one counted it as pickup latency.
+    freeze_startup_heap()
     # 1. Submit throughput, with no worker consuming the queue.
     specs = [TaskSpec(type="noop", queue="bench-submit", payload=b"", raw=True)] * cfg.tasks
     _say(f"submit: {cfg.tasks} tasks in batches of {cfg.batch} …")

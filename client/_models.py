@@ -176,9 +176,15 @@ def _datetime_or_none(msg: Any, name: str) -> datetime | None:
     if not msg.HasField(name):
         return None
     value = getattr(msg, name)
-    # Arithmetic instead of Timestamp.ToDatetime: this runs for every task of every
-    # batch submit and list, and is several times faster.
-    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+    return _datetime(value.seconds, value.nanos)
+
+
+@functools.lru_cache(maxsize=1024)
+def _datetime(seconds: int, nanos: int) -> datetime:
+    """A Timestamp's value; cached, since the tasks of one batch submit share their
+    create, update and run times (and a datetime is immutable). Arithmetic instead of
+    Timestamp.ToDatetime: several times faster."""
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 @functools.lru_cache(maxsize=256)

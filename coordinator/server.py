@@ -69,6 +69,7 @@ from conveyor.coordinator.tenancy.queue_backlog import QueueBacklogCounter
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.coordinator.webhooks.delivery import WebhookDeliverer
 from conveyor.observability.tracing import SERVICE_COORDINATOR, Tracing
+from conveyor.transport._gc import freeze_startup_heap
 from conveyor.transport._tls import ServerTLS
 
 _log = logging.getLogger("conveyor.coordinator")
@@ -366,6 +367,8 @@ async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None
         loop.add_signal_handler(sig, stop.set)
     try:
         await coordinator.start()
+        # Everything made so far lives as long as the process: full collections skip it.
+        freeze_startup_heap()
         if ready is not None:
             ready.set()
         await stop.wait()

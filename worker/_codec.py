@@ -62,6 +62,13 @@ def encode_result(handler: Handler, value: Any) -> bytes:
     An unencodable return value fails the attempt for good: the handler already ran, and
     running it again would repeat its side effects only to fail the same way.
     """
+    if handler.raw:
+        # The common answers first: neither is awaitable, and the check below (an ABC's
+        # isinstance) cost more than the rest of a no-op task's encoding.
+        if value is None:
+            return b""
+        if type(value) is bytes:
+            return value
     if inspect.isawaitable(value):
         if inspect.iscoroutine(value):
             value.close()  # no "never awaited" warning on top of the real error

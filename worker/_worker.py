@@ -24,6 +24,7 @@ from conveyor.observability.metrics import parse_listen
 from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import PayloadCodec
+from conveyor.transport._gc import freeze_startup_heap
 from conveyor.worker._connection import Connector
 from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NoHandlersError
@@ -377,6 +378,9 @@ class Worker:
         """
         _configure_logging()
         tracing = _process_tracing(self._worker_id)
+        # The process is the worker's: what it imported and set up lives as long as it
+        # does, and full collections need not walk it again (``transport/_gc.py``).
+        freeze_startup_heap()
         try:
             asyncio.run(self.run(install_signal_handlers=install_signal_handlers))
         finally:

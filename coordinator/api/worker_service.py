@@ -324,7 +324,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     )
                 session.credit += credits
                 if session.wants_work:
-                    self._dispatcher.wake()
+                    self._dispatcher.credit_returned(session)
             elif kind == "drain":
                 session.draining = True
                 _log.info("worker %s is draining", worker_id)

@@ -114,6 +114,9 @@ class WorkerSession:
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False
+    # The dispatcher's wake-up count when its last claim for this session began (see
+    # ``Dispatcher.credit_returned``); -1: never claimed for.
+    claimed_at_wake: int = -1
     # Set when the dispatcher left it out for lack of outbox room; the send loop wakes
     # the dispatcher when room frees up.
     throttled: bool = False

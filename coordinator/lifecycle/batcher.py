@@ -1,9 +1,14 @@
 """Group commit: many concurrent callers, one transaction.
 
-Callers enqueue items and await their own result; a single flush loop takes everything
-queued (up to ``max_batch``) and hands it to one ``flush`` call, which writes it in one
-transaction. While a flush runs, new items pile up and go in the next one, so batches grow
-with load and a lone item waits for no timer.
+Callers enqueue items and await their own result; a flush takes everything queued (up
+to ``max_batch``) and hands it to one ``flush`` call, which writes it in one transaction.
+While a flush runs, new items pile up and go in the next one, so batches grow with load
+and a lone item waits for no timer. A flush starts from the enqueue that finds a slot
+free (or from the end of the flush before it), and takes its batch when it first runs, so
+the items enqueued in the same turn of the event loop share it: one hop of the loop from
+an item to its flush, where a flush loop woken by an event took two (each hop is a chance
+for a busy machine to deschedule the process, and a lone submit's pickup latency makes
+every hop of its path).
 
 A bad item fails only its own caller. Validation keeps what PostgreSQL would refuse out of
 a batch; should the store still refuse a whole flush, and the error proves the transaction
@@ -64,12 +69,13 @@ class Batcher(Generic[T, R]):
         self._max_pending = max_pending
         self._queue: deque[tuple[T, int, asyncio.Future[R]]] = deque()
         self._pending_weight = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._running = False
         # Flushes in flight at once: more than one overlaps one transaction's round trips
         # with the next batch's, at the price of no ordering between batches.
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._flushes: set[asyncio.Task[None]] = set()
+        # The flush started whose batch is not taken yet (it takes one when it runs).
+        self._unstarted: asyncio.Task[None] | None = None
         self.isolations = 0
         """Flushes the store refused, retried item by item."""
 
@@ -78,16 +84,18 @@ class Batcher(Generic[T, R]):
         return self._pending_weight
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self._name}")
+        self._running = True
+        self._start_flushes()
 
     async def stop(self) -> None:
         """Flushes what is queued, then stops."""
-        if self._task is None:
+        if not self._running:
             return
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
-        await asyncio.gather(*self._flushes, return_exceptions=True)
+        self._running = False
+        # Flushes in flight are not cancelled: a caller is never told "cancelled" about
+        # a transaction that may have committed.
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         while self._queue:
             await self._flush_batch(self._take_batch())
 
@@ -98,30 +106,42 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, weight, future))
         self._pending_weight += weight
-        self._wakeup.set()
+        self._start_flushes()
         return future
 
     async def submit(self, item: T, weight: int = 1) -> R:
         return await self.enqueue(item, weight)
 
-    async def _run(self) -> None:
-        # Flushes in flight are not cancelled with this loop: stop() waits for them, so a
-        # caller is never told "cancelled" about a transaction that may have committed.
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                await self._slots.acquire()
-                if not self._queue:
-                    self._slots.release()
-                    break
-                flush = asyncio.create_task(self._flush_batch(self._take_batch()))
-                self._flushes.add(flush)
-                flush.add_done_callback(self._flush_done)
+    def _start_flushes(self) -> None:
+        """Starts a flush for the queued items while a slot is free."""
+        if (
+            self._running
+            and self._queue
+            and self._unstarted is None
+            and len(self._flushes) < self._concurrency
+        ):
+            flush = asyncio.create_task(self._flush_next(), name=f"batcher-{self._name}")
+            self._unstarted = flush
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flush_done)
+
+    async def _flush_next(self) -> None:
+        # The batch is taken now, not when the flush was started: what was enqueued in
+        # the meantime (the same turn of the loop) goes in it too.
+        self._unstarted = None
+        if not self._queue:
+            return
+        batch = self._take_batch()
+        self._start_flushes()  # what did not fit in this batch, in the next slot free
+        await self._flush_batch(batch)
 
     def _flush_done(self, flush: asyncio.Task[None]) -> None:
         self._flushes.discard(flush)
-        self._slots.release()
+        if self._unstarted is flush:
+            self._unstarted = None  # cancelled before it ran
+        if not flush.cancelled():
+            # (Cancelled: the loop is being torn down; a new flush would outlive it.)
+            self._start_flushes()
 
     def _take_batch(self) -> list[tuple[T, int, asyncio.Future[R]]]:
         batch: list[tuple[T, int, asyncio.Future[R]]] = []

@@ -273,6 +273,8 @@ class Dispatcher(Service):
         """Where assignments that cannot be sent go back (the process's one Leases)."""
         self.dispatched = 0
         self._wake_soon = False
+        self._wakes = 0
+        """Wake-ups so far: a claim notes the count it began under (``credit_returned``)."""
         deps.after_commit.listen(self._on_transitions)
         # A concurrency slot frees on every transition out of RUNNING (the seam).
         policy.keys.wake = self.wake
@@ -296,6 +298,26 @@ class Dispatcher(Service):
         self._wake_soon = False
         self.wake()
 
+    def wake(self) -> None:
+        self._wakes += 1
+        super().wake()
+
+    def credit_returned(self, session: WorkerSession) -> None:
+        """A worker gave credit back: a round for it, unless nothing can be waiting.
+
+        Nothing can be waiting for it when its last claim came back short (``starving``)
+        and nothing woke the dispatcher since that claim began: every task that becomes
+        ready wakes it (the after-commit path, a follower's NOTIFY), and so does every
+        rule that lets a held task go (a concurrency slot, a breaker, a resumed queue).
+        At light load this is every task: a finished task's credit woke a round of
+        claims that found nothing, a PostgreSQL round trip per worker, and held the
+        workers' credit meanwhile, so that a submit arriving then was not handed off but
+        waited for the next round. The poll stays the backstop.
+        """
+        if session.starving and session.claimed_at_wake == self._wakes:
+            return
+        self.wake()
+
     def start(self) -> None:
         if not self.running:
             # A new term: the rate limits' buckets start empty (dispatch/rate_limits.py).
@@ -317,6 +339,7 @@ class Dispatcher(Service):
         more = False
         limits = self.policy.limits
         stopped: asyncio.CancelledError | None = None
+        wakes = self._wakes
         async with self.deps.db.autocommit() as conn:
             if self.policy.stale():
                 await self.policy.refresh(conn)
@@ -345,6 +368,7 @@ class Dispatcher(Service):
                 full = self.policy.filled(claim, rows)
                 # Nothing more waiting for it: a fresh submit may be handed to it directly.
                 session.starving = not full
+                session.claimed_at_wake = wakes
                 if rows:
                     more = more or full
                     metrics.record_flush("claim", len(rows), time.perf_counter() - started)

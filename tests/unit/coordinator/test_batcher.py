@@ -86,3 +86,52 @@ async def test_weights_bound_a_batch_and_the_queue() -> None:
     finally:
         await batcher.stop()
     assert all(len(b) <= 2 for b in store.batches)
+
+
+async def test_a_lone_item_is_flushed_on_the_next_turn_of_the_loop() -> None:
+    # Every turn of the loop on a lone submit's path is pickup latency (issue 19): the
+    # flush starts from the enqueue, not from a flush loop woken by it (two turns).
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=100, max_pending=1000)
+    batcher.start()
+    try:
+        future = batcher.enqueue("a")
+        batcher.enqueue("b")  # the same turn: the same flush
+        await asyncio.sleep(0)
+        assert store.batches == [["a", "b"]]
+        assert await future == "A"
+    finally:
+        await batcher.stop()
+
+
+async def test_flushes_run_side_by_side_up_to_the_concurrency() -> None:
+    release, two_in_flight = asyncio.Event(), asyncio.Event()
+    batches: list[list[str]] = []
+
+    async def slow(items: Sequence[str]) -> list[str | BaseException]:
+        batches.append(list(items))
+        if len(batches) == 2:
+            two_in_flight.set()
+        await release.wait()
+        return [item.upper() for item in items]
+
+    batcher: Batcher[str, str] = Batcher("t", slow, max_batch=2, max_pending=100, concurrency=2)
+    batcher.start()
+    try:
+        futures = [batcher.enqueue(f"i{n}") for n in range(5)]
+        await two_in_flight.wait()
+        assert batches == [["i0", "i1"], ["i2", "i3"]]  # two in flight, the fifth waits
+        release.set()
+        assert await asyncio.gather(*futures) == [f"I{n}" for n in range(5)]
+        assert batches[2:] == [["i4"]]
+    finally:
+        await batcher.stop()
+
+
+async def test_stop_flushes_what_is_queued() -> None:
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher("t", store.flush, max_batch=1, max_pending=100)
+    futures = [batcher.enqueue(f"i{n}") for n in range(3)]  # before start: nothing runs
+    batcher.start()
+    await batcher.stop()
+    assert [f.result() for f in futures] == ["I0", "I1", "I2"]

@@ -173,3 +173,51 @@ async def test_a_step_stopped_during_its_claim_delivers_what_the_claim_leased(de
     assert _queued(session) == 3
     assert session.credit == 2
     assert await _running(deps) == {"w": 3}
+
+
+async def test_credit_back_wakes_a_round_only_when_something_may_be_waiting(deps: Deps) -> None:
+    # At light load every finished task gives its credit back: a round of claims that
+    # finds nothing costs a PostgreSQL round trip per worker and holds the workers'
+    # credit, so that a submit arriving meanwhile is not handed off (issue 19).
+    await _insert(deps, 2)
+    session = _session("w", 10)
+    deps.sessions.reserve(session)
+    deps.sessions.activate(session)
+    dispatcher = Dispatcher(
+        deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20), Leases(deps)
+    )
+    woken = dispatcher._wakeup
+    dispatcher.credit_returned(session)  # never claimed for: a round
+    assert woken.is_set()
+    woken.clear()
+    await dispatcher.step()
+    assert session.starving  # the claim came back short: nothing else waits
+    dispatcher.credit_returned(session)
+    assert not woken.is_set()
+    # Anything that wakes the dispatcher (a task made ready, a rule letting one go) may
+    # have left work for this session: its next credit wakes a round again.
+    dispatcher.wake()
+    woken.clear()
+    dispatcher.credit_returned(session)
+    assert woken.is_set()
+    woken.clear()
+    await _insert(deps, 3)
+    await dispatcher.step()  # short again: quiet again
+    dispatcher.credit_returned(session)
+    assert not woken.is_set()
+
+
+async def test_credit_back_after_a_full_claim_wakes_a_round(deps: Deps) -> None:
+    await _insert(deps, 5)
+    session = _session("w", 2)
+    deps.sessions.reserve(session)
+    deps.sessions.activate(session)
+    dispatcher = Dispatcher(
+        deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20), Leases(deps)
+    )
+    await dispatcher.step()
+    assert not session.starving  # full: more may be waiting
+    session.credit += 2
+    dispatcher._wakeup.clear()
+    dispatcher.credit_returned(session)
+    assert dispatcher._wakeup.is_set()
