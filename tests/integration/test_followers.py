@@ -31,6 +31,7 @@ from conveyor.v1 import (
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
+    worker_service_pb2,
 )
 
 PENDING = task_pb2.TASK_STATE_PENDING
@@ -237,6 +238,110 @@ async def test_a_follower_applies_keys_validation_quotas_and_idempotency(
         assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_follower_lists_queues_from_postgresql_and_says_it_left_out_the_workers(
+    database_dsn: str,
+) -> None:
+    # Breakers open after 2 failures in 2 attempts and stay open: the leader's memory,
+    # which it writes to circuit_breakers; the follower reads that table.
+    async with coordinator_pair(
+        database_dsn,
+        authentication=False,
+        breaker_failure_rate=0.5,
+        breaker_min_requests=2,
+        breaker_cooldown=600.0,
+    ) as (follower, leader, _):
+        worker = RawWorker(leader.address)
+        try:
+            async with (
+                grpc.aio.insecure_channel(follower.address) as far,
+                grpc.aio.insecure_channel(leader.address) as near,
+            ):
+                on_follower = task_service_pb2_grpc.TaskServiceStub(far)
+                on_leader = task_service_pb2_grpc.TaskServiceStub(near)
+                await on_leader.PauseQueue(task_service_pb2.PauseQueueRequest(queue="held"))
+                await on_leader.SetRateLimit(
+                    task_service_pb2.SetRateLimitRequest(
+                        limit=task_pb2.RateLimit(type="echo", rate=1000.0)
+                    )
+                )
+                # Slots to spare after the failures, so the dispatcher keeps stepping (and
+                # writing its breakers) with a type the breaker leaves it.
+                await worker.connect("w-queues", credits=4, types=("flaky", "other"))
+                for _ in range(2):
+                    await submit(on_follower, "flaky")
+                await submit(on_follower, "echo")
+                await submit(on_follower, "echo", queue="held")
+                for assignment in await worker.assignments(2, timeout=10):
+                    await worker.report(
+                        assignment.lease, worker_service_pb2.TASK_OUTCOME_FAILED, error="down"
+                    )
+
+                async def breakers(stub: Any) -> list[tuple[str, int, float]]:
+                    reply = await stub.ListQueues(task_service_pb2.ListQueuesRequest())
+                    return [
+                        (b.type, b.state, b.opened_time.ToNanoseconds())
+                        for b in reply.circuit_breakers
+                    ]
+
+                opened = await eventually(
+                    lambda: breakers(on_leader), timeout=10, what="the leader's breaker"
+                )
+                assert [(t, s) for t, s, _ in opened] == [
+                    ("flaky", task_pb2.CIRCUIT_BREAKER_STATE_OPEN)
+                ]
+                # Written within a second of opening; then the follower shows the same.
+                await eventually(
+                    lambda: _equal(breakers(on_follower), opened),
+                    timeout=10,
+                    what="the breaker on the follower",
+                )
+
+                from_leader = await on_leader.ListQueues(task_service_pb2.ListQueuesRequest())
+                from_follower = await on_follower.ListQueues(task_service_pb2.ListQueuesRequest())
+                assert not from_leader.workers_omitted
+                assert from_follower.workers_omitted
+                near_queues = {q.name: q for q in from_leader.queues}
+                far_queues = {q.name: q for q in from_follower.queues}
+                assert near_queues["default"].workers == 1
+                assert far_queues["default"].workers == 0
+                # Everything else is PostgreSQL's, the same from both.
+                for queue in (near_queues["default"], near_queues["held"]):
+                    queue.workers = 0
+                assert near_queues == far_queues
+                assert far_queues["held"].paused and far_queues["held"].pending == 1
+                assert [(r.type, r.rate) for r in far_queues["default"].rate_limits] == [
+                    ("echo", 1000.0)
+                ]
+                # The workers only the leader knows: a follower sends the caller there.
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await on_follower.ListQueues(
+                        task_service_pb2.ListQueuesRequest(with_workers=True)
+                    )
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert error_details(refused.value).reason == "NOT_LEADER"
+                counted = await on_leader.ListQueues(
+                    task_service_pb2.ListQueuesRequest(with_workers=True)
+                )
+                assert {q.name: q.workers for q in counted.queues}["default"] == 1
+                # The other reads of PostgreSQL alone.
+                limits = await on_follower.ListRateLimits(task_service_pb2.ListRateLimitsRequest())
+                assert [(x.type, x.rate) for x in limits.limits] == [("echo", 1000.0)]
+                dead = await on_follower.ListDeadTasks(task_service_pb2.ListDeadTasksRequest())
+                assert (
+                    dead.tasks
+                    == (
+                        await on_leader.ListDeadTasks(task_service_pb2.ListDeadTasksRequest())
+                    ).tasks
+                )
+                await on_follower.ListDeadTaskGroups(task_service_pb2.ListDeadTaskGroupsRequest())
+        finally:
+            await worker.close()
+
+
+async def _equal(value: Any, expected: object) -> bool:
+    return bool(await value == expected)
+
+
 # -- separate processes: the leader SIGKILLed under a submit load -------------------------
 
 
@@ -275,3 +380,4 @@ async def test_no_submit_fails_while_the_leader_is_sigkilled(
     finally:
         for process in [*workers, *coordinators]:
             process.close()
+
