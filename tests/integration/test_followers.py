@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from cluster import Checker, CoordinatorProcess, LoadGenerator, WorkerProcess, wait_for_leader
@@ -24,6 +25,7 @@ from etcd_servers import EtcdServer
 from security import Key, Keys
 from testsupport import RawWorker, error_details, eventually, submit
 
+from conveyor.client import AsyncClient
 from conveyor.coordinator import Coordinator
 from conveyor.coordinator.lifecycle import watch_reader
 from conveyor.v1 import (
@@ -381,3 +383,60 @@ async def test_no_submit_fails_while_the_leader_is_sigkilled(
         for process in [*workers, *coordinators]:
             process.close()
 
+
+async def test_a_client_spreads_submits_and_reads_and_none_fails_while_the_leader_is_sigkilled(
+    database_dsn: str, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    coordinators = [
+        CoordinatorProcess(database_dsn, etcd_server.endpoints, log_dir=tmp_path, name=f"s{i}")
+        for i in range(3)
+    ]
+    try:
+        for coordinator in coordinators:
+            coordinator.start()
+        for coordinator in coordinators:
+            await coordinator.wait_serving()
+        first = await wait_for_leader(database_dsn)
+        addresses = [c.address for c in coordinators]
+        # The client's own failover only: any call that raises fails the test.
+        async with AsyncClient(addresses, timeout=30.0) as client:
+            answers = client._conn.answers
+            acknowledged: list[str] = []
+
+            async def traffic(calls: int) -> None:
+                for n in range(calls):
+                    task = await client.submit("echo", n)
+                    acknowledged.append(task.id)
+                    assert (await client.get(task.id)).id == task.id
+
+            await traffic(60)
+            # 120 calls taking turns over three connected coordinators (the first few
+            # went to the first while the others connected).
+            assert sorted(answers) == sorted(addresses)
+            assert min(answers.values()) >= 20, answers
+            before = dict(answers)
+            # A leader-only call still finds the leader, wherever the list starts.
+            counted = await client.queues()
+            assert client._conn.book.current == first["address"], counted
+            load = asyncio.create_task(traffic(150))
+            await eventually(lambda: len(acknowledged) >= 100 or load.done(), what="traffic")
+            leader = next(c for c in coordinators if c.address == first["address"])
+            leader.kill()
+            await wait_for_leader(database_dsn, newer_than=first["epoch"], timeout=30)
+            await asyncio.wait_for(load, 120)
+            # Both survivors kept answering after the kill.
+            after = {a: answers[a] - before.get(a, 0) for a in addresses}
+            survivors = [a for a in addresses if a != first["address"]]
+            assert all(after[a] >= 50 for a in survivors), after
+        # Every acknowledged submit is committed, once.
+        db = await asyncpg.connect(database_dsn)
+        try:
+            found = await db.fetchval(
+                "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[])", acknowledged
+            )
+        finally:
+            await db.close()
+        assert found == len(acknowledged) == len(set(acknowledged)) == 210
+    finally:
+        for process in coordinators:
+            process.close()
