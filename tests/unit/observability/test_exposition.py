@@ -70,6 +70,29 @@ def test_a_coordinators_page_is_prometheus_clients_byte_for_byte() -> None:
     assert exposition.generate() == generate_latest(m.registry)
 
 
+def test_a_batch_histogram_renders_its_own_text_and_again_only_what_changed() -> None:
+    r = CollectorRegistry()
+    b = BatchHistogram("wait_seconds", "Wait.", ("queue", "type"), buckets=(0.5, 5.0), registry=r)
+    exposition = Exposition(r)
+    assert exposition.generate() == generate_latest(r)  # no series yet: the head alone
+    odd = ('q"uoted', "new\nline \\")
+    b.observe(odd, 0.1)
+    b.observe_pairs([(("a", "t"), 10.0), (("a", "t"), 1.0)])
+    assert exposition.generate() == generate_latest(r)
+    kept = dict(b._texts)
+    b.observe(("a", "t"), 0.2)
+    page = exposition.generate()
+    assert page == generate_latest(r)
+    assert 'wait_seconds_count{queue="a",type="t"} 3.0' in page.decode()
+    # The series nobody observed kept its text; the other was rendered again.
+    assert b._texts[odd][2] is kept[odd][2]
+    assert b._texts[("a", "t")][2] is not kept[("a", "t")][2]
+    # Nothing observed since the last scrape: the whole family's text as it was.
+    assert b.exposition_text() is b.exposition_text()
+    b.observe_groups({("b", "t"): [0.7]})
+    assert exposition.generate() == generate_latest(r)
+
+
 def test_every_scrape_shows_the_values_of_its_moment() -> None:
     registry, gauge, counter = populated()
     exposition = Exposition(registry)
