@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterable
@@ -216,5 +217,34 @@ def test_the_server_serves_the_page_plain_gzipped_or_as_openmetrics() -> None:
         assert body.endswith(b"# EOF\n")
         _, body = get(server.url + "?name[]=plain")
         assert body == b"# HELP plain No labels.\n# TYPE plain gauge\nplain -2.0\n"
+    finally:
+        server.stop()
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_server_answers_what_is_not_a_scrape_and_keeps_serving() -> None:
+    registry, _, _ = populated()
+    server = MetricsServer(registry, "127.0.0.1:0")
+    server.start()
+    try:
+        assert _raw(server.port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.0 400 ")
+        refused = _raw(server.port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.0 405 ") and b"Allow: OPTIONS,GET" in refused
+        # A client that hangs up mid-request costs its own thread only.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+        page = _raw(server.port, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = page.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 OK")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert body == generate_latest(registry)
     finally:
         server.stop()
