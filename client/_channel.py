@@ -298,7 +298,7 @@ class Connection:
             idempotent=idempotent,
             deadline=self.deadline(),
             submit=submit,
-            spread=method_name(method) in SPREAD,
+            spread=self._spreads(method),
         )
         return result
 
@@ -327,7 +327,7 @@ class Connection:
             attempt,
             idempotent=True,
             deadline=self.deadline(),
-            spread=method_name(method) in SPREAD,
+            spread=self._spreads(method),
         )
         try:
             message = first
@@ -420,6 +420,10 @@ class Connection:
                 self.book.answered(address)
             self.answers[address] = self.answers.get(address, 0) + 1
             return result, address
+
+    def _spreads(self, method: StubMethod) -> bool:
+        """Whether a call of ``method`` is spread (never with one address: no cost then)."""
+        return len(self.addresses) > 1 and method_name(method) in SPREAD
 
     async def _attempt(
         self,
