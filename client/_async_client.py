@@ -434,8 +434,10 @@ class AsyncClient:
 
     async def queues(self) -> builtins.list[QueueStats]:
         """Returns every queue with its task counts by state."""
+        # The worker counts are the leader's memory: it answers this one (a follower
+        # would leave them out).
         response = await self._conn.unary(
-            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(), idempotent=True
+            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(with_workers=True), idempotent=True
         )
         return [QueueStats.from_proto(q) for q in response.queues]
 

@@ -19,6 +19,12 @@ follow the shared rules of :mod:`conveyor.transport._failover`):
   (backpressure: a submit waits its turn within the timeout instead of failing); for every
   call with ``retry_resource_exhausted=True``; never with ``False``.
 * Every other error is raised at once, converted by the error catalog.
+* Spreading: a call any coordinator answers alike (``SPREAD`` in
+  :mod:`conveyor.transport._routing`: submits and reads of PostgreSQL) starts at one of the
+  connected coordinators, the one with the fewest of this client's calls in flight, in
+  turn among equals; a stream stays on the one it opened on. Every other call starts at
+  the address that answered such a call last (usually the leader, after its redirect),
+  and spread calls do not move it. Failover is the same for both.
 * All retries of one call share its deadline: the client's ``timeout`` bounds the whole
   call. A wait the server asks for that would end past the deadline is not started: the
   error is raised at once. Without a deadline, answered retries stop after
@@ -31,7 +37,7 @@ import asyncio
 import dataclasses
 import enum
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -49,6 +55,7 @@ from conveyor.transport._errors import (
     error_from_rpc,
     parse_status,
 )
+from conveyor.transport._routing import SPREAD
 from conveyor.v1 import (
     admin_service_pb2_grpc,
     effects_service_pb2_grpc,
@@ -64,7 +71,7 @@ if TYPE_CHECKING:
     from conveyor.v1.task_type_service_pb2_grpc import TaskTypeServiceAsyncStub
     from conveyor.v1.webhook_service_pb2_grpc import WebhookServiceAsyncStub
 
-__all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide"]
+__all__ = ["Action", "Connection", "RetryRules", "Stubs", "decide", "method_name"]
 
 T = TypeVar("T")
 
@@ -101,6 +108,46 @@ class Stubs:
 
 StubMethod = Callable[[Stubs], Any]
 """Picks the method to call: ``lambda s: s.tasks.GetTask``."""
+
+
+class _Named:
+    """Stands in for a service stub: each attribute is the full name of that method."""
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, service: str) -> None:
+        self._prefix = f"/conveyor.v1.{service}/"
+
+    def __getattr__(self, name: str) -> str:
+        return self._prefix + name
+
+
+# Stubs whose methods are names: a StubMethod given these says which RPC it calls.
+_NAMES = Stubs(
+    *cast(
+        "tuple[Any, ...]",
+        (
+            _Named("TaskService"),
+            _Named("AdminService"),
+            _Named("LedgerService"),
+            _Named("LockService"),
+            _Named("WebhookService"),
+            _Named("TaskTypeService"),
+        ),
+    )
+)
+
+
+def method_name(method: StubMethod) -> str | None:
+    """The full name of the RPC ``method`` picks (``/conveyor.v1.TaskService/GetTask``);
+    None when it is not a plain pick of a stub's attribute."""
+    try:
+        name = method(_NAMES)
+    except Exception:
+        return None
+    return name if isinstance(name, str) else None
+
+
 AdminMethod = Callable[["AdminServiceAsyncStub"], Any]
 """Picks an AdminService method: ``lambda stub: stub.GetClusterStatus``."""
 
@@ -187,6 +234,11 @@ class Connection:
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, Stubs] = {}
         self._closed = False
+        # Spreading: this client's calls in flight per address, and whose turn it is.
+        self._in_flight: dict[str, int] = {}
+        self._turn = 0
+        #: Calls each address answered (spread or not), for benchmarks and tests.
+        self.answers: dict[str, int] = {}
 
     @property
     def addresses(self) -> list[str]:
@@ -242,7 +294,11 @@ class Connection:
             return await method(stubs)(request, timeout=remaining, metadata=self._metadata)
 
         result, _ = await self.call(
-            attempt, idempotent=idempotent, deadline=self.deadline(), submit=submit
+            attempt,
+            idempotent=idempotent,
+            deadline=self.deadline(),
+            submit=submit,
+            spread=self._spreads(method),
         )
         return result
 
@@ -267,7 +323,12 @@ class Connection:
                 raise
             return call, first
 
-        (call, first), address = await self.call(attempt, idempotent=True, deadline=self.deadline())
+        (call, first), address = await self.call(
+            attempt,
+            idempotent=True,
+            deadline=self.deadline(),
+            spread=self._spreads(method),
+        )
         try:
             message = first
             while message is not aio.EOF:
@@ -285,14 +346,17 @@ class Connection:
         idempotent: bool,
         deadline: float | None,
         submit: bool = False,
+        spread: bool = False,
     ) -> tuple[T, str]:
         """Runs ``attempt`` against the coordinators until it succeeds or may not retry.
 
         ``attempt`` gets the stubs of the address tried. Returns the result and the address
-        that produced it.
+        that produced it. ``spread``: any coordinator answers it alike (the module
+        docstring's rule).
         """
         loop = asyncio.get_running_loop()
-        address = self.book.current
+        spread = spread and len(self.addresses) > 1
+        address = self._pick() if spread else self.book.current
         redirects = 0
         retries = 0  # answered "not now" (store, unknown outcome, exhausted)
         failures = 0  # connection failures within this call, over all addresses
@@ -309,7 +373,7 @@ class Connection:
                 address = await self._after_failure(address, failures, last_error, deadline)
                 continue
             try:
-                result = await attempt(self.stubs(address), remaining)
+                result = await self._attempt(address, attempt, remaining)
             except TimeoutError:
                 # Raised by asyncio.wait_for around a stream's first read.
                 raise _deadline_error(last_error, address) from None
@@ -319,6 +383,9 @@ class Connection:
                 if action is Action.REDIRECT and redirects < self.rules.max_redirects:
                     assert isinstance(error, NotLeaderError)
                     redirects += 1
+                    # Only the leader answers it after all (an older coordinator, or a
+                    # request for what only the leader knows): where it lands is news.
+                    spread = False
                     address = self.book.redirect(error.leader_address, from_address=address)
                     delay = error.retry_after
                     if delay is None:
@@ -349,8 +416,50 @@ class Connection:
                 ):
                     error._append(_NOT_RESENT)
                 raise error from err
-            self.book.answered(address)
+            if not spread:
+                self.book.answered(address)
+            self.answers[address] = self.answers.get(address, 0) + 1
             return result, address
+
+    def _spreads(self, method: StubMethod) -> bool:
+        """Whether a call of ``method`` is spread (never with one address: no cost then)."""
+        return len(self.addresses) > 1 and method_name(method) in SPREAD
+
+    async def _attempt(
+        self,
+        address: str,
+        attempt: Callable[[Stubs, float | None], Awaitable[T]],
+        remaining: float | None,
+    ) -> T:
+        """One attempt at ``address``, counted in flight there while it runs."""
+        self._in_flight[address] = self._in_flight.get(address, 0) + 1
+        try:
+            return await attempt(self.stubs(address), remaining)
+        finally:
+            self._in_flight[address] -= 1
+
+    def _pick(self) -> str:
+        """Where a spread call starts: of the connected coordinators, the one with the
+        fewest of this client's calls in flight, taking turns among equals (sequential
+        calls go round the list). Asking every channel's state also starts connecting
+        those not connected yet or any more, so a restarted coordinator rejoins. None
+        connected (at the start, or all down): the usual address, and the failover
+        loop's connect and wait."""
+        addresses = self.addresses
+        count = len(addresses)
+        start = self._turn
+        self._turn = (start + 1) % count
+        best: str | None = None
+        least = 0
+        for i in range(count):
+            address = addresses[(start + i) % count]
+            state = self._channel(address).get_state(try_to_connect=True)
+            if state is not grpc.ChannelConnectivity.READY:
+                continue
+            load = self._in_flight.get(address, 0)
+            if best is None or load < least:
+                best, least = address, load
+        return self.book.current if best is None else best
 
     async def _after_failure(
         self, address: str, failures: int, error: RPCError, deadline: float | None

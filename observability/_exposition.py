@@ -13,24 +13,26 @@ value and that value's line, and each family's ``# HELP``/``# TYPE`` lines: a sc
 formats only the values that changed. Values are read afresh at every scrape (the page
 is never older than the request: nothing is cached but text), and the lines of series
 that are gone are dropped at the next scrape, so the memory follows the live series.
+
+A collector that renders its own text (``exposition_text()``: the
+:class:`~conveyor.observability._histogram.BatchHistogram`, whose series are most of a
+page's lines) is asked for it instead of ``collect()``: no Sample objects at all, and
+the text of a series that did not change since the last scrape is reused whole.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Iterator
 
-from prometheus_client.openmetrics import exposition as om
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from conveyor.observability._collectors import prefetch_sources
+from conveyor.observability._lines import family_head, format_value, line_prefix, sample_line
 
 __all__ = ["Exposition"]
-
-_format_value = cast(Callable[[float], str], floatToGoString)
 
 # Samples that prometheus_client's text format moves into a gauge family of their own,
 # after their family's samples.
@@ -68,20 +70,20 @@ class Exposition:
 
         def line(sample: Sample) -> str:
             if sample.timestamp is not None:
-                return _sample_line(sample)  # rare (none of Conveyor's): the slow way
+                return sample_line(sample)  # rare (none of Conveyor's): the slow way
             # Labels in the collector's order: the same series always gives the same
             # order, and the sorting is done once, when the prefix is made.
             key = (sample.name, tuple(sample.labels.items()))
             value = sample.value
             known = lines.get(key) or old_lines.get(key)
             if known is None:
-                prefix = _prefix(sample)
+                prefix = line_prefix(sample)
             elif known[1] == value and type(known[1]) is type(value):
                 lines[key] = known  # unchanged since the last scrape: its line as it was
                 return known[2]
             else:
                 prefix = known[0]
-            text = f"{prefix}{_format_value(value)}\n"
+            text = f"{prefix}{format_value(value)}\n"
             lines[key] = (prefix, value, text)
             return text
 
@@ -91,12 +93,12 @@ class Exposition:
             if found is None:
                 found = old_heads.get(key)
                 if found is None:
-                    found = _head(name, type_, doc)
+                    found = family_head(name, type_, doc)
                 heads[key] = found
             return found
 
         output: list[str] = []
-        for metric in self._registry.collect():
+        for metric in self._metrics(output):
             name, type_ = metric.name, metric.type
             if type_ == "counter":
                 family = name + "_total"
@@ -120,38 +122,17 @@ class Exposition:
             self._lines, self._heads = lines, heads
         return "".join(output).encode("utf-8")
 
-
-def _sample_line(sample: Sample) -> str:
-    """One sample line exactly as ``generate_latest`` writes it (its ``sample_line``,
-    with its default escaping: names not valid in the legacy charset get underscores)."""
-    if sample.labels:
-        labels = ",".join(
-            f'{om.escape_label_name(k, om.UNDERSCORES)}="{_escape_value(v)}"'
-            for k, v in sorted(sample.labels.items())
-        )
-        labels = "{" + labels + "}"
-    else:
-        labels = ""
-    timestamp = ""
-    if sample.timestamp is not None:
-        timestamp = f" {int(float(sample.timestamp) * 1000):d}"
-    name = om.escape_metric_name(sample.name, om.UNDERSCORES)
-    return f"{name}{labels} {_format_value(sample.value)}{timestamp}\n"
-
-
-def _escape_value(value: str) -> str:
-    """A label value, escaped as the text format wants (any UTF-8 allowed)."""
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _prefix(sample: Sample) -> str:
-    """``name{labels} `` of a sample line, as ``generate_latest`` writes it."""
-    return _sample_line(sample._replace(value=0.0, timestamp=None))[: -len("0.0\n")]
-
-
-def _head(name: str, type_: str, doc: str) -> str:
-    """The ``# HELP`` and ``# TYPE`` lines of a family, as ``generate_latest`` writes
-    them (the type already in the text format's words)."""
-    help_text = doc.replace("\\", r"\\").replace("\n", r"\n")
-    escaped = om.escape_metric_name(name, om.UNDERSCORES)
-    return f"# HELP {escaped} {help_text}\n# TYPE {escaped} {type_}\n"
+    def _metrics(self, output: list[str]) -> Iterator[Metric]:
+        """The registry's families, in its order, as ``collect`` gives them, except that
+        a collector that renders its own text (``exposition_text``, the
+        ``BatchHistogram``) appends it to ``output`` in its place."""
+        target_info = getattr(self._registry, "_target_info", None)
+        if not self._collectors or target_info:
+            yield from self._registry.collect()
+            return
+        for collector in list(self._collectors):
+            render = getattr(collector, "exposition_text", None)
+            if render is not None:
+                output.append(render())
+            else:
+                yield from collector.collect()

@@ -6,6 +6,13 @@ for every task of every batch, so that would be three locked calls per task on t
 path. Here a batch is bucketed with :func:`bisect.bisect_left` (in C) outside the lock and
 added under one lock acquisition; the exposition (cumulative buckets, ``_sum``,
 ``_count``) is the standard one, so dashboards cannot tell the difference.
+
+A scrape reads it as text (:meth:`BatchHistogram.exposition_text`, which the
+:class:`~conveyor.observability._exposition.Exposition` prefers to ``collect``): each
+series' lines are rendered from its arrays with their ``name{labels,le=...} `` prefixes
+made once, kept, and rendered again only when the series changed; a histogram observed
+by nobody since the last scrape gives its last text back at once. No Sample object is
+made for any of it.
 """
 
 from __future__ import annotations
@@ -18,12 +25,19 @@ from typing import cast
 
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from conveyor.observability._lines import family_head, line_prefix
 
 __all__ = ["BatchHistogram"]
 
 # The client library's own formatting of bucket bounds (untyped there).
 _format_bound = cast(Callable[[float], str], floatToGoString)
+
+
+_Text = tuple[list[int], float, str]
+"""A series' counts and sum when its text was rendered, and the text."""
 
 
 class _Series:
@@ -61,11 +75,28 @@ class BatchHistogram(Collector):
         self._les = [_format_bound(b) for b in bounds] + ["+Inf"]
         self._series: dict[tuple[str, ...], _Series] = {}
         self._lock = threading.Lock()
+        # Bumped under the lock by every observation: the text needs rendering again.
+        self._changes = 0
+        # The exposition's state, under its own lock (scrapes may overlap).
+        self._text_lock = threading.Lock()
+        self._rendered_at = -1
+        self._page = ""
+        self._texts: dict[tuple[str, ...], _Text] = {}
+        self._prefixes: dict[tuple[str, ...], tuple[list[str], str, str]] = {}
+        self._head = family_head(name, "histogram", documentation)
         registry.register(self)
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
-        """One observation (for per-batch values such as a flush time)."""
-        self.observe_many(labels, (value,))
+        """One observation (a per-batch value such as a flush time, a call's duration)."""
+        index = bisect_left(self._bounds, value)
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                self._check_labels(labels)
+                series = self._series[labels] = _Series(len(self._bounds) + 1)
+            series.counts[index] += 1
+            series.sum += value
+            self._changes += 1
 
     def observe_many(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
         """Observations that share one label set, under one lock."""
@@ -83,6 +114,7 @@ class BatchHistogram(Collector):
         size = len(bounds) + 1
         series_of = self._series
         with self._lock:
+            self._changes += 1
             for labels, value in pairs:
                 series = series_of.get(labels)
                 if series is None:
@@ -110,6 +142,7 @@ class BatchHistogram(Collector):
             return
         size = len(bounds) + 1
         with self._lock:
+            self._changes += 1
             for labels, indexes, total in prepared:
                 series = self._series.get(labels)
                 if series is None:
@@ -134,3 +167,47 @@ class BatchHistogram(Collector):
                 buckets.append((le, float(cumulative)))
             family.add_metric(list(labels), buckets, total)
         yield family
+
+    def exposition_text(self) -> str:
+        """The family's text exposition (format 0.0.4), byte for byte what
+        ``generate_latest`` writes of :meth:`collect`'s family."""
+        with self._text_lock:
+            with self._lock:
+                changes = self._changes
+                if changes == self._rendered_at:
+                    return self._page
+                snapshot = [(labels, list(s.counts), s.sum) for labels, s in self._series.items()]
+            old, texts = self._texts, {}
+            parts = [self._head]
+            for labels, counts, total in sorted(snapshot):
+                known = old.get(labels)
+                if known is None or known[1] != total or known[0] != counts:
+                    known = (counts, total, self._render(labels, counts, total))
+                texts[labels] = known
+                parts.append(known[2])
+            self._texts, self._rendered_at = texts, changes
+            self._page = "".join(parts)
+            return self._page
+
+    def _render(self, labels: tuple[str, ...], counts: list[int], total: float) -> str:
+        prefixes = self._prefixes.get(labels)
+        if prefixes is None:
+            named = dict(zip(self.labelnames, labels, strict=True))
+            buckets = [
+                line_prefix(Sample(f"{self.name}_bucket", {**named, "le": le}, 0.0))
+                for le in self._les
+            ]
+            count = line_prefix(Sample(f"{self.name}_count", named, 0.0))
+            sum_ = line_prefix(Sample(f"{self.name}_sum", named, 0.0))
+            prefixes = self._prefixes[labels] = (buckets, count, sum_)
+        buckets, count, sum_ = prefixes
+        cumulative = 0
+        out: list[str] = []
+        for prefix, n in zip(buckets, counts, strict=True):
+            cumulative += n
+            out.append(f"{prefix}{_format_bound(float(cumulative))}\n")
+        # As HistogramMetricFamily: no _count and _sum when a bucket bound is negative.
+        if self._bounds[0] >= 0:
+            out.append(f"{count}{_format_bound(float(cumulative))}\n")
+            out.append(f"{sum_}{_format_bound(total)}\n")
+        return "".join(out)

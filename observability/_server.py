@@ -1,22 +1,30 @@
 """The HTTP endpoint Prometheus scrapes (``--metrics-listen HOST:PORT``).
 
-prometheus_client's WSGI server, in daemon threads off the event loop: a scrape's work
+A small HTTP/1.0 server, a daemon thread per request off the event loop: a scrape's work
 (collecting, formatting, the queue depth query waiting on the loop) never runs on the
 loop that serves gRPC. It serves ``/metrics`` (any path, like prometheus_client), with
 OpenMetrics and gzip when the scraper asks for them. The usual text format is built by
 :class:`~conveyor.observability._exposition.Exposition` (the same bytes as
-prometheus_client's, a fraction of the CPU); the rest by prometheus_client's own app.
+prometheus_client's, a fraction of the CPU); the rest by prometheus_client's own WSGI app.
+
+The server is not wsgiref's (which prometheus_client's ``start_wsgi_server`` uses): that
+one copies the process environment into every request's environ, parses headers with
+the email package and writes the response in pieces, some 0.65 ms of CPU a scrape, more
+than a worker's whole page costs to build (docs/performance.md, "Issue 19: replicas and
+scrapes"). This one reads the request line and headers, calls the same WSGI app with the
+few environ keys it and prometheus_client's app read, and writes the answer in one send.
 """
 
 from __future__ import annotations
 
 import gzip
 import ipaddress
+import logging
+import socketserver
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIServer, make_server
+from urllib.parse import parse_qs, unquote
 
 from prometheus_client import exposition as pe
 from prometheus_client.registry import CollectorRegistry
@@ -27,6 +35,14 @@ _StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 _App = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
 
 __all__ = ["MetricsServer", "parse_listen"]
+
+_log = logging.getLogger("conveyor.observability.metrics")
+
+_MAX_LINE = 8192
+"""The longest request or header line read (longer: 400)."""
+_MAX_HEADERS = 100
+_READ_TIMEOUT = 10.0
+"""Seconds a client may take to send its request: a slow one holds only its own thread."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -68,7 +84,7 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, listen: str) -> None:
         self._registry = registry
         self._host, self._port = parse_listen(listen)
-        self._server: WSGIServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -84,7 +100,7 @@ class MetricsServer:
         thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
         thread.start()
         self._server, self._thread = server, thread
-        self._port = server.server_port
+        self._port = int(server.server_address[1])
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stops serving and closes the socket; waits up to ``timeout`` for the thread.
@@ -147,11 +163,93 @@ def metrics_app(registry: CollectorRegistry) -> _App:
     return app
 
 
-def _serve(host: str, port: int, app: _App) -> WSGIServer:
-    """prometheus_client's ``start_wsgi_server`` without TLS, serving ``app``."""
+class _Server(socketserver.ThreadingTCPServer):
+    """A thread per request, never joined (daemon threads: a stuck scraper cannot hold up
+    the process's exit), the address reusable at once after a restart."""
 
-    class Server(pe.ThreadingWSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: _App) -> None:
+        self.app = app
+        super().__init__(address, _Handler)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One exchange: the request read, the app's answer written, the connection closed
+    (HTTP/1.0, as wsgiref's server answers)."""
+
+    timeout = _READ_TIMEOUT
+
+    def handle(self) -> None:
+        try:
+            environ = self._read()
+        except (OSError, UnicodeDecodeError):
+            return  # the client went away or timed out: nobody to answer
+        if environ is None:
+            self._send("400 Bad Request", [], b"# HTTP 400: a malformed request\n")
+            return
+        answer: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: object = None
+        ) -> None:
+            answer[:] = [status, headers]
+
+        app = self.server.app  # type: ignore[attr-defined]
+        try:
+            body = b"".join(app(environ, start_response))
+        except Exception:
+            _log.exception("the metrics page could not be built")
+            self._send("500 Internal Server Error", [], b"# HTTP 500: see the process log\n")
+            return
+        status, headers = answer
+        self._send(status, headers, body)
+
+    def _read(self) -> dict[str, Any] | None:
+        """The request as the WSGI environ keys the apps read; None when malformed."""
+        line = self.rfile.readline(_MAX_LINE + 1)
+        parts = line.decode("latin-1").split()
+        if len(line) > _MAX_LINE or len(parts) != 3:
+            return None
+        method, target, protocol = parts
+        headers: dict[str, str] = {}
+        for _ in range(_MAX_HEADERS):
+            raw = self.rfile.readline(_MAX_LINE + 1)
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            if len(raw) > _MAX_LINE:
+                return None
+            name, _, value = raw.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        else:
+            return None
+        path, _, query = target.partition("?")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": unquote(path),
+            "QUERY_STRING": query,
+            "SERVER_PROTOCOL": protocol,
+        }
+        for name, key in (("accept", "HTTP_ACCEPT"), ("accept-encoding", "HTTP_ACCEPT_ENCODING")):
+            if name in headers:
+                environ[key] = headers[name]
+        return environ
+
+    def _send(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        self.wfile.write(
+            f"HTTP/1.0 {status}\r\n{head}Content-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n".encode("latin-1")
+            + body
+        )
+
+
+def _serve(host: str, port: int, app: _App) -> _Server:
+    """A server for ``app`` on the best address family for ``host``."""
+
+    class Server(_Server):
         """A class per server: the address family is set on the class."""
 
     Server.address_family, addr = pe._get_best_family(host, port)  # type: ignore[no-untyped-call]
-    return make_server(addr, port, app, Server, handler_class=pe._SilentHandler)
+    return Server((addr, port), app)

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
-from prometheus_client import Histogram
+
+from conveyor.observability._histogram import BatchHistogram
 
 __all__ = ["MetricsInterceptor"]
 
@@ -43,13 +44,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     time includes the others (authentication, tenant resolution).
     """
 
-    def __init__(self, histogram: Histogram) -> None:
+    def __init__(self, histogram: BatchHistogram) -> None:
         self._histogram = histogram
         # gRPC looks the handler up for every call; each method is wrapped once and the
         # wrapper reused while the inner handler is the same object.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
-        # Histogram.labels() validates and locks per call: children are looked up here.
-        self._children: dict[tuple[str, str, str], Any] = {}
 
     async def intercept_service(
         self,
@@ -70,7 +69,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: Any, full_method: str) -> Any:
         _, _, full = full_method.partition("/")
         service, _, method = full.partition("/")
-        histogram, children = self._histogram, self._children
+        histogram = self._histogram
 
         def record(
             context: grpc.aio.ServicerContext[Any, Any], start: float, failed: BaseException | None
@@ -78,11 +77,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = _code_name(context, failed)
             if failed is not None and code == "OK":
                 code = "UNKNOWN"
-            key = (service, method, code)
-            child = children.get(key)
-            if child is None:
-                child = children[key] = histogram.labels(*key)
-            child.observe(time.perf_counter() - start)
+            histogram.observe((service, method, code), time.perf_counter() - start)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -1,8 +1,10 @@
 """Queue operations, the operator's half of ``TaskService``: pause and resume a queue, and
 the dead-letter tools (list, group, bulk redrive, delete).
 
-``TaskServicer`` delegates PauseQueue, ResumeQueue, ListDeadTasks, ListDeadTaskGroups,
-RetryTasks and DeleteTasks here. Every call acts for the caller's tenant only (the
+``TaskServicer`` delegates ListQueues, PauseQueue, ResumeQueue, ListDeadTasks,
+ListDeadTaskGroups, RetryTasks and DeleteTasks here. Any coordinator answers ListQueues
+and the dead-letter lists from PostgreSQL; what only the leader's memory holds is said per
+field in :meth:`QueueOps.list_queues`. Every call acts for the caller's tenant only (the
 request context's), like the rest of TaskService. A redrive is a state change, so it
 takes the one seam: a ``store.tasks`` statement with the transitions tail, published as
 ``Cause.REDRIVEN``. A bulk call by filter works in statements of :data:`BATCH` tasks, each
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages
+from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
 from conveyor.coordinator.api.validation import (
     MAX_BATCH,
     MAX_PAGE_SIZE,
@@ -29,9 +32,11 @@ from conveyor.coordinator.api.validation import (
 )
 from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.errors import FieldViolation, InvalidArgument
+from conveyor.coordinator.dispatch.breakers import Breakers, State
+from conveyor.coordinator.errors import FieldViolation, InvalidArgument, NotLeader
 from conveyor.coordinator.ids import parse_task_id
 from conveyor.coordinator.lifecycle.transitions import Cause
+from conveyor.coordinator.store import breakers as breaker_store
 from conveyor.coordinator.store import queues as queue_store
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.tasks import DeadFilter
@@ -46,6 +51,13 @@ DEFAULT_MAX_TASKS = 10_000
 MAX_MAX_TASKS = 100_000
 SETTLE_TIMEOUT = 2.0
 """Longest PauseQueue waits for a dispatch round under way to end."""
+
+# By State or by the number it is stored as (an IntEnum hashes as its int).
+_BREAKER_STATES: dict[int, task_pb2.CircuitBreakerState.ValueType] = {
+    State.CLOSED: task_pb2.CIRCUIT_BREAKER_STATE_CLOSED,
+    State.HALF_OPEN: task_pb2.CIRCUIT_BREAKER_STATE_HALF_OPEN,
+    State.OPEN: task_pb2.CIRCUIT_BREAKER_STATE_OPEN,
+}
 
 _RETRY_STATES = frozenset(store.REDRIVABLE)
 _FINISHED_STATES = frozenset(store.TERMINAL)
@@ -205,13 +217,68 @@ class QueueOps:
             async with asyncio.timeout(SETTLE_TIMEOUT):
                 await dispatcher.wait_until(lambda d: d.steps > done)
 
-    async def queue_stats(self, tenant: str) -> list[task_pb2.QueueStats]:
-        """The tenant's queues (those with tasks, paused ones, and those its workers serve),
-        by name."""
+    # -- ListQueues ---------------------------------------------------------------------
+
+    async def list_queues(
+        self,
+        request: task_service_pb2.ListQueuesRequest,
+        rate_limits: RateLimitService,
+        breakers: Breakers,
+    ) -> task_service_pb2.ListQueuesResponse:
+        """ListQueues, on any coordinator. Per field: the counts, the oldest pending task,
+        pauses and rate limits (their tokens as the leader last wrote them back) are read
+        from PostgreSQL; circuit breakers from the leader's memory on the leader and from
+        the table it writes them to once a second elsewhere; the workers only on the
+        leader (``with_workers`` sends the call there, NOT_LEADER from a follower), and a
+        follower's answer says it left them out (``workers_omitted``)."""
+        office = self._deps.office
+        leader = office.is_leader()
+        if request.with_workers and not leader:
+            raise NotLeader(office.leader_address())
+        tenant = context.current().tenant
+        queues = await self.queue_stats(tenant, with_workers=leader)
+        limits = await rate_limits.of_tenant()
+        if limits:
+            for queue in queues:
+                queue.rate_limits.extend(of_queue(limits, queue.name))
+        if leader:
+            shown = [
+                task_pb2.CircuitBreaker(
+                    type=b.type,
+                    state=_BREAKER_STATES[b.state],
+                    opened_time=convert.maybe_timestamp(b.opened_wall),
+                )
+                for b in breakers.of_tenant(tenant)
+            ]
+        elif breakers.enabled:
+            async with self._deps.db.read() as conn:
+                rows = await breaker_store.of_tenant(conn, tenant)
+            shown = [
+                task_pb2.CircuitBreaker(
+                    type=r["type"],
+                    state=_BREAKER_STATES.get(
+                        r["state"], task_pb2.CIRCUIT_BREAKER_STATE_UNSPECIFIED
+                    ),
+                    opened_time=convert.maybe_timestamp(r["opened_time"]),
+                )
+                for r in rows
+            ]
+        else:
+            shown = []
+        return task_service_pb2.ListQueuesResponse(
+            queues=queues, circuit_breakers=shown, workers_omitted=not leader
+        )
+
+    async def queue_stats(
+        self, tenant: str, *, with_workers: bool = True
+    ) -> list[task_pb2.QueueStats]:
+        """The tenant's queues (those with tasks, paused ones, and, ``with_workers``, those
+        its workers serve), by name. Without ``with_workers`` (a follower: the sessions
+        are the leader's) every ``workers`` is 0."""
         async with self._deps.db.read() as conn:
             rows = await store.queue_stats(conn, tenant)
             paused = await queue_store.paused_of(conn, tenant)
-        sessions = list(self._deps.sessions)
+        sessions = list(self._deps.sessions) if with_workers else []
 
         def workers(queue: str) -> int:
             return sum(1 for s in sessions if dispatch_policy.takes_from(s, tenant, queue))

@@ -20,11 +20,10 @@ import grpc
 from conveyor.coordinator import convert
 from conveyor.coordinator.api import context, pages, validation, watch_tasks
 from conveyor.coordinator.api.queue_ops import QueueOps
-from conveyor.coordinator.api.rate_limits import RateLimitService, of_queue
+from conveyor.coordinator.api.rate_limits import RateLimitService
 from conveyor.coordinator.api.schedule_service import ScheduleService
 from conveyor.coordinator.api.workers import worker_infos
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.dispatch import breakers as breaker
 from conveyor.coordinator.dispatch import policy as dispatch_policy
 from conveyor.coordinator.dispatch.breakers import Breakers
 from conveyor.coordinator.errors import EtagMismatch, InvalidState, TaskNotFound
@@ -47,12 +46,6 @@ from conveyor.v1 import (
 )
 
 _WAITING = frozenset({store.PENDING, store.SCHEDULED})
-_BREAKER_STATES = {
-    breaker.State.CLOSED: task_pb2.CIRCUIT_BREAKER_STATE_CLOSED,
-    breaker.State.HALF_OPEN: task_pb2.CIRCUIT_BREAKER_STATE_HALF_OPEN,
-    breaker.State.OPEN: task_pb2.CIRCUIT_BREAKER_STATE_OPEN,
-}
-
 Context = grpc.aio.ServicerContext[Any, Any]
 TaskWrite = Callable[
     [asyncpg.Connection, str, uuid.UUID, Fence], Awaitable[Sequence[asyncpg.Record]]
@@ -175,23 +168,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     async def ListQueues(
         self, request: task_service_pb2.ListQueuesRequest, context_: Context
     ) -> task_service_pb2.ListQueuesResponse:
-        tenant = context.current().tenant
-        queues = await self._queue_ops.queue_stats(tenant)
-        limits = await self._rate_limits.of_tenant()
-        if limits:
-            for queue in queues:
-                queue.rate_limits.extend(of_queue(limits, queue.name))
-        return task_service_pb2.ListQueuesResponse(
-            queues=queues,
-            circuit_breakers=[
-                task_pb2.CircuitBreaker(
-                    type=b.type,
-                    state=_BREAKER_STATES[b.state],
-                    opened_time=convert.maybe_timestamp(b.opened_wall),
-                )
-                for b in self._breakers.of_tenant(tenant)
-            ],
-        )
+        return await self._queue_ops.list_queues(request, self._rate_limits, self._breakers)
 
     # -- rate limits (api/rate_limits.py) ------------------------------------------------------
 

@@ -19,6 +19,18 @@ async def load_all(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return await _ALL.fetch(conn)
 
 
+_OF_TENANT = Query(
+    "circuit_breakers_of_tenant",
+    "SELECT type, state, opened_time FROM circuit_breakers WHERE tenant = :tenant ORDER BY type",
+)
+
+
+async def of_tenant(conn: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
+    """The tenant's breakers that are not closed, as the leader last wrote them, by type
+    (ListQueues on a follower)."""
+    return await _OF_TENANT.fetch(conn, tenant=tenant)
+
+
 # Closed (state 0) breakers are deleted, the others written.
 _SAVE = Query(
     "save_circuit_breakers",

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from cluster import Checker, CoordinatorProcess, LoadGenerator, WorkerProcess, wait_for_leader
@@ -24,6 +25,7 @@ from etcd_servers import EtcdServer
 from security import Key, Keys
 from testsupport import RawWorker, error_details, eventually, submit
 
+from conveyor.client import AsyncClient
 from conveyor.coordinator import Coordinator
 from conveyor.coordinator.lifecycle import watch_reader
 from conveyor.v1 import (
@@ -31,6 +33,7 @@ from conveyor.v1 import (
     task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
+    worker_service_pb2,
 )
 
 PENDING = task_pb2.TASK_STATE_PENDING
@@ -237,6 +240,110 @@ async def test_a_follower_applies_keys_validation_quotas_and_idempotency(
         assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_follower_lists_queues_from_postgresql_and_says_it_left_out_the_workers(
+    database_dsn: str,
+) -> None:
+    # Breakers open after 2 failures in 2 attempts and stay open: the leader's memory,
+    # which it writes to circuit_breakers; the follower reads that table.
+    async with coordinator_pair(
+        database_dsn,
+        authentication=False,
+        breaker_failure_rate=0.5,
+        breaker_min_requests=2,
+        breaker_cooldown=600.0,
+    ) as (follower, leader, _):
+        worker = RawWorker(leader.address)
+        try:
+            async with (
+                grpc.aio.insecure_channel(follower.address) as far,
+                grpc.aio.insecure_channel(leader.address) as near,
+            ):
+                on_follower = task_service_pb2_grpc.TaskServiceStub(far)
+                on_leader = task_service_pb2_grpc.TaskServiceStub(near)
+                await on_leader.PauseQueue(task_service_pb2.PauseQueueRequest(queue="held"))
+                await on_leader.SetRateLimit(
+                    task_service_pb2.SetRateLimitRequest(
+                        limit=task_pb2.RateLimit(type="echo", rate=1000.0)
+                    )
+                )
+                # Slots to spare after the failures, so the dispatcher keeps stepping (and
+                # writing its breakers) with a type the breaker leaves it.
+                await worker.connect("w-queues", credits=4, types=("flaky", "other"))
+                for _ in range(2):
+                    await submit(on_follower, "flaky")
+                await submit(on_follower, "echo")
+                await submit(on_follower, "echo", queue="held")
+                for assignment in await worker.assignments(2, timeout=10):
+                    await worker.report(
+                        assignment.lease, worker_service_pb2.TASK_OUTCOME_FAILED, error="down"
+                    )
+
+                async def breakers(stub: Any) -> list[tuple[str, int, float]]:
+                    reply = await stub.ListQueues(task_service_pb2.ListQueuesRequest())
+                    return [
+                        (b.type, b.state, b.opened_time.ToNanoseconds())
+                        for b in reply.circuit_breakers
+                    ]
+
+                opened = await eventually(
+                    lambda: breakers(on_leader), timeout=10, what="the leader's breaker"
+                )
+                assert [(t, s) for t, s, _ in opened] == [
+                    ("flaky", task_pb2.CIRCUIT_BREAKER_STATE_OPEN)
+                ]
+                # Written within a second of opening; then the follower shows the same.
+                await eventually(
+                    lambda: _equal(breakers(on_follower), opened),
+                    timeout=10,
+                    what="the breaker on the follower",
+                )
+
+                from_leader = await on_leader.ListQueues(task_service_pb2.ListQueuesRequest())
+                from_follower = await on_follower.ListQueues(task_service_pb2.ListQueuesRequest())
+                assert not from_leader.workers_omitted
+                assert from_follower.workers_omitted
+                near_queues = {q.name: q for q in from_leader.queues}
+                far_queues = {q.name: q for q in from_follower.queues}
+                assert near_queues["default"].workers == 1
+                assert far_queues["default"].workers == 0
+                # Everything else is PostgreSQL's, the same from both.
+                for queue in (near_queues["default"], near_queues["held"]):
+                    queue.workers = 0
+                assert near_queues == far_queues
+                assert far_queues["held"].paused and far_queues["held"].pending == 1
+                assert [(r.type, r.rate) for r in far_queues["default"].rate_limits] == [
+                    ("echo", 1000.0)
+                ]
+                # The workers only the leader knows: a follower sends the caller there.
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await on_follower.ListQueues(
+                        task_service_pb2.ListQueuesRequest(with_workers=True)
+                    )
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert error_details(refused.value).reason == "NOT_LEADER"
+                counted = await on_leader.ListQueues(
+                    task_service_pb2.ListQueuesRequest(with_workers=True)
+                )
+                assert {q.name: q.workers for q in counted.queues}["default"] == 1
+                # The other reads of PostgreSQL alone.
+                limits = await on_follower.ListRateLimits(task_service_pb2.ListRateLimitsRequest())
+                assert [(x.type, x.rate) for x in limits.limits] == [("echo", 1000.0)]
+                dead = await on_follower.ListDeadTasks(task_service_pb2.ListDeadTasksRequest())
+                assert (
+                    dead.tasks
+                    == (
+                        await on_leader.ListDeadTasks(task_service_pb2.ListDeadTasksRequest())
+                    ).tasks
+                )
+                await on_follower.ListDeadTaskGroups(task_service_pb2.ListDeadTaskGroupsRequest())
+        finally:
+            await worker.close()
+
+
+async def _equal(value: Any, expected: object) -> bool:
+    return bool(await value == expected)
+
+
 # -- separate processes: the leader SIGKILLed under a submit load -------------------------
 
 
@@ -274,4 +381,62 @@ async def test_no_submit_fails_while_the_leader_is_sigkilled(
         assert not violations, "\n".join(violations[:20])
     finally:
         for process in [*workers, *coordinators]:
+            process.close()
+
+
+async def test_a_client_spreads_submits_and_reads_and_none_fails_while_the_leader_is_sigkilled(
+    database_dsn: str, tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    coordinators = [
+        CoordinatorProcess(database_dsn, etcd_server.endpoints, log_dir=tmp_path, name=f"s{i}")
+        for i in range(3)
+    ]
+    try:
+        for coordinator in coordinators:
+            coordinator.start()
+        for coordinator in coordinators:
+            await coordinator.wait_serving()
+        first = await wait_for_leader(database_dsn)
+        addresses = [c.address for c in coordinators]
+        # The client's own failover only: any call that raises fails the test.
+        async with AsyncClient(addresses, timeout=30.0) as client:
+            answers = client._conn.answers
+            acknowledged: list[str] = []
+
+            async def traffic(calls: int) -> None:
+                for n in range(calls):
+                    task = await client.submit("echo", n)
+                    acknowledged.append(task.id)
+                    assert (await client.get(task.id)).id == task.id
+
+            await traffic(60)
+            # 120 calls taking turns over three connected coordinators (the first few
+            # went to the first while the others connected).
+            assert sorted(answers) == sorted(addresses)
+            assert min(answers.values()) >= 20, answers
+            before = dict(answers)
+            # A leader-only call still finds the leader, wherever the list starts.
+            counted = await client.queues()
+            assert client._conn.book.current == first["address"], counted
+            load = asyncio.create_task(traffic(150))
+            await eventually(lambda: len(acknowledged) >= 100 or load.done(), what="traffic")
+            leader = next(c for c in coordinators if c.address == first["address"])
+            leader.kill()
+            await wait_for_leader(database_dsn, newer_than=first["epoch"], timeout=30)
+            await asyncio.wait_for(load, 120)
+            # Both survivors kept answering after the kill.
+            after = {a: answers[a] - before.get(a, 0) for a in addresses}
+            survivors = [a for a in addresses if a != first["address"]]
+            assert all(after[a] >= 50 for a in survivors), after
+        # Every acknowledged submit is committed, once.
+        db = await asyncpg.connect(database_dsn)
+        try:
+            found = await db.fetchval(
+                "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[])", acknowledged
+            )
+        finally:
+            await db.close()
+        assert found == len(acknowledged) == len(set(acknowledged)) == 210
+    finally:
+        for process in coordinators:
             process.close()

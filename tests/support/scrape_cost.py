@@ -1,6 +1,7 @@
-"""Measures what one ``/metrics`` scrape of the coordinator costs in its CPU.
+"""Measures what one ``/metrics`` scrape of the coordinator (or, ``--worker``, of the
+worker) costs in its CPU.
 
-    .venv/bin/python tests/support/scrape_cost.py [--scrapes 200] [--load]
+    .venv/bin/python tests/support/scrape_cost.py [--scrapes 200] [--load] [--worker]
 
 Starts PostgreSQL (embedded), a coordinator and a worker with metrics on, runs tasks
 through them so the series exist, then scrapes the coordinator ``--scrapes`` times one
@@ -47,9 +48,14 @@ async def main(args: argparse.Namespace) -> None:
         procs = [coordinator]
         try:
             await runner._wait_serving(address, coordinator)
-            procs.append(await runner.start_worker(address, 200, env))
-            proc = psutil.Process(coordinator.pid)
-            print(f"coordinator pid {coordinator.pid}", flush=True)
+            worker_listen = f"127.0.0.1:{runner._free_port()}"
+            worker = await runner.start_worker(address, 200, env, "--metrics-listen", worker_listen)
+            procs.append(worker)
+            target = worker if args.worker else coordinator
+            if args.worker:
+                url = f"http://{worker_listen}/metrics"
+            proc = psutil.Process(target.pid)
+            print(f"{'worker' if args.worker else 'coordinator'} pid {target.pid}", flush=True)
             async with AsyncClient(address, timeout=60.0) as client:
                 specs = [TaskSpec(type="noop", queue=QUEUE, payload=b"", raw=True)] * 500
                 for _ in range(10):
@@ -82,7 +88,8 @@ async def main(args: argparse.Namespace) -> None:
                     figures.append(per_scrape)
                     print(
                         f"{args.scrapes} scrapes in {t1 - t0:.2f} s: {per_scrape:.2f} ms of "
-                        f"coordinator CPU each ({size:,} bytes; idle over as long "
+                        f"{'worker' if args.worker else 'coordinator'} CPU each "
+                        f"({size:,} bytes; idle over as long "
                         f"{(c2 - c1) * 1000:.0f} ms)",
                         flush=True,
                     )
@@ -100,4 +107,5 @@ if __name__ == "__main__":
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load", action="store_true")
+    parser.add_argument("--worker", action="store_true", help="scrape the worker instead")
     asyncio.run(main(parser.parse_args()))

@@ -436,7 +436,9 @@ class QueueStats(_message.Message):
     running: _builtins.int
     dead: _builtins.int
     workers: _builtins.int
-    """Workers connected to the leader that take tasks from this queue."""
+    """Workers connected to the leader that take tasks from this queue; 0 when a follower
+    answered ListQueues (ListQueuesResponse.workers_omitted).
+    """
     paused: _builtins.bool
     """True while the queue is paused (PauseQueue): it accepts submits but dispatches
     nothing until ResumeQueue. A paused queue is listed even when it holds no task.

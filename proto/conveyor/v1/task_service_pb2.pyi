@@ -738,12 +738,21 @@ Global___UpdateTaskResponse: _TypeAlias = UpdateTaskResponse  # noqa: Y015
 class ListQueuesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    WITH_WORKERS_FIELD_NUMBER: _builtins.int
+    with_workers: _builtins.bool
+    """Count the connected workers per queue (QueueStats.workers). The workers are the
+    leader's memory (their streams end there), so with this set only the leader answers:
+    a follower refuses with UNAVAILABLE, reason NOT_LEADER and the leader's address, which
+    the client follows. Without it any coordinator answers.
+    """
     def __init__(
         self,
+        *,
+        with_workers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["with_workers", b"with_workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -755,21 +764,35 @@ class ListQueuesResponse(_message.Message):
 
     QUEUES_FIELD_NUMBER: _builtins.int
     CIRCUIT_BREAKERS_FIELD_NUMBER: _builtins.int
+    WORKERS_OMITTED_FIELD_NUMBER: _builtins.int
+    workers_omitted: _builtins.bool
+    """True when a follower answered: it does not know the connected workers, so every
+    QueueStats.workers is 0 meaning "not counted" (not "no worker"), and a queue that only
+    idle workers serve is not listed. Ask with with_workers to have the leader count them.
+    """
     @_builtins.property
-    def queues(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.QueueStats]: ...
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.QueueStats]:
+        """Every count but workers is read from PostgreSQL by whichever coordinator answers; a
+        rate limit's tokens are the level the leader last wrote back (once a second).
+        """
+
     @_builtins.property
     def circuit_breakers(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.CircuitBreaker]:
-        """The tenant's circuit breakers that are not closed (the types the leader holds back)."""
+        """The tenant's circuit breakers that are not closed (the types the leader holds back):
+        the leader's own state when it answers, the circuit_breakers table (as the leader
+        last wrote it, at most about a second old) when a follower does.
+        """
 
     def __init__(
         self,
         *,
         queues: _abc.Iterable[_task_pb2.QueueStats] | None = ...,
         circuit_breakers: _abc.Iterable[_task_pb2.CircuitBreaker] | None = ...,
+        workers_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_breakers", b"circuit_breakers", "queues", b"queues"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_breakers", b"circuit_breakers", "queues", b"queues", "workers_omitted", b"workers_omitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

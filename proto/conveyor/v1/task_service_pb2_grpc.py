@@ -237,7 +237,10 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListQueues(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's queues with their counts, rate limits and circuit breakers. Any
+        coordinator serves it from PostgreSQL, except the worker counts, which only the leader
+        knows (see ListQueuesRequest.with_workers and ListQueuesResponse.workers_omitted).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -252,6 +255,8 @@ class TaskServiceServicer:
 
     def ListRateLimits(self, request, context):
         """The rate limits that apply to the caller's tenant: its own, then those of all tenants.
+        Any coordinator serves it from PostgreSQL (tokens: the level the leader last wrote
+        back, once a second).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -350,7 +355,7 @@ class TaskServiceServicer:
 
     def ListDeadTasks(self, request, context):
         """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
-        matching a filter, newest first.
+        matching a filter, newest first. Any coordinator serves it, and ListDeadTaskGroups.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,12 +55,19 @@ class TaskServiceStub:
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
+    """The caller's queues with their counts, rate limits and circuit breakers. Any
+    coordinator serves it from PostgreSQL, except the worker counts, which only the leader
+    knows (see ListQueuesRequest.with_workers and ListQueuesResponse.workers_omitted).
+    """
     SetRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]
     """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
     all tenants (all_tenants) needs SCOPE_ADMIN.
     """
     ListRateLimits: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]
-    """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+    """The rate limits that apply to the caller's tenant: its own, then those of all tenants.
+    Any coordinator serves it from PostgreSQL (tokens: the level the leader last wrote
+    back, once a second).
+    """
     DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]
     """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]
@@ -97,7 +104,7 @@ class TaskServiceStub:
     """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
     ListDeadTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]
     """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
-    matching a filter, newest first.
+    matching a filter, newest first. Any coordinator serves it, and ListDeadTaskGroups.
     """
     ListDeadTaskGroups: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]
     """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
@@ -136,12 +143,19 @@ class TaskServiceAsyncStub(TaskServiceStub):
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Redrives a DEAD or CANCELLED task: it becomes PENDING with a fresh set of attempts."""
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """The caller's queues with their counts, rate limits and circuit breakers. Any
+    coordinator serves it from PostgreSQL, except the worker counts, which only the leader
+    knows (see ListQueuesRequest.with_workers and ListQueuesResponse.workers_omitted).
+    """
     SetRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]  # type: ignore[assignment]
     """Sets (creates or replaces) the rate limit of a queue, a type or both. A limit across
     all tenants (all_tenants) needs SCOPE_ADMIN.
     """
     ListRateLimits: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
-    """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+    """The rate limits that apply to the caller's tenant: its own, then those of all tenants.
+    Any coordinator serves it from PostgreSQL (tokens: the level the leader last wrote
+    back, once a second).
+    """
     DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
     """Deletes a rate limit (NOT_FOUND when there is none). all_tenants needs SCOPE_ADMIN."""
     ListWorkers: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListWorkersRequest, _task_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
@@ -178,7 +192,7 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Dispatches a paused queue again. Resuming a queue that is not paused changes nothing."""
     ListDeadTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTasksRequest, _task_service_pb2.ListDeadTasksResponse]  # type: ignore[assignment]
     """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
-    matching a filter, newest first.
+    matching a filter, newest first. Any coordinator serves it, and ListDeadTaskGroups.
     """
     ListDeadTaskGroups: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListDeadTaskGroupsRequest, _task_service_pb2.ListDeadTaskGroupsResponse]  # type: ignore[assignment]
     """The dead-letter queue grouped by task type and error fingerprint, largest group first."""
@@ -267,7 +281,11 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _task_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]: ...
+    ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]:
+        """The caller's queues with their counts, rate limits and circuit breakers. Any
+        coordinator serves it from PostgreSQL, except the worker counts, which only the leader
+        knows (see ListQueuesRequest.with_workers and ListQueuesResponse.workers_omitted).
+        """
 
     @_abc_1.abstractmethod
     def SetRateLimit(
@@ -285,7 +303,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ListRateLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_task_service_pb2.ListRateLimitsResponse]]:
-        """The rate limits that apply to the caller's tenant: its own, then those of all tenants."""
+        """The rate limits that apply to the caller's tenant: its own, then those of all tenants.
+        Any coordinator serves it from PostgreSQL (tokens: the level the leader last wrote
+        back, once a second).
+        """
 
     @_abc_1.abstractmethod
     def DeleteRateLimit(
@@ -400,7 +421,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListDeadTasksResponse, _abc.Awaitable[_task_service_pb2.ListDeadTasksResponse]]:
         """The dead-letter queue: finished tasks (DEAD unless the filter names other states)
-        matching a filter, newest first.
+        matching a filter, newest first. Any coordinator serves it, and ListDeadTaskGroups.
         """
 
     @_abc_1.abstractmethod

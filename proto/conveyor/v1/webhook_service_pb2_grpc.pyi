@@ -42,6 +42,7 @@ class WebhookServiceStub:
     CreateWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.CreateWebhookRequest, _webhook_service_pb2.CreateWebhookResponse]
     """Creates a subscription. The secret is shown in this response only."""
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhooksRequest, _webhook_service_pb2.ListWebhooksResponse]
+    """Any coordinator serves it (and ListWebhookDeliveries) from PostgreSQL."""
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.DeleteWebhookRequest, _webhook_service_pb2.DeleteWebhookResponse]
     """Deletes a subscription with its pending and past deliveries."""
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookDeliveriesRequest, _webhook_service_pb2.ListWebhookDeliveriesResponse]
@@ -63,6 +64,7 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     CreateWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.CreateWebhookRequest, _webhook_service_pb2.CreateWebhookResponse]  # type: ignore[assignment]
     """Creates a subscription. The secret is shown in this response only."""
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhooksRequest, _webhook_service_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Any coordinator serves it (and ListWebhookDeliveries) from PostgreSQL."""
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.DeleteWebhookRequest, _webhook_service_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
     """Deletes a subscription with its pending and past deliveries."""
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_webhook_service_pb2.ListWebhookDeliveriesRequest, _webhook_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
@@ -92,7 +94,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _webhook_service_pb2.ListWebhooksRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_webhook_service_pb2.ListWebhooksResponse, _abc.Awaitable[_webhook_service_pb2.ListWebhooksResponse]]: ...
+    ) -> _typing.Union[_webhook_service_pb2.ListWebhooksResponse, _abc.Awaitable[_webhook_service_pb2.ListWebhooksResponse]]:
+        """Any coordinator serves it (and ListWebhookDeliveries) from PostgreSQL."""
 
     @_abc_1.abstractmethod
     def DeleteWebhook(

@@ -157,9 +157,18 @@ async def test_a_follower_serves_reads_and_submits(
     await call(REQUEST, timeout=30)
     assert [seen.method for seen in h.seen] == [GET]
     served = {m.rsplit("/", 1)[1] for m in ANY_COORDINATOR if m.startswith(f"/{SERVICE}/")}
-    assert {"SubmitTask", "SubmitTasks", "GetTask", "ListTasks", "WatchTask"} <= served
-    # Dispatch state stays the leader's.
-    assert not served & {"CancelTask", "RetryTask", "UpdateTask", "PauseQueue", "ListQueues"}
+    assert {
+        "SubmitTask",
+        "SubmitTasks",
+        "GetTask",
+        "ListTasks",
+        "WatchTask",
+        "ListQueues",
+        "ListRateLimits",
+        "ListDeadTasks",
+    } <= served
+    # Dispatch state and the leader's memory (its workers) stay the leader's.
+    assert not served & {"CancelTask", "RetryTask", "UpdateTask", "PauseQueue", "ListWorkers"}
 
 
 async def test_the_handler_reads_the_request_context(

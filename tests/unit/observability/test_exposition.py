@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterable
@@ -68,6 +69,29 @@ def test_a_coordinators_page_is_prometheus_clients_byte_for_byte() -> None:
     m.count_submitted([("default", "q", "t")] * 3)
     exposition = Exposition(m.registry)
     assert exposition.generate() == generate_latest(m.registry)
+
+
+def test_a_batch_histogram_renders_its_own_text_and_again_only_what_changed() -> None:
+    r = CollectorRegistry()
+    b = BatchHistogram("wait_seconds", "Wait.", ("queue", "type"), buckets=(0.5, 5.0), registry=r)
+    exposition = Exposition(r)
+    assert exposition.generate() == generate_latest(r)  # no series yet: the head alone
+    odd = ('q"uoted', "new\nline \\")
+    b.observe(odd, 0.1)
+    b.observe_pairs([(("a", "t"), 10.0), (("a", "t"), 1.0)])
+    assert exposition.generate() == generate_latest(r)
+    kept = dict(b._texts)
+    b.observe(("a", "t"), 0.2)
+    page = exposition.generate()
+    assert page == generate_latest(r)
+    assert 'wait_seconds_count{queue="a",type="t"} 3.0' in page.decode()
+    # The series nobody observed kept its text; the other was rendered again.
+    assert b._texts[odd][2] is kept[odd][2]
+    assert b._texts[("a", "t")][2] is not kept[("a", "t")][2]
+    # Nothing observed since the last scrape: the whole family's text as it was.
+    assert b.exposition_text() is b.exposition_text()
+    b.observe_groups({("b", "t"): [0.7]})
+    assert exposition.generate() == generate_latest(r)
 
 
 def test_every_scrape_shows_the_values_of_its_moment() -> None:
@@ -193,5 +217,34 @@ def test_the_server_serves_the_page_plain_gzipped_or_as_openmetrics() -> None:
         assert body.endswith(b"# EOF\n")
         _, body = get(server.url + "?name[]=plain")
         assert body == b"# HELP plain No labels.\n# TYPE plain gauge\nplain -2.0\n"
+    finally:
+        server.stop()
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_server_answers_what_is_not_a_scrape_and_keeps_serving() -> None:
+    registry, _, _ = populated()
+    server = MetricsServer(registry, "127.0.0.1:0")
+    server.start()
+    try:
+        assert _raw(server.port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.0 400 ")
+        refused = _raw(server.port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.0 405 ") and b"Allow: OPTIONS,GET" in refused
+        # A client that hangs up mid-request costs its own thread only.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+        page = _raw(server.port, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = page.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 OK")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert body == generate_latest(registry)
     finally:
         server.stop()
