@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from conveyor.transport import ConnectionOptions
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 
@@ -128,9 +129,14 @@ class _Stream:
                 call.cancel()
                 raise
             except grpc.aio.AioRpcError as exc:
-                stats.error(exc.code().name)
+                if os.environ.get("CONVEYOR_BENCH_DEBUG") and sum(stats.errors.values()) < 3:
+                    import traceback
+
+                    traceback.print_exc()
+                stats.error(f"{'dropped' if not first else 'refused'} {exc.code().name}: "
+                            f"{(exc.details() or '')[:200]}")  # fmt: skip
             except Exception as exc:  # a benchmark counts failures, it does not stop on one
-                stats.error(type(exc).__name__)
+                stats.error(f"{'dropped' if not first else 'refused'} {type(exc).__name__}")
             finally:
                 call.cancel()
             if first and time.time() > deadline:
@@ -201,6 +207,8 @@ class _Stream:
 async def _main(args: argparse.Namespace) -> None:
     raise_fd_limit()
     key = os.environ.get("CONVEYOR_API_KEY") or None
+    # The SDK's channel settings (keepalive pings, message limits, reconnect backoff).
+    options = ConnectionOptions()
     channels: list[grpc.aio.Channel] = []
     streams: list[_Stream] = []
     for i in range(args.streams):
@@ -210,7 +218,7 @@ async def _main(args: argparse.Namespace) -> None:
             channels.append(
                 grpc.aio.insecure_channel(
                     args.coordinator,
-                    options=[("grpc.use_local_subchannel_pool", 1)],
+                    options=[*options.channel_options(), ("grpc.use_local_subchannel_pool", 1)],
                 )
             )
         streams.append(_Stream(f"{args.prefix}-{i}", channels[-1], key))

@@ -7,6 +7,8 @@ every assignment), all told to start their Hellos at the same moment. Figures:
 
 - connect_s: from the first Hello sent to the last Welcome received, over every process
   (wall clock, one machine); connected: streams welcomed within ``connect_timeout``;
+  coordinator_cpu_per_connect_ms (and bench_cpu_per_connect_ms, the simulated side's):
+  CPU spent during the connect phase per stream connected;
 - coordinator_rss_mb (with the streams connected, idle), and per_stream_kb: its growth
   from before the streams, per stream; bench_rss_per_stream_kb: the simulated side's;
 - coordinator_cpu_idle_pct: % of one core the coordinator spends with the streams
@@ -170,6 +172,8 @@ async def _measure(
     streamers = procs[1:]
     for proc in streamers:
         await _line(proc, "READY", 120.0)
+    sims = [psutil.Process(p.pid) for p in streamers]
+    cpu_before = cpu.cpu_seconds(coordinator), sum(cpu.cpu_seconds(p) for p in sims)
     for proc in streamers:
         assert proc.stdin is not None
         proc.stdin.write(b"GO\n")
@@ -178,6 +182,10 @@ async def _measure(
         json.loads(await _line(proc, "CONNECTED", cfg.connect_timeout + 60.0)) for proc in streamers
     ]
     connected = sum(r["welcomed"] for r in reports)
+    connect_cpu = (
+        cpu.cpu_seconds(coordinator) - cpu_before[0],
+        sum(cpu.cpu_seconds(p) for p in sims) - cpu_before[1],
+    )
     errors: dict[str, int] = {}
     for report in reports:
         for name, n in report["errors"].items():
@@ -193,7 +201,7 @@ async def _measure(
     await asyncio.sleep(cfg.idle_seconds)  # the measured window itself
     idle_pct = _cpu_pct(coordinator, before, wall)
     rss = _rss_mb([coordinator])
-    bench_rss = _rss_mb([psutil.Process(p.pid) for p in streamers])
+    bench_rss = _rss_mb(sims)
 
     # Probe load: a steady rate of lone submits.
     tasks = max(1, int(cfg.rate * cfg.seconds))
@@ -220,6 +228,8 @@ async def _measure(
         "connected": connected,
         "connect_s": connect_s,
         "connect_errors": errors,
+        "coordinator_cpu_per_connect_ms": round(connect_cpu[0] * 1000 / max(1, connected), 2),
+        "bench_cpu_per_connect_ms": round(connect_cpu[1] * 1000 / max(1, connected), 2),
         "coordinator_rss_mb": round(rss, 1),
         "coordinator_rss_before_mb": round(rss_before, 1),
         "per_stream_kb": round((rss - rss_before) * 1024 / max(1, connected), 1),
@@ -242,6 +252,8 @@ Conveyor worker streams ({platform.machine()}, {os.cpu_count()} CPUs, Python \
   connected             {f["connected"]:,} of {f["streams"]:,} in {f["connect_s"]} s \
 (first Hello to last Welcome; {f["processes"]} processes, {f["streams_per_connection"]} \
 stream(s) per connection; errors {f["connect_errors"] or "none"})
+  CPU per connect       coordinator {f["coordinator_cpu_per_connect_ms"]} ms, simulated side \
+{f["bench_cpu_per_connect_ms"]} ms (during the connect phase, per stream connected)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p99 {f["pickup_p99_ms"]} ms   \
 ({f["pickup_samples"]} tasks at {cfg.rate:g}/s)
   coordinator CPU       {f["coordinator_cpu_idle_pct"]} % of a core idle, \
