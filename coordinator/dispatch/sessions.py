@@ -154,6 +154,14 @@ class WorkerSession:
         self.holder = lease_holder(resume_token)
 
     @property
+    def kind(self) -> tuple[str, tuple[str, ...], frozenset[str], frozenset[str] | None]:
+        """What a claim for this session may take: its tenant, queues, task types and
+        encryption keys. Two sessions of one kind are offered the same tasks, so once a
+        claim for one finds less than it asked for, a claim for the other right after
+        finds nothing (the dispatcher skips it for the rest of its round)."""
+        return (self.tenant, self.queues, self.type_set, self.encryption_keys)
+
+    @property
     def wants_work(self) -> bool:
         return self.credit > 0 and not self.draining and not self.closed and not self.unhealthy
 

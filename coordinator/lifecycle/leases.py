@@ -43,7 +43,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -53,7 +53,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.coordinator import convert
 from conveyor.coordinator.dispatch import policy as dispatch_policy
-from conveyor.coordinator.dispatch.policy import DispatchPolicy, Packed
+from conveyor.coordinator.dispatch.policy import Claim, DispatchPolicy, Packed
 from conveyor.coordinator.leader.maintenance import set_aside
 from conveyor.coordinator.lifecycle.batcher import Batcher, group_commit
 from conveyor.coordinator.lifecycle.transitions import PENDING, Cause, Transitions, split_released
@@ -259,6 +259,28 @@ class Leases:
 
 # -- where leases begin -----------------------------------------------------------------
 
+
+def _until_drained(claims: Iterable[Claim]) -> Iterator[Claim]:
+    """The round's claims, less those of a kind of session (``WorkerSession.kind``) whose
+    claim found less than it asked for earlier in the round (its ``starving``, set by the
+    round): nothing is left for that kind, so its other sessions are starving too, and are
+    not claimed for. Work ready after that claim wakes the next round.
+
+    Without this a round ran one claim per idle session: with 4,000 idle workers a round
+    took seconds, and pickup p99 was 2.5 s (issue 19).
+    """
+    drained: set[object] = set()
+    for claim in claims:
+        session = claim.session
+        kind = session.kind
+        if kind in drained:
+            session.starving = True
+            continue
+        yield claim
+        if session.starving:
+            drained.add(kind)
+
+
 HAND_OFF_MAX = 16
 """Flushes of at most this many tasks may be handed straight to waiting workers."""
 
@@ -320,7 +342,7 @@ class Dispatcher(Service):
         async with self.deps.db.autocommit() as conn:
             if self.policy.stale():
                 await self.policy.refresh(conn)
-            for claim in claims:
+            for claim in _until_drained(claims):
                 session = claim.session
                 # Reserved before the claim: a submit hand-off may take credit meanwhile.
                 session.credit -= claim.limit

@@ -173,3 +173,48 @@ async def test_a_step_stopped_during_its_claim_delivers_what_the_claim_leased(de
     assert _queued(session) == 3
     assert session.credit == 2
     assert await _running(deps) == {"w": 3}
+
+
+class CountingClaims(DispatchPolicy):
+    """Records whom each claim of a round was for."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.order: list[str] = []
+
+    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+        self.order.append(claim.session.worker_id)
+        return await super().claim(conn, claim, fence)
+
+
+async def test_a_round_stops_claiming_for_a_kind_of_session_once_its_work_ran_out(
+    deps: Deps,
+) -> None:
+    # Issue 19: a round ran one claim per idle session, so with thousands of idle workers
+    # every round took seconds. Sessions of one kind (tenant, queues, types, keys) are
+    # offered the same tasks: after a claim that found less than it asked for, the others
+    # of its kind are skipped (and starving, so a fresh submit is handed to them).
+    await _insert(deps, 3)
+    await _insert(deps, 1, queue="other")
+    same = [_session(f"w{n}", 2) for n in range(5)]
+    apart = _session("apart", 2, queue="other")
+    for session in (*same, apart):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = CountingClaims()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await dispatcher.step()
+    # Two claims of the kind (the first filled its portion of 2, the second found 1 of 2),
+    # none for the other three of it; the session of another kind was claimed for.
+    assert len(policy.order) == 3 and "apart" in policy.order
+    running = await _running(deps)
+    assert sum(running.values()) == 4 and running["apart"] == 1
+    assert sum(_queued(s) for s in same) == 3
+    skipped = [s for s in same if s.worker_id not in policy.order]
+    assert len(skipped) == 3
+    assert all(s.starving and s.credit == 2 for s in skipped)
+    # Work that arrives later is claimed for them in the next round.
+    await _insert(deps, 4)
+    policy.order.clear()
+    await dispatcher.step()
+    assert sum((await _running(deps)).values()) == 8
