@@ -218,3 +218,38 @@ async def test_a_round_stops_claiming_for_a_kind_of_session_once_its_work_ran_ou
     policy.order.clear()
     await dispatcher.step()
     assert sum((await _running(deps)).values()) == 8
+
+
+async def test_credit_from_a_kind_with_nothing_left_runs_no_round_until_work_may_be_ready(
+    deps: Deps,
+) -> None:
+    # Issue 19: each result's credit ran a round over every session. A session offered
+    # (connected, or granted credit) runs a round unless the last round found nothing left
+    # for its kind and nothing woke the dispatcher since.
+    first, second = _session("w1", 1), _session("w2", 0)
+    apart = _session("apart", 1, queue="other")
+    for session in (first, second, apart):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    dispatcher = Dispatcher(
+        deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20), Leases(deps)
+    )
+    woken = dispatcher._wakeup
+    await dispatcher.step()  # nothing ready: every kind drained
+    woken.clear()
+    second.credit = 1
+    dispatcher.offer(second)
+    assert not woken.is_set() and second.starving
+    dispatcher.offer(_session("new-kind", 1, queue="third"))
+    assert woken.is_set()  # a kind the round did not see
+    woken.clear()
+    # Work became ready (an after-commit wake): the next offer runs a round, which claims.
+    await _insert(deps, 1)
+    dispatcher.wake()
+    await dispatcher.step()
+    woken.clear()
+    assert sum((await _running(deps)).values()) == 1
+    dispatcher.wake()
+    woken.clear()
+    dispatcher.offer(second)
+    assert woken.is_set()
