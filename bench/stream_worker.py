@@ -133,6 +133,7 @@ class _Stream:
                     import traceback
 
                     traceback.print_exc()
+                    print(exc.debug_error_string(), file=sys.stderr)
                 stats.error(f"{'dropped' if not first else 'refused'} {exc.code().name}: "
                             f"{(exc.details() or '')[:200]}")  # fmt: skip
             except Exception as exc:  # a benchmark counts failures, it does not stop on one
