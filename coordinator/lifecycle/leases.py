@@ -150,6 +150,10 @@ def map_leases(
     return mapped, keys
 
 
+ARRIVALS_PER_FLUSH = 100
+"""First Hellos whose foreign leases one transaction takes back at most."""
+
+
 class Leases:
     """Renewals and the releases of leases held (see the module docstring).
 
@@ -164,9 +168,15 @@ class Leases:
             "renewal", self._flush_renewals, deps
         )
         # One item per first Hello of a worker process: (tenant, worker id, the new
-        # session's holder); the leases of the worker id that it takes back.
-        self.arrivals: Batcher[tuple[str, str, bytes], list[asyncpg.Record]] = group_commit(
-            "arrival", self._flush_arrivals, deps
+        # session's holder); the leases of the worker id that it takes back. A statement
+        # each, so a batch is kept short: a transaction idle past PostgreSQL's 5 s (a
+        # starved event loop) is cut, and every Hello in it fails.
+        self.arrivals: Batcher[tuple[str, str, bytes], list[asyncpg.Record]] = Batcher(
+            "arrival",
+            self._flush_arrivals,
+            max_batch=ARRIVALS_PER_FLUSH,
+            max_pending=deps.config.max_pending_operations,
+            on_flush=deps.metrics.record_flush,
         )
 
     def start(self) -> None:
