@@ -18,8 +18,8 @@ Protocol with the parent (``bench/streams.py``), one line each on stdout:
   the first Hello and last Welcome (wall clock), how many were welcomed, the errors seen;
 - then the streams run (heartbeats, assignments) until SIGTERM or stdin closes.
 
-Unlike the SDK, a failed stream is opened again at once (after 0.2 s) until the connect
-deadline: the figure is how many are connected by then. With ``--per-connection 1`` (the
+A failed stream is opened again after the SDK's reconnect backoff (0.1 s doubling to
+2 s, jittered), until the connect deadline: the figure is how many are connected by then. With ``--per-connection 1`` (the
 default) every stream has its own channel, so its own TCP connection and HTTP/2 session,
 as separate worker processes would; with K > 1, K streams share one.
 """
@@ -41,13 +41,13 @@ import grpc
 import grpc.aio
 
 from conveyor.transport import ConnectionOptions
+from conveyor.worker._connection import RECONNECT_BACKOFF
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 
 QUEUE = "bench-streams"
 TASK_TYPE = "probe"
 WELCOME_TIMEOUT = 60.0
-RETRY_DELAY = 0.2
 
 
 def raise_fd_limit() -> int:
@@ -97,6 +97,7 @@ class _Stream:
     async def run(self, stats: _Stats, deadline: float, welcomed: asyncio.Event) -> None:
         """Connects (again, until the deadline, when a stream fails), then serves it."""
         first = True
+        failures = 0
         while True:
             call = pb_grpc.WorkerServiceStub(self.channel).Connect(metadata=self.metadata)
             try:
@@ -142,7 +143,8 @@ class _Stream:
                 call.cancel()
             if first and time.time() > deadline:
                 return
-            await asyncio.sleep(RETRY_DELAY)
+            failures = failures + 1 if first else 1
+            await asyncio.sleep(RECONNECT_BACKOFF.delay(failures))
 
     async def _serve(
         self,
