@@ -1,5 +1,5 @@
-"""``conveyor bench``, ``bench-schedules``, ``bench-failover``, ``bench-tenants`` and
-``bench-deps``: the benchmarks' commands."""
+"""``conveyor bench``, ``bench-schedules``, ``bench-failover``, ``bench-tenants``,
+``bench-deps`` and ``bench-streams``: the benchmarks' commands."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def register(app: typer.Typer) -> None:
         "bench-console",
         example=["conveyor bench-console --json", "conveyor bench-console --tasks 100000"],
     )(bench_console)
+    command(
+        app,
+        "bench-streams",
+        example=[
+            "conveyor bench-streams --json",
+            "conveyor bench-streams --streams 1000 --per-connection 100",
+        ],
+    )(bench_streams)
 
 
 def _print_figures(figures: dict[str, Any], as_json: bool) -> int:
@@ -316,3 +324,61 @@ def bench_deps(
         dsn=dsn,
     )
     return _print_figures(asyncio.run(run(args)), as_json)
+
+
+def bench_streams(
+    streams: Annotated[
+        int, typer.Option("--streams", min=1, help="Simulated worker streams to connect.")
+    ] = 10_000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=0,
+            help="Processes the streams are spread over; 0: one per 2,500, at least two.",
+        ),
+    ] = 0,
+    per_connection: Annotated[
+        int,
+        typer.Option(
+            "--per-connection",
+            min=1,
+            help="Streams sharing one HTTP/2 connection (1: each its own, as separate "
+            "worker processes have).",
+        ),
+    ] = 1,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Probe tasks per second.")] = 50.0,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=0.1, help="Length of the probe run.")
+    ] = 10.0,
+    idle_seconds: Annotated[
+        float,
+        typer.Option(
+            "--idle-seconds", min=0.1, help="Seconds the coordinator's idle CPU is read over."
+        ),
+    ] = 10.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option("--connect-timeout", min=1.0, help="Seconds the streams get to connect."),
+    ] = 60.0,
+    dsn: Annotated[str | None, typer.Option("--dsn", help=DSN_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure many worker streams on one coordinator: the time to connect them all, pickup
+    latency at a light rate among them, the coordinator's CPU and memory (the target: 10,000
+    streams within 10 s, pickup p99 under 20 ms)."""
+    from conveyor.bench.streams import StreamsConfig, run
+
+    config = StreamsConfig(
+        streams=streams,
+        processes=processes,
+        per_connection=per_connection,
+        rate=rate,
+        seconds=seconds,
+        idle_seconds=idle_seconds,
+        connect_timeout=connect_timeout,
+        dsn=dsn,
+    )
+    return _print_figures(asyncio.run(run(config)), as_json)

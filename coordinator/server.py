@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import uuid
@@ -351,11 +352,36 @@ class Coordinator:
         await self._closed.wait()
 
 
+def raise_open_files_limit() -> int:
+    """Raises this process's soft limit of open files to its hard limit; returns the soft
+    limit now.
+
+    Every worker stream is a connection, so a socket each: the usual soft limit of 1,024
+    would refuse connections past about a thousand workers while the hard limit (often
+    tens of thousands) allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            _log.warning("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4 * 1024:
+        _log.warning(
+            "at most %d files may be open (ulimit -n): about as many workers can connect; "
+            "raise the hard limit for more",
+            soft,
+        )
+    return soft
+
+
 async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None) -> None:
     """Runs a coordinator until SIGTERM or SIGINT, then shuts it down gracefully.
 
     Tracing follows the ``OTEL_*`` environment, as the process's global tracer provider.
     """
+    raise_open_files_limit()
     node_id = new_node_id()
     tracing = Tracing.from_env(SERVICE_COORDINATOR, instance_id=node_id, set_global=True)
     coordinator = Coordinator(config, node_id=node_id, tracing=tracing)

@@ -152,7 +152,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.credit,
                 _keys_text(session.encryption_keys),
             )
-            self._dispatcher.wake()
+            self._dispatcher.offer(session)
             await self._converse(session, context)
         except Exception as exc:
             failure = exc
@@ -324,7 +324,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     )
                 session.credit += credits
                 if session.wants_work:
-                    self._dispatcher.credit_returned(session)
+                    self._dispatcher.offer(session)
             elif kind == "drain":
                 session.draining = True
                 _log.info("worker %s is draining", worker_id)

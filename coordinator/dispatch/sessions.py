@@ -114,9 +114,6 @@ class WorkerSession:
     # Set when the dispatcher's last claim for this session came back short: nothing was
     # waiting for it, so a fresh submit may be handed to it directly.
     starving: bool = False
-    # The dispatcher's wake-up count when its last claim for this session began (see
-    # ``Dispatcher.credit_returned``); -1: never claimed for.
-    claimed_at_wake: int = -1
     # Set when the dispatcher left it out for lack of outbox room; the send loop wakes
     # the dispatcher when room frees up.
     throttled: bool = False
@@ -155,6 +152,14 @@ class WorkerSession:
         """Takes the token a Hello proved (the process's), instead of the new one."""
         self.resume_token = resume_token
         self.holder = lease_holder(resume_token)
+
+    @property
+    def kind(self) -> tuple[str, tuple[str, ...], frozenset[str], frozenset[str] | None]:
+        """What a claim for this session may take: its tenant, queues, task types and
+        encryption keys. Two sessions of one kind are offered the same tasks, so once a
+        claim for one finds less than it asked for, a claim for the other right after
+        finds nothing (the dispatcher skips it for the rest of its round)."""
+        return (self.tenant, self.queues, self.type_set, self.encryption_keys)
 
     @property
     def wants_work(self) -> bool:

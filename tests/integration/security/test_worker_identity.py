@@ -296,3 +296,32 @@ async def test_a_session_that_settles_too_late_leaves_its_successors_leases_alon
         assert (await silent.new.report(silent.lease)).accepted
         got = await silent.stub.GetTask(task_service_pb2.GetTaskRequest(id=silent.task.id))
         assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+async def test_first_hellos_at_once_each_take_back_only_their_own_worker_ids_leases(
+    stub: task_service_pb2_grpc.TaskServiceAsyncStub,
+    raw_workers: Workers,
+    db: asyncpg.Connection,
+) -> None:
+    """First Hellos (no resume token, no leases listed) share one group commit (issue 19):
+    each still takes back exactly the running attempts of its own worker id, counted."""
+    victims = [raw_workers() for _ in range(4)]
+    for n, victim in enumerate(victims):
+        await victim.connect(f"fleet-{n}", credits=1)
+    tasks = [await submit(stub, max_attempts=3) for _ in victims]
+    held = {n: (await victim.assignments(1))[0] for n, victim in enumerate(victims)}
+    for victim in victims:
+        await victim.close()
+    # Two of the four ids come back, with two fresh ids, all at once.
+    newcomers = [raw_workers() for _ in range(4)]
+    ids = ["fleet-0", "fleet-2", "fresh-a", "fresh-b"]
+    await asyncio.gather(*(w.connect(i, credits=0) for w, i in zip(newcomers, ids, strict=True)))
+    by_task = {a.lease.task_id: n for n, a in held.items()}
+    for task in tasks:
+        taken_back = by_task[task.id] in (0, 2)
+        attempts = await _attempts(db, task.id)
+        state = await db.fetchval("SELECT state FROM tasks WHERE id = $1::uuid", task.id)
+        if taken_back:
+            assert (attempts, state) == ([(1, LEASE_EXPIRED)], task_pb2.TASK_STATE_PENDING)
+        else:  # its worker id did not come back: still leased, until it expires
+            assert (attempts, state) == ([], task_pb2.TASK_STATE_RUNNING)

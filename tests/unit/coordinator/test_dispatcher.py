@@ -175,39 +175,89 @@ async def test_a_step_stopped_during_its_claim_delivers_what_the_claim_leased(de
     assert await _running(deps) == {"w": 3}
 
 
-async def test_credit_back_wakes_a_round_only_when_something_may_be_waiting(deps: Deps) -> None:
-    # At light load every finished task gives its credit back: a round of claims that
-    # finds nothing costs a PostgreSQL round trip per worker and holds the workers'
-    # credit, so that a submit arriving meanwhile is not handed off (issue 19).
-    await _insert(deps, 2)
-    session = _session("w", 10)
-    deps.sessions.reserve(session)
-    deps.sessions.activate(session)
+class CountingClaims(DispatchPolicy):
+    """Records whom each claim of a round was for."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.order: list[str] = []
+
+    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+        self.order.append(claim.session.worker_id)
+        return await super().claim(conn, claim, fence)
+
+
+async def test_a_round_stops_claiming_for_a_kind_of_session_once_its_work_ran_out(
+    deps: Deps,
+) -> None:
+    # Issue 19: a round ran one claim per idle session, so with thousands of idle workers
+    # every round took seconds. Sessions of one kind (tenant, queues, types, keys) are
+    # offered the same tasks: after a claim that found less than it asked for, the others
+    # of its kind are skipped (and starving, so a fresh submit is handed to them).
+    await _insert(deps, 3)
+    await _insert(deps, 1, queue="other")
+    same = [_session(f"w{n}", 2) for n in range(5)]
+    apart = _session("apart", 2, queue="other")
+    for session in (*same, apart):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = CountingClaims()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await dispatcher.step()
+    # Two claims of the kind (the first filled its portion of 2, the second found 1 of 2),
+    # none for the other three of it; the session of another kind was claimed for.
+    assert len(policy.order) == 3 and "apart" in policy.order
+    running = await _running(deps)
+    assert sum(running.values()) == 4 and running["apart"] == 1
+    assert sum(_queued(s) for s in same) == 3
+    skipped = [s for s in same if s.worker_id not in policy.order]
+    assert len(skipped) == 3
+    assert all(s.starving and s.credit == 2 for s in skipped)
+    # Work that arrives later is claimed for them in the next round.
+    await _insert(deps, 4)
+    policy.order.clear()
+    await dispatcher.step()
+    assert sum((await _running(deps)).values()) == 8
+
+
+async def test_credit_from_a_kind_with_nothing_left_runs_no_round_until_work_may_be_ready(
+    deps: Deps,
+) -> None:
+    # Issue 19: each result's credit ran a round over every session. A session offered
+    # (connected, or granted credit) runs a round unless the last round found nothing left
+    # for its kind and nothing woke the dispatcher since.
+    first, second = _session("w1", 1), _session("w2", 0)
+    apart = _session("apart", 1, queue="other")
+    for session in (first, second, apart):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
     dispatcher = Dispatcher(
         deps, DispatchPolicy(lease_seconds=30, max_payload_bytes=1 << 20), Leases(deps)
     )
     woken = dispatcher._wakeup
-    dispatcher.credit_returned(session)  # never claimed for: a round
-    assert woken.is_set()
+    await dispatcher.step()  # nothing ready: every kind drained
     woken.clear()
+    second.credit = 1
+    dispatcher.offer(second)
+    assert not woken.is_set() and second.starving
+    dispatcher.offer(_session("new-kind", 1, queue="third"))
+    assert woken.is_set()  # a kind the round did not see
+    woken.clear()
+    # Work became ready (an after-commit wake): the next offer runs a round, which claims.
+    await _insert(deps, 1)
+    dispatcher.wake()
     await dispatcher.step()
-    assert session.starving  # the claim came back short: nothing else waits
-    dispatcher.credit_returned(session)
-    assert not woken.is_set()
-    # Anything that wakes the dispatcher (a task made ready, a rule letting one go) may
-    # have left work for this session: its next credit wakes a round again.
+    woken.clear()
+    assert sum((await _running(deps)).values()) == 1
     dispatcher.wake()
     woken.clear()
-    dispatcher.credit_returned(session)
+    dispatcher.offer(second)
     assert woken.is_set()
-    woken.clear()
-    await _insert(deps, 3)
-    await dispatcher.step()  # short again: quiet again
-    dispatcher.credit_returned(session)
-    assert not woken.is_set()
 
 
-async def test_credit_back_after_a_full_claim_wakes_a_round(deps: Deps) -> None:
+async def test_credit_after_a_full_claim_runs_a_round(deps: Deps) -> None:
+    # A claim that filled its portion may have left more waiting: the session's next
+    # credit runs a round without waiting for a wake.
     await _insert(deps, 5)
     session = _session("w", 2)
     deps.sessions.reserve(session)
@@ -219,5 +269,5 @@ async def test_credit_back_after_a_full_claim_wakes_a_round(deps: Deps) -> None:
     assert not session.starving  # full: more may be waiting
     session.credit += 2
     dispatcher._wakeup.clear()
-    dispatcher.credit_returned(session)
+    dispatcher.offer(session)
     assert dispatcher._wakeup.is_set()
