@@ -94,6 +94,71 @@ async def insert(
     )
 
 
+_INSERT_MANY_ARRAYS = (
+    ("id", "uuid"),
+    ("tenant", "text"),
+    ("name", "text"),
+    ("cron", "text"),
+    ("time_zone", "text"),
+    ("template", "bytea"),
+    ("overlap_policy", "smallint"),
+    ("catch_up_policy", "smallint"),
+    ("catch_up_limit", "integer"),
+    ("paused", "boolean"),
+    ("start_time", "timestamptz"),
+    ("end_time", "timestamptz"),
+    ("next_fire_time", "timestamptz"),
+)
+_INSERT_MANY = Query(
+    "insert_schedules",
+    f"""
+    INSERT INTO schedules (id, tenant, name, cron, time_zone, template, overlap_policy,
+        catch_up_policy, catch_up_limit, paused, start_time, end_time, next_fire_time,
+        wake_time, create_time, update_time)
+    SELECT r.id, r.tenant, r.name, r.cron, r.time_zone, r.template, r.overlap_policy,
+        r.catch_up_policy, r.catch_up_limit, r.paused, r.start_time, r.end_time,
+        r.next_fire_time, r.next_fire_time, :now, :now
+    FROM {unnest(_INSERT_MANY_ARRAYS, "r")}
+    ON CONFLICT (tenant, name) DO NOTHING
+    """,
+)
+
+
+@dataclass(frozen=True)
+class NewSchedule:
+    """One schedule of :func:`insert_many`: a validated row and its first tick."""
+
+    id: uuid.UUID
+    row: ScheduleRow
+    paused: bool
+    next_fire_time: datetime | None
+
+
+def _new_schedule_record(s: NewSchedule) -> tuple[object, ...]:
+    row = s.row
+    return (
+        s.id, row.tenant, row.name, row.cron, row.time_zone, row.template, row.overlap_policy,
+        row.catch_up_policy, row.catch_up_limit, s.paused, row.start_time, row.end_time,
+        s.next_fire_time,
+    )  # fmt: skip
+
+
+async def insert_many(
+    conn: asyncpg.Connection, schedules: Sequence[NewSchedule], now: datetime
+) -> None:
+    """Inserts many validated schedules in one statement (names already taken are left
+    as they are). For bulk loads (``conveyor bench-schedules``); tenant quotas are the
+    caller's to check."""
+    await _INSERT_MANY.execute(
+        conn,
+        now=now,
+        **transpose(
+            [_new_schedule_record(s) for s in schedules],
+            [name for name, _ in _INSERT_MANY_ARRAYS],
+        ),
+    )
+
+
 _GET = Query(
     "get_schedule",
     f"SELECT {_SCHEDULE} FROM schedules s WHERE s.tenant = :tenant AND s.name = :name",
