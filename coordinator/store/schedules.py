@@ -368,6 +368,48 @@ async def due(
     return await _DUE.fetch(conn, now=now, horizon=horizon, limit=limit)
 
 
+_DUE_AT = Query(
+    "due_schedules_at",
+    f"""
+    SELECT s.id, s.tenant, s.name, s.cron, s.time_zone, s.version, s.overlap_policy,
+        s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
+        s.buffered_tick, false AS previous_unfinished
+    FROM schedules s
+    WHERE s.wake_time = :tick AND NOT s.paused AND s.overlap_policy = {OVERLAP_ALLOW}
+    LIMIT :limit
+    FOR UPDATE OF s SKIP LOCKED
+    """,
+)
+
+
+async def due_at(conn: asyncpg.Connection, tick: datetime, limit: int) -> list[asyncpg.Record]:
+    """Locks up to ``limit`` ALLOW schedules whose ``wake_time`` is ``tick`` (a burst the
+    firer prepares ahead), in the shape of :func:`due`."""
+    return await _DUE_AT.fetch(conn, tick=tick, limit=limit)
+
+
+_UPCOMING_TICKS = Query(
+    "upcoming_schedule_ticks",
+    f"""
+    SELECT wake_time, count(*) AS n FROM schedules
+    WHERE wake_time > :after AND wake_time <= :until AND NOT paused
+        AND overlap_policy = {OVERLAP_ALLOW}
+    GROUP BY wake_time
+    HAVING count(*) >= :at_least
+    ORDER BY wake_time
+    """,
+)
+
+
+async def upcoming_ticks(
+    conn: asyncpg.Connection, after: datetime, until: datetime, at_least: int
+) -> list[tuple[datetime, int]]:
+    """The ``wake_time`` values in (``after``, ``until``] that ``at_least`` ALLOW
+    schedules share, earliest first, with how many share each."""
+    rows = await _UPCOMING_TICKS.fetch(conn, after=after, until=until, at_least=at_least)
+    return [(r["wake_time"], int(r["n"])) for r in rows]
+
+
 _TEMPLATES = Query(
     "schedule_templates",
     "SELECT id, version, template FROM schedules WHERE id = ANY(:ids::uuid[])",
