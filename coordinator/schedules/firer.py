@@ -21,6 +21,10 @@ for the tick and commits at it. The tasks become visible at their tick, not a ro
 work after it; until then the rows stay locked, so a client changing such a schedule
 waits for that commit (under a second). Every other policy is decided at the tick.
 
+Bursts: a tick that many ALLOW schedules share (every per-minute schedule fires at second
+0) is too much work for a round started within a second of it, so it is prepared by a
+task of its own, seconds ahead, and committed at the tick (:meth:`ScheduleFirer._prepare_bursts`).
+
 A firing is a submit: it counts against its tenant's ``max_backlog`` and ``submit_rate``
 (``quotas.py``), decided once per tenant per batch, in memory. The ticks a tenant's limits
 do not admit (the latest ones of the batch) submit nothing: each is recorded as refused,
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -75,6 +80,7 @@ from conveyor.coordinator.schedules.cron import (
     utc_now,
 )
 from conveyor.coordinator.schedules.validation import template_task
+from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
 from conveyor.coordinator.store.tasks import NewRow
@@ -95,6 +101,9 @@ _MIN_LOOKAHEAD = 0.05
 # estimate starts at this cost per firing and is measured.
 _BURST_MARGIN = 2.0
 _INITIAL_BURST_COST = 60e-6
+# Longest wait of a burst for the rounds to be idle before its next batch.
+_ROUNDS_IDLE_WAIT = 0.2
+_BURST_IDLE_TIMEOUT = "SET LOCAL idle_in_transaction_session_timeout = '{:.0f}s'"
 # Seconds between looks for upcoming bursts (one grouped index range scan each).
 _BURST_CHECK_INTERVAL = 0.5
 # Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
@@ -327,6 +336,7 @@ class ScheduleFirer(Service):
         *,
         prepared: Callable[[int], None] | None = None,
         before_batch: Callable[[], Awaitable[object]] | None = None,
+        fence_last: bool = False,
     ) -> tuple[bool, int]:
         """Fires the schedules ``fetch`` locks, batch after batch, in one transaction;
         returns whether the last batch was full (more may be due) and the firings.
@@ -335,14 +345,27 @@ class ScheduleFirer(Service):
         latest of their ticks (``prepared`` is called before that wait, with the firings
         written); one whose ticks
         have come commits as soon as it is written.
+
+        ``fence_last`` checks the leader's epoch as the last statement instead of the
+        first: a burst's transaction lasts seconds, and the check share-locks the
+        leadership row until the commit, which would keep a new leader from taking
+        office that long. Checked last, it is as safe (a stale epoch rolls everything
+        back; once it passes, no new epoch can commit before this transaction does).
         """
         firings: list[_Firing] = []
         inserted: list[Row] = []
         refused: list[_Firing] = []
         admitted: collections.Counter[str] = collections.Counter()
         more = True
+        fence = self.deps.office.fence()
         try:
-            async with self.deps.db.write(self.deps.office.fence()) as conn:
+            async with self.deps.db.write(None if fence_last else fence) as conn:
+                if fence_last:
+                    # The pool's 5 s idle_in_transaction_session_timeout is there for the
+                    # leadership row a frozen process would hold (store/db.py); this
+                    # transaction does not hold it, and waits seconds for its tick (on a
+                    # starved loop, also between its statements).
+                    await conn.execute(_BURST_IDLE_TIMEOUT.format(self.max_burst_lookahead + 30))
                 target: datetime | None = None
                 while more:
                     if before_batch is not None:
@@ -362,6 +385,8 @@ class ScheduleFirer(Service):
                     prepared(len(firings))
                 if target is not None:
                     await self._sleep_until(target)
+                if fence_last:
+                    await leadership.check_epoch(conn, fence)
         finally:
             if self.quotas is not None:
                 for tenant, count in admitted.items():
@@ -387,6 +412,13 @@ class ScheduleFirer(Service):
         rounds are idle (they keep their priority: their ticks come first), and commits
         at the tick, as a round's prepared transaction does. What it has not locked by
         then (schedules that reached the tick later) the rounds fire as usual.
+
+        Its transaction checks the leader's epoch last (``fence_last``), so it does not
+        hold the leadership row while it waits; it holds its schedules' rows, so a
+        client changing one of them waits for the tick (at most max_burst_lookahead), and
+        so would a new leader's firer for those schedules if this process froze (up to
+        the transaction's own idle timeout, max_burst_lookahead + 30 s: then they fire
+        late, once).
         """
         if not self.max_burst_lookahead or self.max_lookahead <= 0:
             return
@@ -425,11 +457,18 @@ class ScheduleFirer(Service):
                 self.now(),
                 tick,
                 prepared=functools.partial(self._burst_prepared, started, fired),
-                before_batch=self._near_idle.wait,
+                before_batch=self._rounds_idle,
+                fence_last=True,
             )
             fired += count
         self.bursts += 1
         _log.debug("burst of %d firings (%d expected) at %s", fired, expected, tick)
+
+    async def _rounds_idle(self) -> None:
+        """Returns when no round is preparing (or after a few seconds regardless: a burst
+        must not starve either)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._near_idle.wait(), _ROUNDS_IDLE_WAIT)
 
     def _burst_prepared(self, started: float, before: int, firings: int) -> None:
         """A burst's transaction is written: its cost per firing updates the estimate."""

@@ -36,6 +36,16 @@ async def _insert(pool: asyncpg.Pool, prefix: str, cron: str, count: int) -> Non
         await schedules.insert_many(conn, rows, now)
 
 
+async def _locked(pool: asyncpg.Pool) -> bool:
+    """Some schedules are locked (by a burst: nothing else runs)."""
+    async with pool.acquire() as conn:
+        free = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM schedules FOR UPDATE SKIP LOCKED) s"
+        )
+        total = await conn.fetchval("SELECT count(*) FROM schedules")
+    return bool(free < total)
+
+
 async def _ticks(pool: asyncpg.Pool, type_: str) -> dict[str, list[datetime]]:
     """Each schedule's fired ticks (from the idempotency keys), in order."""
     async with pool.acquire() as conn:
@@ -55,8 +65,13 @@ async def test_a_shared_tick_is_prepared_as_a_burst_and_fires_once(database_dsn:
         # every second, through the rounds.
         await _insert(pool, "shared", "*/5 * * * * *", 40)
         await _insert(pool, "single", "* * * * * *", 5)
+        # Each burst waits about 8 s for its tick: longer than the pool's
+        # idle_in_transaction_session_timeout (5 s), which must not end it.
         firer = ScheduleFirer(
-            service_deps(pool, database_dsn, epoch=epoch), burst=20, max_burst_lookahead=4.0
+            service_deps(pool, database_dsn, epoch=epoch),
+            burst=20,
+            max_burst_lookahead=8.0,
+            min_burst_lookahead=8.0,
         )
         firer.start()
         try:
@@ -97,18 +112,17 @@ async def test_a_burst_stopped_before_its_tick_writes_nothing(database_dsn: str)
             await sleep_until(minute + timedelta(minutes=1, seconds=5))
         firer.start()
         await eventually(lambda: firer._bursts, timeout=30, what="a burst in flight")
-        async with pool.acquire() as conn:
-            # Locked by the burst until its tick: skipped here.
-            locked = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT 1 FROM schedules FOR UPDATE SKIP LOCKED) s"
-            )
+        await eventually(lambda: _locked(pool), timeout=30, what="the burst's schedules locked")
+        async with pool.acquire() as conn, conn.transaction():
+            # The burst checks the epoch last: the leadership row is free meanwhile, so a
+            # new leader could take office (NOWAIT raises if it is locked).
+            await conn.execute("SELECT 1 FROM leadership FOR UPDATE NOWAIT")
         await firer.stop()
         async with pool.acquire() as conn:
             fired = await conn.fetchval("SELECT count(*) FROM tasks")
             cursors = await conn.fetch("SELECT next_fire_time, wake_time FROM schedules")
     finally:
         await pool.close()
-    assert locked < 30, "the burst held its schedules"
     assert fired == 0, "a stopped burst committed firings"
     # The cursors are where they were: the next firer fires the tick.
     assert len({(r["next_fire_time"], r["wake_time"]) for r in cursors}) == 1
