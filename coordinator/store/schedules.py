@@ -159,6 +159,26 @@ async def insert_many(
     )
 
 
+_START_PAUSED = Query(
+    "start_paused_schedules",
+    """
+    UPDATE schedules s SET paused = false, next_fire_time = :first, wake_time = :first,
+        buffered_tick = NULL, version = s.version + 1, update_time = :now
+    WHERE s.tenant = :tenant AND s.cron = :cron AND s.paused
+    """,
+)
+
+
+async def start_paused(
+    conn: asyncpg.Connection, tenant: str, cron: str, first: datetime, now: datetime
+) -> int:
+    """Resumes all the tenant's paused schedules of expression ``cron`` (UTC) at once,
+    from ``first`` (one of its ticks), as ResumeSchedule would one by one; returns how
+    many. For bulk set-ups (``conveyor bench-schedules``: all start at the same tick)."""
+    status: str = await _START_PAUSED.execute(conn, tenant=tenant, cron=cron, first=first, now=now)
+    return int(status.rsplit(maxsplit=1)[-1])
+
+
 _GET = Query(
     "get_schedule",
     f"SELECT {_SCHEDULE} FROM schedules s WHERE s.tenant = :tenant AND s.name = :name",
