@@ -32,12 +32,17 @@ def register(app: typer.Typer) -> None:
             "conveyor bench --insecure",
             "conveyor bench --metrics --json",
             "conveyor bench --rate-limit 1000000 --concurrency-keys 100 --json",
+            "conveyor bench --backlog 10000000 --churn 1000000 --json",
         ],
     )(bench)
     command(
         app,
         "bench-schedules",
-        example=["conveyor bench-schedules --json", "conveyor bench-schedules --schedules 1000"],
+        example=[
+            "conveyor bench-schedules --json",
+            "conveyor bench-schedules --schedules 1000",
+            "conveyor bench-schedules --per-second 10000 --per-minute 90000 --json",
+        ],
     )(bench_schedules)
     command(app, "bench-failover", example="conveyor bench-failover --runs 7 --json")(
         bench_failover
@@ -131,12 +136,54 @@ def bench(
             "the keyed one, taking turns between keys. 0: none.",
         ),
     ] = 0,
+    backlog: Annotated[
+        int,
+        typer.Option(
+            "--backlog",
+            min=0,
+            help="Measure at depth instead: this many tasks wait in the queue (written by "
+            "binary COPY) while the dispatch and submit rates are measured, with the "
+            "table's and indexes' sizes and the claim's plan. Compare 10000 with 10000000.",
+        ),
+    ] = 0,
+    dispatch: Annotated[
+        int,
+        typer.Option(
+            "--dispatch", min=1, help="With --backlog: tasks per measured dispatch window."
+        ),
+    ] = 50_000,
+    churn: Annotated[
+        int,
+        typer.Option(
+            "--churn",
+            min=0,
+            help="With --backlog: tasks dispatched before a second window (dead rows piled "
+            "up); 0: one window.",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     *,
     g: Globals,
 ) -> int:
     """Measure throughput, pickup latency, CPU per task and idle worker memory: a
-    coordinator and workers as processes."""
+    coordinator and workers as processes. With --backlog: the dispatch and submit rates
+    with that many tasks waiting."""
+    if backlog:
+        from conveyor.bench.backlog import BacklogConfig
+        from conveyor.bench.backlog import run as run_backlog
+
+        deep = BacklogConfig(
+            backlog=backlog,
+            dispatch=dispatch,
+            churn=churn,
+            tasks=tasks,
+            workers=workers,
+            concurrency=concurrency,
+            batch=batch,
+            submitters=submitters,
+            dsn=dsn,
+        )
+        return _print_figures(asyncio.run(run_backlog(deep)), as_json)
     try:
         import psutil  # noqa: F401  (reads the processes' CPU and memory)
     except ImportError:
@@ -173,9 +220,45 @@ def bench_schedules(
         float, typer.Option("--seconds", help="Length of the measured window.")
     ] = 20.0,
     warm_up: Annotated[float, typer.Option("--warm-up", help="Seconds before the window.")] = 5.0,
+    per_second: Annotated[
+        int,
+        typer.Option(
+            "--per-second",
+            min=0,
+            help="Schedules every second ('* * * * * *'); with --per-minute, instead of "
+            "--schedules and --cron.",
+        ),
+    ] = 0,
+    per_minute: Annotated[
+        int,
+        typer.Option(
+            "--per-minute",
+            min=0,
+            help="Schedules every minute ('* * * * *', all at second 0); the window then "
+            "crosses at least two minute boundaries.",
+        ),
+    ] = 0,
+    minute_boundaries: Annotated[
+        int,
+        typer.Option(
+            "--minute-boundaries",
+            min=0,
+            help="With --per-minute: the window is made long enough to hold this many "
+            "minute boundaries (second 0).",
+        ),
+    ] = 2,
     create_concurrency: Annotated[
         int, typer.Option("--create-concurrency", min=1, help="CreateSchedule calls at once.")
     ] = 64,
+    api_creates: Annotated[
+        int,
+        typer.Option(
+            "--api-creates",
+            min=0,
+            help="Schedules created through CreateSchedule (its rate is reported); the "
+            "rest are validated the same way and inserted in batches.",
+        ),
+    ] = 2_000,
     dsn: Annotated[
         str | None,
         typer.Option(
@@ -186,12 +269,17 @@ def bench_schedules(
     *,
     g: Globals,
 ) -> int:
-    """Measure the firing lag of many second-level schedules (tick to task committed)."""
+    """Measure the firing lag of many schedules (tick to task committed), by kind and at
+    the minute boundary."""
     from conveyor.bench.schedules import run
 
     args = argparse.Namespace(
         schedules=schedules,
         cron=cron,
+        per_second=per_second,
+        per_minute=per_minute,
+        minute_boundaries=minute_boundaries,
+        api_creates=api_creates,
         seconds=seconds,
         warm_up=warm_up,
         create_concurrency=create_concurrency,

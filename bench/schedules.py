@@ -1,11 +1,22 @@
-"""``conveyor bench-schedules``: firing lag of many second-level cron schedules.
+"""``conveyor bench-schedules``: firing lag of many cron schedules.
 
 Starts PostgreSQL (embedded, durable, with ``track_commit_timestamp`` on) and a
-coordinator process, creates ``--schedules`` schedules through the API (by default every
-second: ``* * * * * *``), lets them run, and then reads from the database, for every tick
-in a window of ``--seconds`` after a warm-up, the lag from the tick time (the task's
-``run_at``) to the commit of the transaction that wrote the task
+coordinator process, creates the schedules, lets them run, and then reads from the
+database, for every tick in a window of ``--seconds`` after a warm-up, the lag from the
+tick time (the task's ``run_at``) to the commit of the transaction that wrote the task
 (``pg_xact_commit_timestamp(xmin)``). Nobody consumes the tasks: this measures the firer.
+
+The schedules: ``--schedules`` with ``--cron`` (by default 10,000 every second), or, with
+``--per-second`` and ``--per-minute``, that many of each kind (``* * * * * *`` and
+``* * * * *``, which all fire at second 0 of a minute, at the same tick as the
+per-second ones). Each kind's tasks have their own type, so the lags are also given per
+kind, and for the ticks at a minute's second 0 apart from the others.
+
+Creating 100,000 schedules one CreateSchedule call at a time would take minutes, so the
+first ``--api-creates`` go through the API (their rate is reported) and the rest are
+validated by the same function CreateSchedule calls (``validate_schedule``, first tick
+and all) and inserted in batches by ``store.schedules.insert_many``. All are created
+paused and started together (``store.schedules.start_paused``) from the same tick.
 """
 
 from __future__ import annotations
@@ -28,6 +39,18 @@ import asyncpg
 
 from conveyor.bench.runner import _free_port, _percentile, _say, _stop, _wait_serving
 from conveyor.client import AsyncClient
+from conveyor.client._models import TaskTemplate
+from conveyor.coordinator.config import DEFAULT_TENANT, CoordinatorConfig
+from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.schedules.cron import compile_cron, first_tick
+from conveyor.coordinator.schedules.validation import validate_schedule
+from conveyor.coordinator.store import schedules as schedule_store
+from conveyor.v1 import schedule_pb2
+
+QUEUE = "bench-schedules"
+EVERY_SECOND = "* * * * * *"
+EVERY_MINUTE = "* * * * *"
+INSERT_BATCH = 5_000
 
 
 @asynccontextmanager
@@ -94,16 +117,69 @@ def _postgres_cpu_seconds(pgdata: Path | None) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def _create(client: AsyncClient, count: int, cron: str, concurrency: int) -> None:
-    names = iter(range(count))
+def kinds(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(task type, cron, count) of each kind of schedule the run creates."""
+    if args.per_second or args.per_minute:
+        out = [("per-second", EVERY_SECOND, args.per_second)]
+        return [*out, ("per-minute", EVERY_MINUTE, args.per_minute)]
+    return [("noop", args.cron, args.schedules)]
+
+
+async def _create_api(
+    client: AsyncClient, names: list[tuple[str, str, str]], concurrency: int
+) -> None:
+    todo = iter(names)
 
     async def creator() -> None:
-        for i in names:
-            await client.create_schedule(
-                f"bench-{i:06d}", cron, "noop", b"", raw=True, queue="bench-schedules"
-            )
+        for name, cron, type_ in todo:
+            await client.create_schedule(name, cron, type_, b"", raw=True, queue=QUEUE, paused=True)
 
     await asyncio.gather(*(creator() for _ in range(concurrency)))
+
+
+async def _insert_straight(db: asyncpg.Connection, names: list[tuple[str, str, str]]) -> None:
+    """Validated as CreateSchedule validates, inserted in batches (no API call each)."""
+    # The coordinator's default limit (the bench's coordinator runs with defaults).
+    max_payload = CoordinatorConfig.max_payload_bytes
+    for start in range(0, len(names), INSERT_BATCH):
+        now = datetime.now(UTC)
+        batch = []
+        for name, cron, type_ in names[start : start + INSERT_BATCH]:
+            template = TaskTemplate(type=type_, payload=b"", raw=True, queue=QUEUE)
+            msg = schedule_pb2.Schedule(
+                name=name, cron=cron, task_template=template.to_template(), paused=True
+            )
+            valid = validate_schedule(msg, tenant=DEFAULT_TENANT, max_payload_bytes=max_payload)
+            first = first_tick(valid.spec, now, valid.row.start_time)
+            batch.append(schedule_store.NewSchedule(uuid7(), valid.row, valid.paused, first))
+        await schedule_store.insert_many(db, batch, now)
+
+
+async def _create(
+    args: argparse.Namespace, client: AsyncClient, db: asyncpg.Connection
+) -> tuple[float, int]:
+    """Creates the run's schedules; returns the API's creates per second, and how many
+    went through the API."""
+    names = [
+        (f"bench-{type_}-{i:06d}", cron, type_)
+        for type_, cron, count in kinds(args)
+        for i in range(count)
+    ]
+    # Interleaved kinds, so the API's share has some of each.
+    names.sort(key=lambda n: n[0].rsplit("-", 1)[1])
+    through_api = names[: args.api_creates]
+    started = time.perf_counter()
+    await _create_api(client, through_api, args.create_concurrency)
+    api_s = time.perf_counter() - started
+    await _insert_straight(db, names[args.api_creates :])
+    # Created paused, started together: a schedule created early in a long creation
+    # would otherwise have a minute of ticks overdue when the measurement starts.
+    now = datetime.now(UTC)
+    for _, cron, _ in kinds(args):
+        first = first_tick(compile_cron(cron), now + timedelta(seconds=1), None)
+        assert first is not None
+        await schedule_store.start_paused(db, DEFAULT_TENANT, cron, first, now)
+    return (len(through_api) / api_s if through_api else 0.0), len(through_api)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,13 +224,20 @@ async def _measure(
     pid: int,
     pgdata: Path | None,
 ) -> dict[str, Any]:
-    _say(f"creating {args.schedules} schedules ({args.cron!r}) …")
+    made = kinds(args)
+    total = sum(count for _, _, count in made)
+    _say("creating " + ", ".join(f"{count:,} {cron!r}" for _, cron, count in made) + " …")
     started = time.perf_counter()
-    await _create(client, args.schedules, args.cron, args.create_concurrency)
+    api_per_s, through_api = await _create(args, client, db)
     create_s = time.perf_counter() - started
     now = datetime.now(UTC)
     window_start = (now + timedelta(seconds=args.warm_up)).replace(microsecond=0)
     window_end = window_start + timedelta(seconds=args.seconds)
+    if args.minute_boundaries and any(cron == EVERY_MINUTE and n for _, cron, n in made):
+        # The per-minute ticks are the burst: the window holds --minute-boundaries of them.
+        last = (window_start + timedelta(minutes=args.minute_boundaries)).replace(second=0)
+        window_end = max(window_end, last + timedelta(seconds=1))
+    seconds = (window_end - window_start).total_seconds()
     _say(
         f"created in {create_s:.1f}s; measuring the ticks from {window_start:%H:%M:%S} "
         f"to {window_end:%H:%M:%S} …"
@@ -164,7 +247,7 @@ async def _measure(
     await asyncio.sleep(max(0.0, (window_end - datetime.now(UTC)).total_seconds()))
     cpu_end, pg_end = _cpu_seconds(pid), _postgres_cpu_seconds(pgdata)
     # Let the firer finish the window's last ticks (or show that it cannot keep up).
-    deadline = time.monotonic() + 30.0
+    deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
         behind = await db.fetchval(
             "SELECT count(*) FROM schedules WHERE NOT paused AND next_fire_time < $1", window_end
@@ -174,54 +257,104 @@ async def _measure(
         await asyncio.sleep(0.1)
     rows = await db.fetch(
         """
-        SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - run_at) * 1000 AS lag_ms
+        SELECT type, extract(second FROM run_at) = 0 AS minute_boundary,
+            extract(epoch FROM pg_xact_commit_timestamp(xmin) - run_at) * 1000 AS lag_ms
         FROM tasks
-        WHERE queue = 'bench-schedules' AND run_at >= $1 AND run_at < $2
+        WHERE queue = $3 AND run_at >= $1 AND run_at < $2
         """,
         window_start,
         window_end,
+        QUEUE,
     )
     lags = [float(r["lag_ms"]) for r in rows]
-    every_second = args.cron.split() == ["*"] * 6
-    expected = args.schedules * round(args.seconds) if every_second else None
+    expected = 0
+    for _, cron, count in made:
+        if cron == EVERY_SECOND:
+            expected += count * round(seconds)
+        elif cron == EVERY_MINUTE:
+            minutes = sum(
+                1
+                for k in range(round(seconds))
+                if (window_start + timedelta(seconds=k)).second == 0
+            )
+            expected += count * minutes
+        else:
+            expected = -1
     cpu = pg_cpu = None
     if cpu_start is not None and cpu_end is not None:
-        cpu = round(100.0 * (cpu_end - cpu_start) / args.seconds, 1)
+        cpu = round(100.0 * (cpu_end - cpu_start) / seconds, 1)
     if pg_start is not None and pg_end is not None:
-        pg_cpu = round(100.0 * (pg_end - pg_start) / args.seconds, 1)
+        pg_cpu = round(100.0 * (pg_end - pg_start) / seconds, 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    split: dict[str, dict[str, Any]] = {}
+    for type_, _, count in made:
+        if not count:
+            continue
+        mine = [r for r in rows if r["type"] == type_]
+        split[type_] = _lag_figures([float(r["lag_ms"]) for r in mine])
+        # Split only where a kind fires both at second 0 and at other seconds.
+        if len({r["minute_boundary"] for r in mine}) == 2:
+            split[f"{type_} at second 0"] = _lag_figures(
+                [float(r["lag_ms"]) for r in mine if r["minute_boundary"]]
+            )
     return {
-        "schedules": args.schedules,
-        "cron": args.cron,
-        "window_s": args.seconds,
+        "schedules": total,
+        "kinds": {type_: {"cron": cron, "count": count} for type_, cron, count in made},
+        "cron": args.cron if len(made) == 1 else None,
+        "window_s": seconds,
         "firings": len(lags),
-        "expected_firings": expected,
-        "firings_per_s": round(len(lags) / args.seconds),
-        "lag_p50_ms": round(_percentile(lags, 50), 1) if lags else None,
-        "lag_p95_ms": round(_percentile(lags, 95), 1) if lags else None,
-        "lag_p99_ms": round(_percentile(lags, 99), 1) if lags else None,
-        "lag_max_ms": round(max(lags), 1) if lags else None,
-        "lag_min_ms": round(min(lags), 1) if lags else None,
+        "expected_firings": expected if expected >= 0 else None,
+        "firings_per_s": round(len(lags) / seconds),
+        **{f"lag_{k}": v for k, v in _lag_figures(lags).items()},
+        "lags_by_kind": split,
         "coordinator_cpu_pct": cpu,
         "postgres_cpu_pct": pg_cpu,
         "load_average_1m": round(load, 2) if load is not None else None,
-        "create_per_s": round(args.schedules / create_s),
+        "create_s": round(create_s, 1),
+        "create_per_s": round(total / create_s),
+        "api_creates": through_api,
+        "api_create_per_s": round(api_per_s),
+    }
+
+
+def _lag_figures(lags: list[float]) -> dict[str, Any]:
+    if not lags:
+        return {"n": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "n": len(lags),
+        "p50_ms": round(_percentile(lags, 50), 1),
+        "p95_ms": round(_percentile(lags, 95), 1),
+        "p99_ms": round(_percentile(lags, 99), 1),
+        "max_ms": round(max(lags), 1),
+        "min_ms": round(min(lags), 1),
     }
 
 
 def _report(args: argparse.Namespace, f: dict[str, Any]) -> None:
-    expected = f" of {f['expected_firings']} expected" if f["expected_firings"] is not None else ""
-    _say(
-        f"""
-Conveyor schedule benchmark ({platform.machine()}, {os.cpu_count()} CPUs, \
-Python {platform.python_version()})
-  schedules             {f["schedules"]:>10,}   cron {f["cron"]!r}
-  firings               {f["firings"]:>10,}{expected} in {f["window_s"]:.0f}s \
-({f["firings_per_s"]:,}/s)
-  lag (tick → commit)   p50 {f["lag_p50_ms"]} ms   p95 {f["lag_p95_ms"]} ms   \
-p99 {f["lag_p99_ms"]} ms   max {f["lag_max_ms"]} ms
-  CPU (% of one core)   coordinator {f["coordinator_cpu_pct"]}   \
-PostgreSQL {f["postgres_cpu_pct"]}   (machine load average {f["load_average_1m"]})
-  CreateSchedule        {f["create_per_s"]:>10,} /s
-"""
+    expected = (
+        f" of {f['expected_firings']:,} expected" if f["expected_firings"] is not None else ""
     )
+    made = ", ".join(f"{k['count']:,} {k['cron']!r}" for k in f["kinds"].values())
+    lines = [
+        "",
+        f"Conveyor schedule benchmark ({platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()})",
+        f"  schedules             {f['schedules']:>10,}   ({made})",
+        f"  firings               {f['firings']:>10,}{expected} in {f['window_s']:.0f}s "
+        f"({f['firings_per_s']:,}/s)",
+        f"  lag (tick → commit)   p50 {f['lag_p50_ms']} ms   p95 {f['lag_p95_ms']} ms   "
+        f"p99 {f['lag_p99_ms']} ms   max {f['lag_max_ms']} ms",
+    ]
+    if len(f["lags_by_kind"]) > 1:
+        for name, k in f["lags_by_kind"].items():
+            lines.append(
+                f"    {name:<25} p50 {k['p50_ms']} ms   p99 {k['p99_ms']} ms   "
+                f"max {k['max_ms']} ms   ({k['n']:,} firings)"
+            )
+    lines += [
+        f"  CPU (% of one core)   coordinator {f['coordinator_cpu_pct']}   "
+        f"PostgreSQL {f['postgres_cpu_pct']}   (machine load average {f['load_average_1m']})",
+        f"  created in            {f['create_s']:>10} s   ({f['create_per_s']:,}/s; "
+        f"CreateSchedule {f['api_create_per_s']:,}/s over {f['api_creates']:,} calls)",
+    ]
+    _say("\n".join(lines) + "\n")

@@ -21,6 +21,10 @@ for the tick and commits at it. The tasks become visible at their tick, not a ro
 work after it; until then the rows stay locked, so a client changing such a schedule
 waits for that commit (under a second). Every other policy is decided at the tick.
 
+Bursts: a tick that many ALLOW schedules share (every per-minute schedule fires at second
+0) is too much work for a round started within a second of it, so it is prepared by a
+task of its own, seconds ahead, and committed at the tick (:meth:`ScheduleFirer._prepare_bursts`).
+
 A firing is a submit: it counts against its tenant's ``max_backlog`` and ``submit_rate``
 (``quotas.py``), decided once per tenant per batch, in memory. The ticks a tenant's limits
 do not admit (the latest ones of the batch) submit nothing: each is recorded as refused,
@@ -46,13 +50,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -75,6 +80,7 @@ from conveyor.coordinator.schedules.cron import (
     utc_now,
 )
 from conveyor.coordinator.schedules.validation import template_task
+from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
 from conveyor.coordinator.store.tasks import NewRow
@@ -89,6 +95,17 @@ _MAX_CACHED = 200_000
 # The lookahead is this many times the last round's preparation time, plus the minimum.
 _LOOKAHEAD_MARGIN = 1.5
 _MIN_LOOKAHEAD = 0.05
+# A burst (a tick many schedules share) starts this many times its estimated preparation
+# ahead, plus the minimum (min_burst_lookahead: two rounds, since the rounds run about
+# once a tick, so that no round takes a burst's tick before the burst starts); the
+# estimate starts at this cost per firing and is measured.
+_BURST_MARGIN = 2.0
+_INITIAL_BURST_COST = 60e-6
+# Longest wait of a burst for the rounds to be idle before its next batch.
+_ROUNDS_IDLE_WAIT = 0.2
+_BURST_IDLE_TIMEOUT = "SET LOCAL idle_in_transaction_session_timeout = '{:.0f}s'"
+# Seconds between looks for upcoming bursts (one grouped index range scan each).
+_BURST_CHECK_INTERVAL = 0.5
 # Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
 KEEP_REFUSALS = 10
 # Seconds between log lines about one tenant's refused ticks.
@@ -154,6 +171,13 @@ class ScheduleFirer(Service):
             schedules only); the round's preparation time, measured, sets how early it
             starts. Below 1 (ticks are whole seconds apart, so a round prepares at most
             one future tick); 0 turns preparing ahead off.
+        burst: A tick that this many ALLOW schedules or more share (every per-minute
+            schedule fires at second 0) is prepared on its own, earlier than a round's
+            lookahead: see :meth:`_prepare_bursts`.
+        max_burst_lookahead: Seconds before its tick a burst may start (the rows it
+            locks stay locked until the tick); 0 turns burst preparation off.
+        min_burst_lookahead: Seconds before its tick a burst starts at the least: two
+            rounds, so that no round takes the tick first.
     """
 
     name = "schedule-firer"
@@ -170,11 +194,18 @@ class ScheduleFirer(Service):
         misfire_grace: float = 1.0,
         buffer_recheck: float = 0.5,
         max_lookahead: float = 0.9,
+        burst: int = 5000,
+        max_burst_lookahead: float = 30.0,
+        min_burst_lookahead: float = 2.0,
     ) -> None:
         if batch_size < 1 or parallel < 1:
             raise ValueError("batch_size and parallel must be positive")
         if not 0 <= max_lookahead < 1:
             raise ValueError("max_lookahead must be at least 0 and below 1 second")
+        if burst < 1 or not 0 <= min_burst_lookahead <= max_burst_lookahead:
+            raise ValueError(
+                "burst must be positive, and 0 <= min_burst_lookahead <= max_burst_lookahead"
+            )
         super().__init__(deps)
         self.quotas = quotas
         self.now = now
@@ -188,6 +219,22 @@ class ScheduleFirer(Service):
         """Current lookahead (seconds), adapted to how long preparing a round takes."""
         self._cache: dict[uuid.UUID, _Compiled] = {}
         self._prepared = 0.0
+        self.burst = burst
+        self.max_burst_lookahead = max_burst_lookahead
+        self.min_burst_lookahead = min_burst_lookahead
+        self._bursts: dict[datetime, asyncio.Task[None]] = {}
+        """The bursts being prepared, by tick; each commits at its tick."""
+        self._burst_cost = _INITIAL_BURST_COST
+        """Seconds of preparation per firing of a burst, measured (wall clock, the
+        rounds' share of the loop included)."""
+        self._bursts_checked = -math.inf
+        self._next_burst: datetime | None = None
+        """When the next burst known to be coming should start (the loop wakes for it)."""
+        self._near_preparing = 0
+        self._near_idle = asyncio.Event()
+        self._near_idle.set()
+        self.bursts = 0
+        """Bursts prepared ahead since start (for tests)."""
         self.started: datetime | None = None
         self.fired = 0
         """Tasks submitted since start (for tests and metrics)."""
@@ -225,6 +272,8 @@ class ScheduleFirer(Service):
             await self.quotas.backlog_ready()
         now = self.now()
         horizon = now + timedelta(seconds=self.lookahead)
+        self._reap_bursts()
+        await self._prepare_bursts(now, horizon)
         self._prepared = 0.0
         try:
             async with asyncio.TaskGroup() as group:
@@ -239,6 +288,8 @@ class ScheduleFirer(Service):
         async with self.deps.db.read() as conn:
             allow, other = await store.next_wake(conn)
         wakes = [w for w in (other, allow and allow - timedelta(seconds=self.lookahead)) if w]
+        if self._next_burst is not None:
+            wakes.append(self._next_burst)
         if not wakes:
             return self.max_sleep
         # Rows a client's transaction had locked are due but were skipped: look again soon.
@@ -251,38 +302,198 @@ class ScheduleFirer(Service):
         the latest of their ticks; the others commit as soon as they are written.
         """
         started = time.monotonic()
+        self._near_preparing += 1
+        self._near_idle.clear()
+        preparing = True
+
+        def prepared(firings: int = 0) -> None:
+            nonlocal preparing
+            self._prepared = max(self._prepared, time.monotonic() - started)
+            if preparing:
+                # Bursts prepare while the rounds do not (they wait for their ticks).
+                preparing = False
+                self._near_preparing -= 1
+                if not self._near_preparing:
+                    self._near_idle.set()
+
+        try:
+            more = True
+            while more:
+                more, _ = await self._transaction(
+                    lambda conn: store.due(conn, now, horizon, self.batch_size),
+                    now,
+                    horizon,
+                    prepared=prepared,
+                )
+        finally:
+            prepared()
+
+    async def _transaction(
+        self,
+        fetch: Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]],
+        now: datetime,
+        horizon: datetime,
+        *,
+        prepared: Callable[[int], None] | None = None,
+        before_batch: Callable[[], Awaitable[object]] | None = None,
+        fence_last: bool = False,
+    ) -> tuple[bool, int]:
+        """Fires the schedules ``fetch`` locks, batch after batch, in one transaction;
+        returns whether the last batch was full (more may be due) and the firings.
+
+        Batches whose ticks are still ahead pile up, and the transaction commits at the
+        latest of their ticks (``prepared`` is called before that wait, with the firings
+        written); one whose ticks
+        have come commits as soon as it is written.
+
+        ``fence_last`` checks the leader's epoch as the last statement instead of the
+        first: a burst's transaction lasts seconds, and the check share-locks the
+        leadership row until the commit, which would keep a new leader from taking
+        office that long. Checked last, it is as safe (a stale epoch rolls everything
+        back; once it passes, no new epoch can commit before this transaction does).
+        """
+        firings: list[_Firing] = []
+        inserted: list[Row] = []
+        refused: list[_Firing] = []
+        admitted: collections.Counter[str] = collections.Counter()
+        more = True
+        fence = self.deps.office.fence()
+        try:
+            async with self.deps.db.write(None if fence_last else fence) as conn:
+                if fence_last:
+                    # The pool's 5 s idle_in_transaction_session_timeout is there for the
+                    # leadership row a frozen process would hold (store/db.py); this
+                    # transaction does not hold it, and waits seconds for its tick (on a
+                    # starved loop, also between its statements).
+                    await conn.execute(_BURST_IDLE_TIMEOUT.format(self.max_burst_lookahead + 30))
+                target: datetime | None = None
+                while more:
+                    if before_batch is not None:
+                        await before_batch()
+                    rows = await fetch(conn)
+                    more = len(rows) == self.batch_size
+                    if not rows:
+                        break
+                    fired = await self._fire(conn, rows, now, horizon, admitted, refused, inserted)
+                    firings += fired
+                    if fired:
+                        latest = max(f.tick for f in fired)
+                        target = latest if target is None or latest > target else target
+                    if target is None or target <= self.now():
+                        break
+                if prepared is not None:
+                    prepared(len(firings))
+                if target is not None:
+                    await self._sleep_until(target)
+                if fence_last:
+                    await leadership.check_epoch(conn, fence)
+        finally:
+            if self.quotas is not None:
+                for tenant, count in admitted.items():
+                    self.quotas.done(tenant, count)
+        self._count_refused(refused)
+        self._announce(firings, inserted)
+        return more, len(firings)
+
+    # -- bursts ------------------------------------------------------------------------
+
+    async def _prepare_bursts(self, now: datetime, horizon: datetime) -> None:
+        """Starts preparing the ticks many ALLOW schedules share, each on its own.
+
+        Every per-minute schedule fires at second 0: 90,000 of them are 90,000 firings
+        at one tick, several seconds of preparation, which a round started within a
+        second of the tick cannot do in time. Unlike a per-second schedule (whose row
+        is the cursor, so its next tick can only be prepared once the previous one
+        committed), a per-minute schedule's next tick is known for a minute. So a tick
+        shared by ``burst`` schedules or more is prepared by a task of its own, started
+        as early as its size needs (its firings times the measured cost per firing,
+        with a margin; at most ``max_burst_lookahead``): it locks the schedules whose
+        ``wake_time`` is that tick, inserts their firings batch by batch while the
+        rounds are idle (they keep their priority: their ticks come first), and commits
+        at the tick, as a round's prepared transaction does. What it has not locked by
+        then (schedules that reached the tick later) the rounds fire as usual.
+
+        Its transaction checks the leader's epoch last (``fence_last``), so it does not
+        hold the leadership row while it waits; it holds its schedules' rows, so a
+        client changing one of them waits for the tick (at most max_burst_lookahead), and
+        so would a new leader's firer for those schedules if this process froze (up to
+        the transaction's own idle timeout, max_burst_lookahead + 30 s: then they fire
+        late, once).
+        """
+        if not self.max_burst_lookahead or self.max_lookahead <= 0:
+            return
+        moment = time.monotonic()
+        if moment - self._bursts_checked < _BURST_CHECK_INTERVAL:
+            return
+        self._bursts_checked = moment
+        until = now + timedelta(seconds=self.max_burst_lookahead)
+        async with self.deps.db.read() as conn:
+            upcoming = await store.upcoming_ticks(conn, horizon, until, self.burst)
+        self._next_burst = None
+        for tick, count in upcoming:
+            if tick in self._bursts:
+                continue
+            lead = min(
+                self.max_burst_lookahead,
+                _BURST_MARGIN * count * self._burst_cost + self.min_burst_lookahead,
+            )
+            if (tick - now).total_seconds() > lead:
+                begin = tick - timedelta(seconds=lead)
+                if self._next_burst is None or begin < self._next_burst:
+                    self._next_burst = begin
+                continue
+            self._bursts[tick] = asyncio.create_task(
+                self._burst(tick, count), name=f"{self.name}-burst"
+            )
+
+    async def _burst(self, tick: datetime, expected: int) -> None:
+        """Fires the ALLOW schedules due at ``tick``, prepared now, committed at it."""
+        started = time.monotonic()
+        fired = 0
         more = True
         while more:
-            firings: list[_Firing] = []
-            inserted: list[Row] = []
-            refused: list[_Firing] = []
-            admitted: collections.Counter[str] = collections.Counter()
-            try:
-                async with self.deps.db.write(self.deps.office.fence()) as conn:
-                    target: datetime | None = None
-                    while more:
-                        rows = await store.due(conn, now, horizon, self.batch_size)
-                        more = len(rows) == self.batch_size
-                        if not rows:
-                            break
-                        fired = await self._fire(
-                            conn, rows, now, horizon, admitted, refused, inserted
-                        )
-                        firings += fired
-                        if fired:
-                            latest = max(f.tick for f in fired)
-                            target = latest if target is None or latest > target else target
-                        if target is None or target <= self.now():
-                            break
-                    self._prepared = max(self._prepared, time.monotonic() - started)
-                    if target is not None:
-                        await self._sleep_until(target)
-            finally:
-                if self.quotas is not None:
-                    for tenant, count in admitted.items():
-                        self.quotas.done(tenant, count)
-            self._count_refused(refused)
-            self._announce(firings, inserted)
+            more, count = await self._transaction(
+                lambda conn: store.due_at(conn, tick, self.batch_size),
+                self.now(),
+                tick,
+                prepared=functools.partial(self._burst_prepared, started, fired),
+                before_batch=self._rounds_idle,
+                fence_last=True,
+            )
+            fired += count
+        self.bursts += 1
+        _log.debug("burst of %d firings (%d expected) at %s", fired, expected, tick)
+
+    async def _rounds_idle(self) -> None:
+        """Returns when no round is preparing (or after a few seconds regardless: a burst
+        must not starve either)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._near_idle.wait(), _ROUNDS_IDLE_WAIT)
+
+    def _burst_prepared(self, started: float, before: int, firings: int) -> None:
+        """A burst's transaction is written: its cost per firing updates the estimate."""
+        fired = before + firings
+        if fired >= self.burst:
+            cost = (time.monotonic() - started) / fired
+            self._burst_cost = 0.5 * self._burst_cost + 0.5 * cost
+
+    def _reap_bursts(self) -> None:
+        """Forgets the bursts that are done; a failed one fails this step (so a fenced
+        firer stops, a store error backs off), after its tick: the rounds fire what it
+        did not."""
+        for tick, task in list(self._bursts.items()):
+            if task.done():
+                del self._bursts[tick]
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+
+    async def stop(self) -> None:
+        await super().stop()
+        bursts = list(self._bursts.values())
+        self._bursts.clear()
+        for task in bursts:
+            task.cancel()
+        await asyncio.gather(*bursts, return_exceptions=True)
 
     async def _sleep_until(self, moment: datetime) -> None:
         """Returns at ``moment`` by the firer's clock, not before (timers may fire early)."""

@@ -94,6 +94,91 @@ async def insert(
     )
 
 
+_INSERT_MANY_ARRAYS = (
+    ("id", "uuid"),
+    ("tenant", "text"),
+    ("name", "text"),
+    ("cron", "text"),
+    ("time_zone", "text"),
+    ("template", "bytea"),
+    ("overlap_policy", "smallint"),
+    ("catch_up_policy", "smallint"),
+    ("catch_up_limit", "integer"),
+    ("paused", "boolean"),
+    ("start_time", "timestamptz"),
+    ("end_time", "timestamptz"),
+    ("next_fire_time", "timestamptz"),
+)
+_INSERT_MANY = Query(
+    "insert_schedules",
+    f"""
+    INSERT INTO schedules (id, tenant, name, cron, time_zone, template, overlap_policy,
+        catch_up_policy, catch_up_limit, paused, start_time, end_time, next_fire_time,
+        wake_time, create_time, update_time)
+    SELECT r.id, r.tenant, r.name, r.cron, r.time_zone, r.template, r.overlap_policy,
+        r.catch_up_policy, r.catch_up_limit, r.paused, r.start_time, r.end_time,
+        r.next_fire_time, r.next_fire_time, :now, :now
+    FROM {unnest(_INSERT_MANY_ARRAYS, "r")}
+    ON CONFLICT (tenant, name) DO NOTHING
+    """,
+)
+
+
+@dataclass(frozen=True)
+class NewSchedule:
+    """One schedule of :func:`insert_many`: a validated row and its first tick."""
+
+    id: uuid.UUID
+    row: ScheduleRow
+    paused: bool
+    next_fire_time: datetime | None
+
+
+def _new_schedule_record(s: NewSchedule) -> tuple[object, ...]:
+    row = s.row
+    return (
+        s.id, row.tenant, row.name, row.cron, row.time_zone, row.template, row.overlap_policy,
+        row.catch_up_policy, row.catch_up_limit, s.paused, row.start_time, row.end_time,
+        s.next_fire_time,
+    )  # fmt: skip
+
+
+async def insert_many(
+    conn: asyncpg.Connection, schedules: Sequence[NewSchedule], now: datetime
+) -> None:
+    """Inserts many validated schedules in one statement (names already taken are left
+    as they are). For bulk loads (``conveyor bench-schedules``); tenant quotas are the
+    caller's to check."""
+    await _INSERT_MANY.execute(
+        conn,
+        now=now,
+        **transpose(
+            [_new_schedule_record(s) for s in schedules],
+            [name for name, _ in _INSERT_MANY_ARRAYS],
+        ),
+    )
+
+
+_START_PAUSED = Query(
+    "start_paused_schedules",
+    """
+    UPDATE schedules s SET paused = false, next_fire_time = :first, wake_time = :first,
+        buffered_tick = NULL, version = s.version + 1, update_time = :now
+    WHERE s.tenant = :tenant AND s.cron = :cron AND s.paused
+    """,
+)
+
+
+async def start_paused(
+    conn: asyncpg.Connection, tenant: str, cron: str, first: datetime, now: datetime
+) -> int:
+    """Resumes all the tenant's paused schedules of expression ``cron`` (UTC) at once,
+    from ``first`` (one of its ticks), as ResumeSchedule would one by one; returns how
+    many. For bulk set-ups (``conveyor bench-schedules``: all start at the same tick)."""
+    status: str = await _START_PAUSED.execute(conn, tenant=tenant, cron=cron, first=first, now=now)
+    return int(status.rsplit(maxsplit=1)[-1])
+
+
 _GET = Query(
     "get_schedule",
     f"SELECT {_SCHEDULE} FROM schedules s WHERE s.tenant = :tenant AND s.name = :name",
@@ -301,6 +386,48 @@ async def due(
     still unfinished; it is looked up only for schedules whose policy needs it.
     """
     return await _DUE.fetch(conn, now=now, horizon=horizon, limit=limit)
+
+
+_DUE_AT = Query(
+    "due_schedules_at",
+    f"""
+    SELECT s.id, s.tenant, s.name, s.cron, s.time_zone, s.version, s.overlap_policy,
+        s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
+        s.buffered_tick, false AS previous_unfinished
+    FROM schedules s
+    WHERE s.wake_time = :tick AND NOT s.paused AND s.overlap_policy = {OVERLAP_ALLOW}
+    LIMIT :limit
+    FOR UPDATE OF s SKIP LOCKED
+    """,
+)
+
+
+async def due_at(conn: asyncpg.Connection, tick: datetime, limit: int) -> list[asyncpg.Record]:
+    """Locks up to ``limit`` ALLOW schedules whose ``wake_time`` is ``tick`` (a burst the
+    firer prepares ahead), in the shape of :func:`due`."""
+    return await _DUE_AT.fetch(conn, tick=tick, limit=limit)
+
+
+_UPCOMING_TICKS = Query(
+    "upcoming_schedule_ticks",
+    f"""
+    SELECT wake_time, count(*) AS n FROM schedules
+    WHERE wake_time > :after AND wake_time <= :until AND NOT paused
+        AND overlap_policy = {OVERLAP_ALLOW}
+    GROUP BY wake_time
+    HAVING count(*) >= :at_least
+    ORDER BY wake_time
+    """,
+)
+
+
+async def upcoming_ticks(
+    conn: asyncpg.Connection, after: datetime, until: datetime, at_least: int
+) -> list[tuple[datetime, int]]:
+    """The ``wake_time`` values in (``after``, ``until``] that ``at_least`` ALLOW
+    schedules share, earliest first, with how many share each."""
+    rows = await _UPCOMING_TICKS.fetch(conn, after=after, until=until, at_least=at_least)
+    return [(r["wake_time"], int(r["n"])) for r in rows]
 
 
 _TEMPLATES = Query(
