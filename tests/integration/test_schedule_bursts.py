@@ -105,14 +105,16 @@ async def test_a_burst_stopped_before_its_tick_writes_nothing(database_dsn: str)
             max_burst_lookahead=55.0,
             min_burst_lookahead=55.0,
         )
-        # Far from second 0, so that the burst waits (and is stopped) before its tick.
+        # Far from second 0, so that the burst waits (and is stopped) before its tick: at
+        # least 40 s ahead of it, more than the two waits below may take on a busy machine
+        # (with 15 s left, a loaded run reached the tick and the burst committed).
         now = datetime.now(UTC)
-        if not 5 <= now.second <= 45:
+        if not 5 <= now.second <= 20:
             minute = now.replace(second=0, microsecond=0)
             await sleep_until(minute + timedelta(minutes=1, seconds=5))
         firer.start()
-        await eventually(lambda: firer._bursts, timeout=30, what="a burst in flight")
-        await eventually(lambda: _locked(pool), timeout=30, what="the burst's schedules locked")
+        await eventually(lambda: firer._bursts, timeout=15, what="a burst in flight")
+        await eventually(lambda: _locked(pool), timeout=15, what="the burst's schedules locked")
         async with pool.acquire() as conn, conn.transaction():
             # The burst checks the epoch last: the leadership row is free meanwhile, so a
             # new leader could take office (NOWAIT raises if it is locked).
