@@ -42,9 +42,9 @@ import grpc
 import grpc.aio
 
 from conveyor.transport import ConnectionOptions
-from conveyor.worker._connection import RECONNECT_BACKOFF
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
+from conveyor.worker._connection import RECONNECT_BACKOFF
 
 QUEUE = "bench-streams"
 TASK_TYPE = "probe"
