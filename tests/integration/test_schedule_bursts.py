@@ -9,7 +9,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from testsupport import eventually, leader_pool, service_deps, sleep_until
+from testsupport import eventually, leader_pool, service_deps
 
 from conveyor.coordinator.ids import uuid7
 from conveyor.coordinator.schedules.cron import first_tick
@@ -97,21 +97,17 @@ async def test_a_shared_tick_is_prepared_as_a_burst_and_fires_once(database_dsn:
 async def test_a_burst_stopped_before_its_tick_writes_nothing(database_dsn: str) -> None:
     pool, epoch = await leader_pool(database_dsn)
     try:
-        # A tick a minute apart: the burst starts 55 s ahead and waits for its tick.
-        await _insert(pool, "minutely", "* * * * *", 30)
         firer = ScheduleFirer(
             service_deps(pool, database_dsn, epoch=epoch),
             burst=10,
             max_burst_lookahead=55.0,
             min_burst_lookahead=55.0,
         )
-        # Far from second 0, so that the burst waits (and is stopped) before its tick: at
-        # least 40 s ahead of it, more than the two waits below may take on a busy machine
-        # (with 15 s left, a loaded run reached the tick and the burst committed).
-        now = datetime.now(UTC)
-        if not 5 <= now.second <= 20:
-            minute = now.replace(second=0, microsecond=0)
-            await sleep_until(minute + timedelta(minutes=1, seconds=5))
+        # One tick 45 s from now (seconds first: "S M H * * *"), so that the burst starts
+        # at once (it may start 55 s ahead) and waits for its tick, more than the two
+        # waits below may take on a busy machine: it is stopped before it.
+        tick = datetime.now(UTC) + timedelta(seconds=45)
+        await _insert(pool, "minutely", f"{tick.second} {tick.minute} {tick.hour} * * *", 30)
         firer.start()
         await eventually(lambda: firer._bursts, timeout=15, what="a burst in flight")
         await eventually(lambda: _locked(pool), timeout=15, what="the burst's schedules locked")
