@@ -169,9 +169,10 @@ class _Timeouts:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    def add(self, execution: _Execution, timeout: float) -> None:
-        """Times ``execution`` out ``timeout`` seconds from now unless removed first."""
-        at = self._loop.time() + timeout
+    def add(self, execution: _Execution, timeout: float, start: float) -> None:
+        """Times ``execution`` out ``timeout`` seconds after ``start`` (the loop's clock,
+        the monotonic one) unless removed first."""
+        at = start + timeout
         execution.timeout_at = at
         waiting = self._waiting.get(timeout)
         if waiting is None:
@@ -539,10 +540,13 @@ class Runtime:
     def _start(self, execution: _Execution) -> None:
         assignment = execution.assignment
         deadline = None
+        # One reading for the deadline, the timer and the recorded start: a start read
+        # after the timer was set made a timed-out run look shorter than its timeout.
+        start = time.monotonic()
         if execution.timeout is not None:
-            deadline = time.monotonic() + execution.timeout
+            deadline = start + execution.timeout
             # The loop's clock is the monotonic clock, the same as `deadline`.
-            self._timeouts.add(execution, execution.timeout)
+            self._timeouts.add(execution, execution.timeout, start)
         execution.context = TaskContext(
             task_id=execution.lease.task_id,
             type=assignment.type,
@@ -570,7 +574,7 @@ class Runtime:
             _calls=self._calls,
         )
         if self._runs is not None:
-            execution.started = time.monotonic()
+            execution.started = start
         self._occupied.add(execution)
         task = self._loop.create_task(
             self._execute(execution),

@@ -69,10 +69,10 @@ def timeouts(loop: FakeLoop, expired: list[str]) -> _Timeouts:
 def test_attempts_time_out_in_deadline_order_across_timeout_values() -> None:
     loop, expired = FakeLoop(), list[str]()
     t = timeouts(loop, expired)
-    t.add(execution("a", 10), 10)  # due at 10
+    t.add(execution("a", 10), 10, loop.now)  # due at 10
     loop.now = 1
-    t.add(execution("b", 10), 10)  # due at 11
-    t.add(execution("c", 3), 3)  # due at 4: the timer moves earlier
+    t.add(execution("b", 10), 10, loop.now)  # due at 11
+    t.add(execution("c", 3), 3, loop.now)  # due at 4: the timer moves earlier
     assert loop.armed() == [4]
     loop.advance(4)
     assert expired == ["c"]
@@ -89,9 +89,9 @@ def test_an_attempt_that_ended_never_times_out_and_is_let_go() -> None:
     loop, expired = FakeLoop(), list[str]()
     t = timeouts(loop, expired)
     first, second = execution("a", 5), execution("b", 5)
-    t.add(first, 5)
+    t.add(first, 5, loop.now)
     loop.now = 2
-    t.add(second, 5)
+    t.add(second, 5, loop.now)
     t.remove(first)
     t.remove(first)  # twice is harmless
     assert first.timeout_at is None
@@ -113,11 +113,11 @@ def test_expiring_one_attempt_may_start_another_with_its_own_timeout() -> None:
     def expire(e: _Execution) -> None:
         expired.append(e.key[0])
         if e is first:
-            t.add(later, 2)
+            t.add(later, 2, loop.now)
 
     t = _Timeouts(cast(asyncio.AbstractEventLoop, cast(Any, loop)), expire)
     first = execution("first", 1)
-    t.add(first, 1)
+    t.add(first, 1, loop.now)
     loop.advance(1)
     assert loop.armed() == [3]
     loop.advance(3)
