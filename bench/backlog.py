@@ -57,6 +57,7 @@ from conveyor.bench.runner import (
 from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
 from conveyor.coordinator.config import DEFAULT_TENANT
+from conveyor.coordinator.store.tasks import PENDING, SUCCEEDED
 from conveyor.coordinator.tenancy import keys as api_keys
 
 COPY_SLICE = 100_000
@@ -111,7 +112,7 @@ async def load(conn: asyncpg.Connection, count: int, queue: str = QUEUE) -> floa
     when = datetime(2025, 12, 31, 23, tzinfo=UTC)
     # Every column but the id is the same object in every record: only the id is built.
     tail = (
-        DEFAULT_TENANT, queue, "noop", b"", "application/octet-stream", 1, 0, 3, when,
+        DEFAULT_TENANT, queue, "noop", b"", "application/octet-stream", PENDING, 0, 3, when,
         60_000, 1_000, 60_000, 2.0, 0.0, when, when,
     )  # fmt: skip
     started = time.perf_counter()
@@ -144,9 +145,9 @@ async def sizes(conn: asyncpg.Connection) -> dict[str, int]:
 
 # The head query of the claim (store/tasks.py, claim_tasks) for one queue, as the
 # dispatcher runs it for the benchmark's worker.
-CLAIM_HEAD = """
+CLAIM_HEAD = f"""
 SELECT id, priority, deadline, octet_length(payload) AS size FROM tasks
-WHERE tenant = $1 AND state = 1 AND queue = $2 AND type = ANY($3::text[])
+WHERE tenant = $1 AND state = {PENDING} AND queue = $2 AND type = ANY($3::text[])
   AND concurrency_key IS NULL AND (deadline IS NULL OR deadline > now())
   AND ($4::text[] IS NULL OR encryption_key IS NULL OR encryption_key = ANY($4::text[]))
 ORDER BY priority DESC, deadline, id
@@ -215,7 +216,9 @@ async def _window(db: asyncpg.Connection, name: str, first: int, count: int) -> 
     while True:
         # A range of the primary key: reads the window's rows only, whatever the depth.
         done = await db.fetchval(
-            "SELECT count(*) FROM tasks WHERE id >= $1 AND id < $2 AND state = 4", lo, hi
+            f"SELECT count(*) FROM tasks WHERE id >= $1 AND id < $2 AND state = {SUCCEEDED}",
+            lo,
+            hi,
         )
         if done >= count:
             break

@@ -347,20 +347,30 @@ async def _equal(value: Any, expected: object) -> bool:
 # -- separate processes: the leader SIGKILLed under a submit load -------------------------
 
 
+def _coordinators(dsn: str, etcd: EtcdServer, log_dir: Path, name: str) -> list[CoordinatorProcess]:
+    """Three coordinator processes on one database and etcd (not started)."""
+    return [
+        CoordinatorProcess(dsn, etcd.endpoints, log_dir=log_dir, name=f"{name}{i}")
+        for i in range(3)
+    ]
+
+
+async def _serving(coordinators: list[CoordinatorProcess]) -> None:
+    """Starts them all, then waits until each serves."""
+    for coordinator in coordinators:
+        coordinator.start()
+    for coordinator in coordinators:
+        await coordinator.wait_serving()
+
+
 async def test_no_submit_fails_while_the_leader_is_sigkilled(
     database_dsn: str, tmp_path: Path, etcd_server: EtcdServer
 ) -> None:
-    coordinators = [
-        CoordinatorProcess(database_dsn, etcd_server.endpoints, log_dir=tmp_path, name=f"c{i}")
-        for i in range(3)
-    ]
+    coordinators = _coordinators(database_dsn, etcd_server, tmp_path, "c")
     effects = tmp_path / "effects.log"
     workers: list[WorkerProcess] = []
     try:
-        for coordinator in coordinators:
-            coordinator.start()
-        for coordinator in coordinators:
-            await coordinator.wait_serving()
+        await _serving(coordinators)
         first = await wait_for_leader(database_dsn)
         addresses = ",".join(c.address for c in coordinators)
         workers.append(WorkerProcess(addresses, effects, log_dir=tmp_path, concurrency=50).start())
@@ -387,15 +397,9 @@ async def test_no_submit_fails_while_the_leader_is_sigkilled(
 async def test_a_client_spreads_submits_and_reads_and_none_fails_while_the_leader_is_sigkilled(
     database_dsn: str, tmp_path: Path, etcd_server: EtcdServer
 ) -> None:
-    coordinators = [
-        CoordinatorProcess(database_dsn, etcd_server.endpoints, log_dir=tmp_path, name=f"s{i}")
-        for i in range(3)
-    ]
+    coordinators = _coordinators(database_dsn, etcd_server, tmp_path, "s")
     try:
-        for coordinator in coordinators:
-            coordinator.start()
-        for coordinator in coordinators:
-            await coordinator.wait_serving()
+        await _serving(coordinators)
         first = await wait_for_leader(database_dsn)
         addresses = [c.address for c in coordinators]
         # The client's own failover only: any call that raises fails the test.
