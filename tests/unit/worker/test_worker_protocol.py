@@ -632,7 +632,9 @@ async def test_lost_lease_is_abandoned_without_a_result(
             await abandoned.wait()
         beats = len(stream.of("heartbeat"))
         # Later heartbeats no longer carry it, and a later task still reports normally.
-        await eventually(lambda: len(stream.of("heartbeat")) > beats, what="another heartbeat")
+        await eventually(
+            lambda: len(stream.of("heartbeat")) > beats, timeout=30, what="another heartbeat"
+        )
         assert ("t1", 1) not in keys_of(stream.of("heartbeat")[-1].leases)
         stream.assign(assignment("t2", "work"))
         await eventually(fake.results, what="the second task's result")
