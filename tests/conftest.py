@@ -49,6 +49,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _INTEGRATION_DIR in item.path.parents:
             item.add_marker(pytest.mark.integration)
+    # Modules with slow tests run first (each module's tests stay together and in order,
+    # for their module-scoped fixtures): pytest-xdist hands tests out in this order, and a
+    # two-minute test started last held a whole run open on one process while the others
+    # had finished.
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -70,6 +70,7 @@ def test_python_blocks_pass_ruff(index: int, tmp_path: Path) -> None:
         assert run.returncode == 0, f"README python block {index}:\n{run.stdout}{run.stderr}"
 
 
+@pytest.mark.slow
 def test_shell_commands_exist() -> None:
     commands = shell_commands()
     assert len(commands) >= 8

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from clitools import conveyor
 
 from conveyor.coordinator import Coordinator
 
 
+@pytest.mark.slow
 async def test_submit_get_list_cancel(coordinator: Coordinator) -> None:
     where = ["--coordinator", coordinator.address]
     done = await conveyor(*where, "submit", "echo", '{"n": 1}', "--queue", "cli")

@@ -22,6 +22,7 @@ def one_line(err: str) -> str:
     return err.strip()
 
 
+@pytest.mark.slow
 async def test_bad_input_and_missing_things(coordinator: Coordinator) -> None:
     where = ["--coordinator", coordinator.address]
     done = await conveyor(*where, "submit", "echo", "{not json")

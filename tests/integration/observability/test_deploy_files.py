@@ -151,6 +151,7 @@ def test_compose_has_the_services_the_issue_lists() -> None:
         assert any(s.get("image", "").startswith(image) for s in services.values()), image
 
 
+@pytest.mark.slow
 def test_compose_commands_and_flags_exist_in_the_cli() -> None:
     used: set[str] = set()
     for kind in ("coordinator", "worker"):

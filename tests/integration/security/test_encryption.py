@@ -79,6 +79,7 @@ async def _stored(dsn: str, task_id: str) -> asyncpg.Record:
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_rotation_end_to_end(
     coordinator: CoordinatorProcess, database_dsn: str, tmp_path: Path
 ) -> None:
