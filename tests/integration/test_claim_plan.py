@@ -88,7 +88,7 @@ _INSERT_READY = """
 """
 
 
-@pytest.mark.parametrize("statistics", ["deep", "emptied"])
+@pytest.mark.parametrize("statistics", ["deep", "emptied", "fresh"])
 async def test_the_claims_plan_stays_on_the_indexes_whatever_the_statistics(
     database_dsn: str, statistics: str
 ) -> None:
@@ -100,12 +100,21 @@ async def test_the_claims_plan_stays_on_the_indexes_whatever_the_statistics(
         # Statistics that make a plan made without the LIMIT's value read the table:
         # many ready rows, analyzed, random reads priced high ("deep"); or a table that
         # was emptied and vacuumed, so every scan of it looks free ("emptied").
-        await conn.execute(_INSERT_READY, 200_000 if statistics == "deep" else 20_000)
+        # Or a few rows never analyzed, as at a first start ("fresh").
+        rows = {"deep": 200_000, "emptied": 20_000, "fresh": 50}[statistics]
+        await conn.execute(_INSERT_READY, rows)
         if statistics == "emptied":
             await conn.execute("DELETE FROM tasks")
             await conn.execute("VACUUM ANALYZE tasks")
-        else:
-            await conn.execute("ANALYZE tasks")
+        elif statistics == "deep":
+            # Many webhook subscriptions too (of other tenants): the outbox's join must
+            # still go from the claimed rows to the subscriptions' index.
+            await conn.execute(
+                "INSERT INTO webhook_subscriptions (id, tenant, url, secret) "
+                "SELECT gen_random_uuid(), 'tenant-' || g, 'https://example.com', 's' "
+                "FROM generate_series(1, 20000) g"
+            )
+            await conn.execute("ANALYZE")
     finally:
         await conn.close()
     pools = Pool(coordinator_config(database_dsn))
@@ -126,3 +135,4 @@ async def test_the_claims_plan_stays_on_the_indexes_whatever_the_statistics(
     assert "Index Scan using tasks_ready on tasks" in pinned, pinned
     assert "Index Scan using tasks_pkey on tasks t" in pinned, pinned
     assert "Index Cond: (id = ANY ((InitPlan" in pinned, pinned
+    assert "Index Scan using webhook_subscriptions_tenant" in pinned, pinned
