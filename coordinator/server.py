@@ -157,7 +157,8 @@ class Coordinator:
 
     async def _start(self) -> None:
         cfg, components = self.config, self.components
-        pool = (await components.start(Pool(cfg))).pool
+        pools = await components.start(Pool(cfg))
+        pool = pools.pool
         await components.start(self.telemetry)
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -169,7 +170,7 @@ class Coordinator:
                     "`conveyor keys create --dsn DSN --tenant TENANT --scope admin` (or start "
                     "with CONVEYOR_BOOTSTRAP_KEY; see the README's secure set-up)"
                 )
-        db = Database(pool)
+        db = Database(pool, claims=pools.claims)
         self.directory = directory = Directory(
             db, cfg.dsn, refresh=cfg.key_refresh, metrics=self.telemetry.metrics
         )

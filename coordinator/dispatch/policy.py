@@ -171,6 +171,9 @@ class DispatchPolicy:
         """The circuit breakers per (tenant, type) (off unless configured)."""
         self.aging = aging
         """(seconds per step, most steps) of aging, or None: priority alone."""
+        self.claim_conn: asyncpg.Connection | None = None
+        """The connection for the plain claim during a dispatch round (``Database.claims``,
+        with its plan made once), set by the dispatcher; None: the round's connection."""
         self.weight: Callable[[str], int] = weight or _equal
         """A tenant's dispatch weight (``Limits.dispatch_weight``; 1 when not set)."""
 
@@ -309,6 +312,8 @@ class DispatchPolicy:
         budget: _Budget,
         fence: Fence,
     ) -> list[asyncpg.Record]:
+        if self.aging is None and self.claim_conn is not None:
+            conn = self.claim_conn
         return await store.claim(
             conn,
             tenant=session.tenant,

@@ -35,8 +35,18 @@ def committing() -> Iterator[None]:
 class Database:
     """The coordinator's connection pool, with the two ways handlers use it."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, claims: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        self.claim_pool = claims
+        """The connection for the plain claim alone (:data:`CLAIM_SETTINGS`), or None:
+        the claim then runs on the dispatcher's pooled connection like every statement."""
+
+    def claims(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection | None]:
+        """The claim connection for one dispatch round (``async with db.claims() as c``),
+        or None without a claim pool."""
+        if self.claim_pool is None:
+            return contextlib.nullcontext()
+        return self.claim_pool.acquire()
 
     def read(self) -> asyncpg.pool.PoolAcquireContext:
         """A pooled connection to read with: ``async with db.read() as conn``."""
@@ -82,17 +92,45 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+CLAIM_SETTINGS = {
+    # The plain claim (store.tasks.claim without aging) is planned once per connection
+    # and then reused: planning it was 0.4-0.9 ms a claim, about a quarter of
+    # PostgreSQL's CPU for the claim at ~70 tasks a claim (docs/performance.md, issue 19,
+    # third round). It is the one statement on this connection.
+    "plan_cache_mode": "force_generic_plan",
+    # What makes a plan made once safe whatever the table holds then or later: a
+    # generic plan does not know the claim's LIMIT (it guesses a tenth of the ready
+    # rows), so with statistics of a deep backlog it would join the claimed rows to
+    # `tasks` by a hash join over a sequential scan: every row of the table per claim.
+    # With these off, the only plans left are the ones a custom plan picks: the ready
+    # index per queue, the primary key per claimed row (a nested loop), the subscriptions'
+    # index. PostgreSQL 18 counts disabled nodes before costs, so no statistics change it.
+    "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+"""Session settings of the claim connection (:attr:`Database.claim_pool`), over the pool's."""
+
+
 class Pool:
-    """The coordinator's connection pool, as a component: opened at start, closed at stop."""
+    """The coordinator's connection pools, as a component: opened at start, closed at
+    stop. The main pool, and one connection for the dispatcher's plain claims."""
 
     def __init__(self, config: CoordinatorConfig) -> None:
         self._config = config
         self._pool: asyncpg.Pool | None = None
+        self._claims: asyncpg.Pool | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
         assert self._pool is not None, "the pool is opened by start()"
         return self._pool
+
+    @property
+    def claims(self) -> asyncpg.Pool:
+        assert self._claims is not None, "the pool is opened by start()"
+        return self._claims
 
     async def start(self) -> None:
         cfg = self._config
@@ -101,26 +139,42 @@ class Pool:
             min_size=cfg.pool_min_size,
             max_size=cfg.pool_max_size,
             command_timeout=cfg.statement_timeout,
-            server_settings={
-                # asyncpg prepares every statement; after a few runs PostgreSQL may switch
-                # to a generic plan made when the tables were small (a sequential scan
-                # joined to 1000 results: seconds per batch once the table has grown).
-                # Planning each batch anew costs far less than that.
-                "plan_cache_mode": "force_custom_plan",
-                # Batch statements look expensive to the planner; compiling them is not
-                # worth it for millisecond queries.
-                "jit": "off",
-                # A transaction of ours holds the leadership row FOR SHARE (the fence)
-                # until it ends. If this process freezes mid-transaction (SIGSTOP, a VM
-                # pause), that lock would keep the next leader from taking office for as
-                # long as the freeze lasts; PostgreSQL ends such a session instead. Our
-                # transactions never sit idle for more than a moment otherwise.
-                "idle_in_transaction_session_timeout": "5s",
-                "application_name": "conveyor-coordinator",
-            },
+            server_settings=_session_settings(),
+            reset=_keep_session,
+        )
+        # One connection: the dispatcher claims one claim at a time.
+        self._claims = await asyncpg.create_pool(
+            cfg.dsn,
+            min_size=1,
+            max_size=1,
+            command_timeout=cfg.statement_timeout,
+            server_settings={**_session_settings(), **CLAIM_SETTINGS},
             reset=_keep_session,
         )
 
     async def stop(self) -> None:
+        if self._claims is not None:
+            await self._claims.close()
         if self._pool is not None:
             await self._pool.close()
+
+
+def _session_settings() -> dict[str, str]:
+    """The session settings of every coordinator connection."""
+    return {
+        # asyncpg prepares every statement; after a few runs PostgreSQL may switch
+        # to a generic plan made when the tables were small (a sequential scan
+        # joined to 1000 results: seconds per batch once the table has grown).
+        # Planning each batch anew costs far less than that.
+        "plan_cache_mode": "force_custom_plan",
+        # Batch statements look expensive to the planner; compiling them is not
+        # worth it for millisecond queries.
+        "jit": "off",
+        # A transaction of ours holds the leadership row FOR SHARE (the fence)
+        # until it ends. If this process freezes mid-transaction (SIGSTOP, a VM
+        # pause), that lock would keep the next leader from taking office for as
+        # long as the freeze lasts; PostgreSQL ends such a session instead. Our
+        # transactions never sit idle for more than a moment otherwise.
+        "idle_in_transaction_session_timeout": "5s",
+        "application_name": "conveyor-coordinator",
+    }

@@ -700,7 +700,9 @@ def _lease_heads(order: str, claimed_order: str, extra: str = "") -> str:
             lease_holder = :holder, lease_epoch = :epoch, lease_start_time = now(),
             lease_expire_time = now() + make_interval(secs => :lease_seconds),
             update_time = now()
-        FROM picked WHERE t.id = picked.id
+        -- An array, not a join: the primary key is then the one way to the rows whatever
+        -- the statistics say (the plain claim's plan is made once: store/db.py).
+        WHERE t.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING {changed(from_state=PENDING)}, {columns(ASSIGNMENT_COLUMNS, "t")},
             t.deadline {extra.replace(", ", ", t.")}
     ) {tail(f"{columns(ASSIGNMENT_COLUMNS)}, create_time{extra}", claimed_order, finishes=False)}"""
