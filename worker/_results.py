@@ -58,9 +58,11 @@ class PendingResults:
     def __contains__(self, key: object) -> bool:
         return key in self._results
 
-    def add(self, result: pb.TaskResult) -> None:
-        """Keep ``result`` (replacing it by a failure if it is too large to send)."""
-        key = attempt_key(result.lease)
+    def add(self, result: pb.TaskResult, key: AttemptKey | None = None) -> None:
+        """Keep ``result`` (replacing it by a failure if it is too large to send);
+        ``key``, when the caller has it, is its attempt's (saves reading the lease)."""
+        if key is None:
+            key = attempt_key(result.lease)
         size = len(result.result)
         if size > MAX_RESULT_BYTES:
             error = (

@@ -114,6 +114,14 @@ class SessionEnd:
     unknown_key: UnauthenticatedError | None = None
 
 
+def _results_request(batch: list[pb.TaskResult]) -> pb.ConnectRequest:
+    """A Results message of ``batch``: the results are copied once (building a Results
+    and then a ConnectRequest around it copied each twice)."""
+    request = pb.ConnectRequest()
+    request.results.results.extend(batch)
+    return request
+
+
 class _SessionError(Exception):
     """The session cannot go on (protocol violation, silence, send stall)."""
 
@@ -234,7 +242,7 @@ class Session:
             # Results go out now rather than after the batching window, and before the
             # half-close (the writer drops anything queued after it).
             while batch := self._take_batch():
-                await self._outgoing.put(pb.ConnectRequest(results=pb.Results(results=batch)))
+                await self._outgoing.put(_results_request(batch))
             await self._outgoing.put(None)
         await self._finished.wait()
 
@@ -548,7 +556,7 @@ class Session:
             self._results_wanted.clear()
             self._batch_full.clear()
             while batch := self._take_batch():
-                await self._send(pb.ConnectRequest(results=pb.Results(results=batch)))
+                await self._send(_results_request(batch))
                 self._runtime.record_runs()
 
     def _take_batch(self) -> list[pb.TaskResult]:
