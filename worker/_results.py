@@ -125,6 +125,24 @@ class PendingResults:
             return self._results[key]
         return None
 
+    def take_batch(self, limit: int, max_bytes: int, overhead: int) -> list[pb.TaskResult]:
+        """Up to ``limit`` unsent results weighing up to ``max_bytes`` (a result's result
+        and error bytes plus ``overhead``; the first one goes whatever it weighs), in one
+        pass; they stay kept until acked."""
+        batch: list[pb.TaskResult] = []
+        unsent = self._unsent
+        results = self._results
+        size = 0
+        while unsent and len(batch) < limit:
+            key = next(iter(unsent))
+            result = results[key]
+            size += len(result.result) + len(result.error) + overhead
+            if batch and size > max_bytes:
+                break
+            del unsent[key]
+            batch.append(result)
+        return batch
+
     def take_unsent(self, limit: int) -> list[pb.TaskResult]:
         """Up to ``limit`` results to write now; they stay kept until acked."""
         batch: list[pb.TaskResult] = []

@@ -292,7 +292,6 @@ class Runtime:
         # order as slots free, so the worker never runs more than `concurrency`.
         self._backlog: collections.deque[_Execution] = collections.deque()
         self._pending = PendingResults()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._listener: RuntimeListener | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -537,15 +536,23 @@ class Runtime:
         Unbounded (a handler may swallow cancellation): the caller bounds it.
         """
         self._listener = None
-        for task in self._tasks:
+        tasks = self._running_tasks()
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _running_tasks(self) -> list[asyncio.Task[None]]:
+        """The handlers' tasks not done yet. Each is held by its execution while the
+        execution takes a slot, which it does until the task's last step: no set of
+        tasks with a done callback per task (a callback of the loop per attempt)."""
+        return [e.task for e in self._occupied if e.task is not None and not e.task.done()]
 
     def report_leftovers(self) -> None:
         """Log what could not be stopped (handlers ignoring cancellation, busy threads)."""
-        if self._tasks:
-            logger.warning("%d async handler(s) ignored cancellation", len(self._tasks))
+        tasks = self._running_tasks()
+        if tasks:
+            logger.warning("%d async handler(s) ignored cancellation", len(tasks))
         busy = sum(1 for e in self._occupied if e.thread_future and not e.thread_future.done())
         if busy:
             # Threads cannot be interrupted: the interpreter waits for them at exit.
@@ -600,8 +607,6 @@ class Runtime:
             name="conveyor-task",
         )
         execution.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, execution: _Execution) -> None:
         ctx = execution.context

@@ -560,17 +560,8 @@ class Session:
                 self._runtime.record_runs()
 
     def _take_batch(self) -> list[pb.TaskResult]:
-        batch: list[pb.TaskResult] = []
-        size = 0
-        pending = self._runtime.pending
-        while len(batch) < RESULT_BATCH_MAX:
-            peek = pending.peek_unsent()
-            if peek is None:
-                break
-            # The result's bytes stand for its size: the lease and the rest are a few
-            # dozen bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
-            size += len(peek.result) + len(peek.error) + _RESULT_OVERHEAD
-            if batch and size > RESULT_BATCH_BYTES:
-                break
-            batch.extend(pending.take_unsent(1))
-        return batch
+        # The result's bytes stand for its size: the lease and the rest are a few dozen
+        # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
+        return self._runtime.pending.take_batch(
+            RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+        )
