@@ -406,6 +406,11 @@ class Session:
     # -- the loops ---------------------------------------------------------------------
 
     async def _send(self, message: pb.ConnectRequest) -> None:
+        if not self._outgoing.full():
+            # Room for it: no wait to bound (a timeout armed and disarmed per message was
+            # a timer of the loop per results message and per credit).
+            self._outgoing.put_nowait(message)
+            return
         try:
             async with asyncio.timeout(self._liveness):
                 await self._outgoing.put(message)
