@@ -58,9 +58,11 @@ class PendingResults:
     def __contains__(self, key: object) -> bool:
         return key in self._results
 
-    def add(self, result: pb.TaskResult) -> None:
-        """Keep ``result`` (replacing it by a failure if it is too large to send)."""
-        key = attempt_key(result.lease)
+    def add(self, result: pb.TaskResult, key: AttemptKey | None = None) -> None:
+        """Keep ``result`` (replacing it by a failure if it is too large to send);
+        ``key``, when the caller has it, is its attempt's (saves reading the lease)."""
+        if key is None:
+            key = attempt_key(result.lease)
         size = len(result.result)
         if size > MAX_RESULT_BYTES:
             error = (
@@ -122,6 +124,24 @@ class PendingResults:
         for key in self._unsent:
             return self._results[key]
         return None
+
+    def take_batch(self, limit: int, max_bytes: int, overhead: int) -> list[pb.TaskResult]:
+        """Up to ``limit`` unsent results weighing up to ``max_bytes`` (a result's result
+        and error bytes plus ``overhead``; the first one goes whatever it weighs), in one
+        pass; they stay kept until acked."""
+        batch: list[pb.TaskResult] = []
+        unsent = self._unsent
+        results = self._results
+        size = 0
+        while unsent and len(batch) < limit:
+            key = next(iter(unsent))
+            result = results[key]
+            size += len(result.result) + len(result.error) + overhead
+            if batch and size > max_bytes:
+                break
+            del unsent[key]
+            batch.append(result)
+        return batch
 
     def take_unsent(self, limit: int) -> list[pb.TaskResult]:
         """Up to ``limit`` results to write now; they stay kept until acked."""

@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -42,6 +43,7 @@ from conveyor.transport._encryption import (
     envelope_key_id,
     is_sealed,
 )
+from conveyor.transport._records import frozen_builder
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.worker._codec import (
     TaskFailure,
@@ -63,6 +65,17 @@ __all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Most tasks have no labels: one read-only empty mapping serves them all.
 _NO_LABELS: MappingProxyType[str, str] = MappingProxyType({})
+# TaskContext's own __init__ (a frozen dataclass) cost twice as much per attempt.
+_build_context = frozen_builder(TaskContext)
+
+
+@functools.lru_cache(maxsize=256)
+def _datetime(seconds: int, nanos: int) -> datetime:
+    """A Timestamp's value; cached, since the tasks of one submit share a create time
+    (and a datetime is immutable)."""
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
 logger = logging.getLogger("conveyor.worker")
 
 SUCCEEDED = pb.TASK_OUTCOME_SUCCEEDED
@@ -141,6 +154,9 @@ def _result(
     retryable: bool = False,
     result: bytes = b"",
 ) -> pb.TaskResult:
+    if not error and not retryable:
+        # Most results: only what they carry (each keyword given costs its own set).
+        return pb.TaskResult(lease=lease, outcome=outcome, result=result)
     return pb.TaskResult(
         lease=lease,
         outcome=outcome,
@@ -276,7 +292,6 @@ class Runtime:
         # order as slots free, so the worker never runs more than `concurrency`.
         self._backlog: collections.deque[_Execution] = collections.deque()
         self._pending = PendingResults()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._listener: RuntimeListener | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -395,9 +410,10 @@ class Runtime:
 
     def accept(self, assignment: pb.Assignment) -> None:
         """Take one assignment: start it, or queue it if no slot is free."""
-        lease = pb.Lease()
-        lease.CopyFrom(assignment.lease)
-        key = attempt_key(lease)
+        # Not copied: the execution keeps the assignment (and so its lease) alive anyway,
+        # and a result copies the lease into itself.
+        lease = assignment.lease
+        key = (lease.task_id, lease.attempt)
         if key in self._held or key in self._pending:
             # A coordinator resending an attempt we already run or finished: the running
             # handler or its pending result answers it; running it twice would duplicate effects.
@@ -445,7 +461,9 @@ class Runtime:
             return
         timeout: float | None = None
         if assignment.HasField("timeout"):
-            timeout = assignment.timeout.seconds + assignment.timeout.nanos / 1e9
+            # One read of the field: each one makes a message wrapper.
+            duration = assignment.timeout
+            timeout = duration.seconds + duration.nanos / 1e9
             if timeout <= 0:
                 timeout = None
         execution = _Execution(
@@ -518,15 +536,23 @@ class Runtime:
         Unbounded (a handler may swallow cancellation): the caller bounds it.
         """
         self._listener = None
-        for task in self._tasks:
+        tasks = self._running_tasks()
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _running_tasks(self) -> list[asyncio.Task[None]]:
+        """The handlers' tasks not done yet. Each is held by its execution while the
+        execution takes a slot, which it does until the task's last step: no set of
+        tasks with a done callback per task (a callback of the loop per attempt)."""
+        return [e.task for e in self._occupied if e.task is not None and not e.task.done()]
 
     def report_leftovers(self) -> None:
         """Log what could not be stopped (handlers ignoring cancellation, busy threads)."""
-        if self._tasks:
-            logger.warning("%d async handler(s) ignored cancellation", len(self._tasks))
+        tasks = self._running_tasks()
+        if tasks:
+            logger.warning("%d async handler(s) ignored cancellation", len(tasks))
         busy = sum(1 for e in self._occupied if e.thread_future and not e.thread_future.done())
         if busy:
             # Threads cannot be interrupted: the interpreter waits for them at exit.
@@ -547,30 +573,28 @@ class Runtime:
             deadline = start + execution.timeout
             # The loop's clock is the monotonic clock, the same as `deadline`.
             self._timeouts.add(execution, execution.timeout, start)
-        execution.context = TaskContext(
-            task_id=execution.lease.task_id,
+        lease = execution.lease
+        create_time = None
+        if assignment.HasField("create_time"):
+            created = assignment.create_time
+            create_time = _datetime(created.seconds, created.nanos)
+        execution.context = _build_context(
+            task_id=lease.task_id,
             type=assignment.type,
             queue=assignment.queue,
-            attempt=execution.lease.attempt,
+            attempt=lease.attempt,
             max_attempts=assignment.max_attempts,
             idempotency_key=assignment.idempotency_key,
             deadline=deadline,
             labels=MappingProxyType(dict(assignment.labels)) if assignment.labels else _NO_LABELS,
             content_type=execution.content_type,
             traceparent=assignment.traceparent,
-            create_time=(
-                _EPOCH
-                + timedelta(
-                    seconds=assignment.create_time.seconds,
-                    microseconds=assignment.create_time.nanos // 1000,
-                )
-                if assignment.HasField("create_time")
-                else None
-            ),
+            create_time=create_time,
             worker_id=self._worker_id,
             tenant=self.tenant,
-            epoch=execution.lease.epoch,
+            epoch=lease.epoch,
             cancelled=execution.signal,
+            _logger=None,
             _calls=self._calls,
         )
         if self._runs is not None:
@@ -578,11 +602,11 @@ class Runtime:
         self._occupied.add(execution)
         task = self._loop.create_task(
             self._execute(execution),
-            name=f"conveyor-task-{assignment.type}-{execution.lease.task_id}",
+            # A constant: formatting the type and id into each name was as costly as the
+            # TaskContext (issue 19); the log fields and spans name the attempt.
+            name="conveyor-task",
         )
         execution.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, execution: _Execution) -> None:
         ctx = execution.context
@@ -625,7 +649,7 @@ class Runtime:
         if not execution.decided:
             self._decide(execution)
             self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
-            self._emit(result)
+            self._emit(result, execution.key)
 
     async def _invoke(self, execution: _Execution) -> pb.TaskResult:
         handler = execution.handler
@@ -800,8 +824,8 @@ class Runtime:
             self._start(self._backlog.popleft())
         self._notify_slots()
 
-    def _emit(self, result: pb.TaskResult) -> None:
-        self._pending.add(result)
+    def _emit(self, result: pb.TaskResult, key: AttemptKey | None = None) -> None:
+        self._pending.add(result, key)
         if self._listener is not None:
             self._listener.results_ready()
 

@@ -114,6 +114,14 @@ class SessionEnd:
     unknown_key: UnauthenticatedError | None = None
 
 
+def _results_request(batch: list[pb.TaskResult]) -> pb.ConnectRequest:
+    """A Results message of ``batch``: the results are copied once (building a Results
+    and then a ConnectRequest around it copied each twice)."""
+    request = pb.ConnectRequest()
+    request.results.results.extend(batch)
+    return request
+
+
 class _SessionError(Exception):
     """The session cannot go on (protocol violation, silence, send stall)."""
 
@@ -234,7 +242,7 @@ class Session:
             # Results go out now rather than after the batching window, and before the
             # half-close (the writer drops anything queued after it).
             while batch := self._take_batch():
-                await self._outgoing.put(pb.ConnectRequest(results=pb.Results(results=batch)))
+                await self._outgoing.put(_results_request(batch))
             await self._outgoing.put(None)
         await self._finished.wait()
 
@@ -398,6 +406,11 @@ class Session:
     # -- the loops ---------------------------------------------------------------------
 
     async def _send(self, message: pb.ConnectRequest) -> None:
+        if not self._outgoing.full():
+            # Room for it: no wait to bound (a timeout armed and disarmed per message was
+            # a timer of the loop per results message and per credit).
+            self._outgoing.put_nowait(message)
+            return
         try:
             async with asyncio.timeout(self._liveness):
                 await self._outgoing.put(message)
@@ -548,21 +561,12 @@ class Session:
             self._results_wanted.clear()
             self._batch_full.clear()
             while batch := self._take_batch():
-                await self._send(pb.ConnectRequest(results=pb.Results(results=batch)))
+                await self._send(_results_request(batch))
                 self._runtime.record_runs()
 
     def _take_batch(self) -> list[pb.TaskResult]:
-        batch: list[pb.TaskResult] = []
-        size = 0
-        pending = self._runtime.pending
-        while len(batch) < RESULT_BATCH_MAX:
-            peek = pending.peek_unsent()
-            if peek is None:
-                break
-            # The result's bytes stand for its size: the lease and the rest are a few
-            # dozen bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
-            size += len(peek.result) + len(peek.error) + _RESULT_OVERHEAD
-            if batch and size > RESULT_BATCH_BYTES:
-                break
-            batch.extend(pending.take_unsent(1))
-        return batch
+        # The result's bytes stand for its size: the lease and the rest are a few dozen
+        # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
+        return self._runtime.pending.take_batch(
+            RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+        )

@@ -1,0 +1,44 @@
+"""Fast construction of frozen, slotted dataclasses built once per task on a hot path.
+
+A frozen dataclass's generated ``__init__`` sets each field with ``object.__setattr__``
+(the class's own ``__setattr__`` refuses): a global lookup, an attribute lookup and a
+call per field. The client builds a ``Task`` of 27 fields per submitted task and the
+worker a ``TaskContext`` of 17 per attempt; there that was 5 µs of about 13 (issue 19).
+:func:`frozen_builder` makes a function that sets the slots through their descriptors
+directly: about half the cost, and the same object (equal, hashable, picklable) as the
+class's own constructor makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["frozen_builder"]
+
+T = TypeVar("T")
+
+
+def frozen_builder(cls: type[T]) -> Callable[..., T]:
+    """A keyword-only constructor of ``cls`` that takes every field (those with
+    ``init=False`` included) and no default: a field added to ``cls`` and forgotten at a
+    call site fails there (TypeError), not silently.
+
+    Only for slotted dataclasses without ``__post_init__``: nothing is validated or
+    derived on the way, exactly as the generated ``__init__`` would do for such a class.
+    """
+    if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} is not a slotted dataclass")
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has a __post_init__ that a builder would skip")
+    names = [f.name for f in dataclasses.fields(cls)]
+    setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
+    lines = [f"def build(*, {', '.join(names)}):", "    obj = _new(_cls)"]
+    lines += [f"    _set_{name}(obj, {name})" for name in names]
+    lines.append("    return obj")
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **setters}
+    exec("\n".join(lines), namespace)
+    build: Callable[..., T] = namespace["build"]
+    build.__qualname__ = f"{cls.__qualname__}._build"
+    return build
