@@ -108,7 +108,7 @@ async def eventually(
 async def eventually(
     check: Callable[[], Any],
     *,
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     interval: float = 0.05,
     what: str = "condition",
 ) -> Any:
@@ -245,13 +245,13 @@ class RawWorker:
     async def send(self, **message: Any) -> None:
         await self._outgoing.put(worker_service_pb2.ConnectRequest(**message))
 
-    async def receive(self, timeout: float = 10.0) -> worker_service_pb2.ConnectResponse:
+    async def receive(self, timeout: float = 30.0) -> worker_service_pb2.ConnectResponse:
         message = await asyncio.wait_for(self.call.read(), timeout)
         assert message is not grpc.aio.EOF, "the coordinator closed the stream"
         assert isinstance(message, worker_service_pb2.ConnectResponse), message
         return message
 
-    async def receive_kind(self, kind: str, timeout: float = 10.0) -> Any:
+    async def receive_kind(self, kind: str, timeout: float = 30.0) -> Any:
         """The next message of ``kind`` (skipping others), as its inner message."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -260,7 +260,7 @@ class RawWorker:
             if message.WhichOneof("message") == kind:
                 return getattr(message, kind)
 
-    async def assignments(self, count: int, timeout: float = 10.0) -> list[Any]:
+    async def assignments(self, count: int, timeout: float = 30.0) -> list[Any]:
         got: list[Any] = []
         while len(got) < count:
             batch = await self.receive_kind("assignments", timeout)
