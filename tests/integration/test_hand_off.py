@@ -4,11 +4,14 @@ message, and a share too large for one message is split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeAlias
 
-from testsupport import RawWorker, submit
+import grpc
+import pytest
+from testsupport import RawWorker, coordinator_config, submit
 
+from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
@@ -16,13 +19,35 @@ Workers = Callable[[], RawWorker]
 RUNNING = task_pb2.TASK_STATE_RUNNING
 
 
+@pytest.fixture
+async def coordinator(database_dsn: str) -> AsyncIterator[Coordinator]:
+    """A coordinator without the poll: a poll round holds a worker's credit while its claim
+    runs, and a submit meeting it would not be handed off. Nothing else wakes the
+    dispatcher in these tests once the worker's first claim came back short."""
+    coordinator = Coordinator(coordinator_config(database_dsn, poll_interval=3600.0))
+    await coordinator.start()
+    try:
+        yield coordinator
+    finally:
+        await coordinator.stop(grace=1.0)
+
+
+@pytest.fixture
+async def stub(coordinator: Coordinator) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        yield task_service_pb2_grpc.TaskServiceStub(channel)
+
+
 async def _starving(stub: Stub, raw_workers: Workers, queue: str, credits: int) -> RawWorker:
     """A worker of its own queue whose last claim came back short (one task for many
-    credits): nothing waits for it, so the next fresh submit is handed to it."""
+    credits): nothing waits for it, so the next fresh submit is handed to it. The task
+    is finished at once: the raw worker's heartbeats renew nothing, and a lease that
+    expired would come back and be claimed again."""
     await submit(stub, "echo", queue=queue)
     worker = raw_workers()
     await worker.connect(credits=credits, types=("echo",), queues=(queue,))
-    await worker.assignments(1)
+    (first,) = await worker.assignments(1)
+    assert (await worker.report(first.lease)).accepted
     return worker
 
 
