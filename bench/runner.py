@@ -4,8 +4,9 @@ Figures (all from timestamps, none from timed sleeps):
 - submit_per_s: tasks committed per second by batched SubmitTasks calls (nobody consumes).
 - e2e_per_s: no-op tasks per second from the first submit to the last result committed,
   read from the database (first create_time to last finish_time).
-- pickup_p50/p95/p99_ms: at a light steady rate, from the client's send time to the
-  handler's start, measured by a probe task across processes on one clock.
+- pickup_p50/p95/p99/max_ms: at a light steady rate, from the client's send time to the
+  handler's start, measured by a probe task across processes on one clock; and
+  pickup_histogram_ms, the same probes counted in buckets (``PICKUP_BUCKETS_MS``).
 - submit_latency_p50/p99_ms: the same probes' submits, from the call to its answer (the
   client library included).
 - cpu_per_task_us: CPU (user + system, psutil) spent during the end-to-end phase divided
@@ -22,6 +23,7 @@ figures include what recording and serving metrics cost; compare with a run with
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import platform
 import shutil
@@ -245,6 +247,22 @@ async def _wait_done(db: asyncpg.Connection, type_: str, count: int, within: flo
     raise RuntimeError(f"only {done} of {count} {type_} tasks finished within {within:.0f}s")
 
 
+PICKUP_BUCKETS_MS = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0)
+"""Upper bounds of the pickup histogram's buckets (the last bucket has none)."""
+
+
+def histogram(values: list[float], bounds: tuple[float, ...] = PICKUP_BUCKETS_MS) -> dict[str, int]:
+    """How many values fall in each bucket, keyed ``"<=2"`` (over the bound before, up to
+    2 inclusive) and ``">100"`` for those over the last bound; empty buckets included, in
+    order. A p99 says where the slowest 1 % begins; the buckets say whether it is a tail
+    of a few stalls or a shifted body (issue 19's pickup target is about the former)."""
+    counts = [0] * (len(bounds) + 1)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+    keys = [f"<={bound:g}" for bound in bounds] + [f">{bounds[-1]:g}"]
+    return dict(zip(keys, counts, strict=True))
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
@@ -388,6 +406,8 @@ async def _measure(
         "pickup_p50_ms": round(statistics.median(latencies), 2),
         "pickup_p95_ms": round(_percentile(latencies, 95), 2),
         "pickup_p99_ms": round(_percentile(latencies, 99), 2),
+        "pickup_max_ms": round(max(latencies), 2),
+        "pickup_histogram_ms": histogram(latencies),
         "pickup_samples": len(latencies),
         "submit_latency_p50_ms": round(statistics.median(answered), 2),
         "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
@@ -413,12 +433,19 @@ metrics {f"on, scraped every {cfg.scrape_interval:g} s" if cfg.metrics else "off
   submit (batched)      {f["submit_per_s"]:>10,} tasks/s
   end to end (no-op)    {f["e2e_per_s"]:>10,} tasks/s   ({cfg.tasks} tasks, {cfg.workers} workers)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p95 {f["pickup_p95_ms"]} ms   \
-p99 {f["pickup_p99_ms"]} ms   ({f["pickup_samples"]} tasks at {cfg.latency_rate:.0f}/s)
+p99 {f["pickup_p99_ms"]} ms   max {f["pickup_max_ms"]} ms   \
+({f["pickup_samples"]} tasks at {cfg.latency_rate:.0f}/s)
+  pickup histogram      {_histogram_line(f["pickup_histogram_ms"])}
   lone submit answered  p50 {f["submit_latency_p50_ms"]} ms   p99 {f["submit_latency_p99_ms"]} ms
   CPU per task (e2e)    {_cpu_line(f["cpu_per_task_us"])}
   idle worker RSS       {f["worker_idle_rss_mb"]} MiB
 """
     )
+
+
+def _histogram_line(buckets: dict[str, int]) -> str:
+    """``<=2 ms: 812, <=3 ms: 150, …`` leaving out the empty buckets."""
+    return ", ".join(f"{key} ms: {n}" for key, n in buckets.items() if n)
 
 
 def _flow(cfg: BenchConfig) -> str:

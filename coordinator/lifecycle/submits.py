@@ -61,7 +61,8 @@ MAX_RACE_ROUNDS = 3
 # Submits of at most this many tasks have their own group commit (a lane): a lone submit
 # never shares a flush with, or waits for, another caller's batch of hundreds, whose
 # encoding and COPY take tens of milliseconds (one tenant's bulk submits would otherwise
-# set every other tenant's submit latency). As many as a hand-off may take.
+# set every other tenant's submit latency). A flush of this lane, many such submits, may
+# be handed off whole up to ``leases.HAND_OFF_MAX`` tasks.
 SMALL_SUBMIT_MAX = 16
 
 

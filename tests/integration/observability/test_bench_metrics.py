@@ -24,6 +24,8 @@ async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> No
     assert figures["metrics"] is True and figures["scrape_interval_s"] == 0.5
     assert figures["scraped_endpoints"] == 2, "the coordinator and the worker were scraped"
     assert figures["e2e_per_s"] > 0 and figures["pickup_samples"] == 5
+    assert sum(figures["pickup_histogram_ms"].values()) == 5
+    assert figures["pickup_p99_ms"] <= figures["pickup_max_ms"]
     assert 0 < figures["submit_latency_p50_ms"] <= figures["submit_latency_p99_ms"]
     assert "metrics on, scraped every 0.5 s" in done.err
     # CPU per task by process group (PostgreSQL's server is on this machine) and the idle
