@@ -32,7 +32,9 @@ async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> No
     # worker's memory.
     per_task = figures["cpu_per_task_us"]
     assert set(per_task) == {"coordinator", "workers", "client", "postgres", "total"}
-    assert all(per_task[group] > 0 for group in per_task), per_task
+    # CPU time is counted in clock ticks (10 ms): over 60 tasks one process group may
+    # read 0 (a worker's ~3 ms did), the sum of all of them not.
+    assert all(per_task[group] >= 0 for group in per_task) and per_task["total"] > 0, per_task
     assert per_task["total"] == pytest.approx(
         sum(v for k, v in per_task.items() if k != "total"), abs=0.5
     )
