@@ -20,7 +20,10 @@ Protocol with the parent (``bench/streams.py``), one line each on stdout:
 
 A failed stream is opened again after the SDK's reconnect backoff (0.1 s doubling to
 2 s, jittered), until the connect deadline: the figure is how many are connected by
-then. With ``--per-connection 1`` (the default) every stream has its own channel, so its
+then. Each connection attempt is given ``--connect-attempt`` seconds (20, gRPC's own
+default): with the SDK's default (no longer than the reconnect backoff, 0.2-1 s) a
+coordinator accepting thousands of connections at once answers too late, and every
+attempt fails and comes back. With ``--per-connection 1`` (the default) every stream has its own channel, so its
 own TCP connection and HTTP/2 session, as separate worker processes would; with K > 1, K
 streams share one.
 """
@@ -211,8 +214,9 @@ class _Stream:
 async def _main(args: argparse.Namespace) -> None:
     raise_fd_limit()
     key = os.environ.get("CONVEYOR_API_KEY") or None
-    # The SDK's channel settings (keepalive pings, message limits, reconnect backoff).
-    options = ConnectionOptions()
+    # The SDK's channel settings (keepalive pings, message limits, reconnect backoff),
+    # with a connect timeout a loaded coordinator can meet (``--connect-attempt``).
+    options = ConnectionOptions(connect_timeout=args.connect_attempt or None)
     channels: list[grpc.aio.Channel] = []
     streams: list[_Stream] = []
     for i in range(args.streams):
@@ -266,6 +270,7 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--per-connection", type=int, default=1)
     parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument("--connect-attempt", type=float, default=20.0)
     asyncio.run(_main(parser.parse_args()))
 
 
