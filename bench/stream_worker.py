@@ -20,9 +20,12 @@ Protocol with the parent (``bench/streams.py``), one line each on stdout:
 
 A failed stream is opened again after the SDK's reconnect backoff (0.1 s doubling to
 2 s, jittered), until the connect deadline: the figure is how many are connected by
-then. With ``--per-connection 1`` (the default) every stream has its own channel, so its
-own TCP connection and HTTP/2 session, as separate worker processes would; with K > 1, K
-streams share one.
+then. Each connection attempt is given ``--connect-attempt`` seconds (20, gRPC's own
+default): with the SDK's default (no longer than the reconnect backoff, 0.2-1 s) a
+coordinator accepting thousands of connections at once answers too late, and every
+attempt fails and comes back. With ``--per-connection 1`` (the default) every stream has
+its own channel, so its own TCP connection and HTTP/2 session, as separate worker
+processes would; with K > 1, K streams share one.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class _Stream:
         self.finished = 0
         self.write_lock = asyncio.Lock()
         self.resume_token = b""
+        self.welcomed = False
 
     async def write(
         self, call: grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse],
@@ -123,6 +127,7 @@ class _Stream:
                 self.resume_token = welcome.resume_token
                 if first:
                     first = False
+                    self.welcomed = True
                     stats.welcomed += 1
                     stats.last_welcome = time.time()
                     welcomed.set()
@@ -211,8 +216,9 @@ class _Stream:
 async def _main(args: argparse.Namespace) -> None:
     raise_fd_limit()
     key = os.environ.get("CONVEYOR_API_KEY") or None
-    # The SDK's channel settings (keepalive pings, message limits, reconnect backoff).
-    options = ConnectionOptions()
+    # The SDK's channel settings (keepalive pings, message limits, reconnect backoff),
+    # with a connect timeout a loaded coordinator can meet (``--connect-attempt``).
+    options = ConnectionOptions(connect_timeout=args.connect_attempt or None)
     channels: list[grpc.aio.Channel] = []
     streams: list[_Stream] = []
     for i in range(args.streams):
@@ -243,6 +249,12 @@ async def _main(args: argparse.Namespace) -> None:
                 await welcomed.wait()
         except TimeoutError:
             break
+    # Streams still trying at the deadline stop: the phases after it measure the streams
+    # connected, not a connect storm's tail (attempts then waited up to a minute for
+    # their Welcome, and their Hellos kept the coordinator busy during the probes).
+    for stream, task in zip(streams, tasks, strict=True):
+        if not stream.welcomed:
+            task.cancel()
     report = {
         "first_hello": stats.first_hello,
         "last_welcome": stats.last_welcome,
@@ -266,6 +278,7 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--per-connection", type=int, default=1)
     parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument("--connect-attempt", type=float, default=20.0)
     asyncio.run(_main(parser.parse_args()))
 
 

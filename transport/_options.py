@@ -65,6 +65,14 @@ class ConnectionOptions:
     #: Cap on gRPC's own reconnect backoff, in seconds. gRPC's default grows to 120 s, which
     #: would leave a restarted coordinator unused for minutes.
     reconnect_backoff_max: float = 1.0
+    #: Seconds one connection attempt (TCP connect and the HTTP/2 handshake, up to the
+    #: server's SETTINGS frame) may take before it counts as failed and is retried after
+    #: the backoff. ``None``: as short as the first backoff (0.2 s), growing with it up
+    #: to ``reconnect_backoff_max``, so an unreachable coordinator is given up on fast;
+    #: but a coordinator that many workers connect to at once (10,000 streams, a loaded
+    #: host) answers handshakes slower than that, and every attempt then fails and comes
+    #: back, a storm of its own (issue 19). gRPC's own default is 20 s.
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1 << 20:
@@ -78,6 +86,10 @@ class ConnectionOptions:
             )
         if self.keepalive_timeout <= 0:
             raise ValueError(f"keepalive_timeout must be positive, got {self.keepalive_timeout}")
+        if self.connect_timeout is not None and self.connect_timeout < 0.1:
+            raise ValueError(
+                f"connect_timeout must be at least 0.1 s (or None), got {self.connect_timeout}"
+            )
         if self.reconnect_backoff_max < 0.1:
             raise ValueError(
                 f"reconnect_backoff_max must be at least 0.1 s, got {self.reconnect_backoff_max}"
@@ -139,7 +151,14 @@ class ConnectionOptions:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.initial_reconnect_backoff_ms", min(200, backoff_ms)),
-            ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
+            # gRPC's name for the least time a connection attempt is given (its minimum
+            # connect timeout), not a backoff.
+            (
+                "grpc.min_reconnect_backoff_ms",
+                min(200, backoff_ms)
+                if self.connect_timeout is None
+                else int(self.connect_timeout * 1000),
+            ),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ]
         if self.keepalive_interval is not None:

@@ -88,6 +88,23 @@ class _PendingAcks:
     future: asyncio.Future[list[bool]] | None
 
 
+class _AckQueue(asyncio.Queue[_PendingAcks | None]):
+    """A stream's Results and Heartbeat messages waiting for their commit, in order (None:
+    the worker closed its side)."""
+
+    def __init__(self) -> None:
+        super().__init__(ACK_QUEUE_SIZE)
+        self.answering = False
+        """The ack loop took a message and has not answered it yet."""
+
+
+# What an idle worker's heartbeat is answered with (one message for every stream: it is
+# only ever serialized).
+_EMPTY_HEARTBEAT_ACK = worker_service_pb2.ConnectResponse(
+    heartbeat_ack=worker_service_pb2.HeartbeatAck()
+)
+
+
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     def __init__(
         self, deps: Deps, dispatcher: Dispatcher, recorder: ResultRecorder, leases: Leases
@@ -240,7 +257,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
     async def _converse(self, session: WorkerSession, context: Context) -> None:
         loop = asyncio.get_running_loop()
-        acks: asyncio.Queue[_PendingAcks | None] = asyncio.Queue(ACK_QUEUE_SIZE)
+        acks = _AckQueue()
         receiver = loop.create_task(self._receive_loop(session, context, acks), name="worker-recv")
         sender = loop.create_task(self._send_loop(session, context), name="worker-send")
         acker = loop.create_task(self._ack_loop(session, acks), name="worker-ack")
@@ -278,7 +295,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self,
         session: WorkerSession,
         context: Context,
-        acks: asyncio.Queue[_PendingAcks | None],
+        acks: _AckQueue,
     ) -> None:
         """Returns when the worker closes its side; ends the session when it falls silent."""
         cfg = self._deps.config
@@ -310,11 +327,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
                 await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
-                self._health.heartbeat(session, message.heartbeat)
-                wire_leases = message.heartbeat.leases
-                mapped, keys = leases.map_leases(tenant, worker_id, wire_leases)
-                future = await _enqueue(self._leases.renewals, keys) if keys else None
-                await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
+                await self._heartbeat(session, message.heartbeat, acks)
             elif kind == "credit":
                 credits = message.credit.credits
                 if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
@@ -346,13 +359,32 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             else:
                 raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
 
-    async def _ack_loop(
-        self, session: WorkerSession, acks: asyncio.Queue[_PendingAcks | None]
+    async def _heartbeat(
+        self,
+        session: WorkerSession,
+        heartbeat: worker_service_pb2.Heartbeat,
+        acks: _AckQueue,
     ) -> None:
+        self._health.heartbeat(session, heartbeat)
+        wire_leases = heartbeat.leases
+        if not wire_leases and acks.empty() and not acks.answering:
+            # An idle worker's heartbeat: nothing to commit and no earlier message still
+            # to answer, so its ack goes out now, in order, without a turn through the ack
+            # loop (1,000 a second with 10,000 idle workers). Refused once the session is
+            # closing: then nothing more is sent anyway.
+            session.push(_EMPTY_HEARTBEAT_ACK)
+            return
+        mapped, keys = leases.map_leases(session.tenant, session.worker_id, wire_leases)
+        future = await _enqueue(self._leases.renewals, keys) if keys else None
+        await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
+
+    async def _ack_loop(self, session: WorkerSession, acks: _AckQueue) -> None:
         while True:
+            acks.answering = False
             pending = await acks.get()
             if pending is None:
                 return
+            acks.answering = True
             # A failed commit raises here and ends the stream: the worker reconnects
             # (perhaps to another coordinator) and resends what was not acknowledged.
             stored = await pending.future if pending.future is not None else []

@@ -35,7 +35,7 @@ extend without touching the stream code:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -196,6 +196,17 @@ class DispatchPolicy:
         """This round's claims, in a rotating order so no worker is starved; with workers
         of several tenants, interleaved by tenant in portions of FAIR_QUANTUM times the
         tenant's dispatch weight (at most MAX_CLAIM_PER_SESSION)."""
+        return list(self.plan_lazily(sessions))
+
+    def plan_lazily(
+        self,
+        sessions: Iterable[WorkerSession],
+        skip: Callable[[WorkerSession], bool] | None = None,
+    ) -> Iterator[Claim]:
+        """:meth:`plan`, made as the round goes: a session ``skip`` says has nothing to
+        claim (its kind was found drained earlier in the round) gets no claim, and one
+        after the round stopped is not looked at. A round over 10,000 idle sessions built
+        10,000 claims to skip all but one per kind (issue 19)."""
         ready = [s for s in sessions if s.wants_work]
         portions: dict[str, int] | None = None
         if len(ready) > 1:
@@ -209,14 +220,14 @@ class DispatchPolicy:
                     t: min(MAX_CLAIM_PER_SESSION, FAIR_QUANTUM * max(1, weight(t)))
                     for t in {s.tenant for s in ready}
                 }
-        claims: list[Claim] = []
         for session in ready:
+            if skip is not None and skip(session):
+                continue
             room = min(MAX_CLAIM_BYTES, session.outbox_room)
             session.throttled = room <= 0
-            if room > 0:
+            if room > 0 and session.wants_work:  # (credit a hand-off took since)
                 most = MAX_CLAIM_PER_SESSION if portions is None else portions[session.tenant]
-                claims.append(Claim(session, min(session.credit, most), room))
-        return claims
+                yield Claim(session, min(session.credit, most), room)
 
     async def claim(
         self, conn: asyncpg.Connection, claim: Claim, fence: Fence
@@ -406,6 +417,11 @@ def _equal(tenant: str) -> int:
 def by_tenant(sessions: Sequence[WorkerSession]) -> list[WorkerSession] | None:
     """The sessions taking turns by tenant (the first of each tenant, then the second,
     ...), keeping each tenant's order; None when they are all one tenant's."""
+    if not sessions:
+        return None
+    first = sessions[0].tenant
+    if all(s.tenant == first for s in sessions):
+        return None
     groups: dict[str, list[WorkerSession]] = {}
     for session in sessions:
         groups.setdefault(session.tenant, []).append(session)

@@ -139,6 +139,9 @@ class WorkerSession:
     _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
     _finishing: bool = False
     type_set: frozenset[str] = field(init=False)
+    _kind: tuple[str, tuple[str, ...], frozenset[str], frozenset[str] | None] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def evicted(self) -> bool:
@@ -159,7 +162,13 @@ class WorkerSession:
         encryption keys. Two sessions of one kind are offered the same tasks, so once a
         claim for one finds less than it asked for, a claim for the other right after
         finds nothing (the dispatcher skips it for the rest of its round)."""
-        return (self.tenant, self.queues, self.type_set, self.encryption_keys)
+        # Made once per change of its keys, not per look (every dispatch round looks at
+        # every session's).
+        keys = self.encryption_keys
+        kind = self._kind
+        if kind is None or kind[3] is not keys:
+            kind = self._kind = (self.tenant, self.queues, self.type_set, keys)
+        return kind
 
     @property
     def wants_work(self) -> bool:

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -150,8 +151,8 @@ def map_leases(
     return mapped, keys
 
 
-ARRIVALS_PER_FLUSH = 100
-"""First Hellos whose foreign leases one transaction takes back at most."""
+ARRIVALS_PER_FLUSH = 1000
+"""First Hellos whose foreign leases one statement takes back at most."""
 
 
 class Leases:
@@ -168,9 +169,11 @@ class Leases:
             "renewal", self._flush_renewals, deps
         )
         # One item per first Hello of a worker process: (tenant, worker id, the new
-        # session's holder); the leases of the worker id that it takes back. A statement
-        # each, so a batch is kept short: a transaction idle past PostgreSQL's 5 s (a
-        # starved event loop) is cut, and every Hello in it fails.
+        # session's holder); the leases of the worker id that it takes back. One array
+        # statement per flush: with a statement per Hello, a flush of 100 took 100 turns
+        # of an event loop busy with 10,000 connecting streams, sat idle in its
+        # transaction past PostgreSQL's 5 s, was cut, and every Hello in it failed
+        # (issue 19, third round: 0 of 3,000 streams connected on a loaded VM).
         self.arrivals: Batcher[tuple[str, str, bytes], list[asyncpg.Record]] = Batcher(
             "arrival",
             self._flush_arrivals,
@@ -204,10 +207,11 @@ class Leases:
         deps = self._deps
         fence = deps.office.fence()
         async with deps.db.write(fence) as conn:
-            return [
-                await store.release_foreign(conn, tenant, worker_id, holder, fence)
-                for tenant, worker_id, holder in arrivals
-            ]
+            rows = await store.release_foreign_many(conn, arrivals, fence)
+        taken: dict[tuple[str, str], list[asyncpg.Record]] = {}
+        for row in rows:
+            taken.setdefault((row["tenant"], row["worker_id"]), []).append(row)
+        return [taken.get((tenant, worker_id), []) for tenant, worker_id, _ in arrivals]
 
     async def resume(
         self, session: WorkerSession, hello: ValidHello, *, proven: bool
@@ -236,8 +240,8 @@ class Leases:
         if not token and not hello.in_flight:
             # A process's first Hello (10,000 of them when a fleet starts): its session's
             # holder is new, so no lease can be its own, and only the worker id's leases
-            # held elsewhere go back. Many such Hellos share one fenced transaction, one
-            # statement each, instead of a transaction of five round trips each.
+            # held elsewhere go back. Many such Hellos share one fenced transaction of one
+            # statement, instead of a transaction of five round trips each.
             renewed, unsent = set(), []
             foreign = await self.arrivals.submit((tenant, worker_id, session.holder))
         else:
@@ -329,6 +333,19 @@ def _until_drained(claims: Iterable[Claim], drained: set[object]) -> Iterator[Cl
             drained.add(kind)
 
 
+def _drained_skipper(drained: set[object]) -> Callable[[WorkerSession], bool]:
+    """Whether a round makes no claim for a session: its kind found nothing earlier in
+    the round (``drained``, filled by :func:`_until_drained`); it is starving then."""
+
+    def skip(session: WorkerSession) -> bool:
+        if session.kind in drained:
+            session.starving = True
+            return True
+        return False
+
+    return skip
+
+
 HAND_OFF_MAX = 64
 """Flushes of at most this many tasks may be handed straight to waiting workers.
 
@@ -412,22 +429,23 @@ class Dispatcher(Service):
     async def step(self) -> float:
         if not self.policy.pauses.current:
             await self.policy.pauses.load(self.deps.db)
-        claims = self.policy.plan(self.deps.sessions)
-        if not claims:
+        drained: set[object] = set()
+        claims = self.policy.plan_lazily(self.deps.sessions, _drained_skipper(drained))
+        first = next(claims, None)
+        if first is None:
             return self.deps.config.poll_interval
         fence = self.deps.office.fence()
         metrics, tracing = self.deps.metrics, self.deps.tracing
         more = False
         limits = self.policy.limits
         stopped: asyncio.CancelledError | None = None
-        drained: set[object] = set()
         self._drained, self._drained_at = drained, self._generation
         async with self.deps.db.autocommit() as conn, self.deps.db.claims() as claim_conn:
             self.policy.claim_conn = claim_conn
             try:
                 if self.policy.stale():
                     await self.policy.refresh(conn)
-                for claim in _until_drained(claims, drained):
+                for claim in _until_drained(itertools.chain((first,), claims), drained):
                     session = claim.session
                     # Reserved before the claim: a submit hand-off may take credit meanwhile.
                     session.credit -= claim.limit

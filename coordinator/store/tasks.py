@@ -1610,6 +1610,38 @@ async def release_foreign(
     )
 
 
+_RELEASE_FOREIGN_MANY = Query(
+    "release_foreign_leases_many",
+    f"""
+    WITH victims AS (
+        SELECT t.id, t.worker_id FROM tasks t
+        JOIN unnest(:tenants::text[], :workers::text[], :holders::bytea[]) AS a(tenant, worker,
+            holder)
+          ON t.tenant = a.tenant AND t.worker_id = a.worker
+        WHERE {FENCE} AND t.state = {RUNNING} AND t.lease_holder IS DISTINCT FROM a.holder
+        FOR UPDATE OF t
+    ), {_RELEASE}
+    """,
+)
+
+
+async def release_foreign_many(
+    conn: asyncpg.Connection, arrivals: Sequence[tuple[str, str, bytes]], fence: Fence
+) -> list[asyncpg.Record]:
+    """:func:`release_foreign` for many ``(tenant, worker id, holder)`` at once, in one
+    statement (a fleet's first Hellos); the rows name the tenant and worker id they were
+    taken from."""
+    tenants, workers, holders = (list(c) for c in zip(*arrivals, strict=True))
+    return await _RELEASE_FOREIGN_MANY.fetch(
+        conn,
+        tenants=tenants,
+        workers=workers,
+        holders=holders,
+        fence=fence,
+        **TAKEN_OVER._asdict(),
+    )
+
+
 _RELEASE_KEYS = Query(
     "release_leases",
     f"""

@@ -271,3 +271,38 @@ async def test_credit_after_a_full_claim_runs_a_round(deps: Deps) -> None:
     dispatcher._wakeup.clear()
     dispatcher.offer(session)
     assert dispatcher._wakeup.is_set()
+
+
+class ClaimsFor(DispatchPolicy):
+    """Records the sessions a round made a claim for."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.claimed_for: list[str] = []
+
+    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+        self.claimed_for.append(claim.session.worker_id)
+        return await super().claim(conn, claim, fence)
+
+
+async def test_a_round_claims_once_for_a_kind_it_finds_drained_and_marks_the_rest_starving(
+    deps: Deps,
+) -> None:
+    """Issue 19: a round over many idle sessions of one kind makes one claim (it finds
+    less than it asked for), not one per session; the others are starving, so a fresh
+    submit can be handed to any of them. Another kind gets its own claim."""
+    await _insert(deps, 1)
+    await _insert(deps, 1, queue="other")
+    idle = [_session(f"w{n}", 2) for n in range(50)]
+    elsewhere = _session("x", 2, queue="other")
+    for session in (*idle, elsewhere):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = ClaimsFor()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await asyncio.wait_for(dispatcher.step(), 10)
+    assert len(policy.claimed_for) == 2 and "x" in policy.claimed_for
+    assert all(s.starving for s in idle) and elsewhere.starving
+    assert sum(_queued(s) for s in idle) == 1 and _queued(elsewhere) == 1
+    # Credit is spent only where tasks went.
+    assert sorted(s.credit for s in idle) == [1] + [2] * 49

@@ -30,6 +30,16 @@ def test_defaults_match_the_coordinator() -> None:
     assert "grpc.keepalive_time_ms" not in no_pings
 
 
+def test_a_connect_timeout_sets_the_least_time_a_connection_attempt_is_given() -> None:
+    # gRPC reads its minimum connect timeout from "min_reconnect_backoff_ms": unset, an
+    # attempt gets no longer than the first backoff.
+    assert dict(ConnectionOptions().channel_options())["grpc.min_reconnect_backoff_ms"] == 200
+    patient = dict(ConnectionOptions(connect_timeout=20.0).channel_options())
+    assert patient["grpc.min_reconnect_backoff_ms"] == 20_000
+    assert patient["grpc.initial_reconnect_backoff_ms"] == 200
+    assert patient["grpc.max_reconnect_backoff_ms"] == 1000
+
+
 def test_metadata_and_merging() -> None:
     options = ConnectionOptions(api_key="s3cret", metadata=(("x-team", "infra"),))
     assert options.call_metadata() == (("authorization", "Bearer s3cret"), ("x-team", "infra"))
@@ -49,6 +59,7 @@ def test_metadata_and_merging() -> None:
         ({"keepalive_interval": 0.1}, "keepalive_interval must be at least 1 second"),
         ({"keepalive_timeout": 0}, "keepalive_timeout must be positive"),
         ({"reconnect_backoff_max": 0}, "reconnect_backoff_max must be at least 0.1"),
+        ({"connect_timeout": 0.01}, "connect_timeout must be at least 0.1"),
         ({"metadata": (("k",),)}, "metadata must be"),
         ({"api_key": ""}, "api_key must be a non-empty single-line string"),
         ({"api_key": "a\nb"}, "api_key must be a non-empty single-line string"),
