@@ -4,14 +4,12 @@ message, and a share too large for one message is split."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
-import grpc
 import pytest
-from testsupport import RawWorker, coordinator_config, submit
+from testsupport import RawWorker, submit
 
-from conveyor.coordinator import Coordinator
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
@@ -20,22 +18,11 @@ RUNNING = task_pb2.TASK_STATE_RUNNING
 
 
 @pytest.fixture
-async def coordinator(database_dsn: str) -> AsyncIterator[Coordinator]:
-    """A coordinator without the poll: a poll round holds a worker's credit while its claim
-    runs, and a submit meeting it would not be handed off. Nothing else wakes the
-    dispatcher in these tests once the worker's first claim came back short."""
-    coordinator = Coordinator(coordinator_config(database_dsn, poll_interval=3600.0))
-    await coordinator.start()
-    try:
-        yield coordinator
-    finally:
-        await coordinator.stop(grace=1.0)
-
-
-@pytest.fixture
-async def stub(coordinator: Coordinator) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(coordinator.address) as channel:
-        yield task_service_pb2_grpc.TaskServiceStub(channel)
+def coordinator_settings() -> dict[str, Any]:
+    """No poll: a poll round holds a worker's credit while its claim runs, and a submit
+    meeting it would not be handed off. Nothing else wakes the dispatcher in these tests
+    once the worker's first claim came back short."""
+    return {"poll_interval": 3600.0}
 
 
 async def _starving(stub: Stub, raw_workers: Workers, queue: str, credits: int) -> RawWorker:
