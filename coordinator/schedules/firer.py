@@ -162,7 +162,9 @@ class ScheduleFirer(Service):
         quotas: The tenants' limits, which every firing counts against; None fires
             without limits.
         now: The clock (an aware UTC datetime), injectable for tests.
-        batch_size: Schedules locked and fired per statement (a transaction that prepares
+        batch_size: Schedules locked and fired per statement (fewer while the schedules
+            are behind and each fires several ticks: a batch's firings stay near this
+            many); a transaction that prepares
             ahead may take several batches before it commits).
         parallel: Batches in flight at once, each on its own connection.
         max_sleep: Longest sleep between rounds, so schedules written by anything other
@@ -214,6 +216,12 @@ class ScheduleFirer(Service):
         self.quotas = quotas
         self.now = now
         self.batch_size = batch_size
+        self._round_rows = batch_size
+        """Schedules the rounds lock per batch: batch_size over the ticks per schedule of
+        the last batch. Behind by 20 s, 1,000 per-second schedules are 20,000 firings,
+        whose planning on a starved machine outlasted the pool's 5 s
+        idle_in_transaction_session_timeout: the transaction was killed, its work lost,
+        and the firer further behind (seen at 100,000 schedules, docs/performance.md)."""
         self.parallel = parallel
         self.max_sleep = max_sleep
         self.misfire_grace = timedelta(seconds=misfire_grace)
@@ -326,23 +334,25 @@ class ScheduleFirer(Service):
             more = True
             while more:
                 more, _ = await self._transaction(
-                    lambda conn: store.due(conn, now, horizon, self.batch_size),
+                    lambda conn, limit: store.due(conn, now, horizon, limit),
                     now,
                     horizon,
                     prepared=prepared,
+                    adaptive=True,
                 )
         finally:
             prepared()
 
     async def _transaction(
         self,
-        fetch: Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]],
+        fetch: Callable[[asyncpg.Connection, int], Awaitable[list[asyncpg.Record]]],
         now: datetime,
         horizon: datetime,
         *,
         prepared: Callable[[int], None] | None = None,
         before_batch: Callable[[], Awaitable[object]] | None = None,
         fence_last: bool = False,
+        adaptive: bool = False,
     ) -> tuple[bool, int]:
         """Fires the schedules ``fetch`` locks, batch after batch, in one transaction;
         returns whether the last batch was full (more may be due) and the firings.
@@ -357,6 +367,9 @@ class ScheduleFirer(Service):
         leadership row until the commit, which would keep a new leader from taking
         office that long. Checked last, it is as safe (a stale epoch rolls everything
         back; once it passes, no new epoch can commit before this transaction does).
+
+        ``adaptive`` (the rounds) locks fewer schedules per batch while they fire several
+        ticks each (see ``_round_rows``); otherwise every batch is ``batch_size``.
         """
         firings: list[_Firing] = []
         inserted: list[Row] = []
@@ -376,11 +389,15 @@ class ScheduleFirer(Service):
                 while more:
                     if before_batch is not None:
                         await before_batch()
-                    rows = await fetch(conn)
-                    more = len(rows) == self.batch_size
+                    limit = self._round_rows if adaptive else self.batch_size
+                    rows = await fetch(conn, limit)
+                    more = len(rows) == limit
                     if not rows:
                         break
                     fired = await self._fire(conn, rows, now, horizon, admitted, refused, inserted)
+                    if adaptive:
+                        per_row = max(1.0, len(fired) / len(rows))
+                        self._round_rows = max(1, round(self.batch_size / per_row))
                     firings += fired
                     if fired:
                         latest = max(f.tick for f in fired)
@@ -459,7 +476,7 @@ class ScheduleFirer(Service):
         more = True
         while more:
             more, count = await self._transaction(
-                lambda conn: store.due_at(conn, tick, self.batch_size),
+                lambda conn, limit: store.due_at(conn, tick, limit),
                 self.now(),
                 tick,
                 prepared=functools.partial(self._burst_prepared, started, fired),

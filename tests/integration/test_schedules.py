@@ -303,6 +303,58 @@ async def test_the_firer_across_fall_back_with_an_injected_clock(database_dsn: s
     assert all(timedelta(0) <= r["create_time"] - r["run_at"] < timedelta(minutes=1) for r in rows)
 
 
+async def test_a_firer_behind_locks_fewer_schedules_per_batch(database_dsn: str) -> None:
+    """Schedules that are behind fire several ticks each: the rounds then lock fewer per
+    batch, so a transaction's firings stay near batch_size (a batch of 20 ticks a
+    schedule was long enough on a starved machine to be killed by the pool's idle
+    timeout), and every tick still fires once. On a fake clock, 20 s behind twice."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = [start]
+    pool, epoch = await leader_pool(database_dsn)
+    try:
+        async with pool.acquire() as conn:
+            for i in range(10):
+                valid = validate_schedule(
+                    _schedule(f"behind-{i}"), tenant="default", max_payload_bytes=1024
+                )
+                await schedules.insert(
+                    conn, uuid7(), valid.row, paused=False, next_fire_time=start, now=start
+                )
+        firer = ScheduleFirer(
+            service_deps(pool, database_dsn, epoch=epoch),
+            now=lambda: clock[0],
+            max_lookahead=0,
+            batch_size=10,
+            parallel=1,
+        )
+        firer.started = start
+        sizes: list[list[int]] = []
+        for _ in range(2):
+            before = clock[0] - SECOND if clock[0] == start else clock[0]
+            clock[0] += timedelta(seconds=19)
+            await firer.run_once()
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """
+                    SELECT xmin::text::bigint AS tx, count(*) AS n FROM tasks
+                    WHERE idempotency_key LIKE 'schedule:%' AND run_at > $1
+                    GROUP BY 1 ORDER BY 1
+                    """,
+                    before,
+                )
+            sizes.append([r["n"] for r in rows])
+        async with pool.acquire() as conn:
+            keys = await conn.fetch("SELECT idempotency_key, run_at FROM tasks")
+    finally:
+        await pool.close()
+    # The first batch, before anything was learned: all ten schedules, 20 ticks each.
+    assert sizes[0] == [200], sizes
+    # Then one schedule (20 firings) per batch, each batch its own transaction.
+    assert sizes[1] == [19] * 10, sizes
+    assert len({r["idempotency_key"] for r in keys}) == len(keys) == 390
+    assert {r["run_at"] for r in keys} == {start + SECOND * k for k in range(39)}
+
+
 # -- the API -------------------------------------------------------------------------------
 
 
