@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -67,7 +66,7 @@ from google.protobuf.message import DecodeError
 
 from conveyor.coordinator.api.validation import NewTask
 from conveyor.coordinator.deps import Deps
-from conveyor.coordinator.ids import uuid7
+from conveyor.coordinator.ids import raw_uuid7
 from conveyor.coordinator.lifecycle.transitions import ID, Cause, Row
 from conveyor.coordinator.schedules.cron import (
     OVERLAP_ALLOW,
@@ -83,7 +82,6 @@ from conveyor.coordinator.schedules.validation import template_task
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import schedules as store
 from conveyor.coordinator.store import tasks as task_store
-from conveyor.coordinator.store.tasks import NewRow
 from conveyor.coordinator.supervisor import Service
 from conveyor.coordinator.tenancy.quotas import Quotas
 from conveyor.transport._encryption import SCHEDULE_KEY_PREFIX
@@ -134,8 +132,13 @@ class _Compiled:
     version: int
     spec: CronSpec
     task: NewTask
-    fields: dict[str, Any]
-    """The task's fields but the per-firing ones (see template_fields)."""
+    values: tuple[Any, ...]
+    """The task's values but the per-firing ones (``store.template_values``); equal
+    templates share one tuple, so a batch sends each once."""
+    key_prefix: str
+    """The schedule's idempotency keys without the tick."""
+    id_text: str
+    """The schedule's id, as the store writes it."""
 
 
 @dataclass
@@ -143,7 +146,8 @@ class _Firing:
     tenant: str
     schedule_id: uuid.UUID
     tick: datetime
-    task_id: uuid.UUID
+    task_id: uuid.UUID | str
+    """Text when made here (how it is written), a UUID when the tick's task existed."""
     template: _Compiled
     refused: str | None = None
     """The tenant limit that refused this firing (then it submits nothing)."""
@@ -158,7 +162,9 @@ class ScheduleFirer(Service):
         quotas: The tenants' limits, which every firing counts against; None fires
             without limits.
         now: The clock (an aware UTC datetime), injectable for tests.
-        batch_size: Schedules locked and fired per statement (a transaction that prepares
+        batch_size: Schedules locked and fired per statement (fewer while the schedules
+            are behind and each fires several ticks: a batch's firings stay near this
+            many); a transaction that prepares
             ahead may take several batches before it commits).
         parallel: Batches in flight at once, each on its own connection.
         max_sleep: Longest sleep between rounds, so schedules written by anything other
@@ -210,6 +216,12 @@ class ScheduleFirer(Service):
         self.quotas = quotas
         self.now = now
         self.batch_size = batch_size
+        self._round_rows = batch_size
+        """Schedules the rounds lock per batch: batch_size over the ticks per schedule of
+        the last batch. Behind by 20 s, 1,000 per-second schedules are 20,000 firings,
+        whose planning on a starved machine outlasted the pool's 5 s
+        idle_in_transaction_session_timeout: the transaction was killed, its work lost,
+        and the firer further behind (seen at 100,000 schedules, docs/performance.md)."""
         self.parallel = parallel
         self.max_sleep = max_sleep
         self.misfire_grace = timedelta(seconds=misfire_grace)
@@ -218,6 +230,8 @@ class ScheduleFirer(Service):
         self.lookahead = min(max_lookahead, _MIN_LOOKAHEAD)
         """Current lookahead (seconds), adapted to how long preparing a round takes."""
         self._cache: dict[uuid.UUID, _Compiled] = {}
+        self._templates: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        """Each distinct template's values, once (the cache's entries share them)."""
         self._prepared = 0.0
         self.burst = burst
         self.max_burst_lookahead = max_burst_lookahead
@@ -320,23 +334,25 @@ class ScheduleFirer(Service):
             more = True
             while more:
                 more, _ = await self._transaction(
-                    lambda conn: store.due(conn, now, horizon, self.batch_size),
+                    lambda conn, limit: store.due(conn, now, horizon, limit),
                     now,
                     horizon,
                     prepared=prepared,
+                    adaptive=True,
                 )
         finally:
             prepared()
 
     async def _transaction(
         self,
-        fetch: Callable[[asyncpg.Connection], Awaitable[list[asyncpg.Record]]],
+        fetch: Callable[[asyncpg.Connection, int], Awaitable[list[asyncpg.Record]]],
         now: datetime,
         horizon: datetime,
         *,
         prepared: Callable[[int], None] | None = None,
         before_batch: Callable[[], Awaitable[object]] | None = None,
         fence_last: bool = False,
+        adaptive: bool = False,
     ) -> tuple[bool, int]:
         """Fires the schedules ``fetch`` locks, batch after batch, in one transaction;
         returns whether the last batch was full (more may be due) and the firings.
@@ -351,6 +367,9 @@ class ScheduleFirer(Service):
         leadership row until the commit, which would keep a new leader from taking
         office that long. Checked last, it is as safe (a stale epoch rolls everything
         back; once it passes, no new epoch can commit before this transaction does).
+
+        ``adaptive`` (the rounds) locks fewer schedules per batch while they fire several
+        ticks each (see ``_round_rows``); otherwise every batch is ``batch_size``.
         """
         firings: list[_Firing] = []
         inserted: list[Row] = []
@@ -370,11 +389,15 @@ class ScheduleFirer(Service):
                 while more:
                     if before_batch is not None:
                         await before_batch()
-                    rows = await fetch(conn)
-                    more = len(rows) == self.batch_size
+                    limit = self._round_rows if adaptive else self.batch_size
+                    rows = await fetch(conn, limit)
+                    more = len(rows) == limit
                     if not rows:
                         break
                     fired = await self._fire(conn, rows, now, horizon, admitted, refused, inserted)
+                    if adaptive:
+                        per_row = max(1.0, len(fired) / len(rows))
+                        self._round_rows = max(1, round(self.batch_size / per_row))
                     firings += fired
                     if fired:
                         latest = max(f.tick for f in fired)
@@ -453,7 +476,7 @@ class ScheduleFirer(Service):
         more = True
         while more:
             more, count = await self._transaction(
-                lambda conn: store.due_at(conn, tick, self.batch_size),
+                lambda conn, limit: store.due_at(conn, tick, limit),
                 self.now(),
                 tick,
                 prepared=functools.partial(self._burst_prepared, started, fired),
@@ -519,7 +542,7 @@ class ScheduleFirer(Service):
         faults = await self._compile(conn, rows)
         missed_before = self.missed_before
         firings: list[_Firing] = []
-        planned: list[tuple[asyncpg.Record, Plan, list[_Firing]]] = []
+        planned: list[tuple[str, Plan, list[_Firing]]] = []
         missed = 0
         cache = self._cache
         for row in rows:
@@ -547,10 +570,11 @@ class ScheduleFirer(Service):
                 continue
             missed += decided.missed
             mine = [
-                _Firing(row["tenant"], row["id"], tick, uuid7(), compiled) for tick in decided.fire
+                _Firing(row["tenant"], row["id"], tick, str(raw_uuid7()), compiled)
+                for tick in decided.fire
             ]
             firings.extend(mine)
-            planned.append((row, decided, mine))
+            planned.append((compiled.id_text, decided, mine))
         if missed:
             _log.info("%d schedules had missed ticks; their catch-up policies applied", missed)
         if faults:
@@ -625,30 +649,41 @@ class ScheduleFirer(Service):
         self, conn: asyncpg.Connection, firings: list[_Firing], now: datetime
     ) -> list[Row]:
         """Inserts the firings' tasks; a firing whose key is taken gets the existing task.
-        Returns the transitions of the tasks inserted."""
-        rows = []
-        keys: dict[tuple[str, str], _Firing] = {}
-        pending = task_store.PENDING
+        Returns the transitions of the tasks inserted.
+
+        Only the per-firing values (id, key, tick, which template) are built per firing;
+        each distinct template of the batch is sent once and joined in SQL (building a
+        whole task row per firing was a third of the firer's CPU at 100,000 schedules).
+        """
+        numbers: dict[int, str] = {}
+        templates: list[tuple[Any, ...]] = []
+        ids: list[str] = []
+        keys: list[str] = []
+        ticks: list[str] = []
+        which: list[str] = []
         for f in firings:
-            key = idempotency_key(f.schedule_id, f.tick)
-            keys[(f.tenant, key)] = f
-            rows.append(
-                NewRow(f.tenant, f.task_id, _with_key(f.template.fields, key), pending, f.tick)
-            )
-        # In key order, the unique index on keys takes the batch leaf by leaf instead of
-        # at random places: measurably less work for PostgreSQL.
-        rows.sort(key=_row_key)
-        inserted = await task_store.insert(conn, rows, now)
-        if len(inserted) == len(rows):
+            values = f.template.values
+            number = numbers.get(id(values))
+            if number is None:
+                templates.append(values)
+                number = numbers[id(values)] = str(len(templates))
+            tick = _iso(f.tick)
+            ids.append(str(f.task_id))
+            keys.append(f.template.key_prefix + tick)
+            ticks.append(tick)
+            which.append(number)
+        inserted = await store.insert_firings(conn, templates, ids, keys, ticks, which, now)
+        if len(inserted) == len(firings):
             return inserted
         # Only a client submitting with a key of this format, or a writer that escaped
         # fencing, can have taken one.
-        ids = {row[ID] for row in inserted}
-        taken = [k for k, f in keys.items() if str(f.task_id) not in ids]
+        by_key = {(f.tenant, key): f for f, key in zip(firings, keys, strict=True)}
+        written = {row[ID] for row in inserted}
+        taken = [k for k, f in by_key.items() if str(f.task_id) not in written]
         existing = await task_store.find_by_idempotency_keys(conn, taken)
         for k in taken:
             if k in existing:
-                keys[k].task_id = existing[k]["id"]
+                by_key[k].task_id = existing[k]["id"]
         _log.warning("%d schedule ticks had tasks already; not fired again", len(taken))
         return inserted
 
@@ -667,6 +702,7 @@ class ScheduleFirer(Service):
             return faults
         if len(self._cache) + len(stale) > _MAX_CACHED:
             self._cache.clear()
+            self._templates.clear()
             stale = [r["id"] for r in rows]
         by_id = {r["id"]: r for r in rows}
         for t in await store.templates(conn, stale):
@@ -678,8 +714,14 @@ class ScheduleFirer(Service):
                 self._cache.pop(t["id"], None)
                 faults[t["id"]] = _fault(row, exc, "its stored expression or template is unusable")
                 continue
+            values = store.template_values(row["tenant"], task)
             self._cache[t["id"]] = _Compiled(
-                version=row["version"], spec=spec, task=task, fields=template_fields(task)
+                version=row["version"],
+                spec=spec,
+                task=task,
+                values=self._templates.setdefault(values, values),
+                key_prefix=idempotency_key(t["id"], _NO_TICK).removesuffix(_iso(_NO_TICK)),
+                id_text=str(t["id"]),
             )
         return faults
 
@@ -717,14 +759,14 @@ def _tick(firing: _Firing) -> datetime:
 
 
 def _advance(
-    row: asyncpg.Record, decided: Plan, mine: list[_Firing], recheck: datetime
+    schedule_id: str, decided: Plan, mine: list[_Firing], recheck: datetime
 ) -> store.Advance:
     wake = decided.next_fire_time
     if decided.buffered_tick is not None and (wake is None or recheck < wake):
         wake = recheck  # look again soon: the previous firing may finish any time
     fired = [f for f in mine if f.refused is None]
     return store.Advance(
-        id=row["id"],
+        id=schedule_id,
         next_fire_time=decided.next_fire_time,
         wake_time=wake,
         buffered_tick=decided.buffered_tick,
@@ -732,20 +774,5 @@ def _advance(
     )
 
 
-def _row_key(row: NewRow) -> tuple[str, str]:
-    return (row.tenant, row.task.idempotency_key or "")
-
-
-_KEYED = frozenset({"idempotency_key", "request_hash"})
-
-
-def template_fields(task: NewTask) -> dict[str, Any]:
-    """A template task's fields, without the per-firing ones."""
-    return {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in _KEYED}
-
-
-def _with_key(fields: dict[str, Any], key: str) -> NewTask:
-    """The template's task with a firing's idempotency key, and no request hash (a client
-    resending with this key is not sending this request). Built from cached fields:
-    dataclasses.replace would cost a fifth of the whole firing."""
-    return NewTask(**fields, idempotency_key=key, request_hash=b"")
+_NO_TICK = datetime(2000, 1, 1, tzinfo=UTC)
+"""Any tick: the key prefix is the key of a tick without that tick's text."""

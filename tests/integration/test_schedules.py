@@ -9,6 +9,7 @@ the only sleeps are downtimes a test imposes on purpose.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -300,6 +301,58 @@ async def test_the_firer_across_fall_back_with_an_injected_clock(database_dsn: s
     ]
     # Each fired within the fake minute it fell due.
     assert all(timedelta(0) <= r["create_time"] - r["run_at"] < timedelta(minutes=1) for r in rows)
+
+
+async def test_a_firer_behind_locks_fewer_schedules_per_batch(database_dsn: str) -> None:
+    """Schedules that are behind fire several ticks each: the rounds then lock fewer per
+    batch, so a transaction's firings stay near batch_size (a batch of 20 ticks a
+    schedule was long enough on a starved machine to be killed by the pool's idle
+    timeout), and every tick still fires once. On a fake clock, 20 s behind twice."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = [start]
+    pool, epoch = await leader_pool(database_dsn)
+    try:
+        async with pool.acquire() as conn:
+            for i in range(10):
+                valid = validate_schedule(
+                    _schedule(f"behind-{i}"), tenant="default", max_payload_bytes=1024
+                )
+                await schedules.insert(
+                    conn, uuid7(), valid.row, paused=False, next_fire_time=start, now=start
+                )
+        firer = ScheduleFirer(
+            service_deps(pool, database_dsn, epoch=epoch),
+            now=lambda: clock[0],
+            max_lookahead=0,
+            batch_size=10,
+            parallel=1,
+        )
+        firer.started = start
+        sizes: list[list[int]] = []
+        for _ in range(2):
+            before = clock[0] - SECOND if clock[0] == start else clock[0]
+            clock[0] += timedelta(seconds=19)
+            await firer.run_once()
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """
+                    SELECT xmin::text::bigint AS tx, count(*) AS n FROM tasks
+                    WHERE idempotency_key LIKE 'schedule:%' AND run_at > $1
+                    GROUP BY 1 ORDER BY 1
+                    """,
+                    before,
+                )
+            sizes.append([r["n"] for r in rows])
+        async with pool.acquire() as conn:
+            keys = await conn.fetch("SELECT idempotency_key, run_at FROM tasks")
+    finally:
+        await pool.close()
+    # The first batch, before anything was learned: all ten schedules, 20 ticks each.
+    assert sizes[0] == [200], sizes
+    # Then one schedule (20 firings) per batch, each batch its own transaction.
+    assert sizes[1] == [19] * 10, sizes
+    assert len({r["idempotency_key"] for r in keys}) == len(keys) == 390
+    assert {r["run_at"] for r in keys} == {start + SECOND * k for k in range(39)}
 
 
 # -- the API -------------------------------------------------------------------------------
@@ -641,3 +694,70 @@ async def test_coordinator_killed_around_a_tick_fires_each_tick_once(
         assert named == sum(row["n"] for row in rows)
     finally:
         await db.close()
+
+
+async def test_a_firing_writes_the_row_a_submit_of_its_template_writes(
+    db: asyncpg.Connection,
+) -> None:
+    """The firer's insert sends only the per-firing values and joins the templates in SQL:
+    every column must come out as the shared task insert writes it from the same task,
+    for several templates in one batch (numbered from 1)."""
+    from conveyor.coordinator.api.validation import NewTask
+    from conveyor.coordinator.ids import raw_uuid7
+    from conveyor.coordinator.store import tasks
+    from conveyor.coordinator.store.tasks import NEW_TASK_COLUMNS, NewRow
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    full = NewTask(
+        queue="q-full", type="t-full", payload=b'{"x": 1}', content_type="application/json",
+        priority=7, max_attempts=9, idempotency_key=None, request_hash=b"", run_at=None,
+        timeout_ms=1234, retry_initial_ms=11, retry_max_ms=22, retry_multiplier=1.5,
+        retry_jitter=0.25, labels={"team": "ops", "k": "v"}, traceparent="00-" + "a" * 32
+        + "-" + "b" * 16 + "-01", concurrency_key="ck", concurrency_limit=3,
+        deadline=now + timedelta(hours=1),
+    )  # fmt: skip
+    bare = NewTask(
+        queue="q-bare", type="t-bare", payload=b"", content_type="", priority=0,
+        max_attempts=1, idempotency_key=None, request_hash=b"", run_at=None, timeout_ms=0,
+        retry_initial_ms=0, retry_max_ms=0, retry_multiplier=2.0, retry_jitter=0.0,
+        labels={}, traceparent="",
+    )  # fmt: skip
+    templates = [
+        schedules.template_values("tenant-a", full),
+        schedules.template_values("tenant-b", bare),
+    ]
+    ticks = [now + SECOND, now + 2 * SECOND, now + SECOND]
+    keys = [f"schedule:x:{i}" for i in range(3)]
+    which = [1, 1, 2]
+    ids = [str(raw_uuid7()) for _ in range(3)]
+    fired = await schedules.insert_firings(
+        db, templates, ids, keys, [t.isoformat() for t in ticks], [str(n) for n in which], now
+    )
+    assert sorted(r["id"] for r in fired) == sorted(ids)
+
+    # The same tasks through the shared insert, under other keys and ids.
+    by_number = {1: ("tenant-a", full), 2: ("tenant-b", bare)}
+    submitted = [
+        NewRow(
+            by_number[n][0],
+            uuid7(),
+            dataclasses.replace(by_number[n][1], idempotency_key=f"submit:{i}"),
+            tasks.PENDING,
+            tick,
+        )
+        for i, (n, tick) in enumerate(zip(which, ticks, strict=True))
+    ]
+    await tasks.insert(db, submitted, now)
+    compared = [c for c in NEW_TASK_COLUMNS if c not in ("id", "idempotency_key")]
+    query = f"SELECT {', '.join(compared)}, create_time FROM tasks WHERE id = ANY($1::uuid[])"
+    for fired_id, row in zip(ids, submitted, strict=True):
+        (mine,) = await db.fetch(query, [fired_id])
+        (theirs,) = await db.fetch(query, [row.id])
+        assert dict(mine) == dict(theirs)
+    # A tick's key taken: the firing is skipped, not an error, and the rest are written.
+    again = [str(raw_uuid7()) for _ in range(2)]
+    tick = (now + SECOND).isoformat()
+    fired = await schedules.insert_firings(
+        db, templates[:1], again, [keys[0], "schedule:x:new"], [tick, tick], ["1", "1"], now
+    )
+    assert [r["id"] for r in fired] == [again[1]]
