@@ -120,7 +120,10 @@ async def test_the_wheel_built_like_the_image_installs_and_runs(
     assert not [n for n in names if n.startswith("tests/")]
 
     await asyncio.to_thread(run, sys.executable, "-m", "venv", venv)
-    await asyncio.to_thread(run, venv / "bin" / "pip", "install", "-q", wheel)
+    # --no-compile: the image compiles its site-packages at install; here that is ~15 s of
+    # CPU on a shared test machine for nothing the test checks (modules it imports compile
+    # when imported).
+    await asyncio.to_thread(run, venv / "bin" / "pip", "install", "-q", "--no-compile", wheel)
     conveyor = venv / "bin" / "conveyor"
     assert "coordinator" in await asyncio.to_thread(run, conveyor, "--help", timeout=60)
     await asyncio.to_thread(
