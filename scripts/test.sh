@@ -27,8 +27,8 @@ rm -rf build/coverage
 mkdir -p build/coverage
 status=0
 # Four test processes (pytest-xdist) on two cores: the suite mostly waits on the
-# processes and servers it starts, so four run it in 8-9 minutes (1,215 tests in 8 min
-# 38 s on the 2-core VM) where two took 9-10 with 1,173. `scripts/test.sh -n 0 ...` runs
+# processes and servers it starts, so four run it in 9-10 minutes (1,272 tests in 9 min
+# 31 s on the 2-core VM) where two took 9-10 with 1,173. `scripts/test.sh -n 0 ...` runs
 # in one process.
 .venv/bin/coverage run -m pytest -q -n 4 "$@" || status=$?
 .venv/bin/coverage combine -q
