@@ -8,7 +8,6 @@ like the maintenance sweeps.
 from __future__ import annotations
 
 import functools
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from conveyor.coordinator.store.tasks import (
     PENDING,
     SUCCEEDED,
     UNSPECIFIED,
-    encryption_key,
+    NewRow,
+    new_row_values,
 )
 from conveyor.coordinator.store.transitions import TAIL_NOT_FINISHING, changed
 
@@ -513,29 +513,17 @@ _INSERT_FIRINGS = Query(
 )
 
 
+# Where the template's columns sit in a new task's row (NEW_TASK_COLUMNS order).
+_TEMPLATE_AT = tuple(i for i, name in enumerate(NEW_TASK_COLUMNS) if name not in _PER_FIRING)
+
+
 def template_values(tenant: str, task: NewTask) -> tuple[Any, ...]:
-    """A template task's values in :data:`TEMPLATE_ARRAYS` order (as the shared task
-    insert writes them): computed once per schedule, shared by all its firings."""
-    return (
-        tenant,
-        task.queue,
-        task.type,
-        task.payload,
-        task.content_type,
-        task.priority,
-        task.max_attempts,
-        task.timeout_ms,
-        task.retry_initial_ms,
-        task.retry_max_ms,
-        task.retry_multiplier,
-        task.retry_jitter,
-        json.dumps(task.labels) if task.labels else "{}",
-        task.traceparent,
-        encryption_key(task),
-        task.concurrency_key,
-        task.concurrency_limit,
-        task.deadline,
-    )
+    """A template task's values in :data:`TEMPLATE_ARRAYS` order: the shared task
+    insert's row (:func:`tasks.new_row_values`) less the per-firing columns, so the two
+    cannot disagree. Computed once per schedule, shared by all its firings."""
+    # The id, state and tick given are the per-firing columns' and are dropped.
+    row = new_row_values(NewRow(tenant, "", task, PENDING, datetime.min))
+    return tuple(row[i] for i in _TEMPLATE_AT)
 
 
 async def insert_firings(

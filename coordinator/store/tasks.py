@@ -103,7 +103,7 @@ NEW_TASK_ARRAYS: tuple[tuple[str, str], ...] = (
     ("traceparent", "text"), ("encryption_key", "text"), ("concurrency_key", "text"),
     ("concurrency_limit", "int"), ("deadline", "timestamptz"),
 )  # fmt: skip
-"""The columns a new task is written with (in :func:`_record` order), and their types."""
+"""The columns a new task is written with (in :func:`new_row_values` order), and their types."""
 NEW_TASK_COLUMNS = tuple(name for name, _ in NEW_TASK_ARRAYS)
 
 ATTEMPT_COLUMNS = (
@@ -173,7 +173,7 @@ def encryption_key(task: NewTask) -> str | None:
     return envelope_key_id(task.payload) if task.content_type == ENCRYPTED_CONTENT_TYPE else None
 
 
-def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
+def new_row_values(row: NewRow, *tail: object) -> tuple[object, ...]:
     """The row's values in NEW_TASK_COLUMNS order, then ``tail``."""
     task = row.task
     return (
@@ -206,7 +206,7 @@ def _record(row: NewRow, *tail: object) -> tuple[object, ...]:
 
 
 def _new_arrays(rows: Sequence[NewRow]) -> dict[str, Any]:
-    return transpose([_record(r) for r in rows], NEW_TASK_COLUMNS)
+    return transpose([new_row_values(r) for r in rows], NEW_TASK_COLUMNS)
 
 
 # -- submits -------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ async def copy_new(
     INSERT over unnest() arrays. It has no conflict handling: a taken id (only a client-made
     one can be) fails the whole COPY with UniqueViolationError, writing nothing.
     """
-    records = [_record(r, now, now) for r in rows]
+    records = [new_row_values(r, now, now) for r in rows]
     await conn.copy_records_to_table(
         "tasks",
         columns=(*NEW_TASK_COLUMNS, "create_time", "update_time"),
