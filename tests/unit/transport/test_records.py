@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -90,7 +90,7 @@ def test_task_from_proto_equals_the_constructor() -> None:
         tenant="acme",
         last_error="boom",
         create_time=datetime.fromtimestamp(1_700_000_000, UTC),
-        timeout=task.timeout,
+        timeout=timedelta(seconds=30),
         labels={"k": "v"},
     )
     assert task.timeout is not None and task.timeout.total_seconds() == 30
