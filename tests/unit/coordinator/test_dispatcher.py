@@ -273,18 +273,6 @@ async def test_credit_after_a_full_claim_runs_a_round(deps: Deps) -> None:
     assert dispatcher._wakeup.is_set()
 
 
-class ClaimsFor(DispatchPolicy):
-    """Records the sessions a round made a claim for."""
-
-    def __init__(self) -> None:
-        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
-        self.claimed_for: list[str] = []
-
-    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
-        self.claimed_for.append(claim.session.worker_id)
-        return await super().claim(conn, claim, fence)
-
-
 async def test_a_round_claims_once_for_a_kind_it_finds_drained_and_marks_the_rest_starving(
     deps: Deps,
 ) -> None:
@@ -298,10 +286,10 @@ async def test_a_round_claims_once_for_a_kind_it_finds_drained_and_marks_the_res
     for session in (*idle, elsewhere):
         deps.sessions.reserve(session)
         deps.sessions.activate(session)
-    policy = ClaimsFor()
+    policy = CountingClaims()
     dispatcher = Dispatcher(deps, policy, Leases(deps))
     await asyncio.wait_for(dispatcher.step(), 10)
-    assert len(policy.claimed_for) == 2 and "x" in policy.claimed_for
+    assert len(policy.order) == 2 and "x" in policy.order
     assert all(s.starving for s in idle) and elsewhere.starving
     assert sum(_queued(s) for s in idle) == 1 and _queued(elsewhere) == 1
     # Credit is spent only where tasks went.
