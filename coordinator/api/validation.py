@@ -220,7 +220,8 @@ def validate_submit(
     (``ListFields``) and checks only those; unset fields take their defaults.
     """
     out: list[FieldViolation] = []
-    fields: dict[str, Any] = {fd.name: value for fd, value in req.ListFields()}
+    names = _SUBMIT_FIELD_NAMES
+    fields: dict[str, Any] = {names[fd]: value for fd, value in req.ListFields()}
     queue: str = fields.get("queue", "")
     type_: str = fields.get("type", "")
     payload: bytes = fields.get("payload", b"")
@@ -322,6 +323,13 @@ def validate_submit(
         return _with_hash(task, force=True), []
     return (_with_hash(task) if key else task), []
 
+
+# Field descriptor -> name, made once: ``FieldDescriptor.name`` decodes a new string at
+# every look (and validate_submit looks at every set field of every submitted task). The
+# descriptors are the same objects for as long as this holds them.
+_SUBMIT_FIELD_NAMES: dict[Any, str] = {
+    fd: fd.name for fd in task_service_pb2.SubmitTaskRequest.DESCRIPTOR.fields
+}
 
 _NO_FLOW: tuple[str | None, int | None, datetime | None] = (None, None, None)
 _FLOW_FIELDS = frozenset({"concurrency_key", "concurrency_limit", "deadline"})
