@@ -316,14 +316,17 @@ def assignments_from_rows(rows: Sequence[Mapping[str, Any]]) -> worker_service_p
                 traceparent=row["traceparent"],
                 create_time=maybe_timestamp(row["create_time"]),
             ).SerializeToString()
-        numbers = (row["attempt"], row["epoch"])
+        # Tags: Lease.task_id 0x0A, .attempt 0x10, .epoch 0x18; Assignment.lease 0x0A,
+        # .payload 0x22, .idempotency_key 0x3A; Assignments.assignments 0x0A;
+        # ConnectResponse.assignments 0x12.
+        attempt, epoch = numbers = (row["attempt"], row["epoch"])
         tail = lease_tails.get(numbers)
         if tail is None:
-            tail = lease_tails[numbers] = _int_field(0x10, numbers[0]) + _int_field(0x18, numbers[1])
+            tail = lease_tails[numbers] = _int_field(0x10, attempt) + _int_field(0x18, epoch)
         lease = _bytes_field(0x0A, str(row["id"]).encode()) + tail
-        lease = b"\x0a" + _varint(len(lease)) + lease + common
+        fields = _head(0x0A, len(lease)) + lease + common
         payload, key = row["payload"], row["idempotency_key"]
-        size = len(lease)
+        size = len(fields)
         if payload:
             payload_head = _head(0x22, len(payload))
             size += len(payload_head) + len(payload)
@@ -331,7 +334,7 @@ def assignments_from_rows(rows: Sequence[Mapping[str, Any]]) -> worker_service_p
             key_field = _bytes_field(0x3A, key.encode())
             size += len(key_field)
         head = _head(0x0A, size)
-        parts.append(head + lease)
+        parts.append(head + fields)
         if payload:
             parts.append(payload_head)
             parts.append(payload)

@@ -637,9 +637,7 @@ async def validate_submit_batch(
         else:
             # The field paths are named by the task's place only when one is wrong: a
             # string made per task costs more than the check it names.
-            violations.extend(
-                FieldViolation(f"tasks[{i}].{v.field}", v.description) for v in bad
-            )
+            violations.extend(FieldViolation(f"tasks[{i}].{v.field}", v.description) for v in bad)
     if violations:
         raise InvalidArgument(violations)
     if any(t.ref or t.after_refs for t in tasks):

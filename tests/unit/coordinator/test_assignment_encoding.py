@@ -90,9 +90,9 @@ def test_encoded_assignments_are_the_built_messages() -> None:
     ],
 )
 def test_a_row_no_assignment_can_carry_fails_alone(bad: dict[str, Any]) -> None:
-    with pytest.raises(Exception):  # noqa: B017, PT011 (whatever protobuf raises)
+    with pytest.raises(Exception):  # noqa: B017 (whatever protobuf raises)
         _built([_row(**bad)])
     rows = [_row(), _row(**bad), _row()]
-    with pytest.raises(Exception):  # noqa: B017, PT011
+    with pytest.raises(Exception):  # noqa: B017
         convert.assignments_from_rows(rows)
     assert list(DispatchPolicy.unusable(rows)) == [1]
