@@ -249,12 +249,15 @@ def add_assignment_from_new(
 _UINT64 = (1 << 64) - 1
 
 
-def _int_field(tag: int, value: int) -> bytes:
-    """An int32 or int64 field as a serializer writes it (nothing for 0; a negative
-    value as ten bytes, two's complement). The column types keep it in range."""
+def _int_field(tag: int, value: int | None) -> bytes:
+    """An int32 or int64 field as a serializer writes it (nothing for 0 or None, as a
+    message constructor leaves it unset; a negative value as ten bytes, two's complement).
+    The column types keep it in range."""
+    if not value:
+        return b""
     if 0 < value < 0x80:
         return bytes((tag, value))
-    return bytes((tag,)) + _varint(value & _UINT64) if value else b""
+    return bytes((tag,)) + _varint(value & _UINT64)
 
 
 def _head(tag: int, length: int) -> bytes:

@@ -46,6 +46,7 @@ def _rows() -> list[dict[str, Any]]:
         _row(payload=b"p" * 200),  # lengths past one varint byte
         _row(payload=bytes(range(256)) * 70_000),  # past three
         _row(attempt=0, epoch=0),
+        _row(attempt=None, epoch=None, traceparent=None, payload=None),  # NULLs: left unset
         _row(attempt=200, epoch=1 << 40),
         _row(attempt=-1, epoch=-5),  # written by hand: ten-byte varints
         _row(attempt=2**31 - 1, epoch=2**63 - 1),
