@@ -220,7 +220,8 @@ def validate_submit(
     (``ListFields``) and checks only those; unset fields take their defaults.
     """
     out: list[FieldViolation] = []
-    fields: dict[str, Any] = {fd.name: value for fd, value in req.ListFields()}
+    names = _SUBMIT_FIELD_NAMES
+    fields: dict[str, Any] = {names[fd]: value for fd, value in req.ListFields()}
     queue: str = fields.get("queue", "")
     type_: str = fields.get("type", "")
     payload: bytes = fields.get("payload", b"")
@@ -261,7 +262,7 @@ def validate_submit(
             )
         )
     content_type: str = fields.get("content_type", "")
-    if content_type:
+    if content_type and _content_type_problem(content_type):
         check_text(content_type, prefix + "content_type", out, max_length=MAX_CONTENT_TYPE_LENGTH)
     run_at: datetime | None = None
     if "run_at" in fields:
@@ -322,6 +323,13 @@ def validate_submit(
         return _with_hash(task, force=True), []
     return (_with_hash(task) if key else task), []
 
+
+# Field descriptor -> name, made once: ``FieldDescriptor.name`` decodes a new string at
+# every look (and validate_submit looks at every set field of every submitted task). The
+# descriptors are the same objects for as long as this holds them.
+_SUBMIT_FIELD_NAMES: dict[Any, str] = {
+    fd: fd.name for fd in task_service_pb2.SubmitTaskRequest.DESCRIPTOR.fields
+}
 
 _NO_FLOW: tuple[str | None, int | None, datetime | None] = (None, None, None)
 _FLOW_FIELDS = frozenset({"concurrency_key", "concurrency_limit", "deadline"})
@@ -426,6 +434,30 @@ _DEFAULT_RETRY = (
 )
 
 
+@functools.lru_cache(maxsize=256)
+def _content_type_problem(value: str) -> bool:
+    """Whether a content type breaks a rule of :func:`check_text` (which says which);
+    cached, since a batch's tasks mostly share one."""
+    problems: list[FieldViolation] = []
+    check_text(value, "", problems, max_length=MAX_CONTENT_TYPE_LENGTH)
+    return bool(problems)
+
+
+_last_now: tuple[datetime, int] | None = None
+
+
+def _unix_ms(now: datetime) -> int:
+    """``now`` in Unix milliseconds; the last one is kept, since every task of a batch is
+    checked against the same ``now``."""
+    global _last_now
+    last = _last_now
+    if last is not None and last[0] is now:
+        return last[1]
+    ms = int(now.timestamp() * 1000)
+    _last_now = (now, ms)
+    return ms
+
+
 def _check_request_id(
     value: str, field: str, now: datetime | None, out: list[FieldViolation]
 ) -> str | None:
@@ -440,7 +472,7 @@ def _check_request_id(
         )
         return None
     made_ms = int(value[:8] + value[9:13], 16)
-    offset_ms = made_ms - int((now or datetime.now(UTC)).timestamp() * 1000)
+    offset_ms = made_ms - _unix_ms(now or datetime.now(UTC))
     if not -_REQUEST_ID_BEHIND_MS <= offset_ms <= _REQUEST_ID_AHEAD_MS:
         made = datetime.fromtimestamp(made_ms / 1000, UTC)
         apart = timedelta(seconds=round(abs(offset_ms) / 1000))
@@ -599,12 +631,13 @@ async def validate_submit_batch(
     for i, one in enumerate(req.tasks):
         if i and not i % SUBMIT_SLICE:
             await asyncio.sleep(0)
-        task, bad = validate_submit(
-            one, max_payload_bytes=max_payload_bytes, prefix=f"tasks[{i}].", now=now
-        )
-        violations.extend(bad)
+        task, bad = validate_submit(one, max_payload_bytes=max_payload_bytes, now=now)
         if task is not None:
             tasks.append(task)
+        else:
+            # The field paths are named by the task's place only when one is wrong: a
+            # string made per task costs more than the check it names.
+            violations.extend(FieldViolation(f"tasks[{i}].{v.field}", v.description) for v in bad)
     if violations:
         raise InvalidArgument(violations)
     if any(t.ref or t.after_refs for t in tasks):

@@ -353,7 +353,7 @@ class DispatchPolicy:
         """Claimed rows as Assignments messages of at most MESSAGE_BYTES each (estimated)."""
         weights = [assignment_size(r["payload"], r["labels"]) for r in rows]
         return [
-            Packed(assignments_message(convert.add_assignment_from_row, rows[i:j]), size, j - i)
+            Packed(convert.assignments_from_rows(rows[i:j]), size, j - i)
             for i, j, size in split(weights)
         ]
 
@@ -365,7 +365,7 @@ class DispatchPolicy:
         found: dict[int, Exception] = {}
         for i, row in enumerate(rows):
             try:
-                assignments_message(convert.add_assignment_from_row, [row])
+                convert.assignments_from_rows([row])
             except Exception as exc:
                 found[i] = exc
         return found

@@ -164,12 +164,17 @@ def _shape(task: NewTask, state: int, run_at: datetime) -> tuple[object, ...]:
 SubmitResult = list[Submitted]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Prior:
     """A task a submit may turn out to repeat: its tenant, what it was made from (a stored
     row or a submit of this flush) and its message. The fingerprint is computed only when
     a repeat is found: hashing every payload on the way in would cost more than the rest
-    of a submit's planning."""
+    of a submit's planning.
+
+    Treat it as immutable. Not ``frozen``: one is made for every submitted task with a
+    client-made id (every task the client library sends), and a frozen dataclass sets
+    each field through ``object.__setattr__``: 1.2 µs a task against 0.14, two thirds of
+    a batch's planning (issue 19, fourth round)."""
 
     tenant: str
     source: asyncpg.Record | NewTask
