@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterable
 
 from conveyor.v1 import worker_service_pb2 as pb
 
@@ -85,27 +86,41 @@ class PendingResults:
 
     def ack(self, ack: pb.ResultAck) -> None:
         """Drop the acknowledged result; a refusal is worth a warning unless expected."""
-        key = attempt_key(ack.lease)
-        result = self._results.pop(key, None)
-        cancelled = key in self._cancelled
-        self._cancelled.discard(key)
-        if result is None:
-            logger.debug("ack for unknown result of task %s attempt %d", *key)
-            return
-        self._unsent.pop(key, None)
-        if not ack.accepted:
-            if cancelled or result.outcome == pb.TASK_OUTCOME_CANCELLED:
-                # Cancelled on purpose (conveyor cancel): its result has no use, and the
-                # coordinator's "lease is not current" would read like a fault.
-                logger.info("task %s attempt %d was cancelled: its result is not kept", *key)
-            else:
-                logger.warning(
-                    "coordinator refused the result of task %s attempt %d: %s",
-                    *key,
-                    ack.reason or "no reason given",
-                )
-        if not self._results:
+        self.ack_all((ack,))
+
+    def ack_all(self, acks: Iterable[pb.ResultAck]) -> None:
+        """:meth:`ack` for each of a ResultAcks message's acks, in one call (a call or
+        two per ack: the acks were 7.6 % of a worker's loop in the benchmark; issue 19)."""
+        results, unsent, cancelled = self._results, self._unsent, self._cancelled
+        for ack in acks:
+            lease = ack.lease
+            key = (lease.task_id, lease.attempt)
+            result = results.pop(key, None)
+            was_cancelled = False
+            if cancelled and key in cancelled:
+                cancelled.discard(key)
+                was_cancelled = True
+            if result is None:
+                logger.debug("ack for unknown result of task %s attempt %d", *key)
+                continue
+            unsent.pop(key, None)
+            if not ack.accepted:
+                self._refused(key, result, ack.reason, was_cancelled)
+        if not results:
             self._settled.set()
+
+    @staticmethod
+    def _refused(key: AttemptKey, result: pb.TaskResult, reason: str, cancelled: bool) -> None:
+        if cancelled or result.outcome == pb.TASK_OUTCOME_CANCELLED:
+            # Cancelled on purpose (conveyor cancel): its result has no use, and the
+            # coordinator's "lease is not current" would read like a fault.
+            logger.info("task %s attempt %d was cancelled: its result is not kept", *key)
+        else:
+            logger.warning(
+                "coordinator refused the result of task %s attempt %d: %s",
+                *key,
+                reason or "no reason given",
+            )
 
     def leases(self) -> dict[AttemptKey, pb.Lease]:
         """The leases of the results waiting for an ack."""

@@ -469,9 +469,9 @@ class Runtime:
             return
         self._start(execution)
 
-    def ack(self, ack: pb.ResultAck) -> None:
-        """A ResultAck: accepted or refused, the result is done with."""
-        self._pending.ack(ack)
+    def ack(self, acks: Iterable[pb.ResultAck]) -> None:
+        """A ResultAcks message's acks: accepted or refused, each result is done with."""
+        self._pending.ack_all(acks)
 
     def cancel(self, leases: Iterable[pb.Lease]) -> None:
         """CancelTasks: stop these attempts and report them CANCELLED."""
