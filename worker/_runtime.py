@@ -601,6 +601,8 @@ class Runtime:
         logs.bind_fields(logs.LazyFields(ctx.log_fields))
         handler = execution.handler
         lease = execution.lease
+        result: pb.TaskResult | None
+        data = b""
         try:
             try:
                 if handler.is_async:
@@ -637,7 +639,7 @@ class Runtime:
                 result = _result(lease, FAILED, error=describe_exception(exc), retryable=True)
             else:
                 logger.debug("task %s attempt %d succeeded", *execution.key)
-                result = _result(lease, SUCCEEDED, result=data)
+                result = None  # the common case: kept as its parts (add_success)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if execution.decided:
@@ -654,8 +656,15 @@ class Runtime:
             )
         finally:
             self._release(execution)
-        if not execution.decided:
-            self._decide(execution)
+        if execution.decided:
+            return
+        self._decide(execution)
+        if result is None:
+            self._ran(execution, _SUCCEEDED_NAME, "")
+            self._pending.add_success(execution.key, lease.epoch, data)
+            if self._listener is not None:
+                self._listener.results_ready()
+        else:
             self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
             self._emit(result, execution.key)
 

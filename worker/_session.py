@@ -116,14 +116,6 @@ class SessionEnd:
     unknown_key: UnauthenticatedError | None = None
 
 
-def _results_request(batch: list[pb.TaskResult]) -> pb.ConnectRequest:
-    """A Results message of ``batch``: the results are copied once (building a Results
-    and then a ConnectRequest around it copied each twice)."""
-    request = pb.ConnectRequest()
-    request.results.results.extend(batch)
-    return request
-
-
 class _SessionError(Exception):
     """The session cannot go on (protocol violation, silence, send stall)."""
 
@@ -243,8 +235,8 @@ class Session:
         if not self._write_closed and not self._finished.is_set():
             # Results go out now rather than after the batching window, and before the
             # half-close (the writer drops anything queued after it).
-            while batch := self._take_batch():
-                await self._outgoing.put(_results_request(batch))
+            while request := self._take_results():
+                await self._outgoing.put(request)
             await self._outgoing.put(None)
         await self._finished.wait()
 
@@ -561,13 +553,18 @@ class Session:
                         await self._batch_full.wait()
             self._results_wanted.clear()
             self._batch_full.clear()
-            while batch := self._take_batch():
-                await self._send(_results_request(batch))
+            while request := self._take_results():
+                await self._send(request)
                 self._runtime.record_runs()
 
-    def _take_batch(self) -> list[pb.TaskResult]:
+    def _take_results(self) -> pb.ConnectRequest | None:
+        """The next Results message, or None when every result was sent. The results
+        are written into it in place (built as a TaskResult each and then copied into
+        the message, a success cost the worker twice as much; issue 19)."""
+        request = pb.ConnectRequest()
         # The result's bytes stand for its size: the lease and the rest are a few dozen
         # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
-        return self._runtime.pending.take_batch(
-            RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+        taken = self._runtime.pending.take_batch(
+            request.results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
         )
+        return request if taken else None
