@@ -6,6 +6,7 @@ users) deal only in frozen dataclasses, enums, ``datetime`` and ``timedelta``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
@@ -291,7 +292,8 @@ class _DecodedOnRead:
                 # Decoded meanwhile (another thread read it): the field is set now.
                 return object.__getattribute__(self, name)
             _decode_task(self, wire)
-            _del_wire(self)
+            with contextlib.suppress(AttributeError):  # another thread's decoding may
+                _del_wire(self)  # have dropped it first
             return object.__getattribute__(self, name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -133,7 +134,8 @@ class _DecodedOnRead:
                 # Decoded meanwhile (a sync handler's thread read it): the field is set.
                 return object.__getattribute__(self, name)
             _decode(self, assignment)
-            _del_assignment(self)
+            with contextlib.suppress(AttributeError):  # another thread's decoding may
+                _del_assignment(self)  # have dropped it first
             return object.__getattribute__(self, name)
 
 

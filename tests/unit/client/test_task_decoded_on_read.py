@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.client import Task, TaskState
+from conveyor.client import _models as models
 from conveyor.v1 import task_pb2
 
 WHEN = datetime(2025, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
@@ -145,3 +146,21 @@ def test_threads_reading_it_at_once_agree() -> None:
     eager = Task.from_proto(msg)
     for _ in range(50):
         assert _read_at_once(Task._from_wire(msg), 4) == [eager] * 4
+
+
+def test_a_read_whose_message_another_thread_dropped_first_still_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The window between decoding and dropping the message, made certain: another
+    # thread decoded the same Task meanwhile and dropped the message first.
+    decode = models._decode_task
+    eager = Task.from_proto(_full())
+
+    def decode_and_lose_the_race(task: Task, msg: task_pb2.Task) -> None:
+        decode(task, msg)
+        models._del_wire(task)
+
+    monkeypatch.setattr(models, "_decode_task", decode_and_lose_the_race)
+    task = Task._from_wire(_full())
+    assert task.id == "0190-abc"
+    assert task == eager

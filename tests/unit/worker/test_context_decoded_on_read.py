@@ -12,6 +12,7 @@ import pytest
 
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.worker import TaskContext
+from conveyor.worker import _context as context
 from conveyor.worker._context import _FROM_ASSIGNMENT, CancellationSignal, started_context
 
 SIGNAL = CancellationSignal()
@@ -129,3 +130,20 @@ def test_threads_reading_it_at_once_agree() -> None:
         for t in threads:
             t.join()
         assert seen == [made.log_fields()] * 4
+
+
+def test_a_read_whose_assignment_another_thread_dropped_first_still_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The window between decoding and dropping the assignment, made certain: a sync
+    # handler's thread decoded the same context meanwhile and dropped it first.
+    decode = context._decode
+
+    def decode_and_lose_the_race(ctx: TaskContext, assignment: pb.Assignment) -> None:
+        decode(ctx, assignment)
+        context._del_assignment(ctx)
+
+    monkeypatch.setattr(context, "_decode", decode_and_lose_the_race)
+    ctx = _started(_assignment(full=True))
+    assert ctx.task_id == "0190-abc"
+    assert ctx == _made(_assignment(full=True))
