@@ -274,9 +274,10 @@ class AsyncClient:
             idempotent=self._resendable(request),
             submit=True,
         )
-        return open_submitted(self._codec, Task.from_proto(response.task), plain, 0)
+        # Decoded when first read (``Task._from_wire``): most callers read the id at most.
+        return open_submitted(self._codec, Task._from_wire(response.task), plain, 0)
 
-    def _add_request_ids(self, requests: builtins.list[pb.SubmitTaskRequest]) -> None:
+    def _add_request_ids(self, requests: Iterable[pb.SubmitTaskRequest]) -> None:
         """Gives each task an id of the client's making, unless ``retry_submits`` is off
         and there is no codec (an encrypted payload is bound to its task's id)."""
         if self._retry_submits or self._codec is not None:
@@ -306,10 +307,11 @@ class AsyncClient:
         cycle); every task of such a call must fit in one batch (1000 tasks). A resend
         of the same call returns the same tasks.
         """
-        requests = _requests(tasks)
+        call = _requests(tasks)
+        requests = call.tasks
         tracing = self._tracing()
         if not tracing.enabled or not requests:
-            return await self._submit_batches(requests)
+            return await self._submit_batches(call)
         types = {r.type for r in requests}
         queues = {r.queue or "default" for r in requests}
         with tracing.submit_span(
@@ -319,21 +321,31 @@ class AsyncClient:
         ) as context:
             for request in requests:
                 request.traceparent = request.traceparent or context
-            return await self._submit_batches(requests)
+            return await self._submit_batches(call)
 
-    async def _submit_batches(
-        self, requests: builtins.list[pb.SubmitTaskRequest]
-    ) -> builtins.list[Task]:
+    async def _submit_batches(self, call: pb.SubmitTasksRequest) -> builtins.list[Task]:
+        """Submits ``call``'s tasks: as it is when they fit in one SubmitTasks call (the
+        usual case), else in batches copied out of it."""
         results: list[Task] = []
-        # Ids go on before batching: the batch request copies the messages.
+        requests = call.tasks
+        if not requests:
+            return results
+        # Ids go on before batching: a batch request copies the messages.
         self._add_request_ids(requests)
         plain = seal_requests(self._codec, requests)
-        for batch in _batches(requests):
+        batches: Iterable[pb.SubmitTasksRequest]
+        if len(requests) <= MAX_BATCH and call.ByteSize() <= _MAX_BATCH_BYTES:
+            # One batch: the message built, not a copy of each task into another one
+            # (and one size for all, not one per task; issue 19).
+            batches = (call,)
+        else:
+            batches = (pb.SubmitTasksRequest(tasks=b) for b in _batches(list(requests)))
+        for batch in batches:
             try:
                 response = await self._conn.unary(
                     lambda s: s.tasks.SubmitTasks,
-                    pb.SubmitTasksRequest(tasks=batch),
-                    idempotent=all(self._resendable(r) for r in batch),
+                    batch,
+                    idempotent=all(self._resendable(r) for r in batch.tasks),
                     submit=True,
                 )
             except RPCError as err:
@@ -345,10 +357,15 @@ class AsyncClient:
                         f"call were already submitted and stay submitted."
                     )
                 raise
-            results.extend(
-                open_submitted(self._codec, Task.from_proto(r.task), plain, index)
-                for index, r in enumerate(response.results, start=len(results))
-            )
+            # Each decoded when first read (``Task._from_wire``): a bulk submit's caller
+            # rarely reads them all, and decoding was half the client's CPU per task.
+            if self._codec is None:
+                results.extend([Task._from_wire(r.task) for r in response.results])
+            else:
+                results.extend(
+                    open_submitted(self._codec, Task._from_wire(r.task), plain, index)
+                    for index, r in enumerate(response.results, start=len(results))
+                )
         return results
 
     # -- reading -----------------------------------------------------------------------
@@ -1070,26 +1087,29 @@ def _stream_broke(err: RPCError) -> bool:
     )
 
 
-def _requests(tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> builtins.list[Any]:
-    """The requests of ``tasks``, in order. A spec repeated (``[spec] * 10_000``) is
-    converted once and copied after that: a copy costs a fifth of a conversion. Its
-    relative times (``run_at``, ``deadline`` given as delays) are then resolved once for
-    the whole call. Only for a list or tuple: a generator may yield one object changed
-    in between."""
+def _requests(tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> pb.SubmitTasksRequest:
+    """The requests of ``tasks``, in order, in one SubmitTasks message (which is sent as
+    it is when they fit in one call). A spec repeated (``[spec] * 10_000``) is converted
+    once and copied after that: a copy costs a fifth of a conversion. Its relative times
+    (``run_at``, ``deadline`` given as delays) are then resolved once for the whole
+    call. Only for a list or tuple: a generator may yield one object changed in
+    between."""
+    call = pb.SubmitTasksRequest()
+    requests = call.tasks
     if not isinstance(tasks, list | tuple):
-        return [task_spec(t).to_proto() for t in tasks]
-    requests: list[pb.SubmitTaskRequest] = []
+        for t in tasks:
+            requests.append(task_spec(t).to_proto())
+        return call
     last: object = None
     last_request: pb.SubmitTaskRequest | None = None
     for task in tasks:
         if task is last and last_request is not None:
-            request = pb.SubmitTaskRequest()
-            request.CopyFrom(last_request)
+            requests.add().CopyFrom(last_request)
         else:
-            request = last_request = task_spec(task).to_proto()
+            last_request = task_spec(task).to_proto()
+            requests.append(last_request)
             last = task
-        requests.append(request)
-    return requests
+    return call
 
 
 def _batches(requests: builtins.list[pb.SubmitTaskRequest]) -> Iterable[builtins.list[Any]]:

@@ -6,18 +6,19 @@ users) deal only in frozen dataclasses, enums, ``datetime`` and ``timedelta``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.transport._encryption import DecryptionError, envelope_key_id, is_sealed
-from conveyor.transport._records import frozen_builder
+from conveyor.transport._records import frozen_filler
 from conveyor.v1 import admin_service_pb2, schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
@@ -265,8 +266,39 @@ class RetryPolicy:
         )
 
 
+class _DecodedOnRead:
+    """Task's base: the slot that holds the wire message of a Task decoded when first read.
+
+    ``submit_many()`` answers with a Task per task submitted, and decoding each (27
+    fields, four times) was more than half the client's CPU per task in ``conveyor
+    bench`` (issue 19), though a caller that submits in bulk rarely reads them.
+    :meth:`Task._from_wire` makes a Task whose fields are all unset and keeps the
+    message; the first read of any field (a slot left unset makes Python call
+    ``__getattr__``) decodes all of them at once, as :meth:`Task.from_proto` would have,
+    and lets the message go. From then on it is the same object ``from_proto`` makes:
+    equal, hashable, picklable, and every field read as plain attribute access.
+    """
+
+    __slots__ = ("_wire",)
+
+    if not TYPE_CHECKING:  # mypy would take any attribute of a Task as valid
+
+        def __getattr__(self, name: str) -> Any:
+            if name not in _TASK_FIELD_NAMES:
+                return object.__getattribute__(self, name)  # raises the usual error
+            try:
+                wire = _get_wire(self)
+            except AttributeError:
+                # Decoded meanwhile (another thread read it): the field is set now.
+                return object.__getattribute__(self, name)
+            _decode_task(self, wire)
+            with contextlib.suppress(AttributeError):  # another thread's decoding may
+                _del_wire(self)  # have dropped it first
+            return object.__getattribute__(self, name)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Task:
+class Task(_DecodedOnRead):
     """One task and its current state, as last read from the coordinator."""
 
     #: Time-ordered id (UUIDv7 text).
@@ -380,48 +412,67 @@ class Task:
     @classmethod
     def from_proto(cls, msg: task_pb2.Task) -> Task:
         """Converts from the wire message ``conveyor.v1.Task``."""
-        labels = msg.labels
-        has = msg.HasField
-        return _build_task(
-            id=msg.id,
-            state=_STATE_FROM_PROTO.get(msg.state, TaskState.UNSPECIFIED),
-            queue=msg.queue,
-            type=msg.type,
-            payload=msg.payload,
-            content_type=msg.content_type or JSON_CONTENT_TYPE,
-            attempt=msg.attempt,
-            max_attempts=msg.max_attempts,
-            uncounted_attempts=msg.uncounted_attempts,
-            priority=msg.priority,
-            result=msg.result,
-            last_error=msg.last_error or None,
-            idempotency_key=msg.idempotency_key or None,
-            run_at=_timestamp_value(msg.run_at) if has("run_at") else None,
-            create_time=_timestamp_value(msg.create_time) if has("create_time") else None,
-            update_time=_timestamp_value(msg.update_time) if has("update_time") else None,
-            finish_time=_timestamp_value(msg.finish_time) if has("finish_time") else None,
-            worker_id=msg.worker_id or None,
-            labels=dict(labels) if labels else {},
-            tenant=msg.tenant,
-            timeout=(
-                _timedelta(msg.timeout.seconds, msg.timeout.nanos) if has("timeout") else None
-            ),
-            retry_policy=(
-                _retry_policy(msg.retry_policy.SerializeToString(deterministic=True))
-                if has("retry_policy")
-                else None
-            ),
-            traceparent=msg.traceparent or None,
-            unserved=False,
-            unserved_encryption_key="",
-            waiting_for=(),
-            etag=msg.etag,
-        )
+        task = _new_task(Task)
+        _decode_task(task, msg)
+        return task
+
+    @classmethod
+    def _from_wire(cls, msg: task_pb2.Task) -> Task:
+        """As :meth:`from_proto`, decoded when a field is first read (see
+        ``_DecodedOnRead``). ``msg`` must not change afterwards: it is read then."""
+        task = _new_task(Task)
+        _set_wire(task, msg)
+        return task
+
+
+def _decode_task(task: Task, msg: task_pb2.Task) -> None:
+    """Sets every field of ``task`` from ``msg``: the one conversion of a Task."""
+    labels = msg.labels
+    has = msg.HasField
+    _fill_task(
+        task,
+        id=msg.id,
+        state=_STATE_FROM_PROTO.get(msg.state, TaskState.UNSPECIFIED),
+        queue=msg.queue,
+        type=msg.type,
+        payload=msg.payload,
+        content_type=msg.content_type or JSON_CONTENT_TYPE,
+        attempt=msg.attempt,
+        max_attempts=msg.max_attempts,
+        uncounted_attempts=msg.uncounted_attempts,
+        priority=msg.priority,
+        result=msg.result,
+        last_error=msg.last_error or None,
+        idempotency_key=msg.idempotency_key or None,
+        run_at=_timestamp_value(msg.run_at) if has("run_at") else None,
+        create_time=_timestamp_value(msg.create_time) if has("create_time") else None,
+        update_time=_timestamp_value(msg.update_time) if has("update_time") else None,
+        finish_time=_timestamp_value(msg.finish_time) if has("finish_time") else None,
+        worker_id=msg.worker_id or None,
+        labels=dict(labels) if labels else {},
+        tenant=msg.tenant,
+        timeout=(_timedelta(msg.timeout.seconds, msg.timeout.nanos) if has("timeout") else None),
+        retry_policy=(
+            _retry_policy(msg.retry_policy.SerializeToString(deterministic=True))
+            if has("retry_policy")
+            else None
+        ),
+        traceparent=msg.traceparent or None,
+        unserved=False,
+        unserved_encryption_key="",
+        waiting_for=(),
+        etag=msg.etag,
+    )
 
 
 # Task's own __init__ (a frozen dataclass of 27 fields) was a third of from_proto, which
-# a submit_many() runs per task (issue 19).
-_build_task = frozen_builder(Task)
+# a submit_many() ran per task (issue 19): its slots are set directly instead.
+_fill_task = frozen_filler(Task)
+_new_task = object.__new__
+_TASK_FIELD_NAMES = frozenset(f.name for f in fields(Task))
+_get_wire = _DecodedOnRead._wire.__get__  # type: ignore[attr-defined]
+_set_wire = _DecodedOnRead._wire.__set__  # type: ignore[attr-defined]
+_del_wire = _DecodedOnRead._wire.__delete__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-__all__ = ["frozen_builder"]
+__all__ = ["frozen_builder", "frozen_filler"]
 
 T = TypeVar("T")
 
@@ -28,17 +28,35 @@ def frozen_builder(cls: type[T]) -> Callable[..., T]:
     Only for slotted dataclasses without ``__post_init__``: nothing is validated or
     derived on the way, exactly as the generated ``__init__`` would do for such a class.
     """
+    build: Callable[..., T] = _generate(cls, fill=False)
+    build.__qualname__ = f"{cls.__qualname__}._build"
+    return build
+
+
+def frozen_filler(cls: type[T]) -> Callable[..., None]:
+    """As :func:`frozen_builder`, but sets every field of an object of ``cls`` that is
+    already made (``fill(obj, *, field=value, ...)``): for an object made empty first
+    (``object.__new__``) and filled when it is first read (``client.Task``'s answer to
+    a submit). The same rules: every field given, slotted, no ``__post_init__``."""
+    fill: Callable[..., None] = _generate(cls, fill=True)
+    fill.__qualname__ = f"{cls.__qualname__}._fill"
+    return fill
+
+
+def _generate(cls: type[T], *, fill: bool) -> Callable[..., Any]:
     if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
         raise TypeError(f"{cls.__name__} is not a slotted dataclass")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__ that a builder would skip")
     names = [f.name for f in dataclasses.fields(cls)]
     setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
-    lines = [f"def build(*, {', '.join(names)}):", "    obj = _new(_cls)"]
+    params = ", ".join(names)
+    if fill:
+        lines = [f"def make(obj, *, {params}):"]
+    else:
+        lines = [f"def make(*, {params}):", "    obj = _new(_cls)"]
     lines += [f"    _set_{name}(obj, {name})" for name in names]
-    lines.append("    return obj")
+    lines += [] if fill else ["    return obj"]
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **setters}
     exec("\n".join(lines), namespace)
-    build: Callable[..., T] = namespace["build"]
-    build.__qualname__ = f"{cls.__qualname__}._build"
-    return build
+    return cast(Callable[..., Any], namespace["make"])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from conveyor.observability.logs import TaskLoggerAdapter, task_logger
 from conveyor.worker import _effects
@@ -16,8 +19,20 @@ from conveyor.worker._effects import HandlerCalls, Ledger, fencing_token
 
 if TYPE_CHECKING:
     from conveyor.client._locks import Lock
+    from conveyor.v1 import worker_service_pb2 as pb
 
-__all__ = ["CancellationSignal", "TaskContext"]
+__all__ = ["CancellationSignal", "TaskContext", "started_context"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Most tasks have no labels: one read-only empty mapping serves them all.
+_NO_LABELS: MappingProxyType[str, str] = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=256)
+def _datetime(seconds: int, nanos: int) -> datetime:
+    """A Timestamp's value; cached, since the tasks of one submit share a create time
+    (and a datetime is immutable)."""
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 class CancellationSignal:
@@ -93,8 +108,39 @@ class CancellationSignal:
             self._async_event.set()
 
 
+class _DecodedOnRead:
+    """TaskContext's base: the slot that holds the assignment of a context whose task
+    fields are decoded when first read.
+
+    The worker makes a context per attempt, and reading its dozen fields out of the
+    assignment (each read of a protobuf field makes a new object) cost more than the
+    rest of starting a no-op attempt (issue 19), though many handlers read none of them.
+    :func:`started_context` sets what the worker itself knows (deadline, worker,
+    tenant, signal) and keeps the assignment; the first read of a task field (a slot
+    left unset makes Python call ``__getattr__``) decodes them all and lets the
+    assignment go. From then on it is the context the constructor would have made.
+    """
+
+    __slots__ = ("_assignment",)
+
+    if not TYPE_CHECKING:  # mypy would take any attribute of a context as valid
+
+        def __getattr__(self, name: str) -> Any:
+            if name not in _FROM_ASSIGNMENT:
+                return object.__getattribute__(self, name)  # raises the usual error
+            try:
+                assignment = _get_assignment(self)
+            except AttributeError:
+                # Decoded meanwhile (a sync handler's thread read it): the field is set.
+                return object.__getattribute__(self, name)
+            _decode(self, assignment)
+            with contextlib.suppress(AttributeError):  # another thread's decoding may
+                _del_assignment(self)  # have dropped it first
+            return object.__getattribute__(self, name)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TaskContext:
+class TaskContext(_DecodedOnRead):
     """The attempt a handler is running, passed as its first argument.
 
     Attributes:
@@ -212,3 +258,74 @@ class TaskContext:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - time.monotonic())
+
+
+# The fields the assignment gives, decoded when first read; the others the worker sets
+# when the attempt starts. A test checks that the two cover every field.
+_FROM_ASSIGNMENT = frozenset(
+    (
+        "task_id",
+        "type",
+        "queue",
+        "attempt",
+        "max_attempts",
+        "idempotency_key",
+        "labels",
+        "traceparent",
+        "create_time",
+        "epoch",
+    )
+)
+_get_assignment = _DecodedOnRead._assignment.__get__  # type: ignore[attr-defined]
+_set_assignment = _DecodedOnRead._assignment.__set__  # type: ignore[attr-defined]
+_del_assignment = _DecodedOnRead._assignment.__delete__  # type: ignore[attr-defined]
+_set: dict[str, Any] = {
+    f.name: getattr(TaskContext, f.name).__set__ for f in dataclasses.fields(TaskContext)
+}
+_set_deadline = _set["deadline"]
+_set_content_type = _set["content_type"]
+_set_worker_id = _set["worker_id"]
+_set_tenant = _set["tenant"]
+_set_cancelled = _set["cancelled"]
+_set_logger = _set["_logger"]
+_set_calls = _set["_calls"]
+
+
+def started_context(
+    assignment: pb.Assignment,
+    *,
+    deadline: float | None,
+    content_type: str,
+    worker_id: str,
+    tenant: str,
+    cancelled: CancellationSignal,
+    calls: HandlerCalls | None,
+) -> TaskContext:
+    """The context of an attempt of ``assignment`` (which must not change afterwards):
+    what the worker knows is set now, the task's own fields when first read."""
+    ctx: TaskContext = object.__new__(TaskContext)
+    _set_assignment(ctx, assignment)
+    _set_deadline(ctx, deadline)
+    _set_content_type(ctx, content_type)
+    _set_worker_id(ctx, worker_id)
+    _set_tenant(ctx, tenant)
+    _set_cancelled(ctx, cancelled)
+    _set_logger(ctx, None)
+    _set_calls(ctx, calls)
+    return ctx
+
+
+def _decode(ctx: TaskContext, assignment: pb.Assignment) -> None:
+    lease = assignment.lease
+    labels = assignment.labels
+    created = assignment.create_time if assignment.HasField("create_time") else None
+    _set["task_id"](ctx, lease.task_id)
+    _set["attempt"](ctx, lease.attempt)
+    _set["epoch"](ctx, lease.epoch)
+    _set["type"](ctx, assignment.type)
+    _set["queue"](ctx, assignment.queue)
+    _set["max_attempts"](ctx, assignment.max_attempts)
+    _set["idempotency_key"](ctx, assignment.idempotency_key)
+    _set["labels"](ctx, MappingProxyType(dict(labels)) if labels else _NO_LABELS)
+    _set["traceparent"](ctx, assignment.traceparent)
+    _set["create_time"](ctx, None if created is None else _datetime(created.seconds, created.nanos))

@@ -20,14 +20,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import inspect
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
-from types import MappingProxyType
 from typing import Any, Protocol, cast
 
 from conveyor.observability import logs
@@ -43,7 +40,6 @@ from conveyor.transport._encryption import (
     envelope_key_id,
     is_sealed,
 )
-from conveyor.transport._records import frozen_builder
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.worker._codec import (
     TaskFailure,
@@ -53,27 +49,13 @@ from conveyor.worker._codec import (
     encode_result,
     sanitize_error,
 )
-from conveyor.worker._context import CancellationSignal, TaskContext
+from conveyor.worker._context import CancellationSignal, TaskContext, started_context
 from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NonRetryableError
 from conveyor.worker._registry import Handler, TaskRegistry
 from conveyor.worker._results import AttemptKey, PendingResults, attempt_key
 
 __all__ = ["SHUTDOWN_ERROR", "Runtime", "RuntimeListener"]
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Most tasks have no labels: one read-only empty mapping serves them all.
-_NO_LABELS: MappingProxyType[str, str] = MappingProxyType({})
-# TaskContext's own __init__ (a frozen dataclass) cost twice as much per attempt.
-_build_context = frozen_builder(TaskContext)
-
-
-@functools.lru_cache(maxsize=256)
-def _datetime(seconds: int, nanos: int) -> datetime:
-    """A Timestamp's value; cached, since the tasks of one submit share a create time
-    (and a datetime is immutable)."""
-    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 logger = logging.getLogger("conveyor.worker")
@@ -268,6 +250,7 @@ class Runtime:
         )
         self._metrics = metrics
         self._tracing = tracing if tracing is not None else Tracing.disabled()
+        self._untraced = not self._tracing.enabled
         # Finished runs not recorded yet: (queue, type, outcome, seconds); None without
         # metrics, so nothing is noted at all.
         self._runs: list[tuple[str, str, str, float]] | None = [] if metrics else None
@@ -486,9 +469,9 @@ class Runtime:
             return
         self._start(execution)
 
-    def ack(self, ack: pb.ResultAck) -> None:
-        """A ResultAck: accepted or refused, the result is done with."""
-        self._pending.ack(ack)
+    def ack(self, acks: Iterable[pb.ResultAck]) -> None:
+        """A ResultAcks message's acks: accepted or refused, each result is done with."""
+        self._pending.ack_all(acks)
 
     def cancel(self, leases: Iterable[pb.Lease]) -> None:
         """CancelTasks: stop these attempts and report them CANCELLED."""
@@ -573,49 +556,33 @@ class Runtime:
             deadline = start + execution.timeout
             # The loop's clock is the monotonic clock, the same as `deadline`.
             self._timeouts.add(execution, execution.timeout, start)
-        lease = execution.lease
-        create_time = None
-        if assignment.HasField("create_time"):
-            created = assignment.create_time
-            create_time = _datetime(created.seconds, created.nanos)
-        execution.context = _build_context(
-            task_id=lease.task_id,
-            type=assignment.type,
-            queue=assignment.queue,
-            attempt=lease.attempt,
-            max_attempts=assignment.max_attempts,
-            idempotency_key=assignment.idempotency_key,
+        # The task's fields are decoded when the handler first reads them (many never do).
+        execution.context = started_context(
+            assignment,
             deadline=deadline,
-            labels=MappingProxyType(dict(assignment.labels)) if assignment.labels else _NO_LABELS,
             content_type=execution.content_type,
-            traceparent=assignment.traceparent,
-            create_time=create_time,
             worker_id=self._worker_id,
             tenant=self.tenant,
-            epoch=lease.epoch,
             cancelled=execution.signal,
-            _logger=None,
-            _calls=self._calls,
+            calls=self._calls,
         )
         if self._runs is not None:
             execution.started = start
         self._occupied.add(execution)
         task = self._loop.create_task(
-            self._execute(execution),
+            # One coroutine per attempt without tracing: _attempt runs the handler in its
+            # own frame (a coroutine each for the span, the attempt and the call was two
+            # more objects and awaits per task; issue 19).
+            self._attempt(execution) if self._untraced else self._traced(execution),
             # A constant: formatting the type and id into each name was as costly as the
             # TaskContext (issue 19); the log fields and spans name the attempt.
             name="conveyor-task",
         )
         execution.task = task
 
-    async def _execute(self, execution: _Execution) -> None:
+    async def _traced(self, execution: _Execution) -> None:
         ctx = execution.context
         assert ctx is not None
-        # This task's own context: the fields stay with it (and its sync handler's thread).
-        logs.bind_fields(logs.LazyFields(ctx.log_fields))
-        if not self._tracing.enabled:
-            await self._attempt(execution)
-            return
         with self._tracing.execution_span(
             ctx.traceparent,
             task_id=ctx.task_id,
@@ -628,8 +595,51 @@ class Runtime:
             await self._attempt(execution)
 
     async def _attempt(self, execution: _Execution) -> None:
+        ctx = execution.context
+        assert ctx is not None
+        # This task's own context: the fields stay with it (and its sync handler's thread).
+        logs.bind_fields(logs.LazyFields(ctx.log_fields))
+        handler = execution.handler
+        lease = execution.lease
+        result: pb.TaskResult | None
+        data = b""
         try:
-            result = await self._invoke(execution)
+            try:
+                if handler.is_async:
+                    value = await handler.func(
+                        ctx, decode_payload(handler, execution.payload, execution.content_type)
+                    )
+                    data = encode_result(handler, value)
+                else:
+                    # copy_context: the handler sees the caller's contextvars (tracing, log
+                    # context), as asyncio.to_thread would give it.
+                    future = self._executor.submit(
+                        contextvars.copy_context().run,
+                        call_sync_handler,
+                        handler,
+                        ctx,
+                        execution.payload,
+                    )
+                    execution.thread_future = future
+                    data = await asyncio.wrap_future(future)
+                data = self._seal_result(execution, data)
+            except TaskFailure as exc:
+                logger.warning("task %s attempt %d failed: %s", *execution.key, exc.message)
+                result = _result(lease, FAILED, error=exc.message, retryable=exc.retryable)
+            except NonRetryableError as exc:
+                logger.warning("task %s attempt %d failed for good: %s", *execution.key, exc)
+                result = _result(
+                    lease,
+                    FAILED,
+                    error=describe_exception(exc, with_traceback=False),
+                    retryable=False,
+                )
+            except Exception as exc:
+                logger.warning("task %s attempt %d failed", *execution.key, exc_info=exc)
+                result = _result(lease, FAILED, error=describe_exception(exc), retryable=True)
+            else:
+                logger.debug("task %s attempt %d succeeded", *execution.key)
+                result = None  # the common case: kept as its parts (add_success)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if execution.decided:
@@ -639,53 +649,24 @@ class Runtime:
             # The handler raised CancelledError on its own (e.g. from a cancelled future
             # it awaited): that is a failure of the attempt, not a cancellation.
             result = _result(
-                execution.lease,
+                lease,
                 FAILED,
                 error="CancelledError raised by the handler",
                 retryable=True,
             )
         finally:
             self._release(execution)
-        if not execution.decided:
-            self._decide(execution)
+        if execution.decided:
+            return
+        self._decide(execution)
+        if result is None:
+            self._ran(execution, _SUCCEEDED_NAME, "")
+            self._pending.add_success(execution.key, lease.epoch, data)
+            if self._listener is not None:
+                self._listener.results_ready()
+        else:
             self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
             self._emit(result, execution.key)
-
-    async def _invoke(self, execution: _Execution) -> pb.TaskResult:
-        handler = execution.handler
-        ctx = execution.context
-        assert ctx is not None
-        payload = execution.payload
-        lease = execution.lease
-        try:
-            if handler.is_async:
-                value = await handler.func(ctx, decode_payload(handler, payload, ctx.content_type))
-                data = encode_result(handler, value)
-            else:
-                # copy_context: the handler sees the caller's contextvars (tracing, log
-                # context), as asyncio.to_thread would give it.
-                future = self._executor.submit(
-                    contextvars.copy_context().run, call_sync_handler, handler, ctx, payload
-                )
-                execution.thread_future = future
-                data = await asyncio.wrap_future(future)
-            data = self._seal_result(execution, data)
-        except TaskFailure as exc:
-            logger.warning("task %s attempt %d failed: %s", *execution.key, exc.message)
-            return _result(lease, FAILED, error=exc.message, retryable=exc.retryable)
-        except NonRetryableError as exc:
-            logger.warning("task %s attempt %d failed for good: %s", *execution.key, exc)
-            return _result(
-                lease,
-                FAILED,
-                error=describe_exception(exc, with_traceback=False),
-                retryable=False,
-            )
-        except Exception as exc:
-            logger.warning("task %s attempt %d failed", *execution.key, exc_info=exc)
-            return _result(lease, FAILED, error=describe_exception(exc), retryable=True)
-        logger.debug("task %s attempt %d succeeded", *execution.key)
-        return _result(lease, SUCCEEDED, result=data)
 
     def _open_payload(self, assignment: pb.Assignment) -> tuple[bytes, str]:
         """The payload and content type for the handler, decoded by the codec.

@@ -108,7 +108,11 @@ def _serve_forks(control: Path) -> None:
             finally:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
-        (control / f"exit-{life}").write_text(str(os.waitstatus_to_exitcode(status)))
+        # Written aside and renamed: the test polls for the file and must never read it
+        # created but not yet written (an empty status).
+        written = control / f".exit-{life}"
+        written.write_text(str(os.waitstatus_to_exitcode(status)))
+        written.replace(control / f"exit-{life}")
         life += 1
 
 

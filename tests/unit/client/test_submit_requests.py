@@ -12,7 +12,7 @@ from conveyor.client._async_client import _requests
 def test_a_repeated_spec_gives_equal_separate_requests() -> None:
     spec = TaskSpec(type="t", queue="q", payload={"n": 1}, labels={"k": "v"})
     other = TaskSpec(type="u", payload=b"raw", raw=True)
-    requests = _requests([spec, spec, other, spec])
+    requests = _requests([spec, spec, other, spec]).tasks
     assert [r.type for r in requests] == ["t", "t", "u", "t"]
     assert requests[0] == requests[1] == requests[3] == spec.to_proto()
     assert requests[2] == other.to_proto()
@@ -29,4 +29,4 @@ def test_a_generator_is_converted_item_by_item() -> None:
             item["payload"] = {"n": n}
             yield item
 
-    assert [r.payload for r in _requests(changing())] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    assert [r.payload for r in _requests(changing()).tasks] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conveyor.client._models import Task, TaskState
-from conveyor.transport._records import frozen_builder
+from conveyor.transport._records import frozen_builder, frozen_filler
 from conveyor.v1 import task_pb2
 from conveyor.worker._context import TaskContext
 
@@ -32,6 +32,18 @@ def test_builds_what_the_constructor_builds() -> None:
     assert pickle.loads(pickle.dumps(built)) == made
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.x = 3  # type: ignore[misc]
+
+
+def test_fills_an_empty_object_as_the_constructor_would() -> None:
+    fill = frozen_filler(_Point)
+    filled = object.__new__(_Point)
+    fill(filled, x=1, y=2, tags={"a": "b"}, cache=None)
+    made = _Point(x=1, y=2, tags={"a": "b"})
+    assert filled == made
+    assert hash(filled) == hash(made)
+    assert pickle.loads(pickle.dumps(filled)) == made
+    with pytest.raises(TypeError, match="cache"):
+        fill(object.__new__(_Point), x=1, y=2, tags={})
 
 
 def test_every_field_is_required() -> None:
@@ -57,6 +69,8 @@ def test_refuses_classes_it_would_build_wrongly() -> None:
 
     with pytest.raises(TypeError, match="slotted"):
         frozen_builder(NoSlots)
+    with pytest.raises(TypeError, match="slotted"):
+        frozen_filler(NoSlots)
     with pytest.raises(TypeError, match="__post_init__"):
         frozen_builder(Checked)
 
