@@ -23,9 +23,9 @@ from conveyor.observability import logs
 from conveyor.observability.metrics import parse_listen
 from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
-from conveyor.transport._options import WORKER_CONNECT_TIMEOUT
 from conveyor.transport._encryption import PayloadCodec
 from conveyor.transport._gc import freeze_startup_heap
+from conveyor.transport._options import WORKER_CONNECT_TIMEOUT
 from conveyor.worker._connection import Connector
 from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NoHandlersError
