@@ -16,7 +16,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-__all__ = ["API_KEY_ENV", "MAX_MESSAGE_BYTES", "ClientInterceptor", "ConnectionOptions"]
+__all__ = [
+    "API_KEY_ENV",
+    "MAX_MESSAGE_BYTES",
+    "WORKER_CONNECT_TIMEOUT",
+    "ClientInterceptor",
+    "ConnectionOptions",
+]
 
 #: Where the client and the worker read an API key that neither ``api_key=`` nor ``options``
 #: gives.
@@ -24,6 +30,17 @@ API_KEY_ENV = "CONVEYOR_API_KEY"
 
 #: The coordinator's send and receive limit for one gRPC message; the SDK uses the same.
 MAX_MESSAGE_BYTES = 64 << 20
+
+#: The worker's connection attempt when its options set none (seconds). A worker opens a
+#: fresh channel for every session, so with the client's default every attempt of a
+#: fleet reconnecting at once would get 0.2 s, and a coordinator busy accepting thousands
+#: answers slower than that (issue 19: at 10,000 streams on the 2-core VM, 6,800 attempts
+#: timed out "before receiving SETTINGS" with 0.2-1 s, and 4,800 with 2 s; none with
+#: 20 s). A worker that waits this long on a paused or black-holed coordinator before
+#: trying the next one loses little: it noticed the loss after its liveness timeout
+#: (20 s). Clients keep the short default: a submit must move on from a paused
+#: coordinator fast.
+WORKER_CONNECT_TIMEOUT = 5.0
 
 #: Any of grpc.aio's four client interceptor kinds (their common base).
 ClientInterceptor = aio.ClientInterceptor
@@ -71,7 +88,8 @@ class ConnectionOptions:
     #: to ``reconnect_backoff_max``, so an unreachable coordinator is given up on fast;
     #: but a coordinator that many workers connect to at once (10,000 streams, a loaded
     #: host) answers handshakes slower than that, and every attempt then fails and comes
-    #: back, a storm of its own (issue 19). gRPC's own default is 20 s.
+    #: back, a storm of its own (issue 19). gRPC's own default is 20 s. A
+    #: :class:`~conveyor.worker.Worker` given ``None`` uses :data:`WORKER_CONNECT_TIMEOUT`.
     connect_timeout: float | None = None
 
     def __post_init__(self) -> None:

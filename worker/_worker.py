@@ -25,6 +25,7 @@ from conveyor.observability.tracing import SERVICE_WORKER, Tracing
 from conveyor.transport import ConnectionOptions, parse_addresses
 from conveyor.transport._encryption import PayloadCodec
 from conveyor.transport._gc import freeze_startup_heap
+from conveyor.transport._options import WORKER_CONNECT_TIMEOUT
 from conveyor.worker._connection import Connector
 from conveyor.worker._effects import HandlerCalls
 from conveyor.worker._errors import NoHandlersError
@@ -181,6 +182,10 @@ class Worker:
         self._options = ConnectionOptions.merge(
             options, api_key=api_key, credentials=credentials, metadata=metadata
         )
+        if self._options.connect_timeout is None:  # a fleet reconnecting at once needs it
+            self._options = dataclasses.replace(
+                self._options, connect_timeout=WORKER_CONNECT_TIMEOUT
+            )
         self._registry = TaskRegistry()
         self._codec = codec
         # Set for the duration of one run.

@@ -29,6 +29,13 @@ shows why (``WorkerInfo.unhealthy``); the metrics count unhealthy sessions per t
 (``conveyor_worker_unhealthy``) and record every reported lag
 (``conveyor_worker_loop_lag_seconds``). A worker that reports no lag (an older SDK,
 another language) is not judged by it.
+
+Both rules look at the tenant's other workers only when a worker lags or fails, but an
+overloaded fleet lags everywhere: every heartbeat then walked every peer, n² a heartbeat
+interval (10,000 workers: 10 million visits a second). A tenant of at least
+:data:`TALLY_MIN_PEERS` sessions is therefore judged against a tally of its sessions made
+at most once every :data:`TALLY_SECONDS` (less the worker's own share); smaller ones are
+walked each time, exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from conveyor.observability.metrics import CoordinatorMetrics
@@ -56,6 +64,38 @@ DECAY = 0.5
 """What each heartbeat keeps of the recent counts: a window of a few intervals."""
 PROBATION_HEARTBEATS = 5
 """Heartbeat intervals a worker marked for its error rate is assigned nothing."""
+TALLY_MIN_PEERS = 64
+"""Sessions of a tenant from which its peers are tallied, not walked per judgment."""
+TALLY_SECONDS = 1.0
+"""How old a tenant's tally may be (heartbeats come every few seconds per worker)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """What the rules need of a group of sessions: how many report a lag, how many of
+    those are within the limit, and their recent attempts."""
+
+    reporting: int = 0
+    calm: int = 0
+    finished: float = 0.0
+    failed: float = 0.0
+
+    def plus(self, session: WorkerSession, limit: float) -> _Tally:
+        return _Tally(
+            self.reporting + session.reports_lag,
+            self.calm + (session.reports_lag and session.loop_lag <= limit),
+            self.finished + session.recent_finished,
+            self.failed + session.recent_failed,
+        )
+
+    def minus(self, session: WorkerSession, limit: float) -> _Tally:
+        # Clamped: the session's share may have changed since the tally was made.
+        return _Tally(
+            max(0, self.reporting - session.reports_lag),
+            max(0, self.calm - (session.reports_lag and session.loop_lag <= limit)),
+            max(0.0, self.finished - session.recent_finished),
+            max(0.0, self.failed - session.recent_failed),
+        )
 
 
 class WorkerHealth:
@@ -69,13 +109,17 @@ class WorkerHealth:
         heartbeat_interval: float,
         metrics: CoordinatorMetrics,
         wake: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions = sessions
+        self._clock = clock
         self._limit = max_loop_lag
         """Seconds of lag past which a worker is assigned nothing; 0: never judged by it."""
         self._probation = PROBATION_HEARTBEATS * heartbeat_interval
         self._metrics = metrics
         self._wake = wake
+        self._tallies: dict[str, tuple[float, int, _Tally]] = {}
+        """Per tenant: when its sessions were tallied, how many, and the tally (them all)."""
 
     def heartbeat(self, session: WorkerSession, beat: worker_service_pb2.Heartbeat) -> None:
         """Takes in the load one heartbeat reports, and judges the session."""
@@ -86,7 +130,7 @@ class WorkerHealth:
             self._metrics.record_loop_lag(lag)
         session.recent_finished = session.recent_finished * DECAY + beat.finished
         session.recent_failed = session.recent_failed * DECAY + beat.failed
-        now = time.monotonic()
+        now = self._clock()
         if session.unhealthy:
             if self._recovered(session, lag, now):
                 _log.info(
@@ -119,11 +163,8 @@ class WorkerHealth:
         if lag is None or limit <= 0 or lag <= limit:
             return None
         # Rare (a lag past the limit): only then are its peers looked at.
-        peers = calm = 0
-        for other in self._peers(session):
-            if other.reports_lag:
-                peers += 1
-                calm += other.loop_lag <= limit
+        tally = self._others(session)
+        peers, calm = tally.reporting, tally.calm
         if calm * 2 <= peers or not peers:
             return None  # most lag too (overload), or no peer to send the work to
         return (
@@ -131,23 +172,36 @@ class WorkerHealth:
             f"{peers} other workers stay under it (a handler blocks its loop?)"
         )
 
-    def _peers(self, session: WorkerSession) -> Iterable[WorkerSession]:
-        """The tenant's other live sessions."""
-        return (
-            other
-            for other in self._sessions
-            if other is not session and other.tenant == session.tenant and not other.closed
-        )
+    def _others(self, session: WorkerSession) -> _Tally:
+        """The tally of the tenant's other live sessions (module docstring)."""
+        limit, now = self._limit, self._clock()
+        cached = self._tallies.get(session.tenant)
+        if cached is not None:
+            at, size, tally = cached
+            if size >= TALLY_MIN_PEERS and now - at < TALLY_SECONDS:
+                return tally.minus(session, limit)
+        reporting = calm = 0
+        finished = failed = 0.0
+        size = 1
+        for other in self._sessions:
+            if other is not session and other.tenant == session.tenant and not other.closed:
+                size += 1
+                if other.reports_lag:
+                    reporting += 1
+                    calm += other.loop_lag <= limit
+                finished += other.recent_finished
+                failed += other.recent_failed
+        others = _Tally(reporting, calm, finished, failed)
+        self._tallies[session.tenant] = (now, size, others.plus(session, limit))
+        return others
 
     def _error_problem(self, session: WorkerSession) -> str | None:
         finished, failed = session.recent_finished, session.recent_failed
         if finished < MIN_ATTEMPTS or failed < FAILING * finished:
             return None
         # Rare (a worker failing most of its attempts): only then are its peers counted.
-        peers_finished = peers_failed = 0.0
-        for other in self._peers(session):
-            peers_finished += other.recent_finished
-            peers_failed += other.recent_failed
+        tally = self._others(session)
+        peers_finished, peers_failed = tally.finished, tally.failed
         if peers_finished < MIN_ATTEMPTS or peers_failed >= PEERS_FAILING * peers_finished:
             return None
         return (
