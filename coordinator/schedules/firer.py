@@ -167,10 +167,10 @@ class ScheduleFirer(Service):
             are behind and each fires several ticks: a batch's firings stay near this
             many); a transaction that prepares
             ahead may take several batches before it commits).
-        parallel: Batches in flight at once, each on its own connection: a batch is
-            a chain of the coordinator's planning and one backend's insert, so with two
-            it mostly alternates between them; four keep both cores busy (at 100,000
-            schedules, docs/performance.md).
+        parallel: Batches in flight at once, each on its own connection. Each batch
+            after the first walks the rows the others hold (SKIP LOCKED): four cost
+            PostgreSQL a fifth more per firing than two at 10,000 schedules, and did
+            not fire sooner at 100,000 (docs/performance.md, issue 19, fourth round).
         max_sleep: Longest sleep between rounds, so schedules written by anything other
             than this coordinator's API are still noticed.
         misfire_grace: Ticks due more than this many seconds before the firer started are
@@ -199,7 +199,7 @@ class ScheduleFirer(Service):
         quotas: Quotas | None = None,
         now: Callable[[], datetime] = utc_now,
         batch_size: int = 1000,
-        parallel: int = 4,
+        parallel: int = 2,
         max_sleep: float = 1.0,
         misfire_grace: float = 1.0,
         buffer_recheck: float = 0.5,
