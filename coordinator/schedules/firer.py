@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -141,7 +142,7 @@ class _Compiled:
     """The schedule's id, as the store writes it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Firing:
     tenant: str
     schedule_id: uuid.UUID
@@ -166,7 +167,10 @@ class ScheduleFirer(Service):
             are behind and each fires several ticks: a batch's firings stay near this
             many); a transaction that prepares
             ahead may take several batches before it commits).
-        parallel: Batches in flight at once, each on its own connection.
+        parallel: Batches in flight at once, each on its own connection. Each batch
+            after the first walks the rows the others hold (SKIP LOCKED): four cost
+            PostgreSQL a fifth more per firing than two at 10,000 schedules, and did
+            not fire sooner at 100,000 (docs/performance.md, issue 19, fourth round).
         max_sleep: Longest sleep between rounds, so schedules written by anything other
             than this coordinator's API are still noticed.
         misfire_grace: Ticks due more than this many seconds before the firer started are
@@ -238,6 +242,9 @@ class ScheduleFirer(Service):
         self.min_burst_lookahead = min_burst_lookahead
         self._bursts: dict[datetime, asyncio.Task[None]] = {}
         """The bursts being prepared, by tick; each commits at its tick."""
+        self._arrivals: dict[datetime, list[str]] = {}
+        """Per burst tick: the schedules (id text) the rounds moved to it since the burst
+        started, which its transaction does not hold (see :meth:`_drain`)."""
         self._burst_cost = _INITIAL_BURST_COST
         """Seconds of preparation per firing of a burst, measured (wall clock, the
         rounds' share of the loop included)."""
@@ -249,6 +256,8 @@ class ScheduleFirer(Service):
         self._near_idle.set()
         self.bursts = 0
         """Bursts prepared ahead since start (for tests)."""
+        self.taken_by_id = 0
+        """Schedules the rounds locked by id at a burst's tick (for tests)."""
         self.started: datetime | None = None
         self.fired = 0
         """Tasks submitted since start (for tests and metrics)."""
@@ -330,18 +339,42 @@ class ScheduleFirer(Service):
                 if not self._near_preparing:
                     self._near_idle.set()
 
+        held = self._held_tick(horizon)
+        arrived = self._arrivals.get(held, []) if held is not None else []
+
+        async def fetch(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+            if held is None:
+                return await store.due(conn, now, horizon, limit)
+            # A burst's transaction holds most of the schedules due at its tick until
+            # then: the index scan would try each of those row locks, batch after batch
+            # (a second of PostgreSQL's CPU at 90,000, docs/performance.md). So the scan
+            # ends before that tick, and the schedules the rounds themselves moved to it
+            # are taken by primary key. Any other schedule due at it (made or resumed
+            # while the burst prepared) waits for the burst's commit, then fires.
+            rows: list[asyncpg.Record] = []
+            while arrived and len(rows) < limit:
+                take = arrived[-(limit - len(rows)) :]
+                del arrived[-len(take) :]
+                taken = await store.due_by_ids(conn, take, now, horizon)
+                self.taken_by_id += len(taken)
+                rows += taken
+            if len(rows) < limit:
+                rows += await store.due(conn, now, horizon, limit - len(rows), before=held)
+            return rows
+
         try:
             more = True
             while more:
                 more, _ = await self._transaction(
-                    lambda conn, limit: store.due(conn, now, horizon, limit),
-                    now,
-                    horizon,
-                    prepared=prepared,
-                    adaptive=True,
+                    fetch, now, horizon, prepared=prepared, adaptive=True
                 )
         finally:
             prepared()
+
+    def _held_tick(self, horizon: datetime) -> datetime | None:
+        """The earliest tick up to ``horizon`` whose burst has not committed yet."""
+        held = [t for t, task in self._bursts.items() if t <= horizon and not task.done()]
+        return min(held, default=None)
 
     async def _transaction(
         self,
@@ -465,6 +498,7 @@ class ScheduleFirer(Service):
                 if self._next_burst is None or begin < self._next_burst:
                     self._next_burst = begin
                 continue
+            self._arrivals[tick] = []
             self._bursts[tick] = asyncio.create_task(
                 self._burst(tick, count), name=f"{self.name}-burst"
             )
@@ -507,6 +541,7 @@ class ScheduleFirer(Service):
         for tick, task in list(self._bursts.items()):
             if task.done():
                 del self._bursts[tick]
+                self._arrivals.pop(tick, None)
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
 
@@ -514,6 +549,7 @@ class ScheduleFirer(Service):
         await super().stop()
         bursts = list(self._bursts.values())
         self._bursts.clear()
+        self._arrivals.clear()
         for task in bursts:
             task.cancel()
         await asyncio.gather(*bursts, return_exceptions=True)
@@ -545,32 +581,33 @@ class ScheduleFirer(Service):
         planned: list[tuple[str, Plan, list[_Firing]]] = []
         missed = 0
         cache = self._cache
+        # plan() is pure: schedules of one expression in the same state (a batch of
+        # per-second schedules all at the same cursor) get the same Plan, computed once.
+        # Its lists are only read.
+        plans: dict[tuple[Any, ...], Plan] = {}
         for row in rows:
-            if row["id"] in faults:
+            schedule_id = row[_ID]
+            if schedule_id in faults:
                 continue
-            compiled = cache[row["id"]]
-            allow = row["overlap_policy"] == OVERLAP_ALLOW
-            try:
-                decided = plan(
-                    compiled.spec,
-                    ScheduleState(
-                        next_fire_time=row["next_fire_time"],
-                        overlap_policy=row["overlap_policy"],
-                        catch_up_policy=row["catch_up_policy"],
-                        catch_up_limit=row["catch_up_limit"],
-                        end_time=row["end_time"],
-                        buffered_tick=row["buffered_tick"],
-                        previous_unfinished=row["previous_unfinished"],
-                    ),
-                    horizon if allow else now,
-                    missed_before,
-                )
-            except Exception as exc:  # one schedule's arithmetic never stops the others
-                faults[row["id"]] = _fault(row, exc, "its ticks could not be computed")
-                continue
+            compiled = cache[schedule_id]
+            state = (compiled.spec, *(row[i] for i in _STATE))
+            decided = plans.get(state)
+            if decided is None:
+                try:
+                    decided = plan(
+                        compiled.spec,
+                        ScheduleState(*state[1:]),
+                        horizon if state[2] == OVERLAP_ALLOW else now,
+                        missed_before,
+                    )
+                except Exception as exc:  # one schedule's arithmetic never stops the others
+                    faults[schedule_id] = _fault(row, exc, "its ticks could not be computed")
+                    continue
+                plans[state] = decided
             missed += decided.missed
+            tenant = row[_TENANT]
             mine = [
-                _Firing(row["tenant"], row["id"], tick, str(raw_uuid7()), compiled)
+                _Firing(tenant, schedule_id, tick, str(raw_uuid7()), compiled)
                 for tick in decided.fire
             ]
             firings.extend(mine)
@@ -598,7 +635,13 @@ class ScheduleFirer(Service):
             # Written at the tick when prepared ahead (the commit waits for it).
             inserted += await self._insert(conn, firings, max(now, *(f.tick for f in firings)))
         recheck = now + self.buffer_recheck
-        await store.advance(conn, [_advance(r, d, mine, recheck) for r, d, mine in planned])
+        advances = [_advance(r, d, mine, recheck) for r, d, mine in planned]
+        await store.advance(conn, advances)
+        if self._arrivals:
+            for moved in advances:
+                arrived = self._arrivals.get(moved.wake_time)  # type: ignore[arg-type]
+                if arrived is not None:
+                    arrived.append(str(moved.id))
         return firings
 
     def _admit(self, firings: list[_Firing], admitted: collections.Counter[str]) -> list[_Firing]:
@@ -705,21 +748,32 @@ class ScheduleFirer(Service):
             self._templates.clear()
             stale = [r["id"] for r in rows]
         by_id = {r["id"]: r for r in rows}
+        # A new leader compiles every schedule once; many share their template (bytes), so
+        # each distinct one is decoded and validated once per call, not once per schedule.
+        decoded: dict[tuple[str, bytes], tuple[NewTask, tuple[Any, ...]]] = {}
         for t in await store.templates(conn, stale):
             row = by_id[t["id"]]
+            tenant = row["tenant"]
             try:
-                task = template_task(t["template"])
+                known = decoded.get((tenant, t["template"]))
+                if known is None:
+                    task = template_task(t["template"])
+                    values = store.template_values(tenant, task)
+                    known = decoded[(tenant, t["template"])] = (
+                        task,
+                        self._templates.setdefault(values, values),
+                    )
                 spec = compile_cron(row["cron"], row["time_zone"])
             except Exception as exc:  # one schedule's stored values never stop the others
                 self._cache.pop(t["id"], None)
                 faults[t["id"]] = _fault(row, exc, "its stored expression or template is unusable")
                 continue
-            values = store.template_values(row["tenant"], task)
+            task, values = known
             self._cache[t["id"]] = _Compiled(
                 version=row["version"],
                 spec=spec,
                 task=task,
-                values=self._templates.setdefault(values, values),
+                values=values,
                 key_prefix=idempotency_key(t["id"], _NO_TICK).removesuffix(_iso(_NO_TICK)),
                 id_text=str(t["id"]),
             )
@@ -736,6 +790,13 @@ class ScheduleFirer(Service):
             (f.tenant, (committed - f.tick).total_seconds()) for f in firings
         )
         self.deps.after_commit.publish(Cause.FIRED, inserted)
+
+
+# Positions in store.due's rows (a record read by position costs less than by name): the
+# id, the tenant, and the ScheduleState fields in their order.
+_ID = store.DUE_COLUMNS.index("id")
+_TENANT = store.DUE_COLUMNS.index("tenant")
+_STATE = tuple(store.DUE_COLUMNS.index(f.name) for f in dataclasses.fields(ScheduleState))
 
 
 def _fault(row: asyncpg.Record, exc: Exception, what: str) -> str:

@@ -371,45 +371,81 @@ async def refusals(
 
 # -- the firer ---------------------------------------------------------------------------
 
-_DUE = Query(
-    "due_schedules",
-    f"""
-    SELECT s.id, s.tenant, s.name, s.cron, s.time_zone, s.version, s.overlap_policy,
-        s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
-        s.buffered_tick,
+DUE_COLUMNS = (
+    "id", "tenant", "name", "cron", "time_zone", "version", "next_fire_time",
+    "overlap_policy", "catch_up_policy", "catch_up_limit", "end_time", "buffered_tick",
+    "previous_unfinished",
+)  # fmt: skip
+"""The columns of :func:`due`'s and :func:`due_at`'s rows, in order."""
+_DUE_SELECT = columns(DUE_COLUMNS[:-1], "s")
+
+
+def _due_sql(where: str) -> str:
+    return f"""
+    SELECT {_DUE_SELECT},
         coalesce(t.state NOT IN ({SUCCEEDED}, {DEAD}, {CANCELLED}), false)
             AS previous_unfinished
     FROM schedules s
     LEFT JOIN tasks t
         ON s.overlap_policy <> {OVERLAP_ALLOW} AND t.id = s.last_task_id
         AND t.tenant = s.tenant
-    WHERE s.wake_time <= :horizon AND NOT s.paused
+    WHERE {where} AND NOT s.paused
         AND (s.wake_time <= :now OR s.overlap_policy = {OVERLAP_ALLOW})
-    ORDER BY s.wake_time
-    LIMIT :limit
-    FOR UPDATE OF s SKIP LOCKED
-    """,
+    """
+
+
+_DUE = Query(
+    "due_schedules",
+    _due_sql("s.wake_time <= :horizon")
+    + "ORDER BY s.wake_time LIMIT :limit FOR UPDATE OF s SKIP LOCKED",
+)
+# Two upper bounds on the index's column: the scan ends at the lower one.
+_DUE_BEFORE = Query(
+    "due_schedules_before",
+    _due_sql("s.wake_time <= :horizon AND s.wake_time < :before")
+    + "ORDER BY s.wake_time LIMIT :limit FOR UPDATE OF s SKIP LOCKED",
+)
+_DUE_BY_IDS = Query(
+    "due_schedules_by_ids",
+    _due_sql("s.id = ANY(string_to_array(:ids, ',')::uuid[]) AND s.wake_time <= :horizon")
+    + "FOR UPDATE OF s SKIP LOCKED",
 )
 
 
 async def due(
-    conn: asyncpg.Connection, now: datetime, horizon: datetime, limit: int
+    conn: asyncpg.Connection,
+    now: datetime,
+    horizon: datetime,
+    limit: int,
+    *,
+    before: datetime | None = None,
 ) -> list[asyncpg.Record]:
     """Locks up to ``limit`` schedules due, earliest first, for all tenants: by ``now``,
-    or by ``horizon`` for ALLOW schedules (which the firer prepares ahead).
+    or by ``horizon`` for ALLOW schedules (which the firer prepares ahead); with
+    ``before``, only those whose ``wake_time`` is earlier (the index range ends there).
 
     ``previous_unfinished`` tells the overlap policies whether the latest firing's task is
     still unfinished; it is looked up only for schedules whose policy needs it.
     """
-    return await _DUE.fetch(conn, now=now, horizon=horizon, limit=limit)
+    if before is None:
+        return await _DUE.fetch(conn, now=now, horizon=horizon, limit=limit)
+    return await _DUE_BEFORE.fetch(conn, now=now, horizon=horizon, limit=limit, before=before)
+
+
+async def due_by_ids(
+    conn: asyncpg.Connection, ids: Sequence[str], now: datetime, horizon: datetime
+) -> list[asyncpg.Record]:
+    """:func:`due` for the schedules ``ids`` (canonical text) only, by primary key: those
+    of them due are locked and returned (in no particular order), the others are left."""
+    if not ids:
+        return []
+    return await _DUE_BY_IDS.fetch(conn, ids=",".join(ids), now=now, horizon=horizon)
 
 
 _DUE_AT = Query(
     "due_schedules_at",
     f"""
-    SELECT s.id, s.tenant, s.name, s.cron, s.time_zone, s.version, s.overlap_policy,
-        s.catch_up_policy, s.catch_up_limit, s.end_time, s.next_fire_time,
-        s.buffered_tick, false AS previous_unfinished
+    SELECT {_DUE_SELECT}, false AS previous_unfinished
     FROM schedules s
     WHERE s.wake_time = :tick AND NOT s.paused AND s.overlap_policy = {OVERLAP_ALLOW}
     LIMIT :limit

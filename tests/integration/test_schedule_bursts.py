@@ -124,3 +124,37 @@ async def test_a_burst_stopped_before_its_tick_writes_nothing(database_dsn: str)
     assert fired == 0, "a stopped burst committed firings"
     # The cursors are where they were: the next firer fires the tick.
     assert len({(r["next_fire_time"], r["wake_time"]) for r in cursors}) == 1
+
+
+async def test_schedules_reaching_a_burst_tick_are_taken_by_id_and_fire_once(
+    database_dsn: str,
+) -> None:
+    pool, epoch = await leader_pool(database_dsn)
+    try:
+        # The per-second schedules reach every fifth second while a burst holds the
+        # shared ones: the rounds must not walk the burst's locks, and must fire them.
+        await _insert(pool, "shared", "*/5 * * * * *", 40)
+        await _insert(pool, "single", "* * * * * *", 30)
+        firer = ScheduleFirer(
+            service_deps(pool, database_dsn, epoch=epoch),
+            burst=20,
+            max_burst_lookahead=4.0,
+            min_burst_lookahead=4.0,
+        )
+        firer.start()
+        try:
+            await eventually(lambda: firer.bursts >= 3, timeout=60, what="three bursts")
+        finally:
+            await firer.stop()
+        shared = await _ticks(pool, "shared")
+        single = await _ticks(pool, "single")
+    finally:
+        await pool.close()
+    assert firer.taken_by_id > 0, "no schedule was taken by id at a burst's tick"
+    assert len(shared) == 40 and len(single) == 30
+    first = next(iter(shared.values()))
+    assert all(ticks == first for ticks in shared.values()), "a tick fired twice or not at all"
+    for ticks in single.values():
+        # Every second, each once, the burst's ticks included.
+        assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks))
+        assert any(t.second % 5 == 0 for t in ticks[1:])
