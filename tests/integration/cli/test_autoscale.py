@@ -88,9 +88,15 @@ async def test_autoscale_scales_up_and_down_and_replaces_a_killed_process(
         (last,) = await eventually(exactly(coordinator, 1), timeout=30, what="back to 1")
         drained = three - {last}
         await eventually(lambda: not any(pid_alive(p) for p in drained), timeout=30)
+
+        # The supervisor says so once it has reaped each (a moment after the pid is gone).
+        def drain_logged() -> bool:
+            log = supervisor.output()
+            said = "exited with 0 after it was asked to drain"
+            return all(f"(pid {p}) {said}" in log for p in drained)
+
+        await eventually(drain_logged, timeout=30, what="each drained exit logged")
         log = supervisor.output()
-        for pid in drained:
-            assert f"(pid {pid}) exited with 0 after it was asked to drain" in log, log
         assert "3 -> 2 worker processes" in log and "2 -> 1 worker processes" in log
 
         # A process killed outright is replaced (after its backoff), and the log says so.
