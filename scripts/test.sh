@@ -29,8 +29,8 @@ status=0
 # Four test processes (pytest-xdist) on two cores: the suite mostly waits on the
 # processes and servers it starts, so four run it in 7.5-10.5 minutes (1,311 tests in
 # 7 min 27 s on the quiet 2-core VM at the end of the fourth stop; 1,272 took 9 min 27 s
-# to 10 min 29 s at the end of the third) where two took 9-10 with 1,173. `scripts/test.sh -n 0 ...`
-# runs in one process.
+# to 10 min 29 s at the end of the third) where two took 9-10 with 1,173.
+# `scripts/test.sh -n 0 ...` runs in one process.
 .venv/bin/coverage run -m pytest -q -n 4 "$@" || status=$?
 .venv/bin/coverage combine -q
 echo
