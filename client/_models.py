@@ -6,7 +6,6 @@ users) deal only in frozen dataclasses, enums, ``datetime`` and ``timedelta``.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import json
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.transport._encryption import DecryptionError, envelope_key_id, is_sealed
-from conveyor.transport._records import frozen_filler
+from conveyor.transport._records import decoder_on_read, frozen_filler
 from conveyor.v1 import admin_service_pb2, schedule_pb2, task_pb2, task_service_pb2
 
 __all__ = [
@@ -284,17 +283,7 @@ class _DecodedOnRead:
     if not TYPE_CHECKING:  # mypy would take any attribute of a Task as valid
 
         def __getattr__(self, name: str) -> Any:
-            if name not in _TASK_FIELD_NAMES:
-                return object.__getattribute__(self, name)  # raises the usual error
-            try:
-                wire = _get_wire(self)
-            except AttributeError:
-                # Decoded meanwhile (another thread read it): the field is set now.
-                return object.__getattribute__(self, name)
-            _decode_task(self, wire)
-            with contextlib.suppress(AttributeError):  # another thread's decoding may
-                _del_wire(self)  # have dropped it first
-            return object.__getattribute__(self, name)
+            return _read_task_field(self, name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -470,9 +459,12 @@ def _decode_task(task: Task, msg: task_pb2.Task) -> None:
 _fill_task = frozen_filler(Task)
 _new_task = object.__new__
 _TASK_FIELD_NAMES = frozenset(f.name for f in fields(Task))
-_get_wire = _DecodedOnRead._wire.__get__  # type: ignore[attr-defined]
 _set_wire = _DecodedOnRead._wire.__set__  # type: ignore[attr-defined]
-_del_wire = _DecodedOnRead._wire.__delete__  # type: ignore[attr-defined]
+_read_task_field = decoder_on_read(
+    _DecodedOnRead._wire,  # type: ignore[attr-defined]
+    _TASK_FIELD_NAMES,
+    _decode_task,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

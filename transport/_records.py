@@ -11,11 +11,12 @@ class's own constructor makes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-__all__ = ["frozen_builder", "frozen_filler"]
+__all__ = ["decoder_on_read", "frozen_builder", "frozen_filler"]
 
 T = TypeVar("T")
 
@@ -41,6 +42,36 @@ def frozen_filler(cls: type[T]) -> Callable[..., None]:
     fill: Callable[..., None] = _generate(cls, fill=True)
     fill.__qualname__ = f"{cls.__qualname__}._fill"
     return fill
+
+
+def decoder_on_read(
+    slot: Any, names: frozenset[str], decode: Callable[[Any, Any], None]
+) -> Callable[[Any, str], Any]:
+    """The ``__getattr__`` of a slotted class whose fields ``names`` are decoded from a
+    kept message when one of them is first read (``client.Task``'s answer to a submit,
+    the worker's ``TaskContext``).
+
+    ``slot`` is the member descriptor of the slot that keeps the message, and
+    ``decode(obj, message)`` sets every field (with a :func:`frozen_filler`). Python calls
+    ``__getattr__`` only for a slot left unset, so this runs until the first read has
+    decoded, then never again. Two threads may read at once (a sync handler's thread and
+    the event loop): the one that finds the message gone finds the fields set.
+    """
+    get, delete = slot.__get__, slot.__delete__
+
+    def read(obj: Any, name: str) -> Any:
+        if name not in names:
+            return object.__getattribute__(obj, name)  # raises the usual error
+        try:
+            message = get(obj)
+        except AttributeError:  # decoded meanwhile, by another thread
+            return object.__getattribute__(obj, name)
+        decode(obj, message)
+        with contextlib.suppress(AttributeError):  # another thread's decoding may have
+            delete(obj)  # dropped it first
+        return object.__getattribute__(obj, name)
+
+    return read
 
 
 def _generate(cls: type[T], *, fill: bool) -> Callable[..., Any]:

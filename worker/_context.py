@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import threading
@@ -14,6 +13,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from conveyor.observability.logs import TaskLoggerAdapter, task_logger
+from conveyor.transport._records import decoder_on_read
 from conveyor.worker import _effects
 from conveyor.worker._effects import HandlerCalls, Ledger, fencing_token
 
@@ -126,17 +126,7 @@ class _DecodedOnRead:
     if not TYPE_CHECKING:  # mypy would take any attribute of a context as valid
 
         def __getattr__(self, name: str) -> Any:
-            if name not in _FROM_ASSIGNMENT:
-                return object.__getattribute__(self, name)  # raises the usual error
-            try:
-                assignment = _get_assignment(self)
-            except AttributeError:
-                # Decoded meanwhile (a sync handler's thread read it): the field is set.
-                return object.__getattribute__(self, name)
-            _decode(self, assignment)
-            with contextlib.suppress(AttributeError):  # another thread's decoding may
-                _del_assignment(self)  # have dropped it first
-            return object.__getattribute__(self, name)
+            return _read_task_field(self, name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,9 +266,7 @@ _FROM_ASSIGNMENT = frozenset(
         "epoch",
     )
 )
-_get_assignment = _DecodedOnRead._assignment.__get__  # type: ignore[attr-defined]
 _set_assignment = _DecodedOnRead._assignment.__set__  # type: ignore[attr-defined]
-_del_assignment = _DecodedOnRead._assignment.__delete__  # type: ignore[attr-defined]
 _set: dict[str, Any] = {
     f.name: getattr(TaskContext, f.name).__set__ for f in dataclasses.fields(TaskContext)
 }
@@ -329,3 +317,10 @@ def _decode(ctx: TaskContext, assignment: pb.Assignment) -> None:
     _set["labels"](ctx, MappingProxyType(dict(labels)) if labels else _NO_LABELS)
     _set["traceparent"](ctx, assignment.traceparent)
     _set["create_time"](ctx, None if created is None else _datetime(created.seconds, created.nanos))
+
+
+_read_task_field = decoder_on_read(
+    _DecodedOnRead._assignment,  # type: ignore[attr-defined]
+    _FROM_ASSIGNMENT,
+    _decode,
+)

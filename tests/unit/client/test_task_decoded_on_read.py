@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.client import Task, TaskState
 from conveyor.client import _models as models
+from conveyor.transport._records import decoder_on_read
 from conveyor.v1 import task_pb2
 
 WHEN = datetime(2025, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
@@ -156,11 +157,14 @@ def test_a_read_whose_message_another_thread_dropped_first_still_reads(
     decode = models._decode_task
     eager = Task.from_proto(_full())
 
+    slot = models._DecodedOnRead._wire  # type: ignore[attr-defined]
+
     def decode_and_lose_the_race(task: Task, msg: task_pb2.Task) -> None:
         decode(task, msg)
-        models._del_wire(task)
+        slot.__delete__(task)
 
-    monkeypatch.setattr(models, "_decode_task", decode_and_lose_the_race)
+    racing = decoder_on_read(slot, models._TASK_FIELD_NAMES, decode_and_lose_the_race)
+    monkeypatch.setattr(models, "_read_task_field", racing)
     task = Task._from_wire(_full())
     assert task.id == "0190-abc"
     assert task == eager

@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 import pytest
 
+from conveyor.transport._records import decoder_on_read
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.worker import TaskContext
 from conveyor.worker import _context as context
@@ -139,11 +140,14 @@ def test_a_read_whose_assignment_another_thread_dropped_first_still_reads(
     # handler's thread decoded the same context meanwhile and dropped it first.
     decode = context._decode
 
+    slot = context._DecodedOnRead._assignment  # type: ignore[attr-defined]
+
     def decode_and_lose_the_race(ctx: TaskContext, assignment: pb.Assignment) -> None:
         decode(ctx, assignment)
-        context._del_assignment(ctx)
+        slot.__delete__(ctx)
 
-    monkeypatch.setattr(context, "_decode", decode_and_lose_the_race)
+    racing = decoder_on_read(slot, context._FROM_ASSIGNMENT, decode_and_lose_the_race)
+    monkeypatch.setattr(context, "_read_task_field", racing)
     ctx = _started(_assignment(full=True))
     assert ctx.task_id == "0190-abc"
     assert ctx == _made(_assignment(full=True))
