@@ -240,6 +240,14 @@ async def test_a_follower_applies_keys_validation_quotas_and_idempotency(
         assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+def _without_workers(queue: Any) -> Any:
+    """A copy of a ListQueues queue with its worker count zeroed (only a leader counts)."""
+    copy = type(queue)()
+    copy.CopyFrom(queue)
+    copy.workers = 0
+    return copy
+
+
 async def test_a_follower_lists_queues_from_postgresql_and_says_it_left_out_the_workers(
     database_dsn: str,
 ) -> None:
@@ -298,18 +306,27 @@ async def test_a_follower_lists_queues_from_postgresql_and_says_it_left_out_the_
                     what="the breaker on the follower",
                 )
 
-                from_leader = await on_leader.ListQueues(task_service_pb2.ListQueuesRequest())
-                from_follower = await on_follower.ListQueues(task_service_pb2.ListQueuesRequest())
+                async def read_both() -> tuple[Any, Any] | None:
+                    leader_reply = await on_leader.ListQueues(task_service_pb2.ListQueuesRequest())
+                    follower_reply = await on_follower.ListQueues(
+                        task_service_pb2.ListQueuesRequest()
+                    )
+                    # Everything but the workers is PostgreSQL's, the same from both once
+                    # both read the same moment (a failed task's retry may come due
+                    # between the two reads: then they are read again).
+                    near = {q.name: _without_workers(q) for q in leader_reply.queues}
+                    far = {q.name: q for q in follower_reply.queues}
+                    return (leader_reply, follower_reply) if near == far else None
+
+                from_leader, from_follower = await eventually(
+                    read_both, timeout=10, what="the same queues from both"
+                )
                 assert not from_leader.workers_omitted
                 assert from_follower.workers_omitted
                 near_queues = {q.name: q for q in from_leader.queues}
                 far_queues = {q.name: q for q in from_follower.queues}
                 assert near_queues["default"].workers == 1
                 assert far_queues["default"].workers == 0
-                # Everything else is PostgreSQL's, the same from both.
-                for queue in (near_queues["default"], near_queues["held"]):
-                    queue.workers = 0
-                assert near_queues == far_queues
                 assert far_queues["held"].paused and far_queues["held"].pending == 1
                 assert [(r.type, r.rate) for r in far_queues["default"].rate_limits] == [
                     ("echo", 1000.0)
