@@ -509,8 +509,13 @@ async def test_unacked_results_are_resent_after_reconnect(
                 ]
             )
         )
-        # A heartbeat comes after the acks on the stream, so the worker has read them.
-        await eventually(lambda: second.of("heartbeat"), what="a heartbeat after the acks")
+        # A heartbeat lists the leases of results not acked yet: one that lists none was
+        # sent after the worker read the acks (any heartbeat at all, as before, could
+        # have been sent before it read them, on a slow machine).
+        await eventually(
+            lambda: any(not beat.leases for beat in second.of("heartbeat")),
+            what="a heartbeat after the acks",
+        )
         second.abort()
 
         await eventually(lambda: len(fake.streams) == 3 and fake.stream.hello, what="reconnect 2")
