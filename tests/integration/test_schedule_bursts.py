@@ -58,6 +58,25 @@ async def _ticks(pool: asyncpg.Pool, type_: str) -> dict[str, list[datetime]]:
     return out
 
 
+async def _run_bursts(
+    pool: asyncpg.Pool, dsn: str, epoch: int, *, lookahead: float, bursts: int
+) -> ScheduleFirer:
+    """Runs a firer (bursts of 20 or more, prepared ``lookahead`` seconds ahead) until it
+    has prepared ``bursts`` bursts; returns it stopped."""
+    firer = ScheduleFirer(
+        service_deps(pool, dsn, epoch=epoch),
+        burst=20,
+        max_burst_lookahead=lookahead,
+        min_burst_lookahead=lookahead,
+    )
+    firer.start()
+    try:
+        await eventually(lambda: firer.bursts >= bursts, timeout=60, what=f"{bursts} bursts")
+    finally:
+        await firer.stop()
+    return firer
+
+
 async def test_a_shared_tick_is_prepared_as_a_burst_and_fires_once(database_dsn: str) -> None:
     pool, epoch = await leader_pool(database_dsn)
     try:
@@ -67,17 +86,7 @@ async def test_a_shared_tick_is_prepared_as_a_burst_and_fires_once(database_dsn:
         await _insert(pool, "single", "* * * * * *", 5)
         # Each burst waits about 8 s for its tick: longer than the pool's
         # idle_in_transaction_session_timeout (5 s), which must not end it.
-        firer = ScheduleFirer(
-            service_deps(pool, database_dsn, epoch=epoch),
-            burst=20,
-            max_burst_lookahead=8.0,
-            min_burst_lookahead=8.0,
-        )
-        firer.start()
-        try:
-            await eventually(lambda: firer.bursts >= 2, timeout=60, what="two bursts")
-        finally:
-            await firer.stop()
+        await _run_bursts(pool, database_dsn, epoch, lookahead=8.0, bursts=2)
         shared = await _ticks(pool, "shared")
         single = await _ticks(pool, "single")
     finally:
@@ -135,17 +144,7 @@ async def test_schedules_reaching_a_burst_tick_are_taken_by_id_and_fire_once(
         # shared ones: the rounds must not walk the burst's locks, and must fire them.
         await _insert(pool, "shared", "*/5 * * * * *", 40)
         await _insert(pool, "single", "* * * * * *", 30)
-        firer = ScheduleFirer(
-            service_deps(pool, database_dsn, epoch=epoch),
-            burst=20,
-            max_burst_lookahead=4.0,
-            min_burst_lookahead=4.0,
-        )
-        firer.start()
-        try:
-            await eventually(lambda: firer.bursts >= 3, timeout=60, what="three bursts")
-        finally:
-            await firer.stop()
+        firer = await _run_bursts(pool, database_dsn, epoch, lookahead=4.0, bursts=3)
         shared = await _ticks(pool, "shared")
         single = await _ticks(pool, "single")
     finally:
