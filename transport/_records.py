@@ -1,12 +1,13 @@
-"""Fast construction of frozen, slotted dataclasses built once per task on a hot path.
+"""Frozen, slotted dataclasses made once per task on a hot path, and decoded on first read.
 
 A frozen dataclass's generated ``__init__`` sets each field with ``object.__setattr__``
 (the class's own ``__setattr__`` refuses): a global lookup, an attribute lookup and a
-call per field. The client builds a ``Task`` of 27 fields per submitted task and the
-worker a ``TaskContext`` of 17 per attempt; there that was 5 µs of about 13 (issue 19).
-:func:`frozen_builder` makes a function that sets the slots through their descriptors
-directly: about half the cost, and the same object (equal, hashable, picklable) as the
-class's own constructor makes.
+call per field. The client makes a ``Task`` of 27 fields per submitted task; there that
+was 5 µs of about 13 (issue 19). :func:`frozen_filler` makes a function that sets the
+slots through their descriptors directly: about half the cost, and the same object
+(equal, hashable, picklable) as the class's own constructor makes. With
+:func:`decoder_on_read`, such an object is filled from a kept wire message only when a
+field is first read (the client's ``Task`` from a submit, the worker's ``TaskContext``).
 """
 
 from __future__ import annotations
@@ -16,30 +17,32 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-__all__ = ["decoder_on_read", "frozen_builder", "frozen_filler"]
+__all__ = ["decoder_on_read", "frozen_filler"]
 
 T = TypeVar("T")
 
 
-def frozen_builder(cls: type[T]) -> Callable[..., T]:
-    """A keyword-only constructor of ``cls`` that takes every field (those with
-    ``init=False`` included) and no default: a field added to ``cls`` and forgotten at a
-    call site fails there (TypeError), not silently.
+def frozen_filler(cls: type[T]) -> Callable[..., None]:
+    """A function that sets every field of an object of ``cls`` already made
+    (``fill(obj, *, field=value, ...)``, for an object made empty with ``object.__new__``):
+    as the class's constructor would, keyword-only, every field (those with
+    ``init=False`` included) and no default, so a field added to ``cls`` and forgotten at
+    a call site fails there (TypeError), not silently.
 
     Only for slotted dataclasses without ``__post_init__``: nothing is validated or
     derived on the way, exactly as the generated ``__init__`` would do for such a class.
     """
-    build: Callable[..., T] = _generate(cls, fill=False)
-    build.__qualname__ = f"{cls.__qualname__}._build"
-    return build
-
-
-def frozen_filler(cls: type[T]) -> Callable[..., None]:
-    """As :func:`frozen_builder`, but sets every field of an object of ``cls`` that is
-    already made (``fill(obj, *, field=value, ...)``): for an object made empty first
-    (``object.__new__``) and filled when it is first read (``client.Task``'s answer to
-    a submit). The same rules: every field given, slotted, no ``__post_init__``."""
-    fill: Callable[..., None] = _generate(cls, fill=True)
+    if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} is not a slotted dataclass")
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has a __post_init__ that a filler would skip")
+    names = [f.name for f in dataclasses.fields(cls)]
+    setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
+    lines = [f"def fill(obj, *, {', '.join(names)}):"]
+    lines += [f"    _set_{name}(obj, {name})" for name in names]
+    namespace: dict[str, Any] = dict(setters)
+    exec("\n".join(lines), namespace)
+    fill = cast(Callable[..., None], namespace["fill"])
     fill.__qualname__ = f"{cls.__qualname__}._fill"
     return fill
 
@@ -72,22 +75,3 @@ def decoder_on_read(
         return object.__getattribute__(obj, name)
 
     return read
-
-
-def _generate(cls: type[T], *, fill: bool) -> Callable[..., Any]:
-    if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
-        raise TypeError(f"{cls.__name__} is not a slotted dataclass")
-    if hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} has a __post_init__ that a builder would skip")
-    names = [f.name for f in dataclasses.fields(cls)]
-    setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
-    params = ", ".join(names)
-    if fill:
-        lines = [f"def make(obj, *, {params}):"]
-    else:
-        lines = [f"def make(*, {params}):", "    obj = _new(_cls)"]
-    lines += [f"    _set_{name}(obj, {name})" for name in names]
-    lines += [] if fill else ["    return obj"]
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **setters}
-    exec("\n".join(lines), namespace)
-    return cast(Callable[..., Any], namespace["make"])
