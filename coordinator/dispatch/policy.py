@@ -171,9 +171,6 @@ class DispatchPolicy:
         """The circuit breakers per (tenant, type) (off unless configured)."""
         self.aging = aging
         """(seconds per step, most steps) of aging, or None: priority alone."""
-        self.claim_conn: asyncpg.Connection | None = None
-        """The connection for the plain claim during a dispatch round (``Database.claims``,
-        with its plan made once), set by the dispatcher; None: the round's connection."""
         self.weight: Callable[[str], int] = weight or _equal
         """A tenant's dispatch weight (``Limits.dispatch_weight``; 1 when not set)."""
 
@@ -230,10 +227,19 @@ class DispatchPolicy:
                 yield Claim(session, min(session.credit, most), room)
 
     async def claim(
-        self, conn: asyncpg.Connection, claim: Claim, fence: Fence
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
     ) -> list[asyncpg.Record]:
         """Leases up to the claim's portion of ready tasks to its session (fenced): the
-        claim query of ``store/tasks.py``, in the order it decides."""
+        claim query of ``store/tasks.py``, in the order it decides. ``plain``: the
+        connection for the plain claim without aging (``Database.claims``, its plan made
+        once); None: ``conn``, like every other statement."""
+        if plain is None or self.aging is not None:
+            plain = conn
         session = claim.session
         tenant = session.tenant
         # Paused queues are left out (pauses.py).
@@ -251,7 +257,7 @@ class DispatchPolicy:
         if types and budget.left():
             caps = self.limits.caps(tenant, queues, types, budget.limit)
             if caps is None:
-                budget.take(await self._claim_plain(conn, session, queues, types, budget, fence))
+                budget.take(await self._claim_plain(plain, session, queues, types, budget, fence))
             else:
                 budget.take(
                     await self._claim_pairs(
@@ -264,7 +270,7 @@ class DispatchPolicy:
                 if not budget.left():
                     break
                 probe = _Budget(min(probes, budget.limit), budget.max_bytes)
-                rows = await self._claim_plain(conn, session, queues, (type_,), probe, fence)
+                rows = await self._claim_plain(plain, session, queues, (type_,), probe, fence)
                 self.breakers.sent_probes(tenant, type_, len(rows))
                 budget.take(rows)
         return budget.rows
@@ -323,8 +329,6 @@ class DispatchPolicy:
         budget: _Budget,
         fence: Fence,
     ) -> list[asyncpg.Record]:
-        if self.aging is None and self.claim_conn is not None:
-            conn = self.claim_conn
         return await store.claim(
             conn,
             tenant=session.tenant,

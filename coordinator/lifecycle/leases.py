@@ -441,52 +441,49 @@ class Dispatcher(Service):
         stopped: asyncio.CancelledError | None = None
         self._drained, self._drained_at = drained, self._generation
         async with self.deps.db.autocommit() as conn, self.deps.db.claims() as claim_conn:
-            self.policy.claim_conn = claim_conn
-            try:
-                if self.policy.stale():
-                    await self.policy.refresh(conn)
-                for claim in _until_drained(itertools.chain((first,), claims), drained):
-                    session = claim.session
-                    # Reserved before the claim: a submit hand-off may take credit meanwhile.
-                    session.credit -= claim.limit
-                    started, started_ns = time.perf_counter(), time.time_ns()
-                    # A stop (a term ending, a shutdown) that lands while the claim runs must
-                    # not lose what it leased (it commits on its own): those tasks would wait
-                    # out their lease undelivered. The claim finishes, its rows go out as
-                    # usual, and then the step ends.
-                    claiming = asyncio.ensure_future(self.policy.claim(conn, claim, fence))
+            if self.policy.stale():
+                await self.policy.refresh(conn)
+            for claim in _until_drained(itertools.chain((first,), claims), drained):
+                session = claim.session
+                # Reserved before the claim: a submit hand-off may take credit meanwhile.
+                session.credit -= claim.limit
+                started, started_ns = time.perf_counter(), time.time_ns()
+                # A stop (a term ending, a shutdown) that lands while the claim runs must
+                # not lose what it leased (it commits on its own): those tasks would wait
+                # out their lease undelivered. The claim finishes, its rows go out as
+                # usual, and then the step ends.
+                claiming = asyncio.ensure_future(
+                    self.policy.claim(conn, claim, fence, plain=claim_conn)
+                )
+                try:
                     try:
-                        try:
-                            rows = await asyncio.shield(claiming)
-                        except asyncio.CancelledError as exc:
-                            stopped = exc
-                            rows = await claiming
-                    except BaseException:
-                        session.credit += claim.limit
-                        if stopped is not None:
-                            raise stopped from None
-                        raise
-                    session.credit += claim.limit - len(rows)
-                    full = self.policy.filled(claim, rows)
-                    # Nothing more waiting for it: a fresh submit may be handed to it directly.
-                    session.starving = not full
-                    if rows:
-                        more = more or full
-                        metrics.record_flush("claim", len(rows), time.perf_counter() - started)
-                        self.deps.after_commit.publish(Cause.CLAIMED, rows)
-                        try:
-                            messages = self.policy.pack(rows)
-                        except Exception:
-                            rows = await self._set_aside_unusable(conn, session, rows)
-                            messages = self.policy.pack(rows)
-                        if tracing.enabled:
-                            dispatch_spans(tracing, rows, messages, started_ns)
-                        await self.deliver(conn, session, messages)
+                        rows = await asyncio.shield(claiming)
+                    except asyncio.CancelledError as exc:
+                        stopped = exc
+                        rows = await claiming
+                except BaseException:
+                    session.credit += claim.limit
                     if stopped is not None:
-                        raise stopped
-            finally:
-                # Released with the round: the next round sets its own.
-                self.policy.claim_conn = None
+                        raise stopped from None
+                    raise
+                session.credit += claim.limit - len(rows)
+                full = self.policy.filled(claim, rows)
+                # Nothing more waiting for it: a fresh submit may be handed to it directly.
+                session.starving = not full
+                if rows:
+                    more = more or full
+                    metrics.record_flush("claim", len(rows), time.perf_counter() - started)
+                    self.deps.after_commit.publish(Cause.CLAIMED, rows)
+                    try:
+                        messages = self.policy.pack(rows)
+                    except Exception:
+                        rows = await self._set_aside_unusable(conn, session, rows)
+                        messages = self.policy.pack(rows)
+                    if tracing.enabled:
+                        dispatch_spans(tracing, rows, messages, started_ns)
+                    await self.deliver(conn, session, messages)
+                if stopped is not None:
+                    raise stopped
         if limits.holds:
             metrics.count_holds(limits.holds, "rate_limit")
             limits.holds.clear()

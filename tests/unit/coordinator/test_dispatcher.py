@@ -64,12 +64,19 @@ class FailingSecondClaim(DispatchPolicy):
         self.claims = 0
         self.order: list[str] = []
 
-    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+    async def claim(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
+    ) -> Any:
         self.claims += 1
         self.order.append(claim.session.worker_id)
         if self.claims == 2:
             raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
-        return await super().claim(conn, claim, fence)
+        return await super().claim(conn, claim, fence, plain=plain)
 
 
 async def test_one_failed_claim_loses_no_other_claim_and_leaks_no_credit(deps: Deps) -> None:
@@ -148,8 +155,17 @@ class SlowClaim(DispatchPolicy):
         self.claimed = asyncio.Event()
         self.go_on = asyncio.Event()
 
-    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
-        rows = await super().claim(conn, claim, fence)  # committed: the tasks are leased
+    async def claim(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
+    ) -> Any:
+        rows = await super().claim(
+            conn, claim, fence, plain=plain
+        )  # committed: the tasks are leased
         self.claimed.set()
         await self.go_on.wait()
         return rows
@@ -182,9 +198,16 @@ class CountingClaims(DispatchPolicy):
         super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
         self.order: list[str] = []
 
-    async def claim(self, conn: asyncpg.Connection, claim: Claim, fence: Fence) -> Any:
+    async def claim(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
+    ) -> Any:
         self.order.append(claim.session.worker_id)
-        return await super().claim(conn, claim, fence)
+        return await super().claim(conn, claim, fence, plain=plain)
 
 
 async def test_a_round_stops_claiming_for_a_kind_of_session_once_its_work_ran_out(
