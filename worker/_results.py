@@ -116,13 +116,10 @@ class PendingResults:
         if key in self._results:
             self._cancelled.add(key)
 
-    def ack(self, ack: pb.ResultAck) -> None:
-        """Drop the acknowledged result; a refusal is worth a warning unless expected."""
-        self.ack_all((ack,))
-
     def ack_all(self, acks: Iterable[pb.ResultAck]) -> None:
-        """:meth:`ack` for each of a ResultAcks message's acks, in one call (a call or
-        two per ack: the acks were 7.6 % of a worker's loop in the benchmark; issue 19)."""
+        """Drops the results a ResultAcks message acknowledges, in one call (a call or two
+        per ack were 7.6 % of a worker's loop in the benchmark; issue 19); a refusal is
+        worth a warning unless expected."""
         results, unsent, cancelled = self._results, self._unsent, self._cancelled
         for ack in acks:
             lease = ack.lease

@@ -33,7 +33,7 @@ def test_batches_by_count_in_order_and_kept_until_acked() -> None:
     assert _ids(_take(pending, 2, 1 << 20, 10)) == ["t0", "t1"]
     assert _ids(_take(pending, 2, 1 << 20, 10)) == ["t2", "t3"]
     assert pending.unsent_count() == 1 and len(pending) == 5
-    pending.ack(pb.ResultAck(lease=pb.Lease(task_id="t0", attempt=1), accepted=True))
+    pending.ack_all([pb.ResultAck(lease=pb.Lease(task_id="t0", attempt=1), accepted=True)])
     pending.resend_all()
     assert _ids(_take(pending, 10, 1 << 20, 10)) == ["t1", "t2", "t3", "t4"]
     assert _ids(_take(pending, 10, 1 << 20, 10)) == []
