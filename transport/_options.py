@@ -9,6 +9,7 @@ the like plug in here).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -97,21 +98,13 @@ class ConnectionOptions:
             raise ValueError(
                 f"max_message_bytes must be at least 1 MiB, got {self.max_message_bytes}"
             )
-        if self.keepalive_interval is not None and self.keepalive_interval < 1:
-            raise ValueError(
-                f"keepalive_interval must be at least 1 second (or None), got "
-                f"{self.keepalive_interval}"
-            )
-        if self.keepalive_timeout <= 0:
-            raise ValueError(f"keepalive_timeout must be positive, got {self.keepalive_timeout}")
-        if self.connect_timeout is not None and self.connect_timeout < 0.1:
-            raise ValueError(
-                f"connect_timeout must be at least 0.1 s (or None), got {self.connect_timeout}"
-            )
-        if self.reconnect_backoff_max < 0.1:
-            raise ValueError(
-                f"reconnect_backoff_max must be at least 0.1 s, got {self.reconnect_backoff_max}"
-            )
+        # Each goes to gRPC as whole milliseconds: a finite number, at most an int32.
+        if self.keepalive_interval is not None:
+            _check_seconds("keepalive_interval", self.keepalive_interval, "from 1", 1)
+        _check_seconds("keepalive_timeout", self.keepalive_timeout, "above 0", 0, strict=True)
+        if self.connect_timeout is not None:
+            _check_seconds("connect_timeout", self.connect_timeout, "from 0.1", 0.1)
+        _check_seconds("reconnect_backoff_max", self.reconnect_backoff_max, "from 0.1", 0.1)
         for pair in self.metadata:
             if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
                 raise ValueError(f"metadata must be (key, value) string pairs, got {pair!r}")
@@ -204,4 +197,18 @@ class ConnectionOptions:
             )
         return aio.secure_channel(
             address, self.credentials, options=self.channel_options(), interceptors=interceptors
+        )
+
+
+_MAX_SECONDS = (2**31 - 1) / 1000
+"""The longest duration gRPC takes as a channel option (an int32 of milliseconds)."""
+
+
+def _check_seconds(name: str, value: float, rule: str, least: float, strict: bool = False) -> None:
+    """Refuses a duration option gRPC cannot take: NaN, infinite, under ``least`` (or at
+    it, ``strict``), or over :data:`_MAX_SECONDS`; the message says ``rule``."""
+    low = value > least if strict else value >= least
+    if not (math.isfinite(value) and low and value <= _MAX_SECONDS):
+        raise ValueError(
+            f"{name} must be a number of seconds {rule} up to {_MAX_SECONDS}; got {value}"
         )

@@ -56,10 +56,25 @@ def test_metadata_and_merging() -> None:
     ("fields", "message"),
     [
         ({"max_message_bytes": 1000}, "max_message_bytes must be at least 1 MiB"),
-        ({"keepalive_interval": 0.1}, "keepalive_interval must be at least 1 second"),
-        ({"keepalive_timeout": 0}, "keepalive_timeout must be positive"),
-        ({"reconnect_backoff_max": 0}, "reconnect_backoff_max must be at least 0.1"),
-        ({"connect_timeout": 0.01}, "connect_timeout must be at least 0.1"),
+        (
+            {"keepalive_interval": 0.1},
+            "keepalive_interval must be a number of seconds from 1 up to",
+        ),
+        ({"keepalive_timeout": 0}, "keepalive_timeout must be a number of seconds above 0 up to"),
+        (
+            {"reconnect_backoff_max": 0},
+            "reconnect_backoff_max must be a number of seconds from 0.1 up to",
+        ),
+        ({"connect_timeout": 0.01}, "connect_timeout must be a number of seconds from 0.1 up to"),
+        # gRPC takes each as an int32 of milliseconds: NaN, infinity and more are refused
+        # here, not by gRPC when the channel is made.
+        ({"connect_timeout": float("nan")}, "connect_timeout must be .* got nan"),
+        ({"keepalive_interval": float("inf")}, "keepalive_interval must be .* got inf"),
+        ({"keepalive_timeout": float("nan")}, "keepalive_timeout must be .* got nan"),
+        (
+            {"reconnect_backoff_max": 3e6},
+            "reconnect_backoff_max must be .* up to 2147483.647; got 3000000.0",
+        ),
         ({"metadata": (("k",),)}, "metadata must be"),
         ({"api_key": ""}, "api_key must be a non-empty single-line string"),
         ({"api_key": "a\nb"}, "api_key must be a non-empty single-line string"),
