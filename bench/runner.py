@@ -12,6 +12,8 @@ Figures (all from timestamps, none from timed sleeps):
 - cpu_per_task_us: CPU (user + system, psutil) spent during the end-to-end phase divided
   by its tasks, by process group: coordinator, workers, client (this process), postgres
   (the server and all its backends, when it runs on this machine), and total.
+- cpu_per_probe_us: the same during the pickup phase, divided by its probes (what a
+  lone submit's pickup costs each process, the phase's idle work included).
 - worker_idle_rss_mb: resident memory of the largest worker process when idle (started,
   connected and warmed up by one task, before the end-to-end phase).
 
@@ -381,6 +383,11 @@ async def _measure(
     count = max(1, int(cfg.latency_rate * cfg.latency_seconds))
     _say(f"pickup latency: {count} tasks at {cfg.latency_rate:.0f}/s …")
     interval = 1.0 / cfg.latency_rate
+    # CPU per probe, by process: at this light rate a pickup's latency is mostly the CPU
+    # each process spends on it (two gRPC calls, a commit, the hand-off), which is far
+    # less sensitive to a shared machine's load than the latency itself. The phase's idle
+    # work (heartbeats, the dispatcher's poll, the leader's maintenance) counts too.
+    probes_before = cpu.sample(groups.resolve())
     start = time.perf_counter()
 
     answered: list[float] = []
@@ -395,6 +402,7 @@ async def _measure(
 
     await asyncio.gather(*(one(i) for i in range(count)))
     await _wait_done(db, "probe", count, within=60.0)
+    cpu_per_probe = cpu.per_task_us(probes_before, cpu.sample(groups.resolve()), count)
     rows = await db.fetch("SELECT result FROM tasks WHERE type = 'probe'")
     latencies = [float(r["result"]) for r in rows]
     return {
@@ -412,6 +420,7 @@ async def _measure(
         "submit_latency_p50_ms": round(statistics.median(answered), 2),
         "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
         "cpu_per_task_us": cpu_per_task,
+        "cpu_per_probe_us": cpu_per_probe,
         "worker_idle_rss_mb": max(idle_rss),
         "rate_limit": cfg.rate_limit,
         "concurrency_keys": cfg.concurrency_keys,
@@ -438,6 +447,7 @@ p99 {f["pickup_p99_ms"]} ms   max {f["pickup_max_ms"]} ms   \
   pickup histogram      {_histogram_line(f["pickup_histogram_ms"])}
   lone submit answered  p50 {f["submit_latency_p50_ms"]} ms   p99 {f["submit_latency_p99_ms"]} ms
   CPU per task (e2e)    {_cpu_line(f["cpu_per_task_us"])}
+  CPU per probe         {_cpu_line(f["cpu_per_probe_us"])}
   idle worker RSS       {f["worker_idle_rss_mb"]} MiB
 """
     )

@@ -38,5 +38,7 @@ async def test_bench_with_metrics_scrapes_every_process(database_dsn: str) -> No
     assert per_task["total"] == pytest.approx(
         sum(v for k, v in per_task.items() if k != "total"), abs=0.5
     )
+    per_probe = figures["cpu_per_probe_us"]
+    assert set(per_probe) == set(per_task) and per_probe["total"] > 0, per_probe
     assert 10 < figures["worker_idle_rss_mb"] < 1000
     assert "CPU per task (e2e)" in done.err and "idle worker RSS" in done.err
