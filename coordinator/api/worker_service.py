@@ -249,6 +249,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     lost=lost,
                     tenant=session.tenant,
                     resume_token=session.resume_token,
+                    credit_in_results=True,
                 )
             )
         )
@@ -318,7 +319,12 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 return
             kind = message.WhichOneof("message")
             if kind == "results":
-                wire = message.results.results
+                results_message = message.results
+                if results_message.credits:
+                    # Credit carried with the results (Welcome.credit_in_results): read
+                    # first, as the Credit message it replaces came before them.
+                    self._grant(session, results_message.credits, "Results.credits")
+                wire = results_message.results
                 mapped, outcomes = results.map_results(
                     tenant, worker_id, wire, max_result_bytes=cfg.max_payload_bytes
                 )
@@ -329,15 +335,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             elif kind == "heartbeat":
                 await self._heartbeat(session, message.heartbeat, acks)
             elif kind == "credit":
-                credits = message.credit.credits
-                if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
-                    raise ProtocolViolation(
-                        f"Credit.credits {credits} is out of range: a worker may hold at most "
-                        f"{MAX_CREDIT} credits (it holds {session.credit})"
-                    )
-                session.credit += credits
-                if session.wants_work:
-                    self._dispatcher.offer(session)
+                self._grant(session, message.credit.credits, "Credit.credits")
             elif kind == "drain":
                 session.draining = True
                 _log.info("worker %s is draining", worker_id)
@@ -358,6 +356,17 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     self._dispatcher.wake()  # tasks of a new key may be waiting
             else:
                 raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
+
+    def _grant(self, session: WorkerSession, credits: int, field: str) -> None:
+        """Credit from the worker: a Credit message's, or carried in Results."""
+        if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
+            raise ProtocolViolation(
+                f"{field} {credits} is out of range: a worker may hold at most "
+                f"{MAX_CREDIT} credits (it holds {session.credit})"
+            )
+        session.credit += credits
+        if session.wants_work:
+            self._dispatcher.offer(session)
 
     async def _heartbeat(
         self,

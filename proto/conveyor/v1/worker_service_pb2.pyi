@@ -419,16 +419,23 @@ class Results(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    credits: _builtins.int
+    """Credit granted with these results, read exactly as a Credit message of that many
+    (0: none). Only to a coordinator whose Welcome set credit_in_results (an older one
+    ignores this field); a worker may still send Credit messages either way.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___TaskResult] | None = ...,
+        credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +479,7 @@ class Welcome(_message.Message):
     LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CREDIT_IN_RESULTS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch; leases granted in this session carry it."""
@@ -484,6 +492,11 @@ class Welcome(_message.Message):
     it in the Hello of every later session of this process (Hello.resume_token); keep it
     out of logs. It stays the same across the process's reconnects, so a Welcome lost on
     its way costs nothing.
+    """
+    credit_in_results: _builtins.bool
+    """The coordinator reads Results.credits: the worker may grant the credit freed by the
+    attempts it reports in their Results message instead of a Credit message beside it
+    (one message to write and read instead of two).
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
@@ -513,10 +526,11 @@ class Welcome(_message.Message):
         liveness_timeout: _duration_pb2.Duration | None = ...,
         tenant: _builtins.str = ...,
         resume_token: _builtins.bytes = ...,
+        credit_in_results: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "resume_token", b"resume_token", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_in_results", b"credit_in_results", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "resume_token", b"resume_token", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
