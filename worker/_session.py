@@ -201,6 +201,8 @@ class Session:
         self._drain_sent = False
         # Credit granted on this session that no assignment has used yet.
         self._outstanding = 0
+        # The coordinator reads credit carried in Results (Welcome.credit_in_results).
+        self._credit_in_results = False
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self._liveness = liveness_timeout(DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_DURATION)
         self._last_heard = 0.0
@@ -359,6 +361,7 @@ class Session:
     def _on_welcome(self, welcome: pb.Welcome, resumed: int) -> None:
         self._welcomed = True
         self.session_id = welcome.session_id
+        self._credit_in_results = welcome.credit_in_results
         if welcome.resume_token:
             self._runtime.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
@@ -538,6 +541,12 @@ class Session:
                     self._drain_sent = True
                     await self._send(pb.ConnectRequest(drain=pb.Drain()))
                 continue
+            if self._credit_in_results and self._runtime.pending.unsent_count():
+                # Results are on their way (the results loop was woken when each was
+                # added): the credit goes in their message, which takes it when it is
+                # built, instead of a Credit message of its own beside it (a write on
+                # each side and a read on the coordinator's per message; issue 19).
+                continue
             grant = self._runtime.free_slots() - self._outstanding
             if grant > 0:
                 self._outstanding += grant
@@ -564,7 +573,16 @@ class Session:
         request = pb.ConnectRequest()
         # The result's bytes stand for its size: the lease and the rest are a few dozen
         # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
+        results = request.results
         taken = self._runtime.pending.take_batch(
-            request.results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+            results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
         )
-        return request if taken else None
+        if not taken:
+            return None
+        if self._credit_in_results and not self._draining and not self._closing:
+            # The credit owed now travels with the results (see _credit_loop).
+            grant = self._runtime.free_slots() - self._outstanding
+            if grant > 0:
+                self._outstanding += grant
+                results.credits = grant
+        return request

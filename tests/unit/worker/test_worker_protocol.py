@@ -90,6 +90,9 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.lost: set[Key] = set()
         # Assignments handed out as credit allows, like the real dispatcher.
         self.queue: list[pb.Assignment] = []
+        # Welcome.credit_in_results: read Results.credits (off: an older coordinator,
+        # which ignores that field).
+        self.credit_in_results = False
 
     @property
     def stream(self) -> FakeStream:
@@ -156,6 +159,7 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     heartbeat_interval=interval,
                     lost=self.welcome_lost,
                     resume_token=f"token-{len(self.streams)}".encode(),
+                    credit_in_results=self.credit_in_results,
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
@@ -172,9 +176,14 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     if (lease.task_id, lease.attempt) in self.lost
                 ]
                 stream.send(heartbeat_ack=pb.HeartbeatAck(lost=lost))
-            elif kind == "results" and self.auto_ack:
-                acks = [pb.ResultAck(lease=r.lease, accepted=True) for r in request.results.results]
-                stream.send(result_acks=pb.ResultAcks(acks=acks))
+            elif kind == "results":
+                if self.credit_in_results:
+                    self._grant(stream, request.results.credits)
+                if self.auto_ack:
+                    acks = [
+                        pb.ResultAck(lease=r.lease, accepted=True) for r in request.results.results
+                    ]
+                    stream.send(result_acks=pb.ResultAcks(acks=acks))
 
     def _grant(self, stream: FakeStream, credits: int) -> None:
         stream.credit += credits
@@ -437,6 +446,53 @@ async def test_credits_freed_together_are_coalesced(
         release.set()
         await eventually(lambda: fake.stream.granted == 10, what="credit back")
         assert [c.credits for c in fake.stream.of("credit")] == [5]
+
+
+async def test_credit_travels_in_results_when_the_coordinator_reads_it(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, address = coordinator
+    fake.credit_in_results = True
+    worker = Worker(address, concurrency=5)
+    release = asyncio.Event()
+    started = 0
+
+    @worker.task("work")
+    async def work(ctx: TaskContext, payload: Any) -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+
+    fake.queue = [assignment(f"t{i}") for i in range(12)]
+    async with running(worker):
+        await eventually(lambda: started == 5, what="the first handlers started")
+        release.set()
+        await eventually(lambda: len(fake.results()) == 12, what="all results")
+        # Hello's 5 and one credit per freed slot, every one of them in a Results message
+        # (each attempt that freed a slot had a result to send): no Credit message at all.
+        await eventually(lambda: fake.stream.granted == 17, what="final credit")
+        assert fake.stream.of("credit") == []
+        assert sum(r.credits for r in fake.stream.of("results")) == 12
+        assert fake.stream.credit == 5
+
+
+async def test_credit_stays_out_of_results_for_an_older_coordinator(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, address = coordinator
+    worker = Worker(address, concurrency=3)
+
+    @worker.task("work")
+    async def work(ctx: TaskContext, payload: Any) -> None:
+        await asyncio.sleep(0)
+
+    fake.queue = [assignment(f"t{i}") for i in range(9)]
+    async with running(worker):
+        await eventually(lambda: len(fake.results()) == 9, what="all results")
+        await eventually(lambda: fake.stream.granted == 12, what="final credit")
+        # Its Welcome did not say it reads Results.credits: Credit messages only.
+        assert all(r.credits == 0 for r in fake.stream.of("results"))
+        assert sum(c.credits for c in fake.stream.of("credit")) == 9
 
 
 async def test_results_are_batched(coordinator: tuple[FakeCoordinator, str]) -> None:
