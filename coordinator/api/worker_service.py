@@ -83,9 +83,14 @@ class _PendingAcks:
     """One Results or Heartbeat message waiting for its commit."""
 
     results: bool
-    leases: list[worker_service_pb2.Lease]
+    leases: Sequence[worker_service_pb2.Lease]
     mapped: Mapped
     future: asyncio.Future[list[bool]] | None
+    # A numbered Results message (Results.sequence): answered with its number and its
+    # refused results only; ``wire`` holds its results (their leases are read only for
+    # a refusal) and ``leases`` is empty.
+    sequence: int = 0
+    wire: Sequence[worker_service_pb2.TaskResult] = ()
 
 
 class _AckQueue(asyncio.Queue[_PendingAcks | None]):
@@ -250,6 +255,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     tenant=session.tenant,
                     resume_token=session.resume_token,
                     credit_in_results=True,
+                    result_acks_by_sequence=True,
                 )
             )
         )
@@ -331,7 +337,13 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 if mapped.missing_keys:
                     _lacks(session, mapped.missing_keys)
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
-                await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
+                sequence = results_message.sequence
+                if sequence:
+                    # Answered as a whole (Welcome.result_acks_by_sequence): no lease
+                    # read per result here, no ResultAck built per result in the ack loop.
+                    await acks.put(_PendingAcks(True, (), mapped, future, sequence, wire))
+                else:
+                    await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
                 await self._heartbeat(session, message.heartbeat, acks)
             elif kind == "credit":
@@ -397,6 +409,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             # A failed commit raises here and ends the stream: the worker reconnects
             # (perhaps to another coordinator) and resends what was not acknowledged.
             stored = await pending.future if pending.future is not None else []
+            if pending.sequence:
+                message = worker_service_pb2.ConnectResponse()
+                result_acks = message.result_acks
+                result_acks.sequence = pending.sequence
+                mapped = pending.mapped
+                if len(mapped.stored) != mapped.size or not all(stored):
+                    # Some were refused (malformed, unknown outcome, stale lease): only
+                    # those are named; every other result of the message was accepted.
+                    add = result_acks.acks.add
+                    for index, (ok, reason) in enumerate(mapped.answers(stored)):
+                        if not ok:
+                            add(lease=pending.wire[index].lease, accepted=False, reason=reason)
+                if not session.push(message):
+                    return
+                continue
             answers = pending.mapped.answers(stored)
             if pending.results:
                 message = worker_service_pb2.ConnectResponse()

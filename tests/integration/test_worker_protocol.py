@@ -96,6 +96,55 @@ async def test_credit_carried_in_results_is_read_as_a_credit_message(
     assert len({a.lease.task_id for a in first + got}) == 5
 
 
+async def test_a_numbered_results_message_is_answered_by_its_number_and_refusals(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    worker = raw_workers()
+    welcome = await worker.connect("numbered", credits=2)
+    assert welcome.result_acks_by_sequence
+    for _ in range(2):
+        await submit(stub)
+    held = await worker.assignments(2)
+    succeeded = worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+    garbage = worker_service_pb2.Lease(task_id="garbage", attempt=1, epoch=1)
+    stale = worker_service_pb2.Lease(
+        task_id=held[0].lease.task_id, attempt=9, epoch=held[0].lease.epoch
+    )
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[
+                worker_service_pb2.TaskResult(lease=held[0].lease, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=garbage, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=held[1].lease, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=stale, outcome=succeeded),
+            ],
+            sequence=7,
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    # Only the refused ones, by lease; the two others were accepted by the number.
+    assert acks.sequence == 7
+    assert [(a.lease.task_id, a.lease.attempt, a.accepted) for a in acks.acks] == [
+        ("garbage", 1, False),
+        (stale.task_id, 9, False),
+    ]
+    assert all(a.reason for a in acks.acks)
+    states = await db.fetch("SELECT state FROM tasks")
+    assert [r["state"] for r in states] == [task_pb2.TASK_STATE_SUCCEEDED] * 2
+    # Every result accepted: an answer with the number alone.
+    await submit(stub)
+    await worker.send(credit=worker_service_pb2.Credit(credits=1))
+    (third,) = await worker.assignments(1)
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[worker_service_pb2.TaskResult(lease=third.lease, outcome=succeeded)],
+            sequence=8,
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    assert acks.sequence == 8 and not acks.acks
+
+
 async def test_credit_in_results_beyond_the_limit_is_a_protocol_violation(
     coordinator: Coordinator,
 ) -> None:
