@@ -30,6 +30,7 @@ from conveyor.transport._tls_hints import ANY_TLS, PLAINTEXT, tls_mismatch
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._health import LoopLag
+from conveyor.worker._results import AttemptKey
 from conveyor.worker._runtime import Runtime
 
 __all__ = ["HelloInfo", "Session", "SessionEnd", "liveness_timeout"]
@@ -203,6 +204,12 @@ class Session:
         self._outstanding = 0
         # The coordinator reads credit carried in Results (Welcome.credit_in_results).
         self._credit_in_results = False
+        # The coordinator answers numbered Results messages as a whole
+        # (Welcome.result_acks_by_sequence): the last number given, and the attempts each
+        # message not answered yet carried (each result is in one message per session).
+        self._acks_by_sequence = False
+        self._sequence = 0
+        self._sent: dict[int, list[AttemptKey]] = {}
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self._liveness = liveness_timeout(DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_DURATION)
         self._last_heard = 0.0
@@ -362,6 +369,7 @@ class Session:
         self._welcomed = True
         self.session_id = welcome.session_id
         self._credit_in_results = welcome.credit_in_results
+        self._acks_by_sequence = welcome.result_acks_by_sequence
         if welcome.resume_token:
             self._runtime.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
@@ -459,7 +467,15 @@ class Session:
                 for assignment in assignments:
                     runtime.accept(assignment)
             elif kind == "result_acks":
-                runtime.ack(message.result_acks.acks)
+                result_acks = message.result_acks
+                if result_acks.sequence:
+                    keys = self._sent.pop(result_acks.sequence, None)
+                    if keys is None:
+                        logger.debug("acks for unknown results message %d", result_acks.sequence)
+                        keys = []
+                    runtime.pending.ack_message(keys, result_acks.acks)
+                else:
+                    runtime.ack(result_acks.acks)
             elif kind == "cancel_tasks":
                 runtime.cancel(message.cancel_tasks.leases)
             elif kind == "heartbeat_ack":
@@ -574,11 +590,17 @@ class Session:
         # The result's bytes stand for its size: the lease and the rest are a few dozen
         # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
         results = request.results
+        keys: list[AttemptKey] | None = [] if self._acks_by_sequence else None
         taken = self._runtime.pending.take_batch(
-            results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+            results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD, keys
         )
         if not taken:
             return None
+        if keys is not None:
+            # Answered as a whole: its acks name this number and only the refused results.
+            self._sequence += 1
+            results.sequence = self._sequence
+            self._sent[self._sequence] = keys
         if self._credit_in_results and not self._draining and not self._closing:
             # The credit owed now travels with the results (see _credit_loop).
             grant = self._runtime.free_slots() - self._outstanding
