@@ -92,9 +92,11 @@ class PendingResults:
             self._keep(key, (epoch, data))
 
     def _keep(self, key: AttemptKey, result: pb.TaskResult | Success) -> None:
-        self._results[key] = result
+        results = self._results
+        if not results:
+            self._settled.clear()  # the first one waiting (a call per result otherwise)
+        results[key] = result
         self._unsent[key] = None
-        self._settled.clear()
 
     @staticmethod
     def _too_large(key: AttemptKey, epoch: int, size: int) -> pb.TaskResult:

@@ -288,8 +288,10 @@ class Runtime:
         # Attempts ended (succeeded, failed, timed out) and failed since the last heartbeat.
         self._finished = 0
         self._failed = 0
-        # An attempt is running eagerly (see _run_eagerly).
+        # An attempt is running eagerly (see _run_eagerly), and accept_all runs outside
+        # its caller's task.
         self._eager = False
+        self._outside_task = False
 
     @property
     def resume_token(self) -> bytes:
@@ -394,6 +396,22 @@ class Runtime:
             self._listener = None
 
     # -- what the session feeds ------------------------------------------------------
+
+    def accept_all(self, assignments: Iterable[pb.Assignment]) -> None:
+        """Take one Assignments message's assignments (:meth:`accept` each), out of the
+        caller's task once for them all rather than once per attempt run eagerly."""
+        loop = self._loop
+        caller = asyncio.current_task(loop)
+        if caller is not None:
+            _leave_task(loop, caller)
+        self._outside_task = True
+        try:
+            for assignment in assignments:
+                self.accept(assignment)
+        finally:
+            self._outside_task = False
+            if caller is not None:
+                _enter_task(loop, caller)
 
     def accept(self, assignment: pb.Assignment) -> None:
         """Take one assignment: start it, or queue it if no slot is free."""
@@ -605,7 +623,8 @@ class Runtime:
         None in it, not the session's task, which it must not be able to cancel.
         """
         loop = self._loop
-        caller = asyncio.current_task(loop)
+        # Out of its caller's task already when called from accept_all.
+        caller = None if self._outside_task else asyncio.current_task(loop)
         if caller is not None:
             _leave_task(loop, caller)
         self._eager = True

@@ -252,8 +252,10 @@ class Session:
     # -- RuntimeListener ---------------------------------------------------------------
 
     def results_ready(self) -> None:
-        """Wake the results loop (called by the runtime)."""
-        self._results_wanted.set()
+        """Wake the results loop (called by the runtime, once per result)."""
+        wanted = self._results_wanted
+        if not wanted.is_set():
+            wanted.set()
         if self._runtime.pending.unsent_count() >= RESULT_BATCH_MAX:
             self._batch_full.set()
 
@@ -464,8 +466,7 @@ class Session:
                         -self._outstanding,
                     )
                     self._outstanding = 0
-                for assignment in assignments:
-                    runtime.accept(assignment)
+                runtime.accept_all(assignments)
             elif kind == "result_acks":
                 result_acks = message.result_acks
                 if result_acks.sequence:

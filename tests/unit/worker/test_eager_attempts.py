@@ -241,3 +241,30 @@ async def test_a_slot_freed_by_an_eager_attempt_starts_the_next_in_a_task(
     assert deepest == 1
     assert in_task[:4] == [False, True, False, True]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_message_s_assignments_run_outside_the_caller_s_task_and_return_to_it(
+    executor: concurrent.futures.Executor,
+) -> None:
+    registry = TaskRegistry()
+    seen: list[asyncio.Task[Any] | None] = []
+
+    @functools.partial(registry.register, "look", raw=True)
+    async def look(ctx: TaskContext, payload: bytes) -> bytes:
+        seen.append(asyncio.current_task())
+        return b""
+
+    @functools.partial(registry.register, "bad", raw=True)
+    async def bad(ctx: TaskContext, payload: bytes) -> bytes:
+        raise KeyboardInterrupt  # not an attempt's failure: it ends the loop, as in a task
+
+    runtime = _runtime(registry, executor)
+    caller = asyncio.current_task()
+    runtime.accept_all([_assignment("t1", "look"), _assignment("t2", "look")])
+    assert seen == [None, None]
+    assert asyncio.current_task() is caller
+    assert set(_sent(runtime)) == {"t1", "t2"}
+    with pytest.raises(KeyboardInterrupt):
+        runtime.accept_all([_assignment("t3", "bad")])
+    # Back in its own task even so.
+    assert asyncio.current_task() is caller
