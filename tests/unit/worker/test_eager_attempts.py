@@ -268,3 +268,26 @@ async def test_a_message_s_assignments_run_outside_the_caller_s_task_and_return_
         runtime.accept_all([_assignment("t3", "bad")])
     # Back in its own task even so.
     assert asyncio.current_task() is caller
+
+
+async def _changes_later(ctx: TaskContext, payload: bytes) -> bytes:
+    return b""
+
+
+async def test_a_handler_that_suspends_after_all_fails_instead_of_hanging(
+    executor: concurrent.futures.Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = TaskRegistry()
+    registry.register("odd", _changes_later, raw=True)
+    original = _changes_later.__code__
+    # Its code swapped after it was judged: it now awaits.
+    _changes_later.__code__ = _sleeps.__code__
+    try:
+        runtime = _runtime(registry, executor)
+        runtime.accept(_assignment("t1", "odd"))
+    finally:
+        _changes_later.__code__ = original
+    assert runtime.running_count() == 0 and runtime.busy_slots() == 0
+    result = _sent(runtime)["t1"]
+    assert (result.outcome, result.retryable) == (pb.TASK_OUTCOME_FAILED, True)
+    assert any("suspended though it has no await" in r.getMessage() for r in caplog.records)
