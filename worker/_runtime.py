@@ -815,20 +815,22 @@ class Runtime:
             return
         self._decide(execution)
         execution.signal._set(reason)
-        if execution.task is not None:
+        if execution.context is not None:  # started (in a task, or eagerly)
             if result is None:
                 self._ran(execution, LOST, reason)
             else:
                 self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
         if result is not None:
             self._emit(result)
-        if execution.task is None:
+        if execution.context is None:
             # Still in the backlog: it never ran, so it only gives its place back.
             self._backlog.remove(execution)
             self._notify_slots()
-        else:
+        elif execution.task is not None:
             # For a sync handler this only stops the wait; the thread sees the signal.
             execution.task.cancel()
+        # (An eager run left undecided only by an exception that ends the loop, or a
+        # failure of the runtime's own code, has nothing left to stop.)
 
     def _ran(self, execution: _Execution, outcome: str, error: str) -> None:
         """A handler run ended with ``outcome``: noted for the metrics, marked on its span."""

@@ -266,8 +266,11 @@ async def test_a_message_s_assignments_run_outside_the_caller_s_task_and_return_
     assert set(_sent(runtime)) == {"t1", "t2"}
     with pytest.raises(KeyboardInterrupt):
         runtime.accept_all([_assignment("t3", "bad")])
-    # Back in its own task even so.
+    # Back in its own task even so; and the shutdown that follows reports the attempt
+    # the exception left undecided as interrupted.
     assert asyncio.current_task() is caller
+    runtime.stop_all()
+    assert _sent(runtime)["t3"].outcome == pb.TASK_OUTCOME_INTERRUPTED
 
 
 async def _changes_later(ctx: TaskContext, payload: bytes) -> bytes:
