@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import dis
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,9 @@ class Handler:
     func: HandlerFunc
     raw: bool
     is_async: bool
+    #: An ``async def`` function whose body has no ``await``, ``async for`` or ``async
+    #: with``: its coroutine can never suspend, so it runs to its end in its first step.
+    never_suspends: bool = False
 
 
 def _is_async_callable(func: object) -> bool:
@@ -35,6 +40,22 @@ def _is_async_callable(func: object) -> bool:
         return True
     call = getattr(func, "__call__", None)  # noqa: B004 - we need the attribute itself
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _never_suspends(func: object) -> bool:
+    """Whether ``func`` is an ``async def`` function whose coroutine cannot suspend.
+
+    A coroutine suspends only at a ``YIELD_VALUE`` of its own code (every ``await``,
+    ``async for`` and ``async with`` compiles to one; what it calls without awaiting runs
+    to its end like any call). Only plain functions are judged: a partial or a callable
+    object may change what it runs, so it counts as one that may suspend.
+    """
+    if type(func) is not types.FunctionType:
+        return False
+    code = func.__code__
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return all(ins.opname != "YIELD_VALUE" for ins in dis.get_instructions(code))
 
 
 class TaskRegistry:
@@ -58,7 +79,13 @@ class TaskRegistry:
             )
         if task_type in self._handlers:
             raise ValueError(f"task type {task_type!r} already has a handler")
-        handler = Handler(type=task_type, func=func, raw=raw, is_async=_is_async_callable(func))
+        handler = Handler(
+            type=task_type,
+            func=func,
+            raw=raw,
+            is_async=_is_async_callable(func),
+            never_suspends=_never_suspends(func),
+        )
         self._handlers[task_type] = handler
         return handler
 

@@ -92,9 +92,11 @@ class PendingResults:
             self._keep(key, (epoch, data))
 
     def _keep(self, key: AttemptKey, result: pb.TaskResult | Success) -> None:
-        self._results[key] = result
+        results = self._results
+        if not results:
+            self._settled.clear()  # the first one waiting (a call per result otherwise)
+        results[key] = result
         self._unsent[key] = None
-        self._settled.clear()
 
     @staticmethod
     def _too_large(key: AttemptKey, epoch: int, size: int) -> pb.TaskResult:
@@ -139,6 +141,25 @@ class PendingResults:
         if not results:
             self._settled.set()
 
+    def ack_message(self, keys: Iterable[AttemptKey], refused: Iterable[pb.ResultAck]) -> None:
+        """Drops the results of one Results message answered as a whole (a ResultAcks
+        with its sequence): ``keys`` are the attempts it carried, ``refused`` the acks of
+        those the coordinator refused; every other one was accepted. Nothing to read
+        per accepted result (:meth:`ack_all` reads an ack, its lease and two strings
+        each; issue 19)."""
+        self.ack_all(refused)
+        results, unsent, cancelled = self._results, self._unsent, self._cancelled
+        pop = results.pop
+        for key in keys:
+            if pop(key, None) is None:
+                continue  # refused above, or answered already
+            if unsent:
+                unsent.pop(key, None)
+            if cancelled:
+                cancelled.discard(key)
+        if not results:
+            self._settled.set()
+
     @staticmethod
     def _refused(
         key: AttemptKey, outcome: pb.TaskOutcome.ValueType, reason: str, cancelled: bool
@@ -175,11 +196,13 @@ class PendingResults:
         limit: int,
         max_bytes: int,
         overhead: int,
+        keys: list[AttemptKey] | None = None,
     ) -> int:
         """Appends to ``into`` (a Results message's ``results``) up to ``limit`` unsent
         results weighing up to ``max_bytes`` (a result's result and error bytes plus
         ``overhead``; the first one goes whatever it weighs), in one pass; they stay kept
-        until acked. Returns how many it appended."""
+        until acked. Returns how many it appended; their keys, in order, are appended to
+        ``keys`` when given (for :meth:`ack_message`)."""
         unsent = self._unsent
         results = self._results
         add = into.add
@@ -206,6 +229,8 @@ class PendingResults:
                     break
                 add().CopyFrom(result)
             del unsent[key]
+            if keys is not None:
+                keys.append(key)
             taken += 1
         return taken
 

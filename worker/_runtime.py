@@ -5,7 +5,8 @@ and results wait (:class:`PendingResults`) until a ResultAck clears them, whiche
 arrives on. The session only feeds it (assignments, acks, cancels) and drains it (leases
 to heartbeat, results to send, credit to grant), through :class:`RuntimeListener`.
 
-Telemetry, per attempt: each handler runs in its own asyncio task, whose log fields are
+Telemetry, per attempt: each handler runs in its own asyncio task (or, one that cannot
+suspend, to its end when it starts: ``Runtime._run_eagerly``), whose log fields are
 bound at its start (computed only if it logs); with tracing on, inside an ``execute``
 span that is a child of the assignment's ``traceparent`` and ends with the attempt's
 outcome; with metrics on, the finished run is noted as a tuple and the notes are
@@ -24,7 +25,8 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from asyncio.tasks import _enter_task, _leave_task
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol, cast
 
 from conveyor.observability import logs
@@ -286,6 +288,10 @@ class Runtime:
         # Attempts ended (succeeded, failed, timed out) and failed since the last heartbeat.
         self._finished = 0
         self._failed = 0
+        # An attempt is running eagerly (see _run_eagerly), and accept_all runs outside
+        # its caller's task.
+        self._eager = False
+        self._outside_task = False
 
     @property
     def resume_token(self) -> bytes:
@@ -390,6 +396,22 @@ class Runtime:
             self._listener = None
 
     # -- what the session feeds ------------------------------------------------------
+
+    def accept_all(self, assignments: Iterable[pb.Assignment]) -> None:
+        """Take one Assignments message's assignments (:meth:`accept` each), out of the
+        caller's task once for them all rather than once per attempt run eagerly."""
+        loop = self._loop
+        caller = asyncio.current_task(loop)
+        if caller is not None:
+            _leave_task(loop, caller)
+        self._outside_task = True
+        try:
+            for assignment in assignments:
+                self.accept(assignment)
+        finally:
+            self._outside_task = False
+            if caller is not None:
+                _enter_task(loop, caller)
 
     def accept(self, assignment: pb.Assignment) -> None:
         """Take one assignment: start it, or queue it if no slot is free."""
@@ -549,13 +571,17 @@ class Runtime:
     def _start(self, execution: _Execution) -> None:
         assignment = execution.assignment
         deadline = None
+        # A handler that cannot suspend runs to its end right here, in its first step
+        # (not while another attempt does: a slot it frees may start the next one).
+        eager = execution.handler.never_suspends and not self._eager
         # One reading for the deadline, the timer and the recorded start: a start read
         # after the timer was set made a timed-out run look shorter than its timeout.
         start = time.monotonic()
         if execution.timeout is not None:
             deadline = start + execution.timeout
-            # The loop's clock is the monotonic clock, the same as `deadline`.
-            self._timeouts.add(execution, execution.timeout, start)
+            if not eager:  # no timer can fire before an eager run ends
+                # The loop's clock is the monotonic clock, the same as `deadline`.
+                self._timeouts.add(execution, execution.timeout, start)
         # The task's fields are decoded when the handler first reads them (many never do).
         execution.context = started_context(
             assignment,
@@ -569,16 +595,61 @@ class Runtime:
         if self._runs is not None:
             execution.started = start
         self._occupied.add(execution)
-        task = self._loop.create_task(
-            # One coroutine per attempt without tracing: _attempt runs the handler in its
-            # own frame (a coroutine each for the span, the attempt and the call was two
-            # more objects and awaits per task; issue 19).
-            self._attempt(execution) if self._untraced else self._traced(execution),
+        # One coroutine per attempt without tracing: _attempt runs the handler in its own
+        # frame (a coroutine each for the span, the attempt and the call was two more
+        # objects and awaits per task; issue 19).
+        coro = self._attempt(execution) if self._untraced else self._traced(execution)
+        if eager:
+            self._run_eagerly(execution, coro)
+            return
+        execution.task = self._loop.create_task(
+            coro,
             # A constant: formatting the type and id into each name was as costly as the
             # TaskContext (issue 19); the log fields and spans name the attempt.
             name="conveyor-task",
         )
-        execution.task = task
+
+    def _run_eagerly(self, execution: _Execution, coro: Coroutine[Any, Any, None]) -> None:
+        """Runs the attempt of a handler that cannot suspend to its end, now, without a
+        task of its own.
+
+        A task per attempt (its creation, a turn of the loop to take its one step, and
+        asyncio's registry of tasks) was the largest cost of a no-op task left in the
+        worker (issue 19); Python 3.12's eager tasks do this, 3.11 has none. What the
+        handler sees is a task's: a copy of the context as it was when the attempt
+        started, its exceptions mapped by ``_attempt``, and no cancellation, timeout or
+        lost lease can reach it while it runs (none could reach a task between two
+        awaits either, and it has none). It runs outside any task: ``current_task()`` is
+        None in it, not the session's task, which it must not be able to cancel.
+        """
+        loop = self._loop
+        # Out of its caller's task already when called from accept_all.
+        caller = None if self._outside_task else asyncio.current_task(loop)
+        if caller is not None:
+            _leave_task(loop, caller)
+        self._eager = True
+        try:
+            contextvars.copy_context().run(coro.send, None)
+        except StopIteration:
+            pass
+        except Exception:
+            # A task would have ended with it and logged it: the attempt's own failure,
+            # not its caller's (the session's reader).
+            logger.exception("task %s attempt %d: the worker failed", *execution.key)
+        else:
+            # It suspended after all (a handler's code changed after it was registered):
+            # stopped here, it fails retryably instead of hanging with its lease held.
+            logger.error(
+                "task %s attempt %d: handler %r suspended though it has no await",
+                *execution.key,
+                execution.handler.func,
+            )
+            with contextlib.suppress(BaseException):
+                coro.throw(asyncio.CancelledError())
+        finally:
+            self._eager = False
+            if caller is not None:
+                _enter_task(loop, caller)
 
     async def _traced(self, execution: _Execution) -> None:
         ctx = execution.context
@@ -744,20 +815,22 @@ class Runtime:
             return
         self._decide(execution)
         execution.signal._set(reason)
-        if execution.task is not None:
+        if execution.context is not None:  # started (in a task, or eagerly)
             if result is None:
                 self._ran(execution, LOST, reason)
             else:
                 self._ran(execution, OUTCOME_NAMES[result.outcome], result.error)
         if result is not None:
             self._emit(result)
-        if execution.task is None:
+        if execution.context is None:
             # Still in the backlog: it never ran, so it only gives its place back.
             self._backlog.remove(execution)
             self._notify_slots()
-        else:
+        elif execution.task is not None:
             # For a sync handler this only stops the wait; the thread sees the signal.
             execution.task.cancel()
+        # (An eager run left undecided only by an exception that ends the loop, or a
+        # failure of the runtime's own code, has nothing left to stop.)
 
     def _ran(self, execution: _Execution, outcome: str, error: str) -> None:
         """A handler run ended with ``outcome``: noted for the metrics, marked on its span."""

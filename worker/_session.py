@@ -30,6 +30,7 @@ from conveyor.transport._tls_hints import ANY_TLS, PLAINTEXT, tls_mismatch
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._health import LoopLag
+from conveyor.worker._results import AttemptKey
 from conveyor.worker._runtime import Runtime
 
 __all__ = ["HelloInfo", "Session", "SessionEnd", "liveness_timeout"]
@@ -201,6 +202,14 @@ class Session:
         self._drain_sent = False
         # Credit granted on this session that no assignment has used yet.
         self._outstanding = 0
+        # The coordinator reads credit carried in Results (Welcome.credit_in_results).
+        self._credit_in_results = False
+        # The coordinator answers numbered Results messages as a whole
+        # (Welcome.result_acks_by_sequence): the last number given, and the attempts each
+        # message not answered yet carried (each result is in one message per session).
+        self._acks_by_sequence = False
+        self._sequence = 0
+        self._sent: dict[int, list[AttemptKey]] = {}
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self._liveness = liveness_timeout(DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LEASE_DURATION)
         self._last_heard = 0.0
@@ -243,8 +252,10 @@ class Session:
     # -- RuntimeListener ---------------------------------------------------------------
 
     def results_ready(self) -> None:
-        """Wake the results loop (called by the runtime)."""
-        self._results_wanted.set()
+        """Wake the results loop (called by the runtime, once per result)."""
+        wanted = self._results_wanted
+        if not wanted.is_set():
+            wanted.set()
         if self._runtime.pending.unsent_count() >= RESULT_BATCH_MAX:
             self._batch_full.set()
 
@@ -359,6 +370,8 @@ class Session:
     def _on_welcome(self, welcome: pb.Welcome, resumed: int) -> None:
         self._welcomed = True
         self.session_id = welcome.session_id
+        self._credit_in_results = welcome.credit_in_results
+        self._acks_by_sequence = welcome.result_acks_by_sequence
         if welcome.resume_token:
             self._runtime.resume_token = welcome.resume_token
         interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
@@ -453,10 +466,17 @@ class Session:
                         -self._outstanding,
                     )
                     self._outstanding = 0
-                for assignment in assignments:
-                    runtime.accept(assignment)
+                runtime.accept_all(assignments)
             elif kind == "result_acks":
-                runtime.ack(message.result_acks.acks)
+                result_acks = message.result_acks
+                if result_acks.sequence:
+                    keys = self._sent.pop(result_acks.sequence, None)
+                    if keys is None:
+                        logger.debug("acks for unknown results message %d", result_acks.sequence)
+                        keys = []
+                    runtime.pending.ack_message(keys, result_acks.acks)
+                else:
+                    runtime.ack(result_acks.acks)
             elif kind == "cancel_tasks":
                 runtime.cancel(message.cancel_tasks.leases)
             elif kind == "heartbeat_ack":
@@ -538,6 +558,12 @@ class Session:
                     self._drain_sent = True
                     await self._send(pb.ConnectRequest(drain=pb.Drain()))
                 continue
+            if self._credit_in_results and self._runtime.pending.unsent_count():
+                # Results are on their way (the results loop was woken when each was
+                # added): the credit goes in their message, which takes it when it is
+                # built, instead of a Credit message of its own beside it (a write on
+                # each side and a read on the coordinator's per message; issue 19).
+                continue
             grant = self._runtime.free_slots() - self._outstanding
             if grant > 0:
                 self._outstanding += grant
@@ -564,7 +590,22 @@ class Session:
         request = pb.ConnectRequest()
         # The result's bytes stand for its size: the lease and the rest are a few dozen
         # bytes (ByteSize, twice a result, was a tenth of the batching's CPU).
+        results = request.results
+        keys: list[AttemptKey] | None = [] if self._acks_by_sequence else None
         taken = self._runtime.pending.take_batch(
-            request.results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD
+            results.results, RESULT_BATCH_MAX, RESULT_BATCH_BYTES, _RESULT_OVERHEAD, keys
         )
-        return request if taken else None
+        if not taken:
+            return None
+        if keys is not None:
+            # Answered as a whole: its acks name this number and only the refused results.
+            self._sequence += 1
+            results.sequence = self._sequence
+            self._sent[self._sequence] = keys
+        if self._credit_in_results and not self._draining and not self._closing:
+            # The credit owed now travels with the results (see _credit_loop).
+            grant = self._runtime.free_slots() - self._outstanding
+            if grant > 0:
+                self._outstanding += grant
+                results.credits = grant
+        return request

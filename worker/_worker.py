@@ -328,6 +328,10 @@ class Worker:
         The handler is called as ``handler(ctx, payload)`` with a :class:`TaskContext`.
         ``async def`` handlers run on the event loop; plain functions run in a thread pool
         (they must not touch the loop, and should poll ``ctx.is_cancelled()`` if long).
+        An ``async def`` handler runs in its own asyncio task, except one without any
+        ``await``, ``async for`` or ``async with``: that one cannot suspend, so it runs to
+        its end as its attempt starts, outside any task (``asyncio.current_task()`` is
+        ``None`` in it), in a copy of the context as a task would.
 
         With ``raw=False`` (the default) the payload is decoded from JSON (an empty
         payload gives ``None``) and the return value is JSON-encoded as the result. With

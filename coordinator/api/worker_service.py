@@ -83,9 +83,14 @@ class _PendingAcks:
     """One Results or Heartbeat message waiting for its commit."""
 
     results: bool
-    leases: list[worker_service_pb2.Lease]
+    leases: Sequence[worker_service_pb2.Lease]
     mapped: Mapped
     future: asyncio.Future[list[bool]] | None
+    # A numbered Results message (Results.sequence): answered with its number and its
+    # refused results only; ``wire`` holds its results (their leases are read only for
+    # a refusal) and ``leases`` is empty.
+    sequence: int = 0
+    wire: Sequence[worker_service_pb2.TaskResult] = ()
 
 
 class _AckQueue(asyncio.Queue[_PendingAcks | None]):
@@ -249,6 +254,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     lost=lost,
                     tenant=session.tenant,
                     resume_token=session.resume_token,
+                    credit_in_results=True,
+                    result_acks_by_sequence=True,
                 )
             )
         )
@@ -318,26 +325,29 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 return
             kind = message.WhichOneof("message")
             if kind == "results":
-                wire = message.results.results
+                results_message = message.results
+                if results_message.credits:
+                    # Credit carried with the results (Welcome.credit_in_results): read
+                    # first, as the Credit message it replaces came before them.
+                    self._grant(session, results_message.credits, "Results.credits")
+                wire = results_message.results
                 mapped, outcomes = results.map_results(
                     tenant, worker_id, wire, max_result_bytes=cfg.max_payload_bytes
                 )
                 if mapped.missing_keys:
                     _lacks(session, mapped.missing_keys)
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
-                await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
+                sequence = results_message.sequence
+                if sequence:
+                    # Answered as a whole (Welcome.result_acks_by_sequence): no lease
+                    # read per result here, no ResultAck built per result in the ack loop.
+                    await acks.put(_PendingAcks(True, (), mapped, future, sequence, wire))
+                else:
+                    await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
                 await self._heartbeat(session, message.heartbeat, acks)
             elif kind == "credit":
-                credits = message.credit.credits
-                if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
-                    raise ProtocolViolation(
-                        f"Credit.credits {credits} is out of range: a worker may hold at most "
-                        f"{MAX_CREDIT} credits (it holds {session.credit})"
-                    )
-                session.credit += credits
-                if session.wants_work:
-                    self._dispatcher.offer(session)
+                self._grant(session, message.credit.credits, "Credit.credits")
             elif kind == "drain":
                 session.draining = True
                 _log.info("worker %s is draining", worker_id)
@@ -358,6 +368,17 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     self._dispatcher.wake()  # tasks of a new key may be waiting
             else:
                 raise ProtocolViolation(f"unexpected {kind or 'empty'} message after Hello")
+
+    def _grant(self, session: WorkerSession, credits: int, field: str) -> None:
+        """Credit from the worker: a Credit message's, or carried in Results."""
+        if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
+            raise ProtocolViolation(
+                f"{field} {credits} is out of range: a worker may hold at most "
+                f"{MAX_CREDIT} credits (it holds {session.credit})"
+            )
+        session.credit += credits
+        if session.wants_work:
+            self._dispatcher.offer(session)
 
     async def _heartbeat(
         self,
@@ -388,6 +409,21 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             # A failed commit raises here and ends the stream: the worker reconnects
             # (perhaps to another coordinator) and resends what was not acknowledged.
             stored = await pending.future if pending.future is not None else []
+            if pending.sequence:
+                message = worker_service_pb2.ConnectResponse()
+                result_acks = message.result_acks
+                result_acks.sequence = pending.sequence
+                mapped = pending.mapped
+                if len(mapped.stored) != mapped.size or not all(stored):
+                    # Some were refused (malformed, unknown outcome, stale lease): only
+                    # those are named; every other result of the message was accepted.
+                    add = result_acks.acks.add
+                    for index, (ok, reason) in enumerate(mapped.answers(stored)):
+                        if not ok:
+                            add(lease=pending.wire[index].lease, accepted=False, reason=reason)
+                if not session.push(message):
+                    return
+                continue
             answers = pending.mapped.answers(stored)
             if pending.results:
                 message = worker_service_pb2.ConnectResponse()

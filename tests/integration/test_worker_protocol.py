@@ -62,6 +62,108 @@ async def test_assignments_never_exceed_credit(
     assert len({a.lease.task_id for a in got}) == 5
 
 
+async def test_credit_carried_in_results_is_read_as_a_credit_message(
+    stub: Stub, raw_workers: Workers
+) -> None:
+    worker = raw_workers()
+    welcome = await worker.connect(credits=2)
+    assert welcome.credit_in_results
+    for _ in range(5):
+        await submit(stub)
+    first = await worker.assignments(2)
+    # The two results give back two slots, and a third one more, in their message.
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[
+                worker_service_pb2.TaskResult(
+                    lease=a.lease, outcome=worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+                )
+                for a in first
+            ],
+            credits=3,
+        )
+    )
+    # The credit is read before the results: the assignments may come before the acks.
+    got: list[worker_service_pb2.Assignment] = []
+    accepted: list[bool] = []
+    while len(got) < 3 or not accepted:
+        message = await worker.receive()
+        if message.WhichOneof("message") == "assignments":
+            got.extend(message.assignments.assignments)
+        elif message.WhichOneof("message") == "result_acks":
+            accepted = [a.accepted for a in message.result_acks.acks]
+    assert accepted == [True, True]
+    assert len({a.lease.task_id for a in first + got}) == 5
+
+
+async def test_a_numbered_results_message_is_answered_by_its_number_and_refusals(
+    stub: Stub, raw_workers: Workers, db: asyncpg.Connection
+) -> None:
+    worker = raw_workers()
+    welcome = await worker.connect("numbered", credits=2)
+    assert welcome.result_acks_by_sequence
+    for _ in range(2):
+        await submit(stub)
+    held = await worker.assignments(2)
+    succeeded = worker_service_pb2.TASK_OUTCOME_SUCCEEDED
+    garbage = worker_service_pb2.Lease(task_id="garbage", attempt=1, epoch=1)
+    stale = worker_service_pb2.Lease(
+        task_id=held[0].lease.task_id, attempt=9, epoch=held[0].lease.epoch
+    )
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[
+                worker_service_pb2.TaskResult(lease=held[0].lease, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=garbage, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=held[1].lease, outcome=succeeded),
+                worker_service_pb2.TaskResult(lease=stale, outcome=succeeded),
+            ],
+            sequence=7,
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    # Only the refused ones, by lease; the two others were accepted by the number.
+    assert acks.sequence == 7
+    assert [(a.lease.task_id, a.lease.attempt, a.accepted) for a in acks.acks] == [
+        ("garbage", 1, False),
+        (stale.task_id, 9, False),
+    ]
+    assert all(a.reason for a in acks.acks)
+    states = await db.fetch("SELECT state FROM tasks")
+    assert [r["state"] for r in states] == [task_pb2.TASK_STATE_SUCCEEDED] * 2
+    # Every result accepted: an answer with the number alone.
+    await submit(stub)
+    await worker.send(credit=worker_service_pb2.Credit(credits=1))
+    (third,) = await worker.assignments(1)
+    await worker.send(
+        results=worker_service_pb2.Results(
+            results=[worker_service_pb2.TaskResult(lease=third.lease, outcome=succeeded)],
+            sequence=8,
+        )
+    )
+    acks = await worker.receive_kind("result_acks")
+    assert acks.sequence == 8 and not acks.acks
+
+
+async def test_credit_in_results_beyond_the_limit_is_a_protocol_violation(
+    coordinator: Coordinator,
+) -> None:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        workers = worker_service_pb2_grpc.WorkerServiceStub(channel)
+        hello = worker_service_pb2.ConnectRequest(hello=_hello(worker_id="greedy", credits=3))
+        bad = worker_service_pb2.ConnectRequest(results=worker_service_pb2.Results(credits=-1))
+        call = workers.Connect(iter([hello, bad]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    details = error_details(caught.value)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PROTOCOL_VIOLATION",
+    )
+    assert "Results.credits -1 is out of range" in details.message
+
+
 async def test_priority_then_age_decides_the_order(stub: Stub, raw_workers: Workers) -> None:
     low = await submit(stub, priority=-5)
     first_default = await submit(stub)

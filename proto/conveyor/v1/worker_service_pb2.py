@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12\'\n\x07results\x18\x04 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x12\x36\n\x0f\x65ncryption_keys\x18\x06 \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeysH\x00\x42\t\n\x07message\"\xdc\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12.\n\x0bresult_acks\x18\x03 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12\x30\n\x0c\x63\x61ncel_tasks\x18\x04 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\x32\n\rheartbeat_ack\x18\x05 \x01(\x0b\x32\x19.conveyor.v1.HeartbeatAckH\x00\x12)\n\x08redirect\x18\x06 \x01(\x0b\x32\x15.conveyor.v1.RedirectH\x00\x12#\n\x05\x64rain\x18\x1e \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"8\n\x05Lease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\xfb\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12\x12\n\ntask_types\x18\x06 \x03(\t\x12\x0f\n\x07\x63redits\x18\x07 \x01(\x05\x12%\n\tin_flight\x18\x08 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x14\n\x0cresume_token\x18\t \x01(\x0c\x12\x34\n\x0f\x65ncryption_keys\x18\n \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeys\"!\n\x0e\x45ncryptionKeys\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\"\xa5\x01\n\tHeartbeat\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x11\n\tin_flight\x18\x32 \x01(\r\x12\x12\n\nfree_slots\x18\x33 \x01(\r\x12+\n\x08loop_lag\x18\x34 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66inished\x18\x35 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x36 \x01(\r\"\x9c\x01\n\nTaskResult\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.TaskOutcome\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"3\n\x07Results\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.TaskResult\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x1e \x01(\t\"\x93\x02\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x04lost\x18\x05 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x33\n\x10liveness_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x14\n\x0cresume_token\x18\x08 \x01(\x0c\"\xf8\x02\n\nAssignment\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.conveyor.v1.Assignment.LabelsEntry\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0b\x41ssignments\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"P\n\tResultAck\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\"1\n\x0b\x43\x61ncelTasks\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\"0\n\x0cHeartbeatAck\x12 \n\x04lost\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\"\"\n\x08Redirect\x12\x16\n\x0eleader_address\x18\x01 \x01(\t*\xd8\x01\n\x0bTaskOutcome\x12\x1c\n\x18TASK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TASK_OUTCOME_SUCCEEDED\x10\x01\x12\x17\n\x13TASK_OUTCOME_FAILED\x10\x02\x12\x1a\n\x16TASK_OUTCOME_TIMED_OUT\x10\x03\x12\x1a\n\x16TASK_OUTCOME_CANCELLED\x10\x04\x12\x1c\n\x18TASK_OUTCOME_INTERRUPTED\x10\x05\x12 \n\x1cTASK_OUTCOME_KEY_UNAVAILABLE\x10\x06\x32_\n\rWorkerService\x12N\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse\"\x04\xc8\xf3\x18\x04(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/auth.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.HelloH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.conveyor.v1.CreditH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12\'\n\x07results\x18\x04 \x01(\x0b\x32\x14.conveyor.v1.ResultsH\x00\x12#\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x12\x36\n\x0f\x65ncryption_keys\x18\x06 \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeysH\x00\x42\t\n\x07message\"\xdc\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12.\n\x0bresult_acks\x18\x03 \x01(\x0b\x32\x17.conveyor.v1.ResultAcksH\x00\x12\x30\n\x0c\x63\x61ncel_tasks\x18\x04 \x01(\x0b\x32\x18.conveyor.v1.CancelTasksH\x00\x12\x32\n\rheartbeat_ack\x18\x05 \x01(\x0b\x32\x19.conveyor.v1.HeartbeatAckH\x00\x12)\n\x08redirect\x18\x06 \x01(\x0b\x32\x15.conveyor.v1.RedirectH\x00\x12#\n\x05\x64rain\x18\x1e \x01(\x0b\x32\x12.conveyor.v1.DrainH\x00\x42\t\n\x07message\"8\n\x05Lease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\xfb\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12\x12\n\ntask_types\x18\x06 \x03(\t\x12\x0f\n\x07\x63redits\x18\x07 \x01(\x05\x12%\n\tin_flight\x18\x08 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x14\n\x0cresume_token\x18\t \x01(\x0c\x12\x34\n\x0f\x65ncryption_keys\x18\n \x01(\x0b\x32\x1b.conveyor.v1.EncryptionKeys\"!\n\x0e\x45ncryptionKeys\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\"\xa5\x01\n\tHeartbeat\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x11\n\tin_flight\x18\x32 \x01(\r\x12\x12\n\nfree_slots\x18\x33 \x01(\r\x12+\n\x08loop_lag\x18\x34 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66inished\x18\x35 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x36 \x01(\r\"\x9c\x01\n\nTaskResult\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.TaskOutcome\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\x12\x0e\n\x06key_id\x18\x06 \x01(\t\"V\n\x07Results\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.TaskResult\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x1e \x01(\t\"\xcf\x02\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x04lost\x18\x05 \x03(\x0b\x32\x12.conveyor.v1.Lease\x12\x33\n\x10liveness_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x14\n\x0cresume_token\x18\x08 \x01(\x0c\x12\x19\n\x11\x63redit_in_results\x18\t \x01(\x08\x12\x1f\n\x17result_acks_by_sequence\x18\n \x01(\x08\"\xf8\x02\n\nAssignment\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.conveyor.v1.Assignment.LabelsEntry\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0b\x41ssignments\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"P\n\tResultAck\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.Lease\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"D\n\nResultAcks\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.conveyor.v1.ResultAck\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"1\n\x0b\x43\x61ncelTasks\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\"0\n\x0cHeartbeatAck\x12 \n\x04lost\x18\x01 \x03(\x0b\x32\x12.conveyor.v1.Lease\"\"\n\x08Redirect\x12\x16\n\x0eleader_address\x18\x01 \x01(\t*\xd8\x01\n\x0bTaskOutcome\x12\x1c\n\x18TASK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TASK_OUTCOME_SUCCEEDED\x10\x01\x12\x17\n\x13TASK_OUTCOME_FAILED\x10\x02\x12\x1a\n\x16TASK_OUTCOME_TIMED_OUT\x10\x03\x12\x1a\n\x16TASK_OUTCOME_CANCELLED\x10\x04\x12\x1c\n\x18TASK_OUTCOME_INTERRUPTED\x10\x05\x12 \n\x1cTASK_OUTCOME_KEY_UNAVAILABLE\x10\x06\x32_\n\rWorkerService\x12N\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse\"\x04\xc8\xf3\x18\x04(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WORKERSERVICE'].methods_by_name['Connect']._loaded_options = None
   _globals['_WORKERSERVICE'].methods_by_name['Connect']._serialized_options = b'\310\363\030\004'
-  _globals['_TASKOUTCOME']._serialized_start=2543
-  _globals['_TASKOUTCOME']._serialized_end=2759
+  _globals['_TASKOUTCOME']._serialized_start=2656
+  _globals['_TASKOUTCOME']._serialized_end=2872
   _globals['_CONNECTREQUEST']._serialized_start=139
   _globals['_CONNECTREQUEST']._serialized_end=421
   _globals['_CONNECTRESPONSE']._serialized_start=424
@@ -57,27 +57,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKRESULT']._serialized_start=1317
   _globals['_TASKRESULT']._serialized_end=1473
   _globals['_RESULTS']._serialized_start=1475
-  _globals['_RESULTS']._serialized_end=1526
-  _globals['_DRAIN']._serialized_start=1528
-  _globals['_DRAIN']._serialized_end=1551
-  _globals['_WELCOME']._serialized_start=1554
-  _globals['_WELCOME']._serialized_end=1829
-  _globals['_ASSIGNMENT']._serialized_start=1832
-  _globals['_ASSIGNMENT']._serialized_end=2208
-  _globals['_ASSIGNMENT_LABELSENTRY']._serialized_start=2163
-  _globals['_ASSIGNMENT_LABELSENTRY']._serialized_end=2208
-  _globals['_ASSIGNMENTS']._serialized_start=2210
-  _globals['_ASSIGNMENTS']._serialized_end=2269
-  _globals['_RESULTACK']._serialized_start=2271
-  _globals['_RESULTACK']._serialized_end=2351
-  _globals['_RESULTACKS']._serialized_start=2353
-  _globals['_RESULTACKS']._serialized_end=2403
-  _globals['_CANCELTASKS']._serialized_start=2405
-  _globals['_CANCELTASKS']._serialized_end=2454
-  _globals['_HEARTBEATACK']._serialized_start=2456
-  _globals['_HEARTBEATACK']._serialized_end=2504
-  _globals['_REDIRECT']._serialized_start=2506
-  _globals['_REDIRECT']._serialized_end=2540
-  _globals['_WORKERSERVICE']._serialized_start=2761
-  _globals['_WORKERSERVICE']._serialized_end=2856
+  _globals['_RESULTS']._serialized_end=1561
+  _globals['_DRAIN']._serialized_start=1563
+  _globals['_DRAIN']._serialized_end=1586
+  _globals['_WELCOME']._serialized_start=1589
+  _globals['_WELCOME']._serialized_end=1924
+  _globals['_ASSIGNMENT']._serialized_start=1927
+  _globals['_ASSIGNMENT']._serialized_end=2303
+  _globals['_ASSIGNMENT_LABELSENTRY']._serialized_start=2258
+  _globals['_ASSIGNMENT_LABELSENTRY']._serialized_end=2303
+  _globals['_ASSIGNMENTS']._serialized_start=2305
+  _globals['_ASSIGNMENTS']._serialized_end=2364
+  _globals['_RESULTACK']._serialized_start=2366
+  _globals['_RESULTACK']._serialized_end=2446
+  _globals['_RESULTACKS']._serialized_start=2448
+  _globals['_RESULTACKS']._serialized_end=2516
+  _globals['_CANCELTASKS']._serialized_start=2518
+  _globals['_CANCELTASKS']._serialized_end=2567
+  _globals['_HEARTBEATACK']._serialized_start=2569
+  _globals['_HEARTBEATACK']._serialized_end=2617
+  _globals['_REDIRECT']._serialized_start=2619
+  _globals['_REDIRECT']._serialized_end=2653
+  _globals['_WORKERSERVICE']._serialized_start=2874
+  _globals['_WORKERSERVICE']._serialized_end=2969
 # @@protoc_insertion_point(module_scope)

@@ -419,16 +419,30 @@ class Results(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    credits: _builtins.int
+    """Credit granted with these results, read exactly as a Credit message of that many
+    (0: none). Only to a coordinator whose Welcome set credit_in_results (an older one
+    ignores this field); a worker may still send Credit messages either way.
+    """
+    sequence: _builtins.int
+    """Numbers this message on its stream (1, 2, ...; 0: unnumbered), only to a coordinator
+    whose Welcome set result_acks_by_sequence: its ResultAcks then names the number and
+    lists only the results it refused; every other result of the message was accepted.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___TaskResult] | None = ...,
+        credits: _builtins.int = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "results", b"results", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +486,8 @@ class Welcome(_message.Message):
     LIVENESS_TIMEOUT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CREDIT_IN_RESULTS_FIELD_NUMBER: _builtins.int
+    RESULT_ACKS_BY_SEQUENCE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch; leases granted in this session carry it."""
@@ -484,6 +500,16 @@ class Welcome(_message.Message):
     it in the Hello of every later session of this process (Hello.resume_token); keep it
     out of logs. It stays the same across the process's reconnects, so a Welcome lost on
     its way costs nothing.
+    """
+    credit_in_results: _builtins.bool
+    """The coordinator reads Results.credits: the worker may grant the credit freed by the
+    attempts it reports in their Results message instead of a Credit message beside it
+    (one message to write and read instead of two).
+    """
+    result_acks_by_sequence: _builtins.bool
+    """The coordinator answers a numbered Results message (Results.sequence) with one
+    ResultAcks of that number listing only the results it refused, instead of a
+    ResultAck per result.
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
@@ -513,10 +539,12 @@ class Welcome(_message.Message):
         liveness_timeout: _duration_pb2.Duration | None = ...,
         tenant: _builtins.str = ...,
         resume_token: _builtins.bytes = ...,
+        credit_in_results: _builtins.bool = ...,
+        result_acks_by_sequence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "resume_token", b"resume_token", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_in_results", b"credit_in_results", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "liveness_timeout", b"liveness_timeout", "lost", b"lost", "result_acks_by_sequence", b"result_acks_by_sequence", "resume_token", b"resume_token", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -653,16 +681,24 @@ class ResultAcks(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The Results.sequence answered (0: an unnumbered message, answered result by result)."""
     @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]: ...
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
+        """One per result of the Results message answered, in its order; for a numbered one
+        (sequence set) only the refused results, every other one was accepted.
+        """
+
     def __init__(
         self,
         *,
         acks: _abc.Iterable[Global___ResultAck] | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

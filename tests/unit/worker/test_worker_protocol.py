@@ -90,6 +90,13 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.lost: set[Key] = set()
         # Assignments handed out as credit allows, like the real dispatcher.
         self.queue: list[pb.Assignment] = []
+        # Welcome.credit_in_results: read Results.credits (off: an older coordinator,
+        # which ignores that field).
+        self.credit_in_results = False
+        # Welcome.result_acks_by_sequence: answer numbered Results messages as a whole,
+        # naming only the results of the attempts in refuse_results.
+        self.acks_by_sequence = False
+        self.refuse_results: set[Key] = set()
 
     @property
     def stream(self) -> FakeStream:
@@ -156,6 +163,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     heartbeat_interval=interval,
                     lost=self.welcome_lost,
                     resume_token=f"token-{len(self.streams)}".encode(),
+                    credit_in_results=self.credit_in_results,
+                    result_acks_by_sequence=self.acks_by_sequence,
                 )
                 if self.lease_duration is not None:
                     welcome.lease_duration.FromTimedelta(timedelta(seconds=self.lease_duration))
@@ -172,9 +181,23 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                     if (lease.task_id, lease.attempt) in self.lost
                 ]
                 stream.send(heartbeat_ack=pb.HeartbeatAck(lost=lost))
-            elif kind == "results" and self.auto_ack:
-                acks = [pb.ResultAck(lease=r.lease, accepted=True) for r in request.results.results]
-                stream.send(result_acks=pb.ResultAcks(acks=acks))
+            elif kind == "results":
+                if self.credit_in_results:
+                    self._grant(stream, request.results.credits)
+                if self.auto_ack and self.acks_by_sequence and request.results.sequence:
+                    refused = [
+                        pb.ResultAck(lease=r.lease, accepted=False, reason="refused")
+                        for r in request.results.results
+                        if (r.lease.task_id, r.lease.attempt) in self.refuse_results
+                    ]
+                    stream.send(
+                        result_acks=pb.ResultAcks(sequence=request.results.sequence, acks=refused)
+                    )
+                elif self.auto_ack:
+                    acks = [
+                        pb.ResultAck(lease=r.lease, accepted=True) for r in request.results.results
+                    ]
+                    stream.send(result_acks=pb.ResultAcks(acks=acks))
 
     def _grant(self, stream: FakeStream, credits: int) -> None:
         stream.credit += credits
@@ -437,6 +460,85 @@ async def test_credits_freed_together_are_coalesced(
         release.set()
         await eventually(lambda: fake.stream.granted == 10, what="credit back")
         assert [c.credits for c in fake.stream.of("credit")] == [5]
+
+
+async def test_credit_travels_in_results_when_the_coordinator_reads_it(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, address = coordinator
+    fake.credit_in_results = True
+    worker = Worker(address, concurrency=5)
+    release = asyncio.Event()
+    started = 0
+
+    @worker.task("work")
+    async def work(ctx: TaskContext, payload: Any) -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+
+    fake.queue = [assignment(f"t{i}") for i in range(12)]
+    async with running(worker):
+        await eventually(lambda: started == 5, what="the first handlers started")
+        release.set()
+        await eventually(lambda: len(fake.results()) == 12, what="all results")
+        # Hello's 5 and one credit per freed slot, every one of them in a Results message
+        # (each attempt that freed a slot had a result to send): no Credit message at all.
+        await eventually(lambda: fake.stream.granted == 17, what="final credit")
+        assert fake.stream.of("credit") == []
+        assert sum(r.credits for r in fake.stream.of("results")) == 12
+        assert fake.stream.credit == 5
+
+
+async def test_credit_stays_out_of_results_for_an_older_coordinator(
+    coordinator: tuple[FakeCoordinator, str],
+) -> None:
+    fake, address = coordinator
+    worker = Worker(address, concurrency=3)
+
+    @worker.task("work")
+    async def work(ctx: TaskContext, payload: Any) -> None:
+        await asyncio.sleep(0)
+
+    fake.queue = [assignment(f"t{i}") for i in range(9)]
+    async with running(worker):
+        await eventually(lambda: len(fake.results()) == 9, what="all results")
+        await eventually(lambda: fake.stream.granted == 12, what="final credit")
+        # Its Welcome did not say it reads Results.credits: Credit messages only.
+        assert all(r.credits == 0 for r in fake.stream.of("results"))
+        assert sum(c.credits for c in fake.stream.of("credit")) == 9
+        # Nor did it say it answers numbered Results messages: none is numbered.
+        assert all(r.sequence == 0 for r in fake.stream.of("results"))
+
+
+async def test_results_answered_as_a_whole_are_dropped_and_refusals_said(
+    coordinator: tuple[FakeCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, address = coordinator
+    fake.acks_by_sequence = True
+    fake.refuse_results = {("t4", 1)}
+    worker = Worker(address, concurrency=3)
+
+    @worker.task("work")
+    async def work(ctx: TaskContext, payload: Any) -> None:
+        await asyncio.sleep(0)
+
+    fake.queue = [assignment(f"t{i}") for i in range(9)]
+    async with running(worker):
+        await eventually(lambda: len(fake.results()) == 9, what="all results")
+        # Every result was answered (eight accepted by the message's number, one refused
+        # by name): a later heartbeat lists no lease of a result still waiting.
+        beats = len(fake.stream.of("heartbeat"))
+
+        def later_beat_without_leases() -> bool:
+            later = fake.stream.of("heartbeat")[beats:]
+            return bool(later) and not later[-1].leases
+
+        await eventually(later_beat_without_leases, what="a heartbeat without leases")
+        numbers = [r.sequence for r in fake.stream.of("results")]
+    assert numbers == list(range(1, len(numbers) + 1))
+    refusals = [r.getMessage() for r in _refusals(caplog)]
+    assert refusals == ["coordinator refused the result of task t4 attempt 1: refused"]
 
 
 async def test_results_are_batched(coordinator: tuple[FakeCoordinator, str]) -> None:
