@@ -1387,6 +1387,15 @@ async def finish_attempts_plain(
     return await _FINISH_PLAIN.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
 
 
+async def warm_results(conn: asyncpg.Connection) -> None:
+    """Plans the result statements once on ``conn`` without running them (``EXPLAIN``,
+    no rows): asyncpg learns their types and the backend loads the catalog entries their
+    planning reads, the costs of a first run on a connection (``db.RESULT_CONNECTIONS``)."""
+    for query in (_FINISH_PLAIN, _FINISH):
+        values = {"fence": Fence("", 0), **_outcome_arrays(())}
+        await conn.fetch("EXPLAIN " + query.text, *query.args(values))
+
+
 _RECORD_REFUSED = Query(
     "record_refused_results",
     f"""
