@@ -1474,6 +1474,33 @@ TAKEN_OVER = Release(
 )
 
 
+def _nothing_due(name: str, due: str) -> Query:
+    """A sweep's look before its statement: true when no row matches ``due`` (a
+    condition on ``tasks`` that an index answers) and ``:epoch`` is still the cluster's.
+
+    A sweep runs every second or so on the leader, and most find nothing; its statement
+    carries the transition tail (the release of dependents, the webhook outbox) and was
+    planned anew at every run: 3-25 ms of PostgreSQL's CPU a sweep (docs/performance.md,
+    issue 19, fifth round), against a fraction of a millisecond for this. Nothing is
+    written when it says so, so nothing needs the fence then; when the epoch is no
+    longer the cluster's, the statement runs anyway and its fence refuses it, so a
+    deposed leader learns it at its next sweep as before."""
+    return Query(
+        name,
+        f"""
+        SELECT NOT EXISTS (SELECT FROM tasks WHERE {due})
+            AND EXISTS (SELECT FROM leadership WHERE cluster = :cluster AND epoch = :epoch)
+        """,
+    )
+
+
+async def _idle(conn: asyncpg.Connection, query: Query, fence: Fence) -> bool:
+    """Whether a sweep has nothing to do (see :func:`_nothing_due`)."""
+    return bool(await query.fetchval(conn, cluster=fence.cluster, epoch=fence.epoch))
+
+
+_NO_EXPIRED = _nothing_due("no_expired_leases", f"state = {RUNNING} AND lease_expire_time < now()")
+
 _REAP = Query(
     "reap_expired_leases",
     f"""
@@ -1492,6 +1519,8 @@ async def reap_expired(
 ) -> list[asyncpg.Record]:
     """Takes back leases that expired (counted: the task may have run); of the task
     ``only`` alone, when given."""
+    if only is None and await _idle(conn, _NO_EXPIRED, fence):
+        return []
     return await _REAP.fetch(conn, limit=limit, fence=fence, only=only, **EXPIRED._asdict())
 
 
@@ -1711,8 +1740,13 @@ _PROMOTE = Query(
 )
 
 
+_NONE_DUE = _nothing_due("none_due", f"state = {SCHEDULED} AND run_at <= now()")
+
+
 async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
     """Makes SCHEDULED tasks whose run_at has come PENDING; returns their transitions."""
+    if await _idle(conn, _NONE_DUE, fence):
+        return []
     return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
 
 
@@ -1735,11 +1769,19 @@ _EXPIRE_DEADLINES = Query(
 )
 
 
+_NO_DEADLINE_PASSED = _nothing_due(
+    "no_deadline_passed",
+    f"deadline < now() AND deadline IS NOT NULL AND state IN ({PENDING}, {SCHEDULED})",
+)
+
+
 async def expire_deadlines(
     conn: asyncpg.Connection, limit: int, fence: Fence
 ) -> list[asyncpg.Record]:
     """Makes the waiting tasks (PENDING, SCHEDULED) whose deadline passed DEAD, earliest
     first; returns their transitions."""
+    if await _idle(conn, _NO_DEADLINE_PASSED, fence):
+        return []
     return await _EXPIRE_DEADLINES.fetch(conn, limit=limit, fence=fence)
 
 
