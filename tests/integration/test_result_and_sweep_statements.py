@@ -5,7 +5,6 @@ still refused by its fence; the result connections are planned before the first 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeAlias
 
@@ -14,7 +13,6 @@ import pytest
 from testsupport import RawWorker, coordinator_config, submit
 
 from conveyor.coordinator import Coordinator
-
 from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.store import leadership
@@ -56,7 +54,9 @@ async def _fence(conn: asyncpg.Connection) -> Fence:
     return Fence("default", epoch)
 
 
-async def _claim(conn: asyncpg.Connection, fence: Fence, limit: int, lease: float = 60) -> list[str]:
+async def _claim(
+    conn: asyncpg.Connection, fence: Fence, limit: int, lease: float = 60
+) -> list[str]:
     rows = await store.claim(
         conn,
         tenant="default",
@@ -84,7 +84,7 @@ async def test_the_result_statement_reads_the_results_tasks_not_every_running_on
     assert len(ids) == 1000
     outcomes = [
         store.Outcome(
-            LeaseKey("default", uuid.UUID(i), 1, fence.epoch, "w"),
+            LeaseKey("default", i, 1, fence.epoch, "w"),
             store.OUTCOME_SUCCEEDED,
             b"",
             "",
@@ -169,7 +169,7 @@ async def test_the_result_connections_are_planned_before_the_first_result(
             for c in held:
                 # asyncpg already knows the statements' array types: the first result
                 # runs no type introspection.
-                settings = c._protocol.get_settings()  # type: ignore[attr-defined]
+                settings = c._protocol.get_settings()
                 for name in ("_int2", "_bool", "_bytea", "_int8", "_uuid", "_text"):
                     oid = await c.fetchval("SELECT $1::regtype::oid", name)
                     assert settings.get_data_codec(oid) is not None, name
