@@ -210,3 +210,28 @@ async def test_results_are_applied_on_the_result_connections(
     finally:
         for c in held:
             await db.pool.release(c)
+
+
+async def test_the_plain_result_statement_leaves_tasks_with_dependents_to_the_full_one(
+    conn: asyncpg.Connection,
+) -> None:
+    fence = await _fence(conn)
+    await conn.execute(_INSERT_READY, 3)
+    ids = await _claim(conn, fence, 3)
+    # The last task waits for the first (an edge names it as after_id).
+    await conn.execute(
+        "INSERT INTO task_edges (task_id, after_id, tenant, cancel_on_failure)"
+        " VALUES ($1::uuid, $2::uuid, 'default', false)",
+        ids[2],
+        ids[0],
+    )
+    outcomes = [
+        store.Outcome(
+            LeaseKey("default", i, 1, fence.epoch, "w"), store.OUTCOME_SUCCEEDED, b"", "", False
+        )
+        for i in ids[:2]
+    ]
+    plain = await store.finish_attempts_plain(conn, outcomes, fence)
+    assert [row["id"] for row in plain] == [ids[1]]
+    full = await store.finish_attempts(conn, outcomes[:1], fence)
+    assert [row["id"] for row in full] == [ids[0]]
