@@ -250,7 +250,7 @@ async def _wait_done(db: asyncpg.Connection, type_: str, count: int, within: flo
     """Waits until ``count`` tasks of ``type_`` in ``QUEUE``, all submitted (committed)
     already, have SUCCEEDED. It polls whether any is unfinished, by the indexes, and
     counts once at the end: PostgreSQL's CPU is counted per task, and a count over the
-    whole table every 50 ms was the benchmark's own load on it (4-27 µs per task of the
+    whole table every 50 ms was the benchmark's own load on it (1-44 µs per task of the
     end-to-end phase, docs/performance.md, issue 19, fifth round)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
