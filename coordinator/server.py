@@ -192,7 +192,9 @@ class Coordinator:
                     "`conveyor keys create --dsn DSN --tenant TENANT --scope admin` (or start "
                     "with CONVEYOR_BOOTSTRAP_KEY; see the README's secure set-up)"
                 )
-        db = Database(pool, claims=pools.claims)
+        # The result connections plan their statements before any result comes.
+        await pools.warm()
+        db = Database(pool, claims=pools.claims, results=pools.results)
         self.directory = directory = Directory(
             db, cfg.dsn, refresh=cfg.key_refresh, metrics=self.telemetry.metrics
         )

@@ -108,7 +108,7 @@ class ResultRecorder:
         # through the full statement; the rare refusals are recorded after (they change
         # no task). Each statement is atomic for the results it applies.
         fence = deps.office.fence()
-        async with deps.db.autocommit() as conn:
+        async with deps.db.results() as conn:
             rows = await store.finish_attempts_plain(conn, outcomes, fence)
             applied = {row[APPLIED] for row in rows}
             if len(applied) < len(outcomes):

@@ -18,6 +18,7 @@ import asyncpg
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.coordinator.errors import OutcomeUnknown, is_connection_loss
 from conveyor.coordinator.store import leadership
+from conveyor.coordinator.store import tasks as task_store
 from conveyor.coordinator.store.sql import Fence
 
 
@@ -35,11 +36,19 @@ def committing() -> Iterator[None]:
 class Database:
     """The coordinator's connection pool, with the two ways handlers use it."""
 
-    def __init__(self, pool: asyncpg.Pool, claims: asyncpg.Pool | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        claims: asyncpg.Pool | None = None,
+        results: asyncpg.Pool | None = None,
+    ) -> None:
         self.pool = pool
         self.claim_pool = claims
         """The connection for the plain claim alone (:data:`CLAIM_SETTINGS`), or None:
         the claim then runs on the dispatcher's pooled connection like every statement."""
+        self.result_pool = results
+        """The connections of the result flushes alone (:data:`RESULT_CONNECTIONS`), or
+        None: they then take the main pool's."""
 
     def claims(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection | None]:
         """The claim connection for one dispatch round (``async with db.claims() as c``),
@@ -47,6 +56,11 @@ class Database:
         if self.claim_pool is None:
             return contextlib.nullcontext()
         return self.claim_pool.acquire()
+
+    def results(self) -> asyncpg.pool.PoolAcquireContext:
+        """A connection for one result flush, its statements each their own transaction
+        (``async with db.results() as conn``): the result pool's, else the main pool's."""
+        return (self.result_pool or self.pool).acquire()
 
     def read(self) -> asyncpg.pool.PoolAcquireContext:
         """A pooled connection to read with: ``async with db.read() as conn``."""
@@ -112,15 +126,30 @@ CLAIM_SETTINGS = {
 }
 """Session settings of the claim connection (:attr:`Database.claim_pool`), over the pool's."""
 
+RESULT_CONNECTIONS = 2
+"""The result pool's size: as many as the result batcher flushes at once
+(``lifecycle/results.py``).
+
+Why a pool of their own: the main pool hands out its connections in turn, so every one
+of them ran the result statement sooner or later, and each paid once what a connection
+pays for a statement it has not run before: asyncpg's type introspection of its array
+types (a catalog query planned anew: 5-40 ms) and PostgreSQL's first planning of it on a
+backend whose catalog caches are cold (6-15 ms against 0.75). Counted over the end-to-end
+phase of ``conveyor bench`` (20,000 tasks), that was 60-430 ms of PostgreSQL's CPU, 3-20
+µs per task (docs/performance.md, issue 19, fifth round). Two connections that only ever
+run it pay it twice, and :meth:`Pool.warm` pays it before the first result."""
+
 
 class Pool:
     """The coordinator's connection pools, as a component: opened at start, closed at
-    stop. The main pool, and one connection for the dispatcher's plain claims."""
+    stop. The main pool, one connection for the dispatcher's plain claims, and
+    :data:`RESULT_CONNECTIONS` for the result flushes."""
 
     def __init__(self, config: CoordinatorConfig) -> None:
         self._config = config
         self._pool: asyncpg.Pool | None = None
         self._claims: asyncpg.Pool | None = None
+        self._results: asyncpg.Pool | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -131,6 +160,11 @@ class Pool:
     def claims(self) -> asyncpg.Pool:
         assert self._claims is not None, "the pool is opened by start()"
         return self._claims
+
+    @property
+    def results(self) -> asyncpg.Pool:
+        assert self._results is not None, "the pool is opened by start()"
+        return self._results
 
     async def start(self) -> None:
         cfg = self._config
@@ -151,8 +185,30 @@ class Pool:
             server_settings={**_session_settings(), **CLAIM_SETTINGS},
             reset=_keep_session,
         )
+        self._results = await asyncpg.create_pool(
+            cfg.dsn,
+            min_size=RESULT_CONNECTIONS,
+            max_size=RESULT_CONNECTIONS,
+            command_timeout=cfg.statement_timeout,
+            server_settings=_session_settings(),
+            reset=_keep_session,
+        )
+
+    async def warm(self) -> None:
+        """Readies the result connections for their statements (once the schema is
+        migrated): each plans them once, which introspects their types and fills the
+        backend's catalog caches, so the first results are not the ones that pay."""
+        held = [await self.results.acquire() for _ in range(RESULT_CONNECTIONS)]
+        try:
+            for conn in held:
+                await task_store.warm_results(conn)
+        finally:
+            for conn in held:
+                await self.results.release(conn)
 
     async def stop(self) -> None:
+        if self._results is not None:
+            await self._results.close()
         if self._claims is not None:
             await self._claims.close()
         if self._pool is not None:

@@ -1314,8 +1314,21 @@ _GIVEN_BACK = f"r.outcome IN ({OUTCOME_INTERRUPTED}, {OUTCOME_NOT_STARTED})"
 def _finish(name: str, *, dependents: bool) -> Query:
     """The result statement; without ``dependents``, for tasks without edges only."""
     # A task with an edge is left to the full statement (in this one's snapshot, as the
-    # release fragment itself would see the edges).
-    only = "" if dependents else "AND NOT EXISTS (SELECT FROM task_edges e WHERE e.after_id = t.id)"
+    # release fragment itself would see the edges). The edges of all the results' tasks
+    # are read once, as an array (ids and after_id are never NULL): a look-up per task,
+    # `NOT EXISTS (... WHERE e.after_id = t.id)`, was planned as a bitmap scan per row,
+    # 1-3 us of each result's CPU (docs/performance.md, issue 19, fifth round).
+    only = (
+        ""
+        if dependents
+        else "AND t.id <> ALL (ARRAY(SELECT e.after_id FROM task_edges e"
+        " WHERE e.after_id = ANY (:id::uuid[])))"
+    )
+    # The results' rows by the primary key, never by tasks_leased: ``t.state = RUNNING``
+    # matches that partial index's predicate, and with statistics taken while few tasks
+    # ran (they always are, on a queue table) the planner read every RUNNING task per
+    # flush and joined them to the results; ``+ 0`` keeps the test out of any index.
+    match = _LEASE_MATCH.replace(f"t.state = {RUNNING}", f"t.state + 0 = {RUNNING}")
     return Query(
         name,
         f"""
@@ -1343,7 +1356,7 @@ def _finish(name: str, *, dependents: bool) -> Query:
                 ELSE r.error END,
             worker_id = NULL, lease_expire_time = NULL, update_time = now()
         FROM r
-        WHERE {FENCE} AND {_LEASE_MATCH} {only}
+        WHERE {FENCE} AND {match} AND t.id = ANY (:id::uuid[]) {only}
         RETURNING {changed(from_state=RUNNING, worker_id="r.worker_id", outcome="r.outcome")},
             r.error, r.i
     ), closed AS (
@@ -1385,6 +1398,15 @@ async def finish_attempts_plain(
     reads the edges in its own snapshot too, so an edge a submit commits meanwhile is seen
     by neither (the DependencySweeper's race, ``store/dependencies.py``)."""
     return await _FINISH_PLAIN.fetch(conn, fence=fence, **_outcome_arrays(outcomes))
+
+
+async def warm_results(conn: asyncpg.Connection) -> None:
+    """Plans the result statements once on ``conn`` without running them (``EXPLAIN``,
+    no rows): asyncpg learns their types and the backend loads the catalog entries their
+    planning reads, the costs of a first run on a connection (``db.RESULT_CONNECTIONS``)."""
+    for query in (_FINISH_PLAIN, _FINISH):
+        values = {"fence": Fence("", 0), **_outcome_arrays(())}
+        await conn.fetch("EXPLAIN " + query.text, *query.args(values))
 
 
 _RECORD_REFUSED = Query(
@@ -1460,6 +1482,33 @@ TAKEN_OVER = Release(
 )
 
 
+def _nothing_due(name: str, due: str) -> Query:
+    """A sweep's look before its statement: true when no row matches ``due`` (a
+    condition on ``tasks`` that an index answers) and ``:epoch`` is still the cluster's.
+
+    A sweep runs every second or so on the leader, and most find nothing; its statement
+    carries the transition tail (the release of dependents, the webhook outbox) and was
+    planned anew at every run: 3-25 ms of PostgreSQL's CPU a sweep (docs/performance.md,
+    issue 19, fifth round), against a fraction of a millisecond for this. Nothing is
+    written when it says so, so nothing needs the fence then; when the epoch is no
+    longer the cluster's, the statement runs anyway and its fence refuses it, so a
+    deposed leader learns it at its next sweep as before."""
+    return Query(
+        name,
+        f"""
+        SELECT NOT EXISTS (SELECT FROM tasks WHERE {due})
+            AND EXISTS (SELECT FROM leadership WHERE cluster = :cluster AND epoch = :epoch)
+        """,
+    )
+
+
+async def _idle(conn: asyncpg.Connection, query: Query, fence: Fence) -> bool:
+    """Whether a sweep has nothing to do (see :func:`_nothing_due`)."""
+    return bool(await query.fetchval(conn, cluster=fence.cluster, epoch=fence.epoch))
+
+
+_NO_EXPIRED = _nothing_due("no_expired_leases", f"state = {RUNNING} AND lease_expire_time < now()")
+
 _REAP = Query(
     "reap_expired_leases",
     f"""
@@ -1478,6 +1527,8 @@ async def reap_expired(
 ) -> list[asyncpg.Record]:
     """Takes back leases that expired (counted: the task may have run); of the task
     ``only`` alone, when given."""
+    if only is None and await _idle(conn, _NO_EXPIRED, fence):
+        return []
     return await _REAP.fetch(conn, limit=limit, fence=fence, only=only, **EXPIRED._asdict())
 
 
@@ -1697,8 +1748,13 @@ _PROMOTE = Query(
 )
 
 
+_NONE_DUE = _nothing_due("none_due", f"state = {SCHEDULED} AND run_at <= now()")
+
+
 async def promote_due(conn: asyncpg.Connection, limit: int, fence: Fence) -> list[asyncpg.Record]:
     """Makes SCHEDULED tasks whose run_at has come PENDING; returns their transitions."""
+    if await _idle(conn, _NONE_DUE, fence):
+        return []
     return await _PROMOTE.fetch(conn, limit=limit, fence=fence)
 
 
@@ -1721,11 +1777,19 @@ _EXPIRE_DEADLINES = Query(
 )
 
 
+_NO_DEADLINE_PASSED = _nothing_due(
+    "no_deadline_passed",
+    f"deadline < now() AND deadline IS NOT NULL AND state IN ({PENDING}, {SCHEDULED})",
+)
+
+
 async def expire_deadlines(
     conn: asyncpg.Connection, limit: int, fence: Fence
 ) -> list[asyncpg.Record]:
     """Makes the waiting tasks (PENDING, SCHEDULED) whose deadline passed DEAD, earliest
     first; returns their transitions."""
+    if await _idle(conn, _NO_DEADLINE_PASSED, fence):
+        return []
     return await _EXPIRE_DEADLINES.fetch(conn, limit=limit, fence=fence)
 
 
