@@ -378,6 +378,9 @@ async def test_operator_drain(
         await worker.connect("to-drain", credits=10, types=("work",), queues=("dr",))
         held = await submit(stub, "work", queue="dr")
         (assignment,) = await worker.assignments(1)
+        # Renewed while the test goes on: expired (2 s leases on a loaded machine), it was
+        # assigned again to the other worker below, which then got two tasks.
+        worker.hold(assignment.lease)
         reply = await admin.DrainWorker(
             A.DrainWorkerRequest(worker_id="to-drain", reason="kernel upgrade")
         )

@@ -175,6 +175,7 @@ class RawWorker:
         self._outgoing: asyncio.Queue[worker_service_pb2.ConnectRequest | None] = asyncio.Queue()
         self._call: _ConnectCall | None = None
         self._pulse: asyncio.Task[None] | None = None
+        self._held: list[worker_service_pb2.Lease] = []
 
     @property
     def call(self) -> _ConnectCall:
@@ -208,7 +209,8 @@ class RawWorker:
 
         ``pulse`` sends an empty Heartbeat every TEST_HEARTBEAT, as a live worker would, so
         the coordinator does not evict it for silence; it renews no lease (send
-        heartbeats with leases to renew them). ``metadata`` goes with the call (an API key).
+        heartbeats with leases to renew them, or :meth:`hold` them). ``metadata`` goes
+        with the call (an API key).
         ``encryption_keys`` names the keys the worker opens (None: it does not say).
         ``resume_token`` is the one of an earlier Welcome: this Hello comes from the same
         worker process.
@@ -240,7 +242,12 @@ class RawWorker:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(TEST_HEARTBEAT)
-            await self.send(heartbeat=worker_service_pb2.Heartbeat())
+            await self.send(heartbeat=worker_service_pb2.Heartbeat(leases=self._held))
+
+    def hold(self, *leases: worker_service_pb2.Lease) -> None:
+        """Makes the pulse renew ``leases`` from now on, as a live worker running them
+        would: a test that holds one across slow steps (a loaded machine) keeps it."""
+        self._held.extend(leases)
 
     async def send(self, **message: Any) -> None:
         await self._outgoing.put(worker_service_pb2.ConnectRequest(**message))
