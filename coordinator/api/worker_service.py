@@ -389,10 +389,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         cfg = self._deps.config
         watch = _Watchdog(session, cfg.worker_liveness_timeout, cfg.heartbeat_interval)
         acks = _Acks(session)
+        # One write at a time on the call: the sender's, or an idle heartbeat's ack that
+        # the receive loop writes itself (see _receive_loop).
+        writes = asyncio.Lock()
         receiver = loop.create_task(
-            self._receive_loop(session, context, acks, watch), name="worker-recv"
+            self._receive_loop(session, context, acks, watch, writes), name="worker-recv"
         )
-        sender = loop.create_task(self._send_loop(session, context, watch), name="worker-send")
+        sender = loop.create_task(
+            self._send_loop(session, context, watch, writes), name="worker-send"
+        )
         loops = {receiver, sender}
         try:
             done, _ = await asyncio.wait(
@@ -410,17 +415,20 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         session.finish("the worker closed its stream")
                         await asyncio.shield(sender)
         finally:
-            # The sender stops after the message it is writing: gRPC cannot end a call
-            # (with a status) while a write is still on its way, and a write cannot be
-            # called back. Only a worker that reads nothing keeps it that long.
+            # The write in progress finishes first (the sender's, or an ack the receive
+            # loop writes): gRPC cannot end a call (with a status) while a write is still
+            # on its way, and a write cannot be called back. The sender stops after it,
+            # and once the session is closed the receive loop starts no other. Only a
+            # worker that reads nothing keeps a write that long.
             watch.stop()
             session.end("the stream ended")
-            receiver.cancel()
             if not session.write_stuck:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SENDER_STOP_TIMEOUT):
                         await asyncio.wait({sender})
-            if not sender.done():
+                        await writes.acquire()
+            receiver.cancel()
+            if not sender.done() or watch.writing:
                 session.write_stuck = True
             sender.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
@@ -433,6 +441,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         context: Context,
         acks: _Acks,
         watch: _Watchdog,
+        writes: asyncio.Lock,
     ) -> None:
         """Returns when the worker closes its side (its silence is the watchdog's)."""
         cfg = self._deps.config
@@ -457,7 +466,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
                 await acks.add(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
-                await self._heartbeat(session, message.heartbeat, acks)
+                if await self._heartbeat(session, message.heartbeat, acks):
+                    await _answer_idle(session, context, watch, writes)
             elif kind == "credit":
                 credits = message.credit.credits
                 if not 0 <= credits <= MAX_CREDIT or session.credit + credits > MAX_CREDIT:
@@ -495,29 +505,30 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         session: WorkerSession,
         heartbeat: worker_service_pb2.Heartbeat,
         acks: _Acks,
-    ) -> None:
+    ) -> bool:
+        """Takes a heartbeat in; True when it is to be answered now with an empty ack
+        (no leases, nothing before it still to answer), else its ack is queued."""
         self._health.heartbeat(session, heartbeat)
         wire_leases = heartbeat.leases
         if not wire_leases and acks.idle:
-            # An idle worker's heartbeat: nothing to commit and no earlier message still
-            # to answer, so its ack goes out now, in order (1,000 a second with 10,000
-            # idle workers). Refused once the session is closing: then nothing more is
-            # sent anyway.
-            session.push(_EMPTY_HEARTBEAT_ACK)
-            return
+            return True
         mapped, keys = leases.map_leases(session.tenant, session.worker_id, wire_leases)
         future = await _enqueue(self._leases.renewals, keys) if keys else None
         await acks.add(_PendingAcks(False, list(wire_leases), mapped, future))
+        return False
 
-    async def _send_loop(self, session: WorkerSession, context: Context, watch: _Watchdog) -> None:
+    async def _send_loop(
+        self, session: WorkerSession, context: Context, watch: _Watchdog, writes: asyncio.Lock
+    ) -> None:
         """Writes the outbox; returns when the session finished and its outbox is empty.
         A write that takes longer than the liveness timeout is the watchdog's."""
         loop = asyncio.get_running_loop()
         while (item := await session.next_message()) is not None:
             message, size = item
-            watch.writing = loop.time()
-            await context.write(message)
-            watch.writing = 0.0
+            async with writes:
+                watch.writing = loop.time()
+                await context.write(message)
+                watch.writing = 0.0
             session.sent(size)
             if session.throttled and session.outbox_room > 0:
                 session.throttled = False
@@ -575,6 +586,25 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
         )
         session.finish("this coordinator no longer leads")
+
+
+async def _answer_idle(
+    session: WorkerSession, context: Context, watch: _Watchdog, writes: asyncio.Lock
+) -> None:
+    """Answers an idle worker's heartbeat (nothing to commit, no earlier message still to
+    answer; 1,000 a second with 10,000 idle workers). With nothing queued to send either,
+    the ack is written here, in order: the send loop stays asleep (else a wake-up, and its
+    waiting objects made anew, per heartbeat: issue 19). Refused once the session is
+    closing: then nothing more is sent anyway."""
+    if not session.outbox_empty:
+        session.push(_EMPTY_HEARTBEAT_ACK)
+        return
+    async with writes:
+        if session.closed:
+            return
+        watch.writing = asyncio.get_running_loop().time()
+        await context.write(_EMPTY_HEARTBEAT_ACK)
+        watch.writing = 0.0
 
 
 def _keys_text(keys: frozenset[str] | None) -> str:
