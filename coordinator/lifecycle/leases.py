@@ -382,6 +382,10 @@ class Dispatcher(Service):
         self._generation = 0
         self._drained: set[object] = set()
         self._drained_at = -1
+        # The same of the round before, for offers made while a round runs: until its
+        # claim for a kind comes back, the kind is not in ``_drained`` yet.
+        self._before: set[object] = set()
+        self._before_at = -1
         self._samples = 0
         deps.after_commit.listen(self._on_transitions)
         # A concurrency slot frees on every transition out of RUNNING (the seam).
@@ -421,7 +425,14 @@ class Dispatcher(Service):
         result's credit ran a round over every session (42 % of the coordinator's CPU at
         3,000 streams and 50 tasks/s).
         """
-        if self._drained_at == self._generation and session.kind in self._drained:
+        kind, generation = session.kind, self._generation
+        if (self._drained_at == generation and kind in self._drained) or (
+            # A round is running (a credit arrived during its claim): the round before
+            # found the kind drained, and nothing woke the dispatcher since either. Else
+            # each poll's round, taking one claim's time, met a credit now and then at
+            # 50 tasks/s, and that woke a round over every session (issue 19).
+            self._before_at == generation and kind in self._before
+        ):
             session.starving = True
             return
         self.wake()
@@ -449,6 +460,7 @@ class Dispatcher(Service):
         more = False
         limits = self.policy.limits
         stopped: asyncio.CancelledError | None = None
+        self._before, self._before_at = self._drained, self._drained_at
         self._drained, self._drained_at = drained, self._generation
         async with self.deps.db.autocommit() as conn, self.deps.db.claims() as claim_conn:
             if self.policy.stale():

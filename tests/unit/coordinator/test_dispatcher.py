@@ -372,3 +372,59 @@ async def test_a_poll_round_looks_at_one_session_of_a_large_drained_kind(deps: D
     await dispatcher.step()
     assert policy.seen[-1] == SAMPLED_KIND_SESSIONS + 1
     assert sum((await _running(deps)).values()) == 10
+
+
+class HeldClaims(DispatchPolicy):
+    """Each claim waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.claiming = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def claim(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
+    ) -> Any:
+        self.claiming.set()
+        await self.go.wait()
+        return await super().claim(conn, claim, fence, plain=plain)
+
+
+async def test_credit_during_a_round_of_a_kind_drained_before_runs_no_round(deps: Deps) -> None:
+    # Issue 19: while a round's claim for a kind runs, the kind is not drained in this
+    # round yet; a credit then (50 a second under probe load) woke a round over every
+    # session. The round before found it drained and nothing woke since: no round.
+    first, second = _session("w1", 1), _session("w2", 0)
+    for session in (first, second):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = HeldClaims()
+    policy.go.set()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await dispatcher.step()  # nothing ready: the kind is drained
+    policy.go.clear()
+    policy.claiming.clear()
+    round_ = asyncio.create_task(dispatcher.step())
+    await policy.claiming.wait()
+    dispatcher._wakeup.clear()
+    second.credit = 1
+    dispatcher.offer(second)
+    assert not dispatcher._wakeup.is_set() and second.starving
+    policy.go.set()
+    await round_
+    # A wake since (work may be ready): an offer runs a round again, even mid-round.
+    dispatcher.wake()
+    policy.go.clear()
+    policy.claiming.clear()
+    round_ = asyncio.create_task(dispatcher.step())
+    await policy.claiming.wait()
+    dispatcher._wakeup.clear()
+    dispatcher.offer(second)
+    assert dispatcher._wakeup.is_set()
+    policy.go.set()
+    await round_
