@@ -14,7 +14,10 @@ every assignment), all told to start their Hellos at the same moment. Figures:
 - coordinator_cpu_idle_pct: % of one core the coordinator spends with the streams
   connected and heartbeating, nothing to dispatch, over ``idle_seconds``;
 - pickup_p50/p99_ms at ``rate`` probe tasks/s for ``seconds``: from the client's send
-  time (in the payload) to a simulated worker reading its assignment;
+  time (in the payload) to a simulated worker reading its assignment; split at the start
+  of the submit's flush (its ``create_time``): pickup_to_flush (the call, the wait for a
+  flush) and pickup_after_flush (the commit, the hand-off, the write, the worker's read;
+  each percentile of its own, so the two need not add up);
   coordinator_cpu_load_pct: % of one core meanwhile.
 """
 
@@ -217,10 +220,18 @@ async def _measure(
     await asyncio.gather(*(one(i) for i in range(tasks)))
     load_pct = _cpu_pct(coordinator, before, wall)
     await _wait_done(db, TASK_TYPE, tasks, within=60.0)
+    # The payload is the send time, the result the pickup latency, create_time the start
+    # of the submit's flush (the coordinator's clock: one machine).
     rows = await db.fetch(
-        "SELECT result FROM tasks WHERE type = $1 AND queue = $2 AND state = 4", TASK_TYPE, QUEUE
+        "SELECT payload, result, extract(epoch FROM create_time)::float8 AS flushed"
+        " FROM tasks WHERE type = $1 AND queue = $2 AND state = 4",
+        TASK_TYPE,
+        QUEUE,
     )
-    latencies = [float(r["result"]) for r in rows if r["result"]]
+    rows = [r for r in rows if r["result"]]
+    latencies = [float(r["result"]) for r in rows]
+    to_flush = [(r["flushed"] - float(r["payload"])) * 1000.0 for r in rows]
+    after_flush = [late - early for late, early in zip(latencies, to_flush, strict=True)]
     return {
         "streams": cfg.streams,
         "processes": count,
@@ -240,7 +251,19 @@ async def _measure(
         "pickup_samples": len(latencies),
         "pickup_p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "pickup_p99_ms": round(_percentile(latencies, 99), 2) if latencies else None,
+        "pickup_to_flush_p50_ms": _median(to_flush),
+        "pickup_to_flush_p99_ms": _p99(to_flush),
+        "pickup_after_flush_p50_ms": _median(after_flush),
+        "pickup_after_flush_p99_ms": _p99(after_flush),
     }
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def _p99(values: list[float]) -> float | None:
+    return round(_percentile(values, 99), 2) if values else None
 
 
 def _report(cfg: StreamsConfig, f: dict[str, Any]) -> None:
@@ -256,6 +279,9 @@ stream(s) per connection; errors {f["connect_errors"] or "none"})
 {f["bench_cpu_per_connect_ms"]} ms (during the connect phase, per stream connected)
   pickup latency        p50 {f["pickup_p50_ms"]} ms   p99 {f["pickup_p99_ms"]} ms   \
 ({f["pickup_samples"]} tasks at {cfg.rate:g}/s)
+    of which            to the submit's flush p50 {f["pickup_to_flush_p50_ms"]} ms   p99 \
+{f["pickup_to_flush_p99_ms"]} ms; from its flush to the worker p50 \
+{f["pickup_after_flush_p50_ms"]} ms   p99 {f["pickup_after_flush_p99_ms"]} ms
   coordinator CPU       {f["coordinator_cpu_idle_pct"]} % of a core idle, \
 {f["coordinator_cpu_load_pct"]} % under the probe load
   coordinator RSS       {f["coordinator_rss_mb"]} MiB ({f["coordinator_rss_before_mb"]} before \

@@ -76,19 +76,32 @@ from conveyor.transport._tls import ServerTLS
 
 _log = logging.getLogger("conveyor.coordinator")
 
-FULL_COLLECTION_THRESHOLD = 1_000
+FULL_COLLECTION_THRESHOLD = 10_000
 """Young collections (of generation 1) between two full ones, at least (Python: 10).
 
-Each worker stream keeps about 165 objects tracked by the garbage collector (its tasks,
-coroutines and futures, grpc.aio's call state): 1.6 million with 10,000 streams, which
+Each worker stream keeps about 150 objects tracked by the garbage collector (its tasks,
+coroutines and futures, grpc.aio's call state): 1.5 million with 10,000 streams, which
 a full collection walks in 1-2 s on the 2-core VM, with the event loop stopped. Every
 message of a stream replaces a few dozen objects that live until the next one
 (heartbeats: 10 s), so they outlive the young generations and count towards the next
 full collection: with Python's thresholds one ran every 3-10 s, and every pickup that
 met one waited for it (pickup p99 1.6-4.6 s at 10,000 streams, issue 19). Cyclic garbage
-here is scarce (under 100 objects found per full collection), so collecting it 100 times
-less often costs little memory; full collections still run (Python also waits until a
-quarter of the old generation is new)."""
+here is scarce (under 100 objects found per full collection), so collecting it rarely
+costs little memory; full collections still run (Python also waits until a quarter of
+the old generation is new). With the young collections on a clock
+(:data:`YOUNG_COLLECTION_INTERVAL`, four a second), this is at least 40 minutes apart."""
+
+YOUNG_COLLECTION_INTERVAL = 0.25
+"""Seconds between two collections of the young generations, besides Python's own.
+
+Python starts a young collection when allocations less deallocations pass 700, and the
+deallocations of old objects count too: with 10,000 idle streams, each heartbeat's
+objects replacing the last one's, that difference hardly grows, so the young
+generations filled with 20,000-60,000 objects before a collection, which then stopped
+the event loop for 30-90 ms (issue 19, gc callbacks timing each one; pickups met them).
+Collected on a clock, they hold a quarter of a second's survivors: about 2,500 objects,
+a millisecond or two. Each object is still walked once before it is old, so the CPU is
+the same; only the pauses are shorter."""
 
 
 def tune_garbage_collector() -> None:
@@ -96,6 +109,14 @@ def tune_garbage_collector() -> None:
     coordinator's process only, after its start-up heap is frozen."""
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
+
+
+async def collect_young(interval: float = YOUNG_COLLECTION_INTERVAL) -> None:
+    """Collects the young generations every ``interval`` seconds until cancelled (see
+    :data:`YOUNG_COLLECTION_INTERVAL`)."""
+    while True:
+        await asyncio.sleep(interval)
+        gc.collect(1)
 
 
 def new_node_id() -> str:
@@ -412,6 +433,7 @@ async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None
     coordinator = Coordinator(config, node_id=node_id, tracing=tracing)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    young: asyncio.Task[None] | None = None
     # Before starting: the port serves (and health says so) while the rest still starts,
     # and a SIGTERM then must stop the coordinator gracefully, not kill it.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -421,10 +443,13 @@ async def serve(config: CoordinatorConfig, *, ready: asyncio.Event | None = None
         # Everything made so far lives as long as the process: full collections skip it.
         freeze_startup_heap()
         tune_garbage_collector()
+        young = loop.create_task(collect_young(), name="collect-young")
         if ready is not None:
             ready.set()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if young is not None:
+            young.cancel()
         await coordinator.stop()

@@ -31,6 +31,7 @@ in its outbox go back at once, not counted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -93,14 +94,155 @@ class _PendingAcks:
     wire: Sequence[worker_service_pb2.TaskResult] = ()
 
 
-class _AckQueue(asyncio.Queue[_PendingAcks | None]):
-    """A stream's Results and Heartbeat messages waiting for their commit, in order (None:
-    the worker closed its side)."""
+class _Acks:
+    """A stream's Results and Heartbeat messages waiting for their commit, answered in
+    order, each as soon as its commit and those before it ended.
 
-    def __init__(self) -> None:
-        super().__init__(ACK_QUEUE_SIZE)
-        self.answering = False
-        """The ack loop took a message and has not answered it yet."""
+    No task of its own: the commits' done-callbacks answer (a task and its coroutine per
+    stream were a tenth of a stream's objects, issue 19). At most ACK_QUEUE_SIZE wait; a
+    full queue stops the receive loop (:meth:`add` waits), which is the backpressure the
+    worker feels. A failed commit sets :attr:`failed`, which ends the stream: the worker
+    reconnects (perhaps to another coordinator) and resends what was not acknowledged.
+    """
+
+    __slots__ = ("_pending", "_session", "_waiter", "failed")
+
+    def __init__(self, session: WorkerSession) -> None:
+        self._session = session
+        self._pending: collections.deque[_PendingAcks] = collections.deque()
+        # The receive loop waiting for room, or the close waiting for every answer.
+        self._waiter: asyncio.Future[None] | None = None
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits to be answered (an ack pushed now goes out in order)."""
+        return not self._pending
+
+    async def add(self, pending: _PendingAcks) -> None:
+        """Queues a message's answer, waiting while ACK_QUEUE_SIZE wait already."""
+        while len(self._pending) >= ACK_QUEUE_SIZE:
+            await self._wait()
+        self._pending.append(pending)
+        if pending.future is None or pending.future.done():
+            self._answer()
+        else:
+            pending.future.add_done_callback(self._committed)
+
+    async def settled(self) -> None:
+        """Returns once every queued message is answered (or the answers stopped)."""
+        while self._pending and not self.failed.done():
+            await self._wait()
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+    def _committed(self, _: object) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            future = head.future
+            if future is not None and not future.done():
+                break
+            pending.popleft()
+            if future is not None and (future.cancelled() or future.exception() is not None):
+                pending.clear()
+                if not self.failed.done():
+                    if future.cancelled():
+                        self.failed.cancel()
+                    else:
+                        self.failed.set_exception(future.exception())  # type: ignore[arg-type]
+                break
+            stored = future.result() if future is not None else []
+            if not self._session.push(_ack_message(head, stored)):
+                pending.clear()  # the session is closing: nothing more is sent
+                break
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _ack_message(pending: _PendingAcks, stored: list[bool]) -> worker_service_pb2.ConnectResponse:
+    mapped = pending.mapped
+    if pending.sequence:
+        message = worker_service_pb2.ConnectResponse()
+        result_acks = message.result_acks
+        result_acks.sequence = pending.sequence
+        if len(mapped.stored) != mapped.size or not all(stored):
+            # Some were refused (malformed, unknown outcome, stale lease): only those are
+            # named; every other result of the message was accepted.
+            add = result_acks.acks.add
+            for index, (ok, reason) in enumerate(mapped.answers(stored)):
+                if not ok:
+                    add(lease=pending.wire[index].lease, accepted=False, reason=reason)
+        return message
+    answers = mapped.answers(stored)
+    if pending.results:
+        message = worker_service_pb2.ConnectResponse()
+        add = message.result_acks.acks.add
+        for lease, (ok, reason) in zip(pending.leases, answers, strict=True):
+            add(lease=lease, accepted=ok, reason=reason)
+        return message
+    return worker_service_pb2.ConnectResponse(
+        heartbeat_ack=worker_service_pb2.HeartbeatAck(
+            lost=[lease for lease, (ok, _) in zip(pending.leases, answers, strict=True) if not ok]
+        )
+    )
+
+
+class _Watchdog:
+    """A stream's two deadlines on one timer: a message from the worker at least every
+    ``liveness`` seconds, and no write to it taking longer.
+
+    Re-armed only when it fires (at most once per deadline, about every heartbeat
+    interval), not per message: a timeout around every read and every write was two
+    timers made and cancelled per heartbeat, 2,000 a second with 10,000 idle workers.
+    """
+
+    __slots__ = ("_interval", "_liveness", "_loop", "_session", "_timer", "heard", "writing")
+
+    def __init__(self, session: WorkerSession, liveness: float, interval: float) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self.heard = loop.time()
+        """When the worker's last message arrived (the loop's clock)."""
+        self.writing = 0.0
+        """When the write in progress started; 0 while none is."""
+        self._session = session
+        self._liveness = liveness
+        self._interval = interval
+        self._timer = loop.call_at(self.heard + liveness, self._check)
+
+    def _check(self) -> None:
+        session, liveness = self._session, self._liveness
+        if session.closed and session.ended.done():
+            return
+        # A timer may fire a little early (the loop's clock resolution).
+        now = self._loop.time() + 0.001
+        writing = self.writing
+        if writing and now - writing >= liveness:
+            session.write_stuck = True
+            session.end(
+                f"stopped reading its stream (a message waited {liveness:g}s)",
+                evict="not_reading",
+            )
+            return
+        if now - self.heard >= liveness:
+            session.end(
+                f"no message for {liveness:g}s (heartbeats are due every {self._interval:g}s)",
+                evict="silent",
+            )
+            return
+        due = self.heard + liveness
+        if writing:
+            due = min(due, writing + liveness)
+        self._timer = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 # What an idle worker's heartbeat is answered with (one message for every stream: it is
@@ -264,61 +406,70 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
     async def _converse(self, session: WorkerSession, context: Context) -> None:
         loop = asyncio.get_running_loop()
-        acks = _AckQueue()
-        receiver = loop.create_task(self._receive_loop(session, context, acks), name="worker-recv")
-        sender = loop.create_task(self._send_loop(session, context), name="worker-send")
-        acker = loop.create_task(self._ack_loop(session, acks), name="worker-ack")
-        loops = {receiver, sender, acker}
+        cfg = self._deps.config
+        watch = _Watchdog(session, cfg.worker_liveness_timeout, cfg.heartbeat_interval)
+        acks = _Acks(session)
+        # One write at a time on the call: the sender's, or an idle heartbeat's ack that
+        # the receive loop writes itself (see _receive_loop).
+        writes = asyncio.Lock()
+        receiver = loop.create_task(
+            self._receive_loop(session, context, acks, watch, writes), name="worker-recv"
+        )
+        sender = loop.create_task(
+            self._send_loop(session, context, watch, writes), name="worker-send"
+        )
+        loops = {receiver, sender}
         try:
             done, _ = await asyncio.wait(
-                {*loops, session.ended}, return_when=asyncio.FIRST_COMPLETED
+                {*loops, acks.failed, session.ended}, return_when=asyncio.FIRST_COMPLETED
             )
-            for task in done & loops:
-                task.result()  # raises what broke the stream
-            if receiver in done:
+            for future in done - {session.ended}:
+                future.result()  # raises what broke the stream
+            if receiver in done and not session.ended.done():
                 # The worker closed its side: answer what it sent before letting go.
-                await acks.put(None)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
-                        await asyncio.shield(acker)
+                        await acks.settled()
+                        if acks.failed.done():
+                            acks.failed.result()  # a failed commit: the stream ends with it
                         session.finish("the worker closed its stream")
                         await asyncio.shield(sender)
         finally:
-            # The sender stops after the message it is writing: gRPC cannot end a call
-            # (with a status) while a write is still on its way, and a write cannot be
-            # called back. Only a worker that reads nothing keeps it that long.
+            # The write in progress finishes first (the sender's, or an ack the receive
+            # loop writes): gRPC cannot end a call (with a status) while a write is still
+            # on its way, and a write cannot be called back. The sender stops after it,
+            # and once the session is closed the receive loop starts no other. Only a
+            # worker that reads nothing keeps a write that long.
+            watch.stop()
             session.end("the stream ended")
+            if not session.write_stuck:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SENDER_STOP_TIMEOUT):
+                        await asyncio.wait({sender})
+                        await writes.acquire()
             receiver.cancel()
-            acker.cancel()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SENDER_STOP_TIMEOUT):
-                    await asyncio.wait({sender})
-            if not sender.done():
+            if not sender.done() or watch.writing:
                 session.write_stuck = True
             sender.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            if not acks.failed.done():
+                acks.failed.cancel()
 
     async def _receive_loop(
         self,
         session: WorkerSession,
         context: Context,
-        acks: _AckQueue,
+        acks: _Acks,
+        watch: _Watchdog,
+        writes: asyncio.Lock,
     ) -> None:
-        """Returns when the worker closes its side; ends the session when it falls silent."""
+        """Returns when the worker closes its side (its silence is the watchdog's)."""
         cfg = self._deps.config
-        liveness = cfg.worker_liveness_timeout
         tenant, worker_id = session.tenant, session.worker_id
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                async with asyncio.timeout(liveness):
-                    message = await context.read()
-            except TimeoutError:
-                session.end(
-                    f"no message for {liveness:g}s (heartbeats are due every "
-                    f"{cfg.heartbeat_interval:g}s)",
-                    evict="silent",
-                )
-                return
+            message = await context.read()
+            watch.heard = loop.time()
             if isinstance(message, Undecodable):
                 raise ProtocolViolation(f"a message cannot be decoded: {message.problem}")
             if not isinstance(message, worker_service_pb2.ConnectRequest):  # grpc.aio.EOF
@@ -336,16 +487,18 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 )
                 if mapped.missing_keys:
                     _lacks(session, mapped.missing_keys)
+                    self._deps.sessions.rekeyed()
                 future = await _enqueue(self._recorder.results, outcomes) if outcomes else None
                 sequence = results_message.sequence
                 if sequence:
                     # Answered as a whole (Welcome.result_acks_by_sequence): no lease
-                    # read per result here, no ResultAck built per result in the ack loop.
-                    await acks.put(_PendingAcks(True, (), mapped, future, sequence, wire))
+                    # read per result here, no ResultAck built per result at the answer.
+                    await acks.add(_PendingAcks(True, (), mapped, future, sequence, wire))
                 else:
-                    await acks.put(_PendingAcks(True, [r.lease for r in wire], mapped, future))
+                    await acks.add(_PendingAcks(True, [r.lease for r in wire], mapped, future))
             elif kind == "heartbeat":
-                await self._heartbeat(session, message.heartbeat, acks)
+                if await self._heartbeat(session, message.heartbeat, acks):
+                    await _answer_idle(session, context, watch, writes)
             elif kind == "credit":
                 self._grant(session, message.credit.credits, "Credit.credits")
             elif kind == "drain":
@@ -363,6 +516,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                         violations,
                     )
                 session.encryption_keys = held
+                self._deps.sessions.rekeyed()
                 _log.info("worker %s now holds encryption keys %s", worker_id, _keys_text(held))
                 if session.wants_work:
                     self._dispatcher.wake()  # tasks of a new key may be waiting
@@ -384,80 +538,31 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         self,
         session: WorkerSession,
         heartbeat: worker_service_pb2.Heartbeat,
-        acks: _AckQueue,
-    ) -> None:
+        acks: _Acks,
+    ) -> bool:
+        """Takes a heartbeat in; True when it is to be answered now with an empty ack
+        (no leases, nothing before it still to answer), else its ack is queued."""
         self._health.heartbeat(session, heartbeat)
         wire_leases = heartbeat.leases
-        if not wire_leases and acks.empty() and not acks.answering:
-            # An idle worker's heartbeat: nothing to commit and no earlier message still
-            # to answer, so its ack goes out now, in order, without a turn through the ack
-            # loop (1,000 a second with 10,000 idle workers). Refused once the session is
-            # closing: then nothing more is sent anyway.
-            session.push(_EMPTY_HEARTBEAT_ACK)
-            return
+        if not wire_leases and acks.idle:
+            return True
         mapped, keys = leases.map_leases(session.tenant, session.worker_id, wire_leases)
         future = await _enqueue(self._leases.renewals, keys) if keys else None
-        await acks.put(_PendingAcks(False, list(wire_leases), mapped, future))
+        await acks.add(_PendingAcks(False, list(wire_leases), mapped, future))
+        return False
 
-    async def _ack_loop(self, session: WorkerSession, acks: _AckQueue) -> None:
-        while True:
-            acks.answering = False
-            pending = await acks.get()
-            if pending is None:
-                return
-            acks.answering = True
-            # A failed commit raises here and ends the stream: the worker reconnects
-            # (perhaps to another coordinator) and resends what was not acknowledged.
-            stored = await pending.future if pending.future is not None else []
-            if pending.sequence:
-                message = worker_service_pb2.ConnectResponse()
-                result_acks = message.result_acks
-                result_acks.sequence = pending.sequence
-                mapped = pending.mapped
-                if len(mapped.stored) != mapped.size or not all(stored):
-                    # Some were refused (malformed, unknown outcome, stale lease): only
-                    # those are named; every other result of the message was accepted.
-                    add = result_acks.acks.add
-                    for index, (ok, reason) in enumerate(mapped.answers(stored)):
-                        if not ok:
-                            add(lease=pending.wire[index].lease, accepted=False, reason=reason)
-                if not session.push(message):
-                    return
-                continue
-            answers = pending.mapped.answers(stored)
-            if pending.results:
-                message = worker_service_pb2.ConnectResponse()
-                add = message.result_acks.acks.add
-                for lease, (ok, reason) in zip(pending.leases, answers, strict=True):
-                    add(lease=lease, accepted=ok, reason=reason)
-            else:
-                message = worker_service_pb2.ConnectResponse(
-                    heartbeat_ack=worker_service_pb2.HeartbeatAck(
-                        lost=[
-                            lease
-                            for lease, (ok, _) in zip(pending.leases, answers, strict=True)
-                            if not ok
-                        ]
-                    )
-                )
-            if not session.push(message):
-                return
-
-    async def _send_loop(self, session: WorkerSession, context: Context) -> None:
-        """Writes the outbox; returns when the session finished and its outbox is empty."""
-        liveness = self._deps.config.worker_liveness_timeout
+    async def _send_loop(
+        self, session: WorkerSession, context: Context, watch: _Watchdog, writes: asyncio.Lock
+    ) -> None:
+        """Writes the outbox; returns when the session finished and its outbox is empty.
+        A write that takes longer than the liveness timeout is the watchdog's."""
+        loop = asyncio.get_running_loop()
         while (item := await session.next_message()) is not None:
             message, size = item
-            try:
-                async with asyncio.timeout(liveness):
-                    await context.write(message)
-            except TimeoutError:
-                session.write_stuck = True
-                session.end(
-                    f"stopped reading its stream (a message waited {liveness:g}s)",
-                    evict="not_reading",
-                )
-                return
+            async with writes:
+                watch.writing = loop.time()
+                await context.write(message)
+                watch.writing = 0.0
             session.sent(size)
             if session.throttled and session.outbox_room > 0:
                 session.throttled = False
@@ -515,6 +620,25 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
         )
         session.finish("this coordinator no longer leads")
+
+
+async def _answer_idle(
+    session: WorkerSession, context: Context, watch: _Watchdog, writes: asyncio.Lock
+) -> None:
+    """Answers an idle worker's heartbeat (nothing to commit, no earlier message still to
+    answer; 1,000 a second with 10,000 idle workers). With nothing queued to send either,
+    the ack is written here, in order: the send loop stays asleep (else a wake-up, and its
+    waiting objects made anew, per heartbeat: issue 19). Refused once the session is
+    closing: then nothing more is sent anyway."""
+    if not session.outbox_empty:
+        session.push(_EMPTY_HEARTBEAT_ACK)
+        return
+    async with writes:
+        if session.closed:
+            return
+        watch.writing = asyncio.get_running_loop().time()
+        await context.write(_EMPTY_HEARTBEAT_ACK)
+        watch.writing = 0.0
 
 
 def _keys_text(keys: frozenset[str] | None) -> str:

@@ -26,7 +26,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, ValuesView
 from dataclasses import dataclass, field
 
 from conveyor.coordinator.api.validation import RESUME_TOKEN_BYTES
@@ -296,6 +296,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._by_session: dict[str, WorkerSession] = {}
         self._by_worker: dict[tuple[str, str], WorkerSession] = {}
+        self._kinds: dict[object, list[WorkerSession]] | None = None
         self.evictions: collections.deque[Eviction] = collections.deque(maxlen=RECENT_EVICTIONS)
 
     def holder(self, tenant: str, worker_id: str) -> WorkerSession | None:
@@ -311,18 +312,43 @@ class SessionRegistry:
         """Makes the session visible to dispatch and status."""
         if not session.closed:
             self._by_session[session.session_id] = session
+            self._kinds = None
 
     def retire(self, session: WorkerSession) -> None:
         """Hides an ended session from dispatch and status; it keeps its worker id until
         :meth:`remove` (its leases are not settled yet)."""
         session.closed = True
-        self._by_session.pop(session.session_id, None)
+        if self._by_session.pop(session.session_id, None) is not None:
+            self._kinds = None
 
     def remove(self, session: WorkerSession) -> None:
         """Frees the session's worker id (unless a newer session holds it already)."""
         self.retire(session)
         if self._by_worker.get((session.tenant, session.worker_id)) is session:
             del self._by_worker[session.tenant, session.worker_id]
+
+    def rekeyed(self) -> None:
+        """A live session's encryption keys changed (its :attr:`WorkerSession.kind`)."""
+        self._kinds = None
+
+    def by_kind(self) -> dict[object, list[WorkerSession]]:
+        """The live sessions grouped by :attr:`WorkerSession.kind`, each group in the
+        order they connected. Made again only after a session came, went or changed its
+        keys, so a dispatch round with nothing new costs one look per kind, not per
+        session. The caller must not change it."""
+        kinds = self._kinds
+        if kinds is None:
+            kinds = {}
+            for session in self._by_session.values():
+                kinds.setdefault(session.kind, []).append(session)
+            self._kinds = kinds
+        return kinds
+
+    def live(self) -> ValuesView[WorkerSession]:
+        """The live sessions without a copy: for a caller that does not await while it
+        walks them (iterating the registry copies it, 10,000 entries with as many
+        workers)."""
+        return self._by_session.values()
 
     def by_worker(self, tenant: str, worker_id: str) -> WorkerSession | None:
         """The live session of the tenant's ``worker_id``."""

@@ -346,6 +346,15 @@ def _drained_skipper(drained: set[object]) -> Callable[[WorkerSession], bool]:
     return skip
 
 
+SAMPLED_KIND_SESSIONS = 64
+"""A kind of session with this many sessions or more, found drained by the last round
+with no wake since, is looked at through one of its sessions in the next round (the
+poll's), not all: a round over 10,000 idle sessions of one kind took 10-20 ms of the
+event loop every second to skip all but one (issue 19), and every pickup meanwhile
+waited. The one sampled rotates, so a session that cannot take work now is not picked
+each time. Smaller kinds are looked at whole, as before."""
+
+
 HAND_OFF_MAX = 64
 """Flushes of at most this many tasks may be handed straight to waiting workers.
 
@@ -373,6 +382,11 @@ class Dispatcher(Service):
         self._generation = 0
         self._drained: set[object] = set()
         self._drained_at = -1
+        # The same of the round before, for offers made while a round runs: until its
+        # claim for a kind comes back, the kind is not in ``_drained`` yet.
+        self._before: set[object] = set()
+        self._before_at = -1
+        self._samples = 0
         deps.after_commit.listen(self._on_transitions)
         # A concurrency slot frees on every transition out of RUNNING (the seam).
         policy.keys.wake = self.wake
@@ -411,7 +425,14 @@ class Dispatcher(Service):
         result's credit ran a round over every session (42 % of the coordinator's CPU at
         3,000 streams and 50 tasks/s).
         """
-        if self._drained_at == self._generation and session.kind in self._drained:
+        kind, generation = session.kind, self._generation
+        if (self._drained_at == generation and kind in self._drained) or (
+            # A round is running (a credit arrived during its claim): the round before
+            # found the kind drained, and nothing woke the dispatcher since either. Else
+            # each poll's round, taking one claim's time, met a credit now and then at
+            # 50 tasks/s, and that woke a round over every session (issue 19).
+            self._before_at == generation and kind in self._before
+        ):
             session.starving = True
             return
         self.wake()
@@ -430,7 +451,7 @@ class Dispatcher(Service):
         if not self.policy.pauses.current:
             await self.policy.pauses.load(self.deps.db)
         drained: set[object] = set()
-        claims = self.policy.plan_lazily(self.deps.sessions, _drained_skipper(drained))
+        claims = self.policy.plan_lazily(self._round_sessions(), _drained_skipper(drained))
         first = next(claims, None)
         if first is None:
             return self.deps.config.poll_interval
@@ -439,6 +460,7 @@ class Dispatcher(Service):
         more = False
         limits = self.policy.limits
         stopped: asyncio.CancelledError | None = None
+        self._before, self._before_at = self._drained, self._drained_at
         self._drained, self._drained_at = drained, self._generation
         async with self.deps.db.autocommit() as conn, self.deps.db.claims() as claim_conn:
             if self.policy.stale():
@@ -493,6 +515,36 @@ class Dispatcher(Service):
         poll = self.deps.config.poll_interval
         return poll if refill is None else min(poll, refill)
 
+    def _round_sessions(self) -> Iterable[WorkerSession]:
+        """The sessions a round looks at: every one, but when nothing woke the dispatcher
+        since the last round found kinds of session drained (a round of the slow poll,
+        the safety net), only one of each such kind, taking turns (see
+        :data:`SAMPLED_KIND_SESSIONS`). A claim for it that fills up means work became
+        ready without a wake: the round then ends with more to do, and the next one
+        (right after) looks at every session of the kind again, since that kind is no
+        longer drained."""
+        registry = self.deps.sessions
+        drained = self._drained
+        if self._drained_at != self._generation or not drained:
+            return registry
+        kinds = registry.by_kind()
+        if not any(len(kinds.get(kind, ())) >= SAMPLED_KIND_SESSIONS for kind in drained):
+            return registry
+        self._samples += 1
+        chosen: list[WorkerSession] = []
+        for kind, group in kinds.items():
+            if kind not in drained or len(group) < SAMPLED_KIND_SESSIONS:
+                chosen.extend(group)
+                continue
+            count = len(group)
+            start = self._samples % count
+            for i in range(count):
+                session = group[(start + i) % count]
+                if session.wants_work:
+                    chosen.append(session)
+                    break
+        return chosen
+
     async def _set_aside_unusable(
         self, conn: asyncpg.Connection, session: WorkerSession, rows: list[asyncpg.Record]
     ) -> list[asyncpg.Record]:
@@ -534,7 +586,7 @@ class Dispatcher(Service):
         if not self.policy.may_hand_off(rows):
             return []
         sessions: list[WorkerSession] = []
-        live = list(self.deps.sessions)
+        live = self.deps.sessions.live()  # not copied: nothing below awaits
         for row in rows:
             task = row.task
             session = self.policy.pick_idle(

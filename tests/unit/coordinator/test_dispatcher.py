@@ -5,6 +5,7 @@ claimed tasks that could not be sent going back without using an attempt."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from conveyor.coordinator.deps import Deps
 from conveyor.coordinator.dispatch.policy import MAX_CLAIM_BYTES, Claim, DispatchPolicy
 from conveyor.coordinator.dispatch.sessions import WorkerSession
 from conveyor.coordinator.ids import uuid7
-from conveyor.coordinator.lifecycle.leases import Dispatcher, Leases
+from conveyor.coordinator.lifecycle.leases import SAMPLED_KIND_SESSIONS, Dispatcher, Leases
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.sql import Fence
 from conveyor.v1 import task_service_pb2
@@ -317,3 +318,113 @@ async def test_a_round_claims_once_for_a_kind_it_finds_drained_and_marks_the_res
     assert sum(_queued(s) for s in idle) == 1 and _queued(elsewhere) == 1
     # Credit is spent only where tasks went.
     assert sorted(s.credit for s in idle) == [1] + [2] * 49
+
+
+class SeenSessions(CountingClaims):
+    """Also records how many sessions each round's plan was given to look at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def plan_lazily(
+        self,
+        sessions: Iterable[WorkerSession],
+        skip: Callable[[WorkerSession], bool] | None = None,
+    ) -> Iterator[Claim]:
+        given = list(sessions)
+        self.seen.append(len(given))
+        return super().plan_lazily(given, skip)
+
+
+async def test_a_poll_round_looks_at_one_session_of_a_large_drained_kind(deps: Deps) -> None:
+    """Issue 19: with nothing woken since a round found a kind drained, the slow poll's
+    round (the safety net) looks at one of its sessions, not at every one (a round over
+    10,000 idle sessions held the loop 10-20 ms every second). Work that became ready
+    without a wake is still found: that claim fills, and the next round claims for all."""
+    many = [_session(f"w{n}", 1) for n in range(SAMPLED_KIND_SESSIONS)]
+    apart = _session("apart", 1, queue="other")
+    for session in (*many, apart):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = SeenSessions()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await dispatcher.step()  # nothing ready: both kinds drained
+    assert policy.seen == [SAMPLED_KIND_SESSIONS + 1] and len(policy.order) == 2
+    policy.order.clear()
+    # The poll's rounds: one session of the large kind each, another each time; the
+    # small kind whole.
+    for _ in range(3):
+        await dispatcher.step()
+    assert policy.seen[1:] == [2, 2, 2]
+    sampled = [w for w in policy.order if w != "apart"]
+    assert len(sampled) == 3 and len(set(sampled)) == 3
+    # A wake (work may be ready): every session again.
+    dispatcher.wake()
+    await dispatcher.step()
+    assert policy.seen[-1] == SAMPLED_KIND_SESSIONS + 1
+    # Ready without a wake: the sampled claim fills, so the round asks for another at once.
+    await dispatcher.step()
+    await _insert(deps, 10)
+    assert policy.seen[-1] == 2
+    assert await dispatcher.step() == 0.0
+    assert policy.seen[-1] == 2
+    await dispatcher.step()
+    assert policy.seen[-1] == SAMPLED_KIND_SESSIONS + 1
+    assert sum((await _running(deps)).values()) == 10
+
+
+class HeldClaims(DispatchPolicy):
+    """Each claim waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__(lease_seconds=30, max_payload_bytes=1 << 20)
+        self.claiming = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def claim(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        fence: Fence,
+        *,
+        plain: asyncpg.Connection | None = None,
+    ) -> Any:
+        self.claiming.set()
+        await self.go.wait()
+        return await super().claim(conn, claim, fence, plain=plain)
+
+
+async def test_credit_during_a_round_of_a_kind_drained_before_runs_no_round(deps: Deps) -> None:
+    # Issue 19: while a round's claim for a kind runs, the kind is not drained in this
+    # round yet; a credit then (50 a second under probe load) woke a round over every
+    # session. The round before found it drained and nothing woke since: no round.
+    first, second = _session("w1", 1), _session("w2", 0)
+    for session in (first, second):
+        deps.sessions.reserve(session)
+        deps.sessions.activate(session)
+    policy = HeldClaims()
+    policy.go.set()
+    dispatcher = Dispatcher(deps, policy, Leases(deps))
+    await dispatcher.step()  # nothing ready: the kind is drained
+    policy.go.clear()
+    policy.claiming.clear()
+    round_ = asyncio.create_task(dispatcher.step())
+    await policy.claiming.wait()
+    dispatcher._wakeup.clear()
+    second.credit = 1
+    dispatcher.offer(second)
+    assert not dispatcher._wakeup.is_set() and second.starving
+    policy.go.set()
+    await round_
+    # A wake since (work may be ready): an offer runs a round again, even mid-round.
+    dispatcher.wake()
+    policy.go.clear()
+    policy.claiming.clear()
+    round_ = asyncio.create_task(dispatcher.step())
+    await policy.claiming.wait()
+    dispatcher._wakeup.clear()
+    dispatcher.offer(second)
+    assert dispatcher._wakeup.is_set()
+    policy.go.set()
+    await round_
