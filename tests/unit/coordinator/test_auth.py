@@ -368,3 +368,52 @@ async def test_cancelling_the_call_cancels_the_handler() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancelled.is_set() and len(streams) == 0
+
+
+async def test_a_stream_runs_in_the_calling_task() -> None:
+    # No task of its own per stream (issue 19): the handler runs in gRPC's task for the
+    # call, which a key that stops working cancels.
+    streams = OpenStreams()
+
+    async def handler() -> asyncio.Task[object] | None:
+        return asyncio.current_task()
+
+    caller = asyncio.current_task()
+    assert await streams.run(_identity("k1"), handler) is caller
+
+
+async def test_a_revoked_key_during_the_calls_own_cancellation_leaves_it_cancelled() -> None:
+    streams = OpenStreams()
+    started = asyncio.Event()
+
+    async def handler() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    task = asyncio.create_task(streams.run(_identity("k1"), handler))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()  # the peer went away
+    streams.key_changed("k1", None)  # and the key was deleted in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(streams) == 0
+
+
+async def test_a_handler_that_finishes_as_its_key_is_revoked_returns_its_result() -> None:
+    streams = OpenStreams()
+    started = asyncio.Event()
+
+    async def handler() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return "finished just then"
+        return "never"
+
+    task = asyncio.create_task(streams.run(_identity("k1"), handler))
+    await asyncio.wait_for(started.wait(), 5)
+    streams.key_changed("k1", _cached("k1", revoked=True))
+    assert await task == "finished just then"
+    assert task.cancelling() == 0
