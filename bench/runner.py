@@ -52,6 +52,7 @@ from conveyor.bench.worker import QUEUE
 from conveyor.client import AsyncClient, TaskSpec
 from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.transport._gc import freeze_startup_heap
+from conveyor.v1 import task_pb2
 
 STARTUP_TIMEOUT = 60.0
 
@@ -244,7 +245,15 @@ async def _submit_all(client: AsyncClient, specs: list[TaskSpec], cfg: BenchConf
 # phase's tasks, never run, wait in another queue.)
 _UNFINISHED = "SELECT " + " OR ".join(
     f"EXISTS (SELECT FROM tasks WHERE state = {state} AND type = $1 AND queue = $2)"
-    for state in (1, 2, 3, 7)
+    for state in (
+        task_pb2.TASK_STATE_PENDING,
+        task_pb2.TASK_STATE_SCHEDULED,
+        task_pb2.TASK_STATE_RUNNING,
+        task_pb2.TASK_STATE_BLOCKED,
+    )
+)
+_SUCCEEDED = (
+    f"SELECT count(*) FROM tasks WHERE type = $1 AND state = {task_pb2.TASK_STATE_SUCCEEDED}"
 )
 
 
@@ -259,7 +268,7 @@ async def _wait_done(db: asyncpg.Connection, type_: str, count: int, within: flo
         if not await db.fetchval(_UNFINISHED, type_, QUEUE):
             break
         await asyncio.sleep(0.05)
-    done = await db.fetchval("SELECT count(*) FROM tasks WHERE type = $1 AND state = 4", type_)
+    done = await db.fetchval(_SUCCEEDED, type_)
     if done < count:
         raise RuntimeError(f"only {done} of {count} {type_} tasks succeeded within {within:.0f}s")
 
