@@ -432,7 +432,14 @@ async def test_a_postgresql_restart_during_a_call_is_unavailable_with_retry_info
         await db.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         call = asyncio.ensure_future(stub.GetTask(task_service_pb2.GetTaskRequest(id=task.id)))
 
-        await eventually(lambda: _terminate_coordinator_backends(db, "wait_event_type = 'Lock'"))
+        async def call_ended() -> bool | None:
+            # Every coordinator backend waiting for the lock, until the call's own was
+            # among them: the leader's loops (the firer, the sweeps) wait for it too, and
+            # one of theirs could be the only one waiting at the first look.
+            await _terminate_coordinator_backends(db, "wait_event_type = 'Lock'")
+            return True if call.done() else None
+
+        await eventually(call_ended, what="the call's backend terminated")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     details = error_details(caught.value)
