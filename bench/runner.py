@@ -253,22 +253,25 @@ _UNFINISHED = "SELECT " + " OR ".join(
     )
 )
 _SUCCEEDED = (
-    f"SELECT count(*) FROM tasks WHERE type = $1 AND state = {task_pb2.TASK_STATE_SUCCEEDED}"
+    "SELECT count(*) FROM tasks WHERE type = $1 AND queue = $2"
+    f" AND state = {task_pb2.TASK_STATE_SUCCEEDED}"
 )
 
 
-async def _wait_done(db: asyncpg.Connection, type_: str, count: int, within: float) -> None:
-    """Waits until ``count`` tasks of ``type_`` in ``QUEUE``, all submitted (committed)
+async def _wait_done(
+    db: asyncpg.Connection, type_: str, count: int, within: float, *, queue: str = QUEUE
+) -> None:
+    """Waits until ``count`` tasks of ``type_`` in ``queue``, all submitted (committed)
     already, have SUCCEEDED. It polls whether any is unfinished, by the indexes, and
     counts once at the end: PostgreSQL's CPU is counted per task, and a count over the
     whole table every 50 ms was the benchmark's own load on it (1-44 µs per task of the
     end-to-end phase, docs/performance.md, issue 19, fifth round)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if not await db.fetchval(_UNFINISHED, type_, QUEUE):
+        if not await db.fetchval(_UNFINISHED, type_, queue):
             break
         await asyncio.sleep(0.05)
-    done = await db.fetchval(_SUCCEEDED, type_)
+    done = await db.fetchval(_SUCCEEDED, type_, queue)
     if done < count:
         raise RuntimeError(f"only {done} of {count} {type_} tasks succeeded within {within:.0f}s")
 

@@ -219,7 +219,7 @@ async def _measure(
 
     await asyncio.gather(*(one(i) for i in range(tasks)))
     load_pct = _cpu_pct(coordinator, before, wall)
-    await _wait_done(db, TASK_TYPE, tasks, within=60.0)
+    await _wait_done(db, TASK_TYPE, tasks, within=60.0, queue=QUEUE)
     # The payload is the send time, the result the pickup latency, create_time the start
     # of the submit's flush (the coordinator's clock: one machine).
     rows = await db.fetch(
