@@ -556,13 +556,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
     ) -> None:
         """Writes the outbox; returns when the session finished and its outbox is empty.
         A write that takes longer than the liveness timeout is the watchdog's."""
-        loop = asyncio.get_running_loop()
         while (item := await session.next_message()) is not None:
             message, size = item
-            async with writes:
-                watch.writing = loop.time()
-                await context.write(message)
-                watch.writing = 0.0
+            await _write(context, message, watch, writes)
             session.sent(size)
             if session.throttled and session.outbox_room > 0:
                 session.throttled = False
@@ -633,11 +629,25 @@ async def _answer_idle(
     if not session.outbox_empty:
         session.push(_EMPTY_HEARTBEAT_ACK)
         return
+    await _write(context, _EMPTY_HEARTBEAT_ACK, watch, writes, unless_closed=session)
+
+
+async def _write(
+    context: Context,
+    message: worker_service_pb2.ConnectResponse,
+    watch: _Watchdog,
+    writes: asyncio.Lock,
+    *,
+    unless_closed: WorkerSession | None = None,
+) -> None:
+    """One write to the worker: one at a time (``writes``), timed by the watchdog, which
+    ends a stream whose write takes longer than the liveness timeout. Skipped when
+    ``unless_closed`` has closed by the time the write's turn comes."""
     async with writes:
-        if session.closed:
+        if unless_closed is not None and unless_closed.closed:
             return
         watch.writing = asyncio.get_running_loop().time()
-        await context.write(_EMPTY_HEARTBEAT_ACK)
+        await context.write(message)
         watch.writing = 0.0
 
 
