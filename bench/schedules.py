@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +52,8 @@ QUEUE = "bench-schedules"
 EVERY_SECOND = "* * * * * *"
 EVERY_MINUTE = "* * * * *"
 INSERT_BATCH = 5_000
+# A firing later than this is late (the target's p99, issue 19).
+LATE_MS = 100.0
 
 
 @asynccontextmanager
@@ -257,7 +260,7 @@ async def _measure(
         await asyncio.sleep(0.1)
     rows = await db.fetch(
         """
-        SELECT type, extract(second FROM run_at) = 0 AS minute_boundary,
+        SELECT type, run_at, extract(second FROM run_at) = 0 AS minute_boundary,
             extract(epoch FROM pg_xact_commit_timestamp(xmin) - run_at) * 1000 AS lag_ms
         FROM tasks
         WHERE queue = $3 AND run_at >= $1 AND run_at < $2
@@ -298,6 +301,7 @@ async def _measure(
                 [float(r["lag_ms"]) for r in mine if r["minute_boundary"]]
             )
     return {
+        "late_ticks": _late_ticks(rows),
         "schedules": total,
         "kinds": {type_: {"cron": cron, "count": count} for type_, cron, count in made},
         "cron": args.cron if len(made) == 1 else None,
@@ -315,6 +319,28 @@ async def _measure(
         "api_creates": through_api,
         "api_create_per_s": round(api_per_s),
     }
+
+
+def _late_ticks(rows: Sequence[asyncpg.Record], limit: int = 10) -> list[dict[str, Any]]:
+    """The ticks with the most firings later than LATE_MS, worst first: when in the
+    minute they were (second 59 is the second before the per-minute burst) and how late.
+    The p99 says how many firings were late; this says which rounds."""
+    by_tick: dict[datetime, list[float]] = collections.defaultdict(list)
+    for r in rows:
+        by_tick[r["run_at"]].append(float(r["lag_ms"]))
+    late = [(sum(1 for lag in lags if lag > LATE_MS), tick, lags) for tick, lags in by_tick.items()]
+    late.sort(key=lambda item: (-item[0], item[1]))
+    return [
+        {
+            "tick": f"{tick.astimezone(UTC):%H:%M:%S}",
+            "late": count,
+            "firings": len(lags),
+            "p50_ms": round(_percentile(lags, 50), 1),
+            "max_ms": round(max(lags), 1),
+        }
+        for count, tick, lags in late[:limit]
+        if count
+    ]
 
 
 def _lag_figures(lags: list[float]) -> dict[str, Any]:
@@ -351,6 +377,13 @@ def _report(args: argparse.Namespace, f: dict[str, Any]) -> None:
                 f"    {name:<25} p50 {k['p50_ms']} ms   p99 {k['p99_ms']} ms   "
                 f"max {k['max_ms']} ms   ({k['n']:,} firings)"
             )
+    if f["late_ticks"]:
+        lines.append(f"  ticks with firings later than {LATE_MS:.0f} ms (worst first):")
+        lines += [
+            f"    {t['tick']}  {t['late']:,} of {t['firings']:,} late   p50 {t['p50_ms']} ms   "
+            f"max {t['max_ms']} ms"
+            for t in f["late_ticks"]
+        ]
     lines += [
         f"  CPU (% of one core)   coordinator {f['coordinator_cpu_pct']}   "
         f"PostgreSQL {f['postgres_cpu_pct']}   (machine load average {f['load_average_1m']})",

@@ -103,6 +103,8 @@ _INITIAL_BURST_COST = 60e-6
 # Longest wait of a burst for the rounds to be idle before its next batch.
 _ROUNDS_IDLE_WAIT = 0.2
 _BURST_IDLE_TIMEOUT = "SET LOCAL idle_in_transaction_session_timeout = '{:.0f}s'"
+# Ticks up to this far ahead are the rounds' to fire, never a burst's.
+_ROUNDS_REACH = timedelta(seconds=1)
 # Seconds between looks for upcoming bursts (one grouped index range scan each).
 _BURST_CHECK_INTERVAL = 0.5
 # Refused ticks kept per schedule: as many as GetSchedule shows of its recent firings.
@@ -237,6 +239,8 @@ class ScheduleFirer(Service):
         self._templates: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         """Each distinct template's values, once (the cache's entries share them)."""
         self._prepared = 0.0
+        self._prepared_firings = 0
+        """Firings the round's transactions wrote (0: the round found nothing due)."""
         self.burst = burst
         self.max_burst_lookahead = max_burst_lookahead
         self.min_burst_lookahead = min_burst_lookahead
@@ -256,6 +260,8 @@ class ScheduleFirer(Service):
         self._near_idle.set()
         self.bursts = 0
         """Bursts prepared ahead since start (for tests)."""
+        self.burst_ticks: collections.deque[datetime] = collections.deque(maxlen=64)
+        """The ticks of the latest bursts started (for tests)."""
         self.taken_by_id = 0
         """Schedules the rounds locked by id at a burst's tick (for tests)."""
         self.started: datetime | None = None
@@ -298,14 +304,19 @@ class ScheduleFirer(Service):
         self._reap_bursts()
         await self._prepare_bursts(now, horizon)
         self._prepared = 0.0
+        self._prepared_firings = 0
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.parallel):
                     group.create_task(self._drain(now, horizon))
         except ExceptionGroup as errors:
             raise errors.exceptions[0] from None
-        if self.max_lookahead > 0:
-            # Start the next round early enough for this round's amount of work.
+        if self.max_lookahead > 0 and self._prepared_firings:
+            # Start the next round early enough for this round's amount of work. A round
+            # that fired nothing (woken early: by a client, or for a burst's start) says
+            # nothing about that: each used to take a fifth off the lookahead, and a few
+            # of them in one second left the next round too little time (docs/performance.md,
+            # issue 19, sixth round).
             wanted = _LOOKAHEAD_MARGIN * self._prepared + _MIN_LOOKAHEAD
             self.lookahead = min(self.max_lookahead, max(wanted, 0.8 * self.lookahead))
         async with self.deps.db.read() as conn:
@@ -332,6 +343,7 @@ class ScheduleFirer(Service):
         def prepared(firings: int = 0) -> None:
             nonlocal preparing
             self._prepared = max(self._prepared, time.monotonic() - started)
+            self._prepared_firings += firings
             if preparing:
                 # Bursts prepare while the rounds do not (they wait for their ticks).
                 preparing = False
@@ -483,8 +495,15 @@ class ScheduleFirer(Service):
             return
         self._bursts_checked = moment
         until = now + timedelta(seconds=self.max_burst_lookahead)
+        # Ticks within a second are the rounds' (their lookahead is under a second, and
+        # they run at least once a second): above all the next tick of every-second
+        # schedules, which 10,000 of them share. A round woken before that tick was in
+        # its horizon (to start a burst) used to hand it to a burst; the burst held those
+        # schedules, the rounds found nothing due until it committed and shrank their
+        # lookahead on every empty look, and the second after was late.
+        after = max(horizon, now + _ROUNDS_REACH)
         async with self.deps.db.read() as conn:
-            upcoming = await store.upcoming_ticks(conn, horizon, until, self.burst)
+            upcoming = await store.upcoming_ticks(conn, after, until, self.burst)
         self._next_burst = None
         for tick, count in upcoming:
             if tick in self._bursts:
@@ -499,6 +518,7 @@ class ScheduleFirer(Service):
                     self._next_burst = begin
                 continue
             self._arrivals[tick] = []
+            self.burst_ticks.append(tick)
             self._bursts[tick] = asyncio.create_task(
                 self._burst(tick, count), name=f"{self.name}-burst"
             )

@@ -32,6 +32,9 @@ async def test_bench_schedules_by_kind_across_a_minute_boundary() -> None:
     assert figures["firings"] == figures["expected_firings"] == 60 + 40 * round(figures["window_s"])
     assert figures["lag_p99_ms"] is not None and figures["lag_p99_ms"] >= 0
     assert "per-second at second 0" in done.err
+    # Which ticks were late (none need be): each entry names its tick and counts.
+    for late in figures["late_ticks"]:
+        assert 0 < late["late"] <= late["firings"] and late["max_ms"] > 100
 
 
 async def test_bench_schedules_one_cron() -> None:

@@ -157,3 +157,47 @@ async def test_schedules_reaching_a_burst_tick_are_taken_by_id_and_fire_once(
         # Every second, each once, the burst's ticks included.
         assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks))
         assert any(t.second % 5 == 0 for t in ticks[1:])
+
+
+async def test_the_next_tick_of_every_second_schedules_is_never_a_burst(
+    database_dsn: str,
+) -> None:
+    pool, epoch = await leader_pool(database_dsn)
+    firer = ScheduleFirer(
+        service_deps(pool, database_dsn, epoch=epoch),
+        burst=20,
+        max_burst_lookahead=4.0,
+        min_burst_lookahead=4.0,
+    )
+    try:
+        # 30 schedules share the next second's tick (burst=20 would count it), and 40 a
+        # tick 2-3 s ahead. A round woken early (a burst's start, a client) looks for
+        # bursts before the next second is in its horizon: that tick is the rounds'. A
+        # burst holding it left the rounds nothing to fire until its commit, and each
+        # empty round shrank their lookahead, so the second after it was late.
+        now = datetime.now(UTC)
+        shared = now + timedelta(seconds=3)
+        await _insert(pool, "single", "* * * * * *", 30)
+        await _insert(pool, "shared", f"{shared.second} * * * * *", 40)
+        await firer._prepare_bursts(now, now)
+        ticks = list(firer.burst_ticks)
+    finally:
+        await firer.stop()
+        await pool.close()
+    assert ticks == [shared.replace(microsecond=0)], f"bursts started for {ticks}"
+
+
+async def test_a_round_that_finds_nothing_due_keeps_the_lookahead(database_dsn: str) -> None:
+    pool, epoch = await leader_pool(database_dsn)
+    firer = ScheduleFirer(service_deps(pool, database_dsn, epoch=epoch), max_lookahead=0.9)
+    try:
+        # A round woken early finds nothing due: it says nothing about how long a round
+        # of work takes, so the lookahead (how early the next one starts) stays.
+        await _insert(pool, "later", "0 0 0 1 1 *", 5)
+        firer.lookahead = 0.6
+        for _ in range(3):
+            await firer.run_once()
+    finally:
+        await firer.stop()
+        await pool.close()
+    assert firer.lookahead == 0.6
