@@ -23,6 +23,7 @@ from conveyor.coordinator.api.webhook_service import WebhookServicer
 from conveyor.coordinator.api.worker_service import WorkerServicer
 from conveyor.coordinator.config import CoordinatorConfig
 from conveyor.keda import externalscaler_pb2_grpc
+from conveyor.transport._options import FLOW_CONTROL_OPTIONS
 from conveyor.transport._tls import ServerTLS
 from conveyor.v1 import (
     admin_service_pb2,
@@ -98,6 +99,8 @@ class ApiServer:
                 # 16 KiB at random): past it RESOURCE_EXHAUSTED, before any interceptor.
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+                # A fixed HTTP/2 window, no BDP pings (see FLOW_CONTROL_OPTIONS).
+                *FLOW_CONTROL_OPTIONS,
             ],
         )
         port = add_port(server, config.listen, tls)

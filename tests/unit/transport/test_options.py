@@ -13,6 +13,7 @@ from grpc import aio
 
 from conveyor.transport import MAX_MESSAGE_BYTES, ConnectionOptions
 from conveyor.transport._errors import RPCError
+from conveyor.transport._options import FLOW_CONTROL_OPTIONS
 from conveyor.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 
@@ -28,6 +29,42 @@ def test_defaults_match_the_coordinator() -> None:
     assert options["grpc.max_reconnect_backoff_ms"] == 1000
     no_pings = dict(ConnectionOptions(keepalive_interval=None).channel_options())
     assert "grpc.keepalive_time_ms" not in no_pings
+
+
+def test_flow_control_is_a_fixed_window_without_bdp_pings() -> None:
+    options = dict(ConnectionOptions().channel_options())
+    assert options["grpc.http2.bdp_probe"] == 0
+    assert options["grpc.http2.lookahead_bytes"] == 8 << 20
+    assert set(FLOW_CONTROL_OPTIONS) <= set(ConnectionOptions().channel_options())
+
+
+async def test_messages_larger_than_the_window_go_both_ways() -> None:
+    # Without BDP probing the window no longer grows: a message of several windows must
+    # still get through in each direction (WINDOW_UPDATEs as it is read).
+    size = 3 * (8 << 20) + 1
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request[::-1]
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    limits = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    server = aio.server(options=[*limits, *FLOW_CONTROL_OPTIONS])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with ConnectionOptions().open_channel(f"127.0.0.1:{port}") as channel:
+            call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/t.Echo/Echo")
+            payload = bytes(range(256)) * (size // 256) + b"!"
+            answer = await call(payload, timeout=60)
+            assert answer == payload[::-1]
+    finally:
+        await server.stop(None)
 
 
 def test_a_connect_timeout_sets_the_least_time_a_connection_attempt_is_given() -> None:
