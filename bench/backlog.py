@@ -313,7 +313,12 @@ async def _measure(
         if time.monotonic() > deadline:
             raise RuntimeError(f"{cfg.workers} workers did not connect within 120s")
         await asyncio.sleep(0.1)
+    # The dispatch starts as the resume commits; the call's answer then counts the queue's
+    # tasks by state, which at 10,000,000 waiting reads the whole table (1.4 s of
+    # PostgreSQL) while the first window runs (docs/performance.md, issue 19, sixth round).
+    started = time.perf_counter()
     await client.resume_queue(QUEUE)
+    out["resume_s"] = round(time.perf_counter() - started, 2)
     windows = []
     _say(f"dispatch: the first {cfg.dispatch:,} of the backlog …")
     windows.append(await _window(db, "first", 0, cfg.dispatch))
@@ -345,6 +350,7 @@ def _report(cfg: BacklogConfig, f: dict[str, Any]) -> None:
         f"  load (binary COPY)    {f['load_s']:>10} s   {f['load_rows_per_s']:,} rows/s"
         + (f"   VACUUM (ANALYZE) {f['vacuum_s']} s" if "vacuum_s" in f else ""),
         f"  submit (batched)      {f['submit_per_s']:>12,} tasks/s",
+        f"  ResumeQueue           {f['resume_s']:>12} s   (its answer counts the queue's tasks)",
     ]
     for w in f["windows"]:
         lines.append(

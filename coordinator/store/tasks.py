@@ -1327,8 +1327,15 @@ def _finish(name: str, *, dependents: bool) -> Query:
     # The results' rows by the primary key, never by tasks_leased: ``t.state = RUNNING``
     # matches that partial index's predicate, and with statistics taken while few tasks
     # ran (they always are, on a queue table) the planner read every RUNNING task per
-    # flush and joined them to the results; ``+ 0`` keeps the test out of any index.
-    match = _LEASE_MATCH.replace(f"t.state = {RUNNING}", f"t.state + 0 = {RUNNING}")
+    # flush and joined them to the results. The test is a function call, not an
+    # operator, so no index predicate matches it, and the planner gives it a function's
+    # selectivity (a third) rather than an expression equality's (0.5 %): with that, it
+    # expected 2 of a flush's 500 tasks, and joined the 500 results to them in a nested
+    # loop over the scan materialized, 500 x 500 comparisons per flush: 20-90 ms each,
+    # most of a result's PostgreSQL CPU with 10,000,000 tasks waiting (and at any depth
+    # once statistics said so). Now a merge or hash join (docs/performance.md, issue 19,
+    # sixth round: a deep backlog).
+    match = _LEASE_MATCH.replace(f"t.state = {RUNNING}", f"int2eq(t.state, {RUNNING}::smallint)")
     return Query(
         name,
         f"""
