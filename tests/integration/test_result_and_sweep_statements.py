@@ -19,7 +19,7 @@ from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
 from conveyor.coordinator.store.db import RESULT_CONNECTIONS, Pool, _session_settings
 from conveyor.coordinator.store.migrator import migrate
-from conveyor.coordinator.store.sql import Fence
+from conveyor.coordinator.store.sql import Fence, Query
 from conveyor.v1 import task_service_pb2_grpc
 
 Stub: TypeAlias = "task_service_pb2_grpc.TaskServiceAsyncStub"
@@ -73,28 +73,37 @@ async def _claim(
     return [row["id"] for row in rows]
 
 
+async def _running(
+    conn: asyncpg.Connection, fence: Fence, *, tasks: int, results: int
+) -> list[store.Outcome]:
+    """Inserts ``tasks`` ready tasks, takes statistics (of a moment when nothing ran, as a
+    queue table's always are), claims 1,000 and returns successes for ``results`` of them."""
+    await conn.execute(_INSERT_READY, tasks)
+    await conn.execute("ANALYZE tasks")
+    ids = await _claim(conn, fence, 1000)
+    assert len(ids) == 1000
+    return [
+        store.Outcome(
+            LeaseKey("default", i, 1, fence.epoch, "w"), store.OUTCOME_SUCCEEDED, b"", "", False
+        )
+        for i in ids[:results]
+    ]
+
+
+async def _plan(
+    conn: asyncpg.Connection, query: Query, fence: Fence, outcomes: list[store.Outcome]
+) -> str:
+    args = query.args({"fence": fence, **store._outcome_arrays(outcomes)})
+    return "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query.text, *args))
+
+
 async def test_the_result_statement_reads_the_results_tasks_not_every_running_one(
     conn: asyncpg.Connection,
 ) -> None:
     fence = await _fence(conn)
-    await conn.execute(_INSERT_READY, 1000)
-    # Statistics of a moment when nothing ran, as a queue table's always are.
-    await conn.execute("ANALYZE tasks")
-    ids = await _claim(conn, fence, 1000)
-    assert len(ids) == 1000
-    outcomes = [
-        store.Outcome(
-            LeaseKey("default", i, 1, fence.epoch, "w"),
-            store.OUTCOME_SUCCEEDED,
-            b"",
-            "",
-            False,
-        )
-        for i in ids[:50]
-    ]
+    outcomes = await _running(conn, fence, tasks=1000, results=50)
     for query in (store._FINISH_PLAIN, store._FINISH):
-        args = query.args({"fence": fence, **store._outcome_arrays(outcomes)})
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query.text, *args))
+        plan = await _plan(conn, query, fence, outcomes)
         # (With `t.state = 3`, the plan read all 1,000 RUNNING tasks by tasks_leased.)
         assert "tasks_leased" not in plan, plan
         assert "Seq Scan on tasks" not in plan, plan
@@ -112,22 +121,9 @@ async def test_a_full_flush_joins_its_results_to_their_tasks_in_linear_time(
     fence = await _fence(conn)
     # Large enough that the planner reads the flush's tasks by an index scan of their
     # own (a small table gets a bitmap scan and a hash join either way).
-    await conn.execute(_INSERT_READY, 100_000)
-    await conn.execute("ANALYZE tasks")
-    ids = await _claim(conn, fence, 1000)
-    outcomes = [
-        store.Outcome(
-            LeaseKey("default", i, 1, fence.epoch, "w"),
-            store.OUTCOME_SUCCEEDED,
-            b"",
-            "",
-            False,
-        )
-        for i in ids[:500]
-    ]
+    outcomes = await _running(conn, fence, tasks=100_000, results=500)
     for query in (store._FINISH_PLAIN, store._FINISH):
-        args = query.args({"fence": fence, **store._outcome_arrays(outcomes)})
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query.text, *args))
+        plan = await _plan(conn, query, fence, outcomes)
         # With `t.state + 0 = 3` the planner expected 2 of the 500 tasks and joined the
         # results to them in a nested loop over the scan materialized: 500 x 500
         # comparisons per flush (20-90 ms with 10,000,000 tasks waiting).
