@@ -302,7 +302,7 @@ class ScheduleFirer(Service):
         now = self.now()
         horizon = now + timedelta(seconds=self.lookahead)
         self._reap_bursts()
-        await self._prepare_bursts(now, horizon)
+        await self._prepare_bursts(now)
         self._prepared = 0.0
         self._prepared_firings = 0
         try:
@@ -465,7 +465,7 @@ class ScheduleFirer(Service):
 
     # -- bursts ------------------------------------------------------------------------
 
-    async def _prepare_bursts(self, now: datetime, horizon: datetime) -> None:
+    async def _prepare_bursts(self, now: datetime) -> None:
         """Starts preparing the ticks many ALLOW schedules share, each on its own.
 
         Every per-minute schedule fires at second 0: 90,000 of them are 90,000 firings
@@ -495,15 +495,15 @@ class ScheduleFirer(Service):
             return
         self._bursts_checked = moment
         until = now + timedelta(seconds=self.max_burst_lookahead)
-        # Ticks within a second are the rounds' (their lookahead is under a second, and
-        # they run at least once a second): above all the next tick of every-second
-        # schedules, which 10,000 of them share. A round woken before that tick was in
-        # its horizon (to start a burst) used to hand it to a burst; the burst held those
+        # Ticks within a second are the rounds' (their lookahead is under a second, so
+        # this is past any round's horizon, and they run at least once a second): above
+        # all the next tick of every-second schedules, which 10,000 of them share. Looked
+        # for from the round's horizon, that tick, when a round was woken before it was
+        # in the horizon (to start a burst), went to a burst; the burst held those
         # schedules, the rounds found nothing due until it committed and shrank their
         # lookahead on every empty look, and the second after was late.
-        after = max(horizon, now + _ROUNDS_REACH)
         async with self.deps.db.read() as conn:
-            upcoming = await store.upcoming_ticks(conn, after, until, self.burst)
+            upcoming = await store.upcoming_ticks(conn, now + _ROUNDS_REACH, until, self.burst)
         self._next_burst = None
         for tick, count in upcoming:
             if tick in self._bursts:

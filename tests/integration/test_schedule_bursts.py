@@ -175,11 +175,12 @@ async def test_the_next_tick_of_every_second_schedules_is_never_a_burst(
         # bursts before the next second is in its horizon: that tick is the rounds'. A
         # burst holding it left the rounds nothing to fire until its commit, and each
         # empty round shrank their lookahead, so the second after it was late.
-        now = datetime.now(UTC)
-        shared = now + timedelta(seconds=3)
+        shared = datetime.now(UTC) + timedelta(seconds=3)
         await _insert(pool, "single", "* * * * * *", 30)
         await _insert(pool, "shared", f"{shared.second} * * * * *", 40)
-        await firer._prepare_bursts(now, now)
+        # After the inserts: the per-second schedules' first tick is then at most a
+        # second ahead, whichever second they were made in.
+        await firer._prepare_bursts(datetime.now(UTC))
         ticks = list(firer.burst_ticks)
     finally:
         await firer.stop()
