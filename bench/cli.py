@@ -1,5 +1,5 @@
 """``conveyor bench``, ``bench-schedules``, ``bench-failover``, ``bench-tenants``,
-``bench-deps`` and ``bench-streams``: the benchmarks' commands."""
+``bench-deps``, ``bench-streams`` and ``bench-floor``: the benchmarks' commands."""
 
 from __future__ import annotations
 
@@ -72,6 +72,11 @@ def register(app: typer.Typer) -> None:
             "conveyor bench-streams --streams 1000 --per-connection 100",
         ],
     )(bench_streams)
+    command(
+        app,
+        "bench-floor",
+        example=["conveyor bench-floor --json", "conveyor bench-floor --commit --rate 50"],
+    )(bench_floor)
 
 
 def _print_figures(figures: dict[str, Any], as_json: bool) -> int:
@@ -470,3 +475,31 @@ def bench_streams(
         dsn=dsn,
     )
     return _print_figures(asyncio.run(run(config)), as_json)
+
+
+def bench_floor(
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Probes per second.")] = 100.0,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=0.1, help="Length of the probe run.")
+    ] = 10.0,
+    commit: Annotated[
+        bool,
+        typer.Option(
+            "--commit", help="The relay commits a row per probe to a durable PostgreSQL first."
+        ),
+    ] = False,
+    dsn: Annotated[
+        str | None, typer.Option("--dsn", help="PostgreSQL for --commit; default: embedded.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    *,
+    g: Globals,
+) -> int:
+    """Measure the floor under a pickup on this machine: a client's unary call, a relay
+    (optionally committing a row) and a worker's open stream over loopback grpc.aio, with
+    nothing of Conveyor in between. Compare its pickup with `conveyor bench`'s."""
+    from conveyor.bench.floor import FloorConfig, report, run
+
+    figures = asyncio.run(run(FloorConfig(rate=rate, seconds=seconds, commit=commit, dsn=dsn)))
+    report(figures)
+    return _print_figures(figures, as_json)

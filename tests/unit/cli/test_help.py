@@ -16,7 +16,7 @@ KNOWN = {
     "keys generate", "keys create", "keys list", "keys revoke",
     "tenants list", "tenants get", "tenants set", "audit list", "audit verify",
     "bench-tenants", "bench-console",
-    "bench-deps", "bench-streams",
+    "bench-deps", "bench-streams", "bench-floor",
     "encryption new-key", "encryption rotate", "encryption list", "console",
     "limits set", "limits list", "limits delete",
     "dead list", "dead groups", "dead retry", "purge", "workers drain",

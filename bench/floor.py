@@ -1,0 +1,278 @@
+"""``conveyor bench-floor``: a pickup's hops with nothing of Conveyor in them.
+
+A pickup in ``conveyor bench`` is a client's unary call to the coordinator, one commit,
+and a message on a worker's open bidirectional stream. This benchmark makes the same hops
+between three processes over loopback gRPC, with grpc.aio at both ends as Conveyor has
+it, and nothing else: raw bytes for messages (no protobuf), no interceptors, no
+authentication, no store; with ``--commit`` the relay commits one row to a durable
+PostgreSQL before passing the message on, as the coordinator's hand-off does. The relay
+queues the message for a send loop of the worker's stream, as the coordinator's outbox
+does, and answers the client after.
+
+Its latency (the client's send to the worker's read, both on the wall clock) is the floor
+under Conveyor's pickup on the same machine: what the pickup measures above it is
+Conveyor's own work; what it measures here no change to Conveyor's code can take away
+short of another transport.
+
+Roles: the parent process is the client and starts the relay and the worker as
+``python -m conveyor.bench.floor relay|worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import sys
+import time
+from asyncio.subprocess import PIPE, Process
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+import grpc.aio
+
+from conveyor.bench import cpu
+from conveyor.bench.runner import _free_port, _percentile, _postgres, _say, histogram
+
+SERVICE = "floor.Relay"
+_SUBMIT = f"/{SERVICE}/Submit"
+_CONNECT = f"/{SERVICE}/Connect"
+_END = f"/{SERVICE}/End"
+_PROBE = struct.Struct("<dI")
+"""A probe's message: the client's wall-clock send time and its number."""
+DELIVERED = b"\x01"
+"""The relay's answer when a worker's stream took the probe (b"" when none is attached)."""
+OUTBOX_SIZE = 1024
+STARTUP_TIMEOUT = 30.0
+CALL_TIMEOUT = 10.0
+WARM_UP = 50
+TABLE = "conveyor_bench_floor"
+"""The relay's table with ``--commit``, made for the run and dropped after it."""
+
+
+@dataclass(frozen=True)
+class FloorConfig:
+    rate: float = 100.0
+    seconds: float = 10.0
+    commit: bool = False
+    dsn: str | None = None
+
+
+# -- the relay (the coordinator's place) --------------------------------------------------
+
+
+async def _relay(port: int, dsn: str | None) -> None:
+    outbox: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_SIZE)
+    attached = asyncio.Event()
+    pool: asyncpg.Pool | None = None
+    if dsn is not None:
+        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4)
+
+    async def submit(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        if pool is not None:
+            # One statement outside a transaction block: one commit, one WAL flush.
+            await pool.execute(f"INSERT INTO {TABLE} (probe) VALUES ($1)", request)
+        if not attached.is_set():
+            return b""
+        await outbox.put(request)
+        return DELIVERED
+
+    async def connect(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> None:
+        attached.set()
+        while (message := await outbox.get()) is not None:
+            await context.write(message)
+
+    async def end(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await outbox.put(None)
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Submit": grpc.unary_unary_rpc_method_handler(submit),
+                    "Connect": grpc.stream_stream_rpc_method_handler(connect),
+                    "End": grpc.unary_unary_rpc_method_handler(end),
+                },
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        await server.wait_for_termination()
+    finally:
+        if pool is not None:
+            await pool.close()
+
+
+# -- the worker ---------------------------------------------------------------------------
+
+
+async def _worker(port: int) -> None:
+    """Reads probes until the relay ends the stream, then prints each one's latency (ms)
+    as one JSON list, warm-up probes (number 0) left out."""
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        connect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(_CONNECT)
+        call = connect()
+        await call.write(b"hello")
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                break
+            read = time.time()
+            assert isinstance(message, bytes)
+            sent, number = _PROBE.unpack(message)
+            if number:
+                latencies.append((read - sent) * 1000.0)
+    print(json.dumps(latencies), flush=True)
+
+
+# -- the client (the parent) ----------------------------------------------------------------
+
+
+async def _spawn(role: str, port: int, *extra: str) -> Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor.bench.floor", role, str(port), *extra, stdout=PIPE
+    )
+
+
+async def run(cfg: FloorConfig) -> dict[str, Any]:
+    """Runs the relay and the worker, sends ``rate * seconds`` probes; the figures."""
+    if cfg.commit:
+        async with _postgres(cfg.dsn) as dsn:
+            return await _run(cfg, dsn)
+    return await _run(cfg, None)
+
+
+async def _run(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
+    if dsn is None:
+        return await _probe(cfg, None)
+    conn = await asyncpg.connect(dsn)
+    try:
+        # A logged table: a commit that touched only a temporary one would not wait for
+        # the WAL flush, which is the point.
+        await conn.execute(f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, probe bytea NOT NULL)")
+        try:
+            return await _probe(cfg, dsn)
+        finally:
+            await conn.execute(f"DROP TABLE {TABLE}")
+    finally:
+        await conn.close()
+
+
+async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
+    port = _free_port()
+    relay = await _spawn("relay", port, *([dsn] if dsn else []))
+    procs = [relay]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), STARTUP_TIMEOUT)
+            worker = await _spawn("worker", port)
+            procs.append(worker)
+            submit: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_SUBMIT)
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            # Until the worker's stream is attached, then a warm-up (first calls pay for
+            # connections, plans and code paths once).
+            while await submit(_PROBE.pack(time.time(), 0), timeout=CALL_TIMEOUT) != DELIVERED:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the floor's worker did not attach in time")
+                await asyncio.sleep(0.05)
+            for _ in range(WARM_UP):
+                await submit(_PROBE.pack(time.time(), 0), timeout=CALL_TIMEOUT)
+                await asyncio.sleep(0.01)
+
+            postmaster = None
+            if dsn is not None:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    postmaster = cpu.postmaster_of(await conn.fetchval("SELECT pg_backend_pid()"))
+                finally:
+                    await conn.close()
+            groups = cpu.ProcessGroups(
+                coordinator=relay.pid, workers=[worker.pid], postmaster=postmaster
+            )
+            count = max(1, int(cfg.rate * cfg.seconds))
+            _say(f"floor: {count} probes at {cfg.rate:g}/s{' (with a commit)' if dsn else ''} …")
+            interval = 1.0 / cfg.rate
+            answered: list[float] = []
+            before = cpu.sample(groups.resolve())
+            start = time.perf_counter()
+
+            async def one(number: int) -> None:
+                await asyncio.sleep(max(0.0, start + number * interval - time.perf_counter()))
+                sent = time.perf_counter()
+                await submit(_PROBE.pack(time.time(), number), timeout=CALL_TIMEOUT)
+                answered.append((time.perf_counter() - sent) * 1000.0)
+
+            await asyncio.gather(*(one(n) for n in range(1, count + 1)))
+            per_probe = cpu.per_task_us(before, cpu.sample(groups.resolve()), count)
+            end: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_END)
+            await end(b"", timeout=CALL_TIMEOUT)
+            out, _ = await asyncio.wait_for(worker.communicate(), CALL_TIMEOUT)
+        latencies: list[float] = json.loads(out)
+        if len(latencies) != count:
+            raise RuntimeError(f"the worker read {len(latencies)} probes of {count}")
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    # The relay stands in for the coordinator in the CPU groups.
+    per_probe["relay"] = per_probe.pop("coordinator")
+    return {
+        "rate": cfg.rate,
+        "commit": dsn is not None,
+        "pickup_p50_ms": round(statistics.median(latencies), 2),
+        "pickup_p95_ms": round(_percentile(latencies, 95), 2),
+        "pickup_p99_ms": round(_percentile(latencies, 99), 2),
+        "pickup_max_ms": round(max(latencies), 2),
+        "pickup_histogram_ms": histogram(latencies),
+        "pickup_samples": len(latencies),
+        "answer_p50_ms": round(statistics.median(answered), 2),
+        "answer_p99_ms": round(_percentile(answered, 99), 2),
+        "cpu_per_probe_us": per_probe,
+    }
+
+
+def report(f: dict[str, Any]) -> None:
+    """The figures, for a reader."""
+    print(
+        f"floor {'with' if f['commit'] else 'without'} a commit, {f['pickup_samples']} probes "
+        f"at {f['rate']:g}/s\n"
+        f"  pickup              p50 {f['pickup_p50_ms']} ms   p95 {f['pickup_p95_ms']} ms   "
+        f"p99 {f['pickup_p99_ms']} ms   max {f['pickup_max_ms']} ms\n"
+        f"  pickup histogram    "
+        + "  ".join(f"{k}: {v}" for k, v in f["pickup_histogram_ms"].items())
+        + f"\n  answer              p50 {f['answer_p50_ms']} ms   p99 {f['answer_p99_ms']} ms\n"
+        "  CPU per probe       "
+        + "  ".join(f"{k} {v:g} µs" for k, v in f["cpu_per_probe_us"].items()),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m conveyor.bench.floor")
+    parser.add_argument("role", choices=("relay", "worker"))
+    parser.add_argument("port", type=int)
+    parser.add_argument("dsn", nargs="?")
+    args = parser.parse_args()
+    if args.role == "relay":
+        asyncio.run(_relay(args.port, args.dsn))
+    else:
+        asyncio.run(_worker(args.port))
+
+
+if __name__ == "__main__":
+    main()
