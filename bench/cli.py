@@ -75,7 +75,11 @@ def register(app: typer.Typer) -> None:
     command(
         app,
         "bench-floor",
-        example=["conveyor bench-floor --json", "conveyor bench-floor --commit --rate 50"],
+        example=[
+            "conveyor bench-floor --json",
+            "conveyor bench-floor --commit --rate 50",
+            "conveyor bench-floor --commit --stream --json",
+        ],
     )(bench_floor)
 
 
@@ -488,6 +492,14 @@ def bench_floor(
             "--commit", help="The relay commits a row per probe to a durable PostgreSQL first."
         ),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="The client submits on one open stream, not a unary call each (an API "
+            "Conveyor does not have: what it would take off).",
+        ),
+    ] = False,
     dsn: Annotated[
         str | None, typer.Option("--dsn", help="PostgreSQL for --commit; default: embedded.")
     ] = None,
@@ -500,6 +512,8 @@ def bench_floor(
     nothing of Conveyor in between. Compare its pickup with `conveyor bench`'s."""
     from conveyor.bench.floor import FloorConfig, report, run
 
-    figures = asyncio.run(run(FloorConfig(rate=rate, seconds=seconds, commit=commit, dsn=dsn)))
+    figures = asyncio.run(
+        run(FloorConfig(rate=rate, seconds=seconds, commit=commit, stream=stream, dsn=dsn))
+    )
     report(figures)
     return _print_figures(figures, as_json)

@@ -14,6 +14,10 @@ under Conveyor's pickup on the same machine: what the pickup measures above it i
 Conveyor's own work; what it measures here no change to Conveyor's code can take away
 short of another transport.
 
+With ``--stream`` the client sends its probes on one open bidirectional stream instead of
+a unary call each, and the relay answers each on it: the floor of an API that took
+submits on a stream, as workers take assignments (Conveyor has no such method).
+
 Roles: the parent process is the client and starts the relay and the worker as
 ``python -m conveyor.bench.floor relay|worker``.
 """
@@ -22,13 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import json
 import statistics
 import struct
 import sys
 import time
 from asyncio.subprocess import PIPE, Process
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +48,7 @@ from conveyor.bench.runner import _free_port, _percentile, _postgres, _say, hist
 
 SERVICE = "floor.Relay"
 _SUBMIT = f"/{SERVICE}/Submit"
+_SUBMIT_STREAM = f"/{SERVICE}/SubmitStream"
 _CONNECT = f"/{SERVICE}/Connect"
 _END = f"/{SERVICE}/End"
 _PROBE = struct.Struct("<dI")
@@ -60,6 +68,7 @@ class FloorConfig:
     rate: float = 100.0
     seconds: float = 10.0
     commit: bool = False
+    stream: bool = False
     dsn: str | None = None
 
 
@@ -82,6 +91,13 @@ async def _relay(port: int, dsn: str | None) -> None:
         await outbox.put(request)
         return DELIVERED
 
+    async def submit_stream(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> None:
+        # One probe at a time, answered in order: probes come 10-20 ms apart.
+        async for request in requests:
+            await context.write(await submit(request, context))
+
     async def connect(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> None:
@@ -100,6 +116,7 @@ async def _relay(port: int, dsn: str | None) -> None:
                 SERVICE,
                 {
                     "Submit": grpc.unary_unary_rpc_method_handler(submit),
+                    "SubmitStream": grpc.stream_stream_rpc_method_handler(submit_stream),
                     "Connect": grpc.stream_stream_rpc_method_handler(connect),
                     "End": grpc.unary_unary_rpc_method_handler(end),
                 },
@@ -139,6 +156,46 @@ async def _worker(port: int) -> None:
 
 
 # -- the client (the parent) ----------------------------------------------------------------
+
+Submit = Callable[[bytes], Awaitable[bytes]]
+
+
+def _unary(channel: grpc.aio.Channel) -> Submit:
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_SUBMIT)
+
+    async def submit(probe: bytes) -> bytes:
+        return await call(probe, timeout=CALL_TIMEOUT)
+
+    return submit
+
+
+@asynccontextmanager
+async def _on_a_stream(channel: grpc.aio.Channel) -> AsyncIterator[Submit]:
+    """Submits on one open stream: answers come in the order of the probes."""
+    opened: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(_SUBMIT_STREAM)
+    call = opened()
+    waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+    writes = asyncio.Lock()
+
+    async def read() -> None:
+        while (answer := await call.read()) is not grpc.aio.EOF:
+            assert isinstance(answer, bytes)
+            waiting.popleft().set_result(answer)
+
+    async def submit(probe: bytes) -> bytes:
+        answer = asyncio.get_running_loop().create_future()
+        async with writes:
+            waiting.append(answer)
+            await call.write(probe)
+        return await asyncio.wait_for(answer, CALL_TIMEOUT)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        yield submit
+    finally:
+        reader.cancel()
+        call.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 async def _spawn(role: str, port: int, *extra: str) -> Process:
@@ -180,47 +237,27 @@ async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
             await asyncio.wait_for(channel.channel_ready(), STARTUP_TIMEOUT)
             worker = await _spawn("worker", port)
             procs.append(worker)
-            submit: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_SUBMIT)
+            submit = _unary(channel)
             deadline = time.monotonic() + STARTUP_TIMEOUT
             # Until the worker's stream is attached, then a warm-up (first calls pay for
             # connections, plans and code paths once).
-            while await submit(_PROBE.pack(time.time(), 0), timeout=CALL_TIMEOUT) != DELIVERED:
+            while await submit(_PROBE.pack(time.time(), 0)) != DELIVERED:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the floor's worker did not attach in time")
                 await asyncio.sleep(0.05)
-            for _ in range(WARM_UP):
-                await submit(_PROBE.pack(time.time(), 0), timeout=CALL_TIMEOUT)
-                await asyncio.sleep(0.01)
+            async with contextlib.AsyncExitStack() as stack:
+                if cfg.stream:
+                    submit = await stack.enter_async_context(_on_a_stream(channel))
+                for _ in range(WARM_UP):
+                    await submit(_PROBE.pack(time.time(), 0))
+                    await asyncio.sleep(0.01)
+                per_probe, answered = await _measure(cfg, submit, relay.pid, worker.pid, dsn)
 
-            postmaster = None
-            if dsn is not None:
-                conn = await asyncpg.connect(dsn)
-                try:
-                    postmaster = cpu.postmaster_of(await conn.fetchval("SELECT pg_backend_pid()"))
-                finally:
-                    await conn.close()
-            groups = cpu.ProcessGroups(
-                coordinator=relay.pid, workers=[worker.pid], postmaster=postmaster
-            )
-            count = max(1, int(cfg.rate * cfg.seconds))
-            _say(f"floor: {count} probes at {cfg.rate:g}/s{' (with a commit)' if dsn else ''} …")
-            interval = 1.0 / cfg.rate
-            answered: list[float] = []
-            before = cpu.sample(groups.resolve())
-            start = time.perf_counter()
-
-            async def one(number: int) -> None:
-                await asyncio.sleep(max(0.0, start + number * interval - time.perf_counter()))
-                sent = time.perf_counter()
-                await submit(_PROBE.pack(time.time(), number), timeout=CALL_TIMEOUT)
-                answered.append((time.perf_counter() - sent) * 1000.0)
-
-            await asyncio.gather(*(one(n) for n in range(1, count + 1)))
-            per_probe = cpu.per_task_us(before, cpu.sample(groups.resolve()), count)
             end: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_END)
             await end(b"", timeout=CALL_TIMEOUT)
             out, _ = await asyncio.wait_for(worker.communicate(), CALL_TIMEOUT)
         latencies: list[float] = json.loads(out)
+        count = len(answered)
         if len(latencies) != count:
             raise RuntimeError(f"the worker read {len(latencies)} probes of {count}")
     finally:
@@ -233,6 +270,7 @@ async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
     return {
         "rate": cfg.rate,
         "commit": dsn is not None,
+        "stream": cfg.stream,
         "pickup_p50_ms": round(statistics.median(latencies), 2),
         "pickup_p95_ms": round(_percentile(latencies, 95), 2),
         "pickup_p99_ms": round(_percentile(latencies, 99), 2),
@@ -245,10 +283,42 @@ async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
     }
 
 
+async def _measure(
+    cfg: FloorConfig, submit: Submit, relay: int, worker: int, dsn: str | None
+) -> tuple[dict[str, float], list[float]]:
+    """Sends the probes at the configured rate: CPU per probe by process, and each probe's
+    time to its answer (ms)."""
+    postmaster = None
+    if dsn is not None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            postmaster = cpu.postmaster_of(await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+    groups = cpu.ProcessGroups(coordinator=relay, workers=[worker], postmaster=postmaster)
+    count = max(1, int(cfg.rate * cfg.seconds))
+    how = " on a stream" if cfg.stream else ""
+    _say(f"floor: {count} probes{how} at {cfg.rate:g}/s{' with a commit' if dsn else ''} …")
+    interval = 1.0 / cfg.rate
+    answered: list[float] = []
+    before = cpu.sample(groups.resolve())
+    start = time.perf_counter()
+
+    async def one(number: int) -> None:
+        await asyncio.sleep(max(0.0, start + number * interval - time.perf_counter()))
+        sent = time.perf_counter()
+        await submit(_PROBE.pack(time.time(), number))
+        answered.append((time.perf_counter() - sent) * 1000.0)
+
+    await asyncio.gather(*(one(n) for n in range(1, count + 1)))
+    return cpu.per_task_us(before, cpu.sample(groups.resolve()), count), answered
+
+
 def report(f: dict[str, Any]) -> None:
     """The figures, for a reader."""
     print(
-        f"floor {'with' if f['commit'] else 'without'} a commit, {f['pickup_samples']} probes "
+        f"floor {'with' if f['commit'] else 'without'} a commit, {f['pickup_samples']} probes"
+        f"{' on a stream' if f['stream'] else ''} "
         f"at {f['rate']:g}/s\n"
         f"  pickup              p50 {f['pickup_p50_ms']} ms   p95 {f['pickup_p95_ms']} ms   "
         f"p99 {f['pickup_p99_ms']} ms   max {f['pickup_max_ms']} ms\n"
