@@ -238,10 +238,6 @@ class QueueOps:
         the table it writes them to once a second elsewhere; the workers only on the
         leader (``with_workers`` sends the call there, NOT_LEADER from a follower), and a
         follower's answer says it left them out (``workers_omitted``)."""
-        office = self._deps.office
-        leader = office.is_leader()
-        if request.with_workers and not leader:
-            raise NotLeader(office.leader_address())
         if not 0 <= request.count_limit <= MAX_COUNT_LIMIT:
             raise InvalidArgument(
                 [
@@ -252,9 +248,13 @@ class QueueOps:
                     )
                 ]
             )
+        office = self._deps.office
+        leader = office.is_leader()
+        if request.with_workers and not leader:
+            raise NotLeader(office.leader_address())
         tenant = context.current().tenant
         queues = await self.queue_stats(
-            tenant, with_workers=leader, cap=request.count_limit or DEFAULT_COUNT_LIMIT
+            tenant, with_workers=leader, cap=request.count_limit or None
         )
         limits = await rate_limits.of_tenant()
         if limits:
@@ -293,15 +293,16 @@ class QueueOps:
         tenant: str,
         *,
         with_workers: bool = True,
-        cap: int = DEFAULT_COUNT_LIMIT,
+        cap: int | None = None,
         only: str | None = None,
     ) -> list[task_pb2.QueueStats]:
         """The tenant's queues (those with tasks, paused ones, and, ``with_workers``, those
-        its workers serve), by name, each count exact up to ``cap`` and flagged beyond it;
+        its workers serve), by name, each count exact up to ``cap`` (None: the default,
+        :data:`DEFAULT_COUNT_LIMIT`) and flagged beyond it;
         with ``only``, that one queue, whatever it holds. Without ``with_workers`` (a
         follower: the sessions are the leader's) every ``workers`` is 0."""
         async with self._deps.db.read() as conn:
-            rows = await store.queue_stats(conn, tenant, cap, only)
+            rows = await store.queue_stats(conn, tenant, cap or DEFAULT_COUNT_LIMIT, only)
             paused = await queue_store.paused_of(conn, tenant)
         if only is not None:
             paused &= {only}
