@@ -141,6 +141,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent
     sys.stdout.flush()
 
 
+def tally(value: int, capped: bool) -> int | str:
+    """A task count as a table shows it: a capped one (ListQueues counts up to a cap) as
+    at least that many, ``10000+``."""
+    return f"{value}+" if capped else value
+
+
 def print_text(text: str) -> None:
     """Prints user-supplied text as is (no markup)."""
     print(text, flush=True)

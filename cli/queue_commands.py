@@ -44,7 +44,8 @@ def pause_or_resume(g: Globals, action: QueueAction, queue: str | None) -> int:
             stats = client.resume_queue(queue)
     state = "paused" if stats.paused else "dispatching"
     output.print_text(
-        f"queue {stats.name} {state} ({stats.pending} pending, {stats.running} running)"
+        f"queue {stats.name} {state} "
+        f"({output.tally(stats.pending, stats.pending_capped)} pending, {stats.running} running)"
     )
     return 0
 

@@ -420,15 +420,26 @@ def queues(
     ] = None,
     queue: Annotated[str | None, typer.Argument(metavar="[QUEUE]", help="The queue.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    count_limit: Annotated[
+        int,
+        typer.Option(
+            "--count-limit",
+            min=0,
+            help="Count each queue's pending, scheduled and dead tasks up to this many "
+            "(shown as 10000+ beyond it); 0: the server's default, 10,000.",
+        ),
+    ] = 0,
     *,
     g: Globals,
 ) -> int:
     """Show task counts per queue and the connected workers that take from each; or pause
-    a queue (it accepts submits, dispatches nothing, running tasks finish) or resume it."""
+    a queue (it accepts submits, dispatches nothing, running tasks finish) or resume it.
+    A count shown as N+ is at least N: the counts stop at a cap, so the call stays cheap
+    however deep a queue is."""
     if action is not None:
         return pause_or_resume(g, action, queue)
     with g.client() as client:
-        stats = client.queues()
+        stats = client.queues(count_limit=count_limit)
         breakers = client.circuit_breakers()
     if as_json:
         rows = [
@@ -438,6 +449,9 @@ def queues(
                 "scheduled": q.scheduled,
                 "running": q.running,
                 "dead": q.dead,
+                "pending_capped": q.pending_capped,
+                "scheduled_capped": q.scheduled_capped,
+                "dead_capped": q.dead_capped,
                 "workers": q.workers,
                 "paused": q.paused,
                 "rate_limits": [dataclasses.asdict(r) for r in q.rate_limits],
@@ -452,7 +466,15 @@ def queues(
     output.print_table(
         ["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "DEAD", "PAUSED", "WORKERS"],
         [
-            (q.name, q.pending, q.scheduled, q.running, q.dead, _yes_no(q.paused), q.workers)
+            (
+                q.name,
+                output.tally(q.pending, q.pending_capped),
+                output.tally(q.scheduled, q.scheduled_capped),
+                q.running,
+                output.tally(q.dead, q.dead_capped),
+                _yes_no(q.paused),
+                q.workers,
+            )
             for q in stats
         ],
     )

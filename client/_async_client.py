@@ -449,13 +449,15 @@ class AsyncClient:
                 return
             token = page.next_page_token
 
-    async def queues(self) -> builtins.list[QueueStats]:
-        """Returns every queue with its task counts by state."""
+    async def queues(self, *, count_limit: int = 0) -> builtins.list[QueueStats]:
+        """Returns every queue with its task counts by state. Each count but ``running``
+        is exact up to ``count_limit`` (0: the server's default, 10,000; at most
+        1,000,000) and capped beyond it, flagged ``pending_capped`` and the like: the
+        call's cost stays bounded however deep a queue is."""
         # The worker counts are the leader's memory: it answers this one (a follower
         # would leave them out).
-        response = await self._conn.unary(
-            lambda s: s.tasks.ListQueues, pb.ListQueuesRequest(with_workers=True), idempotent=True
-        )
+        request = pb.ListQueuesRequest(with_workers=True, count_limit=count_limit)
+        response = await self._conn.unary(lambda s: s.tasks.ListQueues, request, idempotent=True)
         return [QueueStats.from_proto(q) for q in response.queues]
 
     async def circuit_breakers(self) -> builtins.list[CircuitBreaker]:

@@ -546,7 +546,10 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
-    """A queue's task counts by state."""
+    """A queue's task counts by state. ``pending``, ``scheduled`` and ``dead`` are exact
+    up to the call's cap (``queues(count_limit=...)``, else the server's default of
+    10,000); beyond it the count is the cap and its ``*_capped`` flag is set, meaning "at
+    least this many". ``running`` is always exact."""
 
     name: str
     #: Ready to run now.
@@ -556,9 +559,17 @@ class QueueStats:
     running: int = 0
     #: In the dead-letter queue.
     dead: int = 0
+    #: More are pending than the cap: ``pending`` is a lower bound.
+    pending_capped: bool = False
+    #: More are scheduled than the cap: ``scheduled`` is a lower bound.
+    scheduled_capped: bool = False
+    #: More are dead than the cap: ``dead`` is a lower bound.
+    dead_capped: bool = False
     #: Workers connected to the leader that take tasks from this queue.
     workers: int = 0
     #: When the oldest PENDING task became ready (its run_at); ``None`` when none is.
+    #: Exact unless ``pending_capped``: then the oldest of the first cap + 1 in dispatch
+    #: order, and the queue's oldest has waited at least this long.
     oldest_pending_time: datetime | None = None
     #: The rate limits that cover this queue (its own, and by type in every queue).
     rate_limits: tuple[RateLimit, ...] = ()
@@ -574,6 +585,9 @@ class QueueStats:
             scheduled=msg.scheduled,
             running=msg.running,
             dead=msg.dead,
+            pending_capped=msg.pending_capped,
+            scheduled_capped=msg.scheduled_capped,
+            dead_capped=msg.dead_capped,
             workers=msg.workers,
             oldest_pending_time=_datetime_or_none(msg, "oldest_pending_time"),
             rate_limits=tuple(RateLimit.from_proto(r) for r in msg.rate_limits),

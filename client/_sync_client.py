@@ -331,9 +331,12 @@ class Client:
         """Yields every matching task, newest first, fetching pages as it goes."""
         return self._loop.iterate(self._async.iter_tasks(queue, state, type, page_size))
 
-    def queues(self) -> builtins.list[QueueStats]:
-        """Returns every queue with its task counts by state."""
-        return self._loop.run(self._async.queues())
+    def queues(self, *, count_limit: int = 0) -> builtins.list[QueueStats]:
+        """Returns every queue with its task counts by state. Each count but ``running``
+        is exact up to ``count_limit`` (0: the server's default, 10,000; at most
+        1,000,000) and capped beyond it, flagged ``pending_capped`` and the like: the
+        call's cost stays bounded however deep a queue is."""
+        return self._loop.run(self._async.queues(count_limit=count_limit))
 
     def circuit_breakers(self) -> builtins.list[CircuitBreaker]:
         """Returns this tenant's circuit breakers that are not closed (the task types the

@@ -67,6 +67,12 @@ def ago(when: datetime | None, now: datetime) -> str:
     return duration(max(now - when, timedelta(0)))
 
 
+def tally(value: int, capped: bool = False) -> str:
+    """A task count with thousands separators; a capped one (ListQueues counts up to a
+    cap) as at least that many: ``10,000+``."""
+    return f"{value:,}+" if capped else f"{value:,}"
+
+
 @dataclass(frozen=True, slots=True)
 class PayloadView:
     """A payload or result, ready to show as text."""

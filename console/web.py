@@ -95,6 +95,7 @@ def _environment() -> jinja2.Environment:
         error=present.error_view,
         short_id=lambda value: value[-12:] if value else "",
         age=present.ago,
+        tally=present.tally,
         pb_time=_pb_time,
     )
     env.globals.update(query=query_path)

@@ -66,6 +66,10 @@ class QueueView:
     rates: QueueRates | None = None
     #: Paused (PauseQueue): it accepts submits and dispatches nothing.
     paused: bool = False
+    #: The counts that reached ListQueues' cap (each then means "at least").
+    pending_capped: bool = False
+    scheduled_capped: bool = False
+    dead_capped: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,6 +137,15 @@ class QueueCounts(Protocol):
     @property
     def paused(self) -> bool: ...
 
+    @property
+    def pending_capped(self) -> bool: ...
+
+    @property
+    def scheduled_capped(self) -> bool: ...
+
+    @property
+    def dead_capped(self) -> bool: ...
+
 
 def snapshot_from_protos(
     status: admin_service_pb2.GetClusterStatusResponse,
@@ -176,6 +189,9 @@ def snapshot_from_protos(
                 oldest_pending.get(q.name),
                 queue_rates.get(q.name),
                 paused=q.paused,
+                pending_capped=q.pending_capped,
+                scheduled_capped=q.scheduled_capped,
+                dead_capped=q.dead_capped,
             )
             for q in queues
         ),
@@ -237,6 +253,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _tally(value: int, capped: bool) -> str:
+    """A count; a capped one (ListQueues counts up to a cap) as at least that many."""
+    return f"{value:,}+" if capped else f"{value:,}"
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}/s"
 
@@ -252,12 +273,14 @@ def _queues_table(queues: Sequence[QueueView]) -> Table:
         unserved = q.pending > 0 and q.workers == 0
         table.add_row(
             Text(f"{q.name} (paused)", style="yellow") if q.paused else q.name,
-            f"{q.pending:,}",
-            f"{q.scheduled:,}",
+            _tally(q.pending, q.pending_capped),
+            _tally(q.scheduled, q.scheduled_capped),
             f"{q.running:,}",
-            Text(f"{q.dead:,}", style="red" if q.dead else ""),
+            Text(_tally(q.dead, q.dead_capped), style="red" if q.dead else ""),
             Text(str(q.workers), style="bold red" if unserved else ""),
-            _age(q.oldest_pending_age),
+            # Capped: the oldest of the first tasks in dispatch order, so at least this.
+            _age(q.oldest_pending_age)
+            + ("+" if q.pending_capped and q.oldest_pending_age is not None else ""),
             _rate(r.submitted if r else None),
             _rate(r.succeeded if r else None),
             Text(_rate(r.failed if r else None), style="red" if r and r.failed > 0 else ""),

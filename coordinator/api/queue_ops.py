@@ -49,6 +49,14 @@ BATCH = 1000
 """Tasks one statement of a bulk call by filter redrives or deletes."""
 DEFAULT_MAX_TASKS = 10_000
 MAX_MAX_TASKS = 100_000
+DEFAULT_COUNT_LIMIT = 10_000
+"""The cap on each queue's pending, scheduled and dead counts when a ListQueues names none,
+and for PauseQueue and ResumeQueue: each count reads at most this many index entries (plus
+one), a few milliseconds a queue however deep it is (docs/performance.md, issue 19,
+seventh round)."""
+MAX_COUNT_LIMIT = 1_000_000
+"""The largest cap a ListQueues may ask for: about a quarter of a second of PostgreSQL per
+deep queue (221 ms measured at 10,000,000 waiting)."""
 SETTLE_TIMEOUT = 2.0
 """Longest PauseQueue waits for a dispatch round under way to end."""
 
@@ -202,8 +210,8 @@ class QueueOps:
             await self._settle()
         else:
             self._dispatcher.wake()
-        stats = [q for q in await self.queue_stats(tenant) if q.name == queue]
-        return stats[0] if stats else task_pb2.QueueStats(name=queue, paused=paused)
+        (stats,) = await self.queue_stats(tenant, only=queue)
+        return stats
 
     async def _settle(self) -> None:
         """Waits for the dispatch round under way (it may have begun before the pause)
@@ -231,12 +239,24 @@ class QueueOps:
         the table it writes them to once a second elsewhere; the workers only on the
         leader (``with_workers`` sends the call there, NOT_LEADER from a follower), and a
         follower's answer says it left them out (``workers_omitted``)."""
+        if not 0 <= request.count_limit <= MAX_COUNT_LIMIT:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "count_limit",
+                        f"must be between 1 and {MAX_COUNT_LIMIT:,} (0 for the default, "
+                        f"{DEFAULT_COUNT_LIMIT:,}); got {request.count_limit}",
+                    )
+                ]
+            )
         office = self._deps.office
         leader = office.is_leader()
         if request.with_workers and not leader:
             raise NotLeader(office.leader_address())
         tenant = context.current().tenant
-        queues = await self.queue_stats(tenant, with_workers=leader)
+        queues = await self.queue_stats(
+            tenant, with_workers=leader, cap=request.count_limit or None
+        )
         limits = await rate_limits.of_tenant()
         if limits:
             for queue in queues:
@@ -270,29 +290,41 @@ class QueueOps:
         )
 
     async def queue_stats(
-        self, tenant: str, *, with_workers: bool = True
+        self,
+        tenant: str,
+        *,
+        with_workers: bool = True,
+        cap: int | None = None,
+        only: str | None = None,
     ) -> list[task_pb2.QueueStats]:
         """The tenant's queues (those with tasks, paused ones, and, ``with_workers``, those
-        its workers serve), by name. Without ``with_workers`` (a follower: the sessions
-        are the leader's) every ``workers`` is 0."""
+        its workers serve), by name, each count exact up to ``cap`` (None: the default,
+        :data:`DEFAULT_COUNT_LIMIT`) and flagged beyond it; with ``only``, that one queue,
+        whatever it holds. Without ``with_workers`` (a follower: the sessions are the
+        leader's) every ``workers`` is 0."""
         async with self._deps.db.read() as conn:
-            rows = await store.queue_stats(conn, tenant)
+            rows = await store.queue_stats(conn, tenant, cap or DEFAULT_COUNT_LIMIT, only)
             paused = await queue_store.paused_of(conn, tenant)
+        if only is not None:
+            paused &= {only}
         sessions = list(self._deps.sessions) if with_workers else []
 
         def workers(queue: str) -> int:
             return sum(1 for s in sessions if dispatch_policy.takes_from(s, tenant, queue))
 
         found = {
-            r["queue"]: task_pb2.QueueStats(
-                name=r["queue"],
-                pending=r["pending"],
-                scheduled=r["scheduled"],
-                running=r["running"],
-                dead=r["dead"],
-                workers=workers(r["queue"]),
-                oldest_pending_time=convert.maybe_timestamp(r["oldest_pending"]),
-                paused=r["queue"] in paused,
+            r.queue: task_pb2.QueueStats(
+                name=r.queue,
+                pending=r.pending,
+                scheduled=r.scheduled,
+                running=r.running,
+                dead=r.dead,
+                pending_capped=r.pending_capped,
+                scheduled_capped=r.scheduled_capped,
+                dead_capped=r.dead_capped,
+                workers=workers(r.queue),
+                oldest_pending_time=convert.maybe_timestamp(r.oldest_pending),
+                paused=r.queue in paused,
             )
             for r in rows
         }
@@ -300,6 +332,8 @@ class QueueOps:
             found[queue] = task_pb2.QueueStats(name=queue, workers=workers(queue), paused=True)
         # A queue only idle workers serve is listed too: where the workers are is news.
         served = {q for s in sessions if s.tenant == tenant for q in s.queues}
+        if only is not None:
+            served &= {only}
         for queue in served - found.keys():
             found[queue] = task_pb2.QueueStats(name=queue, workers=workers(queue))
         return [found[name] for name in sorted(found)]

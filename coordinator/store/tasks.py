@@ -524,24 +524,133 @@ async def list_page(conn: asyncpg.Connection, tenant: str, flt: ListFilter) -> l
     )
 
 
+# A tenant's queues, counted by state at a cost bounded by a cap, whatever the depth
+# (docs/performance.md, issue 19, seventh round). The queues are found by loose index
+# scans (one probe per queue: the next queue name after the last) over the partial
+# indexes that lead with (tenant, queue): tasks_ready, tasks_scheduled_queue, tasks_dead;
+# running tasks are read from tasks_leased, whose rows are bounded by the workers'
+# capacity, not by the depth. Then each queue's PENDING, SCHEDULED and DEAD tasks are
+# counted up to :limit (the cap + 1, so a count over the cap shows) on the same indexes,
+# each in its index's order: only an index scan keeps that order, so the planner cannot
+# take a bitmap scan, which would read every entry of the queue before the LIMIT
+# (migration 0015). The PENDING rows come in dispatch order, and their run_at gives the
+# oldest: exact when the count is under the cap.
+_NEXT_QUEUE = """
+    {name}(queue) AS (
+        (SELECT queue FROM tasks WHERE tenant = :tenant AND state = {state}
+         ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT t.queue FROM tasks t
+                WHERE t.tenant = :tenant AND t.state = {state} AND t.queue > q.queue
+                ORDER BY t.queue LIMIT 1)
+        FROM {name} q WHERE q.queue IS NOT NULL
+    )"""
+_QUEUE_COUNTS = f"""
+    SELECT q.queue, p.n AS pending, p.oldest AS oldest_pending, s.n AS scheduled,
+        coalesce(r.n, 0) AS running, d.n AS dead
+    FROM queues q
+    LEFT JOIN running r ON r.queue = q.queue
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, min(run_at) AS oldest FROM (
+            SELECT run_at FROM tasks
+            WHERE tenant = :tenant AND queue = q.queue AND state = {PENDING}
+            ORDER BY priority DESC, deadline, id LIMIT :limit
+        ) ready
+    ) p
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT FROM tasks
+            WHERE tenant = :tenant AND queue = q.queue AND state = {SCHEDULED}
+            ORDER BY run_at LIMIT :limit
+        ) scheduled
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT FROM tasks
+            WHERE tenant = :tenant AND queue = q.queue AND state = {DEAD}
+            ORDER BY id LIMIT :limit
+        ) dead
+    ) d
+    ORDER BY q.queue
+"""
 _QUEUE_STATS = Query(
     "queue_stats",
     f"""
-    SELECT queue,
-        count(*) FILTER (WHERE state = {PENDING}) AS pending,
-        count(*) FILTER (WHERE state = {SCHEDULED}) AS scheduled,
-        count(*) FILTER (WHERE state = {RUNNING}) AS running,
-        count(*) FILTER (WHERE state = {DEAD}) AS dead,
-        min(run_at) FILTER (WHERE state = {PENDING}) AS oldest_pending
-    FROM tasks
-    WHERE tenant = :tenant AND state IN ({PENDING}, {SCHEDULED}, {RUNNING}, {DEAD})
-    GROUP BY queue ORDER BY queue
+    WITH RECURSIVE
+    {_NEXT_QUEUE.format(name="ready_queues", state=PENDING)},
+    {_NEXT_QUEUE.format(name="scheduled_queues", state=SCHEDULED)},
+    {_NEXT_QUEUE.format(name="dead_queues", state=DEAD)},
+    running AS (
+        SELECT queue, count(*) AS n FROM tasks
+        WHERE tenant = :tenant AND state = {RUNNING} GROUP BY queue
+    ),
+    queues AS (
+        SELECT queue FROM ready_queues WHERE queue IS NOT NULL
+        UNION SELECT queue FROM scheduled_queues WHERE queue IS NOT NULL
+        UNION SELECT queue FROM dead_queues WHERE queue IS NOT NULL
+        UNION SELECT queue FROM running
+    )
+    {_QUEUE_COUNTS}
+    """,
+)
+# PauseQueue and ResumeQueue answer with their one queue: the same counts, no search.
+_ONE_QUEUE_STATS = Query(
+    "one_queue_stats",
+    f"""
+    WITH running AS (
+        SELECT queue, count(*) AS n FROM tasks
+        WHERE tenant = :tenant AND queue = :queue AND state = {RUNNING} GROUP BY queue
+    ),
+    queues AS (SELECT :queue::text AS queue)
+    {_QUEUE_COUNTS}
     """,
 )
 
 
-async def queue_stats(conn: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
-    return await _QUEUE_STATS.fetch(conn, tenant=tenant)
+class QueueCounts(NamedTuple):
+    """One queue's tasks by state, each count exact up to the cap it was taken with."""
+
+    queue: str
+    pending: int
+    scheduled: int
+    running: int
+    """Exact: RUNNING tasks are bounded by the workers' capacity, and never capped."""
+    dead: int
+    pending_capped: bool
+    """More than the cap are PENDING: ``pending`` is the cap, meaning "at least"."""
+    scheduled_capped: bool
+    dead_capped: bool
+    oldest_pending: datetime | None
+    """The oldest PENDING run_at: exact unless ``pending_capped``; then the oldest of the
+    first cap + 1 in dispatch order (the queue's oldest is at least as old)."""
+
+
+async def queue_stats(
+    conn: asyncpg.Connection, tenant: str, cap: int, queue: str | None = None
+) -> list[QueueCounts]:
+    """The tenant's queues that hold PENDING, SCHEDULED, RUNNING or DEAD tasks, by name,
+    with each count exact up to ``cap`` (>= 1) and capped beyond it; reads at most
+    ``cap + 1`` index entries per queue and count (RUNNING: every running task of the
+    tenant, a number bounded by the workers' capacity). With ``queue``: that queue
+    alone, listed even when it holds no task."""
+    if queue is None:
+        rows = await _QUEUE_STATS.fetch(conn, tenant=tenant, limit=cap + 1)
+    else:
+        rows = await _ONE_QUEUE_STATS.fetch(conn, tenant=tenant, queue=queue, limit=cap + 1)
+    return [
+        QueueCounts(
+            queue=r["queue"],
+            pending=min(r["pending"], cap),
+            scheduled=min(r["scheduled"], cap),
+            running=r["running"],
+            dead=min(r["dead"], cap),
+            pending_capped=r["pending"] > cap,
+            scheduled_capped=r["scheduled"] > cap,
+            dead_capped=r["dead"] > cap,
+            oldest_pending=r["oldest_pending"],
+        )
+        for r in rows
+    ]
 
 
 # One statement per state, so each reads its own partial index (tasks_ready,

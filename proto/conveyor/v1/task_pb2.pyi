@@ -424,17 +424,34 @@ class QueueStats(_message.Message):
     SCHEDULED_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     DEAD_FIELD_NUMBER: _builtins.int
+    PENDING_CAPPED_FIELD_NUMBER: _builtins.int
+    SCHEDULED_CAPPED_FIELD_NUMBER: _builtins.int
+    DEAD_CAPPED_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     OLDEST_PENDING_TIME_FIELD_NUMBER: _builtins.int
     RATE_LIMITS_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     pending: _builtins.int
-    """Tasks ready to run now (PENDING)."""
+    """Tasks ready to run now (PENDING). Like scheduled and dead, exact up to the call's cap
+    (ListQueuesRequest.count_limit; PauseQueue and ResumeQueue use the server's default):
+    beyond it the count is the cap and pending_capped is set, meaning "at least this many"
+    (a count that merely equals the cap, with the flag unset, is exact).
+    """
     scheduled: _builtins.int
-    """Tasks waiting for a future run_at (SCHEDULED)."""
+    """Tasks waiting for a future run_at (SCHEDULED); capped as pending is."""
     running: _builtins.int
+    """Tasks leased to a worker (RUNNING): always exact, never capped (they are bounded by
+    the workers' capacity, not by the queue's depth).
+    """
     dead: _builtins.int
+    """Tasks in the dead-letter queue (DEAD); capped as pending is."""
+    pending_capped: _builtins.bool
+    """More tasks are PENDING than the cap: pending is the cap, a lower bound."""
+    scheduled_capped: _builtins.bool
+    """More tasks are SCHEDULED than the cap: scheduled is the cap, a lower bound."""
+    dead_capped: _builtins.bool
+    """More tasks are DEAD than the cap: dead is the cap, a lower bound."""
     workers: _builtins.int
     """Workers connected to the leader that take tasks from this queue; 0 when a follower
     answered ListQueues (ListQueuesResponse.workers_omitted).
@@ -446,7 +463,10 @@ class QueueStats(_message.Message):
     @_builtins.property
     def oldest_pending_time(self) -> _timestamp_pb2.Timestamp:
         """When the oldest ready (PENDING) task became ready (its run_at); unset when none is
-        pending. How long work has waited: `conveyor top` shows its age.
+        pending. How long work has waited: `conveyor top` shows its age. Exact unless
+        pending_capped; then it is the oldest among the first cap + 1 tasks in dispatch order
+        (priority, then age), so the queue's oldest task has waited at least this long (for a
+        queue of one priority, usually exactly this long).
         """
 
     @_builtins.property
@@ -461,6 +481,9 @@ class QueueStats(_message.Message):
         scheduled: _builtins.int = ...,
         running: _builtins.int = ...,
         dead: _builtins.int = ...,
+        pending_capped: _builtins.bool = ...,
+        scheduled_capped: _builtins.bool = ...,
+        dead_capped: _builtins.bool = ...,
         workers: _builtins.int = ...,
         oldest_pending_time: _timestamp_pb2.Timestamp | None = ...,
         rate_limits: _abc.Iterable[Global___RateLimit] | None = ...,
@@ -468,7 +491,7 @@ class QueueStats(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_pending_time", b"oldest_pending_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead", b"dead", "dead_capped", b"dead_capped", "name", b"name", "oldest_pending_time", b"oldest_pending_time", "paused", b"paused", "pending", b"pending", "pending_capped", b"pending_capped", "rate_limits", b"rate_limits", "running", b"running", "scheduled", b"scheduled", "scheduled_capped", b"scheduled_capped", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -739,20 +739,28 @@ class ListQueuesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WITH_WORKERS_FIELD_NUMBER: _builtins.int
+    COUNT_LIMIT_FIELD_NUMBER: _builtins.int
     with_workers: _builtins.bool
     """Count the connected workers per queue (QueueStats.workers). The workers are the
     leader's memory (their streams end there), so with this set only the leader answers:
     a follower refuses with UNAVAILABLE, reason NOT_LEADER and the leader's address, which
     the client follows. Without it any coordinator answers.
     """
+    count_limit: _builtins.int
+    """The cap on each queue's pending, scheduled and dead counts: each is exact up to it
+    and capped beyond it (QueueStats.pending_capped and the like), so that a call costs at
+    most about this many index entries per queue and count, however deep the queue.
+    0 takes the server's default (10,000); otherwise 1 to 1,000,000, else INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         with_workers: _builtins.bool = ...,
+        count_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["with_workers", b"with_workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_limit", b"count_limit", "with_workers", b"with_workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -137,3 +137,8 @@ def test_client_errors_in_cli_terms() -> None:
     assert code == 1 and "cancel(" not in message and "conveyor cancel t1" in message
     assert message.startswith("gave up waiting after 5s: task t1 is pending")
     assert describe(ZeroDivisionError()) is None  # a bug keeps its traceback
+
+
+def test_a_capped_count_reads_as_at_least() -> None:
+    assert output.tally(1234, False) == 1234  # a table prints it as it always did
+    assert output.tally(10_000, True) == "10000+"

@@ -16,6 +16,7 @@ from conveyor.console.present import (
     made_by_schedule,
     payload_view,
     stamp,
+    tally,
 )
 from conveyor.transport._encryption import Binding, EncryptionCodec, KeyRing
 
@@ -96,3 +97,9 @@ def test_times() -> None:
     assert stamp(None) == "-"
     assert ago(when, when + timedelta(seconds=5)) == "5.0 s"
     assert ago(when + timedelta(seconds=5), when) == "0 ms"  # a clock a little ahead
+
+
+def test_a_capped_count_reads_as_at_least() -> None:
+    assert tally(1234) == "1,234"
+    assert tally(10_000, capped=True) == "10,000+"
+    assert tally(0, capped=False) == "0"

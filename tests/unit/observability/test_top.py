@@ -128,3 +128,23 @@ def test_a_paused_queue_says_so() -> None:
     text = screen(snapshot_from_protos(status(), queues))
     assert "held (paused)" in text
     assert "emails (paused)" not in text
+
+
+def test_a_capped_count_shows_as_at_least() -> None:
+    # ListQueues counts up to a cap (issue 19, seventh round): beyond it, "at least".
+    deep = task_pb2.QueueStats(
+        name="deep",
+        pending=10_000,
+        pending_capped=True,
+        scheduled=10_000,
+        dead=10_000,
+        dead_capped=True,
+        workers=1,
+    )
+    queues = [deep]
+    oldest = {"deep": 90.0}
+    text = screen(snapshot_from_protos(status(), queues, oldest_pending=oldest))
+    (row,) = [line for line in text.splitlines() if "deep" in line]
+    cells = [cell.strip() for cell in row.split("│")[1:8]]
+    # pending, scheduled (exact), running, dead, workers, oldest pending (at least)
+    assert cells == ["deep", "10,000+", "10,000", "0", "10,000+", "1", "1.5m+"], row
