@@ -34,8 +34,11 @@ PERMISSION_DENIED, INVALID_ARGUMENT for bad metadata), audited and throttled by 
 :class:`~conveyor.coordinator.tenancy.auth.Authenticator`.
 
 These are reads: any coordinator answers (no leader needed), two counts on the partial
-indexes per call (``store.tasks.queue_backlog``), so KEDA's polling (30 s by default) costs
-the database next to nothing.
+indexes per call (``store.tasks.queue_backlog``). They are exact, so linear in the depth of
+the queues named: next to nothing while they are shallow, but by their shape about a
+second of PostgreSQL per call with 10,000,000 tasks waiting (the metrics' depth count took
+1.1 s there; docs/performance.md, issue 19, seventh round), once per KEDA poll (30 s by
+default).
 """
 
 from __future__ import annotations
