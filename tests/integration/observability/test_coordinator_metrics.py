@@ -120,8 +120,17 @@ async def test_the_task_lifecycle_moves_every_task_metric(
     await stub.CancelTask(task_service_pb2.CancelTaskRequest(id=waiting[0].id))
 
     async def settled() -> Page | None:
+        # The last transitions settle together: the expired lease's count, and no task
+        # running on the worker (read from the database at scrape time). Read one page
+        # only once both hold: on a loaded machine the first page to show the count
+        # showed a task in flight once.
         p = await page(coordinator)
-        return p if p.value("conveyor_tasks_lease_expired_total") == 1 else None
+        expired = p.value("conveyor_tasks_lease_expired_total") == 1
+        return (
+            p
+            if expired and p.value("conveyor_workers_in_flight_tasks", tenant="default") == 0
+            else None
+        )
 
     p = await eventually(settled, timeout=30)
 
