@@ -44,7 +44,7 @@ import grpc
 import grpc.aio
 
 from conveyor.bench import cpu
-from conveyor.bench.runner import _free_port, _percentile, _postgres, _say, histogram
+from conveyor.bench.runner import _free_port, _percentile, _postgres, _say, pickup_figures
 
 SERVICE = "floor.Relay"
 _SUBMIT = f"/{SERVICE}/Submit"
@@ -271,12 +271,7 @@ async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
         "rate": cfg.rate,
         "commit": dsn is not None,
         "stream": cfg.stream,
-        "pickup_p50_ms": round(statistics.median(latencies), 2),
-        "pickup_p95_ms": round(_percentile(latencies, 95), 2),
-        "pickup_p99_ms": round(_percentile(latencies, 99), 2),
-        "pickup_max_ms": round(max(latencies), 2),
-        "pickup_histogram_ms": histogram(latencies),
-        "pickup_samples": len(latencies),
+        **pickup_figures(latencies),
         "answer_p50_ms": round(statistics.median(answered), 2),
         "answer_p99_ms": round(_percentile(answered, 99), 2),
         "cpu_per_probe_us": per_probe,

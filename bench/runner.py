@@ -292,6 +292,19 @@ def histogram(values: list[float], bounds: tuple[float, ...] = PICKUP_BUCKETS_MS
     return dict(zip(keys, counts, strict=True))
 
 
+def pickup_figures(latencies: list[float]) -> dict[str, Any]:
+    """The pickup latencies' figures (ms), as every benchmark that times pickups reports
+    them: p50, p95, p99, max, the histogram and the number of samples."""
+    return {
+        "pickup_p50_ms": round(statistics.median(latencies), 2),
+        "pickup_p95_ms": round(_percentile(latencies, 95), 2),
+        "pickup_p99_ms": round(_percentile(latencies, 99), 2),
+        "pickup_max_ms": round(max(latencies), 2),
+        "pickup_histogram_ms": histogram(latencies),
+        "pickup_samples": len(latencies),
+    }
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
@@ -438,12 +451,7 @@ async def _measure(
         "authentication": not cfg.insecure,
         "submit_per_s": round(cfg.tasks / submit_s),
         "e2e_per_s": round(cfg.tasks / e2e_s),
-        "pickup_p50_ms": round(statistics.median(latencies), 2),
-        "pickup_p95_ms": round(_percentile(latencies, 95), 2),
-        "pickup_p99_ms": round(_percentile(latencies, 99), 2),
-        "pickup_max_ms": round(max(latencies), 2),
-        "pickup_histogram_ms": histogram(latencies),
-        "pickup_samples": len(latencies),
+        **pickup_figures(latencies),
         "submit_latency_p50_ms": round(statistics.median(answered), 2),
         "submit_latency_p99_ms": round(_percentile(answered, 99), 2),
         "cpu_per_task_us": cpu_per_task,

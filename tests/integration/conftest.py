@@ -13,6 +13,8 @@ import pytest
 from testsupport import RawWorker, coordinator_config
 
 from conveyor.coordinator import Coordinator
+from conveyor.coordinator.store.db import _session_settings
+from conveyor.coordinator.store.migrator import migrate
 from conveyor.v1 import task_service_pb2_grpc
 
 
@@ -43,6 +45,17 @@ async def db(database_dsn: str, coordinator: Coordinator) -> AsyncIterator[async
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def conn(database_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection with the coordinator's session settings to a migrated database."""
+    connection = await asyncpg.connect(database_dsn, server_settings=_session_settings())
+    try:
+        await migrate(connection)
+        yield connection
+    finally:
+        await connection.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ in the index's order, never the table, whatever the statistics say."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -18,8 +17,6 @@ from testsupport import error_details
 
 from conveyor.coordinator.api import queue_ops
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.db import _session_settings
-from conveyor.coordinator.store.migrator import migrate
 from conveyor.coordinator.store.sql import Query
 from conveyor.v1 import task_service_pb2, task_service_pb2_grpc
 
@@ -137,17 +134,6 @@ async def test_a_cap_out_of_range_is_refused_naming_the_field(stub: Stub, count_
 
 
 # -- the statement, on its own ---------------------------------------------------------
-
-
-@pytest.fixture
-async def conn(database_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection with the coordinator's session settings to a migrated database."""
-    connection = await asyncpg.connect(database_dsn, server_settings=_session_settings())
-    try:
-        await migrate(connection)
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def test_every_queue_is_found_running_is_exact_and_the_oldest_is_exact_under_the_cap(

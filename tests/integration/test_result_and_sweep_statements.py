@@ -5,7 +5,7 @@ still refused by its fence; the result connections are planned before the first 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TypeAlias
 
 import asyncpg
@@ -17,8 +17,7 @@ from conveyor.coordinator.errors import Fenced
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.coordinator.store import leadership
 from conveyor.coordinator.store import tasks as store
-from conveyor.coordinator.store.db import RESULT_CONNECTIONS, Pool, _session_settings
-from conveyor.coordinator.store.migrator import migrate
+from conveyor.coordinator.store.db import RESULT_CONNECTIONS, Pool
 from conveyor.coordinator.store.sql import Fence, Query
 from conveyor.v1 import task_service_pb2_grpc
 
@@ -35,17 +34,6 @@ _INSERT_READY = """
 """
 
 _PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1"
-
-
-@pytest.fixture
-async def conn(database_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection with the coordinator's session settings to a migrated database."""
-    connection = await asyncpg.connect(database_dsn, server_settings=_session_settings())
-    try:
-        await migrate(connection)
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _fence(conn: asyncpg.Connection) -> Fence:
