@@ -12,6 +12,9 @@ database and completes.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,46 @@ async def test_a_submit_to_a_follower_is_dispatched_by_the_leader_and_completes(
         await worker.close()
     relay = leader.work_ready
     assert relay is not None and relay.received >= 1
+
+
+# A worker's way of opening a stream (a fresh channel, Hello written, then a read), from a
+# process of its own: in the coordinator's process the write always completes first.
+_CONNECT_MANY = """
+import asyncio, collections, json, sys
+import grpc, grpc.aio
+from conveyor.v1 import worker_service_pb2 as w, worker_service_pb2_grpc as g
+
+async def main() -> None:
+    seen = collections.Counter()
+    hello = w.ConnectRequest(hello=w.Hello(protocol_version=1, worker_id="w", credits=1))
+    for _ in range(int(sys.argv[2])):
+        async with grpc.aio.insecure_channel(sys.argv[1]) as channel:
+            call = g.WorkerServiceStub(channel).Connect(timeout=10)
+            try:
+                await call.write(hello)
+                await call.read()
+            except grpc.aio.AioRpcError:
+                pass
+            seen[f"{(await call.code()).name}: {await call.details()}"] += 1
+    print(json.dumps(seen))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_follower_refuses_every_worker_stream_with_not_leader(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    # Refused before it read Hello, 5 % of the streams ended with gRPC's own INTERNAL
+    # "Internal error from Core" (the worker's write raced the end), which hides
+    # NOT_LEADER and the leader's address: the worker then tried the addresses in turn.
+    follower, _ = pair
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CONNECT_MANY, follower.address, "1000", stdout=PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0
+    assert json.loads(out) == {"UNAVAILABLE: this coordinator is not the leader": 1000}
 
 
 async def _next(watch: Any) -> task_service_pb2.WatchTaskResponse:

@@ -16,20 +16,20 @@ call acts as tenant ``default`` with every scope.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 import grpc.aio
 
 from conveyor.coordinator.api import context as request_context
-from conveyor.coordinator.api.interceptors.base import Behavior, BehaviorInterceptor
+from conveyor.coordinator.api.interceptors.base import (
+    Behavior,
+    BehaviorInterceptor,
+    take_first_message,
+)
 from conveyor.coordinator.errors import ConveyorError, QuotaExceeded
 from conveyor.coordinator.tenancy import keys as api_keys
 from conveyor.coordinator.tenancy.auth import Authenticator, OpenStreams
 from conveyor.coordinator.tenancy.quotas import hold_back
-
-FIRST_MESSAGE_WAIT = 1.0
 
 
 class AuthInterceptor(BehaviorInterceptor):
@@ -63,7 +63,7 @@ class AuthInterceptor(BehaviorInterceptor):
                     # it got, so each is answered late (see Quotas.hold).
                     await hold_back(exc.retry_after)
                 if client_streaming:
-                    await _take_first_message(context)
+                    await take_first_message(context)
                 raise
             token = request_context.update(
                 tenant=identity.tenant, key_id=identity.key_id, scopes=identity.scopes
@@ -80,16 +80,3 @@ class AuthInterceptor(BehaviorInterceptor):
                 request_context.reset(token)
 
         return authenticated
-
-
-async def _take_first_message(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Reads the caller's first message (its Hello) before a refusal, at most for a moment.
-
-    A client still writing when the status arrives would report its own failed write
-    (INTERNAL "Internal error from Core") instead of the refusal: taking the message it
-    sends first lets the refusal be what it reads. (A request this large would have been
-    read anyway for a unary call; the message limit bounds it.)
-    """
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(FIRST_MESSAGE_WAIT):
-            await context.read()
