@@ -34,11 +34,14 @@ PERMISSION_DENIED, INVALID_ARGUMENT for bad metadata), audited and throttled by 
 :class:`~conveyor.coordinator.tenancy.auth.Authenticator`.
 
 These are reads: any coordinator answers (no leader needed), two counts on the partial
-indexes per call (``store.tasks.queue_backlog``). They are exact, so linear in the depth of
-the queues named: next to nothing while they are shallow, but by their shape about a
-second of PostgreSQL per call with 10,000,000 tasks waiting (the metrics' depth count took
-1.1 s there; docs/performance.md, issue 19, seventh round), once per KEDA poll (30 s by
-default).
+indexes (``store.tasks.queue_backlog``). They are exact, so linear in the depth of the
+queues named: next to nothing while they are shallow, but by their shape about a second of
+PostgreSQL with 10,000,000 tasks waiting (the metrics' depth count took 1.1 s there;
+docs/performance.md, issue 19, seventh round). Many callers ask the same question (KEDA's
+IsActive and GetMetrics, and every ``conveyor worker --autoscale`` supervisor every 5 s),
+so :class:`SharedBacklog` reuses a slow read (50 ms or more) for 20 times as long as it
+took: fresh while the queues are shallow, about 5 % of PostgreSQL's time however deep they
+get.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -162,6 +167,55 @@ def parse_trigger(meta: Mapping[str, str], tenant: str) -> Trigger:
     return Trigger(tenant, queues, metric, target, activation, running == "true", interval, types)
 
 
+BacklogKey = tuple[str, tuple[str, ...], tuple[str, ...]]
+"""A backlog read's question: the tenant, its queues and the task types (none: all)."""
+
+
+class SharedBacklog:
+    """Backlog reads shared by every caller that asks the same question.
+
+    A read that took ``SLOW`` or longer is reused for ``COST_FACTOR`` times as long as it
+    took, so its cost stays near 1/20 of the time however deep the queues get; a faster one
+    (shallow queues: a millisecond or two) is not reused at all, so what a caller reads
+    right after a submit counts it. A reused answer's counts and oldest task's age are as
+    of its read. The most recently asked ``MAX_ENTRIES`` questions are kept.
+    """
+
+    SLOW = 0.05
+    COST_FACTOR = 20.0
+    MAX_ENTRIES = 1024
+
+    def __init__(
+        self,
+        read: Callable[[str, tuple[str, ...], tuple[str, ...]], Awaitable[store.Backlog]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self._clock = clock
+        self._entries: OrderedDict[BacklogKey, tuple[store.Backlog, float, float]] = OrderedDict()
+        """Each question's last answer, when it was read and for how long it is reused."""
+
+    async def get(
+        self, tenant: str, queues: tuple[str, ...], types: tuple[str, ...]
+    ) -> store.Backlog:
+        key = (tenant, queues, types)
+        hit = self._entries.get(key)
+        if hit is not None:
+            backlog, read_at, reuse_for = hit
+            if self._clock() - read_at < reuse_for:
+                self._entries.move_to_end(key)
+                return backlog
+        started = self._clock()
+        backlog = await self._read(tenant, queues, types)
+        done = self._clock()
+        took = done - started
+        self._entries[key] = (backlog, done, self.COST_FACTOR * took if took >= self.SLOW else 0.0)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return backlog
+
+
 class KedaScaler(pb_grpc.ExternalScalerServicer):
     """The ``externalscaler.ExternalScaler`` service (see the module docstring)."""
 
@@ -169,6 +223,7 @@ class KedaScaler(pb_grpc.ExternalScalerServicer):
         self._deps = deps
         self._authenticator = authenticator
         """None with authentication off: every call acts as the tenant it names."""
+        self._backlog = SharedBacklog(self._read_backlog)
 
     # -- the four RPCs KEDA calls -----------------------------------------------------------
 
@@ -250,11 +305,16 @@ class KedaScaler(pb_grpc.ExternalScalerServicer):
     # -- what they share --------------------------------------------------------------------
 
     async def _value(self, trigger: Trigger) -> float:
-        async with self._deps.db.read() as conn:
-            backlog = await store.queue_backlog(conn, trigger.tenant, trigger.queues, trigger.types)
+        backlog = await self._backlog.get(trigger.tenant, trigger.queues, trigger.types)
         if trigger.metric == OLDEST_PENDING_AGE:
             return backlog.oldest_pending_age_seconds
         return float(backlog.pending + (backlog.running if trigger.include_running else 0))
+
+    async def _read_backlog(
+        self, tenant: str, queues: tuple[str, ...], types: tuple[str, ...]
+    ) -> store.Backlog:
+        async with self._deps.db.read() as conn:
+            return await store.queue_backlog(conn, tenant, queues, types)
 
     def _trigger(self, ref: pb.ScaledObjectRef, context: Context, rpc: str) -> Trigger:
         """Authenticates the call and reads its trigger."""
