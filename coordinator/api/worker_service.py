@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections.abc import Sequence
@@ -74,6 +75,10 @@ RETIRE_TIMEOUT = 10.0
 # Longest an ending stream waits for the write in progress.
 SENDER_STOP_TIMEOUT = 5.0
 
+# The context the stream's own done-callbacks run in: they read no context variable, and
+# without one given each add_done_callback copies the caller's.
+_CALLBACKS = contextvars.Context()
+
 Context = grpc.aio.ServicerContext[
     worker_service_pb2.ConnectRequest, worker_service_pb2.ConnectResponse
 ]
@@ -94,6 +99,10 @@ class _PendingAcks:
     wire: Sequence[worker_service_pb2.TaskResult] = ()
 
 
+# The empty queue of every _Acks until its first message: never appended to.
+_NO_PENDING: collections.deque[_PendingAcks] = collections.deque(maxlen=0)
+
+
 class _Acks:
     """A stream's Results and Heartbeat messages waiting for their commit, answered in
     order, each as soon as its commit and those before it ended.
@@ -109,7 +118,9 @@ class _Acks:
 
     def __init__(self, session: WorkerSession) -> None:
         self._session = session
-        self._pending: collections.deque[_PendingAcks] = collections.deque()
+        # Made at the first message to answer after a commit: an idle worker's
+        # heartbeats never need it, and a deque is 760 bytes (issue 19).
+        self._pending: collections.deque[_PendingAcks] = _NO_PENDING
         # The receive loop waiting for room, or the close waiting for every answer.
         self._waiter: asyncio.Future[None] | None = None
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -123,6 +134,8 @@ class _Acks:
         """Queues a message's answer, waiting while ACK_QUEUE_SIZE wait already."""
         while len(self._pending) >= ACK_QUEUE_SIZE:
             await self._wait()
+        if self._pending is _NO_PENDING:
+            self._pending = collections.deque()
         self._pending.append(pending)
         if pending.future is None or pending.future.done():
             self._answer()
@@ -305,17 +318,18 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             if not self._deps.office.leader:
                 # Left office while this stream was opening (step_down missed it).
                 self._redirect(session)
-            _log.info(
-                "worker %s connected (host %s pid %d, queues %s, types %s, credit %d, "
-                "encryption keys %s)",
-                session.worker_id,
-                session.hostname,
-                session.pid,
-                ",".join(session.queues),
-                ",".join(session.task_types),
-                session.credit,
-                _keys_text(session.encryption_keys),
-            )
+            if _log.isEnabledFor(logging.INFO):  # its arguments are built first
+                _log.info(
+                    "worker %s connected (host %s pid %d, queues %s, types %s, credit %d, "
+                    "encryption keys %s)",
+                    session.worker_id,
+                    session.hostname,
+                    session.pid,
+                    ",".join(session.queues),
+                    ",".join(session.task_types),
+                    session.credit,
+                    _keys_text(session.encryption_keys),
+                )
             self._dispatcher.offer(session)
             await self._converse(session, context)
         except Exception as exc:
@@ -418,14 +432,25 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         sender = loop.create_task(
             self._send_loop(session, context, watch, writes), name="worker-send"
         )
-        loops = {receiver, sender}
+        loops = (receiver, sender)
+        # Whichever ends first ends the conversation: a loop (the worker closed its side,
+        # or it broke the stream), a failed commit, or the session ended from outside.
+        # One future and a done-callback each, not asyncio.wait (its two coroutines, sets
+        # and callbacks made and taken away again for every stream: issue 19).
+        stop = loop.create_future()
+
+        def stopped(_: object) -> None:
+            if not stop.done():
+                stop.set_result(None)
+
+        for future in (receiver, sender, acks.failed, session.ended):
+            future.add_done_callback(stopped, context=_CALLBACKS)
         try:
-            done, _ = await asyncio.wait(
-                {*loops, acks.failed, session.ended}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for future in done - {session.ended}:
-                future.result()  # raises what broke the stream
-            if receiver in done and not session.ended.done():
+            await stop
+            for future in (receiver, sender, acks.failed):
+                if future.done():
+                    future.result()  # raises what broke the stream
+            if receiver.done() and not session.ended.done():
                 # The worker closed its side: answer what it sent before letting go.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FLUSH_ON_CLOSE_TIMEOUT):
@@ -440,6 +465,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             # on its way, and a write cannot be called back. The sender stops after it,
             # and once the session is closed the receive loop starts no other. Only a
             # worker that reads nothing keeps a write that long.
+            for future in (receiver, sender, acks.failed, session.ended):
+                future.remove_done_callback(stopped)
             watch.stop()
             session.end("the stream ended")
             if not session.write_stuck:

@@ -55,6 +55,51 @@ RECENT_EVICTIONS = 20
 CANCELLED = task_pb2.TASK_STATE_CANCELLED
 
 
+class Signal:
+    """:class:`asyncio.Event`'s ``set``, ``clear``, ``is_set`` and ``wait``, with its list
+    of waiters made only when one waits.
+
+    An Event makes a deque at once (760 bytes with its first block); a session held two,
+    1.5 KiB of each of 10,000 idle workers' sessions (issue 19), while the one is waited
+    on only by a reconnect of the same worker and the other only by the send loop.
+    """
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        """Sets it and wakes every waiter."""
+        if not self._value:
+            self._value = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> None:
+        """Returns once it is set (at once if it is); each waiter waits on a future of its
+        own, so one cancelled leaves the others waiting."""
+        if self._value:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = []
+        waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            waiters.remove(waiter)
+
+
 @dataclass(frozen=True)
 class Eviction:
     """A worker the coordinator cut off, for GetClusterStatus.recent_evictions."""
@@ -67,9 +112,12 @@ class Eviction:
     released: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WorkerSession:
-    """One worker's stream: who it is, what it takes, and how much more it can take."""
+    """One worker's stream: who it is, what it takes, and how much more it can take.
+
+    Slotted: a ``__dict__`` of its 35 attributes was 1.6 KiB of each of 10,000 workers'
+    sessions (issue 19)."""
 
     session_id: str
     worker_id: str
@@ -130,13 +178,13 @@ class WorkerSession:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     """Done when something ended the session from outside its stream."""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: Signal = field(default_factory=Signal)
     """Set once the stream handler finished with the session (its leases settled)."""
     _outbox: collections.deque[tuple[worker_service_pb2.ConnectResponse, int, bool]] = field(
         default_factory=collections.deque
     )
     _outbox_bytes: int = 0
-    _has_mail: asyncio.Event = field(default_factory=asyncio.Event)
+    _has_mail: Signal = field(default_factory=Signal)
     _finishing: bool = False
     type_set: frozenset[str] = field(init=False)
     _kind: tuple[str, tuple[str, ...], frozenset[str], frozenset[str] | None] | None = field(

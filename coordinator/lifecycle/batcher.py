@@ -61,6 +61,7 @@ class Batcher(Generic[T, R]):
         max_pending: int,
         concurrency: int = 1,
         on_flush: FlushHook | None = None,
+        spacing: float = 0.0,
     ) -> None:
         self._name = name
         self._flush = flush
@@ -76,6 +77,11 @@ class Batcher(Generic[T, R]):
         self._flushes: set[asyncio.Task[None]] = set()
         # The flush started whose batch is not taken yet (it takes one when it runs).
         self._unstarted: asyncio.Task[None] | None = None
+        # Seconds from one flush's taking of its batch to the next one's, at least (the
+        # loop's clock); 0: none. A flush due sooner waits, and what arrives meanwhile
+        # joins its batch; an item arriving after a quiet spell is flushed at once.
+        self._spacing = spacing
+        self._last_taken = float("-inf")
         self.isolations = 0
         """Flushes the store refused, retried item by item."""
 
@@ -126,6 +132,12 @@ class Batcher(Generic[T, R]):
             flush.add_done_callback(self._flush_done)
 
     async def _flush_next(self) -> None:
+        if self._spacing:
+            loop = asyncio.get_running_loop()
+            wait = self._last_taken + self._spacing - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # still unstarted: no other flush starts
+            self._last_taken = loop.time()
         # The batch is taken now, not when the flush was started: what was enqueued in
         # the meantime (the same turn of the loop) goes in it too.
         self._unstarted = None

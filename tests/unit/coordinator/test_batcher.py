@@ -135,3 +135,26 @@ async def test_stop_flushes_what_is_queued() -> None:
     batcher.start()
     await batcher.stop()
     assert [f.result() for f in futures] == ["I0", "I1", "I2"]
+
+
+async def test_with_spacing_a_flush_due_soon_waits_and_takes_what_arrives_meanwhile() -> None:
+    # The first Hellos' batcher (issue 19): a storm shares one flush per spacing, and an
+    # item after a quiet spell is taken at once.
+    store = FakeStore()
+    batcher: Batcher[str, str] = Batcher(
+        "t", store.flush, max_batch=100, max_pending=1000, spacing=0.2
+    )
+    batcher.start()
+    try:
+        first = batcher.enqueue("a")
+        await asyncio.sleep(0)  # the flush's first step runs in the next turn of the loop
+        assert store.batches == [["a"]]  # nothing flushed before: taken at once
+        assert await first == "A"
+        later = [batcher.enqueue("b")]
+        for _ in range(3):
+            await asyncio.sleep(0)  # turns of the loop in which a flush without spacing ran
+            later.append(batcher.enqueue(f"c{len(later)}"))
+        assert await asyncio.gather(*later) == ["B", "C1", "C2", "C3"]
+    finally:
+        await batcher.stop()
+    assert store.batches == [["a"], ["b", "c1", "c2", "c3"]]

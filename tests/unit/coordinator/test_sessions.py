@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conveyor.coordinator.dispatch.sessions import OUTBOX_MESSAGES, WorkerSession
+from conveyor.coordinator.dispatch.sessions import OUTBOX_MESSAGES, Signal, WorkerSession
 from conveyor.coordinator.lifecycle.leases import LeaseKey
 from conveyor.v1 import worker_service_pb2 as pb
 
@@ -57,3 +57,33 @@ async def test_a_finishing_session_drains_then_says_so() -> None:
     first = await asyncio.wait_for(session.next_message(), 1)
     assert first is not None and first[0].WhichOneof("message") == "redirect"
     assert await asyncio.wait_for(session.next_message(), 1) is None
+
+
+async def test_a_signal_wakes_every_waiter_and_a_cancelled_one_leaves_the_others() -> None:
+    signal = Signal()
+    loop = asyncio.get_running_loop()
+    first, second, third = (loop.create_task(signal.wait()) for _ in range(3))
+    await asyncio.sleep(0)  # one turn: each is waiting now
+    assert not signal.is_set() and not any(t.done() for t in (first, second, third))
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert not first.done() and not third.done()  # not woken by the other's cancellation
+    signal.set()
+    await asyncio.wait_for(asyncio.gather(first, third), 1)
+    assert signal.is_set()
+    await asyncio.wait_for(signal.wait(), 1)  # set: returns at once
+    signal.clear()
+    assert not signal.is_set()
+    waiting = loop.create_task(signal.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    signal.set()
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_a_session_holds_no_attribute_dict_and_no_waiter_list_until_one_waits() -> None:
+    # Per-session memory, 10,000 sessions with as many workers (issue 19): slotted, and
+    # its signals make their list of waiters only when waited on (an Event makes a deque).
+    session = _session()
+    assert not hasattr(session, "__dict__")
+    assert isinstance(session.done, Signal) and session.done._waiters is None
