@@ -50,6 +50,7 @@ from conveyor.transport import ConnectionOptions
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2_grpc as pb_grpc
 from conveyor.worker._connection import RECONNECT_BACKOFF
+from conveyor.worker._session import first_heartbeat_delay
 
 QUEUE = "bench-streams"
 TASK_TYPE = "probe"
@@ -216,14 +217,17 @@ class _Stream:
         self, call: grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse],
         interval: float,
     ) -> None:  # fmt: skip
+        # As the SDK's sessions do: a random phase, so streams that connected together do
+        # not beat together.
+        await asyncio.sleep(first_heartbeat_delay(interval))
         while True:
-            await asyncio.sleep(interval)
             finished, self.finished = self.finished, 0
             beat = pb.Heartbeat(
                 leases=list(self.held.values()), in_flight=len(self.held),
                 free_slots=1 - len(self.held), finished=finished,
             )  # fmt: skip
             await self.write(call, pb.ConnectRequest(heartbeat=beat))
+            await asyncio.sleep(interval)
 
 
 async def _main(args: argparse.Namespace) -> None:

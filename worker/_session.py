@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 from collections.abc import Callable
 
 import grpc
@@ -73,6 +74,18 @@ _TRANSIENT_CODES = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+
+
+def first_heartbeat_delay(interval: float) -> float:
+    """When a session's first heartbeat is due: at a random moment of its first interval.
+
+    Workers that connect together (a fleet started at once, or every worker of a failed
+    leader reconnecting to the next one within a second or two) would otherwise beat
+    together for as long as their sessions last: all their heartbeats within the few
+    seconds the connect took, every interval, and the coordinator idle in between. A
+    random phase spreads them over the interval. Beating early is always allowed.
+    """
+    return interval * random.random()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -499,7 +512,7 @@ class Session:
         heartbeat after it.
         """
         loop = asyncio.get_running_loop()
-        next_beat = loop.time() + self._heartbeat_interval
+        next_beat = loop.time() + first_heartbeat_delay(self._heartbeat_interval)
         while True:
             await asyncio.sleep(
                 max(0.0, min(next_beat, self._last_heard + self._liveness) - loop.time())

@@ -34,7 +34,7 @@ from conveyor.worker import demo as demo_module
 from conveyor.worker._codec import MAX_ERROR_BYTES, describe_exception, sanitize_error
 from conveyor.worker._connection import RECONNECT_BACKOFF
 from conveyor.worker._registry import TaskRegistry
-from conveyor.worker._session import _classify, liveness_timeout
+from conveyor.worker._session import _classify, first_heartbeat_delay, liveness_timeout
 
 
 def make_context(deadline: float | None = None) -> TaskContext:
@@ -435,3 +435,11 @@ def test_run_sync_sets_up_logging_and_says_it_cannot_reach_the_coordinator(
     assert all("trying again in" in line for line in unreachable)
     assert not any("lost the stream" in line for line in lines)
     assert any("INFO  conveyor.worker: worker " in line and "starting" in line for line in lines)
+
+
+def test_first_heartbeats_of_workers_connecting_together_spread_over_the_interval() -> None:
+    # Each session's first heartbeat at a random moment of its first interval, so a fleet
+    # that connected in a storm (or reconnected after a failover) does not beat in step.
+    delays = [first_heartbeat_delay(10.0) for _ in range(1000)]
+    assert all(0.0 <= delay < 10.0 for delay in delays)
+    assert {int(delay) for delay in delays} == set(range(10))
