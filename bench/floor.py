@@ -206,26 +206,22 @@ async def _spawn(role: str, port: int, *extra: str) -> Process:
 
 async def run(cfg: FloorConfig) -> dict[str, Any]:
     """Runs the relay and the worker, sends ``rate * seconds`` probes; the figures."""
-    if cfg.commit:
-        async with _postgres(cfg.dsn) as dsn:
-            return await _run(cfg, dsn)
-    return await _run(cfg, None)
-
-
-async def _run(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:
-    if dsn is None:
+    if not cfg.commit:
         return await _probe(cfg, None)
-    conn = await asyncpg.connect(dsn)
-    try:
-        # A logged table: a commit that touched only a temporary one would not wait for
-        # the WAL flush, which is the point.
-        await conn.execute(f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, probe bytea NOT NULL)")
+    async with _postgres(cfg.dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
         try:
-            return await _probe(cfg, dsn)
+            # A logged table: a commit that touched only a temporary one would not wait
+            # for the WAL flush, which is the point.
+            await conn.execute(
+                f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, probe bytea NOT NULL)"
+            )
+            try:
+                return await _probe(cfg, dsn)
+            finally:
+                await conn.execute(f"DROP TABLE {TABLE}")
         finally:
-            await conn.execute(f"DROP TABLE {TABLE}")
-    finally:
-        await conn.close()
+            await conn.close()
 
 
 async def _probe(cfg: FloorConfig, dsn: str | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -1046,6 +1047,22 @@ async def test_silence_is_noticed_well_before_the_lease_expires(
         assert loop.time() - began < 2.5, "the lease would have expired first"
         # The new session says Hello (listing what the worker holds) while leases stand.
         await eventually(lambda: fake.streams[1].hello is not None, what="a new Hello")
+
+
+async def test_the_first_heartbeat_comes_at_a_random_moment_of_the_first_interval(
+    coordinator: tuple[FakeCoordinator, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers that connected together must not heartbeat in step (issue 19): the first
+    # heartbeat is at interval x random(), here the draw 0: at once, not 30 s after the
+    # Welcome.
+    fake, address = coordinator
+    fake.heartbeat_interval = 30.0
+    fake.lease_duration = 120.0
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    worker = Worker(address)
+    worker.register("work", lambda ctx, payload: None)
+    async with running(worker):
+        await eventually(lambda: fake.stream.of("heartbeat"), timeout=5, what="a heartbeat")
 
 
 async def test_the_liveness_timeout_the_coordinator_names_is_used(
